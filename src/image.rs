@@ -1,0 +1,449 @@
+//! An opened qcow2 file: header, extensions, the active L1 table, snapshots and
+//! bitmaps, plus on-demand access to L2 tables and refcounts.
+//!
+//! Opening reads only cluster 0, the active L1 table, the snapshot table and the
+//! bitmap directory; L2 tables and refcount blocks are read when asked for. Every
+//! size taken from the header is checked against QEMU's limits before anything is
+//! allocated.
+
+use crate::bitmap::{self, BitmapEntry};
+use crate::error::{Error, Result};
+use crate::header::{self, Extension, ExtensionKind, Feature, Header};
+use crate::io::{SharedSource, read_exact, read_into};
+use crate::refcount::{self, RefTableEntry, RefcountGeometry};
+use crate::snapshot::{self, Snapshot, SnapshotTable};
+use crate::tables::{self, L1Entry, L2Entry, MAX_L1_ENTRIES};
+use crate::types::{Geometry, HostCluster, HostOffset};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+/// How strictly to open.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Strictness {
+    /// Refuse what QEMU refuses (commands that answer like QEMU: info, map, read).
+    #[default]
+    Qemu,
+    /// Open whatever can be decoded and list the problems (dump, hexdump, TUI).
+    Lenient,
+}
+
+/// Which L1 table a lookup uses: the active one or a snapshot's.
+#[derive(Clone, Debug)]
+pub struct View {
+    /// The L1 entries.
+    pub l1: Arc<Vec<L1Entry>>,
+    /// Where the L1 table is in the file.
+    pub l1_offset: u64,
+    /// Guest size this view describes.
+    pub size: u64,
+    /// The snapshot, if this is one.
+    pub snapshot: Option<Snapshot>,
+}
+
+impl View {
+    /// "active L1" or "snapshot 1 'name' L1".
+    pub fn label(&self) -> String {
+        match &self.snapshot {
+            None => "active L1".into(),
+            Some(s) => format!("snapshot {} '{}' L1", s.id, s.name),
+        }
+    }
+}
+
+/// An opened qcow2 image file.
+#[derive(Debug)]
+pub struct Qcow2 {
+    /// The file.
+    pub src: SharedSource,
+    /// The decoded header.
+    pub header: Header,
+    /// Header extensions in file order.
+    pub extensions: Vec<Extension>,
+    /// Set feature bits with names.
+    pub features: Vec<Feature>,
+    /// The backing file name, as stored.
+    pub backing_name: Option<String>,
+    /// The backing format from the extension, if any.
+    pub backing_format: Option<String>,
+    /// The external data file name from the extension, if any.
+    pub data_file_name: Option<String>,
+    /// The active L1 table (zero-filled where it runs past the end of the file).
+    pub l1: Arc<Vec<L1Entry>>,
+    /// The snapshot table.
+    pub snapshots: SnapshotTable,
+    /// The bitmap directory: `None` without the extension.
+    pub bitmaps: Option<std::result::Result<Vec<BitmapEntry>, String>>,
+    /// What QEMU would object to, found while opening (empty for a healthy image).
+    pub problems: Vec<String>,
+    l2_cache: Mutex<HashMap<u64, Arc<Vec<L2Entry>>>>,
+    reftable: Mutex<Option<Arc<Vec<RefTableEntry>>>>,
+    refblock_cache: Mutex<HashMap<u64, Arc<Vec<u8>>>>,
+}
+
+const CACHE_LIMIT: usize = 256;
+
+impl Qcow2 {
+    /// Open a qcow2 image from `src`.
+    pub fn open(src: SharedSource, strict: Strictness) -> Result<Qcow2> {
+        let file_len = src.len();
+        let first = read_exact(
+            src.as_ref(),
+            "qcow2 header",
+            0,
+            file_len.min(header::V3_MIN_HEADER_LEN as u64 + 8),
+        )?;
+        let h = Header::parse(&first)?;
+        let mut problems: Vec<String> = Vec::new();
+        let invalid = h.validate(file_len);
+        // An unknown version or cluster size makes everything after the header
+        // unreadable, whatever the strictness.
+        let fatal = invalid.iter().any(|e| {
+            let s = e.to_string();
+            s.contains("Unsupported qcow2 version") || s.contains("Unsupported cluster size")
+        });
+        if let Some(first_err) = invalid.into_iter().next() {
+            if strict == Strictness::Qemu || fatal {
+                return Err(first_err);
+            }
+            problems.push(first_err.to_string());
+        }
+        let geo = h.geometry();
+        let cs = geo.cluster_size();
+
+        // Cluster 0 holds the extensions and the backing file name.
+        let mut c0 = vec![0u8; cs as usize];
+        read_into(src.as_ref(), "cluster 0", 0, &mut c0)?;
+        let (extensions, ext_err) = header::parse_extensions(&h, &c0);
+        if let Some(e) = ext_err {
+            if strict == Strictness::Qemu {
+                return Err(e);
+            }
+            problems.push(e.to_string());
+        }
+        let features = header::named_features(&h, &extensions);
+        let mut backing_format = None;
+        let mut data_file_name = None;
+        for e in &extensions {
+            match &e.kind {
+                ExtensionKind::BackingFormat { format } => backing_format = Some(format.clone()),
+                ExtensionKind::DataFile { name } => data_file_name = Some(name.clone()),
+                _ => {}
+            }
+        }
+        let backing_name = if h.backing_file_offset != 0 {
+            let max = 1023u64.min(cs.saturating_sub(h.backing_file_offset));
+            if u64::from(h.backing_file_size) > max {
+                let e = Error::invalid(
+                    "backing file name",
+                    h.backing_file_offset,
+                    format!("Backing file name too long ({} bytes)", h.backing_file_size),
+                );
+                if strict == Strictness::Qemu {
+                    return Err(e);
+                }
+                problems.push(e.to_string());
+                None
+            } else {
+                let name = crate::bytes::slice(
+                    &c0,
+                    h.backing_file_offset as usize,
+                    h.backing_file_size as usize,
+                );
+                Some(crate::bytes::text(name))
+            }
+        } else {
+            None
+        };
+        if h.has_data_file() && data_file_name.is_none() && strict == Strictness::Qemu {
+            // QEMU needs a data-file option then; qinspect cannot guess the file.
+            return Err(Error::unsupported(
+                "external data file",
+                "'data-file' is required for this image (incompatible bit 2 is set but there is no data file name extension)",
+            ));
+        }
+        if h.data_file_raw() && !h.has_data_file() {
+            let e = Error::invalid(
+                "header autoclear_features",
+                88,
+                "data-file-raw requires a data file",
+            );
+            if strict == Strictness::Qemu {
+                return Err(e);
+            }
+            problems.push(e.to_string());
+        }
+
+        // The active L1 table. QEMU reads it even where it runs past the end of the
+        // file (those bytes read as zeros); the size is bounded by validate().
+        let l1_entries = u64::from(h.l1_size).min(MAX_L1_ENTRIES);
+        let mut l1_buf = vec![0u8; (l1_entries * 8) as usize];
+        read_into(src.as_ref(), "active L1 table", h.l1_table_offset, &mut l1_buf)?;
+        if h.l1_table_offset.saturating_add(l1_entries * 8) > file_len && l1_entries > 0 {
+            problems.push(format!(
+                "active L1 table at {:#x} ({} entries) runs past the end of the file ({file_len} bytes); the missing part reads as zeros",
+                h.l1_table_offset, h.l1_size
+            ));
+        }
+        let l1 = Arc::new(tables::decode_l1(&l1_buf));
+
+        let snapshots = snapshot::read_table(src.as_ref(), h.snapshots_offset, h.nb_snapshots);
+        if let Some(e) = &snapshots.error {
+            if strict == Strictness::Qemu {
+                return Err(Error::invalid(
+                    "snapshot table",
+                    h.snapshots_offset,
+                    e.clone(),
+                ));
+            }
+            problems.push(e.clone());
+        }
+
+        let bitmaps = extensions.iter().find_map(|e| match e.kind {
+            ExtensionKind::Bitmaps {
+                nb_bitmaps,
+                directory_size,
+                directory_offset,
+                ..
+            } => Some(
+                bitmap::read_directory(src.as_ref(), directory_offset, directory_size, nb_bitmaps)
+                    .map_err(|e| e.to_string()),
+            ),
+            _ => None,
+        });
+
+        Ok(Qcow2 {
+            src,
+            header: h,
+            extensions,
+            features,
+            backing_name,
+            backing_format,
+            data_file_name,
+            l1,
+            snapshots,
+            bitmaps,
+            problems,
+            l2_cache: Mutex::new(HashMap::new()),
+            reftable: Mutex::new(None),
+            refblock_cache: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Cluster geometry.
+    pub fn geometry(&self) -> Geometry {
+        self.header.geometry()
+    }
+
+    /// Refcount geometry.
+    pub fn refcount_geometry(&self) -> RefcountGeometry {
+        RefcountGeometry::new(&self.geometry(), self.header.refcount_order)
+    }
+
+    /// Length of the image file.
+    pub fn file_len(&self) -> u64 {
+        self.src.len()
+    }
+
+    /// The view through the active L1 table.
+    pub fn active_view(&self) -> View {
+        View {
+            l1: self.l1.clone(),
+            l1_offset: self.header.l1_table_offset,
+            size: self.header.size,
+            snapshot: None,
+        }
+    }
+
+    /// Find a snapshot by ID or name (ID first, like QEMU).
+    pub fn find_snapshot(&self, id_or_name: &str) -> Result<&Snapshot> {
+        self.snapshots.find(id_or_name).ok_or_else(|| {
+            let known: Vec<String> = self
+                .snapshots
+                .snapshots
+                .iter()
+                .map(|s| format!("{} ({})", s.id, s.name))
+                .collect();
+            Error::Request(format!(
+                "no snapshot with ID or name '{id_or_name}' in {}; snapshots: {}",
+                self.src.name().display(),
+                if known.is_empty() { "none".into() } else { known.join(", ") }
+            ))
+        })
+    }
+
+    /// Read a snapshot's L1 table (checked: aligned and at most 4 Mi entries).
+    pub fn snapshot_l1(&self, sn: &Snapshot) -> Result<Vec<L1Entry>> {
+        let what = format!("snapshot {} '{}' L1 table", sn.id, sn.name);
+        if u64::from(sn.l1_size) > MAX_L1_ENTRIES {
+            return Err(Error::invalid(
+                what,
+                sn.entry_offset.saturating_add(8),
+                format!("Snapshot L1 table too large ({} entries)", sn.l1_size),
+            ));
+        }
+        if !self.geometry().is_cluster_aligned(sn.l1_table_offset) {
+            return Err(Error::invalid(
+                what,
+                sn.l1_table_offset,
+                "Snapshot L1 table offset invalid (not cluster-aligned)",
+            ));
+        }
+        let buf = read_exact(
+            self.src.as_ref(),
+            &what,
+            sn.l1_table_offset,
+            u64::from(sn.l1_size) * 8,
+        )?;
+        Ok(tables::decode_l1(&buf))
+    }
+
+    /// The view through a snapshot's L1 table, with the snapshot's disk size.
+    pub fn snapshot_view(&self, id_or_name: &str) -> Result<View> {
+        let sn = self.find_snapshot(id_or_name)?.clone();
+        let l1 = self.snapshot_l1(&sn)?;
+        Ok(View {
+            l1: Arc::new(l1),
+            l1_offset: sn.l1_table_offset,
+            size: sn.effective_disk_size(self.header.size),
+            snapshot: Some(sn),
+        })
+    }
+
+    /// Read and decode the L2 table at `offset` (one cluster; zeros past EOF, as QEMU).
+    pub fn l2_table(&self, offset: HostOffset) -> Result<Arc<Vec<L2Entry>>> {
+        if let Ok(cache) = self.l2_cache.lock()
+            && let Some(t) = cache.get(&offset.0) {
+                return Ok(t.clone());
+            }
+        let geo = self.geometry();
+        let mut buf = vec![0u8; geo.cluster_size() as usize];
+        read_into(self.src.as_ref(), "L2 table", offset.0, &mut buf)?;
+        let t = Arc::new(tables::decode_l2(&buf, &geo));
+        if let Ok(mut cache) = self.l2_cache.lock() {
+            if cache.len() >= CACHE_LIMIT {
+                cache.clear();
+            }
+            cache.insert(offset.0, t.clone());
+        }
+        Ok(t)
+    }
+
+    /// The refcount table (at most 8 MiB; zeros past EOF).
+    pub fn refcount_table(&self) -> Result<Arc<Vec<RefTableEntry>>> {
+        if let Ok(g) = self.reftable.lock()
+            && let Some(t) = g.as_ref() {
+                return Ok(t.clone());
+            }
+        let cs = self.geometry().cluster_size();
+        let bytes = u64::from(self.header.refcount_table_clusters)
+            .saturating_mul(cs)
+            .min(refcount::MAX_REFTABLE_BYTES);
+        let mut buf = vec![0u8; bytes as usize];
+        read_into(
+            self.src.as_ref(),
+            "refcount table",
+            self.header.refcount_table_offset,
+            &mut buf,
+        )?;
+        let t = Arc::new(
+            buf.chunks_exact(8)
+                .map(|c| RefTableEntry(crate::bytes::be64(c, 0)))
+                .collect::<Vec<_>>(),
+        );
+        if let Ok(mut g) = self.reftable.lock() {
+            *g = Some(t.clone());
+        }
+        Ok(t)
+    }
+
+    /// The raw bytes of the refcount block at `offset` (one cluster; zeros past EOF).
+    pub fn refcount_block(&self, offset: HostOffset) -> Result<Arc<Vec<u8>>> {
+        if let Ok(cache) = self.refblock_cache.lock()
+            && let Some(b) = cache.get(&offset.0) {
+                return Ok(b.clone());
+            }
+        let mut buf = vec![0u8; self.geometry().cluster_size() as usize];
+        read_into(self.src.as_ref(), "refcount block", offset.0, &mut buf)?;
+        let b = Arc::new(buf);
+        if let Ok(mut cache) = self.refblock_cache.lock() {
+            if cache.len() >= CACHE_LIMIT {
+                cache.clear();
+            }
+            cache.insert(offset.0, b.clone());
+        }
+        Ok(b)
+    }
+
+    /// The stored refcount of a host cluster (0 where the table has no block).
+    pub fn refcount(&self, cluster: HostCluster) -> Result<u64> {
+        let rg = self.refcount_geometry();
+        let table = self.refcount_table()?;
+        let Some(entry) = usize::try_from(rg.table_index(cluster))
+            .ok()
+            .and_then(|i| table.get(i))
+        else {
+            return Ok(0);
+        };
+        let Some(block) = entry.block_offset() else {
+            return Ok(0);
+        };
+        if !self.geometry().is_cluster_aligned(block.0) {
+            return Err(Error::invalid(
+                "refcount table entry",
+                self.header
+                    .refcount_table_offset
+                    .saturating_add(rg.table_index(cluster).saturating_mul(8)),
+                format!("refcount block offset {block} is not cluster-aligned"),
+            ));
+        }
+        let b = self.refcount_block(block)?;
+        Ok(refcount::get_refcount(&b, rg.order, rg.block_index(cluster)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::io::MemSource;
+
+    /// A minimal valid image: header, refcount table, one refblock, L1, nothing mapped.
+    pub(crate) fn tiny_image() -> Vec<u8> {
+        let cs = 512usize;
+        let mut b = vec![0u8; cs * 4];
+        b[0..4].copy_from_slice(&header::QCOW2_MAGIC.to_be_bytes());
+        b[4..8].copy_from_slice(&3u32.to_be_bytes());
+        b[20..24].copy_from_slice(&9u32.to_be_bytes());
+        b[24..32].copy_from_slice(&(1u64 << 20).to_be_bytes());
+        b[36..40].copy_from_slice(&64u32.to_be_bytes());
+        b[40..48].copy_from_slice(&(3 * cs as u64).to_be_bytes());
+        b[48..56].copy_from_slice(&(cs as u64).to_be_bytes());
+        b[56..60].copy_from_slice(&1u32.to_be_bytes());
+        b[96..100].copy_from_slice(&4u32.to_be_bytes());
+        b[100..104].copy_from_slice(&112u32.to_be_bytes());
+        b[cs..cs + 8].copy_from_slice(&(2 * cs as u64).to_be_bytes());
+        for i in 0..4 {
+            b[2 * cs + 2 * i + 1] = 1;
+        }
+        b
+    }
+
+    #[test]
+    fn opens_a_tiny_image_and_reads_refcounts() {
+        let img = Qcow2::open(Arc::new(MemSource::new("t", tiny_image())), Strictness::Qemu).unwrap();
+        assert_eq!(img.l1.len(), 64);
+        assert!(img.problems.is_empty());
+        assert_eq!(img.refcount(HostCluster(3)).unwrap(), 1);
+        assert_eq!(img.refcount(HostCluster(4)).unwrap(), 0);
+        assert_eq!(img.refcount(HostCluster(1 << 40)).unwrap(), 0);
+    }
+
+    #[test]
+    fn lenient_open_lists_problems() {
+        let mut b = tiny_image();
+        b[96..100].copy_from_slice(&7u32.to_be_bytes());
+        let src: SharedSource = Arc::new(MemSource::new("t", b));
+        assert!(Qcow2::open(src.clone(), Strictness::Qemu).is_err());
+        let img = Qcow2::open(src, Strictness::Lenient).unwrap();
+        assert!(img.problems[0].contains("Reference count entry width too large"));
+    }
+}

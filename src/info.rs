@@ -1,0 +1,1 @@
+//! The summary `qemu-img info` prints.

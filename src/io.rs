@@ -1,0 +1,213 @@
+//! Reading bytes at offsets, from files or from memory.
+//!
+//! Everything qinspect reads goes through [`Source`]. Files are opened with
+//! `O_RDONLY` and never locked, so an image in use by a VM can be inspected; an
+//! in-memory source lets tests and fuzzers run the whole core without touching disk.
+
+use crate::error::{Error, Result};
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// Where a region of a file stands, as `lseek(SEEK_DATA/SEEK_HOLE)` reports it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Extent {
+    /// `len` bytes that the file system stores.
+    Data(u64),
+    /// `len` bytes of hole: they read as zeros and take no space.
+    Hole(u64),
+}
+
+/// Random-access, read-only bytes.
+pub trait Source: Send + Sync + std::fmt::Debug {
+    /// Fill `buf` from `offset`. Bytes past the end of the source read as zeros; the
+    /// return value is how many bytes came from the source itself.
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<usize>;
+    /// Length in bytes.
+    fn len(&self) -> u64;
+    /// True when empty.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Bytes the file system really stores for this source (`st_blocks * 512`).
+    fn allocated_size(&self) -> u64 {
+        self.len()
+    }
+    /// Whether `offset` starts data or a hole, and for how long (never past the end).
+    fn extent_at(&self, offset: u64) -> Extent {
+        Extent::Data(self.len().saturating_sub(offset))
+    }
+    /// A name for messages.
+    fn name(&self) -> &Path;
+}
+
+/// A file opened read-only.
+#[derive(Debug)]
+pub struct FileSource {
+    file: File,
+    path: PathBuf,
+    len: u64,
+    allocated: u64,
+}
+
+impl FileSource {
+    /// Open `path` for reading only. No lock is taken.
+    pub fn open(path: &Path) -> Result<Self> {
+        use std::os::unix::fs::MetadataExt;
+        let io = |what: &str, source| Error::Io {
+            file: path.to_path_buf(),
+            what: what.to_string(),
+            source,
+        };
+        let file = File::open(path).map_err(|e| io("open", e))?;
+        let meta = file.metadata().map_err(|e| io("stat", e))?;
+        if meta.is_dir() {
+            return Err(io(
+                "open",
+                std::io::Error::other("is a directory, not an image file"),
+            ));
+        }
+        let len = if meta.file_type().is_file() {
+            meta.len()
+        } else {
+            // Block devices report 0 in st_size; ask the device itself.
+            use std::io::{Seek, SeekFrom};
+            let mut f = &file;
+            f.seek(SeekFrom::End(0)).map_err(|e| io("seek", e))?
+        };
+        Ok(FileSource {
+            file,
+            path: path.to_path_buf(),
+            len,
+            allocated: meta.blocks().saturating_mul(512),
+        })
+    }
+}
+
+impl Source for FileSource {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
+        let mut done = 0usize;
+        while done < buf.len() {
+            let Some(pos) = offset.checked_add(done as u64) else {
+                break;
+            };
+            let Some(rest) = buf.get_mut(done..) else {
+                break;
+            };
+            match self.file.read_at(rest, pos) {
+                Ok(0) => break,
+                Ok(n) => done += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        if let Some(rest) = buf.get_mut(done..) {
+            rest.fill(0);
+        }
+        Ok(done)
+    }
+
+    fn len(&self) -> u64 {
+        self.len
+    }
+
+    fn allocated_size(&self) -> u64 {
+        self.allocated
+    }
+
+    fn extent_at(&self, offset: u64) -> Extent {
+        use rustix::fs::{SeekFrom, seek};
+        if offset >= self.len {
+            return Extent::Hole(0);
+        }
+        let rest = self.len - offset;
+        let Ok(data) = seek(&self.file, SeekFrom::Data(offset)) else {
+            // ENXIO: no data after offset, so the rest is a hole. Other errors: the
+            // file system cannot tell, so treat everything as data.
+            return match rustix::io::Errno::from_io_error(&std::io::Error::last_os_error()) {
+                _ if seek(&self.file, SeekFrom::Hole(offset)).is_ok() => Extent::Hole(rest),
+                _ => Extent::Data(rest),
+            };
+        };
+        if data > offset {
+            return Extent::Hole((data - offset).min(rest));
+        }
+        match seek(&self.file, SeekFrom::Hole(offset)) {
+            Ok(hole) if hole > offset => Extent::Data((hole - offset).min(rest)),
+            _ => Extent::Data(rest),
+        }
+    }
+
+    fn name(&self) -> &Path {
+        &self.path
+    }
+}
+
+/// Bytes in memory, for tests and fuzzing.
+#[derive(Debug)]
+pub struct MemSource {
+    bytes: Vec<u8>,
+    name: PathBuf,
+}
+
+impl MemSource {
+    /// Wrap `bytes` under a display `name`.
+    pub fn new(name: impl Into<PathBuf>, bytes: Vec<u8>) -> Self {
+        MemSource {
+            bytes,
+            name: name.into(),
+        }
+    }
+}
+
+impl Source for MemSource {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
+        let start = usize::try_from(offset).unwrap_or(usize::MAX);
+        let avail = self.bytes.get(start..).unwrap_or(&[]);
+        let n = avail.len().min(buf.len());
+        let (head, tail) = buf.split_at_mut(n);
+        head.copy_from_slice(avail.get(..n).unwrap_or(&[]));
+        tail.fill(0);
+        Ok(n)
+    }
+
+    fn len(&self) -> u64 {
+        self.bytes.len() as u64
+    }
+
+    fn name(&self) -> &Path {
+        &self.name
+    }
+}
+
+/// A shared source.
+pub type SharedSource = Arc<dyn Source>;
+
+/// Read exactly `len` bytes of structure `what` at `offset`, failing with
+/// [`Error::Truncated`] if the file is shorter. `len` must already be checked
+/// against sane limits by the caller.
+pub fn read_exact(src: &dyn Source, what: &str, offset: u64, len: u64) -> Result<Vec<u8>> {
+    let end = offset.checked_add(len);
+    if end.is_none_or(|e| e > src.len()) {
+        return Err(Error::Truncated {
+            what: what.to_string(),
+            offset,
+            len,
+            file_len: src.len(),
+        });
+    }
+    let size = usize::try_from(len).map_err(|_| Error::invalid(what, offset, "too large"))?;
+    let mut buf = vec![0u8; size];
+    read_into(src, what, offset, &mut buf)?;
+    Ok(buf)
+}
+
+/// Fill `buf` at `offset`; bytes past the end of the source read as zeros.
+pub fn read_into(src: &dyn Source, what: &str, offset: u64, buf: &mut [u8]) -> Result<usize> {
+    src.read_at(buf, offset).map_err(|e| Error::Io {
+        file: src.name().to_path_buf(),
+        what: format!("read of {what} at {offset:#x}"),
+        source: e,
+    })
+}

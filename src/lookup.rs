@@ -1,0 +1,785 @@
+//! Resolving guest reads: which layer, which host bytes, or zeros.
+//!
+//! For one qcow2 layer, a guest offset goes through the L1 table to an L2 table and
+//! then to an L2 entry (and, with extended L2, a subcluster), exactly as QEMU's
+//! `qcow2_get_host_offset` does; [`layer_run`] returns the result for a run of
+//! guest bytes that all resolve the same way. [`read`] stitches runs together down
+//! the backing chain, and [`trace`] records every step for one offset, with an
+//! explanation a learner can follow.
+
+use crate::chain::{Chain, Layer, LayerKind};
+use crate::compress;
+use crate::error::{Error, Result};
+use crate::image::{Qcow2, View};
+use crate::io::read_into;
+use crate::tables::{CompressedDescriptor, L1Entry, L2Entry, SubclusterType};
+use crate::types::{GuestOffset, HostOffset};
+use serde::Serialize;
+
+/// How a run of guest bytes resolves in one layer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Status {
+    /// Not in this layer: the next layer down answers (zeros if there is none).
+    Unallocated {
+        /// A host cluster kept for this range (extended L2 "unallocated (alloc)").
+        host: Option<HostOffset>,
+    },
+    /// Reads as zeros here; lower layers are not consulted.
+    Zero {
+        /// The host cluster kept allocated, if any.
+        host: Option<HostOffset>,
+    },
+    /// Data at a host offset (in the image file, or in the external data file).
+    Data {
+        /// Host offset of the first byte of the run.
+        host: HostOffset,
+        /// The bytes are in the external data file.
+        in_data_file: bool,
+    },
+    /// A compressed cluster.
+    Compressed {
+        /// Where the compressed bytes are.
+        descriptor: CompressedDescriptor,
+        /// Offset of the run's first byte inside the decompressed cluster.
+        in_cluster: u64,
+    },
+}
+
+/// A run of guest bytes with one status.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct Run {
+    /// First guest byte.
+    pub guest: u64,
+    /// Length in bytes (at least 1).
+    pub len: u64,
+    /// How it resolves.
+    pub status: Status,
+    /// The subcluster type QEMU sees.
+    pub subcluster: SubclusterType,
+}
+
+fn eio(guest: u64, layer: &str, reason: String) -> Error {
+    Error::GuestIo {
+        guest,
+        layer: layer.to_string(),
+        reason,
+    }
+}
+
+/// Resolve up to `max_len` guest bytes from `guest` in one qcow2 layer, the way
+/// `qcow2_get_host_offset` does: the run never crosses an L2 table, and it covers
+/// consecutive (sub)clusters of the same type (and, for data, contiguous host
+/// offsets). Returns QEMU's EIO conditions as [`Error::GuestIo`].
+pub fn layer_run(img: &Qcow2, view: &View, guest: u64, max_len: u64, name: &str) -> Result<Run> {
+    let geo = img.geometry();
+    let cs = geo.cluster_size();
+    let g = GuestOffset(guest);
+    let in_cluster = geo.in_cluster(g);
+    let l2_index = geo.l2_index(g);
+    // Bytes from the start of this cluster to the end of its L2 table.
+    let to_l2_end = (geo.l2_entries() - l2_index) * cs;
+    let needed = max_len.saturating_add(in_cluster).min(to_l2_end);
+    let unallocated = |len: u64| Run {
+        guest,
+        len: len.saturating_sub(in_cluster).max(1),
+        status: Status::Unallocated { host: None },
+        subcluster: SubclusterType::UnallocatedPlain,
+    };
+    let l1_index = geo.l1_index(g);
+    let Some(l1e) = usize::try_from(l1_index).ok().and_then(|i| view.l1.get(i)) else {
+        return Ok(unallocated(needed));
+    };
+    let Some(l2_off) = l1e.l2_offset() else {
+        return Ok(unallocated(needed));
+    };
+    if !geo.is_cluster_aligned(l2_off.0) {
+        return Err(eio(
+            guest,
+            name,
+            format!("L2 table offset {l2_off} unaligned (L1 index {l1_index:#x})"),
+        ));
+    }
+    let l2 = img.l2_table(l2_off)?;
+    let has_df = img.header.has_data_file();
+    let sc_index = geo.subcluster_index(g);
+    let entry = l2.get(l2_index as usize).copied().unwrap_or(L2Entry { raw: 0, bitmap: 0 });
+    let first_type = entry.subcluster_type(&geo, has_df, sc_index);
+    if img.header.version < 3 && first_type.is_zero() {
+        return Err(eio(
+            guest,
+            name,
+            format!(
+                "Zero cluster entry found in pre-v3 image (L2 offset: {l2_off}, L2 index: {l2_index:#x})"
+            ),
+        ));
+    }
+    let mut host = None;
+    match first_type {
+        SubclusterType::Compressed
+            if has_df => {
+                return Err(eio(
+                    guest,
+                    name,
+                    format!(
+                        "Compressed cluster entry found in image with external data file (L2 offset: {l2_off}, L2 index: {l2_index:#x})"
+                    ),
+                ));
+            }
+        SubclusterType::ZeroAlloc | SubclusterType::Normal | SubclusterType::UnallocatedAlloc => {
+            let hc = entry.host_offset();
+            if !geo.is_cluster_aligned(hc.0) {
+                return Err(eio(
+                    guest,
+                    name,
+                    format!(
+                        "Cluster allocation offset {hc} unaligned (L2 offset: {l2_off}, L2 index: {l2_index:#x})"
+                    ),
+                ));
+            }
+            let h = hc.0.saturating_add(in_cluster);
+            if has_df && h != guest {
+                return Err(eio(
+                    guest,
+                    name,
+                    format!(
+                        "External data file host cluster offset {hc} does not match guest cluster offset {:#x}",
+                        guest - in_cluster
+                    ),
+                ));
+            }
+            host = Some(HostOffset(h));
+        }
+        _ => {}
+    }
+    // count_contiguous_subclusters
+    let nb_clusters = geo.clusters_for(needed);
+    let mut count: u64 = 0;
+    let mut expected_off = entry.host_offset().0;
+    let check_offset = first_type.has_host_cluster();
+    for i in 0..nb_clusters {
+        let first_sc = if i == 0 { sc_index } else { 0 };
+        let e = l2
+            .get((l2_index + i) as usize)
+            .copied()
+            .unwrap_or(L2Entry { raw: 0, bitmap: 0 });
+        let Some((t, n)) = e.subcluster_run(&geo, has_df, first_sc) else {
+            return Err(eio(
+                guest,
+                name,
+                format!(
+                    "Invalid cluster entry found (L2 offset: {l2_off}, L2 index: {:#x})",
+                    l2_index + i
+                ),
+            ));
+        };
+        if i == 0 {
+            if t == SubclusterType::Compressed {
+                count = u64::from(n);
+                break;
+            }
+        } else if t != first_type {
+            break;
+        } else if check_offset {
+            expected_off = expected_off.wrapping_add(cs);
+            if expected_off != e.host_offset().0 {
+                break;
+            }
+        }
+        count += u64::from(n);
+        let per = if geo.extended_l2 { 32 } else { 1 };
+        if first_sc + n < per {
+            break;
+        }
+    }
+    let avail = (count + u64::from(sc_index)) << geo.subcluster_bits();
+    let len = avail.min(needed).saturating_sub(in_cluster).max(1);
+    let status = match first_type {
+        SubclusterType::Normal => Status::Data {
+            host: host.unwrap_or_default(),
+            in_data_file: has_df,
+        },
+        SubclusterType::Compressed => Status::Compressed {
+            descriptor: CompressedDescriptor::decode(entry.raw, &geo),
+            in_cluster,
+        },
+        SubclusterType::ZeroPlain | SubclusterType::ZeroAlloc => Status::Zero { host },
+        _ => Status::Unallocated { host },
+    };
+    Ok(Run {
+        guest,
+        len,
+        status,
+        subcluster: first_type,
+    })
+}
+
+/// Decompress the compressed cluster described by `d` in `img`.
+pub fn read_compressed(img: &Qcow2, d: &CompressedDescriptor, guest: u64, name: &str) -> Result<Vec<u8>> {
+    let cs = img.geometry().cluster_size();
+    // The descriptor can claim at most 2^(cluster_bits-8) sectors, i.e. 2 clusters.
+    let mut buf = vec![0u8; d.size.min(2 * cs) as usize];
+    read_into(img.src.as_ref(), "compressed cluster", d.offset.0, &mut buf)?;
+    compress::decompress(img.header.compression_type(), &buf, cs as usize).map_err(|e| {
+        eio(
+            guest,
+            name,
+            format!("compressed cluster at {} ({} bytes): {e}", d.offset, d.size),
+        )
+    })
+}
+
+/// A cache of the last decompressed cluster, so sequential reads inflate each
+/// compressed cluster once.
+#[derive(Default)]
+pub struct ReadCache {
+    last: Option<(usize, u64, Vec<u8>)>,
+}
+
+/// Read guest bytes of the chain at `guest` into `buf`, as QEMU would: bytes past
+/// the end of the guest disk, and past the end of shorter backing layers, read as
+/// zeros.
+pub fn read(chain: &Chain, guest: u64, buf: &mut [u8], cache: &mut ReadCache) -> Result<()> {
+    read_layer(chain, 0, guest, buf, cache)
+}
+
+fn read_layer(chain: &Chain, depth: usize, guest: u64, buf: &mut [u8], cache: &mut ReadCache) -> Result<()> {
+    let Some(layer) = chain.layers.get(depth) else {
+        buf.fill(0);
+        return Ok(());
+    };
+    let size = layer.size();
+    let in_range = (buf.len() as u64).min(size.saturating_sub(guest)) as usize;
+    let (head, tail) = buf.split_at_mut(in_range);
+    tail.fill(0);
+    let name = layer.path.display().to_string();
+    match &layer.kind {
+        LayerKind::Raw => {
+            read_into(layer.src.as_ref(), "raw image data", guest, head)?;
+        }
+        LayerKind::Qcow2 {
+            image,
+            view,
+            data_file,
+        } => {
+            if image.header.crypt_method != 0 {
+                // Only zero and unallocated ranges could be answered without a key.
+            }
+            let mut pos = 0usize;
+            while pos < head.len() {
+                let g = guest + pos as u64;
+                let want = (head.len() - pos) as u64;
+                let run = layer_run(image, view, g, want, &name)?;
+                let n = run.len.min(want) as usize;
+                let Some(dst) = head.get_mut(pos..pos + n) else { break };
+                match run.status {
+                    Status::Data { host, in_data_file } => {
+                        if image.header.crypt_method != 0 {
+                            return Err(Error::unsupported(
+                                format!("{name}: encrypted data at guest offset {g:#x}"),
+                                "qinspect does not decrypt images",
+                            ));
+                        }
+                        let src = if in_data_file {
+                            data_file.as_ref().unwrap_or(&layer.src)
+                        } else {
+                            &layer.src
+                        };
+                        read_into(src.as_ref(), "guest data", host.0, dst)?;
+                    }
+                    Status::Zero { .. } => dst.fill(0),
+                    Status::Unallocated { .. } => {
+                        read_layer(chain, depth + 1, g, dst, cache)?;
+                    }
+                    Status::Compressed {
+                        descriptor,
+                        in_cluster,
+                    } => {
+                        let hit = matches!(&cache.last, Some((d, off, _)) if *d == depth && *off == descriptor.offset.0);
+                        if !hit {
+                            let data = read_compressed(image, &descriptor, g, &name)?;
+                            cache.last = Some((depth, descriptor.offset.0, data));
+                        }
+                        if let Some((_, _, data)) = &cache.last {
+                            let s = crate::bytes::slice(data, in_cluster as usize, n);
+                            dst.get_mut(..s.len()).unwrap_or(&mut []).copy_from_slice(s);
+                        }
+                    }
+                }
+                pos += n;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// One step of a traced lookup.
+#[derive(Clone, Debug, Serialize)]
+pub struct Step {
+    /// Which layer (0 = top).
+    pub depth: usize,
+    /// The layer's file.
+    pub layer: String,
+    /// What kind of step.
+    pub kind: StepKind,
+    /// A sentence explaining the step.
+    pub explanation: String,
+}
+
+/// The kinds of steps in a lookup.
+#[derive(Clone, Debug, Serialize)]
+#[serde(tag = "step", rename_all = "snake_case")]
+pub enum StepKind {
+    /// The layer is entered; the guest offset is split into indexes.
+    Split {
+        /// Format of the layer.
+        format: String,
+        /// Virtual size of the layer.
+        layer_size: u64,
+        /// Cluster size (qcow2 only).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        cluster_size: Option<u64>,
+        /// L1 index (qcow2 only).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        l1_index: Option<u64>,
+        /// L2 index (qcow2 only).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        l2_index: Option<u64>,
+        /// Offset in the cluster (qcow2 only).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        in_cluster: Option<u64>,
+        /// Subcluster index (extended L2 only).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        subcluster: Option<u32>,
+    },
+    /// The offset is past the end of this layer.
+    PastEnd {
+        /// Layer size.
+        layer_size: u64,
+    },
+    /// The L1 index is past the end of the L1 table.
+    BeyondL1 {
+        /// L1 index.
+        l1_index: u64,
+        /// L1 size.
+        l1_size: u64,
+    },
+    /// An L1 entry was read.
+    L1Entry {
+        /// Which L1 table (active or snapshot).
+        table: String,
+        /// Index.
+        index: u64,
+        /// Where the entry is in the file.
+        entry_offset: u64,
+        /// Raw value (hex).
+        raw: String,
+        /// L2 offset (hex) or null.
+        l2_offset: Option<String>,
+        /// COPIED.
+        copied: bool,
+        /// Reserved bits set (hex) or null.
+        reserved: Option<String>,
+    },
+    /// An L2 entry was read.
+    L2Entry {
+        /// Where the L2 table is.
+        table_offset: String,
+        /// Index.
+        index: u64,
+        /// Where the entry is in the file.
+        entry_offset: u64,
+        /// Raw value (hex).
+        raw: String,
+        /// Subcluster bitmap (hex; extended L2 only).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        bitmap: Option<String>,
+        /// QEMU's cluster type.
+        cluster_type: String,
+        /// The state of the subcluster holding the offset.
+        subcluster_type: String,
+        /// Host offset bits (hex) if meaningful.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        host_offset: Option<String>,
+        /// COPIED.
+        copied: bool,
+        /// Compressed descriptor.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        compressed: Option<CompressedDescriptor>,
+        /// Reserved bits set (hex) or null.
+        reserved: Option<String>,
+    },
+    /// The lookup ends with data.
+    Data {
+        /// The file holding the byte.
+        file: String,
+        /// Host offset of the byte.
+        host_offset: String,
+        /// Whether the host offset is past the end of that file (reads zeros).
+        past_eof: bool,
+    },
+    /// The lookup ends with a compressed cluster.
+    Compressed {
+        /// The file.
+        file: String,
+        /// Descriptor.
+        descriptor: CompressedDescriptor,
+        /// Offset inside the decompressed cluster.
+        in_cluster: u64,
+    },
+    /// The lookup ends with zeros.
+    Zero {
+        /// Why.
+        reason: String,
+    },
+    /// Not here: go down one layer.
+    FallThrough {
+        /// Next layer's file, if any.
+        next: Option<String>,
+    },
+    /// QEMU would fail the read.
+    Error {
+        /// QEMU's complaint.
+        message: String,
+    },
+}
+
+/// The full trace of one guest offset.
+#[derive(Clone, Debug, Serialize)]
+pub struct Trace {
+    /// The guest offset traced.
+    pub guest_offset: u64,
+    /// Which L1 table the top layer uses.
+    pub view: String,
+    /// Steps in order.
+    pub steps: Vec<Step>,
+    /// One-sentence outcome.
+    pub outcome: String,
+}
+
+/// Trace the lookup of one guest offset through the chain, step by step.
+pub fn trace(chain: &Chain, guest: u64) -> Trace {
+    let mut steps = Vec::new();
+    let view = match &chain.top().kind {
+        LayerKind::Qcow2 { view, .. } => view.label(),
+        LayerKind::Raw => "raw".into(),
+    };
+    let mut outcome = String::new();
+    for (depth, layer) in chain.layers.iter().enumerate() {
+        let name = layer.path.display().to_string();
+        let next = chain.layers.get(depth + 1).map(|l| l.path.display().to_string());
+        let push = |steps: &mut Vec<Step>, kind: StepKind, explanation: String| {
+            steps.push(Step {
+                depth,
+                layer: name.clone(),
+                kind,
+                explanation,
+            })
+        };
+        let size = layer.size();
+        if guest >= size {
+            let why = if depth == 0 {
+                format!("Guest offset {guest:#x} is past the end of the disk ({size} bytes); there is nothing to read.")
+            } else {
+                format!("{name} is only {size} bytes long, so offset {guest:#x} is past its end: QEMU reads zeros there.")
+            };
+            push(&mut steps, StepKind::PastEnd { layer_size: size }, why.clone());
+            outcome = if depth == 0 {
+                "past the end of the disk".into()
+            } else {
+                format!("zeros: past the end of backing layer {name} ({size} bytes)")
+            };
+            break;
+        }
+        match &layer.kind {
+            LayerKind::Raw => {
+                push(
+                    &mut steps,
+                    StepKind::Split {
+                        format: "raw".into(),
+                        layer_size: size,
+                        cluster_size: None,
+                        l1_index: None,
+                        l2_index: None,
+                        in_cluster: None,
+                        subcluster: None,
+                    },
+                    format!("{name} is a raw image: guest offset {guest:#x} is byte {guest:#x} of the file."),
+                );
+                push(
+                    &mut steps,
+                    StepKind::Data {
+                        file: name.clone(),
+                        host_offset: format!("{guest:#x}"),
+                        past_eof: false,
+                    },
+                    format!("The byte is read from {name} at offset {guest:#x}."),
+                );
+                outcome = format!("data in {name} at {guest:#x} (raw layer {depth})");
+                break;
+            }
+            LayerKind::Qcow2 {
+                image,
+                view,
+                data_file,
+            } => {
+                match trace_qcow2(image, view, data_file.as_deref(), guest, depth, &name, next.as_deref(), &mut steps) {
+                    Some(o) => {
+                        outcome = o;
+                        break;
+                    }
+                    None => {
+                        if next.is_none() {
+                            outcome = format!(
+                                "zeros: unallocated in every layer (the last one, {name}, has no backing file)"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+    Trace {
+        guest_offset: guest,
+        view,
+        steps,
+        outcome,
+    }
+}
+
+/// Trace within one qcow2 layer; `Some(outcome)` if the lookup ends here.
+#[allow(clippy::too_many_arguments)]
+fn trace_qcow2(
+    img: &Qcow2,
+    view: &View,
+    data_file: Option<&dyn crate::io::Source>,
+    guest: u64,
+    depth: usize,
+    name: &str,
+    next: Option<&str>,
+    steps: &mut Vec<Step>,
+) -> Option<String> {
+    let geo = img.geometry();
+    let g = GuestOffset(guest);
+    let (l1i, l2i, inc) = (geo.l1_index(g), geo.l2_index(g), geo.in_cluster(g));
+    let sc = geo.subcluster_index(g);
+    let push = |steps: &mut Vec<Step>, kind: StepKind, explanation: String| {
+        steps.push(Step {
+            depth,
+            layer: name.to_string(),
+            kind,
+            explanation,
+        })
+    };
+    let fall = |steps: &mut Vec<Step>, why: &str| {
+        let explanation = match next {
+            Some(n) => format!("{why} The read falls through to the backing file {n} at the same guest offset."),
+            None => format!("{why} There is no backing file, so the read returns zeros."),
+        };
+        push(steps, StepKind::FallThrough { next: next.map(str::to_string) }, explanation);
+        if next.is_none() {
+            Some(format!("zeros: unallocated in {name}, which has no backing file"))
+        } else {
+            None
+        }
+    };
+    push(
+        steps,
+        StepKind::Split {
+            format: "qcow2".into(),
+            layer_size: view.size,
+            cluster_size: Some(geo.cluster_size()),
+            l1_index: Some(l1i),
+            l2_index: Some(l2i),
+            in_cluster: Some(inc),
+            subcluster: geo.extended_l2.then_some(sc),
+        },
+        format!(
+            "With {}-byte clusters and {} entries per L2 table, guest offset {guest:#x} is L1 index {l1i}, L2 index {l2i}, byte {inc:#x} of the cluster{}.",
+            geo.cluster_size(),
+            geo.l2_entries(),
+            if geo.extended_l2 { format!(", subcluster {sc}") } else { String::new() }
+        ),
+    );
+    let Some(l1e) = usize::try_from(l1i).ok().and_then(|i| view.l1.get(i)).copied() else {
+        push(
+            steps,
+            StepKind::BeyondL1 {
+                l1_index: l1i,
+                l1_size: view.l1.len() as u64,
+            },
+            format!(
+                "The {} has only {} entries, so index {l1i} is beyond it: nothing is allocated here.",
+                view.label(),
+                view.l1.len()
+            ),
+        );
+        return fall(steps, "This range is unallocated in this layer.");
+    };
+    let l1_entry_off = view.l1_offset.saturating_add(l1i.saturating_mul(8));
+    push(
+        steps,
+        StepKind::L1Entry {
+            table: view.label(),
+            index: l1i,
+            entry_offset: l1_entry_off,
+            raw: format!("{:#018x}", l1e.0),
+            l2_offset: l1e.l2_offset().map(|o| o.to_string()),
+            copied: l1e.copied(),
+            reserved: (l1e.reserved_bits() != 0).then(|| format!("{:#x}", l1e.reserved_bits())),
+        },
+        format!(
+            "{} entry {l1i} (at file offset {l1_entry_off:#x}) is {:#018x}: {}.",
+            view.label(),
+            l1e.0,
+            L1Entry::describe(&l1e, &geo)
+        ),
+    );
+    let Some(l2_off) = l1e.l2_offset() else {
+        return fall(steps, "The L1 entry is 0, so no L2 table covers this range.");
+    };
+    if !geo.is_cluster_aligned(l2_off.0) {
+        let m = format!("L2 table offset {l2_off} unaligned (L1 index {l1i:#x})");
+        push(steps, StepKind::Error { message: m.clone() }, format!("QEMU refuses to use an L2 table that is not cluster-aligned: the read fails with EIO ({m})."));
+        return Some(format!("I/O error in {name}: {m}"));
+    }
+    let l2 = match img.l2_table(l2_off) {
+        Ok(t) => t,
+        Err(e) => {
+            push(steps, StepKind::Error { message: e.to_string() }, format!("The L2 table could not be read: {e}."));
+            return Some(format!("error: {e}"));
+        }
+    };
+    let e = l2.get(l2i as usize).copied().unwrap_or(L2Entry { raw: 0, bitmap: 0 });
+    let has_df = img.header.has_data_file();
+    let ct = e.cluster_type(&geo, has_df);
+    let st = e.subcluster_type(&geo, has_df, sc);
+    let entry_off = l2_off.0.saturating_add(l2i * geo.l2_entry_size());
+    let past = l2_off.0 >= img.file_len();
+    push(
+        steps,
+        StepKind::L2Entry {
+            table_offset: l2_off.to_string(),
+            index: l2i,
+            entry_offset: entry_off,
+            raw: format!("{:#018x}", e.raw),
+            bitmap: geo.extended_l2.then(|| format!("{:#018x}", e.bitmap)),
+            cluster_type: format!("{ct:?}").to_lowercase(),
+            subcluster_type: st.name().into(),
+            host_offset: (!e.compressed() && e.host_offset().0 != 0).then(|| e.host_offset().to_string()),
+            copied: e.copied(),
+            compressed: e.compressed_descriptor(&geo),
+            reserved: (e.reserved_bits(&geo) != 0).then(|| format!("{:#x}", e.reserved_bits(&geo))),
+        },
+        format!(
+            "L2 table at {l2_off}{}, entry {l2i} (at file offset {entry_off:#x}) is {:#018x}{}: {}.",
+            if past { " (past the end of the file, so it reads as zeros)" } else { "" },
+            e.raw,
+            if geo.extended_l2 { format!(" with bitmap {:#018x}", e.bitmap) } else { String::new() },
+            e.describe(&geo, has_df)
+        ),
+    );
+    if img.header.version < 3 && st.is_zero() {
+        let m = "Zero cluster entry found in pre-v3 image".to_string();
+        push(steps, StepKind::Error { message: m.clone() }, "Version 2 images have no zero clusters; QEMU treats the zero flag as corruption and fails the read with EIO.".into());
+        return Some(format!("I/O error in {name}: {m}"));
+    }
+    match st {
+        SubclusterType::Invalid => {
+            let m = format!("Invalid cluster entry found (L2 offset: {l2_off}, L2 index: {l2i:#x})");
+            push(steps, StepKind::Error { message: m.clone() }, "The subcluster bitmap marks a subcluster both allocated and zero (or an unallocated cluster has allocation bits): QEMU fails the read with EIO.".into());
+            Some(format!("I/O error in {name}: {m}"))
+        }
+        SubclusterType::UnallocatedPlain | SubclusterType::UnallocatedAlloc => {
+            let why = if geo.extended_l2 {
+                format!("Subcluster {sc} is neither allocated nor zero in this layer.")
+            } else {
+                "The L2 entry has no host offset and no zero flag: this cluster is unallocated in this layer.".to_string()
+            };
+            fall(steps, &why)
+        }
+        SubclusterType::ZeroPlain | SubclusterType::ZeroAlloc => {
+            let reason = if geo.extended_l2 {
+                format!("subcluster {sc}'s zero bit is set")
+            } else {
+                "the L2 entry's zero flag (bit 0) is set".into()
+            };
+            push(
+                steps,
+                StepKind::Zero { reason: reason.clone() },
+                format!("Because {reason}, the read returns zeros here without looking at any backing file."),
+            );
+            Some(format!("zeros: {reason} in {name}"))
+        }
+        SubclusterType::Compressed => {
+            if has_df {
+                let m = "Compressed cluster entry found in image with external data file".to_string();
+                push(steps, StepKind::Error { message: m.clone() }, "Images with an external data file cannot have compressed clusters: QEMU fails the read with EIO.".into());
+                return Some(format!("I/O error in {name}: {m}"));
+            }
+            let d = CompressedDescriptor::decode(e.raw, &geo);
+            push(
+                steps,
+                StepKind::Compressed {
+                    file: name.to_string(),
+                    descriptor: d,
+                    in_cluster: inc,
+                },
+                format!(
+                    "QEMU reads {} bytes at {} in {name}, inflates them ({}) to a whole {}-byte cluster, and takes byte {inc:#x} of it.",
+                    d.size,
+                    d.offset,
+                    img.header.compression_type().qemu_name(),
+                    geo.cluster_size()
+                ),
+            );
+            Some(format!("compressed data in {name}: {} bytes at {}, byte {inc:#x} of the inflated cluster", d.size, d.offset))
+        }
+        SubclusterType::Normal => {
+            let hc = e.host_offset();
+            if !geo.is_cluster_aligned(hc.0) {
+                let m = format!("Cluster allocation offset {hc} unaligned (L2 offset: {l2_off}, L2 index: {l2i:#x})");
+                push(steps, StepKind::Error { message: m.clone() }, "A data cluster must start on a cluster boundary; QEMU fails the read with EIO.".into());
+                return Some(format!("I/O error in {name}: {m}"));
+            }
+            let host = hc.0.saturating_add(inc);
+            let (file, flen) = match data_file {
+                Some(df) => (df.name().display().to_string(), df.len()),
+                None => (name.to_string(), img.file_len()),
+            };
+            if has_df && host != guest {
+                let m = format!("External data file host cluster offset {hc} does not match guest cluster offset");
+                push(steps, StepKind::Error { message: m.clone() }, "In an external data file, guest offset and host offset must be equal; QEMU fails the read with EIO.".into());
+                return Some(format!("I/O error in {name}: {m}"));
+            }
+            let past_eof = host >= flen;
+            push(
+                steps,
+                StepKind::Data {
+                    file: file.clone(),
+                    host_offset: format!("{host:#x}"),
+                    past_eof,
+                },
+                format!(
+                    "The byte is data at host offset {hc} + {inc:#x} = {host:#x} in {file}{}.",
+                    if past_eof { format!(", which is past the end of that file ({flen} bytes), so it reads as zero") } else { String::new() }
+                ),
+            );
+            Some(format!("data in {file} at host offset {host:#x}{}", if past_eof { " (past end of file: zeros)" } else { "" }))
+        }
+    }
+}
+
+/// Convenience: the host offset QEMU would read for a guest offset in one layer.
+pub fn host_offset_of(layer: &Layer, guest: u64) -> Result<Option<HostOffset>> {
+    match &layer.kind {
+        LayerKind::Raw => Ok((guest < layer.size()).then_some(HostOffset(guest))),
+        LayerKind::Qcow2 { image, view, .. } => {
+            let run = layer_run(image, view, guest, 1, &layer.path.display().to_string())?;
+            Ok(match run.status {
+                Status::Data { host, .. } => Some(host),
+                _ => None,
+            })
+        }
+    }
+}

@@ -1,0 +1,1 @@
+//! The guest address space as extents, like `qemu-img map`.

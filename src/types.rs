@@ -1,0 +1,269 @@
+//! Offsets and the cluster geometry.
+//!
+//! qcow2 has two address spaces that are easy to mix up:
+//!
+//! * the **guest** address space: the virtual disk the VM sees, `0..virtual_size`;
+//! * the **host** address space: byte offsets inside the `.qcow2` file (or inside its
+//!   external data file).
+//!
+//! Both are cut into clusters of `1 << cluster_bits` bytes. A guest offset is found
+//! through a two-level table: the top bits index the L1 table, whose entry names an
+//! L2 table; the middle bits index that L2 table, whose entry names the host cluster;
+//! the low bits are the offset inside the cluster.
+//!
+//! ```text
+//!  guest offset:  | L1 index | L2 index | offset in cluster |
+//!                            <- l2_bits -><-- cluster_bits --->
+//! ```
+//!
+//! Separate types for guest and host offsets make it impossible to pass one where the
+//! other is meant.
+
+use serde::Serialize;
+use std::fmt;
+
+macro_rules! offset_type {
+    ($(#[$doc:meta])* $name:ident) => {
+        $(#[$doc])*
+        #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+        #[serde(transparent)]
+        pub struct $name(pub u64);
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(f, "{:#x}", self.0)
+            }
+        }
+    };
+}
+
+offset_type!(
+    /// A byte offset in the guest's virtual disk.
+    GuestOffset
+);
+offset_type!(
+    /// A byte offset in a host file (the image or its data file).
+    HostOffset
+);
+offset_type!(
+    /// The index of a cluster in the guest's virtual disk.
+    GuestCluster
+);
+offset_type!(
+    /// The index of a cluster in a host file: host offset >> cluster_bits.
+    HostCluster
+);
+
+/// Smallest cluster size QEMU accepts: 512 bytes.
+pub const MIN_CLUSTER_BITS: u32 = 9;
+/// Largest cluster size QEMU accepts: 2 MiB.
+pub const MAX_CLUSTER_BITS: u32 = 21;
+/// An extended L2 entry describes 32 subclusters.
+pub const SUBCLUSTERS_PER_CLUSTER: u32 = 32;
+
+/// How guest offsets map onto tables for one image.
+///
+/// Built only from a validated `cluster_bits` (9..=21), so every shift below is in range.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct Geometry {
+    /// log2 of the cluster size.
+    pub cluster_bits: u32,
+    /// Whether L2 entries are 16 bytes with a subcluster bitmap (incompatible bit 4).
+    pub extended_l2: bool,
+}
+
+impl Geometry {
+    /// A geometry for `cluster_bits` (clamped to QEMU's 9..=21 so shifts never overflow).
+    pub fn new(cluster_bits: u32, extended_l2: bool) -> Self {
+        Geometry {
+            cluster_bits: cluster_bits.clamp(MIN_CLUSTER_BITS, MAX_CLUSTER_BITS),
+            extended_l2,
+        }
+    }
+
+    /// Cluster size in bytes.
+    pub fn cluster_size(&self) -> u64 {
+        1u64 << self.cluster_bits
+    }
+
+    /// Size of one L2 entry: 8 bytes, or 16 with extended L2.
+    pub fn l2_entry_size(&self) -> u64 {
+        if self.extended_l2 { 16 } else { 8 }
+    }
+
+    /// log2 of the number of entries in one L2 table.
+    pub fn l2_bits(&self) -> u32 {
+        self.cluster_bits - if self.extended_l2 { 4 } else { 3 }
+    }
+
+    /// Entries in one L2 table (one cluster's worth).
+    pub fn l2_entries(&self) -> u64 {
+        1u64 << self.l2_bits()
+    }
+
+    /// Guest bytes covered by one L2 table (and so by one L1 entry).
+    pub fn l2_coverage(&self) -> u64 {
+        1u64 << (self.cluster_bits + self.l2_bits())
+    }
+
+    /// log2 of the subcluster size (equal to cluster_bits without extended L2).
+    pub fn subcluster_bits(&self) -> u32 {
+        if self.extended_l2 {
+            self.cluster_bits.saturating_sub(5)
+        } else {
+            self.cluster_bits
+        }
+    }
+
+    /// Subcluster size in bytes (the cluster size without extended L2).
+    pub fn subcluster_size(&self) -> u64 {
+        1u64 << self.subcluster_bits()
+    }
+
+    /// Which L1 entry covers a guest offset.
+    pub fn l1_index(&self, guest: GuestOffset) -> u64 {
+        guest.0 >> (self.cluster_bits + self.l2_bits())
+    }
+
+    /// Which entry of its L2 table covers a guest offset.
+    pub fn l2_index(&self, guest: GuestOffset) -> u64 {
+        (guest.0 >> self.cluster_bits) & (self.l2_entries() - 1)
+    }
+
+    /// Offset of a guest byte inside its cluster.
+    pub fn in_cluster(&self, guest: GuestOffset) -> u64 {
+        guest.0 & (self.cluster_size() - 1)
+    }
+
+    /// Which of the 32 subclusters a guest offset falls in (0 without extended L2).
+    pub fn subcluster_index(&self, guest: GuestOffset) -> u32 {
+        if self.extended_l2 {
+            ((guest.0 >> self.subcluster_bits()) & 31) as u32
+        } else {
+            0
+        }
+    }
+
+    /// The guest cluster holding a guest offset.
+    pub fn guest_cluster(&self, guest: GuestOffset) -> GuestCluster {
+        GuestCluster(guest.0 >> self.cluster_bits)
+    }
+
+    /// The host cluster holding a host offset.
+    pub fn host_cluster(&self, host: HostOffset) -> HostCluster {
+        HostCluster(host.0 >> self.cluster_bits)
+    }
+
+    /// First byte of a host cluster, or `None` if it would not fit in 64 bits.
+    pub fn host_cluster_start(&self, cluster: HostCluster) -> Option<HostOffset> {
+        cluster
+            .0
+            .checked_mul(self.cluster_size())
+            .map(HostOffset)
+    }
+
+    /// Reassemble a guest offset from its L1 index, L2 index and offset in the
+    /// cluster; the inverse of [`l1_index`](Self::l1_index),
+    /// [`l2_index`](Self::l2_index) and [`in_cluster`](Self::in_cluster).
+    /// `None` if the result does not fit in 64 bits.
+    pub fn guest_offset(&self, l1_index: u64, l2_index: u64, in_cluster: u64) -> Option<GuestOffset> {
+        let base = l1_index.checked_mul(self.l2_coverage())?;
+        let within = l2_index
+            .checked_mul(self.cluster_size())?
+            .checked_add(in_cluster)?;
+        base.checked_add(within).map(GuestOffset)
+    }
+
+    /// Is a host offset a multiple of the cluster size?
+    pub fn is_cluster_aligned(&self, offset: u64) -> bool {
+        offset & (self.cluster_size() - 1) == 0
+    }
+
+    /// Number of clusters needed to hold `bytes` bytes (rounded up).
+    pub fn clusters_for(&self, bytes: u64) -> u64 {
+        let cs = self.cluster_size();
+        bytes / cs + u64::from(!bytes.is_multiple_of(cs))
+    }
+
+    /// Number of L1 entries needed for a virtual disk of `size` bytes.
+    pub fn l1_entries_for(&self, size: u64) -> u64 {
+        let cov = self.l2_coverage();
+        size / cov + u64::from(!size.is_multiple_of(cov))
+    }
+}
+
+/// Format a byte count the way people read it: `64 KiB`, `1 GiB`, `1.5 MiB`, `100 B`.
+pub fn human_size(bytes: u64) -> String {
+    const UNITS: [&str; 7] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
+    let mut unit = 0usize;
+    let mut whole = bytes;
+    while whole >= 1024 && whole.is_multiple_of(1024) && unit + 1 < UNITS.len() {
+        whole /= 1024;
+        unit += 1;
+    }
+    if whole < 1024 || unit + 1 >= UNITS.len() {
+        return format!("{whole} {}", UNITS.get(unit).copied().unwrap_or("B"));
+    }
+    // Not a round number: show one decimal in the largest unit that fits.
+    let mut value = bytes as f64;
+    let mut unit = 0usize;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    format!("{value:.1} {}", UNITS.get(unit).copied().unwrap_or("B"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn default_geometry_splits_offsets() {
+        let g = Geometry::new(16, false);
+        assert_eq!(g.cluster_size(), 65536);
+        assert_eq!(g.l2_entries(), 8192);
+        assert_eq!(g.l2_coverage(), 512 << 20);
+        let o = GuestOffset((3 << 29) + (5 << 16) + 77);
+        assert_eq!(g.l1_index(o), 3);
+        assert_eq!(g.l2_index(o), 5);
+        assert_eq!(g.in_cluster(o), 77);
+    }
+
+    #[test]
+    fn extended_l2_has_half_the_entries_and_32_subclusters() {
+        let g = Geometry::new(16, true);
+        assert_eq!(g.l2_entries(), 4096);
+        assert_eq!(g.subcluster_size(), 2048);
+        assert_eq!(g.subcluster_index(GuestOffset(65536 + 4096)), 2);
+    }
+
+    #[test]
+    fn human_sizes() {
+        assert_eq!(human_size(0), "0 B");
+        assert_eq!(human_size(65536), "64 KiB");
+        assert_eq!(human_size(1 << 40), "1 TiB");
+        assert_eq!(human_size(1536 * 1024), "1.5 MiB");
+        assert_eq!(human_size(1000), "1000 B");
+    }
+
+    proptest! {
+        /// guest offset -> (L1 index, L2 index, in-cluster) -> guest offset is the
+        /// identity, for every cluster size, with and without extended L2.
+        #[test]
+        fn split_and_join_is_identity(
+            bits in MIN_CLUSTER_BITS..=MAX_CLUSTER_BITS,
+            ext in any::<bool>(),
+            off in any::<u64>(),
+        ) {
+            let ext = ext && bits >= 14;
+            let g = Geometry::new(bits, ext);
+            let o = GuestOffset(off);
+            let back = g.guest_offset(g.l1_index(o), g.l2_index(o), g.in_cluster(o));
+            prop_assert_eq!(back, Some(o));
+            prop_assert!(g.l2_index(o) < g.l2_entries());
+            prop_assert!(g.in_cluster(o) < g.cluster_size());
+        }
+    }
+}
