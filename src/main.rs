@@ -1,1 +1,81 @@
-fn main() {}
+//! `qinspect`: look inside qcow2 disk images.
+
+mod cli;
+
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+
+/// Look inside qcow2 disk images: header, tables, refcounts, snapshots, and how
+/// every guest read resolves through the backing chain. Read-only, always.
+///
+/// Numbers (offsets, lengths) accept decimal, 0x-hex and k/M/G/T/P/E suffixes
+/// (powers of 1024), like qemu-io: 65536, 0x10000, 64k and 64K are the same.
+#[derive(Parser, Debug)]
+#[command(name = "qinspect", version, propagate_version = true)]
+#[command(after_help = "Examples:\n  \
+    qinspect info disk.qcow2                 header, features, snapshots, bitmaps\n  \
+    qinspect map --json disk.qcow2           same extents as `qemu-img map --output=json`\n  \
+    qinspect trace disk.qcow2 1M             how guest offset 1 MiB resolves, step by step\n  \
+    qinspect read disk.qcow2 -o disk.raw     guest bytes, like `qemu-img convert -O raw`\n  \
+    qinspect dump l2 disk.qcow2 0            the L2 table behind L1 entry 0\n  \
+    qinspect hexdump disk.qcow2 --guest 64k  the bytes a guest read at 64 KiB returns")]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    /// Image to summarise when no subcommand is given.
+    image: Option<PathBuf>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Summarise an image (like `qemu-img info`; --json gives the same keys and more).
+    Info(cli::info::Args),
+    /// List how the guest address space is mapped (like `qemu-img map`).
+    Map(cli::map::Args),
+    /// Show every step of resolving one guest offset through the backing chain.
+    Trace(cli::trace::Args),
+    /// Read guest bytes through the backing chain (like `qemu-img convert -O raw`).
+    Read(cli::read::Args),
+    /// Print an on-disk table with each entry's file offset, raw value and meaning.
+    Dump(cli::dump::Args),
+    /// Hex dump of host bytes, or of the bytes a guest read returns.
+    Hexdump(cli::hexdump::Args),
+}
+
+fn main() {
+    if let Err(e) = color_eyre::install() {
+        eprintln!("qinspect: {e}");
+    }
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Some(Command::Info(a)) => cli::info::run(a),
+        Some(Command::Map(a)) => cli::map::run(a),
+        Some(Command::Trace(a)) => cli::trace::run(a),
+        Some(Command::Read(a)) => cli::read::run(a),
+        Some(Command::Dump(a)) => cli::dump::run(a),
+        Some(Command::Hexdump(a)) => cli::hexdump::run(a),
+        None => match cli.image {
+            Some(image) => cli::info::run(cli::info::Args::for_image(image)),
+            None => {
+                use clap::CommandFactory;
+                let _ = Cli::command().print_help();
+                Ok(2)
+            }
+        },
+    };
+    match result {
+        Ok(code) => std::process::exit(code),
+        Err(e) => {
+            // A closed pipe (`qinspect ... | head`) is not an error worth reporting.
+            let broken_pipe = e.chain().any(|c| {
+                c.downcast_ref::<std::io::Error>()
+                    .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+            });
+            if broken_pipe {
+                std::process::exit(0);
+            }
+            cli::report_error(&e);
+            std::process::exit(1);
+        }
+    }
+}

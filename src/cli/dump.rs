@@ -1,0 +1,372 @@
+//! `qinspect dump`: the raw tables, entry by entry.
+
+use super::{CmdResult, print_json, style};
+use color_eyre::eyre::{bail, eyre};
+use qinspect::bitmap;
+use qinspect::image::{Qcow2, Strictness};
+use qinspect::io::{FileSource, SharedSource};
+use qinspect::refcount::get_refcount;
+use qinspect::tables::{L1Entry, L2Entry};
+use qinspect::types::{GuestOffset, HostOffset};
+use serde::Serialize;
+use serde_json::{Value, json};
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+/// Which table to dump.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Table {
+    /// Every header field with its offset and meaning.
+    Header,
+    /// The header extensions.
+    Extensions,
+    /// The L1 table (active, or a snapshot's with --snapshot).
+    L1,
+    /// The L2 table behind L1 entry INDEX.
+    L2,
+    /// The refcount table.
+    RefcountTable,
+    /// The refcount block behind refcount table entry INDEX.
+    RefcountBlock,
+    /// The snapshot table, every field.
+    Snapshots,
+    /// The bitmap directory; with INDEX, that bitmap's table.
+    Bitmaps,
+}
+
+/// Arguments of `qinspect dump`.
+#[derive(clap::Args, Debug)]
+#[command(after_help = "Every entry is shown with its position in the file, its raw value \
+and what it means. Readable output leaves out all-zero entries of L2 tables, refcount blocks \
+and bitmap tables (say --all to see them); --json always lists every entry.\n\n\
+Examples:\n  qinspect dump l1 disk.qcow2\n  qinspect dump l2 disk.qcow2 0 --snapshot snap1\n  \
+qinspect dump refcount-block disk.qcow2 0 --json")]
+pub struct Args {
+    /// Which table.
+    #[arg(value_enum)]
+    pub table: Table,
+    /// The image file.
+    pub image: PathBuf,
+    /// For l2: the L1 index; for refcount-block: the refcount table index; for bitmaps: which bitmap.
+    pub index: Option<u64>,
+    /// Use this internal snapshot's L1 table (ID or name) for l1 and l2.
+    #[arg(long, short = 's')]
+    pub snapshot: Option<String>,
+    /// Show all-zero entries too.
+    #[arg(long)]
+    pub all: bool,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Serialize)]
+struct Row {
+    index: u64,
+    file_offset: u64,
+    raw: String,
+    #[serde(flatten)]
+    decoded: Value,
+    meaning: String,
+}
+
+/// Run `qinspect dump`.
+pub fn run(a: Args) -> CmdResult {
+    let src: SharedSource = Arc::new(FileSource::open(&a.image)?);
+    let img = Qcow2::open(src, Strictness::Lenient)?;
+    let geo = img.geometry();
+    let (title, rows): (String, Vec<Row>) = match a.table {
+        Table::Header => {
+            let rows = img
+                .header
+                .fields()
+                .into_iter()
+                .enumerate()
+                .map(|(i, f)| Row {
+                    index: i as u64,
+                    file_offset: f.offset,
+                    raw: format!("{:#x}", f.value),
+                    decoded: json!({"field": f.name, "size": f.size, "value": f.value}),
+                    meaning: format!("{}: {}", f.name, f.meaning),
+                })
+                .collect();
+            ("header".into(), rows)
+        }
+        Table::Extensions => {
+            let rows = img
+                .extensions
+                .iter()
+                .enumerate()
+                .map(|(i, e)| Row {
+                    index: i as u64,
+                    file_offset: e.offset,
+                    raw: format!("{:#010x}", e.ext_type),
+                    decoded: serde_json::to_value(e).unwrap_or(Value::Null),
+                    meaning: format!("{} ({} bytes): {}", e.type_name(), e.length, describe_ext(e)),
+                })
+                .collect();
+            ("header extensions".into(), rows)
+        }
+        Table::L1 => {
+            let view = match &a.snapshot {
+                Some(s) => img.snapshot_view(s)?,
+                None => img.active_view(),
+            };
+            let cov = geo.l2_coverage();
+            let rows = view
+                .l1
+                .iter()
+                .enumerate()
+                .filter(|(_, e)| a.all || a.json || e.0 != 0)
+                .map(|(i, e)| l1_row(i as u64, view.l1_offset, *e, cov, &geo))
+                .collect();
+            (format!("{} at {:#x} ({} entries)", view.label(), view.l1_offset, view.l1.len()), rows)
+        }
+        Table::L2 => {
+            let view = match &a.snapshot {
+                Some(s) => img.snapshot_view(s)?,
+                None => img.active_view(),
+            };
+            let i = a.index.ok_or_else(|| eyre!("dump l2 needs INDEX: the L1 index whose L2 table to show (see `qinspect dump l1`)"))?;
+            let e = view
+                .l1
+                .get(i as usize)
+                .copied()
+                .ok_or_else(|| eyre!("L1 index {i} is past the end of the {} ({} entries)", view.label(), view.l1.len()))?;
+            let Some(l2_off) = e.l2_offset() else {
+                bail!("{} entry {i} is {:#x}: no L2 table (the range is unallocated)", view.label(), e.0);
+            };
+            let table = img.l2_table(l2_off)?;
+            let has_df = img.header.has_data_file();
+            let rows = table
+                .iter()
+                .enumerate()
+                .filter(|(_, e)| a.all || a.json || e.raw != 0 || e.bitmap != 0)
+                .map(|(j, e)| l2_row(i, j as u64, l2_off, *e, &img, has_df))
+                .collect();
+            (
+                format!(
+                    "L2 table at {l2_off} (from {} entry {i}, guest {:#x}..{:#x})",
+                    view.label(),
+                    i * geo.l2_coverage(),
+                    (i + 1) * geo.l2_coverage()
+                ),
+                rows,
+            )
+        }
+        Table::RefcountTable => {
+            let t = img.refcount_table()?;
+            let rg = img.refcount_geometry();
+            let per = rg.entries_per_block();
+            let rows = t
+                .iter()
+                .enumerate()
+                .filter(|(_, e)| a.all || a.json || e.0 != 0)
+                .map(|(i, e)| Row {
+                    index: i as u64,
+                    file_offset: img.header.refcount_table_offset + i as u64 * 8,
+                    raw: format!("{:#018x}", e.0),
+                    decoded: json!({"block_offset": e.block_offset().map(|o| o.0), "reserved": e.reserved_bits(), "first_cluster": i as u64 * per}),
+                    meaning: match e.block_offset() {
+                        None => format!("no refcount block: clusters {}..{} have refcount 0", i as u64 * per, (i as u64 + 1) * per),
+                        Some(o) => format!(
+                            "refcount block at {o} for host clusters {}..{}{}",
+                            i as u64 * per,
+                            (i as u64 + 1) * per,
+                            if e.reserved_bits() != 0 { format!(", reserved bits {:#x} set", e.reserved_bits()) } else { String::new() }
+                        ),
+                    },
+                })
+                .collect();
+            (format!("refcount table at {:#x} ({} entries)", img.header.refcount_table_offset, t.len()), rows)
+        }
+        Table::RefcountBlock => {
+            let i = a.index.ok_or_else(|| eyre!("dump refcount-block needs INDEX: the refcount table index (see `qinspect dump refcount-table`)"))?;
+            let t = img.refcount_table()?;
+            let e = t.get(i as usize).ok_or_else(|| eyre!("refcount table index {i} is past its end ({} entries)", t.len()))?;
+            let Some(off) = e.block_offset() else {
+                bail!("refcount table entry {i} is 0: no refcount block, every cluster it covers has refcount 0");
+            };
+            let block = img.refcount_block(off)?;
+            let rg = img.refcount_geometry();
+            let per = rg.entries_per_block();
+            let bits = u64::from(rg.bits());
+            let rows = (0..per)
+                .map(|j| (j, get_refcount(&block, rg.order, j)))
+                .filter(|(_, r)| a.all || a.json || *r != 0)
+                .map(|(j, r)| {
+                    let cluster = i * per + j;
+                    Row {
+                        index: j,
+                        file_offset: off.0 + j * bits / 8,
+                        raw: format!("{r}"),
+                        decoded: json!({"cluster": cluster, "host_offset": cluster << geo.cluster_bits, "refcount": r}),
+                        meaning: format!("host cluster {cluster} (offset {:#x}) has refcount {r}", cluster << geo.cluster_bits),
+                    }
+                })
+                .collect();
+            (format!("refcount block at {off} ({}-bit refcounts for clusters {}..{})", rg.bits(), i * per, (i + 1) * per), rows)
+        }
+        Table::Snapshots => {
+            let rows = img
+                .snapshots
+                .snapshots
+                .iter()
+                .map(|s| Row {
+                    index: s.index as u64,
+                    file_offset: s.entry_offset,
+                    raw: format!("id {}", s.id),
+                    decoded: serde_json::to_value(s).unwrap_or(Value::Null),
+                    meaning: format!(
+                        "'{}': L1 table of {} entries at {:#x}, disk size {}, vm state {} bytes, taken {}{}",
+                        s.name,
+                        s.l1_size,
+                        s.l1_table_offset,
+                        s.disk_size.map(|d| d.to_string()).unwrap_or_else(|| "not stored".into()),
+                        s.vm_state_size,
+                        super::info::format_date(s.date_sec),
+                        if s.unknown_extra.is_empty() { String::new() } else { format!(", {} unknown extra bytes", s.unknown_extra.len()) }
+                    ),
+                })
+                .collect();
+            let mut title = format!("snapshot table at {:#x} ({} entries, {} bytes)", img.header.snapshots_offset, img.header.nb_snapshots, img.snapshots.size);
+            if let Some(e) = &img.snapshots.error {
+                title.push_str(&format!(" — could not be read completely: {e}"));
+            }
+            (title, rows)
+        }
+        Table::Bitmaps => match &img.bitmaps {
+            None => bail!("{} has no bitmaps extension", a.image.display()),
+            Some(Err(e)) => bail!("the bitmap directory cannot be read: {e}"),
+            Some(Ok(list)) => match a.index {
+                None => {
+                    let rows = list
+                        .iter()
+                        .enumerate()
+                        .map(|(i, b)| Row {
+                            index: i as u64,
+                            file_offset: b.entry_offset,
+                            raw: format!("flags {:#x}", b.flags),
+                            decoded: serde_json::to_value(b).unwrap_or(Value::Null),
+                            meaning: format!(
+                                "'{}': granularity {}, flags [{}], table of {} entries at {:#x}",
+                                b.name,
+                                b.granularity(),
+                                b.flag_names().join(", "),
+                                b.table_size,
+                                b.table_offset
+                            ),
+                        })
+                        .collect();
+                    ("bitmap directory".into(), rows)
+                }
+                Some(i) => {
+                    let b = list.get(i as usize).ok_or_else(|| eyre!("there is no bitmap {i} ({} bitmaps)", list.len()))?;
+                    let t = bitmap::read_table(img.src.as_ref(), b)?;
+                    let cover = b.granularity().saturating_mul(geo.cluster_size() * 8);
+                    let rows = t
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, e)| a.all || a.json || e.0 != 0)
+                        .map(|(j, e)| Row {
+                            index: j as u64,
+                            file_offset: b.table_offset + j as u64 * 8,
+                            raw: format!("{:#018x}", e.0),
+                            decoded: json!({"data_offset": e.data_offset(), "all_ones": e.all_ones()}),
+                            meaning: match e.data_offset() {
+                                Some(o) => format!("bits for guest {:#x}.. stored at {o:#x}", j as u64 * cover),
+                                None if e.all_ones() => "every bit set (all dirty)".into(),
+                                None => "every bit clear".into(),
+                            },
+                        })
+                        .collect();
+                    (format!("bitmap '{}' table at {:#x}", b.name, b.table_offset), rows)
+                }
+            },
+        },
+    };
+    if a.json {
+        print_json(&json!({"table": title, "entries": rows}))?;
+        return Ok(0);
+    }
+    let mut out = anstream::stdout();
+    let (hd, dim) = (style::HEAD, style::DIM);
+    writeln!(out, "{hd}{title}{hd:#}")?;
+    writeln!(out, "{dim}{:>6}  {:>12}  {:>18}  meaning{dim:#}", "index", "file offset", "raw")?;
+    if rows.is_empty() {
+        writeln!(out, "  (no non-zero entries)")?;
+    }
+    for r in &rows {
+        writeln!(out, "{:>6}  {:>#12x}  {:>18}  {}", r.index, r.file_offset, r.raw, r.meaning)?;
+    }
+    for p in &img.problems {
+        writeln!(out, "{}warning:{:#} {p}", style::BAD, style::BAD)?;
+    }
+    Ok(0)
+}
+
+fn describe_ext(e: &qinspect::header::Extension) -> String {
+    use qinspect::header::ExtensionKind as K;
+    match &e.kind {
+        K::BackingFormat { format } => format!("backing file format \"{format}\""),
+        K::FeatureTable { names } => names
+            .iter()
+            .map(|n| format!("{}:{}={}", n.group_raw, n.bit, n.name))
+            .collect::<Vec<_>>()
+            .join(", "),
+        K::Bitmaps { nb_bitmaps, reserved, directory_size, directory_offset } => format!(
+            "{nb_bitmaps} bitmaps, directory {directory_size} bytes at {directory_offset:#x}{}",
+            if *reserved != 0 { format!(", reserved {reserved:#x}") } else { String::new() }
+        ),
+        K::Crypto { offset, length } => format!("LUKS header at {offset:#x}, {length} bytes"),
+        K::DataFile { name } => format!("data file \"{name}\""),
+        K::Unknown => e.data.iter().map(|b| format!("{b:02x}")).collect(),
+    }
+}
+
+fn l1_row(i: u64, table: u64, e: L1Entry, cov: u64, geo: &qinspect::types::Geometry) -> Row {
+    Row {
+        index: i,
+        file_offset: table + i * 8,
+        raw: format!("{:#018x}", e.0),
+        decoded: json!({
+            "l2_offset": e.l2_offset().map(|o| o.0),
+            "copied": e.copied(),
+            "reserved": e.reserved_bits(),
+            "guest_start": i.saturating_mul(cov),
+            "guest_end": i.saturating_add(1).saturating_mul(cov),
+        }),
+        meaning: format!(
+            "guest {:#x}..{:#x}: {}",
+            i.saturating_mul(cov),
+            i.saturating_add(1).saturating_mul(cov),
+            e.describe(geo)
+        ),
+    }
+}
+
+fn l2_row(l1i: u64, j: u64, l2_off: HostOffset, e: L2Entry, img: &Qcow2, has_df: bool) -> Row {
+    let geo = img.geometry();
+    let guest = geo.guest_offset(l1i, j, 0).unwrap_or(GuestOffset(0));
+    Row {
+        index: j,
+        file_offset: l2_off.0 + j * geo.l2_entry_size(),
+        raw: if geo.extended_l2 {
+            format!("{:#018x}/{:#018x}", e.raw, e.bitmap)
+        } else {
+            format!("{:#018x}", e.raw)
+        },
+        decoded: json!({
+            "guest_offset": guest.0,
+            "type": format!("{:?}", e.cluster_type(&geo, has_df)).to_lowercase(),
+            "host_offset": (!e.compressed()).then_some(e.host_offset().0),
+            "copied": e.copied(),
+            "compressed": e.compressed_descriptor(&geo),
+            "reserved": e.reserved_bits(&geo),
+            "bitmap": geo.extended_l2.then_some(e.bitmap),
+            "subclusters": geo.extended_l2.then(|| (0..32).map(|s| e.subcluster_type(&geo, has_df, s).name()).collect::<Vec<_>>()),
+        }),
+        meaning: format!("guest {guest}: {}", e.describe(&geo, has_df)),
+    }
+}

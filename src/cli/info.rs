@@ -1,0 +1,276 @@
+//! `qinspect info`: what `qemu-img info` says, and more.
+
+use super::{CmdResult, print_json, style};
+use qinspect::chain::{Chain, Format, OpenOptions};
+use qinspect::image::{Qcow2, Strictness};
+use qinspect::info::{extra_info, qemu_info_qcow2, qemu_info_raw};
+use qinspect::io::{FileSource, SharedSource};
+use qinspect::types::human_size;
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+/// Arguments of `qinspect info`.
+#[derive(clap::Args, Debug)]
+#[command(after_help = "With --json, every key `qemu-img info --output=json IMAGE` prints (except \
+`children`) appears with the same name and value, plus qinspect's own: `header` (every raw \
+field with its offset and meaning), `extensions`, `features`, `file-length` and `problems`.\n\n\
+Like qemu-img, only the image itself is read for the JSON keys; the readable output also \
+walks the backing chain and says if a layer is missing.")]
+pub struct Args {
+    /// The image file.
+    pub image: PathBuf,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl Args {
+    /// Arguments for a plain summary of `image`.
+    pub fn for_image(image: PathBuf) -> Self {
+        Args { image, json: false }
+    }
+}
+
+/// Run `qinspect info`.
+pub fn run(a: Args) -> CmdResult {
+    let filename = a.image.to_string_lossy().into_owned();
+    let src: SharedSource = Arc::new(FileSource::open(&a.image)?);
+    let format = Format::probe(src.as_ref());
+    if format == Format::Raw {
+        let m = qemu_info_raw(src.as_ref(), &filename);
+        if a.json {
+            print_json(&m)?;
+        } else {
+            let mut out = anstream::stdout();
+            let h = style::HEAD;
+            writeln!(out, "{h}image:{h:#} {filename}")?;
+            writeln!(out, "format: raw (no qcow2 magic: guest offset = file offset)")?;
+            writeln!(out, "virtual size: {} ({} bytes)", human_size(src.len()), src.len())?;
+            writeln!(out, "disk size: {}", human_size(src.allocated_size()))?;
+        }
+        return Ok(0);
+    }
+    let img = Qcow2::open(src.clone(), Strictness::Qemu)?;
+    if a.json {
+        let mut m = qemu_info_qcow2(&img, &filename);
+        m.extend(extra_info(&img));
+        print_json(&m)?;
+        return Ok(0);
+    }
+    print_readable(&img, &a.image, &filename)?;
+    Ok(0)
+}
+
+fn yes(b: bool) -> &'static str {
+    if b { "yes" } else { "no" }
+}
+
+fn print_readable(img: &Qcow2, path: &std::path::Path, filename: &str) -> color_eyre::Result<()> {
+    let mut out = anstream::stdout();
+    let h = &img.header;
+    let (hd, dim, bad) = (style::HEAD, style::DIM, style::BAD);
+    writeln!(out, "{hd}image:{hd:#} {filename}")?;
+    writeln!(
+        out,
+        "format: qcow2 version {} (compat={})",
+        h.version,
+        if h.version >= 3 { "1.1" } else { "0.10" }
+    )?;
+    writeln!(out, "virtual size: {} ({} bytes)", human_size(h.size), h.size)?;
+    writeln!(
+        out,
+        "file size: {} ({} bytes), {} allocated on disk",
+        human_size(img.file_len()),
+        img.file_len(),
+        human_size(img.src.allocated_size())
+    )?;
+    let geo = img.geometry();
+    writeln!(
+        out,
+        "cluster size: {}{}",
+        human_size(geo.cluster_size()),
+        if geo.extended_l2 {
+            format!(" (extended L2: 32 subclusters of {})", human_size(geo.subcluster_size()))
+        } else {
+            String::new()
+        }
+    )?;
+    writeln!(
+        out,
+        "refcount bits: {} (max refcount {})",
+        h.refcount_bits(),
+        img.refcount_geometry().max()
+    )?;
+    writeln!(out, "compression: {}", h.compression_type().qemu_name())?;
+    writeln!(
+        out,
+        "L1 table: {} entries at {:#x}, each covering {}",
+        h.l1_size,
+        h.l1_table_offset,
+        human_size(geo.l2_coverage())
+    )?;
+    writeln!(
+        out,
+        "refcount table: {} cluster(s) at {:#x}",
+        h.refcount_table_clusters, h.refcount_table_offset
+    )?;
+    writeln!(out, "dirty: {}  corrupt: {}  lazy refcounts: {}", yes(h.dirty()), yes(h.corrupt()), yes(h.lazy_refcounts()))?;
+    if h.crypt_method != 0 {
+        writeln!(out, "encrypted: yes ({:?})", h.crypt())?;
+    }
+    if let Some(df) = &img.data_file_name {
+        writeln!(out, "data file: {df}{}", if h.data_file_raw() { " (raw: valid on its own)" } else { "" })?;
+    }
+
+    // Backing chain, opened for real so a missing layer shows up here.
+    if let Some(b) = &img.backing_name {
+        writeln!(out, "\n{hd}backing chain:{hd:#}")?;
+        match Chain::open(path, &OpenOptions::default()) {
+            Ok(chain) => {
+                for (i, l) in chain.layers.iter().enumerate() {
+                    writeln!(
+                        out,
+                        "  {i}  {}  {}  {}",
+                        l.path.display(),
+                        l.format().name(),
+                        human_size(l.size())
+                    )?;
+                }
+            }
+            Err(e) => {
+                writeln!(out, "  0  {filename}  qcow2  {}", human_size(h.size))?;
+                writeln!(
+                    out,
+                    "  1  {b}  {}  {bad}cannot be followed:{bad:#} {e}",
+                    img.backing_format.as_deref().unwrap_or("format probed")
+                )?;
+            }
+        }
+    }
+
+    writeln!(out, "\n{hd}header fields:{hd:#}")?;
+    for f in h.fields() {
+        writeln!(
+            out,
+            "  {dim}{:>4}{dim:#}  {:<24} {:>#20x}  {}",
+            f.offset, f.name, f.value, f.meaning
+        )?;
+    }
+    if !img.features.is_empty() {
+        writeln!(out, "\n{hd}feature bits set:{hd:#}")?;
+        for f in &img.features {
+            let warn = if f.known { String::new() } else { format!("  {bad}(unknown to QEMU 10){bad:#}") };
+            writeln!(out, "  {:<12} bit {:>2}  {}{warn}", format!("{:?}", f.group).to_lowercase(), f.bit, f.name)?;
+        }
+    }
+    writeln!(out, "\n{hd}header extensions:{hd:#}")?;
+    if img.extensions.is_empty() {
+        writeln!(out, "  none")?;
+    }
+    for e in &img.extensions {
+        let detail = match &e.kind {
+            qinspect::header::ExtensionKind::BackingFormat { format } => format!("\"{format}\""),
+            qinspect::header::ExtensionKind::FeatureTable { names } => format!("{} named bits", names.len()),
+            qinspect::header::ExtensionKind::Bitmaps { nb_bitmaps, directory_size, directory_offset, .. } => {
+                format!("{nb_bitmaps} bitmap(s), directory of {directory_size} bytes at {directory_offset:#x}")
+            }
+            qinspect::header::ExtensionKind::Crypto { offset, length } => format!("LUKS header at {offset:#x}, {length} bytes"),
+            qinspect::header::ExtensionKind::DataFile { name } => format!("\"{name}\""),
+            qinspect::header::ExtensionKind::Unknown => "unknown type, kept as raw bytes".into(),
+        };
+        writeln!(
+            out,
+            "  at {:#06x}  type {:#010x} {:<28} {:>5} bytes  {detail}",
+            e.offset,
+            e.ext_type,
+            e.type_name(),
+            e.length
+        )?;
+    }
+    if !img.snapshots.snapshots.is_empty() || img.snapshots.error.is_some() {
+        writeln!(out, "\n{hd}snapshots:{hd:#}")?;
+        writeln!(
+            out,
+            "  {dim}{:<5} {:<20} {:>10} {:<20} {:>14} {:>10} {:>12}{dim:#}",
+            "ID", "NAME", "VM SIZE", "DATE", "VM CLOCK", "L1 SIZE", "L1 OFFSET"
+        )?;
+        for s in &img.snapshots.snapshots {
+            let secs = s.vm_clock_nsec / 1_000_000_000;
+            writeln!(
+                out,
+                "  {:<5} {:<20} {:>10} {:<20} {:>14} {:>10} {:>#12x}",
+                s.id,
+                s.name,
+                human_size(s.vm_state_size),
+                format_date(s.date_sec),
+                format!("{:02}:{:02}:{:02}.{:03}", secs / 3600, secs / 60 % 60, secs % 60, s.vm_clock_nsec / 1_000_000 % 1000),
+                s.l1_size,
+                s.l1_table_offset
+            )?;
+        }
+        if let Some(e) = &img.snapshots.error {
+            writeln!(out, "  {bad}{e}{bad:#}")?;
+        }
+    }
+    match &img.bitmaps {
+        None => {}
+        Some(Ok(list)) => {
+            writeln!(out, "\n{hd}bitmaps:{hd:#}")?;
+            for b in list {
+                writeln!(
+                    out,
+                    "  {:<20} granularity {:<8} flags [{}]  table: {} entries at {:#x}",
+                    b.name,
+                    human_size(b.granularity()),
+                    b.flag_names().join(", "),
+                    b.table_size,
+                    b.table_offset
+                )?;
+            }
+            if h.autoclear_features & qinspect::header::AUTOCLEAR_BITMAPS == 0 {
+                writeln!(out, "  {bad}autoclear bit 0 is clear: QEMU ignores these bitmaps{bad:#}")?;
+            }
+        }
+        Some(Err(e)) => writeln!(out, "\n{hd}bitmaps:{hd:#} {bad}{e}{bad:#}")?,
+    }
+    if !img.problems.is_empty() {
+        writeln!(out, "\n{bad}problems:{bad:#}")?;
+        for p in &img.problems {
+            writeln!(out, "  {p}")?;
+        }
+    }
+    Ok(())
+}
+
+/// Seconds since the epoch as `YYYY-MM-DD HH:MM:SS` (UTC).
+pub fn format_date(secs: u32) -> String {
+    let days = i64::from(secs / 86400);
+    let rem = secs % 86400;
+    // Civil-from-days (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = if m <= 2 { y + 1 } else { y };
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn dates() {
+        assert_eq!(super::format_date(0), "1970-01-01 00:00:00");
+        assert_eq!(super::format_date(1_700_000_000), "2023-11-14 22:13:20");
+    }
+}

@@ -1,0 +1,67 @@
+//! The command-line front end: one module per subcommand, each a thin layer over
+//! the `qinspect` library.
+
+pub mod dump;
+pub mod hexdump;
+pub mod info;
+pub mod map;
+pub mod num;
+pub mod read;
+pub mod trace;
+
+use anstyle::{AnsiColor, Style};
+use qinspect::chain::{Chain, OpenOptions};
+use qinspect::image::Strictness;
+use std::io::Write;
+use std::path::Path;
+
+/// Result of a subcommand: the process exit code.
+pub type CmdResult = color_eyre::Result<i32>;
+
+/// Styles that carry meaning in readable output.
+pub mod style {
+    use super::*;
+    /// Headings.
+    pub const HEAD: Style = Style::new().bold();
+    /// Guest data present in this layer.
+    pub const DATA: Style = AnsiColor::Green.on_default();
+    /// Zeros.
+    pub const ZERO: Style = AnsiColor::Blue.on_default();
+    /// Falls through to a lower layer.
+    pub const BACKING: Style = AnsiColor::Yellow.on_default();
+    /// Compressed.
+    pub const COMPRESSED: Style = AnsiColor::Magenta.on_default();
+    /// Something wrong.
+    pub const BAD: Style = AnsiColor::Red.on_default().bold();
+    /// Less important.
+    pub const DIM: Style = Style::new().dimmed();
+}
+
+/// Print an error and its causes to stderr.
+pub fn report_error(e: &color_eyre::Report) {
+    let mut err = anstream::stderr();
+    let bad = style::BAD;
+    let _ = write!(err, "{bad}qinspect: error:{bad:#} {e}");
+    for cause in e.chain().skip(1) {
+        let _ = write!(err, "\n  caused by: {cause}");
+    }
+    let _ = writeln!(err);
+}
+
+/// Open an image and its backing chain.
+pub fn open_chain(path: &Path, snapshot: Option<&str>, strictness: Strictness) -> color_eyre::Result<Chain> {
+    let opts = OpenOptions {
+        snapshot: snapshot.map(str::to_string),
+        strictness,
+        ..Default::default()
+    };
+    Ok(Chain::open(path, &opts)?)
+}
+
+/// Write JSON to stdout, pretty-printed.
+pub fn print_json(v: &impl serde::Serialize) -> color_eyre::Result<()> {
+    let mut out = std::io::stdout().lock();
+    serde_json::to_writer_pretty(&mut out, v)?;
+    writeln!(out)?;
+    Ok(())
+}
