@@ -92,7 +92,12 @@ impl BitmapTableEntry {
 }
 
 /// Read the bitmap directory (`size` bytes at `offset`, `count` entries).
-pub fn read_directory(src: &dyn Source, offset: u64, size: u64, count: u32) -> Result<Vec<BitmapEntry>> {
+pub fn read_directory(
+    src: &dyn Source,
+    offset: u64,
+    size: u64,
+    count: u32,
+) -> Result<Vec<BitmapEntry>> {
     if size > MAX_DIRECTORY_BYTES || u64::from(count) > MAX_BITMAPS {
         return Err(Error::invalid(
             "bitmap directory",

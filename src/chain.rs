@@ -168,7 +168,9 @@ pub fn path_combine(base: &str, name: &str) -> String {
 
 fn reject_protocol(name: &str, chain: &[PathBuf]) -> Result<()> {
     // QEMU's path_has_protocol: a ':' before any '/' names a protocol.
-    let looks_like_protocol = name.find([':', '/']).is_some_and(|i| name.as_bytes().get(i) == Some(&b':'));
+    let looks_like_protocol = name
+        .find([':', '/'])
+        .is_some_and(|i| name.as_bytes().get(i) == Some(&b':'));
     if looks_like_protocol {
         return Err(Error::Chain {
             chain: chain_text(chain),
@@ -193,10 +195,7 @@ fn open_file(path: &Path, chain: &[PathBuf], role: &str) -> Result<SharedSource>
         Ok(f) => Ok(Arc::new(f)),
         Err(Error::Io { source, .. }) if !chain.is_empty() => Err(Error::Chain {
             chain: chain_text(chain),
-            reason: format!(
-                "cannot open {role} '{}': {source}",
-                path.display()
-            ),
+            reason: format!("cannot open {role} '{}': {source}", path.display()),
         }),
         Err(e) => Err(e),
     }
@@ -215,13 +214,22 @@ impl Chain {
                 return Err(Error::Chain {
                     chain: format!(
                         "{} -> ... ({} layers)",
-                        names.first().map(|p| p.display().to_string()).unwrap_or_default(),
+                        names
+                            .first()
+                            .map(|p| p.display().to_string())
+                            .unwrap_or_default(),
                         names.len()
                     ),
-                    reason: format!("deeper than {MAX_CHAIN_DEPTH} layers; refusing to follow it further"),
+                    reason: format!(
+                        "deeper than {MAX_CHAIN_DEPTH} layers; refusing to follow it further"
+                    ),
                 });
             }
-            let src = open_file(&p, if layers.is_empty() { &[] } else { &names }, "backing file")?;
+            let src = open_file(
+                &p,
+                if layers.is_empty() { &[] } else { &names },
+                "backing file",
+            )?;
             let canon = std::fs::canonicalize(&p).unwrap_or_else(|_| p.clone());
             if seen.contains(&canon) {
                 return Err(Error::Chain {
@@ -250,19 +258,24 @@ impl Chain {
                     let data_file = match (&image.data_file_name, image.header.has_data_file()) {
                         (Some(name), true) => {
                             let dp = resolve_relative(&p, name);
-                            Some(open_file(&dp, std::slice::from_ref(&p), "external data file")?)
+                            Some(open_file(
+                                &dp,
+                                std::slice::from_ref(&p),
+                                "external data file",
+                            )?)
                         }
                         _ => None,
                     };
                     if !opts.no_backing
-                        && let Some(b) = &image.backing_name {
-                            reject_protocol(b, &names)?;
-                            let bf = match &image.backing_format {
-                                Some(f) => Some(Format::parse(f)?),
-                                None => None,
-                            };
-                            next = Some((resolve_relative(&p, b), bf));
-                        }
+                        && let Some(b) = &image.backing_name
+                    {
+                        reject_protocol(b, &names)?;
+                        let bf = match &image.backing_format {
+                            Some(f) => Some(Format::parse(f)?),
+                            None => None,
+                        };
+                        next = Some((resolve_relative(&p, b), bf));
+                    }
                     Layer {
                         path: p.clone(),
                         src,
@@ -308,8 +321,14 @@ mod tests {
         assert_eq!(path_combine("a/top.qcow2", "mid.qcow2"), "a/mid.qcow2");
         assert_eq!(path_combine("/x/top.qcow2", "/y/b.raw"), "/y/b.raw");
         assert_eq!(path_combine("./t.qcow2", "../b"), "./../b");
-        assert_eq!(resolve_relative(Path::new("dir/top.qcow2"), "b.raw"), PathBuf::from("dir/b.raw"));
-        assert_eq!(resolve_relative(Path::new("top.qcow2"), "b.raw"), PathBuf::from("b.raw"));
+        assert_eq!(
+            resolve_relative(Path::new("dir/top.qcow2"), "b.raw"),
+            PathBuf::from("dir/b.raw")
+        );
+        assert_eq!(
+            resolve_relative(Path::new("top.qcow2"), "b.raw"),
+            PathBuf::from("b.raw")
+        );
     }
 
     #[test]

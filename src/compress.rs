@@ -121,15 +121,22 @@ mod tests {
     #[test]
     fn inflates_raw_deflate_and_ignores_trailing_bytes() {
         let data: Vec<u8> = (0..4096u32).map(|i| (i % 7) as u8).collect();
-        let mut enc = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::default());
+        let mut enc =
+            flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::default());
         enc.write_all(&data).unwrap();
         let mut z = enc.finish().unwrap();
         z.extend_from_slice(&[0xde, 0xad, 0xbe, 0xef]);
-        assert_eq!(decompress(CompressionType::Deflate, &z, 4096).unwrap(), data);
+        assert_eq!(
+            decompress(CompressionType::Deflate, &z, 4096).unwrap(),
+            data
+        );
         // Asking for a bigger cluster than the stream holds fails.
         assert!(matches!(
             decompress(CompressionType::Deflate, &z, 8192),
-            Err(DecompressError::Short { got: 4096, want: 8192 })
+            Err(DecompressError::Short {
+                got: 4096,
+                want: 8192
+            })
         ));
         assert!(decompress(CompressionType::Deflate, &[0xff; 16], 4096).is_err());
         assert!(decompress(CompressionType::Unknown(7), &z, 4096).is_err());

@@ -305,7 +305,10 @@ impl Header {
             out.push(bad(
                 "header backing_file_offset",
                 8,
-                format!("Invalid backing file offset {:#x}", self.backing_file_offset),
+                format!(
+                    "Invalid backing file offset {:#x}",
+                    self.backing_file_offset
+                ),
             ));
         }
         let compression_bit = self.incompatible_features & INCOMPAT_COMPRESSION != 0;
@@ -392,7 +395,11 @@ impl Header {
         ];
         for (what, field_off, off, size, max, unit_is_count) in table_checks {
             if size > max {
-                let unit = if unit_is_count == 1 { " entries" } else { " bytes" };
+                let unit = if unit_is_count == 1 {
+                    " entries"
+                } else {
+                    " bytes"
+                };
                 out.push(bad(
                     what,
                     field_off,
@@ -405,7 +412,11 @@ impl Header {
                     format!("Invalid {what} offset {off:#x}: not aligned to a cluster"),
                 ));
             } else if off.checked_add(size).is_none_or(|e| e > i64::MAX as u64) {
-                out.push(bad(what, field_off, format!("Invalid {what} offset {off:#x}")));
+                out.push(bad(
+                    what,
+                    field_off,
+                    format!("Invalid {what} offset {off:#x}"),
+                ));
             }
         }
         if self.refcount_table_clusters == 0 {
@@ -514,28 +525,192 @@ impl Header {
     pub fn fields(&self) -> Vec<HeaderField> {
         let cs = self.cluster_size();
         let mut v = vec![
-            f("magic", 0, 4, u64::from(self.magic), if self.magic == QCOW2_MAGIC { "\"QFI\\xfb\": a qcow2 image".into() } else { "not the qcow2 magic".into() }),
-            f("version", 4, 4, u64::from(self.version), match self.version { 2 => "qcow2 version 2 (compat=0.10)".into(), 3 => "qcow2 version 3 (compat=1.1)".into(), v => format!("unknown version {v}") }),
-            f("backing_file_offset", 8, 8, self.backing_file_offset, if self.backing_file_offset == 0 { "no backing file".into() } else { format!("backing file name stored at {:#x}", self.backing_file_offset) }),
-            f("backing_file_size", 16, 4, u64::from(self.backing_file_size), format!("backing file name is {} bytes long", self.backing_file_size)),
-            f("cluster_bits", 20, 4, u64::from(self.cluster_bits), format!("clusters of {} bytes", 1u128 << self.cluster_bits.min(127))),
-            f("size", 24, 8, self.size, format!("the guest sees a {} disk", crate::types::human_size(self.size))),
-            f("crypt_method", 32, 4, u64::from(self.crypt_method), match self.crypt() { CryptMethod::None => "not encrypted".into(), CryptMethod::Aes => "legacy AES encryption".into(), CryptMethod::Luks => "LUKS encryption".into(), CryptMethod::Unknown(n) => format!("unknown encryption method {n}") }),
-            f("l1_size", 36, 4, u64::from(self.l1_size), format!("the active L1 table has {} entries, each covering {}", self.l1_size, crate::types::human_size(self.geometry().l2_coverage()))),
-            f("l1_table_offset", 40, 8, self.l1_table_offset, format!("active L1 table at host cluster {}", self.l1_table_offset / cs)),
-            f("refcount_table_offset", 48, 8, self.refcount_table_offset, format!("refcount table at host cluster {}", self.refcount_table_offset / cs)),
-            f("refcount_table_clusters", 56, 4, u64::from(self.refcount_table_clusters), format!("the refcount table fills {} cluster(s)", self.refcount_table_clusters)),
-            f("nb_snapshots", 60, 4, u64::from(self.nb_snapshots), format!("{} internal snapshot(s)", self.nb_snapshots)),
-            f("snapshots_offset", 64, 8, self.snapshots_offset, if self.nb_snapshots == 0 { "no snapshot table".into() } else { format!("snapshot table at host cluster {}", self.snapshots_offset / cs) }),
+            f(
+                "magic",
+                0,
+                4,
+                u64::from(self.magic),
+                if self.magic == QCOW2_MAGIC {
+                    "\"QFI\\xfb\": a qcow2 image".into()
+                } else {
+                    "not the qcow2 magic".into()
+                },
+            ),
+            f(
+                "version",
+                4,
+                4,
+                u64::from(self.version),
+                match self.version {
+                    2 => "qcow2 version 2 (compat=0.10)".into(),
+                    3 => "qcow2 version 3 (compat=1.1)".into(),
+                    v => format!("unknown version {v}"),
+                },
+            ),
+            f(
+                "backing_file_offset",
+                8,
+                8,
+                self.backing_file_offset,
+                if self.backing_file_offset == 0 {
+                    "no backing file".into()
+                } else {
+                    format!(
+                        "backing file name stored at {:#x}",
+                        self.backing_file_offset
+                    )
+                },
+            ),
+            f(
+                "backing_file_size",
+                16,
+                4,
+                u64::from(self.backing_file_size),
+                format!("backing file name is {} bytes long", self.backing_file_size),
+            ),
+            f(
+                "cluster_bits",
+                20,
+                4,
+                u64::from(self.cluster_bits),
+                format!("clusters of {} bytes", 1u128 << self.cluster_bits.min(127)),
+            ),
+            f(
+                "size",
+                24,
+                8,
+                self.size,
+                format!(
+                    "the guest sees a {} disk",
+                    crate::types::human_size(self.size)
+                ),
+            ),
+            f(
+                "crypt_method",
+                32,
+                4,
+                u64::from(self.crypt_method),
+                match self.crypt() {
+                    CryptMethod::None => "not encrypted".into(),
+                    CryptMethod::Aes => "legacy AES encryption".into(),
+                    CryptMethod::Luks => "LUKS encryption".into(),
+                    CryptMethod::Unknown(n) => format!("unknown encryption method {n}"),
+                },
+            ),
+            f(
+                "l1_size",
+                36,
+                4,
+                u64::from(self.l1_size),
+                format!(
+                    "the active L1 table has {} entries, each covering {}",
+                    self.l1_size,
+                    crate::types::human_size(self.geometry().l2_coverage())
+                ),
+            ),
+            f(
+                "l1_table_offset",
+                40,
+                8,
+                self.l1_table_offset,
+                format!(
+                    "active L1 table at host cluster {}",
+                    self.l1_table_offset / cs
+                ),
+            ),
+            f(
+                "refcount_table_offset",
+                48,
+                8,
+                self.refcount_table_offset,
+                format!(
+                    "refcount table at host cluster {}",
+                    self.refcount_table_offset / cs
+                ),
+            ),
+            f(
+                "refcount_table_clusters",
+                56,
+                4,
+                u64::from(self.refcount_table_clusters),
+                format!(
+                    "the refcount table fills {} cluster(s)",
+                    self.refcount_table_clusters
+                ),
+            ),
+            f(
+                "nb_snapshots",
+                60,
+                4,
+                u64::from(self.nb_snapshots),
+                format!("{} internal snapshot(s)", self.nb_snapshots),
+            ),
+            f(
+                "snapshots_offset",
+                64,
+                8,
+                self.snapshots_offset,
+                if self.nb_snapshots == 0 {
+                    "no snapshot table".into()
+                } else {
+                    format!(
+                        "snapshot table at host cluster {}",
+                        self.snapshots_offset / cs
+                    )
+                },
+            ),
         ];
         if self.version >= 3 {
-            v.push(f("incompatible_features", 72, 8, self.incompatible_features, describe_bits(self.incompatible_features, FeatureGroup::Incompatible)));
-            v.push(f("compatible_features", 80, 8, self.compatible_features, describe_bits(self.compatible_features, FeatureGroup::Compatible)));
-            v.push(f("autoclear_features", 88, 8, self.autoclear_features, describe_bits(self.autoclear_features, FeatureGroup::Autoclear)));
-            v.push(f("refcount_order", 96, 4, u64::from(self.refcount_order), format!("refcounts are {} bit(s) wide", 1u128 << self.refcount_order.min(127))));
-            v.push(f("header_length", 100, 4, u64::from(self.header_length), format!("extensions start at byte {}", self.header_length)));
+            v.push(f(
+                "incompatible_features",
+                72,
+                8,
+                self.incompatible_features,
+                describe_bits(self.incompatible_features, FeatureGroup::Incompatible),
+            ));
+            v.push(f(
+                "compatible_features",
+                80,
+                8,
+                self.compatible_features,
+                describe_bits(self.compatible_features, FeatureGroup::Compatible),
+            ));
+            v.push(f(
+                "autoclear_features",
+                88,
+                8,
+                self.autoclear_features,
+                describe_bits(self.autoclear_features, FeatureGroup::Autoclear),
+            ));
+            v.push(f(
+                "refcount_order",
+                96,
+                4,
+                u64::from(self.refcount_order),
+                format!(
+                    "refcounts are {} bit(s) wide",
+                    1u128 << self.refcount_order.min(127)
+                ),
+            ));
+            v.push(f(
+                "header_length",
+                100,
+                4,
+                u64::from(self.header_length),
+                format!("extensions start at byte {}", self.header_length),
+            ));
             if self.header_length > V3_MIN_HEADER_LEN {
-                v.push(f("compression_type", 104, 1, u64::from(self.compression_type_raw), match self.compression_type() { CompressionType::Deflate => "compressed clusters use deflate".into(), CompressionType::Zstd => "compressed clusters use zstd".into(), CompressionType::Unknown(n) => format!("unknown compression type {n}") }));
+                v.push(f(
+                    "compression_type",
+                    104,
+                    1,
+                    u64::from(self.compression_type_raw),
+                    match self.compression_type() {
+                        CompressionType::Deflate => "compressed clusters use deflate".into(),
+                        CompressionType::Zstd => "compressed clusters use zstd".into(),
+                        CompressionType::Unknown(n) => format!("unknown compression type {n}"),
+                    },
+                ));
             }
         }
         v
@@ -798,8 +973,16 @@ pub fn named_features(h: &Header, exts: &[Extension]) -> Vec<Feature> {
         .collect();
     let mut out = Vec::new();
     for (group, bits, known_mask) in [
-        (FeatureGroup::Incompatible, h.incompatible_features, INCOMPAT_KNOWN),
-        (FeatureGroup::Compatible, h.compatible_features, COMPAT_LAZY_REFCOUNTS),
+        (
+            FeatureGroup::Incompatible,
+            h.incompatible_features,
+            INCOMPAT_KNOWN,
+        ),
+        (
+            FeatureGroup::Compatible,
+            h.compatible_features,
+            COMPAT_LAZY_REFCOUNTS,
+        ),
         (
             FeatureGroup::Autoclear,
             h.autoclear_features,
@@ -876,8 +1059,16 @@ mod tests {
     fn rejects_bad_magic_and_short_buffers() {
         let mut b = v3_header();
         b[0] = 0;
-        assert!(Header::parse(&b).unwrap_err().to_string().contains("not in qcow2 format"));
-        assert!(matches!(Header::parse(&v3_header()[..50]), Err(Error::Truncated { .. })));
+        assert!(
+            Header::parse(&b)
+                .unwrap_err()
+                .to_string()
+                .contains("not in qcow2 format")
+        );
+        assert!(matches!(
+            Header::parse(&v3_header()[..50]),
+            Err(Error::Truncated { .. })
+        ));
     }
 
     #[test]
@@ -890,10 +1081,25 @@ mod tests {
         b[72..80].copy_from_slice(&(1u64 << 9).to_be_bytes());
         b[96..100].copy_from_slice(&7u32.to_be_bytes());
         b[32..36].copy_from_slice(&9u32.to_be_bytes());
-        let e: Vec<String> = Header::parse(&b).unwrap().validate(0).iter().map(|e| e.to_string()).collect();
-        assert!(e.iter().any(|m| m.contains("Unsupported qcow2 feature(s): bits 9")), "{e:?}");
-        assert!(e.iter().any(|m| m.contains("Reference count entry width too large")));
-        assert!(e.iter().any(|m| m.contains("Unsupported encryption method: 9")));
+        let e: Vec<String> = Header::parse(&b)
+            .unwrap()
+            .validate(0)
+            .iter()
+            .map(|e| e.to_string())
+            .collect();
+        assert!(
+            e.iter()
+                .any(|m| m.contains("Unsupported qcow2 feature(s): bits 9")),
+            "{e:?}"
+        );
+        assert!(
+            e.iter()
+                .any(|m| m.contains("Reference count entry width too large"))
+        );
+        assert!(
+            e.iter()
+                .any(|m| m.contains("Unsupported encryption method: 9"))
+        );
         let mut b = v3_header();
         b[36..40].copy_from_slice(&1u32.to_be_bytes());
         b[24..32].copy_from_slice(&(1u64 << 40).to_be_bytes());
@@ -919,7 +1125,12 @@ mod tests {
         let (exts, err) = parse_extensions(&h, &b);
         assert!(err.is_none());
         assert_eq!(exts.len(), 2);
-        assert_eq!(exts[0].kind, ExtensionKind::BackingFormat { format: "raw".into() });
+        assert_eq!(
+            exts[0].kind,
+            ExtensionKind::BackingFormat {
+                format: "raw".into()
+            }
+        );
         let feats = named_features(&h, &exts);
         assert_eq!(feats[0].name, "dirty");
         assert!(!feats[1].known);
@@ -934,6 +1145,10 @@ mod tests {
         let h = Header::parse(&b).unwrap();
         let (exts, err) = parse_extensions(&h, &b);
         assert!(exts.is_empty());
-        assert!(err.unwrap().to_string().contains("Header extension too large"));
+        assert!(
+            err.unwrap()
+                .to_string()
+                .contains("Header extension too large")
+        );
     }
 }

@@ -177,7 +177,12 @@ impl Qcow2 {
         // file (those bytes read as zeros); the size is bounded by validate().
         let l1_entries = u64::from(h.l1_size).min(MAX_L1_ENTRIES);
         let mut l1_buf = vec![0u8; (l1_entries * 8) as usize];
-        read_into(src.as_ref(), "active L1 table", h.l1_table_offset, &mut l1_buf)?;
+        read_into(
+            src.as_ref(),
+            "active L1 table",
+            h.l1_table_offset,
+            &mut l1_buf,
+        )?;
         if h.l1_table_offset.saturating_add(l1_entries * 8) > file_len && l1_entries > 0 {
             problems.push(format!(
                 "active L1 table at {:#x} ({} entries) runs past the end of the file ({file_len} bytes); the missing part reads as zeros",
@@ -266,7 +271,11 @@ impl Qcow2 {
             Error::Request(format!(
                 "no snapshot with ID or name '{id_or_name}' in {}; snapshots: {}",
                 self.src.name().display(),
-                if known.is_empty() { "none".into() } else { known.join(", ") }
+                if known.is_empty() {
+                    "none".into()
+                } else {
+                    known.join(", ")
+                }
             ))
         })
     }
@@ -312,9 +321,10 @@ impl Qcow2 {
     /// Read and decode the L2 table at `offset` (one cluster; zeros past EOF, as QEMU).
     pub fn l2_table(&self, offset: HostOffset) -> Result<Arc<Vec<L2Entry>>> {
         if let Ok(cache) = self.l2_cache.lock()
-            && let Some(t) = cache.get(&offset.0) {
-                return Ok(t.clone());
-            }
+            && let Some(t) = cache.get(&offset.0)
+        {
+            return Ok(t.clone());
+        }
         let geo = self.geometry();
         let mut buf = vec![0u8; geo.cluster_size() as usize];
         read_into(self.src.as_ref(), "L2 table", offset.0, &mut buf)?;
@@ -331,9 +341,10 @@ impl Qcow2 {
     /// The refcount table (at most 8 MiB; zeros past EOF).
     pub fn refcount_table(&self) -> Result<Arc<Vec<RefTableEntry>>> {
         if let Ok(g) = self.reftable.lock()
-            && let Some(t) = g.as_ref() {
-                return Ok(t.clone());
-            }
+            && let Some(t) = g.as_ref()
+        {
+            return Ok(t.clone());
+        }
         let cs = self.geometry().cluster_size();
         let bytes = u64::from(self.header.refcount_table_clusters)
             .saturating_mul(cs)
@@ -359,9 +370,10 @@ impl Qcow2 {
     /// The raw bytes of the refcount block at `offset` (one cluster; zeros past EOF).
     pub fn refcount_block(&self, offset: HostOffset) -> Result<Arc<Vec<u8>>> {
         if let Ok(cache) = self.refblock_cache.lock()
-            && let Some(b) = cache.get(&offset.0) {
-                return Ok(b.clone());
-            }
+            && let Some(b) = cache.get(&offset.0)
+        {
+            return Ok(b.clone());
+        }
         let mut buf = vec![0u8; self.geometry().cluster_size() as usize];
         read_into(self.src.as_ref(), "refcount block", offset.0, &mut buf)?;
         let b = Arc::new(buf);
@@ -397,7 +409,11 @@ impl Qcow2 {
             ));
         }
         let b = self.refcount_block(block)?;
-        Ok(refcount::get_refcount(&b, rg.order, rg.block_index(cluster)))
+        Ok(refcount::get_refcount(
+            &b,
+            rg.order,
+            rg.block_index(cluster),
+        ))
     }
 }
 
@@ -429,7 +445,11 @@ mod tests {
 
     #[test]
     fn opens_a_tiny_image_and_reads_refcounts() {
-        let img = Qcow2::open(Arc::new(MemSource::new("t", tiny_image())), Strictness::Qemu).unwrap();
+        let img = Qcow2::open(
+            Arc::new(MemSource::new("t", tiny_image())),
+            Strictness::Qemu,
+        )
+        .unwrap();
         assert_eq!(img.l1.len(), 64);
         assert!(img.problems.is_empty());
         assert_eq!(img.refcount(HostCluster(3)).unwrap(), 1);

@@ -27,7 +27,10 @@ pub fn qemu_info_qcow2(img: &Qcow2, filename: &str) -> Map<String, Value> {
     }
     if let Some(b) = img.backing_name.as_ref().filter(|b| !b.is_empty()) {
         m.insert("backing-filename".into(), json!(b));
-        m.insert("full-backing-filename".into(), json!(full_backing_filename(filename, b)));
+        m.insert(
+            "full-backing-filename".into(),
+            json!(full_backing_filename(filename, b)),
+        );
         if let Some(f) = img.backing_format.as_ref().filter(|f| !f.is_empty()) {
             m.insert("backing-filename-format".into(), json!(f));
         }
@@ -44,8 +47,14 @@ pub fn qemu_info_qcow2(img: &Qcow2, filename: &str) -> Map<String, Value> {
                 o.insert("vm-state-size".into(), json!(s.vm_state_size as i64));
                 o.insert("date-sec".into(), json!(s.date_sec));
                 o.insert("date-nsec".into(), json!(s.date_nsec));
-                o.insert("vm-clock-sec".into(), json!(s.vm_clock_nsec / 1_000_000_000));
-                o.insert("vm-clock-nsec".into(), json!(s.vm_clock_nsec % 1_000_000_000));
+                o.insert(
+                    "vm-clock-sec".into(),
+                    json!(s.vm_clock_nsec / 1_000_000_000),
+                );
+                o.insert(
+                    "vm-clock-nsec".into(),
+                    json!(s.vm_clock_nsec % 1_000_000_000),
+                );
                 if let Some(ic) = s.icount {
                     o.insert("icount".into(), json!(ic as i64));
                 }
@@ -261,11 +270,26 @@ mod tests {
 
     #[test]
     fn full_backing_filename_rules() {
-        assert_eq!(full_backing_filename("top.qcow2", "base.qcow2"), "base.qcow2");
-        assert_eq!(full_backing_filename("./sub/top.qcow2", "base.qcow2"), "./sub/base.qcow2");
-        assert_eq!(full_backing_filename("sub//top.qcow2", "base.qcow2"), "sub//base.qcow2");
+        assert_eq!(
+            full_backing_filename("top.qcow2", "base.qcow2"),
+            "base.qcow2"
+        );
+        assert_eq!(
+            full_backing_filename("./sub/top.qcow2", "base.qcow2"),
+            "./sub/base.qcow2"
+        );
+        assert_eq!(
+            full_backing_filename("sub//top.qcow2", "base.qcow2"),
+            "sub//base.qcow2"
+        );
         assert_eq!(full_backing_filename("sub/t.qcow2", "/abs/b"), "/abs/b");
-        assert_eq!(full_backing_filename("sub/t.qcow2", "nbd://h/x"), "nbd://h/x");
-        assert_eq!(full_backing_filename("sub/t.qcow2", "dir/a:b"), "sub/dir/a:b");
+        assert_eq!(
+            full_backing_filename("sub/t.qcow2", "nbd://h/x"),
+            "nbd://h/x"
+        );
+        assert_eq!(
+            full_backing_filename("sub/t.qcow2", "dir/a:b"),
+            "sub/dir/a:b"
+        );
     }
 }

@@ -103,7 +103,10 @@ pub fn layer_run(img: &Qcow2, view: &View, guest: u64, max_len: u64, name: &str)
     let l2 = img.l2_table(l2_off)?;
     let has_df = img.header.has_data_file();
     let sc_index = geo.subcluster_index(g);
-    let entry = l2.get(l2_index as usize).copied().unwrap_or(L2Entry { raw: 0, bitmap: 0 });
+    let entry = l2
+        .get(l2_index as usize)
+        .copied()
+        .unwrap_or(L2Entry { raw: 0, bitmap: 0 });
     let first_type = entry.subcluster_type(&geo, has_df, sc_index);
     if img.header.version < 3 && first_type.is_zero() {
         return Err(eio(
@@ -116,16 +119,15 @@ pub fn layer_run(img: &Qcow2, view: &View, guest: u64, max_len: u64, name: &str)
     }
     let mut host = None;
     match first_type {
-        SubclusterType::Compressed
-            if has_df => {
-                return Err(eio(
-                    guest,
-                    name,
-                    format!(
-                        "Compressed cluster entry found in image with external data file (L2 offset: {l2_off}, L2 index: {l2_index:#x})"
-                    ),
-                ));
-            }
+        SubclusterType::Compressed if has_df => {
+            return Err(eio(
+                guest,
+                name,
+                format!(
+                    "Compressed cluster entry found in image with external data file (L2 offset: {l2_off}, L2 index: {l2_index:#x})"
+                ),
+            ));
+        }
         SubclusterType::ZeroAlloc | SubclusterType::Normal | SubclusterType::UnallocatedAlloc => {
             let hc = entry.host_offset();
             if !geo.is_cluster_aligned(hc.0) {
@@ -215,7 +217,12 @@ pub fn layer_run(img: &Qcow2, view: &View, guest: u64, max_len: u64, name: &str)
 }
 
 /// Decompress the compressed cluster described by `d` in `img`.
-pub fn read_compressed(img: &Qcow2, d: &CompressedDescriptor, guest: u64, name: &str) -> Result<Vec<u8>> {
+pub fn read_compressed(
+    img: &Qcow2,
+    d: &CompressedDescriptor,
+    guest: u64,
+    name: &str,
+) -> Result<Vec<u8>> {
     let cs = img.geometry().cluster_size();
     // The descriptor can claim at most 2^(cluster_bits-8) sectors, i.e. 2 clusters.
     let mut buf = vec![0u8; d.size.min(2 * cs) as usize];
@@ -243,7 +250,13 @@ pub fn read(chain: &Chain, guest: u64, buf: &mut [u8], cache: &mut ReadCache) ->
     read_layer(chain, 0, guest, buf, cache)
 }
 
-fn read_layer(chain: &Chain, depth: usize, guest: u64, buf: &mut [u8], cache: &mut ReadCache) -> Result<()> {
+fn read_layer(
+    chain: &Chain,
+    depth: usize,
+    guest: u64,
+    buf: &mut [u8],
+    cache: &mut ReadCache,
+) -> Result<()> {
     let Some(layer) = chain.layers.get(depth) else {
         buf.fill(0);
         return Ok(());
@@ -271,7 +284,9 @@ fn read_layer(chain: &Chain, depth: usize, guest: u64, buf: &mut [u8], cache: &m
                 let want = (head.len() - pos) as u64;
                 let run = layer_run(image, view, g, want, &name)?;
                 let n = run.len.min(want) as usize;
-                let Some(dst) = head.get_mut(pos..pos + n) else { break };
+                let Some(dst) = head.get_mut(pos..pos + n) else {
+                    break;
+                };
                 match run.status {
                     Status::Data { host, in_data_file } => {
                         if image.header.crypt_method != 0 {
@@ -321,6 +336,7 @@ pub struct Step {
     /// The layer's file.
     pub layer: String,
     /// What kind of step.
+    #[serde(flatten)]
     pub kind: StepKind,
     /// A sentence explaining the step.
     pub explanation: String,
@@ -467,7 +483,10 @@ pub fn trace(chain: &Chain, guest: u64) -> Trace {
     let mut outcome = String::new();
     for (depth, layer) in chain.layers.iter().enumerate() {
         let name = layer.path.display().to_string();
-        let next = chain.layers.get(depth + 1).map(|l| l.path.display().to_string());
+        let next = chain
+            .layers
+            .get(depth + 1)
+            .map(|l| l.path.display().to_string());
         let push = |steps: &mut Vec<Step>, kind: StepKind, explanation: String| {
             steps.push(Step {
                 depth,
@@ -479,11 +498,19 @@ pub fn trace(chain: &Chain, guest: u64) -> Trace {
         let size = layer.size();
         if guest >= size {
             let why = if depth == 0 {
-                format!("Guest offset {guest:#x} is past the end of the disk ({size} bytes); there is nothing to read.")
+                format!(
+                    "Guest offset {guest:#x} is past the end of the disk ({size} bytes); there is nothing to read."
+                )
             } else {
-                format!("{name} is only {size} bytes long, so offset {guest:#x} is past its end: QEMU reads zeros there.")
+                format!(
+                    "{name} is only {size} bytes long, so offset {guest:#x} is past its end: QEMU reads zeros there."
+                )
             };
-            push(&mut steps, StepKind::PastEnd { layer_size: size }, why.clone());
+            push(
+                &mut steps,
+                StepKind::PastEnd { layer_size: size },
+                why.clone(),
+            );
             outcome = if depth == 0 {
                 "past the end of the disk".into()
             } else {
@@ -504,7 +531,9 @@ pub fn trace(chain: &Chain, guest: u64) -> Trace {
                         in_cluster: None,
                         subcluster: None,
                     },
-                    format!("{name} is a raw image: guest offset {guest:#x} is byte {guest:#x} of the file."),
+                    format!(
+                        "{name} is a raw image: guest offset {guest:#x} is byte {guest:#x} of the file."
+                    ),
                 );
                 push(
                     &mut steps,
@@ -523,7 +552,16 @@ pub fn trace(chain: &Chain, guest: u64) -> Trace {
                 view,
                 data_file,
             } => {
-                match trace_qcow2(image, view, data_file.as_deref(), guest, depth, &name, next.as_deref(), &mut steps) {
+                match trace_qcow2(
+                    image,
+                    view,
+                    data_file.as_deref(),
+                    guest,
+                    depth,
+                    &name,
+                    next.as_deref(),
+                    &mut steps,
+                ) {
                     Some(o) => {
                         outcome = o;
                         break;
@@ -573,12 +611,22 @@ fn trace_qcow2(
     };
     let fall = |steps: &mut Vec<Step>, why: &str| {
         let explanation = match next {
-            Some(n) => format!("{why} The read falls through to the backing file {n} at the same guest offset."),
+            Some(n) => format!(
+                "{why} The read falls through to the backing file {n} at the same guest offset."
+            ),
             None => format!("{why} There is no backing file, so the read returns zeros."),
         };
-        push(steps, StepKind::FallThrough { next: next.map(str::to_string) }, explanation);
+        push(
+            steps,
+            StepKind::FallThrough {
+                next: next.map(str::to_string),
+            },
+            explanation,
+        );
         if next.is_none() {
-            Some(format!("zeros: unallocated in {name}, which has no backing file"))
+            Some(format!(
+                "zeros: unallocated in {name}, which has no backing file"
+            ))
         } else {
             None
         }
@@ -598,10 +646,18 @@ fn trace_qcow2(
             "With {}-byte clusters and {} entries per L2 table, guest offset {guest:#x} is L1 index {l1i}, L2 index {l2i}, byte {inc:#x} of the cluster{}.",
             geo.cluster_size(),
             geo.l2_entries(),
-            if geo.extended_l2 { format!(", subcluster {sc}") } else { String::new() }
+            if geo.extended_l2 {
+                format!(", subcluster {sc}")
+            } else {
+                String::new()
+            }
         ),
     );
-    let Some(l1e) = usize::try_from(l1i).ok().and_then(|i| view.l1.get(i)).copied() else {
+    let Some(l1e) = usize::try_from(l1i)
+        .ok()
+        .and_then(|i| view.l1.get(i))
+        .copied()
+    else {
         push(
             steps,
             StepKind::BeyondL1 {
@@ -636,21 +692,39 @@ fn trace_qcow2(
         ),
     );
     let Some(l2_off) = l1e.l2_offset() else {
-        return fall(steps, "The L1 entry is 0, so no L2 table covers this range.");
+        return fall(
+            steps,
+            "The L1 entry is 0, so no L2 table covers this range.",
+        );
     };
     if !geo.is_cluster_aligned(l2_off.0) {
         let m = format!("L2 table offset {l2_off} unaligned (L1 index {l1i:#x})");
-        push(steps, StepKind::Error { message: m.clone() }, format!("QEMU refuses to use an L2 table that is not cluster-aligned: the read fails with EIO ({m})."));
+        push(
+            steps,
+            StepKind::Error { message: m.clone() },
+            format!(
+                "QEMU refuses to use an L2 table that is not cluster-aligned: the read fails with EIO ({m})."
+            ),
+        );
         return Some(format!("I/O error in {name}: {m}"));
     }
     let l2 = match img.l2_table(l2_off) {
         Ok(t) => t,
         Err(e) => {
-            push(steps, StepKind::Error { message: e.to_string() }, format!("The L2 table could not be read: {e}."));
+            push(
+                steps,
+                StepKind::Error {
+                    message: e.to_string(),
+                },
+                format!("The L2 table could not be read: {e}."),
+            );
             return Some(format!("error: {e}"));
         }
     };
-    let e = l2.get(l2i as usize).copied().unwrap_or(L2Entry { raw: 0, bitmap: 0 });
+    let e = l2
+        .get(l2i as usize)
+        .copied()
+        .unwrap_or(L2Entry { raw: 0, bitmap: 0 });
     let has_df = img.header.has_data_file();
     let ct = e.cluster_type(&geo, has_df);
     let st = e.subcluster_type(&geo, has_df, sc);
@@ -666,16 +740,25 @@ fn trace_qcow2(
             bitmap: geo.extended_l2.then(|| format!("{:#018x}", e.bitmap)),
             cluster_type: format!("{ct:?}").to_lowercase(),
             subcluster_type: st.name().into(),
-            host_offset: (!e.compressed() && e.host_offset().0 != 0).then(|| e.host_offset().to_string()),
+            host_offset: (!e.compressed() && e.host_offset().0 != 0)
+                .then(|| e.host_offset().to_string()),
             copied: e.copied(),
             compressed: e.compressed_descriptor(&geo),
             reserved: (e.reserved_bits(&geo) != 0).then(|| format!("{:#x}", e.reserved_bits(&geo))),
         },
         format!(
             "L2 table at {l2_off}{}, entry {l2i} (at file offset {entry_off:#x}) is {:#018x}{}: {}.",
-            if past { " (past the end of the file, so it reads as zeros)" } else { "" },
+            if past {
+                " (past the end of the file, so it reads as zeros)"
+            } else {
+                ""
+            },
             e.raw,
-            if geo.extended_l2 { format!(" with bitmap {:#018x}", e.bitmap) } else { String::new() },
+            if geo.extended_l2 {
+                format!(" with bitmap {:#018x}", e.bitmap)
+            } else {
+                String::new()
+            },
             e.describe(&geo, has_df)
         ),
     );
@@ -686,7 +769,8 @@ fn trace_qcow2(
     }
     match st {
         SubclusterType::Invalid => {
-            let m = format!("Invalid cluster entry found (L2 offset: {l2_off}, L2 index: {l2i:#x})");
+            let m =
+                format!("Invalid cluster entry found (L2 offset: {l2_off}, L2 index: {l2i:#x})");
             push(steps, StepKind::Error { message: m.clone() }, "The subcluster bitmap marks a subcluster both allocated and zero (or an unallocated cluster has allocation bits): QEMU fails the read with EIO.".into());
             Some(format!("I/O error in {name}: {m}"))
         }
@@ -706,14 +790,19 @@ fn trace_qcow2(
             };
             push(
                 steps,
-                StepKind::Zero { reason: reason.clone() },
-                format!("Because {reason}, the read returns zeros here without looking at any backing file."),
+                StepKind::Zero {
+                    reason: reason.clone(),
+                },
+                format!(
+                    "Because {reason}, the read returns zeros here without looking at any backing file."
+                ),
             );
             Some(format!("zeros: {reason} in {name}"))
         }
         SubclusterType::Compressed => {
             if has_df {
-                let m = "Compressed cluster entry found in image with external data file".to_string();
+                let m =
+                    "Compressed cluster entry found in image with external data file".to_string();
                 push(steps, StepKind::Error { message: m.clone() }, "Images with an external data file cannot have compressed clusters: QEMU fails the read with EIO.".into());
                 return Some(format!("I/O error in {name}: {m}"));
             }
@@ -733,12 +822,17 @@ fn trace_qcow2(
                     geo.cluster_size()
                 ),
             );
-            Some(format!("compressed data in {name}: {} bytes at {}, byte {inc:#x} of the inflated cluster", d.size, d.offset))
+            Some(format!(
+                "compressed data in {name}: {} bytes at {}, byte {inc:#x} of the inflated cluster",
+                d.size, d.offset
+            ))
         }
         SubclusterType::Normal => {
             let hc = e.host_offset();
             if !geo.is_cluster_aligned(hc.0) {
-                let m = format!("Cluster allocation offset {hc} unaligned (L2 offset: {l2_off}, L2 index: {l2i:#x})");
+                let m = format!(
+                    "Cluster allocation offset {hc} unaligned (L2 offset: {l2_off}, L2 index: {l2i:#x})"
+                );
                 push(steps, StepKind::Error { message: m.clone() }, "A data cluster must start on a cluster boundary; QEMU fails the read with EIO.".into());
                 return Some(format!("I/O error in {name}: {m}"));
             }
@@ -748,7 +842,9 @@ fn trace_qcow2(
                 None => (name.to_string(), img.file_len()),
             };
             if has_df && host != guest {
-                let m = format!("External data file host cluster offset {hc} does not match guest cluster offset");
+                let m = format!(
+                    "External data file host cluster offset {hc} does not match guest cluster offset"
+                );
                 push(steps, StepKind::Error { message: m.clone() }, "In an external data file, guest offset and host offset must be equal; QEMU fails the read with EIO.".into());
                 return Some(format!("I/O error in {name}: {m}"));
             }
@@ -762,10 +858,23 @@ fn trace_qcow2(
                 },
                 format!(
                     "The byte is data at host offset {hc} + {inc:#x} = {host:#x} in {file}{}.",
-                    if past_eof { format!(", which is past the end of that file ({flen} bytes), so it reads as zero") } else { String::new() }
+                    if past_eof {
+                        format!(
+                            ", which is past the end of that file ({flen} bytes), so it reads as zero"
+                        )
+                    } else {
+                        String::new()
+                    }
                 ),
             );
-            Some(format!("data in {file} at host offset {host:#x}{}", if past_eof { " (past end of file: zeros)" } else { "" }))
+            Some(format!(
+                "data in {file} at host offset {host:#x}{}",
+                if past_eof {
+                    " (past end of file: zeros)"
+                } else {
+                    ""
+                }
+            ))
         }
     }
 }

@@ -132,7 +132,9 @@ pub fn set_refcount(block: &mut [u8], order: u32, index: u64, value: u64) {
             let width = 1usize << (o - 3);
             let bytes = value.to_be_bytes();
             let src = bytes.get(8 - width..).unwrap_or(&[]);
-            if let Some(dst) = block.get_mut(i.saturating_mul(width)..i.saturating_mul(width).saturating_add(width)) {
+            if let Some(dst) = block
+                .get_mut(i.saturating_mul(width)..i.saturating_mul(width).saturating_add(width))
+            {
                 dst.copy_from_slice(src);
             }
         }
@@ -154,7 +156,11 @@ mod tests {
                 set_refcount(&mut block, order, i, (i * 7 + 1) & g.max());
             }
             for i in 0..n {
-                assert_eq!(get_refcount(&block, order, i), (i * 7 + 1) & g.max(), "order {order} i {i}");
+                assert_eq!(
+                    get_refcount(&block, order, i),
+                    (i * 7 + 1) & g.max(),
+                    "order {order} i {i}"
+                );
             }
         }
     }
@@ -178,6 +184,9 @@ mod tests {
         assert_eq!(g.table_index(HostCluster(32768 * 3 + 5)), 3);
         assert_eq!(g.block_index(HostCluster(32768 * 3 + 5)), 5);
         assert_eq!(g.max(), 65535);
-        assert_eq!(RefcountGeometry::new(&Geometry::new(16, false), 6).max(), u64::MAX);
+        assert_eq!(
+            RefcountGeometry::new(&Geometry::new(16, false), 6).max(),
+            u64::MAX
+        );
     }
 }

@@ -143,7 +143,9 @@ fn read_entry(src: &dyn Source, pos: u64, index: usize) -> Result<Snapshot> {
         return Err(Error::invalid(
             what,
             pos,
-            format!("Too much extra metadata in snapshot table entry {index} ({extra_len} > {MAX_EXTRA_DATA} bytes)"),
+            format!(
+                "Too much extra metadata in snapshot table entry {index} ({extra_len} > {MAX_EXTRA_DATA} bytes)"
+            ),
         ));
     }
     let rest_len = extra_len + id_len + name_len;
@@ -165,7 +167,11 @@ fn read_entry(src: &dyn Source, pos: u64, index: usize) -> Result<Snapshot> {
         l1_table_offset: be64(&h, 0),
         l1_size: be32(&h, 8),
         id: text(slice(&rest, extra_len as usize, id_len as usize)),
-        name: text(slice(&rest, (extra_len + id_len) as usize, name_len as usize)),
+        name: text(slice(
+            &rest,
+            (extra_len + id_len) as usize,
+            name_len as usize,
+        )),
         date_sec: be32(&h, 16),
         date_nsec: be32(&h, 20),
         vm_clock_nsec: be64(&h, 24),
@@ -236,8 +242,18 @@ mod tests {
         let t = read_table(&src, 0, 1);
         assert!(t.error.unwrap().contains("Too much extra metadata"));
         let src = MemSource::new("t", entry("1", "x", &[])[..30].to_vec());
-        assert!(read_table(&src, 0, 1).error.unwrap().contains("past the end"));
+        assert!(
+            read_table(&src, 0, 1)
+                .error
+                .unwrap()
+                .contains("past the end")
+        );
         let src = MemSource::new("t", vec![]);
-        assert!(read_table(&src, 0, u32::MAX).error.unwrap().contains("File too large"));
+        assert!(
+            read_table(&src, 0, u32::MAX)
+                .error
+                .unwrap()
+                .contains("File too large")
+        );
     }
 }

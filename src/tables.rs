@@ -59,9 +59,14 @@ impl L1Entry {
         let mut s = match self.l2_offset() {
             None => "no L2 table: the whole range is unallocated in this layer".to_string(),
             Some(off) if !geo.is_cluster_aligned(off.0) => {
-                format!("L2 table at {off}, which is not cluster-aligned (QEMU fails reads with EIO)")
+                format!(
+                    "L2 table at {off}, which is not cluster-aligned (QEMU fails reads with EIO)"
+                )
             }
-            Some(off) => format!("L2 table at {off} (host cluster {})", off.0 >> geo.cluster_bits),
+            Some(off) => format!(
+                "L2 table at {off} (host cluster {})",
+                off.0 >> geo.cluster_bits
+            ),
         };
         if self.copied() {
             s.push_str(", COPIED (refcount 1: may be written in place)");
@@ -290,7 +295,12 @@ impl L2Entry {
 
     /// How many subclusters from `sc` on have the same type as `sc` (QEMU's
     /// `qcow2_get_subcluster_range_type`); `None` for an invalid entry.
-    pub fn subcluster_run(&self, geo: &Geometry, has_data_file: bool, sc: u32) -> Option<(SubclusterType, u32)> {
+    pub fn subcluster_run(
+        &self,
+        geo: &Geometry,
+        has_data_file: bool,
+        sc: u32,
+    ) -> Option<(SubclusterType, u32)> {
         let t = self.subcluster_type(geo, has_data_file, sc);
         let sc = sc & 31;
         if t == SubclusterType::Invalid {
@@ -351,7 +361,9 @@ impl L2Entry {
                 if geo.is_cluster_aligned(off.0) {
                     format!("data at host offset {off}")
                 } else {
-                    format!("data at host offset {off}, NOT cluster-aligned (QEMU fails reads with EIO)")
+                    format!(
+                        "data at host offset {off}, NOT cluster-aligned (QEMU fails reads with EIO)"
+                    )
                 }
             }
         };
@@ -408,7 +420,11 @@ mod tests {
         for bits in 9..=21u32 {
             let g = Geometry::new(bits, false);
             let max_sectors = 1u64 << (bits - 8);
-            for (off, sectors) in [(0x1234_5678u64, 1u64), (0x50200, 2), (0x10_0000, max_sectors)] {
+            for (off, sectors) in [
+                (0x1234_5678u64, 1u64),
+                (0x50200, 2),
+                (0x10_0000, max_sectors),
+            ] {
                 let raw = CompressedDescriptor::encode(off, sectors, &g);
                 let d = CompressedDescriptor::decode(raw, &g);
                 assert_eq!(d.offset.0, off, "bits {bits}");
@@ -431,11 +447,20 @@ mod tests {
         assert_eq!(e(0).cluster_type(&g, false), ClusterType::Unallocated);
         assert_eq!(e(1).cluster_type(&g, false), ClusterType::ZeroPlain);
         assert_eq!(e(0x50001).cluster_type(&g, false), ClusterType::ZeroAlloc);
-        assert_eq!(e(0x8000000000050000).cluster_type(&g, false), ClusterType::Normal);
-        assert_eq!(e(OFLAG_COPIED).cluster_type(&g, false), ClusterType::Unallocated);
+        assert_eq!(
+            e(0x8000000000050000).cluster_type(&g, false),
+            ClusterType::Normal
+        );
+        assert_eq!(
+            e(OFLAG_COPIED).cluster_type(&g, false),
+            ClusterType::Unallocated
+        );
         assert_eq!(e(OFLAG_COPIED).cluster_type(&g, true), ClusterType::Normal);
         assert_eq!(e(1 << 56 | 0x50000).reserved_bits(&g), 1 << 56);
-        assert_eq!(L1Entry(0x8000000000040200).reserved_bits(), 0x200 & L1E_RESERVED_MASK);
+        assert_eq!(
+            L1Entry(0x8000000000040200).reserved_bits(),
+            0x200 & L1E_RESERVED_MASK
+        );
         assert_eq!(L1Entry(0x8000000000000000).l2_offset(), None);
     }
 
@@ -443,18 +468,48 @@ mod tests {
     fn extended_l2_subclusters() {
         let g = Geometry::new(16, true);
         // allocated subclusters 2..=3, zero subcluster 5
-        let e = L2Entry { raw: 0x8000000000050000, bitmap: (1 << (32 + 5)) | 0b1100 };
-        assert_eq!(e.subcluster_type(&g, false, 0), SubclusterType::UnallocatedAlloc);
-        assert_eq!(e.subcluster_run(&g, false, 0), Some((SubclusterType::UnallocatedAlloc, 2)));
-        assert_eq!(e.subcluster_run(&g, false, 2), Some((SubclusterType::Normal, 2)));
-        assert_eq!(e.subcluster_run(&g, false, 5), Some((SubclusterType::ZeroAlloc, 1)));
-        assert_eq!(e.subcluster_run(&g, false, 6), Some((SubclusterType::UnallocatedAlloc, 26)));
-        let bad = L2Entry { raw: 0x50000, bitmap: (1 << 33) | 0b10 };
+        let e = L2Entry {
+            raw: 0x8000000000050000,
+            bitmap: (1 << (32 + 5)) | 0b1100,
+        };
+        assert_eq!(
+            e.subcluster_type(&g, false, 0),
+            SubclusterType::UnallocatedAlloc
+        );
+        assert_eq!(
+            e.subcluster_run(&g, false, 0),
+            Some((SubclusterType::UnallocatedAlloc, 2))
+        );
+        assert_eq!(
+            e.subcluster_run(&g, false, 2),
+            Some((SubclusterType::Normal, 2))
+        );
+        assert_eq!(
+            e.subcluster_run(&g, false, 5),
+            Some((SubclusterType::ZeroAlloc, 1))
+        );
+        assert_eq!(
+            e.subcluster_run(&g, false, 6),
+            Some((SubclusterType::UnallocatedAlloc, 26))
+        );
+        let bad = L2Entry {
+            raw: 0x50000,
+            bitmap: (1 << 33) | 0b10,
+        };
         assert_eq!(bad.subcluster_type(&g, false, 9), SubclusterType::Invalid);
         let unalloc_with_alloc_bits = L2Entry { raw: 0, bitmap: 1 };
-        assert_eq!(unalloc_with_alloc_bits.subcluster_type(&g, false, 3), SubclusterType::Invalid);
-        let zero_plain = L2Entry { raw: 0, bitmap: 0xffff_ffff << 32 };
-        assert_eq!(zero_plain.subcluster_run(&g, false, 7), Some((SubclusterType::ZeroPlain, 25)));
+        assert_eq!(
+            unalloc_with_alloc_bits.subcluster_type(&g, false, 3),
+            SubclusterType::Invalid
+        );
+        let zero_plain = L2Entry {
+            raw: 0,
+            bitmap: 0xffff_ffff << 32,
+        };
+        assert_eq!(
+            zero_plain.subcluster_run(&g, false, 7),
+            Some((SubclusterType::ZeroPlain, 25))
+        );
         // bit 0 is reserved with extended L2
         assert_eq!(L2Entry { raw: 1, bitmap: 0 }.reserved_bits(&g), 1);
     }

@@ -156,17 +156,19 @@ impl Geometry {
 
     /// First byte of a host cluster, or `None` if it would not fit in 64 bits.
     pub fn host_cluster_start(&self, cluster: HostCluster) -> Option<HostOffset> {
-        cluster
-            .0
-            .checked_mul(self.cluster_size())
-            .map(HostOffset)
+        cluster.0.checked_mul(self.cluster_size()).map(HostOffset)
     }
 
     /// Reassemble a guest offset from its L1 index, L2 index and offset in the
     /// cluster; the inverse of [`l1_index`](Self::l1_index),
     /// [`l2_index`](Self::l2_index) and [`in_cluster`](Self::in_cluster).
     /// `None` if the result does not fit in 64 bits.
-    pub fn guest_offset(&self, l1_index: u64, l2_index: u64, in_cluster: u64) -> Option<GuestOffset> {
+    pub fn guest_offset(
+        &self,
+        l1_index: u64,
+        l2_index: u64,
+        in_cluster: u64,
+    ) -> Option<GuestOffset> {
         let base = l1_index.checked_mul(self.l2_coverage())?;
         let within = l2_index
             .checked_mul(self.cluster_size())?

@@ -37,11 +37,13 @@ pub enum Table {
 
 /// Arguments of `qinspect dump`.
 #[derive(clap::Args, Debug)]
-#[command(after_help = "Every entry is shown with its position in the file, its raw value \
+#[command(
+    after_help = "Every entry is shown with its position in the file, its raw value \
 and what it means. Readable output leaves out all-zero entries of L2 tables, refcount blocks \
 and bitmap tables (say --all to see them); --json always lists every entry.\n\n\
 Examples:\n  qinspect dump l1 disk.qcow2\n  qinspect dump l2 disk.qcow2 0 --snapshot snap1\n  \
-qinspect dump refcount-block disk.qcow2 0 --json")]
+qinspect dump refcount-block disk.qcow2 0 --json"
+)]
 pub struct Args {
     /// Which table.
     #[arg(value_enum)]
@@ -103,7 +105,12 @@ pub fn run(a: Args) -> CmdResult {
                     file_offset: e.offset,
                     raw: format!("{:#010x}", e.ext_type),
                     decoded: serde_json::to_value(e).unwrap_or(Value::Null),
-                    meaning: format!("{} ({} bytes): {}", e.type_name(), e.length, describe_ext(e)),
+                    meaning: format!(
+                        "{} ({} bytes): {}",
+                        e.type_name(),
+                        e.length,
+                        describe_ext(e)
+                    ),
                 })
                 .collect();
             ("header extensions".into(), rows)
@@ -121,7 +128,15 @@ pub fn run(a: Args) -> CmdResult {
                 .filter(|(_, e)| a.all || a.json || e.0 != 0)
                 .map(|(i, e)| l1_row(i as u64, view.l1_offset, *e, cov, &geo))
                 .collect();
-            (format!("{} at {:#x} ({} entries)", view.label(), view.l1_offset, view.l1.len()), rows)
+            (
+                format!(
+                    "{} at {:#x} ({} entries)",
+                    view.label(),
+                    view.l1_offset,
+                    view.l1.len()
+                ),
+                rows,
+            )
         }
         Table::L2 => {
             let view = match &a.snapshot {
@@ -129,13 +144,19 @@ pub fn run(a: Args) -> CmdResult {
                 None => img.active_view(),
             };
             let i = a.index.ok_or_else(|| eyre!("dump l2 needs INDEX: the L1 index whose L2 table to show (see `qinspect dump l1`)"))?;
-            let e = view
-                .l1
-                .get(i as usize)
-                .copied()
-                .ok_or_else(|| eyre!("L1 index {i} is past the end of the {} ({} entries)", view.label(), view.l1.len()))?;
+            let e = view.l1.get(i as usize).copied().ok_or_else(|| {
+                eyre!(
+                    "L1 index {i} is past the end of the {} ({} entries)",
+                    view.label(),
+                    view.l1.len()
+                )
+            })?;
             let Some(l2_off) = e.l2_offset() else {
-                bail!("{} entry {i} is {:#x}: no L2 table (the range is unallocated)", view.label(), e.0);
+                bail!(
+                    "{} entry {i} is {:#x}: no L2 table (the range is unallocated)",
+                    view.label(),
+                    e.0
+                );
             };
             let table = img.l2_table(l2_off)?;
             let has_df = img.header.has_data_file();
@@ -179,14 +200,28 @@ pub fn run(a: Args) -> CmdResult {
                     },
                 })
                 .collect();
-            (format!("refcount table at {:#x} ({} entries)", img.header.refcount_table_offset, t.len()), rows)
+            (
+                format!(
+                    "refcount table at {:#x} ({} entries)",
+                    img.header.refcount_table_offset,
+                    t.len()
+                ),
+                rows,
+            )
         }
         Table::RefcountBlock => {
             let i = a.index.ok_or_else(|| eyre!("dump refcount-block needs INDEX: the refcount table index (see `qinspect dump refcount-table`)"))?;
             let t = img.refcount_table()?;
-            let e = t.get(i as usize).ok_or_else(|| eyre!("refcount table index {i} is past its end ({} entries)", t.len()))?;
+            let e = t.get(i as usize).ok_or_else(|| {
+                eyre!(
+                    "refcount table index {i} is past its end ({} entries)",
+                    t.len()
+                )
+            })?;
             let Some(off) = e.block_offset() else {
-                bail!("refcount table entry {i} is 0: no refcount block, every cluster it covers has refcount 0");
+                bail!(
+                    "refcount table entry {i} is 0: no refcount block, every cluster it covers has refcount 0"
+                );
             };
             let block = img.refcount_block(off)?;
             let rg = img.refcount_geometry();
@@ -206,7 +241,15 @@ pub fn run(a: Args) -> CmdResult {
                     }
                 })
                 .collect();
-            (format!("refcount block at {off} ({}-bit refcounts for clusters {}..{})", rg.bits(), i * per, (i + 1) * per), rows)
+            (
+                format!(
+                    "refcount block at {off} ({}-bit refcounts for clusters {}..{})",
+                    rg.bits(),
+                    i * per,
+                    (i + 1) * per
+                ),
+                rows,
+            )
         }
         Table::Snapshots => {
             let rows = img
@@ -230,7 +273,10 @@ pub fn run(a: Args) -> CmdResult {
                     ),
                 })
                 .collect();
-            let mut title = format!("snapshot table at {:#x} ({} entries, {} bytes)", img.header.snapshots_offset, img.header.nb_snapshots, img.snapshots.size);
+            let mut title = format!(
+                "snapshot table at {:#x} ({} entries, {} bytes)",
+                img.header.snapshots_offset, img.header.nb_snapshots, img.snapshots.size
+            );
             if let Some(e) = &img.snapshots.error {
                 title.push_str(&format!(" — could not be read completely: {e}"));
             }
@@ -262,7 +308,9 @@ pub fn run(a: Args) -> CmdResult {
                     ("bitmap directory".into(), rows)
                 }
                 Some(i) => {
-                    let b = list.get(i as usize).ok_or_else(|| eyre!("there is no bitmap {i} ({} bitmaps)", list.len()))?;
+                    let b = list
+                        .get(i as usize)
+                        .ok_or_else(|| eyre!("there is no bitmap {i} ({} bitmaps)", list.len()))?;
                     let t = bitmap::read_table(img.src.as_ref(), b)?;
                     let cover = b.granularity().saturating_mul(geo.cluster_size() * 8);
                     let rows = t
@@ -281,7 +329,10 @@ pub fn run(a: Args) -> CmdResult {
                             },
                         })
                         .collect();
-                    (format!("bitmap '{}' table at {:#x}", b.name, b.table_offset), rows)
+                    (
+                        format!("bitmap '{}' table at {:#x}", b.name, b.table_offset),
+                        rows,
+                    )
                 }
             },
         },
@@ -293,12 +344,20 @@ pub fn run(a: Args) -> CmdResult {
     let mut out = anstream::stdout();
     let (hd, dim) = (style::HEAD, style::DIM);
     writeln!(out, "{hd}{title}{hd:#}")?;
-    writeln!(out, "{dim}{:>6}  {:>12}  {:>18}  meaning{dim:#}", "index", "file offset", "raw")?;
+    writeln!(
+        out,
+        "{dim}{:>6}  {:>12}  {:>18}  meaning{dim:#}",
+        "index", "file offset", "raw"
+    )?;
     if rows.is_empty() {
         writeln!(out, "  (no non-zero entries)")?;
     }
     for r in &rows {
-        writeln!(out, "{:>6}  {:>#12x}  {:>18}  {}", r.index, r.file_offset, r.raw, r.meaning)?;
+        writeln!(
+            out,
+            "{:>6}  {:>#12x}  {:>18}  {}",
+            r.index, r.file_offset, r.raw, r.meaning
+        )?;
     }
     for p in &img.problems {
         writeln!(out, "{}warning:{:#} {p}", style::BAD, style::BAD)?;
@@ -315,9 +374,18 @@ fn describe_ext(e: &qinspect::header::Extension) -> String {
             .map(|n| format!("{}:{}={}", n.group_raw, n.bit, n.name))
             .collect::<Vec<_>>()
             .join(", "),
-        K::Bitmaps { nb_bitmaps, reserved, directory_size, directory_offset } => format!(
+        K::Bitmaps {
+            nb_bitmaps,
+            reserved,
+            directory_size,
+            directory_offset,
+        } => format!(
             "{nb_bitmaps} bitmaps, directory {directory_size} bytes at {directory_offset:#x}{}",
-            if *reserved != 0 { format!(", reserved {reserved:#x}") } else { String::new() }
+            if *reserved != 0 {
+                format!(", reserved {reserved:#x}")
+            } else {
+                String::new()
+            }
         ),
         K::Crypto { offset, length } => format!("LUKS header at {offset:#x}, {length} bytes"),
         K::DataFile { name } => format!("data file \"{name}\""),

@@ -10,11 +10,13 @@ use std::path::PathBuf;
 /// Arguments of `qinspect hexdump`.
 #[derive(clap::Args, Debug)]
 #[command(group(clap::ArgGroup::new("where").required(true).args(["host", "guest"])))]
-#[command(after_help = "--host dumps bytes of the image file itself (headers, tables, data); \
+#[command(
+    after_help = "--host dumps bytes of the image file itself (headers, tables, data); \
 --guest dumps what the guest reads at that offset, resolved through the backing chain (and \
 a snapshot with --snapshot). Offsets shown on the left are host or guest offsets accordingly.\n\n\
 Examples:\n  qinspect hexdump disk.qcow2 --host 0 --length 112      the header\n  \
-qinspect hexdump disk.qcow2 --guest 1M --length 64")]
+qinspect hexdump disk.qcow2 --guest 1M --length 64"
+)]
 pub struct Args {
     /// The image file.
     pub image: PathBuf,
@@ -56,7 +58,11 @@ pub fn run(a: Args) -> CmdResult {
         let src = FileSource::open(&a.image)?;
         let end = h.saturating_add(len).min(src.len());
         if h >= src.len() {
-            color_eyre::eyre::bail!("host offset {h:#x} is past the end of {} ({} bytes)", a.image.display(), src.len());
+            color_eyre::eyre::bail!(
+                "host offset {h:#x} is past the end of {} ({} bytes)",
+                a.image.display(),
+                src.len()
+            );
         }
         let mut buf = vec![0u8; (end - h) as usize];
         qinspect::io::read_into(&src, "bytes", h, &mut buf)?;
@@ -66,7 +72,9 @@ pub fn run(a: Args) -> CmdResult {
         let chain = open_chain(&a.image, a.snapshot.as_deref(), Strictness::Qemu)?;
         let size = chain.size();
         if g >= size {
-            color_eyre::eyre::bail!("guest offset {g:#x} is past the end of the disk ({size} bytes)");
+            color_eyre::eyre::bail!(
+                "guest offset {g:#x} is past the end of the disk ({size} bytes)"
+            );
         }
         let mut buf = vec![0u8; (g.saturating_add(len).min(size) - g) as usize];
         read(&chain, g, &mut buf, &mut ReadCache::default())?;
@@ -75,7 +83,9 @@ pub fn run(a: Args) -> CmdResult {
     let color = match a.color {
         ColorChoice::Always => true,
         ColorChoice::Never => false,
-        ColorChoice::Auto => std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none(),
+        ColorChoice::Auto => {
+            std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none()
+        }
     };
     let mut out = Vec::new();
     render(&mut out, start, &bytes, color)?;

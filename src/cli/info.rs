@@ -12,11 +12,13 @@ use std::sync::Arc;
 
 /// Arguments of `qinspect info`.
 #[derive(clap::Args, Debug)]
-#[command(after_help = "With --json, every key `qemu-img info --output=json IMAGE` prints (except \
+#[command(
+    after_help = "With --json, every key `qemu-img info --output=json IMAGE` prints (except \
 `children`) appears with the same name and value, plus qinspect's own: `header` (every raw \
 field with its offset and meaning), `extensions`, `features`, `file-length` and `problems`.\n\n\
 Like qemu-img, only the image itself is read for the JSON keys; the readable output also \
-walks the backing chain and says if a layer is missing.")]
+walks the backing chain and says if a layer is missing."
+)]
 pub struct Args {
     /// The image file.
     pub image: PathBuf,
@@ -45,8 +47,16 @@ pub fn run(a: Args) -> CmdResult {
             let mut out = anstream::stdout();
             let h = style::HEAD;
             writeln!(out, "{h}image:{h:#} {filename}")?;
-            writeln!(out, "format: raw (no qcow2 magic: guest offset = file offset)")?;
-            writeln!(out, "virtual size: {} ({} bytes)", human_size(src.len()), src.len())?;
+            writeln!(
+                out,
+                "format: raw (no qcow2 magic: guest offset = file offset)"
+            )?;
+            writeln!(
+                out,
+                "virtual size: {} ({} bytes)",
+                human_size(src.len()),
+                src.len()
+            )?;
             writeln!(out, "disk size: {}", human_size(src.allocated_size()))?;
         }
         return Ok(0);
@@ -77,7 +87,12 @@ fn print_readable(img: &Qcow2, path: &std::path::Path, filename: &str) -> color_
         h.version,
         if h.version >= 3 { "1.1" } else { "0.10" }
     )?;
-    writeln!(out, "virtual size: {} ({} bytes)", human_size(h.size), h.size)?;
+    writeln!(
+        out,
+        "virtual size: {} ({} bytes)",
+        human_size(h.size),
+        h.size
+    )?;
     writeln!(
         out,
         "file size: {} ({} bytes), {} allocated on disk",
@@ -91,7 +106,10 @@ fn print_readable(img: &Qcow2, path: &std::path::Path, filename: &str) -> color_
         "cluster size: {}{}",
         human_size(geo.cluster_size()),
         if geo.extended_l2 {
-            format!(" (extended L2: 32 subclusters of {})", human_size(geo.subcluster_size()))
+            format!(
+                " (extended L2: 32 subclusters of {})",
+                human_size(geo.subcluster_size())
+            )
         } else {
             String::new()
         }
@@ -115,12 +133,26 @@ fn print_readable(img: &Qcow2, path: &std::path::Path, filename: &str) -> color_
         "refcount table: {} cluster(s) at {:#x}",
         h.refcount_table_clusters, h.refcount_table_offset
     )?;
-    writeln!(out, "dirty: {}  corrupt: {}  lazy refcounts: {}", yes(h.dirty()), yes(h.corrupt()), yes(h.lazy_refcounts()))?;
+    writeln!(
+        out,
+        "dirty: {}  corrupt: {}  lazy refcounts: {}",
+        yes(h.dirty()),
+        yes(h.corrupt()),
+        yes(h.lazy_refcounts())
+    )?;
     if h.crypt_method != 0 {
         writeln!(out, "encrypted: yes ({:?})", h.crypt())?;
     }
     if let Some(df) = &img.data_file_name {
-        writeln!(out, "data file: {df}{}", if h.data_file_raw() { " (raw: valid on its own)" } else { "" })?;
+        writeln!(
+            out,
+            "data file: {df}{}",
+            if h.data_file_raw() {
+                " (raw: valid on its own)"
+            } else {
+                ""
+            }
+        )?;
     }
 
     // Backing chain, opened for real so a missing layer shows up here.
@@ -160,8 +192,18 @@ fn print_readable(img: &Qcow2, path: &std::path::Path, filename: &str) -> color_
     if !img.features.is_empty() {
         writeln!(out, "\n{hd}feature bits set:{hd:#}")?;
         for f in &img.features {
-            let warn = if f.known { String::new() } else { format!("  {bad}(unknown to QEMU 10){bad:#}") };
-            writeln!(out, "  {:<12} bit {:>2}  {}{warn}", format!("{:?}", f.group).to_lowercase(), f.bit, f.name)?;
+            let warn = if f.known {
+                String::new()
+            } else {
+                format!("  {bad}(unknown to QEMU 10){bad:#}")
+            };
+            writeln!(
+                out,
+                "  {:<12} bit {:>2}  {}{warn}",
+                format!("{:?}", f.group).to_lowercase(),
+                f.bit,
+                f.name
+            )?;
         }
     }
     writeln!(out, "\n{hd}header extensions:{hd:#}")?;
@@ -171,11 +213,22 @@ fn print_readable(img: &Qcow2, path: &std::path::Path, filename: &str) -> color_
     for e in &img.extensions {
         let detail = match &e.kind {
             qinspect::header::ExtensionKind::BackingFormat { format } => format!("\"{format}\""),
-            qinspect::header::ExtensionKind::FeatureTable { names } => format!("{} named bits", names.len()),
-            qinspect::header::ExtensionKind::Bitmaps { nb_bitmaps, directory_size, directory_offset, .. } => {
-                format!("{nb_bitmaps} bitmap(s), directory of {directory_size} bytes at {directory_offset:#x}")
+            qinspect::header::ExtensionKind::FeatureTable { names } => {
+                format!("{} named bits", names.len())
             }
-            qinspect::header::ExtensionKind::Crypto { offset, length } => format!("LUKS header at {offset:#x}, {length} bytes"),
+            qinspect::header::ExtensionKind::Bitmaps {
+                nb_bitmaps,
+                directory_size,
+                directory_offset,
+                ..
+            } => {
+                format!(
+                    "{nb_bitmaps} bitmap(s), directory of {directory_size} bytes at {directory_offset:#x}"
+                )
+            }
+            qinspect::header::ExtensionKind::Crypto { offset, length } => {
+                format!("LUKS header at {offset:#x}, {length} bytes")
+            }
             qinspect::header::ExtensionKind::DataFile { name } => format!("\"{name}\""),
             qinspect::header::ExtensionKind::Unknown => "unknown type, kept as raw bytes".into(),
         };
@@ -204,7 +257,13 @@ fn print_readable(img: &Qcow2, path: &std::path::Path, filename: &str) -> color_
                 s.name,
                 human_size(s.vm_state_size),
                 format_date(s.date_sec),
-                format!("{:02}:{:02}:{:02}.{:03}", secs / 3600, secs / 60 % 60, secs % 60, s.vm_clock_nsec / 1_000_000 % 1000),
+                format!(
+                    "{:02}:{:02}:{:02}.{:03}",
+                    secs / 3600,
+                    secs / 60 % 60,
+                    secs % 60,
+                    s.vm_clock_nsec / 1_000_000 % 1000
+                ),
                 s.l1_size,
                 s.l1_table_offset
             )?;
@@ -229,7 +288,10 @@ fn print_readable(img: &Qcow2, path: &std::path::Path, filename: &str) -> color_
                 )?;
             }
             if h.autoclear_features & qinspect::header::AUTOCLEAR_BITMAPS == 0 {
-                writeln!(out, "  {bad}autoclear bit 0 is clear: QEMU ignores these bitmaps{bad:#}")?;
+                writeln!(
+                    out,
+                    "  {bad}autoclear bit 0 is clear: QEMU ignores these bitmaps{bad:#}"
+                )?;
             }
         }
         Some(Err(e)) => writeln!(out, "\n{hd}bitmaps:{hd:#} {bad}{e}{bad:#}")?,

@@ -8,4 +8,6 @@ pub struct Args {
     pub image: PathBuf,
 }
 /// Run.
-pub fn run(_a: Args) -> CmdResult { Ok(0) }
+pub fn run(_a: Args) -> CmdResult {
+    Ok(0)
+}

@@ -49,7 +49,11 @@ pub fn report_error(e: &color_eyre::Report) {
 }
 
 /// Open an image and its backing chain.
-pub fn open_chain(path: &Path, snapshot: Option<&str>, strictness: Strictness) -> color_eyre::Result<Chain> {
+pub fn open_chain(
+    path: &Path,
+    snapshot: Option<&str>,
+    strictness: Strictness,
+) -> color_eyre::Result<Chain> {
     let opts = OpenOptions {
         snapshot: snapshot.map(str::to_string),
         strictness,

@@ -7,7 +7,8 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         return Err("empty number".into());
     }
     if let Some(hex) = t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")) {
-        return u64::from_str_radix(hex, 16).map_err(|_| format!("'{s}' is not a valid hex number"));
+        return u64::from_str_radix(hex, 16)
+            .map_err(|_| format!("'{s}' is not a valid hex number"));
     }
     let (digits, mult) = match t.char_indices().last() {
         Some((i, c)) if c.is_ascii_alphabetic() => {
@@ -19,14 +20,20 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
                 't' => 40,
                 'p' => 50,
                 'e' => 60,
-                _ => return Err(format!("'{s}': unknown suffix '{c}' (use k, M, G, T, P or E)")),
+                _ => {
+                    return Err(format!(
+                        "'{s}': unknown suffix '{c}' (use k, M, G, T, P or E)"
+                    ));
+                }
             };
             (&t[..i], 1u64 << shift)
         }
         _ => (t, 1),
     };
     if let Ok(v) = digits.parse::<u64>() {
-        return v.checked_mul(mult).ok_or_else(|| format!("'{s}' is too large"));
+        return v
+            .checked_mul(mult)
+            .ok_or_else(|| format!("'{s}' is too large"));
     }
     if mult > 1 {
         if let Ok(f) = digits.parse::<f64>() {

@@ -37,7 +37,10 @@ pub fn run(a: Args) -> CmdResult {
     let chain = open_chain(&a.image, a.snapshot.as_deref(), Strictness::Qemu)?;
     let size = chain.size();
     if a.offset > size {
-        color_eyre::eyre::bail!("offset {:#x} is past the end of the disk ({size} bytes)", a.offset);
+        color_eyre::eyre::bail!(
+            "offset {:#x} is past the end of the disk ({size} bytes)",
+            a.offset
+        );
     }
     let len = a.length.unwrap_or(size - a.offset).min(size - a.offset);
     let mut sink: Box<dyn Write> = match &a.output {

@@ -8,10 +8,12 @@ use std::path::PathBuf;
 
 /// Arguments of `qinspect trace`.
 #[derive(clap::Args, Debug)]
-#[command(after_help = "Each step says what was read (the L1 entry, the L2 entry, where each \
+#[command(
+    after_help = "Each step says what was read (the L1 entry, the L2 entry, where each \
 sits in the file, its raw value) and what it means, then where the read goes: data at a host \
 offset, zeros (and why), or down to the next layer of the backing chain.\n\n\
-Example: qinspect trace top.qcow2 0x10000")]
+Example: qinspect trace top.qcow2 0x10000"
+)]
 pub struct Args {
     /// The image file (top of the chain).
     pub image: PathBuf,
@@ -36,7 +38,11 @@ pub fn run(a: Args) -> CmdResult {
     }
     let mut out = anstream::stdout();
     let (hd, dim) = (style::HEAD, style::DIM);
-    writeln!(out, "{hd}guest offset {:#x}{hd:#} ({} bytes) via the {}", t.guest_offset, t.guest_offset, t.view)?;
+    writeln!(
+        out,
+        "{hd}guest offset {:#x}{hd:#} ({} bytes) via the {}",
+        t.guest_offset, t.guest_offset, t.view
+    )?;
     let mut last_depth = usize::MAX;
     for (i, s) in t.steps.iter().enumerate() {
         if s.depth != last_depth {
@@ -46,12 +52,19 @@ pub fn run(a: Args) -> CmdResult {
         let st = match &s.kind {
             StepKind::Data { .. } => style::DATA,
             StepKind::Zero { .. } => style::ZERO,
-            StepKind::FallThrough { .. } | StepKind::PastEnd { .. } | StepKind::BeyondL1 { .. } => style::BACKING,
+            StepKind::FallThrough { .. } | StepKind::PastEnd { .. } | StepKind::BeyondL1 { .. } => {
+                style::BACKING
+            }
             StepKind::Compressed { .. } => style::COMPRESSED,
             StepKind::Error { .. } => style::BAD,
             _ => anstyle::Style::new(),
         };
-        writeln!(out, "  {dim}{:>2}.{dim:#} {st}{}{st:#}", i + 1, s.explanation)?;
+        writeln!(
+            out,
+            "  {dim}{:>2}.{dim:#} {st}{}{st:#}",
+            i + 1,
+            s.explanation
+        )?;
     }
     writeln!(out, "\n{hd}result:{hd:#} {}", t.outcome)?;
     Ok(0)

@@ -1,0 +1,301 @@
+//! qinspect against QEMU: images built at test time with qemu-img and qemu-io, then
+//! `info --json`, `map --json` and `read` compared with `qemu-img info`, `qemu-img
+//! map` and `qemu-img convert -O raw`.
+
+mod common;
+use common::Work;
+
+/// A qcow2 image with data, zeros (allocated and not) and a discard.
+fn mixed_image(w: &Work, name: &str, opts: &str, size: &str) {
+    w.qemu_img(&["create", "-f", "qcow2", "-o", opts, name, size]);
+    w.qemu_io(
+        name,
+        &[
+            "write -P 0xab 0 64k",
+            "write -P 0xcd 100k 20k",
+            "write -P 0x11 1M 192k",
+            "write -z 2M 64k",
+            "write -z -u 1088k 64k",
+            "discard 1152k 64k",
+            "write -P 0x77 3000k 1k",
+        ],
+    );
+}
+
+#[test]
+fn cluster_sizes_512_64k_2m() {
+    let w = Work::new();
+    for (name, cs) in [
+        ("c512.qcow2", "512"),
+        ("c64k.qcow2", "64k"),
+        ("c2m.qcow2", "2M"),
+    ] {
+        mixed_image(&w, name, &format!("cluster_size={cs}"), "8M");
+        w.assert_all_match(name);
+    }
+}
+
+#[test]
+fn compat_010_and_11() {
+    let w = Work::new();
+    mixed_image(&w, "v2.qcow2", "compat=0.10", "4M");
+    w.assert_all_match("v2.qcow2");
+    mixed_image(&w, "v3.qcow2", "compat=1.1", "4M");
+    w.assert_all_match("v3.qcow2");
+}
+
+#[test]
+fn raw_qcow2_qcow2_chain_with_larger_top() {
+    let w = Work::new();
+    w.qemu_img(&["create", "-f", "raw", "base.raw", "2M"]);
+    w.qemu_io(
+        "base.raw",
+        &["write -P 0x11 0 1M", "write -P 0x12 1536k 4k"],
+    );
+    w.qemu_img(&[
+        "create",
+        "-f",
+        "qcow2",
+        "-b",
+        "base.raw",
+        "-F",
+        "raw",
+        "mid.qcow2",
+        "4M",
+    ]);
+    w.qemu_io(
+        "mid.qcow2",
+        &[
+            "write -P 0x22 64k 64k",
+            "write -z 256k 64k",
+            "write -P 0x33 3M 4k",
+            "discard 512k 64k",
+        ],
+    );
+    w.qemu_img(&[
+        "create",
+        "-f",
+        "qcow2",
+        "-b",
+        "mid.qcow2",
+        "-F",
+        "qcow2",
+        "top.qcow2",
+        "6M",
+    ]);
+    w.qemu_io(
+        "top.qcow2",
+        &[
+            "write -P 0x44 128k 4k",
+            "discard 64k 64k",
+            "write -z -u 512k 64k",
+            "write -P 0x55 5M 64k",
+        ],
+    );
+    for img in ["base.raw", "mid.qcow2", "top.qcow2"] {
+        w.assert_all_match(img);
+    }
+    // The trace of an offset past the raw base says so.
+    let t = Work::json(&w.qinspect_ok(&["trace", "top.qcow2", "0x200000", "--json"]));
+    let steps = t["steps"].as_array().unwrap();
+    assert_eq!(steps.last().unwrap()["step"], "past_end");
+    assert_eq!(steps.last().unwrap()["depth"], 2);
+}
+
+#[test]
+fn zero_writes_and_discards() {
+    let w = Work::new();
+    w.qemu_img(&["create", "-f", "qcow2", "z.qcow2", "4M"]);
+    w.qemu_io(
+        "z.qcow2",
+        &[
+            "write -P 0x01 0 1M",
+            "write -z 64k 64k",
+            "write -z -u 192k 128k",
+            "discard 512k 128k",
+            "write -z 2M 1M",
+        ],
+    );
+    w.assert_all_match("z.qcow2");
+    // A zero cluster with a backing file hides the backing data.
+    w.qemu_img(&[
+        "create", "-f", "qcow2", "-b", "z.qcow2", "-F", "qcow2", "o.qcow2",
+    ]);
+    w.qemu_io("o.qcow2", &["write -z 0 64k", "discard 128k 64k"]);
+    w.assert_all_match("o.qcow2");
+}
+
+#[test]
+fn compressed_deflate_and_zstd() {
+    let w = Work::new();
+    w.qemu_img(&["create", "-f", "raw", "src.raw", "2M"]);
+    w.qemu_io(
+        "src.raw",
+        &["write -P 0x61 0 300k", "write -P 0x62 1M 100k"],
+    );
+    // Random-ish data that does not compress: stored uncompressed by convert -c.
+    std::fs::write(
+        w.path("noise.bin"),
+        (0..65536u32)
+            .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+            .collect::<Vec<u8>>(),
+    )
+    .unwrap();
+    w.run(
+        "dd",
+        &[
+            "if=noise.bin",
+            "of=src.raw",
+            "bs=64k",
+            "seek=20",
+            "conv=notrunc",
+            "status=none",
+        ],
+    );
+    for (name, extra) in [
+        ("deflate.qcow2", "cluster_size=4096"),
+        ("zstd.qcow2", "cluster_size=4096,compression_type=zstd"),
+        ("deflate64k.qcow2", "cluster_size=65536"),
+        ("zstd64k.qcow2", "compression_type=zstd"),
+    ] {
+        w.qemu_img(&["convert", "-c", "-O", "qcow2", "-o", extra, "src.raw", name]);
+        w.assert_all_match(name);
+    }
+    // A compressed cluster partly overwritten.
+    w.qemu_io("deflate64k.qcow2", &["write -P 0x99 4k 4k"]);
+    w.assert_all_match("deflate64k.qcow2");
+}
+
+#[test]
+fn extended_l2_alone_and_over_backing() {
+    let w = Work::new();
+    w.qemu_img(&[
+        "create",
+        "-f",
+        "qcow2",
+        "-o",
+        "extended_l2=on",
+        "e.qcow2",
+        "4M",
+    ]);
+    w.qemu_io(
+        "e.qcow2",
+        &[
+            "write -P 0x11 4k 2k",
+            "write -P 0x12 70k 10k",
+            "write -z 200k 8k",
+            "write -z -u 256k 64k",
+            "discard 72k 2k",
+        ],
+    );
+    w.assert_all_match("e.qcow2");
+    w.qemu_img(&["create", "-f", "raw", "eb.raw", "4M"]);
+    w.qemu_io("eb.raw", &["write -P 0xee 0 4M"]);
+    w.qemu_img(&[
+        "create",
+        "-f",
+        "qcow2",
+        "-o",
+        "extended_l2=on,cluster_size=128k",
+        "-b",
+        "eb.raw",
+        "-F",
+        "raw",
+        "eo.qcow2",
+    ]);
+    w.qemu_io(
+        "eo.qcow2",
+        &[
+            "write -P 0x21 4k 2k",
+            "write -z 64k 8k",
+            "write -P 0x22 1M 100k",
+            "discard 1040k 8k",
+        ],
+    );
+    w.assert_all_match("eo.qcow2");
+    // Trace names the subcluster.
+    let t = Work::json(&w.qinspect_ok(&["trace", "eo.qcow2", "4k", "--json"]));
+    assert_eq!(t["steps"][0]["subcluster"], 1);
+}
+
+#[test]
+fn refcount_widths() {
+    let w = Work::new();
+    for bits in ["1", "4", "16", "64"] {
+        let name = format!("r{bits}.qcow2");
+        mixed_image(&w, &name, &format!("refcount_bits={bits}"), "4M");
+        w.assert_all_match(&name);
+    }
+}
+
+#[test]
+fn many_snapshots_some_deleted_one_applied() {
+    let w = Work::new();
+    let img = "snaps.qcow2";
+    w.qemu_img(&["create", "-f", "qcow2", img, "8M"]);
+    for i in 0..24u32 {
+        let cmd = format!("write -P {} {}k 64k", i + 1, (i % 10) * 256 + i * 4);
+        w.qemu_io(img, &[&cmd]);
+        w.qemu_img(&["snapshot", "-c", &format!("s{i}"), img]);
+    }
+    for i in [3, 10, 11, 20] {
+        w.qemu_img(&["snapshot", "-d", &format!("s{i}"), img]);
+    }
+    w.qemu_img(&["snapshot", "-a", "s7", img]);
+    w.qemu_io(img, &["write -P 0xfe 4M 128k"]);
+    w.assert_all_match(img);
+    for s in ["s0", "s7", "s12", "s23", "2"] {
+        w.assert_read_matches(img, Some(s));
+    }
+    // Snapshot list equals qemu-img's, field for field.
+    let info = Work::json(&w.qinspect_ok(&["info", "--json", img]));
+    assert_eq!(info["snapshots"].as_array().unwrap().len(), 20);
+}
+
+#[test]
+fn external_data_file() {
+    let w = Work::new();
+    for (name, opts) in [
+        ("df.qcow2", "data_file=df.raw"),
+        ("dfr.qcow2", "data_file=dfr.raw,data_file_raw=on"),
+    ] {
+        w.qemu_img(&["create", "-f", "qcow2", "-o", opts, name, "4M"]);
+        w.qemu_io(
+            name,
+            &[
+                "write -P 0x42 64k 128k",
+                "write -z 1M 64k",
+                "write -P 0x43 3M 4k",
+            ],
+        );
+        w.assert_all_match(name);
+    }
+}
+
+#[test]
+fn persistent_bitmaps() {
+    let w = Work::new();
+    mixed_image(&w, "bm.qcow2", "cluster_size=64k", "4M");
+    w.qemu_img(&["bitmap", "--add", "bm.qcow2", "b0"]);
+    w.qemu_img(&["bitmap", "--add", "--granularity", "512k", "bm.qcow2", "b1"]);
+    w.qemu_img(&["bitmap", "--add", "--disable", "bm.qcow2", "b2"]);
+    w.assert_all_match("bm.qcow2");
+    let d = Work::json(&w.qinspect_ok(&["dump", "bitmaps", "bm.qcow2", "--json"]));
+    assert_eq!(d["entries"].as_array().unwrap().len(), 3);
+}
+
+#[test]
+fn preallocation_metadata() {
+    let w = Work::new();
+    w.qemu_img(&[
+        "create",
+        "-f",
+        "qcow2",
+        "-o",
+        "preallocation=metadata",
+        "pm.qcow2",
+        "64M",
+    ]);
+    w.qemu_io("pm.qcow2", &["write -P 0x33 1M 64k", "write -z 2M 64k"]);
+    w.assert_all_match("pm.qcow2");
+}
