@@ -1,0 +1,217 @@
+//! The non-interactive commands on images made by qemu-img: the values they print
+//! are checked against what qemu-img and qemu-io put there.
+
+mod common;
+use common::Work;
+use serde_json::Value;
+
+/// The reference's base image: `write -P 0xaa 0 128k`, `write -P 0xbb 1M 64k` on a
+/// fresh 1 GiB image. L1 at 0x30000, L2 at 0x40000, data in clusters 5, 6 and 7.
+fn base_image(w: &Work) {
+    w.qemu_img(&["create", "-f", "qcow2", "a.qcow2", "1G"]);
+    w.qemu_io("a.qcow2", &["write -P 0xaa 0 128k", "write -P 0xbb 1M 64k"]);
+}
+
+fn entries(v: &Value) -> &Vec<Value> {
+    v["entries"].as_array().expect("entries")
+}
+
+#[test]
+fn dump_tables_show_where_qemu_put_things() {
+    let w = Work::new();
+    base_image(&w);
+    let l1 = Work::json(&w.qinspect_ok(&["dump", "l1", "a.qcow2", "--json"]));
+    let e0 = &entries(&l1)[0];
+    assert_eq!(e0["file_offset"], 0x30000);
+    assert_eq!(e0["raw"], "0x8000000000040000");
+    assert_eq!(e0["l2_offset"], 0x40000);
+    assert_eq!(e0["copied"], true);
+
+    let l2 = Work::json(&w.qinspect_ok(&["dump", "l2", "a.qcow2", "0", "--json"]));
+    let l2e = entries(&l2);
+    assert_eq!(l2e.len(), 8192);
+    assert_eq!(l2e[0]["host_offset"], 0x50000);
+    assert_eq!(l2e[1]["host_offset"], 0x60000);
+    assert_eq!(l2e[16]["host_offset"], 0x70000);
+    assert_eq!(l2e[16]["guest_offset"], 0x100000);
+    assert_eq!(l2e[16]["file_offset"], 0x40000 + 16 * 8);
+    assert_eq!(l2e[2]["type"], "unallocated");
+
+    let rt = Work::json(&w.qinspect_ok(&["dump", "refcount-table", "a.qcow2", "--json"]));
+    assert_eq!(entries(&rt)[0]["block_offset"], 0x20000);
+    let rb = Work::json(&w.qinspect_ok(&["dump", "refcount-block", "a.qcow2", "0", "--json"]));
+    let counts: Vec<(u64, u64)> = entries(&rb)
+        .iter()
+        .filter(|e| e["refcount"].as_u64() != Some(0))
+        .map(|e| (e["cluster"].as_u64().unwrap(), e["refcount"].as_u64().unwrap()))
+        .collect();
+    // header, refcount table, refcount block, L1, L2, three data clusters
+    assert_eq!(counts, (0..8).map(|c| (c, 1)).collect::<Vec<_>>());
+
+    let hdr = Work::json(&w.qinspect_ok(&["dump", "header", "a.qcow2", "--json"]));
+    let size = entries(&hdr).iter().find(|e| e["field"] == "size").unwrap();
+    assert_eq!(size["value"], 1u64 << 30);
+    assert_eq!(size["file_offset"], 24);
+
+    // Readable output leaves out zero entries and says what each entry means.
+    let text = String::from_utf8(w.qinspect_ok(&["dump", "l2", "a.qcow2", "0"])).unwrap();
+    assert!(text.contains("data at host offset 0x70000"), "{text}");
+    assert_eq!(text.lines().filter(|l| l.contains("data at host offset")).count(), 3);
+}
+
+#[test]
+fn dump_snapshots_and_snapshot_l1() {
+    let w = Work::new();
+    base_image(&w);
+    w.qemu_img(&["snapshot", "-c", "first", "a.qcow2"]);
+    w.qemu_io("a.qcow2", &["write -P 0xcc 0 4k"]);
+    let s = Work::json(&w.qinspect_ok(&["dump", "snapshots", "a.qcow2", "--json"]));
+    let sn = &entries(&s)[0];
+    assert_eq!(sn["name"], "first");
+    assert_eq!(sn["id"], "1");
+    assert_eq!(sn["l1_size"], 2);
+    // After the write, the active L1 points at a copied L2 while the snapshot's
+    // L1 still points at the original one. QEMU copied the active L1 with its
+    // flags, so the snapshot's entry keeps a stale COPIED bit.
+    let snap_l1 = Work::json(&w.qinspect_ok(&["dump", "l1", "a.qcow2", "--snapshot", "first", "--json"]));
+    assert_eq!(entries(&snap_l1)[0]["raw"], "0x8000000000040000");
+    assert_eq!(entries(&snap_l1)[0]["l2_offset"], 0x40000);
+    let act = Work::json(&w.qinspect_ok(&["dump", "l1", "a.qcow2", "--json"]));
+    assert_ne!(entries(&act)[0]["l2_offset"], 0x40000);
+    assert_eq!(entries(&act)[0]["copied"], true);
+    // Reads through the snapshot see the old data.
+    let old = w.qinspect_ok(&["read", "a.qcow2", "--snapshot", "first", "--length", "4"]);
+    assert_eq!(old, vec![0xaa; 4]);
+    let new = w.qinspect_ok(&["read", "a.qcow2", "--length", "4"]);
+    assert_eq!(new, vec![0xcc; 4]);
+    // An unknown snapshot is a clear error that lists the real ones.
+    let out = w.qinspect(&["read", "a.qcow2", "--snapshot", "nope"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no snapshot with ID or name 'nope'") && err.contains("1 (first)"), "{err}");
+}
+
+#[test]
+fn trace_explains_each_step() {
+    let w = Work::new();
+    base_image(&w);
+    let t = Work::json(&w.qinspect_ok(&["trace", "a.qcow2", "1M", "--json"]));
+    let steps = t["steps"].as_array().unwrap();
+    let kinds: Vec<&str> = steps.iter().map(|s| s["step"].as_str().unwrap()).collect();
+    assert_eq!(kinds, ["split", "l1_entry", "l2_entry", "data"]);
+    assert_eq!(steps[0]["l2_index"], 16);
+    assert_eq!(steps[1]["entry_offset"], 0x30000);
+    assert_eq!(steps[2]["entry_offset"], 0x40000 + 16 * 8);
+    assert_eq!(steps[2]["host_offset"], "0x70000");
+    assert_eq!(steps[3]["host_offset"], "0x70000");
+    assert!(steps.iter().all(|s| s["explanation"].as_str().unwrap().len() > 20));
+    // Unallocated with no backing file: zeros.
+    let t = Work::json(&w.qinspect_ok(&["trace", "a.qcow2", "0x200000", "--json"]));
+    assert!(t["outcome"].as_str().unwrap().starts_with("zeros"));
+    // Readable output.
+    let text = String::from_utf8(w.qinspect_ok(&["trace", "a.qcow2", "64k"])).unwrap();
+    assert!(text.contains("L2 index 1") && text.contains("0x60000"), "{text}");
+}
+
+#[test]
+fn hexdump_host_and_guest() {
+    let w = Work::new();
+    base_image(&w);
+    let out = String::from_utf8(w.qinspect_ok(&["hexdump", "a.qcow2", "--host", "0", "--length", "16"])).unwrap();
+    assert!(out.contains("51 46 49 fb"), "{out}");
+    assert!(out.contains("QFI"), "{out}");
+    let out = String::from_utf8(w.qinspect_ok(&["hexdump", "a.qcow2", "--guest", "1M", "--length", "32"])).unwrap();
+    assert!(out.contains("00100000"), "offsets are guest offsets: {out}");
+    assert!(out.contains("bb bb bb bb"), "{out}");
+    assert!(!out.contains("\x1b["), "no colour when not a terminal");
+    let out = String::from_utf8(w.qinspect_ok(&["hexdump", "a.qcow2", "--guest", "0", "--length", "16", "--color", "always"])).unwrap();
+    assert!(out.contains("\x1b["), "colour on request");
+}
+
+#[test]
+fn numbers_take_qemu_io_suffixes() {
+    let w = Work::new();
+    base_image(&w);
+    for form in ["1048576", "0x100000", "1M", "1024k", "1024K"] {
+        let t = Work::json(&w.qinspect_ok(&["trace", "a.qcow2", form, "--json"]));
+        assert_eq!(t["guest_offset"], 1048576, "{form}");
+    }
+    let out = w.qinspect(&["trace", "a.qcow2", "12q"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown suffix"));
+}
+
+#[test]
+fn broken_chains_are_clear_errors() {
+    let w = Work::new();
+    base_image(&w);
+    // Missing backing file.
+    w.qemu_img(&["create", "-f", "qcow2", "-b", "gone.qcow2", "-F", "qcow2", "-u", "m.qcow2", "1G"]);
+    let out = w.qinspect(&["read", "m.qcow2", "--length", "1"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("m.qcow2 -> gone.qcow2") && err.contains("cannot open backing file"), "{err}");
+    // info (like qemu-img info) does not need the backing file.
+    w.qinspect_ok(&["info", "--json", "m.qcow2"]);
+    // A loop: b names c, c names b.
+    w.qemu_img(&["create", "-f", "qcow2", "-b", "c.qcow2", "-F", "qcow2", "-u", "b.qcow2", "1G"]);
+    w.qemu_img(&["create", "-f", "qcow2", "-b", "b.qcow2", "-F", "qcow2", "-u", "c.qcow2", "1G"]);
+    let out = w.qinspect(&["map", "b.qcow2"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("loop") && err.contains("b.qcow2 -> c.qcow2 -> b.qcow2"), "{err}");
+    // An image naming itself.
+    w.qemu_img(&["create", "-f", "qcow2", "-b", "self.qcow2", "-F", "qcow2", "-u", "self.qcow2", "1G"]);
+    let out = w.qinspect(&["trace", "self.qcow2", "0"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("loop"));
+}
+
+#[test]
+fn bad_headers_get_qemu_messages() {
+    let w = Work::new();
+    base_image(&w);
+    std::fs::copy(w.path("a.qcow2"), w.path("v9.qcow2")).unwrap();
+    w.patch("v9.qcow2", 4, &9u32.to_be_bytes());
+    let out = w.qinspect(&["info", "v9.qcow2"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("Unsupported qcow2 version 9"));
+    std::fs::copy(w.path("a.qcow2"), w.path("cb.qcow2")).unwrap();
+    w.patch("cb.qcow2", 20, &8u32.to_be_bytes());
+    let out = w.qinspect(&["trace", "cb.qcow2", "0"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("Unsupported cluster size: 2^8"));
+    std::fs::write(w.path("empty.qcow2"), b"").unwrap();
+    let out = w.qinspect(&["dump", "header", "empty.qcow2"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("past the end of the file"));
+    // dump still shows a header that QEMU would refuse.
+    std::fs::copy(w.path("a.qcow2"), w.path("ro.qcow2")).unwrap();
+    w.patch("ro.qcow2", 96, &7u32.to_be_bytes());
+    let text = String::from_utf8(w.qinspect_ok(&["dump", "header", "ro.qcow2"])).unwrap();
+    assert!(text.contains("refcount_order") && text.contains("Reference count entry width too large"), "{text}");
+}
+
+#[test]
+fn nothing_is_written() {
+    let w = Work::new();
+    base_image(&w);
+    w.qemu_img(&["snapshot", "-c", "s", "a.qcow2"]);
+    let before = w.fingerprint("a.qcow2");
+    let mtime = std::fs::metadata(w.path("a.qcow2")).unwrap().modified().unwrap();
+    for args in [
+        vec!["info", "a.qcow2"],
+        vec!["info", "--json", "a.qcow2"],
+        vec!["map", "a.qcow2"],
+        vec!["trace", "a.qcow2", "0"],
+        vec!["read", "a.qcow2", "-o", "out.raw"],
+        vec!["dump", "l2", "a.qcow2", "0"],
+        vec!["hexdump", "a.qcow2", "--host", "0"],
+    ] {
+        w.qinspect_ok(&args);
+    }
+    assert_eq!(w.fingerprint("a.qcow2"), before);
+    assert_eq!(std::fs::metadata(w.path("a.qcow2")).unwrap().modified().unwrap(), mtime);
+    // Refuses to overwrite a layer of the chain it reads.
+    let out = w.qinspect(&["read", "a.qcow2", "-o", "a.qcow2"]);
+    assert!(!out.status.success());
+    assert_eq!(w.fingerprint("a.qcow2"), before);
+}
