@@ -141,6 +141,11 @@ pub fn read_table(src: &dyn Source, offset: u64, count: u32) -> SnapshotTable {
     table
 }
 
+fn c_string(b: &[u8]) -> String {
+    let end = b.iter().position(|&c| c == 0).unwrap_or(b.len());
+    text(b.get(..end).unwrap_or(b))
+}
+
 /// Read `len` bytes (at most 132 KiB here), zeros past the end of the file, as QEMU does.
 fn read_zero_filled(src: &dyn Source, what: &str, pos: u64, len: u64) -> Result<Vec<u8>> {
     let mut buf = vec![0u8; len as usize];
