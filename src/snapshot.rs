@@ -187,8 +187,8 @@ fn read_entry(src: &dyn Source, pos: u64, index: usize) -> Result<Snapshot> {
         entry_offset: pos,
         l1_table_offset: be64(&h, 0),
         l1_size: be32(&h, 8),
-        id: text(slice(&rest, extra_len as usize, id_len as usize)),
-        name: text(slice(
+        id: c_string(slice(&rest, extra_len as usize, id_len as usize)),
+        name: c_string(slice(
             &rest,
             (extra_len + id_len) as usize,
             name_len as usize,
