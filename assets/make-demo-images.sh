@@ -60,7 +60,9 @@ qio() {
 
 # --------------------------------------------------------------------------
 # demo-base.raw: 512 KiB raw.  Layout (guest offsets):
-#   0    .. 128k  0xb1
+#   0    .. 4k    hole (zeros; a NUL byte early in the file also makes git
+#                 treat the raw files as binary rather than text)
+#   4k   .. 128k  0xb1
 #   128k .. 192k  hole (zeros)
 #   192k .. 256k  0xb2
 #   256k .. 320k  hole
@@ -68,7 +70,7 @@ qio() {
 #   420k .. 512k  hole
 qemu-img create -q -f raw demo-base.raw 512K
 qio raw demo-base.raw \
-    'write -P 0xb1 0 128k' \
+    'write -P 0xb1 4k 124k' \
     'write -P 0xb2 192k 64k' \
     'write -P 0xb3 320k 100k'
 
@@ -189,10 +191,10 @@ qemu-img convert -q -c -f raw -O qcow2 -o compression_type=zstd,cluster_size=4k 
 # --------------------------------------------------------------------------
 # demo-extl2-base.raw: 160 KiB raw backing, deliberately not cluster-aligned
 # (ends halfway through guest cluster 2 of the 64k-cluster overlay).
-#   0 .. 64k 0xe0, 64k .. 128k 0xe1, 128k .. 160k 0xe2
+#   0 .. 2k zeros, 2k .. 64k 0xe0, 64k .. 128k 0xe1, 128k .. 160k 0xe2
 qemu-img create -q -f raw demo-extl2-base.raw 160K
 qio raw demo-extl2-base.raw \
-    'write -P 0xe0 0 64k' \
+    'write -P 0xe0 2k 62k' \
     'write -P 0xe1 64k 64k' \
     'write -P 0xe2 128k 32k'
 
