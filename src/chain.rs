@@ -93,11 +93,12 @@ pub struct Layer {
 }
 
 impl Layer {
-    /// Virtual size this layer presents.
+    /// Virtual size this layer presents, as QEMU's block layer sees it: a qcow2
+    /// size rounded down to 512 bytes, a raw file's size rounded up.
     pub fn size(&self) -> u64 {
         match &self.kind {
-            LayerKind::Qcow2 { view, .. } => view.size,
-            LayerKind::Raw => self.src.len(),
+            LayerKind::Qcow2 { view, .. } => view.size / 512 * 512,
+            LayerKind::Raw => self.src.len().div_ceil(512).saturating_mul(512),
         }
     }
 

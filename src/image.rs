@@ -417,6 +417,59 @@ impl Qcow2 {
     }
 }
 
+/// Reads stored refcounts cluster after cluster, keeping the current refcount
+/// block, for passes over many clusters.
+pub struct RefcountReader<'a> {
+    img: &'a Qcow2,
+    /// The refcount table.
+    pub table: Arc<Vec<RefTableEntry>>,
+    /// log2 of refcounts per block.
+    pub block_bits: u32,
+    order: u32,
+    cur: Option<(u64, Vec<u8>)>,
+}
+
+impl<'a> RefcountReader<'a> {
+    /// A reader over `img`'s refcounts (an unreadable table reads as empty).
+    pub fn new(img: &'a Qcow2) -> Self {
+        let rg = img.refcount_geometry();
+        RefcountReader {
+            img,
+            table: img.refcount_table().unwrap_or_default(),
+            block_bits: rg.block_bits(),
+            order: rg.order,
+            cur: None,
+        }
+    }
+
+    /// The stored refcount of cluster `c`, or `Err((table index, block offset))`
+    /// if its refcount block is not cluster-aligned (QEMU: EIO).
+    pub fn get(&mut self, c: u64) -> std::result::Result<u64, (u64, u64)> {
+        let ti = c >> self.block_bits;
+        let Some(e) = usize::try_from(ti).ok().and_then(|i| self.table.get(i)) else {
+            return Ok(0);
+        };
+        let Some(off) = e.block_offset() else {
+            return Ok(0);
+        };
+        let geo = self.img.geometry();
+        if !geo.is_cluster_aligned(off.0) {
+            return Err((ti, off.0));
+        }
+        if self.cur.as_ref().map(|(o, _)| *o) != Some(off.0) {
+            let mut buf = vec![0u8; geo.cluster_size() as usize];
+            let _ = read_into(self.img.src.as_ref(), "refcount block", off.0, &mut buf);
+            self.cur = Some((off.0, buf));
+        }
+        let idx = c & ((1u64 << self.block_bits) - 1);
+        Ok(self
+            .cur
+            .as_ref()
+            .map(|(_, b)| refcount::get_refcount(b, self.order, idx))
+            .unwrap_or(0))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

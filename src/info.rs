@@ -84,18 +84,17 @@ pub fn qemu_info_qcow2(img: &Qcow2, filename: &str) -> Map<String, Value> {
         if h.has_data_file() {
             data.insert("data-file-raw".into(), json!(h.data_file_raw()));
         }
-        if h.autoclear_features & crate::header::AUTOCLEAR_BITMAPS != 0 {
-            if let Some(Ok(list)) = &img.bitmaps {
-                if !list.is_empty() {
-                    let v: Vec<Value> = list
+        if h.autoclear_features & crate::header::AUTOCLEAR_BITMAPS != 0
+            && let Some(Ok(list)) = &img.bitmaps
+            && !list.is_empty()
+        {
+            let v: Vec<Value> = list
                         .iter()
                         .map(|b| {
                             json!({"name": b.name, "granularity": b.granularity(), "flags": b.flag_names()})
                         })
                         .collect();
-                    data.insert("bitmaps".into(), Value::Array(v));
-                }
-            }
+            data.insert("bitmaps".into(), Value::Array(v));
         }
     }
     match h.crypt() {
@@ -197,10 +196,10 @@ fn luks_info(img: &Qcow2) -> Option<Value> {
     o.insert("cipher-alg".into(), json!(alg));
     o.insert("cipher-mode".into(), json!(mode));
     o.insert("ivgen-alg".into(), json!(ivgen_alg));
-    if ivgen_alg == "essiv" {
-        if let Some(h) = ivgen_hash {
-            o.insert("ivgen-hash-alg".into(), json!(h));
-        }
+    if ivgen_alg == "essiv"
+        && let Some(h) = ivgen_hash
+    {
+        o.insert("ivgen-hash-alg".into(), json!(h));
     }
     o.insert("hash-alg".into(), json!(hash));
     o.insert("payload-offset".into(), json!(payload));

@@ -29,12 +29,14 @@
 //! * [`lookup`] — how one guest read is resolved, step by step, through the chain.
 //! * [`map`] — the guest address space as extents, like `qemu-img map`.
 //! * [`info`] — the summary `qemu-img info` prints.
+//! * [`check`] — refcount consistency, the way `qemu-img check` sees it, and more.
 #![forbid(unsafe_code)]
 #![deny(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
 pub mod bitmap;
 pub mod bytes;
 pub mod chain;
+pub mod check;
 pub mod compress;
 pub mod error;
 pub mod header;

@@ -77,8 +77,11 @@ pub fn layer_run(img: &Qcow2, view: &View, guest: u64, max_len: u64, name: &str)
     let g = GuestOffset(guest);
     let in_cluster = geo.in_cluster(g);
     let l2_index = geo.l2_index(g);
-    // Bytes from the start of this cluster to the end of its L2 table.
-    let to_l2_end = (geo.l2_entries() - l2_index) * cs;
+    // Bytes from the start of this cluster to the end of its L2 slice: QEMU's L2
+    // cache works on slices of min(cluster size, 4 KiB), and one lookup never
+    // crosses a slice.
+    let slice_entries = (cs.min(4096) / geo.l2_entry_size()).max(1);
+    let to_l2_end = (slice_entries - l2_index % slice_entries) * cs;
     let needed = max_len.saturating_add(in_cluster).min(to_l2_end);
     let unallocated = |len: u64| Run {
         guest,

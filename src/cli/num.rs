@@ -35,12 +35,12 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
             .checked_mul(mult)
             .ok_or_else(|| format!("'{s}' is too large"));
     }
-    if mult > 1 {
-        if let Ok(f) = digits.parse::<f64>() {
-            let v = f * mult as f64;
-            if f >= 0.0 && v < u64::MAX as f64 && v.fract() == 0.0 {
-                return Ok(v as u64);
-            }
+    if mult > 1
+        && let Ok(f) = digits.parse::<f64>()
+    {
+        let v = f * mult as f64;
+        if f >= 0.0 && v < u64::MAX as f64 && v.fract() == 0.0 {
+            return Ok(v as u64);
         }
     }
     Err(format!("'{s}' is not a number (try 65536, 0x10000 or 64k)"))

@@ -1,0 +1,1444 @@
+//! Consistency checking, the way `qemu-img check` does it, and more.
+//!
+//! A qcow2 image stores a refcount for every host cluster. The check recomputes
+//! those refcounts from scratch by following every structure that references a
+//! cluster, in QEMU's order (`calculate_refcounts` in `block/qcow2-refcount.c`):
+//!
+//! 1. the header cluster;
+//! 2. the active L1 table, each L2 table it names, and each data or compressed
+//!    cluster those name (an L2 table shared by several L1 tables counts once per
+//!    L1 table that names it);
+//! 3. every snapshot's L1 table and what it reaches, the same way;
+//! 4. the snapshot table, the refcount table, the LUKS header, the bitmap
+//!    directory, bitmap tables and bitmap data;
+//! 5. the refcount blocks themselves (each must end up with refcount exactly 1).
+//!
+//! The result, the in-memory refcount table (IMRT), is compared with the stored
+//! refcounts: a stored refcount **lower** than the computed one is a corruption
+//! (the cluster could be freed while still in use), a **higher** one is a leak
+//! (space wasted, data safe). Finally the COPIED flags of the active tables must
+//! say "refcount is exactly 1" truthfully.
+//!
+//! qinspect counts exactly what QEMU counts, so the totals equal `qemu-img check`'s,
+//! but it walks an L2 table shared by many L1 tables once and adds its weight, and
+//! it keeps a note of who referenced what so each finding can name its owners.
+
+use crate::bitmap;
+use crate::header::{AUTOCLEAR_BITMAPS, ExtensionKind};
+use crate::image::{Qcow2, RefcountReader};
+use crate::io::read_into;
+
+use crate::tables::{
+    ClusterType, CompressedDescriptor, L1E_OFFSET_MASK, L1E_RESERVED_MASK, L2E_OFFSET_MASK,
+    L2E_STD_RESERVED_MASK, L2Entry, MAX_L1_ENTRIES, OFLAG_COPIED, OFLAG_ZERO,
+};
+use serde::Serialize;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
+
+/// How many detailed findings are kept (counts are always exact).
+pub const MAX_FINDINGS: usize = 100_000;
+/// How many clusters get their referrers listed.
+pub const MAX_OWNER_CLUSTERS: usize = 10_000;
+
+/// Which totals a finding adds to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FindingKind {
+    /// Counts in `corruptions`.
+    Corruption,
+    /// Counts in `leaks`.
+    Leak,
+    /// Counts in `check-errors`.
+    CheckError,
+    /// Something qemu-img does not report; counts in no total.
+    Note,
+}
+
+/// Which table an L1 table is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "snake_case", tag = "l1")]
+pub enum L1Id {
+    /// The active L1 table.
+    Active,
+    /// The L1 table of snapshot number `index` (0-based table position).
+    Snapshot {
+        /// Position in the snapshot table.
+        index: usize,
+    },
+}
+
+/// What a reference to a cluster is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Role {
+    /// Cluster 0: the header and extensions.
+    Header,
+    /// An L1 table.
+    L1Table,
+    /// An L2 table.
+    L2Table,
+    /// A data cluster.
+    Data,
+    /// A cluster holding (part of) compressed data.
+    Compressed,
+    /// The snapshot table.
+    SnapshotTable,
+    /// The refcount table.
+    RefcountTable,
+    /// A refcount block.
+    RefcountBlock,
+    /// The LUKS header.
+    CryptoHeader,
+    /// The bitmap directory.
+    BitmapDirectory,
+    /// A bitmap table.
+    BitmapTable,
+    /// Bitmap data.
+    BitmapData,
+}
+
+impl Role {
+    /// Whether the role is metadata (everything but data and compressed data).
+    pub fn is_metadata(&self) -> bool {
+        !matches!(self, Role::Data | Role::Compressed)
+    }
+}
+
+/// Who points at a cluster.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+pub struct Referrer {
+    /// What the cluster is to this referrer.
+    pub role: Role,
+    /// The L1 table involved, for L1/L2/data references.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub l1: Option<String>,
+    /// Index in that L1 table.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub l1_index: Option<u64>,
+    /// The L2 table, for data references.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub l2_table: Option<u64>,
+    /// Index in the L2 table.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub l2_index: Option<u64>,
+    /// The guest offset mapped, for data references.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub guest_offset: Option<u64>,
+    /// Anything else (refcount table index, bitmap name, ...).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+}
+
+impl Referrer {
+    fn plain(role: Role, detail: Option<String>) -> Self {
+        Referrer {
+            role,
+            l1: None,
+            l1_index: None,
+            l2_table: None,
+            l2_index: None,
+            guest_offset: None,
+            detail,
+        }
+    }
+
+    /// One line: "data via active L1[0] -> L2 0x40000[16] (guest 0x100000)".
+    pub fn describe(&self) -> String {
+        let role = serde_json::to_value(self.role)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_default();
+        let mut s = role;
+        if let (Some(l1), Some(i)) = (&self.l1, self.l1_index) {
+            s.push_str(&format!(" via {l1}[{i}]"));
+        }
+        if let (Some(t), Some(i)) = (self.l2_table, self.l2_index) {
+            s.push_str(&format!(" -> L2 {t:#x}[{i}]"));
+        }
+        if let Some(g) = self.guest_offset {
+            s.push_str(&format!(" (guest {g:#x})"));
+        }
+        if let Some(d) = &self.detail {
+            s.push_str(&format!(" ({d})"));
+        }
+        s
+    }
+}
+
+/// One thing the check found.
+#[derive(Clone, Debug, Serialize)]
+pub struct Finding {
+    /// Which total it adds to.
+    pub kind: FindingKind,
+    /// A short category name ("refcount", "copied", "reserved-bits", ...).
+    pub category: &'static str,
+    /// What is wrong, in the words qemu-img check uses where it has words.
+    pub message: String,
+    /// How many times QEMU counts it (a shared L2 table repeats its problems once per L1 table).
+    pub count: u64,
+    /// The host cluster.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<u64>,
+    /// The host offset (of the cluster, or of the entry at fault).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub offset: Option<u64>,
+    /// The stored refcount.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub refcount: Option<u64>,
+    /// The computed number of references.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reference: Option<u64>,
+    /// Who references the cluster.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub referrers: Vec<Referrer>,
+    /// What `qemu-img check -r` would change, where that is clear.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub repair: Option<String>,
+}
+
+/// The check's result.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct CheckReport {
+    /// Internal errors (qemu-img's `check-errors`).
+    pub check_errors: u64,
+    /// Corruptions.
+    pub corruptions: u64,
+    /// Leaked clusters.
+    pub leaks: u64,
+    /// One past the last cluster in use or with a refcount.
+    pub image_end_offset: u64,
+    /// Guest clusters.
+    pub total_clusters: u64,
+    /// Allocated guest clusters (active L1).
+    pub allocated_clusters: u64,
+    /// Fragmented clusters.
+    pub fragmented_clusters: u64,
+    /// Compressed clusters.
+    pub compressed_clusters: u64,
+    /// The check stopped early: why (qemu-img says "Check failed" and exits 1).
+    pub aborted: Option<String>,
+    /// QEMU would not open the image at all: why.
+    pub qemu_refuses: Option<String>,
+    /// Warnings that are not findings (dirty bit, ...).
+    pub warnings: Vec<String>,
+    /// Findings, grouped by kind in QEMU's order of discovery.
+    pub findings: Vec<Finding>,
+    /// Findings not listed because there were more than [`MAX_FINDINGS`].
+    pub findings_omitted: u64,
+    /// Computed references per cluster, for clusters whose refcount is wrong.
+    #[serde(skip)]
+    pub imrt: Option<Arc<Imrt>>,
+}
+
+impl CheckReport {
+    /// qemu-img check's exit code: 0 clean, 1 check failed, 2 corruptions, 3 leaks.
+    pub fn exit_code(&self) -> i32 {
+        if self.aborted.is_some() || self.check_errors > 0 || self.qemu_refuses.is_some() {
+            1
+        } else if self.corruptions > 0 {
+            2
+        } else if self.leaks > 0 {
+            3
+        } else {
+            0
+        }
+    }
+}
+
+/// A sparse, chunked table of reference counts per host cluster.
+#[derive(Debug, Default)]
+pub struct Imrt {
+    chunks: HashMap<u64, Box<[u16]>>,
+    big: HashMap<u64, u64>,
+    /// Number of clusters covered (the file's, plus any reference just past it).
+    pub nb_clusters: u64,
+}
+
+const CHUNK_BITS: u32 = 16;
+const CHUNK: u64 = 1 << CHUNK_BITS;
+
+impl Imrt {
+    fn new(nb_clusters: u64) -> Self {
+        Imrt {
+            chunks: HashMap::new(),
+            big: HashMap::new(),
+            nb_clusters,
+        }
+    }
+
+    /// Computed references of a cluster.
+    pub fn get(&self, c: u64) -> u64 {
+        let v = self
+            .chunks
+            .get(&(c >> CHUNK_BITS))
+            .and_then(|ch| ch.get((c & (CHUNK - 1)) as usize))
+            .copied()
+            .unwrap_or(0);
+        if v == u16::MAX {
+            self.big.get(&c).copied().unwrap_or(u64::from(u16::MAX))
+        } else {
+            u64::from(v)
+        }
+    }
+
+    fn set(&mut self, c: u64, v: u64) {
+        let ch = self
+            .chunks
+            .entry(c >> CHUNK_BITS)
+            .or_insert_with(|| vec![0u16; CHUNK as usize].into_boxed_slice());
+        if let Some(slot) = ch.get_mut((c & (CHUNK - 1)) as usize) {
+            if v >= u64::from(u16::MAX) {
+                *slot = u16::MAX;
+                self.big.insert(c, v);
+            } else {
+                *slot = v as u16;
+            }
+        }
+    }
+
+    /// Add `w` references, saturating at `max`; returns how many did not fit.
+    fn add(&mut self, c: u64, w: u64, max: u64) -> u64 {
+        if c >= self.nb_clusters {
+            self.nb_clusters = c + 1;
+        }
+        let cur = self.get(c);
+        let room = max.saturating_sub(cur);
+        let added = w.min(room);
+        if added > 0 {
+            self.set(c, cur + added);
+        }
+        w - added
+    }
+}
+
+/// Progress of a long check, for a progress bar.
+#[derive(Clone, Copy, Debug)]
+pub struct Progress {
+    /// Phase name.
+    pub phase: &'static str,
+    /// Units done.
+    pub done: u64,
+    /// Units in this phase.
+    pub total: u64,
+}
+
+/// Options.
+#[derive(Default)]
+pub struct CheckOptions<'a> {
+    /// Called now and then with progress.
+    pub progress: Option<&'a (dyn Fn(Progress) + Sync)>,
+}
+
+/// Where a reference comes from, cheaply.
+#[derive(Clone, Copy, Debug)]
+enum Ctx {
+    Header,
+    L1Table(L1Id),
+    L2Table(L1Id, u64),
+    Entry { l2: u64, index: u64, role: Role },
+    SnapshotTable,
+    RefcountTable,
+    RefcountBlock(u64),
+    Crypto,
+    BitmapDirectory,
+    BitmapTable(usize),
+    BitmapData(usize, u64),
+}
+
+impl Ctx {
+    fn role(&self) -> Role {
+        match self {
+            Ctx::Header => Role::Header,
+            Ctx::L1Table(_) => Role::L1Table,
+            Ctx::L2Table(..) => Role::L2Table,
+            Ctx::Entry { role, .. } => *role,
+            Ctx::SnapshotTable => Role::SnapshotTable,
+            Ctx::RefcountTable => Role::RefcountTable,
+            Ctx::RefcountBlock(_) => Role::RefcountBlock,
+            Ctx::Crypto => Role::CryptoHeader,
+            Ctx::BitmapDirectory => Role::BitmapDirectory,
+            Ctx::BitmapTable(_) => Role::BitmapTable,
+            Ctx::BitmapData(..) => Role::BitmapData,
+        }
+    }
+}
+
+/// Receives every reference the walk finds.
+trait Visitor {
+    /// `len` bytes at `off`, referenced `w` times, by `ctx`. Returns how many of the
+    /// `w` references overflowed (for the counting visitor).
+    fn visit(&mut self, first: u64, last: u64, w: u64, ctx: Ctx) -> u64;
+    /// The refcount so far of a cluster (for the refblock check).
+    fn count(&self, _c: u64) -> u64 {
+        0
+    }
+}
+
+/// The IMRT plus a role bitmap (metadata vs data) for overlap detection.
+struct Counter {
+    imrt: Imrt,
+    max: u64,
+    meta: HashMap<u64, Box<[u8]>>,
+}
+
+impl Counter {
+    fn mark(&mut self, c: u64, metadata: bool) -> (bool, bool) {
+        let ch = self
+            .meta
+            .entry(c >> CHUNK_BITS)
+            .or_insert_with(|| vec![0u8; (CHUNK / 4) as usize].into_boxed_slice());
+        let i = (c & (CHUNK - 1)) as usize;
+        let shift = (i % 4) * 2;
+        let bit: u8 = if metadata { 1 } else { 2 };
+        let mut before = 0u8;
+        if let Some(b) = ch.get_mut(i / 4) {
+            before = (*b >> shift) & 3;
+            *b |= bit << shift;
+        }
+        (before & 1 != 0, before & 2 != 0)
+    }
+
+    fn kinds(&self, c: u64) -> u8 {
+        let i = (c & (CHUNK - 1)) as usize;
+        self.meta
+            .get(&(c >> CHUNK_BITS))
+            .and_then(|ch| ch.get(i / 4))
+            .map(|b| (b >> ((i % 4) * 2)) & 3)
+            .unwrap_or(0)
+    }
+}
+
+impl Visitor for Counter {
+    fn visit(&mut self, first: u64, last: u64, w: u64, ctx: Ctx) -> u64 {
+        let mut over = 0;
+        let meta = ctx.role().is_metadata();
+        for c in first..=last {
+            over += self.imrt.add(c, w, self.max);
+            self.mark(c, meta);
+        }
+        over
+    }
+    fn count(&self, c: u64) -> u64 {
+        self.imrt.get(c)
+    }
+}
+
+/// Collects referrers for a set of clusters.
+struct Owners<'a> {
+    want: &'a dyn Fn(u64) -> bool,
+    found: BTreeMap<u64, Vec<(Ctx, u64)>>,
+}
+
+impl Visitor for Owners<'_> {
+    fn visit(&mut self, first: u64, last: u64, w: u64, ctx: Ctx) -> u64 {
+        for c in first..=last {
+            if (self.want)(c) {
+                let v = self.found.entry(c).or_default();
+                if v.len() < 64 {
+                    v.push((ctx, w));
+                }
+            }
+        }
+        0
+    }
+}
+
+/// The walk over every structure, shared by the check and by `clusters`.
+struct Walk<'a> {
+    img: &'a Qcow2,
+    cs: u64,
+    cbits: u32,
+    file_len: u64,
+    report: CheckReport,
+    /// L2 table offset -> the L1 entries that name it.
+    l2_refs: BTreeMap<u64, Vec<(L1Id, u64)>>,
+    /// Snapshot L1 tables as read.
+    snapshot_l1s: Vec<(usize, u64, Vec<u64>)>,
+    record: bool,
+    progress: Option<&'a (dyn Fn(Progress) + Sync)>,
+}
+
+impl<'a> Walk<'a> {
+    fn new(img: &'a Qcow2, record: bool) -> Self {
+        let cbits = img.geometry().cluster_bits;
+        Walk {
+            img,
+            cs: 1 << cbits,
+            cbits,
+            file_len: img.file_len(),
+            report: CheckReport::default(),
+            l2_refs: BTreeMap::new(),
+            snapshot_l1s: Vec::new(),
+            record,
+            progress: None,
+        }
+    }
+
+    fn l1_name(&self, id: L1Id) -> String {
+        match id {
+            L1Id::Active => "active L1".into(),
+            L1Id::Snapshot { index } => match self.img.snapshots.snapshots.get(index) {
+                Some(s) => format!("snapshot {} '{}' L1", s.id, s.name),
+                None => format!("snapshot #{index} L1"),
+            },
+        }
+    }
+
+    fn find(
+        &mut self,
+        kind: FindingKind,
+        category: &'static str,
+        message: String,
+        count: u64,
+    ) -> Option<&mut Finding> {
+        if !self.record || count == 0 {
+            return None;
+        }
+        match kind {
+            FindingKind::Corruption => self.report.corruptions += count,
+            FindingKind::Leak => self.report.leaks += count,
+            FindingKind::CheckError => self.report.check_errors += count,
+            FindingKind::Note => {}
+        }
+        if self.report.findings.len() >= MAX_FINDINGS {
+            self.report.findings_omitted += 1;
+            return None;
+        }
+        self.report.findings.push(Finding {
+            kind,
+            category,
+            message,
+            count,
+            cluster: None,
+            offset: None,
+            refcount: None,
+            reference: None,
+            referrers: Vec::new(),
+            repair: None,
+        });
+        self.report.findings.last_mut()
+    }
+
+    /// QEMU's `qcow2_inc_refcounts_imrt`, `w` times.
+    fn inc(&mut self, v: &mut dyn Visitor, off: u64, len: u64, w: u64, ctx: Ctx) {
+        if len == 0 || w == 0 {
+            return;
+        }
+        let end = off.saturating_add(len);
+        if end.saturating_sub(self.file_len) >= self.cs && end > self.file_len {
+            let msg = format!(
+                "ERROR: counting reference for region exceeding the end of the file by one cluster or more: offset {off:#x} size {len:#x}"
+            );
+            let cbits = self.cbits;
+            if let Some(f) = self.find(FindingKind::Corruption, "past-eof", msg, w) {
+                f.offset = Some(off);
+                f.cluster = Some(off >> cbits);
+            }
+            return;
+        }
+        let first = off >> self.cbits;
+        let last = (end - 1) >> self.cbits;
+        let over = v.visit(first, last, w, ctx);
+        if over > 0 {
+            let msg = format!(
+                "ERROR: overflow cluster offset={:#x} (refcounts are {} bits wide: at most {})",
+                first << self.cbits,
+                self.img.header.refcount_bits(),
+                self.img.refcount_geometry().max()
+            );
+            let at = first << self.cbits;
+            if let Some(f) = self.find(FindingKind::Corruption, "overflow", msg, over) {
+                f.cluster = Some(first);
+                f.offset = Some(at);
+                f.repair = Some("qemu-img amend -o refcount_bits=… (wider refcounts) or qemu-img convert to a clean copy".into());
+            }
+        }
+    }
+
+    fn tick(&self, phase: &'static str, done: u64, total: u64) {
+        if let Some(p) = self.progress {
+            p(Progress { phase, done, total });
+        }
+    }
+
+    /// Read an L1 table (zeros past EOF, like QEMU's reads).
+    fn read_l1(&self, off: u64, entries: u64) -> Vec<u64> {
+        let mut buf = vec![0u8; (entries.min(MAX_L1_ENTRIES) * 8) as usize];
+        let _ = read_into(self.img.src.as_ref(), "L1 table", off, &mut buf);
+        buf.chunks_exact(8)
+            .map(|c| crate::bytes::be64(c, 0))
+            .collect()
+    }
+
+    /// `check_refcounts_l1`, minus the L2 entries (collected for later).
+    fn walk_l1(&mut self, v: &mut dyn Visitor, id: L1Id, off: u64, l1: &[u64]) {
+        if l1.is_empty() {
+            return;
+        }
+        self.inc(v, off, l1.len() as u64 * 8, 1, Ctx::L1Table(id));
+        for (i, &e) in l1.iter().enumerate() {
+            if e == 0 {
+                continue;
+            }
+            let i = i as u64;
+            if e & L1E_RESERVED_MASK != 0 {
+                let name = self.l1_name(id);
+                let msg = format!("ERROR found L1 entry with reserved bits set: {e:x}");
+                if let Some(f) = self.find(FindingKind::Corruption, "reserved-bits", msg, 1) {
+                    f.offset = Some(off + i * 8);
+                    f.referrers.push(Referrer {
+                        l1: Some(name),
+                        l1_index: Some(i),
+                        ..Referrer::plain(Role::L1Table, None)
+                    });
+                    f.repair = Some("none: qemu-img check -r cannot fix reserved bits".into());
+                }
+            }
+            let l2 = e & L1E_OFFSET_MASK;
+            self.inc(v, l2, self.cs, 1, Ctx::L2Table(id, i));
+            if l2 & (self.cs - 1) != 0 {
+                let msg = format!(
+                    "ERROR l2_offset={l2:x}: Table is not cluster aligned; L1 entry corrupted"
+                );
+                let name = self.l1_name(id);
+                if let Some(f) = self.find(FindingKind::Corruption, "unaligned", msg, 1) {
+                    f.offset = Some(l2);
+                    f.referrers.push(Referrer {
+                        l1: Some(name),
+                        l1_index: Some(i),
+                        ..Referrer::plain(Role::L2Table, None)
+                    });
+                }
+            }
+            self.l2_refs.entry(l2).or_default().push((id, i));
+        }
+    }
+
+    /// `check_refcounts_l2` for one L2 table, once, weighted by the L1 entries naming it.
+    fn walk_l2(&mut self, v: &mut dyn Visitor, l2: u64, refs: &[(L1Id, u64)], buf: &mut [u8]) {
+        let w = refs.len() as u64;
+        let active = refs.iter().filter(|(id, _)| *id == L1Id::Active).count() as u64;
+        if read_into(self.img.src.as_ref(), "L2 table", l2, buf).is_err() {
+            let msg = "ERROR: I/O error in check_refcounts_l2".to_string();
+            if let Some(f) = self.find(FindingKind::CheckError, "io", msg, w) {
+                f.offset = Some(l2);
+            }
+            return;
+        }
+        let geo = self.img.geometry();
+        let ext = geo.extended_l2;
+        let step = geo.l2_entry_size() as usize;
+        let has_df = self.img.header.has_data_file();
+        let mut next_contiguous = 0u64;
+        let cs = self.cs;
+        for (i, chunk) in buf.chunks_exact(step).enumerate() {
+            let raw = crate::bytes::be64(chunk, 0);
+            let bitmap = if ext { crate::bytes::be64(chunk, 8) } else { 0 };
+            if raw == 0 && bitmap == 0 {
+                continue;
+            }
+            let e = L2Entry { raw, bitmap };
+            let ct = e.cluster_type(&geo, has_df);
+            let i = i as u64;
+            let entry_off = l2 + i * step as u64;
+            if ct != ClusterType::Compressed && raw & L2E_STD_RESERVED_MASK != 0 {
+                let msg = format!("ERROR found l2 entry with reserved bits set: {raw:x}");
+                if let Some(f) = self.find(FindingKind::Corruption, "reserved-bits", msg, w) {
+                    f.offset = Some(entry_off);
+                }
+            }
+            match ct {
+                ClusterType::Compressed => {
+                    let d = CompressedDescriptor::decode(raw, &geo);
+                    if raw & OFLAG_COPIED != 0 {
+                        let msg = format!(
+                            "ERROR: coffset={:#x}: copied flag must never be set for compressed clusters",
+                            d.offset.0
+                        );
+                        if let Some(f) = self.find(FindingKind::Corruption, "copied", msg, w) {
+                            f.offset = Some(entry_off);
+                            f.repair = Some("clear bit 63 of the L2 entry".into());
+                        }
+                    }
+                    if has_df {
+                        let msg =
+                            format!("ERROR compressed cluster {i} with data file, entry={raw:#x}");
+                        if let Some(f) = self.find(FindingKind::Corruption, "compressed", msg, w) {
+                            f.offset = Some(entry_off);
+                        }
+                        continue;
+                    }
+                    if bitmap != 0 {
+                        let msg = format!(
+                            "ERROR compressed cluster {i} with non-zero subcluster allocation bitmap, entry={raw:#x}"
+                        );
+                        if let Some(f) = self.find(FindingKind::Corruption, "compressed", msg, w) {
+                            f.offset = Some(entry_off);
+                        }
+                        continue;
+                    }
+                    self.inc(
+                        v,
+                        d.offset.0,
+                        d.size,
+                        w,
+                        Ctx::Entry {
+                            l2,
+                            index: i,
+                            role: Role::Compressed,
+                        },
+                    );
+                    self.report.allocated_clusters += active;
+                    self.report.compressed_clusters += active;
+                    self.report.fragmented_clusters += active;
+                }
+                ClusterType::ZeroAlloc | ClusterType::Normal => {
+                    let off = raw & L2E_OFFSET_MASK;
+                    if (bitmap >> 32) & bitmap != 0 {
+                        let msg = format!(
+                            "ERROR offset={off:x}: Allocated cluster has corrupted subcluster allocation bitmap"
+                        );
+                        if let Some(f) = self.find(FindingKind::Corruption, "subclusters", msg, w) {
+                            f.offset = Some(entry_off);
+                        }
+                    }
+                    if off & (cs - 1) != 0 {
+                        let contains_data = if ext {
+                            bitmap & 0xffff_ffff != 0
+                        } else {
+                            raw & OFLAG_ZERO == 0
+                        };
+                        let msg = if contains_data {
+                            format!(
+                                "ERROR offset={off:x}: Data cluster is not properly aligned; L2 entry corrupted."
+                            )
+                        } else {
+                            format!(
+                                "ERROR offset={off:x}: Preallocated cluster is not properly aligned; L2 entry corrupted."
+                            )
+                        };
+                        if let Some(f) = self.find(FindingKind::Corruption, "unaligned", msg, w) {
+                            f.offset = Some(entry_off);
+                            if !contains_data {
+                                f.repair = Some("qemu-img check -r all turns the entry into a plain zero cluster".into());
+                            }
+                        }
+                    }
+                    if active > 0 {
+                        self.report.allocated_clusters += active;
+                        if next_contiguous != 0 && off != next_contiguous {
+                            self.report.fragmented_clusters += active;
+                        }
+                        next_contiguous = off.wrapping_add(cs);
+                    }
+                    if !has_df {
+                        self.inc(
+                            v,
+                            off,
+                            cs,
+                            w,
+                            Ctx::Entry {
+                                l2,
+                                index: i,
+                                role: Role::Data,
+                            },
+                        );
+                    }
+                }
+                ClusterType::ZeroPlain => {}
+                ClusterType::Unallocated => {
+                    if bitmap & 0xffff_ffff != 0 {
+                        let msg =
+                            "ERROR: Unallocated cluster has non-zero subcluster allocation map"
+                                .to_string();
+                        if let Some(f) = self.find(FindingKind::Corruption, "subclusters", msg, w) {
+                            f.offset = Some(entry_off);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Everything but the comparison: QEMU's `calculate_refcounts`.
+    fn calculate(&mut self, v: &mut dyn Visitor) {
+        let img = self.img;
+        let h = &img.header;
+        let cs = self.cs;
+        self.inc(v, 0, cs, 1, Ctx::Header);
+        let active_l1 = self.read_l1(h.l1_table_offset, u64::from(h.l1_size));
+        self.walk_l1(v, L1Id::Active, h.l1_table_offset, &active_l1);
+        if h.has_data_file() && h.nb_snapshots > 0 && !img.snapshots.snapshots.is_empty() {
+            let msg = format!("ERROR {} snapshots in image with data file", h.nb_snapshots);
+            self.find(FindingKind::Corruption, "snapshot-table", msg, 1);
+        }
+        for (index, sn) in img.snapshots.snapshots.iter().enumerate() {
+            if sn.l1_table_offset & (cs - 1) != 0 {
+                let msg = format!(
+                    "ERROR snapshot {} ({}) l1_offset={:#x}: L1 table is not cluster aligned; snapshot table entry corrupted",
+                    sn.id, sn.name, sn.l1_table_offset
+                );
+                if let Some(f) = self.find(FindingKind::Corruption, "snapshot-table", msg, 1) {
+                    f.offset = Some(sn.entry_offset);
+                }
+                continue;
+            }
+            if u64::from(sn.l1_size) > MAX_L1_ENTRIES {
+                let msg = format!(
+                    "ERROR snapshot {} ({}) l1_size={:#x}: L1 table is too large; snapshot table entry corrupted",
+                    sn.id, sn.name, sn.l1_size
+                );
+                if let Some(f) = self.find(FindingKind::Corruption, "snapshot-table", msg, 1) {
+                    f.offset = Some(sn.entry_offset);
+                }
+                continue;
+            }
+            let l1 = self.read_l1(sn.l1_table_offset, u64::from(sn.l1_size));
+            self.walk_l1(v, L1Id::Snapshot { index }, sn.l1_table_offset, &l1);
+            self.snapshot_l1s.push((index, sn.l1_table_offset, l1));
+        }
+        // Every L2 table once, weighted.
+        let refs = std::mem::take(&mut self.l2_refs);
+        let mut buf = vec![0u8; cs as usize];
+        let total = refs.len() as u64;
+        for (n, (l2, who)) in refs.iter().enumerate() {
+            if n % 64 == 0 {
+                self.tick("L2 tables", n as u64, total);
+            }
+            self.walk_l2(v, *l2, who, &mut buf);
+        }
+        self.tick("L2 tables", total, total);
+        self.l2_refs = refs;
+        self.inc(
+            v,
+            h.snapshots_offset,
+            img.snapshots.size,
+            1,
+            Ctx::SnapshotTable,
+        );
+        let rt_len = u64::from(h.refcount_table_clusters)
+            .saturating_mul(cs)
+            .min(crate::refcount::MAX_REFTABLE_BYTES);
+        self.inc(v, h.refcount_table_offset, rt_len, 1, Ctx::RefcountTable);
+        for e in &img.extensions {
+            if let ExtensionKind::Crypto { offset, length } = e.kind
+                && img.header.crypt_method != 0
+            {
+                self.inc(v, offset, length, 1, Ctx::Crypto);
+            }
+        }
+        if !self.walk_bitmaps(v) {
+            return;
+        }
+        self.walk_refblocks(v);
+    }
+
+    /// `qcow2_check_bitmaps_refcounts`; false if the check must stop.
+    fn walk_bitmaps(&mut self, v: &mut dyn Visitor) -> bool {
+        let img = self.img;
+        if img.header.autoclear_features & AUTOCLEAR_BITMAPS == 0 {
+            return true;
+        }
+        let Some((count, size, off)) = img.extensions.iter().find_map(|e| match e.kind {
+            ExtensionKind::Bitmaps {
+                nb_bitmaps,
+                directory_size,
+                directory_offset,
+                ..
+            } => Some((nb_bitmaps, directory_size, directory_offset)),
+            _ => None,
+        }) else {
+            return true;
+        };
+        if count == 0 {
+            return true;
+        }
+        self.inc(v, off, size, 1, Ctx::BitmapDirectory);
+        let list = match bitmap::read_directory(img.src.as_ref(), off, size, count) {
+            Ok(l) => l,
+            Err(e) => {
+                let msg = format!("bitmap directory cannot be loaded: {e}");
+                self.find(FindingKind::Corruption, "bitmaps", msg, 1);
+                self.report.aborted =
+                    Some("the bitmap directory cannot be loaded (Invalid argument)".into());
+                return false;
+            }
+        };
+        for (bi, b) in list.iter().enumerate() {
+            self.inc(
+                v,
+                b.table_offset,
+                u64::from(b.table_size) * 8,
+                1,
+                Ctx::BitmapTable(bi),
+            );
+            let table = match bitmap::read_table(img.src.as_ref(), b) {
+                Ok(t) => t,
+                Err(e) => {
+                    let msg = format!("bitmap '{}' table cannot be loaded: {e}", b.name);
+                    self.find(FindingKind::Corruption, "bitmaps", msg, 1);
+                    self.report.aborted =
+                        Some(format!("bitmap '{}' table cannot be loaded", b.name));
+                    return false;
+                }
+            };
+            for (j, e) in table.iter().enumerate() {
+                let raw = e.0;
+                let offset = raw & bitmap::BME_TABLE_ENTRY_OFFSET_MASK;
+                let bad = raw & 0xff00_0000_0000_01fe != 0
+                    || (offset != 0 && (raw & 1 != 0 || !offset.is_multiple_of(self.cs)));
+                if bad {
+                    let msg = format!(
+                        "ERROR bitmap '{}' table entry {j} is invalid: {raw:#x}",
+                        b.name
+                    );
+                    if let Some(f) = self.find(FindingKind::Corruption, "bitmaps", msg, 1) {
+                        f.offset = Some(b.table_offset + j as u64 * 8);
+                    }
+                    continue;
+                }
+                if offset != 0 {
+                    self.inc(v, offset, self.cs, 1, Ctx::BitmapData(bi, j as u64));
+                }
+            }
+        }
+        true
+    }
+
+    /// `check_refblocks`.
+    fn walk_refblocks(&mut self, v: &mut dyn Visitor) {
+        let Ok(table) = self.img.refcount_table() else {
+            return;
+        };
+        let nb_clusters = self.file_len.div_ceil(self.cs);
+        for (i, e) in table.iter().enumerate() {
+            let i = i as u64;
+            let off = e.0 & crate::refcount::REFT_OFFSET_MASK;
+            let cluster = off >> self.cbits;
+            let rt_entry = self.img.header.refcount_table_offset + i * 8;
+            if e.reserved_bits() != 0 {
+                let msg = format!("ERROR refcount table entry {i} has reserved bits set");
+                if let Some(f) = self.find(FindingKind::Corruption, "refblock", msg, 1) {
+                    f.offset = Some(rt_entry);
+                    f.repair = Some("qemu-img check -r all rebuilds the refcount structure".into());
+                }
+                continue;
+            }
+            if off & (self.cs - 1) != 0 {
+                let msg = format!(
+                    "ERROR refcount block {i} is not cluster aligned; refcount table entry corrupted"
+                );
+                if let Some(f) = self.find(FindingKind::Corruption, "refblock", msg, 1) {
+                    f.offset = Some(rt_entry);
+                    f.repair = Some("qemu-img check -r all rebuilds the refcount structure".into());
+                }
+                continue;
+            }
+            if cluster >= nb_clusters {
+                let msg = format!("ERROR refcount block {i} is outside image");
+                if let Some(f) = self.find(FindingKind::Corruption, "refblock", msg, 1) {
+                    f.offset = Some(off);
+                    f.cluster = Some(cluster);
+                    f.repair = Some("qemu-img check -r all grows the file to include it".into());
+                }
+                continue;
+            }
+            if off != 0 {
+                self.inc(v, off, self.cs, 1, Ctx::RefcountBlock(i));
+                let n = v.count(cluster);
+                if self.record && n != 1 {
+                    let msg = format!("ERROR refcount block {i} refcount={n}");
+                    if let Some(f) = self.find(FindingKind::Corruption, "refblock", msg, 1) {
+                        f.cluster = Some(cluster);
+                        f.offset = Some(off);
+                        f.reference = Some(n);
+                        f.repair =
+                            Some("qemu-img check -r all rebuilds the refcount structure".into());
+                    }
+                }
+            }
+        }
+    }
+
+    fn referrers(&self, list: &[(Ctx, u64)]) -> Vec<Referrer> {
+        let geo = self.img.geometry();
+        let mut out = Vec::new();
+        for (ctx, _w) in list {
+            match *ctx {
+                Ctx::Entry { l2, index, role } => {
+                    for (id, l1i) in self.l2_refs.get(&l2).map(Vec::as_slice).unwrap_or(&[]) {
+                        out.push(Referrer {
+                            role,
+                            l1: Some(self.l1_name(*id)),
+                            l1_index: Some(*l1i),
+                            l2_table: Some(l2),
+                            l2_index: Some(index),
+                            guest_offset: geo.guest_offset(*l1i, index, 0).map(|g| g.0),
+                            detail: None,
+                        });
+                    }
+                }
+                Ctx::L2Table(id, i) => out.push(Referrer {
+                    l1: Some(self.l1_name(id)),
+                    l1_index: Some(i),
+                    ..Referrer::plain(Role::L2Table, None)
+                }),
+                Ctx::L1Table(id) => {
+                    out.push(Referrer::plain(Role::L1Table, Some(self.l1_name(id))))
+                }
+                Ctx::Header => out.push(Referrer::plain(Role::Header, None)),
+                Ctx::SnapshotTable => out.push(Referrer::plain(Role::SnapshotTable, None)),
+                Ctx::RefcountTable => out.push(Referrer::plain(Role::RefcountTable, None)),
+                Ctx::RefcountBlock(i) => out.push(Referrer::plain(
+                    Role::RefcountBlock,
+                    Some(format!("refcount table entry {i}")),
+                )),
+                Ctx::Crypto => out.push(Referrer::plain(Role::CryptoHeader, None)),
+                Ctx::BitmapDirectory => out.push(Referrer::plain(Role::BitmapDirectory, None)),
+                Ctx::BitmapTable(b) => out.push(Referrer::plain(
+                    Role::BitmapTable,
+                    Some(self.bitmap_name(b)),
+                )),
+                Ctx::BitmapData(b, j) => out.push(Referrer::plain(
+                    Role::BitmapData,
+                    Some(format!("{} table entry {j}", self.bitmap_name(b))),
+                )),
+            }
+        }
+        out.sort();
+        out.dedup();
+        out
+    }
+
+    fn bitmap_name(&self, b: usize) -> String {
+        match &self.img.bitmaps {
+            Some(Ok(l)) => l
+                .get(b)
+                .map(|x| format!("bitmap '{}'", x.name))
+                .unwrap_or_default(),
+            _ => format!("bitmap #{b}"),
+        }
+    }
+}
+
+/// Run the check.
+pub fn check(img: &Qcow2, opts: &CheckOptions) -> CheckReport {
+    let mut walk = Walk::new(img, true);
+    walk.progress = opts.progress;
+    let h = &img.header;
+    let cs = walk.cs;
+    walk.report.total_clusters = (h.size / 512 * 512).div_ceil(cs);
+    if h.dirty() {
+        walk.report.warnings.push(
+            "the dirty bit is set: the image was not closed cleanly (lazy refcounts), so stored refcounts may lag behind; QEMU would repair them when opening it read-write. The computed refcounts below are what they should be.".into(),
+        );
+    }
+    if let Some(first) = img.problems.first() {
+        walk.report.qemu_refuses = Some(first.clone());
+    }
+    // Step 1: the snapshot table (qcow2_check_read_snapshot_table).
+    let nb = u64::from(h.nb_snapshots);
+    if nb > crate::snapshot::MAX_SNAPSHOTS {
+        let msg = "ERROR snapshot table too large".to_string();
+        walk.find(FindingKind::CheckError, "snapshot-table", msg, 1);
+        walk.report.aborted = Some(format!(
+            "{nb} snapshots is more than QEMU's limit of 65536 (File too large)"
+        ));
+        return finish(walk, None);
+    }
+    if nb > 0
+        && (h.snapshots_offset & (cs - 1) != 0 || h.snapshots_offset > i64::MAX as u64 - nb * 40)
+    {
+        walk.find(
+            FindingKind::CheckError,
+            "snapshot-table",
+            "ERROR snapshot table offset invalid".into(),
+            1,
+        );
+        walk.report.aborted = Some("snapshot table offset invalid (Invalid argument)".into());
+        return finish(walk, None);
+    }
+    if let Some(e) = &img.snapshots.error {
+        let msg = format!("ERROR failed to read the snapshot table: {e}");
+        walk.find(FindingKind::CheckError, "snapshot-table", msg, 1);
+        walk.report.aborted = Some(e.clone());
+        return finish(walk, None);
+    }
+    if h.version >= 3 {
+        for (i, s) in img.snapshots.snapshots.iter().enumerate() {
+            if s.extra_data_size < 16 {
+                let msg = format!("ERROR snapshot table entry {i} is incomplete");
+                if let Some(f) = walk.find(FindingKind::Corruption, "snapshot-table", msg, 1) {
+                    f.offset = Some(s.entry_offset);
+                    f.repair = Some("qemu-img check -r all rewrites the snapshot table with 24 bytes of extra data".into());
+                }
+            }
+        }
+    }
+    let file_clusters = walk.file_len.div_ceil(cs);
+    let mut counter = Counter {
+        imrt: Imrt::new(file_clusters),
+        max: img.refcount_geometry().max(),
+        meta: HashMap::new(),
+    };
+    walk.calculate(&mut counter);
+    if walk.report.aborted.is_some() {
+        return finish(walk, Some(counter));
+    }
+    compare(&mut walk, &counter);
+    copied(&mut walk);
+    overlaps(&mut walk, &counter);
+    finish(walk, Some(counter))
+}
+
+/// `compare_refcounts`, plus what lies past the end of the file.
+fn compare(walk: &mut Walk, counter: &Counter) {
+    let img = walk.img;
+    let nb = counter.imrt.nb_clusters;
+    let mut stored = RefcountReader::new(img);
+    let mut highest = 0u64;
+    let mut unreadable: BTreeMap<u64, (u64, u64, u64)> = BTreeMap::new();
+    for c in 0..nb {
+        if c % (1 << 20) == 0 {
+            walk.tick("refcounts", c, nb);
+        }
+        let computed = counter.imrt.get(c);
+        let r = match stored.get(c) {
+            Ok(r) => r,
+            Err((ti, off)) => {
+                let e = unreadable.entry(ti).or_insert((off, c, 0));
+                e.2 += 1;
+                continue;
+            }
+        };
+        if r > 0 || computed > 0 {
+            highest = c;
+        }
+        if r != computed {
+            let (kind, word) = if r < computed {
+                (FindingKind::Corruption, "ERROR")
+            } else {
+                (FindingKind::Leak, "Leaked")
+            };
+            let msg = format!("{word} cluster {c} refcount={r} reference={computed}");
+            let cs = walk.cs;
+            if let Some(f) = walk.find(kind, "refcount", msg, 1) {
+                f.cluster = Some(c);
+                f.offset = Some(c * cs);
+                f.refcount = Some(r);
+                f.reference = Some(computed);
+                f.repair = Some(if r == 0 {
+                    "qemu-img check -r all rebuilds the refcount structure (a used cluster has refcount 0)".to_string()
+                } else if r < computed {
+                    format!("qemu-img check -r all sets the refcount to {computed}")
+                } else {
+                    format!(
+                        "qemu-img check -r leaks sets the refcount to {computed}{}",
+                        if computed == 0 {
+                            " (frees the cluster)"
+                        } else {
+                            ""
+                        }
+                    )
+                });
+            }
+        }
+    }
+    walk.tick("refcounts", nb, nb);
+    for (ti, (off, first, n)) in unreadable {
+        let msg = format!(
+            "Can't get refcount for cluster {first} (and {} more): refcount block {ti} at {off:#x} is not cluster aligned (Input/output error)",
+            n - 1
+        );
+        if let Some(f) = walk.find(FindingKind::CheckError, "refblock", msg, n) {
+            f.cluster = Some(first);
+            f.offset = Some(off);
+        }
+    }
+    walk.report.image_end_offset = (highest + 1) * walk.cs;
+    // Beyond qemu-img: refcounts for clusters past the end of the file.
+    let table = stored.table.clone();
+    let per = 1u64 << stored.block_bits;
+    let mut past: Vec<(u64, u64)> = Vec::new();
+    let mut past_total = 0u64;
+    for (ti, e) in table.iter().enumerate() {
+        let first = ti as u64 * per;
+        let last = first + per;
+        if last <= nb || e.block_offset().is_none() {
+            continue;
+        }
+        for c in first.max(nb)..last {
+            if let Ok(r) = stored.get(c)
+                && r != 0
+            {
+                past_total += 1;
+                if past.len() < 1000 {
+                    past.push((c, r));
+                }
+            }
+        }
+    }
+    for (c, r) in &past {
+        let msg = format!(
+            "cluster {c} (offset {:#x}) is past the end of the file but has refcount {r}; qemu-img check does not look there",
+            c * walk.cs
+        );
+        let at = c * walk.cs;
+        if let Some(f) = walk.find(FindingKind::Note, "refcount-past-eof", msg, 1) {
+            f.cluster = Some(*c);
+            f.offset = Some(at);
+            f.refcount = Some(*r);
+            f.reference = Some(0);
+        }
+    }
+    if past_total > past.len() as u64 {
+        let msg = format!(
+            "{} more clusters past the end of the file have a refcount",
+            past_total - past.len() as u64
+        );
+        walk.find(FindingKind::Note, "refcount-past-eof", msg, 1);
+    }
+}
+
+/// `check_oflag_copied` over the active L1 table.
+fn copied(walk: &mut Walk) {
+    let img = walk.img;
+    let geo = img.geometry();
+    let has_df = img.header.has_data_file();
+    let mut stored = RefcountReader::new(img);
+    let mut buf = vec![0u8; walk.cs as usize];
+    // Each active L2 table is read once; its entries are checked once per L1 entry naming it.
+    let mut weights: BTreeMap<u64, (u64, Vec<u64>)> = BTreeMap::new();
+    for (i, e) in img.l1.iter().enumerate() {
+        let l2 = e.0 & L1E_OFFSET_MASK;
+        if l2 == 0 {
+            continue;
+        }
+        let Ok(r) = stored.get(l2 >> walk.cbits) else {
+            continue;
+        };
+        if (r == 1) != e.copied() {
+            let msg = format!(
+                "ERROR OFLAG_COPIED L2 cluster: l1_index={i} l1_entry={:x} refcount={r}",
+                e.0
+            );
+            let cs = walk.cs;
+            if let Some(f) = walk.find(FindingKind::Corruption, "copied", msg, 1) {
+                f.cluster = Some(l2 / cs);
+                f.offset = Some(img.header.l1_table_offset + i as u64 * 8);
+                f.refcount = Some(r);
+                f.repair = Some(format!(
+                    "{} bit 63 of active L1[{i}]",
+                    if r == 1 { "set" } else { "clear" }
+                ));
+            }
+        }
+        let w = weights.entry(l2).or_default();
+        w.0 += 1;
+        w.1.push(i as u64);
+    }
+    for (l2, (w, l1s)) in weights {
+        if read_into(img.src.as_ref(), "L2 table", l2, &mut buf).is_err() {
+            walk.find(
+                FindingKind::CheckError,
+                "io",
+                "ERROR: Could not read L2 table".into(),
+                1,
+            );
+            return;
+        }
+        let step = geo.l2_entry_size() as usize;
+        for (j, chunk) in buf.chunks_exact(step).enumerate() {
+            let raw = crate::bytes::be64(chunk, 0);
+            let e = L2Entry { raw, bitmap: 0 };
+            let ct = e.cluster_type(&geo, has_df);
+            if !matches!(ct, ClusterType::Normal | ClusterType::ZeroAlloc) {
+                continue;
+            }
+            let r = if has_df {
+                1
+            } else {
+                match stored.get((raw & L2E_OFFSET_MASK) >> walk.cbits) {
+                    Ok(r) => r,
+                    Err(_) => continue,
+                }
+            };
+            if (r == 1) != e.copied() {
+                let msg = format!("ERROR OFLAG_COPIED data cluster: l2_entry={raw:x} refcount={r}");
+                let cs = walk.cs;
+                let name = walk.l1_name(L1Id::Active);
+                if let Some(f) = walk.find(FindingKind::Corruption, "copied", msg, w) {
+                    f.cluster = Some((raw & L2E_OFFSET_MASK) / cs);
+                    f.offset = Some(l2 + j as u64 * step as u64);
+                    f.refcount = Some(r);
+                    f.repair = Some(format!(
+                        "{} bit 63 of the L2 entry",
+                        if r == 1 { "set" } else { "clear" }
+                    ));
+                    for l1i in &l1s {
+                        f.referrers.push(Referrer {
+                            l1: Some(name.clone()),
+                            l1_index: Some(*l1i),
+                            l2_table: Some(l2),
+                            l2_index: Some(j as u64),
+                            guest_offset: geo.guest_offset(*l1i, j as u64, 0).map(|g| g.0),
+                            ..Referrer::plain(Role::Data, None)
+                        });
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Beyond qemu-img: metadata used as data, and data clusters mapped at two guest offsets.
+fn overlaps(walk: &mut Walk, counter: &Counter) {
+    let nb_l1 = 1 + walk.snapshot_l1s.len() as u64;
+    let mut suspects: BTreeSet<u64> = BTreeSet::new();
+    let nb = counter.imrt.nb_clusters;
+    for chunk in counter.meta.keys() {
+        let first = chunk << CHUNK_BITS;
+        for c in first..(first + CHUNK).min(nb) {
+            let k = counter.kinds(c);
+            let n = counter.imrt.get(c);
+            let both = k == 3;
+            let meta_shared = k == 1 && n > 1;
+            let data_over = k == 2 && n > nb_l1;
+            if (both || meta_shared || data_over) && suspects.len() < MAX_OWNER_CLUSTERS {
+                suspects.insert(c);
+            }
+        }
+    }
+    // Also clusters whose refcount is wrong, to name their owners.
+    for f in &walk.report.findings {
+        if let (Some(c), Some(_)) = (f.cluster, f.reference)
+            && suspects.len() < MAX_OWNER_CLUSTERS
+        {
+            suspects.insert(c);
+        }
+    }
+    if suspects.is_empty() {
+        return;
+    }
+    let want = |c: u64| suspects.contains(&c);
+    let mut owners = Owners {
+        want: &want,
+        found: BTreeMap::new(),
+    };
+    let mut again = Walk::new(walk.img, false);
+    again.calculate(&mut owners);
+    walk.l2_refs = std::mem::take(&mut again.l2_refs);
+    let mut named: HashMap<u64, Vec<Referrer>> = HashMap::new();
+    for (c, list) in &owners.found {
+        named.insert(*c, walk.referrers(list));
+    }
+    for f in walk.report.findings.iter_mut() {
+        if let Some(c) = f.cluster
+            && f.referrers.is_empty()
+            && let Some(r) = named.get(&c)
+        {
+            f.referrers = r.clone();
+        }
+    }
+    let cs = walk.cs;
+    for (c, refs) in named {
+        let kinds = counter.kinds(c);
+        let guests: BTreeSet<u64> = refs
+            .iter()
+            .filter(|r| matches!(r.role, Role::Data | Role::Compressed))
+            .filter_map(|r| r.guest_offset)
+            .collect();
+        let metas: Vec<&Referrer> = refs.iter().filter(|r| r.role.is_metadata()).collect();
+        let what = if kinds == 3 {
+            Some("metadata and guest data share")
+        } else if metas.len() > 1 && metas.iter().any(|m| m.role != Role::L2Table) {
+            Some("two metadata structures share")
+        } else if guests.len() > 1 && refs.iter().all(|r| r.role == Role::Data) {
+            Some("two different guest offsets map to")
+        } else {
+            None
+        };
+        if let Some(what) = what {
+            let msg = format!(
+                "{what} host cluster {c} (offset {:#x}): {}",
+                c * cs,
+                refs.iter()
+                    .map(Referrer::describe)
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            );
+            if let Some(f) = walk.find(FindingKind::Note, "cross-link", msg, 1) {
+                f.cluster = Some(c);
+                f.offset = Some(c * cs);
+                f.reference = Some(counter.imrt.get(c));
+                f.referrers = refs;
+                f.repair = Some("no automatic repair: a write to one owner changes what the other reads; copy the data out first".into());
+            }
+        }
+    }
+}
+
+fn finish(mut walk: Walk, counter: Option<Counter>) -> CheckReport {
+    if let Some(c) = counter {
+        walk.report.imrt = Some(Arc::new(c.imrt));
+    }
+    walk.report
+}
+
+/// Every role and referrer of each host cluster in `first..=last`, with stored and
+/// computed refcounts (what `qinspect clusters` prints).
+#[derive(Clone, Debug, Serialize)]
+pub struct ClusterInfo {
+    /// Host cluster index.
+    pub cluster: u64,
+    /// Host offset.
+    pub offset: u64,
+    /// Roles, deduplicated ("free" when none).
+    pub roles: Vec<Role>,
+    /// Stored refcount (`None` if unreadable).
+    pub refcount: Option<u64>,
+    /// Computed references.
+    pub reference: u64,
+    /// Who points here.
+    pub referrers: Vec<Referrer>,
+}
+
+/// Describe host clusters `first..=last` (bounded by the caller).
+pub fn clusters(img: &Qcow2, first: u64, last: u64) -> Vec<ClusterInfo> {
+    let want = |c: u64| c >= first && c <= last;
+    let mut owners = Owners {
+        want: &want,
+        found: BTreeMap::new(),
+    };
+    let mut walk = Walk::new(img, false);
+    walk.calculate(&mut owners);
+    let mut stored = RefcountReader::new(img);
+    let cs = walk.cs;
+    (first..=last)
+        .map(|c| {
+            let list = owners.found.get(&c).cloned().unwrap_or_default();
+            let reference = list
+                .iter()
+                .map(|(ctx, w)| match ctx {
+                    Ctx::Entry { l2, .. } => {
+                        walk.l2_refs.get(l2).map(|v| v.len() as u64).unwrap_or(*w)
+                    }
+                    _ => *w,
+                })
+                .sum();
+            let referrers = walk.referrers(&list);
+            let mut roles: Vec<Role> = referrers.iter().map(|r| r.role).collect();
+            roles.sort();
+            roles.dedup();
+            ClusterInfo {
+                cluster: c,
+                offset: c * cs,
+                roles,
+                refcount: stored.get(c).ok(),
+                reference,
+                referrers,
+            }
+        })
+        .collect()
+}
