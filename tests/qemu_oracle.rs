@@ -299,3 +299,121 @@ fn preallocation_metadata() {
     w.qemu_io("pm.qcow2", &["write -P 0x33 1M 64k", "write -z 2M 64k"]);
     w.assert_all_match("pm.qcow2");
 }
+
+#[test]
+fn middle_layer_shorter_than_its_backing() {
+    let w = Work::new();
+    w.qemu_img(&["create", "-f", "raw", "b.raw", "4M"]);
+    w.qemu_io("b.raw", &["write -P 9 0 4M"]);
+    w.qemu_img(&[
+        "create", "-f", "qcow2", "-b", "b.raw", "-F", "raw", "m.qcow2", "1M",
+    ]);
+    w.qemu_img(&[
+        "create", "-f", "qcow2", "-b", "m.qcow2", "-F", "qcow2", "t.qcow2", "8M",
+    ]);
+    w.qemu_io("t.qcow2", &["write -P 1 512k 64k"]);
+    w.assert_all_match("t.qcow2");
+}
+
+#[test]
+fn raw_sizes_that_are_not_sector_multiples() {
+    let w = Work::new();
+    std::fs::write(w.path("b1000.raw"), vec![0x5au8; 1000]).unwrap();
+    std::fs::write(w.path("a5000.raw"), vec![0xa5u8; 5000]).unwrap();
+    w.qemu_img(&[
+        "create",
+        "-f",
+        "qcow2",
+        "-b",
+        "b1000.raw",
+        "-F",
+        "raw",
+        "t.qcow2",
+        "64k",
+    ]);
+    for img in ["t.qcow2", "a5000.raw"] {
+        w.assert_map_matches(img);
+        w.assert_read_matches(img, None);
+    }
+    // An empty image maps to one zero-length extent.
+    w.qemu_img(&["create", "-f", "qcow2", "e.qcow2", "0"]);
+    w.assert_all_match("e.qcow2");
+}
+
+#[test]
+fn map_start_offset_and_max_length() {
+    let w = Work::new();
+    mixed_image(&w, "m.qcow2", "cluster_size=4k", "4M");
+    for (s, l) in [
+        ("1000", "100"),
+        ("65536", "1048576"),
+        ("100000", "5000000"),
+        ("5000000", "10"),
+    ] {
+        let q = w
+            .qemu_img(&["map", "--output=json", "-s", s, "-l", l, "m.qcow2"])
+            .stdout;
+        let ours = w.qinspect_ok(&[
+            "map",
+            "--json",
+            "--start-offset",
+            s,
+            "--max-length",
+            l,
+            "m.qcow2",
+        ]);
+        assert_eq!(
+            String::from_utf8_lossy(&ours),
+            String::from_utf8_lossy(&q),
+            "-s {s} -l {l}"
+        );
+    }
+}
+
+#[test]
+fn preallocated_image_with_host_holes_and_truncation() {
+    let w = Work::new();
+    w.qemu_img(&[
+        "create",
+        "-f",
+        "qcow2",
+        "-o",
+        "preallocation=metadata",
+        "p.qcow2",
+        "32M",
+    ]);
+    w.qemu_io("p.qcow2", &["write -P 0x44 0 1M", "write -P 0x45 20M 64k"]);
+    w.assert_all_match("p.qcow2");
+    // Cut the file inside the data area: QEMU sees zeros past the new end.
+    let len = std::fs::metadata(w.path("p.qcow2")).unwrap().len();
+    w.run(
+        "truncate",
+        &["-s", &(len - 5 * 65536 - 1000).to_string(), "p.qcow2"],
+    );
+    w.assert_map_matches("p.qcow2");
+    w.assert_read_matches("p.qcow2", None);
+}
+
+#[test]
+fn map_through_a_snapshot_matches_the_applied_snapshot() {
+    let w = Work::new();
+    w.qemu_img(&["create", "-f", "qcow2", "s.qcow2", "4M"]);
+    w.qemu_io("s.qcow2", &["write -P 1 0 128k", "write -z 1M 64k"]);
+    w.qemu_img(&["snapshot", "-c", "one", "s.qcow2"]);
+    w.qemu_io(
+        "s.qcow2",
+        &["write -P 2 64k 128k", "discard 1M 64k", "write -P 3 3M 4k"],
+    );
+    w.qemu_img(&["snapshot", "-c", "two", "s.qcow2"]);
+    w.qemu_io("s.qcow2", &["write -P 4 0 4k"]);
+    for snap in ["one", "two"] {
+        // The exact oracle: apply the snapshot to a copy and map the copy.
+        let copy = format!("applied-{snap}.qcow2");
+        w.run("cp", &["--sparse=always", "s.qcow2", &copy]);
+        w.qemu_img(&["snapshot", "-a", snap, &copy]);
+        let q = Work::json(&w.qemu_img(&["map", "--output=json", &copy]).stdout);
+        let ours = Work::json(&w.qinspect_ok(&["map", "--json", "--snapshot", snap, "s.qcow2"]));
+        assert_eq!(ours, q, "snapshot {snap}");
+        w.assert_read_matches("s.qcow2", Some(snap));
+    }
+}

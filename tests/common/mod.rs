@@ -94,9 +94,16 @@ impl Work {
 
     /// `qemu-img map --output=json` equals `qinspect map --json`.
     pub fn assert_map_matches(&self, image: &str) {
-        let q = Self::json(&self.qemu_img(&["map", "--output=json", image]).stdout);
-        let ours = Self::json(&self.qinspect_ok(&["map", "--json", image]));
+        let q_text = self.qemu_img(&["map", "--output=json", image]).stdout;
+        let ours_text = self.qinspect_ok(&["map", "--json", image]);
+        let (q, ours) = (Self::json(&q_text), Self::json(&ours_text));
         assert_eq!(ours, q, "map of {image} differs from qemu-img map");
+        // Not just the same JSON: the same text.
+        assert_eq!(
+            String::from_utf8_lossy(&ours_text),
+            String::from_utf8_lossy(&q_text),
+            "map text of {image}"
+        );
     }
 
     /// Every key of `qemu-img info --output=json` (but `children`) is in

@@ -1,0 +1,365 @@
+#!/usr/bin/env bash
+# qinspect vs qemu-img: wall-clock time and peak memory, side by side.
+#
+# What it measures: for each case, the same job done by qemu-img and by
+# qinspect on the same image, run alternately (qemu-img first in odd rounds,
+# qinspect first in even rounds), best of $BENCH_RUNS (default 3) wall-clock
+# runs each, plus the peak RSS of each tool.  It prints
+#   case, qemu-img seconds, qinspect seconds, ratio (qinspect/qemu-img),
+#   target ratio, PASS/MISS against the target, peak RSS of both
+# and, where it applies, whether the two tools' outputs agree.  The ratio
+# targets are goals for qinspect, not hard limits.
+#
+# This is NOT part of the test suite (cargo test never runs it) and it does
+# not gate anything: run it by hand when working on performance.
+#
+# Usage: benches/bench.sh [CASE...]          (default: all cases, in order)
+# Cases:
+#   map-1T                    map --json vs qemu-img map --output=json on a
+#                             1 TiB image with preallocation=metadata
+#                             (128 MiB of L2 tables); outputs compared as JSON
+#   read-1G                   read -o vs qemu-img convert -O raw of a 1 GiB
+#                             image (random, patterned, zero and unallocated
+#                             ranges); outputs compared with cmp
+#   check-1T                  check --json vs qemu-img check --output=json on
+#                             the 1 TiB image; also peak memory (qinspect must
+#                             not use more than qemu-img)
+#   check-1T-16snap           the same on a copy with 16 internal snapshots,
+#                             each followed by a 64 MiB write (setup takes ~2
+#                             minutes on 2 cores: every snapshot of this image
+#                             updates 16M refcounts in qemu-img)
+#   simulate-snapshot-create  simulate snapshot-create:x --json (read-only) vs
+#                             qemu-img snapshot -c x on a fresh sparse copy of
+#                             the 1 TiB image (copy time not counted)
+# A case whose qinspect subcommand does not exist yet (`qinspect help SUB`
+# fails) is skipped with a message.
+#
+# Environment: BENCH_RUNS (default 3), TMPDIR-like BENCH_DIR parent for the
+# work directory (default /var/tmp; needs ~3.5 GiB free, the 1 TiB images are
+# sparse).  Peak RSS comes from /usr/bin/time -f %M, or, without it, from a
+# python3 getrusage() wrapper; without either it is not reported.
+# Nothing is installed; hyperfine is not needed.
+set -euo pipefail
+
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$root"
+
+all_cases=(map-1T read-1G check-1T check-1T-16snap simulate-snapshot-create)
+runs=${BENCH_RUNS:-3}
+
+usage() {
+    echo "usage: $0 [CASE...]" >&2
+    echo "cases: ${all_cases[*]}" >&2
+    exit 2
+}
+
+cases=()
+for a in "$@"; do
+    case $a in
+        -h|--help) usage ;;
+    esac
+    found=
+    for c in "${all_cases[@]}"; do [ "$a" = "$c" ] && found=1; done
+    [ -n "$found" ] || { echo "bench: unknown case '$a'" >&2; usage; }
+    cases+=("$a")
+done
+[ ${#cases[@]} -gt 0 ] || cases=("${all_cases[@]}")
+
+for tool in qemu-img qemu-io python3 cmp; do
+    command -v "$tool" >/dev/null || { echo "bench: $tool not found" >&2; exit 1; }
+done
+
+echo "== cargo build --release"
+cargo build --release --quiet
+qi=$root/target/release/qinspect
+[ -x "$qi" ] || { echo "bench: $qi was not built" >&2; exit 1; }
+
+work=$(mktemp -d "${BENCH_DIR:-/var/tmp}/qinspect-bench.XXXXXX")
+trap 'rm -rf -- "$work"' EXIT
+echo "== work directory $work (removed at exit)"
+
+# ---------------------------------------------------------------------------
+# Timing.  run_timed OUT ERR CMD... runs CMD once with stdout to OUT and
+# stderr to ERR and sets T_SECS, T_RSS (KiB, or "" if unknown) and T_RC.
+
+if [ -x /usr/bin/time ]; then
+    rss_mode=time
+elif python3 -c 'import resource' 2>/dev/null; then
+    rss_mode=python
+    cat >"$work/rusage.py" <<'EOF'
+# Run a command; write "<wall seconds> <peak RSS KiB>" of it to argv[1].
+import resource, subprocess, sys, time
+t0 = time.perf_counter()
+rc = subprocess.call(sys.argv[2:])
+t1 = time.perf_counter()
+rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # KiB on Linux
+with open(sys.argv[1], "w") as f:
+    f.write("%.6f %d\n" % (t1 - t0, rss))
+sys.exit(rc)
+EOF
+else
+    rss_mode=none
+fi
+echo "== peak RSS via: $rss_mode"
+
+run_timed() {
+    local out=$1 err=$2 t0 t1
+    shift 2
+    T_RC=0
+    T_RSS=
+    case $rss_mode in
+        time)
+            t0=$(date +%s.%N)
+            /usr/bin/time -f %M -o "$work/rss" "$@" >"$out" 2>"$err" || T_RC=$?
+            t1=$(date +%s.%N)
+            T_SECS=$(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.4f", b - a }')
+            T_RSS=$(tail -n 1 "$work/rss")
+            ;;
+        python)
+            # the wrapper times the child itself, so python's start-up is
+            # not counted
+            python3 "$work/rusage.py" "$work/rss" "$@" >"$out" 2>"$err" || T_RC=$?
+            read -r T_SECS T_RSS <"$work/rss"
+            ;;
+        none)
+            t0=$(date +%s.%N)
+            "$@" >"$out" 2>"$err" || T_RC=$?
+            t1=$(date +%s.%N)
+            T_SECS=$(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.4f", b - a }')
+            ;;
+    esac
+}
+
+min() { awk -v a="$1" -v b="$2" 'BEGIN { print (a == "" || b + 0 < a + 0) ? b : a }'; }
+max() { awk -v a="$1" -v b="$2" 'BEGIN { print (a == "" || b + 0 > a + 0) ? b : a }'; }
+mib() { [ -n "$1" ] && awk -v k="$1" 'BEGIN { printf "%.1f", k / 1024 }' || echo "-"; }
+
+# ---------------------------------------------------------------------------
+# Results, one entry per case, for the final summary.
+r_case=() r_qemu=() r_qi=() r_ratio=() r_target=() r_result=() r_rssq=() r_rssi=() r_mem=() r_note=()
+
+record() { # case qemu qi ratio target result rssq rssi mem note
+    r_case+=("$1") r_qemu+=("$2") r_qi+=("$3") r_ratio+=("$4") r_target+=("$5")
+    r_result+=("$6") r_rssq+=("$7") r_rssi+=("$8") r_mem+=("$9") r_note+=("${10}")
+}
+
+header_fmt='%-25s %9s %9s %7s %7s %-6s %9s %9s %-5s %s\n'
+print_header() {
+    # shellcheck disable=SC2059
+    printf "$header_fmt" case qemu-img qinspect ratio target result "rss-qemu" "rss-qi" mem note
+}
+print_row() { # index
+    local i=$1
+    # shellcheck disable=SC2059
+    printf "$header_fmt" "${r_case[i]}" "${r_qemu[i]}" "${r_qi[i]}" "${r_ratio[i]}" \
+        "${r_target[i]}" "${r_result[i]}" "${r_rssq[i]}" "${r_rssi[i]}" "${r_mem[i]}" "${r_note[i]}"
+}
+
+# Does this qinspect subcommand exist?  Records a SKIP row if not.
+have_sub() { # case sub
+    if "$qi" help "$2" >/dev/null 2>&1; then
+        return 0
+    fi
+    echo "   skipped: qinspect has no '$2' subcommand yet"
+    record "$1" - - - - SKIP - - - "no 'qinspect $2'"
+    return 1
+}
+
+# bench CASE TARGET [MEMCHECK]: time the commands in the arrays QEMU_CMD and
+# QI_CMD (stdout to QEMU_OUT / QI_OUT), calling the functions named in
+# PREP_QEMU / PREP_QI (untimed) before each run.  With MEMCHECK=mem, also
+# require qinspect's peak RSS <= qemu-img's.  Sets B_RESULT (PASS, MISS,
+# ERROR) and appends NOTE to the row.
+NOTE=
+bench() {
+    local name=$1 target=$2 memcheck=${3:-} round who first second
+    local best_q= best_i= rss_q= rss_i=
+    B_RESULT=
+    for ((round = 1; round <= runs; round++)); do
+        if ((round % 2)); then first=qemu second=qi; else first=qi second=qemu; fi
+        for who in $first $second; do
+            if [ "$who" = qemu ]; then
+                $PREP_QEMU
+                run_timed "$QEMU_OUT" "$work/qemu.err" "${QEMU_CMD[@]}"
+                if [ "$T_RC" -ne 0 ]; then
+                    echo "   qemu-img failed (exit $T_RC): ${QEMU_CMD[*]}"
+                    sed 's/^/     /' "$work/qemu.err" | head -n 5
+                    record "$name" - - - "$target" ERROR - - - "qemu-img exit $T_RC"
+                    B_RESULT=ERROR
+                    return 0
+                fi
+                best_q=$(min "$best_q" "$T_SECS")
+                [ -z "$T_RSS" ] || rss_q=$(max "$rss_q" "$T_RSS")
+                printf '   round %d  qemu-img %8.3fs\n' "$round" "$T_SECS"
+            else
+                $PREP_QI
+                run_timed "$QI_OUT" "$work/qi.err" "${QI_CMD[@]}"
+                if [ "$T_RC" -ne 0 ]; then
+                    echo "   qinspect failed (exit $T_RC): ${QI_CMD[*]}"
+                    sed 's/^/     /' "$work/qi.err" | head -n 5
+                    record "$name" "${best_q:--}" - - "$target" ERROR - - - "qinspect exit $T_RC"
+                    B_RESULT=ERROR
+                    return 0
+                fi
+                best_i=$(min "$best_i" "$T_SECS")
+                [ -z "$T_RSS" ] || rss_i=$(max "$rss_i" "$T_RSS")
+                printf '   round %d  qinspect %8.3fs\n' "$round" "$T_SECS"
+            fi
+        done
+    done
+    local ratio result mem=-
+    ratio=$(awk -v q="$best_q" -v i="$best_i" 'BEGIN { if (q > 0) printf "%.3f", i / q; else print "inf" }')
+    result=$(awk -v r="$ratio" -v t="$target" 'BEGIN { print (r != "inf" && r + 0 <= t + 0) ? "PASS" : "MISS" }')
+    if [ "$memcheck" = mem ]; then
+        if [ -n "$rss_q" ] && [ -n "$rss_i" ]; then
+            mem=$(awk -v q="$rss_q" -v i="$rss_i" 'BEGIN { print (i + 0 <= q + 0) ? "PASS" : "MISS" }')
+            [ "$mem" = PASS ] || result=MISS
+        else
+            mem=n/a
+        fi
+    fi
+    record "$name" "$best_q" "$best_i" "$ratio" "$target" "$result" \
+        "$(mib "$rss_q")" "$(mib "$rss_i")" "$mem" "$NOTE"
+    B_RESULT=$result
+}
+
+noop() { :; }
+
+# ---------------------------------------------------------------------------
+# Work images, made on first use.
+
+big=$work/big.qcow2
+ensure_big() {
+    [ -e "$big" ] && return 0
+    echo "   creating 1 TiB qcow2 with preallocation=metadata ..."
+    local t0=$SECONDS
+    qemu-img create -q -f qcow2 -o preallocation=metadata "$big" 1T
+    echo "   done in $((SECONDS - t0))s ($(du -h "$big" | cut -f1) on disk)"
+}
+
+# ---------------------------------------------------------------------------
+# Cases.
+
+case_map_1T() {
+    have_sub map-1T map || return 0
+    ensure_big
+    QEMU_CMD=(qemu-img map --output=json "$big") QEMU_OUT=/dev/null PREP_QEMU=noop
+    QI_CMD=("$qi" map --json "$big") QI_OUT=/dev/null PREP_QI=noop
+    # compare the outputs first (untimed): a wrong answer makes timing moot
+    local same=no
+    if qemu-img map --output=json "$big" >"$work/map.qemu.json" 2>/dev/null &&
+        "$qi" map --json "$big" >"$work/map.qi.json" 2>"$work/qi.err"; then
+        if python3 - "$work/map.qemu.json" "$work/map.qi.json" <<'EOF'; then same=yes; fi
+import json, sys
+a, b = (json.load(open(p)) for p in sys.argv[1:3])
+sys.exit(0 if a == b else 1)
+EOF
+    else
+        same="n/a (a map run failed)"
+    fi
+    echo "   map JSON equal (parsed): $same"
+    NOTE="json-equal=$same"
+    bench map-1T 0.25
+    NOTE=
+}
+
+read_img=$work/read.qcow2
+case_read_1G() {
+    have_sub read-1G read || return 0
+    echo "   creating 1 GiB qcow2 (random, patterned, zero and unallocated ranges) ..."
+    local t0=$SECONDS
+    # 0..384M random (incompressible, converted from a raw file), 384M..768M
+    # 0x5a, 768M..800M unallocated, 800M..900M 0xa5, 900M..950M zero
+    # clusters, 950M..1G unallocated
+    qemu-img create -q -f raw "$work/src.raw" 1G
+    dd if=/dev/urandom of="$work/src.raw" bs=1M count=384 conv=notrunc status=none
+    qemu-img convert -O qcow2 "$work/src.raw" "$read_img"
+    rm -f "$work/src.raw"
+    qemu-io -f qcow2 -c 'write -P 0x5a 384M 384M' -c 'write -P 0xa5 800M 100M' \
+        -c 'write -z 900M 50M' "$read_img" >/dev/null
+    echo "   done in $((SECONDS - t0))s"
+    QEMU_CMD=(qemu-img convert -O raw "$read_img" "$work/out2.raw") QEMU_OUT=/dev/null
+    QI_CMD=("$qi" read "$read_img" -o "$work/out1.raw") QI_OUT=/dev/null
+    PREP_QEMU=prep_read_qemu PREP_QI=prep_read_qi
+    bench read-1G 1.0
+    if [ "$B_RESULT" != ERROR ]; then
+        local same=no
+        cmp -s "$work/out1.raw" "$work/out2.raw" && same=yes
+        echo "   outputs identical (cmp): $same"
+        r_note[${#r_note[@]} - 1]="cmp-equal=$same"
+    fi
+    rm -f "$work/out1.raw" "$work/out2.raw" "$read_img"
+}
+prep_read_qemu() { rm -f "$work/out2.raw"; }
+prep_read_qi() { rm -f "$work/out1.raw"; }
+
+check_case() { # case image target
+    QEMU_CMD=(qemu-img check --output=json "$2") QEMU_OUT=$work/check.qemu.json
+    QI_CMD=("$qi" check --json "$2") QI_OUT=$work/check.qi.json
+    PREP_QEMU=noop PREP_QI=noop
+    bench "$1" "$3" mem
+}
+
+case_check_1T() {
+    have_sub check-1T check || return 0
+    ensure_big
+    check_case check-1T "$big" 0.25
+}
+
+case_check_1T_16snap() {
+    have_sub check-1T-16snap check || return 0
+    ensure_big
+    local img=$work/snap16.qcow2 n off t0=$SECONDS
+    echo "   creating a copy with 16 snapshots (about 2 minutes) ..."
+    cp --sparse=always "$big" "$img"
+    for ((n = 1; n <= 16; n++)); do
+        # spread the writes over the disk, 64 MiB each, 61 GiB apart (mod 1T)
+        off=$(((n * 61) % 1024))G
+        qemu-img snapshot -c "s$n" "$img"
+        qemu-io -f qcow2 -c "write -P $n $off 64M" "$img" >/dev/null
+    done
+    echo "   done in $((SECONDS - t0))s ($(du -h "$img" | cut -f1) on disk)"
+    check_case check-1T-16snap "$img" 0.1
+    rm -f "$img"
+}
+
+snap_copy=$work/snapcopy.qcow2
+prep_snap_qemu() { rm -f "$snap_copy"; cp --sparse=always "$big" "$snap_copy"; }
+case_simulate_snapshot_create() {
+    have_sub simulate-snapshot-create simulate || return 0
+    ensure_big
+    QEMU_CMD=(qemu-img snapshot -c x "$snap_copy") QEMU_OUT=/dev/null PREP_QEMU=prep_snap_qemu
+    QI_CMD=("$qi" simulate "$big" snapshot-create:x --json) QI_OUT=/dev/null PREP_QI=noop
+    bench simulate-snapshot-create 0.5
+    rm -f "$snap_copy"
+}
+
+# ---------------------------------------------------------------------------
+
+echo "== $runs runs per tool per case, best wall-clock time kept"
+for c in "${cases[@]}"; do
+    echo
+    echo "== $c"
+    n_before=${#r_case[@]}
+    "case_${c//-/_}"
+    if [ ${#r_case[@]} -gt "$n_before" ]; then
+        print_header | sed 's/^/   /'
+        print_row $((${#r_case[@]} - 1)) | sed 's/^/   /'
+    fi
+done
+
+echo
+echo "== summary (seconds are best of $runs; ratio = qinspect/qemu-img; rss in MiB)"
+print_header
+pass=0 miss=0 skip=0 err=0
+for i in "${!r_case[@]}"; do
+    print_row "$i"
+    case ${r_result[i]} in
+        PASS) pass=$((pass + 1)) ;;
+        MISS) miss=$((miss + 1)) ;;
+        SKIP) skip=$((skip + 1)) ;;
+        *) err=$((err + 1)) ;;
+    esac
+done
+echo
+echo "$pass pass, $miss miss, $skip skipped, $err error"
