@@ -34,14 +34,25 @@
 # A case whose qinspect subcommand does not exist yet (`qinspect help SUB`
 # fails) is skipped with a message.
 #
-# Environment: BENCH_RUNS (default 3), TMPDIR-like BENCH_DIR parent for the
-# work directory (default /var/tmp; needs ~3.5 GiB free, the 1 TiB images are
-# sparse).  Peak RSS comes from /usr/bin/time -f %M, or, without it, from a
-# python3 getrusage() wrapper; without either it is not reported.
-# Nothing is installed; hyperfine is not needed.
+# Environment:
+#   BENCH_RUNS   runs per tool per case (default 3)
+#   BENCH_DIR    where the work directory is made (default /var/tmp; needs
+#                about 3.5 GiB free: the 1 TiB images are sparse)
+#   QINSPECT     use this binary instead of building target/release/qinspect
+#                (e.g. to compare against an older build)
+#   BENCH_RSS    force how peak RSS is measured: time, python or none
+# Peak RSS comes from /usr/bin/time -f %M, or, without it, from a python3
+# getrusage() wrapper; without either it is not reported.  Timing is bash
+# `date +%s.%N` around each run.  Nothing is installed; hyperfine is not
+# needed.  Before each read-1G run the previous output is removed and `sync`
+# is run (untimed) so write-back of the last 1 GiB does not skew the next.
 set -euo pipefail
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+if [ -n "${QINSPECT:-}" ]; then
+    qi=$(command -v "$QINSPECT") || { echo "bench: QINSPECT=$QINSPECT not found" >&2; exit 1; }
+    qi=$(realpath "$qi")
+fi
 cd "$root"
 
 all_cases=(map-1T read-1G check-1T check-1T-16snap simulate-snapshot-create)
@@ -69,24 +80,37 @@ for tool in qemu-img qemu-io python3 cmp; do
     command -v "$tool" >/dev/null || { echo "bench: $tool not found" >&2; exit 1; }
 done
 
-echo "== cargo build --release"
-cargo build --release --quiet
-qi=$root/target/release/qinspect
+if [ -n "${QINSPECT:-}" ]; then
+    echo "== using QINSPECT=$qi (not building)"
+else
+    echo "== cargo build --release"
+    cargo build --release --quiet
+    qi=$root/target/release/qinspect
+fi
 [ -x "$qi" ] || { echo "bench: $qi was not built" >&2; exit 1; }
 
 work=$(mktemp -d "${BENCH_DIR:-/var/tmp}/qinspect-bench.XXXXXX")
 trap 'rm -rf -- "$work"' EXIT
+trap 'exit 130' INT TERM
 echo "== work directory $work (removed at exit)"
 
 # ---------------------------------------------------------------------------
 # Timing.  run_timed OUT ERR CMD... runs CMD once with stdout to OUT and
 # stderr to ERR and sets T_SECS, T_RSS (KiB, or "" if unknown) and T_RC.
 
-if [ -x /usr/bin/time ]; then
+if [ -n "${BENCH_RSS:-}" ]; then
+    rss_mode=$BENCH_RSS
+elif [ -x /usr/bin/time ]; then
     rss_mode=time
 elif python3 -c 'import resource' 2>/dev/null; then
     rss_mode=python
-    cat >"$work/rusage.py" <<'EOF'
+else
+    rss_mode=none
+fi
+case $rss_mode in
+    time|none) ;;
+    python)
+        cat >"$work/rusage.py" <<'EOF'
 # Run a command; write "<wall seconds> <peak RSS KiB>" of it to argv[1].
 import resource, subprocess, sys, time
 t0 = time.perf_counter()
@@ -97,9 +121,9 @@ with open(sys.argv[1], "w") as f:
     f.write("%.6f %d\n" % (t1 - t0, rss))
 sys.exit(rc)
 EOF
-else
-    rss_mode=none
-fi
+        ;;
+    *) echo "bench: BENCH_RSS must be time, python or none" >&2; exit 2 ;;
+esac
 echo "== peak RSS via: $rss_mode"
 
 run_timed() {
@@ -290,8 +314,8 @@ case_read_1G() {
     fi
     rm -f "$work/out1.raw" "$work/out2.raw" "$read_img"
 }
-prep_read_qemu() { rm -f "$work/out2.raw"; }
-prep_read_qi() { rm -f "$work/out1.raw"; }
+prep_read_qemu() { rm -f "$work/out2.raw"; sync; }
+prep_read_qi() { rm -f "$work/out1.raw"; sync; }
 
 check_case() { # case image target
     QEMU_CMD=(qemu-img check --output=json "$2") QEMU_OUT=$work/check.qemu.json

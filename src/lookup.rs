@@ -77,11 +77,10 @@ pub fn layer_run(img: &Qcow2, view: &View, guest: u64, max_len: u64, name: &str)
     let g = GuestOffset(guest);
     let in_cluster = geo.in_cluster(g);
     let l2_index = geo.l2_index(g);
-    // Bytes from the start of this cluster to the end of its L2 slice: QEMU's L2
-    // cache works on slices of min(cluster size, 4 KiB), and one lookup never
-    // crosses a slice.
-    let slice_entries = (cs.min(4096) / geo.l2_entry_size()).max(1);
-    let to_l2_end = (slice_entries - l2_index % slice_entries) * cs;
+    // Bytes from the start of this cluster to the end of its L2 table. (QEMU stops
+    // at the end of a 4 KiB L2 cache slice; that never changes a read's bytes, a
+    // map's merged extents, or which entries can fail a request.)
+    let to_l2_end = (geo.l2_entries() - l2_index) * cs;
     let needed = max_len.saturating_add(in_cluster).min(to_l2_end);
     let unallocated = |len: u64| Run {
         guest,
@@ -159,6 +158,35 @@ pub fn layer_run(img: &Qcow2, view: &View, guest: u64, max_len: u64, name: &str)
     }
     // count_contiguous_subclusters
     let nb_clusters = geo.clusters_for(needed);
+    if !geo.extended_l2 && first_type != SubclusterType::Compressed {
+        // Standard L2 entries: one type per cluster; a tight loop over the table.
+        let start = l2_index as usize;
+        let end = start.saturating_add(nb_clusters as usize).min(l2.len());
+        let first_raw = entry.raw;
+        let mut expected = first_raw & crate::tables::L2E_OFFSET_MASK;
+        let mut n: u64 = 0;
+        for e in l2.get(start..end).unwrap_or(&[]) {
+            if n > 0 {
+                if e.subcluster_type(&geo, has_df, 0) != first_type {
+                    break;
+                }
+                if first_type.has_host_cluster() {
+                    expected = expected.wrapping_add(cs);
+                    if e.raw & crate::tables::L2E_OFFSET_MASK != expected {
+                        break;
+                    }
+                }
+            }
+            n += 1;
+        }
+        let len = (n * cs).min(needed).saturating_sub(in_cluster).max(1);
+        return Ok(Run {
+            guest,
+            len,
+            status: run_status(first_type, host, has_df, &entry, &geo, in_cluster),
+            subcluster: first_type,
+        });
+    }
     let mut count: u64 = 0;
     let mut expected_off = entry.host_offset().0;
     let check_offset = first_type.has_host_cluster();
@@ -199,24 +227,34 @@ pub fn layer_run(img: &Qcow2, view: &View, guest: u64, max_len: u64, name: &str)
     }
     let avail = (count + u64::from(sc_index)) << geo.subcluster_bits();
     let len = avail.min(needed).saturating_sub(in_cluster).max(1);
-    let status = match first_type {
+    Ok(Run {
+        guest,
+        len,
+        status: run_status(first_type, host, has_df, &entry, &geo, in_cluster),
+        subcluster: first_type,
+    })
+}
+
+fn run_status(
+    t: SubclusterType,
+    host: Option<HostOffset>,
+    has_df: bool,
+    entry: &L2Entry,
+    geo: &crate::types::Geometry,
+    in_cluster: u64,
+) -> Status {
+    match t {
         SubclusterType::Normal => Status::Data {
             host: host.unwrap_or_default(),
             in_data_file: has_df,
         },
         SubclusterType::Compressed => Status::Compressed {
-            descriptor: CompressedDescriptor::decode(entry.raw, &geo),
+            descriptor: CompressedDescriptor::decode(entry.raw, geo),
             in_cluster,
         },
         SubclusterType::ZeroPlain | SubclusterType::ZeroAlloc => Status::Zero { host },
         _ => Status::Unallocated { host },
-    };
-    Ok(Run {
-        guest,
-        len,
-        status,
-        subcluster: first_type,
-    })
+    }
 }
 
 /// Decompress the compressed cluster described by `d` in `img`.

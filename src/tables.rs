@@ -391,17 +391,22 @@ impl L2Entry {
 
 /// Decode an L2 table (one cluster of bytes).
 pub fn decode_l2(buf: &[u8], geo: &Geometry) -> Vec<L2Entry> {
-    let step = geo.l2_entry_size() as usize;
-    buf.chunks_exact(step)
-        .map(|c| L2Entry {
-            raw: crate::bytes::be64(c, 0),
-            bitmap: if geo.extended_l2 {
-                crate::bytes::be64(c, 8)
-            } else {
-                0
-            },
-        })
-        .collect()
+    let word = |c: &[u8]| c.try_into().map(u64::from_be_bytes).unwrap_or(0);
+    if geo.extended_l2 {
+        buf.chunks_exact(16)
+            .map(|c| L2Entry {
+                raw: word(c.get(..8).unwrap_or(&[])),
+                bitmap: word(c.get(8..).unwrap_or(&[])),
+            })
+            .collect()
+    } else {
+        buf.chunks_exact(8)
+            .map(|c| L2Entry {
+                raw: word(c),
+                bitmap: 0,
+            })
+            .collect()
+    }
 }
 
 /// Decode an L1 table.
