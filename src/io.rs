@@ -40,6 +40,10 @@ pub trait Source: Send + Sync + std::fmt::Debug {
     }
     /// A name for messages.
     fn name(&self) -> &Path;
+    /// The open file behind this source, if there is one (for in-kernel copies).
+    fn file(&self) -> Option<&File> {
+        None
+    }
 }
 
 /// A file opened read-only.
@@ -141,6 +145,10 @@ impl Source for FileSource {
 
     fn name(&self) -> &Path {
         &self.path
+    }
+
+    fn file(&self) -> Option<&File> {
+        Some(&self.file)
     }
 }
 

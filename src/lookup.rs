@@ -11,7 +11,7 @@ use crate::chain::{Chain, Layer, LayerKind};
 use crate::compress;
 use crate::error::{Error, Result};
 use crate::image::{Qcow2, View};
-use crate::io::read_into;
+use crate::io::{Source, read_into};
 use crate::tables::{CompressedDescriptor, L1Entry, L2Entry, SubclusterType};
 use crate::types::{GuestOffset, HostOffset};
 use serde::Serialize;
@@ -284,50 +284,111 @@ pub struct ReadCache {
     last: Option<(usize, u64, Vec<u8>)>,
 }
 
-/// Read guest bytes of the chain at `guest` into `buf`, as QEMU would: bytes past
-/// the end of the guest disk, and past the end of shorter backing layers, read as
-/// zeros.
-pub fn read(chain: &Chain, guest: u64, buf: &mut [u8], cache: &mut ReadCache) -> Result<()> {
-    read_layer(chain, 0, guest, buf, cache)
+/// A piece of guest data, as the chain resolves it.
+pub enum Segment<'a> {
+    /// `len` bytes stored at `host` in `src` (bytes past the end of `src` read as zeros).
+    Data {
+        /// The file holding them.
+        src: &'a dyn Source,
+        /// Where.
+        host: u64,
+        /// How many.
+        len: u64,
+    },
+    /// `len` bytes of zeros.
+    Zero {
+        /// How many.
+        len: u64,
+    },
+    /// Bytes produced in memory (a slice of a decompressed cluster).
+    Bytes(&'a [u8]),
 }
 
-fn read_layer(
+impl Segment<'_> {
+    /// Length in bytes.
+    pub fn len(&self) -> u64 {
+        match self {
+            Segment::Data { len, .. } | Segment::Zero { len } => *len,
+            Segment::Bytes(b) => b.len() as u64,
+        }
+    }
+    /// True when empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Resolve guest bytes `guest..guest+len` into segments, in order, calling `f`
+/// for each: data in some file, zeros, or decompressed bytes. Bytes past the end of
+/// the guest disk, and past the end of shorter backing layers, are zeros.
+pub fn for_each_segment(
+    chain: &Chain,
+    guest: u64,
+    len: u64,
+    cache: &mut ReadCache,
+    f: &mut dyn FnMut(Segment) -> Result<()>,
+) -> Result<()> {
+    segments(chain, 0, guest, len, cache, f)
+}
+
+/// Read guest bytes of the chain at `guest` into `buf`, as QEMU would.
+pub fn read(chain: &Chain, guest: u64, buf: &mut [u8], cache: &mut ReadCache) -> Result<()> {
+    let mut pos = 0usize;
+    for_each_segment(chain, guest, buf.len() as u64, cache, &mut |seg| {
+        let n = seg.len() as usize;
+        let Some(dst) = buf.get_mut(pos..pos.saturating_add(n)) else {
+            return Ok(());
+        };
+        match seg {
+            Segment::Data { src, host, .. } => {
+                read_into(src, "guest data", host, dst)?;
+            }
+            Segment::Zero { .. } => dst.fill(0),
+            Segment::Bytes(b) => dst.copy_from_slice(b),
+        }
+        pos += n;
+        Ok(())
+    })
+}
+
+fn segments(
     chain: &Chain,
     depth: usize,
     guest: u64,
-    buf: &mut [u8],
+    len: u64,
     cache: &mut ReadCache,
+    f: &mut dyn FnMut(Segment) -> Result<()>,
 ) -> Result<()> {
     let Some(layer) = chain.layers.get(depth) else {
-        buf.fill(0);
-        return Ok(());
+        return if len > 0 {
+            f(Segment::Zero { len })
+        } else {
+            Ok(())
+        };
     };
-    let size = layer.size();
-    let in_range = (buf.len() as u64).min(size.saturating_sub(guest)) as usize;
-    let (head, tail) = buf.split_at_mut(in_range);
-    tail.fill(0);
+    let in_range = len.min(layer.size().saturating_sub(guest));
     let name = layer.path.display().to_string();
     match &layer.kind {
         LayerKind::Raw => {
-            read_into(layer.src.as_ref(), "raw image data", guest, head)?;
+            if in_range > 0 {
+                f(Segment::Data {
+                    src: layer.src.as_ref(),
+                    host: guest,
+                    len: in_range,
+                })?;
+            }
         }
         LayerKind::Qcow2 {
             image,
             view,
             data_file,
         } => {
-            if image.header.crypt_method != 0 {
-                // Only zero and unallocated ranges could be answered without a key.
-            }
-            let mut pos = 0usize;
-            while pos < head.len() {
-                let g = guest + pos as u64;
-                let want = (head.len() - pos) as u64;
+            let mut pos = 0u64;
+            while pos < in_range {
+                let g = guest + pos;
+                let want = in_range - pos;
                 let run = layer_run(image, view, g, want, &name)?;
-                let n = run.len.min(want) as usize;
-                let Some(dst) = head.get_mut(pos..pos + n) else {
-                    break;
-                };
+                let n = run.len.min(want);
                 match run.status {
                     Status::Data { host, in_data_file } => {
                         if image.header.crypt_method != 0 {
@@ -336,17 +397,18 @@ fn read_layer(
                                 "qinspect does not decrypt images",
                             ));
                         }
-                        let src = if in_data_file {
-                            data_file.as_ref().unwrap_or(&layer.src)
-                        } else {
-                            &layer.src
+                        let src = match (in_data_file, data_file) {
+                            (true, Some(df)) => df.as_ref(),
+                            _ => layer.src.as_ref(),
                         };
-                        read_into(src.as_ref(), "guest data", host.0, dst)?;
+                        f(Segment::Data {
+                            src,
+                            host: host.0,
+                            len: n,
+                        })?;
                     }
-                    Status::Zero { .. } => dst.fill(0),
-                    Status::Unallocated { .. } => {
-                        read_layer(chain, depth + 1, g, dst, cache)?;
-                    }
+                    Status::Zero { .. } => f(Segment::Zero { len: n })?,
+                    Status::Unallocated { .. } => segments(chain, depth + 1, g, n, cache, f)?,
                     Status::Compressed {
                         descriptor,
                         in_cluster,
@@ -357,14 +419,19 @@ fn read_layer(
                             cache.last = Some((depth, descriptor.offset.0, data));
                         }
                         if let Some((_, _, data)) = &cache.last {
-                            let s = crate::bytes::slice(data, in_cluster as usize, n);
-                            dst.get_mut(..s.len()).unwrap_or(&mut []).copy_from_slice(s);
+                            let s = crate::bytes::slice(data, in_cluster as usize, n as usize);
+                            f(Segment::Bytes(s))?;
                         }
                     }
                 }
                 pos += n;
             }
         }
+    }
+    if len > in_range {
+        f(Segment::Zero {
+            len: len - in_range,
+        })?;
     }
     Ok(())
 }
