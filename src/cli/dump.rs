@@ -16,6 +16,7 @@ use std::sync::Arc;
 
 /// Which table to dump.
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+#[allow(clippy::enum_variant_names)]
 pub enum Table {
     /// Every header field with its offset and meaning.
     Header,
