@@ -118,13 +118,20 @@ rc = subprocess.call(sys.argv[2:])
 t1 = time.perf_counter()
 rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # KiB on Linux
 with open(sys.argv[1], "w") as f:
-    f.write("%.6f %d\n" % (t1 - t0, rss))
+    f.write("%.4f %d\n" % (t1 - t0, rss))
 sys.exit(rc)
 EOF
         ;;
     *) echo "bench: BENCH_RSS must be time, python or none" >&2; exit 2 ;;
 esac
 echo "== peak RSS via: $rss_mode"
+if [ "$rss_mode" = python ]; then
+    # A forked child's peak RSS includes the pages it shared with python
+    # before exec, so python's own RSS is a floor under every value.
+    python3 "$work/rusage.py" "$work/rss" true
+    read -r _ floor <"$work/rss"
+    echo "   (values up to about $((floor / 1024)) MiB are python's own floor, not the tool's)"
+fi
 
 run_timed() {
     local out=$1 err=$2 t0 t1
@@ -322,6 +329,22 @@ check_case() { # case image target
     QI_CMD=("$qi" check --json "$2") QI_OUT=$work/check.qi.json
     PREP_QEMU=noop PREP_QI=noop
     bench "$1" "$3" mem
+    [ "$B_RESULT" != ERROR ] || return 0
+    # qinspect's JSON may carry more keys; compare the ones both have
+    local agree
+    agree=$(python3 - "$work/check.qemu.json" "$work/check.qi.json" <<'EOF'
+import json, sys
+try:
+    a, b = (json.load(open(p)) for p in sys.argv[1:3])
+except ValueError:
+    print("unparsable"); sys.exit()
+common = sorted(set(a) & set(b))
+bad = [k for k in common if a[k] != b[k]]
+print("yes(%d keys)" % len(common) if not bad else "no:" + ",".join(bad))
+EOF
+)
+    echo "   check JSON, keys in both: equal=$agree"
+    r_note[${#r_note[@]} - 1]="json-common-equal=$agree"
 }
 
 case_check_1T() {

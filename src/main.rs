@@ -17,6 +17,8 @@ use std::path::PathBuf;
     qinspect map --json disk.qcow2           same extents as `qemu-img map --output=json`\n  \
     qinspect trace disk.qcow2 1M             how guest offset 1 MiB resolves, step by step\n  \
     qinspect read disk.qcow2 -o disk.raw     guest bytes, like `qemu-img convert -O raw`\n  \
+    qinspect check disk.qcow2                same verdict as `qemu-img check`, with owners\n  \
+    qinspect clusters disk.qcow2 --host 64k  who points at host offset 64 KiB\n  \
     qinspect dump l2 disk.qcow2 0            the L2 table behind L1 entry 0\n  \
     qinspect hexdump disk.qcow2 --guest 64k  the bytes a guest read at 64 KiB returns")]
 pub struct Cli {
@@ -36,6 +38,10 @@ enum Command {
     Trace(cli::trace::Args),
     /// Read guest bytes through the backing chain (like `qemu-img convert -O raw`).
     Read(cli::read::Args),
+    /// Check refcount consistency like `qemu-img check`, naming every cluster involved.
+    Check(cli::check::Args),
+    /// List host clusters with their roles, refcounts and who references them.
+    Clusters(cli::clusters::Args),
     /// Print an on-disk table with each entry's file offset, raw value and meaning.
     Dump(cli::dump::Args),
     /// Hex dump of host bytes, or of the bytes a guest read returns.
@@ -53,6 +59,8 @@ fn main() {
         Some(Command::Trace(a)) => cli::trace::run(a),
         Some(Command::Read(a)) => cli::read::run(a),
         Some(Command::Dump(a)) => cli::dump::run(a),
+        Some(Command::Check(a)) => cli::check::run(a),
+        Some(Command::Clusters(a)) => cli::clusters::run(a),
         Some(Command::Hexdump(a)) => cli::hexdump::run(a),
         None => match cli.image {
             Some(image) => cli::info::run(cli::info::Args::for_image(image)),

@@ -1,6 +1,8 @@
 //! The command-line front end: one module per subcommand, each a thin layer over
 //! the `qinspect` library.
 
+pub mod check;
+pub mod clusters;
 pub mod dump;
 pub mod hexdump;
 pub mod info;

@@ -154,9 +154,10 @@ impl Work {
         let _ = std::fs::remove_file(self.path(&ours));
     }
 
-    /// All three comparisons.
+    /// All four comparisons: info, map, read and check.
     pub fn assert_all_match(&self, image: &str) {
         self.assert_info_matches(image);
+        self.assert_check_matches(image);
         if std::env::var_os("QI_SKIP_MAP").is_none() {
             self.assert_map_matches(image);
         }
@@ -188,4 +189,96 @@ impl Work {
 
 pub fn exists(p: &Path) -> bool {
     p.exists()
+}
+
+impl Work {
+    /// `qemu-img check` and `qinspect check` agree: exit code, every JSON key
+    /// (qemu-img leaves out zero counts; qinspect prints them as 0), and every
+    /// "cluster N refcount=A reference=B" line has a finding with those numbers.
+    /// Returns qinspect's JSON.
+    pub fn assert_check_matches(&self, image: &str) -> Value {
+        let q = Command::new("qemu-img")
+            .args(["check", "--output=json", image])
+            .current_dir(self.dir.path())
+            .output()
+            .expect("qemu-img check");
+        let human = Command::new("qemu-img")
+            .args(["check", image])
+            .current_dir(self.dir.path())
+            .output()
+            .expect("qemu-img check");
+        let ours = self.qinspect(&["check", "--json", image]);
+        assert_eq!(
+            ours.status.code(),
+            q.status.code(),
+            "exit code of check on {image}; qemu-img said: {}{}",
+            String::from_utf8_lossy(&human.stdout),
+            String::from_utf8_lossy(&human.stderr)
+        );
+        if q.status.code() == Some(63) {
+            // A format without checks (raw): both say so and stop.
+            return Value::Null;
+        }
+        let ours_json = Self::json(&ours.stdout);
+        if !q.stdout.is_empty() {
+            let Value::Object(qm) = Self::json(&q.stdout) else { panic!("qemu-img check JSON") };
+            for (k, v) in &qm {
+                assert_eq!(ours_json.get(k), Some(v), "check key '{k}' of {image}");
+            }
+            for k in [
+                "check-errors", "corruptions", "leaks", "image-end-offset", "total-clusters",
+                "allocated-clusters", "fragmented-clusters", "compressed-clusters",
+            ] {
+                if !qm.contains_key(k) {
+                    assert_eq!(ours_json[k], 0, "qemu-img left out '{k}' (zero) for {image}");
+                }
+            }
+        }
+        let findings = ours_json["findings"].as_array().expect("findings").clone();
+        let stderr = String::from_utf8_lossy(&human.stderr);
+        for line in stderr.lines() {
+            let Some(rest) = line.strip_prefix("ERROR cluster ").or_else(|| line.strip_prefix("Leaked cluster ")) else {
+                continue;
+            };
+            let nums: Vec<u64> = rest
+                .split(|c: char| !c.is_ascii_digit())
+                .filter(|s| !s.is_empty())
+                .map(|s| s.parse().unwrap())
+                .collect();
+            let (c, r, refs) = (nums[0], nums[1], nums[2]);
+            assert!(
+                findings.iter().any(|f| f["cluster"] == c && f["refcount"] == r && f["reference"] == refs),
+                "no finding for qemu-img's line '{line}' in {image}: {findings:#?}"
+            );
+        }
+        ours_json
+    }
+
+    /// Set the stored refcount of host cluster `c` by patching its refcount block.
+    pub fn set_refcount(&self, image: &str, c: u64, value: u64) {
+        use qinspect::image::{Qcow2, Strictness};
+        let src = std::sync::Arc::new(qinspect::io::FileSource::open(&self.path(image)).unwrap());
+        let img = Qcow2::open(src, Strictness::Lenient).unwrap();
+        let rg = img.refcount_geometry();
+        let table = img.refcount_table().unwrap();
+        let block = table[rg.table_index(qinspect::types::HostCluster(c)) as usize]
+            .block_offset()
+            .expect("refcount block")
+            .0;
+        let idx = rg.block_index(qinspect::types::HostCluster(c));
+        let bits = u64::from(rg.bits());
+        let byte = block + idx * bits / 8;
+        let width = (bits / 8).max(1);
+        let mut buf = vec![0u8; width as usize];
+        let f = std::fs::File::open(self.path(image)).unwrap();
+        std::os::unix::fs::FileExt::read_exact_at(&f, &mut buf, byte).unwrap();
+        if bits < 8 {
+            let shift = (idx * bits) % 8;
+            let mask = (((1u16 << bits) - 1) as u8) << shift;
+            buf[0] = (buf[0] & !mask) | (((value as u8) << shift) & mask);
+        } else {
+            buf.copy_from_slice(&value.to_be_bytes()[(8 - width as usize)..]);
+        }
+        self.patch(image, byte, &buf);
+    }
 }

@@ -1,0 +1,176 @@
+//! `qinspect check`: refcount consistency, as `qemu-img check` judges it.
+
+use super::{CmdResult, style};
+use qinspect::check::{CheckOptions, CheckReport, FindingKind, Progress, check};
+use qinspect::image::{Qcow2, Strictness};
+use qinspect::io::{FileSource, SharedSource};
+use serde_json::{Value, json};
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+/// Arguments of `qinspect check`.
+#[derive(clap::Args, Debug)]
+#[command(after_help = "The verdict and the counts are qemu-img check's: every reference \
+is recounted in QEMU's order and compared with the stored refcounts (lower than computed: \
+corruption; higher: leak), then the COPIED flags are checked. Each finding names the \
+cluster, the stored refcount and the computed reference count, who points at the cluster, \
+and what a repair would change.\n\n\
+Beyond qemu-img: refcounts set past the end of the file, a data cluster mapped at two \
+guest offsets, metadata overlapping data (notes, not counted in qemu-img's totals). Images \
+QEMU refuses to open are checked as far as they can be read.\n\n\
+Exit codes, as qemu-img check: 0 clean, 1 check failed, 2 corruptions, 3 leaks only.\n\
+Nothing is written: to repair, use `qemu-img check -r` on a copy.")]
+pub struct Args {
+    /// The image file.
+    pub image: PathBuf,
+    /// Print JSON: qemu-img check's keys plus `findings`.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Run `qinspect check`.
+pub fn run(a: Args) -> CmdResult {
+    let filename = a.image.to_string_lossy().into_owned();
+    let src: SharedSource = Arc::new(FileSource::open(&a.image)?);
+    if qinspect::chain::Format::probe(src.as_ref()) == qinspect::chain::Format::Raw {
+        let mut err = anstream::stderr();
+        writeln!(
+            err,
+            "qinspect: {} is a raw image: raw images have no metadata to check (qemu-img: \"This image format does not support checks\")",
+            a.image.display()
+        )?;
+        return Ok(63);
+    }
+    let img = Qcow2::open(src, Strictness::Lenient)?;
+    let show_progress = !a.json && std::io::stderr().is_terminal();
+    let bar = indicatif::ProgressBar::hidden();
+    if show_progress {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());
+        bar.set_style(
+            indicatif::ProgressStyle::with_template("{msg:>12} [{bar:40}] {pos}/{len} ({eta})")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+                .progress_chars("=> "),
+        );
+    }
+    let tick = |p: Progress| {
+        bar.set_message(p.phase);
+        bar.set_length(p.total);
+        bar.set_position(p.done);
+    };
+    let opts = CheckOptions {
+        progress: Some(&tick),
+    };
+    let report = check(&img, &opts);
+    bar.finish_and_clear();
+    if a.json {
+        let v = report_json(&report, &filename);
+        super::print_json(&v)?;
+    } else {
+        print_readable(&report)?;
+    }
+    Ok(report.exit_code())
+}
+
+/// qemu-img check's JSON keys (all of them, zero when qemu-img leaves them out),
+/// plus qinspect's findings.
+pub fn report_json(r: &CheckReport, filename: &str) -> Value {
+    let mut v = json!({
+        "filename": filename,
+        "format": "qcow2",
+        "check-errors": r.check_errors,
+        "corruptions": r.corruptions,
+        "leaks": r.leaks,
+        "image-end-offset": r.image_end_offset,
+        "total-clusters": r.total_clusters,
+        "allocated-clusters": r.allocated_clusters,
+        "fragmented-clusters": r.fragmented_clusters,
+        "compressed-clusters": r.compressed_clusters,
+        "findings": r.findings,
+    });
+    if let Value::Object(m) = &mut v {
+        if r.findings_omitted > 0 {
+            m.insert("findings-omitted".into(), json!(r.findings_omitted));
+        }
+        if let Some(why) = &r.aborted {
+            m.insert("aborted".into(), json!(why));
+        }
+        if let Some(why) = &r.qemu_refuses {
+            m.insert("qemu-refuses-to-open".into(), json!(why));
+        }
+        if !r.warnings.is_empty() {
+            m.insert("warnings".into(), json!(r.warnings));
+        }
+    }
+    v
+}
+
+fn print_readable(r: &CheckReport) -> color_eyre::Result<()> {
+    let mut out = anstream::stdout();
+    let (hd, bad, dim) = (style::HEAD, style::BAD, style::DIM);
+    for w in &r.warnings {
+        writeln!(out, "{bad}warning:{bad:#} {w}")?;
+    }
+    if let Some(why) = &r.qemu_refuses {
+        writeln!(out, "{bad}QEMU refuses to open this image:{bad:#} {why}\nChecking what can be read anyway.\n")?;
+    }
+    // qemu-img's summary.
+    if r.corruptions == 0 && r.leaks == 0 && r.check_errors == 0 {
+        writeln!(out, "No errors were found on the image.")?;
+    } else {
+        if r.corruptions > 0 {
+            writeln!(out, "\n{bad}{} errors were found on the image.{bad:#}\nData may be corrupted, or further writes to the image may corrupt it.", r.corruptions)?;
+        }
+        if r.leaks > 0 {
+            writeln!(out, "\n{} leaked clusters were found on the image.\nThis means waste of disk space, but no harm to data.", r.leaks)?;
+        }
+        if r.check_errors > 0 {
+            writeln!(out, "\n{} internal errors have occurred during the check.", r.check_errors)?;
+        }
+    }
+    if r.total_clusters != 0 && r.allocated_clusters != 0 {
+        writeln!(
+            out,
+            "{}/{} = {:.2}% allocated, {:.2}% fragmented, {:.2}% compressed clusters",
+            r.allocated_clusters,
+            r.total_clusters,
+            r.allocated_clusters as f64 * 100.0 / r.total_clusters as f64,
+            r.fragmented_clusters as f64 * 100.0 / r.allocated_clusters as f64,
+            r.compressed_clusters as f64 * 100.0 / r.allocated_clusters as f64
+        )?;
+    }
+    if r.image_end_offset != 0 {
+        writeln!(out, "Image end offset: {}", r.image_end_offset)?;
+    }
+    if let Some(why) = &r.aborted {
+        writeln!(out, "{bad}Check failed:{bad:#} {why}")?;
+    }
+    // Findings grouped by kind.
+    for (kind, title) in [
+        (FindingKind::Corruption, "Corruptions"),
+        (FindingKind::Leak, "Leaks"),
+        (FindingKind::CheckError, "Check errors"),
+        (FindingKind::Note, "Beyond qemu-img check"),
+    ] {
+        let list: Vec<_> = r.findings.iter().filter(|f| f.kind == kind).collect();
+        if list.is_empty() {
+            continue;
+        }
+        let st = if kind == FindingKind::Note { hd } else { bad };
+        writeln!(out, "\n{st}{title} ({}):{st:#}", list.len())?;
+        for f in list {
+            let times = if f.count > 1 { format!(" {dim}(counted {} times){dim:#}", f.count) } else { String::new() };
+            writeln!(out, "  {}{times}", f.message)?;
+            for who in &f.referrers {
+                writeln!(out, "    {dim}referenced by{dim:#} {}", who.describe())?;
+            }
+            if let Some(fix) = &f.repair {
+                writeln!(out, "    {dim}repair:{dim:#} {fix}")?;
+            }
+        }
+    }
+    if r.findings_omitted > 0 {
+        writeln!(out, "\n({} more findings not listed)", r.findings_omitted)?;
+    }
+    Ok(())
+}
