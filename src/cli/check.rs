@@ -11,7 +11,8 @@ use std::sync::Arc;
 
 /// Arguments of `qinspect check`.
 #[derive(clap::Args, Debug)]
-#[command(after_help = "The verdict and the counts are qemu-img check's: every reference \
+#[command(
+    after_help = "The verdict and the counts are qemu-img check's: every reference \
 is recounted in QEMU's order and compared with the stored refcounts (lower than computed: \
 corruption; higher: leak), then the COPIED flags are checked. Each finding names the \
 cluster, the stored refcount and the computed reference count, who points at the cluster, \
@@ -20,7 +21,8 @@ Beyond qemu-img: refcounts set past the end of the file, a data cluster mapped a
 guest offsets, metadata overlapping data (notes, not counted in qemu-img's totals). Images \
 QEMU refuses to open are checked as far as they can be read.\n\n\
 Exit codes, as qemu-img check: 0 clean, 1 check failed, 2 corruptions, 3 leaks only.\n\
-Nothing is written: to repair, use `qemu-img check -r` on a copy.")]
+Nothing is written: to repair, use `qemu-img check -r` on a copy."
+)]
 pub struct Args {
     /// The image file.
     pub image: PathBuf,
@@ -112,20 +114,35 @@ fn print_readable(r: &CheckReport) -> color_eyre::Result<()> {
         writeln!(out, "{bad}warning:{bad:#} {w}")?;
     }
     if let Some(why) = &r.qemu_refuses {
-        writeln!(out, "{bad}QEMU refuses to open this image:{bad:#} {why}\nChecking what can be read anyway.\n")?;
+        writeln!(
+            out,
+            "{bad}QEMU refuses to open this image:{bad:#} {why}\nChecking what can be read anyway.\n"
+        )?;
     }
     // qemu-img's summary.
     if r.corruptions == 0 && r.leaks == 0 && r.check_errors == 0 {
         writeln!(out, "No errors were found on the image.")?;
     } else {
         if r.corruptions > 0 {
-            writeln!(out, "\n{bad}{} errors were found on the image.{bad:#}\nData may be corrupted, or further writes to the image may corrupt it.", r.corruptions)?;
+            writeln!(
+                out,
+                "\n{bad}{} errors were found on the image.{bad:#}\nData may be corrupted, or further writes to the image may corrupt it.",
+                r.corruptions
+            )?;
         }
         if r.leaks > 0 {
-            writeln!(out, "\n{} leaked clusters were found on the image.\nThis means waste of disk space, but no harm to data.", r.leaks)?;
+            writeln!(
+                out,
+                "\n{} leaked clusters were found on the image.\nThis means waste of disk space, but no harm to data.",
+                r.leaks
+            )?;
         }
         if r.check_errors > 0 {
-            writeln!(out, "\n{} internal errors have occurred during the check.", r.check_errors)?;
+            writeln!(
+                out,
+                "\n{} internal errors have occurred during the check.",
+                r.check_errors
+            )?;
         }
     }
     if r.total_clusters != 0 && r.allocated_clusters != 0 {
@@ -144,6 +161,11 @@ fn print_readable(r: &CheckReport) -> color_eyre::Result<()> {
     }
     if let Some(why) = &r.aborted {
         writeln!(out, "{bad}Check failed:{bad:#} {why}")?;
+    } else if r.check_errors > 0 {
+        writeln!(
+            out,
+            "{bad}Check failed{bad:#} (some refcounts could not be read)"
+        )?;
     }
     // Findings grouped by kind.
     for (kind, title) in [
@@ -159,7 +181,11 @@ fn print_readable(r: &CheckReport) -> color_eyre::Result<()> {
         let st = if kind == FindingKind::Note { hd } else { bad };
         writeln!(out, "\n{st}{title} ({}):{st:#}", list.len())?;
         for f in list {
-            let times = if f.count > 1 { format!(" {dim}(counted {} times){dim:#}", f.count) } else { String::new() };
+            let times = if f.count > 1 {
+                format!(" {dim}(counted {} times){dim:#}", f.count)
+            } else {
+                String::new()
+            };
             writeln!(out, "  {}{times}", f.message)?;
             for who in &f.referrers {
                 writeln!(out, "    {dim}referenced by{dim:#} {}", who.describe())?;

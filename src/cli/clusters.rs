@@ -15,13 +15,15 @@ const MAX_ROWS: u64 = 1 << 20;
 
 /// Arguments of `qinspect clusters`.
 #[derive(clap::Args, Debug)]
-#[command(after_help = "Every host cluster in range with its roles (header, L1, L2, data, \
+#[command(
+    after_help = "Every host cluster in range with its roles (header, L1, L2, data, \
 compressed, refcount table/block, snapshot table, bitmap directory/table/data, crypto \
 header, or free), its stored refcount, the references counted the way qemu-img check counts \
 them, and who makes each reference.\n\n\
 Examples:\n  qinspect clusters disk.qcow2                  every cluster of a small file\n  \
 qinspect clusters disk.qcow2 --range 4..7\n  \
-qinspect clusters disk.qcow2 --host 0x50000     who points at host offset 0x50000?")]
+qinspect clusters disk.qcow2 --host 0x50000     who points at host offset 0x50000?"
+)]
 pub struct Args {
     /// The image file.
     pub image: PathBuf,
@@ -87,16 +89,27 @@ pub fn run(a: Args) -> CmdResult {
             *by_role.entry(role_name(role)).or_default() += 1;
         }
     }
-    writeln!(out, "{hd}host clusters {first}..={last} ({} bytes each){hd:#}", cs)?;
+    writeln!(
+        out,
+        "{hd}host clusters {first}..={last} ({} bytes each){hd:#}",
+        cs
+    )?;
     for (role, n) in &by_role {
         writeln!(out, "  {role:<18} {n}")?;
     }
-    writeln!(out, "\n{hd}{:>10} {:>14} {:>9} {:>9}  roles / referrers{hd:#}", "cluster", "offset", "refcount", "refs")?;
+    writeln!(
+        out,
+        "\n{hd}{:>10} {:>14} {:>9} {:>9}  roles / referrers{hd:#}",
+        "cluster", "offset", "refcount", "refs"
+    )?;
     for r in &rows {
         print_row(&mut out, r, bad, dim)?;
     }
     if cut {
-        writeln!(out, "(only the first {MAX_ROWS} clusters; use --range for more)")?;
+        writeln!(
+            out,
+            "(only the first {MAX_ROWS} clusters; use --range for more)"
+        )?;
     }
     Ok(0)
 }
@@ -108,8 +121,16 @@ fn role_name(r: &qinspect::check::Role) -> String {
         .unwrap_or_default()
 }
 
-fn print_row(out: &mut impl Write, r: &ClusterInfo, bad: anstyle::Style, dim: anstyle::Style) -> std::io::Result<()> {
-    let stored = r.refcount.map(|x| x.to_string()).unwrap_or_else(|| "?".into());
+fn print_row(
+    out: &mut impl Write,
+    r: &ClusterInfo,
+    bad: anstyle::Style,
+    dim: anstyle::Style,
+) -> std::io::Result<()> {
+    let stored = r
+        .refcount
+        .map(|x| x.to_string())
+        .unwrap_or_else(|| "?".into());
     let mismatch = r.refcount != Some(r.reference);
     let st = if mismatch { bad } else { anstyle::Style::new() };
     let roles = if r.roles.is_empty() {

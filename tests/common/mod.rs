@@ -221,23 +221,37 @@ impl Work {
         }
         let ours_json = Self::json(&ours.stdout);
         if !q.stdout.is_empty() {
-            let Value::Object(qm) = Self::json(&q.stdout) else { panic!("qemu-img check JSON") };
+            let Value::Object(qm) = Self::json(&q.stdout) else {
+                panic!("qemu-img check JSON")
+            };
             for (k, v) in &qm {
                 assert_eq!(ours_json.get(k), Some(v), "check key '{k}' of {image}");
             }
             for k in [
-                "check-errors", "corruptions", "leaks", "image-end-offset", "total-clusters",
-                "allocated-clusters", "fragmented-clusters", "compressed-clusters",
+                "check-errors",
+                "corruptions",
+                "leaks",
+                "image-end-offset",
+                "total-clusters",
+                "allocated-clusters",
+                "fragmented-clusters",
+                "compressed-clusters",
             ] {
                 if !qm.contains_key(k) {
-                    assert_eq!(ours_json[k], 0, "qemu-img left out '{k}' (zero) for {image}");
+                    assert_eq!(
+                        ours_json[k], 0,
+                        "qemu-img left out '{k}' (zero) for {image}"
+                    );
                 }
             }
         }
         let findings = ours_json["findings"].as_array().expect("findings").clone();
         let stderr = String::from_utf8_lossy(&human.stderr);
         for line in stderr.lines() {
-            let Some(rest) = line.strip_prefix("ERROR cluster ").or_else(|| line.strip_prefix("Leaked cluster ")) else {
+            let Some(rest) = line
+                .strip_prefix("ERROR cluster ")
+                .or_else(|| line.strip_prefix("Leaked cluster "))
+            else {
                 continue;
             };
             let nums: Vec<u64> = rest
@@ -247,7 +261,9 @@ impl Work {
                 .collect();
             let (c, r, refs) = (nums[0], nums[1], nums[2]);
             assert!(
-                findings.iter().any(|f| f["cluster"] == c && f["refcount"] == r && f["reference"] == refs),
+                findings
+                    .iter()
+                    .any(|f| f["cluster"] == c && f["refcount"] == r && f["reference"] == refs),
                 "no finding for qemu-img's line '{line}' in {image}: {findings:#?}"
             );
         }

@@ -1,0 +1,310 @@
+//! `qinspect check` against `qemu-img check` on images corrupted by byte patches:
+//! same exit code, same counts, and a finding for every per-cluster line.
+
+mod common;
+use common::Work;
+use serde_json::Value;
+
+/// The reference base image: L1 at 0x30000, L2 at 0x40000, data in clusters 5-7
+/// (guest 0..128k and 1M..1M+64k), 16-bit refcounts in a block at 0x20000.
+fn base(w: &Work, name: &str, opts: &str) {
+    w.qemu_img(&["create", "-f", "qcow2", "-o", opts, name, "1G"]);
+    w.qemu_io(name, &["write -P 0xaa 0 128k", "write -P 0xbb 1M 64k"]);
+}
+
+fn l2_entry(w: &Work, name: &str, index: u64, raw: u64) {
+    w.patch(name, 0x40000 + index * 8, &raw.to_be_bytes());
+}
+
+fn findings(v: &Value) -> &Vec<Value> {
+    v["findings"].as_array().unwrap()
+}
+
+fn has(v: &Value, category: &str) -> bool {
+    findings(v).iter().any(|f| f["category"] == category)
+}
+
+#[test]
+fn refcount_lowered_to_zero() {
+    let w = Work::new();
+    base(&w, "a.qcow2", "cluster_size=64k");
+    w.set_refcount("a.qcow2", 5, 0);
+    let v = w.assert_check_matches("a.qcow2");
+    assert_eq!(v["corruptions"], 2);
+    // The finding names the L2 entry that uses the cluster.
+    let f = findings(&v)
+        .iter()
+        .find(|f| f["category"] == "refcount")
+        .unwrap();
+    assert_eq!(f["cluster"], 5);
+    assert_eq!(f["referrers"][0]["l2_table"], 0x40000);
+    assert_eq!(f["referrers"][0]["l2_index"], 0);
+    assert_eq!(f["referrers"][0]["l1"], "active L1");
+}
+
+#[test]
+fn refcount_raised_on_unshared_cluster() {
+    let w = Work::new();
+    base(&w, "a.qcow2", "cluster_size=64k");
+    w.set_refcount("a.qcow2", 5, 2);
+    let v = w.assert_check_matches("a.qcow2");
+    assert_eq!(
+        (v["leaks"].as_u64(), v["corruptions"].as_u64()),
+        (Some(1), Some(1))
+    );
+    assert!(has(&v, "copied"));
+}
+
+#[test]
+fn leak_from_a_zeroed_l2_entry() {
+    let w = Work::new();
+    base(&w, "a.qcow2", "cluster_size=64k");
+    l2_entry(&w, "a.qcow2", 16, 0);
+    let v = w.assert_check_matches("a.qcow2");
+    assert_eq!(v["leaks"], 1);
+    let f = findings(&v).iter().find(|f| f["kind"] == "leak").unwrap();
+    assert_eq!(
+        (
+            f["cluster"].as_u64(),
+            f["refcount"].as_u64(),
+            f["reference"].as_u64()
+        ),
+        (Some(7), Some(1), Some(0))
+    );
+}
+
+#[test]
+fn misaligned_and_past_eof_l2_entries() {
+    let w = Work::new();
+    base(&w, "m.qcow2", "cluster_size=64k");
+    l2_entry(&w, "m.qcow2", 16, 0x8000000000070200);
+    let v = w.assert_check_matches("m.qcow2");
+    assert!(has(&v, "unaligned"));
+    base(&w, "e.qcow2", "cluster_size=64k");
+    l2_entry(&w, "e.qcow2", 16, 0x8000000010000000);
+    let v = w.assert_check_matches("e.qcow2");
+    assert!(has(&v, "past-eof"));
+}
+
+#[test]
+fn two_l2_entries_share_a_cluster() {
+    let w = Work::new();
+    base(&w, "a.qcow2", "cluster_size=64k");
+    l2_entry(&w, "a.qcow2", 16, 0x8000000000050000);
+    let v = w.assert_check_matches("a.qcow2");
+    // Beyond qemu-img: both owners named, at their guest offsets.
+    let f = findings(&v)
+        .iter()
+        .find(|f| f["category"] == "cross-link")
+        .expect("cross-link note");
+    assert_eq!(f["cluster"], 5);
+    let guests: Vec<u64> = f["referrers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["guest_offset"].as_u64().unwrap())
+        .collect();
+    assert_eq!(guests, vec![0, 0x100000]);
+}
+
+#[test]
+fn copied_flag_missing() {
+    let w = Work::new();
+    base(&w, "a.qcow2", "cluster_size=64k");
+    l2_entry(&w, "a.qcow2", 0, 0x50000);
+    let v = w.assert_check_matches("a.qcow2");
+    assert_eq!(v["corruptions"], 1);
+    let f = &findings(&v)[0];
+    assert_eq!(f["category"], "copied");
+    assert!(f["repair"].as_str().unwrap().contains("set bit 63"));
+}
+
+#[test]
+fn wrong_refcount_with_4_bit_refcounts() {
+    let w = Work::new();
+    base(&w, "r4.qcow2", "refcount_bits=4");
+    w.set_refcount("r4.qcow2", 6, 3);
+    let v = w.assert_check_matches("r4.qcow2");
+    assert_eq!(v["leaks"], 1);
+}
+
+#[test]
+fn leak_in_a_compat_010_image() {
+    let w = Work::new();
+    base(&w, "v2.qcow2", "compat=0.10");
+    l2_entry(&w, "v2.qcow2", 1, 0);
+    let v = w.assert_check_matches("v2.qcow2");
+    assert_eq!(v["leaks"], 1);
+}
+
+#[test]
+fn shared_cluster_under_counted_with_many_snapshots() {
+    let w = Work::new();
+    base(&w, "s.qcow2", "cluster_size=64k");
+    for i in 0..12 {
+        w.qemu_img(&["snapshot", "-c", &format!("s{i}"), "s.qcow2"]);
+        w.qemu_io("s.qcow2", &[&format!("write -P {i} {}k 4k", 256 + i * 64)]);
+    }
+    w.assert_check_matches("s.qcow2");
+    w.set_refcount("s.qcow2", 6, 3);
+    let v = w.assert_check_matches("s.qcow2");
+    let f = findings(&v)
+        .iter()
+        .find(|f| f["category"] == "refcount")
+        .unwrap();
+    assert_eq!(f["refcount"], 3);
+    // Every snapshot's L1 reaches it through a shared L2 table: all are named.
+    assert!(f["referrers"].as_array().unwrap().len() >= 12);
+}
+
+#[test]
+fn bitmaps_clean_and_with_autoclear_cleared() {
+    let w = Work::new();
+    base(&w, "b.qcow2", "cluster_size=64k");
+    w.qemu_img(&["bitmap", "--add", "b.qcow2", "b0"]);
+    w.qemu_img(&["bitmap", "--add", "b.qcow2", "b1"]);
+    w.qemu_io("b.qcow2", &["write -P 1 2M 64k"]);
+    w.assert_check_matches("b.qcow2");
+    // Clear autoclear bit 0: QEMU stops counting the bitmap clusters: leaks.
+    w.patch("b.qcow2", 88, &0u64.to_be_bytes());
+    let v = w.assert_check_matches("b.qcow2");
+    assert!(v["leaks"].as_u64().unwrap() >= 3);
+}
+
+#[test]
+fn compressed_clusters_packed_in_one_host_cluster() {
+    let w = Work::new();
+    w.qemu_img(&["create", "-f", "raw", "src.raw", "1M"]);
+    w.qemu_io("src.raw", &["write -P 0x61 0 512k"]);
+    w.qemu_img(&[
+        "convert",
+        "-c",
+        "-O",
+        "qcow2",
+        "-o",
+        "cluster_size=4096",
+        "src.raw",
+        "c.qcow2",
+    ]);
+    let v = w.assert_check_matches("c.qcow2");
+    assert!(v["compressed-clusters"].as_u64().unwrap() > 100);
+    // Find a host cluster holding many compressed clusters and lower its refcount.
+    let cl = Work::json(&w.qinspect_ok(&["clusters", "c.qcow2", "--json"]));
+    let packed = cl["clusters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| {
+            c["roles"] == serde_json::json!(["compressed"]) && c["reference"].as_u64().unwrap() > 3
+        })
+        .expect("a host cluster shared by several compressed clusters");
+    let c = packed["cluster"].as_u64().unwrap();
+    let n = packed["reference"].as_u64().unwrap();
+    w.set_refcount("c.qcow2", c, n - 1);
+    let v = w.assert_check_matches("c.qcow2");
+    assert_eq!(v["corruptions"], 1);
+    // COPIED on a compressed entry is a corruption too.
+    let l2 =
+        Work::json(&w.qinspect_ok(&["dump", "l1", "c.qcow2", "--json"]))["entries"][0]["l2_offset"]
+            .as_u64()
+            .unwrap();
+    let mut e = [0u8; 8];
+    std::os::unix::fs::FileExt::read_exact_at(
+        &std::fs::File::open(w.path("c.qcow2")).unwrap(),
+        &mut e,
+        l2,
+    )
+    .unwrap();
+    let raw = u64::from_be_bytes(e) | (1 << 63);
+    w.patch("c.qcow2", l2, &raw.to_be_bytes());
+    let v = w.assert_check_matches("c.qcow2");
+    assert!(has(&v, "copied"));
+}
+
+#[test]
+fn refcounts_past_the_end_of_the_file() {
+    let w = Work::new();
+    base(&w, "a.qcow2", "cluster_size=64k");
+    // Cluster 40 is far past the end of the 8-cluster file; qemu-img never looks.
+    w.set_refcount("a.qcow2", 40, 1);
+    let v = w.assert_check_matches("a.qcow2");
+    assert_eq!(v["leaks"], 0);
+    let f = findings(&v)
+        .iter()
+        .find(|f| f["category"] == "refcount-past-eof")
+        .expect("note");
+    assert_eq!(f["cluster"], 40);
+    assert_eq!(f["kind"], "note");
+}
+
+#[test]
+fn metadata_overlapping_data_names_both_owners() {
+    let w = Work::new();
+    base(&w, "o.qcow2", "cluster_size=64k");
+    // Guest cluster 1 now "stores its data" in the L2 table's own cluster.
+    l2_entry(&w, "o.qcow2", 1, 0x8000000000040000);
+    let v = w.assert_check_matches("o.qcow2");
+    let f = findings(&v)
+        .iter()
+        .find(|f| f["category"] == "cross-link")
+        .expect("overlap note");
+    assert_eq!(f["cluster"], 4);
+    let roles: Vec<&str> = f["referrers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["role"].as_str().unwrap())
+        .collect();
+    assert!(
+        roles.contains(&"l2-table") && roles.contains(&"data"),
+        "{roles:?}"
+    );
+}
+
+#[test]
+fn bad_refcount_blocks_and_snapshot_entries() {
+    let w = Work::new();
+    // A refcount table entry with reserved bits.
+    base(&w, "rb.qcow2", "cluster_size=64k");
+    w.patch("rb.qcow2", 0x10000, &0x20001u64.to_be_bytes());
+    w.assert_check_matches("rb.qcow2");
+    // A refcount block "outside the image".
+    base(&w, "ro.qcow2", "cluster_size=64k");
+    w.patch("ro.qcow2", 0x10008, &0x1000_0000u64.to_be_bytes());
+    w.assert_check_matches("ro.qcow2");
+    // An unaligned refcount block 0: refcounts cannot be read (check errors).
+    base(&w, "ru.qcow2", "cluster_size=64k");
+    w.patch("ru.qcow2", 0x10000, &0x20200u64.to_be_bytes());
+    w.assert_check_matches("ru.qcow2");
+    // A snapshot entry with only 8 bytes of extra data: "incomplete".
+    base(&w, "sn.qcow2", "cluster_size=64k");
+    w.qemu_img(&["snapshot", "-c", "x", "sn.qcow2"]);
+    let so = u64::from_be_bytes(
+        std::fs::read(w.path("sn.qcow2")).unwrap()[64..72]
+            .try_into()
+            .unwrap(),
+    );
+    w.patch("sn.qcow2", so + 36, &8u32.to_be_bytes());
+    // Keep id and name where they were by moving them 16 bytes earlier.
+    let bytes = std::fs::read(w.path("sn.qcow2")).unwrap();
+    let tail = bytes[(so + 64) as usize..(so + 64 + 2) as usize].to_vec();
+    w.patch("sn.qcow2", so + 48, &tail);
+    let v = w.assert_check_matches("sn.qcow2");
+    assert!(
+        findings(&v)
+            .iter()
+            .any(|f| f["message"].as_str().unwrap().contains("incomplete"))
+    );
+}
+
+#[test]
+fn dirty_image_gets_a_warning_and_no_write() {
+    let w = Work::new();
+    base(&w, "d.qcow2", "lazy_refcounts=on");
+    let incompat = 1u64; // dirty bit
+    w.patch("d.qcow2", 72, &incompat.to_be_bytes());
+    let before = w.fingerprint("d.qcow2");
+    let v = w.assert_check_matches("d.qcow2");
+    assert!(v["warnings"][0].as_str().unwrap().contains("dirty"));
+    assert_eq!(w.fingerprint("d.qcow2"), before);
+}
