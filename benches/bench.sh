@@ -8,7 +8,10 @@
 #   case, qemu-img seconds, qinspect seconds, ratio (qinspect/qemu-img),
 #   target ratio, PASS/MISS against the target, peak RSS of both
 # and, where it applies, whether the two tools' outputs agree.  The ratio
-# targets are goals for qinspect, not hard limits.
+# targets are goals for qinspect, not hard limits; for the check cases PASS
+# also needs qinspect's peak RSS <= qemu-img's.  Wall-clock numbers on a
+# small shared machine are noisy: compare ratios, rerun before concluding.
+# All cases take about 4-5 minutes on 2 cores, most of it setup.
 #
 # This is NOT part of the test suite (cargo test never runs it) and it does
 # not gate anything: run it by hand when working on performance.
@@ -42,7 +45,8 @@
 #                (e.g. to compare against an older build)
 #   BENCH_RSS    force how peak RSS is measured: time, python or none
 # Peak RSS comes from /usr/bin/time -f %M, or, without it, from a python3
-# getrusage() wrapper; without either it is not reported.  Timing is bash
+# getrusage() wrapper (which then also does the timing, so python's start-up
+# is not counted); without either RSS is not reported.  Timing is bash
 # `date +%s.%N` around each run.  Nothing is installed; hyperfine is not
 # needed.  Before each read-1G run the previous output is removed and `sync`
 # is run (untimed) so write-back of the last 1 GiB does not skew the next.
