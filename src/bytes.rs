@@ -5,7 +5,13 @@
 //! size before decoding, so this only matters for hostile input.
 
 /// `N` bytes at `off`, zero-filled where the buffer ends early.
+#[inline]
 pub fn array<const N: usize>(buf: &[u8], off: usize) -> [u8; N] {
+    if let Some(whole) = buf.get(off..off.saturating_add(N)) {
+        if let Ok(a) = whole.try_into() {
+            return a;
+        }
+    }
     let mut out = [0u8; N];
     if let Some(src) = buf.get(off..) {
         let n = src.len().min(N);
@@ -17,16 +23,19 @@ pub fn array<const N: usize>(buf: &[u8], off: usize) -> [u8; N] {
 }
 
 /// Big-endian u64 at `off`.
+#[inline]
 pub fn be64(buf: &[u8], off: usize) -> u64 {
     u64::from_be_bytes(array(buf, off))
 }
 
 /// Big-endian u32 at `off`.
+#[inline]
 pub fn be32(buf: &[u8], off: usize) -> u32 {
     u32::from_be_bytes(array(buf, off))
 }
 
 /// Big-endian u16 at `off`.
+#[inline]
 pub fn be16(buf: &[u8], off: usize) -> u16 {
     u16::from_be_bytes(array(buf, off))
 }

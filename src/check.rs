@@ -27,6 +27,7 @@ use crate::bitmap;
 use crate::header::{AUTOCLEAR_BITMAPS, ExtensionKind};
 use crate::image::{Qcow2, RefcountReader};
 use crate::io::read_into;
+use crate::refcount::get_refcount;
 
 use crate::tables::{
     ClusterType, CompressedDescriptor, L1E_OFFSET_MASK, L1E_RESERVED_MASK, L2E_OFFSET_MASK,
@@ -246,11 +247,65 @@ impl CheckReport {
     }
 }
 
-/// A sparse, chunked table of reference counts per host cluster.
+/// Reference counts of one chunk of clusters, as narrow as the counts allow.
+#[derive(Debug)]
+enum Counts {
+    U8(Box<[u8]>),
+    U16(Box<[u16]>),
+    U64(Box<[u64]>),
+}
+
+impl Counts {
+    fn get(&self, i: usize) -> u64 {
+        match self {
+            Counts::U8(v) => v.get(i).map_or(0, |x| u64::from(*x)),
+            Counts::U16(v) => v.get(i).map_or(0, |x| u64::from(*x)),
+            Counts::U64(v) => v.get(i).copied().unwrap_or(0),
+        }
+    }
+
+    /// Store `v`, widening the whole chunk first if it does not fit.
+    fn set(&mut self, i: usize, v: u64) {
+        if v > u64::from(u16::MAX) && !matches!(self, Counts::U64(_)) {
+            let wide: Vec<u64> = (0..CHUNK as usize).map(|j| self.get(j)).collect();
+            *self = Counts::U64(wide.into_boxed_slice());
+        } else if v > u64::from(u8::MAX) && matches!(self, Counts::U8(_)) {
+            let wide: Vec<u16> = (0..CHUNK as usize).map(|j| self.get(j) as u16).collect();
+            *self = Counts::U16(wide.into_boxed_slice());
+        }
+        match self {
+            Counts::U8(a) => {
+                if let Some(x) = a.get_mut(i) {
+                    *x = v as u8;
+                }
+            }
+            Counts::U16(a) => {
+                if let Some(x) = a.get_mut(i) {
+                    *x = v as u16;
+                }
+            }
+            Counts::U64(a) => {
+                if let Some(x) = a.get_mut(i) {
+                    *x = v;
+                }
+            }
+        }
+    }
+}
+
+/// One chunk: counts plus two bits per cluster (referenced as metadata, as data).
+#[derive(Debug)]
+struct Chunk {
+    counts: Counts,
+    kinds: Box<[u8]>,
+}
+
+/// The in-memory refcount table: computed references per host cluster, in chunks
+/// of 64Ki clusters allocated only where something is referenced, one byte per
+/// cluster until a count needs more.
 #[derive(Debug, Default)]
 pub struct Imrt {
-    chunks: HashMap<u64, Box<[u16]>>,
-    big: HashMap<u64, u64>,
+    chunks: Vec<Option<Chunk>>,
     /// Number of clusters covered (the file's, plus any reference just past it).
     pub nb_clusters: u64,
 }
@@ -260,53 +315,111 @@ const CHUNK: u64 = 1 << CHUNK_BITS;
 
 impl Imrt {
     fn new(nb_clusters: u64) -> Self {
+        let slots = (nb_clusters >> CHUNK_BITS) as usize + 2;
+        let mut chunks = Vec::new();
+        chunks.resize_with(slots, || None);
         Imrt {
-            chunks: HashMap::new(),
-            big: HashMap::new(),
+            chunks,
             nb_clusters,
         }
     }
 
+    fn chunk(&self, c: u64) -> Option<&Chunk> {
+        self.chunks
+            .get((c >> CHUNK_BITS) as usize)
+            .and_then(Option::as_ref)
+    }
+
+    fn chunk_mut(&mut self, c: u64) -> Option<&mut Chunk> {
+        let i = (c >> CHUNK_BITS) as usize;
+        if i >= self.chunks.len() {
+            // Only a reference just past the end of the file gets here.
+            self.chunks.resize_with(i + 1, || None);
+        }
+        let slot = self.chunks.get_mut(i)?;
+        Some(slot.get_or_insert_with(|| Chunk {
+            counts: Counts::U8(vec![0u8; CHUNK as usize].into_boxed_slice()),
+            kinds: vec![0u8; (CHUNK / 4) as usize].into_boxed_slice(),
+        }))
+    }
+
     /// Computed references of a cluster.
     pub fn get(&self, c: u64) -> u64 {
-        let v = self
-            .chunks
-            .get(&(c >> CHUNK_BITS))
-            .and_then(|ch| ch.get((c & (CHUNK - 1)) as usize))
-            .copied()
-            .unwrap_or(0);
-        if v == u16::MAX {
-            self.big.get(&c).copied().unwrap_or(u64::from(u16::MAX))
-        } else {
-            u64::from(v)
-        }
+        self.chunk(c)
+            .map_or(0, |ch| ch.counts.get((c & (CHUNK - 1)) as usize))
     }
 
-    fn set(&mut self, c: u64, v: u64) {
-        let ch = self
-            .chunks
-            .entry(c >> CHUNK_BITS)
-            .or_insert_with(|| vec![0u16; CHUNK as usize].into_boxed_slice());
-        if let Some(slot) = ch.get_mut((c & (CHUNK - 1)) as usize) {
-            if v >= u64::from(u16::MAX) {
-                *slot = u16::MAX;
-                self.big.insert(c, v);
-            } else {
-                *slot = v as u16;
+    /// 1: referenced as metadata; 2: as data; 3: both.
+    fn kinds(&self, c: u64) -> u8 {
+        let i = (c & (CHUNK - 1)) as usize;
+        self.chunk(c)
+            .and_then(|ch| ch.kinds.get(i / 4))
+            .map_or(0, |b| (b >> ((i % 4) * 2)) & 3)
+    }
+
+    /// Add `w` data references to each of `n` clusters from `first`; returns how
+    /// many did not fit under `max`.
+    fn add_run(&mut self, first: u64, n: u64, w: u64, max: u64) -> u64 {
+        let mut over = 0;
+        let mut c = first;
+        let end = first.saturating_add(n);
+        while c < end {
+            let stop = end.min(((c >> CHUNK_BITS) + 1) << CHUNK_BITS);
+            if stop > self.nb_clusters {
+                self.nb_clusters = stop;
             }
+            let Some(ch) = self.chunk_mut(c) else {
+                return over;
+            };
+            let lo = (c & (CHUNK - 1)) as usize;
+            let hi = lo + (stop - c) as usize;
+            for i in lo..hi {
+                if let Some(b) = ch.kinds.get_mut(i / 4) {
+                    *b |= 2 << ((i % 4) * 2);
+                }
+            }
+            let fast = match &mut ch.counts {
+                Counts::U8(a) if w < 255 && max >= 255 => a.get_mut(lo..hi).map(|s| {
+                    s.iter().all(|x| *x < 255 - w as u8) && {
+                        s.iter_mut().for_each(|x| *x += w as u8);
+                        true
+                    }
+                }),
+                _ => None,
+            };
+            if fast != Some(true) {
+                for i in lo..hi {
+                    let cur = ch.counts.get(i);
+                    let room = max.saturating_sub(cur);
+                    let added = w.min(room);
+                    over += w - added;
+                    if added > 0 {
+                        ch.counts.set(i, cur + added);
+                    }
+                }
+            }
+            c = stop;
         }
+        over
     }
 
-    /// Add `w` references, saturating at `max`; returns how many did not fit.
-    fn add(&mut self, c: u64, w: u64, max: u64) -> u64 {
+    /// Add `w` references of one kind, saturating at `max`; returns how many did not fit.
+    fn add(&mut self, c: u64, w: u64, max: u64, metadata: bool) -> u64 {
         if c >= self.nb_clusters {
             self.nb_clusters = c + 1;
         }
-        let cur = self.get(c);
+        let i = (c & (CHUNK - 1)) as usize;
+        let Some(ch) = self.chunk_mut(c) else {
+            return 0;
+        };
+        if let Some(b) = ch.kinds.get_mut(i / 4) {
+            *b |= (if metadata { 1 } else { 2 }) << ((i % 4) * 2);
+        }
+        let cur = ch.counts.get(i);
         let room = max.saturating_sub(cur);
         let added = w.min(room);
         if added > 0 {
-            self.set(c, cur + added);
+            ch.counts.set(i, cur + added);
         }
         w - added
     }
@@ -369,55 +482,42 @@ trait Visitor {
     /// `len` bytes at `off`, referenced `w` times, by `ctx`. Returns how many of the
     /// `w` references overflowed (for the counting visitor).
     fn visit(&mut self, first: u64, last: u64, w: u64, ctx: Ctx) -> u64;
+    /// `n` data clusters from `first` on, named by consecutive entries of one L2
+    /// table starting at the entry in `ctx`, each referenced `w` times.
+    fn visit_run(&mut self, first: u64, n: u64, w: u64, ctx: Ctx) -> u64 {
+        let mut over = 0;
+        for k in 0..n {
+            let ctx = match ctx {
+                Ctx::Entry { l2, index, role } => Ctx::Entry { l2, index: index + k, role },
+                other => other,
+            };
+            over += self.visit(first + k, first + k, w, ctx);
+        }
+        over
+    }
     /// The refcount so far of a cluster (for the refblock check).
     fn count(&self, _c: u64) -> u64 {
         0
     }
 }
 
-/// The IMRT plus a role bitmap (metadata vs data) for overlap detection.
+/// Counts references into the IMRT.
 struct Counter {
     imrt: Imrt,
     max: u64,
-    meta: HashMap<u64, Box<[u8]>>,
-}
-
-impl Counter {
-    fn mark(&mut self, c: u64, metadata: bool) -> (bool, bool) {
-        let ch = self
-            .meta
-            .entry(c >> CHUNK_BITS)
-            .or_insert_with(|| vec![0u8; (CHUNK / 4) as usize].into_boxed_slice());
-        let i = (c & (CHUNK - 1)) as usize;
-        let shift = (i % 4) * 2;
-        let bit: u8 = if metadata { 1 } else { 2 };
-        let mut before = 0u8;
-        if let Some(b) = ch.get_mut(i / 4) {
-            before = (*b >> shift) & 3;
-            *b |= bit << shift;
-        }
-        (before & 1 != 0, before & 2 != 0)
-    }
-
-    fn kinds(&self, c: u64) -> u8 {
-        let i = (c & (CHUNK - 1)) as usize;
-        self.meta
-            .get(&(c >> CHUNK_BITS))
-            .and_then(|ch| ch.get(i / 4))
-            .map(|b| (b >> ((i % 4) * 2)) & 3)
-            .unwrap_or(0)
-    }
 }
 
 impl Visitor for Counter {
     fn visit(&mut self, first: u64, last: u64, w: u64, ctx: Ctx) -> u64 {
-        let mut over = 0;
         let meta = ctx.role().is_metadata();
+        let mut over = 0;
         for c in first..=last {
-            over += self.imrt.add(c, w, self.max);
-            self.mark(c, meta);
+            over += self.imrt.add(c, w, self.max, meta);
         }
         over
+    }
+    fn visit_run(&mut self, first: u64, n: u64, w: u64, _ctx: Ctx) -> u64 {
+        self.imrt.add_run(first, n, w, self.max)
     }
     fn count(&self, c: u64) -> u64 {
         self.imrt.get(c)
@@ -615,6 +715,25 @@ impl<'a> Walk<'a> {
         }
     }
 
+    /// Count a run of data clusters found in one L2 table.
+    fn flush_run(&mut self, v: &mut dyn Visitor, l2: u64, first: u64, n: u64, index: u64, w: u64) {
+        let over = v.visit_run(first, n, w, Ctx::Entry { l2, index, role: Role::Data });
+        if over > 0 {
+            let msg = format!(
+                "ERROR: overflow cluster offset={:#x}.. ({} references did not fit in {}-bit refcounts)",
+                first << self.cbits,
+                over,
+                self.img.header.refcount_bits()
+            );
+            let at = first << self.cbits;
+            if let Some(f) = self.find(FindingKind::Corruption, "overflow", msg, over) {
+                f.cluster = Some(first);
+                f.offset = Some(at);
+                f.repair = Some("qemu-img amend -o refcount_bits=… (wider refcounts) or qemu-img convert to a clean copy".into());
+            }
+        }
+    }
+
     /// `check_refcounts_l2` for one L2 table, once, weighted by the L1 entries naming it.
     fn walk_l2(&mut self, v: &mut dyn Visitor, l2: u64, refs: &[(L1Id, u64)], buf: &mut [u8]) {
         let w = refs.len() as u64;
@@ -632,6 +751,8 @@ impl<'a> Walk<'a> {
         let has_df = self.img.header.has_data_file();
         let mut next_contiguous = 0u64;
         let cs = self.cs;
+        // A run of data clusters (first cluster, count, first L2 index) counted at once.
+        let mut run: Option<(u64, u64, u64)> = None;
         for (i, chunk) in buf.chunks_exact(step).enumerate() {
             let raw = crate::bytes::be64(chunk, 0);
             let bitmap = if ext { crate::bytes::be64(chunk, 8) } else { 0 };
@@ -733,17 +854,34 @@ impl<'a> Walk<'a> {
                         next_contiguous = off.wrapping_add(cs);
                     }
                     if !has_df {
-                        self.inc(
-                            v,
-                            off,
-                            cs,
-                            w,
-                            Ctx::Entry {
-                                l2,
-                                index: i,
-                                role: Role::Data,
-                            },
-                        );
+                        if off & (cs - 1) == 0 && off < self.file_len {
+                            // Aligned and inside the file: extend or start a run.
+                            let c = off >> self.cbits;
+                            match run {
+                                Some((start, n, idx)) if start + n == c => run = Some((start, n + 1, idx)),
+                                _ => {
+                                    if let Some((start, n, idx)) = run.take() {
+                                        self.flush_run(v, l2, start, n, idx, w);
+                                    }
+                                    run = Some((c, 1, i));
+                                }
+                            }
+                        } else {
+                            if let Some((start, n, idx)) = run.take() {
+                                self.flush_run(v, l2, start, n, idx, w);
+                            }
+                            self.inc(
+                                v,
+                                off,
+                                cs,
+                                w,
+                                Ctx::Entry {
+                                    l2,
+                                    index: i,
+                                    role: Role::Data,
+                                },
+                            );
+                        }
                     }
                 }
                 ClusterType::ZeroPlain => {}
@@ -759,10 +897,20 @@ impl<'a> Walk<'a> {
                 }
             }
         }
+        if let Some((start, n, idx)) = run.take() {
+            self.flush_run(v, l2, start, n, idx, w);
+        }
     }
 
     /// Everything but the comparison: QEMU's `calculate_refcounts`.
     fn calculate(&mut self, v: &mut dyn Visitor) {
+        self.head(v);
+        self.l2_phase(v);
+        self.tail(v);
+    }
+
+    /// The header, then every L1 table (their L2 tables are collected for later).
+    fn head(&mut self, v: &mut dyn Visitor) {
         let img = self.img;
         let h = &img.header;
         let cs = self.cs;
@@ -798,9 +946,12 @@ impl<'a> Walk<'a> {
             self.walk_l1(v, L1Id::Snapshot { index }, sn.l1_table_offset, &l1);
             self.snapshot_l1s.push((index, sn.l1_table_offset, l1));
         }
-        // Every L2 table once, weighted.
+    }
+
+    /// Every L2 table once, weighted by the L1 entries that name it.
+    fn l2_phase(&mut self, v: &mut dyn Visitor) {
         let refs = std::mem::take(&mut self.l2_refs);
-        let mut buf = vec![0u8; cs as usize];
+        let mut buf = vec![0u8; self.cs as usize];
         let total = refs.len() as u64;
         for (n, (l2, who)) in refs.iter().enumerate() {
             if n % 64 == 0 {
@@ -810,6 +961,13 @@ impl<'a> Walk<'a> {
         }
         self.tick("L2 tables", total, total);
         self.l2_refs = refs;
+    }
+
+    /// The snapshot table, refcount table, LUKS header, bitmaps and refcount blocks.
+    fn tail(&mut self, v: &mut dyn Visitor) {
+        let img = self.img;
+        let h = &img.header;
+        let cs = self.cs;
         self.inc(
             v,
             h.snapshots_offset,
@@ -1080,70 +1238,89 @@ pub fn check(img: &Qcow2, opts: &CheckOptions) -> CheckReport {
     let mut counter = Counter {
         imrt: Imrt::new(file_clusters),
         max: img.refcount_geometry().max(),
-        meta: HashMap::new(),
     };
-    walk.calculate(&mut counter);
+    walk.head(&mut counter);
+    walk.l2_phase(&mut counter);
+    walk.tail(&mut counter);
     if walk.report.aborted.is_some() {
         return finish(walk, Some(counter));
     }
-    compare(&mut walk, &counter);
-    copied(&mut walk);
+    let ones = compare(&mut walk, &counter);
+    copied(&mut walk, &ones);
     overlaps(&mut walk, &counter);
     finish(walk, Some(counter))
 }
 
 /// `compare_refcounts`, plus what lies past the end of the file.
-fn compare(walk: &mut Walk, counter: &Counter) {
+fn compare(walk: &mut Walk, counter: &Counter) -> Ones {
     let img = walk.img;
     let nb = counter.imrt.nb_clusters;
+    let mut ones = Ones {
+        bits: vec![0u64; nb.div_ceil(64) as usize],
+        nb,
+    };
     let mut stored = RefcountReader::new(img);
     let mut highest = 0u64;
     let mut unreadable: BTreeMap<u64, (u64, u64, u64)> = BTreeMap::new();
-    for c in 0..nb {
-        if c % (1 << 20) == 0 {
-            walk.tick("refcounts", c, nb);
-        }
-        let computed = counter.imrt.get(c);
-        let r = match stored.get(c) {
-            Ok(r) => r,
-            Err((ti, off)) => {
-                let e = unreadable.entry(ti).or_insert((off, c, 0));
-                e.2 += 1;
+    let bb = stored.block_bits;
+    let order = stored.order();
+    let mask = (1u64 << bb) - 1;
+    let mut c = 0u64;
+    while c < nb {
+        let ti = c >> bb;
+        let end = ((ti + 1) << bb).min(nb);
+        walk.tick("refcounts", c, nb);
+        let block = match stored.block(ti) {
+            Ok(b) => b,
+            Err(off) => {
+                unreadable.insert(ti, (off, c, end - c));
+                c = end;
                 continue;
             }
         };
-        if r > 0 || computed > 0 {
-            highest = c;
-        }
-        if r != computed {
-            let (kind, word) = if r < computed {
-                (FindingKind::Corruption, "ERROR")
-            } else {
-                (FindingKind::Leak, "Leaked")
-            };
-            let msg = format!("{word} cluster {c} refcount={r} reference={computed}");
-            let cs = walk.cs;
-            if let Some(f) = walk.find(kind, "refcount", msg, 1) {
-                f.cluster = Some(c);
-                f.offset = Some(c * cs);
-                f.refcount = Some(r);
-                f.reference = Some(computed);
-                f.repair = Some(if r == 0 {
-                    "qemu-img check -r all rebuilds the refcount structure (a used cluster has refcount 0)".to_string()
-                } else if r < computed {
-                    format!("qemu-img check -r all sets the refcount to {computed}")
+        for c in c..end {
+            let computed = counter.imrt.get(c);
+            let r = block.map_or(0, |b| get_refcount(b, order, c & mask));
+            if r == 0 && computed == 0 {
+                continue;
+            }
+            if r > 0 || computed > 0 {
+                highest = c;
+            }
+            if r == 1 {
+                ones.set(c);
+            }
+            if r != computed {
+                let (kind, word) = if r < computed {
+                    (FindingKind::Corruption, "ERROR")
                 } else {
-                    format!(
-                        "qemu-img check -r leaks sets the refcount to {computed}{}",
-                        if computed == 0 {
-                            " (frees the cluster)"
-                        } else {
-                            ""
-                        }
-                    )
-                });
+                    (FindingKind::Leak, "Leaked")
+                };
+                let msg = format!("{word} cluster {c} refcount={r} reference={computed}");
+                let cs = walk.cs;
+                if let Some(f) = walk.find(kind, "refcount", msg, 1) {
+                    f.cluster = Some(c);
+                    f.offset = Some(c * cs);
+                    f.refcount = Some(r);
+                    f.reference = Some(computed);
+                    f.repair = Some(if r == 0 {
+                        "qemu-img check -r all rebuilds the refcount structure (a used cluster has refcount 0)".to_string()
+                    } else if r < computed {
+                        format!("qemu-img check -r all sets the refcount to {computed}")
+                    } else {
+                        format!(
+                            "qemu-img check -r leaks sets the refcount to {computed}{}",
+                            if computed == 0 {
+                                " (frees the cluster)"
+                            } else {
+                                ""
+                            }
+                        )
+                    });
+                }
             }
         }
+        c = end;
     }
     walk.tick("refcounts", nb, nb);
     for (ti, (off, first, n)) in unreadable {
@@ -1199,10 +1376,34 @@ fn compare(walk: &mut Walk, counter: &Counter) {
         );
         walk.find(FindingKind::Note, "refcount-past-eof", msg, 1);
     }
+    ones
+}
+
+/// Which clusters (below the end of the file) have a stored refcount of exactly 1.
+struct Ones {
+    bits: Vec<u64>,
+    nb: u64,
+}
+
+impl Ones {
+    fn set(&mut self, c: u64) {
+        if let Some(w) = self.bits.get_mut((c / 64) as usize) {
+            *w |= 1 << (c % 64);
+        }
+    }
+    /// `Some(is one)` for clusters the compare pass read; `None` otherwise.
+    fn get(&self, c: u64) -> Option<bool> {
+        if c >= self.nb {
+            return None;
+        }
+        self.bits
+            .get((c / 64) as usize)
+            .map(|w| w & (1 << (c % 64)) != 0)
+    }
 }
 
 /// `check_oflag_copied` over the active L1 table.
-fn copied(walk: &mut Walk) {
+fn copied(walk: &mut Walk, ones: &Ones) {
     let img = walk.img;
     let geo = img.geometry();
     let has_df = img.header.has_data_file();
@@ -1256,10 +1457,15 @@ fn copied(walk: &mut Walk) {
             if !matches!(ct, ClusterType::Normal | ClusterType::ZeroAlloc) {
                 continue;
             }
+            let c = (raw & L2E_OFFSET_MASK) >> walk.cbits;
+            // Fast path: the compare pass noted which clusters have refcount 1.
+            if !has_df && ones.get(c) == Some(e.copied()) {
+                continue;
+            }
             let r = if has_df {
                 1
             } else {
-                match stored.get((raw & L2E_OFFSET_MASK) >> walk.cbits) {
+                match stored.get(c) {
                     Ok(r) => r,
                     Err(_) => continue,
                 }
@@ -1297,16 +1503,31 @@ fn overlaps(walk: &mut Walk, counter: &Counter) {
     let nb_l1 = 1 + walk.snapshot_l1s.len() as u64;
     let mut suspects: BTreeSet<u64> = BTreeSet::new();
     let nb = counter.imrt.nb_clusters;
-    for chunk in counter.meta.keys() {
-        let first = chunk << CHUNK_BITS;
-        for c in first..(first + CHUNK).min(nb) {
-            let k = counter.kinds(c);
-            let n = counter.imrt.get(c);
-            let both = k == 3;
-            let meta_shared = k == 1 && n > 1;
-            let data_over = k == 2 && n > nb_l1;
-            if (both || meta_shared || data_over) && suspects.len() < MAX_OWNER_CLUSTERS {
-                suspects.insert(c);
+    for (ci, chunk) in counter.imrt.chunks.iter().enumerate() {
+        let Some(chunk) = chunk else {
+            continue;
+        };
+        let first = (ci as u64) << CHUNK_BITS;
+        for (i, kb) in chunk.kinds.iter().enumerate() {
+            if *kb == 0 {
+                continue;
+            }
+            for j in 0..4 {
+                let c = first + (i * 4 + j) as u64;
+                if c >= nb {
+                    break;
+                }
+                let k = (kb >> (j * 2)) & 3;
+                if k == 0 {
+                    continue;
+                }
+                let n = chunk.counts.get(i * 4 + j);
+                let both = k == 3;
+                let meta_shared = k == 1 && n > 1;
+                let data_over = k == 2 && n > nb_l1;
+                if (both || meta_shared || data_over) && suspects.len() < MAX_OWNER_CLUSTERS {
+                    suspects.insert(c);
+                }
             }
         }
     }
@@ -1343,7 +1564,7 @@ fn overlaps(walk: &mut Walk, counter: &Counter) {
     }
     let cs = walk.cs;
     for (c, refs) in named {
-        let kinds = counter.kinds(c);
+        let kinds = counter.imrt.kinds(c);
         let guests: BTreeSet<u64> = refs
             .iter()
             .filter(|r| matches!(r.role, Role::Data | Role::Compressed))

@@ -442,6 +442,32 @@ impl<'a> RefcountReader<'a> {
         }
     }
 
+    /// The raw bytes of refcount block `ti` (`None` where the table has no block),
+    /// or `Err(block offset)` if the block is not cluster-aligned.
+    pub fn block(&mut self, ti: u64) -> std::result::Result<Option<&[u8]>, u64> {
+        let Some(e) = usize::try_from(ti).ok().and_then(|i| self.table.get(i)) else {
+            return Ok(None);
+        };
+        let Some(off) = e.block_offset() else {
+            return Ok(None);
+        };
+        let geo = self.img.geometry();
+        if !geo.is_cluster_aligned(off.0) {
+            return Err(off.0);
+        }
+        if self.cur.as_ref().map(|(o, _)| *o) != Some(off.0) {
+            let mut buf = vec![0u8; geo.cluster_size() as usize];
+            let _ = read_into(self.img.src.as_ref(), "refcount block", off.0, &mut buf);
+            self.cur = Some((off.0, buf));
+        }
+        Ok(self.cur.as_ref().map(|(_, b)| b.as_slice()))
+    }
+
+    /// log2 of the refcount width.
+    pub fn order(&self) -> u32 {
+        self.order
+    }
+
     /// The stored refcount of cluster `c`, or `Err((table index, block offset))`
     /// if its refcount block is not cluster-aligned (QEMU: EIO).
     pub fn get(&mut self, c: u64) -> std::result::Result<u64, (u64, u64)> {

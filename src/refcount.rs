@@ -90,6 +90,7 @@ impl RefTableEntry {
 }
 
 /// Read refcount `index` from a refcount block buffer.
+#[inline]
 pub fn get_refcount(block: &[u8], order: u32, index: u64) -> u64 {
     let Ok(i) = usize::try_from(index) else {
         return 0;
