@@ -7,10 +7,10 @@
 /// `N` bytes at `off`, zero-filled where the buffer ends early.
 #[inline]
 pub fn array<const N: usize>(buf: &[u8], off: usize) -> [u8; N] {
-    if let Some(whole) = buf.get(off..off.saturating_add(N)) {
-        if let Ok(a) = whole.try_into() {
-            return a;
-        }
+    if let Some(whole) = buf.get(off..off.saturating_add(N))
+        && let Ok(a) = whole.try_into()
+    {
+        return a;
     }
     let mut out = [0u8; N];
     if let Some(src) = buf.get(off..) {

@@ -488,7 +488,11 @@ trait Visitor {
         let mut over = 0;
         for k in 0..n {
             let ctx = match ctx {
-                Ctx::Entry { l2, index, role } => Ctx::Entry { l2, index: index + k, role },
+                Ctx::Entry { l2, index, role } => Ctx::Entry {
+                    l2,
+                    index: index + k,
+                    role,
+                },
                 other => other,
             };
             over += self.visit(first + k, first + k, w, ctx);
@@ -715,9 +719,34 @@ impl<'a> Walk<'a> {
         }
     }
 
+    /// Add another (partial) report's counts and findings to this one.
+    fn absorb(&mut self, other: CheckReport) {
+        let r = &mut self.report;
+        r.check_errors += other.check_errors;
+        r.corruptions += other.corruptions;
+        r.leaks += other.leaks;
+        r.findings_omitted += other.findings_omitted;
+        for f in other.findings {
+            if r.findings.len() < MAX_FINDINGS {
+                r.findings.push(f);
+            } else {
+                r.findings_omitted += 1;
+            }
+        }
+    }
+
     /// Count a run of data clusters found in one L2 table.
     fn flush_run(&mut self, v: &mut dyn Visitor, l2: u64, first: u64, n: u64, index: u64, w: u64) {
-        let over = v.visit_run(first, n, w, Ctx::Entry { l2, index, role: Role::Data });
+        let over = v.visit_run(
+            first,
+            n,
+            w,
+            Ctx::Entry {
+                l2,
+                index,
+                role: Role::Data,
+            },
+        );
         if over > 0 {
             let msg = format!(
                 "ERROR: overflow cluster offset={:#x}.. ({} references did not fit in {}-bit refcounts)",
@@ -858,7 +887,9 @@ impl<'a> Walk<'a> {
                             // Aligned and inside the file: extend or start a run.
                             let c = off >> self.cbits;
                             match run {
-                                Some((start, n, idx)) if start + n == c => run = Some((start, n + 1, idx)),
+                                Some((start, n, idx)) if start + n == c => {
+                                    run = Some((start, n + 1, idx))
+                                }
                                 _ => {
                                     if let Some((start, n, idx)) = run.take() {
                                         self.flush_run(v, l2, start, n, idx, w);
@@ -1239,26 +1270,36 @@ pub fn check(img: &Qcow2, opts: &CheckOptions) -> CheckReport {
         imrt: Imrt::new(file_clusters),
         max: img.refcount_geometry().max(),
     };
-    walk.head(&mut counter);
-    walk.l2_phase(&mut counter);
-    walk.tail(&mut counter);
+    // The COPIED check reads only stored refcounts and the active tables, so it
+    // runs on a second thread while this one recounts every reference.
+    let copied_report = std::thread::scope(|sc| {
+        let side = sc.spawn(|| {
+            let mut w = Walk::new(img, true);
+            copied(&mut w);
+            w.report
+        });
+        walk.head(&mut counter);
+        walk.l2_phase(&mut counter);
+        walk.tail(&mut counter);
+        if walk.report.aborted.is_none() {
+            compare(&mut walk, &counter);
+        }
+        side.join().ok()
+    });
     if walk.report.aborted.is_some() {
         return finish(walk, Some(counter));
     }
-    let ones = compare(&mut walk, &counter);
-    copied(&mut walk, &ones);
+    if let Some(r) = copied_report {
+        walk.absorb(r);
+    }
     overlaps(&mut walk, &counter);
     finish(walk, Some(counter))
 }
 
 /// `compare_refcounts`, plus what lies past the end of the file.
-fn compare(walk: &mut Walk, counter: &Counter) -> Ones {
+fn compare(walk: &mut Walk, counter: &Counter) {
     let img = walk.img;
     let nb = counter.imrt.nb_clusters;
-    let mut ones = Ones {
-        bits: vec![0u64; nb.div_ceil(64) as usize],
-        nb,
-    };
     let mut stored = RefcountReader::new(img);
     let mut highest = 0u64;
     let mut unreadable: BTreeMap<u64, (u64, u64, u64)> = BTreeMap::new();
@@ -1278,7 +1319,30 @@ fn compare(walk: &mut Walk, counter: &Counter) -> Ones {
                 continue;
             }
         };
-        for c in c..end {
+        // Fast path for the common case (16-bit refcounts, counts below 256):
+        // skip the stretch of clusters whose stored refcount equals the count.
+        let mut from = c;
+        if let (Some(b), 4, Some(Counts::U8(counts))) =
+            (block, order, counter.imrt.chunk(c).map(|ch| &ch.counts))
+        {
+            let lo = (c & (CHUNK - 1)) as usize;
+            let n = (end - c) as usize;
+            let stored = b.get(((c & mask) * 2) as usize..).unwrap_or(&[]);
+            if let Some(mine) = counts.get(lo..lo + n) {
+                for (k, (pair, &m)) in stored.chunks_exact(2).zip(mine).enumerate() {
+                    let r = u16::from_be_bytes(pair.try_into().unwrap_or([0, 0]));
+                    if r != u16::from(m) {
+                        break;
+                    }
+                    let cc = c + k as u64;
+                    if r != 0 {
+                        highest = cc;
+                    }
+                    from = cc + 1;
+                }
+            }
+        }
+        for c in from..end {
             let computed = counter.imrt.get(c);
             let r = block.map_or(0, |b| get_refcount(b, order, c & mask));
             if r == 0 && computed == 0 {
@@ -1286,9 +1350,6 @@ fn compare(walk: &mut Walk, counter: &Counter) -> Ones {
             }
             if r > 0 || computed > 0 {
                 highest = c;
-            }
-            if r == 1 {
-                ones.set(c);
             }
             if r != computed {
                 let (kind, word) = if r < computed {
@@ -1376,34 +1437,10 @@ fn compare(walk: &mut Walk, counter: &Counter) -> Ones {
         );
         walk.find(FindingKind::Note, "refcount-past-eof", msg, 1);
     }
-    ones
-}
-
-/// Which clusters (below the end of the file) have a stored refcount of exactly 1.
-struct Ones {
-    bits: Vec<u64>,
-    nb: u64,
-}
-
-impl Ones {
-    fn set(&mut self, c: u64) {
-        if let Some(w) = self.bits.get_mut((c / 64) as usize) {
-            *w |= 1 << (c % 64);
-        }
-    }
-    /// `Some(is one)` for clusters the compare pass read; `None` otherwise.
-    fn get(&self, c: u64) -> Option<bool> {
-        if c >= self.nb {
-            return None;
-        }
-        self.bits
-            .get((c / 64) as usize)
-            .map(|w| w & (1 << (c % 64)) != 0)
-    }
 }
 
 /// `check_oflag_copied` over the active L1 table.
-fn copied(walk: &mut Walk, ones: &Ones) {
+fn copied(walk: &mut Walk) {
     let img = walk.img;
     let geo = img.geometry();
     let has_df = img.header.has_data_file();
@@ -1458,10 +1495,6 @@ fn copied(walk: &mut Walk, ones: &Ones) {
                 continue;
             }
             let c = (raw & L2E_OFFSET_MASK) >> walk.cbits;
-            // Fast path: the compare pass noted which clusters have refcount 1.
-            if !has_df && ones.get(c) == Some(e.copied()) {
-                continue;
-            }
             let r = if has_df {
                 1
             } else {
