@@ -513,7 +513,10 @@ struct Counter {
 
 impl Visitor for Counter {
     fn visit(&mut self, first: u64, last: u64, w: u64, ctx: Ctx) -> u64 {
-        let meta = ctx.role().is_metadata();
+        // L2 tables are shared by snapshots just like data, so for overlap
+        // detection they count with data; other metadata is never shared.
+        let role = ctx.role();
+        let meta = role.is_metadata() && role != Role::L2Table;
         let mut over = 0;
         for c in first..=last {
             over += self.imrt.add(c, w, self.max, meta);
@@ -1604,7 +1607,11 @@ fn overlaps(walk: &mut Walk, counter: &Counter) {
             .filter_map(|r| r.guest_offset)
             .collect();
         let metas: Vec<&Referrer> = refs.iter().filter(|r| r.role.is_metadata()).collect();
-        let what = if kinds == 3 {
+        let has_data = refs
+            .iter()
+            .any(|r| matches!(r.role, Role::Data | Role::Compressed));
+        let _ = kinds;
+        let what = if has_data && !metas.is_empty() {
             Some("metadata and guest data share")
         } else if metas.len() > 1 && metas.iter().any(|m| m.role != Role::L2Table) {
             Some("two metadata structures share")

@@ -427,6 +427,7 @@ pub struct RefcountReader<'a> {
     pub block_bits: u32,
     order: u32,
     cur: Option<(u64, Vec<u8>)>,
+    cur_ti: Option<u64>,
 }
 
 impl<'a> RefcountReader<'a> {
@@ -439,6 +440,7 @@ impl<'a> RefcountReader<'a> {
             block_bits: rg.block_bits(),
             order: rg.order,
             cur: None,
+            cur_ti: None,
         }
     }
 
@@ -460,6 +462,7 @@ impl<'a> RefcountReader<'a> {
             let _ = read_into(self.img.src.as_ref(), "refcount block", off.0, &mut buf);
             self.cur = Some((off.0, buf));
         }
+        self.cur_ti = Some(ti);
         Ok(self.cur.as_ref().map(|(_, b)| b.as_slice()))
     }
 
@@ -470,8 +473,16 @@ impl<'a> RefcountReader<'a> {
 
     /// The stored refcount of cluster `c`, or `Err((table index, block offset))`
     /// if its refcount block is not cluster-aligned (QEMU: EIO).
+    #[inline]
     pub fn get(&mut self, c: u64) -> std::result::Result<u64, (u64, u64)> {
         let ti = c >> self.block_bits;
+        // Fast path: the same block as last time.
+        if self.cur_ti == Some(ti)
+            && let Some((_, b)) = &self.cur
+        {
+            let idx = c & ((1u64 << self.block_bits) - 1);
+            return Ok(refcount::get_refcount(b, self.order, idx));
+        }
         let Some(e) = usize::try_from(ti).ok().and_then(|i| self.table.get(i)) else {
             return Ok(0);
         };
@@ -487,6 +498,7 @@ impl<'a> RefcountReader<'a> {
             let _ = read_into(self.img.src.as_ref(), "refcount block", off.0, &mut buf);
             self.cur = Some((off.0, buf));
         }
+        self.cur_ti = Some(ti);
         let idx = c & ((1u64 << self.block_bits) - 1);
         Ok(self
             .cur

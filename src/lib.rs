@@ -46,6 +46,7 @@ pub mod io;
 pub mod lookup;
 pub mod map;
 pub mod refcount;
+pub mod simulate;
 pub mod snapshot;
 pub mod tables;
 pub mod types;

@@ -42,6 +42,8 @@ enum Command {
     Check(cli::check::Args),
     /// List host clusters with their roles, refcounts and who references them.
     Clusters(cli::clusters::Args),
+    /// Simulate snapshot operations, writes, discards and refcount walks in memory.
+    Simulate(cli::simulate::Args),
     /// Print an on-disk table with each entry's file offset, raw value and meaning.
     Dump(cli::dump::Args),
     /// Hex dump of host bytes, or of the bytes a guest read returns.
@@ -61,6 +63,7 @@ fn main() {
         Some(Command::Dump(a)) => cli::dump::run(a),
         Some(Command::Check(a)) => cli::check::run(a),
         Some(Command::Clusters(a)) => cli::clusters::run(a),
+        Some(Command::Simulate(a)) => cli::simulate::run(a),
         Some(Command::Hexdump(a)) => cli::hexdump::run(a),
         None => match cli.image {
             Some(image) => cli::info::run(cli::info::Args::for_image(image)),

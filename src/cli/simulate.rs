@@ -1,0 +1,118 @@
+//! `qinspect simulate`: what QEMU would write, without writing anything.
+
+use super::{CmdResult, num::parse_size, style};
+use qinspect::check::{CheckOptions, check};
+use qinspect::image::{Qcow2, Strictness};
+use qinspect::io::{FileSource, SharedSource};
+use qinspect::simulate::{Op, simulate};
+use serde_json::json;
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+/// Arguments of `qinspect simulate`.
+#[derive(clap::Args, Debug)]
+#[command(
+    after_help = "Operations, each one argument, simulated in order on an in-memory \
+copy of the metadata (the image is never written):\n  \
+snapshot-create:NAME        qemu-img snapshot -c NAME\n  \
+snapshot-delete:ID_OR_NAME  qemu-img snapshot -d ID_OR_NAME\n  \
+snapshot-apply:ID_OR_NAME   qemu-img snapshot -a ID_OR_NAME\n  \
+write:OFFSET:LENGTH         a guest write (qemu-io -c 'write OFFSET LENGTH')\n  \
+discard:OFFSET:LENGTH       a guest discard (qemu-io -c 'discard OFFSET LENGTH')\n  \
+refcount-update:L1:ADDEND   QEMU's refcount walk over L1 ('active' or a snapshot) with ADDEND -1, 0 or +1\n\n\
+Every refcount and table entry that changes is listed in order with the reason, then the \
+clusters allocated and freed, then a check of the result (as `qinspect check`).\n\n\
+Example: qinspect simulate disk.qcow2 snapshot-create:before write:1M:4k snapshot-delete:before"
+)]
+pub struct Args {
+    /// The image file.
+    pub image: PathBuf,
+    /// Operations, in order.
+    #[arg(required = true, value_name = "OP")]
+    pub ops: Vec<String>,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Run `qinspect simulate`.
+pub fn run(a: Args) -> CmdResult {
+    let ops: Vec<Op> = a
+        .ops
+        .iter()
+        .map(|s| Op::parse(s, &parse_size))
+        .collect::<Result<_, _>>()
+        .map_err(|e| color_eyre::eyre::eyre!(e))?;
+    let src: SharedSource = Arc::new(FileSource::open(&a.image)?);
+    let img = Qcow2::open(src, Strictness::Qemu)?;
+    let mut sim = simulate(&img, &a.image, &ops)?;
+    let after = sim.image()?;
+    let report = check(&after, &CheckOptions::default());
+    let failed = sim.records.iter().any(|r| r.error.is_some());
+    if a.json {
+        let refcounts: Vec<_> = sim
+            .refcounts()
+            .into_iter()
+            .map(|(c, r)| json!({"cluster": c, "refcount": r}))
+            .collect();
+        let v = json!({
+            "operations": sim.records,
+            "allocated": sim.allocated.iter().map(|(o, l, p)| json!({"offset": o, "length": l, "cluster": o / sim.cluster_size(), "purpose": p})).collect::<Vec<_>>(),
+            "freed": sim.freed.iter().map(|(c, why)| json!({"cluster": c, "offset": c * sim.cluster_size(), "reason": why})).collect::<Vec<_>>(),
+            "refcounts_after": refcounts,
+            "check": super::check::report_json(&report, &a.image.to_string_lossy()),
+        });
+        super::print_json(&v)?;
+        return Ok(if failed { 1 } else { 0 });
+    }
+    let mut out = anstream::stdout();
+    let (hd, bad, dim) = (style::HEAD, style::BAD, style::DIM);
+    for (n, r) in sim.records.iter().enumerate() {
+        writeln!(out, "{hd}{}. {}{hd:#}", n + 1, r.description)?;
+        for s in &r.steps {
+            writeln!(out, "   {}", s.describe())?;
+        }
+        if let Some(e) = &r.error {
+            writeln!(out, "   {bad}QEMU fails here:{bad:#} {e}")?;
+        }
+        writeln!(out)?;
+    }
+    writeln!(out, "{hd}allocated:{hd:#}")?;
+    if sim.allocated.is_empty() {
+        writeln!(out, "   nothing")?;
+    }
+    for (o, l, p) in &sim.allocated {
+        writeln!(
+            out,
+            "   {l} bytes at {o:#x} (cluster {}) for {p}",
+            o / sim.cluster_size()
+        )?;
+    }
+    writeln!(out, "{hd}freed (refcount now 0):{hd:#}")?;
+    if sim.freed.is_empty() {
+        writeln!(out, "   nothing")?;
+    }
+    for (c, why) in &sim.freed {
+        writeln!(out, "   cluster {c} {dim}({why}){dim:#}")?;
+    }
+    writeln!(out, "\n{hd}check of the simulated image:{hd:#}")?;
+    if report.corruptions == 0 && report.leaks == 0 && report.check_errors == 0 {
+        writeln!(out, "   No errors were found on the simulated image.")?;
+    } else {
+        writeln!(
+            out,
+            "   {bad}{} corruptions, {} leaks, {} check errors{bad:#}",
+            report.corruptions, report.leaks, report.check_errors
+        )?;
+        for f in &report.findings {
+            writeln!(out, "   {}", f.message)?;
+        }
+    }
+    writeln!(
+        out,
+        "{dim}(nothing was written to {}){dim:#}",
+        a.image.display()
+    )?;
+    Ok(if failed { 1 } else { 0 })
+}

@@ -1,0 +1,1492 @@
+//! Simulating what QEMU would write: refcount updates, snapshots, copy-on-write.
+//!
+//! A [`Sim`] keeps an in-memory copy of every metadata cluster an operation reads
+//! or changes, on top of the read-only image, and replays QEMU's algorithms on it
+//! (`block/qcow2-refcount.c`, `qcow2-snapshot.c`, `qcow2-cluster.c`):
+//!
+//! * **the refcount walk** (`qcow2_update_snapshot_refcount`): for every L2 table an
+//!   L1 table names and every cluster those name, add the addend (+1 when a
+//!   snapshot starts sharing them, -1 when one stops), then set COPIED on exactly
+//!   the entries whose cluster now has refcount 1. Addend 0 changes no refcount and
+//!   only recomputes the COPIED flags.
+//! * **snapshot create / delete / apply**, built on the walk.
+//! * **guest writes** with copy-on-write of shared L2 tables and data clusters, and
+//!   **discards**.
+//!
+//! New clusters are found the way a freshly opened QEMU finds them: first fit from
+//! the lowest cluster with refcount 0. Every change is recorded as a [`Change`]
+//! (merged into runs where consecutive changes are alike), and the result is an
+//! image ([`Sim::image`]) that the checker, map and read can look at. Nothing is
+//! ever written to the real file.
+
+use crate::error::{Error, Result};
+use crate::header::Header;
+use crate::image::{Qcow2, Strictness};
+use crate::io::{SharedSource, Source};
+use crate::refcount::{get_refcount, set_refcount};
+use crate::tables::{
+    ClusterType, CompressedDescriptor, L1E_OFFSET_MASK, L2E_OFFSET_MASK, L2Entry, OFLAG_COPIED,
+    OFLAG_ZERO,
+};
+use crate::types::Geometry;
+use serde::Serialize;
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// What changed.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Target {
+    /// The refcount of host clusters `cluster..cluster+count`.
+    Refcount {
+        /// First cluster.
+        cluster: u64,
+    },
+    /// Entries of an L1 table.
+    L1Entry {
+        /// Which table ("active L1" or "snapshot 1 'name' L1").
+        table: String,
+        /// Its offset.
+        table_offset: u64,
+        /// First index.
+        index: u64,
+    },
+    /// Entries of an L2 table.
+    L2Entry {
+        /// The table's offset.
+        table_offset: u64,
+        /// First index.
+        index: u64,
+    },
+    /// A header field.
+    Header {
+        /// Field name.
+        field: &'static str,
+    },
+    /// Clusters allocated (refcount 0 -> 1) for a purpose.
+    Allocate {
+        /// First byte.
+        offset: u64,
+        /// Bytes.
+        length: u64,
+        /// What for.
+        purpose: String,
+    },
+    /// Clusters released (a -1 that may free them).
+    Free {
+        /// First byte.
+        offset: u64,
+        /// Bytes.
+        length: u64,
+        /// What they were.
+        purpose: String,
+    },
+    /// Bytes copied (an L1 table into a snapshot, or guest data for copy-on-write).
+    Copy {
+        /// From (host offset, or guest offset for data read through the chain).
+        from: String,
+        /// To host offset.
+        to: u64,
+        /// Bytes.
+        length: u64,
+    },
+    /// The snapshot table was rewritten.
+    SnapshotTable {
+        /// New offset.
+        offset: u64,
+        /// New size in bytes.
+        size: u64,
+        /// Number of entries.
+        entries: u64,
+    },
+    /// Something to know that is not a change.
+    Note,
+}
+
+/// One change (or a run of alike changes) an operation makes.
+#[derive(Clone, Debug, Serialize)]
+pub struct Change {
+    /// Where.
+    #[serde(flatten)]
+    pub target: Target,
+    /// How many consecutive clusters or entries this covers.
+    pub count: u64,
+    /// Value before.
+    pub before: u64,
+    /// Value after.
+    pub after: u64,
+    /// Why, in plain words.
+    pub reason: String,
+}
+
+impl Change {
+    /// One line for people.
+    pub fn describe(&self) -> String {
+        let range = |first: u64| {
+            if self.count > 1 {
+                format!("{first}..{}", first + self.count - 1)
+            } else {
+                first.to_string()
+            }
+        };
+        match &self.target {
+            Target::Refcount { cluster } => format!(
+                "refcount of cluster{} {}: {} -> {} ({})",
+                if self.count > 1 { "s" } else { "" },
+                range(*cluster),
+                self.before,
+                self.after,
+                self.reason
+            ),
+            Target::L1Entry { table, index, .. } => format!(
+                "{table}[{}]: {:#x} -> {:#x} ({})",
+                range(*index),
+                self.before,
+                self.after,
+                self.reason
+            ),
+            Target::L2Entry {
+                table_offset,
+                index,
+            } => format!(
+                "L2 {table_offset:#x}[{}]: {:#x} -> {:#x}{} ({})",
+                range(*index),
+                self.before,
+                self.after,
+                if self.count > 1 { " and alike" } else { "" },
+                self.reason
+            ),
+            Target::Header { field } => format!(
+                "header {field}: {:#x} -> {:#x} ({})",
+                self.before, self.after, self.reason
+            ),
+            Target::Allocate {
+                offset,
+                length,
+                purpose,
+            } => format!(
+                "allocate {length} bytes at {offset:#x} (cluster {}) for {purpose}",
+                self.before
+            ),
+            Target::Free {
+                offset,
+                length,
+                purpose,
+            } => format!("release {length} bytes at {offset:#x}: {purpose}"),
+            Target::Copy { from, to, length } => {
+                format!(
+                    "copy {length} bytes from {from} to {to:#x} ({})",
+                    self.reason
+                )
+            }
+            Target::SnapshotTable {
+                offset,
+                size,
+                entries,
+            } => {
+                format!("write the snapshot table ({entries} entries, {size} bytes) at {offset:#x}")
+            }
+            Target::Note => self.reason.clone(),
+        }
+    }
+
+    fn extends(&self, next: &Change) -> bool {
+        if self.reason != next.reason {
+            return false;
+        }
+        // Refcounts merge when they change the same way; table entries when the
+        // same bits flip (e.g. COPIED cleared on a run of entries).
+        let same = match self.target {
+            Target::L1Entry { .. } | Target::L2Entry { .. } => {
+                self.before ^ self.after == next.before ^ next.after
+            }
+            _ => self.before == next.before && self.after == next.after,
+        };
+        if !same {
+            return false;
+        }
+        match (&self.target, &next.target) {
+            (Target::Refcount { cluster: a }, Target::Refcount { cluster: b }) => {
+                a + self.count == *b
+            }
+            (
+                Target::L2Entry {
+                    table_offset: t1,
+                    index: a,
+                },
+                Target::L2Entry {
+                    table_offset: t2,
+                    index: b,
+                },
+            ) => t1 == t2 && a + self.count == *b,
+            (
+                Target::L1Entry {
+                    table_offset: t1,
+                    index: a,
+                    ..
+                },
+                Target::L1Entry {
+                    table_offset: t2,
+                    index: b,
+                    ..
+                },
+            ) => t1 == t2 && a + self.count == *b,
+            _ => false,
+        }
+    }
+}
+
+/// An operation to simulate.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(tag = "op", rename_all = "kebab-case")]
+pub enum Op {
+    /// `qemu-img snapshot -c NAME`.
+    SnapshotCreate {
+        /// Name.
+        name: String,
+    },
+    /// `qemu-img snapshot -d ID_OR_NAME`.
+    SnapshotDelete {
+        /// ID or name.
+        id_or_name: String,
+    },
+    /// `qemu-img snapshot -a ID_OR_NAME`.
+    SnapshotApply {
+        /// ID or name.
+        id_or_name: String,
+    },
+    /// A guest write.
+    Write {
+        /// Guest offset.
+        offset: u64,
+        /// Bytes.
+        length: u64,
+    },
+    /// A guest discard.
+    Discard {
+        /// Guest offset.
+        offset: u64,
+        /// Bytes.
+        length: u64,
+    },
+    /// The bare refcount walk over an L1 table.
+    RefcountUpdate {
+        /// `active` or a snapshot ID or name.
+        l1: String,
+        /// -1, 0 or +1.
+        addend: i32,
+    },
+}
+
+impl Op {
+    /// Parse `snapshot-create:NAME`, `write:1M:4k`, `refcount-update:active:-1`, ...
+    pub fn parse(
+        s: &str,
+        parse_num: &dyn Fn(&str) -> std::result::Result<u64, String>,
+    ) -> std::result::Result<Op, String> {
+        let (kind, rest) = s.split_once(':').unwrap_or((s, ""));
+        let need = |what: &str| {
+            if rest.is_empty() {
+                Err(format!("'{s}': {kind} needs {what}"))
+            } else {
+                Ok(rest.to_string())
+            }
+        };
+        let range = || -> std::result::Result<(u64, u64), String> {
+            let (o, l) = rest
+                .split_once(':')
+                .ok_or_else(|| format!("'{s}': {kind} takes OFFSET:LENGTH, e.g. {kind}:1M:64k"))?;
+            Ok((parse_num(o)?, parse_num(l)?))
+        };
+        match kind {
+            "snapshot-create" => Ok(Op::SnapshotCreate {
+                name: need("a NAME")?,
+            }),
+            "snapshot-delete" => Ok(Op::SnapshotDelete {
+                id_or_name: need("an ID or NAME")?,
+            }),
+            "snapshot-apply" => Ok(Op::SnapshotApply {
+                id_or_name: need("an ID or NAME")?,
+            }),
+            "write" => {
+                let (offset, length) = range()?;
+                Ok(Op::Write { offset, length })
+            }
+            "discard" => {
+                let (offset, length) = range()?;
+                Ok(Op::Discard { offset, length })
+            }
+            "refcount-update" => {
+                let (l1, a) = rest.rsplit_once(':').ok_or_else(|| {
+                    format!("'{s}': refcount-update takes L1:ADDEND, e.g. refcount-update:active:0")
+                })?;
+                let addend: i32 = a
+                    .parse()
+                    .map_err(|_| format!("'{s}': ADDEND must be -1, 0 or +1"))?;
+                if !(-1..=1).contains(&addend) {
+                    return Err(format!(
+                        "'{s}': ADDEND must be -1, 0 or +1 (QEMU asserts it)"
+                    ));
+                }
+                Ok(Op::RefcountUpdate {
+                    l1: l1.to_string(),
+                    addend,
+                })
+            }
+            _ => Err(format!(
+                "'{s}': unknown operation (snapshot-create, snapshot-delete, snapshot-apply, write, discard, refcount-update)"
+            )),
+        }
+    }
+
+    /// How QEMU would be asked to do it.
+    pub fn describe(&self) -> String {
+        match self {
+            Op::SnapshotCreate { name } => {
+                format!("snapshot-create '{name}' (qemu-img snapshot -c {name})")
+            }
+            Op::SnapshotDelete { id_or_name } => {
+                format!("snapshot-delete '{id_or_name}' (qemu-img snapshot -d {id_or_name})")
+            }
+            Op::SnapshotApply { id_or_name } => {
+                format!("snapshot-apply '{id_or_name}' (qemu-img snapshot -a {id_or_name})")
+            }
+            Op::Write { offset, length } => format!(
+                "write {length} bytes at guest {offset:#x} (qemu-io -c 'write {offset} {length}')"
+            ),
+            Op::Discard { offset, length } => format!(
+                "discard {length} bytes at guest {offset:#x} (qemu-io -c 'discard {offset} {length}')"
+            ),
+            Op::RefcountUpdate { l1, addend } => {
+                format!("refcount walk over the {l1} L1 table with addend {addend:+}")
+            }
+        }
+    }
+}
+
+/// A snapshot as the simulator keeps it (QEMU's `QCowSnapshot`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SimSnapshot {
+    /// ID string.
+    pub id: String,
+    /// Name.
+    pub name: String,
+    /// L1 table.
+    pub l1_table_offset: u64,
+    /// L1 entries.
+    pub l1_size: u32,
+    /// VM state size.
+    pub vm_state_size: u64,
+    /// Date.
+    pub date_sec: u32,
+    /// Date, nanoseconds.
+    pub date_nsec: u32,
+    /// VM clock.
+    pub vm_clock_nsec: u64,
+    /// Disk size.
+    pub disk_size: u64,
+    /// icount (-1 as all ones when absent).
+    pub icount: u64,
+    /// Extra data size as stored.
+    pub extra_data_size: u32,
+    /// Unknown extra data.
+    pub unknown_extra: Vec<u8>,
+}
+
+/// The record of one simulated operation.
+#[derive(Clone, Debug, Serialize)]
+pub struct OpRecord {
+    /// The operation.
+    pub op: Op,
+    /// What QEMU would be asked.
+    pub description: String,
+    /// Changes in order.
+    pub steps: Vec<Change>,
+    /// Set if QEMU would refuse or fail: its reason. Changes made before the
+    /// failure stay, as in QEMU.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// The in-memory state.
+pub struct Sim {
+    base: SharedSource,
+    path: PathBuf,
+    geo: Geometry,
+    cs: u64,
+    order: u32,
+    max_refcount: u64,
+    version: u32,
+    has_data_file: bool,
+    /// Clusters read or written, by cluster index.
+    clusters: HashMap<u64, Box<[u8]>>,
+    /// Host file length (grows when clusters past the end are allocated).
+    file_len: u64,
+    l1: Vec<u64>,
+    l1_table_offset: u64,
+    size: u64,
+    refcount_table_offset: u64,
+    refcount_table_clusters: u32,
+    snapshots: Vec<SimSnapshot>,
+    snapshots_offset: u64,
+    snapshots_size: u64,
+    free_cluster_index: u64,
+    steps: Vec<Change>,
+    reason: String,
+    /// Every operation so far.
+    pub records: Vec<OpRecord>,
+    /// Allocations: (offset, length, purpose).
+    pub allocated: Vec<(u64, u64, String)>,
+    /// Releases that brought clusters to refcount 0: (cluster, purpose).
+    pub freed: Vec<(u64, String)>,
+    backing: Option<crate::chain::Chain>,
+}
+
+/// Failure inside a simulated operation (QEMU's errno, and why).
+#[derive(Debug)]
+struct Fail(String);
+
+type SimResult<T> = std::result::Result<T, Fail>;
+
+impl From<Error> for Fail {
+    fn from(e: Error) -> Self {
+        Fail(e.to_string())
+    }
+}
+
+impl Sim {
+    /// Start a simulation on `img` (opened from `path`, for backing-file reads).
+    pub fn new(img: &Qcow2, path: &Path) -> Result<Sim> {
+        let h: &Header = &img.header;
+        if img.snapshots.error.is_some() {
+            return Err(Error::unsupported(
+                "simulation",
+                "the snapshot table cannot be read, so QEMU would not open the image",
+            ));
+        }
+        let geo = img.geometry();
+        let snapshots = img
+            .snapshots
+            .snapshots
+            .iter()
+            .map(|s| SimSnapshot {
+                id: s.id.clone(),
+                name: s.name.clone(),
+                l1_table_offset: s.l1_table_offset,
+                l1_size: s.l1_size,
+                vm_state_size: s.vm_state_size,
+                date_sec: s.date_sec,
+                date_nsec: s.date_nsec,
+                vm_clock_nsec: s.vm_clock_nsec,
+                disk_size: s.effective_disk_size(h.size / 512 * 512),
+                icount: s.icount.unwrap_or(u64::MAX),
+                extra_data_size: s.extra_data_size,
+                unknown_extra: s.unknown_extra.clone(),
+            })
+            .collect();
+        let backing = match &img.backing_name {
+            Some(_) => {
+                let chain = crate::chain::Chain::open(path, &Default::default()).ok();
+                chain.map(|mut c| {
+                    c.layers.remove(0);
+                    c
+                })
+            }
+            None => None,
+        };
+        Ok(Sim {
+            base: img.src.clone(),
+            path: path.to_path_buf(),
+            geo,
+            cs: geo.cluster_size(),
+            order: h.refcount_order.min(6),
+            max_refcount: img.refcount_geometry().max(),
+            version: h.version,
+            has_data_file: h.has_data_file(),
+            clusters: HashMap::new(),
+            file_len: img.file_len(),
+            l1: img.l1.iter().map(|e| e.0).collect(),
+            l1_table_offset: h.l1_table_offset,
+            size: h.size,
+            refcount_table_offset: h.refcount_table_offset,
+            refcount_table_clusters: h.refcount_table_clusters,
+            snapshots,
+            snapshots_offset: h.snapshots_offset,
+            snapshots_size: img.snapshots.size,
+            free_cluster_index: 0,
+            steps: Vec::new(),
+            reason: String::new(),
+            records: Vec::new(),
+            allocated: Vec::new(),
+            freed: Vec::new(),
+            backing,
+        })
+    }
+
+    // ---- bytes -------------------------------------------------------------
+
+    fn cluster(&mut self, c: u64) -> &mut [u8] {
+        let (base, cs) = (&self.base, self.cs);
+        self.clusters.entry(c).or_insert_with(|| {
+            let mut buf = vec![0u8; cs as usize].into_boxed_slice();
+            let _ = base.read_at(&mut buf, c * cs);
+            buf
+        })
+    }
+
+    fn read_bytes(&mut self, off: u64, len: u64) -> Vec<u8> {
+        let mut out = Vec::with_capacity(len as usize);
+        let mut pos = off;
+        let end = off.saturating_add(len);
+        while pos < end {
+            let c = pos / self.cs;
+            let within = (pos % self.cs) as usize;
+            let n = ((end - pos) as usize).min(self.cs as usize - within);
+            let cl = self.cluster(c);
+            out.extend_from_slice(crate::bytes::slice(cl, within, n));
+            pos += n as u64;
+        }
+        out
+    }
+
+    fn write_bytes(&mut self, off: u64, data: &[u8]) {
+        let mut pos = off;
+        let mut rest = data;
+        while !rest.is_empty() {
+            let c = pos / self.cs;
+            let within = (pos % self.cs) as usize;
+            let n = rest.len().min(self.cs as usize - within);
+            let (head, tail) = rest.split_at(n);
+            if let Some(dst) = self.cluster(c).get_mut(within..within + n) {
+                dst.copy_from_slice(head);
+            }
+            rest = tail;
+            pos += n as u64;
+        }
+        self.file_len = self.file_len.max(pos);
+    }
+
+    fn read_u64(&mut self, off: u64) -> u64 {
+        let within = (off % self.cs) as usize;
+        crate::bytes::be64(self.cluster(off / self.cs), within)
+    }
+
+    fn write_u64(&mut self, off: u64, v: u64) {
+        self.write_bytes(off, &v.to_be_bytes());
+    }
+
+    // ---- recording ---------------------------------------------------------
+
+    fn record(&mut self, target: Target, before: u64, after: u64) {
+        let c = Change {
+            target,
+            count: 1,
+            before,
+            after,
+            reason: self.reason.clone(),
+        };
+        // Merge with the previous change, or with the one before it when the two
+        // alternate (a refcount, then the L2 entry whose COPIED flag follows it).
+        let n = self.steps.len();
+        for back in 1..=2usize.min(n) {
+            if let Some(prev) = self.steps.get_mut(n - back)
+                && prev.extends(&c)
+            {
+                prev.count += 1;
+                return;
+            }
+        }
+        self.steps.push(c);
+    }
+
+    fn note(&mut self, text: String) {
+        self.steps.push(Change {
+            target: Target::Note,
+            count: 1,
+            before: 0,
+            after: 0,
+            reason: text,
+        });
+    }
+
+    fn why(&mut self, r: impl Into<String>) {
+        self.reason = r.into();
+    }
+
+    // ---- refcounts ---------------------------------------------------------
+
+    fn reftable_len(&self) -> u64 {
+        u64::from(self.refcount_table_clusters) * self.cs / 8
+    }
+
+    fn block_bits(&self) -> u32 {
+        self.geo.cluster_bits + 3 - self.order
+    }
+
+    /// QEMU's `qcow2_get_refcount`.
+    fn get_refcount(&mut self, c: u64) -> SimResult<u64> {
+        let ti = c >> self.block_bits();
+        if ti >= self.reftable_len() {
+            return Ok(0);
+        }
+        let e = self.read_u64(self.refcount_table_offset + ti * 8);
+        let block = e & crate::refcount::REFT_OFFSET_MASK;
+        if block == 0 {
+            return Ok(0);
+        }
+        if !block.is_multiple_of(self.cs) {
+            return Err(Fail(format!(
+                "Refblock offset {block:#x} unaligned (reftable index: {ti:#x}) (EIO)"
+            )));
+        }
+        let idx = c & ((1 << self.block_bits()) - 1);
+        let order = self.order;
+        Ok(get_refcount(self.cluster(block / self.cs), order, idx))
+    }
+
+    /// QEMU's `update_refcount`: add or subtract `addend` on every cluster the byte
+    /// range touches; on failure, undo this call's earlier clusters.
+    fn update_refcount(
+        &mut self,
+        offset: u64,
+        length: u64,
+        addend: u64,
+        decrease: bool,
+    ) -> SimResult<()> {
+        if length == 0 {
+            return Ok(());
+        }
+        let first = offset / self.cs;
+        let last = (offset + length - 1) / self.cs;
+        for c in first..=last {
+            if let Err(e) = self.update_one(c, addend, decrease) {
+                // "Try do undo any updates if an error is returned"
+                for u in first..c {
+                    let _ = self.update_one(u, addend, !decrease);
+                }
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    fn update_one(&mut self, c: u64, addend: u64, decrease: bool) -> SimResult<()> {
+        let ti = c >> self.block_bits();
+        let block = self.refcount_block_for(ti, c)?;
+        let idx = c & ((1 << self.block_bits()) - 1);
+        let order = self.order;
+        let cur = get_refcount(self.cluster(block / self.cs), order, idx);
+        let new = if decrease {
+            cur.checked_sub(addend)
+        } else {
+            cur.checked_add(addend).filter(|&n| n <= self.max_refcount)
+        };
+        let Some(new) = new else {
+            return Err(Fail(format!(
+                "refcount of cluster {c} would {} ({cur} {} {addend}, {}-bit refcounts) (EINVAL)",
+                if decrease { "go below 0" } else { "overflow" },
+                if decrease { "-" } else { "+" },
+                1u32 << order
+            )));
+        };
+        if new == 0 && c < self.free_cluster_index {
+            self.free_cluster_index = c;
+        }
+        set_refcount(self.cluster(block / self.cs), order, idx, new);
+        self.record(Target::Refcount { cluster: c }, cur, new);
+        if new == 0 {
+            let r = self.reason.clone();
+            self.freed.push((c, r));
+        }
+        Ok(())
+    }
+
+    /// The refcount block for table index `ti` (QEMU's `alloc_refcount_block`,
+    /// for the case where the table has room).
+    fn refcount_block_for(&mut self, ti: u64, for_cluster: u64) -> SimResult<u64> {
+        if ti >= self.reftable_len() {
+            return Err(Fail(format!(
+                "cluster {for_cluster} is beyond what the refcount table covers; QEMU would grow the refcount table here, which qinspect does not model"
+            )));
+        }
+        let e = self.read_u64(self.refcount_table_offset + ti * 8);
+        let block = e & crate::refcount::REFT_OFFSET_MASK;
+        if block != 0 {
+            if !block.is_multiple_of(self.cs) {
+                return Err(Fail(format!("Refblock offset {block:#x} unaligned (EIO)")));
+            }
+            return Ok(block);
+        }
+        self.new_refcount_block(ti, for_cluster)
+    }
+
+    /// A missing refcount block: QEMU allocates one. If the new block would itself
+    /// be described by the block being created, it describes itself.
+    fn new_refcount_block(&mut self, ti: u64, for_cluster: u64) -> SimResult<u64> {
+        let saved = self.reason.clone();
+        // alloc_clusters_noref: the lowest free cluster (refcounts as they stand).
+        let new_c = self.find_free(1)?;
+        let bb = self.block_bits();
+        let new_off = new_c * self.cs;
+        if new_c >> bb == ti {
+            // Self-describing: the block counts itself.
+            self.why(format!(
+                "new refcount block for clusters {}..{} (describes itself)",
+                ti << bb,
+                ((ti + 1) << bb) - 1
+            ));
+            let zero = vec![0u8; self.cs as usize];
+            self.write_bytes(new_off, &zero);
+            let idx = new_c & ((1 << bb) - 1);
+            let order = self.order;
+            set_refcount(self.cluster(new_c), order, idx, 1);
+            self.record(Target::Refcount { cluster: new_c }, 0, 1);
+        } else {
+            self.why(format!(
+                "new refcount block for clusters {}..{}",
+                ti << bb,
+                ((ti + 1) << bb) - 1
+            ));
+            let other_ti = new_c >> bb;
+            // Its own refcount lives in another block, which must exist.
+            let _ = self.refcount_block_for(other_ti, new_c)?;
+            self.update_one(new_c, 1, false)?;
+            let zero = vec![0u8; self.cs as usize];
+            self.write_bytes(new_off, &zero);
+        }
+        self.allocated
+            .push((new_off, self.cs, "refcount block".into()));
+        self.record(
+            Target::Allocate {
+                offset: new_off,
+                length: self.cs,
+                purpose: format!(
+                    "refcount block (refcount table entry {ti}, needed for cluster {for_cluster})"
+                ),
+            },
+            new_c,
+            new_c,
+        );
+        let entry_off = self.refcount_table_offset + ti * 8;
+        let before = self.read_u64(entry_off);
+        self.write_u64(entry_off, new_off);
+        self.reason = format!("refcount table entry {ti} now points at the new block");
+        self.record(
+            Target::Header {
+                field: "refcount table entry",
+            },
+            before,
+            new_off,
+        );
+        self.reason = saved;
+        Ok(new_off)
+    }
+
+    /// QEMU's `alloc_clusters_noref`: `n` contiguous clusters with refcount 0,
+    /// first fit from the free-cluster hint.
+    fn find_free(&mut self, n: u64) -> SimResult<u64> {
+        let mut found = 0u64;
+        let limit = self.free_cluster_index.saturating_add(1 << 40);
+        while found < n {
+            let c = self.free_cluster_index;
+            if c > limit {
+                return Err(Fail("no free clusters found (EFBIG)".into()));
+            }
+            self.free_cluster_index += 1;
+            if self.get_refcount(c)? != 0 {
+                found = 0;
+            } else {
+                found += 1;
+            }
+        }
+        Ok(self.free_cluster_index - n)
+    }
+
+    /// QEMU's `qcow2_alloc_clusters`: find, then +1 on each.
+    fn alloc_clusters(&mut self, size: u64, purpose: &str) -> SimResult<u64> {
+        let n = size.div_ceil(self.cs).max(1);
+        let first = self.find_free(n)?;
+        let off = first * self.cs;
+        let saved = self.reason.clone();
+        self.why(format!("allocated for {purpose}"));
+        self.update_refcount(off, n * self.cs, 1, false)?;
+        self.record(
+            Target::Allocate {
+                offset: off,
+                length: n * self.cs,
+                purpose: purpose.to_string(),
+            },
+            first,
+            first,
+        );
+        self.allocated.push((off, n * self.cs, purpose.to_string()));
+        self.reason = saved;
+        if off + n * self.cs > self.file_len {
+            self.file_len = off + n * self.cs;
+        }
+        Ok(off)
+    }
+
+    /// QEMU's `qcow2_free_clusters`: -1 on each cluster the range touches.
+    fn free_clusters(&mut self, off: u64, size: u64, purpose: &str) {
+        let saved = self.reason.clone();
+        self.why(format!("released: {purpose}"));
+        self.record(
+            Target::Free {
+                offset: off,
+                length: size,
+                purpose: purpose.to_string(),
+            },
+            0,
+            0,
+        );
+        if let Err(Fail(e)) = self.update_refcount(off, size, 1, true) {
+            self.note(format!(
+                "QEMU: qcow2_free_clusters failed: {e}; the clusters are leaked"
+            ));
+        }
+        self.reason = saved;
+    }
+
+    /// QEMU's `qcow2_free_any_cluster`.
+    fn free_any_cluster(&mut self, entry: u64, purpose: &str) {
+        let e = L2Entry {
+            raw: entry,
+            bitmap: 0,
+        };
+        match e.cluster_type(&self.geo, self.has_data_file) {
+            ClusterType::Compressed => {
+                let d = CompressedDescriptor::decode(entry, &self.geo);
+                self.free_clusters(d.offset.0, d.size, purpose);
+            }
+            ClusterType::Normal | ClusterType::ZeroAlloc => {
+                let off = entry & L2E_OFFSET_MASK;
+                if !off.is_multiple_of(self.cs) {
+                    self.note(format!("Cannot free unaligned cluster {off:#x}"));
+                } else if !self.has_data_file {
+                    self.free_clusters(off, self.cs, purpose);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    // ---- the refcount walk ---------------------------------------------------
+
+    fn l1_label(&self, offset: u64) -> String {
+        if offset == self.l1_table_offset {
+            return "active L1".into();
+        }
+        match self.snapshots.iter().find(|s| s.l1_table_offset == offset) {
+            Some(s) => format!("snapshot {} '{}' L1", s.id, s.name),
+            None => format!("L1 at {offset:#x}"),
+        }
+    }
+
+    /// QEMU's `qcow2_update_snapshot_refcount`. `active` selects the in-memory
+    /// active table (QEMU uses it when the offset is the active L1's).
+    fn update_snapshot_refcount(
+        &mut self,
+        l1_offset: u64,
+        l1_size: u64,
+        addend: i32,
+    ) -> SimResult<()> {
+        let label = self.l1_label(l1_offset);
+        let active = l1_offset == self.l1_table_offset;
+        let mut table: Vec<u64> = if active {
+            self.l1.clone()
+        } else {
+            let raw = self.read_bytes(l1_offset, l1_size * 8);
+            raw.chunks_exact(8)
+                .map(|c| crate::bytes::be64(c, 0))
+                .collect()
+        };
+        let step = self.geo.l2_entry_size();
+        let entries = self.geo.l2_entries();
+        let mut l1_modified = false;
+        let mut result = Ok(());
+        'outer: for i in 0..table.len() {
+            let Some(&old_l1) = table.get(i) else { break };
+            if old_l1 == 0 {
+                continue;
+            }
+            let l2 = old_l1 & L1E_OFFSET_MASK;
+            if !l2.is_multiple_of(self.cs) {
+                result = Err(Fail(format!(
+                    "L2 table offset {l2:#x} unaligned (L1 index: {i:#x}) (EIO)"
+                )));
+                break;
+            }
+            for j in 0..entries {
+                let eoff = l2 + j * step;
+                let old = self.read_u64(eoff);
+                let entry = old & !OFLAG_COPIED;
+                let off = entry & L2E_OFFSET_MASK;
+                let e = L2Entry {
+                    raw: entry,
+                    bitmap: 0,
+                };
+                let refcount = match e.cluster_type(&self.geo, self.has_data_file) {
+                    ClusterType::Compressed => {
+                        if addend != 0 {
+                            let d = CompressedDescriptor::decode(entry, &self.geo);
+                            self.why(format!(
+                                "{}: compressed data named by {label}[{i}] -> L2 {l2:#x}",
+                                if addend > 0 { "+1" } else { "-1" }
+                            ));
+                            if let Err(e) = self.update_refcount(d.offset.0, d.size, 1, addend < 0)
+                            {
+                                result = Err(e);
+                                break 'outer;
+                            }
+                        }
+                        2
+                    }
+                    ClusterType::Normal | ClusterType::ZeroAlloc => {
+                        if !off.is_multiple_of(self.cs) {
+                            result = Err(Fail(format!(
+                                "Cluster allocation offset {off:#x} unaligned (L2 offset: {l2:#x}, L2 index: {j:#x}) (EIO)"
+                            )));
+                            break 'outer;
+                        }
+                        if addend != 0 {
+                            self.why(format!(
+                                "{}: data cluster named by {label}[{i}] -> L2 {l2:#x}",
+                                if addend > 0 { "+1" } else { "-1" }
+                            ));
+                            if let Err(e) = self.update_one(off / self.cs, 1, addend < 0) {
+                                result = Err(e);
+                                break 'outer;
+                            }
+                        }
+                        match self.get_refcount(off / self.cs) {
+                            Ok(r) => r,
+                            Err(e) => {
+                                result = Err(e);
+                                break 'outer;
+                            }
+                        }
+                    }
+                    _ => 0,
+                };
+                let new = if refcount == 1 {
+                    entry | OFLAG_COPIED
+                } else {
+                    entry
+                };
+                if new != old {
+                    self.why(if new & OFLAG_COPIED != 0 {
+                        "COPIED set: refcount is now exactly 1".to_string()
+                    } else {
+                        format!("COPIED cleared: refcount is now {refcount} (shared)")
+                    });
+                    self.write_u64(eoff, new);
+                    self.record(
+                        Target::L2Entry {
+                            table_offset: l2,
+                            index: j,
+                        },
+                        old,
+                        new,
+                    );
+                }
+            }
+            if addend != 0 {
+                self.why(format!(
+                    "{}: the L2 table named by {label}[{i}]",
+                    if addend > 0 { "+1" } else { "-1" }
+                ));
+                if let Err(e) = self.update_one(l2 / self.cs, 1, addend < 0) {
+                    result = Err(e);
+                    break;
+                }
+            }
+            let r = match self.get_refcount(l2 / self.cs) {
+                Ok(r) => r,
+                Err(e) => {
+                    result = Err(e);
+                    break;
+                }
+            };
+            let new_l1 = if r == 1 { l2 | OFLAG_COPIED } else { l2 };
+            if new_l1 != old_l1 {
+                if let Some(slot) = table.get_mut(i) {
+                    *slot = new_l1;
+                }
+                l1_modified = true;
+                self.why(if r == 1 {
+                    "COPIED set: the L2 table's refcount is exactly 1".to_string()
+                } else {
+                    format!("COPIED cleared: the L2 table's refcount is {r} (shared)")
+                });
+                self.record(
+                    Target::L1Entry {
+                        table: label.clone(),
+                        table_offset: l1_offset,
+                        index: i as u64,
+                    },
+                    old_l1,
+                    new_l1,
+                );
+            }
+        }
+        if active {
+            // QEMU modified its in-memory table in place.
+            self.l1.clone_from(&table);
+        }
+        if result.is_ok() && addend >= 0 && l1_modified {
+            let bytes: Vec<u8> = table.iter().flat_map(|e| e.to_be_bytes()).collect();
+            self.write_bytes(l1_offset, &bytes);
+        } else if l1_modified && addend < 0 {
+            self.note(format!(
+                "the {label} is not written back: with addend -1 it is about to be deleted"
+            ));
+        }
+        result
+    }
+
+    // ---- snapshot table --------------------------------------------------------
+
+    /// QEMU's `qcow2_write_snapshots`: a new table, then the header, then free the old.
+    fn write_snapshots(&mut self) -> SimResult<()> {
+        let mut size = 0u64;
+        for s in &self.snapshots {
+            size = crate::bytes::align8(size);
+            size +=
+                40 + u64::from(s.extra_data_size.max(24)) + s.id.len() as u64 + s.name.len() as u64;
+        }
+        if size > crate::snapshot::MAX_TABLE_BYTES {
+            return Err(Fail(
+                "the snapshot table would exceed 64 MiB (EFBIG)".into(),
+            ));
+        }
+        let off = if size > 0 {
+            self.alloc_clusters(size, "the new snapshot table")?
+        } else {
+            // qcow2_alloc_clusters(0) allocates nothing and returns 0... but QEMU
+            // still asks for one cluster-sized search; an empty table has offset 0.
+            0
+        };
+        let mut buf = Vec::with_capacity(size as usize);
+        for s in &self.snapshots {
+            while buf.len() % 8 != 0 {
+                buf.push(0);
+            }
+            buf.extend_from_slice(&s.l1_table_offset.to_be_bytes());
+            buf.extend_from_slice(&s.l1_size.to_be_bytes());
+            buf.extend_from_slice(&(s.id.len() as u16).to_be_bytes());
+            buf.extend_from_slice(&(s.name.len() as u16).to_be_bytes());
+            buf.extend_from_slice(&s.date_sec.to_be_bytes());
+            buf.extend_from_slice(&s.date_nsec.to_be_bytes());
+            buf.extend_from_slice(&s.vm_clock_nsec.to_be_bytes());
+            let small = if s.vm_state_size <= 0xffff_ffff {
+                s.vm_state_size as u32
+            } else {
+                0
+            };
+            buf.extend_from_slice(&small.to_be_bytes());
+            buf.extend_from_slice(&s.extra_data_size.max(24).to_be_bytes());
+            buf.extend_from_slice(&s.vm_state_size.to_be_bytes());
+            buf.extend_from_slice(&s.disk_size.to_be_bytes());
+            buf.extend_from_slice(&s.icount.to_be_bytes());
+            if s.extra_data_size > 24 {
+                buf.extend_from_slice(&s.unknown_extra);
+            }
+            buf.extend_from_slice(s.id.as_bytes());
+            buf.extend_from_slice(s.name.as_bytes());
+        }
+        if !buf.is_empty() {
+            self.write_bytes(off, &buf);
+        }
+        self.record(
+            Target::SnapshotTable {
+                offset: off,
+                size,
+                entries: self.snapshots.len() as u64,
+            },
+            0,
+            0,
+        );
+        let (old_off, old_size) = (self.snapshots_offset, self.snapshots_size);
+        self.why("the header points at the new snapshot table");
+        self.set_header_u32(60, "nb_snapshots", self.snapshots.len() as u32);
+        self.set_header_u64(64, "snapshots_offset", off);
+        self.snapshots_offset = off;
+        self.snapshots_size = size;
+        if old_size > 0 {
+            self.free_clusters(old_off, old_size, "the old snapshot table");
+        }
+        Ok(())
+    }
+
+    fn set_header_u64(&mut self, at: u64, field: &'static str, v: u64) {
+        let before = self.read_u64(at);
+        if before != v {
+            self.write_u64(at, v);
+            self.record(Target::Header { field }, before, v);
+        }
+    }
+
+    fn set_header_u32(&mut self, at: u64, field: &'static str, v: u32) {
+        let b = self.read_bytes(at, 4);
+        let before = u64::from(crate::bytes::be32(&b, 0));
+        if before != u64::from(v) {
+            self.write_bytes(at, &v.to_be_bytes());
+            self.record(Target::Header { field }, before, u64::from(v));
+        }
+    }
+
+    fn find_snapshot(&self, id_or_name: &str) -> Option<usize> {
+        self.snapshots
+            .iter()
+            .position(|s| s.id == id_or_name)
+            .or_else(|| self.snapshots.iter().position(|s| s.name == id_or_name))
+    }
+
+    fn check_snapshot_l1(&self, sn: &SimSnapshot) -> SimResult<()> {
+        if u64::from(sn.l1_size) > crate::tables::MAX_L1_ENTRIES {
+            return Err(Fail("Snapshot L1 table too large (EFBIG)".into()));
+        }
+        if !sn.l1_table_offset.is_multiple_of(self.cs) {
+            return Err(Fail("Snapshot L1 table offset invalid (EINVAL)".into()));
+        }
+        Ok(())
+    }
+
+    // ---- operations --------------------------------------------------------------
+
+    fn snapshot_create(&mut self, name: &str) -> SimResult<()> {
+        if self.snapshots.len() as u64 >= crate::snapshot::MAX_SNAPSHOTS {
+            return Err(Fail("the image already has 65536 snapshots (EFBIG)".into()));
+        }
+        if self.has_data_file {
+            return Err(Fail(
+                "snapshots are not supported with an external data file (ENOTSUP)".into(),
+            ));
+        }
+        let id_max = self
+            .snapshots
+            .iter()
+            .map(|s| s.id.trim().parse::<u64>().unwrap_or(0))
+            .max()
+            .unwrap_or(0);
+        let l1_size = self.l1.len() as u64;
+        self.why("snapshot-create");
+        let l1_off =
+            self.alloc_clusters(l1_size * 8, &format!("the L1 table of snapshot '{name}'"))?;
+        let bytes: Vec<u8> = self.l1.iter().flat_map(|e| e.to_be_bytes()).collect();
+        self.write_bytes(l1_off, &bytes);
+        self.why("the active L1 table is copied as it is, COPIED flags included");
+        self.record(
+            Target::Copy {
+                from: format!("active L1 at {:#x}", self.l1_table_offset),
+                to: l1_off,
+                length: l1_size * 8,
+            },
+            0,
+            0,
+        );
+        self.note("every L2 table and data cluster the active L1 reaches becomes shared with the new snapshot: +1 each".into());
+        self.update_snapshot_refcount(self.l1_table_offset, l1_size, 1)?;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        self.snapshots.push(SimSnapshot {
+            id: (id_max + 1).to_string(),
+            name: name.to_string(),
+            l1_table_offset: l1_off,
+            l1_size: l1_size as u32,
+            vm_state_size: 0,
+            date_sec: now.as_secs() as u32,
+            date_nsec: now.subsec_micros() * 1000,
+            vm_clock_nsec: 0,
+            disk_size: self.size / 512 * 512,
+            icount: 0,
+            extra_data_size: 24,
+            unknown_extra: Vec::new(),
+        });
+        self.why("snapshot-create: the snapshot table gets the new entry");
+        if let Err(e) = self.write_snapshots() {
+            self.snapshots.pop();
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    fn snapshot_delete(&mut self, id_or_name: &str) -> SimResult<()> {
+        if self.has_data_file {
+            return Err(Fail(
+                "snapshots are not supported with an external data file (ENOTSUP)".into(),
+            ));
+        }
+        let Some(i) = self.find_snapshot(id_or_name) else {
+            return Err(Fail(format!(
+                "Can't find the snapshot '{id_or_name}' (ENOENT)"
+            )));
+        };
+        let sn = self
+            .snapshots
+            .get(i)
+            .cloned()
+            .ok_or_else(|| Fail("no snapshot".into()))?;
+        self.check_snapshot_l1(&sn)?;
+        let label = format!("snapshot {} '{}' L1", sn.id, sn.name);
+        self.snapshots.remove(i);
+        self.why("snapshot-delete: the snapshot table without the entry");
+        self.write_snapshots()?;
+        self.note(format!(
+            "everything the {label} reaches loses one reference: -1 each"
+        ));
+        // The label of the walk: the snapshot is no longer in the list.
+        self.snapshots.push(sn.clone());
+        let r = self.update_snapshot_refcount(sn.l1_table_offset, u64::from(sn.l1_size), -1);
+        self.snapshots.pop();
+        r?;
+        self.free_clusters(
+            sn.l1_table_offset,
+            u64::from(sn.l1_size) * 8,
+            &format!("the {label} table"),
+        );
+        self.note(
+            "addend 0 over the active L1: no refcount changes, COPIED flags recomputed".into(),
+        );
+        self.update_snapshot_refcount(self.l1_table_offset, self.l1.len() as u64, 0)
+    }
+
+    fn snapshot_apply(&mut self, id_or_name: &str) -> SimResult<()> {
+        if self.has_data_file {
+            return Err(Fail(
+                "snapshots are not supported with an external data file (ENOTSUP)".into(),
+            ));
+        }
+        let Some(i) = self.find_snapshot(id_or_name) else {
+            return Err(Fail(format!(
+                "Can't find the snapshot '{id_or_name}' (ENOENT)"
+            )));
+        };
+        let sn = self
+            .snapshots
+            .get(i)
+            .cloned()
+            .ok_or_else(|| Fail("no snapshot".into()))?;
+        self.check_snapshot_l1(&sn)?;
+        if sn.disk_size != self.size / 512 * 512 {
+            return Err(Fail(format!(
+                "the snapshot's disk size ({}) differs from the current size ({}); QEMU would resize the image first, which qinspect does not model",
+                sn.disk_size, self.size
+            )));
+        }
+        if u64::from(sn.l1_size) > self.l1.len() as u64 {
+            return Err(Fail(
+                "the snapshot's L1 table is larger than the active one; QEMU would grow the active L1 first, which qinspect does not model".into(),
+            ));
+        }
+        let cur_len = self.l1.len() as u64;
+        let mut buffer = self.read_bytes(sn.l1_table_offset, u64::from(sn.l1_size) * 8);
+        buffer.resize((cur_len * 8) as usize, 0);
+        self.note(format!(
+            "everything snapshot {} '{}' reaches gains a reference: +1 each",
+            sn.id, sn.name
+        ));
+        self.update_snapshot_refcount(sn.l1_table_offset, u64::from(sn.l1_size), 1)?;
+        let active_off = self.l1_table_offset;
+        self.why(
+            "snapshot-apply: the snapshot's L1 (as read before the walk) replaces the active L1",
+        );
+        let old: Vec<u8> = self.read_bytes(active_off, cur_len * 8);
+        self.write_bytes(active_off, &buffer);
+        for k in 0..cur_len {
+            let b = crate::bytes::be64(&old, (k * 8) as usize);
+            let a = crate::bytes::be64(&buffer, (k * 8) as usize);
+            if a != b {
+                self.record(
+                    Target::L1Entry {
+                        table: "active L1".into(),
+                        table_offset: active_off,
+                        index: k,
+                    },
+                    b,
+                    a,
+                );
+            }
+        }
+        self.note("everything the old active L1 reached loses one reference: -1 each".into());
+        let r = self.update_snapshot_refcount(active_off, cur_len, -1);
+        self.l1 = buffer
+            .chunks_exact(8)
+            .map(|c| crate::bytes::be64(c, 0))
+            .collect();
+        r?;
+        self.note("addend 0 over the new active L1: COPIED flags recomputed".into());
+        self.update_snapshot_refcount(active_off, cur_len, 0)
+    }
+
+    fn refcount_walk(&mut self, l1: &str, addend: i32) -> SimResult<()> {
+        if l1 == "active" {
+            return self.update_snapshot_refcount(
+                self.l1_table_offset,
+                self.l1.len() as u64,
+                addend,
+            );
+        }
+        let Some(i) = self.find_snapshot(l1) else {
+            return Err(Fail(format!(
+                "no snapshot '{l1}' (use 'active' or a snapshot ID or name)"
+            )));
+        };
+        let sn = self
+            .snapshots
+            .get(i)
+            .cloned()
+            .ok_or_else(|| Fail("no snapshot".into()))?;
+        self.check_snapshot_l1(&sn)?;
+        self.update_snapshot_refcount(sn.l1_table_offset, u64::from(sn.l1_size), addend)
+    }
+
+    /// Simulate one operation and record it.
+    pub fn apply(&mut self, op: &Op) {
+        self.steps.clear();
+        self.reason.clear();
+        let r = match op {
+            Op::SnapshotCreate { name } => self.snapshot_create(name),
+            Op::SnapshotDelete { id_or_name } => self.snapshot_delete(id_or_name),
+            Op::SnapshotApply { id_or_name } => self.snapshot_apply(id_or_name),
+            Op::Write { offset, length } => self.write(*offset, *length),
+            Op::Discard { offset, length } => self.discard(*offset, *length),
+            Op::RefcountUpdate { l1, addend } => self.refcount_walk(l1, *addend),
+        };
+        self.records.push(OpRecord {
+            op: op.clone(),
+            description: op.describe(),
+            steps: std::mem::take(&mut self.steps),
+            error: r.err().map(|Fail(e)| e),
+        });
+    }
+
+    // ---- results -------------------------------------------------------------------
+
+    /// The simulated image as a read-only source: the original bytes with every
+    /// changed cluster laid over them.
+    pub fn source(&self) -> SharedSource {
+        Arc::new(OverlaySource {
+            base: self.base.clone(),
+            cs: self.cs,
+            clusters: self.clusters.clone(),
+            len: self.file_len,
+            name: self.path.clone(),
+        })
+    }
+
+    /// The simulated image, opened.
+    pub fn image(&self) -> Result<Qcow2> {
+        Qcow2::open(self.source(), Strictness::Lenient)
+    }
+
+    /// Every cluster with a non-zero refcount, in order, after all operations.
+    pub fn refcounts(&mut self) -> Vec<(u64, u64)> {
+        let n = self.file_len.div_ceil(self.cs);
+        let mut out = Vec::new();
+        for c in 0..n
+            .max(self.reftable_len() << self.block_bits())
+            .min(n.max(1) + (1 << 20))
+        {
+            if let Ok(r) = self.get_refcount(c)
+                && r != 0
+            {
+                out.push((c, r));
+            }
+        }
+        out
+    }
+
+    /// Host file length after the operations.
+    pub fn file_len(&self) -> u64 {
+        self.file_len
+    }
+
+    /// Cluster size.
+    pub fn cluster_size(&self) -> u64 {
+        self.cs
+    }
+
+    /// Version of the image.
+    pub fn version(&self) -> u32 {
+        self.version
+    }
+
+    fn write(&mut self, _offset: u64, _length: u64) -> SimResult<()> {
+        let _ = &self.backing;
+        let _ = OFLAG_ZERO;
+        Err(Fail("writes are not simulated yet".into()))
+    }
+
+    fn discard(&mut self, _offset: u64, _length: u64) -> SimResult<()> {
+        Err(Fail("discards are not simulated yet".into()))
+    }
+}
+
+/// The image after simulation: changed clusters over the original file.
+#[derive(Debug)]
+pub struct OverlaySource {
+    base: SharedSource,
+    cs: u64,
+    clusters: HashMap<u64, Box<[u8]>>,
+    len: u64,
+    name: PathBuf,
+}
+
+impl Source for OverlaySource {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
+        let mut done = 0usize;
+        while done < buf.len() {
+            let pos = offset + done as u64;
+            let c = pos / self.cs;
+            let within = (pos % self.cs) as usize;
+            let n = (buf.len() - done).min(self.cs as usize - within);
+            let Some(dst) = buf.get_mut(done..done + n) else {
+                break;
+            };
+            match self.clusters.get(&c) {
+                Some(cl) => dst.copy_from_slice(crate::bytes::slice(cl, within, n)),
+                None => {
+                    self.base.read_at(dst, pos)?;
+                }
+            }
+            if pos >= self.len {
+                dst.fill(0);
+            }
+            done += n;
+        }
+        Ok(buf.len().min(self.len.saturating_sub(offset) as usize))
+    }
+
+    fn len(&self) -> u64 {
+        self.len
+    }
+
+    fn name(&self) -> &Path {
+        &self.name
+    }
+}
+
+/// Simulate `ops` in order on the image at `path`.
+pub fn simulate(img: &Qcow2, path: &Path, ops: &[Op]) -> Result<Sim> {
+    let mut sim = Sim::new(img, path)?;
+    for op in ops {
+        sim.apply(op);
+        if sim.records.last().is_some_and(|r| r.error.is_some()) {
+            break;
+        }
+    }
+    Ok(sim)
+}
+
+/// Group allocations by purpose, for summaries.
+pub fn summarize(list: &[(u64, u64, String)]) -> BTreeMap<String, u64> {
+    let mut m = BTreeMap::new();
+    for (_, len, what) in list {
+        *m.entry(what.clone()).or_default() += len;
+    }
+    m
+}
