@@ -1220,9 +1220,13 @@ impl Sim {
                 "snapshots are not supported with an external data file (ENOTSUP)".into(),
             ));
         }
-        let Some(i) = self.find_snapshot(id_or_name) else {
+        // qemu-img snapshot -d looks the snapshot up by name (the first match);
+        // an ID is accepted too, as QMP's snapshot-delete-internal-sync does.
+        let by_name = self.snapshots.iter().position(|s| s.name == id_or_name);
+        let Some(i) = by_name.or_else(|| self.snapshots.iter().position(|s| s.id == id_or_name))
+        else {
             return Err(Fail(format!(
-                "Can't find the snapshot '{id_or_name}' (ENOENT)"
+                "Could not delete snapshot '{id_or_name}': snapshot not found (ENOENT)"
             )));
         };
         let sn = self
@@ -1230,6 +1234,12 @@ impl Sim {
             .get(i)
             .cloned()
             .ok_or_else(|| Fail("no snapshot".into()))?;
+        if by_name.is_none() {
+            self.note(format!(
+                "'{id_or_name}' is the ID of snapshot '{}': qemu-img snapshot -d matches names only (use -d '{}')",
+                sn.name, sn.name
+            ));
+        }
         self.check_snapshot_l1(&sn)?;
         let label = format!("snapshot {} '{}' L1", sn.id, sn.name);
         self.snapshots.remove(i);
