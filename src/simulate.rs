@@ -26,7 +26,7 @@ use crate::io::{SharedSource, Source};
 use crate::refcount::{get_refcount, set_refcount};
 use crate::tables::{
     ClusterType, CompressedDescriptor, L1E_OFFSET_MASK, L2E_OFFSET_MASK, L2Entry, OFLAG_COPIED,
-    OFLAG_ZERO,
+    OFLAG_ZERO, SubclusterType,
 };
 use crate::types::Geometry;
 use serde::Serialize;
@@ -441,6 +441,7 @@ pub struct Sim {
     /// Releases that brought clusters to refcount 0: (cluster, purpose).
     pub freed: Vec<(u64, String)>,
     backing: Option<crate::chain::Chain>,
+    backing_named: bool,
 }
 
 /// Failure inside a simulated operation (QEMU's errno, and why).
@@ -515,6 +516,7 @@ impl Sim {
             snapshots_offset: h.snapshots_offset,
             snapshots_size: img.snapshots.size,
             free_cluster_index: 0,
+            backing_named: img.backing_name.is_some(),
             steps: Vec::new(),
             reason: String::new(),
             records: Vec::new(),
@@ -1064,9 +1066,9 @@ impl Sim {
         let off = if size > 0 {
             self.alloc_clusters(size, "the new snapshot table")?
         } else {
-            // qcow2_alloc_clusters(0) allocates nothing and returns 0... but QEMU
-            // still asks for one cluster-sized search; an empty table has offset 0.
-            0
+            // qcow2_alloc_clusters(0) counts nothing and returns the free-cluster
+            // hint as it stands.
+            self.free_cluster_index * self.cs
         };
         let mut buf = Vec::with_capacity(size as usize);
         for s in &self.snapshots {
@@ -1358,6 +1360,9 @@ impl Sim {
     pub fn apply(&mut self, op: &Op) {
         self.steps.clear();
         self.reason.clear();
+        // Each operation is a fresh open of the image (a separate qemu-img or
+        // qemu-io command), so QEMU's free-cluster hint starts at 0 again.
+        self.free_cluster_index = 0;
         let r = match op {
             Op::SnapshotCreate { name } => self.snapshot_create(name),
             Op::SnapshotDelete { id_or_name } => self.snapshot_delete(id_or_name),
@@ -1425,15 +1430,524 @@ impl Sim {
         self.version
     }
 
-    fn write(&mut self, _offset: u64, _length: u64) -> SimResult<()> {
-        let _ = &self.backing;
-        let _ = OFLAG_ZERO;
-        Err(Fail("writes are not simulated yet".into()))
+    // ---- guest writes and discards -------------------------------------------------
+
+    /// Entries per L2 cache slice: a whole table, unless QEMU's default 32 MiB L2
+    /// cache cannot cover the disk; then 4 KiB slices.
+    fn slice_entries(&self) -> u64 {
+        let per_table = self.geo.l2_entries();
+        let needed = self.size.div_ceil(self.cs).saturating_mul(8);
+        if needed > 32 << 20 {
+            (self.cs.min(4096) / self.geo.l2_entry_size()).min(per_table)
+        } else {
+            per_table
+        }
     }
 
-    fn discard(&mut self, _offset: u64, _length: u64) -> SimResult<()> {
-        Err(Fail("discards are not simulated yet".into()))
+    fn l2_entry_at(&mut self, l2: u64, index: u64) -> (u64, u64) {
+        let off = l2 + index * self.geo.l2_entry_size();
+        let raw = self.read_u64(off);
+        let bitmap = if self.geo.extended_l2 {
+            self.read_u64(off + 8)
+        } else {
+            0
+        };
+        (raw, bitmap)
     }
+
+    fn set_l2_entry(&mut self, l2: u64, index: u64, raw: u64, bitmap: u64) {
+        let (old, old_bm) = self.l2_entry_at(l2, index);
+        let off = l2 + index * self.geo.l2_entry_size();
+        if old != raw {
+            self.write_u64(off, raw);
+            self.record(
+                Target::L2Entry {
+                    table_offset: l2,
+                    index,
+                },
+                old,
+                raw,
+            );
+        }
+        if self.geo.extended_l2 && old_bm != bitmap {
+            self.write_u64(off + 8, bitmap);
+            let saved = self.reason.clone();
+            self.reason = format!("{saved} (subcluster bitmap)");
+            self.record(
+                Target::L2Entry {
+                    table_offset: l2,
+                    index,
+                },
+                old_bm,
+                bitmap,
+            );
+            self.reason = saved;
+        }
+    }
+
+    /// QEMU's `get_cluster_table`: the L2 table for `guest`, allocated or copied
+    /// first if the L1 entry lacks COPIED (an entry of 0 included).
+    fn cluster_table(&mut self, guest: u64) -> SimResult<u64> {
+        let i = guest >> (self.geo.cluster_bits + self.geo.l2_bits());
+        let Some(&e) = self.l1.get(i as usize) else {
+            return Err(Fail(format!(
+                "guest offset {guest:#x} is beyond the L1 table; QEMU would grow it, which qinspect does not model"
+            )));
+        };
+        if e & OFLAG_COPIED != 0 {
+            return Ok(e & L1E_OFFSET_MASK);
+        }
+        let old = e & L1E_OFFSET_MASK;
+        let saved = self.reason.clone();
+        let purpose = if old == 0 {
+            format!(
+                "a new L2 table for active L1[{i}] (guest {:#x}..)",
+                i * self.geo.l2_coverage()
+            )
+        } else {
+            format!("a copy of the shared L2 table at {old:#x} (active L1[{i}] lacks COPIED)")
+        };
+        self.why(purpose.clone());
+        let new = self.alloc_clusters(self.cs, &purpose)?;
+        let content = if old == 0 {
+            vec![0u8; self.cs as usize]
+        } else {
+            self.read_bytes(old, self.cs)
+        };
+        self.write_bytes(new, &content);
+        if old != 0 {
+            self.record(
+                Target::Copy {
+                    from: format!("L2 table at {old:#x}"),
+                    to: new,
+                    length: self.cs,
+                },
+                0,
+                0,
+            );
+        }
+        self.why(format!(
+            "active L1[{i}] now names the {}",
+            if old == 0 {
+                "new L2 table"
+            } else {
+                "private copy"
+            }
+        ));
+        let new_e = new | OFLAG_COPIED;
+        if let Some(slot) = self.l1.get_mut(i as usize) {
+            *slot = new_e;
+        }
+        let l1_off = self.l1_table_offset;
+        self.write_u64(l1_off + i * 8, new_e);
+        self.record(
+            Target::L1Entry {
+                table: "active L1".into(),
+                table_offset: l1_off,
+                index: i,
+            },
+            e,
+            new_e,
+        );
+        if old != 0 {
+            self.free_clusters(
+                old,
+                self.cs,
+                &format!("the old L2 table at {old:#x} (one L1 fewer names it)"),
+            );
+        }
+        self.reason = saved;
+        Ok(new)
+    }
+
+    fn needs_new_alloc(&self, raw: u64) -> bool {
+        let e = L2Entry { raw, bitmap: 0 };
+        match e.cluster_type(&self.geo, self.has_data_file) {
+            ClusterType::Unallocated | ClusterType::ZeroPlain | ClusterType::Compressed => true,
+            ClusterType::Normal | ClusterType::ZeroAlloc => raw & OFLAG_COPIED == 0,
+        }
+    }
+
+    /// QEMU's `qcow2_alloc_clusters_at`: as many free clusters as there are at
+    /// `off`, up to `n`, +1 each.
+    fn alloc_clusters_at(&mut self, off: u64, n: u64, purpose: &str) -> SimResult<u64> {
+        let mut i = 0;
+        while i < n && self.get_refcount(off / self.cs + i)? == 0 {
+            i += 1;
+        }
+        if i > 0 {
+            let saved = self.reason.clone();
+            self.why(format!("allocated for {purpose}"));
+            self.update_refcount(off, i * self.cs, 1, false)?;
+            self.record(
+                Target::Allocate {
+                    offset: off,
+                    length: i * self.cs,
+                    purpose: purpose.to_string(),
+                },
+                off / self.cs,
+                off / self.cs,
+            );
+            self.allocated.push((off, i * self.cs, purpose.to_string()));
+            self.reason = saved;
+            self.file_len = self.file_len.max(off + i * self.cs);
+        }
+        Ok(i)
+    }
+
+    /// A guest write of `length` bytes at `offset` (`qcow2_co_pwritev_part`).
+    fn write(&mut self, offset: u64, length: u64) -> SimResult<()> {
+        if offset.checked_add(length).is_none_or(|e| e > self.size) {
+            return Err(Fail(format!(
+                "the write ends past the end of the disk ({} bytes) (EIO)",
+                self.size
+            )));
+        }
+        let cs = self.cs;
+        let sc_bits = self.geo.subcluster_bits();
+        let mut frees: Vec<(u64, String)> = Vec::new();
+        let mut pos = offset;
+        let end = offset + length;
+        while pos < end {
+            // qcow2_alloc_host_offset: one contiguous host range.
+            let mut host_next: Option<u64> = None;
+            loop {
+                if pos >= end {
+                    break;
+                }
+                let l2_index = (pos >> self.geo.cluster_bits) & (self.geo.l2_entries() - 1);
+                let slice = self.slice_entries();
+                let in_c = pos % cs;
+                let max_n = (in_c + (end - pos))
+                    .div_ceil(cs)
+                    .min(slice - l2_index % slice);
+                // handle_copied
+                let l2 = self.cluster_table(pos)?;
+                let (raw, bitmap) = self.l2_entry_at(l2, l2_index);
+                if !self.needs_new_alloc(raw) {
+                    let host = raw & L2E_OFFSET_MASK;
+                    if !host.is_multiple_of(cs) {
+                        return Err(Fail(format!(
+                            "Data cluster offset {host:#x} unaligned (guest offset: {pos:#x}) (EIO)"
+                        )));
+                    }
+                    if host_next.is_some_and(|h| h != host) {
+                        break;
+                    }
+                    let mut keep = 0;
+                    let mut expect = host;
+                    while keep < max_n {
+                        let (r, _) = self.l2_entry_at(l2, l2_index + keep);
+                        if self.needs_new_alloc(r) || r & L2E_OFFSET_MASK != expect {
+                            break;
+                        }
+                        expect += cs;
+                        keep += 1;
+                    }
+                    let bytes = (keep * cs - in_c).min(end - pos);
+                    self.why(format!("in-place write to guest {pos:#x}..{:#x}: the clusters are COPIED (refcount 1)", pos + bytes));
+                    self.note(format!(
+                        "guest {pos:#x}..{:#x} is written in place at host {:#x} (COPIED: no copy needed)",
+                        pos + bytes,
+                        host + in_c
+                    ));
+                    // An l2meta exists only for zero-allocated clusters or, with
+                    // extended L2, subclusters that are not yet normal.
+                    for k in 0..keep {
+                        let (r, bm) = self.l2_entry_at(l2, l2_index + k);
+                        let ty = L2Entry { raw: r, bitmap: bm }
+                            .cluster_type(&self.geo, self.has_data_file);
+                        let new_bm = if self.geo.extended_l2 {
+                            let from = if k == 0 { in_c } else { 0 };
+                            let to = (pos - in_c + bytes - k * cs).min(cs);
+                            let (fsc, lsc) = (from >> sc_bits, (to - 1) >> sc_bits);
+                            let mask = sub_range(fsc, lsc + 1);
+                            (bm | mask) & !(mask << 32)
+                        } else {
+                            bm
+                        };
+                        let new_raw = if ty == ClusterType::ZeroAlloc && !self.geo.extended_l2 {
+                            (r & L2E_OFFSET_MASK) | OFLAG_COPIED
+                        } else {
+                            r
+                        };
+                        if new_raw != r || new_bm != bm {
+                            self.why("the written cluster no longer reads as zeros");
+                            self.set_l2_entry(l2, l2_index + k, new_raw, new_bm);
+                        }
+                    }
+                    let _ = bitmap;
+                    host_next = Some(host + keep * cs);
+                    pos += bytes;
+                    continue;
+                }
+                // handle_alloc
+                let mut n = 0;
+                while n < max_n {
+                    let (r, _) = self.l2_entry_at(l2, l2_index + n);
+                    if !self.needs_new_alloc(r) {
+                        break;
+                    }
+                    n += 1;
+                }
+                let guest_cluster = pos - in_c;
+                let purpose = format!(
+                    "guest data at {guest_cluster:#x}..{:#x}",
+                    guest_cluster + n * cs
+                );
+                let host = if self.has_data_file {
+                    guest_cluster
+                } else {
+                    match host_next {
+                        None => self.alloc_clusters(n * cs, &purpose)?,
+                        Some(h) => {
+                            n = self.alloc_clusters_at(h, n, &purpose)?;
+                            if n == 0 {
+                                break;
+                            }
+                            h
+                        }
+                    }
+                };
+                let bytes = (n * cs - in_c).min(end - pos);
+                self.cow_notes(l2, l2_index, n, pos, bytes, host);
+                // qcow2_alloc_cluster_link_l2, after the data is written.
+                let (cow_from, cow_to) = self.cow_range(l2, l2_index, n, in_c, bytes);
+                for k in 0..n {
+                    let (r, bm) = self.l2_entry_at(l2, l2_index + k);
+                    if r != 0 {
+                        frees.push((
+                            r,
+                            format!(
+                                "the old cluster of guest {:#x} (replaced by the copy-on-write)",
+                                guest_cluster + k * cs
+                            ),
+                        ));
+                    }
+                    let new_bm = if self.geo.extended_l2 {
+                        let from = cow_from.max(k * cs);
+                        let to = cow_to.min((k + 1) * cs);
+                        let (fsc, lsc) = ((from - k * cs) >> sc_bits, (to - k * cs - 1) >> sc_bits);
+                        let mask = sub_range(fsc, lsc + 1);
+                        (bm | mask) & !(mask << 32)
+                    } else {
+                        bm
+                    };
+                    self.why(format!(
+                        "guest {:#x} now maps to the new cluster {:#x}",
+                        guest_cluster + k * cs,
+                        host + k * cs
+                    ));
+                    self.set_l2_entry(l2, l2_index + k, (host + k * cs) | OFLAG_COPIED, new_bm);
+                }
+                host_next = Some(host + n * cs);
+                pos += bytes;
+            }
+        }
+        // Old clusters are released last (their tasks finish after all allocations).
+        for (entry, why) in frees {
+            self.free_any_cluster(entry, &why);
+        }
+        Ok(())
+    }
+
+    /// The copy-on-write region `[from, to)` relative to the first cluster
+    /// (`calculate_l2_meta` with keep_old = false).
+    fn cow_range(&mut self, l2: u64, l2_index: u64, n: u64, in_c: u64, bytes: u64) -> (u64, u64) {
+        let cs = self.cs;
+        let sc_bits = self.geo.subcluster_bits();
+        let scs = self.geo.subcluster_size();
+        let (r, bm) = self.l2_entry_at(l2, l2_index);
+        let first = L2Entry { raw: r, bitmap: bm }.subcluster_type(
+            &self.geo,
+            self.has_data_file,
+            (in_c >> sc_bits) as u32,
+        );
+        let from = match first {
+            SubclusterType::Compressed => 0,
+            SubclusterType::Normal
+            | SubclusterType::ZeroAlloc
+            | SubclusterType::UnallocatedAlloc => {
+                if self.geo.extended_l2 {
+                    let alloc = (bm & 0xffff_ffff) as u32;
+                    u64::from((in_c >> sc_bits) as u32).min(u64::from(alloc.trailing_zeros()))
+                        << sc_bits
+                } else {
+                    0
+                }
+            }
+            _ => (in_c >> sc_bits) << sc_bits,
+        };
+        let end_in = in_c + bytes;
+        let last_i = l2_index + n - 1;
+        let (r, bm) = self.l2_entry_at(l2, last_i);
+        let sc_last = (((end_in - 1) % cs) >> sc_bits) as u32;
+        let last =
+            L2Entry { raw: r, bitmap: bm }.subcluster_type(&self.geo, self.has_data_file, sc_last);
+        let to = match last {
+            SubclusterType::Compressed => end_in.div_ceil(cs) * cs,
+            SubclusterType::Normal
+            | SubclusterType::ZeroAlloc
+            | SubclusterType::UnallocatedAlloc => {
+                let full = end_in.div_ceil(cs) * cs;
+                if self.geo.extended_l2 {
+                    let alloc = (bm & 0xffff_ffff) as u32;
+                    let skip = u64::from((31 - sc_last).min(alloc.leading_zeros()));
+                    full - (skip << sc_bits)
+                } else {
+                    full
+                }
+            }
+            _ => end_in.div_ceil(scs) * scs,
+        };
+        (from, to)
+    }
+
+    /// Say what the copy-on-write reads to fill the rest of the new clusters.
+    fn cow_notes(&mut self, l2: u64, l2_index: u64, n: u64, pos: u64, bytes: u64, host: u64) {
+        let cs = self.cs;
+        let in_c = pos % cs;
+        let (from, to) = self.cow_range(l2, l2_index, n, in_c, bytes);
+        let guest0 = pos - in_c;
+        let (r, _) = self.l2_entry_at(l2, l2_index);
+        let source = |me: &Self, raw: u64| -> String {
+            match (L2Entry { raw, bitmap: 0 }).cluster_type(&me.geo, me.has_data_file) {
+                ClusterType::Normal => format!("the old cluster at {:#x}", raw & L2E_OFFSET_MASK),
+                ClusterType::Compressed => "the decompressed old cluster".to_string(),
+                ClusterType::ZeroAlloc | ClusterType::ZeroPlain => {
+                    "zeros (zero cluster)".to_string()
+                }
+                ClusterType::Unallocated => {
+                    if me.backing.is_some() {
+                        "the backing file".to_string()
+                    } else {
+                        "zeros (unallocated, no backing file)".to_string()
+                    }
+                }
+            }
+        };
+        if from < in_c {
+            let src = source(self, r);
+            self.why(format!("copy-on-write head, read from {src}"));
+            self.record(
+                Target::Copy {
+                    from: format!("guest {:#x}", guest0 + from),
+                    to: host + from,
+                    length: in_c - from,
+                },
+                0,
+                0,
+            );
+        }
+        let end_in = in_c + bytes;
+        if to > end_in {
+            let (r_last, _) = self.l2_entry_at(l2, l2_index + n - 1);
+            let src = source(self, r_last);
+            self.why(format!("copy-on-write tail, read from {src}"));
+            self.record(
+                Target::Copy {
+                    from: format!("guest {:#x}", guest0 + end_in),
+                    to: host + end_in,
+                    length: to - end_in,
+                },
+                0,
+                0,
+            );
+        }
+        self.why("the guest's new data");
+        self.record(
+            Target::Copy {
+                from: "the guest".into(),
+                to: host + in_c,
+                length: bytes,
+            },
+            0,
+            0,
+        );
+    }
+
+    /// A guest discard (`qcow2_co_pdiscard` after the block layer's alignment).
+    fn discard(&mut self, offset: u64, length: u64) -> SimResult<()> {
+        let cs = self.cs;
+        let end = offset.saturating_add(length).min(self.size);
+        let has_backing = self.backing.is_some() || self.backing_named;
+        if self.version < 3 && has_backing {
+            self.note(
+                "compat=0.10 image with a backing file: QEMU cannot discard (ENOTSUP, ignored)"
+                    .into(),
+            );
+            return Ok(());
+        }
+        // The block layer splits off unaligned head and tail; qcow2 ignores them,
+        // except a tail that ends exactly at an unaligned end of the disk.
+        let mut start = offset.div_ceil(cs) * cs;
+        let mut stop = end / cs * cs;
+        if end == self.size && !end.is_multiple_of(cs) && offset <= stop {
+            stop = end.div_ceil(cs) * cs;
+        }
+        if !offset.is_multiple_of(cs) {
+            self.note(format!(
+                "the unaligned head {offset:#x}..{:#x} is ignored (not a whole cluster)",
+                start.min(end)
+            ));
+        }
+        if !end.is_multiple_of(cs) && stop < end {
+            self.note(format!(
+                "the unaligned tail {:#x}..{end:#x} is ignored (not a whole cluster)",
+                stop.max(start)
+            ));
+        }
+        let slice = self.slice_entries();
+        while start < stop {
+            let l2_index = (start / cs) & (self.geo.l2_entries() - 1);
+            let n = ((stop - start) / cs).min(slice - l2_index % slice).max(1);
+            self.why("discard");
+            let l2 = self.cluster_table(start)?;
+            for k in 0..n {
+                let (raw, bm) = self.l2_entry_at(l2, l2_index + k);
+                let ty = L2Entry { raw, bitmap: bm }.cluster_type(&self.geo, self.has_data_file);
+                let allocated = matches!(
+                    ty,
+                    ClusterType::Normal | ClusterType::ZeroAlloc | ClusterType::Compressed
+                );
+                if !(has_backing || allocated) {
+                    continue;
+                }
+                let (new, new_bm) = if self.geo.extended_l2 {
+                    (0, 0xffff_ffffu64 << 32)
+                } else if self.version >= 3 {
+                    (OFLAG_ZERO, 0)
+                } else {
+                    (0, 0)
+                };
+                if new == raw && new_bm == bm {
+                    continue;
+                }
+                let g = start + k * cs;
+                self.why(format!(
+                    "guest {g:#x} discarded: {}",
+                    if self.version >= 3 {
+                        "now reads as zeros"
+                    } else {
+                        "now unallocated"
+                    }
+                ));
+                self.set_l2_entry(l2, l2_index + k, new, new_bm);
+                self.free_any_cluster(raw, &format!("the discarded cluster of guest {g:#x}"));
+            }
+            start += n * cs;
+        }
+        Ok(())
+    }
+}
+
+/// Bits `from..to` of a subcluster allocation bitmap.
+fn sub_range(from: u64, to: u64) -> u64 {
+    let to = to.min(32);
+    if from >= to {
+        return 0;
+    }
+    ((1u64 << (to - from)) - 1) << from
 }
 
 /// The image after simulation: changed clusters over the original file.

@@ -372,3 +372,195 @@ fn refcount_walk_with_each_addend() {
     .unwrap();
     assert!(sim.records[0].error.is_none());
 }
+
+#[test]
+fn first_write_after_a_snapshot_copies_the_l2_table() {
+    let w = Work::new();
+    base(&w, "f.qcow2", "cluster_size=64k");
+    w.qemu_img(&["snapshot", "-c", "s", "f.qcow2"]);
+    let sim = assert_sim_matches(
+        &w,
+        "f.qcow2",
+        &["write:0:4096"],
+        &[&["qemu-io", "write -P 1 0 4k"]],
+    );
+    // The reference example: new L2 in cluster 10, data in 11.
+    let clusters: Vec<u64> = sim.allocated.iter().map(|a| a.0 / 65536).collect();
+    assert_eq!(clusters, vec![10, 11]);
+}
+
+#[test]
+fn snapshot_then_write_as_a_chain_of_two_operations() {
+    let w = Work::new();
+    base(&w, "c2.qcow2", "cluster_size=64k");
+    assert_sim_matches(
+        &w,
+        "c2.qcow2",
+        &["snapshot-create:before", "write:65536:131072"],
+        &[
+            &["qemu-img", "snapshot", "-c", "before", "IMG"],
+            &["qemu-io", "write -P 2 64k 128k"],
+        ],
+    );
+}
+
+#[test]
+fn writes_into_shared_unallocated_and_new_l2_ranges() {
+    let w = Work::new();
+    base(&w, "s.qcow2", "cluster_size=64k");
+    w.qemu_img(&["snapshot", "-c", "s", "s.qcow2"]);
+    // A write into a cluster shared with the snapshot, spanning unallocated space.
+    assert_sim_matches(
+        &w,
+        "s.qcow2",
+        &["write:32768:196608"],
+        &[&["qemu-io", "write -P 3 32k 192k"]],
+    );
+    // A write that needs a new L2 table in an image with snapshots.
+    assert_sim_matches(
+        &w,
+        "s.qcow2",
+        &["write:629145600:4096"],
+        &[&["qemu-io", "write -P 4 600M 4k"]],
+    );
+    // A write into unallocated space of an image without snapshots.
+    base(&w, "u.qcow2", "cluster_size=64k");
+    assert_sim_matches(
+        &w,
+        "u.qcow2",
+        &["write:3145728:100000"],
+        &[&["qemu-io", "write -P 5 3M 100000"]],
+    );
+    // In place: COPIED clusters are written where they are.
+    let sim = assert_sim_matches(
+        &w,
+        "u.qcow2",
+        &["write:0:131072"],
+        &[&["qemu-io", "write -P 6 0 128k"]],
+    );
+    assert!(sim.allocated.is_empty());
+}
+
+#[test]
+fn overwriting_a_compressed_cluster() {
+    let w = Work::new();
+    w.qemu_img(&["create", "-f", "raw", "src.raw", "1M"]);
+    w.qemu_io("src.raw", &["write -P 0x61 0 256k"]);
+    w.qemu_img(&["convert", "-c", "-O", "qcow2", "src.raw", "z.qcow2"]);
+    assert_sim_matches(
+        &w,
+        "z.qcow2",
+        &["write:65536:4096"],
+        &[&["qemu-io", "write -P 7 64k 4k"]],
+    );
+}
+
+#[test]
+fn discards_of_shared_and_unshared_clusters() {
+    let w = Work::new();
+    base(&w, "d.qcow2", "cluster_size=64k");
+    assert_sim_matches(
+        &w,
+        "d.qcow2",
+        &["discard:65536:65536"],
+        &[&["qemu-io", "discard 64k 64k"]],
+    );
+    w.qemu_img(&["snapshot", "-c", "s", "d.qcow2"]);
+    assert_sim_matches(
+        &w,
+        "d.qcow2",
+        &["discard:65536:65536"],
+        &[&["qemu-io", "discard 64k 64k"]],
+    );
+    // Unaligned pieces are ignored; an unallocated L1 range still gets an L2 table.
+    assert_sim_matches(
+        &w,
+        "d.qcow2",
+        &["discard:4096:200000"],
+        &[&["qemu-io", "discard 4k 200000"]],
+    );
+    assert_sim_matches(
+        &w,
+        "d.qcow2",
+        &["discard:629145600:65536"],
+        &[&["qemu-io", "discard 600M 64k"]],
+    );
+    base(&w, "v2.qcow2", "compat=0.10");
+    assert_sim_matches(
+        &w,
+        "v2.qcow2",
+        &["discard:0:131072"],
+        &[&["qemu-io", "discard 0 128k"]],
+    );
+}
+
+#[test]
+fn extended_l2_partial_writes() {
+    let w = Work::new();
+    w.qemu_img(&[
+        "create",
+        "-f",
+        "qcow2",
+        "-o",
+        "extended_l2=on",
+        "e.qcow2",
+        "16M",
+    ]);
+    w.qemu_io("e.qcow2", &["write -P 1 0 64k"]);
+    assert_sim_matches(
+        &w,
+        "e.qcow2",
+        &["write:131072:4096"],
+        &[&["qemu-io", "write -P 2 128k 4k"]],
+    );
+    w.qemu_io("e.qcow2", &["write -P 2 128k 4k"]);
+    assert_sim_matches(
+        &w,
+        "e.qcow2",
+        &["write:139264:2048"],
+        &[&["qemu-io", "write -P 3 136k 2k"]],
+    );
+    assert_sim_matches(
+        &w,
+        "e.qcow2",
+        &["discard:0:65536"],
+        &[&["qemu-io", "discard 0 64k"]],
+    );
+}
+
+#[test]
+fn external_data_file_writes() {
+    let w = Work::new();
+    w.qemu_img(&[
+        "create",
+        "-f",
+        "qcow2",
+        "-o",
+        "data_file=df.raw",
+        "x.qcow2",
+        "4M",
+    ]);
+    w.qemu_io("x.qcow2", &["write -P 1 0 64k"]);
+    assert_sim_matches(
+        &w,
+        "x.qcow2",
+        &["write:1048576:70000"],
+        &[&["qemu-io", "write -P 2 1M 70000"]],
+    );
+}
+
+#[test]
+fn a_different_operation_does_not_match() {
+    // The comparison itself can fail: a simulated write at 0 is not QEMU's write at 2M.
+    let w = Work::new();
+    base(&w, "n.qcow2", "cluster_size=64k");
+    let r = std::panic::catch_unwind(|| {
+        assert_sim_matches(
+            &w,
+            "n.qcow2",
+            &["write:0:4096"],
+            &[&["qemu-io", "write -P 1 2M 4k"]],
+        );
+    });
+    assert!(r.is_err());
+}

@@ -51,19 +51,42 @@ pub fn run(a: Args) -> CmdResult {
     let report = check(&after, &CheckOptions::default());
     let failed = sim.records.iter().any(|r| r.error.is_some());
     if a.json {
-        let refcounts: Vec<_> = sim
-            .refcounts()
-            .into_iter()
-            .map(|(c, r)| json!({"cluster": c, "refcount": r}))
+        // Streamed: refcounts_after can list millions of clusters.
+        let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+        let cs = sim.cluster_size();
+        write!(out, "{{\n\"operations\": ")?;
+        serde_json::to_writer_pretty(&mut out, &sim.records)?;
+        write!(out, ",\n\"allocated\": ")?;
+        let allocated: Vec<_> = sim
+            .allocated
+            .iter()
+            .map(|(o, l, p)| json!({"offset": o, "length": l, "cluster": o / cs, "purpose": p}))
             .collect();
-        let v = json!({
-            "operations": sim.records,
-            "allocated": sim.allocated.iter().map(|(o, l, p)| json!({"offset": o, "length": l, "cluster": o / sim.cluster_size(), "purpose": p})).collect::<Vec<_>>(),
-            "freed": sim.freed.iter().map(|(c, why)| json!({"cluster": c, "offset": c * sim.cluster_size(), "reason": why})).collect::<Vec<_>>(),
-            "refcounts_after": refcounts,
-            "check": super::check::report_json(&report, &a.image.to_string_lossy()),
-        });
-        super::print_json(&v)?;
+        serde_json::to_writer_pretty(&mut out, &allocated)?;
+        write!(out, ",\n\"freed\": ")?;
+        let freed: Vec<_> = sim
+            .freed
+            .iter()
+            .map(|(c, why)| json!({"cluster": c, "offset": c * cs, "reason": why}))
+            .collect();
+        serde_json::to_writer_pretty(&mut out, &freed)?;
+        write!(out, ",\n\"refcounts_after\": [")?;
+        let mut first = true;
+        for (c, r) in sim.refcounts() {
+            write!(
+                out,
+                "{}\n  {{\"cluster\": {c}, \"refcount\": {r}}}",
+                if first { "" } else { "," }
+            )?;
+            first = false;
+        }
+        write!(out, "\n],\n\"check\": ")?;
+        serde_json::to_writer_pretty(
+            &mut out,
+            &super::check::report_json(&report, &a.image.to_string_lossy()),
+        )?;
+        writeln!(out, "\n}}")?;
+        out.flush()?;
         return Ok(if failed { 1 } else { 0 });
     }
     let mut out = anstream::stdout();
