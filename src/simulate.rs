@@ -237,6 +237,26 @@ impl Change {
     }
 }
 
+/// A fast hash for cluster numbers (they are already well spread).
+#[derive(Default, Clone, Copy)]
+pub struct ClusterHasher(u64);
+
+impl std::hash::Hasher for ClusterHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(*b)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+}
+
+type ClusterMap = HashMap<u64, Box<[u8]>, std::hash::BuildHasherDefault<ClusterHasher>>;
+
 /// An operation to simulate.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 #[serde(tag = "op", rename_all = "kebab-case")]
@@ -420,7 +440,7 @@ pub struct Sim {
     version: u32,
     has_data_file: bool,
     /// Clusters read or written, by cluster index.
-    clusters: HashMap<u64, Box<[u8]>>,
+    clusters: ClusterMap,
     /// Host file length (grows when clusters past the end are allocated).
     file_len: u64,
     l1: Vec<u64>,
@@ -505,7 +525,7 @@ impl Sim {
             max_refcount: img.refcount_geometry().max(),
             version: h.version,
             has_data_file: h.has_data_file(),
-            clusters: HashMap::new(),
+            clusters: ClusterMap::default(),
             file_len: img.file_len(),
             l1: img.l1.iter().map(|e| e.0).collect(),
             l1_table_offset: h.l1_table_offset,
@@ -920,6 +940,11 @@ impl Sim {
                 )));
                 break;
             }
+            let sign = if addend > 0 { "+1" } else { "-1" };
+            let data_reason = format!("{sign}: data cluster named by {label}[{i}] -> L2 {l2:#x}");
+            let compressed_reason =
+                format!("{sign}: compressed data named by {label}[{i}] -> L2 {l2:#x}");
+            let mut copied_reason: (u64, String) = (u64::MAX, String::new());
             for j in 0..entries {
                 let eoff = l2 + j * step;
                 let old = self.read_u64(eoff);
@@ -933,10 +958,7 @@ impl Sim {
                     ClusterType::Compressed => {
                         if addend != 0 {
                             let d = CompressedDescriptor::decode(entry, &self.geo);
-                            self.why(format!(
-                                "{}: compressed data named by {label}[{i}] -> L2 {l2:#x}",
-                                if addend > 0 { "+1" } else { "-1" }
-                            ));
+                            self.reason.clone_from(&compressed_reason);
                             if let Err(e) = self.update_refcount(d.offset.0, d.size, 1, addend < 0)
                             {
                                 result = Err(e);
@@ -953,10 +975,7 @@ impl Sim {
                             break 'outer;
                         }
                         if addend != 0 {
-                            self.why(format!(
-                                "{}: data cluster named by {label}[{i}] -> L2 {l2:#x}",
-                                if addend > 0 { "+1" } else { "-1" }
-                            ));
+                            self.reason.clone_from(&data_reason);
                             if let Err(e) = self.update_one(off / self.cs, 1, addend < 0) {
                                 result = Err(e);
                                 break 'outer;
@@ -978,11 +997,17 @@ impl Sim {
                     entry
                 };
                 if new != old {
-                    self.why(if new & OFLAG_COPIED != 0 {
-                        "COPIED set: refcount is now exactly 1".to_string()
-                    } else {
-                        format!("COPIED cleared: refcount is now {refcount} (shared)")
-                    });
+                    if copied_reason.0 != refcount {
+                        copied_reason = (
+                            refcount,
+                            if new & OFLAG_COPIED != 0 {
+                                "COPIED set: refcount is now exactly 1".to_string()
+                            } else {
+                                format!("COPIED cleared: refcount is now {refcount} (shared)")
+                            },
+                        );
+                    }
+                    self.reason.clone_from(&copied_reason.1);
                     self.write_u64(eoff, new);
                     self.record(
                         Target::L2Entry {
@@ -1955,7 +1980,7 @@ fn sub_range(from: u64, to: u64) -> u64 {
 pub struct OverlaySource {
     base: SharedSource,
     cs: u64,
-    clusters: HashMap<u64, Box<[u8]>>,
+    clusters: ClusterMap,
     len: u64,
     name: PathBuf,
 }
