@@ -39,6 +39,8 @@ use std::sync::Arc;
 
 /// How many detailed findings are kept (counts are always exact).
 pub const MAX_FINDINGS: usize = 100_000;
+/// How many referrers are listed for one cluster.
+pub const MAX_REFERRERS: usize = 64;
 /// How many clusters get their referrers listed.
 pub const MAX_OWNER_CLUSTERS: usize = 10_000;
 
@@ -647,6 +649,16 @@ impl<'a> Walk<'a> {
         let first = off >> self.cbits;
         let last = (end - 1) >> self.cbits;
         let over = v.visit(first, last, w, ctx);
+        if over > 0 && self.record {
+            // Repeated overflows of one cluster are one finding with a count.
+            if let Some(f) = self.report.findings.last_mut() {
+                if f.category == "overflow" && f.cluster == Some(first) {
+                    f.count += over;
+                    self.report.corruptions += over;
+                    return;
+                }
+            }
+        }
         if over > 0 {
             let msg = format!(
                 "ERROR: overflow cluster offset={:#x} (refcounts are {} bits wide: at most {})",
@@ -890,7 +902,8 @@ impl<'a> Walk<'a> {
                             // Aligned and inside the file: extend or start a run.
                             let c = off >> self.cbits;
                             match run {
-                                Some((start, n, idx)) if start + n == c => {
+                                // Contiguous on the host and in the table.
+                                Some((start, n, idx)) if start + n == c && idx + n == i => {
                                     run = Some((start, n + 1, idx))
                                 }
                                 _ => {
@@ -1159,7 +1172,17 @@ impl<'a> Walk<'a> {
         for (ctx, _w) in list {
             match *ctx {
                 Ctx::Entry { l2, index, role } => {
-                    for (id, l1i) in self.l2_refs.get(&l2).map(Vec::as_slice).unwrap_or(&[]) {
+                    let all = self.l2_refs.get(&l2).map(Vec::as_slice).unwrap_or(&[]);
+                    if all.len() > MAX_REFERRERS {
+                        out.push(Referrer::plain(
+                            role,
+                            Some(format!(
+                                "L2 {l2:#x}[{index}], an L2 table named by {} L1 entries (the first {MAX_REFERRERS} follow)",
+                                all.len()
+                            )),
+                        ));
+                    }
+                    for (id, l1i) in all.iter().take(MAX_REFERRERS) {
                         out.push(Referrer {
                             role,
                             l1: Some(self.l1_name(*id)),
@@ -1200,6 +1223,15 @@ impl<'a> Walk<'a> {
         }
         out.sort();
         out.dedup();
+        if out.len() > MAX_REFERRERS * 2 {
+            let more = out.len() - MAX_REFERRERS;
+            out.truncate(MAX_REFERRERS);
+            let role = out.first().map_or(Role::Header, |f| f.role);
+            out.push(Referrer::plain(
+                role,
+                Some(format!("... and {more} more referrers")),
+            ));
+        }
         out
     }
 

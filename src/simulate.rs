@@ -1002,6 +1002,8 @@ impl Sim {
                             refcount,
                             if new & OFLAG_COPIED != 0 {
                                 "COPIED set: refcount is now exactly 1".to_string()
+                            } else if refcount == 0 {
+                                "COPIED cleared: refcount is now 0 (freed)".to_string()
                             } else {
                                 format!("COPIED cleared: refcount is now {refcount} (shared)")
                             },
@@ -1044,6 +1046,8 @@ impl Sim {
                 l1_modified = true;
                 self.why(if r == 1 {
                     "COPIED set: the L2 table's refcount is exactly 1".to_string()
+                } else if r == 0 {
+                    "COPIED cleared: the L2 table's refcount is now 0 (freed)".to_string()
                 } else {
                     format!("COPIED cleared: the L2 table's refcount is {r} (shared)")
                 });

@@ -308,3 +308,116 @@ fn dirty_image_gets_a_warning_and_no_write() {
     assert!(v["warnings"][0].as_str().unwrap().contains("dirty"));
     assert_eq!(w.fingerprint("d.qcow2"), before);
 }
+
+#[test]
+fn clusters_names_every_role() {
+    let w = Work::new();
+    base(&w, "a.qcow2", "cluster_size=64k");
+    let v = Work::json(&w.qinspect_ok(&["clusters", "a.qcow2", "--json"]));
+    let roles: Vec<String> = v["clusters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            c["roles"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|r| r.as_str().unwrap())
+                .collect::<Vec<_>>()
+                .join("+")
+        })
+        .collect();
+    assert_eq!(
+        roles,
+        [
+            "header",
+            "refcount-table",
+            "refcount-block",
+            "l1-table",
+            "l2-table",
+            "data",
+            "data",
+            "data"
+        ]
+    );
+    let one = Work::json(&w.qinspect_ok(&["clusters", "a.qcow2", "--host", "0x70000", "--json"]));
+    let c = &one["clusters"][0];
+    assert_eq!(
+        (
+            c["cluster"].as_u64(),
+            c["refcount"].as_u64(),
+            c["reference"].as_u64()
+        ),
+        (Some(7), Some(1), Some(1))
+    );
+    assert_eq!(c["referrers"][0]["guest_offset"], 0x100000);
+}
+
+#[test]
+fn images_qemu_refuses_are_checked_anyway() {
+    let w = Work::new();
+    base(&w, "u.qcow2", "cluster_size=64k");
+    // An unknown incompatible feature bit: qemu-img check cannot open the image.
+    w.patch("u.qcow2", 72, &(1u64 << 5).to_be_bytes());
+    let q = std::process::Command::new("qemu-img")
+        .args(["check", "u.qcow2"])
+        .current_dir(w.dir.path())
+        .output()
+        .unwrap();
+    assert_eq!(q.status.code(), Some(1));
+    let out = w.qinspect(&["check", "--json", "u.qcow2"]);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "QEMU refuses it, so the check cannot pass"
+    );
+    let v = Work::json(&out.stdout);
+    assert!(
+        v["qemu-refuses-to-open"]
+            .as_str()
+            .unwrap()
+            .contains("Unsupported qcow2 feature")
+    );
+    // ...but the refcounts were still recounted.
+    assert_eq!(v["allocated-clusters"], 3);
+    assert_eq!(v["corruptions"], 0);
+}
+
+#[test]
+fn hostile_tables_finish_quickly_and_boundedly() {
+    let w = Work::new();
+    // 1Mi L1 entries all aimed at one L2 table.
+    w.qemu_img(&["create", "-f", "qcow2", "big.qcow2", "512T"]);
+    w.qemu_io("big.qcow2", &["write -P 1 0 64k"]);
+    let img = qinspect::image::Qcow2::open(
+        std::sync::Arc::new(qinspect::io::FileSource::open(&w.path("big.qcow2")).unwrap()),
+        qinspect::image::Strictness::Lenient,
+    )
+    .unwrap();
+    let (l1_off, n, first) = (img.header.l1_table_offset, img.l1.len(), img.l1[0].0);
+    assert_eq!(n, 1 << 20);
+    let all: Vec<u8> = std::iter::repeat_n(first.to_be_bytes(), n)
+        .flatten()
+        .collect();
+    w.patch("big.qcow2", l1_off, &all);
+    let out = w.qinspect(&["check", "--json", "big.qcow2"]);
+    let v = Work::json(&out.stdout);
+    // The L2 table's 16-bit refcount overflows; each problem is one finding with a count.
+    assert!(v["corruptions"].as_u64().unwrap() > 1_000_000, "{v}");
+    assert!(v["findings"].as_array().unwrap().len() < 100);
+    // An L1 entry naming the L1 table itself, and a refcount table claiming 2^32-1 clusters.
+    base(&w, "loop.qcow2", "cluster_size=64k");
+    w.patch("loop.qcow2", 0x30008, &0x8000000000030000u64.to_be_bytes());
+    w.patch("loop.qcow2", 56, &u32::MAX.to_be_bytes());
+    let out = w.qinspect(&["check", "--json", "loop.qcow2"]);
+    assert_eq!(out.status.code(), Some(1));
+    let v = Work::json(&out.stdout);
+    assert!(
+        v["qemu-refuses-to-open"]
+            .as_str()
+            .unwrap()
+            .contains("refcount table"),
+        "{v}"
+    );
+}
