@@ -651,12 +651,13 @@ impl<'a> Walk<'a> {
         let over = v.visit(first, last, w, ctx);
         if over > 0 && self.record {
             // Repeated overflows of one cluster are one finding with a count.
-            if let Some(f) = self.report.findings.last_mut() {
-                if f.category == "overflow" && f.cluster == Some(first) {
-                    f.count += over;
-                    self.report.corruptions += over;
-                    return;
-                }
+            if let Some(f) = self.report.findings.last_mut()
+                && f.category == "overflow"
+                && f.cluster == Some(first)
+            {
+                f.count += over;
+                self.report.corruptions += over;
+                return;
             }
         }
         if over > 0 {
