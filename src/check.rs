@@ -1736,3 +1736,57 @@ pub fn clusters(img: &Qcow2, first: u64, last: u64) -> Vec<ClusterInfo> {
         })
         .collect()
 }
+
+/// Bit `1 << role as u16` for each role of each host cluster in `first..=last`
+/// (0 for a free cluster): a light version of [`clusters`] for whole-file views.
+pub fn role_map(img: &Qcow2, first: u64, last: u64) -> Vec<u16> {
+    struct Roles {
+        first: u64,
+        bits: Vec<u16>,
+    }
+    impl Visitor for Roles {
+        fn visit(&mut self, first: u64, last: u64, _w: u64, ctx: Ctx) -> u64 {
+            let bit = 1u16 << (ctx.role() as u16);
+            for c in first..=last {
+                if let Some(b) = c
+                    .checked_sub(self.first)
+                    .and_then(|i| usize::try_from(i).ok())
+                    .and_then(|i| self.bits.get_mut(i))
+                {
+                    *b |= bit;
+                }
+            }
+            0
+        }
+        fn visit_run(&mut self, first: u64, n: u64, w: u64, ctx: Ctx) -> u64 {
+            if n > 0 {
+                self.visit(first, first + n - 1, w, ctx);
+            }
+            0
+        }
+    }
+    let len = last.saturating_sub(first).saturating_add(1).min(1 << 26) as usize;
+    let mut v = Roles {
+        first,
+        bits: vec![0u16; len],
+    };
+    let mut walk = Walk::new(img, false);
+    walk.calculate(&mut v);
+    v.bits
+}
+
+/// Every role, in bit order of [`role_map`].
+pub const ROLES: [Role; 12] = [
+    Role::Header,
+    Role::L1Table,
+    Role::L2Table,
+    Role::Data,
+    Role::Compressed,
+    Role::SnapshotTable,
+    Role::RefcountTable,
+    Role::RefcountBlock,
+    Role::CryptoHeader,
+    Role::BitmapDirectory,
+    Role::BitmapTable,
+    Role::BitmapData,
+];

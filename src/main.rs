@@ -1,6 +1,7 @@
 //! `qinspect`: look inside qcow2 disk images.
 
 mod cli;
+mod tui;
 
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
@@ -24,8 +25,14 @@ use std::path::PathBuf;
 pub struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
-    /// Image to summarise when no subcommand is given.
+    /// Image to open in the interactive viewer when no subcommand is given.
     image: Option<PathBuf>,
+    /// Do not capture the mouse (so the terminal can select text).
+    #[arg(long)]
+    no_mouse: bool,
+    /// Reload by itself when the image file changes (someone ran qemu-img on it).
+    #[arg(long)]
+    watch: bool,
 }
 
 #[derive(Subcommand, Debug)]
@@ -44,6 +51,13 @@ enum Command {
     Clusters(cli::clusters::Args),
     /// Simulate snapshot operations, writes, discards and refcount walks in memory.
     Simulate(cli::simulate::Args),
+    /// Print shell completions (bash, zsh, fish, elvish, powershell).
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff).
+    Man,
     /// Print an on-disk table with each entry's file offset, raw value and meaning.
     Dump(cli::dump::Args),
     /// Hex dump of host bytes, or of the bytes a guest read returns.
@@ -65,8 +79,37 @@ fn main() {
         Some(Command::Clusters(a)) => cli::clusters::run(a),
         Some(Command::Simulate(a)) => cli::simulate::run(a),
         Some(Command::Hexdump(a)) => cli::hexdump::run(a),
+        Some(Command::Completions { shell }) => {
+            use clap::CommandFactory;
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "qinspect",
+                &mut std::io::stdout(),
+            );
+            Ok(0)
+        }
+        Some(Command::Man) => {
+            use clap::CommandFactory;
+            clap_mangen::Man::new(Cli::command())
+                .render(&mut std::io::stdout())
+                .map(|_| 0)
+                .map_err(Into::into)
+        }
         None => match cli.image {
-            Some(image) => cli::info::run(cli::info::Args::for_image(image)),
+            Some(image) => {
+                use std::io::IsTerminal;
+                if std::io::stdout().is_terminal() {
+                    let opts = tui::app::Options {
+                        mouse: !cli.no_mouse,
+                        watch: cli.watch,
+                    };
+                    tui::run(image, opts).map(|_| 0)
+                } else {
+                    // Not a terminal: print the summary instead of drawing screens.
+                    cli::info::run(cli::info::Args::for_image(image))
+                }
+            }
             None => {
                 use clap::CommandFactory;
                 let _ = Cli::command().print_help();

@@ -1,0 +1,278 @@
+//! Headless tests: actions into the app, frames drawn into ratatui's TestBackend,
+//! screens compared with insta snapshots, colours checked where they carry meaning.
+
+use super::app::{App, Options};
+use super::keymap::{Action, pane};
+use super::panes::color;
+use super::view;
+use ratatui::Terminal;
+use ratatui::backend::TestBackend;
+use ratatui::buffer::Buffer;
+use ratatui::crossterm::event::{Event, KeyCode, KeyEvent, KeyModifiers};
+use std::path::PathBuf;
+
+/// Relative to the package root (cargo runs tests there), so screens do not
+/// depend on where the checkout is.
+fn asset(name: &str) -> PathBuf {
+    PathBuf::from("assets").join(name)
+}
+
+fn app(name: &str) -> App {
+    let mut a = App::new(asset(name), Options::default());
+    a.wait_background();
+    a
+}
+
+fn draw(app: &mut App, w: u16, h: u16) -> Buffer {
+    let mut t = Terminal::new(TestBackend::new(w, h)).unwrap();
+    t.draw(|f| view::draw(f, app)).unwrap();
+    t.backend().buffer().clone()
+}
+
+fn text(b: &Buffer) -> String {
+    let mut s = String::new();
+    for y in 0..b.area.height {
+        for x in 0..b.area.width {
+            s.push_str(b[(x, y)].symbol());
+        }
+        s.push('\n');
+    }
+    s
+}
+
+fn key(app: &mut App, c: KeyCode) {
+    super::handle_event(app, Event::Key(KeyEvent::new(c, KeyModifiers::NONE)));
+}
+
+fn typed(app: &mut App, s: &str) {
+    for c in s.chars() {
+        key(app, KeyCode::Char(c));
+    }
+}
+
+/// Snapshot text with what varies between machines taken out: dates, the space
+/// the file takes on disk (it depends on the file system), and the padding those
+/// change (runs of spaces become one).
+fn stable(s: String) -> String {
+    s.lines()
+        .map(|l| {
+            let mut l = l.to_string();
+            if let Some(i) = l.find("2026-") {
+                l.replace_range(i..(i + 19).min(l.len()), "YYYY-MM-DD HH:MM:SS");
+            }
+            if let Some(end) = l.find(" on disk)")
+                && let Some(start) = l[..end].rfind('(')
+            {
+                l.replace_range(start..end + " on disk)".len(), "(… on disk)");
+            }
+            let mut out = String::new();
+            let mut prev_space = false;
+            for c in l.chars() {
+                if c == ' ' && prev_space {
+                    continue;
+                }
+                prev_space = c == ' ';
+                out.push(c);
+            }
+            out
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+#[test]
+fn every_pane_draws_at_80x24() {
+    let mut a = app("demo-top.qcow2");
+    for p in 0..9 {
+        a.update(Action::Pane(p));
+        let screen = text(&draw(&mut a, 80, 24));
+        assert!(
+            screen.contains(super::keymap::PANES[p]),
+            "pane {p}:\n{screen}"
+        );
+        insta::assert_snapshot!(
+            format!("pane_{}_{}", p + 1, super::keymap::PANES[p].to_lowercase()),
+            stable(screen)
+        );
+    }
+}
+
+#[test]
+fn tables_drill_into_l2_and_back() {
+    let mut a = app("demo-mid.qcow2");
+    a.update(Action::Pane(pane::TABLES));
+    a.update(Action::Enter);
+    let s = text(&draw(&mut a, 100, 30));
+    assert!(s.contains("L2 table at 0x40000"), "{s}");
+    assert!(s.contains("data at host offset 0x50000"), "{s}");
+    a.update(Action::Back);
+    assert!(text(&draw(&mut a, 100, 30)).contains("active L1 at 0x30000"));
+}
+
+#[test]
+fn trace_steps_forward_and_back() {
+    let mut a = app("demo-top.qcow2");
+    a.update(Action::Pane(pane::TRACE));
+    key(&mut a, KeyCode::Char('g'));
+    typed(&mut a, "0x18000");
+    key(&mut a, KeyCode::Enter);
+    let t = a.trace.as_ref().expect("a trace");
+    assert_eq!(t.guest_offset, 0x18000);
+    let n = t.steps.len();
+    for _ in 0..n {
+        a.update(Action::NextStep);
+    }
+    assert_eq!(a.trace_step, n - 1);
+    let s = text(&draw(&mut a, 100, 30));
+    assert!(s.contains("result:"), "{s}");
+    a.update(Action::PrevStep);
+    assert_eq!(a.trace_step, n - 2);
+    insta::assert_snapshot!("trace_0x18000", stable(text(&draw(&mut a, 100, 30))));
+}
+
+#[test]
+fn a_leaked_cluster_is_coloured_in_layout_and_refcounts() {
+    let mut a = app("demo-corrupt.qcow2");
+    a.update(Action::Pane(pane::LAYOUT));
+    let b = draw(&mut a, 100, 30);
+    // Row 0 of the grid starts after the legend line and the 10-column label.
+    let leak_cell = &b[(1 + 10 + 5, 3)];
+    assert_eq!(
+        leak_cell.fg,
+        color::LEAK,
+        "cluster 5 is leaked:\n{}",
+        text(&b)
+    );
+    let ok_cell = &b[(1 + 10 + 6, 3)];
+    assert_eq!(ok_cell.fg, color::DATA);
+    a.update(Action::Pane(pane::REFCOUNTS));
+    a.update(Action::Enter);
+    let b = draw(&mut a, 100, 30);
+    let s = text(&b);
+    let row = s
+        .lines()
+        .position(|l| l.contains("cluster          5"))
+        .expect("row of cluster 5");
+    let x = s.lines().nth(row).unwrap().find("stored").unwrap() as u16;
+    assert_eq!(b[(x, row as u16)].fg, color::LEAK, "{s}");
+}
+
+#[test]
+fn check_pane_lists_findings_and_jumps_to_the_cluster() {
+    let mut a = app("demo-corrupt.qcow2");
+    a.update(Action::Pane(pane::CHECK));
+    let s = text(&draw(&mut a, 100, 30));
+    assert!(s.contains("2 corruptions, 1 leaks"), "{s}");
+    assert!(s.contains("Leaked cluster 5 refcount=2 reference=1"), "{s}");
+    a.update(Action::Enter);
+    assert_eq!(a.pane, pane::LAYOUT);
+    assert_eq!(a.layout_sel, 5);
+}
+
+#[test]
+fn simulate_runs_and_steps_without_writing() {
+    let before = std::fs::read(asset("demo-mid.qcow2")).unwrap();
+    let mut a = app("demo-mid.qcow2");
+    a.update(Action::Pane(pane::SIMULATE));
+    a.update(Action::Enter);
+    key(&mut a, KeyCode::Enter);
+    let (records, summary) = a.sim.clone().expect("ran");
+    assert_eq!(records.len(), 1);
+    assert!(summary.contains("no errors"), "{summary}");
+    a.update(Action::NextStep);
+    a.update(Action::NextStep);
+    assert_eq!(a.sim_step, 2);
+    let s = text(&draw(&mut a, 100, 30));
+    assert!(s.contains("change 3/"), "{s}");
+    assert_eq!(std::fs::read(asset("demo-mid.qcow2")).unwrap(), before);
+}
+
+#[test]
+fn snapshots_become_the_view_and_two_marked_are_compared() {
+    let mut a = app("demo-top.qcow2");
+    a.update(Action::Pane(pane::SNAPSHOTS));
+    a.update(Action::Enter);
+    assert_eq!(a.view_snapshot.as_deref(), Some("1"));
+    a.update(Action::Mark);
+    a.update(Action::Down);
+    a.update(Action::Mark);
+    let diff = a.diff.clone().expect("compared").expect("readable");
+    let s = text(&draw(&mut a, 100, 30));
+    assert!(
+        s.contains("guest cluster(s) map differently") && s.contains("view: snapshot 1"),
+        "{s}"
+    );
+    let _ = diff;
+}
+
+#[test]
+fn help_lists_every_binding_and_closes() {
+    let mut a = app("demo-top.qcow2");
+    a.update(Action::Help);
+    let s = text(&draw(&mut a, 120, 40));
+    for b in super::keymap::KEYMAP {
+        assert!(s.contains(b.keys), "{} missing:\n{s}", b.keys);
+    }
+    a.update(Action::Escape);
+    assert!(a.popup.is_none());
+}
+
+#[test]
+fn broken_images_open_and_say_why() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("bad.qcow2");
+    let mut bytes = std::fs::read(asset("demo-mid.qcow2")).unwrap();
+    bytes[4..8].copy_from_slice(&9u32.to_be_bytes());
+    std::fs::write(&p, bytes).unwrap();
+    let mut a = App::new(p.clone(), Options::default());
+    let s = text(&draw(&mut a, 80, 24));
+    assert!(s.contains("Unsupported") && s.contains("version 9"), "{s}");
+    for pn in 0..9 {
+        a.update(Action::Pane(pn));
+        draw(&mut a, 80, 24);
+    }
+    std::fs::write(&p, b"not an image").unwrap();
+    let mut a = App::new(p, Options::default());
+    assert!(text(&draw(&mut a, 80, 24)).contains("cannot be opened"));
+}
+
+#[test]
+fn mouse_clicks_tabs_and_the_tour_moves_panes() {
+    let mut a = app("demo-top.qcow2");
+    draw(&mut a, 100, 30);
+    let (r, i) = a.areas.tabs[6];
+    super::handle_event(
+        &mut a,
+        Event::Mouse(ratatui::crossterm::event::MouseEvent {
+            kind: ratatui::crossterm::event::MouseEventKind::Down(
+                ratatui::crossterm::event::MouseButton::Left,
+            ),
+            column: r.x + 1,
+            row: r.y,
+            modifiers: KeyModifiers::NONE,
+        }),
+    );
+    assert_eq!(a.pane, i);
+    a.update(Action::Tour);
+    let mut seen = vec![a.pane];
+    for _ in 0..6 {
+        a.update(Action::NextStep);
+        seen.push(a.pane);
+    }
+    assert_eq!(
+        seen,
+        vec![
+            pane::OVERVIEW,
+            pane::TABLES,
+            pane::TABLES,
+            pane::HEX,
+            pane::REFCOUNTS,
+            pane::SNAPSHOTS,
+            pane::SIMULATE
+        ]
+    );
+    assert!(
+        a.sim.is_some(),
+        "the tour's last step simulates a write after a snapshot"
+    );
+}
