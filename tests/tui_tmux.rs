@@ -1,0 +1,154 @@
+//! The real binary in a real terminal: tmux runs `qinspect IMAGE`, keys are sent
+//! with send-keys and the screen is read with capture-pane.
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+struct Tmux {
+    name: String,
+}
+
+impl Tmux {
+    fn start(cwd: &std::path::Path) -> Tmux {
+        let name = format!("qinspect-test-{}", std::process::id());
+        let ok = Command::new("tmux")
+            .args([
+                "new-session",
+                "-d",
+                "-s",
+                &name,
+                "-x",
+                "100",
+                "-y",
+                "30",
+                "-c",
+            ])
+            .arg(cwd)
+            .args(["bash", "--norc", "--noprofile"])
+            .status()
+            .expect("tmux is installed (.ci/run installs it)");
+        assert!(ok.success());
+        Tmux { name }
+    }
+
+    fn keys(&self, keys: &[&str]) {
+        let mut c = Command::new("tmux");
+        c.args(["send-keys", "-t", &self.name]);
+        c.args(keys);
+        assert!(c.status().unwrap().success());
+    }
+
+    /// Type text literally (tmux would read "0x18000" as a key code).
+    fn text(&self, text: &str) {
+        assert!(
+            Command::new("tmux")
+                .args(["send-keys", "-l", "-t", &self.name, text])
+                .status()
+                .unwrap()
+                .success()
+        );
+    }
+
+    fn screen(&self) -> String {
+        let out = Command::new("tmux")
+            .args(["capture-pane", "-p", "-t", &self.name])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn alternate_screen(&self) -> bool {
+        let out = Command::new("tmux")
+            .args(["display-message", "-p", "-t", &self.name, "#{alternate_on}"])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).trim() == "1"
+    }
+
+    /// Wait until the screen satisfies `f` (up to 20 s), returning it.
+    fn wait_for(&self, what: &str, f: impl Fn(&str) -> bool) -> String {
+        let start = Instant::now();
+        loop {
+            let s = self.screen();
+            if f(&s) {
+                return s;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "waited for {what}; screen:\n{s}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Tmux {
+    fn drop(&mut self) {
+        let _ = Command::new("tmux")
+            .args(["kill-session", "-t", &self.name])
+            .status();
+    }
+}
+
+#[test]
+fn open_switch_panes_trace_help_and_quit_restores_the_terminal() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let t = Tmux::start(&root.join("assets"));
+    let bin = env!("CARGO_BIN_EXE_qinspect");
+    t.text(&format!("{bin} demo-top.qcow2; echo EXITED=$?"));
+    t.keys(&["Enter"]);
+    t.wait_for("the first frame", |s| {
+        s.contains("1 Overview") && s.contains("qcow2 v3")
+    });
+    assert!(t.alternate_screen());
+    t.keys(&["3"]);
+    t.wait_for("the Tables pane", |s| s.contains("active L1 at 0xc000"));
+    t.keys(&["7"]);
+    t.wait_for("the check result", |s| {
+        s.contains("No errors were found on the image.")
+    });
+    t.keys(&["6", "g"]);
+    t.wait_for("the offset prompt", |s| s.contains("Go to guest offset"));
+    t.text("0x18000");
+    t.keys(&["Enter"]);
+    t.wait_for("the first trace step", |s| s.contains("step 1/4"));
+    t.keys(&["n", "n", "n"]);
+    let s = t.wait_for("the last trace step", |s| s.contains("step 4/4"));
+    assert!(
+        s.contains("result: data in demo-top.qcow2 at host offset 0x18000"),
+        "{s}"
+    );
+    t.keys(&["?"]);
+    t.wait_for("the help", |s| {
+        s.contains("Keys (this table is also what the footer shows)")
+    });
+    t.keys(&["Escape"]);
+    t.wait_for("help closed", |s| !s.contains("Keys (this table"));
+    t.keys(&["q"]);
+    let s = t.wait_for("the shell again", |s| s.contains("EXITED=0"));
+    assert!(!t.alternate_screen(), "left the alternate screen");
+    assert!(
+        !s.contains("1 Overview"),
+        "the TUI is gone from the screen:\n{s}"
+    );
+}
+
+#[test]
+fn completions_and_man_page_come_from_the_cli_definition() {
+    let bin = env!("CARGO_BIN_EXE_qinspect");
+    let out = Command::new(bin)
+        .args(["completions", "bash"])
+        .output()
+        .unwrap();
+    let s = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && s.contains("qinspect") && s.contains("simulate"),
+        "{s}"
+    );
+    let out = Command::new(bin).arg("man").output().unwrap();
+    let s = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && s.contains(".TH") && s.contains("qinspect"),
+        "{s}"
+    );
+}
