@@ -35,6 +35,8 @@ pub enum Bg {
     Checked(Box<CheckReport>, u64),
     /// Roles of the first clusters.
     Roles(Vec<u16>, u64),
+    /// The comparison of two snapshots.
+    Diff(Result<Vec<(u64, String)>, String>, u64),
 }
 
 /// Tables pane level.
@@ -136,6 +138,10 @@ pub struct App {
     pub marked: Vec<usize>,
     /// Guest clusters that differ between the two marked snapshots.
     pub diff: Option<Result<Vec<(u64, String)>, String>>,
+    /// The comparison is running on a worker thread.
+    pub diff_running: bool,
+    /// Hex: bytes come from this file instead of the image (a backing layer).
+    pub hex_src: Option<qinspect::io::SharedSource>,
     /// Trace: offset, result, current step.
     pub trace: Option<Trace>,
     /// Current trace step.
@@ -238,6 +244,8 @@ impl App {
             snap_sel: 0,
             marked: Vec::new(),
             diff: None,
+            diff_running: false,
+            hex_src: None,
             trace: None,
             trace_step: 0,
             report: None,
@@ -328,34 +336,36 @@ impl App {
     /// Take in what the workers reported.
     pub fn poll_background(&mut self) {
         while let Ok(msg) = self.rx.try_recv() {
-            match msg {
-                Bg::Progress(phase, done, total) if self.report.is_none() => {
-                    self.progress = Some((phase, done, total));
-                }
-                Bg::Checked(r, g) if g == self.generation => {
-                    self.progress = None;
-                    self.report = Some(Arc::from(r));
-                }
-                Bg::Roles(r, g) if g == self.generation => self.roles = Some(Arc::new(r)),
-                _ => {}
+            self.apply(msg);
+        }
+    }
+
+    fn apply(&mut self, msg: Bg) {
+        match msg {
+            Bg::Progress(phase, done, total) if self.report.is_none() => {
+                self.progress = Some((phase, done, total));
             }
+            Bg::Checked(r, g) if g == self.generation => {
+                self.progress = None;
+                self.report = Some(Arc::from(r));
+            }
+            Bg::Roles(r, g) if g == self.generation => self.roles = Some(Arc::new(r)),
+            Bg::Diff(d, g) if g == self.generation => {
+                self.diff = Some(d);
+                self.diff_running = false;
+            }
+            _ => {}
         }
     }
 
     /// Wait for the background work (tests).
     #[cfg(test)]
     pub fn wait_background(&mut self) {
-        while self.img.is_some() && (self.report.is_none() || self.roles.is_none()) {
+        while self.img.is_some()
+            && (self.report.is_none() || self.roles.is_none() || self.diff_running)
+        {
             match self.rx.recv_timeout(std::time::Duration::from_secs(30)) {
-                Ok(msg) => match msg {
-                    Bg::Progress(..) => {}
-                    Bg::Checked(r, g) if g == self.generation => {
-                        self.progress = None;
-                        self.report = Some(Arc::from(r));
-                    }
-                    Bg::Roles(r, g) if g == self.generation => self.roles = Some(Arc::new(r)),
-                    _ => {}
-                },
+                Ok(msg) => self.apply(msg),
                 Err(_) => break,
             }
         }
@@ -501,6 +511,7 @@ impl App {
         self.hex_label = label;
         self.hex_mark = mark.or(Some((off, off + 1)));
         self.hex_guest = None;
+        self.hex_src = None;
         self.pane = pane::HEX;
     }
 
@@ -546,56 +557,62 @@ impl App {
     pub fn compute_diff(&mut self) {
         let Some(img) = self.img.clone() else { return };
         let [a, b] = self.marked[..] else { return };
-        let (Some(sa), Some(sb)) = (
-            img.snapshots.snapshots.get(a),
-            img.snapshots.snapshots.get(b),
-        ) else {
-            return;
-        };
-        let r = (|| -> Result<Vec<(u64, String)>, String> {
-            let la = img.snapshot_l1(sa).map_err(|e| e.to_string())?;
-            let lb = img.snapshot_l1(sb).map_err(|e| e.to_string())?;
-            let geo = img.geometry();
-            let mut out = Vec::new();
-            for i in 0..la.len().max(lb.len()) {
-                let ea = la.get(i).and_then(|e| e.l2_offset());
-                let eb = lb.get(i).and_then(|e| e.l2_offset());
-                if ea == eb {
-                    continue; // the same L2 table (or none): identical mappings
-                }
-                let ta = match ea {
-                    Some(o) => Some(img.l2_table(o).map_err(|e| e.to_string())?),
-                    None => None,
-                };
-                let tb = match eb {
-                    Some(o) => Some(img.l2_table(o).map_err(|e| e.to_string())?),
-                    None => None,
-                };
-                for j in 0..geo.l2_entries() as usize {
-                    let x = ta
-                        .as_ref()
-                        .and_then(|t| t.get(j))
-                        .map(|e| (e.raw & !qinspect::tables::OFLAG_COPIED, e.bitmap));
-                    let y = tb
-                        .as_ref()
-                        .and_then(|t| t.get(j))
-                        .map(|e| (e.raw & !qinspect::tables::OFLAG_COPIED, e.bitmap));
-                    if x.unwrap_or((0, 0)) != y.unwrap_or((0, 0)) && out.len() < 100_000 {
-                        let g = geo.guest_offset(i as u64, j as u64, 0).map_or(0, |g| g.0);
-                        out.push((
-                            g,
-                            format!(
-                                "{:#x} vs {:#x}",
-                                x.unwrap_or((0, 0)).0,
-                                y.unwrap_or((0, 0)).0
-                            ),
-                        ));
+        let tx = self.tx.clone();
+        let generation = self.generation;
+        self.diff_running = true;
+        self.status = "comparing the two snapshots on a worker thread…".into();
+        std::thread::spawn(move || {
+            let (Some(sa), Some(sb)) = (
+                img.snapshots.snapshots.get(a),
+                img.snapshots.snapshots.get(b),
+            ) else {
+                return;
+            };
+            let r = (|| -> Result<Vec<(u64, String)>, String> {
+                let la = img.snapshot_l1(sa).map_err(|e| e.to_string())?;
+                let lb = img.snapshot_l1(sb).map_err(|e| e.to_string())?;
+                let geo = img.geometry();
+                let mut out = Vec::new();
+                for i in 0..la.len().max(lb.len()) {
+                    let ea = la.get(i).and_then(|e| e.l2_offset());
+                    let eb = lb.get(i).and_then(|e| e.l2_offset());
+                    if ea == eb {
+                        continue; // the same L2 table (or none): identical mappings
+                    }
+                    let ta = match ea {
+                        Some(o) => Some(img.l2_table(o).map_err(|e| e.to_string())?),
+                        None => None,
+                    };
+                    let tb = match eb {
+                        Some(o) => Some(img.l2_table(o).map_err(|e| e.to_string())?),
+                        None => None,
+                    };
+                    for j in 0..geo.l2_entries() as usize {
+                        let x = ta
+                            .as_ref()
+                            .and_then(|t| t.get(j))
+                            .map(|e| (e.raw & !qinspect::tables::OFLAG_COPIED, e.bitmap));
+                        let y = tb
+                            .as_ref()
+                            .and_then(|t| t.get(j))
+                            .map(|e| (e.raw & !qinspect::tables::OFLAG_COPIED, e.bitmap));
+                        if x.unwrap_or((0, 0)) != y.unwrap_or((0, 0)) && out.len() < 100_000 {
+                            let g = geo.guest_offset(i as u64, j as u64, 0).map_or(0, |g| g.0);
+                            out.push((
+                                g,
+                                format!(
+                                    "{:#x} vs {:#x}",
+                                    x.unwrap_or((0, 0)).0,
+                                    y.unwrap_or((0, 0)).0
+                                ),
+                            ));
+                        }
                     }
                 }
-            }
-            Ok(out)
-        })();
-        self.diff = Some(r);
+                Ok(out)
+            })();
+            let _ = tx.send(Bg::Diff(r, generation));
+        });
     }
 }
 

@@ -196,7 +196,10 @@ fn snapshots_become_the_view_and_two_marked_are_compared() {
     a.update(Action::Mark);
     a.update(Action::Down);
     a.update(Action::Mark);
+    assert!(a.diff_running, "the comparison runs on a worker thread");
+    a.wait_background();
     let diff = a.diff.clone().expect("compared").expect("readable");
+    assert!(!diff.is_empty(), "the two demo snapshots differ");
     let s = text(&draw(&mut a, 100, 30));
     assert!(
         s.contains("guest cluster(s) map differently") && s.contains("view: snapshot 1"),
@@ -275,4 +278,64 @@ fn mouse_clicks_tabs_and_the_tour_moves_panes() {
         a.sim.is_some(),
         "the tour's last step simulates a write after a snapshot"
     );
+}
+
+#[test]
+fn watch_reloads_when_the_file_changes_and_shows_what_changed() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("w.qcow2");
+    std::fs::copy(asset("demo-mid.qcow2"), &p).unwrap();
+    let mut a = App::new(
+        p.clone(),
+        Options {
+            mouse: false,
+            watch: true,
+        },
+    );
+    a.wait_background();
+    assert_eq!(a.report.as_ref().unwrap().leaks, 0);
+    // Someone changes the image (here: a leaked cluster, as qemu-img check -r would find).
+    std::fs::copy(asset("demo-corrupt.qcow2"), &p).unwrap();
+    let f = std::fs::File::options().write(true).open(&p).unwrap();
+    f.set_modified(std::time::SystemTime::now() + std::time::Duration::from_secs(5))
+        .unwrap();
+    a.check_watch();
+    a.wait_background();
+    assert_eq!(a.previous, Some((0, 0, 0)));
+    assert_eq!(a.report.as_ref().unwrap().leaks, 1);
+    a.update(Action::Pane(pane::CHECK));
+    let s = text(&draw(&mut a, 100, 30));
+    assert!(
+        s.contains("since the previous load: corruptions 0 → 2, leaks 0 → 1"),
+        "{s}"
+    );
+}
+
+#[test]
+fn enter_on_a_trace_data_step_shows_the_backing_file_bytes() {
+    let mut a = app("demo-top.qcow2");
+    a.update(Action::Pane(pane::TRACE));
+    a.goto("0x1c000");
+    let n = a.trace.as_ref().unwrap().steps.len();
+    a.trace_step = n - 1;
+    a.update(Action::Enter);
+    assert_eq!(a.pane, pane::HEX);
+    assert!(
+        a.hex_src
+            .as_ref()
+            .unwrap()
+            .name()
+            .ends_with("demo-mid.qcow2")
+    );
+    assert_eq!(a.hex_base, 0x5c000);
+}
+
+#[test]
+fn layout_enter_on_an_l2_table_opens_it_in_tables() {
+    let mut a = app("demo-mid.qcow2");
+    a.update(Action::Pane(pane::LAYOUT));
+    a.layout_sel = 4;
+    a.update(Action::Enter);
+    assert_eq!(a.pane, pane::TABLES);
+    assert_eq!(a.tables_level, super::app::TablesLevel::L2(0));
 }

@@ -32,7 +32,8 @@ pub fn render(f: &mut Frame, area: Rect, app: &mut App) {
     let rows = area.height.saturating_sub(4) as u64;
     let len = (rows * 16).min(img.geometry().cluster_size());
     let mut buf = vec![0u8; len as usize];
-    let _ = qinspect::io::read_into(img.src.as_ref(), "hex", app.hex_base, &mut buf);
+    let src = app.hex_src.clone().unwrap_or_else(|| img.src.clone());
+    let _ = qinspect::io::read_into(src.as_ref(), "hex", app.hex_base, &mut buf);
     let text = hex_text(app.hex_base, &buf);
     let title = format!(
         " Hex — {} at {:#x} (g: another host offset; ←/→ clusters) ",

@@ -201,9 +201,19 @@ pub fn handle(app: &mut App, action: Action) {
             let is_l1 = info
                 .first()
                 .is_some_and(|i| i.roles.contains(&Role::L1Table));
+            // An L2 table named by the active L1: open it in Tables.
+            let l2_of = img
+                .l1
+                .iter()
+                .position(|e| e.l2_offset().map(|o| o.0) == Some(c * cs));
             if is_l1 {
                 app.pane = crate::tui::keymap::pane::TABLES;
                 app.tables_level = crate::tui::app::TablesLevel::L1;
+            } else if let Some(i) = l2_of {
+                app.pane = crate::tui::keymap::pane::TABLES;
+                app.tables_level = crate::tui::app::TablesLevel::L2(i);
+                app.l1_sel = i;
+                app.l2_sel = 0;
             } else {
                 app.show_host(c * cs, format!("host cluster {c}"), None);
             }

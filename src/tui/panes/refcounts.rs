@@ -12,9 +12,9 @@ use ratatui::text::{Line, Span};
 use ratatui::widgets::{Block, Borders, Paragraph};
 
 /// Title, rows and selection.
-pub fn rows(app: &App) -> (String, Vec<Line<'static>>, usize) {
+pub fn rows(app: &App, w: std::ops::Range<usize>) -> (String, Vec<Line<'static>>, usize, usize) {
     let Some(img) = &app.img else {
-        return (String::new(), vec![], 0);
+        return (String::new(), vec![], 0, 0);
     };
     let rg = img.refcount_geometry();
     let per = rg.entries_per_block();
@@ -23,6 +23,7 @@ pub fn rows(app: &App) -> (String, Vec<Line<'static>>, usize) {
             "refcount table".into(),
             vec![Line::raw("cannot be read")],
             0,
+            1,
         );
     };
     match app.ref_level {
@@ -30,6 +31,8 @@ pub fn rows(app: &App) -> (String, Vec<Line<'static>>, usize) {
             let rows = table
                 .iter()
                 .enumerate()
+                .skip(w.start)
+                .take(w.len())
                 .map(|(i, e)| {
                     let first = i as u64 * per;
                     let text = match e.block_offset() {
@@ -59,6 +62,7 @@ pub fn rows(app: &App) -> (String, Vec<Line<'static>>, usize) {
                 ),
                 rows,
                 app.rt_sel,
+                table.len(),
             )
         }
         RefLevel::Block(ti) => {
@@ -67,14 +71,17 @@ pub fn rows(app: &App) -> (String, Vec<Line<'static>>, usize) {
                     format!("refcount table entry {ti}"),
                     vec![Line::raw("no refcount block")],
                     0,
+                    1,
                 );
             };
             let block = match img.refcount_block(off) {
                 Ok(b) => b,
-                Err(e) => return ("block".into(), vec![Line::raw(e.to_string())], 0),
+                Err(e) => return ("block".into(), vec![Line::raw(e.to_string())], 0, 1),
             };
             let imrt = app.report.as_ref().and_then(|r| r.imrt.clone());
             let rows = (0..per)
+                .skip(w.start)
+                .take(w.len())
                 .map(|j| {
                     let c = ti as u64 * per + j;
                     let stored = get_refcount(&block, rg.order, j);
@@ -105,6 +112,7 @@ pub fn rows(app: &App) -> (String, Vec<Line<'static>>, usize) {
                 format!("refcount block {ti} at {off} — Backspace: back to the table"),
                 rows,
                 app.rb_sel,
+                per as usize,
             )
         }
     }
@@ -112,22 +120,25 @@ pub fn rows(app: &App) -> (String, Vec<Line<'static>>, usize) {
 
 /// Draw.
 pub fn render(f: &mut Frame, area: Rect, app: &mut App) {
-    let (mut title, rows, sel) = rows(app);
+    let h = area.height.saturating_sub(2) as usize;
+    let sel = match app.ref_level {
+        RefLevel::Table => app.rt_sel,
+        RefLevel::Block(_) => app.rb_sel,
+    };
+    let first = first_row(sel, h);
+    // Only the visible rows are built.
+    let (mut title, rows, sel, _) = rows(app, first..first + h);
     if let (Some((c, l, e)), Some(r)) = (app.previous, &app.report) {
         title.push_str(&format!(
             " · since the last load: corruptions {c}→{}, leaks {l}→{}, check errors {e}→{}",
             r.corruptions, r.leaks, r.check_errors
         ));
     }
-    let h = area.height.saturating_sub(2) as usize;
-    let first = first_row(sel, h);
     let visible: Vec<Line> = rows
         .into_iter()
         .enumerate()
-        .skip(first)
-        .take(h)
-        .map(|(i, l)| {
-            if i == sel {
+        .map(|(k, l)| {
+            if first + k == sel {
                 l.style(color::selected())
             } else {
                 l
@@ -147,7 +158,7 @@ pub fn render(f: &mut Frame, area: Rect, app: &mut App) {
 
 /// Keys.
 pub fn handle(app: &mut App, action: Action) {
-    let len = rows(app).1.len();
+    let len = rows(app, 0..0).3;
     match (app.ref_level, action) {
         (RefLevel::Table, Action::Enter) => {
             app.ref_level = RefLevel::Block(app.rt_sel);

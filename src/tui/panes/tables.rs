@@ -11,15 +11,16 @@ use ratatui::text::{Line, Span};
 use ratatui::widgets::{Block, Borders, Paragraph};
 
 /// The rows shown and the selected index.
-pub fn rows(app: &App) -> (String, Vec<Line<'static>>, usize) {
+pub fn rows(app: &App, w: std::ops::Range<usize>) -> (String, Vec<Line<'static>>, usize, usize) {
     let Some(img) = &app.img else {
-        return ("Tables".into(), vec![], 0);
+        return ("Tables".into(), vec![], 0, 0);
     };
     let Some(view) = app.view() else {
         return (
             "Tables".into(),
             vec![Line::raw("the snapshot's L1 table cannot be read")],
             0,
+            1,
         );
     };
     let geo = img.geometry();
@@ -30,6 +31,8 @@ pub fn rows(app: &App) -> (String, Vec<Line<'static>>, usize) {
                 .l1
                 .iter()
                 .enumerate()
+                .skip(w.start)
+                .take(w.len())
                 .map(|(i, e)| {
                     let st = if e.0 == 0 {
                         color::dim()
@@ -51,6 +54,7 @@ pub fn rows(app: &App) -> (String, Vec<Line<'static>>, usize) {
                 ),
                 rows,
                 app.l1_sel,
+                view.l1.len(),
             )
         }
         TablesLevel::L2(i) => {
@@ -61,15 +65,18 @@ pub fn rows(app: &App) -> (String, Vec<Line<'static>>, usize) {
                         "no L2 table: the whole range is unallocated here",
                     )],
                     0,
+                    1,
                 );
             };
             let table = match img.l2_table(off) {
                 Ok(t) => t,
-                Err(e) => return ("L2".into(), vec![Line::raw(e.to_string())], 0),
+                Err(e) => return ("L2".into(), vec![Line::raw(e.to_string())], 0, 1),
             };
             let rows = table
                 .iter()
                 .enumerate()
+                .skip(w.start)
+                .take(w.len())
                 .map(|(j, e): (usize, &L2Entry)| {
                     let g = geo.guest_offset(i as u64, j as u64, 0).map_or(0, |g| g.0);
                     let ct = e.cluster_type(&geo, has_df);
@@ -109,6 +116,7 @@ pub fn rows(app: &App) -> (String, Vec<Line<'static>>, usize) {
                 ),
                 rows,
                 app.l2_sel,
+                table.len(),
             )
         }
     }
@@ -116,16 +124,19 @@ pub fn rows(app: &App) -> (String, Vec<Line<'static>>, usize) {
 
 /// Draw.
 pub fn render(f: &mut Frame, area: Rect, app: &mut App) {
-    let (title, rows, sel) = rows(app);
     let h = area.height.saturating_sub(2) as usize;
+    let sel = match app.tables_level {
+        TablesLevel::L1 => app.l1_sel,
+        TablesLevel::L2(_) => app.l2_sel,
+    };
     let first = first_row(sel, h);
+    // Only the visible rows are built, however long the table.
+    let (title, rows, sel, _) = rows(app, first..first + h);
     let visible: Vec<Line> = rows
         .into_iter()
         .enumerate()
-        .skip(first)
-        .take(h)
-        .map(|(i, l)| {
-            if i == sel {
+        .map(|(k, l)| {
+            if first + k == sel {
                 l.style(color::selected())
             } else {
                 l
@@ -145,7 +156,7 @@ pub fn render(f: &mut Frame, area: Rect, app: &mut App) {
 
 /// Keys.
 pub fn handle(app: &mut App, action: Action) {
-    let len = rows(app).1.len();
+    let len = rows(app, 0..0).3;
     match (app.tables_level, action) {
         (TablesLevel::L1, Action::Enter) => {
             app.tables_level = TablesLevel::L2(app.l1_sel);

@@ -176,10 +176,24 @@ pub fn handle(app: &mut App, action: Action) {
                     host_offset,
                     ref file,
                     ..
-                } if s.depth == 0 => {
+                } => {
                     let h =
                         u64::from_str_radix(host_offset.trim_start_matches("0x"), 16).unwrap_or(0);
-                    app.show_host(h, format!("data in {file}"), None);
+                    // The data may be in a backing layer or a data file: show that file.
+                    let src = app
+                        .chain
+                        .as_ref()
+                        .ok()
+                        .and_then(|c| c.layers.get(s.depth))
+                        .map(|l| match &l.kind {
+                            qinspect::chain::LayerKind::Qcow2 {
+                                data_file: Some(df),
+                                ..
+                            } if l.path.display().to_string() != *file => df.clone(),
+                            _ => l.src.clone(),
+                        });
+                    app.show_host(h, format!("data in {file}"), Some((h, h + 16)));
+                    app.hex_src = src;
                 }
                 _ => {}
             }
