@@ -299,6 +299,34 @@ impl Chain {
         Ok(Chain { layers })
     }
 
+    /// A one-layer chain over an in-memory (or any) source: no backing files are
+    /// followed. For tests and fuzzing.
+    pub fn from_source(src: SharedSource, name: &Path, opts: &OpenOptions) -> Result<Chain> {
+        let format = opts.format.unwrap_or_else(|| Format::probe(src.as_ref()));
+        let kind = match format {
+            Format::Raw => LayerKind::Raw,
+            Format::Qcow2 => {
+                let image = Qcow2::open(src.clone(), opts.strictness)?;
+                let view = match &opts.snapshot {
+                    Some(s) => image.snapshot_view(s)?,
+                    None => image.active_view(),
+                };
+                LayerKind::Qcow2 {
+                    image: Box::new(image),
+                    view,
+                    data_file: None,
+                }
+            }
+        };
+        Ok(Chain {
+            layers: vec![Layer {
+                path: name.to_path_buf(),
+                src,
+                kind,
+            }],
+        })
+    }
+
     /// The top layer.
     pub fn top(&self) -> &Layer {
         // open() always pushes at least one layer.
