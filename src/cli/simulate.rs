@@ -47,9 +47,17 @@ pub fn run(a: Args) -> CmdResult {
     let src: SharedSource = Arc::new(FileSource::open(&a.image)?);
     let img = Qcow2::open(src, Strictness::Qemu)?;
     let mut sim = simulate(&img, &a.image, &ops)?;
-    let after = sim.image()?;
-    let report = check(&after, &CheckOptions::default());
-    let failed = sim.records.iter().any(|r| r.error.is_some());
+    // The simulated image may be too broken to open again (an operation on a
+    // corrupt image can overwrite metadata): that is a result, not a crash.
+    let (report, unopenable) = match sim.image() {
+        Ok(after) => (check(&after, &CheckOptions::default()), None),
+        Err(e) => {
+            let mut r = qinspect::check::CheckReport::default();
+            r.aborted = Some(format!("the simulated image cannot be opened: {e}"));
+            (r, Some(e.to_string()))
+        }
+    };
+    let failed = sim.records.iter().any(|r| r.error.is_some()) || unopenable.is_some();
     if a.json {
         // Streamed: refcounts_after can list millions of clusters.
         let mut out = std::io::BufWriter::new(std::io::stdout().lock());
@@ -120,7 +128,12 @@ pub fn run(a: Args) -> CmdResult {
         writeln!(out, "   cluster {c} {dim}({why}){dim:#}")?;
     }
     writeln!(out, "\n{hd}check of the simulated image:{hd:#}")?;
-    if report.corruptions == 0 && report.leaks == 0 && report.check_errors == 0 {
+    if let Some(e) = &unopenable {
+        writeln!(
+            out,
+            "   {bad}the simulated image cannot be opened: {e}{bad:#}"
+        )?;
+    } else if report.corruptions == 0 && report.leaks == 0 && report.check_errors == 0 {
         writeln!(out, "   No errors were found on the simulated image.")?;
     } else {
         writeln!(
