@@ -339,3 +339,41 @@ fn layout_enter_on_an_l2_table_opens_it_in_tables() {
     assert_eq!(a.pane, pane::TABLES);
     assert_eq!(a.tables_level, super::app::TablesLevel::L2(0));
 }
+
+#[test]
+fn the_viewer_opens_broken_images_and_draws_every_pane() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = std::fs::read(asset("demo-top.qcow2")).unwrap();
+    let patch = |at: usize, bytes: &[u8]| {
+        let mut b = base.clone();
+        b[at..at + bytes.len()].copy_from_slice(bytes);
+        b
+    };
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("empty", vec![]),
+        ("random", (0..20000u32).map(|i| (i.wrapping_mul(2654435761) >> 11) as u8).collect()),
+        ("truncated", base[..3000].to_vec()),
+        ("version-9", patch(4, &9u32.to_be_bytes())),
+        ("cluster-bits-63", patch(20, &63u32.to_be_bytes())),
+        ("l1-size-max", patch(36, &u32::MAX.to_be_bytes())),
+        ("refcount-order-7", patch(96, &7u32.to_be_bytes())),
+        ("snapshots-max", patch(60, &u32::MAX.to_be_bytes())),
+        ("size-max", patch(24, &u64::MAX.to_be_bytes())),
+        ("l1-to-header", patch(0xc000, &0x8000_0000_0000_0000u64.to_be_bytes())),
+    ];
+    for (name, bytes) in cases {
+        let p = dir.path().join(format!("{name}.qcow2"));
+        std::fs::write(&p, bytes).unwrap();
+        let before = std::fs::read(&p).unwrap();
+        let mut a = App::new(p.clone(), Options::default());
+        a.wait_background();
+        for pn in 0..9 {
+            a.update(Action::Pane(pn));
+            for act in [Action::Down, Action::Enter, Action::NextStep, Action::Back] {
+                a.update(act);
+            }
+            draw(&mut a, 80, 24);
+        }
+        assert_eq!(std::fs::read(&p).unwrap(), before, "{name} changed");
+    }
+}
