@@ -52,8 +52,10 @@ pub fn run(a: Args) -> CmdResult {
     let (report, unopenable) = match sim.image() {
         Ok(after) => (check(&after, &CheckOptions::default()), None),
         Err(e) => {
-            let mut r = qinspect::check::CheckReport::default();
-            r.aborted = Some(format!("the simulated image cannot be opened: {e}"));
+            let r = qinspect::check::CheckReport {
+                aborted: Some(format!("the simulated image cannot be opened: {e}")),
+                ..Default::default()
+            };
             (r, Some(e.to_string()))
         }
     };
