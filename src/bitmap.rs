@@ -109,7 +109,6 @@ pub fn read_directory(
     let mut out = Vec::new();
     let mut pos = 0u64;
     for i in 0..count {
-        let p = pos as usize;
         if pos.saturating_add(24) > size {
             return Err(Error::invalid(
                 "bitmap directory",
@@ -117,8 +116,13 @@ pub fn read_directory(
                 format!("entry {i} runs past the end of the directory ({size} bytes)"),
             ));
         }
-        let name_size = u64::from(be16(&buf, p + 18));
-        let extra = u64::from(be32(&buf, p + 20));
+        // The entry's bytes: field offsets below are constants into this slice.
+        let e = usize::try_from(pos)
+            .ok()
+            .and_then(|p| buf.get(p..))
+            .unwrap_or(&[]);
+        let name_size = u64::from(be16(e, 18));
+        let extra = u64::from(be32(e, 20));
         let len = 24u64.saturating_add(extra).saturating_add(name_size);
         if pos.saturating_add(len) > size {
             return Err(Error::invalid(
@@ -129,13 +133,17 @@ pub fn read_directory(
         }
         out.push(BitmapEntry {
             entry_offset: offset.saturating_add(pos),
-            table_offset: be64(&buf, p),
-            table_size: be32(&buf, p + 8),
-            flags: be32(&buf, p + 12),
-            bitmap_type: u8_at(&buf, p + 16),
-            granularity_bits: u8_at(&buf, p + 17),
+            table_offset: be64(e, 0),
+            table_size: be32(e, 8),
+            flags: be32(e, 12),
+            bitmap_type: u8_at(e, 16),
+            granularity_bits: u8_at(e, 17),
             extra_data_size: extra as u32,
-            name: text(slice(&buf, p + 24 + extra as usize, name_size as usize)),
+            name: text(slice(
+                e,
+                (extra as usize).saturating_add(24),
+                name_size as usize,
+            )),
         });
         pos = align8(pos.saturating_add(len));
     }

@@ -97,7 +97,7 @@ impl Layer {
     /// size rounded down to 512 bytes, a raw file's size rounded up.
     pub fn size(&self) -> u64 {
         match &self.kind {
-            LayerKind::Qcow2 { view, .. } => view.size / 512 * 512,
+            LayerKind::Qcow2 { view, .. } => view.size & !511,
             LayerKind::Raw => self.src.len().div_ceil(512).saturating_mul(512),
         }
     }

@@ -28,6 +28,7 @@ use crate::header::{AUTOCLEAR_BITMAPS, ExtensionKind};
 use crate::image::{Qcow2, RefcountReader};
 use crate::io::read_into;
 use crate::refcount::get_refcount;
+use crate::types::low_mask;
 
 use crate::tables::{
     ClusterType, CompressedDescriptor, L1E_OFFSET_MASK, L1E_RESERVED_MASK, L2E_OFFSET_MASK,
@@ -317,7 +318,7 @@ const CHUNK: u64 = 1 << CHUNK_BITS;
 
 impl Imrt {
     fn new(nb_clusters: u64) -> Self {
-        let slots = (nb_clusters >> CHUNK_BITS) as usize + 2;
+        let slots = ((nb_clusters >> CHUNK_BITS) as usize).saturating_add(2);
         let mut chunks = Vec::new();
         chunks.resize_with(slots, || None);
         Imrt {
@@ -336,7 +337,7 @@ impl Imrt {
         let i = (c >> CHUNK_BITS) as usize;
         if i >= self.chunks.len() {
             // Only a reference just past the end of the file gets here.
-            self.chunks.resize_with(i + 1, || None);
+            self.chunks.resize_with(i.saturating_add(1), || None);
         }
         let slot = self.chunks.get_mut(i)?;
         Some(slot.get_or_insert_with(|| Chunk {
@@ -356,17 +357,18 @@ impl Imrt {
         let i = (c & (CHUNK - 1)) as usize;
         self.chunk(c)
             .and_then(|ch| ch.kinds.get(i / 4))
-            .map_or(0, |b| (b >> ((i % 4) * 2)) & 3)
+            .map_or(0, |b| (b >> kind_shift(i)) & 3)
     }
 
     /// Add `w` data references to each of `n` clusters from `first`; returns how
     /// many did not fit under `max`.
     fn add_run(&mut self, first: u64, n: u64, w: u64, max: u64) -> u64 {
-        let mut over = 0;
+        let mut over = 0u64;
         let mut c = first;
         let end = first.saturating_add(n);
         while c < end {
-            let stop = end.min(((c >> CHUNK_BITS) + 1) << CHUNK_BITS);
+            // The start of the next chunk (c < end, so c is not u64::MAX).
+            let stop = end.min((c | (CHUNK - 1)).saturating_add(1));
             if stop > self.nb_clusters {
                 self.nb_clusters = stop;
             }
@@ -374,16 +376,20 @@ impl Imrt {
                 return over;
             };
             let lo = (c & (CHUNK - 1)) as usize;
-            let hi = lo + (stop - c) as usize;
+            // stop - c is at most CHUNK - lo: hi stays inside the chunk.
+            let hi = lo.saturating_add(stop.saturating_sub(c) as usize);
             for i in lo..hi {
                 if let Some(b) = ch.kinds.get_mut(i / 4) {
-                    *b |= 2 << ((i % 4) * 2);
+                    *b |= 2 << kind_shift(i);
                 }
             }
             let fast = match &mut ch.counts {
                 Counts::U8(a) if w < 255 && max >= 255 => a.get_mut(lo..hi).map(|s| {
-                    s.iter().all(|x| *x < 255 - w as u8) && {
-                        s.iter_mut().for_each(|x| *x += w as u8);
+                    // Every count is below 255 - w, so adding w cannot saturate.
+                    let w8 = w as u8;
+                    let limit = u8::MAX.saturating_sub(w8);
+                    s.iter().all(|x| *x < limit) && {
+                        s.iter_mut().for_each(|x| *x = x.saturating_add(w8));
                         true
                     }
                 }),
@@ -394,9 +400,10 @@ impl Imrt {
                     let cur = ch.counts.get(i);
                     let room = max.saturating_sub(cur);
                     let added = w.min(room);
-                    over += w - added;
+                    over = over.saturating_add(w.saturating_sub(added));
                     if added > 0 {
-                        ch.counts.set(i, cur + added);
+                        // added <= max - cur: the sum is at most max.
+                        ch.counts.set(i, cur.saturating_add(added));
                     }
                 }
             }
@@ -408,23 +415,31 @@ impl Imrt {
     /// Add `w` references of one kind, saturating at `max`; returns how many did not fit.
     fn add(&mut self, c: u64, w: u64, max: u64, metadata: bool) -> u64 {
         if c >= self.nb_clusters {
-            self.nb_clusters = c + 1;
+            self.nb_clusters = c.saturating_add(1);
         }
         let i = (c & (CHUNK - 1)) as usize;
         let Some(ch) = self.chunk_mut(c) else {
             return 0;
         };
         if let Some(b) = ch.kinds.get_mut(i / 4) {
-            *b |= (if metadata { 1 } else { 2 }) << ((i % 4) * 2);
+            *b |= (if metadata { 1 } else { 2 }) << kind_shift(i);
         }
         let cur = ch.counts.get(i);
         let room = max.saturating_sub(cur);
         let added = w.min(room);
         if added > 0 {
-            ch.counts.set(i, cur + added);
+            // added <= max - cur: the sum is at most max.
+            ch.counts.set(i, cur.saturating_add(added));
         }
-        w - added
+        w.saturating_sub(added)
     }
+}
+
+/// Where the two kind bits of the `i`th cluster of a chunk sit in their byte
+/// (four clusters per byte): 0, 2, 4 or 6.
+#[inline]
+fn kind_shift(i: usize) -> usize {
+    (i & 3) << 1
 }
 
 /// Progress of a long check, for a progress bar.
@@ -487,17 +502,18 @@ trait Visitor {
     /// `n` data clusters from `first` on, named by consecutive entries of one L2
     /// table starting at the entry in `ctx`, each referenced `w` times.
     fn visit_run(&mut self, first: u64, n: u64, w: u64, ctx: Ctx) -> u64 {
-        let mut over = 0;
+        let mut over = 0u64;
         for k in 0..n {
             let ctx = match ctx {
                 Ctx::Entry { l2, index, role } => Ctx::Entry {
                     l2,
-                    index: index + k,
+                    index: index.saturating_add(k),
                     role,
                 },
                 other => other,
             };
-            over += self.visit(first + k, first + k, w, ctx);
+            let c = first.saturating_add(k);
+            over = over.saturating_add(self.visit(c, c, w, ctx));
         }
         over
     }
@@ -519,9 +535,9 @@ impl Visitor for Counter {
         // detection they count with data; other metadata is never shared.
         let role = ctx.role();
         let meta = role.is_metadata() && role != Role::L2Table;
-        let mut over = 0;
+        let mut over = 0u64;
         for c in first..=last {
-            over += self.imrt.add(c, w, self.max, meta);
+            over = over.saturating_add(self.imrt.add(c, w, self.max, meta));
         }
         over
     }
@@ -558,6 +574,8 @@ struct Walk<'a> {
     img: &'a Qcow2,
     cs: u64,
     cbits: u32,
+    /// `cs - 1`: the offset-in-cluster bits.
+    cmask: u64,
     file_len: u64,
     report: CheckReport,
     /// L2 table offset -> the L1 entries that name it.
@@ -575,6 +593,7 @@ impl<'a> Walk<'a> {
             img,
             cs: 1 << cbits,
             cbits,
+            cmask: low_mask(cbits),
             file_len: img.file_len(),
             report: CheckReport::default(),
             l2_refs: BTreeMap::new(),
@@ -605,13 +624,17 @@ impl<'a> Walk<'a> {
             return None;
         }
         match kind {
-            FindingKind::Corruption => self.report.corruptions += count,
-            FindingKind::Leak => self.report.leaks += count,
-            FindingKind::CheckError => self.report.check_errors += count,
+            FindingKind::Corruption => {
+                self.report.corruptions = self.report.corruptions.saturating_add(count)
+            }
+            FindingKind::Leak => self.report.leaks = self.report.leaks.saturating_add(count),
+            FindingKind::CheckError => {
+                self.report.check_errors = self.report.check_errors.saturating_add(count)
+            }
             FindingKind::Note => {}
         }
         if self.report.findings.len() >= MAX_FINDINGS {
-            self.report.findings_omitted += 1;
+            self.report.findings_omitted = self.report.findings_omitted.saturating_add(1);
             return None;
         }
         self.report.findings.push(Finding {
@@ -647,7 +670,8 @@ impl<'a> Walk<'a> {
             return;
         }
         let first = off >> self.cbits;
-        let last = (end - 1) >> self.cbits;
+        // len > 0, so end >= 1.
+        let last = end.saturating_sub(1) >> self.cbits;
         let over = v.visit(first, last, w, ctx);
         if over > 0 && self.record {
             // Repeated overflows of one cluster are one finding with a count.
@@ -655,8 +679,8 @@ impl<'a> Walk<'a> {
                 && f.category == "overflow"
                 && f.cluster == Some(first)
             {
-                f.count += over;
-                self.report.corruptions += over;
+                f.count = f.count.saturating_add(over);
+                self.report.corruptions = self.report.corruptions.saturating_add(over);
                 return;
             }
         }
@@ -684,7 +708,7 @@ impl<'a> Walk<'a> {
 
     /// Read an L1 table (zeros past EOF, like QEMU's reads).
     fn read_l1(&self, off: u64, entries: u64) -> Vec<u64> {
-        let mut buf = vec![0u8; (entries.min(MAX_L1_ENTRIES) * 8) as usize];
+        let mut buf = vec![0u8; entries.min(MAX_L1_ENTRIES).saturating_mul(8) as usize];
         let _ = read_into(self.img.src.as_ref(), "L1 table", off, &mut buf);
         buf.chunks_exact(8)
             .map(|c| crate::bytes::be64(c, 0))
@@ -696,7 +720,8 @@ impl<'a> Walk<'a> {
         if l1.is_empty() {
             return;
         }
-        self.inc(v, off, l1.len() as u64 * 8, 1, Ctx::L1Table(id));
+        let l1_bytes = (l1.len() as u64).saturating_mul(8);
+        self.inc(v, off, l1_bytes, 1, Ctx::L1Table(id));
         for (i, &e) in l1.iter().enumerate() {
             if e == 0 {
                 continue;
@@ -706,7 +731,7 @@ impl<'a> Walk<'a> {
                 let name = self.l1_name(id);
                 let msg = format!("ERROR found L1 entry with reserved bits set: {e:x}");
                 if let Some(f) = self.find(FindingKind::Corruption, "reserved-bits", msg, 1) {
-                    f.offset = Some(off + i * 8);
+                    f.offset = Some(off.saturating_add(i.saturating_mul(8)));
                     f.referrers.push(Referrer {
                         l1: Some(name),
                         l1_index: Some(i),
@@ -717,7 +742,7 @@ impl<'a> Walk<'a> {
             }
             let l2 = e & L1E_OFFSET_MASK;
             self.inc(v, l2, self.cs, 1, Ctx::L2Table(id, i));
-            if l2 & (self.cs - 1) != 0 {
+            if l2 & self.cmask != 0 {
                 let msg = format!(
                     "ERROR l2_offset={l2:x}: Table is not cluster aligned; L1 entry corrupted"
                 );
@@ -738,15 +763,15 @@ impl<'a> Walk<'a> {
     /// Add another (partial) report's counts and findings to this one.
     fn absorb(&mut self, other: CheckReport) {
         let r = &mut self.report;
-        r.check_errors += other.check_errors;
-        r.corruptions += other.corruptions;
-        r.leaks += other.leaks;
-        r.findings_omitted += other.findings_omitted;
+        r.check_errors = r.check_errors.saturating_add(other.check_errors);
+        r.corruptions = r.corruptions.saturating_add(other.corruptions);
+        r.leaks = r.leaks.saturating_add(other.leaks);
+        r.findings_omitted = r.findings_omitted.saturating_add(other.findings_omitted);
         for f in other.findings {
             if r.findings.len() < MAX_FINDINGS {
                 r.findings.push(f);
             } else {
-                r.findings_omitted += 1;
+                r.findings_omitted = r.findings_omitted.saturating_add(1);
             }
         }
     }
@@ -796,6 +821,7 @@ impl<'a> Walk<'a> {
         let has_df = self.img.header.has_data_file();
         let mut next_contiguous = 0u64;
         let cs = self.cs;
+        let cmask = self.cmask;
         // A run of data clusters (first cluster, count, first L2 index) counted at once.
         let mut run: Option<(u64, u64, u64)> = None;
         for (i, chunk) in buf.chunks_exact(step).enumerate() {
@@ -807,7 +833,7 @@ impl<'a> Walk<'a> {
             let e = L2Entry { raw, bitmap };
             let ct = e.cluster_type(&geo, has_df);
             let i = i as u64;
-            let entry_off = l2 + i * step as u64;
+            let entry_off = l2.saturating_add(i.saturating_mul(step as u64));
             if ct != ClusterType::Compressed && raw & L2E_STD_RESERVED_MASK != 0 {
                 let msg = format!("ERROR found l2 entry with reserved bits set: {raw:x}");
                 if let Some(f) = self.find(FindingKind::Corruption, "reserved-bits", msg, w) {
@@ -855,9 +881,10 @@ impl<'a> Walk<'a> {
                             role: Role::Compressed,
                         },
                     );
-                    self.report.allocated_clusters += active;
-                    self.report.compressed_clusters += active;
-                    self.report.fragmented_clusters += active;
+                    let r = &mut self.report;
+                    r.allocated_clusters = r.allocated_clusters.saturating_add(active);
+                    r.compressed_clusters = r.compressed_clusters.saturating_add(active);
+                    r.fragmented_clusters = r.fragmented_clusters.saturating_add(active);
                 }
                 ClusterType::ZeroAlloc | ClusterType::Normal => {
                     let off = raw & L2E_OFFSET_MASK;
@@ -869,7 +896,7 @@ impl<'a> Walk<'a> {
                             f.offset = Some(entry_off);
                         }
                     }
-                    if off & (cs - 1) != 0 {
+                    if off & cmask != 0 {
                         let contains_data = if ext {
                             bitmap & 0xffff_ffff != 0
                         } else {
@@ -892,20 +919,26 @@ impl<'a> Walk<'a> {
                         }
                     }
                     if active > 0 {
-                        self.report.allocated_clusters += active;
+                        let r = &mut self.report;
+                        r.allocated_clusters = r.allocated_clusters.saturating_add(active);
                         if next_contiguous != 0 && off != next_contiguous {
-                            self.report.fragmented_clusters += active;
+                            r.fragmented_clusters = r.fragmented_clusters.saturating_add(active);
                         }
                         next_contiguous = off.wrapping_add(cs);
                     }
                     if !has_df {
-                        if off & (cs - 1) == 0 && off < self.file_len {
+                        if off & cmask == 0 && off < self.file_len {
                             // Aligned and inside the file: extend or start a run.
                             let c = off >> self.cbits;
                             match run {
-                                // Contiguous on the host and in the table.
-                                Some((start, n, idx)) if start + n == c && idx + n == i => {
-                                    run = Some((start, n + 1, idx))
+                                // Contiguous on the host and in the table. (A run
+                                // ends at a cluster in the file and an index in the
+                                // table: these sums cannot overflow.)
+                                Some((start, n, idx))
+                                    if start.saturating_add(n) == c
+                                        && idx.saturating_add(n) == i =>
+                                {
+                                    run = Some((start, n.saturating_add(1), idx))
                                 }
                                 _ => {
                                     if let Some((start, n, idx)) = run.take() {
@@ -970,7 +1003,7 @@ impl<'a> Walk<'a> {
             self.find(FindingKind::Corruption, "snapshot-table", msg, 1);
         }
         for (index, sn) in img.snapshots.snapshots.iter().enumerate() {
-            if sn.l1_table_offset & (cs - 1) != 0 {
+            if sn.l1_table_offset & self.cmask != 0 {
                 let msg = format!(
                     "ERROR snapshot {} ({}) l1_offset={:#x}: L1 table is not cluster aligned; snapshot table entry corrupted",
                     sn.id, sn.name, sn.l1_table_offset
@@ -1100,7 +1133,8 @@ impl<'a> Walk<'a> {
                         b.name
                     );
                     if let Some(f) = self.find(FindingKind::Corruption, "bitmaps", msg, 1) {
-                        f.offset = Some(b.table_offset + j as u64 * 8);
+                        f.offset =
+                            Some(b.table_offset.saturating_add((j as u64).saturating_mul(8)));
                     }
                     continue;
                 }
@@ -1122,7 +1156,11 @@ impl<'a> Walk<'a> {
             let i = i as u64;
             let off = e.0 & crate::refcount::REFT_OFFSET_MASK;
             let cluster = off >> self.cbits;
-            let rt_entry = self.img.header.refcount_table_offset + i * 8;
+            let rt_entry = self
+                .img
+                .header
+                .refcount_table_offset
+                .saturating_add(i.saturating_mul(8));
             if e.reserved_bits() != 0 {
                 let msg = format!("ERROR refcount table entry {i} has reserved bits set");
                 if let Some(f) = self.find(FindingKind::Corruption, "refblock", msg, 1) {
@@ -1131,7 +1169,7 @@ impl<'a> Walk<'a> {
                 }
                 continue;
             }
-            if off & (self.cs - 1) != 0 {
+            if off & self.cmask != 0 {
                 let msg = format!(
                     "ERROR refcount block {i} is not cluster aligned; refcount table entry corrupted"
                 );
@@ -1225,7 +1263,7 @@ impl<'a> Walk<'a> {
         out.sort();
         out.dedup();
         if out.len() > MAX_REFERRERS * 2 {
-            let more = out.len() - MAX_REFERRERS;
+            let more = out.len().saturating_sub(MAX_REFERRERS);
             out.truncate(MAX_REFERRERS);
             let role = out.first().map_or(Role::Header, |f| f.role);
             out.push(Referrer::plain(
@@ -1253,7 +1291,7 @@ pub fn check(img: &Qcow2, opts: &CheckOptions) -> CheckReport {
     walk.progress = opts.progress;
     let h = &img.header;
     let cs = walk.cs;
-    walk.report.total_clusters = (h.size / 512 * 512).div_ceil(cs);
+    walk.report.total_clusters = (h.size & !511).div_ceil(cs);
     if h.dirty() {
         walk.report.warnings.push(
             "the dirty bit is set: the image was not closed cleanly (lazy refcounts), so stored refcounts may lag behind; QEMU would repair them when opening it read-write. The computed refcounts below are what they should be.".into(),
@@ -1273,7 +1311,8 @@ pub fn check(img: &Qcow2, opts: &CheckOptions) -> CheckReport {
         return finish(walk, None);
     }
     if nb > 0
-        && (h.snapshots_offset & (cs - 1) != 0 || h.snapshots_offset > i64::MAX as u64 - nb * 40)
+        && (h.snapshots_offset & walk.cmask != 0
+            || h.snapshots_offset > (i64::MAX as u64).saturating_sub(nb.saturating_mul(40)))
     {
         walk.find(
             FindingKind::CheckError,
@@ -1341,16 +1380,17 @@ fn compare(walk: &mut Walk, counter: &Counter) {
     let mut unreadable: BTreeMap<u64, (u64, u64, u64)> = BTreeMap::new();
     let bb = stored.block_bits;
     let order = stored.order();
-    let mask = (1u64 << bb) - 1;
+    let mask = low_mask(bb);
     let mut c = 0u64;
     while c < nb {
         let ti = c >> bb;
-        let end = ((ti + 1) << bb).min(nb);
+        // The start of the next refcount block (c < nb, so c is not u64::MAX).
+        let end = (c | mask).saturating_add(1).min(nb);
         walk.tick("refcounts", c, nb);
         let block = match stored.block(ti) {
             Ok(b) => b,
             Err(off) => {
-                unreadable.insert(ti, (off, c, end - c));
+                unreadable.insert(ti, (off, c, end.saturating_sub(c)));
                 c = end;
                 continue;
             }
@@ -1362,19 +1402,21 @@ fn compare(walk: &mut Walk, counter: &Counter) {
             (block, order, counter.imrt.chunk(c).map(|ch| &ch.counts))
         {
             let lo = (c & (CHUNK - 1)) as usize;
-            let n = (end - c) as usize;
-            let stored = b.get(((c & mask) * 2) as usize..).unwrap_or(&[]);
-            if let Some(mine) = counts.get(lo..lo + n) {
-                for (k, (pair, &m)) in stored.chunks_exact(2).zip(mine).enumerate() {
+            let n = end.saturating_sub(c) as usize;
+            let stored = b
+                .get((c & mask).saturating_mul(2) as usize..)
+                .unwrap_or(&[]);
+            if let Some(mine) = counts.get(lo..lo.saturating_add(n)) {
+                for (cc, (pair, &m)) in (c..end).zip(stored.chunks_exact(2).zip(mine)) {
                     let r = u16::from_be_bytes(pair.try_into().unwrap_or([0, 0]));
                     if r != u16::from(m) {
                         break;
                     }
-                    let cc = c + k as u64;
                     if r != 0 {
                         highest = cc;
                     }
-                    from = cc + 1;
+                    // cc < end: no overflow.
+                    from = cc.saturating_add(1);
                 }
             }
         }
@@ -1397,7 +1439,7 @@ fn compare(walk: &mut Walk, counter: &Counter) {
                 let cs = walk.cs;
                 if let Some(f) = walk.find(kind, "refcount", msg, 1) {
                     f.cluster = Some(c);
-                    f.offset = Some(c * cs);
+                    f.offset = Some(c.saturating_mul(cs));
                     f.refcount = Some(r);
                     f.reference = Some(computed);
                     f.repair = Some(if r == 0 {
@@ -1423,22 +1465,22 @@ fn compare(walk: &mut Walk, counter: &Counter) {
     for (ti, (off, first, n)) in unreadable {
         let msg = format!(
             "Can't get refcount for cluster {first} (and {} more): refcount block {ti} at {off:#x} is not cluster aligned (Input/output error)",
-            n - 1
+            n.saturating_sub(1)
         );
         if let Some(f) = walk.find(FindingKind::CheckError, "refblock", msg, n) {
             f.cluster = Some(first);
             f.offset = Some(off);
         }
     }
-    walk.report.image_end_offset = (highest + 1) * walk.cs;
+    walk.report.image_end_offset = highest.saturating_add(1).saturating_mul(walk.cs);
     // Beyond qemu-img: refcounts for clusters past the end of the file.
     let table = stored.table.clone();
     let per = 1u64 << stored.block_bits;
     let mut past: Vec<(u64, u64)> = Vec::new();
     let mut past_total = 0u64;
     for (ti, e) in table.iter().enumerate() {
-        let first = ti as u64 * per;
-        let last = first + per;
+        let first = (ti as u64).saturating_mul(per);
+        let last = first.saturating_add(per);
         if last <= nb || e.block_offset().is_none() {
             continue;
         }
@@ -1446,7 +1488,7 @@ fn compare(walk: &mut Walk, counter: &Counter) {
             if let Ok(r) = stored.get(c)
                 && r != 0
             {
-                past_total += 1;
+                past_total = past_total.saturating_add(1);
                 if past.len() < 1000 {
                     past.push((c, r));
                 }
@@ -1456,9 +1498,9 @@ fn compare(walk: &mut Walk, counter: &Counter) {
     for (c, r) in &past {
         let msg = format!(
             "cluster {c} (offset {:#x}) is past the end of the file but has refcount {r}; qemu-img check does not look there",
-            c * walk.cs
+            c.saturating_mul(walk.cs)
         );
-        let at = c * walk.cs;
+        let at = c.saturating_mul(walk.cs);
         if let Some(f) = walk.find(FindingKind::Note, "refcount-past-eof", msg, 1) {
             f.cluster = Some(*c);
             f.offset = Some(at);
@@ -1469,7 +1511,7 @@ fn compare(walk: &mut Walk, counter: &Counter) {
     if past_total > past.len() as u64 {
         let msg = format!(
             "{} more clusters past the end of the file have a refcount",
-            past_total - past.len() as u64
+            past_total.saturating_sub(past.len() as u64)
         );
         walk.find(FindingKind::Note, "refcount-past-eof", msg, 1);
     }
@@ -1497,10 +1539,14 @@ fn copied(walk: &mut Walk) {
                 "ERROR OFLAG_COPIED L2 cluster: l1_index={i} l1_entry={:x} refcount={r}",
                 e.0
             );
-            let cs = walk.cs;
+            let cbits = walk.cbits;
             if let Some(f) = walk.find(FindingKind::Corruption, "copied", msg, 1) {
-                f.cluster = Some(l2 / cs);
-                f.offset = Some(img.header.l1_table_offset + i as u64 * 8);
+                f.cluster = Some(l2 >> cbits);
+                f.offset = Some(
+                    img.header
+                        .l1_table_offset
+                        .saturating_add((i as u64).saturating_mul(8)),
+                );
                 f.refcount = Some(r);
                 f.repair = Some(format!(
                     "{} bit 63 of active L1[{i}]",
@@ -1509,7 +1555,7 @@ fn copied(walk: &mut Walk) {
             }
         }
         let w = weights.entry(l2).or_default();
-        w.0 += 1;
+        w.0 = w.0.saturating_add(1);
         w.1.push(i as u64);
     }
     for (l2, (w, l1s)) in weights {
@@ -1541,11 +1587,11 @@ fn copied(walk: &mut Walk) {
             };
             if (r == 1) != e.copied() {
                 let msg = format!("ERROR OFLAG_COPIED data cluster: l2_entry={raw:x} refcount={r}");
-                let cs = walk.cs;
+                let cbits = walk.cbits;
                 let name = walk.l1_name(L1Id::Active);
                 if let Some(f) = walk.find(FindingKind::Corruption, "copied", msg, w) {
-                    f.cluster = Some((raw & L2E_OFFSET_MASK) / cs);
-                    f.offset = Some(l2 + j as u64 * step as u64);
+                    f.cluster = Some((raw & L2E_OFFSET_MASK) >> cbits);
+                    f.offset = Some(l2.saturating_add((j as u64).saturating_mul(step as u64)));
                     f.refcount = Some(r);
                     f.repair = Some(format!(
                         "{} bit 63 of the L2 entry",
@@ -1569,7 +1615,7 @@ fn copied(walk: &mut Walk) {
 
 /// Beyond qemu-img: metadata used as data, and data clusters mapped at two guest offsets.
 fn overlaps(walk: &mut Walk, counter: &Counter) {
-    let nb_l1 = 1 + walk.snapshot_l1s.len() as u64;
+    let nb_l1 = (walk.snapshot_l1s.len() as u64).saturating_add(1);
     let mut suspects: BTreeSet<u64> = BTreeSet::new();
     let nb = counter.imrt.nb_clusters;
     for (ci, chunk) in counter.imrt.chunks.iter().enumerate() {
@@ -1582,15 +1628,18 @@ fn overlaps(walk: &mut Walk, counter: &Counter) {
                 continue;
             }
             for j in 0..4 {
-                let c = first + (i * 4 + j) as u64;
+                // Byte i holds clusters 4i..4i+4 of the chunk; first is a multiple
+                // of CHUNK and the index is below CHUNK, so `|` adds them exactly.
+                let idx = (i << 2) | j;
+                let c = first | idx as u64;
                 if c >= nb {
                     break;
                 }
-                let k = (kb >> (j * 2)) & 3;
+                let k = (kb >> kind_shift(j)) & 3;
                 if k == 0 {
                     continue;
                 }
-                let n = chunk.counts.get(i * 4 + j);
+                let n = chunk.counts.get(idx);
                 let both = k == 3;
                 let meta_shared = k == 1 && n > 1;
                 let data_over = k == 2 && n > nb_l1;
@@ -1656,7 +1705,7 @@ fn overlaps(walk: &mut Walk, counter: &Counter) {
         if let Some(what) = what {
             let msg = format!(
                 "{what} host cluster {c} (offset {:#x}): {}",
-                c * cs,
+                c.saturating_mul(cs),
                 refs.iter()
                     .map(Referrer::describe)
                     .collect::<Vec<_>>()
@@ -1664,7 +1713,7 @@ fn overlaps(walk: &mut Walk, counter: &Counter) {
             );
             if let Some(f) = walk.find(FindingKind::Note, "cross-link", msg, 1) {
                 f.cluster = Some(c);
-                f.offset = Some(c * cs);
+                f.offset = Some(c.saturating_mul(cs));
                 f.reference = Some(counter.imrt.get(c));
                 f.referrers = refs;
                 f.repair = Some("no automatic repair: a write to one owner changes what the other reads; copy the data out first".into());
@@ -1720,14 +1769,14 @@ pub fn clusters(img: &Qcow2, first: u64, last: u64) -> Vec<ClusterInfo> {
                     }
                     _ => *w,
                 })
-                .sum();
+                .fold(0u64, u64::saturating_add);
             let referrers = walk.referrers(&list);
             let mut roles: Vec<Role> = referrers.iter().map(|r| r.role).collect();
             roles.sort();
             roles.dedup();
             ClusterInfo {
                 cluster: c,
-                offset: c * cs,
+                offset: c.saturating_mul(cs),
                 roles,
                 refcount: stored.get(c).ok(),
                 reference,
@@ -1759,8 +1808,8 @@ pub fn role_map(img: &Qcow2, first: u64, last: u64) -> Vec<u16> {
             0
         }
         fn visit_run(&mut self, first: u64, n: u64, w: u64, ctx: Ctx) -> u64 {
-            if n > 0 {
-                self.visit(first, first + n - 1, w, ctx);
+            if let Some(rest) = n.checked_sub(1) {
+                self.visit(first, first.saturating_add(rest), w, ctx);
             }
             0
         }

@@ -84,7 +84,8 @@ fn unzstd(input: &[u8], cluster_size: usize) -> Result<Vec<u8>, DecompressError>
             match dec.read(dst) {
                 Ok(0) => break,
                 Ok(n) => {
-                    got += n;
+                    // n <= dst.len(), so got stays <= out.len().
+                    got = got.saturating_add(n);
                     progressed = true;
                 }
                 Err(e) => {

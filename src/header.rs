@@ -523,7 +523,8 @@ impl Header {
 
     /// Every field with its offset, size and meaning, in on-disk order.
     pub fn fields(&self) -> Vec<HeaderField> {
-        let cs = self.cluster_size();
+        // Host cluster numbers: a shift by the clamped cluster_bits, no division.
+        let bits = self.geometry().cluster_bits;
         let mut v = vec![
             f(
                 "magic",
@@ -615,7 +616,7 @@ impl Header {
                 self.l1_table_offset,
                 format!(
                     "active L1 table at host cluster {}",
-                    self.l1_table_offset / cs
+                    self.l1_table_offset >> bits
                 ),
             ),
             f(
@@ -625,7 +626,7 @@ impl Header {
                 self.refcount_table_offset,
                 format!(
                     "refcount table at host cluster {}",
-                    self.refcount_table_offset / cs
+                    self.refcount_table_offset >> bits
                 ),
             ),
             f(
@@ -655,7 +656,7 @@ impl Header {
                 } else {
                     format!(
                         "snapshot table at host cluster {}",
-                        self.snapshots_offset / cs
+                        self.snapshots_offset >> bits
                     )
                 },
             ),

@@ -13,7 +13,7 @@ use crate::io::{SharedSource, read_exact, read_into};
 use crate::refcount::{self, RefTableEntry, RefcountGeometry};
 use crate::snapshot::{self, Snapshot, SnapshotTable};
 use crate::tables::{self, L1Entry, L2Entry, MAX_L1_ENTRIES};
-use crate::types::{Geometry, HostCluster, HostOffset};
+use crate::types::{Geometry, HostCluster, HostOffset, low_mask};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
@@ -90,7 +90,7 @@ impl Qcow2 {
             src.as_ref(),
             "qcow2 header",
             0,
-            file_len.min(header::V3_MIN_HEADER_LEN as u64 + 8),
+            file_len.min(u64::from(header::V3_MIN_HEADER_LEN).saturating_add(8)),
         )?;
         let h = Header::parse(&first)?;
         let mut problems: Vec<String> = Vec::new();
@@ -176,14 +176,15 @@ impl Qcow2 {
         // The active L1 table. QEMU reads it even where it runs past the end of the
         // file (those bytes read as zeros); the size is bounded by validate().
         let l1_entries = u64::from(h.l1_size).min(MAX_L1_ENTRIES);
-        let mut l1_buf = vec![0u8; (l1_entries * 8) as usize];
+        let l1_bytes = l1_entries.saturating_mul(8);
+        let mut l1_buf = vec![0u8; l1_bytes as usize];
         read_into(
             src.as_ref(),
             "active L1 table",
             h.l1_table_offset,
             &mut l1_buf,
         )?;
-        if h.l1_table_offset.saturating_add(l1_entries * 8) > file_len && l1_entries > 0 {
+        if h.l1_table_offset.saturating_add(l1_bytes) > file_len && l1_entries > 0 {
             problems.push(format!(
                 "active L1 table at {:#x} ({} entries) runs past the end of the file ({file_len} bytes); the missing part reads as zeros",
                 h.l1_table_offset, h.l1_size
@@ -480,7 +481,7 @@ impl<'a> RefcountReader<'a> {
         if self.cur_ti == Some(ti)
             && let Some((_, b)) = &self.cur
         {
-            let idx = c & ((1u64 << self.block_bits) - 1);
+            let idx = c & low_mask(self.block_bits);
             return Ok(refcount::get_refcount(b, self.order, idx));
         }
         let Some(e) = usize::try_from(ti).ok().and_then(|i| self.table.get(i)) else {
@@ -499,7 +500,7 @@ impl<'a> RefcountReader<'a> {
             self.cur = Some((off.0, buf));
         }
         self.cur_ti = Some(ti);
-        let idx = c & ((1u64 << self.block_bits) - 1);
+        let idx = c & low_mask(self.block_bits);
         Ok(self
             .cur
             .as_ref()
@@ -509,6 +510,7 @@ impl<'a> RefcountReader<'a> {
 }
 
 #[cfg(test)]
+#[allow(clippy::arithmetic_side_effects)] // Test fixtures build images with plain arithmetic.
 mod tests {
     use super::*;
     use crate::io::MemSource;

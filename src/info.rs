@@ -18,7 +18,7 @@ pub fn qemu_info_qcow2(img: &Qcow2, filename: &str) -> Map<String, Value> {
     let mut m = Map::new();
     m.insert("filename".into(), json!(filename));
     m.insert("format".into(), json!("qcow2"));
-    m.insert("virtual-size".into(), json!(h.size / 512 * 512));
+    m.insert("virtual-size".into(), json!(h.size & !511));
     m.insert("actual-size".into(), json!(img.src.allocated_size()));
     m.insert("cluster-size".into(), json!(h.cluster_size()));
     m.insert("dirty-flag".into(), json!(h.version >= 3 && h.dirty()));
@@ -120,7 +120,10 @@ pub fn qemu_info_raw(src: &dyn Source, filename: &str) -> Map<String, Value> {
     let mut m = Map::new();
     m.insert("filename".into(), json!(filename));
     m.insert("format".into(), json!("raw"));
-    m.insert("virtual-size".into(), json!(src.len().div_ceil(512) * 512));
+    m.insert(
+        "virtual-size".into(),
+        json!(src.len().div_ceil(512).saturating_mul(512)),
+    );
     m.insert("actual-size".into(), json!(src.allocated_size()));
     m.insert("dirty-flag".into(), json!(false));
     m
@@ -176,15 +179,18 @@ fn luks_info(img: &Qcow2) -> Option<Value> {
     let alg = match cipher_name.as_str() {
         "cast5" => "cast5-128".to_string(),
         "sm4" => "sm4".to_string(),
-        n => format!("{n}-{}", key_len * 8),
+        n => format!("{n}-{}", key_len.saturating_mul(8)),
     };
     let slots: Vec<Value> = (0..8)
-        .map(|i| {
-            let s = 208 + i * 48;
-            let active = be32(&b, s) == 0x00AC_71F3;
-            let key_off = u64::from(be32(&b, s + 40)) * 512;
+        .map(|i: usize| {
+            // Key slot i: 48 bytes at 208 + 48 * i (i < 8, inside the 592 read).
+            let s = b
+                .get(i.saturating_mul(48).saturating_add(208)..)
+                .unwrap_or(&[]);
+            let active = be32(s, 0) == 0x00AC_71F3;
+            let key_off = u64::from(be32(s, 40)) * 512;
             if active {
-                json!({"active": true, "iters": be32(&b, s + 4), "key-offset": key_off, "stripes": be32(&b, s + 44)})
+                json!({"active": true, "iters": be32(s, 4), "key-offset": key_off, "stripes": be32(s, 44)})
             } else {
                 json!({"active": false, "key-offset": key_off})
             }

@@ -101,7 +101,7 @@ impl Source for FileSource {
             };
             match self.file.read_at(rest, pos) {
                 Ok(0) => break,
-                Ok(n) => done += n,
+                Ok(n) => done = done.saturating_add(n),
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(e),
             }
@@ -122,10 +122,10 @@ impl Source for FileSource {
 
     fn extent_at(&self, offset: u64) -> Extent {
         use rustix::fs::{SeekFrom, seek};
-        if offset >= self.len {
+        let rest = self.len.saturating_sub(offset);
+        if rest == 0 {
             return Extent::Hole(0);
         }
-        let rest = self.len - offset;
         let Ok(data) = seek(&self.file, SeekFrom::Data(offset)) else {
             // ENXIO: no data after offset, so the rest is a hole. Other errors: the
             // file system cannot tell, so treat everything as data.
@@ -135,10 +135,10 @@ impl Source for FileSource {
             };
         };
         if data > offset {
-            return Extent::Hole((data - offset).min(rest));
+            return Extent::Hole(data.saturating_sub(offset).min(rest));
         }
         match seek(&self.file, SeekFrom::Hole(offset)) {
-            Ok(hole) if hole > offset => Extent::Data((hole - offset).min(rest)),
+            Ok(hole) if hole > offset => Extent::Data(hole.saturating_sub(offset).min(rest)),
             _ => Extent::Data(rest),
         }
     }

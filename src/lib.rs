@@ -31,7 +31,12 @@
 //! * [`info`] — the summary `qemu-img info` prints.
 //! * [`check`] — refcount consistency, the way `qemu-img check` sees it, and more.
 #![forbid(unsafe_code)]
-#![deny(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
+#![deny(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::arithmetic_side_effects
+)]
 
 pub mod bitmap;
 pub mod bytes;

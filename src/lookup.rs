@@ -80,7 +80,8 @@ pub fn layer_run(img: &Qcow2, view: &View, guest: u64, max_len: u64, name: &str)
     // Bytes from the start of this cluster to the end of its L2 table. (QEMU stops
     // at the end of a 4 KiB L2 cache slice; that never changes a read's bytes, a
     // map's merged extents, or which entries can fail a request.)
-    let to_l2_end = (geo.l2_entries() - l2_index) * cs;
+    // l2_index < l2_entries, so this is at most the L2 coverage (2^39).
+    let to_l2_end = geo.l2_entries().saturating_sub(l2_index).saturating_mul(cs);
     let needed = max_len.saturating_add(in_cluster).min(to_l2_end);
     let unallocated = |len: u64| Run {
         guest,
@@ -148,7 +149,7 @@ pub fn layer_run(img: &Qcow2, view: &View, guest: u64, max_len: u64, name: &str)
                     name,
                     format!(
                         "External data file host cluster offset {hc} does not match guest cluster offset {:#x}",
-                        guest - in_cluster
+                        guest.saturating_sub(in_cluster)
                     ),
                 ));
             }
@@ -164,22 +165,28 @@ pub fn layer_run(img: &Qcow2, view: &View, guest: u64, max_len: u64, name: &str)
         let end = start.saturating_add(nb_clusters as usize).min(l2.len());
         let first_raw = entry.raw;
         let mut expected = first_raw & crate::tables::L2E_OFFSET_MASK;
-        let mut n: u64 = 0;
-        for e in l2.get(start..end).unwrap_or(&[]) {
-            if n > 0 {
-                if e.subcluster_type(&geo, has_df, 0) != first_type {
+        // The first entry always counts; n is the index of the first that breaks
+        // the run (an index into the table, so no counter can overflow).
+        let entries = l2.get(start..end).unwrap_or(&[]);
+        let mut n = entries.len();
+        for (i, e) in entries.iter().enumerate().skip(1) {
+            if e.subcluster_type(&geo, has_df, 0) != first_type {
+                n = i;
+                break;
+            }
+            if first_type.has_host_cluster() {
+                expected = expected.wrapping_add(cs);
+                if e.raw & crate::tables::L2E_OFFSET_MASK != expected {
+                    n = i;
                     break;
                 }
-                if first_type.has_host_cluster() {
-                    expected = expected.wrapping_add(cs);
-                    if e.raw & crate::tables::L2E_OFFSET_MASK != expected {
-                        break;
-                    }
-                }
             }
-            n += 1;
         }
-        let len = (n * cs).min(needed).saturating_sub(in_cluster).max(1);
+        let len = (n as u64)
+            .saturating_mul(cs)
+            .min(needed)
+            .saturating_sub(in_cluster)
+            .max(1);
         return Ok(Run {
             guest,
             len,
@@ -193,7 +200,7 @@ pub fn layer_run(img: &Qcow2, view: &View, guest: u64, max_len: u64, name: &str)
     for i in 0..nb_clusters {
         let first_sc = if i == 0 { sc_index } else { 0 };
         let e = l2
-            .get((l2_index + i) as usize)
+            .get(l2_index.saturating_add(i) as usize)
             .copied()
             .unwrap_or(L2Entry { raw: 0, bitmap: 0 });
         let Some((t, n)) = e.subcluster_run(&geo, has_df, first_sc) else {
@@ -202,7 +209,7 @@ pub fn layer_run(img: &Qcow2, view: &View, guest: u64, max_len: u64, name: &str)
                 name,
                 format!(
                     "Invalid cluster entry found (L2 offset: {l2_off}, L2 index: {:#x})",
-                    l2_index + i
+                    l2_index.saturating_add(i)
                 ),
             ));
         };
@@ -219,13 +226,14 @@ pub fn layer_run(img: &Qcow2, view: &View, guest: u64, max_len: u64, name: &str)
                 break;
             }
         }
-        count += u64::from(n);
+        // At most 32 subclusters per entry, over at most one L2 table.
+        count = count.saturating_add(u64::from(n));
         let per = if geo.extended_l2 { 32 } else { 1 };
-        if first_sc + n < per {
+        if first_sc.saturating_add(n) < per {
             break;
         }
     }
-    let avail = (count + u64::from(sc_index)) << geo.subcluster_bits();
+    let avail = count.saturating_add(u64::from(sc_index)) << geo.subcluster_bits();
     let len = avail.min(needed).saturating_sub(in_cluster).max(1);
     Ok(Run {
         guest,
@@ -266,7 +274,7 @@ pub fn read_compressed(
 ) -> Result<Vec<u8>> {
     let cs = img.geometry().cluster_size();
     // The descriptor can claim at most 2^(cluster_bits-8) sectors, i.e. 2 clusters.
-    let mut buf = vec![0u8; d.size.min(2 * cs) as usize];
+    let mut buf = vec![0u8; d.size.min(cs.saturating_mul(2)) as usize];
     read_into(img.src.as_ref(), "compressed cluster", d.offset.0, &mut buf)?;
     compress::decompress(img.header.compression_type(), &buf, cs as usize).map_err(|e| {
         eio(
@@ -346,7 +354,7 @@ pub fn read(chain: &Chain, guest: u64, buf: &mut [u8], cache: &mut ReadCache) ->
             Segment::Zero { .. } => dst.fill(0),
             Segment::Bytes(b) => dst.copy_from_slice(b),
         }
-        pos += n;
+        pos = pos.saturating_add(n);
         Ok(())
     })
 }
@@ -385,8 +393,9 @@ fn segments(
         } => {
             let mut pos = 0u64;
             while pos < in_range {
-                let g = guest + pos;
-                let want = in_range - pos;
+                // pos < in_range <= layer size - guest: no overflow.
+                let g = guest.saturating_add(pos);
+                let want = in_range.saturating_sub(pos);
                 let run = layer_run(image, view, g, want, &name)?;
                 let n = run.len.min(want);
                 match run.status {
@@ -408,7 +417,9 @@ fn segments(
                         })?;
                     }
                     Status::Zero { .. } => f(Segment::Zero { len: n })?,
-                    Status::Unallocated { .. } => segments(chain, depth + 1, g, n, cache, f)?,
+                    Status::Unallocated { .. } => {
+                        segments(chain, depth.saturating_add(1), g, n, cache, f)?
+                    }
                     Status::Compressed {
                         descriptor,
                         in_cluster,
@@ -424,13 +435,13 @@ fn segments(
                         }
                     }
                 }
-                pos += n;
+                pos = pos.saturating_add(n);
             }
         }
     }
     if len > in_range {
         f(Segment::Zero {
-            len: len - in_range,
+            len: len.saturating_sub(in_range),
         })?;
     }
     Ok(())
@@ -593,7 +604,7 @@ pub fn trace(chain: &Chain, guest: u64) -> Trace {
         let name = layer.path.display().to_string();
         let next = chain
             .layers
-            .get(depth + 1)
+            .get(depth.saturating_add(1))
             .map(|l| l.path.display().to_string());
         let push = |steps: &mut Vec<Step>, kind: StepKind, explanation: String| {
             steps.push(Step {
@@ -836,7 +847,9 @@ fn trace_qcow2(
     let has_df = img.header.has_data_file();
     let ct = e.cluster_type(&geo, has_df);
     let st = e.subcluster_type(&geo, has_df, sc);
-    let entry_off = l2_off.0.saturating_add(l2i * geo.l2_entry_size());
+    let entry_off = l2_off
+        .0
+        .saturating_add(l2i.saturating_mul(geo.l2_entry_size()));
     let past = l2_off.0 >= img.file_len();
     push(
         steps,

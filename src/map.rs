@@ -100,9 +100,10 @@ pub fn qemu_length(layer: &Layer) -> u64 {
 /// many clusters in use (refcount > 0) as it has clusters stored on disk, give or
 /// take 10%?
 pub fn metadata_preallocated(img: &Qcow2) -> bool {
-    let cs = img.geometry().cluster_size();
+    let geo = img.geometry();
+    let cs = geo.cluster_size();
     let file_length = img.file_len().div_ceil(512).saturating_mul(512);
-    let real_clusters = img.src.allocated_size() / cs;
+    let real_clusters = img.src.allocated_size() >> geo.cluster_bits;
     let threshold = (real_clusters.saturating_mul(10) / 9).max(real_clusters.saturating_add(2));
     let end_cluster = file_length.div_ceil(cs);
     let mut reader = RefcountReader::new(img);
@@ -112,7 +113,7 @@ pub fn metadata_preallocated(img: &Qcow2) -> bool {
             break;
         }
         match reader.get(c) {
-            Ok(r) => count += u64::from(r > 0),
+            Ok(r) => count = count.saturating_add(u64::from(r > 0)),
             Err(_) => return false,
         }
     }
@@ -154,10 +155,11 @@ pub fn map_range(chain: &Chain, start: u64, max_len: u64) -> Result<Vec<MapEntry
         offset: None,
     };
     while cur.start.saturating_add(cur.length) < length {
-        let off = cur.start + cur.length;
-        let next = status(chain, &prealloc, off, length - off)?;
+        // The loop condition keeps off below length: neither can overflow.
+        let off = cur.start.saturating_add(cur.length);
+        let next = status(chain, &prealloc, off, length.saturating_sub(off))?;
         if cur.mergeable(&next) {
-            cur.length += next.length;
+            cur.length = cur.length.saturating_add(next.length);
             continue;
         }
         if cur.length > 0 {
@@ -278,7 +280,7 @@ fn layer_answer(
                     offset: None,
                 },
                 Status::Unallocated { host } => {
-                    let below = chain.layers.get(depth + 1);
+                    let below = chain.layers.get(depth.saturating_add(1));
                     let zero = match below {
                         None => true,
                         Some(b) => off >= qemu_length(b),

@@ -15,7 +15,7 @@
 //! significant bit of each byte; wider ones are big-endian.
 
 use crate::bytes::{be16, be32, be64, u8_at};
-use crate::types::{Geometry, HostCluster, HostOffset};
+use crate::types::{Geometry, HostCluster, HostOffset, low_mask};
 use serde::Serialize;
 
 /// QEMU refuses refcount tables larger than 8 MiB.
@@ -51,12 +51,14 @@ impl RefcountGeometry {
         if self.order >= 6 {
             u64::MAX
         } else {
-            (1u64 << self.bits()) - 1
+            low_mask(self.bits())
         }
     }
     /// log2 of refcounts per block.
     pub fn block_bits(&self) -> u32 {
-        self.cluster_bits + 3 - self.order
+        self.cluster_bits
+            .saturating_add(3)
+            .saturating_sub(self.order)
     }
     /// Refcounts per block.
     pub fn entries_per_block(&self) -> u64 {
@@ -68,7 +70,7 @@ impl RefcountGeometry {
     }
     /// Which refcount inside its block.
     pub fn block_index(&self, c: HostCluster) -> u64 {
-        c.0 & (self.entries_per_block() - 1)
+        c.0 & low_mask(self.block_bits())
     }
 }
 
@@ -100,7 +102,7 @@ pub fn get_refcount(block: &[u8], order: u32, index: u64) -> u64 {
             let bits = 1usize << order;
             let bit = i.saturating_mul(bits);
             let byte = u8_at(block, bit / 8);
-            u64::from((byte >> (bit % 8)) & ((1u16 << bits) - 1) as u8)
+            u64::from((byte >> (bit % 8)) & low_mask(bits as u32) as u8)
         }
         3 => u64::from(u8_at(block, i)),
         4 => u64::from(be16(block, i.saturating_mul(2))),
@@ -119,7 +121,7 @@ pub fn set_refcount(block: &mut [u8], order: u32, index: u64, value: u64) {
         o @ 0..=2 => {
             let bits = 1usize << o;
             let bit = i.saturating_mul(bits);
-            let mask = (((1u16 << bits) - 1) as u8) << (bit % 8);
+            let mask = (low_mask(bits as u32) as u8) << (bit % 8);
             if let Some(b) = block.get_mut(bit / 8) {
                 *b = (*b & !mask) | (((value as u8) << (bit % 8)) & mask);
             }
@@ -130,9 +132,9 @@ pub fn set_refcount(block: &mut [u8], order: u32, index: u64, value: u64) {
             }
         }
         o => {
-            let width = 1usize << (o - 3);
+            let width = 1usize << o.saturating_sub(3);
             let bytes = value.to_be_bytes();
-            let src = bytes.get(8 - width..).unwrap_or(&[]);
+            let src = bytes.get(8usize.saturating_sub(width)..).unwrap_or(&[]);
             if let Some(dst) = block
                 .get_mut(i.saturating_mul(width)..i.saturating_mul(width).saturating_add(width))
             {

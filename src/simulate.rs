@@ -28,7 +28,7 @@ use crate::tables::{
     ClusterType, CompressedDescriptor, L1E_OFFSET_MASK, L2E_OFFSET_MASK, L2Entry, OFLAG_COPIED,
     OFLAG_ZERO, SubclusterType,
 };
-use crate::types::Geometry;
+use crate::types::{Geometry, GuestOffset, low_mask};
 use serde::Serialize;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -125,7 +125,10 @@ impl Change {
     pub fn describe(&self) -> String {
         let range = |first: u64| {
             if self.count > 1 {
-                format!("{first}..{}", first + self.count - 1)
+                format!(
+                    "{first}..{}",
+                    first.saturating_add(self.count.saturating_sub(1))
+                )
             } else {
                 first.to_string()
             }
@@ -208,7 +211,7 @@ impl Change {
         }
         match (&self.target, &next.target) {
             (Target::Refcount { cluster: a }, Target::Refcount { cluster: b }) => {
-                a + self.count == *b
+                a.checked_add(self.count) == Some(*b)
             }
             (
                 Target::L2Entry {
@@ -219,7 +222,7 @@ impl Change {
                     table_offset: t2,
                     index: b,
                 },
-            ) => t1 == t2 && a + self.count == *b,
+            ) => t1 == t2 && a.checked_add(self.count) == Some(*b),
             (
                 Target::L1Entry {
                     table_offset: t1,
@@ -231,7 +234,7 @@ impl Change {
                     index: b,
                     ..
                 },
-            ) => t1 == t2 && a + self.count == *b,
+            ) => t1 == t2 && a.checked_add(self.count) == Some(*b),
             _ => false,
         }
     }
@@ -500,7 +503,7 @@ impl Sim {
                 date_sec: s.date_sec,
                 date_nsec: s.date_nsec,
                 vm_clock_nsec: s.vm_clock_nsec,
-                disk_size: s.effective_disk_size(h.size / 512 * 512),
+                disk_size: s.effective_disk_size(h.size & !511),
                 icount: s.icount.unwrap_or(u64::MAX),
                 extra_data_size: s.extra_data_size,
                 unknown_extra: s.unknown_extra.clone(),
@@ -548,11 +551,32 @@ impl Sim {
 
     // ---- bytes -------------------------------------------------------------
 
+    /// The cluster holding byte `off` (`off / cs`).
+    fn cluster_of(&self, off: u64) -> u64 {
+        off >> self.geo.cluster_bits
+    }
+
+    /// Where byte `off` sits in its cluster (`off % cs`).
+    fn within(&self, off: u64) -> u64 {
+        off & low_mask(self.geo.cluster_bits)
+    }
+
+    /// First byte of cluster `c` (saturating: an index read from disk cannot wrap).
+    fn cluster_start(&self, c: u64) -> u64 {
+        c.saturating_mul(self.cs)
+    }
+
+    /// `n` clusters in bytes (saturating).
+    fn clusters_bytes(&self, n: u64) -> u64 {
+        n.saturating_mul(self.cs)
+    }
+
     fn cluster(&mut self, c: u64) -> &mut [u8] {
+        let at = self.cluster_start(c);
         let (base, cs) = (&self.base, self.cs);
         self.clusters.entry(c).or_insert_with(|| {
             let mut buf = vec![0u8; cs as usize].into_boxed_slice();
-            let _ = base.read_at(&mut buf, c * cs);
+            let _ = base.read_at(&mut buf, at);
             buf
         })
     }
@@ -562,40 +586,57 @@ impl Sim {
         let mut pos = off;
         let end = off.saturating_add(len);
         while pos < end {
-            let c = pos / self.cs;
-            let within = (pos % self.cs) as usize;
-            let n = ((end - pos) as usize).min(self.cs as usize - within);
+            let c = self.cluster_of(pos);
+            let within = self.within(pos) as usize;
+            // 1..=cs - within bytes, so pos moves on and stays <= end.
+            let n =
+                (end.saturating_sub(pos) as usize).min((self.cs as usize).saturating_sub(within));
             let cl = self.cluster(c);
             out.extend_from_slice(crate::bytes::slice(cl, within, n));
-            pos += n as u64;
+            pos = pos.saturating_add(n as u64);
         }
         out
     }
 
-    fn write_bytes(&mut self, off: u64, data: &[u8]) {
+    /// Write `data` at `off`. Like QEMU (`bdrv_check_request`), a write that would
+    /// end past `i64::MAX` fails (EIO) instead of landing anywhere: offsets
+    /// computed from hostile header or table fields saturate to `u64::MAX`, and
+    /// must not wrap around to real metadata or grow the file without bound.
+    fn write_bytes(&mut self, off: u64, data: &[u8]) -> SimResult<()> {
+        if off
+            .checked_add(data.len() as u64)
+            .is_none_or(|e| e > i64::MAX as u64)
+        {
+            return Err(Fail(format!(
+                "a write of {} bytes at {off:#x} ends past the largest offset QEMU can write (EIO)",
+                data.len()
+            )));
+        }
         let mut pos = off;
         let mut rest = data;
         while !rest.is_empty() {
-            let c = pos / self.cs;
-            let within = (pos % self.cs) as usize;
-            let n = rest.len().min(self.cs as usize - within);
+            let c = self.cluster_of(pos);
+            let within = self.within(pos) as usize;
+            let n = rest.len().min((self.cs as usize).saturating_sub(within));
             let (head, tail) = rest.split_at(n);
-            if let Some(dst) = self.cluster(c).get_mut(within..within + n) {
+            if let Some(dst) = self.cluster(c).get_mut(within..within.saturating_add(n)) {
                 dst.copy_from_slice(head);
             }
             rest = tail;
-            pos += n as u64;
+            pos = pos.saturating_add(n as u64);
         }
         self.file_len = self.file_len.max(pos);
+        Ok(())
     }
 
     fn read_u64(&mut self, off: u64) -> u64 {
-        let within = (off % self.cs) as usize;
-        crate::bytes::be64(self.cluster(off / self.cs), within)
+        let within = self.within(off) as usize;
+        let c = self.cluster_of(off);
+        crate::bytes::be64(self.cluster(c), within)
     }
 
-    fn write_u64(&mut self, off: u64, v: u64) {
-        self.write_bytes(off, &v.to_be_bytes());
+    fn write_u64(&mut self, off: u64, v: u64) -> SimResult<()> {
+        self.write_bytes(off, &v.to_be_bytes())
     }
 
     // ---- recording ---------------------------------------------------------
@@ -612,10 +653,10 @@ impl Sim {
         // alternate (a refcount, then the L2 entry whose COPIED flag follows it).
         let n = self.steps.len();
         for back in 1..=2usize.min(n) {
-            if let Some(prev) = self.steps.get_mut(n - back)
+            if let Some(prev) = n.checked_sub(back).and_then(|i| self.steps.get_mut(i))
                 && prev.extends(&c)
             {
-                prev.count += 1;
+                prev.count = prev.count.saturating_add(1);
                 return;
             }
         }
@@ -639,11 +680,21 @@ impl Sim {
     // ---- refcounts ---------------------------------------------------------
 
     fn reftable_len(&self) -> u64 {
-        u64::from(self.refcount_table_clusters) * self.cs / 8
+        self.clusters_bytes(u64::from(self.refcount_table_clusters)) / 8
     }
 
     fn block_bits(&self) -> u32 {
-        self.geo.cluster_bits + 3 - self.order
+        self.geo
+            .cluster_bits
+            .saturating_add(3)
+            .saturating_sub(self.order)
+    }
+
+    /// Where refcount table entry `ti` is (saturating: the table offset comes
+    /// from the header).
+    fn reftable_entry_offset(&self, ti: u64) -> u64 {
+        self.refcount_table_offset
+            .saturating_add(ti.saturating_mul(8))
     }
 
     /// QEMU's `qcow2_get_refcount`.
@@ -652,7 +703,7 @@ impl Sim {
         if ti >= self.reftable_len() {
             return Ok(0);
         }
-        let e = self.read_u64(self.refcount_table_offset + ti * 8);
+        let e = self.read_u64(self.reftable_entry_offset(ti));
         let block = e & crate::refcount::REFT_OFFSET_MASK;
         if block == 0 {
             return Ok(0);
@@ -662,9 +713,10 @@ impl Sim {
                 "Refblock offset {block:#x} unaligned (reftable index: {ti:#x}) (EIO)"
             )));
         }
-        let idx = c & ((1 << self.block_bits()) - 1);
+        let idx = c & low_mask(self.block_bits());
         let order = self.order;
-        Ok(get_refcount(self.cluster(block / self.cs), order, idx))
+        let bc = self.cluster_of(block);
+        Ok(get_refcount(self.cluster(bc), order, idx))
     }
 
     /// QEMU's `update_refcount`: add or subtract `addend` on every cluster the byte
@@ -679,8 +731,8 @@ impl Sim {
         if length == 0 {
             return Ok(());
         }
-        let first = offset / self.cs;
-        let last = (offset + length - 1) / self.cs;
+        let first = self.cluster_of(offset);
+        let last = self.cluster_of(offset.saturating_add(length.saturating_sub(1)));
         for c in first..=last {
             if let Err(e) = self.update_one(c, addend, decrease) {
                 // "Try do undo any updates if an error is returned"
@@ -696,9 +748,10 @@ impl Sim {
     fn update_one(&mut self, c: u64, addend: u64, decrease: bool) -> SimResult<()> {
         let ti = c >> self.block_bits();
         let block = self.refcount_block_for(ti, c)?;
-        let idx = c & ((1 << self.block_bits()) - 1);
+        let idx = c & low_mask(self.block_bits());
         let order = self.order;
-        let cur = get_refcount(self.cluster(block / self.cs), order, idx);
+        let bc = self.cluster_of(block);
+        let cur = get_refcount(self.cluster(bc), order, idx);
         let new = if decrease {
             cur.checked_sub(addend)
         } else {
@@ -715,7 +768,7 @@ impl Sim {
         if new == 0 && c < self.free_cluster_index {
             self.free_cluster_index = c;
         }
-        set_refcount(self.cluster(block / self.cs), order, idx, new);
+        set_refcount(self.cluster(bc), order, idx, new);
         self.record(Target::Refcount { cluster: c }, cur, new);
         if new == 0 {
             let r = self.reason.clone();
@@ -732,7 +785,7 @@ impl Sim {
                 "cluster {for_cluster} is beyond what the refcount table covers; QEMU would grow the refcount table here, which qinspect does not model"
             )));
         }
-        let e = self.read_u64(self.refcount_table_offset + ti * 8);
+        let e = self.read_u64(self.reftable_entry_offset(ti));
         let block = e & crate::refcount::REFT_OFFSET_MASK;
         if block != 0 {
             if !block.is_multiple_of(self.cs) {
@@ -750,32 +803,32 @@ impl Sim {
         // alloc_clusters_noref: the lowest free cluster (refcounts as they stand).
         let new_c = self.find_free(1)?;
         let bb = self.block_bits();
-        let new_off = new_c * self.cs;
+        let new_off = self.cluster_start(new_c);
+        // The clusters block ti describes: ti << bb ..= last (the same bits, all ones below bb).
+        let last = (ti << bb) | low_mask(bb);
         if new_c >> bb == ti {
             // Self-describing: the block counts itself.
             self.why(format!(
-                "new refcount block for clusters {}..{} (describes itself)",
+                "new refcount block for clusters {}..{last} (describes itself)",
                 ti << bb,
-                ((ti + 1) << bb) - 1
             ));
             let zero = vec![0u8; self.cs as usize];
-            self.write_bytes(new_off, &zero);
-            let idx = new_c & ((1 << bb) - 1);
+            self.write_bytes(new_off, &zero)?;
+            let idx = new_c & low_mask(bb);
             let order = self.order;
             set_refcount(self.cluster(new_c), order, idx, 1);
             self.record(Target::Refcount { cluster: new_c }, 0, 1);
         } else {
             self.why(format!(
-                "new refcount block for clusters {}..{}",
+                "new refcount block for clusters {}..{last}",
                 ti << bb,
-                ((ti + 1) << bb) - 1
             ));
             let other_ti = new_c >> bb;
             // Its own refcount lives in another block, which must exist.
             let _ = self.refcount_block_for(other_ti, new_c)?;
             self.update_one(new_c, 1, false)?;
             let zero = vec![0u8; self.cs as usize];
-            self.write_bytes(new_off, &zero);
+            self.write_bytes(new_off, &zero)?;
         }
         self.allocated
             .push((new_off, self.cs, "refcount block".into()));
@@ -790,9 +843,9 @@ impl Sim {
             new_c,
             new_c,
         );
-        let entry_off = self.refcount_table_offset + ti * 8;
+        let entry_off = self.reftable_entry_offset(ti);
         let before = self.read_u64(entry_off);
-        self.write_u64(entry_off, new_off);
+        self.write_u64(entry_off, new_off)?;
         self.reason = format!("refcount table entry {ti} now points at the new block");
         self.record(
             Target::Header {
@@ -815,37 +868,48 @@ impl Sim {
             if c > limit {
                 return Err(Fail("no free clusters found (EFBIG)".into()));
             }
-            self.free_cluster_index += 1;
+            // c <= limit, and found <= n: neither can overflow.
+            self.free_cluster_index = c.saturating_add(1);
             if self.get_refcount(c)? != 0 {
                 found = 0;
             } else {
-                found += 1;
+                found = found.saturating_add(1);
             }
         }
-        Ok(self.free_cluster_index - n)
+        // The last n clusters looked at were free.
+        Ok(self.free_cluster_index.saturating_sub(n))
     }
 
     /// QEMU's `qcow2_alloc_clusters`: find, then +1 on each.
     fn alloc_clusters(&mut self, size: u64, purpose: &str) -> SimResult<u64> {
         let n = size.div_ceil(self.cs).max(1);
         let first = self.find_free(n)?;
-        let off = first * self.cs;
+        // A range that does not fit in 64 bits is refused rather than wrapped.
+        let range = first
+            .checked_mul(self.cs)
+            .zip(n.checked_mul(self.cs))
+            .and_then(|(off, len)| Some((off, len, off.checked_add(len)?)));
+        let Some((off, len, end)) = range else {
+            return Err(Fail(format!(
+                "{n} clusters from cluster {first} do not fit in the file (EFBIG)"
+            )));
+        };
         let saved = self.reason.clone();
         self.why(format!("allocated for {purpose}"));
-        self.update_refcount(off, n * self.cs, 1, false)?;
+        self.update_refcount(off, len, 1, false)?;
         self.record(
             Target::Allocate {
                 offset: off,
-                length: n * self.cs,
+                length: len,
                 purpose: purpose.to_string(),
             },
             first,
             first,
         );
-        self.allocated.push((off, n * self.cs, purpose.to_string()));
+        self.allocated.push((off, len, purpose.to_string()));
         self.reason = saved;
-        if off + n * self.cs > self.file_len {
-            self.file_len = off + n * self.cs;
+        if end > self.file_len {
+            self.file_len = end;
         }
         Ok(off)
     }
@@ -919,7 +983,7 @@ impl Sim {
         let mut table: Vec<u64> = if active {
             self.l1.clone()
         } else {
-            let raw = self.read_bytes(l1_offset, l1_size * 8);
+            let raw = self.read_bytes(l1_offset, l1_size.saturating_mul(8));
             raw.chunks_exact(8)
                 .map(|c| crate::bytes::be64(c, 0))
                 .collect()
@@ -946,7 +1010,7 @@ impl Sim {
                 format!("{sign}: compressed data named by {label}[{i}] -> L2 {l2:#x}");
             let mut copied_reason: (u64, String) = (u64::MAX, String::new());
             for j in 0..entries {
-                let eoff = l2 + j * step;
+                let eoff = l2.saturating_add(j.saturating_mul(step));
                 let old = self.read_u64(eoff);
                 let entry = old & !OFLAG_COPIED;
                 let off = entry & L2E_OFFSET_MASK;
@@ -976,12 +1040,12 @@ impl Sim {
                         }
                         if addend != 0 {
                             self.reason.clone_from(&data_reason);
-                            if let Err(e) = self.update_one(off / self.cs, 1, addend < 0) {
+                            if let Err(e) = self.update_one(self.cluster_of(off), 1, addend < 0) {
                                 result = Err(e);
                                 break 'outer;
                             }
                         }
-                        match self.get_refcount(off / self.cs) {
+                        match self.get_refcount(self.cluster_of(off)) {
                             Ok(r) => r,
                             Err(e) => {
                                 result = Err(e);
@@ -1010,7 +1074,10 @@ impl Sim {
                         );
                     }
                     self.reason.clone_from(&copied_reason.1);
-                    self.write_u64(eoff, new);
+                    if let Err(e) = self.write_u64(eoff, new) {
+                        result = Err(e);
+                        break 'outer;
+                    }
                     self.record(
                         Target::L2Entry {
                             table_offset: l2,
@@ -1026,12 +1093,12 @@ impl Sim {
                     "{}: the L2 table named by {label}[{i}]",
                     if addend > 0 { "+1" } else { "-1" }
                 ));
-                if let Err(e) = self.update_one(l2 / self.cs, 1, addend < 0) {
+                if let Err(e) = self.update_one(self.cluster_of(l2), 1, addend < 0) {
                     result = Err(e);
                     break;
                 }
             }
-            let r = match self.get_refcount(l2 / self.cs) {
+            let r = match self.get_refcount(self.cluster_of(l2)) {
                 Ok(r) => r,
                 Err(e) => {
                     result = Err(e);
@@ -1068,7 +1135,7 @@ impl Sim {
         }
         if result.is_ok() && addend >= 0 && l1_modified {
             let bytes: Vec<u8> = table.iter().flat_map(|e| e.to_be_bytes()).collect();
-            self.write_bytes(l1_offset, &bytes);
+            result = self.write_bytes(l1_offset, &bytes);
         } else if l1_modified && addend < 0 {
             self.note(format!(
                 "the {label} is not written back: with addend -1 it is about to be deleted"
@@ -1083,9 +1150,12 @@ impl Sim {
     fn write_snapshots(&mut self) -> SimResult<()> {
         let mut size = 0u64;
         for s in &self.snapshots {
-            size = crate::bytes::align8(size);
-            size +=
-                40 + u64::from(s.extra_data_size.max(24)) + s.id.len() as u64 + s.name.len() as u64;
+            // Saturating: a sum past 64 MiB is refused just below anyway.
+            size = crate::bytes::align8(size)
+                .saturating_add(40)
+                .saturating_add(u64::from(s.extra_data_size.max(24)))
+                .saturating_add(s.id.len() as u64)
+                .saturating_add(s.name.len() as u64);
         }
         if size > crate::snapshot::MAX_TABLE_BYTES {
             return Err(Fail(
@@ -1097,7 +1167,7 @@ impl Sim {
         } else {
             // qcow2_alloc_clusters(0) counts nothing and returns the free-cluster
             // hint as it stands.
-            self.free_cluster_index * self.cs
+            self.cluster_start(self.free_cluster_index)
         };
         let mut buf = Vec::with_capacity(size as usize);
         for s in &self.snapshots {
@@ -1128,7 +1198,7 @@ impl Sim {
             buf.extend_from_slice(s.name.as_bytes());
         }
         if !buf.is_empty() {
-            self.write_bytes(off, &buf);
+            self.write_bytes(off, &buf)?;
         }
         self.record(
             Target::SnapshotTable {
@@ -1141,8 +1211,8 @@ impl Sim {
         );
         let (old_off, old_size) = (self.snapshots_offset, self.snapshots_size);
         self.why("the header points at the new snapshot table");
-        self.set_header_u32(60, "nb_snapshots", self.snapshots.len() as u32);
-        self.set_header_u64(64, "snapshots_offset", off);
+        self.set_header_u32(60, "nb_snapshots", self.snapshots.len() as u32)?;
+        self.set_header_u64(64, "snapshots_offset", off)?;
         self.snapshots_offset = off;
         self.snapshots_size = size;
         if old_size > 0 {
@@ -1151,21 +1221,23 @@ impl Sim {
         Ok(())
     }
 
-    fn set_header_u64(&mut self, at: u64, field: &'static str, v: u64) {
+    fn set_header_u64(&mut self, at: u64, field: &'static str, v: u64) -> SimResult<()> {
         let before = self.read_u64(at);
         if before != v {
-            self.write_u64(at, v);
+            self.write_u64(at, v)?;
             self.record(Target::Header { field }, before, v);
         }
+        Ok(())
     }
 
-    fn set_header_u32(&mut self, at: u64, field: &'static str, v: u32) {
+    fn set_header_u32(&mut self, at: u64, field: &'static str, v: u32) -> SimResult<()> {
         let b = self.read_bytes(at, 4);
         let before = u64::from(crate::bytes::be32(&b, 0));
         if before != u64::from(v) {
-            self.write_bytes(at, &v.to_be_bytes());
+            self.write_bytes(at, &v.to_be_bytes())?;
             self.record(Target::Header { field }, before, u64::from(v));
         }
+        Ok(())
     }
 
     fn find_snapshot(&self, id_or_name: &str) -> Option<usize> {
@@ -1204,16 +1276,17 @@ impl Sim {
             .unwrap_or(0);
         let l1_size = self.l1.len() as u64;
         self.why("snapshot-create");
+        let l1_bytes = l1_size.saturating_mul(8);
         let l1_off =
-            self.alloc_clusters(l1_size * 8, &format!("the L1 table of snapshot '{name}'"))?;
+            self.alloc_clusters(l1_bytes, &format!("the L1 table of snapshot '{name}'"))?;
         let bytes: Vec<u8> = self.l1.iter().flat_map(|e| e.to_be_bytes()).collect();
-        self.write_bytes(l1_off, &bytes);
+        self.write_bytes(l1_off, &bytes)?;
         self.why("the active L1 table is copied as it is, COPIED flags included");
         self.record(
             Target::Copy {
                 from: format!("active L1 at {:#x}", self.l1_table_offset),
                 to: l1_off,
-                length: l1_size * 8,
+                length: l1_bytes,
             },
             0,
             0,
@@ -1224,15 +1297,16 @@ impl Sim {
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap_or_default();
         self.snapshots.push(SimSnapshot {
-            id: (id_max + 1).to_string(),
+            // QEMU's find_new_snapshot_id: id_max + 1 in an unsigned long, which wraps.
+            id: id_max.wrapping_add(1).to_string(),
             name: name.to_string(),
             l1_table_offset: l1_off,
             l1_size: l1_size as u32,
             vm_state_size: 0,
             date_sec: now.as_secs() as u32,
-            date_nsec: now.subsec_micros() * 1000,
+            date_nsec: now.subsec_micros().saturating_mul(1000),
             vm_clock_nsec: 0,
-            disk_size: self.size / 512 * 512,
+            disk_size: self.size & !511,
             icount: 0,
             extra_data_size: 24,
             unknown_extra: Vec::new(),
@@ -1312,7 +1386,7 @@ impl Sim {
             .cloned()
             .ok_or_else(|| Fail("no snapshot".into()))?;
         self.check_snapshot_l1(&sn)?;
-        if sn.disk_size != self.size / 512 * 512 {
+        if sn.disk_size != self.size & !511 {
             return Err(Fail(format!(
                 "the snapshot's disk size ({}) differs from the current size ({}); QEMU would resize the image first, which qinspect does not model",
                 sn.disk_size, self.size
@@ -1324,8 +1398,9 @@ impl Sim {
             ));
         }
         let cur_len = self.l1.len() as u64;
+        let cur_bytes = cur_len.saturating_mul(8);
         let mut buffer = self.read_bytes(sn.l1_table_offset, u64::from(sn.l1_size) * 8);
-        buffer.resize((cur_len * 8) as usize, 0);
+        buffer.resize(cur_bytes as usize, 0);
         self.note(format!(
             "everything snapshot {} '{}' reaches gains a reference: +1 each",
             sn.id, sn.name
@@ -1335,11 +1410,12 @@ impl Sim {
         self.why(
             "snapshot-apply: the snapshot's L1 (as read before the walk) replaces the active L1",
         );
-        let old: Vec<u8> = self.read_bytes(active_off, cur_len * 8);
-        self.write_bytes(active_off, &buffer);
+        let old: Vec<u8> = self.read_bytes(active_off, cur_bytes);
+        self.write_bytes(active_off, &buffer)?;
         for k in 0..cur_len {
-            let b = crate::bytes::be64(&old, (k * 8) as usize);
-            let a = crate::bytes::be64(&buffer, (k * 8) as usize);
+            let at = k.saturating_mul(8) as usize;
+            let b = crate::bytes::be64(&old, at);
+            let a = crate::bytes::be64(&buffer, at);
             if a != b {
                 self.record(
                     Target::L1Entry {
@@ -1416,6 +1492,7 @@ impl Sim {
         Arc::new(OverlaySource {
             base: self.base.clone(),
             cs: self.cs,
+            cluster_bits: self.geo.cluster_bits,
             clusters: self.clusters.clone(),
             len: self.file_len,
             name: self.path.clone(),
@@ -1433,7 +1510,7 @@ impl Sim {
         let mut out = Vec::new();
         for c in 0..n
             .max(self.reftable_len() << self.block_bits())
-            .min(n.max(1) + (1 << 20))
+            .min(n.max(1).saturating_add(1 << 20))
         {
             if let Ok(r) = self.get_refcount(c)
                 && r != 0
@@ -1467,28 +1544,38 @@ impl Sim {
         let per_table = self.geo.l2_entries();
         let needed = self.size.div_ceil(self.cs).saturating_mul(8);
         if needed > 32 << 20 {
-            (self.cs.min(4096) / self.geo.l2_entry_size()).min(per_table)
+            self.cs
+                .min(4096)
+                .checked_div(self.geo.l2_entry_size())
+                .unwrap_or(per_table)
+                .min(per_table)
         } else {
             per_table
         }
     }
 
+    /// Where entry `index` of the L2 table at `l2` is (saturating: `l2` comes from
+    /// an L1 entry).
+    fn l2_entry_offset(&self, l2: u64, index: u64) -> u64 {
+        l2.saturating_add(index.saturating_mul(self.geo.l2_entry_size()))
+    }
+
     fn l2_entry_at(&mut self, l2: u64, index: u64) -> (u64, u64) {
-        let off = l2 + index * self.geo.l2_entry_size();
+        let off = self.l2_entry_offset(l2, index);
         let raw = self.read_u64(off);
         let bitmap = if self.geo.extended_l2 {
-            self.read_u64(off + 8)
+            self.read_u64(off.saturating_add(8))
         } else {
             0
         };
         (raw, bitmap)
     }
 
-    fn set_l2_entry(&mut self, l2: u64, index: u64, raw: u64, bitmap: u64) {
+    fn set_l2_entry(&mut self, l2: u64, index: u64, raw: u64, bitmap: u64) -> SimResult<()> {
         let (old, old_bm) = self.l2_entry_at(l2, index);
-        let off = l2 + index * self.geo.l2_entry_size();
+        let off = self.l2_entry_offset(l2, index);
         if old != raw {
-            self.write_u64(off, raw);
+            self.write_u64(off, raw)?;
             self.record(
                 Target::L2Entry {
                     table_offset: l2,
@@ -1499,7 +1586,7 @@ impl Sim {
             );
         }
         if self.geo.extended_l2 && old_bm != bitmap {
-            self.write_u64(off + 8, bitmap);
+            self.write_u64(off.saturating_add(8), bitmap)?;
             let saved = self.reason.clone();
             self.reason = format!("{saved} (subcluster bitmap)");
             self.record(
@@ -1512,12 +1599,13 @@ impl Sim {
             );
             self.reason = saved;
         }
+        Ok(())
     }
 
     /// QEMU's `get_cluster_table`: the L2 table for `guest`, allocated or copied
     /// first if the L1 entry lacks COPIED (an entry of 0 included).
     fn cluster_table(&mut self, guest: u64) -> SimResult<u64> {
-        let i = guest >> (self.geo.cluster_bits + self.geo.l2_bits());
+        let i = self.geo.l1_index(GuestOffset(guest));
         let Some(&e) = self.l1.get(i as usize) else {
             return Err(Fail(format!(
                 "guest offset {guest:#x} is beyond the L1 table; QEMU would grow it, which qinspect does not model"
@@ -1531,7 +1619,7 @@ impl Sim {
         let purpose = if old == 0 {
             format!(
                 "a new L2 table for active L1[{i}] (guest {:#x}..)",
-                i * self.geo.l2_coverage()
+                i.saturating_mul(self.geo.l2_coverage())
             )
         } else {
             format!("a copy of the shared L2 table at {old:#x} (active L1[{i}] lacks COPIED)")
@@ -1543,7 +1631,7 @@ impl Sim {
         } else {
             self.read_bytes(old, self.cs)
         };
-        self.write_bytes(new, &content);
+        self.write_bytes(new, &content)?;
         if old != 0 {
             self.record(
                 Target::Copy {
@@ -1568,7 +1656,7 @@ impl Sim {
             *slot = new_e;
         }
         let l1_off = self.l1_table_offset;
-        self.write_u64(l1_off + i * 8, new_e);
+        self.write_u64(l1_off.saturating_add(i.saturating_mul(8)), new_e)?;
         self.record(
             Target::L1Entry {
                 table: "active L1".into(),
@@ -1600,43 +1688,49 @@ impl Sim {
     /// QEMU's `qcow2_alloc_clusters_at`: as many free clusters as there are at
     /// `off`, up to `n`, +1 each.
     fn alloc_clusters_at(&mut self, off: u64, n: u64, purpose: &str) -> SimResult<u64> {
-        let mut i = 0;
-        while i < n && self.get_refcount(off / self.cs + i)? == 0 {
-            i += 1;
+        let first = self.cluster_of(off);
+        let mut i = 0u64;
+        while i < n && self.get_refcount(first.saturating_add(i))? == 0 {
+            i = i.saturating_add(1);
         }
         if i > 0 {
+            let len = self.clusters_bytes(i);
             let saved = self.reason.clone();
             self.why(format!("allocated for {purpose}"));
-            self.update_refcount(off, i * self.cs, 1, false)?;
+            self.update_refcount(off, len, 1, false)?;
             self.record(
                 Target::Allocate {
                     offset: off,
-                    length: i * self.cs,
+                    length: len,
                     purpose: purpose.to_string(),
                 },
-                off / self.cs,
-                off / self.cs,
+                first,
+                first,
             );
-            self.allocated.push((off, i * self.cs, purpose.to_string()));
+            self.allocated.push((off, len, purpose.to_string()));
             self.reason = saved;
-            self.file_len = self.file_len.max(off + i * self.cs);
+            self.file_len = self.file_len.max(off.saturating_add(len));
         }
         Ok(i)
     }
 
     /// A guest write of `length` bytes at `offset` (`qcow2_co_pwritev_part`).
+    ///
+    /// Guest positions stay inside `offset..offset + length` (checked against the
+    /// disk size first), counts of clusters inside one L2 slice, and host offsets
+    /// are masked L2 entries (below 2^56): the saturating operations below never
+    /// saturate on any image, they only rule out wraparound.
     fn write(&mut self, offset: u64, length: u64) -> SimResult<()> {
-        if offset.checked_add(length).is_none_or(|e| e > self.size) {
+        let Some(end) = offset.checked_add(length).filter(|&e| e <= self.size) else {
             return Err(Fail(format!(
                 "the write ends past the end of the disk ({} bytes) (EIO)",
                 self.size
             )));
-        }
+        };
         let cs = self.cs;
         let sc_bits = self.geo.subcluster_bits();
         let mut frees: Vec<(u64, String)> = Vec::new();
         let mut pos = offset;
-        let end = offset + length;
         while pos < end {
             // qcow2_alloc_host_offset: one contiguous host range.
             let mut host_next: Option<u64> = None;
@@ -1644,12 +1738,13 @@ impl Sim {
                 if pos >= end {
                     break;
                 }
-                let l2_index = (pos >> self.geo.cluster_bits) & (self.geo.l2_entries() - 1);
+                let l2_index = self.geo.l2_index(GuestOffset(pos));
                 let slice = self.slice_entries();
-                let in_c = pos % cs;
-                let max_n = (in_c + (end - pos))
+                let in_c = self.within(pos);
+                let max_n = in_c
+                    .saturating_add(end.saturating_sub(pos))
                     .div_ceil(cs)
-                    .min(slice - l2_index % slice);
+                    .min(slice.saturating_sub(l2_index.checked_rem(slice).unwrap_or(0)));
                 // handle_copied
                 let l2 = self.cluster_table(pos)?;
                 let (raw, bitmap) = self.l2_entry_at(l2, l2_index);
@@ -1663,34 +1758,42 @@ impl Sim {
                     if host_next.is_some_and(|h| h != host) {
                         break;
                     }
-                    let mut keep = 0;
+                    let mut keep = 0u64;
                     let mut expect = host;
                     while keep < max_n {
-                        let (r, _) = self.l2_entry_at(l2, l2_index + keep);
+                        let (r, _) = self.l2_entry_at(l2, l2_index.saturating_add(keep));
                         if self.needs_new_alloc(r) || r & L2E_OFFSET_MASK != expect {
                             break;
                         }
-                        expect += cs;
-                        keep += 1;
+                        expect = expect.saturating_add(cs);
+                        keep = keep.saturating_add(1);
                     }
-                    let bytes = (keep * cs - in_c).min(end - pos);
-                    self.why(format!("in-place write to guest {pos:#x}..{:#x}: the clusters are COPIED (refcount 1)", pos + bytes));
+                    let bytes = keep
+                        .saturating_mul(cs)
+                        .saturating_sub(in_c)
+                        .min(end.saturating_sub(pos));
+                    let write_end = pos.saturating_add(bytes);
+                    self.why(format!("in-place write to guest {pos:#x}..{write_end:#x}: the clusters are COPIED (refcount 1)"));
                     self.note(format!(
-                        "guest {pos:#x}..{:#x} is written in place at host {:#x} (COPIED: no copy needed)",
-                        pos + bytes,
-                        host + in_c
+                        "guest {pos:#x}..{write_end:#x} is written in place at host {:#x} (COPIED: no copy needed)",
+                        host.saturating_add(in_c)
                     ));
                     // An l2meta exists only for zero-allocated clusters or, with
                     // extended L2, subclusters that are not yet normal.
                     for k in 0..keep {
-                        let (r, bm) = self.l2_entry_at(l2, l2_index + k);
+                        let index = l2_index.saturating_add(k);
+                        let (r, bm) = self.l2_entry_at(l2, index);
                         let ty = L2Entry { raw: r, bitmap: bm }
                             .cluster_type(&self.geo, self.has_data_file);
                         let new_bm = if self.geo.extended_l2 {
                             let from = if k == 0 { in_c } else { 0 };
-                            let to = (pos - in_c + bytes - k * cs).min(cs);
-                            let (fsc, lsc) = (from >> sc_bits, (to - 1) >> sc_bits);
-                            let mask = sub_range(fsc, lsc + 1);
+                            let to = pos
+                                .saturating_sub(in_c)
+                                .saturating_add(bytes)
+                                .saturating_sub(k.saturating_mul(cs))
+                                .min(cs);
+                            let (fsc, lsc) = (from >> sc_bits, to.saturating_sub(1) >> sc_bits);
+                            let mask = sub_range(fsc, lsc.saturating_add(1));
                             (bm | mask) & !(mask << 32)
                         } else {
                             bm
@@ -1702,33 +1805,33 @@ impl Sim {
                         };
                         if new_raw != r || new_bm != bm {
                             self.why("the written cluster no longer reads as zeros");
-                            self.set_l2_entry(l2, l2_index + k, new_raw, new_bm);
+                            self.set_l2_entry(l2, index, new_raw, new_bm)?;
                         }
                     }
                     let _ = bitmap;
-                    host_next = Some(host + keep * cs);
-                    pos += bytes;
+                    host_next = Some(host.saturating_add(keep.saturating_mul(cs)));
+                    pos = write_end;
                     continue;
                 }
                 // handle_alloc
-                let mut n = 0;
+                let mut n = 0u64;
                 while n < max_n {
-                    let (r, _) = self.l2_entry_at(l2, l2_index + n);
+                    let (r, _) = self.l2_entry_at(l2, l2_index.saturating_add(n));
                     if !self.needs_new_alloc(r) {
                         break;
                     }
-                    n += 1;
+                    n = n.saturating_add(1);
                 }
-                let guest_cluster = pos - in_c;
+                let guest_cluster = pos.saturating_sub(in_c);
                 let purpose = format!(
                     "guest data at {guest_cluster:#x}..{:#x}",
-                    guest_cluster + n * cs
+                    guest_cluster.saturating_add(n.saturating_mul(cs))
                 );
                 let host = if self.has_data_file {
                     guest_cluster
                 } else {
                     match host_next {
-                        None => self.alloc_clusters(n * cs, &purpose)?,
+                        None => self.alloc_clusters(n.saturating_mul(cs), &purpose)?,
                         Some(h) => {
                             n = self.alloc_clusters_at(h, n, &purpose)?;
                             if n == 0 {
@@ -1738,39 +1841,47 @@ impl Sim {
                         }
                     }
                 };
-                let bytes = (n * cs - in_c).min(end - pos);
+                let bytes = n
+                    .saturating_mul(cs)
+                    .saturating_sub(in_c)
+                    .min(end.saturating_sub(pos));
                 self.cow_notes(l2, l2_index, n, pos, bytes, host);
                 // qcow2_alloc_cluster_link_l2, after the data is written.
                 let (cow_from, cow_to) = self.cow_range(l2, l2_index, n, in_c, bytes);
                 for k in 0..n {
-                    let (r, bm) = self.l2_entry_at(l2, l2_index + k);
+                    let index = l2_index.saturating_add(k);
+                    // Cluster k of the run: bytes k * cs.. relative to the first.
+                    let k_start = k.saturating_mul(cs);
+                    let guest_k = guest_cluster.saturating_add(k_start);
+                    let host_k = host.saturating_add(k_start);
+                    let (r, bm) = self.l2_entry_at(l2, index);
                     if r != 0 {
                         frees.push((
                             r,
                             format!(
-                                "the old cluster of guest {:#x} (replaced by the copy-on-write)",
-                                guest_cluster + k * cs
+                                "the old cluster of guest {guest_k:#x} (replaced by the copy-on-write)"
                             ),
                         ));
                     }
                     let new_bm = if self.geo.extended_l2 {
-                        let from = cow_from.max(k * cs);
-                        let to = cow_to.min((k + 1) * cs);
-                        let (fsc, lsc) = ((from - k * cs) >> sc_bits, (to - k * cs - 1) >> sc_bits);
-                        let mask = sub_range(fsc, lsc + 1);
+                        let from = cow_from.max(k_start);
+                        let to = cow_to.min(k_start.saturating_add(cs));
+                        let (fsc, lsc) = (
+                            from.saturating_sub(k_start) >> sc_bits,
+                            to.saturating_sub(k_start).saturating_sub(1) >> sc_bits,
+                        );
+                        let mask = sub_range(fsc, lsc.saturating_add(1));
                         (bm | mask) & !(mask << 32)
                     } else {
                         bm
                     };
                     self.why(format!(
-                        "guest {:#x} now maps to the new cluster {:#x}",
-                        guest_cluster + k * cs,
-                        host + k * cs
+                        "guest {guest_k:#x} now maps to the new cluster {host_k:#x}"
                     ));
-                    self.set_l2_entry(l2, l2_index + k, (host + k * cs) | OFLAG_COPIED, new_bm);
+                    self.set_l2_entry(l2, index, host_k | OFLAG_COPIED, new_bm)?;
                 }
-                host_next = Some(host + n * cs);
-                pos += bytes;
+                host_next = Some(host.saturating_add(n.saturating_mul(cs)));
+                pos = pos.saturating_add(bytes);
             }
         }
         // Old clusters are released last (their tasks finish after all allocations).
@@ -1807,37 +1918,38 @@ impl Sim {
             }
             _ => (in_c >> sc_bits) << sc_bits,
         };
-        let end_in = in_c + bytes;
-        let last_i = l2_index + n - 1;
+        // bytes >= 1 and n >= 1 (write() never asks for less).
+        let end_in = in_c.saturating_add(bytes);
+        let last_i = l2_index.saturating_add(n.saturating_sub(1));
         let (r, bm) = self.l2_entry_at(l2, last_i);
-        let sc_last = (((end_in - 1) % cs) >> sc_bits) as u32;
+        let sc_last = (self.within(end_in.saturating_sub(1)) >> sc_bits) as u32;
         let last =
             L2Entry { raw: r, bitmap: bm }.subcluster_type(&self.geo, self.has_data_file, sc_last);
+        let full = end_in.div_ceil(cs).saturating_mul(cs);
         let to = match last {
-            SubclusterType::Compressed => end_in.div_ceil(cs) * cs,
+            SubclusterType::Compressed => full,
             SubclusterType::Normal
             | SubclusterType::ZeroAlloc
             | SubclusterType::UnallocatedAlloc => {
-                let full = end_in.div_ceil(cs) * cs;
                 if self.geo.extended_l2 {
                     let alloc = (bm & 0xffff_ffff) as u32;
-                    let skip = u64::from((31 - sc_last).min(alloc.leading_zeros()));
-                    full - (skip << sc_bits)
+                    // sc_last < 32, so skip <= 31 - sc_last: full stays above end_in.
+                    let skip = u64::from(31u32.saturating_sub(sc_last).min(alloc.leading_zeros()));
+                    full.saturating_sub(skip << sc_bits)
                 } else {
                     full
                 }
             }
-            _ => end_in.div_ceil(scs) * scs,
+            _ => end_in.div_ceil(scs).saturating_mul(scs),
         };
         (from, to)
     }
 
     /// Say what the copy-on-write reads to fill the rest of the new clusters.
     fn cow_notes(&mut self, l2: u64, l2_index: u64, n: u64, pos: u64, bytes: u64, host: u64) {
-        let cs = self.cs;
-        let in_c = pos % cs;
+        let in_c = self.within(pos);
         let (from, to) = self.cow_range(l2, l2_index, n, in_c, bytes);
-        let guest0 = pos - in_c;
+        let guest0 = pos.saturating_sub(in_c);
         let (r, _) = self.l2_entry_at(l2, l2_index);
         let source = |me: &Self, raw: u64| -> String {
             match (L2Entry { raw, bitmap: 0 }).cluster_type(&me.geo, me.has_data_file) {
@@ -1860,24 +1972,25 @@ impl Sim {
             self.why(format!("copy-on-write head, read from {src}"));
             self.record(
                 Target::Copy {
-                    from: format!("guest {:#x}", guest0 + from),
-                    to: host + from,
-                    length: in_c - from,
+                    from: format!("guest {:#x}", guest0.saturating_add(from)),
+                    to: host.saturating_add(from),
+                    length: in_c.saturating_sub(from),
                 },
                 0,
                 0,
             );
         }
-        let end_in = in_c + bytes;
+        let end_in = in_c.saturating_add(bytes);
         if to > end_in {
-            let (r_last, _) = self.l2_entry_at(l2, l2_index + n - 1);
+            let last_i = l2_index.saturating_add(n.saturating_sub(1));
+            let (r_last, _) = self.l2_entry_at(l2, last_i);
             let src = source(self, r_last);
             self.why(format!("copy-on-write tail, read from {src}"));
             self.record(
                 Target::Copy {
-                    from: format!("guest {:#x}", guest0 + end_in),
-                    to: host + end_in,
-                    length: to - end_in,
+                    from: format!("guest {:#x}", guest0.saturating_add(end_in)),
+                    to: host.saturating_add(end_in),
+                    length: to.saturating_sub(end_in),
                 },
                 0,
                 0,
@@ -1887,7 +2000,7 @@ impl Sim {
         self.record(
             Target::Copy {
                 from: "the guest".into(),
-                to: host + in_c,
+                to: host.saturating_add(in_c),
                 length: bytes,
             },
             0,
@@ -1909,10 +2022,10 @@ impl Sim {
         }
         // The block layer splits off unaligned head and tail; qcow2 ignores them,
         // except a tail that ends exactly at an unaligned end of the disk.
-        let mut start = offset.div_ceil(cs) * cs;
-        let mut stop = end / cs * cs;
+        let mut start = offset.div_ceil(cs).saturating_mul(cs);
+        let mut stop = end & !low_mask(self.geo.cluster_bits);
         if end == self.size && !end.is_multiple_of(cs) && offset <= stop {
-            stop = end.div_ceil(cs) * cs;
+            stop = end.div_ceil(cs).saturating_mul(cs);
         }
         if !offset.is_multiple_of(cs) {
             self.note(format!(
@@ -1928,12 +2041,16 @@ impl Sim {
         }
         let slice = self.slice_entries();
         while start < stop {
-            let l2_index = (start / cs) & (self.geo.l2_entries() - 1);
-            let n = ((stop - start) / cs).min(slice - l2_index % slice).max(1);
+            let l2_index = self.geo.l2_index(GuestOffset(start));
+            let n = self
+                .cluster_of(stop.saturating_sub(start))
+                .min(slice.saturating_sub(l2_index.checked_rem(slice).unwrap_or(0)))
+                .max(1);
             self.why("discard");
             let l2 = self.cluster_table(start)?;
             for k in 0..n {
-                let (raw, bm) = self.l2_entry_at(l2, l2_index + k);
+                let index = l2_index.saturating_add(k);
+                let (raw, bm) = self.l2_entry_at(l2, index);
                 let ty = L2Entry { raw, bitmap: bm }.cluster_type(&self.geo, self.has_data_file);
                 let allocated = matches!(
                     ty,
@@ -1952,7 +2069,7 @@ impl Sim {
                 if new == raw && new_bm == bm {
                     continue;
                 }
-                let g = start + k * cs;
+                let g = start.saturating_add(k.saturating_mul(cs));
                 self.why(format!(
                     "guest {g:#x} discarded: {}",
                     if self.version >= 3 {
@@ -1961,10 +2078,10 @@ impl Sim {
                         "now unallocated"
                     }
                 ));
-                self.set_l2_entry(l2, l2_index + k, new, new_bm);
+                self.set_l2_entry(l2, index, new, new_bm)?;
                 self.free_any_cluster(raw, &format!("the discarded cluster of guest {g:#x}"));
             }
-            start += n * cs;
+            start = start.saturating_add(n.saturating_mul(cs));
         }
         Ok(())
     }
@@ -1976,7 +2093,8 @@ fn sub_range(from: u64, to: u64) -> u64 {
     if from >= to {
         return 0;
     }
-    ((1u64 << (to - from)) - 1) << from
+    // from < to <= 32.
+    low_mask(to.saturating_sub(from) as u32) << from
 }
 
 /// The image after simulation: changed clusters over the original file.
@@ -1984,6 +2102,7 @@ fn sub_range(from: u64, to: u64) -> u64 {
 pub struct OverlaySource {
     base: SharedSource,
     cs: u64,
+    cluster_bits: u32,
     clusters: ClusterMap,
     len: u64,
     name: PathBuf,
@@ -1993,11 +2112,15 @@ impl Source for OverlaySource {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
         let mut done = 0usize;
         while done < buf.len() {
-            let pos = offset + done as u64;
-            let c = pos / self.cs;
-            let within = (pos % self.cs) as usize;
-            let n = (buf.len() - done).min(self.cs as usize - within);
-            let Some(dst) = buf.get_mut(done..done + n) else {
+            let pos = offset.saturating_add(done as u64);
+            let c = pos >> self.cluster_bits;
+            let within = (pos & low_mask(self.cluster_bits)) as usize;
+            // done < buf.len() and within < cs: n >= 1 and done + n <= buf.len().
+            let n = buf
+                .len()
+                .saturating_sub(done)
+                .min((self.cs as usize).saturating_sub(within));
+            let Some(dst) = buf.get_mut(done..done.saturating_add(n)) else {
                 break;
             };
             match self.clusters.get(&c) {
@@ -2009,7 +2132,7 @@ impl Source for OverlaySource {
             if pos >= self.len {
                 dst.fill(0);
             }
-            done += n;
+            done = done.saturating_add(n);
         }
         Ok(buf.len().min(self.len.saturating_sub(offset) as usize))
     }
@@ -2039,7 +2162,8 @@ pub fn simulate(img: &Qcow2, path: &Path, ops: &[Op]) -> Result<Sim> {
 pub fn summarize(list: &[(u64, u64, String)]) -> BTreeMap<String, u64> {
     let mut m = BTreeMap::new();
     for (_, len, what) in list {
-        *m.entry(what.clone()).or_default() += len;
+        let total: &mut u64 = m.entry(what.clone()).or_default();
+        *total = total.saturating_add(*len);
     }
     m
 }

@@ -168,7 +168,7 @@ fn read_entry(src: &dyn Source, pos: u64, index: usize) -> Result<Snapshot> {
             ),
         ));
     }
-    let rest_len = extra_len + id_len + name_len;
+    let rest_len = extra_len.saturating_add(id_len).saturating_add(name_len);
     // At most 1024 + 2 * 65535 bytes: bounded by the checks above.
     let rest = read_zero_filled(src, &what, pos.saturating_add(ENTRY_HEADER_LEN), rest_len)?;
     let extra = slice(&rest, 0, extra_len as usize);
@@ -190,7 +190,7 @@ fn read_entry(src: &dyn Source, pos: u64, index: usize) -> Result<Snapshot> {
         id: c_string(slice(&rest, extra_len as usize, id_len as usize)),
         name: c_string(slice(
             &rest,
-            (extra_len + id_len) as usize,
+            extra_len.saturating_add(id_len) as usize,
             name_len as usize,
         )),
         date_sec: be32(&h, 16),
@@ -202,7 +202,7 @@ fn read_entry(src: &dyn Source, pos: u64, index: usize) -> Result<Snapshot> {
         disk_size,
         icount,
         unknown_extra: slice(extra, 24, usize::MAX).to_vec(),
-        entry_len: ENTRY_HEADER_LEN + rest_len,
+        entry_len: ENTRY_HEADER_LEN.saturating_add(rest_len),
     })
 }
 

@@ -10,7 +10,7 @@
 //! extended L2 adds a second word: bit i = subcluster i allocated, bit 32+i = reads as zero
 //! ```
 
-use crate::types::{Geometry, HostOffset};
+use crate::types::{Geometry, HostOffset, low_mask};
 use serde::Serialize;
 
 /// Bit 63 of L1 and L2 entries: the refcount of the cluster is exactly 1, so it
@@ -167,11 +167,15 @@ impl CompressedDescriptor {
     /// With `x = 62 - (cluster_bits - 8)`, the low `x` bits are the byte offset and
     /// the `cluster_bits - 8` bits above them are the sector count minus one.
     pub fn decode(raw: u64, geo: &Geometry) -> Self {
-        let count_bits = geo.cluster_bits - 8;
-        let shift = 62 - count_bits;
-        let offset = raw & ((1u64 << shift) - 1);
-        let sectors = ((raw >> shift) & ((1u64 << count_bits) - 1)) + 1;
-        let size = sectors * COMPRESSED_SECTOR - (offset & (COMPRESSED_SECTOR - 1));
+        // cluster_bits is 9..=21, so count_bits is 1..=13 and shift 49..=61;
+        // sectors is at most 2^13, and sectors * 512 exceeds offset % 512.
+        let count_bits = geo.cluster_bits.saturating_sub(8);
+        let shift = 62u32.saturating_sub(count_bits);
+        let offset = raw & low_mask(shift);
+        let sectors = ((raw >> shift) & low_mask(count_bits)).saturating_add(1);
+        let size = sectors
+            .saturating_mul(COMPRESSED_SECTOR)
+            .saturating_sub(offset % COMPRESSED_SECTOR);
         CompressedDescriptor {
             offset: HostOffset(offset),
             sectors,
@@ -181,11 +185,11 @@ impl CompressedDescriptor {
 
     /// Encode a descriptor (for tests and simulations). `sectors` must be 1..=2^(cluster_bits-8).
     pub fn encode(offset: u64, sectors: u64, geo: &Geometry) -> u64 {
-        let count_bits = geo.cluster_bits - 8;
-        let shift = 62 - count_bits;
+        let count_bits = geo.cluster_bits.saturating_sub(8);
+        let shift = 62u32.saturating_sub(count_bits);
         OFLAG_COMPRESSED
-            | (offset & ((1u64 << shift) - 1))
-            | ((sectors.saturating_sub(1) & ((1u64 << count_bits) - 1)) << shift)
+            | (offset & low_mask(shift))
+            | ((sectors.saturating_sub(1) & low_mask(count_bits)) << shift)
     }
 
     /// The host byte range the data occupies.
@@ -308,9 +312,9 @@ impl L2Entry {
         }
         if !geo.extended_l2 || t == SubclusterType::Compressed {
             let per: u32 = if geo.extended_l2 { 32 } else { 1 };
-            return Some((t, per - sc.min(per - 1)));
+            return Some((t, per.saturating_sub(sc.min(per.saturating_sub(1)))));
         }
-        let below = if sc == 0 { 0 } else { (1u64 << sc) - 1 };
+        let below = low_mask(sc);
         let count = match t {
             SubclusterType::Normal => {
                 let val = (self.bitmap & 0xffff_ffff) | below;

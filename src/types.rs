@@ -61,6 +61,13 @@ pub const MAX_CLUSTER_BITS: u32 = 21;
 /// An extended L2 entry describes 32 subclusters.
 pub const SUBCLUSTERS_PER_CLUSTER: u32 = 32;
 
+/// `2^bits - 1`, the mask of the low `bits` bits, without overflow: all ones
+/// from 64 bits on.
+#[inline]
+pub fn low_mask(bits: u32) -> u64 {
+    u64::MAX.checked_shl(bits).map_or(u64::MAX, |m| !m)
+}
+
 /// How guest offsets map onto tables for one image.
 ///
 /// Built only from a validated `cluster_bits` (9..=21), so every shift below is in range.
@@ -93,7 +100,8 @@ impl Geometry {
 
     /// log2 of the number of entries in one L2 table.
     pub fn l2_bits(&self) -> u32 {
-        self.cluster_bits - if self.extended_l2 { 4 } else { 3 }
+        self.cluster_bits
+            .saturating_sub(if self.extended_l2 { 4 } else { 3 })
     }
 
     /// Entries in one L2 table (one cluster's worth).
@@ -103,7 +111,7 @@ impl Geometry {
 
     /// Guest bytes covered by one L2 table (and so by one L1 entry).
     pub fn l2_coverage(&self) -> u64 {
-        1u64 << (self.cluster_bits + self.l2_bits())
+        1u64 << self.cluster_bits.saturating_add(self.l2_bits())
     }
 
     /// log2 of the subcluster size (equal to cluster_bits without extended L2).
@@ -122,17 +130,17 @@ impl Geometry {
 
     /// Which L1 entry covers a guest offset.
     pub fn l1_index(&self, guest: GuestOffset) -> u64 {
-        guest.0 >> (self.cluster_bits + self.l2_bits())
+        guest.0 >> self.cluster_bits.saturating_add(self.l2_bits())
     }
 
     /// Which entry of its L2 table covers a guest offset.
     pub fn l2_index(&self, guest: GuestOffset) -> u64 {
-        (guest.0 >> self.cluster_bits) & (self.l2_entries() - 1)
+        (guest.0 >> self.cluster_bits) & low_mask(self.l2_bits())
     }
 
     /// Offset of a guest byte inside its cluster.
     pub fn in_cluster(&self, guest: GuestOffset) -> u64 {
-        guest.0 & (self.cluster_size() - 1)
+        guest.0 & low_mask(self.cluster_bits)
     }
 
     /// Which of the 32 subclusters a guest offset falls in (0 without extended L2).
@@ -178,19 +186,17 @@ impl Geometry {
 
     /// Is a host offset a multiple of the cluster size?
     pub fn is_cluster_aligned(&self, offset: u64) -> bool {
-        offset & (self.cluster_size() - 1) == 0
+        offset & low_mask(self.cluster_bits) == 0
     }
 
     /// Number of clusters needed to hold `bytes` bytes (rounded up).
     pub fn clusters_for(&self, bytes: u64) -> u64 {
-        let cs = self.cluster_size();
-        bytes / cs + u64::from(!bytes.is_multiple_of(cs))
+        bytes.div_ceil(self.cluster_size())
     }
 
     /// Number of L1 entries needed for a virtual disk of `size` bytes.
     pub fn l1_entries_for(&self, size: u64) -> u64 {
-        let cov = self.l2_coverage();
-        size / cov + u64::from(!size.is_multiple_of(cov))
+        size.div_ceil(self.l2_coverage())
     }
 }
 
@@ -199,19 +205,20 @@ pub fn human_size(bytes: u64) -> String {
     const UNITS: [&str; 7] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
     let mut unit = 0usize;
     let mut whole = bytes;
-    while whole >= 1024 && whole.is_multiple_of(1024) && unit + 1 < UNITS.len() {
+    // `unit` stays below UNITS.len(), so the increments cannot overflow.
+    while whole >= 1024 && whole.is_multiple_of(1024) && unit.saturating_add(1) < UNITS.len() {
         whole /= 1024;
-        unit += 1;
+        unit = unit.saturating_add(1);
     }
-    if whole < 1024 || unit + 1 >= UNITS.len() {
+    if whole < 1024 || unit.saturating_add(1) >= UNITS.len() {
         return format!("{whole} {}", UNITS.get(unit).copied().unwrap_or("B"));
     }
     // Not a round number: show one decimal in the largest unit that fits.
     let mut value = bytes as f64;
     let mut unit = 0usize;
-    while value >= 1024.0 && unit + 1 < UNITS.len() {
+    while value >= 1024.0 && unit.saturating_add(1) < UNITS.len() {
         value /= 1024.0;
-        unit += 1;
+        unit = unit.saturating_add(1);
     }
     format!("{value:.1} {}", UNITS.get(unit).copied().unwrap_or("B"))
 }
