@@ -339,7 +339,12 @@ fn run(w: &Work, args: &[&str]) -> (i32, String) {
     } else {
         // check and simulate say why on standard output.
         out.lines()
-            .find(|l| l.contains("refuses") || l.contains("Check failed") || l.contains("fails") || l.contains("cannot be opened"))
+            .find(|l| {
+                l.contains("refuses")
+                    || l.contains("Check failed")
+                    || l.contains("fails")
+                    || l.contains("cannot be opened")
+            })
             .unwrap_or("")
             .to_string()
     };

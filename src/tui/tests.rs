@@ -351,7 +351,12 @@ fn the_viewer_opens_broken_images_and_draws_every_pane() {
     };
     let cases: Vec<(&str, Vec<u8>)> = vec![
         ("empty", vec![]),
-        ("random", (0..20000u32).map(|i| (i.wrapping_mul(2654435761) >> 11) as u8).collect()),
+        (
+            "random",
+            (0..20000u32)
+                .map(|i| (i.wrapping_mul(2654435761) >> 11) as u8)
+                .collect(),
+        ),
         ("truncated", base[..3000].to_vec()),
         ("version-9", patch(4, &9u32.to_be_bytes())),
         ("cluster-bits-63", patch(20, &63u32.to_be_bytes())),
@@ -359,7 +364,10 @@ fn the_viewer_opens_broken_images_and_draws_every_pane() {
         ("refcount-order-7", patch(96, &7u32.to_be_bytes())),
         ("snapshots-max", patch(60, &u32::MAX.to_be_bytes())),
         ("size-max", patch(24, &u64::MAX.to_be_bytes())),
-        ("l1-to-header", patch(0xc000, &0x8000_0000_0000_0000u64.to_be_bytes())),
+        (
+            "l1-to-header",
+            patch(0xc000, &0x8000_0000_0000_0000u64.to_be_bytes()),
+        ),
     ];
     for (name, bytes) in cases {
         let p = dir.path().join(format!("{name}.qcow2"));
