@@ -824,6 +824,8 @@ impl<'a> Walk<'a> {
         let cmask = self.cmask;
         // A run of data clusters (first cluster, count, first L2 index) counted at once.
         let mut run: Option<(u64, u64, u64)> = None;
+        // Where entry i is, for findings only (not computed per entry).
+        let entry_off = |i: u64| l2.saturating_add(i.saturating_mul(step as u64));
         for (i, chunk) in buf.chunks_exact(step).enumerate() {
             let raw = crate::bytes::be64(chunk, 0);
             let bitmap = if ext { crate::bytes::be64(chunk, 8) } else { 0 };
@@ -833,11 +835,10 @@ impl<'a> Walk<'a> {
             let e = L2Entry { raw, bitmap };
             let ct = e.cluster_type(&geo, has_df);
             let i = i as u64;
-            let entry_off = l2.saturating_add(i.saturating_mul(step as u64));
             if ct != ClusterType::Compressed && raw & L2E_STD_RESERVED_MASK != 0 {
                 let msg = format!("ERROR found l2 entry with reserved bits set: {raw:x}");
                 if let Some(f) = self.find(FindingKind::Corruption, "reserved-bits", msg, w) {
-                    f.offset = Some(entry_off);
+                    f.offset = Some(entry_off(i));
                 }
             }
             match ct {
@@ -849,7 +850,7 @@ impl<'a> Walk<'a> {
                             d.offset.0
                         );
                         if let Some(f) = self.find(FindingKind::Corruption, "copied", msg, w) {
-                            f.offset = Some(entry_off);
+                            f.offset = Some(entry_off(i));
                             f.repair = Some("clear bit 63 of the L2 entry".into());
                         }
                     }
@@ -857,7 +858,7 @@ impl<'a> Walk<'a> {
                         let msg =
                             format!("ERROR compressed cluster {i} with data file, entry={raw:#x}");
                         if let Some(f) = self.find(FindingKind::Corruption, "compressed", msg, w) {
-                            f.offset = Some(entry_off);
+                            f.offset = Some(entry_off(i));
                         }
                         continue;
                     }
@@ -866,7 +867,7 @@ impl<'a> Walk<'a> {
                             "ERROR compressed cluster {i} with non-zero subcluster allocation bitmap, entry={raw:#x}"
                         );
                         if let Some(f) = self.find(FindingKind::Corruption, "compressed", msg, w) {
-                            f.offset = Some(entry_off);
+                            f.offset = Some(entry_off(i));
                         }
                         continue;
                     }
@@ -893,7 +894,7 @@ impl<'a> Walk<'a> {
                             "ERROR offset={off:x}: Allocated cluster has corrupted subcluster allocation bitmap"
                         );
                         if let Some(f) = self.find(FindingKind::Corruption, "subclusters", msg, w) {
-                            f.offset = Some(entry_off);
+                            f.offset = Some(entry_off(i));
                         }
                     }
                     if off & cmask != 0 {
@@ -912,7 +913,7 @@ impl<'a> Walk<'a> {
                             )
                         };
                         if let Some(f) = self.find(FindingKind::Corruption, "unaligned", msg, w) {
-                            f.offset = Some(entry_off);
+                            f.offset = Some(entry_off(i));
                             if !contains_data {
                                 f.repair = Some("qemu-img check -r all turns the entry into a plain zero cluster".into());
                             }
@@ -972,7 +973,7 @@ impl<'a> Walk<'a> {
                             "ERROR: Unallocated cluster has non-zero subcluster allocation map"
                                 .to_string();
                         if let Some(f) = self.find(FindingKind::Corruption, "subclusters", msg, w) {
-                            f.offset = Some(entry_off);
+                            f.offset = Some(entry_off(i));
                         }
                     }
                 }

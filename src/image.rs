@@ -426,6 +426,8 @@ pub struct RefcountReader<'a> {
     pub table: Arc<Vec<RefTableEntry>>,
     /// log2 of refcounts per block.
     pub block_bits: u32,
+    /// `entries per block - 1`: a cluster's index in its block.
+    block_mask: u64,
     order: u32,
     cur: Option<(u64, Vec<u8>)>,
     cur_ti: Option<u64>,
@@ -439,6 +441,7 @@ impl<'a> RefcountReader<'a> {
             img,
             table: img.refcount_table().unwrap_or_default(),
             block_bits: rg.block_bits(),
+            block_mask: low_mask(rg.block_bits()),
             order: rg.order,
             cur: None,
             cur_ti: None,
@@ -481,7 +484,7 @@ impl<'a> RefcountReader<'a> {
         if self.cur_ti == Some(ti)
             && let Some((_, b)) = &self.cur
         {
-            let idx = c & low_mask(self.block_bits);
+            let idx = c & self.block_mask;
             return Ok(refcount::get_refcount(b, self.order, idx));
         }
         let Some(e) = usize::try_from(ti).ok().and_then(|i| self.table.get(i)) else {
@@ -500,7 +503,7 @@ impl<'a> RefcountReader<'a> {
             self.cur = Some((off.0, buf));
         }
         self.cur_ti = Some(ti);
-        let idx = c & low_mask(self.block_bits);
+        let idx = c & self.block_mask;
         Ok(self
             .cur
             .as_ref()

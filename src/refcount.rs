@@ -102,7 +102,8 @@ pub fn get_refcount(block: &[u8], order: u32, index: u64) -> u64 {
             let bits = 1usize << order;
             let bit = i.saturating_mul(bits);
             let byte = u8_at(block, bit / 8);
-            u64::from((byte >> (bit % 8)) & low_mask(bits as u32) as u8)
+            // bits is 1, 2 or 4: !(0xff << bits) keeps the low `bits` bits.
+            u64::from((byte >> (bit % 8)) & !(u8::MAX << bits))
         }
         3 => u64::from(u8_at(block, i)),
         4 => u64::from(be16(block, i.saturating_mul(2))),
@@ -121,7 +122,7 @@ pub fn set_refcount(block: &mut [u8], order: u32, index: u64, value: u64) {
         o @ 0..=2 => {
             let bits = 1usize << o;
             let bit = i.saturating_mul(bits);
-            let mask = (low_mask(bits as u32) as u8) << (bit % 8);
+            let mask = !(u8::MAX << bits) << (bit % 8);
             if let Some(b) = block.get_mut(bit / 8) {
                 *b = (*b & !mask) | (((value as u8) << (bit % 8)) & mask);
             }
