@@ -581,7 +581,7 @@ struct Walk<'a> {
     /// L2 table offset -> the L1 entries that name it.
     l2_refs: BTreeMap<u64, Vec<(L1Id, u64)>>,
     /// Snapshot L1 tables as read.
-    snapshot_l1s: Vec<(usize, u64, Vec<u64>)>,
+    snapshot_l1_count: usize,
     record: bool,
     progress: Option<&'a (dyn Fn(Progress) + Sync)>,
 }
@@ -597,7 +597,7 @@ impl<'a> Walk<'a> {
             file_len: img.file_len(),
             report: CheckReport::default(),
             l2_refs: BTreeMap::new(),
-            snapshot_l1s: Vec::new(),
+            snapshot_l1_count: 0,
             record,
             progress: None,
         }
@@ -707,8 +707,12 @@ impl<'a> Walk<'a> {
     }
 
     /// Read an L1 table (zeros past EOF, like QEMU's reads).
+    /// Only the entries inside the file are read: past its end they are zeros,
+    /// which the walk skips anyway, so a huge l1_size on a small file costs nothing.
     fn read_l1(&self, off: u64, entries: u64) -> Vec<u64> {
-        let mut buf = vec![0u8; entries.min(MAX_L1_ENTRIES).saturating_mul(8) as usize];
+        let in_file = self.file_len.saturating_sub(off).div_ceil(8);
+        let mut buf =
+            vec![0u8; entries.min(MAX_L1_ENTRIES).min(in_file).saturating_mul(8) as usize];
         let _ = read_into(self.img.src.as_ref(), "L1 table", off, &mut buf);
         buf.chunks_exact(8)
             .map(|c| crate::bytes::be64(c, 0))
@@ -716,11 +720,11 @@ impl<'a> Walk<'a> {
     }
 
     /// `check_refcounts_l1`, minus the L2 entries (collected for later).
-    fn walk_l1(&mut self, v: &mut dyn Visitor, id: L1Id, off: u64, l1: &[u64]) {
-        if l1.is_empty() {
+    fn walk_l1(&mut self, v: &mut dyn Visitor, id: L1Id, off: u64, entries: u64, l1: &[u64]) {
+        if entries == 0 {
             return;
         }
-        let l1_bytes = (l1.len() as u64).saturating_mul(8);
+        let l1_bytes = entries.saturating_mul(8);
         self.inc(v, off, l1_bytes, 1, Ctx::L1Table(id));
         for (i, &e) in l1.iter().enumerate() {
             if e == 0 {
@@ -998,7 +1002,13 @@ impl<'a> Walk<'a> {
         let cs = self.cs;
         self.inc(v, 0, cs, 1, Ctx::Header);
         let active_l1 = self.read_l1(h.l1_table_offset, u64::from(h.l1_size));
-        self.walk_l1(v, L1Id::Active, h.l1_table_offset, &active_l1);
+        self.walk_l1(
+            v,
+            L1Id::Active,
+            h.l1_table_offset,
+            u64::from(h.l1_size),
+            &active_l1,
+        );
         if h.has_data_file() && h.nb_snapshots > 0 && !img.snapshots.snapshots.is_empty() {
             let msg = format!("ERROR {} snapshots in image with data file", h.nb_snapshots);
             self.find(FindingKind::Corruption, "snapshot-table", msg, 1);
@@ -1025,8 +1035,15 @@ impl<'a> Walk<'a> {
                 continue;
             }
             let l1 = self.read_l1(sn.l1_table_offset, u64::from(sn.l1_size));
-            self.walk_l1(v, L1Id::Snapshot { index }, sn.l1_table_offset, &l1);
-            self.snapshot_l1s.push((index, sn.l1_table_offset, l1));
+            self.walk_l1(
+                v,
+                L1Id::Snapshot { index },
+                sn.l1_table_offset,
+                u64::from(sn.l1_size),
+                &l1,
+            );
+            // Only the count is kept: one L1 table at a time is in memory.
+            self.snapshot_l1_count = self.snapshot_l1_count.saturating_add(1);
         }
     }
 
@@ -1396,6 +1413,16 @@ fn compare(walk: &mut Walk, counter: &Counter) {
                 continue;
             }
         };
+        // No refcount block and nothing counted here: every cluster is 0 = 0.
+        // (Skipping keeps the pass proportional to what is used, not to the file
+        // length.)
+        if block.is_none()
+            && ((c >> CHUNK_BITS)..=(end.saturating_sub(1) >> CHUNK_BITS))
+                .all(|x| counter.imrt.chunk(x << CHUNK_BITS).is_none())
+        {
+            c = end;
+            continue;
+        }
         // Fast path for the common case (16-bit refcounts, counts below 256):
         // skip the stretch of clusters whose stored refcount equals the count.
         let mut from = c;
@@ -1616,7 +1643,7 @@ fn copied(walk: &mut Walk) {
 
 /// Beyond qemu-img: metadata used as data, and data clusters mapped at two guest offsets.
 fn overlaps(walk: &mut Walk, counter: &Counter) {
-    let nb_l1 = (walk.snapshot_l1s.len() as u64).saturating_add(1);
+    let nb_l1 = (walk.snapshot_l1_count as u64).saturating_add(1);
     let mut suspects: BTreeSet<u64> = BTreeSet::new();
     let nb = counter.imrt.nb_clusters;
     for (ci, chunk) in counter.imrt.chunks.iter().enumerate() {

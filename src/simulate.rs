@@ -34,6 +34,9 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+/// The largest file the simulator lets an image grow to (ext4's limit, 16 TiB).
+pub const MAX_FILE_LEN: u64 = 1 << 44;
+
 /// What changed.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
@@ -483,6 +486,13 @@ impl Sim {
     /// Start a simulation on `img` (opened from `path`, for backing-file reads).
     pub fn new(img: &Qcow2, path: &Path) -> Result<Sim> {
         let h: &Header = &img.header;
+        // QEMU would not open the image, so it would not change it either.
+        if let Some(p) = img.problems.first() {
+            return Err(Error::unsupported(
+                "simulation",
+                format!("QEMU refuses to open this image: {p}"),
+            ));
+        }
         if img.snapshots.error.is_some() {
             return Err(Error::unsupported(
                 "simulation",
@@ -610,6 +620,14 @@ impl Sim {
             return Err(Fail(format!(
                 "a write of {} bytes at {off:#x} ends past the largest offset QEMU can write (EIO)",
                 data.len()
+            )));
+        }
+        // A file system would refuse to grow the file that far (ext4 stops at
+        // 16 TiB); QEMU then fails the write.
+        let end = off.saturating_add(data.len() as u64);
+        if end > MAX_FILE_LEN && end > self.file_len {
+            return Err(Fail(format!(
+                "a write at {off:#x} would grow the image file to {end} bytes, past what file systems allow (EFBIG)"
             )));
         }
         let mut pos = off;
@@ -1810,6 +1828,11 @@ impl Sim {
                     }
                     let _ = bitmap;
                     host_next = Some(host.saturating_add(keep.saturating_mul(cs)));
+                    if write_end <= pos {
+                        return Err(Fail(format!(
+                            "no progress at guest {pos:#x}: the L2 entries there are inconsistent"
+                        )));
+                    }
                     pos = write_end;
                     continue;
                 }
@@ -1881,6 +1904,11 @@ impl Sim {
                     self.set_l2_entry(l2, index, host_k | OFLAG_COPIED, new_bm)?;
                 }
                 host_next = Some(host.saturating_add(n.saturating_mul(cs)));
+                if bytes == 0 {
+                    return Err(Fail(format!(
+                        "no progress at guest {pos:#x}: the L2 entries there are inconsistent"
+                    )));
+                }
                 pos = pos.saturating_add(bytes);
             }
         }
