@@ -35,7 +35,7 @@ use crate::tables::{
     L2E_STD_RESERVED_MASK, L2Entry, MAX_L1_ENTRIES, OFLAG_COPIED, OFLAG_ZERO,
 };
 use serde::Serialize;
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 /// How many detailed findings are kept (counts are always exact).
@@ -1696,7 +1696,8 @@ fn overlaps(walk: &mut Walk, counter: &Counter) {
     let mut again = Walk::new(walk.img, false);
     again.calculate(&mut owners);
     walk.l2_refs = std::mem::take(&mut again.l2_refs);
-    let mut named: HashMap<u64, Vec<Referrer>> = HashMap::new();
+    // Ordered, so the notes come out in cluster order on every run.
+    let mut named: BTreeMap<u64, Vec<Referrer>> = BTreeMap::new();
     for (c, list) in &owners.found {
         named.insert(*c, walk.referrers(list));
     }

@@ -1805,8 +1805,8 @@ impl Sim {
                             .cluster_type(&self.geo, self.has_data_file);
                         let new_bm = if self.geo.extended_l2 {
                             let from = if k == 0 { in_c } else { 0 };
-                            let to = pos
-                                .saturating_sub(in_c)
+                            // The written range, relative to cluster k of the run.
+                            let to = in_c
                                 .saturating_add(bytes)
                                 .saturating_sub(k.saturating_mul(cs))
                                 .min(cs);

@@ -529,6 +529,30 @@ fn extended_l2_partial_writes() {
 }
 
 #[test]
+fn extended_l2_in_place_writes_in_two_clusters() {
+    let w = Work::new();
+    w.qemu_img(&[
+        "create",
+        "-f",
+        "qcow2",
+        "-o",
+        "extended_l2=on",
+        "x.qcow2",
+        "16M",
+    ]);
+    w.qemu_io("x.qcow2", &["write -P 1 0 4k", "write -P 2 64k 4k"]);
+    assert_sim_matches(
+        &w,
+        "x.qcow2",
+        &["write:32768:4096", "write:98304:4096"],
+        &[
+            &["qemu-io", "write -P 3 32k 4k"],
+            &["qemu-io", "write -P 4 96k 4k"],
+        ],
+    );
+}
+
+#[test]
 fn external_data_file_writes() {
     let w = Work::new();
     w.qemu_img(&[
