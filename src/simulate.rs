@@ -898,20 +898,8 @@ impl Sim {
         Ok(self.free_cluster_index.saturating_sub(n))
     }
 
-    /// QEMU's `qcow2_alloc_clusters`: find, then +1 on each.
-    fn alloc_clusters(&mut self, size: u64, purpose: &str) -> SimResult<u64> {
-        let n = size.div_ceil(self.cs).max(1);
-        let first = self.find_free(n)?;
-        // A range that does not fit in 64 bits is refused rather than wrapped.
-        let range = first
-            .checked_mul(self.cs)
-            .zip(n.checked_mul(self.cs))
-            .and_then(|(off, len)| Some((off, len, off.checked_add(len)?)));
-        let Some((off, len, end)) = range else {
-            return Err(Fail(format!(
-                "{n} clusters from cluster {first} do not fit in the file (EFBIG)"
-            )));
-        };
+    /// +1 on each cluster of a range just found free, and record the allocation.
+    fn take_clusters(&mut self, off: u64, len: u64, first: u64, purpose: &str) -> SimResult<()> {
         let saved = self.reason.clone();
         self.why(format!("allocated for {purpose}"));
         self.update_refcount(off, len, 1, false)?;
@@ -926,6 +914,24 @@ impl Sim {
         );
         self.allocated.push((off, len, purpose.to_string()));
         self.reason = saved;
+        Ok(())
+    }
+
+    /// QEMU's `qcow2_alloc_clusters`: find, then +1 on each.
+    fn alloc_clusters(&mut self, size: u64, purpose: &str) -> SimResult<u64> {
+        let n = size.div_ceil(self.cs).max(1);
+        let first = self.find_free(n)?;
+        // A range that does not fit in 64 bits is refused rather than wrapped.
+        let range = first
+            .checked_mul(self.cs)
+            .zip(n.checked_mul(self.cs))
+            .and_then(|(off, len)| Some((off, len, off.checked_add(len)?)));
+        let Some((off, len, end)) = range else {
+            return Err(Fail(format!(
+                "{n} clusters from cluster {first} do not fit in the file (EFBIG)"
+            )));
+        };
+        self.take_clusters(off, len, first, purpose)?;
         if end > self.file_len {
             self.file_len = end;
         }
@@ -1713,20 +1719,7 @@ impl Sim {
         }
         if i > 0 {
             let len = self.clusters_bytes(i);
-            let saved = self.reason.clone();
-            self.why(format!("allocated for {purpose}"));
-            self.update_refcount(off, len, 1, false)?;
-            self.record(
-                Target::Allocate {
-                    offset: off,
-                    length: len,
-                    purpose: purpose.to_string(),
-                },
-                first,
-                first,
-            );
-            self.allocated.push((off, len, purpose.to_string()));
-            self.reason = saved;
+            self.take_clusters(off, len, first, purpose)?;
             self.file_len = self.file_len.max(off.saturating_add(len));
         }
         Ok(i)

@@ -62,6 +62,40 @@ pub fn move_sel(sel: &mut usize, len: usize, page: usize, action: Action) -> boo
     true
 }
 
+/// Draw a bordered list whose visible rows start at `first`, the selected one
+/// reversed, and remember it for mouse clicks.
+pub fn draw_list(
+    f: &mut Frame,
+    area: Rect,
+    app: &mut App,
+    title: &str,
+    rows: Vec<ratatui::text::Line<'static>>,
+    first: usize,
+    sel: usize,
+) {
+    use ratatui::widgets::{Block, Borders, Paragraph};
+    let visible: Vec<ratatui::text::Line> = rows
+        .into_iter()
+        .enumerate()
+        .map(|(k, l)| {
+            if first + k == sel {
+                l.style(color::selected())
+            } else {
+                l
+            }
+        })
+        .collect();
+    app.areas.list = Some((area, first));
+    f.render_widget(
+        Paragraph::new(visible).block(
+            Block::new()
+                .borders(Borders::ALL)
+                .title(format!(" {title} ")),
+        ),
+        area,
+    );
+}
+
 /// The first visible row so that `sel` is on screen in `height` rows.
 pub fn first_row(sel: usize, height: usize) -> usize {
     if height == 0 {

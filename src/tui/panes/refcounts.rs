@@ -9,7 +9,6 @@ use ratatui::Frame;
 use ratatui::layout::Rect;
 use ratatui::style::Style;
 use ratatui::text::{Line, Span};
-use ratatui::widgets::{Block, Borders, Paragraph};
 
 /// Title, rows and selection.
 pub fn rows(app: &App, w: std::ops::Range<usize>) -> (String, Vec<Line<'static>>, usize, usize) {
@@ -134,26 +133,7 @@ pub fn render(f: &mut Frame, area: Rect, app: &mut App) {
             r.corruptions, r.leaks, r.check_errors
         ));
     }
-    let visible: Vec<Line> = rows
-        .into_iter()
-        .enumerate()
-        .map(|(k, l)| {
-            if first + k == sel {
-                l.style(color::selected())
-            } else {
-                l
-            }
-        })
-        .collect();
-    app.areas.list = Some((area, first));
-    f.render_widget(
-        Paragraph::new(visible).block(
-            Block::new()
-                .borders(Borders::ALL)
-                .title(format!(" {title} ")),
-        ),
-        area,
-    );
+    super::draw_list(f, area, app, &title, rows, first, sel);
 }
 
 /// Keys.

@@ -8,7 +8,6 @@ use ratatui::Frame;
 use ratatui::layout::Rect;
 use ratatui::style::Style;
 use ratatui::text::{Line, Span};
-use ratatui::widgets::{Block, Borders, Paragraph};
 
 /// The rows shown and the selected index.
 pub fn rows(app: &App, w: std::ops::Range<usize>) -> (String, Vec<Line<'static>>, usize, usize) {
@@ -132,26 +131,7 @@ pub fn render(f: &mut Frame, area: Rect, app: &mut App) {
     let first = first_row(sel, h);
     // Only the visible rows are built, however long the table.
     let (title, rows, sel, _) = rows(app, first..first + h);
-    let visible: Vec<Line> = rows
-        .into_iter()
-        .enumerate()
-        .map(|(k, l)| {
-            if first + k == sel {
-                l.style(color::selected())
-            } else {
-                l
-            }
-        })
-        .collect();
-    app.areas.list = Some((area, first));
-    f.render_widget(
-        Paragraph::new(visible).block(
-            Block::new()
-                .borders(Borders::ALL)
-                .title(format!(" {title} ")),
-        ),
-        area,
-    );
+    super::draw_list(f, area, app, &title, rows, first, sel);
 }
 
 /// Keys.
