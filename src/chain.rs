@@ -167,12 +167,15 @@ pub fn path_combine(base: &str, name: &str) -> String {
     }
 }
 
+/// QEMU's `path_has_protocol`: a ':' before any '/' names a protocol
+/// (`nbd://...`, `json:{...}`), not a file.
+pub fn has_protocol(name: &str) -> bool {
+    name.find([':', '/'])
+        .is_some_and(|i| name.as_bytes().get(i) == Some(&b':'))
+}
+
 fn reject_protocol(name: &str, chain: &[PathBuf]) -> Result<()> {
-    // QEMU's path_has_protocol: a ':' before any '/' names a protocol.
-    let looks_like_protocol = name
-        .find([':', '/'])
-        .is_some_and(|i| name.as_bytes().get(i) == Some(&b':'));
-    if looks_like_protocol {
+    if has_protocol(name) {
         return Err(Error::Chain {
             chain: chain_text(chain),
             reason: format!(

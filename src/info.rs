@@ -4,8 +4,8 @@
 //! (without `children`): like qemu-img, it looks only at the image itself, never at
 //! its backing file or data file. [`Summary`] adds what qinspect knows beyond that.
 
-use crate::bytes::{be16, be32, be64, slice};
-use crate::chain::{Format, path_combine};
+use crate::bytes::{be32, slice};
+use crate::chain::{has_protocol, path_combine};
 use crate::header::{CryptMethod, ExtensionKind};
 use crate::image::Qcow2;
 use crate::io::Source;
@@ -132,10 +132,7 @@ pub fn qemu_info_raw(src: &dyn Source, filename: &str) -> Map<String, Value> {
 /// QEMU's `full-backing-filename`: names with a protocol or an absolute path are
 /// kept; others are joined to the image name's directory, without normalising.
 pub fn full_backing_filename(image: &str, backing: &str) -> String {
-    let has_protocol = backing
-        .find([':', '/'])
-        .is_some_and(|i| backing.as_bytes().get(i) == Some(&b':'));
-    if has_protocol {
+    if has_protocol(backing) {
         backing.to_string()
     } else {
         path_combine(image, backing)
@@ -196,7 +193,6 @@ fn luks_info(img: &Qcow2) -> Option<Value> {
             }
         })
         .collect();
-    let _ = be16(&b, 6);
     let mut o = Map::new();
     o.insert("format".into(), json!("luks"));
     o.insert("cipher-alg".into(), json!(alg));
@@ -213,7 +209,6 @@ fn luks_info(img: &Qcow2) -> Option<Value> {
     o.insert("uuid".into(), json!(uuid));
     o.insert("detached-header".into(), json!(payload == 0));
     o.insert("slots".into(), Value::Array(slots));
-    let _ = be64(&b, 0);
     Some(Value::Object(o))
 }
 
@@ -262,11 +257,6 @@ pub fn extra_info(img: &Qcow2) -> Map<String, Value> {
 
 fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
-/// Which format a file is, for info.
-pub fn probe(src: &dyn Source) -> Format {
-    Format::probe(src)
 }
 
 #[cfg(test)]

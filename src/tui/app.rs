@@ -300,7 +300,8 @@ impl App {
         self.start_background();
     }
 
-    fn open_chain(&mut self) {
+    /// Reopen the chain with the current snapshot view.
+    pub fn open_chain(&mut self) {
         let opts = OpenOptions {
             snapshot: self.view_snapshot.clone(),
             strictness: Strictness::Lenient,

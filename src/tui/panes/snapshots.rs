@@ -125,15 +125,7 @@ pub fn handle(app: &mut App, action: Action) {
                 }
                 app.tables_level = crate::tui::app::TablesLevel::L1;
                 app.l1_sel = 0;
-                let r = qinspect::chain::Chain::open(
-                    &app.path,
-                    &qinspect::chain::OpenOptions {
-                        snapshot: app.view_snapshot.clone(),
-                        strictness: qinspect::image::Strictness::Lenient,
-                        ..Default::default()
-                    },
-                );
-                app.chain = r.map_err(|e| e.to_string());
+                app.open_chain();
                 app.status = match &app.view_snapshot {
                     Some(s) => format!("Tables, Trace and Hex now use snapshot {s}"),
                     None => "back to the active L1 table".into(),
