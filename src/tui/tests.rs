@@ -385,3 +385,27 @@ fn the_viewer_opens_broken_images_and_draws_every_pane() {
         assert_eq!(std::fs::read(&p).unwrap(), before, "{name} changed");
     }
 }
+
+#[test]
+fn the_explanation_describes_the_selected_entry() {
+    let mut a = app("demo-mid.qcow2");
+    a.update(Action::Pane(pane::TABLES));
+    a.update(Action::Explain);
+    let e = super::view::explanation(&a);
+    assert!(
+        e.starts_with("active L1[0]") && e.contains("COPIED is set"),
+        "{e}"
+    );
+    a.update(Action::Enter);
+    a.update(Action::Down);
+    let e = super::view::explanation(&a);
+    assert!(
+        e.contains("L2 0x40000[1]") && e.contains("COPIED: refcount 1"),
+        "{e}"
+    );
+    let s = text(&draw(&mut a, 100, 30));
+    assert!(s.contains("Explanation"), "{s}");
+    let mut c = app("demo-corrupt.qcow2");
+    c.update(Action::Pane(pane::CHECK));
+    assert!(super::view::explanation(&c).contains("Repair:"));
+}

@@ -168,8 +168,171 @@ fn centered(area: Rect, w: u16, h: u16) -> Rect {
     }
 }
 
-/// What the explanation panel says about the current selection.
+/// What the explanation panel says: first about the selected item, then about
+/// the pane's structures in general.
 pub fn explanation(app: &App) -> String {
+    match selected(app) {
+        Some(s) => format!("{s}  —  {}", pane_explanation(app)),
+        None => pane_explanation(app),
+    }
+}
+
+/// A sentence about the selected entry, row, finding or step, if there is one.
+fn selected(app: &App) -> Option<String> {
+    use super::app::{RefLevel, TablesLevel};
+    let img = app.img.as_ref()?;
+    let geo = img.geometry();
+    let has_df = img.header.has_data_file();
+    match app.pane {
+        pane::TABLES => {
+            let view = app.view()?;
+            match app.tables_level {
+                TablesLevel::L1 => {
+                    let e = view.l1.get(app.l1_sel)?;
+                    let copied = match (e.l2_offset(), e.copied()) {
+                        (None, _) => "An entry of 0: no L2 table, so the whole range reads from the backing file (or as zeros).".to_string(),
+                        (Some(_), true) => "COPIED is set: the L2 table's refcount is exactly 1, so QEMU may change it in place.".to_string(),
+                        (Some(_), false) => "COPIED is clear: the L2 table may be shared with a snapshot, so the next write copies it first.".to_string(),
+                    };
+                    Some(format!(
+                        "{}[{}] = {:#018x}: {}. {copied}",
+                        view.label(),
+                        app.l1_sel,
+                        e.0,
+                        e.describe(&geo)
+                    ))
+                }
+                TablesLevel::L2(i) => {
+                    let off = view.l1.get(i)?.l2_offset()?;
+                    let t = img.l2_table(off).ok()?;
+                    let e = t.get(app.l2_sel)?;
+                    let why = match e.cluster_type(&geo, has_df) {
+                        qinspect::tables::ClusterType::Normal if e.copied() => {
+                            "COPIED: refcount 1, a write goes straight into this cluster."
+                        }
+                        qinspect::tables::ClusterType::Normal => {
+                            "No COPIED: the cluster is shared (or the flag is stale), so a write allocates a new cluster and copies it."
+                        }
+                        qinspect::tables::ClusterType::Compressed => {
+                            "Compressed clusters are never written in place: a write always allocates a new cluster."
+                        }
+                        qinspect::tables::ClusterType::ZeroPlain
+                        | qinspect::tables::ClusterType::ZeroAlloc => {
+                            "The zero flag: reads return zeros without asking the backing file."
+                        }
+                        qinspect::tables::ClusterType::Unallocated => {
+                            "Unallocated: reads fall through to the backing file at the same guest offset."
+                        }
+                    };
+                    Some(format!(
+                        "L2 {off}[{}] = {:#018x}: {}. {why}",
+                        app.l2_sel,
+                        e.raw,
+                        e.describe(&geo, has_df)
+                    ))
+                }
+            }
+        }
+        pane::REFCOUNTS => match app.ref_level {
+            RefLevel::Table => {
+                let t = img.refcount_table().ok()?;
+                let e = t.get(app.rt_sel)?;
+                Some(format!(
+                    "Refcount table entry {}: {}.",
+                    app.rt_sel,
+                    match e.block_offset() {
+                        Some(o) => format!(
+                            "a refcount block at {o} holds {} refcounts",
+                            img.refcount_geometry().entries_per_block()
+                        ),
+                        None => "no block, so every cluster it would cover has refcount 0".into(),
+                    }
+                ))
+            }
+            RefLevel::Block(ti) => {
+                let c = (ti as u64)
+                    .saturating_mul(img.refcount_geometry().entries_per_block())
+                    .saturating_add(app.rb_sel as u64);
+                let stored = img.refcount(qinspect::types::HostCluster(c)).ok()?;
+                let counted = app
+                    .report
+                    .as_ref()
+                    .and_then(|r| r.imrt.as_ref())
+                    .map(|i| i.get(c));
+                Some(match counted {
+                    Some(k) if stored < k => format!(
+                        "Cluster {c}: stored {stored}, counted {k}. Fewer than its references: QEMU could reuse it while it is in use (a corruption)."
+                    ),
+                    Some(k) if stored > k => format!(
+                        "Cluster {c}: stored {stored}, counted {k}. More than its references: the space is wasted (a leak), the data is safe."
+                    ),
+                    Some(k) if k > 1 => format!(
+                        "Cluster {c}: {k} references — shared, typically by snapshots; a write copies it first."
+                    ),
+                    Some(k) => format!("Cluster {c}: stored {stored}, counted {k}: consistent."),
+                    None => format!(
+                        "Cluster {c}: stored refcount {stored}; the check is still counting references."
+                    ),
+                })
+            }
+        },
+        pane::LAYOUT => {
+            let c = app.layout_sel;
+            let refs = match &app.detail {
+                Some((dc, r)) if *dc == c && !r.is_empty() => {
+                    format!(" Referenced by: {}.", r.join("; "))
+                }
+                _ => String::new(),
+            };
+            Some(format!(
+                "Host cluster {c} at {:#x}.{refs}",
+                c.saturating_mul(geo.cluster_size())
+            ))
+        }
+        pane::CHECK => {
+            let f = app.report.as_ref()?.findings.get(app.finding_sel)?;
+            Some(format!(
+                "{}{}",
+                f.message,
+                f.repair
+                    .as_ref()
+                    .map(|r| format!(". Repair: {r}."))
+                    .unwrap_or_default()
+            ))
+        }
+        pane::SIMULATE => {
+            let steps = super::panes::simulate::flat(app);
+            let (op, text) = steps.get(app.sim_step)?;
+            let records = &app.sim.as_ref()?.0;
+            let addend = match records.get(*op).map(|r| &r.op) {
+                Some(qinspect::simulate::Op::RefcountUpdate { addend: 0, .. }) => {
+                    " Addend 0 changes no refcount; it only sets COPIED exactly where a cluster's refcount is 1."
+                }
+                Some(qinspect::simulate::Op::SnapshotDelete { .. }) => {
+                    " A delete walks the snapshot with addend -1, then the active L1 with addend 0 so that clusters no longer shared get COPIED back."
+                }
+                _ => "",
+            };
+            Some(format!("{text}.{addend}"))
+        }
+        pane::TRACE => app
+            .trace
+            .as_ref()?
+            .steps
+            .get(app.trace_step)
+            .map(|s| s.explanation.clone()),
+        pane::SNAPSHOTS => {
+            let s = img.snapshots.snapshots.get(app.snap_sel)?;
+            Some(format!(
+                "Snapshot {} '{}': its own L1 table of {} entries at {:#x}; every cluster it reaches had 1 added to its refcount when it was taken.",
+                s.id, s.name, s.l1_size, s.l1_table_offset
+            ))
+        }
+        _ => None,
+    }
+}
+
+fn pane_explanation(app: &App) -> String {
     match app.pane {
         pane::OVERVIEW => "The header is the first bytes of the file. It says where everything else is: the active L1 table (l1_table_offset), the refcount table, the snapshot table. Feature bits say what a reader must understand (incompatible), may ignore (compatible) or must clear when it writes (autoclear).".into(),
         pane::LAYOUT => "Every host cluster has a role: metadata (header, tables, refcounts) or guest data. Its stored refcount must equal the number of references the check counts: fewer is a corruption (it could be reused while in use), more is a leak (wasted space).".into(),
