@@ -13,7 +13,7 @@
 
 use crate::error::{Error, Result};
 use crate::image::{Qcow2, Strictness, View};
-use crate::io::{FileSource, SharedSource, Source};
+use crate::io::{FileId, FileSource, SharedSource, Source};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -341,6 +341,45 @@ impl Chain {
     pub fn size(&self) -> u64 {
         self.top().size()
     }
+
+    /// Every file this chain has open: each layer and each external data file,
+    /// top first, with what it is to the chain.
+    pub fn opened_files(&self) -> Vec<OpenedFile<'_>> {
+        let mut out = Vec::new();
+        for (depth, l) in self.layers.iter().enumerate() {
+            out.push(OpenedFile {
+                role: format!("layer {depth} ({})", l.format().name()),
+                src: l.src.as_ref(),
+            });
+            if let LayerKind::Qcow2 {
+                data_file: Some(df),
+                ..
+            } = &l.kind
+            {
+                out.push(OpenedFile {
+                    role: format!("the external data file of layer {depth}"),
+                    src: df.as_ref(),
+                });
+            }
+        }
+        out
+    }
+
+    /// The file of this chain that `id` is, if any.
+    pub fn member(&self, id: FileId) -> Option<OpenedFile<'_>> {
+        self.opened_files()
+            .into_iter()
+            .find(|f| f.src.identity() == Some(id))
+    }
+}
+
+/// A file a chain reads from.
+#[derive(Debug)]
+pub struct OpenedFile<'a> {
+    /// "layer 1 (qcow2)", "external data file of layer 0".
+    pub role: String,
+    /// The open file.
+    pub src: &'a dyn Source,
 }
 
 #[cfg(test)]

@@ -3,8 +3,11 @@
 use super::{CmdResult, num::parse_size, open_chain};
 use qinspect::image::Strictness;
 use qinspect::lookup::{ReadCache, Segment, for_each_segment, read};
+use color_eyre::eyre::{bail, eyre};
+use qinspect::chain::Chain;
+use qinspect::io::FileId;
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// Arguments of `qinspect read`.
 #[derive(clap::Args, Debug)]
@@ -44,34 +47,62 @@ pub fn run(a: Args) -> CmdResult {
     }
     let len = a.length.unwrap_or(size - a.offset).min(size - a.offset);
     if let Some(p) = &a.output {
-        refuse_chain_member(&chain, p)?;
-        let file = std::fs::File::create(p)?;
+        let file = open_output(&chain, p)?;
         if file.metadata()?.file_type().is_file() {
-            // One thread: the in-kernel copy is bound by memory bandwidth, and
-            // more threads measured slower here.
             write_sparse(&chain, a.offset, 0, len, &file)?;
             file.set_len(len)?;
             return Ok(0);
         }
         return stream(&chain, a.offset, len, Box::new(file));
     }
+    refuse_stdout_member(&chain)?;
     stream(&chain, a.offset, len, Box::new(std::io::stdout().lock()))
 }
 
-/// Never write over a file the chain is read from.
-fn refuse_chain_member(
-    chain: &qinspect::chain::Chain,
-    p: &std::path::Path,
-) -> color_eyre::Result<()> {
-    if let Ok(canon) = std::fs::canonicalize(p) {
-        for l in &chain.layers {
-            if std::fs::canonicalize(&l.path).ok().as_ref() == Some(&canon) {
-                color_eyre::eyre::bail!(
-                    "refusing to write to {}: it is a layer of the chain being read",
-                    p.display()
-                );
-            }
-        }
+/// Open the output file, never one the chain reads from.
+///
+/// The output's device and inode are compared with those of every file the chain
+/// has open (each layer, raw layers, external data files), so a hard link, a
+/// symlink or another spelling of the same path is caught. An existing file is
+/// looked at before it is opened, opened without truncation, checked again on the
+/// open descriptor, and only then emptied.
+fn open_output(chain: &Chain, p: &Path) -> color_eyre::Result<std::fs::File> {
+    if let Ok(meta) = std::fs::metadata(p) {
+        refuse_member(chain, p, FileId::of(&meta))?;
+    }
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(p)
+        .map_err(|e| eyre!("cannot open {} for writing: {e}", p.display()))?;
+    let meta = file.metadata()?;
+    refuse_member(chain, p, FileId::of(&meta))?;
+    if meta.file_type().is_file() {
+        file.set_len(0)?;
+    }
+    Ok(file)
+}
+
+/// Standard output redirected onto a file of the chain (`>> base.qcow2`).
+fn refuse_stdout_member(chain: &Chain) -> color_eyre::Result<()> {
+    use std::os::fd::AsFd;
+    let out = std::io::stdout();
+    let fd = out.as_fd().try_clone_to_owned()?;
+    let meta = std::fs::File::from(fd).metadata()?;
+    refuse_member(chain, Path::new("standard output"), FileId::of(&meta))
+}
+
+fn refuse_member(chain: &Chain, p: &Path, id: FileId) -> color_eyre::Result<()> {
+    if let Some(m) = chain.member(id) {
+        bail!(
+            "refusing to write to {}: it is {} of the chain being read ({}, device {} inode {}); nothing was written",
+            p.display(),
+            m.role,
+            m.src.name().display(),
+            id.dev,
+            id.ino
+        );
     }
     Ok(())
 }
