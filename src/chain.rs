@@ -133,6 +133,9 @@ pub struct OpenOptions {
     pub snapshot: Option<String>,
     /// Open only the top image (like `qemu-img info` does).
     pub no_backing: bool,
+    /// With `snapshot`: keep the active disk size, as `qemu-img convert -l` does,
+    /// instead of the snapshot's own (see [`Qcow2::snapshot_view_loaded`]).
+    pub snapshot_active_size: bool,
     /// How strictly to open qcow2 layers.
     pub strictness: Strictness,
 }
@@ -256,6 +259,9 @@ impl Chain {
                 Format::Qcow2 => {
                     let image = Qcow2::open(src.clone(), opts.strictness)?;
                     let view = match (&opts.snapshot, is_top) {
+                        (Some(s), true) if opts.snapshot_active_size => {
+                            image.snapshot_view_loaded(s)?
+                        }
                         (Some(s), true) => image.snapshot_view(s)?,
                         _ => image.active_view(),
                     };

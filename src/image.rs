@@ -261,8 +261,13 @@ impl Qcow2 {
     }
 
     /// Find a snapshot by ID or name (ID first, like QEMU).
+    ///
+    /// `id_or_name` may also be `snapshot.id=ID`, `snapshot.name=NAME` or both,
+    /// as `qemu-img convert -l` takes them (see [`snapshot::Selector`]).
     pub fn find_snapshot(&self, id_or_name: &str) -> Result<&Snapshot> {
-        self.snapshots.find(id_or_name).ok_or_else(|| {
+        let sel = snapshot::Selector::parse(id_or_name)
+            .map_err(|e| Error::Request(format!("snapshot '{id_or_name}': {e}")))?;
+        self.snapshots.select(&sel).ok_or_else(|| {
             let known: Vec<String> = self
                 .snapshots
                 .snapshots
@@ -270,7 +275,11 @@ impl Qcow2 {
                 .map(|s| format!("{} ({})", s.id, s.name))
                 .collect();
             Error::Request(format!(
-                "no snapshot with ID or name '{id_or_name}' in {}; snapshots: {}",
+                "no snapshot {} in {}; snapshots: {}",
+                match &sel {
+                    snapshot::Selector::IdOrName(s) => format!("with ID or name '{s}'"),
+                    snapshot::Selector::Exact { .. } => format!("matching '{id_or_name}'"),
+                },
                 self.src.name().display(),
                 if known.is_empty() {
                     "none".into()
@@ -307,7 +316,8 @@ impl Qcow2 {
         Ok(tables::decode_l1(&buf))
     }
 
-    /// The view through a snapshot's L1 table, with the snapshot's disk size.
+    /// The view through a snapshot's L1 table, with the snapshot's disk size (the
+    /// disk as `qemu-img snapshot -a` would make it).
     pub fn snapshot_view(&self, id_or_name: &str) -> Result<View> {
         let sn = self.find_snapshot(id_or_name)?.clone();
         let l1 = self.snapshot_l1(&sn)?;
@@ -317,6 +327,16 @@ impl Qcow2 {
             size: sn.effective_disk_size(self.header.size),
             snapshot: Some(sn),
         })
+    }
+
+    /// The view `qemu-img convert -l` and `qemu-nbd -l` read: the snapshot's L1
+    /// table, but the disk keeps the *active* size (`bdrv_snapshot_load_tmp`
+    /// changes only the L1 table). Past the snapshot's own L1 the disk reads as
+    /// unallocated, so it falls through to the backing file or reads zeros.
+    pub fn snapshot_view_loaded(&self, id_or_name: &str) -> Result<View> {
+        let mut v = self.snapshot_view(id_or_name)?;
+        v.size = self.header.size;
+        Ok(v)
     }
 
     /// Read and decode the L2 table at `offset` (one cluster; zeros past EOF, as QEMU).

@@ -1,10 +1,10 @@
 //! `qinspect read`: guest bytes through the chain.
 
-use super::{CmdResult, num::parse_size, open_chain};
+use super::{CmdResult, num::parse_size};
 use qinspect::image::Strictness;
 use qinspect::lookup::{ReadCache, Segment, for_each_segment, read};
 use color_eyre::eyre::{bail, eyre};
-use qinspect::chain::Chain;
+use qinspect::chain::{Chain, OpenOptions};
 use qinspect::io::FileId;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -15,11 +15,21 @@ use std::path::{Path, PathBuf};
 `qemu-img convert -O raw [-l snapshot.name=S]` writes: data from whichever layer holds it, \
 zeros for zero clusters, unallocated ranges and anything past the end of a shorter backing \
 file. Compressed clusters are inflated.\n\n\
+Through a snapshot (-s S, or -s snapshot.name=S to match a name only) the disk keeps its \
+current size, as with `qemu-img convert -l`: zeros (or the backing file) past the end of a \
+smaller snapshot, cut where the disk has shrunk since.\n\n\
+Written to a file, the output is sparse where qemu-img's is: unallocated ranges, zero \
+clusters, holes of the source and 4 KiB blocks of zero data are left as holes. The output \
+may not be any file the chain reads (compared by device and inode).\n\n\
 Examples:\n  qinspect read disk.qcow2 -o disk.raw\n  qinspect read disk.qcow2 --offset 1M --length 4k | xxd | head")]
 pub struct Args {
     /// The image file (top of the chain).
     pub image: PathBuf,
     /// Read through this internal snapshot (ID or name) instead of the active L1.
+    ///
+    /// A bare ID_OR_NAME is tried as an ID, then as a name; `snapshot.name=NAME`,
+    /// `snapshot.id=ID` (or both, comma-separated) match exactly, as in
+    /// `qemu-img convert -l`.
     #[arg(long, short = 's')]
     pub snapshot: Option<String>,
     /// First guest byte to read.
@@ -37,7 +47,13 @@ const CHUNK: usize = 4 << 20;
 
 /// Run `qinspect read`.
 pub fn run(a: Args) -> CmdResult {
-    let chain = open_chain(&a.image, a.snapshot.as_deref(), Strictness::Qemu)?;
+    let opts = OpenOptions {
+        snapshot: a.snapshot.clone(),
+        snapshot_active_size: true,
+        strictness: Strictness::Qemu,
+        ..Default::default()
+    };
+    let chain = Chain::open(&a.image, &opts)?;
     let size = chain.size();
     if a.offset > size {
         color_eyre::eyre::bail!(
