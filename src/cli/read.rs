@@ -5,7 +5,7 @@ use qinspect::image::Strictness;
 use qinspect::lookup::{ReadCache, Segment, for_each_segment, read};
 use color_eyre::eyre::{bail, eyre};
 use qinspect::chain::{Chain, OpenOptions};
-use qinspect::io::FileId;
+use qinspect::io::{Extent, FileId, Source};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
@@ -65,6 +65,7 @@ pub fn run(a: Args) -> CmdResult {
     if let Some(p) = &a.output {
         let file = open_output(&chain, p)?;
         if file.metadata()?.file_type().is_file() {
+            allocate_first_block(&file, len)?;
             write_sparse(&chain, a.offset, 0, len, &file)?;
             file.set_len(len)?;
             return Ok(0);
@@ -148,60 +149,176 @@ fn stream(
     Ok(0)
 }
 
-/// Write to a regular file: data copied file-to-file inside the kernel where it
-/// can be, zeros left as holes (like `qemu-img convert`'s sparse output).
+/// Write to a regular file the way `qemu-img convert -O raw` does: nothing is
+/// written for zeros, so unallocated ranges, zero clusters, holes in the source
+/// files and 4 KiB blocks of zero data all stay holes in the output.
+///
+/// Holes in a source file (a preallocated image's unwritten clusters) are found
+/// with `SEEK_HOLE` and skipped without being read.
 fn write_sparse(
-    chain: &qinspect::chain::Chain,
+    chain: &Chain,
     offset: u64,
     out_pos: u64,
     len: u64,
     out: &std::fs::File,
 ) -> color_eyre::Result<()> {
-    use std::os::unix::fs::FileExt;
     let mut cache = ReadCache::default();
-    let mut pos = out_pos;
-    let mut buf = vec![0u8; CHUNK];
+    let mut w = SparseWriter::new(out, out_pos);
     for_each_segment(chain, offset, len, &mut cache, &mut |seg| {
-        let n = seg.len();
         match seg {
-            Segment::Zero { .. } => {}
-            Segment::Bytes(b) => out.write_all_at(b, pos).map_err(|e| io_err(e, "write"))?,
+            Segment::Zero { len } => w.skip(len)?,
+            Segment::Bytes(b) => w.put(b)?,
             Segment::Data { src, host, len } => {
-                // Only the part inside the source file; the rest reads as zeros.
-                let stored = len.min(src.len().saturating_sub(host));
                 let mut done = 0u64;
-                if let Some(f) = src.file() {
-                    while done < stored {
-                        let mut off_in = host + done;
-                        let mut off_out = pos + done;
-                        let want = (stored - done).min(1 << 30) as usize;
-                        match rustix::fs::copy_file_range(
-                            f,
-                            Some(&mut off_in),
-                            out,
-                            Some(&mut off_out),
-                            want,
-                        ) {
-                            Ok(0) | Err(_) => break,
-                            Ok(k) => done += k as u64,
+                while done < len {
+                    let at = host.saturating_add(done);
+                    let rest = len - done;
+                    match src.extent_at(at) {
+                        Extent::Hole(0) => {
+                            // Past the end of the source: zeros to the end.
+                            w.skip(rest)?;
+                            done = len;
+                        }
+                        Extent::Hole(n) => {
+                            let n = n.min(rest);
+                            w.skip(n)?;
+                            done += n;
+                        }
+                        Extent::Data(n) => {
+                            let n = n.clamp(1, rest);
+                            w.copy_from(src, at, n)?;
+                            done += n;
                         }
                     }
                 }
-                // Fallback: read and write through a buffer.
-                while done < stored {
-                    let k = ((stored - done) as usize).min(buf.len());
-                    let chunk = &mut buf[..k];
-                    qinspect::io::read_into(src, "guest data", host + done, chunk)?;
-                    out.write_all_at(chunk, pos + done)
-                        .map_err(|e| io_err(e, "write"))?;
-                    done += k as u64;
-                }
             }
         }
-        pos += n;
         Ok(())
     })?;
+    w.flush()?;
     Ok(())
+}
+
+/// A new raw file from qemu-img has its first block written (file-posix does so
+/// on create, to probe the alignment later): 4 KiB, or one 512-byte sector for
+/// smaller files. Doing the same keeps the allocated size equal to qemu-img's.
+fn allocate_first_block(out: &std::fs::File, len: u64) -> color_eyre::Result<()> {
+    use std::os::unix::fs::FileExt;
+    if len == 0 {
+        return Ok(());
+    }
+    let n = if len < SPARSE_BLOCK as u64 { 512 } else { SPARSE_BLOCK };
+    out.write_all_at(&vec![0u8; n], 0)
+        .map_err(|e| io_err(e, "write"))?;
+    Ok(())
+}
+
+/// qemu-img convert's zero detection (`-S 4k`): a block of this many bytes,
+/// aligned in the output, that holds only zeros is not written.
+const SPARSE_BLOCK: usize = 4096;
+/// How much output is staged before its non-zero blocks are written.
+const WINDOW: usize = 1 << 20;
+
+/// Stages output in an aligned window and writes only its non-zero blocks.
+struct SparseWriter<'a> {
+    out: &'a std::fs::File,
+    buf: Vec<u8>,
+    /// Output offset of `buf[0]` (a multiple of `WINDOW`).
+    start: u64,
+    /// Output offset of the next byte.
+    pos: u64,
+    /// `buf` holds something other than zeros.
+    dirty: bool,
+}
+
+impl<'a> SparseWriter<'a> {
+    fn new(out: &'a std::fs::File, pos: u64) -> Self {
+        SparseWriter {
+            out,
+            buf: vec![0u8; WINDOW],
+            start: pos - pos % WINDOW as u64,
+            pos,
+            dirty: false,
+        }
+    }
+
+    fn window_end(&self) -> u64 {
+        self.start + WINDOW as u64
+    }
+
+    /// Move to output offset `to`, writing out the window if `to` leaves it.
+    fn seek(&mut self, to: u64) -> qinspect::Result<()> {
+        if to >= self.window_end() {
+            self.flush()?;
+            self.start = to - to % WINDOW as u64;
+        }
+        self.pos = to;
+        Ok(())
+    }
+
+    fn skip(&mut self, n: u64) -> qinspect::Result<()> {
+        self.seek(self.pos + n)
+    }
+
+    /// The staging slice from `pos` to the end of the window, at most `n` bytes.
+    fn room(&mut self, n: u64) -> &mut [u8] {
+        let at = (self.pos - self.start) as usize;
+        let k = (WINDOW - at).min(usize::try_from(n).unwrap_or(usize::MAX));
+        self.dirty = true;
+        &mut self.buf[at..at + k]
+    }
+
+    fn put(&mut self, mut b: &[u8]) -> qinspect::Result<()> {
+        while !b.is_empty() {
+            let dst = self.room(b.len() as u64);
+            let k = dst.len();
+            dst.copy_from_slice(&b[..k]);
+            b = &b[k..];
+            self.skip(k as u64)?;
+        }
+        Ok(())
+    }
+
+    fn copy_from(&mut self, src: &dyn Source, mut at: u64, mut n: u64) -> qinspect::Result<()> {
+        while n > 0 {
+            let dst = self.room(n);
+            let k = dst.len();
+            qinspect::io::read_into(src, "guest data", at, dst)?;
+            at += k as u64;
+            n -= k as u64;
+            self.skip(k as u64)?;
+        }
+        Ok(())
+    }
+
+    /// Write the window's non-zero blocks, in runs, and clear it.
+    fn flush(&mut self) -> qinspect::Result<()> {
+        use std::os::unix::fs::FileExt;
+        if !self.dirty {
+            return Ok(());
+        }
+        let blocks: Vec<bool> = self
+            .buf
+            .chunks(SPARSE_BLOCK)
+            .map(|c| c.iter().any(|&x| x != 0))
+            .collect();
+        let mut i = 0;
+        while i < blocks.len() {
+            if !blocks[i] {
+                i += 1;
+                continue;
+            }
+            let j = (i..blocks.len()).find(|&j| !blocks[j]).unwrap_or(blocks.len());
+            let bytes = &self.buf[i * SPARSE_BLOCK..(j * SPARSE_BLOCK).min(WINDOW)];
+            self.out
+                .write_all_at(bytes, self.start + (i * SPARSE_BLOCK) as u64)
+                .map_err(|e| io_err(e, "write"))?;
+            i = j;
+        }
+        self.buf.fill(0);
+        self.dirty = false;
+        Ok(())
+    }
 }
 
 fn io_err(e: std::io::Error, what: &str) -> qinspect::Error {
