@@ -154,13 +154,6 @@ impl Qcow2 {
         } else {
             None
         };
-        if h.has_data_file() && data_file_name.is_none() && strict == Strictness::Qemu {
-            // QEMU needs a data-file option then; qinspect cannot guess the file.
-            return Err(Error::unsupported(
-                "external data file",
-                "'data-file' is required for this image (incompatible bit 2 is set but there is no data file name extension)",
-            ));
-        }
         if h.data_file_raw() && !h.has_data_file() {
             let e = Error::invalid(
                 "header autoclear_features",

@@ -136,9 +136,9 @@ impl Selector {
         }
         let (mut id, mut name) = (None, None);
         for part in split_opts(arg) {
-            let (k, v) = part
-                .split_once('=')
-                .ok_or_else(|| format!("'{part}': expected snapshot.id=ID or snapshot.name=NAME"))?;
+            let (k, v) = part.split_once('=').ok_or_else(|| {
+                format!("'{part}': expected snapshot.id=ID or snapshot.name=NAME")
+            })?;
             match k {
                 "snapshot.id" => id = Some(v.to_string()),
                 "snapshot.name" => name = Some(v.to_string()),

@@ -1,11 +1,11 @@
 //! `qinspect read`: guest bytes through the chain.
 
 use super::{CmdResult, num::parse_size};
-use qinspect::image::Strictness;
-use qinspect::lookup::{ReadCache, Segment, for_each_segment, read};
 use color_eyre::eyre::{bail, eyre};
 use qinspect::chain::{Chain, OpenOptions};
+use qinspect::image::Strictness;
 use qinspect::io::{Extent, FileId, Source};
+use qinspect::lookup::{ReadCache, Segment, for_each_segment, read};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
@@ -54,6 +54,7 @@ pub fn run(a: Args) -> CmdResult {
         ..Default::default()
     };
     let chain = Chain::open(&a.image, &opts)?;
+    super::warn_notes(&chain);
     let size = chain.size();
     if a.offset > size {
         color_eyre::eyre::bail!(
@@ -207,7 +208,11 @@ fn allocate_first_block(out: &std::fs::File, len: u64) -> color_eyre::Result<()>
     if len == 0 {
         return Ok(());
     }
-    let n = if len < SPARSE_BLOCK as u64 { 512 } else { SPARSE_BLOCK };
+    let n = if len < SPARSE_BLOCK as u64 {
+        512
+    } else {
+        SPARSE_BLOCK
+    };
     out.write_all_at(&vec![0u8; n], 0)
         .map_err(|e| io_err(e, "write"))?;
     Ok(())
@@ -308,7 +313,9 @@ impl<'a> SparseWriter<'a> {
                 i += 1;
                 continue;
             }
-            let j = (i..blocks.len()).find(|&j| !blocks[j]).unwrap_or(blocks.len());
+            let j = (i..blocks.len())
+                .find(|&j| !blocks[j])
+                .unwrap_or(blocks.len());
             let bytes = &self.buf[i * SPARSE_BLOCK..(j * SPARSE_BLOCK).min(WINDOW)];
             self.out
                 .write_all_at(bytes, self.start + (i * SPARSE_BLOCK) as u64)
