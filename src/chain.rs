@@ -152,6 +152,9 @@ pub struct OpenOptions {
     pub snapshot_active_size: bool,
     /// How strictly to open qcow2 layers.
     pub strictness: Strictness,
+    /// How strictly to open the top layer, where it differs (`qemu-img check`
+    /// opens the image itself in check mode and its backing files normally).
+    pub top_strictness: Option<Strictness>,
 }
 
 /// A chain of layers, top first.
@@ -482,7 +485,11 @@ impl Chain {
                     kind: LayerKind::Raw,
                 },
                 Format::Qcow2 => {
-                    let image = Qcow2::open(src.clone(), opts.strictness)?;
+                    let strictness = match opts.top_strictness {
+                        Some(s) if is_top => s,
+                        _ => opts.strictness,
+                    };
+                    let image = Qcow2::open(src.clone(), strictness)?;
                     let view = match (&opts.snapshot, is_top) {
                         (Some(s), true) if opts.snapshot_active_size => {
                             image.snapshot_view_loaded(s)?

@@ -1317,8 +1317,8 @@ pub fn check(img: &Qcow2, opts: &CheckOptions) -> CheckReport {
             "the dirty bit is set: the image was not closed cleanly (lazy refcounts), so stored refcounts may lag behind; QEMU would repair them when opening it read-write. The computed refcounts below are what they should be.".into(),
         );
     }
-    if let Some(first) = img.problems.first() {
-        walk.report.qemu_refuses = Some(first.clone());
+    if let Some(why) = &img.check_refusal {
+        walk.report.qemu_refuses = Some(why.clone());
     }
     // Step 1: the snapshot table (qcow2_check_read_snapshot_table).
     let nb = u64::from(h.nb_snapshots);
@@ -1330,9 +1330,9 @@ pub fn check(img: &Qcow2, opts: &CheckOptions) -> CheckReport {
         ));
         return finish(walk, None);
     }
-    if nb > 0
-        && (h.snapshots_offset & walk.cmask != 0
-            || h.snapshots_offset > (i64::MAX as u64).saturating_sub(nb.saturating_mul(40)))
+    // The offset must be aligned even when there are no snapshots.
+    if h.snapshots_offset & walk.cmask != 0
+        || h.snapshots_offset > (i64::MAX as u64).saturating_sub(nb.saturating_mul(40))
     {
         walk.find(
             FindingKind::CheckError,

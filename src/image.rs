@@ -75,6 +75,12 @@ pub struct Qcow2 {
     pub bitmaps: Option<std::result::Result<Vec<BitmapEntry>, String>>,
     /// What QEMU would object to, found while opening (empty for a healthy image).
     pub problems: Vec<String>,
+    /// Why `qemu-img check`'s open (`BDRV_O_CHECK`) would fail on this file, if it
+    /// would. It skips some of the checks behind [`Qcow2::problems`]: a missing
+    /// refcount table and a bad snapshot table do not stop it.
+    pub check_refusal: Option<String>,
+    /// Oddities QEMU accepts (an L1 table running past the end of the file).
+    pub notes: Vec<String>,
     l2_cache: Mutex<HashMap<u64, Arc<Vec<L2Entry>>>>,
     reftable: Mutex<Option<Arc<Vec<RefTableEntry>>>>,
     refblock_cache: Mutex<HashMap<u64, Arc<Vec<u8>>>>,
@@ -94,7 +100,12 @@ impl Qcow2 {
         )?;
         let h = Header::parse(&first)?;
         let mut problems: Vec<String> = Vec::new();
+        let mut notes: Vec<String> = Vec::new();
         let invalid = h.validate(file_len);
+        let mut check_refusal = h
+            .validate_for(file_len, header::OpenMode::Check)
+            .first()
+            .map(|e| e.to_string());
         // An unknown version or cluster size makes everything after the header
         // unreadable, whatever the strictness.
         let fatal = invalid.iter().any(|e| {
@@ -118,6 +129,7 @@ impl Qcow2 {
             if strict == Strictness::Qemu {
                 return Err(e);
             }
+            check_refusal.get_or_insert_with(|| e.to_string());
             problems.push(e.to_string());
         }
         let features = header::named_features(&h, &extensions);
@@ -141,6 +153,7 @@ impl Qcow2 {
                 if strict == Strictness::Qemu {
                     return Err(e);
                 }
+                check_refusal.get_or_insert_with(|| e.to_string());
                 problems.push(e.to_string());
                 None
             } else {
@@ -163,6 +176,7 @@ impl Qcow2 {
             if strict == Strictness::Qemu {
                 return Err(e);
             }
+            check_refusal.get_or_insert_with(|| e.to_string());
             problems.push(e.to_string());
         }
 
@@ -178,8 +192,8 @@ impl Qcow2 {
             &mut l1_buf,
         )?;
         if h.l1_table_offset.saturating_add(l1_bytes) > file_len && l1_entries > 0 {
-            problems.push(format!(
-                "active L1 table at {:#x} ({} entries) runs past the end of the file ({file_len} bytes); the missing part reads as zeros",
+            notes.push(format!(
+                "active L1 table at {:#x} ({} entries) runs past the end of the file ({file_len} bytes); QEMU opens the image and reads the missing part as zeros",
                 h.l1_table_offset, h.l1_size
             ));
         }
@@ -222,6 +236,8 @@ impl Qcow2 {
             snapshots,
             bitmaps,
             problems,
+            check_refusal,
+            notes,
             l2_cache: Mutex::new(HashMap::new()),
             reftable: Mutex::new(None),
             refblock_cache: Mutex::new(HashMap::new()),

@@ -1,6 +1,7 @@
 //! `qinspect check`: refcount consistency, as `qemu-img check` judges it.
 
 use super::{CmdResult, style};
+use qinspect::chain::{Chain, OpenOptions};
 use qinspect::check::{CheckOptions, CheckReport, FindingKind, Progress, check};
 use qinspect::image::{Qcow2, Strictness};
 use qinspect::io::{FileSource, SharedSource};
@@ -19,7 +20,10 @@ cluster, the stored refcount and the computed reference count, who points at the
 and what a repair would change.\n\n\
 Beyond qemu-img: refcounts set past the end of the file, a data cluster mapped at two \
 guest offsets, metadata overlapping data (notes, not counted in qemu-img's totals). Images \
-QEMU refuses to open are checked as far as they can be read.\n\n\
+qemu-img check cannot open (a missing backing or data file, no key for an encrypted image, \
+a header QEMU refuses even in check mode) exit 1 as with qemu-img, after what can be read \
+is checked anyway. qemu-img check opens some images that other commands refuse: one with \
+no refcount table is checked (and its clusters counted as corruptions).\n\n\
 Exit codes, as qemu-img check: 0 clean, 1 check failed, 2 corruptions, 3 leaks only.\n\
 Nothing is written: to repair, use `qemu-img check -r` on a copy."
 )]
@@ -63,8 +67,11 @@ pub fn run(a: Args) -> CmdResult {
     let opts = CheckOptions {
         progress: Some(&tick),
     };
-    let report = check(&img, &opts);
+    let mut report = check(&img, &opts);
     bar.finish_and_clear();
+    if report.qemu_refuses.is_none() {
+        report.qemu_refuses = open_refusal(&a.image, &img);
+    }
     if a.json {
         let v = report_json(&report, &filename);
         super::print_json(&v)?;
@@ -72,6 +79,26 @@ pub fn run(a: Args) -> CmdResult {
         print_readable(&report)?;
     }
     Ok(report.exit_code())
+}
+
+/// Why `qemu-img check` would fail to open the image beyond its header: it opens
+/// the decryption key, the external data file and the whole backing chain before
+/// it checks anything.
+fn open_refusal(path: &std::path::Path, img: &Qcow2) -> Option<String> {
+    if img.header.crypt_method != 0 {
+        return Some(format!(
+            "Could not open '{}': Parameter 'encrypt.key-secret' is required for cipher",
+            path.display()
+        ));
+    }
+    let opts = OpenOptions {
+        top_strictness: Some(Strictness::Lenient),
+        strictness: Strictness::Qemu,
+        ..Default::default()
+    };
+    Chain::open(path, &opts)
+        .err()
+        .map(|e| format!("Could not open '{}': {e}", path.display()))
 }
 
 /// qemu-img check's JSON keys (all of them, zero when qemu-img leaves them out),
@@ -116,12 +143,17 @@ fn print_readable(r: &CheckReport) -> color_eyre::Result<()> {
     if let Some(why) = &r.qemu_refuses {
         writeln!(
             out,
-            "{bad}QEMU refuses to open this image:{bad:#} {why}\nChecking what can be read anyway.\n"
+            "{bad}qemu-img check cannot open this image{bad:#} (it exits 1 without checking): {why}\n\
+             What qinspect could read anyway, counted as qemu-img check would count it:\n"
         )?;
     }
     // qemu-img's summary.
     if r.corruptions == 0 && r.leaks == 0 && r.check_errors == 0 {
-        writeln!(out, "No errors were found on the image.")?;
+        if r.qemu_refuses.is_some() {
+            writeln!(out, "No refcount errors in what could be read.")?;
+        } else {
+            writeln!(out, "No errors were found on the image.")?;
+        }
     } else {
         if r.corruptions > 0 {
             writeln!(
