@@ -102,12 +102,16 @@ pub enum Role {
     BitmapTable,
     /// Bitmap data.
     BitmapData,
+    /// A snapshot's saved VM state (RAM and device state from `savevm`): data
+    /// clusters a snapshot's L1 table maps past the end of its disk.
+    VmState,
 }
 
 impl Role {
-    /// Whether the role is metadata (everything but data and compressed data).
+    /// Whether the role is metadata (everything but data, compressed data and VM
+    /// state).
     pub fn is_metadata(&self) -> bool {
-        !matches!(self, Role::Data | Role::Compressed)
+        !matches!(self, Role::Data | Role::Compressed | Role::VmState)
     }
 }
 
@@ -1242,6 +1246,14 @@ impl<'a> Walk<'a> {
                         ));
                     }
                     for (id, l1i) in all.iter().take(MAX_REFERRERS) {
+                        let role = match id {
+                            L1Id::Snapshot { index }
+                                if role == Role::Data && self.in_vm_state(*index, *l1i) =>
+                            {
+                                Role::VmState
+                            }
+                            _ => role,
+                        };
                         out.push(Referrer {
                             role,
                             l1: Some(self.l1_name(*id)),
@@ -1292,6 +1304,20 @@ impl<'a> Walk<'a> {
             ));
         }
         out
+    }
+
+    /// Whether L1 index `l1i` of snapshot `index` maps its VM state: QEMU saves
+    /// it at the guest offsets just past the disk (`qcow2_vm_state_offset`, the
+    /// first L1 entry not needed for the snapshot's disk size).
+    fn in_vm_state(&self, index: usize, l1i: u64) -> bool {
+        self.img.snapshots.snapshots.get(index).is_some_and(|s| {
+            s.vm_state_size > 0
+                && l1i
+                    >= self
+                        .img
+                        .geometry()
+                        .l1_entries_for(s.effective_disk_size(self.img.header.size))
+        })
     }
 
     fn bitmap_name(&self, b: usize) -> String {
@@ -1877,7 +1903,7 @@ pub fn role_map(img: &Qcow2, first: u64, last: u64) -> Vec<u16> {
 }
 
 /// Every role, in bit order of [`role_map`].
-pub const ROLES: [Role; 12] = [
+pub const ROLES: [Role; 13] = [
     Role::Header,
     Role::L1Table,
     Role::L2Table,
@@ -1890,4 +1916,5 @@ pub const ROLES: [Role; 12] = [
     Role::BitmapDirectory,
     Role::BitmapTable,
     Role::BitmapData,
+    Role::VmState,
 ];

@@ -395,8 +395,9 @@ impl Header {
                 "Image does not contain a reference count table".into(),
             ));
         }
-        let table_checks: [(&str, u64, u64, u64, u64, &str, bool); 3] = [
+        let table_checks: [(&str, &str, u64, u64, u64, u64, &str, bool); 3] = [
             (
+                "refcount table",
                 "Reference count table",
                 48,
                 self.refcount_table_offset,
@@ -406,6 +407,7 @@ impl Header {
                 true,
             ),
             (
+                "snapshot table",
                 "Snapshot table",
                 64,
                 self.snapshots_offset,
@@ -415,6 +417,7 @@ impl Header {
                 !check,
             ),
             (
+                "L1 table",
                 "Active L1 table",
                 40,
                 self.l1_table_offset,
@@ -424,26 +427,25 @@ impl Header {
                 true,
             ),
         ];
-        for (what, field_off, off, size, max, unit, applies) in table_checks {
+        for (field, what, field_off, off, size, max, unit, applies) in table_checks {
             if !applies {
                 continue;
             }
-            let field = what.to_lowercase();
             if size > max {
                 out.push(bad(
-                    &field,
+                    field,
                     field_off,
                     format!("{what} too large ({size}{unit}, limit {max})"),
                 ));
             } else if off.checked_add(size).is_none_or(|e| e > i64::MAX as u64) {
                 out.push(bad(
-                    &field,
+                    field,
                     field_off,
                     format!("{what} offset invalid ({off:#x} plus the table's size passes 2^63)"),
                 ));
             } else if !geo.is_cluster_aligned(off) {
                 out.push(bad(
-                    &field,
+                    field,
                     field_off,
                     format!("{what} offset invalid ({off:#x} is not aligned to a cluster)"),
                 ));

@@ -75,6 +75,12 @@ pub fn run(a: Args) -> CmdResult {
     if a.json {
         let v = report_json(&report, &filename);
         super::print_json(&v)?;
+        // Like qemu-img, say on stderr why the check failed.
+        let why = report.qemu_refuses.as_ref().or(report.aborted.as_ref());
+        if let Some(why) = why {
+            let mut err = anstream::stderr();
+            writeln!(err, "qinspect: qemu-img check fails: {why}")?;
+        }
     } else {
         print_readable(&report)?;
     }
@@ -143,7 +149,7 @@ fn print_readable(r: &CheckReport) -> color_eyre::Result<()> {
     if let Some(why) = &r.qemu_refuses {
         writeln!(
             out,
-            "{bad}qemu-img check cannot open this image{bad:#} (it exits 1 without checking): {why}\n\
+            "{bad}qemu-img check fails:{bad:#} it cannot open this image, and exits 1 without checking it: {why}\n\
              What qinspect could read anyway, counted as qemu-img check would count it:\n"
         )?;
     }
