@@ -188,6 +188,26 @@ pub struct HeaderField {
     pub meaning: String,
 }
 
+/// One of QEMU's `qcow2_validate_table` calls at open time.
+struct TableCheck {
+    /// The structure, for the error's `what`.
+    field: &'static str,
+    /// QEMU's name for it, which starts its messages.
+    what: &'static str,
+    /// Header offset of the field holding the table's offset.
+    field_off: u64,
+    /// The table's offset.
+    off: u64,
+    /// Its size (bytes, or entries for the snapshot table).
+    size: u64,
+    /// QEMU's limit for `size`.
+    max: u64,
+    /// The unit of `size`, for messages.
+    unit: &'static str,
+    /// Whether the check runs in this open mode.
+    applies: bool,
+}
+
 /// How QEMU opens an image, which decides what it checks while opening.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum OpenMode {
@@ -395,39 +415,49 @@ impl Header {
                 "Image does not contain a reference count table".into(),
             ));
         }
-        let table_checks: [(&str, &str, u64, u64, u64, u64, &str, bool); 3] = [
-            (
-                "refcount table",
-                "Reference count table",
-                48,
-                self.refcount_table_offset,
-                u64::from(self.refcount_table_clusters).saturating_mul(cs),
-                crate::refcount::MAX_REFTABLE_BYTES,
-                " bytes",
-                true,
-            ),
-            (
-                "snapshot table",
-                "Snapshot table",
-                64,
-                self.snapshots_offset,
-                u64::from(self.nb_snapshots),
-                crate::snapshot::MAX_SNAPSHOTS,
-                " entries",
-                !check,
-            ),
-            (
-                "L1 table",
-                "Active L1 table",
-                40,
-                self.l1_table_offset,
-                u64::from(self.l1_size).saturating_mul(8),
-                crate::tables::MAX_L1_BYTES,
-                " bytes",
-                true,
-            ),
+        let table_checks = [
+            TableCheck {
+                field: "refcount table",
+                what: "Reference count table",
+                field_off: 48,
+                off: self.refcount_table_offset,
+                size: u64::from(self.refcount_table_clusters).saturating_mul(cs),
+                max: crate::refcount::MAX_REFTABLE_BYTES,
+                unit: " bytes",
+                applies: true,
+            },
+            TableCheck {
+                field: "snapshot table",
+                what: "Snapshot table",
+                field_off: 64,
+                off: self.snapshots_offset,
+                size: u64::from(self.nb_snapshots),
+                max: crate::snapshot::MAX_SNAPSHOTS,
+                unit: " entries",
+                applies: !check,
+            },
+            TableCheck {
+                field: "L1 table",
+                what: "Active L1 table",
+                field_off: 40,
+                off: self.l1_table_offset,
+                size: u64::from(self.l1_size).saturating_mul(8),
+                max: crate::tables::MAX_L1_BYTES,
+                unit: " bytes",
+                applies: true,
+            },
         ];
-        for (field, what, field_off, off, size, max, unit, applies) in table_checks {
+        for TableCheck {
+            field,
+            what,
+            field_off,
+            off,
+            size,
+            max,
+            unit,
+            applies,
+        } in table_checks
+        {
             if !applies {
                 continue;
             }
