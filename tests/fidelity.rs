@@ -579,6 +579,10 @@ fn check_and_info_exit_as_qemu_img_does_on_images_it_refuses() {
     w.qemu_img(&["snapshot", "-c", "s", "l1copy.qcow2"]);
 }
 
+/// One open-time check: name, byte patches, QEMU's words, and whether
+/// `qemu-img check` opens the image anyway.
+type OpenCase = (&'static str, Vec<(u64, Vec<u8>)>, &'static str, bool);
+
 /// QEMU's open-time checks (`qcow2_do_open`, `qcow2_read_extensions`,
 /// `qcow2_read_snapshots`), one image each, with the wording QEMU uses. Each row
 /// says whether `qemu-img check` (BDRV_O_CHECK) opens the image anyway.
@@ -594,7 +598,7 @@ fn qemu_open_time_checks_that_qinspect_reproduces() {
     let u32b = |v: u32| v.to_be_bytes().to_vec();
     let u64b = |v: u64| v.to_be_bytes().to_vec();
     // (name, patches, QEMU's words, qemu-img check opens it too)
-    let cases: Vec<(&str, Vec<(u64, Vec<u8>)>, &str, bool)> = vec![
+    let cases: Vec<OpenCase> = vec![
         (
             "version",
             vec![(4, u32b(4))],
