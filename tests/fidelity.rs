@@ -4,7 +4,6 @@
 
 mod common;
 use common::Work;
-use std::os::unix::fs::MetadataExt;
 use std::process::{Command, Stdio};
 
 fn stderr(out: &std::process::Output) -> String {
@@ -119,7 +118,7 @@ fn read_refuses_every_file_of_the_chain_by_device_and_inode() {
 // ---- 2. read writes what qemu-img convert -O raw writes ----
 
 fn blocks(w: &Work, name: &str) -> u64 {
-    std::fs::metadata(w.path(name)).unwrap().blocks()
+    common::allocated_blocks(&w.path(name))
 }
 
 /// Bytes and allocated blocks of `read -o` equal `qemu-img convert -O raw`'s.
@@ -144,9 +143,14 @@ fn assert_same_output(w: &Work, image: &str, extra: &[&str]) {
     assert_eq!(a.len(), b.len(), "{image} {extra:?}: length");
     assert!(a == b, "{image} {extra:?}: bytes differ");
     assert_eq!(
-        blocks(w, "m.raw"),
-        blocks(w, "q.raw"),
-        "{image} {extra:?}: allocated 512-byte blocks (qinspect vs qemu-img)"
+        common::data_extents(&w.path("m.raw")),
+        common::data_extents(&w.path("q.raw")),
+        "{image} {extra:?}: data extents"
+    );
+    common::assert_blocks_match(
+        &w.path("m.raw"),
+        &w.path("q.raw"),
+        &format!("{image} {extra:?}"),
     );
 }
 
