@@ -102,9 +102,11 @@ fn open_refusal(path: &std::path::Path, img: &Qcow2) -> Option<String> {
         strictness: Strictness::Qemu,
         ..Default::default()
     };
-    Chain::open(path, &opts)
-        .err()
-        .map(|e| format!("Could not open '{}': {e}", path.display()))
+    match Chain::open(path, &opts) {
+        Err(e) => Some(format!("Could not open '{}': {e}", path.display())),
+        // A data file found only next to the image: QEMU would not find it.
+        Ok(chain) => chain.notes.first().cloned(),
+    }
 }
 
 /// qemu-img check's JSON keys (all of them, zero when qemu-img leaves them out),
