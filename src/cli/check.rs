@@ -6,7 +6,7 @@ use qinspect::image::{Qcow2, Strictness};
 use qinspect::io::{FileSource, SharedSource};
 use serde_json::{Value, json};
 use std::io::{IsTerminal, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 /// Arguments of `qinspect check`.
@@ -20,40 +20,57 @@ and what a repair would change.\n\n\
 Beyond qemu-img: refcounts set past the end of the file, a data cluster mapped at two \
 guest offsets, metadata overlapping data (notes, not counted in qemu-img's totals). Images \
 QEMU refuses to open are checked as far as they can be read.\n\n\
-Exit codes, as qemu-img check: 0 clean, 1 check failed, 2 corruptions, 3 leaks only.\n\
+Exit codes, as qemu-img check: 0 clean, 1 check failed, 2 corruptions, 3 leaks only.\n\n\
+Several images (or --recursive): they are checked in parallel, one per core, and each \
+gets one summary row (verdict, corruptions, leaks, allocated clusters, dirty bit, whether \
+its backing chain opens), then a total. An image that cannot be read is reported in its \
+row and the others are still checked. The exit code is the most severe of the images' \
+codes, in this order: 2 (corruptions), then 1 (could not check: unreadable, check failed, \
+not qcow2), then 3 (leaks only), then 0 (clean). With --json each image is one line of \
+JSON (NDJSON), the same object `check --json IMAGE` prints for it, in the order given; an \
+image that cannot be read is {\"filename\", \"error\"}.\n\n\
 Nothing is written: to repair, use `qemu-img check -r` on a copy."
 )]
 pub struct Args {
-    /// The image file.
-    pub image: PathBuf,
-    /// Print JSON: qemu-img check's keys plus `findings`.
+    /// The image files; with --recursive, also directories to search for images.
+    #[arg(required = true, value_name = "IMAGE")]
+    pub images: Vec<PathBuf>,
+    /// Print JSON: qemu-img check's keys plus `findings` (one line per image when
+    /// there are several).
     #[arg(long)]
     pub json: bool,
+    /// Check every qcow2 image under the directories given (files that start with
+    /// the qcow2 magic or whose name ends in .qcow2), in file-name order.
+    #[arg(long, short = 'r')]
+    pub recursive: bool,
 }
 
 /// Run `qinspect check`.
 pub fn run(a: Args) -> CmdResult {
-    let filename = a.image.to_string_lossy().into_owned();
-    let src: SharedSource = Arc::new(FileSource::open(&a.image)?);
+    match a.images.as_slice() {
+        [one] if !a.recursive => check_one(one, a.json),
+        _ => super::check_many::run(&a.images, a.recursive, a.json),
+    }
+}
+
+fn check_one(image: &Path, json: bool) -> CmdResult {
+    let filename = image.to_string_lossy().into_owned();
+    let src: SharedSource = Arc::new(FileSource::open(image)?);
     if qinspect::chain::Format::probe(src.as_ref()) == qinspect::chain::Format::Raw {
         let mut err = anstream::stderr();
         writeln!(
             err,
-            "qinspect: {} is a raw image: raw images have no metadata to check (qemu-img: \"This image format does not support checks\")",
-            a.image.display()
+            "qinspect: {} is a raw image: {RAW_HAS_NO_CHECKS}",
+            image.display()
         )?;
         return Ok(63);
     }
     let img = Qcow2::open(src, Strictness::Lenient)?;
-    let show_progress = !a.json && std::io::stderr().is_terminal();
+    let show_progress = !json && std::io::stderr().is_terminal();
     let bar = indicatif::ProgressBar::hidden();
     if show_progress {
         bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());
-        bar.set_style(
-            indicatif::ProgressStyle::with_template("{msg:>12} [{bar:40}] {pos}/{len} ({eta})")
-                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
-                .progress_chars("=> "),
-        );
+        bar.set_style(bar_style());
     }
     let tick = |p: Progress| {
         bar.set_message(p.phase);
@@ -65,13 +82,23 @@ pub fn run(a: Args) -> CmdResult {
     };
     let report = check(&img, &opts);
     bar.finish_and_clear();
-    if a.json {
+    if json {
         let v = report_json(&report, &filename);
         super::print_json(&v)?;
     } else {
         print_readable(&report)?;
     }
     Ok(report.exit_code())
+}
+
+/// What a raw image gets instead of a check (qemu-img's words in quotes).
+pub const RAW_HAS_NO_CHECKS: &str = "raw images have no metadata to check (qemu-img: \"This image format does not support checks\")";
+
+/// The progress bar of one image's check.
+pub fn bar_style() -> indicatif::ProgressStyle {
+    indicatif::ProgressStyle::with_template("{msg:>12} [{bar:40}] {pos}/{len} ({eta})")
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+        .progress_chars("=> ")
 }
 
 /// qemu-img check's JSON keys (all of them, zero when qemu-img leaves them out),

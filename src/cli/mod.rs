@@ -2,6 +2,7 @@
 //! the `qinspect` library.
 
 pub mod check;
+pub mod check_many;
 pub mod clusters;
 pub mod dump;
 pub mod hexdump;
