@@ -305,34 +305,51 @@ fn print_readable(img: &Qcow2, path: &std::path::Path, filename: &str) -> color_
     Ok(())
 }
 
-/// Seconds since the epoch as `YYYY-MM-DD HH:MM:SS` (UTC).
+/// Seconds since the epoch as `YYYY-MM-DD HH:MM:SS` in local time, as `qemu-img
+/// snapshot -l` and `qemu-img info` print snapshot dates: the zone `TZ` names, else
+/// the system's (`/etc/localtime`).
 pub fn format_date(secs: u32) -> String {
-    let days = i64::from(secs / 86400);
-    let rem = secs % 86400;
-    // Civil-from-days (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
-    let y = yoe + era * 400;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = if m <= 2 { y + 1 } else { y };
-    format!(
-        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}",
-        rem / 3600,
-        rem / 60 % 60,
-        rem % 60
-    )
+    format_date_in(secs, &jiff::tz::TimeZone::system())
+}
+
+/// Seconds since the epoch as `YYYY-MM-DD HH:MM:SS` in the zone `tz`.
+pub fn format_date_in(secs: u32, tz: &jiff::tz::TimeZone) -> String {
+    jiff::Timestamp::from_second(i64::from(secs))
+        .map(|t| {
+            t.to_zoned_datetime(tz.clone())
+                .strftime("%Y-%m-%d %H:%M:%S")
+                .to_string()
+        })
+        .unwrap_or_else(|_| secs.to_string())
 }
 
 #[cfg(test)]
 mod tests {
+    use jiff::tz::TimeZone;
+
     #[test]
-    fn dates() {
-        assert_eq!(super::format_date(0), "1970-01-01 00:00:00");
-        assert_eq!(super::format_date(1_700_000_000), "2023-11-14 22:13:20");
+    fn dates_in_a_zone() {
+        let utc = TimeZone::UTC;
+        assert_eq!(super::format_date_in(0, &utc), "1970-01-01 00:00:00");
+        assert_eq!(
+            super::format_date_in(1_700_000_000, &utc),
+            "2023-11-14 22:13:20"
+        );
+        assert_eq!(super::format_date_in(u32::MAX, &utc), "2106-02-07 06:28:15");
+        // A zone half an hour off, and one with summer time.
+        let kolkata = TimeZone::get("Asia/Kolkata").unwrap();
+        assert_eq!(
+            super::format_date_in(1_700_000_000, &kolkata),
+            "2023-11-15 03:43:20"
+        );
+        let ny = TimeZone::get("America/New_York").unwrap();
+        assert_eq!(
+            super::format_date_in(1_700_000_000, &ny),
+            "2023-11-14 17:13:20"
+        );
+        assert_eq!(
+            super::format_date_in(1_690_000_000, &ny),
+            "2023-07-22 00:26:40"
+        );
     }
 }
