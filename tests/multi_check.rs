@@ -244,3 +244,54 @@ fn recursive_checks_every_qcow2_under_a_directory() {
     assert_eq!(row(&table, "pool")[1], "unreadable");
     assert!(table.contains("pool: is a directory"), "{table}");
 }
+
+#[test]
+fn info_and_map_take_several_images() {
+    let w = Work::new();
+    pool(&w);
+    // info --json: one line per image, each the single-image object.
+    let (code, out) = qinspect_code(
+        &w,
+        &[
+            "info",
+            "--json",
+            "healthy.qcow2",
+            "missing.qcow2",
+            "leaking.qcow2",
+        ],
+    );
+    assert_eq!(code, 1, "one image could not be read");
+    let lines: Vec<Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 3, "{out}");
+    for (v, name) in [(&lines[0], "healthy.qcow2"), (&lines[2], "leaking.qcow2")] {
+        let single = Work::json(&w.qinspect_ok(&["info", "--json", name]));
+        assert_eq!(*v, single, "info line of {name}");
+    }
+    assert_eq!(lines[1]["filename"], "missing.qcow2");
+    assert!(lines[1]["error"].is_string());
+    // Readable info: each image's summary in turn, the same as on its own.
+    let (code, out) = qinspect_code(&w, &["info", "healthy.qcow2", "leaking.qcow2"]);
+    assert_eq!(code, 0);
+    let one = String::from_utf8(w.qinspect_ok(&["info", "healthy.qcow2"])).unwrap();
+    let two = String::from_utf8(w.qinspect_ok(&["info", "leaking.qcow2"])).unwrap();
+    assert_eq!(out, format!("{one}\n{two}"));
+    // map: one table per image under its name, the same as on its own.
+    let (code, out) = qinspect_code(
+        &w,
+        &["map", "healthy.qcow2", "missing.qcow2", "leaking.qcow2"],
+    );
+    assert_eq!(code, 1);
+    let one = String::from_utf8(w.qinspect_ok(&["map", "healthy.qcow2"])).unwrap();
+    let two = String::from_utf8(w.qinspect_ok(&["map", "leaking.qcow2"])).unwrap();
+    assert_eq!(
+        out,
+        format!("healthy.qcow2\n{one}\nmissing.qcow2\n\nleaking.qcow2\n{two}")
+    );
+    // qemu-img map's JSON is one array for one image.
+    let out = w.qinspect(&["map", "--json", "healthy.qcow2", "leaking.qcow2"]);
+    assert_ne!(out.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--json maps one image"));
+}

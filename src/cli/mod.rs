@@ -73,3 +73,11 @@ pub fn print_json(v: &impl serde::Serialize) -> color_eyre::Result<()> {
     writeln!(out)?;
     Ok(())
 }
+
+/// Whether `e` comes from writing to a closed pipe (`qinspect ... | head`).
+pub fn is_broken_pipe(e: &color_eyre::Report) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
+}
