@@ -1,7 +1,7 @@
 //! `qinspect check A B ...` and `check --recursive DIR`: many images checked in
 //! parallel, one summary row each, a total, and the most severe exit code.
 
-use super::check::{RAW_HAS_NO_CHECKS, bar_style, report_json};
+use super::check::{RAW_HAS_NO_CHECKS, report_json};
 use super::style;
 use qinspect::chain::{Chain, Format, OpenOptions};
 use qinspect::check::{CheckOptions, CheckReport, Progress, check};
@@ -225,6 +225,13 @@ fn verdict(o: &Outcome) -> &'static str {
     }
 }
 
+/// The progress bar of one image among many: its name, then its check's phase.
+fn image_bar_style() -> indicatif::ProgressStyle {
+    indicatif::ProgressStyle::with_template("{prefix} {msg:>12} [{bar:30}] {pos}/{len}")
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+        .progress_chars("=> ")
+}
+
 /// Run a check over many images.
 pub fn run(paths: &[PathBuf], recursive: bool, json: bool) -> super::CmdResult {
     let targets = targets(paths, recursive);
@@ -267,8 +274,8 @@ pub fn run(paths: &[PathBuf], recursive: bool, json: bool) -> super::CmdResult {
                         return;
                     }
                     let bar = multi.insert_before(all, indicatif::ProgressBar::hidden());
-                    bar.set_style(bar_style());
-                    bar.set_message(t.path().to_string_lossy().into_owned());
+                    bar.set_style(image_bar_style());
+                    bar.set_prefix(t.path().to_string_lossy().into_owned());
                     let o = check_target(t, &bar);
                     bar.finish_and_clear();
                     multi.remove(&bar);
