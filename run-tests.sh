@@ -80,5 +80,7 @@ cargo deb --version
 
 # The .deb: binary, man page and completions where Debian puts them.
 packaging/build-deb.sh --check
+# The release archive cargo-binstall reads.
+packaging/build-archive.sh --check
 
 cargo test --release --locked "$@" -- --show-output
