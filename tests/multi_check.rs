@@ -295,3 +295,57 @@ fn info_and_map_take_several_images() {
     assert_ne!(out.status.code(), Some(0));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--json maps one image"));
 }
+
+#[test]
+fn a_backing_chain_that_does_not_open_fails_the_check_as_in_qemu() {
+    let w = Work::new();
+    pool(&w);
+    w.qemu_img(&[
+        "create",
+        "-f",
+        "qcow2",
+        "-b",
+        "healthy.qcow2",
+        "-F",
+        "qcow2",
+        "overlay.qcow2",
+    ]);
+    w.qemu_img(&[
+        "create",
+        "-f",
+        "qcow2",
+        "-b",
+        "gone.qcow2",
+        "-F",
+        "qcow2",
+        "-u",
+        "orphan.qcow2",
+        "1G",
+    ]);
+    assert_eq!(qemu_check(&w, "overlay.qcow2").0, 0);
+    assert_eq!(
+        qemu_check(&w, "orphan.qcow2").0,
+        1,
+        "qemu-img cannot open it"
+    );
+    let (code, table) = qinspect_code(&w, &["check", "overlay.qcow2", "orphan.qcow2"]);
+    assert_eq!(code, 1, "{table}");
+    assert_eq!(row(&table, "overlay.qcow2")[1], "clean");
+    assert_eq!(row(&table, "overlay.qcow2")[6..], ["ok", "(1", "below)"]);
+    let orphan = row(&table, "orphan.qcow2");
+    assert_eq!((orphan[1], orphan[2]), ("check", "failed"));
+    assert_eq!(orphan.last(), Some(&"BROKEN"));
+    assert!(
+        table.contains("cannot open backing file 'gone.qcow2'"),
+        "{table}"
+    );
+    // The single-image check agrees with qemu-img, and says why.
+    let v = w.assert_check_matches("orphan.qcow2");
+    assert!(
+        v["qemu-refuses-to-open"]
+            .as_str()
+            .unwrap()
+            .starts_with("Could not open backing image"),
+        "{v}"
+    );
+}

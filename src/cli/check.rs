@@ -80,8 +80,9 @@ fn check_one(image: &Path, json: bool) -> CmdResult {
     let opts = CheckOptions {
         progress: Some(&tick),
     };
-    let report = check(&img, &opts);
+    let mut report = check(&img, &opts);
     bar.finish_and_clear();
+    backing_chain(&mut report, &img, image);
     if json {
         let v = report_json(&report, &filename);
         super::print_json(&v)?;
@@ -89,6 +90,34 @@ fn check_one(image: &Path, json: bool) -> CmdResult {
         print_readable(&report)?;
     }
     Ok(report.exit_code())
+}
+
+/// How an image's backing chain fares.
+pub enum Backing {
+    /// No backing file.
+    None,
+    /// It opens: this many layers below the image.
+    Opens(usize),
+    /// It does not open (why is in the report's `qemu_refuses`).
+    Broken,
+}
+
+/// Open the backing chain, as `qemu-img check` does before checking: when that
+/// fails, qemu-img stops with exit code 1. The image is still checked here; the
+/// reason is recorded as QEMU's refusal, so the exit code is 1 too.
+pub fn backing_chain(report: &mut CheckReport, img: &Qcow2, path: &Path) -> Backing {
+    if img.backing_name.is_none() {
+        return Backing::None;
+    }
+    match qinspect::chain::Chain::open(path, &qinspect::chain::OpenOptions::default()) {
+        Ok(chain) => Backing::Opens(chain.layers.len().saturating_sub(1)),
+        Err(e) => {
+            if report.qemu_refuses.is_none() {
+                report.qemu_refuses = Some(format!("Could not open backing image: {e}"));
+            }
+            Backing::Broken
+        }
+    }
 }
 
 /// What a raw image gets instead of a check (qemu-img's words in quotes).

@@ -1,9 +1,9 @@
 //! `qinspect check A B ...` and `check --recursive DIR`: many images checked in
 //! parallel, one summary row each, a total, and the most severe exit code.
 
-use super::check::{RAW_HAS_NO_CHECKS, report_json};
+use super::check::{Backing, RAW_HAS_NO_CHECKS, backing_chain, report_json};
 use super::style;
-use qinspect::chain::{Chain, Format, OpenOptions};
+use qinspect::chain::Format;
 use qinspect::check::{CheckOptions, CheckReport, Progress, check};
 use qinspect::image::{Qcow2, Strictness};
 use qinspect::io::{FileSource, SharedSource};
@@ -79,16 +79,6 @@ fn looks_like_qcow2(path: &Path) -> bool {
     std::fs::File::open(path)
         .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut magic))
         .is_ok_and(|()| &magic == QCOW2_MAGIC)
-}
-
-/// How an image's backing chain fares.
-enum Backing {
-    /// No backing file.
-    None,
-    /// It opens: this many layers below the image.
-    Opens(usize),
-    /// It does not open: why.
-    Broken(String),
 }
 
 /// The result of checking one image.
@@ -168,35 +158,22 @@ fn check_target(t: &Target, bar: &indicatif::ProgressBar) -> Outcome {
         bar.set_length(p.total);
         bar.set_position(p.done);
     };
-    let report = check(
+    let mut report = check(
         &img,
         &CheckOptions {
             progress: Some(&tick),
         },
     );
-    let backing = match &img.backing_name {
-        None => Backing::None,
-        Some(_) => match Chain::open(path, &OpenOptions::default()) {
-            Ok(chain) => Backing::Opens(chain.layers.len().saturating_sub(1)),
-            Err(e) => Backing::Broken(e.to_string()),
-        },
-    };
+    let backing = backing_chain(&mut report, &img, path);
     outcome(filename, &report, img.header.dirty(), backing)
 }
 
 fn outcome(filename: String, r: &CheckReport, dirty: bool, backing: Backing) -> Outcome {
-    let problem = r
-        .aborted
-        .clone()
-        .or_else(|| {
-            r.qemu_refuses
-                .clone()
-                .map(|w| format!("QEMU refuses to open it: {w}"))
-        })
-        .or_else(|| match &backing {
-            Backing::Broken(e) => Some(format!("backing chain: {e}")),
-            _ => None,
-        });
+    let problem = r.aborted.clone().or_else(|| {
+        r.qemu_refuses
+            .clone()
+            .map(|w| format!("QEMU refuses to open it: {w}"))
+    });
     Outcome {
         json: report_json(r, &filename),
         filename,
@@ -371,7 +348,7 @@ impl Printer {
             self.allocated = self.allocated.saturating_add(r.allocated);
             self.total = self.total.saturating_add(r.total);
             self.dirty = self.dirty.saturating_add(u64::from(r.dirty));
-            if matches!(r.backing, Backing::Broken(_)) {
+            if matches!(r.backing, Backing::Broken) {
                 self.broken_chains = self.broken_chains.saturating_add(1);
             }
         }
@@ -399,7 +376,7 @@ impl Printer {
                 let backing = match &r.backing {
                     Backing::None => "none".to_string(),
                     Backing::Opens(n) => format!("ok ({n} below)"),
-                    Backing::Broken(_) => format!("{}BROKEN{:#}", style::BAD, style::BAD),
+                    Backing::Broken => format!("{}BROKEN{:#}", style::BAD, style::BAD),
                 };
                 let errors = if r.check_errors > 0 {
                     format!(" ({} check errors)", r.check_errors)
