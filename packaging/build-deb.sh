@@ -15,6 +15,7 @@ mkdir -p "$assets"
 "$bin" completions fish > "$assets/qinspect.fish"
 
 deb=$(cargo deb --no-build --locked | tail -1)
+deb=${deb#"$PWD/"}
 echo "built $deb"
 [ "${1:-}" = --check ] || exit 0
 
