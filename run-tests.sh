@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The test command: installs what the tests need when it is missing, builds and
-# checks the .deb, then runs the test suite. Extra arguments go to `cargo test`.
+# checks the .deb, then runs the test suite. Extra arguments go to `cargo test`;
+# `--setup-only` installs what is missing and stops.
 #
 #   qemu-img, qemu-io  qemu-utils 10.0.2 (on Debian bookworm: from bookworm-backports)
 #   tmux               for tests/tui_tmux.rs
@@ -9,6 +10,12 @@
 # qinspect itself needs none of these at run time: QEMU is only the tests' oracle.
 set -euo pipefail
 cd "$(dirname "$0")"
+
+setup_only=
+if [ "${1:-}" = --setup-only ]; then
+    setup_only=1
+    shift
+fi
 
 QEMU_VERSION=10.0.2
 CARGO_DEB_VERSION=3.8.0
@@ -67,16 +74,22 @@ if ! command -v tmux >/dev/null; then
     apt_update
     as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq tmux
 fi
-if ! cargo deb --version >/dev/null 2>&1; then
-    cargo install --locked cargo-deb --version "$CARGO_DEB_VERSION"
-fi
 if ! qemu_ok; then
     echo "run-tests.sh: the tests need qemu-img $QEMU_VERSION; found: $(qemu-img --version | head -1)" >&2
     exit 1
 fi
 qemu-img --version | head -1
 tmux -V
+if ! command -v cargo >/dev/null; then
+    echo "run-tests.sh: cargo is missing: install the Rust toolchain (rustup) first" >&2
+    [ -n "$setup_only" ] && exit 0
+    exit 1
+fi
+if ! cargo deb --version >/dev/null 2>&1; then
+    cargo install --locked cargo-deb --version "$CARGO_DEB_VERSION"
+fi
 cargo deb --version
+[ -n "$setup_only" ] && exit 0
 
 # The .deb: binary, man page and completions where Debian puts them.
 packaging/build-deb.sh --check

@@ -20,7 +20,8 @@ and what a repair would change.\n\n\
 Beyond qemu-img: refcounts set past the end of the file, a data cluster mapped at two \
 guest offsets, metadata overlapping data (notes, not counted in qemu-img's totals). Images \
 QEMU refuses to open are checked as far as they can be read.\n\n\
-Exit codes, as qemu-img check: 0 clean, 1 check failed, 2 corruptions, 3 leaks only.\n\n\
+Exit codes, as qemu-img check: 0 clean, 1 check failed (also when the backing chain does \
+not open: qemu-img opens it first), 2 corruptions, 3 leaks only, 63 a raw image.\n\n\
 Several images (or --recursive): they are checked in parallel, one per core, and each \
 gets one summary row (verdict, corruptions, leaks, allocated clusters, dirty bit, whether \
 its backing chain opens), then a total. An image that cannot be read is reported in its \
