@@ -253,7 +253,17 @@ pub fn run(paths: &[PathBuf], recursive: bool, json: bool) -> super::CmdResult {
                     let bar = multi.insert_before(all, indicatif::ProgressBar::hidden());
                     bar.set_style(image_bar_style());
                     bar.set_prefix(t.path().to_string_lossy().into_owned());
-                    let o = check_target(t, &bar);
+                    // A panic is a bug, but it must not cost the other images their check.
+                    let o = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        check_target(t, &bar)
+                    }))
+                    .unwrap_or_else(|_| {
+                        failed(
+                            t.path().to_string_lossy().into_owned(),
+                            1,
+                            "internal error: the check of this image panicked".into(),
+                        )
+                    });
                     bar.finish_and_clear();
                     multi.remove(&bar);
                     all.inc(1);
