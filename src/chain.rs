@@ -5,15 +5,27 @@
 //! the backing file, which may itself have a backing file, and so on. Bytes past the
 //! end of a shorter backing file read as zeros.
 //!
-//! Names are resolved like QEMU's `path_combine`: an absolute name is used as it
-//! is; a relative one is taken relative to the directory of the image that names
-//! it. The format comes from the backing-format extension, or is probed (qcow2 magic
-//! or raw). An image may instead keep its data in an **external data file**, named
-//! by a header extension and resolved the same way.
+//! Backing names are resolved as QEMU 10 resolves them:
+//!
+//! * a plain name: absolute as it is, relative to the directory of the image that
+//!   names it (`path_combine`);
+//! * `file:NAME`: the `file` protocol; NAME is taken as it is, so a relative one is
+//!   relative to the working directory;
+//! * `json:{...}`: a block-driver spec; qinspect follows the specs that end in a
+//!   local file (`{"driver":"qcow2","file":{"driver":"file","filename":"b.qcow2"}}`,
+//!   also with flattened `file.filename` keys) and names the driver of any other;
+//! * another protocol (`nbd://`, `http://`, ...): refused, naming it.
+//!
+//! The format comes from the json spec's driver, the backing-format extension, or a
+//! probe (qcow2 magic or raw). An image may instead keep its data in an **external
+//! data file**, named by a header extension. QEMU opens that name as it is, relative
+//! to the *working directory*, not to the image; qinspect does the same, and only
+//! when that file does not exist but one of that name sits next to the image does it
+//! read that one instead, saying so in [`Chain::notes`].
 
 use crate::error::{Error, Result};
 use crate::image::{Qcow2, Strictness, View};
-use crate::io::{FileSource, SharedSource, Source};
+use crate::io::{FileId, FileSource, SharedSource, Source};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -133,8 +145,16 @@ pub struct OpenOptions {
     pub snapshot: Option<String>,
     /// Open only the top image (like `qemu-img info` does).
     pub no_backing: bool,
+    /// Do not open external data files (`qemu-img info` opens none).
+    pub no_data_file: bool,
+    /// With `snapshot`: keep the active disk size, as `qemu-img convert -l` does,
+    /// instead of the snapshot's own (see [`Qcow2::snapshot_view_loaded`]).
+    pub snapshot_active_size: bool,
     /// How strictly to open qcow2 layers.
     pub strictness: Strictness,
+    /// How strictly to open the top layer, where it differs (`qemu-img check`
+    /// opens the image itself in check mode and its backing files normally).
+    pub top_strictness: Option<Strictness>,
 }
 
 /// A chain of layers, top first.
@@ -142,6 +162,70 @@ pub struct OpenOptions {
 pub struct Chain {
     /// Layers from the top image down to the base.
     pub layers: Vec<Layer>,
+    /// Where qinspect had to differ from QEMU to open the chain at all (a data
+    /// file found next to the image rather than where QEMU looks). Commands print
+    /// these as warnings.
+    pub notes: Vec<String>,
+}
+
+/// Open the external data file of `image` (opened from `path`), as QEMU does.
+///
+/// Incompatible bit 2 without a name: QEMU needs a `data-file` option, which
+/// qinspect does not take, so the chain cannot be read ("'data-file' is required
+/// for this image"). A name is opened as it is (relative to the working
+/// directory); if that fails and a file of that name is next to the image, that
+/// one is used and a note says so.
+fn open_data_file(
+    image: &Qcow2,
+    path: &Path,
+    notes: &mut Vec<String>,
+) -> Result<Option<SharedSource>> {
+    if !image.header.has_data_file() {
+        if image.header.data_file_raw() {
+            return Err(Error::invalid(
+                "header autoclear_features",
+                88,
+                "data-file-raw requires a data file",
+            ));
+        }
+        return Ok(None);
+    }
+    let Some(name) = &image.data_file_name else {
+        return Err(Error::Chain {
+            chain: path.display().to_string(),
+            reason: "'data-file' is required for this image (incompatible bit 2 is set, but the image names no data file)".into(),
+        });
+    };
+    let t = resolve_backing(Path::new(""), name).map_err(|reason| Error::Chain {
+        chain: path.display().to_string(),
+        reason: format!("external data file: {reason}"),
+    })?;
+    match FileSource::open(&t.path) {
+        Ok(f) => Ok(Some(Arc::new(f))),
+        Err(Error::Io { source, .. }) => {
+            let beside = resolve_relative(path, name);
+            if beside != t.path
+                && let Ok(f) = FileSource::open(&beside)
+            {
+                notes.push(format!(
+                    "external data file '{name}': QEMU opens it relative to the working directory and would fail (Could not open '{}': {}); reading {} next to the image instead",
+                    t.path.display(),
+                    strerror(&source),
+                    beside.display()
+                ));
+                return Ok(Some(Arc::new(f)));
+            }
+            Err(Error::Chain {
+                chain: path.display().to_string(),
+                reason: format!(
+                    "Could not open '{}': {}",
+                    t.path.display(),
+                    strerror(&source)
+                ),
+            })
+        }
+        Err(e) => Err(e),
+    }
 }
 
 /// Resolve `name` relative to the image at `base`, like QEMU's `path_combine`.
@@ -174,16 +258,160 @@ pub fn has_protocol(name: &str) -> bool {
         .is_some_and(|i| name.as_bytes().get(i) == Some(&b':'))
 }
 
-fn reject_protocol(name: &str, chain: &[PathBuf]) -> Result<()> {
-    if has_protocol(name) {
-        return Err(Error::Chain {
-            chain: chain_text(chain),
-            reason: format!(
-                "backing file '{name}' is a protocol or json: name; qinspect follows plain files only"
-            ),
-        });
+/// Where a backing or data file name leads: a local path and, from a json: spec,
+/// a format.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Target {
+    /// The file to open.
+    pub path: PathBuf,
+    /// The format the name itself sets (json: `"driver"`), if any.
+    pub format: Option<Format>,
+}
+
+/// Resolve a backing file name stored in the image at `image`, as QEMU does.
+pub fn resolve_backing(image: &Path, name: &str) -> std::result::Result<Target, String> {
+    if let Some(spec) = name.strip_prefix("json:") {
+        return parse_json_spec(spec);
     }
-    Ok(())
+    if has_protocol(name) {
+        if let Some(rest) = name.strip_prefix("file:") {
+            return Ok(Target {
+                path: PathBuf::from(rest),
+                format: None,
+            });
+        }
+        let proto = name.split(':').next().unwrap_or(name);
+        return Err(format!(
+            "'{name}' uses the '{proto}' protocol; qinspect opens local files only"
+        ));
+    }
+    Ok(Target {
+        path: resolve_relative(image, name),
+        format: None,
+    })
+}
+
+/// Drivers that open a local file.
+const FILE_DRIVERS: [&str; 2] = ["file", "host_device"];
+/// Options that change how a node behaves but not which bytes it reads.
+const HARMLESS: [&str; 8] = [
+    "node-name",
+    "read-only",
+    "auto-read-only",
+    "discard",
+    "detect-zeroes",
+    "force-share",
+    "aio",
+    "locking",
+];
+
+/// Follow a `json:{...}` block-driver spec down to a local file.
+fn parse_json_spec(spec: &str) -> std::result::Result<Target, String> {
+    let v: serde_json::Value = serde_json::from_str(spec)
+        .map_err(|e| format!("json: backing name does not parse: {e}"))?;
+    let obj = v
+        .as_object()
+        .ok_or("json: backing name is not a JSON object")?;
+    let node = crumple(obj)?;
+    let driver = node
+        .get("driver")
+        .and_then(|d| d.as_str())
+        .ok_or("json: spec has no \"driver\"")?;
+    let unknown = |n: &serde_json::Map<String, serde_json::Value>, allowed: &[&str]| {
+        n.keys()
+            .find(|k| {
+                !allowed.contains(&k.as_str())
+                    && !HARMLESS.contains(&k.as_str())
+                    && !k.starts_with("cache")
+            })
+            .map(|k| format!("json: spec option '{k}' is not modelled by qinspect, so it cannot tell which bytes QEMU would read"))
+    };
+    let file_node =
+        |n: &serde_json::Map<String, serde_json::Value>| -> std::result::Result<PathBuf, String> {
+            let d = n.get("driver").and_then(|d| d.as_str()).unwrap_or("file");
+            if !FILE_DRIVERS.contains(&d) {
+                return Err(format!(
+                    "json: spec uses the '{d}' driver; qinspect opens local files only"
+                ));
+            }
+            if let Some(e) = unknown(n, &["driver", "filename"]) {
+                return Err(e);
+            }
+            n.get("filename")
+                .and_then(|f| f.as_str())
+                .map(PathBuf::from)
+                .ok_or_else(|| "json: file node has no \"filename\"".to_string())
+        };
+    if FILE_DRIVERS.contains(&driver) {
+        // A protocol node alone: QEMU puts the backing format's driver over it and
+        // that driver finds no "file" child.
+        return Err(format!(
+            "json: spec is a bare '{driver}' protocol node with no format driver over it (QEMU: A block device must be specified for \"file\")"
+        ));
+    }
+    let format = match driver {
+        "qcow2" => Format::Qcow2,
+        "raw" => Format::Raw,
+        other => {
+            return Err(format!(
+                "json: spec uses the '{other}' driver; qinspect reads qcow2 and raw over local files only"
+            ));
+        }
+    };
+    if let Some(e) = unknown(&node, &["driver", "file"]) {
+        return Err(e);
+    }
+    let path = match node.get("file") {
+        Some(serde_json::Value::Object(f)) => file_node(f)?,
+        Some(serde_json::Value::String(name)) => {
+            return Err(format!(
+                "json: spec refers to the node '{name}' by name; qinspect cannot follow node references"
+            ));
+        }
+        _ => return Err("json: spec has no \"file\" child".into()),
+    };
+    Ok(Target {
+        path,
+        format: Some(format),
+    })
+}
+
+/// Turn flattened keys (`"file.filename": "x"`) into nested objects, as QEMU's
+/// `qdict_crumple` does.
+fn crumple(
+    obj: &serde_json::Map<String, serde_json::Value>,
+) -> std::result::Result<serde_json::Map<String, serde_json::Value>, String> {
+    let mut out = serde_json::Map::new();
+    for (k, v) in obj {
+        let v = match v {
+            serde_json::Value::Object(o) => serde_json::Value::Object(crumple(o)?),
+            other => other.clone(),
+        };
+        match k.split_once('.') {
+            None => {
+                if out.contains_key(k) {
+                    return Err(format!("json: spec gives '{k}' twice"));
+                }
+                out.insert(k.clone(), v);
+            }
+            Some((head, rest)) => {
+                let child = out
+                    .entry(head.to_string())
+                    .or_insert_with(|| serde_json::Value::Object(serde_json::Map::new()));
+                let serde_json::Value::Object(c) = child else {
+                    return Err(format!(
+                        "json: spec gives '{head}' both as a value and as an object"
+                    ));
+                };
+                let mut one = serde_json::Map::new();
+                one.insert(rest.to_string(), v);
+                for (k2, v2) in crumple(&one)? {
+                    c.insert(k2, v2);
+                }
+            }
+        }
+    }
+    Ok(out)
 }
 
 fn chain_text(chain: &[PathBuf]) -> String {
@@ -194,12 +422,26 @@ fn chain_text(chain: &[PathBuf]) -> String {
         .join(" -> ")
 }
 
-fn open_file(path: &Path, chain: &[PathBuf], role: &str) -> Result<SharedSource> {
+/// An OS error as C's `strerror` says it, the way QEMU prints it ("No such file
+/// or directory", without Rust's "(os error 2)").
+pub fn strerror(e: &std::io::Error) -> String {
+    let s = e.to_string();
+    match s.rfind(" (os error ") {
+        Some(i) if s.ends_with(')') => s.get(..i).unwrap_or(&s).to_string(),
+        _ => s,
+    }
+}
+
+fn open_file(path: &Path, chain: &[PathBuf]) -> Result<SharedSource> {
     match FileSource::open(path) {
         Ok(f) => Ok(Arc::new(f)),
         Err(Error::Io { source, .. }) if !chain.is_empty() => Err(Error::Chain {
             chain: chain_text(chain),
-            reason: format!("cannot open {role} '{}': {source}", path.display()),
+            reason: format!(
+                "Could not open backing file: Could not open '{}': {}",
+                path.display(),
+                strerror(&source)
+            ),
         }),
         Err(e) => Err(e),
     }
@@ -211,6 +453,7 @@ impl Chain {
         let mut layers: Vec<Layer> = Vec::new();
         let mut seen: Vec<PathBuf> = Vec::new();
         let mut names: Vec<PathBuf> = Vec::new();
+        let mut notes: Vec<String> = Vec::new();
         let mut next: Option<(PathBuf, Option<Format>)> = Some((path.to_path_buf(), opts.format));
         while let Some((p, fmt)) = next.take() {
             names.push(p.clone());
@@ -229,11 +472,7 @@ impl Chain {
                     ),
                 });
             }
-            let src = open_file(
-                &p,
-                if layers.is_empty() { &[] } else { &names },
-                "backing file",
-            )?;
+            let src = open_file(&p, if layers.is_empty() { &[] } else { &names })?;
             let canon = std::fs::canonicalize(&p).unwrap_or_else(|_| p.clone());
             if seen.contains(&canon) {
                 return Err(Error::Chain {
@@ -254,31 +493,36 @@ impl Chain {
                     kind: LayerKind::Raw,
                 },
                 Format::Qcow2 => {
-                    let image = Qcow2::open(src.clone(), opts.strictness)?;
+                    let strictness = match opts.top_strictness {
+                        Some(s) if is_top => s,
+                        _ => opts.strictness,
+                    };
+                    let image = Qcow2::open(src.clone(), strictness)?;
                     let view = match (&opts.snapshot, is_top) {
+                        (Some(s), true) if opts.snapshot_active_size => {
+                            image.snapshot_view_loaded(s)?
+                        }
                         (Some(s), true) => image.snapshot_view(s)?,
                         _ => image.active_view(),
                     };
-                    let data_file = match (&image.data_file_name, image.header.has_data_file()) {
-                        (Some(name), true) => {
-                            let dp = resolve_relative(&p, name);
-                            Some(open_file(
-                                &dp,
-                                std::slice::from_ref(&p),
-                                "external data file",
-                            )?)
-                        }
-                        _ => None,
+                    let data_file = if opts.no_data_file {
+                        None
+                    } else {
+                        open_data_file(&image, &p, &mut notes)?
                     };
                     if !opts.no_backing
                         && let Some(b) = &image.backing_name
                     {
-                        reject_protocol(b, &names)?;
-                        let bf = match &image.backing_format {
-                            Some(f) => Some(Format::parse(f)?),
-                            None => None,
+                        let t = resolve_backing(&p, b).map_err(|reason| Error::Chain {
+                            chain: chain_text(&names),
+                            reason: format!("Could not open backing file: {reason}"),
+                        })?;
+                        let bf = match (t.format, &image.backing_format) {
+                            (Some(f), _) => Some(f),
+                            (None, Some(f)) => Some(Format::parse(f)?),
+                            (None, None) => None,
                         };
-                        next = Some((resolve_relative(&p, b), bf));
+                        next = Some((t.path, bf));
                     }
                     Layer {
                         path: p.clone(),
@@ -299,7 +543,7 @@ impl Chain {
             }
             layers.push(layer);
         }
-        Ok(Chain { layers })
+        Ok(Chain { layers, notes })
     }
 
     /// A one-layer chain over an in-memory (or any) source: no backing files are
@@ -327,6 +571,7 @@ impl Chain {
                 src,
                 kind,
             }],
+            notes: Vec::new(),
         })
     }
 
@@ -341,6 +586,45 @@ impl Chain {
     pub fn size(&self) -> u64 {
         self.top().size()
     }
+
+    /// Every file this chain has open: each layer and each external data file,
+    /// top first, with what it is to the chain.
+    pub fn opened_files(&self) -> Vec<OpenedFile<'_>> {
+        let mut out = Vec::new();
+        for (depth, l) in self.layers.iter().enumerate() {
+            out.push(OpenedFile {
+                role: format!("layer {depth} ({})", l.format().name()),
+                src: l.src.as_ref(),
+            });
+            if let LayerKind::Qcow2 {
+                data_file: Some(df),
+                ..
+            } = &l.kind
+            {
+                out.push(OpenedFile {
+                    role: format!("the external data file of layer {depth}"),
+                    src: df.as_ref(),
+                });
+            }
+        }
+        out
+    }
+
+    /// The file of this chain that `id` is, if any.
+    pub fn member(&self, id: FileId) -> Option<OpenedFile<'_>> {
+        self.opened_files()
+            .into_iter()
+            .find(|f| f.src.identity() == Some(id))
+    }
+}
+
+/// A file a chain reads from.
+#[derive(Debug)]
+pub struct OpenedFile<'a> {
+    /// "layer 1 (qcow2)", "external data file of layer 0".
+    pub role: String,
+    /// The open file.
+    pub src: &'a dyn Source,
 }
 
 #[cfg(test)]
@@ -364,11 +648,74 @@ mod tests {
     }
 
     #[test]
-    fn protocol_names_are_refused() {
-        assert!(reject_protocol("json:{}", &[]).is_err());
-        assert!(reject_protocol("nbd://host/x", &[]).is_err());
-        assert!(reject_protocol("base.qcow2", &[]).is_ok());
-        assert!(reject_protocol("dir/a:b", &[]).is_ok());
-        assert!(reject_protocol("foo:bar.qcow2", &[]).is_err());
+    fn backing_names_resolve_like_qemu() {
+        let img = Path::new("dir/top.qcow2");
+        let plain = resolve_backing(img, "base.qcow2").unwrap();
+        assert_eq!(plain.path, PathBuf::from("dir/base.qcow2"));
+        assert_eq!(
+            resolve_backing(img, "dir2/a:b").unwrap().path,
+            PathBuf::from("dir/dir2/a:b")
+        );
+        // file: and json: names are not combined with the image's directory.
+        assert_eq!(
+            resolve_backing(img, "file:base.qcow2").unwrap().path,
+            PathBuf::from("base.qcow2")
+        );
+        let nested = resolve_backing(
+            img,
+            r#"json:{"driver":"qcow2","file":{"driver":"file","filename":"b.qcow2"}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            nested,
+            Target {
+                path: "b.qcow2".into(),
+                format: Some(Format::Qcow2)
+            }
+        );
+        let flat = resolve_backing(
+            img,
+            r#"json:{"driver":"raw","file.driver":"file","file.filename":"/x/b.raw"}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            flat,
+            Target {
+                path: "/x/b.raw".into(),
+                format: Some(Format::Raw)
+            }
+        );
+        let proto_only = resolve_backing(img, r#"json:{"driver":"file","filename":"c"}"#).unwrap();
+        assert_eq!(
+            proto_only,
+            Target {
+                path: "c".into(),
+                format: None
+            }
+        );
+    }
+
+    #[test]
+    fn unopenable_names_say_why() {
+        let img = Path::new("top.qcow2");
+        let e = resolve_backing(img, "nbd://host/x").unwrap_err();
+        assert!(e.contains("'nbd' protocol"), "{e}");
+        let e = resolve_backing(img, r#"json:{"driver":"nbd","host":"h"}"#).unwrap_err();
+        assert!(e.contains("'nbd' driver"), "{e}");
+        let e = resolve_backing(
+            img,
+            r#"json:{"driver":"qcow2","file":{"driver":"http","url":"u"}}"#,
+        )
+        .unwrap_err();
+        assert!(e.contains("'http' driver"), "{e}");
+        let e = resolve_backing(img, r#"json:{"driver":"qcow2","file":"node0"}"#).unwrap_err();
+        assert!(e.contains("node 'node0'"), "{e}");
+        let e = resolve_backing(
+            img,
+            r#"json:{"driver":"qcow2","data-file":"d","file":{"filename":"b"}}"#,
+        )
+        .unwrap_err();
+        assert!(e.contains("'data-file'"), "{e}");
+        assert!(resolve_backing(img, "json:{nope").is_err());
     }
 }

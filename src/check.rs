@@ -102,12 +102,16 @@ pub enum Role {
     BitmapTable,
     /// Bitmap data.
     BitmapData,
+    /// A snapshot's saved VM state (RAM and device state from `savevm`): data
+    /// clusters a snapshot's L1 table maps past the end of its disk.
+    VmState,
 }
 
 impl Role {
-    /// Whether the role is metadata (everything but data and compressed data).
+    /// Whether the role is metadata (everything but data, compressed data and VM
+    /// state).
     pub fn is_metadata(&self) -> bool {
-        !matches!(self, Role::Data | Role::Compressed)
+        !matches!(self, Role::Data | Role::Compressed | Role::VmState)
     }
 }
 
@@ -1242,6 +1246,14 @@ impl<'a> Walk<'a> {
                         ));
                     }
                     for (id, l1i) in all.iter().take(MAX_REFERRERS) {
+                        let role = match id {
+                            L1Id::Snapshot { index }
+                                if role == Role::Data && self.in_vm_state(*index, *l1i) =>
+                            {
+                                Role::VmState
+                            }
+                            _ => role,
+                        };
                         out.push(Referrer {
                             role,
                             l1: Some(self.l1_name(*id)),
@@ -1294,6 +1306,20 @@ impl<'a> Walk<'a> {
         out
     }
 
+    /// Whether L1 index `l1i` of snapshot `index` maps its VM state: QEMU saves
+    /// it at the guest offsets just past the disk (`qcow2_vm_state_offset`, the
+    /// first L1 entry not needed for the snapshot's disk size).
+    fn in_vm_state(&self, index: usize, l1i: u64) -> bool {
+        self.img.snapshots.snapshots.get(index).is_some_and(|s| {
+            s.vm_state_size > 0
+                && l1i
+                    >= self
+                        .img
+                        .geometry()
+                        .l1_entries_for(s.effective_disk_size(self.img.header.size))
+        })
+    }
+
     fn bitmap_name(&self, b: usize) -> String {
         match &self.img.bitmaps {
             Some(Ok(l)) => l
@@ -1317,8 +1343,8 @@ pub fn check(img: &Qcow2, opts: &CheckOptions) -> CheckReport {
             "the dirty bit is set: the image was not closed cleanly (lazy refcounts), so stored refcounts may lag behind; QEMU would repair them when opening it read-write. The computed refcounts below are what they should be.".into(),
         );
     }
-    if let Some(first) = img.problems.first() {
-        walk.report.qemu_refuses = Some(first.clone());
+    if let Some(why) = &img.check_refusal {
+        walk.report.qemu_refuses = Some(why.clone());
     }
     // Step 1: the snapshot table (qcow2_check_read_snapshot_table).
     let nb = u64::from(h.nb_snapshots);
@@ -1330,9 +1356,9 @@ pub fn check(img: &Qcow2, opts: &CheckOptions) -> CheckReport {
         ));
         return finish(walk, None);
     }
-    if nb > 0
-        && (h.snapshots_offset & walk.cmask != 0
-            || h.snapshots_offset > (i64::MAX as u64).saturating_sub(nb.saturating_mul(40)))
+    // The offset must be aligned even when there are no snapshots.
+    if h.snapshots_offset & walk.cmask != 0
+        || h.snapshots_offset > (i64::MAX as u64).saturating_sub(nb.saturating_mul(40))
     {
         walk.find(
             FindingKind::CheckError,
@@ -1877,7 +1903,7 @@ pub fn role_map(img: &Qcow2, first: u64, last: u64) -> Vec<u16> {
 }
 
 /// Every role, in bit order of [`role_map`].
-pub const ROLES: [Role; 12] = [
+pub const ROLES: [Role; 13] = [
     Role::Header,
     Role::L1Table,
     Role::L2Table,
@@ -1890,4 +1916,5 @@ pub const ROLES: [Role; 12] = [
     Role::BitmapDirectory,
     Role::BitmapTable,
     Role::BitmapData,
+    Role::VmState,
 ];

@@ -188,6 +188,36 @@ pub struct HeaderField {
     pub meaning: String,
 }
 
+/// One of QEMU's `qcow2_validate_table` calls at open time.
+struct TableCheck {
+    /// The structure, for the error's `what`.
+    field: &'static str,
+    /// QEMU's name for it, which starts its messages.
+    what: &'static str,
+    /// Header offset of the field holding the table's offset.
+    field_off: u64,
+    /// The table's offset.
+    off: u64,
+    /// Its size (bytes, or entries for the snapshot table).
+    size: u64,
+    /// QEMU's limit for `size`.
+    max: u64,
+    /// The unit of `size`, for messages.
+    unit: &'static str,
+    /// Whether the check runs in this open mode.
+    applies: bool,
+}
+
+/// How QEMU opens an image, which decides what it checks while opening.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum OpenMode {
+    /// An ordinary open (`qemu-img info`, `map`, `convert`, qemu-io, a VM).
+    #[default]
+    Normal,
+    /// `qemu-img check` (`BDRV_O_CHECK`).
+    Check,
+}
+
 impl Header {
     /// Decode a header from the first bytes of a file.
     ///
@@ -263,6 +293,14 @@ impl Header {
     /// order `qcow2_do_open` checks them, with QEMU's wording. `file_len` is the
     /// length of the image file. Empty when QEMU accepts the header.
     pub fn validate(&self, file_len: u64) -> Vec<Error> {
+        self.validate_for(file_len, OpenMode::Normal)
+    }
+
+    /// [`Header::validate`] as QEMU's open in `mode` sees it: `qemu-img check`
+    /// (`BDRV_O_CHECK`) opens images without a refcount table and does not look at
+    /// the snapshot table's offset and count while opening.
+    pub fn validate_for(&self, file_len: u64, mode: OpenMode) -> Vec<Error> {
+        let check = mode == OpenMode::Check;
         let mut out = Vec::new();
         let bad = |field: &str, off: u64, msg: String| Error::invalid(field, off, msg);
         if self.version != 2 && self.version != 3 {
@@ -316,18 +354,18 @@ impl Header {
             0 if compression_bit => out.push(bad(
                 "header compression_type",
                 104,
-                "Deflate compression type is set but the compression type feature bit must not be set".into(),
+                "qcow2: Compression type incompatible feature bit must not be set (compression type 0, deflate, with incompatible bit 3)".into(),
             )),
             1 if !compression_bit => out.push(bad(
                 "header compression_type",
                 104,
-                "The compression type feature bit must be set for a non-deflate compression type".into(),
+                "qcow2: Compression type incompatible feature bit must be set (compression type 1, zstd, without incompatible bit 3)".into(),
             )),
             0 | 1 => {}
             n => out.push(bad(
                 "header compression_type",
                 104,
-                format!("unknown compression type {n}"),
+                format!("qcow2: unknown compression type: {n}"),
             )),
         }
         let unknown = self.incompatible_features & !INCOMPAT_KNOWN;
@@ -362,69 +400,86 @@ impl Header {
             out.push(bad(
                 "header crypt_method",
                 32,
-                format!("Unsupported encryption method: {}", self.crypt_method),
+                format!("Unsupported encryption method {}", self.crypt_method),
             ));
         }
         let geo = self.geometry();
-        // qcow2_validate_table for the refcount table, L1 and snapshot table.
-        let table_checks: [(&str, u64, u64, u64, u64, u64); 3] = [
-            (
-                "refcount table",
-                48,
-                self.refcount_table_offset,
-                u64::from(self.refcount_table_clusters).saturating_mul(cs),
-                crate::refcount::MAX_REFTABLE_BYTES,
-                0,
-            ),
-            (
-                "snapshot table",
-                64,
-                self.snapshots_offset,
-                u64::from(self.nb_snapshots),
-                crate::snapshot::MAX_SNAPSHOTS,
-                1,
-            ),
-            (
-                "L1 table",
-                40,
-                self.l1_table_offset,
-                u64::from(self.l1_size).saturating_mul(8),
-                crate::tables::MAX_L1_BYTES,
-                0,
-            ),
-        ];
-        for (what, field_off, off, size, max, unit_is_count) in table_checks {
-            if size > max {
-                let unit = if unit_is_count == 1 {
-                    " entries"
-                } else {
-                    " bytes"
-                };
-                out.push(bad(
-                    what,
-                    field_off,
-                    format!("Active {what} too large ({size}{unit}, limit {max})"),
-                ));
-            } else if !geo.is_cluster_aligned(off) && size > 0 {
-                out.push(bad(
-                    what,
-                    field_off,
-                    format!("Invalid {what} offset {off:#x}: not aligned to a cluster"),
-                ));
-            } else if off.checked_add(size).is_none_or(|e| e > i64::MAX as u64) {
-                out.push(bad(
-                    what,
-                    field_off,
-                    format!("Invalid {what} offset {off:#x}"),
-                ));
-            }
-        }
-        if self.refcount_table_clusters == 0 {
+        // QEMU's open, in its order: no refcount table (not in check mode), then
+        // qcow2_validate_table for the refcount table, the snapshot table (not in
+        // check mode) and the L1 table. The offset must be cluster-aligned even
+        // when the table is empty.
+        if self.refcount_table_clusters == 0 && !check {
             out.push(bad(
                 "refcount table",
                 56,
                 "Image does not contain a reference count table".into(),
             ));
+        }
+        let table_checks = [
+            TableCheck {
+                field: "refcount table",
+                what: "Reference count table",
+                field_off: 48,
+                off: self.refcount_table_offset,
+                size: u64::from(self.refcount_table_clusters).saturating_mul(cs),
+                max: crate::refcount::MAX_REFTABLE_BYTES,
+                unit: " bytes",
+                applies: true,
+            },
+            TableCheck {
+                field: "snapshot table",
+                what: "Snapshot table",
+                field_off: 64,
+                off: self.snapshots_offset,
+                size: u64::from(self.nb_snapshots),
+                max: crate::snapshot::MAX_SNAPSHOTS,
+                unit: " entries",
+                applies: !check,
+            },
+            TableCheck {
+                field: "L1 table",
+                what: "Active L1 table",
+                field_off: 40,
+                off: self.l1_table_offset,
+                size: u64::from(self.l1_size).saturating_mul(8),
+                max: crate::tables::MAX_L1_BYTES,
+                unit: " bytes",
+                applies: true,
+            },
+        ];
+        for TableCheck {
+            field,
+            what,
+            field_off,
+            off,
+            size,
+            max,
+            unit,
+            applies,
+        } in table_checks
+        {
+            if !applies {
+                continue;
+            }
+            if size > max {
+                out.push(bad(
+                    field,
+                    field_off,
+                    format!("{what} too large ({size}{unit}, limit {max})"),
+                ));
+            } else if off.checked_add(size).is_none_or(|e| e > i64::MAX as u64) {
+                out.push(bad(
+                    field,
+                    field_off,
+                    format!("{what} offset invalid ({off:#x} plus the table's size passes 2^63)"),
+                ));
+            } else if !geo.is_cluster_aligned(off) {
+                out.push(bad(
+                    field,
+                    field_off,
+                    format!("{what} offset invalid ({off:#x} is not aligned to a cluster)"),
+                ));
+            }
         }
         let needed_l1 = geo.l1_entries_for(self.size);
         if needed_l1 > i32::MAX as u64 {
@@ -1099,7 +1154,7 @@ mod tests {
         );
         assert!(
             e.iter()
-                .any(|m| m.contains("Unsupported encryption method: 9"))
+                .any(|m| m.contains("Unsupported encryption method 9"))
         );
         let mut b = v3_header();
         b[36..40].copy_from_slice(&1u32.to_be_bytes());

@@ -75,6 +75,12 @@ pub struct Qcow2 {
     pub bitmaps: Option<std::result::Result<Vec<BitmapEntry>, String>>,
     /// What QEMU would object to, found while opening (empty for a healthy image).
     pub problems: Vec<String>,
+    /// Why `qemu-img check`'s open (`BDRV_O_CHECK`) would fail on this file, if it
+    /// would. It skips some of the checks behind [`Qcow2::problems`]: a missing
+    /// refcount table and a bad snapshot table do not stop it.
+    pub check_refusal: Option<String>,
+    /// Oddities QEMU accepts (an L1 table running past the end of the file).
+    pub notes: Vec<String>,
     l2_cache: Mutex<HashMap<u64, Arc<Vec<L2Entry>>>>,
     reftable: Mutex<Option<Arc<Vec<RefTableEntry>>>>,
     refblock_cache: Mutex<HashMap<u64, Arc<Vec<u8>>>>,
@@ -94,7 +100,12 @@ impl Qcow2 {
         )?;
         let h = Header::parse(&first)?;
         let mut problems: Vec<String> = Vec::new();
+        let mut notes: Vec<String> = Vec::new();
         let invalid = h.validate(file_len);
+        let mut check_refusal = h
+            .validate_for(file_len, header::OpenMode::Check)
+            .first()
+            .map(|e| e.to_string());
         // An unknown version or cluster size makes everything after the header
         // unreadable, whatever the strictness.
         let fatal = invalid.iter().any(|e| {
@@ -118,6 +129,7 @@ impl Qcow2 {
             if strict == Strictness::Qemu {
                 return Err(e);
             }
+            check_refusal.get_or_insert_with(|| e.to_string());
             problems.push(e.to_string());
         }
         let features = header::named_features(&h, &extensions);
@@ -141,6 +153,7 @@ impl Qcow2 {
                 if strict == Strictness::Qemu {
                     return Err(e);
                 }
+                check_refusal.get_or_insert_with(|| e.to_string());
                 problems.push(e.to_string());
                 None
             } else {
@@ -154,22 +167,14 @@ impl Qcow2 {
         } else {
             None
         };
-        if h.has_data_file() && data_file_name.is_none() && strict == Strictness::Qemu {
-            // QEMU needs a data-file option then; qinspect cannot guess the file.
-            return Err(Error::unsupported(
-                "external data file",
-                "'data-file' is required for this image (incompatible bit 2 is set but there is no data file name extension)",
-            ));
-        }
         if h.data_file_raw() && !h.has_data_file() {
             let e = Error::invalid(
                 "header autoclear_features",
                 88,
                 "data-file-raw requires a data file",
             );
-            if strict == Strictness::Qemu {
-                return Err(e);
-            }
+            // Checked where QEMU opens data files: info opens the image, I/O fails.
+            check_refusal.get_or_insert_with(|| e.to_string());
             problems.push(e.to_string());
         }
 
@@ -185,8 +190,8 @@ impl Qcow2 {
             &mut l1_buf,
         )?;
         if h.l1_table_offset.saturating_add(l1_bytes) > file_len && l1_entries > 0 {
-            problems.push(format!(
-                "active L1 table at {:#x} ({} entries) runs past the end of the file ({file_len} bytes); the missing part reads as zeros",
+            notes.push(format!(
+                "active L1 table at {:#x} ({} entries) runs past the end of the file ({file_len} bytes); QEMU opens the image and reads the missing part as zeros",
                 h.l1_table_offset, h.l1_size
             ));
         }
@@ -229,6 +234,8 @@ impl Qcow2 {
             snapshots,
             bitmaps,
             problems,
+            check_refusal,
+            notes,
             l2_cache: Mutex::new(HashMap::new()),
             reftable: Mutex::new(None),
             refblock_cache: Mutex::new(HashMap::new()),
@@ -261,8 +268,13 @@ impl Qcow2 {
     }
 
     /// Find a snapshot by ID or name (ID first, like QEMU).
+    ///
+    /// `id_or_name` may also be `snapshot.id=ID`, `snapshot.name=NAME` or both,
+    /// as `qemu-img convert -l` takes them (see [`snapshot::Selector`]).
     pub fn find_snapshot(&self, id_or_name: &str) -> Result<&Snapshot> {
-        self.snapshots.find(id_or_name).ok_or_else(|| {
+        let sel = snapshot::Selector::parse(id_or_name)
+            .map_err(|e| Error::Request(format!("snapshot '{id_or_name}': {e}")))?;
+        self.snapshots.select(&sel).ok_or_else(|| {
             let known: Vec<String> = self
                 .snapshots
                 .snapshots
@@ -270,7 +282,11 @@ impl Qcow2 {
                 .map(|s| format!("{} ({})", s.id, s.name))
                 .collect();
             Error::Request(format!(
-                "no snapshot with ID or name '{id_or_name}' in {}; snapshots: {}",
+                "no snapshot {} in {}; snapshots: {}",
+                match &sel {
+                    snapshot::Selector::IdOrName(s) => format!("with ID or name '{s}'"),
+                    snapshot::Selector::Exact { .. } => format!("matching '{id_or_name}'"),
+                },
                 self.src.name().display(),
                 if known.is_empty() {
                     "none".into()
@@ -307,7 +323,8 @@ impl Qcow2 {
         Ok(tables::decode_l1(&buf))
     }
 
-    /// The view through a snapshot's L1 table, with the snapshot's disk size.
+    /// The view through a snapshot's L1 table, with the snapshot's disk size (the
+    /// disk as `qemu-img snapshot -a` would make it).
     pub fn snapshot_view(&self, id_or_name: &str) -> Result<View> {
         let sn = self.find_snapshot(id_or_name)?.clone();
         let l1 = self.snapshot_l1(&sn)?;
@@ -317,6 +334,16 @@ impl Qcow2 {
             size: sn.effective_disk_size(self.header.size),
             snapshot: Some(sn),
         })
+    }
+
+    /// The view `qemu-img convert -l` and `qemu-nbd -l` read: the snapshot's L1
+    /// table, but the disk keeps the *active* size (`bdrv_snapshot_load_tmp`
+    /// changes only the L1 table). Past the snapshot's own L1 the disk reads as
+    /// unallocated, so it falls through to the backing file or reads zeros.
+    pub fn snapshot_view_loaded(&self, id_or_name: &str) -> Result<View> {
+        let mut v = self.snapshot_view(id_or_name)?;
+        v.size = self.header.size;
+        Ok(v)
     }
 
     /// Read and decode the L2 table at `offset` (one cluster; zeros past EOF, as QEMU).

@@ -246,6 +246,7 @@ pub fn extra_info(img: &Qcow2) -> Map<String, Value> {
     );
     m.insert("file-length".into(), json!(img.file_len()));
     m.insert("problems".into(), json!(img.problems));
+    m.insert("notes".into(), json!(img.notes));
     if let Some(Err(e)) = &img.bitmaps {
         m.insert("bitmap-directory-error".into(), json!(e));
     }

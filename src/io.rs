@@ -44,6 +44,31 @@ pub trait Source: Send + Sync + std::fmt::Debug {
     fn file(&self) -> Option<&File> {
         None
     }
+    /// The device and inode of the file behind this source, if there is one: what
+    /// makes two paths (a hard link, a symlink, `dir/../x`) the same file.
+    fn identity(&self) -> Option<FileId> {
+        None
+    }
+}
+
+/// A file's identity on this machine: its device and inode numbers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FileId {
+    /// `st_dev`.
+    pub dev: u64,
+    /// `st_ino`.
+    pub ino: u64,
+}
+
+impl FileId {
+    /// The identity of an open file or of the metadata of a path.
+    pub fn of(meta: &std::fs::Metadata) -> FileId {
+        use std::os::unix::fs::MetadataExt;
+        FileId {
+            dev: meta.dev(),
+            ino: meta.ino(),
+        }
+    }
 }
 
 /// A file opened read-only.
@@ -53,6 +78,7 @@ pub struct FileSource {
     path: PathBuf,
     len: u64,
     allocated: u64,
+    id: FileId,
 }
 
 impl FileSource {
@@ -85,6 +111,7 @@ impl FileSource {
             path: path.to_path_buf(),
             len,
             allocated: meta.blocks().saturating_mul(512),
+            id: FileId::of(&meta),
         })
     }
 }
@@ -149,6 +176,10 @@ impl Source for FileSource {
 
     fn file(&self) -> Option<&File> {
         Some(&self.file)
+    }
+
+    fn identity(&self) -> Option<FileId> {
+        Some(self.id)
     }
 }
 

@@ -590,6 +590,14 @@ pub struct Trace {
     pub steps: Vec<Step>,
     /// One-sentence outcome.
     pub outcome: String,
+    /// The answer `qemu-img map` gives for this byte (depth, present, zero, data,
+    /// compressed, offset), from the same decision the map is made of; absent past
+    /// the end of the disk or where the read fails.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub answer: Option<crate::map::MapEntry>,
+    /// Why QEMU fails the read (EIO), if it does.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 /// Trace the lookup of one guest offset through the chain, step by step.
@@ -654,16 +662,44 @@ pub fn trace(chain: &Chain, guest: u64) -> Trace {
                         "{name} is a raw image: guest offset {guest:#x} is byte {guest:#x} of the file."
                     ),
                 );
-                push(
-                    &mut steps,
-                    StepKind::Data {
-                        file: name.clone(),
-                        host_offset: format!("{guest:#x}"),
-                        past_eof: false,
-                    },
-                    format!("The byte is read from {name} at offset {guest:#x}."),
-                );
-                outcome = format!("data in {name} at {guest:#x} (raw layer {depth})");
+                let flen = layer.src.len();
+                let (zero, _) = crate::map::file_extent(layer.src.as_ref(), guest);
+                if guest >= flen {
+                    let reason = format!(
+                        "byte {guest:#x} is past the end of {name} ({flen} bytes), inside QEMU's rounding of a raw file's size up to 512 bytes"
+                    );
+                    push(
+                        &mut steps,
+                        StepKind::Zero {
+                            reason: reason.clone(),
+                        },
+                        format!("The {reason}: it reads as zero."),
+                    );
+                    outcome = format!("zeros: {reason}");
+                } else if zero {
+                    let reason = format!("byte {guest:#x} is in a hole of {name}");
+                    push(
+                        &mut steps,
+                        StepKind::Zero {
+                            reason: reason.clone(),
+                        },
+                        format!(
+                            "The file system stores nothing there: {reason}, so it reads as zero (qemu-img map reports it as zero, not data)."
+                        ),
+                    );
+                    outcome = format!("zeros: hole in {name} at {guest:#x} (raw layer {depth})");
+                } else {
+                    push(
+                        &mut steps,
+                        StepKind::Data {
+                            file: name.clone(),
+                            host_offset: format!("{guest:#x}"),
+                            past_eof: false,
+                        },
+                        format!("The byte is read from {name} at offset {guest:#x}."),
+                    );
+                    outcome = format!("data in {name} at {guest:#x} (raw layer {depth})");
+                }
                 break;
             }
             LayerKind::Qcow2 {
@@ -696,11 +732,21 @@ pub fn trace(chain: &Chain, guest: u64) -> Trace {
             }
         }
     }
+    let (answer, error) = if guest < chain.size() {
+        match crate::map::decide(chain, guest) {
+            Ok(e) => (Some(e), None),
+            Err(e) => (None, Some(e.to_string())),
+        }
+    } else {
+        (None, None)
+    };
     Trace {
         guest_offset: guest,
         view,
         steps,
         outcome,
+        answer,
+        error,
     }
 }
 
@@ -816,16 +862,17 @@ fn trace_qcow2(
             "The L1 entry is 0, so no L2 table covers this range.",
         );
     };
-    if !geo.is_cluster_aligned(l2_off.0) {
-        let m = format!("L2 table offset {l2_off} unaligned (L1 index {l1i:#x})");
+    if !geo.is_cluster_aligned(l2_off.0)
+        && let Err(Error::GuestIo { reason, .. }) = layer_run(img, view, guest, 1, name)
+    {
         push(
             steps,
-            StepKind::Error { message: m.clone() },
-            format!(
-                "QEMU refuses to use an L2 table that is not cluster-aligned: the read fails with EIO ({m})."
-            ),
+            StepKind::Error {
+                message: reason.clone(),
+            },
+            format!("{} QEMU fails the read with EIO.", eio_why(&reason)),
         );
-        return Some(format!("I/O error in {name}: {m}"));
+        return Some(format!("I/O error in {name}: {reason}"));
     }
     let l2 = match img.l2_table(l2_off) {
         Ok(t) => t,
@@ -883,19 +930,33 @@ fn trace_qcow2(
             e.describe(&geo, has_df)
         ),
     );
-    if img.header.version < 3 && st.is_zero() {
-        let m = "Zero cluster entry found in pre-v3 image".to_string();
-        push(steps, StepKind::Error { message: m.clone() }, "Version 2 images have no zero clusters; QEMU treats the zero flag as corruption and fails the read with EIO.".into());
-        return Some(format!("I/O error in {name}: {m}"));
-    }
-    match st {
-        SubclusterType::Invalid => {
-            let m =
-                format!("Invalid cluster entry found (L2 offset: {l2_off}, L2 index: {l2i:#x})");
-            push(steps, StepKind::Error { message: m.clone() }, "The subcluster bitmap marks a subcluster both allocated and zero (or an unallocated cluster has allocation bits): QEMU fails the read with EIO.".into());
-            Some(format!("I/O error in {name}: {m}"))
+    // The decision is layer_run's, the same one map and read use; the steps above
+    // only show what it looked at.
+    let run = match layer_run(img, view, guest, 1, name) {
+        Ok(r) => r,
+        Err(Error::GuestIo { reason, .. }) => {
+            push(
+                steps,
+                StepKind::Error {
+                    message: reason.clone(),
+                },
+                format!("{} QEMU fails the read with EIO.", eio_why(&reason)),
+            );
+            return Some(format!("I/O error in {name}: {reason}"));
         }
-        SubclusterType::UnallocatedPlain | SubclusterType::UnallocatedAlloc => {
+        Err(e) => {
+            push(
+                steps,
+                StepKind::Error {
+                    message: e.to_string(),
+                },
+                format!("The read fails: {e}."),
+            );
+            return Some(format!("error: {e}"));
+        }
+    };
+    match run.status {
+        Status::Unallocated { .. } => {
             let why = if geo.extended_l2 {
                 format!("Subcluster {sc} is neither allocated nor zero in this layer.")
             } else {
@@ -903,7 +964,7 @@ fn trace_qcow2(
             };
             fall(steps, &why)
         }
-        SubclusterType::ZeroPlain | SubclusterType::ZeroAlloc => {
+        Status::Zero { .. } => {
             let reason = if geo.extended_l2 {
                 format!("subcluster {sc}'s zero bit is set")
             } else {
@@ -920,14 +981,7 @@ fn trace_qcow2(
             );
             Some(format!("zeros: {reason} in {name}"))
         }
-        SubclusterType::Compressed => {
-            if has_df {
-                let m =
-                    "Compressed cluster entry found in image with external data file".to_string();
-                push(steps, StepKind::Error { message: m.clone() }, "Images with an external data file cannot have compressed clusters: QEMU fails the read with EIO.".into());
-                return Some(format!("I/O error in {name}: {m}"));
-            }
-            let d = CompressedDescriptor::decode(e.raw, &geo);
+        Status::Compressed { descriptor: d, .. } => {
             push(
                 steps,
                 StepKind::Compressed {
@@ -948,27 +1002,13 @@ fn trace_qcow2(
                 d.size, d.offset
             ))
         }
-        SubclusterType::Normal => {
+        Status::Data { host, in_data_file } => {
             let hc = e.host_offset();
-            if !geo.is_cluster_aligned(hc.0) {
-                let m = format!(
-                    "Cluster allocation offset {hc} unaligned (L2 offset: {l2_off}, L2 index: {l2i:#x})"
-                );
-                push(steps, StepKind::Error { message: m.clone() }, "A data cluster must start on a cluster boundary; QEMU fails the read with EIO.".into());
-                return Some(format!("I/O error in {name}: {m}"));
-            }
-            let host = hc.0.saturating_add(inc);
-            let (file, flen) = match data_file {
-                Some(df) => (df.name().display().to_string(), df.len()),
-                None => (name.to_string(), img.file_len()),
+            let host = host.0;
+            let (file, flen) = match (in_data_file, data_file) {
+                (true, Some(df)) => (df.name().display().to_string(), df.len()),
+                _ => (name.to_string(), img.file_len()),
             };
-            if has_df && host != guest {
-                let m = format!(
-                    "External data file host cluster offset {hc} does not match guest cluster offset"
-                );
-                push(steps, StepKind::Error { message: m.clone() }, "In an external data file, guest offset and host offset must be equal; QEMU fails the read with EIO.".into());
-                return Some(format!("I/O error in {name}: {m}"));
-            }
             let past_eof = host >= flen;
             push(
                 steps,
@@ -998,6 +1038,39 @@ fn trace_qcow2(
             ))
         }
     }
+}
+
+/// A learner's sentence for one of QEMU's EIO reasons.
+fn eio_why(reason: &str) -> &'static str {
+    const WHY: [(&str, &str); 6] = [
+        (
+            "Zero cluster entry found in pre-v3",
+            "Version 2 images have no zero clusters; QEMU treats the zero flag as corruption.",
+        ),
+        (
+            "Invalid cluster entry",
+            "The subcluster bitmap marks a subcluster both allocated and zero (or an unallocated cluster has allocation bits).",
+        ),
+        (
+            "Compressed cluster entry found in image with external data file",
+            "Images with an external data file cannot have compressed clusters.",
+        ),
+        (
+            "Cluster allocation offset",
+            "A data cluster must start on a cluster boundary.",
+        ),
+        (
+            "External data file host cluster offset",
+            "In an external data file, guest offset and host offset must be equal.",
+        ),
+        (
+            "L2 table offset",
+            "QEMU refuses to use an L2 table that is not cluster-aligned.",
+        ),
+    ];
+    WHY.iter()
+        .find(|(p, _)| reason.starts_with(p))
+        .map_or("QEMU rejects this entry.", |(_, w)| w)
 }
 
 /// Convenience: the host offset QEMU would read for a guest offset in one layer.

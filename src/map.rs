@@ -171,6 +171,18 @@ pub fn map_range(chain: &Chain, start: u64, max_len: u64) -> Result<Vec<MapEntry
     Ok(out)
 }
 
+/// How QEMU answers for the byte at `guest`: the [`MapEntry`] (one byte long)
+/// `qemu-img map` would put it in. This is the one decision that `map` merges
+/// into extents and that [`crate::lookup::trace`] explains step by step.
+pub fn decide(chain: &Chain, guest: u64) -> Result<MapEntry> {
+    let prealloc: Vec<bool> = chain
+        .layers
+        .iter()
+        .map(|l| l.qcow2().is_some_and(metadata_preallocated))
+        .collect();
+    status(chain, &prealloc, guest, 1)
+}
+
 /// QEMU's `get_block_status` in qemu-img: ask each layer in turn.
 fn status(chain: &Chain, prealloc: &[bool], off: u64, bytes: u64) -> Result<MapEntry> {
     let mut bytes = bytes;
@@ -205,7 +217,9 @@ fn status(chain: &Chain, prealloc: &[bool], off: u64, bytes: u64) -> Result<MapE
 
 /// Where `host` stands in `file`, as file-posix's block status (after io.c) says.
 /// Returns (zero, length) with `None` length meaning "to the end of the request".
-fn file_extent(file: &dyn Source, host: u64) -> (bool, Option<u64>) {
+/// Zero means a hole, or past the end of the file (QEMU rounds a raw file's size
+/// up to 512 bytes; the rounded-up bytes read as zeros).
+pub fn file_extent(file: &dyn Source, host: u64) -> (bool, Option<u64>) {
     let rounded = file.len().div_ceil(512).saturating_mul(512);
     if host >= file.len() {
         // Past EOF (or in the last partial sector): reads as zeros, to the end.

@@ -96,6 +96,82 @@ impl SnapshotTable {
             .find(|s| s.id == id_or_name)
             .or_else(|| self.snapshots.iter().find(|s| s.name == id_or_name))
     }
+
+    /// Find the snapshot a [`Selector`] names.
+    pub fn select(&self, sel: &Selector) -> Option<&Snapshot> {
+        match sel {
+            Selector::IdOrName(s) => self.find(s),
+            Selector::Exact { id, name } => self.snapshots.iter().find(|s| {
+                id.as_ref().is_none_or(|i| *i == s.id) && name.as_ref().is_none_or(|n| *n == s.name)
+            }),
+        }
+    }
+}
+
+/// How a command names a snapshot, as `qemu-img convert -l` takes it.
+///
+/// A bare word is tried as an ID first and then as a name
+/// (`bdrv_snapshot_load_tmp_by_id_or_name`). The option form
+/// `snapshot.id=ID,snapshot.name=NAME` (either key, or both) matches exactly what it
+/// names, so `snapshot.name=1` finds the snapshot *called* "1" even when another
+/// snapshot has ID 1. As in QEMU's option syntax, `,,` stands for a comma in a value.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Selector {
+    /// ID first, then name.
+    IdOrName(String),
+    /// Both given parts must match.
+    Exact {
+        /// `snapshot.id=`.
+        id: Option<String>,
+        /// `snapshot.name=`.
+        name: Option<String>,
+    },
+}
+
+impl Selector {
+    /// Parse a command-line snapshot argument.
+    pub fn parse(arg: &str) -> std::result::Result<Selector, String> {
+        if !arg.starts_with("snapshot.") {
+            return Ok(Selector::IdOrName(arg.to_string()));
+        }
+        let (mut id, mut name) = (None, None);
+        for part in split_opts(arg) {
+            let (k, v) = part.split_once('=').ok_or_else(|| {
+                format!("'{part}': expected snapshot.id=ID or snapshot.name=NAME")
+            })?;
+            match k {
+                "snapshot.id" => id = Some(v.to_string()),
+                "snapshot.name" => name = Some(v.to_string()),
+                other => {
+                    return Err(format!(
+                        "Invalid parameter '{other}' (snapshot.id and snapshot.name are the only keys)"
+                    ));
+                }
+            }
+        }
+        Ok(Selector::Exact { id, name })
+    }
+}
+
+/// Split QEMU option text at single commas; `,,` is a literal comma.
+fn split_opts(s: &str) -> Vec<String> {
+    let mut out = vec![String::new()];
+    let mut chars = s.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == ',' {
+            if chars.peek() == Some(&',') {
+                chars.next();
+                if let Some(last) = out.last_mut() {
+                    last.push(',');
+                }
+            } else {
+                out.push(String::new());
+            }
+        } else if let Some(last) = out.last_mut() {
+            last.push(c);
+        }
+    }
+    out
 }
 
 /// Read `count` snapshot entries starting at `offset`. `version` decides whether

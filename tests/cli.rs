@@ -191,7 +191,8 @@ fn broken_chains_are_clear_errors() {
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.contains("m.qcow2 -> gone.qcow2") && err.contains("cannot open backing file"),
+        err.contains("m.qcow2 -> gone.qcow2")
+            && err.contains("Could not open backing file: Could not open 'gone.qcow2'"),
         "{err}"
     );
     // info (like qemu-img info) does not need the backing file.

@@ -1,6 +1,7 @@
 //! `qinspect check`: refcount consistency, as `qemu-img check` judges it.
 
 use super::{CmdResult, style};
+use qinspect::chain::{Chain, OpenOptions};
 use qinspect::check::{CheckOptions, CheckReport, FindingKind, Progress, check};
 use qinspect::image::{Qcow2, Strictness};
 use qinspect::io::{FileSource, SharedSource};
@@ -19,9 +20,12 @@ cluster, the stored refcount and the computed reference count, who points at the
 and what a repair would change.\n\n\
 Beyond qemu-img: refcounts set past the end of the file, a data cluster mapped at two \
 guest offsets, metadata overlapping data (notes, not counted in qemu-img's totals). Images \
-QEMU refuses to open are checked as far as they can be read.\n\n\
-Exit codes, as qemu-img check: 0 clean, 1 check failed (also when the backing chain does \
-not open: qemu-img opens it first), 2 corruptions, 3 leaks only, 63 a raw image.\n\n\
+qemu-img check cannot open (a missing backing or data file, no key for an encrypted image, \
+a header QEMU refuses even in check mode) exit 1 as with qemu-img, after what can be read \
+is checked anyway. qemu-img check opens some images that other commands refuse: one with \
+no refcount table is checked (and its clusters counted as corruptions).\n\n\
+Exit codes, as qemu-img check: 0 clean, 1 check failed, 2 corruptions, 3 leaks only, \
+63 a raw image.\n\n\
 Several images (or --recursive): they are checked in parallel, one per core, and each \
 gets one summary row (verdict, corruptions, leaks, allocated clusters, dirty bit, whether \
 its backing chain opens), then a total. An image that cannot be read is reported in its \
@@ -83,42 +87,42 @@ fn check_one(image: &Path, json: bool) -> CmdResult {
     };
     let mut report = check(&img, &opts);
     bar.finish_and_clear();
-    backing_chain(&mut report, &img, image);
+    if report.qemu_refuses.is_none() {
+        report.qemu_refuses = open_refusal(image, &img);
+    }
     if json {
         let v = report_json(&report, &filename);
         super::print_json(&v)?;
+        // Like qemu-img, say on stderr why the check failed.
+        let why = report.qemu_refuses.as_ref().or(report.aborted.as_ref());
+        if let Some(why) = why {
+            let mut err = anstream::stderr();
+            writeln!(err, "qinspect: qemu-img check fails: {why}")?;
+        }
     } else {
         print_readable(&report)?;
     }
     Ok(report.exit_code())
 }
 
-/// How an image's backing chain fares.
-pub enum Backing {
-    /// No backing file.
-    None,
-    /// It opens: this many layers below the image.
-    Opens(usize),
-    /// It does not open (why is in the report's `qemu_refuses`).
-    Broken,
-}
-
-/// Open the backing chain, as `qemu-img check` does before checking: when that
-/// fails, qemu-img stops with exit code 1. The image is still checked here; the
-/// reason is recorded as QEMU's refusal, so the exit code is 1 too.
-pub fn backing_chain(report: &mut CheckReport, img: &Qcow2, path: &Path) -> Backing {
-    if img.backing_name.is_none() {
-        return Backing::None;
+/// Why `qemu-img check` would fail to open the image beyond its header: it opens
+/// the decryption key, the external data file and the whole backing chain before
+/// it checks anything.
+pub fn open_refusal(path: &Path, img: &Qcow2) -> Option<String> {
+    if img.header.crypt_method != 0 {
+        return Some(format!(
+            "Could not open '{}': Parameter 'encrypt.key-secret' is required for cipher",
+            path.display()
+        ));
     }
-    match qinspect::chain::Chain::open(path, &qinspect::chain::OpenOptions::default()) {
-        Ok(chain) => Backing::Opens(chain.layers.len().saturating_sub(1)),
-        Err(e) => {
-            if report.qemu_refuses.is_none() {
-                report.qemu_refuses = Some(format!("Could not open backing image: {e}"));
-            }
-            Backing::Broken
-        }
-    }
+    let opts = OpenOptions {
+        top_strictness: Some(Strictness::Lenient),
+        strictness: Strictness::Qemu,
+        ..Default::default()
+    };
+    Chain::open(path, &opts)
+        .err()
+        .map(|e| format!("Could not open '{}': {e}", path.display()))
 }
 
 /// What a raw image gets instead of a check (qemu-img's words in quotes).
@@ -173,12 +177,17 @@ fn print_readable(r: &CheckReport) -> color_eyre::Result<()> {
     if let Some(why) = &r.qemu_refuses {
         writeln!(
             out,
-            "{bad}QEMU refuses to open this image:{bad:#} {why}\nChecking what can be read anyway.\n"
+            "{bad}qemu-img check fails:{bad:#} it cannot open this image, and exits 1 without checking it: {why}\n\
+             What qinspect could read anyway, counted as qemu-img check would count it:\n"
         )?;
     }
     // qemu-img's summary.
     if r.corruptions == 0 && r.leaks == 0 && r.check_errors == 0 {
-        writeln!(out, "No errors were found on the image.")?;
+        if r.qemu_refuses.is_some() {
+            writeln!(out, "No refcount errors in what could be read.")?;
+        } else {
+            writeln!(out, "No errors were found on the image.")?;
+        }
     } else {
         if r.corruptions > 0 {
             writeln!(

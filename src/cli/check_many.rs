@@ -1,9 +1,9 @@
 //! `qinspect check A B ...` and `check --recursive DIR`: many images checked in
 //! parallel, one summary row each, a total, and the most severe exit code.
 
-use super::check::{Backing, RAW_HAS_NO_CHECKS, backing_chain, report_json};
+use super::check::{RAW_HAS_NO_CHECKS, open_refusal, report_json};
 use super::style;
-use qinspect::chain::Format;
+use qinspect::chain::{Chain, Format, OpenOptions};
 use qinspect::check::{CheckOptions, CheckReport, Progress, check};
 use qinspect::image::{Qcow2, Strictness};
 use qinspect::io::{FileSource, SharedSource};
@@ -94,6 +94,16 @@ struct Outcome {
     problem: Option<String>,
 }
 
+/// How an image's backing chain fares.
+enum Backing {
+    /// No backing file.
+    None,
+    /// It opens: this many layers below the image.
+    Opens(usize),
+    /// It does not open (why is in the report's `qemu_refuses`).
+    Broken,
+}
+
 struct Row {
     corruptions: u64,
     leaks: u64,
@@ -164,7 +174,24 @@ fn check_target(t: &Target, bar: &indicatif::ProgressBar) -> Outcome {
             progress: Some(&tick),
         },
     );
-    let backing = backing_chain(&mut report, &img, path);
+    // What qemu-img check would fail on before checking (the same as `check IMAGE`).
+    if report.qemu_refuses.is_none() {
+        report.qemu_refuses = open_refusal(path, &img);
+    }
+    let backing = match &img.backing_name {
+        None => Backing::None,
+        Some(_) => {
+            let opts = OpenOptions {
+                top_strictness: Some(Strictness::Lenient),
+                strictness: Strictness::Qemu,
+                ..Default::default()
+            };
+            match Chain::open(path, &opts) {
+                Ok(chain) => Backing::Opens(chain.layers.len().saturating_sub(1)),
+                Err(_) => Backing::Broken,
+            }
+        }
+    };
     outcome(filename, &report, img.header.dirty(), backing)
 }
 
@@ -172,7 +199,7 @@ fn outcome(filename: String, r: &CheckReport, dirty: bool, backing: Backing) -> 
     let problem = r.aborted.clone().or_else(|| {
         r.qemu_refuses
             .clone()
-            .map(|w| format!("QEMU refuses to open it: {w}"))
+            .map(|w| format!("qemu-img check fails: {w}"))
     });
     Outcome {
         json: report_json(r, &filename),

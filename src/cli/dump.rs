@@ -54,6 +54,10 @@ pub struct Args {
     /// For l2: the L1 index; for refcount-block: the refcount table index; for bitmaps: which bitmap.
     pub index: Option<u64>,
     /// Use this internal snapshot's L1 table (ID or name) for l1 and l2.
+    ///
+    /// A bare ID_OR_NAME is tried as an ID, then as a name; `snapshot.name=NAME`,
+    /// `snapshot.id=ID` (or both, comma-separated) match exactly, as in
+    /// `qemu-img convert -l`.
     #[arg(long, short = 's')]
     pub snapshot: Option<String>,
     /// Show all-zero entries too.

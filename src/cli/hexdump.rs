@@ -26,7 +26,8 @@ pub struct Args {
     /// Guest offset to start at.
     #[arg(long, value_parser = parse_size)]
     pub guest: Option<u64>,
-    /// With --guest: read through this internal snapshot (ID or name).
+    /// With --guest: read through this internal snapshot (ID or name; or
+    /// `snapshot.name=NAME` / `snapshot.id=ID` to match exactly).
     #[arg(long, short = 's', requires = "guest")]
     pub snapshot: Option<String>,
     /// Bytes to show.

@@ -15,7 +15,7 @@ use std::sync::Arc;
 #[command(
     after_help = "With --json, every key `qemu-img info --output=json IMAGE` prints (except \
 `children`) appears with the same name and value, plus qinspect's own: `header` (every raw \
-field with its offset and meaning), `extensions`, `features`, `file-length` and `problems`.\n\n\
+field with its offset and meaning), `extensions`, `features`, `file-length`, `problems` (what QEMU refuses) and `notes` (oddities QEMU accepts).\n\n\
 Like qemu-img, only the image itself is read for the JSON keys; the readable output also \
 walks the backing chain and says if a layer is missing.\n\n\
 Several images: each is summarised in turn; with --json each is one line of JSON (NDJSON), \
@@ -351,6 +351,12 @@ fn print_readable(img: &Qcow2, path: &std::path::Path, filename: &str) -> color_
             }
         }
         Some(Err(e)) => writeln!(out, "\n{hd}bitmaps:{hd:#} {bad}{e}{bad:#}")?,
+    }
+    if !img.notes.is_empty() {
+        writeln!(out, "\n{hd}notes:{hd:#}")?;
+        for n in &img.notes {
+            writeln!(out, "  {n}")?;
+        }
     }
     if !img.problems.is_empty() {
         writeln!(out, "\n{bad}problems:{bad:#}")?;

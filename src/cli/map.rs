@@ -29,6 +29,10 @@ pub struct Args {
     #[arg(long)]
     pub json: bool,
     /// Map through this internal snapshot (ID or name).
+    ///
+    /// A bare ID_OR_NAME is tried as an ID, then as a name; `snapshot.name=NAME`,
+    /// `snapshot.id=ID` (or both, comma-separated) match exactly, as in
+    /// `qemu-img convert -l`.
     #[arg(long, short = 's')]
     pub snapshot: Option<String>,
     /// First guest byte (like qemu-img map -s).

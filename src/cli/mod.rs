@@ -63,7 +63,18 @@ pub fn open_chain(
         strictness,
         ..Default::default()
     };
-    Ok(Chain::open(path, &opts)?)
+    let chain = Chain::open(path, &opts)?;
+    warn_notes(&chain);
+    Ok(chain)
+}
+
+/// Print where opening the chain had to differ from QEMU, as warnings on stderr.
+pub fn warn_notes(chain: &Chain) {
+    let mut err = anstream::stderr();
+    let bad = style::BAD;
+    for n in &chain.notes {
+        let _ = writeln!(err, "{bad}qinspect: warning:{bad:#} {n}");
+    }
 }
 
 /// Write JSON to stdout, pretty-printed.

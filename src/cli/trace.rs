@@ -21,6 +21,10 @@ pub struct Args {
     #[arg(value_parser = parse_size)]
     pub offset: u64,
     /// Resolve through this internal snapshot (ID or name) instead of the active L1.
+    ///
+    /// A bare ID_OR_NAME is tried as an ID, then as a name; `snapshot.name=NAME`,
+    /// `snapshot.id=ID` (or both, comma-separated) match exactly, as in
+    /// `qemu-img convert -l`.
     #[arg(long, short = 's')]
     pub snapshot: Option<String>,
     /// Print JSON instead of text.

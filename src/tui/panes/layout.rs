@@ -16,7 +16,7 @@ pub fn role_color(r: Role) -> Color {
     match r {
         Role::Header | Role::CryptoHeader => color::META,
         Role::L1Table | Role::L2Table => color::TABLE,
-        Role::Data => color::DATA,
+        Role::Data | Role::VmState => color::DATA,
         Role::Compressed => color::COMPRESSED,
         Role::SnapshotTable => color::SNAPSHOT,
         Role::RefcountTable | Role::RefcountBlock => color::REFCOUNT,
