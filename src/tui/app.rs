@@ -198,7 +198,10 @@ impl App {
             rx,
             generation: 0,
         };
-        app.load();
+        app.mtime = std::fs::metadata(&app.ctx.path)
+            .and_then(|m| m.modified())
+            .ok();
+        app.start_background();
         app
     }
 

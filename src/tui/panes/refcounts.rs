@@ -165,8 +165,7 @@ impl PaneState for State {
             return super::nothing(f, area, "Refcounts", ctx.unopened());
         }
         let level = self.level;
-        let (_, _, len) = rows(level, ctx, 0..0);
-        let (mut title, _, _) = rows(level, ctx, 0..0);
+        let (mut title, _, len) = rows(level, ctx, 0..0);
         if let (Some((c, l, e)), Some(r)) = (ctx.previous, &ctx.report) {
             title.push_str(&format!(
                 " · since the last load: corruptions {c}→{}, leaks {l}→{}, check errors {e}→{}",
