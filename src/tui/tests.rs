@@ -966,3 +966,36 @@ fn ctrl_c_quits_even_from_a_text_field() {
     press(&mut a, KeyCode::Char('c'), KeyModifiers::CONTROL);
     assert!(a.quit);
 }
+
+#[test]
+fn hex_keeps_wide_offsets_aligned_and_drops_ascii_first_when_narrow() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("wide.img");
+    let f = std::fs::File::create(&p).unwrap();
+    f.set_len(0x100_0000_0010).unwrap(); // 1 TiB + 16: offsets need 11 hex digits
+    drop(f);
+    let mut a = open(p);
+    typed(&mut a, "9");
+    key(&mut a, KeyCode::End);
+    for w in [80, 120] {
+        let s = screen(&mut a, w, 24);
+        let rows: Vec<&str> = s
+            .lines()
+            .filter(|l| l.starts_with("│0ffff") || l.starts_with("│10000"))
+            .collect();
+        assert!(rows.len() > 2, "{s}");
+        let head = s.lines().find(|l| l.contains("offset ")).unwrap();
+        for r in &rows {
+            assert_eq!(r.chars().count(), head.chars().count(), "{s}");
+            assert_eq!(
+                r.chars().nth(12),
+                Some(' '),
+                "11 digits, then the gap:\n{s}"
+            );
+            assert_eq!(r.chars().nth(13), Some(' '), "{s}");
+            assert_eq!(r.chars().nth(14), Some('0'), "{s}");
+        }
+        assert_eq!(s.contains("│ascii"), w >= 100, "{s}");
+        assert!(s.contains("the file ends at 0x10000000010"), "{s}");
+    }
+}

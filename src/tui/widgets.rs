@@ -223,7 +223,11 @@ pub fn selected() -> Style {
 
 /// A bordered block with a title.
 pub fn boxed(title: impl Into<String>) -> Block<'static> {
-    Block::new()
-        .borders(Borders::ALL)
-        .title(format!(" {} ", title.into()))
+    let title = title.into();
+    let b = Block::new().borders(Borders::ALL);
+    if title.is_empty() {
+        b
+    } else {
+        b.title(format!(" {title} "))
+    }
 }

@@ -86,7 +86,14 @@ impl State {
         self.top = (offset / ROW).saturating_sub(context) * ROW;
     }
 
-    fn row(&self, off: u64, bytes: &[u8], valid: usize, width: usize) -> Line<'static> {
+    fn row(
+        &self,
+        off: u64,
+        bytes: &[u8],
+        valid: usize,
+        width: usize,
+        ascii_col: bool,
+    ) -> Line<'static> {
         let mut spans = vec![Span::styled(format!("{off:0width$x}  "), color::dim())];
         let mut ascii = Vec::new();
         for i in 0..ROW as usize {
@@ -113,8 +120,10 @@ impl State {
             };
             ascii.push(Span::styled(ch.to_string(), st));
         }
-        spans.push(Span::raw(" │"));
-        spans.extend(ascii);
+        if ascii_col {
+            spans.push(Span::raw(" │"));
+            spans.extend(ascii);
+        }
         Line::from(spans)
     }
 }
@@ -138,10 +147,14 @@ impl PaneState for State {
         let mut buf = vec![0u8; (self.rows * ROW) as usize];
         let got = qinspect::io::read_into(src.as_ref(), "hex", top, &mut buf).unwrap_or(0);
         let width = format!("{:x}", len.max(top + self.rows * ROW)).len().max(8);
+        // Wide offsets keep every column aligned; the ASCII column goes first
+        // when the box is too narrow for all of it.
+        let ascii_col = usize::from(inner.width) >= width + 2 + 49 + 2 + 16;
         let mut lines = vec![Line::styled(
             format!(
-                "{:<width$}  00 01 02 03 04 05 06 07  08 09 0a 0b 0c 0d 0e 0f  │ascii",
-                "offset"
+                "{:<width$}  00 01 02 03 04 05 06 07  08 09 0a 0b 0c 0d 0e 0f {}",
+                "offset",
+                if ascii_col { " │ascii" } else { "" }
             ),
             color::head(),
         )];
@@ -157,7 +170,7 @@ impl PaneState for State {
             let start = (r * ROW) as usize;
             let valid = got.saturating_sub(start).min((len - off).min(ROW) as usize);
             let bytes = buf.get(start..start + ROW as usize).unwrap_or(&[]);
-            lines.push(self.row(off, bytes, valid, width));
+            lines.push(self.row(off, bytes, valid, width, ascii_col));
         }
         let cs = ctx.cluster_size();
         let end = (top + self.rows * ROW)
