@@ -794,6 +794,9 @@ fn an_unopenable_header_still_shows_bytes_and_says_why_check_cannot_run() {
     );
     typed(&mut a, "2");
     assert!(screen(&mut a, 80, 24).contains("cannot be opened as qcow2"));
+    typed(&mut a, "t");
+    assert!(a.tour.is_none());
+    assert!(screen(&mut a, 80, 24).contains("the tour needs an image that opens"));
 }
 
 #[test]
