@@ -44,6 +44,8 @@ pub enum Bg {
     SimProgress(u64, String, u64, u64),
     /// A simulation finished (job id).
     Simulated(u64, Result<Outcome, String>),
+    /// Who references a cluster: cluster, referrers, roles.
+    Lookup(u64, Vec<String>, String, u64),
 }
 
 /// What a line-editing popup is for.
@@ -236,6 +238,7 @@ impl App {
         self.panes.snapshots.diff = None;
         self.panes.snapshots.diff_running = false;
         self.panes.snapshots.marked.clear();
+        self.panes.layout.looking = None;
         self.start_background();
     }
 
@@ -287,6 +290,9 @@ impl App {
             }
             Bg::Roles(r, g) if g == self.generation => self.ctx.roles = Some(Arc::new(r)),
             Bg::Diff(d, g) if g == self.generation => self.panes.snapshots.diffed(d),
+            Bg::Lookup(c, refs, roles, g) if g == self.generation => {
+                self.panes.layout.looked_up(c, refs, roles)
+            }
             Bg::SimProgress(id, phase, done, total) if current(id) => {
                 self.panes.simulate.progress(phase, done, total)
             }
@@ -303,6 +309,7 @@ impl App {
     pub fn busy(&self) -> bool {
         self.ctx.img.is_some() && (self.ctx.report.is_none() || self.ctx.roles.is_none())
             || self.panes.snapshots.diff_running
+            || self.panes.layout.looking.is_some()
             || self.sim_job.is_some()
     }
 
@@ -488,6 +495,16 @@ impl App {
             Effect::Reload => self.load(),
             Effect::Start(Job::Diff(a, b)) => self.compute_diff(a, b),
             Effect::Start(Job::Simulate(text)) => self.start_simulation(text),
+            Effect::Start(Job::Lookup(c)) => {
+                let Some(img) = self.ctx.img.clone() else {
+                    return;
+                };
+                let (tx, generation) = (self.tx.clone(), self.generation);
+                std::thread::spawn(move || {
+                    let (refs, roles) = super::panes::layout::lookup(&img, c);
+                    let _ = tx.send(Bg::Lookup(c, refs, roles, generation));
+                });
+            }
         }
     }
 

@@ -116,6 +116,8 @@ pub enum Job {
     Diff(usize, usize),
     /// Simulate operations given as text.
     Simulate(String),
+    /// Who references a host cluster.
+    Lookup(u64),
 }
 
 /// What a pane (or the tour) asks the app to do.

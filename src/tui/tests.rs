@@ -915,6 +915,9 @@ fn referrers_are_all_listed_in_natural_order() {
     typed(&mut a, "2g0x18000");
     key(&mut a, KeyCode::Enter);
     typed(&mut a, "i");
+    // The lookup walks the whole image, so it runs on a worker.
+    assert!(screen(&mut a, 120, 40).contains("looking up who references it"));
+    a.wait_background();
     let s = screen(&mut a, 120, 40);
     let n = a.panes.layout.detail.as_ref().unwrap().1.len();
     assert!(n >= 2, "{s}");

@@ -1,7 +1,7 @@
 //! Pane 2: the host file as a grid of clusters coloured by role.
 
 use super::{PaneState, color};
-use crate::tui::ctx::{Ctx, Effect, LAYOUT_LIMIT, OffsetKind};
+use crate::tui::ctx::{Ctx, Effect, Job, LAYOUT_LIMIT, OffsetKind};
 use crate::tui::keymap::Action;
 use crate::tui::widgets::{ListView, boxed};
 use qinspect::check::{ROLES, Referrer, Role, clusters};
@@ -27,6 +27,8 @@ pub struct State {
     grid: Rect,
     /// Who references a cluster, once looked up with `i`, and its scroll.
     pub detail: Option<(u64, Vec<String>)>,
+    /// A lookup running on the worker, for this cluster.
+    pub looking: Option<u64>,
     /// The roles found by that lookup.
     pub detail_roles: String,
     /// Scroll of the referrer list.
@@ -169,30 +171,38 @@ impl State {
         ctx.file_len().div_ceil(ctx.cluster_size()).max(1)
     }
 
-    /// Look up who references the selected cluster (the `i` key).
-    pub fn lookup(&mut self, ctx: &Ctx) {
-        let Some(img) = &ctx.img else { return };
-        let c = self.sel;
-        let info = clusters(img, c, c);
-        let mut refs = info
-            .first()
-            .map(|i| i.referrers.clone())
-            .unwrap_or_default();
-        self.detail_roles = info
-            .first()
-            .map(|i| {
-                let bits = i.roles.iter().fold(0u16, |b, r| b | (1 << (*r as u16)));
-                if bits == 0 {
-                    "free".to_string()
-                } else {
-                    role_names(bits).join(", ")
-                }
-            })
-            .unwrap_or_default();
-        sort_referrers(&mut refs);
-        self.detail = Some((c, refs.iter().map(|r| r.describe()).collect()));
+    /// The lookup of cluster `c` came back from the worker.
+    pub fn looked_up(&mut self, c: u64, refs: Vec<String>, roles: String) {
+        if self.looking == Some(c) {
+            self.looking = None;
+        }
+        self.detail = Some((c, refs));
+        self.detail_roles = roles;
         self.refs = ListView::default();
     }
+}
+
+/// Who references host cluster `c`, in natural order, and its roles (this walks
+/// every table of the image, so it runs on a worker).
+pub fn lookup(img: &qinspect::image::Qcow2, c: u64) -> (Vec<String>, String) {
+    let info = clusters(img, c, c);
+    let mut refs = info
+        .first()
+        .map(|i| i.referrers.clone())
+        .unwrap_or_default();
+    let roles = info
+        .first()
+        .map(|i| {
+            let bits = i.roles.iter().fold(0u16, |b, r| b | (1 << (*r as u16)));
+            if bits == 0 {
+                "free".to_string()
+            } else {
+                role_names(bits).join(", ")
+            }
+        })
+        .unwrap_or_default();
+    sort_referrers(&mut refs);
+    (refs.iter().map(|r| r.describe()).collect(), roles)
 }
 
 impl PaneState for State {
@@ -316,6 +326,13 @@ impl PaneState for State {
             h1,
         );
         match &self.detail {
+            _ if self.looking == Some(c) => f.render_widget(
+                Paragraph::new(Line::styled(
+                    "  looking up who references it on a worker thread…",
+                    color::dim(),
+                )),
+                h2,
+            ),
             Some((dc, refs)) if *dc == c => {
                 let refs = refs.clone();
                 if refs.is_empty() {
@@ -368,8 +385,9 @@ impl PaneState for State {
             Action::Home => *c = 0,
             Action::End => *c = n - 1,
             Action::Lookup => {
-                self.lookup(ctx);
+                self.looking = Some(*c);
                 self.focus_refs = true;
+                q.push(Effect::Start(Job::Lookup(*c)));
             }
             Action::Focus => self.focus_refs = !self.focus_refs,
             Action::Enter => {
