@@ -348,7 +348,7 @@ impl PaneState for State {
         let sel = match self.level {
             Level::L1 => view.l1.get(self.l1.sel).map(|e| {
                 let what = match e.l2_offset() {
-                    None => format!("An entry of 0: no L2 table, so the whole range {}.", ctx.fall_through()),
+                    None => format!("No L2 table offset in this entry, so the whole range {}.", ctx.fall_through()),
                     Some(o) => Self::copied_sentence(
                         "the L2 table",
                         active,
