@@ -153,7 +153,7 @@ impl Referrer {
         }
     }
 
-    /// One line: "data via active L1[0] -> L2 0x40000[16] (guest 0x100000)".
+    /// One line: `data via active L1[0] -> L2 0x40000[16] (guest 0x100000)`.
     pub fn describe(&self) -> String {
         let role = serde_json::to_value(self.role)
             .ok()
