@@ -29,10 +29,13 @@ pub struct Args {
     /// Print JSON: qemu-img check's keys plus `findings`.
     #[arg(long)]
     pub json: bool,
+    #[command(flatten)]
+    pub key: super::secret::KeyArgs,
 }
 
 /// Run `qinspect check`.
-pub fn run(a: Args) -> CmdResult {
+pub fn run(mut a: Args) -> CmdResult {
+    let mut keys = a.key.resolve(&mut a.image)?;
     let filename = a.image.to_string_lossy().into_owned();
     let src: SharedSource = Arc::new(FileSource::open(&a.image)?);
     if qinspect::chain::Format::probe(src.as_ref()) == qinspect::chain::Format::Raw {
@@ -45,6 +48,15 @@ pub fn run(a: Args) -> CmdResult {
         return Ok(63);
     }
     let img = Qcow2::open(src, Strictness::Lenient)?;
+    if img.header.crypt_method != 0 && !keys.unlock_image(0, &img, &a.image)? {
+        // qemu-img check opens the image with its key, and fails without one.
+        let mut err = anstream::stderr();
+        writeln!(
+            err,
+            "qinspect: Could not open '{filename}': Parameter 'encrypt.key-secret' is required for cipher (give the passphrase with --object secret,... --image-opts, or --passphrase-file)"
+        )?;
+        return Ok(1);
+    }
     let show_progress = !a.json && std::io::stderr().is_terminal();
     let bar = indicatif::ProgressBar::hidden();
     if show_progress {

@@ -28,13 +28,17 @@ pub struct Args {
     /// Write to this file instead of standard output.
     #[arg(long, short = 'o')]
     pub output: Option<PathBuf>,
+    #[command(flatten)]
+    pub key: super::secret::KeyArgs,
 }
 
 const CHUNK: usize = 4 << 20;
 
 /// Run `qinspect read`.
-pub fn run(a: Args) -> CmdResult {
+pub fn run(mut a: Args) -> CmdResult {
+    let keys = a.key.resolve(&mut a.image)?;
     let chain = open_chain(&a.image, a.snapshot.as_deref(), Strictness::Qemu)?;
+    keys.unlock(&chain)?;
     let size = chain.size();
     if a.offset > size {
         color_eyre::eyre::bail!(

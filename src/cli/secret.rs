@@ -1,0 +1,271 @@
+//! Passphrases for encrypted images, taken the way qemu-img takes them:
+//! `--object secret,id=ID,data=TEXT|file=PATH[,format=raw|base64]` with
+//! `--image-opts` and `encrypt.key-secret=ID`, or `--passphrase-file PATH`, or a
+//! prompt (not echoed) when standard input is a terminal. Secrets are never
+//! printed, logged or put in an error message.
+
+use base64::Engine;
+use color_eyre::eyre::{bail, eyre};
+use qinspect::chain::Chain;
+use qinspect::crypto::{DataKey, UnlockError};
+use qinspect::image::Qcow2;
+use std::path::{Path, PathBuf};
+use zeroize::Zeroizing;
+
+/// Options that give passphrases.
+#[derive(clap::Args, Clone, Default)]
+pub struct KeyArgs {
+    /// Define a secret, as qemu-img does: `secret,id=ID,file=PATH` (the file's
+    /// bytes, exactly) or `secret,id=ID,data=TEXT` (visible to other users:
+    /// qinspect warns); add `format=base64` for base64-encoded contents.
+    #[arg(
+        long = "object",
+        value_name = "secret,id=ID,file=PATH",
+        help_heading = "Encryption"
+    )]
+    pub objects: Vec<String>,
+    /// Read IMAGE as qemu-img's --image-opts: `driver=qcow2,file.filename=PATH,encrypt.key-secret=ID`
+    /// (`backing.encrypt.key-secret=ID` for an encrypted backing file).
+    #[arg(long, help_heading = "Encryption")]
+    pub image_opts: bool,
+    /// The top image's passphrase is the contents of this file (every byte, as
+    /// with secret file=).
+    #[arg(long, value_name = "PATH", help_heading = "Encryption")]
+    pub passphrase_file: Option<PathBuf>,
+}
+
+impl std::fmt::Debug for KeyArgs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // --object may carry data=: never print it.
+        f.debug_struct("KeyArgs")
+            .field("objects", &self.objects.len())
+            .field("image_opts", &self.image_opts)
+            .field("passphrase_file", &self.passphrase_file)
+            .finish()
+    }
+}
+
+type Secret = Zeroizing<Vec<u8>>;
+
+/// Passphrases by layer depth (0 = top image).
+#[derive(Default)]
+pub struct Keys {
+    by_depth: Vec<Option<Secret>>,
+    /// Whether any way of giving a key was used.
+    pub given: bool,
+}
+
+fn parse_opts(s: &str) -> Vec<(String, String)> {
+    // QEMU's option syntax: comma-separated key=value, ",," for a literal comma.
+    let mut out = Vec::new();
+    let mut cur = String::new();
+    let mut chars = s.chars().peekable();
+    let mut parts = Vec::new();
+    while let Some(c) = chars.next() {
+        if c == ',' {
+            if chars.peek() == Some(&',') {
+                chars.next();
+                cur.push(',');
+            } else {
+                parts.push(std::mem::take(&mut cur));
+            }
+        } else {
+            cur.push(c);
+        }
+    }
+    parts.push(cur);
+    for p in parts {
+        match p.split_once('=') {
+            Some((k, v)) => out.push((k.to_string(), v.to_string())),
+            None => out.push((p, String::new())),
+        }
+    }
+    out
+}
+
+fn load_secret(spec: &str) -> color_eyre::Result<(String, Secret)> {
+    let opts = parse_opts(spec);
+    let mut it = opts.iter();
+    match it.next() {
+        Some((k, v)) if v.is_empty() && k == "secret" => {}
+        Some((k, _)) if k == "qom-type" => {}
+        _ => bail!("--object: only 'secret' objects are understood (secret,id=ID,file=PATH)"),
+    }
+    let (mut id, mut data, mut file, mut format) = (None, None, None, None);
+    for (k, v) in it {
+        match k.as_str() {
+            "id" => id = Some(v.clone()),
+            "data" => data = Some(Zeroizing::new(v.clone().into_bytes())),
+            "file" => file = Some(PathBuf::from(v)),
+            "format" => format = Some(v.clone()),
+            "keyid" | "iv" => bail!(
+                "--object secret: encrypted secrets (keyid=, iv=) are not supported; give the passphrase itself"
+            ),
+            "qom-type" => {}
+            other => bail!("--object secret: unknown property '{other}'"),
+        }
+    }
+    let id = id.ok_or_else(|| eyre!("--object secret: 'id' is required"))?;
+    let raw = match (data, file) {
+        (Some(_), Some(_)) => bail!("secret '{id}': 'data' and 'file' are mutually exclusive"),
+        (None, None) => bail!("secret '{id}': either 'data' or 'file' is required"),
+        (Some(d), None) => {
+            eprintln!(
+                "qinspect: warning: secret '{id}' is given with data=, which other users can see in the process list and shell history; prefer file=PATH"
+            );
+            d
+        }
+        (None, Some(p)) => Zeroizing::new(
+            std::fs::read(&p)
+                .map_err(|e| eyre!("secret '{id}': cannot read {}: {e}", p.display()))?,
+        ),
+    };
+    let secret = match format.as_deref() {
+        None | Some("raw") => raw,
+        Some("base64") => Zeroizing::new(
+            base64::engine::general_purpose::STANDARD
+                .decode(raw.as_slice())
+                .map_err(|_| eyre!("secret '{id}': the contents are not valid base64"))?,
+        ),
+        Some(f) => bail!("secret '{id}': unknown format '{f}' (raw or base64)"),
+    };
+    Ok((id, secret))
+}
+
+impl KeyArgs {
+    /// Load the secrets; with `--image-opts`, also turn `image` from an option
+    /// string into the file name it names.
+    pub fn resolve(&self, image: &mut PathBuf) -> color_eyre::Result<Keys> {
+        let mut secrets = Vec::new();
+        for o in &self.objects {
+            secrets.push(load_secret(o)?);
+        }
+        let mut keys = Keys {
+            given: !secrets.is_empty() || self.passphrase_file.is_some(),
+            ..Keys::default()
+        };
+        if self.image_opts {
+            let spec = image.to_string_lossy().into_owned();
+            let mut filename = None;
+            for (k, v) in parse_opts(&spec) {
+                if k == "file.filename" || k == "filename" {
+                    filename = Some(PathBuf::from(v));
+                } else if let Some(prefix) = k.strip_suffix("encrypt.key-secret") {
+                    let depth = prefix.matches("backing.").count();
+                    if prefix != "backing.".repeat(depth) {
+                        bail!("--image-opts: unknown option '{k}'");
+                    }
+                    let Some((_, s)) = secrets.iter().find(|(id, _)| *id == v) else {
+                        bail!("No secret with id '{v}'");
+                    };
+                    if keys.by_depth.len() <= depth {
+                        keys.by_depth.resize(depth + 1, None);
+                    }
+                    keys.by_depth[depth] = Some(s.clone());
+                } else if k == "driver" && v != "qcow2" {
+                    bail!("--image-opts: qinspect opens driver=qcow2 images only");
+                }
+            }
+            *image = filename.ok_or_else(|| {
+                eyre!("--image-opts: the options name no file (file.filename=PATH)")
+            })?;
+        } else if !secrets.is_empty() {
+            bail!(
+                "--object secret needs --image-opts and encrypt.key-secret=ID to say which image it opens, as in qemu-img"
+            );
+        }
+        if let Some(p) = &self.passphrase_file {
+            let s = Zeroizing::new(
+                std::fs::read(p).map_err(|e| eyre!("cannot read {}: {e}", p.display()))?,
+            );
+            if keys.by_depth.is_empty() {
+                keys.by_depth.push(None);
+            }
+            if keys.by_depth[0].is_none() {
+                keys.by_depth[0] = Some(s);
+            }
+        }
+        Ok(keys)
+    }
+}
+
+impl Keys {
+    /// Open every encrypted layer that has a passphrase (prompting for the top
+    /// one when none was given and standard input is a terminal). Fails, before
+    /// anything is written, when a passphrase opens no key slot.
+    pub fn unlock(mut self, chain: &Chain) -> color_eyre::Result<()> {
+        for (depth, layer) in chain.layers.iter().enumerate() {
+            if let Some(img) = layer.qcow2() {
+                self.unlock_image(depth, img, &layer.path)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Open one image at `depth` of its chain, as [`Keys::unlock`] does; `Ok(true)`
+    /// when it is encrypted and now has its key.
+    pub fn unlock_image(
+        &mut self,
+        depth: usize,
+        img: &Qcow2,
+        path: &Path,
+    ) -> color_eyre::Result<bool> {
+        use std::io::IsTerminal;
+        if img.header.crypt_method == 0 {
+            return Ok(false);
+        }
+        if img.data_key().is_some() {
+            return Ok(true);
+        }
+        let mut pass = self.by_depth.get_mut(depth).and_then(Option::take);
+        if pass.is_none() && depth == 0 && !self.given && std::io::stdin().is_terminal() {
+            let p = rpassword::prompt_password(format!("Passphrase for {}: ", path.display()))?;
+            pass = Some(Zeroizing::new(p.into_bytes()));
+        }
+        let Some(pass) = pass else { return Ok(false) };
+        match DataKey::unlock(img, &pass) {
+            Ok(k) => {
+                img.set_data_key(k);
+                Ok(true)
+            }
+            Err(UnlockError::NoSlotMatches { tried }) => bail!(
+                "{}: no key slot matches this passphrase (tried active key slots {}); nothing was read",
+                path.display(),
+                tried
+                    .iter()
+                    .map(|t| t.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            Err(UnlockError::Header(e)) => Err(eyre!(e).wrap_err(format!(
+                "{}: cannot open the encryption key",
+                path.display()
+            ))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn option_strings_split_like_qemu() {
+        let o = parse_opts("driver=qcow2,file.filename=a,,b.qcow2,encrypt.key-secret=s");
+        assert_eq!(o[1], ("file.filename".to_string(), "a,b.qcow2".to_string()));
+        assert_eq!(o[2].1, "s");
+    }
+
+    #[test]
+    fn secrets_load_and_debug_never_shows_them() {
+        let (id, s) = load_secret("secret,id=k,data=aGVsbG8=,format=base64").unwrap();
+        assert_eq!((id.as_str(), s.as_slice()), ("k", &b"hello"[..]));
+        assert!(load_secret("secret,id=k").is_err());
+        assert!(load_secret("secret,id=k,data=a,file=/x").is_err());
+        let a = KeyArgs {
+            objects: vec!["secret,id=k,data=TOPSECRET".into()],
+            ..Default::default()
+        };
+        assert!(!format!("{a:?}").contains("TOPSECRET"));
+    }
+}
