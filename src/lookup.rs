@@ -580,6 +580,8 @@ pub enum StepKind {
         /// Next layer's file, if any.
         next: Option<String>,
     },
+    /// The data is decrypted: which sector number becomes the IV, which key.
+    Decrypt(crate::crypto::DecryptStep),
     /// QEMU would fail the read.
     Error {
         /// QEMU's complaint.
@@ -996,6 +998,9 @@ fn trace_qcow2(
                     }
                 ),
             );
+            if let Some((d, why)) = crate::crypto::decrypt_step(img, host, guest) {
+                push(steps, StepKind::Decrypt(d), why);
+            }
             Some(format!(
                 "data in {file} at host offset {host:#x}{}",
                 if past_eof {

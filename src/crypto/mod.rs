@@ -206,3 +206,93 @@ pub fn decrypted_segments(
     }
     Ok(())
 }
+
+/// Where decryption enters one traced read.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct DecryptStep {
+    /// The cipher, as LUKS spells it (`aes-256-xts-plain64`).
+    pub cipher: String,
+    /// The sector number that becomes the IV.
+    pub iv_sector: u64,
+    /// Whether that number counts host (LUKS) or guest (legacy AES) sectors.
+    pub iv_from: &'static str,
+    /// The IV (hex; empty in ECB mode), when the key is known (ESSIV needs it).
+    pub iv: Option<String>,
+    /// The LUKS key slot the passphrase opened (`None`: legacy AES, or no key).
+    pub key_slot: Option<usize>,
+    /// Whether a key was given.
+    pub key_given: bool,
+}
+
+fn spec_name(s: &CipherSpec) -> String {
+    format!(
+        "{}-{}-{}{}",
+        s.alg.qemu_name(),
+        s.mode.name(),
+        s.ivgen.name(),
+        s.ivgen_hash
+            .map(|h| format!(":{}", h.name()))
+            .unwrap_or_default()
+    )
+}
+
+/// The decryption step of a trace for the byte at `host` (file offset) and
+/// `guest`, with a sentence explaining it; `None` for an unencrypted image.
+pub fn decrypt_step(img: &Qcow2, host: u64, guest: u64) -> Option<(DecryptStep, String)> {
+    let (spec, physical) = match img.header.crypt() {
+        CryptMethod::Aes => (Some(LEGACY_AES), false),
+        CryptMethod::Luks => (
+            img.data_key()
+                .map(DataKey::spec)
+                .or_else(|| luks_header(img).and_then(|h| h.ok()?.spec().ok())),
+            true,
+        ),
+        _ => return None,
+    };
+    let cipher = spec
+        .as_ref()
+        .map(spec_name)
+        .unwrap_or_else(|| "unknown (the LUKS header cannot be used)".into());
+    let sector_of = if physical { host } else { guest };
+    let iv_sector = sector_of / SECTOR_SIZE;
+    let key = img.data_key();
+    let key_slot = key.and_then(|k| match k.source {
+        KeySource::Luks { slot } => Some(slot),
+        KeySource::LegacyAes => None,
+    });
+    let iv = key.map(|k| {
+        k.iv(host, guest)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>()
+    });
+    let sector_start = iv_sector.saturating_mul(SECTOR_SIZE);
+    let what = if physical {
+        format!("host offset {host:#x}")
+    } else {
+        format!("guest offset {guest:#x}")
+    };
+    let key_text = match (key, key_slot) {
+        (Some(_), Some(s)) => format!("with the master key from key slot {s}"),
+        (Some(_), None) => "with the key made from the passphrase".to_string(),
+        (None, _) => "but no passphrase was given, so the bytes cannot be read".to_string(),
+    };
+    let explanation = format!(
+        "The cluster is encrypted ({cipher}): the 512-byte sector holding {what} starts at {sector_start:#x}, so sector {iv_sector} is the IV's number{}; it is decrypted {key_text}.",
+        iv.as_deref()
+            .filter(|s| !s.is_empty())
+            .map(|s| format!(" (IV {s})"))
+            .unwrap_or_default()
+    );
+    Some((
+        DecryptStep {
+            cipher,
+            iv_sector,
+            iv_from: if physical { "host" } else { "guest" },
+            iv,
+            key_slot,
+            key_given: key.is_some(),
+        },
+        explanation,
+    ))
+}
