@@ -328,15 +328,6 @@ pub fn format_date(secs: u32) -> String {
     )
 }
 
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn dates() {
-        assert_eq!(super::format_date(0), "1970-01-01 00:00:00");
-        assert_eq!(super::format_date(1_700_000_000), "2023-11-14 22:13:20");
-    }
-}
-
 /// The encryption method and, for LUKS, every header field and key slot.
 fn print_encryption(out: &mut impl Write, img: &Qcow2) -> color_eyre::Result<()> {
     use qinspect::header::CryptMethod;
@@ -454,4 +445,13 @@ fn print_encryption(out: &mut impl Write, img: &Qcow2) -> color_eyre::Result<()>
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn dates() {
+        assert_eq!(super::format_date(0), "1970-01-01 00:00:00");
+        assert_eq!(super::format_date(1_700_000_000), "2023-11-14 22:13:20");
+    }
 }
