@@ -346,7 +346,8 @@ fn luks_variants(c: &mut Corpus) {
     let l = header_u64(&b, 0x78);
     let slot0 = l + 208;
     let big = be32(u32::MAX);
-    let luks: Vec<(&str, Vec<(u64, Vec<u8>)>, Option<u64>)> = vec![
+    type Patch = Vec<(u64, Vec<u8>)>;
+    let luks: Vec<(&str, Patch, Option<u64>)> = vec![
         (
             "luks-slot-iters-max.qcow2",
             vec![(slot0 + 4, big.clone())],
