@@ -47,6 +47,53 @@ impl std::fmt::Debug for KeyArgs {
 
 type Secret = Zeroizing<Vec<u8>>;
 
+/// A passphrase kept for later (the viewer reopens images); wiped on drop and
+/// never shown by `Debug`.
+#[derive(Clone, Default)]
+pub struct Passphrase(pub Option<Secret>);
+
+impl std::fmt::Debug for Passphrase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() {
+            "Passphrase(given)"
+        } else {
+            "Passphrase(none)"
+        })
+    }
+}
+
+/// Give `img` its key from `pass`; a sentence saying what happened, for the
+/// viewer (`None` when the image is not encrypted or no passphrase was given).
+pub fn unlock_with(img: &Qcow2, pass: &Passphrase) -> Option<Result<String, String>> {
+    if img.header.crypt_method == 0 {
+        return None;
+    }
+    if let Some(k) = img.data_key() {
+        return Some(Ok(describe_key(k)));
+    }
+    let p = pass.0.as_ref()?;
+    Some(match DataKey::unlock(img, p) {
+        Ok(k) => {
+            let text = describe_key(&k);
+            img.set_data_key(k);
+            Ok(text)
+        }
+        Err(UnlockError::NoSlotMatches { .. }) => {
+            Err("no key slot matches this passphrase".to_string())
+        }
+        Err(UnlockError::Header(e)) => Err(e.to_string()),
+    })
+}
+
+fn describe_key(k: &DataKey) -> String {
+    match k.source() {
+        qinspect::crypto::KeySource::Luks { slot } => format!("unlocked with key slot {slot}"),
+        qinspect::crypto::KeySource::LegacyAes => {
+            "key made from the passphrase (legacy AES cannot tell a wrong one)".to_string()
+        }
+    }
+}
+
 /// Passphrases by layer depth (0 = top image).
 #[derive(Default)]
 pub struct Keys {
@@ -190,6 +237,33 @@ impl KeyArgs {
 }
 
 impl Keys {
+    /// The viewer's passphrase for the top image at `path`: the one given, or
+    /// (when none was, the image is encrypted and standard input is a terminal)
+    /// one typed at a prompt before the screen is taken over.
+    pub fn into_viewer_passphrase(mut self, path: &Path) -> color_eyre::Result<Passphrase> {
+        use std::io::IsTerminal;
+        if let Some(p) = self.by_depth.get_mut(0).and_then(Option::take) {
+            return Ok(Passphrase(Some(p)));
+        }
+        if self.given || !std::io::stdin().is_terminal() {
+            return Ok(Passphrase(None));
+        }
+        let mut head = [0u8; 36];
+        let encrypted = std::fs::File::open(path)
+            .and_then(|f| {
+                use std::os::unix::fs::FileExt;
+                f.read_exact_at(&mut head, 0)
+            })
+            .is_ok()
+            && head[..4] == *b"QFI\xfb"
+            && u32::from_be_bytes([head[32], head[33], head[34], head[35]]) != 0;
+        if !encrypted {
+            return Ok(Passphrase(None));
+        }
+        let p = rpassword::prompt_password(format!("Passphrase for {}: ", path.display()))?;
+        Ok(Passphrase(Some(Zeroizing::new(p.into_bytes()))))
+    }
+
     /// Open every encrypted layer that has a passphrase (prompting for the top
     /// one when none was given and standard input is a terminal). Fails, before
     /// anything is written, when a passphrase opens no key slot.

@@ -25,6 +25,8 @@ pub struct Options {
     pub mouse: bool,
     /// Reload when the file changes.
     pub watch: bool,
+    /// The passphrase of an encrypted image.
+    pub passphrase: crate::cli::secret::Passphrase,
 }
 
 /// Messages from worker threads.
@@ -96,6 +98,8 @@ pub struct App {
     pub load_error: Option<String>,
     /// The backing chain (for traces), or why it cannot be followed.
     pub chain: Result<Chain, String>,
+    /// For an encrypted image: how the key was opened, or why it was not.
+    pub unlocked: Option<Result<String, String>>,
     /// The current pane.
     pub pane: usize,
     /// The snapshot whose view Tables, Trace, Layout and Hex use.
@@ -223,6 +227,7 @@ impl App {
             img: None,
             load_error: None,
             chain: Err(String::new()),
+            unlocked: None,
             pane: pane::OVERVIEW,
             view_snapshot: None,
             popup: None,
@@ -308,6 +313,10 @@ impl App {
             ..Default::default()
         };
         self.chain = Chain::open(&self.path, &opts).map_err(|e| e.to_string());
+        self.unlocked = self.chain.as_ref().ok().and_then(|c| {
+            let top = c.top().qcow2()?;
+            crate::cli::secret::unlock_with(top, &self.opts.passphrase)
+        });
     }
 
     fn start_background(&mut self) {
