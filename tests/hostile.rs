@@ -589,11 +589,11 @@ fn every_command_on_every_broken_image() {
     for (n, want) in [
         (
             "luks-slot-iters-max.qcow2",
-            "4294967295 PBKDF2 iterations, more than qinspect's limit of 16777216",
+            "4294967295 PBKDF2 iterations, more than qinspect's limit of 134217728",
         ),
         (
             "luks-mk-iters-max.qcow2",
-            "more than qinspect's limit of 16777216",
+            "more than qinspect's limit of 134217728",
         ),
         ("luks-mk-iters-0.qcow2", "LUKS key iteration count is zero"),
         (
