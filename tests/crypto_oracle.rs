@@ -7,6 +7,7 @@
 
 mod common;
 use common::Work;
+use serde_json::Value;
 
 const PASS: &str = "correct horse";
 
@@ -260,7 +261,27 @@ fn legacy_aes_matches_qemu_for_active_view_and_snapshot() {
     assert_reads_match(&w, "aes.qcow2", None);
     assert_reads_match(&w, "aes.qcow2", Some("snap1"));
     let info = Work::json(&w.qinspect_ok(&["info", "--json", "aes.qcow2"]));
+    let q = Work::json(&w.qemu_img(&["info", "--output=json", "aes.qcow2"]).stdout);
+    assert_eq!(
+        info["format-specific"]["data"]["encrypt"],
+        q["format-specific"]["data"]["encrypt"]
+    );
     assert_eq!(info["format-specific"]["data"]["encrypt"]["format"], "aes");
+    // A guest hexdump decrypts too.
+    let hx = String::from_utf8(w.qinspect_ok(&[
+        "hexdump",
+        "--passphrase-file",
+        "pass",
+        "aes.qcow2",
+        "--guest",
+        "0",
+        "--length",
+        "16",
+        "--color",
+        "never",
+    ]))
+    .unwrap();
+    assert!(hx.contains("5a 5a 5a 5a"), "{hx}");
 }
 
 #[test]
@@ -291,6 +312,37 @@ fn luks_fields_equal_qemu_img_info() {
         for i in 0..8 {
             assert!(text.contains(&format!("slot {i}")), "{text}");
         }
+        // The header's clusters are referenced once each, as check counts them.
+        let luks = &ours["luks"];
+        let (off, len) = (
+            luks["offset"].as_u64().unwrap(),
+            luks["length"].as_u64().unwrap(),
+        );
+        let cl = Work::json(&w.qinspect_ok(&["clusters", "--json", name]));
+        let cs = cl["cluster_size"].as_u64().unwrap();
+        let header: Vec<&Value> = cl["clusters"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|c| {
+                c["roles"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|r| r == "crypto-header")
+            })
+            .collect();
+        assert_eq!(
+            header.len() as u64,
+            (off + len).div_ceil(cs) - off / cs,
+            "{name}"
+        );
+        assert!(
+            header
+                .iter()
+                .all(|c| c["reference"] == 1 && c["refcount"] == 1)
+        );
+        assert_eq!(header[0]["offset"].as_u64(), Some(off / cs * cs));
     }
 }
 

@@ -303,7 +303,7 @@ impl Keys {
                 Ok(true)
             }
             Err(UnlockError::NoSlotMatches { tried }) => bail!(
-                "{}: no key slot matches this passphrase (tried active key slots {}); nothing was read",
+                "{}: no key slot matches this passphrase (tried active key slots {}; if the passphrase is right, their key material is damaged); nothing was read",
                 path.display(),
                 tried
                     .iter()
