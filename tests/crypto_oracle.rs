@@ -598,3 +598,73 @@ fn damaged_key_slot_is_named_with_the_reason() {
         "{q:?}"
     );
 }
+
+#[test]
+fn encrypted_backing_file_opens_with_backing_key_secret() {
+    let w = Work::new();
+    default_image(&w, "base.qcow2");
+    w.qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-u",
+        "-b",
+        "base.qcow2",
+        "-F",
+        "qcow2",
+        "top.qcow2",
+        "3M",
+    ]);
+    let spec = "driver=qcow2,file.filename=top.qcow2,backing.encrypt.key-secret=s";
+    w.run(
+        "qemu-io",
+        &[
+            "--object",
+            "secret,id=s,file=pass",
+            "--image-opts",
+            spec,
+            "-c",
+            "write -P 0x11 0 4k",
+        ],
+    );
+    w.run(
+        "qemu-img",
+        &[
+            "convert",
+            "--object",
+            "secret,id=s,file=pass",
+            "--image-opts",
+            spec,
+            "-O",
+            "raw",
+            "q.raw",
+        ],
+    );
+    w.qinspect_ok(&[
+        "read",
+        "--object",
+        "secret,id=s,file=pass",
+        "--image-opts",
+        spec,
+        "-o",
+        "o.raw",
+    ]);
+    let (q, o) = (
+        std::fs::read(w.path("q.raw")).unwrap(),
+        std::fs::read(w.path("o.raw")).unwrap(),
+    );
+    assert!(
+        q == o,
+        "read through an encrypted backing file differs from qemu-img convert"
+    );
+    assert_eq!(
+        &o[0x1000..0x1010],
+        &[0x5a; 16],
+        "the backing file's bytes were decrypted"
+    );
+    // Without the backing key, reading the backing file's data fails and says why.
+    let out = w.qinspect(&["read", "top.qcow2", "--offset", "64k", "--length", "16"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no passphrase was given"));
+}
