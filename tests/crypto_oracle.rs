@@ -666,5 +666,15 @@ fn encrypted_backing_file_opens_with_backing_key_secret() {
     // Without the backing key, reading the backing file's data fails and says why.
     let out = w.qinspect(&["read", "top.qcow2", "--offset", "64k", "--length", "16"]);
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("no passphrase was given"));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no passphrase was given for it"));
+    assert!(out.stdout.is_empty());
+    let out = w.qinspect(&["read", "top.qcow2", "-o", "none.raw"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        !w.path("none.raw").exists(),
+        "an output file was created without a key"
+    );
+    // --passphrase-file opens every encrypted layer that has no secret of its own.
+    let o2 = w.qinspect_ok(&["read", "--passphrase-file", "pass", "top.qcow2"]);
+    assert!(o2 == q);
 }

@@ -74,6 +74,7 @@ pub fn run(mut a: Args) -> CmdResult {
         let g = a.guest.unwrap_or(0);
         let chain = open_chain(&a.image, a.snapshot.as_deref(), Strictness::Qemu)?;
         keys.unlock(&chain)?;
+        super::secret::Keys::require(&chain)?;
         let size = chain.size();
         if g >= size {
             color_eyre::eyre::bail!(

@@ -39,6 +39,7 @@ pub fn run(mut a: Args) -> CmdResult {
     let keys = a.key.resolve(&mut a.image)?;
     let chain = open_chain(&a.image, a.snapshot.as_deref(), Strictness::Qemu)?;
     keys.unlock(&chain)?;
+    super::secret::Keys::require(&chain)?;
     let size = chain.size();
     if a.offset > size {
         color_eyre::eyre::bail!(

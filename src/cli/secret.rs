@@ -98,6 +98,8 @@ fn describe_key(k: &DataKey) -> String {
 #[derive(Default)]
 pub struct Keys {
     by_depth: Vec<Option<Secret>>,
+    /// `--passphrase-file`: for every encrypted layer without its own secret.
+    default: Option<Secret>,
     /// Whether any way of giving a key was used.
     pub given: bool,
 }
@@ -222,15 +224,9 @@ impl KeyArgs {
             );
         }
         if let Some(p) = &self.passphrase_file {
-            let s = Zeroizing::new(
+            keys.default = Some(Zeroizing::new(
                 std::fs::read(p).map_err(|e| eyre!("cannot read {}: {e}", p.display()))?,
-            );
-            if keys.by_depth.is_empty() {
-                keys.by_depth.push(None);
-            }
-            if keys.by_depth[0].is_none() {
-                keys.by_depth[0] = Some(s);
-            }
+            ));
         }
         Ok(keys)
     }
@@ -243,6 +239,9 @@ impl Keys {
     pub fn into_viewer_passphrase(mut self, path: &Path) -> color_eyre::Result<Passphrase> {
         use std::io::IsTerminal;
         if let Some(p) = self.by_depth.get_mut(0).and_then(Option::take) {
+            return Ok(Passphrase(Some(p)));
+        }
+        if let Some(p) = self.default.take() {
             return Ok(Passphrase(Some(p)));
         }
         if self.given || !std::io::stdin().is_terminal() {
@@ -291,8 +290,12 @@ impl Keys {
         if img.data_key().is_some() {
             return Ok(true);
         }
-        let mut pass = self.by_depth.get_mut(depth).and_then(Option::take);
-        if pass.is_none() && depth == 0 && !self.given && std::io::stdin().is_terminal() {
+        let mut pass = self
+            .by_depth
+            .get_mut(depth)
+            .and_then(Option::take)
+            .or_else(|| self.default.clone());
+        if pass.is_none() && !self.given && std::io::stdin().is_terminal() {
             let p = rpassword::prompt_password(format!("Passphrase for {}: ", path.display()))?;
             pass = Some(Zeroizing::new(p.into_bytes()));
         }
@@ -316,6 +319,25 @@ impl Keys {
                 path.display()
             ))),
         }
+    }
+}
+
+impl Keys {
+    /// Fail, as qemu-img does when it opens the chain, if an encrypted layer
+    /// has no key (before any output is written).
+    pub fn require(chain: &Chain) -> color_eyre::Result<()> {
+        for l in &chain.layers {
+            if let Some(i) = l.qcow2()
+                && i.header.crypt_method != 0
+                && i.data_key().is_none()
+            {
+                bail!(
+                    "{} is encrypted and no passphrase was given for it (qemu-img: Parameter 'encrypt.key-secret' is required for cipher); give it with --passphrase-file PATH, or --object secret,id=ID,file=PATH --image-opts driver=qcow2,file.filename=...,encrypt.key-secret=ID",
+                    l.path.display()
+                );
+            }
+        }
+        Ok(())
     }
 }
 
