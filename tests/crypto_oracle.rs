@@ -560,6 +560,20 @@ fn trace_names_the_iv_sector_and_the_key_slot() {
     let a = w.qinspect_ok(&["read", "--passphrase-file", "pass", "t.qcow2"]);
     let b = w.qinspect_ok(&["read", "--passphrase-file", "pass2", "t.qcow2"]);
     assert!(a == b && a.contains(&0xc4));
+    // Damage slot 0's key material: its passphrase no longer opens anything (and
+    // the message allows for damage), while slot 3 still opens the same data.
+    let info = Work::json(&w.qinspect_ok(&["info", "--json", "t.qcow2"]));
+    let at = info["luks"]["offset"].as_u64().unwrap()
+        + info["luks"]["slots"][0]["key_offset_sector"]
+            .as_u64()
+            .unwrap()
+            * 512;
+    w.patch("t.qcow2", at + 100, &[0xff; 64]);
+    let out = w.qinspect(&["read", "--passphrase-file", "pass", "t.qcow2"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(err.contains("no key slot matches this passphrase (tried active key slots 0, 3; if the passphrase is right, their key material is damaged)"), "{err}");
+    assert!(w.qinspect_ok(&["read", "--passphrase-file", "pass2", "t.qcow2"]) == a);
 }
 
 #[test]
