@@ -692,3 +692,56 @@ fn encrypted_backing_file_opens_with_backing_key_secret() {
     let o2 = w.qinspect_ok(&["read", "--passphrase-file", "pass", "top.qcow2"]);
     assert!(o2 == q);
 }
+
+#[test]
+fn legacy_aes_uses_the_first_16_bytes_of_a_longer_passphrase() {
+    let w = Work::new();
+    std::fs::write(w.path("long"), "0123456789abcdefXYZ").unwrap();
+    std::fs::write(w.path("prefix"), "0123456789abcdef").unwrap();
+    let sec = "secret,id=l,file=long";
+    w.qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "--object",
+        sec,
+        "-o",
+        "encrypt.format=aes,encrypt.key-secret=l",
+        "l.qcow2",
+        "1M",
+    ]);
+    let spec = "driver=qcow2,file.filename=l.qcow2,encrypt.key-secret=l";
+    w.run(
+        "qemu-io",
+        &[
+            "--object",
+            sec,
+            "--image-opts",
+            spec,
+            "-c",
+            "write -P 0x6c 512 3k",
+        ],
+    );
+    w.run(
+        "qemu-img",
+        &[
+            "convert",
+            "--object",
+            sec,
+            "--image-opts",
+            spec,
+            "-O",
+            "raw",
+            "q.raw",
+        ],
+    );
+    let q = std::fs::read(w.path("q.raw")).unwrap();
+    assert_eq!(q[512], 0x6c);
+    // The whole passphrase, and its first 16 bytes alone, give qemu-img's bytes.
+    assert!(w.qinspect_ok(&["read", "--passphrase-file", "long", "l.qcow2"]) == q);
+    assert!(w.qinspect_ok(&["read", "--passphrase-file", "prefix", "l.qcow2"]) == q);
+    // A different one decrypts to other bytes: legacy AES cannot tell it is wrong.
+    std::fs::write(w.path("other"), "0123456789abcdeX").unwrap();
+    assert!(w.qinspect_ok(&["read", "--passphrase-file", "other", "l.qcow2"]) != q);
+}
