@@ -84,6 +84,7 @@ pub struct Qcow2 {
     l2_cache: Mutex<HashMap<u64, Arc<Vec<L2Entry>>>>,
     reftable: Mutex<Option<Arc<Vec<RefTableEntry>>>>,
     refblock_cache: Mutex<HashMap<u64, Arc<Vec<u8>>>>,
+    data_key: std::sync::OnceLock<crate::crypto::DataKey>,
 }
 
 const CACHE_LIMIT: usize = 256;
@@ -271,7 +272,19 @@ impl Qcow2 {
             l2_cache: Mutex::new(HashMap::new()),
             reftable: Mutex::new(None),
             refblock_cache: Mutex::new(HashMap::new()),
+            data_key: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Give the image the key that decrypts its data clusters (see
+    /// [`crate::crypto`]). The first key given stays; `false` if one was already set.
+    pub fn set_data_key(&self, key: crate::crypto::DataKey) -> bool {
+        self.data_key.set(key).is_ok()
+    }
+
+    /// The key for the data clusters, if one was given.
+    pub fn data_key(&self) -> Option<&crate::crypto::DataKey> {
+        self.data_key.get()
     }
 
     /// Cluster geometry.

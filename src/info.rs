@@ -246,6 +246,19 @@ pub fn extra_info(img: &Qcow2) -> Map<String, Value> {
         serde_json::to_value(&img.features).unwrap_or(Value::Null),
     );
     m.insert("file-length".into(), json!(img.file_len()));
+    if let Some(h) = crate::crypto::luks_header(img) {
+        let v = match h {
+            Ok(h) => {
+                let mut v = serde_json::to_value(&h).unwrap_or(Value::Null);
+                if let (Value::Object(o), Err(e)) = (&mut v, h.check()) {
+                    o.insert("error".into(), json!(e.to_string()));
+                }
+                v
+            }
+            Err(e) => json!({ "error": e.to_string() }),
+        };
+        m.insert("luks".into(), v);
+    }
     m.insert("problems".into(), json!(img.problems));
     m.insert("notes".into(), json!(img.notes));
     if let Some(Err(e)) = &img.bitmaps {

@@ -30,6 +30,7 @@
 //! * [`map`] — the guest address space as extents, like `qemu-img map`.
 //! * [`info`] — the summary `qemu-img info` prints.
 //! * [`check`] — refcount consistency, the way `qemu-img check` sees it, and more.
+//! * [`crypto`] — encrypted images: the LUKS header, key slots, decrypting data.
 //!
 //! ## Examples
 //!
@@ -121,6 +122,7 @@ pub mod bytes;
 pub mod chain;
 pub mod check;
 pub mod compress;
+pub mod crypto;
 pub mod error;
 pub mod header;
 pub mod image;

@@ -290,6 +290,8 @@ pub fn read_compressed(
 #[derive(Default)]
 pub struct ReadCache {
     last: Option<(usize, u64, Vec<u8>)>,
+    /// Scratch space for decrypted sectors.
+    decrypted: Vec<u8>,
 }
 
 /// A piece of guest data, as the chain resolves it.
@@ -400,21 +402,27 @@ fn segments(
                 let n = run.len.min(want);
                 match run.status {
                     Status::Data { host, in_data_file } => {
-                        if image.header.crypt_method != 0 {
-                            return Err(Error::unsupported(
-                                format!("{name}: encrypted data at guest offset {g:#x}"),
-                                "qinspect does not decrypt images",
-                            ));
-                        }
                         let src = match (in_data_file, data_file) {
                             (true, Some(df)) => df.as_ref(),
                             _ => layer.src.as_ref(),
                         };
-                        f(Segment::Data {
-                            src,
-                            host: host.0,
-                            len: n,
-                        })?;
+                        if image.header.crypt_method != 0 {
+                            crate::crypto::decrypted_segments(
+                                image,
+                                src,
+                                host.0,
+                                g,
+                                n,
+                                &mut cache.decrypted,
+                                f,
+                            )?;
+                        } else {
+                            f(Segment::Data {
+                                src,
+                                host: host.0,
+                                len: n,
+                            })?;
+                        }
                     }
                     Status::Zero { .. } => f(Segment::Zero { len: n })?,
                     Status::Unallocated { .. } => {
@@ -577,6 +585,8 @@ pub enum StepKind {
         /// Next layer's file, if any.
         next: Option<String>,
     },
+    /// The data is decrypted: which sector number becomes the IV, which key.
+    Decrypt(crate::crypto::DecryptStep),
     /// QEMU would fail the read.
     Error {
         /// QEMU's complaint.
@@ -1037,6 +1047,9 @@ fn trace_qcow2(
                     }
                 ),
             );
+            if let Some((d, why)) = crate::crypto::decrypt_step(img, host, guest) {
+                push(steps, StepKind::Decrypt(d), why);
+            }
             Some(format!(
                 "data in {file} at host offset {host:#x}{}",
                 if past_eof {

@@ -33,6 +33,8 @@ pub struct Cli {
     /// Reload by itself when the image file changes (someone ran qemu-img on it).
     #[arg(long)]
     watch: bool,
+    #[command(flatten)]
+    key: cli::secret::KeyArgs,
 }
 
 #[derive(Subcommand, Debug)]
@@ -97,17 +99,25 @@ fn main() {
                 .map_err(Into::into)
         }
         None => match cli.image {
-            Some(image) => {
+            Some(mut image) => {
                 use std::io::IsTerminal;
-                if std::io::stdout().is_terminal() {
-                    let opts = tui::app::Options {
-                        mouse: !cli.no_mouse,
-                        watch: cli.watch,
-                    };
-                    tui::run(image, opts).map(|_| 0)
-                } else {
+                match cli.key.resolve(&mut image) {
+                    Err(e) => Err(e),
+                    Ok(keys) if std::io::stdout().is_terminal() => {
+                        match keys.into_viewer_passphrase(&image) {
+                            Ok(passphrase) => {
+                                let opts = tui::app::Options {
+                                    mouse: !cli.no_mouse,
+                                    watch: cli.watch,
+                                    passphrase,
+                                };
+                                tui::run(image, opts).map(|_| 0)
+                            }
+                            Err(e) => Err(e),
+                        }
+                    }
                     // Not a terminal: print the summary instead of drawing screens.
-                    cli::info::run(cli::info::Args::for_image(image))
+                    Ok(_) => cli::info::run(cli::info::Args::for_image(image)),
                 }
             }
             None => {

@@ -308,7 +308,126 @@ fn build() -> Corpus {
     ] {
         c.names.push(n.into());
     }
+    luks_variants(&mut c);
     c
+}
+
+/// An encrypted image (passphrase in the file `pass`) and hostile LUKS headers.
+fn luks_variants(c: &mut Corpus) {
+    let w = &c.w;
+    std::fs::write(w.path("pass"), "abc").unwrap();
+    w.qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "--object",
+        "secret,id=s,file=pass",
+        "-o",
+        "encrypt.format=luks,encrypt.key-secret=s,encrypt.iter-time=10",
+        "luks.qcow2",
+        "1M",
+    ]);
+    w.run(
+        "qemu-io",
+        &[
+            "--object",
+            "secret,id=s,file=pass",
+            "--image-opts",
+            "driver=qcow2,file.filename=luks.qcow2,encrypt.key-secret=s",
+            "-c",
+            "write -P 0x42 0 64k",
+        ],
+    );
+    c.names.push("luks.qcow2".into());
+    let b = std::fs::read(w.path("luks.qcow2")).unwrap();
+    // The crypto header extension is the first one: type, length, offset, length.
+    assert_eq!(&b[0x70..0x74], &0x0537_be77u32.to_be_bytes());
+    let l = header_u64(&b, 0x78);
+    let slot0 = l + 208;
+    let big = be32(u32::MAX);
+    type Patch = Vec<(u64, Vec<u8>)>;
+    let luks: Vec<(&str, Patch, Option<u64>)> = vec![
+        (
+            "luks-slot-iters-max.qcow2",
+            vec![(slot0 + 4, big.clone())],
+            None,
+        ),
+        (
+            "luks-mk-iters-max.qcow2",
+            vec![(l + 164, big.clone())],
+            None,
+        ),
+        ("luks-mk-iters-0.qcow2", vec![(l + 164, be32(0))], None),
+        ("luks-stripes-0.qcow2", vec![(slot0 + 44, be32(0))], None),
+        (
+            "luks-stripes-max.qcow2",
+            vec![(slot0 + 44, big.clone())],
+            None,
+        ),
+        ("luks-slot-state.qcow2", vec![(slot0, be32(0x1234))], None),
+        (
+            "luks-keyoff-past-eof.qcow2",
+            vec![(slot0 + 40, be32(0x0100_0000)), (l + 104, big.clone())],
+            None,
+        ),
+        (
+            "luks-keyoff-in-header.qcow2",
+            vec![(slot0 + 40, be32(1))],
+            None,
+        ),
+        (
+            "luks-payload-past-eof.qcow2",
+            vec![(l + 104, big.clone())],
+            None,
+        ),
+        ("luks-payload-0.qcow2", vec![(l + 104, be32(0))], None),
+        ("luks-bad-magic.qcow2", vec![(l, b"XUKS".to_vec())], None),
+        ("luks-version-2.qcow2", vec![(l + 6, vec![0, 2])], None),
+        (
+            "luks-key-bytes-max.qcow2",
+            vec![(l + 108, big.clone())],
+            None,
+        ),
+        ("luks-key-bytes-0.qcow2", vec![(l + 108, be32(0))], None),
+        (
+            "luks-unterminated-name.qcow2",
+            vec![(l + 8, vec![b'a'; 32])],
+            None,
+        ),
+        (
+            "luks-cipher-blowfish.qcow2",
+            vec![(l + 8, b"blowfish\0".to_vec())],
+            None,
+        ),
+        (
+            "luks-mode-garbage.qcow2",
+            vec![(l + 40, b"xts\0".to_vec())],
+            None,
+        ),
+        (
+            "luks-essiv-sha1.qcow2",
+            vec![(l + 40, b"xts-essiv:sha1\0".to_vec())],
+            None,
+        ),
+        (
+            "luks-hash-unknown.qcow2",
+            vec![(l + 72, b"whirlpool\0".to_vec())],
+            None,
+        ),
+        (
+            "luks-header-past-eof.qcow2",
+            vec![(0x78, be64(1 << 40))],
+            None,
+        ),
+        ("luks-length-short.qcow2", vec![(0x80, be64(4096))], None),
+        ("luks-trunc-material.qcow2", vec![], Some(l + 0x3000)),
+        ("luks-trunc-header.qcow2", vec![], Some(l + 100)),
+        ("luks-method-aes.qcow2", vec![(32, be32(1))], None),
+    ];
+    for (name, patches, trunc) in luks {
+        c.variant(name, "luks.qcow2", &patches, trunc);
+    }
 }
 
 /// The outcome of one command: report (exit 0, 2, 3) or a refusal with a message.
@@ -384,6 +503,9 @@ fn every_command_on_every_broken_image() {
         vec!["dump", "snapshots"],
         vec!["hexdump", "--host", "0"],
         vec!["hexdump", "--guest", "0x10000"],
+        vec!["dump", "luks"],
+        vec!["read", "--passphrase-file", "pass", "-o", "/dev/null"],
+        vec!["check", "--passphrase-file", "pass"],
         vec![
             "simulate",
             "IMG",
@@ -451,6 +573,79 @@ fn every_command_on_every_broken_image() {
         0,
         "300 layers are followed"
     );
+    // Hostile LUKS headers: refused in bounded time, naming the field.
+    let with_key = |n: &str| {
+        run(
+            w,
+            &["read", "--passphrase-file", "pass", n, "-o", "/dev/null"],
+        )
+    };
+    assert_eq!(with_key("luks.qcow2").0, 0);
+    assert_eq!(
+        with_key("luks-payload-past-eof.qcow2").0,
+        0,
+        "QEMU ignores the payload offset inside qcow2 only in its checks"
+    );
+    for (n, want) in [
+        (
+            "luks-slot-iters-max.qcow2",
+            "4294967295 PBKDF2 iterations, more than qinspect's limit of 134217728",
+        ),
+        (
+            "luks-mk-iters-max.qcow2",
+            "more than qinspect's limit of 134217728",
+        ),
+        ("luks-mk-iters-0.qcow2", "LUKS key iteration count is zero"),
+        (
+            "luks-stripes-0.qcow2",
+            "Keyslot 0 is corrupted (stripes 0 != 4000)",
+        ),
+        (
+            "luks-stripes-max.qcow2",
+            "Keyslot 0 is corrupted (stripes -1 != 4000)",
+        ),
+        (
+            "luks-slot-state.qcow2",
+            "Keyslot 0 state (active/disable) is corrupted",
+        ),
+        ("luks-keyoff-past-eof.qcow2", "outside the"),
+        (
+            "luks-keyoff-in-header.qcow2",
+            "Keyslot 0 is overlapping with the LUKS header",
+        ),
+        (
+            "luks-payload-0.qcow2",
+            "LUKS payload is overlapping with the header",
+        ),
+        ("luks-bad-magic.qcow2", "Volume is not in LUKS format"),
+        ("luks-version-2.qcow2", "LUKS version 2 is not supported"),
+        (
+            "luks-unterminated-name.qcow2",
+            "cipher name is not NUL terminated",
+        ),
+        (
+            "luks-cipher-blowfish.qcow2",
+            "Unsupported cipher 'blowfish'",
+        ),
+        (
+            "luks-mode-garbage.qcow2",
+            "Unexpected cipher mode string format 'xts'",
+        ),
+        (
+            "luks-essiv-sha1.qcow2",
+            "No AES cipher with key size 20 available",
+        ),
+        (
+            "luks-hash-unknown.qcow2",
+            "Unsupported hash algorithm 'whirlpool'",
+        ),
+        ("luks-trunc-material.qcow2", "key material"),
+    ] {
+        let (code, msg) = with_key(n);
+        let err = std::fs::read_to_string(w.path("err.txt")).unwrap();
+        assert_eq!(code, 1, "{n}: {msg}");
+        assert!(err.contains(want), "{n}: wanted '{want}' in: {err}");
+    }
     assert!(
         run(w, &["info", "cluster-bits-63.qcow2"])
             .1

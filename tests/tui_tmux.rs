@@ -10,7 +10,13 @@ struct Tmux {
 
 impl Tmux {
     fn start(cwd: &std::path::Path, which: &str, size: (u16, u16)) -> Tmux {
-        let name = format!("qinspect-test-{}-{which}", std::process::id());
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let name = format!(
+            "qinspect-test-{}-{which}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::SeqCst)
+        );
         let ok = Command::new("tmux")
             .args([
                 "new-session",
@@ -270,4 +276,73 @@ fn completions_and_man_page_come_from_the_cli_definition() {
         out.status.success() && s.contains(".TH") && s.contains("qinspect"),
         "{s}"
     );
+}
+
+/// With no key given and a terminal on standard input, qinspect asks for the
+/// passphrase without echoing it, for `read` (output to a pipe) and for the viewer.
+#[test]
+fn passphrase_prompt_does_not_echo() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("pass"), "s3cret-pw").unwrap();
+    let ok =
+        |c: &mut Command| assert!(c.current_dir(dir.path()).output().unwrap().status.success());
+    ok(Command::new("qemu-img").args([
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "--object",
+        "secret,id=s,file=pass",
+        "-o",
+        "encrypt.format=luks,encrypt.key-secret=s,encrypt.iter-time=10",
+        "e.qcow2",
+        "1M",
+    ]));
+    ok(Command::new("qemu-io").args([
+        "--object",
+        "secret,id=s,file=pass",
+        "--image-opts",
+        "driver=qcow2,file.filename=e.qcow2,encrypt.key-secret=s",
+        "-c",
+        "write -P 0x42 0 4k",
+    ]));
+    let t = Tmux::start(dir.path(), "passphrase", (100, 30));
+    let bin = env!("CARGO_BIN_EXE_qinspect");
+    t.text(&format!(
+        "{bin} read e.qcow2 --length 8 | od -An -tx1; echo EXITED=$?"
+    ));
+    t.keys(&["Enter"]);
+    t.wait_for("the prompt", |s| s.contains("Passphrase for e.qcow2:"));
+    t.text("s3cret-pw");
+    t.keys(&["Enter"]);
+    let s = t.wait_for("the bytes", |s| s.contains("EXITED=0"));
+    assert!(s.contains("42 42 42 42 42 42 42 42"), "{s}");
+    assert!(!s.contains("s3cret-pw"), "the passphrase was echoed:\n{s}");
+    t.text("clear");
+    t.keys(&["Enter"]);
+    t.text(&format!("{bin} e.qcow2; echo EXITED=$?"));
+    t.keys(&["Enter"]);
+    t.wait_for("the viewer's prompt", |s| {
+        s.contains("Passphrase for e.qcow2:")
+    });
+    t.text("s3cret-pw");
+    t.keys(&["Enter"]);
+    let s = t.wait_for("the Overview", |s| s.contains("1 Overview"));
+    assert!(!s.contains("s3cret-pw"), "{s}");
+    // The encryption section is below the header fields: scroll down to it.
+    t.keys(&["G"]);
+    for _ in 0..60 {
+        if t.screen().contains("key: unlocked with key slot 0") {
+            break;
+        }
+        t.keys(&["PageDown"]);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        t.screen().contains("key: unlocked with key slot 0"),
+        "{}",
+        t.screen()
+    );
+    t.keys(&["q"]);
+    t.wait_for("the shell again", |s| s.contains("EXITED=0"));
 }

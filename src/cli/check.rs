@@ -48,17 +48,22 @@ pub struct Args {
     /// the qcow2 magic or whose name ends in .qcow2), in file-name order.
     #[arg(long, short = 'r')]
     pub recursive: bool,
+    #[command(flatten)]
+    pub key: super::secret::KeyArgs,
 }
 
 /// Run `qinspect check`.
-pub fn run(a: Args) -> CmdResult {
-    match a.images.as_slice() {
-        [one] if !a.recursive => check_one(one, a.json),
+pub fn run(mut a: Args) -> CmdResult {
+    match a.images.as_mut_slice() {
+        [one] if !a.recursive => {
+            let keys = a.key.resolve(one)?;
+            check_one(one, a.json, keys)
+        }
         _ => super::check_many::run(&a.images, a.recursive, a.json),
     }
 }
 
-fn check_one(image: &Path, json: bool) -> CmdResult {
+fn check_one(image: &Path, json: bool, mut keys: super::secret::Keys) -> CmdResult {
     let filename = image.to_string_lossy().into_owned();
     let src: SharedSource = Arc::new(FileSource::open(image)?);
     if qinspect::chain::Format::probe(src.as_ref()) == qinspect::chain::Format::Raw {
@@ -71,6 +76,15 @@ fn check_one(image: &Path, json: bool) -> CmdResult {
         return Ok(63);
     }
     let img = Qcow2::open(src, Strictness::Lenient)?;
+    if img.header.crypt_method != 0 && !keys.unlock_image(0, &img, image)? {
+        // qemu-img check opens the image with its key, and fails without one.
+        let mut err = anstream::stderr();
+        writeln!(
+            err,
+            "qinspect: Could not open '{filename}': Parameter 'encrypt.key-secret' is required for cipher (give the passphrase with --object secret,... --image-opts, or --passphrase-file)"
+        )?;
+        return Ok(1);
+    }
     let show_progress = !json && std::io::stderr().is_terminal();
     let bar = indicatif::ProgressBar::hidden();
     if show_progress {
@@ -109,7 +123,7 @@ fn check_one(image: &Path, json: bool) -> CmdResult {
 /// the decryption key, the external data file and the whole backing chain before
 /// it checks anything.
 pub fn open_refusal(path: &Path, img: &Qcow2) -> Option<String> {
-    if img.header.crypt_method != 0 {
+    if img.header.crypt_method != 0 && img.data_key().is_none() {
         return Some(format!(
             "Could not open '{}': Parameter 'encrypt.key-secret' is required for cipher",
             path.display()

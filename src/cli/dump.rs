@@ -34,6 +34,8 @@ pub enum Table {
     Snapshots,
     /// The bitmap directory; with INDEX, that bitmap's table.
     Bitmaps,
+    /// The LUKS header of an encrypted image: every field and key slot.
+    Luks,
 }
 
 /// Arguments of `qinspect dump`.
@@ -99,6 +101,42 @@ pub fn run(a: Args) -> CmdResult {
                 })
                 .collect();
             ("header".into(), rows)
+        }
+        Table::Luks => {
+            let h = qinspect::crypto::luks_header(&img).ok_or_else(|| {
+                eyre!(
+                    "{} has no LUKS header (crypt_method {}, no full disk encryption header extension)",
+                    a.image.display(),
+                    img.header.crypt_method
+                )
+            })??;
+            let verdict = match h.check() {
+                Ok(_) => "QEMU accepts it".to_string(),
+                Err(e) => format!("QEMU refuses it: {e}"),
+            };
+            let rows = h
+                .fields()
+                .into_iter()
+                .enumerate()
+                .map(|(i, f)| Row {
+                    index: i as u64,
+                    file_offset: f.offset,
+                    raw: if f.value.chars().count() > 18 {
+                        format!("{}…", f.value.chars().take(17).collect::<String>())
+                    } else {
+                        f.value.clone()
+                    },
+                    decoded: json!({"field": f.name, "size": f.len, "value": f.value}),
+                    meaning: format!("{} = {}: {}", f.name, f.value, f.meaning),
+                })
+                .collect();
+            (
+                format!(
+                    "LUKS header at {:#x} ({} bytes reserved); {verdict}",
+                    h.offset, h.length
+                ),
+                rows,
+            )
         }
         Table::Extensions => {
             let rows = img

@@ -36,6 +36,8 @@ pub struct Args {
     /// Colour: auto (on a terminal), always or never.
     #[arg(long, value_enum, default_value = "auto")]
     pub color: ColorChoice,
+    #[command(flatten)]
+    pub key: super::secret::KeyArgs,
 }
 
 /// When to colour.
@@ -53,7 +55,8 @@ pub enum ColorChoice {
 const MAX_LEN: u64 = 64 << 20;
 
 /// Run `qinspect hexdump`.
-pub fn run(a: Args) -> CmdResult {
+pub fn run(mut a: Args) -> CmdResult {
+    let keys = a.key.resolve(&mut a.image)?;
     let len = a.length.min(MAX_LEN);
     let (start, bytes) = if let Some(h) = a.host {
         let src = FileSource::open(&a.image)?;
@@ -71,6 +74,8 @@ pub fn run(a: Args) -> CmdResult {
     } else {
         let g = a.guest.unwrap_or(0);
         let chain = open_chain(&a.image, a.snapshot.as_deref(), Strictness::Qemu)?;
+        keys.unlock(&chain)?;
+        super::secret::Keys::require(&chain)?;
         let size = chain.size();
         if g >= size {
             color_eyre::eyre::bail!(

@@ -197,7 +197,7 @@ fn print_readable(img: &Qcow2, path: &std::path::Path, filename: &str) -> color_
         yes(h.lazy_refcounts())
     )?;
     if h.crypt_method != 0 {
-        writeln!(out, "encrypted: yes ({:?})", h.crypt())?;
+        print_encryption(&mut out, img)?;
     }
     if let Some(df) = &img.data_file_name {
         writeln!(
@@ -383,6 +383,125 @@ pub fn format_date_in(secs: u32, tz: &jiff::tz::TimeZone) -> String {
                 .to_string()
         })
         .unwrap_or_else(|_| secs.to_string())
+}
+
+/// The encryption method and, for LUKS, every header field and key slot.
+fn print_encryption(out: &mut impl Write, img: &Qcow2) -> color_eyre::Result<()> {
+    use qinspect::header::CryptMethod;
+    let hd = style::HEAD;
+    match img.header.crypt() {
+        CryptMethod::Aes => {
+            writeln!(
+                out,
+                "encrypted: yes, legacy AES (crypt_method 1): AES-128-CBC, key = the passphrase's first 16 bytes, IV = guest sector number (plain64); no header records whether a passphrase is right"
+            )?;
+            return Ok(());
+        }
+        CryptMethod::Luks => {}
+        other => {
+            writeln!(out, "encrypted: yes ({other:?})")?;
+            return Ok(());
+        }
+    }
+    let Some(h) = qinspect::crypto::luks_header(img) else {
+        writeln!(
+            out,
+            "encrypted: yes, LUKS (crypt_method 2), but there is no full disk encryption header extension"
+        )?;
+        return Ok(());
+    };
+    let h = match h {
+        Ok(h) => h,
+        Err(e) => {
+            writeln!(
+                out,
+                "encrypted: yes, LUKS (crypt_method 2); the header cannot be read: {e}"
+            )?;
+            return Ok(());
+        }
+    };
+    let cs = img.geometry().cluster_size();
+    let last = h.offset.saturating_add(h.length.max(1)) - 1;
+    writeln!(
+        out,
+        "encrypted: yes, LUKS (crypt_method 2): data clusters are encrypted, metadata is not"
+    )?;
+    writeln!(
+        out,
+        "\n{hd}LUKS header:{hd:#} at {:#x}, {} bytes reserved = host clusters {}..={} (role crypto-header: `check` counts one reference to each, `clusters` lists them)",
+        h.offset,
+        h.length,
+        h.offset / cs,
+        last / cs
+    )?;
+    if let Err(e) = h.check() {
+        writeln!(
+            out,
+            "  {}QEMU refuses this header:{} {e}",
+            style::BAD,
+            style::BAD.render_reset()
+        )?;
+    }
+    for f in h.fields() {
+        if f.name.starts_with("slot[") {
+            continue;
+        }
+        writeln!(out, "  {:<15} {:<40} {}", f.name, f.value, f.meaning)?;
+    }
+    if let Ok(spec) = h.spec() {
+        writeln!(
+            out,
+            "  {:<15} {:<40} what QEMU calls it (cipher-alg, cipher-mode, ivgen-alg{})",
+            "cipher",
+            format!(
+                "{} {} {}{}",
+                spec.alg.qemu_name(),
+                spec.mode.name(),
+                spec.ivgen.name(),
+                spec.ivgen_hash
+                    .map(|h| format!(" ({})", h.name()))
+                    .unwrap_or_default()
+            ),
+            if spec.ivgen_hash.is_some() {
+                ", ivgen-hash-alg"
+            } else {
+                ""
+            }
+        )?;
+    }
+    writeln!(
+        out,
+        "  key slots: each active slot holds the master key, encrypted with a key PBKDF2 makes from one passphrase (iterations, salt) and split into stripes by the anti-forensic splitter, at key-material offset"
+    )?;
+    for s in &h.slots {
+        let state = match s.active_raw {
+            qinspect::crypto::luks::SLOT_ENABLED => "active  ",
+            qinspect::crypto::luks::SLOT_DISABLED => "inactive",
+            _ => "CORRUPT ",
+        };
+        let at = h.offset.saturating_add(s.key_offset());
+        let len = s.material_len(h.key_bytes);
+        if s.active() {
+            writeln!(
+                out,
+                "  slot {}  {state}  {:>9} iterations  salt {}  key material at {at:#x} ({} stripes, {len} bytes)",
+                s.index, s.iterations, s.salt, s.stripes
+            )?;
+        } else {
+            writeln!(
+                out,
+                "  slot {}  {state}  key material reserved at {at:#x} ({} stripes){}",
+                s.index,
+                s.stripes,
+                if s.active_raw == qinspect::crypto::luks::SLOT_DISABLED {
+                    String::new()
+                } else {
+                    format!(", active field {:#010x}", s.active_raw)
+                }
+            )?;
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

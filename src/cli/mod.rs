@@ -10,6 +10,7 @@ pub mod info;
 pub mod map;
 pub mod num;
 pub mod read;
+pub mod secret;
 pub mod simulate;
 pub mod trace;
 

@@ -41,12 +41,15 @@ pub struct Args {
     /// Write to this file instead of standard output.
     #[arg(long, short = 'o')]
     pub output: Option<PathBuf>,
+    #[command(flatten)]
+    pub key: super::secret::KeyArgs,
 }
 
 const CHUNK: usize = 4 << 20;
 
 /// Run `qinspect read`.
-pub fn run(a: Args) -> CmdResult {
+pub fn run(mut a: Args) -> CmdResult {
+    let keys = a.key.resolve(&mut a.image)?;
     let opts = OpenOptions {
         snapshot: a.snapshot.clone(),
         snapshot_active_size: true,
@@ -55,6 +58,8 @@ pub fn run(a: Args) -> CmdResult {
     };
     let chain = Chain::open(&a.image, &opts)?;
     super::warn_notes(&chain);
+    keys.unlock(&chain)?;
+    super::secret::Keys::require(&chain)?;
     let size = chain.size();
     if a.offset > size {
         color_eyre::eyre::bail!(

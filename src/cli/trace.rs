@@ -30,11 +30,15 @@ pub struct Args {
     /// Print JSON instead of text.
     #[arg(long)]
     pub json: bool,
+    #[command(flatten)]
+    pub key: super::secret::KeyArgs,
 }
 
 /// Run `qinspect trace`.
-pub fn run(a: Args) -> CmdResult {
+pub fn run(mut a: Args) -> CmdResult {
+    let keys = a.key.resolve(&mut a.image)?;
     let chain = open_chain(&a.image, a.snapshot.as_deref(), Strictness::Qemu)?;
+    keys.unlock(&chain)?;
     let t = trace(&chain, a.offset);
     if a.json {
         print_json(&t)?;

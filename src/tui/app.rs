@@ -28,6 +28,8 @@ pub struct Options {
     pub mouse: bool,
     /// Reload when the file changes.
     pub watch: bool,
+    /// The passphrase of an encrypted image.
+    pub passphrase: crate::cli::secret::Passphrase,
 }
 
 /// Messages from worker threads, tagged with the load they belong to.
@@ -179,10 +181,11 @@ pub struct App {
 impl App {
     /// Open `path` and start the background work.
     pub fn new(path: PathBuf, opts: Options) -> App {
+        let passphrase = opts.passphrase.clone();
         let (tx, rx) = channel();
         let mut app = App {
             opts,
-            ctx: Ctx::open(path, None),
+            ctx: Ctx::open(path, None, passphrase),
             panes: Panes::default(),
             pane: Pane::Overview,
             popup: None,
@@ -220,7 +223,11 @@ impl App {
             .and_then(|m| m.modified())
             .ok();
         let mut view = self.ctx.view_snapshot.clone();
-        let mut ctx = Ctx::open(self.ctx.path.clone(), view.clone());
+        let mut ctx = Ctx::open(
+            self.ctx.path.clone(),
+            view.clone(),
+            self.opts.passphrase.clone(),
+        );
         // A viewed snapshot that is gone (deleted while --watch showed it): back to
         // the active L1, and say so.
         if let (Some(s), Some(img)) = (&view, &ctx.img)

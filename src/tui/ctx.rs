@@ -180,11 +180,19 @@ pub struct Ctx {
     pub roles: Option<Arc<Vec<u16>>>,
     /// The snapshot viewed instead of the active L1.
     pub view_snapshot: Option<String>,
+    /// The passphrase for an encrypted image, kept to reopen it.
+    pub passphrase: crate::cli::secret::Passphrase,
+    /// For an encrypted image: how the key was opened, or why it was not.
+    pub unlocked: Option<Result<String, String>>,
 }
 
 impl Ctx {
-    /// Open `path` (nothing is written).
-    pub fn open(path: PathBuf, view_snapshot: Option<String>) -> Ctx {
+    /// Open `path` (nothing is written), with the passphrase of an encrypted image.
+    pub fn open(
+        path: PathBuf,
+        view_snapshot: Option<String>,
+        passphrase: crate::cli::secret::Passphrase,
+    ) -> Ctx {
         let file: Option<SharedSource> = FileSource::open(&path)
             .ok()
             .map(|f| Arc::new(f) as SharedSource);
@@ -210,6 +218,8 @@ impl Ctx {
             previous: None,
             roles: None,
             view_snapshot,
+            passphrase,
+            unlocked: None,
         };
         c.open_chain();
         c
@@ -225,7 +235,13 @@ impl Ctx {
         };
         self.chain_gap = None;
         match Chain::open(&self.path, &opts) {
-            Ok(c) => self.chain = Ok(c),
+            Ok(c) => {
+                self.unlocked = c
+                    .top()
+                    .qcow2()
+                    .and_then(|top| crate::cli::secret::unlock_with(top, &self.passphrase));
+                self.chain = Ok(c);
+            }
             Err(e) => {
                 let why = e.to_string();
                 match self.partial_chain(opts) {

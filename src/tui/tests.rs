@@ -316,6 +316,7 @@ fn watch_reloads_when_the_file_changes_and_shows_what_changed() {
         Options {
             mouse: false,
             watch: true,
+            ..Default::default()
         },
     );
     a.wait_background();
@@ -831,6 +832,7 @@ fn a_viewed_snapshot_deleted_on_disk_falls_back_to_the_active_l1() {
         Options {
             mouse: false,
             watch: true,
+            ..Default::default()
         },
     );
     a.wait_background();
@@ -1004,4 +1006,90 @@ fn hex_keeps_wide_offsets_aligned_and_drops_ascii_first_when_narrow() {
         assert_eq!(s.contains("│ascii"), w >= 100, "{s}");
         assert!(s.contains("the file ends at 0x10000000010"), "{s}");
     }
+}
+
+/// An encrypted image made by qemu-img: the Overview decodes the LUKS header
+/// and says whether the passphrase opened a key slot; a trace through the app's
+/// chain decrypts with that slot.
+#[test]
+fn overview_decodes_luks_and_the_key_opens_the_chain() {
+    use crate::cli::secret::Passphrase;
+    use qinspect::lookup::StepKind;
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("e.qcow2");
+    std::fs::write(dir.path().join("pass"), "abc").unwrap();
+    let st = std::process::Command::new("qemu-img")
+        .current_dir(dir.path())
+        .args([
+            "create", "-q", "-f", "qcow2", "--object", "secret,id=s,file=pass", "-o",
+            "encrypt.format=luks,encrypt.key-secret=s,encrypt.iter-time=10,encrypt.cipher-mode=cbc,encrypt.ivgen-alg=essiv",
+            "e.qcow2", "1M",
+        ])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let st = std::process::Command::new("qemu-io")
+        .current_dir(dir.path())
+        .args([
+            "--object",
+            "secret,id=s,file=pass",
+            "--image-opts",
+            "driver=qcow2,file.filename=e.qcow2,encrypt.key-secret=s",
+            "-c",
+            "write -P 0x42 0 64k",
+        ])
+        .output()
+        .unwrap();
+    assert!(st.status.success());
+    let open = |pass: &[u8]| {
+        let mut a = App::new(
+            p.clone(),
+            Options {
+                passphrase: Passphrase(Some(zeroize::Zeroizing::new(pass.to_vec()))),
+                ..Default::default()
+            },
+        );
+        a.wait_background();
+        a
+    };
+    let mut a = open(b"abc");
+    let t: Vec<String> = super::panes::overview::lines(&a.ctx)
+        .iter()
+        .map(|l| l.to_string())
+        .collect();
+    let all = t.join("\n");
+    assert!(all.contains("key: unlocked with key slot 0"), "{all}");
+    assert!(
+        all.contains("cipher-mode") && all.contains("cbc-essiv:sha256"),
+        "{all}"
+    );
+    assert!(
+        all.contains("slot 0  active") && all.contains("slot 7  free"),
+        "{all}"
+    );
+    assert!(all.contains("LUKS header at 0x"), "{all}");
+    a.apply(crate::tui::ctx::Effect::Trace(0x200));
+    let steps = &a.panes.trace.trace.as_ref().unwrap().steps;
+    let d = steps
+        .iter()
+        .find_map(|s| match &s.kind {
+            StepKind::Decrypt(d) => Some(d.clone()),
+            _ => None,
+        })
+        .expect("a decrypt step");
+    assert_eq!(d.key_slot, Some(0));
+    assert_eq!(d.cipher, "aes-256-cbc-essiv:sha256");
+    let mut buf = [0u8; 16];
+    let c = a.ctx.chain.as_ref().unwrap();
+    qinspect::lookup::read(c, 0x1000, &mut buf, &mut Default::default()).unwrap();
+    assert_eq!(buf, [0x42; 16]);
+    let bad = open(b"abd");
+    let all: String = super::panes::overview::lines(&bad.ctx)
+        .iter()
+        .map(|l| l.to_string() + "\n")
+        .collect();
+    assert!(
+        all.contains("key: no key slot matches this passphrase"),
+        "{all}"
+    );
 }

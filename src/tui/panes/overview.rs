@@ -145,6 +145,7 @@ pub fn lines(app: &Ctx) -> Vec<Line<'static>> {
             e.length
         )));
     }
+    encryption(app, img, &mut v);
     v.push(Line::raw(""));
     v.push(Line::raw(format!(
         "{} snapshot(s) · {} L1 entries · {} bitmap(s)",
@@ -156,6 +157,97 @@ pub fn lines(app: &Ctx) -> Vec<Line<'static>> {
         }
     )));
     v
+}
+
+/// The encryption section: the method, whether a key opened, and for LUKS
+/// every header field and key slot.
+fn encryption(app: &Ctx, img: &qinspect::image::Qcow2, v: &mut Vec<Line<'static>>) {
+    use qinspect::crypto::luks::{SLOT_DISABLED, SLOT_ENABLED};
+    use qinspect::header::CryptMethod;
+    let method = match img.header.crypt() {
+        CryptMethod::None => return,
+        CryptMethod::Aes => {
+            "legacy AES-128-CBC (crypt_method 1): key = the passphrase's first 16 bytes, IV = guest sector number"
+        }
+        CryptMethod::Luks => "LUKS (crypt_method 2): data clusters are encrypted, metadata is not",
+        CryptMethod::Unknown(_) => "an unknown method",
+    };
+    v.push(Line::raw(""));
+    v.push(Line::styled("Encryption", color::head()));
+    v.push(Line::raw(format!("  {method}")));
+    v.push(match &app.unlocked {
+        Some(Ok(s)) => Line::styled(format!("  key: {s}"), Style::new().fg(color::DATA)),
+        Some(Err(e)) => Line::styled(format!("  key: {e}"), Style::new().fg(color::BAD)),
+        None => Line::styled(
+            "  key: none given (start with --passphrase-file PATH, or --object secret,... --image-opts): guest data cannot be shown",
+            color::dim(),
+        ),
+    });
+    let Some(h) = qinspect::crypto::luks_header(img) else {
+        return;
+    };
+    let h = match h {
+        Ok(h) => h,
+        Err(e) => {
+            v.push(Line::styled(
+                format!("  LUKS header: {e}"),
+                Style::new().fg(color::BAD),
+            ));
+            return;
+        }
+    };
+    let cs = img.geometry().cluster_size();
+    let last = h.offset.saturating_add(h.length.max(1)).saturating_sub(1);
+    v.push(Line::raw(format!(
+        "  LUKS header at {:#x}, {} bytes = host clusters {}..={} (crypto-header in the Layout pane; check counts them)",
+        h.offset,
+        h.length,
+        h.offset / cs,
+        last / cs
+    )));
+    if let Err(e) = h.check() {
+        v.push(Line::styled(
+            format!("  QEMU refuses this header: {e}"),
+            Style::new().fg(color::BAD),
+        ));
+    }
+    for f in h
+        .fields()
+        .into_iter()
+        .filter(|f| !f.name.starts_with("slot["))
+    {
+        v.push(Line::from(vec![
+            Span::styled(format!("  {:#8x} ", f.offset), color::dim()),
+            Span::styled(format!("{:<15}", f.name), Style::new().fg(color::META)),
+            Span::raw(format!("{}  ", f.value)),
+            Span::styled(f.meaning, color::dim()),
+        ]));
+    }
+    v.push(Line::styled(
+        "  Key slots: an active slot holds the master key, encrypted with a key PBKDF2 makes from one passphrase and split into stripes",
+        color::dim(),
+    ));
+    for sl in &h.slots {
+        let at = h.offset.saturating_add(sl.key_offset());
+        let (state, st) = match sl.active_raw {
+            SLOT_ENABLED => ("active", Style::new().fg(color::DATA)),
+            SLOT_DISABLED => ("free", color::dim()),
+            _ => ("CORRUPT", Style::new().fg(color::BAD)),
+        };
+        let detail = if sl.active() {
+            format!(
+                "{} iterations · salt {} · key material at {at:#x} · {} stripes",
+                sl.iterations, sl.salt, sl.stripes
+            )
+        } else {
+            format!("key material reserved at {at:#x} · {} stripes", sl.stripes)
+        };
+        v.push(Line::from(vec![
+            Span::raw(format!("  slot {}  ", sl.index)),
+            Span::styled(format!("{state:<8}"), st),
+            Span::raw(detail),
+        ]));
+    }
 }
 
 impl PaneState for State {

@@ -298,5 +298,14 @@ fn short(k: &StepKind, sub: Option<u32>) -> String {
             format!("L1 index {l1_index} beyond the {l1_size}-entry table")
         }
         StepKind::Error { message } => format!("QEMU fails: {message}"),
+        StepKind::Decrypt(d) => format!(
+            "decrypt {}: IV from {} sector {}{}",
+            d.cipher,
+            d.iv_from,
+            d.iv_sector,
+            d.key_slot
+                .map(|s| format!(", key slot {s}"))
+                .unwrap_or_default()
+        ),
     }
 }
