@@ -560,7 +560,7 @@ fn check_and_info_exit_as_qemu_img_does_on_images_it_refuses() {
         ),
     ] {
         let out = w.qinspect(&["check", img]);
-        let text = String::from_utf8_lossy(&out.stdout) + stderr(&out).as_str();
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), stderr(&out));
         assert!(text.contains(why), "{img}: {text}");
         assert!(!text.contains("No errors were found"), "{img}: {text}");
         let out = w.qinspect(&["check", "--json", img]);
