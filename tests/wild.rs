@@ -239,7 +239,12 @@ fn has_qemu_system() -> bool {
 /// The corpus, built once and shared by both tests.
 fn corpus() -> &'static Corpus {
     static C: OnceLock<Corpus> = OnceLock::new();
-    C.get_or_init(build)
+    C.get_or_init(|| {
+        let t = std::time::Instant::now();
+        let c = build();
+        println!("corpus built in {:.1} s", t.elapsed().as_secs_f64());
+        c
+    })
 }
 
 /// The tests that still use the corpus; the last one removes its directory.
@@ -562,6 +567,17 @@ fn snapshot_tables(c: &mut Corpus) {
     ];
     for (name, make, patch) in cases {
         c.img(&format!("{name}.qcow2"), &[], &format!("{make}\n{patch}"));
+    }
+    // Snapshot ID 1 named "x" and ID 2 named "1": a bare "1" is the ID, a name
+    // selector the name.
+    c.img(
+        "s-name-is-id.qcow2",
+        &[],
+        "mk $I 4M; qio -c 'write -P 1 0 64k' $I; qemu-img snapshot -c x $I
+         qio -c 'write -P 2 0 64k' $I; qemu-img snapshot -c 1 $I; qio -c 'write -P 3 0 64k' $I",
+    );
+    for s in ["1", "snapshot.name=1", "snapshot.id=2", "x"] {
+        c.snap("s-name-is-id.qcow2", s);
     }
     // 261: a v2 image whose three snapshot entries carry 0, 42 and 8 bytes of extra
     // data (the second with data QEMU does not know), then upgraded and botched.
@@ -1059,17 +1075,26 @@ fn bitmaps_and_dirty(c: &mut Corpus) {
     ) {
         c.add("b-vm-bitmap.qcow2", &[]);
     }
-    // Killed with a bitmap loaded (left "in use") and lazy refcounts dirty.
-    if c.vm(
-        "b-vm-killed.qcow2",
-        "-machine none",
-        "file=b-vm-killed.qcow2,format=qcow2",
-        &[
-            add,
-            r#"qemu-io d0 "write -P 0x35 0 192k""#,
-            r#"qemu-io d0 "sigraise 9""#,
-        ],
-    ) {
+    // A stored bitmap, then a VM that loads it (marking it in use), writes and is
+    // killed: the bitmap stays "in use" and the lazy refcounts dirty.
+    let killed = "file=b-vm-killed.qcow2,format=qcow2";
+    if c.vm("b-vm-killed.qcow2", "-machine none", killed, &[add])
+        && c.vm(
+            "b-vm-killed.qcow2",
+            "-machine none",
+            killed,
+            &[
+                r#"qemu-io d0 "write -P 0x35 0 192k""#,
+                r#"qemu-io d0 "sigraise 9""#,
+            ],
+        )
+    {
+        let info =
+            c.w.qemu_img(&["info", "--output=json", "-U", "b-vm-killed.qcow2"]);
+        let info = Work::json(&info.stdout);
+        let spec = &info["format-specific"]["data"];
+        assert_eq!(spec["bitmaps"][0]["flags"][0], "in-use", "{spec}");
+        assert_eq!(info["dirty-flag"], true, "{info}");
         c.add("b-vm-killed.qcow2", &[]);
     }
 }
@@ -1296,6 +1321,20 @@ fn vmstate(c: &mut Corpus) {
             "mk {o} {image} 4M; qio -c 'write -P 0x10 2M 64k' {image}"
         ));
         if c.vm(&image, machine, &format!("file={image},format=qcow2"), cmds) {
+            // Every snapshot carries VM state (more than a cluster of it on the PC).
+            let info = c.w.qemu_img(&["info", "--output=json", &image]);
+            let info = Work::json(&info.stdout);
+            let list = info["snapshots"].as_array().expect("snapshots");
+            assert!(!list.is_empty(), "{image}: no snapshot");
+            for s in list {
+                let size = s["vm-state-size"].as_u64().unwrap_or(0);
+                let least = if *machine == pc { 65536 } else { 1 };
+                assert!(
+                    size >= least,
+                    "{image}: snapshot {} has {size} bytes of VM state",
+                    s["name"]
+                );
+            }
             c.add(&image, &[]);
             for s in *snaps {
                 c.snap(&image, s);
