@@ -181,6 +181,13 @@ fn open_data_file(
     notes: &mut Vec<String>,
 ) -> Result<Option<SharedSource>> {
     if !image.header.has_data_file() {
+        if image.header.data_file_raw() {
+            return Err(Error::invalid(
+                "header autoclear_features",
+                88,
+                "data-file-raw requires a data file",
+            ));
+        }
         return Ok(None);
     }
     let Some(name) = &image.data_file_name else {
@@ -336,10 +343,11 @@ fn parse_json_spec(spec: &str) -> std::result::Result<Target, String> {
                 .ok_or_else(|| "json: file node has no \"filename\"".to_string())
         };
     if FILE_DRIVERS.contains(&driver) {
-        return Ok(Target {
-            path: file_node(&node)?,
-            format: None,
-        });
+        // A protocol node alone: QEMU puts the backing format's driver over it and
+        // that driver finds no "file" child.
+        return Err(format!(
+            "json: spec is a bare '{driver}' protocol node with no format driver over it (QEMU: A block device must be specified for \"file\")"
+        ));
     }
     let format = match driver {
         "qcow2" => Format::Qcow2,

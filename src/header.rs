@@ -400,7 +400,7 @@ impl Header {
             out.push(bad(
                 "header crypt_method",
                 32,
-                format!("Unsupported encryption method: {}", self.crypt_method),
+                format!("Unsupported encryption method {}", self.crypt_method),
             ));
         }
         let geo = self.geometry();
@@ -1154,7 +1154,7 @@ mod tests {
         );
         assert!(
             e.iter()
-                .any(|m| m.contains("Unsupported encryption method: 9"))
+                .any(|m| m.contains("Unsupported encryption method 9"))
         );
         let mut b = v3_header();
         b[36..40].copy_from_slice(&1u32.to_be_bytes());

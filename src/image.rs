@@ -173,9 +173,7 @@ impl Qcow2 {
                 88,
                 "data-file-raw requires a data file",
             );
-            if strict == Strictness::Qemu {
-                return Err(e);
-            }
+            // Checked where QEMU opens data files: info opens the image, I/O fails.
             check_refusal.get_or_insert_with(|| e.to_string());
             problems.push(e.to_string());
         }

@@ -67,7 +67,7 @@ pub fn run(a: Args) -> CmdResult {
         let file = open_output(&chain, p)?;
         if file.metadata()?.file_type().is_file() {
             allocate_first_block(&file, len)?;
-            write_sparse(&chain, a.offset, 0, len, &file)?;
+            write_parallel(&chain, a.offset, len, &file)?;
             file.set_len(len)?;
             return Ok(0);
         }
@@ -200,6 +200,53 @@ fn write_sparse(
     Ok(())
 }
 
+/// Output is cut into chunks that worker threads take in turn, each resolving,
+/// reading, zero-checking and writing its own chunk.
+const CHUNK_BYTES: u64 = 16 << 20;
+
+/// [`write_sparse`] on every core: chunk `i` of the output goes to whichever
+/// worker asks next, so a run of holes does not leave one worker idle.
+fn write_parallel(
+    chain: &Chain,
+    offset: u64,
+    len: u64,
+    out: &std::fs::File,
+) -> color_eyre::Result<()> {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let chunks = len.div_ceil(CHUNK_BYTES);
+    let workers = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(usize::try_from(chunks).unwrap_or(usize::MAX))
+        .max(1);
+    let next = AtomicU64::new(0);
+    let failed = std::sync::Mutex::new(None);
+    std::thread::scope(|sc| {
+        for _ in 0..workers {
+            sc.spawn(|| {
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= chunks {
+                        break;
+                    }
+                    let start = i * CHUNK_BYTES;
+                    let n = CHUNK_BYTES.min(len - start);
+                    if let Err(e) = write_sparse(chain, offset + start, start, n, out) {
+                        // Stop everyone; keep the first error.
+                        next.store(chunks, Ordering::Relaxed);
+                        let mut f = failed.lock().unwrap_or_else(|p| p.into_inner());
+                        f.get_or_insert(e);
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    match failed.into_inner().unwrap_or_else(|p| p.into_inner()) {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
 /// A new raw file from qemu-img has its first block written (file-posix does so
 /// on create, to probe the alignment later): 4 KiB, or one 512-byte sector for
 /// smaller files. Doing the same keeps the allocated size equal to qemu-img's.
@@ -302,11 +349,7 @@ impl<'a> SparseWriter<'a> {
         if !self.dirty {
             return Ok(());
         }
-        let blocks: Vec<bool> = self
-            .buf
-            .chunks(SPARSE_BLOCK)
-            .map(|c| c.iter().any(|&x| x != 0))
-            .collect();
+        let blocks: Vec<bool> = self.buf.chunks(SPARSE_BLOCK).map(|c| !is_zero(c)).collect();
         let mut i = 0;
         while i < blocks.len() {
             if !blocks[i] {
@@ -326,6 +369,17 @@ impl<'a> SparseWriter<'a> {
         self.dirty = false;
         Ok(())
     }
+}
+
+/// All bytes zero, eight at a time.
+fn is_zero(b: &[u8]) -> bool {
+    let words = b.chunks_exact(8);
+    let tail = words.remainder();
+    words
+        .map(|w| u64::from_ne_bytes([w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]]))
+        .fold(0, |a, w| a | w)
+        == 0
+        && tail.iter().all(|&x| x == 0)
 }
 
 fn io_err(e: std::io::Error, what: &str) -> qinspect::Error {

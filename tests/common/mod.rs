@@ -150,6 +150,17 @@ impl Work {
             let first = a.iter().zip(&b).position(|(x, y)| x != y).unwrap_or(0);
             panic!("read of {image} ({tag}) differs from qemu-img convert at byte {first:#x}");
         }
+        // The same holes: qemu-img's sparse output, extent for extent.
+        assert_eq!(
+            data_extents(&self.path(&ours)),
+            data_extents(&self.path(&theirs)),
+            "read of {image} ({tag}): data extents (SEEK_DATA/SEEK_HOLE) differ from qemu-img convert's"
+        );
+        assert_blocks_match(
+            &self.path(&ours),
+            &self.path(&theirs),
+            &format!("read of {image} ({tag})"),
+        );
         let _ = std::fs::remove_file(self.path(&theirs));
         let _ = std::fs::remove_file(self.path(&ours));
     }
@@ -185,6 +196,45 @@ impl Work {
         }
         (b.len() as u64, h)
     }
+}
+
+/// The file's data extents, as `lseek(SEEK_DATA/SEEK_HOLE)` reports them.
+pub fn data_extents(p: &Path) -> Vec<(u64, u64)> {
+    use rustix::fs::{SeekFrom, seek};
+    let f = std::fs::File::open(p).expect("open");
+    let end = f.metadata().expect("stat").len();
+    let mut out = Vec::new();
+    let mut off = 0u64;
+    while off < end {
+        let Ok(d) = seek(&f, SeekFrom::Data(off)) else {
+            break;
+        };
+        let h = seek(&f, SeekFrom::Hole(d)).expect("SEEK_HOLE");
+        out.push((d, h));
+        off = h;
+    }
+    out
+}
+
+/// `st_blocks` of two files with the same data extents agree, up to one file
+/// system block: ext4 adds an extent-tree block when a file's extents do not fit
+/// in its inode, which depends on where the blocks landed on disk, not on what
+/// was written.
+pub fn assert_blocks_match(ours: &Path, theirs: &Path, what: &str) {
+    let (a, b) = (allocated_blocks(ours), allocated_blocks(theirs));
+    assert!(
+        a.abs_diff(b) <= 8,
+        "{what}: {a} allocated 512-byte blocks, qemu-img convert's output has {b}"
+    );
+}
+
+/// `st_blocks` once the file's data is on disk (delayed allocation would make a
+/// freshly written file count differently).
+pub fn allocated_blocks(p: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let f = std::fs::File::open(p).expect("open");
+    f.sync_all().expect("fsync");
+    f.metadata().expect("stat").blocks()
 }
 
 pub fn exists(p: &Path) -> bool {
