@@ -48,6 +48,35 @@ const KNOWN: &[(&str, &str, &str)] = &[
         "in a hole of the raw backing file trace reports zeros without the host offset \
          that map gives",
     ),
+    (
+        "n-luks.qcow2",
+        "map read",
+        "without a key qemu-img map and convert refuse ('Parameter 'encrypt.key-secret' is \
+         required for cipher'); map succeeds and read refuses in other words",
+    ),
+    (
+        "n-luks.qcow2",
+        "trace",
+        "trace gives encrypted data a host offset where map gives none",
+    ),
+    (
+        "n-no-backing-format-raw.qcow2",
+        "trace",
+        "past the end of the shorter backing file trace ends at depth 1 (past_end) where \
+         map, like QEMU, says depth 0",
+    ),
+    (
+        "chain/n-top.qcow2",
+        "trace",
+        "past the end of the shorter middle layer trace ends at depth 1 (past_end) where \
+         map, like QEMU, says depth 0",
+    ),
+    (
+        "n-ext-l2-data-file.qcow2",
+        "trace",
+        "the L2 entry's host offset 0 (the first cluster of the data file) is left out of \
+         the trace, so an unallocated subcluster there has no host offset; map gives 0",
+    ),
 ];
 
 /// One image of the corpus.
@@ -274,6 +303,7 @@ fn build() -> Corpus {
     bitmaps_and_dirty(&mut c);
     extended_l2(&mut c);
     compressed_and_discards(&mut c);
+    chains_and_options(&mut c);
     vmstate(&mut c);
     c
 }
@@ -1234,6 +1264,100 @@ fn compressed_and_discards(c: &mut Corpus) {
         "mk -o cluster_size=512 $I 1M; qio -c 'write -P 1 0 3k' -c 'write -z 1k 1k' \
              -c 'discard 2k 512' -c 'write -P 2 700k 100k' $I",
     );
+}
+
+/// Backing chains as they turn up in practice, encryption, and option mixes.
+fn chains_and_options(c: &mut Corpus) {
+    // Old images name no backing format: QEMU probes it. (The backing format
+    // extension's type is overwritten with one QEMU does not know.)
+    let no_format = "h=$(peek $I 100 4)
+         while [ $(peek $I $h 4) != $((0xe2792aca)) ]; do
+             h=$(( h + 8 + ($(peek $I $((h + 4)) 4) + 7) / 8 * 8 ))
+         done
+         poke32 $I $h 0x12345678";
+    c.img(
+        "n-no-backing-format-qcow2.qcow2",
+        &["n-base.qcow2"],
+        &format!(
+            "mk n-base.qcow2 4M; qio -c 'write -P 0x21 0 2M' n-base.qcow2
+             mk -b n-base.qcow2 -F qcow2 $I; qio -c 'write -P 0x22 1M 64k' $I
+             {no_format}"
+        ),
+    );
+    c.img(
+        "n-no-backing-format-raw.qcow2",
+        &["n-base.raw"],
+        &format!(
+            "qemu-img create -q -f raw n-base.raw 3M; qio -f raw -c 'write -P 0x23 0 3M' n-base.raw
+             mk -b n-base.raw -F raw $I 4M; qio -c 'write -P 0x24 64k 64k' $I
+             {no_format}"
+        ),
+    );
+    // A chain in a directory, opened from elsewhere: backing names are relative to
+    // the image that names them.
+    c.img(
+        "chain/n-top.qcow2",
+        &["chain/n-mid.qcow2", "chain/lower/n-bottom.qcow2"],
+        "mkdir -p chain/lower; cd chain
+         mk -o cluster_size=4k lower/n-bottom.qcow2 8M; qio -c 'write -P 1 0 8M' lower/n-bottom.qcow2
+         mk -o cluster_size=2M,compat=0.10 -b lower/n-bottom.qcow2 -F qcow2 n-mid.qcow2 2M
+         qio -c 'write -P 2 1M 1M' n-mid.qcow2
+         mk -o cluster_size=512 -b n-mid.qcow2 -F qcow2 n-top.qcow2 10M
+         qio -c 'write -P 3 1536k 1k' -c 'write -z 0 4k' -c 'write -P 4 9M 512' n-top.qcow2",
+    );
+    c.img(
+        "n-absolute-backing.qcow2",
+        &["n-base.qcow2"],
+        "mk -b \"$PWD/n-base.qcow2\" -F qcow2 $I; qio -c 'write -P 0x25 3M 64k' $I",
+    );
+    // LUKS inside qcow2: info needs no key, everything that reads data does.
+    c.img(
+        "n-luks.qcow2",
+        &[],
+        "qemu-img create -q -f qcow2 --object secret,id=s0,data=123456 \
+             -o encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10 $I 4M
+         qio --object secret,id=s0,data=123456 --image-opts -c 'write -P 9 0 64k' \
+             driver=qcow2,file.filename=$I,encrypt.key-secret=s0",
+    );
+    c.img(
+        "n-prealloc-full.qcow2",
+        &[],
+        "mk -o preallocation=full $I 2M; qio -c 'write -P 5 1M 4k' $I",
+    );
+    c.img(
+        "n-v2-prealloc-metadata.qcow2",
+        &[],
+        "mk -o compat=0.10,preallocation=metadata $I 2M; qio -c 'write -P 6 4k 4k' $I",
+    );
+    c.img(
+        "n-snapshot-applied.qcow2",
+        &[],
+        "mk $I 4M; qio -c 'write -P 1 0 1M' $I; qemu-img snapshot -c one $I
+         qio -c 'write -P 2 512k 1M' -c 'discard 0 64k' $I; qemu-img snapshot -c two $I
+         qemu-img snapshot -a one $I; qio -c 'write -P 3 3M 64k' $I",
+    );
+    c.snap("n-snapshot-applied.qcow2", "two");
+    c.img(
+        "n-ext-l2-data-file.qcow2",
+        &["n-ext-l2-data-file.data"],
+        "mk -o extended_l2=on,data_file=n-ext-l2-data-file.data $I 2M
+         qio -c 'write -P 7 2k 2k' -c 'write -z 64k 8k' -c 'write -P 8 1M 100k' $I",
+    );
+    c.img(
+        "n-data-file-bitmap.qcow2",
+        &["n-data-file-bitmap.data"],
+        "mk -o data_file=n-data-file-bitmap.data,data_file_raw=on $I 2M
+         qio -c 'write -P 9 0 512k' $I; qemu-img bitmap --add $I b0",
+    );
+    c.img(
+        "n-2m-snapshots-committed.qcow2",
+        &[],
+        "mk -o cluster_size=2M n-2m-base.qcow2 8M; qio -c 'write -P 1 0 3M' n-2m-base.qcow2
+         qemu-img snapshot -c s n-2m-base.qcow2
+         mk -b n-2m-base.qcow2 -F qcow2 n-2m-top.qcow2; qio -c 'write -P 2 1M 3M' n-2m-top.qcow2
+         qemu-img commit -q n-2m-top.qcow2; mv n-2m-base.qcow2 $I",
+    );
+    c.snap("n-2m-snapshots-committed.qcow2", "s");
 }
 
 /// VM state from `savevm` in a running qemu-system-x86_64 (`-machine none` saves about
