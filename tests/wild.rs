@@ -1844,7 +1844,7 @@ fn wild_images_agree_with_qemu_img() {
     done_with_corpus();
     assert!(
         c.missing_vm.is_empty(),
-        "qemu-system-x86_64 is not installed, so these savevm images were not built: {}. \
+        "qemu-system-x86_64 is not installed, so the images made by a running VM were not built: {}. \
          Install it with .ci/install-qemu-system.sh (bookworm-backports, keeps qemu-utils 10.0.2).",
         c.missing_vm.join(", ")
     );
