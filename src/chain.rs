@@ -685,13 +685,11 @@ mod tests {
                 format: Some(Format::Raw)
             }
         );
-        let proto_only = resolve_backing(img, r#"json:{"driver":"file","filename":"c"}"#).unwrap();
-        assert_eq!(
-            proto_only,
-            Target {
-                path: "c".into(),
-                format: None
-            }
+        let proto_only = resolve_backing(img, r#"json:{"driver":"file","filename":"c"}"#);
+        assert!(
+            proto_only
+                .unwrap_err()
+                .contains("A block device must be specified")
         );
     }
 

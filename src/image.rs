@@ -88,6 +88,10 @@ pub struct Qcow2 {
 
 const CACHE_LIMIT: usize = 256;
 
+/// QEMU's `BDRV_MAX_LENGTH`: `INT64_MAX` rounded down to 1 GiB. The block layer
+/// fails every request that reaches past it (EIO), whatever the file's size.
+pub const BDRV_MAX_LENGTH: u64 = 0x7fff_ffff_c000_0000;
+
 impl Qcow2 {
     /// Open a qcow2 image from `src`.
     pub fn open(src: SharedSource, strict: Strictness) -> Result<Qcow2> {
@@ -102,6 +106,13 @@ impl Qcow2 {
         let mut problems: Vec<String> = Vec::new();
         let mut notes: Vec<String> = Vec::new();
         let invalid = h.validate(file_len);
+        let invalid_fields: Vec<String> = invalid
+            .iter()
+            .filter_map(|e| match e {
+                Error::Invalid { what, .. } => Some(what.clone()),
+                _ => None,
+            })
+            .collect();
         let mut check_refusal = h
             .validate_for(file_len, header::OpenMode::Check)
             .first()
@@ -183,12 +194,33 @@ impl Qcow2 {
         let l1_entries = u64::from(h.l1_size).min(MAX_L1_ENTRIES);
         let l1_bytes = l1_entries.saturating_mul(8);
         let mut l1_buf = vec![0u8; l1_bytes as usize];
-        read_into(
+        let l1_invalid = invalid_fields.iter().any(|w| *w == "L1 table");
+        if l1_invalid {
+            // Refused above (or listed, when lenient): nothing to read there.
+        } else if l1_entries > 0 && h.l1_table_offset.saturating_add(l1_bytes) > BDRV_MAX_LENGTH {
+            // QEMU's block layer fails any request past this length with EIO.
+            let e = Error::invalid(
+                "active L1 table",
+                h.l1_table_offset,
+                "Could not read L1 table: Input/output error (the table ends past the block layer's maximum length, 2^63 - 2^30)",
+            );
+            if strict == Strictness::Qemu {
+                return Err(e);
+            }
+            check_refusal.get_or_insert_with(|| e.to_string());
+            problems.push(e.to_string());
+        } else if let Err(e) = read_into(
             src.as_ref(),
             "active L1 table",
             h.l1_table_offset,
             &mut l1_buf,
-        )?;
+        ) {
+            if strict == Strictness::Qemu {
+                return Err(e);
+            }
+            check_refusal.get_or_insert_with(|| e.to_string());
+            problems.push(e.to_string());
+        }
         if h.l1_table_offset.saturating_add(l1_bytes) > file_len && l1_entries > 0 {
             notes.push(format!(
                 "active L1 table at {:#x} ({} entries) runs past the end of the file ({file_len} bytes); QEMU opens the image and reads the missing part as zeros",

@@ -566,6 +566,11 @@ pub enum StepKind {
     Zero {
         /// Why.
         reason: String,
+        /// The byte's place in the layer's file where it has one (a raw file's
+        /// hole, a zero cluster that keeps its host cluster), as `qemu-img map`
+        /// reports it.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        host_offset: Option<String>,
     },
     /// Not here: go down one layer.
     FallThrough {
@@ -672,6 +677,7 @@ pub fn trace(chain: &Chain, guest: u64) -> Trace {
                         &mut steps,
                         StepKind::Zero {
                             reason: reason.clone(),
+                            host_offset: Some(format!("{guest:#x}")),
                         },
                         format!("The {reason}: it reads as zero."),
                     );
@@ -682,6 +688,7 @@ pub fn trace(chain: &Chain, guest: u64) -> Trace {
                         &mut steps,
                         StepKind::Zero {
                             reason: reason.clone(),
+                            host_offset: Some(format!("{guest:#x}")),
                         },
                         format!(
                             "The file system stores nothing there: {reason}, so it reads as zero (qemu-img map reports it as zero, not data)."
@@ -964,16 +971,18 @@ fn trace_qcow2(
             };
             fall(steps, &why)
         }
-        Status::Zero { .. } => {
+        Status::Zero { host } => {
             let reason = if geo.extended_l2 {
                 format!("subcluster {sc}'s zero bit is set")
             } else {
                 "the L2 entry's zero flag (bit 0) is set".into()
             };
+            let encrypted = img.header.crypt_method != 0;
             push(
                 steps,
                 StepKind::Zero {
                     reason: reason.clone(),
+                    host_offset: host.filter(|_| !encrypted).map(|h| format!("{:#x}", h.0)),
                 },
                 format!(
                     "Because {reason}, the read returns zeros here without looking at any backing file."

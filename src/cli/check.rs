@@ -7,7 +7,7 @@ use qinspect::image::{Qcow2, Strictness};
 use qinspect::io::{FileSource, SharedSource};
 use serde_json::{Value, json};
 use std::io::{IsTerminal, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 /// Arguments of `qinspect check`.
@@ -24,40 +24,58 @@ qemu-img check cannot open (a missing backing or data file, no key for an encryp
 a header QEMU refuses even in check mode) exit 1 as with qemu-img, after what can be read \
 is checked anyway. qemu-img check opens some images that other commands refuse: one with \
 no refcount table is checked (and its clusters counted as corruptions).\n\n\
-Exit codes, as qemu-img check: 0 clean, 1 check failed, 2 corruptions, 3 leaks only.\n\
+Exit codes, as qemu-img check: 0 clean, 1 check failed, 2 corruptions, 3 leaks only, \
+63 a raw image.\n\n\
+Several images (or --recursive): they are checked in parallel, one per core, and each \
+gets one summary row (verdict, corruptions, leaks, allocated clusters, dirty bit, whether \
+its backing chain opens), then a total. An image that cannot be read is reported in its \
+row and the others are still checked. The exit code is the most severe of the images' \
+codes, in this order: 2 (corruptions), then 1 (could not check: unreadable, check failed, \
+not qcow2), then 3 (leaks only), then 0 (clean). With --json each image is one line of \
+JSON (NDJSON), the same object `check --json IMAGE` prints for it, in the order given; an \
+image that cannot be read is {\"filename\", \"error\"}.\n\n\
 Nothing is written: to repair, use `qemu-img check -r` on a copy."
 )]
 pub struct Args {
-    /// The image file.
-    pub image: PathBuf,
-    /// Print JSON: qemu-img check's keys plus `findings`.
+    /// The image files; with --recursive, also directories to search for images.
+    #[arg(required = true, value_name = "IMAGE")]
+    pub images: Vec<PathBuf>,
+    /// Print JSON: qemu-img check's keys plus `findings` (one line per image when
+    /// there are several).
     #[arg(long)]
     pub json: bool,
+    /// Check every qcow2 image under the directories given (files that start with
+    /// the qcow2 magic or whose name ends in .qcow2), in file-name order.
+    #[arg(long, short = 'r')]
+    pub recursive: bool,
 }
 
 /// Run `qinspect check`.
 pub fn run(a: Args) -> CmdResult {
-    let filename = a.image.to_string_lossy().into_owned();
-    let src: SharedSource = Arc::new(FileSource::open(&a.image)?);
+    match a.images.as_slice() {
+        [one] if !a.recursive => check_one(one, a.json),
+        _ => super::check_many::run(&a.images, a.recursive, a.json),
+    }
+}
+
+fn check_one(image: &Path, json: bool) -> CmdResult {
+    let filename = image.to_string_lossy().into_owned();
+    let src: SharedSource = Arc::new(FileSource::open(image)?);
     if qinspect::chain::Format::probe(src.as_ref()) == qinspect::chain::Format::Raw {
         let mut err = anstream::stderr();
         writeln!(
             err,
-            "qinspect: {} is a raw image: raw images have no metadata to check (qemu-img: \"This image format does not support checks\")",
-            a.image.display()
+            "qinspect: {} is a raw image: {RAW_HAS_NO_CHECKS}",
+            image.display()
         )?;
         return Ok(63);
     }
     let img = Qcow2::open(src, Strictness::Lenient)?;
-    let show_progress = !a.json && std::io::stderr().is_terminal();
+    let show_progress = !json && std::io::stderr().is_terminal();
     let bar = indicatif::ProgressBar::hidden();
     if show_progress {
         bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());
-        bar.set_style(
-            indicatif::ProgressStyle::with_template("{msg:>12} [{bar:40}] {pos}/{len} ({eta})")
-                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
-                .progress_chars("=> "),
-        );
+        bar.set_style(bar_style());
     }
     let tick = |p: Progress| {
         bar.set_message(p.phase);
@@ -70,9 +88,9 @@ pub fn run(a: Args) -> CmdResult {
     let mut report = check(&img, &opts);
     bar.finish_and_clear();
     if report.qemu_refuses.is_none() {
-        report.qemu_refuses = open_refusal(&a.image, &img);
+        report.qemu_refuses = open_refusal(image, &img);
     }
-    if a.json {
+    if json {
         let v = report_json(&report, &filename);
         super::print_json(&v)?;
         // Like qemu-img, say on stderr why the check failed.
@@ -90,7 +108,7 @@ pub fn run(a: Args) -> CmdResult {
 /// Why `qemu-img check` would fail to open the image beyond its header: it opens
 /// the decryption key, the external data file and the whole backing chain before
 /// it checks anything.
-fn open_refusal(path: &std::path::Path, img: &Qcow2) -> Option<String> {
+pub fn open_refusal(path: &Path, img: &Qcow2) -> Option<String> {
     if img.header.crypt_method != 0 {
         return Some(format!(
             "Could not open '{}': Parameter 'encrypt.key-secret' is required for cipher",
@@ -102,9 +120,21 @@ fn open_refusal(path: &std::path::Path, img: &Qcow2) -> Option<String> {
         strictness: Strictness::Qemu,
         ..Default::default()
     };
-    Chain::open(path, &opts)
-        .err()
-        .map(|e| format!("Could not open '{}': {e}", path.display()))
+    match Chain::open(path, &opts) {
+        Err(e) => Some(format!("Could not open '{}': {e}", path.display())),
+        // A data file found only next to the image: QEMU would not find it.
+        Ok(chain) => chain.notes.first().cloned(),
+    }
+}
+
+/// What a raw image gets instead of a check (qemu-img's words in quotes).
+pub const RAW_HAS_NO_CHECKS: &str = "raw images have no metadata to check (qemu-img: \"This image format does not support checks\")";
+
+/// The progress bar of one image's check.
+pub fn bar_style() -> indicatif::ProgressStyle {
+    indicatif::ProgressStyle::with_template("{msg:>12} [{bar:40}] {pos}/{len} ({eta})")
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+        .progress_chars("=> ")
 }
 
 /// qemu-img check's JSON keys (all of them, zero when qemu-img leaves them out),

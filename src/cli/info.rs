@@ -17,12 +17,17 @@ use std::sync::Arc;
 `children`) appears with the same name and value, plus qinspect's own: `header` (every raw \
 field with its offset and meaning), `extensions`, `features`, `file-length`, `problems` (what QEMU refuses) and `notes` (oddities QEMU accepts).\n\n\
 Like qemu-img, only the image itself is read for the JSON keys; the readable output also \
-walks the backing chain and says if a layer is missing."
+walks the backing chain and says if a layer is missing.\n\n\
+Several images: each is summarised in turn; with --json each is one line of JSON (NDJSON), \
+the object `info --json IMAGE` prints, and an image that cannot be read is \
+{\"filename\", \"error\"}. One unreadable image does not stop the others; the exit code \
+is then 1."
 )]
 pub struct Args {
-    /// The image file.
-    pub image: PathBuf,
-    /// Print JSON instead of text.
+    /// The image files.
+    #[arg(required = true, value_name = "IMAGE")]
+    pub images: Vec<PathBuf>,
+    /// Print JSON instead of text (one line per image when there are several).
     #[arg(long)]
     pub json: bool,
 }
@@ -30,19 +35,70 @@ pub struct Args {
 impl Args {
     /// Arguments for a plain summary of `image`.
     pub fn for_image(image: PathBuf) -> Self {
-        Args { image, json: false }
+        Args {
+            images: vec![image],
+            json: false,
+        }
     }
 }
 
 /// Run `qinspect info`.
 pub fn run(a: Args) -> CmdResult {
-    let filename = a.image.to_string_lossy().into_owned();
-    let src: SharedSource = Arc::new(FileSource::open(&a.image)?);
+    if let [one] = a.images.as_slice() {
+        return run_one(one, a.json.then_some(Json::Pretty));
+    }
+    let mut code = 0;
+    for (i, image) in a.images.iter().enumerate() {
+        if i > 0 && !a.json {
+            writeln!(std::io::stdout())?;
+        }
+        let json = a.json.then_some(Json::Line);
+        if let Err(e) = run_one(image, json) {
+            if super::is_broken_pipe(&e) {
+                return Err(e);
+            }
+            code = 1;
+            if a.json {
+                let v = serde_json::json!({
+                    "filename": image.to_string_lossy(),
+                    "error": e.to_string(),
+                });
+                emit(&v, Json::Line)?;
+            } else {
+                super::report_error(&e);
+            }
+        }
+    }
+    Ok(code)
+}
+
+/// How JSON is printed: pretty for one image, one line each for several.
+#[derive(Clone, Copy)]
+enum Json {
+    Pretty,
+    Line,
+}
+
+fn emit(v: &impl serde::Serialize, how: Json) -> color_eyre::Result<()> {
+    match how {
+        Json::Pretty => print_json(v),
+        Json::Line => {
+            let mut out = std::io::stdout().lock();
+            serde_json::to_writer(&mut out, v)?;
+            writeln!(out)?;
+            Ok(())
+        }
+    }
+}
+
+fn run_one(image: &std::path::Path, json: Option<Json>) -> CmdResult {
+    let filename = image.to_string_lossy().into_owned();
+    let src: SharedSource = Arc::new(FileSource::open(image)?);
     let format = Format::probe(src.as_ref());
     if format == Format::Raw {
         let m = qemu_info_raw(src.as_ref(), &filename);
-        if a.json {
-            print_json(&m)?;
+        if let Some(how) = json {
+            emit(&m, how)?;
         } else {
             let mut out = anstream::stdout();
             let h = style::HEAD;
@@ -62,13 +118,13 @@ pub fn run(a: Args) -> CmdResult {
         return Ok(0);
     }
     let img = Qcow2::open(src.clone(), Strictness::Qemu)?;
-    if a.json {
+    if let Some(how) = json {
         let mut m = qemu_info_qcow2(&img, &filename);
         m.extend(extra_info(&img));
-        print_json(&m)?;
+        emit(&m, how)?;
         return Ok(0);
     }
-    print_readable(&img, &a.image, &filename)?;
+    print_readable(&img, image, &filename)?;
     Ok(0)
 }
 
@@ -311,34 +367,51 @@ fn print_readable(img: &Qcow2, path: &std::path::Path, filename: &str) -> color_
     Ok(())
 }
 
-/// Seconds since the epoch as `YYYY-MM-DD HH:MM:SS` (UTC).
+/// Seconds since the epoch as `YYYY-MM-DD HH:MM:SS` in local time, as `qemu-img
+/// snapshot -l` and `qemu-img info` print snapshot dates: the zone `TZ` names, else
+/// the system's (`/etc/localtime`).
 pub fn format_date(secs: u32) -> String {
-    let days = i64::from(secs / 86400);
-    let rem = secs % 86400;
-    // Civil-from-days (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
-    let y = yoe + era * 400;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = if m <= 2 { y + 1 } else { y };
-    format!(
-        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}",
-        rem / 3600,
-        rem / 60 % 60,
-        rem % 60
-    )
+    format_date_in(secs, &jiff::tz::TimeZone::system())
+}
+
+/// Seconds since the epoch as `YYYY-MM-DD HH:MM:SS` in the zone `tz`.
+pub fn format_date_in(secs: u32, tz: &jiff::tz::TimeZone) -> String {
+    jiff::Timestamp::from_second(i64::from(secs))
+        .map(|t| {
+            t.to_zoned_datetime(tz.clone())
+                .strftime("%Y-%m-%d %H:%M:%S")
+                .to_string()
+        })
+        .unwrap_or_else(|_| secs.to_string())
 }
 
 #[cfg(test)]
 mod tests {
+    use jiff::tz::TimeZone;
+
     #[test]
-    fn dates() {
-        assert_eq!(super::format_date(0), "1970-01-01 00:00:00");
-        assert_eq!(super::format_date(1_700_000_000), "2023-11-14 22:13:20");
+    fn dates_in_a_zone() {
+        let utc = TimeZone::UTC;
+        assert_eq!(super::format_date_in(0, &utc), "1970-01-01 00:00:00");
+        assert_eq!(
+            super::format_date_in(1_700_000_000, &utc),
+            "2023-11-14 22:13:20"
+        );
+        assert_eq!(super::format_date_in(u32::MAX, &utc), "2106-02-07 06:28:15");
+        // A zone half an hour off, and one with summer time.
+        let kolkata = TimeZone::get("Asia/Kolkata").unwrap();
+        assert_eq!(
+            super::format_date_in(1_700_000_000, &kolkata),
+            "2023-11-15 03:43:20"
+        );
+        let ny = TimeZone::get("America/New_York").unwrap();
+        assert_eq!(
+            super::format_date_in(1_700_000_000, &ny),
+            "2023-11-14 17:13:20"
+        );
+        assert_eq!(
+            super::format_date_in(1_690_000_000, &ny),
+            "2023-07-22 00:26:40"
+        );
     }
 }

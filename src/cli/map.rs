@@ -16,12 +16,16 @@ file, ...), present (that layer itself has data or zeros there), zero, data, com
 offset (where the bytes are in that layer's file).\n\n\
 The readable table shows every extent with the file that holds it; colours: green data, \
 blue zeros, magenta compressed, yellow for ranges answered by a backing file.\n\n\
---snapshot maps an internal snapshot's view (what `qemu-nbd -l` would serve)."
+--snapshot maps an internal snapshot's view (what `qemu-nbd -l` would serve).\n\n\
+Several images get one table each, under the image's name; one that cannot be read is \
+reported and the others are still mapped (exit code 1). --json takes one image, since its \
+output is qemu-img's JSON array."
 )]
 pub struct Args {
-    /// The image file (top of the chain).
-    pub image: PathBuf,
-    /// Print qemu-img's JSON.
+    /// The image files (each the top of its chain).
+    #[arg(required = true, value_name = "IMAGE")]
+    pub images: Vec<PathBuf>,
+    /// Print qemu-img's JSON (one image only).
     #[arg(long)]
     pub json: bool,
     /// Map through this internal snapshot (ID or name).
@@ -41,7 +45,33 @@ pub struct Args {
 
 /// Run `qinspect map`.
 pub fn run(a: Args) -> CmdResult {
-    let chain = open_chain(&a.image, a.snapshot.as_deref(), Strictness::Qemu)?;
+    if let [one] = a.images.as_slice() {
+        return run_one(&a, one);
+    }
+    if a.json {
+        color_eyre::eyre::bail!(
+            "--json maps one image (its output is qemu-img map's JSON array); {} were given",
+            a.images.len()
+        );
+    }
+    let mut code = 0;
+    for (i, image) in a.images.iter().enumerate() {
+        let hd = style::HEAD;
+        let gap = if i > 0 { "\n" } else { "" };
+        writeln!(anstream::stdout(), "{gap}{hd}{}{hd:#}", image.display())?;
+        if let Err(e) = run_one(&a, image) {
+            if super::is_broken_pipe(&e) {
+                return Err(e);
+            }
+            super::report_error(&e);
+            code = 1;
+        }
+    }
+    Ok(code)
+}
+
+fn run_one(a: &Args, image: &std::path::Path) -> CmdResult {
+    let chain = open_chain(image, a.snapshot.as_deref(), Strictness::Qemu)?;
     let entries = map_range(&chain, a.start_offset, a.max_length.unwrap_or(u64::MAX))?;
     if a.json {
         let mut out = std::io::stdout().lock();

@@ -2,6 +2,7 @@
 //! the `qinspect` library.
 
 pub mod check;
+pub mod check_many;
 pub mod clusters;
 pub mod dump;
 pub mod hexdump;
@@ -82,4 +83,12 @@ pub fn print_json(v: &impl serde::Serialize) -> color_eyre::Result<()> {
     serde_json::to_writer_pretty(&mut out, v)?;
     writeln!(out)?;
     Ok(())
+}
+
+/// Whether `e` comes from writing to a closed pipe (`qinspect ... | head`).
+pub fn is_broken_pipe(e: &color_eyre::Report) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
 }

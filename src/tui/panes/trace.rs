@@ -124,7 +124,7 @@ fn short(k: &StepKind) -> String {
             "compressed: {} bytes at {}",
             descriptor.size, descriptor.offset
         ),
-        StepKind::Zero { reason } => format!("zeros: {reason}"),
+        StepKind::Zero { reason, .. } => format!("zeros: {reason}"),
         StepKind::FallThrough { next } => format!(
             "not here: down to {}",
             next.clone()
