@@ -9,8 +9,9 @@
 //!
 //! Every image is run through `info --json`, `check --json`, `map --json` and `read -o`
 //! and compared with `qemu-img info`, `qemu-img check`, `qemu-img map` and `qemu-img
-//! convert -O raw` (exit codes, JSON, bytes, allocated blocks), and no input file may
-//! change. A second test checks, for every extent `map` prints, that `trace` at the
+//! convert -O raw` (exit codes, JSON, bytes, holes), `simulate snapshot-create` is
+//! compared with `qemu-img snapshot -c` on a copy, and no input file may change. A
+//! second test checks, for every extent `map` prints, that `trace` at the
 //! extent's first and last byte names the same layer, status and host offset.
 //!
 //! Where qinspect and qemu-img disagree today, the case is listed in [`KNOWN`] with a
