@@ -836,8 +836,31 @@ impl<'a> Walk<'a> {
         let mut run: Option<(u64, u64, u64)> = None;
         // Where entry i is, for findings only (not computed per entry).
         let entry_off = |i: u64| l2.saturating_add(i.saturating_mul(step as u64));
+        // The raw value of the last entry added to `run` (standard entries only).
+        let mut run_raw = 0u64;
+        let fast = !ext && !has_df;
         for (i, chunk) in buf.chunks_exact(step).enumerate() {
             let raw = crate::bytes::be64(chunk, 0);
+            // Fast path: the next plain data cluster of a run. Its raw value is the
+            // previous entry's plus one cluster, so its flags (COPIED, no zero or
+            // compressed bit, no reserved bits) are the same and its offset is the
+            // next aligned cluster: everything the full decoding below would find.
+            if fast
+                && let Some((start, n, idx)) = run
+                && raw == run_raw.wrapping_add(cs)
+                && raw & L2E_STD_RESERVED_MASK == 0
+                && idx.saturating_add(n) == i as u64
+                && (raw & L2E_OFFSET_MASK) < self.file_len
+            {
+                run = Some((start, n.saturating_add(1), idx));
+                run_raw = raw;
+                if active > 0 {
+                    let r = &mut self.report;
+                    r.allocated_clusters = r.allocated_clusters.saturating_add(active);
+                    next_contiguous = (raw & L2E_OFFSET_MASK).wrapping_add(cs);
+                }
+                continue;
+            }
             let bitmap = if ext { crate::bytes::be64(chunk, 8) } else { 0 };
             if raw == 0 && bitmap == 0 {
                 continue;
@@ -958,6 +981,7 @@ impl<'a> Walk<'a> {
                                     run = Some((c, 1, i));
                                 }
                             }
+                            run_raw = raw;
                         } else {
                             if let Some((start, n, idx)) = run.take() {
                                 self.flush_run(v, l2, start, n, idx, w);

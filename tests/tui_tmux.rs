@@ -9,8 +9,8 @@ struct Tmux {
 }
 
 impl Tmux {
-    fn start(cwd: &std::path::Path) -> Tmux {
-        let name = format!("qinspect-test-{}", std::process::id());
+    fn start(cwd: &std::path::Path, which: &str, size: (u16, u16)) -> Tmux {
+        let name = format!("qinspect-test-{}-{which}", std::process::id());
         let ok = Command::new("tmux")
             .args([
                 "new-session",
@@ -18,9 +18,9 @@ impl Tmux {
                 "-s",
                 &name,
                 "-x",
-                "100",
+                &size.0.to_string(),
                 "-y",
-                "30",
+                &size.1.to_string(),
                 "-c",
             ])
             .arg(cwd)
@@ -65,7 +65,7 @@ impl Tmux {
         String::from_utf8_lossy(&out.stdout).trim() == "1"
     }
 
-    /// Wait until the screen satisfies `f` (up to 20 s), returning it.
+    /// Wait until the screen satisfies `f` (up to 60 s), returning it.
     fn wait_for(&self, what: &str, f: impl Fn(&str) -> bool) -> String {
         let start = Instant::now();
         loop {
@@ -74,7 +74,7 @@ impl Tmux {
                 return s;
             }
             assert!(
-                start.elapsed() < Duration::from_secs(20),
+                start.elapsed() < Duration::from_secs(60),
                 "waited for {what}; screen:\n{s}"
             );
             std::thread::sleep(Duration::from_millis(100));
@@ -93,7 +93,7 @@ impl Drop for Tmux {
 #[test]
 fn open_switch_panes_trace_help_and_quit_restores_the_terminal() {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
-    let t = Tmux::start(&root.join("assets"));
+    let t = Tmux::start(&root.join("assets"), "demo", (100, 30));
     let bin = env!("CARGO_BIN_EXE_qinspect");
     t.text(&format!("{bin} demo-top.qcow2; echo EXITED=$?"));
     t.keys(&["Enter"]);
@@ -131,6 +131,125 @@ fn open_switch_panes_trace_help_and_quit_restores_the_terminal() {
         !s.contains("1 Overview"),
         "the TUI is gone from the screen:\n{s}"
     );
+}
+
+fn qemu_img(dir: &std::path::Path, args: &[&str]) {
+    let out = Command::new("qemu-img")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("qemu-img is installed");
+    assert!(out.status.success(), "{args:?}: {out:?}");
+}
+
+/// Start the viewer on `image` in `dir`, at 80x24, and wait for its first frame.
+fn viewer(dir: &std::path::Path, which: &str, image: &str) -> Tmux {
+    let t = Tmux::start(dir, which, (80, 24));
+    let bin = env!("CARGO_BIN_EXE_qinspect");
+    t.text(&format!("{bin} {image}; echo EXITED=$?"));
+    t.keys(&["Enter"]);
+    t.wait_for("the first frame", |s| {
+        s.contains("1 Info") && s.contains("q quit")
+    });
+    t
+}
+
+#[test]
+fn snapshots_hex_and_help_scroll_to_their_ends() {
+    let dir = tempfile::tempdir().unwrap();
+    qemu_img(
+        dir.path(),
+        &["create", "-q", "-f", "qcow2", "s.qcow2", "1M"],
+    );
+    for i in 1..=100 {
+        qemu_img(
+            dir.path(),
+            &["snapshot", "-c", &format!("snap{i}"), "s.qcow2"],
+        );
+    }
+    let t = viewer(dir.path(), "snaps", "s.qcow2");
+    // The last of 100 snapshots, selected and on screen.
+    t.keys(&["5", "End"]);
+    t.wait_for("the last snapshot", |s| {
+        s.contains("snap100") && s.contains("100/100")
+    });
+    t.keys(&["PageUp"]);
+    t.wait_for("a page up", |s| {
+        !s.contains("snap100 ") && s.contains("snap99")
+    });
+    // Help scrolled to its end.
+    t.keys(&["?"]);
+    t.wait_for("the help", |s| s.contains("Keys (this table"));
+    t.keys(&["End"]);
+    t.wait_for("the end of the help", |s| {
+        s.contains("Mouse: click") && !s.contains("Keys (this table")
+    });
+    t.keys(&["Escape"]);
+    t.wait_for("help closed", |s| !s.contains("Mouse: click"));
+    t.keys(&["q"]);
+    t.wait_for("the shell again", |s| s.contains("EXITED=0"));
+
+    // Hex reaches the L2 entry of guest 0x3000000, 8 KiB into its cluster.
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let t = viewer(&root.join("assets"), "hex", "demo-top.qcow2");
+    t.keys(&["6", "g"]);
+    t.wait_for("the offset prompt", |s| s.contains("Go to guest offset"));
+    t.text("0x3000000");
+    t.keys(&["Enter"]);
+    t.wait_for("the trace", |s| s.contains("step 1/"));
+    t.keys(&["n", "n", "Enter"]);
+    let s = t.wait_for("the entry in Hex", |s| s.contains("00046000"));
+    assert!(s.contains("at 0x46000"), "{s}");
+    t.keys(&["Down", "Down"]);
+    t.wait_for("rows scrolled", |s| s.contains("0x45fe0–"));
+    t.keys(&["C-c"]);
+    t.wait_for("the shell again", |s| s.contains("EXITED=0"));
+    assert!(!t.alternate_screen(), "left the alternate screen");
+}
+
+#[test]
+fn a_simulation_on_a_large_image_leaves_the_panes_usable() {
+    let dir = tempfile::tempdir().unwrap();
+    qemu_img(
+        dir.path(),
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "preallocation=metadata",
+            "big.qcow2",
+            "300G",
+        ],
+    );
+    let t = viewer(dir.path(), "sim", "big.qcow2");
+    t.keys(&["7"]);
+    t.wait_for("the check result", |s| s.contains("No errors were found"));
+    t.keys(&["8", "Enter"]);
+    t.wait_for("the operation prompt", |s| {
+        s.contains("Operation(s) to simulate")
+    });
+    t.keys(&["Enter"]);
+    // While it runs, other panes answer.
+    t.keys(&["3"]);
+    let s = t.wait_for("Tables during the simulation", |s| {
+        s.contains("active L1 at")
+    });
+    t.keys(&["2"]);
+    t.wait_for("Layout during the simulation", |s| s.contains("Layout of"));
+    t.keys(&["8"]);
+    let done = t.wait_for("the simulation's result", |s| {
+        s.contains("check of the simulated image")
+    });
+    assert!(done.contains("no errors"), "{done}");
+    assert!(
+        s.contains("simulating:"),
+        "the simulation was still running while Tables was drawn:\n{s}"
+    );
+    t.keys(&["q"]);
+    t.wait_for("the shell again", |s| s.contains("EXITED=0"));
+    assert!(!t.alternate_screen());
 }
 
 #[test]

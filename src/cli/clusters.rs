@@ -78,7 +78,7 @@ pub fn run(a: Args) -> CmdResult {
         }))?;
         return Ok(0);
     }
-    let mut out = anstream::stdout();
+    let mut out = super::buffered_stdout();
     let (hd, bad, dim) = (style::HEAD, style::BAD, style::DIM);
     let mut by_role: BTreeMap<String, u64> = BTreeMap::new();
     for r in &rows {

@@ -346,7 +346,7 @@ pub fn run(a: Args) -> CmdResult {
         print_json(&json!({"table": title, "entries": rows}))?;
         return Ok(0);
     }
-    let mut out = anstream::stdout();
+    let mut out = super::buffered_stdout();
     let (hd, dim) = (style::HEAD, style::DIM);
     writeln!(out, "{hd}{title}{hd:#}")?;
     writeln!(

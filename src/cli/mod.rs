@@ -77,9 +77,21 @@ pub fn warn_notes(chain: &Chain) {
     }
 }
 
+/// Standard output through a buffer (stdout alone is line-buffered: one write
+/// per line), with colours when it is a terminal, as `anstream::stdout` decides.
+/// The colour filter keeps its state across writes, so escape sequences split
+/// between two flushes of the buffer are still removed.
+pub fn buffered_stdout() -> std::io::BufWriter<anstream::AutoStream<std::io::StdoutLock<'static>>> {
+    let choice = anstream::AutoStream::choice(&std::io::stdout());
+    std::io::BufWriter::with_capacity(
+        1 << 16,
+        anstream::AutoStream::new(std::io::stdout().lock(), choice),
+    )
+}
+
 /// Write JSON to stdout, pretty-printed.
 pub fn print_json(v: &impl serde::Serialize) -> color_eyre::Result<()> {
-    let mut out = std::io::stdout().lock();
+    let mut out = std::io::BufWriter::with_capacity(1 << 16, std::io::stdout().lock());
     serde_json::to_writer_pretty(&mut out, v)?;
     writeln!(out)?;
     Ok(())

@@ -1,22 +1,25 @@
 //! The TUI's state and its update function (the Elm shape: state, actions,
-//! update, view). Slow, whole-image work runs on worker threads and reports back
-//! over a channel, so the first frame never waits for it.
+//! update, view). `App` keeps the shared context, the panes' states, the current
+//! pane, popups, the tour and the jump history; panes ask for everything else with
+//! effects, which [`App::update`] applies in order. Slow, whole-image work runs on
+//! worker threads and reports back over a channel, so no key ever waits for it.
 
-use super::keymap::{Action, PANES, pane};
-use qinspect::chain::{Chain, OpenOptions};
+use super::ctx::{Ctx, Effect, Job, LAYOUT_LIMIT, OffsetKind, Pane};
+use super::keymap::Action;
+use super::panes::Panes;
+use super::panes::simulate::Outcome;
+use super::panes::snapshots::Diff;
+use super::widgets::ListView;
 use qinspect::check::{CheckOptions, CheckReport, Progress, check, role_map};
-use qinspect::image::{Qcow2, Strictness, View};
-use qinspect::io::{FileSource, SharedSource};
-use qinspect::lookup::{Trace, trace};
-use qinspect::simulate::{Op, OpRecord, simulate};
+use qinspect::image::Qcow2;
+use qinspect::simulate::{Op, Sim};
+use ratatui::crossterm::event::{KeyCode, KeyEvent, KeyModifiers};
 use ratatui::layout::Rect;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, Sender, channel};
 use std::time::SystemTime;
-
-/// How many host clusters the Layout pane colours (the rest are listed as "not shown").
-pub const LAYOUT_LIMIT: u64 = 1 << 22;
 
 /// Options from the command line.
 #[derive(Clone, Debug, Default)]
@@ -27,37 +30,25 @@ pub struct Options {
     pub watch: bool,
 }
 
-/// Messages from worker threads.
+/// Messages from worker threads, tagged with the load they belong to.
 pub enum Bg {
     /// Check progress.
-    Progress(&'static str, u64, u64),
+    Progress(&'static str, u64, u64, u64),
     /// The check finished.
     Checked(Box<CheckReport>, u64),
     /// Roles of the first clusters.
     Roles(Vec<u16>, u64),
     /// The comparison of two snapshots.
-    Diff(Result<Vec<(u64, String)>, String>, u64),
+    Diff(Diff, u64),
+    /// Simulation progress (job id, phase, done, total).
+    SimProgress(u64, String, u64, u64),
+    /// A simulation finished (job id).
+    Simulated(u64, Result<Outcome, String>),
+    /// Who references a cluster: cluster, referrers, roles.
+    Lookup(u64, Vec<String>, String, u64),
 }
 
-/// Tables pane level.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum TablesLevel {
-    /// The L1 table.
-    L1,
-    /// The L2 table behind an L1 entry.
-    L2(usize),
-}
-
-/// Refcounts pane level.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum RefLevel {
-    /// The refcount table.
-    Table,
-    /// One refcount block (table index).
-    Block(usize),
-}
-
-/// A line-editing popup and what it is for.
+/// What a line-editing popup is for.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum InputFor {
     /// An offset to jump to.
@@ -66,255 +57,199 @@ pub enum InputFor {
     Simulate,
 }
 
+/// A one-line text field with a cursor.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Input {
+    /// The text.
+    pub text: String,
+    /// The cursor, in characters.
+    pub cursor: usize,
+}
+
+impl Input {
+    /// A field holding `text`, the cursor at its end.
+    pub fn new(text: String) -> Input {
+        let cursor = text.chars().count();
+        Input { text, cursor }
+    }
+
+    fn byte(&self, c: usize) -> usize {
+        self.text
+            .char_indices()
+            .nth(c)
+            .map_or(self.text.len(), |(i, _)| i)
+    }
+
+    /// Edit with one key: characters are inserted at the cursor, Ctrl-U clears,
+    /// ←/→/Home/End move, Backspace/Delete remove; other control keys do nothing.
+    pub fn key(&mut self, k: &KeyEvent) {
+        let ctrl =
+            k.modifiers.contains(KeyModifiers::CONTROL) || k.modifiers.contains(KeyModifiers::ALT);
+        let n = self.text.chars().count();
+        match k.code {
+            KeyCode::Char('u') if ctrl => {
+                self.text.clear();
+                self.cursor = 0;
+            }
+            KeyCode::Char('a') if ctrl => self.cursor = 0,
+            KeyCode::Char('e') if ctrl => self.cursor = n,
+            KeyCode::Char(_) if ctrl => {}
+            KeyCode::Char(c) => {
+                let at = self.byte(self.cursor);
+                self.text.insert(at, c);
+                self.cursor += 1;
+            }
+            KeyCode::Backspace if self.cursor > 0 => {
+                let at = self.byte(self.cursor - 1);
+                self.text.remove(at);
+                self.cursor -= 1;
+            }
+            KeyCode::Delete if self.cursor < n => {
+                let at = self.byte(self.cursor);
+                self.text.remove(at);
+            }
+            KeyCode::Left => self.cursor = self.cursor.saturating_sub(1),
+            KeyCode::Right => self.cursor = (self.cursor + 1).min(n),
+            KeyCode::Home => self.cursor = 0,
+            KeyCode::End => self.cursor = n,
+            _ => {}
+        }
+    }
+}
+
 /// Popups.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug)]
 pub enum Popup {
-    /// Key help.
-    Help,
+    /// Key help, and how far it is scrolled.
+    Help(ListView),
     /// Text input.
-    Input(InputFor, String),
+    Input(InputFor, Input),
 }
 
 /// Screen areas remembered for mouse hit-testing.
 #[derive(Clone, Debug, Default)]
 pub struct Areas {
     /// Each tab's area.
-    pub tabs: Vec<(Rect, usize)>,
-    /// The main list's area and the index of its first visible row.
-    pub list: Option<(Rect, usize)>,
+    pub tabs: Vec<(Rect, Pane)>,
+    /// The pane's area.
+    pub pane: Rect,
+}
+
+/// A simulation on a worker thread.
+struct SimJob {
+    id: u64,
+    cancel: Arc<AtomicBool>,
 }
 
 /// Everything on screen.
 pub struct App {
-    /// The image path.
-    pub path: PathBuf,
     /// Options.
     pub opts: Options,
-    /// The top image, opened leniently (None if it cannot be opened at all).
-    pub img: Option<Arc<Qcow2>>,
-    /// Why it could not be opened.
-    pub load_error: Option<String>,
-    /// The backing chain (for traces), or why it cannot be followed.
-    pub chain: Result<Chain, String>,
+    /// The shared context.
+    pub ctx: Ctx,
+    /// Each pane's own state.
+    pub panes: Panes,
     /// The current pane.
-    pub pane: usize,
-    /// The snapshot whose view Tables, Trace, Layout and Hex use.
-    pub view_snapshot: Option<String>,
+    pub pane: Pane,
     /// Popup.
     pub popup: Option<Popup>,
-    /// Explanation panel on.
+    /// Guided tour step.
+    pub tour: Option<usize>,
+    /// Panes left by jumps (Backspace returns).
+    pub history: Vec<Pane>,
+    /// Explanation panel on, and its scroll.
     pub explain: bool,
+    /// The explanation panel's scroll.
+    pub explain_view: ListView,
     /// Quit requested.
     pub quit: bool,
     /// Status line.
     pub status: String,
     /// Mouse areas.
     pub areas: Areas,
-    /// Overview scroll.
-    pub overview_scroll: u16,
-    /// Layout: selected cluster.
-    pub layout_sel: u64,
-    /// Layout: cells per grid row at the last draw.
-    pub layout_per_row: u64,
-    /// Layout: the referrers of a cluster, once looked up.
-    pub detail: Option<(u64, Vec<String>)>,
-    /// Layout: roles of the first clusters, when computed.
-    pub roles: Option<Arc<Vec<u16>>>,
-    /// Tables state.
-    pub tables_level: TablesLevel,
-    /// Selected L1 row.
-    pub l1_sel: usize,
-    /// Selected L2 row.
-    pub l2_sel: usize,
-    /// Refcounts state.
-    pub ref_level: RefLevel,
-    /// Selected refcount table row.
-    pub rt_sel: usize,
-    /// Selected refcount block row.
-    pub rb_sel: usize,
-    /// Selected snapshot.
-    pub snap_sel: usize,
-    /// Marked snapshots (up to two).
-    pub marked: Vec<usize>,
-    /// Guest clusters that differ between the two marked snapshots.
-    pub diff: Option<Result<Vec<(u64, String)>, String>>,
-    /// The comparison is running on a worker thread.
-    pub diff_running: bool,
-    /// Hex: bytes come from this file instead of the image (a backing layer).
-    pub hex_src: Option<qinspect::io::SharedSource>,
-    /// Trace: offset, result, current step.
-    pub trace: Option<Trace>,
-    /// Current trace step.
-    pub trace_step: usize,
-    /// Check: the report.
-    pub report: Option<Arc<CheckReport>>,
-    /// Counts of the previous load's check (for "what changed").
-    pub previous: Option<(u64, u64, u64)>,
-    /// Check progress: phase, done, total; None when not running.
-    pub progress: Option<(&'static str, u64, u64)>,
-    /// Selected finding.
-    pub finding_sel: usize,
-    /// Simulate: chosen template.
-    pub sim_choice: usize,
-    /// The last simulation's records and the check of its result.
-    pub sim: Option<(Vec<OpRecord>, String)>,
-    /// Current simulation step (over all operations).
-    pub sim_step: usize,
-    /// Hex: base host offset shown, and whether it came from a guest offset.
-    pub hex_base: u64,
-    /// Hex: what `hex_base` is ("host cluster 5", "guest 0x10000 -> ...").
-    pub hex_label: String,
-    /// Hex: byte range to highlight (host offsets).
-    pub hex_mark: Option<(u64, u64)>,
-    /// Hex: the bytes shown come from the guest view (not the host file).
-    pub hex_guest: Option<u64>,
-    /// Guided tour step.
-    pub tour: Option<usize>,
     /// File modification time at load.
     pub mtime: Option<SystemTime>,
+    sim_job: Option<SimJob>,
+    jobs: u64,
     tx: Sender<Bg>,
     rx: Receiver<Bg>,
     generation: u64,
 }
-
-/// Operation templates offered by the Simulate pane.
-pub const SIM_TEMPLATES: [(&str, &str); 8] = [
-    (
-        "snapshot-create:snap",
-        "qemu-img snapshot -c: copy the L1, +1 on everything it reaches",
-    ),
-    (
-        "snapshot-delete:1",
-        "qemu-img snapshot -d: -1 on the snapshot's tree, then the addend-0 pass",
-    ),
-    (
-        "snapshot-apply:1",
-        "qemu-img snapshot -a: +1 on the snapshot, -1 on the old active tree",
-    ),
-    (
-        "write:0:4096",
-        "a guest write: copy-on-write of shared L2 tables and data clusters",
-    ),
-    (
-        "discard:0:65536",
-        "a guest discard: entries become zero clusters, clusters released",
-    ),
-    (
-        "refcount-update:active:1",
-        "QEMU's walk with addend +1 over the active L1",
-    ),
-    (
-        "refcount-update:active:0",
-        "addend 0: no refcount changes, COPIED flags recomputed",
-    ),
-    (
-        "refcount-update:active:-1",
-        "addend -1: what a delete does to a snapshot's tree",
-    ),
-];
 
 impl App {
     /// Open `path` and start the background work.
     pub fn new(path: PathBuf, opts: Options) -> App {
         let (tx, rx) = channel();
         let mut app = App {
-            path,
             opts,
-            img: None,
-            load_error: None,
-            chain: Err(String::new()),
-            pane: pane::OVERVIEW,
-            view_snapshot: None,
+            ctx: Ctx::open(path, None),
+            panes: Panes::default(),
+            pane: Pane::Overview,
             popup: None,
+            tour: None,
+            history: Vec::new(),
             explain: false,
+            explain_view: ListView::default(),
             quit: false,
             status: String::new(),
             areas: Areas::default(),
-            overview_scroll: 0,
-            layout_sel: 0,
-            layout_per_row: 64,
-            detail: None,
-            roles: None,
-            tables_level: TablesLevel::L1,
-            l1_sel: 0,
-            l2_sel: 0,
-            ref_level: RefLevel::Table,
-            rt_sel: 0,
-            rb_sel: 0,
-            snap_sel: 0,
-            marked: Vec::new(),
-            diff: None,
-            diff_running: false,
-            hex_src: None,
-            trace: None,
-            trace_step: 0,
-            report: None,
-            previous: None,
-            progress: None,
-            finding_sel: 0,
-            sim_choice: 0,
-            sim: None,
-            sim_step: 0,
-            hex_base: 0,
-            hex_label: "host cluster 0 (the header)".into(),
-            hex_mark: None,
-            hex_guest: None,
-            tour: None,
             mtime: None,
+            sim_job: None,
+            jobs: 0,
             tx,
             rx,
             generation: 0,
         };
-        app.load();
+        app.mtime = std::fs::metadata(&app.ctx.path)
+            .and_then(|m| m.modified())
+            .ok();
+        app.start_background();
         app
     }
 
     /// (Re)open the image and restart the background work.
     pub fn load(&mut self) {
         self.generation += 1;
-        if let Some(r) = &self.report {
-            self.previous = Some((r.corruptions, r.leaks, r.check_errors));
-        }
-        self.mtime = std::fs::metadata(&self.path)
+        let previous = self
+            .ctx
+            .report
+            .as_ref()
+            .map(|r| (r.corruptions, r.leaks, r.check_errors))
+            .or(self.ctx.previous);
+        self.mtime = std::fs::metadata(&self.ctx.path)
             .and_then(|m| m.modified())
             .ok();
-        let opened = FileSource::open(&self.path)
-            .map_err(|e| e.to_string())
-            .and_then(|f| {
-                let src: SharedSource = Arc::new(f);
-                Qcow2::open(src, Strictness::Lenient).map_err(|e| e.to_string())
-            });
-        match opened {
-            Ok(img) => {
-                self.img = Some(Arc::new(img));
-                self.load_error = None;
-            }
-            Err(e) => {
-                self.img = None;
-                self.load_error = Some(e);
-            }
+        let mut view = self.ctx.view_snapshot.clone();
+        let mut ctx = Ctx::open(self.ctx.path.clone(), view.clone());
+        // A viewed snapshot that is gone (deleted while --watch showed it): back to
+        // the active L1, and say so.
+        if let (Some(s), Some(img)) = (&view, &ctx.img)
+            && img.snapshot_view(s).is_err()
+        {
+            self.status =
+                format!("snapshot {s} no longer exists in the file: back to the active L1 table");
+            view = None;
+            ctx.view_snapshot = None;
+            ctx.open_chain();
         }
-        self.open_chain();
-        self.report = None;
-        self.roles = None;
+        ctx.previous = previous;
+        self.ctx = ctx;
+        let _ = view;
+        self.panes.snapshots.diff = None;
+        self.panes.snapshots.diff_running = false;
+        self.panes.snapshots.marked.clear();
+        self.panes.layout.looking = None;
         self.start_background();
     }
 
-    /// Reopen the chain with the current snapshot view.
-    pub fn open_chain(&mut self) {
-        let opts = OpenOptions {
-            snapshot: self.view_snapshot.clone(),
-            strictness: Strictness::Lenient,
-            ..Default::default()
-        };
-        self.chain = Chain::open(&self.path, &opts).map_err(|e| e.to_string());
-    }
-
     fn start_background(&mut self) {
-        let Some(img) = self.img.clone() else { return };
+        let Some(img) = self.ctx.img.clone() else {
+            self.ctx.progress = None;
+            return;
+        };
         let generation = self.generation;
         let tx = self.tx.clone();
-        self.progress = Some(("starting", 0, 1));
+        self.ctx.progress = Some(("starting", 0, 1));
         std::thread::spawn(move || {
             let cs = img.geometry().cluster_size();
             let n = img.file_len().div_ceil(cs).clamp(1, LAYOUT_LIMIT);
@@ -322,7 +257,7 @@ impl App {
             let _ = tx.send(Bg::Roles(roles, generation));
             let ptx = tx.clone();
             let tick = move |p: Progress| {
-                let _ = ptx.send(Bg::Progress(p.phase, p.done, p.total));
+                let _ = ptx.send(Bg::Progress(p.phase, p.done, p.total, generation));
             };
             let report = check(
                 &img,
@@ -337,36 +272,53 @@ impl App {
     /// Take in what the workers reported.
     pub fn poll_background(&mut self) {
         while let Ok(msg) = self.rx.try_recv() {
-            self.apply(msg);
+            self.receive(msg);
         }
     }
 
-    fn apply(&mut self, msg: Bg) {
+    fn receive(&mut self, msg: Bg) {
+        let current = |id: u64| self.sim_job.as_ref().is_some_and(|j| j.id == id);
         match msg {
-            Bg::Progress(phase, done, total) if self.report.is_none() => {
-                self.progress = Some((phase, done, total));
+            Bg::Progress(phase, done, total, g)
+                if g == self.generation && self.ctx.report.is_none() =>
+            {
+                self.ctx.progress = Some((phase, done, total));
             }
             Bg::Checked(r, g) if g == self.generation => {
-                self.progress = None;
-                self.report = Some(Arc::from(r));
+                self.ctx.progress = None;
+                self.ctx.report = Some(Arc::from(r));
             }
-            Bg::Roles(r, g) if g == self.generation => self.roles = Some(Arc::new(r)),
-            Bg::Diff(d, g) if g == self.generation => {
-                self.diff = Some(d);
-                self.diff_running = false;
+            Bg::Roles(r, g) if g == self.generation => self.ctx.roles = Some(Arc::new(r)),
+            Bg::Diff(d, g) if g == self.generation => self.panes.snapshots.diffed(d),
+            Bg::Lookup(c, refs, roles, g) if g == self.generation => {
+                self.panes.layout.looked_up(c, refs, roles)
+            }
+            Bg::SimProgress(id, phase, done, total) if current(id) => {
+                self.panes.simulate.progress(phase, done, total)
+            }
+            Bg::Simulated(id, r) if current(id) => {
+                self.sim_job = None;
+                self.panes.simulate.finished(r);
             }
             _ => {}
         }
     }
 
+    /// Whether a worker is still busy (tests wait for it).
+    #[cfg(test)]
+    pub fn busy(&self) -> bool {
+        self.ctx.img.is_some() && (self.ctx.report.is_none() || self.ctx.roles.is_none())
+            || self.panes.snapshots.diff_running
+            || self.panes.layout.looking.is_some()
+            || self.sim_job.is_some()
+    }
+
     /// Wait for the background work (tests).
     #[cfg(test)]
     pub fn wait_background(&mut self) {
-        while self.img.is_some()
-            && (self.report.is_none() || self.roles.is_none() || self.diff_running)
-        {
-            match self.rx.recv_timeout(std::time::Duration::from_secs(30)) {
-                Ok(msg) => self.apply(msg),
+        while self.busy() {
+            match self.rx.recv_timeout(std::time::Duration::from_secs(60)) {
+                Ok(msg) => self.receive(msg),
                 Err(_) => break,
             }
         }
@@ -377,148 +329,222 @@ impl App {
         if !self.opts.watch {
             return;
         }
-        let now = std::fs::metadata(&self.path)
+        let now = std::fs::metadata(&self.ctx.path)
             .and_then(|m| m.modified())
             .ok();
         if now != self.mtime {
-            self.load();
             self.status = "the file changed on disk: reloaded".into();
+            self.load();
         }
     }
 
-    /// The view Tables and Hex use.
-    pub fn view(&self) -> Option<View> {
-        let img = self.img.as_ref()?;
-        match &self.view_snapshot {
-            None => Some(img.active_view()),
-            Some(s) => img.snapshot_view(s).ok(),
+    /// Handle a key while a text field is open.
+    pub fn input_key(&mut self, k: &KeyEvent) {
+        let Some(Popup::Input(purpose, input)) = &mut self.popup else {
+            return;
+        };
+        match k.code {
+            KeyCode::Esc => self.popup = None,
+            KeyCode::Enter => {
+                let (purpose, text) = (purpose.clone(), input.text.trim().to_string());
+                self.popup = None;
+                match purpose {
+                    InputFor::Goto => self.goto(&text),
+                    InputFor::Simulate if !text.is_empty() => {
+                        self.apply(Effect::Start(Job::Simulate(text)))
+                    }
+                    InputFor::Simulate => {}
+                }
+            }
+            _ => input.key(k),
         }
     }
 
     /// Apply one action.
     pub fn update(&mut self, action: Action) {
-        self.status.clear();
-        // Popups take keys first.
-        if let Some(Popup::Help) = self.popup {
-            if matches!(action, Action::Help | Action::Escape | Action::Quit) {
-                self.popup = None;
+        if let Some(Popup::Help(v)) = &mut self.popup {
+            match action {
+                Action::Help | Action::Escape => self.popup = None,
+                Action::Quit => self.quit = true,
+                a => {
+                    v.scroll(a);
+                }
             }
             return;
         }
+        self.status.clear();
         match action {
             Action::Quit => self.quit = true,
-            Action::Pane(n) if n < PANES.len() => self.pane = n,
-            Action::Pane(_) => {}
-            Action::NextPane => self.pane = (self.pane + 1) % PANES.len(),
-            Action::PrevPane => self.pane = (self.pane + PANES.len() - 1) % PANES.len(),
-            Action::Help => self.popup = Some(Popup::Help),
+            Action::Pane(p) => self.switch(p),
+            Action::NextPane => self.switch(self.pane.cycle(true)),
+            Action::PrevPane => self.switch(self.pane.cycle(false)),
+            Action::Help => self.popup = Some(Popup::Help(ListView::default())),
             Action::Escape => {
-                self.explain = false;
-                self.tour = None;
+                if self.panes.simulate.cancel() {
+                    if let Some(j) = self.sim_job.take() {
+                        j.cancel.store(true, Ordering::Relaxed);
+                    }
+                    self.status = "simulation cancelled".into();
+                } else {
+                    self.explain = false;
+                    self.tour = None;
+                }
             }
-            Action::Explain => self.explain = !self.explain,
+            Action::Explain => {
+                self.explain = !self.explain;
+                self.explain_view = ListView::default();
+            }
+            Action::ExplainUp | Action::ExplainDown if self.explain || self.tour.is_some() => {
+                self.explain_view.scroll(action);
+            }
             Action::Reload => {
                 self.load();
                 self.status = "reloaded".into();
             }
             Action::Goto => {
-                self.popup = Some(Popup::Input(InputFor::Goto, String::new()));
+                self.popup = Some(Popup::Input(InputFor::Goto, Input::default()));
             }
             Action::Tour => super::tour::start(self),
-            _ => {
-                if self.tour.is_some() && matches!(action, Action::NextStep | Action::PrevStep) {
-                    super::tour::step(self, action == Action::NextStep);
+            Action::NextStep | Action::PrevStep if self.tour.is_some() => {
+                super::tour::step(self, action == Action::NextStep);
+            }
+            a => {
+                let mut q = Vec::new();
+                let handled = self.panes.get_mut(self.pane).handle(a, &self.ctx, &mut q);
+                if !handled
+                    && a == Action::Back
+                    && let Some(p) = self.history.pop()
+                {
+                    self.pane = p;
+                }
+                self.apply_all(q);
+            }
+        }
+    }
+
+    fn switch(&mut self, p: Pane) {
+        if p != self.pane {
+            self.pane = p;
+            self.explain_view = ListView::default();
+        }
+    }
+
+    /// Switch pane as the result of a jump, remembering where it came from.
+    fn jump(&mut self, p: Pane) {
+        if p != self.pane {
+            self.history.push(self.pane);
+            if self.history.len() > 64 {
+                self.history.remove(0);
+            }
+            self.switch(p);
+        }
+    }
+
+    /// Apply effects in order.
+    pub fn apply_all(&mut self, q: Vec<Effect>) {
+        for e in q {
+            self.apply(e);
+        }
+    }
+
+    /// Apply one effect.
+    pub fn apply(&mut self, e: Effect) {
+        match e {
+            Effect::ShowHost {
+                offset,
+                label,
+                mark,
+                src,
+            } => {
+                self.panes.hex.show(offset, label, mark, src);
+                self.jump(Pane::Hex);
+            }
+            Effect::Trace(off) => {
+                match self.panes.trace.run(off, &self.ctx) {
+                    Ok(()) => {}
+                    Err(e) => self.status = e,
+                }
+                self.jump(Pane::Trace);
+            }
+            Effect::Cluster(c) => {
+                self.panes.layout.select(c);
+                self.jump(Pane::Layout);
+            }
+            Effect::Refcount(c) => {
+                self.panes.refcounts.select(c, &self.ctx);
+                self.jump(Pane::Refcounts);
+            }
+            Effect::Table(at) => {
+                self.panes.tables.open(at, &self.ctx);
+                self.jump(Pane::Tables);
+            }
+            Effect::Switch(p) => self.switch(p),
+            Effect::Input(purpose, text) => {
+                self.popup = Some(Popup::Input(purpose, Input::new(text)));
+            }
+            Effect::View(v) => {
+                self.ctx.view_snapshot = v;
+                self.ctx.open_chain();
+                self.panes.tables.open(None, &self.ctx);
+                self.panes.tables.l1 = ListView::default();
+                self.status = match &self.ctx.view_snapshot {
+                    Some(s) => format!("Tables, Trace and Hex now use snapshot {s}"),
+                    None => "back to the active L1 table".into(),
+                };
+            }
+            Effect::Reload => self.load(),
+            Effect::Start(Job::Diff(a, b)) => self.compute_diff(a, b),
+            Effect::Start(Job::Simulate(text)) => self.start_simulation(text),
+            Effect::Start(Job::Lookup(c)) => {
+                let Some(img) = self.ctx.img.clone() else {
                     return;
-                }
-                super::panes::handle(self, action);
+                };
+                let (tx, generation) = (self.tx.clone(), self.generation);
+                std::thread::spawn(move || {
+                    let (refs, roles) = super::panes::layout::lookup(&img, c);
+                    let _ = tx.send(Bg::Lookup(c, refs, roles, generation));
+                });
             }
         }
     }
 
-    /// Type a character into the input popup; Enter submits, Esc cancels.
-    pub fn input_key(&mut self, key: ratatui::crossterm::event::KeyCode) {
-        use ratatui::crossterm::event::KeyCode;
-        let Some(Popup::Input(purpose, text)) = &mut self.popup else {
-            return;
-        };
-        match key {
-            KeyCode::Esc => self.popup = None,
-            KeyCode::Backspace => {
-                text.pop();
-            }
-            KeyCode::Char(c) => text.push(c),
-            KeyCode::Enter => {
-                let (purpose, text) = (purpose.clone(), text.clone());
-                self.popup = None;
-                match purpose {
-                    InputFor::Goto => self.goto(&text),
-                    InputFor::Simulate => self.run_simulation(&text),
-                }
-            }
-            _ => {}
-        }
-    }
-
-    /// Jump to an offset, as the current pane understands it.
+    /// Jump to an offset, as the current pane understands it, after checking it
+    /// against the size of what it is an offset in.
     pub fn goto(&mut self, text: &str) {
         let Ok(off) = parse_number(text) else {
             self.status = format!("'{text}' is not an offset (try 0x10000, 64k or 65536)");
             return;
         };
-        let Some(img) = self.img.clone() else { return };
-        let cs = img.geometry().cluster_size();
-        match self.pane {
-            pane::LAYOUT | pane::REFCOUNTS => {
-                self.layout_sel = off / cs;
-                if self.pane == pane::REFCOUNTS {
-                    let per = img.refcount_geometry().entries_per_block();
-                    self.ref_level = RefLevel::Block(((off / cs) / per) as usize);
-                    self.rb_sel = ((off / cs) % per) as usize;
-                }
+        let kind = self.panes.get(self.pane).offset_kind();
+        let (limit, what) = match kind {
+            Some(OffsetKind::Host) if self.pane == Pane::Hex => {
+                (self.panes.hex.limit(&self.ctx), "the file")
             }
-            pane::HEX => self.show_host(off, format!("host offset {off:#x}"), None),
-            pane::TABLES => {
-                let g = img.geometry();
-                let go = qinspect::types::GuestOffset(off);
-                self.tables_level = TablesLevel::L2(g.l1_index(go) as usize);
-                self.l1_sel = g.l1_index(go) as usize;
-                self.l2_sel = g.l2_index(go) as usize;
-            }
-            _ => {
-                self.pane = pane::TRACE;
-                self.run_trace(off);
-            }
+            Some(OffsetKind::Host) => (self.ctx.file_len(), "the file"),
+            _ => (self.ctx.disk_size(), "the disk"),
+        };
+        if self.ctx.img.is_none() && kind != Some(OffsetKind::Host) {
+            self.status = format!("cannot follow a guest offset: {}", self.ctx.unopened());
+            return;
         }
-    }
-
-    /// Trace a guest offset.
-    pub fn run_trace(&mut self, off: u64) {
-        match &self.chain {
-            Ok(c) => {
-                self.trace = Some(trace(c, off));
-                self.trace_step = 0;
-            }
-            Err(e) => self.status = format!("cannot trace: {e}"),
+        if off >= limit {
+            self.status = format!(
+                "{off:#x} is past the end of {what} ({limit} bytes, offsets 0 to {:#x})",
+                limit.saturating_sub(1)
+            );
+            return;
         }
+        let mut q = Vec::new();
+        self.panes.get_mut(self.pane).goto(off, &self.ctx, &mut q);
+        self.apply_all(q);
     }
 
-    /// Show host bytes in the Hex pane.
-    pub fn show_host(&mut self, off: u64, label: String, mark: Option<(u64, u64)>) {
-        let cs = self
-            .img
-            .as_ref()
-            .map_or(512, |i| i.geometry().cluster_size());
-        self.hex_base = off / cs * cs;
-        self.hex_label = label;
-        self.hex_mark = mark.or(Some((off, off + 1)));
-        self.hex_guest = None;
-        self.hex_src = None;
-        self.pane = pane::HEX;
-    }
-
-    /// Run a simulation from an operation string.
-    pub fn run_simulation(&mut self, text: &str) {
-        let Some(img) = self.img.clone() else { return };
+    /// Run a simulation on a worker: it reports each operation and the check of
+    /// the result, and stops between steps once cancelled.
+    pub fn start_simulation(&mut self, text: String) {
+        let Some(img) = self.ctx.img.clone() else {
+            return;
+        };
         let ops: Result<Vec<Op>, String> = text
             .split_whitespace()
             .map(|s| Op::parse(s, &|n: &str| parse_number(n)))
@@ -531,90 +557,146 @@ impl App {
                 return;
             }
         };
-        match simulate(&img, &self.path, &ops) {
-            Ok(sim) => {
-                let summary = match sim.image() {
-                    Ok(after) => {
-                        let r = check(&after, &CheckOptions::default());
-                        if r.corruptions + r.leaks + r.check_errors == 0 {
-                            "check of the simulated image: no errors".to_string()
-                        } else {
-                            format!(
-                                "check of the simulated image: {} corruptions, {} leaks, {} check errors",
-                                r.corruptions, r.leaks, r.check_errors
-                            )
-                        }
-                    }
-                    Err(e) => format!("the simulated image cannot be opened: {e}"),
-                };
-                self.sim = Some((sim.records.clone(), summary));
-                self.sim_step = 0;
-            }
-            Err(e) => self.status = e.to_string(),
+        if let Some(j) = self.sim_job.take() {
+            j.cancel.store(true, Ordering::Relaxed);
         }
-    }
-
-    /// Compare the two marked snapshots guest cluster by guest cluster.
-    pub fn compute_diff(&mut self) {
-        let Some(img) = self.img.clone() else { return };
-        let [a, b] = self.marked[..] else { return };
+        self.jobs += 1;
+        let id = self.jobs;
+        let cancel = Arc::new(AtomicBool::new(false));
+        self.sim_job = Some(SimJob {
+            id,
+            cancel: cancel.clone(),
+        });
+        self.panes.simulate.started(text.clone());
+        self.jump(Pane::Simulate);
         let tx = self.tx.clone();
-        let generation = self.generation;
-        self.diff_running = true;
-        self.status = "comparing the two snapshots on a worker thread…".into();
+        let path = self.ctx.path.clone();
         std::thread::spawn(move || {
-            let (Some(sa), Some(sb)) = (
-                img.snapshots.snapshots.get(a),
-                img.snapshots.snapshots.get(b),
-            ) else {
-                return;
-            };
-            let r = (|| -> Result<Vec<(u64, String)>, String> {
-                let la = img.snapshot_l1(sa).map_err(|e| e.to_string())?;
-                let lb = img.snapshot_l1(sb).map_err(|e| e.to_string())?;
-                let geo = img.geometry();
-                let mut out = Vec::new();
-                for i in 0..la.len().max(lb.len()) {
-                    let ea = la.get(i).and_then(|e| e.l2_offset());
-                    let eb = lb.get(i).and_then(|e| e.l2_offset());
-                    if ea == eb {
-                        continue; // the same L2 table (or none): identical mappings
-                    }
-                    let ta = match ea {
-                        Some(o) => Some(img.l2_table(o).map_err(|e| e.to_string())?),
-                        None => None,
-                    };
-                    let tb = match eb {
-                        Some(o) => Some(img.l2_table(o).map_err(|e| e.to_string())?),
-                        None => None,
-                    };
-                    for j in 0..geo.l2_entries() as usize {
-                        let x = ta
-                            .as_ref()
-                            .and_then(|t| t.get(j))
-                            .map(|e| (e.raw & !qinspect::tables::OFLAG_COPIED, e.bitmap));
-                        let y = tb
-                            .as_ref()
-                            .and_then(|t| t.get(j))
-                            .map(|e| (e.raw & !qinspect::tables::OFLAG_COPIED, e.bitmap));
-                        if x.unwrap_or((0, 0)) != y.unwrap_or((0, 0)) && out.len() < 100_000 {
-                            let g = geo.guest_offset(i as u64, j as u64, 0).map_or(0, |g| g.0);
-                            out.push((
-                                g,
-                                format!(
-                                    "{:#x} vs {:#x}",
-                                    x.unwrap_or((0, 0)).0,
-                                    y.unwrap_or((0, 0)).0
-                                ),
-                            ));
-                        }
-                    }
-                }
-                Ok(out)
-            })();
-            let _ = tx.send(Bg::Diff(r, generation));
+            let r = simulate_on_worker(&img, &path, &ops, &text, id, &tx, &cancel);
+            if !cancel.load(Ordering::Relaxed) {
+                let _ = tx.send(Bg::Simulated(id, r));
+            }
         });
     }
+
+    /// Compare two snapshots guest cluster by guest cluster, on a worker.
+    fn compute_diff(&mut self, a: usize, b: usize) {
+        let Some(img) = self.ctx.img.clone() else {
+            return;
+        };
+        let tx = self.tx.clone();
+        let generation = self.generation;
+        self.panes.snapshots.diff_running = true;
+        std::thread::spawn(move || {
+            let _ = tx.send(Bg::Diff(diff(&img, a, b), generation));
+        });
+    }
+}
+
+fn simulate_on_worker(
+    img: &Qcow2,
+    path: &std::path::Path,
+    ops: &[Op],
+    text: &str,
+    id: u64,
+    tx: &Sender<Bg>,
+    cancel: &AtomicBool,
+) -> Result<Outcome, String> {
+    let total = ops.len() as u64 + 1;
+    let say = |phase: String, done: u64| {
+        let _ = tx.send(Bg::SimProgress(id, phase, done, total));
+    };
+    say("opening the image in memory".into(), 0);
+    let mut sim = Sim::new(img, path).map_err(|e| e.to_string())?;
+    for (i, op) in ops.iter().enumerate() {
+        if cancel.load(Ordering::Relaxed) {
+            return Err("cancelled".into());
+        }
+        say(format!("operation {}: {}", i + 1, op.describe()), i as u64);
+        sim.apply(op);
+        if sim.records.last().is_some_and(|r| r.error.is_some()) {
+            break;
+        }
+    }
+    let failed = sim
+        .records
+        .iter()
+        .position(|r| r.error.is_some())
+        .map(|i| i + 1);
+    say(
+        "checking the simulated image".into(),
+        sim.records.len() as u64,
+    );
+    let (summary, consistent) = match sim.image() {
+        Ok(after) => {
+            let r = check(&after, &CheckOptions::default());
+            if r.corruptions + r.leaks + r.check_errors == 0 {
+                ("check of the simulated image: no errors".to_string(), true)
+            } else {
+                (
+                    format!(
+                        "check of the simulated image: {} corruptions, {} leaks, {} check errors",
+                        r.corruptions, r.leaks, r.check_errors
+                    ),
+                    false,
+                )
+            }
+        }
+        Err(e) => (format!("the simulated image cannot be opened: {e}"), false),
+    };
+    let summary = match failed {
+        Some(n) => format!(
+            "operation {n} failed as QEMU would fail it; nothing after it ran. The image as far as it got: {summary}"
+        ),
+        None => summary,
+    };
+    Ok(Outcome {
+        text: text.to_string(),
+        records: sim.records.clone(),
+        summary,
+        clean: consistent && failed.is_none(),
+    })
+}
+
+/// Guest clusters that two snapshots map differently (at most 100000 listed).
+fn diff(img: &Qcow2, a: usize, b: usize) -> Diff {
+    let (Some(sa), Some(sb)) = (
+        img.snapshots.snapshots.get(a),
+        img.snapshots.snapshots.get(b),
+    ) else {
+        return Err("the snapshot is gone".into());
+    };
+    let la = img.snapshot_l1(sa).map_err(|e| e.to_string())?;
+    let lb = img.snapshot_l1(sb).map_err(|e| e.to_string())?;
+    let geo = img.geometry();
+    let mut out = Vec::new();
+    let strip = |e: Option<&qinspect::tables::L2Entry>| {
+        e.map_or((0, 0), |e| {
+            (e.raw & !qinspect::tables::OFLAG_COPIED, e.bitmap)
+        })
+    };
+    for i in 0..la.len().max(lb.len()) {
+        let ea = la.get(i).and_then(|e| e.l2_offset());
+        let eb = lb.get(i).and_then(|e| e.l2_offset());
+        if ea == eb {
+            continue; // the same L2 table (or none): identical mappings
+        }
+        let ta = ea
+            .map(|o| img.l2_table(o).map_err(|e| e.to_string()))
+            .transpose()?;
+        let tb = eb
+            .map(|o| img.l2_table(o).map_err(|e| e.to_string()))
+            .transpose()?;
+        for j in 0..geo.l2_entries() as usize {
+            let x = strip(ta.as_ref().and_then(|t| t.get(j)));
+            let y = strip(tb.as_ref().and_then(|t| t.get(j)));
+            if x != y && out.len() < 100_000 {
+                let g = geo.guest_offset(i as u64, j as u64, 0).map_or(0, |g| g.0);
+                out.push((g, format!("{:#x} vs {:#x}", x.0, y.0)));
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// Numbers as on the command line: decimal, 0x-hex, k/M/G/T suffixes.

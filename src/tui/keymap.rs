@@ -1,6 +1,8 @@
 //! One table of key bindings: it turns key presses into actions, and it is what the
 //! footer hints and the `?` help show, so they can never disagree with the keys.
+//! Digits and Ctrl-C are rows of it like every other key.
 
+use super::ctx::Pane;
 use ratatui::crossterm::event::{KeyCode, KeyEvent, KeyModifiers};
 
 /// Everything a key (or a click) can ask for.
@@ -8,8 +10,8 @@ use ratatui::crossterm::event::{KeyCode, KeyEvent, KeyModifiers};
 pub enum Action {
     /// Leave.
     Quit,
-    /// Show pane N (0-based).
-    Pane(usize),
+    /// Show a pane.
+    Pane(Pane),
     /// Next pane.
     NextPane,
     /// Previous pane.
@@ -18,7 +20,7 @@ pub enum Action {
     Up,
     /// Down.
     Down,
-    /// Left (Layout grid, Hex).
+    /// Left (Layout grid; a cluster back in Hex).
     Left,
     /// Right.
     Right,
@@ -38,13 +40,17 @@ pub enum Action {
     Goto,
     /// Toggle the explanation panel.
     Explain,
+    /// Scroll the explanation panel up.
+    ExplainUp,
+    /// Scroll the explanation panel down.
+    ExplainDown,
     /// Toggle help.
     Help,
-    /// Close a popup.
+    /// Close a popup, cancel a running simulation.
     Escape,
     /// Reload the image from disk.
     Reload,
-    /// Start or advance the guided tour.
+    /// Start the guided tour.
     Tour,
     /// Next step (Trace, Simulate, tour).
     NextStep,
@@ -54,6 +60,10 @@ pub enum Action {
     Mark,
     /// Run (Check: run again; Simulate: run the chosen operation).
     Run,
+    /// Who references the selected cluster (Layout).
+    Lookup,
+    /// Move the keys to the other box of the pane (Snapshots, Layout).
+    Focus,
 }
 
 /// Where a binding applies.
@@ -62,314 +72,293 @@ pub enum Scope {
     /// Everywhere.
     Global,
     /// Only in the named panes.
-    Panes(&'static [usize]),
+    Panes(&'static [Pane]),
 }
 
-/// One binding.
+impl Scope {
+    /// Whether the binding applies in `p`.
+    pub fn covers(self, p: Pane) -> bool {
+        match self {
+            Scope::Global => true,
+            Scope::Panes(ps) => ps.contains(&p),
+        }
+    }
+}
+
+/// A key: its code and whether Ctrl or Shift is held.
+pub type Key = (KeyCode, KeyModifiers);
+
+/// One binding: the keys people see, what they do and where.
 #[derive(Clone, Copy, Debug)]
 pub struct Binding {
     /// Keys, as shown to people.
     pub keys: &'static str,
-    /// What it does, short (footer).
-    pub short: &'static str,
+    /// What it does, in a word or two (footer); None keeps it out of the footer.
+    pub short: Option<&'static str>,
     /// What it does, in a sentence (help).
     pub help: &'static str,
-    /// The action.
-    pub action: Action,
-    /// The key codes that trigger it.
-    pub codes: &'static [KeyCode],
+    /// The keys and the action each one triggers.
+    pub codes: &'static [(Key, Action)],
     /// Where it applies.
     pub scope: Scope,
-    /// Shown in the footer.
-    pub footer: bool,
 }
-
-/// Pane numbers, for scopes.
-pub mod pane {
-    /// Overview.
-    pub const OVERVIEW: usize = 0;
-    /// Layout.
-    pub const LAYOUT: usize = 1;
-    /// Tables.
-    pub const TABLES: usize = 2;
-    /// Refcounts.
-    pub const REFCOUNTS: usize = 3;
-    /// Snapshots.
-    pub const SNAPSHOTS: usize = 4;
-    /// Trace.
-    pub const TRACE: usize = 5;
-    /// Check.
-    pub const CHECK: usize = 6;
-    /// Simulate.
-    pub const SIMULATE: usize = 7;
-    /// Hex.
-    pub const HEX: usize = 8;
-}
-
-/// Pane names, in number-key order.
-pub const PANES: [&str; 9] = [
-    "Overview",
-    "Layout",
-    "Tables",
-    "Refcounts",
-    "Snapshots",
-    "Trace",
-    "Check",
-    "Simulate",
-    "Hex",
-];
 
 use KeyCode::*;
+const NO: KeyModifiers = KeyModifiers::NONE;
+const CTRL: KeyModifiers = KeyModifiers::CONTROL;
+const SHIFT: KeyModifiers = KeyModifiers::SHIFT;
 
 /// The key map.
 pub const KEYMAP: &[Binding] = &[
     Binding {
         keys: "1-9",
-        short: "panes",
+        short: Some("panes"),
         help: "Show pane 1 (Overview) to 9 (Hex)",
-        action: Action::Pane(0),
-        codes: &[],
+        codes: &[
+            ((Char('1'), NO), Action::Pane(Pane::Overview)),
+            ((Char('2'), NO), Action::Pane(Pane::Layout)),
+            ((Char('3'), NO), Action::Pane(Pane::Tables)),
+            ((Char('4'), NO), Action::Pane(Pane::Refcounts)),
+            ((Char('5'), NO), Action::Pane(Pane::Snapshots)),
+            ((Char('6'), NO), Action::Pane(Pane::Trace)),
+            ((Char('7'), NO), Action::Pane(Pane::Check)),
+            ((Char('8'), NO), Action::Pane(Pane::Simulate)),
+            ((Char('9'), NO), Action::Pane(Pane::Hex)),
+        ],
         scope: Scope::Global,
-        footer: true,
     },
     Binding {
         keys: "Tab/S-Tab",
-        short: "next/prev",
-        help: "Cycle through the panes",
-        action: Action::NextPane,
-        codes: &[Tab],
+        short: None,
+        help: "Next or previous pane",
+        codes: &[
+            ((Tab, NO), Action::NextPane),
+            ((BackTab, SHIFT), Action::PrevPane),
+            ((BackTab, NO), Action::PrevPane),
+        ],
         scope: Scope::Global,
-        footer: false,
     },
     Binding {
-        keys: "S-Tab",
-        short: "prev pane",
-        help: "Previous pane",
-        action: Action::PrevPane,
-        codes: &[BackTab],
+        keys: "↑↓/jk",
+        short: None,
+        help: "Move the selection up or down (Hex and Overview: scroll a row)",
+        codes: &[
+            ((KeyCode::Up, NO), Action::Up),
+            ((Char('k'), NO), Action::Up),
+            ((KeyCode::Down, NO), Action::Down),
+            ((Char('j'), NO), Action::Down),
+        ],
         scope: Scope::Global,
-        footer: false,
     },
     Binding {
-        keys: "↑/k",
-        short: "up",
-        help: "Move up",
-        action: Action::Up,
-        codes: &[KeyCode::Up, Char('k')],
-        scope: Scope::Global,
-        footer: false,
+        keys: "←→/hl",
+        short: None,
+        help: "Layout: the previous or next cluster. Hex: a whole cluster back or forward",
+        codes: &[
+            ((KeyCode::Left, NO), Action::Left),
+            ((Char('h'), NO), Action::Left),
+            ((KeyCode::Right, NO), Action::Right),
+            ((Char('l'), NO), Action::Right),
+        ],
+        scope: Scope::Panes(&[Pane::Layout, Pane::Hex]),
     },
     Binding {
-        keys: "↓/j",
-        short: "down",
-        help: "Move down",
-        action: Action::Down,
-        codes: &[KeyCode::Down, Char('j')],
-        scope: Scope::Global,
-        footer: false,
-    },
-    Binding {
-        keys: "←/h",
-        short: "left",
-        help: "Move left (Layout grid, Hex)",
-        action: Action::Left,
-        codes: &[KeyCode::Left, Char('h')],
-        scope: Scope::Global,
-        footer: false,
-    },
-    Binding {
-        keys: "→/l",
-        short: "right",
-        help: "Move right (Layout grid, Hex)",
-        action: Action::Right,
-        codes: &[KeyCode::Right, Char('l')],
-        scope: Scope::Global,
-        footer: false,
+        keys: "[/]",
+        short: Some("cluster"),
+        help: "A whole cluster back or forward",
+        codes: &[
+            ((Char('['), NO), Action::Left),
+            ((Char(']'), NO), Action::Right),
+        ],
+        scope: Scope::Panes(&[Pane::Hex]),
     },
     Binding {
         keys: "PgUp/PgDn",
-        short: "page",
-        help: "Move a page up or down",
-        action: Action::PageUp,
-        codes: &[KeyCode::PageUp],
+        short: None,
+        help: "A page up or down (a page is what the box shows)",
+        codes: &[
+            ((KeyCode::PageUp, NO), Action::PageUp),
+            ((KeyCode::PageDown, NO), Action::PageDown),
+        ],
         scope: Scope::Global,
-        footer: false,
-    },
-    Binding {
-        keys: "PgDn",
-        short: "page down",
-        help: "Move a page down",
-        action: Action::PageDown,
-        codes: &[KeyCode::PageDown],
-        scope: Scope::Global,
-        footer: false,
     },
     Binding {
         keys: "Home/End",
-        short: "first/last",
-        help: "Go to the first or last row",
-        action: Action::Home,
-        codes: &[KeyCode::Home],
+        short: None,
+        help: "The first or the last row",
+        codes: &[
+            ((KeyCode::Home, NO), Action::Home),
+            ((KeyCode::End, NO), Action::End),
+        ],
         scope: Scope::Global,
-        footer: false,
-    },
-    Binding {
-        keys: "End",
-        short: "last",
-        help: "Go to the last row",
-        action: Action::End,
-        codes: &[KeyCode::End],
-        scope: Scope::Global,
-        footer: false,
     },
     Binding {
         keys: "Enter",
-        short: "open",
+        short: Some("open"),
         help: "Drill in: an L1 entry's L2 table, a cluster in Hex, a snapshot as the view, a finding's cluster",
-        action: Action::Enter,
-        codes: &[KeyCode::Enter],
+        codes: &[((KeyCode::Enter, NO), Action::Enter)],
         scope: Scope::Global,
-        footer: true,
     },
     Binding {
         keys: "Bksp",
-        short: "back",
-        help: "Back out one level (L2 table to L1 table, block to refcount table)",
-        action: Action::Back,
-        codes: &[Backspace],
+        short: Some("back"),
+        help: "Back out one level (L2 table to L1, block to refcount table), else to the pane before the last jump",
+        codes: &[((Backspace, NO), Action::Back)],
         scope: Scope::Global,
-        footer: true,
     },
     Binding {
         keys: "g",
-        short: "go to",
-        help: "Jump to an offset: a guest offset in Trace, Tables and Hex (--guest), a host offset in Layout, Refcounts and Hex",
-        action: Action::Goto,
-        codes: &[Char('g')],
+        short: Some("go to"),
+        help: "Jump to an offset: a guest offset in Trace and Tables, a host offset in Layout, Refcounts and Hex",
+        codes: &[((Char('g'), NO), Action::Goto)],
         scope: Scope::Global,
-        footer: true,
     },
     Binding {
-        keys: "n/p",
-        short: "step",
-        help: "Next/previous step of a trace, a simulation or the tour",
-        action: Action::NextStep,
-        codes: &[Char('n')],
-        scope: Scope::Global,
-        footer: false,
+        keys: "i",
+        short: Some("who refers"),
+        help: "List everything that references the selected cluster",
+        codes: &[((Char('i'), NO), Action::Lookup)],
+        scope: Scope::Panes(&[Pane::Layout]),
     },
     Binding {
-        keys: "p",
-        short: "prev step",
-        help: "Previous step",
-        action: Action::PrevStep,
-        codes: &[Char('p')],
-        scope: Scope::Global,
-        footer: false,
+        keys: "f",
+        short: Some("other box"),
+        help: "Snapshots: the arrows scroll the Difference box. Layout: the referrers",
+        codes: &[((Char('f'), NO), Action::Focus)],
+        scope: Scope::Panes(&[Pane::Snapshots, Pane::Layout]),
     },
     Binding {
         keys: "m",
-        short: "mark",
-        help: "Mark a snapshot; with two marked, show which guest clusters differ",
-        action: Action::Mark,
-        codes: &[Char('m')],
-        scope: Scope::Panes(&[pane::SNAPSHOTS]),
-        footer: true,
+        short: Some("mark"),
+        help: "Mark a snapshot; with two marked, list the guest clusters that differ",
+        codes: &[((Char('m'), NO), Action::Mark)],
+        scope: Scope::Panes(&[Pane::Snapshots]),
     },
     Binding {
         keys: "Space",
-        short: "run",
-        help: "Check: run again. Simulate: run the chosen operation",
-        action: Action::Run,
-        codes: &[Char(' ')],
-        scope: Scope::Panes(&[pane::CHECK, pane::SIMULATE]),
-        footer: true,
+        short: Some("run"),
+        help: "Check: run it again. Simulate: edit and run the chosen operation",
+        codes: &[((Char(' '), NO), Action::Run)],
+        scope: Scope::Panes(&[Pane::Check, Pane::Simulate]),
+    },
+    Binding {
+        keys: "n/p",
+        short: Some("step"),
+        help: "Next or previous step of a trace, a simulation or the tour",
+        codes: &[
+            ((Char('n'), NO), Action::NextStep),
+            ((Char('p'), NO), Action::PrevStep),
+        ],
+        scope: Scope::Global,
     },
     Binding {
         keys: "e",
-        short: "explain",
-        help: "Toggle the panel that explains what is selected",
-        action: Action::Explain,
-        codes: &[Char('e')],
+        short: Some("explain"),
+        help: "Show or hide the panel that explains what is selected",
+        codes: &[((Char('e'), NO), Action::Explain)],
         scope: Scope::Global,
-        footer: true,
+    },
+    Binding {
+        keys: "J/K",
+        short: None,
+        help: "Scroll the explanation or tour panel (also Shift-↓/Shift-↑)",
+        codes: &[
+            ((Char('J'), NO), Action::ExplainDown),
+            ((Char('K'), NO), Action::ExplainUp),
+            ((KeyCode::Down, SHIFT), Action::ExplainDown),
+            ((KeyCode::Up, SHIFT), Action::ExplainUp),
+        ],
+        scope: Scope::Global,
     },
     Binding {
         keys: "t",
-        short: "tour",
-        help: "Guided tour: header, L1, L2, a data cluster, its refcount, a snapshot sharing it, what a write would copy (n/p to step)",
-        action: Action::Tour,
-        codes: &[Char('t')],
+        short: Some("tour"),
+        help: "Guided tour: header, L1, L2, a data cluster, its refcount, the snapshots, what a write would copy (n/p to step)",
+        codes: &[((Char('t'), NO), Action::Tour)],
         scope: Scope::Global,
-        footer: true,
     },
     Binding {
         keys: "r",
-        short: "reload",
+        short: None,
         help: "Reload the image from disk (Check and Refcounts then show what changed)",
-        action: Action::Reload,
-        codes: &[Char('r')],
+        codes: &[((Char('r'), NO), Action::Reload)],
         scope: Scope::Global,
-        footer: false,
     },
     Binding {
         keys: "?",
-        short: "help",
-        help: "Show or hide this help",
-        action: Action::Help,
-        codes: &[Char('?')],
+        short: Some("help"),
+        help: "Show or hide this help (↑/↓, PgUp/PgDn, Home/End scroll it)",
+        codes: &[((Char('?'), NO), Action::Help)],
         scope: Scope::Global,
-        footer: true,
     },
     Binding {
         keys: "Esc",
-        short: "close",
-        help: "Close a popup or the explanation",
-        action: Action::Escape,
-        codes: &[Esc],
+        short: None,
+        help: "Close a popup, the explanation or the tour; cancel a running simulation",
+        codes: &[((Esc, NO), Action::Escape)],
         scope: Scope::Global,
-        footer: false,
     },
     Binding {
-        keys: "q",
-        short: "quit",
+        keys: "q/Ctrl-C",
+        short: Some("quit"),
         help: "Quit (the terminal is restored)",
-        action: Action::Quit,
-        codes: &[Char('q')],
+        codes: &[
+            ((Char('q'), NO), Action::Quit),
+            ((Char('c'), CTRL), Action::Quit),
+        ],
         scope: Scope::Global,
-        footer: true,
     },
 ];
 
-/// The action for a key press in `pane`, if any.
-pub fn action_for(key: &KeyEvent, current: usize) -> Option<Action> {
-    if key.modifiers.contains(KeyModifiers::CONTROL) && key.code == Char('c') {
-        return Some(Action::Quit);
+/// Whether a key event is the key `k` of the table. Shift is part of a letter's
+/// character, so it only counts for keys that are not characters.
+fn matches(ev: &KeyEvent, k: &Key) -> bool {
+    if ev.code != k.0 {
+        return false;
     }
-    if let Char(c @ '1'..='9') = key.code {
-        return Some(Action::Pane(c as usize - '1' as usize));
+    let ctrl = |m: KeyModifiers| m.contains(KeyModifiers::CONTROL) || m.contains(KeyModifiers::ALT);
+    if ctrl(ev.modifiers) != ctrl(k.1) {
+        return false;
     }
-    KEYMAP
-        .iter()
-        .filter(|b| match b.scope {
-            Scope::Global => true,
-            Scope::Panes(p) => p.contains(&current),
-        })
-        .find(|b| b.codes.contains(&key.code))
-        .map(|b| b.action)
+    match ev.code {
+        Char(_) | BackTab => true,
+        _ => ev.modifiers.contains(SHIFT) == k.1.contains(SHIFT),
+    }
 }
 
-/// The footer line for a pane.
-pub fn footer(current: usize) -> Vec<(&'static str, &'static str)> {
+/// The action for a key press in `pane`, if any.
+pub fn action_for(key: &KeyEvent, current: Pane) -> Option<Action> {
     KEYMAP
         .iter()
-        .filter(|b| b.footer)
-        .filter(|b| match b.scope {
-            Scope::Global => true,
-            Scope::Panes(p) => p.contains(&current),
-        })
-        .map(|b| (b.keys, b.short))
+        .filter(|b| b.scope.covers(current))
+        .flat_map(|b| b.codes.iter())
+        .find(|(k, _)| matches(key, k))
+        .map(|(_, a)| *a)
+}
+
+/// The footer for a pane: the pane's own keys first, then the global ones. `q`
+/// and `?` are last so that they can be kept when the line is too narrow.
+pub fn footer(current: Pane) -> Vec<(&'static str, &'static str)> {
+    let own = KEYMAP
+        .iter()
+        .filter(|b| matches!(b.scope, Scope::Panes(_)) && b.scope.covers(current));
+    let global = KEYMAP
+        .iter()
+        .filter(|b| b.scope == Scope::Global && !matches!(b.keys, "?" | "q/Ctrl-C"));
+    let last = KEYMAP.iter().filter(|b| matches!(b.keys, "?" | "q/Ctrl-C"));
+    own.chain(global)
+        .chain(last)
+        .filter_map(|b| Some((b.keys, b.short?)))
+        .map(|(k, s)| (if k == "q/Ctrl-C" { "q" } else { k }, s))
         .collect()
+}
+
+/// Where a binding applies, as the help says it.
+pub fn scope_text(s: Scope) -> String {
+    match s {
+        Scope::Global => String::new(),
+        Scope::Panes(ps) => ps.iter().map(|p| p.name()).collect::<Vec<_>>().join(", "),
+    }
 }
 
 #[cfg(test)]
@@ -381,28 +370,57 @@ mod tests {
     }
 
     #[test]
-    fn every_action_in_the_table_has_a_key() {
+    fn every_key_in_the_table_triggers_its_action() {
         for b in KEYMAP {
-            assert!(!b.codes.is_empty() || b.keys == "1-9", "{}", b.keys);
-            for c in b.codes {
-                let scope_pane = match b.scope {
-                    Scope::Global => 0,
-                    Scope::Panes(p) => p[0],
-                };
-                assert_eq!(action_for(&key(*c), scope_pane), Some(b.action), "{:?}", c);
+            assert!(!b.codes.is_empty(), "{}", b.keys);
+            let p = match b.scope {
+                Scope::Global => Pane::Overview,
+                Scope::Panes(p) => p[0],
+            };
+            for ((c, m), a) in b.codes {
+                let ev = KeyEvent::new(*c, *m);
+                assert_eq!(action_for(&ev, p), Some(*a), "{c:?} {m:?}");
             }
         }
     }
 
     #[test]
-    fn digits_pick_panes_and_scoped_keys_stay_in_their_panes() {
-        assert_eq!(action_for(&key(Char('3')), 0), Some(Action::Pane(2)));
+    fn digits_ctrl_c_and_scoped_keys() {
         assert_eq!(
-            action_for(&key(Char('m')), pane::SNAPSHOTS),
+            action_for(&key(Char('3')), Pane::Overview),
+            Some(Action::Pane(Pane::Tables))
+        );
+        let cc = KeyEvent::new(Char('c'), KeyModifiers::CONTROL);
+        assert_eq!(action_for(&cc, Pane::Hex), Some(Action::Quit));
+        // Ctrl-U is no key of the table: it must not turn into 'u' or anything else.
+        let cu = KeyEvent::new(Char('u'), KeyModifiers::CONTROL);
+        assert_eq!(action_for(&cu, Pane::Hex), None);
+        assert_eq!(
+            action_for(&key(Char('m')), Pane::Snapshots),
             Some(Action::Mark)
         );
-        assert_eq!(action_for(&key(Char('m')), pane::OVERVIEW), None);
-        assert!(footer(pane::SNAPSHOTS).iter().any(|(k, _)| *k == "m"));
-        assert!(!footer(pane::OVERVIEW).iter().any(|(k, _)| *k == "m"));
+        assert_eq!(action_for(&key(Char('m')), Pane::Overview), None);
+        assert_eq!(
+            action_for(&key(Char('i')), Pane::Layout),
+            Some(Action::Lookup)
+        );
+        assert!(footer(Pane::Snapshots).iter().any(|(k, _)| *k == "m"));
+        assert!(!footer(Pane::Overview).iter().any(|(k, _)| *k == "m"));
+        assert_eq!(footer(Pane::Layout).first().map(|x| x.0), Some("i"));
+        assert_eq!(footer(Pane::Hex).last(), Some(&("q", "quit")));
+    }
+
+    #[test]
+    fn no_key_is_bound_twice_in_one_pane() {
+        for p in Pane::ALL {
+            let keys: Vec<&Key> = KEYMAP
+                .iter()
+                .filter(|b| b.scope.covers(p))
+                .flat_map(|b| b.codes.iter().map(|(k, _)| k))
+                .collect();
+            for (i, k) in keys.iter().enumerate() {
+                assert!(!keys[i + 1..].contains(k), "{k:?} twice in {p:?}");
+            }
+        }
     }
 }

@@ -2,15 +2,19 @@
 //! on top of the core library, the checker and the simulator.
 //!
 //! Elm shape: [`app::App`] is the state, [`keymap::Action`] the messages,
-//! `App::update` the update function and [`view::draw`] the view. One module per
-//! pane in [`panes`]; one key table ([`keymap::KEYMAP`]) for both the footer and
-//! the `?` help.
+//! `App::update` the update function and [`view::draw`] the view. Each pane in
+//! [`panes`] owns its state and reads the shared [`ctx::Ctx`]; what it wants done
+//! elsewhere it returns as [`ctx::Effect`]s. One key table ([`keymap::KEYMAP`])
+//! for the keys, the footer and the `?` help; one list widget
+//! ([`widgets::ListView`]) for every list and scrolling text.
 
 pub mod app;
+pub mod ctx;
 pub mod keymap;
 pub mod panes;
 pub mod tour;
 pub mod view;
+pub mod widgets;
 
 #[cfg(test)]
 mod tests;
@@ -59,10 +63,10 @@ pub fn run(path: PathBuf, opts: Options) -> color_eyre::Result<()> {
 pub fn handle_event(app: &mut App, ev: Event) {
     match ev {
         Event::Key(k) if k.kind != KeyEventKind::Release => {
-            if matches!(app.popup, Some(Popup::Input(..))) {
-                app.input_key(k.code);
-            } else if k.code == event::KeyCode::Char('i') && app.pane == keymap::pane::LAYOUT {
-                panes::layout::lookup(app);
+            let ctrl_c = k.code == event::KeyCode::Char('c')
+                && k.modifiers.contains(event::KeyModifiers::CONTROL);
+            if matches!(app.popup, Some(Popup::Input(..))) && !ctrl_c {
+                app.input_key(&k);
             } else if let Some(a) = action_for(&k, app.pane) {
                 app.update(a);
             }
@@ -80,32 +84,13 @@ pub fn handle_event(app: &mut App, ev: Event) {
 fn click(app: &mut App, x: u16, y: u16) {
     let hit =
         |r: &ratatui::layout::Rect| x >= r.x && x < r.x + r.width && y >= r.y && y < r.y + r.height;
-    if let Some((_, i)) = app.areas.tabs.iter().find(|(r, _)| hit(r)) {
-        app.pane = *i;
+    if let Some((_, p)) = app.areas.tabs.iter().find(|(r, _)| hit(r)) {
+        app.update(Action::Pane(*p));
         return;
     }
-    if let Some((r, first)) = app.areas.list
-        && hit(&r)
-        && y > r.y
-    {
-        let row = first + (y - r.y - 1) as usize;
-        match app.pane {
-            keymap::pane::TABLES => match app.tables_level {
-                app::TablesLevel::L1 => app.l1_sel = row,
-                app::TablesLevel::L2(_) => app.l2_sel = row,
-            },
-            keymap::pane::REFCOUNTS => match app.ref_level {
-                app::RefLevel::Table => app.rt_sel = row,
-                app::RefLevel::Block(_) => app.rb_sel = row,
-            },
-            keymap::pane::SNAPSHOTS => app.snap_sel = row.saturating_sub(1),
-            keymap::pane::CHECK => app.finding_sel = row,
-            keymap::pane::SIMULATE => app.sim_choice = (y - r.y - 1) as usize,
-            keymap::pane::LAYOUT => {
-                let col = x.saturating_sub(r.x + 1 + 10) as u64;
-                app.layout_sel = (first as u64 + (y - r.y - 2) as u64) * app.layout_per_row + col;
-            }
-            _ => {}
-        }
+    if app.popup.is_none() && hit(&app.areas.pane) {
+        let mut q = Vec::new();
+        app.panes.get_mut(app.pane).click(x, y, &app.ctx, &mut q);
+        app.apply_all(q);
     }
 }

@@ -1,8 +1,9 @@
-//! The guided tour (`t`): header → L1 → L2 → a data cluster → its refcount → a
-//! snapshot sharing it → what a write would copy, moving panes and highlights.
+//! The guided tour (`t`): header → L1 → L2 → a data cluster → its refcount → the
+//! snapshots → what a write would copy. Each step is a list of effects, applied as
+//! any pane's effects are.
 
-use super::app::{App, RefLevel, TablesLevel};
-use super::keymap::pane;
+use super::app::App;
+use super::ctx::{Effect, Job, Pane};
 
 /// Tour steps: the text shown while that step is on screen.
 pub const STEPS: [&str; 7] = [
@@ -17,6 +18,10 @@ pub const STEPS: [&str; 7] = [
 
 /// Start the tour.
 pub fn start(app: &mut App) {
+    if app.ctx.img.is_none() {
+        app.status = format!("the tour needs an image that opens: {}", app.ctx.unopened());
+        return;
+    }
     app.tour = Some(0);
     show(app);
 }
@@ -29,19 +34,29 @@ pub fn step(app: &mut App, forward: bool) {
     } else {
         i.saturating_sub(1)
     };
-    app.tour = Some(n);
-    show(app);
+    if n != i {
+        app.tour = Some(n);
+        show(app);
+    }
+}
+
+/// The text of the current step.
+pub fn text(app: &App) -> &'static str {
+    app.tour.and_then(|i| STEPS.get(i)).copied().unwrap_or("")
 }
 
 /// Move the panes and highlights for the current step.
 fn show(app: &mut App) {
     let Some(i) = app.tour else { return };
-    let Some(img) = app.img.clone() else { return };
+    let Some(img) = app.ctx.img.clone() else {
+        return;
+    };
+    app.explain_view = Default::default();
     // The first allocated data cluster, if any: (L1 index, L2 index, host offset).
     let first = (|| {
         for (li, e) in img.l1.iter().enumerate() {
-            let off = e.l2_offset()?;
-            let t = img.l2_table(off).ok()?;
+            let Some(off) = e.l2_offset() else { continue };
+            let Ok(t) = img.l2_table(off) else { continue };
             for (j, x) in t.iter().enumerate() {
                 if x.host_offset().0 != 0 && !x.compressed() {
                     return Some((li, j, x.host_offset().0));
@@ -50,51 +65,46 @@ fn show(app: &mut App) {
         }
         None
     })();
-    match i {
-        0 => app.pane = pane::OVERVIEW,
-        1 => {
-            app.pane = pane::TABLES;
-            app.tables_level = TablesLevel::L1;
-            app.l1_sel = first.map_or(0, |f| f.0);
-        }
-        2 => {
-            app.pane = pane::TABLES;
-            if let Some((l1, l2, _)) = first {
-                app.tables_level = TablesLevel::L2(l1);
-                app.l2_sel = l2;
-            }
-        }
-        3 => {
-            if let Some((_, _, host)) = first {
-                app.show_host(
-                    host,
-                    "the first data cluster".into(),
-                    Some((host, host + 16)),
-                );
-            } else {
-                app.show_host(0, "the header (no data cluster yet)".into(), None);
-            }
-        }
-        4 => {
-            app.pane = pane::REFCOUNTS;
-            if let Some((_, _, host)) = first {
-                let c = host / img.geometry().cluster_size();
-                let per = img.refcount_geometry().entries_per_block();
-                app.ref_level = RefLevel::Block((c / per) as usize);
-                app.rb_sel = (c % per) as usize;
-            }
-        }
-        5 => app.pane = pane::SNAPSHOTS,
+    let cs = img.geometry().cluster_size();
+    let effects = match i {
+        0 => vec![Effect::Switch(Pane::Overview)],
+        1 => vec![Effect::Table(None), Effect::Switch(Pane::Tables)],
+        2 => vec![Effect::Table(first.map(|(l1, l2, _)| (l1, l2)))],
+        3 => vec![match first {
+            Some((_, _, host)) => Effect::ShowHost {
+                offset: host,
+                label: "the first data cluster".into(),
+                mark: Some((host, host + 16)),
+                src: None,
+            },
+            None => Effect::ShowHost {
+                offset: 0,
+                label: "the header (no data cluster yet)".into(),
+                mark: Some((0, 4)),
+                src: None,
+            },
+        }],
+        4 => vec![Effect::Refcount(first.map_or(0, |f| f.2 / cs))],
+        5 => vec![Effect::Switch(Pane::Snapshots)],
         _ => {
-            app.pane = pane::SIMULATE;
-            app.sim_choice = 3;
             let g = first.map_or(0, |(l1, l2, _)| {
                 img.geometry()
                     .guest_offset(l1 as u64, l2 as u64, 0)
                     .map_or(0, |g| g.0)
             });
-            app.run_simulation(&format!("snapshot-create:tour write:{g}:4096"));
+            vec![Effect::Start(Job::Simulate(format!(
+                "snapshot-create:tour write:{g}:4096"
+            )))]
         }
+    };
+    if i == 1 {
+        app.panes
+            .tables
+            .l1
+            .set(first.map_or(0, |f| f.0), img.l1.len());
     }
-    app.status = STEPS.get(i).copied().unwrap_or("").to_string();
+    // The tour moves on its own; Backspace history is for the user's jumps.
+    let depth = app.history.len();
+    app.apply_all(effects);
+    app.history.truncate(depth);
 }

@@ -1,19 +1,22 @@
-//! Drawing the whole screen: tabs, the pane, the explanation, footer and popups.
+//! Drawing the whole screen: tabs, the pane, the explanation, status, footer and
+//! popups. Narrow terminals get short tab labels and a footer that keeps `?` and `q`.
 
 use super::app::{App, InputFor, Popup};
-use super::keymap::{KEYMAP, PANES, footer, pane};
-use super::panes::{self, color};
+use super::ctx::{OffsetKind, Pane};
+use super::keymap::{KEYMAP, Scope, footer, scope_text};
+use super::panes::color;
+use super::widgets::boxed;
 use ratatui::Frame;
 use ratatui::layout::{Constraint, Layout, Rect};
 use ratatui::style::{Color, Modifier, Style};
-use ratatui::text::{Line, Span};
-use ratatui::widgets::{Block, Borders, Clear, Paragraph, Wrap};
+use ratatui::text::{Line, Span, Text};
+use ratatui::widgets::{Clear, Paragraph};
 
 /// Draw everything.
 pub fn draw(f: &mut Frame, app: &mut App) {
     let area = f.area();
     let explain_h = if app.explain || app.tour.is_some() {
-        5
+        if area.height >= 36 { 8 } else { 5 }
     } else {
         0
     };
@@ -26,88 +29,118 @@ pub fn draw(f: &mut Frame, app: &mut App) {
     ])
     .areas(area);
     draw_tabs(f, tabs, app);
-    panes::render(f, main, app);
+    app.areas.pane = main;
+    app.panes.get_mut(app.pane).render(f, main, &app.ctx);
     if explain_h > 0 {
-        let text = if app.tour.is_some() {
-            app.status.clone()
+        let (title, text) = if app.tour.is_some() {
+            (
+                "Tour (n/p step, J/K scroll, Esc ends)",
+                super::tour::text(app).to_string(),
+            )
         } else {
-            explanation(app)
+            (
+                "Explanation (J/K scroll, e or Esc closes)",
+                explanation(app),
+            )
         };
-        f.render_widget(
-            Paragraph::new(text).wrap(Wrap { trim: true }).block(
-                Block::new()
-                    .borders(Borders::ALL)
-                    .title(if app.tour.is_some() {
-                        " Tour (n/p, Esc) "
-                    } else {
-                        " Explanation (e) "
-                    }),
-            ),
-            explain,
-        );
+        app.explain_view
+            .render_text(f, explain, boxed(title), Text::raw(text));
     }
     let mut st = vec![Span::styled(
-        format!(" {} ", app.path.display()),
+        format!(" {} ", app.ctx.path.display()),
         Style::new().add_modifier(Modifier::BOLD),
     )];
-    if let Some(s) = &app.view_snapshot {
+    if let Some(s) = &app.ctx.view_snapshot {
         st.push(Span::styled(
             format!(" view: snapshot {s} "),
-            Style::new().fg(Color::Black).bg(color::SNAPSHOT),
+            Style::new().fg(Color::Black).bg(Color::LightBlue),
         ));
     }
-    if let Some((phase, done, total)) = app.progress {
+    if let Some((phase, done, total)) = app.ctx.progress {
         st.push(Span::styled(
             format!(" check: {phase} {done}/{total} "),
             color::dim(),
         ));
     }
-    if app.tour.is_none() && !app.status.is_empty() {
+    if let Some(r) = &app.panes.simulate.running {
+        st.push(Span::styled(
+            format!(
+                " simulating: {} {}/{} (Esc cancels) ",
+                r.phase, r.done, r.total
+            ),
+            color::dim(),
+        ));
+    }
+    if !app.status.is_empty() {
         st.push(Span::raw(format!(" {}", app.status)));
     }
     f.render_widget(Paragraph::new(Line::from(st)), status);
-    let hints: Vec<Span> = footer(app.pane)
-        .into_iter()
-        .flat_map(|(k, d)| {
-            vec![
-                Span::styled(format!(" {k}"), Style::new().fg(Color::Cyan)),
-                Span::raw(format!(" {d} ")),
-            ]
-        })
-        .collect();
-    f.render_widget(Paragraph::new(Line::from(hints)), foot);
-    match &app.popup {
-        Some(Popup::Help) => draw_help(f, area),
-        Some(Popup::Input(purpose, text)) => {
+    draw_footer(f, foot, app.pane);
+    match &mut app.popup {
+        Some(Popup::Help(v)) => {
+            let lines = help_lines(app.pane);
+            let w = area.width.min(100);
+            let rows = Paragraph::new(lines.clone())
+                .wrap(ratatui::widgets::Wrap { trim: false })
+                .line_count(w.saturating_sub(2));
+            let h = u16::try_from(rows + 2).unwrap_or(u16::MAX);
+            let r = centered(area, w, h.min(area.height));
+            f.render_widget(Clear, r);
+            v.render_text(
+                f,
+                r,
+                boxed("Help — ↑/↓ PgUp/PgDn Home/End scroll, ? or Esc closes"),
+                Text::from(lines),
+            );
+        }
+        Some(Popup::Input(purpose, input)) => {
             let r = centered(area, 70, 3);
             f.render_widget(Clear, r);
             let title = match purpose {
-                InputFor::Goto => match app.pane {
-                    pane::LAYOUT | pane::REFCOUNTS | pane::HEX => {
-                        " Go to host offset (Enter, Esc) "
-                    }
-                    _ => " Go to guest offset (Enter, Esc) ",
+                InputFor::Goto => match app.panes.get(app.pane).offset_kind() {
+                    Some(OffsetKind::Host) => "Go to host offset (Enter, Esc; Ctrl-U clears)",
+                    _ => "Go to guest offset (Enter, Esc; Ctrl-U clears)",
                 },
-                InputFor::Simulate => " Operation(s) to simulate (Enter runs, Esc cancels) ",
+                InputFor::Simulate => "Operation(s) to simulate (Enter runs, Esc cancels)",
             };
-            f.render_widget(
-                Paragraph::new(format!("{text}▏"))
-                    .block(Block::new().borders(Borders::ALL).title(title)),
-                r,
-            );
+            let at = input
+                .text
+                .char_indices()
+                .nth(input.cursor)
+                .map_or(input.text.len(), |(i, _)| i);
+            let (before, rest) = input.text.split_at(at);
+            let mut chars = rest.chars();
+            let under = chars.next().map_or(" ".to_string(), |c| c.to_string());
+            let line = Line::from(vec![
+                Span::raw(before.to_string()),
+                Span::styled(under, Style::new().add_modifier(Modifier::REVERSED)),
+                Span::raw(chars.as_str().to_string()),
+            ]);
+            f.render_widget(Paragraph::new(line).block(boxed(title)), r);
         }
         None => {}
     }
 }
 
 fn draw_tabs(f: &mut Frame, area: Rect, app: &mut App) {
+    let full: usize = Pane::ALL.iter().map(|p| p.name().len() + 4).sum();
+    let short: usize = Pane::ALL.iter().map(|p| p.short().len() + 4).sum();
+    let label = |p: Pane| {
+        if full <= usize::from(area.width) {
+            format!(" {} {} ", p.number(), p.name())
+        } else if short <= usize::from(area.width) {
+            format!(" {} {} ", p.number(), p.short())
+        } else {
+            format!(" {} ", p.number())
+        }
+    };
     let mut x = area.x;
     let mut spans = Vec::new();
     app.areas.tabs.clear();
-    for (i, name) in PANES.iter().enumerate() {
-        let label = format!(" {} {} ", i + 1, name);
-        let w = label.chars().count() as u16;
-        let st = if i == app.pane {
+    for p in Pane::ALL {
+        let text = label(p);
+        let w = text.chars().count() as u16;
+        let st = if p == app.pane {
             Style::new()
                 .fg(Color::Black)
                 .bg(Color::Cyan)
@@ -122,39 +155,76 @@ fn draw_tabs(f: &mut Frame, area: Rect, app: &mut App) {
                 width: w,
                 height: 1,
             },
-            i,
+            p,
         ));
-        spans.push(Span::styled(label, st));
+        spans.push(Span::styled(text, st));
         x = x.saturating_add(w);
     }
     f.render_widget(Paragraph::new(Line::from(spans)), area);
 }
 
-fn draw_help(f: &mut Frame, area: Rect) {
-    let r = centered(area, 90, (KEYMAP.len() as u16 + 4).min(area.height));
-    f.render_widget(Clear, r);
+/// The footer: as many hints as fit, and always `?` and `q` at the end.
+fn draw_footer(f: &mut Frame, area: Rect, pane: Pane) {
+    let items = footer(pane);
+    let width = |(k, d): &(&str, &str)| k.chars().count() + d.chars().count() + 3;
+    let keep = items.len().saturating_sub(2);
+    let reserved: usize = items[keep..].iter().map(width).sum();
+    let mut room = usize::from(area.width).saturating_sub(reserved);
+    let mut shown = Vec::new();
+    for it in &items[..keep] {
+        let w = width(it);
+        if w > room {
+            break;
+        }
+        room -= w;
+        shown.push(*it);
+    }
+    shown.extend_from_slice(&items[keep..]);
+    let hints: Vec<Span> = shown
+        .into_iter()
+        .flat_map(|(k, d)| {
+            vec![
+                Span::styled(format!(" {k}"), Style::new().fg(Color::Cyan)),
+                Span::raw(format!(" {d} ")),
+            ]
+        })
+        .collect();
+    f.render_widget(Paragraph::new(Line::from(hints)), area);
+}
+
+/// The help: every binding once, the current pane's own keys first.
+pub fn help_lines(pane: Pane) -> Vec<Line<'static>> {
     let mut lines = vec![Line::styled(
         "Keys (this table is also what the footer shows)",
         color::head(),
     )];
-    for b in KEYMAP {
-        lines.push(Line::from(vec![
-            Span::styled(format!("{:<11}", b.keys), Style::new().fg(Color::Cyan)),
-            Span::raw(b.help),
-        ]));
+    let own = KEYMAP
+        .iter()
+        .filter(|b| b.scope != Scope::Global && b.scope.covers(pane));
+    let rest = KEYMAP
+        .iter()
+        .filter(|b| b.scope == Scope::Global || !b.scope.covers(pane));
+    for b in own.chain(rest) {
+        let scope = scope_text(b.scope);
+        let mut spans = vec![Span::styled(
+            format!("{:<11}", b.keys),
+            Style::new().fg(Color::Cyan),
+        )];
+        if !scope.is_empty() {
+            spans.push(Span::styled(format!("[{scope}] "), color::dim()));
+        }
+        spans.push(Span::raw(b.help));
+        lines.push(Line::from(spans));
     }
+    lines.push(Line::styled(
+        "Text fields: ←/→ Home/End move, Ctrl-U clears, Backspace/Delete remove, Enter submits, Esc cancels.",
+        color::dim(),
+    ));
     lines.push(Line::styled(
         "Mouse: click a tab or a row, scroll with the wheel (--no-mouse turns it off).",
         color::dim(),
     ));
-    f.render_widget(
-        Paragraph::new(lines).wrap(Wrap { trim: true }).block(
-            Block::new()
-                .borders(Borders::ALL)
-                .title(" Help (? or Esc closes) "),
-        ),
-        r,
-    );
+    lines
 }
 
 fn centered(area: Rect, w: u16, h: u16) -> Rect {
@@ -171,177 +241,5 @@ fn centered(area: Rect, w: u16, h: u16) -> Rect {
 /// What the explanation panel says: first about the selected item, then about
 /// the pane's structures in general.
 pub fn explanation(app: &App) -> String {
-    match selected(app) {
-        Some(s) => format!("{s}  —  {}", pane_explanation(app)),
-        None => pane_explanation(app),
-    }
-}
-
-/// A sentence about the selected entry, row, finding or step, if there is one.
-fn selected(app: &App) -> Option<String> {
-    use super::app::{RefLevel, TablesLevel};
-    let img = app.img.as_ref()?;
-    let geo = img.geometry();
-    let has_df = img.header.has_data_file();
-    match app.pane {
-        pane::TABLES => {
-            let view = app.view()?;
-            match app.tables_level {
-                TablesLevel::L1 => {
-                    let e = view.l1.get(app.l1_sel)?;
-                    let copied = match (e.l2_offset(), e.copied()) {
-                        (None, _) => "An entry of 0: no L2 table, so the whole range reads from the backing file (or as zeros).".to_string(),
-                        (Some(_), true) => "COPIED is set: the L2 table's refcount is exactly 1, so QEMU may change it in place.".to_string(),
-                        (Some(_), false) => "COPIED is clear: the L2 table may be shared with a snapshot, so the next write copies it first.".to_string(),
-                    };
-                    Some(format!(
-                        "{}[{}] = {:#018x}: {}. {copied}",
-                        view.label(),
-                        app.l1_sel,
-                        e.0,
-                        e.describe(&geo)
-                    ))
-                }
-                TablesLevel::L2(i) => {
-                    let off = view.l1.get(i)?.l2_offset()?;
-                    let t = img.l2_table(off).ok()?;
-                    let e = t.get(app.l2_sel)?;
-                    let why = match e.cluster_type(&geo, has_df) {
-                        qinspect::tables::ClusterType::Normal if e.copied() => {
-                            "COPIED: refcount 1, a write goes straight into this cluster."
-                        }
-                        qinspect::tables::ClusterType::Normal => {
-                            "No COPIED: the cluster is shared (or the flag is stale), so a write allocates a new cluster and copies it."
-                        }
-                        qinspect::tables::ClusterType::Compressed => {
-                            "Compressed clusters are never written in place: a write always allocates a new cluster."
-                        }
-                        qinspect::tables::ClusterType::ZeroPlain
-                        | qinspect::tables::ClusterType::ZeroAlloc => {
-                            "The zero flag: reads return zeros without asking the backing file."
-                        }
-                        qinspect::tables::ClusterType::Unallocated => {
-                            "Unallocated: reads fall through to the backing file at the same guest offset."
-                        }
-                    };
-                    Some(format!(
-                        "L2 {off}[{}] = {:#018x}: {}. {why}",
-                        app.l2_sel,
-                        e.raw,
-                        e.describe(&geo, has_df)
-                    ))
-                }
-            }
-        }
-        pane::REFCOUNTS => match app.ref_level {
-            RefLevel::Table => {
-                let t = img.refcount_table().ok()?;
-                let e = t.get(app.rt_sel)?;
-                Some(format!(
-                    "Refcount table entry {}: {}.",
-                    app.rt_sel,
-                    match e.block_offset() {
-                        Some(o) => format!(
-                            "a refcount block at {o} holds {} refcounts",
-                            img.refcount_geometry().entries_per_block()
-                        ),
-                        None => "no block, so every cluster it would cover has refcount 0".into(),
-                    }
-                ))
-            }
-            RefLevel::Block(ti) => {
-                let c = (ti as u64)
-                    .saturating_mul(img.refcount_geometry().entries_per_block())
-                    .saturating_add(app.rb_sel as u64);
-                let stored = img.refcount(qinspect::types::HostCluster(c)).ok()?;
-                let counted = app
-                    .report
-                    .as_ref()
-                    .and_then(|r| r.imrt.as_ref())
-                    .map(|i| i.get(c));
-                Some(match counted {
-                    Some(k) if stored < k => format!(
-                        "Cluster {c}: stored {stored}, counted {k}. Fewer than its references: QEMU could reuse it while it is in use (a corruption)."
-                    ),
-                    Some(k) if stored > k => format!(
-                        "Cluster {c}: stored {stored}, counted {k}. More than its references: the space is wasted (a leak), the data is safe."
-                    ),
-                    Some(k) if k > 1 => format!(
-                        "Cluster {c}: {k} references — shared, typically by snapshots; a write copies it first."
-                    ),
-                    Some(k) => format!("Cluster {c}: stored {stored}, counted {k}: consistent."),
-                    None => format!(
-                        "Cluster {c}: stored refcount {stored}; the check is still counting references."
-                    ),
-                })
-            }
-        },
-        pane::LAYOUT => {
-            let c = app.layout_sel;
-            let refs = match &app.detail {
-                Some((dc, r)) if *dc == c && !r.is_empty() => {
-                    format!(" Referenced by: {}.", r.join("; "))
-                }
-                _ => String::new(),
-            };
-            Some(format!(
-                "Host cluster {c} at {:#x}.{refs}",
-                c.saturating_mul(geo.cluster_size())
-            ))
-        }
-        pane::CHECK => {
-            let f = app.report.as_ref()?.findings.get(app.finding_sel)?;
-            Some(format!(
-                "{}{}",
-                f.message,
-                f.repair
-                    .as_ref()
-                    .map(|r| format!(". Repair: {r}."))
-                    .unwrap_or_default()
-            ))
-        }
-        pane::SIMULATE => {
-            let steps = super::panes::simulate::flat(app);
-            let (op, text) = steps.get(app.sim_step)?;
-            let records = &app.sim.as_ref()?.0;
-            let addend = match records.get(*op).map(|r| &r.op) {
-                Some(qinspect::simulate::Op::RefcountUpdate { addend: 0, .. }) => {
-                    " Addend 0 changes no refcount; it only sets COPIED exactly where a cluster's refcount is 1."
-                }
-                Some(qinspect::simulate::Op::SnapshotDelete { .. }) => {
-                    " A delete walks the snapshot with addend -1, then the active L1 with addend 0 so that clusters no longer shared get COPIED back."
-                }
-                _ => "",
-            };
-            Some(format!("{text}.{addend}"))
-        }
-        pane::TRACE => app
-            .trace
-            .as_ref()?
-            .steps
-            .get(app.trace_step)
-            .map(|s| s.explanation.clone()),
-        pane::SNAPSHOTS => {
-            let s = img.snapshots.snapshots.get(app.snap_sel)?;
-            Some(format!(
-                "Snapshot {} '{}': its own L1 table of {} entries at {:#x}; every cluster it reaches had 1 added to its refcount when it was taken.",
-                s.id, s.name, s.l1_size, s.l1_table_offset
-            ))
-        }
-        _ => None,
-    }
-}
-
-fn pane_explanation(app: &App) -> String {
-    match app.pane {
-        pane::OVERVIEW => "The header is the first bytes of the file. It says where everything else is: the active L1 table (l1_table_offset), the refcount table, the snapshot table. Feature bits say what a reader must understand (incompatible), may ignore (compatible) or must clear when it writes (autoclear).".into(),
-        pane::LAYOUT => "Every host cluster has a role: metadata (header, tables, refcounts) or guest data. Its stored refcount must equal the number of references the check counts: fewer is a corruption (it could be reused while in use), more is a leak (wasted space).".into(),
-        pane::TABLES => "An L1 entry names an L2 table; bit 63 (COPIED) is set only when that table's refcount is exactly 1, so QEMU may write it in place. An L2 entry maps one guest cluster: to a host offset (data), to zeros (bit 0), to compressed bytes (bit 62), or to nothing (the backing file answers).".into(),
-        pane::REFCOUNTS => "The refcount table points at refcount blocks; each block holds one refcount per host cluster. A cluster shared by a snapshot has refcount 2 or more; QEMU copies it before writing (copy-on-write).".into(),
-        pane::SNAPSHOTS => "An internal snapshot is a frozen copy of the L1 table. Taking one adds 1 to every L2 table and data cluster it reaches (addend +1); deleting one subtracts 1 (addend -1), then walks the active L1 with addend 0, which changes no refcount and only sets COPIED again where a cluster is no longer shared.".into(),
-        pane::TRACE => "A read splits the guest offset into an L1 index, an L2 index and an offset in the cluster. Unallocated means: ask the backing file at the same offset. Past the end of a shorter backing file, the read returns zeros.".into(),
-        pane::CHECK => "The check recounts every reference the way qemu-img check does and compares with the stored refcounts, then checks that COPIED is set exactly where the refcount is 1.".into(),
-        pane::SIMULATE => "Addend +1 (snapshot create/apply) shares clusters: refcounts go up and COPIED is cleared. Addend -1 (delete) unshares them. Addend 0 recomputes COPIED only. A write to a shared cluster allocates a new one, copies the rest of the cluster, and releases the old one (-1). Nothing is written to the image.".into(),
-        _ => "Bytes of the image file, as hexyl shows them; the highlighted bytes are the entry or field selected elsewhere.".into(),
-    }
+    app.panes.get(app.pane).explain(&app.ctx)
 }

@@ -1,19 +1,36 @@
 //! Pane 7: the consistency check, run on a worker thread; findings by kind.
 
-use super::{color, first_row, move_sel};
-use crate::tui::app::App;
+use super::{PaneState, color};
+use crate::tui::ctx::{Ctx, Effect};
 use crate::tui::keymap::Action;
+use crate::tui::widgets::{ListView, boxed};
 use qinspect::check::FindingKind;
 use ratatui::Frame;
 use ratatui::layout::{Constraint, Layout, Rect};
 use ratatui::style::Style;
 use ratatui::text::Line;
-use ratatui::widgets::{Block, Borders, Gauge, Paragraph, Wrap};
+use ratatui::widgets::{Block, Borders, Gauge, Paragraph};
 
-/// Draw.
-pub fn render(f: &mut Frame, area: Rect, app: &mut App) {
+/// Check's state.
+#[derive(Default)]
+pub struct State {
+    /// The findings.
+    pub list: ListView,
+    /// Who is involved in the selected finding.
+    pub detail: ListView,
+}
+
+fn render(st: &mut State, f: &mut Frame, area: Rect, app: &Ctx) {
+    if app.img.is_none() {
+        return super::nothing(
+            f,
+            area,
+            "Check",
+            format!("The check cannot run: {}", app.unopened()),
+        );
+    }
     let Some(r) = app.report.clone() else {
-        let (phase, done, total) = app.progress.unwrap_or(("waiting", 0, 1));
+        let (phase, done, total) = app.progress.unwrap_or(("starting", 0, 1));
         let ratio = if total == 0 {
             0.0
         } else {
@@ -86,55 +103,49 @@ pub fn render(f: &mut Frame, area: Rect, app: &mut App) {
         Paragraph::new(s).block(Block::new().borders(Borders::ALL).title(" Check ")),
         summary,
     );
-    let h = list.height.saturating_sub(2) as usize;
-    let first = first_row(app.finding_sel, h);
-    let lines: Vec<Line> = r
-        .findings
-        .iter()
-        .enumerate()
-        .skip(first)
-        .take(h)
-        .map(|(i, f)| {
-            let st = match f.kind {
-                FindingKind::Corruption | FindingKind::CheckError => Style::new().fg(color::BAD),
-                FindingKind::Leak => Style::new().fg(color::LEAK),
-                FindingKind::Note => Style::new().fg(color::META),
-            };
-            let l = Line::styled(
-                format!(
-                    "{:<11} {}{}",
-                    format!("{:?}", f.kind).to_lowercase(),
-                    f.message,
-                    if f.count > 1 {
-                        format!(" (×{})", f.count)
-                    } else {
-                        String::new()
-                    }
-                ),
-                st,
-            );
-            if i == app.finding_sel {
-                l.style(color::selected())
-            } else {
-                l
-            }
-        })
-        .collect();
-    app.areas.list = Some((list, first));
-    f.render_widget(
-        Paragraph::new(lines).block(
-            Block::new()
-                .borders(Borders::ALL)
-                .title(" Findings — Enter: the cluster in Layout "),
-        ),
-        list,
+    let findings = r.findings.clone();
+    let title = format!(
+        "Findings — Enter: the cluster in Layout{}",
+        if r.findings_omitted > 0 {
+            format!(" ({} more not listed)", r.findings_omitted)
+        } else {
+            String::new()
+        }
     );
-    let d: Vec<Line> = match r.findings.get(app.finding_sel) {
-        Some(f) => {
-            let mut v: Vec<Line> = f
-                .referrers
+    st.list
+        .render_list(f, list, boxed(title), findings.len(), true, |rows| {
+            findings[rows]
                 .iter()
-                .take(3)
+                .map(|f| {
+                    let style = match f.kind {
+                        FindingKind::Corruption | FindingKind::CheckError => {
+                            Style::new().fg(color::BAD)
+                        }
+                        FindingKind::Leak => Style::new().fg(color::LEAK),
+                        FindingKind::Note => Style::new().fg(color::META),
+                    };
+                    Line::styled(
+                        format!(
+                            "{:<11} {}{}",
+                            format!("{:?}", f.kind).to_lowercase(),
+                            f.message,
+                            if f.count > 1 {
+                                format!(" (×{})", f.count)
+                            } else {
+                                String::new()
+                            }
+                        ),
+                        style,
+                    )
+                })
+                .collect()
+        });
+    let d: Vec<Line<'static>> = match r.findings.get(st.list.sel) {
+        Some(f) => {
+            let mut refs = f.referrers.clone();
+            super::layout::sort_referrers(&mut refs);
+            let mut v: Vec<Line> = refs
+                .iter()
                 .map(|x| Line::raw(format!("referenced by {}", x.describe())))
                 .collect();
             if let Some(rep) = &f.repair {
@@ -144,34 +155,66 @@ pub fn render(f: &mut Frame, area: Rect, app: &mut App) {
         }
         None => vec![],
     };
-    f.render_widget(
-        Paragraph::new(d).wrap(Wrap { trim: true }).block(
-            Block::new()
-                .borders(Borders::ALL)
-                .title(" Who is involved "),
-        ),
-        detail,
-    );
+    st.detail
+        .render_list(f, detail, boxed("Who is involved"), d.len(), false, |r| {
+            d[r].to_vec()
+        });
 }
 
-/// Keys.
-pub fn handle(app: &mut App, action: Action) {
-    let n = app.report.as_ref().map_or(0, |r| r.findings.len());
-    match action {
-        Action::Run => app.load(),
-        Action::Enter => {
-            if let Some(c) = app
-                .report
-                .as_ref()
-                .and_then(|r| r.findings.get(app.finding_sel))
-                .and_then(|f| f.cluster)
-            {
-                app.layout_sel = c;
-                app.pane = crate::tui::keymap::pane::LAYOUT;
+impl PaneState for State {
+    fn render(&mut self, f: &mut Frame, area: Rect, ctx: &Ctx) {
+        render(self, f, area, ctx);
+    }
+
+    fn handle(&mut self, action: Action, ctx: &Ctx, q: &mut Vec<Effect>) -> bool {
+        let n = ctx.report.as_ref().map_or(0, |r| r.findings.len());
+        match action {
+            Action::Run => q.push(Effect::Reload),
+            Action::Enter => {
+                if let Some(c) = ctx
+                    .report
+                    .as_ref()
+                    .and_then(|r| r.findings.get(self.list.sel))
+                    .and_then(|f| f.cluster)
+                {
+                    q.push(Effect::Cluster(c));
+                }
+            }
+            Action::ExplainDown => return self.detail.scroll(Action::Down),
+            Action::ExplainUp => return self.detail.scroll(Action::Up),
+            a => {
+                let moved = self.list.select(a, n);
+                if moved {
+                    self.detail = ListView::default();
+                }
+                return moved;
             }
         }
-        a => {
-            move_sel(&mut app.finding_sel, n, 10, a);
+        true
+    }
+
+    fn explain(&self, ctx: &Ctx) -> String {
+        let general = "The check recounts every reference the way qemu-img check does and compares with the stored refcounts, then checks that COPIED is set exactly where the refcount is 1.";
+        match ctx
+            .report
+            .as_ref()
+            .and_then(|r| r.findings.get(self.list.sel))
+        {
+            Some(f) => format!(
+                "{}{}  —  {general}",
+                f.message,
+                f.repair
+                    .as_ref()
+                    .map(|r| format!(". Repair: {r}."))
+                    .unwrap_or_default()
+            ),
+            None => general.into(),
+        }
+    }
+
+    fn click(&mut self, x: u16, y: u16, _: &Ctx, _: &mut Vec<Effect>) {
+        if let Some(r) = self.list.row_at(x, y) {
+            self.list.sel = r;
         }
     }
 }

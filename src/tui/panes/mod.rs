@@ -1,5 +1,6 @@
-//! One module per pane: each draws itself and handles the actions that mean
-//! something there.
+//! One module per pane. Each owns its state and implements [`PaneState`]: it draws
+//! itself from the shared [`Ctx`], turns actions into changes of its own state and
+//! [`Effect`]s for the app, explains what is selected, and jumps to an offset.
 
 pub mod check;
 pub mod hex;
@@ -11,103 +12,107 @@ pub mod snapshots;
 pub mod tables;
 pub mod trace;
 
-use super::app::App;
-use super::keymap::{Action, pane};
+use super::ctx::{Ctx, Effect, OffsetKind, Pane};
+use super::keymap::Action;
 use ratatui::Frame;
 use ratatui::layout::Rect;
 
-/// Draw the current pane.
-pub fn render(f: &mut Frame, area: Rect, app: &mut App) {
-    match app.pane {
-        pane::OVERVIEW => overview::render(f, area, app),
-        pane::LAYOUT => layout::render(f, area, app),
-        pane::TABLES => tables::render(f, area, app),
-        pane::REFCOUNTS => refcounts::render(f, area, app),
-        pane::SNAPSHOTS => snapshots::render(f, area, app),
-        pane::TRACE => trace::render(f, area, app),
-        pane::CHECK => check::render(f, area, app),
-        pane::SIMULATE => simulate::render(f, area, app),
-        _ => hex::render(f, area, app),
+/// What every pane does.
+pub trait PaneState {
+    /// Draw into `area`.
+    fn render(&mut self, f: &mut Frame, area: Rect, ctx: &Ctx);
+    /// Handle an action; push what the app must do onto `q`. False if the action
+    /// means nothing here.
+    fn handle(&mut self, action: Action, ctx: &Ctx, q: &mut Vec<Effect>) -> bool;
+    /// A sentence about what is selected, then about the pane.
+    fn explain(&self, ctx: &Ctx) -> String;
+    /// What `g` asks for here (None: a guest offset, traced in Trace).
+    fn offset_kind(&self) -> Option<OffsetKind> {
+        None
+    }
+    /// Jump to an offset of [`PaneState::offset_kind`] (already checked against
+    /// the disk or file size).
+    fn goto(&mut self, offset: u64, ctx: &Ctx, q: &mut Vec<Effect>) {
+        let _ = ctx;
+        q.push(Effect::Trace(offset));
+    }
+    /// A mouse click at a screen position.
+    fn click(&mut self, x: u16, y: u16, ctx: &Ctx, q: &mut Vec<Effect>) {
+        let _ = (x, y, ctx, q);
     }
 }
 
-/// Let the current pane handle an action.
-pub fn handle(app: &mut App, action: Action) {
-    match app.pane {
-        pane::OVERVIEW => overview::handle(app, action),
-        pane::LAYOUT => layout::handle(app, action),
-        pane::TABLES => tables::handle(app, action),
-        pane::REFCOUNTS => refcounts::handle(app, action),
-        pane::SNAPSHOTS => snapshots::handle(app, action),
-        pane::TRACE => trace::handle(app, action),
-        pane::CHECK => check::handle(app, action),
-        pane::SIMULATE => simulate::handle(app, action),
-        _ => hex::handle(app, action),
+/// The nine panes' states.
+#[derive(Default)]
+pub struct Panes {
+    /// Overview.
+    pub overview: overview::State,
+    /// Layout.
+    pub layout: layout::State,
+    /// Tables.
+    pub tables: tables::State,
+    /// Refcounts.
+    pub refcounts: refcounts::State,
+    /// Snapshots.
+    pub snapshots: snapshots::State,
+    /// Trace.
+    pub trace: trace::State,
+    /// Check.
+    pub check: check::State,
+    /// Simulate.
+    pub simulate: simulate::State,
+    /// Hex.
+    pub hex: hex::State,
+}
+
+impl Panes {
+    /// The state of pane `p`.
+    pub fn get(&self, p: Pane) -> &dyn PaneState {
+        match p {
+            Pane::Overview => &self.overview,
+            Pane::Layout => &self.layout,
+            Pane::Tables => &self.tables,
+            Pane::Refcounts => &self.refcounts,
+            Pane::Snapshots => &self.snapshots,
+            Pane::Trace => &self.trace,
+            Pane::Check => &self.check,
+            Pane::Simulate => &self.simulate,
+            Pane::Hex => &self.hex,
+        }
+    }
+
+    /// The state of pane `p`, to change.
+    pub fn get_mut(&mut self, p: Pane) -> &mut dyn PaneState {
+        match p {
+            Pane::Overview => &mut self.overview,
+            Pane::Layout => &mut self.layout,
+            Pane::Tables => &mut self.tables,
+            Pane::Refcounts => &mut self.refcounts,
+            Pane::Snapshots => &mut self.snapshots,
+            Pane::Trace => &mut self.trace,
+            Pane::Check => &mut self.check,
+            Pane::Simulate => &mut self.simulate,
+            Pane::Hex => &mut self.hex,
+        }
     }
 }
 
-/// Move a selection by an action within `len` rows (`page` rows per page).
-pub fn move_sel(sel: &mut usize, len: usize, page: usize, action: Action) -> bool {
-    let last = len.saturating_sub(1);
-    let new = match action {
-        Action::Up => sel.saturating_sub(1),
-        Action::Down => (*sel + 1).min(last),
-        Action::PageUp => sel.saturating_sub(page.max(1)),
-        Action::PageDown => (*sel + page.max(1)).min(last),
-        Action::Home => 0,
-        Action::End => last,
-        _ => return false,
-    };
-    *sel = new;
-    true
-}
-
-/// Draw a bordered list whose visible rows start at `first`, the selected one
-/// reversed, and remember it for mouse clicks.
-pub fn draw_list(
-    f: &mut Frame,
-    area: Rect,
-    app: &mut App,
-    title: &str,
-    rows: Vec<ratatui::text::Line<'static>>,
-    first: usize,
-    sel: usize,
-) {
-    use ratatui::widgets::{Block, Borders, Paragraph};
-    let visible: Vec<ratatui::text::Line> = rows
-        .into_iter()
-        .enumerate()
-        .map(|(k, l)| {
-            if first + k == sel {
-                l.style(color::selected())
-            } else {
-                l
-            }
-        })
-        .collect();
-    app.areas.list = Some((area, first));
+/// A line saying why a pane has nothing to show.
+pub fn nothing(f: &mut Frame, area: Rect, title: &str, why: String) {
+    use ratatui::widgets::{Paragraph, Wrap};
     f.render_widget(
-        Paragraph::new(visible).block(
-            Block::new()
-                .borders(Borders::ALL)
-                .title(format!(" {title} ")),
-        ),
+        Paragraph::new(ratatui::text::Line::styled(
+            why,
+            ratatui::style::Style::new().fg(color::BAD),
+        ))
+        .wrap(Wrap { trim: true })
+        .block(super::widgets::boxed(title)),
         area,
     );
 }
 
-/// The first visible row so that `sel` is on screen in `height` rows.
-pub fn first_row(sel: usize, height: usize) -> usize {
-    if height == 0 {
-        0
-    } else {
-        sel.saturating_sub(height - 1)
-            .max(sel / height * height)
-            .min(sel)
-    }
-}
-
-/// Styles that carry meaning, shared by the panes.
+/// Styles that carry meaning, shared by the panes. Colours that sit side by side
+/// in the Layout legend differ in hue, not only in brightness.
 pub mod color {
     use ratatui::style::{Color, Modifier, Style};
     /// Header and metadata.
@@ -121,19 +126,18 @@ pub mod color {
     /// Refcount structures.
     pub const REFCOUNT: Color = Color::Yellow;
     /// Snapshot structures.
-    pub const SNAPSHOT: Color = Color::LightBlue;
+    pub const SNAPSHOT: Color = Color::White;
     /// Bitmaps.
-    pub const BITMAP: Color = Color::LightMagenta;
+    pub const BITMAP: Color = Color::Indexed(137);
     /// Free space.
     pub const FREE: Color = Color::DarkGray;
-    /// Leaked (stored refcount above references).
-    pub const LEAK: Color = Color::LightYellow;
-    /// Over-referenced (stored refcount below references): a corruption.
+    /// Clusters past the role map (not classified).
+    pub const UNCLASSIFIED: Color = Color::Gray;
+    /// Leaked (stored refcount above references): orange.
+    pub const LEAK: Color = Color::Indexed(208);
+    /// Over-referenced (stored refcount below references), or a flag that
+    /// contradicts the refcount: a corruption.
     pub const BAD: Color = Color::Red;
-    /// The selected row.
-    pub fn selected() -> Style {
-        Style::new().add_modifier(Modifier::REVERSED)
-    }
     /// Headings.
     pub fn head() -> Style {
         Style::new().add_modifier(Modifier::BOLD)

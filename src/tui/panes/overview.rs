@@ -1,17 +1,24 @@
 //! Pane 1: the header field by field, features, extensions, the backing chain.
 
-use super::color;
-use crate::tui::app::App;
+use super::{PaneState, color};
+use crate::tui::ctx::{Ctx, Effect};
 use crate::tui::keymap::Action;
+use crate::tui::widgets::{ListView, boxed};
 use qinspect::types::human_size;
 use ratatui::Frame;
 use ratatui::layout::Rect;
-use ratatui::style::{Color, Style};
-use ratatui::text::{Line, Span};
-use ratatui::widgets::{Block, Borders, Paragraph};
+use ratatui::style::Style;
+use ratatui::text::{Line, Span, Text};
+
+/// The Overview's state: how far it is scrolled.
+#[derive(Default)]
+pub struct State {
+    /// The scroll position.
+    pub view: ListView,
+}
 
 /// The overview's lines (also used by tests).
-pub fn lines(app: &App) -> Vec<Line<'static>> {
+pub fn lines(app: &Ctx) -> Vec<Line<'static>> {
     let mut v: Vec<Line> = Vec::new();
     let Some(img) = &app.img else {
         v.push(Line::styled(
@@ -22,6 +29,10 @@ pub fn lines(app: &App) -> Vec<Line<'static>> {
             ),
             Style::new().fg(color::BAD),
         ));
+        v.push(Line::raw(format!(
+            "Hex (9) shows the file's {} bytes as they are.",
+            app.file_len()
+        )));
         return v;
     };
     let h = &img.header;
@@ -68,6 +79,16 @@ pub fn lines(app: &App) -> Vec<Line<'static>> {
                     l.format().name(),
                     human_size(l.size())
                 )));
+            }
+            if let Some((name, why)) = &app.chain_gap {
+                v.push(Line::styled(
+                    format!(
+                        "  {}  {} cannot be opened: {why}",
+                        c.layers.len(),
+                        name.display()
+                    ),
+                    Style::new().fg(color::BAD),
+                ));
             }
         }
         Err(e) => v.push(Line::styled(
@@ -134,22 +155,20 @@ pub fn lines(app: &App) -> Vec<Line<'static>> {
             _ => 0,
         }
     )));
-    let _ = Color::Reset;
     v
 }
 
-/// Draw.
-pub fn render(f: &mut Frame, area: Rect, app: &mut App) {
-    let p = Paragraph::new(lines(app))
-        .wrap(ratatui::widgets::Wrap { trim: false })
-        .block(Block::new().borders(Borders::ALL).title(" Overview "))
-        .scroll((app.overview_scroll, 0));
-    f.render_widget(p, area);
-}
+impl PaneState for State {
+    fn render(&mut self, f: &mut Frame, area: Rect, ctx: &Ctx) {
+        self.view
+            .render_text(f, area, boxed("Overview"), Text::from(lines(ctx)));
+    }
 
-/// Scroll.
-pub fn handle(app: &mut App, action: Action) {
-    let mut s = app.overview_scroll as usize;
-    super::move_sel(&mut s, 400, 10, action);
-    app.overview_scroll = s as u16;
+    fn handle(&mut self, action: Action, _: &Ctx, _: &mut Vec<Effect>) -> bool {
+        self.view.scroll(action)
+    }
+
+    fn explain(&self, _: &Ctx) -> String {
+        "The header is the first bytes of the file. It says where everything else is: the active L1 table (l1_table_offset), the refcount table, the snapshot table. Feature bits say what a reader must understand (incompatible), may ignore (compatible) or must clear when it writes (autoclear).".into()
+    }
 }

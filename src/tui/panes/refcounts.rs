@@ -1,19 +1,41 @@
 //! Pane 4: the refcount table, then a block's refcounts beside the references the
 //! check counted; mismatches in red (corruption) or yellow (leak).
 
-use super::{color, first_row, move_sel};
-use crate::tui::app::{App, RefLevel};
+use super::{PaneState, color};
+use crate::tui::ctx::{Ctx, Effect, OffsetKind};
 use crate::tui::keymap::Action;
+use crate::tui::widgets::{ListView, boxed};
 use qinspect::refcount::get_refcount;
 use ratatui::Frame;
 use ratatui::layout::Rect;
 use ratatui::style::Style;
 use ratatui::text::{Line, Span};
 
-/// Title, rows and selection.
-pub fn rows(app: &App, w: std::ops::Range<usize>) -> (String, Vec<Line<'static>>, usize, usize) {
+/// Which level is shown.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Level {
+    /// The refcount table.
+    #[default]
+    Table,
+    /// One refcount block (table index).
+    Block(usize),
+}
+
+/// Refcounts' state.
+#[derive(Default)]
+pub struct State {
+    /// Which level.
+    pub level: Level,
+    /// The table list.
+    pub table: ListView,
+    /// The block list.
+    pub block: ListView,
+}
+
+/// Title, rows and length.
+fn rows(level: Level, app: &Ctx, w: std::ops::Range<usize>) -> (String, Vec<Line<'static>>, usize) {
     let Some(img) = &app.img else {
-        return (String::new(), vec![], 0, 0);
+        return (String::new(), vec![], 0);
     };
     let rg = img.refcount_geometry();
     let per = rg.entries_per_block();
@@ -21,12 +43,11 @@ pub fn rows(app: &App, w: std::ops::Range<usize>) -> (String, Vec<Line<'static>>
         return (
             "refcount table".into(),
             vec![Line::raw("cannot be read")],
-            0,
             1,
         );
     };
-    match app.ref_level {
-        RefLevel::Table => {
+    match level {
+        Level::Table => {
             let rows = table
                 .iter()
                 .enumerate()
@@ -60,22 +81,20 @@ pub fn rows(app: &App, w: std::ops::Range<usize>) -> (String, Vec<Line<'static>>
                     rg.bits()
                 ),
                 rows,
-                app.rt_sel,
                 table.len(),
             )
         }
-        RefLevel::Block(ti) => {
+        Level::Block(ti) => {
             let Some(off) = table.get(ti).and_then(|e| e.block_offset()) else {
                 return (
                     format!("refcount table entry {ti}"),
                     vec![Line::raw("no refcount block")],
-                    0,
                     1,
                 );
             };
             let block = match img.refcount_block(off) {
                 Ok(b) => b,
-                Err(e) => return ("block".into(), vec![Line::raw(e.to_string())], 0, 1),
+                Err(e) => return ("block".into(), vec![Line::raw(e.to_string())], 1),
             };
             let imrt = app.report.as_ref().and_then(|r| r.imrt.clone());
             let rows = (0..per)
@@ -110,53 +129,136 @@ pub fn rows(app: &App, w: std::ops::Range<usize>) -> (String, Vec<Line<'static>>
             (
                 format!("refcount block {ti} at {off} — Backspace: back to the table"),
                 rows,
-                app.rb_sel,
                 per as usize,
             )
         }
     }
 }
 
-/// Draw.
-pub fn render(f: &mut Frame, area: Rect, app: &mut App) {
-    let h = area.height.saturating_sub(2) as usize;
-    let sel = match app.ref_level {
-        RefLevel::Table => app.rt_sel,
-        RefLevel::Block(_) => app.rb_sel,
-    };
-    let first = first_row(sel, h);
-    // Only the visible rows are built.
-    let (mut title, rows, sel, _) = rows(app, first..first + h);
-    if let (Some((c, l, e)), Some(r)) = (app.previous, &app.report) {
-        title.push_str(&format!(
-            " · since the last load: corruptions {c}→{}, leaks {l}→{}, check errors {e}→{}",
-            r.corruptions, r.leaks, r.check_errors
-        ));
+impl State {
+    /// Show the refcount of host cluster `c`.
+    pub fn select(&mut self, c: u64, ctx: &Ctx) {
+        let Some(img) = &ctx.img else { return };
+        let per = img.refcount_geometry().entries_per_block();
+        let ti = usize::try_from(c / per).unwrap_or(usize::MAX);
+        self.table.set(ti, ti.saturating_add(1));
+        self.level = Level::Block(ti);
+        self.block.set((c % per) as usize, per as usize);
     }
-    super::draw_list(f, area, app, &title, rows, first, sel);
+
+    fn cluster(&self, ctx: &Ctx) -> Option<u64> {
+        let per = ctx.img.as_ref()?.refcount_geometry().entries_per_block();
+        match self.level {
+            Level::Table => None,
+            Level::Block(ti) => Some(
+                (ti as u64)
+                    .saturating_mul(per)
+                    .saturating_add(self.block.sel as u64),
+            ),
+        }
+    }
 }
 
-/// Keys.
-pub fn handle(app: &mut App, action: Action) {
-    let len = rows(app, 0..0).3;
-    match (app.ref_level, action) {
-        (RefLevel::Table, Action::Enter) => {
-            app.ref_level = RefLevel::Block(app.rt_sel);
-            app.rb_sel = 0;
+impl PaneState for State {
+    fn render(&mut self, f: &mut Frame, area: Rect, ctx: &Ctx) {
+        if ctx.img.is_none() {
+            return super::nothing(f, area, "Refcounts", ctx.unopened());
         }
-        (RefLevel::Block(ti), Action::Enter) => {
-            if let Some(img) = &app.img {
-                let per = img.refcount_geometry().entries_per_block();
-                app.layout_sel = ti as u64 * per + app.rb_sel as u64;
-                app.pane = crate::tui::keymap::pane::LAYOUT;
+        let level = self.level;
+        let (mut title, _, len) = rows(level, ctx, 0..0);
+        if let (Some((c, l, e)), Some(r)) = (ctx.previous, &ctx.report) {
+            title.push_str(&format!(
+                " · since the last load: corruptions {c}→{}, leaks {l}→{}, check errors {e}→{}",
+                r.corruptions, r.leaks, r.check_errors
+            ));
+        }
+        let v = match level {
+            Level::Table => &mut self.table,
+            Level::Block(_) => &mut self.block,
+        };
+        // Only the visible rows are built.
+        v.render_list(f, area, boxed(title), len, true, |r| rows(level, ctx, r).1);
+    }
+
+    fn handle(&mut self, action: Action, ctx: &Ctx, q: &mut Vec<Effect>) -> bool {
+        let len = rows(self.level, ctx, 0..0).2;
+        match (self.level, action) {
+            (Level::Table, Action::Enter) => {
+                self.level = Level::Block(self.table.sel);
+                self.block = ListView::default();
             }
+            (Level::Block(_), Action::Enter) => {
+                if let Some(c) = self.cluster(ctx) {
+                    q.push(Effect::Cluster(c));
+                }
+            }
+            (Level::Block(_), Action::Back) => self.level = Level::Table,
+            (Level::Table, a) => return self.table.select(a, len),
+            (Level::Block(_), a) => return self.block.select(a, len),
         }
-        (RefLevel::Block(_), Action::Back) => app.ref_level = RefLevel::Table,
-        (RefLevel::Table, a) => {
-            move_sel(&mut app.rt_sel, len, 20, a);
+        true
+    }
+
+    fn explain(&self, ctx: &Ctx) -> String {
+        let general = "The refcount table points at refcount blocks; each block holds one refcount per host cluster. A cluster shared by a snapshot has refcount 2 or more; QEMU copies it before writing (copy-on-write).";
+        let Some(img) = &ctx.img else {
+            return general.into();
+        };
+        let sel = match self.level {
+            Level::Table => img.refcount_table().ok().and_then(|t| {
+                let e = t.get(self.table.sel)?;
+                Some(format!(
+                    "Refcount table entry {}: {}.",
+                    self.table.sel,
+                    match e.block_offset() {
+                        Some(o) => format!(
+                            "a refcount block at {o} holds {} refcounts",
+                            img.refcount_geometry().entries_per_block()
+                        ),
+                        None => "no block, so every cluster it would cover has refcount 0".into(),
+                    }
+                ))
+            }),
+            Level::Block(_) => self.cluster(ctx).and_then(|c| {
+                let stored = ctx.stored_refcount(c)?;
+                Some(match ctx.counted(c) {
+                    Some(k) if stored < k => format!(
+                        "Cluster {c}: stored {stored}, counted {k}. Fewer than its references: QEMU could reuse it while it is in use (a corruption)."
+                    ),
+                    Some(k) if stored > k => format!(
+                        "Cluster {c}: stored {stored}, counted {k}. More than its references: the space is wasted (a leak), the data is safe."
+                    ),
+                    Some(k) if k > 1 => format!(
+                        "Cluster {c}: {k} references — shared, typically by snapshots; a write copies it first."
+                    ),
+                    Some(k) => format!("Cluster {c}: stored {stored}, counted {k}: consistent."),
+                    None => format!(
+                        "Cluster {c}: stored refcount {stored}; the check is still counting references."
+                    ),
+                })
+            }),
+        };
+        match sel {
+            Some(s) => format!("{s}  —  {general}"),
+            None => general.into(),
         }
-        (RefLevel::Block(_), a) => {
-            move_sel(&mut app.rb_sel, len, 20, a);
+    }
+
+    fn offset_kind(&self) -> Option<OffsetKind> {
+        Some(OffsetKind::Host)
+    }
+
+    fn goto(&mut self, offset: u64, ctx: &Ctx, _: &mut Vec<Effect>) {
+        self.select(offset / ctx.cluster_size(), ctx);
+    }
+
+    fn click(&mut self, x: u16, y: u16, _: &Ctx, _: &mut Vec<Effect>) {
+        let v = match self.level {
+            Level::Table => &mut self.table,
+            Level::Block(_) => &mut self.block,
+        };
+        if let Some(r) = v.row_at(x, y) {
+            v.sel = r;
         }
     }
 }

@@ -1,144 +1,325 @@
-//! Pane 8: choose an operation, then step through every change it would make.
+//! Pane 8: choose an operation, run it on a worker thread (Esc cancels), then step
+//! through every change it would make. Nothing is written.
 
-use super::{color, move_sel};
-use crate::tui::app::{App, InputFor, Popup, SIM_TEMPLATES};
+use super::{PaneState, color};
+use crate::tui::app::InputFor;
+use crate::tui::ctx::{Ctx, Effect};
 use crate::tui::keymap::Action;
+use crate::tui::widgets::{ListView, boxed};
+use qinspect::simulate::{Op, OpRecord};
 use ratatui::Frame;
 use ratatui::layout::{Constraint, Layout, Rect};
 use ratatui::style::Style;
-use ratatui::text::Line;
-use ratatui::widgets::{Block, Borders, Paragraph, Wrap};
+use ratatui::text::{Line, Text};
+use ratatui::widgets::{Gauge, Paragraph};
 
-/// All steps of the last simulation, flattened: (operation index, step text).
-pub fn flat(app: &App) -> Vec<(usize, String)> {
-    let Some((records, _)) = &app.sim else {
-        return vec![];
-    };
+/// A finished simulation.
+#[derive(Clone, Debug)]
+pub struct Outcome {
+    /// What was asked for.
+    pub text: String,
+    /// One record per operation that ran.
+    pub records: Vec<OpRecord>,
+    /// The check of the simulated image, or why there is none.
+    pub summary: String,
+    /// Whether the simulated image is consistent and every operation succeeded.
+    pub clean: bool,
+}
+
+/// A simulation on the worker: what it runs and how far it is.
+#[derive(Clone, Debug)]
+pub struct Running {
+    /// What was asked for.
+    pub text: String,
+    /// What the worker is doing.
+    pub phase: String,
+    /// Done and total, for the gauge.
+    pub done: u64,
+    /// Total.
+    pub total: u64,
+}
+
+/// Simulate's state.
+#[derive(Default)]
+pub struct State {
+    /// The template list.
+    pub menu: ListView,
+    /// The last simulation.
+    pub outcome: Option<Result<Outcome, String>>,
+    /// The one running now.
+    pub running: Option<Running>,
+    /// Scroll and selection of the changes.
+    pub steps: ListView,
+}
+
+/// Operation templates for this image: snapshot operations name a snapshot that
+/// exists, or are left out.
+pub fn templates(ctx: &Ctx) -> Vec<(String, &'static str)> {
+    let first = ctx
+        .img
+        .as_ref()
+        .and_then(|i| i.snapshots.snapshots.first())
+        .map(|s| s.id.clone());
+    let mut v = vec![(
+        "snapshot-create:snap".to_string(),
+        "qemu-img snapshot -c: copy the L1, +1 on everything it reaches",
+    )];
+    if let Some(id) = first {
+        v.push((
+            format!("snapshot-delete:{id}"),
+            "qemu-img snapshot -d: -1 on the snapshot's tree, then the addend-0 pass",
+        ));
+        v.push((
+            format!("snapshot-apply:{id}"),
+            "qemu-img snapshot -a: +1 on the snapshot, -1 on the old active tree",
+        ));
+    }
+    v.extend([
+        (
+            "write:0:4096".to_string(),
+            "a guest write: copy-on-write of shared L2 tables and data clusters",
+        ),
+        (
+            "discard:0:65536".to_string(),
+            "a guest discard: entries become zero clusters, clusters released",
+        ),
+        (
+            "refcount-update:active:1".to_string(),
+            "QEMU's walk with addend +1 over the active L1",
+        ),
+        (
+            "refcount-update:active:0".to_string(),
+            "addend 0: no refcount changes, COPIED flags recomputed",
+        ),
+        (
+            "refcount-update:active:-1".to_string(),
+            "addend -1: what a delete does to a snapshot's tree",
+        ),
+    ]);
+    v
+}
+
+/// All steps of a simulation, flattened: (operation index, step text, failed).
+pub fn flat(o: &Outcome) -> Vec<(usize, String, bool)> {
     let mut v = Vec::new();
-    for (i, r) in records.iter().enumerate() {
+    for (i, r) in o.records.iter().enumerate() {
         for s in &r.steps {
-            v.push((i, s.describe()));
+            v.push((i, s.describe(), false));
         }
         if let Some(e) = &r.error {
-            v.push((i, format!("QEMU fails here: {e}")));
+            v.push((i, format!("QEMU fails here: {e}"), true));
         }
     }
     v
 }
 
-/// Draw.
-pub fn render(f: &mut Frame, area: Rect, app: &mut App) {
-    let [menu, steps, detail] = Layout::vertical([
-        Constraint::Length(SIM_TEMPLATES.len() as u16 + 2),
-        Constraint::Min(3),
-        Constraint::Length(4),
-    ])
-    .areas(area);
-    let items: Vec<Line> = SIM_TEMPLATES
-        .iter()
-        .enumerate()
-        .map(|(i, (op, what))| {
-            let l = Line::raw(format!("{op:<28} {what}"));
-            if i == app.sim_choice && app.sim.is_none() {
-                l.style(color::selected())
-            } else {
-                l
-            }
-        })
-        .collect();
-    app.areas.list = Some((menu, 0));
-    f.render_widget(
-        Paragraph::new(items).block(
-            Block::new()
-                .borders(Borders::ALL)
-                .title(" Simulate — ↑/↓ choose, Enter edit and run (nothing is written) "),
-        ),
-        menu,
-    );
-    let all = flat(app);
-    let h = steps.height.saturating_sub(2) as usize;
-    let first = super::first_row(app.sim_step, h);
-    let lines: Vec<Line> = all
-        .iter()
-        .enumerate()
-        .skip(first)
-        .take(h)
-        .map(|(i, (op, text))| {
-            let st = if text.starts_with("QEMU fails") {
-                Style::new().fg(color::BAD)
-            } else {
-                Style::new()
-            };
-            let l = Line::styled(format!("op {} · {text}", op + 1), st);
-            if i == app.sim_step {
-                l.style(color::selected())
-            } else {
-                l
-            }
-        })
-        .collect();
-    let title = match &app.sim {
-        Some((r, _)) => format!(
-            " {} operation(s), change {}/{} (n/p) ",
-            r.len(),
-            app.sim_step + 1,
-            all.len()
-        ),
-        None => " Changes ".into(),
-    };
-    f.render_widget(
-        Paragraph::new(lines).block(Block::new().borders(Borders::ALL).title(title)),
-        steps,
-    );
-    let d = match &app.sim {
-        Some((records, summary)) => {
-            let op = all.get(app.sim_step).map(|(i, _)| *i).unwrap_or(0);
-            vec![
-                Line::raw(
-                    records
-                        .get(op)
-                        .map(|r| r.description.clone())
-                        .unwrap_or_default(),
-                ),
-                Line::styled(
-                    summary.clone(),
-                    if summary.contains("no errors") {
-                        Style::new().fg(color::DATA)
-                    } else {
-                        Style::new().fg(color::BAD)
-                    },
-                ),
-            ]
+impl State {
+    /// The worker started.
+    pub fn started(&mut self, text: String) {
+        self.running = Some(Running {
+            text,
+            phase: "starting".into(),
+            done: 0,
+            total: 1,
+        });
+    }
+
+    /// The worker reports progress.
+    pub fn progress(&mut self, phase: String, done: u64, total: u64) {
+        if let Some(r) = &mut self.running {
+            r.phase = phase;
+            r.done = done;
+            r.total = total.max(1);
         }
-        None => vec![Line::styled(
-            "Choose an operation; several can be chained, separated by spaces.",
-            color::dim(),
-        )],
-    };
-    f.render_widget(
-        Paragraph::new(d)
-            .wrap(Wrap { trim: true })
-            .block(Block::new().borders(Borders::ALL)),
-        detail,
-    );
+    }
+
+    /// The worker is done.
+    pub fn finished(&mut self, o: Result<Outcome, String>) {
+        self.running = None;
+        self.outcome = Some(o);
+        self.steps = ListView::default();
+    }
+
+    /// Esc: stop waiting for the worker. Returns whether one was running.
+    pub fn cancel(&mut self) -> bool {
+        self.running.take().is_some()
+    }
+
+    fn render_result(&mut self, f: &mut Frame, steps: Rect, detail: Rect) {
+        if let Some(r) = &self.running {
+            let g = Gauge::default()
+                .block(boxed(format!("Simulating {} — Esc cancels", r.text)))
+                .gauge_style(Style::new().fg(color::DATA))
+                .ratio((r.done as f64 / r.total as f64).clamp(0.0, 1.0))
+                .label(format!("{}: {}/{}", r.phase, r.done, r.total));
+            f.render_widget(
+                g,
+                Rect {
+                    height: 3.min(steps.height),
+                    ..steps
+                },
+            );
+            f.render_widget(
+                Paragraph::new(Line::styled(
+                    "The simulation runs on a worker thread: every other pane keeps working meanwhile.",
+                    color::dim(),
+                ))
+                .block(boxed("")),
+                detail,
+            );
+            return;
+        }
+        match &self.outcome {
+            None => {
+                f.render_widget(boxed("Changes"), steps);
+                f.render_widget(
+                    Paragraph::new(Line::styled(
+                        "Choose an operation; several can be chained, separated by spaces.",
+                        color::dim(),
+                    ))
+                    .block(boxed("")),
+                    detail,
+                );
+            }
+            Some(Err(e)) => {
+                f.render_widget(boxed("Changes"), steps);
+                f.render_widget(
+                    Paragraph::new(Line::styled(
+                        format!("the simulation cannot run: {e}"),
+                        Style::new().fg(color::BAD),
+                    ))
+                    .wrap(ratatui::widgets::Wrap { trim: true })
+                    .block(boxed("")),
+                    detail,
+                );
+            }
+            Some(Ok(o)) => {
+                let all = flat(o);
+                let title = format!(
+                    "{}: {} operation(s), change {}/{} (n/p or ↑/↓ move, Bksp: the operations)",
+                    o.text,
+                    o.records.len(),
+                    self.steps.sel + 1,
+                    all.len()
+                );
+                self.steps
+                    .render_list(f, steps, boxed(title), all.len(), true, |r| {
+                        all[r]
+                            .iter()
+                            .map(|(op, text, failed)| {
+                                let st = if *failed {
+                                    Style::new().fg(color::BAD)
+                                } else {
+                                    Style::new()
+                                };
+                                Line::styled(format!("op {} · {text}", op + 1), st)
+                            })
+                            .collect()
+                    });
+                let op = all.get(self.steps.sel).map_or(0, |x| x.0);
+                let d = vec![
+                    Line::raw(
+                        o.records
+                            .get(op)
+                            .map(|r| r.description.clone())
+                            .unwrap_or_default(),
+                    ),
+                    Line::styled(
+                        o.summary.clone(),
+                        Style::new().fg(if o.clean { color::DATA } else { color::BAD }),
+                    ),
+                ];
+                f.render_widget(
+                    Paragraph::new(Text::from(d))
+                        .wrap(ratatui::widgets::Wrap { trim: true })
+                        .block(boxed("")),
+                    detail,
+                );
+            }
+        }
+    }
 }
 
-/// Keys.
-pub fn handle(app: &mut App, action: Action) {
-    let n = flat(app).len();
-    match action {
-        Action::Enter | Action::Run => {
-            let t = SIM_TEMPLATES.get(app.sim_choice).map(|t| t.0).unwrap_or("");
-            app.popup = Some(Popup::Input(InputFor::Simulate, t.to_string()));
+impl PaneState for State {
+    fn render(&mut self, f: &mut Frame, area: Rect, ctx: &Ctx) {
+        if ctx.img.is_none() {
+            return super::nothing(f, area, "Simulate", ctx.unopened());
         }
-        Action::NextStep => app.sim_step = (app.sim_step + 1).min(n.saturating_sub(1)),
-        Action::PrevStep => app.sim_step = app.sim_step.saturating_sub(1),
-        Action::Back => app.sim = None,
-        a if app.sim.is_some() && n > 0 => {
-            move_sel(&mut app.sim_step, n, 10, a);
+        let t = templates(ctx);
+        let [menu, steps, detail] = Layout::vertical([
+            Constraint::Length(t.len() as u16 + 2),
+            Constraint::Min(3),
+            Constraint::Length(4),
+        ])
+        .areas(area);
+        let choosing = self.outcome.is_none() && self.running.is_none();
+        let title = if choosing {
+            "Simulate — ↑/↓ choose, Enter edit and run (nothing is written)"
+        } else {
+            "Simulate — Bksp: back to the operations (nothing is written)"
+        };
+        let w = t.iter().map(|x| x.0.len()).max().unwrap_or(0);
+        self.menu
+            .render_list(f, menu, boxed(title), t.len(), choosing, |r| {
+                t[r].iter()
+                    .map(|(op, what)| Line::raw(format!("{op:<w$} {what}")))
+                    .collect()
+            });
+        self.render_result(f, steps, detail);
+    }
+
+    fn handle(&mut self, action: Action, ctx: &Ctx, q: &mut Vec<Effect>) -> bool {
+        let t = templates(ctx);
+        let n = match &self.outcome {
+            Some(Ok(o)) => flat(o).len(),
+            _ => 0,
+        };
+        match action {
+            Action::Enter | Action::Run => {
+                let op = t
+                    .get(self.menu.sel)
+                    .map(|x| x.0.clone())
+                    .unwrap_or_default();
+                q.push(Effect::Input(InputFor::Simulate, op));
+            }
+            Action::NextStep if n > 0 => return self.steps.select(Action::Down, n),
+            Action::PrevStep if n > 0 => return self.steps.select(Action::Up, n),
+            Action::Back if self.outcome.is_some() => self.outcome = None,
+            a if self.outcome.is_some() && n > 0 => return self.steps.select(a, n),
+            a if self.outcome.is_none() => return self.menu.select(a, t.len()),
+            _ => return false,
         }
-        a => {
-            move_sel(&mut app.sim_choice, SIM_TEMPLATES.len(), 4, a);
+        true
+    }
+
+    fn explain(&self, _: &Ctx) -> String {
+        let general = "Addend +1 (snapshot create/apply) shares clusters: refcounts go up and COPIED is cleared. Addend -1 (delete) unshares them. Addend 0 recomputes COPIED only. A write to a shared cluster allocates a new one, copies the rest of the cluster, and releases the old one (-1). Nothing is written to the image.";
+        let Some(Ok(o)) = &self.outcome else {
+            return general.into();
+        };
+        let all = flat(o);
+        let Some((op, text, _)) = all.get(self.steps.sel) else {
+            return general.into();
+        };
+        let addend = match o.records.get(*op).map(|r| &r.op) {
+            Some(Op::RefcountUpdate { addend: 0, .. }) => {
+                " Addend 0 changes no refcount; it only sets COPIED exactly where a cluster's refcount is 1."
+            }
+            Some(Op::SnapshotDelete { .. }) => {
+                " A delete walks the snapshot with addend -1, then the active L1 with addend 0 so that clusters no longer shared get COPIED back."
+            }
+            _ => "",
+        };
+        format!("{text}.{addend}  —  {general}")
+    }
+
+    fn click(&mut self, x: u16, y: u16, _: &Ctx, _: &mut Vec<Effect>) {
+        if self.outcome.is_none() {
+            if let Some(r) = self.menu.row_at(x, y) {
+                self.menu.sel = r;
+            }
+        } else if let Some(r) = self.steps.row_at(x, y) {
+            self.steps.sel = r;
         }
     }
 }

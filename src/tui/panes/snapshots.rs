@@ -1,154 +1,236 @@
 //! Pane 5: every field of every snapshot; Enter makes a snapshot the view; two
 //! marked snapshots show which guest clusters differ.
 
-use super::{color, move_sel};
-use crate::tui::app::App;
+use super::{PaneState, color};
+use crate::tui::ctx::{Ctx, Effect, Job};
 use crate::tui::keymap::Action;
+use crate::tui::widgets::{ListView, boxed};
 use ratatui::Frame;
 use ratatui::layout::{Constraint, Layout, Rect};
 use ratatui::style::Style;
 use ratatui::text::Line;
-use ratatui::widgets::{Block, Borders, Paragraph};
+use ratatui::widgets::Paragraph;
 
-/// Draw.
-pub fn render(f: &mut Frame, area: Rect, app: &mut App) {
-    let Some(img) = app.img.clone() else { return };
-    let [list, diff] = Layout::vertical([Constraint::Min(4), Constraint::Length(9)]).areas(area);
-    let mut lines = vec![Line::styled(
-        format!(
-            "{:>3} {:<4} {:<16} {:>10} {:>12} {:>6} {:>14} {:>10} {:>8} {:<19}",
-            "",
-            "ID",
-            "NAME",
-            "VM STATE",
-            "L1 OFFSET",
-            "L1 SZ",
-            "DISK SIZE",
-            "VM CLOCK",
-            "ICOUNT",
-            "DATE"
-        ),
-        color::head(),
-    )];
-    for (i, s) in img.snapshots.snapshots.iter().enumerate() {
-        let mark = if app.marked.contains(&i) { "*" } else { " " };
-        let view = if app.view_snapshot.as_deref() == Some(s.id.as_str()) {
-            "▶"
-        } else {
-            " "
-        };
-        let l = Line::raw(format!(
-            "{view}{mark}  {:<4} {:<16} {:>10} {:>#12x} {:>6} {:>14} {:>10} {:>8} {}",
-            s.id,
-            s.name,
-            s.vm_state_size,
-            s.l1_table_offset,
-            s.l1_size,
-            s.disk_size.map_or("current".into(), |d| d.to_string()),
-            format!(
-                "{}.{:03}s",
-                s.vm_clock_nsec / 1_000_000_000,
-                s.vm_clock_nsec / 1_000_000 % 1000
-            ),
-            s.icount.map_or("-".into(), |c| c.to_string()),
-            crate::cli::info::format_date(s.date_sec)
-        ));
-        lines.push(if i == app.snap_sel {
-            l.style(color::selected())
-        } else {
-            l
-        });
-    }
-    if img.snapshots.snapshots.is_empty() {
-        lines.push(Line::styled(
-            "no internal snapshots (simulate snapshot-create in pane 8 to see what one would do)",
-            color::dim(),
-        ));
-    }
-    if let Some(e) = &img.snapshots.error {
-        lines.push(Line::styled(
-            format!("snapshot table error: {e}"),
-            Style::new().fg(color::BAD),
-        ));
-    }
-    app.areas.list = Some((
-        Rect {
-            y: list.y + 1,
-            ..list
-        },
-        0,
-    ));
-    let view = match &app.view_snapshot {
-        Some(s) => {
-            format!(" Snapshots — viewing snapshot {s} (Enter on it again: back to the active L1) ")
-        }
-        None => " Snapshots — Enter: use as the view · m: mark two to compare ".to_string(),
-    };
-    f.render_widget(
-        Paragraph::new(lines).block(Block::new().borders(Borders::ALL).title(view)),
-        list,
-    );
-    let mut d = Vec::new();
-    match &app.diff {
-        None => d.push(Line::styled(
-            "mark two snapshots with m to see which guest clusters differ",
-            color::dim(),
-        )),
-        Some(Err(e)) => d.push(Line::raw(e.clone())),
-        Some(Ok(v)) => {
-            d.push(Line::raw(format!(
-                "{} guest cluster(s) map differently:",
-                v.len()
-            )));
-            for (g, what) in v.iter().take(6) {
-                d.push(Line::raw(format!("  guest {g:#x}: {what}")));
-            }
-        }
-    }
-    f.render_widget(
-        Paragraph::new(d).block(Block::new().borders(Borders::ALL).title(" Difference ")),
-        diff,
-    );
+/// The comparison of two snapshots: guest offset and what each maps it to.
+pub type Diff = Result<Vec<(u64, String)>, String>;
+
+/// Snapshots' state.
+#[derive(Default)]
+pub struct State {
+    /// The snapshot list.
+    pub list: ListView,
+    /// Marked snapshots (up to two).
+    pub marked: Vec<usize>,
+    /// The two marked snapshots' difference.
+    pub diff: Option<Diff>,
+    /// The comparison is running.
+    pub diff_running: bool,
+    /// Scroll of the difference.
+    pub diff_view: ListView,
+    /// The arrows scroll the difference.
+    pub focus_diff: bool,
 }
 
-/// Keys.
-pub fn handle(app: &mut App, action: Action) {
-    let Some(img) = app.img.clone() else { return };
-    let n = img.snapshots.snapshots.len();
-    match action {
-        Action::Enter => {
-            if let Some(s) = img.snapshots.snapshots.get(app.snap_sel) {
-                if app.view_snapshot.as_deref() == Some(s.id.as_str()) {
-                    app.view_snapshot = None;
+fn header() -> String {
+    format!(
+        "{:>2} {:<4} {:<16} {:>10} {:>12} {:>6} {:>14} {:>10} {:>8} {:<19}",
+        "",
+        "ID",
+        "NAME",
+        "VM STATE",
+        "L1 OFFSET",
+        "L1 SZ",
+        "DISK SIZE",
+        "VM CLOCK",
+        "ICOUNT",
+        "DATE"
+    )
+}
+
+impl State {
+    /// The comparison finished.
+    pub fn diffed(&mut self, d: Diff) {
+        self.diff = Some(d);
+        self.diff_running = false;
+        self.diff_view = ListView::default();
+    }
+}
+
+impl PaneState for State {
+    fn render(&mut self, f: &mut Frame, area: Rect, ctx: &Ctx) {
+        let Some(img) = ctx.img.clone() else {
+            return super::nothing(f, area, "Snapshots", ctx.unopened());
+        };
+        let [list, diff] =
+            Layout::vertical([Constraint::Min(5), Constraint::Length(9)]).areas(area);
+        let title = match &ctx.view_snapshot {
+            Some(s) => format!(
+                "Snapshots — viewing snapshot {s} (Enter on it again: back to the active L1)"
+            ),
+            None => "Snapshots — Enter: use as the view · m: mark two to compare".to_string(),
+        };
+        let snaps = &img.snapshots.snapshots;
+        let mut extra = Vec::new();
+        if snaps.is_empty() {
+            extra.push(Line::styled(
+                "no internal snapshots (simulate snapshot-create in pane 8 to see what one would do)",
+                color::dim(),
+            ));
+        }
+        if let Some(e) = &img.snapshots.error {
+            extra.push(Line::styled(
+                format!("snapshot table error: {e}"),
+                Style::new().fg(color::BAD),
+            ));
+        }
+        if !extra.is_empty() {
+            extra.insert(0, Line::styled(header(), color::head()));
+            f.render_widget(Paragraph::new(extra).block(boxed(title)), list);
+        } else {
+            let marked = self.marked.clone();
+            self.list.render_table(
+                f,
+                list,
+                boxed(title),
+                Some(Line::styled(header(), color::head())),
+                snaps.len(),
+                true,
+                |r| {
+                    snaps[r.clone()]
+                        .iter()
+                        .zip(r)
+                        .map(|(s, i)| {
+                            let mark = if marked.contains(&i) { "*" } else { " " };
+                            let view = if ctx.view_snapshot.as_deref() == Some(s.id.as_str()) {
+                                "▶"
+                            } else {
+                                " "
+                            };
+                            Line::raw(format!(
+                                "{view}{mark} {:<4} {:<16} {:>10} {:>#12x} {:>6} {:>14} {:>10} {:>8} {}",
+                                s.id,
+                                s.name,
+                                s.vm_state_size,
+                                s.l1_table_offset,
+                                s.l1_size,
+                                s.disk_size.map_or("current".into(), |d| d.to_string()),
+                                format!(
+                                    "{}.{:03}s",
+                                    s.vm_clock_nsec / 1_000_000_000,
+                                    s.vm_clock_nsec / 1_000_000 % 1000
+                                ),
+                                s.icount.map_or("-".into(), |c| c.to_string()),
+                                crate::cli::info::format_date(s.date_sec)
+                            ))
+                        })
+                        .collect()
+                },
+            );
+        }
+        let names = |i: usize| snaps.get(i).map_or("?".to_string(), |s| s.id.clone());
+        let pair = match self.marked.as_slice() {
+            [a, b] => format!(" between snapshots {} and {}", names(*a), names(*b)),
+            _ => String::new(),
+        };
+        let keys = if self.focus_diff {
+            "↑/↓ scroll, f: the list"
+        } else {
+            "f: scroll"
+        };
+        let title = format!("Difference{pair}");
+        match &self.diff {
+            _ if self.diff_running => f.render_widget(
+                Paragraph::new(Line::styled(
+                    "comparing the two snapshots on a worker thread…",
+                    color::dim(),
+                ))
+                .block(boxed(title)),
+                diff,
+            ),
+            None => f.render_widget(
+                Paragraph::new(Line::styled(
+                    "mark two snapshots with m to see which guest clusters differ",
+                    color::dim(),
+                ))
+                .block(boxed(title)),
+                diff,
+            ),
+            Some(Err(e)) => f.render_widget(Paragraph::new(e.clone()).block(boxed(title)), diff),
+            Some(Ok(v)) => {
+                let v = v.clone();
+                let title = format!(
+                    "{} guest cluster(s) map differently{pair} ({keys})",
+                    v.len()
+                );
+                self.diff_view
+                    .render_list(f, diff, boxed(title), v.len(), false, |r| {
+                        v[r].iter()
+                            .map(|(g, what)| Line::raw(format!("guest {g:#x}: {what}")))
+                            .collect()
+                    });
+            }
+        }
+    }
+
+    fn handle(&mut self, action: Action, ctx: &Ctx, q: &mut Vec<Effect>) -> bool {
+        let Some(img) = ctx.img.clone() else {
+            return false;
+        };
+        let n = img.snapshots.snapshots.len();
+        if self.focus_diff && self.diff_view.scroll(action) {
+            return true;
+        }
+        match action {
+            Action::Enter => {
+                if let Some(s) = img.snapshots.snapshots.get(self.list.sel) {
+                    if ctx.view_snapshot.as_deref() == Some(s.id.as_str()) {
+                        q.push(Effect::View(None));
+                    } else {
+                        q.push(Effect::View(Some(s.id.clone())));
+                    }
+                }
+            }
+            Action::Mark if n > 0 => {
+                let i = self.list.sel;
+                if let Some(p) = self.marked.iter().position(|m| *m == i) {
+                    self.marked.remove(p);
                 } else {
-                    app.view_snapshot = Some(s.id.clone());
+                    if self.marked.len() == 2 {
+                        self.marked.remove(0);
+                    }
+                    self.marked.push(i);
                 }
-                app.tables_level = crate::tui::app::TablesLevel::L1;
-                app.l1_sel = 0;
-                app.open_chain();
-                app.status = match &app.view_snapshot {
-                    Some(s) => format!("Tables, Trace and Hex now use snapshot {s}"),
-                    None => "back to the active L1 table".into(),
-                };
-            }
-        }
-        Action::Mark => {
-            let i = app.snap_sel;
-            if let Some(p) = app.marked.iter().position(|m| *m == i) {
-                app.marked.remove(p);
-            } else {
-                if app.marked.len() == 2 {
-                    app.marked.remove(0);
+                self.diff = None;
+                self.focus_diff = false;
+                if let [a, b] = self.marked[..] {
+                    self.diff_running = true;
+                    q.push(Effect::Start(Job::Diff(a, b)));
                 }
-                app.marked.push(i);
             }
-            app.diff = None;
-            if app.marked.len() == 2 {
-                app.compute_diff();
-            }
+            Action::Focus => self.focus_diff = !self.focus_diff,
+            a => return self.list.select(a, n),
         }
-        a => {
-            move_sel(&mut app.snap_sel, n, 10, a);
+        true
+    }
+
+    fn explain(&self, ctx: &Ctx) -> String {
+        let general = "An internal snapshot is a frozen copy of the L1 table. Taking one adds 1 to every L2 table and data cluster it reaches (addend +1); deleting one subtracts 1 (addend -1), then walks the active L1 with addend 0, which changes no refcount and only sets COPIED again where a cluster is no longer shared.";
+        match ctx
+            .img
+            .as_ref()
+            .and_then(|i| i.snapshots.snapshots.get(self.list.sel))
+        {
+            Some(s) => format!(
+                "Snapshot {} '{}': its own L1 table of {} entries at {:#x}; every cluster it reaches had 1 added to its refcount when it was taken.  —  {general}",
+                s.id, s.name, s.l1_size, s.l1_table_offset
+            ),
+            None => general.into(),
+        }
+    }
+
+    fn click(&mut self, x: u16, y: u16, _: &Ctx, _: &mut Vec<Effect>) {
+        if let Some(r) = self.list.row_at(x, y) {
+            self.list.sel = r;
         }
     }
 }

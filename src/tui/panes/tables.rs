@@ -1,186 +1,419 @@
-//! Pane 3: the L1 table, and the L2 table behind an entry.
+//! Pane 3: the L1 table, and the L2 table behind an entry. The COPIED and refcount
+//! columns come before the descriptions, so narrow terminals cut descriptions first;
+//! a COPIED flag that contradicts the stored refcount is marked in red.
 
-use super::{color, first_row, move_sel};
-use crate::tui::app::{App, TablesLevel};
+use super::{PaneState, color};
+use crate::tui::ctx::{Ctx, Effect, OffsetKind};
 use crate::tui::keymap::Action;
-use qinspect::tables::{L1Entry, L2Entry};
+use crate::tui::widgets::{ListView, boxed};
+use qinspect::image::View;
+use qinspect::tables::{ClusterType, L2Entry, SubclusterType};
 use ratatui::Frame;
 use ratatui::layout::Rect;
 use ratatui::style::Style;
 use ratatui::text::{Line, Span};
 
-/// The rows shown and the selected index.
-pub fn rows(app: &App, w: std::ops::Range<usize>) -> (String, Vec<Line<'static>>, usize, usize) {
-    let Some(img) = &app.img else {
-        return ("Tables".into(), vec![], 0, 0);
-    };
-    let Some(view) = app.view() else {
-        return (
-            "Tables".into(),
-            vec![Line::raw("the snapshot's L1 table cannot be read")],
-            0,
-            1,
-        );
-    };
-    let geo = img.geometry();
-    let has_df = img.header.has_data_file();
-    match app.tables_level {
-        TablesLevel::L1 => {
-            let rows = view
-                .l1
-                .iter()
-                .enumerate()
-                .skip(w.start)
-                .take(w.len())
-                .map(|(i, e)| {
-                    let st = if e.0 == 0 {
-                        color::dim()
-                    } else {
-                        Style::new().fg(color::TABLE)
-                    };
-                    Line::from(vec![
-                        Span::raw(format!("{i:>6}  {:>#10x}  ", view.l1_offset + i as u64 * 8)),
-                        Span::styled(format!("{:#018x}  ", e.0), st),
-                        Span::raw(L1Entry::describe(e, &geo)),
-                    ])
-                })
-                .collect();
-            (
-                format!(
-                    "{} at {:#x} — Enter opens an L2 table",
-                    view.label(),
-                    view.l1_offset
-                ),
-                rows,
-                app.l1_sel,
-                view.l1.len(),
-            )
+/// Which table is shown.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Level {
+    /// The L1 table.
+    #[default]
+    L1,
+    /// The L2 table behind an L1 entry.
+    L2(usize),
+}
+
+/// Tables' state.
+#[derive(Default)]
+pub struct State {
+    /// Which table.
+    pub level: Level,
+    /// The L1 list.
+    pub l1: ListView,
+    /// The L2 list.
+    pub l2: ListView,
+}
+
+/// What the COPIED flag of an entry says next to the stored refcount of the
+/// cluster it names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Copied {
+    /// The flag matches the refcount (set exactly when it is 1).
+    Agrees,
+    /// It contradicts it: qemu-img check reports OFLAG_COPIED.
+    Contradicts,
+    /// The flag is meaningless here (a snapshot's table, or no cluster).
+    Meaningless,
+}
+
+/// Judge a COPIED flag against a stored refcount, as check does, in the active
+/// tables only.
+pub fn judge(active: bool, copied: bool, refcount: Option<u64>) -> Copied {
+    match refcount {
+        Some(r) if active => {
+            if (r == 1) == copied {
+                Copied::Agrees
+            } else {
+                Copied::Contradicts
+            }
         }
-        TablesLevel::L2(i) => {
-            let Some(off) = view.l1.get(i).and_then(|e| e.l2_offset()) else {
-                return (
-                    format!("{}[{i}]", view.label()),
-                    vec![Line::raw(
-                        "no L2 table: the whole range is unallocated here",
-                    )],
-                    0,
-                    1,
-                );
-            };
-            let table = match img.l2_table(off) {
-                Ok(t) => t,
-                Err(e) => return ("L2".into(), vec![Line::raw(e.to_string())], 0, 1),
-            };
-            let rows = table
-                .iter()
-                .enumerate()
-                .skip(w.start)
-                .take(w.len())
-                .map(|(j, e): (usize, &L2Entry)| {
-                    let g = geo.guest_offset(i as u64, j as u64, 0).map_or(0, |g| g.0);
-                    let ct = e.cluster_type(&geo, has_df);
-                    let st = match ct {
-                        qinspect::tables::ClusterType::Normal => Style::new().fg(color::DATA),
-                        qinspect::tables::ClusterType::Compressed => {
-                            Style::new().fg(color::COMPRESSED)
-                        }
-                        qinspect::tables::ClusterType::Unallocated if e.bitmap == 0 => color::dim(),
-                        _ => Style::new().fg(color::META),
-                    };
-                    let mut spans = vec![
-                        Span::raw(format!("{j:>5}  guest {g:>#12x}  ")),
-                        Span::styled(format!("{:#018x}  ", e.raw), st),
-                    ];
-                    if geo.extended_l2 {
-                        let map: String = (0..32)
-                            .map(|s| match e.subcluster_type(&geo, has_df, s) {
-                                qinspect::tables::SubclusterType::Normal => 'D',
-                                qinspect::tables::SubclusterType::ZeroAlloc
-                                | qinspect::tables::SubclusterType::ZeroPlain => '0',
-                                qinspect::tables::SubclusterType::Invalid => '!',
-                                qinspect::tables::SubclusterType::Compressed => 'C',
-                                _ => '.',
-                            })
-                            .collect();
-                        spans.push(Span::raw(format!("[{map}]  ")));
-                    }
-                    spans.push(Span::raw(e.describe(&geo, has_df)));
-                    Line::from(spans)
-                })
-                .collect();
-            (
-                format!(
-                    "L2 table at {off} (from {}[{i}]) — Backspace: back to L1",
-                    view.label()
-                ),
-                rows,
-                app.l2_sel,
-                table.len(),
+        _ => Copied::Meaningless,
+    }
+}
+
+/// The host cluster an L2 entry's COPIED flag is about, if any.
+fn l2_cluster(e: &L2Entry, ctx: &Ctx) -> Option<u64> {
+    let img = ctx.img.as_ref()?;
+    let geo = img.geometry();
+    match e.cluster_type(&geo, img.header.has_data_file()) {
+        ClusterType::Normal | ClusterType::ZeroAlloc if e.host_offset().0 != 0 => {
+            Some(e.host_offset().0 >> geo.cluster_bits)
+        }
+        _ => None,
+    }
+}
+
+fn columns(copied: bool, rc: Option<u64>, j: Copied) -> Vec<Span<'static>> {
+    let bad = Style::new().fg(color::BAD);
+    let (c_st, r_st) = match j {
+        Copied::Contradicts => (bad, bad),
+        _ => (Style::new(), Style::new()),
+    };
+    vec![
+        Span::styled(if copied { "COPIED " } else { "       " }, c_st),
+        Span::styled(
+            format!(
+                "rc {:<3}{} ",
+                rc.map_or("-".into(), |r| r.to_string()),
+                if j == Copied::Contradicts { "!" } else { " " }
+            ),
+            r_st,
+        ),
+    ]
+}
+
+impl State {
+    /// Open the L1 table, or the L2 table behind L1 entry `i` at row `j`.
+    pub fn open(&mut self, at: Option<(usize, usize)>, ctx: &Ctx) {
+        let l1_len = ctx.view().map_or(0, |v| v.l1.len());
+        match at {
+            None => self.level = Level::L1,
+            Some((i, j)) => {
+                self.l1.set(i, l1_len);
+                self.level = Level::L2(i);
+                let n = ctx
+                    .img
+                    .as_ref()
+                    .map_or(0, |i| i.geometry().l2_entries() as usize);
+                self.l2.set(j, n);
+            }
+        }
+    }
+
+    /// The L2 table of L1 entry `i` in the current view.
+    fn l2_table(
+        ctx: &Ctx,
+        view: &View,
+        i: usize,
+    ) -> Result<(u64, std::sync::Arc<Vec<L2Entry>>), String> {
+        let img = ctx.img.as_ref().ok_or_else(|| ctx.unopened())?;
+        let off = view.l1.get(i).and_then(|e| e.l2_offset()).ok_or_else(|| {
+            format!(
+                "{}[{i}] has no L2 table: the whole range {}",
+                view.label(),
+                ctx.fall_through()
             )
+        })?;
+        let t = img.l2_table(off).map_err(|e| e.to_string())?;
+        Ok((off.0, t))
+    }
+
+    fn render_l1(&mut self, f: &mut Frame, area: Rect, ctx: &Ctx, view: &View) {
+        let Some(img) = ctx.img.as_ref() else { return };
+        let geo = img.geometry();
+        let active = view.snapshot.is_none();
+        let cs_bits = geo.cluster_bits;
+        let title = format!(
+            "{} at {:#x} — Enter opens an L2 table",
+            view.label(),
+            view.l1_offset
+        );
+        let l1 = view.l1.clone();
+        let l1_offset = view.l1_offset;
+        self.l1
+            .render_list(f, area, boxed(title), l1.len(), true, |r| {
+                l1[r.clone()]
+                    .iter()
+                    .zip(r)
+                    .map(|(e, i)| {
+                        let st = if e.0 == 0 {
+                            color::dim()
+                        } else {
+                            Style::new().fg(color::TABLE)
+                        };
+                        let rc = e
+                            .l2_offset()
+                            .and_then(|o| ctx.stored_refcount(o.0 >> cs_bits));
+                        let j = if e.l2_offset().is_some() {
+                            judge(active, e.copied(), rc)
+                        } else {
+                            Copied::Meaningless
+                        };
+                        let mut spans = vec![
+                            Span::raw(format!("{i:>6} {:>#9x} ", l1_offset + i as u64 * 8)),
+                            Span::styled(format!("{:#018x} ", e.0), st),
+                        ];
+                        spans.extend(columns(e.copied(), rc, j));
+                        spans.push(Span::raw(e.describe(&geo)));
+                        Line::from(spans)
+                    })
+                    .collect()
+            });
+    }
+
+    fn render_l2(&mut self, f: &mut Frame, area: Rect, ctx: &Ctx, view: &View, i: usize) {
+        let Some(img) = ctx.img.as_ref() else { return };
+        let (off, table) = match Self::l2_table(ctx, view, i) {
+            Ok(t) => t,
+            Err(e) => return super::nothing(f, area, &format!("{}[{i}]", view.label()), e),
+        };
+        let geo = img.geometry();
+        let has_df = img.header.has_data_file();
+        let active = view.snapshot.is_none();
+        let backing = ctx.has_backing();
+        let title = format!(
+            "L2 table at {off:#x} (from {}[{i}]) — Enter: in Hex, Bksp: back to L1",
+            view.label()
+        );
+        self.l2
+            .render_list(f, area, boxed(title), table.len(), true, |r| {
+                table[r.clone()]
+                    .iter()
+                    .zip(r)
+                    .map(|(e, j)| {
+                        let g = geo.guest_offset(i as u64, j as u64, 0).map_or(0, |g| g.0);
+                        let ct = e.cluster_type(&geo, has_df);
+                        let st = match ct {
+                            ClusterType::Normal => Style::new().fg(color::DATA),
+                            ClusterType::Compressed => Style::new().fg(color::COMPRESSED),
+                            ClusterType::Unallocated if e.bitmap == 0 => color::dim(),
+                            _ => Style::new().fg(color::META),
+                        };
+                        let rc = l2_cluster(e, ctx).and_then(|c| ctx.stored_refcount(c));
+                        let jd = if l2_cluster(e, ctx).is_some() {
+                            judge(active, e.copied(), rc)
+                        } else {
+                            Copied::Meaningless
+                        };
+                        let mut spans = vec![
+                            Span::raw(format!("{j:>5} {g:>#11x} ")),
+                            Span::styled(format!("{:#018x} ", e.raw), st),
+                        ];
+                        spans.extend(columns(e.copied(), rc, jd));
+                        if geo.extended_l2 {
+                            let map: String = (0..32)
+                                .map(|s| match e.subcluster_type(&geo, has_df, s) {
+                                    SubclusterType::Normal => 'D',
+                                    SubclusterType::ZeroAlloc | SubclusterType::ZeroPlain => '0',
+                                    SubclusterType::Invalid => '!',
+                                    SubclusterType::Compressed => 'C',
+                                    _ => '.',
+                                })
+                                .collect();
+                            spans.push(Span::raw(format!("[{map}] ")));
+                        }
+                        let mut d = e.describe(&geo, has_df);
+                        if !backing {
+                            d = d.replace(
+                                "reads fall through to the backing file",
+                                "reads as zeros: no backing file",
+                            );
+                        }
+                        spans.push(Span::raw(d));
+                        Line::from(spans)
+                    })
+                    .collect()
+            });
+    }
+
+    fn copied_sentence(
+        what: &str,
+        active: bool,
+        copied: bool,
+        rc: Option<u64>,
+        in_place: &str,
+        copy: &str,
+    ) -> String {
+        let rcs = rc.map_or("unreadable".into(), |r| r.to_string());
+        if !active {
+            return format!(
+                "COPIED is {} here, but in a snapshot's tables the flag has no meaning (the qcow2 spec uses it only in the active L1 and L2 tables); {what}'s stored refcount is {rcs}.",
+                if copied { "set" } else { "clear" }
+            );
+        }
+        match (judge(active, copied, rc), copied) {
+            (Copied::Agrees, true) => {
+                format!("COPIED is set and {what}'s stored refcount is 1: {in_place}.")
+            }
+            (Copied::Agrees, false) => format!(
+                "COPIED is clear and {what}'s stored refcount is {rcs}: it is shared (typically with a snapshot), so {copy}."
+            ),
+            (Copied::Contradicts, true) => format!(
+                "COPIED is set but {what}'s stored refcount is {rcs}, not 1: the flag contradicts the refcount, which qemu-img check reports as an OFLAG_COPIED corruption."
+            ),
+            (Copied::Contradicts, false) => format!(
+                "COPIED is clear but {what}'s stored refcount is 1: the flag contradicts the refcount (qemu-img check reports OFLAG_COPIED); QEMU would copy it on the next write although nothing shares it."
+            ),
+            (Copied::Meaningless, _) => format!("{what}'s stored refcount cannot be read."),
         }
     }
 }
 
-/// Draw.
-pub fn render(f: &mut Frame, area: Rect, app: &mut App) {
-    let h = area.height.saturating_sub(2) as usize;
-    let sel = match app.tables_level {
-        TablesLevel::L1 => app.l1_sel,
-        TablesLevel::L2(_) => app.l2_sel,
-    };
-    let first = first_row(sel, h);
-    // Only the visible rows are built, however long the table.
-    let (title, rows, sel, _) = rows(app, first..first + h);
-    super::draw_list(f, area, app, &title, rows, first, sel);
-}
-
-/// Keys.
-pub fn handle(app: &mut App, action: Action) {
-    let len = rows(app, 0..0).3;
-    match (app.tables_level, action) {
-        (TablesLevel::L1, Action::Enter) => {
-            app.tables_level = TablesLevel::L2(app.l1_sel);
-            app.l2_sel = 0;
+impl PaneState for State {
+    fn render(&mut self, f: &mut Frame, area: Rect, ctx: &Ctx) {
+        if ctx.img.is_none() {
+            return super::nothing(f, area, "Tables", ctx.unopened());
         }
-        (TablesLevel::L2(i), Action::Enter) => {
-            // The selected L2 entry's cluster in Hex.
-            if let Some(img) = app.img.clone() {
+        let Some(view) = ctx.view() else {
+            return super::nothing(
+                f,
+                area,
+                "Tables",
+                "the snapshot's L1 table cannot be read".into(),
+            );
+        };
+        match self.level {
+            Level::L1 => self.render_l1(f, area, ctx, &view),
+            Level::L2(i) => self.render_l2(f, area, ctx, &view, i),
+        }
+    }
+
+    fn handle(&mut self, action: Action, ctx: &Ctx, q: &mut Vec<Effect>) -> bool {
+        let Some(view) = ctx.view() else { return false };
+        match (self.level, action) {
+            (Level::L1, Action::Enter) => {
+                self.level = Level::L2(self.l1.sel);
+                self.l2 = ListView::default();
+            }
+            (Level::L2(i), Action::Enter) => {
+                let Some(img) = ctx.img.as_ref() else {
+                    return false;
+                };
                 let geo = img.geometry();
-                let view = app.view();
-                let e = view
-                    .and_then(|v| v.l1.get(i).and_then(|e| e.l2_offset()))
-                    .and_then(|o| img.l2_table(o).ok().map(|t| (o, t)));
-                if let Some((o, t)) = e {
-                    let j = app.l2_sel;
-                    let entry_off = o.0 + j as u64 * geo.l2_entry_size();
-                    if let Some(en) = t.get(j) {
-                        if en.host_offset().0 != 0 && !en.compressed() {
-                            let h = en.host_offset().0;
-                            app.show_host(
-                                h,
-                                format!(
-                                    "data of guest {:#x} (L2 {o}[{j}])",
-                                    geo.guest_offset(i as u64, j as u64, 0).map_or(0, |g| g.0)
-                                ),
-                                None,
-                            );
-                        } else {
-                            app.show_host(
-                                entry_off,
-                                format!("L2 {o}[{j}] entry"),
-                                Some((entry_off, entry_off + geo.l2_entry_size())),
-                            );
-                        }
+                let Ok((o, t)) = Self::l2_table(ctx, &view, i) else {
+                    return true;
+                };
+                let j = self.l2.sel;
+                let entry_off = o + j as u64 * geo.l2_entry_size();
+                if let Some(en) = t.get(j) {
+                    let g = geo.guest_offset(i as u64, j as u64, 0).map_or(0, |g| g.0);
+                    if en.host_offset().0 != 0 && !en.compressed() {
+                        let h = en.host_offset().0;
+                        q.push(Effect::ShowHost {
+                            offset: h,
+                            label: format!("data of guest {g:#x} (L2 {o:#x}[{j}])"),
+                            mark: Some((h, h + 16)),
+                            src: None,
+                        });
+                    } else {
+                        q.push(Effect::ShowHost {
+                            offset: entry_off,
+                            label: format!("L2 {o:#x}[{j}], the entry of guest {g:#x}"),
+                            mark: Some((entry_off, entry_off + geo.l2_entry_size())),
+                            src: None,
+                        });
                     }
                 }
             }
+            (Level::L2(_), Action::Back) => self.level = Level::L1,
+            (Level::L1, a) => return self.l1.select(a, view.l1.len()),
+            (Level::L2(i), a) => {
+                let n = Self::l2_table(ctx, &view, i).map_or(0, |t| t.1.len());
+                return self.l2.select(a, n);
+            }
         }
-        (TablesLevel::L2(_), Action::Back) => app.tables_level = TablesLevel::L1,
-        (TablesLevel::L1, a) => {
-            move_sel(&mut app.l1_sel, len, 20, a);
+        true
+    }
+
+    fn explain(&self, ctx: &Ctx) -> String {
+        let general = "An L1 entry names an L2 table; an L2 entry maps one guest cluster: to a host offset (data), to zeros (bit 0), to compressed bytes (bit 62), or to nothing. Bit 63 (COPIED) of an active entry says the cluster it names has refcount exactly 1, so QEMU may write it in place.";
+        let Some(img) = ctx.img.as_ref() else {
+            return general.into();
+        };
+        let Some(view) = ctx.view() else {
+            return general.into();
+        };
+        let geo = img.geometry();
+        let active = view.snapshot.is_none();
+        let sel = match self.level {
+            Level::L1 => view.l1.get(self.l1.sel).map(|e| {
+                let what = match e.l2_offset() {
+                    None => format!("No L2 table offset in this entry, so the whole range {}.", ctx.fall_through()),
+                    Some(o) => Self::copied_sentence(
+                        "the L2 table",
+                        active,
+                        e.copied(),
+                        ctx.stored_refcount(o.0 >> geo.cluster_bits),
+                        "QEMU may change it in place",
+                        "the next write copies it first",
+                    ),
+                };
+                format!("{}[{}] = {:#018x}: {}. {what}", view.label(), self.l1.sel, e.0, e.describe(&geo))
+            }),
+            Level::L2(i) => Self::l2_table(ctx, &view, i).ok().and_then(|(off, t)| {
+                let e = t.get(self.l2.sel)?;
+                let has_df = img.header.has_data_file();
+                let why = match e.cluster_type(&geo, has_df) {
+                    ClusterType::Normal | ClusterType::ZeroAlloc => Self::copied_sentence(
+                        "the cluster",
+                        active,
+                        e.copied(),
+                        l2_cluster(e, ctx).and_then(|c| ctx.stored_refcount(c)),
+                        "a write goes straight into this cluster",
+                        "a write allocates a new cluster and copies it",
+                    ),
+                    ClusterType::Compressed => "Compressed clusters are never written in place: a write always allocates a new cluster.".into(),
+                    ClusterType::ZeroPlain => if ctx.has_backing() {
+                        "The zero flag: reads return zeros without asking the backing file.".into()
+                    } else {
+                        "The zero flag: reads return zeros.".into()
+                    },
+                    ClusterType::Unallocated => format!("Unallocated: {}.", ctx.fall_through()),
+                };
+                let mut d = e.describe(&geo, has_df);
+                if !ctx.has_backing() {
+                    d = d.replace("reads fall through to the backing file", "reads as zeros: no backing file");
+                }
+                Some(format!("L2 {off:#x}[{}] = {:#018x}: {d}. {why}", self.l2.sel, e.raw))
+            }),
+        };
+        match sel {
+            Some(s) => format!("{s}  —  {general}"),
+            None => general.into(),
         }
-        (TablesLevel::L2(_), a) => {
-            move_sel(&mut app.l2_sel, len, 20, a);
+    }
+
+    fn offset_kind(&self) -> Option<OffsetKind> {
+        Some(OffsetKind::Guest)
+    }
+
+    fn goto(&mut self, offset: u64, ctx: &Ctx, _: &mut Vec<Effect>) {
+        let Some(img) = ctx.img.as_ref() else { return };
+        let g = img.geometry();
+        let go = qinspect::types::GuestOffset(offset);
+        self.open(
+            Some((g.l1_index(go) as usize, g.l2_index(go) as usize)),
+            ctx,
+        );
+    }
+
+    fn click(&mut self, x: u16, y: u16, _: &Ctx, _: &mut Vec<Effect>) {
+        let v = match self.level {
+            Level::L1 => &mut self.l1,
+            Level::L2(_) => &mut self.l2,
+        };
+        if let Some(r) = v.row_at(x, y) {
+            v.sel = r;
         }
     }
 }

@@ -1,14 +1,27 @@
 //! Pane 6: one guest lookup, stepped through with n and p.
 
-use super::color;
-use crate::tui::app::{App, InputFor, Popup};
+use super::{PaneState, color};
+use crate::tui::ctx::{Ctx, Effect, OffsetKind};
 use crate::tui::keymap::Action;
-use qinspect::lookup::StepKind;
+use crate::tui::widgets::{ListView, boxed};
+use qinspect::lookup::{StepKind, Trace, trace};
 use ratatui::Frame;
 use ratatui::layout::{Constraint, Layout, Rect};
 use ratatui::style::{Color, Style};
-use ratatui::text::Line;
-use ratatui::widgets::{Block, Borders, Paragraph, Wrap};
+use ratatui::text::{Line, Text};
+
+/// Trace's state.
+#[derive(Default)]
+pub struct State {
+    /// The last trace.
+    pub trace: Option<Trace>,
+    /// The current step.
+    pub step: usize,
+    /// Scroll of the steps.
+    pub list: ListView,
+    /// Scroll of the step's explanation.
+    pub detail: ListView,
+}
 
 fn step_color(k: &StepKind) -> Color {
     match k {
@@ -23,69 +36,210 @@ fn step_color(k: &StepKind) -> Color {
     }
 }
 
-/// Draw.
-pub fn render(f: &mut Frame, area: Rect, app: &mut App) {
-    let Some(t) = &app.trace else {
-        let p = Paragraph::new(vec![
-            Line::raw("Type g and a guest offset (65536, 0x10000, 64k) to follow one read through the L1 table,"),
-            Line::raw("the L2 table and down the backing chain, one step at a time (n: next, p: previous)."),
-        ])
-        .block(Block::new().borders(Borders::ALL).title(" Trace "));
-        f.render_widget(p, area);
-        return;
-    };
-    let [list, detail] = Layout::vertical([Constraint::Min(4), Constraint::Length(6)]).areas(area);
-    let mut lines = Vec::new();
-    let mut last_depth = usize::MAX;
-    for (i, s) in t.steps.iter().enumerate().take(app.trace_step + 1) {
-        if s.depth != last_depth {
+impl State {
+    /// Trace `off` through the chain. Where a backing file is missing, the layers
+    /// above it are traced and the trace stops where the read would reach it.
+    pub fn run(&mut self, off: u64, ctx: &Ctx) -> Result<(), String> {
+        let c = ctx
+            .chain
+            .as_ref()
+            .map_err(|e| format!("cannot trace: {e}"))?;
+        let mut t = trace(c, off);
+        if let Some((missing, gap)) = &ctx.chain_gap {
+            let missing = missing.display();
+            for s in t.steps.iter_mut() {
+                if let StepKind::FallThrough { next } = &mut s.kind
+                    && next.is_none()
+                {
+                    *next = Some(format!("{missing} (missing)"));
+                    s.explanation = format!(
+                        "Not allocated in {}: the read falls through to the backing file {missing}, which cannot be opened ({gap}). The trace stops here; QEMU would fail to open the image.",
+                        s.layer
+                    );
+                    t.outcome = format!("stops: the backing file {missing} cannot be opened");
+                }
+            }
+        }
+        self.trace = Some(t);
+        self.step = 0;
+        self.detail = ListView::default();
+        Ok(())
+    }
+
+    fn lines(&self, t: &Trace) -> (Vec<Line<'static>>, usize) {
+        let mut lines = Vec::new();
+        let mut sel = 0;
+        let mut last_depth = usize::MAX;
+        let mut sub = None;
+        for (i, s) in t.steps.iter().enumerate().take(self.step + 1) {
+            if s.depth != last_depth {
+                lines.push(Line::styled(
+                    format!("layer {}: {}", s.depth, s.layer),
+                    color::head(),
+                ));
+                last_depth = s.depth;
+            }
+            if let StepKind::Split { subcluster, .. } = &s.kind {
+                sub = *subcluster;
+            }
+            let st = Style::new().fg(step_color(&s.kind));
+            let l = Line::styled(format!("  {:>2}. {}", i + 1, short(&s.kind, sub)), st);
+            if i == self.step {
+                sel = lines.len();
+            }
+            lines.push(l);
+        }
+        if self.step + 1 >= t.steps.len() {
             lines.push(Line::styled(
-                format!("layer {}: {}", s.depth, s.layer),
+                format!("result: {}", t.outcome),
                 color::head(),
             ));
-            last_depth = s.depth;
         }
-        let st = Style::new().fg(step_color(&s.kind));
-        let l = Line::styled(format!("  {:>2}. {}", i + 1, short(&s.kind)), st);
-        lines.push(if i == app.trace_step {
-            l.style(color::selected())
-        } else {
-            l
-        });
+        (lines, sel)
     }
-    if app.trace_step + 1 >= t.steps.len() {
-        lines.push(Line::styled(
-            format!("result: {}", t.outcome),
-            color::head(),
-        ));
-    }
-    let title = format!(
-        " Trace of guest {:#x} via the {} — step {}/{} (n/p) ",
-        t.guest_offset,
-        t.view,
-        app.trace_step + 1,
-        t.steps.len()
-    );
-    f.render_widget(
-        Paragraph::new(lines).block(Block::new().borders(Borders::ALL).title(title)),
-        list,
-    );
-    let text = t
-        .steps
-        .get(app.trace_step)
-        .map(|s| s.explanation.clone())
-        .unwrap_or_default();
-    f.render_widget(
-        Paragraph::new(text).wrap(Wrap { trim: true }).block(
-            Block::new()
-                .borders(Borders::ALL)
-                .title(" What this step means "),
-        ),
-        detail,
-    );
 }
 
-fn short(k: &StepKind) -> String {
+impl PaneState for State {
+    fn render(&mut self, f: &mut Frame, area: Rect, _: &Ctx) {
+        let Some(t) = &self.trace else {
+            let p = ratatui::widgets::Paragraph::new(vec![
+                Line::raw("Type g and a guest offset (65536, 0x10000, 64k) to follow one read through the L1 table,"),
+                Line::raw("the L2 table and down the backing chain, one step at a time (n: next, p: previous)."),
+            ])
+            .wrap(ratatui::widgets::Wrap { trim: true })
+            .block(boxed("Trace"));
+            f.render_widget(p, area);
+            return;
+        };
+        let [list, detail] =
+            Layout::vertical([Constraint::Min(4), Constraint::Length(6)]).areas(area);
+        let (lines, sel) = self.lines(t);
+        let title = format!(
+            "Trace of guest {:#x} via the {} — step {}/{} (n/p, Enter: in Hex)",
+            t.guest_offset,
+            t.view,
+            self.step + 1,
+            t.steps.len()
+        );
+        let text = t
+            .steps
+            .get(self.step)
+            .map(|s| s.explanation.clone())
+            .unwrap_or_default();
+        self.list.set(sel, lines.len());
+        self.list
+            .render_list(f, list, boxed(title), lines.len(), false, |r| {
+                lines[r].to_vec()
+            });
+        self.detail
+            .render_text(f, detail, boxed("What this step means"), Text::raw(text));
+    }
+
+    fn handle(&mut self, action: Action, ctx: &Ctx, q: &mut Vec<Effect>) -> bool {
+        let n = self.trace.as_ref().map_or(0, |t| t.steps.len());
+        let before = self.step;
+        match action {
+            Action::NextStep | Action::Down => self.step = (self.step + 1).min(n.saturating_sub(1)),
+            Action::PrevStep | Action::Up => self.step = self.step.saturating_sub(1),
+            Action::End => self.step = n.saturating_sub(1),
+            Action::Home => self.step = 0,
+            Action::PageDown => self.step = (self.step + 5).min(n.saturating_sub(1)),
+            Action::PageUp => self.step = self.step.saturating_sub(5),
+            Action::Enter => {
+                // The entry the current step reads, or the data it lands on, in Hex.
+                let Some(s) = self
+                    .trace
+                    .as_ref()
+                    .and_then(|t| t.steps.get(self.step))
+                    .cloned()
+                else {
+                    q.push(Effect::Input(
+                        crate::tui::app::InputFor::Goto,
+                        String::new(),
+                    ));
+                    return true;
+                };
+                let layer = ctx.chain.as_ref().ok().and_then(|c| c.layers.get(s.depth));
+                match s.kind {
+                    StepKind::L1Entry {
+                        entry_offset,
+                        ref table,
+                        index,
+                        ..
+                    } => q.push(Effect::ShowHost {
+                        offset: entry_offset,
+                        label: format!("{table}[{index}] in {}", s.layer),
+                        mark: Some((entry_offset, entry_offset + 8)),
+                        src: layer.map(|l| l.src.clone()),
+                    }),
+                    StepKind::L2Entry {
+                        entry_offset,
+                        ref table_offset,
+                        index,
+                        ..
+                    } => q.push(Effect::ShowHost {
+                        offset: entry_offset,
+                        label: format!("L2 {table_offset}[{index}] in {}", s.layer),
+                        mark: Some((entry_offset, entry_offset + 8)),
+                        src: layer.map(|l| l.src.clone()),
+                    }),
+                    StepKind::Data {
+                        host_offset,
+                        ref file,
+                        ..
+                    } => {
+                        let h = u64::from_str_radix(host_offset.trim_start_matches("0x"), 16)
+                            .unwrap_or(0);
+                        // The data may be in a backing layer or a data file: show that file.
+                        let src = layer.map(|l| match &l.kind {
+                            qinspect::chain::LayerKind::Qcow2 {
+                                data_file: Some(df),
+                                ..
+                            } if l.path.display().to_string() != *file => df.clone(),
+                            _ => l.src.clone(),
+                        });
+                        q.push(Effect::ShowHost {
+                            offset: h,
+                            label: format!(
+                                "data of guest {:#x}",
+                                self.trace.as_ref().map_or(0, |t| t.guest_offset)
+                            ),
+                            mark: Some((h, h + 16)),
+                            src,
+                        });
+                    }
+                    _ => {}
+                }
+                return true;
+            }
+            a => {
+                return self.detail.scroll(match a {
+                    Action::ExplainDown => Action::Down,
+                    Action::ExplainUp => Action::Up,
+                    _ => return false,
+                });
+            }
+        }
+        if self.step != before {
+            self.detail = ListView::default();
+        }
+        true
+    }
+
+    fn explain(&self, _: &Ctx) -> String {
+        let general = "A read splits the guest offset into an L1 index, an L2 index and an offset in the cluster. Unallocated means: ask the backing file at the same offset (zeros when there is none). Past the end of a shorter backing file, the read returns zeros.";
+        match self.trace.as_ref().and_then(|t| t.steps.get(self.step)) {
+            Some(s) => format!("{}  —  {general}", s.explanation),
+            None => general.into(),
+        }
+    }
+
+    fn offset_kind(&self) -> Option<OffsetKind> {
+        Some(OffsetKind::Guest)
+    }
+}
+
+fn short(k: &StepKind, sub: Option<u32>) -> String {
     match k {
         StepKind::Split {
             l1_index,
@@ -93,9 +247,10 @@ fn short(k: &StepKind) -> String {
             in_cluster,
             ..
         } => match (l1_index, l2_index, in_cluster) {
-            (Some(a), Some(b), Some(c)) => {
-                format!("split: L1 index {a}, L2 index {b}, offset {c:#x} in the cluster")
-            }
+            (Some(a), Some(b), Some(c)) => format!(
+                "split: L1 index {a}, L2 index {b}, offset {c:#x} in the cluster{}",
+                sub.map(|s| format!(", subcluster {s}")).unwrap_or_default()
+            ),
             _ => "raw layer: guest offset = file offset".into(),
         },
         StepKind::L1Entry {
@@ -109,9 +264,15 @@ fn short(k: &StepKind) -> String {
             table_offset,
             index,
             raw,
+            bitmap,
             subcluster_type,
             ..
-        } => format!("L2 {table_offset}[{index}] = {raw}: {subcluster_type}"),
+        } => match (bitmap, sub) {
+            (Some(b), Some(s)) => format!(
+                "L2 {table_offset}[{index}] = {raw}, bitmap {b}: subcluster {s} is {subcluster_type}"
+            ),
+            _ => format!("L2 {table_offset}[{index}] = {raw}: {subcluster_type}"),
+        },
         StepKind::Data {
             file,
             host_offset,
@@ -137,67 +298,5 @@ fn short(k: &StepKind) -> String {
             format!("L1 index {l1_index} beyond the {l1_size}-entry table")
         }
         StepKind::Error { message } => format!("QEMU fails: {message}"),
-    }
-}
-
-/// Keys.
-pub fn handle(app: &mut App, action: Action) {
-    let n = app.trace.as_ref().map_or(0, |t| t.steps.len());
-    match action {
-        Action::NextStep | Action::Down => {
-            app.trace_step = (app.trace_step + 1).min(n.saturating_sub(1))
-        }
-        Action::PrevStep | Action::Up => app.trace_step = app.trace_step.saturating_sub(1),
-        Action::End => app.trace_step = n.saturating_sub(1),
-        Action::Home => app.trace_step = 0,
-        Action::Enter => {
-            // Show the entry the current step reads, or the data it lands on, in Hex.
-            let Some(s) = app
-                .trace
-                .as_ref()
-                .and_then(|t| t.steps.get(app.trace_step))
-                .cloned()
-            else {
-                app.popup = Some(Popup::Input(InputFor::Goto, String::new()));
-                return;
-            };
-            match s.kind {
-                StepKind::L1Entry { entry_offset, .. } => app.show_host(
-                    entry_offset,
-                    format!("{} (L1 entry)", s.layer),
-                    Some((entry_offset, entry_offset + 8)),
-                ),
-                StepKind::L2Entry { entry_offset, .. } => app.show_host(
-                    entry_offset,
-                    format!("{} (L2 entry)", s.layer),
-                    Some((entry_offset, entry_offset + 8)),
-                ),
-                StepKind::Data {
-                    host_offset,
-                    ref file,
-                    ..
-                } => {
-                    let h =
-                        u64::from_str_radix(host_offset.trim_start_matches("0x"), 16).unwrap_or(0);
-                    // The data may be in a backing layer or a data file: show that file.
-                    let src = app
-                        .chain
-                        .as_ref()
-                        .ok()
-                        .and_then(|c| c.layers.get(s.depth))
-                        .map(|l| match &l.kind {
-                            qinspect::chain::LayerKind::Qcow2 {
-                                data_file: Some(df),
-                                ..
-                            } if l.path.display().to_string() != *file => df.clone(),
-                            _ => l.src.clone(),
-                        });
-                    app.show_host(h, format!("data in {file}"), Some((h, h + 16)));
-                    app.hex_src = src;
-                }
-                _ => {}
-            }
-        }
-        _ => {}
     }
 }

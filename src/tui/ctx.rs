@@ -1,0 +1,326 @@
+//! What every pane may read but none owns: the image, its chain, the check report,
+//! the role map and the snapshot being viewed. Panes get it by shared reference and
+//! ask for changes through [`Effect`]s, which `App::update` applies.
+
+use qinspect::chain::{Chain, OpenOptions};
+use qinspect::check::CheckReport;
+use qinspect::image::{Qcow2, Strictness, View};
+use qinspect::io::{FileSource, SharedSource};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+/// How many host clusters the role map (Layout's colours) covers.
+pub const LAYOUT_LIMIT: u64 = 1 << 22;
+
+/// The panes, in number-key order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Pane {
+    /// The header and the chain.
+    Overview,
+    /// The host file as a grid of clusters.
+    Layout,
+    /// L1 and L2 tables.
+    Tables,
+    /// Refcount table and blocks.
+    Refcounts,
+    /// Internal snapshots.
+    Snapshots,
+    /// One guest read, step by step.
+    Trace,
+    /// The consistency check.
+    Check,
+    /// What an operation would change.
+    Simulate,
+    /// Bytes of a file of the chain.
+    Hex,
+}
+
+impl Pane {
+    /// Every pane, in number-key order.
+    pub const ALL: [Pane; 9] = [
+        Pane::Overview,
+        Pane::Layout,
+        Pane::Tables,
+        Pane::Refcounts,
+        Pane::Snapshots,
+        Pane::Trace,
+        Pane::Check,
+        Pane::Simulate,
+        Pane::Hex,
+    ];
+
+    /// Its name on the tab bar.
+    pub fn name(self) -> &'static str {
+        match self {
+            Pane::Overview => "Overview",
+            Pane::Layout => "Layout",
+            Pane::Tables => "Tables",
+            Pane::Refcounts => "Refcounts",
+            Pane::Snapshots => "Snapshots",
+            Pane::Trace => "Trace",
+            Pane::Check => "Check",
+            Pane::Simulate => "Simulate",
+            Pane::Hex => "Hex",
+        }
+    }
+
+    /// A short name for narrow terminals.
+    pub fn short(self) -> &'static str {
+        match self {
+            Pane::Overview => "Info",
+            Pane::Layout => "Map",
+            Pane::Tables => "L1/2",
+            Pane::Refcounts => "Refs",
+            Pane::Snapshots => "Snap",
+            Pane::Trace => "Trace",
+            Pane::Check => "Check",
+            Pane::Simulate => "Sim",
+            Pane::Hex => "Hex",
+        }
+    }
+
+    /// Its number key, 1 to 9.
+    pub fn number(self) -> usize {
+        Pane::ALL
+            .iter()
+            .position(|p| *p == self)
+            .map_or(0, |i| i + 1)
+    }
+
+    /// The next pane (Tab) or the previous one.
+    pub fn cycle(self, forward: bool) -> Pane {
+        let i = self.number() - 1;
+        let n = Pane::ALL.len();
+        let j = if forward {
+            (i + 1) % n
+        } else {
+            (i + n - 1) % n
+        };
+        Pane::ALL[j]
+    }
+}
+
+/// Whether an offset typed after `g` is a guest or a host offset.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OffsetKind {
+    /// An offset in the virtual disk.
+    Guest,
+    /// An offset in the image file.
+    Host,
+}
+
+/// A piece of background work.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Job {
+    /// Compare two snapshots (indexes in the snapshot table).
+    Diff(usize, usize),
+    /// Simulate operations given as text.
+    Simulate(String),
+    /// Who references a host cluster.
+    Lookup(u64),
+}
+
+/// What a pane (or the tour) asks the app to do.
+#[derive(Clone, Debug)]
+pub enum Effect {
+    /// Show these bytes in Hex: offset, what it is, highlighted range, and the file
+    /// (None: the image file itself).
+    ShowHost {
+        /// The byte to show.
+        offset: u64,
+        /// What it is.
+        label: String,
+        /// Bytes to highlight.
+        mark: Option<(u64, u64)>,
+        /// The file of the chain they are in.
+        src: Option<SharedSource>,
+    },
+    /// Trace a guest offset in Trace.
+    Trace(u64),
+    /// Select a host cluster in Layout.
+    Cluster(u64),
+    /// Select a host cluster's refcount in Refcounts.
+    Refcount(u64),
+    /// Open Tables at an L1 index (and an L2 index inside it).
+    Table(Option<(usize, usize)>),
+    /// Switch pane.
+    Switch(Pane),
+    /// Start background work.
+    Start(Job),
+    /// Ask for text.
+    Input(super::app::InputFor, String),
+    /// View a snapshot (None: the active L1) in Tables, Trace, Layout and Hex.
+    View(Option<String>),
+    /// Reopen the image and rerun the check.
+    Reload,
+}
+
+/// The shared, read-only context.
+pub struct Ctx {
+    /// The image path.
+    pub path: PathBuf,
+    /// The image file, whether or not it opens as qcow2 (Hex shows it regardless).
+    pub file: Option<SharedSource>,
+    /// The top image, opened leniently.
+    pub img: Option<Arc<Qcow2>>,
+    /// Why it cannot be opened.
+    pub load_error: Option<String>,
+    /// The backing chain for traces. When a backing file is missing this is the
+    /// chain down to the last layer that opens, with `chain_gap` saying what is missing.
+    pub chain: Result<Chain, String>,
+    /// The backing file that cannot be opened, and why.
+    pub chain_gap: Option<(PathBuf, String)>,
+    /// The check report, once the worker is done.
+    pub report: Option<Arc<CheckReport>>,
+    /// Check progress while it runs: phase, done, total.
+    pub progress: Option<(&'static str, u64, u64)>,
+    /// The previous load's counts (corruptions, leaks, check errors).
+    pub previous: Option<(u64, u64, u64)>,
+    /// Roles of the first [`LAYOUT_LIMIT`] clusters, once the worker is done.
+    pub roles: Option<Arc<Vec<u16>>>,
+    /// The snapshot viewed instead of the active L1.
+    pub view_snapshot: Option<String>,
+}
+
+impl Ctx {
+    /// Open `path` (nothing is written).
+    pub fn open(path: PathBuf, view_snapshot: Option<String>) -> Ctx {
+        let file: Option<SharedSource> = FileSource::open(&path)
+            .ok()
+            .map(|f| Arc::new(f) as SharedSource);
+        let opened = FileSource::open(&path)
+            .map_err(|e| e.to_string())
+            .and_then(|f| {
+                let src: SharedSource = Arc::new(f);
+                Qcow2::open(src, Strictness::Lenient).map_err(|e| e.to_string())
+            });
+        let (img, load_error) = match opened {
+            Ok(i) => (Some(Arc::new(i)), None),
+            Err(e) => (None, Some(e)),
+        };
+        let mut c = Ctx {
+            path,
+            file,
+            img,
+            load_error,
+            chain: Err(String::new()),
+            chain_gap: None,
+            report: None,
+            progress: None,
+            previous: None,
+            roles: None,
+            view_snapshot,
+        };
+        c.open_chain();
+        c
+    }
+
+    /// (Re)open the chain with the current view. A backing file that cannot be
+    /// opened leaves the layers above it usable.
+    pub fn open_chain(&mut self) {
+        let opts = OpenOptions {
+            snapshot: self.view_snapshot.clone(),
+            strictness: Strictness::Lenient,
+            ..Default::default()
+        };
+        self.chain_gap = None;
+        match Chain::open(&self.path, &opts) {
+            Ok(c) => self.chain = Ok(c),
+            Err(e) => {
+                let why = e.to_string();
+                match self.partial_chain(opts) {
+                    Some((c, missing)) => {
+                        self.chain_gap = Some((missing, why));
+                        self.chain = Ok(c);
+                    }
+                    None => self.chain = Err(why),
+                }
+            }
+        }
+    }
+
+    /// The layers that open, one at a time from the top, and the first backing
+    /// file that does not.
+    fn partial_chain(&self, mut opts: OpenOptions) -> Option<(Chain, PathBuf)> {
+        opts.no_backing = true;
+        let mut chain = Chain::open(&self.path, &opts).ok()?;
+        opts.snapshot = None;
+        while chain.layers.len() < 64 {
+            let last = chain.layers.last()?;
+            let img = last.qcow2()?;
+            let name = img.backing_name.as_ref()?;
+            let next = qinspect::chain::resolve_relative(&last.path, name);
+            opts.format = match &img.backing_format {
+                Some(f) => Some(qinspect::chain::Format::parse(f).ok()?),
+                None => None,
+            };
+            match Chain::open(&next, &opts) {
+                Ok(mut c) => chain.layers.append(&mut c.layers),
+                Err(_) => return Some((chain, next)),
+            }
+        }
+        None
+    }
+
+    /// The view Tables, Layout and Hex use.
+    pub fn view(&self) -> Option<View> {
+        let img = self.img.as_ref()?;
+        match &self.view_snapshot {
+            None => Some(img.active_view()),
+            Some(s) => img.snapshot_view(s).ok(),
+        }
+    }
+
+    /// Whether reads that are not allocated here go to a backing file.
+    pub fn has_backing(&self) -> bool {
+        self.img.as_ref().is_some_and(|i| i.backing_name.is_some())
+    }
+
+    /// The virtual disk size.
+    pub fn disk_size(&self) -> u64 {
+        self.img.as_ref().map_or(0, |i| i.header.size)
+    }
+
+    /// The image file's size.
+    pub fn file_len(&self) -> u64 {
+        self.file.as_ref().map_or(0, |f| f.len())
+    }
+
+    /// The cluster size (512 when the header cannot be read, for Hex paging).
+    pub fn cluster_size(&self) -> u64 {
+        self.img
+            .as_ref()
+            .map_or(512, |i| i.geometry().cluster_size())
+    }
+
+    /// The stored refcount of a host cluster.
+    pub fn stored_refcount(&self, cluster: u64) -> Option<u64> {
+        self.img
+            .as_ref()?
+            .refcount(qinspect::types::HostCluster(cluster))
+            .ok()
+    }
+
+    /// The references the check counted for a host cluster.
+    pub fn counted(&self, cluster: u64) -> Option<u64> {
+        Some(self.report.as_ref()?.imrt.as_ref()?.get(cluster))
+    }
+
+    /// Why a pane that needs the qcow2 structures has nothing to show.
+    pub fn unopened(&self) -> String {
+        format!(
+            "{} cannot be opened as qcow2: {}",
+            self.path.display(),
+            self.load_error.as_deref().unwrap_or("unknown error")
+        )
+    }
+
+    /// What an unallocated range reads as, in this image.
+    pub fn fall_through(&self) -> &'static str {
+        if self.has_backing() {
+            "reads fall through to the backing file at the same guest offset"
+        } else {
+            "reads as zeros: no backing file"
+        }
+    }
+}

@@ -1,0 +1,233 @@
+//! The one list/scroll widget every list and every scrolling text uses: the
+//! selection is always on screen, a page is the height of the box, and a scrollbar
+//! with an `n/total` position shows where the view is.
+
+use super::keymap::Action;
+use ratatui::Frame;
+use ratatui::layout::{Alignment, Margin, Rect};
+use ratatui::style::{Modifier, Style};
+use ratatui::text::{Line, Text};
+use ratatui::widgets::{
+    Block, Borders, Paragraph, Scrollbar, ScrollbarOrientation, ScrollbarState, Wrap,
+};
+
+/// Scroll state of one list or text.
+#[derive(Clone, Debug, Default)]
+pub struct ListView {
+    /// The selected row (for lists).
+    pub sel: usize,
+    /// The first visible row.
+    pub offset: usize,
+    /// Rows visible at the last draw (a page).
+    pub height: usize,
+    /// Rows in all at the last draw.
+    pub len: usize,
+    /// The inner area at the last draw (for mouse clicks).
+    pub area: Rect,
+}
+
+impl ListView {
+    /// A page: the box's height at the last draw (10 before the first draw).
+    pub fn page(&self) -> usize {
+        if self.height == 0 { 10 } else { self.height }
+    }
+
+    /// Move the selection of a list of `len` rows; false if the action is not a move.
+    pub fn select(&mut self, action: Action, len: usize) -> bool {
+        let last = len.saturating_sub(1);
+        let page = self.page();
+        self.sel = match action {
+            Action::Up => self.sel.saturating_sub(1),
+            Action::Down => self.sel.saturating_add(1).min(last),
+            Action::PageUp => self.sel.saturating_sub(page),
+            Action::PageDown => self.sel.saturating_add(page).min(last),
+            Action::Home => 0,
+            Action::End => last,
+            _ => return false,
+        };
+        self.len = len;
+        self.reveal();
+        true
+    }
+
+    /// Scroll a text (no selection); false if the action is not a move.
+    pub fn scroll(&mut self, action: Action) -> bool {
+        let page = self.page();
+        self.offset = match action {
+            Action::Up | Action::ExplainUp => self.offset.saturating_sub(1),
+            Action::Down | Action::ExplainDown => self.offset.saturating_add(1),
+            Action::PageUp => self.offset.saturating_sub(page),
+            Action::PageDown => self.offset.saturating_add(page),
+            Action::Home => 0,
+            Action::End => usize::MAX,
+            _ => return false,
+        };
+        self.clamp_offset();
+        true
+    }
+
+    /// Select row `i` (clamped) and bring it on screen.
+    pub fn set(&mut self, i: usize, len: usize) {
+        self.len = len;
+        self.sel = i.min(len.saturating_sub(1));
+        self.reveal();
+    }
+
+    fn clamp_offset(&mut self) {
+        if self.len > 0 {
+            self.offset = self.offset.min(self.len.saturating_sub(self.page()));
+        }
+    }
+
+    /// Move the view so the selection is on screen.
+    fn reveal(&mut self) {
+        let h = self.page();
+        if self.sel < self.offset {
+            self.offset = self.sel;
+        } else if self.sel >= self.offset.saturating_add(h) {
+            self.offset = self.sel.saturating_sub(h - 1);
+        }
+        self.clamp_offset();
+    }
+
+    /// The row a click at screen row `y` lands on.
+    pub fn row_at(&self, x: u16, y: u16) -> Option<usize> {
+        let a = self.area;
+        (x >= a.x && x < a.x + a.width && y >= a.y && y < a.y + a.height)
+            .then(|| self.offset + usize::from(y - a.y))
+            .filter(|r| *r < self.len)
+    }
+
+    /// Lay out for a box of `inner` with `len` rows: remember the page, keep the
+    /// selection visible, and return the visible range.
+    pub fn layout(&mut self, inner: Rect, len: usize, selectable: bool) -> std::ops::Range<usize> {
+        self.area = inner;
+        self.height = usize::from(inner.height).max(1);
+        self.len = len;
+        self.sel = self.sel.min(len.saturating_sub(1));
+        if selectable {
+            self.reveal();
+        } else {
+            self.clamp_offset();
+        }
+        self.offset..self.offset.saturating_add(self.height).min(len)
+    }
+
+    /// Draw a bordered list. `rows` builds only the visible rows (lists can be
+    /// millions long); `selectable` highlights the selected one.
+    pub fn render_list(
+        &mut self,
+        f: &mut Frame,
+        area: Rect,
+        block: Block,
+        len: usize,
+        selectable: bool,
+        rows: impl FnOnce(std::ops::Range<usize>) -> Vec<Line<'static>>,
+    ) {
+        self.render_table(f, area, block, None, len, selectable, rows)
+    }
+
+    /// [`ListView::render_list`] with a heading row that does not scroll.
+    #[allow(clippy::too_many_arguments)]
+    pub fn render_table(
+        &mut self,
+        f: &mut Frame,
+        area: Rect,
+        block: Block,
+        heading: Option<Line<'static>>,
+        len: usize,
+        selectable: bool,
+        rows: impl FnOnce(std::ops::Range<usize>) -> Vec<Line<'static>>,
+    ) {
+        let mut inner = block.inner(area);
+        let has_heading = heading.is_some();
+        if has_heading {
+            inner.y = inner.y.saturating_add(1);
+            inner.height = inner.height.saturating_sub(1);
+        }
+        let range = self.layout(inner, len, selectable);
+        let first = range.start;
+        let lines: Vec<Line> = heading
+            .into_iter()
+            .chain(rows(range))
+            .enumerate()
+            .map(|(k, l)| {
+                // The row's index in the list (the heading has none).
+                let row = (first + k).checked_sub(usize::from(has_heading));
+                let is_heading = has_heading && k == 0;
+                if selectable && !is_heading && row == Some(self.sel) {
+                    l.patch_style(selected())
+                } else {
+                    l
+                }
+            })
+            .collect();
+        let block = block.title_bottom(self.position(selectable));
+        f.render_widget(Paragraph::new(lines).block(block), area);
+        self.scrollbar(f, area);
+    }
+
+    /// Draw a bordered, wrapped text that scrolls.
+    pub fn render_text(&mut self, f: &mut Frame, area: Rect, block: Block, text: Text<'static>) {
+        let inner = block.inner(area);
+        let p = Paragraph::new(text).wrap(Wrap { trim: false });
+        let len = p.line_count(inner.width);
+        let _ = self.layout(inner, len, false);
+        let block = block.title_bottom(self.position(false));
+        let y = u16::try_from(self.offset).unwrap_or(u16::MAX);
+        f.render_widget(p.scroll((y, 0)).block(block), area);
+        self.scrollbar(f, area);
+    }
+
+    /// "n/total" (the selected row, or the last visible row of a text), right
+    /// aligned; empty when everything fits.
+    fn position(&self, selectable: bool) -> Line<'static> {
+        if self.len <= self.height && !selectable {
+            return Line::raw("");
+        }
+        let n = if selectable {
+            self.sel.saturating_add(1)
+        } else {
+            self.offset.saturating_add(self.height).min(self.len)
+        };
+        if self.len == 0 {
+            return Line::raw("");
+        }
+        Line::raw(format!(" {n}/{} ", self.len)).alignment(Alignment::Right)
+    }
+
+    fn scrollbar(&self, f: &mut Frame, area: Rect) {
+        if self.len <= self.height {
+            return;
+        }
+        let mut st = ScrollbarState::new(self.len.saturating_sub(self.height))
+            .position(self.offset)
+            .viewport_content_length(self.height);
+        f.render_stateful_widget(
+            Scrollbar::new(ScrollbarOrientation::VerticalRight)
+                .begin_symbol(None)
+                .end_symbol(None),
+            area.inner(Margin {
+                vertical: 1,
+                horizontal: 0,
+            }),
+            &mut st,
+        );
+    }
+}
+
+/// The style of the selected row.
+pub fn selected() -> Style {
+    Style::new().add_modifier(Modifier::REVERSED)
+}
+
+/// A bordered block with a title.
+pub fn boxed(title: impl Into<String>) -> Block<'static> {
+    let title = title.into();
+    let b = Block::new().borders(Borders::ALL);
+    if title.is_empty() {
+        b
+    } else {
+        b.title(format!(" {title} "))
+    }
+}
