@@ -1625,7 +1625,6 @@ fn compare_info(w: &Work, img: &str) -> Verdict {
 
 fn compare_check(w: &Work, img: &str) -> Verdict {
     let q = run_in(w, "qemu-img", &["check", "--output=json", img]);
-    let human = run_in(w, "qemu-img", &["check", img]);
     let ours = qinspect(w, &["check", "--json", img]);
     same_exit("check", &q, &ours)?;
     if q.stdout.is_empty() || q.status.code() == Some(63) {
@@ -1634,6 +1633,11 @@ fn compare_check(w: &Work, img: &str) -> Verdict {
     let qj = json(&q)?;
     let oj = json(&ours)?;
     same_check_keys("check", &qj, &oj, &[])?;
+    // qemu-img names each bad cluster only in its human output.
+    if qj["corruptions"].as_u64().unwrap_or(0) == 0 && qj["leaks"].as_u64().unwrap_or(0) == 0 {
+        return Ok(());
+    }
+    let human = run_in(w, "qemu-img", &["check", img]);
     let findings = oj["findings"].as_array().cloned().unwrap_or_default();
     for line in String::from_utf8_lossy(&human.stderr).lines() {
         let Some(rest) = line
