@@ -153,7 +153,7 @@ impl Referrer {
         }
     }
 
-    /// One line: "data via active L1[0] -> L2 0x40000[16] (guest 0x100000)".
+    /// One line: `data via active L1[0] -> L2 0x40000[16] (guest 0x100000)`.
     pub fn describe(&self) -> String {
         let role = serde_json::to_value(self.role)
             .ok()
@@ -1670,23 +1670,43 @@ fn copied(walk: &mut Walk) {
             return;
         }
         let step = geo.l2_entry_size() as usize;
-        for (j, chunk) in buf.chunks_exact(step).enumerate() {
-            let raw = crate::bytes::be64(chunk, 0);
+        let entries = buf.len().checked_div(step).unwrap_or(0);
+        let raw_at = |j: usize| crate::bytes::be64(&buf, j.saturating_mul(step));
+        let mut j = 0usize;
+        while j < entries {
+            let raw = raw_at(j);
             let e = L2Entry { raw, bitmap: 0 };
             let ct = e.cluster_type(&geo, has_df);
             if !matches!(ct, ClusterType::Normal | ClusterType::ZeroAlloc) {
+                j = j.saturating_add(1);
                 continue;
             }
             let c = (raw & L2E_OFFSET_MASK) >> walk.cbits;
-            let r = if has_df {
-                1
-            } else {
-                match stored.get(c) {
-                    Ok(r) => r,
-                    Err(_) => continue,
+            // The entries after this one that continue it (same flags, next host
+            // cluster) are judged with it, one refcount block span at a time.
+            let mut k = 1usize;
+            if !has_df {
+                while j.saturating_add(k) < entries
+                    && raw_at(j.saturating_add(k))
+                        == raw.wrapping_add((k as u64).wrapping_mul(walk.cs))
+                    && (raw_at(j.saturating_add(k)) & L2E_OFFSET_MASK) > (raw & L2E_OFFSET_MASK)
+                {
+                    k = k.saturating_add(1);
                 }
-            };
-            if (r == 1) != e.copied() {
+            }
+            let mut bad: Vec<(usize, u64)> = Vec::new();
+            if has_df {
+                if !e.copied() {
+                    bad.push((j, 1));
+                }
+            } else {
+                stored.each_copied_mismatch(c, k as u64, e.copied(), &mut |x, r| {
+                    bad.push((j.saturating_add(x as usize), r));
+                });
+            }
+            j = j.saturating_add(k);
+            for (j, r) in bad {
+                let raw = raw_at(j);
                 let msg = format!("ERROR OFLAG_COPIED data cluster: l2_entry={raw:x} refcount={r}");
                 let cbits = walk.cbits;
                 let name = walk.l1_name(L1Id::Active);

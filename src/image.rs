@@ -534,6 +534,68 @@ impl<'a> RefcountReader<'a> {
         self.order
     }
 
+    /// Call `f(k, refcount)` for each cluster `c + k` (`k < n`) whose refcount
+    /// being 1 disagrees with `one` (what a COPIED flag claims). Clusters whose
+    /// refcount block is misaligned are skipped, as [`RefcountReader::get`]'s
+    /// callers skip them. For 16-bit refcounts a block's span that is all ones is
+    /// recognised with one comparison.
+    pub fn each_copied_mismatch(&mut self, c: u64, n: u64, one: bool, f: &mut dyn FnMut(u64, u64)) {
+        // Evaluated at compile time, where an index out of bounds cannot compile.
+        #[allow(clippy::indexing_slicing)]
+        const ONES: [u8; 512] = {
+            let mut a = [0u8; 512];
+            let mut i = 1;
+            while i < 512 {
+                a[i] = 1;
+                i += 2;
+            }
+            a
+        };
+        let mut k = 0u64;
+        while k < n {
+            let cl = c.saturating_add(k);
+            let ti = cl >> self.block_bits;
+            let first = cl & self.block_mask;
+            // first <= block_mask and k < n: neither subtraction wraps.
+            let in_block = self
+                .block_mask
+                .saturating_sub(first)
+                .saturating_add(1)
+                .min(n.saturating_sub(k));
+            let order = self.order;
+            match self.block(ti) {
+                Err(_) => {}
+                Ok(None) => {
+                    if one {
+                        for j in 0..in_block {
+                            f(k.saturating_add(j), 0);
+                        }
+                    }
+                }
+                Ok(Some(b)) => {
+                    let mut j = 0u64;
+                    while j < in_block {
+                        let idx = first.saturating_add(j);
+                        // 256 refcounts of 16 bits at once, when all are 1.
+                        if one && order == 4 && j.saturating_add(256) <= in_block {
+                            let at = usize::try_from(idx).unwrap_or(usize::MAX).saturating_mul(2);
+                            if b.get(at..at.saturating_add(512)) == Some(&ONES[..]) {
+                                j = j.saturating_add(256);
+                                continue;
+                            }
+                        }
+                        let r = refcount::get_refcount(b, order, idx);
+                        if (r == 1) != one {
+                            f(k.saturating_add(j), r);
+                        }
+                        j = j.saturating_add(1);
+                    }
+                }
+            }
+            k = k.saturating_add(in_block.max(1));
+        }
+    }
+
     /// The stored refcount of cluster `c`, or `Err((table index, block offset))`
     /// if its refcount block is not cluster-aligned (QEMU: EIO).
     #[inline]
@@ -610,6 +672,36 @@ mod tests {
         assert_eq!(img.refcount(HostCluster(3)).unwrap(), 1);
         assert_eq!(img.refcount(HostCluster(4)).unwrap(), 0);
         assert_eq!(img.refcount(HostCluster(1 << 40)).unwrap(), 0);
+    }
+
+    #[test]
+    fn copied_mismatches_are_found_per_cluster_and_in_spans_of_ones() {
+        // 512-byte clusters, 16-bit refcounts: 256 refcounts per block. Block 0
+        // (at cluster 2) says 1 for clusters 0..=255 but 2 for cluster 7; block 1
+        // (a new one at cluster 4) says 1 for 256..=511; there is no block 2.
+        let mut b = tiny_image();
+        b.resize(512 * 5, 0);
+        b[512 + 8..512 + 16].copy_from_slice(&(4u64 * 512).to_be_bytes());
+        for i in 0..256 {
+            b[2 * 512 + 2 * i..2 * 512 + 2 * i + 2].copy_from_slice(&1u16.to_be_bytes());
+            b[4 * 512 + 2 * i..4 * 512 + 2 * i + 2].copy_from_slice(&1u16.to_be_bytes());
+        }
+        b[2 * 512 + 2 * 7 + 1] = 2;
+        let img = Qcow2::open(Arc::new(MemSource::new("t", b)), Strictness::Lenient).unwrap();
+        let mut r = RefcountReader::new(&img);
+        let mut got = Vec::new();
+        r.each_copied_mismatch(0, 520, true, &mut |k, rc| got.push((k, rc)));
+        let mut want = vec![(7, 2)];
+        want.extend((512..520).map(|k| (k, 0)));
+        assert_eq!(got, want);
+        // COPIED clear: every refcount of 1 is the mismatch.
+        let mut got = Vec::new();
+        r.each_copied_mismatch(5, 4, false, &mut |k, rc| got.push((k, rc)));
+        assert_eq!(got, vec![(0, 1), (1, 1), (3, 1)]);
+        // Far past the refcount table: no block, refcount 0.
+        let mut got = Vec::new();
+        r.each_copied_mismatch(1 << 30, 2, true, &mut |k, rc| got.push((k, rc)));
+        assert_eq!(got, vec![(0, 0), (1, 0)]);
     }
 
     #[test]

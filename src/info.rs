@@ -1,8 +1,9 @@
 //! The summary `qemu-img info` prints, computed from the file alone.
 //!
-//! [`qemu_info`] builds the same JSON object as `qemu-img info --output=json`
-//! (without `children`): like qemu-img, it looks only at the image itself, never at
-//! its backing file or data file. [`Summary`] adds what qinspect knows beyond that.
+//! [`qemu_info_qcow2`] (and [`qemu_info_raw`]) build the same JSON object as
+//! `qemu-img info --output=json` (without `children`): like qemu-img, they look only
+//! at the image itself, never at its backing file or data file. [`extra_info`] adds
+//! what qinspect knows beyond that.
 
 use crate::bytes::{be32, slice};
 use crate::chain::{has_protocol, path_combine};
