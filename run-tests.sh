@@ -4,6 +4,7 @@
 # `--setup-only` installs what is missing and stops.
 #
 #   qemu-img, qemu-io  qemu-utils 10.0.2 (on Debian bookworm: from bookworm-backports)
+#   qemu-system-x86_64 qemu-system-x86 10.0.2, same suite (tests make savevm images)
 #   tmux               for tests/tui_tmux.rs
 #   cargo-deb          for the .deb build (from crates.io)
 #
@@ -69,6 +70,11 @@ install_qemu() {
 
 if ! qemu_ok; then
     install_qemu
+fi
+# qemu-system-x86_64 (savevm images with VM state), from the same suite as
+# qemu-utils, keeping qemu-img at $QEMU_VERSION.
+if ! command -v qemu-system-x86_64 >/dev/null; then
+    as_root .ci/install-qemu-system.sh
 fi
 if ! command -v tmux >/dev/null; then
     apt_update
