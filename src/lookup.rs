@@ -12,7 +12,7 @@ use crate::compress;
 use crate::error::{Error, Result};
 use crate::image::{Qcow2, View};
 use crate::io::{Source, read_into};
-use crate::tables::{CompressedDescriptor, L1Entry, L2Entry, SubclusterType};
+use crate::tables::{ClusterType, CompressedDescriptor, L1Entry, L2Entry, SubclusterType};
 use crate::types::{GuestOffset, HostOffset};
 use serde::Serialize;
 
@@ -925,7 +925,10 @@ fn trace_qcow2(
             bitmap: geo.extended_l2.then(|| format!("{:#018x}", e.bitmap)),
             cluster_type: format!("{ct:?}").to_lowercase(),
             subcluster_type: st.name().into(),
-            host_offset: (!e.compressed() && e.host_offset().0 != 0)
+            // Offset 0 is a host cluster too where an external data file holds the
+            // data (guest offset = host offset).
+            host_offset: (!e.compressed()
+                && (e.host_offset().0 != 0 || (has_df && ct == ClusterType::Normal)))
                 .then(|| e.host_offset().to_string()),
             copied: e.copied(),
             compressed: e.compressed_descriptor(&geo),

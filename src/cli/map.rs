@@ -17,6 +17,8 @@ offset (where the bytes are in that layer's file).\n\n\
 The readable table shows every extent with the file that holds it; colours: green data, \
 blue zeros, magenta compressed, yellow for ranges answered by a backing file.\n\n\
 --snapshot maps an internal snapshot's view (what `qemu-nbd -l` would serve).\n\n\
+An encrypted image needs its key, as with qemu-img map (the same --object/--image-opts \
+or --passphrase-file options as read).\n\n\
 Several images get one table each, under the image's name; one that cannot be read is \
 reported and the others are still mapped (exit code 1). --json takes one image, since its \
 output is qemu-img's JSON array."
@@ -41,6 +43,8 @@ pub struct Args {
     /// Bytes to map (like qemu-img map -l).
     #[arg(long, value_parser = parse_size)]
     pub max_length: Option<u64>,
+    #[command(flatten)]
+    pub key: super::secret::KeyArgs,
 }
 
 /// Run `qinspect map`.
@@ -71,7 +75,12 @@ pub fn run(a: Args) -> CmdResult {
 }
 
 fn run_one(a: &Args, image: &std::path::Path) -> CmdResult {
-    let chain = open_chain(image, a.snapshot.as_deref(), Strictness::Qemu)?;
+    // qemu-img map opens encrypted images with their key, and refuses without one.
+    let mut image = image.to_path_buf();
+    let keys = a.key.resolve(&mut image)?;
+    let chain = open_chain(&image, a.snapshot.as_deref(), Strictness::Qemu)?;
+    keys.unlock(&chain)?;
+    super::secret::Keys::require(&chain)?;
     let entries = map_range(&chain, a.start_offset, a.max_length.unwrap_or(u64::MAX))?;
     if a.json {
         let mut out = std::io::stdout().lock();
