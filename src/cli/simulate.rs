@@ -16,7 +16,8 @@ use std::sync::Arc;
     after_help = "Operations, each one argument, simulated in order on an in-memory \
 copy of the metadata (the image is never written):\n  \
 snapshot-create:NAME        qemu-img snapshot -c NAME\n  \
-snapshot-delete:ID_OR_NAME  qemu-img snapshot -d ID_OR_NAME\n  \
+snapshot-delete:NAME        qemu-img snapshot -d NAME (names only, as qemu-img)\n  \
+snapshot-delete-id:ID       QMP snapshot-delete-internal-sync with an id\n  \
 snapshot-apply:ID_OR_NAME   qemu-img snapshot -a ID_OR_NAME\n  \
 write:OFFSET:LENGTH         a guest write (qemu-io -c 'write OFFSET LENGTH')\n  \
 discard:OFFSET:LENGTH       a guest discard (qemu-io -c 'discard OFFSET LENGTH')\n  \

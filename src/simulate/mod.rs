@@ -19,6 +19,8 @@
 //! image ([`Sim::image`]) that the checker, map and read can look at. Nothing is
 //! ever written to the real file.
 
+mod bitmaps;
+
 use crate::error::{Error, Result};
 use crate::header::Header;
 use crate::image::{Qcow2, Strictness};
@@ -272,10 +274,15 @@ pub enum Op {
         /// Name.
         name: String,
     },
-    /// `qemu-img snapshot -d ID_OR_NAME`.
+    /// `qemu-img snapshot -d NAME` (names only, as qemu-img matches them).
     SnapshotDelete {
-        /// ID or name.
+        /// Name.
         id_or_name: String,
+    },
+    /// QMP `snapshot-delete-internal-sync` with only an `id`.
+    SnapshotDeleteId {
+        /// Snapshot ID.
+        id: String,
     },
     /// `qemu-img snapshot -a ID_OR_NAME`.
     SnapshotApply {
@@ -332,6 +339,7 @@ impl Op {
             "snapshot-delete" => Ok(Op::SnapshotDelete {
                 id_or_name: need("an ID or NAME")?,
             }),
+            "snapshot-delete-id" => Ok(Op::SnapshotDeleteId { id: need("an ID")? }),
             "snapshot-apply" => Ok(Op::SnapshotApply {
                 id_or_name: need("an ID or NAME")?,
             }),
@@ -361,7 +369,7 @@ impl Op {
                 })
             }
             _ => Err(format!(
-                "'{s}': unknown operation (snapshot-create, snapshot-delete, snapshot-apply, write, discard, refcount-update)"
+                "'{s}': unknown operation (snapshot-create, snapshot-delete, snapshot-delete-id, snapshot-apply, write, discard, refcount-update)"
             )),
         }
     }
@@ -374,6 +382,11 @@ impl Op {
             }
             Op::SnapshotDelete { id_or_name } => {
                 format!("snapshot-delete '{id_or_name}' (qemu-img snapshot -d {id_or_name})")
+            }
+            Op::SnapshotDeleteId { id } => {
+                format!(
+                    "snapshot-delete-id '{id}' (QMP snapshot-delete-internal-sync with id '{id}')"
+                )
             }
             Op::SnapshotApply { id_or_name } => {
                 format!("snapshot-apply '{id_or_name}' (qemu-img snapshot -a {id_or_name})")
@@ -468,17 +481,39 @@ pub struct Sim {
     pub freed: Vec<(u64, String)>,
     backing: Option<crate::chain::Chain>,
     backing_named: bool,
+    /// Persistent bitmaps, stored again at the end of every operation.
+    bitmaps: Option<bitmaps::Bitmaps>,
+    /// QEMU refuses to open the image read-write: its message.
+    open_refused: Option<String>,
+    /// What QEMU would do on open that is not modelled: every operation says so.
+    not_modelled: Option<String>,
 }
 
 /// Failure inside a simulated operation (QEMU's errno, and why).
 #[derive(Debug)]
-struct Fail(String);
+enum Fail {
+    /// QEMU fails the operation with this message.
+    Msg(String),
+    /// QEMU's `-EAGAIN` from `alloc_refcount_block`: a new refcount block was
+    /// hooked up, possibly where the caller meant to put its clusters, so the
+    /// caller undoes its refcount changes and searches again.
+    Again,
+}
+
+impl Fail {
+    fn text(self) -> String {
+        match self {
+            Fail::Msg(m) => m,
+            Fail::Again => "a new refcount block was allocated in the middle of an update that cannot be restarted (Resource temporarily unavailable)".into(),
+        }
+    }
+}
 
 type SimResult<T> = std::result::Result<T, Fail>;
 
 impl From<Error> for Fail {
     fn from(e: Error) -> Self {
-        Fail(e.to_string())
+        Fail::Msg(e.to_string())
     }
 }
 
@@ -529,7 +564,23 @@ impl Sim {
             }
             None => None,
         };
+        let (bitmaps, mut not_modelled) = match bitmaps::load(img) {
+            Ok(b) => (b, None),
+            Err(why) => (None, Some(why)),
+        };
+        let open_refused = h.corrupt().then(|| {
+            format!(
+                "Could not open '{}': qcow2: Image is corrupt; cannot be opened read/write",
+                path.display()
+            )
+        });
+        if h.dirty() && not_modelled.is_none() {
+            not_modelled = Some("the dirty bit is set (lazy refcounts): QEMU rebuilds or repairs the refcounts on a read-write open before anything else, which qinspect does not model; `qemu-img check -r all` on a copy gives the image QEMU would start from".into());
+        }
         Ok(Sim {
+            bitmaps,
+            open_refused,
+            not_modelled,
             base: img.src.clone(),
             path: path.to_path_buf(),
             geo,
@@ -617,7 +668,7 @@ impl Sim {
             .checked_add(data.len() as u64)
             .is_none_or(|e| e > i64::MAX as u64)
         {
-            return Err(Fail(format!(
+            return Err(Fail::Msg(format!(
                 "a write of {} bytes at {off:#x} ends past the largest offset QEMU can write (EIO)",
                 data.len()
             )));
@@ -626,7 +677,7 @@ impl Sim {
         // 16 TiB); QEMU then fails the write.
         let end = off.saturating_add(data.len() as u64);
         if end > MAX_FILE_LEN && end > self.file_len {
-            return Err(Fail(format!(
+            return Err(Fail::Msg(format!(
                 "a write at {off:#x} would grow the image file to {end} bytes, past what file systems allow (EFBIG)"
             )));
         }
@@ -727,7 +778,7 @@ impl Sim {
             return Ok(0);
         }
         if !block.is_multiple_of(self.cs) {
-            return Err(Fail(format!(
+            return Err(Fail::Msg(format!(
                 "Refblock offset {block:#x} unaligned (reftable index: {ti:#x}) (EIO)"
             )));
         }
@@ -776,7 +827,7 @@ impl Sim {
             cur.checked_add(addend).filter(|&n| n <= self.max_refcount)
         };
         let Some(new) = new else {
-            return Err(Fail(format!(
+            return Err(Fail::Msg(format!(
                 "refcount of cluster {c} would {} ({cur} {} {addend}, {}-bit refcounts) (EINVAL)",
                 if decrease { "go below 0" } else { "overflow" },
                 if decrease { "-" } else { "+" },
@@ -799,7 +850,7 @@ impl Sim {
     /// for the case where the table has room).
     fn refcount_block_for(&mut self, ti: u64, for_cluster: u64) -> SimResult<u64> {
         if ti >= self.reftable_len() {
-            return Err(Fail(format!(
+            return Err(Fail::Msg(format!(
                 "cluster {for_cluster} is beyond what the refcount table covers; QEMU would grow the refcount table here, which qinspect does not model"
             )));
         }
@@ -807,7 +858,9 @@ impl Sim {
         let block = e & crate::refcount::REFT_OFFSET_MASK;
         if block != 0 {
             if !block.is_multiple_of(self.cs) {
-                return Err(Fail(format!("Refblock offset {block:#x} unaligned (EIO)")));
+                return Err(Fail::Msg(format!(
+                    "Refblock offset {block:#x} unaligned (EIO)"
+                )));
             }
             return Ok(block);
         }
@@ -817,6 +870,8 @@ impl Sim {
     /// A missing refcount block: QEMU allocates one. If the new block would itself
     /// be described by the block being created, it describes itself.
     fn new_refcount_block(&mut self, ti: u64, for_cluster: u64) -> SimResult<u64> {
+        // Either way the caller restarts: this returns `Fail::Again` once the
+        // block is hooked up.
         let saved = self.reason.clone();
         // alloc_clusters_noref: the lowest free cluster (refcounts as they stand).
         let new_c = self.find_free(1)?;
@@ -872,8 +927,12 @@ impl Sim {
             before,
             new_off,
         );
+        self.note(
+            "the new refcount block may sit where the clusters being counted were meant to go: QEMU undoes this update and searches again (EAGAIN)"
+            .to_string(),
+        );
         self.reason = saved;
-        Ok(new_off)
+        Err(Fail::Again)
     }
 
     /// QEMU's `alloc_clusters_noref`: `n` contiguous clusters with refcount 0,
@@ -884,7 +943,7 @@ impl Sim {
         while found < n {
             let c = self.free_cluster_index;
             if c > limit {
-                return Err(Fail("no free clusters found (EFBIG)".into()));
+                return Err(Fail::Msg("no free clusters found (EFBIG)".into()));
             }
             // c <= limit, and found <= n: neither can overflow.
             self.free_cluster_index = c.saturating_add(1);
@@ -902,7 +961,10 @@ impl Sim {
     fn take_clusters(&mut self, off: u64, len: u64, first: u64, purpose: &str) -> SimResult<()> {
         let saved = self.reason.clone();
         self.why(format!("allocated for {purpose}"));
-        self.update_refcount(off, len, 1, false)?;
+        if let Err(e) = self.update_refcount(off, len, 1, false) {
+            self.reason = saved;
+            return Err(e);
+        }
         self.record(
             Target::Allocate {
                 offset: off,
@@ -919,7 +981,22 @@ impl Sim {
 
     /// QEMU's `qcow2_alloc_clusters`: find, then +1 on each.
     fn alloc_clusters(&mut self, size: u64, purpose: &str) -> SimResult<u64> {
-        let n = size.div_ceil(self.cs).max(1);
+        let n = size.div_ceil(self.cs);
+        if n == 0 {
+            // alloc_clusters_noref(0) looks at nothing and returns the hint as it
+            // stands; update_refcount of 0 bytes counts nothing.
+            return Ok(self.cluster_start(self.free_cluster_index));
+        }
+        loop {
+            match self.alloc_clusters_once(n, purpose) {
+                Err(Fail::Again) => continue,
+                r => return r,
+            }
+        }
+    }
+
+    /// One round of `qcow2_alloc_clusters`' loop.
+    fn alloc_clusters_once(&mut self, n: u64, purpose: &str) -> SimResult<u64> {
         let first = self.find_free(n)?;
         // A range that does not fit in 64 bits is refused rather than wrapped.
         let range = first
@@ -927,7 +1004,7 @@ impl Sim {
             .zip(n.checked_mul(self.cs))
             .and_then(|(off, len)| Some((off, len, off.checked_add(len)?)));
         let Some((off, len, end)) = range else {
-            return Err(Fail(format!(
+            return Err(Fail::Msg(format!(
                 "{n} clusters from cluster {first} do not fit in the file (EFBIG)"
             )));
         };
@@ -951,7 +1028,8 @@ impl Sim {
             0,
             0,
         );
-        if let Err(Fail(e)) = self.update_refcount(off, size, 1, true) {
+        if let Err(e) = self.update_refcount(off, size, 1, true) {
+            let e = e.text();
             self.note(format!(
                 "QEMU: qcow2_free_clusters failed: {e}; the clusters are leaked"
             ));
@@ -1023,7 +1101,7 @@ impl Sim {
             }
             let l2 = old_l1 & L1E_OFFSET_MASK;
             if !l2.is_multiple_of(self.cs) {
-                result = Err(Fail(format!(
+                result = Err(Fail::Msg(format!(
                     "L2 table offset {l2:#x} unaligned (L1 index: {i:#x}) (EIO)"
                 )));
                 break;
@@ -1057,7 +1135,7 @@ impl Sim {
                     }
                     ClusterType::Normal | ClusterType::ZeroAlloc => {
                         if !off.is_multiple_of(self.cs) {
-                            result = Err(Fail(format!(
+                            result = Err(Fail::Msg(format!(
                                 "Cluster allocation offset {off:#x} unaligned (L2 offset: {l2:#x}, L2 index: {j:#x}) (EIO)"
                             )));
                             break 'outer;
@@ -1182,7 +1260,7 @@ impl Sim {
                 .saturating_add(s.name.len() as u64);
         }
         if size > crate::snapshot::MAX_TABLE_BYTES {
-            return Err(Fail(
+            return Err(Fail::Msg(
                 "the snapshot table would exceed 64 MiB (EFBIG)".into(),
             ));
         }
@@ -1273,10 +1351,12 @@ impl Sim {
 
     fn check_snapshot_l1(&self, sn: &SimSnapshot) -> SimResult<()> {
         if u64::from(sn.l1_size) > crate::tables::MAX_L1_ENTRIES {
-            return Err(Fail("Snapshot L1 table too large (EFBIG)".into()));
+            return Err(Fail::Msg("Snapshot L1 table too large (EFBIG)".into()));
         }
         if !sn.l1_table_offset.is_multiple_of(self.cs) {
-            return Err(Fail("Snapshot L1 table offset invalid (EINVAL)".into()));
+            return Err(Fail::Msg(
+                "Snapshot L1 table offset invalid (EINVAL)".into(),
+            ));
         }
         Ok(())
     }
@@ -1285,10 +1365,12 @@ impl Sim {
 
     fn snapshot_create(&mut self, name: &str) -> SimResult<()> {
         if self.snapshots.len() as u64 >= crate::snapshot::MAX_SNAPSHOTS {
-            return Err(Fail("the image already has 65536 snapshots (EFBIG)".into()));
+            return Err(Fail::Msg(
+                "the image already has 65536 snapshots (EFBIG)".into(),
+            ));
         }
         if self.has_data_file {
-            return Err(Fail(
+            return Err(Fail::Msg(
                 "snapshots are not supported with an external data file (ENOTSUP)".into(),
             ));
         }
@@ -1343,32 +1425,39 @@ impl Sim {
         Ok(())
     }
 
-    fn snapshot_delete(&mut self, id_or_name: &str) -> SimResult<()> {
+    fn snapshot_delete(&mut self, id_or_name: &str, by_id: bool) -> SimResult<()> {
         if self.has_data_file {
-            return Err(Fail(
+            return Err(Fail::Msg(
                 "snapshots are not supported with an external data file (ENOTSUP)".into(),
             ));
         }
-        // qemu-img snapshot -d looks the snapshot up by name (the first match);
-        // an ID is accepted too, as QMP's snapshot-delete-internal-sync does.
-        let by_name = self.snapshots.iter().position(|s| s.name == id_or_name);
-        let Some(i) = by_name.or_else(|| self.snapshots.iter().position(|s| s.id == id_or_name))
-        else {
-            return Err(Fail(format!(
-                "Could not delete snapshot '{id_or_name}': snapshot not found (ENOENT)"
-            )));
+        // qemu-img snapshot -d looks the snapshot up by name only
+        // (bdrv_snapshot_find), the first match; HMP's delvm and QMP's
+        // snapshot-delete-internal-sync also take an ID (`snapshot-delete-id`).
+        let i = if by_id {
+            self.snapshots.iter().position(|s| s.id == id_or_name)
+        } else {
+            self.snapshots.iter().position(|s| s.name == id_or_name)
+        };
+        let Some(i) = i else {
+            let hint = match self.snapshots.iter().find(|s| !by_id && s.id == id_or_name) {
+                Some(s) => format!(
+                    " ('{id_or_name}' is the ID of snapshot '{}': qemu-img snapshot -d matches names only; snapshot-delete-id:{id_or_name} models QMP's snapshot-delete-internal-sync by ID)",
+                    s.name
+                ),
+                None => String::new(),
+            };
+            return Err(Fail::Msg(if by_id {
+                format!("Snapshot with id '{id_or_name}' does not exist")
+            } else {
+                format!("Could not delete snapshot '{id_or_name}': snapshot not found{hint}")
+            }));
         };
         let sn = self
             .snapshots
             .get(i)
             .cloned()
-            .ok_or_else(|| Fail("no snapshot".into()))?;
-        if by_name.is_none() {
-            self.note(format!(
-                "'{id_or_name}' is the ID of snapshot '{}': qemu-img snapshot -d matches names only (use -d '{}')",
-                sn.name, sn.name
-            ));
-        }
+            .ok_or_else(|| Fail::Msg("no snapshot".into()))?;
         self.check_snapshot_l1(&sn)?;
         let label = format!("snapshot {} '{}' L1", sn.id, sn.name);
         self.snapshots.remove(i);
@@ -1394,30 +1483,36 @@ impl Sim {
     }
 
     fn snapshot_apply(&mut self, id_or_name: &str) -> SimResult<()> {
+        if self.has_bitmaps() {
+            // bdrv_snapshot_goto refuses before looking the snapshot up.
+            return Err(Fail::Msg(format!(
+                "Could not apply snapshot '{id_or_name}': Device has active dirty bitmaps"
+            )));
+        }
         if self.has_data_file {
-            return Err(Fail(
+            return Err(Fail::Msg(
                 "snapshots are not supported with an external data file (ENOTSUP)".into(),
             ));
         }
         let Some(i) = self.find_snapshot(id_or_name) else {
-            return Err(Fail(format!(
-                "Can't find the snapshot '{id_or_name}' (ENOENT)"
+            return Err(Fail::Msg(format!(
+                "Could not apply snapshot '{id_or_name}': Failed to load snapshot: No such file or directory"
             )));
         };
         let sn = self
             .snapshots
             .get(i)
             .cloned()
-            .ok_or_else(|| Fail("no snapshot".into()))?;
+            .ok_or_else(|| Fail::Msg("no snapshot".into()))?;
         self.check_snapshot_l1(&sn)?;
         if sn.disk_size != self.size & !511 {
-            return Err(Fail(format!(
+            return Err(Fail::Msg(format!(
                 "the snapshot's disk size ({}) differs from the current size ({}); QEMU would resize the image first, which qinspect does not model",
                 sn.disk_size, self.size
             )));
         }
         if u64::from(sn.l1_size) > self.l1.len() as u64 {
-            return Err(Fail(
+            return Err(Fail::Msg(
                 "the snapshot's L1 table is larger than the active one; QEMU would grow the active L1 first, which qinspect does not model".into(),
             ));
         }
@@ -1472,7 +1567,7 @@ impl Sim {
             );
         }
         let Some(i) = self.find_snapshot(l1) else {
-            return Err(Fail(format!(
+            return Err(Fail::Msg(format!(
                 "no snapshot '{l1}' (use 'active' or a snapshot ID or name)"
             )));
         };
@@ -1480,7 +1575,7 @@ impl Sim {
             .snapshots
             .get(i)
             .cloned()
-            .ok_or_else(|| Fail("no snapshot".into()))?;
+            .ok_or_else(|| Fail::Msg("no snapshot".into()))?;
         self.check_snapshot_l1(&sn)?;
         self.update_snapshot_refcount(sn.l1_table_offset, u64::from(sn.l1_size), addend)
     }
@@ -1492,20 +1587,37 @@ impl Sim {
         // Each operation is a fresh open of the image (a separate qemu-img or
         // qemu-io command), so QEMU's free-cluster hint starts at 0 again.
         self.free_cluster_index = 0;
-        let r = match op {
-            Op::SnapshotCreate { name } => self.snapshot_create(name),
-            Op::SnapshotDelete { id_or_name } => self.snapshot_delete(id_or_name),
-            Op::SnapshotApply { id_or_name } => self.snapshot_apply(id_or_name),
-            Op::Write { offset, length } => self.write(*offset, *length),
-            Op::Discard { offset, length } => self.discard(*offset, *length),
-            Op::RefcountUpdate { l1, addend } => self.refcount_walk(l1, *addend),
+        let r = if let Some(m) = &self.open_refused {
+            // qemu-img and qemu-io stop at the open: nothing is written.
+            Err(Fail::Msg(m.clone()))
+        } else if let Some(why) = &self.not_modelled {
+            Err(Fail::Msg(format!("not simulated: {why}")))
+        } else {
+            let r = self.run_op(op);
+            // The close: persistent bitmaps are stored again even when the
+            // operation failed.
+            let closed = self.store_bitmaps();
+            r.and(closed)
         };
+        let error = r.err().map(|f| qemu_words(op, f.text()));
         self.records.push(OpRecord {
             op: op.clone(),
             description: op.describe(),
             steps: std::mem::take(&mut self.steps),
-            error: r.err().map(|Fail(e)| e),
+            error,
         });
+    }
+
+    fn run_op(&mut self, op: &Op) -> SimResult<()> {
+        match op {
+            Op::SnapshotCreate { name } => self.snapshot_create(name),
+            Op::SnapshotDelete { id_or_name } => self.snapshot_delete(id_or_name, false),
+            Op::SnapshotDeleteId { id } => self.snapshot_delete(id, true),
+            Op::SnapshotApply { id_or_name } => self.snapshot_apply(id_or_name),
+            Op::Write { offset, length } => self.write(*offset, *length),
+            Op::Discard { offset, length } => self.discard(*offset, *length),
+            Op::RefcountUpdate { l1, addend } => self.refcount_walk(l1, *addend),
+        }
     }
 
     // ---- results -------------------------------------------------------------------
@@ -1566,7 +1678,14 @@ impl Sim {
     /// cache cannot cover the disk; then 4 KiB slices.
     fn slice_entries(&self) -> u64 {
         let per_table = self.geo.l2_entries();
-        let needed = self.size.div_ceil(self.cs).saturating_mul(8);
+        // read_cache_sizes: one entry (8 or 16 bytes) per guest cluster, rounded
+        // up to whole clusters, against the 32 MiB default.
+        let needed = self
+            .size
+            .div_ceil(self.cs)
+            .saturating_mul(self.geo.l2_entry_size())
+            .div_ceil(self.cs)
+            .saturating_mul(self.cs);
         if needed > 32 << 20 {
             self.cs
                 .min(4096)
@@ -1631,7 +1750,7 @@ impl Sim {
     fn cluster_table(&mut self, guest: u64) -> SimResult<u64> {
         let i = self.geo.l1_index(GuestOffset(guest));
         let Some(&e) = self.l1.get(i as usize) else {
-            return Err(Fail(format!(
+            return Err(Fail::Msg(format!(
                 "guest offset {guest:#x} is beyond the L1 table; QEMU would grow it, which qinspect does not model"
             )));
         };
@@ -1713,16 +1832,24 @@ impl Sim {
     /// `off`, up to `n`, +1 each.
     fn alloc_clusters_at(&mut self, off: u64, n: u64, purpose: &str) -> SimResult<u64> {
         let first = self.cluster_of(off);
-        let mut i = 0u64;
-        while i < n && self.get_refcount(first.saturating_add(i))? == 0 {
-            i = i.saturating_add(1);
-        }
-        if i > 0 {
+        loop {
+            let mut i = 0u64;
+            while i < n && self.get_refcount(first.saturating_add(i))? == 0 {
+                i = i.saturating_add(1);
+            }
+            if i == 0 {
+                return Ok(0);
+            }
             let len = self.clusters_bytes(i);
-            self.take_clusters(off, len, first, purpose)?;
-            self.file_len = self.file_len.max(off.saturating_add(len));
+            match self.take_clusters(off, len, first, purpose) {
+                Err(Fail::Again) => continue,
+                Err(e) => return Err(e),
+                Ok(()) => {
+                    self.file_len = self.file_len.max(off.saturating_add(len));
+                    return Ok(i);
+                }
+            }
         }
-        Ok(i)
     }
 
     /// A guest write of `length` bytes at `offset` (`qcow2_co_pwritev_part`).
@@ -1733,11 +1860,12 @@ impl Sim {
     /// saturate on any image, they only rule out wraparound.
     fn write(&mut self, offset: u64, length: u64) -> SimResult<()> {
         let Some(end) = offset.checked_add(length).filter(|&e| e <= self.size) else {
-            return Err(Fail(format!(
-                "the write ends past the end of the disk ({} bytes) (EIO)",
+            return Err(Fail::Msg(format!(
+                "write failed: Input/output error (the request ends past the end of the disk, {} bytes, so the block layer refuses all of it)",
                 self.size
             )));
         };
+        self.mark_dirty(offset, length);
         let cs = self.cs;
         let sc_bits = self.geo.subcluster_bits();
         let mut frees: Vec<(u64, String)> = Vec::new();
@@ -1762,7 +1890,7 @@ impl Sim {
                 if !self.needs_new_alloc(raw) {
                     let host = raw & L2E_OFFSET_MASK;
                     if !host.is_multiple_of(cs) {
-                        return Err(Fail(format!(
+                        return Err(Fail::Msg(format!(
                             "Data cluster offset {host:#x} unaligned (guest offset: {pos:#x}) (EIO)"
                         )));
                     }
@@ -1822,7 +1950,7 @@ impl Sim {
                     let _ = bitmap;
                     host_next = Some(host.saturating_add(keep.saturating_mul(cs)));
                     if write_end <= pos {
-                        return Err(Fail(format!(
+                        return Err(Fail::Msg(format!(
                             "no progress at guest {pos:#x}: the L2 entries there are inconsistent"
                         )));
                     }
@@ -1898,7 +2026,7 @@ impl Sim {
                 }
                 host_next = Some(host.saturating_add(n.saturating_mul(cs)));
                 if bytes == 0 {
-                    return Err(Fail(format!(
+                    return Err(Fail::Msg(format!(
                         "no progress at guest {pos:#x}: the L2 entries there are inconsistent"
                     )));
                 }
@@ -2032,7 +2160,13 @@ impl Sim {
     /// A guest discard (`qcow2_co_pdiscard` after the block layer's alignment).
     fn discard(&mut self, offset: u64, length: u64) -> SimResult<()> {
         let cs = self.cs;
-        let end = offset.saturating_add(length).min(self.size);
+        let Some(end) = offset.checked_add(length).filter(|&e| e <= self.size) else {
+            return Err(Fail::Msg(format!(
+                "discard failed: Input/output error (the request ends past the end of the disk, {} bytes, so the block layer refuses all of it)",
+                self.size
+            )));
+        };
+        self.mark_dirty(offset, length);
         let has_backing = self.backing.is_some() || self.backing_named;
         if self.version < 3 && has_backing {
             self.note(
@@ -2187,4 +2321,46 @@ pub fn summarize(list: &[(u64, u64, String)]) -> BTreeMap<String, u64> {
         *total = total.saturating_add(*len);
     }
     m
+}
+
+/// An error as QEMU's tool would print it: its prefix for the operation and the
+/// errno's text, then what qinspect knows of why.
+fn qemu_words(op: &Op, detail: String) -> String {
+    const ALREADY: [&str; 5] = [
+        "Could not ",
+        "write failed: ",
+        "discard failed: ",
+        "not simulated: ",
+        "Snapshot with id ",
+    ];
+    if ALREADY.iter().any(|p| detail.starts_with(p)) {
+        return detail;
+    }
+    let prefix = match op {
+        Op::SnapshotCreate { name } => format!("Could not create snapshot '{name}': "),
+        Op::SnapshotDelete { id_or_name } => format!("Could not delete snapshot '{id_or_name}': "),
+        Op::SnapshotDeleteId { id } => format!("Could not delete snapshot '{id}': "),
+        Op::SnapshotApply { id_or_name } => format!("Could not apply snapshot '{id_or_name}': "),
+        Op::Write { .. } => "write failed: ".into(),
+        Op::Discard { .. } => "discard failed: ".into(),
+        Op::RefcountUpdate { .. } => String::new(),
+    };
+    const ERRNO: [(&str, &str); 8] = [
+        ("EINVAL", "Invalid argument"),
+        ("EIO", "Input/output error"),
+        ("EFBIG", "File too large"),
+        ("ENOTSUP", "Operation not supported"),
+        ("ENOENT", "No such file or directory"),
+        ("ENOSPC", "No space left on device"),
+        ("EAGAIN", "Resource temporarily unavailable"),
+        ("ENOMEM", "Cannot allocate memory"),
+    ];
+    let text = ERRNO
+        .iter()
+        .find(|(e, _)| detail.contains(&format!("({e})")) || detail.contains(&format!(", {e})")))
+        .map(|(_, t)| *t);
+    match text {
+        Some(t) => format!("{prefix}{t} ({detail})"),
+        None => format!("{prefix}{detail}"),
+    }
 }
