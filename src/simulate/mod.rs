@@ -498,12 +498,15 @@ enum Fail {
     /// hooked up, possibly where the caller meant to put its clusters, so the
     /// caller undoes its refcount changes and searches again.
     Again,
+    /// QEMU would go on here in a way qinspect does not follow.
+    NotModelled(String),
 }
 
 impl Fail {
     fn text(self) -> String {
         match self {
             Fail::Msg(m) => m,
+            Fail::NotModelled(m) => format!("not simulated: {m}"),
             Fail::Again => "a new refcount block was allocated in the middle of an update that cannot be restarted (Resource temporarily unavailable)".into(),
         }
     }
@@ -850,7 +853,7 @@ impl Sim {
     /// for the case where the table has room).
     fn refcount_block_for(&mut self, ti: u64, for_cluster: u64) -> SimResult<u64> {
         if ti >= self.reftable_len() {
-            return Err(Fail::Msg(format!(
+            return Err(Fail::NotModelled(format!(
                 "cluster {for_cluster} is beyond what the refcount table covers; QEMU would grow the refcount table here, which qinspect does not model"
             )));
         }
@@ -1506,13 +1509,13 @@ impl Sim {
             .ok_or_else(|| Fail::Msg("no snapshot".into()))?;
         self.check_snapshot_l1(&sn)?;
         if sn.disk_size != self.size & !511 {
-            return Err(Fail::Msg(format!(
+            return Err(Fail::NotModelled(format!(
                 "the snapshot's disk size ({}) differs from the current size ({}); QEMU would resize the image first, which qinspect does not model",
                 sn.disk_size, self.size
             )));
         }
         if u64::from(sn.l1_size) > self.l1.len() as u64 {
-            return Err(Fail::Msg(
+            return Err(Fail::NotModelled(
                 "the snapshot's L1 table is larger than the active one; QEMU would grow the active L1 first, which qinspect does not model".into(),
             ));
         }
@@ -1750,7 +1753,7 @@ impl Sim {
     fn cluster_table(&mut self, guest: u64) -> SimResult<u64> {
         let i = self.geo.l1_index(GuestOffset(guest));
         let Some(&e) = self.l1.get(i as usize) else {
-            return Err(Fail::Msg(format!(
+            return Err(Fail::NotModelled(format!(
                 "guest offset {guest:#x} is beyond the L1 table; QEMU would grow it, which qinspect does not model"
             )));
         };
@@ -2340,7 +2343,10 @@ fn qemu_words(op: &Op, detail: String) -> String {
         Op::SnapshotCreate { name } => format!("Could not create snapshot '{name}': "),
         Op::SnapshotDelete { id_or_name } => format!("Could not delete snapshot '{id_or_name}': "),
         Op::SnapshotDeleteId { id } => format!("Could not delete snapshot '{id}': "),
-        Op::SnapshotApply { id_or_name } => format!("Could not apply snapshot '{id_or_name}': "),
+        // bdrv_snapshot_goto words the driver's errno this way.
+        Op::SnapshotApply { id_or_name } => {
+            format!("Could not apply snapshot '{id_or_name}': Failed to load snapshot: ")
+        }
         Op::Write { .. } => "write failed: ".into(),
         Op::Discard { .. } => "discard failed: ".into(),
         Op::RefcountUpdate { .. } => String::new(),
