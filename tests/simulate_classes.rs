@@ -235,3 +235,76 @@ fn the_comparison_catches_a_difference() {
     assert!(d("write:0:4096", "write:65536:4096").contains("differ"));
     assert!(d("write:0:4096", "write:0:99999999").contains("QEMU failed"));
 }
+
+#[test]
+fn growing_the_l1_table_and_resizing() {
+    let w = Work::new();
+    create(&w, "g.qcow2", "", "1G");
+    w.qemu_io("g.qcow2", &["write 0 64k", "write 900M 64k"]);
+    w.qemu_img(&["snapshot", "-c", "s", "g.qcow2"]);
+    // Grow (a new L1), shrink (the tail discarded, L2 freed, file cut), then
+    // back to the snapshot's size through snapshot -a.
+    ok(
+        &w,
+        "g.qcow2",
+        &[
+            "resize:3221225472",
+            "write:3000000000:65536",
+            "resize:536870912",
+            "resize:536870912:shrink",
+            "snapshot-apply:s",
+            "resize:1000000",
+        ],
+    );
+    // The snapshot's L1 is larger than the shrunk active one... and with bitmaps.
+    create(&w, "h.qcow2", "cluster_size=4096", "64M");
+    w.qemu_io("h.qcow2", &["write 0 1M", "write 60M 64k"]);
+    w.qemu_img(&["snapshot", "-c", "big", "h.qcow2"]);
+    w.qemu_img(&["bitmap", "--add", "h.qcow2", "bm"]);
+    ok(
+        &w,
+        "h.qcow2",
+        &[
+            "resize:1048576:shrink",
+            "write:0:4096",
+            "resize:2147483648",
+            "write:2000000000:4096",
+        ],
+    );
+    create(&w, "v2.qcow2", "compat=0.10", "16M");
+    w.qemu_img(&["snapshot", "-c", "s", "v2.qcow2"]);
+    ok(&w, "v2.qcow2", &["resize:33554432"]);
+}
+
+#[test]
+fn growing_the_refcount_table() {
+    let w = Work::new();
+    // 512-byte clusters, 64-bit refcounts: one table cluster covers 2 MiB.
+    create(&w, "t.qcow2", "cluster_size=512,refcount_bits=64", "16M");
+    w.qemu_io("t.qcow2", &["write 0 1M"]);
+    let sim = ok(
+        &w,
+        "t.qcow2",
+        &[
+            "write:1048576:3145728",
+            "snapshot-create:s",
+            "write:8388608:4194304",
+        ],
+    );
+    assert!(
+        sim.records[0]
+            .steps
+            .iter()
+            .any(|c| c.describe().contains("refcount_table_offset"))
+    );
+    create(&w, "u.qcow2", "cluster_size=4096,refcount_bits=64", "1G");
+    ok(
+        &w,
+        "u.qcow2",
+        &[
+            "write:0:67108864",
+            "discard:0:33554432",
+            "write:100000000:40000000",
+        ],
+    );
+}

@@ -190,7 +190,22 @@ fn scenario(seed: u64) -> Scenario {
     }
     let mut ops = Vec::new();
     for i in 0..(2 + d.below(5)) {
-        match d.below(10) {
+        match d.below(11) {
+            10 => {
+                let new = match d.below(3) {
+                    0 => cur_size + ((d.below(8) + 1) << 20),
+                    1 => cur_size / 2 / 512 * 512,
+                    _ => d.below(cur_size / 512 + 1) * 512,
+                };
+                let shrink = d.chance(70);
+                if new >= cur_size || shrink {
+                    cur_size = new;
+                }
+                ops.push(format!(
+                    "resize:{new}{}",
+                    if shrink { ":shrink" } else { "" }
+                ));
+            }
             0..=3 => {
                 let (o, l) = range(&mut d, cur_size);
                 ops.push(format!("write:{o}:{l}"));

@@ -149,6 +149,7 @@ impl Sim {
             drop_tables.push((bm.name.clone(), bm.table_offset, old));
             let mut n = bm.clone();
             n.table_offset = off;
+            n.table_size = table.len() as u32;
             // bm->flags on store: enabled or not; in_use cleared.
             n.flags = bm.flags & FLAG_AUTO;
             new_list.push(n);
@@ -211,7 +212,9 @@ impl Sim {
         // The bitmap covers the disk: one bit per granule, rounded up.
         let total_bits = self.size.div_ceil(1u64 << g_bits);
         let enabled = bm.flags & FLAG_AUTO != 0;
-        let mut table = vec![0u64; bm.table_size as usize];
+        // The table covers the disk as it is now (a resize changes it).
+        let table_size = total_bits.div_ceil(bits_per_cluster);
+        let mut table = vec![0u64; table_size as usize];
         for (k, slot) in table.iter_mut().enumerate() {
             let k = k as u64;
             let first_bit = k.saturating_mul(bits_per_cluster);

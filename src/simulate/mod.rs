@@ -303,6 +303,13 @@ pub enum Op {
         /// Bytes.
         length: u64,
     },
+    /// `qemu-img resize [--shrink] IMG SIZE`.
+    Resize {
+        /// New disk size in bytes.
+        size: u64,
+        /// `--shrink` given.
+        shrink: bool,
+    },
     /// The bare refcount walk over an L1 table.
     RefcountUpdate {
         /// `active` or a snapshot ID or name.
@@ -351,6 +358,24 @@ impl Op {
                 let (offset, length) = range()?;
                 Ok(Op::Discard { offset, length })
             }
+            "resize" => {
+                let (n, shrink) = match rest.split_once(':') {
+                    Some((n, "shrink")) => (n, true),
+                    Some(_) => {
+                        return Err(format!(
+                            "'{s}': resize takes SIZE or SIZE:shrink, e.g. resize:2G"
+                        ));
+                    }
+                    None => (rest, false),
+                };
+                if n.is_empty() {
+                    return Err(format!("'{s}': resize needs a SIZE"));
+                }
+                Ok(Op::Resize {
+                    size: parse_num(n)?,
+                    shrink,
+                })
+            }
             "refcount-update" => {
                 let (l1, a) = rest.rsplit_once(':').ok_or_else(|| {
                     format!("'{s}': refcount-update takes L1:ADDEND, e.g. refcount-update:active:0")
@@ -369,7 +394,7 @@ impl Op {
                 })
             }
             _ => Err(format!(
-                "'{s}': unknown operation (snapshot-create, snapshot-delete, snapshot-delete-id, snapshot-apply, write, discard, refcount-update)"
+                "'{s}': unknown operation (snapshot-create, snapshot-delete, snapshot-delete-id, snapshot-apply, write, discard, resize, refcount-update)"
             )),
         }
     }
@@ -396,6 +421,10 @@ impl Op {
             ),
             Op::Discard { offset, length } => format!(
                 "discard {length} bytes at guest {offset:#x} (qemu-io -c 'discard {offset} {length}')"
+            ),
+            Op::Resize { size, shrink } => format!(
+                "resize the disk to {size} bytes (qemu-img resize{} IMG {size})",
+                if *shrink { " --shrink" } else { "" }
             ),
             Op::RefcountUpdate { l1, addend } => {
                 format!("refcount walk over the {l1} L1 table with addend {addend:+}")
@@ -487,6 +516,9 @@ pub struct Sim {
     open_refused: Option<String>,
     /// What QEMU would do on open that is not modelled: every operation says so.
     not_modelled: Option<String>,
+    /// The file was cut here: bytes from here on read as zeros, not as the
+    /// original file's.
+    zero_from: u64,
 }
 
 /// Failure inside a simulated operation (QEMU's errno, and why).
@@ -584,6 +616,7 @@ impl Sim {
             bitmaps,
             open_refused,
             not_modelled,
+            zero_from: u64::MAX,
             base: img.src.clone(),
             path: path.to_path_buf(),
             geo,
@@ -637,10 +670,17 @@ impl Sim {
 
     fn cluster(&mut self, c: u64) -> &mut [u8] {
         let at = self.cluster_start(c);
-        let (base, cs) = (&self.base, self.cs);
+        let (base, cs, zero_from) = (&self.base, self.cs, self.zero_from);
         self.clusters.entry(c).or_insert_with(|| {
             let mut buf = vec![0u8; cs as usize].into_boxed_slice();
-            let _ = base.read_at(&mut buf, at);
+            if at < zero_from {
+                let _ = base.read_at(&mut buf, at);
+                // A cluster the cut went through keeps only its head.
+                let keep = zero_from.saturating_sub(at).min(cs) as usize;
+                if let Some(tail) = buf.get_mut(keep..) {
+                    tail.fill(0);
+                }
+            }
             buf
         })
     }
@@ -807,6 +847,10 @@ impl Sim {
         let last = self.cluster_of(offset.saturating_add(length.saturating_sub(1)));
         for c in first..=last {
             if let Err(e) = self.update_one(c, addend, decrease) {
+                if matches!(e, Fail::Again) {
+                    // The search restarts from the first cluster of this update.
+                    self.free_cluster_index = self.free_cluster_index.min(first);
+                }
                 // "Try do undo any updates if an error is returned"
                 for u in first..c {
                     let _ = self.update_one(u, addend, !decrease);
@@ -819,7 +863,14 @@ impl Sim {
 
     fn update_one(&mut self, c: u64, addend: u64, decrease: bool) -> SimResult<()> {
         let ti = c >> self.block_bits();
-        let block = self.refcount_block_for(ti, c)?;
+        let block = match self.refcount_block_for(ti, c) {
+            Ok(b) => b,
+            Err(Fail::Again) => {
+                self.free_cluster_index = self.free_cluster_index.min(c);
+                return Err(Fail::Again);
+            }
+            Err(e) => return Err(e),
+        };
         let idx = c & low_mask(self.block_bits());
         let order = self.order;
         let bc = self.cluster_of(block);
@@ -853,9 +904,7 @@ impl Sim {
     /// for the case where the table has room).
     fn refcount_block_for(&mut self, ti: u64, for_cluster: u64) -> SimResult<u64> {
         if ti >= self.reftable_len() {
-            return Err(Fail::NotModelled(format!(
-                "cluster {for_cluster} is beyond what the refcount table covers; QEMU would grow the refcount table here, which qinspect does not model"
-            )));
+            return self.new_refcount_block(ti, for_cluster);
         }
         let e = self.read_u64(self.reftable_entry_offset(ti));
         let block = e & crate::refcount::REFT_OFFSET_MASK;
@@ -919,6 +968,19 @@ impl Sim {
             new_c,
             new_c,
         );
+        if ti >= self.reftable_len() {
+            // No room in the table for the block: a new, larger table with
+            // self-describing blocks after everything counted so far.
+            let rbs = 1u64 << bb;
+            let blocks_used = for_cluster
+                .saturating_add(1)
+                .max(new_c.saturating_add(1))
+                .div_ceil(rbs);
+            let meta = self.clusters_bytes(blocks_used.saturating_mul(rbs));
+            self.refcount_area(meta, ti, new_off)?;
+            self.reason = saved;
+            return Err(Fail::Again);
+        }
         let entry_off = self.reftable_entry_offset(ti);
         let before = self.read_u64(entry_off);
         self.write_u64(entry_off, new_off)?;
@@ -936,6 +998,147 @@ impl Sim {
         );
         self.reason = saved;
         Err(Fail::Again)
+    }
+
+    /// QEMU's `qcow2_refcount_metadata_size`: how many refcount blocks it
+    /// takes to count `clusters` clusters plus the blocks and the table
+    /// themselves (with half the table again to spare when `generous`).
+    fn refcount_blocks_needed(&self, mut clusters: u64, mut generous: bool) -> u64 {
+        let per_table_cluster = self.cs / 8;
+        let per_block = 1u64 << self.block_bits();
+        let (mut table, mut blocks, mut n) = (0u64, 0u64, 0u64);
+        loop {
+            let last = n;
+            blocks = clusters
+                .saturating_add(table)
+                .saturating_add(blocks)
+                .div_ceil(per_block);
+            table = blocks.div_ceil(per_table_cluster);
+            n = clusters.saturating_add(blocks).saturating_add(table);
+            if n == last && generous {
+                clusters = clusters.saturating_add(table.div_ceil(2));
+                n = 0;
+                generous = false;
+            }
+            if n == last {
+                return blocks;
+            }
+        }
+    }
+
+    /// QEMU's `qcow2_refcount_area` as `alloc_refcount_block` calls it: from
+    /// `start` on, the refcount blocks still missing, then a new refcount table
+    /// (half as large again as needed), all counted by themselves; the header
+    /// switches to it and the old table is freed.
+    fn refcount_area(&mut self, start: u64, new_ti: u64, new_block: u64) -> SimResult<()> {
+        let cs = self.cs;
+        let bb = self.block_bits();
+        let rbs = 1u64 << bb;
+        let total = self.refcount_blocks_needed(self.cluster_of(start), true);
+        let per_cluster = cs / 8;
+        let table_size = total
+            .saturating_add(total.div_ceil(2))
+            .div_ceil(per_cluster)
+            .saturating_mul(per_cluster);
+        if table_size.saturating_mul(8) > crate::refcount::MAX_REFTABLE_BYTES {
+            return Err(Fail::Msg(
+                "the refcount table would grow past 8 MiB (EFBIG)".into(),
+            ));
+        }
+        let table_clusters = table_size.checked_div(per_cluster).unwrap_or(0);
+        let old_len = self.reftable_len();
+        let mut table: Vec<u64> = (0..table_size.min(old_len))
+            .map(|i| self.read_u64(self.reftable_entry_offset(i)))
+            .collect();
+        table.resize(table_size as usize, 0);
+        if let Some(slot) = table.get_mut(new_ti as usize) {
+            *slot = new_block;
+        }
+        let area_ti = self.cluster_of(start) >> bb;
+        let missing = (area_ti..total)
+            .filter(|&i| table.get(i as usize).is_some_and(|&e| e == 0))
+            .count() as u64;
+        let table_offset = start.saturating_add(self.clusters_bytes(missing));
+        let end = table_offset.saturating_add(self.clusters_bytes(table_clusters));
+        self.why(format!(
+            "the refcount table is full: {missing} new refcount block(s) at {start:#x} and a table of {table_clusters} cluster(s) at {table_offset:#x}, counting themselves"
+        ));
+        let mut block_offset = start;
+        let order = self.order;
+        for i in area_ti..total {
+            let existing = table.get(i as usize).copied().unwrap_or(0);
+            let block = if existing != 0 {
+                existing & crate::refcount::REFT_OFFSET_MASK
+            } else {
+                let b = block_offset;
+                self.write_bytes(b, &vec![0u8; cs as usize])?;
+                if let Some(slot) = table.get_mut(i as usize) {
+                    *slot = b;
+                }
+                self.allocated.push((b, cs, "refcount block".into()));
+                self.record(
+                    Target::Allocate {
+                        offset: b,
+                        length: cs,
+                        purpose: format!("refcount block (new refcount table entry {i})"),
+                    },
+                    self.cluster_of(b),
+                    self.cluster_of(b),
+                );
+                block_offset = block_offset.saturating_add(cs);
+                b
+            };
+            let first = self.clusters_bytes(i.saturating_mul(rbs));
+            if first < end {
+                let j0 = if first < start {
+                    self.cluster_of(start.saturating_sub(first))
+                } else {
+                    0
+                };
+                let j1 = self.cluster_of(end.saturating_sub(first)).min(rbs);
+                let bc = self.cluster_of(block);
+                for j in j0..j1 {
+                    let cur = get_refcount(self.cluster(bc), order, j);
+                    set_refcount(self.cluster(bc), order, j, 1);
+                    self.record(
+                        Target::Refcount {
+                            cluster: i.saturating_mul(rbs).saturating_add(j),
+                        },
+                        cur,
+                        1,
+                    );
+                }
+            }
+        }
+        let bytes: Vec<u8> = table.iter().flat_map(|e| e.to_be_bytes()).collect();
+        self.write_bytes(table_offset, &bytes)?;
+        self.allocated.push((
+            table_offset,
+            self.clusters_bytes(table_clusters),
+            "the new refcount table".into(),
+        ));
+        self.record(
+            Target::Allocate {
+                offset: table_offset,
+                length: self.clusters_bytes(table_clusters),
+                purpose: format!("the new refcount table ({table_size} entries)"),
+            },
+            self.cluster_of(table_offset),
+            self.cluster_of(table_offset),
+        );
+        let (old_off, old_clusters) = (self.refcount_table_offset, self.refcount_table_clusters);
+        self.why("the header points at the new refcount table");
+        self.set_header_u64(48, "refcount_table_offset", table_offset)?;
+        self.set_header_u32(56, "refcount_table_clusters", table_clusters as u32)?;
+        self.refcount_table_offset = table_offset;
+        self.refcount_table_clusters = table_clusters as u32;
+        self.file_len = self.file_len.max(end);
+        self.free_clusters(
+            old_off,
+            self.clusters_bytes(u64::from(old_clusters)),
+            "the old refcount table",
+        );
+        Ok(())
     }
 
     /// QEMU's `alloc_clusters_noref`: `n` contiguous clusters with refcount 0,
@@ -1509,15 +1712,15 @@ impl Sim {
             .ok_or_else(|| Fail::Msg("no snapshot".into()))?;
         self.check_snapshot_l1(&sn)?;
         if sn.disk_size != self.size & !511 {
-            return Err(Fail::NotModelled(format!(
-                "the snapshot's disk size ({}) differs from the current size ({}); QEMU would resize the image first, which qinspect does not model",
+            self.note(format!(
+                "the snapshot's disk is {} bytes, the current one {}: QEMU resizes the disk first",
                 sn.disk_size, self.size
-            )));
+            ));
+            self.truncate(sn.disk_size)?;
         }
         if u64::from(sn.l1_size) > self.l1.len() as u64 {
-            return Err(Fail::NotModelled(
-                "the snapshot's L1 table is larger than the active one; QEMU would grow the active L1 first, which qinspect does not model".into(),
-            ));
+            self.why("the snapshot's L1 table is larger than the active one");
+            self.grow_l1_table(u64::from(sn.l1_size), true)?;
         }
         let cur_len = self.l1.len() as u64;
         let cur_bytes = cur_len.saturating_mul(8);
@@ -1559,6 +1762,240 @@ impl Sim {
         r?;
         self.note("addend 0 over the new active L1: COPIED flags recomputed".into());
         self.update_snapshot_refcount(active_off, cur_len, 0)
+    }
+
+    /// QEMU's `qcow2_grow_l1_table`: a new, larger active L1 in new clusters,
+    /// the header repointed, the old table freed.
+    fn grow_l1_table(&mut self, min_size: u64, exact: bool) -> SimResult<()> {
+        let old_len = self.l1.len() as u64;
+        if min_size <= old_len {
+            return Ok(());
+        }
+        let new_len = if exact {
+            min_size
+        } else {
+            // Grown by half again until it fits, to grow less often.
+            let mut n = old_len.max(1);
+            while min_size > n {
+                n = n.saturating_mul(3).div_ceil(2);
+            }
+            n
+        };
+        if new_len > crate::tables::MAX_L1_ENTRIES {
+            return Err(Fail::Msg(format!(
+                "an L1 table of {new_len} entries is larger than QEMU allows (EFBIG)"
+            )));
+        }
+        let bytes = new_len.saturating_mul(8);
+        let off = self.alloc_clusters(
+            bytes,
+            &format!("the active L1 table grown to {new_len} entries"),
+        )?;
+        let mut table = self.l1.clone();
+        table.resize(new_len as usize, 0);
+        let buf: Vec<u8> = table.iter().flat_map(|e| e.to_be_bytes()).collect();
+        self.write_bytes(off, &buf)?;
+        self.record(
+            Target::Copy {
+                from: format!("active L1 at {:#x}", self.l1_table_offset),
+                to: off,
+                length: old_len.saturating_mul(8),
+            },
+            0,
+            0,
+        );
+        let saved = self.reason.clone();
+        self.why("the header points at the grown L1 table");
+        self.set_header_u32(36, "l1_size", new_len as u32)?;
+        self.set_header_u64(40, "l1_table_offset", off)?;
+        let old_off = self.l1_table_offset;
+        self.l1 = table;
+        self.l1_table_offset = off;
+        self.reason = saved;
+        self.free_clusters(
+            old_off,
+            old_len.saturating_mul(8),
+            "the old active L1 table",
+        );
+        Ok(())
+    }
+
+    /// `qemu-img resize [--shrink]`.
+    fn resize(&mut self, size: u64, shrink: bool) -> SimResult<()> {
+        if size == 0 {
+            return Err(Fail::Msg("New image size must be positive".into()));
+        }
+        if size < self.size && !shrink {
+            return Err(Fail::Msg(
+                "Use the --shrink option to perform a shrink operation.".into(),
+            ));
+        }
+        self.truncate(size)
+    }
+
+    /// QEMU's `qcow2_co_truncate` (no preallocation).
+    fn truncate(&mut self, size: u64) -> SimResult<()> {
+        if !size.is_multiple_of(512) {
+            return Err(Fail::Msg(
+                "The new size must be a multiple of 512 (EINVAL)".into(),
+            ));
+        }
+        if self.version < 3 && !self.snapshots.is_empty() {
+            return Err(Fail::Msg(
+                "Can't resize a v2 image which has snapshots (ENOTSUP)".into(),
+            ));
+        }
+        if self.has_data_file {
+            return Err(Fail::NotModelled(
+                "resizing an image with an external data file".into(),
+            ));
+        }
+        let old = self.size;
+        let cs = self.cs;
+        let l1_needed = size.div_ceil(self.geo.l2_coverage());
+        if size > old && self.backing.is_some() {
+            // bdrv_co_truncate zero-fills the new area when the backing file
+            // would show through it.
+            let backing_len = self
+                .backing
+                .as_ref()
+                .and_then(|c| c.layers.first())
+                .map_or(0, |l| l.size());
+            if backing_len > old {
+                return Err(Fail::NotModelled(
+                    "growing over a longer backing file (QEMU zero-fills the new area)".into(),
+                ));
+            }
+        }
+        if size < old {
+            self.why("shrinking: the clusters past the new end are discarded");
+            let from = size.div_ceil(cs).saturating_mul(cs);
+            if from < old {
+                self.discard_clusters(from, old, true)?;
+            }
+            self.shrink_l1_table(l1_needed)?;
+            self.shrink_reftable()?;
+            // The file is cut after its last cluster in use.
+            let mut last = self.file_len.div_ceil(cs);
+            while last > 0 && self.get_refcount(last.saturating_sub(1))? == 0 {
+                last = last.saturating_sub(1);
+            }
+            let end = self.clusters_bytes(last);
+            if end < self.file_len {
+                self.note(format!(
+                    "the image file is cut to {end} bytes, after its last cluster in use"
+                ));
+                self.file_len = end;
+                self.zero_from = self.zero_from.min(end);
+                let first_gone = last;
+                self.clusters.retain(|&c, _| c < first_gone);
+            }
+        } else {
+            self.grow_l1_table(l1_needed, true)?;
+        }
+        self.why("the new disk size");
+        self.set_header_u64(24, "size", size)?;
+        self.size = size;
+        Ok(())
+    }
+
+    /// QEMU's `qcow2_shrink_l1_table`: the entries past `keep` are zeroed and
+    /// their L2 tables freed (the table keeps its size).
+    fn shrink_l1_table(&mut self, keep: u64) -> SimResult<()> {
+        let len = self.l1.len() as u64;
+        if keep >= len {
+            return Ok(());
+        }
+        let off = self.l1_table_offset;
+        let zeros = vec![0u8; len.saturating_sub(keep).saturating_mul(8) as usize];
+        self.write_bytes(off.saturating_add(keep.saturating_mul(8)), &zeros)?;
+        for i in (keep..len).rev() {
+            let e = self.l1.get(i as usize).copied().unwrap_or(0);
+            let l2 = e & L1E_OFFSET_MASK;
+            if l2 == 0 {
+                continue;
+            }
+            self.why("shrinking: the L1 entry is past the new end");
+            self.record(
+                Target::L1Entry {
+                    table: "active L1".into(),
+                    table_offset: off,
+                    index: i,
+                },
+                e,
+                0,
+            );
+            self.free_clusters(
+                l2,
+                self.cs,
+                &format!("the L2 table of active L1[{i}], past the new end"),
+            );
+            if let Some(slot) = self.l1.get_mut(i as usize) {
+                *slot = 0;
+            }
+        }
+        Ok(())
+    }
+
+    /// QEMU's `qcow2_shrink_reftable`: refcount blocks that count nothing (but
+    /// perhaps themselves) are dropped from the table.
+    fn shrink_reftable(&mut self) -> SimResult<()> {
+        let bb = self.block_bits();
+        let order = self.order;
+        let mut dropped = Vec::new();
+        for ti in 0..self.reftable_len() {
+            let at = self.reftable_entry_offset(ti);
+            let block = self.read_u64(at) & crate::refcount::REFT_OFFSET_MASK;
+            if block == 0 {
+                continue;
+            }
+            let bc = self.cluster_of(block);
+            let own = (bc >> bb == ti).then(|| bc & low_mask(bb));
+            let data = self.cluster(bc).to_vec();
+            let mut scratch = data;
+            if let Some(idx) = own {
+                set_refcount(&mut scratch, order, idx, 0);
+            }
+            if scratch.iter().all(|&b| b == 0) {
+                dropped.push((ti, block));
+            }
+        }
+        for &(ti, block) in &dropped {
+            self.why(format!(
+                "shrinking: refcount block {ti} counts nothing and leaves the table"
+            ));
+            let at = self.reftable_entry_offset(ti);
+            self.write_u64(at, 0)?;
+            self.record(
+                Target::Header {
+                    field: "refcount table entry",
+                },
+                block,
+                0,
+            );
+        }
+        for (ti, block) in dropped {
+            let bc = self.cluster_of(block);
+            if bc >> bb != ti {
+                // Counted by another block: its entry goes from 1 to 0.
+                let oti = bc >> bb;
+                let ob = self.read_u64(self.reftable_entry_offset(oti))
+                    & crate::refcount::REFT_OFFSET_MASK;
+                if ob != 0 {
+                    let idx = bc & low_mask(bb);
+                    let obc = self.cluster_of(ob);
+                    let cur = get_refcount(self.cluster(obc), order, idx);
+                    set_refcount(self.cluster(obc), order, idx, 0);
+                    self.record(Target::Refcount { cluster: bc }, cur, 0);
+                }
+            }
+            if bc < self.free_cluster_index {
+                self.free_cluster_index = bc;
+            }
+            self.freed
+                .push((bc, format!("refcount block {ti}, no longer needed")));
+        }
+        Ok(())
     }
 
     fn refcount_walk(&mut self, l1: &str, addend: i32) -> SimResult<()> {
@@ -1619,6 +2056,7 @@ impl Sim {
             Op::SnapshotApply { id_or_name } => self.snapshot_apply(id_or_name),
             Op::Write { offset, length } => self.write(*offset, *length),
             Op::Discard { offset, length } => self.discard(*offset, *length),
+            Op::Resize { size, shrink } => self.resize(*size, *shrink),
             Op::RefcountUpdate { l1, addend } => self.refcount_walk(l1, *addend),
         }
     }
@@ -1634,6 +2072,7 @@ impl Sim {
             cluster_bits: self.geo.cluster_bits,
             clusters: self.clusters.clone(),
             len: self.file_len,
+            zero_from: self.zero_from,
             name: self.path.clone(),
         })
     }
@@ -1752,9 +2191,18 @@ impl Sim {
     /// first if the L1 entry lacks COPIED (an entry of 0 included).
     fn cluster_table(&mut self, guest: u64) -> SimResult<u64> {
         let i = self.geo.l1_index(GuestOffset(guest));
+        if i >= self.l1.len() as u64 {
+            let saved = self.reason.clone();
+            self.why(format!(
+                "guest offset {guest:#x} is beyond the active L1 table ({} entries)",
+                self.l1.len()
+            ));
+            self.grow_l1_table(i.saturating_add(1), false)?;
+            self.reason = saved;
+        }
         let Some(&e) = self.l1.get(i as usize) else {
-            return Err(Fail::NotModelled(format!(
-                "guest offset {guest:#x} is beyond the L1 table; QEMU would grow it, which qinspect does not model"
+            return Err(Fail::Msg(format!(
+                "guest offset {guest:#x} is beyond the L1 table (EIO)"
             )));
         };
         if e & OFLAG_COPIED != 0 {
@@ -2180,7 +2628,7 @@ impl Sim {
         }
         // The block layer splits off unaligned head and tail; qcow2 ignores them,
         // except a tail that ends exactly at an unaligned end of the disk.
-        let mut start = offset.div_ceil(cs).saturating_mul(cs);
+        let start = offset.div_ceil(cs).saturating_mul(cs);
         let mut stop = end & !low_mask(self.geo.cluster_bits);
         if end == self.size && !end.is_multiple_of(cs) && offset <= stop {
             stop = end.div_ceil(cs).saturating_mul(cs);
@@ -2197,6 +2645,15 @@ impl Sim {
                 stop.max(start)
             ));
         }
+        self.discard_clusters(start, stop, false)
+    }
+
+    /// QEMU's `qcow2_cluster_discard` over whole clusters `start..stop` (`stop`
+    /// may be the unaligned end of the disk). A full discard (shrinking) leaves
+    /// the entries 0, so they fall through to the backing file.
+    fn discard_clusters(&mut self, mut start: u64, stop: u64, full: bool) -> SimResult<()> {
+        let cs = self.cs;
+        let has_backing = self.backing.is_some() || self.backing_named;
         let slice = self.slice_entries();
         while start < stop {
             let l2_index = self.geo.l2_index(GuestOffset(start));
@@ -2214,10 +2671,12 @@ impl Sim {
                     ty,
                     ClusterType::Normal | ClusterType::ZeroAlloc | ClusterType::Compressed
                 );
-                if !(has_backing || allocated) {
+                if !(full || has_backing || allocated) {
                     continue;
                 }
-                let (new, new_bm) = if self.geo.extended_l2 {
+                let (new, new_bm) = if full {
+                    (0, 0)
+                } else if self.geo.extended_l2 {
                     (0, 0xffff_ffffu64 << 32)
                 } else if self.version >= 3 {
                     (OFLAG_ZERO, 0)
@@ -2230,7 +2689,9 @@ impl Sim {
                 let g = start.saturating_add(k.saturating_mul(cs));
                 self.why(format!(
                     "guest {g:#x} discarded: {}",
-                    if self.version >= 3 {
+                    if full {
+                        "the disk no longer reaches it"
+                    } else if self.version >= 3 {
                         "now reads as zeros"
                     } else {
                         "now unallocated"
@@ -2263,6 +2724,7 @@ pub struct OverlaySource {
     cluster_bits: u32,
     clusters: ClusterMap,
     len: u64,
+    zero_from: u64,
     name: PathBuf,
 }
 
@@ -2287,7 +2749,7 @@ impl Source for OverlaySource {
                     self.base.read_at(dst, pos)?;
                 }
             }
-            if pos >= self.len {
+            if pos >= self.len || (pos >= self.zero_from && !self.clusters.contains_key(&c)) {
                 dst.fill(0);
             }
             done = done.saturating_add(n);
@@ -2349,6 +2811,7 @@ fn qemu_words(op: &Op, detail: String) -> String {
         }
         Op::Write { .. } => "write failed: ".into(),
         Op::Discard { .. } => "discard failed: ".into(),
+        Op::Resize { .. } => String::new(),
         Op::RefcountUpdate { .. } => String::new(),
     };
     const ERRNO: [(&str, &str); 8] = [

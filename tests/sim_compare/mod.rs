@@ -173,6 +173,14 @@ pub fn qemu_command(op: &str, img: &str) -> Vec<String> {
         "snapshot-apply" => img_cmd("-a", parts[1]),
         "write" => io(format!("write -P 0x5a {} {}", parts[1], parts[2])),
         "discard" => io(format!("discard {} {}", parts[1], parts[2])),
+        "resize" => {
+            let mut v: Vec<String> = vec!["qemu-img".into(), "resize".into(), "-q".into()];
+            if parts.get(2) == Some(&"shrink") {
+                v.push("--shrink".into());
+            }
+            v.extend([img.to_string(), parts[1].to_string()]);
+            v
+        }
         other => panic!("no QEMU command for {other}"),
     }
 }
@@ -274,18 +282,27 @@ pub fn compare_with(
         let real = open_path(&dir.join(&copy))?;
         let upto = sim.file_len().max(real.file_len());
         let (a, b) = (meta(&simulated, upto)?, meta(&real, upto)?);
+        let mut diffs: Vec<String> = Vec::new();
         macro_rules! same {
             ($f:ident) => {
                 if a.$f != b.$f {
-                    return Err(format!(
-                        "{at}: {} differ\n simulated: {:?}\n      qemu: {:?}",
+                    let x: Vec<String> = a.$f.iter().map(|e| format!("{e:?}")).collect();
+                    let y: Vec<String> = b.$f.iter().map(|e| format!("{e:?}")).collect();
+                    let i = (0..x.len().max(y.len()))
+                        .find(|&i| x.get(i) != y.get(i))
+                        .unwrap_or(0);
+                    diffs.push(format!(
+                        "{at}: {} differ from item {i} on ({} and {} items)\n simulated: {:.600}\n      qemu: {:.600}",
                         stringify!($f),
-                        a.$f,
-                        b.$f
+                        x.len(),
+                        y.len(),
+                        x.get(i..).map(|v| v.join(", ")).unwrap_or_default(),
+                        y.get(i..).map(|v| v.join(", ")).unwrap_or_default(),
                     ));
                 }
             };
         }
+
         same!(header);
         same!(reftable);
         same!(refcounts);
@@ -293,6 +310,9 @@ pub fn compare_with(
         same!(l2);
         same!(snapshots);
         same!(bitmaps);
+        if !diffs.is_empty() {
+            return Err(diffs.join("\n"));
+        }
         let r = check(&simulated, &CheckOptions::default());
         let q = qemu_check(dir, &copy);
         if (r.corruptions, r.leaks, r.check_errors) != q {
