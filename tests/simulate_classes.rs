@@ -308,3 +308,83 @@ fn growing_the_refcount_table() {
         ],
     );
 }
+
+#[test]
+fn repair_previews_what_qemu_img_check_r_changes() {
+    let w = Work::new();
+    create(&w, "l.qcow2", "", "64M");
+    w.qemu_io("l.qcow2", &["write 0 256k"]);
+    w.qemu_img(&["snapshot", "-c", "s", "l.qcow2"]);
+    w.qemu_io("l.qcow2", &["write 1M 64k"]);
+    w.run("cp", &["l.qcow2", "a.qcow2"]);
+    // Leaks: a data cluster counted 3 times, a free cluster past the data
+    // counted once.
+    w.set_refcount("l.qcow2", 5, 3);
+    w.set_refcount("l.qcow2", 40, 1);
+    // An error and a leak: a shared cluster counted once (COPIED now wrong
+    // too), so -r leaks leaves the error and -r all fixes both.
+    w.set_refcount("a.qcow2", 6, 1);
+    w.set_refcount("a.qcow2", 41, 2);
+    let sim = ok(&w, "l.qcow2", &["repair:leaks", "write:0:4096"]);
+    assert!(sim.records[0].steps.iter().any(|c| matches!(
+        c.target,
+        qinspect::simulate::Target::Refcount { cluster: 5 }
+    ) && (c.before, c.after) == (3, 2)));
+    w.run("cp", &["a.qcow2", "b.qcow2"]);
+    ok(
+        &w,
+        "a.qcow2",
+        &["repair:leaks", "repair:all", "write:327680:65536"],
+    );
+    // The corrupt bit: refused for writes, cleared by a repair that leaves no
+    // corruption.
+    w.patch("b.qcow2", 79, &[2]);
+    ok(
+        &w,
+        "b.qcow2",
+        &["write:0:4096", "repair:all", "write:0:4096"],
+    );
+}
+
+#[test]
+fn a_dirty_lazy_refcounts_image_is_repaired_on_open() {
+    let w = Work::new();
+    create(&w, "z.qcow2", "lazy_refcounts=on", "64M");
+    w.qemu_io("z.qcow2", &["write 0 128k"]);
+    // A dirty image whose refcounts are high (leaks) and low (an error):
+    // QEMU checks and repairs it on the next read-write open, then writes.
+    w.run("cp", &["z.qcow2", "k.qcow2"]);
+    w.patch("z.qcow2", 79, &[1]);
+    w.set_refcount("z.qcow2", 5, 2);
+    w.set_refcount("z.qcow2", 6, 3);
+    let sim = ok(&w, "z.qcow2", &["write:1048576:65536", "snapshot-create:s"]);
+    assert!(
+        sim.records[0]
+            .steps
+            .iter()
+            .any(|c| c.describe().contains("Repairing cluster 5"))
+    );
+    // Killed after an allocating write: the new cluster's refcount never
+    // reached the file, so QEMU rebuilds the refcount structure, which the
+    // simulator says it does not follow.
+    let out = std::process::Command::new("qemu-io")
+        .args([
+            "-f",
+            "qcow2",
+            "-c",
+            "write -P 3 2M 64k",
+            "-c",
+            "sigraise 9",
+            "k.qcow2",
+        ])
+        .current_dir(w.dir.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let img = sim_compare::open_path(&w.path("k.qcow2")).unwrap();
+    assert!(img.header.dirty());
+    match compare(w.dir.path(), "k.qcow2", &["write:0:4096"]) {
+        Ok(_) => {}
+        Err(e) => assert!(e.contains("rebuild_refcount_structure"), "{e}"),
+    }
+}

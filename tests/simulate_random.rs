@@ -190,7 +190,8 @@ fn scenario(seed: u64) -> Scenario {
     }
     let mut ops = Vec::new();
     for i in 0..(2 + d.below(5)) {
-        match d.below(11) {
+        match d.below(12) {
+            11 => ops.push(format!("repair:{}", d.pick(&["leaks", "all"]))),
             10 => {
                 let new = match d.below(3) {
                     0 => cur_size + ((d.below(8) + 1) << 20),

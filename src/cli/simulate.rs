@@ -21,6 +21,8 @@ snapshot-delete-id:ID       QMP snapshot-delete-internal-sync with an id\n  \
 snapshot-apply:ID_OR_NAME   qemu-img snapshot -a ID_OR_NAME\n  \
 write:OFFSET:LENGTH         a guest write (qemu-io -c 'write OFFSET LENGTH')\n  \
 discard:OFFSET:LENGTH       a guest discard (qemu-io -c 'discard OFFSET LENGTH')\n  \
+resize:SIZE[:shrink]        qemu-img resize [--shrink] IMG SIZE\n  \
+repair:leaks, repair:all    qemu-img check -r leaks|all (what the repair would change)\n  \
 refcount-update:L1:ADDEND   QEMU's refcount walk over L1 ('active' or a snapshot) with ADDEND -1, 0 or +1\n\n\
 Every refcount and table entry that changes is listed in order with the reason, then the \
 clusters allocated and freed, then a check of the result (as `qinspect check`).\n\n\

@@ -20,6 +20,7 @@
 //! ever written to the real file.
 
 mod bitmaps;
+mod repair;
 
 use crate::error::{Error, Result};
 use crate::header::Header;
@@ -310,6 +311,11 @@ pub enum Op {
         /// `--shrink` given.
         shrink: bool,
     },
+    /// `qemu-img check -r leaks` or `-r all`.
+    Repair {
+        /// `-r all` (else `-r leaks`).
+        all: bool,
+    },
     /// The bare refcount walk over an L1 table.
     RefcountUpdate {
         /// `active` or a snapshot ID or name.
@@ -376,6 +382,13 @@ impl Op {
                     shrink,
                 })
             }
+            "repair" => match rest {
+                "leaks" => Ok(Op::Repair { all: false }),
+                "all" => Ok(Op::Repair { all: true }),
+                _ => Err(format!(
+                    "'{s}': repair takes leaks or all, e.g. repair:leaks"
+                )),
+            },
             "refcount-update" => {
                 let (l1, a) = rest.rsplit_once(':').ok_or_else(|| {
                     format!("'{s}': refcount-update takes L1:ADDEND, e.g. refcount-update:active:0")
@@ -394,7 +407,7 @@ impl Op {
                 })
             }
             _ => Err(format!(
-                "'{s}': unknown operation (snapshot-create, snapshot-delete, snapshot-delete-id, snapshot-apply, write, discard, resize, refcount-update)"
+                "'{s}': unknown operation (snapshot-create, snapshot-delete, snapshot-delete-id, snapshot-apply, write, discard, resize, repair, refcount-update)"
             )),
         }
     }
@@ -426,6 +439,10 @@ impl Op {
                 "resize the disk to {size} bytes (qemu-img resize{} IMG {size})",
                 if *shrink { " --shrink" } else { "" }
             ),
+            Op::Repair { all } => {
+                let m = if *all { "all" } else { "leaks" };
+                format!("repair {m} (qemu-img check -r {m} IMG)")
+            }
             Op::RefcountUpdate { l1, addend } => {
                 format!("refcount walk over the {l1} L1 table with addend {addend:+}")
             }
@@ -512,7 +529,7 @@ pub struct Sim {
     backing_named: bool,
     /// Persistent bitmaps, stored again at the end of every operation.
     bitmaps: Option<bitmaps::Bitmaps>,
-    /// QEMU refuses to open the image read-write: its message.
+    /// QEMU's message when the corrupt bit keeps it from opening read-write.
     open_refused: Option<String>,
     /// What QEMU would do on open that is not modelled: every operation says so.
     not_modelled: Option<String>,
@@ -599,19 +616,14 @@ impl Sim {
             }
             None => None,
         };
-        let (bitmaps, mut not_modelled) = match bitmaps::load(img) {
+        let (bitmaps, not_modelled) = match bitmaps::load(img) {
             Ok(b) => (b, None),
             Err(why) => (None, Some(why)),
         };
-        let open_refused = h.corrupt().then(|| {
-            format!(
-                "Could not open '{}': qcow2: Image is corrupt; cannot be opened read/write",
-                path.display()
-            )
-        });
-        if h.dirty() && not_modelled.is_none() {
-            not_modelled = Some("the dirty bit is set (lazy refcounts): QEMU rebuilds or repairs the refcounts on a read-write open before anything else, which qinspect does not model; `qemu-img check -r all` on a copy gives the image QEMU would start from".into());
-        }
+        let open_refused = Some(format!(
+            "Could not open '{}': qcow2: Image is corrupt; cannot be opened read/write",
+            path.display()
+        ));
         Ok(Sim {
             bitmaps,
             open_refused,
@@ -2027,13 +2039,23 @@ impl Sim {
         // Each operation is a fresh open of the image (a separate qemu-img or
         // qemu-io command), so QEMU's free-cluster hint starts at 0 again.
         self.free_cluster_index = 0;
-        let r = if let Some(m) = &self.open_refused {
+        let features = self.read_u64(72);
+        let checking = matches!(op, Op::Repair { .. });
+        let r = if features & crate::header::INCOMPAT_CORRUPT != 0 && !checking {
             // qemu-img and qemu-io stop at the open: nothing is written.
-            Err(Fail::Msg(m.clone()))
+            Err(Fail::Msg(self.open_refused.clone().unwrap_or_default()))
         } else if let Some(why) = &self.not_modelled {
             Err(Fail::Msg(format!("not simulated: {why}")))
         } else {
-            let r = self.run_op(op);
+            // A dirty image (lazy refcounts) is repaired first on a read-write
+            // open that is not itself a check.
+            let r = if features & crate::header::INCOMPAT_DIRTY != 0 && !checking {
+                self.note("the image is dirty (lazy refcounts): QEMU repairs its refcounts on open, as qemu-img check -r all would".into());
+                self.repair(true)
+            } else {
+                Ok(())
+            };
+            let r = r.and_then(|()| self.run_op(op));
             // The close: persistent bitmaps are stored again even when the
             // operation failed.
             let closed = self.store_bitmaps();
@@ -2057,6 +2079,7 @@ impl Sim {
             Op::Write { offset, length } => self.write(*offset, *length),
             Op::Discard { offset, length } => self.discard(*offset, *length),
             Op::Resize { size, shrink } => self.resize(*size, *shrink),
+            Op::Repair { all } => self.repair(*all),
             Op::RefcountUpdate { l1, addend } => self.refcount_walk(l1, *addend),
         }
     }
@@ -2811,7 +2834,7 @@ fn qemu_words(op: &Op, detail: String) -> String {
         }
         Op::Write { .. } => "write failed: ".into(),
         Op::Discard { .. } => "discard failed: ".into(),
-        Op::Resize { .. } => String::new(),
+        Op::Resize { .. } | Op::Repair { .. } => String::new(),
         Op::RefcountUpdate { .. } => String::new(),
     };
     const ERRNO: [(&str, &str); 8] = [
