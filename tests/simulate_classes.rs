@@ -388,3 +388,70 @@ fn a_dirty_lazy_refcounts_image_is_repaired_on_open() {
         Err(e) => assert!(e.contains("rebuild_refcount_structure"), "{e}"),
     }
 }
+
+/// An overlay over `image` (or its snapshot) in the simulator, and for real:
+/// `qemu-img create -b` over the image (over `qemu-img convert -l SNAPSHOT`
+/// of it for a snapshot), then the same operations by qemu-io on the overlay.
+fn overlay_matches(w: &Work, image: &str, snapshot: Option<&str>, ops: &[&str]) {
+    let before = w.fingerprint(image);
+    let base = match snapshot {
+        Some(s) => {
+            let b = format!("{image}.{s}.base");
+            w.qemu_img(&["convert", "-O", "qcow2", "-l", s, image, &b]);
+            b
+        }
+        None => image.to_string(),
+    };
+    let ov = format!("{image}.{}.ov", snapshot.unwrap_or("active"));
+    w.qemu_img(&[
+        "create", "-q", "-f", "qcow2", "-b", &base, "-F", "qcow2", &ov,
+    ]);
+    let img = sim_compare::open_path(&w.path(image)).unwrap();
+    let sim = qinspect::simulate::Sim::overlay(&img, &w.path(image), snapshot).unwrap();
+    let sim = sim_compare::compare_sim(w.dir.path(), sim, &ov, ops, ops)
+        .unwrap_or_else(|e| panic!("overlay over {image} {snapshot:?}: {e}"));
+    assert_eq!(w.fingerprint(image), before, "the base image changed");
+    assert!(sim.overlay_of().is_some());
+}
+
+#[test]
+fn throw_away_overlays_over_the_image_and_its_snapshots() {
+    let w = Work::new();
+    create(&w, "vm.qcow2", "", "1G");
+    w.qemu_io("vm.qcow2", &["write -P 1 0 1M"]);
+    w.qemu_img(&["snapshot", "-c", "s1", "vm.qcow2"]);
+    w.qemu_io("vm.qcow2", &["write -P 2 512k 1M"]);
+    w.qemu_img(&["snapshot", "-c", "s2", "vm.qcow2"]);
+    w.qemu_img(&["resize", "-q", "vm.qcow2", "2G"]);
+    w.qemu_img(&["snapshot", "-c", "s3", "vm.qcow2"]);
+    let ops = [
+        "write:4096:8192",
+        "write:1048576:65536",
+        "discard:0:65536",
+        "write:1500000000:100000",
+        "discard:600000000:4096",
+    ];
+    overlay_matches(&w, "vm.qcow2", None, &ops);
+    for s in ["s1", "s2", "s3"] {
+        overlay_matches(&w, "vm.qcow2", Some(s), &ops[..4]);
+    }
+    // One simulation, three overlays over three snapshots of one image.
+    let img = sim_compare::open_path(&w.path("vm.qcow2")).unwrap();
+    let ops: Vec<_> = [
+        "overlay:s1",
+        "write:0:4096",
+        "overlay:s2",
+        "write:0:4096",
+        "write:1048576:4096",
+        "overlay:s3",
+        "write:1500000000:4096",
+    ]
+    .iter()
+    .map(|o| sim_compare::parse_op(o))
+    .collect();
+    let layers = qinspect::simulate::simulate_layers(&img, &w.path("vm.qcow2"), &ops).unwrap();
+    assert_eq!(layers.len(), 4);
+    let allocated: Vec<usize> = layers.iter().map(|l| l.allocated.len()).collect();
+    // Each overlay: a new L2 table and one data cluster per write.
+    assert_eq!(allocated, vec![0, 2, 3, 2]);
+}

@@ -20,6 +20,7 @@
 //! ever written to the real file.
 
 mod bitmaps;
+mod overlay;
 mod repair;
 
 use crate::error::{Error, Result};
@@ -311,6 +312,13 @@ pub enum Op {
         /// `--shrink` given.
         shrink: bool,
     },
+    /// A throw-away overlay over the image (`qemu-nbd -s`) or over one of its
+    /// snapshots (`qemu-nbd -s -l SNAPSHOT`); the operations after it act on
+    /// the overlay.
+    Overlay {
+        /// The snapshot shown (ID or name), or the active image.
+        snapshot: Option<String>,
+    },
     /// `qemu-img check -r leaks` or `-r all`.
     Repair {
         /// `-r all` (else `-r leaks`).
@@ -382,6 +390,9 @@ impl Op {
                     shrink,
                 })
             }
+            "overlay" => Ok(Op::Overlay {
+                snapshot: (!rest.is_empty()).then(|| rest.to_string()),
+            }),
             "repair" => match rest {
                 "leaks" => Ok(Op::Repair { all: false }),
                 "all" => Ok(Op::Repair { all: true }),
@@ -407,7 +418,7 @@ impl Op {
                 })
             }
             _ => Err(format!(
-                "'{s}': unknown operation (snapshot-create, snapshot-delete, snapshot-delete-id, snapshot-apply, write, discard, resize, repair, refcount-update)"
+                "'{s}': unknown operation (snapshot-create, snapshot-delete, snapshot-delete-id, snapshot-apply, write, discard, resize, repair, overlay, refcount-update)"
             )),
         }
     }
@@ -439,6 +450,12 @@ impl Op {
                 "resize the disk to {size} bytes (qemu-img resize{} IMG {size})",
                 if *shrink { " --shrink" } else { "" }
             ),
+            Op::Overlay { snapshot } => match snapshot {
+                Some(sn) => {
+                    format!("a throw-away overlay over snapshot '{sn}' (qemu-nbd -s -l {sn} IMG)")
+                }
+                None => "a throw-away overlay over the image (qemu-nbd -s IMG)".to_string(),
+            },
             Op::Repair { all } => {
                 let m = if *all { "all" } else { "leaks" };
                 format!("repair {m} (qemu-img check -r {m} IMG)")
@@ -536,6 +553,8 @@ pub struct Sim {
     /// The file was cut here: bytes from here on read as zeros, not as the
     /// original file's.
     zero_from: u64,
+    /// For a throw-away overlay: the image under it, and the snapshot shown.
+    overlay_of: Option<(PathBuf, Option<String>)>,
 }
 
 /// Failure inside a simulated operation (QEMU's errno, and why).
@@ -629,6 +648,7 @@ impl Sim {
             open_refused,
             not_modelled,
             zero_from: u64::MAX,
+            overlay_of: None,
             base: img.src.clone(),
             path: path.to_path_buf(),
             geo,
@@ -2080,6 +2100,9 @@ impl Sim {
             Op::Discard { offset, length } => self.discard(*offset, *length),
             Op::Resize { size, shrink } => self.resize(*size, *shrink),
             Op::Repair { all } => self.repair(*all),
+            Op::Overlay { .. } => Err(Fail::Msg(
+                "an overlay starts a new layer: simulate_layers handles it".into(),
+            )),
             Op::RefcountUpdate { l1, addend } => self.refcount_walk(l1, *addend),
         }
     }
@@ -2801,6 +2824,26 @@ pub fn simulate(img: &Qcow2, path: &Path, ops: &[Op]) -> Result<Sim> {
     Ok(sim)
 }
 
+/// Simulate `ops` in order, starting a new throw-away overlay at each
+/// `overlay` op: the first layer is the image itself, then one per overlay,
+/// each over the image (or the snapshot it names), each getting the
+/// operations that follow it. Stops at the first failing operation.
+pub fn simulate_layers(img: &Qcow2, path: &Path, ops: &[Op]) -> Result<Vec<Sim>> {
+    let mut layers = vec![Sim::new(img, path)?];
+    for op in ops {
+        if let Op::Overlay { snapshot } = op {
+            layers.push(Sim::overlay(img, path, snapshot.as_deref())?);
+            continue;
+        }
+        let Some(sim) = layers.last_mut() else { break };
+        sim.apply(op);
+        if sim.records.last().is_some_and(|r| r.error.is_some()) {
+            break;
+        }
+    }
+    Ok(layers)
+}
+
 /// Group allocations by purpose, for summaries.
 pub fn summarize(list: &[(u64, u64, String)]) -> BTreeMap<String, u64> {
     let mut m = BTreeMap::new();
@@ -2834,7 +2877,7 @@ fn qemu_words(op: &Op, detail: String) -> String {
         }
         Op::Write { .. } => "write failed: ".into(),
         Op::Discard { .. } => "discard failed: ".into(),
-        Op::Resize { .. } | Op::Repair { .. } => String::new(),
+        Op::Resize { .. } | Op::Repair { .. } | Op::Overlay { .. } => String::new(),
         Op::RefcountUpdate { .. } => String::new(),
     };
     const ERRNO: [(&str, &str); 8] = [

@@ -264,7 +264,24 @@ pub fn compare_with(
     let copy = format!("{image}.qemu");
     std::fs::copy(dir.join(image), dir.join(&copy)).map_err(|e| e.to_string())?;
     let img = open_path(&dir.join(image))?;
-    let mut sim = Sim::new(&img, &dir.join(image)).map_err(|e| format!("Sim::new: {e}"))?;
+    let sim = Sim::new(&img, &dir.join(image)).map_err(|e| format!("Sim::new: {e}"))?;
+    let sim = compare_sim(dir, sim, &copy, ops, qemu_ops)?;
+    if std::fs::read(dir.join(image)).map_err(|e| e.to_string())? != before {
+        return Err("the original image changed".into());
+    }
+    Ok(sim)
+}
+
+/// Apply `ops` to `sim` and `qemu_ops` for real to the image `real` in `dir`,
+/// comparing after each.
+pub fn compare_sim(
+    dir: &Path,
+    mut sim: Sim,
+    copy: &str,
+    ops: &[&str],
+    qemu_ops: &[&str],
+) -> Result<Sim, String> {
+    let copy = copy.to_string();
     for (i, op) in ops.iter().enumerate() {
         let (ok, line) = run_qemu(dir, &qemu_command(qemu_ops[i], &copy));
         sim.apply(&parse_op(op));
@@ -335,9 +352,6 @@ pub fn compare_with(
                 (r.corruptions, r.leaks, r.check_errors)
             ));
         }
-    }
-    if std::fs::read(dir.join(image)).map_err(|e| e.to_string())? != before {
-        return Err("the original image changed".into());
     }
     Ok(sim)
 }
