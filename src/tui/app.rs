@@ -184,8 +184,8 @@ pub const SIM_TEMPLATES: [(&str, &str); 8] = [
         "qemu-img snapshot -c: copy the L1, +1 on everything it reaches",
     ),
     (
-        "snapshot-delete:1",
-        "qemu-img snapshot -d: -1 on the snapshot's tree, then the addend-0 pass",
+        "snapshot-delete-id:1",
+        "delete by ID (QMP): -1 on the snapshot's tree, then the addend-0 pass",
     ),
     (
         "snapshot-apply:1",
