@@ -455,3 +455,31 @@ fn throw_away_overlays_over_the_image_and_its_snapshots() {
     // Each overlay: a new L2 table and one data cluster per write.
     assert_eq!(allocated, vec![0, 2, 3, 2]);
 }
+
+#[test]
+fn write_zeroes_with_and_without_unmap() {
+    let w = Work::new();
+    create(&w, "z.qcow2", "", "64M");
+    w.qemu_io("z.qcow2", &["write -P 1 0 1M"]);
+    w.qemu_img(&["snapshot", "-c", "s", "z.qcow2"]);
+    ok(
+        &w,
+        "z.qcow2",
+        &[
+            "write-zeroes:0:131072",
+            "write-zeroes:131072:131072:unmap",
+            "write-zeroes:300000:70000",
+            "write-zeroes:2097152:100000",
+            "write-zeroes:4194304:4096:unmap",
+            "snapshot-delete:s",
+            "write-zeroes:0:1048576:unmap",
+        ],
+    );
+    create(&w, "v2.qcow2", "compat=0.10", "16M");
+    w.qemu_io("v2.qcow2", &["write -P 1 0 1M"]);
+    ok(
+        &w,
+        "v2.qcow2",
+        &["write-zeroes:0:131072", "write-zeroes:200000:1000"],
+    );
+}

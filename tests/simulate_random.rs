@@ -190,7 +190,12 @@ fn scenario(seed: u64) -> Scenario {
     }
     let mut ops = Vec::new();
     for i in 0..(2 + d.below(5)) {
-        match d.below(12) {
+        match d.below(14) {
+            12 | 13 => {
+                let (o, l) = range(&mut d, cur_size);
+                let u = if d.chance(50) { ":unmap" } else { "" };
+                ops.push(format!("write-zeroes:{o}:{l}{u}"));
+            }
             11 => ops.push(format!("repair:{}", d.pick(&["leaks", "all"]))),
             10 => {
                 let new = match d.below(3) {

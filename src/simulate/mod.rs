@@ -22,6 +22,7 @@
 mod bitmaps;
 mod overlay;
 mod repair;
+mod zeroes;
 
 use crate::error::{Error, Result};
 use crate::header::Header;
@@ -298,6 +299,15 @@ pub enum Op {
         /// Bytes.
         length: u64,
     },
+    /// A guest write-zeroes (`qemu-io -c 'write -z [-u]'`).
+    WriteZeroes {
+        /// Guest offset.
+        offset: u64,
+        /// Bytes.
+        length: u64,
+        /// `-u`: clusters may be released.
+        unmap: bool,
+    },
     /// A guest discard.
     Discard {
         /// Guest offset.
@@ -368,6 +378,22 @@ impl Op {
                 let (offset, length) = range()?;
                 Ok(Op::Write { offset, length })
             }
+            "write-zeroes" => {
+                let (r, unmap) = match rest.strip_suffix(":unmap") {
+                    Some(r) => (r, true),
+                    None => (rest, false),
+                };
+                let (o, l) = r.split_once(':').ok_or_else(|| {
+                    format!(
+                        "'{s}': write-zeroes takes OFFSET:LENGTH[:unmap], e.g. write-zeroes:1M:64k"
+                    )
+                })?;
+                Ok(Op::WriteZeroes {
+                    offset: parse_num(o)?,
+                    length: parse_num(l)?,
+                    unmap,
+                })
+            }
             "discard" => {
                 let (offset, length) = range()?;
                 Ok(Op::Discard { offset, length })
@@ -418,7 +444,7 @@ impl Op {
                 })
             }
             _ => Err(format!(
-                "'{s}': unknown operation (snapshot-create, snapshot-delete, snapshot-delete-id, snapshot-apply, write, discard, resize, repair, overlay, refcount-update)"
+                "'{s}': unknown operation (snapshot-create, snapshot-delete, snapshot-delete-id, snapshot-apply, write, write-zeroes, discard, resize, repair, overlay, refcount-update)"
             )),
         }
     }
@@ -442,6 +468,14 @@ impl Op {
             }
             Op::Write { offset, length } => format!(
                 "write {length} bytes at guest {offset:#x} (qemu-io -c 'write {offset} {length}')"
+            ),
+            Op::WriteZeroes {
+                offset,
+                length,
+                unmap,
+            } => format!(
+                "write zeroes over {length} bytes at guest {offset:#x} (qemu-io -c 'write -z{} {offset} {length}')",
+                if *unmap { " -u" } else { "" }
             ),
             Op::Discard { offset, length } => format!(
                 "discard {length} bytes at guest {offset:#x} (qemu-io -c 'discard {offset} {length}')"
@@ -2098,6 +2132,11 @@ impl Sim {
             Op::SnapshotApply { id_or_name } => self.snapshot_apply(id_or_name),
             Op::Write { offset, length } => self.write(*offset, *length),
             Op::Discard { offset, length } => self.discard(*offset, *length),
+            Op::WriteZeroes {
+                offset,
+                length,
+                unmap,
+            } => self.write_zeroes(*offset, *length, *unmap),
             Op::Resize { size, shrink } => self.resize(*size, *shrink),
             Op::Repair { all } => self.repair(*all),
             Op::Overlay { .. } => Err(Fail::Msg(
@@ -2875,7 +2914,7 @@ fn qemu_words(op: &Op, detail: String) -> String {
         Op::SnapshotApply { id_or_name } => {
             format!("Could not apply snapshot '{id_or_name}': Failed to load snapshot: ")
         }
-        Op::Write { .. } => "write failed: ".into(),
+        Op::Write { .. } | Op::WriteZeroes { .. } => "write failed: ".into(),
         Op::Discard { .. } => "discard failed: ".into(),
         Op::Resize { .. } | Op::Repair { .. } | Op::Overlay { .. } => String::new(),
         Op::RefcountUpdate { .. } => String::new(),
