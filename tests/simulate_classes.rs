@@ -483,3 +483,76 @@ fn write_zeroes_with_and_without_unmap() {
         &["write-zeroes:0:131072", "write-zeroes:200000:1000"],
     );
 }
+
+#[test]
+fn trace_through_an_overlay_matches_qemu_img_map() {
+    let w = Work::new();
+    create(&w, "vm.qcow2", "", "64M");
+    w.qemu_io("vm.qcow2", &["write -P 1 0 1M"]);
+    w.qemu_img(&["snapshot", "-c", "s1", "vm.qcow2"]);
+    w.qemu_io("vm.qcow2", &["write -P 2 2M 64k"]);
+    w.qemu_img(&[
+        "create", "-q", "-f", "qcow2", "-b", "vm.qcow2", "-F", "qcow2", "ov.qcow2",
+    ]);
+    w.qemu_io("ov.qcow2", &["write -P 3 0 4k"]);
+    let img = sim_compare::open_path(&w.path("vm.qcow2")).unwrap();
+    let ops: Vec<_> = [
+        "overlay",
+        "write:0:4096",
+        "trace:4096",
+        "trace:524288",
+        "trace:2097152",
+        "trace:8388608",
+        "overlay:s1",
+        "trace:2097152",
+        "trace:524288",
+    ]
+    .iter()
+    .map(|o| sim_compare::parse_op(o))
+    .collect();
+    let layers = qinspect::simulate::simulate_layers(&img, &w.path("vm.qcow2"), &ops).unwrap();
+    let notes = |l: usize, r: usize| -> String {
+        layers[l].records[r]
+            .steps
+            .iter()
+            .map(|c| c.describe())
+            .collect::<Vec<_>>()
+            .join(" / ")
+    };
+    // qemu-img map of the real overlay: depth 0 in the overlay, 1 in the image.
+    let out = w.qemu_img(&["map", "--output=json", "ov.qcow2"]);
+    let map: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let at = |g: u64| -> (u64, Option<u64>) {
+        let e = map
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| {
+                let s = e["start"].as_u64().unwrap();
+                s <= g && g < s + e["length"].as_u64().unwrap()
+            })
+            .unwrap();
+        let off = e["offset"]
+            .as_u64()
+            .map(|o| o + g - e["start"].as_u64().unwrap());
+        (e["depth"].as_u64().unwrap(), off)
+    };
+    for (r, g) in [(1usize, 4096u64), (2, 524288), (3, 2097152)] {
+        let n = notes(1, r);
+        let (depth, off) = at(g);
+        let off = off.unwrap();
+        let layer = if depth == 0 {
+            "the overlay"
+        } else {
+            "vm.qcow2"
+        };
+        assert!(
+            n.contains(&format!("data at host {off:#x} of")) && n.contains(layer),
+            "guest {g:#x}: qemu-img map says depth {depth} offset {off:#x}; the trace: {n}"
+        );
+    }
+    assert!(notes(1, 4).contains("reads as zeros"), "{}", notes(1, 4));
+    // Over the snapshot: 2M was written after it, so it is not there.
+    assert!(notes(2, 0).contains("snapshot 's1'") && notes(2, 0).contains("zeros"));
+    assert!(notes(2, 1).contains("snapshot 's1'") && notes(2, 1).contains("data at host"));
+}

@@ -26,6 +26,7 @@ resize:SIZE[:shrink]        qemu-img resize [--shrink] IMG SIZE\n  \
 repair:leaks, repair:all    qemu-img check -r leaks|all (what the repair would change)\n  \
 overlay, overlay:SNAPSHOT    a throw-away in-memory qcow2 overlay over the image or a snapshot\n  \
                             (qemu-nbd -s [-l SNAPSHOT]); the operations after it act on it\n  \
+trace:OFFSET                where a guest read at OFFSET comes from, through the simulated chain\n  \
 refcount-update:L1:ADDEND   QEMU's refcount walk over L1 ('active' or a snapshot) with ADDEND -1, 0 or +1\n\n\
 Every refcount and table entry that changes is listed in order with the reason, then the \
 clusters allocated and freed, then a check of the result (as `qinspect check`).\n\n\

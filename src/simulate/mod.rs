@@ -329,6 +329,11 @@ pub enum Op {
         /// The snapshot shown (ID or name), or the active image.
         snapshot: Option<String>,
     },
+    /// Where a guest read at an offset comes from, through the simulated chain.
+    Trace {
+        /// Guest offset.
+        offset: u64,
+    },
     /// `qemu-img check -r leaks` or `-r all`.
     Repair {
         /// `-r all` (else `-r leaks`).
@@ -419,6 +424,9 @@ impl Op {
             "overlay" => Ok(Op::Overlay {
                 snapshot: (!rest.is_empty()).then(|| rest.to_string()),
             }),
+            "trace" => Ok(Op::Trace {
+                offset: parse_num(&need("an OFFSET")?)?,
+            }),
             "repair" => match rest {
                 "leaks" => Ok(Op::Repair { all: false }),
                 "all" => Ok(Op::Repair { all: true }),
@@ -444,7 +452,7 @@ impl Op {
                 })
             }
             _ => Err(format!(
-                "'{s}': unknown operation (snapshot-create, snapshot-delete, snapshot-delete-id, snapshot-apply, write, write-zeroes, discard, resize, repair, overlay, refcount-update)"
+                "'{s}': unknown operation (snapshot-create, snapshot-delete, snapshot-delete-id, snapshot-apply, write, write-zeroes, discard, resize, repair, overlay, trace, refcount-update)"
             )),
         }
     }
@@ -490,6 +498,9 @@ impl Op {
                 }
                 None => "a throw-away overlay over the image (qemu-nbd -s IMG)".to_string(),
             },
+            Op::Trace { offset } => format!(
+                "where a guest read at {offset:#x} comes from (qinspect trace, through the simulated chain)"
+            ),
             Op::Repair { all } => {
                 let m = if *all { "all" } else { "leaks" };
                 format!("repair {m} (qemu-img check -r {m} IMG)")
@@ -2093,6 +2104,17 @@ impl Sim {
         // Each operation is a fresh open of the image (a separate qemu-img or
         // qemu-io command), so QEMU's free-cluster hint starts at 0 again.
         self.free_cluster_index = 0;
+        if let Op::Trace { offset } = op {
+            // A look, not a QEMU command: nothing is opened read-write.
+            let r = self.trace(*offset);
+            self.records.push(OpRecord {
+                op: op.clone(),
+                description: op.describe(),
+                steps: std::mem::take(&mut self.steps),
+                error: r.err().map(Fail::text),
+            });
+            return;
+        }
         let features = self.read_u64(72);
         let checking = matches!(op, Op::Repair { .. });
         let r = if features & crate::header::INCOMPAT_CORRUPT != 0 && !checking {
@@ -2139,6 +2161,7 @@ impl Sim {
             } => self.write_zeroes(*offset, *length, *unmap),
             Op::Resize { size, shrink } => self.resize(*size, *shrink),
             Op::Repair { all } => self.repair(*all),
+            Op::Trace { offset } => self.trace(*offset),
             Op::Overlay { .. } => Err(Fail::Msg(
                 "an overlay starts a new layer: simulate_layers handles it".into(),
             )),
@@ -2916,7 +2939,9 @@ fn qemu_words(op: &Op, detail: String) -> String {
         }
         Op::Write { .. } | Op::WriteZeroes { .. } => "write failed: ".into(),
         Op::Discard { .. } => "discard failed: ".into(),
-        Op::Resize { .. } | Op::Repair { .. } | Op::Overlay { .. } => String::new(),
+        Op::Resize { .. } | Op::Repair { .. } | Op::Overlay { .. } | Op::Trace { .. } => {
+            String::new()
+        }
         Op::RefcountUpdate { .. } => String::new(),
     };
     const ERRNO: [(&str, &str); 8] = [

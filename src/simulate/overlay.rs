@@ -12,6 +12,7 @@ use super::Sim;
 use crate::error::{Error, Result};
 use crate::image::{Qcow2, Strictness};
 use crate::io::MemSource;
+use crate::tables::L2Entry;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -122,5 +123,134 @@ impl Sim {
         self.overlay_of
             .as_ref()
             .map(|(p, s)| (p.as_path(), s.as_deref()))
+    }
+}
+
+impl Sim {
+    /// Where a guest read at `guest` comes from, layer by layer: this image's
+    /// tables as simulated, then (for an overlay) the image under it as shown
+    /// (its snapshot's L1 or its active one), as recorded notes.
+    pub(super) fn trace(&mut self, guest: u64) -> super::SimResult<()> {
+        use crate::tables::{ClusterType, L1E_OFFSET_MASK, L2E_OFFSET_MASK};
+        use crate::types::{GuestOffset, HostOffset};
+        if guest >= self.size {
+            self.note(format!(
+                "guest {guest:#x} is past the end of the disk ({} bytes)",
+                self.size
+            ));
+            return Ok(());
+        }
+        let top = match &self.overlay_of {
+            Some(_) => "the overlay",
+            None => "the image",
+        };
+        let i = self.geo.l1_index(GuestOffset(guest));
+        let l2 = self.l1.get(i as usize).copied().unwrap_or(0) & L1E_OFFSET_MASK;
+        let mut falls = true;
+        if l2 == 0 {
+            self.note(format!(
+                "{top}: active L1[{i}] is 0, no L2 table: the read falls through"
+            ));
+        } else {
+            let j = self.geo.l2_index(GuestOffset(guest));
+            let (raw, bm) = self.l2_entry_at(l2, j);
+            let e = L2Entry { raw, bitmap: bm };
+            let at = format!("{top}: active L1[{i}] -> L2 {l2:#x}[{j}] = {raw:#x}");
+            match e.cluster_type(&self.geo, self.has_data_file) {
+                ClusterType::Normal => {
+                    let host = (raw & L2E_OFFSET_MASK).saturating_add(self.within(guest));
+                    self.note(format!("{at}: data at host {host:#x} of {top}"));
+                    falls = false;
+                }
+                ClusterType::Compressed => {
+                    self.note(format!("{at}: compressed data in {top}"));
+                    falls = false;
+                }
+                ClusterType::ZeroPlain | ClusterType::ZeroAlloc => {
+                    self.note(format!("{at}: a zero cluster, reads as zeros"));
+                    falls = false;
+                }
+                ClusterType::Unallocated => {
+                    self.note(format!("{at}: unallocated, the read falls through"));
+                }
+            }
+        }
+        if !falls {
+            return Ok(());
+        }
+        let Some((base, snap)) = self.overlay_of.clone() else {
+            self.note(
+                if self.backing.is_some() || self.backing_named {
+                    "to the backing file"
+                } else {
+                    "no backing file: reads as zeros"
+                }
+                .into(),
+            );
+            return Ok(());
+        };
+        let src: crate::io::SharedSource = Arc::new(crate::io::FileSource::open(&base)?);
+        let img = Qcow2::open(src, Strictness::Lenient)?;
+        let (label, l1): (String, Vec<u64>) = match &snap {
+            Some(s) => {
+                let sn = img
+                    .snapshots
+                    .snapshots
+                    .iter()
+                    .find(|x| &x.id == s)
+                    .or_else(|| img.snapshots.snapshots.iter().find(|x| &x.name == s))
+                    .ok_or_else(|| super::Fail::Msg(format!("no snapshot '{s}'")))?;
+                (
+                    format!("snapshot '{}' of {}", sn.name, base.display()),
+                    img.snapshot_l1(sn)?.iter().map(|e| e.0).collect(),
+                )
+            }
+            None => (
+                base.display().to_string(),
+                img.l1.iter().map(|e| e.0).collect(),
+            ),
+        };
+        let geo = img.geometry();
+        let i = geo.l1_index(GuestOffset(guest));
+        let l2 = l1.get(i as usize).copied().unwrap_or(0) & L1E_OFFSET_MASK;
+        if l2 == 0 {
+            self.note(format!(
+                "{label}: L1[{i}] is 0: {}",
+                if img.backing_name.is_some() {
+                    "on to its backing file"
+                } else {
+                    "reads as zeros"
+                }
+            ));
+            return Ok(());
+        }
+        let j = geo.l2_index(GuestOffset(guest));
+        let table = img.l2_table(HostOffset(l2))?;
+        let e = table
+            .get(j as usize)
+            .copied()
+            .unwrap_or(L2Entry { raw: 0, bitmap: 0 });
+        let at = format!("{label}: L1[{i}] -> L2 {l2:#x}[{j}] = {:#x}", e.raw);
+        let what = match e.cluster_type(&geo, img.header.has_data_file()) {
+            ClusterType::Normal => format!(
+                "data at host {:#x} of {}",
+                (e.raw & L2E_OFFSET_MASK)
+                    .saturating_add(guest & crate::types::low_mask(geo.cluster_bits)),
+                base.display()
+            ),
+            ClusterType::Compressed => "compressed data".into(),
+            ClusterType::ZeroPlain | ClusterType::ZeroAlloc => {
+                "a zero cluster, reads as zeros".into()
+            }
+            ClusterType::Unallocated => {
+                if img.backing_name.is_some() {
+                    "unallocated: on to its backing file".into()
+                } else {
+                    "unallocated: reads as zeros".into()
+                }
+            }
+        };
+        self.note(format!("{at}: {what}"));
+        Ok(())
     }
 }
