@@ -5,7 +5,10 @@
 //! refcounts, a backing file, compressed clusters, bitmaps, snapshots, a grown
 //! disk) built with qemu-img/qemu-io, then a random sequence of operations,
 //! each run by one real qemu-img or qemu-io process on a copy and simulated;
-//! `sim_compare::compare` compares everything after every operation.
+//! `sim_compare::compare` compares everything after every operation. One
+//! scenario in five runs its operations on a throw-away overlay instead (over
+//! the image, or over one of its snapshots), against a real overlay made by
+//! `qemu-img create -b`.
 //!
 //! The scenarios come from proptest's seeded ChaCha generator, so a seed is a
 //! scenario. `QINSPECT_SIM_SCENARIOS` (default 150) sets how many the test runs,
@@ -57,6 +60,9 @@ struct Scenario {
     create: Vec<String>,
     prep: Vec<Vec<String>>,
     ops: Vec<String>,
+    /// Run the operations on a throw-away overlay (over a snapshot, or the
+    /// image) instead of on the image.
+    overlay: Option<Option<String>>,
 }
 
 fn scenario(seed: u64) -> Scenario {
@@ -263,7 +269,21 @@ fn scenario(seed: u64) -> Scenario {
             ]),
         );
     }
-    Scenario { create, prep, ops }
+    // Drawn last, so the image and operations of a seed do not depend on it.
+    let prep_snaps: Vec<String> = snaps
+        .iter()
+        .filter(|n| n.starts_with('p'))
+        .cloned()
+        .collect();
+    let overlay = d
+        .chance(20)
+        .then(|| (!prep_snaps.is_empty() && d.chance(60)).then(|| d.pick(&prep_snaps).clone()));
+    Scenario {
+        create,
+        prep,
+        ops,
+        overlay,
+    }
 }
 
 #[derive(Debug, PartialEq)]
@@ -294,7 +314,64 @@ fn run(seed: u64) -> Outcome {
         }
     }
     let ops: Vec<&str> = s.ops.iter().map(String::as_str).collect();
-    match sim_compare::compare(w.dir.path(), "img.qcow2", &ops) {
+    let result = match &s.overlay {
+        None => sim_compare::compare(w.dir.path(), "img.qcow2", &ops),
+        Some(snap) => {
+            // qemu-nbd -s [-l SNAP] in the simulator; for real, an overlay made
+            // by qemu-img create -b over the image (or its snapshot, converted).
+            let before = w.fingerprint("img.qcow2");
+            let base = match snap {
+                Some(sn) => {
+                    let (ok, _) = sim_compare::run_qemu(
+                        w.dir.path(),
+                        &[
+                            "qemu-img",
+                            "convert",
+                            "-O",
+                            "qcow2",
+                            "-l",
+                            sn,
+                            "img.qcow2",
+                            "snap.qcow2",
+                        ]
+                        .map(String::from),
+                    );
+                    if !ok {
+                        return Outcome::Skipped;
+                    }
+                    "snap.qcow2"
+                }
+                None => "img.qcow2",
+            };
+            let (ok, _) = sim_compare::run_qemu(
+                w.dir.path(),
+                &[
+                    "qemu-img", "create", "-q", "-f", "qcow2", "-b", base, "-F", "qcow2",
+                    "ov.qcow2",
+                ]
+                .map(String::from),
+            );
+            if !ok {
+                return Outcome::Skipped;
+            }
+            let img = match sim_compare::open_path(&w.path("img.qcow2")) {
+                Ok(i) => i,
+                Err(e) => return Outcome::Wrong(format!("cannot open the image: {e}")),
+            };
+            match qinspect::simulate::Sim::overlay(&img, &w.path("img.qcow2"), snap.as_deref()) {
+                Err(e) => Err(format!("Sim::new: {e}")),
+                Ok(sim) => sim_compare::compare_sim(w.dir.path(), sim, "ov.qcow2", &ops, &ops)
+                    .and_then(|sim| {
+                        if w.fingerprint("img.qcow2") == before {
+                            Ok(sim)
+                        } else {
+                            Err("the image under the overlay changed".into())
+                        }
+                    }),
+            }
+        }
+    };
+    match result {
         Ok(_) => Outcome::Exact,
         Err(e) if e.contains("refused: ") || e.starts_with("Sim::new") => {
             Outcome::Refused(e.split("not simulated: ").last().unwrap_or(&e).to_string())

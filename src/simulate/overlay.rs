@@ -26,6 +26,7 @@ fn fresh_image(size: u64, backing: &str) -> Result<Vec<u8>> {
     let l1_bytes = l1_size.saturating_mul(8);
     let l1_clusters = l1_bytes.div_ceil(CS);
     let meta_clusters = 3u64.saturating_add(l1_clusters);
+    // (with l1_size 0 this is 3: header, refcount table, refcount block)
     // The one refcount block counts 32768 clusters; a larger L1 would need more.
     if meta_clusters > CS / 2 || backing.len() > 1023 {
         return Err(Error::unsupported(
@@ -49,7 +50,8 @@ fn fresh_image(size: u64, backing: &str) -> Result<Vec<u8>> {
     put32(&mut b, 20, CLUSTER_BITS);
     put64(&mut b, 24, size);
     put32(&mut b, 36, l1_size as u32);
-    put64(&mut b, 40, 3 * CS);
+    // An empty L1 (a zero-size disk) has offset 0, as qemu-img writes it.
+    put64(&mut b, 40, if l1_size == 0 { 0 } else { 3 * CS });
     put64(&mut b, 48, CS);
     put32(&mut b, 56, 1);
     put32(&mut b, 96, 4);
@@ -252,5 +254,59 @@ impl Sim {
         };
         self.note(format!("{at}: {what}"));
         Ok(())
+    }
+}
+
+impl Sim {
+    /// For an overlay: whether guest bytes `a..b` read as zeros in the image
+    /// under it, as the block layer's status query would say (`None` when
+    /// that takes more than its own tables: a backing file of its own, or
+    /// subclusters).
+    pub(super) fn base_reads_zero(&self, a: u64, b: u64) -> Option<bool> {
+        use crate::tables::{ClusterType, L1E_OFFSET_MASK};
+        use crate::types::{GuestOffset, HostOffset};
+        if a >= b {
+            return Some(true);
+        }
+        let (base, snap) = self.overlay_of.as_ref()?;
+        let src: crate::io::SharedSource = Arc::new(crate::io::FileSource::open(base).ok()?);
+        let img = Qcow2::open(src, Strictness::Lenient).ok()?;
+        let geo = img.geometry();
+        if geo.extended_l2 || img.header.has_data_file() {
+            return None;
+        }
+        let l1: Vec<u64> = match snap {
+            Some(s) => {
+                let sn = img
+                    .snapshots
+                    .snapshots
+                    .iter()
+                    .find(|x| &x.id == s)
+                    .or_else(|| img.snapshots.snapshots.iter().find(|x| &x.name == s))?;
+                img.snapshot_l1(sn).ok()?.iter().map(|e| e.0).collect()
+            }
+            None => img.l1.iter().map(|e| e.0).collect(),
+        };
+        let deeper = img.backing_name.is_some();
+        let cs = geo.cluster_size();
+        let mut g = a & !crate::types::low_mask(geo.cluster_bits);
+        while g < b {
+            let i = geo.l1_index(GuestOffset(g));
+            let l2 = l1.get(i as usize).copied().unwrap_or(0) & L1E_OFFSET_MASK;
+            let ty = if l2 == 0 {
+                ClusterType::Unallocated
+            } else {
+                let t = img.l2_table(HostOffset(l2)).ok()?;
+                let e = t.get(geo.l2_index(GuestOffset(g)) as usize).copied()?;
+                e.cluster_type(&geo, false)
+            };
+            match ty {
+                ClusterType::Normal | ClusterType::Compressed => return Some(false),
+                ClusterType::Unallocated if deeper => return None,
+                _ => {}
+            }
+            g = g.saturating_add(cs);
+        }
+        Some(true)
     }
 }

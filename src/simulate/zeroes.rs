@@ -61,7 +61,8 @@ impl Sim {
             // Only when the rest of the cluster already reads as zeros does
             // qcow2 make the whole cluster a zero cluster.
             let c0 = off.saturating_sub(head);
-            match self.reads_as_zero(c0)? {
+            let rest_end = c0.saturating_add(cs).min(self.size);
+            match self.reads_as_zero(c0, (c0, off), (end, rest_end))? {
                 Some(true) => {
                     start = c0;
                     stop = c0.saturating_add(cs).min(self.size);
@@ -93,27 +94,37 @@ impl Sim {
         self.zero_clusters(start, stop, unmap)
     }
 
-    /// Whether the whole guest cluster at `c0` reads as zeros: `None` when
-    /// that depends on the backing file.
-    fn reads_as_zero(&mut self, c0: u64) -> SimResult<Option<bool>> {
+    /// Whether the parts `head` and `tail` of the guest cluster at `c0` (the
+    /// rest of it, around a partial write-zeroes) read as zeros: `None` when
+    /// that depends on a backing file qinspect does not look into.
+    fn reads_as_zero(
+        &mut self,
+        c0: u64,
+        head: (u64, u64),
+        tail: (u64, u64),
+    ) -> SimResult<Option<bool>> {
         let i = self.geo.l1_index(GuestOffset(c0));
         let e = self.l1.get(i as usize).copied().unwrap_or(0);
         let l2 = e & crate::tables::L1E_OFFSET_MASK;
         let has_backing = self.backing.is_some() || self.backing_named;
+        // Unallocated here: the backing file answers (for an overlay, the
+        // image under it).
+        let below = |me: &Self| -> Option<bool> {
+            if !has_backing {
+                return Some(true);
+            }
+            let h = me.base_reads_zero(head.0, head.1)?;
+            let t = me.base_reads_zero(tail.0, tail.1)?;
+            Some(h && t)
+        };
         if l2 == 0 {
-            return Ok(if has_backing { None } else { Some(true) });
+            return Ok(below(self));
         }
         let (raw, bm) = self.l2_entry_at(l2, self.geo.l2_index(GuestOffset(c0)));
         Ok(
             match (L2Entry { raw, bitmap: bm }).cluster_type(&self.geo, self.has_data_file) {
                 ClusterType::ZeroPlain | ClusterType::ZeroAlloc => Some(true),
-                ClusterType::Unallocated => {
-                    if has_backing {
-                        None
-                    } else {
-                        Some(true)
-                    }
-                }
+                ClusterType::Unallocated => below(self),
                 ClusterType::Normal | ClusterType::Compressed => Some(false),
             },
         )
