@@ -313,7 +313,17 @@ fn run(seed: u64) -> Outcome {
             return Outcome::Skipped;
         }
     }
-    let ops: Vec<&str> = s.ops.iter().map(String::as_str).collect();
+    // Over a snapshot the real overlay's base is `qemu-img convert -l` of it,
+    // whose clusters are laid out anew: a partial-cluster write-zeroes asks the
+    // base whether the rest of the cluster reads as zeros, and the converted
+    // copy can answer differently from the snapshot qemu-nbd -l would show.
+    // Such scenarios leave write-zeroes out.
+    let ops: Vec<&str> = s
+        .ops
+        .iter()
+        .map(String::as_str)
+        .filter(|o| !(matches!(s.overlay, Some(Some(_))) && o.starts_with("write-zeroes")))
+        .collect();
     let result = match &s.overlay {
         None => sim_compare::compare(w.dir.path(), "img.qcow2", &ops),
         Some(snap) => {
