@@ -195,11 +195,11 @@ fn snapshot_delete_from_the_middle() {
         &["snapshot-delete:s2"],
         &[&["qemu-img", "snapshot", "-d", "s2", "IMG"]],
     );
-    // By ID too (qemu-img -d takes the name; ID 4 is s3).
+    // By ID with snapshot-delete-id (qemu-img -d takes the name; ID 4 is s3).
     assert_sim_matches(
         &w,
         "d.qcow2",
-        &["snapshot-delete:4"],
+        &["snapshot-delete-id:4"],
         &[&["qemu-img", "snapshot", "-d", "s3", "IMG"]],
     );
 }

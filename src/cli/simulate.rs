@@ -4,7 +4,7 @@ use super::{CmdResult, num::parse_size, style};
 use qinspect::check::{CheckOptions, check};
 use qinspect::image::{Qcow2, Strictness};
 use qinspect::io::{FileSource, SharedSource};
-use qinspect::simulate::{Op, simulate};
+use qinspect::simulate::{Op, Sim, simulate_layers};
 use serde_json::json;
 use std::io::Write;
 use std::path::PathBuf;
@@ -16,10 +16,17 @@ use std::sync::Arc;
     after_help = "Operations, each one argument, simulated in order on an in-memory \
 copy of the metadata (the image is never written):\n  \
 snapshot-create:NAME        qemu-img snapshot -c NAME\n  \
-snapshot-delete:ID_OR_NAME  qemu-img snapshot -d ID_OR_NAME\n  \
+snapshot-delete:NAME        qemu-img snapshot -d NAME (names only, as qemu-img)\n  \
+snapshot-delete-id:ID       QMP snapshot-delete-internal-sync with an id\n  \
 snapshot-apply:ID_OR_NAME   qemu-img snapshot -a ID_OR_NAME\n  \
 write:OFFSET:LENGTH         a guest write (qemu-io -c 'write OFFSET LENGTH')\n  \
+write-zeroes:OFF:LEN[:unmap] qemu-io -c 'write -z [-u] OFF LEN'\n  \
 discard:OFFSET:LENGTH       a guest discard (qemu-io -c 'discard OFFSET LENGTH')\n  \
+resize:SIZE[:shrink]        qemu-img resize [--shrink] IMG SIZE\n  \
+repair:leaks, repair:all    qemu-img check -r leaks|all (what the repair would change)\n  \
+overlay, overlay:SNAPSHOT    a throw-away in-memory qcow2 overlay over the image or a snapshot\n  \
+                            (qemu-nbd -s [-l SNAPSHOT]); the operations after it act on it\n  \
+trace:OFFSET                where a guest read at OFFSET comes from, through the simulated chain\n  \
 refcount-update:L1:ADDEND   QEMU's refcount walk over L1 ('active' or a snapshot) with ADDEND -1, 0 or +1\n\n\
 Every refcount and table entry that changes is listed in order with the reason, then the \
 clusters allocated and freed, then a check of the result (as `qinspect check`).\n\n\
@@ -46,10 +53,65 @@ pub fn run(a: Args) -> CmdResult {
         .map_err(|e| color_eyre::eyre::eyre!(e))?;
     let src: SharedSource = Arc::new(FileSource::open(&a.image)?);
     let img = Qcow2::open(src, Strictness::Qemu)?;
-    let mut sim = simulate(&img, &a.image, &ops)?;
+    let mut layers = simulate_layers(&img, &a.image, &ops)?;
+    let overlays = layers.len() > 1;
+    let mut failed = false;
+    if a.json {
+        // Streamed: refcounts_after can list millions of clusters.
+        let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+        if overlays {
+            write!(out, "{{\n\"layers\": [\n")?;
+        }
+        for (i, sim) in layers.iter_mut().enumerate() {
+            if i > 0 {
+                writeln!(out, ",")?;
+            }
+            failed |= write_json(&mut out, sim, &a.image.to_string_lossy())?;
+        }
+        if overlays {
+            write!(out, "]\n}}\n")?;
+        }
+        out.flush()?;
+        return Ok(if failed { 1 } else { 0 });
+    }
+    let mut out = anstream::stdout();
+    for (i, sim) in layers.iter_mut().enumerate() {
+        if overlays {
+            let (hd, dim) = (style::HEAD, style::DIM);
+            let title = match sim.overlay_of() {
+                None => format!("the image {}", a.image.display()),
+                Some((_, None)) => format!(
+                    "overlay {i}: a throw-away qcow2 overlay over {} (qemu-nbd -s), in memory",
+                    a.image.display()
+                ),
+                Some((_, Some(sn))) => format!(
+                    "overlay {i}: a throw-away qcow2 overlay over snapshot '{sn}' of {} (qemu-nbd -s -l {sn}), in memory",
+                    a.image.display()
+                ),
+            };
+            writeln!(out, "{hd}== {title} =={hd:#}")?;
+            if sim.records.is_empty() {
+                writeln!(out, "   {dim}no operations{dim:#}\n")?;
+                continue;
+            }
+        }
+        failed |= print_text(&mut out, sim)?;
+    }
+    writeln!(
+        out,
+        "{}(nothing was written to {}){:#}",
+        style::DIM,
+        a.image.display(),
+        style::DIM
+    )?;
+    Ok(if failed { 1 } else { 0 })
+}
+
+/// The simulated image checked, or why it cannot be opened.
+fn check_after(sim: &Sim) -> (qinspect::check::CheckReport, Option<String>) {
     // The simulated image may be too broken to open again (an operation on a
     // corrupt image can overwrite metadata): that is a result, not a crash.
-    let (report, unopenable) = match sim.image() {
+    match sim.image() {
         Ok(after) => (check(&after, &CheckOptions::default()), None),
         Err(e) => {
             let r = qinspect::check::CheckReport {
@@ -58,48 +120,58 @@ pub fn run(a: Args) -> CmdResult {
             };
             (r, Some(e.to_string()))
         }
-    };
-    let failed = sim.records.iter().any(|r| r.error.is_some()) || unopenable.is_some();
-    if a.json {
-        // Streamed: refcounts_after can list millions of clusters.
-        let mut out = std::io::BufWriter::new(std::io::stdout().lock());
-        let cs = sim.cluster_size();
-        write!(out, "{{\n\"operations\": ")?;
-        serde_json::to_writer_pretty(&mut out, &sim.records)?;
-        write!(out, ",\n\"allocated\": ")?;
-        let allocated: Vec<_> = sim
-            .allocated
-            .iter()
-            .map(|(o, l, p)| json!({"offset": o, "length": l, "cluster": o / cs, "purpose": p}))
-            .collect();
-        serde_json::to_writer_pretty(&mut out, &allocated)?;
-        write!(out, ",\n\"freed\": ")?;
-        let freed: Vec<_> = sim
-            .freed
-            .iter()
-            .map(|(c, why)| json!({"cluster": c, "offset": c * cs, "reason": why}))
-            .collect();
-        serde_json::to_writer_pretty(&mut out, &freed)?;
-        write!(out, ",\n\"refcounts_after\": [")?;
-        let mut first = true;
-        for (c, r) in sim.refcounts() {
-            write!(
-                out,
-                "{}\n  {{\"cluster\": {c}, \"refcount\": {r}}}",
-                if first { "" } else { "," }
-            )?;
-            first = false;
-        }
-        write!(out, "\n],\n\"check\": ")?;
-        serde_json::to_writer_pretty(
-            &mut out,
-            &super::check::report_json(&report, &a.image.to_string_lossy()),
-        )?;
-        writeln!(out, "\n}}")?;
-        out.flush()?;
-        return Ok(if failed { 1 } else { 0 });
     }
-    let mut out = anstream::stdout();
+}
+
+/// One layer as JSON; whether something failed.
+fn write_json(out: &mut impl Write, sim: &mut Sim, name: &str) -> std::io::Result<bool> {
+    let (report, unopenable) = check_after(sim);
+    let failed = sim.records.iter().any(|r| r.error.is_some()) || unopenable.is_some();
+    let cs = sim.cluster_size();
+    writeln!(out, "{{")?;
+    if let Some((base, snap)) = sim.overlay_of() {
+        writeln!(
+            out,
+            "\"overlay_of\": {},",
+            json!({"image": base.to_string_lossy(), "snapshot": snap})
+        )?;
+    }
+    write!(out, "\"operations\": ")?;
+    serde_json::to_writer_pretty(&mut *out, &sim.records)?;
+    write!(out, ",\n\"allocated\": ")?;
+    let allocated: Vec<_> = sim
+        .allocated
+        .iter()
+        .map(|(o, l, p)| json!({"offset": o, "length": l, "cluster": o / cs, "purpose": p}))
+        .collect();
+    serde_json::to_writer_pretty(&mut *out, &allocated)?;
+    write!(out, ",\n\"freed\": ")?;
+    let freed: Vec<_> = sim
+        .freed
+        .iter()
+        .map(|(c, why)| json!({"cluster": c, "offset": c * cs, "reason": why}))
+        .collect();
+    serde_json::to_writer_pretty(&mut *out, &freed)?;
+    write!(out, ",\n\"refcounts_after\": [")?;
+    let mut first = true;
+    for (c, r) in sim.refcounts() {
+        write!(
+            out,
+            "{}\n  {{\"cluster\": {c}, \"refcount\": {r}}}",
+            if first { "" } else { "," }
+        )?;
+        first = false;
+    }
+    write!(out, "\n],\n\"check\": ")?;
+    serde_json::to_writer_pretty(&mut *out, &super::check::report_json(&report, name))?;
+    writeln!(out, "\n}}")?;
+    Ok(failed)
+}
+
+/// One layer for people; whether something failed.
+fn print_text(out: &mut impl Write, sim: &mut Sim) -> std::io::Result<bool> {
+    let (report, unopenable) = check_after(sim);
+    let failed = sim.records.iter().any(|r| r.error.is_some()) || unopenable.is_some();
     let (hd, bad, dim) = (style::HEAD, style::BAD, style::DIM);
     for (n, r) in sim.records.iter().enumerate() {
         writeln!(out, "{hd}{}. {}{hd:#}", n + 1, r.description)?;
@@ -147,10 +219,6 @@ pub fn run(a: Args) -> CmdResult {
             writeln!(out, "   {}", f.message)?;
         }
     }
-    writeln!(
-        out,
-        "{dim}(nothing was written to {}){dim:#}",
-        a.image.display()
-    )?;
-    Ok(if failed { 1 } else { 0 })
+    writeln!(out)?;
+    Ok(failed)
 }

@@ -743,7 +743,7 @@ fn simulate_offers_snapshot_operations_only_for_existing_snapshots() {
     typed(&mut t, "8");
     let s = screen(&mut t, 100, 30);
     assert!(
-        s.contains("snapshot-delete:1") && s.contains("snapshot-apply:1"),
+        s.contains("snapshot-delete:snap1") && s.contains("snapshot-apply:1"),
         "{s}"
     );
     key(&mut t, KeyCode::Enter);

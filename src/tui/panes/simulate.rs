@@ -59,14 +59,15 @@ pub fn templates(ctx: &Ctx) -> Vec<(String, &'static str)> {
         .img
         .as_ref()
         .and_then(|i| i.snapshots.snapshots.first())
-        .map(|s| s.id.clone());
+        .map(|s| (s.id.clone(), s.name.clone()));
     let mut v = vec![(
         "snapshot-create:snap".to_string(),
         "qemu-img snapshot -c: copy the L1, +1 on everything it reaches",
     )];
-    if let Some(id) = first {
+    if let Some((id, name)) = first {
+        // qemu-img snapshot -d matches names only; -a takes an ID or a name.
         v.push((
-            format!("snapshot-delete:{id}"),
+            format!("snapshot-delete:{name}"),
             "qemu-img snapshot -d: -1 on the snapshot's tree, then the addend-0 pass",
         ));
         v.push((

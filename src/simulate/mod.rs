@@ -19,6 +19,11 @@
 //! image ([`Sim::image`]) that the checker, map and read can look at. Nothing is
 //! ever written to the real file.
 
+mod bitmaps;
+mod overlay;
+mod repair;
+mod zeroes;
+
 use crate::error::{Error, Result};
 use crate::header::Header;
 use crate::image::{Qcow2, Strictness};
@@ -272,10 +277,15 @@ pub enum Op {
         /// Name.
         name: String,
     },
-    /// `qemu-img snapshot -d ID_OR_NAME`.
+    /// `qemu-img snapshot -d NAME` (names only, as qemu-img matches them).
     SnapshotDelete {
-        /// ID or name.
+        /// Name.
         id_or_name: String,
+    },
+    /// QMP `snapshot-delete-internal-sync` with only an `id`.
+    SnapshotDeleteId {
+        /// Snapshot ID.
+        id: String,
     },
     /// `qemu-img snapshot -a ID_OR_NAME`.
     SnapshotApply {
@@ -289,12 +299,45 @@ pub enum Op {
         /// Bytes.
         length: u64,
     },
+    /// A guest write-zeroes (`qemu-io -c 'write -z [-u]'`).
+    WriteZeroes {
+        /// Guest offset.
+        offset: u64,
+        /// Bytes.
+        length: u64,
+        /// `-u`: clusters may be released.
+        unmap: bool,
+    },
     /// A guest discard.
     Discard {
         /// Guest offset.
         offset: u64,
         /// Bytes.
         length: u64,
+    },
+    /// `qemu-img resize [--shrink] IMG SIZE`.
+    Resize {
+        /// New disk size in bytes.
+        size: u64,
+        /// `--shrink` given.
+        shrink: bool,
+    },
+    /// A throw-away overlay over the image (`qemu-nbd -s`) or over one of its
+    /// snapshots (`qemu-nbd -s -l SNAPSHOT`); the operations after it act on
+    /// the overlay.
+    Overlay {
+        /// The snapshot shown (ID or name), or the active image.
+        snapshot: Option<String>,
+    },
+    /// Where a guest read at an offset comes from, through the simulated chain.
+    Trace {
+        /// Guest offset.
+        offset: u64,
+    },
+    /// `qemu-img check -r leaks` or `-r all`.
+    Repair {
+        /// `-r all` (else `-r leaks`).
+        all: bool,
     },
     /// The bare refcount walk over an L1 table.
     RefcountUpdate {
@@ -332,6 +375,7 @@ impl Op {
             "snapshot-delete" => Ok(Op::SnapshotDelete {
                 id_or_name: need("an ID or NAME")?,
             }),
+            "snapshot-delete-id" => Ok(Op::SnapshotDeleteId { id: need("an ID")? }),
             "snapshot-apply" => Ok(Op::SnapshotApply {
                 id_or_name: need("an ID or NAME")?,
             }),
@@ -339,10 +383,57 @@ impl Op {
                 let (offset, length) = range()?;
                 Ok(Op::Write { offset, length })
             }
+            "write-zeroes" => {
+                let (r, unmap) = match rest.strip_suffix(":unmap") {
+                    Some(r) => (r, true),
+                    None => (rest, false),
+                };
+                let (o, l) = r.split_once(':').ok_or_else(|| {
+                    format!(
+                        "'{s}': write-zeroes takes OFFSET:LENGTH[:unmap], e.g. write-zeroes:1M:64k"
+                    )
+                })?;
+                Ok(Op::WriteZeroes {
+                    offset: parse_num(o)?,
+                    length: parse_num(l)?,
+                    unmap,
+                })
+            }
             "discard" => {
                 let (offset, length) = range()?;
                 Ok(Op::Discard { offset, length })
             }
+            "resize" => {
+                let (n, shrink) = match rest.split_once(':') {
+                    Some((n, "shrink")) => (n, true),
+                    Some(_) => {
+                        return Err(format!(
+                            "'{s}': resize takes SIZE or SIZE:shrink, e.g. resize:2G"
+                        ));
+                    }
+                    None => (rest, false),
+                };
+                if n.is_empty() {
+                    return Err(format!("'{s}': resize needs a SIZE"));
+                }
+                Ok(Op::Resize {
+                    size: parse_num(n)?,
+                    shrink,
+                })
+            }
+            "overlay" => Ok(Op::Overlay {
+                snapshot: (!rest.is_empty()).then(|| rest.to_string()),
+            }),
+            "trace" => Ok(Op::Trace {
+                offset: parse_num(&need("an OFFSET")?)?,
+            }),
+            "repair" => match rest {
+                "leaks" => Ok(Op::Repair { all: false }),
+                "all" => Ok(Op::Repair { all: true }),
+                _ => Err(format!(
+                    "'{s}': repair takes leaks or all, e.g. repair:leaks"
+                )),
+            },
             "refcount-update" => {
                 let (l1, a) = rest.rsplit_once(':').ok_or_else(|| {
                     format!("'{s}': refcount-update takes L1:ADDEND, e.g. refcount-update:active:0")
@@ -361,7 +452,7 @@ impl Op {
                 })
             }
             _ => Err(format!(
-                "'{s}': unknown operation (snapshot-create, snapshot-delete, snapshot-apply, write, discard, refcount-update)"
+                "'{s}': unknown operation (snapshot-create, snapshot-delete, snapshot-delete-id, snapshot-apply, write, write-zeroes, discard, resize, repair, overlay, trace, refcount-update)"
             )),
         }
     }
@@ -375,15 +466,45 @@ impl Op {
             Op::SnapshotDelete { id_or_name } => {
                 format!("snapshot-delete '{id_or_name}' (qemu-img snapshot -d {id_or_name})")
             }
+            Op::SnapshotDeleteId { id } => {
+                format!(
+                    "snapshot-delete-id '{id}' (QMP snapshot-delete-internal-sync with id '{id}')"
+                )
+            }
             Op::SnapshotApply { id_or_name } => {
                 format!("snapshot-apply '{id_or_name}' (qemu-img snapshot -a {id_or_name})")
             }
             Op::Write { offset, length } => format!(
                 "write {length} bytes at guest {offset:#x} (qemu-io -c 'write {offset} {length}')"
             ),
+            Op::WriteZeroes {
+                offset,
+                length,
+                unmap,
+            } => format!(
+                "write zeroes over {length} bytes at guest {offset:#x} (qemu-io -c 'write -z{} {offset} {length}')",
+                if *unmap { " -u" } else { "" }
+            ),
             Op::Discard { offset, length } => format!(
                 "discard {length} bytes at guest {offset:#x} (qemu-io -c 'discard {offset} {length}')"
             ),
+            Op::Resize { size, shrink } => format!(
+                "resize the disk to {size} bytes (qemu-img resize{} IMG {size})",
+                if *shrink { " --shrink" } else { "" }
+            ),
+            Op::Overlay { snapshot } => match snapshot {
+                Some(sn) => {
+                    format!("a throw-away overlay over snapshot '{sn}' (qemu-nbd -s -l {sn} IMG)")
+                }
+                None => "a throw-away overlay over the image (qemu-nbd -s IMG)".to_string(),
+            },
+            Op::Trace { offset } => format!(
+                "where a guest read at {offset:#x} comes from (qinspect trace, through the simulated chain)"
+            ),
+            Op::Repair { all } => {
+                let m = if *all { "all" } else { "leaks" };
+                format!("repair {m} (qemu-img check -r {m} IMG)")
+            }
             Op::RefcountUpdate { l1, addend } => {
                 format!("refcount walk over the {l1} L1 table with addend {addend:+}")
             }
@@ -468,17 +589,47 @@ pub struct Sim {
     pub freed: Vec<(u64, String)>,
     backing: Option<crate::chain::Chain>,
     backing_named: bool,
+    /// Persistent bitmaps, stored again at the end of every operation.
+    bitmaps: Option<bitmaps::Bitmaps>,
+    /// QEMU's message when the corrupt bit keeps it from opening read-write.
+    open_refused: Option<String>,
+    /// What QEMU would do on open that is not modelled: every operation says so.
+    not_modelled: Option<String>,
+    /// The file was cut here: bytes from here on read as zeros, not as the
+    /// original file's.
+    zero_from: u64,
+    /// For a throw-away overlay: the image under it, and the snapshot shown.
+    overlay_of: Option<(PathBuf, Option<String>)>,
 }
 
 /// Failure inside a simulated operation (QEMU's errno, and why).
 #[derive(Debug)]
-struct Fail(String);
+enum Fail {
+    /// QEMU fails the operation with this message.
+    Msg(String),
+    /// QEMU's `-EAGAIN` from `alloc_refcount_block`: a new refcount block was
+    /// hooked up, possibly where the caller meant to put its clusters, so the
+    /// caller undoes its refcount changes and searches again.
+    Again,
+    /// QEMU would go on here in a way qinspect does not follow.
+    NotModelled(String),
+}
+
+impl Fail {
+    fn text(self) -> String {
+        match self {
+            Fail::Msg(m) => m,
+            Fail::NotModelled(m) => format!("not simulated: {m}"),
+            Fail::Again => "a new refcount block was allocated in the middle of an update that cannot be restarted (Resource temporarily unavailable)".into(),
+        }
+    }
+}
 
 type SimResult<T> = std::result::Result<T, Fail>;
 
 impl From<Error> for Fail {
     fn from(e: Error) -> Self {
-        Fail(e.to_string())
+        Fail::Msg(e.to_string())
     }
 }
 
@@ -529,7 +680,20 @@ impl Sim {
             }
             None => None,
         };
+        let (bitmaps, not_modelled) = match bitmaps::load(img) {
+            Ok(b) => (b, None),
+            Err(why) => (None, Some(why)),
+        };
+        let open_refused = Some(format!(
+            "Could not open '{}': qcow2: Image is corrupt; cannot be opened read/write",
+            path.display()
+        ));
         Ok(Sim {
+            bitmaps,
+            open_refused,
+            not_modelled,
+            zero_from: u64::MAX,
+            overlay_of: None,
             base: img.src.clone(),
             path: path.to_path_buf(),
             geo,
@@ -583,10 +747,17 @@ impl Sim {
 
     fn cluster(&mut self, c: u64) -> &mut [u8] {
         let at = self.cluster_start(c);
-        let (base, cs) = (&self.base, self.cs);
+        let (base, cs, zero_from) = (&self.base, self.cs, self.zero_from);
         self.clusters.entry(c).or_insert_with(|| {
             let mut buf = vec![0u8; cs as usize].into_boxed_slice();
-            let _ = base.read_at(&mut buf, at);
+            if at < zero_from {
+                let _ = base.read_at(&mut buf, at);
+                // A cluster the cut went through keeps only its head.
+                let keep = zero_from.saturating_sub(at).min(cs) as usize;
+                if let Some(tail) = buf.get_mut(keep..) {
+                    tail.fill(0);
+                }
+            }
             buf
         })
     }
@@ -617,7 +788,7 @@ impl Sim {
             .checked_add(data.len() as u64)
             .is_none_or(|e| e > i64::MAX as u64)
         {
-            return Err(Fail(format!(
+            return Err(Fail::Msg(format!(
                 "a write of {} bytes at {off:#x} ends past the largest offset QEMU can write (EIO)",
                 data.len()
             )));
@@ -626,7 +797,7 @@ impl Sim {
         // 16 TiB); QEMU then fails the write.
         let end = off.saturating_add(data.len() as u64);
         if end > MAX_FILE_LEN && end > self.file_len {
-            return Err(Fail(format!(
+            return Err(Fail::Msg(format!(
                 "a write at {off:#x} would grow the image file to {end} bytes, past what file systems allow (EFBIG)"
             )));
         }
@@ -727,7 +898,7 @@ impl Sim {
             return Ok(0);
         }
         if !block.is_multiple_of(self.cs) {
-            return Err(Fail(format!(
+            return Err(Fail::Msg(format!(
                 "Refblock offset {block:#x} unaligned (reftable index: {ti:#x}) (EIO)"
             )));
         }
@@ -753,6 +924,10 @@ impl Sim {
         let last = self.cluster_of(offset.saturating_add(length.saturating_sub(1)));
         for c in first..=last {
             if let Err(e) = self.update_one(c, addend, decrease) {
+                if matches!(e, Fail::Again) {
+                    // The search restarts from the first cluster of this update.
+                    self.free_cluster_index = self.free_cluster_index.min(first);
+                }
                 // "Try do undo any updates if an error is returned"
                 for u in first..c {
                     let _ = self.update_one(u, addend, !decrease);
@@ -765,7 +940,14 @@ impl Sim {
 
     fn update_one(&mut self, c: u64, addend: u64, decrease: bool) -> SimResult<()> {
         let ti = c >> self.block_bits();
-        let block = self.refcount_block_for(ti, c)?;
+        let block = match self.refcount_block_for(ti, c) {
+            Ok(b) => b,
+            Err(Fail::Again) => {
+                self.free_cluster_index = self.free_cluster_index.min(c);
+                return Err(Fail::Again);
+            }
+            Err(e) => return Err(e),
+        };
         let idx = c & low_mask(self.block_bits());
         let order = self.order;
         let bc = self.cluster_of(block);
@@ -776,7 +958,7 @@ impl Sim {
             cur.checked_add(addend).filter(|&n| n <= self.max_refcount)
         };
         let Some(new) = new else {
-            return Err(Fail(format!(
+            return Err(Fail::Msg(format!(
                 "refcount of cluster {c} would {} ({cur} {} {addend}, {}-bit refcounts) (EINVAL)",
                 if decrease { "go below 0" } else { "overflow" },
                 if decrease { "-" } else { "+" },
@@ -799,15 +981,15 @@ impl Sim {
     /// for the case where the table has room).
     fn refcount_block_for(&mut self, ti: u64, for_cluster: u64) -> SimResult<u64> {
         if ti >= self.reftable_len() {
-            return Err(Fail(format!(
-                "cluster {for_cluster} is beyond what the refcount table covers; QEMU would grow the refcount table here, which qinspect does not model"
-            )));
+            return self.new_refcount_block(ti, for_cluster);
         }
         let e = self.read_u64(self.reftable_entry_offset(ti));
         let block = e & crate::refcount::REFT_OFFSET_MASK;
         if block != 0 {
             if !block.is_multiple_of(self.cs) {
-                return Err(Fail(format!("Refblock offset {block:#x} unaligned (EIO)")));
+                return Err(Fail::Msg(format!(
+                    "Refblock offset {block:#x} unaligned (EIO)"
+                )));
             }
             return Ok(block);
         }
@@ -817,6 +999,8 @@ impl Sim {
     /// A missing refcount block: QEMU allocates one. If the new block would itself
     /// be described by the block being created, it describes itself.
     fn new_refcount_block(&mut self, ti: u64, for_cluster: u64) -> SimResult<u64> {
+        // Either way the caller restarts: this returns `Fail::Again` once the
+        // block is hooked up.
         let saved = self.reason.clone();
         // alloc_clusters_noref: the lowest free cluster (refcounts as they stand).
         let new_c = self.find_free(1)?;
@@ -861,6 +1045,19 @@ impl Sim {
             new_c,
             new_c,
         );
+        if ti >= self.reftable_len() {
+            // No room in the table for the block: a new, larger table with
+            // self-describing blocks after everything counted so far.
+            let rbs = 1u64 << bb;
+            let blocks_used = for_cluster
+                .saturating_add(1)
+                .max(new_c.saturating_add(1))
+                .div_ceil(rbs);
+            let meta = self.clusters_bytes(blocks_used.saturating_mul(rbs));
+            self.refcount_area(meta, ti, new_off)?;
+            self.reason = saved;
+            return Err(Fail::Again);
+        }
         let entry_off = self.reftable_entry_offset(ti);
         let before = self.read_u64(entry_off);
         self.write_u64(entry_off, new_off)?;
@@ -872,8 +1069,153 @@ impl Sim {
             before,
             new_off,
         );
+        self.note(
+            "the new refcount block may sit where the clusters being counted were meant to go: QEMU undoes this update and searches again (EAGAIN)"
+            .to_string(),
+        );
         self.reason = saved;
-        Ok(new_off)
+        Err(Fail::Again)
+    }
+
+    /// QEMU's `qcow2_refcount_metadata_size`: how many refcount blocks it
+    /// takes to count `clusters` clusters plus the blocks and the table
+    /// themselves (with half the table again to spare when `generous`).
+    fn refcount_blocks_needed(&self, mut clusters: u64, mut generous: bool) -> u64 {
+        let per_table_cluster = self.cs / 8;
+        let per_block = 1u64 << self.block_bits();
+        let (mut table, mut blocks, mut n) = (0u64, 0u64, 0u64);
+        loop {
+            let last = n;
+            blocks = clusters
+                .saturating_add(table)
+                .saturating_add(blocks)
+                .div_ceil(per_block);
+            table = blocks.div_ceil(per_table_cluster);
+            n = clusters.saturating_add(blocks).saturating_add(table);
+            if n == last && generous {
+                clusters = clusters.saturating_add(table.div_ceil(2));
+                n = 0;
+                generous = false;
+            }
+            if n == last {
+                return blocks;
+            }
+        }
+    }
+
+    /// QEMU's `qcow2_refcount_area` as `alloc_refcount_block` calls it: from
+    /// `start` on, the refcount blocks still missing, then a new refcount table
+    /// (half as large again as needed), all counted by themselves; the header
+    /// switches to it and the old table is freed.
+    fn refcount_area(&mut self, start: u64, new_ti: u64, new_block: u64) -> SimResult<()> {
+        let cs = self.cs;
+        let bb = self.block_bits();
+        let rbs = 1u64 << bb;
+        let total = self.refcount_blocks_needed(self.cluster_of(start), true);
+        let per_cluster = cs / 8;
+        let table_size = total
+            .saturating_add(total.div_ceil(2))
+            .div_ceil(per_cluster)
+            .saturating_mul(per_cluster);
+        if table_size.saturating_mul(8) > crate::refcount::MAX_REFTABLE_BYTES {
+            return Err(Fail::Msg(
+                "the refcount table would grow past 8 MiB (EFBIG)".into(),
+            ));
+        }
+        let table_clusters = table_size.checked_div(per_cluster).unwrap_or(0);
+        let old_len = self.reftable_len();
+        let mut table: Vec<u64> = (0..table_size.min(old_len))
+            .map(|i| self.read_u64(self.reftable_entry_offset(i)))
+            .collect();
+        table.resize(table_size as usize, 0);
+        if let Some(slot) = table.get_mut(new_ti as usize) {
+            *slot = new_block;
+        }
+        let area_ti = self.cluster_of(start) >> bb;
+        let missing = (area_ti..total)
+            .filter(|&i| table.get(i as usize).is_some_and(|&e| e == 0))
+            .count() as u64;
+        let table_offset = start.saturating_add(self.clusters_bytes(missing));
+        let end = table_offset.saturating_add(self.clusters_bytes(table_clusters));
+        self.why(format!(
+            "the refcount table is full: {missing} new refcount block(s) at {start:#x} and a table of {table_clusters} cluster(s) at {table_offset:#x}, counting themselves"
+        ));
+        let mut block_offset = start;
+        let order = self.order;
+        for i in area_ti..total {
+            let existing = table.get(i as usize).copied().unwrap_or(0);
+            let block = if existing != 0 {
+                existing & crate::refcount::REFT_OFFSET_MASK
+            } else {
+                let b = block_offset;
+                self.write_bytes(b, &vec![0u8; cs as usize])?;
+                if let Some(slot) = table.get_mut(i as usize) {
+                    *slot = b;
+                }
+                self.allocated.push((b, cs, "refcount block".into()));
+                self.record(
+                    Target::Allocate {
+                        offset: b,
+                        length: cs,
+                        purpose: format!("refcount block (new refcount table entry {i})"),
+                    },
+                    self.cluster_of(b),
+                    self.cluster_of(b),
+                );
+                block_offset = block_offset.saturating_add(cs);
+                b
+            };
+            let first = self.clusters_bytes(i.saturating_mul(rbs));
+            if first < end {
+                let j0 = if first < start {
+                    self.cluster_of(start.saturating_sub(first))
+                } else {
+                    0
+                };
+                let j1 = self.cluster_of(end.saturating_sub(first)).min(rbs);
+                let bc = self.cluster_of(block);
+                for j in j0..j1 {
+                    let cur = get_refcount(self.cluster(bc), order, j);
+                    set_refcount(self.cluster(bc), order, j, 1);
+                    self.record(
+                        Target::Refcount {
+                            cluster: i.saturating_mul(rbs).saturating_add(j),
+                        },
+                        cur,
+                        1,
+                    );
+                }
+            }
+        }
+        let bytes: Vec<u8> = table.iter().flat_map(|e| e.to_be_bytes()).collect();
+        self.write_bytes(table_offset, &bytes)?;
+        self.allocated.push((
+            table_offset,
+            self.clusters_bytes(table_clusters),
+            "the new refcount table".into(),
+        ));
+        self.record(
+            Target::Allocate {
+                offset: table_offset,
+                length: self.clusters_bytes(table_clusters),
+                purpose: format!("the new refcount table ({table_size} entries)"),
+            },
+            self.cluster_of(table_offset),
+            self.cluster_of(table_offset),
+        );
+        let (old_off, old_clusters) = (self.refcount_table_offset, self.refcount_table_clusters);
+        self.why("the header points at the new refcount table");
+        self.set_header_u64(48, "refcount_table_offset", table_offset)?;
+        self.set_header_u32(56, "refcount_table_clusters", table_clusters as u32)?;
+        self.refcount_table_offset = table_offset;
+        self.refcount_table_clusters = table_clusters as u32;
+        self.file_len = self.file_len.max(end);
+        self.free_clusters(
+            old_off,
+            self.clusters_bytes(u64::from(old_clusters)),
+            "the old refcount table",
+        );
+        Ok(())
     }
 
     /// QEMU's `alloc_clusters_noref`: `n` contiguous clusters with refcount 0,
@@ -884,7 +1226,7 @@ impl Sim {
         while found < n {
             let c = self.free_cluster_index;
             if c > limit {
-                return Err(Fail("no free clusters found (EFBIG)".into()));
+                return Err(Fail::Msg("no free clusters found (EFBIG)".into()));
             }
             // c <= limit, and found <= n: neither can overflow.
             self.free_cluster_index = c.saturating_add(1);
@@ -902,7 +1244,10 @@ impl Sim {
     fn take_clusters(&mut self, off: u64, len: u64, first: u64, purpose: &str) -> SimResult<()> {
         let saved = self.reason.clone();
         self.why(format!("allocated for {purpose}"));
-        self.update_refcount(off, len, 1, false)?;
+        if let Err(e) = self.update_refcount(off, len, 1, false) {
+            self.reason = saved;
+            return Err(e);
+        }
         self.record(
             Target::Allocate {
                 offset: off,
@@ -919,7 +1264,22 @@ impl Sim {
 
     /// QEMU's `qcow2_alloc_clusters`: find, then +1 on each.
     fn alloc_clusters(&mut self, size: u64, purpose: &str) -> SimResult<u64> {
-        let n = size.div_ceil(self.cs).max(1);
+        let n = size.div_ceil(self.cs);
+        if n == 0 {
+            // alloc_clusters_noref(0) looks at nothing and returns the hint as it
+            // stands; update_refcount of 0 bytes counts nothing.
+            return Ok(self.cluster_start(self.free_cluster_index));
+        }
+        loop {
+            match self.alloc_clusters_once(n, purpose) {
+                Err(Fail::Again) => continue,
+                r => return r,
+            }
+        }
+    }
+
+    /// One round of `qcow2_alloc_clusters`' loop.
+    fn alloc_clusters_once(&mut self, n: u64, purpose: &str) -> SimResult<u64> {
         let first = self.find_free(n)?;
         // A range that does not fit in 64 bits is refused rather than wrapped.
         let range = first
@@ -927,7 +1287,7 @@ impl Sim {
             .zip(n.checked_mul(self.cs))
             .and_then(|(off, len)| Some((off, len, off.checked_add(len)?)));
         let Some((off, len, end)) = range else {
-            return Err(Fail(format!(
+            return Err(Fail::Msg(format!(
                 "{n} clusters from cluster {first} do not fit in the file (EFBIG)"
             )));
         };
@@ -951,7 +1311,8 @@ impl Sim {
             0,
             0,
         );
-        if let Err(Fail(e)) = self.update_refcount(off, size, 1, true) {
+        if let Err(e) = self.update_refcount(off, size, 1, true) {
+            let e = e.text();
             self.note(format!(
                 "QEMU: qcow2_free_clusters failed: {e}; the clusters are leaked"
             ));
@@ -1023,7 +1384,7 @@ impl Sim {
             }
             let l2 = old_l1 & L1E_OFFSET_MASK;
             if !l2.is_multiple_of(self.cs) {
-                result = Err(Fail(format!(
+                result = Err(Fail::Msg(format!(
                     "L2 table offset {l2:#x} unaligned (L1 index: {i:#x}) (EIO)"
                 )));
                 break;
@@ -1057,7 +1418,7 @@ impl Sim {
                     }
                     ClusterType::Normal | ClusterType::ZeroAlloc => {
                         if !off.is_multiple_of(self.cs) {
-                            result = Err(Fail(format!(
+                            result = Err(Fail::Msg(format!(
                                 "Cluster allocation offset {off:#x} unaligned (L2 offset: {l2:#x}, L2 index: {j:#x}) (EIO)"
                             )));
                             break 'outer;
@@ -1182,7 +1543,7 @@ impl Sim {
                 .saturating_add(s.name.len() as u64);
         }
         if size > crate::snapshot::MAX_TABLE_BYTES {
-            return Err(Fail(
+            return Err(Fail::Msg(
                 "the snapshot table would exceed 64 MiB (EFBIG)".into(),
             ));
         }
@@ -1273,10 +1634,12 @@ impl Sim {
 
     fn check_snapshot_l1(&self, sn: &SimSnapshot) -> SimResult<()> {
         if u64::from(sn.l1_size) > crate::tables::MAX_L1_ENTRIES {
-            return Err(Fail("Snapshot L1 table too large (EFBIG)".into()));
+            return Err(Fail::Msg("Snapshot L1 table too large (EFBIG)".into()));
         }
         if !sn.l1_table_offset.is_multiple_of(self.cs) {
-            return Err(Fail("Snapshot L1 table offset invalid (EINVAL)".into()));
+            return Err(Fail::Msg(
+                "Snapshot L1 table offset invalid (EINVAL)".into(),
+            ));
         }
         Ok(())
     }
@@ -1285,10 +1648,12 @@ impl Sim {
 
     fn snapshot_create(&mut self, name: &str) -> SimResult<()> {
         if self.snapshots.len() as u64 >= crate::snapshot::MAX_SNAPSHOTS {
-            return Err(Fail("the image already has 65536 snapshots (EFBIG)".into()));
+            return Err(Fail::Msg(
+                "the image already has 65536 snapshots (EFBIG)".into(),
+            ));
         }
         if self.has_data_file {
-            return Err(Fail(
+            return Err(Fail::Msg(
                 "snapshots are not supported with an external data file (ENOTSUP)".into(),
             ));
         }
@@ -1343,32 +1708,39 @@ impl Sim {
         Ok(())
     }
 
-    fn snapshot_delete(&mut self, id_or_name: &str) -> SimResult<()> {
+    fn snapshot_delete(&mut self, id_or_name: &str, by_id: bool) -> SimResult<()> {
         if self.has_data_file {
-            return Err(Fail(
+            return Err(Fail::Msg(
                 "snapshots are not supported with an external data file (ENOTSUP)".into(),
             ));
         }
-        // qemu-img snapshot -d looks the snapshot up by name (the first match);
-        // an ID is accepted too, as QMP's snapshot-delete-internal-sync does.
-        let by_name = self.snapshots.iter().position(|s| s.name == id_or_name);
-        let Some(i) = by_name.or_else(|| self.snapshots.iter().position(|s| s.id == id_or_name))
-        else {
-            return Err(Fail(format!(
-                "Could not delete snapshot '{id_or_name}': snapshot not found (ENOENT)"
-            )));
+        // qemu-img snapshot -d looks the snapshot up by name only
+        // (bdrv_snapshot_find), the first match; HMP's delvm and QMP's
+        // snapshot-delete-internal-sync also take an ID (`snapshot-delete-id`).
+        let i = if by_id {
+            self.snapshots.iter().position(|s| s.id == id_or_name)
+        } else {
+            self.snapshots.iter().position(|s| s.name == id_or_name)
+        };
+        let Some(i) = i else {
+            let hint = match self.snapshots.iter().find(|s| !by_id && s.id == id_or_name) {
+                Some(s) => format!(
+                    " ('{id_or_name}' is the ID of snapshot '{}': qemu-img snapshot -d matches names only; snapshot-delete-id:{id_or_name} models QMP's snapshot-delete-internal-sync by ID)",
+                    s.name
+                ),
+                None => String::new(),
+            };
+            return Err(Fail::Msg(if by_id {
+                format!("Snapshot with id '{id_or_name}' does not exist")
+            } else {
+                format!("Could not delete snapshot '{id_or_name}': snapshot not found{hint}")
+            }));
         };
         let sn = self
             .snapshots
             .get(i)
             .cloned()
-            .ok_or_else(|| Fail("no snapshot".into()))?;
-        if by_name.is_none() {
-            self.note(format!(
-                "'{id_or_name}' is the ID of snapshot '{}': qemu-img snapshot -d matches names only (use -d '{}')",
-                sn.name, sn.name
-            ));
-        }
+            .ok_or_else(|| Fail::Msg("no snapshot".into()))?;
         self.check_snapshot_l1(&sn)?;
         let label = format!("snapshot {} '{}' L1", sn.id, sn.name);
         self.snapshots.remove(i);
@@ -1394,32 +1766,38 @@ impl Sim {
     }
 
     fn snapshot_apply(&mut self, id_or_name: &str) -> SimResult<()> {
+        if self.has_bitmaps() {
+            // bdrv_snapshot_goto refuses before looking the snapshot up.
+            return Err(Fail::Msg(format!(
+                "Could not apply snapshot '{id_or_name}': Device has active dirty bitmaps"
+            )));
+        }
         if self.has_data_file {
-            return Err(Fail(
+            return Err(Fail::Msg(
                 "snapshots are not supported with an external data file (ENOTSUP)".into(),
             ));
         }
         let Some(i) = self.find_snapshot(id_or_name) else {
-            return Err(Fail(format!(
-                "Can't find the snapshot '{id_or_name}' (ENOENT)"
+            return Err(Fail::Msg(format!(
+                "Could not apply snapshot '{id_or_name}': Failed to load snapshot: No such file or directory"
             )));
         };
         let sn = self
             .snapshots
             .get(i)
             .cloned()
-            .ok_or_else(|| Fail("no snapshot".into()))?;
+            .ok_or_else(|| Fail::Msg("no snapshot".into()))?;
         self.check_snapshot_l1(&sn)?;
         if sn.disk_size != self.size & !511 {
-            return Err(Fail(format!(
-                "the snapshot's disk size ({}) differs from the current size ({}); QEMU would resize the image first, which qinspect does not model",
+            self.note(format!(
+                "the snapshot's disk is {} bytes, the current one {}: QEMU resizes the disk first",
                 sn.disk_size, self.size
-            )));
+            ));
+            self.truncate(sn.disk_size)?;
         }
         if u64::from(sn.l1_size) > self.l1.len() as u64 {
-            return Err(Fail(
-                "the snapshot's L1 table is larger than the active one; QEMU would grow the active L1 first, which qinspect does not model".into(),
-            ));
+            self.why("the snapshot's L1 table is larger than the active one");
+            self.grow_l1_table(u64::from(sn.l1_size), true)?;
         }
         let cur_len = self.l1.len() as u64;
         let cur_bytes = cur_len.saturating_mul(8);
@@ -1463,6 +1841,240 @@ impl Sim {
         self.update_snapshot_refcount(active_off, cur_len, 0)
     }
 
+    /// QEMU's `qcow2_grow_l1_table`: a new, larger active L1 in new clusters,
+    /// the header repointed, the old table freed.
+    fn grow_l1_table(&mut self, min_size: u64, exact: bool) -> SimResult<()> {
+        let old_len = self.l1.len() as u64;
+        if min_size <= old_len {
+            return Ok(());
+        }
+        let new_len = if exact {
+            min_size
+        } else {
+            // Grown by half again until it fits, to grow less often.
+            let mut n = old_len.max(1);
+            while min_size > n {
+                n = n.saturating_mul(3).div_ceil(2);
+            }
+            n
+        };
+        if new_len > crate::tables::MAX_L1_ENTRIES {
+            return Err(Fail::Msg(format!(
+                "an L1 table of {new_len} entries is larger than QEMU allows (EFBIG)"
+            )));
+        }
+        let bytes = new_len.saturating_mul(8);
+        let off = self.alloc_clusters(
+            bytes,
+            &format!("the active L1 table grown to {new_len} entries"),
+        )?;
+        let mut table = self.l1.clone();
+        table.resize(new_len as usize, 0);
+        let buf: Vec<u8> = table.iter().flat_map(|e| e.to_be_bytes()).collect();
+        self.write_bytes(off, &buf)?;
+        self.record(
+            Target::Copy {
+                from: format!("active L1 at {:#x}", self.l1_table_offset),
+                to: off,
+                length: old_len.saturating_mul(8),
+            },
+            0,
+            0,
+        );
+        let saved = self.reason.clone();
+        self.why("the header points at the grown L1 table");
+        self.set_header_u32(36, "l1_size", new_len as u32)?;
+        self.set_header_u64(40, "l1_table_offset", off)?;
+        let old_off = self.l1_table_offset;
+        self.l1 = table;
+        self.l1_table_offset = off;
+        self.reason = saved;
+        self.free_clusters(
+            old_off,
+            old_len.saturating_mul(8),
+            "the old active L1 table",
+        );
+        Ok(())
+    }
+
+    /// `qemu-img resize [--shrink]`.
+    fn resize(&mut self, size: u64, shrink: bool) -> SimResult<()> {
+        if size == 0 {
+            return Err(Fail::Msg("New image size must be positive".into()));
+        }
+        if size < self.size && !shrink {
+            return Err(Fail::Msg(
+                "Use the --shrink option to perform a shrink operation.".into(),
+            ));
+        }
+        self.truncate(size)
+    }
+
+    /// QEMU's `qcow2_co_truncate` (no preallocation).
+    fn truncate(&mut self, size: u64) -> SimResult<()> {
+        if !size.is_multiple_of(512) {
+            return Err(Fail::Msg(
+                "The new size must be a multiple of 512 (EINVAL)".into(),
+            ));
+        }
+        if self.version < 3 && !self.snapshots.is_empty() {
+            return Err(Fail::Msg(
+                "Can't resize a v2 image which has snapshots (ENOTSUP)".into(),
+            ));
+        }
+        if self.has_data_file {
+            return Err(Fail::NotModelled(
+                "resizing an image with an external data file".into(),
+            ));
+        }
+        let old = self.size;
+        let cs = self.cs;
+        let l1_needed = size.div_ceil(self.geo.l2_coverage());
+        if size > old && self.backing.is_some() {
+            // bdrv_co_truncate zero-fills the new area when the backing file
+            // would show through it.
+            let backing_len = self
+                .backing
+                .as_ref()
+                .and_then(|c| c.layers.first())
+                .map_or(0, |l| l.size());
+            if backing_len > old {
+                return Err(Fail::NotModelled(
+                    "growing over a longer backing file (QEMU zero-fills the new area)".into(),
+                ));
+            }
+        }
+        if size < old {
+            self.why("shrinking: the clusters past the new end are discarded");
+            let from = size.div_ceil(cs).saturating_mul(cs);
+            if from < old {
+                self.discard_clusters(from, old, true)?;
+            }
+            self.shrink_l1_table(l1_needed)?;
+            self.shrink_reftable()?;
+            // The file is cut after its last cluster in use.
+            let mut last = self.file_len.div_ceil(cs);
+            while last > 0 && self.get_refcount(last.saturating_sub(1))? == 0 {
+                last = last.saturating_sub(1);
+            }
+            let end = self.clusters_bytes(last);
+            if end < self.file_len {
+                self.note(format!(
+                    "the image file is cut to {end} bytes, after its last cluster in use"
+                ));
+                self.file_len = end;
+                self.zero_from = self.zero_from.min(end);
+                let first_gone = last;
+                self.clusters.retain(|&c, _| c < first_gone);
+            }
+        } else {
+            self.grow_l1_table(l1_needed, true)?;
+        }
+        self.why("the new disk size");
+        self.set_header_u64(24, "size", size)?;
+        self.size = size;
+        Ok(())
+    }
+
+    /// QEMU's `qcow2_shrink_l1_table`: the entries past `keep` are zeroed and
+    /// their L2 tables freed (the table keeps its size).
+    fn shrink_l1_table(&mut self, keep: u64) -> SimResult<()> {
+        let len = self.l1.len() as u64;
+        if keep >= len {
+            return Ok(());
+        }
+        let off = self.l1_table_offset;
+        let zeros = vec![0u8; len.saturating_sub(keep).saturating_mul(8) as usize];
+        self.write_bytes(off.saturating_add(keep.saturating_mul(8)), &zeros)?;
+        for i in (keep..len).rev() {
+            let e = self.l1.get(i as usize).copied().unwrap_or(0);
+            let l2 = e & L1E_OFFSET_MASK;
+            if l2 == 0 {
+                continue;
+            }
+            self.why("shrinking: the L1 entry is past the new end");
+            self.record(
+                Target::L1Entry {
+                    table: "active L1".into(),
+                    table_offset: off,
+                    index: i,
+                },
+                e,
+                0,
+            );
+            self.free_clusters(
+                l2,
+                self.cs,
+                &format!("the L2 table of active L1[{i}], past the new end"),
+            );
+            if let Some(slot) = self.l1.get_mut(i as usize) {
+                *slot = 0;
+            }
+        }
+        Ok(())
+    }
+
+    /// QEMU's `qcow2_shrink_reftable`: refcount blocks that count nothing (but
+    /// perhaps themselves) are dropped from the table.
+    fn shrink_reftable(&mut self) -> SimResult<()> {
+        let bb = self.block_bits();
+        let order = self.order;
+        let mut dropped = Vec::new();
+        for ti in 0..self.reftable_len() {
+            let at = self.reftable_entry_offset(ti);
+            let block = self.read_u64(at) & crate::refcount::REFT_OFFSET_MASK;
+            if block == 0 {
+                continue;
+            }
+            let bc = self.cluster_of(block);
+            let own = (bc >> bb == ti).then(|| bc & low_mask(bb));
+            let data = self.cluster(bc).to_vec();
+            let mut scratch = data;
+            if let Some(idx) = own {
+                set_refcount(&mut scratch, order, idx, 0);
+            }
+            if scratch.iter().all(|&b| b == 0) {
+                dropped.push((ti, block));
+            }
+        }
+        for &(ti, block) in &dropped {
+            self.why(format!(
+                "shrinking: refcount block {ti} counts nothing and leaves the table"
+            ));
+            let at = self.reftable_entry_offset(ti);
+            self.write_u64(at, 0)?;
+            self.record(
+                Target::Header {
+                    field: "refcount table entry",
+                },
+                block,
+                0,
+            );
+        }
+        for (ti, block) in dropped {
+            let bc = self.cluster_of(block);
+            if bc >> bb != ti {
+                // Counted by another block: its entry goes from 1 to 0.
+                let oti = bc >> bb;
+                let ob = self.read_u64(self.reftable_entry_offset(oti))
+                    & crate::refcount::REFT_OFFSET_MASK;
+                if ob != 0 {
+                    let idx = bc & low_mask(bb);
+                    let obc = self.cluster_of(ob);
+                    let cur = get_refcount(self.cluster(obc), order, idx);
+                    set_refcount(self.cluster(obc), order, idx, 0);
+                    self.record(Target::Refcount { cluster: bc }, cur, 0);
+                }
+            }
+            if bc < self.free_cluster_index {
+                self.free_cluster_index = bc;
+            }
+            self.freed
+                .push((bc, format!("refcount block {ti}, no longer needed")));
+        }
+        Ok(())
+    }
+
     fn refcount_walk(&mut self, l1: &str, addend: i32) -> SimResult<()> {
         if l1 == "active" {
             return self.update_snapshot_refcount(
@@ -1472,7 +2084,7 @@ impl Sim {
             );
         }
         let Some(i) = self.find_snapshot(l1) else {
-            return Err(Fail(format!(
+            return Err(Fail::Msg(format!(
                 "no snapshot '{l1}' (use 'active' or a snapshot ID or name)"
             )));
         };
@@ -1480,7 +2092,7 @@ impl Sim {
             .snapshots
             .get(i)
             .cloned()
-            .ok_or_else(|| Fail("no snapshot".into()))?;
+            .ok_or_else(|| Fail::Msg("no snapshot".into()))?;
         self.check_snapshot_l1(&sn)?;
         self.update_snapshot_refcount(sn.l1_table_offset, u64::from(sn.l1_size), addend)
     }
@@ -1492,20 +2104,69 @@ impl Sim {
         // Each operation is a fresh open of the image (a separate qemu-img or
         // qemu-io command), so QEMU's free-cluster hint starts at 0 again.
         self.free_cluster_index = 0;
-        let r = match op {
-            Op::SnapshotCreate { name } => self.snapshot_create(name),
-            Op::SnapshotDelete { id_or_name } => self.snapshot_delete(id_or_name),
-            Op::SnapshotApply { id_or_name } => self.snapshot_apply(id_or_name),
-            Op::Write { offset, length } => self.write(*offset, *length),
-            Op::Discard { offset, length } => self.discard(*offset, *length),
-            Op::RefcountUpdate { l1, addend } => self.refcount_walk(l1, *addend),
+        if let Op::Trace { offset } = op {
+            // A look, not a QEMU command: nothing is opened read-write.
+            let r = self.trace(*offset);
+            self.records.push(OpRecord {
+                op: op.clone(),
+                description: op.describe(),
+                steps: std::mem::take(&mut self.steps),
+                error: r.err().map(Fail::text),
+            });
+            return;
+        }
+        let features = self.read_u64(72);
+        let checking = matches!(op, Op::Repair { .. });
+        let r = if features & crate::header::INCOMPAT_CORRUPT != 0 && !checking {
+            // qemu-img and qemu-io stop at the open: nothing is written.
+            Err(Fail::Msg(self.open_refused.clone().unwrap_or_default()))
+        } else if let Some(why) = &self.not_modelled {
+            Err(Fail::Msg(format!("not simulated: {why}")))
+        } else {
+            // A dirty image (lazy refcounts) is repaired first on a read-write
+            // open that is not itself a check.
+            let r = if features & crate::header::INCOMPAT_DIRTY != 0 && !checking {
+                self.note("the image is dirty (lazy refcounts): QEMU repairs its refcounts on open, as qemu-img check -r all would".into());
+                self.repair(true)
+            } else {
+                Ok(())
+            };
+            let r = r.and_then(|()| self.run_op(op));
+            // The close: persistent bitmaps are stored again even when the
+            // operation failed.
+            let closed = self.store_bitmaps();
+            r.and(closed)
         };
+        let error = r.err().map(|f| qemu_words(op, f.text()));
         self.records.push(OpRecord {
             op: op.clone(),
             description: op.describe(),
             steps: std::mem::take(&mut self.steps),
-            error: r.err().map(|Fail(e)| e),
+            error,
         });
+    }
+
+    fn run_op(&mut self, op: &Op) -> SimResult<()> {
+        match op {
+            Op::SnapshotCreate { name } => self.snapshot_create(name),
+            Op::SnapshotDelete { id_or_name } => self.snapshot_delete(id_or_name, false),
+            Op::SnapshotDeleteId { id } => self.snapshot_delete(id, true),
+            Op::SnapshotApply { id_or_name } => self.snapshot_apply(id_or_name),
+            Op::Write { offset, length } => self.write(*offset, *length),
+            Op::Discard { offset, length } => self.discard(*offset, *length),
+            Op::WriteZeroes {
+                offset,
+                length,
+                unmap,
+            } => self.write_zeroes(*offset, *length, *unmap),
+            Op::Resize { size, shrink } => self.resize(*size, *shrink),
+            Op::Repair { all } => self.repair(*all),
+            Op::Trace { offset } => self.trace(*offset),
+            Op::Overlay { .. } => Err(Fail::Msg(
+                "an overlay starts a new layer: simulate_layers handles it".into(),
+            )),
+            Op::RefcountUpdate { l1, addend } => self.refcount_walk(l1, *addend),
+        }
     }
 
     // ---- results -------------------------------------------------------------------
@@ -1519,6 +2180,7 @@ impl Sim {
             cluster_bits: self.geo.cluster_bits,
             clusters: self.clusters.clone(),
             len: self.file_len,
+            zero_from: self.zero_from,
             name: self.path.clone(),
         })
     }
@@ -1566,7 +2228,14 @@ impl Sim {
     /// cache cannot cover the disk; then 4 KiB slices.
     fn slice_entries(&self) -> u64 {
         let per_table = self.geo.l2_entries();
-        let needed = self.size.div_ceil(self.cs).saturating_mul(8);
+        // read_cache_sizes: one entry (8 or 16 bytes) per guest cluster, rounded
+        // up to whole clusters, against the 32 MiB default.
+        let needed = self
+            .size
+            .div_ceil(self.cs)
+            .saturating_mul(self.geo.l2_entry_size())
+            .div_ceil(self.cs)
+            .saturating_mul(self.cs);
         if needed > 32 << 20 {
             self.cs
                 .min(4096)
@@ -1630,9 +2299,18 @@ impl Sim {
     /// first if the L1 entry lacks COPIED (an entry of 0 included).
     fn cluster_table(&mut self, guest: u64) -> SimResult<u64> {
         let i = self.geo.l1_index(GuestOffset(guest));
+        if i >= self.l1.len() as u64 {
+            let saved = self.reason.clone();
+            self.why(format!(
+                "guest offset {guest:#x} is beyond the active L1 table ({} entries)",
+                self.l1.len()
+            ));
+            self.grow_l1_table(i.saturating_add(1), false)?;
+            self.reason = saved;
+        }
         let Some(&e) = self.l1.get(i as usize) else {
-            return Err(Fail(format!(
-                "guest offset {guest:#x} is beyond the L1 table; QEMU would grow it, which qinspect does not model"
+            return Err(Fail::Msg(format!(
+                "guest offset {guest:#x} is beyond the L1 table (EIO)"
             )));
         };
         if e & OFLAG_COPIED != 0 {
@@ -1713,16 +2391,24 @@ impl Sim {
     /// `off`, up to `n`, +1 each.
     fn alloc_clusters_at(&mut self, off: u64, n: u64, purpose: &str) -> SimResult<u64> {
         let first = self.cluster_of(off);
-        let mut i = 0u64;
-        while i < n && self.get_refcount(first.saturating_add(i))? == 0 {
-            i = i.saturating_add(1);
-        }
-        if i > 0 {
+        loop {
+            let mut i = 0u64;
+            while i < n && self.get_refcount(first.saturating_add(i))? == 0 {
+                i = i.saturating_add(1);
+            }
+            if i == 0 {
+                return Ok(0);
+            }
             let len = self.clusters_bytes(i);
-            self.take_clusters(off, len, first, purpose)?;
-            self.file_len = self.file_len.max(off.saturating_add(len));
+            match self.take_clusters(off, len, first, purpose) {
+                Err(Fail::Again) => continue,
+                Err(e) => return Err(e),
+                Ok(()) => {
+                    self.file_len = self.file_len.max(off.saturating_add(len));
+                    return Ok(i);
+                }
+            }
         }
-        Ok(i)
     }
 
     /// A guest write of `length` bytes at `offset` (`qcow2_co_pwritev_part`).
@@ -1733,11 +2419,12 @@ impl Sim {
     /// saturate on any image, they only rule out wraparound.
     fn write(&mut self, offset: u64, length: u64) -> SimResult<()> {
         let Some(end) = offset.checked_add(length).filter(|&e| e <= self.size) else {
-            return Err(Fail(format!(
-                "the write ends past the end of the disk ({} bytes) (EIO)",
+            return Err(Fail::Msg(format!(
+                "write failed: Input/output error (the request ends past the end of the disk, {} bytes, so the block layer refuses all of it)",
                 self.size
             )));
         };
+        self.mark_dirty(offset, length);
         let cs = self.cs;
         let sc_bits = self.geo.subcluster_bits();
         let mut frees: Vec<(u64, String)> = Vec::new();
@@ -1762,7 +2449,7 @@ impl Sim {
                 if !self.needs_new_alloc(raw) {
                     let host = raw & L2E_OFFSET_MASK;
                     if !host.is_multiple_of(cs) {
-                        return Err(Fail(format!(
+                        return Err(Fail::Msg(format!(
                             "Data cluster offset {host:#x} unaligned (guest offset: {pos:#x}) (EIO)"
                         )));
                     }
@@ -1822,7 +2509,7 @@ impl Sim {
                     let _ = bitmap;
                     host_next = Some(host.saturating_add(keep.saturating_mul(cs)));
                     if write_end <= pos {
-                        return Err(Fail(format!(
+                        return Err(Fail::Msg(format!(
                             "no progress at guest {pos:#x}: the L2 entries there are inconsistent"
                         )));
                     }
@@ -1898,7 +2585,7 @@ impl Sim {
                 }
                 host_next = Some(host.saturating_add(n.saturating_mul(cs)));
                 if bytes == 0 {
-                    return Err(Fail(format!(
+                    return Err(Fail::Msg(format!(
                         "no progress at guest {pos:#x}: the L2 entries there are inconsistent"
                     )));
                 }
@@ -2032,7 +2719,13 @@ impl Sim {
     /// A guest discard (`qcow2_co_pdiscard` after the block layer's alignment).
     fn discard(&mut self, offset: u64, length: u64) -> SimResult<()> {
         let cs = self.cs;
-        let end = offset.saturating_add(length).min(self.size);
+        let Some(end) = offset.checked_add(length).filter(|&e| e <= self.size) else {
+            return Err(Fail::Msg(format!(
+                "discard failed: Input/output error (the request ends past the end of the disk, {} bytes, so the block layer refuses all of it)",
+                self.size
+            )));
+        };
+        self.mark_dirty(offset, length);
         let has_backing = self.backing.is_some() || self.backing_named;
         if self.version < 3 && has_backing {
             self.note(
@@ -2043,7 +2736,7 @@ impl Sim {
         }
         // The block layer splits off unaligned head and tail; qcow2 ignores them,
         // except a tail that ends exactly at an unaligned end of the disk.
-        let mut start = offset.div_ceil(cs).saturating_mul(cs);
+        let start = offset.div_ceil(cs).saturating_mul(cs);
         let mut stop = end & !low_mask(self.geo.cluster_bits);
         if end == self.size && !end.is_multiple_of(cs) && offset <= stop {
             stop = end.div_ceil(cs).saturating_mul(cs);
@@ -2060,6 +2753,15 @@ impl Sim {
                 stop.max(start)
             ));
         }
+        self.discard_clusters(start, stop, false)
+    }
+
+    /// QEMU's `qcow2_cluster_discard` over whole clusters `start..stop` (`stop`
+    /// may be the unaligned end of the disk). A full discard (shrinking) leaves
+    /// the entries 0, so they fall through to the backing file.
+    fn discard_clusters(&mut self, mut start: u64, stop: u64, full: bool) -> SimResult<()> {
+        let cs = self.cs;
+        let has_backing = self.backing.is_some() || self.backing_named;
         let slice = self.slice_entries();
         while start < stop {
             let l2_index = self.geo.l2_index(GuestOffset(start));
@@ -2077,10 +2779,12 @@ impl Sim {
                     ty,
                     ClusterType::Normal | ClusterType::ZeroAlloc | ClusterType::Compressed
                 );
-                if !(has_backing || allocated) {
+                if !(full || has_backing || allocated) {
                     continue;
                 }
-                let (new, new_bm) = if self.geo.extended_l2 {
+                let (new, new_bm) = if full {
+                    (0, 0)
+                } else if self.geo.extended_l2 {
                     (0, 0xffff_ffffu64 << 32)
                 } else if self.version >= 3 {
                     (OFLAG_ZERO, 0)
@@ -2093,7 +2797,9 @@ impl Sim {
                 let g = start.saturating_add(k.saturating_mul(cs));
                 self.why(format!(
                     "guest {g:#x} discarded: {}",
-                    if self.version >= 3 {
+                    if full {
+                        "the disk no longer reaches it"
+                    } else if self.version >= 3 {
                         "now reads as zeros"
                     } else {
                         "now unallocated"
@@ -2126,6 +2832,7 @@ pub struct OverlaySource {
     cluster_bits: u32,
     clusters: ClusterMap,
     len: u64,
+    zero_from: u64,
     name: PathBuf,
 }
 
@@ -2150,7 +2857,7 @@ impl Source for OverlaySource {
                     self.base.read_at(dst, pos)?;
                 }
             }
-            if pos >= self.len {
+            if pos >= self.len || (pos >= self.zero_from && !self.clusters.contains_key(&c)) {
                 dst.fill(0);
             }
             done = done.saturating_add(n);
@@ -2179,6 +2886,26 @@ pub fn simulate(img: &Qcow2, path: &Path, ops: &[Op]) -> Result<Sim> {
     Ok(sim)
 }
 
+/// Simulate `ops` in order, starting a new throw-away overlay at each
+/// `overlay` op: the first layer is the image itself, then one per overlay,
+/// each over the image (or the snapshot it names), each getting the
+/// operations that follow it. Stops at the first failing operation.
+pub fn simulate_layers(img: &Qcow2, path: &Path, ops: &[Op]) -> Result<Vec<Sim>> {
+    let mut layers = vec![Sim::new(img, path)?];
+    for op in ops {
+        if let Op::Overlay { snapshot } = op {
+            layers.push(Sim::overlay(img, path, snapshot.as_deref())?);
+            continue;
+        }
+        let Some(sim) = layers.last_mut() else { break };
+        sim.apply(op);
+        if sim.records.last().is_some_and(|r| r.error.is_some()) {
+            break;
+        }
+    }
+    Ok(layers)
+}
+
 /// Group allocations by purpose, for summaries.
 pub fn summarize(list: &[(u64, u64, String)]) -> BTreeMap<String, u64> {
     let mut m = BTreeMap::new();
@@ -2187,4 +2914,52 @@ pub fn summarize(list: &[(u64, u64, String)]) -> BTreeMap<String, u64> {
         *total = total.saturating_add(*len);
     }
     m
+}
+
+/// An error as QEMU's tool would print it: its prefix for the operation and the
+/// errno's text, then what qinspect knows of why.
+fn qemu_words(op: &Op, detail: String) -> String {
+    const ALREADY: [&str; 5] = [
+        "Could not ",
+        "write failed: ",
+        "discard failed: ",
+        "not simulated: ",
+        "Snapshot with id ",
+    ];
+    if ALREADY.iter().any(|p| detail.starts_with(p)) {
+        return detail;
+    }
+    let prefix = match op {
+        Op::SnapshotCreate { name } => format!("Could not create snapshot '{name}': "),
+        Op::SnapshotDelete { id_or_name } => format!("Could not delete snapshot '{id_or_name}': "),
+        Op::SnapshotDeleteId { id } => format!("Could not delete snapshot '{id}': "),
+        // bdrv_snapshot_goto words the driver's errno this way.
+        Op::SnapshotApply { id_or_name } => {
+            format!("Could not apply snapshot '{id_or_name}': Failed to load snapshot: ")
+        }
+        Op::Write { .. } | Op::WriteZeroes { .. } => "write failed: ".into(),
+        Op::Discard { .. } => "discard failed: ".into(),
+        Op::Resize { .. } | Op::Repair { .. } | Op::Overlay { .. } | Op::Trace { .. } => {
+            String::new()
+        }
+        Op::RefcountUpdate { .. } => String::new(),
+    };
+    const ERRNO: [(&str, &str); 8] = [
+        ("EINVAL", "Invalid argument"),
+        ("EIO", "Input/output error"),
+        ("EFBIG", "File too large"),
+        ("ENOTSUP", "Operation not supported"),
+        ("ENOENT", "No such file or directory"),
+        ("ENOSPC", "No space left on device"),
+        ("EAGAIN", "Resource temporarily unavailable"),
+        ("ENOMEM", "Cannot allocate memory"),
+    ];
+    let text = ERRNO
+        .iter()
+        .find(|(e, _)| detail.contains(&format!("({e})")) || detail.contains(&format!(", {e})")))
+        .map(|(_, t)| *t);
+    match text {
+        Some(t) => format!("{prefix}{t} ({detail})"),
+        None => format!("{prefix}{detail}"),
+    }
 }

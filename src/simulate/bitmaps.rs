@@ -1,0 +1,274 @@
+//! Persistent dirty bitmaps across a read-write open (`block/qcow2-bitmap.c`).
+//!
+//! Every qemu-img or qemu-io command that opens an image read-write loads its
+//! persistent bitmaps, marks them in use (in place: no cluster moves), records
+//! the guest writes and discards of the command in every enabled bitmap, and on
+//! close stores them again (`qcow2_store_persistent_dirty_bitmaps`):
+//!
+//! 1. for each bitmap in directory order, a new cluster for every chunk of the
+//!    bitmap with a set bit (first fit), then a new bitmap table;
+//! 2. a new directory, the header extension repointed, the old directory freed;
+//! 3. the old tables and their data clusters freed.
+//!
+//! The old clusters stay in use until the new ones are written, so the tables
+//! move on every command, even one that fails.
+
+use super::{Sim, SimResult};
+use crate::bitmap::{BME_TABLE_ENTRY_OFFSET_MASK, FLAG_AUTO, FLAG_IN_USE};
+use crate::bytes::{align8, be64};
+use crate::header::ExtensionKind;
+use crate::image::Qcow2;
+
+/// One persistent bitmap as the simulator keeps it.
+#[derive(Clone, Debug)]
+pub(super) struct SimBitmap {
+    name: String,
+    flags: u32,
+    bitmap_type: u8,
+    granularity_bits: u8,
+    table_offset: u64,
+    table_size: u32,
+}
+
+/// The bitmaps of the image and where their directory is.
+#[derive(Clone, Debug, Default)]
+pub(super) struct Bitmaps {
+    list: Vec<SimBitmap>,
+    /// Offset of the bitmaps header extension's type field.
+    ext_offset: u64,
+    dir_offset: u64,
+    dir_size: u64,
+    /// Guest byte ranges written or discarded by the current command.
+    dirty: Vec<(u64, u64)>,
+}
+
+/// Read the bitmaps of `img`: `Ok(None)` without any, `Err` with the reason the
+/// simulator cannot follow what QEMU would do with them.
+pub(super) fn load(img: &Qcow2) -> std::result::Result<Option<Bitmaps>, String> {
+    let Some(ext) = img
+        .extensions
+        .iter()
+        .find(|e| matches!(e.kind, ExtensionKind::Bitmaps { .. }))
+    else {
+        return Ok(None);
+    };
+    let ExtensionKind::Bitmaps {
+        directory_offset,
+        directory_size,
+        ..
+    } = ext.kind
+    else {
+        return Ok(None);
+    };
+    if img.header.autoclear_features & crate::header::AUTOCLEAR_BITMAPS == 0 {
+        return Err("the bitmaps extension is present but autoclear bit 0 is clear: QEMU would drop it on a read-write open and leak its clusters, which qinspect does not model".into());
+    }
+    let entries = match &img.bitmaps {
+        Some(Ok(v)) => v,
+        Some(Err(e)) => return Err(format!("the bitmap directory cannot be read: {e}")),
+        None => return Ok(None),
+    };
+    let mut list = Vec::new();
+    for e in entries {
+        if e.flags & FLAG_IN_USE != 0 {
+            return Err(format!(
+                "bitmap '{}' is marked in use (inconsistent): QEMU keeps it read-only, which qinspect does not model",
+                e.name
+            ));
+        }
+        if e.extra_data_size != 0 || e.flags & !(FLAG_IN_USE | FLAG_AUTO) != 0 {
+            return Err(format!(
+                "bitmap '{}' has extra data or unknown flags, which qinspect does not model",
+                e.name
+            ));
+        }
+        if !(9..=31).contains(&e.granularity_bits) {
+            return Err(format!(
+                "bitmap '{}' has granularity bits {}, outside what QEMU loads (9..31)",
+                e.name, e.granularity_bits
+            ));
+        }
+        list.push(SimBitmap {
+            name: e.name.clone(),
+            flags: e.flags,
+            bitmap_type: e.bitmap_type,
+            granularity_bits: e.granularity_bits,
+            table_offset: e.table_offset,
+            table_size: e.table_size,
+        });
+    }
+    Ok(Some(Bitmaps {
+        list,
+        ext_offset: ext.offset,
+        dir_offset: directory_offset,
+        dir_size: directory_size,
+        dirty: Vec::new(),
+    }))
+}
+
+impl Sim {
+    /// Whether the image has persistent bitmaps (`qemu-img snapshot -a` refuses).
+    pub(super) fn has_bitmaps(&self) -> bool {
+        self.bitmaps.as_ref().is_some_and(|b| !b.list.is_empty())
+    }
+
+    /// The block layer marks a written or discarded range in every bitmap.
+    pub(super) fn mark_dirty(&mut self, offset: u64, length: u64) {
+        if let Some(b) = self.bitmaps.as_mut()
+            && length > 0
+        {
+            b.dirty.push((offset, length));
+        }
+    }
+
+    /// The close of a read-write open: store every bitmap again.
+    pub(super) fn store_bitmaps(&mut self) -> SimResult<()> {
+        let Some(b) = self.bitmaps.clone() else {
+            return Ok(());
+        };
+        if b.list.is_empty() {
+            return Ok(());
+        }
+        let saved = self.reason.clone();
+        self.note(
+            "closing the image: QEMU stores every persistent bitmap again, in new clusters".into(),
+        );
+        let mut new_list = Vec::with_capacity(b.list.len());
+        let mut drop_tables: Vec<(String, u64, Vec<u64>)> = Vec::new();
+        for bm in &b.list {
+            let old = self.read_bytes(bm.table_offset, u64::from(bm.table_size) * 8);
+            let old: Vec<u64> = old.chunks_exact(8).map(|c| be64(c, 0)).collect();
+            let table = self.store_bitmap(bm, &old, &b.dirty)?;
+            self.why(format!("the new table of bitmap '{}'", bm.name));
+            let bytes: Vec<u8> = table.iter().flat_map(|e| e.to_be_bytes()).collect();
+            let off = self.alloc_clusters(
+                bytes.len() as u64,
+                &format!("the table of bitmap '{}'", bm.name),
+            )?;
+            self.write_bytes(off, &bytes)?;
+            drop_tables.push((bm.name.clone(), bm.table_offset, old));
+            let mut n = bm.clone();
+            n.table_offset = off;
+            n.table_size = table.len() as u32;
+            // bm->flags on store: enabled or not; in_use cleared.
+            n.flags = bm.flags & FLAG_AUTO;
+            new_list.push(n);
+        }
+        // bitmap_list_store, not in place: a new directory.
+        let mut dir = Vec::new();
+        for bm in &new_list {
+            dir.extend_from_slice(&bm.table_offset.to_be_bytes());
+            dir.extend_from_slice(&bm.table_size.to_be_bytes());
+            dir.extend_from_slice(&bm.flags.to_be_bytes());
+            dir.push(bm.bitmap_type);
+            dir.push(bm.granularity_bits);
+            dir.extend_from_slice(&(bm.name.len() as u16).to_be_bytes());
+            dir.extend_from_slice(&0u32.to_be_bytes());
+            dir.extend_from_slice(bm.name.as_bytes());
+            dir.resize(align8(dir.len() as u64) as usize, 0);
+        }
+        let dir_size = dir.len() as u64;
+        let dir_off = self.alloc_clusters(dir_size, "the bitmap directory")?;
+        self.write_bytes(dir_off, &dir)?;
+        self.why("the bitmaps extension points at the new directory");
+        let at = b.ext_offset.saturating_add(8);
+        self.set_header_u64(at.saturating_add(8), "bitmap_directory_size", dir_size)?;
+        self.set_header_u64(at.saturating_add(16), "bitmap_directory_offset", dir_off)?;
+        self.free_clusters(b.dir_offset, b.dir_size, "the old bitmap directory");
+        for (name, table_off, old) in drop_tables {
+            for &e in &old {
+                let data = e & BME_TABLE_ENTRY_OFFSET_MASK;
+                if data != 0 {
+                    self.free_clusters(
+                        data,
+                        self.cs,
+                        &format!("an old data cluster of bitmap '{name}'"),
+                    );
+                }
+            }
+            let len = (old.len() as u64).saturating_mul(8);
+            self.free_clusters(table_off, len, &format!("the old table of bitmap '{name}'"));
+        }
+        if let Some(bs) = self.bitmaps.as_mut() {
+            bs.list = new_list;
+            bs.dir_offset = dir_off;
+            bs.dir_size = dir_size;
+            bs.dirty.clear();
+        }
+        self.reason = saved;
+        Ok(())
+    }
+
+    /// `store_bitmap`: a new cluster for every chunk with a set bit, in order.
+    fn store_bitmap(
+        &mut self,
+        bm: &SimBitmap,
+        old: &[u64],
+        dirty: &[(u64, u64)],
+    ) -> SimResult<Vec<u64>> {
+        let cs = self.cs;
+        let g_bits = u32::from(bm.granularity_bits);
+        let bits_per_cluster = cs.saturating_mul(8);
+        // The bitmap covers the disk: one bit per granule, rounded up.
+        let total_bits = self.size.div_ceil(1u64 << g_bits);
+        let enabled = bm.flags & FLAG_AUTO != 0;
+        // The table covers the disk as it is now (a resize changes it).
+        let table_size = total_bits.div_ceil(bits_per_cluster);
+        let mut table = vec![0u64; table_size as usize];
+        for (k, slot) in table.iter_mut().enumerate() {
+            let k = k as u64;
+            let first_bit = k.saturating_mul(bits_per_cluster);
+            if first_bit >= total_bits {
+                break;
+            }
+            let nbits = total_bits.saturating_sub(first_bit).min(bits_per_cluster);
+            let e = old.get(k as usize).copied().unwrap_or(0);
+            let mut data = match e & BME_TABLE_ENTRY_OFFSET_MASK {
+                0 if e & 1 != 0 => vec![0xffu8; cs as usize],
+                0 => vec![0u8; cs as usize],
+                off => self.read_bytes(off, cs),
+            };
+            if enabled {
+                for &(off, len) in dirty {
+                    let from = off >> g_bits;
+                    let to = off.saturating_add(len).div_ceil(1u64 << g_bits);
+                    let lo = from.max(first_bit);
+                    let hi = to.min(first_bit.saturating_add(nbits));
+                    for bit in lo..hi {
+                        let i = bit.saturating_sub(first_bit);
+                        if let Some(byte) = data.get_mut((i / 8) as usize) {
+                            *byte |= 1 << (i % 8);
+                        }
+                    }
+                }
+            }
+            // Bits past the end of the disk are not part of the bitmap.
+            for i in nbits..bits_per_cluster {
+                if let Some(byte) = data.get_mut((i / 8) as usize) {
+                    *byte &= !(1u8 << (i % 8));
+                }
+            }
+            if data.iter().all(|&x| x == 0) {
+                continue;
+            }
+            let purpose = format!("data of bitmap '{}' (table entry {k})", bm.name);
+            self.why(purpose.clone());
+            let off = self.alloc_clusters(cs, &purpose)?;
+            self.write_bytes(off, &data)?;
+            *slot = off;
+        }
+        Ok(table)
+    }
+
+    /// Where the bitmap tables and directory are now, for people.
+    pub fn bitmap_locations(&self) -> Vec<(String, u64)> {
+        let mut v = Vec::new();
+        if let Some(b) = &self.bitmaps {
+            for bm in &b.list {
+                v.push((format!("table of bitmap '{}'", bm.name), bm.table_offset));
+            }
+            v.push(("bitmap directory".into(), b.dir_offset));
+        }
+        v
+    }
+}

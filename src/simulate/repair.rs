@@ -1,0 +1,177 @@
+//! `qemu-img check -r leaks|all`, and the repair QEMU runs by itself when it
+//! opens a dirty (lazy refcounts) image read-write (`qcow2_co_check_locked`
+//! with `BDRV_FIX_LEAKS | BDRV_FIX_ERRORS`).
+//!
+//! The references are counted as `qemu-img check` counts them (the checker's
+//! in-memory refcount table); then, cluster by cluster in order, each stored
+//! refcount that is too high is lowered (leaks), and with `all` each that is
+//! too low is raised; a stored 0 for a cluster in use is what makes QEMU
+//! rebuild the whole refcount structure instead. With `all` (or with `leaks`
+//! when no error is left), the COPIED flags
+//! of the active tables are set to what the refcounts now say. An image left
+//! without corruptions is marked clean and consistent.
+
+use super::{Fail, Sim, SimResult, Target};
+use crate::check::{CheckOptions, FindingKind, check};
+use crate::tables::{ClusterType, L1E_OFFSET_MASK, L2E_OFFSET_MASK, L2Entry, OFLAG_COPIED};
+
+impl Sim {
+    /// `qemu-img check -r leaks` (`all == false`) or `-r all`.
+    pub(super) fn repair(&mut self, all: bool) -> SimResult<()> {
+        if self.has_data_file {
+            return Err(Fail::NotModelled(
+                "repairing an image with an external data file".into(),
+            ));
+        }
+        if self.has_bitmaps() && !self.snapshots.is_empty() {
+            // qemu-img check opens with BDRV_O_CHECK, which leaves the snapshot
+            // table unread until the check; marking the bitmaps in use on that
+            // open rewrites the header from what is in memory: no snapshots.
+            self.note("QEMU opens the image for the check before reading its snapshot table, and marking the persistent bitmaps in use rewrites the header with no snapshots: the snapshots are lost and their clusters become leaks".into());
+            self.why("the header is rewritten before the snapshot table is read");
+            self.set_header_u32(60, "nb_snapshots", 0)?;
+            self.set_header_u64(64, "snapshots_offset", 0)?;
+            self.snapshots.clear();
+            self.snapshots_offset = 0;
+            self.snapshots_size = 0;
+        }
+        let img = self
+            .image()
+            .map_err(|e| Fail::Msg(format!("Could not open the image: {e}")))?;
+        let report = check(&img, &CheckOptions::default());
+        if let Some(a) = &report.aborted {
+            return Err(Fail::NotModelled(format!("the check stops early: {a}")));
+        }
+        let unusual = report
+            .findings
+            .iter()
+            .find(|f| f.kind != FindingKind::Note && !matches!(f.category, "refcount" | "copied"))
+            .map(|f| f.message.clone());
+        if let Some(m) = unusual {
+            return Err(Fail::NotModelled(format!(
+                "QEMU's repair of this would do more than fix refcounts and COPIED flags: {m}"
+            )));
+        }
+        let Some(imrt) = report.imrt.clone() else {
+            return Err(Fail::NotModelled(
+                "the check did not count the references".into(),
+            ));
+        };
+        let saved = self.reason.clone();
+        let mut left_corrupt = false;
+        for c in 0..imrt.nb_clusters {
+            let stored = self.get_refcount(c)?;
+            let reference = imrt.get(c);
+            if stored == reference {
+                continue;
+            }
+            if stored == 0 {
+                if all {
+                    return Err(Fail::NotModelled(format!(
+                        "cluster {c} is in use with a stored refcount of 0: QEMU rebuilds the whole refcount structure (rebuild_refcount_structure)"
+                    )));
+                }
+                left_corrupt = true;
+                continue;
+            }
+            if stored > reference {
+                self.why(format!(
+                    "Repairing cluster {c} refcount={stored} reference={reference} (leaked)"
+                ));
+                self.update_refcount(
+                    self.cluster_start(c),
+                    1,
+                    stored.saturating_sub(reference),
+                    true,
+                )?;
+            } else if all {
+                self.why(format!(
+                    "Repairing cluster {c} refcount={stored} reference={reference}"
+                ));
+                self.update_refcount(
+                    self.cluster_start(c),
+                    1,
+                    reference.saturating_sub(stored),
+                    false,
+                )?;
+            } else {
+                left_corrupt = true;
+            }
+        }
+        // check_oflag_copied repairs with -r all, and with -r leaks when the
+        // refcounts are now right (then the flags can be trusted to them).
+        if all || !left_corrupt {
+            self.repair_copied()?;
+        }
+        if !left_corrupt {
+            // qcow2_mark_clean and qcow2_mark_consistent.
+            let at = 72u64;
+            let before = self.read_u64(at);
+            let after = before & !(crate::header::INCOMPAT_DIRTY | crate::header::INCOMPAT_CORRUPT);
+            if after != before {
+                self.why("no corruption left: the image is marked clean and consistent");
+                self.set_header_u64(at, "incompatible_features", after)?;
+            }
+        }
+        self.reason = saved;
+        Ok(())
+    }
+
+    /// `check_oflag_copied` with `BDRV_FIX_ERRORS`: COPIED on exactly the
+    /// active entries whose cluster has refcount 1.
+    fn repair_copied(&mut self) -> SimResult<()> {
+        let l1_off = self.l1_table_offset;
+        for i in 0..self.l1.len() as u64 {
+            let e = self.l1.get(i as usize).copied().unwrap_or(0);
+            let l2 = e & L1E_OFFSET_MASK;
+            if l2 == 0 {
+                continue;
+            }
+            let r = self.get_refcount(self.cluster_of(l2))?;
+            let want = if r == 1 {
+                e | OFLAG_COPIED
+            } else {
+                e & !OFLAG_COPIED
+            };
+            if want != e {
+                self.why(format!(
+                    "Repairing OFLAG_COPIED L2 cluster: l1_index={i} refcount={r}"
+                ));
+                self.write_u64(l1_off.saturating_add(i.saturating_mul(8)), want)?;
+                self.record(
+                    Target::L1Entry {
+                        table: "active L1".into(),
+                        table_offset: l1_off,
+                        index: i,
+                    },
+                    e,
+                    want,
+                );
+                if let Some(slot) = self.l1.get_mut(i as usize) {
+                    *slot = want;
+                }
+            }
+            for j in 0..self.geo.l2_entries() {
+                let (raw, bm) = self.l2_entry_at(l2, j);
+                let ty = L2Entry { raw, bitmap: bm }.cluster_type(&self.geo, self.has_data_file);
+                if !matches!(ty, ClusterType::Normal | ClusterType::ZeroAlloc) {
+                    continue;
+                }
+                let off = raw & L2E_OFFSET_MASK;
+                let r = self.get_refcount(self.cluster_of(off))?;
+                let want = if r == 1 {
+                    raw | OFLAG_COPIED
+                } else {
+                    raw & !OFLAG_COPIED
+                };
+                if want != raw {
+                    self.why(format!(
+                        "Repairing OFLAG_COPIED data cluster: l2_entry={raw:x} refcount={r}"
+                    ));
+                    self.set_l2_entry(l2, j, want, bm)?;
+                }
+            }
+        }
+        Ok(())
+    }
+}

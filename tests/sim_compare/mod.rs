@@ -1,0 +1,367 @@
+//! The simulator against QEMU, operation by operation: each operation is run
+//! for real on a copy by one qemu-img or qemu-io process, and simulated; after
+//! each, everything QEMU wrote must be what the simulator predicted: the header,
+//! the refcount table and every refcount, every L1 and L2 table reached, the
+//! snapshot table, the bitmap directory, tables and data, which operations
+//! fail (and QEMU's words for it), and `qemu-img check` of the result.
+#![allow(dead_code)]
+
+use qinspect::check::{CheckOptions, check};
+use qinspect::image::{Qcow2, RefcountReader, Strictness};
+use qinspect::simulate::{Op, Sim};
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::Command;
+use std::sync::Arc;
+
+/// A bitmap: name, table offset and size, flags, granularity bits, table
+/// entries, and the bytes of each data cluster.
+pub type BitmapMeta = (String, u64, u32, u32, u8, Vec<u64>, Vec<Vec<u8>>);
+
+/// Everything compared, as read back through the library.
+#[derive(Debug, PartialEq)]
+pub struct Meta {
+    pub header: BTreeMap<&'static str, u64>,
+    pub reftable: Vec<(usize, u64)>,
+    pub refcounts: Vec<(u64, u64)>,
+    pub l1s: Vec<Vec<u64>>,
+    pub l2: BTreeMap<u64, Vec<(u64, u64, u64)>>,
+    pub snapshots: Vec<(String, String, u64, u32, Option<u64>)>,
+    pub bitmaps: Vec<BitmapMeta>,
+}
+
+pub fn meta(img: &Qcow2, upto: u64) -> Result<Meta, String> {
+    let cs = img.geometry().cluster_size();
+    let mut rr = RefcountReader::new(img);
+    let reftable = rr
+        .table
+        .iter()
+        .enumerate()
+        .filter(|(_, e)| e.0 != 0)
+        .map(|(i, e)| (i, e.0))
+        .collect();
+    let refcounts = (0..upto / cs + 64)
+        .filter_map(|c| rr.get(c).ok().filter(|r| *r != 0).map(|r| (c, r)))
+        .collect();
+    let mut l2 = BTreeMap::new();
+    let mut l1s: Vec<Vec<u64>> = vec![img.l1.iter().map(|e| e.0).collect()];
+    for s in &img.snapshots.snapshots {
+        let t = img
+            .snapshot_l1(s)
+            .map_err(|e| format!("snapshot L1: {e}"))?;
+        l1s.push(t.iter().map(|e| e.0).collect());
+    }
+    for t in &l1s {
+        for e in t {
+            let off = e & qinspect::tables::L1E_OFFSET_MASK;
+            if off != 0 && !l2.contains_key(&off) {
+                let entries = img
+                    .l2_table(qinspect::types::HostOffset(off))
+                    .map_err(|e| format!("L2 table: {e}"))?;
+                l2.insert(
+                    off,
+                    entries
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, e)| e.raw != 0 || e.bitmap != 0)
+                        .map(|(i, e)| (i as u64, e.raw, e.bitmap))
+                        .collect(),
+                );
+            }
+        }
+    }
+    let h = &img.header;
+    let header = BTreeMap::from([
+        ("size", h.size),
+        ("l1_table_offset", h.l1_table_offset),
+        ("l1_size", u64::from(h.l1_size)),
+        ("refcount_table_offset", h.refcount_table_offset),
+        (
+            "refcount_table_clusters",
+            u64::from(h.refcount_table_clusters),
+        ),
+        ("nb_snapshots", u64::from(h.nb_snapshots)),
+        ("snapshots_offset", h.snapshots_offset),
+        ("incompatible_features", h.incompatible_features),
+        ("autoclear_features", h.autoclear_features),
+    ]);
+    let mut bitmaps = Vec::new();
+    if let Some(Ok(list)) = &img.bitmaps {
+        for b in list {
+            let table = qinspect::bitmap::read_table(img.src.as_ref(), b)
+                .map_err(|e| format!("bitmap table: {e}"))?;
+            let mut data = Vec::new();
+            for t in &table {
+                if let Some(off) = t.data_offset() {
+                    let mut buf = vec![0u8; cs as usize];
+                    img.src
+                        .read_at(&mut buf, off)
+                        .map_err(|e| format!("bitmap data: {e}"))?;
+                    data.push(buf);
+                }
+            }
+            bitmaps.push((
+                b.name.clone(),
+                b.table_offset,
+                b.table_size,
+                b.flags,
+                b.granularity_bits,
+                table.iter().map(|t| t.0).collect(),
+                data,
+            ));
+        }
+    }
+    Ok(Meta {
+        header,
+        reftable,
+        refcounts,
+        l1s,
+        l2,
+        snapshots: img
+            .snapshots
+            .snapshots
+            .iter()
+            .map(|s| {
+                (
+                    s.id.clone(),
+                    s.name.clone(),
+                    s.l1_table_offset,
+                    s.l1_size,
+                    s.disk_size,
+                )
+            })
+            .collect(),
+        bitmaps,
+    })
+}
+
+pub fn open_path(p: &Path) -> Result<Qcow2, String> {
+    let src = Arc::new(qinspect::io::FileSource::open(p).map_err(|e| e.to_string())?);
+    Qcow2::open(src, Strictness::Lenient).map_err(|e| e.to_string())
+}
+
+pub fn parse_op(s: &str) -> Op {
+    Op::parse(s, &|n: &str| n.parse::<u64>().map_err(|e| e.to_string()))
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// The QEMU command line for one operation on `img`.
+pub fn qemu_command(op: &str, img: &str) -> Vec<String> {
+    let parts: Vec<&str> = op.split(':').collect();
+    let io = |cmd: String| -> Vec<String> {
+        vec![
+            "qemu-io".into(),
+            "-f".into(),
+            "qcow2".into(),
+            "-c".into(),
+            cmd,
+            img.into(),
+        ]
+    };
+    let img_cmd = |flag: &str, name: &str| -> Vec<String> {
+        vec![
+            "qemu-img".into(),
+            "snapshot".into(),
+            flag.into(),
+            name.into(),
+            img.into(),
+        ]
+    };
+    match parts[0] {
+        "snapshot-create" => img_cmd("-c", parts[1]),
+        "snapshot-delete" => img_cmd("-d", parts[1]),
+        "snapshot-apply" => img_cmd("-a", parts[1]),
+        "write" => io(format!("write -P 0x5a {} {}", parts[1], parts[2])),
+        "discard" => io(format!("discard {} {}", parts[1], parts[2])),
+        "write-zeroes" => io(format!(
+            "write -z{} {} {}",
+            if parts.get(3) == Some(&"unmap") {
+                " -u"
+            } else {
+                ""
+            },
+            parts[1],
+            parts[2]
+        )),
+        "repair" => vec![
+            "qemu-img".into(),
+            "check".into(),
+            "-q".into(),
+            "-r".into(),
+            parts[1].into(),
+            img.into(),
+        ],
+        "resize" => {
+            let mut v: Vec<String> = vec!["qemu-img".into(), "resize".into(), "-q".into()];
+            if parts.get(2) == Some(&"shrink") {
+                v.push("--shrink".into());
+            }
+            v.extend([img.to_string(), parts[1].to_string()]);
+            v
+        }
+        other => panic!("no QEMU command for {other}"),
+    }
+}
+
+/// Run one QEMU command: did it succeed, and its last line of output.
+pub fn run_qemu(dir: &Path, cmd: &[String]) -> (bool, String) {
+    let out = Command::new(&cmd[0])
+        .args(&cmd[1..])
+        .current_dir(dir)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", cmd[0]));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let failed_line = text
+        .lines()
+        .find(|l| l.contains("failed") || l.starts_with("qemu-"))
+        .unwrap_or("")
+        .to_string();
+    // qemu-img check exits 2 or 3 when corruptions or leaks remain: the
+    // repair still ran. 1 means it could not check.
+    let ok = if cmd.get(1).map(String::as_str) == Some("check") {
+        out.status.code() != Some(1)
+    } else {
+        out.status.success() && !text.contains(" failed: ")
+    };
+    (ok, failed_line)
+}
+
+/// The part of QEMU's error that names the cause (after the image name).
+fn cause(line: &str) -> String {
+    let l = line
+        .trim_start_matches("qemu-img: ")
+        .trim_start_matches("qemu-io: ");
+    if let Some(rest) = l.strip_prefix("can't open device ") {
+        return rest.split_once(": ").map_or(rest, |x| x.1).to_string();
+    }
+    if l.starts_with("Could not open '") {
+        return l.split_once("': ").map_or(l, |x| x.1).to_string();
+    }
+    l.to_string()
+}
+
+/// `qemu-img check` of `img`: (corruptions, leaks, check errors).
+pub fn qemu_check(dir: &Path, img: &str) -> (u64, u64, u64) {
+    let out = Command::new("qemu-img")
+        .args(["check", "--output=json", img])
+        .current_dir(dir)
+        .output()
+        .expect("qemu-img check");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    let n = |k: &str| v.get(k).and_then(|x| x.as_u64()).unwrap_or(0);
+    (n("corruptions"), n("leaks"), n("check-errors"))
+}
+
+/// Run `ops` one by one on a copy of `image` in `dir` (one QEMU process each)
+/// and in the simulator; `Err` names the first operation whose outcome or
+/// resulting metadata differ. The original must stay unchanged.
+pub fn compare(dir: &Path, image: &str, ops: &[&str]) -> Result<Sim, String> {
+    compare_with(dir, image, ops, ops)
+}
+
+/// As [`compare`], with QEMU given `qemu_ops` (to show that a difference is caught).
+pub fn compare_with(
+    dir: &Path,
+    image: &str,
+    ops: &[&str],
+    qemu_ops: &[&str],
+) -> Result<Sim, String> {
+    let before = std::fs::read(dir.join(image)).map_err(|e| e.to_string())?;
+    let copy = format!("{image}.qemu");
+    std::fs::copy(dir.join(image), dir.join(&copy)).map_err(|e| e.to_string())?;
+    let img = open_path(&dir.join(image))?;
+    let sim = Sim::new(&img, &dir.join(image)).map_err(|e| format!("Sim::new: {e}"))?;
+    let sim = compare_sim(dir, sim, &copy, ops, qemu_ops)?;
+    if std::fs::read(dir.join(image)).map_err(|e| e.to_string())? != before {
+        return Err("the original image changed".into());
+    }
+    Ok(sim)
+}
+
+/// Apply `ops` to `sim` and `qemu_ops` for real to the image `real` in `dir`,
+/// comparing after each.
+pub fn compare_sim(
+    dir: &Path,
+    mut sim: Sim,
+    copy: &str,
+    ops: &[&str],
+    qemu_ops: &[&str],
+) -> Result<Sim, String> {
+    let copy = copy.to_string();
+    for (i, op) in ops.iter().enumerate() {
+        let (ok, line) = run_qemu(dir, &qemu_command(qemu_ops[i], &copy));
+        sim.apply(&parse_op(op));
+        let rec = sim.records.last().ok_or("no record")?;
+        let at = format!("operation {} ({op})", i + 1);
+        match (&rec.error, ok) {
+            (Some(e), _) if e.starts_with("not simulated: ") => {
+                return Err(format!("{at}: refused: {e}"));
+            }
+            (None, false) => {
+                return Err(format!(
+                    "{at}: QEMU failed ({line}), the simulation did not"
+                ));
+            }
+            (Some(e), true) => {
+                return Err(format!("{at}: the simulation failed ({e}), QEMU did not"));
+            }
+            (Some(e), false) => {
+                let c = cause(&line);
+                if !e.contains(&c) {
+                    return Err(format!("{at}: QEMU says '{line}', the simulation '{e}'"));
+                }
+            }
+            (None, true) => {}
+        }
+        let simulated = sim
+            .image()
+            .map_err(|e| format!("{at}: simulated image: {e}"))?;
+        let real = open_path(&dir.join(&copy))?;
+        let upto = sim.file_len().max(real.file_len());
+        let (a, b) = (meta(&simulated, upto)?, meta(&real, upto)?);
+        let mut diffs: Vec<String> = Vec::new();
+        macro_rules! same {
+            ($f:ident) => {
+                if a.$f != b.$f {
+                    let x: Vec<String> = a.$f.iter().map(|e| format!("{e:?}")).collect();
+                    let y: Vec<String> = b.$f.iter().map(|e| format!("{e:?}")).collect();
+                    let i = (0..x.len().max(y.len()))
+                        .find(|&i| x.get(i) != y.get(i))
+                        .unwrap_or(0);
+                    diffs.push(format!(
+                        "{at}: {} differ from item {i} on ({} and {} items)\n simulated: {:.600}\n      qemu: {:.600}",
+                        stringify!($f),
+                        x.len(),
+                        y.len(),
+                        x.get(i..).map(|v| v.join(", ")).unwrap_or_default(),
+                        y.get(i..).map(|v| v.join(", ")).unwrap_or_default(),
+                    ));
+                }
+            };
+        }
+
+        same!(header);
+        same!(reftable);
+        same!(refcounts);
+        same!(l1s);
+        same!(l2);
+        same!(snapshots);
+        same!(bitmaps);
+        if !diffs.is_empty() {
+            return Err(diffs.join("\n"));
+        }
+        let r = check(&simulated, &CheckOptions::default());
+        let q = qemu_check(dir, &copy);
+        if (r.corruptions, r.leaks, r.check_errors) != q {
+            return Err(format!(
+                "{at}: check of the simulation {:?}, qemu-img check {q:?}",
+                (r.corruptions, r.leaks, r.check_errors)
+            ));
+        }
+    }
+    Ok(sim)
+}

@@ -1,0 +1,558 @@
+//! Each class of scenario where the simulator once differed from QEMU, reduced
+//! to a fresh `qemu-img create` image, checked operation by operation against
+//! real qemu-img/qemu-io on a copy (see `sim_compare`).
+
+mod common;
+mod sim_compare;
+use common::Work;
+use sim_compare::compare;
+
+fn ok(w: &Work, image: &str, ops: &[&str]) -> qinspect::simulate::Sim {
+    compare(w.dir.path(), image, ops).unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn create(w: &Work, name: &str, opts: &str, size: &str) {
+    let mut args = vec!["create", "-q", "-f", "qcow2"];
+    if !opts.is_empty() {
+        args.extend(["-o", opts]);
+    }
+    args.extend([name, size]);
+    w.qemu_img(&args);
+}
+
+#[test]
+fn persistent_bitmaps_move_on_every_read_write_open() {
+    let w = Work::new();
+    create(&w, "b.qcow2", "", "64M");
+    w.qemu_io("b.qcow2", &["write 0 64k"]);
+    w.qemu_img(&["bitmap", "--add", "b.qcow2", "b0"]);
+    let sim = ok(&w, "b.qcow2", &["write:4194304:65536"]);
+    // The figures: clusters 6 and 7 freed, 9..11 taken, end at 786432.
+    let freed: Vec<u64> = sim.freed.iter().map(|f| f.0).collect();
+    assert_eq!(freed, vec![7, 6]);
+    let cs = 65536;
+    let taken: Vec<u64> = sim.allocated.iter().map(|a| a.0 / cs).collect();
+    assert_eq!(taken, vec![8, 9, 10, 11]);
+    assert_eq!(sim.file_len(), 786432);
+    // A second bitmap, disabled, with a coarser granularity; writes, a
+    // discard, a snapshot and a failing write (the bitmaps move even then).
+    w.qemu_img(&["bitmap", "--add", "-g", "512k", "b.qcow2", "b1"]);
+    w.qemu_img(&["bitmap", "--disable", "b.qcow2", "b1"]);
+    ok(
+        &w,
+        "b.qcow2",
+        &[
+            "write:1048576:4096",
+            "discard:8388608:4096",
+            "snapshot-create:s",
+            "write:67108864:4096",
+            "write:60000000:5000000",
+            "snapshot-delete:s",
+        ],
+    );
+}
+
+#[test]
+fn snapshot_apply_with_bitmaps_fails_like_qemu_img() {
+    let w = Work::new();
+    create(&w, "a.qcow2", "", "64M");
+    w.qemu_io("a.qcow2", &["write 0 64k"]);
+    w.qemu_img(&["snapshot", "-c", "s", "a.qcow2"]);
+    w.qemu_img(&["bitmap", "--add", "a.qcow2", "b0"]);
+    let sim = ok(
+        &w,
+        "a.qcow2",
+        &["snapshot-apply:s", "snapshot-apply:nosuch"],
+    );
+    assert_eq!(
+        sim.records[0].error.as_deref(),
+        Some("Could not apply snapshot 's': Device has active dirty bitmaps")
+    );
+}
+
+#[test]
+fn a_corrupt_image_is_not_opened_read_write() {
+    let w = Work::new();
+    create(&w, "c.qcow2", "", "16M");
+    w.qemu_io("c.qcow2", &["write 0 64k"]);
+    // incompatible_features bit 1 (corrupt), at byte 72..80 of the header.
+    w.patch("c.qcow2", 79, &[2]);
+    let sim = ok(
+        &w,
+        "c.qcow2",
+        &["write:0:4096", "snapshot-create:s", "discard:0:65536"],
+    );
+    for r in &sim.records {
+        let e = r.error.as_deref().unwrap();
+        assert!(
+            e.ends_with("qcow2: Image is corrupt; cannot be opened read/write"),
+            "{e}"
+        );
+        assert!(r.steps.is_empty());
+    }
+}
+
+#[test]
+fn a_refcount_block_needed_mid_allocation_restarts_the_search() {
+    let w = Work::new();
+    create(&w, "r.qcow2", "cluster_size=512", "1M");
+    w.qemu_io("r.qcow2", &["write 1047552 1024"]);
+    let sim = ok(&w, "r.qcow2", &["write:786432:262144"]);
+    // The block for clusters 512.. is cluster 512 itself; the data run that
+    // wanted it continues at 513.
+    let blocks: Vec<u64> = sim
+        .allocated
+        .iter()
+        .filter(|a| a.2 == "refcount block")
+        .map(|a| a.0 / 512)
+        .collect();
+    assert_eq!(blocks, vec![267, 512]);
+    // 4k clusters: a new block every 8 MiB of host file.
+    create(&w, "r4.qcow2", "cluster_size=4096", "64M");
+    ok(&w, "r4.qcow2", &["write:0:20971520", "write:33554432:4096"]);
+    // Compressed data and snapshots around a new block.
+    w.qemu_img(&["create", "-q", "-f", "raw", "src.raw", "16M"]);
+    w.qemu_io("src.raw", &["write -P 0x61 0 12M"]);
+    w.qemu_img(&[
+        "convert",
+        "-q",
+        "-c",
+        "-O",
+        "qcow2",
+        "-o",
+        "cluster_size=4096",
+        "src.raw",
+        "z.qcow2",
+    ]);
+    ok(
+        &w,
+        "z.qcow2",
+        &["snapshot-create:a", "write:0:10485760", "snapshot-delete:a"],
+    );
+}
+
+#[test]
+fn extended_l2_slices_on_a_200g_disk() {
+    let w = Work::new();
+    create(&w, "x.qcow2", "extended_l2=on", "200G");
+    w.qemu_io("x.qcow2", &["write 0 256k", "discard 64k 128k"]);
+    let sim = ok(&w, "x.qcow2", &["write:16711680:196608"]);
+    let data: Vec<u64> = sim
+        .allocated
+        .iter()
+        .filter(|a| a.2.starts_with("guest data"))
+        .map(|a| a.0 / 65536)
+        .collect();
+    assert_eq!(data, vec![6, 7, 9]);
+}
+
+#[test]
+fn snapshot_of_a_zero_size_disk() {
+    let w = Work::new();
+    create(&w, "z.qcow2", "", "0");
+    let sim = ok(
+        &w,
+        "z.qcow2",
+        &[
+            "snapshot-create:a",
+            "snapshot-create:b",
+            "snapshot-delete:a",
+        ],
+    );
+    let img = sim.image().unwrap();
+    assert_eq!(img.snapshots.snapshots[0].l1_table_offset, 0);
+}
+
+#[test]
+fn snapshot_delete_matches_names_only() {
+    let w = Work::new();
+    create(&w, "d.qcow2", "", "16M");
+    w.qemu_img(&["snapshot", "-c", "first", "d.qcow2"]);
+    w.qemu_img(&["snapshot", "-c", "second", "d.qcow2"]);
+    let sim = ok(
+        &w,
+        "d.qcow2",
+        &["snapshot-delete:1", "snapshot-delete:second"],
+    );
+    let e = sim.records[0].error.as_deref().unwrap();
+    assert!(
+        e.starts_with("Could not delete snapshot '1': snapshot not found"),
+        "{e}"
+    );
+    // The ID form is a separate operation (QMP's snapshot-delete-internal-sync):
+    // it deletes what `qemu-img snapshot -d first` deletes.
+    let img = sim_compare::open_path(&w.path("d.qcow2")).unwrap();
+    let mut by_id = qinspect::simulate::Sim::new(&img, &w.path("d.qcow2")).unwrap();
+    by_id.apply(&sim_compare::parse_op("snapshot-delete-id:1"));
+    assert!(by_id.records[0].error.is_none());
+    let mut by_name = qinspect::simulate::Sim::new(&img, &w.path("d.qcow2")).unwrap();
+    by_name.apply(&sim_compare::parse_op("snapshot-delete:first"));
+    assert_eq!(by_id.refcounts(), by_name.refcounts());
+    let left = by_id.image().unwrap();
+    assert_eq!(left.snapshots.snapshots.len(), 1);
+    assert_eq!(left.snapshots.snapshots[0].name, "second");
+}
+
+#[test]
+fn requests_past_the_end_fail_whole() {
+    let w = Work::new();
+    create(&w, "e.qcow2", "", "1M");
+    w.qemu_io("e.qcow2", &["write 0 1M"]);
+    let sim = ok(
+        &w,
+        "e.qcow2",
+        &[
+            "discard:524288:1048576",
+            "write:524288:1048576",
+            "discard:0:1048576",
+        ],
+    );
+    assert_eq!(
+        sim.records[0]
+            .error
+            .as_deref()
+            .map(|e| e.split(" (").next().unwrap()),
+        Some("discard failed: Input/output error")
+    );
+}
+
+#[test]
+fn the_comparison_catches_a_difference() {
+    let w = Work::new();
+    create(&w, "n.qcow2", "", "16M");
+    w.qemu_img(&["bitmap", "--add", "n.qcow2", "b0"]);
+    let d = |sim: &str, qemu: &str| match sim_compare::compare_with(
+        w.dir.path(),
+        "n.qcow2",
+        &[sim],
+        &[qemu],
+    ) {
+        Ok(_) => panic!("{sim} and {qemu} compared equal"),
+        Err(e) => e,
+    };
+    assert!(d("write:0:4096", "write:2097152:4096").contains("differ"));
+    // Same clusters, different bitmap bits.
+    assert!(d("write:0:4096", "write:65536:4096").contains("differ"));
+    assert!(d("write:0:4096", "write:0:99999999").contains("QEMU failed"));
+}
+
+#[test]
+fn growing_the_l1_table_and_resizing() {
+    let w = Work::new();
+    create(&w, "g.qcow2", "", "1G");
+    w.qemu_io("g.qcow2", &["write 0 64k", "write 900M 64k"]);
+    w.qemu_img(&["snapshot", "-c", "s", "g.qcow2"]);
+    // Grow (a new L1), shrink (the tail discarded, L2 freed, file cut), then
+    // back to the snapshot's size through snapshot -a.
+    ok(
+        &w,
+        "g.qcow2",
+        &[
+            "resize:3221225472",
+            "write:3000000000:65536",
+            "resize:536870912",
+            "resize:536870912:shrink",
+            "snapshot-apply:s",
+            "resize:1000000",
+        ],
+    );
+    // The snapshot's L1 is larger than the shrunk active one... and with bitmaps.
+    create(&w, "h.qcow2", "cluster_size=4096", "64M");
+    w.qemu_io("h.qcow2", &["write 0 1M", "write 60M 64k"]);
+    w.qemu_img(&["snapshot", "-c", "big", "h.qcow2"]);
+    w.qemu_img(&["bitmap", "--add", "h.qcow2", "bm"]);
+    ok(
+        &w,
+        "h.qcow2",
+        &[
+            "resize:1048576:shrink",
+            "write:0:4096",
+            "resize:2147483648",
+            "write:2000000000:4096",
+        ],
+    );
+    create(&w, "v2.qcow2", "compat=0.10", "16M");
+    w.qemu_img(&["snapshot", "-c", "s", "v2.qcow2"]);
+    ok(&w, "v2.qcow2", &["resize:33554432"]);
+}
+
+#[test]
+fn growing_the_refcount_table() {
+    let w = Work::new();
+    // 512-byte clusters, 64-bit refcounts: one table cluster covers 2 MiB.
+    create(&w, "t.qcow2", "cluster_size=512,refcount_bits=64", "16M");
+    w.qemu_io("t.qcow2", &["write 0 1M"]);
+    let sim = ok(
+        &w,
+        "t.qcow2",
+        &[
+            "write:1048576:3145728",
+            "snapshot-create:s",
+            "write:8388608:4194304",
+        ],
+    );
+    assert!(
+        sim.records[0]
+            .steps
+            .iter()
+            .any(|c| c.describe().contains("refcount_table_offset"))
+    );
+    create(&w, "u.qcow2", "cluster_size=4096,refcount_bits=64", "1G");
+    ok(
+        &w,
+        "u.qcow2",
+        &[
+            "write:0:67108864",
+            "discard:0:33554432",
+            "write:100000000:40000000",
+        ],
+    );
+}
+
+#[test]
+fn repair_previews_what_qemu_img_check_r_changes() {
+    let w = Work::new();
+    create(&w, "l.qcow2", "", "64M");
+    w.qemu_io("l.qcow2", &["write 0 256k"]);
+    w.qemu_img(&["snapshot", "-c", "s", "l.qcow2"]);
+    w.qemu_io("l.qcow2", &["write 1M 64k"]);
+    w.run("cp", &["l.qcow2", "a.qcow2"]);
+    // Leaks: a data cluster counted 3 times, a free cluster past the data
+    // counted once.
+    w.set_refcount("l.qcow2", 5, 3);
+    w.set_refcount("l.qcow2", 40, 1);
+    // An error and a leak: a shared cluster counted once (COPIED now wrong
+    // too), so -r leaks leaves the error and -r all fixes both.
+    w.set_refcount("a.qcow2", 6, 1);
+    w.set_refcount("a.qcow2", 41, 2);
+    let sim = ok(&w, "l.qcow2", &["repair:leaks", "write:0:4096"]);
+    assert!(sim.records[0].steps.iter().any(|c| matches!(
+        c.target,
+        qinspect::simulate::Target::Refcount { cluster: 5 }
+    ) && (c.before, c.after) == (3, 2)));
+    w.run("cp", &["a.qcow2", "b.qcow2"]);
+    ok(
+        &w,
+        "a.qcow2",
+        &["repair:leaks", "repair:all", "write:327680:65536"],
+    );
+    // The corrupt bit: refused for writes, cleared by a repair that leaves no
+    // corruption.
+    w.patch("b.qcow2", 79, &[2]);
+    ok(
+        &w,
+        "b.qcow2",
+        &["write:0:4096", "repair:all", "write:0:4096"],
+    );
+}
+
+#[test]
+fn a_dirty_lazy_refcounts_image_is_repaired_on_open() {
+    let w = Work::new();
+    create(&w, "z.qcow2", "lazy_refcounts=on", "64M");
+    w.qemu_io("z.qcow2", &["write 0 128k"]);
+    // A dirty image whose refcounts are high (leaks) and low (an error):
+    // QEMU checks and repairs it on the next read-write open, then writes.
+    w.run("cp", &["z.qcow2", "k.qcow2"]);
+    w.patch("z.qcow2", 79, &[1]);
+    w.set_refcount("z.qcow2", 5, 2);
+    w.set_refcount("z.qcow2", 6, 3);
+    let sim = ok(&w, "z.qcow2", &["write:1048576:65536", "snapshot-create:s"]);
+    assert!(
+        sim.records[0]
+            .steps
+            .iter()
+            .any(|c| c.describe().contains("Repairing cluster 5"))
+    );
+    // Killed after an allocating write: the new cluster's refcount never
+    // reached the file, so QEMU rebuilds the refcount structure, which the
+    // simulator says it does not follow.
+    let out = std::process::Command::new("qemu-io")
+        .args([
+            "-f",
+            "qcow2",
+            "-c",
+            "write -P 3 2M 64k",
+            "-c",
+            "sigraise 9",
+            "k.qcow2",
+        ])
+        .current_dir(w.dir.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let img = sim_compare::open_path(&w.path("k.qcow2")).unwrap();
+    assert!(img.header.dirty());
+    match compare(w.dir.path(), "k.qcow2", &["write:0:4096"]) {
+        Ok(_) => {}
+        Err(e) => assert!(e.contains("rebuild_refcount_structure"), "{e}"),
+    }
+}
+
+/// An overlay over `image` (or its snapshot) in the simulator, and for real:
+/// `qemu-img create -b` over the image (over `qemu-img convert -l SNAPSHOT`
+/// of it for a snapshot), then the same operations by qemu-io on the overlay.
+fn overlay_matches(w: &Work, image: &str, snapshot: Option<&str>, ops: &[&str]) {
+    let before = w.fingerprint(image);
+    let base = match snapshot {
+        Some(s) => {
+            let b = format!("{image}.{s}.base");
+            w.qemu_img(&["convert", "-O", "qcow2", "-l", s, image, &b]);
+            b
+        }
+        None => image.to_string(),
+    };
+    let ov = format!("{image}.{}.ov", snapshot.unwrap_or("active"));
+    w.qemu_img(&[
+        "create", "-q", "-f", "qcow2", "-b", &base, "-F", "qcow2", &ov,
+    ]);
+    let img = sim_compare::open_path(&w.path(image)).unwrap();
+    let sim = qinspect::simulate::Sim::overlay(&img, &w.path(image), snapshot).unwrap();
+    let sim = sim_compare::compare_sim(w.dir.path(), sim, &ov, ops, ops)
+        .unwrap_or_else(|e| panic!("overlay over {image} {snapshot:?}: {e}"));
+    assert_eq!(w.fingerprint(image), before, "the base image changed");
+    assert!(sim.overlay_of().is_some());
+}
+
+#[test]
+fn throw_away_overlays_over_the_image_and_its_snapshots() {
+    let w = Work::new();
+    create(&w, "vm.qcow2", "", "1G");
+    w.qemu_io("vm.qcow2", &["write -P 1 0 1M"]);
+    w.qemu_img(&["snapshot", "-c", "s1", "vm.qcow2"]);
+    w.qemu_io("vm.qcow2", &["write -P 2 512k 1M"]);
+    w.qemu_img(&["snapshot", "-c", "s2", "vm.qcow2"]);
+    w.qemu_img(&["resize", "-q", "vm.qcow2", "2G"]);
+    w.qemu_img(&["snapshot", "-c", "s3", "vm.qcow2"]);
+    let ops = [
+        "write:4096:8192",
+        "write:1048576:65536",
+        "discard:0:65536",
+        "write:1500000000:100000",
+        "discard:600000000:4096",
+    ];
+    overlay_matches(&w, "vm.qcow2", None, &ops);
+    for s in ["s1", "s2", "s3"] {
+        overlay_matches(&w, "vm.qcow2", Some(s), &ops[..4]);
+    }
+    // One simulation, three overlays over three snapshots of one image.
+    let img = sim_compare::open_path(&w.path("vm.qcow2")).unwrap();
+    let ops: Vec<_> = [
+        "overlay:s1",
+        "write:0:4096",
+        "overlay:s2",
+        "write:0:4096",
+        "write:1048576:4096",
+        "overlay:s3",
+        "write:1500000000:4096",
+    ]
+    .iter()
+    .map(|o| sim_compare::parse_op(o))
+    .collect();
+    let layers = qinspect::simulate::simulate_layers(&img, &w.path("vm.qcow2"), &ops).unwrap();
+    assert_eq!(layers.len(), 4);
+    let allocated: Vec<usize> = layers.iter().map(|l| l.allocated.len()).collect();
+    // Each overlay: a new L2 table and one data cluster per write.
+    assert_eq!(allocated, vec![0, 2, 3, 2]);
+}
+
+#[test]
+fn write_zeroes_with_and_without_unmap() {
+    let w = Work::new();
+    create(&w, "z.qcow2", "", "64M");
+    w.qemu_io("z.qcow2", &["write -P 1 0 1M"]);
+    w.qemu_img(&["snapshot", "-c", "s", "z.qcow2"]);
+    ok(
+        &w,
+        "z.qcow2",
+        &[
+            "write-zeroes:0:131072",
+            "write-zeroes:131072:131072:unmap",
+            "write-zeroes:300000:70000",
+            "write-zeroes:2097152:100000",
+            "write-zeroes:4194304:4096:unmap",
+            "snapshot-delete:s",
+            "write-zeroes:0:1048576:unmap",
+        ],
+    );
+    create(&w, "v2.qcow2", "compat=0.10", "16M");
+    w.qemu_io("v2.qcow2", &["write -P 1 0 1M"]);
+    ok(
+        &w,
+        "v2.qcow2",
+        &["write-zeroes:0:131072", "write-zeroes:200000:1000"],
+    );
+}
+
+#[test]
+fn trace_through_an_overlay_matches_qemu_img_map() {
+    let w = Work::new();
+    create(&w, "vm.qcow2", "", "64M");
+    w.qemu_io("vm.qcow2", &["write -P 1 0 1M"]);
+    w.qemu_img(&["snapshot", "-c", "s1", "vm.qcow2"]);
+    w.qemu_io("vm.qcow2", &["write -P 2 2M 64k"]);
+    w.qemu_img(&[
+        "create", "-q", "-f", "qcow2", "-b", "vm.qcow2", "-F", "qcow2", "ov.qcow2",
+    ]);
+    w.qemu_io("ov.qcow2", &["write -P 3 0 4k"]);
+    let img = sim_compare::open_path(&w.path("vm.qcow2")).unwrap();
+    let ops: Vec<_> = [
+        "overlay",
+        "write:0:4096",
+        "trace:4096",
+        "trace:524288",
+        "trace:2097152",
+        "trace:8388608",
+        "overlay:s1",
+        "trace:2097152",
+        "trace:524288",
+    ]
+    .iter()
+    .map(|o| sim_compare::parse_op(o))
+    .collect();
+    let layers = qinspect::simulate::simulate_layers(&img, &w.path("vm.qcow2"), &ops).unwrap();
+    let notes = |l: usize, r: usize| -> String {
+        layers[l].records[r]
+            .steps
+            .iter()
+            .map(|c| c.describe())
+            .collect::<Vec<_>>()
+            .join(" / ")
+    };
+    // qemu-img map of the real overlay: depth 0 in the overlay, 1 in the image.
+    let out = w.qemu_img(&["map", "--output=json", "ov.qcow2"]);
+    let map: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let at = |g: u64| -> (u64, Option<u64>) {
+        let e = map
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| {
+                let s = e["start"].as_u64().unwrap();
+                s <= g && g < s + e["length"].as_u64().unwrap()
+            })
+            .unwrap();
+        let off = e["offset"]
+            .as_u64()
+            .map(|o| o + g - e["start"].as_u64().unwrap());
+        (e["depth"].as_u64().unwrap(), off)
+    };
+    for (r, g) in [(1usize, 4096u64), (2, 524288), (3, 2097152)] {
+        let n = notes(1, r);
+        let (depth, off) = at(g);
+        let off = off.unwrap();
+        let layer = if depth == 0 {
+            "the overlay"
+        } else {
+            "vm.qcow2"
+        };
+        assert!(
+            n.contains(&format!("data at host {off:#x} of")) && n.contains(layer),
+            "guest {g:#x}: qemu-img map says depth {depth} offset {off:#x}; the trace: {n}"
+        );
+    }
+    assert!(notes(1, 4).contains("reads as zeros"), "{}", notes(1, 4));
+    // Over the snapshot: 2M was written after it, so it is not there.
+    assert!(notes(2, 0).contains("snapshot 's1'") && notes(2, 0).contains("zeros"));
+    assert!(notes(2, 1).contains("snapshot 's1'") && notes(2, 1).contains("data at host"));
+}
