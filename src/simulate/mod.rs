@@ -644,6 +644,14 @@ impl Sim {
                 format!("QEMU refuses to open this image: {p}"),
             ));
         }
+        // An encrypted image opens read-write only with its key, which the
+        // simulator is not given: qemu-img fails the same way without one.
+        if h.crypt_method != 0 && img.data_key().is_none() {
+            return Err(Error::unsupported(
+                "simulation",
+                "QEMU opens this encrypted image only with its key (qemu-img: Parameter 'encrypt.key-secret' is required for cipher)",
+            ));
+        }
         if img.snapshots.error.is_some() {
             return Err(Error::unsupported(
                 "simulation",
