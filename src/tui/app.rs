@@ -5,6 +5,7 @@
 //! worker threads and reports back over a channel, so no key ever waits for it.
 
 use super::ctx::{Ctx, Effect, Job, LAYOUT_LIMIT, OffsetKind, Pane};
+use super::history::{History, Place};
 use super::keymap::Action;
 use super::panes::Panes;
 use super::panes::simulate::Outcome;
@@ -45,7 +46,7 @@ pub enum Bg {
     /// A simulation finished (job id).
     Simulated(u64, Result<Outcome, String>),
     /// Who references a cluster: cluster, referrers, roles.
-    Lookup(u64, Vec<String>, String, u64),
+    Lookup(u64, Vec<qinspect::check::Referrer>, String, u64),
 }
 
 /// What a line-editing popup is for.
@@ -155,8 +156,8 @@ pub struct App {
     pub popup: Option<Popup>,
     /// Guided tour step.
     pub tour: Option<usize>,
-    /// Panes left by jumps (Backspace returns).
-    pub history: Vec<Pane>,
+    /// Places left by jumps (Backspace returns) and gone back from (Ctrl-I).
+    pub history: History,
     /// Explanation panel on, and its scroll.
     pub explain: bool,
     /// The explanation panel's scroll.
@@ -187,7 +188,7 @@ impl App {
             pane: Pane::Overview,
             popup: None,
             tour: None,
-            history: Vec::new(),
+            history: History::default(),
             explain: false,
             explain_view: ListView::default(),
             quit: false,
@@ -405,19 +406,27 @@ impl App {
                 self.popup = Some(Popup::Input(InputFor::Goto, Input::default()));
             }
             Action::Tour => super::tour::start(self),
+            Action::HistoryForward => self.go_forward(),
             Action::NextStep | Action::PrevStep if self.tour.is_some() => {
                 super::tour::step(self, action == Action::NextStep);
             }
+            // Backspace goes back along the history; with none, it backs out of
+            // the pane's current level.
+            Action::Back if !self.history.back.is_empty() => self.go_back(),
             a => {
+                // Enter that drills in inside a pane (an L1 entry's L2 table) is a
+                // step of the history too.
+                let from = (a == Action::Enter).then(|| self.place());
                 let mut q = Vec::new();
-                let handled = self.panes.get_mut(self.pane).handle(a, &self.ctx, &mut q);
-                if !handled
-                    && a == Action::Back
-                    && let Some(p) = self.history.pop()
-                {
-                    self.pane = p;
-                }
+                let _ = self.panes.get_mut(self.pane).handle(a, &self.ctx, &mut q);
+                let jumps = q.iter().any(Effect::is_jump);
                 self.apply_all(q);
+                if let Some(from) = from
+                    && !jumps
+                {
+                    let to = self.place();
+                    self.history.jumped(from, &to);
+                }
             }
         }
     }
@@ -429,14 +438,31 @@ impl App {
         }
     }
 
-    /// Switch pane as the result of a jump, remembering where it came from.
-    fn jump(&mut self, p: Pane) {
-        if p != self.pane {
-            self.history.push(self.pane);
-            if self.history.len() > 64 {
-                self.history.remove(0);
-            }
-            self.switch(p);
+    /// Where the viewer is now.
+    pub fn place(&self) -> Place {
+        Place::of(&self.panes, self.pane)
+    }
+
+    /// Show a remembered place.
+    fn show(&mut self, p: Place) {
+        let pane = p.pane;
+        p.restore(&mut self.panes);
+        self.switch(pane);
+    }
+
+    /// Back to the place before the last jump.
+    pub fn go_back(&mut self) {
+        match self.history.back(self.place()) {
+            Some(p) => self.show(p),
+            None => self.status = "nothing to go back to".into(),
+        }
+    }
+
+    /// Forward again to the place gone back from.
+    pub fn go_forward(&mut self) {
+        match self.history.forward(self.place()) {
+            Some(p) => self.show(p),
+            None => self.status = "nothing to go forward to".into(),
         }
     }
 
@@ -447,8 +473,18 @@ impl App {
         }
     }
 
-    /// Apply one effect.
+    /// Apply one effect. A jump remembers the place it leaves.
     pub fn apply(&mut self, e: Effect) {
+        let jumps = e.is_jump();
+        let from = jumps.then(|| self.place());
+        self.apply_effect(e);
+        if let Some(from) = from {
+            let to = self.place();
+            self.history.jumped(from, &to);
+        }
+    }
+
+    fn apply_effect(&mut self, e: Effect) {
         match e {
             Effect::ShowHost {
                 offset,
@@ -457,28 +493,36 @@ impl App {
                 src,
             } => {
                 self.panes.hex.show(offset, label, mark, src);
-                self.jump(Pane::Hex);
+                self.switch(Pane::Hex);
             }
             Effect::Trace(off) => {
                 match self.panes.trace.run(off, &self.ctx) {
                     Ok(()) => {}
                     Err(e) => self.status = e,
                 }
-                self.jump(Pane::Trace);
+                self.switch(Pane::Trace);
             }
             Effect::Cluster(c) => {
                 self.panes.layout.select(c);
-                self.jump(Pane::Layout);
+                self.switch(Pane::Layout);
             }
             Effect::Refcount(c) => {
                 self.panes.refcounts.select(c, &self.ctx);
-                self.jump(Pane::Refcounts);
+                self.switch(Pane::Refcounts);
             }
             Effect::Table(at) => {
                 self.panes.tables.open(at, &self.ctx);
-                self.jump(Pane::Tables);
+                self.switch(Pane::Tables);
             }
-            Effect::Switch(p) => self.switch(p),
+            Effect::L1Entry(i) => {
+                self.panes.tables.select_l1(i, &self.ctx);
+                self.switch(Pane::Tables);
+            }
+            Effect::Switch(p) | Effect::Jump(p) => self.switch(p),
+            Effect::RefcountTable => {
+                self.panes.refcounts.level = super::panes::refcounts::Level::Table;
+                self.switch(Pane::Refcounts);
+            }
             Effect::Input(purpose, text) => {
                 self.popup = Some(Popup::Input(purpose, Input::new(text)));
             }
@@ -534,9 +578,15 @@ impl App {
             );
             return;
         }
+        let from = self.place();
         let mut q = Vec::new();
         self.panes.get_mut(self.pane).goto(off, &self.ctx, &mut q);
+        let jumps = q.iter().any(Effect::is_jump);
         self.apply_all(q);
+        if !jumps {
+            let to = self.place();
+            self.history.jumped(from, &to);
+        }
     }
 
     /// Run a simulation on a worker: it reports each operation and the check of
@@ -567,8 +617,11 @@ impl App {
             id,
             cancel: cancel.clone(),
         });
+        let from = self.place();
         self.panes.simulate.started(text.clone());
-        self.jump(Pane::Simulate);
+        self.switch(Pane::Simulate);
+        let to = self.place();
+        self.history.jumped(from, &to);
         let tx = self.tx.clone();
         let path = self.ctx.path.clone();
         std::thread::spawn(move || {

@@ -143,6 +143,12 @@ pub enum Effect {
     Refcount(u64),
     /// Open Tables at an L1 index (and an L2 index inside it).
     Table(Option<(usize, usize)>),
+    /// Select an L1 entry in Tables (the L1 table shown).
+    L1Entry(usize),
+    /// Show the refcount table in Refcounts.
+    RefcountTable,
+    /// Switch pane as a jump (remembered in the history).
+    Jump(Pane),
     /// Switch pane.
     Switch(Pane),
     /// Start background work.
@@ -153,6 +159,23 @@ pub enum Effect {
     View(Option<String>),
     /// Reopen the image and rerun the check.
     Reload,
+}
+
+impl Effect {
+    /// Whether it moves to another place (remembered in the history).
+    pub fn is_jump(&self) -> bool {
+        matches!(
+            self,
+            Effect::ShowHost { .. }
+                | Effect::Trace(_)
+                | Effect::Cluster(_)
+                | Effect::Refcount(_)
+                | Effect::Table(_)
+                | Effect::L1Entry(_)
+                | Effect::RefcountTable
+                | Effect::Jump(_)
+        )
+    }
 }
 
 /// The shared, read-only context.

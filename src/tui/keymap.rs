@@ -36,6 +36,8 @@ pub enum Action {
     Enter,
     /// Back out one level.
     Back,
+    /// Forward to the place gone back from.
+    HistoryForward,
     /// Ask for an offset to jump to.
     Goto,
     /// Toggle the explanation panel.
@@ -62,8 +64,10 @@ pub enum Action {
     Run,
     /// Who references the selected cluster (Layout).
     Lookup,
-    /// Move the keys to the other box of the pane (Snapshots, Layout).
+    /// Move the keys to the other box of the pane (Snapshots, Layout, Check).
     Focus,
+    /// The bytes of what is selected, in Hex.
+    Hex,
 }
 
 /// Where a binding applies.
@@ -202,8 +206,22 @@ pub const KEYMAP: &[Binding] = &[
     Binding {
         keys: "Bksp",
         short: Some("back"),
-        help: "Back out one level (L2 table to L1, block to refcount table), else to the pane before the last jump",
-        codes: &[((Backspace, NO), Action::Back)],
+        help: "Back one step to the place before the last jump or drill-in (Enter, g), with its selection and scroll (also Ctrl-O and Alt-←); with no history, out one level (L2 table to L1, block to refcount table)",
+        codes: &[
+            ((Backspace, NO), Action::Back),
+            ((Char('o'), CTRL), Action::Back),
+            ((KeyCode::Left, KeyModifiers::ALT), Action::Back),
+        ],
+        scope: Scope::Global,
+    },
+    Binding {
+        keys: "Ctrl-I",
+        short: None,
+        help: "Forward again to the place Backspace left (also Alt-→, for terminals that send Ctrl-I as Tab)",
+        codes: &[
+            ((Char('i'), CTRL), Action::HistoryForward),
+            ((KeyCode::Right, KeyModifiers::ALT), Action::HistoryForward),
+        ],
         scope: Scope::Global,
     },
     Binding {
@@ -223,9 +241,16 @@ pub const KEYMAP: &[Binding] = &[
     Binding {
         keys: "f",
         short: Some("other box"),
-        help: "Snapshots: the arrows scroll the Difference box. Layout: the referrers",
+        help: "Snapshots: the arrows scroll the Difference box. Layout and Check: the arrows choose a referrer, Enter opens its entry in Tables",
         codes: &[((Char('f'), NO), Action::Focus)],
-        scope: Scope::Panes(&[Pane::Snapshots, Pane::Layout]),
+        scope: Scope::Panes(&[Pane::Snapshots, Pane::Layout, Pane::Check]),
+    },
+    Binding {
+        keys: "x",
+        short: Some("hex"),
+        help: "The bytes of the selected cluster or entry in Hex (a compressed entry: its compressed bytes)",
+        codes: &[((Char('x'), NO), Action::Hex)],
+        scope: Scope::Panes(&[Pane::Layout, Pane::Tables]),
     },
     Binding {
         keys: "m",

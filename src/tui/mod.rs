@@ -10,6 +10,7 @@
 
 pub mod app;
 pub mod ctx;
+pub mod history;
 pub mod keymap;
 pub mod panes;
 pub mod tour;

@@ -97,6 +97,37 @@ impl Panes {
     }
 }
 
+/// Follow a referrer to the table entry it names: the L2 entry (or the L1 entry of
+/// an L2 table) in Tables, in the snapshot's view when it is a snapshot's table.
+/// False when it names no table entry (a refcount or bitmap structure).
+pub fn follow_referrer(ctx: &Ctx, r: &qinspect::check::Referrer, q: &mut Vec<Effect>) -> bool {
+    let Some(i) = r.l1_index.and_then(|i| usize::try_from(i).ok()) else {
+        return false;
+    };
+    let view = match r.l1.as_deref() {
+        Some("active L1") | None => None,
+        Some(name) => {
+            let snaps = ctx.img.as_ref().map(|img| &img.snapshots.snapshots);
+            let found = snaps.and_then(|ss| {
+                ss.iter()
+                    .find(|s| name == format!("snapshot {} '{}' L1", s.id, s.name))
+            });
+            match found {
+                Some(s) => Some(s.id.clone()),
+                None => return false,
+            }
+        }
+    };
+    if view != ctx.view_snapshot {
+        q.push(Effect::View(view));
+    }
+    match r.l2_index.and_then(|j| usize::try_from(j).ok()) {
+        Some(j) if r.l2_table.is_some() => q.push(Effect::Table(Some((i, j)))),
+        _ => q.push(Effect::L1Entry(i)),
+    }
+    true
+}
+
 /// A line saying why a pane has nothing to show.
 pub fn nothing(f: &mut Frame, area: Rect, title: &str, why: String) {
     use ratatui::widgets::{Paragraph, Wrap};
