@@ -33,6 +33,7 @@ enum Saved {
         Option<(u64, String)>,
         Option<(u64, u64)>,
     ),
+    Map(ListView),
 }
 
 impl Place {
@@ -72,6 +73,7 @@ impl Place {
                 let h = &panes.hex;
                 Saved::Hex(h.src.clone(), h.top, h.target.clone(), h.mark)
             }
+            Pane::Map => Saved::Map(panes.map.list.clone()),
         };
         Place { pane, saved }
     }
@@ -112,6 +114,7 @@ impl Place {
                 let h = &mut panes.hex;
                 (h.src, h.top, h.target, h.mark) = (src, top, target, mark);
             }
+            Saved::Map(list) => panes.map.list = list,
         }
     }
 
@@ -148,6 +151,7 @@ impl Place {
             ],
             Saved::Check(l, d, _) => [lv(l), lv(d)].concat(),
             Saved::Simulate(m, s) => [lv(m), lv(s)].concat(),
+            Saved::Map(l) => lv(l).to_vec(),
             Saved::Hex(_, top, target, _) => vec![*top, target.as_ref().map_or(u64::MAX, |t| t.0)],
         }
     }

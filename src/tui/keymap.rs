@@ -115,9 +115,9 @@ const SHIFT: KeyModifiers = KeyModifiers::SHIFT;
 /// The key map.
 pub const KEYMAP: &[Binding] = &[
     Binding {
-        keys: "1-9",
+        keys: "0-9",
         short: Some("panes"),
-        help: "Show pane 1 (Overview) to 9 (Hex)",
+        help: "Show pane 1 (Overview) to 9 (Hex), 0 (Map)",
         codes: &[
             ((Char('1'), NO), Action::Pane(Pane::Overview)),
             ((Char('2'), NO), Action::Pane(Pane::Layout)),
@@ -128,6 +128,7 @@ pub const KEYMAP: &[Binding] = &[
             ((Char('7'), NO), Action::Pane(Pane::Check)),
             ((Char('8'), NO), Action::Pane(Pane::Simulate)),
             ((Char('9'), NO), Action::Pane(Pane::Hex)),
+            ((Char('0'), NO), Action::Pane(Pane::Map)),
         ],
         scope: Scope::Global,
     },

@@ -1273,3 +1273,64 @@ fn a_compressed_entry_shows_its_compressed_bytes_in_hex() {
     let s = screen(&mut a, 100, 30);
     assert!(s.to_lowercase().contains("compressed"), "{s}");
 }
+
+// ---- issue 11: the Map pane ------------------------------------------------------
+
+#[test]
+fn the_map_pane_lists_qemu_img_map_extents_coloured_and_traces_them() {
+    let out = Command::new("qemu-img")
+        .args(["map", "--output=json", "demo-top.qcow2"])
+        .current_dir("assets")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let want: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    let mut a = app("demo-top.qcow2");
+    typed(&mut a, "0");
+    assert_eq!(a.pane, Pane::Map);
+    key(&mut a, KeyCode::End);
+    let b = draw(&mut a, 120, 40);
+    let got = &a.panes.map.extents;
+    assert_eq!(got.len(), want.len(), "{}", text(&b));
+    for (g, w) in got.iter().zip(&want) {
+        assert_eq!(g.start, w["start"].as_u64().unwrap());
+        assert_eq!(g.length, w["length"].as_u64().unwrap());
+        assert_eq!(g.depth as u64, w["depth"].as_u64().unwrap());
+        assert_eq!(g.data, w["data"].as_bool().unwrap());
+        assert_eq!(g.zero, w["zero"].as_bool().unwrap());
+        assert_eq!(g.offset, w["offset"].as_u64());
+    }
+    // Each kind in its colour: the top layer's data green, a backing layer's in
+    // another colour, nothing allocated grey.
+    key(&mut a, KeyCode::Home);
+    let b = draw(&mut a, 120, 40);
+    let s = text(&b);
+    for (needle, colour) in [
+        ("data in demo-top.qcow2 (layer 0)", Color::Green),
+        ("data in demo-mid.qcow2 (layer 1)", Color::Blue),
+    ] {
+        let (x, y) = find(&b, needle).unwrap_or_else(|| panic!("{needle}:\n{s}"));
+        assert_eq!(b[(x, y)].fg, colour, "{needle}:\n{s}");
+    }
+    // Enter traces the first byte of the selected extent; Backspace comes back.
+    key(&mut a, KeyCode::Down);
+    let start = a.panes.map.extents[1].start;
+    key(&mut a, KeyCode::Enter);
+    assert_eq!(a.pane, Pane::Trace);
+    assert_eq!(
+        a.panes.trace.trace.as_ref().map(|t| t.guest_offset),
+        Some(start)
+    );
+    key(&mut a, KeyCode::Backspace);
+    assert_eq!((a.pane, a.panes.map.list.sel), (Pane::Map, 1));
+    // g lists from an offset: its first row is the rest of the extent there.
+    let mid = start + 0x200;
+    typed(&mut a, &format!("g{mid:#x}"));
+    key(&mut a, KeyCode::Enter);
+    draw(&mut a, 120, 40);
+    assert_eq!(a.panes.map.extents[0].start, mid);
+    assert_eq!(
+        a.panes.map.extents[0].start + a.panes.map.extents[0].length,
+        start + want[1]["length"].as_u64().unwrap()
+    );
+}

@@ -124,10 +124,13 @@ pub fn draw(f: &mut Frame, app: &mut App) {
 
 fn draw_tabs(f: &mut Frame, area: Rect, app: &mut App) {
     let full: usize = Pane::ALL.iter().map(|p| p.name().len() + 4).sum();
+    let tight: usize = Pane::ALL.iter().map(|p| p.name().len() + 3).sum();
     let short: usize = Pane::ALL.iter().map(|p| p.short().len() + 4).sum();
     let label = |p: Pane| {
         if full <= usize::from(area.width) {
             format!(" {} {} ", p.number(), p.name())
+        } else if tight <= usize::from(area.width) {
+            format!(" {} {}", p.number(), p.name())
         } else if short <= usize::from(area.width) {
             format!(" {} {} ", p.number(), p.short())
         } else {

@@ -5,6 +5,7 @@
 pub mod check;
 pub mod hex;
 pub mod layout;
+pub mod map;
 pub mod overview;
 pub mod refcounts;
 pub mod simulate;
@@ -42,7 +43,7 @@ pub trait PaneState {
     }
 }
 
-/// The nine panes' states.
+/// The ten panes' states.
 #[derive(Default)]
 pub struct Panes {
     /// Overview.
@@ -63,6 +64,8 @@ pub struct Panes {
     pub simulate: simulate::State,
     /// Hex.
     pub hex: hex::State,
+    /// Map.
+    pub map: map::State,
 }
 
 impl Panes {
@@ -78,6 +81,7 @@ impl Panes {
             Pane::Check => &self.check,
             Pane::Simulate => &self.simulate,
             Pane::Hex => &self.hex,
+            Pane::Map => &self.map,
         }
     }
 
@@ -93,6 +97,7 @@ impl Panes {
             Pane::Check => &mut self.check,
             Pane::Simulate => &mut self.simulate,
             Pane::Hex => &mut self.hex,
+            Pane::Map => &mut self.map,
         }
     }
 }
