@@ -4,14 +4,14 @@
 //! effects, which [`App::update`] applies in order. Slow, whole-image work runs on
 //! worker threads and reports back over a channel, so no key ever waits for it.
 
-use super::ctx::{Ctx, Effect, Job, LAYOUT_LIMIT, OffsetKind, Pane};
+use super::ctx::{Ctx, Effect, Job, OffsetKind, Pane};
 use super::history::{History, Place};
 use super::keymap::Action;
 use super::panes::Panes;
 use super::panes::simulate::Outcome;
 use super::panes::snapshots::Diff;
 use super::widgets::ListView;
-use qinspect::check::{CheckOptions, CheckReport, Progress, check, role_map};
+use qinspect::check::{CheckOptions, CheckReport, Progress, check};
 use qinspect::image::Qcow2;
 use qinspect::simulate::{Op, Sim};
 use ratatui::crossterm::event::{KeyCode, KeyEvent, KeyModifiers};
@@ -45,6 +45,8 @@ pub enum Bg {
     SimProgress(u64, String, u64, u64),
     /// A simulation finished (job id).
     Simulated(u64, Result<Outcome, String>),
+    /// The state recorded right after a load opened the file.
+    Recorded(Box<super::changes::State>, u64),
     /// Who references a cluster: cluster, referrers, roles.
     Lookup(u64, Vec<qinspect::check::Referrer>, String, u64),
 }
@@ -125,6 +127,8 @@ pub enum Popup {
     Help(ListView),
     /// Text input.
     Input(InputFor, Input),
+    /// What changed on disk since the previous load.
+    Changes(ListView),
 }
 
 /// Screen areas remembered for mouse hit-testing.
@@ -170,6 +174,12 @@ pub struct App {
     pub areas: Areas,
     /// File modification time at load.
     pub mtime: Option<SystemTime>,
+    /// The state the last load recorded.
+    pub recorded: Option<super::changes::State>,
+    /// What changed between the two last loads (None before a second load).
+    pub changes: Option<Vec<super::changes::Change>>,
+    /// What the comparison could not cover.
+    pub changes_limits: Option<String>,
     sim_job: Option<SimJob>,
     jobs: u64,
     tx: Sender<Bg>,
@@ -195,6 +205,9 @@ impl App {
             status: String::new(),
             areas: Areas::default(),
             mtime: None,
+            recorded: None,
+            changes: None,
+            changes_limits: None,
             sim_job: None,
             jobs: 0,
             tx,
@@ -252,10 +265,11 @@ impl App {
         let tx = self.tx.clone();
         self.ctx.progress = Some(("starting", 0, 1));
         std::thread::spawn(move || {
-            let cs = img.geometry().cluster_size();
-            let n = img.file_len().div_ceil(cs).clamp(1, LAYOUT_LIMIT);
-            let roles = role_map(&img, 0, n - 1);
-            let _ = tx.send(Bg::Roles(roles, generation));
+            // First what is on disk now (to compare with the next load), which
+            // also gives Layout its colours.
+            let state = super::changes::record(&img);
+            let _ = tx.send(Bg::Roles(state.roles.clone(), generation));
+            let _ = tx.send(Bg::Recorded(Box::new(state), generation));
             let ptx = tx.clone();
             let tick = move |p: Progress| {
                 let _ = ptx.send(Bg::Progress(p.phase, p.done, p.total, generation));
@@ -290,6 +304,7 @@ impl App {
                 self.ctx.report = Some(Arc::from(r));
             }
             Bg::Roles(r, g) if g == self.generation => self.ctx.roles = Some(Arc::new(r)),
+            Bg::Recorded(st, g) if g == self.generation => self.recorded_state(*st),
             Bg::Diff(d, g) if g == self.generation => self.panes.snapshots.diffed(d),
             Bg::Lookup(c, refs, roles, g) if g == self.generation => {
                 self.panes.layout.looked_up(c, refs, roles)
@@ -305,10 +320,37 @@ impl App {
         }
     }
 
+    /// A load's record came back: compare it with the previous one.
+    fn recorded_state(&mut self, new: super::changes::State) {
+        if let (Some(old), Some(img)) = (self.recorded.take(), self.ctx.img.as_ref()) {
+            let ch = super::changes::compare(&old, &new, &img.geometry());
+            self.changes_limits = super::changes::limits(&old, &new);
+            let rc = ch.iter().filter(|c| c.cluster.is_some()).count();
+            let said = if ch.is_empty() {
+                "nothing changed on disk since the previous load".to_string()
+            } else {
+                format!(
+                    "{rc} refcount(s) and {} table entries changed on disk — c: what changed",
+                    ch.len() - rc
+                )
+            };
+            // What the reload itself said (a snapshot view that is gone) stays.
+            self.status = match self.status.as_str() {
+                "" | "reloaded" | "the file changed on disk: reloaded" => {
+                    format!("reloaded: {said}")
+                }
+                s => format!("{s} · {said}"),
+            };
+            self.changes = Some(ch);
+        }
+        self.recorded = Some(new);
+    }
+
     /// Whether a worker is still busy (tests wait for it).
     #[cfg(test)]
     pub fn busy(&self) -> bool {
-        self.ctx.img.is_some() && (self.ctx.report.is_none() || self.ctx.roles.is_none())
+        self.ctx.img.is_some()
+            && (self.ctx.report.is_none() || self.ctx.roles.is_none() || self.recorded.is_none())
             || self.panes.snapshots.diff_running
             || self.panes.layout.looking.is_some()
             || self.sim_job.is_some()
@@ -373,6 +415,28 @@ impl App {
             }
             return;
         }
+        if let Some(Popup::Changes(v)) = &mut self.popup {
+            let n = self.changes.as_ref().map_or(0, |c| c.len());
+            match action {
+                Action::Changes | Action::Escape => self.popup = None,
+                Action::Quit => self.quit = true,
+                Action::Enter => {
+                    let c = self
+                        .changes
+                        .as_ref()
+                        .and_then(|c| c.get(v.sel))
+                        .and_then(|c| c.cluster);
+                    if let Some(c) = c {
+                        self.popup = None;
+                        self.apply(Effect::Refcount(c));
+                    }
+                }
+                a => {
+                    v.select(a, n);
+                }
+            }
+            return;
+        }
         self.status.clear();
         match action {
             Action::Quit => self.quit = true,
@@ -407,6 +471,13 @@ impl App {
             }
             Action::Tour => super::tour::start(self),
             Action::HistoryForward => self.go_forward(),
+            Action::Changes => match &self.changes {
+                Some(_) => self.popup = Some(Popup::Changes(ListView::default())),
+                None => {
+                    self.status =
+                        "nothing to compare yet: after r or a --watch reload, c lists what changed on disk".into()
+                }
+            },
             Action::NextStep | Action::PrevStep if self.tour.is_some() => {
                 super::tour::step(self, action == Action::NextStep);
             }

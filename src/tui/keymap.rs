@@ -68,6 +68,8 @@ pub enum Action {
     Focus,
     /// The bytes of what is selected, in Hex.
     Hex,
+    /// What changed on disk since the previous load.
+    Changes,
 }
 
 /// Where a binding applies.
@@ -308,6 +310,13 @@ pub const KEYMAP: &[Binding] = &[
         short: None,
         help: "Reload the image from disk (Check and Refcounts then show what changed)",
         codes: &[((Char('r'), NO), Action::Reload)],
+        scope: Scope::Global,
+    },
+    Binding {
+        keys: "c",
+        short: None,
+        help: "What changed on disk between the last two loads (r, --watch): every refcount, L1/L2 entry and snapshot; Enter on a refcount opens it",
+        codes: &[((Char('c'), NO), Action::Changes)],
         scope: Scope::Global,
     },
     Binding {

@@ -9,6 +9,7 @@
 //! ([`widgets::ListView`]) for every list and scrolling text.
 
 pub mod app;
+pub mod changes;
 pub mod ctx;
 pub mod history;
 pub mod keymap;

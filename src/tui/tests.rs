@@ -1334,3 +1334,101 @@ fn the_map_pane_lists_qemu_img_map_extents_coloured_and_traces_them() {
         start + want[1]["length"].as_u64().unwrap()
     );
 }
+
+// ---- issue 11: what a snapshot operation changed ----------------------------------
+
+#[test]
+fn the_changes_after_qemu_img_snapshot_are_the_refcounts_qemu_leaves() {
+    let dir = tempfile::tempdir().unwrap();
+    qemu_img(
+        dir.path(),
+        &["create", "-q", "-f", "qcow2", "a.qcow2", "4M"],
+    );
+    qemu_io(dir.path(), "a.qcow2", "write -P 7 0 192k");
+    let p = dir.path().join("a.qcow2");
+    let mut a = open(p.clone());
+    let counted = |a: &App| a.ctx.report.as_ref().unwrap().imrt.clone().unwrap();
+    let before = counted(&a);
+    typed(&mut a, "c");
+    assert!(a.status.contains("nothing to compare yet"), "{}", a.status);
+    qemu_img(dir.path(), &["snapshot", "-c", "x", "a.qcow2"]);
+    // QEMU's own check of what it left: every stored refcount equals its references.
+    qemu_img(dir.path(), &["check", "a.qcow2"]);
+    typed(&mut a, "r");
+    a.wait_background();
+    let after = counted(&a);
+    assert_eq!(a.ctx.report.as_ref().unwrap().corruptions, 0);
+    let changes = a.changes.clone().expect("compared");
+    let mut rows = 0;
+    let n = a.recorded.as_ref().unwrap().refcounts.len() as u64;
+    for c in 0..n {
+        let (x, y) = (before.get(c), after.get(c));
+        if x != y {
+            rows += 1;
+            let row = changes
+                .iter()
+                .find(|ch| ch.cluster == Some(c))
+                .unwrap_or_else(|| panic!("cluster {c}: {x}→{y} missing in {changes:?}"));
+            assert!(row.text.ends_with(&format!(": {x}→{y}")), "{}", row.text);
+        }
+    }
+    assert_eq!(changes.iter().filter(|c| c.cluster.is_some()).count(), rows);
+    // Three data clusters and their L2 table went from 1 to 2; the copied L1
+    // table and the new snapshot table from 0 to 1.
+    let texts: Vec<&str> = changes.iter().map(|c| c.text.as_str()).collect();
+    assert_eq!(
+        texts.iter().filter(|t| t.ends_with("(data): 1→2")).count(),
+        3,
+        "{texts:#?}"
+    );
+    assert!(
+        texts.iter().any(|t| t.contains("(l2-table): 1→2")),
+        "{texts:#?}"
+    );
+    assert!(
+        texts.iter().any(|t| t.contains("(l1-table): 0→1")),
+        "{texts:#?}"
+    );
+    assert!(
+        texts.iter().any(|t| t.contains("(snapshot-table): 0→1")),
+        "{texts:#?}"
+    );
+    assert!(
+        texts
+            .iter()
+            .any(|t| t.starts_with("snapshot 1 created: 'x'")),
+        "{texts:#?}"
+    );
+    // COPIED went off in the active L1 entry and the three L2 entries.
+    assert!(
+        texts.iter().any(|t| t.starts_with("active L1[0]: 0x8")),
+        "{texts:#?}"
+    );
+    assert_eq!(
+        texts
+            .iter()
+            .filter(|t| t.starts_with("active L1[0] → L2["))
+            .count(),
+        3,
+        "{texts:#?}"
+    );
+    // On screen: c lists them, Enter opens a refcount, the file is unchanged.
+    let on_disk = std::fs::read(&p).unwrap();
+    typed(&mut a, "c");
+    let b = draw(&mut a, 120, 40);
+    let s = text(&b);
+    assert!(s.contains("Changes since the previous load"), "{s}");
+    let (x, y) = find(&b, "(data): 1→2").unwrap_or_else(|| panic!("{s}"));
+    assert_eq!(b[(x, y)].fg, color::REFCOUNT, "{s}");
+    let first = changes.iter().position(|c| c.cluster.is_some()).unwrap();
+    for _ in 0..first {
+        key(&mut a, KeyCode::Down);
+    }
+    key(&mut a, KeyCode::Enter);
+    assert_eq!(a.pane, Pane::Refcounts);
+    assert_eq!(
+        Some(a.panes.refcounts.block.sel as u64),
+        changes[first].cluster
+    );
+    assert_eq!(std::fs::read(&p).unwrap(), on_disk);
+}

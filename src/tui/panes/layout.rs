@@ -115,7 +115,7 @@ fn legend(wide: bool, unclassified: bool) -> Line<'static> {
     Line::from(v.concat())
 }
 
-fn role_names(bits: u16) -> Vec<String> {
+pub fn role_names(bits: u16) -> Vec<String> {
     ROLES
         .iter()
         .filter(|r| bits & (1 << (**r as u16)) != 0)
