@@ -346,3 +346,43 @@ fn passphrase_prompt_does_not_echo() {
     t.keys(&["q"]);
     t.wait_for("the shell again", |s| s.contains("EXITED=0"));
 }
+
+#[test]
+fn watch_shows_what_qemu_img_snapshot_changed() {
+    let dir = tempfile::tempdir().unwrap();
+    qemu_img(
+        dir.path(),
+        &["create", "-q", "-f", "qcow2", "copy.qcow2", "4M"],
+    );
+    let out = Command::new("qemu-io")
+        .args(["-f", "qcow2", "-c", "write -P 7 0 128k", "copy.qcow2"])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let t = Tmux::start(dir.path(), "watch", (100, 30));
+    let bin = env!("CARGO_BIN_EXE_qinspect");
+    t.text(&format!("{bin} --watch copy.qcow2; echo EXITED=$?"));
+    t.keys(&["Enter"]);
+    t.wait_for("the first frame", |s| s.contains("1 Overview"));
+    t.keys(&["7"]);
+    t.wait_for("the check", |s| s.contains("No errors were found"));
+    // Another terminal takes a snapshot; the viewer reloads by itself.
+    qemu_img(dir.path(), &["snapshot", "-c", "x", "copy.qcow2"]);
+    t.wait_for("the reload", |s| {
+        s.contains("changed on disk — c: what changed")
+    });
+    t.keys(&["c"]);
+    let s = t.wait_for("the Changes view", |s| {
+        s.contains("Changes since the previous load")
+    });
+    assert_eq!(s.matches("(data): 1→2").count(), 2, "{s}");
+    assert!(s.contains("(l2-table): 1→2"), "{s}");
+    assert!(s.contains("snapshot 1 created: 'x'"), "{s}");
+    t.keys(&["Escape"]);
+    t.wait_for("the view closed", |s| {
+        !s.contains("Changes since the previous load")
+    });
+    t.keys(&["q"]);
+    t.wait_for("the shell again", |s| s.contains("EXITED=0"));
+}

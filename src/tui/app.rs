@@ -4,13 +4,14 @@
 //! effects, which [`App::update`] applies in order. Slow, whole-image work runs on
 //! worker threads and reports back over a channel, so no key ever waits for it.
 
-use super::ctx::{Ctx, Effect, Job, LAYOUT_LIMIT, OffsetKind, Pane};
+use super::ctx::{Ctx, Effect, Job, OffsetKind, Pane};
+use super::history::{History, Place};
 use super::keymap::Action;
 use super::panes::Panes;
 use super::panes::simulate::Outcome;
 use super::panes::snapshots::Diff;
 use super::widgets::ListView;
-use qinspect::check::{CheckOptions, CheckReport, Progress, check, role_map};
+use qinspect::check::{CheckOptions, CheckReport, Progress, check};
 use qinspect::image::Qcow2;
 use qinspect::simulate::{Op, Sim};
 use ratatui::crossterm::event::{KeyCode, KeyEvent, KeyModifiers};
@@ -46,8 +47,10 @@ pub enum Bg {
     SimProgress(u64, String, u64, u64),
     /// A simulation finished (job id).
     Simulated(u64, Result<Outcome, String>),
+    /// The state recorded right after a load opened the file.
+    Recorded(Box<super::changes::State>, u64),
     /// Who references a cluster: cluster, referrers, roles.
-    Lookup(u64, Vec<String>, String, u64),
+    Lookup(u64, Vec<qinspect::check::Referrer>, String, u64),
 }
 
 /// What a line-editing popup is for.
@@ -126,6 +129,8 @@ pub enum Popup {
     Help(ListView),
     /// Text input.
     Input(InputFor, Input),
+    /// What changed on disk since the previous load.
+    Changes(ListView),
 }
 
 /// Screen areas remembered for mouse hit-testing.
@@ -157,8 +162,8 @@ pub struct App {
     pub popup: Option<Popup>,
     /// Guided tour step.
     pub tour: Option<usize>,
-    /// Panes left by jumps (Backspace returns).
-    pub history: Vec<Pane>,
+    /// Places left by jumps (Backspace returns) and gone back from (Ctrl-I).
+    pub history: History,
     /// Explanation panel on, and its scroll.
     pub explain: bool,
     /// The explanation panel's scroll.
@@ -171,6 +176,12 @@ pub struct App {
     pub areas: Areas,
     /// File modification time at load.
     pub mtime: Option<SystemTime>,
+    /// The state the last load recorded.
+    pub recorded: Option<super::changes::State>,
+    /// What changed between the two last loads (None before a second load).
+    pub changes: Option<Vec<super::changes::Change>>,
+    /// What the comparison could not cover.
+    pub changes_limits: Option<String>,
     sim_job: Option<SimJob>,
     jobs: u64,
     tx: Sender<Bg>,
@@ -190,13 +201,16 @@ impl App {
             pane: Pane::Overview,
             popup: None,
             tour: None,
-            history: Vec::new(),
+            history: History::default(),
             explain: false,
             explain_view: ListView::default(),
             quit: false,
             status: String::new(),
             areas: Areas::default(),
             mtime: None,
+            recorded: None,
+            changes: None,
+            changes_limits: None,
             sim_job: None,
             jobs: 0,
             tx,
@@ -258,10 +272,11 @@ impl App {
         let tx = self.tx.clone();
         self.ctx.progress = Some(("starting", 0, 1));
         std::thread::spawn(move || {
-            let cs = img.geometry().cluster_size();
-            let n = img.file_len().div_ceil(cs).clamp(1, LAYOUT_LIMIT);
-            let roles = role_map(&img, 0, n - 1);
-            let _ = tx.send(Bg::Roles(roles, generation));
+            // First what is on disk now (to compare with the next load), which
+            // also gives Layout its colours.
+            let state = super::changes::record(&img);
+            let _ = tx.send(Bg::Roles(state.roles.clone(), generation));
+            let _ = tx.send(Bg::Recorded(Box::new(state), generation));
             let ptx = tx.clone();
             let tick = move |p: Progress| {
                 let _ = ptx.send(Bg::Progress(p.phase, p.done, p.total, generation));
@@ -296,6 +311,7 @@ impl App {
                 self.ctx.report = Some(Arc::from(r));
             }
             Bg::Roles(r, g) if g == self.generation => self.ctx.roles = Some(Arc::new(r)),
+            Bg::Recorded(st, g) if g == self.generation => self.recorded_state(*st),
             Bg::Diff(d, g) if g == self.generation => self.panes.snapshots.diffed(d),
             Bg::Lookup(c, refs, roles, g) if g == self.generation => {
                 self.panes.layout.looked_up(c, refs, roles)
@@ -311,10 +327,37 @@ impl App {
         }
     }
 
+    /// A load's record came back: compare it with the previous one.
+    fn recorded_state(&mut self, new: super::changes::State) {
+        if let (Some(old), Some(img)) = (self.recorded.take(), self.ctx.img.as_ref()) {
+            let ch = super::changes::compare(&old, &new, &img.geometry());
+            self.changes_limits = super::changes::limits(&old, &new);
+            let rc = ch.iter().filter(|c| c.cluster.is_some()).count();
+            let said = if ch.is_empty() {
+                "nothing changed on disk since the previous load".to_string()
+            } else {
+                format!(
+                    "{rc} refcount(s) and {} table entries changed on disk — c: what changed",
+                    ch.len() - rc
+                )
+            };
+            // What the reload itself said (a snapshot view that is gone) stays.
+            self.status = match self.status.as_str() {
+                "" | "reloaded" | "the file changed on disk: reloaded" => {
+                    format!("reloaded: {said}")
+                }
+                s => format!("{s} · {said}"),
+            };
+            self.changes = Some(ch);
+        }
+        self.recorded = Some(new);
+    }
+
     /// Whether a worker is still busy (tests wait for it).
     #[cfg(test)]
     pub fn busy(&self) -> bool {
-        self.ctx.img.is_some() && (self.ctx.report.is_none() || self.ctx.roles.is_none())
+        self.ctx.img.is_some()
+            && (self.ctx.report.is_none() || self.ctx.roles.is_none() || self.recorded.is_none())
             || self.panes.snapshots.diff_running
             || self.panes.layout.looking.is_some()
             || self.sim_job.is_some()
@@ -379,6 +422,28 @@ impl App {
             }
             return;
         }
+        if let Some(Popup::Changes(v)) = &mut self.popup {
+            let n = self.changes.as_ref().map_or(0, |c| c.len());
+            match action {
+                Action::Changes | Action::Escape => self.popup = None,
+                Action::Quit => self.quit = true,
+                Action::Enter => {
+                    let c = self
+                        .changes
+                        .as_ref()
+                        .and_then(|c| c.get(v.sel))
+                        .and_then(|c| c.cluster);
+                    if let Some(c) = c {
+                        self.popup = None;
+                        self.apply(Effect::Refcount(c));
+                    }
+                }
+                a => {
+                    v.select(a, n);
+                }
+            }
+            return;
+        }
         self.status.clear();
         match action {
             Action::Quit => self.quit = true,
@@ -412,19 +477,34 @@ impl App {
                 self.popup = Some(Popup::Input(InputFor::Goto, Input::default()));
             }
             Action::Tour => super::tour::start(self),
+            Action::HistoryForward => self.go_forward(),
+            Action::Changes => match &self.changes {
+                Some(_) => self.popup = Some(Popup::Changes(ListView::default())),
+                None => {
+                    self.status =
+                        "nothing to compare yet: after r or a --watch reload, c lists what changed on disk".into()
+                }
+            },
             Action::NextStep | Action::PrevStep if self.tour.is_some() => {
                 super::tour::step(self, action == Action::NextStep);
             }
+            // Backspace goes back along the history; with none, it backs out of
+            // the pane's current level.
+            Action::Back if !self.history.back.is_empty() => self.go_back(),
             a => {
+                // Enter that drills in inside a pane (an L1 entry's L2 table) is a
+                // step of the history too.
+                let from = (a == Action::Enter).then(|| self.place());
                 let mut q = Vec::new();
-                let handled = self.panes.get_mut(self.pane).handle(a, &self.ctx, &mut q);
-                if !handled
-                    && a == Action::Back
-                    && let Some(p) = self.history.pop()
-                {
-                    self.pane = p;
-                }
+                let _ = self.panes.get_mut(self.pane).handle(a, &self.ctx, &mut q);
+                let jumps = q.iter().any(Effect::is_jump);
                 self.apply_all(q);
+                if let Some(from) = from
+                    && !jumps
+                {
+                    let to = self.place();
+                    self.history.jumped(from, &to);
+                }
             }
         }
     }
@@ -436,14 +516,31 @@ impl App {
         }
     }
 
-    /// Switch pane as the result of a jump, remembering where it came from.
-    fn jump(&mut self, p: Pane) {
-        if p != self.pane {
-            self.history.push(self.pane);
-            if self.history.len() > 64 {
-                self.history.remove(0);
-            }
-            self.switch(p);
+    /// Where the viewer is now.
+    pub fn place(&self) -> Place {
+        Place::of(&self.panes, self.pane)
+    }
+
+    /// Show a remembered place.
+    fn show(&mut self, p: Place) {
+        let pane = p.pane;
+        p.restore(&mut self.panes);
+        self.switch(pane);
+    }
+
+    /// Back to the place before the last jump.
+    pub fn go_back(&mut self) {
+        match self.history.back(self.place()) {
+            Some(p) => self.show(p),
+            None => self.status = "nothing to go back to".into(),
+        }
+    }
+
+    /// Forward again to the place gone back from.
+    pub fn go_forward(&mut self) {
+        match self.history.forward(self.place()) {
+            Some(p) => self.show(p),
+            None => self.status = "nothing to go forward to".into(),
         }
     }
 
@@ -454,8 +551,18 @@ impl App {
         }
     }
 
-    /// Apply one effect.
+    /// Apply one effect. A jump remembers the place it leaves.
     pub fn apply(&mut self, e: Effect) {
+        let jumps = e.is_jump();
+        let from = jumps.then(|| self.place());
+        self.apply_effect(e);
+        if let Some(from) = from {
+            let to = self.place();
+            self.history.jumped(from, &to);
+        }
+    }
+
+    fn apply_effect(&mut self, e: Effect) {
         match e {
             Effect::ShowHost {
                 offset,
@@ -464,28 +571,36 @@ impl App {
                 src,
             } => {
                 self.panes.hex.show(offset, label, mark, src);
-                self.jump(Pane::Hex);
+                self.switch(Pane::Hex);
             }
             Effect::Trace(off) => {
                 match self.panes.trace.run(off, &self.ctx) {
                     Ok(()) => {}
                     Err(e) => self.status = e,
                 }
-                self.jump(Pane::Trace);
+                self.switch(Pane::Trace);
             }
             Effect::Cluster(c) => {
                 self.panes.layout.select(c);
-                self.jump(Pane::Layout);
+                self.switch(Pane::Layout);
             }
             Effect::Refcount(c) => {
                 self.panes.refcounts.select(c, &self.ctx);
-                self.jump(Pane::Refcounts);
+                self.switch(Pane::Refcounts);
             }
             Effect::Table(at) => {
                 self.panes.tables.open(at, &self.ctx);
-                self.jump(Pane::Tables);
+                self.switch(Pane::Tables);
             }
-            Effect::Switch(p) => self.switch(p),
+            Effect::L1Entry(i) => {
+                self.panes.tables.select_l1(i, &self.ctx);
+                self.switch(Pane::Tables);
+            }
+            Effect::Switch(p) | Effect::Jump(p) => self.switch(p),
+            Effect::RefcountTable => {
+                self.panes.refcounts.level = super::panes::refcounts::Level::Table;
+                self.switch(Pane::Refcounts);
+            }
             Effect::Input(purpose, text) => {
                 self.popup = Some(Popup::Input(purpose, Input::new(text)));
             }
@@ -541,9 +656,15 @@ impl App {
             );
             return;
         }
+        let from = self.place();
         let mut q = Vec::new();
         self.panes.get_mut(self.pane).goto(off, &self.ctx, &mut q);
+        let jumps = q.iter().any(Effect::is_jump);
         self.apply_all(q);
+        if !jumps {
+            let to = self.place();
+            self.history.jumped(from, &to);
+        }
     }
 
     /// Run a simulation on a worker: it reports each operation and the check of
@@ -574,8 +695,11 @@ impl App {
             id,
             cancel: cancel.clone(),
         });
+        let from = self.place();
         self.panes.simulate.started(text.clone());
-        self.jump(Pane::Simulate);
+        self.switch(Pane::Simulate);
+        let to = self.place();
+        self.history.jumped(from, &to);
         let tx = self.tx.clone();
         let path = self.ctx.path.clone();
         std::thread::spawn(move || {

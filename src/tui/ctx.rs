@@ -33,11 +33,13 @@ pub enum Pane {
     Simulate,
     /// Bytes of a file of the chain.
     Hex,
+    /// The guest address space as `qemu-img map` extents.
+    Map,
 }
 
 impl Pane {
     /// Every pane, in number-key order.
-    pub const ALL: [Pane; 9] = [
+    pub const ALL: [Pane; 10] = [
         Pane::Overview,
         Pane::Layout,
         Pane::Tables,
@@ -47,6 +49,7 @@ impl Pane {
         Pane::Check,
         Pane::Simulate,
         Pane::Hex,
+        Pane::Map,
     ];
 
     /// Its name on the tab bar.
@@ -61,6 +64,7 @@ impl Pane {
             Pane::Check => "Check",
             Pane::Simulate => "Simulate",
             Pane::Hex => "Hex",
+            Pane::Map => "Map",
         }
     }
 
@@ -68,7 +72,7 @@ impl Pane {
     pub fn short(self) -> &'static str {
         match self {
             Pane::Overview => "Info",
-            Pane::Layout => "Map",
+            Pane::Layout => "Grid",
             Pane::Tables => "L1/2",
             Pane::Refcounts => "Refs",
             Pane::Snapshots => "Snap",
@@ -76,20 +80,21 @@ impl Pane {
             Pane::Check => "Check",
             Pane::Simulate => "Sim",
             Pane::Hex => "Hex",
+            Pane::Map => "Map",
         }
     }
 
-    /// Its number key, 1 to 9.
+    /// Its number key: 1 to 9, then 0.
     pub fn number(self) -> usize {
         Pane::ALL
             .iter()
             .position(|p| *p == self)
-            .map_or(0, |i| i + 1)
+            .map_or(0, |i| (i + 1) % 10)
     }
 
     /// The next pane (Tab) or the previous one.
     pub fn cycle(self, forward: bool) -> Pane {
-        let i = self.number() - 1;
+        let i = Pane::ALL.iter().position(|p| *p == self).unwrap_or(0);
         let n = Pane::ALL.len();
         let j = if forward {
             (i + 1) % n
@@ -143,6 +148,12 @@ pub enum Effect {
     Refcount(u64),
     /// Open Tables at an L1 index (and an L2 index inside it).
     Table(Option<(usize, usize)>),
+    /// Select an L1 entry in Tables (the L1 table shown).
+    L1Entry(usize),
+    /// Show the refcount table in Refcounts.
+    RefcountTable,
+    /// Switch pane as a jump (remembered in the history).
+    Jump(Pane),
     /// Switch pane.
     Switch(Pane),
     /// Start background work.
@@ -153,6 +164,23 @@ pub enum Effect {
     View(Option<String>),
     /// Reopen the image and rerun the check.
     Reload,
+}
+
+impl Effect {
+    /// Whether it moves to another place (remembered in the history).
+    pub fn is_jump(&self) -> bool {
+        matches!(
+            self,
+            Effect::ShowHost { .. }
+                | Effect::Trace(_)
+                | Effect::Cluster(_)
+                | Effect::Refcount(_)
+                | Effect::Table(_)
+                | Effect::L1Entry(_)
+                | Effect::RefcountTable
+                | Effect::Jump(_)
+        )
+    }
 }
 
 /// The shared, read-only context.

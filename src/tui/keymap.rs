@@ -36,6 +36,8 @@ pub enum Action {
     Enter,
     /// Back out one level.
     Back,
+    /// Forward to the place gone back from.
+    HistoryForward,
     /// Ask for an offset to jump to.
     Goto,
     /// Toggle the explanation panel.
@@ -62,8 +64,12 @@ pub enum Action {
     Run,
     /// Who references the selected cluster (Layout).
     Lookup,
-    /// Move the keys to the other box of the pane (Snapshots, Layout).
+    /// Move the keys to the other box of the pane (Snapshots, Layout, Check).
     Focus,
+    /// The bytes of what is selected, in Hex.
+    Hex,
+    /// What changed on disk since the previous load.
+    Changes,
 }
 
 /// Where a binding applies.
@@ -111,9 +117,9 @@ const SHIFT: KeyModifiers = KeyModifiers::SHIFT;
 /// The key map.
 pub const KEYMAP: &[Binding] = &[
     Binding {
-        keys: "1-9",
+        keys: "0-9",
         short: Some("panes"),
-        help: "Show pane 1 (Overview) to 9 (Hex)",
+        help: "Show pane 1 (Overview) to 9 (Hex), 0 (Map)",
         codes: &[
             ((Char('1'), NO), Action::Pane(Pane::Overview)),
             ((Char('2'), NO), Action::Pane(Pane::Layout)),
@@ -124,6 +130,7 @@ pub const KEYMAP: &[Binding] = &[
             ((Char('7'), NO), Action::Pane(Pane::Check)),
             ((Char('8'), NO), Action::Pane(Pane::Simulate)),
             ((Char('9'), NO), Action::Pane(Pane::Hex)),
+            ((Char('0'), NO), Action::Pane(Pane::Map)),
         ],
         scope: Scope::Global,
     },
@@ -202,8 +209,22 @@ pub const KEYMAP: &[Binding] = &[
     Binding {
         keys: "Bksp",
         short: Some("back"),
-        help: "Back out one level (L2 table to L1, block to refcount table), else to the pane before the last jump",
-        codes: &[((Backspace, NO), Action::Back)],
+        help: "Back one step to the place before the last jump or drill-in (Enter, g), with its selection and scroll (also Ctrl-O and Alt-←); with no history, out one level (L2 table to L1, block to refcount table)",
+        codes: &[
+            ((Backspace, NO), Action::Back),
+            ((Char('o'), CTRL), Action::Back),
+            ((KeyCode::Left, KeyModifiers::ALT), Action::Back),
+        ],
+        scope: Scope::Global,
+    },
+    Binding {
+        keys: "Ctrl-I",
+        short: None,
+        help: "Forward again to the place Backspace left (also Alt-→, for terminals that send Ctrl-I as Tab)",
+        codes: &[
+            ((Char('i'), CTRL), Action::HistoryForward),
+            ((KeyCode::Right, KeyModifiers::ALT), Action::HistoryForward),
+        ],
         scope: Scope::Global,
     },
     Binding {
@@ -223,9 +244,16 @@ pub const KEYMAP: &[Binding] = &[
     Binding {
         keys: "f",
         short: Some("other box"),
-        help: "Snapshots: the arrows scroll the Difference box. Layout: the referrers",
+        help: "Snapshots: the arrows scroll the Difference box. Layout and Check: the arrows choose a referrer, Enter opens its entry in Tables",
         codes: &[((Char('f'), NO), Action::Focus)],
-        scope: Scope::Panes(&[Pane::Snapshots, Pane::Layout]),
+        scope: Scope::Panes(&[Pane::Snapshots, Pane::Layout, Pane::Check]),
+    },
+    Binding {
+        keys: "x",
+        short: Some("hex"),
+        help: "The bytes of the selected cluster or entry in Hex (a compressed entry: its compressed bytes)",
+        codes: &[((Char('x'), NO), Action::Hex)],
+        scope: Scope::Panes(&[Pane::Layout, Pane::Tables]),
     },
     Binding {
         keys: "m",
@@ -282,6 +310,13 @@ pub const KEYMAP: &[Binding] = &[
         short: None,
         help: "Reload the image from disk (Check and Refcounts then show what changed)",
         codes: &[((Char('r'), NO), Action::Reload)],
+        scope: Scope::Global,
+    },
+    Binding {
+        keys: "c",
+        short: None,
+        help: "What changed on disk between the last two loads (r, --watch): every refcount, L1/L2 entry and snapshot; Enter on a refcount opens it",
+        codes: &[((Char('c'), NO), Action::Changes)],
         scope: Scope::Global,
     },
     Binding {

@@ -9,7 +9,9 @@
 //! ([`widgets::ListView`]) for every list and scrolling text.
 
 pub mod app;
+pub mod changes;
 pub mod ctx;
+pub mod history;
 pub mod keymap;
 pub mod panes;
 pub mod tour;

@@ -104,7 +104,7 @@ fn show(app: &mut App) {
             .set(first.map_or(0, |f| f.0), img.l1.len());
     }
     // The tour moves on its own; Backspace history is for the user's jumps.
-    let depth = app.history.len();
+    let kept = app.history.clone();
     app.apply_all(effects);
-    app.history.truncate(depth);
+    app.history = kept;
 }

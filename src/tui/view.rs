@@ -93,6 +93,54 @@ pub fn draw(f: &mut Frame, app: &mut App) {
                 Text::from(lines),
             );
         }
+        Some(Popup::Changes(v)) => {
+            let changes = app.changes.clone().unwrap_or_default();
+            let w = area.width.min(110);
+            let h = u16::try_from(changes.len().max(1) + 3)
+                .unwrap_or(u16::MAX)
+                .min(area.height);
+            let r = centered(area, w, h);
+            f.render_widget(Clear, r);
+            let rc = changes.iter().filter(|c| c.cluster.is_some()).count();
+            let title = format!(
+                "Changes since the previous load — {rc} refcount(s), {} other · Enter: that refcount, c or Esc closes",
+                changes.len() - rc
+            );
+            let limits = app
+                .changes_limits
+                .as_ref()
+                .map(|l| format!(" ({l})"))
+                .unwrap_or_default();
+            let heading = Line::styled(
+                if changes.is_empty() {
+                    format!("nothing changed on disk{limits}")
+                } else {
+                    format!("old→new, host clusters first{limits}")
+                },
+                crate::tui::panes::color::dim(),
+            );
+            v.render_table(
+                f,
+                r,
+                boxed(title),
+                Some(heading),
+                changes.len(),
+                true,
+                |rows| {
+                    changes[rows]
+                        .iter()
+                        .map(|c| {
+                            let style = if c.cluster.is_some() {
+                                Style::new().fg(crate::tui::panes::color::REFCOUNT)
+                            } else {
+                                Style::new().fg(crate::tui::panes::color::TABLE)
+                            };
+                            Line::styled(c.text.clone(), style)
+                        })
+                        .collect()
+                },
+            );
+        }
         Some(Popup::Input(purpose, input)) => {
             let r = centered(area, 70, 3);
             f.render_widget(Clear, r);
@@ -124,10 +172,13 @@ pub fn draw(f: &mut Frame, app: &mut App) {
 
 fn draw_tabs(f: &mut Frame, area: Rect, app: &mut App) {
     let full: usize = Pane::ALL.iter().map(|p| p.name().len() + 4).sum();
+    let tight: usize = Pane::ALL.iter().map(|p| p.name().len() + 3).sum();
     let short: usize = Pane::ALL.iter().map(|p| p.short().len() + 4).sum();
     let label = |p: Pane| {
         if full <= usize::from(area.width) {
             format!(" {} {} ", p.number(), p.name())
+        } else if tight <= usize::from(area.width) {
+            format!(" {} {}", p.number(), p.name())
         } else if short <= usize::from(area.width) {
             format!(" {} {} ", p.number(), p.short())
         } else {

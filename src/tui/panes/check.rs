@@ -18,6 +18,8 @@ pub struct State {
     pub list: ListView,
     /// Who is involved in the selected finding.
     pub detail: ListView,
+    /// The arrows and Enter work in the "Who is involved" box.
+    pub focus_detail: bool,
 }
 
 fn render(st: &mut State, f: &mut Frame, area: Rect, app: &Ctx) {
@@ -105,7 +107,7 @@ fn render(st: &mut State, f: &mut Frame, area: Rect, app: &Ctx) {
     );
     let findings = r.findings.clone();
     let title = format!(
-        "Findings — Enter: the cluster in Layout{}",
+        "Findings — Enter: the entry at fault{}",
         if r.findings_omitted > 0 {
             format!(" ({} more not listed)", r.findings_omitted)
         } else {
@@ -142,8 +144,7 @@ fn render(st: &mut State, f: &mut Frame, area: Rect, app: &Ctx) {
         });
     let d: Vec<Line<'static>> = match r.findings.get(st.list.sel) {
         Some(f) => {
-            let mut refs = f.referrers.clone();
-            super::layout::sort_referrers(&mut refs);
+            let refs = sorted_referrers(f);
             let mut v: Vec<Line> = refs
                 .iter()
                 .map(|x| Line::raw(format!("referenced by {}", x.describe())))
@@ -155,10 +156,40 @@ fn render(st: &mut State, f: &mut Frame, area: Rect, app: &Ctx) {
         }
         None => vec![],
     };
+    let title = if st.focus_detail {
+        "Who is involved — ↑/↓ choose, Enter: its entry in Tables, f: back to the findings"
+    } else {
+        "Who is involved — f: choose one"
+    };
     st.detail
-        .render_list(f, detail, boxed("Who is involved"), d.len(), false, |r| {
+        .render_list(f, detail, boxed(title), d.len(), st.focus_detail, |r| {
             d[r].to_vec()
         });
+}
+
+/// A finding's referrers in natural order (as listed).
+fn sorted_referrers(f: &qinspect::check::Finding) -> Vec<qinspect::check::Referrer> {
+    let mut refs = f.referrers.clone();
+    super::layout::sort_referrers(&mut refs);
+    refs
+}
+
+/// The entry at fault in a finding: a refcount that disagrees is the refcount
+/// entry; a table entry that is wrong (COPIED, reserved bits, alignment, ...) is
+/// the L2 or L1 entry naming the cluster; anything else, the cluster in Layout.
+fn at_fault(f: &qinspect::check::Finding, ctx: &Ctx, q: &mut Vec<Effect>) {
+    let refcount = matches!(f.category, "refcount" | "refblock" | "refcount-past-eof");
+    match f.cluster {
+        Some(c) if refcount => q.push(Effect::Refcount(c)),
+        _ => {
+            let followed = sorted_referrers(f)
+                .first()
+                .is_some_and(|r| super::follow_referrer(ctx, r, q));
+            if !followed && let Some(c) = f.cluster {
+                q.push(Effect::Cluster(c));
+            }
+        }
+    }
 }
 
 impl PaneState for State {
@@ -171,17 +202,33 @@ impl PaneState for State {
         match action {
             Action::Run => q.push(Effect::Reload),
             Action::Enter => {
-                if let Some(c) = ctx
+                let Some(f) = ctx
                     .report
                     .as_ref()
                     .and_then(|r| r.findings.get(self.list.sel))
-                    .and_then(|f| f.cluster)
-                {
-                    q.push(Effect::Cluster(c));
+                else {
+                    return true;
+                };
+                if self.focus_detail {
+                    let refs = sorted_referrers(f);
+                    if let Some(r) = refs.get(self.detail.sel) {
+                        super::follow_referrer(ctx, r, q);
+                    }
+                } else {
+                    at_fault(f, ctx, q);
                 }
             }
+            Action::Focus => self.focus_detail = !self.focus_detail,
             Action::ExplainDown => return self.detail.scroll(Action::Down),
             Action::ExplainUp => return self.detail.scroll(Action::Up),
+            a if self.focus_detail => {
+                let n = ctx
+                    .report
+                    .as_ref()
+                    .and_then(|r| r.findings.get(self.list.sel))
+                    .map_or(0, |f| f.referrers.len());
+                return self.detail.select(a, n);
+            }
             a => {
                 let moved = self.list.select(a, n);
                 if moved {

@@ -22,11 +22,11 @@ pub struct State {
     /// Grid rows visible at the last draw.
     rows: u64,
     /// The first grid row shown.
-    first_row: u64,
+    pub first_row: u64,
     /// The grid's inner area at the last draw.
     grid: Rect,
     /// Who references a cluster, once looked up with `i`, and its scroll.
-    pub detail: Option<(u64, Vec<String>)>,
+    pub detail: Option<(u64, Vec<qinspect::check::Referrer>)>,
     /// A lookup running on the worker, for this cluster.
     pub looking: Option<u64>,
     /// The roles found by that lookup.
@@ -115,7 +115,7 @@ fn legend(wide: bool, unclassified: bool) -> Line<'static> {
     Line::from(v.concat())
 }
 
-fn role_names(bits: u16) -> Vec<String> {
+pub fn role_names(bits: u16) -> Vec<String> {
     ROLES
         .iter()
         .filter(|r| bits & (1 << (**r as u16)) != 0)
@@ -172,7 +172,7 @@ impl State {
     }
 
     /// The lookup of cluster `c` came back from the worker.
-    pub fn looked_up(&mut self, c: u64, refs: Vec<String>, roles: String) {
+    pub fn looked_up(&mut self, c: u64, refs: Vec<qinspect::check::Referrer>, roles: String) {
         if self.looking == Some(c) {
             self.looking = None;
         }
@@ -184,7 +184,7 @@ impl State {
 
 /// Who references host cluster `c`, in natural order, and its roles (this walks
 /// every table of the image, so it runs on a worker).
-pub fn lookup(img: &qinspect::image::Qcow2, c: u64) -> (Vec<String>, String) {
+pub fn lookup(img: &qinspect::image::Qcow2, c: u64) -> (Vec<qinspect::check::Referrer>, String) {
     let info = clusters(img, c, c);
     let mut refs = info
         .first()
@@ -202,7 +202,7 @@ pub fn lookup(img: &qinspect::image::Qcow2, c: u64) -> (Vec<String>, String) {
         })
         .unwrap_or_default();
     sort_referrers(&mut refs);
-    (refs.iter().map(|r| r.describe()).collect(), roles)
+    (refs, roles)
 }
 
 impl PaneState for State {
@@ -313,7 +313,7 @@ impl PaneState for State {
                 "Selected cluster — {} referrer(s){}",
                 refs.len(),
                 if self.focus_refs {
-                    " (↑/↓ scroll them, f: back to the grid)"
+                    " (↑/↓ choose, Enter: its entry, f: back to the grid)"
                 } else {
                     " (f: scroll them)"
                 }
@@ -343,11 +343,11 @@ impl PaneState for State {
                         h2,
                         ratatui::widgets::Block::new(),
                         refs.len(),
-                        false,
+                        self.focus_refs,
                         |r| {
                             refs[r]
                                 .iter()
-                                .map(|x| Line::raw(format!("  referenced by {x}")))
+                                .map(|x| Line::raw(format!("  referenced by {}", x.describe())))
                                 .collect()
                         },
                     );
@@ -355,7 +355,7 @@ impl PaneState for State {
             }
             _ => f.render_widget(
                 Paragraph::new(Line::styled(
-                    "  i: who references it · Enter: open in Hex (an L1/L2 table opens in Tables)",
+                    "  i: who references it · Enter: its refcount (an L1/L2 table opens in Tables) · x: its bytes in Hex",
                     color::dim(),
                 )),
                 h2,
@@ -371,8 +371,20 @@ impl PaneState for State {
         let n = Self::clusters_in(ctx);
         let per_row = self.per_row.max(1);
         let page = per_row * self.rows.max(1);
-        if self.focus_refs && self.refs.scroll(action) {
-            return true;
+        if self.focus_refs {
+            let refs = match &self.detail {
+                Some((dc, r)) if *dc == self.sel => r.as_slice(),
+                _ => &[],
+            };
+            if action == Action::Enter {
+                if let Some(r) = refs.get(self.refs.sel) {
+                    super::follow_referrer(ctx, r, q);
+                }
+                return true;
+            }
+            if self.refs.select(action, refs.len()) {
+                return true;
+            }
         }
         let c = &mut self.sel;
         match action {
@@ -402,14 +414,15 @@ impl PaneState for State {
                 } else if is_l1 {
                     q.push(Effect::Table(None));
                 } else {
-                    q.push(Effect::ShowHost {
-                        offset: c * cs,
-                        label: format!("host cluster {c}"),
-                        mark: None,
-                        src: None,
-                    });
+                    q.push(Effect::Refcount(c));
                 }
             }
+            Action::Hex => q.push(Effect::ShowHost {
+                offset: *c * cs,
+                label: format!("host cluster {}", *c),
+                mark: None,
+                src: None,
+            }),
             _ => return false,
         }
         true

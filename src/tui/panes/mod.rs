@@ -5,6 +5,7 @@
 pub mod check;
 pub mod hex;
 pub mod layout;
+pub mod map;
 pub mod overview;
 pub mod refcounts;
 pub mod simulate;
@@ -42,7 +43,7 @@ pub trait PaneState {
     }
 }
 
-/// The nine panes' states.
+/// The ten panes' states.
 #[derive(Default)]
 pub struct Panes {
     /// Overview.
@@ -63,6 +64,8 @@ pub struct Panes {
     pub simulate: simulate::State,
     /// Hex.
     pub hex: hex::State,
+    /// Map.
+    pub map: map::State,
 }
 
 impl Panes {
@@ -78,6 +81,7 @@ impl Panes {
             Pane::Check => &self.check,
             Pane::Simulate => &self.simulate,
             Pane::Hex => &self.hex,
+            Pane::Map => &self.map,
         }
     }
 
@@ -93,8 +97,40 @@ impl Panes {
             Pane::Check => &mut self.check,
             Pane::Simulate => &mut self.simulate,
             Pane::Hex => &mut self.hex,
+            Pane::Map => &mut self.map,
         }
     }
+}
+
+/// Follow a referrer to the table entry it names: the L2 entry (or the L1 entry of
+/// an L2 table) in Tables, in the snapshot's view when it is a snapshot's table.
+/// False when it names no table entry (a refcount or bitmap structure).
+pub fn follow_referrer(ctx: &Ctx, r: &qinspect::check::Referrer, q: &mut Vec<Effect>) -> bool {
+    let Some(i) = r.l1_index.and_then(|i| usize::try_from(i).ok()) else {
+        return false;
+    };
+    let view = match r.l1.as_deref() {
+        Some("active L1") | None => None,
+        Some(name) => {
+            let snaps = ctx.img.as_ref().map(|img| &img.snapshots.snapshots);
+            let found = snaps.and_then(|ss| {
+                ss.iter()
+                    .find(|s| name == format!("snapshot {} '{}' L1", s.id, s.name))
+            });
+            match found {
+                Some(s) => Some(s.id.clone()),
+                None => return false,
+            }
+        }
+    };
+    if view != ctx.view_snapshot {
+        q.push(Effect::View(view));
+    }
+    match r.l2_index.and_then(|j| usize::try_from(j).ok()) {
+        Some(j) if r.l2_table.is_some() => q.push(Effect::Table(Some((i, j)))),
+        _ => q.push(Effect::L1Entry(i)),
+    }
+    true
 }
 
 /// A line saying why a pane has nothing to show.

@@ -10,15 +10,39 @@ use ratatui::layout::Rect;
 use ratatui::style::Style;
 use ratatui::text::{Line, Span, Text};
 
-/// The Overview's state: how far it is scrolled.
+/// The Overview's state: how far it is scrolled, and the header field selected.
 #[derive(Default)]
 pub struct State {
     /// The scroll position.
     pub view: ListView,
+    /// The selected header field (↑/↓ move it, Enter follows it).
+    pub field: usize,
+    /// The selection moved: bring it on screen at the next draw.
+    follow: bool,
 }
 
-/// The overview's lines (also used by tests).
+/// Header fields QEMU refuses to open, by byte offset in the header, and why.
+pub fn rejected(ctx: &Ctx) -> Vec<(u64, String)> {
+    let Some(img) = &ctx.img else { return vec![] };
+    img.header
+        .validate(img.file_len())
+        .into_iter()
+        .filter_map(|e| match e {
+            qinspect::Error::Invalid { offset, reason, .. } => Some((offset, reason)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The Overview's lines, with no field highlighted (what the tests read).
+#[cfg(test)]
 pub fn lines(app: &Ctx) -> Vec<Line<'static>> {
+    lines_at(app, None).0
+}
+
+/// The lines with header field `sel` highlighted, and the index of the first
+/// header field line.
+fn lines_at(app: &Ctx, sel: Option<usize>) -> (Vec<Line<'static>>, usize) {
     let mut v: Vec<Line> = Vec::new();
     let Some(img) = &app.img else {
         v.push(Line::styled(
@@ -33,7 +57,7 @@ pub fn lines(app: &Ctx) -> Vec<Line<'static>> {
             "Hex (9) shows the file's {} bytes as they are.",
             app.file_len()
         )));
-        return v;
+        return (v, 0);
     };
     let h = &img.header;
     let geo = img.geometry();
@@ -104,13 +128,33 @@ pub fn lines(app: &Ctx) -> Vec<Line<'static>> {
         "Header fields (offset, name, value, meaning)",
         color::head(),
     ));
-    for f in h.fields() {
-        v.push(Line::from(vec![
+    let first_field = v.len();
+    let rejected = rejected(app);
+    for (i, f) in h.fields().into_iter().enumerate() {
+        let why = rejected.iter().find(|(o, _)| *o == f.offset);
+        let name = if why.is_some() {
+            Style::new().fg(color::BAD)
+        } else {
+            Style::new().fg(color::META)
+        };
+        let mut spans = vec![
             Span::styled(format!("{:>4} ", f.offset), color::dim()),
-            Span::styled(format!("{:<24}", f.name), Style::new().fg(color::META)),
+            Span::styled(format!("{:<24}", f.name), name),
             Span::raw(format!("{:>#18x}  ", f.value)),
             Span::raw(f.meaning),
-        ]));
+        ];
+        if let Some((_, why)) = why {
+            spans.push(Span::styled(
+                format!(" · QEMU refuses it: {why}"),
+                Style::new().fg(color::BAD),
+            ));
+        }
+        let line = Line::from(spans);
+        v.push(if sel == Some(i) {
+            line.patch_style(crate::tui::widgets::selected())
+        } else {
+            line
+        });
     }
     v.push(Line::raw(""));
     v.push(Line::styled("Feature bits", color::head()));
@@ -156,7 +200,36 @@ pub fn lines(app: &Ctx) -> Vec<Line<'static>> {
             _ => 0,
         }
     )));
-    v
+    (v, first_field)
+}
+
+/// Where Enter on a header field goes: the table or bytes it points to.
+fn follow(field: &qinspect::header::HeaderField, ctx: &Ctx) -> Effect {
+    match field.name {
+        "l1_table_offset" | "l1_size" => Effect::L1Entry(0),
+        "refcount_table_offset" | "refcount_table_clusters" => Effect::RefcountTable,
+        "snapshots_offset" | "nb_snapshots" => Effect::Jump(crate::tui::ctx::Pane::Snapshots),
+        "backing_file_offset" | "backing_file_size" if ctx.has_backing() => {
+            let (at, len) = ctx.img.as_ref().map_or((0, 0), |i| {
+                (
+                    i.header.backing_file_offset,
+                    u64::from(i.header.backing_file_size),
+                )
+            });
+            Effect::ShowHost {
+                offset: at,
+                label: format!("the backing file name ({len} bytes)"),
+                mark: Some((at, at.saturating_add(len))),
+                src: None,
+            }
+        }
+        _ => Effect::ShowHost {
+            offset: field.offset,
+            label: format!("header field {}", field.name),
+            mark: Some((field.offset, field.offset.saturating_add(field.size))),
+            src: None,
+        },
+    }
 }
 
 /// The encryption section: the method, whether a key opened, and for LUKS
@@ -252,12 +325,57 @@ fn encryption(app: &Ctx, img: &qinspect::image::Qcow2, v: &mut Vec<Line<'static>
 
 impl PaneState for State {
     fn render(&mut self, f: &mut Frame, area: Rect, ctx: &Ctx) {
-        self.view
-            .render_text(f, area, boxed("Overview"), Text::from(lines(ctx)));
+        let n = ctx.img.as_ref().map_or(0, |i| i.header.fields().len());
+        self.field = self.field.min(n.saturating_sub(1));
+        let (lines, first) = lines_at(ctx, (n > 0).then_some(self.field));
+        let block = boxed("Overview — ↑/↓ choose a header field, Enter: what it points to");
+        if self.follow {
+            // The row the selected field starts on, once the lines above it wrap.
+            self.follow = false;
+            let inner = block.inner(area);
+            let above = ratatui::widgets::Paragraph::new(lines[..first + self.field].to_vec())
+                .wrap(ratatui::widgets::Wrap { trim: false })
+                .line_count(inner.width);
+            let h = usize::from(inner.height).max(1);
+            if above < self.view.offset {
+                self.view.offset = above;
+            } else if above >= self.view.offset + h {
+                self.view.offset = above + 1 - h;
+            }
+        }
+        self.view.render_text(f, area, block, Text::from(lines));
     }
 
-    fn handle(&mut self, action: Action, _: &Ctx, _: &mut Vec<Effect>) -> bool {
-        self.view.scroll(action)
+    fn handle(&mut self, action: Action, ctx: &Ctx, q: &mut Vec<Effect>) -> bool {
+        let fields = ctx
+            .img
+            .as_ref()
+            .map(|i| i.header.fields())
+            .unwrap_or_default();
+        match action {
+            // The cursor walks the header fields; past either end the text scrolls.
+            Action::Up if self.field > 0 => {
+                self.field -= 1;
+                self.follow = true;
+                true
+            }
+            Action::Down if self.field + 1 < fields.len() => {
+                self.field += 1;
+                self.follow = true;
+                true
+            }
+            Action::Enter => {
+                if let Some(fd) = fields.get(self.field) {
+                    let e = follow(fd, ctx);
+                    if matches!(e, Effect::L1Entry(_)) && ctx.view_snapshot.is_some() {
+                        q.push(Effect::View(None));
+                    }
+                    q.push(e);
+                }
+                true
+            }
+            a => self.view.scroll(a),
+        }
     }
 
     fn explain(&self, _: &Ctx) -> String {

@@ -110,6 +110,13 @@ impl State {
         }
     }
 
+    /// Show the L1 table with entry `i` selected.
+    pub fn select_l1(&mut self, i: usize, ctx: &Ctx) {
+        let l1_len = ctx.view().map_or(0, |v| v.l1.len());
+        self.level = Level::L1;
+        self.l1.set(i, l1_len);
+    }
+
     /// The L2 table of L1 entry `i` in the current view.
     fn l2_table(
         ctx: &Ctx,
@@ -182,7 +189,7 @@ impl State {
         let active = view.snapshot.is_none();
         let backing = ctx.has_backing();
         let title = format!(
-            "L2 table at {off:#x} (from {}[{i}]) — Enter: in Hex, Bksp: back to L1",
+            "L2 table at {off:#x} (from {}[{i}]) — Enter: trace it, x: in Hex, Bksp: back",
             view.label()
         );
         self.l2
@@ -296,6 +303,19 @@ impl PaneState for State {
                 self.l2 = ListView::default();
             }
             (Level::L2(i), Action::Enter) => {
+                // The entry maps a guest cluster: follow it the way a read does.
+                let Some(img) = ctx.img.as_ref() else {
+                    return false;
+                };
+                let geo = img.geometry();
+                let j = self.l2.sel as u64;
+                if let Some(g) = geo.guest_offset(i as u64, j, 0)
+                    && g.0 < ctx.disk_size()
+                {
+                    q.push(Effect::Trace(g.0));
+                }
+            }
+            (Level::L2(i), Action::Hex) => {
                 let Some(img) = ctx.img.as_ref() else {
                     return false;
                 };
@@ -305,25 +325,48 @@ impl PaneState for State {
                 };
                 let j = self.l2.sel;
                 let entry_off = o + j as u64 * geo.l2_entry_size();
-                if let Some(en) = t.get(j) {
-                    let g = geo.guest_offset(i as u64, j as u64, 0).map_or(0, |g| g.0);
-                    if en.host_offset().0 != 0 && !en.compressed() {
+                let Some(en) = t.get(j) else { return true };
+                let g = geo.guest_offset(i as u64, j as u64, 0).map_or(0, |g| g.0);
+                let effect = match en.compressed_descriptor(&geo) {
+                    Some(d) if en.compressed() => {
+                        let (a, b) = d.range();
+                        Effect::ShowHost {
+                            offset: a,
+                            label: format!(
+                                "compressed data of guest {g:#x} (L2 {o:#x}[{j}]): {} bytes, {} sectors",
+                                d.size, d.sectors
+                            ),
+                            mark: Some((a, b)),
+                            src: None,
+                        }
+                    }
+                    _ if en.host_offset().0 != 0 => {
                         let h = en.host_offset().0;
-                        q.push(Effect::ShowHost {
+                        Effect::ShowHost {
                             offset: h,
                             label: format!("data of guest {g:#x} (L2 {o:#x}[{j}])"),
                             mark: Some((h, h + 16)),
                             src: None,
-                        });
-                    } else {
-                        q.push(Effect::ShowHost {
-                            offset: entry_off,
-                            label: format!("L2 {o:#x}[{j}], the entry of guest {g:#x}"),
-                            mark: Some((entry_off, entry_off + geo.l2_entry_size())),
-                            src: None,
-                        });
+                        }
                     }
-                }
+                    _ => Effect::ShowHost {
+                        offset: entry_off,
+                        label: format!("L2 {o:#x}[{j}], the entry of guest {g:#x}"),
+                        mark: Some((entry_off, entry_off + geo.l2_entry_size())),
+                        src: None,
+                    },
+                };
+                q.push(effect);
+            }
+            (Level::L1, Action::Hex) => {
+                let i = self.l1.sel as u64;
+                let at = view.l1_offset.saturating_add(i.saturating_mul(8));
+                q.push(Effect::ShowHost {
+                    offset: at,
+                    label: format!("{}[{i}]", view.label()),
+                    mark: Some((at, at.saturating_add(8))),
+                    src: None,
+                });
             }
             (Level::L2(_), Action::Back) => self.level = Level::L1,
             (Level::L1, a) => return self.l1.select(a, view.l1.len()),
