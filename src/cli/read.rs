@@ -71,8 +71,12 @@ pub fn run(mut a: Args) -> CmdResult {
     if let Some(p) = &a.output {
         let file = open_output(&chain, p)?;
         if file.metadata()?.file_type().is_file() {
+            // The whole size first, as qemu-img creates its output: writes then
+            // never extend the file (no size update per write).
+            file.set_len(len)?;
             allocate_first_block(&file, len)?;
             write_parallel(&chain, a.offset, len, &file)?;
+            // The last 4 KiB block may have been written whole.
             file.set_len(len)?;
             return Ok(0);
         }
@@ -376,15 +380,11 @@ impl<'a> SparseWriter<'a> {
     }
 }
 
-/// All bytes zero, eight at a time.
+/// All bytes zero: compared with a block of zeros (`memcmp`, which the C library
+/// vectorises).
 fn is_zero(b: &[u8]) -> bool {
-    let words = b.chunks_exact(8);
-    let tail = words.remainder();
-    words
-        .map(|w| u64::from_ne_bytes([w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]]))
-        .fold(0, |a, w| a | w)
-        == 0
-        && tail.iter().all(|&x| x == 0)
+    static ZEROS: [u8; SPARSE_BLOCK] = [0; SPARSE_BLOCK];
+    b.chunks(SPARSE_BLOCK).all(|c| c == &ZEROS[..c.len()])
 }
 
 fn io_err(e: std::io::Error, what: &str) -> qinspect::Error {
