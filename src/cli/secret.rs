@@ -47,6 +47,36 @@ impl std::fmt::Debug for KeyArgs {
 
 type Secret = Zeroizing<Vec<u8>>;
 
+/// Ask for a passphrase on the terminal without echoing it. Echo is turned off
+/// *before* the prompt is shown, so nothing typed after the prompt appears can be
+/// echoed; the terminal's settings are restored afterwards, also on error.
+fn prompt_hidden(prompt: &str) -> std::io::Result<Secret> {
+    use rustix::termios::{LocalModes, OptionalActions, tcgetattr, tcsetattr};
+    use std::io::{BufRead, Write};
+    let tty = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/tty")?;
+    let saved = tcgetattr(&tty)?;
+    let mut quiet = saved.clone();
+    quiet.local_modes.remove(LocalModes::ECHO);
+    quiet.local_modes.insert(LocalModes::ECHONL);
+    tcsetattr(&tty, OptionalActions::Flush, &quiet)?;
+    let read = (|| {
+        let mut w = &tty;
+        w.write_all(prompt.as_bytes())?;
+        w.flush()?;
+        let mut line = Zeroizing::new(Vec::new());
+        std::io::BufReader::new(&tty).read_until(b'\n', &mut line)?;
+        while matches!(line.last(), Some(b'\n' | b'\r')) {
+            line.pop();
+        }
+        Ok(line)
+    })();
+    tcsetattr(&tty, OptionalActions::Now, &saved)?;
+    read
+}
+
 /// A passphrase kept for later (the viewer reopens images); wiped on drop and
 /// never shown by `Debug`.
 #[derive(Clone, Default)]
@@ -259,8 +289,8 @@ impl Keys {
         if !encrypted {
             return Ok(Passphrase(None));
         }
-        let p = rpassword::prompt_password(format!("Passphrase for {}: ", path.display()))?;
-        Ok(Passphrase(Some(Zeroizing::new(p.into_bytes()))))
+        let p = prompt_hidden(&format!("Passphrase for {}: ", path.display()))?;
+        Ok(Passphrase(Some(p)))
     }
 
     /// Open every encrypted layer that has a passphrase (prompting for the top
@@ -296,8 +326,10 @@ impl Keys {
             .and_then(Option::take)
             .or_else(|| self.default.clone());
         if pass.is_none() && !self.given && std::io::stdin().is_terminal() {
-            let p = rpassword::prompt_password(format!("Passphrase for {}: ", path.display()))?;
-            pass = Some(Zeroizing::new(p.into_bytes()));
+            pass = Some(prompt_hidden(&format!(
+                "Passphrase for {}: ",
+                path.display()
+            ))?);
         }
         let Some(pass) = pass else { return Ok(false) };
         match DataKey::unlock(img, &pass) {
