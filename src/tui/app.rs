@@ -60,6 +60,8 @@ pub enum InputFor {
     Goto,
     /// A simulate operation.
     Simulate,
+    /// What to find in the current list.
+    Find,
 }
 
 /// A one-line text field with a cursor.
@@ -296,6 +298,7 @@ impl App {
         while let Ok(msg) = self.rx.try_recv() {
             self.receive(msg);
         }
+        super::find::step(self);
     }
 
     fn receive(&mut self, msg: Bg) {
@@ -394,7 +397,19 @@ impl App {
             return;
         };
         match k.code {
+            KeyCode::Esc if *purpose == InputFor::Find => {
+                self.popup = None;
+                super::find::clear(self);
+            }
             KeyCode::Esc => self.popup = None,
+            KeyCode::Enter if *purpose == InputFor::Find => {
+                self.popup = None;
+                super::find::submit(self);
+            }
+            _ if *purpose == InputFor::Find => {
+                input.key(k);
+                super::find::typed(self);
+            }
             KeyCode::Enter => {
                 let (purpose, text) = (purpose.clone(), input.text.trim().to_string());
                 self.popup = None;
@@ -403,7 +418,7 @@ impl App {
                     InputFor::Simulate if !text.is_empty() => {
                         self.apply(Effect::Start(Job::Simulate(text)))
                     }
-                    InputFor::Simulate => {}
+                    InputFor::Simulate | InputFor::Find => {}
                 }
             }
             _ => input.key(k),
@@ -451,6 +466,9 @@ impl App {
             Action::NextPane => self.switch(self.pane.cycle(true)),
             Action::PrevPane => self.switch(self.pane.cycle(false)),
             Action::Help => self.popup = Some(Popup::Help(ListView::default())),
+            Action::Escape if self.sim_job.is_none() && super::find::active(self) => {
+                super::find::clear(self);
+            }
             Action::Escape => {
                 if self.panes.simulate.cancel() {
                     if let Some(j) = self.sim_job.take() {
@@ -488,6 +506,15 @@ impl App {
             Action::NextStep | Action::PrevStep if self.tour.is_some() => {
                 super::tour::step(self, action == Action::NextStep);
             }
+            // While a search is on, n/p (and N) move between its matches.
+            Action::NextStep | Action::PrevStep if super::find::active(self) => {
+                super::find::next(self, action == Action::NextStep);
+            }
+            Action::PrevMatch => super::find::next(self, false),
+            Action::Find => super::find::prompt(self),
+            Action::NextMatters | Action::PrevMatters
+                if super::find::matters(self, action == Action::NextMatters) => {}
+            Action::HideEmpty if super::find::toggle_hidden(self) => {}
             // Backspace goes back along the history; with none, it backs out of
             // the pane's current level.
             Action::Back if !self.history.back.is_empty() => self.go_back(),

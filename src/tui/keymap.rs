@@ -70,7 +70,27 @@ pub enum Action {
     Hex,
     /// What changed on disk since the previous load.
     Changes,
+    /// Find in the list (`/`).
+    Find,
+    /// The previous match of the search.
+    PrevMatch,
+    /// The next row that matters (an allocated entry, a mismatch, a finding).
+    NextMatters,
+    /// The previous row that matters.
+    PrevMatters,
+    /// Hide the rows that hold nothing, or show them again.
+    HideEmpty,
 }
+
+/// The panes whose list `/` searches.
+pub const LIST_PANES: &[Pane] = &[
+    Pane::Tables,
+    Pane::Refcounts,
+    Pane::Snapshots,
+    Pane::Check,
+    Pane::Simulate,
+    Pane::Map,
+];
 
 /// Where a binding applies.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -254,6 +274,43 @@ pub const KEYMAP: &[Binding] = &[
         help: "The bytes of the selected cluster or entry in Hex (a compressed entry: its compressed bytes)",
         codes: &[((Char('x'), NO), Action::Hex)],
         scope: Scope::Panes(&[Pane::Layout, Pane::Tables]),
+    },
+    Binding {
+        keys: "/",
+        short: Some("find"),
+        help: "Find in this list: words (a name, a kind), an offset or a raw value (0x50000 or decimal: a row that names it or covers it). Enter selects the first match at or after the selection; then n/N the next/previous match (n/p too while a search is on); Esc forgets it",
+        codes: &[((Char('/'), NO), Action::Find)],
+        scope: Scope::Panes(LIST_PANES),
+    },
+    Binding {
+        keys: "N",
+        short: None,
+        help: "The previous match of the search (n: the next one)",
+        codes: &[((Char('N'), NO), Action::PrevMatch)],
+        scope: Scope::Panes(LIST_PANES),
+    },
+    Binding {
+        keys: "}/{",
+        short: None,
+        help: "The next/previous row that matters. Tables: an allocated entry. Refcounts: in a block, a stored refcount that differs from the references the check counted; in the table, a block. Check: a corruption or check error. Map: guest data. Layout: a cluster with a finding",
+        codes: &[
+            ((Char('}'), NO), Action::NextMatters),
+            ((Char('{'), NO), Action::PrevMatters),
+        ],
+        scope: Scope::Panes(&[
+            Pane::Tables,
+            Pane::Refcounts,
+            Pane::Check,
+            Pane::Map,
+            Pane::Layout,
+        ]),
+    },
+    Binding {
+        keys: "u",
+        short: None,
+        help: "Hide the rows that hold nothing, or show them again: unallocated entries (Tables), refcount 0 and absent blocks (Refcounts), unallocated extents (Map)",
+        codes: &[((Char('u'), NO), Action::HideEmpty)],
+        scope: Scope::Panes(&[Pane::Tables, Pane::Refcounts, Pane::Map]),
     },
     Binding {
         keys: "m",

@@ -11,6 +11,7 @@
 pub mod app;
 pub mod changes;
 pub mod ctx;
+pub mod find;
 pub mod history;
 pub mod keymap;
 pub mod panes;
@@ -48,7 +49,9 @@ pub fn run(path: PathBuf, opts: Options) -> color_eyre::Result<()> {
             app.poll_background();
             app.check_watch();
             terminal.draw(|f| view::draw(f, &mut app))?;
-            if event::poll(Duration::from_millis(100))? {
+            // A search that is still scanning gets the time no key is pressed.
+            let wait = if find::running(&app) { 0 } else { 100 };
+            if event::poll(Duration::from_millis(wait))? {
                 handle_event(&mut app, event::read()?);
             }
         }

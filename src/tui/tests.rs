@@ -1520,3 +1520,260 @@ fn the_changes_after_qemu_img_snapshot_are_the_refcounts_qemu_leaves() {
     );
     assert_eq!(std::fs::read(&p).unwrap(), on_disk);
 }
+
+// ---- issue 11 item 8: find and filter in lists --------------------------------------
+
+/// Let a search finish, as the main loop does between frames.
+fn settle(a: &mut App) {
+    for _ in 0..100_000 {
+        if !super::find::running(a) {
+            return;
+        }
+        a.poll_background();
+    }
+    panic!("the search did not finish");
+}
+
+/// `/`, the text, Enter, and the search run to its end.
+fn search(a: &mut App, q: &str) {
+    typed(a, "/");
+    assert!(
+        matches!(a.popup, Some(Popup::Input(super::app::InputFor::Find, _))),
+        "/ opens the prompt in {:?}",
+        a.pane
+    );
+    press(a, KeyCode::Char('u'), KeyModifiers::CONTROL);
+    typed(a, q);
+    key(a, KeyCode::Enter);
+    settle(a);
+}
+
+fn qemu_map(dir: &str, image: &str) -> Vec<serde_json::Value> {
+    let out = Command::new("qemu-img")
+        .args(["map", "--output=json", image])
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// The guest clusters that qemu-img map says hold data of layer 0, under L1
+/// entry `l1` (as row numbers of its L2 table).
+fn top_data_rows(map: &[serde_json::Value], cs: u64, per: u64, l1: u64) -> Vec<usize> {
+    map.iter()
+        .filter(|e| e["depth"] == 0 && e["data"] == true)
+        .flat_map(|e| {
+            let s = e["start"].as_u64().unwrap() / cs;
+            s..s + e["length"].as_u64().unwrap().div_ceil(cs)
+        })
+        .filter(|c| c / per == l1)
+        .map(|c| (c % per) as usize)
+        .collect()
+}
+
+#[test]
+fn find_in_an_l2_table_selects_the_entry_of_a_host_offset_or_a_guest_offset() {
+    let map = qemu_map("assets", "demo-top.qcow2");
+    let mut a = app("demo-top.qcow2");
+    let geo = a.ctx.img.as_ref().unwrap().geometry();
+    let (cs, per) = (geo.cluster_size(), geo.l2_entries());
+    // The top layer's data that L1 entry 1 maps, as qemu-img map lists it.
+    let data: Vec<(u64, u64)> = map
+        .iter()
+        .filter(|e| e["depth"] == 0 && e["data"] == true)
+        .map(|e| (e["start"].as_u64().unwrap(), e["offset"].as_u64().unwrap()))
+        .filter(|(s, _)| s / cs / per == 1)
+        .collect();
+    assert!(data.len() >= 2, "{map:?}");
+    typed(&mut a, "3");
+    key(&mut a, KeyCode::Down);
+    key(&mut a, KeyCode::Enter);
+    assert_eq!(a.panes.tables.level, super::panes::tables::Level::L2(1));
+    let (start, host) = data[1];
+    let row = ((start / cs) % per) as usize;
+    // A host offset: the entry that maps to it.
+    search(&mut a, &format!("{host:#x}"));
+    assert_eq!(a.panes.tables.l2.sel, row, "{host:#x}");
+    let s = screen(&mut a, 120, 30);
+    assert!(s.contains(&format!("1/1 match for {host:#x}")), "{s}");
+    assert!(selected_row(&draw(&mut a, 120, 30), 1).contains(&format!("{host:x}")));
+    // A guest offset inside the cluster, in decimal: the same entry.
+    key(&mut a, KeyCode::Home);
+    search(&mut a, &(start + 4096).to_string());
+    assert_eq!(a.panes.tables.l2.sel, row);
+    // Words: the entries that map data say so; n and N go round them.
+    key(&mut a, KeyCode::Home);
+    search(&mut a, "DATA AT HOST");
+    let rows = top_data_rows(&map, cs, per, 1);
+    let found = a.panes.tables.l2.find.as_ref().unwrap().matches().to_vec();
+    assert_eq!(
+        found, rows,
+        "the clusters qemu-img map says hold this layer's data"
+    );
+    assert_eq!(a.panes.tables.l2.sel, rows[0]);
+    typed(&mut a, "n");
+    assert_eq!(a.panes.tables.l2.sel, rows[1]);
+    typed(&mut a, "N");
+    assert_eq!(a.panes.tables.l2.sel, rows[0]);
+    typed(&mut a, "N");
+    assert_eq!(a.panes.tables.l2.sel, *rows.last().unwrap(), "N goes round");
+    let s = screen(&mut a, 120, 30);
+    assert!(
+        s.contains(&format!(
+            "{}/{} matches for DATA AT HOST",
+            rows.len(),
+            rows.len()
+        )),
+        "{s}"
+    );
+    // Nothing: said, and the selection stays.
+    let before = a.panes.tables.l2.sel;
+    search(&mut a, "0x7777777");
+    assert_eq!(a.panes.tables.l2.sel, before);
+    let s = screen(&mut a, 120, 30);
+    assert!(s.contains("no match for 0x7777777"), "{s}");
+    // Esc forgets the search.
+    key(&mut a, KeyCode::Esc);
+    assert!(a.panes.tables.l2.find.is_none());
+    assert!(!screen(&mut a, 120, 30).contains("no match"));
+    // Esc in the prompt cancels it.
+    typed(&mut a, "/0x");
+    key(&mut a, KeyCode::Esc);
+    assert!(a.popup.is_none() && a.panes.tables.l2.find.is_none());
+}
+
+#[test]
+fn find_in_the_map_walks_every_extent_qemu_img_map_lists_for_a_layer() {
+    let map = qemu_map("assets", "demo-top.qcow2");
+    let want: Vec<u64> = map
+        .iter()
+        .filter(|e| e["depth"] == 0 && e["data"] == true)
+        .map(|e| e["start"].as_u64().unwrap())
+        .collect();
+    let mut a = app("demo-top.qcow2");
+    typed(&mut a, "0");
+    // Nothing is mapped before the first draw: the search maps as it goes.
+    assert!(a.panes.map.extents.is_empty());
+    search(&mut a, "data in demo-top.qcow2");
+    let mut got = Vec::new();
+    for _ in 0..want.len() {
+        got.push(a.panes.map.extents[a.panes.map.list.sel].start);
+        typed(&mut a, "n");
+    }
+    assert_eq!(got, want);
+    assert_eq!(
+        a.panes.map.extents[a.panes.map.list.sel].start, want[0],
+        "n goes round to the first"
+    );
+    let s = screen(&mut a, 120, 40);
+    assert!(
+        s.contains(&format!(
+            "1/{} matches for data in demo-top.qcow2",
+            want.len()
+        )),
+        "{s}"
+    );
+}
+
+#[test]
+fn find_works_in_check_snapshots_refcounts_and_the_simulation_log() {
+    let mut a = app("demo-corrupt.qcow2");
+    // Check: the leak qemu-img check names, by its cluster number.
+    let out = Command::new("qemu-img")
+        .args(["check", "demo-corrupt.qcow2"])
+        .current_dir("assets")
+        .output()
+        .unwrap();
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let leaked: u64 = said
+        .lines()
+        .find_map(|l| l.strip_prefix("Leaked cluster "))
+        .and_then(|l| l.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{said}"));
+    typed(&mut a, "7");
+    search(&mut a, &leaked.to_string());
+    let r = a.ctx.report.clone().unwrap();
+    let f = &r.findings[a.panes.check.list.sel];
+    assert_eq!(f.cluster, Some(leaked), "{f:?}");
+    // Refcounts: the leaked cluster's row in its block, by a host offset in it.
+    let cs = a.ctx.cluster_size();
+    typed(&mut a, "4");
+    key(&mut a, KeyCode::Enter);
+    search(&mut a, &format!("{:#x}", leaked * cs + 1));
+    assert_eq!(a.panes.refcounts.block.sel as u64, leaked);
+    // Snapshots: by name.
+    let mut a = app("demo-top.qcow2");
+    typed(&mut a, "5");
+    search(&mut a, "snap3");
+    let img = a.ctx.img.clone().unwrap();
+    assert_eq!(
+        img.snapshots.snapshots[a.panes.snapshots.list.sel].name,
+        "snap3"
+    );
+    // The simulation log: a word of its changes.
+    typed(&mut a, "8");
+    a.apply(super::ctx::Effect::Start(super::ctx::Job::Simulate(
+        "write:0:4k".into(),
+    )));
+    a.wait_background();
+    search(&mut a, "refcount");
+    let sel = a.panes.simulate.steps.sel;
+    let Some(Ok(o)) = &a.panes.simulate.outcome else {
+        panic!("simulated")
+    };
+    let (_, text, _) = &super::panes::simulate::flat(o)[sel];
+    assert!(text.to_lowercase().contains("refcount"), "{text}");
+    // Back at the operations there is no list to search: / says so.
+    key(&mut a, KeyCode::Backspace);
+    typed(&mut a, "/");
+    assert!(a.popup.is_none());
+    assert!(a.status.contains("searches lists"), "{}", a.status);
+    // Overview has no list and no / at all.
+    typed(&mut a, "1/");
+    assert!(a.popup.is_none());
+}
+
+#[test]
+fn a_search_of_a_long_list_goes_on_between_frames_and_keys_still_work() {
+    // 2 MiB clusters: L2 tables of 262144 entries.
+    let dir = tempfile::tempdir().unwrap();
+    qemu_img(
+        dir.path(),
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "cluster_size=2M",
+            "big.qcow2",
+            "1T",
+        ],
+    );
+    qemu_io(dir.path(), "big.qcow2", "write -P 1 511G 4k");
+    let mut a = open(dir.path().join("big.qcow2"));
+    typed(&mut a, "3");
+    key(&mut a, KeyCode::Enter);
+    assert_eq!(a.panes.tables.level, super::panes::tables::Level::L2(0));
+    typed(&mut a, "/");
+    typed(&mut a, "no such words");
+    key(&mut a, KeyCode::Enter);
+    // Keys work whether or not the search is done; Esc stops it.
+    key(&mut a, KeyCode::Down);
+    assert_eq!(a.panes.tables.l2.sel, 1);
+    draw(&mut a, 100, 30);
+    key(&mut a, KeyCode::Esc);
+    assert!(!super::find::running(&a) && a.panes.tables.l2.find.is_none());
+    // The entry of the data qemu-io wrote, found by its guest offset.
+    search(&mut a, "511G");
+    let geo = a.ctx.img.as_ref().unwrap().geometry();
+    let row = ((511u64 << 30) / geo.cluster_size() % geo.l2_entries()) as usize;
+    assert_eq!(a.panes.tables.l2.sel, row);
+    assert_eq!(geo.l2_entries(), 262144);
+}

@@ -2,6 +2,7 @@
 //! selection is always on screen, a page is the height of the box, and a scrollbar
 //! with an `n/total` position shows where the view is.
 
+use super::find::{Find, Hidden};
 use super::keymap::Action;
 use ratatui::Frame;
 use ratatui::layout::{Alignment, Margin, Rect};
@@ -24,6 +25,10 @@ pub struct ListView {
     pub len: usize,
     /// The inner area at the last draw (for mouse clicks).
     pub area: Rect,
+    /// The search in this list (`/`), if any.
+    pub find: Option<Find>,
+    /// The rows shown while `u` hides those that hold nothing.
+    pub hidden: Option<Hidden>,
 }
 
 impl ListView {
@@ -34,20 +39,51 @@ impl ListView {
 
     /// Move the selection of a list of `len` rows; false if the action is not a move.
     pub fn select(&mut self, action: Action, len: usize) -> bool {
-        let last = len.saturating_sub(1);
+        self.len = len;
+        let last = self.shown_len().saturating_sub(1);
         let page = self.page();
-        self.sel = match action {
-            Action::Up => self.sel.saturating_sub(1),
-            Action::Down => self.sel.saturating_add(1).min(last),
-            Action::PageUp => self.sel.saturating_sub(page),
-            Action::PageDown => self.sel.saturating_add(page).min(last),
+        let p = self.pos(self.sel);
+        let p = match action {
+            Action::Up => p.saturating_sub(1),
+            Action::Down => p.saturating_add(1).min(last),
+            Action::PageUp => p.saturating_sub(page),
+            Action::PageDown => p.saturating_add(page).min(last),
             Action::Home => 0,
             Action::End => last,
             _ => return false,
         };
-        self.len = len;
+        self.sel = self.row(p);
         self.reveal();
         true
+    }
+
+    /// How many rows are on show: all of them, or those `u` leaves.
+    pub fn shown_len(&self) -> usize {
+        match &self.hidden {
+            None => self.len,
+            Some(h) => h.shown.len().saturating_add(self.len.saturating_sub(h.of)),
+        }
+    }
+
+    /// The place among the rows on show of row `i` (of the first row on show
+    /// after it, when it is hidden).
+    fn pos(&self, i: usize) -> usize {
+        match &self.hidden {
+            None => i,
+            Some(h) if i < h.of => h.shown.partition_point(|r| *r < i),
+            Some(h) => h.shown.len().saturating_add(i - h.of),
+        }
+    }
+
+    /// The row at place `p` among the rows on show.
+    fn row(&self, p: usize) -> usize {
+        match &self.hidden {
+            None => p,
+            Some(h) => match h.shown.get(p) {
+                Some(r) => *r,
+                None => h.of.saturating_add(p.saturating_sub(h.shown.len())),
+            },
+        }
     }
 
     /// Scroll a text (no selection); false if the action is not a move.
@@ -70,22 +106,33 @@ impl ListView {
     pub fn set(&mut self, i: usize, len: usize) {
         self.len = len;
         self.sel = i.min(len.saturating_sub(1));
+        self.snap();
         self.reveal();
     }
 
+    /// A hidden selection moves to the next row on show (the last one past the end).
+    fn snap(&mut self) {
+        if self.hidden.is_some() {
+            let last = self.shown_len().saturating_sub(1);
+            self.sel = self.row(self.pos(self.sel).min(last));
+        }
+    }
+
     fn clamp_offset(&mut self) {
-        if self.len > 0 {
-            self.offset = self.offset.min(self.len.saturating_sub(self.page()));
+        let n = self.shown_len();
+        if n > 0 {
+            self.offset = self.offset.min(n.saturating_sub(self.page()));
         }
     }
 
     /// Move the view so the selection is on screen.
     fn reveal(&mut self) {
         let h = self.page();
-        if self.sel < self.offset {
-            self.offset = self.sel;
-        } else if self.sel >= self.offset.saturating_add(h) {
-            self.offset = self.sel.saturating_sub(h - 1);
+        let p = self.pos(self.sel);
+        if p < self.offset {
+            self.offset = p;
+        } else if p >= self.offset.saturating_add(h) {
+            self.offset = p.saturating_sub(h - 1);
         }
         self.clamp_offset();
     }
@@ -95,7 +142,8 @@ impl ListView {
         let a = self.area;
         (x >= a.x && x < a.x + a.width && y >= a.y && y < a.y + a.height)
             .then(|| self.offset + usize::from(y - a.y))
-            .filter(|r| *r < self.len)
+            .filter(|p| *p < self.shown_len())
+            .map(|p| self.row(p))
     }
 
     /// Lay out for a box of `inner` with `len` rows: remember the page, keep the
@@ -105,12 +153,17 @@ impl ListView {
         self.height = usize::from(inner.height).max(1);
         self.len = len;
         self.sel = self.sel.min(len.saturating_sub(1));
+        self.snap();
         if selectable {
             self.reveal();
         } else {
             self.clamp_offset();
         }
-        self.offset..self.offset.saturating_add(self.height).min(len)
+        self.offset
+            ..self
+                .offset
+                .saturating_add(self.height)
+                .min(self.shown_len())
     }
 
     /// Draw a bordered list. `rows` builds only the visible rows (lists can be
@@ -122,7 +175,7 @@ impl ListView {
         block: Block,
         len: usize,
         selectable: bool,
-        rows: impl FnOnce(std::ops::Range<usize>) -> Vec<Line<'static>>,
+        rows: impl FnMut(std::ops::Range<usize>) -> Vec<Line<'static>>,
     ) {
         self.render_table(f, area, block, None, len, selectable, rows)
     }
@@ -137,7 +190,7 @@ impl ListView {
         heading: Option<Line<'static>>,
         len: usize,
         selectable: bool,
-        rows: impl FnOnce(std::ops::Range<usize>) -> Vec<Line<'static>>,
+        mut rows: impl FnMut(std::ops::Range<usize>) -> Vec<Line<'static>>,
     ) {
         let mut inner = block.inner(area);
         let has_heading = heading.is_some();
@@ -146,23 +199,43 @@ impl ListView {
             inner.height = inner.height.saturating_sub(1);
         }
         let range = self.layout(inner, len, selectable);
-        let first = range.start;
+        // The rows on show: a run of the list, or with rows hidden, one at a time.
+        let (built, index): (Vec<Line>, Vec<usize>) = if self.hidden.is_none() {
+            (rows(range.clone()), range.collect())
+        } else {
+            let index: Vec<usize> = range.map(|p| self.row(p)).collect();
+            let built = index.iter().flat_map(|i| rows(*i..i + 1)).collect();
+            (built, index)
+        };
         let lines: Vec<Line> = heading
             .into_iter()
-            .chain(rows(range))
+            .chain(built)
             .enumerate()
             .map(|(k, l)| {
                 // The row's index in the list (the heading has none).
-                let row = (first + k).checked_sub(usize::from(has_heading));
+                let row = k
+                    .checked_sub(usize::from(has_heading))
+                    .and_then(|k| index.get(k));
                 let is_heading = has_heading && k == 0;
-                if selectable && !is_heading && row == Some(self.sel) {
+                if selectable && !is_heading && row == Some(&self.sel) {
                     l.patch_style(selected())
                 } else {
                     l
                 }
             })
             .collect();
-        let block = block.title_bottom(self.position(selectable));
+        let mut block = block.title_bottom(self.position(selectable));
+        if let Some(h) = &self.hidden {
+            block = block.title(Line::raw(format!("(hiding {} {}) ", h.count(), h.what)));
+        }
+        if let Some(fd) = &self.find {
+            let st = if fd.done() && fd.matches().is_empty() {
+                Style::new().fg(super::panes::color::BAD)
+            } else {
+                Style::new().fg(super::panes::color::META)
+            };
+            block = block.title_bottom(Line::styled(format!(" {} ", fd.status(self.sel)), st));
+        }
         f.render_widget(Paragraph::new(lines).block(block), area);
         self.scrollbar(f, area);
     }
@@ -182,25 +255,27 @@ impl ListView {
     /// "n/total" (the selected row, or the last visible row of a text), right
     /// aligned; empty when everything fits.
     fn position(&self, selectable: bool) -> Line<'static> {
-        if self.len <= self.height && !selectable {
+        if self.shown_len() <= self.height && !selectable {
             return Line::raw("");
         }
+        let total = self.shown_len();
         let n = if selectable {
-            self.sel.saturating_add(1)
+            self.pos(self.sel).saturating_add(1)
         } else {
-            self.offset.saturating_add(self.height).min(self.len)
+            self.offset.saturating_add(self.height).min(total)
         };
-        if self.len == 0 {
+        if total == 0 {
             return Line::raw("");
         }
-        Line::raw(format!(" {n}/{} ", self.len)).alignment(Alignment::Right)
+        Line::raw(format!(" {n}/{total} ")).alignment(Alignment::Right)
     }
 
     fn scrollbar(&self, f: &mut Frame, area: Rect) {
-        if self.len <= self.height {
+        let total = self.shown_len();
+        if total <= self.height {
             return;
         }
-        let mut st = ScrollbarState::new(self.len.saturating_sub(self.height))
+        let mut st = ScrollbarState::new(total.saturating_sub(self.height))
             .position(self.offset)
             .viewport_content_length(self.height);
         f.render_stateful_widget(

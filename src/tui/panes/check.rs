@@ -264,4 +264,20 @@ impl PaneState for State {
             self.list.sel = r;
         }
     }
+
+    fn rows<'a>(&'a self, ctx: &'a Ctx) -> Option<Box<dyn crate::tui::find::Rows + 'a>> {
+        let r = ctx.report.as_ref()?;
+        Some(Box::new(super::rows::FindingRows {
+            list: &r.findings,
+            cs: ctx.cluster_size(),
+        }))
+    }
+
+    fn list(&mut self) -> Option<&mut ListView> {
+        Some(&mut self.list)
+    }
+
+    fn list_ref(&self) -> Option<&ListView> {
+        Some(&self.list)
+    }
 }

@@ -117,16 +117,21 @@ pub fn kind(e: &MapEntry, ctx: &Ctx) -> (String, Color) {
 impl State {
     /// Forget the extents when the image or the view changed.
     fn sync(&mut self, ctx: &Ctx) {
-        let of = ctx.img.as_ref().map(|i| {
-            (
-                std::sync::Arc::as_ptr(i) as usize,
-                ctx.view_snapshot.clone(),
-            )
-        });
+        let of = Self::of(ctx);
         if of != self.of {
             self.of = of;
             self.restart(ctx, 0);
         }
+    }
+
+    /// The image (its address) and view now.
+    fn of(ctx: &Ctx) -> Option<(usize, Option<String>)> {
+        ctx.img.as_ref().map(|i| {
+            (
+                std::sync::Arc::as_ptr(i) as usize,
+                ctx.view_snapshot.clone(),
+            )
+        })
     }
 
     /// Map again from guest offset `base`.
@@ -341,5 +346,31 @@ impl PaneState for State {
         if let Some(r) = self.list.row_at(x, y) {
             self.list.sel = r;
         }
+    }
+
+    fn rows<'a>(&'a self, ctx: &'a Ctx) -> Option<Box<dyn crate::tui::find::Rows + 'a>> {
+        ctx.img.as_ref()?;
+        Some(Box::new(super::rows::MapRows {
+            list: &self.extents,
+            ctx,
+        }))
+    }
+
+    fn list(&mut self) -> Option<&mut ListView> {
+        Some(&mut self.list)
+    }
+
+    fn list_ref(&self) -> Option<&ListView> {
+        Some(&self.list)
+    }
+
+    fn can_grow(&self, ctx: &Ctx) -> bool {
+        ctx.chain.is_ok() && (Self::of(ctx) != self.of || !self.done())
+    }
+
+    fn grow(&mut self, ctx: &Ctx) {
+        self.sync(ctx);
+        let want = self.extents.len().saturating_add(4096);
+        self.fill(ctx, want);
     }
 }

@@ -8,13 +8,16 @@ pub mod layout;
 pub mod map;
 pub mod overview;
 pub mod refcounts;
+pub mod rows;
 pub mod simulate;
 pub mod snapshots;
 pub mod tables;
 pub mod trace;
 
 use super::ctx::{Ctx, Effect, OffsetKind, Pane};
+use super::find::Rows;
 use super::keymap::Action;
+use super::widgets::ListView;
 use ratatui::Frame;
 use ratatui::layout::Rect;
 
@@ -40,6 +43,29 @@ pub trait PaneState {
     /// A mouse click at a screen position.
     fn click(&mut self, x: u16, y: u16, ctx: &Ctx, q: &mut Vec<Effect>) {
         let _ = (x, y, ctx, q);
+    }
+    /// The rows of the list shown now, as `/`, `}` and `u` see them (None: no
+    /// list here).
+    fn rows<'a>(&'a self, ctx: &'a Ctx) -> Option<Box<dyn Rows + 'a>> {
+        let _ = ctx;
+        None
+    }
+    /// The list shown now, whose selection a search moves.
+    fn list(&mut self) -> Option<&mut ListView> {
+        None
+    }
+    /// The list shown now, to read.
+    fn list_ref(&self) -> Option<&ListView> {
+        None
+    }
+    /// Whether the list can still grow past its last row (rows found lazily).
+    fn can_grow(&self, ctx: &Ctx) -> bool {
+        let _ = ctx;
+        false
+    }
+    /// Find more rows for a search that reached the last one.
+    fn grow(&mut self, ctx: &Ctx) {
+        let _ = ctx;
     }
 }
 

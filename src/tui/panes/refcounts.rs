@@ -261,4 +261,22 @@ impl PaneState for State {
             v.sel = r;
         }
     }
+
+    fn rows<'a>(&'a self, ctx: &'a Ctx) -> Option<Box<dyn crate::tui::find::Rows + 'a>> {
+        super::rows::refcounts(self, ctx)
+    }
+
+    fn list(&mut self) -> Option<&mut ListView> {
+        Some(match self.level {
+            Level::Table => &mut self.table,
+            Level::Block(_) => &mut self.block,
+        })
+    }
+
+    fn list_ref(&self) -> Option<&ListView> {
+        Some(match self.level {
+            Level::Table => &self.table,
+            Level::Block(_) => &self.block,
+        })
+    }
 }

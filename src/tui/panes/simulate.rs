@@ -323,4 +323,24 @@ impl PaneState for State {
             self.steps.sel = r;
         }
     }
+
+    fn rows<'a>(&'a self, _: &'a Ctx) -> Option<Box<dyn crate::tui::find::Rows + 'a>> {
+        let Some(Ok(o)) = &self.outcome else {
+            return None;
+        };
+        Some(Box::new(super::rows::TextRows {
+            lines: flat(o)
+                .into_iter()
+                .map(|(op, text, _)| format!("op {} · {text}", op + 1))
+                .collect(),
+        }))
+    }
+
+    fn list(&mut self) -> Option<&mut ListView> {
+        matches!(self.outcome, Some(Ok(_))).then_some(&mut self.steps)
+    }
+
+    fn list_ref(&self) -> Option<&ListView> {
+        matches!(self.outcome, Some(Ok(_))).then_some(&self.steps)
+    }
 }

@@ -233,4 +233,19 @@ impl PaneState for State {
             self.list.sel = r;
         }
     }
+
+    fn rows<'a>(&'a self, ctx: &'a Ctx) -> Option<Box<dyn crate::tui::find::Rows + 'a>> {
+        let img = ctx.img.as_ref()?;
+        Some(Box::new(super::rows::SnapshotRows {
+            list: &img.snapshots.snapshots,
+        }))
+    }
+
+    fn list(&mut self) -> Option<&mut ListView> {
+        Some(&mut self.list)
+    }
+
+    fn list_ref(&self) -> Option<&ListView> {
+        Some(&self.list)
+    }
 }

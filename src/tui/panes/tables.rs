@@ -459,4 +459,22 @@ impl PaneState for State {
             v.sel = r;
         }
     }
+
+    fn rows<'a>(&'a self, ctx: &'a Ctx) -> Option<Box<dyn crate::tui::find::Rows + 'a>> {
+        super::rows::tables(self, ctx)
+    }
+
+    fn list(&mut self) -> Option<&mut ListView> {
+        Some(match self.level {
+            Level::L1 => &mut self.l1,
+            Level::L2(_) => &mut self.l2,
+        })
+    }
+
+    fn list_ref(&self) -> Option<&ListView> {
+        Some(match self.level {
+            Level::L1 => &self.l1,
+            Level::L2(_) => &self.l2,
+        })
+    }
 }

@@ -1,0 +1,659 @@
+//! Find in lists, once for every list: `/` asks for a name, an offset or a raw
+//! value, `n`/`N` move between the matches, `}`/`{` jump to the next row that
+//! matters, and `u` hides the rows that hold nothing.
+//!
+//! A pane does not search; it only says what each of its rows shows, one row at a
+//! time, through [`Rows`]. The search itself ([`Find`]) lives in the list's
+//! [`ListView`] and scans a few milliseconds at a time between frames, so a list of
+//! millions of rows never freezes the screen and never exists as strings at once:
+//! one row's text is built, compared and forgotten.
+
+use super::app::{App, Input, InputFor, Popup};
+use super::widgets::ListView;
+use std::fmt::Write as _;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// How long one frame may spend searching.
+const BUDGET: Duration = Duration::from_millis(25);
+/// How long `}`/`{` may look for the next row that matters.
+const MATTERS_BUDGET: Duration = Duration::from_millis(500);
+
+/// What one row offers to a search.
+#[derive(Clone, Debug, Default)]
+pub struct Row {
+    /// Its words, as on screen (names, kinds, descriptions).
+    pub text: String,
+    /// Numbers it names exactly: offsets, raw values, cluster numbers, ids.
+    pub values: Vec<u64>,
+    /// Ranges it covers, start inclusive, end exclusive (guest or host bytes).
+    pub ranges: Vec<(u64, u64)>,
+}
+
+impl Row {
+    fn clear(&mut self) {
+        self.text.clear();
+        self.values.clear();
+        self.ranges.clear();
+    }
+
+    /// Add a number the row names.
+    pub fn value(&mut self, v: u64) {
+        self.values.push(v);
+    }
+
+    /// Add a range the row covers: `len` bytes from `start`.
+    pub fn range(&mut self, start: u64, len: u64) {
+        self.ranges.push((start, start.saturating_add(len)));
+    }
+
+    /// Add words.
+    pub fn words(&mut self, s: &str) {
+        self.text.push_str(s);
+        self.text.push(' ');
+    }
+
+    /// Add formatted words.
+    pub fn write(&mut self, args: std::fmt::Arguments) {
+        let _ = self.text.write_fmt(args);
+        self.text.push(' ');
+    }
+}
+
+/// A list's rows, one at a time, as a search sees them.
+pub trait Rows {
+    /// How many rows there are now.
+    fn len(&self) -> usize;
+    /// Fill `out` (cleared before) with what row `i` shows; with `text` false only
+    /// the numbers are needed.
+    fn row(&self, i: usize, text: bool, out: &mut Row);
+    /// Whether row `i` is one `}`/`{` stops at.
+    fn matters(&self, i: usize) -> bool {
+        let _ = i;
+        false
+    }
+    /// What a row that matters is, in words ("allocated entry"); None: no row
+    /// matters more than another in this list.
+    fn matters_what(&self) -> Option<&'static str> {
+        None
+    }
+    /// Whether row `i` holds nothing (unallocated, refcount 0), so that `u` can
+    /// hide it.
+    fn empty(&self, i: usize) -> bool {
+        let _ = i;
+        false
+    }
+    /// What a row that holds nothing is called in the title ("unallocated").
+    fn empty_what(&self) -> Option<&'static str> {
+        None
+    }
+}
+
+/// What is looked for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Needle {
+    /// An offset or a value: equal to a number of the row, or inside a range.
+    Number(u64),
+    /// Words, without regard to case.
+    Text(String),
+}
+
+impl Needle {
+    fn parse(q: &str) -> Needle {
+        match super::app::parse_number(q) {
+            Ok(n) => Needle::Number(n),
+            Err(_) => Needle::Text(q.to_lowercase()),
+        }
+    }
+
+    fn hits(&self, r: &Row) -> bool {
+        match self {
+            Needle::Number(n) => {
+                r.values.contains(n) || r.ranges.iter().any(|(a, b)| a <= n && n < b)
+            }
+            Needle::Text(t) => r.text.to_lowercase().contains(t.as_str()),
+        }
+    }
+}
+
+/// A search in one list: the rows it matched so far, and where it goes on.
+#[derive(Clone, Debug)]
+pub struct Find {
+    /// What was typed.
+    pub query: String,
+    needle: Needle,
+    /// Rows that match, in scan order while scanning, sorted once done.
+    found: Vec<usize>,
+    /// The row the scan started at (the selection when it began).
+    start: usize,
+    /// The next row to look at.
+    pos: usize,
+    /// The scan passed the last row and goes on from row 0 up to `start`.
+    wrapped: bool,
+    /// Rows in the list when the scan began.
+    len: usize,
+    /// Select the first match as soon as it is found (Enter was pressed).
+    pub jump: bool,
+    done: bool,
+}
+
+/// How far a step of a search got.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Progress {
+    /// Every row has been looked at.
+    Done,
+    /// The time is up; more next frame.
+    Working,
+    /// The known rows are all looked at and the list can grow (the Map).
+    NeedRows,
+}
+
+impl Find {
+    /// A search for `query` that starts at row `start`; None for empty text.
+    pub fn new(query: &str, start: usize) -> Option<Find> {
+        let q = query.trim();
+        (!q.is_empty()).then(|| Find {
+            query: q.to_string(),
+            needle: Needle::parse(q),
+            found: Vec::new(),
+            start,
+            pos: start,
+            wrapped: false,
+            len: 0,
+            jump: false,
+            done: false,
+        })
+    }
+
+    /// Whether every row has been looked at.
+    pub fn done(&self) -> bool {
+        self.done
+    }
+
+    /// The rows that match (sorted once the search is done).
+    pub fn matches(&self) -> &[usize] {
+        &self.found
+    }
+
+    /// Look at rows for up to `budget`; `more` says whether the list can still
+    /// grow past its last row. `skip` leaves out hidden rows.
+    pub fn step(
+        &mut self,
+        rows: &dyn Rows,
+        more: bool,
+        skip: Option<&[usize]>,
+        budget: Duration,
+    ) -> Progress {
+        if self.done {
+            return Progress::Done;
+        }
+        let len = rows.len();
+        if len < self.len {
+            // The list shrank (a reload): search it again from the start.
+            self.found.clear();
+            self.start = self.start.min(len.saturating_sub(1));
+            self.pos = self.start;
+            self.wrapped = false;
+        }
+        self.len = len;
+        let t0 = Instant::now();
+        let text = matches!(self.needle, Needle::Text(_));
+        let mut row = Row::default();
+        let mut n = 0u32;
+        loop {
+            let end = if self.wrapped { self.start } else { len };
+            if self.pos >= end {
+                if !self.wrapped && more {
+                    return Progress::NeedRows;
+                }
+                if self.wrapped || self.start == 0 {
+                    self.finish();
+                    return Progress::Done;
+                }
+                self.wrapped = true;
+                self.pos = 0;
+                continue;
+            }
+            let i = self.pos;
+            self.pos = i.saturating_add(1);
+            if skip.is_some_and(|v| v.binary_search(&i).is_err()) {
+                continue;
+            }
+            row.clear();
+            rows.row(i, text, &mut row);
+            if self.needle.hits(&row) {
+                self.found.push(i);
+            }
+            n = n.wrapping_add(1);
+            if n.is_multiple_of(256) && t0.elapsed() >= budget {
+                return Progress::Working;
+            }
+        }
+    }
+
+    fn finish(&mut self) {
+        self.done = true;
+        self.found.sort_unstable();
+        self.found.dedup();
+    }
+
+    /// The row to select now that Enter was pressed: the first match at or after
+    /// the row the search started at (the scan begins there).
+    pub fn take_jump(&mut self) -> Option<usize> {
+        if !self.jump {
+            return None;
+        }
+        let first = if self.done {
+            let k = self.found.partition_point(|r| *r < self.start);
+            self.found.get(k).or_else(|| self.found.first()).copied()
+        } else {
+            self.found.first().copied()
+        };
+        if first.is_some() || self.done {
+            self.jump = false;
+        }
+        first
+    }
+
+    /// The match after (or before) row `sel`, going round at the ends.
+    pub fn next(&self, sel: usize, forward: bool) -> Option<usize> {
+        let after = self.found.iter().filter(|r| **r > sel).min();
+        let before = self.found.iter().filter(|r| **r < sel).max();
+        if forward {
+            after.or_else(|| self.found.iter().min())
+        } else {
+            before.or_else(|| self.found.iter().max())
+        }
+        .copied()
+    }
+
+    /// "3/17 matches for …", "no match for …" or how far the search is.
+    pub fn status(&self, sel: usize) -> String {
+        let q = &self.query;
+        let n = self.found.len();
+        if !self.done {
+            return format!("searching for {q}… {n} found so far (Esc stops)");
+        }
+        if n == 0 {
+            return format!("no match for {q}");
+        }
+        let word = if n == 1 { "match" } else { "matches" };
+        match self.found.binary_search(&sel) {
+            Ok(k) => format!("{}/{n} {word} for {q} · n/N next/previous", k + 1),
+            Err(_) => format!("{n} {word} for {q} · n/N next/previous"),
+        }
+    }
+}
+
+/// Rows hidden by `u`: the rows still shown, and how many are hidden.
+#[derive(Clone, Debug)]
+pub struct Hidden {
+    /// The rows shown, in order.
+    pub shown: Arc<Vec<usize>>,
+    /// Rows looked at (the list may grow: the Map).
+    pub of: usize,
+    /// What the hidden rows are ("unallocated").
+    pub what: &'static str,
+}
+
+impl Hidden {
+    /// How many rows are hidden.
+    pub fn count(&self) -> usize {
+        self.of.saturating_sub(self.shown.len())
+    }
+}
+
+// ---- the app's side ---------------------------------------------------------
+
+/// The current pane's searchable list.
+fn list(app: &mut App) -> Option<&mut ListView> {
+    app.panes.get_mut(app.pane).list()
+}
+
+/// Whether the current pane has a list that a search can run in.
+pub fn searchable(app: &App) -> bool {
+    app.panes.get(app.pane).rows(&app.ctx).is_some()
+}
+
+/// Whether the current list has a search (finished or not).
+pub fn active(app: &App) -> bool {
+    app.panes
+        .get(app.pane)
+        .list_ref()
+        .is_some_and(|l| l.find.is_some())
+}
+
+/// Whether a search is still scanning (the main loop then does not wait for keys).
+pub fn running(app: &App) -> bool {
+    app.panes
+        .get(app.pane)
+        .list_ref()
+        .and_then(|l| l.find.as_ref())
+        .is_some_and(|f| !f.done() || f.jump)
+}
+
+/// `/`: ask for what to find.
+pub fn prompt(app: &mut App) {
+    if !searchable(app) {
+        app.status = format!(
+            "/ searches lists (Tables, Refcounts, Snapshots, Check, Simulate, Map); {} has none",
+            app.pane.name()
+        );
+        return;
+    }
+    let old = list(app)
+        .and_then(|l| l.find.as_ref())
+        .map(|f| f.query.clone())
+        .unwrap_or_default();
+    app.popup = Some(Popup::Input(InputFor::Find, Input::new(old)));
+    typed(app);
+}
+
+/// The prompt's text changed: search for it from the selection (nothing is
+/// selected until Enter).
+pub fn typed(app: &mut App) {
+    let Some(Popup::Input(InputFor::Find, input)) = &app.popup else {
+        return;
+    };
+    let text = input.text.clone();
+    if let Some(l) = list(app) {
+        l.find = Find::new(&text, l.sel);
+    }
+    step(app);
+}
+
+/// Enter in the prompt: select the first match at or after the selection.
+pub fn submit(app: &mut App) {
+    if let Some(l) = list(app)
+        && let Some(f) = &mut l.find
+    {
+        f.jump = true;
+    }
+    step(app);
+    if !running(app)
+        && let Some(l) = list(app)
+        && let Some(f) = &l.find
+        && f.matches().is_empty()
+    {
+        app.status = f.status(l.sel);
+    }
+}
+
+/// Esc: forget the search.
+pub fn clear(app: &mut App) {
+    if let Some(l) = list(app) {
+        l.find = None;
+    }
+}
+
+/// Go on with the current list's search for one frame's time, and keep the
+/// hidden rows up to date with a list that grew.
+pub fn step(app: &mut App) {
+    let t0 = Instant::now();
+    let pane = app.pane;
+    refresh_hidden(app);
+    loop {
+        let Some(mut f) = list(app).and_then(|l| l.find.take()) else {
+            return;
+        };
+        let skip = list(app).and_then(|l| l.hidden.as_ref().map(|h| h.shown.clone()));
+        let state = app.panes.get(pane);
+        let more = state.can_grow(&app.ctx);
+        let (progress, len) = match state.rows(&app.ctx) {
+            Some(rows) => {
+                let left = BUDGET.saturating_sub(t0.elapsed());
+                let p = f.step(rows.as_ref(), more, skip.as_deref().map(|v| &v[..]), left);
+                (p, rows.len())
+            }
+            None => (Progress::Done, 0),
+        };
+        let jump = f.take_jump();
+        let Some(l) = list(app) else { return };
+        l.find = Some(f);
+        if let Some(i) = jump {
+            l.set(i, len.max(l.len));
+        }
+        match progress {
+            Progress::NeedRows if t0.elapsed() < BUDGET => {
+                let ctx = &app.ctx;
+                app.panes.get_mut(pane).grow(ctx);
+            }
+            _ => return,
+        }
+    }
+}
+
+/// `n`/`N`: the next or previous match.
+pub fn next(app: &mut App, forward: bool) {
+    let Some(l) = list(app) else { return };
+    let Some(f) = &l.find else { return };
+    match f.next(l.sel, forward) {
+        Some(i) => {
+            let len = l.len;
+            l.set(i, len);
+        }
+        None => app.status = f.status(l.sel),
+    }
+}
+
+/// `}`/`{`: the next or previous row that matters in this list.
+pub fn matters(app: &mut App, forward: bool) -> bool {
+    let pane = app.pane;
+    let state = app.panes.get(pane);
+    let Some(rows) = state.rows(&app.ctx) else {
+        return false;
+    };
+    let Some(what) = rows.matters_what() else {
+        app.status = format!("no row matters more than another in {}", pane.name());
+        return true;
+    };
+    let Some(l) = state.list_ref() else {
+        return false;
+    };
+    let shown = |i: usize| {
+        l.hidden
+            .as_ref()
+            .is_none_or(|h| h.shown.binary_search(&i).is_ok())
+    };
+    let (sel, len) = (l.sel, rows.len());
+    let t0 = Instant::now();
+    let mut hit = None;
+    let mut i = sel;
+    loop {
+        i = match (forward, i) {
+            (true, i) if i.saturating_add(1) < len => i + 1,
+            (false, i) if i > 0 => i - 1,
+            _ => break,
+        };
+        if shown(i) && rows.matters(i) {
+            hit = Some(i);
+            break;
+        }
+        if i.is_multiple_of(4096) && t0.elapsed() > MATTERS_BUDGET {
+            break;
+        }
+    }
+    let gave_up = hit.is_none() && i != sel && i != 0 && i.saturating_add(1) < len;
+    drop(rows);
+    match hit {
+        Some(i) => {
+            if let Some(l) = list(app) {
+                l.set(i, len);
+            }
+        }
+        None if gave_up => {
+            app.status = format!("no {what} within the rows looked at; {}", {
+                if forward {
+                    format!("press }} again to go on from row {i}")
+                } else {
+                    format!("press {{ again to go on from row {i}")
+                }
+            });
+            if let Some(l) = list(app) {
+                l.set(i, len);
+            }
+        }
+        None => {
+            app.status = format!(
+                "no {what} {} the selection",
+                if forward { "after" } else { "before" }
+            );
+        }
+    }
+    true
+}
+
+/// `u`: hide the rows that hold nothing, or show them again.
+pub fn toggle_hidden(app: &mut App) -> bool {
+    let pane = app.pane;
+    let Some(what) = app
+        .panes
+        .get(pane)
+        .rows(&app.ctx)
+        .and_then(|r| r.empty_what())
+    else {
+        return false;
+    };
+    let Some(l) = list(app) else { return false };
+    if l.hidden.take().is_some() {
+        app.status = format!("{what} rows shown again");
+    } else {
+        l.hidden = Some(Hidden {
+            shown: Arc::new(Vec::new()),
+            of: 0,
+            what,
+        });
+        refresh_hidden(app);
+    }
+    // A search counts only the rows shown: look again.
+    if let Some(l) = list(app)
+        && let Some(f) = l.find.take()
+    {
+        l.find = Find::new(&f.query, l.sel);
+        step(app);
+    }
+    true
+}
+
+/// Bring the list of shown rows up to date with rows that appeared (the Map
+/// grows) or a list that changed length (a reload, another table).
+fn refresh_hidden(app: &mut App) {
+    let pane = app.pane;
+    let Some(h) = app
+        .panes
+        .get(pane)
+        .list_ref()
+        .and_then(|l| l.hidden.clone())
+    else {
+        return;
+    };
+    let state = app.panes.get(pane);
+    let Some(rows) = state.rows(&app.ctx) else {
+        return;
+    };
+    let len = rows.len();
+    if len == h.of {
+        return;
+    }
+    let (mut shown, from) = if len > h.of {
+        (Vec::clone(&h.shown), h.of)
+    } else {
+        (Vec::new(), 0)
+    };
+    shown.extend((from..len).filter(|i| !rows.empty(*i)));
+    drop(rows);
+    let Some(l) = list(app) else { return };
+    l.hidden = Some(Hidden {
+        shown: Arc::new(shown),
+        of: len,
+        what: h.what,
+    });
+    let (sel, len) = (l.sel, l.len.max(len));
+    l.set(sel, len);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Rows 0..n, row i names the value i*16 and covers bytes [i*16, i*16+16).
+    struct Numbers(usize);
+
+    impl Rows for Numbers {
+        fn len(&self) -> usize {
+            self.0
+        }
+        fn row(&self, i: usize, text: bool, out: &mut Row) {
+            out.value(i as u64 * 16);
+            out.range(i as u64 * 16, 16);
+            if text {
+                out.write(format_args!("row {i}"));
+            }
+        }
+    }
+
+    fn run(f: &mut Find, rows: &dyn Rows) {
+        while f.step(rows, false, None, Duration::from_secs(1)) != Progress::Done {}
+    }
+
+    #[test]
+    fn offsets_match_values_and_ranges_and_words_ignore_case() {
+        let rows = Numbers(100);
+        let mut f = Find::new("0x35", 0).unwrap();
+        run(&mut f, &rows);
+        assert_eq!(f.matches(), &[3], "0x35 is inside row 3's 0x30..0x40");
+        let mut f = Find::new("ROW 9", 0).unwrap();
+        run(&mut f, &rows);
+        assert_eq!(
+            f.matches(),
+            &[9, 90, 91, 92, 93, 94, 95, 96, 97, 98, 99],
+            "words match as text"
+        );
+        let mut f = Find::new("4096", 0).unwrap();
+        run(&mut f, &rows);
+        assert!(f.matches().is_empty());
+        assert_eq!(f.status(0), "no match for 4096");
+    }
+
+    #[test]
+    fn enter_selects_the_first_match_at_or_after_the_start_and_n_goes_round() {
+        let rows = Numbers(100);
+        let mut f = Find::new("row 5", 52).unwrap();
+        f.jump = true;
+        run(&mut f, &rows);
+        assert_eq!(f.matches(), &[5, 50, 51, 52, 53, 54, 55, 56, 57, 58, 59]);
+        assert_eq!(f.take_jump(), Some(52), "at or after the start");
+        assert_eq!(f.next(52, true), Some(53));
+        assert_eq!(f.next(52, false), Some(51));
+        assert_eq!(f.next(59, true), Some(5), "past the last match: the first");
+        assert_eq!(f.next(5, false), Some(59), "before the first: the last");
+        assert_eq!(f.status(50), "2/11 matches for row 5 · n/N next/previous");
+        assert_eq!(f.status(20), "11 matches for row 5 · n/N next/previous");
+        let mut f = Find::new("row 5", 60).unwrap();
+        f.jump = true;
+        run(&mut f, &rows);
+        assert_eq!(f.take_jump(), Some(5), "none after the start: from the top");
+    }
+
+    #[test]
+    fn a_search_of_a_long_list_goes_on_over_several_steps() {
+        let rows = Numbers(1_000_000);
+        let mut f = Find::new("row 999999", 0).unwrap();
+        let mut steps = 0;
+        while f.step(&rows, false, None, Duration::ZERO) == Progress::Working {
+            steps += 1;
+            assert!(!f.done());
+        }
+        assert!(steps > 1000, "each step looks at a few hundred rows only");
+        assert_eq!(f.matches(), &[999_999]);
+    }
+
+    #[test]
+    fn hidden_rows_are_not_matched() {
+        let rows = Numbers(10);
+        let mut f = Find::new("row", 0).unwrap();
+        let shown = [1usize, 4, 7];
+        while f.step(&rows, false, Some(&shown), Duration::from_secs(1)) != Progress::Done {}
+        assert_eq!(f.matches(), &shown);
+    }
+}
