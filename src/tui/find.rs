@@ -64,6 +64,11 @@ impl Row {
 pub trait Rows {
     /// How many rows there are now.
     fn len(&self) -> usize;
+    /// Which list this is (an L2 table's offset, a block's index): a search or
+    /// a filter made for another list starts again.
+    fn id(&self) -> u64 {
+        0
+    }
     /// Fill `out` (cleared before) with what row `i` shows; with `text` false only
     /// the numbers are needed.
     fn row(&self, i: usize, text: bool, out: &mut Row);
@@ -132,6 +137,8 @@ pub struct Find {
     wrapped: bool,
     /// Rows in the list when the scan began.
     len: usize,
+    /// The list searched ([`Rows::id`]).
+    id: Option<u64>,
     /// Select the first match as soon as it is found (Enter was pressed).
     pub jump: bool,
     done: bool,
@@ -160,6 +167,7 @@ impl Find {
             pos: start,
             wrapped: false,
             len: 0,
+            id: None,
             jump: false,
             done: false,
         })
@@ -188,14 +196,16 @@ impl Find {
             return Progress::Done;
         }
         let len = rows.len();
-        if len < self.len {
-            // The list shrank (a reload): search it again from the start.
+        let id = Some(rows.id());
+        if len < self.len || (self.id.is_some() && self.id != id) {
+            // Another list, or one that shrank (a reload): search it again.
             self.found.clear();
             self.start = self.start.min(len.saturating_sub(1));
             self.pos = self.start;
             self.wrapped = false;
         }
         self.len = len;
+        self.id = id;
         let t0 = Instant::now();
         let text = matches!(self.needle, Needle::Text(_));
         let mut row = Row::default();
@@ -292,6 +302,8 @@ pub struct Hidden {
     pub shown: Arc<Vec<usize>>,
     /// Rows looked at (the list may grow: the Map).
     pub of: usize,
+    /// The list ([`Rows::id`]).
+    pub id: u64,
     /// What the hidden rows are ("unallocated").
     pub what: &'static str,
 }
@@ -521,6 +533,7 @@ pub fn toggle_hidden(app: &mut App) -> bool {
         l.hidden = Some(Hidden {
             shown: Arc::new(Vec::new()),
             of: 0,
+            id: u64::MAX,
             what,
         });
         refresh_hidden(app);
@@ -551,11 +564,11 @@ fn refresh_hidden(app: &mut App) {
     let Some(rows) = state.rows(&app.ctx) else {
         return;
     };
-    let len = rows.len();
-    if len == h.of {
+    let (len, id) = (rows.len(), rows.id());
+    if len == h.of && id == h.id {
         return;
     }
-    let (mut shown, from) = if len > h.of {
+    let (mut shown, from) = if len > h.of && id == h.id {
         (Vec::clone(&h.shown), h.of)
     } else {
         (Vec::new(), 0)
@@ -566,6 +579,7 @@ fn refresh_hidden(app: &mut App) {
     l.hidden = Some(Hidden {
         shown: Arc::new(shown),
         of: len,
+        id,
         what: h.what,
     });
     let (sel, len) = (l.sel, l.len.max(len));

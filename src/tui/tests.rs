@@ -1777,3 +1777,235 @@ fn a_search_of_a_long_list_goes_on_between_frames_and_keys_still_work() {
     assert_eq!(a.panes.tables.l2.sel, row);
     assert_eq!(geo.l2_entries(), 262144);
 }
+
+/// What `qemu-img check` says about an image, all of it (the details are on stderr).
+fn qemu_check_text(dir: &str, image: &str) -> String {
+    let out = Command::new("qemu-img")
+        .args(["check", image])
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// Press a key until the selection stops moving; the rows it stopped at.
+fn stops(a: &mut App, k: char, sel: impl Fn(&App) -> u64) -> Vec<u64> {
+    let mut v = Vec::new();
+    for _ in 0..10_000 {
+        let before = sel(a);
+        typed(a, &k.to_string());
+        if sel(a) == before {
+            return v;
+        }
+        v.push(sel(a));
+    }
+    panic!("{k} never stopped")
+}
+
+#[test]
+fn next_that_matters_stops_at_each_allocated_entry_mismatch_and_finding() {
+    // Tables: } stops at exactly the entries qemu-img map says this layer maps
+    // (data or zeros of depth 0), { comes back the same way.
+    let map = qemu_map("assets", "demo-top.qcow2");
+    let mut a = app("demo-top.qcow2");
+    let geo = a.ctx.img.as_ref().unwrap().geometry();
+    let (cs, per) = (geo.cluster_size(), geo.l2_entries());
+    let mine: Vec<u64> = map
+        .iter()
+        .filter(|e| e["depth"] == 0 && e["present"] == true)
+        .flat_map(|e| {
+            let s = e["start"].as_u64().unwrap() / cs;
+            s..s + e["length"].as_u64().unwrap().div_ceil(cs)
+        })
+        .filter(|c| c / per == 0)
+        .collect();
+    assert!(mine.len() >= 2, "{map:?}");
+    typed(&mut a, "3");
+    key(&mut a, KeyCode::Enter);
+    let l2sel = |a: &App| a.panes.tables.l2.sel as u64;
+    let mut got: Vec<u64> = if mine.first() == Some(&0) {
+        vec![0]
+    } else {
+        vec![]
+    };
+    got.extend(stops(&mut a, '}', l2sel));
+    assert_eq!(got, mine);
+    assert!(
+        a.status.contains("no allocated L2 entry after"),
+        "{}",
+        a.status
+    );
+    let back = stops(&mut a, '{', l2sel);
+    let want: Vec<u64> = mine.iter().rev().skip(1).copied().collect();
+    assert_eq!(back, want);
+
+    // Refcounts, Check and Layout on the corrupt image, against qemu-img check.
+    let said = qemu_check_text("assets", "demo-corrupt.qcow2");
+    let mismatched: Vec<u64> = said
+        .lines()
+        .filter_map(|l| {
+            l.strip_prefix("Leaked cluster ")
+                .or_else(|| l.strip_prefix("ERROR cluster "))
+        })
+        .filter_map(|l| l.split(' ').next()?.parse().ok())
+        .collect();
+    assert!(!mismatched.is_empty(), "{said}");
+    let mut a = app("demo-corrupt.qcow2");
+    let cs = a.ctx.cluster_size();
+    typed(&mut a, "4");
+    key(&mut a, KeyCode::Enter);
+    let blocksel = |a: &App| a.panes.refcounts.block.sel as u64;
+    assert_eq!(stops(&mut a, '}', blocksel), mismatched, "{said}");
+    assert!(a.status.contains("no refcount mismatch"), "{}", a.status);
+    // Check: } stops at the corruptions and check errors only; their counts add
+    // up to the errors qemu-img check reports.
+    let errors: u64 = said
+        .lines()
+        .find_map(|l| l.strip_suffix(" errors were found on the image."))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{said}"));
+    typed(&mut a, "7");
+    key(&mut a, KeyCode::Home);
+    let r = a.ctx.report.clone().unwrap();
+    let bad = |i: u64| {
+        matches!(
+            r.findings[i as usize].kind,
+            qinspect::check::FindingKind::Corruption | qinspect::check::FindingKind::CheckError
+        )
+    };
+    let mut visited: Vec<u64> = if bad(0) { vec![0] } else { vec![] };
+    visited.extend(stops(&mut a, '}', |a| a.panes.check.list.sel as u64));
+    let counted: u64 = visited.iter().map(|i| r.findings[*i as usize].count).sum();
+    assert_eq!(counted, errors, "{:?}", r.findings);
+    assert!(visited.iter().all(|i| bad(*i)));
+    // Layout: } stops at each cluster qemu-img check names (the leaked cluster
+    // and the data clusters whose L2 entries have COPIED wrong).
+    let mut named: Vec<u64> = mismatched.clone();
+    for l in said.lines() {
+        if let Some(e) = l.split("l2_entry=").nth(1) {
+            let raw = u64::from_str_radix(e.split(' ').next().unwrap(), 16).unwrap();
+            named.push((raw & 0x00ff_ffff_ffff_fe00) / cs);
+        }
+    }
+    named.sort();
+    named.dedup();
+    typed(&mut a, "2");
+    key(&mut a, KeyCode::Home);
+    let mut at: Vec<u64> = if named.first() == Some(&0) {
+        vec![0]
+    } else {
+        vec![]
+    };
+    at.extend(stops(&mut a, '}', |a| a.panes.layout.sel));
+    assert_eq!(at, named, "{said}");
+    assert!(
+        a.status.contains("no cluster with a finding after"),
+        "{}",
+        a.status
+    );
+    // The keys are in the help of the panes they work in.
+    typed(&mut a, "?");
+    let s = screen(&mut a, 120, 60);
+    assert!(
+        s.contains("}/{") && s.contains("a cluster with a finding"),
+        "{s}"
+    );
+}
+
+#[test]
+fn u_hides_unallocated_rows_and_selection_and_search_keep_to_the_rows_shown() {
+    let map = qemu_map("assets", "demo-top.qcow2");
+    let mut a = app("demo-top.qcow2");
+    let geo = a.ctx.img.as_ref().unwrap().geometry();
+    let (cs, per) = (geo.cluster_size(), geo.l2_entries());
+    // What qemu-img map says layer 0 maps under L1 entry 1.
+    let mine: Vec<usize> = map
+        .iter()
+        .filter(|e| e["depth"] == 0 && e["present"] == true)
+        .flat_map(|e| {
+            let s = e["start"].as_u64().unwrap() / cs;
+            s..s + e["length"].as_u64().unwrap().div_ceil(cs)
+        })
+        .filter(|c| c / per == 1)
+        .map(|c| (c % per) as usize)
+        .collect();
+    assert!(mine.len() >= 2);
+    typed(&mut a, "3");
+    key(&mut a, KeyCode::Down);
+    key(&mut a, KeyCode::Enter);
+    typed(&mut a, "u");
+    let s = screen(&mut a, 120, 30);
+    let hidden = per as usize - mine.len();
+    assert!(s.contains(&format!("(hiding {hidden} unallocated)")), "{s}");
+    assert!(s.contains(&format!(" 1/{} ", mine.len())), "{s}");
+    // The rows on screen are those entries, in order; the arrows go through them.
+    assert_eq!(
+        a.panes.tables.l2.sel, mine[0],
+        "the selection moved to a row shown"
+    );
+    let mut seen = vec![a.panes.tables.l2.sel];
+    for _ in 1..mine.len() {
+        key(&mut a, KeyCode::Down);
+        seen.push(a.panes.tables.l2.sel);
+    }
+    assert_eq!(seen, mine);
+    key(&mut a, KeyCode::Home);
+    assert_eq!(a.panes.tables.l2.sel, mine[0]);
+    key(&mut a, KeyCode::End);
+    assert_eq!(a.panes.tables.l2.sel, *mine.last().unwrap());
+    // A guest offset of a hidden (unallocated) entry finds nothing; the offset of
+    // one shown finds it.
+    let geo_row = |r: usize| (per + r as u64) * cs;
+    let gap = (0..per as usize).find(|r| !mine.contains(r)).unwrap();
+    search(&mut a, &geo_row(gap).to_string());
+    let s = screen(&mut a, 120, 30);
+    assert!(s.contains("no match for"), "{s}");
+    search(&mut a, &geo_row(mine[1]).to_string());
+    assert_eq!(a.panes.tables.l2.sel, mine[1]);
+    // The row drawn selected is that entry.
+    let b = draw(&mut a, 120, 30);
+    let row = selected_row(&b, 1);
+    assert!(row.contains(&format!("{:#x}", geo_row(mine[1]))), "{row}");
+    // u again: every row, the selection where it was.
+    typed(&mut a, "u");
+    let s = screen(&mut a, 120, 30);
+    assert!(!s.contains("hiding"), "{s}");
+    assert_eq!(a.panes.tables.l2.sel, mine[1]);
+    assert!(s.contains(&format!(" {}/{per} ", mine[1] + 1)), "{s}");
+
+    // Map: the extents that are allocated nowhere go.
+    let unallocated = map.iter().filter(|e| e["present"] == false).count();
+    typed(&mut a, "0");
+    draw(&mut a, 120, 40);
+    key(&mut a, KeyCode::End);
+    draw(&mut a, 120, 40);
+    typed(&mut a, "u");
+    key(&mut a, KeyCode::Home);
+    let b = draw(&mut a, 120, 40);
+    let s = text(&b);
+    assert!(
+        s.contains(&format!("(hiding {unallocated} unallocated)")),
+        "{s}"
+    );
+    assert!(!s.contains("unallocated in every layer"), "{s}");
+
+    // Refcounts: the clusters with refcount 0 go.
+    typed(&mut a, "4");
+    key(&mut a, KeyCode::Enter);
+    typed(&mut a, "u");
+    let s = screen(&mut a, 120, 40);
+    let img = a.ctx.img.clone().unwrap();
+    let per = img.refcount_geometry().entries_per_block();
+    let used = (0..per)
+        .filter(|c| a.ctx.stored_refcount(*c).unwrap_or(0) > 0)
+        .count() as u64;
+    assert!(
+        s.contains(&format!("(hiding {} with refcount 0)", per - used)),
+        "{s}"
+    );
+    assert!(!s.contains("stored 0 "), "{s}");
+}

@@ -37,6 +37,18 @@ pub struct State {
     pub focus_refs: bool,
 }
 
+/// The nearest host cluster after (or before) `c` that a finding of the check
+/// names.
+fn next_with_finding(ctx: &Ctx, c: u64, forward: bool) -> Option<u64> {
+    let r = ctx.report.as_ref()?;
+    let named = r.findings.iter().filter_map(|f| f.cluster);
+    if forward {
+        named.filter(|n| *n > c).min()
+    } else {
+        named.filter(|n| *n < c).max()
+    }
+}
+
 /// The colour of a role.
 pub fn role_color(r: Role) -> Color {
     match r {
@@ -415,6 +427,22 @@ impl PaneState for State {
                     q.push(Effect::Table(None));
                 } else {
                     q.push(Effect::Refcount(c));
+                }
+            }
+            Action::NextMatters | Action::PrevMatters => {
+                let forward = action == Action::NextMatters;
+                match next_with_finding(ctx, *c, forward) {
+                    Some(n) => *c = n,
+                    None => q.push(Effect::Say(format!(
+                        "no cluster with a finding {} cluster {}{}",
+                        if forward { "after" } else { "before" },
+                        *c,
+                        if ctx.report.is_none() {
+                            " (the check is still running)"
+                        } else {
+                            ""
+                        }
+                    ))),
                 }
             }
             Action::Hex => q.push(Effect::ShowHost {

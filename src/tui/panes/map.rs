@@ -352,6 +352,7 @@ impl PaneState for State {
         ctx.img.as_ref()?;
         Some(Box::new(super::rows::MapRows {
             list: &self.extents,
+            base: self.base,
             ctx,
         }))
     }

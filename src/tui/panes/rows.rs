@@ -39,6 +39,9 @@ pub struct L1Rows {
 }
 
 impl Rows for L1Rows {
+    fn id(&self) -> u64 {
+        self.at
+    }
     fn len(&self) -> usize {
         self.l1.len()
     }
@@ -87,6 +90,9 @@ pub struct L2Rows {
 }
 
 impl Rows for L2Rows {
+    fn id(&self) -> u64 {
+        self.at
+    }
     fn len(&self) -> usize {
         self.table.len()
     }
@@ -222,6 +228,9 @@ impl BlockRows<'_> {
 }
 
 impl Rows for BlockRows<'_> {
+    fn id(&self) -> u64 {
+        self.index
+    }
     fn len(&self) -> usize {
         usize::try_from(self.per).unwrap_or(0)
     }
@@ -344,11 +353,16 @@ impl Rows for TextRows {
 pub struct MapRows<'a> {
     /// The extents.
     pub list: &'a [MapEntry],
+    /// Where the list starts (`g` starts it elsewhere).
+    pub base: u64,
     /// For the words of each extent.
     pub ctx: &'a Ctx,
 }
 
 impl Rows for MapRows<'_> {
+    fn id(&self) -> u64 {
+        self.base
+    }
     fn len(&self) -> usize {
         self.list.len()
     }
