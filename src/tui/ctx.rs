@@ -361,6 +361,25 @@ impl Ctx {
         )
     }
 
+    /// Why the active L1 table was not read, when the header's L1 fields are
+    /// ones QEMU refuses (the lenient open then leaves the table empty, and
+    /// nothing it would show is true of the file).
+    pub fn l1_unread(&self) -> Option<String> {
+        let img = self.img.as_ref()?;
+        if self.view_snapshot.is_some() {
+            return None;
+        }
+        img.header
+            .validate(img.file_len())
+            .into_iter()
+            .find_map(|e| match e {
+                qinspect::Error::Invalid { ref what, .. } if what == "L1 table" => Some(format!(
+                    "The active L1 table is not read: {e}. QEMU refuses to open the image, so no guest offset maps to anything; Hex (9) shows the bytes at the header's l1_table_offset."
+                )),
+                _ => None,
+            })
+    }
+
     /// What an unallocated range reads as, in this image.
     pub fn fall_through(&self) -> &'static str {
         if self.has_backing() {

@@ -213,6 +213,9 @@ impl PaneState for State {
         if let Err(e) = &ctx.chain {
             return super::nothing(f, area, "Map", format!("the chain cannot be opened: {e}"));
         }
+        if let Some(why) = ctx.l1_unread() {
+            return super::nothing(f, area, "Map", why);
+        }
         self.sync(ctx);
         let want = self.list.offset + 2 * self.list.page() + 1;
         self.fill(ctx, want.max(self.list.sel + 1));

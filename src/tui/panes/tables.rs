@@ -281,6 +281,9 @@ impl PaneState for State {
         if ctx.img.is_none() {
             return super::nothing(f, area, "Tables", ctx.unopened());
         }
+        if let Some(why) = ctx.l1_unread() {
+            return super::nothing(f, area, "Tables", why);
+        }
         let Some(view) = ctx.view() else {
             return super::nothing(
                 f,
