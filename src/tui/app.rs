@@ -184,6 +184,8 @@ pub struct App {
     pub changes: Option<Vec<super::changes::Change>>,
     /// What the comparison could not cover.
     pub changes_limits: Option<String>,
+    /// The Changes list while `/` asks what to find in it.
+    pub parked: Option<ListView>,
     sim_job: Option<SimJob>,
     jobs: u64,
     tx: Sender<Bg>,
@@ -213,6 +215,7 @@ impl App {
             recorded: None,
             changes: None,
             changes_limits: None,
+            parked: None,
             sim_job: None,
             jobs: 0,
             tx,
@@ -439,7 +442,13 @@ impl App {
         }
         if let Some(Popup::Changes(v)) = &mut self.popup {
             let n = self.changes.as_ref().map_or(0, |c| c.len());
+            let searching = v.find.is_some();
             match action {
+                Action::Escape if searching => v.find = None,
+                Action::Find => super::find::prompt(self),
+                Action::NextStep | Action::PrevStep | Action::PrevMatch if searching => {
+                    super::find::next(self, action == Action::NextStep)
+                }
                 Action::Changes | Action::Escape => self.popup = None,
                 Action::Quit => self.quit = true,
                 Action::Enter => {

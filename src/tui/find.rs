@@ -317,31 +317,84 @@ impl Hidden {
 
 // ---- the app's side ---------------------------------------------------------
 
-/// The current pane's searchable list.
+/// The list a search works in: the Changes popup's when it is open (or waits
+/// for the prompt), else the current pane's.
 fn list(app: &mut App) -> Option<&mut ListView> {
+    if let Some(Popup::Changes(v)) = &mut app.popup {
+        return Some(v);
+    }
+    if app.parked.is_some() {
+        return app.parked.as_mut();
+    }
     app.panes.get_mut(app.pane).list()
+}
+
+/// [`list`], to read.
+fn list_ref(app: &App) -> Option<&ListView> {
+    if let Some(Popup::Changes(v)) = &app.popup {
+        return Some(v);
+    }
+    if app.parked.is_some() {
+        return app.parked.as_ref();
+    }
+    app.panes.get(app.pane).list_ref()
+}
+
+/// Whether the search is in the Changes list.
+fn in_changes(app: &App) -> bool {
+    matches!(app.popup, Some(Popup::Changes(_))) || app.parked.is_some()
+}
+
+/// The rows of [`list`].
+fn rows(app: &App) -> Option<Box<dyn Rows + '_>> {
+    if in_changes(app) {
+        let ch = app.changes.as_ref()?;
+        return Some(Box::new(ChangeRows(ch)));
+    }
+    app.panes.get(app.pane).rows(&app.ctx)
+}
+
+/// What changed on disk: each change's words and numbers, and its cluster.
+struct ChangeRows<'a>(&'a [super::changes::Change]);
+
+impl Rows for ChangeRows<'_> {
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+    fn row(&self, i: usize, text: bool, out: &mut Row) {
+        let Some(c) = self.0.get(i) else { return };
+        if let Some(n) = c.cluster {
+            out.value(n);
+        }
+        super::panes::rows::numbers_in(&c.text, out);
+        if text {
+            out.words(&c.text);
+        }
+    }
 }
 
 /// Whether the current pane has a list that a search can run in.
 pub fn searchable(app: &App) -> bool {
-    app.panes.get(app.pane).rows(&app.ctx).is_some()
+    rows(app).is_some()
 }
 
 /// Whether the current list has a search (finished or not).
 pub fn active(app: &App) -> bool {
-    app.panes
-        .get(app.pane)
-        .list_ref()
-        .is_some_and(|l| l.find.is_some())
+    list_ref(app).is_some_and(|l| l.find.is_some())
 }
 
 /// Whether a search is still scanning (the main loop then does not wait for keys).
 pub fn running(app: &App) -> bool {
-    app.panes
-        .get(app.pane)
-        .list_ref()
+    list_ref(app)
         .and_then(|l| l.find.as_ref())
         .is_some_and(|f| !f.done() || f.jump)
+}
+
+/// The Changes popup comes back after its prompt.
+fn unpark(app: &mut App) {
+    if let Some(v) = app.parked.take() {
+        app.popup = Some(Popup::Changes(v));
+    }
 }
 
 /// `/`: ask for what to find.
@@ -357,6 +410,9 @@ pub fn prompt(app: &mut App) {
         .and_then(|l| l.find.as_ref())
         .map(|f| f.query.clone())
         .unwrap_or_default();
+    if let Some(Popup::Changes(v)) = app.popup.take() {
+        app.parked = Some(v);
+    }
     app.popup = Some(Popup::Input(InputFor::Find, Input::new(old)));
     typed(app);
 }
@@ -376,6 +432,7 @@ pub fn typed(app: &mut App) {
 
 /// Enter in the prompt: select the first match at or after the selection.
 pub fn submit(app: &mut App) {
+    unpark(app);
     if let Some(l) = list(app)
         && let Some(f) = &mut l.find
     {
@@ -393,6 +450,7 @@ pub fn submit(app: &mut App) {
 
 /// Esc: forget the search.
 pub fn clear(app: &mut App) {
+    unpark(app);
     if let Some(l) = list(app) {
         l.find = None;
     }
@@ -409,9 +467,8 @@ pub fn step(app: &mut App) {
             return;
         };
         let skip = list(app).and_then(|l| l.hidden.as_ref().map(|h| h.shown.clone()));
-        let state = app.panes.get(pane);
-        let more = state.can_grow(&app.ctx);
-        let (progress, len) = match state.rows(&app.ctx) {
+        let more = !in_changes(app) && app.panes.get(pane).can_grow(&app.ctx);
+        let (progress, len) = match rows(app) {
             Some(rows) => {
                 let left = BUDGET.saturating_sub(t0.elapsed());
                 let p = f.step(rows.as_ref(), more, skip.as_deref().map(|v| &v[..]), left);

@@ -278,7 +278,7 @@ pub const KEYMAP: &[Binding] = &[
     Binding {
         keys: "/",
         short: Some("find"),
-        help: "Find in this list: words (a name, a kind), an offset or a raw value (0x50000 or decimal: a row that names it or covers it). Enter selects the first match at or after the selection; then n/N the next/previous match (n/p too while a search is on); Esc forgets it",
+        help: "Find in this list (and in the Changes list, c): words (a name, a kind), an offset or a raw value (0x50000 or decimal: a row that names it or covers it). Enter selects the first match at or after the selection; then n/N the next/previous match (n/p too while a search is on); Esc forgets it",
         codes: &[((Char('/'), NO), Action::Find)],
         scope: Scope::Panes(LIST_PANES),
     },
@@ -423,6 +423,17 @@ pub fn action_for(key: &KeyEvent, current: Pane) -> Option<Action> {
     KEYMAP
         .iter()
         .filter(|b| b.scope.covers(current))
+        .flat_map(|b| b.codes.iter())
+        .find(|(k, _)| matches(key, k))
+        .map(|(_, a)| *a)
+}
+
+/// The action of a key that works in every list (`/`, `N`), for lists that are
+/// popups (Changes) and so belong to no pane.
+pub fn list_action(key: &KeyEvent) -> Option<Action> {
+    KEYMAP
+        .iter()
+        .filter(|b| matches!(b.scope, Scope::Panes(p) if p == LIST_PANES))
         .flat_map(|b| b.codes.iter())
         .find(|(k, _)| matches(key, k))
         .map(|(_, a)| *a)

@@ -70,9 +70,14 @@ pub fn handle_event(app: &mut App, ev: Event) {
         Event::Key(k) if k.kind != KeyEventKind::Release => {
             let ctrl_c = k.code == event::KeyCode::Char('c')
                 && k.modifiers.contains(event::KeyModifiers::CONTROL);
+            let in_list_popup = matches!(app.popup, Some(Popup::Changes(_)));
             if matches!(app.popup, Some(Popup::Input(..))) && !ctrl_c {
                 app.input_key(&k);
-            } else if let Some(a) = action_for(&k, app.pane) {
+            } else if let Some(a) = in_list_popup
+                .then(|| keymap::list_action(&k))
+                .flatten()
+                .or_else(|| action_for(&k, app.pane))
+            {
                 app.update(a);
             }
         }

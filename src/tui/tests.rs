@@ -2230,3 +2230,57 @@ fn u_hides_unallocated_rows_and_selection_and_search_keep_to_the_rows_shown() {
     );
     assert!(!s.contains("stored 0 "), "{s}");
 }
+
+#[test]
+fn find_in_the_changes_after_qemu_img_snapshot() {
+    let dir = tempfile::tempdir().unwrap();
+    qemu_img(
+        dir.path(),
+        &["create", "-q", "-f", "qcow2", "a.qcow2", "4M"],
+    );
+    qemu_io(dir.path(), "a.qcow2", "write -P 7 0 192k");
+    let mut a = open(dir.path().join("a.qcow2"));
+    qemu_img(dir.path(), &["snapshot", "-c", "x", "a.qcow2"]);
+    typed(&mut a, "r");
+    a.wait_background();
+    let changes = a.changes.clone().expect("compared");
+    // Opened from a pane that has no list of its own: / works in the popup.
+    typed(&mut a, "1c");
+    search(&mut a, "1→2");
+    let Some(Popup::Changes(v)) = &a.popup else {
+        panic!("the Changes list stays open: {:?}", a.popup.is_some())
+    };
+    let want: Vec<usize> = (0..changes.len())
+        .filter(|i| changes[*i].text.contains("1→2"))
+        .collect();
+    assert!(want.len() >= 4, "{changes:?}");
+    assert_eq!(v.find.as_ref().unwrap().matches(), &want[..]);
+    assert_eq!(v.sel, want[0]);
+    typed(&mut a, "n");
+    let sel = |a: &App| match &a.popup {
+        Some(Popup::Changes(v)) => v.sel,
+        _ => usize::MAX,
+    };
+    assert_eq!(sel(&a), want[1]);
+    let s = screen(&mut a, 120, 40);
+    assert!(
+        s.contains(&format!("2/{} matches for 1→2", want.len())),
+        "{s}"
+    );
+    // A cluster number: the row of that cluster; Enter opens its refcount.
+    let l2 = changes
+        .iter()
+        .find(|c| c.text.contains("(l2-table)"))
+        .and_then(|c| c.cluster)
+        .unwrap();
+    search(&mut a, &l2.to_string());
+    assert_eq!(changes[sel(&a)].cluster, Some(l2));
+    // Esc forgets the search, a second Esc closes the list.
+    key(&mut a, KeyCode::Esc);
+    assert!(matches!(&a.popup, Some(Popup::Changes(v)) if v.find.is_none()));
+    key(&mut a, KeyCode::Enter);
+    assert_eq!(
+        (a.pane, a.panes.refcounts.block.sel as u64),
+        (Pane::Refcounts, l2)
+    );
+}
