@@ -406,15 +406,10 @@ pub fn prompt(app: &mut App) {
         );
         return;
     }
-    let old = list(app)
-        .and_then(|l| l.find.as_ref())
-        .map(|f| f.query.clone())
-        .unwrap_or_default();
     if let Some(Popup::Changes(v)) = app.popup.take() {
         app.parked = Some(v);
     }
-    app.popup = Some(Popup::Input(InputFor::Find, Input::new(old)));
-    typed(app);
+    app.popup = Some(Popup::Input(InputFor::Find, Input::default()));
 }
 
 /// The prompt's text changed: search for it from the selection (nothing is

@@ -2161,7 +2161,10 @@ fn u_hides_unallocated_rows_and_selection_and_search_keep_to_the_rows_shown() {
     typed(&mut a, "u");
     let s = screen(&mut a, 120, 30);
     let hidden = per as usize - mine.len();
-    assert!(s.contains(&format!("(hiding {hidden} unallocated)")), "{s}");
+    assert!(
+        s.contains(&format!("(hiding {hidden} unallocated: u shows them)")),
+        "{s}"
+    );
     assert!(s.contains(&format!(" 1/{} ", mine.len())), "{s}");
     // The rows on screen are those entries, in order; the arrows go through them.
     assert_eq!(
@@ -2209,7 +2212,7 @@ fn u_hides_unallocated_rows_and_selection_and_search_keep_to_the_rows_shown() {
     let b = draw(&mut a, 120, 40);
     let s = text(&b);
     assert!(
-        s.contains(&format!("(hiding {unallocated} unallocated)")),
+        s.contains(&format!("(hiding {unallocated} unallocated: u shows them)")),
         "{s}"
     );
     assert!(!s.contains("unallocated in every layer"), "{s}");
@@ -2225,7 +2228,10 @@ fn u_hides_unallocated_rows_and_selection_and_search_keep_to_the_rows_shown() {
         .filter(|c| a.ctx.stored_refcount(*c).unwrap_or(0) > 0)
         .count() as u64;
     assert!(
-        s.contains(&format!("(hiding {} with refcount 0)", per - used)),
+        s.contains(&format!(
+            "(hiding {} with refcount 0: u shows them)",
+            per - used
+        )),
         "{s}"
     );
     assert!(!s.contains("stored 0 "), "{s}");

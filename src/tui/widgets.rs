@@ -225,8 +225,12 @@ impl ListView {
             })
             .collect();
         let mut block = block.title_bottom(self.position(selectable));
+        // At the bottom, where the pane's own title cannot push it off.
         if let Some(h) = &self.hidden {
-            block = block.title(Line::raw(format!("(hiding {} {}) ", h.count(), h.what)));
+            block = block.title_bottom(Line::styled(
+                format!(" (hiding {} {}: u shows them) ", h.count(), h.what),
+                Style::new().fg(super::panes::color::META),
+            ));
         }
         if let Some(fd) = &self.find {
             let st = if fd.done() && fd.matches().is_empty() {
