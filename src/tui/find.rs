@@ -401,8 +401,13 @@ fn unpark(app: &mut App) {
 pub fn prompt(app: &mut App) {
     if !searchable(app) {
         app.status = format!(
-            "/ searches lists (Tables, Refcounts, Snapshots, Check, Simulate, Map); {} has none",
-            app.pane.name()
+            "/ searches lists (Tables, Refcounts, Snapshots, Check, Simulate, Map); {} shows none now{}",
+            app.pane.name(),
+            match app.pane {
+                super::ctx::Pane::Check if app.ctx.img.is_some() => " (the check is still running)",
+                super::ctx::Pane::Simulate => " (run an operation first)",
+                _ => "",
+            }
         );
         return;
     }

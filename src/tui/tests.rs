@@ -1954,7 +1954,11 @@ fn find_works_in_check_snapshots_refcounts_and_the_simulation_log() {
     key(&mut a, KeyCode::Backspace);
     typed(&mut a, "/");
     assert!(a.popup.is_none());
-    assert!(a.status.contains("searches lists"), "{}", a.status);
+    assert!(
+        a.status.contains("searches lists") && a.status.contains("run an operation first"),
+        "{}",
+        a.status
+    );
     // Overview has no list and no / at all.
     typed(&mut a, "1/");
     assert!(a.popup.is_none());
