@@ -61,7 +61,7 @@ pub enum InputFor {
     /// A simulate operation.
     Simulate,
     /// What to find in the current list.
-    Find,
+    FindInList,
 }
 
 /// A one-line text field with a cursor.
@@ -400,16 +400,16 @@ impl App {
             return;
         };
         match k.code {
-            KeyCode::Esc if *purpose == InputFor::Find => {
+            KeyCode::Esc if *purpose == InputFor::FindInList => {
                 self.popup = None;
                 super::find::clear(self);
             }
             KeyCode::Esc => self.popup = None,
-            KeyCode::Enter if *purpose == InputFor::Find => {
+            KeyCode::Enter if *purpose == InputFor::FindInList => {
                 self.popup = None;
                 super::find::submit(self);
             }
-            _ if *purpose == InputFor::Find => {
+            _ if *purpose == InputFor::FindInList => {
                 input.key(k);
                 super::find::typed(self);
             }
@@ -421,7 +421,7 @@ impl App {
                     InputFor::Simulate if !text.is_empty() => {
                         self.apply(Effect::Start(Job::Simulate(text)))
                     }
-                    InputFor::Simulate | InputFor::Find => {}
+                    InputFor::Simulate | InputFor::FindInList => {}
                 }
             }
             _ => input.key(k),
@@ -445,7 +445,7 @@ impl App {
             let searching = v.find.is_some();
             match action {
                 Action::Escape if searching => v.find = None,
-                Action::Find => super::find::prompt(self),
+                Action::FindInList => super::find::prompt(self),
                 Action::NextStep | Action::PrevStep | Action::PrevMatch if searching => {
                     super::find::next(self, action == Action::NextStep)
                 }
@@ -520,7 +520,7 @@ impl App {
                 super::find::next(self, action == Action::NextStep);
             }
             Action::PrevMatch => super::find::next(self, false),
-            Action::Find => super::find::prompt(self),
+            Action::FindInList => super::find::prompt(self),
             Action::NextMatters | Action::PrevMatters
                 if super::find::matters(self, action == Action::NextMatters) => {}
             Action::HideEmpty if super::find::toggle_hidden(self) => {}
@@ -651,7 +651,7 @@ impl App {
                 };
             }
             Effect::Reload => self.load(),
-            Effect::Say(s) => self.status = s,
+            Effect::Status(s) => self.status = s,
             Effect::Start(Job::Diff(a, b)) => self.compute_diff(a, b),
             Effect::Start(Job::Simulate(text)) => self.start_simulation(text),
             Effect::Start(Job::Lookup(c)) => {

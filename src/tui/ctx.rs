@@ -165,7 +165,7 @@ pub enum Effect {
     /// Reopen the image and rerun the check.
     Reload,
     /// Say something on the status line.
-    Say(String),
+    Status(String),
 }
 
 impl Effect {

@@ -414,13 +414,13 @@ pub fn prompt(app: &mut App) {
     if let Some(Popup::Changes(v)) = app.popup.take() {
         app.parked = Some(v);
     }
-    app.popup = Some(Popup::Input(InputFor::Find, Input::default()));
+    app.popup = Some(Popup::Input(InputFor::FindInList, Input::default()));
 }
 
 /// The prompt's text changed: search for it from the selection (nothing is
 /// selected until Enter).
 pub fn typed(app: &mut App) {
-    let Some(Popup::Input(InputFor::Find, input)) = &app.popup else {
+    let Some(Popup::Input(InputFor::FindInList, input)) = &app.popup else {
         return;
     };
     let text = input.text.clone();

@@ -71,7 +71,7 @@ pub enum Action {
     /// What changed on disk since the previous load.
     Changes,
     /// Find in the list (`/`).
-    Find,
+    FindInList,
     /// The previous match of the search.
     PrevMatch,
     /// The next row that matters (an allocated entry, a mismatch, a finding).
@@ -279,7 +279,7 @@ pub const KEYMAP: &[Binding] = &[
         keys: "/",
         short: Some("find"),
         help: "Find in this list (and in the Changes list, c): words (a name, a kind), an offset or a raw value (0x50000 or decimal: a row that names it or covers it). Enter selects the first match at or after the selection; then n/N the next/previous match (n/p too while a search is on); Esc forgets it",
-        codes: &[((Char('/'), NO), Action::Find)],
+        codes: &[((Char('/'), NO), Action::FindInList)],
         scope: Scope::Panes(LIST_PANES),
     },
     Binding {

@@ -1759,7 +1759,10 @@ fn settle(a: &mut App) {
 fn search(a: &mut App, q: &str) {
     typed(a, "/");
     assert!(
-        matches!(a.popup, Some(Popup::Input(super::app::InputFor::Find, _))),
+        matches!(
+            a.popup,
+            Some(Popup::Input(super::app::InputFor::FindInList, _))
+        ),
         "/ opens the prompt in {:?}",
         a.pane
     );

@@ -150,7 +150,7 @@ pub fn draw(f: &mut Frame, app: &mut App) {
                     _ => "Go to guest offset (Enter, Esc; Ctrl-U clears)",
                 },
                 InputFor::Simulate => "Operation(s) to simulate (Enter runs, Esc cancels)",
-                InputFor::Find => {
+                InputFor::FindInList => {
                     "Find: words, an offset or a raw value (Enter selects, Esc cancels)"
                 }
             };

@@ -433,7 +433,7 @@ impl PaneState for State {
                 let forward = action == Action::NextMatters;
                 match next_with_finding(ctx, *c, forward) {
                     Some(n) => *c = n,
-                    None => q.push(Effect::Say(format!(
+                    None => q.push(Effect::Status(format!(
                         "no cluster with a finding {} cluster {}{}",
                         if forward { "after" } else { "before" },
                         *c,
