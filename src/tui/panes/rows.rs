@@ -446,3 +446,22 @@ pub fn refcounts<'a>(st: &super::refcounts::State, ctx: &'a Ctx) -> Option<Box<d
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn numbers_in_text_are_read_in_hex_and_decimal() {
+        let mut r = Row::default();
+        numbers_in(
+            "active L1[0] → L2[12] (guest 0x30000): 0x8000000000050000→0x50000, cluster 7 (data): 1→2",
+            &mut r,
+        );
+        assert_eq!(
+            r.values,
+            [0, 12, 0x30000, 0x8000000000050000, 0x50000, 7, 1, 2],
+            "L1 and L2 are names, not numbers"
+        );
+    }
+}
