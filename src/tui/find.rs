@@ -639,8 +639,8 @@ fn refresh_hidden(app: &mut App) {
         id,
         what: h.what,
     });
-    let (sel, len) = (l.sel, l.len.max(len));
-    l.set(sel, len);
+    let len = l.len.max(len);
+    l.keep_shown(len);
 }
 
 #[cfg(test)]

@@ -2201,6 +2201,17 @@ fn u_hides_unallocated_rows_and_selection_and_search_keep_to_the_rows_shown() {
     let b = draw(&mut a, 120, 30);
     let row = selected_row(&b, 1);
     assert!(row.contains(&format!("{:#x}", geo_row(mine[1]))), "{row}");
+    // A jump to a hidden entry (g and its guest offset) lands on it, with every
+    // row shown again.
+    typed(&mut a, &format!("g{}", geo_row(gap)));
+    key(&mut a, KeyCode::Enter);
+    assert_eq!(a.panes.tables.l2.sel, gap);
+    assert!(a.panes.tables.l2.hidden.is_none());
+    assert!(!screen(&mut a, 120, 30).contains("hiding"));
+    // Backspace returns to the place before the jump, rows hidden as they were.
+    key(&mut a, KeyCode::Backspace);
+    assert!(a.panes.tables.l2.hidden.is_some());
+    assert_eq!(a.panes.tables.l2.sel, mine[1]);
     // u again: every row, the selection where it was.
     typed(&mut a, "u");
     let s = screen(&mut a, 120, 30);

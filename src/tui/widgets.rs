@@ -103,9 +103,24 @@ impl ListView {
     }
 
     /// Select row `i` (clamped) and bring it on screen.
+    /// A row hidden by `u` is shown again with all the others: a jump to it
+    /// (a cross-link, `g`, the history) must land on it.
     pub fn set(&mut self, i: usize, len: usize) {
         self.len = len;
         self.sel = i.min(len.saturating_sub(1));
+        if let Some(h) = &self.hidden
+            && self.sel < h.of
+            && h.shown.binary_search(&self.sel).is_err()
+        {
+            self.hidden = None;
+        }
+        self.reveal();
+    }
+
+    /// Keep the selection on a row on show (after the hidden rows changed).
+    pub fn keep_shown(&mut self, len: usize) {
+        self.len = len;
+        self.sel = self.sel.min(len.saturating_sub(1));
         self.snap();
         self.reveal();
     }
