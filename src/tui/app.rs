@@ -60,6 +60,8 @@ pub enum InputFor {
     Goto,
     /// A simulate operation.
     Simulate,
+    /// Bytes or text to find in Hex.
+    HexSearch,
 }
 
 /// A one-line text field with a cursor.
@@ -296,6 +298,7 @@ impl App {
         while let Ok(msg) = self.rx.try_recv() {
             self.receive(msg);
         }
+        self.panes.hex.poll();
     }
 
     fn receive(&mut self, msg: Bg) {
@@ -361,11 +364,13 @@ impl App {
             || self.panes.snapshots.diff_running
             || self.panes.layout.looking.is_some()
             || self.sim_job.is_some()
+            || self.panes.hex.searching()
     }
 
     /// Wait for the background work (tests).
     #[cfg(test)]
     pub fn wait_background(&mut self) {
+        self.panes.hex.wait_search();
         while self.busy() {
             match self.rx.recv_timeout(std::time::Duration::from_secs(60)) {
                 Ok(msg) => self.receive(msg),
@@ -404,6 +409,7 @@ impl App {
                         self.apply(Effect::Start(Job::Simulate(text)))
                     }
                     InputFor::Simulate => {}
+                    InputFor::HexSearch => self.panes.hex.start_search(&text, &self.ctx),
                 }
             }
             _ => input.key(k),
@@ -457,6 +463,8 @@ impl App {
                         j.cancel.store(true, Ordering::Relaxed);
                     }
                     self.status = "simulation cancelled".into();
+                } else if self.panes.hex.cancel_search() {
+                    self.status = "search cancelled".into();
                 } else {
                     self.explain = false;
                     self.tour = None;

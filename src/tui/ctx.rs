@@ -212,6 +212,9 @@ pub struct Ctx {
     pub passphrase: crate::cli::secret::Passphrase,
     /// For an encrypted image: how the key was opened, or why it was not.
     pub unlocked: Option<Result<String, String>>,
+    /// Where the metadata structures of each qcow2 file are (Hex decodes the
+    /// byte under its cursor with them), found once per load.
+    pub structures: std::sync::Mutex<Vec<(PathBuf, Arc<qinspect::locate::Structures>)>>,
 }
 
 impl Ctx {
@@ -248,6 +251,7 @@ impl Ctx {
             view_snapshot,
             passphrase,
             unlocked: None,
+            structures: Default::default(),
         };
         c.open_chain();
         c
@@ -304,6 +308,21 @@ impl Ctx {
             }
         }
         None
+    }
+
+    /// The metadata structures of `img`, found on first use.
+    pub fn structures_of(&self, img: &Qcow2) -> Arc<qinspect::locate::Structures> {
+        let name = img.src.name().to_path_buf();
+        let mut cache = match self.structures.lock() {
+            Ok(c) => c,
+            Err(p) => p.into_inner(),
+        };
+        if let Some((_, s)) = cache.iter().find(|(n, _)| *n == name) {
+            return s.clone();
+        }
+        let s = Arc::new(qinspect::locate::Structures::of(img));
+        cache.push((name, s.clone()));
+        s
     }
 
     /// The view Tables, Layout and Hex use.

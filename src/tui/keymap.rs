@@ -70,6 +70,14 @@ pub enum Action {
     Hex,
     /// What changed on disk since the previous load.
     Changes,
+    /// A whole cluster back (Hex).
+    ClusterPrev,
+    /// A whole cluster forward (Hex).
+    ClusterNext,
+    /// Find bytes or text (Hex).
+    Find,
+    /// The previous match of the last search (Hex).
+    FindPrev,
 }
 
 /// Where a binding applies.
@@ -148,7 +156,7 @@ pub const KEYMAP: &[Binding] = &[
     Binding {
         keys: "↑↓/jk",
         short: None,
-        help: "Move the selection up or down (Hex and Overview: scroll a row)",
+        help: "Move the selection up or down (Hex: the cursor a row; Overview: scroll a row)",
         codes: &[
             ((KeyCode::Up, NO), Action::Up),
             ((Char('k'), NO), Action::Up),
@@ -160,7 +168,7 @@ pub const KEYMAP: &[Binding] = &[
     Binding {
         keys: "←→/hl",
         short: None,
-        help: "Layout: the previous or next cluster. Hex: a whole cluster back or forward",
+        help: "Layout: the previous or next cluster. Hex: the cursor a byte back or forward",
         codes: &[
             ((KeyCode::Left, NO), Action::Left),
             ((Char('h'), NO), Action::Left),
@@ -174,9 +182,30 @@ pub const KEYMAP: &[Binding] = &[
         short: Some("cluster"),
         help: "A whole cluster back or forward",
         codes: &[
-            ((Char('['), NO), Action::Left),
-            ((Char(']'), NO), Action::Right),
+            ((Char('['), NO), Action::ClusterPrev),
+            ((Char(']'), NO), Action::ClusterNext),
         ],
+        scope: Scope::Panes(&[Pane::Hex]),
+    },
+    Binding {
+        keys: "/",
+        short: Some("find"),
+        help: "Find hex bytes (de ad be ef, 0xdeadbeef) or \"text\" in the file, from the cursor on; it runs in the background and Esc cancels it",
+        codes: &[((Char('/'), NO), Action::Find)],
+        scope: Scope::Panes(&[Pane::Hex]),
+    },
+    Binding {
+        keys: "n/N",
+        short: Some("next match"),
+        help: "The next or previous match of the last search (p is previous too)",
+        codes: &[((Char('N'), NO), Action::FindPrev)],
+        scope: Scope::Panes(&[Pane::Hex]),
+    },
+    Binding {
+        keys: "G",
+        short: None,
+        help: "The cursor to the last byte of the file (Home: the first)",
+        codes: &[((Char('G'), NO), Action::End)],
         scope: Scope::Panes(&[Pane::Hex]),
     },
     Binding {

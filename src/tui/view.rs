@@ -150,6 +150,9 @@ pub fn draw(f: &mut Frame, app: &mut App) {
                     _ => "Go to guest offset (Enter, Esc; Ctrl-U clears)",
                 },
                 InputFor::Simulate => "Operation(s) to simulate (Enter runs, Esc cancels)",
+                InputFor::HexSearch => {
+                    "Find bytes: de ad be ef, 0xdeadbeef or \"text\" (Enter, Esc)"
+                }
             };
             let at = input
                 .text
