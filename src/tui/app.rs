@@ -623,6 +623,7 @@ impl App {
                 };
             }
             Effect::Reload => self.load(),
+            Effect::Status(s) => self.status = s,
             Effect::Start(Job::Diff(a, b)) => self.compute_diff(a, b),
             Effect::Start(Job::Simulate(text)) => self.start_simulation(text),
             Effect::Start(Job::Lookup(c)) => {

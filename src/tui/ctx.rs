@@ -164,6 +164,8 @@ pub enum Effect {
     View(Option<String>),
     /// Reopen the image and rerun the check.
     Reload,
+    /// Say something on the status line.
+    Status(String),
 }
 
 impl Effect {

@@ -78,6 +78,8 @@ pub enum Action {
     Find,
     /// The previous match of the last search (Hex).
     FindPrev,
+    /// The inflated guest cluster of a compressed entry, in Hex (Tables).
+    Inflate,
 }
 
 /// Where a binding applies.
@@ -283,6 +285,13 @@ pub const KEYMAP: &[Binding] = &[
         help: "The bytes of the selected cluster or entry in Hex (a compressed entry: its compressed bytes)",
         codes: &[((Char('x'), NO), Action::Hex)],
         scope: Scope::Panes(&[Pane::Layout, Pane::Tables]),
+    },
+    Binding {
+        keys: "z",
+        short: Some("inflate"),
+        help: "A compressed L2 entry: its guest cluster inflated (deflate or zstd, as the header says), in Hex",
+        codes: &[((Char('z'), NO), Action::Inflate)],
+        scope: Scope::Panes(&[Pane::Tables]),
     },
     Binding {
         keys: "m",

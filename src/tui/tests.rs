@@ -1772,3 +1772,60 @@ fn a_search_of_a_big_file_runs_in_the_background_and_esc_cancels_it() {
     let s = screen(&mut a, 160, 30);
     assert!(s.contains("search for \"not there\" cancelled at"), "{s}");
 }
+
+// ---- issue 11 item 2: a compressed entry's inflated guest data -------------------
+
+#[test]
+fn z_on_a_compressed_entry_shows_the_inflated_guest_cluster_as_qemu_reads_it() {
+    for ctype in ["zlib", "zstd"] {
+        let dir = tempfile::tempdir().unwrap();
+        qemu_img(
+            dir.path(),
+            &[
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-o",
+                &format!("compression_type={ctype}"),
+                "c.qcow2",
+                "1M",
+            ],
+        );
+        // A cluster of varied bytes, written compressed by QEMU.
+        let pattern: Vec<u8> = (0..65536u32).map(|i| (i * 7 % 251) as u8).collect();
+        std::fs::write(dir.path().join("pattern"), &pattern).unwrap();
+        qemu_io(dir.path(), "c.qcow2", "write -c -s pattern 0x20000 64k");
+        qemu_img(dir.path(), &["convert", "-O", "raw", "c.qcow2", "c.raw"]);
+        let raw = std::fs::read(dir.path().join("c.raw")).unwrap();
+        let want = &raw[0x20000..0x30000];
+        assert_eq!(want, &pattern[..], "QEMU reads back what it wrote");
+        let mut a = open(dir.path().join("c.qcow2"));
+        typed(&mut a, "3");
+        key(&mut a, KeyCode::Enter);
+        key(&mut a, KeyCode::Down);
+        key(&mut a, KeyCode::Down);
+        typed(&mut a, "z");
+        assert_eq!(a.pane, Pane::Hex, "{}", a.status);
+        let src = a.panes.hex.src.clone().unwrap();
+        assert_eq!(src.len(), 65536);
+        let mut got = vec![0u8; 65536];
+        qinspect::io::read_into(src.as_ref(), "t", 0, &mut got).unwrap();
+        assert_eq!(got, want, "{ctype}");
+        let s = screen(&mut a, 160, 30);
+        assert!(
+            s.contains(&format!(
+                "Hex — guest data of guest cluster 2 (0x20000), inflated ({ctype}) from host"
+            )),
+            "{s}"
+        );
+        assert!(s.contains("not a file of the chain"), "{s}");
+        // Back to the entry; an entry that is not compressed says so.
+        key(&mut a, KeyCode::Backspace);
+        assert_eq!(a.pane, Pane::Tables);
+        key(&mut a, KeyCode::Up);
+        typed(&mut a, "z");
+        assert_eq!(a.pane, Pane::Tables);
+        assert!(a.status.contains("is not compressed"), "{}", a.status);
+    }
+}

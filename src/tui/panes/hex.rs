@@ -19,6 +19,7 @@ use ratatui::layout::{Alignment, Rect};
 use ratatui::style::{Color, Modifier, Style};
 use ratatui::text::{Line, Span};
 use ratatui::widgets::{Block, Borders, Paragraph, Wrap};
+use std::sync::Arc;
 
 /// Bytes per row at 80 columns.
 const ROW: u64 = 16;
@@ -52,6 +53,49 @@ pub struct State {
     pub search: Option<Running>,
     /// What the last search found, or why it did not.
     pub found: Option<String>,
+}
+
+/// Show the guest cluster a compressed L2 entry maps, inflated, in Hex: a file
+/// in memory named after the guest cluster (or, for an entry that is not
+/// compressed or does not inflate, a message saying so).
+pub fn inflated(
+    img: &Qcow2,
+    l2: u64,
+    l1_index: u64,
+    j: u64,
+    e: &qinspect::tables::L2Entry,
+) -> Effect {
+    let geo = img.geometry();
+    let g = geo.guest_offset(l1_index, j, 0).map_or(0, |g| g.0);
+    let gc = g >> geo.cluster_bits;
+    let d = match e.compressed_descriptor(&geo) {
+        Some(d) if e.compressed() => d,
+        _ => {
+            return Effect::Status(format!(
+                "L2 {l2:#x}[{j}] is not compressed: x shows its bytes in Hex"
+            ));
+        }
+    };
+    let (a, b) = d.range();
+    let method = img.header.compression_type().qemu_name();
+    match qinspect::lookup::read_compressed(img, &d, g, "the image") {
+        Ok(bytes) => {
+            let name = format!(
+                "guest data of guest cluster {gc} ({g:#x}), inflated ({method}) from host {a:#x}–{:#x}",
+                b.saturating_sub(1)
+            );
+            let src: SharedSource = Arc::new(qinspect::io::MemSource::new(name, bytes));
+            Effect::ShowHost {
+                offset: 0,
+                label: format!("guest {g:#x}"),
+                mark: Some((0, 0)),
+                src: Some(src),
+            }
+        }
+        Err(err) => Effect::Status(format!(
+            "guest cluster {gc} ({g:#x}) does not inflate: {err}"
+        )),
+    }
 }
 
 /// The style hexyl gives a byte: NUL, printable, whitespace, other ASCII, non-ASCII.
@@ -415,7 +459,15 @@ impl State {
                 ]));
             }
             None => {
-                let what = if self.image(ctx).is_none() {
+                let in_chain = self.is_image_file(ctx)
+                    || ctx.chain.as_ref().is_ok_and(|c| {
+                        c.layers
+                            .iter()
+                            .any(|l| Some(l.src.name()) == self.src.as_ref().map(|s| s.name()))
+                    });
+                let what = if !in_chain {
+                    "bytes in memory, not a file of the chain: no qcow2 structure".to_string()
+                } else if self.image(ctx).is_none() {
                     "this file is not opened as qcow2: no structure to decode".to_string()
                 } else if !self.is_image_file(ctx) {
                     "no metadata structure of this layer holds this byte".to_string()

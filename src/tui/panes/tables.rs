@@ -358,6 +358,18 @@ impl PaneState for State {
                 };
                 q.push(effect);
             }
+            (Level::L2(i), Action::Inflate) => {
+                let Some(img) = ctx.img.as_ref() else {
+                    return false;
+                };
+                let Ok((o, t)) = Self::l2_table(ctx, &view, i) else {
+                    return true;
+                };
+                let j = self.l2.sel;
+                if let Some(e) = t.get(j) {
+                    q.push(super::hex::inflated(img, o, i as u64, j as u64, e));
+                }
+            }
             (Level::L1, Action::Hex) => {
                 let i = self.l1.sel as u64;
                 let at = view.l1_offset.saturating_add(i.saturating_mul(8));
