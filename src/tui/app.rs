@@ -222,8 +222,43 @@ impl App {
         app.mtime = std::fs::metadata(&app.ctx.path)
             .and_then(|m| m.modified())
             .ok();
+        let files = app.ctx.chain_files();
+        if files.len() > 1 {
+            app.ctx.layer = Some((0, files));
+        }
         app.start_background();
         app
+    }
+
+    /// Show the next layer of the backing chain (after the last, the top again):
+    /// every pane then reads that file, as if it had been opened on its own.
+    pub fn next_layer(&mut self) {
+        let Some((i, files)) = self.ctx.layer.clone() else {
+            self.status = "this image has no backing file: it is the only layer".into();
+            return;
+        };
+        let j = (i + 1) % files.len().max(1);
+        let Some(path) = files.get(j).cloned() else {
+            return;
+        };
+        self.ctx.path = path;
+        self.ctx.view_snapshot = None;
+        self.ctx.report = None;
+        self.ctx.previous = None;
+        // Another file: nothing to compare with the previous load.
+        self.recorded = None;
+        self.changes = None;
+        self.changes_limits = None;
+        self.panes.tables = Default::default();
+        self.panes.layout = Default::default();
+        self.panes.refcounts = Default::default();
+        self.panes.hex = Default::default();
+        self.ctx.layer = Some((j, files));
+        self.load();
+        self.status = format!(
+            "now showing {}: L for the next layer",
+            self.ctx.layer_name().unwrap_or_default()
+        );
     }
 
     /// (Re)open the image and restart the background work.
@@ -256,6 +291,7 @@ impl App {
             ctx.open_chain();
         }
         ctx.previous = previous;
+        ctx.layer = self.ctx.layer.clone();
         self.ctx = ctx;
         let _ = view;
         self.panes.snapshots.diff = None;
@@ -486,6 +522,7 @@ impl App {
             }
             Action::Tour => super::tour::start(self),
             Action::HistoryForward => self.go_forward(),
+            Action::Layer => self.next_layer(),
             Action::Changes => match &self.changes {
                 Some(_) => self.popup = Some(Popup::Changes(ListView::default())),
                 None => {

@@ -80,6 +80,8 @@ pub enum Action {
     FindPrev,
     /// The inflated guest cluster of a compressed entry, in Hex (Tables).
     Inflate,
+    /// The next layer of the backing chain.
+    Layer,
 }
 
 /// Where a binding applies.
@@ -292,6 +294,13 @@ pub const KEYMAP: &[Binding] = &[
         help: "A compressed L2 entry: its guest cluster inflated (deflate or zstd, as the header says), in Hex",
         codes: &[((Char('z'), NO), Action::Inflate)],
         scope: Scope::Panes(&[Pane::Tables]),
+    },
+    Binding {
+        keys: "L",
+        short: Some("layer"),
+        help: "The next layer of the backing chain (layer 0 is the top image, then its backing files): Tables, Layout, Hex and the other panes read that file; every title names the layer",
+        codes: &[((Char('L'), NO), Action::Layer)],
+        scope: Scope::Panes(&[Pane::Overview, Pane::Layout, Pane::Tables, Pane::Hex]),
     },
     Binding {
         keys: "m",

@@ -613,9 +613,13 @@ impl PaneState for State {
         let end = (top + self.rows * w)
             .min(len.max(top + 1))
             .saturating_sub(1);
+        // The image file is named as its layer of the chain, when it has one.
+        let who = match ctx.layer_name() {
+            Some(l) if self.is_image_file(ctx) => l,
+            _ => src.name().display().to_string(),
+        };
         let title = format!(
-            "Hex — {}: {top:#x}–{end:#x} (host cluster {}{}) · arrows move, [ ] clusters, / find, g offset",
-            src.name().display(),
+            "Hex — {who}: {top:#x}–{end:#x} (host cluster {}{}) · arrows move, [ ] clusters, / find, g offset",
             top / cs,
             if end / cs != top / cs {
                 format!("–{}", end / cs)

@@ -259,11 +259,11 @@ impl PaneState for State {
             width: cells.width.saturating_sub(10),
             height: cells.height,
         };
-        let title = if ctx.roles.is_none() {
+        let title = ctx.titled(if ctx.roles.is_none() {
             "Layout (finding roles…)".to_string()
         } else {
             format!("Layout of {} clusters of {cs} bytes", n)
-        };
+        });
         f.render_widget(
             boxed(title).title_bottom(
                 Line::raw(format!(" row {}/{total_rows} ", sel_row + 1))

@@ -140,11 +140,11 @@ impl State {
         let geo = img.geometry();
         let active = view.snapshot.is_none();
         let cs_bits = geo.cluster_bits;
-        let title = format!(
+        let title = ctx.titled(format!(
             "{} at {:#x} — Enter opens an L2 table",
             view.label(),
             view.l1_offset
-        );
+        ));
         let l1 = view.l1.clone();
         let l1_offset = view.l1_offset;
         self.l1
@@ -188,10 +188,10 @@ impl State {
         let has_df = img.header.has_data_file();
         let active = view.snapshot.is_none();
         let backing = ctx.has_backing();
-        let title = format!(
+        let title = ctx.titled(format!(
             "L2 table at {off:#x} (from {}[{i}]) — Enter: trace it, x: in Hex, Bksp: back",
             view.label()
-        );
+        ));
         self.l2
             .render_list(f, area, boxed(title), table.len(), true, |r| {
                 table[r.clone()]
