@@ -402,9 +402,14 @@ impl State {
         if let Some(r) = &self.search {
             let (done, total) = r.progress;
             let pct = (done as f64 / total.max(1) as f64 * 100.0).min(100.0);
+            let at = if r.forward {
+                r.from.saturating_add(done)
+            } else {
+                r.from.saturating_sub(done)
+            };
             v.push(Line::styled(
                 format!(
-                    "searching for {}… {pct:.0}% (Esc cancels)",
+                    "searching for {}… at {at:#x}, {pct:.1}% (Esc cancels)",
                     hexsearch::show(&r.pattern)
                 ),
                 Style::new().fg(Color::Yellow),
