@@ -253,6 +253,8 @@ impl App {
         self.panes.layout = Default::default();
         self.panes.refcounts = Default::default();
         self.panes.hex = Default::default();
+        // Places remembered in another file would show this one's bytes.
+        self.history = History::default();
         self.ctx.layer = Some((j, files));
         self.load();
         self.status = format!(

@@ -1919,9 +1919,11 @@ fn l_steps_tables_layout_and_hex_through_a_three_layer_chain() {
     a.wait_background();
     typed(&mut a, "3");
     let s = screen(&mut a, 120, 30);
+    assert!(s.contains("┌ layer 2: base.raw · Tables "), "{s}");
     assert!(s.contains("layer 2: base.raw is a raw file"), "{s}");
     typed(&mut a, "2");
     let s = screen(&mut a, 120, 30);
+    assert!(s.contains("┌ layer 2: base.raw · Layout "), "{s}");
     assert!(s.contains("layer 2: base.raw is a raw file"), "{s}");
     typed(&mut a, "9g0x1000");
     key(&mut a, KeyCode::Enter);
@@ -1934,6 +1936,11 @@ fn l_steps_tables_layout_and_hex_through_a_three_layer_chain() {
     typed(&mut a, "3");
     let s = screen(&mut a, 120, 30);
     assert!(s.contains("layer 0: top.qcow2 · active L1"), "{s}");
+    // The help names the key.
+    typed(&mut a, "?");
+    let s = screen(&mut a, 160, 80);
+    assert!(s.contains("The next layer of the backing chain"), "{s}");
+    key(&mut a, KeyCode::Esc);
     // A single file has no layers to step through.
     let mut b = app("demo-compressed.qcow2");
     typed(&mut b, "3L");

@@ -208,7 +208,7 @@ pub fn lookup(img: &qinspect::image::Qcow2, c: u64) -> (Vec<qinspect::check::Ref
 impl PaneState for State {
     fn render(&mut self, f: &mut Frame, area: Rect, ctx: &Ctx) {
         let Some(img) = ctx.img.clone() else {
-            return super::nothing(f, area, "Layout", ctx.unopened());
+            return super::nothing(f, area, &ctx.titled("Layout".into()), ctx.unopened());
         };
         let cs = img.geometry().cluster_size();
         let n = Self::clusters_in(ctx);

@@ -279,7 +279,7 @@ impl State {
 impl PaneState for State {
     fn render(&mut self, f: &mut Frame, area: Rect, ctx: &Ctx) {
         if ctx.img.is_none() {
-            return super::nothing(f, area, "Tables", ctx.unopened());
+            return super::nothing(f, area, &ctx.titled("Tables".into()), ctx.unopened());
         }
         let Some(view) = ctx.view() else {
             return super::nothing(
