@@ -128,6 +128,7 @@ pub mod header;
 pub mod image;
 pub mod info;
 pub mod io;
+pub mod locate;
 pub mod lookup;
 pub mod map;
 pub mod refcount;

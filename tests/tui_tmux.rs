@@ -206,8 +206,11 @@ fn snapshots_hex_and_help_scroll_to_their_ends() {
     t.keys(&["n", "n", "Enter"]);
     let s = t.wait_for("the entry in Hex", |s| s.contains("00046000"));
     assert!(s.contains("at 0x46000"), "{s}");
+    // The cursor moves two rows, and the panel decodes the entry it lands on.
     t.keys(&["Down", "Down"]);
-    t.wait_for("rows scrolled", |s| s.contains("0x45fe0–"));
+    t.wait_for("the cursor two rows down", |s| {
+        s.contains("entry 1028 (guest 0x3010000)") && s.contains("in 0x46020–0x46027")
+    });
     t.keys(&["C-c"]);
     t.wait_for("the shell again", |s| s.contains("EXITED=0"));
     assert!(!t.alternate_screen(), "left the alternate screen");

@@ -62,6 +62,8 @@ pub enum InputFor {
     Simulate,
     /// What to find in the current list.
     FindInList,
+    /// Bytes or text to find in Hex.
+    HexSearch,
 }
 
 /// A one-line text field with a cursor.
@@ -225,8 +227,45 @@ impl App {
         app.mtime = std::fs::metadata(&app.ctx.path)
             .and_then(|m| m.modified())
             .ok();
+        let files = app.ctx.chain_files();
+        if files.len() > 1 {
+            app.ctx.layer = Some((0, files));
+        }
         app.start_background();
         app
+    }
+
+    /// Show the next layer of the backing chain (after the last, the top again):
+    /// every pane then reads that file, as if it had been opened on its own.
+    pub fn next_layer(&mut self) {
+        let Some((i, files)) = self.ctx.layer.clone() else {
+            self.status = "this image has no backing file: it is the only layer".into();
+            return;
+        };
+        let j = (i + 1) % files.len().max(1);
+        let Some(path) = files.get(j).cloned() else {
+            return;
+        };
+        self.ctx.path = path;
+        self.ctx.view_snapshot = None;
+        self.ctx.report = None;
+        self.ctx.previous = None;
+        // Another file: nothing to compare with the previous load.
+        self.recorded = None;
+        self.changes = None;
+        self.changes_limits = None;
+        self.panes.tables = Default::default();
+        self.panes.layout = Default::default();
+        self.panes.refcounts = Default::default();
+        self.panes.hex = Default::default();
+        // Places remembered in another file would show this one's bytes.
+        self.history = History::default();
+        self.ctx.layer = Some((j, files));
+        self.load();
+        self.status = format!(
+            "now showing {}: L for the next layer",
+            self.ctx.layer_name().unwrap_or_default()
+        );
     }
 
     /// (Re)open the image and restart the background work.
@@ -259,6 +298,7 @@ impl App {
             ctx.open_chain();
         }
         ctx.previous = previous;
+        ctx.layer = self.ctx.layer.clone();
         self.ctx = ctx;
         let _ = view;
         self.panes.snapshots.diff = None;
@@ -302,6 +342,7 @@ impl App {
             self.receive(msg);
         }
         super::find::step(self);
+        self.panes.hex.poll();
     }
 
     fn receive(&mut self, msg: Bg) {
@@ -367,11 +408,13 @@ impl App {
             || self.panes.snapshots.diff_running
             || self.panes.layout.looking.is_some()
             || self.sim_job.is_some()
+            || self.panes.hex.searching()
     }
 
     /// Wait for the background work (tests).
     #[cfg(test)]
     pub fn wait_background(&mut self) {
+        self.panes.hex.wait_search();
         while self.busy() {
             match self.rx.recv_timeout(std::time::Duration::from_secs(60)) {
                 Ok(msg) => self.receive(msg),
@@ -422,6 +465,7 @@ impl App {
                         self.apply(Effect::Start(Job::Simulate(text)))
                     }
                     InputFor::Simulate | InputFor::FindInList => {}
+                    InputFor::HexSearch => self.panes.hex.start_search(&text, &self.ctx),
                 }
             }
             _ => input.key(k),
@@ -484,6 +528,8 @@ impl App {
                         j.cancel.store(true, Ordering::Relaxed);
                     }
                     self.status = "simulation cancelled".into();
+                } else if self.panes.hex.cancel_search() {
+                    self.status = "search cancelled".into();
                 } else {
                     self.explain = false;
                     self.tour = None;
@@ -505,6 +551,7 @@ impl App {
             }
             Action::Tour => super::tour::start(self),
             Action::HistoryForward => self.go_forward(),
+            Action::Layer => self.next_layer(),
             Action::Changes => match &self.changes {
                 Some(_) => self.popup = Some(Popup::Changes(ListView::default())),
                 None => {
@@ -520,6 +567,15 @@ impl App {
                 super::find::next(self, action == Action::NextStep);
             }
             Action::PrevMatch => super::find::next(self, false),
+            // In Hex, `/` finds bytes in the file: the pane asks for them.
+            Action::FindInList if self.pane == Pane::Hex => {
+                let mut q = Vec::new();
+                let _ = self
+                    .panes
+                    .get_mut(self.pane)
+                    .handle(Action::Find, &self.ctx, &mut q);
+                self.apply_all(q);
+            }
             Action::FindInList => super::find::prompt(self),
             Action::NextMatters | Action::PrevMatters
                 if super::find::matters(self, action == Action::NextMatters) => {}

@@ -214,6 +214,12 @@ pub struct Ctx {
     pub passphrase: crate::cli::secret::Passphrase,
     /// For an encrypted image: how the key was opened, or why it was not.
     pub unlocked: Option<Result<String, String>>,
+    /// Where the metadata structures of each qcow2 file are (Hex decodes the
+    /// byte under its cursor with them), found once per load.
+    pub structures: std::sync::Mutex<Vec<(PathBuf, Arc<qinspect::locate::Structures>)>>,
+    /// With a backing chain: the layer shown (0: the top image) and the files of
+    /// the whole chain, top first.
+    pub layer: Option<(usize, Vec<PathBuf>)>,
 }
 
 impl Ctx {
@@ -250,6 +256,8 @@ impl Ctx {
             view_snapshot,
             passphrase,
             unlocked: None,
+            structures: Default::default(),
+            layer: None,
         };
         c.open_chain();
         c
@@ -308,6 +316,21 @@ impl Ctx {
         None
     }
 
+    /// The metadata structures of `img`, found on first use.
+    pub fn structures_of(&self, img: &Qcow2) -> Arc<qinspect::locate::Structures> {
+        let name = img.src.name().to_path_buf();
+        let mut cache = match self.structures.lock() {
+            Ok(c) => c,
+            Err(p) => p.into_inner(),
+        };
+        if let Some((_, s)) = cache.iter().find(|(n, _)| *n == name) {
+            return s.clone();
+        }
+        let s = Arc::new(qinspect::locate::Structures::of(img));
+        cache.push((name, s.clone()));
+        s
+    }
+
     /// The view Tables, Layout and Hex use.
     pub fn view(&self) -> Option<View> {
         let img = self.img.as_ref()?;
@@ -352,8 +375,50 @@ impl Ctx {
         Some(self.report.as_ref()?.imrt.as_ref()?.get(cluster))
     }
 
+    /// "layer 1: base.qcow2" when the chain has more than one layer.
+    pub fn layer_name(&self) -> Option<String> {
+        let (i, paths) = self.layer.as_ref()?;
+        let p = paths.get(*i)?;
+        let name = p.file_name().map_or(p.display().to_string(), |n| {
+            n.to_string_lossy().into_owned()
+        });
+        Some(format!("layer {i}: {name}"))
+    }
+
+    /// A pane title with the layer named in front.
+    pub fn titled(&self, title: String) -> String {
+        match self.layer_name() {
+            Some(l) => format!("{l} · {title}"),
+            None => title,
+        }
+    }
+
+    /// The chain's files, top first (the layers `L` steps through).
+    pub fn chain_files(&self) -> Vec<PathBuf> {
+        match &self.chain {
+            Ok(c) => c.layers.iter().map(|l| l.path.clone()).collect(),
+            Err(_) => vec![self.path.clone()],
+        }
+    }
+
+    /// Whether the file shown is a raw layer (no qcow2 structures at all).
+    pub fn is_raw_layer(&self) -> bool {
+        self.img.is_none()
+            && self.layer.as_ref().is_some_and(|(i, _)| *i > 0)
+            && self.chain.as_ref().is_ok_and(|c| {
+                c.layers.len() <= 1 && c.layers.first().is_some_and(|l| l.qcow2().is_none())
+            })
+    }
+
     /// Why a pane that needs the qcow2 structures has nothing to show.
     pub fn unopened(&self) -> String {
+        if self.is_raw_layer() {
+            return format!(
+                "{} is a raw file: it has no L1/L2 tables, refcounts or clusters of its own, and guest offset N is byte N of the file. Hex (9) shows its bytes; L goes to the next layer.",
+                self.layer_name()
+                    .unwrap_or_else(|| self.path.display().to_string())
+            );
+        }
         format!(
             "{} cannot be opened as qcow2: {}",
             self.path.display(),

@@ -32,6 +32,7 @@ enum Saved {
         u64,
         Option<(u64, String)>,
         Option<(u64, u64)>,
+        u64,
     ),
     Map(ListView),
 }
@@ -71,7 +72,7 @@ impl Place {
             }
             Pane::Hex => {
                 let h = &panes.hex;
-                Saved::Hex(h.src.clone(), h.top, h.target.clone(), h.mark)
+                Saved::Hex(h.src.clone(), h.top, h.target.clone(), h.mark, h.cursor)
             }
             Pane::Map => Saved::Map(panes.map.list.clone()),
         };
@@ -110,9 +111,9 @@ impl Place {
                 let s = &mut panes.simulate;
                 (s.menu, s.steps) = (menu, steps);
             }
-            Saved::Hex(src, top, target, mark) => {
+            Saved::Hex(src, top, target, mark, cursor) => {
                 let h = &mut panes.hex;
-                (h.src, h.top, h.target, h.mark) = (src, top, target, mark);
+                (h.src, h.top, h.target, h.mark, h.cursor) = (src, top, target, mark, cursor);
             }
             Saved::Map(list) => panes.map.list = list,
         }
@@ -152,7 +153,9 @@ impl Place {
             Saved::Check(l, d, _) => [lv(l), lv(d)].concat(),
             Saved::Simulate(m, s) => [lv(m), lv(s)].concat(),
             Saved::Map(l) => lv(l).to_vec(),
-            Saved::Hex(_, top, target, _) => vec![*top, target.as_ref().map_or(u64::MAX, |t| t.0)],
+            Saved::Hex(_, top, target, _, _) => {
+                vec![*top, target.as_ref().map_or(u64::MAX, |t| t.0)]
+            }
         }
     }
 }

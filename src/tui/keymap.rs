@@ -80,6 +80,18 @@ pub enum Action {
     PrevMatters,
     /// Hide the rows that hold nothing, or show them again.
     HideEmpty,
+    /// A whole cluster back (Hex).
+    ClusterPrev,
+    /// A whole cluster forward (Hex).
+    ClusterNext,
+    /// Find bytes or text (Hex).
+    Find,
+    /// The previous match of the last search (Hex).
+    FindPrev,
+    /// The inflated guest cluster of a compressed entry, in Hex (Tables).
+    Inflate,
+    /// The next layer of the backing chain.
+    Layer,
 }
 
 /// The panes whose list `/` searches.
@@ -90,6 +102,17 @@ pub const LIST_PANES: &[Pane] = &[
     Pane::Check,
     Pane::Simulate,
     Pane::Map,
+];
+
+/// The panes where `/` finds: every list, and Hex (bytes in the file).
+pub const FIND_PANES: &[Pane] = &[
+    Pane::Tables,
+    Pane::Refcounts,
+    Pane::Snapshots,
+    Pane::Check,
+    Pane::Simulate,
+    Pane::Map,
+    Pane::Hex,
 ];
 
 /// Where a binding applies.
@@ -168,7 +191,7 @@ pub const KEYMAP: &[Binding] = &[
     Binding {
         keys: "↑↓/jk",
         short: None,
-        help: "Move the selection up or down (Hex and Overview: scroll a row)",
+        help: "Move the selection up or down (Hex: the cursor a row; Overview: scroll a row)",
         codes: &[
             ((KeyCode::Up, NO), Action::Up),
             ((Char('k'), NO), Action::Up),
@@ -180,7 +203,7 @@ pub const KEYMAP: &[Binding] = &[
     Binding {
         keys: "←→/hl",
         short: None,
-        help: "Layout: the previous or next cluster. Hex: a whole cluster back or forward",
+        help: "Layout: the previous or next cluster. Hex: the cursor a byte back or forward",
         codes: &[
             ((KeyCode::Left, NO), Action::Left),
             ((Char('h'), NO), Action::Left),
@@ -194,9 +217,23 @@ pub const KEYMAP: &[Binding] = &[
         short: Some("cluster"),
         help: "A whole cluster back or forward",
         codes: &[
-            ((Char('['), NO), Action::Left),
-            ((Char(']'), NO), Action::Right),
+            ((Char('['), NO), Action::ClusterPrev),
+            ((Char(']'), NO), Action::ClusterNext),
         ],
+        scope: Scope::Panes(&[Pane::Hex]),
+    },
+    Binding {
+        keys: "n/N",
+        short: Some("next match"),
+        help: "The next or previous match of the last search (p is previous too)",
+        codes: &[((Char('N'), NO), Action::FindPrev)],
+        scope: Scope::Panes(&[Pane::Hex]),
+    },
+    Binding {
+        keys: "G",
+        short: None,
+        help: "The cursor to the last byte of the file (Home: the first)",
+        codes: &[((Char('G'), NO), Action::End)],
         scope: Scope::Panes(&[Pane::Hex]),
     },
     Binding {
@@ -278,9 +315,9 @@ pub const KEYMAP: &[Binding] = &[
     Binding {
         keys: "/",
         short: Some("find"),
-        help: "Find in this list (and in the Changes list, c): words (a name, a kind), an offset or a raw value (0x50000 or decimal: a row that names it or covers it). Enter selects the first match at or after the selection; then n/N the next/previous match (n/p too while a search is on); Esc forgets it",
+        help: "Find in a list (and in the Changes list, c): words (a name, a kind), an offset or a raw value (0x50000 or decimal: a row that names it or covers it); Enter selects the first match at or after the selection; then n/N the next/previous match (n/p too while a search is on); Esc forgets it. Find hex bytes (de ad be ef, 0xdeadbeef) or \"text\" in the file, in Hex, from the cursor on; it runs in the background and Esc cancels it",
         codes: &[((Char('/'), NO), Action::FindInList)],
-        scope: Scope::Panes(LIST_PANES),
+        scope: Scope::Panes(FIND_PANES),
     },
     Binding {
         keys: "N",
@@ -311,6 +348,20 @@ pub const KEYMAP: &[Binding] = &[
         help: "Hide the rows that hold nothing, or show them again: unallocated entries (Tables), refcount 0 and absent blocks (Refcounts), unallocated extents (Map)",
         codes: &[((Char('u'), NO), Action::HideEmpty)],
         scope: Scope::Panes(&[Pane::Tables, Pane::Refcounts, Pane::Map]),
+    },
+    Binding {
+        keys: "z",
+        short: Some("inflate"),
+        help: "A compressed L2 entry: its guest cluster inflated (deflate or zstd, as the header says), in Hex",
+        codes: &[((Char('z'), NO), Action::Inflate)],
+        scope: Scope::Panes(&[Pane::Tables]),
+    },
+    Binding {
+        keys: "L",
+        short: Some("layer"),
+        help: "The next layer of the backing chain (layer 0 is the top image, then its backing files): Tables, Layout, Hex and the other panes read that file; every title names the layer",
+        codes: &[((Char('L'), NO), Action::Layer)],
+        scope: Scope::Panes(&[Pane::Overview, Pane::Layout, Pane::Tables, Pane::Hex]),
     },
     Binding {
         keys: "m",
@@ -433,7 +484,7 @@ pub fn action_for(key: &KeyEvent, current: Pane) -> Option<Action> {
 pub fn list_action(key: &KeyEvent) -> Option<Action> {
     KEYMAP
         .iter()
-        .filter(|b| matches!(b.scope, Scope::Panes(p) if p == LIST_PANES))
+        .filter(|b| matches!(b.scope, Scope::Panes(p) if p == LIST_PANES || p == FIND_PANES))
         .flat_map(|b| b.codes.iter())
         .find(|(k, _)| matches(key, k))
         .map(|(_, a)| *a)

@@ -153,6 +153,9 @@ pub fn draw(f: &mut Frame, app: &mut App) {
                 InputFor::FindInList => {
                     "Find: words, an offset or a raw value (Enter selects, Esc cancels)"
                 }
+                InputFor::HexSearch => {
+                    "Find bytes: de ad be ef, 0xdeadbeef or \"text\" (Enter, Esc)"
+                }
             };
             let at = input
                 .text

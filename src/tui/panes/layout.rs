@@ -220,7 +220,7 @@ pub fn lookup(img: &qinspect::image::Qcow2, c: u64) -> (Vec<qinspect::check::Ref
 impl PaneState for State {
     fn render(&mut self, f: &mut Frame, area: Rect, ctx: &Ctx) {
         let Some(img) = ctx.img.clone() else {
-            return super::nothing(f, area, "Layout", ctx.unopened());
+            return super::nothing(f, area, &ctx.titled("Layout".into()), ctx.unopened());
         };
         let cs = img.geometry().cluster_size();
         let n = Self::clusters_in(ctx);
@@ -271,11 +271,11 @@ impl PaneState for State {
             width: cells.width.saturating_sub(10),
             height: cells.height,
         };
-        let title = if ctx.roles.is_none() {
+        let title = ctx.titled(if ctx.roles.is_none() {
             "Layout (finding roles…)".to_string()
         } else {
             format!("Layout of {} clusters of {cs} bytes", n)
-        };
+        });
         f.render_widget(
             boxed(title).title_bottom(
                 Line::raw(format!(" row {}/{total_rows} ", sel_row + 1))

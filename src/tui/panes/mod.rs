@@ -4,6 +4,7 @@
 
 pub mod check;
 pub mod hex;
+pub mod hexsearch;
 pub mod layout;
 pub mod map;
 pub mod overview;

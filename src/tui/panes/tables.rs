@@ -140,11 +140,11 @@ impl State {
         let geo = img.geometry();
         let active = view.snapshot.is_none();
         let cs_bits = geo.cluster_bits;
-        let title = format!(
+        let title = ctx.titled(format!(
             "{} at {:#x} — Enter opens an L2 table",
             view.label(),
             view.l1_offset
-        );
+        ));
         let l1 = view.l1.clone();
         let l1_offset = view.l1_offset;
         self.l1
@@ -188,10 +188,10 @@ impl State {
         let has_df = img.header.has_data_file();
         let active = view.snapshot.is_none();
         let backing = ctx.has_backing();
-        let title = format!(
+        let title = ctx.titled(format!(
             "L2 table at {off:#x} (from {}[{i}]) — Enter: trace it, x: in Hex, Bksp: back",
             view.label()
-        );
+        ));
         self.l2
             .render_list(f, area, boxed(title), table.len(), true, |r| {
                 table[r.clone()]
@@ -279,7 +279,7 @@ impl State {
 impl PaneState for State {
     fn render(&mut self, f: &mut Frame, area: Rect, ctx: &Ctx) {
         if ctx.img.is_none() {
-            return super::nothing(f, area, "Tables", ctx.unopened());
+            return super::nothing(f, area, &ctx.titled("Tables".into()), ctx.unopened());
         }
         if let Some(why) = ctx.l1_unread() {
             return super::nothing(f, area, "Tables", why);
@@ -360,6 +360,18 @@ impl PaneState for State {
                     },
                 };
                 q.push(effect);
+            }
+            (Level::L2(i), Action::Inflate) => {
+                let Some(img) = ctx.img.as_ref() else {
+                    return false;
+                };
+                let Ok((o, t)) = Self::l2_table(ctx, &view, i) else {
+                    return true;
+                };
+                let j = self.l2.sel;
+                if let Some(e) = t.get(j) {
+                    q.push(super::hex::inflated(img, o, i as u64, j as u64, e));
+                }
             }
             (Level::L1, Action::Hex) => {
                 let i = self.l1.sel as u64;

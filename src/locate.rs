@@ -1,0 +1,686 @@
+//! Which metadata structure a host offset of an image file belongs to, and what
+//! the bytes there mean: the header field, the header extension, the backing file
+//! name, an L1/L2 entry, a refcount-table or refcount-block entry, a field of a
+//! snapshot-table entry or of a bitmap directory entry.
+//!
+//! [`Structures::of`] lists where every structure is, from the header and the
+//! tables the image already decodes (the same places the checker walks). It reads
+//! snapshot L1 tables but no L2 table, so it is cheap to build once per load.
+//! [`Structures::decode`] then names the field under one offset.
+
+use crate::bytes::be32;
+use crate::header::{Extension, ExtensionKind};
+use crate::image::Qcow2;
+use crate::io::read_into;
+use crate::refcount::get_refcount;
+use crate::tables::L1Entry;
+use std::collections::HashSet;
+
+/// Regions listed at most (L2 tables and refcount blocks of a hostile image can
+/// be many; past this the rest are not named).
+pub const MAX_REGIONS: usize = 1 << 20;
+
+/// What a region of the file holds.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// The header (up to `header_length`).
+    Header,
+    /// A header extension (index in [`Qcow2::extensions`]).
+    Extension(usize),
+    /// The backing file name.
+    BackingName,
+    /// An L1 table: the active one (None) or a snapshot's (index in the table).
+    L1(Option<usize>),
+    /// An L2 table named by entry `l1_index` of an L1 table.
+    L2 {
+        /// The L1 table: None for the active one, or a snapshot index.
+        snapshot: Option<usize>,
+        /// The L1 entry that names it.
+        l1_index: u64,
+    },
+    /// The refcount table.
+    RefcountTable,
+    /// A refcount block, named by this refcount-table entry.
+    RefcountBlock(u64),
+    /// A snapshot table entry (index).
+    Snapshot(usize),
+    /// A bitmap directory entry (index).
+    BitmapEntry(usize),
+}
+
+/// One structure and the bytes it spans.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Region {
+    /// First byte.
+    pub start: u64,
+    /// One past the last byte.
+    pub end: u64,
+    /// What it is.
+    pub kind: Kind,
+}
+
+/// The decoded meaning of the bytes under one host offset.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Decoded {
+    /// The structure ("header", "active L1 table at 0x30000", ...).
+    pub structure: String,
+    /// The field or entry ("l1_size", "entry 5").
+    pub item: String,
+    /// The bytes of that field or entry.
+    pub start: u64,
+    /// One past its last byte.
+    pub end: u64,
+    /// The raw value (big-endian), when it is a number.
+    pub raw: Option<u64>,
+    /// What it means here.
+    pub meaning: String,
+}
+
+/// Where every metadata structure of one image is.
+#[derive(Clone, Debug, Default)]
+pub struct Structures {
+    /// Regions, sorted by start.
+    pub regions: Vec<Region>,
+    /// Whether [`MAX_REGIONS`] cut the list short.
+    pub truncated: bool,
+}
+
+/// Snapshot-table entry fields: offset in the entry, size, name.
+const SNAPSHOT_FIELDS: &[(u64, u64, &str)] = &[
+    (0, 8, "l1_table_offset"),
+    (8, 4, "l1_size"),
+    (12, 2, "id_str_size"),
+    (14, 2, "name_size"),
+    (16, 4, "date_sec"),
+    (20, 4, "date_nsec"),
+    (24, 8, "vm_clock_nsec"),
+    (32, 4, "vm_state_size"),
+    (36, 4, "extra_data_size"),
+];
+
+/// Extra data of a snapshot-table entry: offset after the fixed part, size, name.
+const SNAPSHOT_EXTRA: &[(u64, u64, &str)] = &[
+    (0, 8, "vm_state_size_large"),
+    (8, 8, "disk_size"),
+    (16, 8, "icount"),
+];
+
+/// Bitmap directory entry fields: offset in the entry, size, name.
+const BITMAP_FIELDS: &[(u64, u64, &str)] = &[
+    (0, 8, "bitmap_table_offset"),
+    (8, 4, "bitmap_table_size"),
+    (12, 4, "flags"),
+    (16, 1, "type"),
+    (17, 1, "granularity_bits"),
+    (18, 2, "name_size"),
+    (20, 4, "extra_data_size"),
+];
+
+fn field_at(fields: &[(u64, u64, &'static str)], rel: u64) -> Option<(u64, u64, &'static str)> {
+    fields
+        .iter()
+        .copied()
+        .find(|(o, n, _)| rel >= *o && rel < o.saturating_add(*n))
+}
+
+impl Structures {
+    /// Where the structures of `img` are.
+    pub fn of(img: &Qcow2) -> Structures {
+        let h = &img.header;
+        let cs = img.geometry().cluster_size();
+        let mut s = Structures::default();
+        let mut seen = HashSet::new();
+        s.push(0, u64::from(h.header_length.max(72)), Kind::Header);
+        for (i, e) in img.extensions.iter().enumerate() {
+            let len = crate::bytes::align8(u64::from(e.length)).saturating_add(8);
+            s.push(e.offset, e.offset.saturating_add(len), Kind::Extension(i));
+        }
+        if h.backing_file_offset != 0 {
+            s.push(
+                h.backing_file_offset,
+                h.backing_file_offset
+                    .saturating_add(u64::from(h.backing_file_size)),
+                Kind::BackingName,
+            );
+        }
+        s.l1(img, h.l1_table_offset, &img.l1, None, &mut seen);
+        // Snapshot L1 tables are read (L2 tables are not); a table of hostile
+        // size stops the reading at a budget.
+        let mut budget: u64 = 1 << 22;
+        for (i, sn) in img.snapshots.snapshots.iter().enumerate() {
+            s.push(
+                sn.entry_offset,
+                sn.entry_offset.saturating_add(sn.entry_len),
+                Kind::Snapshot(i),
+            );
+            budget = match budget.checked_sub(u64::from(sn.l1_size)) {
+                Some(b) => b,
+                None => {
+                    s.truncated = true;
+                    continue;
+                }
+            };
+            if let Ok(l1) = img.snapshot_l1(sn) {
+                s.l1(img, sn.l1_table_offset, &l1, Some(i), &mut seen);
+            }
+        }
+        let rt_len = u64::from(h.refcount_table_clusters).saturating_mul(cs);
+        s.push(
+            h.refcount_table_offset,
+            h.refcount_table_offset.saturating_add(rt_len),
+            Kind::RefcountTable,
+        );
+        if let Ok(rt) = img.refcount_table() {
+            for (i, e) in rt.iter().enumerate() {
+                if let Some(o) = e.block_offset() {
+                    s.push(o.0, o.0.saturating_add(cs), Kind::RefcountBlock(i as u64));
+                }
+            }
+        }
+        if let Some(Ok(dir)) = &img.bitmaps {
+            for (i, b) in dir.iter().enumerate() {
+                let len = 24u64
+                    .saturating_add(u64::from(b.extra_data_size))
+                    .saturating_add(b.name.len() as u64);
+                s.push(
+                    b.entry_offset,
+                    b.entry_offset.saturating_add(len),
+                    Kind::BitmapEntry(i),
+                );
+            }
+        }
+        s.regions.sort_by_key(|r| (r.start, r.end));
+        s
+    }
+
+    fn push(&mut self, start: u64, end: u64, kind: Kind) {
+        if end <= start {
+            return;
+        }
+        if self.regions.len() >= MAX_REGIONS {
+            self.truncated = true;
+            return;
+        }
+        self.regions.push(Region { start, end, kind });
+    }
+
+    fn l1(
+        &mut self,
+        img: &Qcow2,
+        offset: u64,
+        l1: &[L1Entry],
+        snap: Option<usize>,
+        seen: &mut HashSet<u64>,
+    ) {
+        let cs = img.geometry().cluster_size();
+        if offset != 0 {
+            let len = (l1.len() as u64).saturating_mul(8);
+            self.push(offset, offset.saturating_add(len), Kind::L1(snap));
+        }
+        for (i, e) in l1.iter().enumerate() {
+            let Some(o) = e.l2_offset() else { continue };
+            // An L2 table shared with the active L1 (or an earlier snapshot) is
+            // listed once, under the first L1 table that names it.
+            if seen.insert(o.0) {
+                self.push(
+                    o.0,
+                    o.0.saturating_add(cs),
+                    Kind::L2 {
+                        snapshot: snap,
+                        l1_index: i as u64,
+                    },
+                );
+            }
+        }
+    }
+
+    /// The regions that hold `offset`, the smallest first.
+    pub fn at(&self, offset: u64) -> Vec<&Region> {
+        let upto = self.regions.partition_point(|r| r.start <= offset);
+        let mut v: Vec<&Region> = self
+            .regions
+            .get(..upto)
+            .unwrap_or(&[])
+            .iter()
+            .filter(|r| offset < r.end)
+            .collect();
+        v.sort_by_key(|r| r.end.saturating_sub(r.start));
+        v
+    }
+
+    /// What the bytes at `offset` are, in the smallest structure that holds them
+    /// (None: no metadata structure: guest data, free space or past every table).
+    pub fn decode(&self, img: &Qcow2, offset: u64) -> Option<Decoded> {
+        self.at(offset)
+            .into_iter()
+            .find_map(|r| decode_in(img, r, offset))
+    }
+}
+
+fn read_be(img: &Qcow2, at: u64, size: u64) -> Option<u64> {
+    let mut b = [0u8; 8];
+    let n = usize::try_from(size).ok().filter(|n| *n <= 8)?;
+    let dst = b.get_mut(8usize.saturating_sub(n)..)?;
+    let got = read_into(img.src.as_ref(), "field", at, dst).ok()?;
+    (got == n).then(|| u64::from_be_bytes(b))
+}
+
+fn decode_in(img: &Qcow2, r: &Region, offset: u64) -> Option<Decoded> {
+    let geo = img.geometry();
+    let rel = offset.checked_sub(r.start)?;
+    let snap_name = |i: &Option<usize>| match i {
+        None => "active L1 table".to_string(),
+        Some(i) => img
+            .snapshots
+            .snapshots
+            .get(*i)
+            .map_or("a snapshot's L1 table".into(), |s| {
+                format!("L1 table of snapshot {} '{}'", s.id, s.name)
+            }),
+    };
+    let d = match &r.kind {
+        Kind::Header => {
+            let fields = img.header.fields();
+            match fields
+                .iter()
+                .find(|f| offset >= f.offset && offset < f.offset.saturating_add(f.size))
+            {
+                Some(f) => Decoded {
+                    structure: "header".into(),
+                    item: f.name.into(),
+                    start: f.offset,
+                    end: f.offset.saturating_add(f.size),
+                    raw: Some(f.value),
+                    meaning: f.meaning.clone(),
+                },
+                None => Decoded {
+                    structure: "header".into(),
+                    item: "padding".into(),
+                    start: offset,
+                    end: offset.saturating_add(1),
+                    raw: None,
+                    meaning: "bytes after the last field, inside header_length".into(),
+                },
+            }
+        }
+        Kind::Extension(i) => {
+            let e = img.extensions.get(*i)?;
+            extension(e, r, rel)
+        }
+        Kind::BackingName => Decoded {
+            structure: "backing file name".into(),
+            item: "name".into(),
+            start: r.start,
+            end: r.end,
+            raw: None,
+            meaning: format!(
+                "the backing file is \"{}\" (not NUL-terminated; backing_file_size {} bytes)",
+                img.backing_name.as_deref().unwrap_or(""),
+                img.header.backing_file_size
+            ),
+        },
+        Kind::L1(s) => {
+            let i = rel / 8;
+            let start = r.start.saturating_add(i.saturating_mul(8));
+            let raw = read_be(img, start, 8)?;
+            Decoded {
+                structure: format!("{} at {:#x}", snap_name(s), r.start),
+                item: format!("entry {i}"),
+                start,
+                end: start.saturating_add(8),
+                raw: Some(raw),
+                meaning: L1Entry(raw).describe(&geo),
+            }
+        }
+        Kind::L2 { snapshot, l1_index } => {
+            let es = geo.l2_entry_size();
+            let j = rel.checked_div(es)?;
+            let start = r.start.saturating_add(j.saturating_mul(es));
+            let t = img.l2_table(crate::types::HostOffset(r.start)).ok()?;
+            let e = t.get(usize::try_from(j).ok()?)?;
+            let guest = geo
+                .guest_offset(*l1_index, j, 0)
+                .map_or("past the addressable disk".into(), |g| {
+                    format!("guest {:#x}", g.0)
+                });
+            Decoded {
+                structure: format!(
+                    "L2 table at {:#x} ({}[{l1_index}])",
+                    r.start,
+                    snap_name(snapshot)
+                ),
+                item: format!("entry {j} ({guest})"),
+                start,
+                end: start.saturating_add(es),
+                raw: Some(e.raw),
+                meaning: e.describe(&geo, img.header.has_data_file()),
+            }
+        }
+        Kind::RefcountTable => {
+            let i = rel / 8;
+            let start = r.start.saturating_add(i.saturating_mul(8));
+            let raw = read_be(img, start, 8)?;
+            let rg = img.refcount_geometry();
+            let first = i.checked_shl(rg.block_bits()).unwrap_or(u64::MAX);
+            let per = rg.entries_per_block();
+            let meaning = match crate::refcount::RefTableEntry(raw).block_offset() {
+                Some(o) => format!(
+                    "refcount block at {:#x}, counting host clusters {first} to {}",
+                    o.0,
+                    first.saturating_add(per.saturating_sub(1))
+                ),
+                None if raw == 0 => format!(
+                    "no refcount block: host clusters {first} to {} have refcount 0",
+                    first.saturating_add(per.saturating_sub(1))
+                ),
+                None => "reserved bits set and no block offset".into(),
+            };
+            Decoded {
+                structure: format!("refcount table at {:#x}", r.start),
+                item: format!("entry {i}"),
+                start,
+                end: start.saturating_add(8),
+                raw: Some(raw),
+                meaning,
+            }
+        }
+        Kind::RefcountBlock(ti) => {
+            let order = img.header.refcount_order.min(6);
+            let bits = 1u64 << order;
+            let index = rel.saturating_mul(8) >> order;
+            let block = img.refcount_block(crate::types::HostOffset(r.start)).ok()?;
+            let value = get_refcount(&block, order, index);
+            let rg = img.refcount_geometry();
+            let cluster = ti
+                .checked_shl(rg.block_bits())
+                .and_then(|c| c.checked_add(index));
+            let start = r.start.saturating_add(index.saturating_mul(bits) / 8);
+            let end = r
+                .start
+                .saturating_add(index.saturating_add(1).saturating_mul(bits).div_ceil(8));
+            Decoded {
+                structure: format!(
+                    "refcount block at {:#x} (refcount table entry {ti})",
+                    r.start
+                ),
+                item: format!("entry {index} ({bits}-bit)"),
+                start,
+                end,
+                raw: Some(value),
+                meaning: match cluster {
+                    Some(c) => format!(
+                        "host cluster {c} (offset {:#x}) has refcount {value}",
+                        c.saturating_mul(geo.cluster_size())
+                    ),
+                    None => format!("refcount {value} of a cluster past 2^64"),
+                },
+            }
+        }
+        Kind::Snapshot(i) => {
+            let sn = img.snapshots.snapshots.get(*i)?;
+            let structure = format!(
+                "snapshot table entry {i} (ID {} '{}') at {:#x}",
+                sn.id, sn.name, r.start
+            );
+            let extra = u64::from(sn.extra_data_size);
+            let id_len = sn.id.len() as u64;
+            let (start, size, item, meaning) = if let Some((o, n, name)) =
+                field_at(SNAPSHOT_FIELDS, rel)
+            {
+                let meaning = match name {
+                    "l1_table_offset" => {
+                        format!("the snapshot's L1 table is at {:#x}", sn.l1_table_offset)
+                    }
+                    "l1_size" => format!("{} L1 entries", sn.l1_size),
+                    "id_str_size" => format!("the ID \"{}\" is {id_len} bytes", sn.id),
+                    "name_size" => format!("the name \"{}\" is {} bytes", sn.name, sn.name.len()),
+                    "date_sec" => "seconds since the epoch when it was taken".into(),
+                    "date_nsec" => "nanoseconds of that date".into(),
+                    "vm_clock_nsec" => "the guest clock when it was taken, in nanoseconds".into(),
+                    "vm_state_size" => "saved VM state size (32-bit field)".into(),
+                    _ => format!("{extra} bytes of extra data follow"),
+                };
+                (o, n, name.to_string(), meaning)
+            } else if rel < 40u64.saturating_add(extra) {
+                let x = rel.saturating_sub(40);
+                match field_at(SNAPSHOT_EXTRA, x) {
+                    Some((o, n, name)) if o.saturating_add(n) <= extra => {
+                        let meaning = match name {
+                            "vm_state_size_large" => {
+                                format!("saved VM state: {} bytes", sn.vm_state_size)
+                            }
+                            "disk_size" => sn
+                                .disk_size
+                                .map_or("-".into(), |d| format!("the virtual disk was {d} bytes")),
+                            _ => sn.icount.map_or("no instruction count (-1)".into(), |c| {
+                                format!("instruction count {c}")
+                            }),
+                        };
+                        (
+                            40u64.saturating_add(o),
+                            n,
+                            format!("extra data: {name}"),
+                            meaning,
+                        )
+                    }
+                    _ => (
+                        rel,
+                        1,
+                        "extra data".into(),
+                        "extra data qinspect does not know".into(),
+                    ),
+                }
+            } else if rel < 40u64.saturating_add(extra).saturating_add(id_len) {
+                (
+                    40u64.saturating_add(extra),
+                    id_len,
+                    "id_str".into(),
+                    format!("the ID \"{}\"", sn.id),
+                )
+            } else {
+                let at = 40u64.saturating_add(extra).saturating_add(id_len);
+                (
+                    at,
+                    sn.entry_len.saturating_sub(at),
+                    "name".into(),
+                    format!("the name \"{}\"", sn.name),
+                )
+            };
+            let s = r.start.saturating_add(start);
+            Decoded {
+                structure,
+                item,
+                start: s,
+                end: s.saturating_add(size.max(1)),
+                raw: (size <= 8 && start < 40u64.saturating_add(extra))
+                    .then(|| read_be(img, s, size))
+                    .flatten(),
+                meaning,
+            }
+        }
+        Kind::BitmapEntry(i) => {
+            let dir = img.bitmaps.as_ref()?.as_ref().ok()?;
+            let b = dir.get(*i)?;
+            let extra = u64::from(b.extra_data_size);
+            let (start, size, item, meaning) = match field_at(BITMAP_FIELDS, rel) {
+                Some((o, n, name)) => {
+                    let meaning = match name {
+                        "bitmap_table_offset" => {
+                            format!("the bitmap table is at {:#x}", b.table_offset)
+                        }
+                        "bitmap_table_size" => format!("{} bitmap table entries", b.table_size),
+                        "flags" => match b.flag_names() {
+                            v if v.is_empty() => "no flags".into(),
+                            v => v.join(", "),
+                        },
+                        "type" => {
+                            if b.bitmap_type == 1 {
+                                "dirty tracking bitmap".into()
+                            } else {
+                                format!("type {} (QEMU knows only 1)", b.bitmap_type)
+                            }
+                        }
+                        "granularity_bits" => {
+                            format!("one bit covers {} guest bytes", b.granularity())
+                        }
+                        "name_size" => format!("the name \"{}\" is {} bytes", b.name, b.name.len()),
+                        _ => format!("{extra} bytes of extra data follow"),
+                    };
+                    (o, n, name.to_string(), meaning)
+                }
+                None if rel < 24u64.saturating_add(extra) => {
+                    (24, extra, "extra data".into(), "extra data".into())
+                }
+                None => {
+                    let at = 24u64.saturating_add(extra);
+                    (
+                        at,
+                        b.name.len() as u64,
+                        "name".into(),
+                        format!("the name \"{}\"", b.name),
+                    )
+                }
+            };
+            let s = r.start.saturating_add(start);
+            Decoded {
+                structure: format!("bitmap directory entry {i} '{}' at {:#x}", b.name, r.start),
+                item,
+                start: s,
+                end: s.saturating_add(size.max(1)),
+                raw: (start < 24).then(|| read_be(img, s, size)).flatten(),
+                meaning,
+            }
+        }
+    };
+    Some(d)
+}
+
+fn extension(e: &Extension, r: &Region, rel: u64) -> Decoded {
+    let structure = format!("header extension '{}' at {:#x}", e.type_name(), r.start);
+    let at = |o: u64, n: u64| {
+        (
+            r.start.saturating_add(o),
+            r.start.saturating_add(o).saturating_add(n),
+        )
+    };
+    let (item, (start, end), raw, meaning) = match rel {
+        0..4 => (
+            "type".to_string(),
+            at(0, 4),
+            Some(u64::from(e.ext_type)),
+            format!("{:#010x}: {}", e.ext_type, e.type_name()),
+        ),
+        4..8 => (
+            "length".into(),
+            at(4, 4),
+            Some(u64::from(e.length)),
+            format!("{} bytes of data, padded to 8", e.length),
+        ),
+        _ if rel >= u64::from(e.length).saturating_add(8) => (
+            "padding".into(),
+            (
+                r.start.saturating_add(rel),
+                r.start.saturating_add(rel).saturating_add(1),
+            ),
+            None,
+            "padding to a multiple of 8".into(),
+        ),
+        _ => {
+            let x = rel.saturating_sub(8);
+            match &e.kind {
+                ExtensionKind::BackingFormat { format } => (
+                    "data".into(),
+                    at(8, u64::from(e.length)),
+                    None,
+                    format!("the backing file's format is \"{format}\""),
+                ),
+                ExtensionKind::DataFile { name } => (
+                    "data".into(),
+                    at(8, u64::from(e.length)),
+                    None,
+                    format!("the external data file is \"{name}\""),
+                ),
+                ExtensionKind::FeatureTable { names } => {
+                    let k = x / 48;
+                    let n = names.get(usize::try_from(k).unwrap_or(usize::MAX));
+                    (
+                        format!("entry {k}"),
+                        at(8u64.saturating_add(k.saturating_mul(48)), 48),
+                        None,
+                        n.map_or("a feature name".into(), |n| {
+                            format!("type {} bit {}: \"{}\"", n.group_raw, n.bit, n.name)
+                        }),
+                    )
+                }
+                ExtensionKind::Bitmaps {
+                    nb_bitmaps,
+                    directory_size,
+                    directory_offset,
+                    ..
+                } => {
+                    let (o, n, name, v, m) = match x {
+                        0..4 => (
+                            0,
+                            4,
+                            "nb_bitmaps",
+                            u64::from(*nb_bitmaps),
+                            format!("{nb_bitmaps} bitmaps"),
+                        ),
+                        4..8 => (4, 4, "reserved", 0, "must be 0".into()),
+                        8..16 => (
+                            8,
+                            8,
+                            "bitmap_directory_size",
+                            *directory_size,
+                            format!("{directory_size} bytes"),
+                        ),
+                        _ => (
+                            16,
+                            8,
+                            "bitmap_directory_offset",
+                            *directory_offset,
+                            format!("the bitmap directory is at {directory_offset:#x}"),
+                        ),
+                    };
+                    let v = if name == "reserved" {
+                        be32(&e.data, 4).into()
+                    } else {
+                        v
+                    };
+                    (name.into(), at(8u64.saturating_add(o), n), Some(v), m)
+                }
+                ExtensionKind::Crypto { offset, length } => {
+                    if x < 8 {
+                        (
+                            "offset".into(),
+                            at(8, 8),
+                            Some(*offset),
+                            format!("the LUKS header is at {offset:#x}"),
+                        )
+                    } else {
+                        (
+                            "length".into(),
+                            at(16, 8),
+                            Some(*length),
+                            format!("{length} bytes"),
+                        )
+                    }
+                }
+                ExtensionKind::Unknown => (
+                    "data".into(),
+                    at(8, u64::from(e.length)),
+                    None,
+                    "data of an extension type QEMU ignores".into(),
+                ),
+            }
+        }
+    };
+    Decoded {
+        structure,
+        item,
+        start,
+        end,
+        raw,
+        meaning,
+    }
+}
