@@ -301,16 +301,20 @@ impl App {
     fn receive(&mut self, msg: Bg) {
         let current = |id: u64| self.sim_job.as_ref().is_some_and(|j| j.id == id);
         match msg {
-            Bg::Progress(phase, done, total, g)
-                if g == self.generation && self.ctx.report.is_none() =>
-            {
-                self.ctx.progress = Some((phase, done, total));
+            // The file's own check and roles, even while the simulated view
+            // has put them aside.
+            Bg::Progress(phase, done, total, g) if g == self.generation => self.on_disk(|c| {
+                if c.report.is_none() {
+                    c.progress = Some((phase, done, total));
+                }
+            }),
+            Bg::Checked(r, g) if g == self.generation => self.on_disk(|c| {
+                c.progress = None;
+                c.report = Some(Arc::from(r));
+            }),
+            Bg::Roles(r, g) if g == self.generation => {
+                self.on_disk(|c| c.roles = Some(Arc::new(r)))
             }
-            Bg::Checked(r, g) if g == self.generation => {
-                self.ctx.progress = None;
-                self.ctx.report = Some(Arc::from(r));
-            }
-            Bg::Roles(r, g) if g == self.generation => self.ctx.roles = Some(Arc::new(r)),
             Bg::Recorded(st, g) if g == self.generation => self.recorded_state(*st),
             Bg::Diff(d, g) if g == self.generation => self.panes.snapshots.diffed(d),
             Bg::Lookup(c, refs, roles, g) if g == self.generation => {
@@ -321,9 +325,60 @@ impl App {
             }
             Bg::Simulated(id, r) if current(id) => {
                 self.sim_job = None;
+                let shown = self.ctx.simulated_view();
+                let _ = self.ctx.set_simulated_view(false);
+                self.ctx.simulated = r.as_ref().ok().and_then(|o| o.simulated.clone());
+                if shown && self.ctx.set_simulated_view(true).is_err() {
+                    self.status =
+                        "the new simulation has no image to show: back to the file".into();
+                }
                 self.panes.simulate.finished(r);
             }
             _ => {}
+        }
+    }
+
+    /// What the Changes view lists, and what it compares: in the simulated view
+    /// the simulation's deltas, otherwise what changed on disk between two loads.
+    pub fn changes_shown(&self) -> Option<(&[super::changes::Change], &'static str)> {
+        changes_shown(&self.ctx, &self.changes)
+    }
+
+    /// Change the file's own state, whichever view is shown.
+    fn on_disk(&mut self, f: impl FnOnce(&mut Ctx)) {
+        let shown = self.ctx.simulated_view();
+        let _ = self.ctx.set_simulated_view(false);
+        f(&mut self.ctx);
+        if shown {
+            let _ = self.ctx.set_simulated_view(true);
+        }
+    }
+
+    /// Toggle the simulated view: Layout, Tables, Refcounts, Check and Hex show the
+    /// simulated image, or the file again.
+    pub fn toggle_simulated(&mut self) {
+        let on = !self.ctx.simulated_view();
+        let r = self.ctx.set_simulated_view(on);
+        if r.is_ok() {
+            // What was looked up in the other state is not true in this one.
+            self.panes.layout.detail = None;
+            self.panes.layout.looking = None;
+        }
+        match r {
+            Ok(()) if on => {
+                let n = self.ctx.simulated.as_ref().map_or(0, |s| s.changes.len());
+                self.panes.tables.open(None, &self.ctx);
+                self.panes.tables.l1 = ListView::default();
+                self.status = format!(
+                    "view: simulated — Layout, Tables, Refcounts, Check and Hex show the image after the operations ({n} change(s), c lists them; v: back to the file)"
+                );
+            }
+            Ok(()) => {
+                self.panes.tables.open(None, &self.ctx);
+                self.panes.tables.l1 = ListView::default();
+                self.status = "back to the file as it is on disk".into();
+            }
+            Err(e) => self.status = e,
         }
     }
 
@@ -423,19 +478,16 @@ impl App {
             return;
         }
         if let Some(Popup::Changes(v)) = &mut self.popup {
-            let n = self.changes.as_ref().map_or(0, |c| c.len());
+            let shown = changes_shown(&self.ctx, &self.changes).map(|(c, _)| c);
+            let n = shown.map_or(0, |c| c.len());
             match action {
                 Action::Changes | Action::Escape => self.popup = None,
                 Action::Quit => self.quit = true,
                 Action::Enter => {
-                    let c = self
-                        .changes
-                        .as_ref()
-                        .and_then(|c| c.get(v.sel))
-                        .and_then(|c| c.cluster);
-                    if let Some(c) = c {
+                    let c = shown.and_then(|c| c.get(v.sel)).cloned();
+                    if let Some(e) = c.as_ref().and_then(super::changes::follow) {
                         self.popup = None;
-                        self.apply(Effect::Refcount(c));
+                        self.apply(e);
                     }
                 }
                 a => {
@@ -478,7 +530,8 @@ impl App {
             }
             Action::Tour => super::tour::start(self),
             Action::HistoryForward => self.go_forward(),
-            Action::Changes => match &self.changes {
+            Action::SimView => self.toggle_simulated(),
+            Action::Changes => match self.changes_shown() {
                 Some(_) => self.popup = Some(Popup::Changes(ListView::default())),
                 None => {
                     self.status =
@@ -615,6 +668,12 @@ impl App {
                 };
             }
             Effect::Reload => self.load(),
+            Effect::Say(s) => self.status = s,
+            Effect::SimulatedView(on) => {
+                if on != self.ctx.simulated_view() {
+                    self.toggle_simulated();
+                }
+            }
             Effect::Start(Job::Diff(a, b)) => self.compute_diff(a, b),
             Effect::Start(Job::Simulate(text)) => self.start_simulation(text),
             Effect::Start(Job::Lookup(c)) => {
@@ -724,6 +783,18 @@ impl App {
     }
 }
 
+/// What the Changes view lists: in the simulated view the simulation's deltas,
+/// otherwise what changed on disk between the two last loads.
+pub fn changes_shown<'a>(
+    ctx: &'a Ctx,
+    changes: &'a Option<Vec<super::changes::Change>>,
+) -> Option<(&'a [super::changes::Change], &'static str)> {
+    match (&ctx.simulated, ctx.simulated_view()) {
+        (Some(s), true) => Some((&s.changes, "the simulation")),
+        _ => changes.as_deref().map(|c| (c, "the previous load")),
+    }
+}
+
 fn simulate_on_worker(
     img: &Qcow2,
     path: &std::path::Path,
@@ -758,10 +829,11 @@ fn simulate_on_worker(
         "checking the simulated image".into(),
         sim.records.len() as u64,
     );
+    let mut simulated = None;
     let (summary, consistent) = match sim.image() {
         Ok(after) => {
             let r = check(&after, &CheckOptions::default());
-            if r.corruptions + r.leaks + r.check_errors == 0 {
+            let said = if r.corruptions + r.leaks + r.check_errors == 0 {
                 ("check of the simulated image: no errors".to_string(), true)
             } else {
                 (
@@ -771,7 +843,24 @@ fn simulate_on_worker(
                     ),
                     false,
                 )
-            }
+            };
+            say(
+                "recording the states before and after".into(),
+                sim.records.len() as u64,
+            );
+            let before = super::changes::record(img);
+            let state = super::changes::record(&after);
+            let changes = super::changes::compare(&before, &state, &after.geometry());
+            simulated = Some(Arc::new(super::ctx::Simulated {
+                ops: text.to_string(),
+                img: Arc::new(after),
+                src: sim.source(),
+                report: Arc::new(r),
+                before,
+                after: state,
+                changes,
+            }));
+            said
         }
         Err(e) => (format!("the simulated image cannot be opened: {e}"), false),
     };
@@ -786,6 +875,7 @@ fn simulate_on_worker(
         records: sim.records.clone(),
         summary,
         clean: consistent && failed.is_none(),
+        simulated,
     })
 }
 

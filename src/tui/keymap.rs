@@ -70,6 +70,8 @@ pub enum Action {
     Hex,
     /// What changed on disk since the previous load.
     Changes,
+    /// Show the simulated image in place of the file, or the file again.
+    SimView,
 }
 
 /// Where a binding applies.
@@ -315,8 +317,15 @@ pub const KEYMAP: &[Binding] = &[
     Binding {
         keys: "c",
         short: None,
-        help: "What changed on disk between the last two loads (r, --watch): every refcount, L1/L2 entry and snapshot; Enter on a refcount opens it",
+        help: "What changed on disk between the last two loads (r, --watch): every refcount, L1/L2 entry and snapshot (in the simulated view: what the simulation changes); Enter opens that refcount or table entry",
         codes: &[((Char('c'), NO), Action::Changes)],
+        scope: Scope::Global,
+    },
+    Binding {
+        keys: "v",
+        short: None,
+        help: "After a simulation: Layout, Tables, Refcounts, Check and Hex show the simulated image (view: simulated, before→after on changed rows), or the file again; c then lists the simulated changes",
+        codes: &[((Char('v'), NO), Action::SimView)],
         scope: Scope::Global,
     },
     Binding {

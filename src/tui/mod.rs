@@ -20,6 +20,8 @@ pub mod widgets;
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_views;
 
 use app::{App, Options, Popup};
 use keymap::{Action, action_for};
