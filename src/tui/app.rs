@@ -51,6 +51,17 @@ pub enum Bg {
     Recorded(Box<super::changes::State>, u64),
     /// Who references a cluster: cluster, referrers, roles.
     Lookup(u64, Vec<qinspect::check::Referrer>, String, u64),
+    /// Compare progress (job id, done, total).
+    CompareProgress(u64, u64, u64),
+    /// A comparison finished (job id, the sides, the result).
+    Compared(
+        u64,
+        super::compare::Choice,
+        super::compare::Choice,
+        Result<qinspect::compare::Comparison, String>,
+    ),
+    /// The snapshots ranked by distance from the active state (job id).
+    Ranked(u64, Result<Vec<qinspect::compare::Distance>, String>),
 }
 
 /// What a line-editing popup is for.
@@ -131,6 +142,8 @@ pub enum Popup {
     Input(InputFor, Input),
     /// What changed on disk since the previous load.
     Changes(ListView),
+    /// Two states compared (the state is [`App::compare`]).
+    Compare,
 }
 
 /// Screen areas remembered for mouse hit-testing.
@@ -182,6 +195,9 @@ pub struct App {
     pub changes: Option<Vec<super::changes::Change>>,
     /// What the comparison could not cover.
     pub changes_limits: Option<String>,
+    /// The Compare view.
+    pub compare: super::compare::State,
+    cmp_job: Option<SimJob>,
     sim_job: Option<SimJob>,
     jobs: u64,
     tx: Sender<Bg>,
@@ -211,6 +227,8 @@ impl App {
             recorded: None,
             changes: None,
             changes_limits: None,
+            compare: super::compare::State::default(),
+            cmp_job: None,
             sim_job: None,
             jobs: 0,
             tx,
@@ -323,6 +341,30 @@ impl App {
             Bg::SimProgress(id, phase, done, total) if current(id) => {
                 self.panes.simulate.progress(phase, done, total)
             }
+            Bg::CompareProgress(id, done, total) if self.cmp_is(id) => {
+                if let Some(r) = &mut self.compare.running {
+                    r.1 = done;
+                    r.2 = total;
+                }
+            }
+            Bg::Compared(id, a, b, r) if self.cmp_is(id) => {
+                self.cmp_job = None;
+                self.compare.running = None;
+                self.compare.rows = ListView::default();
+                self.compare.shown = match r {
+                    Ok(c) => super::compare::Shown::Compared(a, b, Arc::new(c)),
+                    Err(e) => super::compare::Shown::Failed(e),
+                };
+            }
+            Bg::Ranked(id, r) if self.cmp_is(id) => {
+                self.cmp_job = None;
+                self.compare.running = None;
+                self.compare.rows = ListView::default();
+                self.compare.shown = match r {
+                    Ok(d) => super::compare::Shown::Closest(Arc::new(d)),
+                    Err(e) => super::compare::Shown::Failed(e),
+                };
+            }
             Bg::Simulated(id, r) if current(id) => {
                 self.sim_job = None;
                 let shown = self.ctx.simulated_view();
@@ -342,6 +384,151 @@ impl App {
     /// the simulation's deltas, otherwise what changed on disk between two loads.
     pub fn changes_shown(&self) -> Option<(&[super::changes::Change], &'static str)> {
         changes_shown(&self.ctx, &self.changes)
+    }
+
+    fn cmp_is(&self, id: u64) -> bool {
+        self.cmp_job.as_ref().is_some_and(|j| j.id == id)
+    }
+
+    /// A key in the Compare view: [/] side A, ←/→ side B, ↑/↓ rows, Enter
+    /// compares (on a row of a current result: traces it), Space ranks the
+    /// snapshots, Esc cancels the worker or closes.
+    pub fn compare_key(&mut self, k: &KeyEvent) {
+        use super::compare::{Choice, Shown, choices};
+        let n = choices(&self.ctx).len();
+        let len = self.compare.len();
+        let ch = choices(&self.ctx);
+        let (a, b) = (
+            ch.get(self.compare.a).cloned().unwrap_or(Choice::Active),
+            ch.get(self.compare.b).cloned().unwrap_or(Choice::Active),
+        );
+        match k.code {
+            KeyCode::Esc => {
+                if let Some(j) = self.cmp_job.take() {
+                    j.cancel.store(true, Ordering::Relaxed);
+                    self.compare.running = None;
+                    self.status = "comparison cancelled".into();
+                } else {
+                    self.popup = None;
+                }
+            }
+            KeyCode::Char('C') | KeyCode::Char('c') if self.cmp_job.is_none() => self.popup = None,
+            KeyCode::Char('q') => self.quit = true,
+            KeyCode::Char('[') => self.compare.cycle(false, false, n),
+            KeyCode::Char(']') => self.compare.cycle(false, true, n),
+            KeyCode::Left | KeyCode::Char('h') => self.compare.cycle(true, false, n),
+            KeyCode::Right | KeyCode::Char('l') => self.compare.cycle(true, true, n),
+            KeyCode::Char(' ') => self.start_closest(),
+            KeyCode::Enter => match &self.compare.shown {
+                Shown::Compared(x, y, c) if *x == a && *y == b && len > 0 => {
+                    if let Some(r) = c.rows.get(self.compare.rows.sel) {
+                        let g = r.guest;
+                        self.popup = None;
+                        self.apply(Effect::Trace(g));
+                    }
+                }
+                Shown::Closest(d) if len > 0 => {
+                    if let Some(x) = d.get(self.compare.rows.sel) {
+                        let id = x.id.clone();
+                        self.compare.a = 0;
+                        self.compare.b = ch
+                            .iter()
+                            .position(|c| *c == Choice::Snapshot(id.clone()))
+                            .unwrap_or(0);
+                        self.start_compare();
+                    }
+                }
+                _ => self.start_compare(),
+            },
+            code => {
+                let a = match code {
+                    KeyCode::Up | KeyCode::Char('k') => Action::Up,
+                    KeyCode::Down | KeyCode::Char('j') => Action::Down,
+                    KeyCode::PageUp => Action::PageUp,
+                    KeyCode::PageDown => Action::PageDown,
+                    KeyCode::Home => Action::Home,
+                    KeyCode::End => Action::End,
+                    _ => return,
+                };
+                self.compare.rows.select(a, len);
+            }
+        }
+    }
+
+    fn new_cmp_job(&mut self, what: String) -> (u64, Arc<AtomicBool>) {
+        if let Some(j) = self.cmp_job.take() {
+            j.cancel.store(true, Ordering::Relaxed);
+        }
+        self.jobs += 1;
+        let cancel = Arc::new(AtomicBool::new(false));
+        self.cmp_job = Some(SimJob {
+            id: self.jobs,
+            cancel: cancel.clone(),
+        });
+        self.compare.running = Some((what, 0, 1));
+        (self.jobs, cancel)
+    }
+
+    /// Compare the two chosen states on a worker.
+    pub fn start_compare(&mut self) {
+        use super::compare::{Choice, choices, pick};
+        let ch = choices(&self.ctx);
+        let a = ch.get(self.compare.a).cloned().unwrap_or(Choice::Active);
+        let b = ch.get(self.compare.b).cloned().unwrap_or(Choice::Active);
+        let (pa, pb) = match (pick(&a, &self.ctx), pick(&b, &self.ctx)) {
+            (Ok(x), Ok(y)) => (x, y),
+            (Err(e), _) | (_, Err(e)) => {
+                self.compare.shown = super::compare::Shown::Failed(e);
+                return;
+            }
+        };
+        let (id, cancel) = self.new_cmp_job(format!("comparing {} with {}", pa.name, pb.name));
+        let tx = self.tx.clone();
+        std::thread::spawn(move || {
+            let ptx = tx.clone();
+            let c2 = cancel.clone();
+            let tick = move |done: u64, total: u64| {
+                let _ = ptx.send(Bg::CompareProgress(id, done, total));
+                !c2.load(Ordering::Relaxed)
+            };
+            let r = (|| -> qinspect::Result<qinspect::compare::Comparison> {
+                let (sa, sb) = (pa.side()?, pb.side()?);
+                qinspect::compare::compare(
+                    &sa,
+                    &sb,
+                    &qinspect::compare::Options {
+                        progress: Some(&tick),
+                        ..Default::default()
+                    },
+                )
+            })();
+            if !cancel.load(Ordering::Relaxed) {
+                let _ = tx.send(Bg::Compared(id, a, b, r.map_err(|e| e.to_string())));
+            }
+        });
+    }
+
+    /// Rank the snapshots by distance from the active state, on a worker.
+    pub fn start_closest(&mut self) {
+        let Some(img) = self.ctx.disk_img() else {
+            self.compare.shown = super::compare::Shown::Failed(self.ctx.unopened());
+            return;
+        };
+        let (id, cancel) =
+            self.new_cmp_job("comparing the active state with every snapshot".into());
+        let tx = self.tx.clone();
+        std::thread::spawn(move || {
+            let ptx = tx.clone();
+            let c2 = cancel.clone();
+            let tick = move |done: u64, total: u64| {
+                let _ = ptx.send(Bg::CompareProgress(id, done, total));
+                !c2.load(Ordering::Relaxed)
+            };
+            let r = qinspect::compare::closest(&img, Some(&tick));
+            if !cancel.load(Ordering::Relaxed) {
+                let _ = tx.send(Bg::Ranked(id, r.map_err(|e| e.to_string())));
+            }
+        });
     }
 
     /// Change the file's own state, whichever view is shown.
@@ -416,6 +603,7 @@ impl App {
             || self.panes.snapshots.diff_running
             || self.panes.layout.looking.is_some()
             || self.sim_job.is_some()
+            || self.cmp_job.is_some()
     }
 
     /// Wait for the background work (tests).
@@ -531,6 +719,7 @@ impl App {
             Action::Tour => super::tour::start(self),
             Action::HistoryForward => self.go_forward(),
             Action::SimView => self.toggle_simulated(),
+            Action::Compare => self.popup = Some(Popup::Compare),
             Action::Changes => match self.changes_shown() {
                 Some(_) => self.popup = Some(Popup::Changes(ListView::default())),
                 None => {

@@ -404,6 +404,14 @@ impl Ctx {
         (was != now).then_some(was)
     }
 
+    /// The file's own image, whichever view is shown.
+    pub fn disk_img(&self) -> Option<Arc<Qcow2>> {
+        match &self.disk {
+            Some(d) => d.img.clone(),
+            None => self.img.clone(),
+        }
+    }
+
     /// What a pane title adds to say which state it shows.
     pub fn view_word(&self) -> String {
         match (&self.simulated, self.disk.is_some()) {

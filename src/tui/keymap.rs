@@ -72,6 +72,8 @@ pub enum Action {
     Changes,
     /// Show the simulated image in place of the file, or the file again.
     SimView,
+    /// Open the Compare view.
+    Compare,
 }
 
 /// Where a binding applies.
@@ -326,6 +328,13 @@ pub const KEYMAP: &[Binding] = &[
         short: None,
         help: "After a simulation: Layout, Tables, Refcounts, Check and Hex show the simulated image (view: simulated, before→after on changed rows), or the file again; c then lists the simulated changes",
         codes: &[((Char('v'), NO), Action::SimView)],
+        scope: Scope::Global,
+    },
+    Binding {
+        keys: "C",
+        short: None,
+        help: "Compare two states guest cluster by guest cluster (active, any snapshot, the simulated image), or find the snapshot the active state is closest to",
+        codes: &[((Char('C'), NO), Action::Compare)],
         scope: Scope::Global,
     },
     Binding {

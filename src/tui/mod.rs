@@ -10,6 +10,7 @@
 
 pub mod app;
 pub mod changes;
+pub mod compare;
 pub mod ctx;
 pub mod history;
 pub mod keymap;
@@ -71,6 +72,8 @@ pub fn handle_event(app: &mut App, ev: Event) {
                 && k.modifiers.contains(event::KeyModifiers::CONTROL);
             if matches!(app.popup, Some(Popup::Input(..))) && !ctrl_c {
                 app.input_key(&k);
+            } else if matches!(app.popup, Some(Popup::Compare)) && !ctrl_c {
+                app.compare_key(&k);
             } else if let Some(a) = action_for(&k, app.pane) {
                 app.update(a);
             }

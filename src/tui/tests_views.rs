@@ -353,3 +353,163 @@ fn a_change_to_a_snapshot_table_opens_it_in_that_snapshot_view() {
         "{s}"
     );
 }
+
+// ---- Compare ------------------------------------------------------------------------
+
+const CS: u64 = 65536;
+
+/// Per guest cluster: (present, zero, data, offset) from `qemu-img map --output=json`.
+fn map_clusters(dir: &Path, image: &str) -> Vec<(bool, bool, bool, Option<u64>)> {
+    let v: serde_json::Value =
+        serde_json::from_slice(&run(dir, "qemu-img", &["map", "--output=json", image])).unwrap();
+    let mut out = Vec::new();
+    for e in v.as_array().unwrap() {
+        let len = e["length"].as_u64().unwrap();
+        for k in 0..len.div_ceil(CS) {
+            out.push((
+                e["present"].as_bool().unwrap(),
+                e["zero"].as_bool().unwrap(),
+                e["data"].as_bool().unwrap(),
+                e["offset"].as_u64().map(|o| o + k * CS),
+            ));
+        }
+    }
+    out
+}
+
+/// s1, more writes, s2, more writes, s3, then back to s1 with one cluster written:
+/// the active state is closest to s1 by construction.
+fn snapshots_image(dir: &Path) -> PathBuf {
+    let io = |cmd: &str| run(dir, "qemu-io", &["-f", "qcow2", "-c", cmd, "b.qcow2"]);
+    run(
+        dir,
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", "b.qcow2", "8M"],
+    );
+    io("write -P 1 0 1M");
+    run(dir, "qemu-img", &["snapshot", "-c", "s1", "b.qcow2"]);
+    io("write -P 2 128k 256k");
+    io("write -P 3 3M 64k");
+    run(dir, "qemu-img", &["snapshot", "-c", "s2", "b.qcow2"]);
+    io("write -P 4 0 2M");
+    run(dir, "qemu-img", &["snapshot", "-c", "s3", "b.qcow2"]);
+    run(dir, "qemu-img", &["snapshot", "-a", "s1", "b.qcow2"]);
+    io("write -P 5 6M 64k");
+    dir.join("b.qcow2")
+}
+
+#[test]
+fn compare_view_counts_what_qemu_img_map_of_both_states_says() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = snapshots_image(dir.path());
+    let mut a = open(img);
+    typed(&mut a, "C");
+    assert!(matches!(a.popup, Some(Popup::Compare)));
+    // B: snapshot 2 (→ once more from snapshot 1).
+    key(&mut a, KeyCode::Right);
+    let s = screen(&mut a, 140, 40);
+    assert!(
+        s.contains("A: the active state") && s.contains("B: snapshot 2 's2'"),
+        "{s}"
+    );
+    key(&mut a, KeyCode::Enter);
+    a.wait_background();
+    let s = screen(&mut a, 140, 40);
+    // What qemu-img map says: the active state, and snapshot s2 applied to a copy.
+    std::fs::copy(dir.path().join("b.qcow2"), dir.path().join("c.qcow2")).unwrap();
+    run(dir.path(), "qemu-img", &["snapshot", "-a", "s2", "c.qcow2"]);
+    let m1 = map_clusters(dir.path(), "b.qcow2");
+    let m2 = map_clusters(dir.path(), "c.qcow2");
+    let want: Vec<u64> = (0..m1.len().max(m2.len()))
+        .filter(|&k| m1.get(k) != m2.get(k))
+        .map(|k| k as u64 * CS)
+        .collect();
+    assert_eq!(
+        want.len(),
+        6,
+        "the construction: 4 clusters at 128k, 3M, 6M"
+    );
+    assert!(
+        s.contains(&format!("{} of 128 guest clusters differ", want.len())),
+        "{s}"
+    );
+    for g in &want {
+        assert!(
+            s.contains(&format!("{g:>#12x}  ")),
+            "{g:#x} not listed:\n{s}"
+        );
+    }
+    assert!(s.contains("data at 0x"), "{s}");
+    assert!(s.contains("in this file vs unallocated (zeros)"), "{s}");
+    assert!(s.contains("shared host cluster: same data:"), "{s}");
+    // Rows scroll; Enter on one traces it.
+    key(&mut a, KeyCode::Down);
+    key(&mut a, KeyCode::Enter);
+    assert_eq!(a.pane, Pane::Trace);
+    assert!(a.popup.is_none());
+}
+
+#[test]
+fn compare_view_finds_the_closest_snapshot_and_compares_the_simulated_image() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = snapshots_image(dir.path());
+    let mut a = open(img);
+    typed(&mut a, "C");
+    // It runs on a worker: Esc cancels it and keeps the view open.
+    typed(&mut a, " ");
+    assert!(a.compare.running.is_some());
+    let s = screen(&mut a, 140, 40);
+    assert!(
+        s.contains(
+            "comparing the active state with every snapshot — on a worker thread, Esc cancels"
+        ),
+        "{s}"
+    );
+    key(&mut a, KeyCode::Esc);
+    assert!(a.compare.running.is_none() && matches!(a.popup, Some(Popup::Compare)));
+    assert_eq!(a.status, "comparison cancelled");
+    a.wait_background();
+    assert!(matches!(a.compare.shown, super::compare::Shown::Nothing));
+    typed(&mut a, " ");
+    a.wait_background();
+    let s = screen(&mut a, 140, 40);
+    assert!(
+        s.contains(
+            "the active state is closest to snapshot 1 's1': 1 guest cluster(s) mapped differently"
+        ),
+        "{s}"
+    );
+    // Enter on the ranking compares that snapshot with the active state.
+    key(&mut a, KeyCode::Enter);
+    a.wait_background();
+    let s = screen(&mut a, 140, 40);
+    assert!(s.contains("1 of 128 guest clusters differ"), "{s}");
+    assert!(s.contains("0x600000  "), "{s}");
+    key(&mut a, KeyCode::Esc);
+    assert!(a.popup.is_none());
+    // A write over a cluster shared with s1: the simulated image moves it.
+    a.start_simulation("write:0:4k".into());
+    a.wait_background();
+    typed(&mut a, "C");
+    let n = super::compare::choices(&a.ctx).len();
+    assert_eq!(
+        super::compare::choices(&a.ctx).last(),
+        Some(&super::compare::Choice::Simulated)
+    );
+    // From snapshot 1, ← goes to the active state, then wraps to the last choice.
+    assert_eq!(a.compare.b, 1);
+    key(&mut a, KeyCode::Left);
+    key(&mut a, KeyCode::Left);
+    assert_eq!(a.compare.b, n - 1);
+    let s = screen(&mut a, 140, 40);
+    assert!(s.contains("B: the simulated image (write:0:4k)"), "{s}");
+    key(&mut a, KeyCode::Enter);
+    a.wait_background();
+    let s = screen(&mut a, 140, 40);
+    assert!(s.contains("1 of 128 guest clusters differ"), "{s}");
+    let line = s
+        .lines()
+        .find(|l| l.contains("         0x0  "))
+        .unwrap_or_else(|| panic!("{s}"));
+    assert!(line.contains("different host clusters"), "{line}");
+}

@@ -186,6 +186,13 @@ pub fn draw(f: &mut Frame, app: &mut App) {
             ]);
             f.render_widget(Paragraph::new(line).block(boxed(title)), r);
         }
+        Some(Popup::Compare) => {
+            let w = area.width.min(140);
+            let h = area.height.saturating_sub(2).max(3);
+            let r = centered(area, w, h);
+            f.render_widget(Clear, r);
+            app.compare.render(f, r, &app.ctx);
+        }
         None => {}
     }
 }
