@@ -206,7 +206,8 @@ impl State {
                 Span::styled("B: ", color::head()),
                 Span::raw(name(&b, ctx)),
                 Span::styled(
-                    if current || self.running.is_some() {
+                    if current || self.running.is_some() || matches!(self.shown, Shown::Closest(_))
+                    {
                         String::new()
                     } else {
                         "   (Enter compares them)".into()

@@ -112,12 +112,12 @@ pub fn draw(f: &mut Frame, app: &mut App) {
             let rc = changes.iter().filter(|c| c.cluster.is_some()).count();
             let title = if simulated {
                 format!(
-                    "Changes the simulation makes (view: simulated) — {rc} refcount(s), {} other · Enter: that cluster or entry, c or Esc closes",
+                    "Changes the simulation makes — {rc} refcount(s), {} other · Enter: that entry, c/Esc closes",
                     changes.len() - rc
                 )
             } else {
                 format!(
-                    "Changes since the previous load — {rc} refcount(s), {} other · Enter: that cluster or entry, c or Esc closes",
+                    "Changes since the previous load — {rc} refcount(s), {} other · Enter: that entry, c/Esc closes",
                     changes.len() - rc
                 )
             };

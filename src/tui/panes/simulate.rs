@@ -292,7 +292,7 @@ impl State {
             Some(Ok(o)) => {
                 let all = flat(o);
                 let title = format!(
-                    "{}: {} operation(s), change {}/{} (n/p or ↑/↓ move, Enter: what it changed, v: view simulated, Bksp: the operations)",
+                    "{}: {} operation(s), change {}/{} (↑/↓ move, Enter: what it changed, v: simulated view)",
                     o.text,
                     o.records.len(),
                     self.steps.sel + 1,
