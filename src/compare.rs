@@ -472,8 +472,8 @@ pub struct Distance {
 
 /// Compare the active state with every snapshot (mappings only, no bytes) and
 /// rank them, fewest differing clusters first (ties in snapshot-table order).
-/// `progress` gets (snapshots done, snapshots) and stops the ranking when it
-/// returns false.
+/// `progress` gets (guest clusters compared, guest clusters to compare in all
+/// the comparisons) and stops the ranking when it returns false.
 pub fn closest(
     img: &Qcow2,
     progress: Option<&(dyn Fn(u64, u64) -> bool + Sync)>,
@@ -482,16 +482,19 @@ pub fn closest(
     let total = img.snapshots.snapshots.len() as u64;
     let mut out = Vec::new();
     for (k, s) in img.snapshots.snapshots.iter().enumerate() {
-        if let Some(p) = progress
-            && !p(k as u64, total)
-        {
-            return Err(cancelled());
-        }
         let view = img.snapshot_view(&s.id)?;
         let side = Side {
             name: format!("snapshot {} '{}'", s.id, s.name),
             img,
             view,
+        };
+        let k = k as u64;
+        let inner = |done: u64, clusters: u64| match progress {
+            Some(p) => p(
+                k.saturating_mul(clusters).saturating_add(done),
+                total.saturating_mul(clusters),
+            ),
+            None => true,
         };
         let c = compare(
             &active,
@@ -499,7 +502,7 @@ pub fn closest(
             &Options {
                 contents: false,
                 max_rows: 0,
-                progress: None,
+                progress: Some(&inner),
             },
         )?;
         out.push(Distance {
@@ -507,9 +510,6 @@ pub fn closest(
             name: s.name.clone(),
             differing: c.differing,
         });
-    }
-    if let Some(p) = progress {
-        p(total, total);
     }
     out.sort_by_key(|d| d.differing);
     Ok(out)

@@ -485,12 +485,7 @@ impl App {
         let (id, cancel) = self.new_cmp_job(format!("comparing {} with {}", pa.name, pb.name));
         let tx = self.tx.clone();
         std::thread::spawn(move || {
-            let ptx = tx.clone();
-            let c2 = cancel.clone();
-            let tick = move |done: u64, total: u64| {
-                let _ = ptx.send(Bg::CompareProgress(id, done, total));
-                !c2.load(Ordering::Relaxed)
-            };
+            let tick = compare_tick(id, tx.clone(), cancel.clone());
             let r = (|| -> qinspect::Result<qinspect::compare::Comparison> {
                 let (sa, sb) = (pa.side()?, pb.side()?);
                 qinspect::compare::compare(
@@ -518,12 +513,7 @@ impl App {
             self.new_cmp_job("comparing the active state with every snapshot".into());
         let tx = self.tx.clone();
         std::thread::spawn(move || {
-            let ptx = tx.clone();
-            let c2 = cancel.clone();
-            let tick = move |done: u64, total: u64| {
-                let _ = ptx.send(Bg::CompareProgress(id, done, total));
-                !c2.load(Ordering::Relaxed)
-            };
+            let tick = compare_tick(id, tx.clone(), cancel.clone());
             let r = qinspect::compare::closest(&img, Some(&tick));
             if !cancel.load(Ordering::Relaxed) {
                 let _ = tx.send(Bg::Ranked(id, r.map_err(|e| e.to_string())));
@@ -969,6 +959,25 @@ impl App {
         std::thread::spawn(move || {
             let _ = tx.send(Bg::Diff(diff(&img, a, b), generation));
         });
+    }
+}
+
+/// A comparison's progress callback: it reports at most about 200 times per job
+/// (a huge L1 table would flood the channel otherwise) and says whether to go on.
+fn compare_tick(
+    id: u64,
+    tx: Sender<Bg>,
+    cancel: Arc<AtomicBool>,
+) -> impl Fn(u64, u64) -> bool + Sync {
+    let last = std::sync::atomic::AtomicU64::new(0);
+    move |done: u64, total: u64| {
+        let step = (total / 200).max(1);
+        let prev = last.load(Ordering::Relaxed);
+        if done == 0 || done >= total || done.saturating_sub(prev) >= step {
+            last.store(done, Ordering::Relaxed);
+            let _ = tx.send(Bg::CompareProgress(id, done, total));
+        }
+        !cancel.load(Ordering::Relaxed)
     }
 }
 

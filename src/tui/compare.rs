@@ -222,7 +222,7 @@ impl State {
                 .block(boxed(format!("{what} — on a worker thread, Esc cancels")))
                 .gauge_style(Style::new().fg(color::DATA))
                 .ratio((*done as f64 / (*total).max(1) as f64).clamp(0.0, 1.0))
-                .label(format!("{done}/{total}"));
+                .label(format!("{done}/{total} guest clusters"));
             f.render_widget(g, summary);
             f.render_widget(boxed(""), list);
             return;
