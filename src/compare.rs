@@ -27,7 +27,7 @@ use crate::error::{Error, Result};
 use crate::image::{Qcow2, View};
 use crate::tables::{ClusterType, L2Entry};
 use serde::Serialize;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 /// One side of a comparison: an image and one of its L1 tables, with a name.
 #[derive(Clone)]
@@ -256,6 +256,9 @@ pub struct Comparison {
     pub rows: Vec<Row>,
     /// Differing clusters not listed.
     pub omitted: u64,
+    /// Side A's disk size.
+    #[serde(skip)]
+    a_size: u64,
 }
 
 fn cancelled() -> Error {
@@ -315,6 +318,7 @@ pub fn compare(a: &Side, b: &Side, opts: &Options) -> Result<Comparison> {
         b: b.name.clone(),
         cluster_size: cs,
         clusters,
+        a_size: a.view.size,
         ..Default::default()
     };
     let (mut ba, mut bb) = if contents {
@@ -325,8 +329,15 @@ pub fn compare(a: &Side, b: &Side, opts: &Options) -> Result<Comparison> {
     } else {
         (Vec::new(), Vec::new())
     };
+    // Guest ranges past both L1 tables have no L2 table on either side: they are
+    // counted in bulk, so a huge disk size in the header costs nothing.
     let l1_len = size.div_ceil(coverage);
-    for i in 0..l1_len {
+    let walked = l1_len.min(a.view.l1.len().max(b.view.l1.len()) as u64);
+    let in_both = a.view.size.min(b.view.size).div_ceil(cs);
+    // What a pair of L2 tables (or none) adds over a whole L1 entry's range, kept
+    // to reuse when the same pair comes back (many L1 entries naming one table).
+    let mut seen: HashMap<(Option<u64>, Option<u64>), Delta> = HashMap::new();
+    for i in 0..walked {
         if let Some(p) = opts.progress {
             let done = i.saturating_mul(per).min(clusters);
             if !p(done, clusters) {
@@ -338,29 +349,26 @@ pub fn compare(a: &Side, b: &Side, opts: &Options) -> Result<Comparison> {
         let eb = b.view.l1.get(iu).and_then(|e| e.l2_offset());
         let first = i.saturating_mul(per);
         let n = per.min(clusters.saturating_sub(first));
-        // The same L2 table of the same image: every cluster is mapped the same way.
-        if same_image && ea == eb {
-            let ta = table(a, iu)?;
-            for j in 0..n {
-                let g = first.saturating_add(j).saturating_mul(cs);
-                let ma = mapping(a, ta.as_deref(), j, g);
-                let mb = mapping(b, ta.as_deref(), j, g);
-                let v = if ma == mb {
-                    if host_of(&ma).is_some() {
-                        Verdict::Shared
-                    } else {
-                        Verdict::Same
-                    }
-                } else {
-                    // Only past one side's end.
-                    Verdict::DifferentKinds
-                };
-                tally(&mut out, opts, g, ma, mb, v, backing, data_file);
-            }
+        if ea.is_none() && eb.is_none() {
+            untabled(&mut out, opts, first, n, in_both, backing, data_file);
             continue;
         }
+        let key = (ea.map(|o| o.0), eb.map(|o| o.0));
+        let whole = n == per && first.saturating_add(n) <= in_both;
+        if whole
+            && let Some(d) = seen.get(&key)
+            && (d.differing == 0 || out.rows.len() >= opts.max_rows)
+        {
+            d.add_to(&mut out);
+            continue;
+        }
+        let before = whole.then(|| Delta::of(&out));
         let ta = table(a, iu)?;
-        let tb = table(b, iu)?;
+        let tb = if same_image && ea == eb {
+            ta.clone()
+        } else {
+            table(b, iu)?
+        };
         for j in 0..n {
             let g = first.saturating_add(j).saturating_mul(cs);
             let ma = mapping(a, ta.as_deref(), j, g);
@@ -389,11 +397,139 @@ pub fn compare(a: &Side, b: &Side, opts: &Options) -> Result<Comparison> {
             };
             tally(&mut out, opts, g, ma, mb, v, backing, data_file);
         }
+        if let Some(b0) = before {
+            seen.insert(key, Delta::of(&out).minus(&b0));
+        }
     }
+    let rest = walked.saturating_mul(per).min(clusters);
+    untabled(
+        &mut out,
+        opts,
+        rest,
+        clusters.saturating_sub(rest),
+        in_both,
+        backing,
+        data_file,
+    );
     if let Some(p) = opts.progress {
         p(clusters, clusters);
     }
     Ok(out)
+}
+
+/// Counts a range adds to a comparison.
+#[derive(Clone, Debug, Default)]
+struct Delta {
+    counts: BTreeMap<String, u64>,
+    kinds: BTreeMap<String, u64>,
+    differing: u64,
+    omitted: u64,
+    rows: usize,
+}
+
+impl Delta {
+    fn of(c: &Comparison) -> Delta {
+        Delta {
+            counts: c.counts.clone(),
+            kinds: c.kinds.clone(),
+            differing: c.differing,
+            omitted: c.omitted,
+            rows: c.rows.len(),
+        }
+    }
+
+    fn minus(mut self, b: &Delta) -> Delta {
+        for (k, v) in &mut self.counts {
+            *v = v.saturating_sub(b.counts.get(k).copied().unwrap_or(0));
+        }
+        for (k, v) in &mut self.kinds {
+            *v = v.saturating_sub(b.kinds.get(k).copied().unwrap_or(0));
+        }
+        self.differing = self.differing.saturating_sub(b.differing);
+        // Reused only once rows are full (or there are none): every differing
+        // cluster it adds then goes unlisted.
+        self.omitted = self.differing;
+        self.rows = 0;
+        self
+    }
+
+    fn add_to(&self, c: &mut Comparison) {
+        for (k, v) in &self.counts {
+            let e = c.counts.entry(k.clone()).or_insert(0);
+            *e = e.saturating_add(*v);
+        }
+        for (k, v) in &self.kinds {
+            let e = c.kinds.entry(k.clone()).or_insert(0);
+            *e = e.saturating_add(*v);
+        }
+        c.differing = c.differing.saturating_add(self.differing);
+        c.omitted = c.omitted.saturating_add(self.omitted);
+    }
+}
+
+/// Guest clusters `first..first+n` where neither side has an L2 table: both
+/// unallocated below `in_both`, one side past its end above it. Rows are made
+/// only while there is room for them; the rest is counted.
+fn untabled(
+    out: &mut Comparison,
+    opts: &Options,
+    first: u64,
+    n: u64,
+    in_both: u64,
+    backing: bool,
+    data_file: bool,
+) {
+    let end = first.saturating_add(n);
+    let same = end.min(in_both).saturating_sub(first);
+    if same > 0 {
+        let c = out
+            .counts
+            .entry(verdict_name(Verdict::Same).to_string())
+            .or_insert(0);
+        *c = c.saturating_add(same);
+    }
+    let mut k = first.max(in_both);
+    let cs = out.cluster_size;
+    while k < end && out.rows.len() < opts.max_rows {
+        let g = k.saturating_mul(cs);
+        let (ma, mb) = past_end_pair(out, g);
+        tally(
+            out,
+            opts,
+            g,
+            ma,
+            mb,
+            Verdict::DifferentKinds,
+            backing,
+            data_file,
+        );
+        k = k.saturating_add(1);
+    }
+    let left = end.saturating_sub(k);
+    if left > 0 {
+        let (ma, mb) = past_end_pair(out, k.saturating_mul(cs));
+        let c = out
+            .counts
+            .entry(verdict_name(Verdict::DifferentKinds).to_string())
+            .or_insert(0);
+        *c = c.saturating_add(left);
+        let e = out
+            .kinds
+            .entry(format!("{} vs {}", ma.kind(), mb.kind()))
+            .or_insert(0);
+        *e = e.saturating_add(left);
+        out.differing = out.differing.saturating_add(left);
+        out.omitted = out.omitted.saturating_add(left);
+    }
+}
+
+/// Which side is past its end at guest offset `g` (the other is unallocated).
+fn past_end_pair(out: &Comparison, g: u64) -> (Mapping, Mapping) {
+    if out.a_size <= g {
+        (Mapping::PastEnd, Mapping::Unallocated)
+    } else {
+        (Mapping::Unallocated, Mapping::PastEnd)
+    }
 }
 
 fn host_of(m: &Mapping) -> Option<u64> {

@@ -169,3 +169,77 @@ fn closest_snapshot_is_the_one_the_active_state_was_rolled_back_to() {
     w.qinspect_ok(&["compare", "a.qcow2", "active", "s1"]);
     assert_eq!(w.fingerprint("a.qcow2"), before, "compare writes nothing");
 }
+
+#[test]
+fn a_snapshot_of_a_smaller_disk_and_a_huge_disk() {
+    let w = Work::new();
+    // s1 of a 1 MiB disk; the disk then grows to 2 MiB and 1.5M is written.
+    w.qemu_img(&["create", "-q", "-f", "qcow2", "r.qcow2", "1M"]);
+    w.qemu_io("r.qcow2", &["write -P 1 0 64k"]);
+    w.qemu_img(&["snapshot", "-c", "s1", "r.qcow2"]);
+    w.qemu_img(&["resize", "-q", "r.qcow2", "2M"]);
+    w.qemu_io("r.qcow2", &["write -P 2 1536k 64k"]);
+    let v = ours(&w, "r.qcow2", "active", "s1");
+    assert_eq!(v["clusters"], 32);
+    assert_eq!(v["differing"], 16, "{v}");
+    assert_eq!(v["kinds"]["unallocated vs past the end"], 15, "{v}");
+    assert_eq!(v["kinds"]["data vs past the end"], 1, "{v}");
+    let text = String::from_utf8(w.qinspect_ok(&["compare", "r.qcow2", "active", "s1"])).unwrap();
+    assert!(
+        text.contains("0x180000  data at ") && text.contains(" vs past the end of the disk"),
+        "{text}"
+    );
+    // A 2 PiB disk: 32 Gi guest clusters, counted without visiting each one.
+    w.qemu_img(&["create", "-q", "-f", "qcow2", "h.qcow2", "2P"]);
+    w.qemu_io("h.qcow2", &["write -P 1 1T 64k"]);
+    w.qemu_img(&["snapshot", "-c", "s1", "h.qcow2"]);
+    w.qemu_io("h.qcow2", &["write -P 2 1P 64k"]);
+    let v = ours(&w, "h.qcow2", "active", "s1");
+    assert_eq!(v["clusters"].as_u64(), Some(2u64 << 50 >> 16));
+    assert_eq!(v["differing"], 1);
+    assert_eq!(v["rows"][0]["guest"].as_u64(), Some(1u64 << 50));
+    assert_eq!(v["counts"]["shared host cluster: same data"], 1);
+    assert_eq!(
+        v["counts"]["same mapping, no host cluster"].as_u64(),
+        Some((2u64 << 50 >> 16) - 2)
+    );
+}
+
+#[test]
+fn l1_entries_naming_one_table_are_counted_alike_when_rows_are_full() {
+    let w = Work::new();
+    w.qemu_img(&["create", "-q", "-f", "qcow2", "m.qcow2", "2G"]);
+    w.qemu_io("m.qcow2", &["write -P 1 0 128k"]);
+    w.qemu_img(&["snapshot", "-c", "s1", "m.qcow2"]);
+    // The active L1[1..4] name L1[0]'s table too (a corruption compare reads as is).
+    let bytes = std::fs::read(w.path("m.qcow2")).unwrap();
+    let l1 = u64::from_be_bytes(bytes[40..48].try_into().unwrap());
+    let e0: [u8; 8] = bytes[l1 as usize..l1 as usize + 8].try_into().unwrap();
+    for i in 1..4u64 {
+        w.patch("m.qcow2", l1 + 8 * i, &e0);
+    }
+    let v = ours(&w, "m.qcow2", "active", "s1");
+    assert_eq!(v["differing"], 6, "{v}");
+    let guests: Vec<u64> = v["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["guest"].as_u64().unwrap())
+        .collect();
+    let g = 512u64 << 20;
+    assert_eq!(guests, [g, g + CS, 2 * g, 2 * g + CS, 3 * g, 3 * g + CS]);
+    // With one row listed, the repeated pairs are counted from the first one.
+    let text =
+        String::from_utf8(w.qinspect_ok(&["compare", "m.qcow2", "active", "s1", "--limit", "1"]))
+            .unwrap();
+    assert!(text.contains("6 differ\n"), "{text}");
+    assert!(text.contains("           6  data vs unallocated"), "{text}");
+    assert!(
+        text.contains("… 5 more differing cluster(s) not listed"),
+        "{text}"
+    );
+    assert!(
+        text.contains("           2  shared host cluster: same data"),
+        "{text}"
+    );
+}
