@@ -439,7 +439,10 @@ impl Ctx {
             return Ok(());
         }
         let Some(s) = self.simulated.clone() else {
-            return Err("no simulation yet: run one in Simulate (8) first".into());
+            return Err(
+                "no simulated image of the file as loaded now: run a simulation in Simulate (8) first"
+                    .into(),
+            );
         };
         let opts = OpenOptions {
             strictness: Strictness::Lenient,

@@ -219,6 +219,27 @@ fn simulated_view_refcounts_equal_simulate_json() {
         "{list:?}"
     );
     typed(&mut a, "c");
+    // Layout and Check say which state they show; Check is the simulated image's.
+    typed(&mut a, "2");
+    let s = screen(&mut a, 140, 40);
+    assert!(
+        s.contains("Layout of ") && s.contains("bytes · view: simulated"),
+        "{s}"
+    );
+    typed(&mut a, "7");
+    let s = screen(&mut a, 140, 40);
+    assert!(
+        s.contains(" Check · view: simulated (snapshot-create:x write:64k:4k) "),
+        "{s}"
+    );
+    let sim_report = a.ctx.report.clone().unwrap();
+    assert_eq!(sim_report.corruptions + sim_report.leaks, 0);
+    let sim = a.ctx.simulated.clone().unwrap();
+    assert!(
+        std::sync::Arc::ptr_eq(&sim.report, &sim_report),
+        "Check reads the simulated image's check"
+    );
+    typed(&mut a, "4");
     // Back to the file: its own refcounts again.
     typed(&mut a, "v");
     assert!(!a.ctx.simulated_view());
