@@ -121,6 +121,7 @@ pub mod bitmap;
 pub mod bytes;
 pub mod chain;
 pub mod check;
+pub mod compare;
 pub mod compress;
 pub mod crypto;
 pub mod error;

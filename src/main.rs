@@ -53,6 +53,8 @@ enum Command {
     Clusters(cli::clusters::Args),
     /// Simulate snapshot operations, writes, discards and refcount walks in memory.
     Simulate(cli::simulate::Args),
+    /// Compare two states (active, snapshots) guest cluster by guest cluster, or find the closest snapshot.
+    Compare(cli::compare::Args),
     /// Print shell completions (bash, zsh, fish, elvish, powershell).
     Completions {
         /// The shell.
@@ -80,6 +82,7 @@ fn main() {
         Some(Command::Check(a)) => cli::check::run(a),
         Some(Command::Clusters(a)) => cli::clusters::run(a),
         Some(Command::Simulate(a)) => cli::simulate::run(a),
+        Some(Command::Compare(a)) => cli::compare::run(a),
         Some(Command::Hexdump(a)) => cli::hexdump::run(a),
         Some(Command::Completions { shell }) => {
             use clap::CommandFactory;

@@ -4,6 +4,7 @@
 pub mod check;
 pub mod check_many;
 pub mod clusters;
+pub mod compare;
 pub mod dump;
 pub mod hexdump;
 pub mod info;

@@ -51,6 +51,17 @@ pub enum Bg {
     Recorded(Box<super::changes::State>, u64),
     /// Who references a cluster: cluster, referrers, roles.
     Lookup(u64, Vec<qinspect::check::Referrer>, String, u64),
+    /// Compare progress (job id, done, total).
+    CompareProgress(u64, u64, u64),
+    /// A comparison finished (job id, the sides, the result).
+    Compared(
+        u64,
+        super::compare::Choice,
+        super::compare::Choice,
+        Result<qinspect::compare::Comparison, String>,
+    ),
+    /// The snapshots ranked by distance from the active state (job id).
+    Ranked(u64, Result<Vec<qinspect::compare::Distance>, String>),
 }
 
 /// What a line-editing popup is for.
@@ -135,6 +146,8 @@ pub enum Popup {
     Input(InputFor, Input),
     /// What changed on disk since the previous load.
     Changes(ListView),
+    /// Two states compared (the state is [`App::compare`]).
+    Compare,
 }
 
 /// Screen areas remembered for mouse hit-testing.
@@ -188,6 +201,9 @@ pub struct App {
     pub changes_limits: Option<String>,
     /// The Changes list while `/` asks what to find in it.
     pub parked: Option<ListView>,
+    /// The Compare view.
+    pub compare: super::compare::State,
+    cmp_job: Option<SimJob>,
     sim_job: Option<SimJob>,
     jobs: u64,
     tx: Sender<Bg>,
@@ -218,6 +234,8 @@ impl App {
             changes: None,
             changes_limits: None,
             parked: None,
+            compare: super::compare::State::default(),
+            cmp_job: None,
             sim_job: None,
             jobs: 0,
             tx,
@@ -348,16 +366,20 @@ impl App {
     fn receive(&mut self, msg: Bg) {
         let current = |id: u64| self.sim_job.as_ref().is_some_and(|j| j.id == id);
         match msg {
-            Bg::Progress(phase, done, total, g)
-                if g == self.generation && self.ctx.report.is_none() =>
-            {
-                self.ctx.progress = Some((phase, done, total));
+            // The file's own check and roles, even while the simulated view
+            // has put them aside.
+            Bg::Progress(phase, done, total, g) if g == self.generation => self.on_disk(|c| {
+                if c.report.is_none() {
+                    c.progress = Some((phase, done, total));
+                }
+            }),
+            Bg::Checked(r, g) if g == self.generation => self.on_disk(|c| {
+                c.progress = None;
+                c.report = Some(Arc::from(r));
+            }),
+            Bg::Roles(r, g) if g == self.generation => {
+                self.on_disk(|c| c.roles = Some(Arc::new(r)))
             }
-            Bg::Checked(r, g) if g == self.generation => {
-                self.ctx.progress = None;
-                self.ctx.report = Some(Arc::from(r));
-            }
-            Bg::Roles(r, g) if g == self.generation => self.ctx.roles = Some(Arc::new(r)),
             Bg::Recorded(st, g) if g == self.generation => self.recorded_state(*st),
             Bg::Diff(d, g) if g == self.generation => self.panes.snapshots.diffed(d),
             Bg::Lookup(c, refs, roles, g) if g == self.generation => {
@@ -366,11 +388,221 @@ impl App {
             Bg::SimProgress(id, phase, done, total) if current(id) => {
                 self.panes.simulate.progress(phase, done, total)
             }
+            Bg::CompareProgress(id, done, total) if self.cmp_is(id) => {
+                if let Some(r) = &mut self.compare.running {
+                    r.1 = done;
+                    r.2 = total;
+                }
+            }
+            Bg::Compared(id, a, b, r) if self.cmp_is(id) => {
+                self.cmp_job = None;
+                self.compare.running = None;
+                self.compare.rows = ListView::default();
+                self.compare.shown = match r {
+                    Ok(c) => super::compare::Shown::Compared(a, b, Arc::new(c)),
+                    Err(e) => super::compare::Shown::Failed(e),
+                };
+            }
+            Bg::Ranked(id, r) if self.cmp_is(id) => {
+                self.cmp_job = None;
+                self.compare.running = None;
+                self.compare.rows = ListView::default();
+                self.compare.shown = match r {
+                    Ok(d) => super::compare::Shown::Closest(Arc::new(d)),
+                    Err(e) => super::compare::Shown::Failed(e),
+                };
+            }
             Bg::Simulated(id, r) if current(id) => {
                 self.sim_job = None;
+                let shown = self.ctx.simulated_view();
+                let _ = self.ctx.set_simulated_view(false);
+                self.ctx.simulated = r.as_ref().ok().and_then(|o| o.simulated.clone());
+                if shown && self.ctx.set_simulated_view(true).is_err() {
+                    self.status =
+                        "the new simulation has no image to show: back to the file".into();
+                }
                 self.panes.simulate.finished(r);
             }
             _ => {}
+        }
+    }
+
+    /// What the Changes view lists, and what it compares: in the simulated view
+    /// the simulation's deltas, otherwise what changed on disk between two loads.
+    pub fn changes_shown(&self) -> Option<(&[super::changes::Change], &'static str)> {
+        changes_shown(&self.ctx, &self.changes)
+    }
+
+    fn cmp_is(&self, id: u64) -> bool {
+        self.cmp_job.as_ref().is_some_and(|j| j.id == id)
+    }
+
+    /// A key in the Compare view: [/] side A, ←/→ side B, ↑/↓ rows, Enter
+    /// compares (on a row of a current result: traces it), Space ranks the
+    /// snapshots, Esc cancels the worker or closes.
+    pub fn compare_key(&mut self, k: &KeyEvent) {
+        use super::compare::{Choice, Shown, choices};
+        let n = choices(&self.ctx).len();
+        let len = self.compare.len();
+        let ch = choices(&self.ctx);
+        let (a, b) = (
+            ch.get(self.compare.a).cloned().unwrap_or(Choice::Active),
+            ch.get(self.compare.b).cloned().unwrap_or(Choice::Active),
+        );
+        match k.code {
+            KeyCode::Esc => {
+                if let Some(j) = self.cmp_job.take() {
+                    j.cancel.store(true, Ordering::Relaxed);
+                    self.compare.running = None;
+                    self.status = "comparison cancelled".into();
+                } else {
+                    self.popup = None;
+                }
+            }
+            KeyCode::Char('C') | KeyCode::Char('c') if self.cmp_job.is_none() => self.popup = None,
+            KeyCode::Char('q') => self.quit = true,
+            KeyCode::Char('[') => self.compare.cycle(false, false, n),
+            KeyCode::Char(']') => self.compare.cycle(false, true, n),
+            KeyCode::Left | KeyCode::Char('h') => self.compare.cycle(true, false, n),
+            KeyCode::Right | KeyCode::Char('l') => self.compare.cycle(true, true, n),
+            KeyCode::Char(' ') => self.start_closest(),
+            KeyCode::Enter => match &self.compare.shown {
+                Shown::Compared(x, y, c) if *x == a && *y == b && len > 0 => {
+                    if let Some(r) = c.rows.get(self.compare.rows.sel) {
+                        let g = r.guest;
+                        self.popup = None;
+                        self.apply(Effect::Trace(g));
+                    }
+                }
+                Shown::Closest(d) if len > 0 => {
+                    if let Some(x) = d.get(self.compare.rows.sel) {
+                        let id = x.id.clone();
+                        self.compare.a = 0;
+                        self.compare.b = ch
+                            .iter()
+                            .position(|c| *c == Choice::Snapshot(id.clone()))
+                            .unwrap_or(0);
+                        self.start_compare();
+                    }
+                }
+                _ => self.start_compare(),
+            },
+            code => {
+                let a = match code {
+                    KeyCode::Up | KeyCode::Char('k') => Action::Up,
+                    KeyCode::Down | KeyCode::Char('j') => Action::Down,
+                    KeyCode::PageUp => Action::PageUp,
+                    KeyCode::PageDown => Action::PageDown,
+                    KeyCode::Home => Action::Home,
+                    KeyCode::End => Action::End,
+                    _ => return,
+                };
+                self.compare.rows.select(a, len);
+            }
+        }
+    }
+
+    fn new_cmp_job(&mut self, what: String) -> (u64, Arc<AtomicBool>) {
+        if let Some(j) = self.cmp_job.take() {
+            j.cancel.store(true, Ordering::Relaxed);
+        }
+        self.jobs += 1;
+        let cancel = Arc::new(AtomicBool::new(false));
+        self.cmp_job = Some(SimJob {
+            id: self.jobs,
+            cancel: cancel.clone(),
+        });
+        self.compare.running = Some((what, 0, 1));
+        (self.jobs, cancel)
+    }
+
+    /// Compare the two chosen states on a worker.
+    pub fn start_compare(&mut self) {
+        use super::compare::{Choice, choices, pick};
+        let ch = choices(&self.ctx);
+        let a = ch.get(self.compare.a).cloned().unwrap_or(Choice::Active);
+        let b = ch.get(self.compare.b).cloned().unwrap_or(Choice::Active);
+        let (pa, pb) = match (pick(&a, &self.ctx), pick(&b, &self.ctx)) {
+            (Ok(x), Ok(y)) => (x, y),
+            (Err(e), _) | (_, Err(e)) => {
+                self.compare.shown = super::compare::Shown::Failed(e);
+                return;
+            }
+        };
+        let (id, cancel) = self.new_cmp_job(format!("comparing {} with {}", pa.name, pb.name));
+        let tx = self.tx.clone();
+        std::thread::spawn(move || {
+            let tick = compare_tick(id, tx.clone(), cancel.clone());
+            let r = (|| -> qinspect::Result<qinspect::compare::Comparison> {
+                let (sa, sb) = (pa.side()?, pb.side()?);
+                qinspect::compare::compare(
+                    &sa,
+                    &sb,
+                    &qinspect::compare::Options {
+                        progress: Some(&tick),
+                        ..Default::default()
+                    },
+                )
+            })();
+            if !cancel.load(Ordering::Relaxed) {
+                let _ = tx.send(Bg::Compared(id, a, b, r.map_err(|e| e.to_string())));
+            }
+        });
+    }
+
+    /// Rank the snapshots by distance from the active state, on a worker.
+    pub fn start_closest(&mut self) {
+        let Some(img) = self.ctx.disk_img() else {
+            self.compare.shown = super::compare::Shown::Failed(self.ctx.unopened());
+            return;
+        };
+        let (id, cancel) =
+            self.new_cmp_job("comparing the active state with every snapshot".into());
+        let tx = self.tx.clone();
+        std::thread::spawn(move || {
+            let tick = compare_tick(id, tx.clone(), cancel.clone());
+            let r = qinspect::compare::closest(&img, Some(&tick));
+            if !cancel.load(Ordering::Relaxed) {
+                let _ = tx.send(Bg::Ranked(id, r.map_err(|e| e.to_string())));
+            }
+        });
+    }
+
+    /// Change the file's own state, whichever view is shown.
+    fn on_disk(&mut self, f: impl FnOnce(&mut Ctx)) {
+        let shown = self.ctx.simulated_view();
+        let _ = self.ctx.set_simulated_view(false);
+        f(&mut self.ctx);
+        if shown {
+            let _ = self.ctx.set_simulated_view(true);
+        }
+    }
+
+    /// Toggle the simulated view: Layout, Tables, Refcounts, Check and Hex show the
+    /// simulated image, or the file again.
+    pub fn toggle_simulated(&mut self) {
+        let on = !self.ctx.simulated_view();
+        let r = self.ctx.set_simulated_view(on);
+        if r.is_ok() {
+            // What was looked up in the other state is not true in this one.
+            self.panes.layout.detail = None;
+            self.panes.layout.looking = None;
+        }
+        match r {
+            Ok(()) if on => {
+                let n = self.ctx.simulated.as_ref().map_or(0, |s| s.changes.len());
+                self.panes.tables.open(None, &self.ctx);
+                self.panes.tables.l1 = ListView::default();
+                self.status = format!(
+                    "view: simulated — Layout, Tables, Refcounts, Check and Hex show the image after the operations ({n} change(s), c lists them; v: back to the file)"
+                );
+            }
+            Ok(()) => {
+                self.panes.tables.open(None, &self.ctx);
+                self.panes.tables.l1 = ListView::default();
+                self.status = "back to the file as it is on disk".into();
+            }
+            Err(e) => self.status = e,
         }
     }
 
@@ -409,6 +641,7 @@ impl App {
             || self.panes.layout.looking.is_some()
             || self.sim_job.is_some()
             || self.panes.hex.searching()
+            || self.cmp_job.is_some()
     }
 
     /// Wait for the background work (tests).
@@ -485,7 +718,8 @@ impl App {
             return;
         }
         if let Some(Popup::Changes(v)) = &mut self.popup {
-            let n = self.changes.as_ref().map_or(0, |c| c.len());
+            let shown = changes_shown(&self.ctx, &self.changes).map(|(c, _)| c);
+            let n = shown.map_or(0, |c| c.len());
             let searching = v.find.is_some();
             match action {
                 Action::Escape if searching => v.find = None,
@@ -496,14 +730,10 @@ impl App {
                 Action::Changes | Action::Escape => self.popup = None,
                 Action::Quit => self.quit = true,
                 Action::Enter => {
-                    let c = self
-                        .changes
-                        .as_ref()
-                        .and_then(|c| c.get(v.sel))
-                        .and_then(|c| c.cluster);
-                    if let Some(c) = c {
+                    let c = shown.and_then(|c| c.get(v.sel)).cloned();
+                    if let Some(e) = c.as_ref().and_then(super::changes::follow) {
                         self.popup = None;
-                        self.apply(Effect::Refcount(c));
+                        self.apply(e);
                     }
                 }
                 a => {
@@ -552,7 +782,9 @@ impl App {
             Action::Tour => super::tour::start(self),
             Action::HistoryForward => self.go_forward(),
             Action::Layer => self.next_layer(),
-            Action::Changes => match &self.changes {
+            Action::SimView => self.toggle_simulated(),
+            Action::Compare => self.popup = Some(Popup::Compare),
+            Action::Changes => match self.changes_shown() {
                 Some(_) => self.popup = Some(Popup::Changes(ListView::default())),
                 None => {
                     self.status =
@@ -708,6 +940,11 @@ impl App {
             }
             Effect::Reload => self.load(),
             Effect::Status(s) => self.status = s,
+            Effect::SimulatedView(on) => {
+                if on != self.ctx.simulated_view() {
+                    self.toggle_simulated();
+                }
+            }
             Effect::Start(Job::Diff(a, b)) => self.compute_diff(a, b),
             Effect::Start(Job::Simulate(text)) => self.start_simulation(text),
             Effect::Start(Job::Lookup(c)) => {
@@ -817,6 +1054,37 @@ impl App {
     }
 }
 
+/// A comparison's progress callback: it reports at most about 200 times per job
+/// (a huge L1 table would flood the channel otherwise) and says whether to go on.
+fn compare_tick(
+    id: u64,
+    tx: Sender<Bg>,
+    cancel: Arc<AtomicBool>,
+) -> impl Fn(u64, u64) -> bool + Sync {
+    let last = std::sync::atomic::AtomicU64::new(0);
+    move |done: u64, total: u64| {
+        let step = (total / 200).max(1);
+        let prev = last.load(Ordering::Relaxed);
+        if done == 0 || done >= total || done.saturating_sub(prev) >= step {
+            last.store(done, Ordering::Relaxed);
+            let _ = tx.send(Bg::CompareProgress(id, done, total));
+        }
+        !cancel.load(Ordering::Relaxed)
+    }
+}
+
+/// What the Changes view lists: in the simulated view the simulation's deltas,
+/// otherwise what changed on disk between the two last loads.
+pub fn changes_shown<'a>(
+    ctx: &'a Ctx,
+    changes: &'a Option<Vec<super::changes::Change>>,
+) -> Option<(&'a [super::changes::Change], &'static str)> {
+    match (&ctx.simulated, ctx.simulated_view()) {
+        (Some(s), true) => Some((&s.changes, "the simulation")),
+        _ => changes.as_deref().map(|c| (c, "the previous load")),
+    }
+}
+
 fn simulate_on_worker(
     img: &Qcow2,
     path: &std::path::Path,
@@ -851,10 +1119,11 @@ fn simulate_on_worker(
         "checking the simulated image".into(),
         sim.records.len() as u64,
     );
+    let mut simulated = None;
     let (summary, consistent) = match sim.image() {
         Ok(after) => {
             let r = check(&after, &CheckOptions::default());
-            if r.corruptions + r.leaks + r.check_errors == 0 {
+            let said = if r.corruptions + r.leaks + r.check_errors == 0 {
                 ("check of the simulated image: no errors".to_string(), true)
             } else {
                 (
@@ -864,7 +1133,24 @@ fn simulate_on_worker(
                     ),
                     false,
                 )
-            }
+            };
+            say(
+                "recording the states before and after".into(),
+                sim.records.len() as u64,
+            );
+            let before = super::changes::record(img);
+            let state = super::changes::record(&after);
+            let changes = super::changes::compare(&before, &state, &after.geometry());
+            simulated = Some(Arc::new(super::ctx::Simulated {
+                ops: text.to_string(),
+                img: Arc::new(after),
+                src: sim.source(),
+                report: Arc::new(r),
+                before,
+                after: state,
+                changes,
+            }));
+            said
         }
         Err(e) => (format!("the simulated image cannot be opened: {e}"), false),
     };
@@ -879,6 +1165,7 @@ fn simulate_on_worker(
         records: sim.records.clone(),
         summary,
         clean: consistent && failed.is_none(),
+        simulated,
     })
 }
 

@@ -97,6 +97,20 @@ pub struct Change {
     pub text: String,
     /// The host cluster it is about (refcount changes).
     pub cluster: Option<u64>,
+    /// The active L1 entry (and L2 entry behind it) it is about.
+    pub entry: Option<(usize, Option<usize>)>,
+}
+
+/// Where Enter on a change goes: a refcount change to that refcount entry in
+/// Refcounts, an L1 or L2 entry to that entry in Tables.
+pub fn follow(c: &Change) -> Option<super::ctx::Effect> {
+    use super::ctx::Effect;
+    match (c.cluster, c.entry) {
+        (Some(k), _) => Some(Effect::Refcount(k)),
+        (None, Some((i, Some(j)))) => Some(Effect::Table(Some((i, j)))),
+        (None, Some((i, None))) => Some(Effect::L1Entry(i)),
+        (None, None) => None,
+    }
 }
 
 fn roles_of(s: &State, c: usize) -> Option<u16> {
@@ -120,6 +134,7 @@ pub fn compare(old: &State, new: &State, geo: &qinspect::types::Geometry) -> Vec
             out.push(Change {
                 text: format!("cluster {c} ({role}): {a}→{b}"),
                 cluster: Some(c as u64),
+                entry: None,
             });
         }
     }
@@ -130,6 +145,7 @@ pub fn compare(old: &State, new: &State, geo: &qinspect::types::Geometry) -> Vec
             out.push(Change {
                 text: format!("active L1[{i}]: {a:#x}→{b:#x}"),
                 cluster: None,
+                entry: Some((i, None)),
             });
         }
         let ta = old.l2.get(i).and_then(|t| t.as_ref());
@@ -146,6 +162,7 @@ pub fn compare(old: &State, new: &State, geo: &qinspect::types::Geometry) -> Vec
                 out.push(Change {
                     text: format!("active L1[{i}] → L2[{j}] (guest {g:#x}): {x:#x}→{y:#x}"),
                     cluster: None,
+                    entry: Some((i, Some(j))),
                 });
             }
         }
@@ -155,10 +172,12 @@ pub fn compare(old: &State, new: &State, geo: &qinspect::types::Geometry) -> Vec
             None => out.push(Change {
                 text: format!("snapshot {id} deleted: was {d}"),
                 cluster: None,
+                entry: None,
             }),
             Some((_, e)) if e != d => out.push(Change {
                 text: format!("snapshot {id}: {d} → {e}"),
                 cluster: None,
+                entry: None,
             }),
             Some(_) => {}
         }
@@ -168,6 +187,7 @@ pub fn compare(old: &State, new: &State, geo: &qinspect::types::Geometry) -> Vec
             out.push(Change {
                 text: format!("snapshot {id} created: {d}"),
                 cluster: None,
+                entry: None,
             });
         }
     }

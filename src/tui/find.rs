@@ -348,7 +348,9 @@ fn in_changes(app: &App) -> bool {
 /// The rows of [`list`].
 fn rows(app: &App) -> Option<Box<dyn Rows + '_>> {
     if in_changes(app) {
-        let ch = app.changes.as_ref()?;
+        // The list shown: the simulation's deltas in the simulated view, else what
+        // changed on disk since the previous load.
+        let (ch, _) = app.changes_shown()?;
         return Some(Box::new(ChangeRows(ch)));
     }
     app.panes.get(app.pane).rows(&app.ctx)

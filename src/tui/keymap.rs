@@ -92,6 +92,10 @@ pub enum Action {
     Inflate,
     /// The next layer of the backing chain.
     Layer,
+    /// Show the simulated image in place of the file, or the file again.
+    SimView,
+    /// Open the Compare view.
+    Compare,
 }
 
 /// The panes whose list `/` searches.
@@ -423,8 +427,22 @@ pub const KEYMAP: &[Binding] = &[
     Binding {
         keys: "c",
         short: None,
-        help: "What changed on disk between the last two loads (r, --watch): every refcount, L1/L2 entry and snapshot; Enter on a refcount opens it",
+        help: "What changed on disk between the last two loads (r, --watch): every refcount, L1/L2 entry and snapshot (in the simulated view: what the simulation changes); Enter opens that refcount or table entry",
         codes: &[((Char('c'), NO), Action::Changes)],
+        scope: Scope::Global,
+    },
+    Binding {
+        keys: "v",
+        short: None,
+        help: "After a simulation: Layout, Tables, Refcounts, Check and Hex show the simulated image (view: simulated, before→after on changed rows), or the file again; c then lists the simulated changes",
+        codes: &[((Char('v'), NO), Action::SimView)],
+        scope: Scope::Global,
+    },
+    Binding {
+        keys: "C",
+        short: None,
+        help: "Compare two states guest cluster by guest cluster (active, any snapshot, the simulated image), or find the snapshot the active state is closest to",
+        codes: &[((Char('C'), NO), Action::Compare)],
         scope: Scope::Global,
     },
     Binding {

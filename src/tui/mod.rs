@@ -10,6 +10,7 @@
 
 pub mod app;
 pub mod changes;
+pub mod compare;
 pub mod ctx;
 pub mod find;
 pub mod history;
@@ -21,6 +22,8 @@ pub mod widgets;
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_views;
 
 use app::{App, Options, Popup};
 use keymap::{Action, action_for};
@@ -73,6 +76,8 @@ pub fn handle_event(app: &mut App, ev: Event) {
             let in_list_popup = matches!(app.popup, Some(Popup::Changes(_)));
             if matches!(app.popup, Some(Popup::Input(..))) && !ctrl_c {
                 app.input_key(&k);
+            } else if matches!(app.popup, Some(Popup::Compare)) && !ctrl_c {
+                app.compare_key(&k);
             } else if let Some(a) = in_list_popup
                 .then(|| keymap::list_action(&k))
                 .flatten()

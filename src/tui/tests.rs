@@ -639,7 +639,9 @@ fn the_viewer_opens_broken_images_and_draws_every_pane() {
 fn help_lists_every_binding_once_and_closes() {
     let mut a = app("demo-top.qcow2");
     typed(&mut a, "?");
-    let s = screen(&mut a, 120, 60);
+    // Tall enough for the whole table, so that every row is on screen.
+    let s = screen(&mut a, 120, 90);
+    assert!(!s.contains("█"), "the help does not fit: {s}");
     for b in super::keymap::KEYMAP {
         assert_eq!(
             s.matches(&format!("│{:<11}", b.keys)).count(),

@@ -50,6 +50,12 @@ pub fn draw(f: &mut Frame, app: &mut App) {
         format!(" {} ", app.ctx.path.display()),
         Style::new().add_modifier(Modifier::BOLD),
     )];
+    if let (true, Some(s)) = (app.ctx.simulated_view(), &app.ctx.simulated) {
+        st.push(Span::styled(
+            format!(" view: simulated ({}) ", s.ops),
+            Style::new().fg(Color::Black).bg(Color::LightMagenta),
+        ));
+    }
     if let Some(s) = &app.ctx.view_snapshot {
         st.push(Span::styled(
             format!(" view: snapshot {s} "),
@@ -94,7 +100,9 @@ pub fn draw(f: &mut Frame, app: &mut App) {
             );
         }
         Some(Popup::Changes(v)) => {
-            let changes = app.changes.clone().unwrap_or_default();
+            let (changes, since) = super::app::changes_shown(&app.ctx, &app.changes)
+                .map_or((Vec::new(), "the previous load"), |(c, s)| (c.to_vec(), s));
+            let simulated = since == "the simulation";
             let w = area.width.min(110);
             let h = u16::try_from(changes.len().max(1) + 3)
                 .unwrap_or(u16::MAX)
@@ -102,17 +110,29 @@ pub fn draw(f: &mut Frame, app: &mut App) {
             let r = centered(area, w, h);
             f.render_widget(Clear, r);
             let rc = changes.iter().filter(|c| c.cluster.is_some()).count();
-            let title = format!(
-                "Changes since the previous load — {rc} refcount(s), {} other · Enter: that refcount, c or Esc closes",
-                changes.len() - rc
-            );
-            let limits = app
-                .changes_limits
-                .as_ref()
-                .map(|l| format!(" ({l})"))
-                .unwrap_or_default();
+            let title = if simulated {
+                format!(
+                    "Changes the simulation makes — {rc} refcount(s), {} other · Enter: that entry, c/Esc closes",
+                    changes.len() - rc
+                )
+            } else {
+                format!(
+                    "Changes since the previous load — {rc} refcount(s), {} other · Enter: that entry, c/Esc closes",
+                    changes.len() - rc
+                )
+            };
+            let limits = if simulated {
+                String::new()
+            } else {
+                app.changes_limits
+                    .as_ref()
+                    .map(|l| format!(" ({l})"))
+                    .unwrap_or_default()
+            };
             let heading = Line::styled(
-                if changes.is_empty() {
+                if changes.is_empty() && simulated {
+                    "the simulation changes no refcount and no table entry".to_string()
+                } else if changes.is_empty() {
                     format!("nothing changed on disk{limits}")
                 } else {
                     format!("old→new, host clusters first{limits}")
@@ -171,6 +191,13 @@ pub fn draw(f: &mut Frame, app: &mut App) {
                 Span::raw(chars.as_str().to_string()),
             ]);
             f.render_widget(Paragraph::new(line).block(boxed(title)), r);
+        }
+        Some(Popup::Compare) => {
+            let w = area.width.min(140);
+            let h = area.height.saturating_sub(2).max(3);
+            let r = centered(area, w, h);
+            f.render_widget(Clear, r);
+            app.compare.render(f, r, &app.ctx);
         }
         None => {}
     }

@@ -102,7 +102,11 @@ fn render(st: &mut State, f: &mut Frame, area: Rect, app: &Ctx) {
         ));
     }
     f.render_widget(
-        Paragraph::new(s).block(Block::new().borders(Borders::ALL).title(" Check ")),
+        Paragraph::new(s).block(
+            Block::new()
+                .borders(Borders::ALL)
+                .title(format!(" Check{} ", app.view_word())),
+        ),
         summary,
     );
     let findings = r.findings.clone();

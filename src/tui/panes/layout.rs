@@ -274,7 +274,7 @@ impl PaneState for State {
         let title = ctx.titled(if ctx.roles.is_none() {
             "Layout (finding roles…)".to_string()
         } else {
-            format!("Layout of {} clusters of {cs} bytes", n)
+            format!("Layout of {} clusters of {cs} bytes{}", n, ctx.view_word())
         });
         f.render_widget(
             boxed(title).title_bottom(
@@ -310,7 +310,10 @@ impl PaneState for State {
             Span::styled(roles, Style::new().fg(col)),
             Span::raw(format!(
                 " · stored refcount {} · references counted {}",
-                stored.map_or("?".into(), |s| s.to_string()),
+                stored.map_or("?".into(), |s| match ctx.refcount_was(c, s) {
+                    Some(was) => format!("{was}→{s}"),
+                    None => s.to_string(),
+                }),
                 ctx.counted(c).map_or("…".into(), |s| s.to_string())
             )),
         ];

@@ -117,9 +117,13 @@ fn rows(level: Level, app: &Ctx, w: std::ops::Range<usize>) -> (String, Vec<Line
                         Some(_) => (Style::new(), "ok"),
                         None => (Style::new(), "(check running)"),
                     };
+                    let shown = match app.refcount_was(c, stored) {
+                        Some(was) => format!("{was}→{stored}"),
+                        None => stored.to_string(),
+                    };
                     Line::styled(
                         format!(
-                            "{j:>6}  cluster {c:>10}  stored {stored:>6}  counted {:>6}  {word}",
+                            "{j:>6}  cluster {c:>10}  stored {shown:>6}  counted {:>6}  {word}",
                             computed.map_or("…".into(), |k| k.to_string())
                         ),
                         st,
@@ -166,6 +170,7 @@ impl PaneState for State {
         }
         let level = self.level;
         let (mut title, _, len) = rows(level, ctx, 0..0);
+        title.push_str(&ctx.view_word());
         if let (Some((c, l, e)), Some(r)) = (ctx.previous, &ctx.report) {
             title.push_str(&format!(
                 " · since the last load: corruptions {c}→{}, leaks {l}→{}, check errors {e}→{}",

@@ -24,6 +24,8 @@ pub struct Outcome {
     pub summary: String,
     /// Whether the simulated image is consistent and every operation succeeded.
     pub clean: bool,
+    /// The simulated image, for the simulated view (None when it cannot be opened).
+    pub simulated: Option<std::sync::Arc<crate::tui::ctx::Simulated>>,
 }
 
 /// A simulation on the worker: what it runs and how far it is.
@@ -114,6 +116,99 @@ pub fn flat(o: &Outcome) -> Vec<(usize, String, bool)> {
     v
 }
 
+/// The change behind row `sel` of [`flat`] (None on a failure row).
+pub fn change_at(o: &Outcome, sel: usize) -> Option<&qinspect::simulate::Change> {
+    let mut k = 0usize;
+    for r in &o.records {
+        for s in &r.steps {
+            if k == sel {
+                return Some(s);
+            }
+            k += 1;
+        }
+        if r.error.is_some() {
+            if k == sel {
+                return None;
+            }
+            k += 1;
+        }
+    }
+    None
+}
+
+/// Where Enter on a simulated change goes, in the simulated view: the refcount
+/// entry it changed, the L1 or L2 entry it changed (in Tables, in the snapshot's
+/// view when it is a snapshot's table), or the host cluster it allocated, freed or
+/// wrote (in Layout).
+pub fn follow(c: &qinspect::simulate::Change, ctx: &Ctx) -> Result<Vec<Effect>, String> {
+    use qinspect::simulate::Target;
+    let img = ctx
+        .simulated
+        .as_ref()
+        .map(|s| s.img.clone())
+        .ok_or("the simulated image cannot be opened")?;
+    let cs = img.geometry().cluster_size();
+    let index = |i: u64| usize::try_from(i).map_err(|e| e.to_string());
+    let named = |table: &str| {
+        img.snapshots
+            .snapshots
+            .iter()
+            .find(|s| table == format!("snapshot {} '{}' L1", s.id, s.name))
+            .map(|s| s.id.clone())
+    };
+    Ok(match &c.target {
+        Target::Refcount { cluster } => vec![Effect::Refcount(*cluster)],
+        Target::L1Entry {
+            table, index: i, ..
+        } if table == "active L1" => {
+            vec![Effect::View(None), Effect::L1Entry(index(*i)?)]
+        }
+        Target::L1Entry {
+            table, index: i, ..
+        } => match named(table) {
+            Some(id) => vec![Effect::View(Some(id)), Effect::L1Entry(index(*i)?)],
+            None => return Err(format!("{table} is not in the simulated image")),
+        },
+        Target::L2Entry {
+            table_offset,
+            index: j,
+        } => {
+            let holds = |l1: &[qinspect::tables::L1Entry]| {
+                l1.iter()
+                    .position(|e| e.l2_offset().is_some_and(|o| o.0 == *table_offset))
+            };
+            let j = index(*j)?;
+            if let Some(i) = holds(&img.l1) {
+                vec![Effect::View(None), Effect::Table(Some((i, j)))]
+            } else {
+                let found = img.snapshots.snapshots.iter().find_map(|s| {
+                    let l1 = img.snapshot_l1(s).ok()?;
+                    holds(&l1).map(|i| (s.id.clone(), i))
+                });
+                match found {
+                    Some((id, i)) => vec![Effect::View(Some(id)), Effect::Table(Some((i, j)))],
+                    None => {
+                        return Err(format!(
+                            "no L1 table of the simulated image points to the L2 table at {table_offset:#x} any more"
+                        ));
+                    }
+                }
+            }
+        }
+        Target::Allocate { offset, .. } | Target::Free { offset, .. } => {
+            vec![Effect::Cluster(offset / cs)]
+        }
+        Target::Copy { to, .. } => vec![Effect::Cluster(to / cs)],
+        Target::SnapshotTable { offset, .. } => vec![Effect::Cluster(offset / cs)],
+        Target::Header { field } => {
+            return Err(format!(
+                "{field} is a header field: Overview (1) shows the header"
+            ));
+        }
+        Target::Note => return Err("a note, not a change".into()),
+    })
+}
+
 impl State {
     /// The worker started.
     pub fn started(&mut self, text: String) {
@@ -197,7 +292,7 @@ impl State {
             Some(Ok(o)) => {
                 let all = flat(o);
                 let title = format!(
-                    "{}: {} operation(s), change {}/{} (n/p or ↑/↓ move, Bksp: the operations)",
+                    "{}: {} operation(s), change {}/{} (↑/↓ move, Enter: what it changed, v: simulated view)",
                     o.text,
                     o.records.len(),
                     self.steps.sel + 1,
@@ -276,6 +371,30 @@ impl PaneState for State {
             _ => 0,
         };
         match action {
+            // Enter on a change: the cluster or entry it changed, in the simulated view.
+            Action::Enter if n > 0 => {
+                let Some(Ok(o)) = &self.outcome else {
+                    return false;
+                };
+                let Some(c) = change_at(o, self.steps.sel) else {
+                    return false;
+                };
+                q.push(Effect::SimulatedView(true));
+                // The view the simulated view starts with (the active L1), or the
+                // one it shows now: a View effect that would not change it is left out.
+                let shown = if ctx.simulated_view() {
+                    ctx.view_snapshot.clone()
+                } else {
+                    None
+                };
+                match follow(c, ctx) {
+                    Ok(e) => q.extend(
+                        e.into_iter()
+                            .filter(|e| !matches!(e, Effect::View(v) if *v == shown)),
+                    ),
+                    Err(e) => q.push(Effect::Status(e)),
+                }
+            }
             Action::Enter | Action::Run => {
                 let op = t
                     .get(self.menu.sel)

@@ -141,9 +141,10 @@ impl State {
         let active = view.snapshot.is_none();
         let cs_bits = geo.cluster_bits;
         let title = ctx.titled(format!(
-            "{} at {:#x} — Enter opens an L2 table",
+            "{} at {:#x}{} — Enter opens an L2 table",
             view.label(),
-            view.l1_offset
+            view.l1_offset,
+            ctx.view_word()
         ));
         let l1 = view.l1.clone();
         let l1_offset = view.l1_offset;
@@ -171,6 +172,12 @@ impl State {
                             Span::styled(format!("{:#018x} ", e.0), st),
                         ];
                         spans.extend(columns(e.copied(), rc, j));
+                        if let Some(was) = active.then(|| ctx.l1_was(i, e.0)).flatten() {
+                            spans.push(Span::styled(
+                                format!("was {was:#x}→ "),
+                                Style::new().fg(color::REFCOUNT),
+                            ));
+                        }
                         spans.push(Span::raw(e.describe(&geo)));
                         Line::from(spans)
                     })
@@ -189,8 +196,9 @@ impl State {
         let active = view.snapshot.is_none();
         let backing = ctx.has_backing();
         let title = ctx.titled(format!(
-            "L2 table at {off:#x} (from {}[{i}]) — Enter: trace it, x: in Hex, Bksp: back",
-            view.label()
+            "L2 table at {off:#x} (from {}[{i}]){} — Enter: trace it, x: in Hex, Bksp: back",
+            view.label(),
+            ctx.view_word()
         ));
         self.l2
             .render_list(f, area, boxed(title), table.len(), true, |r| {
@@ -235,6 +243,12 @@ impl State {
                                 "reads fall through to the backing file",
                                 "reads as zeros: no backing file",
                             );
+                        }
+                        if let Some(was) = active.then(|| ctx.l2_was(i, j, e.raw)).flatten() {
+                            spans.push(Span::styled(
+                                format!("was {was:#x}→ "),
+                                Style::new().fg(color::REFCOUNT),
+                            ));
                         }
                         spans.push(Span::raw(d));
                         Line::from(spans)
