@@ -77,7 +77,7 @@ pub enum Error {
         guest: u64,
         /// The layer that fails.
         layer: String,
-        /// Why.
+        /// Why the layer cannot give the byte (the error from the layer, in words).
         reason: String,
     },
 

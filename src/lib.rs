@@ -109,7 +109,7 @@
 //! assert_eq!(check(&sim.image()?, &CheckOptions::default()).exit_code(), 0);
 //! # Ok::<(), qinspect::Error>(())
 //! ```
-#![forbid(unsafe_code)]
+#![deny(missing_docs, unreachable_pub)]
 #![deny(
     clippy::unwrap_used,
     clippy::expect_used,

@@ -300,7 +300,7 @@ pub enum Segment<'a> {
     Data {
         /// The file holding them.
         src: &'a dyn Source,
-        /// Where.
+        /// The host offset of the first byte in `src`.
         host: u64,
         /// How many.
         len: u64,
@@ -511,7 +511,7 @@ pub enum StepKind {
     L1Entry {
         /// Which L1 table (active or snapshot).
         table: String,
-        /// Index.
+        /// The entry's index in that table (guest offset / (cluster size × L2 entries)).
         index: u64,
         /// Where the entry is in the file.
         entry_offset: u64,
@@ -519,7 +519,7 @@ pub enum StepKind {
         raw: String,
         /// L2 offset (hex) or null.
         l2_offset: Option<String>,
-        /// COPIED.
+        /// Bit 63: the L2 table's refcount is exactly 1, so it may be written in place.
         copied: bool,
         /// Reserved bits set (hex) or null.
         reserved: Option<String>,
@@ -528,7 +528,7 @@ pub enum StepKind {
     L2Entry {
         /// Where the L2 table is.
         table_offset: String,
-        /// Index.
+        /// The entry's index in that L2 table.
         index: u64,
         /// Where the entry is in the file.
         entry_offset: u64,
@@ -544,7 +544,7 @@ pub enum StepKind {
         /// Host offset bits (hex) if meaningful.
         #[serde(skip_serializing_if = "Option::is_none")]
         host_offset: Option<String>,
-        /// COPIED.
+        /// Bit 63: the data cluster's refcount is exactly 1 (never set on compressed entries).
         copied: bool,
         /// Compressed descriptor.
         #[serde(skip_serializing_if = "Option::is_none")]
@@ -565,14 +565,14 @@ pub enum StepKind {
     Compressed {
         /// The file.
         file: String,
-        /// Descriptor.
+        /// The compressed cluster's host offset and sector count, decoded from the entry.
         descriptor: CompressedDescriptor,
         /// Offset inside the decompressed cluster.
         in_cluster: u64,
     },
     /// The lookup ends with zeros.
     Zero {
-        /// Why.
+        /// Why the read gives zeros here (a zero entry, past the end of a backing file, ...).
         reason: String,
         /// The byte's place in the layer's file where it has one (a raw file's
         /// hole, a zero cluster that keeps its host cluster), as `qemu-img map`
