@@ -1,0 +1,15 @@
+//! Analyses: what the opened objects mean for a guest, and what QEMU would say
+//! about them.
+//!
+//! * [`lookup`] — how one guest read is resolved, step by step, through the chain.
+//! * [`map`] — the guest address space as extents, like `qemu-img map`.
+//! * [`info`] — the summary `qemu-img info` prints.
+//!
+//! The two larger analyses, [`check`](crate::check) (refcount consistency the way
+//! `qemu-img check` sees it) and [`simulate`](crate::simulate) (what QEMU's writes
+//! would change, in memory), still sit at the crate root; they belong to this layer
+//! and keep their paths when they move here.
+
+pub mod info;
+pub mod lookup;
+pub mod map;
