@@ -35,28 +35,75 @@ pub const MAX_L1_ENTRIES: u64 = MAX_L1_BYTES / 8;
 /// Compressed data is counted in 512-byte sectors.
 pub const COMPRESSED_SECTOR: u64 = 512;
 
-/// One L1 entry.
+/// One L1 entry as stored: the raw 64-bit word. [`L1Entry::mapping`] decodes it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(transparent)]
 pub struct L1Entry(pub u64);
 
+/// What an L1 entry says, decoded from its raw word.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum L1Mapping {
+    /// No L2 table (offset bits 0): every cluster the entry covers is unallocated
+    /// in this layer.
+    Unallocated {
+        /// Reserved bits that are set (bits 62..56 and 8..0; should be 0).
+        reserved: u64,
+    },
+    /// An L2 table at `offset`.
+    L2Table {
+        /// Where the L2 table is (bits 55..9; QEMU fails reads if it is not
+        /// cluster-aligned).
+        offset: HostOffset,
+        /// Bit 63: the L2 table's refcount is exactly 1, so it may be written in place.
+        copied: bool,
+        /// Reserved bits that are set (should be 0).
+        reserved: u64,
+    },
+}
+
+impl L1Mapping {
+    /// The L2 table's offset, if there is one.
+    pub fn l2_offset(&self) -> Option<HostOffset> {
+        match *self {
+            L1Mapping::Unallocated { .. } => None,
+            L1Mapping::L2Table { offset, .. } => Some(offset),
+        }
+    }
+}
+
 impl L1Entry {
+    /// Decode the entry.
+    pub fn mapping(&self) -> L1Mapping {
+        let off = self.0 & L1E_OFFSET_MASK;
+        let reserved = self.0 & L1E_RESERVED_MASK;
+        if off == 0 {
+            L1Mapping::Unallocated { reserved }
+        } else {
+            L1Mapping::L2Table {
+                offset: HostOffset(off),
+                copied: self.0 & OFLAG_COPIED != 0,
+                reserved,
+            }
+        }
+    }
     /// Offset of the L2 table, or `None` if the entry has none (unallocated).
     pub fn l2_offset(&self) -> Option<HostOffset> {
-        let off = self.0 & L1E_OFFSET_MASK;
-        (off != 0).then_some(HostOffset(off))
+        self.mapping().l2_offset()
     }
-    /// Bit 63.
+    /// Bit 63, as stored (see [`L1Mapping::L2Table`]).
     pub fn copied(&self) -> bool {
         self.0 & OFLAG_COPIED != 0
     }
     /// Reserved bits that are set (should be 0).
     pub fn reserved_bits(&self) -> u64 {
-        self.0 & L1E_RESERVED_MASK
+        match self.mapping() {
+            L1Mapping::Unallocated { reserved } | L1Mapping::L2Table { reserved, .. } => reserved,
+        }
     }
     /// One-line description.
     pub fn describe(&self, geo: &Geometry) -> String {
-        let mut s = match self.l2_offset() {
+        let mut s = match self.mapping().l2_offset() {
             None => "no L2 table: the whole range is unallocated in this layer".to_string(),
             Some(off) if !geo.is_cluster_aligned(off.0) => {
                 format!(
@@ -198,7 +245,158 @@ impl CompressedDescriptor {
     }
 }
 
-/// One L2 entry: the standard word and, with extended L2, the subcluster bitmap.
+/// The extended-L2 subcluster bitmap: the second word of an extended L2 entry.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Subclusters {
+    /// Bit `i`: subcluster `i` is allocated (reads come from the host cluster).
+    pub alloc: u32,
+    /// Bit `i`: subcluster `i` reads as zeros.
+    pub zero: u32,
+}
+
+impl Subclusters {
+    /// Split the bitmap word: allocation bits 31..0, zero bits 63..32.
+    pub fn from_word(word: u64) -> Self {
+        Subclusters {
+            alloc: (word & 0xffff_ffff) as u32,
+            zero: (word >> 32) as u32,
+        }
+    }
+
+    /// The bitmap word as stored.
+    pub fn word(&self) -> u64 {
+        (u64::from(self.zero) << 32) | u64::from(self.alloc)
+    }
+
+    /// Whether subcluster `sc` (taken mod 32) has its allocation bit.
+    pub fn allocated(&self, sc: u32) -> bool {
+        self.alloc & (1 << (sc & 31)) != 0
+    }
+
+    /// Whether subcluster `sc` (taken mod 32) has its zero bit.
+    pub fn zeroed(&self, sc: u32) -> bool {
+        self.zero & (1 << (sc & 31)) != 0
+    }
+}
+
+/// What an L2 entry says about its guest cluster, decoded from the raw words and
+/// carrying its data (the way imago's `L2Mapping` does). [`L2Entry::mapping`]
+/// produces it; [`ClusterType`] is its kind without the data.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum L2Mapping {
+    /// No host cluster: reads fall through to the backing file (zeros without one).
+    /// With extended L2, the bitmap may still mark subclusters as zero (or, wrongly,
+    /// as allocated: QEMU fails such reads with EIO).
+    Unallocated {
+        /// The subcluster bitmap (extended L2 only).
+        subclusters: Option<Subclusters>,
+    },
+    /// Reads as zeros (bit 0 of a standard L2 entry).
+    Zero {
+        /// The host cluster kept allocated for later writes, if the offset bits
+        /// are not 0 (QEMU's `QCOW2_CLUSTER_ZERO_ALLOC`).
+        preallocated: Option<HostOffset>,
+        /// Bit 63.
+        copied: bool,
+    },
+    /// Guest data in a host cluster.
+    Data {
+        /// Where the cluster is (bits 55..9). With an external data file, 0 plus
+        /// COPIED means "at the guest offset in the data file".
+        host: HostOffset,
+        /// Bit 63: the host cluster's refcount is exactly 1.
+        copied: bool,
+        /// The subcluster bitmap (extended L2 only).
+        subclusters: Option<Subclusters>,
+    },
+    /// Guest data compressed, at an unaligned host byte offset.
+    Compressed {
+        /// Where the compressed bytes are and how many.
+        descriptor: CompressedDescriptor,
+        /// Bit 63, which must not be set on a compressed entry (a corruption).
+        copied: bool,
+    },
+}
+
+impl L2Mapping {
+    /// The kind of cluster, without its data (QEMU's `QCow2ClusterType`).
+    pub fn cluster_type(&self) -> ClusterType {
+        match self {
+            L2Mapping::Unallocated { .. } => ClusterType::Unallocated,
+            L2Mapping::Zero {
+                preallocated: None, ..
+            } => ClusterType::ZeroPlain,
+            L2Mapping::Zero { .. } => ClusterType::ZeroAlloc,
+            L2Mapping::Data { .. } => ClusterType::Normal,
+            L2Mapping::Compressed { .. } => ClusterType::Compressed,
+        }
+    }
+
+    /// The host cluster this entry keeps allocated: the data cluster or a
+    /// preallocated zero cluster (`None` for unallocated and compressed entries,
+    /// and for data at offset 0 in an external data file).
+    pub fn host_cluster(&self) -> Option<HostOffset> {
+        match *self {
+            L2Mapping::Data { host, .. } if host.0 != 0 => Some(host),
+            L2Mapping::Zero { preallocated, .. } => preallocated,
+            _ => None,
+        }
+    }
+
+    /// Bit 63 as stored.
+    pub fn copied(&self) -> bool {
+        match *self {
+            L2Mapping::Unallocated { .. } => false,
+            L2Mapping::Zero { copied, .. }
+            | L2Mapping::Data { copied, .. }
+            | L2Mapping::Compressed { copied, .. } => copied,
+        }
+    }
+
+    /// The state of subcluster `sc` (0..32; the whole cluster without extended L2).
+    pub fn subcluster_type(&self, sc: u32) -> SubclusterType {
+        match *self {
+            L2Mapping::Compressed { .. } => SubclusterType::Compressed,
+            L2Mapping::Zero {
+                preallocated: None, ..
+            } => SubclusterType::ZeroPlain,
+            L2Mapping::Zero { .. } => SubclusterType::ZeroAlloc,
+            L2Mapping::Data {
+                subclusters: None, ..
+            } => SubclusterType::Normal,
+            L2Mapping::Unallocated { subclusters: None } => SubclusterType::UnallocatedPlain,
+            L2Mapping::Data {
+                subclusters: Some(b),
+                ..
+            } => {
+                if b.alloc & b.zero != 0 {
+                    SubclusterType::Invalid
+                } else if b.zeroed(sc) {
+                    SubclusterType::ZeroAlloc
+                } else if b.allocated(sc) {
+                    SubclusterType::Normal
+                } else {
+                    SubclusterType::UnallocatedAlloc
+                }
+            }
+            L2Mapping::Unallocated {
+                subclusters: Some(b),
+            } => {
+                if b.alloc != 0 {
+                    SubclusterType::Invalid
+                } else if b.zeroed(sc) {
+                    SubclusterType::ZeroPlain
+                } else {
+                    SubclusterType::UnallocatedPlain
+                }
+            }
+        }
+    }
+}
+
+/// One L2 entry as stored: the standard word and, with extended L2, the subcluster
+/// bitmap. [`L2Entry::mapping`] decodes it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 pub struct L2Entry {
     /// The first (or only) 64-bit word.
@@ -233,68 +431,42 @@ impl L2Entry {
         self.raw & mask
     }
 
-    /// QEMU's cluster type. `has_data_file`: with an external data file, offset 0
-    /// plus COPIED means "data at guest offset" rather than "unallocated".
-    pub fn cluster_type(&self, geo: &Geometry, has_data_file: bool) -> ClusterType {
+    /// Decode the entry. `has_data_file`: with an external data file, offset 0 plus
+    /// COPIED means "data at the guest offset" rather than "unallocated".
+    pub fn mapping(&self, geo: &Geometry, has_data_file: bool) -> L2Mapping {
+        let copied = self.copied();
+        let offset = self.raw & L2E_OFFSET_MASK;
+        let subclusters = geo.extended_l2.then(|| Subclusters::from_word(self.bitmap));
         if self.compressed() {
-            ClusterType::Compressed
+            L2Mapping::Compressed {
+                descriptor: CompressedDescriptor::decode(self.raw, geo),
+                copied,
+            }
         } else if self.raw & OFLAG_ZERO != 0 && !geo.extended_l2 {
-            if self.raw & L2E_OFFSET_MASK != 0 {
-                ClusterType::ZeroAlloc
-            } else {
-                ClusterType::ZeroPlain
+            // With extended L2, bit 0 is reserved and the zero bits are in the bitmap.
+            L2Mapping::Zero {
+                preallocated: (offset != 0).then_some(HostOffset(offset)),
+                copied,
             }
-        } else if self.raw & L2E_OFFSET_MASK == 0 {
-            if has_data_file && self.copied() {
-                ClusterType::Normal
-            } else {
-                ClusterType::Unallocated
-            }
+        } else if offset == 0 && !(has_data_file && copied) {
+            L2Mapping::Unallocated { subclusters }
         } else {
-            ClusterType::Normal
+            L2Mapping::Data {
+                host: HostOffset(offset),
+                copied,
+                subclusters,
+            }
         }
+    }
+
+    /// QEMU's cluster type (the kind of [`L2Entry::mapping`]).
+    pub fn cluster_type(&self, geo: &Geometry, has_data_file: bool) -> ClusterType {
+        self.mapping(geo, has_data_file).cluster_type()
     }
 
     /// The type of subcluster `sc` (0..32; always 0 without extended L2).
     pub fn subcluster_type(&self, geo: &Geometry, has_data_file: bool, sc: u32) -> SubclusterType {
-        let ct = self.cluster_type(geo, has_data_file);
-        let sc = sc & 31;
-        if !geo.extended_l2 {
-            return match ct {
-                ClusterType::Compressed => SubclusterType::Compressed,
-                ClusterType::ZeroPlain => SubclusterType::ZeroPlain,
-                ClusterType::ZeroAlloc => SubclusterType::ZeroAlloc,
-                ClusterType::Normal => SubclusterType::Normal,
-                ClusterType::Unallocated => SubclusterType::UnallocatedPlain,
-            };
-        }
-        let alloc = self.bitmap & 0xffff_ffff;
-        let zero = self.bitmap >> 32;
-        match ct {
-            ClusterType::Compressed => SubclusterType::Compressed,
-            ClusterType::Normal => {
-                if alloc & zero != 0 {
-                    SubclusterType::Invalid
-                } else if zero & (1 << sc) != 0 {
-                    SubclusterType::ZeroAlloc
-                } else if alloc & (1 << sc) != 0 {
-                    SubclusterType::Normal
-                } else {
-                    SubclusterType::UnallocatedAlloc
-                }
-            }
-            // Without extended L2 these are the only other types; with it the zero
-            // flag is ignored, so Unallocated is all that is left.
-            ClusterType::Unallocated | ClusterType::ZeroPlain | ClusterType::ZeroAlloc => {
-                if alloc != 0 {
-                    SubclusterType::Invalid
-                } else if zero & (1 << sc) != 0 {
-                    SubclusterType::ZeroPlain
-                } else {
-                    SubclusterType::UnallocatedPlain
-                }
-            }
-        }
+        self.mapping(geo, has_data_file).subcluster_type(sc)
     }
 
     /// How many subclusters from `sc` on have the same type as `sc` (QEMU's
@@ -340,37 +512,33 @@ impl L2Entry {
 
     /// One-line description of the whole entry.
     pub fn describe(&self, geo: &Geometry, has_data_file: bool) -> String {
-        let ct = self.cluster_type(geo, has_data_file);
-        let mut s = match ct {
-            ClusterType::Compressed => {
-                let d = CompressedDescriptor::decode(self.raw, geo);
-                format!(
-                    "compressed: {} bytes at {} ({} sector(s))",
-                    d.size, d.offset, d.sectors
-                )
-            }
-            ClusterType::ZeroPlain => "reads as zeros, no host cluster".to_string(),
-            ClusterType::ZeroAlloc => format!(
-                "reads as zeros, host cluster {} kept allocated",
-                self.host_offset()
+        let m = self.mapping(geo, has_data_file);
+        let mut s = match m {
+            L2Mapping::Compressed { descriptor: d, .. } => format!(
+                "compressed: {} bytes at {} ({} sector(s))",
+                d.size, d.offset, d.sectors
             ),
-            ClusterType::Unallocated if geo.extended_l2 => {
-                "no host cluster; subclusters follow the bitmap".to_string()
-            }
-            ClusterType::Unallocated => {
+            L2Mapping::Zero {
+                preallocated: None, ..
+            } => "reads as zeros, no host cluster".to_string(),
+            L2Mapping::Zero {
+                preallocated: Some(host),
+                ..
+            } => format!("reads as zeros, host cluster {host} kept allocated"),
+            L2Mapping::Unallocated {
+                subclusters: Some(_),
+            } => "no host cluster; subclusters follow the bitmap".to_string(),
+            L2Mapping::Unallocated { subclusters: None } => {
                 "unallocated: reads fall through to the backing file".to_string()
             }
-            ClusterType::Normal => {
-                let off = self.host_offset();
-                if geo.is_cluster_aligned(off.0) {
-                    format!("data at host offset {off}")
-                } else {
-                    format!(
-                        "data at host offset {off}, NOT cluster-aligned (QEMU fails reads with EIO)"
-                    )
-                }
+            L2Mapping::Data { host, .. } if geo.is_cluster_aligned(host.0) => {
+                format!("data at host offset {host}")
             }
+            L2Mapping::Data { host, .. } => format!(
+                "data at host offset {host}, NOT cluster-aligned (QEMU fails reads with EIO)"
+            ),
         };
+        let ct = m.cluster_type();
         if self.copied() {
             s.push_str(if ct == ClusterType::Compressed {
                 ", COPIED set on a compressed cluster (a corruption)"
@@ -383,10 +551,10 @@ impl L2Entry {
             s.push_str(&format!(", reserved bits {r:#x} set"));
         }
         if geo.extended_l2 {
+            let b = Subclusters::from_word(self.bitmap);
             s.push_str(&format!(
                 ", alloc bitmap {:#010x}, zero bitmap {:#010x}",
-                self.bitmap & 0xffff_ffff,
-                self.bitmap >> 32
+                b.alloc, b.zero
             ));
         }
         s
@@ -425,28 +593,43 @@ mod tests {
     use super::*;
 
     #[test]
-    fn compressed_descriptor_for_every_cluster_size() {
-        for bits in 9..=21u32 {
+    fn compressed_descriptors_decode_as_the_spec_says() {
+        // (cluster_bits, raw entry, offset, sectors, size), worked out by hand from
+        // docs/interop/qcow2.rst: x = 62 - (cluster_bits - 8); offset = low x bits;
+        // sectors = next (cluster_bits - 8) bits + 1; size = sectors * 512 - offset % 512.
+        let cases: [(u32, u64, u64, u64, u64); 4] = [
+            // 512-byte clusters: x = 61, a 1-bit count (bit 61).
+            (9, 0x6000_0000_1234_5678, 0x1234_5678, 2, 904),
+            // 4 KiB: x = 58, count 0xf in bits 58..62.
+            (12, 0x7c00_0000_0005_0200, 0x5_0200, 16, 8192),
+            // 64 KiB: x = 54, count 2 in bits 54..62.
+            (16, 0x4080_0000_0007_0010, 0x7_0010, 3, 1520),
+            // 2 MiB: x = 49, count 0x1fff in bits 49..62.
+            (21, 0x7ffe_0001_2345_6789, 0x1_2345_6789, 8192, 4_193_911),
+        ];
+        for (bits, raw, offset, sectors, size) in cases {
             let g = Geometry::new(bits, false);
-            let max_sectors = 1u64 << (bits - 8);
-            for (off, sectors) in [
-                (0x1234_5678u64, 1u64),
-                (0x50200, 2),
-                (0x10_0000, max_sectors),
-            ] {
-                let raw = CompressedDescriptor::encode(off, sectors, &g);
-                let d = CompressedDescriptor::decode(raw, &g);
-                assert_eq!(d.offset.0, off, "bits {bits}");
-                assert_eq!(d.sectors, sectors, "bits {bits}");
-                assert_eq!(d.size, sectors * 512 - (off & 511));
-                let e = L2Entry { raw, bitmap: 0 };
-                assert_eq!(e.cluster_type(&g, false), ClusterType::Compressed);
-            }
+            let d = CompressedDescriptor::decode(raw, &g);
+            assert_eq!(
+                (d.offset.0, d.sectors, d.size),
+                (offset, sectors, size),
+                "bits {bits}"
+            );
+            assert_eq!(
+                CompressedDescriptor::encode(offset, sectors, &g),
+                raw,
+                "bits {bits}"
+            );
+            let e = L2Entry { raw, bitmap: 0 };
+            assert_eq!(e.cluster_type(&g, false), ClusterType::Compressed);
+            assert_eq!(
+                e.mapping(&g, false),
+                L2Mapping::Compressed {
+                    descriptor: d,
+                    copied: false
+                }
+            );
         }
-        // 64 KiB clusters: the count sits in bits 54..61.
-        let g = Geometry::new(16, false);
-        let d = CompressedDescriptor::decode(0x4000_0000_0000_0000 | (2u64 << 54) | 0x70010, &g);
-        assert_eq!((d.offset.0, d.sectors, d.size), (0x70010, 3, 1536 - 16));
     }
 
     #[test]
@@ -466,11 +649,25 @@ mod tests {
         );
         assert_eq!(e(OFLAG_COPIED).cluster_type(&g, true), ClusterType::Normal);
         assert_eq!(e(1 << 56 | 0x50000).reserved_bits(&g), 1 << 56);
+        // Bit 9 belongs to the offset, bits 0 and 56 are reserved (0x7f000000000001ff).
+        assert_eq!(L1Entry(0x8000_0000_0004_0200).reserved_bits(), 0);
         assert_eq!(
-            L1Entry(0x8000000000040200).reserved_bits(),
-            0x200 & L1E_RESERVED_MASK
+            L1Entry(0x8000_0000_0004_0200).mapping(),
+            L1Mapping::L2Table {
+                offset: HostOffset(0x4_0200),
+                copied: true,
+                reserved: 0
+            }
+        );
+        assert_eq!(
+            L1Entry(0x0100_0000_0003_0001).reserved_bits(),
+            0x0100_0000_0000_0001
         );
         assert_eq!(L1Entry(0x8000000000000000).l2_offset(), None);
+        assert_eq!(
+            L1Entry(0x8000_0000_0000_0000).mapping(),
+            L1Mapping::Unallocated { reserved: 0 }
+        );
     }
 
     #[test]
