@@ -12,8 +12,8 @@ use crate::compress;
 use crate::error::{Error, Result};
 use crate::image::{Qcow2, View};
 use crate::io::{Source, read_into};
-use crate::tables::{ClusterType, CompressedDescriptor, L1Entry, L2Entry, SubclusterType};
-use crate::types::{GuestOffset, HostOffset};
+use crate::tables::{CompressedDescriptor, L1Entry, L1Mapping, L2Entry, L2Mapping, SubclusterType};
+use crate::types::{Geometry, GuestOffset, HostOffset};
 use serde::Serialize;
 
 /// How a run of guest bytes resolves in one layer.
@@ -93,7 +93,7 @@ pub fn layer_run(img: &Qcow2, view: &View, guest: u64, max_len: u64, name: &str)
     let Some(l1e) = usize::try_from(l1_index).ok().and_then(|i| view.l1.get(i)) else {
         return Ok(unallocated(needed));
     };
-    let Some(l2_off) = l1e.l2_offset() else {
+    let L1Mapping::L2Table { offset: l2_off, .. } = l1e.mapping() else {
         return Ok(unallocated(needed));
     };
     if !geo.is_cluster_aligned(l2_off.0) {
@@ -110,7 +110,8 @@ pub fn layer_run(img: &Qcow2, view: &View, guest: u64, max_len: u64, name: &str)
         .get(l2_index as usize)
         .copied()
         .unwrap_or(L2Entry { raw: 0, bitmap: 0 });
-    let first_type = entry.subcluster_type(&geo, has_df, sc_index);
+    let mapping = entry.mapping(&geo, has_df);
+    let first_type = mapping.subcluster_type(sc_index);
     if img.header.version < 3 && first_type.is_zero() {
         return Err(eio(
             guest,
@@ -132,7 +133,8 @@ pub fn layer_run(img: &Qcow2, view: &View, guest: u64, max_len: u64, name: &str)
             ));
         }
         SubclusterType::ZeroAlloc | SubclusterType::Normal | SubclusterType::UnallocatedAlloc => {
-            let hc = entry.host_offset();
+            // These three types come from a data or preallocated zero entry.
+            let hc = mapping.host_offset().unwrap_or_default();
             if !geo.is_cluster_aligned(hc.0) {
                 return Err(eio(
                     guest,
@@ -163,25 +165,7 @@ pub fn layer_run(img: &Qcow2, view: &View, guest: u64, max_len: u64, name: &str)
         // Standard L2 entries: one type per cluster; a tight loop over the table.
         let start = l2_index as usize;
         let end = start.saturating_add(nb_clusters as usize).min(l2.len());
-        let first_raw = entry.raw;
-        let mut expected = first_raw & crate::tables::L2E_OFFSET_MASK;
-        // The first entry always counts; n is the index of the first that breaks
-        // the run (an index into the table, so no counter can overflow).
-        let entries = l2.get(start..end).unwrap_or(&[]);
-        let mut n = entries.len();
-        for (i, e) in entries.iter().enumerate().skip(1) {
-            if e.subcluster_type(&geo, has_df, 0) != first_type {
-                n = i;
-                break;
-            }
-            if first_type.has_host_cluster() {
-                expected = expected.wrapping_add(cs);
-                if e.raw & crate::tables::L2E_OFFSET_MASK != expected {
-                    n = i;
-                    break;
-                }
-            }
-        }
+        let n = standard_run_len(l2.get(start..end).unwrap_or(&[]), &geo, has_df, first_type);
         let len = (n as u64)
             .saturating_mul(cs)
             .min(needed)
@@ -190,7 +174,7 @@ pub fn layer_run(img: &Qcow2, view: &View, guest: u64, max_len: u64, name: &str)
         return Ok(Run {
             guest,
             len,
-            status: run_status(first_type, host, has_df, &entry, &geo, in_cluster),
+            status: run_status(first_type, host, has_df, &mapping, in_cluster),
             subcluster: first_type,
         });
     }
@@ -238,17 +222,43 @@ pub fn layer_run(img: &Qcow2, view: &View, guest: u64, max_len: u64, name: &str)
     Ok(Run {
         guest,
         len,
-        status: run_status(first_type, host, has_df, &entry, &geo, in_cluster),
+        status: run_status(first_type, host, has_df, &mapping, in_cluster),
         subcluster: first_type,
     })
+}
+
+/// How many entries from the first of `entries` (standard L2, so one type per
+/// cluster) form one run: the same subcluster type as `first_type` and, for types
+/// with a host cluster, consecutive host clusters. The first entry always counts.
+fn standard_run_len(
+    entries: &[L2Entry],
+    geo: &Geometry,
+    has_df: bool,
+    first_type: SubclusterType,
+) -> usize {
+    let cs = geo.cluster_size();
+    let mut expected = entries.first().map_or(0, |e| e.host_offset().0);
+    // n is the index of the first entry that breaks the run (an index into the
+    // table, so no counter can overflow).
+    for (i, e) in entries.iter().enumerate().skip(1) {
+        if e.subcluster_type(geo, has_df, 0) != first_type {
+            return i;
+        }
+        if first_type.has_host_cluster() {
+            expected = expected.wrapping_add(cs);
+            if e.host_offset().0 != expected {
+                return i;
+            }
+        }
+    }
+    entries.len()
 }
 
 fn run_status(
     t: SubclusterType,
     host: Option<HostOffset>,
     has_df: bool,
-    entry: &L2Entry,
-    geo: &crate::types::Geometry,
+    mapping: &L2Mapping,
     in_cluster: u64,
 ) -> Status {
     match t {
@@ -256,9 +266,13 @@ fn run_status(
             host: host.unwrap_or_default(),
             in_data_file: has_df,
         },
-        SubclusterType::Compressed => Status::Compressed {
-            descriptor: CompressedDescriptor::decode(entry.raw, geo),
-            in_cluster,
+        SubclusterType::Compressed => match *mapping {
+            L2Mapping::Compressed { descriptor, .. } => Status::Compressed {
+                descriptor,
+                in_cluster,
+            },
+            // A compressed subcluster comes only from a compressed mapping.
+            _ => Status::Unallocated { host },
         },
         SubclusterType::ZeroPlain | SubclusterType::ZeroAlloc => Status::Zero { host },
         _ => Status::Unallocated { host },
@@ -783,39 +797,13 @@ fn trace_qcow2(
     let g = GuestOffset(guest);
     let (l1i, l2i, inc) = (geo.l1_index(g), geo.l2_index(g), geo.in_cluster(g));
     let sc = geo.subcluster_index(g);
-    let push = |steps: &mut Vec<Step>, kind: StepKind, explanation: String| {
-        steps.push(Step {
-            depth,
-            layer: name.to_string(),
-            kind,
-            explanation,
-        })
-    };
-    let fall = |steps: &mut Vec<Step>, why: &str| {
-        let explanation = match next {
-            Some(n) => format!(
-                "{why} The read falls through to the backing file {n} at the same guest offset."
-            ),
-            None => format!("{why} There is no backing file, so the read returns zeros."),
-        };
-        push(
-            steps,
-            StepKind::FallThrough {
-                next: next.map(str::to_string),
-            },
-            explanation,
-        );
-        if next.is_none() {
-            Some(format!(
-                "zeros: unallocated in {name}, which has no backing file"
-            ))
-        } else {
-            None
-        }
-    };
-    push(
+    let mut t = LayerSteps {
+        depth,
+        name,
+        next,
         steps,
-        StepKind::Split {
+    };
+    t.push(StepKind::Split {
             format: "qcow2".into(),
             layer_size: view.size,
             cluster_size: Some(geo.cluster_size()),
@@ -840,9 +828,7 @@ fn trace_qcow2(
         .and_then(|i| view.l1.get(i))
         .copied()
     else {
-        push(
-            steps,
-            StepKind::BeyondL1 {
+        t.push(StepKind::BeyondL1 {
                 l1_index: l1i,
                 l1_size: view.l1.len() as u64,
             },
@@ -852,17 +838,17 @@ fn trace_qcow2(
                 view.l1.len()
             ),
         );
-        return fall(steps, "This range is unallocated in this layer.");
+        return t.fall("This range is unallocated in this layer.");
     };
+    let l1m = l1e.mapping();
     let l1_entry_off = view.l1_offset.saturating_add(l1i.saturating_mul(8));
-    push(
-        steps,
+    t.push(
         StepKind::L1Entry {
             table: view.label(),
             index: l1i,
             entry_offset: l1_entry_off,
             raw: format!("{:#018x}", l1e.0),
-            l2_offset: l1e.l2_offset().map(|o| o.to_string()),
+            l2_offset: l1m.l2_offset().map(|o| o.to_string()),
             copied: l1e.copied(),
             reserved: (l1e.reserved_bits() != 0).then(|| format!("{:#x}", l1e.reserved_bits())),
         },
@@ -873,17 +859,13 @@ fn trace_qcow2(
             L1Entry::describe(&l1e, &geo)
         ),
     );
-    let Some(l2_off) = l1e.l2_offset() else {
-        return fall(
-            steps,
-            "The L1 entry is 0, so no L2 table covers this range.",
-        );
+    let L1Mapping::L2Table { offset: l2_off, .. } = l1m else {
+        return t.fall("The L1 entry is 0, so no L2 table covers this range.");
     };
     if !geo.is_cluster_aligned(l2_off.0)
         && let Err(Error::GuestIo { reason, .. }) = layer_run(img, view, guest, 1, name)
     {
-        push(
-            steps,
+        t.push(
             StepKind::Error {
                 message: reason.clone(),
             },
@@ -894,8 +876,7 @@ fn trace_qcow2(
     let l2 = match img.l2_table(l2_off) {
         Ok(t) => t,
         Err(e) => {
-            push(
-                steps,
+            t.push(
                 StepKind::Error {
                     message: e.to_string(),
                 },
@@ -909,15 +890,13 @@ fn trace_qcow2(
         .copied()
         .unwrap_or(L2Entry { raw: 0, bitmap: 0 });
     let has_df = img.header.has_data_file();
-    let ct = e.cluster_type(&geo, has_df);
-    let st = e.subcluster_type(&geo, has_df, sc);
+    let m = e.mapping(&geo, has_df);
+    let (ct, st) = (m.cluster_type(), m.subcluster_type(sc));
     let entry_off = l2_off
         .0
         .saturating_add(l2i.saturating_mul(geo.l2_entry_size()));
     let past = l2_off.0 >= img.file_len();
-    push(
-        steps,
-        StepKind::L2Entry {
+    t.push(StepKind::L2Entry {
             table_offset: l2_off.to_string(),
             index: l2i,
             entry_offset: entry_off,
@@ -927,11 +906,12 @@ fn trace_qcow2(
             subcluster_type: st.name().into(),
             // Offset 0 is a host cluster too where an external data file holds the
             // data (guest offset = host offset).
-            host_offset: (!e.compressed()
-                && (e.host_offset().0 != 0 || (has_df && ct == ClusterType::Normal)))
-                .then(|| e.host_offset().to_string()),
+            host_offset: m.host_offset().map(|h| h.to_string()),
             copied: e.copied(),
-            compressed: e.compressed_descriptor(&geo),
+            compressed: match m {
+                L2Mapping::Compressed { descriptor, .. } => Some(descriptor),
+                _ => None,
+            },
             reserved: (e.reserved_bits(&geo) != 0).then(|| format!("{:#x}", e.reserved_bits(&geo))),
         },
         format!(
@@ -955,8 +935,7 @@ fn trace_qcow2(
     let run = match layer_run(img, view, guest, 1, name) {
         Ok(r) => r,
         Err(Error::GuestIo { reason, .. }) => {
-            push(
-                steps,
+            t.push(
                 StepKind::Error {
                     message: reason.clone(),
                 },
@@ -965,8 +944,7 @@ fn trace_qcow2(
             return Some(format!("I/O error in {name}: {reason}"));
         }
         Err(e) => {
-            push(
-                steps,
+            t.push(
                 StepKind::Error {
                     message: e.to_string(),
                 },
@@ -975,14 +953,50 @@ fn trace_qcow2(
             return Some(format!("error: {e}"));
         }
     };
-    match run.status {
+    let at = Place {
+        img,
+        data_file,
+        guest,
+        sc,
+        inc,
+        host_cluster: m.host_offset().unwrap_or_default(),
+    };
+    conclude(&mut t, &at, run.status)
+}
+
+/// Where a traced read ends up in one qcow2 layer, for [`conclude`].
+struct Place<'a> {
+    img: &'a Qcow2,
+    data_file: Option<&'a dyn Source>,
+    guest: u64,
+    /// The subcluster index and the offset in the cluster of `guest`.
+    sc: u32,
+    inc: u64,
+    /// The L2 entry's host cluster (for data).
+    host_cluster: HostOffset,
+}
+
+/// The last step of a layer's trace: what [`layer_run`] decided (`status`),
+/// explained; `Some(outcome)` if the lookup ends in this layer.
+fn conclude(t: &mut LayerSteps<'_>, at: &Place<'_>, status: Status) -> Option<String> {
+    let Place {
+        img,
+        data_file,
+        guest,
+        sc,
+        inc,
+        host_cluster: hc,
+    } = *at;
+    let geo = img.geometry();
+    let name = t.name;
+    match status {
         Status::Unallocated { .. } => {
             let why = if geo.extended_l2 {
                 format!("Subcluster {sc} is neither allocated nor zero in this layer.")
             } else {
                 "The L2 entry has no host offset and no zero flag: this cluster is unallocated in this layer.".to_string()
             };
-            fall(steps, &why)
+            t.fall(&why)
         }
         Status::Zero { host } => {
             let reason = if geo.extended_l2 {
@@ -991,9 +1005,7 @@ fn trace_qcow2(
                 "the L2 entry's zero flag (bit 0) is set".into()
             };
             let encrypted = img.header.crypt_method != 0;
-            push(
-                steps,
-                StepKind::Zero {
+            t.push(StepKind::Zero {
                     reason: reason.clone(),
                     host_offset: host.filter(|_| !encrypted).map(|h| format!("{:#x}", h.0)),
                 },
@@ -1004,9 +1016,7 @@ fn trace_qcow2(
             Some(format!("zeros: {reason} in {name}"))
         }
         Status::Compressed { descriptor: d, .. } => {
-            push(
-                steps,
-                StepKind::Compressed {
+            t.push(StepKind::Compressed {
                     file: name.to_string(),
                     descriptor: d,
                     in_cluster: inc,
@@ -1025,16 +1035,13 @@ fn trace_qcow2(
             ))
         }
         Status::Data { host, in_data_file } => {
-            let hc = e.host_offset();
             let host = host.0;
             let (file, flen) = match (in_data_file, data_file) {
                 (true, Some(df)) => (df.name().display().to_string(), df.len()),
                 _ => (name.to_string(), img.file_len()),
             };
             let past_eof = host >= flen;
-            push(
-                steps,
-                StepKind::Data {
+            t.push(StepKind::Data {
                     file: file.clone(),
                     host_offset: format!("{host:#x}"),
                     past_eof,
@@ -1051,7 +1058,7 @@ fn trace_qcow2(
                 ),
             );
             if let Some((d, why)) = crate::crypto::decrypt_step(img, host, guest) {
-                push(steps, StepKind::Decrypt(d), why);
+                t.push(StepKind::Decrypt(d), why);
             }
             Some(format!(
                 "data in {file} at host offset {host:#x}{}",
@@ -1062,6 +1069,44 @@ fn trace_qcow2(
                 }
             ))
         }
+    }
+}
+
+/// The steps of one layer's trace, with what every step of that layer shares.
+struct LayerSteps<'s> {
+    depth: usize,
+    name: &'s str,
+    /// The backing file's name, where reads fall through to.
+    next: Option<&'s str>,
+    steps: &'s mut Vec<Step>,
+}
+
+impl LayerSteps<'_> {
+    fn push(&mut self, kind: StepKind, explanation: String) {
+        self.steps.push(Step {
+            depth: self.depth,
+            layer: self.name.to_string(),
+            kind,
+            explanation,
+        });
+    }
+
+    /// The read falls through to the backing file; `Some(outcome)` if there is none.
+    fn fall(&mut self, why: &str) -> Option<String> {
+        let explanation = match self.next {
+            Some(n) => format!(
+                "{why} The read falls through to the backing file {n} at the same guest offset."
+            ),
+            None => format!("{why} There is no backing file, so the read returns zeros."),
+        };
+        let next = self.next.map(str::to_string);
+        self.push(StepKind::FallThrough { next }, explanation);
+        self.next.is_none().then(|| {
+            format!(
+                "zeros: unallocated in {}, which has no backing file",
+                self.name
+            )
+        })
     }
 }
 

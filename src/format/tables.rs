@@ -344,6 +344,16 @@ impl L2Mapping {
         }
     }
 
+    /// The offset bits of a data or preallocated zero entry, as stored (0 for data
+    /// at the guest offset of an external data file); `None` for the other kinds.
+    pub fn host_offset(&self) -> Option<HostOffset> {
+        match *self {
+            L2Mapping::Data { host, .. } => Some(host),
+            L2Mapping::Zero { preallocated, .. } => preallocated,
+            L2Mapping::Unallocated { .. } | L2Mapping::Compressed { .. } => None,
+        }
+    }
+
     /// Bit 63 as stored.
     pub fn copied(&self) -> bool {
         match *self {
