@@ -36,7 +36,7 @@ pub use features::{BUILTIN_FEATURE_NAMES, Feature, FeatureGroup, FeatureName, na
 pub use layout::{FIELDS, Field, HeaderField};
 pub use parse::OpenMode;
 
-use crate::types::Geometry;
+use crate::types::{Geometry, HostOffset};
 use serde::Serialize;
 
 /// "QFI\xfb".
@@ -157,6 +157,26 @@ pub struct Header {
 }
 
 impl Header {
+    /// Where the active L1 table is (`l1_table_offset`, typed).
+    pub fn l1_table(&self) -> HostOffset {
+        HostOffset(self.l1_table_offset)
+    }
+
+    /// Where the refcount table is (`refcount_table_offset`, typed).
+    pub fn refcount_table(&self) -> HostOffset {
+        HostOffset(self.refcount_table_offset)
+    }
+
+    /// Where the snapshot table is (`snapshots_offset`, typed).
+    pub fn snapshot_table(&self) -> HostOffset {
+        HostOffset(self.snapshots_offset)
+    }
+
+    /// Where the backing file name is, or `None` without a backing file.
+    pub fn backing_file_name(&self) -> Option<HostOffset> {
+        (self.backing_file_offset != 0).then_some(HostOffset(self.backing_file_offset))
+    }
+
     /// Cluster and L2 geometry (cluster_bits clamped to 9..=21; see [`Header::validate`]).
     pub fn geometry(&self) -> Geometry {
         Geometry::new(self.cluster_bits, self.extended_l2())
