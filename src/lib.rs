@@ -146,6 +146,8 @@ pub mod error;
 pub mod format;
 pub mod opened;
 pub mod simulate;
+#[cfg(test)]
+pub(crate) mod testing;
 
 // Every module keeps its path at the crate root (`qinspect::header`, `crate::tables`, ...).
 pub use analysis::{info, lookup, map};

@@ -72,9 +72,11 @@ pub struct Qcow2 {
     /// The snapshot table.
     pub snapshots: SnapshotTable,
     /// The bitmap directory: `None` without the extension.
-    pub bitmaps: Option<std::result::Result<Vec<BitmapEntry>, String>>,
-    /// What QEMU would object to, found while opening (empty for a healthy image).
-    pub problems: Vec<String>,
+    pub bitmaps: Option<Result<Vec<BitmapEntry>>>,
+    /// What QEMU would object to, found while opening (empty for a healthy image),
+    /// in the order QEMU's open meets them. Only a [`Strictness::Lenient`] open
+    /// gets this far with any; a [`Strictness::Qemu`] open fails with the first.
+    pub problems: Vec<Error>,
     /// Why `qemu-img check`'s open (`BDRV_O_CHECK`) would fail on this file, if it
     /// would. It skips some of the checks behind [`Qcow2::problems`]: a missing
     /// refcount table and a bad snapshot table do not stop it.
@@ -104,7 +106,7 @@ impl Qcow2 {
             file_len.min(u64::from(header::V3_MIN_HEADER_LEN).saturating_add(8)),
         )?;
         let h = Header::parse(&first)?;
-        let mut problems: Vec<String> = Vec::new();
+        let mut problems: Vec<Error> = Vec::new();
         let mut notes: Vec<String> = Vec::new();
         let invalid = h.validate(file_len);
         let invalid_fields: Vec<String> = invalid
@@ -120,15 +122,14 @@ impl Qcow2 {
             .map(|e| e.to_string());
         // An unknown version or cluster size makes everything after the header
         // unreadable, whatever the strictness.
-        let fatal = invalid.iter().any(|e| {
-            let s = e.to_string();
-            s.contains("Unsupported qcow2 version") || s.contains("Unsupported cluster size")
-        });
+        let fatal = !matches!(h.version, 2 | 3)
+            || !(crate::types::MIN_CLUSTER_BITS..=crate::types::MAX_CLUSTER_BITS)
+                .contains(&h.cluster_bits);
         if let Some(first_err) = invalid.into_iter().next() {
             if strict == Strictness::Qemu || fatal {
                 return Err(first_err);
             }
-            problems.push(first_err.to_string());
+            problems.push(first_err);
         }
         let geo = h.geometry();
         let cs = geo.cluster_size();
@@ -142,7 +143,7 @@ impl Qcow2 {
                 return Err(e);
             }
             check_refusal.get_or_insert_with(|| e.to_string());
-            problems.push(e.to_string());
+            problems.push(e);
         }
         let features = header::named_features(&h, &extensions);
         let mut backing_format = None;
@@ -166,7 +167,7 @@ impl Qcow2 {
                     return Err(e);
                 }
                 check_refusal.get_or_insert_with(|| e.to_string());
-                problems.push(e.to_string());
+                problems.push(e);
                 None
             } else {
                 let name = crate::bytes::slice(
@@ -187,7 +188,7 @@ impl Qcow2 {
             );
             // Checked where QEMU opens data files: info opens the image, I/O fails.
             check_refusal.get_or_insert_with(|| e.to_string());
-            problems.push(e.to_string());
+            problems.push(e);
         }
 
         // The active L1 table. QEMU reads it even where it runs past the end of the
@@ -209,7 +210,7 @@ impl Qcow2 {
                 return Err(e);
             }
             check_refusal.get_or_insert_with(|| e.to_string());
-            problems.push(e.to_string());
+            problems.push(e);
         } else if let Err(e) = read_into(
             src.as_ref(),
             "active L1 table",
@@ -220,7 +221,7 @@ impl Qcow2 {
                 return Err(e);
             }
             check_refusal.get_or_insert_with(|| e.to_string());
-            problems.push(e.to_string());
+            problems.push(e);
         }
         if h.l1_table_offset.saturating_add(l1_bytes) > file_len && l1_entries > 0 {
             notes.push(format!(
@@ -239,7 +240,11 @@ impl Qcow2 {
                     e.clone(),
                 ));
             }
-            problems.push(e.clone());
+            problems.push(Error::invalid(
+                "snapshot table",
+                h.snapshots_offset,
+                e.clone(),
+            ));
         }
 
         let bitmaps = extensions.iter().find_map(|e| match e.kind {
@@ -248,10 +253,12 @@ impl Qcow2 {
                 directory_size,
                 directory_offset,
                 ..
-            } => Some(
-                bitmap::read_directory(src.as_ref(), directory_offset, directory_size, nb_bitmaps)
-                    .map_err(|e| e.to_string()),
-            ),
+            } => Some(bitmap::read_directory(
+                src.as_ref(),
+                directory_offset,
+                directory_size,
+                nb_bitmaps,
+            )),
             _ => None,
         });
 
@@ -724,6 +731,17 @@ mod tests {
         let src: SharedSource = Arc::new(MemSource::new("t", b));
         assert!(Qcow2::open(src.clone(), Strictness::Qemu).is_err());
         let img = Qcow2::open(src, Strictness::Lenient).unwrap();
-        assert!(img.problems[0].contains("Reference count entry width too large"));
+        // The problem names the field and its offset in the header.
+        assert!(matches!(
+            &img.problems[0],
+            Error::Invalid { what, offset, .. }
+                if what == "header refcount_order"
+                    && *offset == crate::header::Field::RefcountOrder.offset()
+        ));
+        assert!(
+            img.problems[0]
+                .to_string()
+                .contains("Reference count entry width too large")
+        );
     }
 }

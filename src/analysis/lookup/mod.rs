@@ -13,6 +13,8 @@
 
 mod read;
 mod steps;
+#[cfg(test)]
+mod tests;
 mod trace;
 
 pub use read::{ReadCache, Segment, for_each_segment, read, read_compressed};
