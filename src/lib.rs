@@ -154,4 +154,4 @@ pub use analysis::{info, lookup, map};
 pub use format::{bitmap, bytes, compress, header, refcount, snapshot, tables, types};
 pub use opened::{chain, crypto, image, io};
 
-pub use error::{Error, Result};
+pub use error::{CorruptKind, Error, Result};

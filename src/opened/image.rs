@@ -7,7 +7,7 @@
 //! allocated.
 
 use crate::bitmap::{self, BitmapEntry};
-use crate::error::{Error, Result};
+use crate::error::{CorruptKind, Error, Result};
 use crate::header::{self, Extension, ExtensionKind, Feature, Header};
 use crate::io::{SharedSource, read_exact, read_into};
 use crate::refcount::{self, RefTableEntry, RefcountGeometry};
@@ -109,13 +109,8 @@ impl Qcow2 {
         let mut problems: Vec<Error> = Vec::new();
         let mut notes: Vec<String> = Vec::new();
         let invalid = h.validate(file_len);
-        let invalid_fields: Vec<String> = invalid
-            .iter()
-            .filter_map(|e| match e {
-                Error::Invalid { what, .. } => Some(what.clone()),
-                _ => None,
-            })
-            .collect();
+        let invalid_kinds: Vec<CorruptKind> =
+            invalid.iter().filter_map(Error::corrupt_kind).collect();
         let mut check_refusal = h
             .validate_for(file_len, header::OpenMode::Check)
             .first()
@@ -158,8 +153,8 @@ impl Qcow2 {
         let backing_name = if h.backing_file_offset != 0 {
             let max = 1023u64.min(cs.saturating_sub(h.backing_file_offset));
             if u64::from(h.backing_file_size) > max {
-                let e = Error::invalid(
-                    "backing file name",
+                let e = Error::corrupt(
+                    CorruptKind::BackingFileName,
                     h.backing_file_offset,
                     format!("Backing file name too long ({} bytes)", h.backing_file_size),
                 );
@@ -181,9 +176,8 @@ impl Qcow2 {
             None
         };
         if h.data_file_raw() && !h.has_data_file() {
-            let e = Error::invalid(
-                "header autoclear_features",
-                88,
+            let e = Error::header_field(
+                header::Field::AutoclearFeatures,
                 "data-file-raw requires a data file",
             );
             // Checked where QEMU opens data files: info opens the image, I/O fails.
@@ -196,16 +190,17 @@ impl Qcow2 {
         let l1_entries = u64::from(h.l1_size).min(MAX_L1_ENTRIES);
         let l1_bytes = l1_entries.saturating_mul(8);
         let mut l1_buf = vec![0u8; l1_bytes as usize];
-        let l1_invalid = invalid_fields.iter().any(|w| *w == "L1 table");
+        let l1_invalid = invalid_kinds.contains(&CorruptKind::L1Table);
         if l1_invalid {
             // Refused above (or listed, when lenient): nothing to read there.
         } else if l1_entries > 0 && h.l1_table_offset.saturating_add(l1_bytes) > BDRV_MAX_LENGTH {
             // QEMU's block layer fails any request past this length with EIO.
-            let e = Error::invalid(
-                "active L1 table",
-                h.l1_table_offset,
-                "Could not read L1 table: Input/output error (the table ends past the block layer's maximum length, 2^63 - 2^30)",
-            );
+            let e = Error::Invalid {
+                kind: CorruptKind::L1Table,
+                what: "active L1 table".into(),
+                offset: h.l1_table_offset,
+                reason: "Could not read L1 table: Input/output error (the table ends past the block layer's maximum length, 2^63 - 2^30)".into(),
+            };
             if strict == Strictness::Qemu {
                 return Err(e);
             }
@@ -234,8 +229,8 @@ impl Qcow2 {
         let snapshots = snapshot::read_table(src.as_ref(), h.snapshots_offset, h.nb_snapshots);
         if let Some(e) = &snapshots.error {
             if strict == Strictness::Qemu {
-                return Err(Error::invalid(
-                    "snapshot table",
+                return Err(Error::corrupt(
+                    CorruptKind::SnapshotTable,
                     h.snapshots_offset,
                     e.clone(),
                 ));
@@ -480,8 +475,8 @@ impl Qcow2 {
             return Ok(0);
         };
         if !self.geometry().is_cluster_aligned(block.0) {
-            return Err(Error::invalid(
-                "refcount table entry",
+            return Err(Error::corrupt(
+                CorruptKind::RefcountTableEntry,
                 self.header
                     .refcount_table_offset
                     .saturating_add(rg.table_index(cluster).saturating_mul(8)),
@@ -734,9 +729,11 @@ mod tests {
         // The problem names the field and its offset in the header.
         assert!(matches!(
             &img.problems[0],
-            Error::Invalid { what, offset, .. }
-                if what == "header refcount_order"
-                    && *offset == crate::header::Field::RefcountOrder.offset()
+            Error::Invalid {
+                kind: CorruptKind::HeaderField(crate::header::Field::RefcountOrder),
+                offset: 96,
+                ..
+            }
         ));
         assert!(
             img.problems[0]

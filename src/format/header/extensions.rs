@@ -6,7 +6,7 @@ use super::{
     FeatureName, Header,
 };
 use crate::bytes::{align8, be32, be64, slice, text, u8_at};
-use crate::error::Error;
+use crate::error::{CorruptKind, Error};
 use serde::Serialize;
 
 /// Decoded meaning of a header extension.
@@ -100,8 +100,8 @@ pub fn parse_extensions(h: &Header, buf: &[u8]) -> (Vec<Extension>, Option<Error
         if off.saturating_add(8) > end {
             return (
                 out,
-                Some(Error::invalid(
-                    "header extension",
+                Some(Error::corrupt(
+                    CorruptKind::HeaderExtension,
                     off,
                     format!("Header extension too large (header ends at {end:#x})"),
                 )),
@@ -128,8 +128,8 @@ pub fn parse_extensions(h: &Header, buf: &[u8]) -> (Vec<Extension>, Option<Error
         if data_off.saturating_add(u64::from(length)) > end {
             return (
                 out,
-                Some(Error::invalid(
-                    "header extension",
+                Some(Error::corrupt(
+                    CorruptKind::HeaderExtension,
                     off,
                     format!(
                         "Header extension too large (type {ext_type:#010x}, {length} bytes, area ends at {end:#x})"

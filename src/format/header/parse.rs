@@ -4,13 +4,13 @@ use super::{
     Field, Header, INCOMPAT_COMPRESSION, INCOMPAT_KNOWN, QCOW2_MAGIC, V2_HEADER_LEN,
     V3_MIN_HEADER_LEN, features::bit_list,
 };
-use crate::error::{Error, Result};
+use crate::error::{CorruptKind, Error, Result};
 use crate::types::{Geometry, MAX_CLUSTER_BITS, MIN_CLUSTER_BITS};
 
 /// One of QEMU's `qcow2_validate_table` calls at open time.
 struct TableCheck {
-    /// The structure, for the error's `what`.
-    field: &'static str,
+    /// The structure, for the error.
+    field: CorruptKind,
     /// QEMU's name for it, which starts its messages.
     what: &'static str,
     /// Header offset of the field holding the table's offset.
@@ -54,9 +54,9 @@ impl Header {
         }
         let magic = Field::Magic.read32(buf);
         if magic != QCOW2_MAGIC {
-            return Err(Error::invalid(
-                "qcow2 header magic",
-                0,
+            return Err(Error::corrupt(
+                CorruptKind::HeaderMagic,
+                Field::Magic.offset(),
                 format!("Image is not in qcow2 format (magic {magic:#010x}, expected 0x514649fb)"),
             ));
         }
@@ -122,19 +122,16 @@ impl Header {
     pub fn validate_for(&self, file_len: u64, mode: OpenMode) -> Vec<Error> {
         let check = mode == OpenMode::Check;
         let mut out = Vec::new();
-        let bad = |field: &str, off: u64, msg: String| Error::invalid(field, off, msg);
         if self.version != 2 && self.version != 3 {
-            out.push(bad(
-                "header version",
-                Field::Version.offset(),
+            out.push(Error::header_field(
+                Field::Version,
                 format!("Unsupported qcow2 version {}", self.version),
             ));
             return out;
         }
         if !(MIN_CLUSTER_BITS..=MAX_CLUSTER_BITS).contains(&self.cluster_bits) {
-            out.push(bad(
-                "header cluster_bits",
-                Field::ClusterBits.offset(),
+            out.push(Error::header_field(
+                Field::ClusterBits,
                 format!("Unsupported cluster size: 2^{}", self.cluster_bits),
             ));
             return out;
@@ -142,16 +139,14 @@ impl Header {
         let cs = 1u64 << self.cluster_bits;
         if self.version >= 3 {
             if self.header_length < V3_MIN_HEADER_LEN {
-                out.push(bad(
-                    "header header_length",
-                    Field::HeaderLength.offset(),
+                out.push(Error::header_field(
+                    Field::HeaderLength,
                     format!("qcow2 header too short ({} bytes)", self.header_length),
                 ));
             }
             if u64::from(self.header_length) > cs {
-                out.push(bad(
-                    "header header_length",
-                    Field::HeaderLength.offset(),
+                out.push(Error::header_field(
+                    Field::HeaderLength,
                     format!(
                         "qcow2 header exceeds cluster size ({} > {cs})",
                         self.header_length
@@ -160,9 +155,8 @@ impl Header {
             }
         }
         if self.backing_file_offset > cs {
-            out.push(bad(
-                "header backing_file_offset",
-                Field::BackingFileOffset.offset(),
+            out.push(Error::header_field(
+                Field::BackingFileOffset,
                 format!(
                     "Invalid backing file offset {:#x}",
                     self.backing_file_offset
@@ -171,35 +165,30 @@ impl Header {
         }
         let compression_bit = self.incompatible_features & INCOMPAT_COMPRESSION != 0;
         match self.compression_type_raw {
-            0 if compression_bit => out.push(bad(
-                "header compression_type",
-                Field::CompressionType.offset(),
-                "qcow2: Compression type incompatible feature bit must not be set (compression type 0, deflate, with incompatible bit 3)".into(),
+            0 if compression_bit => out.push(Error::header_field(
+                Field::CompressionType,
+                "qcow2: Compression type incompatible feature bit must not be set (compression type 0, deflate, with incompatible bit 3)",
             )),
-            1 if !compression_bit => out.push(bad(
-                "header compression_type",
-                Field::CompressionType.offset(),
-                "qcow2: Compression type incompatible feature bit must be set (compression type 1, zstd, without incompatible bit 3)".into(),
+            1 if !compression_bit => out.push(Error::header_field(
+                Field::CompressionType,
+                "qcow2: Compression type incompatible feature bit must be set (compression type 1, zstd, without incompatible bit 3)",
             )),
             0 | 1 => {}
-            n => out.push(bad(
-                "header compression_type",
-                Field::CompressionType.offset(),
+            n => out.push(Error::header_field(
+                Field::CompressionType,
                 format!("qcow2: unknown compression type: {n}"),
             )),
         }
         let unknown = self.incompatible_features & !INCOMPAT_KNOWN;
         if unknown != 0 {
-            out.push(bad(
-                "header incompatible_features",
-                Field::IncompatibleFeatures.offset(),
+            out.push(Error::header_field(
+                Field::IncompatibleFeatures,
                 format!("Unsupported qcow2 feature(s): bits {}", bit_list(unknown)),
             ));
         }
         if self.extended_l2() && self.cluster_bits < 14 {
-            out.push(bad(
-                "header cluster_bits",
-                Field::ClusterBits.offset(),
+            out.push(Error::header_field(
+                Field::ClusterBits,
                 format!(
                     "Unsupported subcluster size: {} bytes (extended L2 needs clusters of at least 16 KiB)",
                     cs / 32
@@ -207,9 +196,8 @@ impl Header {
             ));
         }
         if self.refcount_order > 6 {
-            out.push(bad(
-                "header refcount_order",
-                Field::RefcountOrder.offset(),
+            out.push(Error::header_field(
+                Field::RefcountOrder,
                 format!(
                     "Reference count entry width too large; may not exceed 64 bits (order {})",
                     self.refcount_order
@@ -217,9 +205,8 @@ impl Header {
             ));
         }
         if self.crypt_method > 2 {
-            out.push(bad(
-                "header crypt_method",
-                Field::CryptMethod.offset(),
+            out.push(Error::header_field(
+                Field::CryptMethod,
                 format!("Unsupported encryption method {}", self.crypt_method),
             ));
         }
@@ -229,24 +216,22 @@ impl Header {
         // check mode) and the L1 table. The offset must be cluster-aligned even
         // when the table is empty.
         if self.refcount_table_clusters == 0 && !check {
-            out.push(bad(
-                "refcount table",
+            out.push(Error::corrupt(
+                CorruptKind::RefcountTable,
                 Field::RefcountTableClusters.offset(),
-                "Image does not contain a reference count table".into(),
+                "Image does not contain a reference count table",
             ));
         }
         out.extend(self.table_errors(&geo, check));
         let needed_l1 = geo.l1_entries_for(self.size);
         if needed_l1 > i32::MAX as u64 {
-            out.push(bad(
-                "header size",
-                Field::Size.offset(),
+            out.push(Error::header_field(
+                Field::Size,
                 format!("Image is too big ({} bytes)", self.size),
             ));
         } else if u64::from(self.l1_size) < needed_l1 {
-            out.push(bad(
-                "header l1_size",
-                Field::L1Size.offset(),
+            out.push(Error::header_field(
+                Field::L1Size,
                 format!(
                     "L1 table is too small ({} entries, {needed_l1} needed for {} bytes)",
                     self.l1_size, self.size
@@ -262,11 +247,11 @@ impl Header {
     /// an end past 2^63, an offset not aligned to a cluster.
     fn table_errors(&self, geo: &Geometry, check: bool) -> Vec<Error> {
         let cs = geo.cluster_size();
-        let bad = |field: &str, off: u64, msg: String| Error::invalid(field, off, msg);
+        let bad = |kind: CorruptKind, off: u64, msg: String| Error::corrupt(kind, off, msg);
         let mut out = Vec::new();
         let table_checks = [
             TableCheck {
-                field: "refcount table",
+                field: CorruptKind::RefcountTable,
                 what: "Reference count table",
                 field_off: Field::RefcountTableOffset.offset(),
                 off: self.refcount_table_offset,
@@ -276,7 +261,7 @@ impl Header {
                 applies: true,
             },
             TableCheck {
-                field: "snapshot table",
+                field: CorruptKind::SnapshotTable,
                 what: "Snapshot table",
                 field_off: Field::SnapshotsOffset.offset(),
                 off: self.snapshots_offset,
@@ -286,7 +271,7 @@ impl Header {
                 applies: !check,
             },
             TableCheck {
-                field: "L1 table",
+                field: CorruptKind::L1Table,
                 what: "Active L1 table",
                 field_off: Field::L1TableOffset.offset(),
                 off: self.l1_table_offset,

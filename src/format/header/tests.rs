@@ -193,3 +193,38 @@ fn fields_lists_what_the_header_stores_read_from_the_layout() {
     assert_eq!(names.len(), 13);
     assert_eq!(names.last(), Some(&"snapshots_offset"));
 }
+
+#[test]
+fn validation_errors_name_the_field_for_code_to_match() {
+    use crate::error::CorruptKind;
+    let kinds = |b: &[u8]| -> Vec<(Option<CorruptKind>, u64)> {
+        Header::parse(b)
+            .unwrap()
+            .validate(1 << 20)
+            .iter()
+            .map(|e| match e {
+                Error::Invalid { kind, offset, .. } => (Some(*kind), *offset),
+                _ => (None, 0),
+            })
+            .collect()
+    };
+    let mut b = v3_header();
+    b[96..100].copy_from_slice(&7u32.to_be_bytes());
+    assert_eq!(
+        kinds(&b),
+        [(Some(CorruptKind::HeaderField(Field::RefcountOrder)), 96)]
+    );
+    let mut b = v3_header();
+    b[40..48].copy_from_slice(&0x30200u64.to_be_bytes());
+    assert_eq!(kinds(&b), [(Some(CorruptKind::L1Table), 40)]);
+    let mut b = v3_header();
+    b[20..24].copy_from_slice(&30u32.to_be_bytes());
+    assert_eq!(
+        kinds(&b),
+        [(Some(CorruptKind::HeaderField(Field::ClusterBits)), 20)]
+    );
+    let mut b = v3_header();
+    b[0] = b'X';
+    let e = Header::parse(&b).unwrap_err();
+    assert_eq!(e.corrupt_kind(), Some(CorruptKind::HeaderMagic));
+}
