@@ -12,8 +12,9 @@
 //! * [`header`] — the header at byte 0, its field layout, the header extensions and
 //!   the feature bits.
 //! * [`tables`] — L1 and L2 entries (the raw [`L1Entry`](tables::L1Entry) and
-//!   [`L2Entry`](tables::L2Entry) and what they mean), compressed descriptors and
-//!   extended-L2 subcluster bitmaps.
+//!   [`L2Entry`](tables::L2Entry), decoded into [`L1Mapping`](tables::L1Mapping) and
+//!   [`L2Mapping`](tables::L2Mapping)), compressed descriptors and extended-L2
+//!   subcluster bitmaps.
 //! * [`refcount`] — the refcount table and refcount blocks.
 //! * [`snapshot`] — the internal snapshot table.
 //! * [`bitmap`] — the persistent dirty-bitmap directory and bitmap tables.
