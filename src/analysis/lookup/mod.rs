@@ -84,6 +84,10 @@ fn eio(guest: u64, layer: &str, reason: String) -> Error {
 /// `qcow2_get_host_offset` does: the run never crosses an L2 table, and it covers
 /// consecutive (sub)clusters of the same type (and, for data, contiguous host
 /// offsets). Returns QEMU's EIO conditions as [`Error::GuestIo`].
+///
+/// It follows `qcow2_get_host_offset` and `count_contiguous_subclusters` in QEMU's
+/// order, one check after the other, which is why it is one long function; the
+/// standard-L2 run count is `standard_run_len`.
 pub fn layer_run(img: &Qcow2, view: &View, guest: u64, max_len: u64, name: &str) -> Result<Run> {
     let geo = img.geometry();
     let cs = geo.cluster_size();

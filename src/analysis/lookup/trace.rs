@@ -269,6 +269,52 @@ fn trace_qcow2(
         .get(l2i as usize)
         .copied()
         .unwrap_or(L2Entry { raw: 0, bitmap: 0 });
+    let m = l2_entry_step(&mut t, img, l2_off, l2i, e, sc);
+    // The decision is layer_run's, the same one map and read use; the steps above
+    // only show what it looked at.
+    let run = match layer_run(img, view, guest, 1, name) {
+        Ok(r) => r,
+        Err(Error::GuestIo { reason, .. }) => {
+            t.push(
+                StepKind::Error {
+                    message: reason.clone(),
+                },
+                format!("{} QEMU fails the read with EIO.", eio_why(&reason)),
+            );
+            return Some(format!("I/O error in {name}: {reason}"));
+        }
+        Err(e) => {
+            t.push(
+                StepKind::Error {
+                    message: e.to_string(),
+                },
+                format!("The read fails: {e}."),
+            );
+            return Some(format!("error: {e}"));
+        }
+    };
+    let at = Place {
+        img,
+        data_file,
+        guest,
+        sc,
+        inc,
+        host_cluster: m.host_offset().unwrap_or_default(),
+    };
+    conclude(&mut t, &at, run.status)
+}
+
+/// The step that shows L2 entry `l2i` of the table at `l2_off` (`e`) and what it
+/// means for subcluster `sc`; returns the entry decoded.
+fn l2_entry_step(
+    t: &mut LayerSteps<'_>,
+    img: &Qcow2,
+    l2_off: HostOffset,
+    l2i: u64,
+    e: L2Entry,
+    sc: u32,
+) -> L2Mapping {
+    let geo = img.geometry();
     let has_df = img.header.has_data_file();
     let m = e.mapping(&geo, has_df);
     let (ct, st) = (m.cluster_type(), m.subcluster_type(sc));
@@ -310,38 +356,7 @@ fn trace_qcow2(
             e.describe(&geo, has_df)
         ),
     );
-    // The decision is layer_run's, the same one map and read use; the steps above
-    // only show what it looked at.
-    let run = match layer_run(img, view, guest, 1, name) {
-        Ok(r) => r,
-        Err(Error::GuestIo { reason, .. }) => {
-            t.push(
-                StepKind::Error {
-                    message: reason.clone(),
-                },
-                format!("{} QEMU fails the read with EIO.", eio_why(&reason)),
-            );
-            return Some(format!("I/O error in {name}: {reason}"));
-        }
-        Err(e) => {
-            t.push(
-                StepKind::Error {
-                    message: e.to_string(),
-                },
-                format!("The read fails: {e}."),
-            );
-            return Some(format!("error: {e}"));
-        }
-    };
-    let at = Place {
-        img,
-        data_file,
-        guest,
-        sc,
-        inc,
-        host_cluster: m.host_offset().unwrap_or_default(),
-    };
-    conclude(&mut t, &at, run.status)
+    m
 }
 
 /// Where a traced read ends up in one qcow2 layer, for [`conclude`].
