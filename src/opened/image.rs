@@ -95,6 +95,45 @@ const CACHE_LIMIT: usize = 256;
 /// fails every request that reaches past it (EIO), whatever the file's size.
 pub const BDRV_MAX_LENGTH: u64 = 0x7fff_ffff_c000_0000;
 
+/// The backing file name stored in cluster 0 (`c0`), if the header names one; an
+/// error if it is longer than QEMU reads (1023 bytes, and within cluster 0).
+fn backing_file_name(h: &Header, c0: &[u8]) -> Result<Option<String>> {
+    if h.backing_file_offset == 0 {
+        return Ok(None);
+    }
+    let max = 1023u64.min(h.cluster_size().saturating_sub(h.backing_file_offset));
+    if u64::from(h.backing_file_size) > max {
+        return Err(Error::corrupt(
+            CorruptKind::BackingFileName,
+            h.backing_file_offset,
+            format!("Backing file name too long ({} bytes)", h.backing_file_size),
+        ));
+    }
+    let name = crate::bytes::slice(
+        c0,
+        h.backing_file_offset as usize,
+        h.backing_file_size as usize,
+    );
+    Ok(Some(crate::bytes::text(name)))
+}
+
+/// Something QEMU's open refuses, found while opening with `strict`: the open
+/// fails with it under [`Strictness::Qemu`]; otherwise it is listed in `problems`
+/// and, if it is the first, is why `qemu-img check`'s open would fail too.
+fn refuse(
+    problems: &mut Vec<Error>,
+    check_refusal: &mut Option<String>,
+    strict: Strictness,
+    e: Error,
+) -> Result<()> {
+    if strict == Strictness::Qemu {
+        return Err(e);
+    }
+    check_refusal.get_or_insert_with(|| e.to_string());
+    problems.push(e);
+    Ok(())
+}
+
 impl Qcow2 {
     /// Open a qcow2 image from `src`.
     pub fn open(src: SharedSource, strict: Strictness) -> Result<Qcow2> {
@@ -134,11 +173,7 @@ impl Qcow2 {
         read_into(src.as_ref(), "cluster 0", 0, &mut c0)?;
         let (extensions, ext_err) = header::parse_extensions(&h, &c0);
         if let Some(e) = ext_err {
-            if strict == Strictness::Qemu {
-                return Err(e);
-            }
-            check_refusal.get_or_insert_with(|| e.to_string());
-            problems.push(e);
+            refuse(&mut problems, &mut check_refusal, strict, e)?;
         }
         let features = header::named_features(&h, &extensions);
         let mut backing_format = None;
@@ -150,30 +185,12 @@ impl Qcow2 {
                 _ => {}
             }
         }
-        let backing_name = if h.backing_file_offset != 0 {
-            let max = 1023u64.min(cs.saturating_sub(h.backing_file_offset));
-            if u64::from(h.backing_file_size) > max {
-                let e = Error::corrupt(
-                    CorruptKind::BackingFileName,
-                    h.backing_file_offset,
-                    format!("Backing file name too long ({} bytes)", h.backing_file_size),
-                );
-                if strict == Strictness::Qemu {
-                    return Err(e);
-                }
-                check_refusal.get_or_insert_with(|| e.to_string());
-                problems.push(e);
+        let backing_name = match backing_file_name(&h, &c0) {
+            Ok(name) => name,
+            Err(e) => {
+                refuse(&mut problems, &mut check_refusal, strict, e)?;
                 None
-            } else {
-                let name = crate::bytes::slice(
-                    &c0,
-                    h.backing_file_offset as usize,
-                    h.backing_file_size as usize,
-                );
-                Some(crate::bytes::text(name))
             }
-        } else {
-            None
         };
         if h.data_file_raw() && !h.has_data_file() {
             let e = Error::header_field(
@@ -201,22 +218,14 @@ impl Qcow2 {
                 offset: h.l1_table_offset,
                 reason: "Could not read L1 table: Input/output error (the table ends past the block layer's maximum length, 2^63 - 2^30)".into(),
             };
-            if strict == Strictness::Qemu {
-                return Err(e);
-            }
-            check_refusal.get_or_insert_with(|| e.to_string());
-            problems.push(e);
+            refuse(&mut problems, &mut check_refusal, strict, e)?;
         } else if let Err(e) = read_into(
             src.as_ref(),
             "active L1 table",
             h.l1_table_offset,
             &mut l1_buf,
         ) {
-            if strict == Strictness::Qemu {
-                return Err(e);
-            }
-            check_refusal.get_or_insert_with(|| e.to_string());
-            problems.push(e);
+            refuse(&mut problems, &mut check_refusal, strict, e)?;
         }
         if h.l1_table_offset.saturating_add(l1_bytes) > file_len && l1_entries > 0 {
             notes.push(format!(
