@@ -5,6 +5,7 @@
 //! `L2 table (active L1[3]) at 0x50200: not aligned to a cluster (65536 bytes)`
 //! tells a reader exactly what to look at with `qinspect hexdump --host 0x50200`.
 
+use crate::header::Field;
 use std::path::PathBuf;
 
 /// Result with qinspect's [`Error`].
@@ -44,7 +45,10 @@ pub enum Error {
     /// A field holds a value the format (or QEMU) does not allow.
     #[error("{what} at {offset:#x}: {reason}")]
     Invalid {
-        /// The structure or field.
+        /// Which structure, for code to match on ([`CorruptKind::Other`] where only
+        /// `what` names it).
+        kind: CorruptKind,
+        /// The structure or field, in words.
         what: String,
         /// Where it is in the file.
         offset: u64,
@@ -77,7 +81,7 @@ pub enum Error {
         guest: u64,
         /// The layer that fails.
         layer: String,
-        /// Why.
+        /// Why the layer cannot give the byte (the error from the layer, in words).
         reason: String,
     },
 
@@ -86,13 +90,83 @@ pub enum Error {
     Request(String),
 }
 
+/// The structure an [`Error::Invalid`] is about, for callers (and tests) to match on
+/// rather than read the message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum CorruptKind {
+    /// The first four bytes are not "QFI\xfb".
+    HeaderMagic,
+    /// A header field QEMU's open rejects; the error's offset is the field's.
+    HeaderField(Field),
+    /// The header extension area (an extension too large for it).
+    HeaderExtension,
+    /// The backing file name (too long for cluster 0 or for QEMU).
+    BackingFileName,
+    /// The refcount table's place or size (from the header).
+    RefcountTable,
+    /// An entry of the refcount table.
+    RefcountTableEntry,
+    /// The internal snapshot table.
+    SnapshotTable,
+    /// The active L1 table's place or size (from the header).
+    L1Table,
+    /// A snapshot's L1 table.
+    SnapshotL1Table,
+    /// A structure named only by the error's `what`.
+    Other,
+}
+
+impl CorruptKind {
+    /// The structure in words, as messages name it.
+    pub fn describe(&self) -> String {
+        match self {
+            CorruptKind::HeaderMagic => "qcow2 header magic".into(),
+            CorruptKind::HeaderField(f) => format!("header {}", f.name()),
+            CorruptKind::HeaderExtension => "header extension".into(),
+            CorruptKind::BackingFileName => "backing file name".into(),
+            CorruptKind::RefcountTable => "refcount table".into(),
+            CorruptKind::RefcountTableEntry => "refcount table entry".into(),
+            CorruptKind::SnapshotTable => "snapshot table".into(),
+            CorruptKind::L1Table => "L1 table".into(),
+            CorruptKind::SnapshotL1Table => "snapshot L1 table".into(),
+            CorruptKind::Other => "structure".into(),
+        }
+    }
+}
+
 impl Error {
-    /// An `Invalid` error.
+    /// An `Invalid` error about a structure named in words only
+    /// ([`CorruptKind::Other`]); [`Error::corrupt`] names it for code too.
     pub fn invalid(what: impl Into<String>, offset: u64, reason: impl Into<String>) -> Self {
         Error::Invalid {
+            kind: CorruptKind::Other,
             what: what.into(),
             offset,
             reason: reason.into(),
+        }
+    }
+
+    /// An `Invalid` error about structure `kind` at `offset`.
+    pub fn corrupt(kind: CorruptKind, offset: u64, reason: impl Into<String>) -> Self {
+        Error::Invalid {
+            kind,
+            what: kind.describe(),
+            offset,
+            reason: reason.into(),
+        }
+    }
+
+    /// An `Invalid` error about header field `field`, at the field's offset.
+    pub fn header_field(field: Field, reason: impl Into<String>) -> Self {
+        Error::corrupt(CorruptKind::HeaderField(field), field.offset(), reason)
+    }
+
+    /// The structure an `Invalid` error is about (`None` for other errors).
+    pub fn corrupt_kind(&self) -> Option<CorruptKind> {
+        match self {
+            Error::Invalid { kind, .. } => Some(*kind),
+            _ => None,
         }
     }
 

@@ -14,23 +14,46 @@
 //!   limits before anything is allocated; backing chains are depth-limited and
 //!   checked for loops.
 //!
-//! ## A tour of qcow2, by module
+//! ## A tour of qcow2, by layer
+//!
+//! ```text
+//!  analysis   lookup · map · info · check · simulate      what it means, what QEMU says
+//!     │
+//!  opened     io::Source → image::Qcow2 → chain::Chain    files, images, backing chains
+//!     │       crypto (LUKS, legacy AES)
+//!  format     header · tables · refcount · snapshot       bytes → raw + decoded values
+//!             bitmap · compress · types · bytes
+//! ```
+//!
+//! [`format`](mod@format) — the on-disk structures, decoded from bytes:
 //!
 //! * [`types`] — guest and host offsets, clusters, and the geometry that turns a
 //!   guest offset into an L1 index, an L2 index and an offset in the cluster.
-//! * [`header`] — the header at byte 0 and the header extensions after it.
+//! * [`header`] — the header at byte 0 (its field layout, written once in
+//!   [`header::Field`]), the header extensions after it and the feature bits.
 //! * [`tables`] — L1 and L2 entries (raw value plus decoded meaning),
 //!   compressed-cluster descriptors, extended-L2 subcluster bitmaps.
 //! * [`refcount`] — the refcount table and refcount blocks.
 //! * [`snapshot`] — the internal snapshot table.
 //! * [`bitmap`] — the persistent dirty-bitmap directory.
+//!
+//! [`opened`] — files and what is built from them:
+//!
+//! * [`io`] — the read-only source every byte comes through.
 //! * [`image`] — an opened qcow2 file: header, L1, snapshots, bitmaps together.
 //! * [`chain`] — layers (qcow2 or raw), backing files and external data files.
+//! * [`crypto`] — encrypted images: the LUKS header, key slots, decrypting data.
+//!
+//! [`analysis`] — answers about an opened chain:
+//!
 //! * [`lookup`] — how one guest read is resolved, step by step, through the chain.
 //! * [`map`] — the guest address space as extents, like `qemu-img map`.
 //! * [`info`] — the summary `qemu-img info` prints.
 //! * [`check`] — refcount consistency, the way `qemu-img check` sees it, and more.
-//! * [`crypto`] — encrypted images: the LUKS header, key slots, decrypting data.
+//! * [`simulate`] — what QEMU's snapshot operations and writes would change, in memory.
+//!
+//! Every module is also reachable at the crate root (`qinspect::header`,
+//! `qinspect::lookup`, ...), which is the path the examples use.
 //!
 //! ## Examples
 //!
@@ -109,7 +132,7 @@
 //! assert_eq!(check(&sim.image()?, &CheckOptions::default()).exit_code(), 0);
 //! # Ok::<(), qinspect::Error>(())
 //! ```
-#![forbid(unsafe_code)]
+#![deny(missing_docs, unreachable_pub)]
 #![deny(
     clippy::unwrap_used,
     clippy::expect_used,
@@ -117,25 +140,18 @@
     clippy::arithmetic_side_effects
 )]
 
-pub mod bitmap;
-pub mod bytes;
-pub mod chain;
+pub mod analysis;
 pub mod check;
-pub mod compare;
-pub mod compress;
-pub mod crypto;
 pub mod error;
-pub mod header;
-pub mod image;
-pub mod info;
-pub mod io;
-pub mod locate;
-pub mod lookup;
-pub mod map;
-pub mod refcount;
+pub mod format;
+pub mod opened;
 pub mod simulate;
-pub mod snapshot;
-pub mod tables;
-pub mod types;
+#[cfg(test)]
+pub(crate) mod testing;
 
-pub use error::{Error, Result};
+// Every module keeps its path at the crate root (`qinspect::header`, `crate::tables`, ...).
+pub use analysis::{compare, info, locate, lookup, map};
+pub use format::{bitmap, bytes, compress, header, refcount, snapshot, tables, types};
+pub use opened::{chain, crypto, image, io};
+
+pub use error::{CorruptKind, Error, Result};

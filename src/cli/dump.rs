@@ -6,7 +6,7 @@ use qinspect::bitmap;
 use qinspect::image::{Qcow2, Strictness};
 use qinspect::io::{FileSource, SharedSource};
 use qinspect::refcount::get_refcount;
-use qinspect::tables::{L1Entry, L2Entry};
+use qinspect::tables::{L1Entry, L1Mapping, L2Entry, L2Mapping};
 use qinspect::types::{GuestOffset, HostOffset};
 use serde::Serialize;
 use serde_json::{Value, json};
@@ -194,7 +194,7 @@ pub fn run(a: Args) -> CmdResult {
                     view.l1.len()
                 )
             })?;
-            let Some(l2_off) = e.l2_offset() else {
+            let L1Mapping::L2Table { offset: l2_off, .. } = e.mapping() else {
                 bail!(
                     "{} entry {i} is {:#x}: no L2 table (the range is unallocated)",
                     view.label(),
@@ -460,6 +460,11 @@ fn l1_row(i: u64, table: u64, e: L1Entry, cov: u64, geo: &qinspect::types::Geome
 fn l2_row(l1i: u64, j: u64, l2_off: HostOffset, e: L2Entry, img: &Qcow2, has_df: bool) -> Row {
     let geo = img.geometry();
     let guest = geo.guest_offset(l1i, j, 0).unwrap_or(GuestOffset(0));
+    let m = e.mapping(&geo, has_df);
+    let descriptor = match m {
+        L2Mapping::Compressed { descriptor, .. } => Some(descriptor),
+        _ => None,
+    };
     Row {
         index: j,
         file_offset: l2_off.0 + j * geo.l2_entry_size(),
@@ -470,13 +475,13 @@ fn l2_row(l1i: u64, j: u64, l2_off: HostOffset, e: L2Entry, img: &Qcow2, has_df:
         },
         decoded: json!({
             "guest_offset": guest.0,
-            "type": format!("{:?}", e.cluster_type(&geo, has_df)).to_lowercase(),
-            "host_offset": (!e.compressed()).then_some(e.host_offset().0),
+            "type": format!("{:?}", m.cluster_type()).to_lowercase(),
+            "host_offset": descriptor.is_none().then_some(e.host_offset().0),
             "copied": e.copied(),
-            "compressed": e.compressed_descriptor(&geo),
+            "compressed": descriptor,
             "reserved": e.reserved_bits(&geo),
             "bitmap": geo.extended_l2.then_some(e.bitmap),
-            "subclusters": geo.extended_l2.then(|| (0..32).map(|s| e.subcluster_type(&geo, has_df, s).name()).collect::<Vec<_>>()),
+            "subclusters": geo.extended_l2.then(|| (0..32).map(|s| m.subcluster_type(s).name()).collect::<Vec<_>>()),
         }),
         meaning: format!("guest {guest}: {}", e.describe(&geo, has_df)),
     }

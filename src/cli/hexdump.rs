@@ -45,9 +45,9 @@ pub struct Args {
 pub enum ColorChoice {
     /// On a terminal.
     Auto,
-    /// Always.
+    /// Colour even when stdout is not a terminal.
     Always,
-    /// Never.
+    /// No colour, even on a terminal.
     Never,
 }
 

@@ -27,15 +27,15 @@ pub type CmdResult = color_eyre::Result<i32>;
 /// Styles that carry meaning in readable output.
 pub mod style {
     use super::*;
-    /// Headings.
+    /// Section headings (bold).
     pub const HEAD: Style = Style::new().bold();
     /// Guest data present in this layer.
     pub const DATA: Style = AnsiColor::Green.on_default();
-    /// Zeros.
+    /// Guest ranges that read as zeros (zero entries, unallocated without backing).
     pub const ZERO: Style = AnsiColor::Blue.on_default();
     /// Falls through to a lower layer.
     pub const BACKING: Style = AnsiColor::Yellow.on_default();
-    /// Compressed.
+    /// Guest data stored in a compressed cluster.
     pub const COMPRESSED: Style = AnsiColor::Magenta.on_default();
     /// Something wrong.
     pub const BAD: Style = AnsiColor::Red.on_default().bold();

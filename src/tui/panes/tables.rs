@@ -65,12 +65,8 @@ pub fn judge(active: bool, copied: bool, refcount: Option<u64>) -> Copied {
 fn l2_cluster(e: &L2Entry, ctx: &Ctx) -> Option<u64> {
     let img = ctx.img.as_ref()?;
     let geo = img.geometry();
-    match e.cluster_type(&geo, img.header.has_data_file()) {
-        ClusterType::Normal | ClusterType::ZeroAlloc if e.host_offset().0 != 0 => {
-            Some(e.host_offset().0 >> geo.cluster_bits)
-        }
-        _ => None,
-    }
+    let host = e.mapping(&geo, img.header.has_data_file()).host_cluster()?;
+    Some(geo.cluster_of(host.0))
 }
 
 fn columns(copied: bool, rc: Option<u64>, j: Copied) -> Vec<Span<'static>> {

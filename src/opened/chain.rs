@@ -36,7 +36,7 @@ pub const MAX_CHAIN_DEPTH: usize = 500;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Format {
-    /// qcow2.
+    /// A qcow2 image: header, L1/L2 tables, refcounts.
     Qcow2,
     /// Raw bytes.
     Raw,

@@ -7,7 +7,7 @@
 //! allocated.
 
 use crate::bitmap::{self, BitmapEntry};
-use crate::error::{Error, Result};
+use crate::error::{CorruptKind, Error, Result};
 use crate::header::{self, Extension, ExtensionKind, Feature, Header};
 use crate::io::{SharedSource, read_exact, read_into};
 use crate::refcount::{self, RefTableEntry, RefcountGeometry};
@@ -72,9 +72,11 @@ pub struct Qcow2 {
     /// The snapshot table.
     pub snapshots: SnapshotTable,
     /// The bitmap directory: `None` without the extension.
-    pub bitmaps: Option<std::result::Result<Vec<BitmapEntry>, String>>,
-    /// What QEMU would object to, found while opening (empty for a healthy image).
-    pub problems: Vec<String>,
+    pub bitmaps: Option<Result<Vec<BitmapEntry>>>,
+    /// What QEMU would object to, found while opening (empty for a healthy image),
+    /// in the order QEMU's open meets them. Only a [`Strictness::Lenient`] open
+    /// gets this far with any; a [`Strictness::Qemu`] open fails with the first.
+    pub problems: Vec<Error>,
     /// Why `qemu-img check`'s open (`BDRV_O_CHECK`) would fail on this file, if it
     /// would. It skips some of the checks behind [`Qcow2::problems`]: a missing
     /// refcount table and a bad snapshot table do not stop it.
@@ -93,6 +95,45 @@ const CACHE_LIMIT: usize = 256;
 /// fails every request that reaches past it (EIO), whatever the file's size.
 pub const BDRV_MAX_LENGTH: u64 = 0x7fff_ffff_c000_0000;
 
+/// The backing file name stored in cluster 0 (`c0`), if the header names one; an
+/// error if it is longer than QEMU reads (1023 bytes, and within cluster 0).
+fn backing_file_name(h: &Header, c0: &[u8]) -> Result<Option<String>> {
+    if h.backing_file_offset == 0 {
+        return Ok(None);
+    }
+    let max = 1023u64.min(h.cluster_size().saturating_sub(h.backing_file_offset));
+    if u64::from(h.backing_file_size) > max {
+        return Err(Error::corrupt(
+            CorruptKind::BackingFileName,
+            h.backing_file_offset,
+            format!("Backing file name too long ({} bytes)", h.backing_file_size),
+        ));
+    }
+    let name = crate::bytes::slice(
+        c0,
+        h.backing_file_offset as usize,
+        h.backing_file_size as usize,
+    );
+    Ok(Some(crate::bytes::text(name)))
+}
+
+/// Something QEMU's open refuses, found while opening with `strict`: the open
+/// fails with it under [`Strictness::Qemu`]; otherwise it is listed in `problems`
+/// and, if it is the first, is why `qemu-img check`'s open would fail too.
+fn refuse(
+    problems: &mut Vec<Error>,
+    check_refusal: &mut Option<String>,
+    strict: Strictness,
+    e: Error,
+) -> Result<()> {
+    if strict == Strictness::Qemu {
+        return Err(e);
+    }
+    check_refusal.get_or_insert_with(|| e.to_string());
+    problems.push(e);
+    Ok(())
+}
+
 impl Qcow2 {
     /// Open a qcow2 image from `src`.
     pub fn open(src: SharedSource, strict: Strictness) -> Result<Qcow2> {
@@ -104,31 +145,25 @@ impl Qcow2 {
             file_len.min(u64::from(header::V3_MIN_HEADER_LEN).saturating_add(8)),
         )?;
         let h = Header::parse(&first)?;
-        let mut problems: Vec<String> = Vec::new();
+        let mut problems: Vec<Error> = Vec::new();
         let mut notes: Vec<String> = Vec::new();
         let invalid = h.validate(file_len);
-        let invalid_fields: Vec<String> = invalid
-            .iter()
-            .filter_map(|e| match e {
-                Error::Invalid { what, .. } => Some(what.clone()),
-                _ => None,
-            })
-            .collect();
+        let invalid_kinds: Vec<CorruptKind> =
+            invalid.iter().filter_map(Error::corrupt_kind).collect();
         let mut check_refusal = h
             .validate_for(file_len, header::OpenMode::Check)
             .first()
             .map(|e| e.to_string());
         // An unknown version or cluster size makes everything after the header
         // unreadable, whatever the strictness.
-        let fatal = invalid.iter().any(|e| {
-            let s = e.to_string();
-            s.contains("Unsupported qcow2 version") || s.contains("Unsupported cluster size")
-        });
+        let fatal = !matches!(h.version, 2 | 3)
+            || !(crate::types::MIN_CLUSTER_BITS..=crate::types::MAX_CLUSTER_BITS)
+                .contains(&h.cluster_bits);
         if let Some(first_err) = invalid.into_iter().next() {
             if strict == Strictness::Qemu || fatal {
                 return Err(first_err);
             }
-            problems.push(first_err.to_string());
+            problems.push(first_err);
         }
         let geo = h.geometry();
         let cs = geo.cluster_size();
@@ -138,11 +173,7 @@ impl Qcow2 {
         read_into(src.as_ref(), "cluster 0", 0, &mut c0)?;
         let (extensions, ext_err) = header::parse_extensions(&h, &c0);
         if let Some(e) = ext_err {
-            if strict == Strictness::Qemu {
-                return Err(e);
-            }
-            check_refusal.get_or_insert_with(|| e.to_string());
-            problems.push(e.to_string());
+            refuse(&mut problems, &mut check_refusal, strict, e)?;
         }
         let features = header::named_features(&h, &extensions);
         let mut backing_format = None;
@@ -154,40 +185,21 @@ impl Qcow2 {
                 _ => {}
             }
         }
-        let backing_name = if h.backing_file_offset != 0 {
-            let max = 1023u64.min(cs.saturating_sub(h.backing_file_offset));
-            if u64::from(h.backing_file_size) > max {
-                let e = Error::invalid(
-                    "backing file name",
-                    h.backing_file_offset,
-                    format!("Backing file name too long ({} bytes)", h.backing_file_size),
-                );
-                if strict == Strictness::Qemu {
-                    return Err(e);
-                }
-                check_refusal.get_or_insert_with(|| e.to_string());
-                problems.push(e.to_string());
+        let backing_name = match backing_file_name(&h, &c0) {
+            Ok(name) => name,
+            Err(e) => {
+                refuse(&mut problems, &mut check_refusal, strict, e)?;
                 None
-            } else {
-                let name = crate::bytes::slice(
-                    &c0,
-                    h.backing_file_offset as usize,
-                    h.backing_file_size as usize,
-                );
-                Some(crate::bytes::text(name))
             }
-        } else {
-            None
         };
         if h.data_file_raw() && !h.has_data_file() {
-            let e = Error::invalid(
-                "header autoclear_features",
-                88,
+            let e = Error::header_field(
+                header::Field::AutoclearFeatures,
                 "data-file-raw requires a data file",
             );
             // Checked where QEMU opens data files: info opens the image, I/O fails.
             check_refusal.get_or_insert_with(|| e.to_string());
-            problems.push(e.to_string());
+            problems.push(e);
         }
 
         // The active L1 table. QEMU reads it even where it runs past the end of the
@@ -195,32 +207,25 @@ impl Qcow2 {
         let l1_entries = u64::from(h.l1_size).min(MAX_L1_ENTRIES);
         let l1_bytes = l1_entries.saturating_mul(8);
         let mut l1_buf = vec![0u8; l1_bytes as usize];
-        let l1_invalid = invalid_fields.iter().any(|w| *w == "L1 table");
+        let l1_invalid = invalid_kinds.contains(&CorruptKind::L1Table);
         if l1_invalid {
             // Refused above (or listed, when lenient): nothing to read there.
         } else if l1_entries > 0 && h.l1_table_offset.saturating_add(l1_bytes) > BDRV_MAX_LENGTH {
             // QEMU's block layer fails any request past this length with EIO.
-            let e = Error::invalid(
-                "active L1 table",
-                h.l1_table_offset,
-                "Could not read L1 table: Input/output error (the table ends past the block layer's maximum length, 2^63 - 2^30)",
-            );
-            if strict == Strictness::Qemu {
-                return Err(e);
-            }
-            check_refusal.get_or_insert_with(|| e.to_string());
-            problems.push(e.to_string());
+            let e = Error::Invalid {
+                kind: CorruptKind::L1Table,
+                what: "active L1 table".into(),
+                offset: h.l1_table_offset,
+                reason: "Could not read L1 table: Input/output error (the table ends past the block layer's maximum length, 2^63 - 2^30)".into(),
+            };
+            refuse(&mut problems, &mut check_refusal, strict, e)?;
         } else if let Err(e) = read_into(
             src.as_ref(),
             "active L1 table",
             h.l1_table_offset,
             &mut l1_buf,
         ) {
-            if strict == Strictness::Qemu {
-                return Err(e);
-            }
-            check_refusal.get_or_insert_with(|| e.to_string());
-            problems.push(e.to_string());
+            refuse(&mut problems, &mut check_refusal, strict, e)?;
         }
         if h.l1_table_offset.saturating_add(l1_bytes) > file_len && l1_entries > 0 {
             notes.push(format!(
@@ -233,13 +238,17 @@ impl Qcow2 {
         let snapshots = snapshot::read_table(src.as_ref(), h.snapshots_offset, h.nb_snapshots);
         if let Some(e) = &snapshots.error {
             if strict == Strictness::Qemu {
-                return Err(Error::invalid(
-                    "snapshot table",
+                return Err(Error::corrupt(
+                    CorruptKind::SnapshotTable,
                     h.snapshots_offset,
                     e.clone(),
                 ));
             }
-            problems.push(e.clone());
+            problems.push(Error::invalid(
+                "snapshot table",
+                h.snapshots_offset,
+                e.clone(),
+            ));
         }
 
         let bitmaps = extensions.iter().find_map(|e| match e.kind {
@@ -248,10 +257,12 @@ impl Qcow2 {
                 directory_size,
                 directory_offset,
                 ..
-            } => Some(
-                bitmap::read_directory(src.as_ref(), directory_offset, directory_size, nb_bitmaps)
-                    .map_err(|e| e.to_string()),
-            ),
+            } => Some(bitmap::read_directory(
+                src.as_ref(),
+                directory_offset,
+                directory_size,
+                nb_bitmaps,
+            )),
             _ => None,
         });
 
@@ -473,8 +484,8 @@ impl Qcow2 {
             return Ok(0);
         };
         if !self.geometry().is_cluster_aligned(block.0) {
-            return Err(Error::invalid(
-                "refcount table entry",
+            return Err(Error::corrupt(
+                CorruptKind::RefcountTableEntry,
                 self.header
                     .refcount_table_offset
                     .saturating_add(rg.table_index(cluster).saturating_mul(8)),
@@ -724,6 +735,19 @@ mod tests {
         let src: SharedSource = Arc::new(MemSource::new("t", b));
         assert!(Qcow2::open(src.clone(), Strictness::Qemu).is_err());
         let img = Qcow2::open(src, Strictness::Lenient).unwrap();
-        assert!(img.problems[0].contains("Reference count entry width too large"));
+        // The problem names the field and its offset in the header.
+        assert!(matches!(
+            &img.problems[0],
+            Error::Invalid {
+                kind: CorruptKind::HeaderField(crate::header::Field::RefcountOrder),
+                offset: 96,
+                ..
+            }
+        ));
+        assert!(
+            img.problems[0]
+                .to_string()
+                .contains("Reference count entry width too large")
+        );
     }
 }

@@ -34,6 +34,28 @@ macro_rules! offset_type {
                 write!(f, "{:#x}", self.0)
             }
         }
+
+        impl $name {
+            /// The raw number.
+            pub const fn get(self) -> u64 {
+                self.0
+            }
+
+            /// `self + n`, or `None` past 2^64 (values read from a file can be anything).
+            pub fn checked_add(self, n: u64) -> Option<Self> {
+                self.0.checked_add(n).map($name)
+            }
+
+            /// `self + n`, stopping at 2^64 - 1.
+            pub fn saturating_add(self, n: u64) -> Self {
+                $name(self.0.saturating_add(n))
+            }
+
+            /// How far `self` is past `base` (0 if it is before it).
+            pub fn saturating_sub(self, base: Self) -> u64 {
+                self.0.saturating_sub(base.0)
+            }
+        }
     };
 }
 
@@ -189,6 +211,67 @@ impl Geometry {
         offset & low_mask(self.cluster_bits) == 0
     }
 
+    /// The cluster number of byte `off` (`off / cluster_size`), in either address
+    /// space; the typed forms are [`guest_cluster`](Self::guest_cluster) and
+    /// [`host_cluster`](Self::host_cluster).
+    pub fn cluster_of(&self, off: u64) -> u64 {
+        off >> self.cluster_bits
+    }
+
+    /// Where byte `off` sits in its cluster (`off % cluster_size`).
+    pub fn within(&self, off: u64) -> u64 {
+        off & low_mask(self.cluster_bits)
+    }
+
+    /// The first byte of cluster `c` (saturating: a cluster number read from disk
+    /// cannot wrap).
+    pub fn cluster_start(&self, c: u64) -> u64 {
+        c.saturating_mul(self.cluster_size())
+    }
+
+    /// One past the last byte of cluster `c` (saturating).
+    pub fn cluster_end(&self, c: u64) -> u64 {
+        self.cluster_start(c).saturating_add(self.cluster_size())
+    }
+
+    /// `n` clusters in bytes (saturating).
+    pub fn clusters_bytes(&self, n: u64) -> u64 {
+        n.saturating_mul(self.cluster_size())
+    }
+
+    /// `off` rounded down to its cluster's start.
+    pub fn align_down(&self, off: u64) -> u64 {
+        off & !low_mask(self.cluster_bits)
+    }
+
+    /// `off` rounded up to a cluster boundary (saturating at the last boundary
+    /// below 2^64).
+    pub fn align_up(&self, off: u64) -> u64 {
+        self.align_down(off.saturating_add(low_mask(self.cluster_bits)))
+    }
+
+    /// The clusters a byte range `[start, start + len)` touches, as a range of
+    /// cluster numbers (empty for `len` 0; the end saturates).
+    pub fn clusters_in(&self, start: u64, len: u64) -> std::ops::Range<u64> {
+        if len == 0 {
+            let c = self.cluster_of(start);
+            return c..c;
+        }
+        let last = start.saturating_add(len).saturating_sub(1);
+        self.cluster_of(start)..self.cluster_of(last).saturating_add(1)
+    }
+
+    /// How many clusters the byte range `[start, start + len)` touches.
+    pub fn cluster_count(&self, start: u64, len: u64) -> u64 {
+        let r = self.clusters_in(start, len);
+        r.end.saturating_sub(r.start)
+    }
+
+    /// The host cluster holding a host offset, and the offset in it.
+    pub fn split_host(&self, host: HostOffset) -> (HostCluster, u64) {
+        (self.host_cluster(host), self.within(host.0))
+    }
+
     /// Number of clusters needed to hold `bytes` bytes (rounded up).
     pub fn clusters_for(&self, bytes: u64) -> u64 {
         bytes.div_ceil(self.cluster_size())
@@ -246,6 +329,29 @@ mod tests {
         assert_eq!(g.l2_entries(), 4096);
         assert_eq!(g.subcluster_size(), 2048);
         assert_eq!(g.subcluster_index(GuestOffset(65536 + 4096)), 2);
+    }
+
+    #[test]
+    fn cluster_arithmetic_on_64k_clusters() {
+        let g = Geometry::new(16, false);
+        assert_eq!(g.cluster_of(0x3_0010), 3);
+        assert_eq!(g.within(0x3_0010), 0x10);
+        assert_eq!((g.cluster_start(3), g.cluster_end(3)), (0x3_0000, 0x4_0000));
+        assert_eq!(g.cluster_start(u64::MAX), u64::MAX, "saturates");
+        assert_eq!(
+            (g.align_down(0x3_0010), g.align_up(0x3_0010)),
+            (0x3_0000, 0x4_0000)
+        );
+        assert_eq!(g.align_up(0x4_0000), 0x4_0000);
+        // 64 KiB from 0x1_8000 touches clusters 1 and 2; 1 byte at 0x2_0000 only 2.
+        assert_eq!(g.clusters_in(0x1_8000, 0x1_0000), 1..3);
+        assert_eq!(g.cluster_count(0x1_8000, 0x1_0000), 2);
+        assert_eq!(g.cluster_count(0x2_0000, 1), 1);
+        assert_eq!(g.cluster_count(0x2_0000, 0), 0);
+        assert_eq!(g.cluster_count(u64::MAX - 1, 10), 1, "the end saturates");
+        assert_eq!(g.split_host(HostOffset(0x5_0200)), (HostCluster(5), 0x200));
+        assert_eq!(HostOffset(u64::MAX).checked_add(1), None);
+        assert_eq!(GuestOffset(7).saturating_sub(GuestOffset(9)), 0);
     }
 
     #[test]

@@ -259,10 +259,11 @@ pub fn extra_info(img: &Qcow2) -> Map<String, Value> {
         };
         m.insert("luks".into(), v);
     }
-    m.insert("problems".into(), json!(img.problems));
+    let problems: Vec<String> = img.problems.iter().map(ToString::to_string).collect();
+    m.insert("problems".into(), json!(problems));
     m.insert("notes".into(), json!(img.notes));
     if let Some(Err(e)) = &img.bitmaps {
-        m.insert("bitmap-directory-error".into(), json!(e));
+        m.insert("bitmap-directory-error".into(), json!(e.to_string()));
     }
     if let Some(e) = &img.snapshots.error {
         m.insert("snapshot-table-error".into(), json!(e));

@@ -51,7 +51,7 @@ pub struct BitmapEntry {
     pub granularity_bits: u8,
     /// Extra data bytes.
     pub extra_data_size: u32,
-    /// Name.
+    /// The bitmap's name (UTF-8, unique in the image).
     pub name: String,
 }
 

@@ -54,9 +54,9 @@ pub trait Source: Send + Sync + std::fmt::Debug {
 /// A file's identity on this machine: its device and inode numbers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct FileId {
-    /// `st_dev`.
+    /// The device number (`st_dev` from fstat).
     pub dev: u64,
-    /// `st_ino`.
+    /// The inode number (`st_ino` from fstat).
     pub ino: u64,
 }
 

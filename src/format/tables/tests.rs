@@ -1,0 +1,132 @@
+//! Decoding L1 and L2 entries, checked against values from the specification.
+
+use super::*;
+use crate::types::HostOffset;
+
+#[test]
+fn compressed_descriptors_decode_as_the_spec_says() {
+    // (cluster_bits, raw entry, offset, sectors, size), worked out by hand from
+    // docs/interop/qcow2.rst: x = 62 - (cluster_bits - 8); offset = low x bits;
+    // sectors = next (cluster_bits - 8) bits + 1; size = sectors * 512 - offset % 512.
+    let cases: [(u32, u64, u64, u64, u64); 4] = [
+        // 512-byte clusters: x = 61, a 1-bit count (bit 61).
+        (9, 0x6000_0000_1234_5678, 0x1234_5678, 2, 904),
+        // 4 KiB: x = 58, count 0xf in bits 58..62.
+        (12, 0x7c00_0000_0005_0200, 0x5_0200, 16, 8192),
+        // 64 KiB: x = 54, count 2 in bits 54..62.
+        (16, 0x4080_0000_0007_0010, 0x7_0010, 3, 1520),
+        // 2 MiB: x = 49, count 0x1fff in bits 49..62.
+        (21, 0x7ffe_0001_2345_6789, 0x1_2345_6789, 8192, 4_193_911),
+    ];
+    for (bits, raw, offset, sectors, size) in cases {
+        let g = Geometry::new(bits, false);
+        let d = CompressedDescriptor::decode(raw, &g);
+        assert_eq!(
+            (d.offset.0, d.sectors, d.size),
+            (offset, sectors, size),
+            "bits {bits}"
+        );
+        assert_eq!(
+            CompressedDescriptor::encode(offset, sectors, &g),
+            raw,
+            "bits {bits}"
+        );
+        let e = L2Entry { raw, bitmap: 0 };
+        assert_eq!(e.cluster_type(&g, false), ClusterType::Compressed);
+        assert_eq!(
+            e.mapping(&g, false),
+            L2Mapping::Compressed {
+                descriptor: d,
+                copied: false
+            }
+        );
+    }
+}
+
+#[test]
+fn cluster_types_follow_qemu() {
+    let g = Geometry::new(16, false);
+    let e = |raw| L2Entry { raw, bitmap: 0 };
+    assert_eq!(e(0).cluster_type(&g, false), ClusterType::Unallocated);
+    assert_eq!(e(1).cluster_type(&g, false), ClusterType::ZeroPlain);
+    assert_eq!(e(0x50001).cluster_type(&g, false), ClusterType::ZeroAlloc);
+    assert_eq!(
+        e(0x8000000000050000).cluster_type(&g, false),
+        ClusterType::Normal
+    );
+    assert_eq!(
+        e(OFLAG_COPIED).cluster_type(&g, false),
+        ClusterType::Unallocated
+    );
+    assert_eq!(e(OFLAG_COPIED).cluster_type(&g, true), ClusterType::Normal);
+    assert_eq!(e(1 << 56 | 0x50000).reserved_bits(&g), 1 << 56);
+    // Bit 9 belongs to the offset, bits 0 and 56 are reserved (0x7f000000000001ff).
+    assert_eq!(L1Entry(0x8000_0000_0004_0200).reserved_bits(), 0);
+    assert_eq!(
+        L1Entry(0x8000_0000_0004_0200).mapping(),
+        L1Mapping::L2Table {
+            offset: HostOffset(0x4_0200),
+            copied: true,
+            reserved: 0
+        }
+    );
+    assert_eq!(
+        L1Entry(0x0100_0000_0003_0001).reserved_bits(),
+        0x0100_0000_0000_0001
+    );
+    assert_eq!(L1Entry(0x8000000000000000).l2_offset(), None);
+    assert_eq!(
+        L1Entry(0x8000_0000_0000_0000).mapping(),
+        L1Mapping::Unallocated { reserved: 0 }
+    );
+}
+
+#[test]
+fn extended_l2_subclusters() {
+    let g = Geometry::new(16, true);
+    // allocated subclusters 2..=3, zero subcluster 5
+    let e = L2Entry {
+        raw: 0x8000000000050000,
+        bitmap: (1 << (32 + 5)) | 0b1100,
+    };
+    assert_eq!(
+        e.subcluster_type(&g, false, 0),
+        SubclusterType::UnallocatedAlloc
+    );
+    assert_eq!(
+        e.subcluster_run(&g, false, 0),
+        Some((SubclusterType::UnallocatedAlloc, 2))
+    );
+    assert_eq!(
+        e.subcluster_run(&g, false, 2),
+        Some((SubclusterType::Normal, 2))
+    );
+    assert_eq!(
+        e.subcluster_run(&g, false, 5),
+        Some((SubclusterType::ZeroAlloc, 1))
+    );
+    assert_eq!(
+        e.subcluster_run(&g, false, 6),
+        Some((SubclusterType::UnallocatedAlloc, 26))
+    );
+    let bad = L2Entry {
+        raw: 0x50000,
+        bitmap: (1 << 33) | 0b10,
+    };
+    assert_eq!(bad.subcluster_type(&g, false, 9), SubclusterType::Invalid);
+    let unalloc_with_alloc_bits = L2Entry { raw: 0, bitmap: 1 };
+    assert_eq!(
+        unalloc_with_alloc_bits.subcluster_type(&g, false, 3),
+        SubclusterType::Invalid
+    );
+    let zero_plain = L2Entry {
+        raw: 0,
+        bitmap: 0xffff_ffff << 32,
+    };
+    assert_eq!(
+        zero_plain.subcluster_run(&g, false, 7),
+        Some((SubclusterType::ZeroPlain, 25))
+    );
+    // bit 0 is reserved with extended L2
+    assert_eq!(L2Entry { raw: 1, bitmap: 0 }.reserved_bits(&g), 1);
+}
