@@ -421,3 +421,41 @@ fn hostile_tables_finish_quickly_and_boundedly() {
         "{v}"
     );
 }
+
+/// The library's findings carry a category callers can match on; each cause
+/// found here is told apart by its variant, not by its message.
+#[test]
+fn library_findings_name_their_category() {
+    use qinspect::check::{Category, CheckOptions, FindingKind, check};
+    use qinspect::image::{Qcow2, Strictness};
+    let w = Work::new();
+    base(&w, "a.qcow2", "cluster_size=64k");
+    // Cluster 6 is a data cluster of the active L2 table: refcount 2 is a leak
+    // and makes its COPIED flag wrong.
+    w.set_refcount("a.qcow2", 6, 2);
+    // An L2 entry with a reserved bit set (bit 1 of a standard entry).
+    l2_entry(&w, "a.qcow2", 100, 0x8000_0000_0007_0002);
+    let open = || {
+        let src = std::sync::Arc::new(qinspect::io::FileSource::open(&w.path("a.qcow2")).unwrap());
+        Qcow2::open(src, Strictness::Lenient).unwrap()
+    };
+    let r = check(&open(), &CheckOptions::default());
+    let of = |c: Category| {
+        r.findings
+            .iter()
+            .filter(|f| f.category == c)
+            .collect::<Vec<_>>()
+    };
+    let leak = of(Category::Refcount);
+    assert!(
+        leak.iter()
+            .any(|f| f.kind == FindingKind::Leak && f.cluster == Some(6)),
+        "{leak:?}"
+    );
+    let copied = of(Category::Copied);
+    assert!(copied.iter().any(|f| f.cluster == Some(6)), "{copied:?}");
+    let reserved = of(Category::ReservedBits);
+    assert_eq!(reserved.len(), 1, "{:?}", r.findings);
+    assert_eq!(reserved[0].offset, Some(0x40000 + 100 * 8));
+    assert!(of(Category::Io).is_empty());
+}

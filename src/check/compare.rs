@@ -2,7 +2,7 @@
 
 use super::PAST_EOF_BUDGET;
 use super::imrt::{CHUNK, CHUNK_BITS, Counts};
-use super::report::FindingKind;
+use super::report::{Category, FindingKind};
 use super::visit::Counter;
 use super::walk::Walk;
 use crate::image::RefcountReader;
@@ -86,7 +86,7 @@ pub(super) fn compare(walk: &mut Walk, counter: &Counter) {
                 };
                 let msg = format!("{word} cluster {c} refcount={r} reference={computed}");
                 let cs = walk.cs;
-                if let Some(f) = walk.find(kind, "refcount", msg, 1) {
+                if let Some(f) = walk.find(kind, Category::Refcount, msg, 1) {
                     f.cluster = Some(c);
                     f.offset = Some(c.saturating_mul(cs));
                     f.refcount = Some(r);
@@ -116,7 +116,7 @@ pub(super) fn compare(walk: &mut Walk, counter: &Counter) {
             "Can't get refcount for cluster {first} (and {} more): refcount block {ti} at {off:#x} is not cluster aligned (Input/output error)",
             n.saturating_sub(1)
         );
-        if let Some(f) = walk.find(FindingKind::CheckError, "refblock", msg, n) {
+        if let Some(f) = walk.find(FindingKind::CheckError, Category::Refblock, msg, n) {
             f.cluster = Some(first);
             f.offset = Some(off);
         }
@@ -160,7 +160,7 @@ pub(super) fn compare(walk: &mut Walk, counter: &Counter) {
     if cut_short {
         walk.find(
             FindingKind::Note,
-            "refcount-past-eof",
+            Category::RefcountPastEof,
             format!("refcounts past the end of the file were looked at for the first {PAST_EOF_BUDGET} clusters only"),
             1,
         );
@@ -171,7 +171,7 @@ pub(super) fn compare(walk: &mut Walk, counter: &Counter) {
             c.saturating_mul(walk.cs)
         );
         let at = c.saturating_mul(walk.cs);
-        if let Some(f) = walk.find(FindingKind::Note, "refcount-past-eof", msg, 1) {
+        if let Some(f) = walk.find(FindingKind::Note, Category::RefcountPastEof, msg, 1) {
             f.cluster = Some(*c);
             f.offset = Some(at);
             f.refcount = Some(*r);
@@ -183,6 +183,6 @@ pub(super) fn compare(walk: &mut Walk, counter: &Counter) {
             "{} more clusters past the end of the file have a refcount",
             past_total.saturating_sub(past.len() as u64)
         );
-        walk.find(FindingKind::Note, "refcount-past-eof", msg, 1);
+        walk.find(FindingKind::Note, Category::RefcountPastEof, msg, 1);
     }
 }

@@ -1,6 +1,6 @@
 //! The COPIED flags of the active tables.
 
-use super::report::{FindingKind, L1Id, Referrer, Role};
+use super::report::{Category, FindingKind, L1Id, Referrer, Role};
 use super::walk::Walk;
 use crate::image::RefcountReader;
 use crate::io::read_into;
@@ -30,7 +30,7 @@ pub(super) fn copied(walk: &mut Walk) {
                 e.0
             );
             let cbits = walk.cbits;
-            if let Some(f) = walk.find(FindingKind::Corruption, "copied", msg, 1) {
+            if let Some(f) = walk.find(FindingKind::Corruption, Category::Copied, msg, 1) {
                 f.cluster = Some(l2 >> cbits);
                 f.offset = Some(
                     img.header
@@ -52,7 +52,7 @@ pub(super) fn copied(walk: &mut Walk) {
         if read_into(img.src.as_ref(), "L2 table", l2, &mut buf).is_err() {
             walk.find(
                 FindingKind::CheckError,
-                "io",
+                Category::Io,
                 "ERROR: Could not read L2 table".into(),
                 1,
             );
@@ -99,7 +99,7 @@ pub(super) fn copied(walk: &mut Walk) {
                 let msg = format!("ERROR OFLAG_COPIED data cluster: l2_entry={raw:x} refcount={r}");
                 let cbits = walk.cbits;
                 let name = walk.l1_name(L1Id::Active);
-                if let Some(f) = walk.find(FindingKind::Corruption, "copied", msg, w) {
+                if let Some(f) = walk.find(FindingKind::Corruption, Category::Copied, msg, w) {
                     f.cluster = Some((raw & L2E_OFFSET_MASK) >> cbits);
                     f.offset = Some(l2.saturating_add((j as u64).saturating_mul(step as u64)));
                     f.refcount = Some(r);

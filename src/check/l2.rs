@@ -1,6 +1,6 @@
 //! One L2 table: `check_refcounts_l2`.
 
-use super::report::{FindingKind, L1Id, Role};
+use super::report::{Category, FindingKind, L1Id, Role};
 use super::visit::{Ctx, Visitor};
 use super::walk::Walk;
 use crate::io::read_into;
@@ -22,7 +22,7 @@ impl Walk<'_> {
         let active = refs.iter().filter(|(id, _)| *id == L1Id::Active).count() as u64;
         if read_into(self.img.src.as_ref(), "L2 table", l2, buf).is_err() {
             let msg = "ERROR: I/O error in check_refcounts_l2".to_string();
-            if let Some(f) = self.find(FindingKind::CheckError, "io", msg, w) {
+            if let Some(f) = self.find(FindingKind::CheckError, Category::Io, msg, w) {
                 f.offset = Some(l2);
             }
             return;
@@ -72,7 +72,8 @@ impl Walk<'_> {
             let i = i as u64;
             if ct != ClusterType::Compressed && raw & L2E_STD_RESERVED_MASK != 0 {
                 let msg = format!("ERROR found l2 entry with reserved bits set: {raw:x}");
-                if let Some(f) = self.find(FindingKind::Corruption, "reserved-bits", msg, w) {
+                if let Some(f) = self.find(FindingKind::Corruption, Category::ReservedBits, msg, w)
+                {
                     f.offset = Some(entry_off(i));
                 }
             }
@@ -84,7 +85,9 @@ impl Walk<'_> {
                             "ERROR: coffset={:#x}: copied flag must never be set for compressed clusters",
                             d.offset.0
                         );
-                        if let Some(f) = self.find(FindingKind::Corruption, "copied", msg, w) {
+                        if let Some(f) =
+                            self.find(FindingKind::Corruption, Category::Copied, msg, w)
+                        {
                             f.offset = Some(entry_off(i));
                             f.repair = Some("clear bit 63 of the L2 entry".into());
                         }
@@ -92,7 +95,9 @@ impl Walk<'_> {
                     if has_df {
                         let msg =
                             format!("ERROR compressed cluster {i} with data file, entry={raw:#x}");
-                        if let Some(f) = self.find(FindingKind::Corruption, "compressed", msg, w) {
+                        if let Some(f) =
+                            self.find(FindingKind::Corruption, Category::Compressed, msg, w)
+                        {
                             f.offset = Some(entry_off(i));
                         }
                         continue;
@@ -101,7 +106,9 @@ impl Walk<'_> {
                         let msg = format!(
                             "ERROR compressed cluster {i} with non-zero subcluster allocation bitmap, entry={raw:#x}"
                         );
-                        if let Some(f) = self.find(FindingKind::Corruption, "compressed", msg, w) {
+                        if let Some(f) =
+                            self.find(FindingKind::Corruption, Category::Compressed, msg, w)
+                        {
                             f.offset = Some(entry_off(i));
                         }
                         continue;
@@ -128,7 +135,9 @@ impl Walk<'_> {
                         let msg = format!(
                             "ERROR offset={off:x}: Allocated cluster has corrupted subcluster allocation bitmap"
                         );
-                        if let Some(f) = self.find(FindingKind::Corruption, "subclusters", msg, w) {
+                        if let Some(f) =
+                            self.find(FindingKind::Corruption, Category::Subclusters, msg, w)
+                        {
                             f.offset = Some(entry_off(i));
                         }
                     }
@@ -147,7 +156,9 @@ impl Walk<'_> {
                                 "ERROR offset={off:x}: Preallocated cluster is not properly aligned; L2 entry corrupted."
                             )
                         };
-                        if let Some(f) = self.find(FindingKind::Corruption, "unaligned", msg, w) {
+                        if let Some(f) =
+                            self.find(FindingKind::Corruption, Category::Unaligned, msg, w)
+                        {
                             f.offset = Some(entry_off(i));
                             if !contains_data {
                                 f.repair = Some("qemu-img check -r all turns the entry into a plain zero cluster".into());
@@ -208,7 +219,9 @@ impl Walk<'_> {
                         let msg =
                             "ERROR: Unallocated cluster has non-zero subcluster allocation map"
                                 .to_string();
-                        if let Some(f) = self.find(FindingKind::Corruption, "subclusters", msg, w) {
+                        if let Some(f) =
+                            self.find(FindingKind::Corruption, Category::Subclusters, msg, w)
+                        {
                             f.offset = Some(entry_off(i));
                         }
                     }

@@ -36,7 +36,9 @@ mod walk;
 
 pub use clusters::{ClusterInfo, ROLES, clusters, role_map};
 pub use imrt::Imrt;
-pub use report::{CheckOptions, CheckReport, Finding, FindingKind, L1Id, Progress, Referrer, Role};
+pub use report::{
+    Category, CheckOptions, CheckReport, Finding, FindingKind, L1Id, Progress, Referrer, Role,
+};
 
 use crate::image::Qcow2;
 use compare::compare;
@@ -74,7 +76,7 @@ pub fn check(img: &Qcow2, opts: &CheckOptions) -> CheckReport {
     let nb = u64::from(h.nb_snapshots);
     if nb > crate::snapshot::MAX_SNAPSHOTS {
         let msg = "ERROR snapshot table too large".to_string();
-        walk.find(FindingKind::CheckError, "snapshot-table", msg, 1);
+        walk.find(FindingKind::CheckError, Category::SnapshotTable, msg, 1);
         walk.report.aborted = Some(format!(
             "{nb} snapshots is more than QEMU's limit of 65536 (File too large)"
         ));
@@ -86,7 +88,7 @@ pub fn check(img: &Qcow2, opts: &CheckOptions) -> CheckReport {
     {
         walk.find(
             FindingKind::CheckError,
-            "snapshot-table",
+            Category::SnapshotTable,
             "ERROR snapshot table offset invalid".into(),
             1,
         );
@@ -95,7 +97,7 @@ pub fn check(img: &Qcow2, opts: &CheckOptions) -> CheckReport {
     }
     if let Some(e) = &img.snapshots.error {
         let msg = format!("ERROR failed to read the snapshot table: {e}");
-        walk.find(FindingKind::CheckError, "snapshot-table", msg, 1);
+        walk.find(FindingKind::CheckError, Category::SnapshotTable, msg, 1);
         walk.report.aborted = Some(e.clone());
         return finish(walk, None);
     }
@@ -103,7 +105,8 @@ pub fn check(img: &Qcow2, opts: &CheckOptions) -> CheckReport {
         for (i, s) in img.snapshots.snapshots.iter().enumerate() {
             if s.extra_data_size < 16 {
                 let msg = format!("ERROR snapshot table entry {i} is incomplete");
-                if let Some(f) = walk.find(FindingKind::Corruption, "snapshot-table", msg, 1) {
+                if let Some(f) = walk.find(FindingKind::Corruption, Category::SnapshotTable, msg, 1)
+                {
                     f.offset = Some(s.entry_offset);
                     f.repair = Some("qemu-img check -r all rewrites the snapshot table with 24 bytes of extra data".into());
                 }

@@ -2,7 +2,7 @@
 
 use super::MAX_OWNER_CLUSTERS;
 use super::imrt::{CHUNK_BITS, kind_shift};
-use super::report::{FindingKind, Referrer, Role};
+use super::report::{Category, FindingKind, Referrer, Role};
 use super::visit::{Counter, Owners};
 use super::walk::Walk;
 use std::collections::{BTreeMap, BTreeSet};
@@ -106,7 +106,7 @@ pub(super) fn overlaps(walk: &mut Walk, counter: &Counter) {
                     .collect::<Vec<_>>()
                     .join("; ")
             );
-            if let Some(f) = walk.find(FindingKind::Note, "cross-link", msg, 1) {
+            if let Some(f) = walk.find(FindingKind::Note, Category::CrossLink, msg, 1) {
                 f.cluster = Some(c);
                 f.offset = Some(c.saturating_mul(cs));
                 f.reference = Some(counter.imrt.get(c));

@@ -133,13 +133,94 @@ impl Referrer {
     }
 }
 
+/// What a finding is about: callers match on this; [`Category::name`] is the
+/// short name the JSON output and the screens show.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Category {
+    /// A stored refcount differs from the number of references (`refcount`).
+    Refcount,
+    /// A refcount table entry or refcount block is wrong, or a block unreadable (`refblock`).
+    Refblock,
+    /// A refcount past the end of the file, which qemu-img does not look at (`refcount-past-eof`).
+    RefcountPastEof,
+    /// A COPIED flag that does not match the refcount (`copied`).
+    Copied,
+    /// Reserved bits set in an L1 or L2 entry (`reserved-bits`).
+    ReservedBits,
+    /// A table or cluster offset that is not cluster aligned (`unaligned`).
+    Unaligned,
+    /// A compressed cluster where none may be (`compressed`).
+    Compressed,
+    /// A corrupt extended-L2 subcluster bitmap (`subclusters`).
+    Subclusters,
+    /// A reference past the end of the file (`past-eof`).
+    PastEof,
+    /// More references than the refcount width can hold (`overflow`).
+    Overflow,
+    /// The snapshot table or one of its entries (`snapshot-table`).
+    SnapshotTable,
+    /// The bitmap directory or a bitmap table (`bitmaps`).
+    Bitmaps,
+    /// A read that failed (`io`).
+    Io,
+    /// Metadata and data, or two guest offsets, sharing a host cluster (`cross-link`).
+    CrossLink,
+}
+
+impl Category {
+    /// The short name: `refcount`, `copied`, `reserved-bits`, ...
+    pub fn name(self) -> &'static str {
+        match self {
+            Category::Refcount => "refcount",
+            Category::Refblock => "refblock",
+            Category::RefcountPastEof => "refcount-past-eof",
+            Category::Copied => "copied",
+            Category::ReservedBits => "reserved-bits",
+            Category::Unaligned => "unaligned",
+            Category::Compressed => "compressed",
+            Category::Subclusters => "subclusters",
+            Category::PastEof => "past-eof",
+            Category::Overflow => "overflow",
+            Category::SnapshotTable => "snapshot-table",
+            Category::Bitmaps => "bitmaps",
+            Category::Io => "io",
+            Category::CrossLink => "cross-link",
+        }
+    }
+
+    /// Every category, in declaration order.
+    pub const ALL: [Category; 14] = [
+        Category::Refcount,
+        Category::Refblock,
+        Category::RefcountPastEof,
+        Category::Copied,
+        Category::ReservedBits,
+        Category::Unaligned,
+        Category::Compressed,
+        Category::Subclusters,
+        Category::PastEof,
+        Category::Overflow,
+        Category::SnapshotTable,
+        Category::Bitmaps,
+        Category::Io,
+        Category::CrossLink,
+    ];
+}
+
+impl std::fmt::Display for Category {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 /// One thing the check found.
 #[derive(Clone, Debug, Serialize)]
 pub struct Finding {
     /// Which total it adds to.
     pub kind: FindingKind,
-    /// A short category name ("refcount", "copied", "reserved-bits", ...).
-    pub category: &'static str,
+    /// What it is about (serialized as its short name: "refcount", "copied", ...).
+    pub category: Category,
     /// What is wrong, in the words qemu-img check uses where it has words.
     pub message: String,
     /// How many times QEMU counts it (a shared L2 table repeats its problems once per L1 table).
@@ -229,4 +310,21 @@ pub struct Progress {
 pub struct CheckOptions<'a> {
     /// Called now and then with progress.
     pub progress: Option<&'a (dyn Fn(Progress) + Sync)>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Category;
+
+    /// The JSON name of each category is the name screens show.
+    #[test]
+    fn category_names_are_their_json_names() {
+        for c in Category::ALL {
+            assert_eq!(
+                serde_json::to_value(c).ok(),
+                Some(serde_json::json!(c.name()))
+            );
+        }
+        assert_eq!(Category::RefcountPastEof.name(), "refcount-past-eof");
+    }
 }

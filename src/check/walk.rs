@@ -1,7 +1,7 @@
 //! The walk over every structure that references a cluster.
 
 use super::MAX_FINDINGS;
-use super::report::{CheckReport, Finding, FindingKind, L1Id, Progress, Referrer, Role};
+use super::report::{Category, CheckReport, Finding, FindingKind, L1Id, Progress, Referrer, Role};
 use super::visit::{Ctx, Visitor};
 use crate::bitmap;
 use crate::header::{AUTOCLEAR_BITMAPS, ExtensionKind};
@@ -58,7 +58,7 @@ impl<'a> Walk<'a> {
     pub(super) fn find(
         &mut self,
         kind: FindingKind,
-        category: &'static str,
+        category: Category,
         message: String,
         count: u64,
     ) -> Option<&mut Finding> {
@@ -105,7 +105,7 @@ impl<'a> Walk<'a> {
                 "ERROR: counting reference for region exceeding the end of the file by one cluster or more: offset {off:#x} size {len:#x}"
             );
             let cbits = self.cbits;
-            if let Some(f) = self.find(FindingKind::Corruption, "past-eof", msg, w) {
+            if let Some(f) = self.find(FindingKind::Corruption, Category::PastEof, msg, w) {
                 f.offset = Some(off);
                 f.cluster = Some(off >> cbits);
             }
@@ -118,7 +118,7 @@ impl<'a> Walk<'a> {
         if over > 0 && self.record {
             // Repeated overflows of one cluster are one finding with a count.
             if let Some(f) = self.report.findings.last_mut()
-                && f.category == "overflow"
+                && f.category == Category::Overflow
                 && f.cluster == Some(first)
             {
                 f.count = f.count.saturating_add(over);
@@ -134,7 +134,7 @@ impl<'a> Walk<'a> {
                 self.img.refcount_geometry().max()
             );
             let at = first << self.cbits;
-            if let Some(f) = self.find(FindingKind::Corruption, "overflow", msg, over) {
+            if let Some(f) = self.find(FindingKind::Corruption, Category::Overflow, msg, over) {
                 f.cluster = Some(first);
                 f.offset = Some(at);
                 f.repair = Some("qemu-img amend -o refcount_bits=… (wider refcounts) or qemu-img convert to a clean copy".into());
@@ -183,7 +183,8 @@ impl<'a> Walk<'a> {
             if e & L1E_RESERVED_MASK != 0 {
                 let name = self.l1_name(id);
                 let msg = format!("ERROR found L1 entry with reserved bits set: {e:x}");
-                if let Some(f) = self.find(FindingKind::Corruption, "reserved-bits", msg, 1) {
+                if let Some(f) = self.find(FindingKind::Corruption, Category::ReservedBits, msg, 1)
+                {
                     f.offset = Some(off.saturating_add(i.saturating_mul(8)));
                     f.referrers.push(Referrer {
                         l1: Some(name),
@@ -200,7 +201,7 @@ impl<'a> Walk<'a> {
                     "ERROR l2_offset={l2:x}: Table is not cluster aligned; L1 entry corrupted"
                 );
                 let name = self.l1_name(id);
-                if let Some(f) = self.find(FindingKind::Corruption, "unaligned", msg, 1) {
+                if let Some(f) = self.find(FindingKind::Corruption, Category::Unaligned, msg, 1) {
                     f.offset = Some(l2);
                     f.referrers.push(Referrer {
                         l1: Some(name),
@@ -257,7 +258,7 @@ impl<'a> Walk<'a> {
                 self.img.header.refcount_bits()
             );
             let at = first << self.cbits;
-            if let Some(f) = self.find(FindingKind::Corruption, "overflow", msg, over) {
+            if let Some(f) = self.find(FindingKind::Corruption, Category::Overflow, msg, over) {
                 f.cluster = Some(first);
                 f.offset = Some(at);
                 f.repair = Some("qemu-img amend -o refcount_bits=… (wider refcounts) or qemu-img convert to a clean copy".into());
@@ -288,7 +289,7 @@ impl<'a> Walk<'a> {
         );
         if h.has_data_file() && h.nb_snapshots > 0 && !img.snapshots.snapshots.is_empty() {
             let msg = format!("ERROR {} snapshots in image with data file", h.nb_snapshots);
-            self.find(FindingKind::Corruption, "snapshot-table", msg, 1);
+            self.find(FindingKind::Corruption, Category::SnapshotTable, msg, 1);
         }
         for (index, sn) in img.snapshots.snapshots.iter().enumerate() {
             if sn.l1_table_offset & self.cmask != 0 {
@@ -296,7 +297,8 @@ impl<'a> Walk<'a> {
                     "ERROR snapshot {} ({}) l1_offset={:#x}: L1 table is not cluster aligned; snapshot table entry corrupted",
                     sn.id, sn.name, sn.l1_table_offset
                 );
-                if let Some(f) = self.find(FindingKind::Corruption, "snapshot-table", msg, 1) {
+                if let Some(f) = self.find(FindingKind::Corruption, Category::SnapshotTable, msg, 1)
+                {
                     f.offset = Some(sn.entry_offset);
                 }
                 continue;
@@ -306,7 +308,8 @@ impl<'a> Walk<'a> {
                     "ERROR snapshot {} ({}) l1_size={:#x}: L1 table is too large; snapshot table entry corrupted",
                     sn.id, sn.name, sn.l1_size
                 );
-                if let Some(f) = self.find(FindingKind::Corruption, "snapshot-table", msg, 1) {
+                if let Some(f) = self.find(FindingKind::Corruption, Category::SnapshotTable, msg, 1)
+                {
                     f.offset = Some(sn.entry_offset);
                 }
                 continue;
@@ -393,7 +396,7 @@ impl<'a> Walk<'a> {
             Ok(l) => l,
             Err(e) => {
                 let msg = format!("bitmap directory cannot be loaded: {e}");
-                self.find(FindingKind::Corruption, "bitmaps", msg, 1);
+                self.find(FindingKind::Corruption, Category::Bitmaps, msg, 1);
                 self.report.aborted =
                     Some("the bitmap directory cannot be loaded (Invalid argument)".into());
                 return false;
@@ -411,7 +414,7 @@ impl<'a> Walk<'a> {
                 Ok(t) => t,
                 Err(e) => {
                     let msg = format!("bitmap '{}' table cannot be loaded: {e}", b.name);
-                    self.find(FindingKind::Corruption, "bitmaps", msg, 1);
+                    self.find(FindingKind::Corruption, Category::Bitmaps, msg, 1);
                     self.report.aborted =
                         Some(format!("bitmap '{}' table cannot be loaded", b.name));
                     return false;
@@ -427,7 +430,7 @@ impl<'a> Walk<'a> {
                         "ERROR bitmap '{}' table entry {j} is invalid: {raw:#x}",
                         b.name
                     );
-                    if let Some(f) = self.find(FindingKind::Corruption, "bitmaps", msg, 1) {
+                    if let Some(f) = self.find(FindingKind::Corruption, Category::Bitmaps, msg, 1) {
                         f.offset =
                             Some(b.table_offset.saturating_add((j as u64).saturating_mul(8)));
                     }
@@ -458,7 +461,7 @@ impl<'a> Walk<'a> {
                 .saturating_add(i.saturating_mul(8));
             if e.reserved_bits() != 0 {
                 let msg = format!("ERROR refcount table entry {i} has reserved bits set");
-                if let Some(f) = self.find(FindingKind::Corruption, "refblock", msg, 1) {
+                if let Some(f) = self.find(FindingKind::Corruption, Category::Refblock, msg, 1) {
                     f.offset = Some(rt_entry);
                     f.repair = Some("qemu-img check -r all rebuilds the refcount structure".into());
                 }
@@ -468,7 +471,7 @@ impl<'a> Walk<'a> {
                 let msg = format!(
                     "ERROR refcount block {i} is not cluster aligned; refcount table entry corrupted"
                 );
-                if let Some(f) = self.find(FindingKind::Corruption, "refblock", msg, 1) {
+                if let Some(f) = self.find(FindingKind::Corruption, Category::Refblock, msg, 1) {
                     f.offset = Some(rt_entry);
                     f.repair = Some("qemu-img check -r all rebuilds the refcount structure".into());
                 }
@@ -476,7 +479,7 @@ impl<'a> Walk<'a> {
             }
             if cluster >= nb_clusters {
                 let msg = format!("ERROR refcount block {i} is outside image");
-                if let Some(f) = self.find(FindingKind::Corruption, "refblock", msg, 1) {
+                if let Some(f) = self.find(FindingKind::Corruption, Category::Refblock, msg, 1) {
                     f.offset = Some(off);
                     f.cluster = Some(cluster);
                     f.repair = Some("qemu-img check -r all grows the file to include it".into());
@@ -488,7 +491,8 @@ impl<'a> Walk<'a> {
                 let n = v.count(cluster);
                 if self.record && n != 1 {
                     let msg = format!("ERROR refcount block {i} refcount={n}");
-                    if let Some(f) = self.find(FindingKind::Corruption, "refblock", msg, 1) {
+                    if let Some(f) = self.find(FindingKind::Corruption, Category::Refblock, msg, 1)
+                    {
                         f.cluster = Some(cluster);
                         f.offset = Some(off);
                         f.reference = Some(n);
