@@ -128,11 +128,7 @@ impl Imrt {
             let lo = (c & (CHUNK - 1)) as usize;
             // stop - c is at most CHUNK - lo: hi stays inside the chunk.
             let hi = lo.saturating_add(stop.saturating_sub(c) as usize);
-            for i in lo..hi {
-                if let Some(b) = ch.kinds.get_mut(i / 4) {
-                    *b |= 2 << kind_shift(i);
-                }
-            }
+            mark_data(&mut ch.kinds, lo, hi);
             let fast = match &mut ch.counts {
                 Counts::U8(a) if w < 255 && max >= 255 => a.get_mut(lo..hi).map(|s| {
                     // Every count is below 255 - w, so adding w cannot saturate.
@@ -162,6 +158,64 @@ impl Imrt {
         over
     }
 
+    /// Whether adding `other`'s counts to these keeps every count at most `max`.
+    pub(super) fn fits(&self, other: &Imrt, max: u64) -> bool {
+        self.chunks
+            .iter()
+            .zip(&other.chunks)
+            .all(|pair| match pair {
+                (Some(a), Some(b)) => match (&a.counts, &b.counts) {
+                    // Two u8 counts sum to at most 510.
+                    (Counts::U8(_), Counts::U8(_)) if max >= 510 => true,
+                    (x, y) => (0..CHUNK as usize).all(|i| x.get(i).saturating_add(y.get(i)) <= max),
+                },
+                _ => true,
+            })
+    }
+
+    /// Add `other`'s counts and kinds to these (see [`Imrt::fits`] first: sums
+    /// are not saturated).
+    pub(super) fn merge(&mut self, other: Imrt) {
+        self.nb_clusters = self.nb_clusters.max(other.nb_clusters);
+        if self.chunks.len() < other.chunks.len() {
+            self.chunks.resize_with(other.chunks.len(), || None);
+        }
+        for (mine, theirs) in self.chunks.iter_mut().zip(other.chunks) {
+            let Some(theirs) = theirs else {
+                continue;
+            };
+            let Some(ch) = mine else {
+                *mine = Some(theirs);
+                continue;
+            };
+            for (k, t) in ch.kinds.iter_mut().zip(theirs.kinds.iter()) {
+                *k |= *t;
+            }
+            let fast = match (&mut ch.counts, &theirs.counts) {
+                (Counts::U8(a), Counts::U8(b)) => a
+                    .iter()
+                    .zip(b.iter())
+                    .all(|(x, y)| x.checked_add(*y).is_some())
+                    .then(|| {
+                        a.iter_mut()
+                            .zip(b.iter())
+                            .for_each(|(x, y)| *x = x.saturating_add(*y));
+                    })
+                    .is_some(),
+                _ => false,
+            };
+            if !fast {
+                for i in 0..CHUNK as usize {
+                    let add = theirs.counts.get(i);
+                    if add > 0 {
+                        let cur = ch.counts.get(i);
+                        ch.counts.set(i, cur.saturating_add(add));
+                    }
+                }
+            }
+        }
+    }
+
     /// Add `w` references of one kind, saturating at `max`; returns how many did not fit.
     pub(super) fn add(&mut self, c: u64, w: u64, max: u64, metadata: bool) -> u64 {
         if c >= self.nb_clusters {
@@ -182,6 +236,28 @@ impl Imrt {
             ch.counts.set(i, cur.saturating_add(added));
         }
         w.saturating_sub(added)
+    }
+}
+
+/// Set the data bit of clusters `lo..hi` of a chunk: whole bytes at once,
+/// cluster by cluster only at the two ends.
+fn mark_data(kinds: &mut [u8], lo: usize, hi: usize) {
+    let (a, b) = (lo.div_ceil(4), hi / 4);
+    if a >= b {
+        for i in lo..hi {
+            if let Some(k) = kinds.get_mut(i / 4) {
+                *k |= 2 << kind_shift(i);
+            }
+        }
+        return;
+    }
+    for i in (lo..a.saturating_mul(4)).chain(b.saturating_mul(4)..hi) {
+        if let Some(k) = kinds.get_mut(i / 4) {
+            *k |= 2 << kind_shift(i);
+        }
+    }
+    if let Some(whole) = kinds.get_mut(a..b) {
+        whole.iter_mut().for_each(|k| *k |= 0xaa);
     }
 }
 

@@ -20,7 +20,11 @@ impl Walk<'_> {
     ) {
         let w = refs.len() as u64;
         let active = refs.iter().filter(|(id, _)| *id == L1Id::Active).count() as u64;
-        if read_into(self.img.src.as_ref(), "L2 table", l2, buf).is_err() {
+        let read = read_into(self.img.src.as_ref(), "L2 table", l2, buf).is_ok();
+        if let Some(cp) = self.copied.as_mut() {
+            cp.table(l2, read.then_some(&*buf));
+        }
+        if !read {
             let msg = "ERROR: I/O error in check_refcounts_l2".to_string();
             if let Some(f) = self.find(FindingKind::CheckError, Category::Io, msg, w) {
                 f.offset = Some(l2);
@@ -41,7 +45,12 @@ impl Walk<'_> {
         // The raw value of the last entry added to `run` (standard entries only).
         let mut run_raw = 0u64;
         let fast = !ext && !has_df;
+        // Entries before this index were taken by the bulk run scan below.
+        let mut skip_to = 0usize;
         for (i, chunk) in buf.chunks_exact(step).enumerate() {
+            if i < skip_to {
+                continue;
+            }
             let raw = crate::bytes::be64(chunk, 0);
             // Fast path: the next plain data cluster of a run. Its raw value is the
             // previous entry's plus one cluster, so its flags (COPIED, no zero or
@@ -54,12 +63,36 @@ impl Walk<'_> {
                 && idx.saturating_add(n) == i as u64
                 && (raw & L2E_OFFSET_MASK) < self.file_len
             {
-                run = Some((start, n.saturating_add(1), idx));
-                run_raw = raw;
+                // The entries after this one that continue the run, in one
+                // tight scan (the same tests as above, entry after entry).
+                let file_len = self.file_len;
+                let mut last = raw;
+                let more = buf
+                    .get(i.saturating_add(1).saturating_mul(8)..)
+                    .unwrap_or(&[])
+                    .chunks_exact(8)
+                    .map(|c| crate::bytes::be64(c, 0))
+                    .take_while(|&r| {
+                        let ok = r == last.wrapping_add(cs)
+                            && r & L2E_STD_RESERVED_MASK == 0
+                            && (r & L2E_OFFSET_MASK) < file_len;
+                        if ok {
+                            last = r;
+                        }
+                        ok
+                    })
+                    .count();
+                // At most one table's entries: no overflow.
+                let taken = (more as u64).saturating_add(1);
+                skip_to = i.saturating_add(more).saturating_add(1);
+                run = Some((start, n.saturating_add(taken), idx));
+                run_raw = last;
                 if active > 0 {
                     let r = &mut self.report;
-                    r.allocated_clusters = r.allocated_clusters.saturating_add(active);
-                    next_contiguous = (raw & L2E_OFFSET_MASK).wrapping_add(cs);
+                    r.allocated_clusters = r
+                        .allocated_clusters
+                        .saturating_add(active.saturating_mul(taken));
+                    next_contiguous = (last & L2E_OFFSET_MASK).wrapping_add(cs);
                 }
                 continue;
             }

@@ -42,7 +42,7 @@ pub use report::{
 
 use crate::image::Qcow2;
 use compare::compare;
-use copied::copied;
+use copied::Copied;
 use overlaps::overlaps;
 use std::sync::Arc;
 use visit::Counter;
@@ -118,27 +118,24 @@ pub fn check(img: &Qcow2, opts: &CheckOptions) -> CheckReport {
         imrt: Imrt::new(file_clusters),
         max: img.refcount_geometry().max(),
     };
-    // The COPIED check reads only stored refcounts and the active tables, so it
-    // runs on a second thread while this one recounts every reference.
-    let copied_report = std::thread::scope(|sc| {
-        let side = sc.spawn(|| {
-            let mut w = Walk::new(img, true);
-            copied(&mut w);
-            w.report
-        });
-        walk.head(&mut counter);
-        walk.l2_phase(&mut counter);
-        walk.tail(&mut counter);
-        if walk.report.aborted.is_none() {
-            compare(&mut walk, &counter);
-        }
-        side.join().ok()
-    });
+    // The COPIED check is handed each active L2 table as the recount reads it.
+    walk.copied = Some(Box::new(Copied::start(img)));
+    walk.head(&mut counter);
+    walk.l2_phase_split(&mut counter);
+    walk.tail(&mut counter);
+    let mut copied = walk.copied.take();
+    if let Some(cp) = copied.as_mut() {
+        let refs = &walk.l2_refs;
+        cp.rest(&|l2| refs.contains_key(&l2));
+    }
+    if walk.report.aborted.is_none() {
+        compare(&mut walk, &counter);
+    }
     if walk.report.aborted.is_some() {
         return finish(walk, Some(counter));
     }
-    if let Some(r) = copied_report {
-        walk.absorb(r);
+    if let Some(cp) = copied {
+        walk.absorb(cp.report());
     }
     overlaps(&mut walk, &counter);
     finish(walk, Some(counter))

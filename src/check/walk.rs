@@ -1,8 +1,10 @@
 //! The walk over every structure that references a cluster.
 
 use super::MAX_FINDINGS;
+use super::copied::Copied;
+use super::imrt::Imrt;
 use super::report::{Category, CheckReport, Finding, FindingKind, L1Id, Progress, Referrer, Role};
-use super::visit::{Ctx, Visitor};
+use super::visit::{Counter, Ctx, Visitor};
 use crate::bitmap;
 use crate::header::{AUTOCLEAR_BITMAPS, ExtensionKind};
 use crate::image::Qcow2;
@@ -10,6 +12,9 @@ use crate::io::read_into;
 use crate::tables::{L1E_OFFSET_MASK, L1E_RESERVED_MASK, MAX_L1_ENTRIES};
 use crate::types::low_mask;
 use std::collections::BTreeMap;
+
+/// Below this many L2 tables the L2 phase stays on one thread.
+const SPLIT_MIN_TABLES: usize = 64;
 
 /// The walk over every structure, shared by the check and by `clusters`.
 pub(super) struct Walk<'a> {
@@ -25,6 +30,8 @@ pub(super) struct Walk<'a> {
     /// Snapshot L1 tables as read.
     pub(super) snapshot_l1_count: usize,
     pub(super) record: bool,
+    /// The COPIED check, handed each active L2 table as it is read.
+    pub(super) copied: Option<Box<Copied<'a>>>,
     pub(super) progress: Option<&'a (dyn Fn(Progress) + Sync)>,
 }
 
@@ -41,6 +48,7 @@ impl<'a> Walk<'a> {
             l2_refs: BTreeMap::new(),
             snapshot_l1_count: 0,
             record,
+            copied: None,
             progress: None,
         }
     }
@@ -339,6 +347,72 @@ impl<'a> Walk<'a> {
             self.walk_l2(v, *l2, who, &mut buf);
         }
         self.tick("L2 tables", total, total);
+        self.l2_refs = refs;
+    }
+
+    /// The L2 phase of the check: the same as [`Walk::l2_phase`], with the L2
+    /// tables split in two halves (in offset order) walked on two threads, each
+    /// into its own counts, merged after. Findings come out in the serial order.
+    /// If the merged counts would overflow a refcount, the second half is walked
+    /// again here instead, so overflow findings are exactly the serial walk's.
+    pub(super) fn l2_phase_split(&mut self, counter: &mut Counter) {
+        let threads = std::thread::available_parallelism().map_or(1, usize::from);
+        if threads < 2 || self.l2_refs.len() < SPLIT_MIN_TABLES {
+            self.l2_phase(counter);
+            return;
+        }
+        let refs = std::mem::take(&mut self.l2_refs);
+        let list: Vec<(&u64, &Vec<(L1Id, u64)>)> = refs.iter().collect();
+        let (mine, theirs) = list.split_at(list.len() / 2);
+        let img = self.img;
+        let mut side = Walk::new(img, self.record);
+        side.copied = self.copied.as_ref().map(|c| Box::new(c.fork()));
+        let mut side_counter = Counter {
+            imrt: Imrt::new(counter.imrt.nb_clusters),
+            max: counter.max,
+        };
+        let cs = self.cs as usize;
+        let total = list.len() as u64;
+        let side = std::thread::scope(|sc| {
+            let h = sc.spawn(|| {
+                let mut buf = vec![0u8; cs];
+                for (l2, who) in theirs {
+                    side.walk_l2(&mut side_counter, **l2, who, &mut buf);
+                }
+                (side, side_counter)
+            });
+            let mut buf = vec![0u8; cs];
+            for (n, (l2, who)) in mine.iter().enumerate() {
+                if n % 64 == 0 {
+                    // Both halves advance together.
+                    self.tick("L2 tables", (n as u64).saturating_mul(2), total);
+                }
+                self.walk_l2(counter, **l2, who, &mut buf);
+            }
+            h.join().ok()
+        });
+        match side {
+            Some((side, side_counter)) if counter.imrt.fits(&side_counter.imrt, counter.max) => {
+                counter.imrt.merge(side_counter.imrt);
+                let r = &mut self.report;
+                let s = &side.report;
+                r.allocated_clusters = r.allocated_clusters.saturating_add(s.allocated_clusters);
+                r.fragmented_clusters = r.fragmented_clusters.saturating_add(s.fragmented_clusters);
+                r.compressed_clusters = r.compressed_clusters.saturating_add(s.compressed_clusters);
+                if let (Some(mine), Some(theirs)) = (self.copied.as_mut(), side.copied) {
+                    mine.absorb(*theirs);
+                }
+                self.absorb(side.report);
+            }
+            _ => {
+                let mut buf = vec![0u8; cs];
+                for (l2, who) in theirs {
+                    self.walk_l2(counter, **l2, who, &mut buf);
+                }
+            }
+        }
+        self.tick("L2 tables", total, total);
+        drop(list);
         self.l2_refs = refs;
     }
 
