@@ -1,7 +1,7 @@
 //! What each host cluster is, for `qinspect clusters` and the layout view.
 
 use super::report::{Referrer, Role};
-use super::visit::{Ctx, Owners, Visitor};
+use super::visit::{Ctx, Visitor};
 use super::walk::Walk;
 use crate::image::{Qcow2, RefcountReader};
 use serde::Serialize;
@@ -27,41 +27,129 @@ pub struct ClusterInfo {
 
 /// Describe host clusters `first..=last` (bounded by the caller).
 pub fn clusters(img: &Qcow2, first: u64, last: u64) -> Vec<ClusterInfo> {
-    let want = |c: u64| c >= first && c <= last;
-    let mut owners = Owners {
-        want: &want,
-        found: BTreeMap::new(),
-    };
+    let mut out = Vec::new();
+    let _ = for_each_cluster(img, first, last, |c| {
+        out.push(c);
+        Ok::<(), std::convert::Infallible>(())
+    });
+    out
+}
+
+/// How many clusters of a range get a slot in [`RangeOwners`]'s vector (the rest
+/// of a larger range is kept in a map).
+const DIRECT_SLOTS: u64 = 1 << 22;
+
+/// Collects the referrers of every cluster in `first..=last`.
+struct RangeOwners {
+    first: u64,
+    last: u64,
+    /// Referrers of `first + i`, for the first [`DIRECT_SLOTS`] clusters.
+    lists: Vec<Vec<(Ctx, u64)>>,
+    /// Referrers of the clusters past those.
+    rest: BTreeMap<u64, Vec<(Ctx, u64)>>,
+}
+
+impl RangeOwners {
+    fn new(first: u64, last: u64) -> Self {
+        let n = last
+            .saturating_sub(first)
+            .saturating_add(1)
+            .min(DIRECT_SLOTS);
+        let mut lists = Vec::new();
+        lists.resize_with(n as usize, Vec::new);
+        RangeOwners {
+            first,
+            last,
+            lists,
+            rest: BTreeMap::new(),
+        }
+    }
+
+    fn slot(&mut self, c: u64) -> Option<&mut Vec<(Ctx, u64)>> {
+        if c < self.first || c > self.last {
+            return None;
+        }
+        let i = c.saturating_sub(self.first);
+        match usize::try_from(i) {
+            Ok(i) if i < self.lists.len() => self.lists.get_mut(i),
+            _ => Some(self.rest.entry(c).or_default()),
+        }
+    }
+
+    fn take(&mut self, c: u64) -> Vec<(Ctx, u64)> {
+        self.slot(c).map(std::mem::take).unwrap_or_default()
+    }
+}
+
+impl Visitor for RangeOwners {
+    fn visit(&mut self, first: u64, last: u64, w: u64, ctx: Ctx) -> u64 {
+        // Only the part of first..=last inside the range is looked at.
+        for c in first.max(self.first)..=last.min(self.last) {
+            if let Some(v) = self.slot(c)
+                && v.len() < super::MAX_REFERRERS
+            {
+                v.push((ctx, w));
+            }
+        }
+        0
+    }
+    fn visit_run(&mut self, first: u64, n: u64, w: u64, ctx: Ctx) -> u64 {
+        let Some(end) = n.checked_sub(1).map(|k| first.saturating_add(k)) else {
+            return 0;
+        };
+        let lo = first.max(self.first);
+        for c in lo..=end.min(self.last) {
+            let ctx = match ctx {
+                Ctx::Entry { l2, index, role } => Ctx::Entry {
+                    l2,
+                    index: index.saturating_add(c.saturating_sub(first)),
+                    role,
+                },
+                other => other,
+            };
+            self.visit(c, c, w, ctx);
+        }
+        0
+    }
+}
+
+/// Describe host clusters `first..=last` one at a time, in order, handing each
+/// to `f` (which may stop the listing with an error): memory and work grow with
+/// the clusters described, and nothing is kept once `f` has it.
+pub fn for_each_cluster<E>(
+    img: &Qcow2,
+    first: u64,
+    last: u64,
+    mut f: impl FnMut(ClusterInfo) -> Result<(), E>,
+) -> Result<(), E> {
+    let mut owners = RangeOwners::new(first, last);
     let mut walk = Walk::new(img, false);
     walk.calculate(&mut owners);
     let mut stored = RefcountReader::new(img);
     let cs = walk.cs;
-    (first..=last)
-        .map(|c| {
-            let list = owners.found.get(&c).cloned().unwrap_or_default();
-            let reference = list
-                .iter()
-                .map(|(ctx, w)| match ctx {
-                    Ctx::Entry { l2, .. } => {
-                        walk.l2_refs.get(l2).map(|v| v.len() as u64).unwrap_or(*w)
-                    }
-                    _ => *w,
-                })
-                .fold(0u64, u64::saturating_add);
-            let referrers = walk.referrers(&list);
-            let mut roles: Vec<Role> = referrers.iter().map(|r| r.role).collect();
-            roles.sort();
-            roles.dedup();
-            ClusterInfo {
-                cluster: c,
-                offset: c.saturating_mul(cs),
-                roles,
-                refcount: stored.get(c).ok(),
-                reference,
-                referrers,
-            }
-        })
-        .collect()
+    for c in first..=last {
+        let list = owners.take(c);
+        let reference = list
+            .iter()
+            .map(|(ctx, w)| match ctx {
+                Ctx::Entry { l2, .. } => walk.l2_refs.get(l2).map(|v| v.len() as u64).unwrap_or(*w),
+                _ => *w,
+            })
+            .fold(0u64, u64::saturating_add);
+        let referrers = walk.referrers(&list);
+        let mut roles: Vec<Role> = referrers.iter().map(|r| r.role).collect();
+        roles.sort();
+        roles.dedup();
+        f(ClusterInfo {
+            cluster: c,
+            offset: c.saturating_mul(cs),
+            roles,
+            refcount: stored.get(c).ok(),
+            reference,
+            referrers,
+        })?;
+    }
+    Ok(())
 }
 
 /// Bit `1 << role as u16` for each role of each host cluster in `first..=last`

@@ -34,7 +34,7 @@ mod report;
 mod visit;
 mod walk;
 
-pub use clusters::{ClusterInfo, ROLES, clusters, role_map};
+pub use clusters::{ClusterInfo, ROLES, clusters, for_each_cluster, role_map};
 pub use imrt::Imrt;
 pub use report::{
     Category, CheckOptions, CheckReport, Finding, FindingKind, L1Id, Progress, Referrer, Role,
