@@ -122,7 +122,12 @@ pub(super) fn compare(walk: &mut Walk, counter: &Counter) {
         }
     }
     walk.report.image_end_offset = highest.saturating_add(1).saturating_mul(walk.cs);
-    // Beyond qemu-img: refcounts for clusters past the end of the file.
+    past_eof(walk, &mut stored, nb);
+}
+
+/// Beyond qemu-img: refcounts for clusters past the end of the file (cluster
+/// `nb` and on), within [`PAST_EOF_BUDGET`].
+fn past_eof(walk: &mut Walk, stored: &mut RefcountReader, nb: u64) {
     let table = stored.table.clone();
     let per = 1u64 << stored.block_bits;
     let mut past: Vec<(u64, u64)> = Vec::new();

@@ -272,7 +272,7 @@ pub struct CheckReport {
     pub warnings: Vec<String>,
     /// Findings, grouped by kind in QEMU's order of discovery.
     pub findings: Vec<Finding>,
-    /// Findings not listed because there were more than [`MAX_FINDINGS`].
+    /// Findings not listed because there were more than [`MAX_FINDINGS`](super::MAX_FINDINGS).
     pub findings_omitted: u64,
     /// Computed references per cluster, for clusters whose refcount is wrong.
     #[serde(skip)]
