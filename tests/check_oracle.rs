@@ -516,3 +516,24 @@ fn overflow_across_both_halves_of_the_l2_tables() {
     let v = w.assert_check_matches("a.qcow2");
     assert!(has(&v, "overflow"), "{v:#}");
 }
+
+#[test]
+fn snapshots_sharing_tables_across_both_halves() {
+    let w = Work::new();
+    let at = eighty_tables(&w, "a.qcow2", "cluster_size=64k");
+    w.qemu_img(&["snapshot", "-c", "s1", "a.qcow2"]);
+    w.qemu_io("a.qcow2", &["write -P 0xee 0 64k", "write -P 0xee 39G 64k"]);
+    w.qemu_img(&["snapshot", "-c", "s2", "a.qcow2"]);
+    // A data cluster still shared by both snapshots and the active table
+    // (refcount 3), lowered to 1; and one of the last table, raised to 5.
+    w.set_refcount("a.qcow2", at(10).1 >> 16, 1);
+    w.set_refcount("a.qcow2", at(75).1 >> 16, 5);
+    let v = w.assert_check_matches("a.qcow2");
+    let refcount_clusters: Vec<u64> = findings(&v)
+        .iter()
+        .filter(|f| f["category"] == "refcount")
+        .filter_map(|f| f["cluster"].as_u64())
+        .collect();
+    assert!(refcount_clusters.contains(&(at(10).1 >> 16)), "{v:#}");
+    assert!(refcount_clusters.contains(&(at(75).1 >> 16)), "{v:#}");
+}
