@@ -17,7 +17,7 @@
 # not gate anything: run it by hand when working on performance.
 #
 # Usage: benches/bench.sh [CASE...]          (default: all cases, in order)
-# Cases:
+# Cases (the rows of the speed issue, plus no-regression rows):
 #   map-1T                    map --json vs qemu-img map --output=json on a
 #                             1 TiB image with preallocation=metadata
 #                             (128 MiB of L2 tables); outputs compared as JSON
@@ -34,17 +34,30 @@
 #   simulate-snapshot-create  simulate snapshot-create:x --json (read-only) vs
 #                             qemu-img snapshot -c x on a fresh sparse copy of
 #                             the 1 TiB image (copy time not counted)
+#   read-stdout               read IMG | sha256sum vs qemu-img convert -O raw
+#                             IMG /dev/stdout >FILE, then sha256sum FILE (it
+#                             cannot write to a pipe), on the 1 GiB image
+#   simulate-1T               simulate snapshot-create:x snapshot-delete:x
+#                             --json vs qemu-img snapshot -c x then -d x for
+#                             real on a fresh sparse copy; peak memory both
+#   clusters-2T               clusters --json on a 2 TiB, 2 MiB-cluster image
+#                             with preallocation=metadata (1 Mi clusters); no
+#                             qemu-img counterpart: target is in seconds
+#   dump-2T                   dump refcount-block IMG 0 on that image (seconds)
+#   info-1T                   info --json vs qemu-img info --output=json on
+#                             the 1 TiB image (no-regression row)
+# check-16snap is another name for check-1T-16snap.
 # A case whose qinspect subcommand does not exist yet (`qinspect help SUB`
 # fails) is skipped with a message.
 #
 # Environment:
-#   BENCH_RUNS   runs per tool per case (default 3)
+#   BENCH_RUNS   runs per tool per case (default 5; the median is kept)
 #   BENCH_DIR    where the work directory is made (default /var/tmp; needs
 #                about 3.5 GiB free: the 1 TiB images are sparse)
 #   QINSPECT     use this binary instead of building target/release/qinspect
 #                (e.g. to compare against an older build)
 #   BENCH_RSS    force how peak RSS is measured: time, python or none
-# Peak RSS comes from /usr/bin/time -f %M, or, without it, from a python3
+# Peak RSS comes from /usr/bin/time -v ("Maximum resident set size"), or, without it, from a python3
 # getrusage() wrapper (which then also does the timing, so python's start-up
 # is not counted); without either RSS is not reported.  Timing is bash
 # `date +%s.%N` around each run.  Nothing is installed; hyperfine is not
@@ -59,8 +72,8 @@ if [ -n "${QINSPECT:-}" ]; then
 fi
 cd "$root"
 
-all_cases=(map-1T read-1G check-1T check-1T-16snap simulate-snapshot-create)
-runs=${BENCH_RUNS:-3}
+all_cases=(read-1G read-stdout check-1T check-1T-16snap map-1T simulate-1T clusters-2T dump-2T info-1T simulate-snapshot-create)
+runs=${BENCH_RUNS:-5}
 
 usage() {
     echo "usage: $0 [CASE...]" >&2
@@ -73,6 +86,7 @@ for a in "$@"; do
     case $a in
         -h|--help) usage ;;
     esac
+    [ "$a" = check-16snap ] && a=check-1T-16snap
     found=
     for c in "${all_cases[@]}"; do [ "$a" = "$c" ] && found=1; done
     [ -n "$found" ] || { echo "bench: unknown case '$a'" >&2; usage; }
@@ -145,10 +159,10 @@ run_timed() {
     case $rss_mode in
         time)
             t0=$(date +%s.%N)
-            /usr/bin/time -f %M -o "$work/rss" "$@" >"$out" 2>"$err" || T_RC=$?
+            /usr/bin/time -v -o "$work/rss" "$@" >"$out" 2>"$err" || T_RC=$?
             t1=$(date +%s.%N)
             T_SECS=$(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.4f", b - a }')
-            T_RSS=$(tail -n 1 "$work/rss")
+            T_RSS=$(awk -F': ' '/Maximum resident set size/ { print $2 }' "$work/rss")
             ;;
         python)
             # the wrapper times the child itself, so python's start-up is
@@ -165,6 +179,8 @@ run_timed() {
     esac
 }
 
+# median of the arguments
+median() { printf '%s\n' "$@" | sort -g | awk '{ v[NR] = $1 } END { if (NR % 2) print v[(NR + 1) / 2]; else printf "%.4f\n", (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
 min() { awk -v a="$1" -v b="$2" 'BEGIN { print (a == "" || b + 0 < a + 0) ? b : a }'; }
 max() { awk -v a="$1" -v b="$2" 'BEGIN { print (a == "" || b + 0 > a + 0) ? b : a }'; }
 mib() { [ -n "$1" ] && awk -v k="$1" 'BEGIN { printf "%.1f", k / 1024 }' || echo "-"; }
@@ -209,6 +225,7 @@ NOTE=
 bench() {
     local name=$1 target=$2 memcheck=${3:-} round who first second
     local best_q= best_i= rss_q= rss_i=
+    local -a times_q=() times_i=()
     B_RESULT=
     for ((round = 1; round <= runs; round++)); do
         if ((round % 2)); then first=qemu second=qi; else first=qi second=qemu; fi
@@ -223,7 +240,7 @@ bench() {
                     B_RESULT=ERROR
                     return 0
                 fi
-                best_q=$(min "$best_q" "$T_SECS")
+                times_q+=("$T_SECS")
                 [ -z "$T_RSS" ] || rss_q=$(max "$rss_q" "$T_RSS")
                 printf '   round %d  qemu-img %8.3fs\n' "$round" "$T_SECS"
             else
@@ -232,16 +249,18 @@ bench() {
                 if [ "$T_RC" -ne 0 ]; then
                     echo "   qinspect failed (exit $T_RC): ${QI_CMD[*]}"
                     sed 's/^/     /' "$work/qi.err" | head -n 5
-                    record "$name" "${best_q:--}" - - "$target" ERROR - - - "qinspect exit $T_RC"
+                    record "$name" - - - "$target" ERROR - - - "qinspect exit $T_RC"
                     B_RESULT=ERROR
                     return 0
                 fi
-                best_i=$(min "$best_i" "$T_SECS")
+                times_i+=("$T_SECS")
                 [ -z "$T_RSS" ] || rss_i=$(max "$rss_i" "$T_RSS")
                 printf '   round %d  qinspect %8.3fs\n' "$round" "$T_SECS"
             fi
         done
     done
+    best_q=$(median "${times_q[@]}")
+    best_i=$(median "${times_i[@]}")
     local ratio result mem=-
     ratio=$(awk -v q="$best_q" -v i="$best_i" 'BEGIN { if (q > 0) printf "%.3f", i / q; else print "inf" }')
     result=$(awk -v r="$ratio" -v t="$target" 'BEGIN { print (r != "inf" && r + 0 <= t + 0) ? "PASS" : "MISS" }')
@@ -294,13 +313,13 @@ EOF
     fi
     echo "   map JSON equal (parsed): $same"
     NOTE="json-equal=$same"
-    bench map-1T 0.25
+    bench map-1T 0.05
     NOTE=
 }
 
 read_img=$work/read.qcow2
-case_read_1G() {
-    have_sub read-1G read || return 0
+ensure_read_img() {
+    [ -e "$read_img" ] && return 0
     echo "   creating 1 GiB qcow2 (random, patterned, zero and unallocated ranges) ..."
     local t0=$SECONDS
     # 0..384M random (incompressible, converted from a raw file), 384M..768M
@@ -313,17 +332,21 @@ case_read_1G() {
     qemu-io -f qcow2 -c 'write -P 0x5a 384M 384M' -c 'write -P 0xa5 800M 100M' \
         -c 'write -z 900M 50M' "$read_img" >/dev/null
     echo "   done in $((SECONDS - t0))s"
+}
+case_read_1G() {
+    have_sub read-1G read || return 0
+    ensure_read_img
     QEMU_CMD=(qemu-img convert -O raw "$read_img" "$work/out2.raw") QEMU_OUT=/dev/null
     QI_CMD=("$qi" read "$read_img" -o "$work/out1.raw") QI_OUT=/dev/null
     PREP_QEMU=prep_read_qemu PREP_QI=prep_read_qi
-    bench read-1G 1.0
+    bench read-1G 0.5
     if [ "$B_RESULT" != ERROR ]; then
         local same=no
         cmp -s "$work/out1.raw" "$work/out2.raw" && same=yes
         echo "   outputs identical (cmp): $same"
         r_note[${#r_note[@]} - 1]="cmp-equal=$same"
     fi
-    rm -f "$work/out1.raw" "$work/out2.raw" "$read_img"
+    rm -f "$work/out1.raw" "$work/out2.raw"
 }
 prep_read_qemu() { rm -f "$work/out2.raw"; sync; }
 prep_read_qi() { rm -f "$work/out1.raw"; sync; }
@@ -354,7 +377,7 @@ EOF
 case_check_1T() {
     have_sub check-1T check || return 0
     ensure_big
-    check_case check-1T "$big" 0.25
+    check_case check-1T "$big" 0.1
 }
 
 case_check_1T_16snap() {
@@ -370,7 +393,7 @@ case_check_1T_16snap() {
         qemu-io -f qcow2 -c "write -P $n $off 64M" "$img" >/dev/null
     done
     echo "   done in $((SECONDS - t0))s ($(du -h "$img" | cut -f1) on disk)"
-    check_case check-1T-16snap "$img" 0.1
+    check_case check-1T-16snap "$img" 0.03
     rm -f "$img"
 }
 
@@ -385,9 +408,91 @@ case_simulate_snapshot_create() {
     rm -f "$snap_copy"
 }
 
+# bench_solo CASE TARGET_SECONDS: time QI_CMD alone (no qemu-img counterpart);
+# PASS when the median is at most TARGET_SECONDS.
+bench_solo() {
+    local name=$1 target=$2 round rss_i=
+    local -a times_i=()
+    for ((round = 1; round <= runs; round++)); do
+        $PREP_QI
+        run_timed "$QI_OUT" "$work/qi.err" "${QI_CMD[@]}"
+        if [ "$T_RC" -ne 0 ]; then
+            echo "   qinspect failed (exit $T_RC): ${QI_CMD[*]}"
+            sed 's/^/     /' "$work/qi.err" | head -n 5
+            record "$name" - - - "${target}s" ERROR - - - "qinspect exit $T_RC"
+            return 0
+        fi
+        times_i+=("$T_SECS")
+        [ -z "$T_RSS" ] || rss_i=$(max "$rss_i" "$T_RSS")
+        printf '   round %d  qinspect %8.3fs\n' "$round" "$T_SECS"
+    done
+    local med result
+    med=$(median "${times_i[@]}")
+    result=$(awk -v m="$med" -v t="$target" 'BEGIN { print (m + 0 <= t + 0) ? "PASS" : "MISS" }')
+    record "$name" - "$med" - "${target}s" "$result" - "$(mib "$rss_i")" - "$NOTE"
+}
+
+prep_stdout() { rm -f "$work/stdout.raw"; sync; }
+case_read_stdout() {
+    have_sub read-stdout read || return 0
+    ensure_read_img
+    # qemu-img convert cannot write to a pipe (it resizes its output), so its
+    # side writes /dev/stdout redirected to a file and sums that file
+    QEMU_CMD=(bash -c 'qemu-img convert -O raw "$1" /dev/stdout >"$2" && sha256sum <"$2"' - "$read_img" "$work/stdout.raw")
+    QI_CMD=(bash -c 'set -o pipefail; "$1" read "$2" | sha256sum' - "$qi" "$read_img")
+    QEMU_OUT=$work/sum.qemu QI_OUT=$work/sum.qi PREP_QEMU=prep_stdout PREP_QI=noop
+    bench read-stdout 1.0
+    rm -f "$work/stdout.raw"
+    if [ "$B_RESULT" != ERROR ]; then
+        local same=no
+        cmp -s "$work/sum.qemu" "$work/sum.qi" && same=yes
+        r_note[${#r_note[@]} - 1]="sha256-equal=$same"
+    fi
+}
+
+case_simulate_1T() {
+    have_sub simulate-1T simulate || return 0
+    ensure_big
+    QEMU_CMD=(bash -c 'qemu-img snapshot -c x "$1" && qemu-img snapshot -d x "$1"' - "$snap_copy")
+    QEMU_OUT=/dev/null PREP_QEMU=prep_snap_qemu
+    QI_CMD=("$qi" simulate "$big" snapshot-create:x snapshot-delete:x --json) QI_OUT=/dev/null PREP_QI=noop
+    bench simulate-1T 0.1 mem
+    rm -f "$snap_copy"
+}
+
+big2=$work/big2.qcow2
+ensure_big2() {
+    [ -e "$big2" ] && return 0
+    echo "   creating 2 TiB qcow2, 2 MiB clusters, preallocation=metadata ..."
+    qemu-img create -q -f qcow2 -o preallocation=metadata,cluster_size=2M "$big2" 2T
+}
+
+case_clusters_2T() {
+    have_sub clusters-2T clusters || return 0
+    ensure_big2
+    QI_CMD=("$qi" clusters --json "$big2") QI_OUT=/dev/null PREP_QI=noop
+    bench_solo clusters-2T 1.0
+}
+
+case_dump_2T() {
+    have_sub dump-2T dump || return 0
+    ensure_big2
+    QI_CMD=("$qi" dump refcount-block "$big2" 0) QI_OUT=/dev/null PREP_QI=noop
+    bench_solo dump-2T 0.2
+}
+
+case_info_1T() {
+    have_sub info-1T info || return 0
+    ensure_big
+    QEMU_CMD=(qemu-img info --output=json "$big") QEMU_OUT=/dev/null PREP_QEMU=noop
+    QI_CMD=("$qi" info --json "$big") QI_OUT=/dev/null PREP_QI=noop
+    bench info-1T 1.0
+}
+
 # ---------------------------------------------------------------------------
 
-echo "== $runs runs per tool per case, best wall-clock time kept"
+echo "== $(date -u '+%Y-%m-%d %H:%M UTC'), $(nproc) cores, $(awk '/MemTotal/ { printf "%.0f GiB", $2 / 1048576 }' /proc/meminfo) memory"
+echo "== $runs runs per tool per case, alternating, median wall-clock time kept"
 for c in "${cases[@]}"; do
     echo
     echo "== $c"
@@ -400,7 +505,7 @@ for c in "${cases[@]}"; do
 done
 
 echo
-echo "== summary (seconds are best of $runs; ratio = qinspect/qemu-img; rss in MiB)"
+echo "== summary (seconds are medians of $runs; ratio = qinspect/qemu-img; rss in MiB)"
 print_header
 pass=0 miss=0 skip=0 err=0
 for i in "${!r_case[@]}"; do

@@ -421,3 +421,119 @@ fn hostile_tables_finish_quickly_and_boundedly() {
         "{v}"
     );
 }
+
+/// The library's findings carry a category callers can match on; each cause
+/// found here is told apart by its variant, not by its message.
+#[test]
+fn library_findings_name_their_category() {
+    use qinspect::check::{Category, CheckOptions, FindingKind, check};
+    use qinspect::image::{Qcow2, Strictness};
+    let w = Work::new();
+    base(&w, "a.qcow2", "cluster_size=64k");
+    // Cluster 6 is a data cluster of the active L2 table: refcount 2 is a leak
+    // and makes its COPIED flag wrong.
+    w.set_refcount("a.qcow2", 6, 2);
+    // An L2 entry with a reserved bit set (bit 1 of a standard entry).
+    l2_entry(&w, "a.qcow2", 100, 0x8000_0000_0007_0002);
+    let open = || {
+        let src = std::sync::Arc::new(qinspect::io::FileSource::open(&w.path("a.qcow2")).unwrap());
+        Qcow2::open(src, Strictness::Lenient).unwrap()
+    };
+    let r = check(&open(), &CheckOptions::default());
+    let of = |c: Category| {
+        r.findings
+            .iter()
+            .filter(|f| f.category == c)
+            .collect::<Vec<_>>()
+    };
+    let leak = of(Category::Refcount);
+    assert!(
+        leak.iter()
+            .any(|f| f.kind == FindingKind::Leak && f.cluster == Some(6)),
+        "{leak:?}"
+    );
+    let copied = of(Category::Copied);
+    assert!(copied.iter().any(|f| f.cluster == Some(6)), "{copied:?}");
+    let reserved = of(Category::ReservedBits);
+    assert_eq!(reserved.len(), 1, "{:?}", r.findings);
+    assert_eq!(reserved[0].offset, Some(0x40000 + 100 * 8));
+    assert!(of(Category::Io).is_empty());
+}
+
+/// An image with 80 L2 tables, one data cluster in each (the check walks the two
+/// halves of its L2 tables on two threads): (offset of L2 table i, offset of its
+/// first data cluster).
+fn eighty_tables(w: &Work, name: &str, opts: &str) -> impl Fn(usize) -> (u64, u64) {
+    w.qemu_img(&["create", "-f", "qcow2", "-o", opts, name, "40G"]);
+    let cmds: Vec<String> = (0..80)
+        .map(|i| format!("write -P {} {}M 64k", i + 1, i * 512))
+        .collect();
+    w.qemu_io(name, &cmds.iter().map(String::as_str).collect::<Vec<_>>());
+    let bytes = std::fs::read(w.path(name)).unwrap();
+    move |i: usize| {
+        let be = |o: u64| {
+            let o = o as usize;
+            u64::from_be_bytes(bytes[o..o + 8].try_into().unwrap())
+        };
+        let mask = 0x00ff_ffff_ffff_fe00u64;
+        let l2 = be(be(40) + 8 * i as u64) & mask;
+        (l2, be(l2) & mask)
+    }
+}
+
+#[test]
+fn findings_in_both_halves_of_the_l2_tables() {
+    let w = Work::new();
+    let at = eighty_tables(&w, "a.qcow2", "cluster_size=64k");
+    w.set_refcount("a.qcow2", at(3).1 >> 16, 0);
+    w.set_refcount("a.qcow2", at(70).1 >> 16, 2);
+    // The last table's second entry maps the first table's data cluster too.
+    w.patch("a.qcow2", at(79).0 + 8, &(at(0).1 | 1 << 63).to_be_bytes());
+    let v = w.assert_check_matches("a.qcow2");
+    let clusters: Vec<(u64, String)> = findings(&v)
+        .iter()
+        .filter_map(|f| Some((f["cluster"].as_u64()?, f["category"].as_str()?.to_string())))
+        .collect();
+    for c in [at(3).1 >> 16, at(70).1 >> 16, at(0).1 >> 16] {
+        assert!(
+            clusters.contains(&(c, "refcount".into())),
+            "{c}: {clusters:?}"
+        );
+    }
+    assert!(
+        clusters.contains(&(at(70).1 >> 16, "copied".into())),
+        "{clusters:?}"
+    );
+    assert!(has(&v, "cross-link"));
+}
+
+#[test]
+fn overflow_across_both_halves_of_the_l2_tables() {
+    let w = Work::new();
+    let at = eighty_tables(&w, "a.qcow2", "cluster_size=64k,refcount_bits=1");
+    // With 1-bit refcounts a second reference overflows: one from each half.
+    w.patch("a.qcow2", at(79).0 + 8, &(at(0).1 | 1 << 63).to_be_bytes());
+    let v = w.assert_check_matches("a.qcow2");
+    assert!(has(&v, "overflow"), "{v:#}");
+}
+
+#[test]
+fn snapshots_sharing_tables_across_both_halves() {
+    let w = Work::new();
+    let at = eighty_tables(&w, "a.qcow2", "cluster_size=64k");
+    w.qemu_img(&["snapshot", "-c", "s1", "a.qcow2"]);
+    w.qemu_io("a.qcow2", &["write -P 0xee 0 64k", "write -P 0xee 39G 64k"]);
+    w.qemu_img(&["snapshot", "-c", "s2", "a.qcow2"]);
+    // A data cluster still shared by both snapshots and the active table
+    // (refcount 3), lowered to 1; and one of the last table, raised to 5.
+    w.set_refcount("a.qcow2", at(10).1 >> 16, 1);
+    w.set_refcount("a.qcow2", at(75).1 >> 16, 5);
+    let v = w.assert_check_matches("a.qcow2");
+    let refcount_clusters: Vec<u64> = findings(&v)
+        .iter()
+        .filter(|f| f["category"] == "refcount")
+        .filter_map(|f| f["cluster"].as_u64())
+        .collect();
+    assert!(refcount_clusters.contains(&(at(10).1 >> 16)), "{v:#}");
+    assert!(refcount_clusters.contains(&(at(75).1 >> 16)), "{v:#}");
+}

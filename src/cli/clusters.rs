@@ -2,9 +2,10 @@
 
 use super::{CmdResult, num::parse_size, print_json, style};
 use color_eyre::eyre::{bail, eyre};
-use qinspect::check::{ClusterInfo, clusters};
+use qinspect::check::{ClusterInfo, Referrer, Role, clusters, for_each_cluster};
 use qinspect::image::{Qcow2, Strictness};
 use qinspect::io::{FileSource, SharedSource};
+use serde::Serialize;
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::PathBuf;
@@ -67,17 +68,21 @@ pub fn run(a: Args) -> CmdResult {
         last = first + MAX_ROWS - 1;
         cut = true;
     }
-    let rows = clusters(&img, first, last);
     if a.json {
-        print_json(&serde_json::json!({
-            "cluster_size": cs,
-            "first": first,
-            "last": last,
-            "truncated": cut,
-            "clusters": rows,
-        }))?;
+        print_json(&Listing {
+            cluster_size: cs,
+            clusters: Rows {
+                img: &img,
+                first,
+                last,
+            },
+            first,
+            last,
+            truncated: cut,
+        })?;
         return Ok(0);
     }
+    let rows = clusters(&img, first, last);
     let mut out = super::buffered_stdout();
     let (hd, bad, dim) = (style::HEAD, style::BAD, style::DIM);
     let mut by_role: BTreeMap<String, u64> = BTreeMap::new();
@@ -147,4 +152,82 @@ fn print_row(
         writeln!(out, "{:>47}{dim}{}{dim:#}", "", who.describe())?;
     }
     Ok(())
+}
+
+/// `clusters --json`, written as the clusters are described. Keys are in sorted
+/// order, as in every other JSON qinspect prints.
+#[derive(Serialize)]
+struct Listing<'a> {
+    cluster_size: u64,
+    clusters: Rows<'a>,
+    first: u64,
+    last: u64,
+    truncated: bool,
+}
+
+/// The clusters of a listing, described one at a time while being written.
+struct Rows<'a> {
+    img: &'a Qcow2,
+    first: u64,
+    last: u64,
+}
+
+impl Serialize for Rows<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeSeq;
+        let mut seq = s.serialize_seq(None)?;
+        for_each_cluster(self.img, self.first, self.last, |c| {
+            seq.serialize_element(&RowOut {
+                cluster: c.cluster,
+                offset: c.offset,
+                refcount: c.refcount,
+                reference: c.reference,
+                referrers: c.referrers.iter().map(RefOut).collect(),
+                roles: &c.roles,
+            })
+        })?;
+        seq.end()
+    }
+}
+
+/// A [`ClusterInfo`] with its keys in sorted order.
+#[derive(Serialize)]
+struct RowOut<'a> {
+    cluster: u64,
+    offset: u64,
+    refcount: Option<u64>,
+    reference: u64,
+    referrers: Vec<RefOut<'a>>,
+    roles: &'a [Role],
+}
+
+/// A [`Referrer`] with its keys in sorted order.
+struct RefOut<'a>(&'a Referrer);
+
+impl Serialize for RefOut<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let r = self.0;
+        let mut m = s.serialize_map(None)?;
+        if let Some(d) = &r.detail {
+            m.serialize_entry("detail", d)?;
+        }
+        if let Some(g) = r.guest_offset {
+            m.serialize_entry("guest_offset", &g)?;
+        }
+        if let Some(l1) = &r.l1 {
+            m.serialize_entry("l1", l1)?;
+        }
+        if let Some(i) = r.l1_index {
+            m.serialize_entry("l1_index", &i)?;
+        }
+        if let Some(i) = r.l2_index {
+            m.serialize_entry("l2_index", &i)?;
+        }
+        if let Some(t) = r.l2_table {
+            m.serialize_entry("l2_table", &t)?;
+        }
+        m.serialize_entry("role", &r.role)?;
+        m.end()
+    }
 }

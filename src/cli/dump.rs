@@ -252,48 +252,7 @@ pub fn run(a: Args) -> CmdResult {
                 rows,
             )
         }
-        Table::RefcountBlock => {
-            let i = a.index.ok_or_else(|| eyre!("dump refcount-block needs INDEX: the refcount table index (see `qinspect dump refcount-table`)"))?;
-            let t = img.refcount_table()?;
-            let e = t.get(i as usize).ok_or_else(|| {
-                eyre!(
-                    "refcount table index {i} is past its end ({} entries)",
-                    t.len()
-                )
-            })?;
-            let Some(off) = e.block_offset() else {
-                bail!(
-                    "refcount table entry {i} is 0: no refcount block, every cluster it covers has refcount 0"
-                );
-            };
-            let block = img.refcount_block(off)?;
-            let rg = img.refcount_geometry();
-            let per = rg.entries_per_block();
-            let bits = u64::from(rg.bits());
-            let rows = (0..per)
-                .map(|j| (j, get_refcount(&block, rg.order, j)))
-                .filter(|(_, r)| a.all || a.json || *r != 0)
-                .map(|(j, r)| {
-                    let cluster = i * per + j;
-                    Row {
-                        index: j,
-                        file_offset: off.0 + j * bits / 8,
-                        raw: format!("{r}"),
-                        decoded: json!({"cluster": cluster, "host_offset": cluster << geo.cluster_bits, "refcount": r}),
-                        meaning: format!("host cluster {cluster} (offset {:#x}) has refcount {r}", cluster << geo.cluster_bits),
-                    }
-                })
-                .collect();
-            (
-                format!(
-                    "refcount block at {off} ({}-bit refcounts for clusters {}..{})",
-                    rg.bits(),
-                    i * per,
-                    (i + 1) * per
-                ),
-                rows,
-            )
-        }
+        Table::RefcountBlock => return refcount_block(&a, &img),
         Table::Snapshots => {
             let rows = img
                 .snapshots
@@ -484,5 +443,173 @@ fn l2_row(l1i: u64, j: u64, l2_off: HostOffset, e: L2Entry, img: &Qcow2, has_df:
             "subclusters": geo.extended_l2.then(|| (0..32).map(|s| m.subcluster_type(s).name()).collect::<Vec<_>>()),
         }),
         meaning: format!("guest {guest}: {}", e.describe(&geo, has_df)),
+    }
+}
+
+/// One refcount of `dump refcount-block --json`; its fields are in the order the
+/// other tables' rows print theirs (sorted by name).
+#[derive(Serialize)]
+struct RefcountRow {
+    cluster: u64,
+    file_offset: u64,
+    host_offset: u64,
+    index: u64,
+    meaning: String,
+    raw: String,
+    refcount: u64,
+}
+
+/// Every refcount of one block, in that block's order.
+struct RefcountRows<'a> {
+    block: &'a [u8],
+    order: u32,
+    first_cluster: u64,
+    per: u64,
+    bits: u64,
+    block_offset: u64,
+    cluster_bits: u32,
+}
+
+impl Serialize for RefcountRows<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeSeq;
+        let mut seq = s.serialize_seq(Some(self.per as usize))?;
+        for j in 0..self.per {
+            let r = get_refcount(self.block, self.order, j);
+            let cluster = self.first_cluster + j;
+            let host = cluster << self.cluster_bits;
+            seq.serialize_element(&RefcountRow {
+                cluster,
+                file_offset: self.block_offset + j * self.bits / 8,
+                host_offset: host,
+                index: j,
+                meaning: format!("host cluster {cluster} (offset {host:#x}) has refcount {r}"),
+                raw: r.to_string(),
+                refcount: r,
+            })?;
+        }
+        seq.end()
+    }
+}
+
+/// `dump refcount-block INDEX`: written out as it is read, one line (or one
+/// JSON object) per refcount, with no table of rows built first.
+fn refcount_block(a: &Args, img: &Qcow2) -> CmdResult {
+    let i = a.index.ok_or_else(|| eyre!("dump refcount-block needs INDEX: the refcount table index (see `qinspect dump refcount-table`)"))?;
+    let t = img.refcount_table()?;
+    let e = t.get(i as usize).ok_or_else(|| {
+        eyre!(
+            "refcount table index {i} is past its end ({} entries)",
+            t.len()
+        )
+    })?;
+    let Some(off) = e.block_offset() else {
+        bail!(
+            "refcount table entry {i} is 0: no refcount block, every cluster it covers has refcount 0"
+        );
+    };
+    let block = img.refcount_block(off)?;
+    let rg = img.refcount_geometry();
+    let per = rg.entries_per_block();
+    let title = format!(
+        "refcount block at {off} ({}-bit refcounts for clusters {}..{})",
+        rg.bits(),
+        i * per,
+        (i + 1) * per
+    );
+    let rows = RefcountRows {
+        block: &block,
+        order: rg.order,
+        first_cluster: i * per,
+        per,
+        bits: u64::from(rg.bits()),
+        block_offset: off.0,
+        cluster_bits: img.geometry().cluster_bits,
+    };
+    if a.json {
+        #[derive(Serialize)]
+        struct Out<'a> {
+            entries: RefcountRows<'a>,
+            table: String,
+        }
+        print_json(&Out {
+            entries: rows,
+            table: title,
+        })?;
+        return Ok(0);
+    }
+    let mut out = super::buffered_stdout();
+    let (hd, dim) = (style::HEAD, style::DIM);
+    writeln!(out, "{hd}{title}{hd:#}")?;
+    writeln!(
+        out,
+        "{dim}{:>6}  {:>12}  {:>18}  meaning{dim:#}",
+        "index", "file offset", "raw"
+    )?;
+    out.flush()?;
+    // The rows carry no styles: written past the style filter.
+    let mut plain = std::io::BufWriter::with_capacity(1 << 16, std::io::stdout().lock());
+    let mut any = false;
+    let mut line: Vec<u8> = Vec::with_capacity(128);
+    let (mut dec, mut dec2, mut dec3) = (
+        itoa::Buffer::new(),
+        itoa::Buffer::new(),
+        itoa::Buffer::new(),
+    );
+    for j in 0..per {
+        let r = get_refcount(&block, rows.order, j);
+        if r == 0 && !a.all {
+            continue;
+        }
+        any = true;
+        let cluster = rows.first_cluster + j;
+        // The same text as `{j:>6}  {:>#12x}  {r:>18}  host cluster ...`,
+        // assembled by hand: this loop runs once per cluster of the block.
+        line.clear();
+        let r_text = dec2.format(r);
+        push_right(&mut line, dec.format(j).as_bytes(), 6);
+        line.extend_from_slice(b"  ");
+        let at = rows.block_offset + j * rows.bits / 8;
+        line.resize(line.len() + 12usize.saturating_sub(hex_len(at)), b' ');
+        push_hex(&mut line, at);
+        line.extend_from_slice(b"  ");
+        push_right(&mut line, r_text.as_bytes(), 18);
+        line.extend_from_slice(b"  host cluster ");
+        line.extend_from_slice(dec3.format(cluster).as_bytes());
+        line.extend_from_slice(b" (offset ");
+        push_hex(&mut line, cluster << rows.cluster_bits);
+        line.extend_from_slice(b") has refcount ");
+        line.extend_from_slice(r_text.as_bytes());
+        line.push(b'\n');
+        plain.write_all(&line)?;
+    }
+    if !any {
+        writeln!(plain, "  (no non-zero entries)")?;
+    }
+    plain.flush()?;
+    drop(plain);
+    for p in &img.problems {
+        writeln!(out, "{}warning:{:#} {p}", style::BAD, style::BAD)?;
+    }
+    Ok(0)
+}
+
+/// `text` right-aligned in `width` columns.
+fn push_right(line: &mut Vec<u8>, text: &[u8], width: usize) {
+    line.resize(line.len() + width.saturating_sub(text.len()), b' ');
+    line.extend_from_slice(text);
+}
+
+/// Digits of `v` in hex, plus two for the `0x`.
+fn hex_len(v: u64) -> usize {
+    (64 - v.leading_zeros()).div_ceil(4).max(1) as usize + 2
+}
+
+/// Append `{:#x}` of `v`.
+fn push_hex(line: &mut Vec<u8>, v: u64) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    line.extend_from_slice(b"0x");
+    for k in (0..hex_len(v) - 2).rev() {
+        line.push(DIGITS[((v >> (k * 4)) & 15) as usize]);
     }
 }

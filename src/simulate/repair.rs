@@ -12,7 +12,7 @@
 //! without corruptions is marked clean and consistent.
 
 use super::{Fail, Sim, SimResult, Target};
-use crate::check::{CheckOptions, FindingKind, check};
+use crate::check::{Category, CheckOptions, FindingKind, check};
 use crate::tables::{ClusterType, L1E_OFFSET_MASK, L2E_OFFSET_MASK, L2Entry, OFLAG_COPIED};
 
 impl Sim {
@@ -45,7 +45,10 @@ impl Sim {
         let unusual = report
             .findings
             .iter()
-            .find(|f| f.kind != FindingKind::Note && !matches!(f.category, "refcount" | "copied"))
+            .find(|f| {
+                f.kind != FindingKind::Note
+                    && !matches!(f.category, Category::Refcount | Category::Copied)
+            })
             .map(|f| f.message.clone());
         if let Some(m) = unusual {
             return Err(Fail::NotModelled(format!(

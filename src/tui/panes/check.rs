@@ -4,7 +4,7 @@ use super::{PaneState, color};
 use crate::tui::ctx::{Ctx, Effect};
 use crate::tui::keymap::Action;
 use crate::tui::widgets::{ListView, boxed};
-use qinspect::check::FindingKind;
+use qinspect::check::{Category, FindingKind};
 use ratatui::Frame;
 use ratatui::layout::{Constraint, Layout, Rect};
 use ratatui::style::Style;
@@ -182,7 +182,10 @@ fn sorted_referrers(f: &qinspect::check::Finding) -> Vec<qinspect::check::Referr
 /// entry; a table entry that is wrong (COPIED, reserved bits, alignment, ...) is
 /// the L2 or L1 entry naming the cluster; anything else, the cluster in Layout.
 fn at_fault(f: &qinspect::check::Finding, ctx: &Ctx, q: &mut Vec<Effect>) {
-    let refcount = matches!(f.category, "refcount" | "refblock" | "refcount-past-eof");
+    let refcount = matches!(
+        f.category,
+        Category::Refcount | Category::Refblock | Category::RefcountPastEof
+    );
     match f.cluster {
         Some(c) if refcount => q.push(Effect::Refcount(c)),
         _ => {

@@ -1,0 +1,230 @@
+//! The COPIED flags of the active tables (`check_oflag_copied`).
+//!
+//! The L1 half runs before the walk; the L2 half is handed each active L2 table
+//! by the walk as it reads it, so every table is read once for both the recount
+//! and this check.
+
+use super::report::{Category, CheckReport, FindingKind, L1Id, Referrer, Role};
+use super::walk::Walk;
+use crate::image::{Qcow2, RefcountReader};
+use crate::io::read_into;
+use crate::tables::{ClusterType, L1E_OFFSET_MASK, L2E_OFFSET_MASK, L2Entry};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+/// Each active L2 table: how many active L1 entries name it, and which.
+pub(super) type ActiveL2s = BTreeMap<u64, (u64, Vec<u64>)>;
+
+/// The COPIED check's state: its own findings (reported after the refcount
+/// comparison, as QEMU does), the stored refcounts it reads, and whether it has
+/// stopped at an unreadable L2 table.
+pub(super) struct Copied<'a> {
+    /// Collects this check's findings.
+    pub(super) walk: Walk<'a>,
+    stored: RefcountReader<'a>,
+    /// The active L2 tables, shared by the walks of both halves of the L1 range.
+    pub(super) tables: Arc<ActiveL2s>,
+    /// An L2 table could not be read: QEMU stops the COPIED check there.
+    pub(super) stopped: bool,
+}
+
+impl<'a> Copied<'a> {
+    /// The check with its L1 half done (over the image's active L1 table).
+    pub(super) fn start(img: &'a Qcow2) -> Self {
+        let mut walk = Walk::new(img, true);
+        let mut stored = RefcountReader::new(img);
+        let tables = Arc::new(l1_half(&mut walk, &mut stored));
+        Copied {
+            walk,
+            stored,
+            tables,
+            stopped: false,
+        }
+    }
+
+    /// A check of further L2 tables that shares `tables`, with no findings yet.
+    pub(super) fn fork(&self) -> Self {
+        let img = self.walk.img;
+        Copied {
+            walk: Walk::new(img, true),
+            stored: RefcountReader::new(img),
+            tables: Arc::clone(&self.tables),
+            stopped: false,
+        }
+    }
+
+    /// Append the findings of a fork that checked the tables after this one's.
+    pub(super) fn absorb(&mut self, later: Copied<'a>) {
+        if !self.stopped {
+            self.stopped = later.stopped;
+            self.walk.absorb(later.walk.report);
+        }
+    }
+
+    /// The L2 half for table `l2`, given its contents (`None`: it could not be read).
+    pub(super) fn table(&mut self, l2: u64, buf: Option<&[u8]>) {
+        if self.stopped {
+            return;
+        }
+        let tables = Arc::clone(&self.tables);
+        let Some((w, l1s)) = tables.get(&l2) else {
+            return;
+        };
+        match buf {
+            Some(b) => l2_half(self, l2, *w, l1s, b),
+            None => {
+                self.walk.find(
+                    FindingKind::CheckError,
+                    Category::Io,
+                    "ERROR: Could not read L2 table".into(),
+                    1,
+                );
+                self.stopped = true;
+            }
+        }
+    }
+
+    /// Check, by reading them, the active tables in `tables` that the walk did
+    /// not hand over (only when the active L1 read by the walk differs from the
+    /// image's, as for an L1 table QEMU cannot read).
+    pub(super) fn rest(&mut self, seen: &dyn Fn(u64) -> bool) {
+        let tables = Arc::clone(&self.tables);
+        let mut buf = vec![0u8; self.walk.cs as usize];
+        for l2 in tables.keys().filter(|l2| !seen(**l2)) {
+            let ok = read_into(self.walk.img.src.as_ref(), "L2 table", *l2, &mut buf).is_ok();
+            self.table(*l2, ok.then_some(buf.as_slice()));
+        }
+    }
+
+    /// The findings, for the main report.
+    pub(super) fn report(self) -> CheckReport {
+        self.walk.report
+    }
+}
+
+/// The L1 half: each active L1 entry's COPIED flag against its L2 table's refcount.
+fn l1_half(walk: &mut Walk, stored: &mut RefcountReader) -> ActiveL2s {
+    let img = walk.img;
+    // Each active L2 table is read once; its entries are checked once per L1 entry naming it.
+    let mut weights = ActiveL2s::new();
+    for (i, e) in img.l1.iter().enumerate() {
+        let l2 = e.0 & L1E_OFFSET_MASK;
+        if l2 == 0 {
+            continue;
+        }
+        let Ok(r) = stored.get(l2 >> walk.cbits) else {
+            continue;
+        };
+        if (r == 1) != e.copied() {
+            let msg = format!(
+                "ERROR OFLAG_COPIED L2 cluster: l1_index={i} l1_entry={:x} refcount={r}",
+                e.0
+            );
+            let cbits = walk.cbits;
+            if let Some(f) = walk.find(FindingKind::Corruption, Category::Copied, msg, 1) {
+                f.cluster = Some(l2 >> cbits);
+                f.offset = Some(
+                    img.header
+                        .l1_table_offset
+                        .saturating_add((i as u64).saturating_mul(8)),
+                );
+                f.refcount = Some(r);
+                f.repair = Some(format!(
+                    "{} bit 63 of active L1[{i}]",
+                    if r == 1 { "set" } else { "clear" }
+                ));
+            }
+        }
+        let w = weights.entry(l2).or_default();
+        w.0 = w.0.saturating_add(1);
+        w.1.push(i as u64);
+    }
+    weights
+}
+
+/// The L2 half for one table: each data entry's COPIED flag against its
+/// cluster's stored refcount, counted `w` times (once per active L1 entry
+/// naming the table, listed in `l1s`).
+fn l2_half(cp: &mut Copied, l2: u64, w: u64, l1s: &[u64], buf: &[u8]) {
+    let img = cp.walk.img;
+    let geo = img.geometry();
+    let has_df = img.header.has_data_file();
+    let cs = cp.walk.cs;
+    let cbits = cp.walk.cbits;
+    let step = geo.l2_entry_size() as usize;
+    let raw_at = |j: usize| {
+        buf.get(j.saturating_mul(step)..)
+            .filter(|b| b.len() >= 8)
+            .map_or(0, |b| crate::bytes::be64(b, 0))
+    };
+    let entries = buf.len().checked_div(step).unwrap_or(0);
+    let mut bad: Vec<(usize, u64)> = Vec::new();
+    let mut j = 0usize;
+    while j < entries {
+        let raw = raw_at(j);
+        let e = L2Entry { raw, bitmap: 0 };
+        let ct = e.cluster_type(&geo, has_df);
+        if !matches!(ct, ClusterType::Normal | ClusterType::ZeroAlloc) {
+            j = j.saturating_add(1);
+            continue;
+        }
+        let c = (raw & L2E_OFFSET_MASK) >> cbits;
+        // The entries after this one that continue it (same flags, next host
+        // cluster) are judged with it, one refcount block span at a time.
+        let mut k = 1usize;
+        if !has_df {
+            let mut next = raw;
+            k = k.saturating_add(
+                buf.get(j.saturating_add(1).saturating_mul(step)..)
+                    .unwrap_or(&[])
+                    .chunks_exact(step)
+                    .map(|b| crate::bytes::be64(b, 0))
+                    .take_while(|&r| {
+                        let want = next.wrapping_add(cs);
+                        let ok = r == want && (want & L2E_OFFSET_MASK) > (next & L2E_OFFSET_MASK);
+                        next = want;
+                        ok
+                    })
+                    .count(),
+            );
+        }
+        if has_df {
+            if !e.copied() {
+                bad.push((j, 1));
+            }
+        } else {
+            cp.stored
+                .each_copied_mismatch(c, k as u64, e.copied(), &mut |x, r| {
+                    bad.push((j.saturating_add(x as usize), r));
+                });
+        }
+        j = j.saturating_add(k);
+    }
+    for (j, r) in bad.drain(..) {
+        let raw = raw_at(j);
+        let msg = format!("ERROR OFLAG_COPIED data cluster: l2_entry={raw:x} refcount={r}");
+        let name = cp.walk.l1_name(L1Id::Active);
+        if let Some(f) = cp
+            .walk
+            .find(FindingKind::Corruption, Category::Copied, msg, w)
+        {
+            f.cluster = Some((raw & L2E_OFFSET_MASK) >> cbits);
+            f.offset = Some(l2.saturating_add((j as u64).saturating_mul(step as u64)));
+            f.refcount = Some(r);
+            f.repair = Some(format!(
+                "{} bit 63 of the L2 entry",
+                if r == 1 { "set" } else { "clear" }
+            ));
+            for l1i in l1s {
+                f.referrers.push(Referrer {
+                    l1: Some(name.clone()),
+                    l1_index: Some(*l1i),
+                    l2_table: Some(l2),
+                    l2_index: Some(j as u64),
+                    guest_offset: geo.guest_offset(*l1i, j as u64, 0).map(|g| g.0),
+                    ..Referrer::plain(Role::Data, None)
+                });
+            }
+        }
+    }
+}
