@@ -88,6 +88,11 @@ fn a_corrupt_image_is_not_opened_read_write() {
             e.ends_with("qcow2: Image is corrupt; cannot be opened read/write"),
             "{e}"
         );
+        assert!(
+            matches!(r.cause, Some(qinspect::simulate::SimError::Corrupt(_))),
+            "{:?}",
+            r.cause
+        );
         assert!(r.steps.is_empty());
     }
 }

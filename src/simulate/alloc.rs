@@ -1,8 +1,8 @@
 //! Allocation: finding free clusters first fit, taking them, and releasing
 //! them (`alloc_clusters_noref`, `qcow2_alloc_clusters`, `qcow2_free_clusters`).
 
-use super::Fail;
 use super::Sim;
+use super::SimError;
 use super::SimResult;
 use super::change::Target;
 use crate::tables::ClusterType;
@@ -19,7 +19,7 @@ impl Sim {
         while found < n {
             let c = self.free_cluster_index;
             if c > limit {
-                return Err(Fail::Msg("no free clusters found (EFBIG)".into()));
+                return Err(SimError::Qemu("no free clusters found (EFBIG)".into()));
             }
             // c <= limit, and found <= n: neither can overflow.
             self.free_cluster_index = c.saturating_add(1);
@@ -71,7 +71,7 @@ impl Sim {
         }
         loop {
             match self.alloc_clusters_once(n, purpose) {
-                Err(Fail::Again) => continue,
+                Err(SimError::Again) => continue,
                 r => return r,
             }
         }
@@ -86,7 +86,7 @@ impl Sim {
             .zip(n.checked_mul(self.cs))
             .and_then(|(off, len)| Some((off, len, off.checked_add(len)?)));
         let Some((off, len, end)) = range else {
-            return Err(Fail::Msg(format!(
+            return Err(SimError::Qemu(format!(
                 "{n} clusters from cluster {first} do not fit in the file (EFBIG)"
             )));
         };

@@ -1,9 +1,9 @@
 //! Host bytes: the clusters the simulation has read or changed, laid over the
 //! read-only image, and the image they make.
 
-use super::Fail;
 use super::MAX_FILE_LEN;
 use super::Sim;
+use super::SimError;
 use super::SimResult;
 use crate::io::SharedSource;
 use crate::io::Source;
@@ -98,7 +98,7 @@ impl Sim {
             .checked_add(data.len() as u64)
             .is_none_or(|e| e > i64::MAX as u64)
         {
-            return Err(Fail::Msg(format!(
+            return Err(SimError::Qemu(format!(
                 "a write of {} bytes at {off:#x} ends past the largest offset QEMU can write (EIO)",
                 data.len()
             )));
@@ -107,7 +107,7 @@ impl Sim {
         // 16 TiB); QEMU then fails the write.
         let end = off.saturating_add(data.len() as u64);
         if end > MAX_FILE_LEN && end > self.file_len {
-            return Err(Fail::Msg(format!(
+            return Err(SimError::Qemu(format!(
                 "a write at {off:#x} would grow the image file to {end} bytes, past what file systems allow (EFBIG)"
             )));
         }

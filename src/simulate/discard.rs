@@ -1,7 +1,7 @@
 //! Guest discards (`qcow2_co_pdiscard`, `discard_in_l2_slice`).
 
-use super::Fail;
 use super::Sim;
+use super::SimError;
 use super::SimResult;
 use crate::tables::ClusterType;
 use crate::tables::L2Entry;
@@ -14,7 +14,7 @@ impl Sim {
     pub(super) fn discard(&mut self, offset: u64, length: u64) -> SimResult<()> {
         let cs = self.cs;
         let Some(end) = offset.checked_add(length).filter(|&e| e <= self.size) else {
-            return Err(Fail::Msg(format!(
+            return Err(SimError::Qemu(format!(
                 "discard failed: Input/output error (the request ends past the end of the disk, {} bytes, so the block layer refuses all of it)",
                 self.size
             )));

@@ -3,8 +3,8 @@
 //! write does not cover (`qcow2_alloc_host_offset`, `handle_copied`,
 //! `handle_alloc`, `perform_cow`).
 
-use super::Fail;
 use super::Sim;
+use super::SimError;
 use super::SimResult;
 use super::change::Target;
 use crate::tables::ClusterType;
@@ -108,7 +108,7 @@ impl Sim {
             self.reason = saved;
         }
         let Some(&e) = self.l1.get(i as usize) else {
-            return Err(Fail::Msg(format!(
+            return Err(SimError::Qemu(format!(
                 "guest offset {guest:#x} is beyond the L1 table (EIO)"
             )));
         };
@@ -200,7 +200,7 @@ impl Sim {
             }
             let len = self.clusters_bytes(i);
             match self.take_clusters(off, len, first, purpose) {
-                Err(Fail::Again) => continue,
+                Err(SimError::Again) => continue,
                 Err(e) => return Err(e),
                 Ok(()) => {
                     self.file_len = self.file_len.max(off.saturating_add(len));
@@ -216,9 +216,14 @@ impl Sim {
     /// disk size first), counts of clusters inside one L2 slice, and host offsets
     /// are masked L2 entries (below 2^56): the saturating operations below never
     /// saturate on any image, they only rule out wraparound.
+    ///
+    /// It is one function because it is one loop with QEMU's restart points
+    /// (a new refcount block found mid-allocation sends it back to the lookup
+    /// of the same cluster): cutting it would spread the state of one pass
+    /// (the slice, the run being placed, what COW reads) over several calls.
     pub(super) fn write(&mut self, offset: u64, length: u64) -> SimResult<()> {
         let Some(end) = offset.checked_add(length).filter(|&e| e <= self.size) else {
-            return Err(Fail::Msg(format!(
+            return Err(SimError::Qemu(format!(
                 "write failed: Input/output error (the request ends past the end of the disk, {} bytes, so the block layer refuses all of it)",
                 self.size
             )));
@@ -248,7 +253,7 @@ impl Sim {
                 if !self.needs_new_alloc(raw) {
                     let host = raw & L2E_OFFSET_MASK;
                     if !host.is_multiple_of(cs) {
-                        return Err(Fail::Msg(format!(
+                        return Err(SimError::Qemu(format!(
                             "Data cluster offset {host:#x} unaligned (guest offset: {pos:#x}) (EIO)"
                         )));
                     }
@@ -308,7 +313,7 @@ impl Sim {
                     let _ = bitmap;
                     host_next = Some(host.saturating_add(keep.saturating_mul(cs)));
                     if write_end <= pos {
-                        return Err(Fail::Msg(format!(
+                        return Err(SimError::Qemu(format!(
                             "no progress at guest {pos:#x}: the L2 entries there are inconsistent"
                         )));
                     }
@@ -384,7 +389,7 @@ impl Sim {
                 }
                 host_next = Some(host.saturating_add(n.saturating_mul(cs)));
                 if bytes == 0 {
-                    return Err(Fail::Msg(format!(
+                    return Err(SimError::Qemu(format!(
                         "no progress at guest {pos:#x}: the L2 entries there are inconsistent"
                     )));
                 }

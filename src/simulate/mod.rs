@@ -95,6 +95,9 @@ pub struct OpRecord {
     /// failure stay, as in QEMU.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// The failure behind `error`, to match on.
+    #[serde(skip)]
+    pub cause: Option<SimError>,
 }
 
 /// The in-memory state.
@@ -143,34 +146,52 @@ pub struct Sim {
     overlay_of: Option<(PathBuf, Option<String>)>,
 }
 
-/// Failure inside a simulated operation (QEMU's errno, and why).
-#[derive(Debug)]
-enum Fail {
-    /// QEMU fails the operation with this message.
-    Msg(String),
+/// Why a simulated operation fails (or would go where the simulator does not
+/// follow). Match on the variant to test a cause; [`SimError::text`] gives the
+/// words.
+#[derive(Clone, Debug)]
+pub enum SimError {
+    /// QEMU fails the operation with this message (its own words, or its
+    /// errno's with what qinspect knows of why).
+    Qemu(String),
+    /// Reading the image failed: the crate's error, as QEMU would fail on the
+    /// same bad structure.
+    Error(Arc<Error>),
     /// QEMU's `-EAGAIN` from `alloc_refcount_block`: a new refcount block was
     /// hooked up, possibly where the caller meant to put its clusters, so the
     /// caller undoes its refcount changes and searches again.
     Again,
     /// QEMU would go on here in a way qinspect does not follow.
     NotModelled(String),
+    /// QEMU does not open the image read-write: the corrupt bit is set.
+    Corrupt(String),
 }
 
-impl Fail {
-    fn text(self) -> String {
+impl SimError {
+    /// The failure in words.
+    pub fn text(&self) -> String {
         match self {
-            Fail::Msg(m) => m,
-            Fail::NotModelled(m) => format!("not simulated: {m}"),
-            Fail::Again => "a new refcount block was allocated in the middle of an update that cannot be restarted (Resource temporarily unavailable)".into(),
+            SimError::Qemu(m) | SimError::Corrupt(m) => m.clone(),
+            SimError::Error(e) => e.to_string(),
+            SimError::NotModelled(m) => format!("not simulated: {m}"),
+            SimError::Again => "a new refcount block was allocated in the middle of an update that cannot be restarted (Resource temporarily unavailable)".into(),
         }
     }
 }
 
-type SimResult<T> = std::result::Result<T, Fail>;
+impl std::fmt::Display for SimError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.text())
+    }
+}
 
-impl From<Error> for Fail {
+impl std::error::Error for SimError {}
+
+type SimResult<T> = std::result::Result<T, SimError>;
+
+impl From<Error> for SimError {
     fn from(e: Error) -> Self {
-        Fail::Msg(e.to_string())
+        SimError::Error(Arc::new(e))
     }
 }
 
@@ -286,7 +307,8 @@ impl Sim {
                 op: op.clone(),
                 description: op.describe(),
                 steps: std::mem::take(&mut self.steps),
-                error: r.err().map(Fail::text),
+                error: r.as_ref().err().map(SimError::text),
+                cause: r.err(),
             });
             return;
         }
@@ -294,9 +316,11 @@ impl Sim {
         let checking = matches!(op, Op::Repair { .. });
         let r = if features & crate::header::INCOMPAT_CORRUPT != 0 && !checking {
             // qemu-img and qemu-io stop at the open: nothing is written.
-            Err(Fail::Msg(self.open_refused.clone().unwrap_or_default()))
+            Err(SimError::Corrupt(
+                self.open_refused.clone().unwrap_or_default(),
+            ))
         } else if let Some(why) = &self.not_modelled {
-            Err(Fail::Msg(format!("not simulated: {why}")))
+            Err(SimError::NotModelled(why.clone()))
         } else {
             // A dirty image (lazy refcounts) is repaired first on a read-write
             // open that is not itself a check.
@@ -312,12 +336,13 @@ impl Sim {
             let closed = self.store_bitmaps();
             r.and(closed)
         };
-        let error = r.err().map(|f| qemu_words(op, f.text()));
+        let error = r.as_ref().err().map(|f| qemu_words(op, f.text()));
         self.records.push(OpRecord {
             op: op.clone(),
             description: op.describe(),
             steps: std::mem::take(&mut self.steps),
             error,
+            cause: r.err(),
         });
     }
 
@@ -337,7 +362,7 @@ impl Sim {
             Op::Resize { size, shrink } => self.resize(*size, *shrink),
             Op::Repair { all } => self.repair(*all),
             Op::Trace { offset } => self.trace(*offset),
-            Op::Overlay { .. } => Err(Fail::Msg(
+            Op::Overlay { .. } => Err(SimError::Qemu(
                 "an overlay starts a new layer: simulate_layers handles it".into(),
             )),
             Op::RefcountUpdate { l1, addend } => self.refcount_walk(l1, *addend),

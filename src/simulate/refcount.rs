@@ -2,8 +2,8 @@
 //! new refcount blocks and growing the refcount table (`update_refcount`,
 //! `alloc_refcount_block`, `qcow2_refcount_area`).
 
-use super::Fail;
 use super::Sim;
+use super::SimError;
 use super::SimResult;
 use super::change::Target;
 use crate::refcount::get_refcount;
@@ -43,7 +43,7 @@ impl Sim {
             return Ok(0);
         }
         if !block.is_multiple_of(self.cs) {
-            return Err(Fail::Msg(format!(
+            return Err(SimError::Qemu(format!(
                 "Refblock offset {block:#x} unaligned (reftable index: {ti:#x}) (EIO)"
             )));
         }
@@ -69,7 +69,7 @@ impl Sim {
         let last = self.cluster_of(offset.saturating_add(length.saturating_sub(1)));
         for c in first..=last {
             if let Err(e) = self.update_one(c, addend, decrease) {
-                if matches!(e, Fail::Again) {
+                if matches!(e, SimError::Again) {
                     // The search restarts from the first cluster of this update.
                     self.free_cluster_index = self.free_cluster_index.min(first);
                 }
@@ -87,9 +87,9 @@ impl Sim {
         let ti = c >> self.block_bits();
         let block = match self.refcount_block_for(ti, c) {
             Ok(b) => b,
-            Err(Fail::Again) => {
+            Err(SimError::Again) => {
                 self.free_cluster_index = self.free_cluster_index.min(c);
-                return Err(Fail::Again);
+                return Err(SimError::Again);
             }
             Err(e) => return Err(e),
         };
@@ -103,7 +103,7 @@ impl Sim {
             cur.checked_add(addend).filter(|&n| n <= self.max_refcount)
         };
         let Some(new) = new else {
-            return Err(Fail::Msg(format!(
+            return Err(SimError::Qemu(format!(
                 "refcount of cluster {c} would {} ({cur} {} {addend}, {}-bit refcounts) (EINVAL)",
                 if decrease { "go below 0" } else { "overflow" },
                 if decrease { "-" } else { "+" },
@@ -132,7 +132,7 @@ impl Sim {
         let block = e & crate::refcount::REFT_OFFSET_MASK;
         if block != 0 {
             if !block.is_multiple_of(self.cs) {
-                return Err(Fail::Msg(format!(
+                return Err(SimError::Qemu(format!(
                     "Refblock offset {block:#x} unaligned (EIO)"
                 )));
             }
@@ -144,7 +144,7 @@ impl Sim {
     /// A missing refcount block: QEMU allocates one. If the new block would itself
     /// be described by the block being created, it describes itself.
     pub(super) fn new_refcount_block(&mut self, ti: u64, for_cluster: u64) -> SimResult<u64> {
-        // Either way the caller restarts: this returns `Fail::Again` once the
+        // Either way the caller restarts: this returns `SimError::Again` once the
         // block is hooked up.
         let saved = self.reason.clone();
         // alloc_clusters_noref: the lowest free cluster (refcounts as they stand).
@@ -201,7 +201,7 @@ impl Sim {
             let meta = self.clusters_bytes(blocks_used.saturating_mul(rbs));
             self.refcount_area(meta, ti, new_off)?;
             self.reason = saved;
-            return Err(Fail::Again);
+            return Err(SimError::Again);
         }
         let entry_off = self.reftable_entry_offset(ti);
         let before = self.read_u64(entry_off);
@@ -219,7 +219,7 @@ impl Sim {
             .to_string(),
         );
         self.reason = saved;
-        Err(Fail::Again)
+        Err(SimError::Again)
     }
 
     /// QEMU's `qcow2_refcount_metadata_size`: how many refcount blocks it
@@ -268,7 +268,7 @@ impl Sim {
             .div_ceil(per_cluster)
             .saturating_mul(per_cluster);
         if table_size.saturating_mul(8) > crate::refcount::MAX_REFTABLE_BYTES {
-            return Err(Fail::Msg(
+            return Err(SimError::Qemu(
                 "the refcount table would grow past 8 MiB (EFBIG)".into(),
             ));
         }

@@ -11,7 +11,7 @@
 //! of the active tables are set to what the refcounts now say. An image left
 //! without corruptions is marked clean and consistent.
 
-use super::{Fail, Sim, SimResult, Target};
+use super::{Sim, SimError, SimResult, Target};
 use crate::check::{CheckOptions, FindingKind, check};
 use crate::tables::{ClusterType, L1E_OFFSET_MASK, L2E_OFFSET_MASK, L2Entry, OFLAG_COPIED};
 
@@ -19,7 +19,7 @@ impl Sim {
     /// `qemu-img check -r leaks` (`all == false`) or `-r all`.
     pub(super) fn repair(&mut self, all: bool) -> SimResult<()> {
         if self.has_data_file {
-            return Err(Fail::NotModelled(
+            return Err(SimError::NotModelled(
                 "repairing an image with an external data file".into(),
             ));
         }
@@ -37,10 +37,10 @@ impl Sim {
         }
         let img = self
             .image()
-            .map_err(|e| Fail::Msg(format!("Could not open the image: {e}")))?;
+            .map_err(|e| SimError::Qemu(format!("Could not open the image: {e}")))?;
         let report = check(&img, &CheckOptions::default());
         if let Some(a) = &report.aborted {
-            return Err(Fail::NotModelled(format!("the check stops early: {a}")));
+            return Err(SimError::NotModelled(format!("the check stops early: {a}")));
         }
         let unusual = report
             .findings
@@ -48,12 +48,12 @@ impl Sim {
             .find(|f| f.kind != FindingKind::Note && !matches!(f.category, "refcount" | "copied"))
             .map(|f| f.message.clone());
         if let Some(m) = unusual {
-            return Err(Fail::NotModelled(format!(
+            return Err(SimError::NotModelled(format!(
                 "QEMU's repair of this would do more than fix refcounts and COPIED flags: {m}"
             )));
         }
         let Some(imrt) = report.imrt.clone() else {
-            return Err(Fail::NotModelled(
+            return Err(SimError::NotModelled(
                 "the check did not count the references".into(),
             ));
         };
@@ -67,7 +67,7 @@ impl Sim {
             }
             if stored == 0 {
                 if all {
-                    return Err(Fail::NotModelled(format!(
+                    return Err(SimError::NotModelled(format!(
                         "cluster {c} is in use with a stored refcount of 0: QEMU rebuilds the whole refcount structure (rebuild_refcount_structure)"
                     )));
                 }

@@ -1,8 +1,8 @@
 //! Growing and shrinking: the active L1 table, the disk (`qemu-img resize`)
 //! and the refcount table after a shrink.
 
-use super::Fail;
 use super::Sim;
+use super::SimError;
 use super::SimResult;
 use super::change::Target;
 use crate::refcount::get_refcount;
@@ -29,7 +29,7 @@ impl Sim {
             n
         };
         if new_len > crate::tables::MAX_L1_ENTRIES {
-            return Err(Fail::Msg(format!(
+            return Err(SimError::Qemu(format!(
                 "an L1 table of {new_len} entries is larger than QEMU allows (EFBIG)"
             )));
         }
@@ -70,10 +70,10 @@ impl Sim {
     /// `qemu-img resize [--shrink]`.
     pub(super) fn resize(&mut self, size: u64, shrink: bool) -> SimResult<()> {
         if size == 0 {
-            return Err(Fail::Msg("New image size must be positive".into()));
+            return Err(SimError::Qemu("New image size must be positive".into()));
         }
         if size < self.size && !shrink {
-            return Err(Fail::Msg(
+            return Err(SimError::Qemu(
                 "Use the --shrink option to perform a shrink operation.".into(),
             ));
         }
@@ -83,17 +83,17 @@ impl Sim {
     /// QEMU's `qcow2_co_truncate` (no preallocation).
     pub(super) fn truncate(&mut self, size: u64) -> SimResult<()> {
         if !size.is_multiple_of(512) {
-            return Err(Fail::Msg(
+            return Err(SimError::Qemu(
                 "The new size must be a multiple of 512 (EINVAL)".into(),
             ));
         }
         if self.version < 3 && !self.snapshots.is_empty() {
-            return Err(Fail::Msg(
+            return Err(SimError::Qemu(
                 "Can't resize a v2 image which has snapshots (ENOTSUP)".into(),
             ));
         }
         if self.has_data_file {
-            return Err(Fail::NotModelled(
+            return Err(SimError::NotModelled(
                 "resizing an image with an external data file".into(),
             ));
         }
@@ -109,7 +109,7 @@ impl Sim {
                 .and_then(|c| c.layers.first())
                 .map_or(0, |l| l.size());
             if backing_len > old {
-                return Err(Fail::NotModelled(
+                return Err(SimError::NotModelled(
                     "growing over a longer backing file (QEMU zero-fills the new area)".into(),
                 ));
             }

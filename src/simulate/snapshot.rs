@@ -1,8 +1,8 @@
 //! The snapshot table and the snapshot operations built on the refcount walk:
 //! create, delete and apply (`qcow2-snapshot.c`).
 
-use super::Fail;
 use super::Sim;
+use super::SimError;
 use super::SimResult;
 use super::SimSnapshot;
 use super::change::Target;
@@ -22,7 +22,7 @@ impl Sim {
                 .saturating_add(s.name.len() as u64);
         }
         if size > crate::snapshot::MAX_TABLE_BYTES {
-            return Err(Fail::Msg(
+            return Err(SimError::Qemu(
                 "the snapshot table would exceed 64 MiB (EFBIG)".into(),
             ));
         }
@@ -113,10 +113,10 @@ impl Sim {
 
     pub(super) fn check_snapshot_l1(&self, sn: &SimSnapshot) -> SimResult<()> {
         if u64::from(sn.l1_size) > crate::tables::MAX_L1_ENTRIES {
-            return Err(Fail::Msg("Snapshot L1 table too large (EFBIG)".into()));
+            return Err(SimError::Qemu("Snapshot L1 table too large (EFBIG)".into()));
         }
         if !sn.l1_table_offset.is_multiple_of(self.cs) {
-            return Err(Fail::Msg(
+            return Err(SimError::Qemu(
                 "Snapshot L1 table offset invalid (EINVAL)".into(),
             ));
         }
@@ -127,12 +127,12 @@ impl Sim {
 
     pub(super) fn snapshot_create(&mut self, name: &str) -> SimResult<()> {
         if self.snapshots.len() as u64 >= crate::snapshot::MAX_SNAPSHOTS {
-            return Err(Fail::Msg(
+            return Err(SimError::Qemu(
                 "the image already has 65536 snapshots (EFBIG)".into(),
             ));
         }
         if self.has_data_file {
-            return Err(Fail::Msg(
+            return Err(SimError::Qemu(
                 "snapshots are not supported with an external data file (ENOTSUP)".into(),
             ));
         }
@@ -189,7 +189,7 @@ impl Sim {
 
     pub(super) fn snapshot_delete(&mut self, id_or_name: &str, by_id: bool) -> SimResult<()> {
         if self.has_data_file {
-            return Err(Fail::Msg(
+            return Err(SimError::Qemu(
                 "snapshots are not supported with an external data file (ENOTSUP)".into(),
             ));
         }
@@ -209,7 +209,7 @@ impl Sim {
                 ),
                 None => String::new(),
             };
-            return Err(Fail::Msg(if by_id {
+            return Err(SimError::Qemu(if by_id {
                 format!("Snapshot with id '{id_or_name}' does not exist")
             } else {
                 format!("Could not delete snapshot '{id_or_name}': snapshot not found{hint}")
@@ -219,7 +219,7 @@ impl Sim {
             .snapshots
             .get(i)
             .cloned()
-            .ok_or_else(|| Fail::Msg("no snapshot".into()))?;
+            .ok_or_else(|| SimError::Qemu("no snapshot".into()))?;
         self.check_snapshot_l1(&sn)?;
         let label = format!("snapshot {} '{}' L1", sn.id, sn.name);
         self.snapshots.remove(i);
@@ -247,17 +247,17 @@ impl Sim {
     pub(super) fn snapshot_apply(&mut self, id_or_name: &str) -> SimResult<()> {
         if self.has_bitmaps() {
             // bdrv_snapshot_goto refuses before looking the snapshot up.
-            return Err(Fail::Msg(format!(
+            return Err(SimError::Qemu(format!(
                 "Could not apply snapshot '{id_or_name}': Device has active dirty bitmaps"
             )));
         }
         if self.has_data_file {
-            return Err(Fail::Msg(
+            return Err(SimError::Qemu(
                 "snapshots are not supported with an external data file (ENOTSUP)".into(),
             ));
         }
         let Some(i) = self.find_snapshot(id_or_name) else {
-            return Err(Fail::Msg(format!(
+            return Err(SimError::Qemu(format!(
                 "Could not apply snapshot '{id_or_name}': Failed to load snapshot: No such file or directory"
             )));
         };
@@ -265,7 +265,7 @@ impl Sim {
             .snapshots
             .get(i)
             .cloned()
-            .ok_or_else(|| Fail::Msg("no snapshot".into()))?;
+            .ok_or_else(|| SimError::Qemu("no snapshot".into()))?;
         self.check_snapshot_l1(&sn)?;
         if sn.disk_size != self.size & !511 {
             self.note(format!(

@@ -1,8 +1,8 @@
 //! The refcount walk (`qcow2_update_snapshot_refcount`): addend +1, 0 or -1
 //! over every L2 table and cluster an L1 table names, then the COPIED flags.
 
-use super::Fail;
 use super::Sim;
+use super::SimError;
 use super::SimResult;
 use super::change::Target;
 use crate::tables::ClusterType;
@@ -43,105 +43,23 @@ impl Sim {
                 .map(|c| crate::bytes::be64(c, 0))
                 .collect()
         };
-        let step = self.geo.l2_entry_size();
-        let entries = self.geo.l2_entries();
         let mut l1_modified = false;
         let mut result = Ok(());
-        'outer: for i in 0..table.len() {
+        for i in 0..table.len() {
             let Some(&old_l1) = table.get(i) else { break };
             if old_l1 == 0 {
                 continue;
             }
             let l2 = old_l1 & L1E_OFFSET_MASK;
             if !l2.is_multiple_of(self.cs) {
-                result = Err(Fail::Msg(format!(
+                result = Err(SimError::Qemu(format!(
                     "L2 table offset {l2:#x} unaligned (L1 index: {i:#x}) (EIO)"
                 )));
                 break;
             }
-            let sign = if addend > 0 { "+1" } else { "-1" };
-            let data_reason = format!("{sign}: data cluster named by {label}[{i}] -> L2 {l2:#x}");
-            let compressed_reason =
-                format!("{sign}: compressed data named by {label}[{i}] -> L2 {l2:#x}");
-            let mut copied_reason: (u64, String) = (u64::MAX, String::new());
-            for j in 0..entries {
-                let eoff = l2.saturating_add(j.saturating_mul(step));
-                let old = self.read_u64(eoff);
-                let entry = old & !OFLAG_COPIED;
-                let off = entry & L2E_OFFSET_MASK;
-                let e = L2Entry {
-                    raw: entry,
-                    bitmap: 0,
-                };
-                let refcount = match e.cluster_type(&self.geo, self.has_data_file) {
-                    ClusterType::Compressed => {
-                        if addend != 0 {
-                            let d = CompressedDescriptor::decode(entry, &self.geo);
-                            self.reason.clone_from(&compressed_reason);
-                            if let Err(e) = self.update_refcount(d.offset.0, d.size, 1, addend < 0)
-                            {
-                                result = Err(e);
-                                break 'outer;
-                            }
-                        }
-                        2
-                    }
-                    ClusterType::Normal | ClusterType::ZeroAlloc => {
-                        if !off.is_multiple_of(self.cs) {
-                            result = Err(Fail::Msg(format!(
-                                "Cluster allocation offset {off:#x} unaligned (L2 offset: {l2:#x}, L2 index: {j:#x}) (EIO)"
-                            )));
-                            break 'outer;
-                        }
-                        if addend != 0 {
-                            self.reason.clone_from(&data_reason);
-                            if let Err(e) = self.update_one(self.cluster_of(off), 1, addend < 0) {
-                                result = Err(e);
-                                break 'outer;
-                            }
-                        }
-                        match self.get_refcount(self.cluster_of(off)) {
-                            Ok(r) => r,
-                            Err(e) => {
-                                result = Err(e);
-                                break 'outer;
-                            }
-                        }
-                    }
-                    _ => 0,
-                };
-                let new = if refcount == 1 {
-                    entry | OFLAG_COPIED
-                } else {
-                    entry
-                };
-                if new != old {
-                    if copied_reason.0 != refcount {
-                        copied_reason = (
-                            refcount,
-                            if new & OFLAG_COPIED != 0 {
-                                "COPIED set: refcount is now exactly 1".to_string()
-                            } else if refcount == 0 {
-                                "COPIED cleared: refcount is now 0 (freed)".to_string()
-                            } else {
-                                format!("COPIED cleared: refcount is now {refcount} (shared)")
-                            },
-                        );
-                    }
-                    self.reason.clone_from(&copied_reason.1);
-                    if let Err(e) = self.write_u64(eoff, new) {
-                        result = Err(e);
-                        break 'outer;
-                    }
-                    self.record(
-                        Target::L2Entry {
-                            table_offset: l2,
-                            index: j,
-                        },
-                        old,
-                        new,
-                    );
-                }
+            if let Err(e) = self.walk_l2(l2, addend, &label, i) {
+                result = Err(e);
+                break;
             }
             if addend != 0 {
                 self.why(format!(
@@ -199,6 +117,82 @@ impl Sim {
         result
     }
 
+    /// The L2 pass of the walk over the table at `l2` (named by `label[i]`):
+    /// the addend on every cluster it names, then COPIED on every entry whose
+    /// cluster's refcount is now exactly 1.
+    fn walk_l2(&mut self, l2: u64, addend: i32, label: &str, i: usize) -> SimResult<()> {
+        let step = self.geo.l2_entry_size();
+        let entries = self.geo.l2_entries();
+        let sign = if addend > 0 { "+1" } else { "-1" };
+        let data_reason = format!("{sign}: data cluster named by {label}[{i}] -> L2 {l2:#x}");
+        let compressed_reason =
+            format!("{sign}: compressed data named by {label}[{i}] -> L2 {l2:#x}");
+        let mut copied_reason: (u64, String) = (u64::MAX, String::new());
+        for j in 0..entries {
+            let eoff = l2.saturating_add(j.saturating_mul(step));
+            let old = self.read_u64(eoff);
+            let entry = old & !OFLAG_COPIED;
+            let off = entry & L2E_OFFSET_MASK;
+            let e = L2Entry {
+                raw: entry,
+                bitmap: 0,
+            };
+            let refcount = match e.cluster_type(&self.geo, self.has_data_file) {
+                ClusterType::Compressed => {
+                    if addend != 0 {
+                        let d = CompressedDescriptor::decode(entry, &self.geo);
+                        self.reason.clone_from(&compressed_reason);
+                        self.update_refcount(d.offset.0, d.size, 1, addend < 0)?;
+                    }
+                    2
+                }
+                ClusterType::Normal | ClusterType::ZeroAlloc => {
+                    if !off.is_multiple_of(self.cs) {
+                        return Err(SimError::Qemu(format!(
+                            "Cluster allocation offset {off:#x} unaligned (L2 offset: {l2:#x}, L2 index: {j:#x}) (EIO)"
+                        )));
+                    }
+                    if addend != 0 {
+                        self.reason.clone_from(&data_reason);
+                        self.update_one(self.cluster_of(off), 1, addend < 0)?;
+                    }
+                    self.get_refcount(self.cluster_of(off))?
+                }
+                _ => 0,
+            };
+            let new = if refcount == 1 {
+                entry | OFLAG_COPIED
+            } else {
+                entry
+            };
+            if new != old {
+                if copied_reason.0 != refcount {
+                    copied_reason = (
+                        refcount,
+                        if new & OFLAG_COPIED != 0 {
+                            "COPIED set: refcount is now exactly 1".to_string()
+                        } else if refcount == 0 {
+                            "COPIED cleared: refcount is now 0 (freed)".to_string()
+                        } else {
+                            format!("COPIED cleared: refcount is now {refcount} (shared)")
+                        },
+                    );
+                }
+                self.reason.clone_from(&copied_reason.1);
+                self.write_u64(eoff, new)?;
+                self.record(
+                    Target::L2Entry {
+                        table_offset: l2,
+                        index: j,
+                    },
+                    old,
+                    new,
+                );
+            }
+        }
+        Ok(())
+    }
+
     pub(super) fn refcount_walk(&mut self, l1: &str, addend: i32) -> SimResult<()> {
         if l1 == "active" {
             return self.update_snapshot_refcount(
@@ -208,7 +202,7 @@ impl Sim {
             );
         }
         let Some(i) = self.find_snapshot(l1) else {
-            return Err(Fail::Msg(format!(
+            return Err(SimError::Qemu(format!(
                 "no snapshot '{l1}' (use 'active' or a snapshot ID or name)"
             )));
         };
@@ -216,7 +210,7 @@ impl Sim {
             .snapshots
             .get(i)
             .cloned()
-            .ok_or_else(|| Fail::Msg("no snapshot".into()))?;
+            .ok_or_else(|| SimError::Qemu("no snapshot".into()))?;
         self.check_snapshot_l1(&sn)?;
         self.update_snapshot_refcount(sn.l1_table_offset, u64::from(sn.l1_size), addend)
     }
