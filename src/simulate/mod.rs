@@ -27,6 +27,7 @@ mod discard;
 mod guest;
 mod ops;
 mod overlay;
+mod rebuild;
 mod refcount;
 mod repair;
 mod resize;

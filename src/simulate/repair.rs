@@ -18,6 +18,12 @@ use crate::tables::{ClusterType, L1E_OFFSET_MASK, L2E_OFFSET_MASK, L2Entry, OFLA
 impl Sim {
     /// `qemu-img check -r leaks` (`all == false`) or `-r all`.
     pub(super) fn repair(&mut self, all: bool) -> SimResult<()> {
+        self.repair_pass(all, false)
+    }
+
+    /// One pass of the check and repair; `rebuilt` once the refcount
+    /// structure has been rebuilt (then it is not rebuilt again).
+    fn repair_pass(&mut self, all: bool, rebuilt: bool) -> SimResult<()> {
         if self.has_data_file {
             return Err(SimError::NotModelled(
                 "repairing an image with an external data file".into(),
@@ -57,6 +63,14 @@ impl Sim {
                 "the check did not count the references".into(),
             ));
         };
+        if all && !rebuilt && self.needs_rebuild(&imrt)? {
+            let saved = self.reason.clone();
+            self.rebuild_refcounts(&imrt)?;
+            self.reason = saved;
+            // The references are counted again over the new structure: the
+            // old table and blocks are now leaks, repaired as any other.
+            return self.repair_pass(true, true);
+        }
         let saved = self.reason.clone();
         let mut left_corrupt = false;
         for c in 0..imrt.nb_clusters {
@@ -68,7 +82,7 @@ impl Sim {
             if stored == 0 {
                 if all {
                     return Err(SimError::NotModelled(format!(
-                        "cluster {c} is in use with a stored refcount of 0: QEMU rebuilds the whole refcount structure (rebuild_refcount_structure)"
+                        "cluster {c} is in use with a stored refcount of 0 after the refcount structure was rebuilt"
                     )));
                 }
                 left_corrupt = true;
