@@ -415,7 +415,10 @@ fn killed_lazy_refcount_images_get_the_full_rebuild() {
         for o in ops {
             args.extend(["-c", o]);
         }
-        args.extend(["-c", "sigraise 9", name]);
+        if !ops.contains(&"abort") {
+            args.extend(["-c", "sigraise 9"]);
+        }
+        args.push(name);
         let out = std::process::Command::new("qemu-io")
             .args(&args)
             .current_dir(w.dir.path())
@@ -452,6 +455,12 @@ fn killed_lazy_refcount_images_get_the_full_rebuild() {
     w.qemu_io("c.qcow2", &["write -P 1 0 1M"]);
     kill("c.qcow2", &["write -P 2 2M 1M", "write -P 3 6M 512"]);
     let sim = ok(&w, "c.qcow2", &["write:7340032:4096"]);
+    assert!(rebuilt(&sim.records[0]));
+    // qemu-io's `abort` after a flush (iotests 061): the data is there, its
+    // refcounts are not.
+    create(&w, "e.qcow2", "lazy_refcounts=on", "4M");
+    kill("e.qcow2", &["write -P 0x2a 0 128k", "flush", "abort"]);
+    let sim = ok(&w, "e.qcow2", &["snapshot-create:s"]);
     assert!(rebuilt(&sim.records[0]));
     // 1-bit refcounts.
     create(&w, "d.qcow2", "lazy_refcounts=on,refcount_bits=1", "16M");
@@ -626,4 +635,81 @@ fn trace_through_an_overlay_matches_qemu_img_map() {
     // Over the snapshot: 2M was written after it, so it is not there.
     assert!(notes(2, 0).contains("snapshot 's1'") && notes(2, 0).contains("zeros"));
     assert!(notes(2, 1).contains("snapshot 's1'") && notes(2, 1).contains("data at host"));
+}
+
+/// QEMU's metadata overlap check: a write that would land on metadata is not
+/// made, the image is marked corrupt and the operation fails. Each image is
+/// broken as the wild corpus breaks it; the real qemu-img runs on a copy.
+#[test]
+fn writes_onto_metadata_are_stopped_by_the_overlap_check() {
+    let w = Work::new();
+    let be = |v: u64, n: usize| v.to_be_bytes()[8 - n..].to_vec();
+    let snapshot_table = |name: &str| {
+        let img = sim_compare::open_path(&w.path(name)).unwrap();
+        img.header.snapshots_offset
+    };
+    // The active L1's first entry names the L1 table itself as its L2 table.
+    create(&w, "l1.qcow2", "", "4M");
+    w.qemu_io("l1.qcow2", &["write -P 0x11 0 64k"]);
+    w.patch("l1.qcow2", 0x30000, &be(0x8000000000030000, 8));
+    // A snapshot whose L1 table is said to hold 2^28 entries.
+    create(&w, "sl1.qcow2", "", "4M");
+    w.qemu_io("sl1.qcow2", &["write 0 512"]);
+    w.qemu_img(&["snapshot", "-c", "test", "sl1.qcow2"]);
+    let at = snapshot_table("sl1.qcow2");
+    w.patch("sl1.qcow2", at + 8, &be(0x1000_0000, 4));
+    // A snapshot whose ID is said to be 65535 bytes long: the table grows
+    // over the clusters after it.
+    create(&w, "sid.qcow2", "", "4M");
+    w.qemu_io("sid.qcow2", &["write 0 512"]);
+    w.qemu_img(&["snapshot", "-c", "test", "sid.qcow2"]);
+    let at = snapshot_table("sid.qcow2");
+    w.patch("sid.qcow2", at + 12, &be(0xffff, 2));
+    for (name, what) in [
+        ("l1.qcow2", "active L1 table"),
+        ("sl1.qcow2", "inactive L1 table"),
+        ("sid.qcow2", "snapshot table"),
+    ] {
+        let copy = format!("{name}.copy");
+        w.run("cp", &[name, &copy]);
+        let q = std::process::Command::new("qemu-img")
+            .args(["snapshot", "-c", "new", &copy])
+            .current_dir(w.dir.path())
+            .output()
+            .unwrap();
+        let said = String::from_utf8_lossy(&q.stderr).to_string();
+        assert!(!q.status.success(), "{name}: {said}");
+        assert!(
+            said.contains(&format!("overlaps with {what}")),
+            "{name}: {said}"
+        );
+        let real = sim_compare::open_path(&w.path(&copy)).unwrap();
+        assert!(real.header.corrupt(), "{name}");
+        let img = sim_compare::open_path(&w.path(name)).unwrap();
+        let sim = qinspect::simulate::simulate(
+            &img,
+            &w.path(name),
+            &[sim_compare::parse_op("snapshot-create:new")],
+        )
+        .unwrap();
+        let r = &sim.records[0];
+        let e = r.error.as_deref().unwrap_or_default();
+        assert!(
+            e.starts_with("Could not create snapshot 'new': Input/output error")
+                && e.contains(&format!("overlaps with {what}")),
+            "{name}: {e}"
+        );
+        assert!(matches!(
+            r.cause,
+            Some(qinspect::simulate::SimError::Qemu(_))
+        ));
+        assert!(sim.image().unwrap().header.corrupt(), "{name}");
+        // A later operation is refused as QEMU refuses it.
+        let mut sim = sim;
+        sim.apply(&sim_compare::parse_op("write:0:512"));
+        assert!(matches!(
+            sim.records[1].cause,
+            Some(qinspect::simulate::SimError::Corrupt(_))
+        ));
+    }
 }

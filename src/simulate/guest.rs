@@ -7,6 +7,7 @@ use super::Sim;
 use super::SimError;
 use super::SimResult;
 use super::change::Target;
+use super::overlap::Meta;
 use crate::tables::ClusterType;
 use crate::tables::L1E_OFFSET_MASK;
 use crate::tables::L2E_OFFSET_MASK;
@@ -66,6 +67,9 @@ impl Sim {
     ) -> SimResult<()> {
         let (old, old_bm) = self.l2_entry_at(l2, index);
         let off = self.l2_entry_offset(l2, index);
+        if old != raw || old_bm != bitmap {
+            self.overlap_check(Some(Meta::ActiveL2), off, self.geo.l2_entry_size())?;
+        }
         if old != raw {
             self.write_u64(off, raw)?;
             self.record(
@@ -280,6 +284,9 @@ impl Sim {
                         "guest {pos:#x}..{write_end:#x} is written in place at host {:#x} (COPIED: no copy needed)",
                         host.saturating_add(in_c)
                     ));
+                    if !self.has_data_file {
+                        self.overlap_check(None, host.saturating_add(in_c), bytes)?;
+                    }
                     // An l2meta exists only for zero-allocated clusters or, with
                     // extended L2, subclusters that are not yet normal.
                     for k in 0..keep {
@@ -353,6 +360,11 @@ impl Sim {
                     .saturating_sub(in_c)
                     .min(end.saturating_sub(pos));
                 self.cow_notes(l2, l2_index, n, pos, bytes, host);
+                if !self.has_data_file {
+                    // The data, with what copy-on-write fills in, is written
+                    // before the L2 entries name it.
+                    self.overlap_check(None, host, n.saturating_mul(cs))?;
+                }
                 // qcow2_alloc_cluster_link_l2, after the data is written.
                 let (cow_from, cow_to) = self.cow_range(l2, l2_index, n, in_c, bytes);
                 for k in 0..n {

@@ -26,6 +26,7 @@ mod change;
 mod discard;
 mod guest;
 mod ops;
+mod overlap;
 mod overlay;
 mod rebuild;
 mod refcount;
@@ -334,7 +335,13 @@ impl Sim {
             let r = r.and_then(|()| self.run_op(op));
             // The close: persistent bitmaps are stored again even when the
             // operation failed.
-            let closed = self.store_bitmaps();
+            // A write stopped by the overlap check leaves the image unusable:
+            // nothing more is written.
+            let closed = if r.is_err() && self.marked_corrupt() {
+                Ok(())
+            } else {
+                self.store_bitmaps()
+            };
             r.and(closed)
         };
         let error = r.as_ref().err().map(|f| qemu_words(op, f.text()));

@@ -62,6 +62,7 @@ impl Sim {
             buf.extend_from_slice(s.name.as_bytes());
         }
         if !buf.is_empty() {
+            self.overlap_check(None, off, buf.len() as u64)?;
             self.write_bytes(off, &buf)?;
         }
         self.record(
@@ -148,6 +149,7 @@ impl Sim {
         let l1_off =
             self.alloc_clusters(l1_bytes, &format!("the L1 table of snapshot '{name}'"))?;
         let bytes: Vec<u8> = self.l1.iter().flat_map(|e| e.to_be_bytes()).collect();
+        self.overlap_check(None, l1_off, l1_bytes)?;
         self.write_bytes(l1_off, &bytes)?;
         self.why("the active L1 table is copied as it is, COPIED flags included");
         self.record(

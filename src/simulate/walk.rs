@@ -5,6 +5,7 @@ use super::Sim;
 use super::SimError;
 use super::SimResult;
 use super::change::Target;
+use super::overlap::Meta;
 use crate::tables::ClusterType;
 use crate::tables::CompressedDescriptor;
 use crate::tables::L1E_OFFSET_MASK;
@@ -179,6 +180,7 @@ impl Sim {
                     );
                 }
                 self.reason.clone_from(&copied_reason.1);
+                self.overlap_check(Some(Meta::ActiveL2), eoff, step)?;
                 self.write_u64(eoff, new)?;
                 self.record(
                     Target::L2Entry {
