@@ -30,13 +30,7 @@ use std::sync::{Mutex, OnceLock};
 /// or more, separated by spaces) are info, check, map, read, sparse, simulate,
 /// unchanged (the corpus test) and trace (the property test). Remove a command or an entry when it is
 /// fixed; the test says when one is.
-const KNOWN: &[(&str, &str, &str)] = &[(
-    "b-vm-killed.qcow2",
-    "simulate",
-    "QEMU repairs this dirty lazy-refcount image on a read-write open with a full \
-         refcount rebuild before it takes the snapshot; the simulator refuses (it does not \
-         model the rebuild) where qemu-img succeeds",
-)];
+const KNOWN: &[(&str, &str, &str)] = &[];
 
 /// One image of the corpus.
 struct Case {

@@ -29,7 +29,7 @@ impl Sim {
                 "repairing an image with an external data file".into(),
             ));
         }
-        if self.has_bitmaps() && !self.snapshots.is_empty() {
+        if self.marks_bitmaps() && !self.snapshots.is_empty() {
             // qemu-img check opens with BDRV_O_CHECK, which leaves the snapshot
             // table unread until the check; marking the bitmaps in use on that
             // open rewrites the header from what is in memory: no snapshots.
