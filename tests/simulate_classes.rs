@@ -713,3 +713,65 @@ fn writes_onto_metadata_are_stopped_by_the_overlap_check() {
         ));
     }
 }
+
+/// `write -c` (qemu-io's pattern): where QEMU puts compressed clusters, for
+/// every cluster size, after other compressed clusters, over zero clusters,
+/// into a snapshot's shared L2 table, at the end of a disk that ends inside a
+/// cluster, and the requests QEMU refuses.
+#[test]
+fn compressed_writes_are_placed_as_qemu_places_them() {
+    let w = Work::new();
+    for (i, cs) in ["512", "4k", "64k", "2M"].iter().enumerate() {
+        let name = format!("c{i}.qcow2");
+        create(&w, &name, &format!("cluster_size={cs}"), "16M");
+        let c: u64 = match *cs {
+            "512" => 512,
+            "4k" => 4096,
+            "64k" => 65536,
+            _ => 2 << 20,
+        };
+        let ops = [
+            format!("write-compressed:0:{c}"),
+            format!("write-compressed:{}:{c}", 4 * c),
+            format!("write:{}:{}", 2 * c, c),
+            format!("write-compressed:{}:{c}", 3 * c),
+            // Clusters of one request are packed in the order QEMU's
+            // compression threads finish, which varies from run to run: one
+            // cluster per request here.
+            format!("write-compressed:{}:{c}", 5 * c),
+            format!("write-compressed:{}:{c}", 6 * c),
+            // Over an allocated cluster: EIO, nothing changes.
+            format!("write-compressed:{}:{c}", 2 * c),
+        ];
+        let ops: Vec<&str> = ops.iter().map(String::as_str).collect();
+        ok(&w, &name, &ops);
+    }
+    create(&w, "z.qcow2", "", "16M");
+    w.qemu_io("z.qcow2", &["write -z 0 1M", "write -c 1M 64k"]);
+    w.qemu_img(&["snapshot", "-c", "s", "z.qcow2"]);
+    let sim = ok(
+        &w,
+        "z.qcow2",
+        &["write-compressed:0:65536", "write-compressed:2097152:65536"],
+    );
+    assert!(sim.records.iter().all(|r| r.error.is_none()));
+    // A disk ending inside a cluster: the last one is padded with zeros.
+    create(&w, "e.qcow2", "", "1000000");
+    ok(
+        &w,
+        "e.qcow2",
+        &[
+            "write-compressed:983040:16960",
+            "write-compressed:4096:65536",
+        ],
+    );
+    let sim = ok(&w, "e.qcow2", &["write-compressed:65536:4096"]);
+    assert!(
+        sim.records[0]
+            .error
+            .as_deref()
+            .is_some_and(|e| e.starts_with("write failed: Invalid argument")),
+        "{:?}",
+        sim.records[0].error
+    );
+}

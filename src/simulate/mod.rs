@@ -23,6 +23,7 @@ mod alloc;
 mod bitmaps;
 mod bytes;
 mod change;
+mod compressed;
 mod discard;
 mod guest;
 mod ops;
@@ -362,6 +363,7 @@ impl Sim {
             Op::SnapshotApply { id_or_name } => self.snapshot_apply(id_or_name),
             Op::Write { offset, length } => self.write(*offset, *length),
             Op::Discard { offset, length } => self.discard(*offset, *length),
+            Op::WriteCompressed { offset, length } => self.write_compressed(*offset, *length),
             Op::WriteZeroes {
                 offset,
                 length,

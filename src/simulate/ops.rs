@@ -34,6 +34,14 @@ pub enum Op {
         /// Bytes.
         length: u64,
     },
+    /// `qemu-io -c 'write -c OFFSET LENGTH'`: compressed clusters of qemu-io's
+    /// default pattern, whole clusters from a cluster boundary.
+    WriteCompressed {
+        /// Guest offset.
+        offset: u64,
+        /// Bytes.
+        length: u64,
+    },
     /// A guest write-zeroes (`qemu-io -c 'write -z [-u]'`).
     WriteZeroes {
         /// Guest offset.
@@ -118,6 +126,10 @@ impl Op {
                 let (offset, length) = range()?;
                 Ok(Op::Write { offset, length })
             }
+            "write-compressed" => {
+                let (offset, length) = range()?;
+                Ok(Op::WriteCompressed { offset, length })
+            }
             "write-zeroes" => {
                 let (r, unmap) = match rest.strip_suffix(":unmap") {
                     Some(r) => (r, true),
@@ -187,7 +199,7 @@ impl Op {
                 })
             }
             _ => Err(format!(
-                "'{s}': unknown operation (snapshot-create, snapshot-delete, snapshot-delete-id, snapshot-apply, write, write-zeroes, discard, resize, repair, overlay, trace, refcount-update)"
+                "'{s}': unknown operation (snapshot-create, snapshot-delete, snapshot-delete-id, snapshot-apply, write, write-compressed, write-zeroes, discard, resize, repair, overlay, trace, refcount-update)"
             )),
         }
     }
@@ -211,6 +223,9 @@ impl Op {
             }
             Op::Write { offset, length } => format!(
                 "write {length} bytes at guest {offset:#x} (qemu-io -c 'write {offset} {length}')"
+            ),
+            Op::WriteCompressed { offset, length } => format!(
+                "write {length} compressed bytes at guest {offset:#x} (qemu-io -c 'write -c {offset} {length}')"
             ),
             Op::WriteZeroes {
                 offset,
@@ -268,7 +283,9 @@ pub(super) fn qemu_words(op: &Op, detail: String) -> String {
         Op::SnapshotApply { id_or_name } => {
             format!("Could not apply snapshot '{id_or_name}': Failed to load snapshot: ")
         }
-        Op::Write { .. } | Op::WriteZeroes { .. } => "write failed: ".into(),
+        Op::Write { .. } | Op::WriteZeroes { .. } | Op::WriteCompressed { .. } => {
+            "write failed: ".into()
+        }
         Op::Discard { .. } => "discard failed: ".into(),
         Op::Resize { .. } | Op::Repair { .. } | Op::Overlay { .. } | Op::Trace { .. } => {
             String::new()
