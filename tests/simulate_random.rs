@@ -196,7 +196,19 @@ fn scenario(seed: u64) -> Scenario {
     }
     let mut ops = Vec::new();
     for i in 0..(2 + d.below(5)) {
-        match d.below(14) {
+        match d.below(15) {
+            14 if cur_size >= 512 => {
+                // One cluster per request: QEMU packs the clusters of a longer
+                // one in the order its compression threads finish.
+                let clusters = cur_size.div_ceil(cs);
+                let o = if d.chance(90) {
+                    d.below(clusters) * cs
+                } else {
+                    d.below(cur_size / 512).min(cur_size / 512 - 1) * 512
+                };
+                let l = cs.min(cur_size - o).max(512.min(cur_size - o));
+                ops.push(format!("write-compressed:{o}:{l}"));
+            }
             12 | 13 => {
                 let (o, l) = range(&mut d, cur_size);
                 let u = if d.chance(50) { ":unmap" } else { "" };
