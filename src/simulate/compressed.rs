@@ -48,6 +48,9 @@ impl Sim {
                 self.size
             )));
         };
+        // The block layer marks the bitmaps when the request ends, whatever
+        // the driver answered.
+        self.mark_dirty(offset, length);
         if self.has_data_file {
             return Err(SimError::Qemu(
                 "write failed: Operation not supported (compressed writes are not supported with an external data file) (ENOTSUP)".into(),
@@ -68,7 +71,6 @@ impl Sim {
                     .into(),
             ));
         }
-        self.mark_dirty(offset, length);
         let room = usize::try_from(cs.saturating_sub(1)).unwrap_or(0);
         let mut data = vec![PATTERN; usize::try_from(cs).unwrap_or(0)];
         // s->free_byte_offset: 0 on every fresh open.
@@ -171,8 +173,8 @@ impl Sim {
                 length: size,
                 purpose: format!("compressed data of guest {guest:#x}"),
             },
-            0,
-            0,
+            self.cluster_of(offset),
+            self.cluster_of(offset),
         );
         self.allocated
             .push((offset, size, format!("compressed data of guest {guest:#x}")));

@@ -139,8 +139,8 @@ impl Sim {
                     length: self.clusters_bytes(table_clusters),
                     purpose: "the rebuilt refcount table".into(),
                 },
-                0,
-                1,
+                table_cluster,
+                table_cluster,
             );
             self.allocated.push((
                 offset,
@@ -219,8 +219,8 @@ impl Sim {
                         length: rb.cs,
                         purpose: format!("rebuilt refcount block {index}"),
                     },
-                    0,
-                    1,
+                    c,
+                    c,
                 );
                 self.allocated
                     .push((off, rb.cs, format!("rebuilt refcount block {index}")));
