@@ -30,53 +30,7 @@ use std::sync::{Mutex, OnceLock};
 /// or more, separated by spaces) are info, check, map, read, sparse, simulate,
 /// unchanged (the corpus test) and trace (the property test). Remove a command or an entry when it is
 /// fixed; the test says when one is.
-const KNOWN: &[(&str, &str, &str)] = &[
-    (
-        "c060-l2-is-l1.qcow2",
-        "simulate",
-        "qemu-img snapshot -c is stopped by QEMU's overlap check (the image is marked \
-         corrupt); simulate does not model overlap checks and succeeds",
-    ),
-    (
-        "s080-snap-l1-size-huge.qcow2",
-        "simulate",
-        "qemu-img snapshot -c is stopped by QEMU's overlap check (the image is marked \
-         corrupt); simulate does not model overlap checks and succeeds",
-    ),
-    (
-        "s-id-size-ffff.qcow2",
-        "simulate",
-        "qemu-img snapshot -c is stopped by QEMU's overlap check (the image is marked \
-         corrupt); simulate does not model overlap checks and succeeds",
-    ),
-    (
-        "a061-dirty.qcow2",
-        "simulate",
-        "QEMU repairs a dirty lazy-refcount image when it opens it read/write, before the \
-         snapshot; simulate starts from the stale refcounts, so the checks after differ",
-    ),
-    (
-        "l039-killed.qcow2",
-        "simulate",
-        "QEMU repairs this dirty lazy-refcount image on a read-write open with a full \
-         refcount rebuild before it takes the snapshot; the simulator refuses (it does not \
-         model the rebuild) where qemu-img succeeds",
-    ),
-    (
-        "l039-killed-many.qcow2",
-        "simulate",
-        "QEMU repairs this dirty lazy-refcount image on a read-write open with a full \
-         refcount rebuild before it takes the snapshot; the simulator refuses (it does not \
-         model the rebuild) where qemu-img succeeds",
-    ),
-    (
-        "b-vm-killed.qcow2",
-        "simulate",
-        "QEMU repairs this dirty lazy-refcount image on a read-write open with a full \
-         refcount rebuild before it takes the snapshot; the simulator refuses (it does not \
-         model the rebuild) where qemu-img succeeds",
-    ),
-];
+const KNOWN: &[(&str, &str, &str)] = &[];
 
 /// One image of the corpus.
 struct Case {

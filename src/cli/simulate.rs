@@ -20,6 +20,7 @@ snapshot-delete:NAME        qemu-img snapshot -d NAME (names only, as qemu-img)\
 snapshot-delete-id:ID       QMP snapshot-delete-internal-sync with an id\n  \
 snapshot-apply:ID_OR_NAME   qemu-img snapshot -a ID_OR_NAME\n  \
 write:OFFSET:LENGTH         a guest write (qemu-io -c 'write OFFSET LENGTH')\n  \
+write-compressed:OFF:LEN    qemu-io -c 'write -c OFF LEN' (whole clusters, pattern 0xcd)\n  \
 write-zeroes:OFF:LEN[:unmap] qemu-io -c 'write -z [-u] OFF LEN'\n  \
 discard:OFFSET:LENGTH       a guest discard (qemu-io -c 'discard OFFSET LENGTH')\n  \
 resize:SIZE[:shrink]        qemu-img resize [--shrink] IMG SIZE\n  \

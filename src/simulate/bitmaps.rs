@@ -40,6 +40,9 @@ pub(super) struct Bitmaps {
     dir_size: u64,
     /// Guest byte ranges written or discarded by the current command.
     dirty: Vec<(u64, u64)>,
+    /// Every bitmap is marked in use (inconsistent): QEMU neither marks nor
+    /// stores them, so they stay where they are.
+    frozen: bool,
 }
 
 /// Read the bitmaps of `img`: `Ok(None)` without any, `Err` with the reason the
@@ -69,8 +72,12 @@ pub(super) fn load(img: &Qcow2) -> std::result::Result<Option<Bitmaps>, String> 
         None => return Ok(None),
     };
     let mut list = Vec::new();
+    // Bitmaps marked in use were not stored cleanly: QEMU loads them as
+    // inconsistent and never stores them again. When every bitmap is so,
+    // nothing of them changes on the open or the close.
+    let frozen = !entries.is_empty() && entries.iter().all(|e| e.flags & FLAG_IN_USE != 0);
     for e in entries {
-        if e.flags & FLAG_IN_USE != 0 {
+        if e.flags & FLAG_IN_USE != 0 && !frozen {
             return Err(format!(
                 "bitmap '{}' is marked in use (inconsistent): QEMU keeps it read-only, which qinspect does not model",
                 e.name
@@ -103,6 +110,7 @@ pub(super) fn load(img: &Qcow2) -> std::result::Result<Option<Bitmaps>, String> 
         dir_offset: directory_offset,
         dir_size: directory_size,
         dirty: Vec::new(),
+        frozen,
     }))
 }
 
@@ -110,6 +118,14 @@ impl Sim {
     /// Whether the image has persistent bitmaps (`qemu-img snapshot -a` refuses).
     pub(super) fn has_bitmaps(&self) -> bool {
         self.bitmaps.as_ref().is_some_and(|b| !b.list.is_empty())
+    }
+
+    /// Whether a read-write open marks bitmaps in use (rewriting the header):
+    /// not when every one of them is already marked.
+    pub(super) fn marks_bitmaps(&self) -> bool {
+        self.bitmaps
+            .as_ref()
+            .is_some_and(|b| !b.list.is_empty() && !b.frozen)
     }
 
     /// The block layer marks a written or discarded range in every bitmap.
@@ -126,7 +142,7 @@ impl Sim {
         let Some(b) = self.bitmaps.clone() else {
             return Ok(());
         };
-        if b.list.is_empty() {
+        if b.list.is_empty() || b.frozen {
             return Ok(());
         }
         let saved = self.reason.clone();

@@ -201,7 +201,7 @@ impl Sim {
                     .iter()
                     .find(|x| &x.id == s)
                     .or_else(|| img.snapshots.snapshots.iter().find(|x| &x.name == s))
-                    .ok_or_else(|| super::Fail::Msg(format!("no snapshot '{s}'")))?;
+                    .ok_or_else(|| super::SimError::Qemu(format!("no snapshot '{s}'")))?;
                 (
                     format!("snapshot '{}' of {}", sn.name, base.display()),
                     img.snapshot_l1(sn)?.iter().map(|e| e.0).collect(),

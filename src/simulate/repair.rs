@@ -11,19 +11,25 @@
 //! of the active tables are set to what the refcounts now say. An image left
 //! without corruptions is marked clean and consistent.
 
-use super::{Fail, Sim, SimResult, Target};
+use super::{Sim, SimError, SimResult, Target};
 use crate::check::{Category, CheckOptions, FindingKind, check};
 use crate::tables::{ClusterType, L1E_OFFSET_MASK, L2E_OFFSET_MASK, L2Entry, OFLAG_COPIED};
 
 impl Sim {
     /// `qemu-img check -r leaks` (`all == false`) or `-r all`.
     pub(super) fn repair(&mut self, all: bool) -> SimResult<()> {
+        self.repair_pass(all, false)
+    }
+
+    /// One pass of the check and repair; `rebuilt` once the refcount
+    /// structure has been rebuilt (then it is not rebuilt again).
+    fn repair_pass(&mut self, all: bool, rebuilt: bool) -> SimResult<()> {
         if self.has_data_file {
-            return Err(Fail::NotModelled(
+            return Err(SimError::NotModelled(
                 "repairing an image with an external data file".into(),
             ));
         }
-        if self.has_bitmaps() && !self.snapshots.is_empty() {
+        if self.marks_bitmaps() && !self.snapshots.is_empty() {
             // qemu-img check opens with BDRV_O_CHECK, which leaves the snapshot
             // table unread until the check; marking the bitmaps in use on that
             // open rewrites the header from what is in memory: no snapshots.
@@ -37,10 +43,10 @@ impl Sim {
         }
         let img = self
             .image()
-            .map_err(|e| Fail::Msg(format!("Could not open the image: {e}")))?;
+            .map_err(|e| SimError::Qemu(format!("Could not open the image: {e}")))?;
         let report = check(&img, &CheckOptions::default());
         if let Some(a) = &report.aborted {
-            return Err(Fail::NotModelled(format!("the check stops early: {a}")));
+            return Err(SimError::NotModelled(format!("the check stops early: {a}")));
         }
         let unusual = report
             .findings
@@ -51,15 +57,23 @@ impl Sim {
             })
             .map(|f| f.message.clone());
         if let Some(m) = unusual {
-            return Err(Fail::NotModelled(format!(
+            return Err(SimError::NotModelled(format!(
                 "QEMU's repair of this would do more than fix refcounts and COPIED flags: {m}"
             )));
         }
         let Some(imrt) = report.imrt.clone() else {
-            return Err(Fail::NotModelled(
+            return Err(SimError::NotModelled(
                 "the check did not count the references".into(),
             ));
         };
+        if all && !rebuilt && self.needs_rebuild(&imrt)? {
+            let saved = self.reason.clone();
+            self.rebuild_refcounts(&imrt)?;
+            self.reason = saved;
+            // The references are counted again over the new structure: the
+            // old table and blocks are now leaks, repaired as any other.
+            return self.repair_pass(true, true);
+        }
         let saved = self.reason.clone();
         let mut left_corrupt = false;
         for c in 0..imrt.nb_clusters {
@@ -70,8 +84,8 @@ impl Sim {
             }
             if stored == 0 {
                 if all {
-                    return Err(Fail::NotModelled(format!(
-                        "cluster {c} is in use with a stored refcount of 0: QEMU rebuilds the whole refcount structure (rebuild_refcount_structure)"
+                    return Err(SimError::NotModelled(format!(
+                        "cluster {c} is in use with a stored refcount of 0 after the refcount structure was rebuilt"
                     )));
                 }
                 left_corrupt = true;

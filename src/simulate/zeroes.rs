@@ -4,7 +4,7 @@
 //! (`qcow2_co_pwrite_zeroes`, `qcow2_subcluster_zeroize`, `zero_in_l2_slice`),
 //! and a plain write of zeros where it cannot.
 
-use super::{Fail, Sim, SimResult};
+use super::{Sim, SimError, SimResult};
 use crate::tables::{ClusterType, L2Entry, OFLAG_ZERO};
 use crate::types::GuestOffset;
 
@@ -12,13 +12,13 @@ impl Sim {
     /// `write -z` (`unmap`: with `-u`, clusters may be released).
     pub(super) fn write_zeroes(&mut self, offset: u64, length: u64, unmap: bool) -> SimResult<()> {
         let Some(end) = offset.checked_add(length).filter(|&e| e <= self.size) else {
-            return Err(Fail::Msg(format!(
+            return Err(SimError::Qemu(format!(
                 "write failed: Input/output error (the request ends past the end of the disk, {} bytes, so the block layer refuses all of it)",
                 self.size
             )));
         };
         if self.geo.extended_l2 || self.has_data_file {
-            return Err(Fail::NotModelled(
+            return Err(SimError::NotModelled(
                 "write-zeroes with extended L2 entries or an external data file".into(),
             ));
         }
@@ -74,7 +74,7 @@ impl Sim {
                     return self.write(off, n);
                 }
                 None => {
-                    return Err(Fail::NotModelled(
+                    return Err(SimError::NotModelled(
                         "a partial-cluster write-zeroes over a backing file (QEMU asks the backing chain whether the rest reads as zeros)".into(),
                     ));
                 }

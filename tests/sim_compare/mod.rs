@@ -173,6 +173,7 @@ pub fn qemu_command(op: &str, img: &str) -> Vec<String> {
         "snapshot-apply" => img_cmd("-a", parts[1]),
         "write" => io(format!("write -P 0x5a {} {}", parts[1], parts[2])),
         "discard" => io(format!("discard {} {}", parts[1], parts[2])),
+        "write-compressed" => io(format!("write -c {} {}", parts[1], parts[2])),
         "write-zeroes" => io(format!(
             "write -z{} {} {}",
             if parts.get(3) == Some(&"unmap") {

@@ -1,0 +1,144 @@
+//! Allocation: finding free clusters first fit, taking them, and releasing
+//! them (`alloc_clusters_noref`, `qcow2_alloc_clusters`, `qcow2_free_clusters`).
+
+use super::Sim;
+use super::SimError;
+use super::SimResult;
+use super::change::Target;
+use crate::tables::ClusterType;
+use crate::tables::CompressedDescriptor;
+use crate::tables::L2E_OFFSET_MASK;
+use crate::tables::L2Entry;
+
+impl Sim {
+    /// QEMU's `alloc_clusters_noref`: `n` contiguous clusters with refcount 0,
+    /// first fit from the free-cluster hint.
+    pub(super) fn find_free(&mut self, n: u64) -> SimResult<u64> {
+        let mut found = 0u64;
+        let limit = self.free_cluster_index.saturating_add(1 << 40);
+        while found < n {
+            let c = self.free_cluster_index;
+            if c > limit {
+                return Err(SimError::Qemu("no free clusters found (EFBIG)".into()));
+            }
+            // c <= limit, and found <= n: neither can overflow.
+            self.free_cluster_index = c.saturating_add(1);
+            if self.get_refcount(c)? != 0 {
+                found = 0;
+            } else {
+                found = found.saturating_add(1);
+            }
+        }
+        // The last n clusters looked at were free.
+        Ok(self.free_cluster_index.saturating_sub(n))
+    }
+
+    /// +1 on each cluster of a range just found free, and record the allocation.
+    pub(super) fn take_clusters(
+        &mut self,
+        off: u64,
+        len: u64,
+        first: u64,
+        purpose: &str,
+    ) -> SimResult<()> {
+        let saved = self.reason.clone();
+        self.why(format!("allocated for {purpose}"));
+        if let Err(e) = self.update_refcount(off, len, 1, false) {
+            self.reason = saved;
+            return Err(e);
+        }
+        self.record(
+            Target::Allocate {
+                offset: off,
+                length: len,
+                purpose: purpose.to_string(),
+            },
+            first,
+            first,
+        );
+        self.allocated.push((off, len, purpose.to_string()));
+        self.reason = saved;
+        Ok(())
+    }
+
+    /// QEMU's `qcow2_alloc_clusters`: find, then +1 on each.
+    pub(super) fn alloc_clusters(&mut self, size: u64, purpose: &str) -> SimResult<u64> {
+        let n = size.div_ceil(self.cs);
+        if n == 0 {
+            // alloc_clusters_noref(0) looks at nothing and returns the hint as it
+            // stands; update_refcount of 0 bytes counts nothing.
+            return Ok(self.cluster_start(self.free_cluster_index));
+        }
+        loop {
+            match self.alloc_clusters_once(n, purpose) {
+                Err(SimError::Again) => continue,
+                r => return r,
+            }
+        }
+    }
+
+    /// One round of `qcow2_alloc_clusters`' loop.
+    pub(super) fn alloc_clusters_once(&mut self, n: u64, purpose: &str) -> SimResult<u64> {
+        let first = self.find_free(n)?;
+        // A range that does not fit in 64 bits is refused rather than wrapped.
+        let range = first
+            .checked_mul(self.cs)
+            .zip(n.checked_mul(self.cs))
+            .and_then(|(off, len)| Some((off, len, off.checked_add(len)?)));
+        let Some((off, len, end)) = range else {
+            return Err(SimError::Qemu(format!(
+                "{n} clusters from cluster {first} do not fit in the file (EFBIG)"
+            )));
+        };
+        self.take_clusters(off, len, first, purpose)?;
+        if end > self.file_len {
+            self.file_len = end;
+        }
+        Ok(off)
+    }
+
+    /// QEMU's `qcow2_free_clusters`: -1 on each cluster the range touches.
+    pub(super) fn free_clusters(&mut self, off: u64, size: u64, purpose: &str) {
+        let saved = self.reason.clone();
+        self.why(format!("released: {purpose}"));
+        self.record(
+            Target::Free {
+                offset: off,
+                length: size,
+                purpose: purpose.to_string(),
+            },
+            0,
+            0,
+        );
+        if let Err(e) = self.update_refcount(off, size, 1, true) {
+            let e = e.text();
+            self.note(format!(
+                "QEMU: qcow2_free_clusters failed: {e}; the clusters are leaked"
+            ));
+        }
+        self.reason = saved;
+    }
+
+    /// QEMU's `qcow2_free_any_cluster`.
+    pub(super) fn free_any_cluster(&mut self, entry: u64, purpose: &str) {
+        let e = L2Entry {
+            raw: entry,
+            bitmap: 0,
+        };
+        match e.cluster_type(&self.geo, self.has_data_file) {
+            ClusterType::Compressed => {
+                let d = CompressedDescriptor::decode(entry, &self.geo);
+                self.free_clusters(d.offset.0, d.size, purpose);
+            }
+            ClusterType::Normal | ClusterType::ZeroAlloc => {
+                let off = entry & L2E_OFFSET_MASK;
+                if !off.is_multiple_of(self.cs) {
+                    self.note(format!("Cannot free unaligned cluster {off:#x}"));
+                } else if !self.has_data_file {
+                    self.free_clusters(off, self.cs, purpose);
+                }
+            }
+            _ => {}
+        }
+    }
+}

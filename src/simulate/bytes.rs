@@ -1,0 +1,190 @@
+//! Host bytes: the clusters the simulation has read or changed, laid over the
+//! read-only image, and the image they make.
+
+use super::MAX_FILE_LEN;
+use super::Sim;
+use super::SimError;
+use super::SimResult;
+use crate::io::SharedSource;
+use crate::io::Source;
+use crate::types::low_mask;
+use std::collections::HashMap;
+use std::path::Path;
+use std::path::PathBuf;
+
+/// A fast hash for cluster numbers (they are already well spread).
+#[derive(Default, Clone, Copy)]
+pub struct ClusterHasher(u64);
+
+impl std::hash::Hasher for ClusterHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(*b)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+}
+
+pub(super) type ClusterMap = HashMap<u64, Box<[u8]>, std::hash::BuildHasherDefault<ClusterHasher>>;
+
+impl Sim {
+    // ---- bytes -------------------------------------------------------------
+
+    /// The cluster holding byte `off` (`off / cs`).
+    pub(super) fn cluster_of(&self, off: u64) -> u64 {
+        off >> self.geo.cluster_bits
+    }
+
+    /// Where byte `off` sits in its cluster (`off % cs`).
+    pub(super) fn within(&self, off: u64) -> u64 {
+        off & low_mask(self.geo.cluster_bits)
+    }
+
+    /// First byte of cluster `c` (saturating: an index read from disk cannot wrap).
+    pub(super) fn cluster_start(&self, c: u64) -> u64 {
+        c.saturating_mul(self.cs)
+    }
+
+    /// `n` clusters in bytes (saturating).
+    pub(super) fn clusters_bytes(&self, n: u64) -> u64 {
+        n.saturating_mul(self.cs)
+    }
+
+    pub(super) fn cluster(&mut self, c: u64) -> &mut [u8] {
+        let at = self.cluster_start(c);
+        let (base, cs, zero_from) = (&self.base, self.cs, self.zero_from);
+        self.clusters.entry(c).or_insert_with(|| {
+            let mut buf = vec![0u8; cs as usize].into_boxed_slice();
+            if at < zero_from {
+                let _ = base.read_at(&mut buf, at);
+                // A cluster the cut went through keeps only its head.
+                let keep = zero_from.saturating_sub(at).min(cs) as usize;
+                if let Some(tail) = buf.get_mut(keep..) {
+                    tail.fill(0);
+                }
+            }
+            buf
+        })
+    }
+
+    pub(super) fn read_bytes(&mut self, off: u64, len: u64) -> Vec<u8> {
+        let mut out = Vec::with_capacity(len as usize);
+        let mut pos = off;
+        let end = off.saturating_add(len);
+        while pos < end {
+            let c = self.cluster_of(pos);
+            let within = self.within(pos) as usize;
+            // 1..=cs - within bytes, so pos moves on and stays <= end.
+            let n =
+                (end.saturating_sub(pos) as usize).min((self.cs as usize).saturating_sub(within));
+            let cl = self.cluster(c);
+            out.extend_from_slice(crate::bytes::slice(cl, within, n));
+            pos = pos.saturating_add(n as u64);
+        }
+        out
+    }
+
+    /// Write `data` at `off`. Like QEMU (`bdrv_check_request`), a write that would
+    /// end past `i64::MAX` fails (EIO) instead of landing anywhere: offsets
+    /// computed from hostile header or table fields saturate to `u64::MAX`, and
+    /// must not wrap around to real metadata or grow the file without bound.
+    pub(super) fn write_bytes(&mut self, off: u64, data: &[u8]) -> SimResult<()> {
+        if off
+            .checked_add(data.len() as u64)
+            .is_none_or(|e| e > i64::MAX as u64)
+        {
+            return Err(SimError::Qemu(format!(
+                "a write of {} bytes at {off:#x} ends past the largest offset QEMU can write (EIO)",
+                data.len()
+            )));
+        }
+        // A file system would refuse to grow the file that far (ext4 stops at
+        // 16 TiB); QEMU then fails the write.
+        let end = off.saturating_add(data.len() as u64);
+        if end > MAX_FILE_LEN && end > self.file_len {
+            return Err(SimError::Qemu(format!(
+                "a write at {off:#x} would grow the image file to {end} bytes, past what file systems allow (EFBIG)"
+            )));
+        }
+        let mut pos = off;
+        let mut rest = data;
+        while !rest.is_empty() {
+            let c = self.cluster_of(pos);
+            let within = self.within(pos) as usize;
+            let n = rest.len().min((self.cs as usize).saturating_sub(within));
+            let (head, tail) = rest.split_at(n);
+            if let Some(dst) = self.cluster(c).get_mut(within..within.saturating_add(n)) {
+                dst.copy_from_slice(head);
+            }
+            rest = tail;
+            pos = pos.saturating_add(n as u64);
+        }
+        self.file_len = self.file_len.max(pos);
+        Ok(())
+    }
+
+    pub(super) fn read_u64(&mut self, off: u64) -> u64 {
+        let within = self.within(off) as usize;
+        let c = self.cluster_of(off);
+        crate::bytes::be64(self.cluster(c), within)
+    }
+
+    pub(super) fn write_u64(&mut self, off: u64, v: u64) -> SimResult<()> {
+        self.write_bytes(off, &v.to_be_bytes())
+    }
+}
+
+/// The image after simulation: changed clusters over the original file.
+#[derive(Debug)]
+pub struct OverlaySource {
+    pub(super) base: SharedSource,
+    pub(super) cs: u64,
+    pub(super) cluster_bits: u32,
+    pub(super) clusters: ClusterMap,
+    pub(super) len: u64,
+    pub(super) zero_from: u64,
+    pub(super) name: PathBuf,
+}
+
+impl Source for OverlaySource {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
+        let mut done = 0usize;
+        while done < buf.len() {
+            let pos = offset.saturating_add(done as u64);
+            let c = pos >> self.cluster_bits;
+            let within = (pos & low_mask(self.cluster_bits)) as usize;
+            // done < buf.len() and within < cs: n >= 1 and done + n <= buf.len().
+            let n = buf
+                .len()
+                .saturating_sub(done)
+                .min((self.cs as usize).saturating_sub(within));
+            let Some(dst) = buf.get_mut(done..done.saturating_add(n)) else {
+                break;
+            };
+            match self.clusters.get(&c) {
+                Some(cl) => dst.copy_from_slice(crate::bytes::slice(cl, within, n)),
+                None => {
+                    self.base.read_at(dst, pos)?;
+                }
+            }
+            if pos >= self.len || (pos >= self.zero_from && !self.clusters.contains_key(&c)) {
+                dst.fill(0);
+            }
+            done = done.saturating_add(n);
+        }
+        Ok(buf.len().min(self.len.saturating_sub(offset) as usize))
+    }
+
+    fn len(&self) -> u64 {
+        self.len
+    }
+
+    fn name(&self) -> &Path {
+        &self.name
+    }
+}

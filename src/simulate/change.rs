@@ -1,0 +1,251 @@
+//! The change log: what each simulated operation changes, merged into runs of
+//! alike changes, in plain words.
+
+use super::Sim;
+use serde::Serialize;
+
+/// What changed.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Target {
+    /// The refcount of host clusters `cluster..cluster+count`.
+    Refcount {
+        /// First cluster.
+        cluster: u64,
+    },
+    /// Entries of an L1 table.
+    L1Entry {
+        /// Which table ("active L1" or "snapshot 1 'name' L1").
+        table: String,
+        /// Its offset.
+        table_offset: u64,
+        /// First index.
+        index: u64,
+    },
+    /// Entries of an L2 table.
+    L2Entry {
+        /// The table's offset.
+        table_offset: u64,
+        /// First index.
+        index: u64,
+    },
+    /// A header field.
+    Header {
+        /// Field name.
+        field: &'static str,
+    },
+    /// Clusters allocated (refcount 0 -> 1) for a purpose.
+    Allocate {
+        /// First byte.
+        offset: u64,
+        /// Bytes.
+        length: u64,
+        /// What for.
+        purpose: String,
+    },
+    /// Clusters released (a -1 that may free them).
+    Free {
+        /// First byte.
+        offset: u64,
+        /// Bytes.
+        length: u64,
+        /// What they were.
+        purpose: String,
+    },
+    /// Bytes copied (an L1 table into a snapshot, or guest data for copy-on-write).
+    Copy {
+        /// From (host offset, or guest offset for data read through the chain).
+        from: String,
+        /// To host offset.
+        to: u64,
+        /// Bytes.
+        length: u64,
+    },
+    /// The snapshot table was rewritten.
+    SnapshotTable {
+        /// New offset.
+        offset: u64,
+        /// New size in bytes.
+        size: u64,
+        /// Number of entries.
+        entries: u64,
+    },
+    /// Something to know that is not a change.
+    Note,
+}
+
+/// One change (or a run of alike changes) an operation makes.
+#[derive(Clone, Debug, Serialize)]
+pub struct Change {
+    /// Where.
+    #[serde(flatten)]
+    pub target: Target,
+    /// How many consecutive clusters or entries this covers.
+    pub count: u64,
+    /// Value before.
+    pub before: u64,
+    /// Value after.
+    pub after: u64,
+    /// Why, in plain words.
+    pub reason: String,
+}
+
+impl Change {
+    /// One line for people.
+    pub fn describe(&self) -> String {
+        let range = |first: u64| {
+            if self.count > 1 {
+                format!(
+                    "{first}..{}",
+                    first.saturating_add(self.count.saturating_sub(1))
+                )
+            } else {
+                first.to_string()
+            }
+        };
+        match &self.target {
+            Target::Refcount { cluster } => format!(
+                "refcount of cluster{} {}: {} -> {} ({})",
+                if self.count > 1 { "s" } else { "" },
+                range(*cluster),
+                self.before,
+                self.after,
+                self.reason
+            ),
+            Target::L1Entry { table, index, .. } => format!(
+                "{table}[{}]: {:#x} -> {:#x} ({})",
+                range(*index),
+                self.before,
+                self.after,
+                self.reason
+            ),
+            Target::L2Entry {
+                table_offset,
+                index,
+            } => format!(
+                "L2 {table_offset:#x}[{}]: {:#x} -> {:#x}{} ({})",
+                range(*index),
+                self.before,
+                self.after,
+                if self.count > 1 { " and alike" } else { "" },
+                self.reason
+            ),
+            Target::Header { field } => format!(
+                "header {field}: {:#x} -> {:#x} ({})",
+                self.before, self.after, self.reason
+            ),
+            Target::Allocate {
+                offset,
+                length,
+                purpose,
+            } => format!(
+                "allocate {length} bytes at {offset:#x} (cluster {}) for {purpose}",
+                self.before
+            ),
+            Target::Free {
+                offset,
+                length,
+                purpose,
+            } => format!("release {length} bytes at {offset:#x}: {purpose}"),
+            Target::Copy { from, to, length } => {
+                format!(
+                    "copy {length} bytes from {from} to {to:#x} ({})",
+                    self.reason
+                )
+            }
+            Target::SnapshotTable {
+                offset,
+                size,
+                entries,
+            } => {
+                format!("write the snapshot table ({entries} entries, {size} bytes) at {offset:#x}")
+            }
+            Target::Note => self.reason.clone(),
+        }
+    }
+
+    fn extends(&self, next: &Change) -> bool {
+        if self.reason != next.reason {
+            return false;
+        }
+        // Refcounts merge when they change the same way; table entries when the
+        // same bits flip (e.g. COPIED cleared on a run of entries).
+        let same = match self.target {
+            Target::L1Entry { .. } | Target::L2Entry { .. } => {
+                self.before ^ self.after == next.before ^ next.after
+            }
+            _ => self.before == next.before && self.after == next.after,
+        };
+        if !same {
+            return false;
+        }
+        match (&self.target, &next.target) {
+            (Target::Refcount { cluster: a }, Target::Refcount { cluster: b }) => {
+                a.checked_add(self.count) == Some(*b)
+            }
+            (
+                Target::L2Entry {
+                    table_offset: t1,
+                    index: a,
+                },
+                Target::L2Entry {
+                    table_offset: t2,
+                    index: b,
+                },
+            ) => t1 == t2 && a.checked_add(self.count) == Some(*b),
+            (
+                Target::L1Entry {
+                    table_offset: t1,
+                    index: a,
+                    ..
+                },
+                Target::L1Entry {
+                    table_offset: t2,
+                    index: b,
+                    ..
+                },
+            ) => t1 == t2 && a.checked_add(self.count) == Some(*b),
+            _ => false,
+        }
+    }
+}
+
+impl Sim {
+    // ---- recording ---------------------------------------------------------
+
+    pub(super) fn record(&mut self, target: Target, before: u64, after: u64) {
+        let c = Change {
+            target,
+            count: 1,
+            before,
+            after,
+            reason: self.reason.clone(),
+        };
+        // Merge with the previous change, or with the one before it when the two
+        // alternate (a refcount, then the L2 entry whose COPIED flag follows it).
+        let n = self.steps.len();
+        for back in 1..=2usize.min(n) {
+            if let Some(prev) = n.checked_sub(back).and_then(|i| self.steps.get_mut(i))
+                && prev.extends(&c)
+            {
+                prev.count = prev.count.saturating_add(1);
+                return;
+            }
+        }
+        self.steps.push(c);
+    }
+
+    pub(super) fn note(&mut self, text: String) {
+        self.steps.push(Change {
+            target: Target::Note,
+            count: 1,
+            before: 0,
+            after: 0,
+            reason: text,
+        });
+    }
+
+    pub(super) fn why(&mut self, r: impl Into<String>) {
+        self.reason = r.into();
+    }
+}

@@ -1,0 +1,215 @@
+//! Compressed guest writes (`qemu-io -c 'write -c OFFSET LENGTH'`, qemu-io's
+//! default pattern 0xcd): `qcow2_co_pwritev_compressed_part` and
+//! `qcow2_alloc_compressed_cluster_offset`.
+//!
+//! The request starts on a cluster boundary and covers whole clusters (or ends
+//! at the end of the disk, the last cluster padded with zeros). Each cluster is
+//! deflated (raw deflate, QEMU's default "zlib" type) into at most one cluster
+//! less one byte; one that does not fit is written as an ordinary write. A
+//! compressed cluster is never written over an allocated one: QEMU fails the
+//! request with EIO. Its bytes are placed by `qcow2_alloc_bytes`: right after
+//! the previous compressed cluster of the same command when they fit in its
+//! host cluster (or in the next one, when that is the next free cluster), else
+//! at the start of a new cluster found first fit. Each host cluster the bytes
+//! touch gets +1, and the L2 entry names the bytes by offset and sector count.
+//!
+//! QEMU compresses the clusters of one request in worker threads and places
+//! each as its thread finishes; the simulator places them in guest order,
+//! which is QEMU's order for a one-cluster request.
+
+use super::change::Target;
+use super::{Sim, SimError, SimResult};
+use crate::tables::{CompressedDescriptor, L2E_OFFSET_MASK};
+use crate::types::GuestOffset;
+
+/// qemu-io's default write pattern.
+const PATTERN: u8 = 0xcd;
+
+/// The raw deflate stream of `data` as QEMU's `qcow2_zlib_compress` makes it
+/// (level 6), if it fits in `room` bytes.
+fn deflate(data: &[u8], room: usize) -> Option<Vec<u8>> {
+    let mut out = vec![0u8; room];
+    let mut c = flate2::Compress::new_with_window_bits(flate2::Compression::new(6), false, 12);
+    match c.compress(data, &mut out, flate2::FlushCompress::Finish) {
+        Ok(flate2::Status::StreamEnd) => {
+            out.truncate(usize::try_from(c.total_out()).unwrap_or(room));
+            Some(out)
+        }
+        _ => None,
+    }
+}
+
+impl Sim {
+    /// `write -c`.
+    pub(super) fn write_compressed(&mut self, offset: u64, length: u64) -> SimResult<()> {
+        let Some(end) = offset.checked_add(length).filter(|&e| e <= self.size) else {
+            return Err(SimError::Qemu(format!(
+                "write failed: Input/output error (the request ends past the end of the disk, {} bytes, so the block layer refuses all of it)",
+                self.size
+            )));
+        };
+        // The block layer marks the bitmaps when the request ends, whatever
+        // the driver answered.
+        self.mark_dirty(offset, length);
+        if self.has_data_file {
+            return Err(SimError::Qemu(
+                "write failed: Operation not supported (compressed writes are not supported with an external data file) (ENOTSUP)".into(),
+            ));
+        }
+        let cs = self.cs;
+        if self.within(offset) != 0 || (self.within(length) != 0 && end != self.size) {
+            return Err(SimError::Qemu(format!(
+                "write failed: Invalid argument (a compressed write covers whole clusters of {cs} bytes, or ends at the end of the disk) (EINVAL)"
+            )));
+        }
+        // The header's compression_type byte (at 104, when the header is that long).
+        let header_length = crate::bytes::be32(&self.read_bytes(100, 4), 0);
+        let zstd = self.version >= 3 && header_length > 104 && self.read_bytes(104, 1) != [0];
+        if zstd {
+            return Err(SimError::NotModelled(
+                "compressed writes with zstd: the compressed size depends on the zstd library"
+                    .into(),
+            ));
+        }
+        let room = usize::try_from(cs.saturating_sub(1)).unwrap_or(0);
+        let mut data = vec![PATTERN; usize::try_from(cs).unwrap_or(0)];
+        // s->free_byte_offset: 0 on every fresh open.
+        let mut free_byte = 0u64;
+        let mut pos = offset;
+        while pos < end {
+            let bytes = cs.min(end.saturating_sub(pos));
+            // The last cluster of a disk that ends inside it is zero-padded.
+            let pad = usize::try_from(bytes).unwrap_or(0);
+            if let Some(tail) = data.get_mut(pad..) {
+                tail.fill(0);
+            }
+            match deflate(&data, room) {
+                None => {
+                    self.note(format!(
+                        "guest {pos:#x}: the cluster does not compress to less than a cluster, so it is written as it is"
+                    ));
+                    self.write(pos, bytes)?;
+                }
+                Some(stream) => self.place_compressed(pos, &stream, &mut free_byte)?,
+            }
+            pos = pos.saturating_add(bytes);
+        }
+        Ok(())
+    }
+
+    /// `qcow2_alloc_compressed_cluster_offset` for the cluster at `guest`.
+    fn place_compressed(
+        &mut self,
+        guest: u64,
+        stream: &[u8],
+        free_byte: &mut u64,
+    ) -> SimResult<()> {
+        let l2 = self.cluster_table(guest)?;
+        let index = self.geo.l2_index(GuestOffset(guest));
+        let (raw, _) = self.l2_entry_at(l2, index);
+        if raw & L2E_OFFSET_MASK != 0 {
+            return Err(SimError::Qemu(format!(
+                "write failed: Input/output error (guest {guest:#x} is already allocated, and a compressed cluster never overwrites one) (EIO)"
+            )));
+        }
+        let size = stream.len() as u64;
+        let at = self.alloc_bytes(size, free_byte, guest)?;
+        let first = at >> 9;
+        let last = at.saturating_add(size).saturating_sub(1) >> 9;
+        let entry = CompressedDescriptor::encode(
+            at,
+            last.saturating_sub(first).saturating_add(1),
+            &self.geo,
+        );
+        self.overlap_check(None, at, size)?;
+        self.write_bytes(at, stream)?;
+        self.why(format!(
+            "guest {guest:#x} is now {size} compressed bytes at host {at:#x}"
+        ));
+        self.set_l2_entry(l2, index, entry, 0)?;
+        Ok(())
+    }
+
+    /// `qcow2_alloc_bytes`: `size` bytes for compressed data.
+    fn alloc_bytes(&mut self, size: u64, free_byte: &mut u64, guest: u64) -> SimResult<u64> {
+        let cs = self.cs;
+        let mut offset = *free_byte;
+        if offset != 0 && self.get_refcount(self.cluster_of(offset))? == self.max_refcount {
+            offset = 0;
+        }
+        let mut free_in_cluster = cs.saturating_sub(self.within(offset));
+        loop {
+            if offset == 0 || free_in_cluster < size {
+                let c = self.find_free(1)?;
+                let new = self.cluster_start(c);
+                if new == 0 {
+                    return Err(SimError::Qemu(
+                        "write failed: Input/output error (Preventing invalid allocation of compressed cluster at offset 0) (EIO)".into(),
+                    ));
+                }
+                if offset == 0 || offset.next_multiple_of(cs) != new {
+                    offset = new;
+                    free_in_cluster = cs;
+                } else {
+                    free_in_cluster = free_in_cluster.saturating_add(cs);
+                }
+            }
+            let saved = self.reason.clone();
+            self.why(format!("compressed data of guest {guest:#x}"));
+            let r = self.update_refcount(offset, size, 1, false);
+            self.reason = saved;
+            match r {
+                Ok(()) => break,
+                Err(SimError::Again) => {
+                    offset = 0;
+                    continue;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        self.record(
+            Target::Allocate {
+                offset,
+                length: size,
+                purpose: format!("compressed data of guest {guest:#x}"),
+            },
+            self.cluster_of(offset),
+            self.cluster_of(offset),
+        );
+        self.allocated
+            .push((offset, size, format!("compressed data of guest {guest:#x}")));
+        let next = offset.saturating_add(size);
+        *free_byte = if self.within(next) == 0 { 0 } else { next };
+        Ok(offset)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::deflate;
+
+    #[test]
+    fn uniform_clusters_deflate_to_zlibs_sizes_and_noise_does_not_fit() {
+        // Python's zlib.compressobj(6, DEFLATED, -12, 9) over 0xcd bytes.
+        for (cs, want) in [(512usize, 8usize), (4096, 22), (65536, 79), (2 << 20, 2050)] {
+            let d = deflate(&vec![0xcd; cs], cs - 1).unwrap_or_default();
+            assert_eq!(d.len(), want, "cluster size {cs}");
+        }
+        let d = deflate(&[0xcd; 65536], 65535).unwrap_or_default();
+        let mut back = vec![0u8; 65536];
+        let mut z = flate2::Decompress::new(false);
+        let _ = z.decompress(&d, &mut back, flate2::FlushDecompress::Finish);
+        assert!(back.iter().all(|&b| b == 0xcd));
+        // Bytes that do not repeat do not compress into less than their size.
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let noise: Vec<u8> = (0..4096)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                (x >> 24) as u8
+            })
+            .collect();
+        assert!(deflate(&noise, 4095).is_none());
+    }
+}

@@ -1,0 +1,114 @@
+//! Guest discards (`qcow2_co_pdiscard`, `discard_in_l2_slice`).
+
+use super::Sim;
+use super::SimError;
+use super::SimResult;
+use crate::tables::ClusterType;
+use crate::tables::L2Entry;
+use crate::tables::OFLAG_ZERO;
+use crate::types::GuestOffset;
+use crate::types::low_mask;
+
+impl Sim {
+    /// A guest discard (`qcow2_co_pdiscard` after the block layer's alignment).
+    pub(super) fn discard(&mut self, offset: u64, length: u64) -> SimResult<()> {
+        let cs = self.cs;
+        let Some(end) = offset.checked_add(length).filter(|&e| e <= self.size) else {
+            return Err(SimError::Qemu(format!(
+                "discard failed: Input/output error (the request ends past the end of the disk, {} bytes, so the block layer refuses all of it)",
+                self.size
+            )));
+        };
+        self.mark_dirty(offset, length);
+        let has_backing = self.backing.is_some() || self.backing_named;
+        if self.version < 3 && has_backing {
+            self.note(
+                "compat=0.10 image with a backing file: QEMU cannot discard (ENOTSUP, ignored)"
+                    .into(),
+            );
+            return Ok(());
+        }
+        // The block layer splits off unaligned head and tail; qcow2 ignores them,
+        // except a tail that ends exactly at an unaligned end of the disk.
+        let start = offset.div_ceil(cs).saturating_mul(cs);
+        let mut stop = end & !low_mask(self.geo.cluster_bits);
+        if end == self.size && !end.is_multiple_of(cs) && offset <= stop {
+            stop = end.div_ceil(cs).saturating_mul(cs);
+        }
+        if !offset.is_multiple_of(cs) {
+            self.note(format!(
+                "the unaligned head {offset:#x}..{:#x} is ignored (not a whole cluster)",
+                start.min(end)
+            ));
+        }
+        if !end.is_multiple_of(cs) && stop < end {
+            self.note(format!(
+                "the unaligned tail {:#x}..{end:#x} is ignored (not a whole cluster)",
+                stop.max(start)
+            ));
+        }
+        self.discard_clusters(start, stop, false)
+    }
+
+    /// QEMU's `qcow2_cluster_discard` over whole clusters `start..stop` (`stop`
+    /// may be the unaligned end of the disk). A full discard (shrinking) leaves
+    /// the entries 0, so they fall through to the backing file.
+    pub(super) fn discard_clusters(
+        &mut self,
+        mut start: u64,
+        stop: u64,
+        full: bool,
+    ) -> SimResult<()> {
+        let cs = self.cs;
+        let has_backing = self.backing.is_some() || self.backing_named;
+        let slice = self.slice_entries();
+        while start < stop {
+            let l2_index = self.geo.l2_index(GuestOffset(start));
+            let n = self
+                .cluster_of(stop.saturating_sub(start))
+                .min(slice.saturating_sub(l2_index.checked_rem(slice).unwrap_or(0)))
+                .max(1);
+            self.why("discard");
+            let l2 = self.cluster_table(start)?;
+            for k in 0..n {
+                let index = l2_index.saturating_add(k);
+                let (raw, bm) = self.l2_entry_at(l2, index);
+                let ty = L2Entry { raw, bitmap: bm }.cluster_type(&self.geo, self.has_data_file);
+                let allocated = matches!(
+                    ty,
+                    ClusterType::Normal | ClusterType::ZeroAlloc | ClusterType::Compressed
+                );
+                if !(full || has_backing || allocated) {
+                    continue;
+                }
+                let (new, new_bm) = if full {
+                    (0, 0)
+                } else if self.geo.extended_l2 {
+                    (0, 0xffff_ffffu64 << 32)
+                } else if self.version >= 3 {
+                    (OFLAG_ZERO, 0)
+                } else {
+                    (0, 0)
+                };
+                if new == raw && new_bm == bm {
+                    continue;
+                }
+                let g = start.saturating_add(k.saturating_mul(cs));
+                self.why(format!(
+                    "guest {g:#x} discarded: {}",
+                    if full {
+                        "the disk no longer reaches it"
+                    } else if self.version >= 3 {
+                        "now reads as zeros"
+                    } else {
+                        "now unallocated"
+                    }
+                ));
+                self.set_l2_entry(l2, index, new, new_bm)?;
+                self.free_any_cluster(raw, &format!("the discarded cluster of guest {g:#x}"));
+            }
+            start = start.saturating_add(n.saturating_mul(cs));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,559 @@
+//! Guest writes and copy-on-write: finding or making the L2 table for a guest
+//! cluster, allocating data clusters, and copying the parts of a cluster a
+//! write does not cover (`qcow2_alloc_host_offset`, `handle_copied`,
+//! `handle_alloc`, `perform_cow`).
+
+use super::Sim;
+use super::SimError;
+use super::SimResult;
+use super::change::Target;
+use super::overlap::Meta;
+use crate::tables::ClusterType;
+use crate::tables::L1E_OFFSET_MASK;
+use crate::tables::L2E_OFFSET_MASK;
+use crate::tables::L2Entry;
+use crate::tables::OFLAG_COPIED;
+use crate::tables::SubclusterType;
+use crate::types::GuestOffset;
+use crate::types::low_mask;
+
+impl Sim {
+    /// Entries per L2 cache slice: a whole table, unless QEMU's default 32 MiB L2
+    /// cache cannot cover the disk; then 4 KiB slices.
+    pub(super) fn slice_entries(&self) -> u64 {
+        let per_table = self.geo.l2_entries();
+        // read_cache_sizes: one entry (8 or 16 bytes) per guest cluster, rounded
+        // up to whole clusters, against the 32 MiB default.
+        let needed = self
+            .size
+            .div_ceil(self.cs)
+            .saturating_mul(self.geo.l2_entry_size())
+            .div_ceil(self.cs)
+            .saturating_mul(self.cs);
+        if needed > 32 << 20 {
+            self.cs
+                .min(4096)
+                .checked_div(self.geo.l2_entry_size())
+                .unwrap_or(per_table)
+                .min(per_table)
+        } else {
+            per_table
+        }
+    }
+
+    /// Where entry `index` of the L2 table at `l2` is (saturating: `l2` comes from
+    /// an L1 entry).
+    pub(super) fn l2_entry_offset(&self, l2: u64, index: u64) -> u64 {
+        l2.saturating_add(index.saturating_mul(self.geo.l2_entry_size()))
+    }
+
+    pub(super) fn l2_entry_at(&mut self, l2: u64, index: u64) -> (u64, u64) {
+        let off = self.l2_entry_offset(l2, index);
+        let raw = self.read_u64(off);
+        let bitmap = if self.geo.extended_l2 {
+            self.read_u64(off.saturating_add(8))
+        } else {
+            0
+        };
+        (raw, bitmap)
+    }
+
+    pub(super) fn set_l2_entry(
+        &mut self,
+        l2: u64,
+        index: u64,
+        raw: u64,
+        bitmap: u64,
+    ) -> SimResult<()> {
+        let (old, old_bm) = self.l2_entry_at(l2, index);
+        let off = self.l2_entry_offset(l2, index);
+        if old != raw || old_bm != bitmap {
+            self.overlap_check(Some(Meta::ActiveL2), off, self.geo.l2_entry_size())?;
+        }
+        if old != raw {
+            self.write_u64(off, raw)?;
+            self.record(
+                Target::L2Entry {
+                    table_offset: l2,
+                    index,
+                },
+                old,
+                raw,
+            );
+        }
+        if self.geo.extended_l2 && old_bm != bitmap {
+            self.write_u64(off.saturating_add(8), bitmap)?;
+            let saved = self.reason.clone();
+            self.reason = format!("{saved} (subcluster bitmap)");
+            self.record(
+                Target::L2Entry {
+                    table_offset: l2,
+                    index,
+                },
+                old_bm,
+                bitmap,
+            );
+            self.reason = saved;
+        }
+        Ok(())
+    }
+
+    /// QEMU's `get_cluster_table`: the L2 table for `guest`, allocated or copied
+    /// first if the L1 entry lacks COPIED (an entry of 0 included).
+    pub(super) fn cluster_table(&mut self, guest: u64) -> SimResult<u64> {
+        let i = self.geo.l1_index(GuestOffset(guest));
+        if i >= self.l1.len() as u64 {
+            let saved = self.reason.clone();
+            self.why(format!(
+                "guest offset {guest:#x} is beyond the active L1 table ({} entries)",
+                self.l1.len()
+            ));
+            self.grow_l1_table(i.saturating_add(1), false)?;
+            self.reason = saved;
+        }
+        let Some(&e) = self.l1.get(i as usize) else {
+            return Err(SimError::Qemu(format!(
+                "guest offset {guest:#x} is beyond the L1 table (EIO)"
+            )));
+        };
+        if e & OFLAG_COPIED != 0 {
+            return Ok(e & L1E_OFFSET_MASK);
+        }
+        let old = e & L1E_OFFSET_MASK;
+        let saved = self.reason.clone();
+        let purpose = if old == 0 {
+            format!(
+                "a new L2 table for active L1[{i}] (guest {:#x}..)",
+                i.saturating_mul(self.geo.l2_coverage())
+            )
+        } else {
+            format!("a copy of the shared L2 table at {old:#x} (active L1[{i}] lacks COPIED)")
+        };
+        self.why(purpose.clone());
+        let new = self.alloc_clusters(self.cs, &purpose)?;
+        let content = if old == 0 {
+            vec![0u8; self.cs as usize]
+        } else {
+            self.read_bytes(old, self.cs)
+        };
+        self.write_bytes(new, &content)?;
+        if old != 0 {
+            self.record(
+                Target::Copy {
+                    from: format!("L2 table at {old:#x}"),
+                    to: new,
+                    length: self.cs,
+                },
+                0,
+                0,
+            );
+        }
+        self.why(format!(
+            "active L1[{i}] now names the {}",
+            if old == 0 {
+                "new L2 table"
+            } else {
+                "private copy"
+            }
+        ));
+        let new_e = new | OFLAG_COPIED;
+        if let Some(slot) = self.l1.get_mut(i as usize) {
+            *slot = new_e;
+        }
+        let l1_off = self.l1_table_offset;
+        self.write_u64(l1_off.saturating_add(i.saturating_mul(8)), new_e)?;
+        self.record(
+            Target::L1Entry {
+                table: "active L1".into(),
+                table_offset: l1_off,
+                index: i,
+            },
+            e,
+            new_e,
+        );
+        if old != 0 {
+            self.free_clusters(
+                old,
+                self.cs,
+                &format!("the old L2 table at {old:#x} (one L1 fewer names it)"),
+            );
+        }
+        self.reason = saved;
+        Ok(new)
+    }
+
+    pub(super) fn needs_new_alloc(&self, raw: u64) -> bool {
+        let e = L2Entry { raw, bitmap: 0 };
+        match e.cluster_type(&self.geo, self.has_data_file) {
+            ClusterType::Unallocated | ClusterType::ZeroPlain | ClusterType::Compressed => true,
+            ClusterType::Normal | ClusterType::ZeroAlloc => raw & OFLAG_COPIED == 0,
+        }
+    }
+
+    /// QEMU's `qcow2_alloc_clusters_at`: as many free clusters as there are at
+    /// `off`, up to `n`, +1 each.
+    pub(super) fn alloc_clusters_at(&mut self, off: u64, n: u64, purpose: &str) -> SimResult<u64> {
+        let first = self.cluster_of(off);
+        loop {
+            let mut i = 0u64;
+            while i < n && self.get_refcount(first.saturating_add(i))? == 0 {
+                i = i.saturating_add(1);
+            }
+            if i == 0 {
+                return Ok(0);
+            }
+            let len = self.clusters_bytes(i);
+            match self.take_clusters(off, len, first, purpose) {
+                Err(SimError::Again) => continue,
+                Err(e) => return Err(e),
+                Ok(()) => {
+                    self.file_len = self.file_len.max(off.saturating_add(len));
+                    return Ok(i);
+                }
+            }
+        }
+    }
+
+    /// A guest write of `length` bytes at `offset` (`qcow2_co_pwritev_part`).
+    ///
+    /// Guest positions stay inside `offset..offset + length` (checked against the
+    /// disk size first), counts of clusters inside one L2 slice, and host offsets
+    /// are masked L2 entries (below 2^56): the saturating operations below never
+    /// saturate on any image, they only rule out wraparound.
+    ///
+    /// It is one function because it is one loop with QEMU's restart points
+    /// (a new refcount block found mid-allocation sends it back to the lookup
+    /// of the same cluster): cutting it would spread the state of one pass
+    /// (the slice, the run being placed, what COW reads) over several calls.
+    pub(super) fn write(&mut self, offset: u64, length: u64) -> SimResult<()> {
+        let Some(end) = offset.checked_add(length).filter(|&e| e <= self.size) else {
+            return Err(SimError::Qemu(format!(
+                "write failed: Input/output error (the request ends past the end of the disk, {} bytes, so the block layer refuses all of it)",
+                self.size
+            )));
+        };
+        self.mark_dirty(offset, length);
+        let cs = self.cs;
+        let sc_bits = self.geo.subcluster_bits();
+        let mut frees: Vec<(u64, String)> = Vec::new();
+        let mut pos = offset;
+        while pos < end {
+            // qcow2_alloc_host_offset: one contiguous host range.
+            let mut host_next: Option<u64> = None;
+            loop {
+                if pos >= end {
+                    break;
+                }
+                let l2_index = self.geo.l2_index(GuestOffset(pos));
+                let slice = self.slice_entries();
+                let in_c = self.within(pos);
+                let max_n = in_c
+                    .saturating_add(end.saturating_sub(pos))
+                    .div_ceil(cs)
+                    .min(slice.saturating_sub(l2_index.checked_rem(slice).unwrap_or(0)));
+                // handle_copied
+                let l2 = self.cluster_table(pos)?;
+                let (raw, bitmap) = self.l2_entry_at(l2, l2_index);
+                if !self.needs_new_alloc(raw) {
+                    let host = raw & L2E_OFFSET_MASK;
+                    if !host.is_multiple_of(cs) {
+                        return Err(SimError::Qemu(format!(
+                            "Data cluster offset {host:#x} unaligned (guest offset: {pos:#x}) (EIO)"
+                        )));
+                    }
+                    if host_next.is_some_and(|h| h != host) {
+                        break;
+                    }
+                    let mut keep = 0u64;
+                    let mut expect = host;
+                    while keep < max_n {
+                        let (r, _) = self.l2_entry_at(l2, l2_index.saturating_add(keep));
+                        if self.needs_new_alloc(r) || r & L2E_OFFSET_MASK != expect {
+                            break;
+                        }
+                        expect = expect.saturating_add(cs);
+                        keep = keep.saturating_add(1);
+                    }
+                    let bytes = keep
+                        .saturating_mul(cs)
+                        .saturating_sub(in_c)
+                        .min(end.saturating_sub(pos));
+                    let write_end = pos.saturating_add(bytes);
+                    self.why(format!("in-place write to guest {pos:#x}..{write_end:#x}: the clusters are COPIED (refcount 1)"));
+                    self.note(format!(
+                        "guest {pos:#x}..{write_end:#x} is written in place at host {:#x} (COPIED: no copy needed)",
+                        host.saturating_add(in_c)
+                    ));
+                    if !self.has_data_file {
+                        self.overlap_check(None, host.saturating_add(in_c), bytes)?;
+                    }
+                    // An l2meta exists only for zero-allocated clusters or, with
+                    // extended L2, subclusters that are not yet normal.
+                    for k in 0..keep {
+                        let index = l2_index.saturating_add(k);
+                        let (r, bm) = self.l2_entry_at(l2, index);
+                        let ty = L2Entry { raw: r, bitmap: bm }
+                            .cluster_type(&self.geo, self.has_data_file);
+                        let new_bm = if self.geo.extended_l2 {
+                            let from = if k == 0 { in_c } else { 0 };
+                            // The written range, relative to cluster k of the run.
+                            let to = in_c
+                                .saturating_add(bytes)
+                                .saturating_sub(k.saturating_mul(cs))
+                                .min(cs);
+                            let (fsc, lsc) = (from >> sc_bits, to.saturating_sub(1) >> sc_bits);
+                            let mask = sub_range(fsc, lsc.saturating_add(1));
+                            (bm | mask) & !(mask << 32)
+                        } else {
+                            bm
+                        };
+                        let new_raw = if ty == ClusterType::ZeroAlloc && !self.geo.extended_l2 {
+                            (r & L2E_OFFSET_MASK) | OFLAG_COPIED
+                        } else {
+                            r
+                        };
+                        if new_raw != r || new_bm != bm {
+                            self.why("the written cluster no longer reads as zeros");
+                            self.set_l2_entry(l2, index, new_raw, new_bm)?;
+                        }
+                    }
+                    let _ = bitmap;
+                    host_next = Some(host.saturating_add(keep.saturating_mul(cs)));
+                    if write_end <= pos {
+                        return Err(SimError::Qemu(format!(
+                            "no progress at guest {pos:#x}: the L2 entries there are inconsistent"
+                        )));
+                    }
+                    pos = write_end;
+                    continue;
+                }
+                // handle_alloc
+                let mut n = 0u64;
+                while n < max_n {
+                    let (r, _) = self.l2_entry_at(l2, l2_index.saturating_add(n));
+                    if !self.needs_new_alloc(r) {
+                        break;
+                    }
+                    n = n.saturating_add(1);
+                }
+                let guest_cluster = pos.saturating_sub(in_c);
+                let purpose = format!(
+                    "guest data at {guest_cluster:#x}..{:#x}",
+                    guest_cluster.saturating_add(n.saturating_mul(cs))
+                );
+                let host = if self.has_data_file {
+                    guest_cluster
+                } else {
+                    match host_next {
+                        None => self.alloc_clusters(n.saturating_mul(cs), &purpose)?,
+                        Some(h) => {
+                            n = self.alloc_clusters_at(h, n, &purpose)?;
+                            if n == 0 {
+                                break;
+                            }
+                            h
+                        }
+                    }
+                };
+                let bytes = n
+                    .saturating_mul(cs)
+                    .saturating_sub(in_c)
+                    .min(end.saturating_sub(pos));
+                self.cow_notes(l2, l2_index, n, pos, bytes, host);
+                if !self.has_data_file {
+                    // The data, with what copy-on-write fills in, is written
+                    // before the L2 entries name it.
+                    self.overlap_check(None, host, n.saturating_mul(cs))?;
+                }
+                // qcow2_alloc_cluster_link_l2, after the data is written.
+                let (cow_from, cow_to) = self.cow_range(l2, l2_index, n, in_c, bytes);
+                for k in 0..n {
+                    let index = l2_index.saturating_add(k);
+                    // Cluster k of the run: bytes k * cs.. relative to the first.
+                    let k_start = k.saturating_mul(cs);
+                    let guest_k = guest_cluster.saturating_add(k_start);
+                    let host_k = host.saturating_add(k_start);
+                    let (r, bm) = self.l2_entry_at(l2, index);
+                    if r != 0 {
+                        frees.push((
+                            r,
+                            format!(
+                                "the old cluster of guest {guest_k:#x} (replaced by the copy-on-write)"
+                            ),
+                        ));
+                    }
+                    let new_bm = if self.geo.extended_l2 {
+                        let from = cow_from.max(k_start);
+                        let to = cow_to.min(k_start.saturating_add(cs));
+                        let (fsc, lsc) = (
+                            from.saturating_sub(k_start) >> sc_bits,
+                            to.saturating_sub(k_start).saturating_sub(1) >> sc_bits,
+                        );
+                        let mask = sub_range(fsc, lsc.saturating_add(1));
+                        (bm | mask) & !(mask << 32)
+                    } else {
+                        bm
+                    };
+                    self.why(format!(
+                        "guest {guest_k:#x} now maps to the new cluster {host_k:#x}"
+                    ));
+                    self.set_l2_entry(l2, index, host_k | OFLAG_COPIED, new_bm)?;
+                }
+                host_next = Some(host.saturating_add(n.saturating_mul(cs)));
+                if bytes == 0 {
+                    return Err(SimError::Qemu(format!(
+                        "no progress at guest {pos:#x}: the L2 entries there are inconsistent"
+                    )));
+                }
+                pos = pos.saturating_add(bytes);
+            }
+        }
+        // Old clusters are released last (their tasks finish after all allocations).
+        for (entry, why) in frees {
+            self.free_any_cluster(entry, &why);
+        }
+        Ok(())
+    }
+
+    /// The copy-on-write region `[from, to)` relative to the first cluster
+    /// (`calculate_l2_meta` with keep_old = false).
+    pub(super) fn cow_range(
+        &mut self,
+        l2: u64,
+        l2_index: u64,
+        n: u64,
+        in_c: u64,
+        bytes: u64,
+    ) -> (u64, u64) {
+        let cs = self.cs;
+        let sc_bits = self.geo.subcluster_bits();
+        let scs = self.geo.subcluster_size();
+        let (r, bm) = self.l2_entry_at(l2, l2_index);
+        let first = L2Entry { raw: r, bitmap: bm }.subcluster_type(
+            &self.geo,
+            self.has_data_file,
+            (in_c >> sc_bits) as u32,
+        );
+        let from = match first {
+            SubclusterType::Compressed => 0,
+            SubclusterType::Normal
+            | SubclusterType::ZeroAlloc
+            | SubclusterType::UnallocatedAlloc => {
+                if self.geo.extended_l2 {
+                    let alloc = (bm & 0xffff_ffff) as u32;
+                    u64::from((in_c >> sc_bits) as u32).min(u64::from(alloc.trailing_zeros()))
+                        << sc_bits
+                } else {
+                    0
+                }
+            }
+            _ => (in_c >> sc_bits) << sc_bits,
+        };
+        // bytes >= 1 and n >= 1 (write() never asks for less).
+        let end_in = in_c.saturating_add(bytes);
+        let last_i = l2_index.saturating_add(n.saturating_sub(1));
+        let (r, bm) = self.l2_entry_at(l2, last_i);
+        let sc_last = (self.within(end_in.saturating_sub(1)) >> sc_bits) as u32;
+        let last =
+            L2Entry { raw: r, bitmap: bm }.subcluster_type(&self.geo, self.has_data_file, sc_last);
+        let full = end_in.div_ceil(cs).saturating_mul(cs);
+        let to = match last {
+            SubclusterType::Compressed => full,
+            SubclusterType::Normal
+            | SubclusterType::ZeroAlloc
+            | SubclusterType::UnallocatedAlloc => {
+                if self.geo.extended_l2 {
+                    let alloc = (bm & 0xffff_ffff) as u32;
+                    // sc_last < 32, so skip <= 31 - sc_last: full stays above end_in.
+                    let skip = u64::from(31u32.saturating_sub(sc_last).min(alloc.leading_zeros()));
+                    full.saturating_sub(skip << sc_bits)
+                } else {
+                    full
+                }
+            }
+            _ => end_in.div_ceil(scs).saturating_mul(scs),
+        };
+        (from, to)
+    }
+
+    /// Say what the copy-on-write reads to fill the rest of the new clusters.
+    pub(super) fn cow_notes(
+        &mut self,
+        l2: u64,
+        l2_index: u64,
+        n: u64,
+        pos: u64,
+        bytes: u64,
+        host: u64,
+    ) {
+        let in_c = self.within(pos);
+        let (from, to) = self.cow_range(l2, l2_index, n, in_c, bytes);
+        let guest0 = pos.saturating_sub(in_c);
+        let (r, _) = self.l2_entry_at(l2, l2_index);
+        let source = |me: &Self, raw: u64| -> String {
+            match (L2Entry { raw, bitmap: 0 }).cluster_type(&me.geo, me.has_data_file) {
+                ClusterType::Normal => format!("the old cluster at {:#x}", raw & L2E_OFFSET_MASK),
+                ClusterType::Compressed => "the decompressed old cluster".to_string(),
+                ClusterType::ZeroAlloc | ClusterType::ZeroPlain => {
+                    "zeros (zero cluster)".to_string()
+                }
+                ClusterType::Unallocated => {
+                    if me.backing.is_some() {
+                        "the backing file".to_string()
+                    } else {
+                        "zeros (unallocated, no backing file)".to_string()
+                    }
+                }
+            }
+        };
+        if from < in_c {
+            let src = source(self, r);
+            self.why(format!("copy-on-write head, read from {src}"));
+            self.record(
+                Target::Copy {
+                    from: format!("guest {:#x}", guest0.saturating_add(from)),
+                    to: host.saturating_add(from),
+                    length: in_c.saturating_sub(from),
+                },
+                0,
+                0,
+            );
+        }
+        let end_in = in_c.saturating_add(bytes);
+        if to > end_in {
+            let last_i = l2_index.saturating_add(n.saturating_sub(1));
+            let (r_last, _) = self.l2_entry_at(l2, last_i);
+            let src = source(self, r_last);
+            self.why(format!("copy-on-write tail, read from {src}"));
+            self.record(
+                Target::Copy {
+                    from: format!("guest {:#x}", guest0.saturating_add(end_in)),
+                    to: host.saturating_add(end_in),
+                    length: to.saturating_sub(end_in),
+                },
+                0,
+                0,
+            );
+        }
+        self.why("the guest's new data");
+        self.record(
+            Target::Copy {
+                from: "the guest".into(),
+                to: host.saturating_add(in_c),
+                length: bytes,
+            },
+            0,
+            0,
+        );
+    }
+}
+
+/// Bits `from..to` of a subcluster allocation bitmap.
+pub(super) fn sub_range(from: u64, to: u64) -> u64 {
+    let to = to.min(32);
+    if from >= to {
+        return 0;
+    }
+    // from < to <= 32.
+    low_mask(to.saturating_sub(from) as u32) << from
+}

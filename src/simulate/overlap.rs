@@ -1,0 +1,142 @@
+//! QEMU's metadata overlap check (`qcow2_check_metadata_overlap` with the
+//! default `overlap-check=cached`): before a write to the image file, the
+//! written clusters are compared with every metadata structure QEMU knows
+//! about without reading more of the file. A write that would land on one is
+//! not made: the image is marked corrupt ("Preventing invalid write on
+//! metadata"), the operation fails with EIO, and QEMU makes the image
+//! unusable, so nothing more is written, not even the persistent bitmaps.
+//!
+//! The simulator checks where QEMU's writes of the kinds below happen: the
+//! copy of the active L1 table for a new snapshot, the new snapshot table,
+//! L2 entries (which QEMU writes back from its L2 cache, not checked against
+//! the active L2 tables) and guest data clusters.
+
+use super::{Sim, SimError, SimResult};
+use crate::tables::L1E_OFFSET_MASK;
+
+/// A kind of metadata, in the order QEMU checks them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Meta {
+    /// The header cluster.
+    Header,
+    /// The active L1 table.
+    ActiveL1,
+    /// An L2 table the active L1 table names.
+    ActiveL2,
+    /// The refcount table.
+    RefcountTable,
+    /// A refcount block.
+    RefcountBlock,
+    /// The snapshot table.
+    SnapshotTable,
+    /// A snapshot's L1 table.
+    InactiveL1,
+}
+
+impl Meta {
+    /// QEMU's name for it (`metadata_ol_names`).
+    fn name(self) -> &'static str {
+        match self {
+            Meta::Header => "qcow2_header",
+            Meta::ActiveL1 => "active L1 table",
+            Meta::ActiveL2 => "active L2 table",
+            Meta::RefcountTable => "refcount table",
+            Meta::RefcountBlock => "refcount block",
+            Meta::SnapshotTable => "snapshot table",
+            Meta::InactiveL1 => "inactive L1 table",
+        }
+    }
+}
+
+impl Sim {
+    /// The first metadata structure the clusters of `offset..offset + size`
+    /// overlap, `ignore` aside.
+    fn overlapping(&mut self, ignore: Option<Meta>, offset: u64, size: u64) -> Option<Meta> {
+        if size == 0 {
+            return None;
+        }
+        let start = self.cluster_start(self.cluster_of(offset));
+        let end = offset.saturating_add(size).next_multiple_of(self.cs.max(1));
+        let hits = |o: u64, len: u64| len != 0 && o < end && start < o.saturating_add(len);
+        let want = |m: Meta| ignore != Some(m);
+        if want(Meta::Header) && start < self.cs {
+            return Some(Meta::Header);
+        }
+        if want(Meta::ActiveL1)
+            && hits(
+                self.l1_table_offset,
+                (self.l1.len() as u64).saturating_mul(8),
+            )
+        {
+            return Some(Meta::ActiveL1);
+        }
+        if want(Meta::ActiveL2)
+            && self
+                .l1
+                .iter()
+                .any(|e| e & L1E_OFFSET_MASK != 0 && hits(e & L1E_OFFSET_MASK, self.cs))
+        {
+            return Some(Meta::ActiveL2);
+        }
+        let table_len = self.clusters_bytes(u64::from(self.refcount_table_clusters));
+        if want(Meta::RefcountTable) && hits(self.refcount_table_offset, table_len) {
+            return Some(Meta::RefcountTable);
+        }
+        if want(Meta::RefcountBlock) {
+            for ti in 0..self.reftable_len() {
+                let b = self.read_u64(self.reftable_entry_offset(ti)) & !0x1ff;
+                if b != 0 && hits(b, self.cs) {
+                    return Some(Meta::RefcountBlock);
+                }
+            }
+        }
+        if want(Meta::SnapshotTable) && hits(self.snapshots_offset, self.snapshots_size) {
+            return Some(Meta::SnapshotTable);
+        }
+        if want(Meta::InactiveL1)
+            && self.snapshots.iter().any(|s| {
+                // QEMU keeps this size in 32 bits.
+                let len = u64::from(s.l1_size.wrapping_mul(8));
+                hits(s.l1_table_offset, len)
+            })
+        {
+            return Some(Meta::InactiveL1);
+        }
+        None
+    }
+
+    /// `qcow2_pre_write_overlap_check`: fail, and mark the image corrupt, when
+    /// the write would land on metadata.
+    pub(super) fn overlap_check(
+        &mut self,
+        ignore: Option<Meta>,
+        offset: u64,
+        size: u64,
+    ) -> SimResult<()> {
+        let Some(m) = self.overlapping(ignore, offset, size) else {
+            return Ok(());
+        };
+        let saved = self.reason.clone();
+        self.why(format!(
+            "Marking image as corrupt: Preventing invalid write on metadata (overlaps with {}) at {offset:#x}",
+            m.name()
+        ));
+        let features = self.read_u64(72);
+        self.set_header_u64(
+            72,
+            "incompatible_features",
+            features | crate::header::INCOMPAT_CORRUPT,
+        )?;
+        self.reason = saved;
+        Err(SimError::Qemu(format!(
+            "Preventing invalid write on metadata (overlaps with {}) at {offset:#x}; the image is marked corrupt (EIO)",
+            m.name()
+        )))
+    }
+
+    /// Whether QEMU has marked the image corrupt in this operation (then it
+    /// writes nothing more).
+    pub(super) fn marked_corrupt(&mut self) -> bool {
+        self.read_u64(72) & crate::header::INCOMPAT_CORRUPT != 0
+    }
+}

@@ -1,0 +1,241 @@
+//! The full refcount rebuild (`rebuild_refcount_structure` in QEMU's
+//! `block/qcow2-refcount.c`): what `qemu-img check -r all`, and a read-write
+//! open of a dirty lazy-refcounts image, do when a cluster in use has a stored
+//! refcount of 0.
+//!
+//! QEMU throws the old refcount structure away and writes a new one from its
+//! in-memory count of references (the checker's table):
+//!
+//! 1. For every refcount block's range holding a cluster in use, in order, it
+//!    finds a free cluster (first fit in the in-memory table, never before the
+//!    start of that range) for the block, counts it there, grows the new
+//!    refcount table to whole clusters when the block's index is past its end,
+//!    and writes the block: the in-memory counts of its range as they are then.
+//!    A block placed past the range being written extends that range, so its
+//!    own count is written too.
+//! 2. It finds room for the new refcount table (first fit from cluster 0),
+//!    counts it, and writes again the blocks covering the table. When that
+//!    needs a new block past the table's end, the table grows and a new place
+//!    is found; the place found before stays counted (a leak, repaired next).
+//! 3. It writes the table and points the header at it
+//!    (`refcount_table_offset`, `refcount_table_clusters`).
+//!
+//! The old table and blocks were counted as in use, so nothing new lands on
+//! them; the check that follows finds them leaked and lowers them to 0.
+
+use super::change::Target;
+use super::{Sim, SimError, SimResult};
+use crate::refcount::set_refcount;
+
+/// The in-memory reference counts and the new refcount table being built.
+struct Rebuild {
+    /// References per cluster (QEMU's in-memory refcount table); grows when
+    /// an allocation goes past the end.
+    refs: Vec<u64>,
+    /// New refcount table: host offset of each block, 0 for none.
+    reftable: Vec<u64>,
+    /// log2 of the refcount entries per block.
+    block_bits: u32,
+    /// Cluster size.
+    cs: u64,
+}
+
+impl Rebuild {
+    fn get(&self, c: u64) -> u64 {
+        usize::try_from(c)
+            .ok()
+            .and_then(|i| self.refs.get(i))
+            .copied()
+            .unwrap_or(0)
+    }
+
+    fn len(&self) -> u64 {
+        self.refs.len() as u64
+    }
+
+    /// QEMU's `alloc_clusters_imrt`: `count` contiguous clusters free in the
+    /// in-memory table, first fit from `*first_free` (which moves to the first
+    /// free cluster seen), counted 1 each; the table grows when the run reaches
+    /// its end. Returns the first cluster.
+    fn alloc(&mut self, count: u64, first_free: &mut u64) -> SimResult<u64> {
+        let mut cluster = *first_free;
+        let mut run = 0u64;
+        let mut first_gap = true;
+        while cluster < self.len() && run < count {
+            if self.get(cluster) == 0 {
+                run = run.saturating_add(1);
+                if first_gap {
+                    *first_free = cluster;
+                    first_gap = false;
+                }
+            } else {
+                run = 0;
+            }
+            cluster = cluster.saturating_add(1);
+        }
+        if run < count {
+            let want = cluster.saturating_add(count).saturating_sub(run);
+            let want = usize::try_from(want)
+                .ok()
+                .filter(|&w| w <= (1usize << 40))
+                .ok_or_else(|| {
+                    SimError::Qemu(
+                        "Cannot allocate memory (the rebuilt refcount table would be too large) (ENOMEM)".into(),
+                    )
+                })?;
+            self.refs.resize(want, 0);
+        }
+        let start = cluster.saturating_sub(run);
+        for c in start..start.saturating_add(count) {
+            if let Some(r) = usize::try_from(c).ok().and_then(|i| self.refs.get_mut(i)) {
+                *r = 1;
+            }
+        }
+        Ok(start)
+    }
+}
+
+impl Sim {
+    /// Whether QEMU's check would rebuild the refcount structure: a cluster it
+    /// finds in use has a stored refcount of 0 (`compare_refcounts`).
+    pub(super) fn needs_rebuild(&mut self, imrt: &crate::check::Imrt) -> SimResult<bool> {
+        for c in 0..imrt.nb_clusters {
+            if imrt.get(c) != 0 && self.get_refcount(c)? == 0 {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    /// `rebuild_refcount_structure` from the checker's reference counts
+    /// (see the module docs). The caller then repairs the leaks it leaves.
+    pub(super) fn rebuild_refcounts(&mut self, imrt: &crate::check::Imrt) -> SimResult<()> {
+        self.note("a cluster in use has a stored refcount of 0: QEMU rebuilds the whole refcount structure (Rebuilding refcount structure)".into());
+        let mut refs = Vec::new();
+        for c in 0..imrt.nb_clusters {
+            refs.push(imrt.get(c));
+        }
+        let mut rb = Rebuild {
+            refs,
+            reftable: Vec::new(),
+            block_bits: self.block_bits(),
+            cs: self.cs,
+        };
+        let end = rb.len();
+        self.write_refblocks(&mut rb, 0, end)?;
+        let mut grown = true;
+        let mut table_cluster = 0u64;
+        let mut table_clusters = 0u64;
+        while grown {
+            let bytes = (rb.reftable.len() as u64).saturating_mul(8);
+            table_clusters = bytes.div_ceil(self.cs);
+            let mut first_free = 0u64;
+            table_cluster = rb.alloc(table_clusters, &mut first_free)?;
+            let offset = self.cluster_start(table_cluster);
+            self.why("the rebuilt refcount table");
+            self.record(
+                Target::Allocate {
+                    offset,
+                    length: self.clusters_bytes(table_clusters),
+                    purpose: "the rebuilt refcount table".into(),
+                },
+                table_cluster,
+                table_cluster,
+            );
+            self.allocated.push((
+                offset,
+                self.clusters_bytes(table_clusters),
+                "the rebuilt refcount table".into(),
+            ));
+            grown = self.write_refblocks(
+                &mut rb,
+                table_cluster,
+                table_cluster.saturating_add(table_clusters),
+            )?;
+        }
+        let offset = self.cluster_start(table_cluster);
+        let mut bytes: Vec<u8> = rb.reftable.iter().flat_map(|e| e.to_be_bytes()).collect();
+        let full = usize::try_from(self.clusters_bytes(table_clusters)).unwrap_or(0);
+        bytes.resize(full.max(bytes.len()), 0);
+        self.write_bytes(offset, &bytes)?;
+        let clusters = u32::try_from(table_clusters).map_err(|_| {
+            SimError::Qemu("the rebuilt refcount table is too large (EFBIG)".into())
+        })?;
+        self.why("the header now names the rebuilt refcount table");
+        self.set_header_u64(48, "refcount_table_offset", offset)?;
+        self.set_header_u32(56, "refcount_table_clusters", clusters)?;
+        self.refcount_table_offset = offset;
+        self.refcount_table_clusters = clusters;
+        Ok(())
+    }
+
+    /// QEMU's `rebuild_refcounts_write_refblocks` over clusters
+    /// `first..end`: a block for every range with a cluster in use, written
+    /// as the in-memory counts of its range. Returns whether the new refcount
+    /// table grew.
+    fn write_refblocks(&mut self, rb: &mut Rebuild, first: u64, mut end: u64) -> SimResult<bool> {
+        let per_block = 1u64 << rb.block_bits;
+        let mut first_free = 0u64;
+        let mut grown = false;
+        let mut cluster = first;
+        while cluster < end {
+            if rb.get(cluster) == 0 {
+                cluster = cluster.saturating_add(1);
+                continue;
+            }
+            let index = cluster >> rb.block_bits;
+            let start = index << rb.block_bits;
+            let slot = usize::try_from(index).ok();
+            let existing = slot.and_then(|i| rb.reftable.get(i)).copied().unwrap_or(0);
+            let block = if existing != 0 {
+                existing
+            } else {
+                first_free = first_free.max(start);
+                let c = rb.alloc(1, &mut first_free)?;
+                if c >= end {
+                    end = c.saturating_add(1);
+                }
+                let slot = slot.ok_or_else(|| {
+                    SimError::Qemu("the rebuilt refcount table is too large (EFBIG)".into())
+                })?;
+                if rb.reftable.len() <= slot {
+                    let bytes = (index.saturating_add(1))
+                        .saturating_mul(8)
+                        .next_multiple_of(rb.cs);
+                    let entries = usize::try_from(bytes / 8).map_err(|_| {
+                        SimError::Qemu("the rebuilt refcount table is too large (EFBIG)".into())
+                    })?;
+                    rb.reftable.resize(entries, 0);
+                    grown = true;
+                }
+                let off = self.cluster_start(c);
+                if let Some(e) = rb.reftable.get_mut(slot) {
+                    *e = off;
+                }
+                self.why(format!("refcount block {index} of the rebuilt structure"));
+                self.record(
+                    Target::Allocate {
+                        offset: off,
+                        length: rb.cs,
+                        purpose: format!("rebuilt refcount block {index}"),
+                    },
+                    c,
+                    c,
+                );
+                self.allocated
+                    .push((off, rb.cs, format!("rebuilt refcount block {index}")));
+                off
+            };
+            let mut buf = vec![0u8; usize::try_from(rb.cs).unwrap_or(0)];
+            for i in 0..per_block {
+                let r = rb.get(start.saturating_add(i));
+                if r != 0 {
+                    set_refcount(&mut buf, self.order, i, r);
+                }
+            }
+            self.write_bytes(block, &buf)?;
+            cluster = start.saturating_add(per_block);
+        }
+        Ok(grown)
+    }
+}

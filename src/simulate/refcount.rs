@@ -1,0 +1,370 @@
+//! Refcount updates: reading and changing one cluster's refcount, hooking up
+//! new refcount blocks and growing the refcount table (`update_refcount`,
+//! `alloc_refcount_block`, `qcow2_refcount_area`).
+
+use super::Sim;
+use super::SimError;
+use super::SimResult;
+use super::change::Target;
+use crate::refcount::get_refcount;
+use crate::refcount::set_refcount;
+use crate::types::low_mask;
+
+impl Sim {
+    // ---- refcounts ---------------------------------------------------------
+
+    pub(super) fn reftable_len(&self) -> u64 {
+        self.clusters_bytes(u64::from(self.refcount_table_clusters)) / 8
+    }
+
+    pub(super) fn block_bits(&self) -> u32 {
+        self.geo
+            .cluster_bits
+            .saturating_add(3)
+            .saturating_sub(self.order)
+    }
+
+    /// Where refcount table entry `ti` is (saturating: the table offset comes
+    /// from the header).
+    pub(super) fn reftable_entry_offset(&self, ti: u64) -> u64 {
+        self.refcount_table_offset
+            .saturating_add(ti.saturating_mul(8))
+    }
+
+    /// QEMU's `qcow2_get_refcount`.
+    pub(super) fn get_refcount(&mut self, c: u64) -> SimResult<u64> {
+        let ti = c >> self.block_bits();
+        if ti >= self.reftable_len() {
+            return Ok(0);
+        }
+        let e = self.read_u64(self.reftable_entry_offset(ti));
+        let block = e & crate::refcount::REFT_OFFSET_MASK;
+        if block == 0 {
+            return Ok(0);
+        }
+        if !block.is_multiple_of(self.cs) {
+            return Err(SimError::Qemu(format!(
+                "Refblock offset {block:#x} unaligned (reftable index: {ti:#x}) (EIO)"
+            )));
+        }
+        let idx = c & low_mask(self.block_bits());
+        let order = self.order;
+        let bc = self.cluster_of(block);
+        Ok(get_refcount(self.cluster(bc), order, idx))
+    }
+
+    /// QEMU's `update_refcount`: add or subtract `addend` on every cluster the byte
+    /// range touches; on failure, undo this call's earlier clusters.
+    pub(super) fn update_refcount(
+        &mut self,
+        offset: u64,
+        length: u64,
+        addend: u64,
+        decrease: bool,
+    ) -> SimResult<()> {
+        if length == 0 {
+            return Ok(());
+        }
+        let first = self.cluster_of(offset);
+        let last = self.cluster_of(offset.saturating_add(length.saturating_sub(1)));
+        for c in first..=last {
+            if let Err(e) = self.update_one(c, addend, decrease) {
+                if matches!(e, SimError::Again) {
+                    // The search restarts from the first cluster of this update.
+                    self.free_cluster_index = self.free_cluster_index.min(first);
+                }
+                // "Try do undo any updates if an error is returned"
+                for u in first..c {
+                    let _ = self.update_one(u, addend, !decrease);
+                }
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    pub(super) fn update_one(&mut self, c: u64, addend: u64, decrease: bool) -> SimResult<()> {
+        let ti = c >> self.block_bits();
+        let block = match self.refcount_block_for(ti, c) {
+            Ok(b) => b,
+            Err(SimError::Again) => {
+                self.free_cluster_index = self.free_cluster_index.min(c);
+                return Err(SimError::Again);
+            }
+            Err(e) => return Err(e),
+        };
+        let idx = c & low_mask(self.block_bits());
+        let order = self.order;
+        let bc = self.cluster_of(block);
+        let cur = get_refcount(self.cluster(bc), order, idx);
+        let new = if decrease {
+            cur.checked_sub(addend)
+        } else {
+            cur.checked_add(addend).filter(|&n| n <= self.max_refcount)
+        };
+        let Some(new) = new else {
+            return Err(SimError::Qemu(format!(
+                "refcount of cluster {c} would {} ({cur} {} {addend}, {}-bit refcounts) (EINVAL)",
+                if decrease { "go below 0" } else { "overflow" },
+                if decrease { "-" } else { "+" },
+                1u32 << order
+            )));
+        };
+        if new == 0 && c < self.free_cluster_index {
+            self.free_cluster_index = c;
+        }
+        set_refcount(self.cluster(bc), order, idx, new);
+        self.record(Target::Refcount { cluster: c }, cur, new);
+        if new == 0 {
+            let r = self.reason.clone();
+            self.freed.push((c, r));
+        }
+        Ok(())
+    }
+
+    /// The refcount block for table index `ti` (QEMU's `alloc_refcount_block`,
+    /// for the case where the table has room).
+    pub(super) fn refcount_block_for(&mut self, ti: u64, for_cluster: u64) -> SimResult<u64> {
+        if ti >= self.reftable_len() {
+            return self.new_refcount_block(ti, for_cluster);
+        }
+        let e = self.read_u64(self.reftable_entry_offset(ti));
+        let block = e & crate::refcount::REFT_OFFSET_MASK;
+        if block != 0 {
+            if !block.is_multiple_of(self.cs) {
+                return Err(SimError::Qemu(format!(
+                    "Refblock offset {block:#x} unaligned (EIO)"
+                )));
+            }
+            return Ok(block);
+        }
+        self.new_refcount_block(ti, for_cluster)
+    }
+
+    /// A missing refcount block: QEMU allocates one. If the new block would itself
+    /// be described by the block being created, it describes itself.
+    pub(super) fn new_refcount_block(&mut self, ti: u64, for_cluster: u64) -> SimResult<u64> {
+        // Either way the caller restarts: this returns `SimError::Again` once the
+        // block is hooked up.
+        let saved = self.reason.clone();
+        // alloc_clusters_noref: the lowest free cluster (refcounts as they stand).
+        let new_c = self.find_free(1)?;
+        let bb = self.block_bits();
+        let new_off = self.cluster_start(new_c);
+        // The clusters block ti describes: ti << bb ..= last (the same bits, all ones below bb).
+        let last = (ti << bb) | low_mask(bb);
+        if new_c >> bb == ti {
+            // Self-describing: the block counts itself.
+            self.why(format!(
+                "new refcount block for clusters {}..{last} (describes itself)",
+                ti << bb,
+            ));
+            let zero = vec![0u8; self.cs as usize];
+            self.write_bytes(new_off, &zero)?;
+            let idx = new_c & low_mask(bb);
+            let order = self.order;
+            set_refcount(self.cluster(new_c), order, idx, 1);
+            self.record(Target::Refcount { cluster: new_c }, 0, 1);
+        } else {
+            self.why(format!(
+                "new refcount block for clusters {}..{last}",
+                ti << bb,
+            ));
+            let other_ti = new_c >> bb;
+            // Its own refcount lives in another block, which must exist.
+            let _ = self.refcount_block_for(other_ti, new_c)?;
+            self.update_one(new_c, 1, false)?;
+            let zero = vec![0u8; self.cs as usize];
+            self.write_bytes(new_off, &zero)?;
+        }
+        self.allocated
+            .push((new_off, self.cs, "refcount block".into()));
+        self.record(
+            Target::Allocate {
+                offset: new_off,
+                length: self.cs,
+                purpose: format!(
+                    "refcount block (refcount table entry {ti}, needed for cluster {for_cluster})"
+                ),
+            },
+            new_c,
+            new_c,
+        );
+        if ti >= self.reftable_len() {
+            // No room in the table for the block: a new, larger table with
+            // self-describing blocks after everything counted so far.
+            let rbs = 1u64 << bb;
+            let blocks_used = for_cluster
+                .saturating_add(1)
+                .max(new_c.saturating_add(1))
+                .div_ceil(rbs);
+            let meta = self.clusters_bytes(blocks_used.saturating_mul(rbs));
+            self.refcount_area(meta, ti, new_off)?;
+            self.reason = saved;
+            return Err(SimError::Again);
+        }
+        let entry_off = self.reftable_entry_offset(ti);
+        let before = self.read_u64(entry_off);
+        self.write_u64(entry_off, new_off)?;
+        self.reason = format!("refcount table entry {ti} now points at the new block");
+        self.record(
+            Target::Header {
+                field: "refcount table entry",
+            },
+            before,
+            new_off,
+        );
+        self.note(
+            "the new refcount block may sit where the clusters being counted were meant to go: QEMU undoes this update and searches again (EAGAIN)"
+            .to_string(),
+        );
+        self.reason = saved;
+        Err(SimError::Again)
+    }
+
+    /// QEMU's `qcow2_refcount_metadata_size`: how many refcount blocks it
+    /// takes to count `clusters` clusters plus the blocks and the table
+    /// themselves (with half the table again to spare when `generous`).
+    pub(super) fn refcount_blocks_needed(&self, mut clusters: u64, mut generous: bool) -> u64 {
+        let per_table_cluster = self.cs / 8;
+        let per_block = 1u64 << self.block_bits();
+        let (mut table, mut blocks, mut n) = (0u64, 0u64, 0u64);
+        loop {
+            let last = n;
+            blocks = clusters
+                .saturating_add(table)
+                .saturating_add(blocks)
+                .div_ceil(per_block);
+            table = blocks.div_ceil(per_table_cluster);
+            n = clusters.saturating_add(blocks).saturating_add(table);
+            if n == last && generous {
+                clusters = clusters.saturating_add(table.div_ceil(2));
+                n = 0;
+                generous = false;
+            }
+            if n == last {
+                return blocks;
+            }
+        }
+    }
+
+    /// QEMU's `qcow2_refcount_area` as `alloc_refcount_block` calls it: from
+    /// `start` on, the refcount blocks still missing, then a new refcount table
+    /// (half as large again as needed), all counted by themselves; the header
+    /// switches to it and the old table is freed.
+    pub(super) fn refcount_area(
+        &mut self,
+        start: u64,
+        new_ti: u64,
+        new_block: u64,
+    ) -> SimResult<()> {
+        let cs = self.cs;
+        let bb = self.block_bits();
+        let rbs = 1u64 << bb;
+        let total = self.refcount_blocks_needed(self.cluster_of(start), true);
+        let per_cluster = cs / 8;
+        let table_size = total
+            .saturating_add(total.div_ceil(2))
+            .div_ceil(per_cluster)
+            .saturating_mul(per_cluster);
+        if table_size.saturating_mul(8) > crate::refcount::MAX_REFTABLE_BYTES {
+            return Err(SimError::Qemu(
+                "the refcount table would grow past 8 MiB (EFBIG)".into(),
+            ));
+        }
+        let table_clusters = table_size.checked_div(per_cluster).unwrap_or(0);
+        let old_len = self.reftable_len();
+        let mut table: Vec<u64> = (0..table_size.min(old_len))
+            .map(|i| self.read_u64(self.reftable_entry_offset(i)))
+            .collect();
+        table.resize(table_size as usize, 0);
+        if let Some(slot) = table.get_mut(new_ti as usize) {
+            *slot = new_block;
+        }
+        let area_ti = self.cluster_of(start) >> bb;
+        let missing = (area_ti..total)
+            .filter(|&i| table.get(i as usize).is_some_and(|&e| e == 0))
+            .count() as u64;
+        let table_offset = start.saturating_add(self.clusters_bytes(missing));
+        let end = table_offset.saturating_add(self.clusters_bytes(table_clusters));
+        self.why(format!(
+            "the refcount table is full: {missing} new refcount block(s) at {start:#x} and a table of {table_clusters} cluster(s) at {table_offset:#x}, counting themselves"
+        ));
+        let mut block_offset = start;
+        let order = self.order;
+        for i in area_ti..total {
+            let existing = table.get(i as usize).copied().unwrap_or(0);
+            let block = if existing != 0 {
+                existing & crate::refcount::REFT_OFFSET_MASK
+            } else {
+                let b = block_offset;
+                self.write_bytes(b, &vec![0u8; cs as usize])?;
+                if let Some(slot) = table.get_mut(i as usize) {
+                    *slot = b;
+                }
+                self.allocated.push((b, cs, "refcount block".into()));
+                self.record(
+                    Target::Allocate {
+                        offset: b,
+                        length: cs,
+                        purpose: format!("refcount block (new refcount table entry {i})"),
+                    },
+                    self.cluster_of(b),
+                    self.cluster_of(b),
+                );
+                block_offset = block_offset.saturating_add(cs);
+                b
+            };
+            let first = self.clusters_bytes(i.saturating_mul(rbs));
+            if first < end {
+                let j0 = if first < start {
+                    self.cluster_of(start.saturating_sub(first))
+                } else {
+                    0
+                };
+                let j1 = self.cluster_of(end.saturating_sub(first)).min(rbs);
+                let bc = self.cluster_of(block);
+                for j in j0..j1 {
+                    let cur = get_refcount(self.cluster(bc), order, j);
+                    set_refcount(self.cluster(bc), order, j, 1);
+                    self.record(
+                        Target::Refcount {
+                            cluster: i.saturating_mul(rbs).saturating_add(j),
+                        },
+                        cur,
+                        1,
+                    );
+                }
+            }
+        }
+        let bytes: Vec<u8> = table.iter().flat_map(|e| e.to_be_bytes()).collect();
+        self.write_bytes(table_offset, &bytes)?;
+        self.allocated.push((
+            table_offset,
+            self.clusters_bytes(table_clusters),
+            "the new refcount table".into(),
+        ));
+        self.record(
+            Target::Allocate {
+                offset: table_offset,
+                length: self.clusters_bytes(table_clusters),
+                purpose: format!("the new refcount table ({table_size} entries)"),
+            },
+            self.cluster_of(table_offset),
+            self.cluster_of(table_offset),
+        );
+        let (old_off, old_clusters) = (self.refcount_table_offset, self.refcount_table_clusters);
+        self.why("the header points at the new refcount table");
+        self.set_header_u64(48, "refcount_table_offset", table_offset)?;
+        self.set_header_u32(56, "refcount_table_clusters", table_clusters as u32)?;
+        self.refcount_table_offset = table_offset;
+        self.refcount_table_clusters = table_clusters as u32;
+        self.file_len = self.file_len.max(end);
+        self.free_clusters(
+            old_off,
+            self.clusters_bytes(u64::from(old_clusters)),
+            "the old refcount table",
+        );
+        Ok(())
+    }
+}

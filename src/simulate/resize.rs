@@ -1,0 +1,247 @@
+//! Growing and shrinking: the active L1 table, the disk (`qemu-img resize`)
+//! and the refcount table after a shrink.
+
+use super::Sim;
+use super::SimError;
+use super::SimResult;
+use super::change::Target;
+use crate::refcount::get_refcount;
+use crate::refcount::set_refcount;
+use crate::tables::L1E_OFFSET_MASK;
+use crate::types::low_mask;
+
+impl Sim {
+    /// QEMU's `qcow2_grow_l1_table`: a new, larger active L1 in new clusters,
+    /// the header repointed, the old table freed.
+    pub(super) fn grow_l1_table(&mut self, min_size: u64, exact: bool) -> SimResult<()> {
+        let old_len = self.l1.len() as u64;
+        if min_size <= old_len {
+            return Ok(());
+        }
+        let new_len = if exact {
+            min_size
+        } else {
+            // Grown by half again until it fits, to grow less often.
+            let mut n = old_len.max(1);
+            while min_size > n {
+                n = n.saturating_mul(3).div_ceil(2);
+            }
+            n
+        };
+        if new_len > crate::tables::MAX_L1_ENTRIES {
+            return Err(SimError::Qemu(format!(
+                "an L1 table of {new_len} entries is larger than QEMU allows (EFBIG)"
+            )));
+        }
+        let bytes = new_len.saturating_mul(8);
+        let off = self.alloc_clusters(
+            bytes,
+            &format!("the active L1 table grown to {new_len} entries"),
+        )?;
+        let mut table = self.l1.clone();
+        table.resize(new_len as usize, 0);
+        let buf: Vec<u8> = table.iter().flat_map(|e| e.to_be_bytes()).collect();
+        self.write_bytes(off, &buf)?;
+        self.record(
+            Target::Copy {
+                from: format!("active L1 at {:#x}", self.l1_table_offset),
+                to: off,
+                length: old_len.saturating_mul(8),
+            },
+            0,
+            0,
+        );
+        let saved = self.reason.clone();
+        self.why("the header points at the grown L1 table");
+        self.set_header_u32(36, "l1_size", new_len as u32)?;
+        self.set_header_u64(40, "l1_table_offset", off)?;
+        let old_off = self.l1_table_offset;
+        self.l1 = table;
+        self.l1_table_offset = off;
+        self.reason = saved;
+        self.free_clusters(
+            old_off,
+            old_len.saturating_mul(8),
+            "the old active L1 table",
+        );
+        Ok(())
+    }
+
+    /// `qemu-img resize [--shrink]`.
+    pub(super) fn resize(&mut self, size: u64, shrink: bool) -> SimResult<()> {
+        if size == 0 {
+            return Err(SimError::Qemu("New image size must be positive".into()));
+        }
+        if size < self.size && !shrink {
+            return Err(SimError::Qemu(
+                "Use the --shrink option to perform a shrink operation.".into(),
+            ));
+        }
+        self.truncate(size)
+    }
+
+    /// QEMU's `qcow2_co_truncate` (no preallocation).
+    pub(super) fn truncate(&mut self, size: u64) -> SimResult<()> {
+        if !size.is_multiple_of(512) {
+            return Err(SimError::Qemu(
+                "The new size must be a multiple of 512 (EINVAL)".into(),
+            ));
+        }
+        if self.version < 3 && !self.snapshots.is_empty() {
+            return Err(SimError::Qemu(
+                "Can't resize a v2 image which has snapshots (ENOTSUP)".into(),
+            ));
+        }
+        if self.has_data_file {
+            return Err(SimError::NotModelled(
+                "resizing an image with an external data file".into(),
+            ));
+        }
+        let old = self.size;
+        let cs = self.cs;
+        let l1_needed = size.div_ceil(self.geo.l2_coverage());
+        if size > old && self.backing.is_some() {
+            // bdrv_co_truncate zero-fills the new area when the backing file
+            // would show through it.
+            let backing_len = self
+                .backing
+                .as_ref()
+                .and_then(|c| c.layers.first())
+                .map_or(0, |l| l.size());
+            if backing_len > old {
+                return Err(SimError::NotModelled(
+                    "growing over a longer backing file (QEMU zero-fills the new area)".into(),
+                ));
+            }
+        }
+        if size < old {
+            self.why("shrinking: the clusters past the new end are discarded");
+            let from = size.div_ceil(cs).saturating_mul(cs);
+            if from < old {
+                self.discard_clusters(from, old, true)?;
+            }
+            self.shrink_l1_table(l1_needed)?;
+            self.shrink_reftable()?;
+            // The file is cut after its last cluster in use.
+            let mut last = self.file_len.div_ceil(cs);
+            while last > 0 && self.get_refcount(last.saturating_sub(1))? == 0 {
+                last = last.saturating_sub(1);
+            }
+            let end = self.clusters_bytes(last);
+            if end < self.file_len {
+                self.note(format!(
+                    "the image file is cut to {end} bytes, after its last cluster in use"
+                ));
+                self.file_len = end;
+                self.zero_from = self.zero_from.min(end);
+                let first_gone = last;
+                self.clusters.retain(|&c, _| c < first_gone);
+            }
+        } else {
+            self.grow_l1_table(l1_needed, true)?;
+        }
+        self.why("the new disk size");
+        self.set_header_u64(24, "size", size)?;
+        self.size = size;
+        Ok(())
+    }
+
+    /// QEMU's `qcow2_shrink_l1_table`: the entries past `keep` are zeroed and
+    /// their L2 tables freed (the table keeps its size).
+    pub(super) fn shrink_l1_table(&mut self, keep: u64) -> SimResult<()> {
+        let len = self.l1.len() as u64;
+        if keep >= len {
+            return Ok(());
+        }
+        let off = self.l1_table_offset;
+        let zeros = vec![0u8; len.saturating_sub(keep).saturating_mul(8) as usize];
+        self.write_bytes(off.saturating_add(keep.saturating_mul(8)), &zeros)?;
+        for i in (keep..len).rev() {
+            let e = self.l1.get(i as usize).copied().unwrap_or(0);
+            let l2 = e & L1E_OFFSET_MASK;
+            if l2 == 0 {
+                continue;
+            }
+            self.why("shrinking: the L1 entry is past the new end");
+            self.record(
+                Target::L1Entry {
+                    table: "active L1".into(),
+                    table_offset: off,
+                    index: i,
+                },
+                e,
+                0,
+            );
+            self.free_clusters(
+                l2,
+                self.cs,
+                &format!("the L2 table of active L1[{i}], past the new end"),
+            );
+            if let Some(slot) = self.l1.get_mut(i as usize) {
+                *slot = 0;
+            }
+        }
+        Ok(())
+    }
+
+    /// QEMU's `qcow2_shrink_reftable`: refcount blocks that count nothing (but
+    /// perhaps themselves) are dropped from the table.
+    pub(super) fn shrink_reftable(&mut self) -> SimResult<()> {
+        let bb = self.block_bits();
+        let order = self.order;
+        let mut dropped = Vec::new();
+        for ti in 0..self.reftable_len() {
+            let at = self.reftable_entry_offset(ti);
+            let block = self.read_u64(at) & crate::refcount::REFT_OFFSET_MASK;
+            if block == 0 {
+                continue;
+            }
+            let bc = self.cluster_of(block);
+            let own = (bc >> bb == ti).then(|| bc & low_mask(bb));
+            let data = self.cluster(bc).to_vec();
+            let mut scratch = data;
+            if let Some(idx) = own {
+                set_refcount(&mut scratch, order, idx, 0);
+            }
+            if scratch.iter().all(|&b| b == 0) {
+                dropped.push((ti, block));
+            }
+        }
+        for &(ti, block) in &dropped {
+            self.why(format!(
+                "shrinking: refcount block {ti} counts nothing and leaves the table"
+            ));
+            let at = self.reftable_entry_offset(ti);
+            self.write_u64(at, 0)?;
+            self.record(
+                Target::Header {
+                    field: "refcount table entry",
+                },
+                block,
+                0,
+            );
+        }
+        for (ti, block) in dropped {
+            let bc = self.cluster_of(block);
+            if bc >> bb != ti {
+                // Counted by another block: its entry goes from 1 to 0.
+                let oti = bc >> bb;
+                let ob = self.read_u64(self.reftable_entry_offset(oti))
+                    & crate::refcount::REFT_OFFSET_MASK;
+                if ob != 0 {
+                    let idx = bc & low_mask(bb);
+                    let obc = self.cluster_of(ob);
+                    let cur = get_refcount(self.cluster(obc), order, idx);
+                    set_refcount(self.cluster(obc), order, idx, 0);
+                    self.record(Target::Refcount { cluster: bc }, cur, 0);
+                }
+            }
+            if bc < self.free_cluster_index {
+                self.free_cluster_index = bc;
+            }
+            self.freed
+                .push((bc, format!("refcount block {ti}, no longer needed")));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,219 @@
+//! The refcount walk (`qcow2_update_snapshot_refcount`): addend +1, 0 or -1
+//! over every L2 table and cluster an L1 table names, then the COPIED flags.
+
+use super::Sim;
+use super::SimError;
+use super::SimResult;
+use super::change::Target;
+use super::overlap::Meta;
+use crate::tables::ClusterType;
+use crate::tables::CompressedDescriptor;
+use crate::tables::L1E_OFFSET_MASK;
+use crate::tables::L2E_OFFSET_MASK;
+use crate::tables::L2Entry;
+use crate::tables::OFLAG_COPIED;
+
+impl Sim {
+    // ---- the refcount walk ---------------------------------------------------
+
+    pub(super) fn l1_label(&self, offset: u64) -> String {
+        if offset == self.l1_table_offset {
+            return "active L1".into();
+        }
+        match self.snapshots.iter().find(|s| s.l1_table_offset == offset) {
+            Some(s) => format!("snapshot {} '{}' L1", s.id, s.name),
+            None => format!("L1 at {offset:#x}"),
+        }
+    }
+
+    /// QEMU's `qcow2_update_snapshot_refcount`. `active` selects the in-memory
+    /// active table (QEMU uses it when the offset is the active L1's).
+    pub(super) fn update_snapshot_refcount(
+        &mut self,
+        l1_offset: u64,
+        l1_size: u64,
+        addend: i32,
+    ) -> SimResult<()> {
+        let label = self.l1_label(l1_offset);
+        let active = l1_offset == self.l1_table_offset;
+        let mut table: Vec<u64> = if active {
+            self.l1.clone()
+        } else {
+            let raw = self.read_bytes(l1_offset, l1_size.saturating_mul(8));
+            raw.chunks_exact(8)
+                .map(|c| crate::bytes::be64(c, 0))
+                .collect()
+        };
+        let mut l1_modified = false;
+        let mut result = Ok(());
+        for i in 0..table.len() {
+            let Some(&old_l1) = table.get(i) else { break };
+            if old_l1 == 0 {
+                continue;
+            }
+            let l2 = old_l1 & L1E_OFFSET_MASK;
+            if !l2.is_multiple_of(self.cs) {
+                result = Err(SimError::Qemu(format!(
+                    "L2 table offset {l2:#x} unaligned (L1 index: {i:#x}) (EIO)"
+                )));
+                break;
+            }
+            if let Err(e) = self.walk_l2(l2, addend, &label, i) {
+                result = Err(e);
+                break;
+            }
+            if addend != 0 {
+                self.why(format!(
+                    "{}: the L2 table named by {label}[{i}]",
+                    if addend > 0 { "+1" } else { "-1" }
+                ));
+                if let Err(e) = self.update_one(self.cluster_of(l2), 1, addend < 0) {
+                    result = Err(e);
+                    break;
+                }
+            }
+            let r = match self.get_refcount(self.cluster_of(l2)) {
+                Ok(r) => r,
+                Err(e) => {
+                    result = Err(e);
+                    break;
+                }
+            };
+            let new_l1 = if r == 1 { l2 | OFLAG_COPIED } else { l2 };
+            if new_l1 != old_l1 {
+                if let Some(slot) = table.get_mut(i) {
+                    *slot = new_l1;
+                }
+                l1_modified = true;
+                self.why(if r == 1 {
+                    "COPIED set: the L2 table's refcount is exactly 1".to_string()
+                } else if r == 0 {
+                    "COPIED cleared: the L2 table's refcount is now 0 (freed)".to_string()
+                } else {
+                    format!("COPIED cleared: the L2 table's refcount is {r} (shared)")
+                });
+                self.record(
+                    Target::L1Entry {
+                        table: label.clone(),
+                        table_offset: l1_offset,
+                        index: i as u64,
+                    },
+                    old_l1,
+                    new_l1,
+                );
+            }
+        }
+        if active {
+            // QEMU modified its in-memory table in place.
+            self.l1.clone_from(&table);
+        }
+        if result.is_ok() && addend >= 0 && l1_modified {
+            let bytes: Vec<u8> = table.iter().flat_map(|e| e.to_be_bytes()).collect();
+            result = self.write_bytes(l1_offset, &bytes);
+        } else if l1_modified && addend < 0 {
+            self.note(format!(
+                "the {label} is not written back: with addend -1 it is about to be deleted"
+            ));
+        }
+        result
+    }
+
+    /// The L2 pass of the walk over the table at `l2` (named by `label[i]`):
+    /// the addend on every cluster it names, then COPIED on every entry whose
+    /// cluster's refcount is now exactly 1.
+    fn walk_l2(&mut self, l2: u64, addend: i32, label: &str, i: usize) -> SimResult<()> {
+        let step = self.geo.l2_entry_size();
+        let entries = self.geo.l2_entries();
+        let sign = if addend > 0 { "+1" } else { "-1" };
+        let data_reason = format!("{sign}: data cluster named by {label}[{i}] -> L2 {l2:#x}");
+        let compressed_reason =
+            format!("{sign}: compressed data named by {label}[{i}] -> L2 {l2:#x}");
+        let mut copied_reason: (u64, String) = (u64::MAX, String::new());
+        for j in 0..entries {
+            let eoff = l2.saturating_add(j.saturating_mul(step));
+            let old = self.read_u64(eoff);
+            let entry = old & !OFLAG_COPIED;
+            let off = entry & L2E_OFFSET_MASK;
+            let e = L2Entry {
+                raw: entry,
+                bitmap: 0,
+            };
+            let refcount = match e.cluster_type(&self.geo, self.has_data_file) {
+                ClusterType::Compressed => {
+                    if addend != 0 {
+                        let d = CompressedDescriptor::decode(entry, &self.geo);
+                        self.reason.clone_from(&compressed_reason);
+                        self.update_refcount(d.offset.0, d.size, 1, addend < 0)?;
+                    }
+                    2
+                }
+                ClusterType::Normal | ClusterType::ZeroAlloc => {
+                    if !off.is_multiple_of(self.cs) {
+                        return Err(SimError::Qemu(format!(
+                            "Cluster allocation offset {off:#x} unaligned (L2 offset: {l2:#x}, L2 index: {j:#x}) (EIO)"
+                        )));
+                    }
+                    if addend != 0 {
+                        self.reason.clone_from(&data_reason);
+                        self.update_one(self.cluster_of(off), 1, addend < 0)?;
+                    }
+                    self.get_refcount(self.cluster_of(off))?
+                }
+                _ => 0,
+            };
+            let new = if refcount == 1 {
+                entry | OFLAG_COPIED
+            } else {
+                entry
+            };
+            if new != old {
+                if copied_reason.0 != refcount {
+                    copied_reason = (
+                        refcount,
+                        if new & OFLAG_COPIED != 0 {
+                            "COPIED set: refcount is now exactly 1".to_string()
+                        } else if refcount == 0 {
+                            "COPIED cleared: refcount is now 0 (freed)".to_string()
+                        } else {
+                            format!("COPIED cleared: refcount is now {refcount} (shared)")
+                        },
+                    );
+                }
+                self.reason.clone_from(&copied_reason.1);
+                self.overlap_check(Some(Meta::ActiveL2), eoff, step)?;
+                self.write_u64(eoff, new)?;
+                self.record(
+                    Target::L2Entry {
+                        table_offset: l2,
+                        index: j,
+                    },
+                    old,
+                    new,
+                );
+            }
+        }
+        Ok(())
+    }
+
+    pub(super) fn refcount_walk(&mut self, l1: &str, addend: i32) -> SimResult<()> {
+        if l1 == "active" {
+            return self.update_snapshot_refcount(
+                self.l1_table_offset,
+                self.l1.len() as u64,
+                addend,
+            );
+        }
+        let Some(i) = self.find_snapshot(l1) else {
+            return Err(SimError::Qemu(format!(
+                "no snapshot '{l1}' (use 'active' or a snapshot ID or name)"
+            )));
+        };
+        let sn = self
+            .snapshots
+            .get(i)
+            .cloned()
+            .ok_or_else(|| SimError::Qemu("no snapshot".into()))?;
+        self.check_snapshot_l1(&sn)?;
+        self.update_snapshot_refcount(sn.l1_table_offset, u64::from(sn.l1_size), addend)
+    }
+}
