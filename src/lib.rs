@@ -141,16 +141,14 @@
 )]
 
 pub mod analysis;
-pub mod check;
 pub mod error;
 pub mod format;
 pub mod opened;
-pub mod simulate;
 #[cfg(test)]
 pub(crate) mod testing;
 
 // Every module keeps its path at the crate root (`qinspect::header`, `crate::tables`, ...).
-pub use analysis::{compare, info, locate, lookup, map};
+pub use analysis::{check, compare, info, locate, lookup, map, simulate};
 pub use format::{bitmap, bytes, compress, header, refcount, snapshot, tables, types};
 pub use opened::{chain, crypto, image, io};
 

@@ -9,13 +9,16 @@
 //! * [`locate`] — which structure (header field, table entry, snapshot record) a
 //!   host offset belongs to.
 //!
-//! The two larger analyses, [`check`](crate::check) (refcount consistency the way
-//! `qemu-img check` sees it) and [`simulate`](crate::simulate) (what QEMU's writes
-//! would change, in memory), still sit at the crate root; they belong to this layer
-//! and keep their paths when they move here.
+//! * [`check`] — refcount consistency the way `qemu-img check` sees it: the walk
+//!   that counts references, the comparison with the stored refcounts, COPIED flags
+//!   and overlaps.
+//! * [`simulate`] — what QEMU's writes, discards and snapshot operations would
+//!   change, in memory, with every refcount change and its reason.
 
+pub mod check;
 pub mod compare;
 pub mod info;
 pub mod locate;
 pub mod lookup;
 pub mod map;
+pub mod simulate;
