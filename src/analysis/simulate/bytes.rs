@@ -111,6 +111,12 @@ impl Sim {
                 "a write at {off:#x} would grow the image file to {end} bytes, past what file systems allow (EFBIG)"
             )));
         }
+        let table_end = self
+            .refcount_table_offset
+            .saturating_add(self.clusters_bytes(u64::from(self.refcount_table_clusters)));
+        if off < table_end && self.refcount_table_offset < end {
+            self.reftable_writes = self.reftable_writes.wrapping_add(1);
+        }
         let mut pos = off;
         let mut rest = data;
         while !rest.is_empty() {

@@ -147,6 +147,12 @@ pub struct Sim {
     zero_from: u64,
     /// For a throw-away overlay: the image under it, and the snapshot shown.
     overlay_of: Option<(PathBuf, Option<String>)>,
+    /// Bumped on every write into the refcount table, so that the overlap
+    /// check's memo knows when the refcount blocks may have moved.
+    reftable_writes: u64,
+    /// The overlap check's memo: the metadata layout it was made for, and the
+    /// clusters an L2-entry write was found not to overlap under that layout.
+    overlap_memo: (overlap::Layout, std::collections::HashSet<u64>),
 }
 
 /// Why a simulated operation fails (or would go where the simulator does not
@@ -267,6 +273,8 @@ impl Sim {
             not_modelled,
             zero_from: u64::MAX,
             overlay_of: None,
+            reftable_writes: 0,
+            overlap_memo: Default::default(),
             base: img.src.clone(),
             path: path.to_path_buf(),
             geo,

@@ -48,7 +48,38 @@ impl Meta {
     }
 }
 
+/// What the overlap check of an L2-entry write depends on, apart from the
+/// active L2 tables it ignores: where the L1 table, the refcount table and its
+/// blocks, the snapshot table and the snapshots' L1 tables are. While it stays
+/// the same, a cluster found clear stays clear, so a walk that rewrites every
+/// entry of a large image checks each L2 table once instead of once per entry.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(super) struct Layout {
+    l1: (u64, usize),
+    reftable: (u64, u32, u64),
+    snapshot_table: (u64, u64),
+    snapshot_l1s: Vec<(u64, u32)>,
+}
+
 impl Sim {
+    /// The metadata layout the overlap memo is valid for.
+    fn layout(&self) -> Layout {
+        Layout {
+            l1: (self.l1_table_offset, self.l1.len()),
+            reftable: (
+                self.refcount_table_offset,
+                self.refcount_table_clusters,
+                self.reftable_writes,
+            ),
+            snapshot_table: (self.snapshots_offset, self.snapshots_size),
+            snapshot_l1s: self
+                .snapshots
+                .iter()
+                .map(|s| (s.l1_table_offset, s.l1_size))
+                .collect(),
+        }
+    }
+
     /// The first metadata structure the clusters of `offset..offset + size`
     /// overlap, `ignore` aside.
     fn overlapping(&mut self, ignore: Option<Meta>, offset: u64, size: u64) -> Option<Meta> {
@@ -113,7 +144,25 @@ impl Sim {
         offset: u64,
         size: u64,
     ) -> SimResult<()> {
+        // An L2-entry write inside one cluster: remembered per layout.
+        let memo = (ignore == Some(Meta::ActiveL2)
+            && size != 0
+            && self.cluster_of(offset)
+                == self.cluster_of(offset.saturating_add(size.saturating_sub(1))))
+        .then(|| self.cluster_of(offset));
+        if let Some(c) = memo {
+            let layout = self.layout();
+            if self.overlap_memo.0 != layout {
+                self.overlap_memo = (layout, Default::default());
+            }
+            if self.overlap_memo.1.contains(&c) {
+                return Ok(());
+            }
+        }
         let Some(m) = self.overlapping(ignore, offset, size) else {
+            if let Some(c) = memo {
+                self.overlap_memo.1.insert(c);
+            }
             return Ok(());
         };
         let saved = self.reason.clone();
