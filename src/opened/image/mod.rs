@@ -244,13 +244,13 @@ impl Qcow2 {
                 return Err(Error::corrupt(
                     CorruptKind::SnapshotTable,
                     h.snapshots_offset,
-                    e.clone(),
+                    e.to_string(),
                 ));
             }
             problems.push(Error::invalid(
                 "snapshot table",
                 h.snapshots_offset,
-                e.clone(),
+                e.to_string(),
             ));
         }
 
