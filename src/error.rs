@@ -178,3 +178,15 @@ impl Error {
         }
     }
 }
+
+/// Serialize an optional error as its message (`None` as null), for report fields
+/// that hold an [`Error`] but are written to JSON as text.
+pub fn serialize_message<S: serde::Serializer>(
+    e: &Option<std::sync::Arc<Error>>,
+    s: S,
+) -> std::result::Result<S::Ok, S::Error> {
+    match e {
+        Some(e) => s.serialize_some(&e.to_string()),
+        None => s.serialize_none(),
+    }
+}

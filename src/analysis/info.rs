@@ -266,7 +266,7 @@ pub fn extra_info(img: &Qcow2) -> Map<String, Value> {
         m.insert("bitmap-directory-error".into(), json!(e.to_string()));
     }
     if let Some(e) = &img.snapshots.error {
-        m.insert("snapshot-table-error".into(), json!(e));
+        m.insert("snapshot-table-error".into(), json!(e.to_string()));
     }
     m
 }

@@ -19,6 +19,7 @@ use crate::bytes::{align8, be16, be32, be64, slice, text};
 use crate::error::{Error, Result};
 use crate::io::{Source, read_into};
 use serde::Serialize;
+use std::sync::Arc;
 
 /// QEMU refuses more than 65536 snapshots.
 pub const MAX_SNAPSHOTS: u64 = 65536;
@@ -81,8 +82,11 @@ pub struct SnapshotTable {
     /// Bytes used, up to the end of the last name (QEMU's `snapshots_size`).
     pub size: u64,
     /// Why the table could not be read completely, if it could not.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub error: Option<String>,
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "crate::error::serialize_message"
+    )]
+    pub error: Option<Arc<Error>>,
     /// The table runs past the end of the file (QEMU reads zeros there).
     pub past_eof: bool,
 }
@@ -182,9 +186,13 @@ pub fn read_table(src: &dyn Source, offset: u64, count: u32) -> SnapshotTable {
         return table;
     }
     if u64::from(count) > MAX_SNAPSHOTS {
-        table.error = Some(format!(
-            "snapshot table at {offset:#x}: {count} snapshots is more than QEMU's limit of {MAX_SNAPSHOTS} (File too large)"
-        ));
+        table.error = Some(Arc::new(Error::invalid(
+            "snapshot table",
+            offset,
+            format!(
+                "{count} snapshots is more than QEMU's limit of {MAX_SNAPSHOTS} (File too large)"
+            ),
+        )));
         return table;
     }
     let mut pos = offset;
@@ -200,16 +208,19 @@ pub fn read_table(src: &dyn Source, offset: u64, count: u32) -> SnapshotTable {
                 }
                 table.size = end.saturating_sub(offset);
                 if table.size > MAX_TABLE_BYTES {
-                    table.error = Some(format!(
-                        "snapshot table at {offset:#x} is larger than 64 MiB at entry {index}: Snapshot table is too big"
-                    ));
+                    table.error = Some(Arc::new(Error::unsupported(
+                        format!(
+                            "snapshot table at {offset:#x} is larger than 64 MiB at entry {index}"
+                        ),
+                        "Snapshot table is too big",
+                    )));
                     return table;
                 }
                 table.snapshots.push(sn);
                 pos = align8(end);
             }
             Err(e) => {
-                table.error = Some(e.to_string());
+                table.error = Some(Arc::new(e));
                 return table;
             }
         }
@@ -337,18 +348,25 @@ mod tests {
     fn rejects_oversized_extra_and_truncation() {
         let src = MemSource::new("t", entry("1", "x", &vec![0u8; 2000]));
         let t = read_table(&src, 0, 1);
-        assert!(t.error.unwrap().contains("Too much extra metadata"));
+        assert!(
+            t.error
+                .is_some_and(|e| e.to_string().contains("Too much extra metadata"))
+        );
         // Past the end of the file, QEMU reads zeros: an empty entry.
         let src = MemSource::new("t", entry("1", "x", &[])[..30].to_vec());
         let t = read_table(&src, 0, 1);
         assert!(t.error.is_none() && t.past_eof);
         assert_eq!(t.snapshots[0].name, "");
         let src = MemSource::new("t", vec![]);
-        assert!(
+        // The error is a value now; its message is the one shown before.
+        assert_eq!(
             read_table(&src, 0, u32::MAX)
                 .error
-                .unwrap()
-                .contains("File too large")
+                .map(|e| e.to_string())
+                .as_deref(),
+            Some(
+                "snapshot table at 0x0: 4294967295 snapshots is more than QEMU's limit of 65536 (File too large)"
+            )
         );
     }
 }

@@ -8,7 +8,7 @@ use super::report::{Category, CheckReport, FindingKind, L1Id, Referrer, Role};
 use super::walk::Walk;
 use crate::image::{Qcow2, RefcountReader};
 use crate::io::read_into;
-use crate::tables::{ClusterType, L1E_OFFSET_MASK, L2E_OFFSET_MASK, L2Entry};
+use crate::tables::{ClusterType, L2Entry};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
@@ -108,7 +108,7 @@ fn l1_half(walk: &mut Walk, stored: &mut RefcountReader) -> ActiveL2s {
     // Each active L2 table is read once; its entries are checked once per L1 entry naming it.
     let mut weights = ActiveL2s::new();
     for (i, e) in img.l1.iter().enumerate() {
-        let l2 = e.0 & L1E_OFFSET_MASK;
+        let l2 = e.l2_offset().map_or(0, |o| o.0);
         if l2 == 0 {
             continue;
         }
@@ -168,7 +168,7 @@ fn l2_half(cp: &mut Copied, l2: u64, w: u64, l1s: &[u64], buf: &[u8]) {
             j = j.saturating_add(1);
             continue;
         }
-        let c = (raw & L2E_OFFSET_MASK) >> cbits;
+        let c = L2Entry::from_word(raw).host_offset().0 >> cbits;
         // The entries after this one that continue it (same flags, next host
         // cluster) are judged with it, one refcount block span at a time.
         let mut k = 1usize;
@@ -181,7 +181,9 @@ fn l2_half(cp: &mut Copied, l2: u64, w: u64, l1s: &[u64], buf: &[u8]) {
                     .map(|b| crate::bytes::be64(b, 0))
                     .take_while(|&r| {
                         let want = next.wrapping_add(cs);
-                        let ok = r == want && (want & L2E_OFFSET_MASK) > (next & L2E_OFFSET_MASK);
+                        let ok = r == want
+                            && L2Entry::from_word(want).host_offset().0
+                                > L2Entry::from_word(next).host_offset().0;
                         next = want;
                         ok
                     })
@@ -208,7 +210,7 @@ fn l2_half(cp: &mut Copied, l2: u64, w: u64, l1s: &[u64], buf: &[u8]) {
             .walk
             .find(FindingKind::Corruption, Category::Copied, msg, w)
         {
-            f.cluster = Some((raw & L2E_OFFSET_MASK) >> cbits);
+            f.cluster = Some(L2Entry::from_word(raw).host_offset().0 >> cbits);
             f.offset = Some(l2.saturating_add((j as u64).saturating_mul(step as u64)));
             f.refcount = Some(r);
             f.repair = Some(format!(

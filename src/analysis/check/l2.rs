@@ -5,8 +5,7 @@ use super::visit::{Ctx, Visitor};
 use super::walk::Walk;
 use crate::io::read_into;
 use crate::tables::{
-    ClusterType, CompressedDescriptor, L2E_OFFSET_MASK, L2E_STD_RESERVED_MASK, L2Entry,
-    OFLAG_COPIED, OFLAG_ZERO,
+    ClusterType, CompressedDescriptor, L2E_STD_RESERVED_MASK, L2Entry, OFLAG_COPIED, OFLAG_ZERO,
 };
 
 impl Walk<'_> {
@@ -66,7 +65,7 @@ impl Walk<'_> {
                 && raw == run_raw.wrapping_add(cs)
                 && raw & L2E_STD_RESERVED_MASK == 0
                 && idx.saturating_add(n) == i as u64
-                && (raw & L2E_OFFSET_MASK) < self.file_len
+                && L2Entry::from_word(raw).host_offset().0 < self.file_len
             {
                 // The entries after this one that continue the run, in one
                 // tight scan (the same tests as above, entry after entry).
@@ -80,7 +79,7 @@ impl Walk<'_> {
                     .take_while(|&r| {
                         let ok = r == last.wrapping_add(cs)
                             && r & L2E_STD_RESERVED_MASK == 0
-                            && (r & L2E_OFFSET_MASK) < file_len;
+                            && L2Entry::from_word(r).host_offset().0 < file_len;
                         if ok {
                             last = r;
                         }
@@ -97,7 +96,7 @@ impl Walk<'_> {
                     r.allocated_clusters = r
                         .allocated_clusters
                         .saturating_add(active.saturating_mul(taken));
-                    next_contiguous = (last & L2E_OFFSET_MASK).wrapping_add(cs);
+                    next_contiguous = L2Entry::from_word(last).host_offset().0.wrapping_add(cs);
                 }
                 continue;
             }
@@ -168,7 +167,7 @@ impl Walk<'_> {
                     r.fragmented_clusters = r.fragmented_clusters.saturating_add(active);
                 }
                 ClusterType::ZeroAlloc | ClusterType::Normal => {
-                    let off = raw & L2E_OFFSET_MASK;
+                    let off = L2Entry::from_word(raw).host_offset().0;
                     if (bitmap >> 32) & bitmap != 0 {
                         let msg = format!(
                             "ERROR offset={off:x}: Allocated cluster has corrupted subcluster allocation bitmap"

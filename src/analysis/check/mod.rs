@@ -98,7 +98,7 @@ pub fn check(img: &Qcow2, opts: &CheckOptions) -> CheckReport {
     if let Some(e) = &img.snapshots.error {
         let msg = format!("ERROR failed to read the snapshot table: {e}");
         walk.find(FindingKind::CheckError, Category::SnapshotTable, msg, 1);
-        walk.report.aborted = Some(e.clone());
+        walk.report.aborted = Some(e.to_string());
         return finish(walk, None);
     }
     if h.version >= 3 {

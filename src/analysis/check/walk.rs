@@ -9,7 +9,7 @@ use crate::bitmap;
 use crate::header::{AUTOCLEAR_BITMAPS, ExtensionKind};
 use crate::image::Qcow2;
 use crate::io::read_into;
-use crate::tables::{L1E_OFFSET_MASK, L1E_RESERVED_MASK, MAX_L1_ENTRIES};
+use crate::tables::{L1E_RESERVED_MASK, L1Entry, MAX_L1_ENTRIES};
 use crate::types::low_mask;
 use std::collections::BTreeMap;
 
@@ -202,7 +202,7 @@ impl<'a> Walk<'a> {
                     f.repair = Some("none: qemu-img check -r cannot fix reserved bits".into());
                 }
             }
-            let l2 = e & L1E_OFFSET_MASK;
+            let l2 = L1Entry(e).l2_offset().map_or(0, |o| o.0);
             self.inc(v, l2, self.cs, 1, Ctx::L2Table(id, i));
             if l2 & self.cmask != 0 {
                 let msg = format!(
@@ -526,7 +526,7 @@ impl<'a> Walk<'a> {
         let nb_clusters = self.file_len.div_ceil(self.cs);
         for (i, e) in table.iter().enumerate() {
             let i = i as u64;
-            let off = e.0 & crate::refcount::REFT_OFFSET_MASK;
+            let off = e.block_offset().map_or(0, |o| o.0);
             let cluster = off >> self.cbits;
             let rt_entry = self
                 .img

@@ -7,7 +7,6 @@ use super::SimResult;
 use super::change::Target;
 use crate::tables::ClusterType;
 use crate::tables::CompressedDescriptor;
-use crate::tables::L2E_OFFSET_MASK;
 use crate::tables::L2Entry;
 
 impl Sim {
@@ -131,7 +130,7 @@ impl Sim {
                 self.free_clusters(d.offset.0, d.size, purpose);
             }
             ClusterType::Normal | ClusterType::ZeroAlloc => {
-                let off = entry & L2E_OFFSET_MASK;
+                let off = L2Entry::from_word(entry).host_offset().0;
                 if !off.is_multiple_of(self.cs) {
                     self.note(format!("Cannot free unaligned cluster {off:#x}"));
                 } else if !self.has_data_file {

@@ -19,7 +19,7 @@
 
 use super::change::Target;
 use super::{Sim, SimError, SimResult};
-use crate::tables::{CompressedDescriptor, L2E_OFFSET_MASK};
+use crate::tables::{CompressedDescriptor, L2Entry};
 use crate::types::GuestOffset;
 
 /// qemu-io's default write pattern.
@@ -107,7 +107,7 @@ impl Sim {
         let l2 = self.cluster_table(guest)?;
         let index = self.geo.l2_index(GuestOffset(guest));
         let (raw, _) = self.l2_entry_at(l2, index);
-        if raw & L2E_OFFSET_MASK != 0 {
+        if L2Entry::from_word(raw).host_offset().0 != 0 {
             return Err(SimError::Qemu(format!(
                 "write failed: Input/output error (guest {guest:#x} is already allocated, and a compressed cluster never overwrites one) (EIO)"
             )));

@@ -9,8 +9,7 @@ use super::SimResult;
 use super::change::Target;
 use super::overlap::Meta;
 use crate::tables::ClusterType;
-use crate::tables::L1E_OFFSET_MASK;
-use crate::tables::L2E_OFFSET_MASK;
+use crate::tables::L1Entry;
 use crate::tables::L2Entry;
 use crate::tables::OFLAG_COPIED;
 use crate::tables::SubclusterType;
@@ -117,9 +116,9 @@ impl Sim {
             )));
         };
         if e & OFLAG_COPIED != 0 {
-            return Ok(e & L1E_OFFSET_MASK);
+            return Ok(L1Entry(e).l2_offset().map_or(0, |o| o.0));
         }
-        let old = e & L1E_OFFSET_MASK;
+        let old = L1Entry(e).l2_offset().map_or(0, |o| o.0);
         let saved = self.reason.clone();
         let purpose = if old == 0 {
             format!(
@@ -255,7 +254,7 @@ impl Sim {
                 let l2 = self.cluster_table(pos)?;
                 let (raw, bitmap) = self.l2_entry_at(l2, l2_index);
                 if !self.needs_new_alloc(raw) {
-                    let host = raw & L2E_OFFSET_MASK;
+                    let host = L2Entry::from_word(raw).host_offset().0;
                     if !host.is_multiple_of(cs) {
                         return Err(SimError::Qemu(format!(
                             "Data cluster offset {host:#x} unaligned (guest offset: {pos:#x}) (EIO)"
@@ -268,7 +267,9 @@ impl Sim {
                     let mut expect = host;
                     while keep < max_n {
                         let (r, _) = self.l2_entry_at(l2, l2_index.saturating_add(keep));
-                        if self.needs_new_alloc(r) || r & L2E_OFFSET_MASK != expect {
+                        if self.needs_new_alloc(r)
+                            || L2Entry::from_word(r).host_offset().0 != expect
+                        {
                             break;
                         }
                         expect = expect.saturating_add(cs);
@@ -308,7 +309,7 @@ impl Sim {
                             bm
                         };
                         let new_raw = if ty == ClusterType::ZeroAlloc && !self.geo.extended_l2 {
-                            (r & L2E_OFFSET_MASK) | OFLAG_COPIED
+                            L2Entry::from_word(r).host_offset().0 | OFLAG_COPIED
                         } else {
                             r
                         };
@@ -492,7 +493,10 @@ impl Sim {
         let (r, _) = self.l2_entry_at(l2, l2_index);
         let source = |me: &Self, raw: u64| -> String {
             match (L2Entry { raw, bitmap: 0 }).cluster_type(&me.geo, me.has_data_file) {
-                ClusterType::Normal => format!("the old cluster at {:#x}", raw & L2E_OFFSET_MASK),
+                ClusterType::Normal => format!(
+                    "the old cluster at {:#x}",
+                    L2Entry::from_word(raw).host_offset().0
+                ),
                 ClusterType::Compressed => "the decompressed old cluster".to_string(),
                 ClusterType::ZeroAlloc | ClusterType::ZeroPlain => {
                     "zeros (zero cluster)".to_string()

@@ -12,7 +12,7 @@
 //! the active L2 tables) and guest data clusters.
 
 use super::{Sim, SimError, SimResult};
-use crate::tables::L1E_OFFSET_MASK;
+use crate::tables::L1Entry;
 
 /// A kind of metadata, in the order QEMU checks them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -105,7 +105,7 @@ impl Sim {
             && self
                 .l1
                 .iter()
-                .any(|e| e & L1E_OFFSET_MASK != 0 && hits(e & L1E_OFFSET_MASK, self.cs))
+                .any(|e| L1Entry(*e).l2_offset().is_some_and(|o| hits(o.0, self.cs)))
         {
             return Some(Meta::ActiveL2);
         }

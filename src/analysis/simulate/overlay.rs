@@ -133,7 +133,7 @@ impl Sim {
     /// tables as simulated, then (for an overlay) the image under it as shown
     /// (its snapshot's L1 or its active one), as recorded notes.
     pub(super) fn trace(&mut self, guest: u64) -> super::SimResult<()> {
-        use crate::tables::{ClusterType, L1E_OFFSET_MASK, L2E_OFFSET_MASK};
+        use crate::tables::{ClusterType, L1Entry};
         use crate::types::{GuestOffset, HostOffset};
         if guest >= self.size {
             self.note(format!(
@@ -147,7 +147,9 @@ impl Sim {
             None => "the image",
         };
         let i = self.geo.l1_index(GuestOffset(guest));
-        let l2 = self.l1.get(i as usize).copied().unwrap_or(0) & L1E_OFFSET_MASK;
+        let l2 = L1Entry(self.l1.get(i as usize).copied().unwrap_or(0))
+            .l2_offset()
+            .map_or(0, |o| o.0);
         let mut falls = true;
         if l2 == 0 {
             self.note(format!(
@@ -160,7 +162,10 @@ impl Sim {
             let at = format!("{top}: active L1[{i}] -> L2 {l2:#x}[{j}] = {raw:#x}");
             match e.cluster_type(&self.geo, self.has_data_file) {
                 ClusterType::Normal => {
-                    let host = (raw & L2E_OFFSET_MASK).saturating_add(self.within(guest));
+                    let host = L2Entry::from_word(raw)
+                        .host_offset()
+                        .0
+                        .saturating_add(self.within(guest));
                     self.note(format!("{at}: data at host {host:#x} of {top}"));
                     falls = false;
                 }
@@ -214,7 +219,9 @@ impl Sim {
         };
         let geo = img.geometry();
         let i = geo.l1_index(GuestOffset(guest));
-        let l2 = l1.get(i as usize).copied().unwrap_or(0) & L1E_OFFSET_MASK;
+        let l2 = L1Entry(l1.get(i as usize).copied().unwrap_or(0))
+            .l2_offset()
+            .map_or(0, |o| o.0);
         if l2 == 0 {
             self.note(format!(
                 "{label}: L1[{i}] is 0: {}",
@@ -236,7 +243,8 @@ impl Sim {
         let what = match e.cluster_type(&geo, img.header.has_data_file()) {
             ClusterType::Normal => format!(
                 "data at host {:#x} of {}",
-                (e.raw & L2E_OFFSET_MASK)
+                e.host_offset()
+                    .0
                     .saturating_add(guest & crate::types::low_mask(geo.cluster_bits)),
                 base.display()
             ),
@@ -263,7 +271,7 @@ impl Sim {
     /// that takes more than its own tables: a backing file of its own, or
     /// subclusters).
     pub(super) fn base_reads_zero(&self, a: u64, b: u64) -> Option<bool> {
-        use crate::tables::{ClusterType, L1E_OFFSET_MASK};
+        use crate::tables::{ClusterType, L1Entry};
         use crate::types::{GuestOffset, HostOffset};
         if a >= b {
             return Some(true);
@@ -292,7 +300,9 @@ impl Sim {
         let mut g = a & !crate::types::low_mask(geo.cluster_bits);
         while g < b {
             let i = geo.l1_index(GuestOffset(g));
-            let l2 = l1.get(i as usize).copied().unwrap_or(0) & L1E_OFFSET_MASK;
+            let l2 = L1Entry(l1.get(i as usize).copied().unwrap_or(0))
+                .l2_offset()
+                .map_or(0, |o| o.0);
             let ty = if l2 == 0 {
                 ClusterType::Unallocated
             } else {

@@ -38,7 +38,9 @@ impl Sim {
             return Ok(0);
         }
         let e = self.read_u64(self.reftable_entry_offset(ti));
-        let block = e & crate::refcount::REFT_OFFSET_MASK;
+        let block = crate::refcount::RefTableEntry(e)
+            .block_offset()
+            .map_or(0, |o| o.0);
         if block == 0 {
             return Ok(0);
         }
@@ -129,7 +131,9 @@ impl Sim {
             return self.new_refcount_block(ti, for_cluster);
         }
         let e = self.read_u64(self.reftable_entry_offset(ti));
-        let block = e & crate::refcount::REFT_OFFSET_MASK;
+        let block = crate::refcount::RefTableEntry(e)
+            .block_offset()
+            .map_or(0, |o| o.0);
         if block != 0 {
             if !block.is_multiple_of(self.cs) {
                 return Err(SimError::Qemu(format!(
@@ -295,7 +299,9 @@ impl Sim {
         for i in area_ti..total {
             let existing = table.get(i as usize).copied().unwrap_or(0);
             let block = if existing != 0 {
-                existing & crate::refcount::REFT_OFFSET_MASK
+                crate::refcount::RefTableEntry(existing)
+                    .block_offset()
+                    .map_or(0, |o| o.0)
             } else {
                 let b = block_offset;
                 self.write_bytes(b, &vec![0u8; cs as usize])?;

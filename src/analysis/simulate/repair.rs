@@ -13,7 +13,7 @@
 
 use super::{Sim, SimError, SimResult, Target};
 use crate::check::{Category, CheckOptions, FindingKind, check};
-use crate::tables::{ClusterType, L1E_OFFSET_MASK, L2E_OFFSET_MASK, L2Entry, OFLAG_COPIED};
+use crate::tables::{ClusterType, L1Entry, L2Entry, OFLAG_COPIED};
 
 impl Sim {
     /// `qemu-img check -r leaks` (`all == false`) or `-r all`.
@@ -140,7 +140,7 @@ impl Sim {
         let l1_off = self.l1_table_offset;
         for i in 0..self.l1.len() as u64 {
             let e = self.l1.get(i as usize).copied().unwrap_or(0);
-            let l2 = e & L1E_OFFSET_MASK;
+            let l2 = L1Entry(e).l2_offset().map_or(0, |o| o.0);
             if l2 == 0 {
                 continue;
             }
@@ -174,7 +174,7 @@ impl Sim {
                 if !matches!(ty, ClusterType::Normal | ClusterType::ZeroAlloc) {
                     continue;
                 }
-                let off = raw & L2E_OFFSET_MASK;
+                let off = L2Entry::from_word(raw).host_offset().0;
                 let r = self.get_refcount(self.cluster_of(off))?;
                 let want = if r == 1 {
                     raw | OFLAG_COPIED

@@ -7,7 +7,7 @@ use super::SimResult;
 use super::change::Target;
 use crate::refcount::get_refcount;
 use crate::refcount::set_refcount;
-use crate::tables::L1E_OFFSET_MASK;
+use crate::tables::L1Entry;
 use crate::types::low_mask;
 
 impl Sim {
@@ -158,7 +158,7 @@ impl Sim {
         self.write_bytes(off.saturating_add(keep.saturating_mul(8)), &zeros)?;
         for i in (keep..len).rev() {
             let e = self.l1.get(i as usize).copied().unwrap_or(0);
-            let l2 = e & L1E_OFFSET_MASK;
+            let l2 = L1Entry(e).l2_offset().map_or(0, |o| o.0);
             if l2 == 0 {
                 continue;
             }
@@ -192,7 +192,9 @@ impl Sim {
         let mut dropped = Vec::new();
         for ti in 0..self.reftable_len() {
             let at = self.reftable_entry_offset(ti);
-            let block = self.read_u64(at) & crate::refcount::REFT_OFFSET_MASK;
+            let block = crate::refcount::RefTableEntry(self.read_u64(at))
+                .block_offset()
+                .map_or(0, |o| o.0);
             if block == 0 {
                 continue;
             }
@@ -226,8 +228,10 @@ impl Sim {
             if bc >> bb != ti {
                 // Counted by another block: its entry goes from 1 to 0.
                 let oti = bc >> bb;
-                let ob = self.read_u64(self.reftable_entry_offset(oti))
-                    & crate::refcount::REFT_OFFSET_MASK;
+                let ob =
+                    crate::refcount::RefTableEntry(self.read_u64(self.reftable_entry_offset(oti)))
+                        .block_offset()
+                        .map_or(0, |o| o.0);
                 if ob != 0 {
                     let idx = bc & low_mask(bb);
                     let obc = self.cluster_of(ob);

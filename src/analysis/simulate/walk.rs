@@ -8,8 +8,7 @@ use super::change::Target;
 use super::overlap::Meta;
 use crate::tables::ClusterType;
 use crate::tables::CompressedDescriptor;
-use crate::tables::L1E_OFFSET_MASK;
-use crate::tables::L2E_OFFSET_MASK;
+use crate::tables::L1Entry;
 use crate::tables::L2Entry;
 use crate::tables::OFLAG_COPIED;
 
@@ -51,7 +50,7 @@ impl Sim {
             if old_l1 == 0 {
                 continue;
             }
-            let l2 = old_l1 & L1E_OFFSET_MASK;
+            let l2 = L1Entry(old_l1).l2_offset().map_or(0, |o| o.0);
             if !l2.is_multiple_of(self.cs) {
                 result = Err(SimError::Qemu(format!(
                     "L2 table offset {l2:#x} unaligned (L1 index: {i:#x}) (EIO)"
@@ -133,7 +132,7 @@ impl Sim {
             let eoff = l2.saturating_add(j.saturating_mul(step));
             let old = self.read_u64(eoff);
             let entry = old & !OFLAG_COPIED;
-            let off = entry & L2E_OFFSET_MASK;
+            let off = L2Entry::from_word(entry).host_offset().0;
             let e = L2Entry {
                 raw: entry,
                 bitmap: 0,

@@ -105,7 +105,7 @@ impl Sim {
     ) -> SimResult<Option<bool>> {
         let i = self.geo.l1_index(GuestOffset(c0));
         let e = self.l1.get(i as usize).copied().unwrap_or(0);
-        let l2 = e & crate::tables::L1E_OFFSET_MASK;
+        let l2 = crate::tables::L1Entry(e).l2_offset().map_or(0, |o| o.0);
         let has_backing = self.backing.is_some() || self.backing_named;
         // Unallocated here: the backing file answers (for an overlay, the
         // image under it).

@@ -249,6 +249,10 @@ pub struct L2Entry {
 }
 
 impl L2Entry {
+    /// An entry from its standard word alone (no subcluster bitmap).
+    pub const fn from_word(raw: u64) -> Self {
+        L2Entry { raw, bitmap: 0 }
+    }
     /// Bit 63.
     pub fn copied(&self) -> bool {
         self.raw & OFLAG_COPIED != 0

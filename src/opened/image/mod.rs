@@ -13,9 +13,12 @@ use crate::io::{SharedSource, read_exact, read_into};
 use crate::refcount::{self, RefTableEntry, RefcountGeometry};
 use crate::snapshot::{self, Snapshot, SnapshotTable};
 use crate::tables::{self, L1Entry, L2Entry, MAX_L1_ENTRIES};
-use crate::types::{Geometry, HostCluster, HostOffset, low_mask};
+use crate::types::{Geometry, HostCluster, HostOffset};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+
+mod refcount_reader;
+pub use refcount_reader::RefcountReader;
 
 /// How strictly to open.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -241,13 +244,13 @@ impl Qcow2 {
                 return Err(Error::corrupt(
                     CorruptKind::SnapshotTable,
                     h.snapshots_offset,
-                    e.clone(),
+                    e.to_string(),
                 ));
             }
             problems.push(Error::invalid(
                 "snapshot table",
                 h.snapshots_offset,
-                e.clone(),
+                e.to_string(),
             ));
         }
 
@@ -501,253 +504,6 @@ impl Qcow2 {
     }
 }
 
-/// Reads stored refcounts cluster after cluster, keeping the current refcount
-/// block, for passes over many clusters.
-pub struct RefcountReader<'a> {
-    img: &'a Qcow2,
-    /// The refcount table.
-    pub table: Arc<Vec<RefTableEntry>>,
-    /// log2 of refcounts per block.
-    pub block_bits: u32,
-    /// `entries per block - 1`: a cluster's index in its block.
-    block_mask: u64,
-    order: u32,
-    cur: Option<(u64, Vec<u8>)>,
-    cur_ti: Option<u64>,
-}
-
-impl<'a> RefcountReader<'a> {
-    /// A reader over `img`'s refcounts (an unreadable table reads as empty).
-    pub fn new(img: &'a Qcow2) -> Self {
-        let rg = img.refcount_geometry();
-        RefcountReader {
-            img,
-            table: img.refcount_table().unwrap_or_default(),
-            block_bits: rg.block_bits(),
-            block_mask: low_mask(rg.block_bits()),
-            order: rg.order,
-            cur: None,
-            cur_ti: None,
-        }
-    }
-
-    /// The raw bytes of refcount block `ti` (`None` where the table has no block),
-    /// or `Err(block offset)` if the block is not cluster-aligned.
-    pub fn block(&mut self, ti: u64) -> std::result::Result<Option<&[u8]>, u64> {
-        let Some(e) = usize::try_from(ti).ok().and_then(|i| self.table.get(i)) else {
-            return Ok(None);
-        };
-        let Some(off) = e.block_offset() else {
-            return Ok(None);
-        };
-        let geo = self.img.geometry();
-        if !geo.is_cluster_aligned(off.0) {
-            return Err(off.0);
-        }
-        if self.cur.as_ref().map(|(o, _)| *o) != Some(off.0) {
-            let mut buf = vec![0u8; geo.cluster_size() as usize];
-            let _ = read_into(self.img.src.as_ref(), "refcount block", off.0, &mut buf);
-            self.cur = Some((off.0, buf));
-        }
-        self.cur_ti = Some(ti);
-        Ok(self.cur.as_ref().map(|(_, b)| b.as_slice()))
-    }
-
-    /// log2 of the refcount width.
-    pub fn order(&self) -> u32 {
-        self.order
-    }
-
-    /// Call `f(k, refcount)` for each cluster `c + k` (`k < n`) whose refcount
-    /// being 1 disagrees with `one` (what a COPIED flag claims). Clusters whose
-    /// refcount block is misaligned are skipped, as [`RefcountReader::get`]'s
-    /// callers skip them. For 16-bit refcounts a block's span that is all ones is
-    /// recognised with one comparison.
-    pub fn each_copied_mismatch(&mut self, c: u64, n: u64, one: bool, f: &mut dyn FnMut(u64, u64)) {
-        // Evaluated at compile time, where an index out of bounds cannot compile.
-        #[allow(clippy::indexing_slicing)]
-        const ONES: [u8; 512] = {
-            let mut a = [0u8; 512];
-            let mut i = 1;
-            while i < 512 {
-                a[i] = 1;
-                i += 2;
-            }
-            a
-        };
-        let mut k = 0u64;
-        while k < n {
-            let cl = c.saturating_add(k);
-            let ti = cl >> self.block_bits;
-            let first = cl & self.block_mask;
-            // first <= block_mask and k < n: neither subtraction wraps.
-            let in_block = self
-                .block_mask
-                .saturating_sub(first)
-                .saturating_add(1)
-                .min(n.saturating_sub(k));
-            let order = self.order;
-            match self.block(ti) {
-                Err(_) => {}
-                Ok(None) => {
-                    if one {
-                        for j in 0..in_block {
-                            f(k.saturating_add(j), 0);
-                        }
-                    }
-                }
-                Ok(Some(b)) => {
-                    let mut j = 0u64;
-                    while j < in_block {
-                        let idx = first.saturating_add(j);
-                        // 256 refcounts of 16 bits at once, when all are 1.
-                        if one && order == 4 && j.saturating_add(256) <= in_block {
-                            let at = usize::try_from(idx).unwrap_or(usize::MAX).saturating_mul(2);
-                            if b.get(at..at.saturating_add(512)) == Some(&ONES[..]) {
-                                j = j.saturating_add(256);
-                                continue;
-                            }
-                        }
-                        let r = refcount::get_refcount(b, order, idx);
-                        if (r == 1) != one {
-                            f(k.saturating_add(j), r);
-                        }
-                        j = j.saturating_add(1);
-                    }
-                }
-            }
-            k = k.saturating_add(in_block.max(1));
-        }
-    }
-
-    /// The stored refcount of cluster `c`, or `Err((table index, block offset))`
-    /// if its refcount block is not cluster-aligned (QEMU: EIO).
-    #[inline]
-    pub fn get(&mut self, c: u64) -> std::result::Result<u64, (u64, u64)> {
-        let ti = c >> self.block_bits;
-        // Fast path: the same block as last time.
-        if self.cur_ti == Some(ti)
-            && let Some((_, b)) = &self.cur
-        {
-            let idx = c & self.block_mask;
-            return Ok(refcount::get_refcount(b, self.order, idx));
-        }
-        let Some(e) = usize::try_from(ti).ok().and_then(|i| self.table.get(i)) else {
-            return Ok(0);
-        };
-        let Some(off) = e.block_offset() else {
-            return Ok(0);
-        };
-        let geo = self.img.geometry();
-        if !geo.is_cluster_aligned(off.0) {
-            return Err((ti, off.0));
-        }
-        if self.cur.as_ref().map(|(o, _)| *o) != Some(off.0) {
-            let mut buf = vec![0u8; geo.cluster_size() as usize];
-            let _ = read_into(self.img.src.as_ref(), "refcount block", off.0, &mut buf);
-            self.cur = Some((off.0, buf));
-        }
-        self.cur_ti = Some(ti);
-        let idx = c & self.block_mask;
-        Ok(self
-            .cur
-            .as_ref()
-            .map(|(_, b)| refcount::get_refcount(b, self.order, idx))
-            .unwrap_or(0))
-    }
-}
-
 #[cfg(test)]
 #[allow(clippy::arithmetic_side_effects)] // Test fixtures build images with plain arithmetic.
-mod tests {
-    use super::*;
-    use crate::io::MemSource;
-
-    /// A minimal valid image: header, refcount table, one refblock, L1, nothing mapped.
-    pub(crate) fn tiny_image() -> Vec<u8> {
-        let cs = 512usize;
-        let mut b = vec![0u8; cs * 4];
-        b[0..4].copy_from_slice(&header::QCOW2_MAGIC.to_be_bytes());
-        b[4..8].copy_from_slice(&3u32.to_be_bytes());
-        b[20..24].copy_from_slice(&9u32.to_be_bytes());
-        b[24..32].copy_from_slice(&(1u64 << 20).to_be_bytes());
-        b[36..40].copy_from_slice(&64u32.to_be_bytes());
-        b[40..48].copy_from_slice(&(3 * cs as u64).to_be_bytes());
-        b[48..56].copy_from_slice(&(cs as u64).to_be_bytes());
-        b[56..60].copy_from_slice(&1u32.to_be_bytes());
-        b[96..100].copy_from_slice(&4u32.to_be_bytes());
-        b[100..104].copy_from_slice(&112u32.to_be_bytes());
-        b[cs..cs + 8].copy_from_slice(&(2 * cs as u64).to_be_bytes());
-        for i in 0..4 {
-            b[2 * cs + 2 * i + 1] = 1;
-        }
-        b
-    }
-
-    #[test]
-    fn opens_a_tiny_image_and_reads_refcounts() {
-        let img = Qcow2::open(
-            Arc::new(MemSource::new("t", tiny_image())),
-            Strictness::Qemu,
-        )
-        .unwrap();
-        assert_eq!(img.l1.len(), 64);
-        assert!(img.problems.is_empty());
-        assert_eq!(img.refcount(HostCluster(3)).unwrap(), 1);
-        assert_eq!(img.refcount(HostCluster(4)).unwrap(), 0);
-        assert_eq!(img.refcount(HostCluster(1 << 40)).unwrap(), 0);
-    }
-
-    #[test]
-    fn copied_mismatches_are_found_per_cluster_and_in_spans_of_ones() {
-        // 512-byte clusters, 16-bit refcounts: 256 refcounts per block. Block 0
-        // (at cluster 2) says 1 for clusters 0..=255 but 2 for cluster 7; block 1
-        // (a new one at cluster 4) says 1 for 256..=511; there is no block 2.
-        let mut b = tiny_image();
-        b.resize(512 * 5, 0);
-        b[512 + 8..512 + 16].copy_from_slice(&(4u64 * 512).to_be_bytes());
-        for i in 0..256 {
-            b[2 * 512 + 2 * i..2 * 512 + 2 * i + 2].copy_from_slice(&1u16.to_be_bytes());
-            b[4 * 512 + 2 * i..4 * 512 + 2 * i + 2].copy_from_slice(&1u16.to_be_bytes());
-        }
-        b[2 * 512 + 2 * 7 + 1] = 2;
-        let img = Qcow2::open(Arc::new(MemSource::new("t", b)), Strictness::Lenient).unwrap();
-        let mut r = RefcountReader::new(&img);
-        let mut got = Vec::new();
-        r.each_copied_mismatch(0, 520, true, &mut |k, rc| got.push((k, rc)));
-        let mut want = vec![(7, 2)];
-        want.extend((512..520).map(|k| (k, 0)));
-        assert_eq!(got, want);
-        // COPIED clear: every refcount of 1 is the mismatch.
-        let mut got = Vec::new();
-        r.each_copied_mismatch(5, 4, false, &mut |k, rc| got.push((k, rc)));
-        assert_eq!(got, vec![(0, 1), (1, 1), (3, 1)]);
-        // Far past the refcount table: no block, refcount 0.
-        let mut got = Vec::new();
-        r.each_copied_mismatch(1 << 30, 2, true, &mut |k, rc| got.push((k, rc)));
-        assert_eq!(got, vec![(0, 0), (1, 0)]);
-    }
-
-    #[test]
-    fn lenient_open_lists_problems() {
-        let mut b = tiny_image();
-        b[96..100].copy_from_slice(&7u32.to_be_bytes());
-        let src: SharedSource = Arc::new(MemSource::new("t", b));
-        assert!(Qcow2::open(src.clone(), Strictness::Qemu).is_err());
-        let img = Qcow2::open(src, Strictness::Lenient).unwrap();
-        // The problem names the field and its offset in the header.
-        assert!(matches!(
-            &img.problems[0],
-            Error::Invalid {
-                kind: CorruptKind::HeaderField(crate::header::Field::RefcountOrder),
-                offset: 96,
-                ..
-            }
-        ));
-        assert!(
-            img.problems[0]
-                .to_string()
-                .contains("Reference count entry width too large")
-        );
-    }
-}
+mod tests;
