@@ -213,7 +213,8 @@ pub struct Row {
     pub words: String,
 }
 
-/// Options.
+/// How to compare: whether to read cluster contents, how many rows to keep,
+/// and where to report progress (and cancel).
 pub struct Options<'a> {
     /// Compare the bytes of different host clusters (and of the same host cluster
     /// in two different openings).

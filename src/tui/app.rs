@@ -137,7 +137,8 @@ impl Input {
     }
 }
 
-/// Popups.
+/// A window drawn over the panes (help, the Changes list, Compare, ...), which
+/// takes the keys while it is open.
 #[derive(Clone, Debug)]
 pub enum Popup {
     /// Key help, and how far it is scrolled.
@@ -167,7 +168,7 @@ struct SimJob {
 
 /// Everything on screen.
 pub struct App {
-    /// Options.
+    /// The command line's options for the viewer (mouse, watch, passphrase).
     pub opts: Options,
     /// The shared context.
     pub ctx: Ctx,
@@ -175,7 +176,7 @@ pub struct App {
     pub panes: Panes,
     /// The current pane.
     pub pane: Pane,
-    /// Popup.
+    /// The popup open over the panes, if any.
     pub popup: Option<Popup>,
     /// Guided tour step.
     pub tour: Option<usize>,

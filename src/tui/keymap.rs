@@ -8,7 +8,7 @@ use ratatui::crossterm::event::{KeyCode, KeyEvent, KeyModifiers};
 /// Everything a key (or a click) can ask for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Action {
-    /// Leave.
+    /// Leave the viewer, restoring the terminal.
     Quit,
     /// Show a pane.
     Pane(Pane),
@@ -18,11 +18,11 @@ pub enum Action {
     PrevPane,
     /// Move the selection up.
     Up,
-    /// Down.
+    /// Move the selection down.
     Down,
     /// Left (Layout grid; a cluster back in Hex).
     Left,
-    /// Right.
+    /// Right (Layout grid; a cluster forward in Hex).
     Right,
     /// A page up.
     PageUp,
@@ -122,7 +122,7 @@ pub const FIND_PANES: &[Pane] = &[
 /// Where a binding applies.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Scope {
-    /// Everywhere.
+    /// In every pane.
     Global,
     /// Only in the named panes.
     Panes(&'static [Pane]),

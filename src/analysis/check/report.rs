@@ -250,7 +250,8 @@ pub struct Finding {
 pub struct CheckReport {
     /// Internal errors (qemu-img's `check-errors`).
     pub check_errors: u64,
-    /// Corruptions.
+    /// Corruptions (qemu-img's `corruptions`): refcounts lower than the
+    /// references, and references QEMU cannot follow.
     pub corruptions: u64,
     /// Leaked clusters.
     pub leaks: u64,
@@ -305,7 +306,7 @@ pub struct Progress {
     pub total: u64,
 }
 
-/// Options.
+/// How to run a check: where to report progress.
 #[derive(Default)]
 pub struct CheckOptions<'a> {
     /// Called now and then with progress.

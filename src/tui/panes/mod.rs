@@ -73,25 +73,25 @@ pub trait PaneState {
 /// The ten panes' states.
 #[derive(Default)]
 pub struct Panes {
-    /// Overview.
+    /// The Overview pane: the header, its extensions and the chain.
     pub overview: overview::State,
-    /// Layout.
+    /// The Layout pane: the host file cluster by cluster.
     pub layout: layout::State,
-    /// Tables.
+    /// The Tables pane: L1 and L2 tables.
     pub tables: tables::State,
-    /// Refcounts.
+    /// The Refcounts pane: the refcount table and blocks.
     pub refcounts: refcounts::State,
-    /// Snapshots.
+    /// The Snapshots pane: the snapshot table.
     pub snapshots: snapshots::State,
-    /// Trace.
+    /// The Trace pane: how a guest offset resolves.
     pub trace: trace::State,
-    /// Check.
+    /// The Check pane: the refcount check's findings.
     pub check: check::State,
-    /// Simulate.
+    /// The Simulate pane: simulated operations and their changes.
     pub simulate: simulate::State,
-    /// Hex.
+    /// The Hex pane: the file's bytes, decoded under the cursor.
     pub hex: hex::State,
-    /// Map.
+    /// The Map pane: the guest disk as qemu-img map extents.
     pub map: map::State,
 }
 
@@ -190,7 +190,7 @@ pub mod color {
     pub const REFCOUNT: Color = Color::Yellow;
     /// Snapshot structures.
     pub const SNAPSHOT: Color = Color::White;
-    /// Bitmaps.
+    /// Persistent-bitmap clusters (directory and tables).
     pub const BITMAP: Color = Color::Indexed(137);
     /// Free space.
     pub const FREE: Color = Color::DarkGray;
@@ -201,7 +201,7 @@ pub mod color {
     /// Over-referenced (stored refcount below references), or a flag that
     /// contradicts the refcount: a corruption.
     pub const BAD: Color = Color::Red;
-    /// Headings.
+    /// The style of headings and column titles.
     pub fn head() -> Style {
         Style::new().add_modifier(Modifier::BOLD)
     }

@@ -37,7 +37,7 @@ pub struct Running {
     pub phase: String,
     /// Done and total, for the gauge.
     pub done: u64,
-    /// Total.
+    /// How many steps the work has in all.
     pub total: u64,
 }
 
