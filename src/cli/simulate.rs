@@ -22,6 +22,8 @@ snapshot-apply:ID_OR_NAME   qemu-img snapshot -a ID_OR_NAME\n  \
 write:OFFSET:LENGTH         a guest write (qemu-io -c 'write OFFSET LENGTH')\n  \
 write-compressed:OFF:LEN    qemu-io -c 'write -c OFF LEN' (whole clusters, pattern 0xcd)\n  \
 write-zeroes:OFF:LEN[:unmap] qemu-io -c 'write -z [-u] OFF LEN'\n  \
+read:OFFSET:LENGTH          a guest read with copy-on-read (qemu-io -C -c 'read OFFSET LENGTH'):\n  \
+                            what only the layers below hold is copied into the top layer\n  \
 discard:OFFSET:LENGTH       a guest discard (qemu-io -c 'discard OFFSET LENGTH')\n  \
 resize:SIZE[:shrink]        qemu-img resize [--shrink] IMG SIZE\n  \
 repair:leaks, repair:all    qemu-img check -r leaks|all (what the repair would change)\n  \

@@ -1,0 +1,142 @@
+//! Copy-on-read (`qemu-io -C -c 'read OFFSET LENGTH'`): the block layer's
+//! `bdrv_co_do_copy_on_readv`. The read is widened to whole clusters; every run
+//! of clusters the top layer does not allocate (one block-status answer: one
+//! kind of L2 entry, within one L2 slice, at most 16 MiB, QEMU's bounce buffer)
+//! is read from the layers below and written to the top layer: as zero
+//! clusters when the whole run reads as zeros, else as a normal write of the
+//! run. Zero and data clusters of the top layer are left alone, and the
+//! writes do not reach dirty bitmaps (they go to the driver directly).
+
+use super::{Sim, SimError, SimResult};
+use crate::chain::{Chain, OpenOptions};
+use crate::lookup::{ReadCache, read};
+use crate::tables::{ClusterType, L1E_OFFSET_MASK, L2Entry};
+use crate::types::GuestOffset;
+
+/// QEMU's `MAX_BOUNCE_BUFFER`: 32768 sectors.
+const MAX_BOUNCE: u64 = 32768 * 512;
+
+impl Sim {
+    /// `read OFFSET LENGTH` with copy-on-read on.
+    pub(super) fn copy_on_read(&mut self, offset: u64, length: u64) -> SimResult<()> {
+        let Some(end) = offset.checked_add(length).filter(|&e| e <= self.size) else {
+            return Err(SimError::Qemu(format!(
+                "read failed: Input/output error (the request ends past the end of the disk, {} bytes, so the block layer refuses all of it)",
+                self.size
+            )));
+        };
+        if length == 0 {
+            return Ok(());
+        }
+        if self.geo.extended_l2 || self.has_data_file {
+            return Err(SimError::NotModelled(
+                "copy-on-read with extended L2 entries or an external data file".into(),
+            ));
+        }
+        // The backing chain is lent to the copy while the writes run (they
+        // look only at whether there is one, which `backing_named` says).
+        let own = self.overlay_below()?;
+        let lent = if own.is_none() {
+            self.backing.take()
+        } else {
+            None
+        };
+        if own.is_none() && lent.is_none() && self.backing_named {
+            return Err(SimError::NotModelled(
+                "copy-on-read over a backing file qinspect could not open".into(),
+            ));
+        }
+        let cs = self.cs;
+        let mut pos = offset.saturating_sub(self.within(offset));
+        let stop = end.div_ceil(cs).saturating_mul(cs).min(self.size);
+        // The writes copy-on-read makes bypass the dirty bitmaps.
+        let dirty = self.bitmaps.as_ref().map(|b| b.dirty.len());
+        let r = self.copy_runs(&mut pos, stop, own.as_ref().or(lent.as_ref()));
+        if lent.is_some() {
+            self.backing = lent;
+        }
+        if let (Some(b), Some(n)) = (self.bitmaps.as_mut(), dirty) {
+            b.dirty.truncate(n);
+        }
+        r
+    }
+
+    fn copy_runs(&mut self, pos: &mut u64, stop: u64, below: Option<&Chain>) -> SimResult<()> {
+        let cs = self.cs;
+        let slice = self.slice_entries().max(1);
+        while *pos < stop {
+            let g = *pos;
+            let l2_index = self.geo.l2_index(GuestOffset(g));
+            let in_slice = slice.saturating_sub(l2_index.checked_rem(slice).unwrap_or(0));
+            let avail = in_slice.saturating_mul(cs).min(stop.saturating_sub(g));
+            let l2 = self
+                .l1
+                .get(self.geo.l1_index(GuestOffset(g)) as usize)
+                .copied()
+                .unwrap_or(0)
+                & L1E_OFFSET_MASK;
+            // The run of clusters of one kind from g, as block status finds it.
+            let (allocated, run) = if l2 == 0 {
+                (false, avail)
+            } else {
+                let ty = self.top_type(l2, l2_index);
+                let mut n = 1u64;
+                while n.saturating_mul(cs) < avail
+                    && self.top_type(l2, l2_index.saturating_add(n)) == ty
+                {
+                    n = n.saturating_add(1);
+                }
+                (
+                    ty != ClusterType::Unallocated,
+                    n.saturating_mul(cs).min(avail),
+                )
+            };
+            if allocated {
+                *pos = g.saturating_add(run);
+                continue;
+            }
+            let n = run.min(MAX_BOUNCE);
+            let zeros = match below {
+                None => true,
+                Some(chain) => {
+                    let mut buf = vec![0u8; n as usize];
+                    read(chain, g, &mut buf, &mut ReadCache::default())?;
+                    buf.iter().all(|&b| b == 0)
+                }
+            };
+            let to = g.saturating_add(n);
+            if zeros {
+                self.note(format!(
+                    "copy-on-read: guest {g:#x}..{to:#x} is not allocated here and reads as zeros below: QEMU writes zeros there"
+                ));
+                self.write_zeroes(g, n, false)?;
+            } else {
+                self.note(format!(
+                    "copy-on-read: guest {g:#x}..{to:#x} is not allocated here: QEMU writes what the backing file holds there into this image"
+                ));
+                self.write(g, n)?;
+            }
+            *pos = to;
+        }
+        Ok(())
+    }
+
+    fn top_type(&mut self, l2: u64, index: u64) -> ClusterType {
+        let (raw, bitmap) = self.l2_entry_at(l2, index);
+        L2Entry { raw, bitmap }.cluster_type(&self.geo, self.has_data_file)
+    }
+
+    /// For an overlay, the image under it as shown: its snapshot's view at
+    /// the image's own disk size, as `qemu-nbd -l` loads it.
+    fn overlay_below(&self) -> SimResult<Option<Chain>> {
+        let Some((base, snap)) = &self.overlay_of else {
+            return Ok(None);
+        };
+        let opts = OpenOptions {
+            snapshot: snap.clone(),
+            snapshot_active_size: true,
+            ..Default::default()
+        };
+        Ok(Some(Chain::open(base, &opts)?))
+    }
+}
