@@ -7,7 +7,7 @@
 //! run. Zero and data clusters of the top layer are left alone, and the
 //! writes do not reach dirty bitmaps (they go to the driver directly).
 
-use super::{Sim, SimError, SimResult};
+use super::{Sim, SimError, SimResult, Target};
 use crate::chain::{Chain, OpenOptions};
 use crate::lookup::{ReadCache, read};
 use crate::tables::{ClusterType, L1E_OFFSET_MASK, L2Entry};
@@ -92,7 +92,11 @@ impl Sim {
                 )
             };
             if allocated {
-                *pos = g.saturating_add(run);
+                let to = g.saturating_add(run);
+                self.note(format!(
+                    "copy-on-read: guest {g:#x}..{to:#x} is allocated here (data or zeros): nothing to copy"
+                ));
+                *pos = to;
                 continue;
             }
             let n = run.min(MAX_BOUNCE);
@@ -106,15 +110,31 @@ impl Sim {
             };
             let to = g.saturating_add(n);
             if zeros {
+                let why = if below.is_some() {
+                    "reads as zeros below"
+                } else {
+                    "reads as zeros (no backing file)"
+                };
                 self.note(format!(
-                    "copy-on-read: guest {g:#x}..{to:#x} is not allocated here and reads as zeros below: QEMU writes zeros there"
+                    "copy-on-read: guest {g:#x}..{to:#x} is not allocated here and {why}: QEMU writes zeros there"
                 ));
                 self.write_zeroes(g, n, false)?;
             } else {
                 self.note(format!(
                     "copy-on-read: guest {g:#x}..{to:#x} is not allocated here: QEMU writes what the backing file holds there into this image"
                 ));
-                self.write(g, n)?;
+                let first = self.steps.len();
+                let r = self.write(g, n);
+                // What the write puts there is what the layers below hold.
+                for c in self.steps.iter_mut().skip(first) {
+                    if let Target::Copy { from, .. } = &mut c.target
+                        && from == "the guest"
+                    {
+                        *from = format!("guest {g:#x} of the layers below");
+                        c.reason = "the data copy-on-read read from below".into();
+                    }
+                }
+                r?;
             }
             *pos = to;
         }
