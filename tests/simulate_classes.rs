@@ -848,6 +848,30 @@ fn copy_on_read_over_a_backing_file_and_without_one() {
         "st.qcow2",
     ]);
     ok(&w, "st.qcow2", &["read:0:262144", "read:300000:100000"]);
+    // Extended L2: widened to subclusters, runs of one subcluster kind.
+    w.qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "extended_l2=on",
+        "-b",
+        "b.qcow2",
+        "-F",
+        "qcow2",
+        "x.qcow2",
+    ]);
+    ok(
+        &w,
+        "x.qcow2",
+        &[
+            "read:1000:100000",
+            "read:2100000:4096",
+            "read:2097152:65536",
+            "read:262144:4096",
+        ],
+    );
     // compat 0.10 has no zero clusters: the all-zero runs are written as data.
     w.qemu_img(&[
         "create",

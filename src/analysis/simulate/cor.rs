@@ -1,7 +1,8 @@
 //! Copy-on-read (`qemu-io -C -c 'read OFFSET LENGTH'`): the block layer's
-//! `bdrv_co_do_copy_on_readv`. The read is widened to whole clusters; every run
-//! of clusters the top layer does not allocate (one block-status answer: one
-//! kind of L2 entry, within one L2 slice, at most 16 MiB, QEMU's bounce buffer)
+//! `bdrv_co_do_copy_on_readv`. The read is widened to whole clusters (whole
+//! subclusters with extended L2 entries); every run the top layer does not
+//! allocate (one block-status answer: one kind of (sub)cluster, within one L2
+//! slice, at most 16 MiB, QEMU's bounce buffer)
 //! is read from the layers below and written to the top layer: as zero
 //! clusters when the whole run reads as zeros, else as a normal write of the
 //! run. Zero and data clusters of the top layer are left alone, and the
@@ -10,7 +11,7 @@
 use super::{Sim, SimError, SimResult, Target};
 use crate::chain::{Chain, OpenOptions};
 use crate::lookup::{ReadCache, read};
-use crate::tables::{ClusterType, L1E_OFFSET_MASK, L2Entry};
+use crate::tables::{L1E_OFFSET_MASK, L2Entry, SubclusterType};
 use crate::types::GuestOffset;
 
 /// QEMU's `MAX_BOUNCE_BUFFER`: 32768 sectors.
@@ -28,9 +29,9 @@ impl Sim {
         if length == 0 {
             return Ok(());
         }
-        if self.geo.extended_l2 || self.has_data_file {
+        if self.has_data_file {
             return Err(SimError::NotModelled(
-                "copy-on-read with extended L2 entries or an external data file".into(),
+                "copy-on-read with an external data file".into(),
             ));
         }
         // The backing chain is lent to the copy while the writes run (they
@@ -46,9 +47,10 @@ impl Sim {
                 "copy-on-read over a backing file qinspect could not open".into(),
             ));
         }
-        let cs = self.cs;
-        let mut pos = offset.saturating_sub(self.within(offset));
-        let stop = end.div_ceil(cs).saturating_mul(cs).min(self.size);
+        // Widened to whole subclusters (whole clusters without extended L2).
+        let unit = self.geo.subcluster_size().max(1);
+        let mut pos = offset.saturating_sub(offset.checked_rem(unit).unwrap_or(0));
+        let stop = end.div_ceil(unit).saturating_mul(unit).min(self.size);
         // The writes copy-on-read makes bypass the dirty bitmaps.
         let dirty = self.bitmaps.as_ref().map(|b| b.dirty.len());
         let r = self.copy_runs(&mut pos, stop, own.as_ref().or(lent.as_ref()));
@@ -63,32 +65,46 @@ impl Sim {
 
     fn copy_runs(&mut self, pos: &mut u64, stop: u64, below: Option<&Chain>) -> SimResult<()> {
         let cs = self.cs;
+        let unit = self.geo.subcluster_size();
         let slice = self.slice_entries().max(1);
         while *pos < stop {
             let g = *pos;
             let l2_index = self.geo.l2_index(GuestOffset(g));
             let in_slice = slice.saturating_sub(l2_index.checked_rem(slice).unwrap_or(0));
-            let avail = in_slice.saturating_mul(cs).min(stop.saturating_sub(g));
+            let avail = in_slice
+                .saturating_mul(cs)
+                .saturating_sub(self.within(g))
+                .min(stop.saturating_sub(g));
+            if avail == 0 {
+                break;
+            }
             let l2 = self
                 .l1
                 .get(self.geo.l1_index(GuestOffset(g)) as usize)
                 .copied()
                 .unwrap_or(0)
                 & L1E_OFFSET_MASK;
-            // The run of clusters of one kind from g, as block status finds it.
+            // The run of (sub)clusters of one kind from g, as block status
+            // finds it.
             let (allocated, run) = if l2 == 0 {
                 (false, avail)
             } else {
-                let ty = self.top_type(l2, l2_index);
-                let mut n = 1u64;
-                while n.saturating_mul(cs) < avail
-                    && self.top_type(l2, l2_index.saturating_add(n)) == ty
-                {
-                    n = n.saturating_add(1);
+                let ty = self.top_type(l2, g);
+                if ty == SubclusterType::Invalid {
+                    return Err(SimError::Qemu(format!(
+                        "read failed: Input/output error (the L2 entry of guest {g:#x} has contradictory bits)"
+                    )));
+                }
+                let mut n = unit;
+                while n < avail && self.top_type(l2, g.saturating_add(n)) == ty {
+                    n = n.saturating_add(unit);
                 }
                 (
-                    ty != ClusterType::Unallocated,
-                    n.saturating_mul(cs).min(avail),
+                    !matches!(
+                        ty,
+                        SubclusterType::UnallocatedPlain | SubclusterType::UnallocatedAlloc
+                    ),
+                    n.min(avail),
                 )
             };
             if allocated {
@@ -141,9 +157,13 @@ impl Sim {
         Ok(())
     }
 
-    fn top_type(&mut self, l2: u64, index: u64) -> ClusterType {
+    /// The kind of the (sub)cluster at guest `g` in the top layer, whose L2
+    /// table is at `l2`.
+    fn top_type(&mut self, l2: u64, g: u64) -> SubclusterType {
+        let index = self.geo.l2_index(GuestOffset(g));
+        let sc = (self.within(g) >> self.geo.subcluster_bits()) as u32;
         let (raw, bitmap) = self.l2_entry_at(l2, index);
-        L2Entry { raw, bitmap }.cluster_type(&self.geo, self.has_data_file)
+        L2Entry { raw, bitmap }.subcluster_type(&self.geo, self.has_data_file, sc)
     }
 
     /// For an overlay, the image under it as shown: its snapshot's view at
