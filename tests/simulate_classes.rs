@@ -775,3 +775,150 @@ fn compressed_writes_are_placed_as_qemu_places_them() {
         sim.records[0].error
     );
 }
+
+#[test]
+fn copy_on_read_over_a_backing_file_and_without_one() {
+    let w = Work::new();
+    create(&w, "b.qcow2", "", "8M");
+    w.qemu_io(
+        "b.qcow2",
+        &[
+            "write -P 0x11 0 64k",
+            "write -z 128k 64k",
+            "write -P 0x22 256k 32k",
+            "write -P 0x33 2M 64k",
+            "write -P 0 3M 64k",
+        ],
+    );
+    w.qemu_img(&[
+        "create", "-q", "-f", "qcow2", "-b", "b.qcow2", "-F", "qcow2", "t.qcow2",
+    ]);
+    w.qemu_io("t.qcow2", &["write -P 0x44 2M 4k"]);
+    let sim = ok(
+        &w,
+        "t.qcow2",
+        &[
+            // Data, a zero cluster and nothing below, in one run: written as data.
+            "read:1000:500000",
+            // Nothing below: zero clusters.
+            "read:1048576:131072",
+            // Already allocated here (by the copy): nothing.
+            "read:0:65536",
+            // Allocated here, then data below.
+            "read:2097152:131072",
+            // Data clusters of zeros below: zero clusters.
+            "read:3145728:65536",
+            "write:4194304:4096",
+            "read:4194304:200000",
+            // The disk's last byte.
+            "read:8388607:1",
+        ],
+    );
+    assert!(
+        sim.records[0]
+            .steps
+            .iter()
+            .any(|c| c.reason.starts_with("copy-on-read: ")),
+        "the first read copies clusters"
+    );
+    assert!(
+        sim.records[2]
+            .steps
+            .iter()
+            .all(|c| c.reason.ends_with("nothing to copy")),
+        "{:?}",
+        sim.records[2].steps
+    );
+    // A read past the end fails and changes nothing, as in QEMU.
+    ok(&w, "t.qcow2", &["read:8388000:1000"]);
+    // 512-byte clusters: the run is cut at each L2 table (64 clusters).
+    create(&w, "sb.qcow2", "cluster_size=512", "1M");
+    w.qemu_io("sb.qcow2", &["write -P 1 0 40k", "write -P 0 96k 8k"]);
+    w.qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "cluster_size=512",
+        "-b",
+        "sb.qcow2",
+        "-F",
+        "qcow2",
+        "st.qcow2",
+    ]);
+    ok(&w, "st.qcow2", &["read:0:262144", "read:300000:100000"]);
+    // Extended L2: widened to subclusters, runs of one subcluster kind.
+    w.qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "extended_l2=on",
+        "-b",
+        "b.qcow2",
+        "-F",
+        "qcow2",
+        "x.qcow2",
+    ]);
+    ok(
+        &w,
+        "x.qcow2",
+        &[
+            "read:1000:100000",
+            "read:2100000:4096",
+            "read:2097152:65536",
+            "read:262144:4096",
+        ],
+    );
+    // compat 0.10 has no zero clusters: the all-zero runs are written as data.
+    w.qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "compat=0.10",
+        "-b",
+        "b.qcow2",
+        "-F",
+        "qcow2",
+        "v2.qcow2",
+    ]);
+    ok(&w, "v2.qcow2", &["read:0:524288", "read:1048576:65536"]);
+    // Without a backing file QEMU still copies: the unallocated clusters read
+    // as zeros and become zero clusters; data clusters stay as they are.
+    create(&w, "n.qcow2", "", "4M");
+    w.qemu_io("n.qcow2", &["write -P 5 64k 64k"]);
+    ok(&w, "n.qcow2", &["read:0:524288", "read:0:4194304"]);
+    // The copies do not dirty persistent bitmaps (they go to the driver
+    // directly); the bitmaps are still stored again on close.
+    w.qemu_img(&[
+        "create", "-q", "-f", "qcow2", "-b", "b.qcow2", "-F", "qcow2", "bm.qcow2",
+    ]);
+    w.qemu_img(&["bitmap", "--add", "bm.qcow2", "d"]);
+    ok(&w, "bm.qcow2", &["read:0:524288", "write:4194304:4096"]);
+}
+
+#[test]
+fn copy_on_read_in_throw_away_overlays() {
+    let w = Work::new();
+    create(&w, "vm.qcow2", "", "64M");
+    w.qemu_io("vm.qcow2", &["write -P 1 0 1M"]);
+    w.qemu_img(&["snapshot", "-c", "s1", "vm.qcow2"]);
+    w.qemu_io("vm.qcow2", &["write -P 2 512k 1M", "write -z 4M 64k"]);
+    w.qemu_img(&["snapshot", "-c", "s2", "vm.qcow2"]);
+    let ops = [
+        "read:0:131072",
+        "write:262144:4096",
+        "read:200000:200000",
+        "read:1048576:1048576",
+        "read:4194304:65536",
+        "read:8388608:65536",
+    ];
+    overlay_matches(&w, "vm.qcow2", None, &ops);
+    for s in ["s1", "s2"] {
+        overlay_matches(&w, "vm.qcow2", Some(s), &ops);
+    }
+}

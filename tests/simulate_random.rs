@@ -230,9 +230,13 @@ fn scenario(seed: u64) -> Scenario {
                     if shrink { ":shrink" } else { "" }
                 ));
             }
-            0..=3 => {
+            0..=2 => {
                 let (o, l) = range(&mut d, cur_size);
                 ops.push(format!("write:{o}:{l}"));
+            }
+            3 => {
+                let (o, l) = range(&mut d, cur_size);
+                ops.push(format!("read:{o}:{l}"));
             }
             4 | 5 => {
                 let (o, l) = range(&mut d, cur_size);

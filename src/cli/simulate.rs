@@ -22,11 +22,14 @@ snapshot-apply:ID_OR_NAME   qemu-img snapshot -a ID_OR_NAME\n  \
 write:OFFSET:LENGTH         a guest write (qemu-io -c 'write OFFSET LENGTH')\n  \
 write-compressed:OFF:LEN    qemu-io -c 'write -c OFF LEN' (whole clusters, pattern 0xcd)\n  \
 write-zeroes:OFF:LEN[:unmap] qemu-io -c 'write -z [-u] OFF LEN'\n  \
+read:OFFSET:LENGTH          a read with copy-on-read (qemu-io -C -c 'read OFFSET LENGTH'):\n  \
+\x20                           what it finds unallocated in the top layer is copied there\n  \
+\x20                           (as zero clusters where it reads as zeros, even with no backing file)\n  \
 discard:OFFSET:LENGTH       a guest discard (qemu-io -c 'discard OFFSET LENGTH')\n  \
 resize:SIZE[:shrink]        qemu-img resize [--shrink] IMG SIZE\n  \
 repair:leaks, repair:all    qemu-img check -r leaks|all (what the repair would change)\n  \
 overlay, overlay:SNAPSHOT    a throw-away in-memory qcow2 overlay over the image or a snapshot\n  \
-                            (qemu-nbd -s [-l SNAPSHOT]); the operations after it act on it\n  \
+\x20                           (qemu-nbd -s [-l SNAPSHOT]); the operations after it act on it\n  \
 trace:OFFSET                where a guest read at OFFSET comes from, through the simulated chain\n  \
 refcount-update:L1:ADDEND   QEMU's refcount walk over L1 ('active' or a snapshot) with ADDEND -1, 0 or +1\n\n\
 Every refcount and table entry that changes is listed in order with the reason, then the \

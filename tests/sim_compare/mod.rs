@@ -173,6 +173,15 @@ pub fn qemu_command(op: &str, img: &str) -> Vec<String> {
         "snapshot-apply" => img_cmd("-a", parts[1]),
         "write" => io(format!("write -P 0x5a {} {}", parts[1], parts[2])),
         "discard" => io(format!("discard {} {}", parts[1], parts[2])),
+        "read" => vec![
+            "qemu-io".into(),
+            "-C".into(),
+            "-f".into(),
+            "qcow2".into(),
+            "-c".into(),
+            format!("read {} {}", parts[1], parts[2]),
+            img.into(),
+        ],
         "write-compressed" => io(format!("write -c {} {}", parts[1], parts[2])),
         "write-zeroes" => io(format!(
             "write -z{} {} {}",

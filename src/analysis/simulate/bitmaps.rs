@@ -39,7 +39,7 @@ pub(super) struct Bitmaps {
     dir_offset: u64,
     dir_size: u64,
     /// Guest byte ranges written or discarded by the current command.
-    dirty: Vec<(u64, u64)>,
+    pub(super) dirty: Vec<(u64, u64)>,
     /// Every bitmap is marked in use (inconsistent): QEMU neither marks nor
     /// stores them, so they stay where they are.
     frozen: bool,

@@ -24,6 +24,7 @@ mod bitmaps;
 mod bytes;
 mod change;
 mod compressed;
+mod cor;
 mod discard;
 mod guest;
 mod ops;
@@ -371,6 +372,7 @@ impl Sim {
             Op::SnapshotApply { id_or_name } => self.snapshot_apply(id_or_name),
             Op::Write { offset, length } => self.write(*offset, *length),
             Op::Discard { offset, length } => self.discard(*offset, *length),
+            Op::Read { offset, length } => self.copy_on_read(*offset, *length),
             Op::WriteCompressed { offset, length } => self.write_compressed(*offset, *length),
             Op::WriteZeroes {
                 offset,

@@ -51,6 +51,15 @@ pub enum Op {
         /// `-u`: clusters may be released.
         unmap: bool,
     },
+    /// A guest read with copy-on-read on (`qemu-io -C -c 'read OFFSET
+    /// LENGTH'`): what the read finds only in the layers below is copied into
+    /// the top layer.
+    Read {
+        /// Guest offset.
+        offset: u64,
+        /// Bytes.
+        length: u64,
+    },
     /// A guest discard.
     Discard {
         /// Guest offset.
@@ -146,6 +155,10 @@ impl Op {
                     unmap,
                 })
             }
+            "read" => {
+                let (offset, length) = range()?;
+                Ok(Op::Read { offset, length })
+            }
             "discard" => {
                 let (offset, length) = range()?;
                 Ok(Op::Discard { offset, length })
@@ -199,7 +212,7 @@ impl Op {
                 })
             }
             _ => Err(format!(
-                "'{s}': unknown operation (snapshot-create, snapshot-delete, snapshot-delete-id, snapshot-apply, write, write-compressed, write-zeroes, discard, resize, repair, overlay, trace, refcount-update)"
+                "'{s}': unknown operation (snapshot-create, snapshot-delete, snapshot-delete-id, snapshot-apply, write, write-compressed, write-zeroes, read, discard, resize, repair, overlay, trace, refcount-update)"
             )),
         }
     }
@@ -235,6 +248,9 @@ impl Op {
                 "write zeroes over {length} bytes at guest {offset:#x} (qemu-io -c 'write -z{} {offset} {length}')",
                 if *unmap { " -u" } else { "" }
             ),
+            Op::Read { offset, length } => format!(
+                "copy-on-read of {length} bytes at guest {offset:#x} (qemu-io -C -c 'read {offset} {length}')"
+            ),
             Op::Discard { offset, length } => format!(
                 "discard {length} bytes at guest {offset:#x} (qemu-io -c 'discard {offset} {length}')"
             ),
@@ -265,10 +281,11 @@ impl Op {
 /// An error as QEMU's tool would print it: its prefix for the operation and the
 /// errno's text, then what qinspect knows of why.
 pub(super) fn qemu_words(op: &Op, detail: String) -> String {
-    const ALREADY: [&str; 5] = [
+    const ALREADY: [&str; 6] = [
         "Could not ",
         "write failed: ",
         "discard failed: ",
+        "read failed: ",
         "not simulated: ",
         "Snapshot with id ",
     ];
@@ -287,6 +304,7 @@ pub(super) fn qemu_words(op: &Op, detail: String) -> String {
             "write failed: ".into()
         }
         Op::Discard { .. } => "discard failed: ".into(),
+        Op::Read { .. } => "read failed: ".into(),
         Op::Resize { .. } | Op::Repair { .. } | Op::Overlay { .. } | Op::Trace { .. } => {
             String::new()
         }

@@ -1,0 +1,182 @@
+//! Copy-on-read (`qemu-io -C -c 'read OFFSET LENGTH'`): the block layer's
+//! `bdrv_co_do_copy_on_readv`. The read is widened to whole clusters (whole
+//! subclusters with extended L2 entries); every run the top layer does not
+//! allocate (one block-status answer: one kind of (sub)cluster, within one L2
+//! slice, at most 16 MiB, QEMU's bounce buffer)
+//! is read from the layers below and written to the top layer: as zero
+//! clusters when the whole run reads as zeros, else as a normal write of the
+//! run. Zero and data clusters of the top layer are left alone, and the
+//! writes do not reach dirty bitmaps (they go to the driver directly).
+
+use super::{Sim, SimError, SimResult, Target};
+use crate::chain::{Chain, OpenOptions};
+use crate::lookup::{ReadCache, read};
+use crate::tables::{L1E_OFFSET_MASK, L2Entry, SubclusterType};
+use crate::types::GuestOffset;
+
+/// QEMU's `MAX_BOUNCE_BUFFER`: 32768 sectors.
+const MAX_BOUNCE: u64 = 32768 * 512;
+
+impl Sim {
+    /// `read OFFSET LENGTH` with copy-on-read on.
+    pub(super) fn copy_on_read(&mut self, offset: u64, length: u64) -> SimResult<()> {
+        let Some(end) = offset.checked_add(length).filter(|&e| e <= self.size) else {
+            return Err(SimError::Qemu(format!(
+                "read failed: Input/output error (the request ends past the end of the disk, {} bytes, so the block layer refuses all of it)",
+                self.size
+            )));
+        };
+        if length == 0 {
+            return Ok(());
+        }
+        if self.has_data_file {
+            return Err(SimError::NotModelled(
+                "copy-on-read with an external data file".into(),
+            ));
+        }
+        // The backing chain is lent to the copy while the writes run (they
+        // look only at whether there is one, which `backing_named` says).
+        let own = self.overlay_below()?;
+        let lent = if own.is_none() {
+            self.backing.take()
+        } else {
+            None
+        };
+        if own.is_none() && lent.is_none() && self.backing_named {
+            return Err(SimError::NotModelled(
+                "copy-on-read over a backing file qinspect could not open".into(),
+            ));
+        }
+        // Widened to whole subclusters (whole clusters without extended L2).
+        let unit = self.geo.subcluster_size().max(1);
+        let mut pos = offset.saturating_sub(offset.checked_rem(unit).unwrap_or(0));
+        let stop = end.div_ceil(unit).saturating_mul(unit).min(self.size);
+        // The writes copy-on-read makes bypass the dirty bitmaps.
+        let dirty = self.bitmaps.as_ref().map(|b| b.dirty.len());
+        let r = self.copy_runs(&mut pos, stop, own.as_ref().or(lent.as_ref()));
+        if lent.is_some() {
+            self.backing = lent;
+        }
+        if let (Some(b), Some(n)) = (self.bitmaps.as_mut(), dirty) {
+            b.dirty.truncate(n);
+        }
+        r
+    }
+
+    fn copy_runs(&mut self, pos: &mut u64, stop: u64, below: Option<&Chain>) -> SimResult<()> {
+        let cs = self.cs;
+        let unit = self.geo.subcluster_size();
+        let slice = self.slice_entries().max(1);
+        while *pos < stop {
+            let g = *pos;
+            let l2_index = self.geo.l2_index(GuestOffset(g));
+            let in_slice = slice.saturating_sub(l2_index.checked_rem(slice).unwrap_or(0));
+            let avail = in_slice
+                .saturating_mul(cs)
+                .saturating_sub(self.within(g))
+                .min(stop.saturating_sub(g));
+            if avail == 0 {
+                break;
+            }
+            let l2 = self
+                .l1
+                .get(self.geo.l1_index(GuestOffset(g)) as usize)
+                .copied()
+                .unwrap_or(0)
+                & L1E_OFFSET_MASK;
+            // The run of (sub)clusters of one kind from g, as block status
+            // finds it.
+            let (allocated, run) = if l2 == 0 {
+                (false, avail)
+            } else {
+                let ty = self.top_type(l2, g);
+                if ty == SubclusterType::Invalid {
+                    return Err(SimError::Qemu(format!(
+                        "read failed: Input/output error (the L2 entry of guest {g:#x} has contradictory bits)"
+                    )));
+                }
+                let mut n = unit;
+                while n < avail && self.top_type(l2, g.saturating_add(n)) == ty {
+                    n = n.saturating_add(unit);
+                }
+                (
+                    !matches!(
+                        ty,
+                        SubclusterType::UnallocatedPlain | SubclusterType::UnallocatedAlloc
+                    ),
+                    n.min(avail),
+                )
+            };
+            if allocated {
+                let to = g.saturating_add(run);
+                self.note(format!(
+                    "copy-on-read: guest {g:#x}..{to:#x} is allocated here (data or zeros): nothing to copy"
+                ));
+                *pos = to;
+                continue;
+            }
+            let n = run.min(MAX_BOUNCE);
+            let zeros = match below {
+                None => true,
+                Some(chain) => {
+                    let mut buf = vec![0u8; n as usize];
+                    read(chain, g, &mut buf, &mut ReadCache::default())?;
+                    buf.iter().all(|&b| b == 0)
+                }
+            };
+            let to = g.saturating_add(n);
+            if zeros {
+                let why = if below.is_some() {
+                    "reads as zeros below"
+                } else {
+                    "reads as zeros (no backing file)"
+                };
+                self.note(format!(
+                    "copy-on-read: guest {g:#x}..{to:#x} is not allocated here and {why}: QEMU writes zeros there"
+                ));
+                self.write_zeroes(g, n, false)?;
+            } else {
+                self.note(format!(
+                    "copy-on-read: guest {g:#x}..{to:#x} is not allocated here: QEMU writes what the backing file holds there into this image"
+                ));
+                let first = self.steps.len();
+                let r = self.write(g, n);
+                // What the write puts there is what the layers below hold.
+                for c in self.steps.iter_mut().skip(first) {
+                    if let Target::Copy { from, .. } = &mut c.target
+                        && from == "the guest"
+                    {
+                        *from = format!("guest {g:#x} of the layers below");
+                        c.reason = "the data copy-on-read read from below".into();
+                    }
+                }
+                r?;
+            }
+            *pos = to;
+        }
+        Ok(())
+    }
+
+    /// The kind of the (sub)cluster at guest `g` in the top layer, whose L2
+    /// table is at `l2`.
+    fn top_type(&mut self, l2: u64, g: u64) -> SubclusterType {
+        let index = self.geo.l2_index(GuestOffset(g));
+        let sc = (self.within(g) >> self.geo.subcluster_bits()) as u32;
+        let (raw, bitmap) = self.l2_entry_at(l2, index);
+        L2Entry { raw, bitmap }.subcluster_type(&self.geo, self.has_data_file, sc)
+    }
+
+    /// For an overlay, the image under it as shown: its snapshot's view at
+    /// the image's own disk size, as `qemu-nbd -l` loads it.
+    fn overlay_below(&self) -> SimResult<Option<Chain>> {
+        let Some((base, snap)) = &self.overlay_of else {
+            return Ok(None);
+        };
+        let opts = OpenOptions {
+            snapshot: snap.clone(),
+            snapshot_active_size: true,
+            ..Default::default()
+        };
+        Ok(Some(Chain::open(base, &opts)?))
+    }
+}
