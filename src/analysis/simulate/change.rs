@@ -38,7 +38,7 @@ pub enum Target {
     Allocate {
         /// First byte.
         offset: u64,
-        /// Bytes.
+        /// Its length in bytes.
         length: u64,
         /// What for.
         purpose: String,
@@ -47,7 +47,7 @@ pub enum Target {
     Free {
         /// First byte.
         offset: u64,
-        /// Bytes.
+        /// Its length in bytes.
         length: u64,
         /// What they were.
         purpose: String,
@@ -58,7 +58,7 @@ pub enum Target {
         from: String,
         /// To host offset.
         to: u64,
-        /// Bytes.
+        /// Its length in bytes.
         length: u64,
     },
     /// The snapshot table was rewritten.
@@ -77,7 +77,8 @@ pub enum Target {
 /// One change (or a run of alike changes) an operation makes.
 #[derive(Clone, Debug, Serialize)]
 pub struct Change {
-    /// Where.
+    /// What was changed: a refcount, a table entry, a header field, or a
+    /// range of the file.
     #[serde(flatten)]
     pub target: Target,
     /// How many consecutive clusters or entries this covers.

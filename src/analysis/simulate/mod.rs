@@ -62,7 +62,7 @@ pub const MAX_FILE_LEN: u64 = 1 << 44;
 pub struct SimSnapshot {
     /// ID string.
     pub id: String,
-    /// Name.
+    /// The snapshot's name.
     pub name: String,
     /// L1 table.
     pub l1_table_offset: u64,
@@ -70,7 +70,7 @@ pub struct SimSnapshot {
     pub l1_size: u32,
     /// VM state size.
     pub vm_state_size: u64,
-    /// Date.
+    /// When it was taken: seconds since the Unix epoch.
     pub date_sec: u32,
     /// Date, nanoseconds.
     pub date_nsec: u32,

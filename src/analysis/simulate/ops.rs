@@ -9,12 +9,12 @@ use serde::Serialize;
 pub enum Op {
     /// `qemu-img snapshot -c NAME`.
     SnapshotCreate {
-        /// Name.
+        /// The new snapshot's name.
         name: String,
     },
     /// `qemu-img snapshot -d NAME` (names only, as qemu-img matches them).
     SnapshotDelete {
-        /// Name.
+        /// The name of the snapshot to delete.
         id_or_name: String,
     },
     /// QMP `snapshot-delete-internal-sync` with only an `id`.
@@ -31,7 +31,7 @@ pub enum Op {
     Write {
         /// Guest offset.
         offset: u64,
-        /// Bytes.
+        /// Length in bytes.
         length: u64,
     },
     /// `qemu-io -c 'write -c OFFSET LENGTH'`: compressed clusters of qemu-io's
@@ -39,14 +39,14 @@ pub enum Op {
     WriteCompressed {
         /// Guest offset.
         offset: u64,
-        /// Bytes.
+        /// Length in bytes.
         length: u64,
     },
     /// A guest write-zeroes (`qemu-io -c 'write -z [-u]'`).
     WriteZeroes {
         /// Guest offset.
         offset: u64,
-        /// Bytes.
+        /// Length in bytes.
         length: u64,
         /// `-u`: clusters may be released.
         unmap: bool,
@@ -57,14 +57,14 @@ pub enum Op {
     Read {
         /// Guest offset.
         offset: u64,
-        /// Bytes.
+        /// Length in bytes.
         length: u64,
     },
     /// A guest discard.
     Discard {
         /// Guest offset.
         offset: u64,
-        /// Bytes.
+        /// Length in bytes.
         length: u64,
     },
     /// `qemu-img resize [--shrink] IMG SIZE`.
