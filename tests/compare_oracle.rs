@@ -243,3 +243,30 @@ fn l1_entries_naming_one_table_are_counted_alike_when_rows_are_full() {
         "{text}"
     );
 }
+
+/// A snapshot table QEMU refuses (nb_snapshots = 0xffffffff at header offset 60):
+/// compare names it instead of saying there are no snapshots.
+#[test]
+fn a_snapshot_table_qemu_refuses_is_the_answer_not_no_snapshots() {
+    let w = Work::new();
+    build(&w);
+    let mut b = std::fs::read(w.path("a.qcow2")).unwrap();
+    b[60..64].copy_from_slice(&u32::MAX.to_be_bytes());
+    std::fs::write(w.path("h.qcow2"), &b).unwrap();
+    let qemu = std::process::Command::new("qemu-img")
+        .args(["snapshot", "-l"])
+        .arg(w.path("h.qcow2"))
+        .output()
+        .unwrap();
+    assert!(!qemu.status.success(), "qemu-img refuses the table too");
+    for args in [
+        &["compare", "h.qcow2", "--closest"][..],
+        &["compare", "h.qcow2", "active", "s1"][..],
+    ] {
+        let out = w.qinspect(args);
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("snapshot table at"), "{args:?}: {err}");
+        assert!(!String::from_utf8_lossy(&out.stdout).contains("no internal snapshots"));
+    }
+}

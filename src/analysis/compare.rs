@@ -615,6 +615,12 @@ pub fn closest(
     img: &Qcow2,
     progress: Option<&(dyn Fn(u64, u64) -> bool + Sync)>,
 ) -> Result<Vec<Distance>> {
+    if let Some(e) = &img.snapshots.error {
+        return Err(Error::Request(format!(
+            "cannot rank the snapshots of {}: {e}",
+            img.src.name().display()
+        )));
+    }
     let active = Side::active(img);
     let total = img.snapshots.snapshots.len() as u64;
     let mut out = Vec::new();

@@ -334,6 +334,13 @@ impl Qcow2 {
         let sel = snapshot::Selector::parse(id_or_name)
             .map_err(|e| Error::Request(format!("snapshot '{id_or_name}': {e}")))?;
         self.snapshots.select(&sel).ok_or_else(|| {
+            // A table that could not be read is the reason, not an absent name.
+            if let Some(e) = &self.snapshots.error {
+                return Error::Request(format!(
+                    "no snapshot {id_or_name} in {}: {e}",
+                    self.src.name().display()
+                ));
+            }
             let known: Vec<String> = self
                 .snapshots
                 .snapshots
