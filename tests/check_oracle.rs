@@ -537,3 +537,33 @@ fn snapshots_sharing_tables_across_both_halves() {
     assert!(refcount_clusters.contains(&(at(10).1 >> 16)), "{v:#}");
     assert!(refcount_clusters.contains(&(at(75).1 >> 16)), "{v:#}");
 }
+
+/// One L2 table named by 80 active L1 entries, its data entry without COPIED:
+/// the COPIED finding lists the first 64 L1 entries and says how many there are,
+/// as every referrer list does, instead of growing with the L1 table.
+#[test]
+fn copied_finding_on_an_l2_table_named_by_many_l1_entries_caps_its_referrers() {
+    let w = Work::new();
+    w.qemu_img(&["create", "-f", "qcow2", "big.qcow2", "80G"]);
+    w.qemu_io("big.qcow2", &["write -P 0xaa 0 64k"]);
+    let l1 = 0x30000u64;
+    let e0 = std::fs::read(w.path("big.qcow2")).unwrap()[l1 as usize..l1 as usize + 8].to_vec();
+    for i in 1..80u64 {
+        w.patch("big.qcow2", l1 + i * 8, &e0);
+    }
+    w.patch("big.qcow2", 0x40000, &0x50000u64.to_be_bytes());
+    let v = w.assert_check_matches("big.qcow2");
+    let copied: Vec<&Value> = findings(&v)
+        .iter()
+        .filter(|f| f["category"] == "copied")
+        .collect();
+    assert!(!copied.is_empty(), "{v}");
+    for f in copied {
+        let refs = f["referrers"].as_array().unwrap();
+        assert_eq!(refs.len(), 65, "{f}");
+        assert!(
+            refs[0].to_string().contains("named by 80 L1 entries"),
+            "{f}"
+        );
+    }
+}

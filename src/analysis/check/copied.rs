@@ -4,6 +4,7 @@
 //! by the walk as it reads it, so every table is read once for both the recount
 //! and this check.
 
+use super::MAX_REFERRERS;
 use super::report::{Category, CheckReport, FindingKind, L1Id, Referrer, Role};
 use super::walk::Walk;
 use crate::image::{Qcow2, RefcountReader};
@@ -217,7 +218,18 @@ fn l2_half(cp: &mut Copied, l2: u64, w: u64, l1s: &[u64], buf: &[u8]) {
                 "{} bit 63 of the L2 entry",
                 if r == 1 { "set" } else { "clear" }
             ));
-            for l1i in l1s {
+            // Capped as every referrer list is: a hostile image can name one L2
+            // table from millions of L1 entries.
+            if l1s.len() > MAX_REFERRERS {
+                f.referrers.push(Referrer::plain(
+                    Role::Data,
+                    Some(format!(
+                        "L2 {l2:#x}[{j}], an L2 table named by {} L1 entries (the first {MAX_REFERRERS} follow)",
+                        l1s.len()
+                    )),
+                ));
+            }
+            for l1i in l1s.iter().take(MAX_REFERRERS) {
                 f.referrers.push(Referrer {
                     l1: Some(name.clone()),
                     l1_index: Some(*l1i),
