@@ -320,6 +320,12 @@ impl App {
         ctx.layer = self.ctx.layer.clone();
         self.ctx = ctx;
         let _ = view;
+        super::find::forget_all(self);
+        // A comparison of the state loaded before is not one of this state.
+        if let Some(j) = self.cmp_job.take() {
+            j.cancel.store(true, Ordering::Relaxed);
+        }
+        self.compare = super::compare::State::default();
         self.panes.snapshots.diff = None;
         self.panes.snapshots.diff_running = false;
         self.panes.snapshots.marked.clear();
@@ -588,6 +594,8 @@ impl App {
             // What was looked up in the other state is not true in this one.
             self.panes.layout.detail = None;
             self.panes.layout.looking = None;
+            self.panes.hex.cancel_search();
+            super::find::forget_all(self);
         }
         match r {
             Ok(()) if on => {

@@ -263,6 +263,11 @@ pub struct Disk {
     chain: Result<Chain, String>,
     chain_gap: Option<(PathBuf, String)>,
     view_snapshot: Option<String>,
+    /// Hex's structure cache is keyed by file name, which the simulated image
+    /// shares with the file: each state keeps its own.
+    structures: Vec<(PathBuf, Arc<qinspect::locate::Structures>)>,
+    /// The simulated image is the top image alone: no layer is chosen in it.
+    layer: Option<(usize, Vec<PathBuf>)>,
 }
 
 impl Ctx {
@@ -371,13 +376,20 @@ impl Ctx {
         None
     }
 
+    /// The cache of [`Ctx::structures_of`], locked.
+    fn structures_cache(
+        &self,
+    ) -> std::sync::MutexGuard<'_, Vec<(PathBuf, Arc<qinspect::locate::Structures>)>> {
+        match self.structures.lock() {
+            Ok(c) => c,
+            Err(p) => p.into_inner(),
+        }
+    }
+
     /// The metadata structures of `img`, found on first use.
     pub fn structures_of(&self, img: &Qcow2) -> Arc<qinspect::locate::Structures> {
         let name = img.src.name().to_path_buf();
-        let mut cache = match self.structures.lock() {
-            Ok(c) => c,
-            Err(p) => p.into_inner(),
-        };
+        let mut cache = self.structures_cache();
         if let Some((_, s)) = cache.iter().find(|(n, _)| *n == name) {
             return s.clone();
         }
@@ -458,6 +470,8 @@ impl Ctx {
                 self.chain = d.chain;
                 self.chain_gap = d.chain_gap;
                 self.view_snapshot = d.view_snapshot;
+                *self.structures_cache() = d.structures;
+                self.layer = d.layer;
             }
             return Ok(());
         }
@@ -478,6 +492,7 @@ impl Ctx {
                 "the simulated view shows the image alone: reads it does not allocate are not followed into the backing file".to_string(),
             )
         });
+        let structures = std::mem::take(&mut *self.structures_cache());
         let disk = Disk {
             img: self.img.replace(s.img.clone()),
             file: self.file.replace(s.src.clone()),
@@ -487,6 +502,8 @@ impl Ctx {
             chain: std::mem::replace(&mut self.chain, chain),
             chain_gap: std::mem::replace(&mut self.chain_gap, gap),
             view_snapshot: self.view_snapshot.take(),
+            structures,
+            layer: self.layer.take(),
         };
         self.disk = Some(Box::new(disk));
         Ok(())

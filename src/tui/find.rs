@@ -9,6 +9,7 @@
 //! one row's text is built, compared and forgotten.
 
 use super::app::{App, Input, InputFor, Popup};
+use super::keymap::LIST_PANES;
 use super::widgets::ListView;
 use std::fmt::Write as _;
 use std::sync::Arc;
@@ -455,6 +456,18 @@ pub fn clear(app: &mut App) {
     unpark(app);
     if let Some(l) = list(app) {
         l.find = None;
+    }
+}
+
+/// Forget every pane's search and hidden rows: after a reload or a switch to
+/// or from the simulated view they describe another state of the image.
+pub fn forget_all(app: &mut App) {
+    unpark(app);
+    for &p in LIST_PANES {
+        if let Some(l) = app.panes.get_mut(p).list() {
+            l.find = None;
+            l.hidden = None;
+        }
     }
 }
 

@@ -2738,3 +2738,20 @@ fn l_steps_tables_layout_and_hex_through_a_three_layer_chain() {
     let s = screen(&mut b, 120, 30);
     assert!(!s.contains("layer 0"), "{s}");
 }
+
+#[test]
+fn a_reload_forgets_searches_and_hidden_rows_of_the_state_before() {
+    let mut a = app("demo-top.qcow2");
+    typed(&mut a, "3");
+    search(&mut a, "unallocated");
+    assert!(a.panes.tables.l1.find.is_some());
+    typed(&mut a, "u");
+    assert!(a.panes.tables.l1.hidden.is_some());
+    typed(&mut a, "r");
+    a.wait_background();
+    assert!(a.panes.tables.l1.find.is_none());
+    assert!(a.panes.tables.l1.hidden.is_none());
+    let s = screen(&mut a, 120, 40);
+    assert!(!s.contains("matches for unallocated"), "{s}");
+    assert!(!s.contains("hiding"), "{s}");
+}
