@@ -270,3 +270,32 @@ fn a_snapshot_table_qemu_refuses_is_the_answer_not_no_snapshots() {
         assert!(!String::from_utf8_lossy(&out.stdout).contains("no internal snapshots"));
     }
 }
+
+#[test]
+fn closest_keeps_two_records_with_one_id_apart() {
+    // A corrupt table: snapshot 's2' carries the ID of 's1'. Each record is
+    // still its own state, and qemu-img finds 's2' by its name.
+    let w = Work::new();
+    build(&w);
+    let mut b = std::fs::read(w.path("a.qcow2")).unwrap();
+    let at = b
+        .windows(3)
+        .position(|x| x == b"2s2")
+        .expect("the record of s2: ID '2', name 's2'");
+    b[at] = b'1';
+    std::fs::write(w.path("a.qcow2"), &b).unwrap();
+    let v = Work::json(&w.qinspect_ok(&["compare", "a.qcow2", "--closest", "--json"]));
+    let ranked = v.as_array().unwrap();
+    assert_eq!(ranked.len(), 4);
+    for name in ["s1", "s2"] {
+        let r = ranked.iter().find(|r| r["name"] == name).unwrap();
+        assert_eq!(r["id"], "1", "{name}");
+        assert_eq!(
+            r["differing"].as_u64().unwrap(),
+            map_diff(&w, "a.qcow2", name).len() as u64,
+            "{name}"
+        );
+    }
+    assert_eq!(ranked[0]["name"], "s2");
+    assert_eq!(ranked[0]["differing"], 1);
+}

@@ -625,7 +625,7 @@ pub fn closest(
     let total = img.snapshots.snapshots.len() as u64;
     let mut out = Vec::new();
     for (k, s) in img.snapshots.snapshots.iter().enumerate() {
-        let view = img.snapshot_view(&s.id)?;
+        let view = img.view_of(s.clone())?;
         let side = Side {
             name: format!("snapshot {} '{}'", s.id, s.name),
             img,

@@ -393,6 +393,13 @@ impl Qcow2 {
     /// disk as `qemu-img snapshot -a` would make it).
     pub fn snapshot_view(&self, id_or_name: &str) -> Result<View> {
         let sn = self.find_snapshot(id_or_name)?.clone();
+        self.view_of(sn)
+    }
+
+    /// The view of this snapshot record, as [`Qcow2::snapshot_view`] gives it.
+    /// A corrupt table can hold two records with one ID; walking the table and
+    /// asking by record, not by ID, keeps each record its own.
+    pub fn view_of(&self, sn: Snapshot) -> Result<View> {
         let l1 = self.snapshot_l1(&sn)?;
         Ok(View {
             l1: Arc::new(l1),
