@@ -183,3 +183,104 @@ fn every_offset_of_damaged_images_decodes_without_panic() {
     }
     assert!(tried > 100, "{tried} damaged images opened");
 }
+
+#[test]
+fn bitmap_tables_and_their_data_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    qemu_img(d, &["create", "-q", "-f", "qcow2", "a.qcow2", "8M"]);
+    qemu_img(d, &["bitmap", "--add", "-g", "64k", "a.qcow2", "b0"]);
+    // qemu-io marks the bits of what it writes and stores the bitmap on close.
+    let out = Command::new("qemu-io")
+        .args([
+            "-f",
+            "qcow2",
+            "-c",
+            "write 0 64k",
+            "-c",
+            "write 1M 64k",
+            "a.qcow2",
+        ])
+        .current_dir(d)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let p = d.join("a.qcow2");
+    let bytes = std::fs::read(&p).unwrap();
+    let img = open(&p);
+    let s = Structures::of(&img);
+    let dir_off = img
+        .extensions
+        .iter()
+        .find(|e| e.ext_type == qinspect::header::EXT_BITMAPS)
+        .map(|e| be(&bytes, e.offset + 8 + 16, 8))
+        .unwrap();
+    let table = be(&bytes, dir_off, 8);
+    let data = be(&bytes, table, 8) & 0x00ff_ffff_ffff_fe00;
+    assert_ne!(data, 0, "QEMU stored a data cluster for the written bits");
+    for b in 0..8 {
+        let x = s.decode(&img, table + b).unwrap();
+        assert!(x.structure.starts_with("table of bitmap 'b0'"), "{x:?}");
+        assert_eq!(x.item, "entry 0");
+        assert_eq!(x.raw, Some(be(&bytes, table, 8)));
+        assert!(
+            x.meaning.contains(&format!("data cluster at {data:#x}")),
+            "{x:?}"
+        );
+    }
+    // Bit 0 covers guest 0..64k, bit 16 (byte 2) guest 1M..1M+64k.
+    let x = s.decode(&img, data).unwrap();
+    assert!(x.structure.starts_with("data of bitmap 'b0'"), "{x:?}");
+    assert_eq!(x.raw, Some(u64::from(bytes[data as usize])));
+    assert_eq!(x.raw, Some(1));
+    let x = s.decode(&img, data + 2).unwrap();
+    assert_eq!(x.raw, Some(1));
+    assert!(x.meaning.contains("0x100000..0x180000"), "{x:?}");
+    let x = s.decode(&img, data + 1).unwrap();
+    assert_eq!(x.raw, Some(0));
+    assert!(x.meaning.starts_with("0 of 8 bits set"), "{x:?}");
+}
+
+#[test]
+fn the_luks_header_and_key_material_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    qemu_img(
+        d,
+        &[
+            "create",
+            "-q",
+            "--object",
+            "secret,id=s0,data=pw",
+            "-f",
+            "qcow2",
+            "-o",
+            "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10",
+            "e.qcow2",
+            "8M",
+        ],
+    );
+    let p = d.join("e.qcow2");
+    let bytes = std::fs::read(&p).unwrap();
+    let img = open(&p);
+    let s = Structures::of(&img);
+    let ext = img
+        .extensions
+        .iter()
+        .find(|e| e.ext_type == qinspect::header::EXT_CRYPTO)
+        .expect("a crypto header extension");
+    let luks = be(&bytes, ext.offset + 8, 8);
+    assert_eq!(&bytes[luks as usize..luks as usize + 4], b"LUKS");
+    for b in 0..6 {
+        let x = s.decode(&img, luks + b).unwrap();
+        assert!(x.structure.starts_with("LUKS header at"), "{x:?}");
+        assert_eq!(x.item, "magic");
+    }
+    // Slot 0 is the one qemu-img filled; its key material starts at the
+    // sector its key-material-offset field (LUKS header byte 208 + 40) names.
+    assert_eq!(be(&bytes, luks + 208, 4), 0x00ac_71f3);
+    let sector = be(&bytes, luks + 208 + 40, 4);
+    let x = s.decode(&img, luks + sector * 512).unwrap();
+    assert_eq!(x.item, "key material of slot 0", "{x:?}");
+    assert!(!x.meaning.contains("not in use"), "{x:?}");
+}

@@ -46,6 +46,17 @@ pub enum Kind {
     Snapshot(usize),
     /// A bitmap directory entry (index).
     BitmapEntry(usize),
+    /// A bitmap's table (index of the bitmap in the directory).
+    BitmapTable(usize),
+    /// A cluster of bitmap data, named by entry `entry` of bitmap `bitmap`'s table.
+    BitmapData {
+        /// The bitmap (index in the directory).
+        bitmap: usize,
+        /// The bitmap table entry that names it.
+        entry: u64,
+    },
+    /// The LUKS header and key material the crypto header extension reserves.
+    Luks,
 }
 
 /// One structure and the bytes it spans.
@@ -83,6 +94,9 @@ pub struct Structures {
     pub regions: Vec<Region>,
     /// Whether [`MAX_REGIONS`] cut the list short.
     pub truncated: bool,
+    /// The length of the longest region: a region holding an offset starts
+    /// at most this far before it, which bounds the look-up.
+    longest: u64,
 }
 
 /// Snapshot-table entry fields: offset in the entry, size, name.
@@ -189,8 +203,54 @@ impl Structures {
                 );
             }
         }
+        if let Some(Ok(dir)) = &img.bitmaps {
+            s.bitmap_tables(img, dir, cs);
+        }
+        for e in &img.extensions {
+            if let ExtensionKind::Crypto { offset, length } = e.kind {
+                s.push(offset, offset.saturating_add(length), Kind::Luks);
+            }
+        }
         s.regions.sort_by_key(|r| (r.start, r.end));
+        s.longest = s
+            .regions
+            .iter()
+            .map(|r| r.end.saturating_sub(r.start))
+            .max()
+            .unwrap_or(0);
         s
+    }
+
+    /// Each bitmap's table, and the data clusters its entries name (a table of
+    /// hostile size is read only as far as the region budget allows).
+    fn bitmap_tables(&mut self, img: &Qcow2, dir: &[crate::bitmap::BitmapEntry], cs: u64) {
+        for (i, b) in dir.iter().enumerate() {
+            let len = u64::from(b.table_size).saturating_mul(8);
+            self.push(
+                b.table_offset,
+                b.table_offset.saturating_add(len),
+                Kind::BitmapTable(i),
+            );
+            if self.regions.len().saturating_add(b.table_size as usize) > MAX_REGIONS {
+                self.truncated = true;
+                continue;
+            }
+            let Ok(t) = crate::bitmap::read_table(img.src.as_ref(), b) else {
+                continue;
+            };
+            for (j, e) in t.iter().enumerate() {
+                if let Some(o) = e.data_offset() {
+                    self.push(
+                        o,
+                        o.saturating_add(cs),
+                        Kind::BitmapData {
+                            bitmap: i,
+                            entry: j as u64,
+                        },
+                    );
+                }
+            }
+        }
     }
 
     fn push(&mut self, start: u64, end: u64, kind: Kind) {
@@ -237,9 +297,12 @@ impl Structures {
     /// The regions that hold `offset`, the smallest first.
     pub fn at(&self, offset: u64) -> Vec<&Region> {
         let upto = self.regions.partition_point(|r| r.start <= offset);
+        let from = self
+            .regions
+            .partition_point(|r| r.start < offset.saturating_sub(self.longest));
         let mut v: Vec<&Region> = self
             .regions
-            .get(..upto)
+            .get(from..upto)
             .unwrap_or(&[])
             .iter()
             .filter(|r| offset < r.end)
@@ -551,8 +614,134 @@ fn decode_in(img: &Qcow2, r: &Region, offset: u64) -> Option<Decoded> {
                 meaning,
             }
         }
+        Kind::BitmapTable(i) => bitmap_table_entry(img, *i, r, rel)?,
+        Kind::BitmapData { bitmap, entry } => bitmap_data(img, *bitmap, *entry, r, rel)?,
+        Kind::Luks => luks(img, r, offset)?,
     };
     Some(d)
+}
+
+/// Guest bytes one bitmap table entry covers: a cluster of bits, each bit
+/// `granularity` bytes.
+fn bytes_per_table_entry(img: &Qcow2, b: &crate::bitmap::BitmapEntry) -> u64 {
+    img.geometry()
+        .cluster_size()
+        .saturating_mul(8)
+        .saturating_mul(b.granularity())
+}
+
+fn bitmap_table_entry(img: &Qcow2, i: usize, r: &Region, rel: u64) -> Option<Decoded> {
+    let b = img.bitmaps.as_ref()?.as_ref().ok()?.get(i)?;
+    let j = rel / 8;
+    let start = r.start.saturating_add(j.saturating_mul(8));
+    let raw = read_be(img, start, 8)?;
+    let e = crate::bitmap::BitmapTableEntry(raw);
+    let per = bytes_per_table_entry(img, b);
+    let first = j.saturating_mul(per);
+    let range = format!("guest {first:#x}..{:#x}", first.saturating_add(per));
+    let meaning = match e.data_offset() {
+        Some(o) => format!("the bits for {range} are in the data cluster at {o:#x}"),
+        None if e.all_ones() => format!("no data cluster: every bit for {range} is set"),
+        None => format!("no data cluster: every bit for {range} is clear"),
+    };
+    Some(Decoded {
+        structure: format!("table of bitmap '{}' at {:#x}", b.name, r.start),
+        item: format!("entry {j}"),
+        start,
+        end: start.saturating_add(8),
+        raw: Some(raw),
+        meaning,
+    })
+}
+
+fn bitmap_data(img: &Qcow2, i: usize, entry: u64, r: &Region, rel: u64) -> Option<Decoded> {
+    let b = img.bitmaps.as_ref()?.as_ref().ok()?.get(i)?;
+    let g = b.granularity();
+    let byte = read_be(img, r.start.saturating_add(rel), 1)?;
+    let first = entry
+        .saturating_mul(bytes_per_table_entry(img, b))
+        .saturating_add(rel.saturating_mul(8).saturating_mul(g));
+    let end = first.saturating_add(g.saturating_mul(8));
+    Some(Decoded {
+        structure: format!(
+            "data of bitmap '{}' at {:#x} (table entry {entry})",
+            b.name, r.start
+        ),
+        item: format!("byte {rel}"),
+        start: r.start.saturating_add(rel),
+        end: r.start.saturating_add(rel).saturating_add(1),
+        raw: Some(byte),
+        meaning: format!(
+            "{} of 8 bits set: each bit is {g} guest bytes of {first:#x}..{end:#x}, the lowest bit first",
+            byte.count_ones()
+        ),
+    })
+}
+
+fn luks(img: &Qcow2, r: &Region, offset: u64) -> Option<Decoded> {
+    let structure = format!("LUKS header at {:#x}", r.start);
+    let h = crate::crypto::luks::LuksHeader::read(
+        img.src.as_ref(),
+        r.start,
+        r.end.saturating_sub(r.start),
+    );
+    let Ok(h) = h else {
+        return Some(Decoded {
+            structure,
+            item: "unreadable".into(),
+            start: offset,
+            end: offset.saturating_add(1),
+            raw: None,
+            meaning: "the region the crypto header extension reserves; its header cannot be read"
+                .into(),
+        });
+    };
+    if let Some(f) = h
+        .fields()
+        .into_iter()
+        .find(|f| offset >= f.offset && offset < f.offset.saturating_add(f.len))
+    {
+        return Some(Decoded {
+            structure,
+            item: f.name,
+            start: f.offset,
+            end: f.offset.saturating_add(f.len),
+            raw: None,
+            meaning: format!("{} ({})", f.meaning, f.value),
+        });
+    }
+    let rel = offset.saturating_sub(r.start);
+    for slot in &h.slots {
+        let from = slot.key_offset();
+        let to = from.saturating_add(slot.material_len(h.key_bytes));
+        if (from..to).contains(&rel) {
+            return Some(Decoded {
+                structure,
+                item: format!("key material of slot {}", slot.index),
+                start: r.start.saturating_add(from),
+                end: r.start.saturating_add(to),
+                raw: None,
+                meaning: format!(
+                    "the master key split into {} stripes and encrypted with the passphrase of slot {}{}",
+                    slot.stripes,
+                    slot.index,
+                    if slot.active() {
+                        ""
+                    } else {
+                        " (the slot is not in use)"
+                    }
+                ),
+            });
+        }
+    }
+    Some(Decoded {
+        structure,
+        item: "unused".into(),
+        start: offset,
+        end: offset.saturating_add(1),
+        raw: None,
+        meaning: "space the crypto header extension reserves that no key slot uses".into(),
+    })
 }
 
 fn extension(e: &Extension, r: &Region, rel: u64) -> Decoded {
