@@ -478,6 +478,11 @@ pub fn step(app: &mut App) {
     let pane = app.pane;
     refresh_hidden(app);
     loop {
+        // A finished search needs no rows: building them (every line of the
+        // simulation log, say) each frame would cost for nothing.
+        if list(app).is_none_or(|l| l.find.as_ref().is_none_or(|f| f.done && !f.jump)) {
+            return;
+        }
         let Some(mut f) = list(app).and_then(|l| l.find.take()) else {
             return;
         };
