@@ -12,7 +12,7 @@ use std::path::PathBuf;
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// Everything that can go wrong while reading an image.
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
     /// The operating system refused a read or an open.
@@ -22,9 +22,9 @@ pub enum Error {
         file: PathBuf,
         /// What was being done ("open", "read of the L1 table at 0x30000", ...).
         what: String,
-        /// The underlying error.
+        /// The underlying error (shared, so that an `Error` can be cloned).
         #[source]
-        source: std::io::Error,
+        source: std::sync::Arc<std::io::Error>,
     },
 
     /// A structure extends past the end of the file.

@@ -382,6 +382,27 @@ fn images_qemu_refuses_are_checked_anyway() {
     // ...but the refcounts were still recounted.
     assert_eq!(v["allocated-clusters"], 3);
     assert_eq!(v["corruptions"], 0);
+    // The cause, as the library gives it: QEMU's open fails on that header field.
+    let r = library_check(&w, "u.qcow2");
+    let Some(qinspect::check::Refusal::Open(e)) = &r.qemu_refuses else {
+        panic!("{:?}", r.qemu_refuses);
+    };
+    assert_eq!(
+        e.corrupt_kind(),
+        Some(qinspect::CorruptKind::HeaderField(
+            qinspect::header::Field::IncompatibleFeatures
+        ))
+    );
+}
+
+/// The library's check of `name`, opened leniently as `qinspect check` opens it.
+fn library_check(w: &Work, name: &str) -> qinspect::check::CheckReport {
+    let img = qinspect::image::Qcow2::open(
+        std::sync::Arc::new(qinspect::io::FileSource::open(&w.path(name)).unwrap()),
+        qinspect::image::Strictness::Lenient,
+    )
+    .unwrap();
+    qinspect::check::check(&img, &qinspect::check::CheckOptions::default())
 }
 
 #[test]
@@ -419,6 +440,13 @@ fn hostile_tables_finish_quickly_and_boundedly() {
             .unwrap()
             .contains("refcount table"),
         "{v}"
+    );
+    let r = library_check(&w, "loop.qcow2");
+    assert!(
+        matches!(&r.qemu_refuses, Some(qinspect::check::Refusal::Open(e))
+            if e.corrupt_kind() == Some(qinspect::CorruptKind::RefcountTable)),
+        "{:?}",
+        r.qemu_refuses
     );
 }
 

@@ -328,44 +328,11 @@ fn read_be(img: &Qcow2, at: u64, size: u64) -> Option<u64> {
     (got == n).then(|| u64::from_be_bytes(b))
 }
 
+/// What the byte at `offset`, inside region `r`, is: the entry or field there.
 fn decode_in(img: &Qcow2, r: &Region, offset: u64) -> Option<Decoded> {
-    let geo = img.geometry();
     let rel = offset.checked_sub(r.start)?;
-    let snap_name = |i: &Option<usize>| match i {
-        None => "active L1 table".to_string(),
-        Some(i) => img
-            .snapshots
-            .snapshots
-            .get(*i)
-            .map_or("a snapshot's L1 table".into(), |s| {
-                format!("L1 table of snapshot {} '{}'", s.id, s.name)
-            }),
-    };
     let d = match &r.kind {
-        Kind::Header => {
-            let fields = img.header.fields();
-            match fields
-                .iter()
-                .find(|f| offset >= f.offset && offset < f.offset.saturating_add(f.size))
-            {
-                Some(f) => Decoded {
-                    structure: "header".into(),
-                    item: f.name.into(),
-                    start: f.offset,
-                    end: f.offset.saturating_add(f.size),
-                    raw: Some(f.value),
-                    meaning: f.meaning.clone(),
-                },
-                None => Decoded {
-                    structure: "header".into(),
-                    item: "padding".into(),
-                    start: offset,
-                    end: offset.saturating_add(1),
-                    raw: None,
-                    meaning: "bytes after the last field, inside header_length".into(),
-                },
-            }
-        }
+        Kind::Header => header_field(img, offset),
         Kind::Extension(i) => {
             let e = img.extensions.get(*i)?;
             extension(e, r, rel)
@@ -382,238 +349,12 @@ fn decode_in(img: &Qcow2, r: &Region, offset: u64) -> Option<Decoded> {
                 img.header.backing_file_size
             ),
         },
-        Kind::L1(s) => {
-            let i = rel / 8;
-            let start = r.start.saturating_add(i.saturating_mul(8));
-            let raw = read_be(img, start, 8)?;
-            Decoded {
-                structure: format!("{} at {:#x}", snap_name(s), r.start),
-                item: format!("entry {i}"),
-                start,
-                end: start.saturating_add(8),
-                raw: Some(raw),
-                meaning: L1Entry(raw).describe(&geo),
-            }
-        }
-        Kind::L2 { snapshot, l1_index } => {
-            let es = geo.l2_entry_size();
-            let j = rel.checked_div(es)?;
-            let start = r.start.saturating_add(j.saturating_mul(es));
-            let t = img.l2_table(crate::types::HostOffset(r.start)).ok()?;
-            let e = t.get(usize::try_from(j).ok()?)?;
-            let guest = geo
-                .guest_offset(*l1_index, j, 0)
-                .map_or("past the addressable disk".into(), |g| {
-                    format!("guest {:#x}", g.0)
-                });
-            Decoded {
-                structure: format!(
-                    "L2 table at {:#x} ({}[{l1_index}])",
-                    r.start,
-                    snap_name(snapshot)
-                ),
-                item: format!("entry {j} ({guest})"),
-                start,
-                end: start.saturating_add(es),
-                raw: Some(e.raw),
-                meaning: e.describe(&geo, img.header.has_data_file()),
-            }
-        }
-        Kind::RefcountTable => {
-            let i = rel / 8;
-            let start = r.start.saturating_add(i.saturating_mul(8));
-            let raw = read_be(img, start, 8)?;
-            let rg = img.refcount_geometry();
-            let first = i.checked_shl(rg.block_bits()).unwrap_or(u64::MAX);
-            let per = rg.entries_per_block();
-            let meaning = match crate::refcount::RefTableEntry(raw).block_offset() {
-                Some(o) => format!(
-                    "refcount block at {:#x}, counting host clusters {first} to {}",
-                    o.0,
-                    first.saturating_add(per.saturating_sub(1))
-                ),
-                None if raw == 0 => format!(
-                    "no refcount block: host clusters {first} to {} have refcount 0",
-                    first.saturating_add(per.saturating_sub(1))
-                ),
-                None => "reserved bits set and no block offset".into(),
-            };
-            Decoded {
-                structure: format!("refcount table at {:#x}", r.start),
-                item: format!("entry {i}"),
-                start,
-                end: start.saturating_add(8),
-                raw: Some(raw),
-                meaning,
-            }
-        }
-        Kind::RefcountBlock(ti) => {
-            let order = img.header.refcount_order.min(6);
-            let bits = 1u64 << order;
-            let index = rel.saturating_mul(8) >> order;
-            let block = img.refcount_block(crate::types::HostOffset(r.start)).ok()?;
-            let value = get_refcount(&block, order, index);
-            let rg = img.refcount_geometry();
-            let cluster = ti
-                .checked_shl(rg.block_bits())
-                .and_then(|c| c.checked_add(index));
-            let start = r.start.saturating_add(index.saturating_mul(bits) / 8);
-            let end = r
-                .start
-                .saturating_add(index.saturating_add(1).saturating_mul(bits).div_ceil(8));
-            Decoded {
-                structure: format!(
-                    "refcount block at {:#x} (refcount table entry {ti})",
-                    r.start
-                ),
-                item: format!("entry {index} ({bits}-bit)"),
-                start,
-                end,
-                raw: Some(value),
-                meaning: match cluster {
-                    Some(c) => format!(
-                        "host cluster {c} (offset {:#x}) has refcount {value}",
-                        c.saturating_mul(geo.cluster_size())
-                    ),
-                    None => format!("refcount {value} of a cluster past 2^64"),
-                },
-            }
-        }
-        Kind::Snapshot(i) => {
-            let sn = img.snapshots.snapshots.get(*i)?;
-            let structure = format!(
-                "snapshot table entry {i} (ID {} '{}') at {:#x}",
-                sn.id, sn.name, r.start
-            );
-            let extra = u64::from(sn.extra_data_size);
-            let id_len = sn.id.len() as u64;
-            let (start, size, item, meaning) = if let Some((o, n, name)) =
-                field_at(SNAPSHOT_FIELDS, rel)
-            {
-                let meaning = match name {
-                    "l1_table_offset" => {
-                        format!("the snapshot's L1 table is at {:#x}", sn.l1_table_offset)
-                    }
-                    "l1_size" => format!("{} L1 entries", sn.l1_size),
-                    "id_str_size" => format!("the ID \"{}\" is {id_len} bytes", sn.id),
-                    "name_size" => format!("the name \"{}\" is {} bytes", sn.name, sn.name.len()),
-                    "date_sec" => "seconds since the epoch when it was taken".into(),
-                    "date_nsec" => "nanoseconds of that date".into(),
-                    "vm_clock_nsec" => "the guest clock when it was taken, in nanoseconds".into(),
-                    "vm_state_size" => "saved VM state size (32-bit field)".into(),
-                    _ => format!("{extra} bytes of extra data follow"),
-                };
-                (o, n, name.to_string(), meaning)
-            } else if rel < 40u64.saturating_add(extra) {
-                let x = rel.saturating_sub(40);
-                match field_at(SNAPSHOT_EXTRA, x) {
-                    Some((o, n, name)) if o.saturating_add(n) <= extra => {
-                        let meaning = match name {
-                            "vm_state_size_large" => {
-                                format!("saved VM state: {} bytes", sn.vm_state_size)
-                            }
-                            "disk_size" => sn
-                                .disk_size
-                                .map_or("-".into(), |d| format!("the virtual disk was {d} bytes")),
-                            _ => sn.icount.map_or("no instruction count (-1)".into(), |c| {
-                                format!("instruction count {c}")
-                            }),
-                        };
-                        (
-                            40u64.saturating_add(o),
-                            n,
-                            format!("extra data: {name}"),
-                            meaning,
-                        )
-                    }
-                    _ => (
-                        rel,
-                        1,
-                        "extra data".into(),
-                        "extra data qinspect does not know".into(),
-                    ),
-                }
-            } else if rel < 40u64.saturating_add(extra).saturating_add(id_len) {
-                (
-                    40u64.saturating_add(extra),
-                    id_len,
-                    "id_str".into(),
-                    format!("the ID \"{}\"", sn.id),
-                )
-            } else {
-                let at = 40u64.saturating_add(extra).saturating_add(id_len);
-                (
-                    at,
-                    sn.entry_len.saturating_sub(at),
-                    "name".into(),
-                    format!("the name \"{}\"", sn.name),
-                )
-            };
-            let s = r.start.saturating_add(start);
-            Decoded {
-                structure,
-                item,
-                start: s,
-                end: s.saturating_add(size.max(1)),
-                raw: (size <= 8 && start < 40u64.saturating_add(extra))
-                    .then(|| read_be(img, s, size))
-                    .flatten(),
-                meaning,
-            }
-        }
-        Kind::BitmapEntry(i) => {
-            let dir = img.bitmaps.as_ref()?.as_ref().ok()?;
-            let b = dir.get(*i)?;
-            let extra = u64::from(b.extra_data_size);
-            let (start, size, item, meaning) = match field_at(BITMAP_FIELDS, rel) {
-                Some((o, n, name)) => {
-                    let meaning = match name {
-                        "bitmap_table_offset" => {
-                            format!("the bitmap table is at {:#x}", b.table_offset)
-                        }
-                        "bitmap_table_size" => format!("{} bitmap table entries", b.table_size),
-                        "flags" => match b.flag_names() {
-                            v if v.is_empty() => "no flags".into(),
-                            v => v.join(", "),
-                        },
-                        "type" => {
-                            if b.bitmap_type == 1 {
-                                "dirty tracking bitmap".into()
-                            } else {
-                                format!("type {} (QEMU knows only 1)", b.bitmap_type)
-                            }
-                        }
-                        "granularity_bits" => {
-                            format!("one bit covers {} guest bytes", b.granularity())
-                        }
-                        "name_size" => format!("the name \"{}\" is {} bytes", b.name, b.name.len()),
-                        _ => format!("{extra} bytes of extra data follow"),
-                    };
-                    (o, n, name.to_string(), meaning)
-                }
-                None if rel < 24u64.saturating_add(extra) => {
-                    (24, extra, "extra data".into(), "extra data".into())
-                }
-                None => {
-                    let at = 24u64.saturating_add(extra);
-                    (
-                        at,
-                        b.name.len() as u64,
-                        "name".into(),
-                        format!("the name \"{}\"", b.name),
-                    )
-                }
-            };
-            let s = r.start.saturating_add(start);
-            Decoded {
-                structure: format!("bitmap directory entry {i} '{}' at {:#x}", b.name, r.start),
-                item,
-                start: s,
-                end: s.saturating_add(size.max(1)),
-                raw: (start < 24).then(|| read_be(img, s, size)).flatten(),
-                meaning,
-            }
-        }
+        Kind::L1(s) => l1_entry(img, r, rel, s)?,
+        Kind::L2 { snapshot, l1_index } => l2_entry(img, r, rel, snapshot, *l1_index)?,
+        Kind::RefcountTable => refcount_table_entry(img, r, rel)?,
+        Kind::RefcountBlock(ti) => refcount_block_entry(img, r, rel, *ti)?,
+        Kind::Snapshot(i) => snapshot_field(img, r, rel, *i)?,
+        Kind::BitmapEntry(i) => bitmap_entry_field(img, r, rel, *i)?,
         Kind::BitmapTable(i) => bitmap_table_entry(img, *i, r, rel)?,
         Kind::BitmapData { bitmap, entry } => bitmap_data(img, *bitmap, *entry, r, rel)?,
         Kind::Luks => luks(img, r, offset)?,
@@ -741,6 +482,297 @@ fn luks(img: &Qcow2, r: &Region, offset: u64) -> Option<Decoded> {
         end: offset.saturating_add(1),
         raw: None,
         meaning: "space the crypto header extension reserves that no key slot uses".into(),
+    })
+}
+
+/// The name of an L1 table: the active one (`None`) or snapshot `i`'s.
+fn l1_name(img: &Qcow2, i: &Option<usize>) -> String {
+    match i {
+        None => "active L1 table".to_string(),
+        Some(i) => img
+            .snapshots
+            .snapshots
+            .get(*i)
+            .map_or("a snapshot's L1 table".into(), |s| {
+                format!("L1 table of snapshot {} '{}'", s.id, s.name)
+            }),
+    }
+}
+
+/// The header field at `offset`, or the padding after the last one.
+fn header_field(img: &Qcow2, offset: u64) -> Decoded {
+    let fields = img.header.fields();
+    match fields
+        .iter()
+        .find(|f| offset >= f.offset && offset < f.offset.saturating_add(f.size))
+    {
+        Some(f) => Decoded {
+            structure: "header".into(),
+            item: f.name.into(),
+            start: f.offset,
+            end: f.offset.saturating_add(f.size),
+            raw: Some(f.value),
+            meaning: f.meaning.clone(),
+        },
+        None => Decoded {
+            structure: "header".into(),
+            item: "padding".into(),
+            start: offset,
+            end: offset.saturating_add(1),
+            raw: None,
+            meaning: "bytes after the last field, inside header_length".into(),
+        },
+    }
+}
+
+/// Entry `rel / 8` of an L1 table (`s`: whose, as in [`Kind::L1`]).
+fn l1_entry(img: &Qcow2, r: &Region, rel: u64, s: &Option<usize>) -> Option<Decoded> {
+    let geo = img.geometry();
+    let i = rel / 8;
+    let start = r.start.saturating_add(i.saturating_mul(8));
+    let raw = read_be(img, start, 8)?;
+    Some(Decoded {
+        structure: format!("{} at {:#x}", l1_name(img, s), r.start),
+        item: format!("entry {i}"),
+        start,
+        end: start.saturating_add(8),
+        raw: Some(raw),
+        meaning: L1Entry(raw).describe(&geo),
+    })
+}
+
+/// The L2 entry at `rel` of the table that entry `l1_index` of L1 table `snapshot` names.
+fn l2_entry(
+    img: &Qcow2,
+    r: &Region,
+    rel: u64,
+    snapshot: &Option<usize>,
+    l1_index: u64,
+) -> Option<Decoded> {
+    let geo = img.geometry();
+    let es = geo.l2_entry_size();
+    let j = rel.checked_div(es)?;
+    let start = r.start.saturating_add(j.saturating_mul(es));
+    let t = img.l2_table(crate::types::HostOffset(r.start)).ok()?;
+    let e = t.get(usize::try_from(j).ok()?)?;
+    let guest = geo
+        .guest_offset(l1_index, j, 0)
+        .map_or("past the addressable disk".into(), |g| {
+            format!("guest {:#x}", g.0)
+        });
+    Some(Decoded {
+        structure: format!(
+            "L2 table at {:#x} ({}[{l1_index}])",
+            r.start,
+            l1_name(img, snapshot)
+        ),
+        item: format!("entry {j} ({guest})"),
+        start,
+        end: start.saturating_add(es),
+        raw: Some(e.raw),
+        meaning: e.describe(&geo, img.header.has_data_file()),
+    })
+}
+
+/// Entry `rel / 8` of the refcount table.
+fn refcount_table_entry(img: &Qcow2, r: &Region, rel: u64) -> Option<Decoded> {
+    let i = rel / 8;
+    let start = r.start.saturating_add(i.saturating_mul(8));
+    let raw = read_be(img, start, 8)?;
+    let rg = img.refcount_geometry();
+    let first = i.checked_shl(rg.block_bits()).unwrap_or(u64::MAX);
+    let per = rg.entries_per_block();
+    let meaning = match crate::refcount::RefTableEntry(raw).block_offset() {
+        Some(o) => format!(
+            "refcount block at {:#x}, counting host clusters {first} to {}",
+            o.0,
+            first.saturating_add(per.saturating_sub(1))
+        ),
+        None if raw == 0 => format!(
+            "no refcount block: host clusters {first} to {} have refcount 0",
+            first.saturating_add(per.saturating_sub(1))
+        ),
+        None => "reserved bits set and no block offset".into(),
+    };
+    Some(Decoded {
+        structure: format!("refcount table at {:#x}", r.start),
+        item: format!("entry {i}"),
+        start,
+        end: start.saturating_add(8),
+        raw: Some(raw),
+        meaning,
+    })
+}
+
+/// The refcount at `rel` in the block named by refcount table entry `ti`.
+fn refcount_block_entry(img: &Qcow2, r: &Region, rel: u64, ti: u64) -> Option<Decoded> {
+    let geo = img.geometry();
+    let order = img.header.refcount_order.min(6);
+    let bits = 1u64 << order;
+    let index = rel.saturating_mul(8) >> order;
+    let block = img.refcount_block(crate::types::HostOffset(r.start)).ok()?;
+    let value = get_refcount(&block, order, index);
+    let rg = img.refcount_geometry();
+    let cluster = ti
+        .checked_shl(rg.block_bits())
+        .and_then(|c| c.checked_add(index));
+    let start = r.start.saturating_add(index.saturating_mul(bits) / 8);
+    let end = r
+        .start
+        .saturating_add(index.saturating_add(1).saturating_mul(bits).div_ceil(8));
+    Some(Decoded {
+        structure: format!(
+            "refcount block at {:#x} (refcount table entry {ti})",
+            r.start
+        ),
+        item: format!("entry {index} ({bits}-bit)"),
+        start,
+        end,
+        raw: Some(value),
+        meaning: match cluster {
+            Some(c) => format!(
+                "host cluster {c} (offset {:#x}) has refcount {value}",
+                c.saturating_mul(geo.cluster_size())
+            ),
+            None => format!("refcount {value} of a cluster past 2^64"),
+        },
+    })
+}
+
+/// The field at `rel` of snapshot table entry `i`.
+fn snapshot_field(img: &Qcow2, r: &Region, rel: u64, i: usize) -> Option<Decoded> {
+    let sn = img.snapshots.snapshots.get(i)?;
+    let structure = format!(
+        "snapshot table entry {i} (ID {} '{}') at {:#x}",
+        sn.id, sn.name, r.start
+    );
+    let extra = u64::from(sn.extra_data_size);
+    let id_len = sn.id.len() as u64;
+    let (start, size, item, meaning) = if let Some((o, n, name)) = field_at(SNAPSHOT_FIELDS, rel) {
+        let meaning = match name {
+            "l1_table_offset" => {
+                format!("the snapshot's L1 table is at {:#x}", sn.l1_table_offset)
+            }
+            "l1_size" => format!("{} L1 entries", sn.l1_size),
+            "id_str_size" => format!("the ID \"{}\" is {id_len} bytes", sn.id),
+            "name_size" => format!("the name \"{}\" is {} bytes", sn.name, sn.name.len()),
+            "date_sec" => "seconds since the epoch when it was taken".into(),
+            "date_nsec" => "nanoseconds of that date".into(),
+            "vm_clock_nsec" => "the guest clock when it was taken, in nanoseconds".into(),
+            "vm_state_size" => "saved VM state size (32-bit field)".into(),
+            _ => format!("{extra} bytes of extra data follow"),
+        };
+        (o, n, name.to_string(), meaning)
+    } else if rel < 40u64.saturating_add(extra) {
+        let x = rel.saturating_sub(40);
+        match field_at(SNAPSHOT_EXTRA, x) {
+            Some((o, n, name)) if o.saturating_add(n) <= extra => {
+                let meaning = match name {
+                    "vm_state_size_large" => {
+                        format!("saved VM state: {} bytes", sn.vm_state_size)
+                    }
+                    "disk_size" => sn
+                        .disk_size
+                        .map_or("-".into(), |d| format!("the virtual disk was {d} bytes")),
+                    _ => sn.icount.map_or("no instruction count (-1)".into(), |c| {
+                        format!("instruction count {c}")
+                    }),
+                };
+                (
+                    40u64.saturating_add(o),
+                    n,
+                    format!("extra data: {name}"),
+                    meaning,
+                )
+            }
+            _ => (
+                rel,
+                1,
+                "extra data".into(),
+                "extra data qinspect does not know".into(),
+            ),
+        }
+    } else if rel < 40u64.saturating_add(extra).saturating_add(id_len) {
+        (
+            40u64.saturating_add(extra),
+            id_len,
+            "id_str".into(),
+            format!("the ID \"{}\"", sn.id),
+        )
+    } else {
+        let at = 40u64.saturating_add(extra).saturating_add(id_len);
+        (
+            at,
+            sn.entry_len.saturating_sub(at),
+            "name".into(),
+            format!("the name \"{}\"", sn.name),
+        )
+    };
+    let s = r.start.saturating_add(start);
+    Some(Decoded {
+        structure,
+        item,
+        start: s,
+        end: s.saturating_add(size.max(1)),
+        raw: (size <= 8 && start < 40u64.saturating_add(extra))
+            .then(|| read_be(img, s, size))
+            .flatten(),
+        meaning,
+    })
+}
+
+/// The field at `rel` of bitmap directory entry `i`.
+fn bitmap_entry_field(img: &Qcow2, r: &Region, rel: u64, i: usize) -> Option<Decoded> {
+    let dir = img.bitmaps.as_ref()?.as_ref().ok()?;
+    let b = dir.get(i)?;
+    let extra = u64::from(b.extra_data_size);
+    let (start, size, item, meaning) = match field_at(BITMAP_FIELDS, rel) {
+        Some((o, n, name)) => {
+            let meaning = match name {
+                "bitmap_table_offset" => {
+                    format!("the bitmap table is at {:#x}", b.table_offset)
+                }
+                "bitmap_table_size" => format!("{} bitmap table entries", b.table_size),
+                "flags" => match b.flag_names() {
+                    v if v.is_empty() => "no flags".into(),
+                    v => v.join(", "),
+                },
+                "type" => {
+                    if b.bitmap_type == 1 {
+                        "dirty tracking bitmap".into()
+                    } else {
+                        format!("type {} (QEMU knows only 1)", b.bitmap_type)
+                    }
+                }
+                "granularity_bits" => {
+                    format!("one bit covers {} guest bytes", b.granularity())
+                }
+                "name_size" => format!("the name \"{}\" is {} bytes", b.name, b.name.len()),
+                _ => format!("{extra} bytes of extra data follow"),
+            };
+            (o, n, name.to_string(), meaning)
+        }
+        None if rel < 24u64.saturating_add(extra) => {
+            (24, extra, "extra data".into(), "extra data".into())
+        }
+        None => {
+            let at = 24u64.saturating_add(extra);
+            (
+                at,
+                b.name.len() as u64,
+                "name".into(),
+                format!("the name \"{}\"", b.name),
+            )
+        }
+    };
+    let s = r.start.saturating_add(start);
+    Some(Decoded {
+        structure: format!("bitmap directory entry {i} '{}' at {:#x}", b.name, r.start),
+        item,
+        start: s,
+        end: s.saturating_add(size.max(1)),
+        raw: (start < 24).then(|| read_be(img, s, size)).flatten(),
+        meaning,
     })
 }
 

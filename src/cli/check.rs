@@ -2,7 +2,7 @@
 
 use super::{CmdResult, style};
 use qinspect::chain::{Chain, OpenOptions};
-use qinspect::check::{CheckOptions, CheckReport, FindingKind, Progress, check};
+use qinspect::check::{CheckOptions, CheckReport, FindingKind, Progress, Refusal, check};
 use qinspect::image::{Qcow2, Strictness};
 use qinspect::io::{FileSource, SharedSource};
 use serde_json::{Value, json};
@@ -122,12 +122,11 @@ fn check_one(image: &Path, json: bool, mut keys: super::secret::Keys) -> CmdResu
 /// Why `qemu-img check` would fail to open the image beyond its header: it opens
 /// the decryption key, the external data file and the whole backing chain before
 /// it checks anything.
-pub fn open_refusal(path: &Path, img: &Qcow2) -> Option<String> {
+pub fn open_refusal(path: &Path, img: &Qcow2) -> Option<Refusal> {
     if img.header.crypt_method != 0 && img.data_key().is_none() {
-        return Some(format!(
-            "Could not open '{}': Parameter 'encrypt.key-secret' is required for cipher",
-            path.display()
-        ));
+        return Some(Refusal::NoKey {
+            path: path.to_path_buf(),
+        });
     }
     let opts = OpenOptions {
         top_strictness: Some(Strictness::Lenient),
@@ -135,9 +134,12 @@ pub fn open_refusal(path: &Path, img: &Qcow2) -> Option<String> {
         ..Default::default()
     };
     match Chain::open(path, &opts) {
-        Err(e) => Some(format!("Could not open '{}': {e}", path.display())),
+        Err(error) => Some(Refusal::Chain {
+            path: path.to_path_buf(),
+            error,
+        }),
         // A data file found only next to the image: QEMU would not find it.
-        Ok(chain) => chain.notes.first().cloned(),
+        Ok(chain) => chain.notes.first().cloned().map(Refusal::DataFileElsewhere),
     }
 }
 

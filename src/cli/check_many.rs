@@ -196,9 +196,9 @@ fn check_target(t: &Target, bar: &indicatif::ProgressBar) -> Outcome {
 }
 
 fn outcome(filename: String, r: &CheckReport, dirty: bool, backing: Backing) -> Outcome {
-    let problem = r.aborted.clone().or_else(|| {
+    let problem = r.aborted.as_ref().map(ToString::to_string).or_else(|| {
         r.qemu_refuses
-            .clone()
+            .as_ref()
             .map(|w| format!("qemu-img check fails: {w}"))
     });
     Outcome {

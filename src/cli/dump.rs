@@ -80,265 +80,36 @@ struct Row {
     meaning: String,
 }
 
+/// A table's title and its rows.
+type Rows = color_eyre::Result<(String, Vec<Row>)>;
+
 /// Run `qinspect dump`.
 pub fn run(a: Args) -> CmdResult {
     let src: SharedSource = Arc::new(FileSource::open(&a.image)?);
     let img = Qcow2::open(src, Strictness::Lenient)?;
-    let geo = img.geometry();
-    let (title, rows): (String, Vec<Row>) = match a.table {
-        Table::Header => {
-            let rows = img
-                .header
-                .fields()
-                .into_iter()
-                .enumerate()
-                .map(|(i, f)| Row {
-                    index: i as u64,
-                    file_offset: f.offset,
-                    raw: format!("{:#x}", f.value),
-                    decoded: json!({"field": f.name, "size": f.size, "value": f.value}),
-                    meaning: format!("{}: {}", f.name, f.meaning),
-                })
-                .collect();
-            ("header".into(), rows)
-        }
-        Table::Luks => {
-            let h = qinspect::crypto::luks_header(&img).ok_or_else(|| {
-                eyre!(
-                    "{} has no LUKS header (crypt_method {}, no full disk encryption header extension)",
-                    a.image.display(),
-                    img.header.crypt_method
-                )
-            })??;
-            let verdict = match h.check() {
-                Ok(_) => "QEMU accepts it".to_string(),
-                Err(e) => format!("QEMU refuses it: {e}"),
-            };
-            let rows = h
-                .fields()
-                .into_iter()
-                .enumerate()
-                .map(|(i, f)| Row {
-                    index: i as u64,
-                    file_offset: f.offset,
-                    raw: if f.value.chars().count() > 18 {
-                        format!("{}…", f.value.chars().take(17).collect::<String>())
-                    } else {
-                        f.value.clone()
-                    },
-                    decoded: json!({"field": f.name, "size": f.len, "value": f.value}),
-                    meaning: format!("{} = {}: {}", f.name, f.value, f.meaning),
-                })
-                .collect();
-            (
-                format!(
-                    "LUKS header at {:#x} ({} bytes reserved); {verdict}",
-                    h.offset, h.length
-                ),
-                rows,
-            )
-        }
-        Table::Extensions => {
-            let rows = img
-                .extensions
-                .iter()
-                .enumerate()
-                .map(|(i, e)| Row {
-                    index: i as u64,
-                    file_offset: e.offset,
-                    raw: format!("{:#010x}", e.ext_type),
-                    decoded: serde_json::to_value(e).unwrap_or(Value::Null),
-                    meaning: format!(
-                        "{} ({} bytes): {}",
-                        e.type_name(),
-                        e.length,
-                        describe_ext(e)
-                    ),
-                })
-                .collect();
-            ("header extensions".into(), rows)
-        }
-        Table::L1 => {
-            let view = match &a.snapshot {
-                Some(s) => img.snapshot_view(s)?,
-                None => img.active_view(),
-            };
-            let cov = geo.l2_coverage();
-            let rows = view
-                .l1
-                .iter()
-                .enumerate()
-                .filter(|(_, e)| a.all || a.json || e.0 != 0)
-                .map(|(i, e)| l1_row(i as u64, view.l1_offset, *e, cov, &geo))
-                .collect();
-            (
-                format!(
-                    "{} at {:#x} ({} entries)",
-                    view.label(),
-                    view.l1_offset,
-                    view.l1.len()
-                ),
-                rows,
-            )
-        }
-        Table::L2 => {
-            let view = match &a.snapshot {
-                Some(s) => img.snapshot_view(s)?,
-                None => img.active_view(),
-            };
-            let i = a.index.ok_or_else(|| eyre!("dump l2 needs INDEX: the L1 index whose L2 table to show (see `qinspect dump l1`)"))?;
-            let e = view.l1.get(i as usize).copied().ok_or_else(|| {
-                eyre!(
-                    "L1 index {i} is past the end of the {} ({} entries)",
-                    view.label(),
-                    view.l1.len()
-                )
-            })?;
-            let L1Mapping::L2Table { offset: l2_off, .. } = e.mapping() else {
-                bail!(
-                    "{} entry {i} is {:#x}: no L2 table (the range is unallocated)",
-                    view.label(),
-                    e.0
-                );
-            };
-            let table = img.l2_table(l2_off)?;
-            let has_df = img.header.has_data_file();
-            let rows = table
-                .iter()
-                .enumerate()
-                .filter(|(_, e)| a.all || a.json || e.raw != 0 || e.bitmap != 0)
-                .map(|(j, e)| l2_row(i, j as u64, l2_off, *e, &img, has_df))
-                .collect();
-            (
-                format!(
-                    "L2 table at {l2_off} (from {} entry {i}, guest {:#x}..{:#x})",
-                    view.label(),
-                    i * geo.l2_coverage(),
-                    (i + 1) * geo.l2_coverage()
-                ),
-                rows,
-            )
-        }
-        Table::RefcountTable => {
-            let t = img.refcount_table()?;
-            let rg = img.refcount_geometry();
-            let per = rg.entries_per_block();
-            let rows = t
-                .iter()
-                .enumerate()
-                .filter(|(_, e)| a.all || a.json || e.0 != 0)
-                .map(|(i, e)| Row {
-                    index: i as u64,
-                    file_offset: img.header.refcount_table_offset + i as u64 * 8,
-                    raw: format!("{:#018x}", e.0),
-                    decoded: json!({"block_offset": e.block_offset().map(|o| o.0), "reserved": e.reserved_bits(), "first_cluster": i as u64 * per}),
-                    meaning: match e.block_offset() {
-                        None => format!("no refcount block: clusters {}..{} have refcount 0", i as u64 * per, (i as u64 + 1) * per),
-                        Some(o) => format!(
-                            "refcount block at {o} for host clusters {}..{}{}",
-                            i as u64 * per,
-                            (i as u64 + 1) * per,
-                            if e.reserved_bits() != 0 { format!(", reserved bits {:#x} set", e.reserved_bits()) } else { String::new() }
-                        ),
-                    },
-                })
-                .collect();
-            (
-                format!(
-                    "refcount table at {:#x} ({} entries)",
-                    img.header.refcount_table_offset,
-                    t.len()
-                ),
-                rows,
-            )
-        }
+    let (title, rows) = match a.table {
+        Table::Header => header_rows(&img)?,
+        Table::Luks => luks_rows(&a, &img)?,
+        Table::Extensions => extension_rows(&img)?,
+        Table::L1 => l1_rows(&a, &img)?,
+        Table::L2 => l2_rows(&a, &img)?,
+        Table::RefcountTable => refcount_table_rows(&a, &img)?,
         Table::RefcountBlock => return refcount_block(&a, &img),
-        Table::Snapshots => {
-            let rows = img
-                .snapshots
-                .snapshots
-                .iter()
-                .map(|s| Row {
-                    index: s.index as u64,
-                    file_offset: s.entry_offset,
-                    raw: format!("id {}", s.id),
-                    decoded: serde_json::to_value(s).unwrap_or(Value::Null),
-                    meaning: format!(
-                        "'{}': L1 table of {} entries at {:#x}, disk size {}, vm state {} bytes, taken {}{}",
-                        s.name,
-                        s.l1_size,
-                        s.l1_table_offset,
-                        s.disk_size.map(|d| d.to_string()).unwrap_or_else(|| "not stored".into()),
-                        s.vm_state_size,
-                        super::info::format_date(s.date_sec),
-                        if s.unknown_extra.is_empty() { String::new() } else { format!(", {} unknown extra bytes", s.unknown_extra.len()) }
-                    ),
-                })
-                .collect();
-            let mut title = format!(
-                "snapshot table at {:#x} ({} entries, {} bytes)",
-                img.header.snapshots_offset, img.header.nb_snapshots, img.snapshots.size
-            );
-            if let Some(e) = &img.snapshots.error {
-                title.push_str(&format!(" — could not be read completely: {e}"));
-            }
-            (title, rows)
-        }
+        Table::Snapshots => snapshot_rows(&img)?,
         Table::Bitmaps => match &img.bitmaps {
             None => bail!("{} has no bitmaps extension", a.image.display()),
             Some(Err(e)) => bail!("the bitmap directory cannot be read: {e}"),
             Some(Ok(list)) => match a.index {
-                None => {
-                    let rows = list
-                        .iter()
-                        .enumerate()
-                        .map(|(i, b)| Row {
-                            index: i as u64,
-                            file_offset: b.entry_offset,
-                            raw: format!("flags {:#x}", b.flags),
-                            decoded: serde_json::to_value(b).unwrap_or(Value::Null),
-                            meaning: format!(
-                                "'{}': granularity {}, flags [{}], table of {} entries at {:#x}",
-                                b.name,
-                                b.granularity(),
-                                b.flag_names().join(", "),
-                                b.table_size,
-                                b.table_offset
-                            ),
-                        })
-                        .collect();
-                    ("bitmap directory".into(), rows)
-                }
-                Some(i) => {
-                    let b = list
-                        .get(i as usize)
-                        .ok_or_else(|| eyre!("there is no bitmap {i} ({} bitmaps)", list.len()))?;
-                    let t = bitmap::read_table(img.src.as_ref(), b)?;
-                    let cover = b.granularity().saturating_mul(geo.cluster_size() * 8);
-                    let rows = t
-                        .iter()
-                        .enumerate()
-                        .filter(|(_, e)| a.all || a.json || e.0 != 0)
-                        .map(|(j, e)| Row {
-                            index: j as u64,
-                            file_offset: b.table_offset + j as u64 * 8,
-                            raw: format!("{:#018x}", e.0),
-                            decoded: json!({"data_offset": e.data_offset(), "all_ones": e.all_ones()}),
-                            meaning: match e.data_offset() {
-                                Some(o) => format!("bits for guest {:#x}.. stored at {o:#x}", j as u64 * cover),
-                                None if e.all_ones() => "every bit set (all dirty)".into(),
-                                None => "every bit clear".into(),
-                            },
-                        })
-                        .collect();
-                    (
-                        format!("bitmap '{}' table at {:#x}", b.name, b.table_offset),
-                        rows,
-                    )
-                }
+                None => bitmap_directory_rows(list),
+                Some(i) => bitmap_table_rows(&a, &img, list, i)?,
             },
         },
     };
+    print_rows(&a, &img, &title, &rows)
+}
+
+/// Print a table's rows (JSON with `--json`), then what QEMU would object to.
+fn print_rows(a: &Args, img: &Qcow2, title: &str, rows: &[Row]) -> CmdResult {
     if a.json {
         print_json(&json!({"table": title, "entries": rows}))?;
         return Ok(0);
@@ -354,7 +125,7 @@ pub fn run(a: Args) -> CmdResult {
     if rows.is_empty() {
         writeln!(out, "  (no non-zero entries)")?;
     }
-    for r in &rows {
+    for r in rows {
         writeln!(
             out,
             "{:>6}  {:>#12x}  {:>18}  {}",
@@ -365,6 +136,274 @@ pub fn run(a: Args) -> CmdResult {
         writeln!(out, "{}warning:{:#} {p}", style::BAD, style::BAD)?;
     }
     Ok(0)
+}
+
+/// The header fields, in file order.
+fn header_rows(img: &Qcow2) -> Rows {
+    let rows = img
+        .header
+        .fields()
+        .into_iter()
+        .enumerate()
+        .map(|(i, f)| Row {
+            index: i as u64,
+            file_offset: f.offset,
+            raw: format!("{:#x}", f.value),
+            decoded: json!({"field": f.name, "size": f.size, "value": f.value}),
+            meaning: format!("{}: {}", f.name, f.meaning),
+        })
+        .collect();
+    Ok(("header".into(), rows))
+}
+
+/// The LUKS header's fields and key slots.
+fn luks_rows(a: &Args, img: &Qcow2) -> Rows {
+    let h = qinspect::crypto::luks_header(img).ok_or_else(|| {
+        eyre!(
+            "{} has no LUKS header (crypt_method {}, no full disk encryption header extension)",
+            a.image.display(),
+            img.header.crypt_method
+        )
+    })??;
+    let verdict = match h.check() {
+        Ok(_) => "QEMU accepts it".to_string(),
+        Err(e) => format!("QEMU refuses it: {e}"),
+    };
+    let rows = h
+        .fields()
+        .into_iter()
+        .enumerate()
+        .map(|(i, f)| Row {
+            index: i as u64,
+            file_offset: f.offset,
+            raw: if f.value.chars().count() > 18 {
+                format!("{}…", f.value.chars().take(17).collect::<String>())
+            } else {
+                f.value.clone()
+            },
+            decoded: json!({"field": f.name, "size": f.len, "value": f.value}),
+            meaning: format!("{} = {}: {}", f.name, f.value, f.meaning),
+        })
+        .collect();
+    Ok((
+        format!(
+            "LUKS header at {:#x} ({} bytes reserved); {verdict}",
+            h.offset, h.length
+        ),
+        rows,
+    ))
+}
+
+/// The header extensions, in file order.
+fn extension_rows(img: &Qcow2) -> Rows {
+    let rows = img
+        .extensions
+        .iter()
+        .enumerate()
+        .map(|(i, e)| Row {
+            index: i as u64,
+            file_offset: e.offset,
+            raw: format!("{:#010x}", e.ext_type),
+            decoded: serde_json::to_value(e).unwrap_or(Value::Null),
+            meaning: format!(
+                "{} ({} bytes): {}",
+                e.type_name(),
+                e.length,
+                describe_ext(e)
+            ),
+        })
+        .collect();
+    Ok(("header extensions".into(), rows))
+}
+
+/// The L1 table (the active one, or `--snapshot`'s).
+fn l1_rows(a: &Args, img: &Qcow2) -> Rows {
+    let geo = img.geometry();
+    let view = match &a.snapshot {
+        Some(s) => img.snapshot_view(s)?,
+        None => img.active_view(),
+    };
+    let cov = geo.l2_coverage();
+    let rows = view
+        .l1
+        .iter()
+        .enumerate()
+        .filter(|(_, e)| a.all || a.json || e.0 != 0)
+        .map(|(i, e)| l1_row(i as u64, view.l1_offset, *e, cov, &geo))
+        .collect();
+    Ok((
+        format!(
+            "{} at {:#x} ({} entries)",
+            view.label(),
+            view.l1_offset,
+            view.l1.len()
+        ),
+        rows,
+    ))
+}
+
+/// The L2 table behind L1 entry INDEX.
+fn l2_rows(a: &Args, img: &Qcow2) -> Rows {
+    let geo = img.geometry();
+    let view = match &a.snapshot {
+        Some(s) => img.snapshot_view(s)?,
+        None => img.active_view(),
+    };
+    let i = a.index.ok_or_else(|| {
+        eyre!("dump l2 needs INDEX: the L1 index whose L2 table to show (see `qinspect dump l1`)")
+    })?;
+    let e = view.l1.get(i as usize).copied().ok_or_else(|| {
+        eyre!(
+            "L1 index {i} is past the end of the {} ({} entries)",
+            view.label(),
+            view.l1.len()
+        )
+    })?;
+    let L1Mapping::L2Table { offset: l2_off, .. } = e.mapping() else {
+        bail!(
+            "{} entry {i} is {:#x}: no L2 table (the range is unallocated)",
+            view.label(),
+            e.0
+        );
+    };
+    let table = img.l2_table(l2_off)?;
+    let has_df = img.header.has_data_file();
+    let rows = table
+        .iter()
+        .enumerate()
+        .filter(|(_, e)| a.all || a.json || e.raw != 0 || e.bitmap != 0)
+        .map(|(j, e)| l2_row(i, j as u64, l2_off, *e, img, has_df))
+        .collect();
+    Ok((
+        format!(
+            "L2 table at {l2_off} (from {} entry {i}, guest {:#x}..{:#x})",
+            view.label(),
+            i * geo.l2_coverage(),
+            (i + 1) * geo.l2_coverage()
+        ),
+        rows,
+    ))
+}
+
+/// The refcount table.
+fn refcount_table_rows(a: &Args, img: &Qcow2) -> Rows {
+    let t = img.refcount_table()?;
+    let rg = img.refcount_geometry();
+    let per = rg.entries_per_block();
+    let rows = t
+        .iter()
+        .enumerate()
+        .filter(|(_, e)| a.all || a.json || e.0 != 0)
+        .map(|(i, e)| Row {
+            index: i as u64,
+            file_offset: img.header.refcount_table_offset + i as u64 * 8,
+            raw: format!("{:#018x}", e.0),
+            decoded: json!({"block_offset": e.block_offset().map(|o| o.0), "reserved": e.reserved_bits(), "first_cluster": i as u64 * per}),
+            meaning: match e.block_offset() {
+                None => format!("no refcount block: clusters {}..{} have refcount 0", i as u64 * per, (i as u64 + 1) * per),
+                Some(o) => format!(
+                    "refcount block at {o} for host clusters {}..{}{}",
+                    i as u64 * per,
+                    (i as u64 + 1) * per,
+                    if e.reserved_bits() != 0 { format!(", reserved bits {:#x} set", e.reserved_bits()) } else { String::new() }
+                ),
+            },
+        })
+        .collect();
+    Ok((
+        format!(
+            "refcount table at {:#x} ({} entries)",
+            img.header.refcount_table_offset,
+            t.len()
+        ),
+        rows,
+    ))
+}
+
+/// The snapshot table, one row per snapshot.
+fn snapshot_rows(img: &Qcow2) -> Rows {
+    let rows = img
+        .snapshots
+        .snapshots
+        .iter()
+        .map(|s| Row {
+            index: s.index as u64,
+            file_offset: s.entry_offset,
+            raw: format!("id {}", s.id),
+            decoded: serde_json::to_value(s).unwrap_or(Value::Null),
+            meaning: format!(
+                "'{}': L1 table of {} entries at {:#x}, disk size {}, vm state {} bytes, taken {}{}",
+                s.name,
+                s.l1_size,
+                s.l1_table_offset,
+                s.disk_size.map(|d| d.to_string()).unwrap_or_else(|| "not stored".into()),
+                s.vm_state_size,
+                super::info::format_date(s.date_sec),
+                if s.unknown_extra.is_empty() { String::new() } else { format!(", {} unknown extra bytes", s.unknown_extra.len()) }
+            ),
+        })
+        .collect();
+    let mut title = format!(
+        "snapshot table at {:#x} ({} entries, {} bytes)",
+        img.header.snapshots_offset, img.header.nb_snapshots, img.snapshots.size
+    );
+    if let Some(e) = &img.snapshots.error {
+        title.push_str(&format!(" — could not be read completely: {e}"));
+    }
+    Ok((title, rows))
+}
+
+/// The bitmap directory, one row per bitmap.
+fn bitmap_directory_rows(list: &[bitmap::BitmapEntry]) -> (String, Vec<Row>) {
+    let rows = list
+        .iter()
+        .enumerate()
+        .map(|(i, b)| Row {
+            index: i as u64,
+            file_offset: b.entry_offset,
+            raw: format!("flags {:#x}", b.flags),
+            decoded: serde_json::to_value(b).unwrap_or(Value::Null),
+            meaning: format!(
+                "'{}': granularity {}, flags [{}], table of {} entries at {:#x}",
+                b.name,
+                b.granularity(),
+                b.flag_names().join(", "),
+                b.table_size,
+                b.table_offset
+            ),
+        })
+        .collect();
+    ("bitmap directory".into(), rows)
+}
+
+/// Bitmap `i`'s table.
+fn bitmap_table_rows(a: &Args, img: &Qcow2, list: &[bitmap::BitmapEntry], i: u64) -> Rows {
+    let geo = img.geometry();
+    let b = list
+        .get(i as usize)
+        .ok_or_else(|| eyre!("there is no bitmap {i} ({} bitmaps)", list.len()))?;
+    let t = bitmap::read_table(img.src.as_ref(), b)?;
+    let cover = b.granularity().saturating_mul(geo.cluster_size() * 8);
+    let rows = t
+        .iter()
+        .enumerate()
+        .filter(|(_, e)| a.all || a.json || e.0 != 0)
+        .map(|(j, e)| Row {
+            index: j as u64,
+            file_offset: b.table_offset + j as u64 * 8,
+            raw: format!("{:#018x}", e.0),
+            decoded: json!({"data_offset": e.data_offset(), "all_ones": e.all_ones()}),
+            meaning: match e.data_offset() {
+                Some(o) => format!("bits for guest {:#x}.. stored at {o:#x}", j as u64 * cover),
+                None if e.all_ones() => "every bit set (all dirty)".into(),
+                None => "every bit clear".into(),
+            },
+        })
+        .collect();
+    Ok((
+        format!("bitmap '{}' table at {:#x}", b.name, b.table_offset),
+        rows,
+    ))
 }
 
 fn describe_ext(e: &qinspect::header::Extension) -> String {

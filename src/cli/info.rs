@@ -134,8 +134,20 @@ fn yes(b: bool) -> &'static str {
 
 fn print_readable(img: &Qcow2, path: &std::path::Path, filename: &str) -> color_eyre::Result<()> {
     let mut out = anstream::stdout();
+    print_summary(&mut out, img, filename)?;
+    print_backing(&mut out, img, path, filename)?;
+    print_fields(&mut out, img)?;
+    print_extensions(&mut out, img)?;
+    print_snapshots(&mut out, img)?;
+    print_bitmaps(&mut out, img)?;
+    print_notes(&mut out, img)?;
+    Ok(())
+}
+
+/// The image's shape: format, sizes, geometry, flags, encryption, data file.
+fn print_summary(out: &mut impl Write, img: &Qcow2, filename: &str) -> color_eyre::Result<()> {
     let h = &img.header;
-    let (hd, dim, bad) = (style::HEAD, style::DIM, style::BAD);
+    let hd = style::HEAD;
     writeln!(out, "{hd}image:{hd:#} {filename}")?;
     writeln!(
         out,
@@ -197,7 +209,7 @@ fn print_readable(img: &Qcow2, path: &std::path::Path, filename: &str) -> color_
         yes(h.lazy_refcounts())
     )?;
     if h.crypt_method != 0 {
-        print_encryption(&mut out, img)?;
+        print_encryption(&mut *out, img)?;
     }
     if let Some(df) = &img.data_file_name {
         writeln!(
@@ -210,8 +222,18 @@ fn print_readable(img: &Qcow2, path: &std::path::Path, filename: &str) -> color_
             }
         )?;
     }
+    Ok(())
+}
 
-    // Backing chain, opened for real so a missing layer shows up here.
+/// The backing chain, opened for real so a missing layer shows up here.
+fn print_backing(
+    out: &mut impl Write,
+    img: &Qcow2,
+    path: &std::path::Path,
+    filename: &str,
+) -> color_eyre::Result<()> {
+    let h = &img.header;
+    let (hd, bad) = (style::HEAD, style::BAD);
     if let Some(b) = &img.backing_name {
         writeln!(out, "\n{hd}backing chain:{hd:#}")?;
         match Chain::open(path, &OpenOptions::default()) {
@@ -236,7 +258,13 @@ fn print_readable(img: &Qcow2, path: &std::path::Path, filename: &str) -> color_
             }
         }
     }
+    Ok(())
+}
 
+/// Every header field, then the feature bits that are set.
+fn print_fields(out: &mut impl Write, img: &Qcow2) -> color_eyre::Result<()> {
+    let h = &img.header;
+    let (hd, dim, bad) = (style::HEAD, style::DIM, style::BAD);
     writeln!(out, "\n{hd}header fields:{hd:#}")?;
     for f in h.fields() {
         writeln!(
@@ -262,6 +290,12 @@ fn print_readable(img: &Qcow2, path: &std::path::Path, filename: &str) -> color_
             )?;
         }
     }
+    Ok(())
+}
+
+/// The header extensions.
+fn print_extensions(out: &mut impl Write, img: &Qcow2) -> color_eyre::Result<()> {
+    let hd = style::HEAD;
     writeln!(out, "\n{hd}header extensions:{hd:#}")?;
     if img.extensions.is_empty() {
         writeln!(out, "  none")?;
@@ -297,6 +331,12 @@ fn print_readable(img: &Qcow2, path: &std::path::Path, filename: &str) -> color_
             e.length
         )?;
     }
+    Ok(())
+}
+
+/// The snapshot table, as `qemu-img snapshot -l` lists it, with the L1 tables.
+fn print_snapshots(out: &mut impl Write, img: &Qcow2) -> color_eyre::Result<()> {
+    let (hd, dim, bad) = (style::HEAD, style::DIM, style::BAD);
     if !img.snapshots.snapshots.is_empty() || img.snapshots.error.is_some() {
         writeln!(out, "\n{hd}snapshots:{hd:#}")?;
         writeln!(
@@ -328,6 +368,13 @@ fn print_readable(img: &Qcow2, path: &std::path::Path, filename: &str) -> color_
             writeln!(out, "  {bad}{e}{bad:#}")?;
         }
     }
+    Ok(())
+}
+
+/// The persistent bitmaps.
+fn print_bitmaps(out: &mut impl Write, img: &Qcow2) -> color_eyre::Result<()> {
+    let h = &img.header;
+    let (hd, bad) = (style::HEAD, style::BAD);
     match &img.bitmaps {
         None => {}
         Some(Ok(list)) => {
@@ -352,6 +399,12 @@ fn print_readable(img: &Qcow2, path: &std::path::Path, filename: &str) -> color_
         }
         Some(Err(e)) => writeln!(out, "\n{hd}bitmaps:{hd:#} {bad}{e}{bad:#}")?,
     }
+    Ok(())
+}
+
+/// Oddities QEMU accepts, then what it would object to.
+fn print_notes(out: &mut impl Write, img: &Qcow2) -> color_eyre::Result<()> {
+    let (hd, bad) = (style::HEAD, style::BAD);
     if !img.notes.is_empty() {
         writeln!(out, "\n{hd}notes:{hd:#}")?;
         for n in &img.notes {

@@ -391,6 +391,6 @@ fn io_err(e: std::io::Error, what: &str) -> qinspect::Error {
     qinspect::Error::Io {
         file: "output".into(),
         what: what.into(),
-        source: e,
+        source: std::sync::Arc::new(e),
     }
 }

@@ -119,7 +119,7 @@ fn check_after(sim: &Sim) -> (qinspect::check::CheckReport, Option<String>) {
         Ok(after) => (check(&after, &CheckOptions::default()), None),
         Err(e) => {
             let r = qinspect::check::CheckReport {
-                aborted: Some(format!("the simulated image cannot be opened: {e}")),
+                aborted: Some(qinspect::check::Refusal::SimulatedOpen(e.clone())),
                 ..Default::default()
             };
             (r, Some(e.to_string()))

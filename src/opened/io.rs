@@ -85,10 +85,10 @@ impl FileSource {
     /// Open `path` for reading only. No lock is taken.
     pub fn open(path: &Path) -> Result<Self> {
         use std::os::unix::fs::MetadataExt;
-        let io = |what: &str, source| Error::Io {
+        let io = |what: &str, source: std::io::Error| Error::Io {
             file: path.to_path_buf(),
             what: what.to_string(),
-            source,
+            source: Arc::new(source),
         };
         let file = File::open(path).map_err(|e| io("open", e))?;
         let meta = file.metadata().map_err(|e| io("stat", e))?;
@@ -247,6 +247,6 @@ pub fn read_into(src: &dyn Source, what: &str, offset: u64, buf: &mut [u8]) -> R
     src.read_at(buf, offset).map_err(|e| Error::Io {
         file: src.name().to_path_buf(),
         what: format!("read of {what} at {offset:#x}"),
-        source: e,
+        source: Arc::new(e),
     })
 }

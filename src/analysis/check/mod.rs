@@ -30,16 +30,21 @@ mod imrt;
 mod l2;
 mod overlaps;
 mod referrers;
+mod refusal;
 mod report;
+#[cfg(test)]
+mod tests;
 mod visit;
 mod walk;
 
 pub use clusters::{ClusterInfo, ROLES, clusters, for_each_cluster, role_map};
 pub use imrt::Imrt;
+pub use refusal::Refusal;
 pub use report::{
     Category, CheckOptions, CheckReport, Finding, FindingKind, L1Id, Progress, Referrer, Role,
 };
 
+use crate::error::Error;
 use crate::image::Qcow2;
 use compare::compare;
 use copied::Copied;
@@ -70,16 +75,14 @@ pub fn check(img: &Qcow2, opts: &CheckOptions) -> CheckReport {
         );
     }
     if let Some(why) = &img.check_refusal {
-        walk.report.qemu_refuses = Some(why.clone());
+        walk.report.qemu_refuses = Some(Refusal::Open(why.clone()));
     }
     // Step 1: the snapshot table (qcow2_check_read_snapshot_table).
     let nb = u64::from(h.nb_snapshots);
     if nb > crate::snapshot::MAX_SNAPSHOTS {
         let msg = "ERROR snapshot table too large".to_string();
         walk.find(FindingKind::CheckError, Category::SnapshotTable, msg, 1);
-        walk.report.aborted = Some(format!(
-            "{nb} snapshots is more than QEMU's limit of 65536 (File too large)"
-        ));
+        walk.report.aborted = Some(Refusal::TooManySnapshots { count: nb });
         return finish(walk, None);
     }
     // The offset must be aligned even when there are no snapshots.
@@ -92,13 +95,15 @@ pub fn check(img: &Qcow2, opts: &CheckOptions) -> CheckReport {
             "ERROR snapshot table offset invalid".into(),
             1,
         );
-        walk.report.aborted = Some("snapshot table offset invalid (Invalid argument)".into());
+        walk.report.aborted = Some(Refusal::SnapshotTableOffset {
+            offset: crate::types::HostOffset(h.snapshots_offset),
+        });
         return finish(walk, None);
     }
     if let Some(e) = &img.snapshots.error {
         let msg = format!("ERROR failed to read the snapshot table: {e}");
         walk.find(FindingKind::CheckError, Category::SnapshotTable, msg, 1);
-        walk.report.aborted = Some(e.to_string());
+        walk.report.aborted = Some(Refusal::SnapshotTable(Error::clone(e)));
         return finish(walk, None);
     }
     if h.version >= 3 {

@@ -1,6 +1,6 @@
 //! What the check reports: findings, their kinds and the roles clusters play.
 
-use super::Imrt;
+use super::{Imrt, Refusal};
 use serde::Serialize;
 use std::sync::Arc;
 
@@ -266,9 +266,9 @@ pub struct CheckReport {
     /// Compressed clusters.
     pub compressed_clusters: u64,
     /// The check stopped early: why (qemu-img says "Check failed" and exits 1).
-    pub aborted: Option<String>,
+    pub aborted: Option<Refusal>,
     /// QEMU would not open the image at all: why.
-    pub qemu_refuses: Option<String>,
+    pub qemu_refuses: Option<Refusal>,
     /// Warnings that are not findings (dirty bit, ...).
     pub warnings: Vec<String>,
     /// Findings, grouped by kind in QEMU's order of discovery.

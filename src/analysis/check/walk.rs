@@ -3,6 +3,7 @@
 use super::MAX_FINDINGS;
 use super::copied::Copied;
 use super::imrt::Imrt;
+use super::refusal::Refusal;
 use super::report::{Category, CheckReport, Finding, FindingKind, L1Id, Progress, Referrer, Role};
 use super::visit::{Counter, Ctx, Visitor};
 use crate::bitmap;
@@ -10,7 +11,7 @@ use crate::header::{AUTOCLEAR_BITMAPS, ExtensionKind};
 use crate::image::Qcow2;
 use crate::io::read_into;
 use crate::tables::{L1E_RESERVED_MASK, L1Entry, MAX_L1_ENTRIES};
-use crate::types::low_mask;
+use crate::types::{HostOffset, low_mask};
 use std::collections::BTreeMap;
 
 /// Below this many L2 tables the L2 phase stays on one thread.
@@ -471,8 +472,10 @@ impl<'a> Walk<'a> {
             Err(e) => {
                 let msg = format!("bitmap directory cannot be loaded: {e}");
                 self.find(FindingKind::Corruption, Category::Bitmaps, msg, 1);
-                self.report.aborted =
-                    Some("the bitmap directory cannot be loaded (Invalid argument)".into());
+                self.report.aborted = Some(Refusal::BitmapDirectory {
+                    offset: HostOffset(off),
+                    error: e,
+                });
                 return false;
             }
         };
@@ -489,8 +492,11 @@ impl<'a> Walk<'a> {
                 Err(e) => {
                     let msg = format!("bitmap '{}' table cannot be loaded: {e}", b.name);
                     self.find(FindingKind::Corruption, Category::Bitmaps, msg, 1);
-                    self.report.aborted =
-                        Some(format!("bitmap '{}' table cannot be loaded", b.name));
+                    self.report.aborted = Some(Refusal::BitmapTable {
+                        name: b.name.clone(),
+                        offset: HostOffset(b.table_offset),
+                        error: e,
+                    });
                     return false;
                 }
             };

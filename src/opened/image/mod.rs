@@ -83,7 +83,7 @@ pub struct Qcow2 {
     /// Why `qemu-img check`'s open (`BDRV_O_CHECK`) would fail on this file, if it
     /// would. It skips some of the checks behind [`Qcow2::problems`]: a missing
     /// refcount table and a bad snapshot table do not stop it.
-    pub check_refusal: Option<String>,
+    pub check_refusal: Option<Error>,
     /// Oddities QEMU accepts (an L1 table running past the end of the file).
     pub notes: Vec<String>,
     l2_cache: Mutex<HashMap<u64, Arc<Vec<L2Entry>>>>,
@@ -125,14 +125,14 @@ fn backing_file_name(h: &Header, c0: &[u8]) -> Result<Option<String>> {
 /// and, if it is the first, is why `qemu-img check`'s open would fail too.
 fn refuse(
     problems: &mut Vec<Error>,
-    check_refusal: &mut Option<String>,
+    check_refusal: &mut Option<Error>,
     strict: Strictness,
     e: Error,
 ) -> Result<()> {
     if strict == Strictness::Qemu {
         return Err(e);
     }
-    check_refusal.get_or_insert_with(|| e.to_string());
+    check_refusal.get_or_insert_with(|| e.clone());
     problems.push(e);
     Ok(())
 }
@@ -155,8 +155,8 @@ impl Qcow2 {
             invalid.iter().filter_map(Error::corrupt_kind).collect();
         let mut check_refusal = h
             .validate_for(file_len, header::OpenMode::Check)
-            .first()
-            .map(|e| e.to_string());
+            .into_iter()
+            .next();
         // An unknown version or cluster size makes everything after the header
         // unreadable, whatever the strictness.
         let fatal = !matches!(h.version, 2 | 3)
@@ -201,7 +201,7 @@ impl Qcow2 {
                 "data-file-raw requires a data file",
             );
             // Checked where QEMU opens data files: info opens the image, I/O fails.
-            check_refusal.get_or_insert_with(|| e.to_string());
+            check_refusal.get_or_insert_with(|| e.clone());
             problems.push(e);
         }
 

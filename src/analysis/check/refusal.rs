@@ -1,0 +1,109 @@
+//! Why `qemu-img check` would not check an image, or stopped checking it.
+//!
+//! A [`Refusal`] is the cause, for code to match on, with what QEMU says about it
+//! (its `Display` is the message qinspect prints and writes to JSON). It is
+//! `Clone` so a report can be copied into a viewer or a simulation's result.
+
+use crate::error::Error;
+use crate::types::HostOffset;
+use std::path::PathBuf;
+
+/// Why `qemu-img check` fails before (or instead of) counting: it cannot open the
+/// image ([`CheckReport::qemu_refuses`](super::CheckReport::qemu_refuses)), or it
+/// stops part way ([`CheckReport::aborted`](super::CheckReport::aborted)).
+#[derive(Clone, Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Refusal {
+    /// QEMU's open of the image (with `BDRV_O_CHECK`) fails with this error: a
+    /// header field, an extension, the backing file name, the L1 table, ...
+    #[error("{0}")]
+    Open(Error),
+    /// The image is encrypted and no key was given: QEMU opens the decryption
+    /// first.
+    #[error(
+        "Could not open '{}': Parameter 'encrypt.key-secret' is required for cipher",
+        path.display()
+    )]
+    NoKey {
+        /// The image, as named on the command line.
+        path: PathBuf,
+    },
+    /// QEMU opens the backing chain and the external data file before checking,
+    /// and that open fails.
+    #[error("Could not open '{}': {error}", path.display())]
+    Chain {
+        /// The image, as named on the command line.
+        path: PathBuf,
+        /// Why the chain does not open.
+        error: Error,
+    },
+    /// The external data file was found only next to the image, where QEMU does
+    /// not look: the chain's note saying so.
+    #[error("{0}")]
+    DataFileElsewhere(String),
+    /// More snapshots than QEMU reads.
+    #[error(
+        "{count} snapshots is more than QEMU's limit of {} (File too large)",
+        crate::snapshot::MAX_SNAPSHOTS
+    )]
+    TooManySnapshots {
+        /// The header's `nb_snapshots`.
+        count: u64,
+    },
+    /// The snapshot table's offset is not aligned to a cluster, or the table would
+    /// end past `INT64_MAX`.
+    #[error("snapshot table offset invalid (Invalid argument)")]
+    SnapshotTableOffset {
+        /// The header's `snapshots_offset`.
+        offset: HostOffset,
+    },
+    /// The snapshot table cannot be read.
+    #[error("{0}")]
+    SnapshotTable(Error),
+    /// The bitmap directory cannot be loaded.
+    #[error("the bitmap directory cannot be loaded (Invalid argument)")]
+    BitmapDirectory {
+        /// Where the bitmaps extension says the directory is.
+        offset: HostOffset,
+        /// Why it cannot be loaded.
+        error: Error,
+    },
+    /// A bitmap's table cannot be loaded.
+    #[error("bitmap '{name}' table cannot be loaded")]
+    BitmapTable {
+        /// The bitmap's name.
+        name: String,
+        /// Where its directory entry says the table is.
+        offset: HostOffset,
+        /// Why it cannot be loaded.
+        error: Error,
+    },
+    /// A simulated image cannot be opened again to be checked.
+    #[error("the simulated image cannot be opened: {0}")]
+    SimulatedOpen(Error),
+}
+
+impl Refusal {
+    /// The error behind the refusal, where there is one.
+    pub fn error(&self) -> Option<&Error> {
+        match self {
+            Refusal::Open(e)
+            | Refusal::Chain { error: e, .. }
+            | Refusal::SnapshotTable(e)
+            | Refusal::BitmapDirectory { error: e, .. }
+            | Refusal::BitmapTable { error: e, .. }
+            | Refusal::SimulatedOpen(e) => Some(e),
+            Refusal::NoKey { .. }
+            | Refusal::DataFileElsewhere(_)
+            | Refusal::TooManySnapshots { .. }
+            | Refusal::SnapshotTableOffset { .. } => None,
+        }
+    }
+}
+
+/// Written to JSON as its message, as `qemu-img` would say it.
+impl serde::Serialize for Refusal {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
