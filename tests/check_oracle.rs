@@ -395,7 +395,7 @@ fn hostile_tables_finish_quickly_and_boundedly() {
         qinspect::image::Strictness::Lenient,
     )
     .unwrap();
-    let (l1_off, n, first) = (img.header.l1_table_offset, img.l1.len(), img.l1[0].0);
+    let (l1_off, n, first) = (img.header.l1_table_offset.get(), img.l1.len(), img.l1[0].0);
     assert_eq!(n, 1 << 20);
     let all: Vec<u8> = std::iter::repeat_n(first.to_be_bytes(), n)
         .flatten()

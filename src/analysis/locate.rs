@@ -135,15 +135,14 @@ impl Structures {
             let len = crate::bytes::align8(u64::from(e.length)).saturating_add(8);
             s.push(e.offset, e.offset.saturating_add(len), Kind::Extension(i));
         }
-        if h.backing_file_offset != 0 {
+        if let Some(name) = h.backing_file_name() {
             s.push(
-                h.backing_file_offset,
-                h.backing_file_offset
-                    .saturating_add(u64::from(h.backing_file_size)),
+                name.get(),
+                name.get().saturating_add(u64::from(h.backing_file_size)),
                 Kind::BackingName,
             );
         }
-        s.l1(img, h.l1_table_offset, &img.l1, None, &mut seen);
+        s.l1(img, h.l1_table_offset.get(), &img.l1, None, &mut seen);
         // Snapshot L1 tables are read (L2 tables are not); a table of hostile
         // size stops the reading at a budget.
         let mut budget: u64 = 1 << 22;
@@ -161,13 +160,13 @@ impl Structures {
                 }
             };
             if let Ok(l1) = img.snapshot_l1(sn) {
-                s.l1(img, sn.l1_table_offset, &l1, Some(i), &mut seen);
+                s.l1(img, sn.l1_table_offset.get(), &l1, Some(i), &mut seen);
             }
         }
         let rt_len = u64::from(h.refcount_table_clusters).saturating_mul(cs);
         s.push(
-            h.refcount_table_offset,
-            h.refcount_table_offset.saturating_add(rt_len),
+            h.refcount_table_offset.get(),
+            h.refcount_table_offset.get().saturating_add(rt_len),
             Kind::RefcountTable,
         );
         if let Ok(rt) = img.refcount_table() {
@@ -429,7 +428,7 @@ fn decode_in(img: &Qcow2, r: &Region, offset: u64) -> Option<Decoded> {
             {
                 let meaning = match name {
                     "l1_table_offset" => {
-                        format!("the snapshot's L1 table is at {:#x}", sn.l1_table_offset)
+                        format!("the snapshot's L1 table is at {}", sn.l1_table_offset)
                     }
                     "l1_size" => format!("{} L1 entries", sn.l1_size),
                     "id_str_size" => format!("the ID \"{}\" is {id_len} bytes", sn.id),
@@ -506,7 +505,7 @@ fn decode_in(img: &Qcow2, r: &Region, offset: u64) -> Option<Decoded> {
                 Some((o, n, name)) => {
                     let meaning = match name {
                         "bitmap_table_offset" => {
-                            format!("the bitmap table is at {:#x}", b.table_offset)
+                            format!("the bitmap table is at {}", b.table_offset)
                         }
                         "bitmap_table_size" => format!("{} bitmap table entries", b.table_size),
                         "flags" => match b.flag_names() {
@@ -638,8 +637,8 @@ fn extension(e: &Extension, r: &Region, rel: u64) -> Decoded {
                             16,
                             8,
                             "bitmap_directory_offset",
-                            *directory_offset,
-                            format!("the bitmap directory is at {directory_offset:#x}"),
+                            directory_offset.get(),
+                            format!("the bitmap directory is at {directory_offset}"),
                         ),
                     };
                     let v = if name == "reserved" {
@@ -654,8 +653,8 @@ fn extension(e: &Extension, r: &Region, rel: u64) -> Decoded {
                         (
                             "offset".into(),
                             at(8, 8),
-                            Some(*offset),
-                            format!("the LUKS header is at {offset:#x}"),
+                            Some(offset.get()),
+                            format!("the LUKS header is at {offset}"),
                         )
                     } else {
                         (

@@ -17,6 +17,7 @@
 use crate::bytes::{align8, be16, be32, be64, slice, text, u8_at};
 use crate::error::{Error, Result};
 use crate::io::{Source, read_exact};
+use crate::types::HostOffset;
 use serde::Serialize;
 
 /// QEMU accepts at most 65535 bitmaps.
@@ -40,7 +41,7 @@ pub struct BitmapEntry {
     /// Where the entry starts.
     pub entry_offset: u64,
     /// The bitmap table.
-    pub table_offset: u64,
+    pub table_offset: HostOffset,
     /// Entries in the bitmap table.
     pub table_size: u32,
     /// Raw flags.
@@ -133,7 +134,7 @@ pub fn read_directory(
         }
         out.push(BitmapEntry {
             entry_offset: offset.saturating_add(pos),
-            table_offset: be64(e, 0),
+            table_offset: HostOffset(be64(e, 0)),
             table_size: be32(e, 8),
             flags: be32(e, 12),
             bitmap_type: u8_at(e, 16),
@@ -155,14 +156,14 @@ pub fn read_table(src: &dyn Source, entry: &BitmapEntry) -> Result<Vec<BitmapTab
     if u64::from(entry.table_size) > MAX_TABLE_ENTRIES {
         return Err(Error::invalid(
             format!("bitmap '{}' table", entry.name),
-            entry.table_offset,
+            entry.table_offset.get(),
             format!("{} entries is more than QEMU allows", entry.table_size),
         ));
     }
     let buf = read_exact(
         src,
         &format!("bitmap '{}' table", entry.name),
-        entry.table_offset,
+        entry.table_offset.get(),
         u64::from(entry.table_size) * 8,
     )?;
     Ok(buf

@@ -287,11 +287,11 @@ impl<'a> Walk<'a> {
         let h = &img.header;
         let cs = self.cs;
         self.inc(v, 0, cs, 1, Ctx::Header);
-        let active_l1 = self.read_l1(h.l1_table_offset, u64::from(h.l1_size));
+        let active_l1 = self.read_l1(h.l1_table_offset.get(), u64::from(h.l1_size));
         self.walk_l1(
             v,
             L1Id::Active,
-            h.l1_table_offset,
+            h.l1_table_offset.get(),
             u64::from(h.l1_size),
             &active_l1,
         );
@@ -300,9 +300,9 @@ impl<'a> Walk<'a> {
             self.find(FindingKind::Corruption, Category::SnapshotTable, msg, 1);
         }
         for (index, sn) in img.snapshots.snapshots.iter().enumerate() {
-            if sn.l1_table_offset & self.cmask != 0 {
+            if sn.l1_table_offset.get() & self.cmask != 0 {
                 let msg = format!(
-                    "ERROR snapshot {} ({}) l1_offset={:#x}: L1 table is not cluster aligned; snapshot table entry corrupted",
+                    "ERROR snapshot {} ({}) l1_offset={}: L1 table is not cluster aligned; snapshot table entry corrupted",
                     sn.id, sn.name, sn.l1_table_offset
                 );
                 if let Some(f) = self.find(FindingKind::Corruption, Category::SnapshotTable, msg, 1)
@@ -322,11 +322,11 @@ impl<'a> Walk<'a> {
                 }
                 continue;
             }
-            let l1 = self.read_l1(sn.l1_table_offset, u64::from(sn.l1_size));
+            let l1 = self.read_l1(sn.l1_table_offset.get(), u64::from(sn.l1_size));
             self.walk_l1(
                 v,
                 L1Id::Snapshot { index },
-                sn.l1_table_offset,
+                sn.l1_table_offset.get(),
                 u64::from(sn.l1_size),
                 &l1,
             );
@@ -423,7 +423,7 @@ impl<'a> Walk<'a> {
         let cs = self.cs;
         self.inc(
             v,
-            h.snapshots_offset,
+            h.snapshots_offset.get(),
             img.snapshots.size,
             1,
             Ctx::SnapshotTable,
@@ -431,12 +431,18 @@ impl<'a> Walk<'a> {
         let rt_len = u64::from(h.refcount_table_clusters)
             .saturating_mul(cs)
             .min(crate::refcount::MAX_REFTABLE_BYTES);
-        self.inc(v, h.refcount_table_offset, rt_len, 1, Ctx::RefcountTable);
+        self.inc(
+            v,
+            h.refcount_table_offset.get(),
+            rt_len,
+            1,
+            Ctx::RefcountTable,
+        );
         for e in &img.extensions {
             if let ExtensionKind::Crypto { offset, length } = e.kind
                 && img.header.crypt_method != 0
             {
-                self.inc(v, offset, length, 1, Ctx::Crypto);
+                self.inc(v, offset.get(), length, 1, Ctx::Crypto);
             }
         }
         if !self.walk_bitmaps(v) {
@@ -457,7 +463,7 @@ impl<'a> Walk<'a> {
                 directory_size,
                 directory_offset,
                 ..
-            } => Some((nb_bitmaps, directory_size, directory_offset)),
+            } => Some((nb_bitmaps, directory_size, directory_offset.get())),
             _ => None,
         }) else {
             return true;
@@ -479,7 +485,7 @@ impl<'a> Walk<'a> {
         for (bi, b) in list.iter().enumerate() {
             self.inc(
                 v,
-                b.table_offset,
+                b.table_offset.get(),
                 u64::from(b.table_size) * 8,
                 1,
                 Ctx::BitmapTable(bi),
@@ -505,8 +511,11 @@ impl<'a> Walk<'a> {
                         b.name
                     );
                     if let Some(f) = self.find(FindingKind::Corruption, Category::Bitmaps, msg, 1) {
-                        f.offset =
-                            Some(b.table_offset.saturating_add((j as u64).saturating_mul(8)));
+                        f.offset = Some(
+                            b.table_offset
+                                .get()
+                                .saturating_add((j as u64).saturating_mul(8)),
+                        );
                     }
                     continue;
                 }
@@ -532,6 +541,7 @@ impl<'a> Walk<'a> {
                 .img
                 .header
                 .refcount_table_offset
+                .get()
                 .saturating_add(i.saturating_mul(8));
             if e.reserved_bits() != 0 {
                 let msg = format!("ERROR refcount table entry {i} has reserved bits set");

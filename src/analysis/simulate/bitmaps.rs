@@ -100,14 +100,14 @@ pub(super) fn load(img: &Qcow2) -> std::result::Result<Option<Bitmaps>, String> 
             flags: e.flags,
             bitmap_type: e.bitmap_type,
             granularity_bits: e.granularity_bits,
-            table_offset: e.table_offset,
+            table_offset: e.table_offset.get(),
             table_size: e.table_size,
         });
     }
     Ok(Some(Bitmaps {
         list,
         ext_offset: ext.offset,
-        dir_offset: directory_offset,
+        dir_offset: directory_offset.get(),
         dir_size: directory_size,
         dirty: Vec::new(),
         frozen,
