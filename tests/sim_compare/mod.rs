@@ -92,7 +92,7 @@ pub fn meta(img: &Qcow2, upto: u64) -> Result<Meta, String> {
                 .map_err(|e| format!("bitmap table: {e}"))?;
             let mut data = Vec::new();
             for t in &table {
-                if let Some(off) = t.data_offset() {
+                if let Some(off) = t.data_offset().map(|o| o.get()) {
                     let mut buf = vec![0u8; cs as usize];
                     img.src
                         .read_at(&mut buf, off)

@@ -501,14 +501,10 @@ impl<'a> Walk<'a> {
                 }
             };
             for (j, e) in table.iter().enumerate() {
-                let raw = e.0;
-                let offset = raw & bitmap::BME_TABLE_ENTRY_OFFSET_MASK;
-                let bad = raw & 0xff00_0000_0000_01fe != 0
-                    || (offset != 0 && (raw & 1 != 0 || !offset.is_multiple_of(self.cs)));
-                if bad {
+                if e.problem(self.cs).is_some() {
                     let msg = format!(
-                        "ERROR bitmap '{}' table entry {j} is invalid: {raw:#x}",
-                        b.name
+                        "ERROR bitmap '{}' table entry {j} is invalid: {:#x}",
+                        b.name, e.0
                     );
                     if let Some(f) = self.find(FindingKind::Corruption, Category::Bitmaps, msg, 1) {
                         f.offset = Some(
@@ -519,8 +515,8 @@ impl<'a> Walk<'a> {
                     }
                     continue;
                 }
-                if offset != 0 {
-                    self.inc(v, offset, self.cs, 1, Ctx::BitmapData(bi, j as u64));
+                if let Some(offset) = e.data_offset() {
+                    self.inc(v, offset.get(), self.cs, 1, Ctx::BitmapData(bi, j as u64));
                 }
             }
         }
