@@ -126,6 +126,31 @@ pub enum BitmapEntryProblem {
     Unaligned,
 }
 
+impl std::fmt::Display for BitmapEntryProblem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BitmapEntryProblem::ReservedBits(bits) => write!(f, "reserved bits {bits:#x} are set"),
+            BitmapEntryProblem::AllOnesWithData => {
+                write!(f, "bit 0 (all ones) is set with a data cluster")
+            }
+            BitmapEntryProblem::Unaligned => write!(f, "the data cluster is not cluster aligned"),
+        }
+    }
+}
+
+/// The first entry of a bitmap table that QEMU refuses, and why.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct InvalidTableEntry {
+    /// Its index in the table.
+    pub index: u64,
+    /// Where it is in the file.
+    pub at: HostOffset,
+    /// The entry as stored.
+    pub entry: BitmapTableEntry,
+    /// Why QEMU refuses it.
+    pub problem: BitmapEntryProblem,
+}
+
 impl BitmapTableEntry {
     /// An entry naming a data cluster at `offset` (cluster aligned and below 2^56
     /// for a valid entry; other bits would be reserved bits, which
@@ -260,6 +285,52 @@ pub fn read_table(src: &dyn Source, entry: &BitmapEntry) -> Result<Vec<BitmapTab
         .chunks_exact(8)
         .map(|c| BitmapTableEntry(be64(c, 0)))
         .collect())
+}
+
+/// Entries read at a time by [`first_invalid_entry`].
+const SCAN_ENTRIES: u64 = 8192;
+
+/// The first entry of `entry`'s table that QEMU's `bitmap_table_load` refuses
+/// (see [`BitmapTableEntry::problem`]), in an image of `cluster_size`-byte clusters.
+/// QEMU loads the table of every bitmap not marked in use when it opens the image,
+/// and fails the open on such an entry. The table is read a piece at a time, so
+/// one of QEMU's largest size (1 GiB) is never held whole.
+pub fn first_invalid_entry(
+    src: &dyn Source,
+    entry: &BitmapEntry,
+    cluster_size: u64,
+) -> Result<Option<InvalidTableEntry>> {
+    let what = format!("bitmap '{}' table", entry.name);
+    let total = u64::from(entry.table_size);
+    if total > MAX_TABLE_ENTRIES {
+        return Err(Error::invalid(
+            what,
+            entry.table_offset.get(),
+            format!("{total} entries is more than QEMU allows"),
+        ));
+    }
+    let mut done = 0u64;
+    while done < total {
+        let n = total.saturating_sub(done).min(SCAN_ENTRIES);
+        let start = entry
+            .table_offset
+            .get()
+            .saturating_add(done.saturating_mul(8));
+        let buf = read_exact(src, &what, start, n.saturating_mul(8))?;
+        for (k, c) in (0u64..).zip(buf.chunks_exact(8)) {
+            let e = BitmapTableEntry(be64(c, 0));
+            if let Some(problem) = e.problem(cluster_size) {
+                return Ok(Some(InvalidTableEntry {
+                    index: done.saturating_add(k),
+                    at: HostOffset(start.saturating_add(k.saturating_mul(8))),
+                    entry: e,
+                    problem,
+                }));
+            }
+        }
+        done = done.saturating_add(n);
+    }
+    Ok(None)
 }
 
 #[cfg(test)]

@@ -500,21 +500,26 @@ impl<'a> Walk<'a> {
                     return false;
                 }
             };
-            for (j, e) in table.iter().enumerate() {
-                if e.problem(self.cs).is_some() {
-                    let msg = format!(
-                        "ERROR bitmap '{}' table entry {j} is invalid: {:#x}",
-                        b.name, e.0
-                    );
-                    if let Some(f) = self.find(FindingKind::Corruption, Category::Bitmaps, msg, 1) {
-                        f.offset = Some(
-                            b.table_offset
-                                .get()
-                                .saturating_add((j as u64).saturating_mul(8)),
-                        );
-                    }
-                    continue;
+            // QEMU's bitmap_table_load refuses the whole table for one invalid
+            // entry, and the check fails (Invalid argument).
+            if let Some((j, e, problem)) = (0u64..)
+                .zip(table.iter())
+                .find_map(|(j, e)| e.problem(self.cs).map(|p| (j, e, p)))
+            {
+                let msg = format!(
+                    "ERROR bitmap '{}' table entry {j} is invalid: {:#x} ({problem})",
+                    b.name, e.0
+                );
+                if let Some(f) = self.find(FindingKind::Corruption, Category::Bitmaps, msg, 1) {
+                    f.offset = Some(b.table_offset.get().saturating_add(j.saturating_mul(8)));
                 }
+                self.report.aborted = Some(format!(
+                    "bitmap '{}' table cannot be loaded (Invalid argument)",
+                    b.name
+                ));
+                return false;
+            }
+            for (j, e) in table.iter().enumerate() {
                 if let Some(offset) = e.data_offset() {
                     self.inc(v, offset.get(), self.cs, 1, Ctx::BitmapData(bi, j as u64));
                 }

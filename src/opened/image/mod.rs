@@ -267,6 +267,27 @@ impl Qcow2 {
             )),
             _ => None,
         });
+        // QEMU loads the table of every bitmap not marked in use when it opens the
+        // image, and the open fails on an entry it does not accept.
+        if h.autoclear_features & header::AUTOCLEAR_BITMAPS != 0
+            && let Some(Ok(list)) = &bitmaps
+        {
+            let cs = h.cluster_size();
+            for b in list.iter().filter(|b| b.flags & bitmap::FLAG_IN_USE == 0) {
+                if let Ok(Some(bad)) = bitmap::first_invalid_entry(src.as_ref(), b, cs) {
+                    let e = Error::invalid(
+                        format!("bitmap '{}' table entry {}", b.name, bad.index),
+                        bad.at.get(),
+                        format!(
+                            "Could not read bitmap_table table from image for bitmap '{}': Invalid argument ({:#x}: {})",
+                            b.name, bad.entry.0, bad.problem
+                        ),
+                    );
+                    refuse(&mut problems, &mut check_refusal, strict, e)?;
+                    break;
+                }
+            }
+        }
 
         Ok(Qcow2 {
             src,
