@@ -194,7 +194,8 @@ fn bitmap_table_entries_qemu_refuses() {
     let w = Work::new();
     // Entries the specification forbids: a reserved bit (1, 56), bit 0 beside a
     // data cluster, a data cluster off a 64 KiB boundary.
-    let bad: [(&str, fn(u64) -> u64); 4] = [
+    type Patch = fn(u64) -> u64;
+    let bad: [(&str, Patch); 4] = [
         ("reserved bit 1", |d| d | 2),
         ("reserved bit 56", |d| d | 1 << 56),
         ("bit 0 with data", |d| d | 1),
