@@ -9,7 +9,7 @@ use crate::bitmap;
 use crate::header::{AUTOCLEAR_BITMAPS, ExtensionKind};
 use crate::image::Qcow2;
 use crate::io::read_into;
-use crate::tables::{L1E_RESERVED_MASK, L1Entry, MAX_L1_ENTRIES};
+use crate::tables::{L1Entry, MAX_L1_ENTRIES};
 use crate::types::low_mask;
 use std::collections::BTreeMap;
 
@@ -188,7 +188,7 @@ impl<'a> Walk<'a> {
                 continue;
             }
             let i = i as u64;
-            if e & L1E_RESERVED_MASK != 0 {
+            if L1Entry(e).reserved_bits() != 0 {
                 let name = self.l1_name(id);
                 let msg = format!("ERROR found L1 entry with reserved bits set: {e:x}");
                 if let Some(f) = self.find(FindingKind::Corruption, Category::ReservedBits, msg, 1)
