@@ -171,6 +171,80 @@ fn bitmaps_clean_and_with_autoclear_cleared() {
     assert!(v["leaks"].as_u64().unwrap() >= 3);
 }
 
+/// An image whose one bitmap has its table entry 0 replaced by `raw` (`entry(data)`
+/// of the data cluster qemu-io's write gave it), marked in use or not.
+fn bitmap_entry_patched(w: &Work, name: &str, in_use: bool, entry: impl Fn(u64) -> u64) {
+    base(w, name, "cluster_size=64k");
+    w.qemu_img(&["bitmap", "--add", name, "b0"]);
+    w.qemu_io(name, &["write -P 1 2M 64k"]);
+    let dir = Work::json(&w.qinspect_ok(&["dump", "bitmaps", name, "--json"]));
+    let table = dir["entries"][0]["table_offset"].as_u64().unwrap();
+    let flags_at = dir["entries"][0]["entry_offset"].as_u64().unwrap() + 12;
+    let t = Work::json(&w.qinspect_ok(&["dump", "bitmaps", name, "0", "--json"]));
+    let data = t["entries"][0]["data_offset"].as_u64().unwrap();
+    w.patch(name, table, &entry(data).to_be_bytes());
+    if in_use {
+        // in_use | auto
+        w.patch(name, flags_at, &3u32.to_be_bytes());
+    }
+}
+
+#[test]
+fn bitmap_table_entries_qemu_refuses() {
+    let w = Work::new();
+    // Entries the specification forbids: a reserved bit (1, 56), bit 0 beside a
+    // data cluster, a data cluster off a 64 KiB boundary.
+    type Patch = fn(u64) -> u64;
+    let bad: [(&str, Patch); 4] = [
+        ("reserved bit 1", |d| d | 2),
+        ("reserved bit 56", |d| d | 1 << 56),
+        ("bit 0 with data", |d| d | 1),
+        ("unaligned", |d| d + 0x200),
+    ];
+    for (i, (what, f)) in bad.iter().enumerate() {
+        // Not in use: QEMU loads the table when it opens the image and the open
+        // fails, for check and for info alike.
+        let name = format!("open{i}.qcow2");
+        bitmap_entry_patched(&w, &name, false, f);
+        let v = w.assert_check_matches(&name);
+        assert!(
+            v["qemu-refuses-to-open"]
+                .as_str()
+                .is_some_and(|s| s.contains("Could not read bitmap_table table")),
+            "{what}: {v}"
+        );
+        let q = std::process::Command::new("qemu-img")
+            .args(["info", &name])
+            .current_dir(w.path("."))
+            .output()
+            .unwrap();
+        let ours = w.qinspect(&["info", &name]);
+        assert_eq!(ours.status.success(), q.status.success(), "{what}");
+        assert!(!ours.status.success(), "{what}");
+        assert!(
+            String::from_utf8_lossy(&ours.stderr)
+                .contains("Could not read bitmap_table table from image for bitmap 'b0'"),
+            "{what}"
+        );
+        // In use: QEMU does not load it on open, and the check fails on it.
+        let name = format!("inuse{i}.qcow2");
+        bitmap_entry_patched(&w, &name, true, f);
+        let v = w.assert_check_matches(&name);
+        assert!(v["qemu-refuses-to-open"].is_null(), "{what}: {v}");
+        assert!(v["aborted"].is_string(), "{what}: {v}");
+        assert!(
+            findings(&v)
+                .iter()
+                .any(|f| f["category"] == "bitmaps" && f["offset"].is_u64()),
+            "{what}: {v}"
+        );
+    }
+    // Offset 0 with bit 0 set is valid (all ones): the old data cluster leaks.
+    bitmap_entry_patched(&w, "ones.qcow2", false, |_| 1);
+    let v = w.assert_check_matches("ones.qcow2");
+    assert_eq!(v["leaks"], 1);
+}
+
 #[test]
 fn compressed_clusters_packed_in_one_host_cluster() {
     let w = Work::new();
@@ -416,7 +490,7 @@ fn hostile_tables_finish_quickly_and_boundedly() {
         qinspect::image::Strictness::Lenient,
     )
     .unwrap();
-    let (l1_off, n, first) = (img.header.l1_table_offset, img.l1.len(), img.l1[0].0);
+    let (l1_off, n, first) = (img.header.l1_table_offset.get(), img.l1.len(), img.l1[0].0);
     assert_eq!(n, 1 << 20);
     let all: Vec<u8> = std::iter::repeat_n(first.to_be_bytes(), n)
         .flatten()

@@ -89,7 +89,7 @@ fn snapshot_table_fields_are_named_at_each_byte() {
         entry += (64 + id_len + name_len).div_ceil(8) * 8;
     }
     // The snapshot's own L1 table is named too.
-    let l1 = sn[1].l1_table_offset;
+    let l1 = sn[1].l1_table_offset.get();
     let d = s.decode(&img, l1).unwrap();
     assert!(
         d.structure
@@ -115,7 +115,7 @@ fn bitmap_directory_fields_are_named() {
         .find_map(|e| match e.kind {
             qinspect::header::ExtensionKind::Bitmaps {
                 directory_offset, ..
-            } => Some(directory_offset),
+            } => Some(directory_offset.get()),
             _ => None,
         })
         .expect("a bitmaps extension");

@@ -165,7 +165,7 @@ fn snapshot_of_a_zero_size_disk() {
         ],
     );
     let img = sim.image().unwrap();
-    assert_eq!(img.snapshots.snapshots[0].l1_table_offset, 0);
+    assert_eq!(img.snapshots.snapshots[0].l1_table_offset.get(), 0);
 }
 
 #[test]
@@ -646,7 +646,7 @@ fn writes_onto_metadata_are_stopped_by_the_overlap_check() {
     let be = |v: u64, n: usize| v.to_be_bytes()[8 - n..].to_vec();
     let snapshot_table = |name: &str| {
         let img = sim_compare::open_path(&w.path(name)).unwrap();
-        img.header.snapshots_offset
+        img.header.snapshots_offset.get()
     };
     // The active L1's first entry names the L1 table itself as its L2 table.
     create(&w, "l1.qcow2", "", "4M");

@@ -51,10 +51,10 @@ fn meta(img: &Qcow2, upto: u64) -> Meta {
     let h = &img.header;
     Meta {
         header: (
-            h.l1_table_offset,
+            h.l1_table_offset.get(),
             u64::from(h.l1_size),
             u64::from(h.nb_snapshots),
-            h.snapshots_offset,
+            h.snapshots_offset.get(),
         ),
         refcounts,
         active_l1: tables[0].clone(),
@@ -67,7 +67,7 @@ fn meta(img: &Qcow2, upto: u64) -> Meta {
                 (
                     s.id.clone(),
                     s.name.clone(),
-                    s.l1_table_offset,
+                    s.l1_table_offset.get(),
                     s.l1_size,
                     s.disk_size,
                 )

@@ -149,15 +149,14 @@ impl Structures {
             let len = crate::bytes::align8(u64::from(e.length)).saturating_add(8);
             s.push(e.offset, e.offset.saturating_add(len), Kind::Extension(i));
         }
-        if h.backing_file_offset != 0 {
+        if let Some(name) = h.backing_file_name() {
             s.push(
-                h.backing_file_offset,
-                h.backing_file_offset
-                    .saturating_add(u64::from(h.backing_file_size)),
+                name.get(),
+                name.get().saturating_add(u64::from(h.backing_file_size)),
                 Kind::BackingName,
             );
         }
-        s.l1(img, h.l1_table_offset, &img.l1, None, &mut seen);
+        s.l1(img, h.l1_table_offset.get(), &img.l1, None, &mut seen);
         // Snapshot L1 tables are read (L2 tables are not); a table of hostile
         // size stops the reading at a budget.
         let mut budget: u64 = 1 << 22;
@@ -175,13 +174,13 @@ impl Structures {
                 }
             };
             if let Ok(l1) = img.snapshot_l1(sn) {
-                s.l1(img, sn.l1_table_offset, &l1, Some(i), &mut seen);
+                s.l1(img, sn.l1_table_offset.get(), &l1, Some(i), &mut seen);
             }
         }
         let rt_len = u64::from(h.refcount_table_clusters).saturating_mul(cs);
         s.push(
-            h.refcount_table_offset,
-            h.refcount_table_offset.saturating_add(rt_len),
+            h.refcount_table_offset.get(),
+            h.refcount_table_offset.get().saturating_add(rt_len),
             Kind::RefcountTable,
         );
         if let Ok(rt) = img.refcount_table() {
@@ -208,7 +207,11 @@ impl Structures {
         }
         for e in &img.extensions {
             if let ExtensionKind::Crypto { offset, length } = e.kind {
-                s.push(offset, offset.saturating_add(length), Kind::Luks);
+                s.push(
+                    offset.get(),
+                    offset.get().saturating_add(length),
+                    Kind::Luks,
+                );
             }
         }
         s.regions.sort_by_key(|r| (r.start, r.end));
@@ -227,8 +230,8 @@ impl Structures {
         for (i, b) in dir.iter().enumerate() {
             let len = u64::from(b.table_size).saturating_mul(8);
             self.push(
-                b.table_offset,
-                b.table_offset.saturating_add(len),
+                b.table_offset.get(),
+                b.table_offset.get().saturating_add(len),
                 Kind::BitmapTable(i),
             );
             if self.regions.len().saturating_add(b.table_size as usize) > MAX_REGIONS {
@@ -241,8 +244,8 @@ impl Structures {
             for (j, e) in t.iter().enumerate() {
                 if let Some(o) = e.data_offset() {
                     self.push(
-                        o,
-                        o.saturating_add(cs),
+                        o.get(),
+                        o.get().saturating_add(cs),
                         Kind::BitmapData {
                             bitmap: i,
                             entry: j as u64,
@@ -859,8 +862,8 @@ fn extension(e: &Extension, r: &Region, rel: u64) -> Decoded {
                             16,
                             8,
                             "bitmap_directory_offset",
-                            *directory_offset,
-                            format!("the bitmap directory is at {directory_offset:#x}"),
+                            directory_offset.get(),
+                            format!("the bitmap directory is at {directory_offset}"),
                         ),
                     };
                     let v = if name == "reserved" {
@@ -875,8 +878,8 @@ fn extension(e: &Extension, r: &Region, rel: u64) -> Decoded {
                         (
                             "offset".into(),
                             at(8, 8),
-                            Some(*offset),
-                            format!("the LUKS header is at {offset:#x}"),
+                            Some(offset.get()),
+                            format!("the LUKS header is at {offset}"),
                         )
                     } else {
                         (

@@ -296,7 +296,7 @@ fn refcount_table_rows(a: &Args, img: &Qcow2) -> Rows {
         .filter(|(_, e)| a.all || a.json || e.0 != 0)
         .map(|(i, e)| Row {
             index: i as u64,
-            file_offset: img.header.refcount_table_offset + i as u64 * 8,
+            file_offset: img.header.refcount_table_offset.get() + i as u64 * 8,
             raw: format!("{:#018x}", e.0),
             decoded: json!({"block_offset": e.block_offset().map(|o| o.0), "reserved": e.reserved_bits(), "first_cluster": i as u64 * per}),
             meaning: match e.block_offset() {
@@ -390,7 +390,7 @@ fn bitmap_table_rows(a: &Args, img: &Qcow2, list: &[bitmap::BitmapEntry], i: u64
         .filter(|(_, e)| a.all || a.json || e.0 != 0)
         .map(|(j, e)| Row {
             index: j as u64,
-            file_offset: b.table_offset + j as u64 * 8,
+            file_offset: b.table_offset.get() + j as u64 * 8,
             raw: format!("{:#018x}", e.0),
             decoded: json!({"data_offset": e.data_offset(), "all_ones": e.all_ones()}),
             meaning: match e.data_offset() {

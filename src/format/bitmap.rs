@@ -17,6 +17,7 @@
 use crate::bytes::{align8, be16, be32, be64, slice, text, u8_at};
 use crate::error::{Error, Result};
 use crate::io::{Source, read_exact};
+use crate::types::HostOffset;
 use serde::Serialize;
 
 /// QEMU accepts at most 65535 bitmaps.
@@ -31,8 +32,6 @@ pub const FLAG_IN_USE: u32 = 1;
 pub const FLAG_AUTO: u32 = 2;
 /// Flag bit 2: the extra data may be ignored.
 pub const FLAG_EXTRA_DATA_COMPATIBLE: u32 = 4;
-/// Offset bits of a bitmap table entry.
-pub const BME_TABLE_ENTRY_OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
 
 /// One entry of the bitmap directory.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -40,7 +39,7 @@ pub struct BitmapEntry {
     /// Where the entry starts.
     pub entry_offset: u64,
     /// The bitmap table.
-    pub table_offset: u64,
+    pub table_offset: HostOffset,
     /// Entries in the bitmap table.
     pub table_size: u32,
     /// Raw flags.
@@ -74,20 +73,137 @@ impl BitmapEntry {
     }
 }
 
-/// One bitmap table entry.
+/// Bits 9..55 of a bitmap table entry: the offset of the cluster of bitmap data.
+pub const BME_TABLE_ENTRY_OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
+/// Bits 1..8 and 56..63 of a bitmap table entry, which must be zero.
+pub const BME_TABLE_ENTRY_RESERVED_MASK: u64 = 0xff00_0000_0000_01fe;
+/// Bit 0 of a bitmap table entry without a data cluster: the cluster reads as all
+/// ones (reserved, and so zero, when there is one).
+pub const BME_TABLE_ENTRY_FLAG_ALL_ONES: u64 = 1;
+
+/// One bitmap table entry, as stored.
+///
+/// ```text
+///  bit 0      with offset 0: 0 = the cluster reads as all zeros, 1 = all ones;
+///             with an offset: reserved (must be 0)
+///  bits 1..8  reserved (must be 0)
+///  bits 9..55 host offset of the cluster holding this part of the bitmap
+///             (cluster aligned; 0 = no cluster)
+///  bits 56..63 reserved (must be 0)
+/// ```
+///
+/// [`mapping`](Self::mapping) decodes it, [`problem`](Self::problem) says why QEMU
+/// would refuse it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(transparent)]
 pub struct BitmapTableEntry(pub u64);
 
-impl BitmapTableEntry {
-    /// The data cluster, if any.
-    pub fn data_offset(&self) -> Option<u64> {
-        let o = self.0 & BME_TABLE_ENTRY_OFFSET_MASK;
-        (o != 0).then_some(o)
+/// What a bitmap table entry says about its cluster's worth of bits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum BitmapMapping {
+    /// No data cluster, bit 0 clear: every bit reads as 0 (nothing dirty).
+    AllZeros,
+    /// No data cluster, bit 0 set: every bit reads as 1 (all dirty).
+    AllOnes,
+    /// The bits are stored in the host cluster at this offset.
+    Data {
+        /// Where the cluster is.
+        offset: HostOffset,
+    },
+}
+
+/// Why QEMU refuses a bitmap table entry (`check_table_entry` in
+/// `block/qcow2-bitmap.c`); the first that applies, in QEMU's order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BitmapEntryProblem {
+    /// Some of bits 1..8 or 56..63 are set (the set bits).
+    ReservedBits(u64),
+    /// Bit 0 is set although the entry names a data cluster.
+    AllOnesWithData,
+    /// The data cluster's offset is not a multiple of the cluster size.
+    Unaligned,
+}
+
+impl std::fmt::Display for BitmapEntryProblem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BitmapEntryProblem::ReservedBits(bits) => write!(f, "reserved bits {bits:#x} are set"),
+            BitmapEntryProblem::AllOnesWithData => {
+                write!(f, "bit 0 (all ones) is set with a data cluster")
+            }
+            BitmapEntryProblem::Unaligned => write!(f, "the data cluster is not cluster aligned"),
+        }
     }
+}
+
+/// The first entry of a bitmap table that QEMU refuses, and why.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct InvalidTableEntry {
+    /// Its index in the table.
+    pub index: u64,
+    /// Where it is in the file.
+    pub at: HostOffset,
+    /// The entry as stored.
+    pub entry: BitmapTableEntry,
+    /// Why QEMU refuses it.
+    pub problem: BitmapEntryProblem,
+}
+
+impl BitmapTableEntry {
+    /// An entry naming a data cluster at `offset` (cluster aligned and below 2^56
+    /// for a valid entry; other bits would be reserved bits, which
+    /// [`problem`](Self::problem) reports).
+    pub fn data(offset: HostOffset) -> Self {
+        BitmapTableEntry(offset.get())
+    }
+
+    /// The decoded entry: bits 9..55 first, then bit 0 when they are zero (the
+    /// reserved bits do not change it; [`problem`](Self::problem) reports them).
+    pub fn mapping(self) -> BitmapMapping {
+        match self.0 & BME_TABLE_ENTRY_OFFSET_MASK {
+            0 if self.0 & BME_TABLE_ENTRY_FLAG_ALL_ONES != 0 => BitmapMapping::AllOnes,
+            0 => BitmapMapping::AllZeros,
+            o => BitmapMapping::Data {
+                offset: HostOffset(o),
+            },
+        }
+    }
+
+    /// The reserved bits that are set (bits 1..8 and 56..63; 0 if none).
+    pub fn reserved_bits(self) -> u64 {
+        self.0 & BME_TABLE_ENTRY_RESERVED_MASK
+    }
+
+    /// Why QEMU would refuse this entry in an image with clusters of
+    /// `cluster_size` bytes, or `None` if it is valid.
+    pub fn problem(self, cluster_size: u64) -> Option<BitmapEntryProblem> {
+        if self.reserved_bits() != 0 {
+            return Some(BitmapEntryProblem::ReservedBits(self.reserved_bits()));
+        }
+        match self.mapping() {
+            BitmapMapping::Data { .. } if self.0 & BME_TABLE_ENTRY_FLAG_ALL_ONES != 0 => {
+                Some(BitmapEntryProblem::AllOnesWithData)
+            }
+            BitmapMapping::Data { offset } if !offset.get().is_multiple_of(cluster_size) => {
+                Some(BitmapEntryProblem::Unaligned)
+            }
+            _ => None,
+        }
+    }
+
+    /// The data cluster, if any.
+    pub fn data_offset(self) -> Option<HostOffset> {
+        match self.mapping() {
+            BitmapMapping::Data { offset } => Some(offset),
+            BitmapMapping::AllZeros | BitmapMapping::AllOnes => None,
+        }
+    }
+
     /// With no data cluster: whether the cluster's bits all read as one.
-    pub fn all_ones(&self) -> bool {
-        self.data_offset().is_none() && self.0 & 1 != 0
+    pub fn all_ones(self) -> bool {
+        self.mapping() == BitmapMapping::AllOnes
     }
 }
 
@@ -133,7 +249,7 @@ pub fn read_directory(
         }
         out.push(BitmapEntry {
             entry_offset: offset.saturating_add(pos),
-            table_offset: be64(e, 0),
+            table_offset: HostOffset(be64(e, 0)),
             table_size: be32(e, 8),
             flags: be32(e, 12),
             bitmap_type: u8_at(e, 16),
@@ -155,20 +271,66 @@ pub fn read_table(src: &dyn Source, entry: &BitmapEntry) -> Result<Vec<BitmapTab
     if u64::from(entry.table_size) > MAX_TABLE_ENTRIES {
         return Err(Error::invalid(
             format!("bitmap '{}' table", entry.name),
-            entry.table_offset,
+            entry.table_offset.get(),
             format!("{} entries is more than QEMU allows", entry.table_size),
         ));
     }
     let buf = read_exact(
         src,
         &format!("bitmap '{}' table", entry.name),
-        entry.table_offset,
+        entry.table_offset.get(),
         u64::from(entry.table_size) * 8,
     )?;
     Ok(buf
         .chunks_exact(8)
         .map(|c| BitmapTableEntry(be64(c, 0)))
         .collect())
+}
+
+/// Entries read at a time by [`first_invalid_entry`].
+const SCAN_ENTRIES: u64 = 8192;
+
+/// The first entry of `entry`'s table that QEMU's `bitmap_table_load` refuses
+/// (see [`BitmapTableEntry::problem`]), in an image of `cluster_size`-byte clusters.
+/// QEMU loads the table of every bitmap not marked in use when it opens the image,
+/// and fails the open on such an entry. The table is read a piece at a time, so
+/// one of QEMU's largest size (1 GiB) is never held whole.
+pub fn first_invalid_entry(
+    src: &dyn Source,
+    entry: &BitmapEntry,
+    cluster_size: u64,
+) -> Result<Option<InvalidTableEntry>> {
+    let what = format!("bitmap '{}' table", entry.name);
+    let total = u64::from(entry.table_size);
+    if total > MAX_TABLE_ENTRIES {
+        return Err(Error::invalid(
+            what,
+            entry.table_offset.get(),
+            format!("{total} entries is more than QEMU allows"),
+        ));
+    }
+    let mut done = 0u64;
+    while done < total {
+        let n = total.saturating_sub(done).min(SCAN_ENTRIES);
+        let start = entry
+            .table_offset
+            .get()
+            .saturating_add(done.saturating_mul(8));
+        let buf = read_exact(src, &what, start, n.saturating_mul(8))?;
+        for (k, c) in (0u64..).zip(buf.chunks_exact(8)) {
+            let e = BitmapTableEntry(be64(c, 0));
+            if let Some(problem) = e.problem(cluster_size) {
+                return Ok(Some(InvalidTableEntry {
+                    index: done.saturating_add(k),
+                    at: HostOffset(start.saturating_add(k.saturating_mul(8))),
+                    entry: e,
+                    problem,
+                }));
+            }
+        }
+        done = done.saturating_add(n);
+    }
+    Ok(None)
 }
 
 #[cfg(test)]
@@ -195,6 +357,68 @@ mod tests {
         assert_eq!(d[0].flag_names(), vec!["auto"]);
         assert!(read_directory(&src, 0, len, 2).is_err());
         assert!(BitmapTableEntry(1).all_ones());
-        assert_eq!(BitmapTableEntry(0x50000).data_offset(), Some(0x50000));
+        assert_eq!(
+            BitmapTableEntry(0x50000).data_offset(),
+            Some(HostOffset(0x50000))
+        );
+    }
+
+    /// Entries worked out by hand from the layout in docs/interop/qcow2.txt
+    /// ("Bitmap table"): bit 0 all-ones flag, bits 1..8 reserved, bits 9..55 the
+    /// data cluster's offset, bits 56..63 reserved.
+    #[test]
+    fn bitmap_table_entries_decode_as_the_spec_lays_them_out() {
+        let cs = 65536;
+        // Offset 0, bit 0 clear / set: the whole cluster reads as zeros / ones.
+        assert_eq!(BitmapTableEntry(0).mapping(), BitmapMapping::AllZeros);
+        assert_eq!(BitmapTableEntry(1).mapping(), BitmapMapping::AllOnes);
+        assert_eq!(BitmapTableEntry(0).problem(cs), None);
+        assert_eq!(BitmapTableEntry(1).problem(cs), None);
+        // A data cluster at 0x30000 (host cluster 3 of 64 KiB).
+        let data = BitmapTableEntry(0x0000_0000_0003_0000);
+        assert_eq!(
+            data.mapping(),
+            BitmapMapping::Data {
+                offset: HostOffset(0x30000)
+            }
+        );
+        assert_eq!(data.problem(cs), None);
+        // The highest offset bits 9..55 can hold: 2^56 - 512.
+        assert_eq!(
+            BitmapTableEntry(0x00ff_ffff_ffff_fe00).data_offset(),
+            Some(HostOffset(0x00ff_ffff_ffff_fe00))
+        );
+        // Bit 0 is reserved when there is an offset.
+        assert_eq!(
+            BitmapTableEntry(0x0000_0000_0003_0001).problem(cs),
+            Some(BitmapEntryProblem::AllOnesWithData)
+        );
+        // 0x30200 is 512-byte aligned (bits 9..55 can say it) but not 64 KiB aligned.
+        let odd = BitmapTableEntry(0x0000_0000_0003_0200);
+        assert_eq!(odd.data_offset(), Some(HostOffset(0x30200)));
+        assert_eq!(odd.problem(cs), Some(BitmapEntryProblem::Unaligned));
+        assert_eq!(odd.problem(512), None);
+        // Bits 1..8 (0x1fe) and bits 56..63 (0xff00...) are reserved.
+        for raw in [0x2, 0x100, 0x0100_0000_0000_0000, 0x8000_0000_0000_0000] {
+            let e = BitmapTableEntry(raw);
+            assert_eq!(e.reserved_bits(), raw, "{raw:#x}");
+            assert_eq!(
+                e.problem(cs),
+                Some(BitmapEntryProblem::ReservedBits(raw)),
+                "{raw:#x}"
+            );
+        }
+        // The reserved bits do not change what the entry maps: bit 63 with 0x30000
+        // still names that cluster, bit 8 with offset 0 still reads as zeros.
+        assert_eq!(
+            BitmapTableEntry(0x8000_0000_0003_0000).data_offset(),
+            Some(HostOffset(0x30000))
+        );
+        assert_eq!(BitmapTableEntry(0x100).mapping(), BitmapMapping::AllZeros);
+        // Building an entry for a data cluster gives the stored form back.
+        assert_eq!(
+            BitmapTableEntry::data(HostOffset(0x30000)),
+            BitmapTableEntry(0x30000)
+        );
     }
 }

@@ -18,6 +18,7 @@
 use crate::bytes::{align8, be16, be32, be64, slice, text};
 use crate::error::{Error, Result};
 use crate::io::{Source, read_into};
+use crate::types::HostOffset;
 use serde::Serialize;
 use std::sync::Arc;
 
@@ -38,7 +39,7 @@ pub struct Snapshot {
     /// Where the entry starts in the file.
     pub entry_offset: u64,
     /// The snapshot's L1 table.
-    pub l1_table_offset: u64,
+    pub l1_table_offset: HostOffset,
     /// Entries in the snapshot's L1 table.
     pub l1_size: u32,
     /// The ID string (QEMU numbers them "1", "2", ...).
@@ -272,7 +273,7 @@ fn read_entry(src: &dyn Source, pos: u64, index: usize) -> Result<Snapshot> {
     Ok(Snapshot {
         index,
         entry_offset: pos,
-        l1_table_offset: be64(&h, 0),
+        l1_table_offset: HostOffset(be64(&h, 0)),
         l1_size: be32(&h, 8),
         id: c_string(slice(&rest, extra_len as usize, id_len as usize)),
         name: c_string(slice(

@@ -35,6 +35,13 @@ macro_rules! offset_type {
             }
         }
 
+        /// The raw number in hex, with the formatter's flags (`{:#x}`, `{:08x}`).
+        impl fmt::LowerHex for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                fmt::LowerHex::fmt(&self.0, f)
+            }
+        }
+
         impl $name {
             /// The raw number.
             pub const fn get(self) -> u64 {

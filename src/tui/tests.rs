@@ -588,7 +588,7 @@ fn the_viewer_opens_broken_images_and_draws_every_pane() {
                 // The tables shown are this image's: the L1 table where the header
                 // puts it, and its first entry's raw value as in the file.
                 let img = a.ctx.img.clone().unwrap();
-                let l1 = img.header.l1_table_offset as usize;
+                let l1 = img.header.l1_table_offset.get() as usize;
                 let tables = shows(&mut a, Pane::Tables);
                 let l1_refused = said.iter().any(|l| l.contains("L1 table"));
                 if l1_refused {

@@ -73,15 +73,15 @@ pub fn meta(img: &Qcow2, upto: u64) -> Result<Meta, String> {
     let h = &img.header;
     let header = BTreeMap::from([
         ("size", h.size),
-        ("l1_table_offset", h.l1_table_offset),
+        ("l1_table_offset", h.l1_table_offset.get()),
         ("l1_size", u64::from(h.l1_size)),
-        ("refcount_table_offset", h.refcount_table_offset),
+        ("refcount_table_offset", h.refcount_table_offset.get()),
         (
             "refcount_table_clusters",
             u64::from(h.refcount_table_clusters),
         ),
         ("nb_snapshots", u64::from(h.nb_snapshots)),
-        ("snapshots_offset", h.snapshots_offset),
+        ("snapshots_offset", h.snapshots_offset.get()),
         ("incompatible_features", h.incompatible_features),
         ("autoclear_features", h.autoclear_features),
     ]);
@@ -92,7 +92,7 @@ pub fn meta(img: &Qcow2, upto: u64) -> Result<Meta, String> {
                 .map_err(|e| format!("bitmap table: {e}"))?;
             let mut data = Vec::new();
             for t in &table {
-                if let Some(off) = t.data_offset() {
+                if let Some(off) = t.data_offset().map(|o| o.get()) {
                     let mut buf = vec![0u8; cs as usize];
                     img.src
                         .read_at(&mut buf, off)
@@ -102,7 +102,7 @@ pub fn meta(img: &Qcow2, upto: u64) -> Result<Meta, String> {
             }
             bitmaps.push((
                 b.name.clone(),
-                b.table_offset,
+                b.table_offset.get(),
                 b.table_size,
                 b.flags,
                 b.granularity_bits,
@@ -125,7 +125,7 @@ pub fn meta(img: &Qcow2, upto: u64) -> Result<Meta, String> {
                 (
                     s.id.clone(),
                     s.name.clone(),
-                    s.l1_table_offset,
+                    s.l1_table_offset.get(),
                     s.l1_size,
                     s.disk_size,
                 )

@@ -127,6 +127,7 @@ fn l1_half(walk: &mut Walk, stored: &mut RefcountReader) -> ActiveL2s {
                 f.offset = Some(
                     img.header
                         .l1_table_offset
+                        .get()
                         .saturating_add((i as u64).saturating_mul(8)),
                 );
                 f.refcount = Some(r);

@@ -86,8 +86,9 @@ pub fn check(img: &Qcow2, opts: &CheckOptions) -> CheckReport {
         return finish(walk, None);
     }
     // The offset must be aligned even when there are no snapshots.
-    if h.snapshots_offset & walk.cmask != 0
-        || h.snapshots_offset > (i64::MAX as u64).saturating_sub(nb.saturating_mul(40))
+    let snapshots_at = h.snapshots_offset.get();
+    if snapshots_at & walk.cmask != 0
+        || snapshots_at > (i64::MAX as u64).saturating_sub(nb.saturating_mul(40))
     {
         walk.find(
             FindingKind::CheckError,
@@ -96,7 +97,7 @@ pub fn check(img: &Qcow2, opts: &CheckOptions) -> CheckReport {
             1,
         );
         walk.report.aborted = Some(Refusal::SnapshotTableOffset {
-            offset: crate::types::HostOffset(h.snapshots_offset),
+            offset: h.snapshots_offset,
         });
         return finish(walk, None);
     }

@@ -78,6 +78,17 @@ pub enum Refusal {
         /// Why it cannot be loaded.
         error: Error,
     },
+    /// An entry of a bitmap's table is one QEMU refuses, so the whole table
+    /// cannot be loaded and the check fails.
+    #[error("bitmap '{name}' table cannot be loaded (Invalid argument)")]
+    BitmapTableEntry {
+        /// The bitmap's name.
+        name: String,
+        /// Where the entry is.
+        offset: HostOffset,
+        /// Its index in the table.
+        entry: u64,
+    },
     /// A simulated image cannot be opened again to be checked.
     #[error("the simulated image cannot be opened: {0}")]
     SimulatedOpen(Error),
@@ -96,7 +107,8 @@ impl Refusal {
             Refusal::NoKey { .. }
             | Refusal::DataFileElsewhere(_)
             | Refusal::TooManySnapshots { .. }
-            | Refusal::SnapshotTableOffset { .. } => None,
+            | Refusal::SnapshotTableOffset { .. }
+            | Refusal::BitmapTableEntry { .. } => None,
         }
     }
 }

@@ -10,7 +10,7 @@ use crate::bitmap;
 use crate::header::{AUTOCLEAR_BITMAPS, ExtensionKind};
 use crate::image::Qcow2;
 use crate::io::read_into;
-use crate::tables::{L1E_RESERVED_MASK, L1Entry, MAX_L1_ENTRIES};
+use crate::tables::{L1Entry, MAX_L1_ENTRIES};
 use crate::types::{HostOffset, low_mask};
 use std::collections::BTreeMap;
 
@@ -189,7 +189,7 @@ impl<'a> Walk<'a> {
                 continue;
             }
             let i = i as u64;
-            if e & L1E_RESERVED_MASK != 0 {
+            if L1Entry(e).reserved_bits() != 0 {
                 let name = self.l1_name(id);
                 let msg = format!("ERROR found L1 entry with reserved bits set: {e:x}");
                 if let Some(f) = self.find(FindingKind::Corruption, Category::ReservedBits, msg, 1)
@@ -288,11 +288,11 @@ impl<'a> Walk<'a> {
         let h = &img.header;
         let cs = self.cs;
         self.inc(v, 0, cs, 1, Ctx::Header);
-        let active_l1 = self.read_l1(h.l1_table_offset, u64::from(h.l1_size));
+        let active_l1 = self.read_l1(h.l1_table_offset.get(), u64::from(h.l1_size));
         self.walk_l1(
             v,
             L1Id::Active,
-            h.l1_table_offset,
+            h.l1_table_offset.get(),
             u64::from(h.l1_size),
             &active_l1,
         );
@@ -301,9 +301,9 @@ impl<'a> Walk<'a> {
             self.find(FindingKind::Corruption, Category::SnapshotTable, msg, 1);
         }
         for (index, sn) in img.snapshots.snapshots.iter().enumerate() {
-            if sn.l1_table_offset & self.cmask != 0 {
+            if sn.l1_table_offset.get() & self.cmask != 0 {
                 let msg = format!(
-                    "ERROR snapshot {} ({}) l1_offset={:#x}: L1 table is not cluster aligned; snapshot table entry corrupted",
+                    "ERROR snapshot {} ({}) l1_offset={}: L1 table is not cluster aligned; snapshot table entry corrupted",
                     sn.id, sn.name, sn.l1_table_offset
                 );
                 if let Some(f) = self.find(FindingKind::Corruption, Category::SnapshotTable, msg, 1)
@@ -323,11 +323,11 @@ impl<'a> Walk<'a> {
                 }
                 continue;
             }
-            let l1 = self.read_l1(sn.l1_table_offset, u64::from(sn.l1_size));
+            let l1 = self.read_l1(sn.l1_table_offset.get(), u64::from(sn.l1_size));
             self.walk_l1(
                 v,
                 L1Id::Snapshot { index },
-                sn.l1_table_offset,
+                sn.l1_table_offset.get(),
                 u64::from(sn.l1_size),
                 &l1,
             );
@@ -424,7 +424,7 @@ impl<'a> Walk<'a> {
         let cs = self.cs;
         self.inc(
             v,
-            h.snapshots_offset,
+            h.snapshots_offset.get(),
             img.snapshots.size,
             1,
             Ctx::SnapshotTable,
@@ -432,12 +432,18 @@ impl<'a> Walk<'a> {
         let rt_len = u64::from(h.refcount_table_clusters)
             .saturating_mul(cs)
             .min(crate::refcount::MAX_REFTABLE_BYTES);
-        self.inc(v, h.refcount_table_offset, rt_len, 1, Ctx::RefcountTable);
+        self.inc(
+            v,
+            h.refcount_table_offset.get(),
+            rt_len,
+            1,
+            Ctx::RefcountTable,
+        );
         for e in &img.extensions {
             if let ExtensionKind::Crypto { offset, length } = e.kind
                 && img.header.crypt_method != 0
             {
-                self.inc(v, offset, length, 1, Ctx::Crypto);
+                self.inc(v, offset.get(), length, 1, Ctx::Crypto);
             }
         }
         if !self.walk_bitmaps(v) {
@@ -458,7 +464,7 @@ impl<'a> Walk<'a> {
                 directory_size,
                 directory_offset,
                 ..
-            } => Some((nb_bitmaps, directory_size, directory_offset)),
+            } => Some((nb_bitmaps, directory_size, directory_offset.get())),
             _ => None,
         }) else {
             return true;
@@ -482,7 +488,7 @@ impl<'a> Walk<'a> {
         for (bi, b) in list.iter().enumerate() {
             self.inc(
                 v,
-                b.table_offset,
+                b.table_offset.get(),
                 u64::from(b.table_size) * 8,
                 1,
                 Ctx::BitmapTable(bi),
@@ -494,30 +500,35 @@ impl<'a> Walk<'a> {
                     self.find(FindingKind::Corruption, Category::Bitmaps, msg, 1);
                     self.report.aborted = Some(Refusal::BitmapTable {
                         name: b.name.clone(),
-                        offset: HostOffset(b.table_offset),
+                        offset: b.table_offset,
                         error: e,
                     });
                     return false;
                 }
             };
-            for (j, e) in table.iter().enumerate() {
-                let raw = e.0;
-                let offset = raw & bitmap::BME_TABLE_ENTRY_OFFSET_MASK;
-                let bad = raw & 0xff00_0000_0000_01fe != 0
-                    || (offset != 0 && (raw & 1 != 0 || !offset.is_multiple_of(self.cs)));
-                if bad {
-                    let msg = format!(
-                        "ERROR bitmap '{}' table entry {j} is invalid: {raw:#x}",
-                        b.name
-                    );
-                    if let Some(f) = self.find(FindingKind::Corruption, Category::Bitmaps, msg, 1) {
-                        f.offset =
-                            Some(b.table_offset.saturating_add((j as u64).saturating_mul(8)));
-                    }
-                    continue;
+            // QEMU's bitmap_table_load refuses the whole table for one invalid
+            // entry, and the check fails (Invalid argument).
+            if let Some((j, e, problem)) = (0u64..)
+                .zip(table.iter())
+                .find_map(|(j, e)| e.problem(self.cs).map(|p| (j, e, p)))
+            {
+                let msg = format!(
+                    "ERROR bitmap '{}' table entry {j} is invalid: {:#x} ({problem})",
+                    b.name, e.0
+                );
+                if let Some(f) = self.find(FindingKind::Corruption, Category::Bitmaps, msg, 1) {
+                    f.offset = Some(b.table_offset.get().saturating_add(j.saturating_mul(8)));
                 }
-                if offset != 0 {
-                    self.inc(v, offset, self.cs, 1, Ctx::BitmapData(bi, j as u64));
+                self.report.aborted = Some(Refusal::BitmapTableEntry {
+                    name: b.name.clone(),
+                    offset: HostOffset(b.table_offset.get().saturating_add(j.saturating_mul(8))),
+                    entry: j,
+                });
+                return false;
+            }
+            for (j, e) in table.iter().enumerate() {
+                if let Some(offset) = e.data_offset() {
+                    self.inc(v, offset.get(), self.cs, 1, Ctx::BitmapData(bi, j as u64));
                 }
             }
         }
@@ -538,6 +549,7 @@ impl<'a> Walk<'a> {
                 .img
                 .header
                 .refcount_table_offset
+                .get()
                 .saturating_add(i.saturating_mul(8));
             if e.reserved_bits() != 0 {
                 let msg = format!("ERROR refcount table entry {i} has reserved bits set");

@@ -14,10 +14,11 @@
 //! move on every command, even one that fails.
 
 use super::{Sim, SimResult};
-use crate::bitmap::{BME_TABLE_ENTRY_OFFSET_MASK, FLAG_AUTO, FLAG_IN_USE};
+use crate::bitmap::{BitmapMapping, BitmapTableEntry, FLAG_AUTO, FLAG_IN_USE};
 use crate::bytes::{align8, be64};
 use crate::header::ExtensionKind;
 use crate::image::Qcow2;
+use crate::types::HostOffset;
 
 /// One persistent bitmap as the simulator keeps it.
 #[derive(Clone, Debug)]
@@ -100,14 +101,14 @@ pub(super) fn load(img: &Qcow2) -> std::result::Result<Option<Bitmaps>, String> 
             flags: e.flags,
             bitmap_type: e.bitmap_type,
             granularity_bits: e.granularity_bits,
-            table_offset: e.table_offset,
+            table_offset: e.table_offset.get(),
             table_size: e.table_size,
         });
     }
     Ok(Some(Bitmaps {
         list,
         ext_offset: ext.offset,
-        dir_offset: directory_offset,
+        dir_offset: directory_offset.get(),
         dir_size: directory_size,
         dirty: Vec::new(),
         frozen,
@@ -150,13 +151,16 @@ impl Sim {
             "closing the image: QEMU stores every persistent bitmap again, in new clusters".into(),
         );
         let mut new_list = Vec::with_capacity(b.list.len());
-        let mut drop_tables: Vec<(String, u64, Vec<u64>)> = Vec::new();
+        let mut drop_tables: Vec<(String, u64, Vec<BitmapTableEntry>)> = Vec::new();
         for bm in &b.list {
             let old = self.read_bytes(bm.table_offset, u64::from(bm.table_size) * 8);
-            let old: Vec<u64> = old.chunks_exact(8).map(|c| be64(c, 0)).collect();
+            let old: Vec<BitmapTableEntry> = old
+                .chunks_exact(8)
+                .map(|c| BitmapTableEntry(be64(c, 0)))
+                .collect();
             let table = self.store_bitmap(bm, &old, &b.dirty)?;
             self.why(format!("the new table of bitmap '{}'", bm.name));
-            let bytes: Vec<u8> = table.iter().flat_map(|e| e.to_be_bytes()).collect();
+            let bytes: Vec<u8> = table.iter().flat_map(|e| e.0.to_be_bytes()).collect();
             let off = self.alloc_clusters(
                 bytes.len() as u64,
                 &format!("the table of bitmap '{}'", bm.name),
@@ -192,11 +196,10 @@ impl Sim {
         self.set_header_u64(at.saturating_add(16), "bitmap_directory_offset", dir_off)?;
         self.free_clusters(b.dir_offset, b.dir_size, "the old bitmap directory");
         for (name, table_off, old) in drop_tables {
-            for &e in &old {
-                let data = e & BME_TABLE_ENTRY_OFFSET_MASK;
-                if data != 0 {
+            for e in &old {
+                if let Some(data) = e.data_offset() {
                     self.free_clusters(
-                        data,
+                        data.get(),
                         self.cs,
                         &format!("an old data cluster of bitmap '{name}'"),
                     );
@@ -219,9 +222,9 @@ impl Sim {
     fn store_bitmap(
         &mut self,
         bm: &SimBitmap,
-        old: &[u64],
+        old: &[BitmapTableEntry],
         dirty: &[(u64, u64)],
-    ) -> SimResult<Vec<u64>> {
+    ) -> SimResult<Vec<BitmapTableEntry>> {
         let cs = self.cs;
         let g_bits = u32::from(bm.granularity_bits);
         let bits_per_cluster = cs.saturating_mul(8);
@@ -230,7 +233,7 @@ impl Sim {
         let enabled = bm.flags & FLAG_AUTO != 0;
         // The table covers the disk as it is now (a resize changes it).
         let table_size = total_bits.div_ceil(bits_per_cluster);
-        let mut table = vec![0u64; table_size as usize];
+        let mut table = vec![BitmapTableEntry(0); table_size as usize];
         for (k, slot) in table.iter_mut().enumerate() {
             let k = k as u64;
             let first_bit = k.saturating_mul(bits_per_cluster);
@@ -238,11 +241,11 @@ impl Sim {
                 break;
             }
             let nbits = total_bits.saturating_sub(first_bit).min(bits_per_cluster);
-            let e = old.get(k as usize).copied().unwrap_or(0);
-            let mut data = match e & BME_TABLE_ENTRY_OFFSET_MASK {
-                0 if e & 1 != 0 => vec![0xffu8; cs as usize],
-                0 => vec![0u8; cs as usize],
-                off => self.read_bytes(off, cs),
+            let e = old.get(k as usize).copied().unwrap_or(BitmapTableEntry(0));
+            let mut data = match e.mapping() {
+                BitmapMapping::AllOnes => vec![0xffu8; cs as usize],
+                BitmapMapping::AllZeros => vec![0u8; cs as usize],
+                BitmapMapping::Data { offset } => self.read_bytes(offset.get(), cs),
             };
             if enabled {
                 for &(off, len) in dirty {
@@ -271,7 +274,7 @@ impl Sim {
             self.why(purpose.clone());
             let off = self.alloc_clusters(cs, &purpose)?;
             self.write_bytes(off, &data)?;
-            *slot = off;
+            *slot = BitmapTableEntry::data(HostOffset(off));
         }
         Ok(table)
     }

@@ -11,8 +11,8 @@
 use super::{Sim, SimError, SimResult, Target};
 use crate::chain::{Chain, OpenOptions};
 use crate::lookup::{ReadCache, read};
-use crate::tables::{L1E_OFFSET_MASK, L2Entry, SubclusterType};
-use crate::types::GuestOffset;
+use crate::tables::{L1Entry, L2Entry, SubclusterType};
+use crate::types::{GuestOffset, HostOffset};
 
 /// QEMU's `MAX_BOUNCE_BUFFER`: 32768 sectors.
 const MAX_BOUNCE: u64 = 32768 * 512;
@@ -81,9 +81,8 @@ impl Sim {
             let l2 = self
                 .l1
                 .get(self.geo.l1_index(GuestOffset(g)) as usize)
-                .copied()
-                .unwrap_or(0)
-                & L1E_OFFSET_MASK;
+                .and_then(|&e| L1Entry(e).l2_offset())
+                .map_or(0, HostOffset::get);
             // The run of (sub)clusters of one kind from g, as block status
             // finds it.
             let (allocated, run) = if l2 == 0 {

@@ -12,6 +12,7 @@
 //! the active L2 tables) and guest data clusters.
 
 use super::{Sim, SimError, SimResult};
+use crate::refcount::RefTableEntry;
 use crate::tables::L1Entry;
 
 /// A kind of metadata, in the order QEMU checks them.
@@ -115,8 +116,8 @@ impl Sim {
         }
         if want(Meta::RefcountBlock) {
             for ti in 0..self.reftable_len() {
-                let b = self.read_u64(self.reftable_entry_offset(ti)) & !0x1ff;
-                if b != 0 && hits(b, self.cs) {
+                let entry = RefTableEntry(self.read_u64(self.reftable_entry_offset(ti)));
+                if entry.block_offset().is_some_and(|b| hits(b.get(), self.cs)) {
                     return Some(Meta::RefcountBlock);
                 }
             }

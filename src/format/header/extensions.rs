@@ -7,6 +7,7 @@ use super::{
 };
 use crate::bytes::{align8, be32, be64, slice, text, u8_at};
 use crate::error::{CorruptKind, Error};
+use crate::types::HostOffset;
 use serde::Serialize;
 
 /// Decoded meaning of a header extension.
@@ -32,12 +33,12 @@ pub enum ExtensionKind {
         /// Directory size in bytes.
         directory_size: u64,
         /// Directory offset.
-        directory_offset: u64,
+        directory_offset: HostOffset,
     },
     /// Where the LUKS header is.
     Crypto {
         /// Offset of the LUKS header.
-        offset: u64,
+        offset: HostOffset,
         /// Its length.
         length: u64,
     },
@@ -179,10 +180,10 @@ fn decode_extension(ext_type: u32, data: &[u8]) -> ExtensionKind {
             nb_bitmaps: be32(data, 0),
             reserved: be32(data, 4),
             directory_size: be64(data, 8),
-            directory_offset: be64(data, 16),
+            directory_offset: HostOffset(be64(data, 16)),
         },
         EXT_CRYPTO => ExtensionKind::Crypto {
-            offset: be64(data, 0),
+            offset: HostOffset(be64(data, 0)),
             length: be64(data, 8),
         },
         EXT_DATA_FILE => ExtensionKind::DataFile {

@@ -158,17 +158,17 @@ impl Field {
         match self {
             Field::Magic => u64::from(h.magic),
             Field::Version => u64::from(h.version),
-            Field::BackingFileOffset => h.backing_file_offset,
+            Field::BackingFileOffset => h.backing_file_offset.get(),
             Field::BackingFileSize => u64::from(h.backing_file_size),
             Field::ClusterBits => u64::from(h.cluster_bits),
             Field::Size => h.size,
             Field::CryptMethod => u64::from(h.crypt_method),
             Field::L1Size => u64::from(h.l1_size),
-            Field::L1TableOffset => h.l1_table_offset,
-            Field::RefcountTableOffset => h.refcount_table_offset,
+            Field::L1TableOffset => h.l1_table_offset.get(),
+            Field::RefcountTableOffset => h.refcount_table_offset.get(),
             Field::RefcountTableClusters => u64::from(h.refcount_table_clusters),
             Field::NbSnapshots => u64::from(h.nb_snapshots),
-            Field::SnapshotsOffset => h.snapshots_offset,
+            Field::SnapshotsOffset => h.snapshots_offset.get(),
             Field::IncompatibleFeatures => h.incompatible_features,
             Field::CompatibleFeatures => h.compatible_features,
             Field::AutoclearFeatures => h.autoclear_features,
@@ -200,9 +200,11 @@ impl Field {
                 3 => "qcow2 version 3 (compat=1.1)".into(),
                 v => format!("unknown version {v}"),
             },
-            Field::BackingFileOffset if h.backing_file_offset == 0 => "no backing file".into(),
+            Field::BackingFileOffset if h.backing_file_offset.get() == 0 => {
+                "no backing file".into()
+            }
             Field::BackingFileOffset => {
-                format!("backing file name stored at {:#x}", h.backing_file_offset)
+                format!("backing file name stored at {}", h.backing_file_offset)
             }
             Field::BackingFileSize => {
                 format!("backing file name is {} bytes long", h.backing_file_size)
@@ -224,11 +226,11 @@ impl Field {
             ),
             Field::L1TableOffset => format!(
                 "active L1 table at host cluster {}",
-                h.l1_table_offset >> bits
+                h.l1_table_offset.get() >> bits
             ),
             Field::RefcountTableOffset => format!(
                 "refcount table at host cluster {}",
-                h.refcount_table_offset >> bits
+                h.refcount_table_offset.get() >> bits
             ),
             Field::RefcountTableClusters => format!(
                 "the refcount table fills {} cluster(s)",
@@ -238,7 +240,7 @@ impl Field {
             Field::SnapshotsOffset if h.nb_snapshots == 0 => "no snapshot table".into(),
             Field::SnapshotsOffset => format!(
                 "snapshot table at host cluster {}",
-                h.snapshots_offset >> bits
+                h.snapshots_offset.get() >> bits
             ),
             Field::IncompatibleFeatures => {
                 describe_bits(h.incompatible_features, FeatureGroup::Incompatible)

@@ -121,7 +121,7 @@ pub struct Header {
     /// 2 or 3.
     pub version: u32,
     /// Where the backing file name is (0 = no backing file).
-    pub backing_file_offset: u64,
+    pub backing_file_offset: HostOffset,
     /// Length of the backing file name.
     pub backing_file_size: u32,
     /// log2 of the cluster size.
@@ -133,15 +133,15 @@ pub struct Header {
     /// Entries in the active L1 table.
     pub l1_size: u32,
     /// Where the active L1 table is.
-    pub l1_table_offset: u64,
+    pub l1_table_offset: HostOffset,
     /// Where the refcount table is.
-    pub refcount_table_offset: u64,
+    pub refcount_table_offset: HostOffset,
     /// Length of the refcount table in clusters.
     pub refcount_table_clusters: u32,
     /// Number of internal snapshots.
     pub nb_snapshots: u32,
     /// Where the snapshot table is.
-    pub snapshots_offset: u64,
+    pub snapshots_offset: HostOffset,
     /// Incompatible feature bits (0 for version 2).
     pub incompatible_features: u64,
     /// Compatible feature bits (0 for version 2).
@@ -157,24 +157,9 @@ pub struct Header {
 }
 
 impl Header {
-    /// Where the active L1 table is (`l1_table_offset`, typed).
-    pub fn l1_table(&self) -> HostOffset {
-        HostOffset(self.l1_table_offset)
-    }
-
-    /// Where the refcount table is (`refcount_table_offset`, typed).
-    pub fn refcount_table(&self) -> HostOffset {
-        HostOffset(self.refcount_table_offset)
-    }
-
-    /// Where the snapshot table is (`snapshots_offset`, typed).
-    pub fn snapshot_table(&self) -> HostOffset {
-        HostOffset(self.snapshots_offset)
-    }
-
     /// Where the backing file name is, or `None` without a backing file.
     pub fn backing_file_name(&self) -> Option<HostOffset> {
-        (self.backing_file_offset != 0).then_some(HostOffset(self.backing_file_offset))
+        (self.backing_file_offset.get() != 0).then_some(self.backing_file_offset)
     }
 
     /// Cluster and L2 geometry (cluster_bits clamped to 9..=21; see [`Header::validate`]).
@@ -244,10 +229,7 @@ impl Header {
     /// Where the extension area ends: the backing file name, or the end of cluster 0.
     pub fn extensions_end(&self) -> u64 {
         let cs = self.cluster_size();
-        if self.backing_file_offset != 0 && self.backing_file_offset <= cs {
-            self.backing_file_offset
-        } else {
-            cs
-        }
+        let name = self.backing_file_offset.get();
+        if name != 0 && name <= cs { name } else { cs }
     }
 }

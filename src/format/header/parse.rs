@@ -5,7 +5,7 @@ use super::{
     V3_MIN_HEADER_LEN, features::bit_list,
 };
 use crate::error::{CorruptKind, Error, Result};
-use crate::types::{Geometry, MAX_CLUSTER_BITS, MIN_CLUSTER_BITS};
+use crate::types::{Geometry, HostOffset, MAX_CLUSTER_BITS, MIN_CLUSTER_BITS};
 
 /// One of QEMU's `qcow2_validate_table` calls at open time.
 struct TableCheck {
@@ -77,17 +77,17 @@ impl Header {
         let mut h = Header {
             magic,
             version,
-            backing_file_offset: Field::BackingFileOffset.read(buf),
+            backing_file_offset: HostOffset(Field::BackingFileOffset.read(buf)),
             backing_file_size: Field::BackingFileSize.read32(buf),
             cluster_bits: Field::ClusterBits.read32(buf),
             size: Field::Size.read(buf),
             crypt_method: Field::CryptMethod.read32(buf),
             l1_size: Field::L1Size.read32(buf),
-            l1_table_offset: Field::L1TableOffset.read(buf),
-            refcount_table_offset: Field::RefcountTableOffset.read(buf),
+            l1_table_offset: HostOffset(Field::L1TableOffset.read(buf)),
+            refcount_table_offset: HostOffset(Field::RefcountTableOffset.read(buf)),
             refcount_table_clusters: Field::RefcountTableClusters.read32(buf),
             nb_snapshots: Field::NbSnapshots.read32(buf),
-            snapshots_offset: Field::SnapshotsOffset.read(buf),
+            snapshots_offset: HostOffset(Field::SnapshotsOffset.read(buf)),
             incompatible_features: 0,
             compatible_features: 0,
             autoclear_features: 0,
@@ -154,13 +154,10 @@ impl Header {
                 ));
             }
         }
-        if self.backing_file_offset > cs {
+        if self.backing_file_offset.get() > cs {
             out.push(Error::header_field(
                 Field::BackingFileOffset,
-                format!(
-                    "Invalid backing file offset {:#x}",
-                    self.backing_file_offset
-                ),
+                format!("Invalid backing file offset {}", self.backing_file_offset),
             ));
         }
         let compression_bit = self.incompatible_features & INCOMPAT_COMPRESSION != 0;
@@ -254,7 +251,7 @@ impl Header {
                 field: CorruptKind::RefcountTable,
                 what: "Reference count table",
                 field_off: Field::RefcountTableOffset.offset(),
-                off: self.refcount_table_offset,
+                off: self.refcount_table_offset.get(),
                 size: u64::from(self.refcount_table_clusters).saturating_mul(cs),
                 max: crate::refcount::MAX_REFTABLE_BYTES,
                 unit: " bytes",
@@ -264,7 +261,7 @@ impl Header {
                 field: CorruptKind::SnapshotTable,
                 what: "Snapshot table",
                 field_off: Field::SnapshotsOffset.offset(),
-                off: self.snapshots_offset,
+                off: self.snapshots_offset.get(),
                 size: u64::from(self.nb_snapshots),
                 max: crate::snapshot::MAX_SNAPSHOTS,
                 unit: " entries",
@@ -274,7 +271,7 @@ impl Header {
                 field: CorruptKind::L1Table,
                 what: "Active L1 table",
                 field_off: Field::L1TableOffset.offset(),
-                off: self.l1_table_offset,
+                off: self.l1_table_offset.get(),
                 size: u64::from(self.l1_size).saturating_mul(8),
                 max: crate::tables::MAX_L1_BYTES,
                 unit: " bytes",

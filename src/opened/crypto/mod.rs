@@ -61,7 +61,7 @@ impl std::fmt::Debug for DataKey {
 pub fn luks_header(img: &Qcow2) -> Option<Result<LuksHeader>> {
     img.extensions.iter().find_map(|e| match e.kind {
         ExtensionKind::Crypto { offset, length } => {
-            Some(LuksHeader::read(img.src.as_ref(), offset, length))
+            Some(LuksHeader::read(img.src.as_ref(), offset.get(), length))
         }
         _ => None,
     })

@@ -101,22 +101,18 @@ pub const BDRV_MAX_LENGTH: u64 = 0x7fff_ffff_c000_0000;
 /// The backing file name stored in cluster 0 (`c0`), if the header names one; an
 /// error if it is longer than QEMU reads (1023 bytes, and within cluster 0).
 fn backing_file_name(h: &Header, c0: &[u8]) -> Result<Option<String>> {
-    if h.backing_file_offset == 0 {
+    let Some(at) = h.backing_file_name() else {
         return Ok(None);
-    }
-    let max = 1023u64.min(h.cluster_size().saturating_sub(h.backing_file_offset));
+    };
+    let max = 1023u64.min(h.cluster_size().saturating_sub(at.get()));
     if u64::from(h.backing_file_size) > max {
         return Err(Error::corrupt(
             CorruptKind::BackingFileName,
-            h.backing_file_offset,
+            at.get(),
             format!("Backing file name too long ({} bytes)", h.backing_file_size),
         ));
     }
-    let name = crate::bytes::slice(
-        c0,
-        h.backing_file_offset as usize,
-        h.backing_file_size as usize,
-    );
+    let name = crate::bytes::slice(c0, at.get() as usize, h.backing_file_size as usize);
     Ok(Some(crate::bytes::text(name)))
 }
 
@@ -213,43 +209,46 @@ impl Qcow2 {
         let l1_invalid = invalid_kinds.contains(&CorruptKind::L1Table);
         if l1_invalid {
             // Refused above (or listed, when lenient): nothing to read there.
-        } else if l1_entries > 0 && h.l1_table_offset.saturating_add(l1_bytes) > BDRV_MAX_LENGTH {
+        } else if l1_entries > 0
+            && h.l1_table_offset.get().saturating_add(l1_bytes) > BDRV_MAX_LENGTH
+        {
             // QEMU's block layer fails any request past this length with EIO.
             let e = Error::Invalid {
                 kind: CorruptKind::L1Table,
                 what: "active L1 table".into(),
-                offset: h.l1_table_offset,
+                offset: h.l1_table_offset.get(),
                 reason: "Could not read L1 table: Input/output error (the table ends past the block layer's maximum length, 2^63 - 2^30)".into(),
             };
             refuse(&mut problems, &mut check_refusal, strict, e)?;
         } else if let Err(e) = read_into(
             src.as_ref(),
             "active L1 table",
-            h.l1_table_offset,
+            h.l1_table_offset.get(),
             &mut l1_buf,
         ) {
             refuse(&mut problems, &mut check_refusal, strict, e)?;
         }
-        if h.l1_table_offset.saturating_add(l1_bytes) > file_len && l1_entries > 0 {
+        if h.l1_table_offset.get().saturating_add(l1_bytes) > file_len && l1_entries > 0 {
             notes.push(format!(
-                "active L1 table at {:#x} ({} entries) runs past the end of the file ({file_len} bytes); QEMU opens the image and reads the missing part as zeros",
+                "active L1 table at {} ({} entries) runs past the end of the file ({file_len} bytes); QEMU opens the image and reads the missing part as zeros",
                 h.l1_table_offset, h.l1_size
             ));
         }
         let l1 = Arc::new(tables::decode_l1(&l1_buf));
 
-        let snapshots = snapshot::read_table(src.as_ref(), h.snapshots_offset, h.nb_snapshots);
+        let snapshots =
+            snapshot::read_table(src.as_ref(), h.snapshots_offset.get(), h.nb_snapshots);
         if let Some(e) = &snapshots.error {
             if strict == Strictness::Qemu {
                 return Err(Error::corrupt(
                     CorruptKind::SnapshotTable,
-                    h.snapshots_offset,
+                    h.snapshots_offset.get(),
                     e.to_string(),
                 ));
             }
             problems.push(Error::invalid(
                 "snapshot table",
-                h.snapshots_offset,
+                h.snapshots_offset.get(),
                 e.to_string(),
             ));
         }
@@ -262,12 +261,33 @@ impl Qcow2 {
                 ..
             } => Some(bitmap::read_directory(
                 src.as_ref(),
-                directory_offset,
+                directory_offset.get(),
                 directory_size,
                 nb_bitmaps,
             )),
             _ => None,
         });
+        // QEMU loads the table of every bitmap not marked in use when it opens the
+        // image, and the open fails on an entry it does not accept.
+        if h.autoclear_features & header::AUTOCLEAR_BITMAPS != 0
+            && let Some(Ok(list)) = &bitmaps
+        {
+            let cs = h.cluster_size();
+            for b in list.iter().filter(|b| b.flags & bitmap::FLAG_IN_USE == 0) {
+                if let Ok(Some(bad)) = bitmap::first_invalid_entry(src.as_ref(), b, cs) {
+                    let e = Error::invalid(
+                        format!("bitmap '{}' table entry {}", b.name, bad.index),
+                        bad.at.get(),
+                        format!(
+                            "Could not read bitmap_table table from image for bitmap '{}': Invalid argument ({:#x}: {})",
+                            b.name, bad.entry.0, bad.problem
+                        ),
+                    );
+                    refuse(&mut problems, &mut check_refusal, strict, e)?;
+                    break;
+                }
+            }
+        }
 
         Ok(Qcow2 {
             src,
@@ -320,7 +340,7 @@ impl Qcow2 {
     pub fn active_view(&self) -> View {
         View {
             l1: self.l1.clone(),
-            l1_offset: self.header.l1_table_offset,
+            l1_offset: self.header.l1_table_offset.get(),
             size: self.header.size,
             snapshot: None,
         }
@@ -373,17 +393,17 @@ impl Qcow2 {
                 format!("Snapshot L1 table too large ({} entries)", sn.l1_size),
             ));
         }
-        if !self.geometry().is_cluster_aligned(sn.l1_table_offset) {
+        if !self.geometry().is_cluster_aligned(sn.l1_table_offset.get()) {
             return Err(Error::invalid(
                 what,
-                sn.l1_table_offset,
+                sn.l1_table_offset.get(),
                 "Snapshot L1 table offset invalid (not cluster-aligned)",
             ));
         }
         let buf = read_exact(
             self.src.as_ref(),
             &what,
-            sn.l1_table_offset,
+            sn.l1_table_offset.get(),
             u64::from(sn.l1_size) * 8,
         )?;
         Ok(tables::decode_l1(&buf))
@@ -403,7 +423,7 @@ impl Qcow2 {
         let l1 = self.snapshot_l1(&sn)?;
         Ok(View {
             l1: Arc::new(l1),
-            l1_offset: sn.l1_table_offset,
+            l1_offset: sn.l1_table_offset.get(),
             size: sn.effective_disk_size(self.header.size),
             snapshot: Some(sn),
         })
@@ -454,7 +474,7 @@ impl Qcow2 {
         read_into(
             self.src.as_ref(),
             "refcount table",
-            self.header.refcount_table_offset,
+            self.header.refcount_table_offset.get(),
             &mut buf,
         )?;
         let t = Arc::new(
@@ -505,6 +525,7 @@ impl Qcow2 {
                 CorruptKind::RefcountTableEntry,
                 self.header
                     .refcount_table_offset
+                    .get()
                     .saturating_add(rg.table_index(cluster).saturating_mul(8)),
                 format!("refcount block offset {block} is not cluster-aligned"),
             ));

@@ -212,7 +212,7 @@ fn follow(field: &qinspect::header::HeaderField, ctx: &Ctx) -> Effect {
         "backing_file_offset" | "backing_file_size" if ctx.has_backing() => {
             let (at, len) = ctx.img.as_ref().map_or((0, 0), |i| {
                 (
-                    i.header.backing_file_offset,
+                    i.header.backing_file_offset.get(),
                     u64::from(i.header.backing_file_size),
                 )
             });

@@ -285,8 +285,11 @@ impl Rows for SnapshotRows<'_> {
             out.value(n);
         }
         out.value(s.entry_offset);
-        out.value(s.l1_table_offset);
-        out.range(s.l1_table_offset, u64::from(s.l1_size).saturating_mul(8));
+        out.value(s.l1_table_offset.get());
+        out.range(
+            s.l1_table_offset.get(),
+            u64::from(s.l1_size).saturating_mul(8),
+        );
         if text {
             out.write(format_args!("{} {}", s.id, s.name));
         }
@@ -428,7 +431,7 @@ pub fn refcounts<'a>(st: &super::refcounts::State, ctx: &'a Ctx) -> Option<Box<d
     match st.level {
         super::refcounts::Level::Table => Some(Box::new(RefTableRows {
             table,
-            at: img.header.refcount_table_offset,
+            at: img.header.refcount_table_offset.get(),
             per: rg.entries_per_block(),
             cs,
         })),
