@@ -45,6 +45,12 @@ pub struct Args {
     /// Print JSON.
     #[arg(long)]
     pub json: bool,
+    /// Write the guest disk the operations leave to FILE: that of the last
+    /// overlay, or of the image when there is none; byte for byte what
+    /// `qemu-img convert -O raw` of the real result writes, sparse as
+    /// `qinspect read -o` (FILE may not be any file the simulation reads).
+    #[arg(long, value_name = "FILE")]
+    pub guest_raw: Option<PathBuf>,
 }
 
 /// Run `qinspect simulate`.
@@ -59,6 +65,10 @@ pub fn run(a: Args) -> CmdResult {
     let img = Qcow2::open(src, Strictness::Qemu)?;
     let mut layers = simulate_layers(&img, &a.image, &ops)?;
     let overlays = layers.len() > 1;
+    let guest = match (&a.guest_raw, layers.last_mut()) {
+        (Some(p), Some(top)) => Some((p, write_guest(top, p)?)),
+        _ => None,
+    };
     let mut failed = false;
     if a.json {
         // Streamed: refcounts_after can list millions of clusters.
@@ -100,6 +110,18 @@ pub fn run(a: Args) -> CmdResult {
             }
         }
         failed |= print_text(&mut out, sim)?;
+    }
+    if let Some((p, len)) = guest {
+        let whose = if overlays {
+            "the last overlay"
+        } else {
+            "the image"
+        };
+        writeln!(
+            out,
+            "the guest disk of {whose} after the operations ({len} bytes) is in {}",
+            p.display()
+        )?;
     }
     writeln!(
         out,
@@ -225,4 +247,21 @@ fn print_text(out: &mut impl Write, sim: &mut Sim) -> std::io::Result<bool> {
     }
     writeln!(out)?;
     Ok(failed)
+}
+
+/// Write the guest disk `sim` predicts to `p`, as `qinspect read -o` writes
+/// one; its length.
+fn write_guest(sim: &mut Sim, p: &std::path::Path) -> color_eyre::Result<u64> {
+    let chain = sim.guest_chain()?;
+    let len = chain.size();
+    let file = super::read::open_output(&chain, p)?;
+    if file.metadata()?.file_type().is_file() {
+        file.set_len(len)?;
+        super::read::allocate_first_block(&file, len)?;
+        super::read::write_parallel(&chain, 0, len, &file)?;
+        file.set_len(len)?;
+    } else {
+        super::read::stream(&chain, 0, len, Box::new(file))?;
+    }
+    Ok(len)
 }
