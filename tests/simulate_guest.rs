@@ -257,3 +257,20 @@ fn the_comparison_catches_different_guest_bytes() {
     .unwrap_or_default();
     assert!(e.contains("guest bytes differ"), "{e}");
 }
+
+#[test]
+fn data_written_after_the_file_was_cut_reads_as_written() {
+    // The shrink cuts the file; the write then allocates past the old cut.
+    let w = Work::new();
+    create(&w, "cut.qcow2", "cluster_size=4096", "64M");
+    w.qemu_io("cut.qcow2", &["write -P 3 15000000 600000"]);
+    image_case(
+        &w,
+        "cut.qcow2",
+        &[
+            "resize:15594496:shrink",
+            "write-zeroes:15590400:4096:unmap",
+            "write:13022208:32768:P=0x66",
+        ],
+    );
+}

@@ -19,8 +19,8 @@ snapshot-create:NAME        qemu-img snapshot -c NAME\n  \
 snapshot-delete:NAME        qemu-img snapshot -d NAME (names only, as qemu-img)\n  \
 snapshot-delete-id:ID       QMP snapshot-delete-internal-sync with an id\n  \
 snapshot-apply:ID_OR_NAME   qemu-img snapshot -a ID_OR_NAME\n  \
-write:OFFSET:LENGTH         a guest write (qemu-io -c 'write OFFSET LENGTH')\n  \
-write-compressed:OFF:LEN    qemu-io -c 'write -c OFF LEN' (whole clusters, pattern 0xcd)\n  \
+write:OFFSET:LENGTH[:P=N]   a guest write of byte N, 0xcd if not given (qemu-io -c 'write [-P N] OFFSET LENGTH')\n  \
+write-compressed:OFF:LEN[:P=N] qemu-io -c 'write -c [-P N] OFF LEN' (whole clusters)\n  \
 write-zeroes:OFF:LEN[:unmap] qemu-io -c 'write -z [-u] OFF LEN'\n  \
 read:OFFSET:LENGTH          a read with copy-on-read (qemu-io -C -c 'read OFFSET LENGTH'):\n  \
 \x20                           what it finds unallocated in the top layer is copied there\n  \
@@ -34,7 +34,11 @@ trace:OFFSET                where a guest read at OFFSET comes from, through the
 refcount-update:L1:ADDEND   QEMU's refcount walk over L1 ('active' or a snapshot) with ADDEND -1, 0 or +1\n\n\
 Every refcount and table entry that changes is listed in order with the reason, then the \
 clusters allocated and freed, then a check of the result (as `qinspect check`).\n\n\
-Example: qinspect simulate disk.qcow2 snapshot-create:before write:1M:4k snapshot-delete:before"
+The data written is tracked too (as descriptions, not copies): with --guest-raw FILE \
+the guest disk the operations leave, that of the last overlay or else of the image, is \
+written to FILE as `qemu-img convert -O raw` of the real result would write it.\n\n\
+Example: qinspect simulate disk.qcow2 snapshot-create:before write:1M:4k snapshot-delete:before\n\
+Example: qinspect simulate vm.qcow2 overlay:monday write:4k:4k:P=0x5a --guest-raw monday.raw"
 )]
 pub struct Args {
     /// The image file.

@@ -186,7 +186,9 @@ impl Source for OverlaySource {
             }
             if pos >= self.len || (pos >= self.zero_from && !self.clusters.contains_key(&c)) {
                 dst.fill(0);
-            } else {
+            }
+            // Data written after a cut counts (what was there before is gone).
+            if pos < self.len {
                 for (s, l, piece) in self.data.within(pos, n as u64) {
                     let from = s.saturating_sub(pos) as usize;
                     if let Some(d) = dst.get_mut(from..from.saturating_add(l as usize)) {

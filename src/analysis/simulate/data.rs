@@ -487,10 +487,8 @@ impl Sim {
     /// The guest disk this layer would show: the simulated image over the
     /// view below it. Fails when the guest bytes cannot be predicted.
     pub fn guest_chain(&mut self) -> Result<Chain> {
-        // Opening it records why the bytes would be unknown, if they are.
-        let _ = self.below_view();
-        if let Some(why) = &self.data.unknown {
-            return Err(Error::unsupported("the simulated guest bytes", why.clone()));
+        if let Some(why) = self.guest_bytes_unknown() {
+            return Err(Error::unsupported("the simulated guest bytes", why));
         }
         let image = self.image()?;
         let view = image.active_view();
@@ -515,6 +513,9 @@ impl Sim {
     /// Why the guest bytes of this layer cannot be predicted, if they cannot
     /// (an external data file, a backing file that cannot be read).
     pub fn guest_bytes_unknown(&mut self) -> Option<String> {
+        if self.has_data_file {
+            self.data_unknown("the data is in an external data file".into());
+        }
         let _ = self.below_view();
         self.data.unknown.clone()
     }
