@@ -114,6 +114,7 @@ fn exercise(bytes: Vec<u8>, rng: &mut Rng) {
         Op::Write {
             offset: w,
             length: 4096,
+            pattern: qinspect::simulate::DEFAULT_PATTERN,
         },
         Op::Discard {
             offset: 0,

@@ -38,6 +38,7 @@ fn fuzzer_findings_stay_fixed() {
             Op::Write {
                 offset: 0,
                 length: 4096,
+                pattern: qinspect::simulate::DEFAULT_PATTERN,
             },
         ];
         let _ = simulate(&img, Path::new("regression.qcow2"), &ops).and_then(|s| s.image());

@@ -93,7 +93,7 @@ pub fn run(mut a: Args) -> CmdResult {
 /// symlink or another spelling of the same path is caught. An existing file is
 /// looked at before it is opened, opened without truncation, checked again on the
 /// open descriptor, and only then emptied.
-fn open_output(chain: &Chain, p: &Path) -> color_eyre::Result<std::fs::File> {
+pub(super) fn open_output(chain: &Chain, p: &Path) -> color_eyre::Result<std::fs::File> {
     if let Ok(meta) = std::fs::metadata(p) {
         refuse_member(chain, p, FileId::of(&meta))?;
     }
@@ -135,7 +135,7 @@ fn refuse_member(chain: &Chain, p: &Path, id: FileId) -> color_eyre::Result<()> 
 }
 
 /// Write to a pipe or terminal through a buffer.
-fn stream(
+pub(super) fn stream(
     chain: &qinspect::chain::Chain,
     offset: u64,
     len: u64,
@@ -215,7 +215,7 @@ const CHUNK_BYTES: u64 = 16 << 20;
 
 /// [`write_sparse`] on every core: chunk `i` of the output goes to whichever
 /// worker asks next, so a run of holes does not leave one worker idle.
-fn write_parallel(
+pub(super) fn write_parallel(
     chain: &Chain,
     offset: u64,
     len: u64,
@@ -259,7 +259,7 @@ fn write_parallel(
 /// A new raw file from qemu-img has its first block written (file-posix does so
 /// on create, to probe the alignment later): 4 KiB, or one 512-byte sector for
 /// smaller files. Doing the same keeps the allocated size equal to qemu-img's.
-fn allocate_first_block(out: &std::fs::File, len: u64) -> color_eyre::Result<()> {
+pub(super) fn allocate_first_block(out: &std::fs::File, len: u64) -> color_eyre::Result<()> {
     use std::os::unix::fs::FileExt;
     if len == 0 {
         return Ok(());

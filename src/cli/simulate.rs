@@ -19,8 +19,8 @@ snapshot-create:NAME        qemu-img snapshot -c NAME\n  \
 snapshot-delete:NAME        qemu-img snapshot -d NAME (names only, as qemu-img)\n  \
 snapshot-delete-id:ID       QMP snapshot-delete-internal-sync with an id\n  \
 snapshot-apply:ID_OR_NAME   qemu-img snapshot -a ID_OR_NAME\n  \
-write:OFFSET:LENGTH         a guest write (qemu-io -c 'write OFFSET LENGTH')\n  \
-write-compressed:OFF:LEN    qemu-io -c 'write -c OFF LEN' (whole clusters, pattern 0xcd)\n  \
+write:OFFSET:LENGTH[:P=N]   a guest write of byte N, 0xcd if not given (qemu-io -c 'write [-P N] OFFSET LENGTH')\n  \
+write-compressed:OFF:LEN[:P=N] qemu-io -c 'write -c [-P N] OFF LEN' (whole clusters)\n  \
 write-zeroes:OFF:LEN[:unmap] qemu-io -c 'write -z [-u] OFF LEN'\n  \
 read:OFFSET:LENGTH          a read with copy-on-read (qemu-io -C -c 'read OFFSET LENGTH'):\n  \
 \x20                           what it finds unallocated in the top layer is copied there\n  \
@@ -34,7 +34,11 @@ trace:OFFSET                where a guest read at OFFSET comes from, through the
 refcount-update:L1:ADDEND   QEMU's refcount walk over L1 ('active' or a snapshot) with ADDEND -1, 0 or +1\n\n\
 Every refcount and table entry that changes is listed in order with the reason, then the \
 clusters allocated and freed, then a check of the result (as `qinspect check`).\n\n\
-Example: qinspect simulate disk.qcow2 snapshot-create:before write:1M:4k snapshot-delete:before"
+The data written is tracked too (as descriptions, not copies): with --guest-raw FILE \
+the guest disk the operations leave, that of the last overlay or else of the image, is \
+written to FILE as `qemu-img convert -O raw` of the real result would write it.\n\n\
+Example: qinspect simulate disk.qcow2 snapshot-create:before write:1M:4k snapshot-delete:before\n\
+Example: qinspect simulate vm.qcow2 overlay:monday write:4k:4k:P=0x5a --guest-raw monday.raw"
 )]
 pub struct Args {
     /// The image file.
@@ -45,6 +49,12 @@ pub struct Args {
     /// Print JSON.
     #[arg(long)]
     pub json: bool,
+    /// Write the guest disk the operations leave to FILE: that of the last
+    /// overlay, or of the image when there is none; byte for byte what
+    /// `qemu-img convert -O raw` of the real result writes, sparse as
+    /// `qinspect read -o` (FILE may not be any file the simulation reads).
+    #[arg(long, value_name = "FILE")]
+    pub guest_raw: Option<PathBuf>,
 }
 
 /// Run `qinspect simulate`.
@@ -59,6 +69,10 @@ pub fn run(a: Args) -> CmdResult {
     let img = Qcow2::open(src, Strictness::Qemu)?;
     let mut layers = simulate_layers(&img, &a.image, &ops)?;
     let overlays = layers.len() > 1;
+    let guest = match (&a.guest_raw, layers.last_mut()) {
+        (Some(p), Some(top)) => Some((p, write_guest(top, p)?)),
+        _ => None,
+    };
     let mut failed = false;
     if a.json {
         // Streamed: refcounts_after can list millions of clusters.
@@ -100,6 +114,18 @@ pub fn run(a: Args) -> CmdResult {
             }
         }
         failed |= print_text(&mut out, sim)?;
+    }
+    if let Some((p, len)) = guest {
+        let whose = if overlays {
+            "the last overlay"
+        } else {
+            "the image"
+        };
+        writeln!(
+            out,
+            "the guest disk of {whose} after the operations ({len} bytes) is in {}",
+            p.display()
+        )?;
     }
     writeln!(
         out,
@@ -225,4 +251,21 @@ fn print_text(out: &mut impl Write, sim: &mut Sim) -> std::io::Result<bool> {
     }
     writeln!(out)?;
     Ok(failed)
+}
+
+/// Write the guest disk `sim` predicts to `p`, as `qinspect read -o` writes
+/// one; its length.
+fn write_guest(sim: &mut Sim, p: &std::path::Path) -> color_eyre::Result<u64> {
+    let chain = sim.guest_chain()?;
+    let len = chain.size();
+    let file = super::read::open_output(&chain, p)?;
+    if file.metadata()?.file_type().is_file() {
+        file.set_len(len)?;
+        super::read::allocate_first_block(&file, len)?;
+        super::read::write_parallel(&chain, 0, len, &file)?;
+        file.set_len(len)?;
+    } else {
+        super::read::stream(&chain, 0, len, Box::new(file))?;
+    }
+    Ok(len)
 }

@@ -171,7 +171,12 @@ pub fn qemu_command(op: &str, img: &str) -> Vec<String> {
         "snapshot-create" => img_cmd("-c", parts[1]),
         "snapshot-delete" => img_cmd("-d", parts[1]),
         "snapshot-apply" => img_cmd("-a", parts[1]),
-        "write" => io(format!("write -P 0x5a {} {}", parts[1], parts[2])),
+        "write" => io(format!(
+            "write{} {} {}",
+            pattern_flag(&parts),
+            parts[1],
+            parts[2]
+        )),
         "discard" => io(format!("discard {} {}", parts[1], parts[2])),
         "read" => vec![
             "qemu-io".into(),
@@ -182,7 +187,12 @@ pub fn qemu_command(op: &str, img: &str) -> Vec<String> {
             format!("read {} {}", parts[1], parts[2]),
             img.into(),
         ],
-        "write-compressed" => io(format!("write -c {} {}", parts[1], parts[2])),
+        "write-compressed" => io(format!(
+            "write -c{} {} {}",
+            pattern_flag(&parts),
+            parts[1],
+            parts[2]
+        )),
         "write-zeroes" => io(format!(
             "write -z{} {} {}",
             if parts.get(3) == Some(&"unmap") {
@@ -210,6 +220,93 @@ pub fn qemu_command(op: &str, img: &str) -> Vec<String> {
             v
         }
         other => panic!("no QEMU command for {other}"),
+    }
+}
+
+/// qemu-io's `-P N` for an op ending in `:P=N` (nothing: qemu-io's 0xcd).
+fn pattern_flag(parts: &[&str]) -> String {
+    match parts.get(3).and_then(|p| p.strip_prefix("P=")) {
+        Some(p) => format!(" -P {p}"),
+        None => String::new(),
+    }
+}
+
+/// Write the guest disk of `chain` to `path` as a sparse raw file: zeros
+/// are skipped, everything else written where it belongs.
+pub fn write_raw(chain: &qinspect::chain::Chain, path: &Path) -> Result<(), String> {
+    use qinspect::lookup::{ReadCache, Segment, for_each_segment};
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::File::create(path).map_err(|e| e.to_string())?;
+    f.set_len(chain.size()).map_err(|e| e.to_string())?;
+    let mut at = 0u64;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut failed: Option<std::io::Error> = None;
+    let mut put = |seg: Segment, at: u64| -> std::io::Result<()> {
+        match seg {
+            Segment::Zero { .. } => {}
+            Segment::Bytes(b) => f.write_all_at(b, at)?,
+            Segment::Data { src, host, len } => {
+                let mut done = 0u64;
+                while done < len {
+                    let k = (len - done).min(buf.len() as u64) as usize;
+                    buf[..k].fill(0);
+                    src.read_at(&mut buf[..k], host + done)?;
+                    f.write_all_at(&buf[..k], at + done)?;
+                    done += k as u64;
+                }
+            }
+        }
+        Ok(())
+    };
+    for_each_segment(
+        chain,
+        0,
+        chain.size(),
+        &mut ReadCache::default(),
+        &mut |seg| {
+            let n = seg.len();
+            if failed.is_none()
+                && let Err(e) = put(seg, at)
+            {
+                failed = Some(e);
+            }
+            at += n;
+            Ok(())
+        },
+    )
+    .map_err(|e| e.to_string())?;
+    match failed {
+        Some(e) => Err(e.to_string()),
+        None => Ok(()),
+    }
+}
+
+/// The guest disk the simulation predicts against QEMU's reading of the real
+/// image `real` (`qemu-img compare`), unless the simulation says it cannot
+/// predict it (an external data file).
+pub fn guest_matches(dir: &Path, sim: &mut Sim, real: &str) -> Result<(), String> {
+    if sim.guest_bytes_unknown().is_some() {
+        return Ok(());
+    }
+    let chain = sim
+        .guest_chain()
+        .map_err(|e| format!("the predicted guest disk: {e}"))?;
+    let pred = format!("{real}.predicted.raw");
+    write_raw(&chain, &dir.join(&pred))?;
+    let out = Command::new("qemu-img")
+        .args(["compare", "-f", "raw", "-F", "qcow2", &pred, real])
+        .current_dir(dir)
+        .output()
+        .map_err(|e| e.to_string())?;
+    let _ = std::fs::remove_file(dir.join(&pred));
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "the guest bytes differ from QEMU's: qemu-img compare says {}{}",
+            String::from_utf8_lossy(&out.stdout).trim(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
     }
 }
 
@@ -373,5 +470,7 @@ pub fn compare_sim(
             ));
         }
     }
+    guest_matches(dir, &mut sim, &copy)
+        .map_err(|e| format!("after the {} operations: {e}", ops.len()))?;
     Ok(sim)
 }

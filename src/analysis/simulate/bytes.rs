@@ -117,6 +117,8 @@ impl Sim {
         if off < table_end && self.refcount_table_offset < end {
             self.reftable_writes = self.reftable_writes.wrapping_add(1);
         }
+        // Metadata (or compressed data) replaces whatever data was there.
+        self.data.map.remove(off, data.len() as u64);
         let mut pos = off;
         let mut rest = data;
         while !rest.is_empty() {
@@ -155,6 +157,10 @@ pub struct OverlaySource {
     pub(super) len: u64,
     pub(super) zero_from: u64,
     pub(super) name: PathBuf,
+    /// The data clusters written, described.
+    pub(super) data: super::DataMap,
+    /// The view below, for data copied from it.
+    pub(super) below: Option<std::sync::Arc<crate::chain::Chain>>,
 }
 
 impl Source for OverlaySource {
@@ -181,6 +187,15 @@ impl Source for OverlaySource {
             if pos >= self.len || (pos >= self.zero_from && !self.clusters.contains_key(&c)) {
                 dst.fill(0);
             }
+            // Data written after a cut counts (what was there before is gone).
+            if pos < self.len {
+                for (s, l, piece) in self.data.within(pos, n as u64) {
+                    let from = s.saturating_sub(pos) as usize;
+                    if let Some(d) = dst.get_mut(from..from.saturating_add(l as usize)) {
+                        piece.fill(d, self.below.as_deref())?;
+                    }
+                }
+            }
             done = done.saturating_add(n);
         }
         Ok(buf.len().min(self.len.saturating_sub(offset) as usize))
@@ -192,5 +207,11 @@ impl Source for OverlaySource {
 
     fn name(&self) -> &Path {
         &self.name
+    }
+
+    /// The file the unchanged bytes come from: writing to it would change
+    /// what this source reads.
+    fn identity(&self) -> Option<crate::io::FileId> {
+        self.base.identity()
     }
 }

@@ -22,9 +22,6 @@ use super::{Sim, SimError, SimResult};
 use crate::tables::{CompressedDescriptor, L2Entry};
 use crate::types::GuestOffset;
 
-/// qemu-io's default write pattern.
-const PATTERN: u8 = 0xcd;
-
 /// The raw deflate stream of `data` as QEMU's `qcow2_zlib_compress` makes it
 /// (level 6), if it fits in `room` bytes.
 fn deflate(data: &[u8], room: usize) -> Option<Vec<u8>> {
@@ -72,7 +69,7 @@ impl Sim {
             ));
         }
         let room = usize::try_from(cs.saturating_sub(1)).unwrap_or(0);
-        let mut data = vec![PATTERN; usize::try_from(cs).unwrap_or(0)];
+        let mut data = vec![self.data.pattern(); usize::try_from(cs).unwrap_or(0)];
         // s->free_byte_offset: 0 on every fresh open.
         let mut free_byte = 0u64;
         let mut pos = offset;

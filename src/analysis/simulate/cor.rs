@@ -139,7 +139,10 @@ impl Sim {
                     "copy-on-read: guest {g:#x}..{to:#x} is not allocated here: QEMU writes what the backing file holds there into this image"
                 ));
                 let first = self.steps.len();
+                let saved = self.data.new;
+                self.data.new = super::data::NewData::Below;
                 let r = self.write(g, n);
+                self.data.new = saved;
                 // What the write puts there is what the layers below hold.
                 for c in self.steps.iter_mut().skip(first) {
                     if let Target::Copy { from, .. } = &mut c.target

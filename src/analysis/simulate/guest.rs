@@ -292,6 +292,23 @@ impl Sim {
                     // extended L2, subclusters that are not yet normal.
                     for k in 0..keep {
                         let index = l2_index.saturating_add(k);
+                        {
+                            // The written range, relative to cluster k of the run.
+                            let k_start = k.saturating_mul(cs);
+                            let a = in_c.max(k_start).saturating_sub(k_start);
+                            let b = in_c
+                                .saturating_add(bytes)
+                                .min(k_start.saturating_add(cs))
+                                .saturating_sub(k_start);
+                            let g0 = pos.saturating_sub(in_c).saturating_add(k_start);
+                            self.data_keep_around(
+                                l2,
+                                index,
+                                g0,
+                                host.saturating_add(k_start),
+                                (a, b),
+                            )?;
+                        }
                         let (r, bm) = self.l2_entry_at(l2, index);
                         let ty = L2Entry { raw: r, bitmap: bm }
                             .cluster_type(&self.geo, self.has_data_file);
@@ -319,6 +336,7 @@ impl Sim {
                         }
                     }
                     let _ = bitmap;
+                    self.data_written(host.saturating_add(in_c), pos, bytes);
                     host_next = Some(host.saturating_add(keep.saturating_mul(cs)));
                     if write_end <= pos {
                         return Err(SimError::Qemu(format!(
@@ -368,6 +386,20 @@ impl Sim {
                 }
                 // qcow2_alloc_cluster_link_l2, after the data is written.
                 let (cow_from, cow_to) = self.cow_range(l2, l2_index, n, in_c, bytes);
+                // The data: what copy-on-write reads from this layer as it is
+                // now (before the L2 entries change), and the guest's bytes.
+                let end_in = in_c.saturating_add(bytes);
+                self.data_copied(
+                    guest_cluster.saturating_add(cow_from),
+                    in_c.saturating_sub(cow_from),
+                    host.saturating_add(cow_from),
+                )?;
+                self.data_copied(
+                    guest_cluster.saturating_add(end_in),
+                    cow_to.saturating_sub(end_in),
+                    host.saturating_add(end_in),
+                )?;
+                self.data_written(host.saturating_add(in_c), pos, bytes);
                 for k in 0..n {
                     let index = l2_index.saturating_add(k);
                     // Cluster k of the run: bytes k * cs.. relative to the first.

@@ -25,6 +25,7 @@ mod bytes;
 mod change;
 mod compressed;
 mod cor;
+mod data;
 mod discard;
 mod guest;
 mod ops;
@@ -41,6 +42,7 @@ mod zeroes;
 use bytes::ClusterMap;
 pub use bytes::{ClusterHasher, OverlaySource};
 pub use change::{Change, Target};
+pub use data::{DEFAULT_PATTERN, DataMap, Piece};
 pub use ops::Op;
 use ops::qemu_words;
 
@@ -154,6 +156,8 @@ pub struct Sim {
     /// The overlap check's memo: the metadata layout it was made for, and the
     /// clusters an L2-entry write was found not to overlap under that layout.
     overlap_memo: (overlap::Layout, std::collections::HashSet<u64>),
+    /// What the data clusters written hold, described.
+    data: data::Data,
 }
 
 /// Why a simulated operation fails (or would go where the simulator does not
@@ -276,6 +280,7 @@ impl Sim {
             overlay_of: None,
             reftable_writes: 0,
             overlap_memo: Default::default(),
+            data: Default::default(),
             base: img.src.clone(),
             path: path.to_path_buf(),
             geo,
@@ -365,15 +370,21 @@ impl Sim {
     }
 
     fn run_op(&mut self, op: &Op) -> SimResult<()> {
+        // What a write of this operation puts in its clusters (zeros for the
+        // plain writes a write-zeroes falls back to).
+        self.data.new = data::NewData::Fill(match op {
+            Op::Write { pattern, .. } | Op::WriteCompressed { pattern, .. } => *pattern,
+            _ => 0,
+        });
         match op {
             Op::SnapshotCreate { name } => self.snapshot_create(name),
             Op::SnapshotDelete { id_or_name } => self.snapshot_delete(id_or_name, false),
             Op::SnapshotDeleteId { id } => self.snapshot_delete(id, true),
             Op::SnapshotApply { id_or_name } => self.snapshot_apply(id_or_name),
-            Op::Write { offset, length } => self.write(*offset, *length),
+            Op::Write { offset, length, .. } => self.write(*offset, *length),
             Op::Discard { offset, length } => self.discard(*offset, *length),
             Op::Read { offset, length } => self.copy_on_read(*offset, *length),
-            Op::WriteCompressed { offset, length } => self.write_compressed(*offset, *length),
+            Op::WriteCompressed { offset, length, .. } => self.write_compressed(*offset, *length),
             Op::WriteZeroes {
                 offset,
                 length,
@@ -402,6 +413,8 @@ impl Sim {
             len: self.file_len,
             zero_from: self.zero_from,
             name: self.path.clone(),
+            data: self.data.map.clone(),
+            below: self.data.below(),
         })
     }
 

@@ -1,6 +1,7 @@
 //! The operations a simulation runs, as parsed from the command line, and the
 //! words QEMU's tools print when one fails.
 
+use super::data::DEFAULT_PATTERN;
 use serde::Serialize;
 
 /// An operation to simulate.
@@ -27,20 +28,24 @@ pub enum Op {
         /// ID or name.
         id_or_name: String,
     },
-    /// A guest write.
+    /// A guest write (`qemu-io -c 'write [-P PATTERN] OFFSET LENGTH'`).
     Write {
         /// Guest offset.
         offset: u64,
         /// Length in bytes.
         length: u64,
+        /// The byte written ([`DEFAULT_PATTERN`] unless `-P` says otherwise).
+        pattern: u8,
     },
-    /// `qemu-io -c 'write -c OFFSET LENGTH'`: compressed clusters of qemu-io's
-    /// default pattern, whole clusters from a cluster boundary.
+    /// `qemu-io -c 'write -c [-P PATTERN] OFFSET LENGTH'`: compressed clusters
+    /// of the pattern, whole clusters from a cluster boundary.
     WriteCompressed {
         /// Guest offset.
         offset: u64,
         /// Length in bytes.
         length: u64,
+        /// The byte written.
+        pattern: u8,
     },
     /// A guest write-zeroes (`qemu-io -c 'write -z [-u]'`).
     WriteZeroes {
@@ -107,6 +112,13 @@ impl Op {
         parse_num: &dyn Fn(&str) -> std::result::Result<u64, String>,
     ) -> std::result::Result<Op, String> {
         let (kind, rest) = s.split_once(':').unwrap_or((s, ""));
+        // `write` and `write-compressed` end in `:P=PATTERN` for qemu-io's -P.
+        let (rest, pattern) = match rest.rsplit_once(":P=") {
+            Some((r, p)) if kind == "write" || kind == "write-compressed" => {
+                (r, parse_pattern(s, p)?)
+            }
+            _ => (rest, DEFAULT_PATTERN),
+        };
         let need = |what: &str| {
             if rest.is_empty() {
                 Err(format!("'{s}': {kind} needs {what}"))
@@ -133,11 +145,19 @@ impl Op {
             }),
             "write" => {
                 let (offset, length) = range()?;
-                Ok(Op::Write { offset, length })
+                Ok(Op::Write {
+                    offset,
+                    length,
+                    pattern,
+                })
             }
             "write-compressed" => {
                 let (offset, length) = range()?;
-                Ok(Op::WriteCompressed { offset, length })
+                Ok(Op::WriteCompressed {
+                    offset,
+                    length,
+                    pattern,
+                })
             }
             "write-zeroes" => {
                 let (r, unmap) = match rest.strip_suffix(":unmap") {
@@ -234,11 +254,21 @@ impl Op {
             Op::SnapshotApply { id_or_name } => {
                 format!("snapshot-apply '{id_or_name}' (qemu-img snapshot -a {id_or_name})")
             }
-            Op::Write { offset, length } => format!(
-                "write {length} bytes at guest {offset:#x} (qemu-io -c 'write {offset} {length}')"
+            Op::Write {
+                offset,
+                length,
+                pattern,
+            } => format!(
+                "write {length} bytes at guest {offset:#x} (qemu-io -c 'write{} {offset} {length}')",
+                pattern_flag(*pattern)
             ),
-            Op::WriteCompressed { offset, length } => format!(
-                "write {length} compressed bytes at guest {offset:#x} (qemu-io -c 'write -c {offset} {length}')"
+            Op::WriteCompressed {
+                offset,
+                length,
+                pattern,
+            } => format!(
+                "write {length} compressed bytes at guest {offset:#x} (qemu-io -c 'write -c{} {offset} {length}')",
+                pattern_flag(*pattern)
             ),
             Op::WriteZeroes {
                 offset,
@@ -328,4 +358,28 @@ pub(super) fn qemu_words(op: &Op, detail: String) -> String {
         Some(t) => format!("{prefix}{t} ({detail})"),
         None => format!("{prefix}{detail}"),
     }
+}
+
+/// qemu-io's `-P` for a pattern other than its default.
+fn pattern_flag(p: u8) -> String {
+    if p == DEFAULT_PATTERN {
+        String::new()
+    } else {
+        format!(" -P {p:#04x}")
+    }
+}
+
+/// A pattern byte as qemu-io reads one (`strtol` base 0: decimal, `0x` hex or
+/// a leading-0 octal), 0 to 255.
+fn parse_pattern(op: &str, p: &str) -> std::result::Result<u8, String> {
+    let v = if let Some(h) = p.strip_prefix("0x").or_else(|| p.strip_prefix("0X")) {
+        u8::from_str_radix(h, 16)
+    } else if p.len() > 1
+        && let Some(o) = p.strip_prefix('0')
+    {
+        u8::from_str_radix(o, 8)
+    } else {
+        p.parse::<u8>()
+    };
+    v.map_err(|_| format!("'{op}': P= takes a byte, 0 to 255 (e.g. P=0x5a)"))
 }

@@ -136,6 +136,7 @@ impl Sim {
                 self.zero_from = self.zero_from.min(end);
                 let first_gone = last;
                 self.clusters.retain(|&c, _| c < first_gone);
+                self.data.map.cut(end);
             }
         } else {
             self.grow_l1_table(l1_needed, true)?;
