@@ -178,7 +178,7 @@ impl Sim {
             let dirty = self.bitmaps.as_ref().map(|b| b.dirty.len());
             let saved = self.size;
             self.size = new;
-            let r = self.write(old, zero_start.saturating_sub(old));
+            let r = self.write_zeros(old, zero_start.saturating_sub(old));
             self.size = saved;
             if let (Some(b), Some(n)) = (self.bitmaps.as_mut(), dirty) {
                 b.dirty.truncate(n);

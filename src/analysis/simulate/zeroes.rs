@@ -89,7 +89,7 @@ impl Sim {
                         ""
                     }
                 ));
-                return self.write(off, n);
+                return self.write_zeros(off, n);
             }
             let ty = self.top_subcluster_type(s0);
             if !matches!(
@@ -102,10 +102,18 @@ impl Sim {
                 self.note(format!(
                     "guest {s0:#x} holds data here: QEMU writes zeros at guest {off:#x}..{end:#x} (ENOTSUP fallback)"
                 ));
-                return self.write(off, n);
+                return self.write_zeros(off, n);
             }
             start = s0;
             stop = s0.saturating_add(unit);
+            self.note(format!(
+                "the rest of guest {start:#x}..{stop:#x} already reads as zeros{}: all of it is made to read as zeros",
+                if self.backing.is_some() || self.overlay_of.is_some() {
+                    " (here and below)"
+                } else {
+                    ""
+                }
+            ));
         }
         match self.zeroize(start, stop, unmap, total)? {
             None => Ok(()),
@@ -113,9 +121,26 @@ impl Sim {
                 self.note(format!(
                     "{why}: QEMU writes zeros at guest {off:#x}..{end:#x} (ENOTSUP fallback)"
                 ));
-                self.write(off, n)
+                self.write_zeros(off, n)
             }
         }
+    }
+
+    /// A write of `n` bytes of zeros at `off` as a guest write makes it (the
+    /// block layer's fallback, or qcow2 zero-filling a grown disk): the data
+    /// is a buffer of zeros, not the guest's.
+    pub(super) fn write_zeros(&mut self, off: u64, n: u64) -> SimResult<()> {
+        let first = self.steps.len();
+        let r = self.write(off, n);
+        for c in self.steps.iter_mut().skip(first) {
+            if let super::Target::Copy { from, .. } = &mut c.target
+                && from == "the guest"
+            {
+                *from = "a buffer of zeros".into();
+                c.reason = "the zeros QEMU writes, no guest data".into();
+            }
+        }
+        r
     }
 
     /// QEMU's `qcow2_subcluster_zeroize` over `start..stop` (subcluster
