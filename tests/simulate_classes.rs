@@ -1171,3 +1171,30 @@ fn growing_over_a_longer_backing_file_zeroes_the_new_area() {
         sim.records[1].error
     );
 }
+
+#[test]
+fn write_zeroes_with_an_external_data_file() {
+    let w = Work::new();
+    for (name, opts) in [
+        ("df.qcow2", "data_file=df.raw"),
+        ("dfr.qcow2", "data_file=dfr.raw,data_file_raw=on"),
+        ("dfx.qcow2", "data_file=dfx.raw,extended_l2=on"),
+    ] {
+        create(&w, name, opts, "4M");
+        w.qemu_io(name, &["write -P 1 0 128k", "write -P 2 1M 4k"]);
+        let sim = ok(
+            &w,
+            name,
+            &[
+                // Guest cluster 0 is host offset 0 of the data file.
+                "write-zeroes:0:65536",
+                "write-zeroes:65536:65536:unmap",
+                "write-zeroes:1052672:4096",
+                "write-zeroes:1048576:512",
+                "write-zeroes:2097152:100000:unmap",
+                "write:0:4096",
+            ],
+        );
+        assert!(sim.records.iter().all(|r| r.error.is_none()), "{name}");
+    }
+}

@@ -30,11 +30,8 @@ impl Sim {
                 self.size
             )));
         };
-        if self.has_data_file {
-            return Err(SimError::NotModelled(
-                "write-zeroes with an external data file".into(),
-            ));
-        }
+        // An external data file changes only what QEMU writes to it (zeros
+        // there first, with data_file_raw): the L2 entries change as without.
         self.mark_dirty(offset, length);
         // qcow2's pwrite_zeroes_alignment is its subcluster size.
         let unit = self.geo.subcluster_size().max(1);
