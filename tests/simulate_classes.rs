@@ -1011,6 +1011,30 @@ fn partial_write_zeroes_ask_the_backing_chain() {
         &["write-zeroes:70000:1000", "write-zeroes:0:131072"],
     );
     assert!(fell_back(&sim, 0) && fell_back(&sim, 1));
+    // The fallback writes one 16 MiB bounce buffer at a time: the compressed
+    // cluster the first one replaces is free again for the second.
+    w.qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "compat=0.10",
+        "-b",
+        "mid.qcow2",
+        "-F",
+        "qcow2",
+        "v2c.qcow2",
+        "32M",
+    ]);
+    w.qemu_io("v2c.qcow2", &["write -c -P 7 0 64k"]);
+    let sim = ok(&w, "v2c.qcow2", &["write-zeroes:0:16842752"]);
+    // The second buffer, one cluster, goes where the compressed cluster was.
+    assert!(
+        sim.allocated.last().is_some_and(|a| a.0 == 0x50000),
+        "{:?}",
+        sim.allocated
+    );
     // A throw-away overlay asks the image under it (and a snapshot of it).
     w.qemu_img(&["snapshot", "-c", "s", "mid.qcow2"]);
     w.qemu_io("mid.qcow2", &["write -P 4 128k 64k"]);

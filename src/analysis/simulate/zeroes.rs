@@ -21,6 +21,10 @@ use crate::types::GuestOffset;
 /// through (`QCOW_L2_BITMAP_ALL_ZEROES`): every zero bit, no allocation bit.
 const ALL_ZEROES: u64 = 0xffff_ffff << 32;
 
+/// QEMU's `MAX_BOUNCE_BUFFER` (32768 sectors): the most one fallback write of
+/// zeros covers.
+const MAX_BOUNCE: u64 = 32768 * 512;
+
 impl Sim {
     /// `write -z` (`unmap`: with `-u`, clusters may be released).
     pub(super) fn write_zeroes(&mut self, offset: u64, length: u64, unmap: bool) -> SimResult<()> {
@@ -52,15 +56,18 @@ impl Sim {
             } else {
                 rest
             };
-            self.pwrite_zeroes(pos, n, unmap)?;
-            pos = pos.saturating_add(n);
+            // A fallback write covers at most one bounce buffer; the rest
+            // goes round again.
+            let done = self.pwrite_zeroes(pos, n, unmap)?.max(1);
+            pos = pos.saturating_add(done);
         }
         Ok(())
     }
 
     /// `qcow2_co_pwrite_zeroes` for one piece; a plain write of zeros when
-    /// qcow2 says ENOTSUP (the block layer's bounce-buffer fallback).
-    fn pwrite_zeroes(&mut self, off: u64, n: u64, unmap: bool) -> SimResult<()> {
+    /// qcow2 says ENOTSUP (the block layer's bounce-buffer fallback, of at
+    /// most `MAX_BOUNCE` bytes). Returns how many bytes of the piece it did.
+    fn pwrite_zeroes(&mut self, off: u64, n: u64, unmap: bool) -> SimResult<u64> {
         let unit = self.geo.subcluster_size().max(1);
         let total = self.size & !511;
         let end = off.saturating_add(n);
@@ -77,16 +84,20 @@ impl Sim {
             let before = self.reads_as_zero(s0, off, total)?;
             let after = self.reads_as_zero(end, end.saturating_add(tail), total)?;
             if !(before && after) {
-                self.note(format!(
-                    "guest {off:#x}..{end:#x} is not a whole {} and the rest of it does not read as zeros{}: QEMU writes zeros there (ENOTSUP fallback)",
-                    if self.geo.extended_l2 { "subcluster" } else { "cluster" },
+                let why = format!(
+                    "guest {off:#x}..{end:#x} is not a whole {} and the rest of it does not read as zeros{}",
+                    if self.geo.extended_l2 {
+                        "subcluster"
+                    } else {
+                        "cluster"
+                    },
                     if self.backing.is_some() || self.overlay_of.is_some() {
                         " (here or below)"
                     } else {
                         ""
                     }
-                ));
-                return self.write_zeros(off, n);
+                );
+                return self.fallback(off, n, &why);
             }
             let ty = self.top_subcluster_type(s0);
             if !matches!(
@@ -96,10 +107,7 @@ impl Sim {
                     | SubclusterType::ZeroPlain
                     | SubclusterType::ZeroAlloc
             ) {
-                self.note(format!(
-                    "guest {s0:#x} holds data here: QEMU writes zeros at guest {off:#x}..{end:#x} (ENOTSUP fallback)"
-                ));
-                return self.write_zeros(off, n);
+                return self.fallback(off, n, &format!("guest {s0:#x} holds data here"));
             }
             start = s0;
             stop = s0.saturating_add(unit);
@@ -113,14 +121,21 @@ impl Sim {
             ));
         }
         match self.zeroize(start, stop, unmap, total)? {
-            None => Ok(()),
-            Some(why) => {
-                self.note(format!(
-                    "{why}: QEMU writes zeros at guest {off:#x}..{end:#x} (ENOTSUP fallback)"
-                ));
-                self.write_zeros(off, n)
-            }
+            None => Ok(n),
+            Some(why) => self.fallback(off, n, &why),
         }
+    }
+
+    /// The block layer's fallback for a piece qcow2 cannot zero: the first
+    /// `MAX_BOUNCE` bytes of it written as zeros.
+    fn fallback(&mut self, off: u64, n: u64, why: &str) -> SimResult<u64> {
+        let n = n.min(MAX_BOUNCE);
+        self.note(format!(
+            "{why}: QEMU writes zeros at guest {off:#x}..{:#x} (ENOTSUP fallback)",
+            off.saturating_add(n)
+        ));
+        self.write_zeros(off, n)?;
+        Ok(n)
     }
 
     /// A write of `n` bytes of zeros at `off` as a guest write makes it (the
