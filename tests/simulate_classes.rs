@@ -922,3 +922,303 @@ fn copy_on_read_in_throw_away_overlays() {
         overlay_matches(&w, "vm.qcow2", Some(s), &ops);
     }
 }
+
+/// Whether operation `i` of `sim` fell back to a plain write of zeros.
+fn fell_back(sim: &qinspect::simulate::Sim, i: usize) -> bool {
+    sim.records[i]
+        .steps
+        .iter()
+        .any(|c| c.reason.contains("(ENOTSUP fallback)"))
+}
+
+#[test]
+fn partial_write_zeroes_ask_the_backing_chain() {
+    let w = Work::new();
+    // A chain of three: the bottom 4 MiB long, the middle one 8 MiB with a
+    // zero cluster, the top 16 MiB.
+    create(&w, "bottom.qcow2", "", "4M");
+    w.qemu_io("bottom.qcow2", &["write -P 1 0 64k", "write -P 0 1M 64k"]);
+    w.qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "bottom.qcow2",
+        "-F",
+        "qcow2",
+        "mid.qcow2",
+        "8M",
+    ]);
+    w.qemu_io("mid.qcow2", &["write -z 192k 64k", "write -P 2 2M 64k"]);
+    w.qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "mid.qcow2",
+        "-F",
+        "qcow2",
+        "top.qcow2",
+        "16M",
+    ]);
+    w.qemu_io("top.qcow2", &["write -P 3 3M 64k"]);
+    let ops = [
+        // Data two layers down (cluster 0): QEMU writes zeros.
+        "write-zeroes:4096:8192",
+        // Nothing anywhere below cluster 1: a zero cluster.
+        "write-zeroes:70000:1000:unmap",
+        // A zero cluster in the middle layer: a zero cluster.
+        "write-zeroes:200000:4096",
+        // Data of zeros at the bottom still counts as data.
+        "write-zeroes:1052672:4096",
+        // Data in the middle layer.
+        "write-zeroes:2101248:512",
+        // Past the end of the bottom layer, unallocated in the middle.
+        "write-zeroes:5242880:512",
+        // Data in this layer: written in place.
+        "write-zeroes:3149824:512",
+        // Head and tail of one request, around whole clusters.
+        "write-zeroes:260000:400000",
+        // The last bytes of the disk, below nothing but the top.
+        "write-zeroes:16776704:512",
+    ];
+    let sim = ok(&w, "top.qcow2", &ops);
+    let fallbacks: Vec<bool> = (0..ops.len()).map(|i| fell_back(&sim, i)).collect();
+    assert_eq!(
+        fallbacks,
+        [true, false, false, true, true, false, true, false, false]
+    );
+    // compat=0.10 over a backing file has no zero clusters at all.
+    w.qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "compat=0.10",
+        "-b",
+        "mid.qcow2",
+        "-F",
+        "qcow2",
+        "v2.qcow2",
+        "8M",
+    ]);
+    let sim = ok(
+        &w,
+        "v2.qcow2",
+        &["write-zeroes:70000:1000", "write-zeroes:0:131072"],
+    );
+    assert!(fell_back(&sim, 0) && fell_back(&sim, 1));
+    // The fallback writes one 16 MiB bounce buffer at a time: the compressed
+    // cluster the first one replaces is free again for the second.
+    w.qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "compat=0.10",
+        "-b",
+        "mid.qcow2",
+        "-F",
+        "qcow2",
+        "v2c.qcow2",
+        "32M",
+    ]);
+    w.qemu_io("v2c.qcow2", &["write -c -P 7 0 64k"]);
+    let sim = ok(&w, "v2c.qcow2", &["write-zeroes:0:16842752"]);
+    // The second buffer, one cluster, goes where the compressed cluster was.
+    assert!(
+        sim.allocated.last().is_some_and(|a| a.0 == 0x50000),
+        "{:?}",
+        sim.allocated
+    );
+    // A throw-away overlay asks the image under it (and a snapshot of it).
+    w.qemu_img(&["snapshot", "-c", "s", "mid.qcow2"]);
+    w.qemu_io("mid.qcow2", &["write -P 4 128k 64k"]);
+    overlay_matches(
+        &w,
+        "mid.qcow2",
+        None,
+        &["write-zeroes:135168:512", "write-zeroes:200000:512"],
+    );
+}
+
+#[test]
+fn write_zeroes_with_extended_l2_entries() {
+    let w = Work::new();
+    // 64 KiB clusters of 32 subclusters of 2 KiB.
+    create(&w, "x.qcow2", "extended_l2=on", "16M");
+    w.qemu_io(
+        "x.qcow2",
+        &[
+            "write -P 1 0 128k",
+            "write -P 2 1M 6k",
+            "write -c 2M 64k",
+            "write -c 3M 64k",
+        ],
+    );
+    w.qemu_img(&["snapshot", "-c", "s", "x.qcow2"]);
+    let ops = [
+        // Whole subclusters of a data cluster: their zero bits.
+        "write-zeroes:4096:8192",
+        // Part of a subcluster of data: zeros written.
+        "write-zeroes:20000:100",
+        // Part of an unallocated subcluster next to data: a zero subcluster.
+        "write-zeroes:1054720:100",
+        // Subclusters around whole clusters, with unmap.
+        "write-zeroes:55296:151552:unmap",
+        // Part of a compressed cluster: ENOTSUP, written as data.
+        "write-zeroes:2101248:4096",
+        // A whole compressed cluster is released.
+        "write-zeroes:3145728:65536",
+        // Nothing there yet: zero bits in a new L2 entry.
+        "write-zeroes:8388608:6144",
+        "write-zeroes:16775168:2048:unmap",
+    ];
+    let sim = ok(&w, "x.qcow2", &ops);
+    let fallbacks: Vec<bool> = (0..ops.len()).map(|i| fell_back(&sim, i)).collect();
+    assert_eq!(
+        fallbacks,
+        [false, true, false, false, true, false, false, false]
+    );
+    // Over a backing file with extended L2 entries of its own, and a disk
+    // whose end is not a subcluster boundary.
+    create(&w, "xb.qcow2", "extended_l2=on,cluster_size=16k", "4M");
+    w.qemu_io("xb.qcow2", &["write -P 5 0 1k", "write -P 6 8k 512"]);
+    w.qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "extended_l2=on",
+        "-b",
+        "xb.qcow2",
+        "-F",
+        "qcow2",
+        "xt.qcow2",
+        "5243392",
+    ]);
+    let ops = [
+        "write-zeroes:512:512",
+        "write-zeroes:4096:512",
+        "write-zeroes:8704:512",
+        "write-zeroes:5242880:512",
+        // Copy-on-read of subclusters that read as zeros below: zero bits.
+        "read:16384:8192",
+    ];
+    let sim = ok(&w, "xt.qcow2", &ops);
+    let fallbacks: Vec<bool> = (0..ops.len()).map(|i| fell_back(&sim, i)).collect();
+    assert_eq!(fallbacks, [true, false, true, false, false]);
+}
+
+#[test]
+fn growing_over_a_longer_backing_file_zeroes_the_new_area() {
+    let w = Work::new();
+    create(&w, "base.qcow2", "", "4M");
+    w.qemu_io("base.qcow2", &["write -P 9 0 4M"]);
+    w.qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "base.qcow2",
+        "-F",
+        "qcow2",
+        "t.qcow2",
+    ]);
+    w.qemu_io("t.qcow2", &["write -P 1 0 64k"]);
+    ok(
+        &w,
+        "t.qcow2",
+        &[
+            // Cluster-aligned: zero clusters over the new area.
+            "resize:1048576:shrink",
+            "resize:2097152",
+            // Unaligned: zeros written over the rest of the old last
+            // cluster, zero clusters past it, up to past the backing file.
+            "resize:532480:shrink",
+            "resize:8388608",
+            // Old and new end in one cluster: only zeros written.
+            "resize:532480:shrink",
+            "resize:580608",
+        ],
+    );
+    // Extended L2: the new area from the next subcluster boundary.
+    w.qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "extended_l2=on",
+        "-b",
+        "base.qcow2",
+        "-F",
+        "qcow2",
+        "x.qcow2",
+    ]);
+    ok(
+        &w,
+        "x.qcow2",
+        &[
+            "resize:1000448:shrink",
+            "resize:3145728",
+            "write:1000000:4096",
+        ],
+    );
+    // compat=0.10 has no zero clusters: the resize fails, the size unchanged.
+    w.qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "compat=0.10,cluster_size=512",
+        "-b",
+        "base.qcow2",
+        "-F",
+        "qcow2",
+        "v2.qcow2",
+    ]);
+    let sim = ok(&w, "v2.qcow2", &["resize:1048576:shrink", "resize:4194304"]);
+    assert!(
+        sim.records[1]
+            .error
+            .as_deref()
+            .is_some_and(|e| e.starts_with("Failed to zero out new clusters")),
+        "{:?}",
+        sim.records[1].error
+    );
+}
+
+#[test]
+fn write_zeroes_with_an_external_data_file() {
+    let w = Work::new();
+    for (name, opts) in [
+        ("df.qcow2", "data_file=df.raw"),
+        ("dfr.qcow2", "data_file=dfr.raw,data_file_raw=on"),
+        ("dfx.qcow2", "data_file=dfx.raw,extended_l2=on"),
+    ] {
+        create(&w, name, opts, "4M");
+        w.qemu_io(name, &["write -P 1 0 128k", "write -P 2 1M 4k"]);
+        let sim = ok(
+            &w,
+            name,
+            &[
+                // Guest cluster 0 is host offset 0 of the data file.
+                "write-zeroes:0:65536",
+                "write-zeroes:65536:65536:unmap",
+                "write-zeroes:1052672:4096",
+                "write-zeroes:1048576:512",
+                "write-zeroes:2097152:100000:unmap",
+                "write:0:4096",
+            ],
+        );
+        assert!(sim.records.iter().all(|r| r.error.is_none()), "{name}");
+    }
+}

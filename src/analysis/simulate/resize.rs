@@ -100,20 +100,9 @@ impl Sim {
         let old = self.size;
         let cs = self.cs;
         let l1_needed = size.div_ceil(self.geo.l2_coverage());
-        if size > old && self.backing.is_some() {
-            // bdrv_co_truncate zero-fills the new area when the backing file
-            // would show through it.
-            let backing_len = self
-                .backing
-                .as_ref()
-                .and_then(|c| c.layers.first())
-                .map_or(0, |l| l.size());
-            if backing_len > old {
-                return Err(SimError::NotModelled(
-                    "growing over a longer backing file (QEMU zero-fills the new area)".into(),
-                ));
-            }
-        }
+        // bdrv_co_truncate: when a backing file longer than the old disk would
+        // show through the new area, qcow2 is asked to zero-fill it.
+        let zero_fill = size > old && self.backing_longer_than(old)?;
         if size < old {
             self.why("shrinking: the clusters past the new end are discarded");
             let from = size.div_ceil(cs).saturating_mul(cs);
@@ -140,10 +129,68 @@ impl Sim {
             }
         } else {
             self.grow_l1_table(l1_needed, true)?;
+            if zero_fill {
+                self.zero_fill_growth(old, size)?;
+            }
         }
         self.why("the new disk size");
         self.set_header_u64(24, "size", size)?;
         self.size = size;
+        Ok(())
+    }
+
+    /// Whether the layer under this image is longer than `len` bytes (for an
+    /// overlay, the image under it, whose disk size it shows).
+    fn backing_longer_than(&self, len: u64) -> SimResult<bool> {
+        match &self.backing {
+            Some(chain) => Ok(chain.layers.first().map_or(0, |l| l.size()) > len),
+            None if self.backing_named => Err(SimError::NotModelled(
+                "growing an image whose backing file qinspect could not open (QEMU zero-fills the new area when the backing file is longer)".into(),
+            )),
+            None => Ok(false),
+        }
+    }
+
+    /// `qcow2_co_truncate` with `BDRV_REQ_ZERO_WRITE`, growing from `old` to
+    /// `new` bytes: zero (sub)clusters from the first subcluster boundary at
+    /// or after `old` to the new end (`qcow2_subcluster_zeroize`, no unmap),
+    /// then a plain write of zeros over the part of the old last subcluster
+    /// past `old`.
+    fn zero_fill_growth(&mut self, old: u64, new: u64) -> SimResult<()> {
+        let unit = self.geo.subcluster_size().max(1);
+        let zero_start = old.div_ceil(unit).saturating_mul(unit).min(new);
+        // The block layer still counts the old size while qcow2 zeroes.
+        let total = old & !511;
+        self.note(format!(
+            "the backing file is longer than the old disk ({old} bytes): QEMU makes guest {old:#x}..{new:#x} read as zeros, so that it does not show through"
+        ));
+        if new > zero_start {
+            self.why("growing over a longer backing file: the new area reads as zeros");
+            if let Some(why) = self.zeroize(zero_start, new, false, total)? {
+                return Err(SimError::Qemu(format!(
+                    "Failed to zero out new clusters: Operation not supported ({why})"
+                )));
+            }
+        }
+        if zero_start > old {
+            // qcow2_co_pwritev_part straight from the driver: past the old end,
+            // within one subcluster (so the L2 slice size, which depends on the
+            // disk size, does not matter), and no dirty bitmap sees it.
+            let dirty = self.bitmaps.as_ref().map(|b| b.dirty.len());
+            let saved = self.size;
+            self.size = new;
+            let r = self.write_zeros(old, zero_start.saturating_sub(old));
+            self.size = saved;
+            if let (Some(b), Some(n)) = (self.bitmaps.as_mut(), dirty) {
+                b.dirty.truncate(n);
+            }
+            r.map_err(|e| match e {
+                SimError::Qemu(m) => {
+                    SimError::Qemu(format!("Failed to zero out the new area: {m}"))
+                }
+                other => other,
+            })?;
+        }
         Ok(())
     }
 

@@ -1,12 +1,29 @@
 //! Guest write-zeroes (`qemu-io -c 'write -z [-u] OFFSET LENGTH'`): the block
-//! layer's split into an unaligned head, whole clusters and an unaligned tail
-//! (`bdrv_co_do_pwrite_zeroes`), qcow2's zero clusters for what it can
-//! (`qcow2_co_pwrite_zeroes`, `qcow2_subcluster_zeroize`, `zero_in_l2_slice`),
+//! layer's split into an unaligned head, whole (sub)clusters and an unaligned
+//! tail (`bdrv_co_do_pwrite_zeroes`, aligned to qcow2's subclusters), qcow2's
+//! zero (sub)clusters for what it can (`qcow2_co_pwrite_zeroes`,
+//! `qcow2_subcluster_zeroize`, `zero_in_l2_slice`, `zero_l2_subclusters`),
 //! and a plain write of zeros where it cannot.
+//!
+//! A partial subcluster becomes a zero subcluster only when the rest of it
+//! already reads as zeros by block status (`is_zero`): through this image's
+//! own tables first, then down the backing chain, where a layer's data (even
+//! data that happens to be zeros) counts as not zero and bytes past the end
+//! of a shorter layer count as zeros.
 
 use super::{Sim, SimError, SimResult};
-use crate::tables::{ClusterType, L2Entry, OFLAG_ZERO};
+use crate::chain::{Chain, LayerKind, OpenOptions};
+use crate::lookup::{Status, layer_run};
+use crate::tables::{ClusterType, L1E_OFFSET_MASK, L2Entry, OFLAG_ZERO, SubclusterType};
 use crate::types::GuestOffset;
+
+/// The subcluster bitmap of an extended L2 entry that reads as zeros all
+/// through (`QCOW_L2_BITMAP_ALL_ZEROES`): every zero bit, no allocation bit.
+const ALL_ZEROES: u64 = 0xffff_ffff << 32;
+
+/// QEMU's `MAX_BOUNCE_BUFFER` (32768 sectors): the most one fallback write of
+/// zeros covers.
+const MAX_BOUNCE: u64 = 32768 * 512;
 
 impl Sim {
     /// `write -z` (`unmap`: with `-u`, clusters may be released).
@@ -17,120 +34,259 @@ impl Sim {
                 self.size
             )));
         };
-        if self.geo.extended_l2 || self.has_data_file {
-            return Err(SimError::NotModelled(
-                "write-zeroes with extended L2 entries or an external data file".into(),
-            ));
-        }
+        // An external data file changes only what QEMU writes to it (zeros
+        // there first, with data_file_raw): the L2 entries change as without.
         self.mark_dirty(offset, length);
-        let cs = self.cs;
-        // bdrv_co_do_pwrite_zeroes: the head up to the first cluster boundary,
-        // then the rest, less an unaligned tail when more than a cluster is left.
+        // qcow2's pwrite_zeroes_alignment is its subcluster size.
+        let unit = self.geo.subcluster_size().max(1);
+        let off_in = |x: u64| x.checked_rem(unit).unwrap_or(0);
+        // bdrv_co_do_pwrite_zeroes: the head up to the first aligned offset,
+        // then the rest, less an unaligned tail when more than a unit is left.
         let mut pos = offset;
-        let mut head = self.within(offset);
+        let mut head = off_in(offset);
         while pos < end {
             let rest = end.saturating_sub(pos);
-            let tail = self.within(end);
+            let tail = off_in(end);
             let n = if head != 0 {
-                let n = rest.min(cs.saturating_sub(head));
+                let n = rest.min(unit.saturating_sub(head));
                 head = 0;
                 n
-            } else if tail != 0 && rest > cs {
+            } else if tail != 0 && rest > unit {
                 rest.saturating_sub(tail)
             } else {
                 rest
             };
-            self.pwrite_zeroes(pos, n, unmap)?;
-            pos = pos.saturating_add(n);
+            // A fallback write covers at most one bounce buffer; the rest
+            // goes round again.
+            let done = self.pwrite_zeroes(pos, n, unmap)?.max(1);
+            pos = pos.saturating_add(done);
         }
         Ok(())
     }
 
     /// `qcow2_co_pwrite_zeroes` for one piece; a plain write of zeros when
-    /// qcow2 says ENOTSUP (the block layer's bounce-buffer fallback).
-    fn pwrite_zeroes(&mut self, off: u64, n: u64, unmap: bool) -> SimResult<()> {
-        let cs = self.cs;
+    /// qcow2 says ENOTSUP (the block layer's bounce-buffer fallback, of at
+    /// most `MAX_BOUNCE` bytes). Returns how many bytes of the piece it did.
+    fn pwrite_zeroes(&mut self, off: u64, n: u64, unmap: bool) -> SimResult<u64> {
+        let unit = self.geo.subcluster_size().max(1);
+        let total = self.size & !511;
         let end = off.saturating_add(n);
-        let head = self.within(off);
-        let mut tail = end.div_ceil(cs).saturating_mul(cs).saturating_sub(end);
-        if end == self.size & !511 {
+        let head = off.checked_rem(unit).unwrap_or(0);
+        let mut tail = end.div_ceil(unit).saturating_mul(unit).saturating_sub(end);
+        if end == total {
             tail = 0;
         }
         let (mut start, mut stop) = (off, end);
         if head != 0 || tail != 0 {
-            // Only when the rest of the cluster already reads as zeros does
-            // qcow2 make the whole cluster a zero cluster.
-            let c0 = off.saturating_sub(head);
-            let rest_end = c0.saturating_add(cs).min(self.size);
-            match self.reads_as_zero(c0, (c0, off), (end, rest_end))? {
-                Some(true) => {
-                    start = c0;
-                    stop = c0.saturating_add(cs).min(self.size);
+            // Only when the rest of the subcluster already reads as zeros
+            // does qcow2 make the whole subcluster read as zeros.
+            let s0 = off.saturating_sub(head);
+            let before = self.reads_as_zero(s0, off, total)?;
+            let after = self.reads_as_zero(end, end.saturating_add(tail), total)?;
+            if !(before && after) {
+                let why = format!(
+                    "guest {off:#x}..{end:#x} is not a whole {} and the rest of it does not read as zeros{}",
+                    if self.geo.extended_l2 {
+                        "subcluster"
+                    } else {
+                        "cluster"
+                    },
+                    if self.backing.is_some() || self.overlay_of.is_some() {
+                        " (here or below)"
+                    } else {
+                        ""
+                    }
+                );
+                return self.fallback(off, n, &why);
+            }
+            let ty = self.top_subcluster_type(s0);
+            if !matches!(
+                ty,
+                SubclusterType::UnallocatedPlain
+                    | SubclusterType::UnallocatedAlloc
+                    | SubclusterType::ZeroPlain
+                    | SubclusterType::ZeroAlloc
+            ) {
+                return self.fallback(off, n, &format!("guest {s0:#x} holds data here"));
+            }
+            start = s0;
+            stop = s0.saturating_add(unit);
+            self.note(format!(
+                "the rest of guest {start:#x}..{stop:#x} already reads as zeros{}: all of it is made to read as zeros",
+                if self.backing.is_some() || self.overlay_of.is_some() {
+                    " (here and below)"
+                } else {
+                    ""
                 }
-                Some(false) => {
-                    self.note(format!(
-                        "guest {off:#x}..{end:#x} is not a whole cluster and the rest of it is not zeros: QEMU writes zeros there (ENOTSUP fallback)"
-                    ));
-                    return self.write(off, n);
-                }
-                None => {
-                    return Err(SimError::NotModelled(
-                        "a partial-cluster write-zeroes over a backing file (QEMU asks the backing chain whether the rest reads as zeros)".into(),
-                    ));
-                }
+            ));
+        }
+        match self.zeroize(start, stop, unmap, total)? {
+            None => Ok(n),
+            Some(why) => self.fallback(off, n, &why),
+        }
+    }
+
+    /// The block layer's fallback for a piece qcow2 cannot zero: the first
+    /// `MAX_BOUNCE` bytes of it written as zeros.
+    fn fallback(&mut self, off: u64, n: u64, why: &str) -> SimResult<u64> {
+        let n = n.min(MAX_BOUNCE);
+        self.note(format!(
+            "{why}: QEMU writes zeros at guest {off:#x}..{:#x} (ENOTSUP fallback)",
+            off.saturating_add(n)
+        ));
+        self.write_zeros(off, n)?;
+        Ok(n)
+    }
+
+    /// A write of `n` bytes of zeros at `off` as a guest write makes it (the
+    /// block layer's fallback, or qcow2 zero-filling a grown disk): the data
+    /// is a buffer of zeros, not the guest's.
+    pub(super) fn write_zeros(&mut self, off: u64, n: u64) -> SimResult<()> {
+        let first = self.steps.len();
+        let r = self.write(off, n);
+        for c in self.steps.iter_mut().skip(first) {
+            if let super::Target::Copy { from, .. } = &mut c.target
+                && from == "the guest"
+            {
+                *from = "a buffer of zeros".into();
+                c.reason = "the zeros QEMU writes, no guest data".into();
             }
         }
+        r
+    }
+
+    /// QEMU's `qcow2_subcluster_zeroize` over `start..stop` (subcluster
+    /// aligned, but for an end at `total`, the disk's end as the block layer
+    /// counts it): a partial cluster at either end by its subcluster bits,
+    /// whole clusters by `zero_in_l2_slice`. `Some(reason)` is its ENOTSUP.
+    pub(super) fn zeroize(
+        &mut self,
+        start: u64,
+        stop: u64,
+        unmap: bool,
+        total: u64,
+    ) -> SimResult<Option<String>> {
         if self.version < 3 {
-            let has_backing = self.backing.is_some() || self.backing_named;
-            if has_backing {
-                self.note(format!(
-                    "compat=0.10 with a backing file has no zero clusters: QEMU writes zeros at guest {start:#x}..{stop:#x}"
+            if self.backing.is_some() || self.backing_named {
+                return Ok(Some(
+                    "compat=0.10 with a backing file has no zero clusters".into(),
                 ));
-                return self.write(off, n);
             }
             // Without a backing file, version 2 discards instead.
-            return self.discard_clusters(start, stop, false);
+            self.discard_clusters(start, stop, false)?;
+            return Ok(None);
         }
-        self.zero_clusters(start, stop, unmap)
-    }
-
-    /// Whether the parts `head` and `tail` of the guest cluster at `c0` (the
-    /// rest of it, around a partial write-zeroes) read as zeros: `None` when
-    /// that depends on a backing file qinspect does not look into.
-    fn reads_as_zero(
-        &mut self,
-        c0: u64,
-        head: (u64, u64),
-        tail: (u64, u64),
-    ) -> SimResult<Option<bool>> {
-        let i = self.geo.l1_index(GuestOffset(c0));
-        let e = self.l1.get(i as usize).copied().unwrap_or(0);
-        let l2 = crate::tables::L1Entry(e).l2_offset().map_or(0, |o| o.0);
-        let has_backing = self.backing.is_some() || self.backing_named;
-        // Unallocated here: the backing file answers (for an overlay, the
-        // image under it).
-        let below = |me: &Self| -> Option<bool> {
-            if !has_backing {
-                return Some(true);
-            }
-            let h = me.base_reads_zero(head.0, head.1)?;
-            let t = me.base_reads_zero(tail.0, tail.1)?;
-            Some(h && t)
+        let cs = self.cs;
+        let head = stop
+            .min(start.div_ceil(cs).saturating_mul(cs))
+            .saturating_sub(start);
+        let from = start.saturating_add(head);
+        let tail = if stop >= total {
+            0
+        } else {
+            stop.saturating_sub(from.max(stop.saturating_sub(self.within(stop))))
         };
-        if l2 == 0 {
-            return Ok(below(self));
+        let to = stop.saturating_sub(tail);
+        if head != 0
+            && let Some(why) = self.zero_subclusters(start, head)?
+        {
+            return Ok(Some(why));
         }
-        let (raw, bm) = self.l2_entry_at(l2, self.geo.l2_index(GuestOffset(c0)));
-        Ok(
-            match (L2Entry { raw, bitmap: bm }).cluster_type(&self.geo, self.has_data_file) {
-                ClusterType::ZeroPlain | ClusterType::ZeroAlloc => Some(true),
-                ClusterType::Unallocated => below(self),
-                ClusterType::Normal | ClusterType::Compressed => Some(false),
-            },
-        )
+        if to > from {
+            self.zero_clusters(from, to, unmap)?;
+        }
+        if tail != 0 {
+            return self.zero_subclusters(to, tail);
+        }
+        Ok(None)
     }
 
-    /// `zero_in_l2_slice` over whole clusters `start..stop`.
+    /// QEMU's `zero_l2_subclusters`: `len` bytes of subclusters from `off`,
+    /// inside one cluster, made to read as zeros by their bitmap bits.
+    fn zero_subclusters(&mut self, off: u64, len: u64) -> SimResult<Option<String>> {
+        let bits = self.geo.subcluster_bits();
+        let sc = self.within(off) >> bits;
+        let count = len.div_ceil(self.geo.subcluster_size().max(1));
+        self.why("write-zeroes");
+        let l2 = self.cluster_table(off)?;
+        let index = self.geo.l2_index(GuestOffset(off));
+        let (raw, bm) = self.l2_entry_at(l2, index);
+        if (L2Entry { raw, bitmap: bm }).cluster_type(&self.geo, self.has_data_file)
+            == ClusterType::Compressed
+        {
+            return Ok(Some(format!(
+                "guest {:#x} is a compressed cluster, which qcow2 cannot zero in part",
+                off.saturating_sub(self.within(off))
+            )));
+        }
+        let mask = super::guest::sub_range(sc, sc.saturating_add(count));
+        let new = (bm | (mask << 32)) & !mask;
+        if new != bm {
+            let last = sc.saturating_add(count).saturating_sub(1);
+            self.why(format!(
+                "guest {off:#x}: subclusters {sc}..={last} now read as zeros"
+            ));
+            self.set_l2_entry(l2, index, raw, new)?;
+        }
+        Ok(None)
+    }
+
+    /// The type of the subcluster at guest `g` in this image's own tables.
+    fn top_subcluster_type(&mut self, g: u64) -> SubclusterType {
+        let i = self.geo.l1_index(GuestOffset(g));
+        let l2 = self.l1.get(i as usize).copied().unwrap_or(0) & L1E_OFFSET_MASK;
+        if l2 == 0 {
+            return SubclusterType::UnallocatedPlain;
+        }
+        let (raw, bitmap) = self.l2_entry_at(l2, self.geo.l2_index(GuestOffset(g)));
+        let sc = self.geo.subcluster_index(GuestOffset(g));
+        L2Entry { raw, bitmap }.subcluster_type(&self.geo, self.has_data_file, sc)
+    }
+
+    /// QEMU's `is_zero`: whether guest bytes `a..b` (inside one subcluster,
+    /// cut at `total`) read as zeros by block status, through this image and
+    /// the layers below.
+    fn reads_as_zero(&mut self, a: u64, b: u64, total: u64) -> SimResult<bool> {
+        let b = b.min(total);
+        if a >= b {
+            return Ok(true);
+        }
+        match self.top_subcluster_type(a) {
+            SubclusterType::Normal | SubclusterType::Compressed => Ok(false),
+            SubclusterType::ZeroPlain | SubclusterType::ZeroAlloc => Ok(true),
+            SubclusterType::UnallocatedPlain | SubclusterType::UnallocatedAlloc => {
+                self.below_reads_zero(a, b)
+            }
+            SubclusterType::Invalid => Err(SimError::NotModelled(format!(
+                "a write-zeroes next to guest {a:#x}, whose L2 entry has contradictory bits"
+            ))),
+        }
+    }
+
+    /// Whether guest bytes `a..b` read as zeros by block status in the layers
+    /// under this image: its backing chain, or for a throw-away overlay the
+    /// image (or snapshot) under it.
+    fn below_reads_zero(&mut self, a: u64, b: u64) -> SimResult<bool> {
+        if let Some((base, snap)) = &self.overlay_of {
+            let opts = OpenOptions {
+                snapshot: snap.clone(),
+                snapshot_active_size: true,
+                ..Default::default()
+            };
+            let chain = Chain::open(base, &opts)?;
+            return chain_reads_zero(&chain, a, b);
+        }
+        match &self.backing {
+            Some(chain) => chain_reads_zero(chain, a, b),
+            None if self.backing_named => Err(SimError::NotModelled(
+                "a partial write-zeroes over a backing file qinspect could not open (QEMU asks it whether the rest reads as zeros)".into(),
+            )),
+            None => Ok(true),
+        }
+    }
+
+    /// `zero_in_l2_slice` over whole clusters `start..stop` (`stop` may be the
+    /// unaligned end of the disk).
     fn zero_clusters(&mut self, mut start: u64, stop: u64, unmap: bool) -> SimResult<()> {
         let cs = self.cs;
         let slice = self.slice_entries();
@@ -152,8 +308,15 @@ impl Sim {
                     ClusterType::Normal | ClusterType::ZeroAlloc | ClusterType::Compressed
                 );
                 let release = ty == ClusterType::Compressed || (unmap && allocated);
-                let new = if release { 0 } else { raw } | OFLAG_ZERO;
-                if new == raw {
+                let kept = if release { 0 } else { raw };
+                // With extended L2 entries the bitmap says "zeros" for every
+                // subcluster; else the entry's zero flag does.
+                let (new, new_bm) = if self.geo.extended_l2 {
+                    (kept, ALL_ZEROES)
+                } else {
+                    (kept | OFLAG_ZERO, bm)
+                };
+                if new == raw && new_bm == bm {
                     continue;
                 }
                 let g = start.saturating_add(k.saturating_mul(cs));
@@ -167,7 +330,7 @@ impl Sim {
                         ""
                     }
                 ));
-                self.set_l2_entry(l2, index, new, bm)?;
+                self.set_l2_entry(l2, index, new, new_bm)?;
                 if release {
                     self.free_any_cluster(raw, &format!("the zeroed cluster of guest {g:#x}"));
                 }
@@ -176,4 +339,37 @@ impl Sim {
         }
         Ok(())
     }
+}
+
+/// Whether guest bytes `a..b` read as zeros by block status in `chain`
+/// (`bdrv_block_status_above` from its top): the first layer that allocates a
+/// byte answers (data: no; a zero (sub)cluster: yes), bytes past the end of a
+/// layer read as zeros, and bytes no layer allocates read as zeros.
+fn chain_reads_zero(chain: &Chain, a: u64, b: u64) -> SimResult<bool> {
+    let mut pos = a;
+    while pos < b {
+        let mut len = b.saturating_sub(pos);
+        for layer in &chain.layers {
+            if pos >= layer.size() {
+                break;
+            }
+            len = len.min(layer.size().saturating_sub(pos));
+            let LayerKind::Qcow2 { image, view, .. } = &layer.kind else {
+                // A raw file's block status is its file system's holes.
+                return Err(SimError::NotModelled(format!(
+                    "a partial write-zeroes over the raw file {} (QEMU asks its file system whether the rest reads as zeros)",
+                    layer.path.display()
+                )));
+            };
+            let run = layer_run(image, view, pos, len, &layer.label())?;
+            len = len.min(run.len.max(1));
+            match run.status {
+                Status::Unallocated { .. } => continue,
+                Status::Zero { .. } => break,
+                Status::Data { .. } | Status::Compressed { .. } => return Ok(false),
+            }
+        }
+        pos = pos.saturating_add(len);
+    }
+    Ok(true)
 }
