@@ -129,6 +129,12 @@ fn assert_same_output(w: &Work, image: &str, extra: &[&str]) {
     w.qemu_img(&q);
     // An existing output is replaced, as qemu-img replaces it.
     std::fs::write(w.path("m.raw"), vec![0x55u8; 1 << 20]).unwrap();
+    read_matches_over_existing(w, image, extra);
+}
+
+/// `read -o m.raw` over whatever m.raw holds now gives q.raw: bytes, data
+/// extents and allocated blocks.
+fn read_matches_over_existing(w: &Work, image: &str, extra: &[&str]) {
     let mut m = vec!["read", image, "-o", "m.raw"];
     let sel;
     if let [_, s] = extra {
@@ -152,6 +158,61 @@ fn assert_same_output(w: &Work, image: &str, extra: &[&str]) {
         &w.path("q.raw"),
         &format!("{image} {extra:?}"),
     );
+}
+
+/// An existing output is written over in place, its page-cache pages reused,
+/// and still comes out as the new file qemu-img writes: when it is longer and
+/// fully allocated, holds a previous output with data where the new one has
+/// holes (the last, partial block included), holds this same output, or is
+/// preallocated with unwritten extents.
+#[test]
+fn read_over_an_existing_output_is_what_qemu_img_writes_anew() {
+    let w = Work::new();
+    // 16 MiB + 1.5 KiB: the last 4 KiB block of the output is partial.
+    let size = "16778752";
+    for img in ["a.qcow2", "b.qcow2"] {
+        w.qemu_img(&["create", "-f", "qcow2", img, size]);
+    }
+    w.qemu_io(
+        "a.qcow2",
+        &[
+            "write -P 0xaa 0 64k",
+            "write -z 2M 64k",
+            "write -P 0 4M 1M",
+            "write -P 1 8M 5k",
+            "write -P 3 16773120 5632",
+        ],
+    );
+    w.qemu_io("b.qcow2", &["write -P 7 1M 3M", "write -P 0 8M 4k"]);
+    let expect = |image: &str| w.qemu_img(&["convert", "-O", "raw", image, "q.raw"]);
+
+    // Longer than the output and allocated throughout.
+    std::fs::write(w.path("m.raw"), vec![0x55u8; 20 << 20]).unwrap();
+    expect("a.qcow2");
+    read_matches_over_existing(&w, "a.qcow2", &[]);
+    // a's output, with data where b's has holes, the partial tail included.
+    expect("b.qcow2");
+    read_matches_over_existing(&w, "b.qcow2", &[]);
+    // b's output again, over itself.
+    read_matches_over_existing(&w, "b.qcow2", &[]);
+    // Preallocated: unwritten extents count in st_blocks but read as holes.
+    std::fs::remove_file(w.path("m.raw")).unwrap();
+    w.qemu_img(&[
+        "create",
+        "-f",
+        "raw",
+        "-o",
+        "preallocation=falloc",
+        "m.raw",
+        "24M",
+    ]);
+    expect("a.qcow2");
+    read_matches_over_existing(&w, "a.qcow2", &[]);
+    // Smaller than a block: emptied and written as new.
+    w.qemu_img(&["create", "-f", "qcow2", "tiny.qcow2", "1536"]);
+    w.qemu_io("tiny.qcow2", &["write -P 9 512 512"]);
+    expect("tiny.qcow2");
+    read_matches_over_existing(&w, "tiny.qcow2", &[]);
 }
 
 #[test]
