@@ -215,6 +215,67 @@ fn read_over_an_existing_output_is_what_qemu_img_writes_anew() {
     read_matches_over_existing(&w, "tiny.qcow2", &[]);
 }
 
+/// `read` to standard output gives qemu-img convert's bytes, whole and in an
+/// unaligned range, both to a pipe (where data is spliced from the image file)
+/// and to a file (where it is written): data of both layers, zero clusters, a
+/// compressed cluster, and zeros past the end of a shorter raw backing file.
+#[test]
+fn read_to_a_pipe_or_a_file_on_stdout_gives_qemu_img_bytes() {
+    let w = Work::new();
+    w.qemu_img(&["create", "-f", "raw", "base.raw", "3000000"]);
+    w.qemu_io("base.raw", &["write -P 0x11 0 2999808"]);
+    w.qemu_img(&[
+        "create",
+        "-f",
+        "qcow2",
+        "-b",
+        "base.raw",
+        "-F",
+        "raw",
+        "top.qcow2",
+        "8M",
+    ]);
+    w.qemu_io(
+        "top.qcow2",
+        &[
+            "write -P 0x22 1M 64k",
+            "write -z 2M 64k",
+            "write -c -P 0x33 4M 64k",
+            "write -P 0x44 6M 1M",
+        ],
+    );
+    w.qemu_img(&["convert", "-O", "raw", "top.qcow2", "q.raw"]);
+    let q = std::fs::read(w.path("q.raw")).unwrap();
+    assert_eq!(q.len(), 8 << 20);
+    // Command::output reads standard output from a pipe.
+    let piped = w.qinspect_ok(&["read", "top.qcow2"]);
+    assert!(piped == q, "read into a pipe differs from qemu-img convert");
+    let part = w.qinspect_ok(&[
+        "read",
+        "top.qcow2",
+        "--offset",
+        "1000",
+        "--length",
+        "5000000",
+    ]);
+    assert!(
+        part == q[1000..5_001_000],
+        "a range read into a pipe differs"
+    );
+    let file = std::fs::File::create(w.path("s.raw")).unwrap();
+    let st = Command::new(env!("CARGO_BIN_EXE_qinspect"))
+        .args(["read", "top.qcow2"])
+        .current_dir(w.path("."))
+        .stdout(file)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    assert!(
+        std::fs::read(w.path("s.raw")).unwrap() == q,
+        "read with standard output on a file differs from qemu-img convert"
+    );
+}
+
 #[test]
 fn read_leaves_holes_where_qemu_img_does() {
     let w = Work::new();
