@@ -9,6 +9,7 @@ use qinspect::lookup::{ReadCache, Segment, for_each_segment, read};
 use std::io::Write;
 use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
 /// Arguments of `qinspect read`.
 #[derive(clap::Args, Debug)]
@@ -323,7 +324,7 @@ fn write_sparse(
     offset: u64,
     out_pos: u64,
     len: u64,
-    out: &std::fs::File,
+    out: &Mutex<&std::fs::File>,
     reuse: bool,
 ) -> color_eyre::Result<()> {
     let mut cache = ReadCache::default();
@@ -380,6 +381,11 @@ fn write_parallel(
     reuse: bool,
 ) -> color_eyre::Result<()> {
     use std::sync::atomic::{AtomicU64, Ordering};
+    // Workers read and zero-check in parallel but write one at a time, as
+    // qemu-img convert writes in order: with both writing into fresh
+    // page-cache pages at once, `read -o` to a new file took 1.18 s of CPU
+    // against 0.55–0.64 s for qemu-img (`perf stat -e task-clock`, four rounds).
+    let out = Mutex::new(out);
     let chunks = len.div_ceil(CHUNK_BYTES);
     let workers = std::thread::available_parallelism()
         .map_or(1, |n| n.get())
@@ -397,7 +403,7 @@ fn write_parallel(
                     }
                     let start = i * CHUNK_BYTES;
                     let n = CHUNK_BYTES.min(len - start);
-                    if let Err(e) = write_sparse(chain, offset + start, start, n, out, reuse) {
+                    if let Err(e) = write_sparse(chain, offset + start, start, n, &out, reuse) {
                         // Stop everyone; keep the first error.
                         next.store(chunks, Ordering::Relaxed);
                         let mut f = failed.lock().unwrap_or_else(|p| p.into_inner());
@@ -442,8 +448,8 @@ const SPARSE_BLOCK: usize = 4096;
 const WINDOW: usize = 256 << 10;
 
 /// Stages output in an aligned window and writes only its non-zero blocks.
-struct SparseWriter<'a> {
-    out: &'a std::fs::File,
+struct SparseWriter<'a, 'f> {
+    out: &'a Mutex<&'f std::fs::File>,
     buf: Vec<u8>,
     /// Output offset of `buf[0]` (a multiple of `WINDOW`).
     start: u64,
@@ -460,8 +466,8 @@ struct SparseWriter<'a> {
     replaced: u64,
 }
 
-impl<'a> SparseWriter<'a> {
-    fn new(out: &'a std::fs::File, pos: u64, reuse: bool) -> Self {
+impl<'a, 'f> SparseWriter<'a, 'f> {
+    fn new(out: &'a Mutex<&'f std::fs::File>, pos: u64, reuse: bool) -> Self {
         SparseWriter {
             out,
             buf: vec![0u8; WINDOW],
@@ -477,11 +483,16 @@ impl<'a> SparseWriter<'a> {
     /// With `reuse`, punch out the old contents from `replaced` up to `to`.
     fn replace_to(&mut self, to: u64) -> qinspect::Result<()> {
         if self.reuse && to > self.replaced {
-            punch(self.out, self.replaced, to - self.replaced)
+            punch(&self.file(), self.replaced, to - self.replaced)
                 .map_err(|e| io_err(e.into(), "punch a hole in"))?;
         }
         self.replaced = self.replaced.max(to);
         Ok(())
+    }
+
+    /// The output, for one write.
+    fn file(&self) -> std::sync::MutexGuard<'_, &'f std::fs::File> {
+        self.out.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn window_end(&self) -> u64 {
@@ -562,7 +573,7 @@ impl<'a> SparseWriter<'a> {
         while let Some((a, b)) = next_run(&self.buf[..blocks_end], from) {
             let at = self.start + a as u64;
             self.replace_to(at)?;
-            self.out
+            self.file()
                 .write_all_at(&self.buf[a..b], at)
                 .map_err(|e| io_err(e, "write"))?;
             self.replaced = self.replaced.max(at + (b - a) as u64);
