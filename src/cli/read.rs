@@ -21,8 +21,10 @@ Through a snapshot (-s S, or -s snapshot.name=S to match a name only) the disk k
 current size, as with `qemu-img convert -l`: zeros (or the backing file) past the end of a \
 smaller snapshot, cut where the disk has shrunk since.\n\n\
 Written to a file, the output is sparse where qemu-img's is: unallocated ranges, zero \
-clusters, holes of the source and 4 KiB blocks of zero data are left as holes. The output \
-may not be any file the chain reads (compared by device and inode).\n\n\
+clusters, holes of the source and 4 KiB blocks of zero data are left as holes. An existing \
+output file is written over in place (holes punched where the new output has them), which \
+reuses its pages in the page cache and gives the same bytes, holes and size as a new file. \
+The output may not be any file the chain reads (compared by device and inode).\n\n\
 Examples:\n  qinspect read disk.qcow2 -o disk.raw\n  qinspect read disk.qcow2 --offset 1M --length 4k | xxd | head")]
 pub struct Args {
     /// The image file (top of the chain).
