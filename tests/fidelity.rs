@@ -129,6 +129,12 @@ fn assert_same_output(w: &Work, image: &str, extra: &[&str]) {
     w.qemu_img(&q);
     // An existing output is replaced, as qemu-img replaces it.
     std::fs::write(w.path("m.raw"), vec![0x55u8; 1 << 20]).unwrap();
+    read_matches_over_existing(w, image, extra);
+}
+
+/// `read -o m.raw` over whatever m.raw holds now gives q.raw: bytes, data
+/// extents and allocated blocks.
+fn read_matches_over_existing(w: &Work, image: &str, extra: &[&str]) {
     let mut m = vec!["read", image, "-o", "m.raw"];
     let sel;
     if let [_, s] = extra {
@@ -151,6 +157,122 @@ fn assert_same_output(w: &Work, image: &str, extra: &[&str]) {
         &w.path("m.raw"),
         &w.path("q.raw"),
         &format!("{image} {extra:?}"),
+    );
+}
+
+/// An existing output is written over in place, its page-cache pages reused,
+/// and still comes out as the new file qemu-img writes: when it is longer and
+/// fully allocated, holds a previous output with data where the new one has
+/// holes (the last, partial block included), holds this same output, or is
+/// preallocated with unwritten extents.
+#[test]
+fn read_over_an_existing_output_is_what_qemu_img_writes_anew() {
+    let w = Work::new();
+    // 16 MiB + 1.5 KiB: the last 4 KiB block of the output is partial.
+    let size = "16778752";
+    for img in ["a.qcow2", "b.qcow2"] {
+        w.qemu_img(&["create", "-f", "qcow2", img, size]);
+    }
+    w.qemu_io(
+        "a.qcow2",
+        &[
+            "write -P 0xaa 0 64k",
+            "write -z 2M 64k",
+            "write -P 0 4M 1M",
+            "write -P 1 8M 5k",
+            "write -P 3 16773120 5632",
+        ],
+    );
+    w.qemu_io("b.qcow2", &["write -P 7 1M 3M", "write -P 0 8M 4k"]);
+    let expect = |image: &str| w.qemu_img(&["convert", "-O", "raw", image, "q.raw"]);
+
+    // Longer than the output and allocated throughout.
+    std::fs::write(w.path("m.raw"), vec![0x55u8; 20 << 20]).unwrap();
+    expect("a.qcow2");
+    read_matches_over_existing(&w, "a.qcow2", &[]);
+    // a's output, with data where b's has holes, the partial tail included.
+    expect("b.qcow2");
+    read_matches_over_existing(&w, "b.qcow2", &[]);
+    // b's output again, over itself.
+    read_matches_over_existing(&w, "b.qcow2", &[]);
+    // Preallocated: unwritten extents count in st_blocks but read as holes.
+    std::fs::remove_file(w.path("m.raw")).unwrap();
+    w.qemu_img(&[
+        "create",
+        "-f",
+        "raw",
+        "-o",
+        "preallocation=falloc",
+        "m.raw",
+        "24M",
+    ]);
+    expect("a.qcow2");
+    read_matches_over_existing(&w, "a.qcow2", &[]);
+    // Smaller than a block: emptied and written as new.
+    w.qemu_img(&["create", "-f", "qcow2", "tiny.qcow2", "1536"]);
+    w.qemu_io("tiny.qcow2", &["write -P 9 512 512"]);
+    expect("tiny.qcow2");
+    read_matches_over_existing(&w, "tiny.qcow2", &[]);
+}
+
+/// `read` to standard output gives qemu-img convert's bytes, whole and in an
+/// unaligned range, both to a pipe (where data is spliced from the image file)
+/// and to a file (where it is written): data of both layers, zero clusters, a
+/// compressed cluster, and zeros past the end of a shorter raw backing file.
+#[test]
+fn read_to_a_pipe_or_a_file_on_stdout_gives_qemu_img_bytes() {
+    let w = Work::new();
+    w.qemu_img(&["create", "-f", "raw", "base.raw", "3000000"]);
+    w.qemu_io("base.raw", &["write -P 0x11 0 2999808"]);
+    w.qemu_img(&[
+        "create",
+        "-f",
+        "qcow2",
+        "-b",
+        "base.raw",
+        "-F",
+        "raw",
+        "top.qcow2",
+        "8M",
+    ]);
+    w.qemu_io(
+        "top.qcow2",
+        &[
+            "write -P 0x22 1M 64k",
+            "write -z 2M 64k",
+            "write -c -P 0x33 4M 64k",
+            "write -P 0x44 6M 1M",
+        ],
+    );
+    w.qemu_img(&["convert", "-O", "raw", "top.qcow2", "q.raw"]);
+    let q = std::fs::read(w.path("q.raw")).unwrap();
+    assert_eq!(q.len(), 8 << 20);
+    // Command::output reads standard output from a pipe.
+    let piped = w.qinspect_ok(&["read", "top.qcow2"]);
+    assert!(piped == q, "read into a pipe differs from qemu-img convert");
+    let part = w.qinspect_ok(&[
+        "read",
+        "top.qcow2",
+        "--offset",
+        "1000",
+        "--length",
+        "5000000",
+    ]);
+    assert!(
+        part == q[1000..5_001_000],
+        "a range read into a pipe differs"
+    );
+    let file = std::fs::File::create(w.path("s.raw")).unwrap();
+    let st = Command::new(env!("CARGO_BIN_EXE_qinspect"))
+        .args(["read", "top.qcow2"])
+        .current_dir(w.path("."))
+        .stdout(file)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    assert!(
+        std::fs::read(w.path("s.raw")).unwrap() == q,
+        "read with standard output on a file differs from qemu-img convert"
     );
 }
 

@@ -259,13 +259,6 @@ fn write_guest(sim: &mut Sim, p: &std::path::Path) -> color_eyre::Result<u64> {
     let chain = sim.guest_chain()?;
     let len = chain.size();
     let file = super::read::open_output(&chain, p)?;
-    if file.metadata()?.file_type().is_file() {
-        file.set_len(len)?;
-        super::read::allocate_first_block(&file, len)?;
-        super::read::write_parallel(&chain, 0, len, &file)?;
-        file.set_len(len)?;
-    } else {
-        super::read::stream(&chain, 0, len, Box::new(file))?;
-    }
+    super::read::write_output(&chain, 0, len, file)?;
     Ok(len)
 }
