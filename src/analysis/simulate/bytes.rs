@@ -72,6 +72,11 @@ impl Sim {
         })
     }
 
+    /// Cluster `c` to read, not to change.
+    pub(super) fn cluster_ro(&mut self, c: u64) -> &[u8] {
+        self.cluster(c)
+    }
+
     pub(super) fn read_bytes(&mut self, off: u64, len: u64) -> Vec<u8> {
         let mut out = Vec::with_capacity(len as usize);
         let mut pos = off;

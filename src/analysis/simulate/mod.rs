@@ -48,7 +48,9 @@ use crate::error::{Error, Result};
 use crate::header::Header;
 use crate::image::{Qcow2, Strictness};
 use crate::io::SharedSource;
+use crate::refcount::get_refcount;
 use crate::types::Geometry;
+use crate::types::low_mask as types_low_mask;
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -412,19 +414,51 @@ impl Sim {
 
     /// Every cluster with a non-zero refcount, in order, after all operations.
     pub fn refcounts(&mut self) -> Vec<(u64, u64)> {
-        let n = self.file_len.div_ceil(self.cs);
         let mut out = Vec::new();
-        for c in 0..n
-            .max(self.reftable_len() << self.block_bits())
-            .min(n.max(1).saturating_add(1 << 20))
-        {
-            if let Ok(r) = self.get_refcount(c)
-                && r != 0
-            {
-                out.push((c, r));
-            }
-        }
+        let _ = self.try_for_each_refcount(|c, r| {
+            out.push((c, r));
+            Ok::<(), std::convert::Infallible>(())
+        });
         out
+    }
+
+    /// [`Sim::refcounts`] one cluster at a time, in order, without building
+    /// the list (an image of a few TiB has tens of millions of clusters):
+    /// `f` gets each cluster with a non-zero refcount and its refcount, and
+    /// its first error stops the walk. Each refcount block is looked up once.
+    pub fn try_for_each_refcount<E>(
+        &mut self,
+        mut f: impl FnMut(u64, u64) -> std::result::Result<(), E>,
+    ) -> std::result::Result<(), E> {
+        let n = self.file_len.div_ceil(self.cs);
+        let end = n
+            .max(self.reftable_len() << self.block_bits())
+            .min(n.max(1).saturating_add(1 << 20));
+        let bb = self.block_bits();
+        let order = self.order;
+        let mut c = 0u64;
+        while c < end {
+            let ti = c >> bb;
+            // The first cluster of the next block: this block covers c..next.
+            let next = ti
+                .saturating_add(1)
+                .checked_shl(bb)
+                .unwrap_or(u64::MAX)
+                .min(end);
+            let block = self.refcount_block_at(ti);
+            if let Some(bc) = block {
+                let data = self.cluster_ro(bc);
+                let first = c & types_low_mask(bb);
+                for (k, cl) in (c..next).enumerate() {
+                    let r = get_refcount(data, order, first.saturating_add(k as u64));
+                    if r != 0 {
+                        f(cl, r)?;
+                    }
+                }
+            }
+            c = next;
+        }
+        Ok(())
     }
 
     /// Host file length after the operations.
