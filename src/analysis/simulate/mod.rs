@@ -35,10 +35,10 @@ mod refcount;
 mod repair;
 mod resize;
 mod snapshot;
+mod store;
 mod walk;
 mod zeroes;
 
-use bytes::ClusterMap;
 pub use bytes::{ClusterHasher, OverlaySource};
 pub use change::{Change, Target};
 pub use ops::Op;
@@ -116,8 +116,8 @@ pub struct Sim {
     max_refcount: u64,
     version: u32,
     has_data_file: bool,
-    /// Clusters read or written, by cluster index.
-    clusters: ClusterMap,
+    /// Clusters read or written: a bounded cache, and every changed one.
+    clusters: store::Store,
     /// Host file length (grows when clusters past the end are allocated).
     file_len: u64,
     l1: Vec<u64>,
@@ -286,7 +286,7 @@ impl Sim {
             max_refcount: img.refcount_geometry().max(),
             version: h.version,
             has_data_file: h.has_data_file(),
-            clusters: ClusterMap::default(),
+            clusters: store::Store::new(geo.cluster_size()),
             file_len: img.file_len(),
             l1: img.l1.iter().map(|e| e.0).collect(),
             l1_table_offset: h.l1_table_offset,
@@ -396,11 +396,13 @@ impl Sim {
     /// The simulated image as a read-only source: the original bytes with every
     /// changed cluster laid over them.
     pub fn source(&self) -> SharedSource {
+        let (packed, clusters) = self.clusters.snapshot();
         Arc::new(OverlaySource {
+            packed: store::PackedReader::new(packed),
             base: self.base.clone(),
             cs: self.cs,
             cluster_bits: self.geo.cluster_bits,
-            clusters: self.clusters.clone(),
+            clusters,
             len: self.file_len,
             zero_from: self.zero_from,
             name: self.path.clone(),

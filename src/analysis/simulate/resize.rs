@@ -135,7 +135,7 @@ impl Sim {
                 self.file_len = end;
                 self.zero_from = self.zero_from.min(end);
                 let first_gone = last;
-                self.clusters.retain(|&c, _| c < first_gone);
+                self.clusters.forget_from(first_gone);
             }
         } else {
             self.grow_l1_table(l1_needed, true)?;

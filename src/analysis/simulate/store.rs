@@ -1,0 +1,246 @@
+//! Where the simulated host bytes live: a bounded cache of recently used
+//! clusters as they read now, and every other changed cluster as its
+//! difference from the file, XORed and deflated.
+//!
+//! A walk over a 1 TiB image changes every L2 table and refcount block (160 MiB),
+//! but each change flips the same bits in every entry (COPIED, or a refcount
+//! going from 1 to 2), so the difference of a changed 64 KiB cluster from the
+//! file deflates to a few hundred bytes. Clusters read and not changed are not
+//! kept past the cache: they are read from the file again.
+
+use super::bytes::ClusterHasher;
+use super::bytes::ClusterMap;
+use crate::io::SharedSource;
+use flate2::Compression;
+use std::collections::HashMap;
+use std::io::Read;
+use std::io::Write;
+use std::sync::Arc;
+use std::sync::Mutex;
+
+type BuildHasher = std::hash::BuildHasherDefault<ClusterHasher>;
+
+/// Changed clusters by index: the deflated XOR of each with the file's bytes.
+pub(super) type PackedMap = HashMap<u64, Box<[u8]>, BuildHasher>;
+
+/// The cache holds about this many bytes of clusters.
+const CACHE_BYTES: u64 = 8 << 20;
+
+/// A cached cluster.
+struct Cached {
+    data: Box<[u8]>,
+    /// Changed since it was read (from the file or from its packed form).
+    changed: bool,
+    /// When it was last used (a counter).
+    used: u64,
+}
+
+/// The simulation's clusters.
+pub(super) struct Store {
+    cs: u64,
+    /// How many clusters the cache holds at most.
+    cap: usize,
+    cache: HashMap<u64, Cached, BuildHasher>,
+    packed: Arc<PackedMap>,
+    tick: u64,
+}
+
+impl Store {
+    pub(super) fn new(cs: u64) -> Store {
+        let cap = usize::try_from(CACHE_BYTES.checked_div(cs).unwrap_or(0))
+            .unwrap_or(usize::MAX)
+            .clamp(8, 8192);
+        Store {
+            cs,
+            cap,
+            cache: HashMap::default(),
+            packed: Arc::new(PackedMap::default()),
+            tick: 0,
+        }
+    }
+
+    /// Cluster `c` as it reads now; `change` when the caller is about to
+    /// change it. Bytes at or past `zero_from` read as zeros unless written.
+    pub(super) fn get(
+        &mut self,
+        c: u64,
+        base: &SharedSource,
+        zero_from: u64,
+        change: bool,
+    ) -> &mut [u8] {
+        self.tick = self.tick.wrapping_add(1);
+        if !self.cache.contains_key(&c) {
+            let data = self.load(c, base, zero_from);
+            if self.cache.len() >= self.cap {
+                self.evict(base, zero_from);
+            }
+            self.cache.insert(
+                c,
+                Cached {
+                    data,
+                    changed: false,
+                    used: 0,
+                },
+            );
+        }
+        let (tick, cs) = (self.tick, self.cs);
+        let e = self.cache.entry(c).or_insert_with(|| Cached {
+            data: vec![0u8; cs as usize].into_boxed_slice(),
+            changed: false,
+            used: 0,
+        });
+        e.used = tick;
+        e.changed |= change;
+        &mut e.data
+    }
+
+    /// Drop every cluster from `first` on (the file was cut there).
+    pub(super) fn forget_from(&mut self, first: u64) {
+        self.cache.retain(|&c, _| c < first);
+        if self.packed.keys().any(|&c| c >= first) {
+            Arc::make_mut(&mut self.packed).retain(|&c, _| c < first);
+        }
+    }
+
+    /// What an overlay of the current state needs: the packed clusters
+    /// (shared) and a copy of the changed clusters in the cache.
+    pub(super) fn snapshot(&self) -> (Arc<PackedMap>, ClusterMap) {
+        let fresh = self
+            .cache
+            .iter()
+            .filter(|(_, e)| e.changed)
+            .map(|(&c, e)| (c, e.data.clone()))
+            .collect();
+        (self.packed.clone(), fresh)
+    }
+
+    fn load(&self, c: u64, base: &SharedSource, zero_from: u64) -> Box<[u8]> {
+        let at = c.saturating_mul(self.cs);
+        let mut buf = vec![0u8; self.cs as usize].into_boxed_slice();
+        if let Some(p) = self.packed.get(&c) {
+            let _ = base.read_at(&mut buf, at);
+            unpack(p, &mut buf);
+        } else if at < zero_from {
+            let _ = base.read_at(&mut buf, at);
+            // A cluster the cut went through keeps only its head.
+            let keep = zero_from.saturating_sub(at).min(self.cs) as usize;
+            if let Some(tail) = buf.get_mut(keep..) {
+                tail.fill(0);
+            }
+        }
+        buf
+    }
+
+    /// Make room: the less recently used half of the cache leaves it, changed
+    /// clusters packed.
+    fn evict(&mut self, base: &SharedSource, zero_from: u64) {
+        let mut ages: Vec<u64> = self.cache.values().map(|e| e.used).collect();
+        let mid = ages.len() / 2;
+        let (_, &mut cut, _) = ages.select_nth_unstable(mid);
+        let old: Vec<u64> = self
+            .cache
+            .iter()
+            .filter(|(_, e)| e.used <= cut)
+            .map(|(&c, _)| c)
+            .collect();
+        for c in old {
+            let Some(e) = self.cache.remove(&c) else {
+                continue;
+            };
+            if e.changed {
+                self.pack(c, &e.data, base, zero_from);
+            }
+        }
+    }
+
+    fn pack(&mut self, c: u64, data: &[u8], base: &SharedSource, zero_from: u64) {
+        let at = c.saturating_mul(self.cs);
+        let mut diff = vec![0u8; data.len()];
+        let _ = base.read_at(&mut diff, at);
+        for (d, b) in diff.iter_mut().zip(data) {
+            *d ^= b;
+        }
+        let packed = Arc::make_mut(&mut self.packed);
+        // The same bytes as the file, where the file is not cut: nothing to keep.
+        if diff.iter().all(|&b| b == 0) && at.saturating_add(self.cs) <= zero_from {
+            packed.remove(&c);
+            return;
+        }
+        let mut enc = flate2::write::DeflateEncoder::new(Vec::new(), Compression::fast());
+        // Writing into a Vec cannot fail; should it, the cluster is kept whole
+        // (a stored block), never lost.
+        let out = match enc.write_all(&diff).and_then(|()| enc.finish()) {
+            Ok(v) => v,
+            Err(_) => stored(&diff),
+        };
+        packed.insert(c, out.into_boxed_slice());
+    }
+}
+
+/// `diff` as one uncompressed deflate stream (stored blocks).
+fn stored(diff: &[u8]) -> Vec<u8> {
+    let mut enc = flate2::write::DeflateEncoder::new(Vec::new(), Compression::none());
+    let _ = enc.write_all(diff);
+    enc.finish().unwrap_or_default()
+}
+
+/// XOR the packed difference `p` into `buf` (which holds the file's bytes).
+fn unpack(p: &[u8], buf: &mut [u8]) {
+    let mut diff = vec![0u8; buf.len()];
+    if flate2::read::DeflateDecoder::new(p)
+        .read_exact(&mut diff)
+        .is_ok()
+    {
+        for (b, d) in buf.iter_mut().zip(&diff) {
+            *b ^= d;
+        }
+    }
+}
+
+/// Packed clusters as an overlay reads them, with a few decoded ones kept.
+#[derive(Debug)]
+pub(super) struct PackedReader {
+    pub(super) packed: Arc<PackedMap>,
+    decoded: Mutex<Vec<(u64, Arc<[u8]>)>>,
+}
+
+/// How many decoded clusters a [`PackedReader`] keeps.
+const DECODED: usize = 8;
+
+impl PackedReader {
+    pub(super) fn new(packed: Arc<PackedMap>) -> PackedReader {
+        PackedReader {
+            packed,
+            decoded: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Cluster `c` (of `cs` bytes) if it is packed: the file's bytes with the
+    /// difference applied.
+    pub(super) fn cluster(
+        &self,
+        c: u64,
+        cs: u64,
+        base: &SharedSource,
+    ) -> std::io::Result<Option<Arc<[u8]>>> {
+        let Some(p) = self.packed.get(&c) else {
+            return Ok(None);
+        };
+        if let Ok(d) = self.decoded.lock()
+            && let Some((_, data)) = d.iter().find(|(k, _)| *k == c)
+        {
+            return Ok(Some(data.clone()));
+        }
+        let mut buf = vec![0u8; cs as usize];
+        base.read_at(&mut buf, c.saturating_mul(cs))?;
+        unpack(p, &mut buf);
+        let data: Arc<[u8]> = buf.into();
+        if let Ok(mut d) = self.decoded.lock() {
+            if d.len() >= DECODED {
+                d.remove(0);
+            }
+            d.push((c, data.clone()));
+        }
+        Ok(Some(data))
+    }
+}
