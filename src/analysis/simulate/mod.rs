@@ -155,7 +155,10 @@ pub struct Sim {
     reftable_writes: u64,
     /// The overlap check's memo: the metadata layout it was made for, and the
     /// clusters an L2-entry write was found not to overlap under that layout.
-    overlap_memo: (overlap::Layout, std::collections::HashSet<u64>),
+    overlap_memo: (
+        overlap::Layout,
+        std::collections::HashSet<u64, std::hash::BuildHasherDefault<ClusterHasher>>,
+    ),
 }
 
 /// Why a simulated operation fails (or would go where the simulator does not

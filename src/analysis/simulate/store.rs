@@ -24,10 +24,12 @@ type BuildHasher = std::hash::BuildHasherDefault<ClusterHasher>;
 pub(super) type PackedMap = HashMap<u64, Box<[u8]>, BuildHasher>;
 
 /// The cache holds about this many bytes of clusters.
-const CACHE_BYTES: u64 = 8 << 20;
+const CACHE_BYTES: u64 = 2 << 20;
 
 /// A cached cluster.
 struct Cached {
+    /// Its index.
+    c: u64,
     data: Box<[u8]>,
     /// Changed since it was read (from the file or from its packed form).
     changed: bool,
@@ -40,7 +42,11 @@ pub(super) struct Store {
     cs: u64,
     /// How many clusters the cache holds at most.
     cap: usize,
-    cache: HashMap<u64, Cached, BuildHasher>,
+    /// The cache, and where each cluster sits in it.
+    slots: Vec<Cached>,
+    index: HashMap<u64, usize, BuildHasher>,
+    /// The slot used last: a walk reads one table entry after another.
+    last: usize,
     packed: Arc<PackedMap>,
     tick: u64,
 }
@@ -53,7 +59,9 @@ impl Store {
         Store {
             cs,
             cap,
-            cache: HashMap::default(),
+            slots: Vec::new(),
+            index: HashMap::default(),
+            last: 0,
             packed: Arc::new(PackedMap::default()),
             tick: 0,
         }
@@ -69,34 +77,44 @@ impl Store {
         change: bool,
     ) -> &mut [u8] {
         self.tick = self.tick.wrapping_add(1);
-        if !self.cache.contains_key(&c) {
-            let data = self.load(c, base, zero_from);
-            if self.cache.len() >= self.cap {
-                self.evict(base, zero_from);
-            }
-            self.cache.insert(
-                c,
-                Cached {
+        let hit = match self.slots.get(self.last) {
+            Some(e) if e.c == c => Some(self.last),
+            _ => self.index.get(&c).copied(),
+        };
+        let i = match hit {
+            Some(i) => i,
+            None => {
+                let data = self.load(c, base, zero_from);
+                if self.slots.len() >= self.cap {
+                    self.evict(base, zero_from);
+                }
+                self.index.insert(c, self.slots.len());
+                self.slots.push(Cached {
+                    c,
                     data,
                     changed: false,
                     used: 0,
-                },
-            );
+                });
+                self.slots.len().saturating_sub(1)
+            }
+        };
+        self.last = i;
+        let tick = self.tick;
+        match self.slots.get_mut(i) {
+            Some(e) => {
+                e.used = tick;
+                e.changed |= change;
+                &mut e.data
+            }
+            // Every index in `index` and `last` names a slot.
+            None => &mut [],
         }
-        let (tick, cs) = (self.tick, self.cs);
-        let e = self.cache.entry(c).or_insert_with(|| Cached {
-            data: vec![0u8; cs as usize].into_boxed_slice(),
-            changed: false,
-            used: 0,
-        });
-        e.used = tick;
-        e.changed |= change;
-        &mut e.data
     }
 
     /// Drop every cluster from `first` on (the file was cut there).
     pub(super) fn forget_from(&mut self, first: u64) {
-        self.cache.retain(|&c, _| c < first);
+        self.slots.retain(|e| e.c < first);
+        self.reindex();
         if self.packed.keys().any(|&c| c >= first) {
             Arc::make_mut(&mut self.packed).retain(|&c, _| c < first);
         }
@@ -106,10 +124,10 @@ impl Store {
     /// (shared) and a copy of the changed clusters in the cache.
     pub(super) fn snapshot(&self) -> (Arc<PackedMap>, ClusterMap) {
         let fresh = self
-            .cache
+            .slots
             .iter()
-            .filter(|(_, e)| e.changed)
-            .map(|(&c, e)| (c, e.data.clone()))
+            .filter(|e| e.changed)
+            .map(|e| (e.c, e.data.clone()))
             .collect();
         (self.packed.clone(), fresh)
     }
@@ -134,23 +152,27 @@ impl Store {
     /// Make room: the less recently used half of the cache leaves it, changed
     /// clusters packed.
     fn evict(&mut self, base: &SharedSource, zero_from: u64) {
-        let mut ages: Vec<u64> = self.cache.values().map(|e| e.used).collect();
+        let mut ages: Vec<u64> = self.slots.iter().map(|e| e.used).collect();
         let mid = ages.len() / 2;
         let (_, &mut cut, _) = ages.select_nth_unstable(mid);
-        let old: Vec<u64> = self
-            .cache
-            .iter()
-            .filter(|(_, e)| e.used <= cut)
-            .map(|(&c, _)| c)
-            .collect();
-        for c in old {
-            let Some(e) = self.cache.remove(&c) else {
-                continue;
-            };
+        let (old, keep): (Vec<Cached>, Vec<Cached>) = std::mem::take(&mut self.slots)
+            .into_iter()
+            .partition(|e| e.used <= cut);
+        self.slots = keep;
+        self.reindex();
+        for e in old {
             if e.changed {
-                self.pack(c, &e.data, base, zero_from);
+                self.pack(e.c, &e.data, base, zero_from);
             }
         }
+    }
+
+    fn reindex(&mut self) {
+        self.index.clear();
+        for (i, e) in self.slots.iter().enumerate() {
+            self.index.insert(e.c, i);
+        }
+        self.last = 0;
     }
 
     fn pack(&mut self, c: u64, data: &[u8], base: &SharedSource, zero_from: u64) {
@@ -242,5 +264,91 @@ impl PackedReader {
             d.push((c, data.clone()));
         }
         Ok(Some(data))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::io::MemSource;
+
+    const CS: u64 = 65536;
+
+    /// A file of `n` clusters, cluster `i` filled with byte `i`.
+    fn file(n: u64) -> SharedSource {
+        let bytes = (0..n)
+            .flat_map(|i| std::iter::repeat_n(i as u8, CS as usize))
+            .collect();
+        Arc::new(MemSource::new("f", bytes))
+    }
+
+    #[test]
+    fn changes_outlive_the_cache_and_reads_do_not_stay() {
+        let n = 200u64;
+        let base = file(n);
+        let mut st = Store::new(CS);
+        assert!(st.cap < n as usize, "the test must overflow the cache");
+        // Every even cluster gets its first byte flipped; odd ones are only read.
+        for c in 0..n {
+            let d = st.get(c, &base, u64::MAX, c % 2 == 0);
+            assert_eq!(d.first().copied(), Some(c as u8));
+            if c % 2 == 0
+                && let Some(b) = d.first_mut()
+            {
+                *b ^= 0x80;
+            }
+        }
+        // Cluster 0 is changed back to the file's bytes.
+        if let Some(b) = st.get(0, &base, u64::MAX, true).first_mut() {
+            *b ^= 0x80;
+        }
+        for c in (0..n).rev() {
+            st.get(c, &base, u64::MAX, false);
+        }
+        assert!(st.slots.len() <= st.cap);
+        // Only changed clusters are packed, each far smaller than a cluster;
+        // cluster 0, the same as the file again, is not kept.
+        assert!(!st.packed.contains_key(&0));
+        assert!(st.packed.keys().all(|c| c % 2 == 0));
+        assert!(st.packed.values().all(|p| p.len() < 1024));
+        for c in 1..n {
+            let d = st.get(c, &base, u64::MAX, false);
+            let want = if c % 2 == 0 { c as u8 ^ 0x80 } else { c as u8 };
+            assert_eq!(d.first().copied(), Some(want), "cluster {c}");
+            assert!(d.get(1..).is_some_and(|t| t.iter().all(|&b| b == c as u8)));
+        }
+        // An overlay of this state reads the same bytes.
+        let (packed, fresh) = st.snapshot();
+        let reader = PackedReader::new(packed);
+        for c in 2..n {
+            let want = if c % 2 == 0 { c as u8 ^ 0x80 } else { c as u8 };
+            let got = match fresh.get(&c) {
+                Some(d) => d.first().copied(),
+                None => reader
+                    .cluster(c, CS, &base)
+                    .ok()
+                    .flatten()
+                    .and_then(|d| d.first().copied()),
+            };
+            let got = got.or_else(|| (c % 2 == 1).then_some(c as u8));
+            assert_eq!(got, Some(want), "cluster {c} through the overlay");
+        }
+    }
+
+    #[test]
+    fn a_cut_file_reads_zeros_unless_written() {
+        let base = file(4);
+        let mut st = Store::new(CS);
+        let cut = 2 * CS;
+        assert!(st.get(3, &base, cut, false).iter().all(|&b| b == 0));
+        st.get(2, &base, cut, true).fill(2);
+        st.forget_from(3);
+        // Pushed out of the cache: cluster 2 holds the file's bytes again, but
+        // the file is cut there, so the change is kept.
+        for c in 10..10 + st.cap as u64 + 1 {
+            st.get(c, &base, cut, false);
+        }
+        assert!(st.packed.contains_key(&2));
+        assert!(st.get(2, &base, cut, false).iter().all(|&b| b == 2));
     }
 }
