@@ -168,9 +168,6 @@ impl Change {
     /// Whether a change of `target` from `before` to `after`, for `reason`,
     /// continues this run.
     fn extended_by(&self, target: &Target, before: u64, after: u64, reason: &str) -> bool {
-        if self.reason != reason {
-            return false;
-        }
         // Refcounts merge when they change the same way; table entries when the
         // same bits flip (e.g. COPIED cleared on a run of entries).
         let same = match self.target {
@@ -182,7 +179,7 @@ impl Change {
         if !same {
             return false;
         }
-        match (&self.target, target) {
+        (match (&self.target, target) {
             (Target::Refcount { cluster: a }, Target::Refcount { cluster: b }) => {
                 a.checked_add(self.count) == Some(*b)
             }
@@ -209,7 +206,7 @@ impl Change {
                 },
             ) => t1 == t2 && a.checked_add(self.count) == Some(*b),
             _ => false,
-        }
+        }) && self.reason == reason
     }
 }
 

@@ -1,7 +1,9 @@
 //! Simulating what QEMU would write: refcount updates, snapshots, copy-on-write.
 //!
-//! A [`Sim`] keeps an in-memory copy of every metadata cluster an operation reads
-//! or changes, on top of the read-only image, and replays QEMU's algorithms on it
+//! A [`Sim`] keeps every cluster an operation changes (as its compressed
+//! difference from the file once it leaves a small cache of recently used
+//! clusters), reads the rest from the read-only image as it needs them, and
+//! replays QEMU's algorithms on that
 //! (`block/qcow2-refcount.c`, `qcow2-snapshot.c`, `qcow2-cluster.c`):
 //!
 //! * **the refcount walk** (`qcow2_update_snapshot_refcount`): for every L2 table an

@@ -99,6 +99,12 @@ impl Sim {
     }
 
     pub(super) fn update_one(&mut self, c: u64, addend: u64, decrease: bool) -> SimResult<()> {
+        self.update_one_to(c, addend, decrease).map(|_| ())
+    }
+
+    /// [`Sim::update_one`], giving the cluster's new refcount (what
+    /// [`Sim::get_refcount`] reads right after).
+    pub(super) fn update_one_to(&mut self, c: u64, addend: u64, decrease: bool) -> SimResult<u64> {
         let ti = c >> self.block_bits();
         let block = match self.refcount_block_for(ti, c) {
             Ok(b) => b,
@@ -134,7 +140,7 @@ impl Sim {
             let r = self.reason.clone();
             self.freed.push((c, r));
         }
-        Ok(())
+        Ok(new)
     }
 
     /// The refcount block for table index `ti` (QEMU's `alloc_refcount_block`,

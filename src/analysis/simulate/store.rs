@@ -26,6 +26,12 @@ pub(super) type PackedMap = HashMap<u64, Box<[u8]>, BuildHasher>;
 /// The cache holds about this many bytes of clusters.
 const CACHE_BYTES: u64 = 2 << 20;
 
+/// How many recently used slots are tried before the index.
+const RECENT: usize = 4;
+
+/// No cluster: an index past any a file can hold.
+const NONE: (u64, usize) = (u64::MAX, usize::MAX);
+
 /// A cached cluster.
 struct Cached {
     /// Its index.
@@ -45,8 +51,10 @@ pub(super) struct Store {
     /// The cache, and where each cluster sits in it.
     slots: Vec<Cached>,
     index: HashMap<u64, usize, BuildHasher>,
-    /// The slot used last: a walk reads one table entry after another.
-    last: usize,
+    /// The slots used last, and which of them to replace next: a walk goes
+    /// from an L2 entry to the refcount table to a refcount block and back.
+    recent: [(u64, usize); RECENT],
+    next: usize,
     packed: Arc<PackedMap>,
     tick: u64,
 }
@@ -61,7 +69,8 @@ impl Store {
             cap,
             slots: Vec::new(),
             index: HashMap::default(),
-            last: 0,
+            recent: [NONE; RECENT],
+            next: 0,
             packed: Arc::new(PackedMap::default()),
             tick: 0,
         }
@@ -77,28 +86,26 @@ impl Store {
         change: bool,
     ) -> &mut [u8] {
         self.tick = self.tick.wrapping_add(1);
-        let hit = match self.slots.get(self.last) {
-            Some(e) if e.c == c => Some(self.last),
-            _ => self.index.get(&c).copied(),
-        };
-        let i = match hit {
+        let recent = self
+            .recent
+            .iter()
+            .find(|r| r.0 == c)
+            .map(|r| r.1)
+            .filter(|&i| self.slots.get(i).is_some_and(|e| e.c == c));
+        let i = match recent {
             Some(i) => i,
             None => {
-                let data = self.load(c, base, zero_from);
-                if self.slots.len() >= self.cap {
-                    self.evict(base, zero_from);
+                let i = match self.index.get(&c).copied() {
+                    Some(i) => i,
+                    None => self.insert(c, base, zero_from),
+                };
+                if let Some(r) = self.recent.get_mut(self.next) {
+                    *r = (c, i);
                 }
-                self.index.insert(c, self.slots.len());
-                self.slots.push(Cached {
-                    c,
-                    data,
-                    changed: false,
-                    used: 0,
-                });
-                self.slots.len().saturating_sub(1)
+                self.next = self.next.wrapping_add(1) % RECENT;
+                i
             }
         };
-        self.last = i;
         let tick = self.tick;
         match self.slots.get_mut(i) {
             Some(e) => {
@@ -109,6 +116,22 @@ impl Store {
             // Every index in `index` and `last` names a slot.
             None => &mut [],
         }
+    }
+
+    /// Read cluster `c` into the cache: its slot.
+    fn insert(&mut self, c: u64, base: &SharedSource, zero_from: u64) -> usize {
+        let data = self.load(c, base, zero_from);
+        if self.slots.len() >= self.cap {
+            self.evict(base, zero_from);
+        }
+        self.index.insert(c, self.slots.len());
+        self.slots.push(Cached {
+            c,
+            data,
+            changed: false,
+            used: 0,
+        });
+        self.slots.len().saturating_sub(1)
     }
 
     /// Drop every cluster from `first` on (the file was cut there).
@@ -172,7 +195,7 @@ impl Store {
         for (i, e) in self.slots.iter().enumerate() {
             self.index.insert(e.c, i);
         }
-        self.last = 0;
+        self.recent = [NONE; RECENT];
     }
 
     fn pack(&mut self, c: u64, data: &[u8], base: &SharedSource, zero_from: u64) {
