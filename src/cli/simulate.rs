@@ -112,7 +112,9 @@ pub fn run(a: Args) -> CmdResult {
 }
 
 /// The simulated image checked, or why it cannot be opened.
-fn check_after(sim: &Sim) -> (qinspect::check::CheckReport, Option<String>) {
+fn check_after(sim: &mut Sim) -> (qinspect::check::CheckReport, Option<String>) {
+    // The check reads every table: the simulator's cache is no use to it.
+    sim.settle();
     // The simulated image may be too broken to open again (an operation on a
     // corrupt image can overwrite metadata): that is a result, not a crash.
     match sim.image() {

@@ -414,6 +414,13 @@ impl Sim {
         })
     }
 
+    /// Pack every changed cluster and let go of the cache of recent ones,
+    /// so that an overlay made next ([`Sim::source`]) copies none of them:
+    /// for a long look at the result, such as a check.
+    pub fn settle(&mut self) {
+        self.clusters.settle(&self.base, self.zero_from);
+    }
+
     /// The simulated image, opened.
     pub fn image(&self) -> Result<Qcow2> {
         Qcow2::open(self.source(), Strictness::Lenient)

@@ -24,7 +24,7 @@ type BuildHasher = std::hash::BuildHasherDefault<ClusterHasher>;
 pub(super) type PackedMap = HashMap<u64, Box<[u8]>, BuildHasher>;
 
 /// The cache holds about this many bytes of clusters.
-const CACHE_BYTES: u64 = 2 << 20;
+const CACHE_BYTES: u64 = 1 << 20;
 
 /// How many recently used slots are tried before the index.
 const RECENT: usize = 4;
@@ -116,6 +116,16 @@ impl Store {
             // Every index in `index` and `last` names a slot.
             None => &mut [],
         }
+    }
+
+    /// Pack every changed cluster in the cache and empty it.
+    pub(super) fn settle(&mut self, base: &SharedSource, zero_from: u64) {
+        for e in std::mem::take(&mut self.slots) {
+            if e.changed {
+                self.pack(e.c, &e.data, base, zero_from);
+            }
+        }
+        self.reindex();
     }
 
     /// Read cluster `c` into the cache: its slot.
@@ -355,6 +365,17 @@ mod tests {
             };
             let got = got.or_else(|| (c % 2 == 1).then_some(c as u8));
             assert_eq!(got, Some(want), "cluster {c} through the overlay");
+        }
+        // Settled: the cache is empty, nothing is copied to an overlay, and
+        // every change is still there.
+        st.settle(&base, u64::MAX);
+        assert!(st.slots.is_empty() && st.snapshot().1.is_empty());
+        for c in 1..n {
+            let want = if c % 2 == 0 { c as u8 ^ 0x80 } else { c as u8 };
+            assert_eq!(
+                st.get(c, &base, u64::MAX, false).first().copied(),
+                Some(want)
+            );
         }
     }
 
