@@ -260,7 +260,7 @@ pub(super) struct PackedReader {
 }
 
 /// How many decoded clusters a [`PackedReader`] keeps.
-const DECODED: usize = 8;
+const DECODED: usize = 2;
 
 impl PackedReader {
     pub(super) fn new(packed: Arc<PackedMap>) -> PackedReader {
