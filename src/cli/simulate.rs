@@ -138,7 +138,9 @@ pub fn run(a: Args) -> CmdResult {
 }
 
 /// The simulated image checked, or why it cannot be opened.
-fn check_after(sim: &Sim) -> (qinspect::check::CheckReport, Option<String>) {
+fn check_after(sim: &mut Sim) -> (qinspect::check::CheckReport, Option<String>) {
+    // The check reads every table: the simulator's cache is no use to it.
+    sim.settle();
     // The simulated image may be too broken to open again (an operation on a
     // corrupt image can overwrite metadata): that is a result, not a crash.
     match sim.image() {
@@ -168,34 +170,73 @@ fn write_json(out: &mut impl Write, sim: &mut Sim, name: &str) -> std::io::Resul
     }
     write!(out, "\"operations\": ")?;
     serde_json::to_writer_pretty(&mut *out, &sim.records)?;
+    // Every list is serialized as it is written: a snapshot delete can free
+    // millions of clusters, and refcounts_after lists every cluster in use.
     write!(out, ",\n\"allocated\": ")?;
-    let allocated: Vec<_> = sim
-        .allocated
-        .iter()
-        .map(|(o, l, p)| json!({"offset": o, "length": l, "cluster": o / cs, "purpose": p}))
-        .collect();
-    serde_json::to_writer_pretty(&mut *out, &allocated)?;
+    serde_json::to_writer_pretty(
+        &mut *out,
+        &JsonList(sim.allocated.iter().map(|(o, l, p)| Allocated {
+            cluster: o / cs,
+            length: *l,
+            offset: *o,
+            purpose: p,
+        })),
+    )?;
     write!(out, ",\n\"freed\": ")?;
-    let freed: Vec<_> = sim
-        .freed
-        .iter()
-        .map(|(c, why)| json!({"cluster": c, "offset": c * cs, "reason": why}))
-        .collect();
-    serde_json::to_writer_pretty(&mut *out, &freed)?;
+    serde_json::to_writer_pretty(
+        &mut *out,
+        &JsonList(sim.freed.iter().map(|(c, why)| Freed {
+            cluster: *c,
+            offset: c * cs,
+            reason: why,
+        })),
+    )?;
     write!(out, ",\n\"refcounts_after\": [")?;
-    let mut first = true;
-    for (c, r) in sim.refcounts() {
-        write!(
-            out,
-            "{}\n  {{\"cluster\": {c}, \"refcount\": {r}}}",
-            if first { "" } else { "," }
-        )?;
-        first = false;
-    }
+    let mut sep = "";
+    let (mut c_buf, mut r_buf) = (itoa::Buffer::new(), itoa::Buffer::new());
+    sim.try_for_each_refcount(|c, r| {
+        write!(out, "{sep}\n  {{\"cluster\": ")?;
+        out.write_all(c_buf.format(c).as_bytes())?;
+        out.write_all(b", \"refcount\": ")?;
+        out.write_all(r_buf.format(r).as_bytes())?;
+        out.write_all(b"}")?;
+        sep = ",";
+        Ok::<(), std::io::Error>(())
+    })?;
     write!(out, "\n],\n\"check\": ")?;
     serde_json::to_writer_pretty(&mut *out, &super::check::report_json(&report, name))?;
     writeln!(out, "\n}}")?;
     Ok(failed)
+}
+
+/// An `allocated` entry of the JSON output (keys in the order they print).
+#[derive(serde::Serialize)]
+struct Allocated<'a> {
+    cluster: u64,
+    length: u64,
+    offset: u64,
+    purpose: &'a str,
+}
+
+/// A `freed` entry of the JSON output.
+#[derive(serde::Serialize)]
+struct Freed<'a> {
+    cluster: u64,
+    offset: u64,
+    reason: &'a str,
+}
+
+/// A JSON array of the items an iterator gives, serialized one at a time.
+struct JsonList<I>(I);
+
+impl<I, T> serde::Serialize for JsonList<I>
+where
+    I: Iterator<Item = T> + Clone,
+    T: serde::Serialize,
+{
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(self.0.clone())
+    }
 }
 
 /// One layer for people; whether something failed.

@@ -55,21 +55,16 @@ impl Sim {
         n.saturating_mul(self.cs)
     }
 
+    /// Cluster `c`, to change: it is kept (packed when it leaves the cache)
+    /// until the simulation ends.
     pub(super) fn cluster(&mut self, c: u64) -> &mut [u8] {
-        let at = self.cluster_start(c);
-        let (base, cs, zero_from) = (&self.base, self.cs, self.zero_from);
-        self.clusters.entry(c).or_insert_with(|| {
-            let mut buf = vec![0u8; cs as usize].into_boxed_slice();
-            if at < zero_from {
-                let _ = base.read_at(&mut buf, at);
-                // A cluster the cut went through keeps only its head.
-                let keep = zero_from.saturating_sub(at).min(cs) as usize;
-                if let Some(tail) = buf.get_mut(keep..) {
-                    tail.fill(0);
-                }
-            }
-            buf
-        })
+        self.clusters.get(c, &self.base, self.zero_from, true)
+    }
+
+    /// Cluster `c` to read, not to change: once it leaves the cache it is
+    /// read from the file again.
+    pub(super) fn cluster_ro(&mut self, c: u64) -> &[u8] {
+        self.clusters.get(c, &self.base, self.zero_from, false)
     }
 
     pub(super) fn read_bytes(&mut self, off: u64, len: u64) -> Vec<u8> {
@@ -82,7 +77,7 @@ impl Sim {
             // 1..=cs - within bytes, so pos moves on and stays <= end.
             let n =
                 (end.saturating_sub(pos) as usize).min((self.cs as usize).saturating_sub(within));
-            let cl = self.cluster(c);
+            let cl = self.cluster_ro(c);
             out.extend_from_slice(crate::bytes::slice(cl, within, n));
             pos = pos.saturating_add(n as u64);
         }
@@ -139,7 +134,7 @@ impl Sim {
     pub(super) fn read_u64(&mut self, off: u64) -> u64 {
         let within = self.within(off) as usize;
         let c = self.cluster_of(off);
-        crate::bytes::be64(self.cluster(c), within)
+        crate::bytes::be64(self.cluster_ro(c), within)
     }
 
     pub(super) fn write_u64(&mut self, off: u64, v: u64) -> SimResult<()> {
@@ -153,7 +148,10 @@ pub struct OverlaySource {
     pub(super) base: SharedSource,
     pub(super) cs: u64,
     pub(super) cluster_bits: u32,
+    /// Changed clusters that were in the simulation's cache, as they read.
     pub(super) clusters: ClusterMap,
+    /// Every other changed cluster, packed.
+    pub(super) packed: super::store::PackedReader,
     pub(super) len: u64,
     pub(super) zero_from: u64,
     pub(super) name: PathBuf,
@@ -178,13 +176,17 @@ impl Source for OverlaySource {
             let Some(dst) = buf.get_mut(done..done.saturating_add(n)) else {
                 break;
             };
-            match self.clusters.get(&c) {
-                Some(cl) => dst.copy_from_slice(crate::bytes::slice(cl, within, n)),
-                None => {
-                    self.base.read_at(dst, pos)?;
-                }
-            }
-            if pos >= self.len || (pos >= self.zero_from && !self.clusters.contains_key(&c)) {
+            let changed = if let Some(cl) = self.clusters.get(&c) {
+                dst.copy_from_slice(crate::bytes::slice(cl, within, n));
+                true
+            } else if let Some(cl) = self.packed.cluster(c, self.cs, &self.base)? {
+                dst.copy_from_slice(crate::bytes::slice(&cl, within, n));
+                true
+            } else {
+                self.base.read_at(dst, pos)?;
+                false
+            };
+            if pos >= self.len || (pos >= self.zero_from && !changed) {
                 dst.fill(0);
             }
             // Data written after a cut counts (what was there before is gone).

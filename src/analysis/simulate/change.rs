@@ -165,22 +165,21 @@ impl Change {
         }
     }
 
-    fn extends(&self, next: &Change) -> bool {
-        if self.reason != next.reason {
-            return false;
-        }
+    /// Whether a change of `target` from `before` to `after`, for `reason`,
+    /// continues this run.
+    fn extended_by(&self, target: &Target, before: u64, after: u64, reason: &str) -> bool {
         // Refcounts merge when they change the same way; table entries when the
         // same bits flip (e.g. COPIED cleared on a run of entries).
         let same = match self.target {
             Target::L1Entry { .. } | Target::L2Entry { .. } => {
-                self.before ^ self.after == next.before ^ next.after
+                self.before ^ self.after == before ^ after
             }
-            _ => self.before == next.before && self.after == next.after,
+            _ => self.before == before && self.after == after,
         };
         if !same {
             return false;
         }
-        match (&self.target, &next.target) {
+        (match (&self.target, target) {
             (Target::Refcount { cluster: a }, Target::Refcount { cluster: b }) => {
                 a.checked_add(self.count) == Some(*b)
             }
@@ -207,7 +206,7 @@ impl Change {
                 },
             ) => t1 == t2 && a.checked_add(self.count) == Some(*b),
             _ => false,
-        }
+        }) && self.reason == reason
     }
 }
 
@@ -215,25 +214,26 @@ impl Sim {
     // ---- recording ---------------------------------------------------------
 
     pub(super) fn record(&mut self, target: Target, before: u64, after: u64) {
-        let c = Change {
-            target,
-            count: 1,
-            before,
-            after,
-            reason: self.reason.clone(),
-        };
         // Merge with the previous change, or with the one before it when the two
         // alternate (a refcount, then the L2 entry whose COPIED flag follows it).
+        // Most changes of a walk extend a run: the reason is copied only for a
+        // new one.
         let n = self.steps.len();
         for back in 1..=2usize.min(n) {
             if let Some(prev) = n.checked_sub(back).and_then(|i| self.steps.get_mut(i))
-                && prev.extends(&c)
+                && prev.extended_by(&target, before, after, &self.reason)
             {
                 prev.count = prev.count.saturating_add(1);
                 return;
             }
         }
-        self.steps.push(c);
+        self.steps.push(Change {
+            target,
+            count: 1,
+            before,
+            after,
+            reason: self.reason.clone(),
+        });
     }
 
     pub(super) fn note(&mut self, text: String) {

@@ -465,9 +465,9 @@ impl Sim {
                 .saturating_sub(within)
                 .min(end.saturating_sub(at))
                 .max(1);
-            let p = match self.clusters.get(&c) {
+            let p = match self.clusters.held(c, &self.base, self.zero_from) {
                 Some(cl) => Piece::Bytes(
-                    Arc::from(crate::bytes::slice(cl, within as usize, m as usize)),
+                    Arc::from(crate::bytes::slice(&cl, within as usize, m as usize)),
                     0,
                 ),
                 None if at >= self.zero_from || at >= self.file_len => Piece::Fill(0),

@@ -1,7 +1,9 @@
 //! Simulating what QEMU would write: refcount updates, snapshots, copy-on-write.
 //!
-//! A [`Sim`] keeps an in-memory copy of every metadata cluster an operation reads
-//! or changes, on top of the read-only image, and replays QEMU's algorithms on it
+//! A [`Sim`] keeps every cluster an operation changes (as its compressed
+//! difference from the file once it leaves a small cache of recently used
+//! clusters), reads the rest from the read-only image as it needs them, and
+//! replays QEMU's algorithms on that
 //! (`block/qcow2-refcount.c`, `qcow2-snapshot.c`, `qcow2-cluster.c`):
 //!
 //! * **the refcount walk** (`qcow2_update_snapshot_refcount`): for every L2 table an
@@ -36,10 +38,10 @@ mod refcount;
 mod repair;
 mod resize;
 mod snapshot;
+mod store;
 mod walk;
 mod zeroes;
 
-use bytes::ClusterMap;
 pub use bytes::{ClusterHasher, OverlaySource};
 pub use change::{Change, Target};
 pub use data::{DEFAULT_PATTERN, DataMap, Piece};
@@ -50,7 +52,9 @@ use crate::error::{Error, Result};
 use crate::header::Header;
 use crate::image::{Qcow2, Strictness};
 use crate::io::SharedSource;
+use crate::refcount::get_refcount;
 use crate::types::Geometry;
+use crate::types::low_mask as types_low_mask;
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -116,8 +120,8 @@ pub struct Sim {
     max_refcount: u64,
     version: u32,
     has_data_file: bool,
-    /// Clusters read or written, by cluster index.
-    clusters: ClusterMap,
+    /// Clusters read or written: a bounded cache, and every changed one.
+    clusters: store::Store,
     /// Host file length (grows when clusters past the end are allocated).
     file_len: u64,
     l1: Vec<u64>,
@@ -155,7 +159,10 @@ pub struct Sim {
     reftable_writes: u64,
     /// The overlap check's memo: the metadata layout it was made for, and the
     /// clusters an L2-entry write was found not to overlap under that layout.
-    overlap_memo: (overlap::Layout, std::collections::HashSet<u64>),
+    overlap_memo: (
+        overlap::Layout,
+        std::collections::HashSet<u64, std::hash::BuildHasherDefault<ClusterHasher>>,
+    ),
     /// What the data clusters written hold, described.
     data: data::Data,
 }
@@ -289,7 +296,7 @@ impl Sim {
             max_refcount: img.refcount_geometry().max(),
             version: h.version,
             has_data_file: h.has_data_file(),
-            clusters: ClusterMap::default(),
+            clusters: store::Store::new(geo.cluster_size()),
             file_len: img.file_len(),
             l1: img.l1.iter().map(|e| e.0).collect(),
             l1_table_offset: h.l1_table_offset.get(),
@@ -405,17 +412,26 @@ impl Sim {
     /// The simulated image as a read-only source: the original bytes with every
     /// changed cluster laid over them.
     pub fn source(&self) -> SharedSource {
+        let (packed, clusters) = self.clusters.snapshot();
         Arc::new(OverlaySource {
+            packed: store::PackedReader::new(packed),
             base: self.base.clone(),
             cs: self.cs,
             cluster_bits: self.geo.cluster_bits,
-            clusters: self.clusters.clone(),
+            clusters,
             len: self.file_len,
             zero_from: self.zero_from,
             name: self.path.clone(),
             data: self.data.map.clone(),
             below: self.data.below(),
         })
+    }
+
+    /// Pack every changed cluster and let go of the cache of recent ones,
+    /// so that an overlay made next ([`Sim::source`]) copies none of them:
+    /// for a long look at the result, such as a check.
+    pub fn settle(&mut self) {
+        self.clusters.settle(&self.base, self.zero_from);
     }
 
     /// The simulated image, opened.
@@ -425,19 +441,51 @@ impl Sim {
 
     /// Every cluster with a non-zero refcount, in order, after all operations.
     pub fn refcounts(&mut self) -> Vec<(u64, u64)> {
-        let n = self.file_len.div_ceil(self.cs);
         let mut out = Vec::new();
-        for c in 0..n
-            .max(self.reftable_len() << self.block_bits())
-            .min(n.max(1).saturating_add(1 << 20))
-        {
-            if let Ok(r) = self.get_refcount(c)
-                && r != 0
-            {
-                out.push((c, r));
-            }
-        }
+        let _ = self.try_for_each_refcount(|c, r| {
+            out.push((c, r));
+            Ok::<(), std::convert::Infallible>(())
+        });
         out
+    }
+
+    /// [`Sim::refcounts`] one cluster at a time, in order, without building
+    /// the list (an image of a few TiB has tens of millions of clusters):
+    /// `f` gets each cluster with a non-zero refcount and its refcount, and
+    /// its first error stops the walk. Each refcount block is looked up once.
+    pub fn try_for_each_refcount<E>(
+        &mut self,
+        mut f: impl FnMut(u64, u64) -> std::result::Result<(), E>,
+    ) -> std::result::Result<(), E> {
+        let n = self.file_len.div_ceil(self.cs);
+        let end = n
+            .max(self.reftable_len() << self.block_bits())
+            .min(n.max(1).saturating_add(1 << 20));
+        let bb = self.block_bits();
+        let order = self.order;
+        let mut c = 0u64;
+        while c < end {
+            let ti = c >> bb;
+            // The first cluster of the next block: this block covers c..next.
+            let next = ti
+                .saturating_add(1)
+                .checked_shl(bb)
+                .unwrap_or(u64::MAX)
+                .min(end);
+            let block = self.refcount_block_at(ti);
+            if let Some(bc) = block {
+                let data = self.cluster_ro(bc);
+                let first = c & types_low_mask(bb);
+                for (k, cl) in (c..next).enumerate() {
+                    let r = get_refcount(data, order, first.saturating_add(k as u64));
+                    if r != 0 {
+                        f(cl, r)?;
+                    }
+                }
+            }
+            c = next;
+        }
+        Ok(())
     }
 
     /// Host file length after the operations.

@@ -31,6 +31,19 @@ impl Sim {
             .saturating_add(ti.saturating_mul(8))
     }
 
+    /// The cluster of the refcount block table entry `ti` names, if it names
+    /// one at an aligned offset (what [`Sim::get_refcount`] reads).
+    pub(super) fn refcount_block_at(&mut self, ti: u64) -> Option<u64> {
+        if ti >= self.reftable_len() {
+            return None;
+        }
+        let e = self.read_u64(self.reftable_entry_offset(ti));
+        let block = crate::refcount::RefTableEntry(e)
+            .block_offset()
+            .map_or(0, |o| o.0);
+        (block != 0 && block.is_multiple_of(self.cs)).then(|| self.cluster_of(block))
+    }
+
     /// QEMU's `qcow2_get_refcount`.
     pub(super) fn get_refcount(&mut self, c: u64) -> SimResult<u64> {
         let ti = c >> self.block_bits();
@@ -52,7 +65,7 @@ impl Sim {
         let idx = c & low_mask(self.block_bits());
         let order = self.order;
         let bc = self.cluster_of(block);
-        Ok(get_refcount(self.cluster(bc), order, idx))
+        Ok(get_refcount(self.cluster_ro(bc), order, idx))
     }
 
     /// QEMU's `update_refcount`: add or subtract `addend` on every cluster the byte
@@ -86,6 +99,12 @@ impl Sim {
     }
 
     pub(super) fn update_one(&mut self, c: u64, addend: u64, decrease: bool) -> SimResult<()> {
+        self.update_one_to(c, addend, decrease).map(|_| ())
+    }
+
+    /// [`Sim::update_one`], giving the cluster's new refcount (what
+    /// [`Sim::get_refcount`] reads right after).
+    pub(super) fn update_one_to(&mut self, c: u64, addend: u64, decrease: bool) -> SimResult<u64> {
         let ti = c >> self.block_bits();
         let block = match self.refcount_block_for(ti, c) {
             Ok(b) => b,
@@ -98,7 +117,7 @@ impl Sim {
         let idx = c & low_mask(self.block_bits());
         let order = self.order;
         let bc = self.cluster_of(block);
-        let cur = get_refcount(self.cluster(bc), order, idx);
+        let cur = get_refcount(self.cluster_ro(bc), order, idx);
         let new = if decrease {
             cur.checked_sub(addend)
         } else {
@@ -121,7 +140,7 @@ impl Sim {
             let r = self.reason.clone();
             self.freed.push((c, r));
         }
-        Ok(())
+        Ok(new)
     }
 
     /// The refcount block for table index `ti` (QEMU's `alloc_refcount_block`,

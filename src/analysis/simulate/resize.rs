@@ -124,7 +124,7 @@ impl Sim {
                 self.file_len = end;
                 self.zero_from = self.zero_from.min(end);
                 let first_gone = last;
-                self.clusters.retain(|&c, _| c < first_gone);
+                self.clusters.forget_from(first_gone);
                 self.data.map.cut(end);
             }
         } else {

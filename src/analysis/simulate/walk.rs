@@ -154,9 +154,10 @@ impl Sim {
                     }
                     if addend != 0 {
                         self.reason.clone_from(&data_reason);
-                        self.update_one(self.cluster_of(off), 1, addend < 0)?;
+                        self.update_one_to(self.cluster_of(off), 1, addend < 0)?
+                    } else {
+                        self.get_refcount(self.cluster_of(off))?
                     }
-                    self.get_refcount(self.cluster_of(off))?
                 }
                 _ => 0,
             };
