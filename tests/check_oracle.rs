@@ -663,3 +663,24 @@ fn clusters_of_a_range_read_only_its_refcount_blocks() {
         }
     }
 }
+
+/// Among a long run of shared data clusters (no COPIED flag, refcount 2), one
+/// whose refcount says 1 is a COPIED finding, as qemu-img check says: the check
+/// skips agreeing stretches of refcounts at once, and must not skip this one.
+#[test]
+fn copied_missing_inside_a_long_shared_run() {
+    let w = Work::new();
+    w.qemu_img(&["create", "-f", "qcow2", "s.qcow2", "1G"]);
+    // 512 contiguous data clusters, 5..=516, then shared with a snapshot.
+    w.qemu_io("s.qcow2", &["write -P 0x5a 0 32M"]);
+    w.qemu_img(&["snapshot", "-c", "s", "s.qcow2"]);
+    w.set_refcount("s.qcow2", 300, 1);
+    let v = w.assert_check_matches("s.qcow2");
+    let copied: Vec<&Value> = findings(&v)
+        .iter()
+        .filter(|f| f["category"] == "copied")
+        .collect();
+    assert_eq!(copied.len(), 1, "{copied:?}");
+    assert_eq!(copied[0]["cluster"], 300);
+    assert_eq!(copied[0]["refcount"], 1);
+}
