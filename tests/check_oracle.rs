@@ -685,8 +685,8 @@ fn copied_missing_inside_a_long_shared_run() {
     assert_eq!(copied[0]["refcount"], 1);
 }
 
-/// An image of more than 1 Mi clusters is compared in two halves on two threads:
-/// a wrong refcount in each half is found, as qemu-img check finds it, and the
+/// On an image of more than 1 Mi clusters (the L2 tables walked in two halves),
+/// a wrong refcount near each end is found, as qemu-img check finds it, and the
 /// findings come out in cluster order.
 #[test]
 fn refcounts_wrong_in_both_halves_of_a_large_image() {

@@ -10,80 +10,17 @@ use crate::refcount::get_refcount;
 use crate::types::low_mask;
 use std::collections::BTreeMap;
 
-/// Below this many clusters the comparison stays on one thread.
-const SPLIT_MIN_CLUSTERS: u64 = 1 << 20;
-
-/// Refcount blocks that are not cluster-aligned: table index -> (block offset,
-/// first cluster, clusters).
-type Unreadable = BTreeMap<u64, (u64, u64, u64)>;
-
-/// `compare_refcounts`, plus what lies past the end of the file. On a large image
-/// the clusters are compared in two halves (split at a refcount block) on two
-/// threads; the second half's findings follow the first's, as in one pass.
+/// `compare_refcounts`, plus what lies past the end of the file.
 pub(super) fn compare(walk: &mut Walk, counter: &Counter) {
     let img = walk.img;
     let nb = counter.imrt.nb_clusters;
     let mut stored = RefcountReader::new(img);
-    let bb = stored.block_bits;
-    let threads = std::thread::available_parallelism().map_or(1, usize::from);
-    let mid = (nb / 2) >> bb << bb;
-    let (highest, unreadable) = if threads < 2 || nb < SPLIT_MIN_CLUSTERS || mid == 0 {
-        compare_range(walk, counter, &mut stored, 0, nb)
-    } else {
-        let mut side = Walk::new(img, walk.record);
-        let ((h1, mut u1), second) = std::thread::scope(|sc| {
-            let h = sc.spawn(|| {
-                let mut stored = RefcountReader::new(img);
-                let r = compare_range(&mut side, counter, &mut stored, mid, nb);
-                (r, side.report)
-            });
-            let first = compare_range(walk, counter, &mut stored, 0, mid);
-            (first, h.join().ok())
-        });
-        match second {
-            Some(((h2, u2), report)) => {
-                walk.absorb(report);
-                u1.extend(u2);
-                (h1.max(h2), u1)
-            }
-            // The other thread failed (it cannot panic by design): do its half here.
-            None => {
-                let (h2, u2) = compare_range(walk, counter, &mut stored, mid, nb);
-                u1.extend(u2);
-                (h1.max(h2), u1)
-            }
-        }
-    };
-    walk.tick("refcounts", nb, nb);
-    for (ti, (off, first, n)) in unreadable {
-        let msg = format!(
-            "Can't get refcount for cluster {first} (and {} more): refcount block {ti} at {off:#x} is not cluster aligned (Input/output error)",
-            n.saturating_sub(1)
-        );
-        if let Some(f) = walk.find(FindingKind::CheckError, Category::Refblock, msg, n) {
-            f.cluster = Some(first);
-            f.offset = Some(off);
-        }
-    }
-    walk.report.image_end_offset = highest.saturating_add(1).saturating_mul(walk.cs);
-    past_eof(walk, &mut stored, nb);
-}
-
-/// Compare clusters `start..nb` (`start` at the start of a refcount block): the
-/// highest cluster in use there (0 if none) and the blocks that could not be read.
-fn compare_range(
-    walk: &mut Walk,
-    counter: &Counter,
-    stored: &mut RefcountReader,
-    start: u64,
-    nb: u64,
-) -> (u64, Unreadable) {
     let mut highest = 0u64;
-    let mut unreadable = Unreadable::new();
+    let mut unreadable: BTreeMap<u64, (u64, u64, u64)> = BTreeMap::new();
     let bb = stored.block_bits;
     let order = stored.order();
     let mask = low_mask(bb);
-    let mut c = start;
+    let mut c = 0u64;
     while c < nb {
         let ti = c >> bb;
         // The start of the next refcount block (c < nb, so c is not u64::MAX).
@@ -196,7 +133,19 @@ fn compare_range(
         }
         c = end;
     }
-    (highest, unreadable)
+    walk.tick("refcounts", nb, nb);
+    for (ti, (off, first, n)) in unreadable {
+        let msg = format!(
+            "Can't get refcount for cluster {first} (and {} more): refcount block {ti} at {off:#x} is not cluster aligned (Input/output error)",
+            n.saturating_sub(1)
+        );
+        if let Some(f) = walk.find(FindingKind::CheckError, Category::Refblock, msg, n) {
+            f.cluster = Some(first);
+            f.offset = Some(off);
+        }
+    }
+    walk.report.image_end_offset = highest.saturating_add(1).saturating_mul(walk.cs);
+    past_eof(walk, &mut stored, nb);
 }
 
 /// Beyond qemu-img: refcounts for clusters past the end of the file (cluster
