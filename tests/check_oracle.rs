@@ -669,3 +669,156 @@ fn copied_finding_on_an_l2_table_named_by_many_l1_entries_caps_its_referrers() {
         );
     }
 }
+
+/// A file that remembers every read made of it: `(offset, length)`.
+#[derive(Debug)]
+struct Recording {
+    inner: qinspect::io::FileSource,
+    reads: std::sync::Mutex<Vec<(u64, u64)>>,
+}
+
+impl qinspect::io::Source for Recording {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
+        self.reads.lock().unwrap().push((offset, buf.len() as u64));
+        self.inner.read_at(buf, offset)
+    }
+    fn len(&self) -> u64 {
+        self.inner.len()
+    }
+    fn name(&self) -> &std::path::Path {
+        self.inner.name()
+    }
+}
+
+/// `clusters --range` / `--host` read the metadata that can name a cluster (L1
+/// and L2 tables, the refcount table) and the refcount blocks of the range only:
+/// never a data cluster nor another refcount block, and the rows are the same as
+/// the whole listing's for those clusters.
+#[test]
+fn clusters_of_a_range_read_only_its_refcount_blocks() {
+    use qinspect::check::for_each_cluster;
+    use qinspect::image::{Qcow2, Strictness};
+    use std::sync::Arc;
+    let w = Work::new();
+    // 512-byte clusters: 128 L2 tables, 8192 data clusters, 256 refcounts a block.
+    w.qemu_img(&[
+        "create",
+        "-f",
+        "qcow2",
+        "-o",
+        "cluster_size=512,preallocation=metadata",
+        "r.qcow2",
+        "4M",
+    ]);
+    let src = Arc::new(Recording {
+        inner: qinspect::io::FileSource::open(&w.path("r.qcow2")).unwrap(),
+        reads: Default::default(),
+    });
+    let img = Qcow2::open(src.clone(), Strictness::Lenient).unwrap();
+    let cs = img.geometry().cluster_size();
+    let blocks: Vec<u64> = img
+        .refcount_table()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e.block_offset().map(|o| o.0))
+        .collect();
+    assert!(blocks.len() > 30, "{} refcount blocks", blocks.len());
+    let listing = |first: u64, last: u64| {
+        src.reads.lock().unwrap().clear();
+        let mut rows = Vec::new();
+        for_each_cluster(&img, first, last, |c| {
+            rows.push(serde_json::to_value(&c).unwrap());
+            Ok::<(), ()>(())
+        })
+        .unwrap();
+        let reads = std::mem::take(&mut *src.reads.lock().unwrap());
+        // The refcount blocks touched by a read, by their index in the table.
+        let mut touched: Vec<usize> = blocks
+            .iter()
+            .enumerate()
+            .filter(|&(_, &b)| reads.iter().any(|&(o, n)| o < b + cs && b < o + n))
+            .map(|(i, _)| i)
+            .collect();
+        touched.dedup();
+        (rows, reads, touched)
+    };
+    let last = img.file_len().div_ceil(cs) - 1;
+    let (all, _, all_touched) = listing(0, last);
+    // The whole listing reads every block: the recording sees block reads.
+    assert_eq!(all_touched.len(), blocks.len());
+    let metadata = |c: u64| {
+        all[c as usize]["roles"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|r| r != "data")
+    };
+    for (first, last) in [(4000, 4010), (4100, 4100)] {
+        let (rows, reads, touched) = listing(first, last);
+        assert_eq!(rows, all[first as usize..=last as usize]);
+        // The range's clusters are counted by one block (256 refcounts a block).
+        assert_eq!(touched, [first as usize / 256], "range {first}..={last}");
+        for (o, n) in reads {
+            for c in o / cs..(o + n).div_ceil(cs) {
+                assert!(metadata(c), "range {first}..={last} read cluster {c}");
+            }
+        }
+    }
+}
+
+/// Among a long run of shared data clusters (no COPIED flag, refcount 2), one
+/// whose refcount says 1 is a COPIED finding, as qemu-img check says: the check
+/// skips agreeing stretches of refcounts at once, and must not skip this one.
+#[test]
+fn copied_missing_inside_a_long_shared_run() {
+    let w = Work::new();
+    w.qemu_img(&["create", "-f", "qcow2", "s.qcow2", "1G"]);
+    // 512 contiguous data clusters, 5..=516, then shared with a snapshot.
+    w.qemu_io("s.qcow2", &["write -P 0x5a 0 32M"]);
+    w.qemu_img(&["snapshot", "-c", "s", "s.qcow2"]);
+    w.set_refcount("s.qcow2", 300, 1);
+    let v = w.assert_check_matches("s.qcow2");
+    let copied: Vec<&Value> = findings(&v)
+        .iter()
+        .filter(|f| f["category"] == "copied")
+        .collect();
+    assert_eq!(copied.len(), 1, "{copied:?}");
+    assert_eq!(copied[0]["cluster"], 300);
+    assert_eq!(copied[0]["refcount"], 1);
+}
+
+/// On an image of more than 1 Mi clusters (the L2 tables walked in two halves),
+/// a wrong refcount near each end is found, as qemu-img check finds it, and the
+/// findings come out in cluster order.
+#[test]
+fn refcounts_wrong_in_both_halves_of_a_large_image() {
+    let w = Work::new();
+    // 4 KiB clusters: about 1.03 Mi clusters in the file.
+    w.qemu_img(&[
+        "create",
+        "-f",
+        "qcow2",
+        "-o",
+        "cluster_size=4k,preallocation=metadata",
+        "h.qcow2",
+        "4100M",
+    ]);
+    let nb = std::fs::metadata(w.path("h.qcow2")).unwrap().len() / 4096;
+    assert!(nb > 1 << 20, "{nb} clusters");
+    let late = nb - 1000;
+    w.set_refcount("h.qcow2", 1000, 2);
+    w.set_refcount("h.qcow2", late, 0);
+    let v = w.assert_check_matches("h.qcow2");
+    let wrong: Vec<u64> = findings(&v)
+        .iter()
+        .filter(|f| f["category"] == "refcount")
+        .map(|f| f["cluster"].as_u64().unwrap())
+        .collect();
+    assert_eq!(wrong, [1000, late]);
+    // Cluster 1000 is leaked; the other is a corruption, and both are also
+    // COPIED findings (their flags no longer match a refcount of 1).
+    assert_eq!(
+        (v["leaks"].as_u64(), v["corruptions"].as_u64()),
+        (Some(1), Some(3))
+    );
+}

@@ -1,11 +1,10 @@
 //! `qinspect clusters`: who owns each host cluster.
 
-use super::{CmdResult, num::parse_size, print_json, style};
+use super::{CmdResult, num::parse_size, style};
 use color_eyre::eyre::{bail, eyre};
 use qinspect::check::{ClusterInfo, Referrer, Role, clusters, for_each_cluster};
 use qinspect::image::{Qcow2, Strictness};
 use qinspect::io::{FileSource, SharedSource};
-use serde::Serialize;
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::PathBuf;
@@ -69,17 +68,9 @@ pub fn run(a: Args) -> CmdResult {
         cut = true;
     }
     if a.json {
-        print_json(&Listing {
-            cluster_size: cs,
-            clusters: Rows {
-                img: &img,
-                first,
-                last,
-            },
-            first,
-            last,
-            truncated: cut,
-        })?;
+        let mut out = std::io::BufWriter::with_capacity(1 << 20, std::io::stdout().lock());
+        write_json(&mut out, &img, cs, first, last, cut)?;
+        out.flush()?;
         return Ok(0);
     }
     let rows = clusters(&img, first, last);
@@ -154,80 +145,229 @@ fn print_row(
     Ok(())
 }
 
-/// `clusters --json`, written as the clusters are described. Keys are in sorted
-/// order, as in every other JSON qinspect prints.
-#[derive(Serialize)]
-struct Listing<'a> {
-    cluster_size: u64,
-    clusters: Rows<'a>,
+/// `clusters --json`, written by hand as the clusters are described: the same
+/// bytes serde_json's pretty printer gives for the listing (keys in sorted
+/// order, as in every other JSON qinspect prints, two-space indentation), without
+/// its per-key machinery, for a listing that can hold a million clusters.
+fn write_json(
+    out: &mut impl Write,
+    img: &Qcow2,
+    cs: u64,
     first: u64,
     last: u64,
     truncated: bool,
+) -> std::io::Result<()> {
+    let mut num = itoa::Buffer::new();
+    out.write_all(b"{\n  \"cluster_size\": ")?;
+    out.write_all(num.format(cs).as_bytes())?;
+    out.write_all(b",\n  \"clusters\": [")?;
+    let mut any = false;
+    for_each_cluster(img, first, last, |c| {
+        out.write_all(if any { b",\n    {" } else { b"\n    {" })?;
+        any = true;
+        write_row(out, &mut num, &c)
+    })?;
+    out.write_all(if any {
+        b"\n  ],\n  \"first\": "
+    } else {
+        b"],\n  \"first\": "
+    })?;
+    out.write_all(num.format(first).as_bytes())?;
+    out.write_all(b",\n  \"last\": ")?;
+    out.write_all(num.format(last).as_bytes())?;
+    out.write_all(if truncated {
+        b",\n  \"truncated\": true\n}\n"
+    } else {
+        b",\n  \"truncated\": false\n}\n"
+    })
 }
 
-/// The clusters of a listing, described one at a time while being written.
-struct Rows<'a> {
-    img: &'a Qcow2,
-    first: u64,
-    last: u64,
-}
-
-impl Serialize for Rows<'_> {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        use serde::ser::SerializeSeq;
-        let mut seq = s.serialize_seq(None)?;
-        for_each_cluster(self.img, self.first, self.last, |c| {
-            seq.serialize_element(&RowOut {
-                cluster: c.cluster,
-                offset: c.offset,
-                refcount: c.refcount,
-                reference: c.reference,
-                referrers: c.referrers.iter().map(RefOut).collect(),
-                roles: &c.roles,
-            })
+/// One cluster of the listing, from after its opening brace to its closing one.
+fn write_row(out: &mut impl Write, num: &mut itoa::Buffer, c: &ClusterInfo) -> std::io::Result<()> {
+    out.write_all(b"\n      \"cluster\": ")?;
+    out.write_all(num.format(c.cluster).as_bytes())?;
+    out.write_all(b",\n      \"offset\": ")?;
+    out.write_all(num.format(c.offset).as_bytes())?;
+    out.write_all(b",\n      \"refcount\": ")?;
+    match c.refcount {
+        Some(r) => out.write_all(num.format(r).as_bytes())?,
+        None => out.write_all(b"null")?,
+    }
+    out.write_all(b",\n      \"reference\": ")?;
+    out.write_all(num.format(c.reference).as_bytes())?;
+    out.write_all(b",\n      \"referrers\": [")?;
+    for (i, r) in c.referrers.iter().enumerate() {
+        out.write_all(if i == 0 {
+            b"\n        {"
+        } else {
+            b",\n        {"
         })?;
-        seq.end()
+        write_referrer(out, num, r)?;
+        out.write_all(b"\n        }")?;
+    }
+    out.write_all(if c.referrers.is_empty() {
+        b"],\n      \"roles\": ["
+    } else {
+        b"\n      ],\n      \"roles\": ["
+    })?;
+    for (i, role) in c.roles.iter().enumerate() {
+        out.write_all(if i == 0 {
+            b"\n        "
+        } else {
+            b",\n        "
+        })?;
+        write_str(out, role_str(*role))?;
+    }
+    out.write_all(if c.roles.is_empty() {
+        b"]\n    }"
+    } else {
+        b"\n      ]\n    }"
+    })
+}
+
+/// A [`Referrer`]'s present keys, in sorted order.
+fn write_referrer(
+    out: &mut impl Write,
+    num: &mut itoa::Buffer,
+    r: &Referrer,
+) -> std::io::Result<()> {
+    if let Some(d) = &r.detail {
+        out.write_all(REFERRER_KEY)?;
+        out.write_all(b"detail\": ")?;
+        write_str(out, d)?;
+        out.write_all(b",")?;
+    }
+    number(out, num, b"guest_offset\": ", r.guest_offset)?;
+    if let Some(l1) = &r.l1 {
+        out.write_all(REFERRER_KEY)?;
+        out.write_all(b"l1\": ")?;
+        write_str(out, l1)?;
+        out.write_all(b",")?;
+    }
+    number(out, num, b"l1_index\": ", r.l1_index)?;
+    number(out, num, b"l2_index\": ", r.l2_index)?;
+    number(out, num, b"l2_table\": ", r.l2_table)?;
+    out.write_all(REFERRER_KEY)?;
+    out.write_all(b"role\": ")?;
+    write_str(out, role_str(r.role))
+}
+
+/// `"key": v,` on a line of its own, if there is a value.
+fn number(
+    out: &mut impl Write,
+    num: &mut itoa::Buffer,
+    key: &[u8],
+    v: Option<u64>,
+) -> std::io::Result<()> {
+    if let Some(v) = v {
+        out.write_all(REFERRER_KEY)?;
+        out.write_all(key)?;
+        out.write_all(num.format(v).as_bytes())?;
+        out.write_all(b",")?;
+    }
+    Ok(())
+}
+
+/// What starts a key of a referrer: a new line, its indentation and the quote.
+const REFERRER_KEY: &[u8] = b"\n          \"";
+
+/// A JSON string, escaped as serde_json escapes it (only when it must be).
+fn write_str(out: &mut impl Write, s: &str) -> std::io::Result<()> {
+    if s.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
+        out.write_all(b"\"")?;
+        out.write_all(s.as_bytes())?;
+        out.write_all(b"\"")
+    } else {
+        serde_json::to_writer(out, s).map_err(std::io::Error::other)
     }
 }
 
-/// A [`ClusterInfo`] with its keys in sorted order.
-#[derive(Serialize)]
-struct RowOut<'a> {
-    cluster: u64,
-    offset: u64,
-    refcount: Option<u64>,
-    reference: u64,
-    referrers: Vec<RefOut<'a>>,
-    roles: &'a [Role],
+/// A role's name in JSON (its serde name).
+fn role_str(r: Role) -> &'static str {
+    match r {
+        Role::Header => "header",
+        Role::L1Table => "l1-table",
+        Role::L2Table => "l2-table",
+        Role::Data => "data",
+        Role::Compressed => "compressed",
+        Role::SnapshotTable => "snapshot-table",
+        Role::RefcountTable => "refcount-table",
+        Role::RefcountBlock => "refcount-block",
+        Role::CryptoHeader => "crypto-header",
+        Role::BitmapDirectory => "bitmap-directory",
+        Role::BitmapTable => "bitmap-table",
+        Role::BitmapData => "bitmap-data",
+        Role::VmState => "vm-state",
+    }
 }
 
-/// A [`Referrer`] with its keys in sorted order.
-struct RefOut<'a>(&'a Referrer);
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-impl Serialize for RefOut<'_> {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        use serde::ser::SerializeMap;
-        let r = self.0;
-        let mut m = s.serialize_map(None)?;
-        if let Some(d) = &r.detail {
-            m.serialize_entry("detail", d)?;
+    /// Every role's hand-written name is its serde name.
+    #[test]
+    fn role_names_are_the_serde_names() {
+        for r in qinspect::check::ROLES {
+            assert_eq!(
+                serde_json::to_string(&r).ok(),
+                Some(format!("\"{}\"", role_str(r)))
+            );
         }
-        if let Some(g) = r.guest_offset {
-            m.serialize_entry("guest_offset", &g)?;
+    }
+
+    /// A referrer with every key, and strings that need escaping, come out as
+    /// serde_json's pretty printer writes them.
+    #[test]
+    fn row_matches_serde_pretty() {
+        let full = Referrer {
+            role: Role::Data,
+            l1: Some("snapshot 1 'a\"b\\c\u{1}é' L1".into()),
+            l1_index: Some(3),
+            l2_table: Some(0x40000),
+            l2_index: Some(7),
+            guest_offset: Some(1 << 40),
+            detail: Some("tab\there".into()),
+        };
+        let plain = Referrer {
+            role: Role::RefcountBlock,
+            l1: None,
+            l1_index: None,
+            l2_table: None,
+            l2_index: None,
+            guest_offset: None,
+            detail: None,
+        };
+        let rows = [
+            ClusterInfo {
+                cluster: 9,
+                offset: 9 << 16,
+                roles: vec![Role::Data, Role::RefcountBlock],
+                refcount: None,
+                reference: 2,
+                referrers: vec![full, plain],
+            },
+            ClusterInfo {
+                cluster: 10,
+                offset: 10 << 16,
+                roles: vec![],
+                refcount: Some(u64::MAX),
+                reference: 0,
+                referrers: vec![],
+            },
+        ];
+        for c in &rows {
+            let mut mine = b"{".to_vec();
+            let mut num = itoa::Buffer::new();
+            write_row(&mut mine, &mut num, c).unwrap();
+            // serde_json at the depth of a listing's rows: inside `{"clusters": [`.
+            let want =
+                serde_json::to_string_pretty(&serde_json::json!({ "clusters": [c] })).unwrap();
+            let want = want
+                .strip_prefix("{\n  \"clusters\": [\n    ")
+                .and_then(|w| w.strip_suffix("\n  ]\n}"))
+                .unwrap();
+            assert_eq!(String::from_utf8(mine).unwrap(), want);
         }
-        if let Some(l1) = &r.l1 {
-            m.serialize_entry("l1", l1)?;
-        }
-        if let Some(i) = r.l1_index {
-            m.serialize_entry("l1_index", &i)?;
-        }
-        if let Some(i) = r.l2_index {
-            m.serialize_entry("l2_index", &i)?;
-        }
-        if let Some(t) = r.l2_table {
-            m.serialize_entry("l2_table", &t)?;
-        }
-        m.serialize_entry("role", &r.role)?;
-        m.end()
     }
 }

@@ -39,13 +39,15 @@ pub fn clusters(img: &Qcow2, first: u64, last: u64) -> Vec<ClusterInfo> {
 /// of a larger range is kept in a map).
 const DIRECT_SLOTS: u64 = 1 << 22;
 
-/// Collects the referrers of every cluster in `first..=last`.
+/// Collects the referrers of every cluster in `first..=last`. Most clusters have
+/// one referrer: it is kept in a flat slot, and only further ones in a map, so a
+/// listing of a million clusters costs tens of megabytes, not a list each.
 struct RangeOwners {
     first: u64,
     last: u64,
-    /// Referrers of `first + i`, for the first [`DIRECT_SLOTS`] clusters.
-    lists: Vec<Vec<(Ctx, u64)>>,
-    /// Referrers of the clusters past those.
+    /// The first referrer of `first + i`, for the first [`DIRECT_SLOTS`] clusters.
+    one: Vec<Option<(Ctx, u64)>>,
+    /// Every referrer after the first (and all of those past the slots).
     rest: BTreeMap<u64, Vec<(Ctx, u64)>>,
 }
 
@@ -55,29 +57,51 @@ impl RangeOwners {
             .saturating_sub(first)
             .saturating_add(1)
             .min(DIRECT_SLOTS);
-        let mut lists = Vec::new();
-        lists.resize_with(n as usize, Vec::new);
         RangeOwners {
             first,
             last,
-            lists,
+            one: vec![None; n as usize],
             rest: BTreeMap::new(),
         }
     }
 
-    fn slot(&mut self, c: u64) -> Option<&mut Vec<(Ctx, u64)>> {
+    fn add(&mut self, c: u64, r: (Ctx, u64)) {
         if c < self.first || c > self.last {
-            return None;
+            return;
         }
-        let i = c.saturating_sub(self.first);
-        match usize::try_from(i) {
-            Ok(i) if i < self.lists.len() => self.lists.get_mut(i),
-            _ => Some(self.rest.entry(c).or_default()),
+        let slot = usize::try_from(c.saturating_sub(self.first))
+            .ok()
+            .and_then(|i| self.one.get_mut(i));
+        if let Some(s @ None) = slot {
+            *s = Some(r);
+            return;
+        }
+        // The slot counts as one of the at most MAX_REFERRERS.
+        let cap = if slot.is_some() {
+            super::MAX_REFERRERS.saturating_sub(1)
+        } else {
+            super::MAX_REFERRERS
+        };
+        let v = self.rest.entry(c).or_default();
+        if v.len() < cap {
+            v.push(r);
         }
     }
 
     fn take(&mut self, c: u64) -> Vec<(Ctx, u64)> {
-        self.slot(c).map(std::mem::take).unwrap_or_default()
+        let mut out = Vec::new();
+        if let Some(r) = c
+            .checked_sub(self.first)
+            .and_then(|i| usize::try_from(i).ok())
+            .and_then(|i| self.one.get_mut(i))
+            .and_then(Option::take)
+        {
+            out.push(r);
+        }
+        if let Some(more) = self.rest.remove(&c) {
+            out.extend(more);
+        }
+        out
     }
 }
 
@@ -85,11 +109,7 @@ impl Visitor for RangeOwners {
     fn visit(&mut self, first: u64, last: u64, w: u64, ctx: Ctx) -> u64 {
         // Only the part of first..=last inside the range is looked at.
         for c in first.max(self.first)..=last.min(self.last) {
-            if let Some(v) = self.slot(c)
-                && v.len() < super::MAX_REFERRERS
-            {
-                v.push((ctx, w));
-            }
+            self.add(c, (ctx, w));
         }
         0
     }

@@ -9,7 +9,7 @@ use super::report::{Category, CheckReport, FindingKind, L1Id, Referrer, Role};
 use super::walk::Walk;
 use crate::image::{Qcow2, RefcountReader};
 use crate::io::read_into;
-use crate::tables::{ClusterType, L2Entry};
+use crate::tables::{ClusterType, L2E_OFFSET_MASK, L2Entry};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
@@ -175,19 +175,22 @@ fn l2_half(cp: &mut Copied, l2: u64, w: u64, l1s: &[u64], buf: &[u8]) {
         // cluster) are judged with it, one refcount block span at a time.
         let mut k = 1usize;
         if !has_df {
-            let mut next = raw;
+            // Adding a cluster keeps the flags and moves the offset on while the
+            // offset field (bits 9..=55) does not carry into the flags: `room`
+            // more entries at most.
+            let off = L2Entry::from_word(raw).host_offset().0;
+            let room = (L2E_OFFSET_MASK | 0x1ff).saturating_sub(off) >> cbits;
+            let room = usize::try_from(room).unwrap_or(usize::MAX);
+            let mut want = raw;
             k = k.saturating_add(
                 buf.get(j.saturating_add(1).saturating_mul(step)..)
                     .unwrap_or(&[])
                     .chunks_exact(step)
+                    .take(room)
                     .map(|b| crate::bytes::be64(b, 0))
                     .take_while(|&r| {
-                        let want = next.wrapping_add(cs);
-                        let ok = r == want
-                            && L2Entry::from_word(want).host_offset().0
-                                > L2Entry::from_word(next).host_offset().0;
-                        next = want;
-                        ok
+                        want = want.wrapping_add(cs);
+                        r == want
                     })
                     .count(),
             );

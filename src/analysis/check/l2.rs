@@ -5,7 +5,8 @@ use super::visit::{Ctx, Visitor};
 use super::walk::Walk;
 use crate::io::read_into;
 use crate::tables::{
-    ClusterType, CompressedDescriptor, L2E_STD_RESERVED_MASK, L2Entry, OFLAG_COPIED, OFLAG_ZERO,
+    ClusterType, CompressedDescriptor, L2E_OFFSET_MASK, L2E_STD_RESERVED_MASK, L2Entry,
+    OFLAG_COPIED, OFLAG_ZERO,
 };
 
 impl Walk<'_> {
@@ -68,18 +69,24 @@ impl Walk<'_> {
                 && L2Entry::from_word(raw).host_offset().0 < self.file_len
             {
                 // The entries after this one that continue the run, in one
-                // tight scan (the same tests as above, entry after entry).
-                let file_len = self.file_len;
+                // tight scan. The tests above hold for each next entry equal to
+                // the previous one plus a cluster while its offset stays below
+                // the end of the file and inside the offset field (bits 9..=55:
+                // adding a cluster then leaves every flag and reserved bit as
+                // this entry has them): `room` entries at most.
+                let off = L2Entry::from_word(raw).host_offset().0;
+                let end = self.file_len.min(L2E_OFFSET_MASK | 0x1ff);
+                let room = end.saturating_sub(1).saturating_sub(off) >> self.cbits;
+                let room = usize::try_from(room).unwrap_or(usize::MAX);
                 let mut last = raw;
                 let more = buf
                     .get(i.saturating_add(1).saturating_mul(8)..)
                     .unwrap_or(&[])
                     .chunks_exact(8)
+                    .take(room)
                     .map(|c| crate::bytes::be64(c, 0))
                     .take_while(|&r| {
-                        let ok = r == last.wrapping_add(cs)
-                            && r & L2E_STD_RESERVED_MASK == 0
-                            && L2Entry::from_word(r).host_offset().0 < file_len;
+                        let ok = r == last.wrapping_add(cs);
                         if ok {
                             last = r;
                         }

@@ -105,10 +105,22 @@ impl<'a> RefcountReader<'a> {
                     let mut j = 0u64;
                     while j < in_block {
                         let idx = first.saturating_add(j);
-                        // 256 refcounts of 16 bits at once, when all are 1.
-                        if one && order == 4 && j.saturating_add(256) <= in_block {
+                        // 256 refcounts of 16 bits at once, when all are 1 (or,
+                        // for entries without COPIED, none is: shared clusters).
+                        if order == 4 && j.saturating_add(256) <= in_block {
                             let at = usize::try_from(idx).unwrap_or(usize::MAX).saturating_mul(2);
-                            if b.get(at..at.saturating_add(512)) == Some(&ONES[..]) {
+                            let span = b.get(at..at.saturating_add(512));
+                            let agree = if one {
+                                span == Some(&ONES[..])
+                            } else {
+                                span.is_some_and(|s| {
+                                    s.as_chunks::<2>()
+                                        .0
+                                        .iter()
+                                        .fold(true, |ok, &[hi, lo]| ok & ((hi | (lo ^ 1)) != 0))
+                                })
+                            };
+                            if agree {
                                 j = j.saturating_add(256);
                                 continue;
                             }
