@@ -3,7 +3,7 @@
 #
 # What it measures: for each case, the same job done by qemu-img and by
 # qinspect on the same image, run alternately (qemu-img first in odd rounds,
-# qinspect first in even rounds), best of $BENCH_RUNS (default 3) wall-clock
+# qinspect first in even rounds), the median of $BENCH_RUNS (default 5) wall-clock
 # runs each, plus the peak RSS of each tool.  It prints
 #   case, qemu-img seconds, qinspect seconds, ratio (qinspect/qemu-img),
 #   target ratio, PASS/MISS against the target, peak RSS of both
