@@ -1222,3 +1222,33 @@ fn write_zeroes_with_an_external_data_file() {
         assert!(sim.records.iter().all(|r| r.error.is_none()), "{name}");
     }
 }
+
+#[test]
+fn partial_write_zeroes_over_a_raw_file_ask_its_holes() {
+    use std::os::unix::fs::FileExt;
+    let w = Work::new();
+    // A sparse raw file: zeros written at 0..64k (allocated: data to QEMU),
+    // a hole at 64k..1M, 0x11 at 1M..1M+64k, a hole to its end at 4M.
+    let f = std::fs::File::create(w.path("base.raw")).unwrap();
+    f.set_len(4 << 20).unwrap();
+    f.write_all_at(&[0u8; 65536], 0).unwrap();
+    f.write_all_at(&[0x11u8; 65536], 1 << 20).unwrap();
+    drop(f);
+    w.qemu_img(&[
+        "create", "-q", "-f", "qcow2", "-b", "base.raw", "-F", "raw", "ov.qcow2", "8M",
+    ]);
+    let ops = [
+        // Allocated zeros in the raw file: data, so QEMU writes zeros.
+        "write-zeroes:4096:4096",
+        // A hole: a zero cluster.
+        "write-zeroes:70000:1000",
+        // Data.
+        "write-zeroes:1052672:512",
+        // A hole up to the raw file's end, then past it.
+        "write-zeroes:4132864:4096",
+        "write-zeroes:6291456:512",
+    ];
+    let sim = ok(&w, "ov.qcow2", &ops);
+    let fallbacks: Vec<bool> = (0..ops.len()).map(|i| fell_back(&sim, i)).collect();
+    assert_eq!(fallbacks, [true, false, true, false, false]);
+}

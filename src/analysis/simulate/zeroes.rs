@@ -16,6 +16,7 @@ use crate::chain::{Chain, LayerKind, OpenOptions};
 use crate::lookup::{Status, layer_run};
 use crate::tables::{ClusterType, L1E_OFFSET_MASK, L2Entry, OFLAG_ZERO, SubclusterType};
 use crate::types::GuestOffset;
+use std::path::Path;
 
 /// The subcluster bitmap of an extended L2 entry that reads as zeros all
 /// through (`QCOW_L2_BITMAP_ALL_ZEROES`): every zero bit, no allocation bit.
@@ -341,6 +342,27 @@ impl Sim {
     }
 }
 
+/// How many bytes from `pos` of the raw file at `path` are a hole, as QEMU's
+/// file-posix driver asks the file system (`SEEK_DATA`); None when `pos` holds
+/// data. A file system that cannot say reports everything as data, as QEMU
+/// then does. The file is opened read-only and only looked at.
+fn raw_hole(path: &Path, pos: u64) -> SimResult<Option<u64>> {
+    let f = std::fs::File::open(path).map_err(|e| {
+        SimError::from(crate::Error::Io {
+            file: path.to_path_buf(),
+            what: "open for block status".into(),
+            source: std::sync::Arc::new(e),
+        })
+    })?;
+    match rustix::fs::seek(&f, rustix::fs::SeekFrom::Data(pos)) {
+        Ok(data) if data > pos => Ok(Some(data.saturating_sub(pos))),
+        Ok(_) => Ok(None),
+        // No data at or after `pos`: a hole to the end of the file.
+        Err(rustix::io::Errno::NXIO) => Ok(Some(u64::MAX)),
+        Err(_) => Ok(None),
+    }
+}
+
 /// Whether guest bytes `a..b` read as zeros by block status in `chain`
 /// (`bdrv_block_status_above` from its top): the first layer that allocates a
 /// byte answers (data: no; a zero (sub)cluster: yes), bytes past the end of a
@@ -355,11 +377,15 @@ fn chain_reads_zero(chain: &Chain, a: u64, b: u64) -> SimResult<bool> {
             }
             len = len.min(layer.size().saturating_sub(pos));
             let LayerKind::Qcow2 { image, view, .. } = &layer.kind else {
-                // A raw file's block status is its file system's holes.
-                return Err(SimError::NotModelled(format!(
-                    "a partial write-zeroes over the raw file {} (QEMU asks its file system whether the rest reads as zeros)",
-                    layer.path.display()
-                )));
+                // A raw file's block status is its file system's holes: a hole
+                // reads as zeros, anything allocated (zeros written too) as data.
+                match raw_hole(&layer.path, pos)? {
+                    Some(hole) => {
+                        len = len.min(hole.max(1));
+                        break;
+                    }
+                    None => return Ok(false),
+                }
             };
             let run = layer_run(image, view, pos, len, &layer.label())?;
             len = len.min(run.len.max(1));
