@@ -98,6 +98,7 @@ fn check_one(image: &Path, json: bool, mut keys: super::secret::Keys) -> CmdResu
     };
     let opts = CheckOptions {
         progress: Some(&tick),
+        ..Default::default()
     };
     let mut report = check(&img, &opts);
     bar.finish_and_clear();

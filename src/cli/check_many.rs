@@ -172,6 +172,7 @@ fn check_target(t: &Target, bar: &indicatif::ProgressBar) -> Outcome {
         &img,
         &CheckOptions {
             progress: Some(&tick),
+            ..Default::default()
         },
     );
     // What qemu-img check would fail on before checking (the same as `check IMAGE`).

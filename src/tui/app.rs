@@ -355,6 +355,7 @@ impl App {
                 &img,
                 &CheckOptions {
                     progress: Some(&tick),
+                    ..Default::default()
                 },
             );
             let _ = tx.send(Bg::Checked(Box::new(report), generation));

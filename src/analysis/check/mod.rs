@@ -127,7 +127,11 @@ pub fn check(img: &Qcow2, opts: &CheckOptions) -> CheckReport {
     // The COPIED check is handed each active L2 table as the recount reads it.
     walk.copied = Some(Box::new(Copied::start(img)));
     walk.head(&mut counter);
-    walk.l2_phase_split(&mut counter);
+    if opts.one_thread {
+        walk.l2_phase(&mut counter);
+    } else {
+        walk.l2_phase_split(&mut counter);
+    }
     walk.tail(&mut counter);
     let mut copied = walk.copied.take();
     if let Some(cp) = copied.as_mut() {

@@ -311,6 +311,10 @@ pub struct Progress {
 pub struct CheckOptions<'a> {
     /// Called now and then with progress.
     pub progress: Option<&'a (dyn Fn(Progress) + Sync)>,
+    /// Walk the L2 tables on one thread. The second thread keeps counts of
+    /// its own (a byte or more per host cluster), so one thread is the
+    /// smaller check, for callers that care more for memory than for time.
+    pub one_thread: bool,
 }
 
 #[cfg(test)]
