@@ -426,6 +426,9 @@ fn overview_lines(a: &App) -> (String, Vec<(u64, String)>) {
     (text, red)
 }
 
+/// Long (about 200 lines) on purpose: one corpus of broken images, built once
+/// with qemu-img, and for each image what every pane shows, checked in turn
+/// against qemu-img's answer for that image.
 #[test]
 fn the_viewer_opens_broken_images_and_draws_every_pane() {
     let dir = tempfile::tempdir().unwrap();

@@ -46,42 +46,9 @@ pub fn draw(f: &mut Frame, app: &mut App) {
         app.explain_view
             .render_text(f, explain, boxed(title), Text::raw(text));
     }
-    let mut st = vec![Span::styled(
-        format!(" {} ", app.ctx.path.display()),
-        Style::new().add_modifier(Modifier::BOLD),
-    )];
-    if let (true, Some(s)) = (app.ctx.simulated_view(), &app.ctx.simulated) {
-        st.push(Span::styled(
-            format!(" view: simulated ({}) ", s.ops),
-            Style::new().fg(Color::Black).bg(Color::LightMagenta),
-        ));
-    }
-    if let Some(s) = &app.ctx.view_snapshot {
-        st.push(Span::styled(
-            format!(" view: snapshot {s} "),
-            Style::new().fg(Color::Black).bg(Color::LightBlue),
-        ));
-    }
-    if let Some((phase, done, total)) = app.ctx.progress {
-        st.push(Span::styled(
-            format!(" check: {phase} {done}/{total} "),
-            color::dim(),
-        ));
-    }
-    if let Some(r) = &app.panes.simulate.running {
-        st.push(Span::styled(
-            format!(
-                " simulating: {} {}/{} (Esc cancels) ",
-                r.phase, r.done, r.total
-            ),
-            color::dim(),
-        ));
-    }
-    if !app.status.is_empty() {
-        st.push(Span::raw(format!(" {}", app.status)));
-    }
-    f.render_widget(Paragraph::new(Line::from(st)), status);
+    draw_status(f, status, app);
     draw_footer(f, foot, app.pane);
+    let offset_kind = app.panes.get(app.pane).offset_kind();
     match &mut app.popup {
         Some(Popup::Help(v)) => {
             let lines = help_lines(app.pane);
@@ -161,37 +128,7 @@ pub fn draw(f: &mut Frame, app: &mut App) {
                 },
             );
         }
-        Some(Popup::Input(purpose, input)) => {
-            let r = centered(area, 70, 3);
-            f.render_widget(Clear, r);
-            let title = match purpose {
-                InputFor::Goto => match app.panes.get(app.pane).offset_kind() {
-                    Some(OffsetKind::Host) => "Go to host offset (Enter, Esc; Ctrl-U clears)",
-                    _ => "Go to guest offset (Enter, Esc; Ctrl-U clears)",
-                },
-                InputFor::Simulate => "Operation(s) to simulate (Enter runs, Esc cancels)",
-                InputFor::FindInList => {
-                    "Find: words, an offset or a raw value (Enter selects, Esc cancels)"
-                }
-                InputFor::HexSearch => {
-                    "Find bytes: de ad be ef, 0xdeadbeef or \"text\" (Enter, Esc)"
-                }
-            };
-            let at = input
-                .text
-                .char_indices()
-                .nth(input.cursor)
-                .map_or(input.text.len(), |(i, _)| i);
-            let (before, rest) = input.text.split_at(at);
-            let mut chars = rest.chars();
-            let under = chars.next().map_or(" ".to_string(), |c| c.to_string());
-            let line = Line::from(vec![
-                Span::raw(before.to_string()),
-                Span::styled(under, Style::new().add_modifier(Modifier::REVERSED)),
-                Span::raw(chars.as_str().to_string()),
-            ]);
-            f.render_widget(Paragraph::new(line).block(boxed(title)), r);
-        }
+        Some(Popup::Input(purpose, input)) => draw_input(f, area, purpose, input, offset_kind),
         Some(Popup::Compare) => {
             let w = area.width.min(140);
             let h = area.height.saturating_sub(2).max(3);
@@ -201,6 +138,82 @@ pub fn draw(f: &mut Frame, app: &mut App) {
         }
         None => {}
     }
+}
+
+/// The status line: the file, which view is shown, work in progress, the last message.
+fn draw_status(f: &mut Frame, area: Rect, app: &App) {
+    let mut st = vec![Span::styled(
+        format!(" {} ", app.ctx.path.display()),
+        Style::new().add_modifier(Modifier::BOLD),
+    )];
+    if let (true, Some(s)) = (app.ctx.simulated_view(), &app.ctx.simulated) {
+        st.push(Span::styled(
+            format!(" view: simulated ({}) ", s.ops),
+            Style::new().fg(Color::Black).bg(Color::LightMagenta),
+        ));
+    }
+    if let Some(s) = &app.ctx.view_snapshot {
+        st.push(Span::styled(
+            format!(" view: snapshot {s} "),
+            Style::new().fg(Color::Black).bg(Color::LightBlue),
+        ));
+    }
+    if let Some((phase, done, total)) = app.ctx.progress {
+        st.push(Span::styled(
+            format!(" check: {phase} {done}/{total} "),
+            color::dim(),
+        ));
+    }
+    if let Some(r) = &app.panes.simulate.running {
+        st.push(Span::styled(
+            format!(
+                " simulating: {} {}/{} (Esc cancels) ",
+                r.phase, r.done, r.total
+            ),
+            color::dim(),
+        ));
+    }
+    if !app.status.is_empty() {
+        st.push(Span::raw(format!(" {}", app.status)));
+    }
+    f.render_widget(Paragraph::new(Line::from(st)), area);
+}
+
+/// A one-line input box, its purpose in the title, the cursor shown reversed.
+fn draw_input(
+    f: &mut Frame,
+    area: Rect,
+    purpose: &InputFor,
+    input: &super::app::Input,
+    offset_kind: Option<OffsetKind>,
+) {
+    let r = centered(area, 70, 3);
+    f.render_widget(Clear, r);
+    let title = match purpose {
+        InputFor::Goto => match offset_kind {
+            Some(OffsetKind::Host) => "Go to host offset (Enter, Esc; Ctrl-U clears)",
+            _ => "Go to guest offset (Enter, Esc; Ctrl-U clears)",
+        },
+        InputFor::Simulate => "Operation(s) to simulate (Enter runs, Esc cancels)",
+        InputFor::FindInList => {
+            "Find: words, an offset or a raw value (Enter selects, Esc cancels)"
+        }
+        InputFor::HexSearch => "Find bytes: de ad be ef, 0xdeadbeef or \"text\" (Enter, Esc)",
+    };
+    let at = input
+        .text
+        .char_indices()
+        .nth(input.cursor)
+        .map_or(input.text.len(), |(i, _)| i);
+    let (before, rest) = input.text.split_at(at);
+    let mut chars = rest.chars();
+    let under = chars.next().map_or(" ".to_string(), |c| c.to_string());
+    let line = Line::from(vec![
+        Span::raw(before.to_string()),
+        Span::styled(under, Style::new().add_modifier(Modifier::REVERSED)),
+        Span::raw(chars.as_str().to_string()),
+    ]);
+    f.render_widget(Paragraph::new(line).block(boxed(title)), r);
 }
 
 fn draw_tabs(f: &mut Frame, area: Rect, app: &mut App) {
