@@ -13,8 +13,8 @@ use crate::tables::L1Entry;
 use crate::tables::L2Entry;
 use crate::tables::OFLAG_COPIED;
 use crate::tables::SubclusterType;
-use crate::types::GuestOffset;
 use crate::types::low_mask;
+use crate::types::{GuestOffset, HostOffset};
 
 impl Sim {
     /// Entries per L2 cache slice: a whole table, unless QEMU's default 32 MiB L2
@@ -115,10 +115,10 @@ impl Sim {
                 "guest offset {guest:#x} is beyond the L1 table (EIO)"
             )));
         };
-        if e & OFLAG_COPIED != 0 {
-            return Ok(L1Entry(e).l2_offset().map_or(0, |o| o.0));
+        if e.copied() {
+            return Ok(e.l2_offset().map_or(0, HostOffset::get));
         }
-        let old = L1Entry(e).l2_offset().map_or(0, |o| o.0);
+        let old = e.l2_offset().map_or(0, HostOffset::get);
         let saved = self.reason.clone();
         let purpose = if old == 0 {
             format!(
@@ -155,20 +155,20 @@ impl Sim {
                 "private copy"
             }
         ));
-        let new_e = new | OFLAG_COPIED;
+        let new_e = L1Entry::l2_table(HostOffset(new), true);
         if let Some(slot) = self.l1.get_mut(i as usize) {
             *slot = new_e;
         }
         let l1_off = self.l1_table_offset;
-        self.write_u64(l1_off.saturating_add(i.saturating_mul(8)), new_e)?;
+        self.write_u64(l1_off.saturating_add(i.saturating_mul(8)), new_e.0)?;
         self.record(
             Target::L1Entry {
                 table: "active L1".into(),
                 table_offset: l1_off,
                 index: i,
             },
-            e,
-            new_e,
+            e.0,
+            new_e.0,
         );
         if old != 0 {
             self.free_clusters(
@@ -185,7 +185,7 @@ impl Sim {
         let e = L2Entry { raw, bitmap: 0 };
         match e.cluster_type(&self.geo, self.has_data_file) {
             ClusterType::Unallocated | ClusterType::ZeroPlain | ClusterType::Compressed => true,
-            ClusterType::Normal | ClusterType::ZeroAlloc => raw & OFLAG_COPIED == 0,
+            ClusterType::Normal | ClusterType::ZeroAlloc => !e.copied(),
         }
     }
 

@@ -147,9 +147,11 @@ impl Sim {
             None => "the image",
         };
         let i = self.geo.l1_index(GuestOffset(guest));
-        let l2 = L1Entry(self.l1.get(i as usize).copied().unwrap_or(0))
-            .l2_offset()
-            .map_or(0, |o| o.0);
+        let l2 = self
+            .l1
+            .get(i as usize)
+            .and_then(L1Entry::l2_offset)
+            .map_or(0, HostOffset::get);
         let mut falls = true;
         if l2 == 0 {
             self.note(format!(
