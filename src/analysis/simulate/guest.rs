@@ -11,7 +11,6 @@ use super::overlap::Meta;
 use crate::tables::ClusterType;
 use crate::tables::L1Entry;
 use crate::tables::L2Entry;
-use crate::tables::OFLAG_COPIED;
 use crate::tables::SubclusterType;
 use crate::types::low_mask;
 use crate::types::{GuestOffset, HostOffset};
@@ -326,7 +325,9 @@ impl Sim {
                             bm
                         };
                         let new_raw = if ty == ClusterType::ZeroAlloc && !self.geo.extended_l2 {
-                            L2Entry::from_word(r).host_offset().0 | OFLAG_COPIED
+                            L2Entry::from_word(L2Entry::from_word(r).host_offset().0)
+                                .with_copied(true)
+                                .raw
                         } else {
                             r
                         };
@@ -430,7 +431,8 @@ impl Sim {
                     self.why(format!(
                         "guest {guest_k:#x} now maps to the new cluster {host_k:#x}"
                     ));
-                    self.set_l2_entry(l2, index, host_k | OFLAG_COPIED, new_bm)?;
+                    let entry = L2Entry::from_word(host_k).with_copied(true);
+                    self.set_l2_entry(l2, index, entry.raw, new_bm)?;
                 }
                 host_next = Some(host.saturating_add(n.saturating_mul(cs)));
                 if bytes == 0 {

@@ -10,7 +10,6 @@ use crate::tables::ClusterType;
 use crate::tables::CompressedDescriptor;
 use crate::tables::L1Entry;
 use crate::tables::L2Entry;
-use crate::tables::OFLAG_COPIED;
 use crate::types::HostOffset;
 
 impl Sim {
@@ -133,7 +132,7 @@ impl Sim {
         for j in 0..entries {
             let eoff = l2.saturating_add(j.saturating_mul(step));
             let old = self.read_u64(eoff);
-            let entry = old & !OFLAG_COPIED;
+            let entry = L2Entry::from_word(old).with_copied(false).raw;
             let off = L2Entry::from_word(entry).host_offset().0;
             let e = L2Entry {
                 raw: entry,
@@ -163,16 +162,12 @@ impl Sim {
                 }
                 _ => 0,
             };
-            let new = if refcount == 1 {
-                entry | OFLAG_COPIED
-            } else {
-                entry
-            };
+            let new = L2Entry::from_word(entry).with_copied(refcount == 1).raw;
             if new != old {
                 if copied_reason.0 != refcount {
                     copied_reason = (
                         refcount,
-                        if new & OFLAG_COPIED != 0 {
+                        if L2Entry::from_word(new).copied() {
                             "COPIED set: refcount is now exactly 1".to_string()
                         } else if refcount == 0 {
                             "COPIED cleared: refcount is now 0 (freed)".to_string()
