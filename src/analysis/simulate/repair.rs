@@ -13,7 +13,7 @@
 
 use super::{Sim, SimError, SimResult, Target};
 use crate::check::{Category, CheckOptions, FindingKind, check};
-use crate::tables::{ClusterType, L2Entry, OFLAG_COPIED};
+use crate::tables::{ClusterType, L2Entry};
 use crate::types::HostOffset;
 
 impl Sim {
@@ -173,11 +173,7 @@ impl Sim {
                 }
                 let off = L2Entry::from_word(raw).host_offset().0;
                 let r = self.get_refcount(self.cluster_of(off))?;
-                let want = if r == 1 {
-                    raw | OFLAG_COPIED
-                } else {
-                    raw & !OFLAG_COPIED
-                };
+                let want = L2Entry::from_word(raw).with_copied(r == 1).raw;
                 if want != raw {
                     self.why(format!(
                         "Repairing OFLAG_COPIED data cluster: l2_entry={raw:x} refcount={r}"
