@@ -1193,7 +1193,8 @@ fn diff(img: &Qcow2, a: usize, b: usize) -> Diff {
     let mut out = Vec::new();
     let strip = |e: Option<&qinspect::tables::L2Entry>| {
         e.map_or((0, 0), |e| {
-            (e.raw & !qinspect::tables::OFLAG_COPIED, e.bitmap)
+            let e = e.with_copied(false);
+            (e.raw, e.bitmap)
         })
     };
     for i in 0..la.len().max(lb.len()) {

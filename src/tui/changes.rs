@@ -6,6 +6,7 @@
 use super::ctx::LAYOUT_LIMIT;
 use qinspect::check::role_map;
 use qinspect::image::Qcow2;
+use qinspect::tables::L1Entry;
 use qinspect::types::HostCluster;
 
 /// L2 entries recorded at most (beyond that only L1 entries are compared).
@@ -18,9 +19,11 @@ pub struct State {
     pub refcounts: Vec<u64>,
     /// Role bits of each of those clusters.
     pub roles: Vec<u16>,
-    /// Raw active L1 entries.
-    pub l1: Vec<u64>,
-    /// Raw L2 entries behind each active L1 entry (None: no L2 table, or too many to keep).
+    /// Active L1 entries.
+    pub l1: Vec<L1Entry>,
+    /// Standard words of the L2 entries behind each active L1 entry (None: no L2
+    /// table, or too many to keep). Bare words, not `L2Entry`: the subcluster
+    /// bitmaps are not compared, and this halves what is kept.
     pub l2: Vec<Option<Vec<u64>>>,
     /// Whether every L2 table was recorded.
     pub l2_complete: bool,
@@ -36,7 +39,7 @@ pub fn record(img: &Qcow2) -> State {
         .map(|c| img.refcount(HostCluster(c)).unwrap_or(0))
         .collect();
     let roles = role_map(img, 0, n - 1);
-    let l1: Vec<u64> = img.l1.iter().map(|e| e.0).collect();
+    let l1: Vec<L1Entry> = img.l1.to_vec();
     let mut kept = 0usize;
     let mut complete = true;
     let l2 = img
@@ -139,11 +142,11 @@ pub fn compare(old: &State, new: &State, geo: &qinspect::types::Geometry) -> Vec
         }
     }
     for i in 0..old.l1.len().max(new.l1.len()) {
-        let a = old.l1.get(i).copied().unwrap_or(0);
-        let b = new.l1.get(i).copied().unwrap_or(0);
+        let a = old.l1.get(i).copied().unwrap_or_default();
+        let b = new.l1.get(i).copied().unwrap_or_default();
         if a != b {
             out.push(Change {
-                text: format!("active L1[{i}]: {a:#x}→{b:#x}"),
+                text: format!("active L1[{i}]: {:#x}→{:#x}", a.0, b.0),
                 cluster: None,
                 entry: Some((i, None)),
             });

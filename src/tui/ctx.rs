@@ -6,6 +6,7 @@ use qinspect::chain::{Chain, OpenOptions};
 use qinspect::check::CheckReport;
 use qinspect::image::{Qcow2, Strictness, View};
 use qinspect::io::{FileSource, SharedSource};
+use qinspect::tables::L1Entry;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -419,10 +420,10 @@ impl Ctx {
         (was != now).then_some(was)
     }
 
-    /// In the simulated view, an active L1 entry's raw value before the
-    /// simulation when it changed.
-    pub fn l1_was(&self, i: usize, now: u64) -> Option<u64> {
-        let was = self.before()?.l1.get(i).copied().unwrap_or(0);
+    /// In the simulated view, an active L1 entry before the simulation when it
+    /// changed.
+    pub fn l1_was(&self, i: usize, now: L1Entry) -> Option<L1Entry> {
+        let was = self.before()?.l1.get(i).copied().unwrap_or_default();
         (was != now).then_some(was)
     }
 

@@ -6,7 +6,6 @@ use super::walk::Walk;
 use crate::io::read_into;
 use crate::tables::{
     ClusterType, CompressedDescriptor, L2E_OFFSET_MASK, L2E_STD_RESERVED_MASK, L2Entry,
-    OFLAG_COPIED, OFLAG_ZERO,
 };
 
 impl Walk<'_> {
@@ -64,6 +63,7 @@ impl Walk<'_> {
             if fast
                 && let Some((start, n, idx)) = run
                 && raw == run_raw.wrapping_add(cs)
+                // Raw mask, not `std_reserved_bits`: this is the per-entry hot path.
                 && raw & L2E_STD_RESERVED_MASK == 0
                 && idx.saturating_add(n) == i as u64
                 && L2Entry::from_word(raw).host_offset().0 < self.file_len
@@ -114,7 +114,7 @@ impl Walk<'_> {
             let e = L2Entry { raw, bitmap };
             let ct = e.cluster_type(&geo, has_df);
             let i = i as u64;
-            if ct != ClusterType::Compressed && raw & L2E_STD_RESERVED_MASK != 0 {
+            if ct != ClusterType::Compressed && e.std_reserved_bits() != 0 {
                 let msg = format!("ERROR found l2 entry with reserved bits set: {raw:x}");
                 if let Some(f) = self.find(FindingKind::Corruption, Category::ReservedBits, msg, w)
                 {
@@ -124,7 +124,7 @@ impl Walk<'_> {
             match ct {
                 ClusterType::Compressed => {
                     let d = CompressedDescriptor::decode(raw, &geo);
-                    if raw & OFLAG_COPIED != 0 {
+                    if e.copied() {
                         let msg = format!(
                             "ERROR: coffset={:#x}: copied flag must never be set for compressed clusters",
                             d.offset.0
@@ -189,7 +189,7 @@ impl Walk<'_> {
                         let contains_data = if ext {
                             bitmap & 0xffff_ffff != 0
                         } else {
-                            raw & OFLAG_ZERO == 0
+                            !e.zero_flag()
                         };
                         let msg = if contains_data {
                             format!(

@@ -160,13 +160,13 @@ impl<'a> Walk<'a> {
     /// Read an L1 table (zeros past EOF, like QEMU's reads).
     /// Only the entries inside the file are read: past its end they are zeros,
     /// which the walk skips anyway, so a huge l1_size on a small file costs nothing.
-    pub(super) fn read_l1(&self, off: u64, entries: u64) -> Vec<u64> {
+    pub(super) fn read_l1(&self, off: u64, entries: u64) -> Vec<L1Entry> {
         let in_file = self.file_len.saturating_sub(off).div_ceil(8);
         let mut buf =
             vec![0u8; entries.min(MAX_L1_ENTRIES).min(in_file).saturating_mul(8) as usize];
         let _ = read_into(self.img.src.as_ref(), "L1 table", off, &mut buf);
         buf.chunks_exact(8)
-            .map(|c| crate::bytes::be64(c, 0))
+            .map(|c| L1Entry(crate::bytes::be64(c, 0)))
             .collect()
     }
 
@@ -177,7 +177,7 @@ impl<'a> Walk<'a> {
         id: L1Id,
         off: u64,
         entries: u64,
-        l1: &[u64],
+        l1: &[L1Entry],
     ) {
         if entries == 0 {
             return;
@@ -185,13 +185,14 @@ impl<'a> Walk<'a> {
         let l1_bytes = entries.saturating_mul(8);
         self.inc(v, off, l1_bytes, 1, Ctx::L1Table(id));
         for (i, &e) in l1.iter().enumerate() {
-            if e == 0 {
+            // QEMU skips only the word 0: an entry with reserved bits alone is checked.
+            if e == L1Entry::UNALLOCATED {
                 continue;
             }
             let i = i as u64;
-            if L1Entry(e).reserved_bits() != 0 {
+            if e.reserved_bits() != 0 {
                 let name = self.l1_name(id);
-                let msg = format!("ERROR found L1 entry with reserved bits set: {e:x}");
+                let msg = format!("ERROR found L1 entry with reserved bits set: {:x}", e.0);
                 if let Some(f) = self.find(FindingKind::Corruption, Category::ReservedBits, msg, 1)
                 {
                     f.offset = Some(off.saturating_add(i.saturating_mul(8)));
@@ -203,7 +204,7 @@ impl<'a> Walk<'a> {
                     f.repair = Some("none: qemu-img check -r cannot fix reserved bits".into());
                 }
             }
-            let l2 = L1Entry(e).l2_offset().map_or(0, |o| o.0);
+            let l2 = e.l2_offset().map_or(0, |o| o.0);
             self.inc(v, l2, self.cs, 1, Ctx::L2Table(id, i));
             if l2 & self.cmask != 0 {
                 let msg = format!(

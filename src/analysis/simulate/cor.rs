@@ -81,7 +81,7 @@ impl Sim {
             let l2 = self
                 .l1
                 .get(self.geo.l1_index(GuestOffset(g)) as usize)
-                .and_then(|&e| L1Entry(e).l2_offset())
+                .and_then(L1Entry::l2_offset)
                 .map_or(0, HostOffset::get);
             // The run of (sub)clusters of one kind from g, as block status
             // finds it.

@@ -20,8 +20,8 @@ use crate::error::{Error, Result};
 use crate::header::CompressionType;
 use crate::io::SharedSource;
 use crate::lookup::{ReadCache, read};
-use crate::tables::{L1E_OFFSET_MASK, L2Entry, SubclusterType};
-use crate::types::GuestOffset;
+use crate::tables::{L1Entry, L2Entry, SubclusterType};
+use crate::types::{GuestOffset, HostOffset};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
@@ -366,9 +366,8 @@ impl Sim {
             let l2 = self
                 .l1
                 .get(self.geo.l1_index(GuestOffset(pos)) as usize)
-                .copied()
-                .unwrap_or(0)
-                & L1E_OFFSET_MASK;
+                .and_then(L1Entry::l2_offset)
+                .map_or(0, HostOffset::get);
             let (raw, bitmap) = if l2 == 0 {
                 (0, 0)
             } else {

@@ -11,10 +11,9 @@ use super::overlap::Meta;
 use crate::tables::ClusterType;
 use crate::tables::L1Entry;
 use crate::tables::L2Entry;
-use crate::tables::OFLAG_COPIED;
 use crate::tables::SubclusterType;
-use crate::types::GuestOffset;
 use crate::types::low_mask;
+use crate::types::{GuestOffset, HostOffset};
 
 impl Sim {
     /// Entries per L2 cache slice: a whole table, unless QEMU's default 32 MiB L2
@@ -115,10 +114,10 @@ impl Sim {
                 "guest offset {guest:#x} is beyond the L1 table (EIO)"
             )));
         };
-        if e & OFLAG_COPIED != 0 {
-            return Ok(L1Entry(e).l2_offset().map_or(0, |o| o.0));
+        if e.copied() {
+            return Ok(e.l2_offset().map_or(0, HostOffset::get));
         }
-        let old = L1Entry(e).l2_offset().map_or(0, |o| o.0);
+        let old = e.l2_offset().map_or(0, HostOffset::get);
         let saved = self.reason.clone();
         let purpose = if old == 0 {
             format!(
@@ -155,20 +154,20 @@ impl Sim {
                 "private copy"
             }
         ));
-        let new_e = new | OFLAG_COPIED;
+        let new_e = L1Entry::l2_table(HostOffset(new), true);
         if let Some(slot) = self.l1.get_mut(i as usize) {
             *slot = new_e;
         }
         let l1_off = self.l1_table_offset;
-        self.write_u64(l1_off.saturating_add(i.saturating_mul(8)), new_e)?;
+        self.write_u64(l1_off.saturating_add(i.saturating_mul(8)), new_e.0)?;
         self.record(
             Target::L1Entry {
                 table: "active L1".into(),
                 table_offset: l1_off,
                 index: i,
             },
-            e,
-            new_e,
+            e.0,
+            new_e.0,
         );
         if old != 0 {
             self.free_clusters(
@@ -185,7 +184,7 @@ impl Sim {
         let e = L2Entry { raw, bitmap: 0 };
         match e.cluster_type(&self.geo, self.has_data_file) {
             ClusterType::Unallocated | ClusterType::ZeroPlain | ClusterType::Compressed => true,
-            ClusterType::Normal | ClusterType::ZeroAlloc => raw & OFLAG_COPIED == 0,
+            ClusterType::Normal | ClusterType::ZeroAlloc => !e.copied(),
         }
     }
 
@@ -326,7 +325,9 @@ impl Sim {
                             bm
                         };
                         let new_raw = if ty == ClusterType::ZeroAlloc && !self.geo.extended_l2 {
-                            L2Entry::from_word(r).host_offset().0 | OFLAG_COPIED
+                            L2Entry::from_word(L2Entry::from_word(r).host_offset().0)
+                                .with_copied(true)
+                                .raw
                         } else {
                             r
                         };
@@ -430,7 +431,8 @@ impl Sim {
                     self.why(format!(
                         "guest {guest_k:#x} now maps to the new cluster {host_k:#x}"
                     ));
-                    self.set_l2_entry(l2, index, host_k | OFLAG_COPIED, new_bm)?;
+                    let entry = L2Entry::from_word(host_k).with_copied(true);
+                    self.set_l2_entry(l2, index, entry.raw, new_bm)?;
                 }
                 host_next = Some(host.saturating_add(n.saturating_mul(cs)));
                 if bytes == 0 {

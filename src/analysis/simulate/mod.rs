@@ -53,6 +53,7 @@ use crate::header::Header;
 use crate::image::{Qcow2, Strictness};
 use crate::io::SharedSource;
 use crate::refcount::get_refcount;
+use crate::tables::L1Entry;
 use crate::types::Geometry;
 use crate::types::low_mask as types_low_mask;
 use serde::Serialize;
@@ -124,7 +125,7 @@ pub struct Sim {
     clusters: store::Store,
     /// Host file length (grows when clusters past the end are allocated).
     file_len: u64,
-    l1: Vec<u64>,
+    l1: Vec<L1Entry>,
     l1_table_offset: u64,
     size: u64,
     refcount_table_offset: u64,
@@ -298,7 +299,7 @@ impl Sim {
             has_data_file: h.has_data_file(),
             clusters: store::Store::new(geo.cluster_size()),
             file_len: img.file_len(),
-            l1: img.l1.iter().map(|e| e.0).collect(),
+            l1: img.l1.to_vec(),
             l1_table_offset: h.l1_table_offset.get(),
             size: h.size,
             refcount_table_offset: h.refcount_table_offset.get(),

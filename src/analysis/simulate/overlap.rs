@@ -13,7 +13,6 @@
 
 use super::{Sim, SimError, SimResult};
 use crate::refcount::RefTableEntry;
-use crate::tables::L1Entry;
 
 /// A kind of metadata, in the order QEMU checks them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -106,7 +105,7 @@ impl Sim {
             && self
                 .l1
                 .iter()
-                .any(|e| L1Entry(*e).l2_offset().is_some_and(|o| hits(o.0, self.cs)))
+                .any(|e| e.l2_offset().is_some_and(|o| hits(o.0, self.cs)))
         {
             return Some(Meta::ActiveL2);
         }

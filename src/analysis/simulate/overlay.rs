@@ -147,9 +147,11 @@ impl Sim {
             None => "the image",
         };
         let i = self.geo.l1_index(GuestOffset(guest));
-        let l2 = L1Entry(self.l1.get(i as usize).copied().unwrap_or(0))
-            .l2_offset()
-            .map_or(0, |o| o.0);
+        let l2 = self
+            .l1
+            .get(i as usize)
+            .and_then(L1Entry::l2_offset)
+            .map_or(0, HostOffset::get);
         let mut falls = true;
         if l2 == 0 {
             self.note(format!(
@@ -198,7 +200,7 @@ impl Sim {
         };
         let src: crate::io::SharedSource = Arc::new(crate::io::FileSource::open(&base)?);
         let img = Qcow2::open(src, Strictness::Lenient)?;
-        let (label, l1): (String, Vec<u64>) = match &snap {
+        let (label, l1): (String, Vec<L1Entry>) = match &snap {
             Some(s) => {
                 let sn = img
                     .snapshots
@@ -209,19 +211,17 @@ impl Sim {
                     .ok_or_else(|| super::SimError::Qemu(format!("no snapshot '{s}'")))?;
                 (
                     format!("snapshot '{}' of {}", sn.name, base.display()),
-                    img.snapshot_l1(sn)?.iter().map(|e| e.0).collect(),
+                    img.snapshot_l1(sn)?.to_vec(),
                 )
             }
-            None => (
-                base.display().to_string(),
-                img.l1.iter().map(|e| e.0).collect(),
-            ),
+            None => (base.display().to_string(), img.l1.to_vec()),
         };
         let geo = img.geometry();
         let i = geo.l1_index(GuestOffset(guest));
-        let l2 = L1Entry(l1.get(i as usize).copied().unwrap_or(0))
-            .l2_offset()
-            .map_or(0, |o| o.0);
+        let l2 = l1
+            .get(i as usize)
+            .and_then(L1Entry::l2_offset)
+            .map_or(0, HostOffset::get);
         if l2 == 0 {
             self.note(format!(
                 "{label}: L1[{i}] is 0: {}",

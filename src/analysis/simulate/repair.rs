@@ -13,7 +13,8 @@
 
 use super::{Sim, SimError, SimResult, Target};
 use crate::check::{Category, CheckOptions, FindingKind, check};
-use crate::tables::{ClusterType, L1Entry, L2Entry, OFLAG_COPIED};
+use crate::tables::{ClusterType, L2Entry};
+use crate::types::HostOffset;
 
 impl Sim {
     /// `qemu-img check -r leaks` (`all == false`) or `-r all`.
@@ -139,30 +140,26 @@ impl Sim {
     fn repair_copied(&mut self) -> SimResult<()> {
         let l1_off = self.l1_table_offset;
         for i in 0..self.l1.len() as u64 {
-            let e = self.l1.get(i as usize).copied().unwrap_or(0);
-            let l2 = L1Entry(e).l2_offset().map_or(0, |o| o.0);
+            let e = self.l1.get(i as usize).copied().unwrap_or_default();
+            let l2 = e.l2_offset().map_or(0, HostOffset::get);
             if l2 == 0 {
                 continue;
             }
             let r = self.get_refcount(self.cluster_of(l2))?;
-            let want = if r == 1 {
-                e | OFLAG_COPIED
-            } else {
-                e & !OFLAG_COPIED
-            };
+            let want = e.with_copied(r == 1);
             if want != e {
                 self.why(format!(
                     "Repairing OFLAG_COPIED L2 cluster: l1_index={i} refcount={r}"
                 ));
-                self.write_u64(l1_off.saturating_add(i.saturating_mul(8)), want)?;
+                self.write_u64(l1_off.saturating_add(i.saturating_mul(8)), want.0)?;
                 self.record(
                     Target::L1Entry {
                         table: "active L1".into(),
                         table_offset: l1_off,
                         index: i,
                     },
-                    e,
-                    want,
+                    e.0,
+                    want.0,
                 );
                 if let Some(slot) = self.l1.get_mut(i as usize) {
                     *slot = want;
@@ -176,11 +173,7 @@ impl Sim {
                 }
                 let off = L2Entry::from_word(raw).host_offset().0;
                 let r = self.get_refcount(self.cluster_of(off))?;
-                let want = if r == 1 {
-                    raw | OFLAG_COPIED
-                } else {
-                    raw & !OFLAG_COPIED
-                };
+                let want = L2Entry::from_word(raw).with_copied(r == 1).raw;
                 if want != raw {
                     self.why(format!(
                         "Repairing OFLAG_COPIED data cluster: l2_entry={raw:x} refcount={r}"

@@ -8,6 +8,7 @@ use super::change::Target;
 use crate::refcount::get_refcount;
 use crate::refcount::set_refcount;
 use crate::tables::L1Entry;
+use crate::types::HostOffset;
 use crate::types::low_mask;
 
 impl Sim {
@@ -39,7 +40,7 @@ impl Sim {
             &format!("the active L1 table grown to {new_len} entries"),
         )?;
         let mut table = self.l1.clone();
-        table.resize(new_len as usize, 0);
+        table.resize(new_len as usize, L1Entry::UNALLOCATED);
         let buf: Vec<u8> = table.iter().flat_map(|e| e.to_be_bytes()).collect();
         self.write_bytes(off, &buf)?;
         self.record(
@@ -205,8 +206,8 @@ impl Sim {
         let zeros = vec![0u8; len.saturating_sub(keep).saturating_mul(8) as usize];
         self.write_bytes(off.saturating_add(keep.saturating_mul(8)), &zeros)?;
         for i in (keep..len).rev() {
-            let e = self.l1.get(i as usize).copied().unwrap_or(0);
-            let l2 = L1Entry(e).l2_offset().map_or(0, |o| o.0);
+            let e = self.l1.get(i as usize).copied().unwrap_or_default();
+            let l2 = e.l2_offset().map_or(0, HostOffset::get);
             if l2 == 0 {
                 continue;
             }
@@ -217,7 +218,7 @@ impl Sim {
                     table_offset: off,
                     index: i,
                 },
-                e,
+                e.0,
                 0,
             );
             self.free_clusters(
@@ -226,7 +227,7 @@ impl Sim {
                 &format!("the L2 table of active L1[{i}], past the new end"),
             );
             if let Some(slot) = self.l1.get_mut(i as usize) {
-                *slot = 0;
+                *slot = L1Entry::UNALLOCATED;
             }
         }
         Ok(())

@@ -6,6 +6,7 @@ use super::SimError;
 use super::SimResult;
 use super::SimSnapshot;
 use super::change::Target;
+use crate::tables::L1Entry;
 
 impl Sim {
     // ---- snapshot table --------------------------------------------------------
@@ -315,7 +316,7 @@ impl Sim {
         let r = self.update_snapshot_refcount(active_off, cur_len, -1);
         self.l1 = buffer
             .chunks_exact(8)
-            .map(|c| crate::bytes::be64(c, 0))
+            .map(|c| L1Entry(crate::bytes::be64(c, 0)))
             .collect();
         r?;
         self.note("addend 0 over the new active L1: COPIED flags recomputed".into());

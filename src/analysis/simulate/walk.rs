@@ -10,7 +10,7 @@ use crate::tables::ClusterType;
 use crate::tables::CompressedDescriptor;
 use crate::tables::L1Entry;
 use crate::tables::L2Entry;
-use crate::tables::OFLAG_COPIED;
+use crate::types::HostOffset;
 
 impl Sim {
     // ---- the refcount walk ---------------------------------------------------
@@ -35,22 +35,22 @@ impl Sim {
     ) -> SimResult<()> {
         let label = self.l1_label(l1_offset);
         let active = l1_offset == self.l1_table_offset;
-        let mut table: Vec<u64> = if active {
+        let mut table: Vec<L1Entry> = if active {
             self.l1.clone()
         } else {
             let raw = self.read_bytes(l1_offset, l1_size.saturating_mul(8));
             raw.chunks_exact(8)
-                .map(|c| crate::bytes::be64(c, 0))
+                .map(|c| L1Entry(crate::bytes::be64(c, 0)))
                 .collect()
         };
         let mut l1_modified = false;
         let mut result = Ok(());
         for i in 0..table.len() {
             let Some(&old_l1) = table.get(i) else { break };
-            if old_l1 == 0 {
+            if old_l1 == L1Entry::UNALLOCATED {
                 continue;
             }
-            let l2 = L1Entry(old_l1).l2_offset().map_or(0, |o| o.0);
+            let l2 = old_l1.l2_offset().map_or(0, HostOffset::get);
             if !l2.is_multiple_of(self.cs) {
                 result = Err(SimError::Qemu(format!(
                     "L2 table offset {l2:#x} unaligned (L1 index: {i:#x}) (EIO)"
@@ -78,7 +78,8 @@ impl Sim {
                     break;
                 }
             };
-            let new_l1 = if r == 1 { l2 | OFLAG_COPIED } else { l2 };
+            // Only the offset and COPIED are kept: reserved bits are dropped.
+            let new_l1 = L1Entry::l2_table(HostOffset(l2), r == 1);
             if new_l1 != old_l1 {
                 if let Some(slot) = table.get_mut(i) {
                     *slot = new_l1;
@@ -97,8 +98,8 @@ impl Sim {
                         table_offset: l1_offset,
                         index: i as u64,
                     },
-                    old_l1,
-                    new_l1,
+                    old_l1.0,
+                    new_l1.0,
                 );
             }
         }
@@ -131,7 +132,7 @@ impl Sim {
         for j in 0..entries {
             let eoff = l2.saturating_add(j.saturating_mul(step));
             let old = self.read_u64(eoff);
-            let entry = old & !OFLAG_COPIED;
+            let entry = L2Entry::from_word(old).with_copied(false).raw;
             let off = L2Entry::from_word(entry).host_offset().0;
             let e = L2Entry {
                 raw: entry,
@@ -161,16 +162,12 @@ impl Sim {
                 }
                 _ => 0,
             };
-            let new = if refcount == 1 {
-                entry | OFLAG_COPIED
-            } else {
-                entry
-            };
+            let new = L2Entry::from_word(entry).with_copied(refcount == 1).raw;
             if new != old {
                 if copied_reason.0 != refcount {
                     copied_reason = (
                         refcount,
-                        if new & OFLAG_COPIED != 0 {
+                        if L2Entry::from_word(new).copied() {
                             "COPIED set: refcount is now exactly 1".to_string()
                         } else if refcount == 0 {
                             "COPIED cleared: refcount is now 0 (freed)".to_string()

@@ -14,8 +14,8 @@
 use super::{Sim, SimError, SimResult};
 use crate::chain::{Chain, LayerKind, OpenOptions};
 use crate::lookup::{Status, layer_run};
-use crate::tables::{ClusterType, L1E_OFFSET_MASK, L2Entry, OFLAG_ZERO, SubclusterType};
-use crate::types::GuestOffset;
+use crate::tables::{ClusterType, L1Entry, L2Entry, OFLAG_ZERO, SubclusterType};
+use crate::types::{GuestOffset, HostOffset};
 use std::path::Path;
 
 /// The subcluster bitmap of an extended L2 entry that reads as zeros all
@@ -235,7 +235,11 @@ impl Sim {
     /// The type of the subcluster at guest `g` in this image's own tables.
     fn top_subcluster_type(&mut self, g: u64) -> SubclusterType {
         let i = self.geo.l1_index(GuestOffset(g));
-        let l2 = self.l1.get(i as usize).copied().unwrap_or(0) & L1E_OFFSET_MASK;
+        let l2 = self
+            .l1
+            .get(i as usize)
+            .and_then(L1Entry::l2_offset)
+            .map_or(0, HostOffset::get);
         if l2 == 0 {
             return SubclusterType::UnallocatedPlain;
         }

@@ -5,7 +5,7 @@ use crate::types::{Geometry, HostOffset};
 use serde::Serialize;
 
 /// One L1 entry as stored: the raw 64-bit word. [`L1Entry::mapping`] decodes it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
 #[serde(transparent)]
 pub struct L1Entry(pub u64);
 
@@ -42,6 +42,25 @@ impl L1Mapping {
 }
 
 impl L1Entry {
+    /// The entry of 0: no L2 table, no flags.
+    pub const UNALLOCATED: L1Entry = L1Entry(0);
+    /// An entry naming the L2 table at `offset`, with bit 63 set if `copied`
+    /// (no reserved bits).
+    pub fn l2_table(offset: HostOffset, copied: bool) -> L1Entry {
+        L1Entry(offset.0 & L1E_OFFSET_MASK).with_copied(copied)
+    }
+    /// The same word with bit 63 set or cleared; every other bit kept.
+    pub fn with_copied(self, copied: bool) -> L1Entry {
+        if copied {
+            L1Entry(self.0 | OFLAG_COPIED)
+        } else {
+            L1Entry(self.0 & !OFLAG_COPIED)
+        }
+    }
+    /// The word as stored on disk (big-endian).
+    pub fn to_be_bytes(self) -> [u8; 8] {
+        self.0.to_be_bytes()
+    }
     /// Decode the entry.
     pub fn mapping(&self) -> L1Mapping {
         let off = self.0 & L1E_OFFSET_MASK;

@@ -257,6 +257,27 @@ impl L2Entry {
     pub fn copied(&self) -> bool {
         self.raw & OFLAG_COPIED != 0
     }
+    /// The same entry with bit 63 set or cleared; every other bit (and the
+    /// bitmap) kept.
+    pub fn with_copied(self, copied: bool) -> Self {
+        let raw = if copied {
+            self.raw | OFLAG_COPIED
+        } else {
+            self.raw & !OFLAG_COPIED
+        };
+        L2Entry { raw, ..self }
+    }
+    /// Bit 0 as stored: the zero flag of a standard L2 entry (reserved with
+    /// extended L2, where the bitmap says which subclusters read as zeros).
+    pub fn zero_flag(&self) -> bool {
+        self.raw & OFLAG_ZERO != 0
+    }
+    /// Bits of the standard reserved mask (61..56 and 8..1) that are set, whatever
+    /// the entry's kind. `qemu-img check` tests this mask alone, also with
+    /// extended L2; [`L2Entry::reserved_bits`] is what a read rejects.
+    pub fn std_reserved_bits(&self) -> u64 {
+        self.raw & L2E_STD_RESERVED_MASK
+    }
     /// Bit 62.
     pub fn compressed(&self) -> bool {
         self.raw & OFLAG_COMPRESSED != 0

@@ -130,3 +130,45 @@ fn extended_l2_subclusters() {
     // bit 0 is reserved with extended L2
     assert_eq!(L2Entry { raw: 1, bitmap: 0 }.reserved_bits(&g), 1);
 }
+
+#[test]
+fn l1_entries_are_built_and_flagged_as_the_spec_lays_them_out() {
+    // Bit 63 is COPIED, bits 55..9 the L2 table's offset (docs/interop/qcow2.rst).
+    let e = L1Entry::l2_table(HostOffset(0x5_0000), true);
+    assert_eq!(e.0, 0x8000_0000_0005_0000);
+    assert_eq!(L1Entry::l2_table(HostOffset(0x5_0000), false).0, 0x5_0000);
+    // Only bit 63 moves: a reserved bit (bit 0) and the offset stay as stored.
+    let odd = L1Entry(0x8000_0000_0005_0001);
+    assert_eq!(odd.with_copied(false).0, 0x0000_0000_0005_0001);
+    assert_eq!(L1Entry(0x5_0001).with_copied(true).0, 0x8000_0000_0005_0001);
+    assert_eq!(odd.to_be_bytes(), [0x80, 0, 0, 0, 0, 0x05, 0, 0x01]);
+    assert_eq!(L1Entry::UNALLOCATED.l2_offset(), None);
+    assert_eq!(L1Entry::default(), L1Entry::UNALLOCATED);
+}
+
+#[test]
+fn l2_entry_flags_read_and_set_single_bits() {
+    // Bit 63 COPIED, bit 0 the zero flag, reserved bits 61..56 and 8..1.
+    let e = L2Entry {
+        raw: 0x8000_0000_0005_0001,
+        bitmap: 0xffff_0000,
+    };
+    let cleared = e.with_copied(false);
+    assert_eq!(cleared.raw, 0x0000_0000_0005_0001);
+    assert_eq!(cleared.bitmap, 0xffff_0000);
+    assert_eq!(
+        L2Entry::from_word(0x5_0000).with_copied(true).raw,
+        0x8000_0000_0005_0000
+    );
+    assert!(e.zero_flag());
+    assert!(!L2Entry::from_word(0x8000_0000_0005_0000).zero_flag());
+    assert_eq!(
+        L2Entry::from_word(0x8000_0000_0005_0001).std_reserved_bits(),
+        0
+    );
+    // Bit 1 and bit 56 are reserved; bit 0 (zero) and bit 62 (compressed) are not.
+    assert_eq!(
+        L2Entry::from_word(0x4100_0000_0005_0003).std_reserved_bits(),
+        0x0100_0000_0000_0002
+    );
+}

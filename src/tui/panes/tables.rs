@@ -168,9 +168,9 @@ impl State {
                             Span::styled(format!("{:#018x} ", e.0), st),
                         ];
                         spans.extend(columns(e.copied(), rc, j));
-                        if let Some(was) = active.then(|| ctx.l1_was(i, e.0)).flatten() {
+                        if let Some(was) = active.then(|| ctx.l1_was(i, *e)).flatten() {
                             spans.push(Span::styled(
-                                format!("was {was:#x}→ "),
+                                format!("was {:#x}→ ", was.0),
                                 Style::new().fg(color::REFCOUNT),
                             ));
                         }
