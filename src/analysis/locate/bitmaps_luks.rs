@@ -70,12 +70,8 @@ pub(super) fn bitmap_data(
 
 pub(super) fn luks(img: &Qcow2, r: &Region, offset: u64) -> Option<Decoded> {
     let structure = format!("LUKS header at {:#x}", r.start);
-    let h = crate::crypto::luks::LuksHeader::read(
-        img.src.as_ref(),
-        r.start,
-        r.end.saturating_sub(r.start),
-    );
-    let Ok(h) = h else {
+    // The region is the crypto extension's, so this is the header it names.
+    let Some(Ok(h)) = crate::crypto::luks_header(img) else {
         return Some(Decoded {
             structure,
             item: "unreadable".into(),
