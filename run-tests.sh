@@ -7,8 +7,10 @@
 #   qemu-system-x86_64 qemu-system-x86 10.0.2, same suite (tests make savevm images)
 #   tmux               for tests/tui_tmux.rs
 #   cargo-deb          for the .deb build (from crates.io)
+#   libzstd-dev, pkg-config  to build: qinspect links the system's libzstd, the
+#                      one QEMU links, to compute zstd-compressed cluster sizes
 #
-# qinspect itself needs none of these at run time: QEMU is only the tests' oracle.
+# qinspect needs none of the others at run time: QEMU is only the tests' oracle.
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -75,6 +77,10 @@ fi
 # qemu-utils, keeping qemu-img at $QEMU_VERSION.
 if ! command -v qemu-system-x86_64 >/dev/null; then
     as_root .ci/install-qemu-system.sh
+fi
+if ! pkg-config --exists libzstd 2>/dev/null; then
+    apt_update
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libzstd-dev pkg-config
 fi
 if ! command -v tmux >/dev/null; then
     apt_update
