@@ -4,8 +4,9 @@
 //!
 //! The request starts on a cluster boundary and covers whole clusters (or ends
 //! at the end of the disk, the last cluster padded with zeros). Each cluster is
-//! deflated (raw deflate, QEMU's default "zlib" type) into at most one cluster
-//! less one byte; one that does not fit is written as an ordinary write. A
+//! compressed with the image's type (raw deflate, QEMU's default "zlib", or one
+//! zstd frame: `crate::compress::compress`) into at most one cluster less one
+//! byte; one that does not fit is written as an ordinary write. A
 //! compressed cluster is never written over an allocated one: QEMU fails the
 //! request with EIO. Its bytes are placed by `qcow2_alloc_bytes`: right after
 //! the previous compressed cluster of the same command when they fit in its
@@ -19,22 +20,10 @@
 
 use super::change::Target;
 use super::{Sim, SimError, SimResult};
+use crate::compress::compress;
+use crate::header::CompressionType;
 use crate::tables::{CompressedDescriptor, L2Entry};
 use crate::types::GuestOffset;
-
-/// The raw deflate stream of `data` as QEMU's `qcow2_zlib_compress` makes it
-/// (level 6), if it fits in `room` bytes.
-fn deflate(data: &[u8], room: usize) -> Option<Vec<u8>> {
-    let mut out = vec![0u8; room];
-    let mut c = flate2::Compress::new_with_window_bits(flate2::Compression::new(6), false, 12);
-    match c.compress(data, &mut out, flate2::FlushCompress::Finish) {
-        Ok(flate2::Status::StreamEnd) => {
-            out.truncate(usize::try_from(c.total_out()).unwrap_or(room));
-            Some(out)
-        }
-        _ => None,
-    }
-}
 
 impl Sim {
     /// `write -c`.
@@ -59,13 +48,17 @@ impl Sim {
                 "write failed: Invalid argument (a compressed write covers whole clusters of {cs} bytes, or ends at the end of the disk) (EINVAL)"
             )));
         }
-        // The header's compression_type byte (at 104, when the header is that long).
+        // The header's compression_type byte (at 104, when the header is that
+        // long); QEMU does not open an image whose type it does not know.
         let header_length = crate::bytes::be32(&self.read_bytes(100, 4), 0);
-        let zstd = self.version >= 3 && header_length > 104 && self.read_bytes(104, 1) != [0];
-        if zstd {
-            return Err(SimError::NotModelled(
-                "compressed writes with zstd: the compressed size depends on the zstd library"
-                    .into(),
+        let kind = match self.read_bytes(104, 1).first() {
+            Some(&1) if self.version >= 3 && header_length > 104 => CompressionType::Zstd,
+            _ => CompressionType::Deflate,
+        };
+        if kind == CompressionType::Zstd {
+            self.note(format!(
+                "zstd sizes are computed with libzstd {}; QEMU uses the libzstd it is linked with, and another version may compress to other sizes",
+                crate::compress::zstd_library_version()
             ));
         }
         let room = usize::try_from(cs.saturating_sub(1)).unwrap_or(0);
@@ -80,7 +73,10 @@ impl Sim {
             if let Some(tail) = data.get_mut(pad..) {
                 tail.fill(0);
             }
-            match deflate(&data, room) {
+            let compressed = compress(kind, &data, room).map_err(|e| {
+                SimError::Qemu(format!("write failed: Input/output error ({e}) (EIO)"))
+            })?;
+            match compressed {
                 None => {
                     self.note(format!(
                         "guest {pos:#x}: the cluster does not compress to less than a cluster, so it is written as it is"
@@ -178,35 +174,5 @@ impl Sim {
         let next = offset.saturating_add(size);
         *free_byte = if self.within(next) == 0 { 0 } else { next };
         Ok(offset)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::deflate;
-
-    #[test]
-    fn uniform_clusters_deflate_to_zlibs_sizes_and_noise_does_not_fit() {
-        // Python's zlib.compressobj(6, DEFLATED, -12, 9) over 0xcd bytes.
-        for (cs, want) in [(512usize, 8usize), (4096, 22), (65536, 79), (2 << 20, 2050)] {
-            let d = deflate(&vec![0xcd; cs], cs - 1).unwrap_or_default();
-            assert_eq!(d.len(), want, "cluster size {cs}");
-        }
-        let d = deflate(&[0xcd; 65536], 65535).unwrap_or_default();
-        let mut back = vec![0u8; 65536];
-        let mut z = flate2::Decompress::new(false);
-        let _ = z.decompress(&d, &mut back, flate2::FlushDecompress::Finish);
-        assert!(back.iter().all(|&b| b == 0xcd));
-        // Bytes that do not repeat do not compress into less than their size.
-        let mut x = 0x9e37_79b9_7f4a_7c15u64;
-        let noise: Vec<u8> = (0..4096)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                (x >> 24) as u8
-            })
-            .collect();
-        assert!(deflate(&noise, 4095).is_none());
     }
 }
