@@ -272,3 +272,69 @@ fn zstd_compressed_writes_over_a_backing_file_and_a_snapshot() {
         ],
     );
 }
+
+/// One request of several clusters: their frames share host clusters (each
+/// host cluster's refcount counts the frames in it). QEMU compresses them in
+/// worker threads and places each as its thread ends, so which guest cluster
+/// names which frame varies from run to run: the L2 entries are compared as a
+/// set; everything else, and the guest bytes, exactly.
+#[test]
+fn zstd_clusters_of_one_request_share_host_clusters() {
+    use sim_compare::{
+        guest_matches, meta, open_path, parse_op, qemu_check, qemu_command, run_qemu,
+    };
+    let w = Work::new();
+    for (cs, c, len) in [
+        ("512", 512u64, 8 * 512u64),
+        ("4k", 4096, 32768),
+        ("64k", 65536, 1 << 20),
+    ] {
+        let name = format!("m{cs}.qcow2");
+        create(&w, &name, &format!("cluster_size={cs}"), "8M");
+        w.qemu_io(&name, &[&format!("write -c 0 {c}")]);
+        let copy = format!("{name}.qemu");
+        std::fs::copy(w.path(&name), w.path(&copy)).unwrap();
+        let img = open_path(&w.path(&name)).unwrap();
+        let mut sim = qinspect::simulate::Sim::new(&img, &w.path(&name)).unwrap();
+        let op = format!("write-compressed:{}:{len}:P=0x5a", 2 * c);
+        let (ran, line) = run_qemu(w.dir.path(), &qemu_command(&op, &copy));
+        assert!(ran, "{line}");
+        sim.apply(&parse_op(&op));
+        assert_eq!(sim.records[0].error, None);
+        let simulated = sim.image().unwrap();
+        let real = open_path(&w.path(&copy)).unwrap();
+        assert_eq!(sim.file_len(), real.file_len(), "{cs}: file end");
+        let upto = sim.file_len();
+        let (mut a, mut b) = (meta(&simulated, upto).unwrap(), meta(&real, upto).unwrap());
+        for m in [&mut a, &mut b] {
+            // Guest indices and descriptors each sorted: the same sets.
+            for entries in m.l2.values_mut() {
+                let mut at: Vec<u64> = entries.iter().map(|e| e.0).collect();
+                let mut named: Vec<(u64, u64)> = entries.iter().map(|e| (e.1, e.2)).collect();
+                at.sort_unstable();
+                named.sort_unstable();
+                *entries = at
+                    .into_iter()
+                    .zip(named)
+                    .map(|(i, (d, x))| (i, d, x))
+                    .collect();
+            }
+        }
+        assert_eq!(a, b, "{cs}");
+        // The new frames are packed: fewer host clusters than guest clusters.
+        let frames = len / c;
+        let shared = a.refcounts.iter().filter(|(_, r)| *r > 1).count();
+        assert!(shared >= 1, "{cs}: {:?}", a.refcounts);
+        let new_clusters = sim
+            .allocated
+            .iter()
+            .filter(|x| x.2.starts_with("compressed"))
+            .count();
+        assert_eq!(
+            new_clusters as u64, frames,
+            "{cs}: one allocation per frame"
+        );
+        assert_eq!(qemu_check(w.dir.path(), &copy), (0, 0, 0));
+        guest_matches(w.dir.path(), &mut sim, &copy).unwrap();
+    }
+}
