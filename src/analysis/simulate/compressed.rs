@@ -57,7 +57,7 @@ impl Sim {
         };
         if kind == CompressionType::Zstd {
             self.note(format!(
-                "zstd sizes are computed with libzstd {}; QEMU uses the libzstd it is linked with, and another version may compress to other sizes",
+                "zstd frame sizes computed with the system's libzstd {} (qemu-img gets the same sizes when it is linked with the same libzstd)",
                 crate::compress::zstd_library_version()
             ));
         }
