@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The test command: installs what the tests need when it is missing, builds and
 # checks the .deb, then runs the test suite. Extra arguments go to `cargo test`;
-# `--setup-only` installs what is missing and stops.
+# `--setup-only` installs what is missing and stops; `--build-deps` installs only
+# what building qinspect needs (libzstd-dev, pkg-config) and stops.
 #
 #   qemu-img, qemu-io  qemu-utils 10.0.2 (on Debian bookworm: from bookworm-backports)
 #   qemu-system-x86_64 qemu-system-x86 10.0.2, same suite (tests make savevm images)
@@ -15,6 +16,11 @@ set -euo pipefail
 cd "$(dirname "$0")"
 
 setup_only=
+build_deps_only=
+if [ "${1:-}" = --build-deps ]; then
+    build_deps_only=1
+    shift
+fi
 if [ "${1:-}" = --setup-only ]; then
     setup_only=1
     shift
@@ -70,6 +76,11 @@ install_qemu() {
         ${suite:+-t "$suite"} "qemu-utils=$version"
 }
 
+if ! pkg-config --exists libzstd 2>/dev/null; then
+    apt_update
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libzstd-dev pkg-config
+fi
+[ -n "$build_deps_only" ] && exit 0
 if ! qemu_ok; then
     install_qemu
 fi
@@ -77,10 +88,6 @@ fi
 # qemu-utils, keeping qemu-img at $QEMU_VERSION.
 if ! command -v qemu-system-x86_64 >/dev/null; then
     as_root .ci/install-qemu-system.sh
-fi
-if ! pkg-config --exists libzstd 2>/dev/null; then
-    apt_update
-    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libzstd-dev pkg-config
 fi
 if ! command -v tmux >/dev/null; then
     apt_update
