@@ -115,6 +115,25 @@ impl RunKey {
     }
 }
 
+impl RunKey {
+    /// [`RunKey::run_len`] over the table's big-endian words, in one tight loop.
+    pub(super) fn run_len_words(self, words: &[[u8; 8]]) -> u64 {
+        let Some((_, rest)) = words.split_first() else {
+            return 0;
+        };
+        let mut want = self.want;
+        let n = rest
+            .iter()
+            .position(|w| {
+                let miss = u64::from_be_bytes(*w) & self.mask != want;
+                want = want.wrapping_add(self.step);
+                miss
+            })
+            .unwrap_or(rest.len());
+        (n as u64).saturating_add(1)
+    }
+}
+
 /// The run length through decoded entries, for the types [`RunKey`] leaves out:
 /// the same subcluster type and, for types with a host cluster, consecutive host
 /// clusters.
@@ -242,7 +261,12 @@ impl L2Slots for RawL2<'_> {
             return 0;
         };
         let slice = self.bytes.get(s.min(len)..e.min(len)).unwrap_or(&[]);
-        standard_run_of(slice.chunks_exact(8).map(be_word), geo, has_df, first)
+        let (words, _) = slice.as_chunks::<8>();
+        let head = words.first().map_or(0, |w| u64::from_be_bytes(*w));
+        match RunKey::new(L2Entry::from_word(head), first, geo, has_df) {
+            Some(key) => key.run_len_words(words),
+            None => standard_run_of(slice.chunks_exact(8).map(be_word), geo, has_df, first),
+        }
     }
 }
 
