@@ -25,7 +25,7 @@ use crate::chain::{Chain, Layer, LayerKind};
 use crate::error::Result;
 use crate::image::{Qcow2, RefcountReader};
 use crate::io::{Extent, Source};
-use crate::lookup::{Status, layer_run};
+use crate::lookup::{L2Walker, Status, layer_run_with};
 use serde::Serialize;
 
 /// One extent of `qemu-img map --output=json`.
@@ -143,6 +143,7 @@ pub fn map_range(chain: &Chain, start: u64, max_len: u64) -> Result<Vec<MapEntry
         .map(|l| l.qcow2().is_some_and(metadata_preallocated))
         .collect();
     let length = qemu_length(chain.top()).min(start.saturating_add(max_len));
+    let mut walk = Walk::new(chain);
     let mut out: Vec<MapEntry> = Vec::new();
     let mut cur = MapEntry {
         start,
@@ -157,7 +158,7 @@ pub fn map_range(chain: &Chain, start: u64, max_len: u64) -> Result<Vec<MapEntry
     while cur.start.saturating_add(cur.length) < length {
         // The loop condition keeps off below length: neither can overflow.
         let off = cur.start.saturating_add(cur.length);
-        let next = status(chain, &prealloc, off, length.saturating_sub(off))?;
+        let next = status(chain, &prealloc, &mut walk, off, length.saturating_sub(off))?;
         if cur.mergeable(&next) {
             cur.length = cur.length.saturating_add(next.length);
             continue;
@@ -180,14 +181,39 @@ pub fn decide(chain: &Chain, guest: u64) -> Result<MapEntry> {
         .iter()
         .map(|l| l.qcow2().is_some_and(metadata_preallocated))
         .collect();
-    status(chain, &prealloc, guest, 1)
+    status(chain, &prealloc, &mut Walk::new(chain), guest, 1)
+}
+
+/// Per layer: its name in errors, and its L2 tables read in guest order.
+struct Walk {
+    names: Vec<String>,
+    walkers: Vec<L2Walker>,
+}
+
+impl Walk {
+    fn new(chain: &Chain) -> Walk {
+        Walk {
+            names: chain
+                .layers
+                .iter()
+                .map(|l| l.path.display().to_string())
+                .collect(),
+            walkers: chain.layers.iter().map(|_| L2Walker::new()).collect(),
+        }
+    }
 }
 
 /// QEMU's `get_block_status` in qemu-img: ask each layer in turn.
-fn status(chain: &Chain, prealloc: &[bool], off: u64, bytes: u64) -> Result<MapEntry> {
+fn status(
+    chain: &Chain,
+    prealloc: &[bool],
+    walk: &mut Walk,
+    off: u64,
+    bytes: u64,
+) -> Result<MapEntry> {
     let mut bytes = bytes;
     for (depth, layer) in chain.layers.iter().enumerate() {
-        let a = layer_answer(chain, prealloc, depth, layer, off, bytes)?;
+        let a = layer_answer(chain, prealloc, walk, depth, layer, off, bytes)?;
         bytes = a.len;
         if a.data || a.zero {
             return Ok(MapEntry {
@@ -236,6 +262,7 @@ pub fn file_extent(file: &dyn Source, host: u64) -> (bool, Option<u64>) {
 fn layer_answer(
     chain: &Chain,
     prealloc: &[bool],
+    walk: &mut Walk,
     depth: usize,
     layer: &Layer,
     off: u64,
@@ -261,8 +288,11 @@ fn layer_answer(
             view,
             data_file,
         } => {
-            let name = layer.path.display().to_string();
-            let run = layer_run(image, view, off, bytes, &name)?;
+            let name = walk.names.get(depth).map_or("", String::as_str);
+            let run = match walk.walkers.get_mut(depth) {
+                Some(w) => layer_run_with(image, view, off, bytes, name, w)?,
+                None => layer_run_with(image, view, off, bytes, name, &mut L2Walker::new())?,
+            };
             let len = run.len.min(bytes).max(1);
             let encrypted = image.header.crypt_method != 0;
             let with_offset = |h: Option<crate::types::HostOffset>| {

@@ -12,12 +12,14 @@
 //! ([`trace`]).
 
 mod read;
+mod slots;
 mod steps;
 #[cfg(test)]
 mod tests;
 mod trace;
 
 pub use read::{ReadCache, Segment, for_each_segment, read, read_compressed};
+pub use slots::L2Walker;
 pub use steps::{Step, StepKind, Trace};
 pub use trace::trace;
 
@@ -25,9 +27,10 @@ use crate::chain::{Layer, LayerKind};
 use crate::error::{Error, Result};
 use crate::image::{Qcow2, View};
 
-use crate::tables::{CompressedDescriptor, L1Mapping, L2Entry, L2Mapping, SubclusterType};
-use crate::types::{Geometry, GuestOffset, HostOffset};
+use crate::tables::{CompressedDescriptor, L1Mapping, L2Mapping, SubclusterType};
+use crate::types::{GuestOffset, HostOffset};
 use serde::Serialize;
+use slots::L2Slots;
 
 /// How a run of guest bytes resolves in one layer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -89,6 +92,34 @@ fn eio(guest: u64, layer: &str, reason: String) -> Error {
 /// order, one check after the other, which is why it is one long function; the
 /// standard-L2 run count is `standard_run_len`.
 pub fn layer_run(img: &Qcow2, view: &View, guest: u64, max_len: u64, name: &str) -> Result<Run> {
+    run_in(img, view, guest, max_len, name, |off| img.l2_table(off))
+}
+
+/// [`layer_run`], reading the L2 table through `walker` (one reused buffer of the
+/// table's bytes) instead of the image's cache of decoded tables: the same runs
+/// and errors, for a walk in guest order such as `map`. Use one walker per image.
+pub fn layer_run_with(
+    img: &Qcow2,
+    view: &View,
+    guest: u64,
+    max_len: u64,
+    name: &str,
+    walker: &mut L2Walker,
+) -> Result<Run> {
+    run_in(img, view, guest, max_len, name, move |off| {
+        walker.load(img, off)
+    })
+}
+
+/// [`layer_run`] with the L2 table from `table`.
+fn run_in<T: L2Slots>(
+    img: &Qcow2,
+    view: &View,
+    guest: u64,
+    max_len: u64,
+    name: &str,
+    table: impl FnOnce(HostOffset) -> Result<T>,
+) -> Result<Run> {
     let geo = img.geometry();
     let cs = geo.cluster_size();
     let g = GuestOffset(guest);
@@ -120,13 +151,10 @@ pub fn layer_run(img: &Qcow2, view: &View, guest: u64, max_len: u64, name: &str)
             format!("L2 table offset {l2_off} unaligned (L1 index {l1_index:#x})"),
         ));
     }
-    let l2 = img.l2_table(l2_off)?;
+    let l2 = table(l2_off)?;
     let has_df = img.header.has_data_file();
     let sc_index = geo.subcluster_index(g);
-    let entry = l2
-        .get(l2_index as usize)
-        .copied()
-        .unwrap_or(L2Entry { raw: 0, bitmap: 0 });
+    let entry = l2.entry(l2_index);
     let mapping = entry.mapping(&geo, has_df);
     let first_type = mapping.subcluster_type(sc_index);
     if img.header.version < 3 && first_type.is_zero() {
@@ -180,10 +208,9 @@ pub fn layer_run(img: &Qcow2, view: &View, guest: u64, max_len: u64, name: &str)
     let nb_clusters = geo.clusters_for(needed);
     if !geo.extended_l2 && first_type != SubclusterType::Compressed {
         // Standard L2 entries: one type per cluster; a tight loop over the table.
-        let start = l2_index as usize;
-        let end = start.saturating_add(nb_clusters as usize).min(l2.len());
-        let n = standard_run_len(l2.get(start..end).unwrap_or(&[]), &geo, has_df, first_type);
-        let len = (n as u64)
+        let end = l2_index.saturating_add(nb_clusters).min(l2.count());
+        let n = l2.standard_run(l2_index, end, &geo, has_df, first_type);
+        let len = n
             .saturating_mul(cs)
             .min(needed)
             .saturating_sub(in_cluster)
@@ -200,10 +227,7 @@ pub fn layer_run(img: &Qcow2, view: &View, guest: u64, max_len: u64, name: &str)
     let check_offset = first_type.has_host_cluster();
     for i in 0..nb_clusters {
         let first_sc = if i == 0 { sc_index } else { 0 };
-        let e = l2
-            .get(l2_index.saturating_add(i) as usize)
-            .copied()
-            .unwrap_or(L2Entry { raw: 0, bitmap: 0 });
+        let e = l2.entry(l2_index.saturating_add(i));
         let Some((t, n)) = e.subcluster_run(&geo, has_df, first_sc) else {
             return Err(eio(
                 guest,
@@ -242,33 +266,6 @@ pub fn layer_run(img: &Qcow2, view: &View, guest: u64, max_len: u64, name: &str)
         status: run_status(first_type, host, has_df, &mapping, in_cluster),
         subcluster: first_type,
     })
-}
-
-/// How many entries from the first of `entries` (standard L2, so one type per
-/// cluster) form one run: the same subcluster type as `first_type` and, for types
-/// with a host cluster, consecutive host clusters. The first entry always counts.
-fn standard_run_len(
-    entries: &[L2Entry],
-    geo: &Geometry,
-    has_df: bool,
-    first_type: SubclusterType,
-) -> usize {
-    let cs = geo.cluster_size();
-    let mut expected = entries.first().map_or(0, |e| e.host_offset().0);
-    // n is the index of the first entry that breaks the run (an index into the
-    // table, so no counter can overflow).
-    for (i, e) in entries.iter().enumerate().skip(1) {
-        if e.subcluster_type(geo, has_df, 0) != first_type {
-            return i;
-        }
-        if first_type.has_host_cluster() {
-            expected = expected.wrapping_add(cs);
-            if e.host_offset().0 != expected {
-                return i;
-            }
-        }
-    }
-    entries.len()
 }
 
 fn run_status(

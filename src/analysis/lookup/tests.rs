@@ -13,10 +13,19 @@ use std::io::Write;
 
 const CS: u64 = 64 << 10;
 
+/// The run at `guest`, through the decoded-table cache and, the same answer
+/// required, through an [`L2Walker`] over the table's bytes (as `map` reads).
 fn run_at(b: &ImageBuilder, guest: u64) -> Result<Run> {
     let img = b.open();
     let view = img.active_view();
-    layer_run(&img, &view, guest, CS, "built.qcow2")
+    let cached = layer_run(&img, &view, guest, CS, "built.qcow2");
+    let walked = layer_run_with(&img, &view, guest, CS, "built.qcow2", &mut L2Walker::new());
+    match (&cached, &walked) {
+        (Ok(a), Ok(b)) => assert_eq!(a, b, "guest {guest:#x}"),
+        (Err(a), Err(b)) => assert_eq!(a.to_string(), b.to_string(), "guest {guest:#x}"),
+        _ => panic!("guest {guest:#x}: {cached:?} against {walked:?}"),
+    }
+    cached
 }
 
 fn read_at(chain: &crate::chain::Chain, guest: u64, len: usize) -> Vec<u8> {
