@@ -203,16 +203,21 @@ fn write_json(out: &mut impl Write, sim: &mut Sim, name: &str) -> std::io::Resul
         })),
     )?;
     write!(out, ",\n\"refcounts_after\": [")?;
-    let mut sep = "";
+    // One entry a line, put together in a small buffer and written at once
+    // (millions of them on a large image).
+    let mut sep: &[u8] = b"";
     let (mut c_buf, mut r_buf) = (itoa::Buffer::new(), itoa::Buffer::new());
+    let mut line = Vec::with_capacity(64);
     sim.try_for_each_refcount(|c, r| {
-        write!(out, "{sep}\n  {{\"cluster\": ")?;
-        out.write_all(c_buf.format(c).as_bytes())?;
-        out.write_all(b", \"refcount\": ")?;
-        out.write_all(r_buf.format(r).as_bytes())?;
-        out.write_all(b"}")?;
-        sep = ",";
-        Ok::<(), std::io::Error>(())
+        line.clear();
+        line.extend_from_slice(sep);
+        line.extend_from_slice(b"\n  {\"cluster\": ");
+        line.extend_from_slice(c_buf.format(c).as_bytes());
+        line.extend_from_slice(b", \"refcount\": ");
+        line.extend_from_slice(r_buf.format(r).as_bytes());
+        line.push(b'}');
+        sep = b",";
+        out.write_all(&line)
     })?;
     write!(out, "\n],\n\"check\": ")?;
     serde_json::to_writer_pretty(&mut *out, &super::check::report_json(&report, name))?;

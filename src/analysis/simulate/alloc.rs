@@ -5,9 +5,11 @@ use super::Sim;
 use super::SimError;
 use super::SimResult;
 use super::change::Target;
+use crate::refcount::get_refcount;
 use crate::tables::ClusterType;
 use crate::tables::CompressedDescriptor;
 use crate::tables::L2Entry;
+use crate::types::low_mask;
 
 impl Sim {
     /// QEMU's `alloc_clusters_noref`: `n` contiguous clusters with refcount 0,
@@ -15,19 +17,47 @@ impl Sim {
     pub(super) fn find_free(&mut self, n: u64) -> SimResult<u64> {
         let mut found = 0u64;
         let limit = self.free_cluster_index.saturating_add(1 << 40);
+        let bb = self.block_bits();
+        let order = self.order;
+        let mut c = self.free_cluster_index;
         while found < n {
-            let c = self.free_cluster_index;
             if c > limit {
+                self.free_cluster_index = c;
                 return Err(SimError::Qemu("no free clusters found (EFBIG)".into()));
             }
-            // c <= limit, and found <= n: neither can overflow.
-            self.free_cluster_index = c.saturating_add(1);
-            if self.get_refcount(c)? != 0 {
-                found = 0;
-            } else {
-                found = found.saturating_add(1);
+            // Every cluster up to the end of c's refcount block is looked up
+            // in the one block (what `get_refcount` would read for each).
+            let ti = c >> bb;
+            let block = match self.refcount_block_of(ti) {
+                Ok(b) => b,
+                Err(e) => {
+                    self.free_cluster_index = c.saturating_add(1);
+                    return Err(e);
+                }
+            };
+            let data = match block {
+                Some(bc) => Some(self.clusters.get(bc, &self.base, self.zero_from, false)),
+                None => None,
+            };
+            while found < n && c >> bb == ti {
+                if c > limit {
+                    self.free_cluster_index = c;
+                    return Err(SimError::Qemu("no free clusters found (EFBIG)".into()));
+                }
+                let r = match &data {
+                    Some(d) => get_refcount(d, order, c & low_mask(bb)),
+                    None => 0,
+                };
+                // c <= limit, and found <= n: neither can overflow.
+                c = c.saturating_add(1);
+                if r != 0 {
+                    found = 0;
+                } else {
+                    found = found.saturating_add(1);
+                }
             }
         }
+        self.free_cluster_index = c;
         // The last n clusters looked at were free.
         Ok(self.free_cluster_index.saturating_sub(n))
     }

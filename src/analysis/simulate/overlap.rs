@@ -80,6 +80,25 @@ impl Sim {
         }
     }
 
+    /// Whether the layout is still `l`: [`Sim::layout`] compared field by
+    /// field, without building one (the memo is consulted on every L2-entry
+    /// write of a walk).
+    fn layout_is(&self, l: &Layout) -> bool {
+        l.l1 == (self.l1_table_offset, self.l1.len())
+            && l.reftable
+                == (
+                    self.refcount_table_offset,
+                    self.refcount_table_clusters,
+                    self.reftable_writes,
+                )
+            && l.snapshot_table == (self.snapshots_offset, self.snapshots_size)
+            && l.snapshot_l1s.len() == self.snapshots.len()
+            && l.snapshot_l1s
+                .iter()
+                .zip(&self.snapshots)
+                .all(|(&(o, n), s)| o == s.l1_table_offset && n == s.l1_size)
+    }
+
     /// The first metadata structure the clusters of `offset..offset + size`
     /// overlap, `ignore` aside.
     fn overlapping(&mut self, ignore: Option<Meta>, offset: u64, size: u64) -> Option<Meta> {
@@ -151,9 +170,8 @@ impl Sim {
                 == self.cluster_of(offset.saturating_add(size.saturating_sub(1))))
         .then(|| self.cluster_of(offset));
         if let Some(c) = memo {
-            let layout = self.layout();
-            if self.overlap_memo.0 != layout {
-                self.overlap_memo = (layout, Default::default());
+            if !self.layout_is(&self.overlap_memo.0) {
+                self.overlap_memo = (self.layout(), Default::default());
             }
             if self.overlap_memo.1.contains(&c) {
                 return Ok(());

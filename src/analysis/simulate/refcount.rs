@@ -44,27 +44,35 @@ impl Sim {
         (block != 0 && block.is_multiple_of(self.cs)).then(|| self.cluster_of(block))
     }
 
-    /// QEMU's `qcow2_get_refcount`.
-    pub(super) fn get_refcount(&mut self, c: u64) -> SimResult<u64> {
-        let ti = c >> self.block_bits();
+    /// The cluster of the refcount block table entry `ti` names, as
+    /// [`Sim::get_refcount`] finds it: None past the table or for an empty
+    /// entry (every refcount it would hold reads 0), an error when unaligned.
+    pub(super) fn refcount_block_of(&mut self, ti: u64) -> SimResult<Option<u64>> {
         if ti >= self.reftable_len() {
-            return Ok(0);
+            return Ok(None);
         }
         let e = self.read_u64(self.reftable_entry_offset(ti));
         let block = crate::refcount::RefTableEntry(e)
             .block_offset()
             .map_or(0, |o| o.0);
         if block == 0 {
-            return Ok(0);
+            return Ok(None);
         }
         if !block.is_multiple_of(self.cs) {
             return Err(SimError::Qemu(format!(
                 "Refblock offset {block:#x} unaligned (reftable index: {ti:#x}) (EIO)"
             )));
         }
+        Ok(Some(self.cluster_of(block)))
+    }
+
+    /// QEMU's `qcow2_get_refcount`.
+    pub(super) fn get_refcount(&mut self, c: u64) -> SimResult<u64> {
+        let Some(bc) = self.refcount_block_of(c >> self.block_bits())? else {
+            return Ok(0);
+        };
         let idx = c & low_mask(self.block_bits());
         let order = self.order;
-        let bc = self.cluster_of(block);
         Ok(get_refcount(self.cluster_ro(bc), order, idx))
     }
 
@@ -117,7 +125,10 @@ impl Sim {
         let idx = c & low_mask(self.block_bits());
         let order = self.order;
         let bc = self.cluster_of(block);
-        let cur = get_refcount(self.cluster_ro(bc), order, idx);
+        // One cache look-up for the read and the write of the refcount: nothing
+        // in between reads a cluster.
+        let slot = self.clusters.slot(bc, &self.base, self.zero_from);
+        let cur = get_refcount(self.clusters.at(slot, false), order, idx);
         let new = if decrease {
             cur.checked_sub(addend)
         } else {
@@ -134,7 +145,7 @@ impl Sim {
         if new == 0 && c < self.free_cluster_index {
             self.free_cluster_index = c;
         }
-        set_refcount(self.cluster(bc), order, idx, new);
+        set_refcount(self.clusters.at(slot, true), order, idx, new);
         self.record(Target::Refcount { cluster: c }, cur, new);
         if new == 0 {
             let r = self.reason.clone();

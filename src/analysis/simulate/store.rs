@@ -78,6 +78,7 @@ impl Store {
 
     /// Cluster `c` as it reads now; `change` when the caller is about to
     /// change it. Bytes at or past `zero_from` read as zeros unless written.
+    #[inline]
     pub(super) fn get(
         &mut self,
         c: u64,
@@ -85,27 +86,42 @@ impl Store {
         zero_from: u64,
         change: bool,
     ) -> &mut [u8] {
-        self.tick = self.tick.wrapping_add(1);
-        let recent = self
-            .recent
-            .iter()
-            .find(|r| r.0 == c)
-            .map(|r| r.1)
-            .filter(|&i| self.slots.get(i).is_some_and(|e| e.c == c));
-        let i = match recent {
-            Some(i) => i,
-            None => {
-                let i = match self.index.get(&c).copied() {
-                    Some(i) => i,
-                    None => self.insert(c, base, zero_from),
-                };
-                if let Some(r) = self.recent.get_mut(self.next) {
-                    *r = (c, i);
-                }
-                self.next = self.next.wrapping_add(1) % RECENT;
-                i
+        let i = self.slot(c, base, zero_from);
+        self.at(i, change)
+    }
+
+    /// Where cluster `c` sits in the cache, read into it if need be. The slot
+    /// stays valid until the next call that may read a cluster into the
+    /// cache ([`Store::get`], [`Store::slot`]) or empty it.
+    #[inline]
+    pub(super) fn slot(&mut self, c: u64, base: &SharedSource, zero_from: u64) -> usize {
+        for &(rc, ri) in &self.recent {
+            if rc == c && self.slots.get(ri).is_some_and(|e| e.c == c) {
+                return ri;
             }
+        }
+        self.slot_from_index(c, base, zero_from)
+    }
+
+    /// [`Store::slot`] for a cluster not used lately.
+    #[inline(never)]
+    fn slot_from_index(&mut self, c: u64, base: &SharedSource, zero_from: u64) -> usize {
+        let i = match self.index.get(&c).copied() {
+            Some(i) => i,
+            None => self.insert(c, base, zero_from),
         };
+        if let Some(r) = self.recent.get_mut(self.next) {
+            *r = (c, i);
+        }
+        self.next = self.next.wrapping_add(1) % RECENT;
+        i
+    }
+
+    /// The cluster in slot `i` (from [`Store::slot`]); `change` when the
+    /// caller is about to change it.
+    #[inline]
+    pub(super) fn at(&mut self, i: usize, change: bool) -> &mut [u8] {
+        self.tick = self.tick.wrapping_add(1);
         let tick = self.tick;
         match self.slots.get_mut(i) {
             Some(e) => {
@@ -113,7 +129,7 @@ impl Store {
                 e.changed |= change;
                 &mut e.data
             }
-            // Every index in `index` and `last` names a slot.
+            // Every index in `index` and `recent` names a slot.
             None => &mut [],
         }
     }

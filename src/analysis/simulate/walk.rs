@@ -12,6 +12,46 @@ use crate::tables::L1Entry;
 use crate::tables::L2Entry;
 use crate::types::HostOffset;
 
+/// The reasons the walk over one L2 table gives: the addend on a data
+/// cluster, on compressed data, and the COPIED change.
+const DATA: usize = 0;
+const COMPRESSED: usize = 1;
+const COPIED: usize = 2;
+
+/// A walk alternates between reasons on every entry (a refcount, then the
+/// entry's COPIED flag): they are moved in and out of `Sim::reason` rather
+/// than copied each time. `Sim::reason` always holds the one put last.
+struct Reasons {
+    text: [String; 3],
+    /// Which one is in `Sim::reason` now (its slot holds what was there).
+    out: Option<usize>,
+}
+
+impl Reasons {
+    /// Make `reason` read reason `k`.
+    fn put(&mut self, reason: &mut String, k: usize) {
+        if self.out == Some(k) {
+            return;
+        }
+        if let Some(o) = self.out.and_then(|o| self.text.get_mut(o)) {
+            std::mem::swap(reason, o);
+        }
+        if let Some(t) = self.text.get_mut(k) {
+            std::mem::swap(reason, t);
+            self.out = Some(k);
+        }
+    }
+
+    /// Reason `k` now reads `text`.
+    fn set(&mut self, reason: &mut String, k: usize, text: String) {
+        if self.out == Some(k) {
+            *reason = text;
+        } else if let Some(t) = self.text.get_mut(k) {
+            *t = text;
+        }
+    }
+}
+
 impl Sim {
     // ---- the refcount walk ---------------------------------------------------
 
@@ -125,10 +165,16 @@ impl Sim {
         let step = self.geo.l2_entry_size();
         let entries = self.geo.l2_entries();
         let sign = if addend > 0 { "+1" } else { "-1" };
-        let data_reason = format!("{sign}: data cluster named by {label}[{i}] -> L2 {l2:#x}");
-        let compressed_reason =
-            format!("{sign}: compressed data named by {label}[{i}] -> L2 {l2:#x}");
-        let mut copied_reason: (u64, String) = (u64::MAX, String::new());
+        let mut reasons = Reasons {
+            text: [
+                format!("{sign}: data cluster named by {label}[{i}] -> L2 {l2:#x}"),
+                format!("{sign}: compressed data named by {label}[{i}] -> L2 {l2:#x}"),
+                String::new(),
+            ],
+            out: None,
+        };
+        // The refcount the COPIED reason was written for.
+        let mut copied_for = u64::MAX;
         for j in 0..entries {
             let eoff = l2.saturating_add(j.saturating_mul(step));
             let old = self.read_u64(eoff);
@@ -142,7 +188,7 @@ impl Sim {
                 ClusterType::Compressed => {
                     if addend != 0 {
                         let d = CompressedDescriptor::decode(entry, &self.geo);
-                        self.reason.clone_from(&compressed_reason);
+                        reasons.put(&mut self.reason, COMPRESSED);
                         self.update_refcount(d.offset.0, d.size, 1, addend < 0)?;
                     }
                     2
@@ -154,7 +200,7 @@ impl Sim {
                         )));
                     }
                     if addend != 0 {
-                        self.reason.clone_from(&data_reason);
+                        reasons.put(&mut self.reason, DATA);
                         self.update_one_to(self.cluster_of(off), 1, addend < 0)?
                     } else {
                         self.get_refcount(self.cluster_of(off))?
@@ -164,19 +210,18 @@ impl Sim {
             };
             let new = L2Entry::from_word(entry).with_copied(refcount == 1).raw;
             if new != old {
-                if copied_reason.0 != refcount {
-                    copied_reason = (
-                        refcount,
-                        if L2Entry::from_word(new).copied() {
-                            "COPIED set: refcount is now exactly 1".to_string()
-                        } else if refcount == 0 {
-                            "COPIED cleared: refcount is now 0 (freed)".to_string()
-                        } else {
-                            format!("COPIED cleared: refcount is now {refcount} (shared)")
-                        },
-                    );
+                if copied_for != refcount {
+                    copied_for = refcount;
+                    let text = if L2Entry::from_word(new).copied() {
+                        "COPIED set: refcount is now exactly 1".to_string()
+                    } else if refcount == 0 {
+                        "COPIED cleared: refcount is now 0 (freed)".to_string()
+                    } else {
+                        format!("COPIED cleared: refcount is now {refcount} (shared)")
+                    };
+                    reasons.set(&mut self.reason, COPIED, text);
                 }
-                self.reason.clone_from(&copied_reason.1);
+                reasons.put(&mut self.reason, COPIED);
                 self.overlap_check(Some(Meta::ActiveL2), eoff, step)?;
                 self.write_u64(eoff, new)?;
                 self.record(
