@@ -270,7 +270,10 @@ fn print_fields(out: &mut impl Write, img: &Qcow2) -> color_eyre::Result<()> {
         writeln!(
             out,
             "  {dim}{:>4}{dim:#}  {:<24} {:>#20x}  {}",
-            f.offset, f.name, f.value, f.meaning
+            f.offset.get(),
+            f.name,
+            f.value,
+            f.meaning
         )?;
     }
     if !img.features.is_empty() {

@@ -36,7 +36,7 @@ pub struct View {
     /// The L1 entries.
     pub l1: Arc<Vec<L1Entry>>,
     /// Where the L1 table is in the file.
-    pub l1_offset: u64,
+    pub l1_offset: HostOffset,
     /// Guest size this view describes.
     pub size: u64,
     /// The snapshot, if this is one.
@@ -236,8 +236,7 @@ impl Qcow2 {
         }
         let l1 = Arc::new(tables::decode_l1(&l1_buf));
 
-        let snapshots =
-            snapshot::read_table(src.as_ref(), h.snapshots_offset.get(), h.nb_snapshots);
+        let snapshots = snapshot::read_table(src.as_ref(), h.snapshots_offset, h.nb_snapshots);
         if let Some(e) = &snapshots.error {
             if strict == Strictness::Qemu {
                 return Err(Error::corrupt(
@@ -261,7 +260,7 @@ impl Qcow2 {
                 ..
             } => Some(bitmap::read_directory(
                 src.as_ref(),
-                directory_offset.get(),
+                directory_offset,
                 directory_size,
                 nb_bitmaps,
             )),
@@ -340,7 +339,7 @@ impl Qcow2 {
     pub fn active_view(&self) -> View {
         View {
             l1: self.l1.clone(),
-            l1_offset: self.header.l1_table_offset.get(),
+            l1_offset: self.header.l1_table_offset,
             size: self.header.size,
             snapshot: None,
         }
@@ -389,7 +388,7 @@ impl Qcow2 {
         if u64::from(sn.l1_size) > MAX_L1_ENTRIES {
             return Err(Error::invalid(
                 what,
-                sn.entry_offset.saturating_add(8),
+                sn.entry_offset.saturating_add(8).get(),
                 format!("Snapshot L1 table too large ({} entries)", sn.l1_size),
             ));
         }
@@ -423,7 +422,7 @@ impl Qcow2 {
         let l1 = self.snapshot_l1(&sn)?;
         Ok(View {
             l1: Arc::new(l1),
-            l1_offset: sn.l1_table_offset.get(),
+            l1_offset: sn.l1_table_offset,
             size: sn.effective_disk_size(self.header.size),
             snapshot: Some(sn),
         })

@@ -131,14 +131,14 @@ fn lines_at(app: &Ctx, sel: Option<usize>) -> (Vec<Line<'static>>, usize) {
     let first_field = v.len();
     let rejected = rejected(app);
     for (i, f) in h.fields().into_iter().enumerate() {
-        let why = rejected.iter().find(|(o, _)| *o == f.offset);
+        let why = rejected.iter().find(|(o, _)| *o == f.offset.get());
         let name = if why.is_some() {
             Style::new().fg(color::BAD)
         } else {
             Style::new().fg(color::META)
         };
         let mut spans = vec![
-            Span::styled(format!("{:>4} ", f.offset), color::dim()),
+            Span::styled(format!("{:>4} ", f.offset.get()), color::dim()),
             Span::styled(format!("{:<24}", f.name), name),
             Span::raw(format!("{:>#18x}  ", f.value)),
             Span::raw(f.meaning),
@@ -224,9 +224,12 @@ fn follow(field: &qinspect::header::HeaderField, ctx: &Ctx) -> Effect {
             }
         }
         _ => Effect::ShowHost {
-            offset: field.offset,
+            offset: field.offset.get(),
             label: format!("header field {}", field.name),
-            mark: Some((field.offset, field.offset.saturating_add(field.size))),
+            mark: Some((
+                field.offset.get(),
+                field.offset.saturating_add(field.size).get(),
+            )),
             src: None,
         },
     }
