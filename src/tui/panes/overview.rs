@@ -4,6 +4,7 @@ use super::{PaneState, color};
 use crate::tui::ctx::{Ctx, Effect};
 use crate::tui::keymap::Action;
 use crate::tui::widgets::{ListView, boxed};
+use qinspect::image::Qcow2;
 use qinspect::types::human_size;
 use ratatui::Frame;
 use ratatui::layout::Rect;
@@ -59,6 +60,26 @@ fn lines_at(app: &Ctx, sel: Option<usize>) -> (Vec<Line<'static>>, usize) {
         )));
         return (v, 0);
     };
+    summary(app, img, &mut v);
+    chain(app, img, &mut v);
+    let first_field = header_fields(app, img, sel, &mut v);
+    features_and_extensions(img, &mut v);
+    encryption(app, img, &mut v);
+    v.push(Line::raw(""));
+    v.push(Line::raw(format!(
+        "{} snapshot(s) · {} L1 entries · {} bitmap(s)",
+        img.snapshots.snapshots.len(),
+        img.l1.len(),
+        match &img.bitmaps {
+            Some(Ok(b)) => b.len(),
+            _ => 0,
+        }
+    )));
+    (v, first_field)
+}
+
+/// The image's path, its sizes, check's verdict and what QEMU would refuse.
+fn summary(app: &Ctx, img: &Qcow2, v: &mut Vec<Line<'static>>) {
     let h = &img.header;
     let geo = img.geometry();
     v.push(Line::styled(
@@ -93,6 +114,10 @@ fn lines_at(app: &Ctx, sel: Option<usize>) -> (Vec<Line<'static>>, usize) {
         ));
     }
     v.push(Line::raw(""));
+}
+
+/// The backing chain, layer by layer, and the data file.
+fn chain(app: &Ctx, img: &Qcow2, v: &mut Vec<Line<'static>>) {
     v.push(Line::styled("Backing chain", color::head()));
     match &app.chain {
         Ok(c) => {
@@ -124,11 +149,17 @@ fn lines_at(app: &Ctx, sel: Option<usize>) -> (Vec<Line<'static>>, usize) {
         v.push(Line::raw(format!("  data file: {df}")));
     }
     v.push(Line::raw(""));
+}
+
+/// The header fields, field `sel` highlighted; returns the index of the first
+/// field's line.
+fn header_fields(app: &Ctx, img: &Qcow2, sel: Option<usize>, v: &mut Vec<Line<'static>>) -> usize {
     v.push(Line::styled(
         "Header fields (offset, name, value, meaning)",
         color::head(),
     ));
     let first_field = v.len();
+    let h = &img.header;
     let rejected = rejected(app);
     for (i, f) in h.fields().into_iter().enumerate() {
         let why = rejected.iter().find(|(o, _)| *o == f.offset.get());
@@ -157,6 +188,11 @@ fn lines_at(app: &Ctx, sel: Option<usize>) -> (Vec<Line<'static>>, usize) {
         });
     }
     v.push(Line::raw(""));
+    first_field
+}
+
+/// The feature bits set and the header extensions.
+fn features_and_extensions(img: &Qcow2, v: &mut Vec<Line<'static>>) {
     v.push(Line::styled("Feature bits", color::head()));
     if img.features.is_empty() {
         v.push(Line::raw("  none set"));
@@ -189,18 +225,6 @@ fn lines_at(app: &Ctx, sel: Option<usize>) -> (Vec<Line<'static>>, usize) {
             e.length
         )));
     }
-    encryption(app, img, &mut v);
-    v.push(Line::raw(""));
-    v.push(Line::raw(format!(
-        "{} snapshot(s) · {} L1 entries · {} bitmap(s)",
-        img.snapshots.snapshots.len(),
-        img.l1.len(),
-        match &img.bitmaps {
-            Some(Ok(b)) => b.len(),
-            _ => 0,
-        }
-    )));
-    (v, first_field)
 }
 
 /// Where Enter on a header field goes: the table or bytes it points to.
