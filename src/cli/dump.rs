@@ -175,7 +175,7 @@ fn luks_rows(a: &Args, img: &Qcow2) -> Rows {
         .enumerate()
         .map(|(i, f)| Row {
             index: i as u64,
-            file_offset: HostOffset(f.offset),
+            file_offset: f.offset,
             raw: if f.value.chars().count() > 18 {
                 format!("{}…", f.value.chars().take(17).collect::<String>())
             } else {

@@ -5,7 +5,7 @@ use crate::tui::ctx::{Ctx, Effect};
 use crate::tui::keymap::Action;
 use crate::tui::widgets::{ListView, boxed};
 use qinspect::image::Qcow2;
-use qinspect::types::human_size;
+use qinspect::types::{HostOffset, human_size};
 use ratatui::Frame;
 use ratatui::layout::Rect;
 use ratatui::style::Style;
@@ -296,14 +296,19 @@ fn encryption(app: &Ctx, img: &qinspect::image::Qcow2, v: &mut Vec<Line<'static>
             return;
         }
     };
-    let cs = img.geometry().cluster_size();
-    let last = h.offset.saturating_add(h.length.max(1)).saturating_sub(1);
+    let geo = img.geometry();
+    let last = HostOffset(
+        h.offset
+            .saturating_add(h.length.max(1))
+            .get()
+            .saturating_sub(1),
+    );
     v.push(Line::raw(format!(
         "  LUKS header at {:#x}, {} bytes = host clusters {}..={} (crypto-header in the Layout pane; check counts them)",
         h.offset,
         h.length,
-        h.offset / cs,
-        last / cs
+        geo.host_cluster(h.offset).get(),
+        geo.host_cluster(last).get()
     )));
     if let Err(e) = h.check() {
         v.push(Line::styled(
