@@ -53,7 +53,7 @@ fn snapshot_dates_match_qemu_img_in_every_zone() {
         .snapshots
         .snapshots
         .iter()
-        .map(|s| s.entry_offset)
+        .map(|s| s.entry_offset.get())
         .collect();
     assert_eq!(entries.len(), 2);
     w.patch("s.qcow2", entries[0] + 16, &1_690_000_000u32.to_be_bytes());

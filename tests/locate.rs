@@ -148,7 +148,7 @@ fn bitmap_directory_fields_are_named() {
         .iter()
         .find(|e| e.ext_type == qinspect::header::EXT_BITMAPS)
         .unwrap();
-    let x = s.decode(&img, ext.offset + 8 + 16).unwrap();
+    let x = s.decode(&img, ext.offset.get() + 8 + 16).unwrap();
     assert_eq!(x.item, "bitmap_directory_offset");
     assert_eq!(x.raw, Some(dir_off));
 }
@@ -213,7 +213,7 @@ fn bitmap_tables_and_their_data_are_named() {
         .extensions
         .iter()
         .find(|e| e.ext_type == qinspect::header::EXT_BITMAPS)
-        .map(|e| be(&bytes, e.offset + 8 + 16, 8))
+        .map(|e| be(&bytes, e.offset.get() + 8 + 16, 8))
         .unwrap();
     let table = be(&bytes, dir_off, 8);
     let data = be(&bytes, table, 8) & 0x00ff_ffff_ffff_fe00;
@@ -269,7 +269,7 @@ fn the_luks_header_and_key_material_are_named() {
         .iter()
         .find(|e| e.ext_type == qinspect::header::EXT_CRYPTO)
         .expect("a crypto header extension");
-    let luks = be(&bytes, ext.offset + 8, 8);
+    let luks = be(&bytes, ext.offset.get() + 8, 8);
     assert_eq!(&bytes[luks as usize..luks as usize + 4], b"LUKS");
     for b in 0..6 {
         let x = s.decode(&img, luks + b).unwrap();

@@ -241,8 +241,8 @@ fn print_readable(r: &CheckReport) -> color_eyre::Result<()> {
             r.compressed_clusters as f64 * 100.0 / r.allocated_clusters as f64
         )?;
     }
-    if r.image_end_offset != 0 {
-        writeln!(out, "Image end offset: {}", r.image_end_offset)?;
+    if r.image_end_offset.get() != 0 {
+        writeln!(out, "Image end offset: {}", r.image_end_offset.get())?;
     }
     if let Some(why) = &r.aborted {
         writeln!(out, "{bad}Check failed:{bad:#} {why}")?;

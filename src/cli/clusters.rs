@@ -187,7 +187,7 @@ fn write_row(out: &mut impl Write, num: &mut itoa::Buffer, c: &ClusterInfo) -> s
     out.write_all(b"\n      \"cluster\": ")?;
     out.write_all(num.format(c.cluster).as_bytes())?;
     out.write_all(b",\n      \"offset\": ")?;
-    out.write_all(num.format(c.offset).as_bytes())?;
+    out.write_all(num.format(c.offset.get()).as_bytes())?;
     out.write_all(b",\n      \"refcount\": ")?;
     match c.refcount {
         Some(r) => out.write_all(num.format(r).as_bytes())?,
@@ -304,6 +304,7 @@ fn role_str(r: Role) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use qinspect::types::HostOffset;
 
     /// Every role's hand-written name is its serde name.
     #[test]
@@ -341,7 +342,7 @@ mod tests {
         let rows = [
             ClusterInfo {
                 cluster: 9,
-                offset: 9 << 16,
+                offset: HostOffset(9 << 16),
                 roles: vec![Role::Data, Role::RefcountBlock],
                 refcount: None,
                 reference: 2,
@@ -349,7 +350,7 @@ mod tests {
             },
             ClusterInfo {
                 cluster: 10,
-                offset: 10 << 16,
+                offset: HostOffset(10 << 16),
                 roles: vec![],
                 refcount: Some(u64::MAX),
                 reference: 0,

@@ -73,7 +73,7 @@ pub struct Args {
 #[derive(Serialize)]
 struct Row {
     index: u64,
-    file_offset: u64,
+    file_offset: HostOffset,
     raw: String,
     #[serde(flatten)]
     decoded: Value,
@@ -296,7 +296,7 @@ fn refcount_table_rows(a: &Args, img: &Qcow2) -> Rows {
         .filter(|(_, e)| a.all || a.json || e.0 != 0)
         .map(|(i, e)| Row {
             index: i as u64,
-            file_offset: img.header.refcount_table_offset.get() + i as u64 * 8,
+            file_offset: img.header.refcount_table_offset.saturating_entry(i as u64, 8),
             raw: format!("{:#018x}", e.0),
             decoded: json!({"block_offset": e.block_offset().map(|o| o.0), "reserved": e.reserved_bits(), "first_cluster": i as u64 * per}),
             meaning: match e.block_offset() {
@@ -390,7 +390,7 @@ fn bitmap_table_rows(a: &Args, img: &Qcow2, list: &[bitmap::BitmapEntry], i: u64
         .filter(|(_, e)| a.all || a.json || e.0 != 0)
         .map(|(j, e)| Row {
             index: j as u64,
-            file_offset: b.table_offset.get() + j as u64 * 8,
+            file_offset: b.table_offset.saturating_entry(j as u64, 8),
             raw: format!("{:#018x}", e.0),
             decoded: json!({"data_offset": e.data_offset(), "all_ones": e.all_ones()}),
             meaning: match e.data_offset() {
@@ -434,10 +434,10 @@ fn describe_ext(e: &qinspect::header::Extension) -> String {
     }
 }
 
-fn l1_row(i: u64, table: u64, e: L1Entry, cov: u64, geo: &qinspect::types::Geometry) -> Row {
+fn l1_row(i: u64, table: HostOffset, e: L1Entry, cov: u64, geo: &qinspect::types::Geometry) -> Row {
     Row {
         index: i,
-        file_offset: table + i * 8,
+        file_offset: table.saturating_entry(i, 8),
         raw: format!("{:#018x}", e.0),
         decoded: json!({
             "l2_offset": e.l2_offset().map(|o| o.0),
@@ -465,7 +465,7 @@ fn l2_row(l1i: u64, j: u64, l2_off: HostOffset, e: L2Entry, img: &Qcow2, has_df:
     };
     Row {
         index: j,
-        file_offset: l2_off.0 + j * geo.l2_entry_size(),
+        file_offset: l2_off.saturating_entry(j, geo.l2_entry_size()),
         raw: if geo.extended_l2 {
             format!("{:#018x}/{:#018x}", e.raw, e.bitmap)
         } else {

@@ -5,7 +5,7 @@ use qinspect::chain::{Chain, Format, OpenOptions};
 use qinspect::image::{Qcow2, Strictness};
 use qinspect::info::{extra_info, qemu_info_qcow2, qemu_info_raw};
 use qinspect::io::{FileSource, SharedSource};
-use qinspect::types::human_size;
+use qinspect::types::{HostOffset, human_size};
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -270,7 +270,10 @@ fn print_fields(out: &mut impl Write, img: &Qcow2) -> color_eyre::Result<()> {
         writeln!(
             out,
             "  {dim}{:>4}{dim:#}  {:<24} {:>#20x}  {}",
-            f.offset, f.name, f.value, f.meaning
+            f.offset.get(),
+            f.name,
+            f.value,
+            f.meaning
         )?;
     }
     if !img.features.is_empty() {
@@ -473,8 +476,8 @@ fn print_encryption(out: &mut impl Write, img: &Qcow2) -> color_eyre::Result<()>
             return Ok(());
         }
     };
-    let cs = img.geometry().cluster_size();
-    let last = h.offset.saturating_add(h.length.max(1)) - 1;
+    let geo = img.geometry();
+    let last = HostOffset(h.offset.saturating_add(h.length.max(1)).get() - 1);
     writeln!(
         out,
         "encrypted: yes, LUKS (crypt_method 2): data clusters are encrypted, metadata is not"
@@ -484,8 +487,8 @@ fn print_encryption(out: &mut impl Write, img: &Qcow2) -> color_eyre::Result<()>
         "\n{hd}LUKS header:{hd:#} at {:#x}, {} bytes reserved = host clusters {}..={} (role crypto-header: `check` counts one reference to each, `clusters` lists them)",
         h.offset,
         h.length,
-        h.offset / cs,
-        last / cs
+        geo.host_cluster(h.offset).get(),
+        geo.host_cluster(last).get()
     )?;
     if let Err(e) = h.check() {
         writeln!(

@@ -37,7 +37,7 @@ pub const FLAG_EXTRA_DATA_COMPATIBLE: u32 = 4;
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct BitmapEntry {
     /// Where the entry starts.
-    pub entry_offset: u64,
+    pub entry_offset: HostOffset,
     /// The bitmap table.
     pub table_offset: HostOffset,
     /// Entries in the bitmap table.
@@ -210,10 +210,11 @@ impl BitmapTableEntry {
 /// Read the bitmap directory (`size` bytes at `offset`, `count` entries).
 pub fn read_directory(
     src: &dyn Source,
-    offset: u64,
+    directory: HostOffset,
     size: u64,
     count: u32,
 ) -> Result<Vec<BitmapEntry>> {
+    let offset = directory.get();
     if size > MAX_DIRECTORY_BYTES || u64::from(count) > MAX_BITMAPS {
         return Err(Error::invalid(
             "bitmap directory",
@@ -248,7 +249,7 @@ pub fn read_directory(
             ));
         }
         out.push(BitmapEntry {
-            entry_offset: offset.saturating_add(pos),
+            entry_offset: directory.saturating_add(pos),
             table_offset: HostOffset(be64(e, 0)),
             table_size: be32(e, 8),
             flags: be32(e, 12),
@@ -351,11 +352,11 @@ mod tests {
         b.resize(32, 0);
         let len = b.len() as u64;
         let src = MemSource::new("x", b);
-        let d = read_directory(&src, 0, len, 1).unwrap();
+        let d = read_directory(&src, HostOffset(0), len, 1).unwrap();
         assert_eq!(d[0].name, "bm0");
         assert_eq!(d[0].granularity(), 65536);
         assert_eq!(d[0].flag_names(), vec!["auto"]);
-        assert!(read_directory(&src, 0, len, 2).is_err());
+        assert!(read_directory(&src, HostOffset(0), len, 2).is_err());
         assert!(BitmapTableEntry(1).all_ones());
         assert_eq!(
             BitmapTableEntry(0x50000).data_offset(),

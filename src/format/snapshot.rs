@@ -15,7 +15,7 @@
 //! extra data: 0 vm_state_size_large(8)  8 disk_size(8)  16 icount(8)  then unknown bytes
 //! ```
 
-use crate::bytes::{align8, be16, be32, be64, slice, text};
+use crate::bytes::{be16, be32, be64, slice, text};
 use crate::error::{Error, Result};
 use crate::io::{Source, read_into};
 use crate::types::HostOffset;
@@ -37,7 +37,7 @@ pub struct Snapshot {
     /// Position in the table (0-based).
     pub index: usize,
     /// Where the entry starts in the file.
-    pub entry_offset: u64,
+    pub entry_offset: HostOffset,
     /// The snapshot's L1 table.
     pub l1_table_offset: HostOffset,
     /// Entries in the snapshot's L1 table.
@@ -181,7 +181,7 @@ fn split_opts(s: &str) -> Vec<String> {
 
 /// Read `count` snapshot entries starting at `offset`. `version` decides whether
 /// short extra data is acceptable (version 3 requires at least 16 bytes).
-pub fn read_table(src: &dyn Source, offset: u64, count: u32) -> SnapshotTable {
+pub fn read_table(src: &dyn Source, offset: HostOffset, count: u32) -> SnapshotTable {
     let mut table = SnapshotTable::default();
     if count == 0 {
         return table;
@@ -189,7 +189,7 @@ pub fn read_table(src: &dyn Source, offset: u64, count: u32) -> SnapshotTable {
     if u64::from(count) > MAX_SNAPSHOTS {
         table.error = Some(Arc::new(Error::invalid(
             "snapshot table",
-            offset,
+            offset.get(),
             format!(
                 "{count} snapshots is more than QEMU's limit of {MAX_SNAPSHOTS} (File too large)"
             ),
@@ -198,13 +198,13 @@ pub fn read_table(src: &dyn Source, offset: u64, count: u32) -> SnapshotTable {
     }
     let mut pos = offset;
     for index in 0..count as usize {
-        if pos.saturating_add(ENTRY_HEADER_LEN) > src.len() {
+        if pos.saturating_add(ENTRY_HEADER_LEN).get() > src.len() {
             table.past_eof = true;
         }
         match read_entry(src, pos, index) {
             Ok(sn) => {
                 let end = pos.saturating_add(sn.entry_len);
-                if end > src.len() {
+                if end.get() > src.len() {
                     table.past_eof = true;
                 }
                 table.size = end.saturating_sub(offset);
@@ -218,7 +218,7 @@ pub fn read_table(src: &dyn Source, offset: u64, count: u32) -> SnapshotTable {
                     return table;
                 }
                 table.snapshots.push(sn);
-                pos = align8(end);
+                pos = end.align8_up();
             }
             Err(e) => {
                 table.error = Some(Arc::new(e));
@@ -241,8 +241,9 @@ fn read_zero_filled(src: &dyn Source, what: &str, pos: u64, len: u64) -> Result<
     Ok(buf)
 }
 
-fn read_entry(src: &dyn Source, pos: u64, index: usize) -> Result<Snapshot> {
+fn read_entry(src: &dyn Source, entry: HostOffset, index: usize) -> Result<Snapshot> {
     let what = format!("snapshot table entry {index}");
+    let pos = entry.get();
     let h = read_zero_filled(src, &what, pos, ENTRY_HEADER_LEN)?;
     let id_len = u64::from(be16(&h, 12));
     let name_len = u64::from(be16(&h, 14));
@@ -272,7 +273,7 @@ fn read_entry(src: &dyn Source, pos: u64, index: usize) -> Result<Snapshot> {
         .filter(|&v| v != u64::MAX);
     Ok(Snapshot {
         index,
-        entry_offset: pos,
+        entry_offset: entry,
         l1_table_offset: HostOffset(be64(&h, 0)),
         l1_size: be32(&h, 8),
         id: c_string(slice(&rest, extra_len as usize, id_len as usize)),
@@ -297,6 +298,7 @@ fn read_entry(src: &dyn Source, pos: u64, index: usize) -> Result<Snapshot> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::bytes::align8;
     use crate::io::MemSource;
 
     fn entry(id: &str, name: &str, extra: &[u8]) -> Vec<u8> {
@@ -328,7 +330,7 @@ mod tests {
         }
         buf.extend(entry("2", "b", &[]));
         let src = MemSource::new("t", buf);
-        let t = read_table(&src, 0, 2);
+        let t = read_table(&src, HostOffset(0), 2);
         assert!(t.error.is_none(), "{:?}", t.error);
         let a = &t.snapshots[0];
         assert_eq!((a.id.as_str(), a.name.as_str()), ("1", "first"));
@@ -339,7 +341,7 @@ mod tests {
         let b = &t.snapshots[1];
         assert_eq!(b.vm_state_size, 7);
         assert_eq!(b.disk_size, None);
-        assert_eq!(b.entry_offset, align8(first_len));
+        assert_eq!(b.entry_offset, HostOffset(align8(first_len)));
         assert_eq!(t.size, align8(first_len) + 40 + 2);
         assert_eq!(t.find("b").map(|s| s.index), Some(1));
         assert_eq!(t.find("1").map(|s| s.index), Some(0));
@@ -348,20 +350,20 @@ mod tests {
     #[test]
     fn rejects_oversized_extra_and_truncation() {
         let src = MemSource::new("t", entry("1", "x", &vec![0u8; 2000]));
-        let t = read_table(&src, 0, 1);
+        let t = read_table(&src, HostOffset(0), 1);
         assert!(
             t.error
                 .is_some_and(|e| e.to_string().contains("Too much extra metadata"))
         );
         // Past the end of the file, QEMU reads zeros: an empty entry.
         let src = MemSource::new("t", entry("1", "x", &[])[..30].to_vec());
-        let t = read_table(&src, 0, 1);
+        let t = read_table(&src, HostOffset(0), 1);
         assert!(t.error.is_none() && t.past_eof);
         assert_eq!(t.snapshots[0].name, "");
         let src = MemSource::new("t", vec![]);
         // The error is a value now; its message is the one shown before.
         assert_eq!(
-            read_table(&src, 0, u32::MAX)
+            read_table(&src, HostOffset(0), u32::MAX)
                 .error
                 .map(|e| e.to_string())
                 .as_deref(),

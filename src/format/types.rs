@@ -62,6 +62,30 @@ macro_rules! offset_type {
             pub fn saturating_sub(self, base: Self) -> u64 {
                 self.0.saturating_sub(base.0)
             }
+
+            /// Where entry `index` of a table of `entry_size`-byte entries starting
+            /// at `self` is, or `None` past 2^64.
+            pub fn checked_entry(self, index: u64, entry_size: u64) -> Option<Self> {
+                index.checked_mul(entry_size).and_then(|d| self.checked_add(d))
+            }
+
+            /// Entry `index` of a table of `entry_size`-byte entries at `self`,
+            /// stopping at 2^64 - 1 (for labels of values read from a file).
+            pub fn saturating_entry(self, index: u64, entry_size: u64) -> Self {
+                self.saturating_add(index.saturating_mul(entry_size))
+            }
+
+            /// `self` rounded up to a multiple of 8 (tables whose entries start on
+            /// 8-byte boundaries), stopping at the last multiple below 2^64.
+            pub fn align8_up(self) -> Self {
+                $name(self.0.saturating_add(7) & !7)
+            }
+        }
+
+        impl From<$name> for u64 {
+            fn from(o: $name) -> u64 {
+                o.0
+            }
         }
     };
 }
@@ -359,6 +383,33 @@ mod tests {
         assert_eq!(g.split_host(HostOffset(0x5_0200)), (HostCluster(5), 0x200));
         assert_eq!(HostOffset(u64::MAX).checked_add(1), None);
         assert_eq!(GuestOffset(7).saturating_sub(GuestOffset(9)), 0);
+    }
+
+    #[test]
+    fn table_entries_and_alignment_on_host_offsets() {
+        // L1 entries are 8 bytes: entry 3 of an L1 table at 0x30000 is at 0x30018.
+        let l1 = HostOffset(0x3_0000);
+        assert_eq!(l1.checked_entry(3, 8), Some(HostOffset(0x3_0018)));
+        assert_eq!(l1.saturating_entry(3, 8), HostOffset(0x3_0018));
+        // Extended L2 entries are 16 bytes: entry 5 of a table at 0x50000 is at 0x50050.
+        let g = Geometry::new(16, true);
+        assert_eq!(
+            HostOffset(0x5_0000).checked_entry(5, g.l2_entry_size()),
+            Some(HostOffset(0x5_0050))
+        );
+        // Past 2^64: checked says so, saturating stops at the top.
+        let top = HostOffset(u64::MAX - 7);
+        assert_eq!(top.checked_entry(1, 16), None);
+        assert_eq!(top.checked_entry(u64::MAX, 2), None);
+        assert_eq!(top.saturating_entry(1, 16), HostOffset(u64::MAX));
+        assert_eq!(top.checked_entry(0, 16), Some(top));
+        // Snapshot table entries start on 8-byte boundaries: an entry of 40 + 1 + 5
+        // bytes at 0x10000 ends at 0x1002e, so the next one starts at 0x10030.
+        assert_eq!(HostOffset(0x1_002e).align8_up(), HostOffset(0x1_0030));
+        assert_eq!(HostOffset(0x1_0030).align8_up(), HostOffset(0x1_0030));
+        assert_eq!(HostOffset(u64::MAX).align8_up(), HostOffset(u64::MAX - 7));
+        assert_eq!(u64::from(HostOffset(0x3_0018)), 0x3_0018);
+        assert_eq!(format!("{:>#9x}", HostOffset(0x3_0018)), "  0x30018");
     }
 
     #[test]

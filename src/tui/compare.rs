@@ -251,94 +251,111 @@ impl State {
             }
             Shown::Compared(_, _, c) => {
                 let c = c.clone();
-                let mut s = vec![Line::from(vec![
-                    Span::styled(
-                        format!("{} of {} guest clusters differ", c.differing, c.clusters),
-                        color::head(),
-                    ),
-                    Span::styled(format!(" ({} bytes each)", c.cluster_size), color::dim()),
-                ])];
-                s.push(Line::raw(
-                    c.counts
-                        .iter()
-                        .map(|(k, n)| format!("{k}: {n}"))
-                        .collect::<Vec<_>>()
-                        .join(" · "),
-                ));
-                s.push(Line::raw(
-                    c.kinds
-                        .iter()
-                        .map(|(k, n)| format!("{k}: {n}"))
-                        .collect::<Vec<_>>()
-                        .join(" · "),
-                ));
-                f.render_widget(
-                    Paragraph::new(s)
-                        .wrap(Wrap { trim: true })
-                        .block(boxed(if current {
-                            "Summary".to_string()
-                        } else {
-                            format!(
-                                "Summary of {} vs {} (Enter compares the sides chosen now)",
-                                c.a, c.b
-                            )
-                        })),
-                    summary,
-                );
-                let more = if c.omitted > 0 {
-                    format!(" ({} more not listed)", c.omitted)
-                } else {
-                    String::new()
-                };
-                let t = format!("Differing clusters: guest offset, A vs B{more}");
-                self.rows
-                    .render_list(f, list, boxed(t), c.rows.len(), true, |r| {
-                        c.rows[r]
-                            .iter()
-                            .map(|row| {
-                                Line::from(vec![
-                                    Span::raw(format!("{:>#12x}  ", row.guest)),
-                                    Span::styled("■", Style::new().fg(colour(&row.a))),
-                                    Span::styled("■ ", Style::new().fg(colour(&row.b))),
-                                    Span::raw(row.words.clone()),
-                                ])
-                            })
-                            .collect()
-                    });
+                self.render_compared(f, summary, list, &c, current);
             }
             Shown::Closest(d) => {
                 let d = d.clone();
-                let s = match d.first() {
-                    Some(best) => format!(
-                        "the active state is closest to snapshot {} '{}': {} guest cluster(s) mapped differently",
-                        best.id, best.name, best.differing
-                    ),
-                    None => "this image has no internal snapshots".into(),
-                };
-                f.render_widget(
-                    Paragraph::new(Line::styled(s, color::head()))
-                        .wrap(Wrap { trim: true })
-                        .block(boxed("Closest snapshot")),
-                    summary,
-                );
-                self.rows.render_list(
-                    f,
-                    list,
-                    boxed("Snapshots by differing clusters, fewest first (Enter: compare it with the active state)"),
-                    d.len(),
-                    true,
-                    |r| {
-                        d[r].iter()
-                            .map(|x| {
-                                Line::raw(format!(
-                                    "{:>10}  snapshot {} '{}'",
-                                    x.differing, x.id, x.name
-                                ))
-                            })
-                            .collect()
-                    },
-                );
+                self.render_closest(f, summary, list, &d);
             }
         }
+    }
+
+    /// A comparison's summary and its differing clusters.
+    fn render_compared(
+        &mut self,
+        f: &mut Frame,
+        summary: Rect,
+        list: Rect,
+        c: &Comparison,
+        current: bool,
+    ) {
+        let mut s = vec![Line::from(vec![
+            Span::styled(
+                format!("{} of {} guest clusters differ", c.differing, c.clusters),
+                color::head(),
+            ),
+            Span::styled(format!(" ({} bytes each)", c.cluster_size), color::dim()),
+        ])];
+        s.push(Line::raw(
+            c.counts
+                .iter()
+                .map(|(k, n)| format!("{k}: {n}"))
+                .collect::<Vec<_>>()
+                .join(" · "),
+        ));
+        s.push(Line::raw(
+            c.kinds
+                .iter()
+                .map(|(k, n)| format!("{k}: {n}"))
+                .collect::<Vec<_>>()
+                .join(" · "),
+        ));
+        f.render_widget(
+            Paragraph::new(s)
+                .wrap(Wrap { trim: true })
+                .block(boxed(if current {
+                    "Summary".to_string()
+                } else {
+                    format!(
+                        "Summary of {} vs {} (Enter compares the sides chosen now)",
+                        c.a, c.b
+                    )
+                })),
+            summary,
+        );
+        let more = if c.omitted > 0 {
+            format!(" ({} more not listed)", c.omitted)
+        } else {
+            String::new()
+        };
+        let t = format!("Differing clusters: guest offset, A vs B{more}");
+        self.rows
+            .render_list(f, list, boxed(t), c.rows.len(), true, |r| {
+                c.rows[r]
+                    .iter()
+                    .map(|row| {
+                        Line::from(vec![
+                            Span::raw(format!("{:>#12x}  ", row.guest)),
+                            Span::styled("■", Style::new().fg(colour(&row.a))),
+                            Span::styled("■ ", Style::new().fg(colour(&row.b))),
+                            Span::raw(row.words.clone()),
+                        ])
+                    })
+                    .collect()
+            });
+    }
+
+    /// The snapshots ranked by how close the active state is to each.
+    fn render_closest(&mut self, f: &mut Frame, summary: Rect, list: Rect, d: &[Distance]) {
+        let s = match d.first() {
+            Some(best) => format!(
+                "the active state is closest to snapshot {} '{}': {} guest cluster(s) mapped differently",
+                best.id, best.name, best.differing
+            ),
+            None => "this image has no internal snapshots".into(),
+        };
+        f.render_widget(
+            Paragraph::new(Line::styled(s, color::head()))
+                .wrap(Wrap { trim: true })
+                .block(boxed("Closest snapshot")),
+            summary,
+        );
+        self.rows.render_list(
+            f,
+            list,
+            boxed("Snapshots by differing clusters, fewest first (Enter: compare it with the active state)"),
+            d.len(),
+            true,
+            |r| {
+                d[r].iter()
+                    .map(|x| {
+                        Line::raw(format!(
+                            "{:>10}  snapshot {} '{}'",
+                            x.differing, x.id, x.name
+                        ))
+                    })
+                    .collect()
+            },
+        );
     }
 }

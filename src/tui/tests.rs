@@ -2387,10 +2387,10 @@ fn the_hex_cursor_names_every_header_field_at_each_of_its_bytes() {
         .iter()
         .find(|e| e.ext_type == qinspect::header::EXT_FEATURE_TABLE)
         .unwrap();
-    let s = hex_at(&mut a, ft.offset, 160, 40);
+    let s = hex_at(&mut a, ft.offset.get(), 160, 40);
     assert!(s.contains("header extension 'feature name table'"), "{s}");
     assert!(s.contains("field: type"), "{s}");
-    let s = hex_at(&mut a, ft.offset + 8 + 48, 160, 40);
+    let s = hex_at(&mut a, ft.offset.get() + 8 + 48, 160, 40);
     assert!(s.contains("field: entry 1"), "{s}");
 }
 

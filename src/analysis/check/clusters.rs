@@ -4,6 +4,7 @@ use super::report::{Referrer, Role};
 use super::visit::{Ctx, Visitor};
 use super::walk::Walk;
 use crate::image::{Qcow2, RefcountReader};
+use crate::types::HostOffset;
 use serde::Serialize;
 use std::collections::BTreeMap;
 
@@ -14,7 +15,7 @@ pub struct ClusterInfo {
     /// Host cluster index.
     pub cluster: u64,
     /// Host offset.
-    pub offset: u64,
+    pub offset: HostOffset,
     /// Roles, deduplicated ("free" when none).
     pub roles: Vec<Role>,
     /// Stored refcount (`None` if unreadable).
@@ -162,7 +163,7 @@ pub fn for_each_cluster<E>(
         roles.dedup();
         f(ClusterInfo {
             cluster: c,
-            offset: c.saturating_mul(cs),
+            offset: HostOffset(c.saturating_mul(cs)),
             roles,
             refcount: stored.get(c).ok(),
             reference,

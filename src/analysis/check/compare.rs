@@ -7,7 +7,7 @@ use super::visit::Counter;
 use super::walk::Walk;
 use crate::image::RefcountReader;
 use crate::refcount::get_refcount;
-use crate::types::low_mask;
+use crate::types::{HostOffset, low_mask};
 use std::collections::BTreeMap;
 
 /// `compare_refcounts`, plus what lies past the end of the file.
@@ -144,7 +144,7 @@ pub(super) fn compare(walk: &mut Walk, counter: &Counter) {
             f.offset = Some(off);
         }
     }
-    walk.report.image_end_offset = highest.saturating_add(1).saturating_mul(walk.cs);
+    walk.report.image_end_offset = HostOffset(highest.saturating_add(1).saturating_mul(walk.cs));
     past_eof(walk, &mut stored, nb);
 }
 

@@ -1,6 +1,7 @@
 //! What the check reports: findings, their kinds and the roles clusters play.
 
 use super::{Imrt, Refusal};
+use crate::types::HostOffset;
 use serde::Serialize;
 use std::sync::Arc;
 
@@ -256,7 +257,7 @@ pub struct CheckReport {
     /// Leaked clusters.
     pub leaks: u64,
     /// One past the last cluster in use or with a refcount.
-    pub image_end_offset: u64,
+    pub image_end_offset: HostOffset,
     /// Guest clusters.
     pub total_clusters: u64,
     /// Allocated guest clusters (active L1).

@@ -309,7 +309,7 @@ impl<'a> Walk<'a> {
                 );
                 if let Some(f) = self.find(FindingKind::Corruption, Category::SnapshotTable, msg, 1)
                 {
-                    f.offset = Some(sn.entry_offset);
+                    f.offset = Some(sn.entry_offset.get());
                 }
                 continue;
             }
@@ -320,7 +320,7 @@ impl<'a> Walk<'a> {
                 );
                 if let Some(f) = self.find(FindingKind::Corruption, Category::SnapshotTable, msg, 1)
                 {
-                    f.offset = Some(sn.entry_offset);
+                    f.offset = Some(sn.entry_offset.get());
                 }
                 continue;
             }
@@ -474,7 +474,7 @@ impl<'a> Walk<'a> {
             return true;
         }
         self.inc(v, off, size, 1, Ctx::BitmapDirectory);
-        let list = match bitmap::read_directory(img.src.as_ref(), off, size, count) {
+        let list = match bitmap::read_directory(img.src.as_ref(), HostOffset(off), size, count) {
             Ok(l) => l,
             Err(e) => {
                 let msg = format!("bitmap directory cannot be loaded: {e}");

@@ -85,13 +85,13 @@ pub(super) fn luks(img: &Qcow2, r: &Region, offset: u64) -> Option<Decoded> {
     if let Some(f) = h
         .fields()
         .into_iter()
-        .find(|f| offset >= f.offset && offset < f.offset.saturating_add(f.len))
+        .find(|f| offset >= f.offset.get() && offset < f.offset.saturating_add(f.len).get())
     {
         return Some(Decoded {
             structure,
             item: f.name,
-            start: f.offset,
-            end: f.offset.saturating_add(f.len),
+            start: f.offset.get(),
+            end: f.offset.saturating_add(f.len).get(),
             raw: None,
             meaning: format!("{} ({})", f.meaning, f.value),
         });

@@ -108,13 +108,13 @@ fn header_field(img: &Qcow2, offset: u64) -> Decoded {
     let fields = img.header.fields();
     match fields
         .iter()
-        .find(|f| offset >= f.offset && offset < f.offset.saturating_add(f.size))
+        .find(|f| offset >= f.offset.get() && offset < f.offset.saturating_add(f.size).get())
     {
         Some(f) => Decoded {
             structure: "header".into(),
             item: f.name.into(),
-            start: f.offset,
-            end: f.offset.saturating_add(f.size),
+            start: f.offset.get(),
+            end: f.offset.saturating_add(f.size).get(),
             raw: Some(f.value),
             meaning: f.meaning.clone(),
         },

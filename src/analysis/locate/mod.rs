@@ -110,7 +110,11 @@ impl Structures {
         s.push(0, u64::from(h.header_length.max(72)), Kind::Header);
         for (i, e) in img.extensions.iter().enumerate() {
             let len = crate::bytes::align8(u64::from(e.length)).saturating_add(8);
-            s.push(e.offset, e.offset.saturating_add(len), Kind::Extension(i));
+            s.push(
+                e.offset.get(),
+                e.offset.saturating_add(len).get(),
+                Kind::Extension(i),
+            );
         }
         if let Some(name) = h.backing_file_name() {
             s.push(
@@ -125,8 +129,8 @@ impl Structures {
         let mut budget: u64 = 1 << 22;
         for (i, sn) in img.snapshots.snapshots.iter().enumerate() {
             s.push(
-                sn.entry_offset,
-                sn.entry_offset.saturating_add(sn.entry_len),
+                sn.entry_offset.get(),
+                sn.entry_offset.saturating_add(sn.entry_len).get(),
                 Kind::Snapshot(i),
             );
             budget = match budget.checked_sub(u64::from(sn.l1_size)) {
@@ -159,8 +163,8 @@ impl Structures {
                     .saturating_add(u64::from(b.extra_data_size))
                     .saturating_add(b.name.len() as u64);
                 s.push(
-                    b.entry_offset,
-                    b.entry_offset.saturating_add(len),
+                    b.entry_offset.get(),
+                    b.entry_offset.saturating_add(len).get(),
                     Kind::BitmapEntry(i),
                 );
             }

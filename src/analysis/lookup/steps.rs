@@ -2,6 +2,7 @@
 //! step looked at, and the explanation a learner reads.
 
 use crate::tables::CompressedDescriptor;
+use crate::types::HostOffset;
 use serde::Serialize;
 
 /// One step of a traced lookup.
@@ -63,7 +64,7 @@ pub enum StepKind {
         /// The entry's index in that table (guest offset / (cluster size × L2 entries)).
         index: u64,
         /// Where the entry is in the file.
-        entry_offset: u64,
+        entry_offset: HostOffset,
         /// Raw value (hex).
         raw: String,
         /// L2 offset (hex) or null.
@@ -80,7 +81,7 @@ pub enum StepKind {
         /// The entry's index in that L2 table.
         index: u64,
         /// Where the entry is in the file.
-        entry_offset: u64,
+        entry_offset: HostOffset,
         /// Raw value (hex).
         raw: String,
         /// Subcluster bitmap (hex; extended L2 only).

@@ -221,7 +221,7 @@ fn trace_qcow2(
         return t.fall("This range is unallocated in this layer.");
     };
     let l1m = l1e.mapping();
-    let l1_entry_off = view.l1_offset.saturating_add(l1i.saturating_mul(8));
+    let l1_entry_off = view.l1_offset.saturating_entry(l1i, 8);
     t.push(
         StepKind::L1Entry {
             table: view.label(),
@@ -318,9 +318,7 @@ fn l2_entry_step(
     let has_df = img.header.has_data_file();
     let m = e.mapping(&geo, has_df);
     let (ct, st) = (m.cluster_type(), m.subcluster_type(sc));
-    let entry_off = l2_off
-        .0
-        .saturating_add(l2i.saturating_mul(geo.l2_entry_size()));
+    let entry_off = l2_off.saturating_entry(l2i, geo.l2_entry_size());
     let past = l2_off.0 >= img.file_len();
     t.push(StepKind::L2Entry {
             table_offset: l2_off.to_string(),

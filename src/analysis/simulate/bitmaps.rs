@@ -107,7 +107,7 @@ pub(super) fn load(img: &Qcow2) -> std::result::Result<Option<Bitmaps>, String> 
     }
     Ok(Some(Bitmaps {
         list,
-        ext_offset: ext.offset,
+        ext_offset: ext.offset.get(),
         dir_offset: directory_offset.get(),
         dir_size: directory_size,
         dirty: Vec::new(),

@@ -55,7 +55,7 @@ pub enum ExtensionKind {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Extension {
     /// Offset of the extension's type field in the file.
-    pub offset: u64,
+    pub offset: HostOffset,
     /// Raw type.
     pub ext_type: u32,
     /// Length of the data.
@@ -141,7 +141,7 @@ pub fn parse_extensions(h: &Header, buf: &[u8]) -> (Vec<Extension>, Option<Error
         let data = slice(buf, o.saturating_add(8), length as usize).to_vec();
         let kind = decode_extension(ext_type, &data);
         out.push(Extension {
-            offset: off,
+            offset: HostOffset(off),
             ext_type,
             length,
             data,

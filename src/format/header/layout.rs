@@ -11,6 +11,7 @@ use super::{
     features::describe_bits,
 };
 use crate::bytes::{be32, be64, u8_at};
+use crate::types::HostOffset;
 use serde::Serialize;
 
 /// One field of the qcow2 header.
@@ -273,8 +274,8 @@ pub struct HeaderField {
     pub field: Field,
     /// Field name as in the specification.
     pub name: &'static str,
-    /// Byte offset of the field.
-    pub offset: u64,
+    /// Byte offset of the field in the file (the header starts at 0).
+    pub offset: HostOffset,
     /// Size in bytes.
     pub size: u64,
     /// The value.
@@ -293,7 +294,7 @@ impl Header {
             .map(|&field| HeaderField {
                 field,
                 name: field.name(),
-                offset: field.offset(),
+                offset: HostOffset(field.offset()),
                 size: field.size(),
                 value: field.value(self),
                 meaning: field.meaning(self),

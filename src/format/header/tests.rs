@@ -178,7 +178,7 @@ fn fields_lists_what_the_header_stores_read_from_the_layout() {
     let f = h.fields();
     assert_eq!(f.len(), 19, "header_length 112 stores compression_type");
     let l1 = f.iter().find(|x| x.field == Field::L1TableOffset).unwrap();
-    assert_eq!((l1.offset, l1.size, l1.value), (40, 8, 0x30000));
+    assert_eq!((l1.offset, l1.size, l1.value), (HostOffset(40), 8, 0x30000));
     assert_eq!(l1.meaning, "active L1 table at host cluster 3");
     let ct = f
         .iter()

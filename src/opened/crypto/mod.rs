@@ -61,7 +61,7 @@ impl std::fmt::Debug for DataKey {
 pub fn luks_header(img: &Qcow2) -> Option<Result<LuksHeader>> {
     img.extensions.iter().find_map(|e| match e.kind {
         ExtensionKind::Crypto { offset, length } => {
-            Some(LuksHeader::read(img.src.as_ref(), offset.get(), length))
+            Some(LuksHeader::read(img.src.as_ref(), offset, length))
         }
         _ => None,
     })
@@ -112,7 +112,7 @@ impl DataKey {
                 let spec = h.check()?;
                 let mk = luks::unlock(&h, img.src.as_ref(), passphrase)?;
                 let cipher = SectorCipher::new(spec, &mk.key)
-                    .map_err(|e| Error::invalid("LUKS header", h.offset, e))?;
+                    .map_err(|e| Error::invalid("LUKS header", h.offset.get(), e))?;
                 Ok(DataKey {
                     cipher,
                     source: KeySource::Luks { slot: mk.slot },

@@ -9,7 +9,7 @@
 use crate::bitmap::{self, BitmapEntry};
 use crate::error::{CorruptKind, Error, Result};
 use crate::header::{self, Extension, ExtensionKind, Feature, Header};
-use crate::io::{SharedSource, read_exact, read_into};
+use crate::io::{SharedSource, Source, read_exact, read_into};
 use crate::refcount::{self, RefTableEntry, RefcountGeometry};
 use crate::snapshot::{self, Snapshot, SnapshotTable};
 use crate::tables::{self, L1Entry, L2Entry, MAX_L1_ENTRIES};
@@ -36,7 +36,7 @@ pub struct View {
     /// The L1 entries.
     pub l1: Arc<Vec<L1Entry>>,
     /// Where the L1 table is in the file.
-    pub l1_offset: u64,
+    pub l1_offset: HostOffset,
     /// Guest size this view describes.
     pub size: u64,
     /// The snapshot, if this is one.
@@ -133,6 +133,92 @@ fn refuse(
     Ok(())
 }
 
+/// The active L1 table, and a note when it runs past the end of the file. QEMU
+/// reads it even there (those bytes read as zeros); the size is bounded by
+/// `validate()`. `l1_invalid`: validation already refused the table.
+fn read_active_l1(
+    src: &dyn Source,
+    h: &Header,
+    l1_invalid: bool,
+    strict: Strictness,
+    problems: &mut Vec<Error>,
+    check_refusal: &mut Option<Error>,
+) -> Result<(Arc<Vec<L1Entry>>, Option<String>)> {
+    let file_len = src.len();
+    let mut note = None;
+    let l1_entries = u64::from(h.l1_size).min(MAX_L1_ENTRIES);
+    let l1_bytes = l1_entries.saturating_mul(8);
+    let mut l1_buf = vec![0u8; l1_bytes as usize];
+    if l1_invalid {
+        // Refused above (or listed, when lenient): nothing to read there.
+    } else if l1_entries > 0 && h.l1_table_offset.get().saturating_add(l1_bytes) > BDRV_MAX_LENGTH {
+        // QEMU's block layer fails any request past this length with EIO.
+        let e = Error::Invalid {
+            kind: CorruptKind::L1Table,
+            what: "active L1 table".into(),
+            offset: h.l1_table_offset.get(),
+            reason: "Could not read L1 table: Input/output error (the table ends past the block layer's maximum length, 2^63 - 2^30)".into(),
+        };
+        refuse(problems, check_refusal, strict, e)?;
+    } else if let Err(e) = read_into(src, "active L1 table", h.l1_table_offset.get(), &mut l1_buf) {
+        refuse(problems, check_refusal, strict, e)?;
+    }
+    if h.l1_table_offset.get().saturating_add(l1_bytes) > file_len && l1_entries > 0 {
+        note = Some(format!(
+            "active L1 table at {} ({} entries) runs past the end of the file ({file_len} bytes); QEMU opens the image and reads the missing part as zeros",
+            h.l1_table_offset, h.l1_size
+        ));
+    }
+    Ok((Arc::new(tables::decode_l1(&l1_buf)), note))
+}
+
+/// The bitmap directory, if the header has a bitmaps extension. QEMU loads the
+/// table of every bitmap not marked in use when it opens the image, and the open
+/// fails on an entry it does not accept.
+fn read_bitmaps(
+    src: &dyn Source,
+    h: &Header,
+    extensions: &[Extension],
+    strict: Strictness,
+    problems: &mut Vec<Error>,
+    check_refusal: &mut Option<Error>,
+) -> Result<Option<Result<Vec<BitmapEntry>>>> {
+    let bitmaps = extensions.iter().find_map(|e| match e.kind {
+        ExtensionKind::Bitmaps {
+            nb_bitmaps,
+            directory_size,
+            directory_offset,
+            ..
+        } => Some(bitmap::read_directory(
+            src,
+            directory_offset,
+            directory_size,
+            nb_bitmaps,
+        )),
+        _ => None,
+    });
+    if h.autoclear_features & header::AUTOCLEAR_BITMAPS != 0
+        && let Some(Ok(list)) = &bitmaps
+    {
+        let cs = h.cluster_size();
+        for b in list.iter().filter(|b| b.flags & bitmap::FLAG_IN_USE == 0) {
+            if let Ok(Some(bad)) = bitmap::first_invalid_entry(src, b, cs) {
+                let e = Error::invalid(
+                    format!("bitmap '{}' table entry {}", b.name, bad.index),
+                    bad.at.get(),
+                    format!(
+                        "Could not read bitmap_table table from image for bitmap '{}': Invalid argument ({:#x}: {})",
+                        b.name, bad.entry.0, bad.problem
+                    ),
+                );
+                refuse(problems, check_refusal, strict, e)?;
+                break;
+            }
+        }
+    }
+    Ok(bitmaps)
+}
+
 impl Qcow2 {
     /// Open a qcow2 image from `src`.
     pub fn open(src: SharedSource, strict: Strictness) -> Result<Qcow2> {
@@ -201,43 +287,18 @@ impl Qcow2 {
             problems.push(e);
         }
 
-        // The active L1 table. QEMU reads it even where it runs past the end of the
-        // file (those bytes read as zeros); the size is bounded by validate().
-        let l1_entries = u64::from(h.l1_size).min(MAX_L1_ENTRIES);
-        let l1_bytes = l1_entries.saturating_mul(8);
-        let mut l1_buf = vec![0u8; l1_bytes as usize];
         let l1_invalid = invalid_kinds.contains(&CorruptKind::L1Table);
-        if l1_invalid {
-            // Refused above (or listed, when lenient): nothing to read there.
-        } else if l1_entries > 0
-            && h.l1_table_offset.get().saturating_add(l1_bytes) > BDRV_MAX_LENGTH
-        {
-            // QEMU's block layer fails any request past this length with EIO.
-            let e = Error::Invalid {
-                kind: CorruptKind::L1Table,
-                what: "active L1 table".into(),
-                offset: h.l1_table_offset.get(),
-                reason: "Could not read L1 table: Input/output error (the table ends past the block layer's maximum length, 2^63 - 2^30)".into(),
-            };
-            refuse(&mut problems, &mut check_refusal, strict, e)?;
-        } else if let Err(e) = read_into(
+        let (l1, l1_note) = read_active_l1(
             src.as_ref(),
-            "active L1 table",
-            h.l1_table_offset.get(),
-            &mut l1_buf,
-        ) {
-            refuse(&mut problems, &mut check_refusal, strict, e)?;
-        }
-        if h.l1_table_offset.get().saturating_add(l1_bytes) > file_len && l1_entries > 0 {
-            notes.push(format!(
-                "active L1 table at {} ({} entries) runs past the end of the file ({file_len} bytes); QEMU opens the image and reads the missing part as zeros",
-                h.l1_table_offset, h.l1_size
-            ));
-        }
-        let l1 = Arc::new(tables::decode_l1(&l1_buf));
+            &h,
+            l1_invalid,
+            strict,
+            &mut problems,
+            &mut check_refusal,
+        )?;
+        notes.extend(l1_note);
 
-        let snapshots =
-            snapshot::read_table(src.as_ref(), h.snapshots_offset.get(), h.nb_snapshots);
+        let snapshots = snapshot::read_table(src.as_ref(), h.snapshots_offset, h.nb_snapshots);
         if let Some(e) = &snapshots.error {
             if strict == Strictness::Qemu {
                 return Err(Error::corrupt(
@@ -253,41 +314,14 @@ impl Qcow2 {
             ));
         }
 
-        let bitmaps = extensions.iter().find_map(|e| match e.kind {
-            ExtensionKind::Bitmaps {
-                nb_bitmaps,
-                directory_size,
-                directory_offset,
-                ..
-            } => Some(bitmap::read_directory(
-                src.as_ref(),
-                directory_offset.get(),
-                directory_size,
-                nb_bitmaps,
-            )),
-            _ => None,
-        });
-        // QEMU loads the table of every bitmap not marked in use when it opens the
-        // image, and the open fails on an entry it does not accept.
-        if h.autoclear_features & header::AUTOCLEAR_BITMAPS != 0
-            && let Some(Ok(list)) = &bitmaps
-        {
-            let cs = h.cluster_size();
-            for b in list.iter().filter(|b| b.flags & bitmap::FLAG_IN_USE == 0) {
-                if let Ok(Some(bad)) = bitmap::first_invalid_entry(src.as_ref(), b, cs) {
-                    let e = Error::invalid(
-                        format!("bitmap '{}' table entry {}", b.name, bad.index),
-                        bad.at.get(),
-                        format!(
-                            "Could not read bitmap_table table from image for bitmap '{}': Invalid argument ({:#x}: {})",
-                            b.name, bad.entry.0, bad.problem
-                        ),
-                    );
-                    refuse(&mut problems, &mut check_refusal, strict, e)?;
-                    break;
-                }
-            }
-        }
+        let bitmaps = read_bitmaps(
+            src.as_ref(),
+            &h,
+            &extensions,
+            strict,
+            &mut problems,
+            &mut check_refusal,
+        )?;
 
         Ok(Qcow2 {
             src,
@@ -340,7 +374,7 @@ impl Qcow2 {
     pub fn active_view(&self) -> View {
         View {
             l1: self.l1.clone(),
-            l1_offset: self.header.l1_table_offset.get(),
+            l1_offset: self.header.l1_table_offset,
             size: self.header.size,
             snapshot: None,
         }
@@ -389,7 +423,7 @@ impl Qcow2 {
         if u64::from(sn.l1_size) > MAX_L1_ENTRIES {
             return Err(Error::invalid(
                 what,
-                sn.entry_offset.saturating_add(8),
+                sn.entry_offset.saturating_add(8).get(),
                 format!("Snapshot L1 table too large ({} entries)", sn.l1_size),
             ));
         }
@@ -423,7 +457,7 @@ impl Qcow2 {
         let l1 = self.snapshot_l1(&sn)?;
         Ok(View {
             l1: Arc::new(l1),
-            l1_offset: sn.l1_table_offset.get(),
+            l1_offset: sn.l1_table_offset,
             size: sn.effective_disk_size(self.header.size),
             snapshot: Some(sn),
         })

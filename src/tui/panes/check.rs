@@ -86,7 +86,7 @@ fn render(st: &mut State, f: &mut Frame, area: Rect, app: &Ctx) {
             r.total_clusters,
             r.fragmented_clusters,
             r.compressed_clusters,
-            r.image_end_offset
+            r.image_end_offset.get()
         )),
     ];
     if let Some((c, l, e)) = app.previous {

@@ -173,6 +173,103 @@ pub fn sort_referrers(v: &mut [Referrer]) {
 }
 
 impl State {
+    /// The box under the grid: the selected cluster's roles, refcounts and
+    /// referrers.
+    fn render_details(
+        &mut self,
+        f: &mut Frame,
+        info_area: Rect,
+        ctx: &Ctx,
+        reader: &mut RefcountReader<'_>,
+        cs: u64,
+    ) {
+        let c = self.sel;
+        let stored = reader.get(c).ok();
+        let (col, word) = cell(ctx, c, stored);
+        let roles = match role_bits(ctx, c) {
+            Some(b) if b != 0 => role_names(b).join(", "),
+            Some(_) => "free".into(),
+            None if matches!(&self.detail, Some((dc, _)) if *dc == c) => {
+                format!("{} (looked up)", self.detail_roles)
+            }
+            None if c >= LAYOUT_LIMIT => format!(
+                "not classified (the role map covers the first {LAYOUT_LIMIT} clusters; i looks this one up)"
+            ),
+            None => "roles still being found".into(),
+        };
+        let mut head = vec![
+            Span::styled(format!("cluster {c} at {:#x}: ", c * cs), color::head()),
+            Span::styled(roles, Style::new().fg(col)),
+            Span::raw(format!(
+                " · stored refcount {} · references counted {}",
+                stored.map_or("?".into(), |s| match ctx.refcount_was(c, s) {
+                    Some(was) => format!("{was}→{s}"),
+                    None => s.to_string(),
+                }),
+                ctx.counted(c).map_or("…".into(), |s| s.to_string())
+            )),
+        ];
+        if word != "used" && word != "free" && !word.starts_with("not") {
+            head.push(Span::styled(format!(" · {word}"), Style::new().fg(col)));
+        }
+        let head = Line::from(head);
+        let [h1, h2] = Layout::vertical([Constraint::Length(2), Constraint::Min(1)])
+            .areas(boxed("").inner(info_area));
+        let title = match &self.detail {
+            Some((dc, refs)) if *dc == c => format!(
+                "Selected cluster — {} referrer(s){}",
+                refs.len(),
+                if self.focus_refs {
+                    " (↑/↓ choose, Enter: its entry, f: back to the grid)"
+                } else {
+                    " (f: scroll them)"
+                }
+            ),
+            _ => "Selected cluster".to_string(),
+        };
+        f.render_widget(boxed(title), info_area);
+        f.render_widget(
+            Paragraph::new(head).wrap(ratatui::widgets::Wrap { trim: true }),
+            h1,
+        );
+        match &self.detail {
+            _ if self.looking == Some(c) => f.render_widget(
+                Paragraph::new(Line::styled(
+                    "  looking up who references it on a worker thread…",
+                    color::dim(),
+                )),
+                h2,
+            ),
+            Some((dc, refs)) if *dc == c => {
+                let refs = refs.clone();
+                if refs.is_empty() {
+                    f.render_widget(Paragraph::new("  nothing references it"), h2);
+                } else {
+                    self.refs.render_list(
+                        f,
+                        h2,
+                        ratatui::widgets::Block::new(),
+                        refs.len(),
+                        self.focus_refs,
+                        |r| {
+                            refs[r]
+                                .iter()
+                                .map(|x| Line::raw(format!("  referenced by {}", x.describe())))
+                                .collect()
+                        },
+                    );
+                }
+            }
+            _ => f.render_widget(
+                Paragraph::new(Line::styled(
+                    "  i: who references it · Enter: its refcount (an L1/L2 table opens in Tables) · x: its bytes in Hex",
+                    color::dim(),
+                )),
+                h2,
+            ),
+        }
+    }
+
     /// Select cluster `c`.
     pub fn select(&mut self, c: u64) {
         self.sel = c;
@@ -290,92 +387,7 @@ impl PaneState for State {
         f.render_widget(Paragraph::new(lines), cells);
         self.per_row = per_row;
         self.rows = rows;
-        // Details of the selected cluster.
-        let c = self.sel;
-        let stored = reader.get(c).ok();
-        let (col, word) = cell(ctx, c, stored);
-        let roles = match role_bits(ctx, c) {
-            Some(b) if b != 0 => role_names(b).join(", "),
-            Some(_) => "free".into(),
-            None if matches!(&self.detail, Some((dc, _)) if *dc == c) => {
-                format!("{} (looked up)", self.detail_roles)
-            }
-            None if c >= LAYOUT_LIMIT => format!(
-                "not classified (the role map covers the first {LAYOUT_LIMIT} clusters; i looks this one up)"
-            ),
-            None => "roles still being found".into(),
-        };
-        let mut head = vec![
-            Span::styled(format!("cluster {c} at {:#x}: ", c * cs), color::head()),
-            Span::styled(roles, Style::new().fg(col)),
-            Span::raw(format!(
-                " · stored refcount {} · references counted {}",
-                stored.map_or("?".into(), |s| match ctx.refcount_was(c, s) {
-                    Some(was) => format!("{was}→{s}"),
-                    None => s.to_string(),
-                }),
-                ctx.counted(c).map_or("…".into(), |s| s.to_string())
-            )),
-        ];
-        if word != "used" && word != "free" && !word.starts_with("not") {
-            head.push(Span::styled(format!(" · {word}"), Style::new().fg(col)));
-        }
-        let head = Line::from(head);
-        let [h1, h2] = Layout::vertical([Constraint::Length(2), Constraint::Min(1)])
-            .areas(boxed("").inner(info_area));
-        let title = match &self.detail {
-            Some((dc, refs)) if *dc == c => format!(
-                "Selected cluster — {} referrer(s){}",
-                refs.len(),
-                if self.focus_refs {
-                    " (↑/↓ choose, Enter: its entry, f: back to the grid)"
-                } else {
-                    " (f: scroll them)"
-                }
-            ),
-            _ => "Selected cluster".to_string(),
-        };
-        f.render_widget(boxed(title), info_area);
-        f.render_widget(
-            Paragraph::new(head).wrap(ratatui::widgets::Wrap { trim: true }),
-            h1,
-        );
-        match &self.detail {
-            _ if self.looking == Some(c) => f.render_widget(
-                Paragraph::new(Line::styled(
-                    "  looking up who references it on a worker thread…",
-                    color::dim(),
-                )),
-                h2,
-            ),
-            Some((dc, refs)) if *dc == c => {
-                let refs = refs.clone();
-                if refs.is_empty() {
-                    f.render_widget(Paragraph::new("  nothing references it"), h2);
-                } else {
-                    self.refs.render_list(
-                        f,
-                        h2,
-                        ratatui::widgets::Block::new(),
-                        refs.len(),
-                        self.focus_refs,
-                        |r| {
-                            refs[r]
-                                .iter()
-                                .map(|x| Line::raw(format!("  referenced by {}", x.describe())))
-                                .collect()
-                        },
-                    );
-                }
-            }
-            _ => f.render_widget(
-                Paragraph::new(Line::styled(
-                    "  i: who references it · Enter: its refcount (an L1/L2 table opens in Tables) · x: its bytes in Hex",
-                    color::dim(),
-                )),
-                h2,
-            ),
-        }
+        self.render_details(f, info_area, ctx, &mut reader, cs);
     }
 
     fn handle(&mut self, action: Action, ctx: &Ctx, q: &mut Vec<Effect>) -> bool {

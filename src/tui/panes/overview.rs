@@ -4,7 +4,8 @@ use super::{PaneState, color};
 use crate::tui::ctx::{Ctx, Effect};
 use crate::tui::keymap::Action;
 use crate::tui::widgets::{ListView, boxed};
-use qinspect::types::human_size;
+use qinspect::image::Qcow2;
+use qinspect::types::{HostOffset, human_size};
 use ratatui::Frame;
 use ratatui::layout::Rect;
 use ratatui::style::Style;
@@ -59,6 +60,26 @@ fn lines_at(app: &Ctx, sel: Option<usize>) -> (Vec<Line<'static>>, usize) {
         )));
         return (v, 0);
     };
+    summary(app, img, &mut v);
+    chain(app, img, &mut v);
+    let first_field = header_fields(app, img, sel, &mut v);
+    features_and_extensions(img, &mut v);
+    encryption(app, img, &mut v);
+    v.push(Line::raw(""));
+    v.push(Line::raw(format!(
+        "{} snapshot(s) · {} L1 entries · {} bitmap(s)",
+        img.snapshots.snapshots.len(),
+        img.l1.len(),
+        match &img.bitmaps {
+            Some(Ok(b)) => b.len(),
+            _ => 0,
+        }
+    )));
+    (v, first_field)
+}
+
+/// The image's path, its sizes, check's verdict and what QEMU would refuse.
+fn summary(app: &Ctx, img: &Qcow2, v: &mut Vec<Line<'static>>) {
     let h = &img.header;
     let geo = img.geometry();
     v.push(Line::styled(
@@ -93,6 +114,10 @@ fn lines_at(app: &Ctx, sel: Option<usize>) -> (Vec<Line<'static>>, usize) {
         ));
     }
     v.push(Line::raw(""));
+}
+
+/// The backing chain, layer by layer, and the data file.
+fn chain(app: &Ctx, img: &Qcow2, v: &mut Vec<Line<'static>>) {
     v.push(Line::styled("Backing chain", color::head()));
     match &app.chain {
         Ok(c) => {
@@ -124,21 +149,27 @@ fn lines_at(app: &Ctx, sel: Option<usize>) -> (Vec<Line<'static>>, usize) {
         v.push(Line::raw(format!("  data file: {df}")));
     }
     v.push(Line::raw(""));
+}
+
+/// The header fields, field `sel` highlighted; returns the index of the first
+/// field's line.
+fn header_fields(app: &Ctx, img: &Qcow2, sel: Option<usize>, v: &mut Vec<Line<'static>>) -> usize {
     v.push(Line::styled(
         "Header fields (offset, name, value, meaning)",
         color::head(),
     ));
     let first_field = v.len();
+    let h = &img.header;
     let rejected = rejected(app);
     for (i, f) in h.fields().into_iter().enumerate() {
-        let why = rejected.iter().find(|(o, _)| *o == f.offset);
+        let why = rejected.iter().find(|(o, _)| *o == f.offset.get());
         let name = if why.is_some() {
             Style::new().fg(color::BAD)
         } else {
             Style::new().fg(color::META)
         };
         let mut spans = vec![
-            Span::styled(format!("{:>4} ", f.offset), color::dim()),
+            Span::styled(format!("{:>4} ", f.offset.get()), color::dim()),
             Span::styled(format!("{:<24}", f.name), name),
             Span::raw(format!("{:>#18x}  ", f.value)),
             Span::raw(f.meaning),
@@ -157,6 +188,11 @@ fn lines_at(app: &Ctx, sel: Option<usize>) -> (Vec<Line<'static>>, usize) {
         });
     }
     v.push(Line::raw(""));
+    first_field
+}
+
+/// The feature bits set and the header extensions.
+fn features_and_extensions(img: &Qcow2, v: &mut Vec<Line<'static>>) {
     v.push(Line::styled("Feature bits", color::head()));
     if img.features.is_empty() {
         v.push(Line::raw("  none set"));
@@ -189,18 +225,6 @@ fn lines_at(app: &Ctx, sel: Option<usize>) -> (Vec<Line<'static>>, usize) {
             e.length
         )));
     }
-    encryption(app, img, &mut v);
-    v.push(Line::raw(""));
-    v.push(Line::raw(format!(
-        "{} snapshot(s) · {} L1 entries · {} bitmap(s)",
-        img.snapshots.snapshots.len(),
-        img.l1.len(),
-        match &img.bitmaps {
-            Some(Ok(b)) => b.len(),
-            _ => 0,
-        }
-    )));
-    (v, first_field)
 }
 
 /// Where Enter on a header field goes: the table or bytes it points to.
@@ -224,9 +248,12 @@ fn follow(field: &qinspect::header::HeaderField, ctx: &Ctx) -> Effect {
             }
         }
         _ => Effect::ShowHost {
-            offset: field.offset,
+            offset: field.offset.get(),
             label: format!("header field {}", field.name),
-            mark: Some((field.offset, field.offset.saturating_add(field.size))),
+            mark: Some((
+                field.offset.get(),
+                field.offset.saturating_add(field.size).get(),
+            )),
             src: None,
         },
     }
@@ -269,14 +296,19 @@ fn encryption(app: &Ctx, img: &qinspect::image::Qcow2, v: &mut Vec<Line<'static>
             return;
         }
     };
-    let cs = img.geometry().cluster_size();
-    let last = h.offset.saturating_add(h.length.max(1)).saturating_sub(1);
+    let geo = img.geometry();
+    let last = HostOffset(
+        h.offset
+            .saturating_add(h.length.max(1))
+            .get()
+            .saturating_sub(1),
+    );
     v.push(Line::raw(format!(
         "  LUKS header at {:#x}, {} bytes = host clusters {}..={} (crypto-header in the Layout pane; check counts them)",
         h.offset,
         h.length,
-        h.offset / cs,
-        last / cs
+        geo.host_cluster(h.offset).get(),
+        geo.host_cluster(last).get()
     )));
     if let Err(e) = h.check() {
         v.push(Line::styled(

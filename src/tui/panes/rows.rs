@@ -284,7 +284,7 @@ impl Rows for SnapshotRows<'_> {
         if let Ok(n) = s.name.parse::<u64>() {
             out.value(n);
         }
-        out.value(s.entry_offset);
+        out.value(s.entry_offset.get());
         out.value(s.l1_table_offset.get());
         out.range(
             s.l1_table_offset.get(),
@@ -405,7 +405,7 @@ pub fn tables<'a>(st: &super::tables::State, ctx: &'a Ctx) -> Option<Box<dyn Row
     match st.level {
         super::tables::Level::L1 => Some(Box::new(L1Rows {
             l1: view.l1.clone(),
-            at: view.l1_offset,
+            at: view.l1_offset.get(),
             geo,
         })),
         super::tables::Level::L2(i) => {

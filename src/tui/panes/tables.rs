@@ -164,7 +164,10 @@ impl State {
                             Copied::Meaningless
                         };
                         let mut spans = vec![
-                            Span::raw(format!("{i:>6} {:>#9x} ", l1_offset + i as u64 * 8)),
+                            Span::raw(format!(
+                                "{i:>6} {:>#9x} ",
+                                l1_offset.saturating_entry(i as u64, 8)
+                            )),
                             Span::styled(format!("{:#018x} ", e.0), st),
                         ];
                         spans.extend(columns(e.copied(), rc, j));
@@ -385,7 +388,7 @@ impl PaneState for State {
             }
             (Level::L1, Action::Hex) => {
                 let i = self.l1.sel as u64;
-                let at = view.l1_offset.saturating_add(i.saturating_mul(8));
+                let at = view.l1_offset.saturating_entry(i, 8).get();
                 q.push(Effect::ShowHost {
                     offset: at,
                     label: format!("{}[{i}]", view.label()),

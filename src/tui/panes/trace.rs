@@ -167,9 +167,9 @@ impl PaneState for State {
                         index,
                         ..
                     } => q.push(Effect::ShowHost {
-                        offset: entry_offset,
+                        offset: entry_offset.get(),
                         label: format!("{table}[{index}] in {}", s.layer),
-                        mark: Some((entry_offset, entry_offset + 8)),
+                        mark: Some((entry_offset.get(), entry_offset.saturating_add(8).get())),
                         src: layer.map(|l| l.src.clone()),
                     }),
                     StepKind::L2Entry {
@@ -178,9 +178,9 @@ impl PaneState for State {
                         index,
                         ..
                     } => q.push(Effect::ShowHost {
-                        offset: entry_offset,
+                        offset: entry_offset.get(),
                         label: format!("L2 {table_offset}[{index}] in {}", s.layer),
-                        mark: Some((entry_offset, entry_offset + 8)),
+                        mark: Some((entry_offset.get(), entry_offset.saturating_add(8).get())),
                         src: layer.map(|l| l.src.clone()),
                     }),
                     StepKind::Data {

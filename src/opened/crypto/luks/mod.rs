@@ -24,6 +24,7 @@ use super::cipher::{CipherAlg, CipherSpec, IvGen, Mode, SECTOR_SIZE};
 use super::hash::HashAlg;
 use crate::bytes::{array, be16, be32, slice};
 use crate::error::{Error, Result};
+use crate::types::HostOffset;
 use serde::Serialize;
 
 mod unlock;
@@ -61,7 +62,7 @@ pub struct KeySlot {
     /// 0..8.
     pub index: usize,
     /// File offset of the slot's 48 bytes.
-    pub offset: u64,
+    pub offset: HostOffset,
     /// Raw `active` field: 0x00ac71f3 in use, 0x0000dead free.
     pub active_raw: u32,
     /// PBKDF2 iterations for the passphrase.
@@ -98,7 +99,7 @@ impl KeySlot {
 #[derive(Clone, Debug, Serialize)]
 pub struct LuksHeader {
     /// File offset of the header (from the crypto header extension).
-    pub offset: u64,
+    pub offset: HostOffset,
     /// Length of the region the extension reserves.
     pub length: u64,
     /// The magic bytes (hex).
@@ -155,7 +156,7 @@ pub struct Field {
     /// Field name.
     pub name: String,
     /// File offset.
-    pub offset: u64,
+    pub offset: HostOffset,
     /// Length in bytes.
     pub len: u64,
     /// The value as text.
@@ -167,7 +168,7 @@ pub struct Field {
 impl LuksHeader {
     /// Decode the 592 header bytes in `b`, found at file offset `offset` in a
     /// region of `length` bytes.
-    pub fn parse(b: &[u8], offset: u64, length: u64) -> LuksHeader {
+    pub fn parse(b: &[u8], offset: HostOffset, length: u64) -> LuksHeader {
         let (cipher_name, t0) = cstr(slice(b, 8, 32));
         let (cipher_mode, t1) = cstr(slice(b, 40, 32));
         let (hash_spec, t2) = cstr(slice(b, 72, 32));
@@ -214,8 +215,12 @@ impl LuksHeader {
     }
 
     /// Read and decode the header at `offset` (`length` bytes reserved) in `src`.
-    pub fn read(src: &dyn crate::io::Source, offset: u64, length: u64) -> Result<LuksHeader> {
-        let b = crate::io::read_exact(src, "LUKS header", offset, HEADER_LEN)?;
+    pub fn read(
+        src: &dyn crate::io::Source,
+        offset: HostOffset,
+        length: u64,
+    ) -> Result<LuksHeader> {
+        let b = crate::io::read_exact(src, "LUKS header", offset.get(), HEADER_LEN)?;
         Ok(LuksHeader::parse(&b, offset, length))
     }
 
@@ -239,7 +244,11 @@ impl LuksHeader {
     }
 
     fn bad(&self, field_off: u64, reason: impl Into<String>) -> Error {
-        Error::invalid("LUKS header", self.offset.saturating_add(field_off), reason)
+        Error::invalid(
+            "LUKS header",
+            self.offset.saturating_add(field_off).get(),
+            reason,
+        )
     }
 
     /// The checks QEMU makes when it opens the header
