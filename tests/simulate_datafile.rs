@@ -1,0 +1,69 @@
+//! Operations on images whose guest data lives in an external data file
+//! (plain, and `data_file_raw=on`), compared operation by operation with real
+//! qemu-img/qemu-io on a copy of the qcow2 file (see `sim_compare`). The copy
+//! names the same data file, so QEMU's writes land there; qinspect never
+//! writes it, and only the qcow2 file's metadata is predicted.
+
+mod common;
+mod sim_compare;
+use common::Work;
+use sim_compare::compare;
+
+fn ok(w: &Work, image: &str, ops: &[&str]) -> qinspect::simulate::Sim {
+    compare(w.dir.path(), image, ops).unwrap_or_else(|e| panic!("{image}: {e}"))
+}
+
+/// A 4M image named `name` with its data in `name.raw`, and some data written.
+fn with_data_file(w: &Work, name: &str, extra: &str) {
+    let mut opts = format!("data_file={name}.raw");
+    if !extra.is_empty() {
+        opts.push(',');
+        opts.push_str(extra);
+    }
+    w.qemu_img(&["create", "-q", "-f", "qcow2", "-o", &opts, name, "4M"]);
+    w.qemu_io(
+        name,
+        &["write -P 1 0 128k", "write -P 2 1M 4k", "write -z 2M 64k"],
+    );
+}
+
+const KINDS: [(&str, &str); 3] = [
+    ("p.qcow2", ""),
+    ("r.qcow2", "data_file_raw=on"),
+    ("x.qcow2", "extended_l2=on"),
+];
+
+#[test]
+fn copy_on_read_with_a_data_file() {
+    let w = Work::new();
+    for (name, extra) in KINDS {
+        with_data_file(&w, name, extra);
+        let sim = ok(
+            &w,
+            name,
+            &[
+                "read:0:524288",
+                "read:1000000:100000",
+                "read:2097152:131072",
+                "read:4128768:65536",
+            ],
+        );
+        assert!(sim.records.iter().all(|r| r.error.is_none()), "{name}");
+        assert!(
+            sim.records[0]
+                .steps
+                .iter()
+                .any(|c| c.reason.starts_with("copy-on-read: ")),
+            "{name}: the first read copies"
+        );
+    }
+    // A backing file under a data-file image (not allowed with data_file_raw).
+    w.qemu_img(&["create", "-q", "-f", "qcow2", "b.qcow2", "4M"]);
+    w.qemu_io("b.qcow2", &["write -P 7 512k 64k", "write -P 0 3M 64k"]);
+    w.qemu_img(&[
+        "create", "-q", "-f", "qcow2", "-o", "data_file=t.raw", "-b", "b.qcow2", "-F", "qcow2",
+        "t.qcow2",
+    ]);
+    w.qemu_io("t.qcow2", &["write -P 3 0 4k"]);
+    ok(&w, "t.qcow2", &["read:0:1048576", "read:3145728:131072"]);
+}
