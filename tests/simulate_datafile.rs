@@ -61,9 +61,68 @@ fn copy_on_read_with_a_data_file() {
     w.qemu_img(&["create", "-q", "-f", "qcow2", "b.qcow2", "4M"]);
     w.qemu_io("b.qcow2", &["write -P 7 512k 64k", "write -P 0 3M 64k"]);
     w.qemu_img(&[
-        "create", "-q", "-f", "qcow2", "-o", "data_file=t.raw", "-b", "b.qcow2", "-F", "qcow2",
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "data_file=t.raw",
+        "-b",
+        "b.qcow2",
+        "-F",
+        "qcow2",
         "t.qcow2",
     ]);
     w.qemu_io("t.qcow2", &["write -P 3 0 4k"]);
     ok(&w, "t.qcow2", &["read:0:1048576", "read:3145728:131072"]);
+}
+
+#[test]
+fn resize_with_a_data_file() {
+    let w = Work::new();
+    for (name, extra) in KINDS {
+        with_data_file(&w, name, extra);
+        let sim = ok(
+            &w,
+            name,
+            &[
+                "resize:8388608",
+                "write:7340032:4096",
+                "resize:1048576:shrink",
+                "resize:3000000",
+                "resize:2000000:shrink",
+                "resize:1073741824",
+                "write:1000000000:65536",
+            ],
+        );
+        // 3000000 is not a multiple of 512: QEMU refuses it too.
+        assert!(sim.records[3].error.is_some(), "{name}");
+        assert!(
+            sim.records[0]
+                .steps
+                .iter()
+                .any(|c| c.reason.contains("data file")),
+            "{name}: {:?}",
+            sim.records[0].steps
+        );
+    }
+    // Over a backing file longer than the disk: the new area is zeroed.
+    w.qemu_img(&["create", "-q", "-f", "qcow2", "b.qcow2", "8M"]);
+    w.qemu_io("b.qcow2", &["write -P 7 4M 1M"]);
+    w.qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "data_file=t.raw",
+        "-b",
+        "b.qcow2",
+        "-F",
+        "qcow2",
+        "t.qcow2",
+        "4M",
+    ]);
+    w.qemu_io("t.qcow2", &["write -P 3 0 4k"]);
+    ok(&w, "t.qcow2", &["resize:6291456", "resize:2097152:shrink"]);
 }
