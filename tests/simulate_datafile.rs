@@ -126,3 +126,41 @@ fn resize_with_a_data_file() {
     w.qemu_io("t.qcow2", &["write -P 3 0 4k"]);
     ok(&w, "t.qcow2", &["resize:6291456", "resize:2097152:shrink"]);
 }
+
+#[test]
+fn repair_with_a_data_file() {
+    let w = Work::new();
+    for (name, extra) in KINDS {
+        with_data_file(&w, name, extra);
+        let a = format!("a{name}");
+        let b = format!("b{name}");
+        w.run("cp", &[name, &a]);
+        w.run("cp", &[name, &b]);
+        // Leaks: the L1 table counted 3 times, a free cluster counted once.
+        w.set_refcount(name, 3, 3);
+        w.set_refcount(name, 40, 1);
+        let sim = ok(&w, name, &["repair:leaks", "write:3145728:4096"]);
+        assert!(
+            sim.records[0].steps.iter().any(|c| matches!(
+                c.target,
+                qinspect::simulate::Target::Refcount { cluster: 3 }
+            ) && (c.before, c.after) == (3, 1)),
+            "{name}: {:?}",
+            sim.records[0].steps
+        );
+        // The L2 table counted twice (its COPIED flag now wrong too).
+        w.set_refcount(&a, 4, 2);
+        ok(
+            &w,
+            &a,
+            &["repair:leaks", "repair:all", "write:3145728:4096"],
+        );
+        // An L2 table counted 0: -r all rebuilds the refcount structure.
+        w.set_refcount(&b, 4, 0);
+        ok(
+            &w,
+            &b,
+            &["repair:leaks", "repair:all", "write:3145728:4096"],
+        );
+    }
+}
