@@ -68,3 +68,99 @@ fn unaligned_zero_clusters_become_plain_zero_clusters() {
         }
     }
 }
+
+/// As [`ok`], for an image whose guest disk neither qinspect nor QEMU can
+/// read (an unaligned data cluster or a contradictory bitmap stays): every operation must match, and
+/// only the final comparison of the guest bytes fails, as `qemu-img convert`
+/// of QEMU's result fails.
+fn ok_unreadable(w: &Work, image: &str, ops: &[&str]) {
+    let e = match compare(w.dir.path(), image, ops) {
+        Ok(_) => panic!("{image}: the guest disk was read"),
+        Err(e) => e,
+    };
+    assert!(
+        e.starts_with(&format!("after the {} operations: ", ops.len()))
+            && (e.contains("unaligned") || e.contains("Invalid cluster entry")),
+        "{image}: {e}"
+    );
+    let out = std::process::Command::new("qemu-img")
+        .args(["convert", "-O", "raw", &format!("{image}.qemu"), "out.raw"])
+        .current_dir(w.dir.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "{image}: qemu-img convert read it");
+}
+
+/// Overwrite the 8 bytes at `at` of `image` with `value`.
+fn poke(w: &Work, image: &str, at: u64, value: u64) {
+    w.patch(image, at, &value.to_be_bytes());
+}
+
+#[test]
+fn corruptions_qemu_leaves_as_they_are() {
+    let w = Work::new();
+    // Each: image, creation options, (offset, value) patched in after
+    // `write 0 192k` (L1 at 0x30000, its L2 table at 0x40000, data from 0x50000).
+    let cases: [(&str, &str, u64, u64); 5] = [
+        // A data cluster whose offset is not aligned: its neighbour is
+        // referenced twice, which -r all counts; the entry stays.
+        (
+            "a.qcow2",
+            "cluster_size=65536",
+            0x40000,
+            0x8000_0000_0005_2000,
+        ),
+        // Allocated and zero bits both set in a subcluster bitmap.
+        ("b.qcow2", "extended_l2=on", 0x40008, 0x0000_0001_ffff_ffff),
+        // Reserved bits in an L2 entry, and in an L1 entry.
+        (
+            "d.qcow2",
+            "cluster_size=65536",
+            0x40000,
+            0x8000_0000_0005_0002,
+        ),
+        (
+            "e.qcow2",
+            "cluster_size=65536",
+            0x30000,
+            0x8000_0000_0004_0002,
+        ),
+        // With 512-byte clusters, bit 8 of an L2 entry (reserved there).
+        ("s.qcow2", "cluster_size=512", 0, 0),
+    ];
+    for (name, opts, at, value) in cases {
+        w.qemu_img(&["create", "-q", "-f", "qcow2", "-o", opts, name, "4M"]);
+        w.qemu_io(name, &["write 0 192k"]);
+        if at == 0 {
+            misalign_l2_entry(&w, name, 3, 0x100);
+        } else {
+            poke(&w, name, at, value);
+        }
+        // A leak besides (past the data with 64k clusters), which both
+        // repairs fix.
+        if at != 0 {
+            w.set_refcount(name, 60, 1);
+        }
+        let copy = format!("l{name}");
+        w.run("cp", &[name, &copy]);
+        let ops = ["repair:all", "write:3145728:4096", "repair:all"];
+        let leaks = ["repair:leaks", "repair:all"];
+        // An unaligned data cluster or a contradictory subcluster bitmap:
+        // the guest disk cannot be read.
+        if matches!(name, "a.qcow2" | "b.qcow2") {
+            ok_unreadable(&w, name, &ops);
+            ok_unreadable(&w, &copy, &leaks);
+            continue;
+        }
+        let sim = ok(&w, name, &ops);
+        assert!(
+            sim.records[0]
+                .steps
+                .iter()
+                .any(|c| c.reason.starts_with("QEMU's repair leaves this corruption")),
+            "{name}: {:?}",
+            sim.records[0].steps
+        );
+        ok(&w, &copy, &leaks);
+    }
+}

@@ -73,8 +73,16 @@ impl Sim {
                 f.kind != FindingKind::Note
                     && !matches!(f.category, Category::Refcount | Category::Copied)
                     && !Self::fixable_zero_cluster(f)
+                    && !Self::left_as_is(f)
             })
             .map(|f| f.message.clone());
+        let kept = report.findings.iter().find(|f| Self::left_as_is(f));
+        if let Some(f) = kept {
+            self.note(format!(
+                "QEMU's repair leaves this corruption as it is: {}",
+                f.message
+            ));
+        }
         if let Some(m) = unusual {
             return Err(SimError::NotModelled(format!(
                 "QEMU's repair of this would do more than fix refcounts and COPIED flags: {m}"
@@ -101,7 +109,7 @@ impl Sim {
             return self.repair_pass(true, true);
         }
         let saved = self.reason.clone();
-        let mut left_corrupt = !zero_fixes.is_empty();
+        let mut left_corrupt = !zero_fixes.is_empty() || kept.is_some();
         for c in 0..imrt.nb_clusters {
             let stored = self.get_refcount(c)?;
             let reference = imrt.get(c);
@@ -168,6 +176,19 @@ impl Sim {
             && f.repair.is_some()
             && f.message
                 .contains("Preallocated cluster is not properly aligned")
+    }
+
+    /// A corruption `qemu-img check -r all` reports and leaves as it is,
+    /// counting the references as it would without it: reserved bits in an
+    /// L1 or L2 entry, a corrupt subcluster bitmap, a data cluster whose
+    /// offset is not cluster aligned.
+    fn left_as_is(f: &crate::check::Finding) -> bool {
+        f.kind == FindingKind::Corruption
+            && match f.category {
+                Category::ReservedBits | Category::Subclusters => true,
+                Category::Unaligned => f.message.contains("Data cluster is not properly aligned"),
+                _ => false,
+            }
     }
 
     /// The L2 entry at host offset `at` becomes a plain zero cluster (with
