@@ -85,7 +85,8 @@ impl Sim {
         }
         if let Some(m) = unusual {
             return Err(SimError::NotModelled(format!(
-                "QEMU's repair of this would do more than fix refcounts and COPIED flags: {m}"
+                "QEMU's repair of this would do more than fix refcounts, COPIED flags and unaligned zero clusters{}: {m}",
+                Self::what_qemu_does(&m)
             )));
         }
         let Some(imrt) = report.imrt.clone() else {
@@ -176,6 +177,19 @@ impl Sim {
             && f.repair.is_some()
             && f.message
                 .contains("Preallocated cluster is not properly aligned")
+    }
+
+    /// What QEMU's repair does with the finding `m`, where that is known.
+    fn what_qemu_does(m: &str) -> &'static str {
+        if m.contains("Table is not cluster aligned") {
+            " (QEMU reads the L2 table at the unaligned offset all the same, and counts and repairs whatever entries it finds there)"
+        } else if m.contains("is outside image") {
+            " (QEMU grows the file to hold the refcount block, then rebuilds the whole refcount structure)"
+        } else if m.contains("not cluster aligned; refcount table entry") {
+            " (QEMU marks the image corrupt, and its rebuild of the refcount structure then fails: ERROR writing refblock: Input/output error)"
+        } else {
+            ""
+        }
     }
 
     /// A corruption `qemu-img check -r all` reports and leaves as it is,
