@@ -167,8 +167,26 @@ impl Sim {
         let dirty = self.bitmaps.as_ref().map(|b| b.dirty.len());
         let saved = self.size;
         self.size = new;
+        let first = self.steps.len();
         let r = self.write(old, new.saturating_sub(old));
         self.size = saved;
+        // No data is written: only the L2 entries (and tables) change.
+        let mut kept = Vec::new();
+        for (i, mut c) in std::mem::take(&mut self.steps).into_iter().enumerate() {
+            if i >= first {
+                if matches!(c.target, Target::Copy { .. }) {
+                    continue;
+                }
+                if let Target::L2Entry { .. } = c.target {
+                    let host = crate::tables::L2Entry::from_word(c.after).host_offset().0;
+                    c.reason = format!(
+                        "metadata preallocation: the cluster maps to offset {host:#x} of the raw data file"
+                    );
+                }
+            }
+            kept.push(c);
+        }
+        self.steps = kept;
         if let (Some(b), Some(n)) = (self.bitmaps.as_mut(), dirty) {
             b.dirty.truncate(n);
         }
