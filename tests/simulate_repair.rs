@@ -205,3 +205,84 @@ fn repairs_left_to_qemu_say_what_qemu_does() {
         assert_ne!(std::fs::read(w.path(name)).unwrap(), before, "{name}");
     }
 }
+
+/// Rewrite the first bitmap directory entry of `image`: `flags` or'd in, and
+/// `extra` bytes of extra data before its name.
+fn alter_bitmap(w: &Work, image: &str, flags: u32, extra: &[u8]) {
+    let img = open_path(&w.path(image)).unwrap();
+    let (ext_at, dir) = img
+        .extensions
+        .iter()
+        .find_map(|e| match e.kind {
+            qinspect::header::ExtensionKind::Bitmaps {
+                directory_offset, ..
+            } => Some((e.offset, directory_offset.get())),
+            _ => None,
+        })
+        .unwrap();
+    let f = std::fs::File::open(w.path(image)).unwrap();
+    let mut d = vec![0u8; 24];
+    std::os::unix::fs::FileExt::read_exact_at(&f, &mut d, dir).unwrap();
+    let name_len = u16::from_be_bytes([d[18], d[19]]) as usize;
+    let mut name = vec![0u8; name_len];
+    std::os::unix::fs::FileExt::read_exact_at(&f, &mut name, dir + 24).unwrap();
+    let old = u32::from_be_bytes([d[12], d[13], d[14], d[15]]);
+    d[12..16].copy_from_slice(&(old | flags).to_be_bytes());
+    d[20..24].copy_from_slice(&(extra.len() as u32).to_be_bytes());
+    d.extend_from_slice(extra);
+    d.extend_from_slice(&name);
+    while !d.len().is_multiple_of(8) {
+        d.push(0);
+    }
+    w.patch(image, dir, &d);
+    // The extension's directory_size (after its 8-byte header, 4+4 bytes in).
+    w.patch(image, ext_at + 16, &(d.len() as u64).to_be_bytes());
+}
+
+#[test]
+fn bitmaps_qemu_will_not_open() {
+    let w = Work::new();
+    for (name, flags, extra) in [
+        ("x.qcow2", 0u32, &[0x11u8; 8][..]),
+        ("c.qcow2", 4, &[0x22; 16][..]),
+        ("u.qcow2", 8, &[][..]),
+    ] {
+        w.qemu_img(&["create", "-q", "-f", "qcow2", name, "64M"]);
+        w.qemu_io(name, &["write 0 64k"]);
+        w.qemu_img(&["bitmap", "--add", name, "b0"]);
+        alter_bitmap(&w, name, flags, extra);
+        // Every operation fails at the open, as QEMU's does, and nothing
+        // changes; only the final comparison of the guest bytes cannot run,
+        // since qemu-img cannot open the result either.
+        let before = std::fs::read(w.path(name)).unwrap();
+        let ops = ["write:4194304:65536", "repair:all", "read:0:4096"];
+        let e = match compare(w.dir.path(), name, &ops) {
+            Ok(_) => panic!("{name}: qemu-img opened it"),
+            Err(e) => e,
+        };
+        let why = if extra.is_empty() {
+            "Bitmap 'b0' doesn't satisfy the constraints"
+        } else {
+            "Bitmap extra data is not supported"
+        };
+        assert!(
+            e.starts_with("after the 3 operations: ") && e.ends_with(why),
+            "{name}: {e}"
+        );
+        assert_eq!(
+            std::fs::read(w.path(&format!("{name}.qemu"))).unwrap(),
+            before
+        );
+        let img = open_path(&w.path(name)).unwrap();
+        let mut sim = qinspect::simulate::Sim::new(&img, &w.path(name)).unwrap();
+        for op in ops {
+            sim.apply(&sim_compare::parse_op(op));
+        }
+        assert!(
+            sim.records
+                .iter()
+                .all(|r| r.error.as_deref().is_some_and(|m| m.contains(why))),
+            "{name}"
+        );
+    }
+}
