@@ -29,11 +29,6 @@ impl Sim {
         if length == 0 {
             return Ok(());
         }
-        if self.has_data_file {
-            return Err(SimError::NotModelled(
-                "copy-on-read with an external data file".into(),
-            ));
-        }
         // The backing chain is lent to the copy while the writes run (they
         // look only at whether there is one, which `backing_named` says).
         let own = self.overlay_below()?;
@@ -135,8 +130,13 @@ impl Sim {
                 ));
                 self.write_zeroes(g, n, false)?;
             } else {
+                let into = if self.has_data_file {
+                    "into this image (its data file)"
+                } else {
+                    "into this image"
+                };
                 self.note(format!(
-                    "copy-on-read: guest {g:#x}..{to:#x} is not allocated here: QEMU writes what the backing file holds there into this image"
+                    "copy-on-read: guest {g:#x}..{to:#x} is not allocated here: QEMU writes what the backing file holds there {into}"
                 ));
                 let first = self.steps.len();
                 let saved = self.data.new;

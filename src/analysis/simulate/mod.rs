@@ -148,6 +148,8 @@ pub struct Sim {
     bitmaps: Option<bitmaps::Bitmaps>,
     /// QEMU's message when the corrupt bit keeps it from opening read-write.
     open_refused: Option<String>,
+    /// QEMU's refusal to open the image at all (its bitmap directory).
+    open_fails: Option<String>,
     /// What QEMU would do on open that is not modelled: every operation says so.
     not_modelled: Option<String>,
     /// The file was cut here: bytes from here on read as zeros, not as the
@@ -272,6 +274,7 @@ impl Sim {
             }
             None => None,
         };
+        let open_fails = bitmaps::open_fails(img);
         let (bitmaps, not_modelled) = match bitmaps::load(img) {
             Ok(b) => (b, None),
             Err(why) => (None, Some(why)),
@@ -283,6 +286,7 @@ impl Sim {
         Ok(Sim {
             bitmaps,
             open_refused,
+            open_fails,
             not_modelled,
             zero_from: u64::MAX,
             overlay_of: None,
@@ -339,7 +343,10 @@ impl Sim {
         }
         let features = self.read_u64(72);
         let checking = matches!(op, Op::Repair { .. });
-        let r = if features & crate::header::INCOMPAT_CORRUPT != 0 && !checking {
+        let r = if let Some(m) = &self.open_fails {
+            // qemu-img and qemu-io (check included) stop at the open.
+            Err(SimError::Qemu(m.clone()))
+        } else if features & crate::header::INCOMPAT_CORRUPT != 0 && !checking {
             // qemu-img and qemu-io stop at the open: nothing is written.
             Err(SimError::Corrupt(
                 self.open_refused.clone().unwrap_or_default(),

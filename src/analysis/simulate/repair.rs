@@ -25,11 +25,6 @@ impl Sim {
     /// One pass of the check and repair; `rebuilt` once the refcount
     /// structure has been rebuilt (then it is not rebuilt again).
     fn repair_pass(&mut self, all: bool, rebuilt: bool) -> SimResult<()> {
-        if self.has_data_file {
-            return Err(SimError::NotModelled(
-                "repairing an image with an external data file".into(),
-            ));
-        }
         if self.marks_bitmaps() && !self.snapshots.is_empty() {
             // qemu-img check opens with BDRV_O_CHECK, which leaves the snapshot
             // table unread until the check; marking the bitmaps in use on that
@@ -49,17 +44,49 @@ impl Sim {
         if let Some(a) = &report.aborted {
             return Err(SimError::NotModelled(format!("the check stops early: {a}")));
         }
+        // Unaligned zero clusters: QEMU's check_refcounts_l2 rewrites them as
+        // plain zero clusters with -r all (before it counts them, so their
+        // old cluster becomes a leak); with -r leaks they stay, corrupt.
+        let zero_fixes: Vec<(u64, String)> = report
+            .findings
+            .iter()
+            .filter(|f| Self::fixable_zero_cluster(f))
+            .filter_map(|f| f.offset.map(|o| (o, f.message.clone())))
+            .collect();
+        if all && !zero_fixes.is_empty() {
+            let mut changed = false;
+            for (at, message) in &zero_fixes {
+                changed |= self.fix_unaligned_zero_cluster(*at, message)?;
+            }
+            if !changed {
+                return Err(SimError::NotModelled(format!(
+                    "the check still finds {}",
+                    zero_fixes.first().map_or("", |f| f.1.as_str())
+                )));
+            }
+            return self.repair_pass(all, rebuilt);
+        }
         let unusual = report
             .findings
             .iter()
             .find(|f| {
                 f.kind != FindingKind::Note
                     && !matches!(f.category, Category::Refcount | Category::Copied)
+                    && !Self::fixable_zero_cluster(f)
+                    && !Self::left_as_is(f)
             })
             .map(|f| f.message.clone());
+        let kept = report.findings.iter().find(|f| Self::left_as_is(f));
+        if let Some(f) = kept {
+            self.note(format!(
+                "QEMU's repair leaves this corruption as it is: {}",
+                f.message
+            ));
+        }
         if let Some(m) = unusual {
             return Err(SimError::NotModelled(format!(
-                "QEMU's repair of this would do more than fix refcounts and COPIED flags: {m}"
+                "QEMU's repair of this would do more than fix refcounts, COPIED flags and unaligned zero clusters{}: {m}",
+                Self::what_qemu_does(&m)
             )));
         }
         let Some(imrt) = report.imrt.clone() else {
@@ -67,6 +94,13 @@ impl Sim {
                 "the check did not count the references".into(),
             ));
         };
+        if !all && !rebuilt && self.needs_rebuild(&imrt)? {
+            // qcow2_check_refcounts: with BDRV_FIX_LEAKS alone a needed
+            // rebuild is an error, and nothing is repaired.
+            return Err(SimError::Qemu(
+                "Check failed: Input/output error (ERROR need to rebuild refcount structures: a cluster in use has a stored refcount of 0, and only -r all rebuilds them)".into(),
+            ));
+        }
         if all && !rebuilt && self.needs_rebuild(&imrt)? {
             let saved = self.reason.clone();
             self.rebuild_refcounts(&imrt)?;
@@ -76,7 +110,7 @@ impl Sim {
             return self.repair_pass(true, true);
         }
         let saved = self.reason.clone();
-        let mut left_corrupt = false;
+        let mut left_corrupt = !zero_fixes.is_empty() || kept.is_some();
         for c in 0..imrt.nb_clusters {
             let stored = self.get_refcount(c)?;
             let reference = imrt.get(c);
@@ -135,6 +169,62 @@ impl Sim {
         Ok(())
     }
 
+    /// An L2 entry of a zero cluster whose preallocated offset is not
+    /// cluster aligned (which `-r all` turns into a plain zero cluster).
+    fn fixable_zero_cluster(f: &crate::check::Finding) -> bool {
+        f.kind == FindingKind::Corruption
+            && f.category == Category::Unaligned
+            && f.repair.is_some()
+            && f.message
+                .contains("Preallocated cluster is not properly aligned")
+    }
+
+    /// What QEMU's repair does with the finding `m`, where that is known.
+    fn what_qemu_does(m: &str) -> &'static str {
+        if m.contains("Table is not cluster aligned") {
+            " (QEMU reads the L2 table at the unaligned offset all the same, and counts and repairs whatever entries it finds there)"
+        } else if m.contains("is outside image") {
+            " (QEMU grows the file to hold the refcount block, then rebuilds the whole refcount structure)"
+        } else if m.contains("not cluster aligned; refcount table entry") {
+            " (QEMU marks the image corrupt, and its rebuild of the refcount structure then fails: ERROR writing refblock: Input/output error)"
+        } else {
+            ""
+        }
+    }
+
+    /// A corruption `qemu-img check -r all` reports and leaves as it is,
+    /// counting the references as it would without it: reserved bits in an
+    /// L1 or L2 entry, a corrupt subcluster bitmap, a data cluster whose
+    /// offset is not cluster aligned.
+    fn left_as_is(f: &crate::check::Finding) -> bool {
+        f.kind == FindingKind::Corruption
+            && match f.category {
+                Category::ReservedBits | Category::Subclusters => true,
+                Category::Unaligned => f.message.contains("Data cluster is not properly aligned"),
+                _ => false,
+            }
+    }
+
+    /// The L2 entry at host offset `at` becomes a plain zero cluster (with
+    /// extended L2 entries: entry 0, the subcluster bitmap as it is).
+    fn fix_unaligned_zero_cluster(&mut self, at: u64, message: &str) -> SimResult<bool> {
+        let size = self.geo.l2_entry_size().max(1);
+        let l2 = at.saturating_sub(self.within(at));
+        let index = self.within(at).checked_div(size).unwrap_or(0);
+        let (raw, bitmap) = self.l2_entry_at(l2, index);
+        let want = if self.geo.extended_l2 {
+            0
+        } else {
+            crate::tables::OFLAG_ZERO
+        };
+        let saved = self.reason.clone();
+        self.why(message.replacen("ERROR", "Repairing", 1));
+        let r = self.set_l2_entry(l2, index, want, bitmap);
+        self.reason = saved;
+        r?;
+        Ok(raw != want)
+    }
+
     /// `check_oflag_copied` with `BDRV_FIX_ERRORS`: COPIED on exactly the
     /// active entries whose cluster has refcount 1.
     fn repair_copied(&mut self) -> SimResult<()> {
@@ -171,8 +261,14 @@ impl Sim {
                 if !matches!(ty, ClusterType::Normal | ClusterType::ZeroAlloc) {
                     continue;
                 }
+                // Data in an external data file has no refcount: QEMU takes
+                // it as 1.
                 let off = L2Entry::from_word(raw).host_offset().0;
-                let r = self.get_refcount(self.cluster_of(off))?;
+                let r = if self.has_data_file {
+                    1
+                } else {
+                    self.get_refcount(self.cluster_of(off))?
+                };
                 let want = L2Entry::from_word(raw).with_copied(r == 1).raw;
                 if want != raw {
                     self.why(format!(

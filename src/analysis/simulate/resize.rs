@@ -93,11 +93,6 @@ impl Sim {
                 "Can't resize a v2 image which has snapshots (ENOTSUP)".into(),
             ));
         }
-        if self.has_data_file {
-            return Err(SimError::NotModelled(
-                "resizing an image with an external data file".into(),
-            ));
-        }
         let old = self.size;
         let cs = self.cs;
         let l1_needed = size.div_ceil(self.geo.l2_coverage());
@@ -133,11 +128,69 @@ impl Sim {
             if zero_fill {
                 self.zero_fill_growth(old, size)?;
             }
+            if self.has_data_file && self.read_u64(88) & crate::header::AUTOCLEAR_DATA_FILE_RAW != 0
+            {
+                self.preallocate_raw(old, size)?;
+            }
+        }
+        if self.has_data_file {
+            // qcow2_co_truncate resizes the external data file to the new
+            // disk size as well (qinspect only predicts it).
+            let raw = if self.read_u64(88) & crate::header::AUTOCLEAR_DATA_FILE_RAW != 0 {
+                ": with data_file_raw the guest reads it as it is, so a shrink drops what lay past the end and a grown area reads as zeros"
+            } else {
+                ""
+            };
+            self.note(format!(
+                "QEMU resizes the external data file to {size} bytes too{raw}"
+            ));
         }
         self.why("the new disk size");
         self.set_header_u64(24, "size", size)?;
         self.size = size;
         Ok(())
+    }
+
+    /// With `data_file_raw`, `qcow2_co_truncate` preallocates the metadata of
+    /// the new area (as `qemu-img create` does for the whole disk): every
+    /// cluster from `old` to `new` gets an L2 entry naming the same offset of
+    /// the data file, with the L2 tables that takes, as a write of the area
+    /// would place them (and no dirty bitmap sees it).
+    fn preallocate_raw(&mut self, old: u64, new: u64) -> SimResult<()> {
+        if new <= old {
+            return Ok(());
+        }
+        self.note(format!(
+            "with data_file_raw QEMU maps the new area guest {old:#x}..{new:#x} to the same offsets of the data file (metadata preallocation)"
+        ));
+        self.why("growing a data_file_raw image: the new area is mapped 1:1 to the data file");
+        let dirty = self.bitmaps.as_ref().map(|b| b.dirty.len());
+        let saved = self.size;
+        self.size = new;
+        let first = self.steps.len();
+        let r = self.write(old, new.saturating_sub(old));
+        self.size = saved;
+        // No data is written: only the L2 entries (and tables) change.
+        let mut kept = Vec::new();
+        for (i, mut c) in std::mem::take(&mut self.steps).into_iter().enumerate() {
+            if i >= first {
+                if matches!(c.target, Target::Copy { .. }) {
+                    continue;
+                }
+                if let Target::L2Entry { .. } = c.target {
+                    let host = crate::tables::L2Entry::from_word(c.after).host_offset().0;
+                    c.reason = format!(
+                        "metadata preallocation: the cluster maps to offset {host:#x} of the raw data file"
+                    );
+                }
+            }
+            kept.push(c);
+        }
+        self.steps = kept;
+        if let (Some(b), Some(n)) = (self.bitmaps.as_mut(), dirty) {
+            b.dirty.truncate(n);
+        }
+        r
     }
 
     /// Whether the layer under this image is longer than `len` bytes (for an
