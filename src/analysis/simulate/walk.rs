@@ -128,7 +128,7 @@ impl Sim {
             result = self.write_bytes(l1_offset, &bytes);
         } else if l1_modified && addend < 0 {
             self.note(format!(
-                "the {label} is not written back: with addend -1 it is about to be deleted"
+                "the {label} is not written back: with addend -1 QEMU does not write it (snapshot-delete frees this L1 next; in snapshot-apply the snapshot's L1 is already written over it)"
             ));
         }
         result
