@@ -471,6 +471,8 @@ fn overlays_on_savevm_snapshots() {
         "write:1000000:70000",
         "discard:65536:65536",
         "write-zeroes:2097152:65536",
+        "read:458752:196608",
+        "write:3145728:4096",
     ];
     for snapshot in [None, Some("first"), Some("second")] {
         let before = w.fingerprint("o.qcow2");
