@@ -22,6 +22,11 @@ fn savevm_image(w: &Work, name: &str, opts: &str, size: &str, machine: &str, hmp
     }
     args.extend([name, size]);
     w.qemu_img(&args);
+    savevm_on(w, name, machine, hmp);
+}
+
+/// Run qemu-system-x86_64 on the existing image `name`, as [`savevm_image`].
+fn savevm_on(w: &Work, name: &str, machine: &str, hmp: &[&str]) {
     let mut qmp = vec![serde_json::json!({"execute": "qmp_capabilities"})];
     for c in hmp {
         qmp.push(serde_json::json!({
@@ -438,6 +443,38 @@ fn savevm_on_a_dirty_lazy_refcount_image_and_an_empty_disk() {
             "write:4096:8192",
             "snapshot-delete:s1",
             "write:524288:65536",
+        ],
+    );
+    // Over a backing file: the VM state is the overlay's own; writes after
+    // deleting it copy-on-write from the backing file.
+    w.qemu_img(&["create", "-q", "-f", "qcow2", "base.qcow2", "4M"]);
+    w.qemu_io("base.qcow2", &["write -P 0x42 0 2M"]);
+    w.qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "base.qcow2",
+        "-F",
+        "qcow2",
+        "top.qcow2",
+    ]);
+    savevm_on(
+        &w,
+        "top.qcow2",
+        PC,
+        &[r#"qemu-io d0 "write -P 0x43 4k 4k""#, "savevm s1"],
+    );
+    ok(
+        &w,
+        "top.qcow2",
+        &[
+            "write:8192:4096",
+            "snapshot-delete:s1",
+            "write:1048576:4096",
+            "snapshot-create:c",
+            "write:65536:512",
         ],
     );
     // loadvm, then writes over what the snapshot shares.
