@@ -12,7 +12,8 @@ use std::process::{Command, Stdio};
 
 /// Make `name` (`qemu-img create -o OPTS name SIZE`), then run
 /// qemu-system-x86_64 on it with `machine` and feed each of `hmp` to its
-/// monitor as an HMP command line (through QMP's human-monitor-command);
+/// monitor as an HMP command line (through QMP's human-monitor-command),
+/// or as QMP itself when it starts with `{`;
 /// the VM then quits (unless the last command kills it with `sigraise`).
 /// Every snapshot it made must hold VM state.
 fn savevm_image(w: &Work, name: &str, opts: &str, size: &str, machine: &str, hmp: &[&str]) {
@@ -29,10 +30,14 @@ fn savevm_image(w: &Work, name: &str, opts: &str, size: &str, machine: &str, hmp
 fn savevm_on(w: &Work, name: &str, machine: &str, hmp: &[&str]) {
     let mut qmp = vec![serde_json::json!({"execute": "qmp_capabilities"})];
     for c in hmp {
-        qmp.push(serde_json::json!({
-            "execute": "human-monitor-command",
-            "arguments": {"command-line": c}
-        }));
+        qmp.push(if c.starts_with('{') {
+            serde_json::from_str(c).expect("QMP JSON")
+        } else {
+            serde_json::json!({
+                "execute": "human-monitor-command",
+                "arguments": {"command-line": c}
+            })
+        });
     }
     let killed = hmp.last().is_some_and(|c| c.contains("sigraise"));
     if !killed {
@@ -532,4 +537,42 @@ fn overlays_on_savevm_snapshots() {
         assert!(sim.overlay_of().is_some());
         assert_eq!(w.fingerprint("o.qcow2"), before, "the base image changed");
     }
+}
+
+#[test]
+fn deleting_a_savevm_snapshot_by_id_as_a_running_vm_does() {
+    // `snapshot-delete-id:ID` against QMP's blockdev-snapshot-delete-internal-sync
+    // with only an ID, in a running VM.
+    let w = Work::new();
+    two_savevms(&w, "i.qcow2", "");
+    std::fs::copy(w.path("i.qcow2"), w.path("i.real.qcow2")).unwrap();
+    // HMP's delvm matches names only: `delvm 1` deletes nothing, and says nothing.
+    savevm_on(&w, "i.real.qcow2", NONE, &["delvm 1"]);
+    assert_eq!(w.fingerprint("i.real.qcow2"), w.fingerprint("i.qcow2"));
+    savevm_on(
+        &w,
+        "i.real.qcow2",
+        NONE,
+        &[
+            r#"{"execute":"blockdev-snapshot-delete-internal-sync","arguments":{"device":"d0","id":"1"}}"#,
+        ],
+    );
+    let img = sim_compare::open_path(&w.path("i.qcow2")).unwrap();
+    let mut sim = qinspect::simulate::Sim::new(&img, &w.path("i.qcow2")).unwrap();
+    sim.apply(&sim_compare::parse_op("snapshot-delete-id:1"));
+    assert_eq!(sim.records[0].error, None);
+    let simulated = sim.image().unwrap();
+    let real = sim_compare::open_path(&w.path("i.real.qcow2")).unwrap();
+    assert_eq!(real.snapshots.snapshots.len(), 1, "delvm deleted one");
+    let upto = sim.file_len().max(real.file_len());
+    assert_eq!(
+        sim_compare::meta(&simulated, upto).unwrap(),
+        sim_compare::meta(&real, upto).unwrap()
+    );
+    let r = qinspect::check::check(&simulated, &qinspect::check::CheckOptions::default());
+    assert_eq!(
+        (r.corruptions, r.leaks, r.check_errors),
+        sim_compare::qemu_check(w.dir.path(), "i.real.qcow2")
+    );
+    sim_compare::guest_matches(w.dir.path(), &mut sim, "i.real.qcow2").unwrap();
 }
