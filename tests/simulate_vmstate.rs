@@ -575,4 +575,54 @@ fn deleting_a_savevm_snapshot_by_id_as_a_running_vm_does() {
         sim_compare::qemu_check(w.dir.path(), "i.real.qcow2")
     );
     sim_compare::guest_matches(w.dir.path(), &mut sim, "i.real.qcow2").unwrap();
+    // An ID no snapshot has: QEMU's error, and nothing changes.
+    let before = w.fingerprint("i.real.qcow2");
+    let out = savevm_qmp_error(
+        &w,
+        "i.real.qcow2",
+        r#"{"execute":"blockdev-snapshot-delete-internal-sync","arguments":{"device":"d0","id":"9"}}"#,
+    );
+    assert_eq!(w.fingerprint("i.real.qcow2"), before);
+    let n = sim.records.len();
+    sim.apply(&sim_compare::parse_op("snapshot-delete-id:9"));
+    assert_eq!(sim.records.len(), n + 1);
+    let e = sim.records[n]
+        .error
+        .clone()
+        .expect("the simulation fails too");
+    assert!(out.starts_with(&e), "QEMU: {out}, simulated: {e}");
+    assert!(sim.records[n].steps.is_empty());
+}
+
+/// Run one QMP command on `name` in a VM that should fail, and return
+/// QEMU's error description.
+fn savevm_qmp_error(w: &Work, name: &str, cmd: &str) -> String {
+    let script = format!("{{\"execute\":\"qmp_capabilities\"}}\n{cmd}\n{{\"execute\":\"quit\"}}\n");
+    let mut child = Command::new("timeout")
+        .args([
+            "60",
+            "qemu-system-x86_64",
+            "-machine",
+            "none",
+            "-nodefaults",
+        ])
+        .args(["-display", "none", "-qmp", "stdio", "-drive"])
+        .arg(format!("if=none,id=d0,file={name},format=qcow2"))
+        .current_dir(w.dir.path())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("qemu-system-x86_64 (.ci/install-qemu-system.sh)");
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().expect("stdin");
+        stdin.write_all(script.as_bytes()).expect("QMP script");
+    }
+    let out = child.wait_with_output().expect("qemu-system-x86_64");
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find_map(|v| v["error"]["desc"].as_str().map(String::from))
+        .unwrap_or_else(|| panic!("no QMP error: {text}"))
 }
