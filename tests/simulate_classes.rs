@@ -184,7 +184,7 @@ fn snapshot_delete_matches_names_only() {
         e.starts_with("Could not delete snapshot '1': snapshot not found"),
         "{e}"
     );
-    // The ID form is a separate operation (QMP's snapshot-delete-internal-sync):
+    // The ID form is a separate operation (QMP's blockdev-snapshot-delete-internal-sync):
     // it deletes what `qemu-img snapshot -d first` deletes.
     let img = sim_compare::open_path(&w.path("d.qcow2")).unwrap();
     let mut by_id = qinspect::simulate::Sim::new(&img, &w.path("d.qcow2")).unwrap();

@@ -17,7 +17,7 @@ use std::sync::Arc;
 copy of the metadata (the image is never written):\n  \
 snapshot-create:NAME        qemu-img snapshot -c NAME\n  \
 snapshot-delete:NAME        qemu-img snapshot -d NAME (names only, as qemu-img)\n  \
-snapshot-delete-id:ID       QMP snapshot-delete-internal-sync with an id\n  \
+snapshot-delete-id:ID       QMP blockdev-snapshot-delete-internal-sync with an id\n  \
 snapshot-apply:ID_OR_NAME   qemu-img snapshot -a ID_OR_NAME\n  \
 write:OFFSET:LENGTH[:P=N]   a guest write of byte N, 0xcd if not given (qemu-io -c 'write [-P N] OFFSET LENGTH')\n  \
 write-compressed:OFF:LEN[:P=N] qemu-io -c 'write -c [-P N] OFF LEN' (whole clusters)\n  \

@@ -18,7 +18,7 @@ pub enum Op {
         /// The name of the snapshot to delete.
         id_or_name: String,
     },
-    /// QMP `snapshot-delete-internal-sync` with only an `id`.
+    /// QMP `blockdev-snapshot-delete-internal-sync` with only an `id`.
     SnapshotDeleteId {
         /// Snapshot ID.
         id: String,
@@ -248,7 +248,7 @@ impl Op {
             }
             Op::SnapshotDeleteId { id } => {
                 format!(
-                    "snapshot-delete-id '{id}' (QMP snapshot-delete-internal-sync with id '{id}')"
+                    "snapshot-delete-id '{id}' (QMP blockdev-snapshot-delete-internal-sync with id '{id}')"
                 )
             }
             Op::SnapshotApply { id_or_name } => {

@@ -197,8 +197,9 @@ impl Sim {
             ));
         }
         // qemu-img snapshot -d looks the snapshot up by name only
-        // (bdrv_snapshot_find), the first match; HMP's delvm and QMP's
-        // snapshot-delete-internal-sync also take an ID (`snapshot-delete-id`).
+        // (bdrv_snapshot_find), the first match, and so does HMP's delvm;
+        // QMP's blockdev-snapshot-delete-internal-sync takes an ID
+        // (`snapshot-delete-id`).
         let i = if by_id {
             self.snapshots.iter().position(|s| s.id == id_or_name)
         } else {
@@ -207,13 +208,14 @@ impl Sim {
         let Some(i) = i else {
             let hint = match self.snapshots.iter().find(|s| !by_id && s.id == id_or_name) {
                 Some(s) => format!(
-                    " ('{id_or_name}' is the ID of snapshot '{}': qemu-img snapshot -d matches names only; snapshot-delete-id:{id_or_name} models QMP's snapshot-delete-internal-sync by ID)",
+                    " ('{id_or_name}' is the ID of snapshot '{}': qemu-img snapshot -d matches names only; snapshot-delete-id:{id_or_name} models QMP's blockdev-snapshot-delete-internal-sync by ID)",
                     s.name
                 ),
                 None => String::new(),
             };
             return Err(SimError::Qemu(if by_id {
-                format!("Snapshot with id '{id_or_name}' does not exist")
+                // QEMU goes on "on device 'NAME'", the VM's name for the drive.
+                format!("Snapshot with id '{id_or_name}' and name 'null' does not exist")
             } else {
                 format!("Could not delete snapshot '{id_or_name}': snapshot not found{hint}")
             }));

@@ -75,6 +75,17 @@ impl Sim {
     ) -> SimResult<()> {
         let label = self.l1_label(l1_offset);
         let active = l1_offset == self.l1_table_offset;
+        // QEMU keeps a snapshot's VM state in the L1 range past its disk
+        // (qcow2_vm_state_offset): entries from this index on name VM state.
+        let disk = if active {
+            self.size
+        } else {
+            self.snapshots
+                .iter()
+                .find(|s| s.l1_table_offset == l1_offset)
+                .map_or(self.size, |s| s.disk_size)
+        };
+        let vm_from = self.geo.l1_entries_for(disk);
         let mut table: Vec<L1Entry> = if active {
             self.l1.clone()
         } else {
@@ -97,13 +108,18 @@ impl Sim {
                 )));
                 break;
             }
-            if let Err(e) = self.walk_l2(l2, addend, &label, i) {
+            let vm = if (i as u64) >= vm_from {
+                " (VM state, past the disk)"
+            } else {
+                ""
+            };
+            if let Err(e) = self.walk_l2(l2, addend, &label, i, vm) {
                 result = Err(e);
                 break;
             }
             if addend != 0 {
                 self.why(format!(
-                    "{}: the L2 table named by {label}[{i}]",
+                    "{}: the L2 table named by {label}[{i}]{vm}",
                     if addend > 0 { "+1" } else { "-1" }
                 ));
                 if let Err(e) = self.update_one(self.cluster_of(l2), 1, addend < 0) {
@@ -152,7 +168,7 @@ impl Sim {
             result = self.write_bytes(l1_offset, &bytes);
         } else if l1_modified && addend < 0 {
             self.note(format!(
-                "the {label} is not written back: with addend -1 it is about to be deleted"
+                "the {label} is not written back: with addend -1 QEMU does not write it (snapshot-delete frees this L1 next; in snapshot-apply the snapshot's L1 is already written over it)"
             ));
         }
         result
@@ -161,14 +177,14 @@ impl Sim {
     /// The L2 pass of the walk over the table at `l2` (named by `label[i]`):
     /// the addend on every cluster it names, then COPIED on every entry whose
     /// cluster's refcount is now exactly 1.
-    fn walk_l2(&mut self, l2: u64, addend: i32, label: &str, i: usize) -> SimResult<()> {
+    fn walk_l2(&mut self, l2: u64, addend: i32, label: &str, i: usize, vm: &str) -> SimResult<()> {
         let step = self.geo.l2_entry_size();
         let entries = self.geo.l2_entries();
         let sign = if addend > 0 { "+1" } else { "-1" };
         let mut reasons = Reasons {
             text: [
-                format!("{sign}: data cluster named by {label}[{i}] -> L2 {l2:#x}"),
-                format!("{sign}: compressed data named by {label}[{i}] -> L2 {l2:#x}"),
+                format!("{sign}: data cluster named by {label}[{i}] -> L2 {l2:#x}{vm}"),
+                format!("{sign}: compressed data named by {label}[{i}] -> L2 {l2:#x}{vm}"),
                 String::new(),
             ],
             out: None,
