@@ -299,27 +299,30 @@ impl App {
         self.mtime = std::fs::metadata(&self.ctx.path)
             .and_then(|m| m.modified())
             .ok();
-        let mut view = self.ctx.view_snapshot.clone();
+        let viewed = self.ctx.viewed().map(|s| (s.id.clone(), s.name.clone()));
         let mut ctx = Ctx::open(
             self.ctx.path.clone(),
-            view.clone(),
+            self.ctx.view_snapshot,
             self.opts.passphrase.clone(),
         );
-        // A viewed snapshot that is gone (deleted while --watch showed it): back to
-        // the active L1, and say so.
-        if let (Some(s), Some(img)) = (&view, &ctx.img)
-            && img.snapshot_view(s).is_err()
-        {
-            self.status =
-                format!("snapshot {s} no longer exists in the file: back to the active L1 table");
-            view = None;
+        // A viewed snapshot that is gone (deleted while --watch showed it), or a
+        // record that is now another snapshot: back to the active L1, and say so.
+        let same = match (&viewed, ctx.viewed()) {
+            (Some((id, name)), Some(s)) => s.id == *id && s.name == *name,
+            (None, _) => true,
+            (Some(_), None) => false,
+        };
+        if !same || (ctx.view_snapshot.is_some() && ctx.view().is_none()) {
+            self.status = format!(
+                "snapshot {} no longer exists in the file: back to the active L1 table",
+                viewed.map(|(id, _)| id).unwrap_or_default()
+            );
             ctx.view_snapshot = None;
             ctx.open_chain();
         }
         ctx.previous = previous;
         ctx.layer = self.ctx.layer.clone();
         self.ctx = ctx;
-        let _ = view;
         super::find::forget_all(self);
         // A comparison of the state loaded before is not one of this state.
         if let Some(j) = self.cmp_job.take() {
@@ -943,7 +946,7 @@ impl App {
                 self.ctx.open_chain();
                 self.panes.tables.open(None, &self.ctx);
                 self.panes.tables.l1 = ListView::default();
-                self.status = match &self.ctx.view_snapshot {
+                self.status = match self.ctx.viewed_name() {
                     Some(s) => format!("Tables, Trace and Hex now use snapshot {s}"),
                     None => "back to the active L1 table".into(),
                 };

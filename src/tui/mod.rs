@@ -23,6 +23,8 @@ pub mod widgets;
 #[cfg(test)]
 mod tests;
 #[cfg(test)]
+mod tests_snapshots;
+#[cfg(test)]
 mod tests_views;
 
 use app::{App, Options, Popup};
