@@ -210,6 +210,10 @@ pub struct App {
     tx: Sender<Bg>,
     rx: Receiver<Bg>,
     generation: u64,
+    /// Counts what can change a list's rows: a key or click, an effect, a
+    /// worker's message, a reload. `u`'s hidden rows are worked out again only
+    /// when it (or the list's length) moved since they were.
+    pub events: u64,
 }
 
 impl App {
@@ -242,6 +246,7 @@ impl App {
             tx,
             rx,
             generation: 0,
+            events: 0,
         };
         app.mtime = std::fs::metadata(&app.ctx.path)
             .and_then(|m| m.modified())
@@ -290,6 +295,7 @@ impl App {
     /// (Re)open the image and restart the background work.
     pub fn load(&mut self) {
         self.generation += 1;
+        self.events = self.events.wrapping_add(1);
         let previous = self
             .ctx
             .report
@@ -375,6 +381,7 @@ impl App {
     }
 
     fn receive(&mut self, msg: Bg) {
+        self.events = self.events.wrapping_add(1);
         let current = |id: u64| self.sim_job.as_ref().is_some_and(|j| j.id == id);
         match msg {
             // The file's own check and roles, even while the simulated view
@@ -720,6 +727,7 @@ impl App {
 
     /// Apply one action.
     pub fn update(&mut self, action: Action) {
+        self.events = self.events.wrapping_add(1);
         if let Some(Popup::Help(v)) = &mut self.popup {
             match action {
                 Action::Help | Action::Escape => self.popup = None,
@@ -890,6 +898,7 @@ impl App {
 
     /// Apply one effect. A jump remembers the place it leaves.
     pub fn apply(&mut self, e: Effect) {
+        self.events = self.events.wrapping_add(1);
         let jumps = e.is_jump();
         let from = jumps.then(|| self.place());
         self.apply_effect(e);
