@@ -210,6 +210,10 @@ pub struct App {
     tx: Sender<Bg>,
     rx: Receiver<Bg>,
     generation: u64,
+    /// Counts what can change a list's rows: a key or click, an effect, a
+    /// worker's message, a reload. `u`'s hidden rows are worked out again only
+    /// when it (or the list's length) moved since they were.
+    pub events: u64,
 }
 
 impl App {
@@ -242,6 +246,7 @@ impl App {
             tx,
             rx,
             generation: 0,
+            events: 0,
         };
         app.mtime = std::fs::metadata(&app.ctx.path)
             .and_then(|m| m.modified())
@@ -290,6 +295,7 @@ impl App {
     /// (Re)open the image and restart the background work.
     pub fn load(&mut self) {
         self.generation += 1;
+        self.events = self.events.wrapping_add(1);
         let previous = self
             .ctx
             .report
@@ -299,27 +305,30 @@ impl App {
         self.mtime = std::fs::metadata(&self.ctx.path)
             .and_then(|m| m.modified())
             .ok();
-        let mut view = self.ctx.view_snapshot.clone();
+        let viewed = self.ctx.viewed().map(|s| (s.id.clone(), s.name.clone()));
         let mut ctx = Ctx::open(
             self.ctx.path.clone(),
-            view.clone(),
+            self.ctx.view_snapshot,
             self.opts.passphrase.clone(),
         );
-        // A viewed snapshot that is gone (deleted while --watch showed it): back to
-        // the active L1, and say so.
-        if let (Some(s), Some(img)) = (&view, &ctx.img)
-            && img.snapshot_view(s).is_err()
-        {
-            self.status =
-                format!("snapshot {s} no longer exists in the file: back to the active L1 table");
-            view = None;
+        // A viewed snapshot that is gone (deleted while --watch showed it), or a
+        // record that is now another snapshot: back to the active L1, and say so.
+        let same = match (&viewed, ctx.viewed()) {
+            (Some((id, name)), Some(s)) => s.id == *id && s.name == *name,
+            (None, _) => true,
+            (Some(_), None) => false,
+        };
+        if !same || (ctx.view_snapshot.is_some() && ctx.view().is_none()) {
+            self.status = format!(
+                "snapshot {} no longer exists in the file: back to the active L1 table",
+                viewed.map(|(id, _)| id).unwrap_or_default()
+            );
             ctx.view_snapshot = None;
             ctx.open_chain();
         }
         ctx.previous = previous;
         ctx.layer = self.ctx.layer.clone();
         self.ctx = ctx;
-        let _ = view;
         super::find::forget_all(self);
         // A comparison of the state loaded before is not one of this state.
         if let Some(j) = self.cmp_job.take() {
@@ -372,6 +381,7 @@ impl App {
     }
 
     fn receive(&mut self, msg: Bg) {
+        self.events = self.events.wrapping_add(1);
         let current = |id: u64| self.sim_job.as_ref().is_some_and(|j| j.id == id);
         match msg {
             // The file's own check and roles, even while the simulated view
@@ -717,6 +727,7 @@ impl App {
 
     /// Apply one action.
     pub fn update(&mut self, action: Action) {
+        self.events = self.events.wrapping_add(1);
         if let Some(Popup::Help(v)) = &mut self.popup {
             match action {
                 Action::Help | Action::Escape => self.popup = None,
@@ -887,6 +898,7 @@ impl App {
 
     /// Apply one effect. A jump remembers the place it leaves.
     pub fn apply(&mut self, e: Effect) {
+        self.events = self.events.wrapping_add(1);
         let jumps = e.is_jump();
         let from = jumps.then(|| self.place());
         self.apply_effect(e);
@@ -943,7 +955,7 @@ impl App {
                 self.ctx.open_chain();
                 self.panes.tables.open(None, &self.ctx);
                 self.panes.tables.l1 = ListView::default();
-                self.status = match &self.ctx.view_snapshot {
+                self.status = match self.ctx.viewed_name() {
                     Some(s) => format!("Tables, Trace and Hex now use snapshot {s}"),
                     None => "back to the active L1 table".into(),
                 };

@@ -161,8 +161,9 @@ pub enum Effect {
     Start(Job),
     /// Ask for text.
     Input(super::app::InputFor, String),
-    /// View a snapshot (None: the active L1) in Tables, Trace, Layout and Hex.
-    View(Option<String>),
+    /// View a snapshot record, by its index in the snapshot table (None: the
+    /// active L1), in Tables, Trace, Layout and Hex.
+    View(Option<usize>),
     /// Reopen the image and rerun the check.
     Reload,
     /// Say something on the status line.
@@ -211,8 +212,9 @@ pub struct Ctx {
     pub previous: Option<(u64, u64, u64)>,
     /// Roles of the first [`LAYOUT_LIMIT`] clusters, once the worker is done.
     pub roles: Option<Arc<Vec<u16>>>,
-    /// The snapshot viewed instead of the active L1.
-    pub view_snapshot: Option<String>,
+    /// The snapshot viewed instead of the active L1: its record's index in the
+    /// snapshot table (two records of a corrupt table can share an ID).
+    pub view_snapshot: Option<usize>,
     /// The passphrase for an encrypted image, kept to reopen it.
     pub passphrase: crate::cli::secret::Passphrase,
     /// For an encrypted image: how the key was opened, or why it was not.
@@ -263,7 +265,7 @@ pub struct Disk {
     roles: Option<Arc<Vec<u16>>>,
     chain: Result<Chain, String>,
     chain_gap: Option<(PathBuf, String)>,
-    view_snapshot: Option<String>,
+    view_snapshot: Option<usize>,
     /// Hex's structure cache is keyed by file name, which the simulated image
     /// shares with the file: each state keeps its own.
     structures: Vec<(PathBuf, Arc<qinspect::locate::Structures>)>,
@@ -275,7 +277,7 @@ impl Ctx {
     /// Open `path` (nothing is written), with the passphrase of an encrypted image.
     pub fn open(
         path: PathBuf,
-        view_snapshot: Option<String>,
+        view_snapshot: Option<usize>,
         passphrase: crate::cli::secret::Passphrase,
     ) -> Ctx {
         let file: Option<SharedSource> = FileSource::open(&path)
@@ -319,7 +321,7 @@ impl Ctx {
     pub fn open_chain(&mut self) {
         if let (Some(s), true) = (&self.simulated, self.disk.is_some()) {
             let opts = OpenOptions {
-                snapshot: self.view_snapshot.clone(),
+                snapshot_record: self.view_snapshot,
                 strictness: Strictness::Lenient,
                 ..Default::default()
             };
@@ -328,7 +330,7 @@ impl Ctx {
             return;
         }
         let opts = OpenOptions {
-            snapshot: self.view_snapshot.clone(),
+            snapshot_record: self.view_snapshot,
             strictness: Strictness::Lenient,
             ..Default::default()
         };
@@ -359,7 +361,7 @@ impl Ctx {
     fn partial_chain(&self, mut opts: OpenOptions) -> Option<(Chain, PathBuf)> {
         opts.no_backing = true;
         let mut chain = Chain::open(&self.path, &opts).ok()?;
-        opts.snapshot = None;
+        opts.snapshot_record = None;
         while chain.layers.len() < 64 {
             let last = chain.layers.last()?;
             let img = last.qcow2()?;
@@ -513,10 +515,41 @@ impl Ctx {
     /// The view Tables, Layout and Hex use.
     pub fn view(&self) -> Option<View> {
         let img = self.img.as_ref()?;
-        match &self.view_snapshot {
+        match self.view_snapshot {
             None => Some(img.active_view()),
-            Some(s) => img.snapshot_view(s).ok(),
+            Some(i) => img.snapshot_view_at(i).ok(),
         }
+    }
+
+    /// The snapshot record viewed, if one is.
+    pub fn viewed(&self) -> Option<&qinspect::snapshot::Snapshot> {
+        self.img
+            .as_ref()?
+            .snapshots
+            .snapshots
+            .get(self.view_snapshot?)
+    }
+
+    /// The viewed snapshot in words: "1 'name'", and which record of the table it
+    /// is when another record has the same ID.
+    pub fn viewed_name(&self) -> Option<String> {
+        let i = self.view_snapshot?;
+        let s = self.viewed()?;
+        let name = format!("{} '{}'", s.id, s.name);
+        Some(match self.first_with_id(i) {
+            Some(_) => format!("{name} (record {} of the table)", i.saturating_add(1)),
+            None => name,
+        })
+    }
+
+    /// When another record of the snapshot table has the same ID as record `i`:
+    /// the first record with that ID, the one QEMU's `-l ID` reads.
+    pub fn first_with_id(&self, i: usize) -> Option<usize> {
+        let snaps = &self.img.as_ref()?.snapshots.snapshots;
+        let id = &snaps.get(i)?.id;
+        let first = snaps.iter().position(|s| s.id == *id)?;
+        let shared = snaps.iter().enumerate().any(|(j, s)| j != i && s.id == *id);
+        shared.then_some(first)
     }
 
     /// Whether reads that are not allocated here go to a backing file.

@@ -307,6 +307,11 @@ pub struct Hidden {
     pub id: u64,
     /// What the hidden rows are ("unallocated").
     pub what: &'static str,
+    /// The app's event count and the list's length when the rows were last
+    /// looked at: while neither moves, the list is the same and so are these.
+    pub seen: Option<(u64, usize)>,
+    /// How many times the list's rows were looked at for this filter.
+    pub builds: u64,
 }
 
 impl Hidden {
@@ -612,6 +617,8 @@ pub fn toggle_hidden(app: &mut App) -> bool {
             of: 0,
             id: u64::MAX,
             what,
+            seen: None,
+            builds: 0,
         });
         refresh_hidden(app);
     }
@@ -627,40 +634,59 @@ pub fn toggle_hidden(app: &mut App) -> bool {
 
 /// Bring the list of shown rows up to date with rows that appeared (the Map
 /// grows) or a list that changed length (a reload, another table).
+///
+/// Building a pane's rows can cost (a table read, every line of a log), so
+/// nothing is looked at while no event came and the list kept its length.
 fn refresh_hidden(app: &mut App) {
     let pane = app.pane;
-    let Some(h) = app
+    let Some((h, drawn)) = app
         .panes
         .get(pane)
         .list_ref()
-        .and_then(|l| l.hidden.clone())
+        .and_then(|l| Some((l.hidden.clone()?, l.len)))
     else {
         return;
     };
+    let events = app.events;
+    if h.seen == Some((events, drawn)) {
+        return;
+    }
+    let builds = h.builds.saturating_add(1);
     let state = app.panes.get(pane);
     let Some(rows) = state.rows(&app.ctx) else {
         return;
     };
     let (len, id) = (rows.len(), rows.id());
-    if len == h.of && id == h.id {
-        return;
-    }
-    let (mut shown, from) = if len > h.of && id == h.id {
-        (Vec::clone(&h.shown), h.of)
+    let unchanged = len == h.of && id == h.id;
+    let shown = if unchanged {
+        h.shown.clone()
     } else {
-        (Vec::new(), 0)
+        let (mut shown, from) = if len > h.of && id == h.id {
+            (Vec::clone(&h.shown), h.of)
+        } else {
+            (Vec::new(), 0)
+        };
+        shown.extend((from..len).filter(|i| !rows.empty(*i)));
+        Arc::new(shown)
     };
-    shown.extend((from..len).filter(|i| !rows.empty(*i)));
     drop(rows);
     let Some(l) = list(app) else { return };
     l.hidden = Some(Hidden {
-        shown: Arc::new(shown),
+        shown,
         of: len,
         id,
         what: h.what,
+        seen: None,
+        builds,
     });
-    let len = l.len.max(len);
-    l.keep_shown(len);
+    if !unchanged {
+        let len = l.len.max(len);
+        l.keep_shown(len);
+    }
+    let drawn = l.len;
+    if let Some(h) = &mut l.hidden {
+        h.seen = Some((events, drawn));
+    }
 }
 
 #[cfg(test)]

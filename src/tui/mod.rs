@@ -23,6 +23,10 @@ pub mod widgets;
 #[cfg(test)]
 mod tests;
 #[cfg(test)]
+mod tests_hidden;
+#[cfg(test)]
+mod tests_snapshots;
+#[cfg(test)]
 mod tests_views;
 
 use app::{App, Options, Popup};
@@ -69,6 +73,7 @@ pub fn run(path: PathBuf, opts: Options) -> color_eyre::Result<()> {
 
 /// Turn one terminal event into actions (also used by tests).
 pub fn handle_event(app: &mut App, ev: Event) {
+    app.events = app.events.wrapping_add(1);
     match ev {
         Event::Key(k) if k.kind != KeyEventKind::Release => {
             let ctrl_c = k.code == event::KeyCode::Char('c')

@@ -362,11 +362,9 @@ fn a_change_to_a_snapshot_table_opens_it_in_that_snapshot_view() {
         .snapshots
         .snapshots
         .iter()
-        .find(|s| s.name == "x")
-        .unwrap()
-        .id
-        .clone();
-    assert_eq!(a.ctx.view_snapshot.as_deref(), Some(x.as_str()));
+        .position(|s| s.name == "x");
+    assert_eq!(a.ctx.view_snapshot, x);
+    let x = a.ctx.viewed().unwrap().id.clone();
     assert_eq!(a.panes.tables.l2.sel, 1);
     let s = screen(&mut a, 140, 40);
     assert!(

@@ -152,7 +152,7 @@ fn draw_status(f: &mut Frame, area: Rect, app: &App) {
             Style::new().fg(Color::Black).bg(Color::LightMagenta),
         ));
     }
-    if let Some(s) = &app.ctx.view_snapshot {
+    if let Some(s) = app.ctx.viewed_name() {
         st.push(Span::styled(
             format!(" view: snapshot {s} "),
             Style::new().fg(Color::Black).bg(Color::LightBlue),

@@ -146,6 +146,10 @@ pub struct OpenOptions {
     pub format: Option<Format>,
     /// Use this internal snapshot of the top image instead of the active L1.
     pub snapshot: Option<String>,
+    /// Use this record of the top image's snapshot table (by its index, 0 the
+    /// first) instead of the active L1; it takes the place of `snapshot`. Two
+    /// records of a corrupt table can share an ID, and only the index tells them apart.
+    pub snapshot_record: Option<usize>,
     /// Open only the top image (like `qemu-img info` does).
     pub no_backing: bool,
     /// Do not open external data files (`qemu-img info` opens none).
@@ -315,12 +319,10 @@ impl Chain {
                         _ => opts.strictness,
                     };
                     let image = Qcow2::open(src.clone(), strictness)?;
-                    let view = match (&opts.snapshot, is_top) {
-                        (Some(s), true) if opts.snapshot_active_size => {
-                            image.snapshot_view_loaded(s)?
-                        }
-                        (Some(s), true) => image.snapshot_view(s)?,
-                        _ => image.active_view(),
+                    let view = if is_top {
+                        top_view(&image, opts)?
+                    } else {
+                        image.active_view()
                     };
                     let data_file = if opts.no_data_file {
                         None
@@ -352,7 +354,10 @@ impl Chain {
                     }
                 }
             };
-            if is_top && opts.snapshot.is_some() && layer.qcow2().is_none() {
+            if is_top
+                && (opts.snapshot.is_some() || opts.snapshot_record.is_some())
+                && layer.qcow2().is_none()
+            {
                 return Err(Error::Request(format!(
                     "{} is a raw image; only qcow2 images have internal snapshots",
                     p.display()
@@ -371,10 +376,7 @@ impl Chain {
             Format::Raw => LayerKind::Raw,
             Format::Qcow2 => {
                 let image = Qcow2::open(src.clone(), opts.strictness)?;
-                let view = match &opts.snapshot {
-                    Some(s) => image.snapshot_view(s)?,
-                    None => image.active_view(),
-                };
+                let view = top_view(&image, opts)?;
                 LayerKind::Qcow2 {
                     image: Box::new(image),
                     view,
@@ -446,3 +448,17 @@ pub struct OpenedFile<'a> {
 
 #[cfg(test)]
 mod tests;
+
+/// The view of the top image that `opts` asks for: a snapshot record by index, a
+/// snapshot by ID or name (the first match, as QEMU), or the active L1.
+fn top_view(image: &Qcow2, opts: &OpenOptions) -> Result<View> {
+    let mut view = match (opts.snapshot_record, &opts.snapshot) {
+        (Some(i), _) => image.snapshot_view_at(i)?,
+        (None, Some(s)) => image.snapshot_view(s)?,
+        (None, None) => return Ok(image.active_view()),
+    };
+    if opts.snapshot_active_size {
+        view.size = image.header.size;
+    }
+    Ok(view)
+}

@@ -450,6 +450,25 @@ impl Qcow2 {
         self.view_of(sn)
     }
 
+    /// The view of record `index` of the snapshot table (0: the first record),
+    /// whatever its ID: the one way to reach the second of two records that share
+    /// an ID, which [`Qcow2::find_snapshot`] never returns (QEMU takes the first).
+    pub fn snapshot_view_at(&self, index: usize) -> Result<View> {
+        let sn = self
+            .snapshots
+            .snapshots
+            .get(index)
+            .cloned()
+            .ok_or_else(|| {
+                Error::Request(format!(
+                    "no snapshot record {index} in {}: the table holds {}",
+                    self.src.name().display(),
+                    self.snapshots.snapshots.len()
+                ))
+            })?;
+        self.view_of(sn)
+    }
+
     /// The view of this snapshot record, as [`Qcow2::snapshot_view`] gives it.
     /// A corrupt table can hold two records with one ID; walking the table and
     /// asking by record, not by ID, keeps each record its own.

@@ -40,7 +40,7 @@ pub struct State {
     /// Keep mapping until the end (End was pressed).
     to_end: bool,
     /// The image (its address) and view the extents belong to.
-    of: Option<(usize, Option<String>)>,
+    of: Option<(usize, Option<usize>)>,
 }
 
 /// What an extent is, in words, and its colour.
@@ -125,13 +125,10 @@ impl State {
     }
 
     /// The image (its address) and view now.
-    fn of(ctx: &Ctx) -> Option<(usize, Option<String>)> {
-        ctx.img.as_ref().map(|i| {
-            (
-                std::sync::Arc::as_ptr(i) as usize,
-                ctx.view_snapshot.clone(),
-            )
-        })
+    fn of(ctx: &Ctx) -> Option<(usize, Option<usize>)> {
+        ctx.img
+            .as_ref()
+            .map(|i| (std::sync::Arc::as_ptr(i) as usize, ctx.view_snapshot))
     }
 
     /// Map again from guest offset `base`.
@@ -223,8 +220,7 @@ impl PaneState for State {
             self.list.sel = self.extents.len().saturating_sub(1);
         }
         let view = ctx
-            .view_snapshot
-            .as_ref()
+            .viewed_name()
             .map_or("the active L1".to_string(), |s| format!("snapshot {s}"));
         let from = if self.base > 0 {
             format!(" from {:#x}", self.base)

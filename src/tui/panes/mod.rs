@@ -142,10 +142,10 @@ pub fn follow_referrer(ctx: &Ctx, r: &qinspect::check::Referrer, q: &mut Vec<Eff
             let snaps = ctx.img.as_ref().map(|img| &img.snapshots.snapshots);
             let found = snaps.and_then(|ss| {
                 ss.iter()
-                    .find(|s| name == format!("snapshot {} '{}' L1", s.id, s.name))
+                    .position(|s| name == format!("snapshot {} '{}' L1", s.id, s.name))
             });
             match found {
-                Some(s) => Some(s.id.clone()),
+                Some(i) => Some(i),
                 None => return false,
             }
         }

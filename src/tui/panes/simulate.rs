@@ -153,8 +153,7 @@ pub fn follow(c: &qinspect::simulate::Change, ctx: &Ctx) -> Result<Vec<Effect>, 
         img.snapshots
             .snapshots
             .iter()
-            .find(|s| table == format!("snapshot {} '{}' L1", s.id, s.name))
-            .map(|s| s.id.clone())
+            .position(|s| table == format!("snapshot {} '{}' L1", s.id, s.name))
     };
     Ok(match &c.target {
         Target::Refcount { cluster } => vec![Effect::Refcount(*cluster)],
@@ -181,10 +180,15 @@ pub fn follow(c: &qinspect::simulate::Change, ctx: &Ctx) -> Result<Vec<Effect>, 
             if let Some(i) = holds(&img.l1) {
                 vec![Effect::View(None), Effect::Table(Some((i, j)))]
             } else {
-                let found = img.snapshots.snapshots.iter().find_map(|s| {
-                    let l1 = img.snapshot_l1(s).ok()?;
-                    holds(&l1).map(|i| (s.id.clone(), i))
-                });
+                let found = img
+                    .snapshots
+                    .snapshots
+                    .iter()
+                    .enumerate()
+                    .find_map(|(k, s)| {
+                        let l1 = img.snapshot_l1(s).ok()?;
+                        holds(&l1).map(|i| (k, i))
+                    });
                 match found {
                     Some((id, i)) => vec![Effect::View(Some(id)), Effect::Table(Some((i, j)))],
                     None => {
@@ -383,7 +387,7 @@ impl PaneState for State {
                 // The view the simulated view starts with (the active L1), or the
                 // one it shows now: a View effect that would not change it is left out.
                 let shown = if ctx.simulated_view() {
-                    ctx.view_snapshot.clone()
+                    ctx.view_snapshot
                 } else {
                     None
                 };

@@ -61,9 +61,38 @@ impl PaneState for State {
         let Some(img) = ctx.img.clone() else {
             return super::nothing(f, area, "Snapshots", ctx.unopened());
         };
-        let [list, diff] =
-            Layout::vertical([Constraint::Min(5), Constraint::Length(9)]).areas(area);
-        let title = match &ctx.view_snapshot {
+        // A viewed record whose ID another record shares: which one is shown, and
+        // which one QEMU would read.
+        let shared = ctx.view_snapshot.and_then(|i| {
+            let first = ctx.first_with_id(i)?;
+            let id = &ctx.viewed()?.id;
+            Some(if first == i {
+                format!(
+                    "ID {id} is not unique in this table: the view is record {} (the first with this ID, the one `qemu-img convert -l {id}` reads)",
+                    i.saturating_add(1)
+                )
+            } else {
+                format!(
+                    "ID {id} is not unique in this table: the view is record {}, but `qemu-img convert -l {id}` reads the first with this ID, record {}",
+                    i.saturating_add(1),
+                    first.saturating_add(1)
+                )
+            })
+        });
+        let [list, note, diff] = Layout::vertical([
+            Constraint::Min(5),
+            Constraint::Length(if shared.is_some() { 2 } else { 0 }),
+            Constraint::Length(9),
+        ])
+        .areas(area);
+        if let Some(n) = shared {
+            f.render_widget(
+                Paragraph::new(Line::styled(n, Style::new().fg(color::BAD)))
+                    .wrap(ratatui::widgets::Wrap { trim: true }),
+                note,
+            );
+        }
+        let title = match ctx.viewed_name() {
             Some(s) => format!(
                 "Snapshots — viewing snapshot {s} (Enter on it again: back to the active L1)"
             ),
@@ -101,7 +130,7 @@ impl PaneState for State {
                         .zip(r)
                         .map(|(s, i)| {
                             let mark = if marked.contains(&i) { "*" } else { " " };
-                            let view = if ctx.view_snapshot.as_deref() == Some(s.id.as_str()) {
+                            let view = if ctx.view_snapshot == Some(i) {
                                 "▶"
                             } else {
                                 " "
@@ -182,11 +211,12 @@ impl PaneState for State {
         }
         match action {
             Action::Enter => {
-                if let Some(s) = img.snapshots.snapshots.get(self.list.sel) {
-                    if ctx.view_snapshot.as_deref() == Some(s.id.as_str()) {
+                let i = self.list.sel;
+                if i < n {
+                    if ctx.view_snapshot == Some(i) {
                         q.push(Effect::View(None));
                     } else {
-                        q.push(Effect::View(Some(s.id.clone())));
+                        q.push(Effect::View(Some(i)));
                     }
                 }
             }
