@@ -71,7 +71,7 @@ fn duplicate_ids(dir: &Path) -> std::path::PathBuf {
     let b = &img.snapshots.snapshots[1];
     assert_eq!((b.id.as_str(), b.name.as_str()), ("2", "b"));
     // The ID follows the 40 fixed bytes and the extra data.
-    let at = b.entry_offset + 40 + u64::from(b.extra_data_size);
+    let at = b.entry_offset.get() + 40 + u64::from(b.extra_data_size);
     let f = std::fs::File::options().write(true).open(&dup).unwrap();
     std::os::unix::fs::FileExt::write_all_at(&f, b"1", at).unwrap();
     dup
@@ -88,10 +88,7 @@ fn the_second_of_two_records_with_one_id_is_the_one_every_pane_shows() {
         .map(|s| (s.id.as_str(), s.name.as_str()))
         .collect();
     assert_eq!(ids, [("1", "a"), ("1", "b")]);
-    let (a_l1, b_l1) = (
-        snaps[0].l1_table_offset.get(),
-        snaps[1].l1_table_offset.get(),
-    );
+    let (a_l1, b_l1) = (snaps[0].l1_table_offset, snaps[1].l1_table_offset);
     assert_ne!(a_l1, b_l1);
     let want = img.snapshot_l1(&snaps[1]).unwrap();
     assert_ne!(want, img.snapshot_l1(&snaps[0]).unwrap());
