@@ -104,11 +104,9 @@ impl L1Entry {
             ),
         };
         if self.copied() {
-            s.push_str(
-                ", COPIED (the flag says the L2 table's refcount is exactly 1: QEMU writes it in place through the active L1)",
-            );
+            s.push_str(", COPIED (claims refcount 1: QEMU writes it in place)");
         } else if self.l2_offset().is_some() {
-            s.push_str(", not COPIED (shared or unknown: QEMU copies it before a write through the active L1)");
+            s.push_str(", not COPIED (shared or unknown: QEMU copies it before a write)");
         }
         if self.reserved_bits() != 0 {
             s.push_str(&format!(", reserved bits {:#x} set", self.reserved_bits()));
