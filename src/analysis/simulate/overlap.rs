@@ -155,14 +155,14 @@ impl Sim {
         None
     }
 
-    /// `qcow2_pre_write_overlap_check`: fail, and mark the image corrupt, when
-    /// the write would land on metadata.
-    pub(super) fn overlap_check(
+    /// The metadata structure a write of `offset..offset + size` would land
+    /// on, what [`Sim::overlap_check`] fails for; nothing is marked.
+    pub(super) fn overlap_of(
         &mut self,
         ignore: Option<Meta>,
         offset: u64,
         size: u64,
-    ) -> SimResult<()> {
+    ) -> Option<Meta> {
         // An L2-entry write inside one cluster: remembered per layout.
         let memo = (ignore == Some(Meta::ActiveL2)
             && size != 0
@@ -174,13 +174,27 @@ impl Sim {
                 self.overlap_memo = (self.layout(), Default::default());
             }
             if self.overlap_memo.1.contains(&c) {
-                return Ok(());
+                return None;
             }
         }
-        let Some(m) = self.overlapping(ignore, offset, size) else {
-            if let Some(c) = memo {
-                self.overlap_memo.1.insert(c);
-            }
+        let m = self.overlapping(ignore, offset, size);
+        if m.is_none()
+            && let Some(c) = memo
+        {
+            self.overlap_memo.1.insert(c);
+        }
+        m
+    }
+
+    /// `qcow2_pre_write_overlap_check`: fail, and mark the image corrupt, when
+    /// the write would land on metadata.
+    pub(super) fn overlap_check(
+        &mut self,
+        ignore: Option<Meta>,
+        offset: u64,
+        size: u64,
+    ) -> SimResult<()> {
+        let Some(m) = self.overlap_of(ignore, offset, size) else {
             return Ok(());
         };
         let saved = self.reason.clone();
