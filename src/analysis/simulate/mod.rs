@@ -54,8 +54,8 @@ use crate::image::{Qcow2, Strictness};
 use crate::io::SharedSource;
 use crate::refcount::get_refcount;
 use crate::tables::L1Entry;
-use crate::types::Geometry;
 use crate::types::low_mask as types_low_mask;
+use crate::types::{Geometry, HostOffset};
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -131,7 +131,7 @@ pub struct Sim {
     refcount_table_offset: u64,
     refcount_table_clusters: u32,
     snapshots: Vec<SimSnapshot>,
-    snapshots_offset: u64,
+    snapshots_offset: HostOffset,
     snapshots_size: u64,
     free_cluster_index: u64,
     steps: Vec<Change>,
@@ -305,7 +305,7 @@ impl Sim {
             refcount_table_offset: h.refcount_table_offset.get(),
             refcount_table_clusters: h.refcount_table_clusters,
             snapshots,
-            snapshots_offset: h.snapshots_offset.get(),
+            snapshots_offset: h.snapshots_offset,
             snapshots_size: img.snapshots.size,
             free_cluster_index: 0,
             backing_named: img.backing_name.is_some(),

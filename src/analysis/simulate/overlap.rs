@@ -13,6 +13,7 @@
 
 use super::{Sim, SimError, SimResult};
 use crate::refcount::RefTableEntry;
+use crate::types::HostOffset;
 
 /// A kind of metadata, in the order QEMU checks them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -57,7 +58,7 @@ impl Meta {
 pub(super) struct Layout {
     l1: (u64, usize),
     reftable: (u64, u32, u64),
-    snapshot_table: (u64, u64),
+    snapshot_table: (HostOffset, u64),
     snapshot_l1s: Vec<(u64, u32)>,
 }
 
@@ -105,16 +106,16 @@ impl Sim {
         if size == 0 {
             return None;
         }
-        let start = self.cluster_start(self.cluster_of(offset));
-        let end = offset.saturating_add(size).next_multiple_of(self.cs.max(1));
-        let hits = |o: u64, len: u64| len != 0 && o < end && start < o.saturating_add(len);
+        let start = HostOffset(self.cluster_start(self.cluster_of(offset)));
+        let end = HostOffset(offset.saturating_add(size).next_multiple_of(self.cs.max(1)));
+        let hits = |o: HostOffset, len: u64| len != 0 && o < end && start < o.saturating_add(len);
         let want = |m: Meta| ignore != Some(m);
-        if want(Meta::Header) && start < self.cs {
+        if want(Meta::Header) && start.get() < self.cs {
             return Some(Meta::Header);
         }
         if want(Meta::ActiveL1)
             && hits(
-                self.l1_table_offset,
+                HostOffset(self.l1_table_offset),
                 (self.l1.len() as u64).saturating_mul(8),
             )
         {
@@ -124,18 +125,18 @@ impl Sim {
             && self
                 .l1
                 .iter()
-                .any(|e| e.l2_offset().is_some_and(|o| hits(o.0, self.cs)))
+                .any(|e| e.l2_offset().is_some_and(|o| hits(o, self.cs)))
         {
             return Some(Meta::ActiveL2);
         }
         let table_len = self.clusters_bytes(u64::from(self.refcount_table_clusters));
-        if want(Meta::RefcountTable) && hits(self.refcount_table_offset, table_len) {
+        if want(Meta::RefcountTable) && hits(HostOffset(self.refcount_table_offset), table_len) {
             return Some(Meta::RefcountTable);
         }
         if want(Meta::RefcountBlock) {
             for ti in 0..self.reftable_len() {
                 let entry = RefTableEntry(self.read_u64(self.reftable_entry_offset(ti)));
-                if entry.block_offset().is_some_and(|b| hits(b.get(), self.cs)) {
+                if entry.block_offset().is_some_and(|b| hits(b, self.cs)) {
                     return Some(Meta::RefcountBlock);
                 }
             }
@@ -147,7 +148,7 @@ impl Sim {
             && self.snapshots.iter().any(|s| {
                 // QEMU keeps this size in 32 bits.
                 let len = u64::from(s.l1_size.wrapping_mul(8));
-                hits(s.l1_table_offset, len)
+                hits(HostOffset(s.l1_table_offset), len)
             })
         {
             return Some(Meta::InactiveL1);

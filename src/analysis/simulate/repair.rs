@@ -39,7 +39,7 @@ impl Sim {
             self.set_header_u32(60, "nb_snapshots", 0)?;
             self.set_header_u64(64, "snapshots_offset", 0)?;
             self.snapshots.clear();
-            self.snapshots_offset = 0;
+            self.snapshots_offset = HostOffset(0);
             self.snapshots_size = 0;
         }
         let img = self

@@ -7,6 +7,7 @@ use super::SimResult;
 use super::SimSnapshot;
 use super::change::Target;
 use crate::tables::L1Entry;
+use crate::types::HostOffset;
 
 impl Sim {
     // ---- snapshot table --------------------------------------------------------
@@ -79,10 +80,10 @@ impl Sim {
         self.why("the header points at the new snapshot table");
         self.set_header_u32(60, "nb_snapshots", self.snapshots.len() as u32)?;
         self.set_header_u64(64, "snapshots_offset", off)?;
-        self.snapshots_offset = off;
+        self.snapshots_offset = HostOffset(off);
         self.snapshots_size = size;
         if old_size > 0 {
-            self.free_clusters(old_off, old_size, "the old snapshot table");
+            self.free_clusters(old_off.get(), old_size, "the old snapshot table");
         }
         Ok(())
     }
