@@ -57,7 +57,7 @@ impl Meta {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub(super) struct Layout {
     l1: (u64, usize),
-    reftable: (u64, u32, u64),
+    reftable: (HostOffset, u32, u64),
     snapshot_table: (HostOffset, u64),
     snapshot_l1s: Vec<(u64, u32)>,
 }
@@ -130,7 +130,7 @@ impl Sim {
             return Some(Meta::ActiveL2);
         }
         let table_len = self.clusters_bytes(u64::from(self.refcount_table_clusters));
-        if want(Meta::RefcountTable) && hits(HostOffset(self.refcount_table_offset), table_len) {
+        if want(Meta::RefcountTable) && hits(self.refcount_table_offset, table_len) {
             return Some(Meta::RefcountTable);
         }
         if want(Meta::RefcountBlock) {
