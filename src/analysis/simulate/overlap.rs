@@ -56,10 +56,10 @@ impl Meta {
 /// entry of a large image checks each L2 table once instead of once per entry.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub(super) struct Layout {
-    l1: (u64, usize),
+    l1: (HostOffset, usize),
     reftable: (HostOffset, u32, u64),
     snapshot_table: (HostOffset, u64),
-    snapshot_l1s: Vec<(u64, u32)>,
+    snapshot_l1s: Vec<(HostOffset, u32)>,
 }
 
 impl Sim {
@@ -115,7 +115,7 @@ impl Sim {
         }
         if want(Meta::ActiveL1)
             && hits(
-                HostOffset(self.l1_table_offset),
+                self.l1_table_offset,
                 (self.l1.len() as u64).saturating_mul(8),
             )
         {
@@ -148,7 +148,7 @@ impl Sim {
             && self.snapshots.iter().any(|s| {
                 // QEMU keeps this size in 32 bits.
                 let len = u64::from(s.l1_size.wrapping_mul(8));
-                hits(HostOffset(s.l1_table_offset), len)
+                hits(s.l1_table_offset, len)
             })
         {
             return Some(Meta::InactiveL1);

@@ -151,7 +151,7 @@ impl Sim {
                 self.why(format!(
                     "Repairing OFLAG_COPIED L2 cluster: l1_index={i} refcount={r}"
                 ));
-                self.write_u64(l1_off.saturating_add(i.saturating_mul(8)), want.0)?;
+                self.write_u64(l1_off.saturating_entry(i, 8).get(), want.0)?;
                 self.record(
                     Target::L1Entry {
                         table: "active L1".into(),

@@ -40,7 +40,7 @@ impl Sim {
             while buf.len() % 8 != 0 {
                 buf.push(0);
             }
-            buf.extend_from_slice(&s.l1_table_offset.to_be_bytes());
+            buf.extend_from_slice(&s.l1_table_offset.get().to_be_bytes());
             buf.extend_from_slice(&s.l1_size.to_be_bytes());
             buf.extend_from_slice(&(s.id.len() as u16).to_be_bytes());
             buf.extend_from_slice(&(s.name.len() as u16).to_be_bytes());
@@ -172,7 +172,7 @@ impl Sim {
             // QEMU's find_new_snapshot_id: id_max + 1 in an unsigned long, which wraps.
             id: id_max.wrapping_add(1).to_string(),
             name: name.to_string(),
-            l1_table_offset: l1_off,
+            l1_table_offset: HostOffset(l1_off),
             l1_size: l1_size as u32,
             vm_state_size: 0,
             date_sec: now.as_secs() as u32,
@@ -238,7 +238,7 @@ impl Sim {
         self.snapshots.pop();
         r?;
         self.free_clusters(
-            sn.l1_table_offset,
+            sn.l1_table_offset.get(),
             u64::from(sn.l1_size) * 8,
             &format!("the {label} table"),
         );
@@ -284,7 +284,7 @@ impl Sim {
         }
         let cur_len = self.l1.len() as u64;
         let cur_bytes = cur_len.saturating_mul(8);
-        let mut buffer = self.read_bytes(sn.l1_table_offset, u64::from(sn.l1_size) * 8);
+        let mut buffer = self.read_bytes(sn.l1_table_offset.get(), u64::from(sn.l1_size) * 8);
         buffer.resize(cur_bytes as usize, 0);
         self.note(format!(
             "everything snapshot {} '{}' reaches gains a reference: +1 each",
@@ -295,8 +295,8 @@ impl Sim {
         self.why(
             "snapshot-apply: the snapshot's L1 (as read before the walk) replaces the active L1",
         );
-        let old: Vec<u8> = self.read_bytes(active_off, cur_bytes);
-        self.write_bytes(active_off, &buffer)?;
+        let old: Vec<u8> = self.read_bytes(active_off.get(), cur_bytes);
+        self.write_bytes(active_off.get(), &buffer)?;
         for k in 0..cur_len {
             let at = k.saturating_mul(8) as usize;
             let b = crate::bytes::be64(&old, at);
