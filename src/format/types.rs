@@ -75,6 +75,11 @@ macro_rules! offset_type {
                 self.saturating_add(index.saturating_mul(entry_size))
             }
 
+            /// Whether `self` is a multiple of `n` (`n` 0: only 0 is).
+            pub const fn is_multiple_of(self, n: u64) -> bool {
+                self.0.is_multiple_of(n)
+            }
+
             /// `self` rounded up to a multiple of 8 (tables whose entries start on
             /// 8-byte boundaries), stopping at the last multiple below 2^64.
             pub fn align8_up(self) -> Self {

@@ -27,7 +27,7 @@ pub(super) struct SimBitmap {
     flags: u32,
     bitmap_type: u8,
     granularity_bits: u8,
-    table_offset: u64,
+    table_offset: HostOffset,
     table_size: u32,
 }
 
@@ -36,8 +36,8 @@ pub(super) struct SimBitmap {
 pub(super) struct Bitmaps {
     list: Vec<SimBitmap>,
     /// Offset of the bitmaps header extension's type field.
-    ext_offset: u64,
-    dir_offset: u64,
+    ext_offset: HostOffset,
+    dir_offset: HostOffset,
     dir_size: u64,
     /// Guest byte ranges written or discarded by the current command.
     pub(super) dirty: Vec<(u64, u64)>,
@@ -123,14 +123,14 @@ pub(super) fn load(img: &Qcow2) -> std::result::Result<Option<Bitmaps>, String> 
             flags: e.flags,
             bitmap_type: e.bitmap_type,
             granularity_bits: e.granularity_bits,
-            table_offset: e.table_offset.get(),
+            table_offset: e.table_offset,
             table_size: e.table_size,
         });
     }
     Ok(Some(Bitmaps {
         list,
-        ext_offset: ext.offset.get(),
-        dir_offset: directory_offset.get(),
+        ext_offset: ext.offset,
+        dir_offset: directory_offset,
         dir_size: directory_size,
         dirty: Vec::new(),
         frozen,
@@ -173,9 +173,9 @@ impl Sim {
             "closing the image: QEMU stores every persistent bitmap again, in new clusters".into(),
         );
         let mut new_list = Vec::with_capacity(b.list.len());
-        let mut drop_tables: Vec<(String, u64, Vec<BitmapTableEntry>)> = Vec::new();
+        let mut drop_tables: Vec<(String, HostOffset, Vec<BitmapTableEntry>)> = Vec::new();
         for bm in &b.list {
-            let old = self.read_bytes(bm.table_offset, u64::from(bm.table_size) * 8);
+            let old = self.read_bytes(bm.table_offset.get(), u64::from(bm.table_size) * 8);
             let old: Vec<BitmapTableEntry> = old
                 .chunks_exact(8)
                 .map(|c| BitmapTableEntry(be64(c, 0)))
@@ -190,7 +190,7 @@ impl Sim {
             self.write_bytes(off, &bytes)?;
             drop_tables.push((bm.name.clone(), bm.table_offset, old));
             let mut n = bm.clone();
-            n.table_offset = off;
+            n.table_offset = HostOffset(off);
             n.table_size = table.len() as u32;
             // bm->flags on store: enabled or not; in_use cleared.
             n.flags = bm.flags & FLAG_AUTO;
@@ -199,7 +199,7 @@ impl Sim {
         // bitmap_list_store, not in place: a new directory.
         let mut dir = Vec::new();
         for bm in &new_list {
-            dir.extend_from_slice(&bm.table_offset.to_be_bytes());
+            dir.extend_from_slice(&bm.table_offset.get().to_be_bytes());
             dir.extend_from_slice(&bm.table_size.to_be_bytes());
             dir.extend_from_slice(&bm.flags.to_be_bytes());
             dir.push(bm.bitmap_type);
@@ -214,9 +214,17 @@ impl Sim {
         self.write_bytes(dir_off, &dir)?;
         self.why("the bitmaps extension points at the new directory");
         let at = b.ext_offset.saturating_add(8);
-        self.set_header_u64(at.saturating_add(8), "bitmap_directory_size", dir_size)?;
-        self.set_header_u64(at.saturating_add(16), "bitmap_directory_offset", dir_off)?;
-        self.free_clusters(b.dir_offset, b.dir_size, "the old bitmap directory");
+        self.set_header_u64(
+            at.saturating_add(8).get(),
+            "bitmap_directory_size",
+            dir_size,
+        )?;
+        self.set_header_u64(
+            at.saturating_add(16).get(),
+            "bitmap_directory_offset",
+            dir_off,
+        )?;
+        self.free_clusters(b.dir_offset.get(), b.dir_size, "the old bitmap directory");
         for (name, table_off, old) in drop_tables {
             for e in &old {
                 if let Some(data) = e.data_offset() {
@@ -228,11 +236,15 @@ impl Sim {
                 }
             }
             let len = (old.len() as u64).saturating_mul(8);
-            self.free_clusters(table_off, len, &format!("the old table of bitmap '{name}'"));
+            self.free_clusters(
+                table_off.get(),
+                len,
+                &format!("the old table of bitmap '{name}'"),
+            );
         }
         if let Some(bs) = self.bitmaps.as_mut() {
             bs.list = new_list;
-            bs.dir_offset = dir_off;
+            bs.dir_offset = HostOffset(dir_off);
             bs.dir_size = dir_size;
             bs.dirty.clear();
         }
@@ -302,7 +314,7 @@ impl Sim {
     }
 
     /// Where the bitmap tables and directory are now, for people.
-    pub fn bitmap_locations(&self) -> Vec<(String, u64)> {
+    pub fn bitmap_locations(&self) -> Vec<(String, HostOffset)> {
         let mut v = Vec::new();
         if let Some(b) = &self.bitmaps {
             for bm in &b.list {

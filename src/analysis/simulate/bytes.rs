@@ -7,7 +7,7 @@ use super::SimError;
 use super::SimResult;
 use crate::io::SharedSource;
 use crate::io::Source;
-use crate::types::low_mask;
+use crate::types::{HostOffset, low_mask};
 use std::collections::HashMap;
 use std::path::Path;
 use std::path::PathBuf;
@@ -109,7 +109,7 @@ impl Sim {
         let table_end = self
             .refcount_table_offset
             .saturating_add(self.clusters_bytes(u64::from(self.refcount_table_clusters)));
-        if off < table_end && self.refcount_table_offset < end {
+        if HostOffset(off) < table_end && self.refcount_table_offset < HostOffset(end) {
             self.reftable_writes = self.reftable_writes.wrapping_add(1);
         }
         // Metadata (or compressed data) replaces whatever data was there.

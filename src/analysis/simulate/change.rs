@@ -2,6 +2,7 @@
 //! alike changes, in plain words.
 
 use super::Sim;
+use crate::types::HostOffset;
 use serde::Serialize;
 
 /// What changed.
@@ -18,14 +19,14 @@ pub enum Target {
         /// Which table ("active L1" or "snapshot 1 'name' L1").
         table: String,
         /// Its offset.
-        table_offset: u64,
+        table_offset: HostOffset,
         /// First index.
         index: u64,
     },
     /// Entries of an L2 table.
     L2Entry {
         /// The table's offset.
-        table_offset: u64,
+        table_offset: HostOffset,
         /// First index.
         index: u64,
     },

@@ -5,9 +5,7 @@ use super::SimError;
 use super::SimResult;
 use crate::tables::ClusterType;
 use crate::tables::L2Entry;
-use crate::tables::OFLAG_ZERO;
 use crate::types::GuestOffset;
-use crate::types::low_mask;
 
 impl Sim {
     /// A guest discard (`qcow2_co_pdiscard` after the block layer's alignment).
@@ -31,7 +29,7 @@ impl Sim {
         // The block layer splits off unaligned head and tail; qcow2 ignores them,
         // except a tail that ends exactly at an unaligned end of the disk.
         let start = offset.div_ceil(cs).saturating_mul(cs);
-        let mut stop = end & !low_mask(self.geo.cluster_bits);
+        let mut stop = self.geo.align_down(end);
         if end == self.size && !end.is_multiple_of(cs) && offset <= stop {
             stop = end.div_ceil(cs).saturating_mul(cs);
         }
@@ -81,15 +79,12 @@ impl Sim {
                 if !(full || has_backing || allocated) {
                     continue;
                 }
-                let (new, new_bm) = if full {
-                    (0, 0)
-                } else if self.geo.extended_l2 {
-                    (0, 0xffff_ffffu64 << 32)
-                } else if self.version >= 3 {
-                    (OFLAG_ZERO, 0)
+                let new_entry = if !full && (self.geo.extended_l2 || self.version >= 3) {
+                    L2Entry::zeroed(&self.geo)
                 } else {
-                    (0, 0)
+                    L2Entry::from_word(0)
                 };
+                let (new, new_bm) = (new_entry.raw, new_entry.bitmap);
                 if new == raw && new_bm == bm {
                     continue;
                 }

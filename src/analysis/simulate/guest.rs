@@ -72,7 +72,7 @@ impl Sim {
             self.write_u64(off, raw)?;
             self.record(
                 Target::L2Entry {
-                    table_offset: l2,
+                    table_offset: HostOffset(l2),
                     index,
                 },
                 old,
@@ -85,7 +85,7 @@ impl Sim {
             self.reason = format!("{saved} (subcluster bitmap)");
             self.record(
                 Target::L2Entry {
-                    table_offset: l2,
+                    table_offset: HostOffset(l2),
                     index,
                 },
                 old_bm,
@@ -159,7 +159,7 @@ impl Sim {
             *slot = new_e;
         }
         let l1_off = self.l1_table_offset;
-        self.write_u64(l1_off.saturating_add(i.saturating_mul(8)), new_e.0)?;
+        self.write_u64(l1_off.saturating_entry(i, 8).get(), new_e.0)?;
         self.record(
             Target::L1Entry {
                 table: "active L1".into(),

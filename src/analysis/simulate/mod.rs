@@ -54,8 +54,8 @@ use crate::image::{Qcow2, Strictness};
 use crate::io::SharedSource;
 use crate::refcount::get_refcount;
 use crate::tables::L1Entry;
-use crate::types::Geometry;
 use crate::types::low_mask as types_low_mask;
+use crate::types::{Geometry, HostOffset};
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -72,7 +72,7 @@ pub struct SimSnapshot {
     /// The snapshot's name.
     pub name: String,
     /// L1 table.
-    pub l1_table_offset: u64,
+    pub l1_table_offset: HostOffset,
     /// L1 entries.
     pub l1_size: u32,
     /// VM state size.
@@ -126,12 +126,12 @@ pub struct Sim {
     /// Host file length (grows when clusters past the end are allocated).
     file_len: u64,
     l1: Vec<L1Entry>,
-    l1_table_offset: u64,
+    l1_table_offset: HostOffset,
     size: u64,
-    refcount_table_offset: u64,
+    refcount_table_offset: HostOffset,
     refcount_table_clusters: u32,
     snapshots: Vec<SimSnapshot>,
-    snapshots_offset: u64,
+    snapshots_offset: HostOffset,
     snapshots_size: u64,
     free_cluster_index: u64,
     steps: Vec<Change>,
@@ -252,7 +252,7 @@ impl Sim {
             .map(|s| SimSnapshot {
                 id: s.id.clone(),
                 name: s.name.clone(),
-                l1_table_offset: s.l1_table_offset.get(),
+                l1_table_offset: s.l1_table_offset,
                 l1_size: s.l1_size,
                 vm_state_size: s.vm_state_size,
                 date_sec: s.date_sec,
@@ -304,12 +304,12 @@ impl Sim {
             clusters: store::Store::new(geo.cluster_size()),
             file_len: img.file_len(),
             l1: img.l1.to_vec(),
-            l1_table_offset: h.l1_table_offset.get(),
+            l1_table_offset: h.l1_table_offset,
             size: h.size,
-            refcount_table_offset: h.refcount_table_offset.get(),
+            refcount_table_offset: h.refcount_table_offset,
             refcount_table_clusters: h.refcount_table_clusters,
             snapshots,
-            snapshots_offset: h.snapshots_offset.get(),
+            snapshots_offset: h.snapshots_offset,
             snapshots_size: img.snapshots.size,
             free_cluster_index: 0,
             backing_named: img.backing_name.is_some(),

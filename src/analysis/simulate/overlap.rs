@@ -13,6 +13,7 @@
 
 use super::{Sim, SimError, SimResult};
 use crate::refcount::RefTableEntry;
+use crate::types::HostOffset;
 
 /// A kind of metadata, in the order QEMU checks them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -55,10 +56,10 @@ impl Meta {
 /// entry of a large image checks each L2 table once instead of once per entry.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub(super) struct Layout {
-    l1: (u64, usize),
-    reftable: (u64, u32, u64),
-    snapshot_table: (u64, u64),
-    snapshot_l1s: Vec<(u64, u32)>,
+    l1: (HostOffset, usize),
+    reftable: (HostOffset, u32, u64),
+    snapshot_table: (HostOffset, u64),
+    snapshot_l1s: Vec<(HostOffset, u32)>,
 }
 
 impl Sim {
@@ -105,11 +106,11 @@ impl Sim {
         if size == 0 {
             return None;
         }
-        let start = self.cluster_start(self.cluster_of(offset));
-        let end = offset.saturating_add(size).next_multiple_of(self.cs.max(1));
-        let hits = |o: u64, len: u64| len != 0 && o < end && start < o.saturating_add(len);
+        let start = HostOffset(self.cluster_start(self.cluster_of(offset)));
+        let end = HostOffset(offset.saturating_add(size).next_multiple_of(self.cs.max(1)));
+        let hits = |o: HostOffset, len: u64| len != 0 && o < end && start < o.saturating_add(len);
         let want = |m: Meta| ignore != Some(m);
-        if want(Meta::Header) && start < self.cs {
+        if want(Meta::Header) && start.get() < self.cs {
             return Some(Meta::Header);
         }
         if want(Meta::ActiveL1)
@@ -124,7 +125,7 @@ impl Sim {
             && self
                 .l1
                 .iter()
-                .any(|e| e.l2_offset().is_some_and(|o| hits(o.0, self.cs)))
+                .any(|e| e.l2_offset().is_some_and(|o| hits(o, self.cs)))
         {
             return Some(Meta::ActiveL2);
         }
@@ -135,7 +136,7 @@ impl Sim {
         if want(Meta::RefcountBlock) {
             for ti in 0..self.reftable_len() {
                 let entry = RefTableEntry(self.read_u64(self.reftable_entry_offset(ti)));
-                if entry.block_offset().is_some_and(|b| hits(b.get(), self.cs)) {
+                if entry.block_offset().is_some_and(|b| hits(b, self.cs)) {
                     return Some(Meta::RefcountBlock);
                 }
             }

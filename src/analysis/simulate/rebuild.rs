@@ -26,6 +26,7 @@
 use super::change::Target;
 use super::{Sim, SimError, SimResult};
 use crate::refcount::set_refcount;
+use crate::types::HostOffset;
 
 /// The in-memory reference counts and the new refcount table being built.
 struct Rebuild {
@@ -164,7 +165,7 @@ impl Sim {
         self.why("the header now names the rebuilt refcount table");
         self.set_header_u64(48, "refcount_table_offset", offset)?;
         self.set_header_u32(56, "refcount_table_clusters", clusters)?;
-        self.refcount_table_offset = offset;
+        self.refcount_table_offset = HostOffset(offset);
         self.refcount_table_clusters = clusters;
         Ok(())
     }

@@ -8,7 +8,7 @@ use super::SimResult;
 use super::change::Target;
 use crate::refcount::get_refcount;
 use crate::refcount::set_refcount;
-use crate::types::low_mask;
+use crate::types::{HostOffset, low_mask};
 
 impl Sim {
     // ---- refcounts ---------------------------------------------------------
@@ -27,8 +27,7 @@ impl Sim {
     /// Where refcount table entry `ti` is (saturating: the table offset comes
     /// from the header).
     pub(super) fn reftable_entry_offset(&self, ti: u64) -> u64 {
-        self.refcount_table_offset
-            .saturating_add(ti.saturating_mul(8))
+        self.refcount_table_offset.saturating_entry(ti, 8).get()
     }
 
     /// The cluster of the refcount block table entry `ti` names, if it names
@@ -393,11 +392,11 @@ impl Sim {
         self.why("the header points at the new refcount table");
         self.set_header_u64(48, "refcount_table_offset", table_offset)?;
         self.set_header_u32(56, "refcount_table_clusters", table_clusters as u32)?;
-        self.refcount_table_offset = table_offset;
+        self.refcount_table_offset = HostOffset(table_offset);
         self.refcount_table_clusters = table_clusters as u32;
         self.file_len = self.file_len.max(end);
         self.free_clusters(
-            old_off,
+            old_off.get(),
             self.clusters_bytes(u64::from(old_clusters)),
             "the old refcount table",
         );

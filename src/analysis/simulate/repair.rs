@@ -34,7 +34,7 @@ impl Sim {
             self.set_header_u32(60, "nb_snapshots", 0)?;
             self.set_header_u64(64, "snapshots_offset", 0)?;
             self.snapshots.clear();
-            self.snapshots_offset = 0;
+            self.snapshots_offset = HostOffset(0);
             self.snapshots_size = 0;
         }
         let img = self
@@ -241,7 +241,7 @@ impl Sim {
                 self.why(format!(
                     "Repairing OFLAG_COPIED L2 cluster: l1_index={i} refcount={r}"
                 ));
-                self.write_u64(l1_off.saturating_add(i.saturating_mul(8)), want.0)?;
+                self.write_u64(l1_off.saturating_entry(i, 8).get(), want.0)?;
                 self.record(
                     Target::L1Entry {
                         table: "active L1".into(),

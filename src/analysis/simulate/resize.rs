@@ -58,10 +58,10 @@ impl Sim {
         self.set_header_u64(40, "l1_table_offset", off)?;
         let old_off = self.l1_table_offset;
         self.l1 = table;
-        self.l1_table_offset = off;
+        self.l1_table_offset = HostOffset(off);
         self.reason = saved;
         self.free_clusters(
-            old_off,
+            old_off.get(),
             old_len.saturating_mul(8),
             "the old active L1 table",
         );
@@ -257,7 +257,7 @@ impl Sim {
         }
         let off = self.l1_table_offset;
         let zeros = vec![0u8; len.saturating_sub(keep).saturating_mul(8) as usize];
-        self.write_bytes(off.saturating_add(keep.saturating_mul(8)), &zeros)?;
+        self.write_bytes(off.saturating_entry(keep, 8).get(), &zeros)?;
         for i in (keep..len).rev() {
             let e = self.l1.get(i as usize).copied().unwrap_or_default();
             let l2 = e.l2_offset().map_or(0, HostOffset::get);

@@ -7,6 +7,7 @@ use super::SimResult;
 use super::SimSnapshot;
 use super::change::Target;
 use crate::tables::L1Entry;
+use crate::types::HostOffset;
 
 impl Sim {
     // ---- snapshot table --------------------------------------------------------
@@ -39,7 +40,7 @@ impl Sim {
             while buf.len() % 8 != 0 {
                 buf.push(0);
             }
-            buf.extend_from_slice(&s.l1_table_offset.to_be_bytes());
+            buf.extend_from_slice(&s.l1_table_offset.get().to_be_bytes());
             buf.extend_from_slice(&s.l1_size.to_be_bytes());
             buf.extend_from_slice(&(s.id.len() as u16).to_be_bytes());
             buf.extend_from_slice(&(s.name.len() as u16).to_be_bytes());
@@ -79,10 +80,10 @@ impl Sim {
         self.why("the header points at the new snapshot table");
         self.set_header_u32(60, "nb_snapshots", self.snapshots.len() as u32)?;
         self.set_header_u64(64, "snapshots_offset", off)?;
-        self.snapshots_offset = off;
+        self.snapshots_offset = HostOffset(off);
         self.snapshots_size = size;
         if old_size > 0 {
-            self.free_clusters(old_off, old_size, "the old snapshot table");
+            self.free_clusters(old_off.get(), old_size, "the old snapshot table");
         }
         Ok(())
     }
@@ -171,7 +172,7 @@ impl Sim {
             // QEMU's find_new_snapshot_id: id_max + 1 in an unsigned long, which wraps.
             id: id_max.wrapping_add(1).to_string(),
             name: name.to_string(),
-            l1_table_offset: l1_off,
+            l1_table_offset: HostOffset(l1_off),
             l1_size: l1_size as u32,
             vm_state_size: 0,
             date_sec: now.as_secs() as u32,
@@ -239,7 +240,7 @@ impl Sim {
         self.snapshots.pop();
         r?;
         self.free_clusters(
-            sn.l1_table_offset,
+            sn.l1_table_offset.get(),
             u64::from(sn.l1_size) * 8,
             &format!("the {label} table"),
         );
@@ -285,7 +286,7 @@ impl Sim {
         }
         let cur_len = self.l1.len() as u64;
         let cur_bytes = cur_len.saturating_mul(8);
-        let mut buffer = self.read_bytes(sn.l1_table_offset, u64::from(sn.l1_size) * 8);
+        let mut buffer = self.read_bytes(sn.l1_table_offset.get(), u64::from(sn.l1_size) * 8);
         buffer.resize(cur_bytes as usize, 0);
         self.note(format!(
             "everything snapshot {} '{}' reaches gains a reference: +1 each",
@@ -296,8 +297,8 @@ impl Sim {
         self.why(
             "snapshot-apply: the snapshot's L1 (as read before the walk) replaces the active L1",
         );
-        let old: Vec<u8> = self.read_bytes(active_off, cur_bytes);
-        self.write_bytes(active_off, &buffer)?;
+        let old: Vec<u8> = self.read_bytes(active_off.get(), cur_bytes);
+        self.write_bytes(active_off.get(), &buffer)?;
         for k in 0..cur_len {
             let at = k.saturating_mul(8) as usize;
             let b = crate::bytes::be64(&old, at);

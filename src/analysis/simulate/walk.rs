@@ -100,7 +100,7 @@ fn bulk_disabled() -> bool {
 impl Sim {
     // ---- the refcount walk ---------------------------------------------------
 
-    pub(super) fn l1_label(&self, offset: u64) -> String {
+    pub(super) fn l1_label(&self, offset: HostOffset) -> String {
         if offset == self.l1_table_offset {
             return "active L1".into();
         }
@@ -114,7 +114,7 @@ impl Sim {
     /// active table (QEMU uses it when the offset is the active L1's).
     pub(super) fn update_snapshot_refcount(
         &mut self,
-        l1_offset: u64,
+        l1_offset: HostOffset,
         l1_size: u64,
         addend: i32,
     ) -> SimResult<()> {
@@ -134,7 +134,7 @@ impl Sim {
         let mut table: Vec<L1Entry> = if active {
             self.l1.clone()
         } else {
-            let raw = self.read_bytes(l1_offset, l1_size.saturating_mul(8));
+            let raw = self.read_bytes(l1_offset.get(), l1_size.saturating_mul(8));
             raw.chunks_exact(8)
                 .map(|c| L1Entry(crate::bytes::be64(c, 0)))
                 .collect()
@@ -210,7 +210,7 @@ impl Sim {
         }
         if result.is_ok() && addend >= 0 && l1_modified {
             let bytes: Vec<u8> = table.iter().flat_map(|e| e.to_be_bytes()).collect();
-            result = self.write_bytes(l1_offset, &bytes);
+            result = self.write_bytes(l1_offset.get(), &bytes);
         } else if l1_modified && addend < 0 {
             self.note(format!(
                 "the {label} is not written back: with addend -1 QEMU does not write it (snapshot-delete frees this L1 next; in snapshot-apply the snapshot's L1 is already written over it)"
@@ -305,7 +305,7 @@ impl Sim {
             self.write_u64(eoff, new)?;
             self.record(
                 Target::L2Entry {
-                    table_offset: l2,
+                    table_offset: HostOffset(l2),
                     index: j,
                 },
                 old,
@@ -449,7 +449,7 @@ impl Sim {
             b.changed = true;
             self.record(
                 Target::L2Entry {
-                    table_offset: w.l2,
+                    table_offset: HostOffset(w.l2),
                     index: j,
                 },
                 old,

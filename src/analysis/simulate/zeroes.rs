@@ -14,13 +14,9 @@
 use super::{Sim, SimError, SimResult};
 use crate::chain::{Chain, LayerKind, OpenOptions};
 use crate::lookup::{Status, layer_run};
-use crate::tables::{ClusterType, L1Entry, L2Entry, OFLAG_ZERO, SubclusterType};
+use crate::tables::{ClusterType, L1Entry, L2Entry, SubclusterType};
 use crate::types::{GuestOffset, HostOffset};
 use std::path::Path;
-
-/// The subcluster bitmap of an extended L2 entry that reads as zeros all
-/// through (`QCOW_L2_BITMAP_ALL_ZEROES`): every zero bit, no allocation bit.
-const ALL_ZEROES: u64 = 0xffff_ffff << 32;
 
 /// QEMU's `MAX_BOUNCE_BUFFER` (32768 sectors): the most one fallback write of
 /// zeros covers.
@@ -220,8 +216,9 @@ impl Sim {
                 off.saturating_sub(self.within(off))
             )));
         }
-        let mask = super::guest::sub_range(sc, sc.saturating_add(count));
-        let new = (bm | (mask << 32)) & !mask;
+        let new = L2Entry { raw, bitmap: bm }
+            .with_subclusters_zeroed(sc, count)
+            .bitmap;
         if new != bm {
             let last = sc.saturating_add(count).saturating_sub(1);
             self.why(format!(
@@ -316,11 +313,12 @@ impl Sim {
                 let kept = if release { 0 } else { raw };
                 // With extended L2 entries the bitmap says "zeros" for every
                 // subcluster; else the entry's zero flag does.
-                let (new, new_bm) = if self.geo.extended_l2 {
-                    (kept, ALL_ZEROES)
-                } else {
-                    (kept | OFLAG_ZERO, bm)
-                };
+                let zeroed = L2Entry {
+                    raw: kept,
+                    bitmap: bm,
+                }
+                .with_zero(&self.geo);
+                let (new, new_bm) = (zeroed.raw, zeroed.bitmap);
                 if new == raw && new_bm == bm {
                     continue;
                 }

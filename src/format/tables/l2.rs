@@ -2,10 +2,10 @@
 //! subcluster types.
 
 use super::{
-    CompressedDescriptor, L2E_OFFSET_MASK, L2E_STD_RESERVED_MASK, OFLAG_COMPRESSED, OFLAG_COPIED,
-    OFLAG_ZERO,
+    CompressedDescriptor, L2_BITMAP_ALL_ZEROES, L2E_OFFSET_MASK, L2E_STD_RESERVED_MASK,
+    OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO,
 };
-use crate::types::{Geometry, HostOffset, low_mask};
+use crate::types::{Geometry, HostOffset, SUBCLUSTERS_PER_CLUSTER, low_mask};
 use serde::Serialize;
 
 /// What kind of cluster an L2 entry describes (QEMU's `QCow2ClusterType`).
@@ -266,6 +266,45 @@ impl L2Entry {
             self.raw & !OFLAG_COPIED
         };
         L2Entry { raw, ..self }
+    }
+    /// The entry made to read as zeros, its host cluster (if any) kept: with
+    /// standard entries bit 0 set; with extended L2 the bitmap replaced by
+    /// `QCOW_L2_BITMAP_ALL_ZEROES` (every zero bit 32..63, no allocation bit),
+    /// the standard word kept.
+    pub fn with_zero(self, geo: &Geometry) -> Self {
+        if geo.extended_l2 {
+            L2Entry {
+                bitmap: L2_BITMAP_ALL_ZEROES,
+                ..self
+            }
+        } else {
+            L2Entry {
+                raw: self.raw | OFLAG_ZERO,
+                ..self
+            }
+        }
+    }
+    /// An entry with no host cluster that reads as zeros: what a v3 discard
+    /// leaves ([`with_zero`](Self::with_zero) of an unallocated entry).
+    pub fn zeroed(geo: &Geometry) -> Self {
+        L2Entry::from_word(0).with_zero(geo)
+    }
+    /// Extended L2: subclusters `first..first + count` (cut at 32) made to
+    /// read as zeros: their zero bits (32 + n) set, their allocation bits (n)
+    /// cleared; the standard word and other subclusters kept.
+    pub fn with_subclusters_zeroed(self, first: u64, count: u64) -> Self {
+        let all = u64::from(SUBCLUSTERS_PER_CLUSTER);
+        let end = first.saturating_add(count).min(all);
+        // first < end <= 32, or the mask is empty.
+        let n = u32::try_from(end.saturating_sub(first)).unwrap_or(0);
+        let mask = u32::try_from(first)
+            .ok()
+            .and_then(|f| low_mask(n).checked_shl(f))
+            .unwrap_or(0);
+        L2Entry {
+            bitmap: (self.bitmap | (mask << SUBCLUSTERS_PER_CLUSTER)) & !mask,
+            ..self
+        }
     }
     /// Bit 0 as stored: the zero flag of a standard L2 entry (reserved with
     /// extended L2, where the bitmap says which subclusters read as zeros).

@@ -33,6 +33,9 @@ pub const OFLAG_COPIED: u64 = 1 << 63;
 pub const OFLAG_COMPRESSED: u64 = 1 << 62;
 /// Bit 0 of a standard L2 entry: the cluster reads as zeros.
 pub const OFLAG_ZERO: u64 = 1;
+/// The subcluster bitmap of an extended L2 entry that reads as zeros all through
+/// (`QCOW_L2_BITMAP_ALL_ZEROES`): every zero bit (32..63), no allocation bit.
+pub const L2_BITMAP_ALL_ZEROES: u64 = 0xffff_ffff_0000_0000;
 /// Offset bits of L1 entries.
 pub const L1E_OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
 /// Offset bits of L2 entries.

@@ -172,3 +172,46 @@ fn l2_entry_flags_read_and_set_single_bits() {
         0x0100_0000_0000_0002
     );
 }
+
+#[test]
+fn zeroing_an_entry_sets_the_bits_the_spec_names() {
+    let std = Geometry::new(16, false);
+    let ext = Geometry::new(16, true);
+    // Standard entry: bit 0 is the zero flag; COPIED and the offset stay.
+    let e = L2Entry::from_word(0x8000_0000_0005_0000).with_zero(&std);
+    assert_eq!((e.raw, e.bitmap), (0x8000_0000_0005_0001, 0));
+    // Extended L2: the standard word stays, the bitmap becomes "all zeros":
+    // zero bits 32..63 set, allocation bits 0..31 clear.
+    let e = L2Entry {
+        raw: 0x8000_0000_0005_0000,
+        bitmap: 0x0000_0000_ffff_ffff,
+    }
+    .with_zero(&ext);
+    assert_eq!(
+        (e.raw, e.bitmap),
+        (0x8000_0000_0005_0000, 0xffff_ffff_0000_0000)
+    );
+    // A discarded cluster of a v3 image: no offset, zero flag only.
+    assert_eq!(
+        (L2Entry::zeroed(&std).raw, L2Entry::zeroed(&std).bitmap),
+        (1, 0)
+    );
+    assert_eq!(
+        (L2Entry::zeroed(&ext).raw, L2Entry::zeroed(&ext).bitmap),
+        (0, 0xffff_ffff_0000_0000)
+    );
+    // Subclusters 2 and 3 of an entry whose subclusters 0..8 are allocated:
+    // allocation bits 2, 3 cleared (0xff -> 0xf3), zero bits 34, 35 set.
+    let e = L2Entry {
+        raw: 0x8000_0000_0005_0000,
+        bitmap: 0xff,
+    }
+    .with_subclusters_zeroed(2, 2);
+    assert_eq!(
+        (e.raw, e.bitmap),
+        (0x8000_0000_0005_0000, 0x0000_000c_0000_00f3)
+    );
+    // A run past subcluster 31 stops there: 30, 31 only.
+    let e = L2Entry::from_word(0).with_subclusters_zeroed(30, 5);
+    assert_eq!(e.bitmap, 0xc000_0000_0000_0000);
+}

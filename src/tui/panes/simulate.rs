@@ -174,7 +174,7 @@ pub fn follow(c: &qinspect::simulate::Change, ctx: &Ctx) -> Result<Vec<Effect>, 
         } => {
             let holds = |l1: &[qinspect::tables::L1Entry]| {
                 l1.iter()
-                    .position(|e| e.l2_offset().is_some_and(|o| o.0 == *table_offset))
+                    .position(|e| e.l2_offset().is_some_and(|o| o == *table_offset))
             };
             let j = index(*j)?;
             if let Some(i) = holds(&img.l1) {
