@@ -262,6 +262,27 @@ fn read_to_a_pipe_or_a_file_on_stdout_gives_qemu_img_bytes() {
         part == q[1000..5_001_000],
         "a range read into a pipe differs"
     );
+    // A slow reader: the pipe fills, and qinspect waits for room without
+    // losing or repeating a byte.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_qinspect"))
+        .args(["read", "top.qcow2"])
+        .current_dir(w.path("."))
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = child.stdout.take().unwrap();
+    let mut slow = Vec::new();
+    let mut chunk = vec![0u8; 256 << 10];
+    loop {
+        let n = std::io::Read::read(&mut out, &mut chunk).unwrap();
+        if n == 0 {
+            break;
+        }
+        slow.extend_from_slice(&chunk[..n]);
+        std::thread::sleep(std::time::Duration::from_millis(3));
+    }
+    assert!(child.wait().unwrap().success());
+    assert!(slow == q, "read into a slowly read pipe differs");
     let file = std::fs::File::create(w.path("s.raw")).unwrap();
     let st = Command::new(env!("CARGO_BIN_EXE_qinspect"))
         .args(["read", "top.qcow2"])
