@@ -328,7 +328,7 @@ fn splice_to(
                 };
                 return Err(qinspect::Error::Io {
                     file,
-                    what: format!("splice of guest data at {at:#x} to standard output"),
+                    what: format!("splice of the bytes at {at:#x} to standard output"),
                     source: std::sync::Arc::new(e.into()),
                 });
             }
@@ -377,32 +377,22 @@ fn zero_file() -> Option<std::fs::File> {
     Some(std::fs::File::from(fd))
 }
 
-/// Splice `len` zeros from `zeros` (see [`zero_file`]) into `pipe`; how many
-/// are left when the kernel cannot splice from it.
+/// Splice `len` zeros from `zeros` (see [`zero_file`]) into `pipe`, its
+/// whole length at a time; how many are left when the kernel cannot splice
+/// from it.
 fn splice_zeros(
     zeros: &std::fs::File,
     mut len: u64,
     pipe: std::os::fd::BorrowedFd,
     pacer: &mut Pacer,
 ) -> qinspect::Result<u64> {
-    use rustix::io::Errno;
-    use rustix::pipe::{SpliceFlags, splice};
-    let flags = SpliceFlags::MORE | SpliceFlags::NONBLOCK;
+    let name = Path::new("the memory file of zeros");
     while len > 0 {
-        let mut at = 0u64;
-        let want = len.min(PIPE_SIZE as u64) as usize;
-        match splice(zeros, Some(&mut at), pipe, None, want, flags) {
-            Ok(0) | Err(Errno::INVAL) => break,
-            Ok(n) => len -= n as u64,
-            Err(Errno::AGAIN) => pacer.wait(pipe),
-            Err(Errno::INTR) => {}
-            Err(e) => {
-                return Err(qinspect::Error::Io {
-                    file: "standard output".into(),
-                    what: "splice of zeros to standard output".into(),
-                    source: std::sync::Arc::new(e.into()),
-                });
-            }
+        let n = len.min(PIPE_SIZE as u64);
+        let left = splice_to(zeros, name, 0, n, pipe, pacer)?;
+        len -= n - left;
+        if left > 0 {
+            break;
         }
     }
     Ok(len)
