@@ -305,23 +305,53 @@ impl App {
         self.mtime = std::fs::metadata(&self.ctx.path)
             .and_then(|m| m.modified())
             .ok();
-        let viewed = self.ctx.viewed().map(|s| (s.id.clone(), s.name.clone()));
+        // The viewed snapshot: its ID and name, and which of the records with
+        // that ID and name it is (records shift when an earlier one is deleted).
+        let viewed = self.ctx.view_snapshot.and_then(|i| {
+            let snaps = &self.ctx.img.as_ref()?.snapshots.snapshots;
+            let s = snaps.get(i)?;
+            let nth = snaps
+                .iter()
+                .take(i)
+                .filter(|t| t.id == s.id && t.name == s.name)
+                .count();
+            Some((s.id.clone(), s.name.clone(), nth))
+        });
         let mut ctx = Ctx::open(
             self.ctx.path.clone(),
             self.ctx.view_snapshot,
             self.opts.passphrase.clone(),
         );
-        // A viewed snapshot that is gone (deleted while --watch showed it), or a
-        // record that is now another snapshot: back to the active L1, and say so.
         let same = match (&viewed, ctx.viewed()) {
-            (Some((id, name)), Some(s)) => s.id == *id && s.name == *name,
+            (Some((id, name, _)), Some(s)) => s.id == *id && s.name == *name,
             (None, _) => true,
             (Some(_), None) => false,
         };
-        if !same || (ctx.view_snapshot.is_some() && ctx.view().is_none()) {
+        if !same {
+            // Follow the snapshot to its record in the new table.
+            let moved = viewed.as_ref().and_then(|(id, name, nth)| {
+                let snaps = &ctx.img.as_ref()?.snapshots.snapshots;
+                let mut same_pair = snaps
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, s)| s.id == *id && s.name == *name);
+                same_pair.nth(*nth).map(|(j, _)| j)
+            });
+            ctx.view_snapshot = moved;
+            ctx.open_chain();
+        }
+        // A viewed snapshot that is gone (deleted while --watch showed it), or
+        // whose L1 table cannot be read now: back to the active L1, and say so.
+        if viewed.is_some() && (ctx.view_snapshot.is_none() || ctx.view().is_none()) {
+            let gone = ctx.view_snapshot.is_none();
             self.status = format!(
-                "snapshot {} no longer exists in the file: back to the active L1 table",
-                viewed.map(|(id, _)| id).unwrap_or_default()
+                "snapshot {} {}: back to the active L1 table",
+                viewed.map(|(id, _, _)| id).unwrap_or_default(),
+                if gone {
+                    "no longer exists in the file"
+                } else {
+                    "has an L1 table that cannot be read now"
+                }
             );
             ctx.view_snapshot = None;
             ctx.open_chain();

@@ -1085,6 +1085,43 @@ fn a_viewed_snapshot_deleted_on_disk_falls_back_to_the_active_l1() {
     assert!(s.contains("active L1 at 0xc000"), "{s}");
 }
 
+/// A viewed snapshot whose record moves up (an earlier one deleted on disk) is
+/// followed to its new record, not dropped.
+#[test]
+fn a_viewed_snapshot_whose_record_moves_is_followed_after_a_reload() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(asset("demo-top.qcow2"), dir.path().join("t.qcow2")).unwrap();
+    std::fs::copy(asset("demo-mid.qcow2"), dir.path().join("demo-mid.qcow2")).unwrap();
+    std::fs::copy(asset("demo-base.raw"), dir.path().join("demo-base.raw")).unwrap();
+    let mut a = App::new(
+        dir.path().join("t.qcow2"),
+        Options {
+            mouse: false,
+            watch: true,
+            ..Default::default()
+        },
+    );
+    a.wait_background();
+    typed(&mut a, "5");
+    key(&mut a, KeyCode::Down);
+    key(&mut a, KeyCode::Enter);
+    assert_eq!(a.ctx.view_snapshot, Some(1));
+    assert_eq!(a.ctx.viewed().unwrap().name, "snap3");
+    qemu_img(dir.path(), &["snapshot", "-d", "snap1", "t.qcow2"]);
+    let f = std::fs::File::options()
+        .write(true)
+        .open(dir.path().join("t.qcow2"))
+        .unwrap();
+    f.set_modified(std::time::SystemTime::now() + std::time::Duration::from_secs(5))
+        .unwrap();
+    a.check_watch();
+    a.wait_background();
+    assert_eq!(a.ctx.view_snapshot, Some(0));
+    assert_eq!(a.ctx.viewed().unwrap().name, "snap3");
+    let s = screen(&mut a, 100, 30);
+    assert!(!s.contains("no longer exists"), "{s}");
+}
+
 // ---- defect 9: text input -----------------------------------------------------------
 
 #[test]
