@@ -49,7 +49,13 @@ pub(super) struct Bitmaps {
 /// QEMU's own refusal to open `img` at all (read-only too) for its
 /// bitmap directory: a bitmap with extra data ("Bitmap extra data is not
 /// supported", whatever its flags), or one with flags QEMU does not know.
+///
+/// With the autoclear bit for bitmaps clear QEMU ignores the extension (the
+/// bitmaps were left by a program without bitmap support), so it opens.
 pub(super) fn open_fails(img: &Qcow2) -> Option<String> {
+    if img.header.autoclear_features & crate::header::AUTOCLEAR_BITMAPS == 0 {
+        return None;
+    }
     let Some(Ok(entries)) = &img.bitmaps else {
         return None;
     };
