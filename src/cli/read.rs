@@ -369,7 +369,8 @@ impl Pacer {
 }
 
 /// A memory file of `PIPE_SIZE` bytes that is all hole: splicing from it puts
-/// the kernel's zero page into the pipe, no copy. None when it cannot be made.
+/// the kernel's zero page into the pipe (on kernels that splice shmem holes
+/// so; older ones copy zeros). None when it cannot be made.
 fn zero_file() -> Option<std::fs::File> {
     use rustix::fs::{MemfdFlags, ftruncate, memfd_create};
     let fd = memfd_create("qinspect-zeros", MemfdFlags::CLOEXEC).ok()?;

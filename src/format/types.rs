@@ -83,7 +83,7 @@ macro_rules! offset_type {
             /// `self` rounded up to a multiple of 8 (tables whose entries start on
             /// 8-byte boundaries), stopping at the last multiple below 2^64.
             pub fn align8_up(self) -> Self {
-                $name(self.0.saturating_add(7) & !7)
+                $name(crate::bytes::align8(self.0))
             }
         }
 

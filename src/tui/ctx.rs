@@ -547,9 +547,13 @@ impl Ctx {
     pub fn first_with_id(&self, i: usize) -> Option<usize> {
         let snaps = &self.img.as_ref()?.snapshots.snapshots;
         let id = &snaps.get(i)?.id;
-        let first = snaps.iter().position(|s| s.id == *id)?;
-        let shared = snaps.iter().enumerate().any(|(j, s)| j != i && s.id == *id);
-        shared.then_some(first)
+        let mut with_id = snaps
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.id == *id)
+            .map(|(j, _)| j);
+        let first = with_id.next()?;
+        with_id.next().is_some().then_some(first)
     }
 
     /// Whether reads that are not allocated here go to a backing file.

@@ -480,7 +480,7 @@ impl Sim {
                 .checked_shl(bb)
                 .unwrap_or(u64::MAX)
                 .min(end);
-            let block = self.refcount_block_at(ti);
+            let block = self.refcount_block_of(ti).ok().flatten();
             if let Some(bc) = block {
                 let data = self.cluster_ro(bc);
                 let first = c & types_low_mask(bb);

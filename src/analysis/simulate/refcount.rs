@@ -30,19 +30,6 @@ impl Sim {
         self.refcount_table_offset.saturating_entry(ti, 8).get()
     }
 
-    /// The cluster of the refcount block table entry `ti` names, if it names
-    /// one at an aligned offset (what [`Sim::get_refcount`] reads).
-    pub(super) fn refcount_block_at(&mut self, ti: u64) -> Option<u64> {
-        if ti >= self.reftable_len() {
-            return None;
-        }
-        let e = self.read_u64(self.reftable_entry_offset(ti));
-        let block = crate::refcount::RefTableEntry(e)
-            .block_offset()
-            .map_or(0, |o| o.0);
-        (block != 0 && block.is_multiple_of(self.cs)).then(|| self.cluster_of(block))
-    }
-
     /// The cluster of the refcount block table entry `ti` names, as
     /// [`Sim::get_refcount`] finds it: None past the table or for an empty
     /// entry (every refcount it would hold reads 0), an error when unaligned.
