@@ -48,13 +48,7 @@ impl Sim {
                 "write failed: Invalid argument (a compressed write covers whole clusters of {cs} bytes, or ends at the end of the disk) (EINVAL)"
             )));
         }
-        // The header's compression_type byte (at 104, when the header is that
-        // long); QEMU does not open an image whose type it does not know.
-        let header_length = crate::bytes::be32(&self.read_bytes(100, 4), 0);
-        let kind = match self.read_bytes(104, 1).first() {
-            Some(&1) if self.version >= 3 && header_length > 104 => CompressionType::Zstd,
-            _ => CompressionType::Deflate,
-        };
+        let kind = self.compression_type();
         if kind == CompressionType::Zstd {
             self.note(format!(
                 "zstd frame sizes computed with the system's libzstd {} (qemu-img gets the same sizes when it is linked with the same libzstd)",

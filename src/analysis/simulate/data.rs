@@ -408,6 +408,20 @@ impl Sim {
         Ok(out)
     }
 
+    /// The header's compression type: the byte at 104 when the header (v3) is
+    /// that long, else deflate.
+    pub(super) fn compression_type(&mut self) -> CompressionType {
+        let header_length = crate::bytes::be32(&self.read_bytes(100, 4), 0);
+        if self.version < 3 || header_length <= 104 {
+            return CompressionType::Deflate;
+        }
+        match self.read_bytes(104, 1).first().copied().unwrap_or(0) {
+            0 => CompressionType::Deflate,
+            1 => CompressionType::Zstd,
+            n => CompressionType::Unknown(n),
+        }
+    }
+
     /// The compressed cluster `raw` names, inflated.
     fn inflate(&mut self, raw: u64, guest: u64) -> SimResult<Arc<[u8]>> {
         let Some(d) = (L2Entry { raw, bitmap: 0 }).compressed_descriptor(&self.geo) else {
@@ -416,16 +430,7 @@ impl Sim {
             )));
         };
         let buf = self.read_bytes(d.offset.0, d.size.min(self.cs.saturating_mul(2)));
-        let header_length = crate::bytes::be32(&self.read_bytes(100, 4), 0);
-        let kind = if self.version >= 3 && header_length > 104 {
-            match self.read_bytes(104, 1).first().copied().unwrap_or(0) {
-                0 => CompressionType::Deflate,
-                1 => CompressionType::Zstd,
-                n => CompressionType::Unknown(n),
-            }
-        } else {
-            CompressionType::Deflate
-        };
+        let kind = self.compression_type();
         let out = crate::compress::decompress(kind, &buf, self.cs as usize).map_err(|e| {
             SimError::Qemu(format!(
                 "write failed: Input/output error (the copy-on-write reads the compressed cluster of guest {guest:#x} at host {:#x}: {e})",
