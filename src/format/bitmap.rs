@@ -26,6 +26,11 @@ pub const MAX_BITMAPS: u64 = 65535;
 pub const MAX_DIRECTORY_BYTES: u64 = 1024 * MAX_BITMAPS;
 /// Largest bitmap table QEMU accepts, in entries.
 pub const MAX_TABLE_ENTRIES: u64 = 0x0800_0000;
+
+/// QEMU's limit on the bytes a bitmap covers in its table's data clusters
+/// (table entries times the cluster size, 512 MiB): a directory entry over it
+/// fails QEMU's directory check before any table is read.
+pub const MAX_PHYS_SIZE: u64 = 0x2000_0000;
 /// Flag bit 0: the bitmap is being modified and its data is not consistent.
 pub const FLAG_IN_USE: u32 = 1;
 /// Flag bit 1: QEMU tracks writes in this bitmap automatically.
@@ -295,7 +300,8 @@ const SCAN_ENTRIES: u64 = 8192;
 /// (see [`BitmapTableEntry::problem`]), in an image of `cluster_size`-byte clusters.
 /// QEMU loads the table of every bitmap not marked in use when it opens the image,
 /// and fails the open on such an entry. The table is read a piece at a time, so
-/// one of QEMU's largest size (1 GiB) is never held whole.
+/// one of QEMU's largest size is never held whole; a table over
+/// [`MAX_PHYS_SIZE`] is not read (QEMU fails on its directory entry first).
 pub fn first_invalid_entry(
     src: &dyn Source,
     entry: &BitmapEntry,
@@ -309,6 +315,10 @@ pub fn first_invalid_entry(
             entry.table_offset.get(),
             format!("{total} entries is more than QEMU allows"),
         ));
+    }
+    if total.saturating_mul(cluster_size) > MAX_PHYS_SIZE {
+        // QEMU refuses the directory entry itself and never loads this table.
+        return Ok(None);
     }
     let mut done = 0u64;
     while done < total {
@@ -362,6 +372,31 @@ mod tests {
             BitmapTableEntry(0x50000).data_offset(),
             Some(HostOffset(0x50000))
         );
+    }
+
+    /// A table whose bitmap would cover more than QEMU's 512 MiB is not read
+    /// (QEMU refuses its directory entry first); one just inside is.
+    #[test]
+    fn tables_over_qemus_physical_size_are_not_scanned() {
+        // Table at 0: one invalid entry (reserved bit 1 set), then nothing.
+        let src = MemSource::new("x", 2u64.to_be_bytes().to_vec());
+        let mut b = BitmapEntry {
+            entry_offset: HostOffset(0),
+            table_offset: HostOffset(0),
+            table_size: 1,
+            flags: 0,
+            bitmap_type: 1,
+            granularity_bits: 16,
+            extra_data_size: 0,
+            name: "b".into(),
+        };
+        // 1 entry of 64 KiB clusters: scanned, and the entry is refused.
+        let bad = first_invalid_entry(&src, &b, 65536).unwrap().unwrap();
+        assert_eq!((bad.index, bad.entry.0), (0, 2));
+        // 8193 entries of 64 KiB clusters: 0x20010000 bytes, over 0x20000000;
+        // the 8 bytes in the source would make a read of the table fail.
+        b.table_size = 8193;
+        assert!(first_invalid_entry(&src, &b, 65536).unwrap().is_none());
     }
 
     /// Entries worked out by hand from the layout in docs/interop/qcow2.txt
