@@ -204,7 +204,11 @@ fn snapshots_hex_and_help_scroll_to_their_ends() {
     t.keys(&["Enter"]);
     t.wait_for("the trace", |s| s.contains("step 1/"));
     t.keys(&["n", "n", "Enter"]);
-    let s = t.wait_for("the entry in Hex", |s| s.contains("00046000"));
+    // The rows and the panel under them may come in separate frames: wait
+    // for both.
+    let s = t.wait_for("the entry in Hex", |s| {
+        s.contains("00046000") && s.contains("at 0x46000")
+    });
     assert!(s.contains("at 0x46000"), "{s}");
     // The cursor moves two rows, and the panel decodes the entry it lands on.
     t.keys(&["Down", "Down"]);
