@@ -1,0 +1,162 @@
+//! The Map pane, and what a snapshot operation changed.
+
+use super::*;
+
+// ---- issue 11: the Map pane ------------------------------------------------------
+
+#[test]
+fn the_map_pane_lists_qemu_img_map_extents_coloured_and_traces_them() {
+    let out = Command::new("qemu-img")
+        .args(["map", "--output=json", "demo-top.qcow2"])
+        .current_dir("assets")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let want: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    let mut a = app("demo-top.qcow2");
+    typed(&mut a, "0");
+    assert_eq!(a.pane, Pane::Map);
+    key(&mut a, KeyCode::End);
+    let b = draw(&mut a, 120, 40);
+    let got = &a.panes.map.extents;
+    assert_eq!(got.len(), want.len(), "{}", text(&b));
+    for (g, w) in got.iter().zip(&want) {
+        assert_eq!(g.start, w["start"].as_u64().unwrap());
+        assert_eq!(g.length, w["length"].as_u64().unwrap());
+        assert_eq!(g.depth as u64, w["depth"].as_u64().unwrap());
+        assert_eq!(g.data, w["data"].as_bool().unwrap());
+        assert_eq!(g.zero, w["zero"].as_bool().unwrap());
+        assert_eq!(g.offset, w["offset"].as_u64());
+    }
+    // Each kind in its colour: the top layer's data green, a backing layer's in
+    // another colour, nothing allocated grey.
+    key(&mut a, KeyCode::Home);
+    let b = draw(&mut a, 120, 40);
+    let s = text(&b);
+    for (needle, colour) in [
+        ("data in demo-top.qcow2 (layer 0)", Color::Green),
+        ("data in demo-mid.qcow2 (layer 1)", Color::Blue),
+    ] {
+        let (x, y) = find(&b, needle).unwrap_or_else(|| panic!("{needle}:\n{s}"));
+        assert_eq!(b[(x, y)].fg, colour, "{needle}:\n{s}");
+    }
+    // Enter traces the first byte of the selected extent; Backspace comes back.
+    key(&mut a, KeyCode::Down);
+    let start = a.panes.map.extents[1].start;
+    key(&mut a, KeyCode::Enter);
+    assert_eq!(a.pane, Pane::Trace);
+    assert_eq!(
+        a.panes.trace.trace.as_ref().map(|t| t.guest_offset),
+        Some(start)
+    );
+    key(&mut a, KeyCode::Backspace);
+    assert_eq!((a.pane, a.panes.map.list.sel), (Pane::Map, 1));
+    // g lists from an offset: its first row is the rest of the extent there.
+    let mid = start + 0x200;
+    typed(&mut a, &format!("g{mid:#x}"));
+    key(&mut a, KeyCode::Enter);
+    draw(&mut a, 120, 40);
+    assert_eq!(a.panes.map.extents[0].start, mid);
+    assert_eq!(
+        a.panes.map.extents[0].start + a.panes.map.extents[0].length,
+        start + want[1]["length"].as_u64().unwrap()
+    );
+}
+
+// ---- issue 11: what a snapshot operation changed ----------------------------------
+
+#[test]
+fn the_changes_after_qemu_img_snapshot_are_the_refcounts_qemu_leaves() {
+    let dir = tempfile::tempdir().unwrap();
+    qemu_img(
+        dir.path(),
+        &["create", "-q", "-f", "qcow2", "a.qcow2", "4M"],
+    );
+    qemu_io(dir.path(), "a.qcow2", "write -P 7 0 192k");
+    let p = dir.path().join("a.qcow2");
+    let mut a = open(p.clone());
+    let counted = |a: &App| a.ctx.report.as_ref().unwrap().imrt.clone().unwrap();
+    let before = counted(&a);
+    typed(&mut a, "c");
+    assert!(a.status.contains("nothing to compare yet"), "{}", a.status);
+    qemu_img(dir.path(), &["snapshot", "-c", "x", "a.qcow2"]);
+    // QEMU's own check of what it left: every stored refcount equals its references.
+    qemu_img(dir.path(), &["check", "a.qcow2"]);
+    typed(&mut a, "r");
+    a.wait_background();
+    let after = counted(&a);
+    assert_eq!(a.ctx.report.as_ref().unwrap().corruptions, 0);
+    let changes = a.changes.clone().expect("compared");
+    let mut rows = 0;
+    let n = a.recorded.as_ref().unwrap().refcounts.len() as u64;
+    for c in 0..n {
+        let (x, y) = (before.get(c), after.get(c));
+        if x != y {
+            rows += 1;
+            let row = changes
+                .iter()
+                .find(|ch| ch.cluster == Some(c))
+                .unwrap_or_else(|| panic!("cluster {c}: {x}→{y} missing in {changes:?}"));
+            assert!(row.text.ends_with(&format!(": {x}→{y}")), "{}", row.text);
+        }
+    }
+    assert_eq!(changes.iter().filter(|c| c.cluster.is_some()).count(), rows);
+    // Three data clusters and their L2 table went from 1 to 2; the copied L1
+    // table and the new snapshot table from 0 to 1.
+    let texts: Vec<&str> = changes.iter().map(|c| c.text.as_str()).collect();
+    assert_eq!(
+        texts.iter().filter(|t| t.ends_with("(data): 1→2")).count(),
+        3,
+        "{texts:#?}"
+    );
+    assert!(
+        texts.iter().any(|t| t.contains("(l2-table): 1→2")),
+        "{texts:#?}"
+    );
+    assert!(
+        texts.iter().any(|t| t.contains("(l1-table): 0→1")),
+        "{texts:#?}"
+    );
+    assert!(
+        texts.iter().any(|t| t.contains("(snapshot-table): 0→1")),
+        "{texts:#?}"
+    );
+    assert!(
+        texts
+            .iter()
+            .any(|t| t.starts_with("snapshot 1 created: 'x'")),
+        "{texts:#?}"
+    );
+    // COPIED went off in the active L1 entry and the three L2 entries.
+    assert!(
+        texts.iter().any(|t| t.starts_with("active L1[0]: 0x8")),
+        "{texts:#?}"
+    );
+    assert_eq!(
+        texts
+            .iter()
+            .filter(|t| t.starts_with("active L1[0] → L2["))
+            .count(),
+        3,
+        "{texts:#?}"
+    );
+    // On screen: c lists them, Enter opens a refcount, the file is unchanged.
+    let on_disk = std::fs::read(&p).unwrap();
+    typed(&mut a, "c");
+    let b = draw(&mut a, 120, 40);
+    let s = text(&b);
+    assert!(s.contains("Changes since the previous load"), "{s}");
+    let (x, y) = find(&b, "(data): 1→2").unwrap_or_else(|| panic!("{s}"));
+    assert_eq!(b[(x, y)].fg, color::REFCOUNT, "{s}");
+    let first = changes.iter().position(|c| c.cluster.is_some()).unwrap();
+    for _ in 0..first {
+        key(&mut a, KeyCode::Down);
+    }
+    key(&mut a, KeyCode::Enter);
+    assert_eq!(a.pane, Pane::Refcounts);
+    assert_eq!(
+        Some(a.panes.refcounts.block.sel as u64),
+        changes[first].cluster
+    );
+    assert_eq!(std::fs::read(&p).unwrap(), on_disk);
+}
