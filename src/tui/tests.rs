@@ -158,7 +158,7 @@ fn trace_steps_forward_and_back() {
     typed(&mut a, "6g0x18000");
     key(&mut a, KeyCode::Enter);
     let t = a.panes.trace.trace.as_ref().expect("a trace");
-    assert_eq!(t.guest_offset, 0x18000);
+    assert_eq!(t.guest_offset.get(), 0x18000);
     let n = t.steps.len();
     for _ in 0..n {
         typed(&mut a, "n");
@@ -1347,7 +1347,13 @@ fn overview_decodes_luks_and_the_key_opens_the_chain() {
     assert_eq!(d.cipher, "aes-256-cbc-essiv:sha256");
     let mut buf = [0u8; 16];
     let c = a.ctx.chain.as_ref().unwrap();
-    qinspect::lookup::read(c, 0x1000, &mut buf, &mut Default::default()).unwrap();
+    qinspect::lookup::read(
+        c,
+        qinspect::types::GuestOffset(0x1000),
+        &mut buf,
+        &mut Default::default(),
+    )
+    .unwrap();
     assert_eq!(buf, [0x42; 16]);
     let bad = open(b"abd");
     let all: String = super::panes::overview::lines(&bad.ctx)
@@ -1435,7 +1441,7 @@ fn a_check_finding_leads_to_the_entry_at_fault_and_back_returns_to_the_same_plac
     key(&mut a, KeyCode::Enter);
     assert_eq!(a.pane, Pane::Trace);
     assert_eq!(
-        a.panes.trace.trace.as_ref().map(|t| t.guest_offset),
+        a.panes.trace.trace.as_ref().map(|t| t.guest_offset.get()),
         Some(0)
     );
     // Back, back: Tables at that entry, then the Check pane as it was.
@@ -1670,7 +1676,7 @@ fn the_map_pane_lists_qemu_img_map_extents_coloured_and_traces_them() {
     key(&mut a, KeyCode::Enter);
     assert_eq!(a.pane, Pane::Trace);
     assert_eq!(
-        a.panes.trace.trace.as_ref().map(|t| t.guest_offset),
+        a.panes.trace.trace.as_ref().map(|t| t.guest_offset.get()),
         Some(start)
     );
     key(&mut a, KeyCode::Backspace);
