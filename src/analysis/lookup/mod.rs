@@ -90,7 +90,7 @@ fn eio(guest: GuestOffset, layer: &str, reason: String) -> Error {
 ///
 /// It follows `qcow2_get_host_offset` and `count_contiguous_subclusters` in QEMU's
 /// order, one check after the other, which is why it is one long function; the
-/// standard-L2 run count is `standard_run_len`.
+/// standard-L2 run count is `RunKey::run_len` (in `slots`).
 pub fn layer_run(
     img: &Qcow2,
     view: &View,
