@@ -31,7 +31,7 @@ pub fn read_compressed(
 }
 
 /// A cache of the last decompressed cluster, so sequential reads inflate each
-/// compressed cluster once.
+/// compressed cluster once. It knows a layer by its depth: use one per chain.
 #[derive(Default)]
 pub struct ReadCache {
     /// The layer's depth, where its compressed bytes are, and the cluster inflated.
