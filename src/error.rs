@@ -6,6 +6,7 @@
 //! tells a reader exactly what to look at with `qinspect hexdump --host 0x50200`.
 
 use crate::header::Field;
+use crate::types::GuestOffset;
 use std::path::PathBuf;
 
 /// Result with qinspect's [`Error`].
@@ -78,7 +79,7 @@ pub enum Error {
     #[error("guest offset {guest:#x} in {layer}: {reason} (QEMU reports an I/O error)")]
     GuestIo {
         /// The guest offset.
-        guest: u64,
+        guest: GuestOffset,
         /// The layer that fails.
         layer: String,
         /// Why the layer cannot give the byte (the error from the layer, in words).

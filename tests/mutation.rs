@@ -8,6 +8,7 @@ use qinspect::image::{Qcow2, Strictness};
 use qinspect::io::{MemSource, SharedSource};
 use qinspect::lookup::{ReadCache, read, trace};
 use qinspect::simulate::{Op, simulate};
+use qinspect::types::GuestOffset;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -99,11 +100,11 @@ fn exercise(bytes: Vec<u8>, rng: &mut Rng) {
         let _ = qinspect::map::map_range(&chain, 0, 1 << 30);
         let size = chain.size().max(1);
         let g = rng.below(size);
-        let _ = trace(&chain, g);
+        let _ = trace(&chain, GuestOffset(g));
         let mut buf = vec![0u8; 256 << 10];
         let _ = read(
             &chain,
-            g.min(size.saturating_sub(buf.len() as u64)),
+            GuestOffset(g.min(size.saturating_sub(buf.len() as u64))),
             &mut buf,
             &mut ReadCache::default(),
         );

@@ -7,6 +7,7 @@ use qinspect::image::{Qcow2, Strictness};
 use qinspect::io::{MemSource, SharedSource};
 use qinspect::lookup::{ReadCache, read, trace};
 use qinspect::simulate::{Op, simulate};
+use qinspect::types::GuestOffset;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -29,9 +30,9 @@ fn fuzzer_findings_stay_fixed() {
         };
         if let Ok(chain) = Chain::from_source(src, Path::new("regression.qcow2"), &opts) {
             let _ = qinspect::map::map_range(&chain, 0, 1 << 30);
-            let _ = trace(&chain, 0);
+            let _ = trace(&chain, GuestOffset(0));
             let mut buf = vec![0u8; 64 << 10];
-            let _ = read(&chain, 0, &mut buf, &mut ReadCache::default());
+            let _ = read(&chain, GuestOffset(0), &mut buf, &mut ReadCache::default());
         }
         let ops = [
             Op::SnapshotCreate { name: "f".into() },

@@ -9,6 +9,7 @@ use qinspect::image::{Qcow2, Strictness};
 use qinspect::io::{MemSource, SharedSource};
 use qinspect::lookup::{ReadCache, read, trace};
 use qinspect::simulate::{Op, simulate};
+use qinspect::types::GuestOffset;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -26,9 +27,9 @@ fuzz_target!(|data: &[u8]| {
     if let Ok(chain) = Chain::from_source(src, Path::new("fuzz.qcow2"), &opts) {
         let _ = qinspect::map::map_range(&chain, 0, 1 << 30);
         let size = chain.size().max(1);
-        let _ = trace(&chain, pick % size);
+        let _ = trace(&chain, GuestOffset(pick % size));
         let mut buf = vec![0u8; 64 << 10];
-        let _ = read(&chain, pick % size, &mut buf, &mut ReadCache::default());
+        let _ = read(&chain, GuestOffset(pick % size), &mut buf, &mut ReadCache::default());
     }
     let ops = [Op::SnapshotCreate { name: "f".into() }, Op::Write { offset: pick % img.header.size.max(1), length: 4096, pattern: 0xcd }];
     if let Ok(sim) = simulate(&img, Path::new("fuzz.qcow2"), &ops) {

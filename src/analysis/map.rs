@@ -26,6 +26,7 @@ use crate::error::Result;
 use crate::image::{Qcow2, RefcountReader};
 use crate::io::{Extent, Source};
 use crate::lookup::{L2Walker, Status, layer_run_with};
+use crate::types::{GuestOffset, HostOffset};
 use serde::Serialize;
 
 /// One extent of `qemu-img map --output=json`.
@@ -290,12 +291,19 @@ fn layer_answer(
         } => {
             let name = walk.names.get(depth).map_or("", String::as_str);
             let run = match walk.walkers.get_mut(depth) {
-                Some(w) => layer_run_with(image, view, off, bytes, name, w)?,
-                None => layer_run_with(image, view, off, bytes, name, &mut L2Walker::new())?,
+                Some(w) => layer_run_with(image, view, GuestOffset(off), bytes, name, w)?,
+                None => layer_run_with(
+                    image,
+                    view,
+                    GuestOffset(off),
+                    bytes,
+                    name,
+                    &mut L2Walker::new(),
+                )?,
             };
             let len = run.len.min(bytes).max(1);
             let encrypted = image.header.crypt_method != 0;
-            let with_offset = |h: Option<crate::types::HostOffset>| {
+            let with_offset = |h: Option<HostOffset>| {
                 if encrypted { None } else { h.map(|h| h.0) }
             };
             let mut a = match run.status {

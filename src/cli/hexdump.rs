@@ -4,6 +4,7 @@ use super::{CmdResult, num::parse_size, open_chain};
 use qinspect::image::Strictness;
 use qinspect::io::{FileSource, Source};
 use qinspect::lookup::{ReadCache, read};
+use qinspect::types::GuestOffset;
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 
@@ -83,7 +84,7 @@ pub fn run(mut a: Args) -> CmdResult {
             );
         }
         let mut buf = vec![0u8; (g.saturating_add(len).min(size) - g) as usize];
-        read(&chain, g, &mut buf, &mut ReadCache::default())?;
+        read(&chain, GuestOffset(g), &mut buf, &mut ReadCache::default())?;
         (g, buf)
     };
     let color = match a.color {

@@ -6,6 +6,7 @@ use qinspect::chain::{Chain, OpenOptions};
 use qinspect::image::Strictness;
 use qinspect::io::{Extent, FileId, Source};
 use qinspect::lookup::{ReadCache, Segment, for_each_segment, read};
+use qinspect::types::GuestOffset;
 use std::io::Write;
 use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
@@ -212,7 +213,7 @@ pub(super) fn stream(
     while pos < len {
         let n = ((len - pos) as usize).min(buf.len());
         let chunk = &mut buf[..n];
-        read(chain, offset + pos, chunk, &mut cache)?;
+        read(chain, GuestOffset(offset + pos), chunk, &mut cache)?;
         match sink.write_all(chunk) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => return Ok(0),
@@ -256,7 +257,8 @@ fn stream_to_pipe(chain: &Chain, offset: u64, len: u64, out: std::io::StdoutLock
         })
     };
     let mut cache = ReadCache::default();
-    let done = for_each_segment(chain, offset, len, &mut cache, &mut |seg| match seg {
+    let start = GuestOffset(offset);
+    let done = for_each_segment(chain, start, len, &mut cache, &mut |seg| match seg {
         Segment::Zero { mut len } => {
             if let Some(z) = &zero_file {
                 len = splice_zeros(z, len, pipe, &mut pacer)?;
@@ -271,11 +273,11 @@ fn stream_to_pipe(chain: &Chain, offset: u64, len: u64, out: std::io::StdoutLock
         Segment::Bytes(b) => write(b),
         Segment::Data { src, host, len } => {
             let rest = match src.file() {
-                Some(f) => splice_to(f, src.name(), host, len, pipe, &mut pacer)?,
+                Some(f) => splice_to(f, src.name(), host.get(), len, pipe, &mut pacer)?,
                 None => len,
             };
             // Past the end of the file (zeros), or a source that cannot splice.
-            let mut at = host + (len - rest);
+            let mut at = host.get() + (len - rest);
             let mut rest = rest;
             while rest > 0 {
                 let n = rest.min(CHUNK as u64) as usize;
@@ -419,14 +421,14 @@ fn write_sparse(
 ) -> color_eyre::Result<()> {
     let mut cache = ReadCache::default();
     let mut w = SparseWriter::new(out, out_pos, reuse);
-    for_each_segment(chain, offset, len, &mut cache, &mut |seg| {
+    for_each_segment(chain, GuestOffset(offset), len, &mut cache, &mut |seg| {
         match seg {
             Segment::Zero { len } => w.skip(len)?,
             Segment::Bytes(b) => w.put(b)?,
             Segment::Data { src, host, len } => {
                 let mut done = 0u64;
                 while done < len {
-                    let at = host.saturating_add(done);
+                    let at = host.get().saturating_add(done);
                     let rest = len - done;
                     match src.extent_at(at) {
                         Extent::Hole(0) => {

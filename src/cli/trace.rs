@@ -3,6 +3,7 @@
 use super::{CmdResult, num::parse_size, open_chain, print_json, style};
 use qinspect::image::Strictness;
 use qinspect::lookup::{StepKind, trace};
+use qinspect::types::GuestOffset;
 use std::io::Write;
 use std::path::PathBuf;
 
@@ -39,7 +40,7 @@ pub fn run(mut a: Args) -> CmdResult {
     let keys = a.key.resolve(&mut a.image)?;
     let chain = open_chain(&a.image, a.snapshot.as_deref(), Strictness::Qemu)?;
     keys.unlock(&chain)?;
-    let t = trace(&chain, a.offset);
+    let t = trace(&chain, GuestOffset(a.offset));
     if a.json {
         print_json(&t)?;
         return Ok(0);
@@ -49,7 +50,9 @@ pub fn run(mut a: Args) -> CmdResult {
     writeln!(
         out,
         "{hd}guest offset {:#x}{hd:#} ({} bytes) via the {}",
-        t.guest_offset, t.guest_offset, t.view
+        t.guest_offset,
+        t.guest_offset.get(),
+        t.view
     )?;
     let mut last_depth = usize::MAX;
     for (i, s) in t.steps.iter().enumerate() {

@@ -147,7 +147,7 @@ impl Place {
             }
             Saved::Snapshots(l, d) => [lv(l), lv(d)].concat(),
             Saved::Trace(t, step, _, _) => vec![
-                t.as_ref().map_or(u64::MAX, |t| t.guest_offset),
+                t.as_ref().map_or(u64::MAX, |t| t.guest_offset.get()),
                 *step as u64,
             ],
             Saved::Check(l, d, _) => [lv(l), lv(d)].concat(),

@@ -9,6 +9,7 @@
 use qinspect::check::{CheckOptions, check};
 use qinspect::image::{Qcow2, RefcountReader, Strictness};
 use qinspect::simulate::{Op, Sim};
+use qinspect::types::GuestOffset;
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::Command;
@@ -250,7 +251,7 @@ pub fn write_raw(chain: &qinspect::chain::Chain, path: &Path) -> Result<(), Stri
                 while done < len {
                     let k = (len - done).min(buf.len() as u64) as usize;
                     buf[..k].fill(0);
-                    src.read_at(&mut buf[..k], host + done)?;
+                    src.read_at(&mut buf[..k], host.get() + done)?;
                     f.write_all_at(&buf[..k], at + done)?;
                     done += k as u64;
                 }
@@ -260,7 +261,7 @@ pub fn write_raw(chain: &qinspect::chain::Chain, path: &Path) -> Result<(), Stri
     };
     for_each_segment(
         chain,
-        0,
+        GuestOffset(0),
         chain.size(),
         &mut ReadCache::default(),
         &mut |seg| {

@@ -25,7 +25,8 @@
 
 use crate::error::{Error, Result};
 use crate::image::{Qcow2, View};
-use crate::tables::{ClusterType, L2Entry};
+use crate::tables::{ClusterType, CompressedDescriptor, L2Entry};
+use crate::types::{GuestOffset, HostOffset};
 use serde::Serialize;
 use std::collections::{BTreeMap, HashMap};
 
@@ -82,17 +83,17 @@ pub enum Mapping {
     /// Reads as zeros (a host cluster kept allocated, or none).
     Zero {
         /// The host cluster kept for it.
-        host: Option<u64>,
+        host: Option<HostOffset>,
     },
     /// Data in a host cluster.
     Data {
         /// Its host offset (in the data file when the image has one).
-        host: u64,
+        host: HostOffset,
     },
     /// Compressed data.
     Compressed {
         /// Where the compressed bytes start.
-        host: u64,
+        host: HostOffset,
     },
     /// Extended L2: the subclusters of the cluster are of several kinds.
     Subclusters {
@@ -120,7 +121,7 @@ impl Mapping {
             }
             if t.is_zero() {
                 return Mapping::Zero {
-                    host: t.has_host_cluster().then_some(e.host_offset().0),
+                    host: t.has_host_cluster().then_some(e.host_offset()),
                 };
             }
             if t.is_unallocated() {
@@ -131,13 +132,13 @@ impl Mapping {
             ClusterType::Unallocated => Mapping::Unallocated,
             ClusterType::ZeroPlain => Mapping::Zero { host: None },
             ClusterType::ZeroAlloc => Mapping::Zero {
-                host: Some(e.host_offset().0),
+                host: Some(e.host_offset()),
             },
             ClusterType::Normal => Mapping::Data {
-                host: e.host_offset().0,
+                host: e.host_offset(),
             },
             ClusterType::Compressed => Mapping::Compressed {
-                host: e.compressed_descriptor(&geo).map_or(0, |d| d.offset.0),
+                host: CompressedDescriptor::decode(e.raw, &geo).offset,
             },
         }
     }
@@ -205,7 +206,7 @@ impl Verdict {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Row {
     /// Its first guest byte.
-    pub guest: u64,
+    pub guest: GuestOffset,
     /// Side A.
     pub a: Mapping,
     /// Side B.
@@ -291,8 +292,8 @@ fn table(side: &Side, i: usize) -> Result<Option<std::sync::Arc<Vec<L2Entry>>>> 
     }
 }
 
-fn read_cluster(img: &Qcow2, host: u64, buf: &mut [u8]) -> Option<()> {
-    img.src.read_at(buf, host).ok().map(|_| ())
+fn read_cluster(img: &Qcow2, host: HostOffset, buf: &mut [u8]) -> Option<()> {
+    img.src.read_at(buf, host.get()).ok().map(|_| ())
 }
 
 /// Compare side `a` with side `b`, guest cluster by guest cluster. Both images
@@ -340,7 +341,7 @@ pub fn compare(a: &Side, b: &Side, opts: &Options) -> Result<Comparison> {
     let in_both = a.view.size.min(b.view.size).div_ceil(cs);
     // What a pair of L2 tables (or none) adds over a whole L1 entry's range, kept
     // to reuse when the same pair comes back (many L1 entries naming one table).
-    let mut seen: HashMap<(Option<u64>, Option<u64>), Delta> = HashMap::new();
+    let mut seen: HashMap<(Option<HostOffset>, Option<HostOffset>), Delta> = HashMap::new();
     for i in 0..walked {
         if let Some(p) = opts.progress {
             let done = i.saturating_mul(per).min(clusters);
@@ -357,10 +358,9 @@ pub fn compare(a: &Side, b: &Side, opts: &Options) -> Result<Comparison> {
             untabled(&mut out, opts, first, n, in_both, backing, data_file);
             continue;
         }
-        let key = (ea.map(|o| o.0), eb.map(|o| o.0));
         let whole = n == per && first.saturating_add(n) <= in_both;
         if whole
-            && let Some(d) = seen.get(&key)
+            && let Some(d) = seen.get(&(ea, eb))
             && (d.differing == 0 || out.rows.len() >= opts.max_rows)
         {
             d.add_to(&mut out);
@@ -374,7 +374,7 @@ pub fn compare(a: &Side, b: &Side, opts: &Options) -> Result<Comparison> {
             table(b, iu)?
         };
         for j in 0..n {
-            let g = first.saturating_add(j).saturating_mul(cs);
+            let g = GuestOffset(first.saturating_add(j).saturating_mul(cs));
             let ma = mapping(a, ta.as_deref(), j, g);
             let mb = mapping(b, tb.as_deref(), j, g);
             let v = match (host_of(&ma), host_of(&mb)) {
@@ -402,7 +402,7 @@ pub fn compare(a: &Side, b: &Side, opts: &Options) -> Result<Comparison> {
             tally(&mut out, opts, g, ma, mb, v, backing, data_file);
         }
         if let Some(b0) = before {
-            seen.insert(key, Delta::of(&out).minus(&b0));
+            seen.insert((ea, eb), Delta::of(&out).minus(&b0));
         }
     }
     let rest = walked.saturating_mul(per).min(clusters);
@@ -493,9 +493,8 @@ fn untabled(
         *c = c.saturating_add(same);
     }
     let mut k = first.max(in_both);
-    let cs = out.cluster_size;
     while k < end && out.rows.len() < opts.max_rows {
-        let g = k.saturating_mul(cs);
+        let g = GuestOffset(k.saturating_mul(out.cluster_size));
         let (ma, mb) = past_end_pair(out, g);
         tally(
             out,
@@ -511,7 +510,7 @@ fn untabled(
     }
     let left = end.saturating_sub(k);
     if left > 0 {
-        let (ma, mb) = past_end_pair(out, k.saturating_mul(cs));
+        let (ma, mb) = past_end_pair(out, GuestOffset(k.saturating_mul(out.cluster_size)));
         let c = out
             .counts
             .entry(verdict_name(Verdict::DifferentKinds).to_string())
@@ -528,25 +527,26 @@ fn untabled(
 }
 
 /// Which side is past its end at guest offset `g` (the other is unallocated).
-fn past_end_pair(out: &Comparison, g: u64) -> (Mapping, Mapping) {
-    if out.a_size <= g {
+fn past_end_pair(out: &Comparison, g: GuestOffset) -> (Mapping, Mapping) {
+    if out.a_size <= g.get() {
         (Mapping::PastEnd, Mapping::Unallocated)
     } else {
         (Mapping::Unallocated, Mapping::PastEnd)
     }
 }
 
-fn host_of(m: &Mapping) -> Option<u64> {
+fn host_of(m: &Mapping) -> Option<HostOffset> {
     match m {
         Mapping::Data { host } | Mapping::Compressed { host } => Some(*host),
         Mapping::Zero { host } => *host,
-        Mapping::Subclusters { raw, .. } => Some(*raw),
+        // Mixed subclusters are the same only where the entries are (`ma == mb`).
+        Mapping::Subclusters { raw, .. } => Some(L2Entry::from_word(*raw).host_offset()),
         _ => None,
     }
 }
 
-fn mapping(side: &Side, t: Option<&Vec<L2Entry>>, j: u64, guest: u64) -> Mapping {
-    if guest >= side.view.size {
+fn mapping(side: &Side, t: Option<&Vec<L2Entry>>, j: u64, guest: GuestOffset) -> Mapping {
+    if guest.get() >= side.view.size {
         return Mapping::PastEnd;
     }
     let e = usize::try_from(j).ok().and_then(|j| t?.get(j));
@@ -560,7 +560,7 @@ fn mapping(side: &Side, t: Option<&Vec<L2Entry>>, j: u64, guest: u64) -> Mapping
 fn tally(
     out: &mut Comparison,
     opts: &Options,
-    guest: u64,
+    guest: GuestOffset,
     a: Mapping,
     b: Mapping,
     v: Verdict,

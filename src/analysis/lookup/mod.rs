@@ -66,7 +66,7 @@ pub enum Status {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 pub struct Run {
     /// First guest byte.
-    pub guest: u64,
+    pub guest: GuestOffset,
     /// Length in bytes (at least 1).
     pub len: u64,
     /// How it resolves.
@@ -75,7 +75,7 @@ pub struct Run {
     pub subcluster: SubclusterType,
 }
 
-fn eio(guest: u64, layer: &str, reason: String) -> Error {
+fn eio(guest: GuestOffset, layer: &str, reason: String) -> Error {
     Error::GuestIo {
         guest,
         layer: layer.to_string(),
@@ -90,18 +90,25 @@ fn eio(guest: u64, layer: &str, reason: String) -> Error {
 ///
 /// It follows `qcow2_get_host_offset` and `count_contiguous_subclusters` in QEMU's
 /// order, one check after the other, which is why it is one long function; the
-/// standard-L2 run count is `standard_run_len`.
-pub fn layer_run(img: &Qcow2, view: &View, guest: u64, max_len: u64, name: &str) -> Result<Run> {
+/// standard-L2 run count is `RunKey::run_len` (in `slots`).
+pub fn layer_run(
+    img: &Qcow2,
+    view: &View,
+    guest: GuestOffset,
+    max_len: u64,
+    name: &str,
+) -> Result<Run> {
     run_in(img, view, guest, max_len, name, |off| img.l2_table(off))
 }
 
 /// [`layer_run`], reading the L2 table through `walker` (one reused buffer of the
 /// table's bytes) instead of the image's cache of decoded tables: the same runs
-/// and errors, for a walk in guest order such as `map`. Use one walker per image.
+/// and errors, for a walk in guest order such as `map`. A walker holds one table,
+/// so a walk over several images keeps one walker per image.
 pub fn layer_run_with(
     img: &Qcow2,
     view: &View,
-    guest: u64,
+    guest: GuestOffset,
     max_len: u64,
     name: &str,
     walker: &mut L2Walker,
@@ -115,16 +122,15 @@ pub fn layer_run_with(
 fn run_in<T: L2Slots>(
     img: &Qcow2,
     view: &View,
-    guest: u64,
+    guest: GuestOffset,
     max_len: u64,
     name: &str,
     table: impl FnOnce(HostOffset) -> Result<T>,
 ) -> Result<Run> {
     let geo = img.geometry();
     let cs = geo.cluster_size();
-    let g = GuestOffset(guest);
-    let in_cluster = geo.in_cluster(g);
-    let l2_index = geo.l2_index(g);
+    let in_cluster = geo.in_cluster(guest);
+    let l2_index = geo.l2_index(guest);
     // Bytes from the start of this cluster to the end of its L2 table. (QEMU stops
     // at the end of a 4 KiB L2 cache slice; that never changes a read's bytes, a
     // map's merged extents, or which entries can fail a request.)
@@ -137,7 +143,7 @@ fn run_in<T: L2Slots>(
         status: Status::Unallocated { host: None },
         subcluster: SubclusterType::UnallocatedPlain,
     };
-    let l1_index = geo.l1_index(g);
+    let l1_index = geo.l1_index(guest);
     let Some(l1e) = usize::try_from(l1_index).ok().and_then(|i| view.l1.get(i)) else {
         return Ok(unallocated(needed));
     };
@@ -153,7 +159,7 @@ fn run_in<T: L2Slots>(
     }
     let l2 = table(l2_off)?;
     let has_df = img.header.has_data_file();
-    let sc_index = geo.subcluster_index(g);
+    let sc_index = geo.subcluster_index(guest);
     let entry = l2.entry(l2_index);
     let mapping = entry.mapping(&geo, has_df);
     let first_type = mapping.subcluster_type(sc_index);
@@ -189,18 +195,19 @@ fn run_in<T: L2Slots>(
                     ),
                 ));
             }
-            let h = hc.0.saturating_add(in_cluster);
-            if has_df && h != guest {
+            let h = hc.saturating_add(in_cluster);
+            // An external data file maps guest offsets to the same host offsets.
+            if has_df && h.get() != guest.get() {
                 return Err(eio(
                     guest,
                     name,
                     format!(
                         "External data file host cluster offset {hc} does not match guest cluster offset {:#x}",
-                        guest.saturating_sub(in_cluster)
+                        geo.align_down(guest.get())
                     ),
                 ));
             }
-            host = Some(HostOffset(h));
+            host = Some(h);
         }
         _ => {}
     }
@@ -294,9 +301,10 @@ fn run_status(
 }
 
 /// Convenience: the host offset QEMU would read for a guest offset in one layer.
-pub fn host_offset_of(layer: &Layer, guest: u64) -> Result<Option<HostOffset>> {
+pub fn host_offset_of(layer: &Layer, guest: GuestOffset) -> Result<Option<HostOffset>> {
     match &layer.kind {
-        LayerKind::Raw => Ok((guest < layer.size()).then_some(HostOffset(guest))),
+        // A raw layer's guest offsets are its file's offsets.
+        LayerKind::Raw => Ok((guest.get() < layer.size()).then_some(HostOffset(guest.get()))),
         LayerKind::Qcow2 { image, view, .. } => {
             let run = layer_run(image, view, guest, 1, &layer.path.display().to_string())?;
             Ok(match run.status {

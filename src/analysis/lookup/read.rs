@@ -8,12 +8,13 @@ use crate::error::Result;
 use crate::image::Qcow2;
 use crate::io::{Source, read_into};
 use crate::tables::CompressedDescriptor;
+use crate::types::{GuestOffset, HostOffset};
 
 /// Decompress the compressed cluster described by `d` in `img`.
 pub fn read_compressed(
     img: &Qcow2,
     d: &CompressedDescriptor,
-    guest: u64,
+    guest: GuestOffset,
     name: &str,
 ) -> Result<Vec<u8>> {
     let cs = img.geometry().cluster_size();
@@ -30,10 +31,11 @@ pub fn read_compressed(
 }
 
 /// A cache of the last decompressed cluster, so sequential reads inflate each
-/// compressed cluster once.
+/// compressed cluster once. It knows a layer by its depth: use one per chain.
 #[derive(Default)]
 pub struct ReadCache {
-    last: Option<(usize, u64, Vec<u8>)>,
+    /// The layer's depth, where its compressed bytes are, and the cluster inflated.
+    last: Option<(usize, HostOffset, Vec<u8>)>,
     /// Scratch space for decrypted sectors.
     decrypted: Vec<u8>,
 }
@@ -45,7 +47,7 @@ pub enum Segment<'a> {
         /// The file holding them.
         src: &'a dyn Source,
         /// The host offset of the first byte in `src`.
-        host: u64,
+        host: HostOffset,
         /// How many.
         len: u64,
     },
@@ -77,7 +79,7 @@ impl Segment<'_> {
 /// the guest disk, and past the end of shorter backing layers, are zeros.
 pub fn for_each_segment(
     chain: &Chain,
-    guest: u64,
+    guest: GuestOffset,
     len: u64,
     cache: &mut ReadCache,
     f: &mut dyn FnMut(Segment) -> Result<()>,
@@ -86,7 +88,12 @@ pub fn for_each_segment(
 }
 
 /// Read guest bytes of the chain at `guest` into `buf`, as QEMU would.
-pub fn read(chain: &Chain, guest: u64, buf: &mut [u8], cache: &mut ReadCache) -> Result<()> {
+pub fn read(
+    chain: &Chain,
+    guest: GuestOffset,
+    buf: &mut [u8],
+    cache: &mut ReadCache,
+) -> Result<()> {
     let mut pos = 0usize;
     for_each_segment(chain, guest, buf.len() as u64, cache, &mut |seg| {
         let n = seg.len() as usize;
@@ -95,7 +102,7 @@ pub fn read(chain: &Chain, guest: u64, buf: &mut [u8], cache: &mut ReadCache) ->
         };
         match seg {
             Segment::Data { src, host, .. } => {
-                read_into(src, "guest data", host, dst)?;
+                read_into(src, "guest data", host.get(), dst)?;
             }
             Segment::Zero { .. } => dst.fill(0),
             Segment::Bytes(b) => dst.copy_from_slice(b),
@@ -108,7 +115,7 @@ pub fn read(chain: &Chain, guest: u64, buf: &mut [u8], cache: &mut ReadCache) ->
 fn segments(
     chain: &Chain,
     depth: usize,
-    guest: u64,
+    guest: GuestOffset,
     len: u64,
     cache: &mut ReadCache,
     f: &mut dyn FnMut(Segment) -> Result<()>,
@@ -120,14 +127,15 @@ fn segments(
             Ok(())
         };
     };
-    let in_range = len.min(layer.size().saturating_sub(guest));
+    let in_range = len.min(layer.size().saturating_sub(guest.get()));
     let name = layer.path.display().to_string();
     match &layer.kind {
         LayerKind::Raw => {
             if in_range > 0 {
+                // A raw layer's guest offsets are its file's offsets.
                 f(Segment::Data {
                     src: layer.src.as_ref(),
-                    host: guest,
+                    host: HostOffset(guest.get()),
                     len: in_range,
                 })?;
             }
@@ -154,18 +162,14 @@ fn segments(
                             crate::crypto::decrypted_segments(
                                 image,
                                 src,
-                                host.0,
-                                g,
+                                host.get(),
+                                g.get(),
                                 n,
                                 &mut cache.decrypted,
                                 f,
                             )?;
                         } else {
-                            f(Segment::Data {
-                                src,
-                                host: host.0,
-                                len: n,
-                            })?;
+                            f(Segment::Data { src, host, len: n })?;
                         }
                     }
                     Status::Zero { .. } => f(Segment::Zero { len: n })?,
@@ -176,10 +180,10 @@ fn segments(
                         descriptor,
                         in_cluster,
                     } => {
-                        let hit = matches!(&cache.last, Some((d, off, _)) if *d == depth && *off == descriptor.offset.0);
+                        let hit = matches!(&cache.last, Some((d, off, _)) if *d == depth && *off == descriptor.offset);
                         if !hit {
                             let data = read_compressed(image, &descriptor, g, &name)?;
-                            cache.last = Some((depth, descriptor.offset.0, data));
+                            cache.last = Some((depth, descriptor.offset, data));
                         }
                         if let Some((_, _, data)) = &cache.last {
                             let s = crate::bytes::slice(data, in_cluster as usize, n as usize);

@@ -10,12 +10,12 @@
 
 use crate::error::Result;
 use crate::image::Qcow2;
-use crate::io::read_into;
+use crate::io::{Source, read_into};
 use crate::tables::{
     L2E_OFFSET_MASK, L2Entry, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO, SubclusterType,
 };
 use crate::types::{Geometry, HostOffset};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 
 /// An L2 table as [`layer_run`](super::layer_run) reads it.
 pub(super) trait L2Slots {
@@ -95,42 +95,23 @@ impl RunKey {
     }
 
     /// How many of `words` (standard L2 entries, the first being the run's first)
-    /// belong to the run.
+    /// belong to the run: the first, and each following word whose masked bits
+    /// are the key's, stepping from entry to entry (0 for no words).
     pub(super) fn run_len(self, words: impl Iterator<Item = u64>) -> u64 {
-        let mut want = self.want;
-        let mut n: u64 = 0;
         let mut words = words;
         if words.next().is_none() {
             return 0;
         }
-        for w in words {
-            // n counts entries of one table: it cannot overflow.
-            n = n.saturating_add(1);
-            if w & self.mask != want {
-                return n;
-            }
-            want = want.wrapping_add(self.step);
-        }
-        n.saturating_add(1)
-    }
-}
-
-impl RunKey {
-    /// [`RunKey::run_len`] over the table's big-endian words, in one tight loop.
-    pub(super) fn run_len_words(self, words: &[[u8; 8]]) -> u64 {
-        let Some((_, rest)) = words.split_first() else {
-            return 0;
-        };
         let mut want = self.want;
-        let n = rest
-            .iter()
-            .position(|w| {
-                let miss = u64::from_be_bytes(*w) & self.mask != want;
+        let rest = words
+            .take_while(|w| {
+                let hit = w & self.mask == want;
                 want = want.wrapping_add(self.step);
-                miss
+                hit
             })
-            .unwrap_or(rest.len());
-        (n as u64).saturating_add(1)
+            .count();
+        // The words of one table: far fewer than 2^64.
+        (rest as u64).saturating_add(1)
     }
 }
 
@@ -262,22 +243,24 @@ impl L2Slots for RawL2<'_> {
         };
         let slice = self.bytes.get(s.min(len)..e.min(len)).unwrap_or(&[]);
         let (words, _) = slice.as_chunks::<8>();
-        let head = words.first().map_or(0, |w| u64::from_be_bytes(*w));
-        match RunKey::new(L2Entry::from_word(head), first, geo, has_df) {
-            Some(key) => key.run_len_words(words),
-            None => standard_run_of(slice.chunks_exact(8).map(be_word), geo, has_df, first),
-        }
+        standard_run_of(
+            words.iter().map(|w| u64::from_be_bytes(*w)),
+            geo,
+            has_df,
+            first,
+        )
     }
 }
 
 /// One layer's L2 tables, read one at a time into a buffer that is reused: for a
 /// walk that asks for each table in turn (as `map` does), with no cache of decoded
 /// tables and no allocation per table. Holds the last table read; asking again for
-/// it reads nothing.
+/// it (the same file, offset and cluster size) reads nothing.
 #[derive(Debug, Default)]
 pub struct L2Walker {
-    /// The image (by address) and table offset the buffer holds.
-    held: Option<(usize, HostOffset)>,
+    /// The file and table offset the buffer holds. The weak reference keeps the
+    /// file's allocation, so no other file opened later can have its address.
+    held: Option<(Weak<dyn Source>, HostOffset)>,
     buf: Vec<u8>,
 }
 
@@ -290,14 +273,16 @@ impl L2Walker {
     /// The table at `offset` of `img` (one cluster; zeros past EOF, as QEMU).
     pub(super) fn load(&mut self, img: &Qcow2, offset: HostOffset) -> Result<RawL2<'_>> {
         let geo = img.geometry();
-        let key = (std::ptr::from_ref(img) as usize, offset);
-        if self.held != Some(key) {
+        // The header check keeps cluster sizes at 2 MiB or below.
+        let cs = usize::try_from(geo.cluster_size()).unwrap_or(0);
+        let holds = self.held.as_ref().is_some_and(|(src, at)| {
+            *at == offset && std::ptr::addr_eq(src.as_ptr(), Arc::as_ptr(&img.src))
+        });
+        if !holds || self.buf.len() != cs {
             self.held = None;
-            // The header check keeps cluster sizes at 2 MiB or below.
-            let cs = usize::try_from(geo.cluster_size()).unwrap_or(0);
             self.buf.resize(cs, 0);
             read_into(img.src.as_ref(), "L2 table", offset.0, &mut self.buf)?;
-            self.held = Some(key);
+            self.held = Some((Arc::downgrade(&img.src), offset));
         }
         Ok(RawL2 {
             bytes: &self.buf,
@@ -378,6 +363,9 @@ mod tests {
             let decoded = decoded_run_len(words.iter().map(|&w| L2Entry::from_word(w)), &geo, has_df, t);
             // layer_run fails unaligned host clusters before counting a run.
             prop_assume!(!t.has_host_cluster() || geo.is_cluster_aligned(first.host_offset().0));
+            if let Some(key) = RunKey::new(first, t, &geo, has_df) {
+                prop_assert_eq!(key.run_len(words.iter().copied()), decoded);
+            }
             prop_assert_eq!(standard_run_of(words.iter().copied(), &geo, has_df, t), decoded);
             let raw: Vec<u8> = words.iter().flat_map(|w| w.to_be_bytes()).collect();
             let table = RawL2 { bytes: &raw, extended: false };
@@ -385,6 +373,61 @@ mod tests {
             let cached = Arc::new(words.iter().map(|&w| L2Entry::from_word(w)).collect::<Vec<_>>());
             prop_assert_eq!(cached.standard_run(0, words.len() as u64, &geo, has_df, t), decoded);
         }
+    }
+
+    #[test]
+    fn masked_runs_count_what_the_entries_say() {
+        // 64 KiB clusters: data at 0x50000, 0x60000, 0x70000 (COPIED or not), then
+        // a jump to 0x90000: a run of three.
+        let geo = Geometry::new(16, false);
+        let data = [
+            OFLAG_COPIED | 0x5_0000,
+            OFLAG_COPIED | 0x6_0000,
+            0x7_0000,
+            OFLAG_COPIED | 0x9_0000,
+        ];
+        // Zero entries (bit 0), then an unallocated one; an unallocated run, then
+        // COPIED with offset 0, which is data at the guest offset with a data file.
+        let zeros = [OFLAG_ZERO, OFLAG_ZERO, 0];
+        let unalloc = [0, 0, OFLAG_COPIED];
+        for (words, has_df, t, n) in [
+            (&data[..], false, SubclusterType::Normal, 3),
+            (&zeros[..], false, SubclusterType::ZeroPlain, 2),
+            (&unalloc[..], false, SubclusterType::UnallocatedPlain, 3),
+            (&unalloc[..], true, SubclusterType::UnallocatedPlain, 2),
+            (&[][..], false, SubclusterType::UnallocatedPlain, 0),
+        ] {
+            let first = L2Entry::from_word(words.first().copied().unwrap_or(0));
+            let key = RunKey::new(first, t, &geo, has_df).expect("a standard run type");
+            assert_eq!(key.run_len(words.iter().copied()), n, "{words:x?}");
+            let entries = words.iter().map(|&w| L2Entry::from_word(w));
+            assert_eq!(decoded_run_len(entries, &geo, has_df, t), n, "{words:x?}");
+        }
+    }
+
+    #[test]
+    fn a_walker_does_not_take_one_image_for_another_at_the_same_address() {
+        use crate::tables::OFLAG_COPIED;
+        use crate::testing::ImageBuilder;
+        let mut a = ImageBuilder::new(16, 1 << 20);
+        let da = a.cluster(&[0xaa; 8]);
+        let a = a.l2(0, OFLAG_COPIED | da.0, 0);
+        let b = ImageBuilder::new(16, 1 << 20).l2(0, OFLAG_ZERO, 0);
+        let mut walker = L2Walker::new();
+        let mut seen = Vec::new();
+        // Each image is opened in turn into the same local, so the second can sit
+        // where the first was; its table is at the same file offset.
+        for built in [&a, &b, &a] {
+            let img = built.open();
+            let off = img.l1[0].l2_offset().expect("an L2 table");
+            let own = img.l2_table(off).expect("the table")[0];
+            let walked = walker.load(&img, off).expect("the table").entry(0);
+            assert_eq!(walked, own);
+            seen.push((off, walked.raw));
+        }
+        assert_eq!(seen[0].0, seen[1].0, "both tables at one offset");
+        assert_eq!(seen[0].1, OFLAG_COPIED | da.0);
+        assert_eq!(seen[1].1, OFLAG_ZERO);
     }
 
     #[test]

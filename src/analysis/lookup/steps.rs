@@ -2,7 +2,7 @@
 //! step looked at, and the explanation a learner reads.
 
 use crate::tables::CompressedDescriptor;
-use crate::types::HostOffset;
+use crate::types::{GuestOffset, HostOffset};
 use serde::Serialize;
 
 /// One step of a traced lookup.
@@ -148,7 +148,7 @@ pub enum StepKind {
 #[derive(Clone, Debug, Serialize)]
 pub struct Trace {
     /// The guest offset traced.
-    pub guest_offset: u64,
+    pub guest_offset: GuestOffset,
     /// Which L1 table the top layer uses.
     pub view: String,
     /// Steps in order.

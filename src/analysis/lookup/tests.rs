@@ -16,6 +16,7 @@ const CS: u64 = 64 << 10;
 /// The run at `guest`, through the decoded-table cache and, the same answer
 /// required, through an [`L2Walker`] over the table's bytes (as `map` reads).
 fn run_at(b: &ImageBuilder, guest: u64) -> Result<Run> {
+    let guest = GuestOffset(guest);
     let img = b.open();
     let view = img.active_view();
     let cached = layer_run(&img, &view, guest, CS, "built.qcow2");
@@ -30,7 +31,13 @@ fn run_at(b: &ImageBuilder, guest: u64) -> Result<Run> {
 
 fn read_at(chain: &crate::chain::Chain, guest: u64, len: usize) -> Vec<u8> {
     let mut buf = vec![0x5a; len];
-    read(chain, guest, &mut buf, &mut ReadCache::default()).unwrap();
+    read(
+        chain,
+        GuestOffset(guest),
+        &mut buf,
+        &mut ReadCache::default(),
+    )
+    .unwrap();
     buf
 }
 
@@ -156,7 +163,7 @@ fn runs_stop_where_the_type_or_the_host_contiguity_changes() {
         .l2(4, 1, 0);
     let img = b.open();
     let view = img.active_view();
-    let run = |g| layer_run(&img, &view, g, 1 << 20, "t").unwrap();
+    let run = |g| layer_run(&img, &view, GuestOffset(g), 1 << 20, "t").unwrap();
     assert_eq!(run(0).len, 2 * CS);
     assert_eq!(run(2 * CS).len, CS);
     assert_eq!(run(3 * CS).len, 2 * CS);
@@ -187,11 +194,11 @@ fn extended_l2_subclusters_resolve_one_by_one_over_a_backing_file() {
         }
     );
     let view = img.active_view();
-    let r0 = layer_run(&img, &view, 0, CS, "t").unwrap();
+    let r0 = layer_run(&img, &view, GuestOffset(0), CS, "t").unwrap();
     assert_eq!((r0.len, r0.subcluster), (4096, SubclusterType::Normal));
-    let r2 = layer_run(&img, &view, 4096, CS, "t").unwrap();
+    let r2 = layer_run(&img, &view, GuestOffset(4096), CS, "t").unwrap();
     assert_eq!((r2.len, r2.subcluster), (2048, SubclusterType::ZeroAlloc));
-    let r3 = layer_run(&img, &view, 6144, CS, "t").unwrap();
+    let r3 = layer_run(&img, &view, GuestOffset(6144), CS, "t").unwrap();
     assert_eq!(r3.subcluster, SubclusterType::UnallocatedAlloc);
     assert_eq!(r3.len, CS - 6144);
 
@@ -214,7 +221,7 @@ fn unallocated_entries_fall_through_to_the_backing_file() {
     let bytes = read_at(&chain, 0, 2 * CS as usize);
     assert!(bytes[..CS as usize].iter().all(|&x| x == 0x11));
     assert!(bytes[CS as usize..].iter().all(|&x| x == 0x77));
-    let t = trace(&chain, 0x10);
+    let t = trace(&chain, GuestOffset(0x10));
     let last = t.steps.last().unwrap();
     assert_eq!(last.depth, 1, "answered by the base");
     assert!(matches!(&last.kind, StepKind::Data { host_offset, .. } if host_offset == "0x10"));
@@ -228,7 +235,10 @@ fn entries_qemu_fails_with_eio_are_guest_io_errors() {
     let unaligned = b.clone().l2(0, data.0 + 0x200, 0);
     assert!(matches!(
         run_at(&unaligned, 0),
-        Err(Error::GuestIo { guest: 0, .. })
+        Err(Error::GuestIo {
+            guest: GuestOffset(0),
+            ..
+        })
     ));
     let mut e = ImageBuilder::new(16, 1 << 20).extended_l2();
     let h = e.cluster(&[0; 8]);
@@ -239,6 +249,6 @@ fn entries_qemu_fails_with_eio_are_guest_io_errors() {
     let l1 = b.l1_0(OFLAG_COPIED | 0x4_0200);
     assert!(matches!(
         run_at(&l1, CS),
-        Err(Error::GuestIo { guest, .. }) if guest == CS
+        Err(Error::GuestIo { guest, .. }) if guest == GuestOffset(CS)
     ));
 }

@@ -10,7 +10,7 @@ use crate::tables::{L1Entry, L1Mapping, L2Entry, L2Mapping};
 use crate::types::{GuestOffset, HostOffset};
 
 /// Trace the lookup of one guest offset through the chain, step by step.
-pub fn trace(chain: &Chain, guest: u64) -> Trace {
+pub fn trace(chain: &Chain, guest: GuestOffset) -> Trace {
     let mut steps = Vec::new();
     let view = match &chain.top().kind {
         LayerKind::Qcow2 { view, .. } => view.label(),
@@ -32,7 +32,7 @@ pub fn trace(chain: &Chain, guest: u64) -> Trace {
             })
         };
         let size = layer.size();
-        if guest >= size {
+        if guest.get() >= size {
             let why = if depth == 0 {
                 format!(
                     "Guest offset {guest:#x} is past the end of the disk ({size} bytes); there is nothing to read."
@@ -72,8 +72,9 @@ pub fn trace(chain: &Chain, guest: u64) -> Trace {
                     ),
                 );
                 let flen = layer.src.len();
-                let (zero, _) = crate::map::file_extent(layer.src.as_ref(), guest);
-                if guest >= flen {
+                // A raw layer's guest offsets are its file's offsets.
+                let (zero, _) = crate::map::file_extent(layer.src.as_ref(), guest.get());
+                if guest.get() >= flen {
                     let reason = format!(
                         "byte {guest:#x} is past the end of {name} ({flen} bytes), inside QEMU's rounding of a raw file's size up to 512 bytes"
                     );
@@ -143,8 +144,8 @@ pub fn trace(chain: &Chain, guest: u64) -> Trace {
             }
         }
     }
-    let (answer, error) = if guest < chain.size() {
-        match crate::map::decide(chain, guest) {
+    let (answer, error) = if guest.get() < chain.size() {
+        match crate::map::decide(chain, guest.get()) {
             Ok(e) => (Some(e), None),
             Err(e) => (None, Some(e.to_string())),
         }
@@ -167,16 +168,19 @@ fn trace_qcow2(
     img: &Qcow2,
     view: &View,
     data_file: Option<&dyn crate::io::Source>,
-    guest: u64,
+    guest: GuestOffset,
     depth: usize,
     name: &str,
     next: Option<&str>,
     steps: &mut Vec<Step>,
 ) -> Option<String> {
     let geo = img.geometry();
-    let g = GuestOffset(guest);
-    let (l1i, l2i, inc) = (geo.l1_index(g), geo.l2_index(g), geo.in_cluster(g));
-    let sc = geo.subcluster_index(g);
+    let (l1i, l2i, inc) = (
+        geo.l1_index(guest),
+        geo.l2_index(guest),
+        geo.in_cluster(guest),
+    );
+    let sc = geo.subcluster_index(guest);
     let mut t = LayerSteps {
         depth,
         name,
@@ -361,7 +365,7 @@ fn l2_entry_step(
 struct Place<'a> {
     img: &'a Qcow2,
     data_file: Option<&'a dyn Source>,
-    guest: u64,
+    guest: GuestOffset,
     /// The subcluster index and the offset in the cluster of `guest`.
     sc: u32,
     inc: u64,
@@ -450,7 +454,7 @@ fn conclude(t: &mut LayerSteps<'_>, at: &Place<'_>, status: Status) -> Option<St
                     }
                 ),
             );
-            if let Some((d, why)) = crate::crypto::decrypt_step(img, host, guest) {
+            if let Some((d, why)) = crate::crypto::decrypt_step(img, host, guest.get()) {
                 t.push(StepKind::Decrypt(d), why);
             }
             Some(format!(

@@ -114,7 +114,7 @@ impl Sim {
                 None => true,
                 Some(chain) => {
                     let mut buf = vec![0u8; n as usize];
-                    read(chain, g, &mut buf, &mut ReadCache::default())?;
+                    read(chain, GuestOffset(g), &mut buf, &mut ReadCache::default())?;
                     buf.iter().all(|&b| b == 0)
                 }
             };

@@ -81,7 +81,7 @@ impl Piece {
                 src.read_at(dst, *at)?;
             }
             Piece::Below(g) => match below {
-                Some(chain) => read(chain, *g, dst, &mut ReadCache::default())
+                Some(chain) => read(chain, GuestOffset(*g), dst, &mut ReadCache::default())
                     .map_err(|e| std::io::Error::other(e.to_string()))?,
                 None => dst.fill(0),
             },

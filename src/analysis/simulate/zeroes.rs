@@ -389,7 +389,7 @@ fn chain_reads_zero(chain: &Chain, a: u64, b: u64) -> SimResult<bool> {
                     None => return Ok(false),
                 }
             };
-            let run = layer_run(image, view, pos, len, &layer.label())?;
+            let run = layer_run(image, view, GuestOffset(pos), len, &layer.label())?;
             len = len.min(run.len.max(1));
             match run.status {
                 Status::Unallocated { .. } => continue,

@@ -78,7 +78,7 @@ pub fn inflated(
     };
     let (a, b) = d.range();
     let method = img.header.compression_type().qemu_name();
-    match qinspect::lookup::read_compressed(img, &d, g, "the image") {
+    match qinspect::lookup::read_compressed(img, &d, qinspect::types::GuestOffset(g), "the image") {
         Ok(bytes) => {
             let name = format!(
                 "guest data of guest cluster {gc} ({g:#x}), inflated ({method}) from host {a:#x}–{:#x}",

@@ -44,7 +44,7 @@ impl State {
             .chain
             .as_ref()
             .map_err(|e| format!("cannot trace: {e}"))?;
-        let mut t = trace(c, off);
+        let mut t = trace(c, qinspect::types::GuestOffset(off));
         if let Some((missing, gap)) = &ctx.chain_gap {
             let missing = missing.display();
             for s in t.steps.iter_mut() {
@@ -202,7 +202,7 @@ impl PaneState for State {
                             offset: h,
                             label: format!(
                                 "data of guest {:#x}",
-                                self.trace.as_ref().map_or(0, |t| t.guest_offset)
+                                self.trace.as_ref().map_or(0, |t| t.guest_offset.get())
                             ),
                             mark: Some((h, h + 16)),
                             src,

@@ -349,7 +349,13 @@ fn overview_decodes_luks_and_the_key_opens_the_chain() {
     assert_eq!(d.cipher, "aes-256-cbc-essiv:sha256");
     let mut buf = [0u8; 16];
     let c = a.ctx.chain.as_ref().unwrap();
-    qinspect::lookup::read(c, 0x1000, &mut buf, &mut Default::default()).unwrap();
+    qinspect::lookup::read(
+        c,
+        qinspect::types::GuestOffset(0x1000),
+        &mut buf,
+        &mut Default::default(),
+    )
+    .unwrap();
     assert_eq!(buf, [0x42; 16]);
     let bad = open(b"abd");
     let all: String = crate::tui::panes::overview::lines(&bad.ctx)

@@ -59,7 +59,7 @@ fn a_check_finding_leads_to_the_entry_at_fault_and_back_returns_to_the_same_plac
     key(&mut a, KeyCode::Enter);
     assert_eq!(a.pane, Pane::Trace);
     assert_eq!(
-        a.panes.trace.trace.as_ref().map(|t| t.guest_offset),
+        a.panes.trace.trace.as_ref().map(|t| t.guest_offset.get()),
         Some(0)
     );
     // Back, back: Tables at that entry, then the Check pane as it was.

@@ -46,7 +46,7 @@ fn the_map_pane_lists_qemu_img_map_extents_coloured_and_traces_them() {
     key(&mut a, KeyCode::Enter);
     assert_eq!(a.pane, Pane::Trace);
     assert_eq!(
-        a.panes.trace.trace.as_ref().map(|t| t.guest_offset),
+        a.panes.trace.trace.as_ref().map(|t| t.guest_offset.get()),
         Some(start)
     );
     key(&mut a, KeyCode::Backspace);

@@ -158,7 +158,7 @@ fn trace_steps_forward_and_back() {
     typed(&mut a, "6g0x18000");
     key(&mut a, KeyCode::Enter);
     let t = a.panes.trace.trace.as_ref().expect("a trace");
-    assert_eq!(t.guest_offset, 0x18000);
+    assert_eq!(t.guest_offset.get(), 0x18000);
     let n = t.steps.len();
     for _ in 0..n {
         typed(&mut a, "n");
