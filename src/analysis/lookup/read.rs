@@ -19,7 +19,7 @@ pub fn read_compressed(
     let cs = img.geometry().cluster_size();
     // The descriptor can claim at most 2^(cluster_bits-8) sectors, i.e. 2 clusters.
     let mut buf = vec![0u8; d.size.min(cs.saturating_mul(2)) as usize];
-    read_into(img.src.as_ref(), "compressed cluster", d.offset.0, &mut buf)?;
+    read_into(img.src.as_ref(), "compressed cluster", d.offset, &mut buf)?;
     compress::decompress(img.header.compression_type(), &buf, cs as usize).map_err(|e| {
         eio(
             guest,
@@ -95,7 +95,7 @@ pub fn read(chain: &Chain, guest: u64, buf: &mut [u8], cache: &mut ReadCache) ->
         };
         match seg {
             Segment::Data { src, host, .. } => {
-                read_into(src, "guest data", host, dst)?;
+                read_into(src, "guest data", crate::types::HostOffset(host), dst)?;
             }
             Segment::Zero { .. } => dst.fill(0),
             Segment::Bytes(b) => dst.copy_from_slice(b),

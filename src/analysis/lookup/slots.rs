@@ -296,7 +296,7 @@ impl L2Walker {
             // The header check keeps cluster sizes at 2 MiB or below.
             let cs = usize::try_from(geo.cluster_size()).unwrap_or(0);
             self.buf.resize(cs, 0);
-            read_into(img.src.as_ref(), "L2 table", offset.0, &mut self.buf)?;
+            read_into(img.src.as_ref(), "L2 table", offset, &mut self.buf)?;
             self.held = Some(key);
         }
         Ok(RawL2 {

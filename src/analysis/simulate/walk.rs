@@ -110,6 +110,17 @@ impl Sim {
         }
     }
 
+    /// The snapshot record whose L1 table is at `offset` (the first, as
+    /// [`Sim::l1_label`] names it), or None for the active L1 or no record.
+    fn l1_record(&self, offset: HostOffset) -> Option<usize> {
+        if offset == self.l1_table_offset {
+            return None;
+        }
+        self.snapshots
+            .iter()
+            .position(|s| s.l1_table_offset == offset)
+    }
+
     /// QEMU's `qcow2_update_snapshot_refcount`. `active` selects the in-memory
     /// active table (QEMU uses it when the offset is the active L1's).
     pub(super) fn update_snapshot_refcount(
@@ -119,6 +130,7 @@ impl Sim {
         addend: i32,
     ) -> SimResult<()> {
         let label = self.l1_label(l1_offset);
+        let record = self.l1_record(l1_offset);
         let active = l1_offset == self.l1_table_offset;
         // QEMU keeps a snapshot's VM state in the L1 range past its disk
         // (qcow2_vm_state_offset): entries from this index on name VM state.
@@ -198,6 +210,7 @@ impl Sim {
                         table: label.clone(),
                         table_offset: l1_offset,
                         index: i as u64,
+                        snapshot: record,
                     },
                     old_l1.0,
                     new_l1.0,

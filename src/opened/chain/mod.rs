@@ -26,6 +26,7 @@
 use crate::error::{Error, Result};
 use crate::image::{Qcow2, Strictness, View};
 use crate::io::{FileId, FileSource, SharedSource, Source};
+use crate::types::HostOffset;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -191,7 +192,7 @@ fn open_data_file(
         if image.header.data_file_raw() {
             return Err(Error::invalid(
                 "header autoclear_features",
-                88,
+                HostOffset(crate::header::Field::AutoclearFeatures.offset()),
                 "data-file-raw requires a data file",
             ));
         }
