@@ -24,6 +24,10 @@ pub enum Extent {
 pub trait Source: Send + Sync + std::fmt::Debug {
     /// Fill `buf` from `offset`. Bytes past the end of the source read as zeros; the
     /// return value is how many bytes came from the source itself.
+    ///
+    /// The boundary with the operating system (`pread`), so a bare byte offset:
+    /// code that reads a structure goes through [`read_exact`] or [`read_into`],
+    /// which take a [`HostOffset`] and name the structure in their errors.
     fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<usize>;
     /// Length in bytes.
     fn len(&self) -> u64;

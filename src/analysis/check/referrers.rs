@@ -74,8 +74,8 @@ impl Walk<'_> {
             }
         }
         out.sort();
-        // Two records with one ID and name read alike: listed once, as before the
-        // record was carried (the first record's, which sorts first).
+        // Referrers through two records with one ID and name read alike: listed
+        // once, as the output names them (the first record's, which sorts first).
         out.dedup_by(|b, a| a.reads_as(b));
         if out.len() > MAX_REFERRERS * 2 {
             let more = out.len().saturating_sub(MAX_REFERRERS);

@@ -120,7 +120,7 @@ impl Referrer {
 
     /// Whether two referrers read the same (they differ at most in
     /// [`l1_table`](Self::l1_table), the record behind two alike labels).
-    pub fn reads_as(&self, other: &Referrer) -> bool {
+    pub(super) fn reads_as(&self, other: &Referrer) -> bool {
         Referrer {
             l1_table: other.l1_table,
             ..self.clone()

@@ -110,17 +110,6 @@ impl Sim {
         }
     }
 
-    /// The snapshot record whose L1 table is at `offset` (the first, as
-    /// [`Sim::l1_label`] names it), or None for the active L1 or no record.
-    fn l1_record(&self, offset: HostOffset) -> Option<usize> {
-        if offset == self.l1_table_offset {
-            return None;
-        }
-        self.snapshots
-            .iter()
-            .position(|s| s.l1_table_offset == offset)
-    }
-
     /// QEMU's `qcow2_update_snapshot_refcount`. `active` selects the in-memory
     /// active table (QEMU uses it when the offset is the active L1's).
     pub(super) fn update_snapshot_refcount(
@@ -130,18 +119,20 @@ impl Sim {
         addend: i32,
     ) -> SimResult<()> {
         let label = self.l1_label(l1_offset);
-        let record = self.l1_record(l1_offset);
         let active = l1_offset == self.l1_table_offset;
+        // The snapshot record the label names (the first at this offset).
+        let record = (!active)
+            .then(|| {
+                self.snapshots
+                    .iter()
+                    .position(|s| s.l1_table_offset == l1_offset)
+            })
+            .flatten();
         // QEMU keeps a snapshot's VM state in the L1 range past its disk
         // (qcow2_vm_state_offset): entries from this index on name VM state.
-        let disk = if active {
-            self.size
-        } else {
-            self.snapshots
-                .iter()
-                .find(|s| s.l1_table_offset == l1_offset)
-                .map_or(self.size, |s| s.disk_size)
-        };
+        let disk = record
+            .and_then(|k| self.snapshots.get(k))
+            .map_or(self.size, |s| s.disk_size);
         let vm_from = self.geo.l1_entries_for(disk);
         let mut table: Vec<L1Entry> = if active {
             self.l1.clone()

@@ -70,7 +70,7 @@ impl Format {
     /// Guess from the first bytes, like QEMU's probe for these two formats.
     pub fn probe(src: &dyn Source) -> Format {
         let mut m = [0u8; 4];
-        if src.read_at(&mut m, 0).ok() == Some(4)
+        if crate::io::read_into(src, "magic", HostOffset(0), &mut m).ok() == Some(4)
             && u32::from_be_bytes(m) == crate::header::QCOW2_MAGIC
         {
             Format::Qcow2
