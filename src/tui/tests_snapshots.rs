@@ -247,6 +247,10 @@ fn a_check_referrer_leads_to_the_snapshot_record_it_names() {
         refs[0].l1_table,
         Some(qinspect::check::L1Id::Snapshot { index: 1 })
     );
+    // The JSON output names the table in words only.
+    let json = serde_json::to_value(&refs[0]).unwrap();
+    assert_eq!(json["l1"], "snapshot 1 'a' L1");
+    assert!(json.get("l1_table").is_none(), "{json}");
     key(&mut a, KeyCode::Char('7'));
     key(&mut a, KeyCode::Home);
     for _ in 0..at {
@@ -313,6 +317,10 @@ fn a_simulated_l1_change_leads_to_its_snapshot_record_or_says_it_is_gone() {
             snapshot: Some(0),
         }
     );
+    // The JSON output names the table in words only.
+    let json = serde_json::to_value(&target).unwrap();
+    assert_eq!(json["table"], "snapshot 1 'a' L1");
+    assert!(json.get("snapshot").is_none(), "{json}");
     step_to(&mut a, row);
     key(&mut a, KeyCode::Enter);
     assert_eq!(a.pane, super::ctx::Pane::Tables);
