@@ -6,7 +6,7 @@
 //! tells a reader exactly what to look at with `qinspect hexdump --host 0x50200`.
 
 use crate::header::Field;
-use crate::types::GuestOffset;
+use crate::types::{GuestOffset, HostOffset};
 use std::path::PathBuf;
 
 /// Result with qinspect's [`Error`].
@@ -36,7 +36,7 @@ pub enum Error {
         /// The structure.
         what: String,
         /// Where it starts.
-        offset: u64,
+        offset: HostOffset,
         /// How long it should be.
         len: u64,
         /// How long the file is.
@@ -52,7 +52,7 @@ pub enum Error {
         /// The structure or field, in words.
         what: String,
         /// Where it is in the file.
-        offset: u64,
+        offset: HostOffset,
         /// What is wrong, in QEMU's words where QEMU has them.
         reason: String,
     },
@@ -139,7 +139,7 @@ impl CorruptKind {
 impl Error {
     /// An `Invalid` error about a structure named in words only
     /// ([`CorruptKind::Other`]); [`Error::corrupt`] names it for code too.
-    pub fn invalid(what: impl Into<String>, offset: u64, reason: impl Into<String>) -> Self {
+    pub fn invalid(what: impl Into<String>, offset: HostOffset, reason: impl Into<String>) -> Self {
         Error::Invalid {
             kind: CorruptKind::Other,
             what: what.into(),
@@ -149,7 +149,7 @@ impl Error {
     }
 
     /// An `Invalid` error about structure `kind` at `offset`.
-    pub fn corrupt(kind: CorruptKind, offset: u64, reason: impl Into<String>) -> Self {
+    pub fn corrupt(kind: CorruptKind, offset: HostOffset, reason: impl Into<String>) -> Self {
         Error::Invalid {
             kind,
             what: kind.describe(),
@@ -160,7 +160,11 @@ impl Error {
 
     /// An `Invalid` error about header field `field`, at the field's offset.
     pub fn header_field(field: Field, reason: impl Into<String>) -> Self {
-        Error::corrupt(CorruptKind::HeaderField(field), field.offset(), reason)
+        Error::corrupt(
+            CorruptKind::HeaderField(field),
+            HostOffset(field.offset()),
+            reason,
+        )
     }
 
     /// The structure an `Invalid` error is about (`None` for other errors).

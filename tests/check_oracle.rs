@@ -558,7 +558,7 @@ fn library_findings_name_their_category() {
     assert!(copied.iter().any(|f| f.cluster == Some(6)), "{copied:?}");
     let reserved = of(Category::ReservedBits);
     assert_eq!(reserved.len(), 1, "{:?}", r.findings);
-    assert_eq!(reserved[0].offset, Some(0x40000 + 100 * 8));
+    assert_eq!(reserved[0].offset.map(u64::from), Some(0x40000 + 100 * 8));
     assert!(of(Category::Io).is_empty());
 }
 

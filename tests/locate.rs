@@ -6,6 +6,7 @@
 use qinspect::image::{Qcow2, Strictness};
 use qinspect::io::{FileSource, MemSource, SharedSource};
 use qinspect::locate::Structures;
+use qinspect::types::HostOffset;
 use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
@@ -67,9 +68,12 @@ fn snapshot_table_fields_are_named_at_each_byte() {
     for (i, snap) in sn.iter().enumerate() {
         for &(off, size, name) in layout {
             for b in off..off + size {
-                let d = s.decode(&img, entry + b).unwrap();
+                let d = s.decode(&img, HostOffset(entry + b)).unwrap();
                 assert_eq!(d.item, name, "entry {i} byte {b}");
-                assert_eq!((d.start, d.end), (entry + off, entry + off + size));
+                assert_eq!(
+                    (d.start.get(), d.end.get()),
+                    (entry + off, entry + off + size)
+                );
                 assert_eq!(d.raw, Some(be(&bytes, entry + off, size)), "{name}");
                 assert!(
                     d.structure
@@ -79,10 +83,12 @@ fn snapshot_table_fields_are_named_at_each_byte() {
         }
         let id_len = be(&bytes, entry + 12, 2);
         let name_len = be(&bytes, entry + 14, 2);
-        let d = s.decode(&img, entry + 64).unwrap();
+        let d = s.decode(&img, HostOffset(entry + 64)).unwrap();
         assert_eq!(d.item, "id_str");
         assert!(d.meaning.contains(&format!("\"{}\"", snap.id)));
-        let d = s.decode(&img, entry + 64 + id_len + name_len - 1).unwrap();
+        let d = s
+            .decode(&img, HostOffset(entry + 64 + id_len + name_len - 1))
+            .unwrap();
         assert_eq!(d.item, "name");
         assert!(d.meaning.contains(&format!("\"{}\"", snap.name)));
         // Entries are padded to 8 bytes.
@@ -90,7 +96,7 @@ fn snapshot_table_fields_are_named_at_each_byte() {
     }
     // The snapshot's own L1 table is named too.
     let l1 = sn[1].l1_table_offset.get();
-    let d = s.decode(&img, l1).unwrap();
+    let d = s.decode(&img, HostOffset(l1)).unwrap();
     assert!(
         d.structure
             .starts_with("L1 table of snapshot 2 'second-one'"),
@@ -130,17 +136,17 @@ fn bitmap_directory_fields_are_named() {
     ];
     for &(off, size, name) in layout {
         for b in off..off + size {
-            let x = s.decode(&img, dir_off + b).unwrap();
+            let x = s.decode(&img, HostOffset(dir_off + b)).unwrap();
             assert_eq!(x.item, name, "byte {b}");
             assert_eq!(x.raw, Some(be(&bytes, dir_off + off, size)));
             assert!(x.structure.starts_with("bitmap directory entry 0 'dirty0'"));
         }
     }
-    let x = s.decode(&img, dir_off + 24).unwrap();
+    let x = s.decode(&img, HostOffset(dir_off + 24)).unwrap();
     assert_eq!(x.item, "name");
     assert!(x.meaning.contains("\"dirty0\""));
     assert_eq!(be(&bytes, dir_off + 16, 1), 1);
-    let x = s.decode(&img, dir_off + 16).unwrap();
+    let x = s.decode(&img, HostOffset(dir_off + 16)).unwrap();
     assert_eq!(x.meaning, "dirty tracking bitmap");
     // The extension that points at the directory.
     let ext = img
@@ -148,7 +154,9 @@ fn bitmap_directory_fields_are_named() {
         .iter()
         .find(|e| e.ext_type == qinspect::header::EXT_BITMAPS)
         .unwrap();
-    let x = s.decode(&img, ext.offset.get() + 8 + 16).unwrap();
+    let x = s
+        .decode(&img, HostOffset(ext.offset.get() + 8 + 16))
+        .unwrap();
     assert_eq!(x.item, "bitmap_directory_offset");
     assert_eq!(x.raw, Some(dir_off));
 }
@@ -176,7 +184,7 @@ fn every_offset_of_damaged_images_decodes_without_panic() {
             };
             let s = Structures::of(&img);
             for off in (0..good.len() as u64).step_by(61) {
-                let _ = s.decode(&img, off);
+                let _ = s.decode(&img, HostOffset(off));
             }
             tried += 1;
         }
@@ -219,7 +227,7 @@ fn bitmap_tables_and_their_data_are_named() {
     let data = be(&bytes, table, 8) & 0x00ff_ffff_ffff_fe00;
     assert_ne!(data, 0, "QEMU stored a data cluster for the written bits");
     for b in 0..8 {
-        let x = s.decode(&img, table + b).unwrap();
+        let x = s.decode(&img, HostOffset(table + b)).unwrap();
         assert!(x.structure.starts_with("table of bitmap 'b0'"), "{x:?}");
         assert_eq!(x.item, "entry 0");
         assert_eq!(x.raw, Some(be(&bytes, table, 8)));
@@ -229,14 +237,14 @@ fn bitmap_tables_and_their_data_are_named() {
         );
     }
     // Bit 0 covers guest 0..64k, bit 16 (byte 2) guest 1M..1M+64k.
-    let x = s.decode(&img, data).unwrap();
+    let x = s.decode(&img, HostOffset(data)).unwrap();
     assert!(x.structure.starts_with("data of bitmap 'b0'"), "{x:?}");
     assert_eq!(x.raw, Some(u64::from(bytes[data as usize])));
     assert_eq!(x.raw, Some(1));
-    let x = s.decode(&img, data + 2).unwrap();
+    let x = s.decode(&img, HostOffset(data + 2)).unwrap();
     assert_eq!(x.raw, Some(1));
     assert!(x.meaning.contains("0x100000..0x180000"), "{x:?}");
-    let x = s.decode(&img, data + 1).unwrap();
+    let x = s.decode(&img, HostOffset(data + 1)).unwrap();
     assert_eq!(x.raw, Some(0));
     assert!(x.meaning.starts_with("0 of 8 bits set"), "{x:?}");
 }
@@ -272,7 +280,7 @@ fn the_luks_header_and_key_material_are_named() {
     let luks = be(&bytes, ext.offset.get() + 8, 8);
     assert_eq!(&bytes[luks as usize..luks as usize + 4], b"LUKS");
     for b in 0..6 {
-        let x = s.decode(&img, luks + b).unwrap();
+        let x = s.decode(&img, HostOffset(luks + b)).unwrap();
         assert!(x.structure.starts_with("LUKS header at"), "{x:?}");
         assert_eq!(x.item, "magic");
     }
@@ -280,7 +288,7 @@ fn the_luks_header_and_key_material_are_named() {
     // sector its key-material-offset field (LUKS header byte 208 + 40) names.
     assert_eq!(be(&bytes, luks + 208, 4), 0x00ac_71f3);
     let sector = be(&bytes, luks + 208 + 40, 4);
-    let x = s.decode(&img, luks + sector * 512).unwrap();
+    let x = s.decode(&img, HostOffset(luks + sector * 512)).unwrap();
     assert_eq!(x.item, "key material of slot 0", "{x:?}");
     assert!(!x.meaning.contains("not in use"), "{x:?}");
 }

@@ -152,7 +152,7 @@ fn luks_info(img: &Qcow2) -> Option<Value> {
         ExtensionKind::Crypto { offset, length } => Some((offset, length)),
         _ => None,
     })?;
-    let b = crate::io::read_exact(img.src.as_ref(), "LUKS header", off.get(), 592).ok()?;
+    let b = crate::io::read_exact(img.src.as_ref(), "LUKS header", off, 592).ok()?;
     if slice(&b, 0, 6) != b"LUKS\xba\xbe" {
         return None;
     }

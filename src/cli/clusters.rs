@@ -237,7 +237,7 @@ fn write_referrer(
         write_str(out, d)?;
         out.write_all(b",")?;
     }
-    number(out, num, b"guest_offset\": ", r.guest_offset)?;
+    number(out, num, b"guest_offset\": ", r.guest_offset.map(u64::from))?;
     if let Some(l1) = &r.l1 {
         out.write_all(REFERRER_KEY)?;
         out.write_all(b"l1\": ")?;
@@ -246,7 +246,7 @@ fn write_referrer(
     }
     number(out, num, b"l1_index\": ", r.l1_index)?;
     number(out, num, b"l2_index\": ", r.l2_index)?;
-    number(out, num, b"l2_table\": ", r.l2_table)?;
+    number(out, num, b"l2_table\": ", r.l2_table.map(u64::from))?;
     out.write_all(REFERRER_KEY)?;
     out.write_all(b"role\": ")?;
     write_str(out, role_str(r.role))
@@ -325,10 +325,11 @@ mod tests {
             role: Role::Data,
             l1: Some("snapshot 1 'a\"b\\c\u{1}é' L1".into()),
             l1_index: Some(3),
-            l2_table: Some(0x40000),
+            l2_table: Some(HostOffset(0x40000)),
             l2_index: Some(7),
-            guest_offset: Some(1 << 40),
+            guest_offset: Some(qinspect::types::GuestOffset(1 << 40)),
             detail: Some("tab\there".into()),
+            l1_table: Some(qinspect::check::L1Id::Snapshot { index: 0 }),
         };
         let plain = Referrer {
             role: Role::RefcountBlock,
@@ -338,6 +339,7 @@ mod tests {
             l2_index: None,
             guest_offset: None,
             detail: None,
+            l1_table: None,
         };
         let rows = [
             ClusterInfo {

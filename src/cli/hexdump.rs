@@ -70,7 +70,7 @@ pub fn run(mut a: Args) -> CmdResult {
             );
         }
         let mut buf = vec![0u8; (end - h) as usize];
-        qinspect::io::read_into(&src, "bytes", h, &mut buf)?;
+        qinspect::io::read_into(&src, "bytes", qinspect::types::HostOffset(h), &mut buf)?;
         (h, buf)
     } else {
         let g = a.guest.unwrap_or(0);

@@ -6,7 +6,7 @@ use qinspect::chain::{Chain, OpenOptions};
 use qinspect::image::Strictness;
 use qinspect::io::{Extent, FileId, Source};
 use qinspect::lookup::{ReadCache, Segment, for_each_segment, read};
-use qinspect::types::GuestOffset;
+use qinspect::types::{GuestOffset, HostOffset};
 use std::io::Write;
 use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
@@ -282,7 +282,7 @@ fn stream_to_pipe(chain: &Chain, offset: u64, len: u64, out: std::io::StdoutLock
             while rest > 0 {
                 let n = rest.min(CHUNK as u64) as usize;
                 buf.resize(n, 0);
-                qinspect::io::read_into(src, "guest data", at, &mut buf)?;
+                qinspect::io::read_into(src, "guest data", HostOffset(at), &mut buf)?;
                 write(&buf)?;
                 at += n as u64;
                 rest -= n as u64;
@@ -642,7 +642,7 @@ impl<'a, 'f> SparseWriter<'a, 'f> {
         while n > 0 {
             let dst = self.room(n);
             let k = dst.len();
-            qinspect::io::read_into(src, "guest data", at, dst)?;
+            qinspect::io::read_into(src, "guest data", HostOffset(at), dst)?;
             at += k as u64;
             n -= k as u64;
             self.advance(k)?;

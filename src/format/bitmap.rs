@@ -219,7 +219,7 @@ pub fn read_directory(
     size: u64,
     count: u32,
 ) -> Result<Vec<BitmapEntry>> {
-    let offset = directory.get();
+    let offset = directory;
     if size > MAX_DIRECTORY_BYTES || u64::from(count) > MAX_BITMAPS {
         return Err(Error::invalid(
             "bitmap directory",
@@ -277,14 +277,14 @@ pub fn read_table(src: &dyn Source, entry: &BitmapEntry) -> Result<Vec<BitmapTab
     if u64::from(entry.table_size) > MAX_TABLE_ENTRIES {
         return Err(Error::invalid(
             format!("bitmap '{}' table", entry.name),
-            entry.table_offset.get(),
+            entry.table_offset,
             format!("{} entries is more than QEMU allows", entry.table_size),
         ));
     }
     let buf = read_exact(
         src,
         &format!("bitmap '{}' table", entry.name),
-        entry.table_offset.get(),
+        entry.table_offset,
         u64::from(entry.table_size) * 8,
     )?;
     Ok(buf
@@ -312,7 +312,7 @@ pub fn first_invalid_entry(
     if total > MAX_TABLE_ENTRIES {
         return Err(Error::invalid(
             what,
-            entry.table_offset.get(),
+            entry.table_offset,
             format!("{total} entries is more than QEMU allows"),
         ));
     }
@@ -323,17 +323,14 @@ pub fn first_invalid_entry(
     let mut done = 0u64;
     while done < total {
         let n = total.saturating_sub(done).min(SCAN_ENTRIES);
-        let start = entry
-            .table_offset
-            .get()
-            .saturating_add(done.saturating_mul(8));
+        let start = entry.table_offset.saturating_add(done.saturating_mul(8));
         let buf = read_exact(src, &what, start, n.saturating_mul(8))?;
         for (k, c) in (0u64..).zip(buf.chunks_exact(8)) {
             let e = BitmapTableEntry(be64(c, 0));
             if let Some(problem) = e.problem(cluster_size) {
                 return Ok(Some(InvalidTableEntry {
                     index: done.saturating_add(k),
-                    at: HostOffset(start.saturating_add(k.saturating_mul(8))),
+                    at: start.saturating_add(k.saturating_mul(8)),
                     entry: e,
                     problem,
                 }));

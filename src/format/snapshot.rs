@@ -189,7 +189,7 @@ pub fn read_table(src: &dyn Source, offset: HostOffset, count: u32) -> SnapshotT
     if u64::from(count) > MAX_SNAPSHOTS {
         table.error = Some(Arc::new(Error::invalid(
             "snapshot table",
-            offset.get(),
+            offset,
             format!(
                 "{count} snapshots is more than QEMU's limit of {MAX_SNAPSHOTS} (File too large)"
             ),
@@ -235,7 +235,7 @@ fn c_string(b: &[u8]) -> String {
 }
 
 /// Read `len` bytes (at most 132 KiB here), zeros past the end of the file, as QEMU does.
-fn read_zero_filled(src: &dyn Source, what: &str, pos: u64, len: u64) -> Result<Vec<u8>> {
+fn read_zero_filled(src: &dyn Source, what: &str, pos: HostOffset, len: u64) -> Result<Vec<u8>> {
     let mut buf = vec![0u8; len as usize];
     read_into(src, what, pos, &mut buf)?;
     Ok(buf)
@@ -243,7 +243,7 @@ fn read_zero_filled(src: &dyn Source, what: &str, pos: u64, len: u64) -> Result<
 
 fn read_entry(src: &dyn Source, entry: HostOffset, index: usize) -> Result<Snapshot> {
     let what = format!("snapshot table entry {index}");
-    let pos = entry.get();
+    let pos = entry;
     let h = read_zero_filled(src, &what, pos, ENTRY_HEADER_LEN)?;
     let id_len = u64::from(be16(&h, 12));
     let name_len = u64::from(be16(&h, 14));

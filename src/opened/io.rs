@@ -5,6 +5,7 @@
 //! in-memory source lets tests and fuzzers run the whole core without touching disk.
 
 use crate::error::{Error, Result};
+use crate::types::HostOffset;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -23,6 +24,10 @@ pub enum Extent {
 pub trait Source: Send + Sync + std::fmt::Debug {
     /// Fill `buf` from `offset`. Bytes past the end of the source read as zeros; the
     /// return value is how many bytes came from the source itself.
+    ///
+    /// The boundary with the operating system (`pread`), so a bare byte offset:
+    /// code that reads a structure goes through [`read_exact`] or [`read_into`],
+    /// which take a [`HostOffset`] and name the structure in their errors.
     fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<usize>;
     /// Length in bytes.
     fn len(&self) -> u64;
@@ -226,8 +231,8 @@ pub type SharedSource = Arc<dyn Source>;
 /// Read exactly `len` bytes of structure `what` at `offset`, failing with
 /// [`Error::Truncated`] if the file is shorter. `len` must already be checked
 /// against sane limits by the caller.
-pub fn read_exact(src: &dyn Source, what: &str, offset: u64, len: u64) -> Result<Vec<u8>> {
-    let end = offset.checked_add(len);
+pub fn read_exact(src: &dyn Source, what: &str, offset: HostOffset, len: u64) -> Result<Vec<u8>> {
+    let end = offset.get().checked_add(len);
     if end.is_none_or(|e| e > src.len()) {
         return Err(Error::Truncated {
             what: what.to_string(),
@@ -243,8 +248,13 @@ pub fn read_exact(src: &dyn Source, what: &str, offset: u64, len: u64) -> Result
 }
 
 /// Fill `buf` at `offset`; bytes past the end of the source read as zeros.
-pub fn read_into(src: &dyn Source, what: &str, offset: u64, buf: &mut [u8]) -> Result<usize> {
-    src.read_at(buf, offset).map_err(|e| Error::Io {
+pub fn read_into(
+    src: &dyn Source,
+    what: &str,
+    offset: HostOffset,
+    buf: &mut [u8],
+) -> Result<usize> {
+    src.read_at(buf, offset.get()).map_err(|e| Error::Io {
         file: src.name().to_path_buf(),
         what: format!("read of {what} at {offset:#x}"),
         source: Arc::new(e),

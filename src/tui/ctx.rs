@@ -7,6 +7,7 @@ use qinspect::check::CheckReport;
 use qinspect::image::{Qcow2, Strictness, View};
 use qinspect::io::{FileSource, SharedSource};
 use qinspect::tables::L1Entry;
+use qinspect::types::HostOffset;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -133,11 +134,11 @@ pub enum Effect {
     /// (None: the image file itself).
     ShowHost {
         /// The byte to show.
-        offset: u64,
+        offset: HostOffset,
         /// What it is.
         label: String,
-        /// Bytes to highlight.
-        mark: Option<(u64, u64)>,
+        /// Bytes to highlight: the first, and one past the last.
+        mark: Option<(HostOffset, HostOffset)>,
         /// The file of the chain they are in.
         src: Option<SharedSource>,
     },

@@ -170,3 +170,204 @@ fn the_second_of_two_records_with_one_id_is_the_one_every_pane_shows() {
     assert!(s.contains("the one `qemu-img convert -l 1` reads"), "{s}");
     assert_eq!(std::fs::read(&dup).unwrap(), before);
 }
+
+/// Two snapshots both named "a" (IDs 1 and 2: the first taken while the active
+/// L1's entry had COPIED set, which its copy keeps; the second after the first
+/// shared the L2 table, so its copy has COPIED clear), then a copy in which the
+/// second record's ID is "1" too: two records one label names alike
+/// ("snapshot 1 'a' L1"). The active L1 and both records share one L2 table.
+fn same_label(dir: &Path) -> std::path::PathBuf {
+    run(
+        dir,
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", "s.qcow2", "1M"],
+    );
+    run(
+        dir,
+        "qemu-io",
+        &["-f", "qcow2", "-c", "write -P 1 0 64k", "s.qcow2"],
+    );
+    run(dir, "qemu-img", &["snapshot", "-c", "a", "s.qcow2"]);
+    run(dir, "qemu-img", &["snapshot", "-c", "a", "s.qcow2"]);
+    let dup = dir.join("same.qcow2");
+    std::fs::copy(dir.join("s.qcow2"), &dup).unwrap();
+    let img = opened(&dup);
+    let b = &img.snapshots.snapshots[1];
+    assert_eq!((b.id.as_str(), b.name.as_str()), ("2", "a"));
+    let at = b.entry_offset.get() + 40 + u64::from(b.extra_data_size);
+    let f = std::fs::File::options().write(true).open(&dup).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, b"1", at).unwrap();
+    let img = opened(&dup);
+    let labels: Vec<(&str, &str)> = img
+        .snapshots
+        .snapshots
+        .iter()
+        .map(|s| (s.id.as_str(), s.name.as_str()))
+        .collect();
+    assert_eq!(labels, [("1", "a"), ("1", "a")]);
+    dup
+}
+
+#[test]
+fn a_check_referrer_leads_to_the_snapshot_record_it_names() {
+    let dir = tempfile::tempdir().unwrap();
+    let dup = same_label(dir.path());
+    // A reserved bit (bit 1) in entry 0 of the second record's L1 table.
+    let img = opened(&dup);
+    let snaps = &img.snapshots.snapshots;
+    let (a_l1, b_l1) = (snaps[0].l1_table_offset, snaps[1].l1_table_offset);
+    assert_ne!(a_l1, b_l1);
+    let f = std::fs::File::options()
+        .read(true)
+        .write(true)
+        .open(&dup)
+        .unwrap();
+    let mut e = [0u8; 8];
+    std::os::unix::fs::FileExt::read_exact_at(&f, &mut e, b_l1.get()).unwrap();
+    let e = u64::from_be_bytes(e) | 2;
+    std::os::unix::fs::FileExt::write_all_at(&f, &e.to_be_bytes(), b_l1.get()).unwrap();
+    drop(f);
+    let before = std::fs::read(&dup).unwrap();
+
+    let mut a = App::new(dup.clone(), Options::default());
+    a.wait_background();
+    let r = a.ctx.report.as_ref().expect("checked");
+    let at = r
+        .findings
+        .iter()
+        .position(|f| {
+            f.message
+                .starts_with("ERROR found L1 entry with reserved bits set")
+        })
+        .unwrap_or_else(|| panic!("{:?}", r.findings));
+    let refs = &r.findings[at].referrers;
+    assert_eq!(refs.len(), 1, "{refs:?}");
+    assert_eq!(refs[0].l1.as_deref(), Some("snapshot 1 'a' L1"));
+    assert_eq!(
+        refs[0].l1_table,
+        Some(qinspect::check::L1Id::Snapshot { index: 1 })
+    );
+    // The JSON output names the table in words only.
+    let json = serde_json::to_value(&refs[0]).unwrap();
+    assert_eq!(json["l1"], "snapshot 1 'a' L1");
+    assert!(json.get("l1_table").is_none(), "{json}");
+    key(&mut a, KeyCode::Char('7'));
+    key(&mut a, KeyCode::Home);
+    for _ in 0..at {
+        key(&mut a, KeyCode::Down);
+    }
+    key(&mut a, KeyCode::Enter);
+    // The second record's L1 table, entry 0: not the first record's, which the
+    // label names first.
+    assert_eq!(a.pane, super::ctx::Pane::Tables);
+    assert_eq!(a.ctx.view_snapshot, Some(1));
+    assert_eq!(a.ctx.view().unwrap().l1_offset, b_l1);
+    assert_eq!(a.panes.tables.l1.sel, 0);
+    let s = screen(&mut a, 160, 40);
+    assert!(
+        s.contains(&format!("snapshot 1 'a' L1 at {b_l1:#x}")),
+        "{s}"
+    );
+    assert_eq!(std::fs::read(&dup).unwrap(), before);
+}
+
+#[test]
+fn a_simulated_l1_change_leads_to_its_snapshot_record_or_says_it_is_gone() {
+    use qinspect::simulate::Target;
+    let dir = tempfile::tempdir().unwrap();
+    let dup = same_label(dir.path());
+    let img = opened(&dup);
+    let (a_l1, b_l1) = (
+        img.snapshots.snapshots[0].l1_table_offset,
+        img.snapshots.snapshots[1].l1_table_offset,
+    );
+    let before = std::fs::read(&dup).unwrap();
+    let l1_change = |a: &App| {
+        let o = a.panes.simulate.outcome.clone().unwrap().unwrap();
+        let all = super::panes::simulate::flat(&o);
+        (0..all.len())
+            .find_map(|i| match super::panes::simulate::change_at(&o, i) {
+                Some(c) if matches!(c.target, Target::L1Entry { .. }) => {
+                    Some((i, c.target.clone()))
+                }
+                _ => None,
+            })
+            .expect("an L1 entry changes")
+    };
+    let step_to = |a: &mut App, row: usize| {
+        for _ in 0..row {
+            key(a, KeyCode::Char('n'));
+        }
+        assert_eq!(a.panes.simulate.steps.sel, row);
+    };
+
+    // The refcount walk +1 over the first record (the one "a" names): its
+    // L1[0] loses COPIED, and Enter shows that entry in the first record.
+    let mut a = App::new(dup.clone(), Options::default());
+    a.wait_background();
+    a.start_simulation("refcount-update:a:1".into());
+    a.wait_background();
+    let (row, target) = l1_change(&a);
+    assert_eq!(
+        target,
+        Target::L1Entry {
+            table: "snapshot 1 'a' L1".into(),
+            table_offset: a_l1,
+            index: 0,
+            snapshot: Some(0),
+        }
+    );
+    // The JSON output names the table in words only.
+    let json = serde_json::to_value(&target).unwrap();
+    assert_eq!(json["table"], "snapshot 1 'a' L1");
+    assert!(json.get("snapshot").is_none(), "{json}");
+    step_to(&mut a, row);
+    key(&mut a, KeyCode::Enter);
+    assert_eq!(a.pane, super::ctx::Pane::Tables);
+    assert!(a.ctx.simulated_view());
+    assert_eq!(a.ctx.view_snapshot, Some(0));
+    assert_eq!(a.ctx.view().unwrap().l1_offset, a_l1);
+    assert_eq!(a.panes.tables.l1.sel, 0);
+
+    // Deleting "a" deletes the first record, and the walk -1 over its L1
+    // clears COPIED there. That table is gone from the simulated image, whose
+    // only record is the second one, under the same label: Enter says so and
+    // does not show the second record's L1 in its place.
+    let mut a = App::new(dup.clone(), Options::default());
+    a.wait_background();
+    a.start_simulation("snapshot-delete:a".into());
+    a.wait_background();
+    let (row, target) = l1_change(&a);
+    match &target {
+        Target::L1Entry {
+            table,
+            table_offset,
+            snapshot,
+            ..
+        } => {
+            assert_eq!(table, "snapshot 1 'a' L1");
+            assert_eq!(*table_offset, a_l1);
+            assert_ne!(*snapshot, Some(0), "{target:?}");
+        }
+        t => panic!("{t:?}"),
+    }
+    let sim = a.ctx.simulated.as_ref().unwrap().img.clone();
+    let left: Vec<_> = sim
+        .snapshots
+        .snapshots
+        .iter()
+        .map(|s| (s.id.as_str(), s.name.as_str(), s.l1_table_offset))
+        .collect();
+    assert_eq!(left, [("1", "a", b_l1)]);
+    step_to(&mut a, row);
+    key(&mut a, KeyCode::Enter);
+    assert_eq!(a.pane, super::ctx::Pane::Simulate);
+    assert_eq!(a.ctx.view_snapshot, None);
+    assert!(
+        a.status
+            .contains("snapshot 1 'a' L1 is not in the simulated image"),
+        "{}",
+        a.status
+    );
+    assert_eq!(std::fs::read(&dup).unwrap(), before);
+}

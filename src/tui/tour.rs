@@ -72,15 +72,21 @@ fn show(app: &mut App) {
         2 => vec![Effect::Table(first.map(|(l1, l2, _)| (l1, l2)))],
         3 => vec![match first {
             Some((_, _, host)) => Effect::ShowHost {
-                offset: host,
+                offset: qinspect::types::HostOffset(host),
                 label: "the first data cluster".into(),
-                mark: Some((host, host + 16)),
+                mark: Some((
+                    qinspect::types::HostOffset(host),
+                    qinspect::types::HostOffset(host + 16),
+                )),
                 src: None,
             },
             None => Effect::ShowHost {
-                offset: 0,
+                offset: qinspect::types::HostOffset(0),
                 label: "the header (no data cluster yet)".into(),
-                mark: Some((0, 4)),
+                mark: Some((
+                    qinspect::types::HostOffset(0),
+                    qinspect::types::HostOffset(4),
+                )),
                 src: None,
             },
         }],

@@ -111,7 +111,7 @@ pub(super) fn compare(walk: &mut Walk, counter: &Counter) {
                 let cs = walk.cs;
                 if let Some(f) = walk.find(kind, Category::Refcount, msg, 1) {
                     f.cluster = Some(c);
-                    f.offset = Some(c.saturating_mul(cs));
+                    f.offset = Some(HostOffset(c.saturating_mul(cs)));
                     f.refcount = Some(r);
                     f.reference = Some(computed);
                     f.repair = Some(if r == 0 {
@@ -141,7 +141,7 @@ pub(super) fn compare(walk: &mut Walk, counter: &Counter) {
         );
         if let Some(f) = walk.find(FindingKind::CheckError, Category::Refblock, msg, n) {
             f.cluster = Some(first);
-            f.offset = Some(off);
+            f.offset = Some(HostOffset(off));
         }
     }
     walk.report.image_end_offset = HostOffset(highest.saturating_add(1).saturating_mul(walk.cs));
@@ -201,7 +201,7 @@ fn past_eof(walk: &mut Walk, stored: &mut RefcountReader, nb: u64) {
         let at = c.saturating_mul(walk.cs);
         if let Some(f) = walk.find(FindingKind::Note, Category::RefcountPastEof, msg, 1) {
             f.cluster = Some(*c);
-            f.offset = Some(at);
+            f.offset = Some(HostOffset(at));
             f.refcount = Some(*r);
             f.reference = Some(0);
         }

@@ -10,6 +10,7 @@ use super::walk::Walk;
 use crate::image::{Qcow2, RefcountReader};
 use crate::io::read_into;
 use crate::tables::{ClusterType, L2E_OFFSET_MASK, L2Entry};
+use crate::types::HostOffset;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
@@ -92,7 +93,13 @@ impl<'a> Copied<'a> {
         let tables = Arc::clone(&self.tables);
         let mut buf = vec![0u8; self.walk.cs as usize];
         for l2 in tables.keys().filter(|l2| !seen(**l2)) {
-            let ok = read_into(self.walk.img.src.as_ref(), "L2 table", *l2, &mut buf).is_ok();
+            let ok = read_into(
+                self.walk.img.src.as_ref(),
+                "L2 table",
+                HostOffset(*l2),
+                &mut buf,
+            )
+            .is_ok();
             self.table(*l2, ok.then_some(buf.as_slice()));
         }
     }
@@ -124,12 +131,7 @@ fn l1_half(walk: &mut Walk, stored: &mut RefcountReader) -> ActiveL2s {
             let cbits = walk.cbits;
             if let Some(f) = walk.find(FindingKind::Corruption, Category::Copied, msg, 1) {
                 f.cluster = Some(l2 >> cbits);
-                f.offset = Some(
-                    img.header
-                        .l1_table_offset
-                        .get()
-                        .saturating_add((i as u64).saturating_mul(8)),
-                );
+                f.offset = Some(img.header.l1_table_offset.saturating_entry(i as u64, 8));
                 f.refcount = Some(r);
                 f.repair = Some(format!(
                     "{} bit 63 of active L1[{i}]",
@@ -216,7 +218,7 @@ fn l2_half(cp: &mut Copied, l2: u64, w: u64, l1s: &[u64], buf: &[u8]) {
             .find(FindingKind::Corruption, Category::Copied, msg, w)
         {
             f.cluster = Some(L2Entry::from_word(raw).host_offset().0 >> cbits);
-            f.offset = Some(l2.saturating_add((j as u64).saturating_mul(step as u64)));
+            f.offset = Some(HostOffset(l2).saturating_entry(j as u64, step as u64));
             f.refcount = Some(r);
             f.repair = Some(format!(
                 "{} bit 63 of the L2 entry",
@@ -237,9 +239,10 @@ fn l2_half(cp: &mut Copied, l2: u64, w: u64, l1s: &[u64], buf: &[u8]) {
                 f.referrers.push(Referrer {
                     l1: Some(name.clone()),
                     l1_index: Some(*l1i),
-                    l2_table: Some(l2),
+                    l2_table: Some(HostOffset(l2)),
                     l2_index: Some(j as u64),
-                    guest_offset: geo.guest_offset(*l1i, j as u64, 0).map(|g| g.0),
+                    guest_offset: geo.guest_offset(*l1i, j as u64, 0),
+                    l1_table: Some(L1Id::Active),
                     ..Referrer::plain(Role::Data, None)
                 });
             }

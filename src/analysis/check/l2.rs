@@ -7,6 +7,7 @@ use crate::io::read_into;
 use crate::tables::{
     ClusterType, CompressedDescriptor, L2E_OFFSET_MASK, L2E_STD_RESERVED_MASK, L2Entry,
 };
+use crate::types::HostOffset;
 
 impl Walk<'_> {
     /// `check_refcounts_l2` for one L2 table, once, weighted by the L1 entries naming it.
@@ -24,14 +25,14 @@ impl Walk<'_> {
     ) {
         let w = refs.len() as u64;
         let active = refs.iter().filter(|(id, _)| *id == L1Id::Active).count() as u64;
-        let read = read_into(self.img.src.as_ref(), "L2 table", l2, buf).is_ok();
+        let read = read_into(self.img.src.as_ref(), "L2 table", HostOffset(l2), buf).is_ok();
         if let Some(cp) = self.copied.as_mut() {
             cp.table(l2, read.then_some(&*buf));
         }
         if !read {
             let msg = "ERROR: I/O error in check_refcounts_l2".to_string();
             if let Some(f) = self.find(FindingKind::CheckError, Category::Io, msg, w) {
-                f.offset = Some(l2);
+                f.offset = Some(HostOffset(l2));
             }
             return;
         }
@@ -45,7 +46,7 @@ impl Walk<'_> {
         // A run of data clusters (first cluster, count, first L2 index) counted at once.
         let mut run: Option<(u64, u64, u64)> = None;
         // Where entry i is, for findings only (not computed per entry).
-        let entry_off = |i: u64| l2.saturating_add(i.saturating_mul(step as u64));
+        let entry_off = |i: u64| HostOffset(l2).saturating_entry(i, step as u64);
         // The raw value of the last entry added to `run` (standard entries only).
         let mut run_raw = 0u64;
         let fast = !ext && !has_df;

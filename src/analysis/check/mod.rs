@@ -113,7 +113,7 @@ pub fn check(img: &Qcow2, opts: &CheckOptions) -> CheckReport {
                 let msg = format!("ERROR snapshot table entry {i} is incomplete");
                 if let Some(f) = walk.find(FindingKind::Corruption, Category::SnapshotTable, msg, 1)
                 {
-                    f.offset = Some(s.entry_offset.get());
+                    f.offset = Some(s.entry_offset);
                     f.repair = Some("qemu-img check -r all rewrites the snapshot table with 24 bytes of extra data".into());
                 }
             }

@@ -5,6 +5,7 @@ use super::imrt::{CHUNK_BITS, Counts, kind_shift};
 use super::report::{Category, FindingKind, Referrer, Role};
 use super::visit::{Counter, Owners};
 use super::walk::Walk;
+use crate::types::{GuestOffset, HostOffset};
 use std::collections::{BTreeMap, BTreeSet};
 
 /// Clusters looked at together by [`quiet`].
@@ -104,7 +105,7 @@ pub(super) fn overlaps(walk: &mut Walk, counter: &Counter) {
     let cs = walk.cs;
     for (c, refs) in named {
         let kinds = counter.imrt.kinds(c);
-        let guests: BTreeSet<u64> = refs
+        let guests: BTreeSet<GuestOffset> = refs
             .iter()
             .filter(|r| matches!(r.role, Role::Data | Role::Compressed))
             .filter_map(|r| r.guest_offset)
@@ -134,7 +135,7 @@ pub(super) fn overlaps(walk: &mut Walk, counter: &Counter) {
             );
             if let Some(f) = walk.find(FindingKind::Note, Category::CrossLink, msg, 1) {
                 f.cluster = Some(c);
-                f.offset = Some(c.saturating_mul(cs));
+                f.offset = Some(HostOffset(c.saturating_mul(cs)));
                 f.reference = Some(counter.imrt.get(c));
                 f.referrers = refs;
                 f.repair = Some("no automatic repair: a write to one owner changes what the other reads; copy the data out first".into());

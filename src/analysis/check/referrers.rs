@@ -4,6 +4,7 @@ use super::MAX_REFERRERS;
 use super::report::{L1Id, Referrer, Role};
 use super::visit::Ctx;
 use super::walk::Walk;
+use crate::types::HostOffset;
 
 impl Walk<'_> {
     pub(super) fn referrers(&self, list: &[(Ctx, u64)]) -> Vec<Referrer> {
@@ -35,21 +36,24 @@ impl Walk<'_> {
                             role,
                             l1: Some(self.l1_name(*id)),
                             l1_index: Some(*l1i),
-                            l2_table: Some(l2),
+                            l2_table: Some(HostOffset(l2)),
                             l2_index: Some(index),
-                            guest_offset: geo.guest_offset(*l1i, index, 0).map(|g| g.0),
+                            guest_offset: geo.guest_offset(*l1i, index, 0),
                             detail: None,
+                            l1_table: Some(*id),
                         });
                     }
                 }
                 Ctx::L2Table(id, i) => out.push(Referrer {
                     l1: Some(self.l1_name(id)),
                     l1_index: Some(i),
+                    l1_table: Some(id),
                     ..Referrer::plain(Role::L2Table, None)
                 }),
-                Ctx::L1Table(id) => {
-                    out.push(Referrer::plain(Role::L1Table, Some(self.l1_name(id))))
-                }
+                Ctx::L1Table(id) => out.push(Referrer {
+                    l1_table: Some(id),
+                    ..Referrer::plain(Role::L1Table, Some(self.l1_name(id)))
+                }),
                 Ctx::Header => out.push(Referrer::plain(Role::Header, None)),
                 Ctx::SnapshotTable => out.push(Referrer::plain(Role::SnapshotTable, None)),
                 Ctx::RefcountTable => out.push(Referrer::plain(Role::RefcountTable, None)),
@@ -70,7 +74,9 @@ impl Walk<'_> {
             }
         }
         out.sort();
-        out.dedup();
+        // Referrers through two records with one ID and name read alike: listed
+        // once, as the output names them (the first record's, which sorts first).
+        out.dedup_by(|b, a| a.reads_as(b));
         if out.len() > MAX_REFERRERS * 2 {
             let more = out.len().saturating_sub(MAX_REFERRERS);
             out.truncate(MAX_REFERRERS);

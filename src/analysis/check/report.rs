@@ -1,7 +1,7 @@
 //! What the check reports: findings, their kinds and the roles clusters play.
 
 use super::{Imrt, Refusal};
-use crate::types::HostOffset;
+use crate::types::{GuestOffset, HostOffset};
 use serde::Serialize;
 use std::sync::Arc;
 
@@ -86,16 +86,22 @@ pub struct Referrer {
     pub l1_index: Option<u64>,
     /// The L2 table, for data references.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub l2_table: Option<u64>,
+    pub l2_table: Option<HostOffset>,
     /// Index in the L2 table.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub l2_index: Option<u64>,
     /// The guest offset mapped, for data references.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub guest_offset: Option<u64>,
+    pub guest_offset: Option<GuestOffset>,
     /// Anything else (refcount table index, bitmap name, ...).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub detail: Option<String>,
+    /// The L1 table `l1` names, for code: the active one, or a snapshot by its
+    /// record (position in the snapshot table), which stays apart from another
+    /// record with the same ID and name where the label does not. Not in the JSON
+    /// output, which names the table by `l1`.
+    #[serde(skip)]
+    pub l1_table: Option<L1Id>,
 }
 
 impl Referrer {
@@ -108,7 +114,17 @@ impl Referrer {
             l2_index: None,
             guest_offset: None,
             detail,
+            l1_table: None,
         }
+    }
+
+    /// Whether two referrers read the same (they differ at most in
+    /// [`l1_table`](Self::l1_table), the record behind two alike labels).
+    pub(super) fn reads_as(&self, other: &Referrer) -> bool {
+        Referrer {
+            l1_table: other.l1_table,
+            ..self.clone()
+        } == *other
     }
 
     /// One line: `data via active L1[0] -> L2 0x40000[16] (guest 0x100000)`.
@@ -231,7 +247,7 @@ pub struct Finding {
     pub cluster: Option<u64>,
     /// The host offset (of the cluster, or of the entry at fault).
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub offset: Option<u64>,
+    pub offset: Option<HostOffset>,
     /// The stored refcount.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub refcount: Option<u64>,

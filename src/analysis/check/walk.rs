@@ -115,7 +115,7 @@ impl<'a> Walk<'a> {
             );
             let cbits = self.cbits;
             if let Some(f) = self.find(FindingKind::Corruption, Category::PastEof, msg, w) {
-                f.offset = Some(off);
+                f.offset = Some(HostOffset(off));
                 f.cluster = Some(off >> cbits);
             }
             return;
@@ -145,7 +145,7 @@ impl<'a> Walk<'a> {
             let at = first << self.cbits;
             if let Some(f) = self.find(FindingKind::Corruption, Category::Overflow, msg, over) {
                 f.cluster = Some(first);
-                f.offset = Some(at);
+                f.offset = Some(HostOffset(at));
                 f.repair = Some("qemu-img amend -o refcount_bits=… (wider refcounts) or qemu-img convert to a clean copy".into());
             }
         }
@@ -164,7 +164,7 @@ impl<'a> Walk<'a> {
         let in_file = self.file_len.saturating_sub(off).div_ceil(8);
         let mut buf =
             vec![0u8; entries.min(MAX_L1_ENTRIES).min(in_file).saturating_mul(8) as usize];
-        let _ = read_into(self.img.src.as_ref(), "L1 table", off, &mut buf);
+        let _ = read_into(self.img.src.as_ref(), "L1 table", HostOffset(off), &mut buf);
         buf.chunks_exact(8)
             .map(|c| L1Entry(crate::bytes::be64(c, 0)))
             .collect()
@@ -195,10 +195,11 @@ impl<'a> Walk<'a> {
                 let msg = format!("ERROR found L1 entry with reserved bits set: {:x}", e.0);
                 if let Some(f) = self.find(FindingKind::Corruption, Category::ReservedBits, msg, 1)
                 {
-                    f.offset = Some(off.saturating_add(i.saturating_mul(8)));
+                    f.offset = Some(HostOffset(off).saturating_entry(i, 8));
                     f.referrers.push(Referrer {
                         l1: Some(name),
                         l1_index: Some(i),
+                        l1_table: Some(id),
                         ..Referrer::plain(Role::L1Table, None)
                     });
                     f.repair = Some("none: qemu-img check -r cannot fix reserved bits".into());
@@ -212,10 +213,11 @@ impl<'a> Walk<'a> {
                 );
                 let name = self.l1_name(id);
                 if let Some(f) = self.find(FindingKind::Corruption, Category::Unaligned, msg, 1) {
-                    f.offset = Some(l2);
+                    f.offset = Some(HostOffset(l2));
                     f.referrers.push(Referrer {
                         l1: Some(name),
                         l1_index: Some(i),
+                        l1_table: Some(id),
                         ..Referrer::plain(Role::L2Table, None)
                     });
                 }
@@ -270,7 +272,7 @@ impl<'a> Walk<'a> {
             let at = first << self.cbits;
             if let Some(f) = self.find(FindingKind::Corruption, Category::Overflow, msg, over) {
                 f.cluster = Some(first);
-                f.offset = Some(at);
+                f.offset = Some(HostOffset(at));
                 f.repair = Some("qemu-img amend -o refcount_bits=… (wider refcounts) or qemu-img convert to a clean copy".into());
             }
         }
@@ -309,7 +311,7 @@ impl<'a> Walk<'a> {
                 );
                 if let Some(f) = self.find(FindingKind::Corruption, Category::SnapshotTable, msg, 1)
                 {
-                    f.offset = Some(sn.entry_offset.get());
+                    f.offset = Some(sn.entry_offset);
                 }
                 continue;
             }
@@ -320,7 +322,7 @@ impl<'a> Walk<'a> {
                 );
                 if let Some(f) = self.find(FindingKind::Corruption, Category::SnapshotTable, msg, 1)
                 {
-                    f.offset = Some(sn.entry_offset.get());
+                    f.offset = Some(sn.entry_offset);
                 }
                 continue;
             }
@@ -518,11 +520,11 @@ impl<'a> Walk<'a> {
                     b.name, e.0
                 );
                 if let Some(f) = self.find(FindingKind::Corruption, Category::Bitmaps, msg, 1) {
-                    f.offset = Some(b.table_offset.get().saturating_add(j.saturating_mul(8)));
+                    f.offset = Some(b.table_offset.saturating_entry(j, 8));
                 }
                 self.report.aborted = Some(Refusal::BitmapTableEntry {
                     name: b.name.clone(),
-                    offset: HostOffset(b.table_offset.get().saturating_add(j.saturating_mul(8))),
+                    offset: b.table_offset.saturating_entry(j, 8),
                     entry: j,
                 });
                 return false;
@@ -546,12 +548,7 @@ impl<'a> Walk<'a> {
             let i = i as u64;
             let off = e.block_offset().map_or(0, |o| o.0);
             let cluster = off >> self.cbits;
-            let rt_entry = self
-                .img
-                .header
-                .refcount_table_offset
-                .get()
-                .saturating_add(i.saturating_mul(8));
+            let rt_entry = self.img.header.refcount_table_offset.saturating_entry(i, 8);
             if e.reserved_bits() != 0 {
                 let msg = format!("ERROR refcount table entry {i} has reserved bits set");
                 if let Some(f) = self.find(FindingKind::Corruption, Category::Refblock, msg, 1) {
@@ -573,7 +570,7 @@ impl<'a> Walk<'a> {
             if cluster >= nb_clusters {
                 let msg = format!("ERROR refcount block {i} is outside image");
                 if let Some(f) = self.find(FindingKind::Corruption, Category::Refblock, msg, 1) {
-                    f.offset = Some(off);
+                    f.offset = Some(HostOffset(off));
                     f.cluster = Some(cluster);
                     f.repair = Some("qemu-img check -r all grows the file to include it".into());
                 }
@@ -587,7 +584,7 @@ impl<'a> Walk<'a> {
                     if let Some(f) = self.find(FindingKind::Corruption, Category::Refblock, msg, 1)
                     {
                         f.cluster = Some(cluster);
-                        f.offset = Some(off);
+                        f.offset = Some(HostOffset(off));
                         f.reference = Some(n);
                         f.repair =
                             Some("qemu-img check -r all rebuilds the refcount structure".into());

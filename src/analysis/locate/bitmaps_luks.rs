@@ -4,6 +4,7 @@
 use super::decode::read_be;
 use super::{Decoded, Region};
 use crate::image::Qcow2;
+use crate::types::HostOffset;
 
 /// Guest bytes one bitmap table entry covers: a cluster of bits, each bit
 /// `granularity` bytes.
@@ -17,7 +18,7 @@ fn bytes_per_table_entry(img: &Qcow2, b: &crate::bitmap::BitmapEntry) -> u64 {
 pub(super) fn bitmap_table_entry(img: &Qcow2, i: usize, r: &Region, rel: u64) -> Option<Decoded> {
     let b = img.bitmaps.as_ref()?.as_ref().ok()?.get(i)?;
     let j = rel / 8;
-    let start = r.start.saturating_add(j.saturating_mul(8));
+    let start = r.start.saturating_entry(j, 8);
     let raw = read_be(img, start, 8)?;
     let e = crate::bitmap::BitmapTableEntry(raw);
     let per = bytes_per_table_entry(img, b);
@@ -68,7 +69,7 @@ pub(super) fn bitmap_data(
     })
 }
 
-pub(super) fn luks(img: &Qcow2, r: &Region, offset: u64) -> Option<Decoded> {
+pub(super) fn luks(img: &Qcow2, r: &Region, offset: HostOffset) -> Option<Decoded> {
     let structure = format!("LUKS header at {:#x}", r.start);
     // The region is the crypto extension's, so this is the header it names.
     let Some(Ok(h)) = crate::crypto::luks_header(img) else {
@@ -85,13 +86,13 @@ pub(super) fn luks(img: &Qcow2, r: &Region, offset: u64) -> Option<Decoded> {
     if let Some(f) = h
         .fields()
         .into_iter()
-        .find(|f| offset >= f.offset.get() && offset < f.offset.saturating_add(f.len).get())
+        .find(|f| offset >= f.offset && offset < f.offset.saturating_add(f.len))
     {
         return Some(Decoded {
             structure,
             item: f.name,
-            start: f.offset.get(),
-            end: f.offset.saturating_add(f.len).get(),
+            start: f.offset,
+            end: f.offset.saturating_add(f.len),
             raw: None,
             meaning: format!("{} ({})", f.meaning, f.value),
         });

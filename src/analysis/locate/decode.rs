@@ -10,6 +10,7 @@ use crate::image::Qcow2;
 use crate::io::read_into;
 use crate::refcount::get_refcount;
 use crate::tables::L1Entry;
+use crate::types::HostOffset;
 /// Snapshot-table entry fields: offset in the entry, size, name.
 const SNAPSHOT_FIELDS: &[(u64, u64, &str)] = &[
     (0, 8, "l1_table_offset"),
@@ -47,7 +48,7 @@ fn field_at(fields: &[(u64, u64, &'static str)], rel: u64) -> Option<(u64, u64, 
         .copied()
         .find(|(o, n, _)| rel >= *o && rel < o.saturating_add(*n))
 }
-pub(super) fn read_be(img: &Qcow2, at: u64, size: u64) -> Option<u64> {
+pub(super) fn read_be(img: &Qcow2, at: HostOffset, size: u64) -> Option<u64> {
     let mut b = [0u8; 8];
     let n = usize::try_from(size).ok().filter(|n| *n <= 8)?;
     let dst = b.get_mut(8usize.saturating_sub(n)..)?;
@@ -56,8 +57,8 @@ pub(super) fn read_be(img: &Qcow2, at: u64, size: u64) -> Option<u64> {
 }
 
 /// What the byte at `offset`, inside region `r`, is: the entry or field there.
-pub(super) fn decode_in(img: &Qcow2, r: &Region, offset: u64) -> Option<Decoded> {
-    let rel = offset.checked_sub(r.start)?;
+pub(super) fn decode_in(img: &Qcow2, r: &Region, offset: HostOffset) -> Option<Decoded> {
+    let rel = offset.get().checked_sub(r.start.get())?;
     let d = match &r.kind {
         Kind::Header => header_field(img, offset),
         Kind::Extension(i) => {
@@ -104,17 +105,17 @@ fn l1_name(img: &Qcow2, i: &Option<usize>) -> String {
 }
 
 /// The header field at `offset`, or the padding after the last one.
-fn header_field(img: &Qcow2, offset: u64) -> Decoded {
+fn header_field(img: &Qcow2, offset: HostOffset) -> Decoded {
     let fields = img.header.fields();
     match fields
         .iter()
-        .find(|f| offset >= f.offset.get() && offset < f.offset.saturating_add(f.size).get())
+        .find(|f| offset >= f.offset && offset < f.offset.saturating_add(f.size))
     {
         Some(f) => Decoded {
             structure: "header".into(),
             item: f.name.into(),
-            start: f.offset.get(),
-            end: f.offset.saturating_add(f.size).get(),
+            start: f.offset,
+            end: f.offset.saturating_add(f.size),
             raw: Some(f.value),
             meaning: f.meaning.clone(),
         },
@@ -133,7 +134,7 @@ fn header_field(img: &Qcow2, offset: u64) -> Decoded {
 fn l1_entry(img: &Qcow2, r: &Region, rel: u64, s: &Option<usize>) -> Option<Decoded> {
     let geo = img.geometry();
     let i = rel / 8;
-    let start = r.start.saturating_add(i.saturating_mul(8));
+    let start = r.start.saturating_entry(i, 8);
     let raw = read_be(img, start, 8)?;
     Some(Decoded {
         structure: format!("{} at {:#x}", l1_name(img, s), r.start),
@@ -156,8 +157,8 @@ fn l2_entry(
     let geo = img.geometry();
     let es = geo.l2_entry_size();
     let j = rel.checked_div(es)?;
-    let start = r.start.saturating_add(j.saturating_mul(es));
-    let t = img.l2_table(crate::types::HostOffset(r.start)).ok()?;
+    let start = r.start.saturating_entry(j, es);
+    let t = img.l2_table(r.start).ok()?;
     let e = t.get(usize::try_from(j).ok()?)?;
     let guest = geo
         .guest_offset(l1_index, j, 0)
@@ -181,7 +182,7 @@ fn l2_entry(
 /// Entry `rel / 8` of the refcount table.
 fn refcount_table_entry(img: &Qcow2, r: &Region, rel: u64) -> Option<Decoded> {
     let i = rel / 8;
-    let start = r.start.saturating_add(i.saturating_mul(8));
+    let start = r.start.saturating_entry(i, 8);
     let raw = read_be(img, start, 8)?;
     let rg = img.refcount_geometry();
     let first = i.checked_shl(rg.block_bits()).unwrap_or(u64::MAX);
@@ -214,7 +215,7 @@ fn refcount_block_entry(img: &Qcow2, r: &Region, rel: u64, ti: u64) -> Option<De
     let order = img.header.refcount_order.min(6);
     let bits = 1u64 << order;
     let index = rel.saturating_mul(8) >> order;
-    let block = img.refcount_block(crate::types::HostOffset(r.start)).ok()?;
+    let block = img.refcount_block(r.start).ok()?;
     let value = get_refcount(&block, order, index);
     let rg = img.refcount_geometry();
     let cluster = ti

@@ -11,6 +11,7 @@
 use crate::header::ExtensionKind;
 use crate::image::Qcow2;
 use crate::tables::L1Entry;
+use crate::types::HostOffset;
 use std::collections::HashSet;
 
 mod bitmaps_luks;
@@ -64,9 +65,9 @@ pub enum Kind {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Region {
     /// First byte.
-    pub start: u64,
+    pub start: HostOffset,
     /// One past the last byte.
-    pub end: u64,
+    pub end: HostOffset,
     /// What it is.
     pub kind: Kind,
 }
@@ -79,9 +80,9 @@ pub struct Decoded {
     /// The field or entry ("l1_size", "entry 5").
     pub item: String,
     /// The bytes of that field or entry.
-    pub start: u64,
+    pub start: HostOffset,
     /// One past its last byte.
-    pub end: u64,
+    pub end: HostOffset,
     /// The raw value (big-endian), when it is a number.
     pub raw: Option<u64>,
     /// What it means here.
@@ -107,30 +108,30 @@ impl Structures {
         let cs = img.geometry().cluster_size();
         let mut s = Structures::default();
         let mut seen = HashSet::new();
-        s.push(0, u64::from(h.header_length.max(72)), Kind::Header);
+        s.push(
+            HostOffset(0),
+            HostOffset(u64::from(h.header_length.max(72))),
+            Kind::Header,
+        );
         for (i, e) in img.extensions.iter().enumerate() {
             let len = crate::bytes::align8(u64::from(e.length)).saturating_add(8);
-            s.push(
-                e.offset.get(),
-                e.offset.saturating_add(len).get(),
-                Kind::Extension(i),
-            );
+            s.push(e.offset, e.offset.saturating_add(len), Kind::Extension(i));
         }
         if let Some(name) = h.backing_file_name() {
             s.push(
-                name.get(),
-                name.get().saturating_add(u64::from(h.backing_file_size)),
+                name,
+                name.saturating_add(u64::from(h.backing_file_size)),
                 Kind::BackingName,
             );
         }
-        s.l1(img, h.l1_table_offset.get(), &img.l1, None, &mut seen);
+        s.l1(img, h.l1_table_offset, &img.l1, None, &mut seen);
         // Snapshot L1 tables are read (L2 tables are not); a table of hostile
         // size stops the reading at a budget.
         let mut budget: u64 = 1 << 22;
         for (i, sn) in img.snapshots.snapshots.iter().enumerate() {
             s.push(
-                sn.entry_offset.get(),
-                sn.entry_offset.saturating_add(sn.entry_len).get(),
+                sn.entry_offset,
+                sn.entry_offset.saturating_add(sn.entry_len),
                 Kind::Snapshot(i),
             );
             budget = match budget.checked_sub(u64::from(sn.l1_size)) {
@@ -141,19 +142,19 @@ impl Structures {
                 }
             };
             if let Ok(l1) = img.snapshot_l1(sn) {
-                s.l1(img, sn.l1_table_offset.get(), &l1, Some(i), &mut seen);
+                s.l1(img, sn.l1_table_offset, &l1, Some(i), &mut seen);
             }
         }
         let rt_len = u64::from(h.refcount_table_clusters).saturating_mul(cs);
         s.push(
-            h.refcount_table_offset.get(),
-            h.refcount_table_offset.get().saturating_add(rt_len),
+            h.refcount_table_offset,
+            h.refcount_table_offset.saturating_add(rt_len),
             Kind::RefcountTable,
         );
         if let Ok(rt) = img.refcount_table() {
             for (i, e) in rt.iter().enumerate() {
                 if let Some(o) = e.block_offset() {
-                    s.push(o.0, o.0.saturating_add(cs), Kind::RefcountBlock(i as u64));
+                    s.push(o, o.saturating_add(cs), Kind::RefcountBlock(i as u64));
                 }
             }
         }
@@ -163,8 +164,8 @@ impl Structures {
                     .saturating_add(u64::from(b.extra_data_size))
                     .saturating_add(b.name.len() as u64);
                 s.push(
-                    b.entry_offset.get(),
-                    b.entry_offset.saturating_add(len).get(),
+                    b.entry_offset,
+                    b.entry_offset.saturating_add(len),
                     Kind::BitmapEntry(i),
                 );
             }
@@ -174,11 +175,7 @@ impl Structures {
         }
         for e in &img.extensions {
             if let ExtensionKind::Crypto { offset, length } = e.kind {
-                s.push(
-                    offset.get(),
-                    offset.get().saturating_add(length),
-                    Kind::Luks,
-                );
+                s.push(offset, offset.saturating_add(length), Kind::Luks);
             }
         }
         s.regions.sort_by_key(|r| (r.start, r.end));
@@ -197,8 +194,8 @@ impl Structures {
         for (i, b) in dir.iter().enumerate() {
             let len = u64::from(b.table_size).saturating_mul(8);
             self.push(
-                b.table_offset.get(),
-                b.table_offset.get().saturating_add(len),
+                b.table_offset,
+                b.table_offset.saturating_add(len),
                 Kind::BitmapTable(i),
             );
             if self.regions.len().saturating_add(b.table_size as usize) > MAX_REGIONS {
@@ -211,8 +208,8 @@ impl Structures {
             for (j, e) in t.iter().enumerate() {
                 if let Some(o) = e.data_offset() {
                     self.push(
-                        o.get(),
-                        o.get().saturating_add(cs),
+                        o,
+                        o.saturating_add(cs),
                         Kind::BitmapData {
                             bitmap: i,
                             entry: j as u64,
@@ -223,7 +220,7 @@ impl Structures {
         }
     }
 
-    fn push(&mut self, start: u64, end: u64, kind: Kind) {
+    fn push(&mut self, start: HostOffset, end: HostOffset, kind: Kind) {
         if end <= start {
             return;
         }
@@ -237,13 +234,13 @@ impl Structures {
     fn l1(
         &mut self,
         img: &Qcow2,
-        offset: u64,
+        offset: HostOffset,
         l1: &[L1Entry],
         snap: Option<usize>,
-        seen: &mut HashSet<u64>,
+        seen: &mut HashSet<HostOffset>,
     ) {
         let cs = img.geometry().cluster_size();
-        if offset != 0 {
+        if offset != HostOffset(0) {
             let len = (l1.len() as u64).saturating_mul(8);
             self.push(offset, offset.saturating_add(len), Kind::L1(snap));
         }
@@ -251,10 +248,10 @@ impl Structures {
             let Some(o) = e.l2_offset() else { continue };
             // An L2 table shared with the active L1 (or an earlier snapshot) is
             // listed once, under the first L1 table that names it.
-            if seen.insert(o.0) {
+            if seen.insert(o) {
                 self.push(
-                    o.0,
-                    o.0.saturating_add(cs),
+                    o,
+                    o.saturating_add(cs),
                     Kind::L2 {
                         snapshot: snap,
                         l1_index: i as u64,
@@ -265,11 +262,10 @@ impl Structures {
     }
 
     /// The regions that hold `offset`, the smallest first.
-    pub fn at(&self, offset: u64) -> Vec<&Region> {
+    pub fn at(&self, offset: HostOffset) -> Vec<&Region> {
         let upto = self.regions.partition_point(|r| r.start <= offset);
-        let from = self
-            .regions
-            .partition_point(|r| r.start < offset.saturating_sub(self.longest));
+        let lowest = HostOffset(offset.get().saturating_sub(self.longest));
+        let from = self.regions.partition_point(|r| r.start < lowest);
         let mut v: Vec<&Region> = self
             .regions
             .get(from..upto)
@@ -283,7 +279,7 @@ impl Structures {
 
     /// What the bytes at `offset` are, in the smallest structure that holds them
     /// (None: no metadata structure: guest data, free space or past every table).
-    pub fn decode(&self, img: &Qcow2, offset: u64) -> Option<Decoded> {
+    pub fn decode(&self, img: &Qcow2, offset: HostOffset) -> Option<Decoded> {
         self.at(offset)
             .into_iter()
             .find_map(|r| decode_in(img, r, offset))

@@ -20,7 +20,7 @@ pub fn read_compressed(
     let cs = img.geometry().cluster_size();
     // The descriptor can claim at most 2^(cluster_bits-8) sectors, i.e. 2 clusters.
     let mut buf = vec![0u8; d.size.min(cs.saturating_mul(2)) as usize];
-    read_into(img.src.as_ref(), "compressed cluster", d.offset.0, &mut buf)?;
+    read_into(img.src.as_ref(), "compressed cluster", d.offset, &mut buf)?;
     compress::decompress(img.header.compression_type(), &buf, cs as usize).map_err(|e| {
         eio(
             guest,
@@ -102,7 +102,7 @@ pub fn read(
         };
         match seg {
             Segment::Data { src, host, .. } => {
-                read_into(src, "guest data", host.get(), dst)?;
+                read_into(src, "guest data", host, dst)?;
             }
             Segment::Zero { .. } => dst.fill(0),
             Segment::Bytes(b) => dst.copy_from_slice(b),

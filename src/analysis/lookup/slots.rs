@@ -281,7 +281,7 @@ impl L2Walker {
         if !holds || self.buf.len() != cs {
             self.held = None;
             self.buf.resize(cs, 0);
-            read_into(img.src.as_ref(), "L2 table", offset.0, &mut self.buf)?;
+            read_into(img.src.as_ref(), "L2 table", offset, &mut self.buf)?;
             self.held = Some((Arc::downgrade(&img.src), offset));
         }
         Ok(RawL2 {

@@ -22,6 +22,13 @@ pub enum Target {
         table_offset: HostOffset,
         /// First index.
         index: u64,
+        /// The snapshot record whose L1 table it is, by its position in the
+        /// snapshot table as the operation saw it (None for the active L1, or an
+        /// L1 table no record names): two records with one ID and name share a
+        /// `table` label but not a record. Not in the JSON output, which names the
+        /// table by `table`.
+        #[serde(skip)]
+        snapshot: Option<usize>,
     },
     /// Entries of an L2 table.
     L2Entry {

@@ -165,6 +165,7 @@ impl Sim {
                 table: "active L1".into(),
                 table_offset: l1_off,
                 index: i,
+                snapshot: None,
             },
             e.0,
             new_e.0,

@@ -51,7 +51,7 @@ impl Sim {
             .findings
             .iter()
             .filter(|f| Self::fixable_zero_cluster(f))
-            .filter_map(|f| f.offset.map(|o| (o, f.message.clone())))
+            .filter_map(|f| f.offset.map(|o| (o.get(), f.message.clone())))
             .collect();
         if all && !zero_fixes.is_empty() {
             let mut changed = false;
@@ -247,6 +247,7 @@ impl Sim {
                         table: "active L1".into(),
                         table_offset: l1_off,
                         index: i,
+                        snapshot: None,
                     },
                     e.0,
                     want.0,

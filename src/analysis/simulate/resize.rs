@@ -270,6 +270,7 @@ impl Sim {
                     table: "active L1".into(),
                     table_offset: off,
                     index: i,
+                    snapshot: None,
                 },
                 e.0,
                 0,

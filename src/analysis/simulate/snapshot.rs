@@ -309,6 +309,7 @@ impl Sim {
                         table: "active L1".into(),
                         table_offset: active_off,
                         index: k,
+                        snapshot: None,
                     },
                     b,
                     a,

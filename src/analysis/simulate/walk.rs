@@ -120,16 +120,19 @@ impl Sim {
     ) -> SimResult<()> {
         let label = self.l1_label(l1_offset);
         let active = l1_offset == self.l1_table_offset;
+        // The snapshot record the label names (the first at this offset).
+        let record = (!active)
+            .then(|| {
+                self.snapshots
+                    .iter()
+                    .position(|s| s.l1_table_offset == l1_offset)
+            })
+            .flatten();
         // QEMU keeps a snapshot's VM state in the L1 range past its disk
         // (qcow2_vm_state_offset): entries from this index on name VM state.
-        let disk = if active {
-            self.size
-        } else {
-            self.snapshots
-                .iter()
-                .find(|s| s.l1_table_offset == l1_offset)
-                .map_or(self.size, |s| s.disk_size)
-        };
+        let disk = record
+            .and_then(|k| self.snapshots.get(k))
+            .map_or(self.size, |s| s.disk_size);
         let vm_from = self.geo.l1_entries_for(disk);
         let mut table: Vec<L1Entry> = if active {
             self.l1.clone()
@@ -198,6 +201,7 @@ impl Sim {
                         table: label.clone(),
                         table_offset: l1_offset,
                         index: i as u64,
+                        snapshot: record,
                     },
                     old_l1.0,
                     new_l1.0,

@@ -103,7 +103,7 @@ pub fn parse_extensions(h: &Header, buf: &[u8]) -> (Vec<Extension>, Option<Error
                 out,
                 Some(Error::corrupt(
                     CorruptKind::HeaderExtension,
-                    off,
+                    HostOffset(off),
                     format!("Header extension too large (header ends at {end:#x})"),
                 )),
             );
@@ -114,7 +114,7 @@ pub fn parse_extensions(h: &Header, buf: &[u8]) -> (Vec<Extension>, Option<Error
                 out,
                 Some(Error::Truncated {
                     what: "header extension".into(),
-                    offset: off,
+                    offset: HostOffset(off),
                     len: 8,
                     file_len: buf.len() as u64,
                 }),
@@ -131,7 +131,7 @@ pub fn parse_extensions(h: &Header, buf: &[u8]) -> (Vec<Extension>, Option<Error
                 out,
                 Some(Error::corrupt(
                     CorruptKind::HeaderExtension,
-                    off,
+                    HostOffset(off),
                     format!(
                         "Header extension too large (type {ext_type:#010x}, {length} bytes, area ends at {end:#x})"
                     ),

@@ -47,7 +47,7 @@ impl Header {
         if buf.len() < 8 {
             return Err(Error::Truncated {
                 what: "qcow2 header".into(),
-                offset: 0,
+                offset: HostOffset(0),
                 len: u64::from(V2_HEADER_LEN),
                 file_len: buf.len() as u64,
             });
@@ -56,7 +56,7 @@ impl Header {
         if magic != QCOW2_MAGIC {
             return Err(Error::corrupt(
                 CorruptKind::HeaderMagic,
-                Field::Magic.offset(),
+                HostOffset(Field::Magic.offset()),
                 format!("Image is not in qcow2 format (magic {magic:#010x}, expected 0x514649fb)"),
             ));
         }
@@ -69,7 +69,7 @@ impl Header {
         if (buf.len() as u64) < need {
             return Err(Error::Truncated {
                 what: format!("qcow2 version {version} header"),
-                offset: 0,
+                offset: HostOffset(0),
                 len: need,
                 file_len: buf.len() as u64,
             });
@@ -215,7 +215,7 @@ impl Header {
         if self.refcount_table_clusters == 0 && !check {
             out.push(Error::corrupt(
                 CorruptKind::RefcountTable,
-                Field::RefcountTableClusters.offset(),
+                HostOffset(Field::RefcountTableClusters.offset()),
                 "Image does not contain a reference count table",
             ));
         }
@@ -244,7 +244,8 @@ impl Header {
     /// an end past 2^63, an offset not aligned to a cluster.
     fn table_errors(&self, geo: &Geometry, check: bool) -> Vec<Error> {
         let cs = geo.cluster_size();
-        let bad = |kind: CorruptKind, off: u64, msg: String| Error::corrupt(kind, off, msg);
+        let bad =
+            |kind: CorruptKind, off: u64, msg: String| Error::corrupt(kind, HostOffset(off), msg);
         let mut out = Vec::new();
         let table_checks = [
             TableCheck {

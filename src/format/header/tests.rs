@@ -203,7 +203,7 @@ fn validation_errors_name_the_field_for_code_to_match() {
             .validate(1 << 20)
             .iter()
             .map(|e| match e {
-                Error::Invalid { kind, offset, .. } => (Some(*kind), *offset),
+                Error::Invalid { kind, offset, .. } => (Some(*kind), offset.get()),
                 _ => (None, 0),
             })
             .collect()

@@ -26,6 +26,7 @@
 use crate::error::{Error, Result};
 use crate::image::{Qcow2, Strictness, View};
 use crate::io::{FileId, FileSource, SharedSource, Source};
+use crate::types::HostOffset;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -69,7 +70,7 @@ impl Format {
     /// Guess from the first bytes, like QEMU's probe for these two formats.
     pub fn probe(src: &dyn Source) -> Format {
         let mut m = [0u8; 4];
-        if src.read_at(&mut m, 0).ok() == Some(4)
+        if crate::io::read_into(src, "magic", HostOffset(0), &mut m).ok() == Some(4)
             && u32::from_be_bytes(m) == crate::header::QCOW2_MAGIC
         {
             Format::Qcow2
@@ -191,7 +192,7 @@ fn open_data_file(
         if image.header.data_file_raw() {
             return Err(Error::invalid(
                 "header autoclear_features",
-                88,
+                HostOffset(crate::header::Field::AutoclearFeatures.offset()),
                 "data-file-raw requires a data file",
             ));
         }

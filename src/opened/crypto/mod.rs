@@ -22,10 +22,11 @@ pub mod hash;
 pub mod luks;
 
 use crate::error::{Error, Result};
-use crate::header::{CryptMethod, ExtensionKind};
+use crate::header::{CryptMethod, ExtensionKind, Field};
 use crate::image::Qcow2;
 use crate::io::Source;
 use crate::lookup::Segment;
+use crate::types::HostOffset;
 use cipher::{CipherAlg, CipherSpec, IvGen, Mode, SECTOR_SIZE, SectorCipher};
 pub use luks::{LuksHeader, UnlockError};
 
@@ -90,8 +91,9 @@ impl DataKey {
                 for (k, p) in key.iter_mut().zip(pass) {
                     *k = *p;
                 }
-                let cipher = SectorCipher::new(LEGACY_AES, key.as_ref())
-                    .map_err(|e| Error::invalid("legacy AES key", 32, e))?;
+                let cipher = SectorCipher::new(LEGACY_AES, key.as_ref()).map_err(|e| {
+                    Error::invalid("legacy AES key", HostOffset(Field::CryptMethod.offset()), e)
+                })?;
                 Ok(DataKey {
                     cipher,
                     source: KeySource::LegacyAes,
@@ -103,7 +105,7 @@ impl DataKey {
                     None => {
                         return Err(Error::invalid(
                             "qcow2 header",
-                            32,
+                            HostOffset(Field::CryptMethod.offset()),
                             "LUKS encryption without a full disk encryption header extension",
                         )
                         .into());
@@ -112,7 +114,7 @@ impl DataKey {
                 let spec = h.check()?;
                 let mk = luks::unlock(&h, img.src.as_ref(), passphrase)?;
                 let cipher = SectorCipher::new(spec, &mk.key)
-                    .map_err(|e| Error::invalid("LUKS header", h.offset.get(), e))?;
+                    .map_err(|e| Error::invalid("LUKS header", h.offset, e))?;
                 Ok(DataKey {
                     cipher,
                     source: KeySource::Luks { slot: mk.slot },
@@ -195,7 +197,12 @@ pub fn decrypted_segments(
             .saturating_mul(SECTOR_SIZE);
         // total <= CHUNK + 1024.
         buf.resize(total as usize, 0);
-        crate::io::read_into(src, "encrypted guest data", h.saturating_sub(skip), buf)?;
+        crate::io::read_into(
+            src,
+            "encrypted guest data",
+            HostOffset(h.saturating_sub(skip)),
+            buf,
+        )?;
         key.decrypt(h.saturating_sub(skip), g.saturating_sub(skip), buf);
         f(Segment::Bytes(crate::bytes::slice(
             buf,

@@ -108,7 +108,7 @@ fn backing_file_name(h: &Header, c0: &[u8]) -> Result<Option<String>> {
     if u64::from(h.backing_file_size) > max {
         return Err(Error::corrupt(
             CorruptKind::BackingFileName,
-            at.get(),
+            at,
             format!("Backing file name too long ({} bytes)", h.backing_file_size),
         ));
     }
@@ -156,11 +156,11 @@ fn read_active_l1(
         let e = Error::Invalid {
             kind: CorruptKind::L1Table,
             what: "active L1 table".into(),
-            offset: h.l1_table_offset.get(),
+            offset: h.l1_table_offset,
             reason: "Could not read L1 table: Input/output error (the table ends past the block layer's maximum length, 2^63 - 2^30)".into(),
         };
         refuse(problems, check_refusal, strict, e)?;
-    } else if let Err(e) = read_into(src, "active L1 table", h.l1_table_offset.get(), &mut l1_buf) {
+    } else if let Err(e) = read_into(src, "active L1 table", h.l1_table_offset, &mut l1_buf) {
         refuse(problems, check_refusal, strict, e)?;
     }
     if h.l1_table_offset.get().saturating_add(l1_bytes) > file_len && l1_entries > 0 {
@@ -205,7 +205,7 @@ fn read_bitmaps(
             if let Ok(Some(bad)) = bitmap::first_invalid_entry(src, b, cs) {
                 let e = Error::invalid(
                     format!("bitmap '{}' table entry {}", b.name, bad.index),
-                    bad.at.get(),
+                    bad.at,
                     format!(
                         "Could not read bitmap_table table from image for bitmap '{}': Invalid argument ({:#x}: {})",
                         b.name, bad.entry.0, bad.problem
@@ -226,7 +226,7 @@ impl Qcow2 {
         let first = read_exact(
             src.as_ref(),
             "qcow2 header",
-            0,
+            HostOffset(0),
             file_len.min(u64::from(header::V3_MIN_HEADER_LEN).saturating_add(8)),
         )?;
         let h = Header::parse(&first)?;
@@ -255,7 +255,7 @@ impl Qcow2 {
 
         // Cluster 0 holds the extensions and the backing file name.
         let mut c0 = vec![0u8; cs as usize];
-        read_into(src.as_ref(), "cluster 0", 0, &mut c0)?;
+        read_into(src.as_ref(), "cluster 0", HostOffset(0), &mut c0)?;
         let (extensions, ext_err) = header::parse_extensions(&h, &c0);
         if let Some(e) = ext_err {
             refuse(&mut problems, &mut check_refusal, strict, e)?;
@@ -303,13 +303,13 @@ impl Qcow2 {
             if strict == Strictness::Qemu {
                 return Err(Error::corrupt(
                     CorruptKind::SnapshotTable,
-                    h.snapshots_offset.get(),
+                    h.snapshots_offset,
                     e.to_string(),
                 ));
             }
             problems.push(Error::invalid(
                 "snapshot table",
-                h.snapshots_offset.get(),
+                h.snapshots_offset,
                 e.to_string(),
             ));
         }
@@ -423,21 +423,21 @@ impl Qcow2 {
         if u64::from(sn.l1_size) > MAX_L1_ENTRIES {
             return Err(Error::invalid(
                 what,
-                sn.entry_offset.saturating_add(8).get(),
+                sn.entry_offset.saturating_add(8),
                 format!("Snapshot L1 table too large ({} entries)", sn.l1_size),
             ));
         }
         if !self.geometry().is_cluster_aligned(sn.l1_table_offset.get()) {
             return Err(Error::invalid(
                 what,
-                sn.l1_table_offset.get(),
+                sn.l1_table_offset,
                 "Snapshot L1 table offset invalid (not cluster-aligned)",
             ));
         }
         let buf = read_exact(
             self.src.as_ref(),
             &what,
-            sn.l1_table_offset.get(),
+            sn.l1_table_offset,
             u64::from(sn.l1_size) * 8,
         )?;
         Ok(tables::decode_l1(&buf))
@@ -501,7 +501,7 @@ impl Qcow2 {
         }
         let geo = self.geometry();
         let mut buf = vec![0u8; geo.cluster_size() as usize];
-        read_into(self.src.as_ref(), "L2 table", offset.0, &mut buf)?;
+        read_into(self.src.as_ref(), "L2 table", offset, &mut buf)?;
         let t = Arc::new(tables::decode_l2(&buf, &geo));
         if let Ok(mut cache) = self.l2_cache.lock() {
             if cache.len() >= CACHE_LIMIT {
@@ -527,7 +527,7 @@ impl Qcow2 {
         read_into(
             self.src.as_ref(),
             "refcount table",
-            self.header.refcount_table_offset.get(),
+            self.header.refcount_table_offset,
             &mut buf,
         )?;
         let t = Arc::new(
@@ -549,7 +549,7 @@ impl Qcow2 {
             return Ok(b.clone());
         }
         let mut buf = vec![0u8; self.geometry().cluster_size() as usize];
-        read_into(self.src.as_ref(), "refcount block", offset.0, &mut buf)?;
+        read_into(self.src.as_ref(), "refcount block", offset, &mut buf)?;
         let b = Arc::new(buf);
         if let Ok(mut cache) = self.refblock_cache.lock() {
             if cache.len() >= CACHE_LIMIT {
@@ -578,8 +578,7 @@ impl Qcow2 {
                 CorruptKind::RefcountTableEntry,
                 self.header
                     .refcount_table_offset
-                    .get()
-                    .saturating_add(rg.table_index(cluster).saturating_mul(8)),
+                    .saturating_entry(rg.table_index(cluster), 8),
                 format!("refcount block offset {block} is not cluster-aligned"),
             ));
         }

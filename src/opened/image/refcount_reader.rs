@@ -51,7 +51,7 @@ impl<'a> RefcountReader<'a> {
         }
         if self.cur.as_ref().map(|(o, _)| *o) != Some(off.0) {
             let mut buf = vec![0u8; geo.cluster_size() as usize];
-            let _ = read_into(self.img.src.as_ref(), "refcount block", off.0, &mut buf);
+            let _ = read_into(self.img.src.as_ref(), "refcount block", off, &mut buf);
             self.cur = Some((off.0, buf));
         }
         self.cur_ti = Some(ti);
@@ -161,7 +161,7 @@ impl<'a> RefcountReader<'a> {
         }
         if self.cur.as_ref().map(|(o, _)| *o) != Some(off.0) {
             let mut buf = vec![0u8; geo.cluster_size() as usize];
-            let _ = read_into(self.img.src.as_ref(), "refcount block", off.0, &mut buf);
+            let _ = read_into(self.img.src.as_ref(), "refcount block", off, &mut buf);
             self.cur = Some((off.0, buf));
         }
         self.cur_ti = Some(ti);

@@ -78,7 +78,7 @@ fn lenient_open_lists_problems() {
         &img.problems[0],
         Error::Invalid {
             kind: CorruptKind::HeaderField(crate::header::Field::RefcountOrder),
-            offset: 96,
+            offset: crate::types::HostOffset(96),
             ..
         }
     ));

@@ -14,6 +14,7 @@ use qinspect::check::{ROLES, Role};
 use qinspect::image::Qcow2;
 use qinspect::io::SharedSource;
 use qinspect::locate::Decoded;
+use qinspect::types::HostOffset;
 use ratatui::Frame;
 use ratatui::layout::{Alignment, Rect};
 use ratatui::style::{Color, Modifier, Style};
@@ -86,9 +87,9 @@ pub fn inflated(
             );
             let src: SharedSource = Arc::new(qinspect::io::MemSource::new(name, bytes));
             Effect::ShowHost {
-                offset: 0,
+                offset: HostOffset(0),
                 label: format!("guest {g:#x}"),
-                mark: Some((0, 0)),
+                mark: Some((HostOffset(0), HostOffset(0))),
                 src: Some(src),
             }
         }
@@ -200,7 +201,7 @@ impl State {
     pub fn decoded(&self, ctx: &Ctx) -> Option<Decoded> {
         let img = self.image(ctx)?;
         let s = ctx.structures_of(img);
-        s.decode(img, self.cursor)
+        s.decode(img, HostOffset(self.cursor))
     }
 
     /// The top row that shows the end of the file (and the line saying so).
@@ -230,11 +231,13 @@ impl State {
     /// Jump to `offset` of `src` (None: the image file), highlighting `mark`.
     pub fn show(
         &mut self,
-        offset: u64,
+        offset: HostOffset,
         label: String,
-        mark: Option<(u64, u64)>,
+        mark: Option<(HostOffset, HostOffset)>,
         src: Option<SharedSource>,
     ) {
+        let mark = mark.map(|(a, b)| (a.get(), b.get()));
+        let offset = offset.get();
         self.src = src;
         self.target = Some((offset, label));
         self.mark = mark.or(Some((offset, offset.saturating_add(1))));
@@ -422,7 +425,7 @@ impl State {
             Span::raw(format!("{c:#x}")),
         ])];
         let mut be = [0u8; 8];
-        let got = qinspect::io::read_into(src.as_ref(), "hex", c, &mut be).unwrap_or(0);
+        let got = qinspect::io::read_into(src.as_ref(), "hex", HostOffset(c), &mut be).unwrap_or(0);
         if got > 0 {
             let n = |k: usize| {
                 be.get(..k)
@@ -451,7 +454,7 @@ impl State {
                 let bytes = format!(
                     "{:#x}–{:#x} ({} bytes)",
                     d.start,
-                    d.end.saturating_sub(1),
+                    d.end.get().saturating_sub(1),
                     d.end.saturating_sub(d.start)
                 );
                 v.push(Line::from(match d.raw {
@@ -575,9 +578,10 @@ impl PaneState for State {
         let top = self.top.min(self.last_top(ctx));
         self.top = top;
         let decoded = self.decoded(ctx);
-        let fieldr = decoded.as_ref().map(|d| (d.start, d.end));
+        let fieldr = decoded.as_ref().map(|d| (d.start.get(), d.end.get()));
         let mut buf = vec![0u8; (self.rows * w) as usize];
-        let got = qinspect::io::read_into(src.as_ref(), "hex", top, &mut buf).unwrap_or(0);
+        let got =
+            qinspect::io::read_into(src.as_ref(), "hex", HostOffset(top), &mut buf).unwrap_or(0);
         let ascii_col = usize::from(inner.width) >= row_chars(offset_width, w, true);
         let cols: String = (0..w)
             .map(|i| {
@@ -719,7 +723,7 @@ impl PaneState for State {
                 d.item,
                 d.structure,
                 d.start,
-                d.end.saturating_sub(1),
+                d.end.get().saturating_sub(1),
                 d.meaning
             ),
             None => String::new(),
@@ -736,7 +740,12 @@ impl PaneState for State {
     fn goto(&mut self, offset: u64, ctx: &Ctx, _: &mut Vec<Effect>) {
         let _ = ctx;
         let src = self.src.clone();
-        self.show(offset, format!("host offset {offset:#x}"), None, src);
+        self.show(
+            HostOffset(offset),
+            format!("host offset {offset:#x}"),
+            None,
+            src,
+        );
     }
 }
 

@@ -158,7 +158,13 @@ impl Running {
 fn chunk(src: &SharedSource, at: u64, len: u64) -> Result<Vec<u8>, String> {
     let n = usize::try_from(len).map_err(|e| e.to_string())?;
     let mut buf = vec![0u8; n];
-    let got = read_into(src.as_ref(), "search", at, &mut buf).map_err(|e| e.to_string())?;
+    let got = read_into(
+        src.as_ref(),
+        "search",
+        qinspect::types::HostOffset(at),
+        &mut buf,
+    )
+    .map_err(|e| e.to_string())?;
     buf.truncate(got);
     Ok(buf)
 }

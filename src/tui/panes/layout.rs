@@ -461,7 +461,7 @@ impl PaneState for State {
                 }
             }
             Action::Hex => q.push(Effect::ShowHost {
-                offset: *c * cs,
+                offset: qinspect::types::HostOffset(*c * cs),
                 label: format!("host cluster {}", *c),
                 mark: None,
                 src: None,

@@ -130,25 +130,28 @@ impl Panes {
 }
 
 /// Follow a referrer to the table entry it names: the L2 entry (or the L1 entry of
-/// an L2 table) in Tables, in the snapshot's view when it is a snapshot's table.
-/// False when it names no table entry (a refcount or bitmap structure).
+/// an L2 table) in Tables, in the snapshot's view when it is a snapshot's table
+/// (the snapshot record the referrer carries, so of two records with one ID and
+/// name the one the check walked). False when it names no table entry (a
+/// refcount or bitmap structure) or a record the table no longer holds.
 pub fn follow_referrer(ctx: &Ctx, r: &qinspect::check::Referrer, q: &mut Vec<Effect>) -> bool {
+    use qinspect::check::L1Id;
     let Some(i) = r.l1_index.and_then(|i| usize::try_from(i).ok()) else {
         return false;
     };
-    let view = match r.l1.as_deref() {
-        Some("active L1") | None => None,
-        Some(name) => {
-            let snaps = ctx.img.as_ref().map(|img| &img.snapshots.snapshots);
-            let found = snaps.and_then(|ss| {
-                ss.iter()
-                    .position(|s| name == format!("snapshot {} '{}' L1", s.id, s.name))
-            });
-            match found {
-                Some(i) => Some(i),
-                None => return false,
+    let view = match r.l1_table {
+        Some(L1Id::Active) => None,
+        Some(L1Id::Snapshot { index }) => {
+            let records = ctx
+                .img
+                .as_ref()
+                .map_or(0, |img| img.snapshots.snapshots.len());
+            if index >= records {
+                return false;
             }
+            Some(index)
         }
+        None => return false,
     };
     if view != ctx.view_snapshot {
         q.push(Effect::View(view));

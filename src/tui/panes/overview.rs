@@ -23,7 +23,7 @@ pub struct State {
 }
 
 /// Header fields QEMU refuses to open, by byte offset in the header, and why.
-pub fn rejected(ctx: &Ctx) -> Vec<(u64, String)> {
+pub fn rejected(ctx: &Ctx) -> Vec<(qinspect::types::HostOffset, String)> {
     let Some(img) = &ctx.img else { return vec![] };
     img.header
         .validate(img.file_len())
@@ -162,7 +162,7 @@ fn header_fields(app: &Ctx, img: &Qcow2, sel: Option<usize>, v: &mut Vec<Line<'s
     let h = &img.header;
     let rejected = rejected(app);
     for (i, f) in h.fields().into_iter().enumerate() {
-        let why = rejected.iter().find(|(o, _)| *o == f.offset.get());
+        let why = rejected.iter().find(|(o, _)| *o == f.offset);
         let name = if why.is_some() {
             Style::new().fg(color::BAD)
         } else {
@@ -234,12 +234,15 @@ fn follow(field: &qinspect::header::HeaderField, ctx: &Ctx) -> Effect {
         "refcount_table_offset" | "refcount_table_clusters" => Effect::RefcountTable,
         "snapshots_offset" | "nb_snapshots" => Effect::Jump(crate::tui::ctx::Pane::Snapshots),
         "backing_file_offset" | "backing_file_size" if ctx.has_backing() => {
-            let (at, len) = ctx.img.as_ref().map_or((0, 0), |i| {
-                (
-                    i.header.backing_file_offset.get(),
-                    u64::from(i.header.backing_file_size),
-                )
-            });
+            let (at, len) = ctx
+                .img
+                .as_ref()
+                .map_or((qinspect::types::HostOffset(0), 0), |i| {
+                    (
+                        i.header.backing_file_offset,
+                        u64::from(i.header.backing_file_size),
+                    )
+                });
             Effect::ShowHost {
                 offset: at,
                 label: format!("the backing file name ({len} bytes)"),
@@ -248,12 +251,9 @@ fn follow(field: &qinspect::header::HeaderField, ctx: &Ctx) -> Effect {
             }
         }
         _ => Effect::ShowHost {
-            offset: field.offset.get(),
+            offset: field.offset,
             label: format!("header field {}", field.name),
-            mark: Some((
-                field.offset.get(),
-                field.offset.saturating_add(field.size).get(),
-            )),
+            mark: Some((field.offset, field.offset.saturating_add(field.size))),
             src: None,
         },
     }

@@ -315,7 +315,7 @@ impl Rows for FindingRows<'_> {
             out.range(c.saturating_mul(self.cs), self.cs);
         }
         if let Some(o) = f.offset {
-            out.value(o);
+            out.value(o.get());
         }
         numbers_in(&f.message, out);
         if text {

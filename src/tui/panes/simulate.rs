@@ -149,25 +149,33 @@ pub fn follow(c: &qinspect::simulate::Change, ctx: &Ctx) -> Result<Vec<Effect>, 
         .ok_or("the simulated image cannot be opened")?;
     let cs = img.geometry().cluster_size();
     let index = |i: u64| usize::try_from(i).map_err(|e| e.to_string());
-    let named = |table: &str| {
-        img.snapshots
-            .snapshots
-            .iter()
-            .position(|s| table == format!("snapshot {} '{}' L1", s.id, s.name))
-    };
     Ok(match &c.target {
         Target::Refcount { cluster } => vec![Effect::Refcount(*cluster)],
         Target::L1Entry {
-            table, index: i, ..
+            table,
+            snapshot: None,
+            index: i,
+            ..
         } if table == "active L1" => {
             vec![Effect::View(None), Effect::L1Entry(index(*i)?)]
         }
+        // The record the change was made to, if the simulated image still holds
+        // it there (a deleted snapshot's L1 is gone, and the records after it
+        // moved up).
         Target::L1Entry {
-            table, index: i, ..
-        } => match named(table) {
-            Some(id) => vec![Effect::View(Some(id)), Effect::L1Entry(index(*i)?)],
-            None => return Err(format!("{table} is not in the simulated image")),
+            table,
+            table_offset,
+            index: i,
+            snapshot: Some(id),
+        } => match img.snapshots.snapshots.get(*id) {
+            Some(s) if s.l1_table_offset == *table_offset => {
+                vec![Effect::View(Some(*id)), Effect::L1Entry(index(*i)?)]
+            }
+            _ => return Err(format!("{table} is not in the simulated image")),
         },
+        Target::L1Entry { table, .. } => {
+            return Err(format!("{table} is not in the simulated image"));
+        }
         Target::L2Entry {
             table_offset,
             index: j,

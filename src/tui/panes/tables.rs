@@ -347,28 +347,34 @@ impl PaneState for State {
                     Some(d) if en.compressed() => {
                         let (a, b) = d.range();
                         Effect::ShowHost {
-                            offset: a,
+                            offset: qinspect::types::HostOffset(a),
                             label: format!(
                                 "compressed data of guest {g:#x} (L2 {o:#x}[{j}]): {} bytes, {} sectors",
                                 d.size, d.sectors
                             ),
-                            mark: Some((a, b)),
+                            mark: Some((
+                                qinspect::types::HostOffset(a),
+                                qinspect::types::HostOffset(b),
+                            )),
                             src: None,
                         }
                     }
                     _ if en.host_offset().0 != 0 => {
-                        let h = en.host_offset().0;
+                        let h = en.host_offset();
                         Effect::ShowHost {
                             offset: h,
                             label: format!("data of guest {g:#x} (L2 {o:#x}[{j}])"),
-                            mark: Some((h, h + 16)),
+                            mark: Some((h, h.saturating_add(16))),
                             src: None,
                         }
                     }
                     _ => Effect::ShowHost {
-                        offset: entry_off,
+                        offset: qinspect::types::HostOffset(entry_off),
                         label: format!("L2 {o:#x}[{j}], the entry of guest {g:#x}"),
-                        mark: Some((entry_off, entry_off + geo.l2_entry_size())),
+                        mark: Some((
+                            qinspect::types::HostOffset(entry_off),
+                            qinspect::types::HostOffset(entry_off + geo.l2_entry_size()),
+                        )),
                         src: None,
                     },
                 };
@@ -388,7 +394,7 @@ impl PaneState for State {
             }
             (Level::L1, Action::Hex) => {
                 let i = self.l1.sel as u64;
-                let at = view.l1_offset.saturating_entry(i, 8).get();
+                let at = view.l1_offset.saturating_entry(i, 8);
                 q.push(Effect::ShowHost {
                     offset: at,
                     label: format!("{}[{i}]", view.label()),

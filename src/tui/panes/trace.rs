@@ -167,9 +167,9 @@ impl PaneState for State {
                         index,
                         ..
                     } => q.push(Effect::ShowHost {
-                        offset: entry_offset.get(),
+                        offset: entry_offset,
                         label: format!("{table}[{index}] in {}", s.layer),
-                        mark: Some((entry_offset.get(), entry_offset.saturating_add(8).get())),
+                        mark: Some((entry_offset, entry_offset.saturating_add(8))),
                         src: layer.map(|l| l.src.clone()),
                     }),
                     StepKind::L2Entry {
@@ -178,9 +178,9 @@ impl PaneState for State {
                         index,
                         ..
                     } => q.push(Effect::ShowHost {
-                        offset: entry_offset.get(),
+                        offset: entry_offset,
                         label: format!("L2 {table_offset}[{index}] in {}", s.layer),
-                        mark: Some((entry_offset.get(), entry_offset.saturating_add(8).get())),
+                        mark: Some((entry_offset, entry_offset.saturating_add(8))),
                         src: layer.map(|l| l.src.clone()),
                     }),
                     StepKind::Data {
@@ -189,7 +189,7 @@ impl PaneState for State {
                         ..
                     } => {
                         let h = u64::from_str_radix(host_offset.trim_start_matches("0x"), 16)
-                            .unwrap_or(0);
+                            .map_or(qinspect::types::HostOffset(0), qinspect::types::HostOffset);
                         // The data may be in a backing layer or a data file: show that file.
                         let src = layer.map(|l| match &l.kind {
                             qinspect::chain::LayerKind::Qcow2 {
@@ -204,7 +204,7 @@ impl PaneState for State {
                                 "data of guest {:#x}",
                                 self.trace.as_ref().map_or(0, |t| t.guest_offset.get())
                             ),
-                            mark: Some((h, h + 16)),
+                            mark: Some((h, h.saturating_add(16))),
                             src,
                         });
                     }

@@ -53,7 +53,11 @@ fn the_hex_cursor_names_every_header_field_at_each_of_its_bytes() {
             let d = a.panes.hex.decoded(&a.ctx).unwrap();
             assert_eq!(d.structure, "header", "{off}");
             assert_eq!(d.item, name, "byte {off}");
-            assert_eq!((d.start, d.end), (start, start + size), "{name}");
+            assert_eq!(
+                (d.start.get(), d.end.get()),
+                (start, start + size),
+                "{name}"
+            );
             assert_eq!(d.raw, Some(be(&bytes, start, size)), "{name}");
             assert!(s.contains(&format!("field: {name}")), "{s}");
         }
@@ -108,7 +112,7 @@ fn the_hex_cursor_decodes_an_l2_entry_and_a_refcount_entry() {
         format!("L2 table at {l2:#x} (active L1 table[0])")
     );
     assert_eq!(d.item, "entry 3 (guest 0x30000)");
-    assert_eq!((d.start, d.end), (entry, entry + 8));
+    assert_eq!((d.start.get(), d.end.get()), (entry, entry + 8));
     let raw = be(&bytes, entry, 8);
     assert_eq!(d.raw, Some(raw));
     assert_eq!(raw & 0x00ff_ffff_ffff_fe00, host);
@@ -283,7 +287,8 @@ fn z_on_a_compressed_entry_shows_the_inflated_guest_cluster_as_qemu_reads_it() {
         let src = a.panes.hex.src.clone().unwrap();
         assert_eq!(src.len(), 65536);
         let mut got = vec![0u8; 65536];
-        qinspect::io::read_into(src.as_ref(), "t", 0, &mut got).unwrap();
+        qinspect::io::read_into(src.as_ref(), "t", qinspect::types::HostOffset(0), &mut got)
+            .unwrap();
         assert_eq!(got, want, "{ctype}");
         let s = screen(&mut a, 160, 30);
         assert!(

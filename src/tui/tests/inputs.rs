@@ -171,10 +171,11 @@ fn referrers_are_all_listed_in_natural_order() {
         role: qinspect::check::Role::Data,
         l1: Some(l1.to_string()),
         l1_index: Some(0),
-        l2_table: Some(0x40000),
+        l2_table: Some(qinspect::types::HostOffset(0x40000)),
         l2_index: Some(0),
-        guest_offset: Some(0),
+        guest_offset: Some(qinspect::types::GuestOffset(0)),
         detail: None,
+        l1_table: None,
     };
     let mut refs = vec![r("snapshot 11 L1"), r("snapshot 5 L1"), r("active L1")];
     crate::tui::panes::layout::sort_referrers(&mut refs);

@@ -220,7 +220,7 @@ impl LuksHeader {
         offset: HostOffset,
         length: u64,
     ) -> Result<LuksHeader> {
-        let b = crate::io::read_exact(src, "LUKS header", offset.get(), HEADER_LEN)?;
+        let b = crate::io::read_exact(src, "LUKS header", offset, HEADER_LEN)?;
         Ok(LuksHeader::parse(&b, offset, length))
     }
 
@@ -244,11 +244,7 @@ impl LuksHeader {
     }
 
     fn bad(&self, field_off: u64, reason: impl Into<String>) -> Error {
-        Error::invalid(
-            "LUKS header",
-            self.offset.saturating_add(field_off).get(),
-            reason,
-        )
+        Error::invalid("LUKS header", self.offset.saturating_add(field_off), reason)
     }
 
     /// The checks QEMU makes when it opens the header

@@ -89,8 +89,7 @@ pub fn unlock(
         let at = h.offset.saturating_add(s.key_offset());
         let what = format!("LUKS key slot {} key material", s.index);
         // key_bytes <= 64 and stripes == 4000 (checked): at most 256000 bytes.
-        let mut material =
-            zeroize::Zeroizing::new(crate::io::read_exact(src, &what, at.get(), mat_len)?);
+        let mut material = zeroize::Zeroizing::new(crate::io::read_exact(src, &what, at, mat_len)?);
         let mut slot_key = zeroize::Zeroizing::new(vec![0u8; key_len]);
         hash.pbkdf2(pass, &s.salt_bytes, s.iterations, &mut slot_key);
         let c = SectorCipher::new(spec, &slot_key).map_err(|e| h.bad(8, e))?;
