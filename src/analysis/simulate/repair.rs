@@ -195,12 +195,23 @@ impl Sim {
     /// A corruption `qemu-img check -r all` reports and leaves as it is,
     /// counting the references as it would without it: reserved bits in an
     /// L1 or L2 entry, a corrupt subcluster bitmap, a data cluster whose
-    /// offset is not cluster aligned.
+    /// offset is not cluster aligned, an L2 table whose offset is not cluster
+    /// aligned (QEMU reads and counts the table at that offset all the same),
+    /// a compressed cluster where none may be, a reference to a region past
+    /// the end of the file (not counted), and more references than a
+    /// refcount can hold (counted up to the largest refcount).
     fn left_as_is(f: &crate::check::Finding) -> bool {
         f.kind == FindingKind::Corruption
             && match f.category {
-                Category::ReservedBits | Category::Subclusters => true,
-                Category::Unaligned => f.message.contains("Data cluster is not properly aligned"),
+                Category::ReservedBits
+                | Category::Subclusters
+                | Category::Compressed
+                | Category::PastEof
+                | Category::Overflow => true,
+                Category::Unaligned => {
+                    f.message.contains("Data cluster is not properly aligned")
+                        || f.message.contains("Table is not cluster aligned")
+                }
                 _ => false,
             }
     }

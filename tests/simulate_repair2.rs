@@ -1,0 +1,135 @@
+//! `repair:all` and `repair:leaks` of corruptions QEMU's check goes on past
+//! (it counts what it can and repairs the refcounts around them), each image
+//! broken with a byte patch as the iotests break them, and compared with a
+//! real `qemu-img check -r` on a copy (see `sim_compare`).
+
+mod common;
+mod sim_compare;
+use common::Work;
+use sim_compare::{compare, open_path};
+
+/// Overwrite the 8 bytes at `at` of `image` with `value`.
+fn poke(w: &Work, image: &str, at: u64, value: u64) {
+    w.patch(image, at, &value.to_be_bytes());
+}
+
+fn ok(w: &Work, image: &str, ops: &[&str]) -> qinspect::simulate::Sim {
+    compare(w.dir.path(), image, ops).unwrap_or_else(|e| panic!("{image}: {e}"))
+}
+
+/// As [`ok`], for an image whose guest disk QEMU cannot read after the
+/// operations (an L2 table whose offset is not cluster aligned stays): every
+/// operation must match, and only the final comparison of the guest bytes
+/// fails, as `qemu-img convert` of QEMU's result fails.
+fn ok_unreadable(w: &Work, image: &str, ops: &[&str]) {
+    let e = match compare(w.dir.path(), image, ops) {
+        Ok(_) => panic!("{image}: the guest disk was read"),
+        Err(e) => e,
+    };
+    assert!(
+        e.starts_with(&format!("after the {} operations: ", ops.len())) && e.contains("unaligned"),
+        "{image}: {e}"
+    );
+    let out = std::process::Command::new("qemu-img")
+        .args(["convert", "-O", "raw", &format!("{image}.qemu"), "out.raw"])
+        .current_dir(w.dir.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "{image}: qemu-img convert read it");
+}
+
+/// The reasons of the steps of the first operation's record.
+fn reasons(sim: &qinspect::simulate::Sim) -> Vec<String> {
+    sim.records[0]
+        .steps
+        .iter()
+        .map(|c| c.reason.clone())
+        .collect()
+}
+
+#[test]
+fn unaligned_l2_table_is_read_where_it_points() {
+    let w = Work::new();
+    // `write 0 64k` of zeros: L1 at 0x30000, its L2 table at 0x40000, data at
+    // 0x50000. The L1 entry then names 0x40200 (iotest 060's "L2 table not
+    // cluster aligned"), and the entry QEMU reads first there names the data
+    // cluster at 0x50000, which the table itself now also covers.
+    for name in ["a.qcow2", "l.qcow2"] {
+        w.qemu_img(&["create", "-q", "-f", "qcow2", name, "4M"]);
+        w.qemu_io(name, &["write -P 0 0 64k"]);
+        poke(&w, name, 0x30000, 0x8000_0000_0004_0200);
+        poke(&w, name, 0x40200, 0x8000_0000_0005_0000);
+    }
+    // -r all raises cluster 5 to its two references and then clears COPIED
+    // on the entry at 0x40200; the unaligned table stays (a corruption).
+    let img = open_path(&w.path("a.qcow2")).unwrap();
+    let mut sim = qinspect::simulate::Sim::new(&img, &w.path("a.qcow2")).unwrap();
+    sim.apply(&sim_compare::parse_op("repair:all"));
+    assert!(sim.records[0].error.is_none(), "{:?}", sim.records[0].error);
+    let r = reasons(&sim);
+    assert!(
+        r.iter()
+            .any(|m| m == "Repairing cluster 5 refcount=1 reference=2")
+            && r.iter().any(|m| m
+                == "Repairing OFLAG_COPIED data cluster: l2_entry=8000000000050000 refcount=2"),
+        "{r:?}"
+    );
+    ok_unreadable(&w, "a.qcow2", &["repair:all", "repair:all"]);
+    // -r leaks has no leak to fix and leaves the refcount too low.
+    ok_unreadable(&w, "l.qcow2", &["repair:leaks", "repair:all"]);
+}
+
+#[test]
+fn refcount_overflow_is_counted_up_to_the_largest_refcount() {
+    let w = Work::new();
+    // 1-bit refcounts, and the second L2 entry names the first one's data
+    // cluster: two references to a cluster whose refcount can hold one. The
+    // second data cluster is leaked.
+    for name in ["a.qcow2", "l.qcow2"] {
+        w.qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "refcount_bits=1",
+            name,
+            "4M",
+        ]);
+        w.qemu_io(name, &["write 0 128k"]);
+        poke(&w, name, 0x40008, 0x8000_0000_0005_0000);
+    }
+    let sim = ok(&w, "a.qcow2", &["repair:all", "repair:all"]);
+    assert!(
+        reasons(&sim).iter().any(|m| m.starts_with(
+            "QEMU's repair leaves this corruption as it is: ERROR: overflow cluster offset=0x50000"
+        )),
+        "{:?}",
+        reasons(&sim)
+    );
+    ok(&w, "l.qcow2", &["repair:leaks", "repair:all"]);
+}
+
+#[test]
+fn references_past_the_end_of_the_file_are_not_counted() {
+    let w = Work::new();
+    // The first L2 entry names a cluster 16 MiB in, far past the end of the
+    // file: QEMU does not count it, so its old data cluster is leaked, and
+    // with -r all the entry loses COPIED (its refcount reads 0).
+    for name in ["a.qcow2", "l.qcow2"] {
+        w.qemu_img(&["create", "-q", "-f", "qcow2", name, "4M"]);
+        w.qemu_io(name, &["write 0 128k"]);
+        poke(&w, name, 0x40000, 0x8000_0000_0100_0000);
+    }
+    let sim = ok(&w, "a.qcow2", &["repair:all", "repair:all"]);
+    assert!(
+        reasons(&sim)
+            .iter()
+            .any(|m| m
+                == "Repairing OFLAG_COPIED data cluster: l2_entry=8000000001000000 refcount=0"),
+        "{:?}",
+        reasons(&sim)
+    );
+    // -r leaks frees the leak and leaves the flag (a corruption remains).
+    ok(&w, "l.qcow2", &["repair:leaks", "repair:all"]);
+}
