@@ -133,3 +133,83 @@ fn references_past_the_end_of_the_file_are_not_counted() {
     // -r leaks frees the leak and leaves the flag (a corruption remains).
     ok(&w, "l.qcow2", &["repair:leaks", "repair:all"]);
 }
+
+#[test]
+fn refcount_block_outside_the_image_grows_the_file() {
+    let w = Work::new();
+    // The refcount table's first entry names a block at 16 MiB, past the end
+    // of the file (iotest 060's "refcount block outside the image"): -r all
+    // grows the file to hold it, finds every refcount in it 0, and rebuilds.
+    for name in ["a.qcow2", "l.qcow2"] {
+        w.qemu_img(&["create", "-q", "-f", "qcow2", name, "4M"]);
+        w.qemu_io(name, &["write 0 192k"]);
+        poke(&w, name, 0x10000, 0x100_0000);
+    }
+    let sim = ok(
+        &w,
+        "a.qcow2",
+        &["repair:all", "write:3145728:4096", "repair:all"],
+    );
+    assert!(
+        reasons(&sim)
+            .iter()
+            .any(|m| m.starts_with("Repairing refcount block at 0x1000000, outside the image")),
+        "{:?}",
+        reasons(&sim)
+    );
+    let real = std::fs::metadata(w.path("a.qcow2.qemu")).unwrap().len();
+    assert_eq!(real, 0x100_0000 + 0x10000);
+    assert_eq!(sim.file_len(), real);
+    // -r leaks reads the refcounts as 0 there too, and QEMU's check fails:
+    // only -r all rebuilds.
+    let sim = ok(&w, "l.qcow2", &["repair:leaks", "repair:all"]);
+    let e = sim.records[0].error.as_deref().unwrap_or_default();
+    assert!(e.contains("Check failed: Input/output error"), "{e}");
+}
+
+#[test]
+fn broken_refcount_blocks_are_rebuilt_or_fail_as_in_qemu() {
+    let w = Work::new();
+    // Each: image, cluster size, refcount table entry (offset, value).
+    let cases: [(&str, &str, u64, u64); 3] = [
+        // Block 0 not cluster aligned: reading the refcounts through it marks
+        // the image corrupt, and the rebuild's first block would land on it
+        // (ERROR writing refblock: Input/output error).
+        ("u.qcow2", "cluster_size=65536", 0x10000, 0x20200),
+        // Block 1, unaligned, covers no cluster of the file: nothing reads
+        // through it, and the rebuild succeeds.
+        ("v.qcow2", "cluster_size=4096", 0x1008, 0x3200),
+        // Reserved bits in entry 5 of the table.
+        ("r.qcow2", "cluster_size=512", 0x228, 0x4100),
+    ];
+    for (name, opts, at, value) in cases {
+        w.qemu_img(&["create", "-q", "-f", "qcow2", "-o", opts, name, "4M"]);
+        w.qemu_io(name, &["write 0 64k"]);
+        poke(&w, name, at, value);
+        let copy = format!("l{name}");
+        w.run("cp", &[name, &copy]);
+        let sim = ok(&w, name, &["repair:all", "repair:all"]);
+        let e = sim.records[0].error.as_deref();
+        if name == "u.qcow2" {
+            assert!(
+                e.is_some_and(|e| e.contains("ERROR writing refblock: Input/output error")),
+                "{e:?}"
+            );
+            let h = sim.image().unwrap().header;
+            assert_ne!(
+                h.incompatible_features & qinspect::header::INCOMPAT_CORRUPT,
+                0,
+                "{name}"
+            );
+        } else {
+            assert_eq!(e, None, "{name}");
+        }
+        // -r leaks cannot rebuild: the check fails.
+        let sim = ok(&w, &copy, &["repair:leaks"]);
+        let e = sim.records[0].error.as_deref().unwrap_or_default();
+        assert!(
+            e.contains("Check failed: Input/output error"),
+            "{name}: {e}"
+        );
+    }
+}

@@ -19,12 +19,14 @@ use crate::types::HostOffset;
 impl Sim {
     /// `qemu-img check -r leaks` (`all == false`) or `-r all`.
     pub(super) fn repair(&mut self, all: bool) -> SimResult<()> {
-        self.repair_pass(all, false)
+        self.repair_pass(all, false, false)
     }
 
     /// One pass of the check and repair; `rebuilt` once the refcount
-    /// structure has been rebuilt (then it is not rebuilt again).
-    fn repair_pass(&mut self, all: bool, rebuilt: bool) -> SimResult<()> {
+    /// structure has been rebuilt (then it is not rebuilt again);
+    /// `unreadable` once a refcount could not be read (QEMU's check then
+    /// counts a check error, and the image is not marked clean).
+    fn repair_pass(&mut self, all: bool, rebuilt: bool, unreadable: bool) -> SimResult<()> {
         if self.marks_bitmaps() && !self.snapshots.is_empty() {
             // qemu-img check opens with BDRV_O_CHECK, which leaves the snapshot
             // table unread until the check; marking the bitmaps in use on that
@@ -64,7 +66,33 @@ impl Sim {
                     zero_fixes.first().map_or("", |f| f.1.as_str())
                 )));
             }
-            return self.repair_pass(all, rebuilt);
+            return self.repair_pass(all, rebuilt, unreadable);
+        }
+        // check_refblocks: with -r all a refcount block past the end of the
+        // file makes QEMU grow the file to hold it, and it is counted as any
+        // other (its refcounts, all zeros, then call for a rebuild); a block
+        // it cannot grow the file for, an unaligned block, reserved bits in
+        // a refcount table entry or a block referenced more than once make
+        // it rebuild the refcount structure.
+        let outside: Vec<u64> = report
+            .findings
+            .iter()
+            .filter(|f| Self::refblock_outside(f))
+            .filter_map(|f| f.offset)
+            .collect();
+        let mut broken = report.findings.iter().any(Self::refblock_broken);
+        if all && !rebuilt && !outside.is_empty() {
+            let mut grew = false;
+            for off in outside.iter().copied() {
+                if self.grow_for_refblock(off) {
+                    grew = true;
+                } else {
+                    broken = true;
+                }
+            }
+            if grew {
+                return self.repair_pass(all, rebuilt, unreadable);
+            }
         }
         let unusual = report
             .findings
@@ -74,6 +102,7 @@ impl Sim {
                     && !matches!(f.category, Category::Refcount | Category::Copied)
                     && !Self::fixable_zero_cluster(f)
                     && !Self::left_as_is(f)
+                    && f.category != Category::Refblock
             })
             .map(|f| f.message.clone());
         let kept = report.findings.iter().find(|f| Self::left_as_is(f));
@@ -83,10 +112,15 @@ impl Sim {
                 f.message
             ));
         }
+        if !all && let Some(f) = report.findings.iter().find(|f| Self::refblock_outside(f)) {
+            self.note(format!(
+                "QEMU's repair leaves this corruption as it is (only -r all grows the file to hold the block): {}",
+                f.message
+            ));
+        }
         if let Some(m) = unusual {
             return Err(SimError::NotModelled(format!(
-                "QEMU's repair of this would do more than fix refcounts, COPIED flags and unaligned zero clusters{}: {m}",
-                Self::what_qemu_does(&m)
+                "QEMU's repair of this would do more than fix refcounts, COPIED flags and unaligned zero clusters: {m}"
             )));
         }
         let Some(imrt) = report.imrt.clone() else {
@@ -94,23 +128,43 @@ impl Sim {
                 "the check did not count the references".into(),
             ));
         };
-        if !all && !rebuilt && self.needs_rebuild(&imrt)? {
+        // compare_refcounts, first without repairing: it reads every stored
+        // refcount (a read through an unaligned block marks the image
+        // corrupt), and a stored 0 for a cluster in use calls for a rebuild.
+        let (zero_in_use, unread) = if rebuilt {
+            (false, false)
+        } else {
+            self.needs_rebuild(&imrt)?
+        };
+        let unreadable = unreadable || unread;
+        if !all && (zero_in_use || broken) {
             // qcow2_check_refcounts: with BDRV_FIX_LEAKS alone a needed
             // rebuild is an error, and nothing is repaired.
-            return Err(SimError::Qemu(
-                "Check failed: Input/output error (ERROR need to rebuild refcount structures: a cluster in use has a stored refcount of 0, and only -r all rebuilds them)".into(),
-            ));
+            let why = if zero_in_use {
+                "a cluster in use has a stored refcount of 0"
+            } else {
+                "a refcount block is broken"
+            };
+            return Err(SimError::Qemu(format!(
+                "Check failed: Input/output error (ERROR need to rebuild refcount structures: {why}, and only -r all rebuilds them)"
+            )));
         }
-        if all && !rebuilt && self.needs_rebuild(&imrt)? {
+        if all && (zero_in_use || broken) {
             let saved = self.reason.clone();
-            self.rebuild_refcounts(&imrt)?;
+            let why = if broken {
+                "a refcount block or its refcount table entry is broken"
+            } else {
+                "a cluster in use has a stored refcount of 0"
+            };
+            self.rebuild_refcounts(&imrt, why)?;
             self.reason = saved;
             // The references are counted again over the new structure: the
             // old table and blocks are now leaks, repaired as any other.
-            return self.repair_pass(true, true);
+            return self.repair_pass(true, true, unreadable);
         }
         let saved = self.reason.clone();
-        let mut left_corrupt = !zero_fixes.is_empty() || kept.is_some();
+        let mut left_corrupt =
+            !zero_fixes.is_empty() || kept.is_some() || unreadable || !outside.is_empty();
         for c in 0..imrt.nb_clusters {
             let stored = self.get_refcount(c)?;
             let reference = imrt.get(c);
@@ -179,17 +233,20 @@ impl Sim {
                 .contains("Preallocated cluster is not properly aligned")
     }
 
-    /// What QEMU's repair does with the finding `m`, where that is known.
-    fn what_qemu_does(m: &str) -> &'static str {
-        if m.contains("Table is not cluster aligned") {
-            " (QEMU reads the L2 table at the unaligned offset all the same, and counts and repairs whatever entries it finds there)"
-        } else if m.contains("is outside image") {
-            " (QEMU grows the file to hold the refcount block, then rebuilds the whole refcount structure)"
-        } else if m.contains("not cluster aligned; refcount table entry") {
-            " (QEMU marks the image corrupt, and its rebuild of the refcount structure then fails: ERROR writing refblock: Input/output error)"
-        } else {
-            ""
-        }
+    /// A refcount block past the end of the file (`check_refblocks`).
+    fn refblock_outside(f: &crate::check::Finding) -> bool {
+        f.kind == FindingKind::Corruption
+            && f.category == Category::Refblock
+            && f.message.ends_with("is outside image")
+    }
+
+    /// A refcount table entry or block that makes QEMU's check call for a
+    /// rebuild of the refcount structure: reserved bits in the entry, a
+    /// block that is not cluster aligned, or one referenced more than once.
+    fn refblock_broken(f: &crate::check::Finding) -> bool {
+        f.kind == FindingKind::Corruption
+            && f.category == Category::Refblock
+            && !Self::refblock_outside(f)
     }
 
     /// A corruption `qemu-img check -r all` reports and leaves as it is,
