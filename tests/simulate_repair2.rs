@@ -213,3 +213,112 @@ fn broken_refcount_blocks_are_rebuilt_or_fail_as_in_qemu() {
         );
     }
 }
+
+/// `image` with one snapshot `s1` of `write 0 128k`, then the active disk
+/// written over: L1 at 0x30000, L2 0x40000, the snapshot's L1 at 0x70000,
+/// the snapshot table at 0x80000 (one 67-byte entry).
+fn with_snapshot(w: &Work, image: &str) {
+    w.qemu_img(&["create", "-q", "-f", "qcow2", image, "4M"]);
+    w.qemu_io(image, &["write 0 128k"]);
+    w.qemu_img(&["snapshot", "-c", "s1", image]);
+    w.qemu_io(image, &["write -P 7 0 64k"]);
+    let img = open_path(&w.path(image)).unwrap();
+    assert_eq!(img.header.snapshots_offset.get(), 0x80000);
+    assert_eq!(img.snapshots.snapshots[0].l1_table_offset.get(), 0x70000);
+}
+
+#[test]
+fn snapshot_table_findings_as_qemu_repairs_them() {
+    let w = Work::new();
+    // iotest 261's cases. A snapshot L1 table not cluster aligned: QEMU does
+    // not count the snapshot's tables, so what only the snapshot holds is
+    // "leaked" and freed (-r leaks too), and the entry stays.
+    for name in ["a.qcow2", "la.qcow2"] {
+        with_snapshot(&w, name);
+        poke(&w, name, 0x80000, 0x70200);
+    }
+    let sim = ok(&w, "a.qcow2", &["repair:all", "repair:all"]);
+    assert!(
+        reasons(&sim).iter().any(|m| m.starts_with(
+            "QEMU's repair leaves this corruption as it is: ERROR snapshot 1 (s1) l1_offset=0x70200"
+        )),
+        "{:?}",
+        reasons(&sim)
+    );
+    ok(&w, "la.qcow2", &["repair:leaks", "repair:all"]);
+
+    // An entry with 8 bytes of extra data (a v3 image needs 16): -r all
+    // writes the table anew (in a new cluster; the old one is freed) and the
+    // image is clean; -r leaks leaves it.
+    for name in ["b.qcow2", "lb.qcow2"] {
+        with_snapshot(&w, name);
+        let f = std::fs::File::open(w.path(name)).unwrap();
+        let mut e = vec![0u8; 67];
+        std::os::unix::fs::FileExt::read_exact_at(&f, &mut e, 0x80000).unwrap();
+        e[36..40].copy_from_slice(&8u32.to_be_bytes());
+        let mut entry = e[..48].to_vec();
+        entry.extend_from_slice(&e[64..67]);
+        entry.resize(67, 0);
+        w.patch(name, 0x80000, &entry);
+    }
+    let sim = ok(&w, "b.qcow2", &["repair:all", "repair:all"]);
+    assert!(
+        reasons(&sim)
+            .iter()
+            .any(|m| m == "Repairing snapshot table entry 0 is incomplete"),
+        "{:?}",
+        reasons(&sim)
+    );
+    let img = sim.image().unwrap();
+    assert_ne!(img.header.snapshots_offset.get(), 0x80000);
+    assert_eq!(img.snapshots.snapshots[0].extra_data_size, 24);
+    ok(&w, "lb.qcow2", &["repair:leaks", "repair:all"]);
+
+    // A snapshot table offset that is not cluster aligned, with one snapshot
+    // and with more than QEMU's 65536: the check fails before it repairs
+    // anything, with -r all as with -r leaks (which cannot even cut the
+    // count). qemu-img check cannot check the result either, so the two are
+    // compared here rather than through `compare`.
+    for (name, count) in [("c.qcow2", 1u32), ("d.qcow2", 70000)] {
+        with_snapshot(&w, name);
+        poke(&w, name, 0x40, 0x80200);
+        w.patch(name, 0x3c, &count.to_be_bytes());
+        let before = std::fs::read(w.path(name)).unwrap();
+        for op in ["repair:all", "repair:leaks"] {
+            let copy = format!("{name}.qemu");
+            std::fs::copy(w.path(name), w.path(&copy)).unwrap();
+            let (qemu_ok, line) =
+                sim_compare::run_qemu(w.dir.path(), &sim_compare::qemu_command(op, &copy));
+            let img = open_path(&w.path(name)).unwrap();
+            let mut sim = qinspect::simulate::Sim::new(&img, &w.path(name)).unwrap();
+            sim.apply(&sim_compare::parse_op(op));
+            let e = sim.records[0].error.as_deref().unwrap_or_default();
+            let want = if count > 65536 && op == "repair:leaks" {
+                "ERROR snapshot table too large"
+            } else {
+                "ERROR snapshot table offset invalid"
+            };
+            assert!(!qemu_ok && line.ends_with(want), "{name} {op}: {line}");
+            assert!(e.contains(want), "{name} {op}: {e}");
+            assert!(sim.records[0].steps.is_empty(), "{name} {op}");
+            assert_eq!(std::fs::read(w.path(&copy)).unwrap(), before, "{name} {op}");
+        }
+        // Anything but a check fails at QEMU's open, for the same reason.
+        let copy = format!("{name}.qemu");
+        let (qemu_ok, line) = sim_compare::run_qemu(
+            w.dir.path(),
+            &sim_compare::qemu_command("write:0:4096", &copy),
+        );
+        let cause = line.rsplit(": ").next().unwrap_or_default();
+        assert!(!qemu_ok && cause.starts_with("Snapshot table "), "{line}");
+        let img = open_path(&w.path(name)).unwrap();
+        let mut sim = qinspect::simulate::Sim::new(&img, &w.path(name)).unwrap();
+        sim.apply(&sim_compare::parse_op("write:0:4096"));
+        let e = sim.records[0].error.as_deref().unwrap_or_default();
+        assert!(
+            e.starts_with("Could not open") && e.contains(cause),
+            "{name}: {e}"
+        );
+        assert_eq!(std::fs::read(w.path(&copy)).unwrap(), before, "{name}");
+    }
+}

@@ -131,11 +131,25 @@ impl Sim {
         Ok((zero_in_use, unreadable))
     }
 
+    /// [`Sim::grow_for_refblock`] for each block at `offsets`: whether the
+    /// file grew for any, and whether it could not for any.
+    pub(super) fn grow_for_refblocks(&mut self, offsets: &[u64]) -> (bool, bool) {
+        let (mut grew, mut failed) = (false, false);
+        for off in offsets.iter().copied() {
+            if self.grow_for_refblock(off) {
+                grew = true;
+            } else {
+                failed = true;
+            }
+        }
+        (grew, failed)
+    }
+
     /// `check_refblocks` with `-r all` for a refcount block at `off`, past
     /// the end of the file: the file grows (with zeros) to end just after the
     /// block. False when QEMU cannot resize the file (it then rebuilds the
     /// refcount structure instead).
-    pub(super) fn grow_for_refblock(&mut self, off: u64) -> bool {
+    fn grow_for_refblock(&mut self, off: u64) -> bool {
         let Some(end) = off.checked_add(self.cs).filter(|&e| e <= i64::MAX as u64) else {
             self.note(format!("ERROR could not resize image: Invalid argument (a refcount block at {off:#x} cannot end inside the largest file QEMU can write): QEMU rebuilds the refcount structure"));
             return false;
