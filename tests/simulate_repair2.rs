@@ -165,6 +165,36 @@ fn refcount_block_outside_the_image_grows_the_file() {
     let sim = ok(&w, "l.qcow2", &["repair:leaks", "repair:all"]);
     let e = sim.records[0].error.as_deref().unwrap_or_default();
     assert!(e.contains("Check failed: Input/output error"), "{e}");
+
+    // A block whose end would be past INT64_MAX: QEMU cannot resize the file
+    // ("Invalid argument") and rebuilds without it; the file keeps its size.
+    w.qemu_img(&["create", "-q", "-f", "qcow2", "e.qcow2", "4M"]);
+    w.qemu_io("e.qcow2", &["write 0 192k"]);
+    poke(&w, "e.qcow2", 0x10000, 0x7fff_ffff_ffff_0000);
+    let sim = ok(&w, "e.qcow2", &["repair:all", "repair:all"]);
+    assert!(
+        reasons(&sim)
+            .iter()
+            .any(|m| m.starts_with("ERROR could not resize image: Invalid argument")),
+        "{:?}",
+        reasons(&sim)
+    );
+
+    // A block 1 TiB in: QEMU would count references for 2^24 clusters and
+    // more in memory; the simulator says it does not follow that, at once.
+    w.qemu_img(&["create", "-q", "-f", "qcow2", "t.qcow2", "4M"]);
+    w.qemu_io("t.qcow2", &["write 0 192k"]);
+    poke(&w, "t.qcow2", 0x10000, 1 << 40);
+    let img = open_path(&w.path("t.qcow2")).unwrap();
+    let mut sim = qinspect::simulate::Sim::new(&img, &w.path("t.qcow2")).unwrap();
+    let started = std::time::Instant::now();
+    sim.apply(&sim_compare::parse_op("repair:all"));
+    assert!(started.elapsed() < std::time::Duration::from_secs(20));
+    let e = sim.records[0].error.as_deref().unwrap_or_default();
+    assert!(
+        e.starts_with("not simulated: ") && e.contains("does not follow a walk over more than"),
+        "{e}"
+    );
 }
 
 #[test]

@@ -28,6 +28,11 @@ use super::{Sim, SimError, SimResult};
 use crate::refcount::set_refcount;
 use crate::types::HostOffset;
 
+/// The most clusters a file grown for a refcount block outside it may have
+/// for the simulator to follow the check over it (2^24: 1 TiB of 64 KiB
+/// clusters).
+const MAX_GROWN_CLUSTERS: u64 = 1 << 24;
+
 /// The in-memory reference counts and the new refcount table being built.
 struct Rebuild {
     /// References per cluster (QEMU's in-memory refcount table); grows when
@@ -133,37 +138,45 @@ impl Sim {
 
     /// [`Sim::grow_for_refblock`] for each block at `offsets`: whether the
     /// file grew for any, and whether it could not for any.
-    pub(super) fn grow_for_refblocks(&mut self, offsets: &[u64]) -> (bool, bool) {
+    pub(super) fn grow_for_refblocks(&mut self, offsets: &[u64]) -> SimResult<(bool, bool)> {
         let (mut grew, mut failed) = (false, false);
         for off in offsets.iter().copied() {
-            if self.grow_for_refblock(off) {
+            if self.grow_for_refblock(off)? {
                 grew = true;
             } else {
                 failed = true;
             }
         }
-        (grew, failed)
+        Ok((grew, failed))
     }
 
     /// `check_refblocks` with `-r all` for a refcount block at `off`, past
     /// the end of the file: the file grows (with zeros) to end just after the
     /// block. False when QEMU cannot resize the file (it then rebuilds the
     /// refcount structure instead).
-    fn grow_for_refblock(&mut self, off: u64) -> bool {
+    fn grow_for_refblock(&mut self, off: u64) -> SimResult<bool> {
         let Some(end) = off.checked_add(self.cs).filter(|&e| e <= i64::MAX as u64) else {
             self.note(format!("ERROR could not resize image: Invalid argument (a refcount block at {off:#x} cannot end inside the largest file QEMU can write): QEMU rebuilds the refcount structure"));
-            return false;
+            return Ok(false);
         };
         if end > super::MAX_FILE_LEN {
             self.note(format!("ERROR could not resize image: File too large (a refcount block at {off:#x} would make the file {end} bytes long): QEMU rebuilds the refcount structure"));
-            return false;
+            return Ok(false);
+        }
+        // QEMU then holds a refcount for every cluster of the grown file in
+        // memory, and walks them all.
+        let clusters = end.div_ceil(self.cs);
+        if clusters > MAX_GROWN_CLUSTERS {
+            return Err(SimError::NotModelled(format!(
+                "a refcount block at {off:#x}, outside the image, makes QEMU grow the file to {end} bytes and count references for its {clusters} clusters in memory; qinspect does not follow a walk over more than {MAX_GROWN_CLUSTERS} clusters"
+            )));
         }
         self.note(format!(
             "Repairing refcount block at {off:#x}, outside the image: the file grows from {} to {end} bytes (zeros) to hold it",
             self.file_len
         ));
         self.file_len = self.file_len.max(end);
-        true
+        Ok(true)
     }
 
     /// `rebuild_refcount_structure` from the checker's reference counts

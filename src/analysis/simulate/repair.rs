@@ -73,7 +73,7 @@ impl Sim {
             .collect();
         let mut broken = report.findings.iter().any(Self::refblock_broken);
         if all && !rebuilt && !outside.is_empty() {
-            let (grew, failed) = self.grow_for_refblocks(&outside);
+            let (grew, failed) = self.grow_for_refblocks(&outside)?;
             broken |= failed;
             if grew {
                 return self.repair_pass(all, rebuilt, unreadable);
