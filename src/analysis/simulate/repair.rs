@@ -112,7 +112,7 @@ impl Sim {
             self.needs_rebuild(&imrt)?
         };
         let unreadable = unreadable || unread;
-        if !all && (zero_in_use || broken) {
+        if !all && !rebuilt && (zero_in_use || broken) {
             // qcow2_check_refcounts: with BDRV_FIX_LEAKS alone a needed
             // rebuild is an error, and nothing is repaired.
             let why = if zero_in_use {
@@ -124,7 +124,7 @@ impl Sim {
                 "Check failed: Input/output error (ERROR need to rebuild refcount structures: {why}, and only -r all rebuilds them)"
             )));
         }
-        if all && (zero_in_use || broken) {
+        if all && !rebuilt && (zero_in_use || broken) {
             let saved = self.reason.clone();
             let why = if broken {
                 "a refcount block or its refcount table entry is broken"
@@ -149,6 +149,7 @@ impl Sim {
         let mut left_corrupt = !zero_fixes.is_empty()
             || kept.is_some()
             || unreadable
+            || broken
             || !outside.is_empty()
             || (incomplete.is_some() && !all);
         left_corrupt |= self.repair_refcounts(&imrt, all)?;
