@@ -166,6 +166,40 @@ fn refcount_block_outside_the_image_grows_the_file() {
     let e = sim.records[0].error.as_deref().unwrap_or_default();
     assert!(e.contains("Check failed: Input/output error"), "{e}");
 
+    // 4 KiB clusters, and block 1 of the table (covering no cluster of the
+    // file) at 256 MiB: -r leaks reads no refcount through it and only leaves
+    // it; -r all grows the file, and the rebuild then also counts the grown
+    // block's range (a new block there, kept after the old one is freed).
+    for name in ["o.qcow2", "lo.qcow2"] {
+        w.qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "cluster_size=4096",
+            name,
+            "4M",
+        ]);
+        w.qemu_io(name, &["write 0 64k"]);
+        poke(&w, name, 0x1008, 0x1000_0000);
+    }
+    let sim = ok(
+        &w,
+        "o.qcow2",
+        &["repair:all", "write:3145728:4096", "repair:all"],
+    );
+    assert_eq!(sim.file_len(), 0x1000_2000);
+    let sim = ok(&w, "lo.qcow2", &["repair:leaks", "repair:all"]);
+    assert_eq!(sim.records[0].error, None);
+    assert!(
+        reasons(&sim).iter().any(|m| m.starts_with(
+            "QEMU's repair leaves this corruption as it is (only -r all grows the file"
+        )),
+        "{:?}",
+        reasons(&sim)
+    );
+
     // A block whose end would be past INT64_MAX: QEMU cannot resize the file
     // ("Invalid argument") and rebuilds without it; the file keeps its size.
     w.qemu_img(&["create", "-q", "-f", "qcow2", "e.qcow2", "4M"]);
