@@ -150,6 +150,9 @@ pub struct Sim {
     open_refused: Option<String>,
     /// QEMU's refusal to open the image at all (its bitmap directory).
     open_fails: Option<String>,
+    /// QEMU's refusal to open the image for anything but a check (a snapshot
+    /// table it cannot read: qemu-img check reads it only in the check).
+    check_only: Option<String>,
     /// What QEMU would do on open that is not modelled: every operation says so.
     not_modelled: Option<String>,
     /// The file was cut here: bytes from here on read as zeros, not as the
@@ -223,8 +226,20 @@ impl Sim {
     /// Start a simulation on `img` (opened from `path`, for backing-file reads).
     pub fn new(img: &Qcow2, path: &Path) -> Result<Sim> {
         let h: &Header = &img.header;
-        // QEMU would not open the image, so it would not change it either.
-        if let Some(p) = img.problems.first() {
+        // QEMU would not open the image, so it would not change it either;
+        // only a snapshot table it cannot read leaves qemu-img check's open
+        // (BDRV_O_CHECK), which reads that table later, to go on.
+        let snapshot_table_only = img.check_refusal.is_none()
+            && img
+                .problems
+                .iter()
+                .all(|p| p.corrupt_kind() == Some(crate::error::CorruptKind::SnapshotTable));
+        let check_only = img
+            .problems
+            .first()
+            .filter(|_| snapshot_table_only)
+            .map(|p| format!("Could not open '{}': {p}", path.display()));
+        if let Some(p) = img.problems.first().filter(|_| !snapshot_table_only) {
             return Err(Error::unsupported(
                 "simulation",
                 format!("QEMU refuses to open this image: {p}"),
@@ -238,7 +253,7 @@ impl Sim {
                 "QEMU opens this encrypted image only with its key (qemu-img: Parameter 'encrypt.key-secret' is required for cipher)",
             ));
         }
-        if img.snapshots.error.is_some() {
+        if img.snapshots.error.is_some() && !snapshot_table_only {
             return Err(Error::unsupported(
                 "simulation",
                 "the snapshot table cannot be read, so QEMU would not open the image",
@@ -287,6 +302,7 @@ impl Sim {
             bitmaps,
             open_refused,
             open_fails,
+            check_only,
             not_modelled,
             zero_from: u64::MAX,
             overlay_of: None,
@@ -345,6 +361,8 @@ impl Sim {
         let checking = matches!(op, Op::Repair { .. });
         let r = if let Some(m) = &self.open_fails {
             // qemu-img and qemu-io (check included) stop at the open.
+            Err(SimError::Qemu(m.clone()))
+        } else if let Some(m) = self.check_only.as_ref().filter(|_| !checking) {
             Err(SimError::Qemu(m.clone()))
         } else if features & crate::header::INCOMPAT_CORRUPT != 0 && !checking {
             // qemu-img and qemu-io stop at the open: nothing is written.

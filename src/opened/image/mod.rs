@@ -307,8 +307,8 @@ impl Qcow2 {
                     e.to_string(),
                 ));
             }
-            problems.push(Error::invalid(
-                "snapshot table",
+            problems.push(Error::corrupt(
+                CorruptKind::SnapshotTable,
                 h.snapshots_offset,
                 e.to_string(),
             ));
