@@ -31,6 +31,14 @@ pub const MAX_TABLE_ENTRIES: u64 = 0x0800_0000;
 /// (table entries times the cluster size, 512 MiB): a directory entry over it
 /// fails QEMU's directory check before any table is read.
 pub const MAX_PHYS_SIZE: u64 = 0x2000_0000;
+/// Fewest granularity bits QEMU accepts (one bit per 512 bytes).
+pub const MIN_GRANULARITY_BITS: u8 = 9;
+/// Most granularity bits QEMU accepts (one bit per 2 GiB).
+pub const MAX_GRANULARITY_BITS: u8 = 31;
+/// Longest bitmap name QEMU accepts, in bytes.
+pub const MAX_NAME_SIZE: u16 = 1023;
+/// The flag bits QEMU knows (in use, auto); any other set bit is reserved.
+pub const KNOWN_FLAGS: u32 = FLAG_IN_USE | FLAG_AUTO;
 /// Flag bit 0: the bitmap is being modified and its data is not consistent.
 pub const FLAG_IN_USE: u32 = 1;
 /// Flag bit 1: QEMU tracks writes in this bitmap automatically.
@@ -57,6 +65,83 @@ pub struct BitmapEntry {
     pub extra_data_size: u32,
     /// The bitmap's name (UTF-8, unique in the image).
     pub name: String,
+    /// The name's length in bytes, as stored.
+    #[serde(skip)]
+    pub name_size: u16,
+}
+
+/// Why QEMU's open refuses a bitmap directory entry (`bitmap_list_load` and its
+/// `check_dir_entry` in `block/qcow2-bitmap.c`), before it reads any table; the
+/// first that applies, in QEMU's order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DirEntryProblem {
+    /// The entry has extra data (QEMU supports none).
+    ExtraData,
+    /// The table has no entries.
+    EmptyTable,
+    /// The table offset is 0.
+    NoTable,
+    /// The table offset is not a multiple of the cluster size.
+    UnalignedTable,
+    /// More table entries than QEMU's 0x8000000.
+    TooManyEntries,
+    /// Granularity bits outside 9..=31.
+    Granularity,
+    /// Flag bits QEMU does not know are set (the set bits).
+    ReservedFlags(u32),
+    /// The name is longer than 1023 bytes.
+    NameTooLong,
+    /// A type other than 1 (dirty tracking).
+    Type,
+    /// The table's clusters of bits (entries times the cluster size) exceed
+    /// [`MAX_PHYS_SIZE`].
+    PhysSize,
+    /// A bitmap not in use whose table covers less than the disk.
+    TableTooSmall,
+}
+
+impl DirEntryProblem {
+    /// QEMU's message for the entry of bitmap `name`.
+    pub fn qemu_message(&self, name: &str) -> String {
+        match self {
+            DirEntryProblem::ExtraData => "Bitmap extra data is not supported".into(),
+            _ => format!("Bitmap '{name}' doesn't satisfy the constraints"),
+        }
+    }
+}
+
+impl std::fmt::Display for DirEntryProblem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DirEntryProblem::ExtraData => write!(f, "the entry has extra data"),
+            DirEntryProblem::EmptyTable => write!(f, "the table has no entries"),
+            DirEntryProblem::NoTable => write!(f, "the table offset is 0"),
+            DirEntryProblem::UnalignedTable => write!(f, "the table is not cluster aligned"),
+            DirEntryProblem::TooManyEntries => {
+                write!(f, "the table has more than {MAX_TABLE_ENTRIES:#x} entries")
+            }
+            DirEntryProblem::Granularity => write!(
+                f,
+                "granularity bits outside {MIN_GRANULARITY_BITS}..={MAX_GRANULARITY_BITS}"
+            ),
+            DirEntryProblem::ReservedFlags(bits) => {
+                write!(f, "flags {bits:#x}: bits QEMU does not know")
+            }
+            DirEntryProblem::NameTooLong => write!(f, "the name is over {MAX_NAME_SIZE} bytes"),
+            DirEntryProblem::Type => write!(f, "type is not 1 (dirty tracking)"),
+            DirEntryProblem::PhysSize => write!(
+                f,
+                "the table's entries times the cluster size exceed {MAX_PHYS_SIZE:#x} bytes"
+            ),
+            DirEntryProblem::TableTooSmall => {
+                write!(
+                    f,
+                    "the table covers less than the disk and the bitmap is not in use"
+                )
+            }
+        }
+    }
 }
 
 impl BitmapEntry {
@@ -71,6 +156,56 @@ impl BitmapEntry {
         }
         v
     }
+    /// Why QEMU's open refuses this entry in an image of `cluster_size`-byte
+    /// clusters and a disk of `disk_size` bytes, or `None` if it accepts it.
+    pub fn problem(&self, cluster_size: u64, disk_size: u64) -> Option<DirEntryProblem> {
+        let size = u64::from(self.table_size);
+        let p = if self.extra_data_size != 0 {
+            DirEntryProblem::ExtraData
+        } else if size == 0 {
+            DirEntryProblem::EmptyTable
+        } else if self.table_offset.get() == 0 {
+            DirEntryProblem::NoTable
+        } else if cluster_size == 0 || !self.table_offset.get().is_multiple_of(cluster_size) {
+            DirEntryProblem::UnalignedTable
+        } else if size > MAX_TABLE_ENTRIES {
+            DirEntryProblem::TooManyEntries
+        } else if !(MIN_GRANULARITY_BITS..=MAX_GRANULARITY_BITS).contains(&self.granularity_bits) {
+            DirEntryProblem::Granularity
+        } else if self.flags & !KNOWN_FLAGS != 0 {
+            DirEntryProblem::ReservedFlags(self.flags & !KNOWN_FLAGS)
+        } else if self.name_size > MAX_NAME_SIZE {
+            DirEntryProblem::NameTooLong
+        } else if self.bitmap_type != 1 {
+            DirEntryProblem::Type
+        } else if size.saturating_mul(cluster_size) > MAX_PHYS_SIZE {
+            DirEntryProblem::PhysSize
+        } else if self.flags & FLAG_IN_USE == 0
+            && disk_size
+                > size
+                    .saturating_mul(cluster_size)
+                    .saturating_mul(8)
+                    .checked_shl(u32::from(self.granularity_bits))
+                    .unwrap_or(u64::MAX)
+        {
+            // At most 2^29 * 8 << 31 = 2^63: no bits are lost in the shift.
+            DirEntryProblem::TableTooSmall
+        } else {
+            return None;
+        };
+        Some(p)
+    }
+
+    /// The table size QEMU expects when it loads this bitmap's data for a disk
+    /// of `disk_size` bytes (`load_bitmap_data`): the bits in 64-bit words, the
+    /// words in clusters of `cluster_size` bytes.
+    pub fn table_size_needed(&self, cluster_size: u64, disk_size: u64) -> u64 {
+        let bits = disk_size.div_ceil(self.granularity().max(1));
+        bits.div_ceil(64)
+            .saturating_mul(8)
+            .div_ceil(cluster_size.max(1))
+    }
+
     /// Bytes per bit.
     pub fn granularity(&self) -> u64 {
         1u64.checked_shl(u32::from(self.granularity_bits))
@@ -266,6 +401,7 @@ pub fn read_directory(
                 (extra as usize).saturating_add(24),
                 name_size as usize,
             )),
+            name_size: be16(e, 18),
         });
         pos = align8(pos.saturating_add(len));
     }
@@ -389,6 +525,7 @@ mod tests {
             granularity_bits: 16,
             extra_data_size: 0,
             name: "b".into(),
+            name_size: 1,
         };
         // 1 entry of 64 KiB clusters: scanned, and the entry is refused.
         let bad = first_invalid_entry(&src, &b, 65536).unwrap().unwrap();

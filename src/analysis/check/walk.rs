@@ -6,7 +6,6 @@ use super::imrt::Imrt;
 use super::refusal::Refusal;
 use super::report::{Category, CheckReport, Finding, FindingKind, L1Id, Progress, Referrer, Role};
 use super::visit::{Counter, Ctx, Visitor};
-use crate::bitmap;
 use crate::header::{AUTOCLEAR_BITMAPS, ExtensionKind};
 use crate::image::Qcow2;
 use crate::io::read_into;
@@ -474,17 +473,19 @@ impl<'a> Walk<'a> {
             return true;
         }
         self.inc(v, off, size, 1, Ctx::BitmapDirectory);
-        let list = match bitmap::read_directory(img.src.as_ref(), HostOffset(off), size, count) {
-            Ok(l) => l,
-            Err(e) => {
+        // The open read the directory and the tables, from the same extension.
+        let list = match &img.bitmaps {
+            Some(Ok(l)) => l,
+            Some(Err(e)) => {
                 let msg = format!("bitmap directory cannot be loaded: {e}");
                 self.find(FindingKind::Corruption, Category::Bitmaps, msg, 1);
                 self.report.aborted = Some(Refusal::BitmapDirectory {
                     offset: HostOffset(off),
-                    error: e,
+                    error: e.clone(),
                 });
                 return false;
             }
+            None => return true,
         };
         for (bi, b) in list.iter().enumerate() {
             self.inc(
@@ -494,8 +495,16 @@ impl<'a> Walk<'a> {
                 1,
                 Ctx::BitmapTable(bi),
             );
-            let table = match bitmap::read_table(img.src.as_ref(), b) {
+            let table = match img.bitmap_tables.table(bi) {
                 Ok(t) => t,
+                Err(e @ crate::error::Error::Unsupported { .. }) => {
+                    self.report.aborted = Some(Refusal::BitmapTablesNotRead {
+                        name: b.name.clone(),
+                        offset: b.table_offset,
+                        error: e,
+                    });
+                    return false;
+                }
                 Err(e) => {
                     let msg = format!("bitmap '{}' table cannot be loaded: {e}", b.name);
                     self.find(FindingKind::Corruption, Category::Bitmaps, msg, 1);
@@ -509,25 +518,23 @@ impl<'a> Walk<'a> {
             };
             // QEMU's bitmap_table_load refuses the whole table for one invalid
             // entry, and the check fails (Invalid argument).
-            if let Some((j, e, problem)) = (0u64..)
-                .zip(table.iter())
-                .find_map(|(j, e)| e.problem(self.cs).map(|p| (j, e, p)))
-            {
+            if let Some(bad) = table.first_invalid() {
+                let (j, problem) = (bad.index, bad.problem);
                 let msg = format!(
                     "ERROR bitmap '{}' table entry {j} is invalid: {:#x} ({problem})",
-                    b.name, e.0
+                    b.name, bad.entry.0
                 );
                 if let Some(f) = self.find(FindingKind::Corruption, Category::Bitmaps, msg, 1) {
-                    f.offset = Some(b.table_offset.get().saturating_add(j.saturating_mul(8)));
+                    f.offset = Some(bad.at.get());
                 }
                 self.report.aborted = Some(Refusal::BitmapTableEntry {
                     name: b.name.clone(),
-                    offset: HostOffset(b.table_offset.get().saturating_add(j.saturating_mul(8))),
+                    offset: bad.at,
                     entry: j,
                 });
                 return false;
             }
-            for (j, e) in table.iter().enumerate() {
+            for (j, e) in table.entries().enumerate() {
                 if let Some(offset) = e.data_offset() {
                     self.inc(v, offset.get(), self.cs, 1, Ctx::BitmapData(bi, j as u64));
                 }

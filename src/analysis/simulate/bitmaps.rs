@@ -16,6 +16,7 @@
 use super::{Sim, SimResult};
 use crate::bitmap::{BitmapMapping, BitmapTableEntry, FLAG_AUTO, FLAG_IN_USE};
 use crate::bytes::{align8, be64};
+use crate::error::{CorruptKind, Error};
 use crate::header::ExtensionKind;
 use crate::image::Qcow2;
 use crate::types::HostOffset;
@@ -47,37 +48,20 @@ pub(super) struct Bitmaps {
 }
 
 /// QEMU's own refusal to open `img` at all (read-only too) for its
-/// bitmap directory: a bitmap with extra data ("Bitmap extra data is not
-/// supported", whatever its flags), or one with flags QEMU does not know.
-///
-/// With the autoclear bit for bitmaps clear QEMU ignores the extension (the
-/// bitmaps were left by a program without bitmap support), so it opens.
+/// bitmap directory: an entry with extra data ("Bitmap extra data is not
+/// supported", whatever its flags), or one that fails QEMU's constraints
+/// (flags it does not know, a table over its size limit, ...). The open found
+/// it ([`CorruptKind::BitmapDirectoryEntry`]); with the autoclear bit for
+/// bitmaps clear QEMU ignores the extension, and the open does not look.
 pub(super) fn open_fails(img: &Qcow2) -> Option<String> {
-    if img.header.autoclear_features & crate::header::AUTOCLEAR_BITMAPS == 0 {
-        return None;
-    }
-    let Some(Ok(entries)) = &img.bitmaps else {
-        return None;
-    };
-    if !img
-        .extensions
-        .iter()
-        .any(|e| matches!(e.kind, ExtensionKind::Bitmaps { .. }))
-    {
-        return None;
-    }
-    for e in entries {
-        if e.extra_data_size != 0 {
-            return Some("Could not open the image: Bitmap extra data is not supported".into());
-        }
-        if e.flags & !(FLAG_IN_USE | FLAG_AUTO) != 0 {
-            return Some(format!(
-                "Could not open the image: Bitmap '{}' doesn't satisfy the constraints (flags {:#x}: bits QEMU does not know)",
-                e.name, e.flags
-            ));
-        }
-    }
-    None
+    img.problems.iter().find_map(|e| match e {
+        Error::Invalid {
+            kind: CorruptKind::BitmapDirectoryEntry,
+            reason,
+            ..
+        } => Some(format!("Could not open the image: {reason}")),
+        _ => None,
+    })
 }
 
 /// Read the bitmaps of `img`: `Ok(None)` without any, `Err` with the reason the
