@@ -92,16 +92,11 @@ pub(super) fn load(img: &Qcow2) -> std::result::Result<Option<Bitmaps>, String> 
     };
     let mut list = Vec::new();
     // Bitmaps marked in use were not stored cleanly: QEMU loads them as
-    // inconsistent and never stores them again. When every bitmap is so,
-    // nothing of them changes on the open or the close.
+    // inconsistent and never stores them again (they keep their table and
+    // their directory entry). When every bitmap is so, nothing of them
+    // changes on the open or the close.
     let frozen = !entries.is_empty() && entries.iter().all(|e| e.flags & FLAG_IN_USE != 0);
     for e in entries {
-        if e.flags & FLAG_IN_USE != 0 && !frozen {
-            return Err(format!(
-                "bitmap '{}' is marked in use (inconsistent): QEMU keeps it read-only, which qinspect does not model",
-                e.name
-            ));
-        }
         if !(9..=31).contains(&e.granularity_bits) {
             return Err(format!(
                 "bitmap '{}' has granularity bits {}, outside what QEMU loads (9..31)",
@@ -141,6 +136,17 @@ impl Sim {
             .is_some_and(|b| !b.list.is_empty() && !b.frozen)
     }
 
+    /// The first bitmap marked in use (inconsistent), which QEMU refuses to
+    /// resize (`qcow2_truncate_bitmaps_check`).
+    pub(super) fn inconsistent_bitmap(&self) -> Option<String> {
+        self.bitmaps.as_ref().and_then(|b| {
+            b.list
+                .iter()
+                .find(|bm| bm.flags & FLAG_IN_USE != 0)
+                .map(|bm| bm.name.clone())
+        })
+    }
+
     /// The block layer marks a written or discarded range in every bitmap.
     pub(super) fn mark_dirty(&mut self, offset: u64, length: u64) {
         if let Some(b) = self.bitmaps.as_mut()
@@ -165,6 +171,11 @@ impl Sim {
         let mut new_list = Vec::with_capacity(b.list.len());
         let mut drop_tables: Vec<(String, HostOffset, Vec<BitmapTableEntry>)> = Vec::new();
         for bm in &b.list {
+            if bm.flags & FLAG_IN_USE != 0 {
+                // Inconsistent: not stored; its entry and table stay as they are.
+                new_list.push(bm.clone());
+                continue;
+            }
             let old = self.read_bytes(bm.table_offset.get(), u64::from(bm.table_size) * 8);
             let old: Vec<BitmapTableEntry> = old
                 .chunks_exact(8)
