@@ -360,9 +360,13 @@ impl Sim {
         } else if let Some(why) = &self.not_modelled {
             Err(SimError::NotModelled(why.clone()))
         } else {
-            // A dirty image (lazy refcounts) is repaired first on a read-write
-            // open that is not itself a check.
-            let r = if features & crate::header::INCOMPAT_DIRTY != 0 && !checking {
+            // A bitmaps extension QEMU ignores is dropped from the header as
+            // the open ends; then a dirty image (lazy refcounts) is repaired
+            // on a read-write open that is not itself a check.
+            let r = self.drop_ignored_bitmaps();
+            let r = if r.is_err() {
+                r
+            } else if features & crate::header::INCOMPAT_DIRTY != 0 && !checking {
                 self.note("the image is dirty (lazy refcounts): QEMU repairs its refcounts on open, as qemu-img check -r all would".into());
                 self.repair(true)
             } else {
