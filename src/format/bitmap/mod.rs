@@ -20,6 +20,9 @@ use crate::io::{Source, read_exact};
 use crate::types::HostOffset;
 use serde::Serialize;
 
+mod entry;
+pub use entry::DirEntryProblem;
+
 /// QEMU accepts at most 65535 bitmaps.
 pub const MAX_BITMAPS: u64 = 65535;
 /// Largest directory QEMU accepts.
@@ -70,80 +73,6 @@ pub struct BitmapEntry {
     pub name_size: u16,
 }
 
-/// Why QEMU's open refuses a bitmap directory entry (`bitmap_list_load` and its
-/// `check_dir_entry` in `block/qcow2-bitmap.c`), before it reads any table; the
-/// first that applies, in QEMU's order.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum DirEntryProblem {
-    /// The entry has extra data (QEMU supports none).
-    ExtraData,
-    /// The table has no entries.
-    EmptyTable,
-    /// The table offset is 0.
-    NoTable,
-    /// The table offset is not a multiple of the cluster size.
-    UnalignedTable,
-    /// More table entries than QEMU's 0x8000000.
-    TooManyEntries,
-    /// Granularity bits outside 9..=31.
-    Granularity,
-    /// Flag bits QEMU does not know are set (the set bits).
-    ReservedFlags(u32),
-    /// The name is longer than 1023 bytes.
-    NameTooLong,
-    /// A type other than 1 (dirty tracking).
-    Type,
-    /// The table's clusters of bits (entries times the cluster size) exceed
-    /// [`MAX_PHYS_SIZE`].
-    PhysSize,
-    /// A bitmap not in use whose table covers less than the disk.
-    TableTooSmall,
-}
-
-impl DirEntryProblem {
-    /// QEMU's message for the entry of bitmap `name`.
-    pub fn qemu_message(&self, name: &str) -> String {
-        match self {
-            DirEntryProblem::ExtraData => "Bitmap extra data is not supported".into(),
-            _ => format!("Bitmap '{name}' doesn't satisfy the constraints"),
-        }
-    }
-}
-
-impl std::fmt::Display for DirEntryProblem {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            DirEntryProblem::ExtraData => write!(f, "the entry has extra data"),
-            DirEntryProblem::EmptyTable => write!(f, "the table has no entries"),
-            DirEntryProblem::NoTable => write!(f, "the table offset is 0"),
-            DirEntryProblem::UnalignedTable => write!(f, "the table is not cluster aligned"),
-            DirEntryProblem::TooManyEntries => {
-                write!(f, "the table has more than {MAX_TABLE_ENTRIES:#x} entries")
-            }
-            DirEntryProblem::Granularity => write!(
-                f,
-                "granularity bits outside {MIN_GRANULARITY_BITS}..={MAX_GRANULARITY_BITS}"
-            ),
-            DirEntryProblem::ReservedFlags(bits) => {
-                write!(f, "flags {bits:#x}: bits QEMU does not know")
-            }
-            DirEntryProblem::NameTooLong => write!(f, "the name is over {MAX_NAME_SIZE} bytes"),
-            DirEntryProblem::Type => write!(f, "type is not 1 (dirty tracking)"),
-            DirEntryProblem::PhysSize => write!(
-                f,
-                "the table's entries times the cluster size exceed {MAX_PHYS_SIZE:#x} bytes"
-            ),
-            DirEntryProblem::TableTooSmall => {
-                write!(
-                    f,
-                    "the table covers less than the disk and the bitmap is not in use"
-                )
-            }
-        }
-    }
-}
-
 impl BitmapEntry {
     /// Flag names as `qemu-img info` prints them ("in-use", "auto").
     pub fn flag_names(&self) -> Vec<&'static str> {
@@ -156,56 +85,6 @@ impl BitmapEntry {
         }
         v
     }
-    /// Why QEMU's open refuses this entry in an image of `cluster_size`-byte
-    /// clusters and a disk of `disk_size` bytes, or `None` if it accepts it.
-    pub fn problem(&self, cluster_size: u64, disk_size: u64) -> Option<DirEntryProblem> {
-        let size = u64::from(self.table_size);
-        let p = if self.extra_data_size != 0 {
-            DirEntryProblem::ExtraData
-        } else if size == 0 {
-            DirEntryProblem::EmptyTable
-        } else if self.table_offset.get() == 0 {
-            DirEntryProblem::NoTable
-        } else if cluster_size == 0 || !self.table_offset.get().is_multiple_of(cluster_size) {
-            DirEntryProblem::UnalignedTable
-        } else if size > MAX_TABLE_ENTRIES {
-            DirEntryProblem::TooManyEntries
-        } else if !(MIN_GRANULARITY_BITS..=MAX_GRANULARITY_BITS).contains(&self.granularity_bits) {
-            DirEntryProblem::Granularity
-        } else if self.flags & !KNOWN_FLAGS != 0 {
-            DirEntryProblem::ReservedFlags(self.flags & !KNOWN_FLAGS)
-        } else if self.name_size > MAX_NAME_SIZE {
-            DirEntryProblem::NameTooLong
-        } else if self.bitmap_type != 1 {
-            DirEntryProblem::Type
-        } else if size.saturating_mul(cluster_size) > MAX_PHYS_SIZE {
-            DirEntryProblem::PhysSize
-        } else if self.flags & FLAG_IN_USE == 0
-            && disk_size
-                > size
-                    .saturating_mul(cluster_size)
-                    .saturating_mul(8)
-                    .checked_shl(u32::from(self.granularity_bits))
-                    .unwrap_or(u64::MAX)
-        {
-            // At most 2^29 * 8 << 31 = 2^63: no bits are lost in the shift.
-            DirEntryProblem::TableTooSmall
-        } else {
-            return None;
-        };
-        Some(p)
-    }
-
-    /// The table size QEMU expects when it loads this bitmap's data for a disk
-    /// of `disk_size` bytes (`load_bitmap_data`): the bits in 64-bit words, the
-    /// words in clusters of `cluster_size` bytes.
-    pub fn table_size_needed(&self, cluster_size: u64, disk_size: u64) -> u64 {
-        let bits = disk_size.div_ceil(self.granularity().max(1));
-        bits.div_ceil(64)
-            .saturating_mul(8)
-            .div_ceil(cluster_size.max(1))
-    }
-
     /// Bytes per bit.
     pub fn granularity(&self) -> u64 {
         1u64.checked_shl(u32::from(self.granularity_bits))
