@@ -5,8 +5,15 @@ use super::refusal::Refusal;
 use super::report::{Category, FindingKind};
 use super::visit::{Ctx, Visitor};
 use super::walk::Walk;
+use crate::error::Error;
 use crate::header::{AUTOCLEAR_BITMAPS, ExtensionKind};
 use crate::types::HostOffset;
+use std::collections::{HashMap, HashSet};
+
+/// Bitmap table entries the check goes through at most, over the distinct
+/// tables of the directory: tables that overlap can name far more entries
+/// than the open reads bytes of them.
+pub(super) const MAX_BITMAP_ENTRIES_WALKED: u64 = 1 << 26;
 
 impl Walk<'_> {
     /// `qcow2_check_bitmaps_refcounts`; false if the check must stop.
@@ -44,6 +51,17 @@ impl Walk<'_> {
             }
             None => return true,
         };
+        // A table named by several entries is gone through once; its data
+        // clusters count once for each entry that names it.
+        let mut weight: HashMap<(u64, u32), u64> = HashMap::new();
+        for b in list {
+            let n = weight
+                .entry((b.table_offset.get(), b.table_size))
+                .or_insert(0);
+            *n = n.saturating_add(1);
+        }
+        let mut done: HashSet<(u64, u32)> = HashSet::new();
+        let mut walked = 0u64;
         for (bi, b) in list.iter().enumerate() {
             self.inc(
                 v,
@@ -54,7 +72,7 @@ impl Walk<'_> {
             );
             let table = match img.bitmap_tables.table(bi) {
                 Ok(t) => t,
-                Err(e @ crate::error::Error::Unsupported { .. }) => {
+                Err(e @ Error::Unsupported { .. }) => {
                     self.report.aborted = Some(Refusal::BitmapTablesNotRead {
                         name: b.name.clone(),
                         offset: b.table_offset,
@@ -91,9 +109,28 @@ impl Walk<'_> {
                 });
                 return false;
             }
+            let key = (b.table_offset.get(), b.table_size);
+            if !done.insert(key) {
+                continue;
+            }
+            walked = walked.saturating_add(table.len());
+            if walked > MAX_BITMAP_ENTRIES_WALKED {
+                self.report.aborted = Some(Refusal::BitmapTablesNotRead {
+                    name: b.name.clone(),
+                    offset: b.table_offset,
+                    error: Error::unsupported(
+                        format!("bitmap '{}' table at {}", b.name, b.table_offset),
+                        format!(
+                            "not gone through: the bitmap tables hold more than {MAX_BITMAP_ENTRIES_WALKED} entries in all"
+                        ),
+                    ),
+                });
+                return false;
+            }
+            let w = weight.get(&key).copied().unwrap_or(1);
             for (j, e) in table.entries().enumerate() {
                 if let Some(offset) = e.data_offset() {
-                    self.inc(v, offset.get(), self.cs, 1, Ctx::BitmapData(bi, j as u64));
+                    self.inc(v, offset.get(), self.cs, w, Ctx::BitmapData(bi, j as u64));
                 }
             }
         }

@@ -89,10 +89,10 @@ pub enum Refusal {
         /// Its index in the table.
         entry: u64,
     },
-    /// qinspect did not read this bitmap's table: the image's bitmap tables
-    /// together are more than it reads when it opens an image
-    /// ([`TABLE_READ_BUDGET`](crate::image::TABLE_READ_BUDGET)), so the check
-    /// stops here where `qemu-img check` would go on.
+    /// qinspect stops at this bitmap where `qemu-img check` would go on: the
+    /// image's bitmap tables together are more than the open reads of them
+    /// ([`TABLE_READ_BUDGET`](crate::image::TABLE_READ_BUDGET)), or they hold
+    /// more entries than the check goes through (tables that overlap).
     #[error("qinspect stops at bitmap '{name}': {error}")]
     BitmapTablesNotRead {
         /// The bitmap's name.
