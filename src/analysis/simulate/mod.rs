@@ -228,18 +228,23 @@ impl Sim {
         let h: &Header = &img.header;
         // QEMU would not open the image, so it would not change it either;
         // only a snapshot table it cannot read leaves qemu-img check's open
-        // (BDRV_O_CHECK), which reads that table later, to go on.
+        // (BDRV_O_CHECK), which reads that table later, to go on. A bitmap
+        // directory entry QEMU refuses fails each operation instead, at its
+        // open, as each qemu-img or qemu-io command does (`open_fails`).
+        let refusing: Vec<&Error> = img
+            .problems
+            .iter()
+            .filter(|e| e.corrupt_kind() != Some(crate::error::CorruptKind::BitmapDirectoryEntry))
+            .collect();
         let snapshot_table_only = img.check_refusal.is_none()
-            && img
-                .problems
+            && refusing
                 .iter()
                 .all(|p| p.corrupt_kind() == Some(crate::error::CorruptKind::SnapshotTable));
-        let check_only = img
-            .problems
+        let check_only = refusing
             .first()
             .filter(|_| snapshot_table_only)
             .map(|p| format!("Could not open '{}': {p}", path.display()));
-        if let Some(p) = img.problems.first().filter(|_| !snapshot_table_only) {
+        if let Some(p) = refusing.first().filter(|_| !snapshot_table_only) {
             return Err(Error::unsupported(
                 "simulation",
                 format!("QEMU refuses to open this image: {p}"),
@@ -372,9 +377,13 @@ impl Sim {
         } else if let Some(why) = &self.not_modelled {
             Err(SimError::NotModelled(why.clone()))
         } else {
-            // A dirty image (lazy refcounts) is repaired first on a read-write
-            // open that is not itself a check.
-            let r = if features & crate::header::INCOMPAT_DIRTY != 0 && !checking {
+            // A bitmaps extension QEMU ignores is dropped from the header as
+            // the open ends; then a dirty image (lazy refcounts) is repaired
+            // on a read-write open that is not itself a check.
+            let r = self.drop_ignored_bitmaps();
+            let r = if r.is_err() {
+                r
+            } else if features & crate::header::INCOMPAT_DIRTY != 0 && !checking {
                 self.note("the image is dirty (lazy refcounts): QEMU repairs its refcounts on open, as qemu-img check -r all would".into());
                 self.repair(true)
             } else {

@@ -93,6 +93,11 @@ impl Sim {
                 "Can't resize a v2 image which has snapshots (ENOTSUP)".into(),
             ));
         }
+        if let Some(name) = self.inconsistent_bitmap() {
+            return Err(SimError::Qemu(format!(
+                "Bitmap '{name}' is inconsistent and cannot be used (ENOTSUP)"
+            )));
+        }
         let old = self.size;
         let cs = self.cs;
         let l1_needed = size.div_ceil(self.geo.l2_coverage());
