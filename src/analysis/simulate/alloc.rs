@@ -9,7 +9,7 @@ use crate::refcount::get_refcount;
 use crate::tables::ClusterType;
 use crate::tables::CompressedDescriptor;
 use crate::tables::L2Entry;
-use crate::types::low_mask;
+use crate::types::{HostOffset, low_mask};
 
 impl Sim {
     /// QEMU's `alloc_clusters_noref`: `n` contiguous clusters with refcount 0,
@@ -78,7 +78,7 @@ impl Sim {
         }
         self.record(
             Target::Allocate {
-                offset: off,
+                offset: HostOffset(off),
                 length: len,
                 purpose: purpose.to_string(),
             },
@@ -132,7 +132,7 @@ impl Sim {
         self.why(format!("released: {purpose}"));
         self.record(
             Target::Free {
-                offset: off,
+                offset: HostOffset(off),
                 length: size,
                 purpose: purpose.to_string(),
             },

@@ -220,12 +220,12 @@ impl Sim {
         self.write_bytes(dir_off, &dir)?;
         self.why("the bitmaps extension points at the new directory");
         let at = b.ext_offset.saturating_add(8);
-        self.set_header_u64(
+        self.set_extension_u64(
             at.saturating_add(8).get(),
             "bitmap_directory_size",
             dir_size,
         )?;
-        self.set_header_u64(
+        self.set_extension_u64(
             at.saturating_add(16).get(),
             "bitmap_directory_offset",
             dir_off,

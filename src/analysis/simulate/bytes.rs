@@ -5,6 +5,8 @@ use super::MAX_FILE_LEN;
 use super::Sim;
 use super::SimError;
 use super::SimResult;
+use super::change::Target;
+use crate::header::Field;
 use crate::io::SharedSource;
 use crate::io::Source;
 use crate::types::{HostOffset, low_mask};
@@ -139,6 +141,50 @@ impl Sim {
 
     pub(super) fn write_u64(&mut self, off: u64, v: u64) -> SimResult<()> {
         self.write_bytes(off, &v.to_be_bytes())
+    }
+
+    /// Header field `f` as the simulated image holds it now.
+    pub(super) fn header_field(&mut self, f: Field) -> u64 {
+        // The header up to the field's end: Field::read finds it there.
+        let head = self.read_bytes(0, f.end());
+        f.read(&head)
+    }
+
+    /// Set header field `f` to `v` (its low `f.size()` bytes, as QEMU stores
+    /// the field), and record the change if it is one.
+    pub(super) fn set_header(&mut self, f: Field, v: u64) -> SimResult<()> {
+        let v = v & low_mask(u32::try_from(f.size().saturating_mul(8)).unwrap_or(64));
+        let before = self.header_field(f);
+        if before != v {
+            let bytes = v.to_be_bytes();
+            let from = 8usize.saturating_sub(usize::try_from(f.size()).unwrap_or(8));
+            self.write_bytes(f.offset(), bytes.get(from..).unwrap_or_default())?;
+            self.record(Target::Header { field: f }, before, v);
+        }
+        Ok(())
+    }
+
+    /// Set the field of a header extension at `at` (8 bytes) to `v`, and
+    /// record the change if it is one.
+    pub(super) fn set_extension_u64(
+        &mut self,
+        at: u64,
+        field: &'static str,
+        v: u64,
+    ) -> SimResult<()> {
+        let before = self.read_u64(at);
+        if before != v {
+            self.write_u64(at, v)?;
+            self.record(
+                Target::ExtensionField {
+                    field,
+                    at: HostOffset(at),
+                },
+                before,
+                v,
+            );
+        }
+        Ok(())
     }
 }
 

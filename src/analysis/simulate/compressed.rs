@@ -23,7 +23,7 @@ use super::{Sim, SimError, SimResult};
 use crate::compress::compress;
 use crate::header::CompressionType;
 use crate::tables::{CompressedDescriptor, L2Entry};
-use crate::types::GuestOffset;
+use crate::types::{GuestOffset, HostOffset};
 
 impl Sim {
     /// `write -c`.
@@ -156,7 +156,7 @@ impl Sim {
         }
         self.record(
             Target::Allocate {
-                offset,
+                offset: HostOffset(offset),
                 length: size,
                 purpose: format!("compressed data of guest {guest:#x}"),
             },

@@ -341,7 +341,7 @@ impl Sim {
             });
             return;
         }
-        let features = self.read_u64(72);
+        let features = self.header_field(crate::header::Field::IncompatibleFeatures);
         let checking = matches!(op, Op::Repair { .. });
         let r = if let Some(m) = &self.open_fails {
             // qemu-img and qemu-io (check included) stop at the open.

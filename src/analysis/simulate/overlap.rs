@@ -12,6 +12,7 @@
 //! the active L2 tables) and guest data clusters.
 
 use super::{Sim, SimError, SimResult};
+use crate::header::Field;
 use crate::refcount::RefTableEntry;
 use crate::types::HostOffset;
 
@@ -203,10 +204,9 @@ impl Sim {
             "Marking image as corrupt: Preventing invalid write on metadata (overlaps with {}) at {offset:#x}",
             m.name()
         ));
-        let features = self.read_u64(72);
-        self.set_header_u64(
-            72,
-            "incompatible_features",
+        let features = self.header_field(Field::IncompatibleFeatures);
+        self.set_header(
+            Field::IncompatibleFeatures,
             features | crate::header::INCOMPAT_CORRUPT,
         )?;
         self.reason = saved;
@@ -219,6 +219,6 @@ impl Sim {
     /// Whether QEMU has marked the image corrupt in this operation (then it
     /// writes nothing more).
     pub(super) fn marked_corrupt(&mut self) -> bool {
-        self.read_u64(72) & crate::header::INCOMPAT_CORRUPT != 0
+        self.header_field(Field::IncompatibleFeatures) & crate::header::INCOMPAT_CORRUPT != 0
     }
 }

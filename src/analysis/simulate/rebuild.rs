@@ -25,6 +25,7 @@
 
 use super::change::Target;
 use super::{Sim, SimError, SimResult};
+use crate::header::Field;
 use crate::refcount::set_refcount;
 use crate::types::HostOffset;
 
@@ -136,7 +137,7 @@ impl Sim {
             self.why("the rebuilt refcount table");
             self.record(
                 Target::Allocate {
-                    offset,
+                    offset: HostOffset(offset),
                     length: self.clusters_bytes(table_clusters),
                     purpose: "the rebuilt refcount table".into(),
                 },
@@ -163,8 +164,8 @@ impl Sim {
             SimError::Qemu("the rebuilt refcount table is too large (EFBIG)".into())
         })?;
         self.why("the header now names the rebuilt refcount table");
-        self.set_header_u64(48, "refcount_table_offset", offset)?;
-        self.set_header_u32(56, "refcount_table_clusters", clusters)?;
+        self.set_header(Field::RefcountTableOffset, offset)?;
+        self.set_header(Field::RefcountTableClusters, u64::from(clusters))?;
         self.refcount_table_offset = HostOffset(offset);
         self.refcount_table_clusters = clusters;
         Ok(())
@@ -216,7 +217,7 @@ impl Sim {
                 self.why(format!("refcount block {index} of the rebuilt structure"));
                 self.record(
                     Target::Allocate {
-                        offset: off,
+                        offset: HostOffset(off),
                         length: rb.cs,
                         purpose: format!("rebuilt refcount block {index}"),
                     },

@@ -6,6 +6,7 @@ use super::Sim;
 use super::SimError;
 use super::SimResult;
 use super::change::Target;
+use crate::header::Field;
 use crate::refcount::get_refcount;
 use crate::refcount::set_refcount;
 use crate::types::{HostOffset, low_mask};
@@ -201,7 +202,7 @@ impl Sim {
             .push((new_off, self.cs, "refcount block".into()));
         self.record(
             Target::Allocate {
-                offset: new_off,
+                offset: HostOffset(new_off),
                 length: self.cs,
                 purpose: format!(
                     "refcount block (refcount table entry {ti}, needed for cluster {for_cluster})"
@@ -228,8 +229,9 @@ impl Sim {
         self.write_u64(entry_off, new_off)?;
         self.reason = format!("refcount table entry {ti} now points at the new block");
         self.record(
-            Target::Header {
-                field: "refcount table entry",
+            Target::RefcountTableEntry {
+                index: ti,
+                at: HostOffset(entry_off),
             },
             before,
             new_off,
@@ -327,7 +329,7 @@ impl Sim {
                 self.allocated.push((b, cs, "refcount block".into()));
                 self.record(
                     Target::Allocate {
-                        offset: b,
+                        offset: HostOffset(b),
                         length: cs,
                         purpose: format!("refcount block (new refcount table entry {i})"),
                     },
@@ -368,7 +370,7 @@ impl Sim {
         ));
         self.record(
             Target::Allocate {
-                offset: table_offset,
+                offset: HostOffset(table_offset),
                 length: self.clusters_bytes(table_clusters),
                 purpose: format!("the new refcount table ({table_size} entries)"),
             },
@@ -377,8 +379,8 @@ impl Sim {
         );
         let (old_off, old_clusters) = (self.refcount_table_offset, self.refcount_table_clusters);
         self.why("the header points at the new refcount table");
-        self.set_header_u64(48, "refcount_table_offset", table_offset)?;
-        self.set_header_u32(56, "refcount_table_clusters", table_clusters as u32)?;
+        self.set_header(Field::RefcountTableOffset, table_offset)?;
+        self.set_header(Field::RefcountTableClusters, table_clusters)?;
         self.refcount_table_offset = HostOffset(table_offset);
         self.refcount_table_clusters = table_clusters as u32;
         self.file_len = self.file_len.max(end);

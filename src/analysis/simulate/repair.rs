@@ -13,6 +13,7 @@
 
 use super::{Sim, SimError, SimResult, Target};
 use crate::check::{Category, CheckOptions, FindingKind, check};
+use crate::header::Field;
 use crate::tables::{ClusterType, L2Entry};
 use crate::types::HostOffset;
 
@@ -31,8 +32,8 @@ impl Sim {
             // open rewrites the header from what is in memory: no snapshots.
             self.note("QEMU opens the image for the check before reading its snapshot table, and marking the persistent bitmaps in use rewrites the header with no snapshots: the snapshots are lost and their clusters become leaks".into());
             self.why("the header is rewritten before the snapshot table is read");
-            self.set_header_u32(60, "nb_snapshots", 0)?;
-            self.set_header_u64(64, "snapshots_offset", 0)?;
+            self.set_header(Field::NbSnapshots, 0)?;
+            self.set_header(Field::SnapshotsOffset, 0)?;
             self.snapshots.clear();
             self.snapshots_offset = HostOffset(0);
             self.snapshots_size = 0;
@@ -157,12 +158,11 @@ impl Sim {
         }
         if !left_corrupt {
             // qcow2_mark_clean and qcow2_mark_consistent.
-            let at = 72u64;
-            let before = self.read_u64(at);
+            let before = self.header_field(Field::IncompatibleFeatures);
             let after = before & !(crate::header::INCOMPAT_DIRTY | crate::header::INCOMPAT_CORRUPT);
             if after != before {
                 self.why("no corruption left: the image is marked clean and consistent");
-                self.set_header_u64(at, "incompatible_features", after)?;
+                self.set_header(Field::IncompatibleFeatures, after)?;
             }
         }
         self.reason = saved;

@@ -5,6 +5,7 @@ use super::Sim;
 use super::SimError;
 use super::SimResult;
 use super::change::Target;
+use crate::header::Field;
 use crate::refcount::get_refcount;
 use crate::refcount::set_refcount;
 use crate::tables::L1Entry;
@@ -54,8 +55,8 @@ impl Sim {
         );
         let saved = self.reason.clone();
         self.why("the header points at the grown L1 table");
-        self.set_header_u32(36, "l1_size", new_len as u32)?;
-        self.set_header_u64(40, "l1_table_offset", off)?;
+        self.set_header(Field::L1Size, new_len)?;
+        self.set_header(Field::L1TableOffset, off)?;
         let old_off = self.l1_table_offset;
         self.l1 = table;
         self.l1_table_offset = HostOffset(off);
@@ -128,7 +129,10 @@ impl Sim {
             if zero_fill {
                 self.zero_fill_growth(old, size)?;
             }
-            if self.has_data_file && self.read_u64(88) & crate::header::AUTOCLEAR_DATA_FILE_RAW != 0
+            if self.has_data_file
+                && self.header_field(Field::AutoclearFeatures)
+                    & crate::header::AUTOCLEAR_DATA_FILE_RAW
+                    != 0
             {
                 self.preallocate_raw(old, size)?;
             }
@@ -136,7 +140,10 @@ impl Sim {
         if self.has_data_file {
             // qcow2_co_truncate resizes the external data file to the new
             // disk size as well (qinspect only predicts it).
-            let raw = if self.read_u64(88) & crate::header::AUTOCLEAR_DATA_FILE_RAW != 0 {
+            let raw = if self.header_field(Field::AutoclearFeatures)
+                & crate::header::AUTOCLEAR_DATA_FILE_RAW
+                != 0
+            {
                 ": with data_file_raw the guest reads it as it is, so a shrink drops what lay past the end and a grown area reads as zeros"
             } else {
                 ""
@@ -146,7 +153,7 @@ impl Sim {
             ));
         }
         self.why("the new disk size");
-        self.set_header_u64(24, "size", size)?;
+        self.set_header(Field::Size, size)?;
         self.size = size;
         Ok(())
     }
@@ -318,8 +325,9 @@ impl Sim {
             let at = self.reftable_entry_offset(ti);
             self.write_u64(at, 0)?;
             self.record(
-                Target::Header {
-                    field: "refcount table entry",
+                Target::RefcountTableEntry {
+                    index: ti,
+                    at: HostOffset(at),
                 },
                 block,
                 0,

@@ -6,6 +6,7 @@ use super::SimError;
 use super::SimResult;
 use super::SimSnapshot;
 use super::change::Target;
+use crate::header::Field;
 use crate::tables::L1Entry;
 use crate::types::HostOffset;
 
@@ -78,31 +79,12 @@ impl Sim {
         );
         let (old_off, old_size) = (self.snapshots_offset, self.snapshots_size);
         self.why("the header points at the new snapshot table");
-        self.set_header_u32(60, "nb_snapshots", self.snapshots.len() as u32)?;
-        self.set_header_u64(64, "snapshots_offset", off)?;
+        self.set_header(Field::NbSnapshots, self.snapshots.len() as u64)?;
+        self.set_header(Field::SnapshotsOffset, off)?;
         self.snapshots_offset = HostOffset(off);
         self.snapshots_size = size;
         if old_size > 0 {
             self.free_clusters(old_off.get(), old_size, "the old snapshot table");
-        }
-        Ok(())
-    }
-
-    pub(super) fn set_header_u64(&mut self, at: u64, field: &'static str, v: u64) -> SimResult<()> {
-        let before = self.read_u64(at);
-        if before != v {
-            self.write_u64(at, v)?;
-            self.record(Target::Header { field }, before, v);
-        }
-        Ok(())
-    }
-
-    pub(super) fn set_header_u32(&mut self, at: u64, field: &'static str, v: u32) -> SimResult<()> {
-        let b = self.read_bytes(at, 4);
-        let before = u64::from(crate::bytes::be32(&b, 0));
-        if before != u64::from(v) {
-            self.write_bytes(at, &v.to_be_bytes())?;
-            self.record(Target::Header { field }, before, u64::from(v));
         }
         Ok(())
     }
