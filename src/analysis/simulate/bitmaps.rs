@@ -181,7 +181,7 @@ impl Sim {
         let mut new_list = Vec::with_capacity(b.list.len());
         let mut drop_tables: Vec<(String, HostOffset, Vec<BitmapTableEntry>)> = Vec::new();
         for bm in &b.list {
-            let old = self.read_bytes(bm.table_offset.get(), u64::from(bm.table_size) * 8);
+            let old = self.read_bytes(bm.table_offset, u64::from(bm.table_size) * 8);
             let old: Vec<BitmapTableEntry> = old
                 .chunks_exact(8)
                 .map(|c| BitmapTableEntry(be64(c, 0)))
@@ -196,7 +196,7 @@ impl Sim {
             self.write_bytes(off, &bytes)?;
             drop_tables.push((bm.name.clone(), bm.table_offset, old));
             let mut n = bm.clone();
-            n.table_offset = HostOffset(off);
+            n.table_offset = off;
             n.table_size = table.len() as u32;
             // bm->flags on store: enabled or not; in_use cleared.
             n.flags = bm.flags & FLAG_AUTO;
@@ -220,37 +220,29 @@ impl Sim {
         self.write_bytes(dir_off, &dir)?;
         self.why("the bitmaps extension points at the new directory");
         let at = b.ext_offset.saturating_add(8);
+        self.set_extension_u64(at.saturating_add(8), "bitmap_directory_size", dir_size)?;
         self.set_extension_u64(
-            at.saturating_add(8).get(),
-            "bitmap_directory_size",
-            dir_size,
-        )?;
-        self.set_extension_u64(
-            at.saturating_add(16).get(),
+            at.saturating_add(16),
             "bitmap_directory_offset",
-            dir_off,
+            dir_off.get(),
         )?;
-        self.free_clusters(b.dir_offset.get(), b.dir_size, "the old bitmap directory");
+        self.free_clusters(b.dir_offset, b.dir_size, "the old bitmap directory");
         for (name, table_off, old) in drop_tables {
             for e in &old {
                 if let Some(data) = e.data_offset() {
                     self.free_clusters(
-                        data.get(),
+                        data,
                         self.cs,
                         &format!("an old data cluster of bitmap '{name}'"),
                     );
                 }
             }
             let len = (old.len() as u64).saturating_mul(8);
-            self.free_clusters(
-                table_off.get(),
-                len,
-                &format!("the old table of bitmap '{name}'"),
-            );
+            self.free_clusters(table_off, len, &format!("the old table of bitmap '{name}'"));
         }
         if let Some(bs) = self.bitmaps.as_mut() {
             bs.list = new_list;
-            bs.dir_offset = HostOffset(dir_off);
+            bs.dir_offset = dir_off;
             bs.dir_size = dir_size;
             bs.dirty.clear();
         }
@@ -285,7 +277,7 @@ impl Sim {
             let mut data = match e.mapping() {
                 BitmapMapping::AllOnes => vec![0xffu8; cs as usize],
                 BitmapMapping::AllZeros => vec![0u8; cs as usize],
-                BitmapMapping::Data { offset } => self.read_bytes(offset.get(), cs),
+                BitmapMapping::Data { offset } => self.read_bytes(offset, cs),
             };
             if enabled {
                 for &(off, len) in dirty {
@@ -314,7 +306,7 @@ impl Sim {
             self.why(purpose.clone());
             let off = self.alloc_clusters(cs, &purpose)?;
             self.write_bytes(off, &data)?;
-            *slot = BitmapTableEntry::data(HostOffset(off));
+            *slot = BitmapTableEntry::data(off);
         }
         Ok(table)
     }

@@ -81,14 +81,14 @@ pub enum Target {
         /// From (host offset, or guest offset for data read through the chain).
         from: String,
         /// To host offset.
-        to: u64,
+        to: HostOffset,
         /// Its length in bytes.
         length: u64,
     },
     /// The snapshot table was rewritten.
     SnapshotTable {
         /// New offset.
-        offset: u64,
+        offset: HostOffset,
         /// New size in bytes.
         size: u64,
         /// Number of entries.

@@ -77,10 +77,10 @@ impl Sim {
                 .l1
                 .get(self.geo.l1_index(GuestOffset(g)) as usize)
                 .and_then(L1Entry::l2_offset)
-                .map_or(0, HostOffset::get);
+                .unwrap_or_default();
             // The run of (sub)clusters of one kind from g, as block status
             // finds it.
-            let (allocated, run) = if l2 == 0 {
+            let (allocated, run) = if l2 == HostOffset(0) {
                 (false, avail)
             } else {
                 let ty = self.top_type(l2, g);
@@ -161,7 +161,7 @@ impl Sim {
 
     /// The kind of the (sub)cluster at guest `g` in the top layer, whose L2
     /// table is at `l2`.
-    fn top_type(&mut self, l2: u64, g: u64) -> SubclusterType {
+    fn top_type(&mut self, l2: HostOffset, g: u64) -> SubclusterType {
         let index = self.geo.l2_index(GuestOffset(g));
         let sc = (self.within(g) >> self.geo.subcluster_bits()) as u32;
         let (raw, bitmap) = self.l2_entry_at(l2, index);

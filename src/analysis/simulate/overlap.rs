@@ -103,12 +103,17 @@ impl Sim {
 
     /// The first metadata structure the clusters of `offset..offset + size`
     /// overlap, `ignore` aside.
-    fn overlapping(&mut self, ignore: Option<Meta>, offset: u64, size: u64) -> Option<Meta> {
+    fn overlapping(&mut self, ignore: Option<Meta>, offset: HostOffset, size: u64) -> Option<Meta> {
         if size == 0 {
             return None;
         }
-        let start = HostOffset(self.cluster_start(self.cluster_of(offset)));
-        let end = HostOffset(offset.saturating_add(size).next_multiple_of(self.cs.max(1)));
+        let start = self.cluster_start(self.cluster_of(offset));
+        let end = HostOffset(
+            offset
+                .get()
+                .saturating_add(size)
+                .next_multiple_of(self.cs.max(1)),
+        );
         let hits = |o: HostOffset, len: u64| len != 0 && o < end && start < o.saturating_add(len);
         let want = |m: Meta| ignore != Some(m);
         if want(Meta::Header) && start.get() < self.cs {
@@ -162,7 +167,7 @@ impl Sim {
     pub(super) fn overlap_of(
         &mut self,
         ignore: Option<Meta>,
-        offset: u64,
+        offset: HostOffset,
         size: u64,
     ) -> Option<Meta> {
         // An L2-entry write inside one cluster: remembered per layout.
@@ -193,7 +198,7 @@ impl Sim {
     pub(super) fn overlap_check(
         &mut self,
         ignore: Option<Meta>,
-        offset: u64,
+        offset: HostOffset,
         size: u64,
     ) -> SimResult<()> {
         let Some(m) = self.overlap_of(ignore, offset, size) else {

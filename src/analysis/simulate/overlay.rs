@@ -151,9 +151,9 @@ impl Sim {
             .l1
             .get(i as usize)
             .and_then(L1Entry::l2_offset)
-            .map_or(0, HostOffset::get);
+            .unwrap_or_default();
         let mut falls = true;
-        if l2 == 0 {
+        if l2 == HostOffset(0) {
             self.note(format!(
                 "{top}: active L1[{i}] is 0, no L2 table: the read falls through"
             ));
@@ -221,8 +221,8 @@ impl Sim {
         let l2 = l1
             .get(i as usize)
             .and_then(L1Entry::l2_offset)
-            .map_or(0, HostOffset::get);
-        if l2 == 0 {
+            .unwrap_or_default();
+        if l2 == HostOffset(0) {
             self.note(format!(
                 "{label}: L1[{i}] is 0: {}",
                 if img.backing_name.is_some() {
@@ -234,7 +234,7 @@ impl Sim {
             return Ok(());
         }
         let j = geo.l2_index(GuestOffset(guest));
-        let table = img.l2_table(HostOffset(l2))?;
+        let table = img.l2_table(l2)?;
         let e = table
             .get(j as usize)
             .copied()

@@ -137,7 +137,7 @@ impl Sim {
             self.why("the rebuilt refcount table");
             self.record(
                 Target::Allocate {
-                    offset: HostOffset(offset),
+                    offset,
                     length: self.clusters_bytes(table_clusters),
                     purpose: "the rebuilt refcount table".into(),
                 },
@@ -145,7 +145,7 @@ impl Sim {
                 table_cluster,
             );
             self.allocated.push((
-                offset,
+                offset.get(),
                 self.clusters_bytes(table_clusters),
                 "the rebuilt refcount table".into(),
             ));
@@ -166,7 +166,7 @@ impl Sim {
         self.why("the header now names the rebuilt refcount table");
         self.set_header(Field::RefcountTableOffset, offset)?;
         self.set_header(Field::RefcountTableClusters, u64::from(clusters))?;
-        self.refcount_table_offset = HostOffset(offset);
+        self.refcount_table_offset = offset;
         self.refcount_table_clusters = clusters;
         Ok(())
     }
@@ -190,7 +190,7 @@ impl Sim {
             let slot = usize::try_from(index).ok();
             let existing = slot.and_then(|i| rb.reftable.get(i)).copied().unwrap_or(0);
             let block = if existing != 0 {
-                existing
+                HostOffset(existing)
             } else {
                 first_free = first_free.max(start);
                 let c = rb.alloc(1, &mut first_free)?;
@@ -212,12 +212,12 @@ impl Sim {
                 }
                 let off = self.cluster_start(c);
                 if let Some(e) = rb.reftable.get_mut(slot) {
-                    *e = off;
+                    *e = off.get();
                 }
                 self.why(format!("refcount block {index} of the rebuilt structure"));
                 self.record(
                     Target::Allocate {
-                        offset: HostOffset(off),
+                        offset: off,
                         length: rb.cs,
                         purpose: format!("rebuilt refcount block {index}"),
                     },
@@ -225,7 +225,7 @@ impl Sim {
                     c,
                 );
                 self.allocated
-                    .push((off, rb.cs, format!("rebuilt refcount block {index}")));
+                    .push((off.get(), rb.cs, format!("rebuilt refcount block {index}")));
                 off
             };
             let mut buf = vec![0u8; usize::try_from(rb.cs).unwrap_or(0)];

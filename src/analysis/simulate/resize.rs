@@ -59,10 +59,10 @@ impl Sim {
         self.set_header(Field::L1TableOffset, off)?;
         let old_off = self.l1_table_offset;
         self.l1 = table;
-        self.l1_table_offset = HostOffset(off);
+        self.l1_table_offset = off;
         self.reason = saved;
         self.free_clusters(
-            old_off.get(),
+            old_off,
             old_len.saturating_mul(8),
             "the old active L1 table",
         );
@@ -264,13 +264,12 @@ impl Sim {
         }
         let off = self.l1_table_offset;
         let zeros = vec![0u8; len.saturating_sub(keep).saturating_mul(8) as usize];
-        self.write_bytes(off.saturating_entry(keep, 8).get(), &zeros)?;
+        self.write_bytes(off.saturating_entry(keep, 8), &zeros)?;
         for i in (keep..len).rev() {
             let e = self.l1.get(i as usize).copied().unwrap_or_default();
-            let l2 = e.l2_offset().map_or(0, HostOffset::get);
-            if l2 == 0 {
+            let Some(l2) = e.l2_offset().filter(|&o| o != HostOffset(0)) else {
                 continue;
-            }
+            };
             self.why("shrinking: the L1 entry is past the new end");
             self.record(
                 Target::L1Entry {
@@ -324,14 +323,7 @@ impl Sim {
             ));
             let at = self.reftable_entry_offset(ti);
             self.write_u64(at, 0)?;
-            self.record(
-                Target::RefcountTableEntry {
-                    index: ti,
-                    at: HostOffset(at),
-                },
-                block,
-                0,
-            );
+            self.record(Target::RefcountTableEntry { index: ti, at }, block, 0);
         }
         for (ti, block) in dropped {
             let bc = self.cluster_of(block);

@@ -236,8 +236,8 @@ impl Sim {
             .l1
             .get(i as usize)
             .and_then(L1Entry::l2_offset)
-            .map_or(0, HostOffset::get);
-        if l2 == 0 {
+            .unwrap_or_default();
+        if l2 == HostOffset(0) {
             return SubclusterType::UnallocatedPlain;
         }
         let (raw, bitmap) = self.l2_entry_at(l2, self.geo.l2_index(GuestOffset(g)));

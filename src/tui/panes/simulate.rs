@@ -206,8 +206,8 @@ pub fn follow(c: &qinspect::simulate::Change, ctx: &Ctx) -> Result<Vec<Effect>, 
         Target::RefcountTableEntry { at, .. } | Target::ExtensionField { at, .. } => {
             vec![Effect::Cluster(at.get() / cs)]
         }
-        Target::Copy { to, .. } => vec![Effect::Cluster(to / cs)],
-        Target::SnapshotTable { offset, .. } => vec![Effect::Cluster(offset / cs)],
+        Target::Copy { to, .. } => vec![Effect::Cluster(to.get() / cs)],
+        Target::SnapshotTable { offset, .. } => vec![Effect::Cluster(offset.get() / cs)],
         Target::Header { field } => {
             return Err(format!(
                 "{} is a header field: Overview (1) shows the header",
