@@ -171,12 +171,8 @@ impl Sim {
             "with data_file_raw QEMU maps the new area guest {old:#x}..{new:#x} to the same offsets of the data file (metadata preallocation)"
         ));
         self.why("growing a data_file_raw image: the new area is mapped 1:1 to the data file");
-        let dirty = self.bitmaps.as_ref().map(|b| b.dirty.len());
-        let saved = self.size;
-        self.size = new;
         let first = self.steps.len();
-        let r = self.write(old, new.saturating_sub(old));
-        self.size = saved;
+        let r = self.hidden_write(new, |sim| sim.write(old, new.saturating_sub(old)));
         // No data is written: only the L2 entries (and tables) change.
         let mut kept = Vec::new();
         for (i, mut c) in std::mem::take(&mut self.steps).into_iter().enumerate() {
@@ -194,6 +190,22 @@ impl Sim {
             kept.push(c);
         }
         self.steps = kept;
+        r
+    }
+
+    /// `f`, a write qcow2 makes straight from the driver while the disk
+    /// grows to `new` bytes: the disk is `new` bytes long meanwhile, and no
+    /// dirty bitmap sees the write (the block layer above does not).
+    fn hidden_write(
+        &mut self,
+        new: u64,
+        f: impl FnOnce(&mut Self) -> SimResult<()>,
+    ) -> SimResult<()> {
+        let dirty = self.bitmaps.as_ref().map(|b| b.dirty.len());
+        let saved = self.size;
+        self.size = new;
+        let r = f(self);
+        self.size = saved;
         if let (Some(b), Some(n)) = (self.bitmaps.as_mut(), dirty) {
             b.dirty.truncate(n);
         }
@@ -237,14 +249,9 @@ impl Sim {
             // qcow2_co_pwritev_part straight from the driver: past the old end,
             // within one subcluster (so the L2 slice size, which depends on the
             // disk size, does not matter), and no dirty bitmap sees it.
-            let dirty = self.bitmaps.as_ref().map(|b| b.dirty.len());
-            let saved = self.size;
-            self.size = new;
-            let r = self.write_zeros(old, zero_start.saturating_sub(old));
-            self.size = saved;
-            if let (Some(b), Some(n)) = (self.bitmaps.as_mut(), dirty) {
-                b.dirty.truncate(n);
-            }
+            let r = self.hidden_write(new, |sim| {
+                sim.write_zeros(old, zero_start.saturating_sub(old))
+            });
             r.map_err(|e| match e {
                 SimError::Qemu(m) => {
                     SimError::Qemu(format!("Failed to zero out the new area: {m}"))

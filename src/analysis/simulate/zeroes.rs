@@ -13,10 +13,10 @@
 
 use super::{Sim, SimError, SimResult};
 use crate::chain::{Chain, LayerKind, OpenOptions};
+use crate::io::Extent;
 use crate::lookup::{Status, layer_run};
 use crate::tables::{ClusterType, L1Entry, L2Entry, SubclusterType};
 use crate::types::{GuestOffset, HostOffset};
-use std::path::Path;
 
 /// QEMU's `MAX_BOUNCE_BUFFER` (32768 sectors): the most one fallback write of
 /// zeros covers.
@@ -344,27 +344,6 @@ impl Sim {
     }
 }
 
-/// How many bytes from `pos` of the raw file at `path` are a hole, as QEMU's
-/// file-posix driver asks the file system (`SEEK_DATA`); None when `pos` holds
-/// data. A file system that cannot say reports everything as data, as QEMU
-/// then does. The file is opened read-only and only looked at.
-fn raw_hole(path: &Path, pos: u64) -> SimResult<Option<u64>> {
-    let f = std::fs::File::open(path).map_err(|e| {
-        SimError::from(crate::Error::Io {
-            file: path.to_path_buf(),
-            what: "open for block status".into(),
-            source: std::sync::Arc::new(e),
-        })
-    })?;
-    match rustix::fs::seek(&f, rustix::fs::SeekFrom::Data(pos)) {
-        Ok(data) if data > pos => Ok(Some(data.saturating_sub(pos))),
-        Ok(_) => Ok(None),
-        // No data at or after `pos`: a hole to the end of the file.
-        Err(rustix::io::Errno::NXIO) => Ok(Some(u64::MAX)),
-        Err(_) => Ok(None),
-    }
-}
-
 /// Whether guest bytes `a..b` read as zeros by block status in `chain`
 /// (`bdrv_block_status_above` from its top): the first layer that allocates a
 /// byte answers (data: no; a zero (sub)cluster: yes), bytes past the end of a
@@ -379,14 +358,18 @@ fn chain_reads_zero(chain: &Chain, a: u64, b: u64) -> SimResult<bool> {
             }
             len = len.min(layer.size().saturating_sub(pos));
             let LayerKind::Qcow2 { image, view, .. } = &layer.kind else {
-                // A raw file's block status is its file system's holes: a hole
-                // reads as zeros, anything allocated (zeros written too) as data.
-                match raw_hole(&layer.path, pos)? {
-                    Some(hole) => {
-                        len = len.min(hole.max(1));
+                // A raw file's block status is its file system's holes
+                // (`SEEK_DATA`, as QEMU's file-posix driver asks): a hole
+                // reads as zeros, anything allocated (zeros written too) as
+                // data. Past the end of the file (a raw layer's size is
+                // rounded up to 512 bytes) the rest of the layer is a hole.
+                match layer.src.extent_at(pos) {
+                    Extent::Hole(0) => break,
+                    Extent::Hole(hole) => {
+                        len = len.min(hole);
                         break;
                     }
-                    None => return Ok(false),
+                    Extent::Data(_) => return Ok(false),
                 }
             };
             let run = layer_run(image, view, pos, len, &layer.label())?;
