@@ -18,7 +18,7 @@ use crate::bitmap::{BitmapMapping, BitmapTableEntry, FLAG_AUTO, FLAG_IN_USE};
 use crate::bytes::{align8, be64};
 use crate::header::ExtensionKind;
 use crate::image::Qcow2;
-use crate::types::HostOffset;
+use crate::types::{GuestOffset, HostOffset};
 
 /// One persistent bitmap as the simulator keeps it.
 #[derive(Clone, Debug)]
@@ -158,11 +158,11 @@ impl Sim {
     }
 
     /// The block layer marks a written or discarded range in every bitmap.
-    pub(super) fn mark_dirty(&mut self, offset: u64, length: u64) {
+    pub(super) fn mark_dirty(&mut self, offset: GuestOffset, length: u64) {
         if let Some(b) = self.bitmaps.as_mut()
             && length > 0
         {
-            b.dirty.push((offset, length));
+            b.dirty.push((offset.get(), length));
         }
     }
 

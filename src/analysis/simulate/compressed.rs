@@ -27,8 +27,8 @@ use crate::types::{GuestOffset, HostOffset};
 
 impl Sim {
     /// `write -c`.
-    pub(super) fn write_compressed(&mut self, offset: u64, length: u64) -> SimResult<()> {
-        let Some(end) = offset.checked_add(length).filter(|&e| e <= self.size) else {
+    pub(super) fn write_compressed(&mut self, offset: GuestOffset, length: u64) -> SimResult<()> {
+        let Some(end) = offset.checked_add(length).filter(|e| e.get() <= self.size) else {
             return Err(SimError::Qemu(format!(
                 "write failed: Input/output error (the request ends past the end of the disk, {} bytes, so the block layer refuses all of it)",
                 self.size
@@ -43,7 +43,7 @@ impl Sim {
             ));
         }
         let cs = self.cs;
-        if self.within(offset) != 0 || (self.within(length) != 0 && end != self.size) {
+        if self.within(offset) != 0 || (self.within(length) != 0 && end.get() != self.size) {
             return Err(SimError::Qemu(format!(
                 "write failed: Invalid argument (a compressed write covers whole clusters of {cs} bytes, or ends at the end of the disk) (EINVAL)"
             )));
@@ -87,12 +87,12 @@ impl Sim {
     /// `qcow2_alloc_compressed_cluster_offset` for the cluster at `guest`.
     fn place_compressed(
         &mut self,
-        guest: u64,
+        guest: GuestOffset,
         stream: &[u8],
         free_byte: &mut HostOffset,
     ) -> SimResult<()> {
         let l2 = self.cluster_table(guest)?;
-        let index = self.geo.l2_index(GuestOffset(guest));
+        let index = self.geo.l2_index(guest);
         let (raw, _) = self.l2_entry_at(l2, index);
         if L2Entry::from_word(raw).host_offset().0 != 0 {
             return Err(SimError::Qemu(format!(
@@ -122,7 +122,7 @@ impl Sim {
         &mut self,
         size: u64,
         free_byte: &mut HostOffset,
-        guest: u64,
+        guest: GuestOffset,
     ) -> SimResult<HostOffset> {
         let cs = self.cs;
         let none = HostOffset(0);

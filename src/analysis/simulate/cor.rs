@@ -141,7 +141,7 @@ impl Sim {
                 let first = self.steps.len();
                 let saved = self.data.new;
                 self.data.new = super::data::NewData::Below;
-                let r = self.write(g, n);
+                let r = self.write(GuestOffset(g), n);
                 self.data.new = saved;
                 // What the write puts there is what the layers below hold.
                 for c in self.steps.iter_mut().skip(first) {

@@ -280,7 +280,7 @@ impl Sim {
     }
 
     /// A write puts its new data at `host..host + len` (guest `guest..`).
-    pub(super) fn data_written(&mut self, host: HostOffset, guest: u64, len: u64) {
+    pub(super) fn data_written(&mut self, host: HostOffset, guest: GuestOffset, len: u64) {
         if self.has_data_file {
             self.data_unknown("the data is in an external data file".into());
             return;
@@ -288,7 +288,7 @@ impl Sim {
         let piece = match self.data.new {
             NewData::Fill(b) => Piece::Fill(b),
             NewData::Below => match self.below_view() {
-                Some(_) => Piece::Below(guest),
+                Some(_) => Piece::Below(guest.get()),
                 None => Piece::Fill(0),
             },
         };
@@ -297,12 +297,17 @@ impl Sim {
 
     /// Copy-on-write: the guest bytes `guest..guest + len` of this layer, as
     /// they read now, go to `host..`.
-    pub(super) fn data_copied(&mut self, guest: u64, len: u64, host: HostOffset) -> SimResult<()> {
+    pub(super) fn data_copied(
+        &mut self,
+        guest: GuestOffset,
+        len: u64,
+        host: HostOffset,
+    ) -> SimResult<()> {
         if self.has_data_file {
             self.data_unknown("the data is in an external data file".into());
             return Ok(());
         }
-        let pieces = self.guest_pieces(guest, len)?;
+        let pieces = self.guest_pieces(guest.get(), len)?;
         let mut at = host.get();
         for (l, p) in pieces {
             self.data.map.put(at, l, p);
@@ -319,7 +324,7 @@ impl Sim {
         &mut self,
         l2: HostOffset,
         index: u64,
-        g0: u64,
+        g0: GuestOffset,
         h0: HostOffset,
         (a, b): (u64, u64),
     ) -> SimResult<()> {

@@ -17,7 +17,7 @@ impl Sim {
                 self.size
             )));
         };
-        self.mark_dirty(offset, length);
+        self.mark_dirty(GuestOffset(offset), length);
         let has_backing = self.backing.is_some() || self.backing_named;
         if self.version < 3 && has_backing {
             self.note(
@@ -67,7 +67,7 @@ impl Sim {
                 .min(slice.saturating_sub(l2_index.checked_rem(slice).unwrap_or(0)))
                 .max(1);
             self.why("discard");
-            let l2 = self.cluster_table(start)?;
+            let l2 = self.cluster_table(GuestOffset(start))?;
             for k in 0..n {
                 let index = l2_index.saturating_add(k);
                 let (raw, bm) = self.l2_entry_at(l2, index);

@@ -16,6 +16,11 @@ use crate::types::low_mask;
 use crate::types::{GuestOffset, HostOffset};
 
 impl Sim {
+    /// The first byte of the guest cluster holding `guest`.
+    pub(super) fn guest_cluster_start(&self, guest: GuestOffset) -> GuestOffset {
+        GuestOffset(self.geo.align_down(guest.get()))
+    }
+
     /// Entries per L2 cache slice: a whole table, unless QEMU's default 32 MiB L2
     /// cache cannot cover the disk; then 4 KiB slices.
     pub(super) fn slice_entries(&self) -> u64 {
@@ -100,8 +105,8 @@ impl Sim {
 
     /// QEMU's `get_cluster_table`: the L2 table for `guest`, allocated or copied
     /// first if the L1 entry lacks COPIED (an entry of 0 included).
-    pub(super) fn cluster_table(&mut self, guest: u64) -> SimResult<HostOffset> {
-        let i = self.geo.l1_index(GuestOffset(guest));
+    pub(super) fn cluster_table(&mut self, guest: GuestOffset) -> SimResult<HostOffset> {
+        let i = self.geo.l1_index(guest);
         if i >= self.l1.len() as u64 {
             let saved = self.reason.clone();
             self.why(format!(
@@ -229,8 +234,8 @@ impl Sim {
     /// (a new refcount block found mid-allocation sends it back to the lookup
     /// of the same cluster): cutting it would spread the state of one pass
     /// (the slice, the run being placed, what COW reads) over several calls.
-    pub(super) fn write(&mut self, offset: u64, length: u64) -> SimResult<()> {
-        let Some(end) = offset.checked_add(length).filter(|&e| e <= self.size) else {
+    pub(super) fn write(&mut self, offset: GuestOffset, length: u64) -> SimResult<()> {
+        let Some(end) = offset.checked_add(length).filter(|e| e.get() <= self.size) else {
             return Err(SimError::Qemu(format!(
                 "write failed: Input/output error (the request ends past the end of the disk, {} bytes, so the block layer refuses all of it)",
                 self.size
@@ -248,7 +253,7 @@ impl Sim {
                 if pos >= end {
                     break;
                 }
-                let l2_index = self.geo.l2_index(GuestOffset(pos));
+                let l2_index = self.geo.l2_index(pos);
                 let slice = self.slice_entries();
                 let in_c = self.within(pos);
                 let max_n = in_c
@@ -304,7 +309,7 @@ impl Sim {
                                 .saturating_add(bytes)
                                 .min(k_start.saturating_add(cs))
                                 .saturating_sub(k_start);
-                            let g0 = pos.saturating_sub(in_c).saturating_add(k_start);
+                            let g0 = self.guest_cluster_start(pos).saturating_add(k_start);
                             self.data_keep_around(
                                 l2,
                                 index,
@@ -361,14 +366,14 @@ impl Sim {
                     }
                     n = n.saturating_add(1);
                 }
-                let guest_cluster = pos.saturating_sub(in_c);
+                let guest_cluster = self.guest_cluster_start(pos);
                 let purpose = format!(
                     "guest data at {guest_cluster:#x}..{:#x}",
                     guest_cluster.saturating_add(n.saturating_mul(cs))
                 );
                 let host = if self.has_data_file {
                     // The data file's clusters sit at the guest's offsets.
-                    HostOffset(guest_cluster)
+                    HostOffset(guest_cluster.get())
                 } else {
                     match host_next {
                         None => self.alloc_clusters(n.saturating_mul(cs), &purpose)?,
@@ -523,13 +528,13 @@ impl Sim {
         l2: HostOffset,
         l2_index: u64,
         n: u64,
-        pos: u64,
+        pos: GuestOffset,
         bytes: u64,
         host: HostOffset,
     ) {
         let in_c = self.within(pos);
         let (from, to) = self.cow_range(l2, l2_index, n, in_c, bytes);
-        let guest0 = pos.saturating_sub(in_c);
+        let guest0 = self.guest_cluster_start(pos);
         let (r, _) = self.l2_entry_at(l2, l2_index);
         let source = |me: &Self, raw: u64| -> String {
             match (L2Entry { raw, bitmap: 0 }).cluster_type(&me.geo, me.has_data_file) {

@@ -55,7 +55,7 @@ use crate::io::SharedSource;
 use crate::refcount::get_refcount;
 use crate::tables::L1Entry;
 use crate::types::low_mask as types_low_mask;
-use crate::types::{Geometry, HostOffset};
+use crate::types::{Geometry, GuestOffset, HostOffset};
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -396,10 +396,12 @@ impl Sim {
             Op::SnapshotDelete { id_or_name } => self.snapshot_delete(id_or_name, false),
             Op::SnapshotDeleteId { id } => self.snapshot_delete(id, true),
             Op::SnapshotApply { id_or_name } => self.snapshot_apply(id_or_name),
-            Op::Write { offset, length, .. } => self.write(*offset, *length),
+            Op::Write { offset, length, .. } => self.write(GuestOffset(*offset), *length),
             Op::Discard { offset, length } => self.discard(*offset, *length),
             Op::Read { offset, length } => self.copy_on_read(*offset, *length),
-            Op::WriteCompressed { offset, length, .. } => self.write_compressed(*offset, *length),
+            Op::WriteCompressed { offset, length, .. } => {
+                self.write_compressed(GuestOffset(*offset), *length)
+            }
             Op::WriteZeroes {
                 offset,
                 length,

@@ -9,8 +9,8 @@ use crate::header::Field;
 use crate::refcount::get_refcount;
 use crate::refcount::set_refcount;
 use crate::tables::L1Entry;
-use crate::types::HostOffset;
 use crate::types::low_mask;
+use crate::types::{GuestOffset, HostOffset};
 
 impl Sim {
     /// QEMU's `qcow2_grow_l1_table`: a new, larger active L1 in new clusters,
@@ -172,7 +172,9 @@ impl Sim {
         ));
         self.why("growing a data_file_raw image: the new area is mapped 1:1 to the data file");
         let first = self.steps.len();
-        let r = self.hidden_write(new, |sim| sim.write(old, new.saturating_sub(old)));
+        let r = self.hidden_write(new, |sim| {
+            sim.write(GuestOffset(old), new.saturating_sub(old))
+        });
         // No data is written: only the L2 entries (and tables) change.
         let mut kept = Vec::new();
         for (i, mut c) in std::mem::take(&mut self.steps).into_iter().enumerate() {

@@ -33,7 +33,7 @@ impl Sim {
         };
         // An external data file changes only what QEMU writes to it (zeros
         // there first, with data_file_raw): the L2 entries change as without.
-        self.mark_dirty(offset, length);
+        self.mark_dirty(GuestOffset(offset), length);
         // qcow2's pwrite_zeroes_alignment is its subcluster size.
         let unit = self.geo.subcluster_size().max(1);
         let off_in = |x: u64| x.checked_rem(unit).unwrap_or(0);
@@ -140,7 +140,7 @@ impl Sim {
     /// is a buffer of zeros, not the guest's.
     pub(super) fn write_zeros(&mut self, off: u64, n: u64) -> SimResult<()> {
         let first = self.steps.len();
-        let r = self.write(off, n);
+        let r = self.write(GuestOffset(off), n);
         for c in self.steps.iter_mut().skip(first) {
             if let super::Target::Copy { from, .. } = &mut c.target
                 && from == "the guest"
@@ -205,7 +205,7 @@ impl Sim {
         let sc = self.within(off) >> bits;
         let count = len.div_ceil(self.geo.subcluster_size().max(1));
         self.why("write-zeroes");
-        let l2 = self.cluster_table(off)?;
+        let l2 = self.cluster_table(GuestOffset(off))?;
         let index = self.geo.l2_index(GuestOffset(off));
         let (raw, bm) = self.l2_entry_at(l2, index);
         if (L2Entry { raw, bitmap: bm }).cluster_type(&self.geo, self.has_data_file)
@@ -300,7 +300,7 @@ impl Sim {
                 .min(slice.saturating_sub(l2_index.checked_rem(slice).unwrap_or(0)))
                 .max(1);
             self.why("write-zeroes");
-            let l2 = self.cluster_table(start)?;
+            let l2 = self.cluster_table(GuestOffset(start))?;
             for k in 0..n {
                 let index = l2_index.saturating_add(k);
                 let (raw, bm) = self.l2_entry_at(l2, index);
