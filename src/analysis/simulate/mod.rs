@@ -39,6 +39,8 @@ mod repair;
 mod resize;
 mod snapshot;
 mod store;
+#[cfg(test)]
+mod tests;
 mod walk;
 mod zeroes;
 
