@@ -333,7 +333,7 @@ impl Sim {
         self.free_cluster_index = 0;
         if let Op::Trace { offset } = op {
             // A look, not a QEMU command: nothing is opened read-write.
-            let r = self.trace(*offset);
+            let r = self.trace(GuestOffset(*offset));
             self.records.push(OpRecord {
                 op: op.clone(),
                 description: op.describe(),
@@ -399,7 +399,7 @@ impl Sim {
             Op::SnapshotDeleteId { id } => self.snapshot_delete(id, true),
             Op::SnapshotApply { id_or_name } => self.snapshot_apply(id_or_name),
             Op::Write { offset, length, .. } => self.write(GuestOffset(*offset), *length),
-            Op::Discard { offset, length } => self.discard(*offset, *length),
+            Op::Discard { offset, length } => self.discard(GuestOffset(*offset), *length),
             Op::Read { offset, length } => self.copy_on_read(*offset, *length),
             Op::WriteCompressed { offset, length, .. } => {
                 self.write_compressed(GuestOffset(*offset), *length)
@@ -411,7 +411,7 @@ impl Sim {
             } => self.write_zeroes(*offset, *length, *unmap),
             Op::Resize { size, shrink } => self.resize(*size, *shrink),
             Op::Repair { all } => self.repair(*all),
-            Op::Trace { offset } => self.trace(*offset),
+            Op::Trace { offset } => self.trace(GuestOffset(*offset)),
             Op::Overlay { .. } => Err(SimError::Qemu(
                 "an overlay starts a new layer: simulate_layers handles it".into(),
             )),

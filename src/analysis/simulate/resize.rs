@@ -104,7 +104,7 @@ impl Sim {
             self.why("shrinking: the clusters past the new end are discarded");
             let from = size.div_ceil(cs).saturating_mul(cs);
             if from < old {
-                self.discard_clusters(from, old, true)?;
+                self.discard_clusters(GuestOffset(from), GuestOffset(old), true)?;
             }
             self.shrink_l1_table(l1_needed)?;
             self.shrink_reftable()?;

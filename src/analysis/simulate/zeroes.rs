@@ -170,7 +170,7 @@ impl Sim {
                 ));
             }
             // Without a backing file, version 2 discards instead.
-            self.discard_clusters(start, stop, false)?;
+            self.discard_clusters(GuestOffset(start), GuestOffset(stop), false)?;
             return Ok(None);
         }
         let cs = self.cs;
