@@ -400,7 +400,7 @@ impl Sim {
             Op::SnapshotApply { id_or_name } => self.snapshot_apply(id_or_name),
             Op::Write { offset, length, .. } => self.write(GuestOffset(*offset), *length),
             Op::Discard { offset, length } => self.discard(GuestOffset(*offset), *length),
-            Op::Read { offset, length } => self.copy_on_read(*offset, *length),
+            Op::Read { offset, length } => self.copy_on_read(GuestOffset(*offset), *length),
             Op::WriteCompressed { offset, length, .. } => {
                 self.write_compressed(GuestOffset(*offset), *length)
             }
