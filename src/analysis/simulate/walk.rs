@@ -500,6 +500,7 @@ mod tests {
     )]
 
     use super::*;
+    use crate::header::Field;
     use crate::image::{Qcow2, Strictness};
     use crate::io::MemSource;
     use std::sync::Arc;
@@ -544,16 +545,20 @@ mod tests {
         let l1 = block0 + blocks;
         let l2s: Vec<u64> = (l1 + 1..l1 + 4).collect();
         let first_data = l1 + 4;
+        let head = |b: &mut [u8], f: Field, v: u64| match f.size() {
+            4 => put32(b, f.offset(), v as u32),
+            _ => put64(b, f.offset(), v),
+        };
         b[..4].copy_from_slice(b"QFI\xfb");
-        put32(&mut b, 4, 3);
-        put32(&mut b, 20, CB);
-        put64(&mut b, 24, L1_SIZE * (CS / 8) * CS);
-        put32(&mut b, 36, L1_SIZE as u32);
-        put64(&mut b, 40, l1 * CS);
-        put64(&mut b, 48, reftable * CS);
-        put32(&mut b, 56, 1);
-        put32(&mut b, 96, order);
-        put32(&mut b, 100, 104);
+        head(&mut b, Field::Version, 3);
+        head(&mut b, Field::ClusterBits, u64::from(CB));
+        head(&mut b, Field::Size, L1_SIZE * (CS / 8) * CS);
+        head(&mut b, Field::L1Size, L1_SIZE);
+        head(&mut b, Field::L1TableOffset, l1 * CS);
+        head(&mut b, Field::RefcountTableOffset, reftable * CS);
+        head(&mut b, Field::RefcountTableClusters, 1);
+        head(&mut b, Field::RefcountOrder, u64::from(order));
+        head(&mut b, Field::HeaderLength, 104);
         for i in 0..blocks {
             if r.below(12) != 0 || i == 0 {
                 put64(&mut b, reftable * CS + 8 * i, (block0 + i) * CS);
