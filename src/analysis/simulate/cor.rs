@@ -137,7 +137,7 @@ impl Sim {
                 self.note(format!(
                     "copy-on-read: guest {g:#x}..{to:#x} is not allocated here and {why}: QEMU writes zeros there"
                 ));
-                self.write_zeroes(g.get(), n, false)?;
+                self.write_zeroes(g, n, false)?;
             } else {
                 let into = if self.has_data_file {
                     "into this image (its data file)"

@@ -408,7 +408,7 @@ impl Sim {
                 offset,
                 length,
                 unmap,
-            } => self.write_zeroes(*offset, *length, *unmap),
+            } => self.write_zeroes(GuestOffset(*offset), *length, *unmap),
             Op::Resize { size, shrink } => self.resize(*size, *shrink),
             Op::Repair { all } => self.repair(*all),
             Op::Trace { offset } => self.trace(GuestOffset(*offset)),

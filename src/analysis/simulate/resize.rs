@@ -241,7 +241,9 @@ impl Sim {
         ));
         if new > zero_start {
             self.why("growing over a longer backing file: the new area reads as zeros");
-            if let Some(why) = self.zeroize(zero_start, new, false, total)? {
+            if let Some(why) =
+                self.zeroize(GuestOffset(zero_start), GuestOffset(new), false, total)?
+            {
                 return Err(SimError::Qemu(format!(
                     "Failed to zero out new clusters: Operation not supported ({why})"
                 )));
@@ -252,7 +254,7 @@ impl Sim {
             // within one subcluster (so the L2 slice size, which depends on the
             // disk size, does not matter), and no dirty bitmap sees it.
             let r = self.hidden_write(new, |sim| {
-                sim.write_zeros(old, zero_start.saturating_sub(old))
+                sim.write_zeros(GuestOffset(old), zero_start.saturating_sub(old))
             });
             r.map_err(|e| match e {
                 SimError::Qemu(m) => {
