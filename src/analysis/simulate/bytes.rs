@@ -9,7 +9,7 @@ use super::change::Target;
 use crate::header::Field;
 use crate::io::SharedSource;
 use crate::io::Source;
-use crate::types::{HostOffset, low_mask};
+use crate::types::{GuestOffset, HostOffset, low_mask};
 use std::collections::HashMap;
 use std::path::Path;
 use std::path::PathBuf;
@@ -45,6 +45,11 @@ impl Sim {
     /// Where byte `off` sits in its cluster (`off % cs`), host or guest.
     pub(super) fn within(&self, off: impl Into<u64>) -> u64 {
         off.into() & low_mask(self.geo.cluster_bits)
+    }
+
+    /// The first byte of the guest cluster holding `guest`.
+    pub(super) fn guest_cluster_start(&self, guest: GuestOffset) -> GuestOffset {
+        GuestOffset(self.geo.align_down(guest.get()))
     }
 
     /// First byte of host cluster `c` (saturating: an index read from disk

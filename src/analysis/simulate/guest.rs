@@ -16,11 +16,6 @@ use crate::types::low_mask;
 use crate::types::{GuestOffset, HostOffset};
 
 impl Sim {
-    /// The first byte of the guest cluster holding `guest`.
-    pub(super) fn guest_cluster_start(&self, guest: GuestOffset) -> GuestOffset {
-        GuestOffset(self.geo.align_down(guest.get()))
-    }
-
     /// Entries per L2 cache slice: a whole table, unless QEMU's default 32 MiB L2
     /// cache cannot cover the disk; then 4 KiB slices.
     pub(super) fn slice_entries(&self) -> u64 {
