@@ -17,9 +17,9 @@ use super::{Sim, SimResult};
 use crate::bitmap::{BitmapMapping, BitmapTableEntry, FLAG_AUTO, FLAG_IN_USE};
 use crate::bytes::{align8, be64};
 use crate::error::{CorruptKind, Error};
-use crate::header::ExtensionKind;
+use crate::header::{ExtensionKind, Field};
 use crate::image::Qcow2;
-use crate::types::HostOffset;
+use crate::types::{GuestOffset, HostOffset};
 
 /// One persistent bitmap as the simulator keeps it.
 #[derive(Clone, Debug)]
@@ -177,13 +177,14 @@ impl Sim {
         if !self.bitmaps.as_ref().is_some_and(|b| b.drop_extension) {
             return Ok(());
         }
-        let c0 = self.read_bytes(0, self.cs);
+        let c0 = self.read_bytes(HostOffset(0), self.cs);
         let h = crate::header::Header::parse(&c0)?;
         let (exts, _) = crate::header::parse_extensions(&h, &c0);
         let (fixed, unknown) = if h.version >= 3 {
-            (112usize, (h.header_length as usize).saturating_sub(112))
+            let qemu = crate::header::V3_QEMU_HEADER_LEN as usize;
+            (qemu, (h.header_length as usize).saturating_sub(qemu))
         } else {
-            (72, 0)
+            (crate::header::V2_HEADER_LEN as usize, 0)
         };
         let mut out: Vec<u8> = c0
             .iter()
@@ -193,19 +194,19 @@ impl Sim {
         out.resize(fixed.saturating_add(unknown), 0);
         if h.version >= 3 {
             // The padding after compression_type, header_length, autoclear.
-            for b in out.iter_mut().take(112).skip(105) {
+            for b in out
+                .iter_mut()
+                .take(fixed)
+                .skip(Field::CompressionType.end() as usize)
+            {
                 *b = 0;
             }
-            let len = (fixed.saturating_add(unknown) as u32).to_be_bytes();
-            for (d, s) in out.iter_mut().skip(100).zip(len) {
-                *d = s;
-            }
-            let autoclear = (h.autoclear_features
-                & (crate::header::AUTOCLEAR_BITMAPS | crate::header::AUTOCLEAR_DATA_FILE_RAW))
-                .to_be_bytes();
-            for (d, s) in out.iter_mut().skip(88).zip(autoclear) {
-                *d = s;
-            }
+            Field::HeaderLength.write(&mut out, fixed.saturating_add(unknown) as u64);
+            Field::AutoclearFeatures.write(
+                &mut out,
+                h.autoclear_features
+                    & (crate::header::AUTOCLEAR_BITMAPS | crate::header::AUTOCLEAR_DATA_FILE_RAW),
+            );
         }
         let find = |t: u32| exts.iter().find(|e| e.ext_type == t);
         if let Some(e) = find(crate::header::EXT_BACKING_FORMAT) {
@@ -229,16 +230,14 @@ impl Sim {
         push_extension(&mut out, 0, &[]);
         if let Some(at) = h.backing_file_name() {
             let name = crate::bytes::slice(&c0, at.get() as usize, h.backing_file_size as usize);
-            let pos = (out.len() as u64).to_be_bytes();
-            for (d, s) in out.iter_mut().skip(8).zip(pos) {
-                *d = s;
-            }
+            let name_at = out.len() as u64;
+            Field::BackingFileOffset.write(&mut out, name_at);
             out.extend_from_slice(name);
         }
         out.resize(self.cs as usize, 0);
         self.note("a program without bitmap support changed the image (autoclear bit 0 is clear): QEMU ignores its bitmaps and writes the header again without the bitmaps extension; the bitmap directory, tables and data stay allocated as leaks".into());
         self.why("the header is written again without the bitmaps extension");
-        self.write_bytes(0, &out)?;
+        self.write_bytes(HostOffset(0), &out)?;
         self.bitmaps = None;
         Ok(())
     }
@@ -268,11 +267,11 @@ impl Sim {
     }
 
     /// The block layer marks a written or discarded range in every bitmap.
-    pub(super) fn mark_dirty(&mut self, offset: u64, length: u64) {
+    pub(super) fn mark_dirty(&mut self, offset: GuestOffset, length: u64) {
         if let Some(b) = self.bitmaps.as_mut()
             && length > 0
         {
-            b.dirty.push((offset, length));
+            b.dirty.push((offset.get(), length));
         }
     }
 
@@ -296,7 +295,7 @@ impl Sim {
                 new_list.push(bm.clone());
                 continue;
             }
-            let old = self.read_bytes(bm.table_offset.get(), u64::from(bm.table_size) * 8);
+            let old = self.read_bytes(bm.table_offset, u64::from(bm.table_size) * 8);
             let old: Vec<BitmapTableEntry> = old
                 .chunks_exact(8)
                 .map(|c| BitmapTableEntry(be64(c, 0)))
@@ -311,7 +310,7 @@ impl Sim {
             self.write_bytes(off, &bytes)?;
             drop_tables.push((bm.name.clone(), bm.table_offset, old));
             let mut n = bm.clone();
-            n.table_offset = HostOffset(off);
+            n.table_offset = off;
             n.table_size = table.len() as u32;
             // bm->flags on store: enabled or not; in_use cleared.
             n.flags = bm.flags & FLAG_AUTO;
@@ -335,37 +334,29 @@ impl Sim {
         self.write_bytes(dir_off, &dir)?;
         self.why("the bitmaps extension points at the new directory");
         let at = b.ext_offset.saturating_add(8);
-        self.set_header_u64(
-            at.saturating_add(8).get(),
-            "bitmap_directory_size",
-            dir_size,
-        )?;
-        self.set_header_u64(
-            at.saturating_add(16).get(),
+        self.set_extension_u64(at.saturating_add(8), "bitmap_directory_size", dir_size)?;
+        self.set_extension_u64(
+            at.saturating_add(16),
             "bitmap_directory_offset",
-            dir_off,
+            dir_off.get(),
         )?;
-        self.free_clusters(b.dir_offset.get(), b.dir_size, "the old bitmap directory");
+        self.free_clusters(b.dir_offset, b.dir_size, "the old bitmap directory");
         for (name, table_off, old) in drop_tables {
             for e in &old {
                 if let Some(data) = e.data_offset() {
                     self.free_clusters(
-                        data.get(),
+                        data,
                         self.cs,
                         &format!("an old data cluster of bitmap '{name}'"),
                     );
                 }
             }
             let len = (old.len() as u64).saturating_mul(8);
-            self.free_clusters(
-                table_off.get(),
-                len,
-                &format!("the old table of bitmap '{name}'"),
-            );
+            self.free_clusters(table_off, len, &format!("the old table of bitmap '{name}'"));
         }
         if let Some(bs) = self.bitmaps.as_mut() {
             bs.list = new_list;
-            bs.dir_offset = HostOffset(dir_off);
+            bs.dir_offset = dir_off;
             bs.dir_size = dir_size;
             bs.dirty.clear();
         }
@@ -400,7 +391,7 @@ impl Sim {
             let mut data = match e.mapping() {
                 BitmapMapping::AllOnes => vec![0xffu8; cs as usize],
                 BitmapMapping::AllZeros => vec![0u8; cs as usize],
-                BitmapMapping::Data { offset } => self.read_bytes(offset.get(), cs),
+                BitmapMapping::Data { offset } => self.read_bytes(offset, cs),
             };
             if enabled {
                 for &(off, len) in dirty {
@@ -429,7 +420,7 @@ impl Sim {
             self.why(purpose.clone());
             let off = self.alloc_clusters(cs, &purpose)?;
             self.write_bytes(off, &data)?;
-            *slot = BitmapTableEntry::data(HostOffset(off));
+            *slot = BitmapTableEntry::data(off);
         }
         Ok(table)
     }

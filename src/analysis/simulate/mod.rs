@@ -39,6 +39,8 @@ mod repair;
 mod resize;
 mod snapshot;
 mod store;
+#[cfg(test)]
+mod tests;
 mod walk;
 mod zeroes;
 
@@ -55,7 +57,7 @@ use crate::io::SharedSource;
 use crate::refcount::get_refcount;
 use crate::tables::L1Entry;
 use crate::types::low_mask as types_low_mask;
-use crate::types::{Geometry, HostOffset};
+use crate::types::{Geometry, GuestOffset, HostOffset};
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -352,7 +354,7 @@ impl Sim {
         self.free_cluster_index = 0;
         if let Op::Trace { offset } = op {
             // A look, not a QEMU command: nothing is opened read-write.
-            let r = self.trace(*offset);
+            let r = self.trace(GuestOffset(*offset));
             self.records.push(OpRecord {
                 op: op.clone(),
                 description: op.describe(),
@@ -362,7 +364,7 @@ impl Sim {
             });
             return;
         }
-        let features = self.read_u64(72);
+        let features = self.header_field(crate::header::Field::IncompatibleFeatures);
         let checking = matches!(op, Op::Repair { .. });
         let r = if let Some(m) = &self.open_fails {
             // qemu-img and qemu-io (check included) stop at the open.
@@ -423,18 +425,20 @@ impl Sim {
             Op::SnapshotDelete { id_or_name } => self.snapshot_delete(id_or_name, false),
             Op::SnapshotDeleteId { id } => self.snapshot_delete(id, true),
             Op::SnapshotApply { id_or_name } => self.snapshot_apply(id_or_name),
-            Op::Write { offset, length, .. } => self.write(*offset, *length),
-            Op::Discard { offset, length } => self.discard(*offset, *length),
-            Op::Read { offset, length } => self.copy_on_read(*offset, *length),
-            Op::WriteCompressed { offset, length, .. } => self.write_compressed(*offset, *length),
+            Op::Write { offset, length, .. } => self.write(GuestOffset(*offset), *length),
+            Op::Discard { offset, length } => self.discard(GuestOffset(*offset), *length),
+            Op::Read { offset, length } => self.copy_on_read(GuestOffset(*offset), *length),
+            Op::WriteCompressed { offset, length, .. } => {
+                self.write_compressed(GuestOffset(*offset), *length)
+            }
             Op::WriteZeroes {
                 offset,
                 length,
                 unmap,
-            } => self.write_zeroes(*offset, *length, *unmap),
+            } => self.write_zeroes(GuestOffset(*offset), *length, *unmap),
             Op::Resize { size, shrink } => self.resize(*size, *shrink),
             Op::Repair { all } => self.repair(*all),
-            Op::Trace { offset } => self.trace(*offset),
+            Op::Trace { offset } => self.trace(GuestOffset(*offset)),
             Op::Overlay { .. } => Err(SimError::Qemu(
                 "an overlay starts a new layer: simulate_layers handles it".into(),
             )),

@@ -25,6 +25,7 @@
 
 use super::change::Target;
 use super::{Sim, SimError, SimResult};
+use crate::header::Field;
 use crate::refcount::set_refcount;
 use crate::types::HostOffset;
 
@@ -121,10 +122,9 @@ impl Sim {
                             "Marking image as corrupt: {} (Can't get refcount for cluster {c})",
                             e.text().trim_end_matches(" (EIO)")
                         ));
-                        let features = self.read_u64(72);
-                        self.set_header_u64(
-                            72,
-                            "incompatible_features",
+                        let features = self.header_field(Field::IncompatibleFeatures);
+                        self.set_header(
+                            Field::IncompatibleFeatures,
                             features | crate::header::INCOMPAT_CORRUPT,
                         )?;
                         self.reason = saved;
@@ -222,7 +222,7 @@ impl Sim {
                 table_cluster,
             );
             self.allocated.push((
-                offset,
+                offset.get(),
                 self.clusters_bytes(table_clusters),
                 "the rebuilt refcount table".into(),
             ));
@@ -248,9 +248,9 @@ impl Sim {
             SimError::Qemu("the rebuilt refcount table is too large (EFBIG)".into())
         })?;
         self.why("the header now names the rebuilt refcount table");
-        self.set_header_u64(48, "refcount_table_offset", offset)?;
-        self.set_header_u32(56, "refcount_table_clusters", clusters)?;
-        self.refcount_table_offset = HostOffset(offset);
+        self.set_header(Field::RefcountTableOffset, offset)?;
+        self.set_header(Field::RefcountTableClusters, u64::from(clusters))?;
+        self.refcount_table_offset = offset;
         self.refcount_table_clusters = clusters;
         Ok(())
     }
@@ -274,7 +274,7 @@ impl Sim {
             let slot = usize::try_from(index).ok();
             let existing = slot.and_then(|i| rb.reftable.get(i)).copied().unwrap_or(0);
             let block = if existing != 0 {
-                existing
+                HostOffset(existing)
             } else {
                 first_free = first_free.max(start);
                 let c = rb.alloc(1, &mut first_free)?;
@@ -306,7 +306,7 @@ impl Sim {
                     ))
                 })?;
                 if let Some(e) = rb.reftable.get_mut(slot) {
-                    *e = off;
+                    *e = off.get();
                 }
                 self.why(format!("refcount block {index} of the rebuilt structure"));
                 self.record(
@@ -319,7 +319,7 @@ impl Sim {
                     c,
                 );
                 self.allocated
-                    .push((off, rb.cs, format!("rebuilt refcount block {index}")));
+                    .push((off.get(), rb.cs, format!("rebuilt refcount block {index}")));
                 off
             };
             let mut buf = vec![0u8; usize::try_from(rb.cs).unwrap_or(0)];

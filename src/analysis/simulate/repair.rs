@@ -13,6 +13,7 @@
 
 use super::{Sim, SimError, SimResult, Target};
 use crate::check::{Category, CheckOptions, FindingKind, check};
+use crate::header::Field;
 use crate::tables::{ClusterType, L2Entry};
 use crate::types::HostOffset;
 
@@ -197,8 +198,8 @@ impl Sim {
         // open rewrites the header from what is in memory: no snapshots.
         self.note("QEMU opens the image for the check before reading its snapshot table, and marking the persistent bitmaps in use rewrites the header with no snapshots: the snapshots are lost and their clusters become leaks".into());
         self.why("the header is rewritten before the snapshot table is read");
-        self.set_header_u32(60, "nb_snapshots", 0)?;
-        self.set_header_u64(64, "snapshots_offset", 0)?;
+        self.set_header(Field::NbSnapshots, 0u64)?;
+        self.set_header(Field::SnapshotsOffset, 0u64)?;
         self.snapshots.clear();
         self.snapshots_offset = HostOffset(0);
         self.snapshots_size = 0;
@@ -254,12 +255,11 @@ impl Sim {
 
     /// `qcow2_mark_clean` and `qcow2_mark_consistent`.
     fn mark_clean(&mut self) -> SimResult<()> {
-        let at = 72u64;
-        let before = self.read_u64(at);
+        let before = self.header_field(Field::IncompatibleFeatures);
         let after = before & !(crate::header::INCOMPAT_DIRTY | crate::header::INCOMPAT_CORRUPT);
         if after != before {
             self.why("no corruption left: the image is marked clean and consistent");
-            self.set_header_u64(at, "incompatible_features", after)?;
+            self.set_header(Field::IncompatibleFeatures, after)?;
         }
         Ok(())
     }
@@ -358,7 +358,7 @@ impl Sim {
     /// extended L2 entries: entry 0, the subcluster bitmap as it is).
     fn fix_unaligned_zero_cluster(&mut self, at: u64, message: &str) -> SimResult<bool> {
         let size = self.geo.l2_entry_size().max(1);
-        let l2 = at.saturating_sub(self.within(at));
+        let l2 = HostOffset(at.saturating_sub(self.within(at)));
         let index = self.within(at).checked_div(size).unwrap_or(0);
         let (raw, bitmap) = self.l2_entry_at(l2, index);
         let want = if self.geo.extended_l2 {
@@ -380,8 +380,8 @@ impl Sim {
         let l1_off = self.l1_table_offset;
         for i in 0..self.l1.len() as u64 {
             let e = self.l1.get(i as usize).copied().unwrap_or_default();
-            let l2 = e.l2_offset().map_or(0, HostOffset::get);
-            if l2 == 0 {
+            let l2 = e.l2_offset().unwrap_or_default();
+            if l2 == HostOffset(0) {
                 continue;
             }
             let r = self.get_refcount(self.cluster_of(l2))?;
@@ -390,7 +390,7 @@ impl Sim {
                 self.why(format!(
                     "Repairing OFLAG_COPIED L2 cluster: l1_index={i} refcount={r}"
                 ));
-                self.write_u64(l1_off.saturating_entry(i, 8).get(), want.0)?;
+                self.write_u64(l1_off.saturating_entry(i, 8), want.0)?;
                 self.record(
                     Target::L1Entry {
                         table: "active L1".into(),
