@@ -67,12 +67,13 @@
 //! ```
 //! use qinspect::chain::{Chain, OpenOptions};
 //! use qinspect::lookup::{StepKind, trace};
+//! use qinspect::types::GuestOffset;
 //!
 //! let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/demo-top.qcow2");
 //! let chain = Chain::open(&path, &OpenOptions::default())?;
 //! assert_eq!(chain.layers.len(), 3); // demo-top -> demo-mid -> demo-base.raw
 //!
-//! let t = trace(&chain, 0);
+//! let t = trace(&chain, GuestOffset(0));
 //! for step in &t.steps {
 //!     println!("layer {}: {}", step.depth, step.explanation);
 //! }

@@ -4,7 +4,7 @@
 //!
 //! A pane does not search; it only says what each of its rows shows, one row at a
 //! time, through [`Rows`]. The search itself ([`Find`]) lives in the list's
-//! [`ListView`] and scans a few milliseconds at a time between frames, so a list of
+//! [`ListView`](crate::tui::widgets::ListView) and scans a few milliseconds at a time between frames, so a list of
 //! millions of rows never freezes the screen and never exists as strings at once:
 //! one row's text is built, compared and forgotten.
 

@@ -1,0 +1,340 @@
+//! The refcount walk (`qcow2_update_snapshot_refcount`): addend +1, 0 or -1
+//! over every L2 table and cluster an L1 table names, then the COPIED flags.
+
+use super::Sim;
+use super::SimError;
+use super::SimResult;
+use super::change::Target;
+use super::overlap::Meta;
+use crate::tables::ClusterType;
+use crate::tables::CompressedDescriptor;
+use crate::tables::L1Entry;
+use crate::tables::L2Entry;
+use crate::types::HostOffset;
+
+mod bulk;
+#[cfg(test)]
+use bulk::BULK_ENTRIES;
+
+/// The reasons the walk over one L2 table gives: the addend on a data
+/// cluster, on compressed data, and the COPIED change.
+const DATA: usize = 0;
+const COMPRESSED: usize = 1;
+const COPIED: usize = 2;
+
+/// A walk alternates between reasons on every entry (a refcount, then the
+/// entry's COPIED flag): they are moved in and out of `Sim::reason` rather
+/// than copied each time. `Sim::reason` always holds the one put last.
+struct Reasons {
+    text: [String; 3],
+    /// Which one is in `Sim::reason` now (its slot holds what was there).
+    out: Option<usize>,
+}
+
+impl Reasons {
+    /// Make `reason` read reason `k`.
+    fn put(&mut self, reason: &mut String, k: usize) {
+        if self.out == Some(k) {
+            return;
+        }
+        if let Some(o) = self.out.and_then(|o| self.text.get_mut(o)) {
+            std::mem::swap(reason, o);
+        }
+        if let Some(t) = self.text.get_mut(k) {
+            std::mem::swap(reason, t);
+            self.out = Some(k);
+        }
+    }
+
+    /// Reason `k` now reads `text`.
+    fn set(&mut self, reason: &mut String, k: usize, text: String) {
+        if self.out == Some(k) {
+            *reason = text;
+        } else if let Some(t) = self.text.get_mut(k) {
+            *t = text;
+        }
+    }
+}
+
+/// One L2 table's walk: what its entries share.
+struct Walk {
+    l2: HostOffset,
+    addend: i32,
+    reasons: Reasons,
+    /// The refcount the COPIED reason was written for.
+    copied_for: u64,
+}
+
+
+impl Sim {
+    // ---- the refcount walk ---------------------------------------------------
+
+    pub(super) fn l1_label(&self, offset: HostOffset) -> String {
+        if offset == self.l1_table_offset {
+            return "active L1".into();
+        }
+        match self.snapshots.iter().find(|s| s.l1_table_offset == offset) {
+            Some(s) => format!("snapshot {} '{}' L1", s.id, s.name),
+            None => format!("L1 at {offset:#x}"),
+        }
+    }
+
+    /// QEMU's `qcow2_update_snapshot_refcount`. `active` selects the in-memory
+    /// active table (QEMU uses it when the offset is the active L1's).
+    pub(super) fn update_snapshot_refcount(
+        &mut self,
+        l1_offset: HostOffset,
+        l1_size: u64,
+        addend: i32,
+    ) -> SimResult<()> {
+        let label = self.l1_label(l1_offset);
+        let active = l1_offset == self.l1_table_offset;
+        // The snapshot record the label names (the first at this offset).
+        let record = (!active)
+            .then(|| {
+                self.snapshots
+                    .iter()
+                    .position(|s| s.l1_table_offset == l1_offset)
+            })
+            .flatten();
+        // QEMU keeps a snapshot's VM state in the L1 range past its disk
+        // (qcow2_vm_state_offset): entries from this index on name VM state.
+        let disk = record
+            .and_then(|k| self.snapshots.get(k))
+            .map_or(self.size, |s| s.disk_size);
+        let vm_from = self.geo.l1_entries_for(disk);
+        let mut table: Vec<L1Entry> = if active {
+            self.l1.clone()
+        } else {
+            let raw = self.read_bytes(l1_offset, l1_size.saturating_mul(8));
+            raw.chunks_exact(8)
+                .map(|c| L1Entry(crate::bytes::be64(c, 0)))
+                .collect()
+        };
+        let mut l1_modified = false;
+        let mut result = Ok(());
+        for i in 0..table.len() {
+            let Some(&old_l1) = table.get(i) else { break };
+            if old_l1 == L1Entry::UNALLOCATED {
+                continue;
+            }
+            let l2 = old_l1.l2_offset().unwrap_or_default();
+            if !l2.is_multiple_of(self.cs) {
+                result = Err(SimError::Qemu(format!(
+                    "L2 table offset {l2:#x} unaligned (L1 index: {i:#x}) (EIO)"
+                )));
+                break;
+            }
+            let vm = if (i as u64) >= vm_from {
+                " (VM state, past the disk)"
+            } else {
+                ""
+            };
+            if let Err(e) = self.walk_l2(l2, addend, &label, i, vm) {
+                result = Err(e);
+                break;
+            }
+            if addend != 0 {
+                self.why(format!(
+                    "{}: the L2 table named by {label}[{i}]{vm}",
+                    if addend > 0 { "+1" } else { "-1" }
+                ));
+                if let Err(e) = self.update_one(self.cluster_of(l2), 1, addend < 0) {
+                    result = Err(e);
+                    break;
+                }
+            }
+            let r = match self.get_refcount(self.cluster_of(l2)) {
+                Ok(r) => r,
+                Err(e) => {
+                    result = Err(e);
+                    break;
+                }
+            };
+            // Only the offset and COPIED are kept: reserved bits are dropped.
+            let new_l1 = L1Entry::l2_table(l2, r == 1);
+            if new_l1 != old_l1 {
+                if let Some(slot) = table.get_mut(i) {
+                    *slot = new_l1;
+                }
+                l1_modified = true;
+                self.why(if r == 1 {
+                    "COPIED set: the L2 table's refcount is exactly 1".to_string()
+                } else if r == 0 {
+                    "COPIED cleared: the L2 table's refcount is now 0 (freed)".to_string()
+                } else {
+                    format!("COPIED cleared: the L2 table's refcount is {r} (shared)")
+                });
+                self.record(
+                    Target::L1Entry {
+                        table: label.clone(),
+                        table_offset: l1_offset,
+                        index: i as u64,
+                        snapshot: record,
+                    },
+                    old_l1.0,
+                    new_l1.0,
+                );
+            }
+        }
+        if active {
+            // QEMU modified its in-memory table in place.
+            self.l1.clone_from(&table);
+        }
+        if result.is_ok() && addend >= 0 && l1_modified {
+            let bytes: Vec<u8> = table.iter().flat_map(|e| e.to_be_bytes()).collect();
+            result = self.write_bytes(l1_offset, &bytes);
+        } else if l1_modified && addend < 0 {
+            self.note(format!(
+                "the {label} is not written back: with addend -1 QEMU does not write it (snapshot-delete frees this L1 next; in snapshot-apply the snapshot's L1 is already written over it)"
+            ));
+        }
+        result
+    }
+
+    /// The L2 pass of the walk over the table at `l2` (named by `label[i]`):
+    /// the addend on every cluster it names, then COPIED on every entry whose
+    /// cluster's refcount is now exactly 1.
+    ///
+    /// Entries go in bulk (see [`Bulk`]) while the walk's own writes cannot
+    /// land on the table; any other entry goes through [`Sim::walk_entry`],
+    /// and so does the rest of its table.
+    fn walk_l2(
+        &mut self,
+        l2: HostOffset,
+        addend: i32,
+        label: &str,
+        i: usize,
+        vm: &str,
+    ) -> SimResult<()> {
+        let entries = self.geo.l2_entries();
+        let sign = if addend > 0 { "+1" } else { "-1" };
+        let mut walk = Walk {
+            l2,
+            addend,
+            reasons: Reasons {
+                text: [
+                    format!("{sign}: data cluster named by {label}[{i}] -> L2 {l2:#x}{vm}"),
+                    format!("{sign}: compressed data named by {label}[{i}] -> L2 {l2:#x}{vm}"),
+                    String::new(),
+                ],
+                out: None,
+            },
+            copied_for: u64::MAX,
+        };
+        let mut bulk = self.bulk_start(l2);
+        for j in 0..entries {
+            if let Some(b) = bulk.as_mut() {
+                if self.bulk_entry(b, &mut walk, j) {
+                    continue;
+                }
+                // This entry and the rest of the table, one by one, on the
+                // table as the bulk entries left it.
+                self.bulk_finish(b);
+                bulk = None;
+            }
+            self.walk_entry(&mut walk, j)?;
+        }
+        if let Some(b) = bulk.as_ref() {
+            self.bulk_finish(b);
+        }
+        Ok(())
+    }
+
+    /// Entry `j` of the walk's table, as QEMU takes it: read, the addend on its
+    /// cluster, COPIED written back through the overlap check.
+    fn walk_entry(&mut self, w: &mut Walk, j: u64) -> SimResult<()> {
+        let (l2, addend) = (w.l2, w.addend);
+        let step = self.geo.l2_entry_size();
+        let eoff = l2.saturating_entry(j, step);
+        let old = self.read_u64(eoff);
+        let entry = L2Entry::from_word(old).with_copied(false).raw;
+        let off = L2Entry::from_word(entry).host_offset();
+        let e = L2Entry {
+            raw: entry,
+            bitmap: 0,
+        };
+        let refcount = match e.cluster_type(&self.geo, self.has_data_file) {
+            ClusterType::Compressed => {
+                if addend != 0 {
+                    let d = CompressedDescriptor::decode(entry, &self.geo);
+                    w.reasons.put(&mut self.reason, COMPRESSED);
+                    self.update_refcount(d.offset, d.size, 1, addend < 0)?;
+                }
+                2
+            }
+            ClusterType::Normal | ClusterType::ZeroAlloc => {
+                if !off.is_multiple_of(self.cs) {
+                    return Err(SimError::Qemu(format!(
+                        "Cluster allocation offset {off:#x} unaligned (L2 offset: {l2:#x}, L2 index: {j:#x}) (EIO)"
+                    )));
+                }
+                if addend != 0 {
+                    w.reasons.put(&mut self.reason, DATA);
+                    self.update_one_to(self.cluster_of(off), 1, addend < 0)?
+                } else {
+                    self.get_refcount(self.cluster_of(off))?
+                }
+            }
+            _ => 0,
+        };
+        let new = L2Entry::from_word(entry).with_copied(refcount == 1).raw;
+        if new != old {
+            self.copied_reason(w, new, refcount);
+            self.overlap_check(Some(Meta::ActiveL2), eoff, step)?;
+            self.write_u64(eoff, new)?;
+            self.record(
+                Target::L2Entry {
+                    table_offset: l2,
+                    index: j,
+                },
+                old,
+                new,
+            );
+        }
+        Ok(())
+    }
+
+    /// Make the reason read why entry word `new` has COPIED as it has, for a
+    /// cluster whose refcount is now `refcount`.
+    fn copied_reason(&mut self, w: &mut Walk, new: u64, refcount: u64) {
+        if w.copied_for != refcount {
+            w.copied_for = refcount;
+            let text = if L2Entry::from_word(new).copied() {
+                "COPIED set: refcount is now exactly 1".to_string()
+            } else if refcount == 0 {
+                "COPIED cleared: refcount is now 0 (freed)".to_string()
+            } else {
+                format!("COPIED cleared: refcount is now {refcount} (shared)")
+            };
+            w.reasons.set(&mut self.reason, COPIED, text);
+        }
+        w.reasons.put(&mut self.reason, COPIED);
+    }
+
+
+    pub(super) fn refcount_walk(&mut self, l1: &str, addend: i32) -> SimResult<()> {
+        if l1 == "active" {
+            return self.update_snapshot_refcount(
+                self.l1_table_offset,
+                self.l1.len() as u64,
+                addend,
+            );
+        }
+        let Some(i) = self.find_snapshot(l1) else {
+            return Err(SimError::Qemu(format!(
+                "no snapshot '{l1}' (use 'active' or a snapshot ID or name)"
+            )));
+        };
+        let sn = self
+            .snapshots
+            .get(i)
+            .cloned()
+            .ok_or_else(|| SimError::Qemu("no snapshot".into()))?;
+        self.check_snapshot_l1(&sn)?;
+        self.update_snapshot_refcount(sn.l1_table_offset, u64::from(sn.l1_size), addend)
+    }
+}
+
+#[cfg(test)]
+mod tests;
