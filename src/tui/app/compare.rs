@@ -45,7 +45,7 @@ impl App {
             KeyCode::Enter => match &self.compare.shown {
                 Shown::Compared(x, y, c) if *x == a && *y == b && len > 0 => {
                     if let Some(r) = c.rows.get(self.compare.rows.sel) {
-                        let g = r.guest.get();
+                        let g = r.guest;
                         self.popup = None;
                         self.apply(Effect::Trace(g));
                     }
