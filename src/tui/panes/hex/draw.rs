@@ -78,18 +78,18 @@ impl State {
     #[allow(clippy::too_many_arguments)]
     fn row(
         &self,
-        off: u64,
+        off: HostOffset,
         bytes: &[u8],
         valid: usize,
         width: usize,
         ascii_col: bool,
         w: u64,
-        fieldr: Option<(u64, u64)>,
+        fieldr: Option<(HostOffset, HostOffset)>,
     ) -> Line<'static> {
         let mut spans = vec![Span::styled(format!("{off:0width$x}  "), color::dim())];
         let mut ascii = Vec::new();
         for i in 0..w as usize {
-            let at = off + i as u64;
+            let at = off.saturating_add(i as u64);
             let in_mark = self.mark.is_some_and(|(a, b)| at >= a && at < b);
             let in_field = fieldr.is_some_and(|(a, b)| at >= a && at < b);
             if i > 0 && i % 8 == 0 {
@@ -136,11 +136,7 @@ impl State {
         if let Some(r) = &self.search {
             let (done, total) = r.progress;
             let pct = (done as f64 / total.max(1) as f64 * 100.0).min(100.0);
-            let at = if r.forward {
-                r.from.saturating_add(done)
-            } else {
-                r.from.saturating_sub(done)
-            };
+            let at = r.at();
             v.push(Line::styled(
                 format!(
                     "searching for {}… at {at:#x}, {pct:.1}% (Esc cancels)",
@@ -156,7 +152,7 @@ impl State {
             Span::raw(format!("{c:#x}")),
         ])];
         let mut be = [0u8; 8];
-        let got = qinspect::io::read_into(src.as_ref(), "hex", HostOffset(c), &mut be).unwrap_or(0);
+        let got = qinspect::io::read_into(src.as_ref(), "hex", c, &mut be).unwrap_or(0);
         if got > 0 {
             let n = |k: usize| {
                 be.get(..k)
@@ -212,7 +208,7 @@ impl State {
                     "no metadata structure of this layer holds this byte".to_string()
                 } else {
                     let cs = ctx.cluster_size();
-                    let cl = c / cs;
+                    let cl = c.get() / cs;
                     let role = (cl < crate::tui::ctx::LAYOUT_LIMIT)
                         .then_some(ctx.roles.as_ref())
                         .flatten()
@@ -259,7 +255,7 @@ impl State {
             );
         };
         let len = src.len();
-        let offset_width = format!("{:x}", len.max(self.top + 64 * WIDE_ROW))
+        let offset_width = format!("{:x}", len.max(self.top.get() + 64 * WIDE_ROW))
             .len()
             .max(8);
         // 32 bytes a row when a whole row with its ASCII and the side panel fit;
@@ -273,7 +269,7 @@ impl State {
         };
         if w != self.width {
             self.width = w;
-            self.top = self.top / w * w;
+            self.top = self.row_start(self.top);
         }
         let (hex_area, side_area) = if beside {
             // The bytes take what they need, the side panel the rest.
@@ -303,15 +299,14 @@ impl State {
         let block = Block::new().borders(Borders::ALL);
         let inner = block.inner(hex_area);
         self.rows = u64::from(inner.height.saturating_sub(1)).max(1);
-        self.cursor = self.cursor.min(len.saturating_sub(1));
+        self.cursor = self.cursor.min(HostOffset(len.saturating_sub(1)));
         self.follow(ctx);
         let top = self.top.min(self.last_top(ctx));
         self.top = top;
         let decoded = self.decoded(ctx);
-        let fieldr = decoded.as_ref().map(|d| (d.start.get(), d.end.get()));
+        let fieldr = decoded.as_ref().map(|d| (d.start, d.end));
         let mut buf = vec![0u8; (self.rows * w) as usize];
-        let got =
-            qinspect::io::read_into(src.as_ref(), "hex", HostOffset(top), &mut buf).unwrap_or(0);
+        let got = qinspect::io::read_into(src.as_ref(), "hex", top, &mut buf).unwrap_or(0);
         let ascii_col = usize::from(inner.width) >= row_chars(offset_width, w, true);
         let cols: String = (0..w)
             .map(|i| {
@@ -332,8 +327,8 @@ impl State {
             color::head(),
         )];
         for r in 0..self.rows {
-            let off = top + r * w;
-            if off >= len {
+            let off = top.saturating_add(r * w);
+            if off.get() >= len {
                 lines.push(Line::styled(
                     format!(
                         "{:<offset_width$}  -- the file ends at {len:#x} ({len} bytes)",
@@ -344,13 +339,15 @@ impl State {
                 break;
             }
             let start = (r * w) as usize;
-            let valid = got.saturating_sub(start).min((len - off).min(w) as usize);
+            let valid = got
+                .saturating_sub(start)
+                .min((len - off.get()).min(w) as usize);
             let bytes = buf.get(start..start + w as usize).unwrap_or(&[]);
             lines.push(self.row(off, bytes, valid, offset_width, ascii_col, w, fieldr));
         }
         let cs = ctx.cluster_size();
-        let end = (top + self.rows * w)
-            .min(len.max(top + 1))
+        let end = (top.get() + self.rows * w)
+            .min(len.max(top.get() + 1))
             .saturating_sub(1);
         // The image file is named as its layer of the chain, when it has one.
         let who = match ctx.layer_name() {
@@ -359,8 +356,8 @@ impl State {
         };
         let title = format!(
             "Hex — {who}: {top:#x}–{end:#x} (host cluster {}{}) · arrows move, [ ] clusters, / find, g offset",
-            top / cs,
-            if end / cs != top / cs {
+            top.get() / cs,
+            if end / cs != top.get() / cs {
                 format!("–{}", end / cs)
             } else {
                 String::new()
@@ -368,7 +365,7 @@ impl State {
         );
         let bottom = match &self.target {
             Some((t, label)) => {
-                let on = *t >= top && *t < top + self.rows * w;
+                let on = *t >= top && *t < top.saturating_add(self.rows * w);
                 Line::from(vec![
                     Span::styled(" ■ ", marked()),
                     Span::raw(format!(

@@ -35,15 +35,15 @@ pub struct State {
     /// The file shown (None: the image file).
     pub src: Option<SharedSource>,
     /// The first row's offset.
-    pub top: u64,
+    pub top: HostOffset,
     /// The byte jumped to last, and what it is.
-    pub target: Option<(u64, String)>,
-    /// Bytes highlighted.
-    pub mark: Option<(u64, u64)>,
+    pub target: Option<(HostOffset, String)>,
+    /// Bytes highlighted: the first, and one past the last.
+    pub mark: Option<(HostOffset, HostOffset)>,
     /// Rows visible at the last draw.
     pub rows: u64,
     /// The byte under the cursor.
-    pub cursor: u64,
+    pub cursor: HostOffset,
     /// Bytes per row at the last draw (16 or 32).
     pub width: u64,
     /// The last search pattern (n/N repeat it).
@@ -141,14 +141,28 @@ impl State {
     pub fn decoded(&self, ctx: &Ctx) -> Option<Decoded> {
         let img = self.image(ctx)?;
         let s = ctx.structures_of(img);
-        s.decode(img, HostOffset(self.cursor))
+        s.decode(img, self.cursor)
     }
 
     /// The top row that shows the end of the file (and the line saying so).
-    fn last_top(&self, ctx: &Ctx) -> u64 {
+    fn last_top(&self, ctx: &Ctx) -> HostOffset {
         let w = self.w();
         let rows_in_file = self.len(ctx).div_ceil(w) + 1;
-        rows_in_file.saturating_sub(self.page()) * w
+        HostOffset(rows_in_file.saturating_sub(self.page()) * w)
+    }
+
+    /// The first byte of the row `at` is on.
+    fn row_start(&self, at: HostOffset) -> HostOffset {
+        let w = self.w();
+        HostOffset(at.get() / w * w)
+    }
+
+    /// Put `at` on screen with a few rows of context above it, so it is not at
+    /// the very edge.
+    fn scroll_to(&mut self, at: HostOffset) {
+        let w = self.w();
+        let context = (self.page() / 4).min(4);
+        self.top = HostOffset((at.get() / w).saturating_sub(context) * w);
     }
 
     /// Scroll so that the cursor is on screen.
@@ -156,13 +170,13 @@ impl State {
         let w = self.w();
         let page = self.page() * w;
         if self.cursor < self.top {
-            self.top = self.cursor / w * w;
-        } else if self.cursor >= self.top + page {
-            self.top = (self.cursor / w + 1).saturating_sub(self.page()) * w;
+            self.top = self.row_start(self.cursor);
+        } else if self.cursor >= self.top.saturating_add(page) {
+            self.top = HostOffset((self.cursor.get() / w + 1).saturating_sub(self.page()) * w);
         }
         // On the last row, the line saying where the file ends shows too.
         let last_row = self.len(ctx).saturating_sub(1) / w;
-        if self.cursor / w == last_row {
+        if self.cursor.get() / w == last_row {
             self.top = self.top.max(self.last_top(ctx));
         }
         self.top = self.top.min(self.last_top(ctx));
@@ -176,17 +190,11 @@ impl State {
         mark: Option<(HostOffset, HostOffset)>,
         src: Option<SharedSource>,
     ) {
-        let mark = mark.map(|(a, b)| (a.get(), b.get()));
-        let offset = offset.get();
         self.src = src;
         self.target = Some((offset, label));
         self.mark = mark.or(Some((offset, offset.saturating_add(1))));
         self.cursor = offset;
-        // A few rows of context above the target, so it is on screen and not at
-        // the very edge.
-        let w = self.w();
-        let context = (self.page() / 4).min(4);
-        self.top = (offset / w).saturating_sub(context) * w;
+        self.scroll_to(offset);
     }
 
     /// Start a search for `text` from the cursor on (the command `/`).
@@ -200,7 +208,7 @@ impl State {
         }
     }
 
-    fn run_search(&mut self, p: Vec<u8>, from: u64, forward: bool, ctx: &Ctx) {
+    fn run_search(&mut self, p: Vec<u8>, from: HostOffset, forward: bool, ctx: &Ctx) {
         if let Some(r) = self.search.take() {
             r.cancel();
         }
@@ -228,11 +236,7 @@ impl State {
                 self.found = Some(format!(
                     "search for {} cancelled at {:#x}",
                     hexsearch::show(&r.pattern),
-                    if r.forward {
-                        r.from.saturating_add(r.progress.0)
-                    } else {
-                        r.from.saturating_sub(r.progress.0)
-                    }
+                    r.at()
                 ));
                 true
             }
@@ -264,7 +268,7 @@ impl State {
         }
     }
 
-    fn finished(&mut self, end: Result<Option<u64>, String>) {
+    fn finished(&mut self, end: Result<Option<HostOffset>, String>) {
         let Some(r) = self.search.take() else { return };
         let what = hexsearch::show(&r.pattern);
         let n = r.pattern.len() as u64;
@@ -273,9 +277,7 @@ impl State {
                 self.cursor = at;
                 self.mark = Some((at, at.saturating_add(n)));
                 self.target = Some((at, format!("{what} found")));
-                let w = self.w();
-                let context = (self.page() / 4).min(4);
-                self.top = (at / w).saturating_sub(context) * w;
+                self.scroll_to(at);
                 format!("{what} found at {at:#x}")
             }
             Ok(None) if r.forward => format!("{what} does not occur at or after {:#x}", r.from),
@@ -295,8 +297,8 @@ impl PaneState for State {
         let w = self.w();
         let last = self.len(ctx).saturating_sub(1);
         let page = self.page() * w;
-        let c = self.cursor;
-        self.cursor = match action {
+        let c = self.cursor.get();
+        self.cursor = HostOffset(match action {
             Action::Down => c.saturating_add(w).min(last),
             Action::Up => c.checked_sub(w).unwrap_or(c),
             Action::Right => c.saturating_add(1).min(last),
@@ -323,10 +325,10 @@ impl PaneState for State {
                 return true;
             }
             _ => return false,
-        };
+        });
         if matches!(action, Action::ClusterNext | Action::ClusterPrev) {
             // A cluster jump puts the cluster's first row at the top.
-            self.top = (self.cursor / w * w).min(self.last_top(ctx));
+            self.top = self.row_start(self.cursor).min(self.last_top(ctx));
         }
         self.follow(ctx);
         true
