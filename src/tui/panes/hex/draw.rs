@@ -243,21 +243,10 @@ impl State {
         v
     }
 
-    /// Draw the pane: the bytes, and the side panel beside or below them.
-    pub(super) fn draw(&mut self, f: &mut Frame, area: Rect, ctx: &Ctx) {
-        self.poll();
-        let Some(src) = self.file(ctx).cloned() else {
-            return crate::tui::panes::nothing(
-                f,
-                area,
-                "Hex",
-                format!("{} cannot be read", ctx.path.display()),
-            );
-        };
-        let len = src.len();
-        let offset_width = format!("{:x}", len.max(self.top.get() + 64 * WIDE_ROW))
-            .len()
-            .max(8);
+    /// Where the bytes and the side panel go in `area`. Sets how many bytes a
+    /// row holds (16 or 32); when that changes, the first row stays on a row
+    /// boundary.
+    fn areas(&mut self, area: Rect, offset_width: usize) -> (Rect, Rect) {
         // 32 bytes a row when a whole row with its ASCII and the side panel fit;
         // else 16, with the side panel beside the bytes when there is room and
         // below them when not (80 columns).
@@ -271,7 +260,7 @@ impl State {
             self.width = w;
             self.top = self.row_start(self.top);
         }
-        let (hex_area, side_area) = if beside {
+        if beside {
             // The bytes take what they need, the side panel the rest.
             let hex = Rect {
                 width: need(w).min(area.width - SIDE),
@@ -295,7 +284,26 @@ impl State {
                 ..area
             };
             (hex, side)
+        }
+    }
+
+    /// Draw the pane: the bytes, and the side panel beside or below them.
+    pub(super) fn draw(&mut self, f: &mut Frame, area: Rect, ctx: &Ctx) {
+        self.poll();
+        let Some(src) = self.file(ctx).cloned() else {
+            return crate::tui::panes::nothing(
+                f,
+                area,
+                "Hex",
+                format!("{} cannot be read", ctx.path.display()),
+            );
         };
+        let len = src.len();
+        let offset_width = format!("{:x}", len.max(self.top.get() + 64 * WIDE_ROW))
+            .len()
+            .max(8);
+        let (hex_area, side_area) = self.areas(area, offset_width);
+        let w = self.width;
         let block = Block::new().borders(Borders::ALL);
         let inner = block.inner(hex_area);
         self.rows = u64::from(inner.height.saturating_sub(1)).max(1);
