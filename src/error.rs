@@ -114,6 +114,8 @@ pub enum CorruptKind {
     L1Table,
     /// A snapshot's L1 table.
     SnapshotL1Table,
+    /// A bitmap directory entry QEMU's open refuses.
+    BitmapDirectoryEntry,
     /// A structure named only by the error's `what`.
     Other,
 }
@@ -131,6 +133,7 @@ impl CorruptKind {
             CorruptKind::SnapshotTable => "snapshot table".into(),
             CorruptKind::L1Table => "L1 table".into(),
             CorruptKind::SnapshotL1Table => "snapshot L1 table".into(),
+            CorruptKind::BitmapDirectoryEntry => "bitmap directory entry".into(),
             CorruptKind::Other => "structure".into(),
         }
     }

@@ -47,6 +47,13 @@ pub fn meta(img: &Qcow2, upto: u64) -> Result<Meta, String> {
     let mut l2 = BTreeMap::new();
     let mut l1s: Vec<Vec<u64>> = vec![img.l1.iter().map(|e| e.0).collect()];
     for s in &img.snapshots.snapshots {
+        // A snapshot L1 table QEMU cannot load (not cluster aligned) is
+        // left as it is by both: its entry (offset and size) is compared
+        // with the snapshot table below.
+        if !img.geometry().is_cluster_aligned(s.l1_table_offset.get()) {
+            l1s.push(Vec::new());
+            continue;
+        }
         let t = img
             .snapshot_l1(s)
             .map_err(|e| format!("snapshot L1: {e}"))?;

@@ -23,6 +23,7 @@
 //! but it walks an L2 table shared by many L1 tables once and adds its weight, and
 //! it keeps a note of who referenced what so each finding can name its owners.
 
+mod bitmaps;
 mod clusters;
 mod compare;
 mod copied;

@@ -89,6 +89,19 @@ pub enum Refusal {
         /// Its index in the table.
         entry: u64,
     },
+    /// qinspect stops at this bitmap where `qemu-img check` would go on: the
+    /// image's bitmap tables together are more than the open reads of them
+    /// ([`TABLE_READ_BUDGET`](crate::image::TABLE_READ_BUDGET)), or they hold
+    /// more entries than the check goes through (tables that overlap).
+    #[error("qinspect stops at bitmap '{name}': {error}")]
+    BitmapTablesNotRead {
+        /// The bitmap's name.
+        name: String,
+        /// Where its directory entry says the table is.
+        offset: HostOffset,
+        /// Why it was not read.
+        error: Error,
+    },
     /// A simulated image cannot be opened again to be checked.
     #[error("the simulated image cannot be opened: {0}")]
     SimulatedOpen(Error),
@@ -103,6 +116,7 @@ impl Refusal {
             | Refusal::SnapshotTable(e)
             | Refusal::BitmapDirectory { error: e, .. }
             | Refusal::BitmapTable { error: e, .. }
+            | Refusal::BitmapTablesNotRead { error: e, .. }
             | Refusal::SimulatedOpen(e) => Some(e),
             Refusal::NoKey { .. }
             | Refusal::DataFileElsewhere(_)

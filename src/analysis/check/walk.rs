@@ -3,11 +3,9 @@
 use super::MAX_FINDINGS;
 use super::copied::Copied;
 use super::imrt::Imrt;
-use super::refusal::Refusal;
 use super::report::{Category, CheckReport, Finding, FindingKind, L1Id, Progress, Referrer, Role};
 use super::visit::{Counter, Ctx, Visitor};
-use crate::bitmap;
-use crate::header::{AUTOCLEAR_BITMAPS, ExtensionKind};
+use crate::header::ExtensionKind;
 use crate::image::Qcow2;
 use crate::io::read_into;
 use crate::tables::{L1Entry, MAX_L1_ENTRIES};
@@ -453,89 +451,6 @@ impl<'a> Walk<'a> {
             return;
         }
         self.walk_refblocks(v);
-    }
-
-    /// `qcow2_check_bitmaps_refcounts`; false if the check must stop.
-    pub(super) fn walk_bitmaps(&mut self, v: &mut dyn Visitor) -> bool {
-        let img = self.img;
-        if img.header.autoclear_features & AUTOCLEAR_BITMAPS == 0 {
-            return true;
-        }
-        let Some((count, size, off)) = img.extensions.iter().find_map(|e| match e.kind {
-            ExtensionKind::Bitmaps {
-                nb_bitmaps,
-                directory_size,
-                directory_offset,
-                ..
-            } => Some((nb_bitmaps, directory_size, directory_offset.get())),
-            _ => None,
-        }) else {
-            return true;
-        };
-        if count == 0 {
-            return true;
-        }
-        self.inc(v, off, size, 1, Ctx::BitmapDirectory);
-        let list = match bitmap::read_directory(img.src.as_ref(), HostOffset(off), size, count) {
-            Ok(l) => l,
-            Err(e) => {
-                let msg = format!("bitmap directory cannot be loaded: {e}");
-                self.find(FindingKind::Corruption, Category::Bitmaps, msg, 1);
-                self.report.aborted = Some(Refusal::BitmapDirectory {
-                    offset: HostOffset(off),
-                    error: e,
-                });
-                return false;
-            }
-        };
-        for (bi, b) in list.iter().enumerate() {
-            self.inc(
-                v,
-                b.table_offset.get(),
-                u64::from(b.table_size) * 8,
-                1,
-                Ctx::BitmapTable(bi),
-            );
-            let table = match bitmap::read_table(img.src.as_ref(), b) {
-                Ok(t) => t,
-                Err(e) => {
-                    let msg = format!("bitmap '{}' table cannot be loaded: {e}", b.name);
-                    self.find(FindingKind::Corruption, Category::Bitmaps, msg, 1);
-                    self.report.aborted = Some(Refusal::BitmapTable {
-                        name: b.name.clone(),
-                        offset: b.table_offset,
-                        error: e,
-                    });
-                    return false;
-                }
-            };
-            // QEMU's bitmap_table_load refuses the whole table for one invalid
-            // entry, and the check fails (Invalid argument).
-            if let Some((j, e, problem)) = (0u64..)
-                .zip(table.iter())
-                .find_map(|(j, e)| e.problem(self.cs).map(|p| (j, e, p)))
-            {
-                let msg = format!(
-                    "ERROR bitmap '{}' table entry {j} is invalid: {:#x} ({problem})",
-                    b.name, e.0
-                );
-                if let Some(f) = self.find(FindingKind::Corruption, Category::Bitmaps, msg, 1) {
-                    f.offset = Some(b.table_offset.saturating_entry(j, 8));
-                }
-                self.report.aborted = Some(Refusal::BitmapTableEntry {
-                    name: b.name.clone(),
-                    offset: b.table_offset.saturating_entry(j, 8),
-                    entry: j,
-                });
-                return false;
-            }
-            for (j, e) in table.iter().enumerate() {
-                if let Some(offset) = e.data_offset() {
-                    self.inc(v, offset.get(), self.cs, 1, Ctx::BitmapData(bi, j as u64));
-                }
-            }
-        }
-        true
     }
 
     /// `check_refblocks`.

@@ -188,9 +188,12 @@ impl Structures {
         s
     }
 
-    /// Each bitmap's table, and the data clusters its entries name (a table of
-    /// hostile size is read only as far as the region budget allows).
+    /// Each bitmap's table (as the open read it), and the data clusters its
+    /// entries name. Every table's entries count against [`MAX_REGIONS`]
+    /// whether or not they name a cluster, so many entries naming one large
+    /// table of zeros cannot make this go through it again and again.
     fn bitmap_tables(&mut self, img: &Qcow2, dir: &[crate::bitmap::BitmapEntry], cs: u64) {
+        let mut budget = MAX_REGIONS as u64;
         for (i, b) in dir.iter().enumerate() {
             let len = u64::from(b.table_size).saturating_mul(8);
             self.push(
@@ -198,14 +201,21 @@ impl Structures {
                 b.table_offset.saturating_add(len),
                 Kind::BitmapTable(i),
             );
-            if self.regions.len().saturating_add(b.table_size as usize) > MAX_REGIONS {
-                self.truncated = true;
-                continue;
-            }
-            let Ok(t) = crate::bitmap::read_table(img.src.as_ref(), b) else {
+            let Ok(t) = img.bitmap_tables.table(i) else {
                 continue;
             };
-            for (j, e) in t.iter().enumerate() {
+            budget = match budget.checked_sub(t.len()) {
+                Some(left)
+                    if self.regions.len().saturating_add(t.len() as usize) <= MAX_REGIONS =>
+                {
+                    left
+                }
+                _ => {
+                    self.truncated = true;
+                    continue;
+                }
+            };
+            for (j, e) in t.entries().enumerate() {
                 if let Some(o) = e.data_offset() {
                     self.push(
                         o,

@@ -9,7 +9,7 @@ use crate::refcount::get_refcount;
 use crate::tables::ClusterType;
 use crate::tables::CompressedDescriptor;
 use crate::tables::L2Entry;
-use crate::types::low_mask;
+use crate::types::{HostOffset, low_mask};
 
 impl Sim {
     /// QEMU's `alloc_clusters_noref`: `n` contiguous clusters with refcount 0,
@@ -65,7 +65,7 @@ impl Sim {
     /// +1 on each cluster of a range just found free, and record the allocation.
     pub(super) fn take_clusters(
         &mut self,
-        off: u64,
+        off: HostOffset,
         len: u64,
         first: u64,
         purpose: &str,
@@ -85,13 +85,13 @@ impl Sim {
             first,
             first,
         );
-        self.allocated.push((off, len, purpose.to_string()));
+        self.allocated.push((off.get(), len, purpose.to_string()));
         self.reason = saved;
         Ok(())
     }
 
     /// QEMU's `qcow2_alloc_clusters`: find, then +1 on each.
-    pub(super) fn alloc_clusters(&mut self, size: u64, purpose: &str) -> SimResult<u64> {
+    pub(super) fn alloc_clusters(&mut self, size: u64, purpose: &str) -> SimResult<HostOffset> {
         let n = size.div_ceil(self.cs);
         if n == 0 {
             // alloc_clusters_noref(0) looks at nothing and returns the hint as it
@@ -107,13 +107,13 @@ impl Sim {
     }
 
     /// One round of `qcow2_alloc_clusters`' loop.
-    pub(super) fn alloc_clusters_once(&mut self, n: u64, purpose: &str) -> SimResult<u64> {
+    pub(super) fn alloc_clusters_once(&mut self, n: u64, purpose: &str) -> SimResult<HostOffset> {
         let first = self.find_free(n)?;
         // A range that does not fit in 64 bits is refused rather than wrapped.
         let range = first
             .checked_mul(self.cs)
             .zip(n.checked_mul(self.cs))
-            .and_then(|(off, len)| Some((off, len, off.checked_add(len)?)));
+            .and_then(|(off, len)| Some((HostOffset(off), len, off.checked_add(len)?)));
         let Some((off, len, end)) = range else {
             return Err(SimError::Qemu(format!(
                 "{n} clusters from cluster {first} do not fit in the file (EFBIG)"
@@ -127,7 +127,7 @@ impl Sim {
     }
 
     /// QEMU's `qcow2_free_clusters`: -1 on each cluster the range touches.
-    pub(super) fn free_clusters(&mut self, off: u64, size: u64, purpose: &str) {
+    pub(super) fn free_clusters(&mut self, off: HostOffset, size: u64, purpose: &str) {
         let saved = self.reason.clone();
         self.why(format!("released: {purpose}"));
         self.record(
@@ -157,10 +157,10 @@ impl Sim {
         match e.cluster_type(&self.geo, self.has_data_file) {
             ClusterType::Compressed => {
                 let d = CompressedDescriptor::decode(entry, &self.geo);
-                self.free_clusters(d.offset.0, d.size, purpose);
+                self.free_clusters(d.offset, d.size, purpose);
             }
             ClusterType::Normal | ClusterType::ZeroAlloc => {
-                let off = L2Entry::from_word(entry).host_offset().0;
+                let off = L2Entry::from_word(entry).host_offset();
                 if !off.is_multiple_of(self.cs) {
                     self.note(format!("Cannot free unaligned cluster {off:#x}"));
                 } else if !self.has_data_file {

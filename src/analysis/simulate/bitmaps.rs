@@ -16,9 +16,10 @@
 use super::{Sim, SimResult};
 use crate::bitmap::{BitmapMapping, BitmapTableEntry, FLAG_AUTO, FLAG_IN_USE};
 use crate::bytes::{align8, be64};
-use crate::header::ExtensionKind;
+use crate::error::{CorruptKind, Error};
+use crate::header::{ExtensionKind, Field};
 use crate::image::Qcow2;
-use crate::types::HostOffset;
+use crate::types::{GuestOffset, HostOffset};
 
 /// One persistent bitmap as the simulator keeps it.
 #[derive(Clone, Debug)]
@@ -44,40 +45,27 @@ pub(super) struct Bitmaps {
     /// Every bitmap is marked in use (inconsistent): QEMU neither marks nor
     /// stores them, so they stay where they are.
     frozen: bool,
+    /// The autoclear bit for bitmaps is clear: QEMU ignores the bitmaps and
+    /// its read-write open rewrites the header without the extension
+    /// ([`Sim::drop_ignored_bitmaps`]); `list` is empty.
+    drop_extension: bool,
 }
 
 /// QEMU's own refusal to open `img` at all (read-only too) for its
-/// bitmap directory: a bitmap with extra data ("Bitmap extra data is not
-/// supported", whatever its flags), or one with flags QEMU does not know.
-///
-/// With the autoclear bit for bitmaps clear QEMU ignores the extension (the
-/// bitmaps were left by a program without bitmap support), so it opens.
+/// bitmap directory: an entry with extra data ("Bitmap extra data is not
+/// supported", whatever its flags), or one that fails QEMU's constraints
+/// (flags it does not know, a table over its size limit, ...). The open found
+/// it ([`CorruptKind::BitmapDirectoryEntry`]); with the autoclear bit for
+/// bitmaps clear QEMU ignores the extension, and the open does not look.
 pub(super) fn open_fails(img: &Qcow2) -> Option<String> {
-    if img.header.autoclear_features & crate::header::AUTOCLEAR_BITMAPS == 0 {
-        return None;
-    }
-    let Some(Ok(entries)) = &img.bitmaps else {
-        return None;
-    };
-    if !img
-        .extensions
-        .iter()
-        .any(|e| matches!(e.kind, ExtensionKind::Bitmaps { .. }))
-    {
-        return None;
-    }
-    for e in entries {
-        if e.extra_data_size != 0 {
-            return Some("Could not open the image: Bitmap extra data is not supported".into());
-        }
-        if e.flags & !(FLAG_IN_USE | FLAG_AUTO) != 0 {
-            return Some(format!(
-                "Could not open the image: Bitmap '{}' doesn't satisfy the constraints (flags {:#x}: bits QEMU does not know)",
-                e.name, e.flags
-            ));
-        }
-    }
-    None
+    img.problems.iter().find_map(|e| match e {
+        Error::Invalid {
+            kind: CorruptKind::BitmapDirectoryEntry,
+            reason,
+            ..
+        } => Some(format!("Could not open the image: {reason}")),
+        _ => None,
+    })
 }
 
 /// Read the bitmaps of `img`: `Ok(None)` without any, `Err` with the reason the
@@ -99,7 +87,15 @@ pub(super) fn load(img: &Qcow2) -> std::result::Result<Option<Bitmaps>, String> 
         return Ok(None);
     };
     if img.header.autoclear_features & crate::header::AUTOCLEAR_BITMAPS == 0 {
-        return Err("the bitmaps extension is present but autoclear bit 0 is clear: QEMU would drop it on a read-write open and leak its clusters, which qinspect does not model".into());
+        // A program without bitmap support changed the image: QEMU ignores
+        // the bitmaps and drops the extension on the first read-write open.
+        return Ok(Some(Bitmaps {
+            ext_offset: ext.offset,
+            dir_offset: directory_offset,
+            dir_size: directory_size,
+            drop_extension: true,
+            ..Bitmaps::default()
+        }));
     }
     let entries = match &img.bitmaps {
         Some(Ok(v)) => v,
@@ -108,16 +104,11 @@ pub(super) fn load(img: &Qcow2) -> std::result::Result<Option<Bitmaps>, String> 
     };
     let mut list = Vec::new();
     // Bitmaps marked in use were not stored cleanly: QEMU loads them as
-    // inconsistent and never stores them again. When every bitmap is so,
-    // nothing of them changes on the open or the close.
+    // inconsistent and never stores them again (they keep their table and
+    // their directory entry). When every bitmap is so, nothing of them
+    // changes on the open or the close.
     let frozen = !entries.is_empty() && entries.iter().all(|e| e.flags & FLAG_IN_USE != 0);
     for e in entries {
-        if e.flags & FLAG_IN_USE != 0 && !frozen {
-            return Err(format!(
-                "bitmap '{}' is marked in use (inconsistent): QEMU keeps it read-only, which qinspect does not model",
-                e.name
-            ));
-        }
         if !(9..=31).contains(&e.granularity_bits) {
             return Err(format!(
                 "bitmap '{}' has granularity bits {}, outside what QEMU loads (9..31)",
@@ -140,10 +131,117 @@ pub(super) fn load(img: &Qcow2) -> std::result::Result<Option<Bitmaps>, String> 
         dir_size: directory_size,
         dirty: Vec::new(),
         frozen,
+        drop_extension: false,
     }))
 }
 
+/// One header extension as `header_ext_add` writes it: type, length, the data
+/// padded to 8 bytes.
+fn push_extension(out: &mut Vec<u8>, ext_type: u32, data: &[u8]) {
+    out.extend_from_slice(&ext_type.to_be_bytes());
+    out.extend_from_slice(&(data.len() as u32).to_be_bytes());
+    out.extend_from_slice(data);
+    out.resize(align8(out.len() as u64) as usize, 0);
+}
+
+/// The feature name table QEMU writes (48 bytes a feature: type, bit, name).
+fn feature_table() -> Vec<u8> {
+    let mut t = Vec::new();
+    for (group, bit, name) in crate::header::BUILTIN_FEATURE_NAMES {
+        let mut e = [0u8; 48];
+        e[0] = match group {
+            crate::header::FeatureGroup::Incompatible => 0,
+            crate::header::FeatureGroup::Compatible => 1,
+            crate::header::FeatureGroup::Autoclear => 2,
+        };
+        e[1] = *bit;
+        for (d, s) in e.iter_mut().skip(2).zip(name.bytes()) {
+            *d = s;
+        }
+        t.extend_from_slice(&e);
+    }
+    t
+}
+
 impl Sim {
+    /// QEMU's read-write open of an image whose bitmaps extension it ignores
+    /// (autoclear bit 0 clear, as a program without bitmap support leaves it):
+    /// `qcow2_update_header` writes cluster 0 again from what the open read,
+    /// without the extension: the header (autoclear bits QEMU does not know
+    /// cleared), then the backing format, data file and crypto extensions, its
+    /// own feature name table (version 3, clusters over 4 KiB), the extensions
+    /// it does not know, the end, the backing file name, zeros to the end of
+    /// the cluster. The directory, tables and data clusters stay allocated,
+    /// named by nothing: leaks for `qemu-img check`.
+    pub(super) fn drop_ignored_bitmaps(&mut self) -> SimResult<()> {
+        if !self.bitmaps.as_ref().is_some_and(|b| b.drop_extension) {
+            return Ok(());
+        }
+        let c0 = self.read_bytes(HostOffset(0), self.cs);
+        let h = crate::header::Header::parse(&c0)?;
+        let (exts, _) = crate::header::parse_extensions(&h, &c0);
+        let (fixed, unknown) = if h.version >= 3 {
+            let qemu = crate::header::V3_QEMU_HEADER_LEN as usize;
+            (qemu, (h.header_length as usize).saturating_sub(qemu))
+        } else {
+            (crate::header::V2_HEADER_LEN as usize, 0)
+        };
+        let mut out: Vec<u8> = c0
+            .iter()
+            .copied()
+            .take(fixed.saturating_add(unknown))
+            .collect();
+        out.resize(fixed.saturating_add(unknown), 0);
+        if h.version >= 3 {
+            // The padding after compression_type, header_length, autoclear.
+            for b in out
+                .iter_mut()
+                .take(fixed)
+                .skip(Field::CompressionType.end() as usize)
+            {
+                *b = 0;
+            }
+            Field::HeaderLength.write(&mut out, fixed.saturating_add(unknown) as u64);
+            Field::AutoclearFeatures.write(
+                &mut out,
+                h.autoclear_features
+                    & (crate::header::AUTOCLEAR_BITMAPS | crate::header::AUTOCLEAR_DATA_FILE_RAW),
+            );
+        }
+        let find = |t: u32| exts.iter().find(|e| e.ext_type == t);
+        if let Some(e) = find(crate::header::EXT_BACKING_FORMAT) {
+            push_extension(&mut out, e.ext_type, &e.data);
+        }
+        if let Some(e) = find(crate::header::EXT_DATA_FILE).filter(|_| h.has_data_file()) {
+            push_extension(&mut out, e.ext_type, &e.data);
+        }
+        if let Some(e) = find(crate::header::EXT_CRYPTO) {
+            push_extension(&mut out, e.ext_type, &e.data);
+        }
+        if h.version >= 3 && self.cs > 4096 {
+            push_extension(&mut out, crate::header::EXT_FEATURE_TABLE, &feature_table());
+        }
+        for e in exts
+            .iter()
+            .filter(|e| matches!(e.kind, ExtensionKind::Unknown))
+        {
+            push_extension(&mut out, e.ext_type, &e.data);
+        }
+        push_extension(&mut out, 0, &[]);
+        if let Some(at) = h.backing_file_name() {
+            let name = crate::bytes::slice(&c0, at.get() as usize, h.backing_file_size as usize);
+            let name_at = out.len() as u64;
+            Field::BackingFileOffset.write(&mut out, name_at);
+            out.extend_from_slice(name);
+        }
+        out.resize(self.cs as usize, 0);
+        self.note("a program without bitmap support changed the image (autoclear bit 0 is clear): QEMU ignores its bitmaps and writes the header again without the bitmaps extension; the bitmap directory, tables and data stay allocated as leaks".into());
+        self.why("the header is written again without the bitmaps extension");
+        self.write_bytes(HostOffset(0), &out)?;
+        self.bitmaps = None;
+        Ok(())
+    }
+
     /// Whether the image has persistent bitmaps (`qemu-img snapshot -a` refuses).
     pub(super) fn has_bitmaps(&self) -> bool {
         self.bitmaps.as_ref().is_some_and(|b| !b.list.is_empty())
@@ -157,12 +255,23 @@ impl Sim {
             .is_some_and(|b| !b.list.is_empty() && !b.frozen)
     }
 
+    /// The first bitmap marked in use (inconsistent), which QEMU refuses to
+    /// resize (`qcow2_truncate_bitmaps_check`).
+    pub(super) fn inconsistent_bitmap(&self) -> Option<String> {
+        self.bitmaps.as_ref().and_then(|b| {
+            b.list
+                .iter()
+                .find(|bm| bm.flags & FLAG_IN_USE != 0)
+                .map(|bm| bm.name.clone())
+        })
+    }
+
     /// The block layer marks a written or discarded range in every bitmap.
-    pub(super) fn mark_dirty(&mut self, offset: u64, length: u64) {
+    pub(super) fn mark_dirty(&mut self, offset: GuestOffset, length: u64) {
         if let Some(b) = self.bitmaps.as_mut()
             && length > 0
         {
-            b.dirty.push((offset, length));
+            b.dirty.push((offset.get(), length));
         }
     }
 
@@ -181,7 +290,12 @@ impl Sim {
         let mut new_list = Vec::with_capacity(b.list.len());
         let mut drop_tables: Vec<(String, HostOffset, Vec<BitmapTableEntry>)> = Vec::new();
         for bm in &b.list {
-            let old = self.read_bytes(bm.table_offset.get(), u64::from(bm.table_size) * 8);
+            if bm.flags & FLAG_IN_USE != 0 {
+                // Inconsistent: not stored; its entry and table stay as they are.
+                new_list.push(bm.clone());
+                continue;
+            }
+            let old = self.read_bytes(bm.table_offset, u64::from(bm.table_size) * 8);
             let old: Vec<BitmapTableEntry> = old
                 .chunks_exact(8)
                 .map(|c| BitmapTableEntry(be64(c, 0)))
@@ -196,7 +310,7 @@ impl Sim {
             self.write_bytes(off, &bytes)?;
             drop_tables.push((bm.name.clone(), bm.table_offset, old));
             let mut n = bm.clone();
-            n.table_offset = HostOffset(off);
+            n.table_offset = off;
             n.table_size = table.len() as u32;
             // bm->flags on store: enabled or not; in_use cleared.
             n.flags = bm.flags & FLAG_AUTO;
@@ -220,37 +334,29 @@ impl Sim {
         self.write_bytes(dir_off, &dir)?;
         self.why("the bitmaps extension points at the new directory");
         let at = b.ext_offset.saturating_add(8);
-        self.set_header_u64(
-            at.saturating_add(8).get(),
-            "bitmap_directory_size",
-            dir_size,
-        )?;
-        self.set_header_u64(
-            at.saturating_add(16).get(),
+        self.set_extension_u64(at.saturating_add(8), "bitmap_directory_size", dir_size)?;
+        self.set_extension_u64(
+            at.saturating_add(16),
             "bitmap_directory_offset",
-            dir_off,
+            dir_off.get(),
         )?;
-        self.free_clusters(b.dir_offset.get(), b.dir_size, "the old bitmap directory");
+        self.free_clusters(b.dir_offset, b.dir_size, "the old bitmap directory");
         for (name, table_off, old) in drop_tables {
             for e in &old {
                 if let Some(data) = e.data_offset() {
                     self.free_clusters(
-                        data.get(),
+                        data,
                         self.cs,
                         &format!("an old data cluster of bitmap '{name}'"),
                     );
                 }
             }
             let len = (old.len() as u64).saturating_mul(8);
-            self.free_clusters(
-                table_off.get(),
-                len,
-                &format!("the old table of bitmap '{name}'"),
-            );
+            self.free_clusters(table_off, len, &format!("the old table of bitmap '{name}'"));
         }
         if let Some(bs) = self.bitmaps.as_mut() {
             bs.list = new_list;
-            bs.dir_offset = HostOffset(dir_off);
+            bs.dir_offset = dir_off;
             bs.dir_size = dir_size;
             bs.dirty.clear();
         }
@@ -285,7 +391,7 @@ impl Sim {
             let mut data = match e.mapping() {
                 BitmapMapping::AllOnes => vec![0xffu8; cs as usize],
                 BitmapMapping::AllZeros => vec![0u8; cs as usize],
-                BitmapMapping::Data { offset } => self.read_bytes(offset.get(), cs),
+                BitmapMapping::Data { offset } => self.read_bytes(offset, cs),
             };
             if enabled {
                 for &(off, len) in dirty {
@@ -314,7 +420,7 @@ impl Sim {
             self.why(purpose.clone());
             let off = self.alloc_clusters(cs, &purpose)?;
             self.write_bytes(off, &data)?;
-            *slot = BitmapTableEntry::data(HostOffset(off));
+            *slot = BitmapTableEntry::data(off);
         }
         Ok(table)
     }

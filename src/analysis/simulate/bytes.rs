@@ -5,9 +5,11 @@ use super::MAX_FILE_LEN;
 use super::Sim;
 use super::SimError;
 use super::SimResult;
+use super::change::Target;
+use crate::header::Field;
 use crate::io::SharedSource;
 use crate::io::Source;
-use crate::types::{HostOffset, low_mask};
+use crate::types::{GuestOffset, HostOffset, low_mask};
 use std::collections::HashMap;
 use std::path::Path;
 use std::path::PathBuf;
@@ -35,19 +37,25 @@ pub(super) type ClusterMap = HashMap<u64, Box<[u8]>, std::hash::BuildHasherDefau
 impl Sim {
     // ---- bytes -------------------------------------------------------------
 
-    /// The cluster holding byte `off` (`off / cs`).
-    pub(super) fn cluster_of(&self, off: u64) -> u64 {
-        off >> self.geo.cluster_bits
+    /// The cluster holding byte `off` (`off / cs`), host or guest.
+    pub(super) fn cluster_of(&self, off: impl Into<u64>) -> u64 {
+        off.into() >> self.geo.cluster_bits
     }
 
-    /// Where byte `off` sits in its cluster (`off % cs`).
-    pub(super) fn within(&self, off: u64) -> u64 {
-        off & low_mask(self.geo.cluster_bits)
+    /// Where byte `off` sits in its cluster (`off % cs`), host or guest.
+    pub(super) fn within(&self, off: impl Into<u64>) -> u64 {
+        off.into() & low_mask(self.geo.cluster_bits)
     }
 
-    /// First byte of cluster `c` (saturating: an index read from disk cannot wrap).
-    pub(super) fn cluster_start(&self, c: u64) -> u64 {
-        c.saturating_mul(self.cs)
+    /// The first byte of the guest cluster holding `guest`.
+    pub(super) fn guest_cluster_start(&self, guest: GuestOffset) -> GuestOffset {
+        GuestOffset(self.geo.align_down(guest.get()))
+    }
+
+    /// First byte of host cluster `c` (saturating: an index read from disk
+    /// cannot wrap).
+    pub(super) fn cluster_start(&self, c: u64) -> HostOffset {
+        HostOffset(c.saturating_mul(self.cs))
     }
 
     /// `n` clusters in bytes (saturating).
@@ -67,8 +75,10 @@ impl Sim {
         self.clusters.get(c, &self.base, self.zero_from, false)
     }
 
-    pub(super) fn read_bytes(&mut self, off: u64, len: u64) -> Vec<u8> {
+    /// `len` bytes of the simulated file from `off`.
+    pub(super) fn read_bytes(&mut self, off: HostOffset, len: u64) -> Vec<u8> {
         let mut out = Vec::with_capacity(len as usize);
+        let off = off.get();
         let mut pos = off;
         let end = off.saturating_add(len);
         while pos < end {
@@ -84,37 +94,11 @@ impl Sim {
         out
     }
 
-    /// Write `data` at `off`. Like QEMU (`bdrv_check_request`), a write that would
-    /// end past `i64::MAX` fails (EIO) instead of landing anywhere: offsets
-    /// computed from hostile header or table fields saturate to `u64::MAX`, and
-    /// must not wrap around to real metadata or grow the file without bound.
-    pub(super) fn write_bytes(&mut self, off: u64, data: &[u8]) -> SimResult<()> {
-        if off
-            .checked_add(data.len() as u64)
-            .is_none_or(|e| e > i64::MAX as u64)
-        {
-            return Err(SimError::Qemu(format!(
-                "a write of {} bytes at {off:#x} ends past the largest offset QEMU can write (EIO)",
-                data.len()
-            )));
-        }
-        // A file system would refuse to grow the file that far (ext4 stops at
-        // 16 TiB); QEMU then fails the write.
-        let end = off.saturating_add(data.len() as u64);
-        if end > MAX_FILE_LEN && end > self.file_len {
-            return Err(SimError::Qemu(format!(
-                "a write at {off:#x} would grow the image file to {end} bytes, past what file systems allow (EFBIG)"
-            )));
-        }
-        let table_end = self
-            .refcount_table_offset
-            .saturating_add(self.clusters_bytes(u64::from(self.refcount_table_clusters)));
-        if HostOffset(off) < table_end && self.refcount_table_offset < HostOffset(end) {
-            self.reftable_writes = self.reftable_writes.wrapping_add(1);
-        }
-        // Metadata (or compressed data) replaces whatever data was there.
-        self.data.map.remove(off, data.len() as u64);
-        let mut pos = off;
+    /// Write `data` at `off`, a write QEMU can make ([`Sim::write_end`]).
+    pub(super) fn write_bytes(&mut self, off: HostOffset, data: &[u8]) -> SimResult<()> {
+        let end = self.write_end(off, data.len() as u64)?;
+        self.written(off, end);
+        let mut pos = off.get();
         let mut rest = data;
         while !rest.is_empty() {
             let c = self.cluster_of(pos);
@@ -127,18 +111,96 @@ impl Sim {
             rest = tail;
             pos = pos.saturating_add(n as u64);
         }
-        self.file_len = self.file_len.max(pos);
         Ok(())
     }
 
-    pub(super) fn read_u64(&mut self, off: u64) -> u64 {
+    /// What a write of `off..end` does besides its bytes: the overlap
+    /// check's memo learns of a write into the refcount table, data there
+    /// is replaced, and the file grows to `end`.
+    pub(super) fn written(&mut self, off: HostOffset, end: HostOffset) {
+        let table_end = self
+            .refcount_table_offset
+            .saturating_add(self.clusters_bytes(u64::from(self.refcount_table_clusters)));
+        if off < table_end && self.refcount_table_offset < end {
+            self.reftable_writes = self.reftable_writes.wrapping_add(1);
+        }
+        // Metadata (or compressed data) replaces whatever data was there.
+        self.data.map.remove(off.get(), end.saturating_sub(off));
+        self.file_len = self.file_len.max(end.get());
+    }
+
+    /// Where a write of `len` bytes at `off` would end, or QEMU's error for
+    /// it. Like QEMU (`bdrv_check_request`), a write that would end past
+    /// `i64::MAX` fails (EIO) instead of landing anywhere: offsets computed
+    /// from hostile header or table fields saturate to `u64::MAX`, and must
+    /// not wrap around to real metadata or grow the file without bound.
+    pub(super) fn write_end(&self, off: HostOffset, len: u64) -> SimResult<HostOffset> {
+        let Some(end) = off.checked_add(len).filter(|e| e.get() <= i64::MAX as u64) else {
+            return Err(SimError::Qemu(format!(
+                "a write of {len} bytes at {off:#x} ends past the largest offset QEMU can write (EIO)"
+            )));
+        };
+        // A file system would refuse to grow the file that far (ext4 stops at
+        // 16 TiB); QEMU then fails the write.
+        if end.get() > MAX_FILE_LEN && end.get() > self.file_len {
+            return Err(SimError::Qemu(format!(
+                "a write at {off:#x} would grow the image file to {} bytes, past what file systems allow (EFBIG)",
+                end.get()
+            )));
+        }
+        Ok(end)
+    }
+
+    /// The 8-byte big-endian word at `off`.
+    pub(super) fn read_u64(&mut self, off: HostOffset) -> u64 {
         let within = self.within(off) as usize;
         let c = self.cluster_of(off);
         crate::bytes::be64(self.cluster_ro(c), within)
     }
 
-    pub(super) fn write_u64(&mut self, off: u64, v: u64) -> SimResult<()> {
+    /// Write the 8-byte big-endian word `v` at `off`.
+    pub(super) fn write_u64(&mut self, off: HostOffset, v: u64) -> SimResult<()> {
         self.write_bytes(off, &v.to_be_bytes())
+    }
+
+    /// Header field `f` as the simulated image holds it now.
+    pub(super) fn header_field(&mut self, f: Field) -> u64 {
+        // The header up to the field's end: Field::read finds it there.
+        let head = self.read_bytes(HostOffset(0), f.end());
+        f.read(&head)
+    }
+
+    /// Set header field `f` to `v` (its low `f.size()` bytes, as QEMU stores
+    /// the field), and record the change if it is one.
+    pub(super) fn set_header(&mut self, f: Field, v: impl Into<u64>) -> SimResult<()> {
+        let v = v.into() & low_mask(u32::try_from(f.size().saturating_mul(8)).unwrap_or(64));
+        let before = self.header_field(f);
+        if before != v {
+            let bytes = v.to_be_bytes();
+            let from = 8usize.saturating_sub(usize::try_from(f.size()).unwrap_or(8));
+            self.write_bytes(
+                HostOffset(f.offset()),
+                bytes.get(from..).unwrap_or_default(),
+            )?;
+            self.record(Target::Header { field: f }, before, v);
+        }
+        Ok(())
+    }
+
+    /// Set the field of a header extension at `at` (8 bytes) to `v`, and
+    /// record the change if it is one.
+    pub(super) fn set_extension_u64(
+        &mut self,
+        at: HostOffset,
+        field: &'static str,
+        v: u64,
+    ) -> SimResult<()> {
+        let before = self.read_u64(at);
+        if before != v {
+            self.write_u64(at, v)?;
+            self.record(Target::ExtensionField { field, at }, before, v);
+        }
+        Ok(())
     }
 }
 

@@ -2,8 +2,9 @@
 //! alike changes, in plain words.
 
 use super::Sim;
+use crate::header::Field;
 use crate::types::HostOffset;
-use serde::Serialize;
+use serde::{Serialize, Serializer};
 
 /// What changed.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -37,15 +38,37 @@ pub enum Target {
         /// First index.
         index: u64,
     },
-    /// A header field.
+    /// A header field (its name as in the specification in the output).
     Header {
-        /// Field name.
+        /// Which field.
+        #[serde(serialize_with = "field_name")]
+        field: Field,
+    },
+    /// An entry of the refcount table, which QEMU points at a new refcount
+    /// block or clears (its kind in the output reads "header", with the
+    /// field "refcount table entry").
+    #[serde(rename = "header")]
+    RefcountTableEntry {
+        /// The entry's index.
+        #[serde(rename = "field", serialize_with = "refcount_table_entry")]
+        index: u64,
+        /// Where the entry is.
+        #[serde(skip)]
+        at: HostOffset,
+    },
+    /// A field of a header extension (its kind in the output reads "header").
+    #[serde(rename = "header")]
+    ExtensionField {
+        /// The field's name in the specification.
         field: &'static str,
+        /// Where the field is.
+        #[serde(skip)]
+        at: HostOffset,
     },
     /// Clusters allocated (refcount 0 -> 1) for a purpose.
     Allocate {
         /// First byte.
-        offset: u64,
+        offset: HostOffset,
         /// Its length in bytes.
         length: u64,
         /// What for.
@@ -54,7 +77,7 @@ pub enum Target {
     /// Clusters released (a -1 that may free them).
     Free {
         /// First byte.
-        offset: u64,
+        offset: HostOffset,
         /// Its length in bytes.
         length: u64,
         /// What they were.
@@ -65,14 +88,14 @@ pub enum Target {
         /// From (host offset, or guest offset for data read through the chain).
         from: String,
         /// To host offset.
-        to: u64,
+        to: HostOffset,
         /// Its length in bytes.
         length: u64,
     },
     /// The snapshot table was rewritten.
     SnapshotTable {
         /// New offset.
-        offset: u64,
+        offset: HostOffset,
         /// New size in bytes.
         size: u64,
         /// Number of entries.
@@ -80,6 +103,19 @@ pub enum Target {
     },
     /// Something to know that is not a change.
     Note,
+}
+
+/// What a refcount table entry's change names as its field.
+const REFCOUNT_TABLE_ENTRY: &str = "refcount table entry";
+
+/// A header field as its name.
+fn field_name<S: Serializer>(field: &Field, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(field.name())
+}
+
+/// A refcount table entry's index as the field name its change carries.
+fn refcount_table_entry<S: Serializer>(_index: &u64, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(REFCOUNT_TABLE_ENTRY)
 }
 
 /// One change (or a run of alike changes) an operation makes.
@@ -139,10 +175,9 @@ impl Change {
                 if self.count > 1 { " and alike" } else { "" },
                 self.reason
             ),
-            Target::Header { field } => format!(
-                "header {field}: {:#x} -> {:#x} ({})",
-                self.before, self.after, self.reason
-            ),
+            Target::Header { field } => self.header_line(field.name()),
+            Target::RefcountTableEntry { .. } => self.header_line(REFCOUNT_TABLE_ENTRY),
+            Target::ExtensionField { field, .. } => self.header_line(field),
             Target::Allocate {
                 offset,
                 length,
@@ -171,6 +206,14 @@ impl Change {
             }
             Target::Note => self.reason.clone(),
         }
+    }
+
+    /// The line of a change to a field called `name`.
+    fn header_line(&self, name: &str) -> String {
+        format!(
+            "header {name}: {:#x} -> {:#x} ({})",
+            self.before, self.after, self.reason
+        )
     }
 
     /// Whether a change of `target` from `before` to `after`, for `reason`,

@@ -23,12 +23,12 @@ use super::{Sim, SimError, SimResult};
 use crate::compress::compress;
 use crate::header::CompressionType;
 use crate::tables::{CompressedDescriptor, L2Entry};
-use crate::types::GuestOffset;
+use crate::types::{GuestOffset, HostOffset};
 
 impl Sim {
     /// `write -c`.
-    pub(super) fn write_compressed(&mut self, offset: u64, length: u64) -> SimResult<()> {
-        let Some(end) = offset.checked_add(length).filter(|&e| e <= self.size) else {
+    pub(super) fn write_compressed(&mut self, offset: GuestOffset, length: u64) -> SimResult<()> {
+        let Some(end) = offset.checked_add(length).filter(|e| e.get() <= self.size) else {
             return Err(SimError::Qemu(format!(
                 "write failed: Input/output error (the request ends past the end of the disk, {} bytes, so the block layer refuses all of it)",
                 self.size
@@ -43,7 +43,7 @@ impl Sim {
             ));
         }
         let cs = self.cs;
-        if self.within(offset) != 0 || (self.within(length) != 0 && end != self.size) {
+        if self.within(offset) != 0 || (self.within(length) != 0 && end.get() != self.size) {
             return Err(SimError::Qemu(format!(
                 "write failed: Invalid argument (a compressed write covers whole clusters of {cs} bytes, or ends at the end of the disk) (EINVAL)"
             )));
@@ -58,7 +58,7 @@ impl Sim {
         let room = usize::try_from(cs.saturating_sub(1)).unwrap_or(0);
         let mut data = vec![self.data.pattern(); usize::try_from(cs).unwrap_or(0)];
         // s->free_byte_offset: 0 on every fresh open.
-        let mut free_byte = 0u64;
+        let mut free_byte = HostOffset(0);
         let mut pos = offset;
         while pos < end {
             let bytes = cs.min(end.saturating_sub(pos));
@@ -87,12 +87,12 @@ impl Sim {
     /// `qcow2_alloc_compressed_cluster_offset` for the cluster at `guest`.
     fn place_compressed(
         &mut self,
-        guest: u64,
+        guest: GuestOffset,
         stream: &[u8],
-        free_byte: &mut u64,
+        free_byte: &mut HostOffset,
     ) -> SimResult<()> {
         let l2 = self.cluster_table(guest)?;
-        let index = self.geo.l2_index(GuestOffset(guest));
+        let index = self.geo.l2_index(guest);
         let (raw, _) = self.l2_entry_at(l2, index);
         if L2Entry::from_word(raw).host_offset().0 != 0 {
             return Err(SimError::Qemu(format!(
@@ -101,10 +101,10 @@ impl Sim {
         }
         let size = stream.len() as u64;
         let at = self.alloc_bytes(size, free_byte, guest)?;
-        let first = at >> 9;
-        let last = at.saturating_add(size).saturating_sub(1) >> 9;
+        let first = at.get() >> 9;
+        let last = at.get().saturating_add(size).saturating_sub(1) >> 9;
         let entry = CompressedDescriptor::encode(
-            at,
+            at.get(),
             last.saturating_sub(first).saturating_add(1),
             &self.geo,
         );
@@ -118,23 +118,29 @@ impl Sim {
     }
 
     /// `qcow2_alloc_bytes`: `size` bytes for compressed data.
-    fn alloc_bytes(&mut self, size: u64, free_byte: &mut u64, guest: u64) -> SimResult<u64> {
+    fn alloc_bytes(
+        &mut self,
+        size: u64,
+        free_byte: &mut HostOffset,
+        guest: GuestOffset,
+    ) -> SimResult<HostOffset> {
         let cs = self.cs;
+        let none = HostOffset(0);
         let mut offset = *free_byte;
-        if offset != 0 && self.get_refcount(self.cluster_of(offset))? == self.max_refcount {
-            offset = 0;
+        if offset != none && self.get_refcount(self.cluster_of(offset))? == self.max_refcount {
+            offset = none;
         }
         let mut free_in_cluster = cs.saturating_sub(self.within(offset));
         loop {
-            if offset == 0 || free_in_cluster < size {
+            if offset == none || free_in_cluster < size {
                 let c = self.find_free(1)?;
                 let new = self.cluster_start(c);
-                if new == 0 {
+                if new == none {
                     return Err(SimError::Qemu(
                         "write failed: Input/output error (Preventing invalid allocation of compressed cluster at offset 0) (EIO)".into(),
                     ));
                 }
-                if offset == 0 || offset.next_multiple_of(cs) != new {
+                if offset == none || offset.get().next_multiple_of(cs) != new.get() {
                     offset = new;
                     free_in_cluster = cs;
                 } else {
@@ -148,7 +154,7 @@ impl Sim {
             match r {
                 Ok(()) => break,
                 Err(SimError::Again) => {
-                    offset = 0;
+                    offset = none;
                     continue;
                 }
                 Err(e) => return Err(e),
@@ -163,10 +169,13 @@ impl Sim {
             self.cluster_of(offset),
             self.cluster_of(offset),
         );
-        self.allocated
-            .push((offset, size, format!("compressed data of guest {guest:#x}")));
+        self.allocated.push((
+            offset.get(),
+            size,
+            format!("compressed data of guest {guest:#x}"),
+        ));
         let next = offset.saturating_add(size);
-        *free_byte = if self.within(next) == 0 { 0 } else { next };
+        *free_byte = if self.within(next) == 0 { none } else { next };
         Ok(offset)
     }
 }

@@ -19,8 +19,8 @@ const MAX_BOUNCE: u64 = 32768 * 512;
 
 impl Sim {
     /// `read OFFSET LENGTH` with copy-on-read on.
-    pub(super) fn copy_on_read(&mut self, offset: u64, length: u64) -> SimResult<()> {
-        let Some(end) = offset.checked_add(length).filter(|&e| e <= self.size) else {
+    pub(super) fn copy_on_read(&mut self, offset: GuestOffset, length: u64) -> SimResult<()> {
+        let Some(end) = offset.checked_add(length).filter(|e| e.get() <= self.size) else {
             return Err(SimError::Qemu(format!(
                 "read failed: Input/output error (the request ends past the end of the disk, {} bytes, so the block layer refuses all of it)",
                 self.size
@@ -44,8 +44,12 @@ impl Sim {
         }
         // Widened to whole subclusters (whole clusters without extended L2).
         let unit = self.geo.subcluster_size().max(1);
-        let mut pos = offset.saturating_sub(offset.checked_rem(unit).unwrap_or(0));
-        let stop = end.div_ceil(unit).saturating_mul(unit).min(self.size);
+        let mut pos = GuestOffset(
+            offset
+                .get()
+                .saturating_sub(offset.get().checked_rem(unit).unwrap_or(0)),
+        );
+        let stop = GuestOffset(end.get().div_ceil(unit).saturating_mul(unit).min(self.size));
         // The writes copy-on-read makes bypass the dirty bitmaps.
         let dirty = self.bitmaps.as_ref().map(|b| b.dirty.len());
         let r = self.copy_runs(&mut pos, stop, own.as_ref().or(lent.as_ref()));
@@ -58,13 +62,18 @@ impl Sim {
         r
     }
 
-    fn copy_runs(&mut self, pos: &mut u64, stop: u64, below: Option<&Chain>) -> SimResult<()> {
+    fn copy_runs(
+        &mut self,
+        pos: &mut GuestOffset,
+        stop: GuestOffset,
+        below: Option<&Chain>,
+    ) -> SimResult<()> {
         let cs = self.cs;
         let unit = self.geo.subcluster_size();
         let slice = self.slice_entries().max(1);
         while *pos < stop {
             let g = *pos;
-            let l2_index = self.geo.l2_index(GuestOffset(g));
+            let l2_index = self.geo.l2_index(g);
             let in_slice = slice.saturating_sub(l2_index.checked_rem(slice).unwrap_or(0));
             let avail = in_slice
                 .saturating_mul(cs)
@@ -75,12 +84,12 @@ impl Sim {
             }
             let l2 = self
                 .l1
-                .get(self.geo.l1_index(GuestOffset(g)) as usize)
+                .get(self.geo.l1_index(g) as usize)
                 .and_then(L1Entry::l2_offset)
-                .map_or(0, HostOffset::get);
+                .unwrap_or_default();
             // The run of (sub)clusters of one kind from g, as block status
             // finds it.
-            let (allocated, run) = if l2 == 0 {
+            let (allocated, run) = if l2 == HostOffset(0) {
                 (false, avail)
             } else {
                 let ty = self.top_type(l2, g);
@@ -114,7 +123,7 @@ impl Sim {
                 None => true,
                 Some(chain) => {
                     let mut buf = vec![0u8; n as usize];
-                    read(chain, GuestOffset(g), &mut buf, &mut ReadCache::default())?;
+                    read(chain, g, &mut buf, &mut ReadCache::default())?;
                     buf.iter().all(|&b| b == 0)
                 }
             };
@@ -161,8 +170,8 @@ impl Sim {
 
     /// The kind of the (sub)cluster at guest `g` in the top layer, whose L2
     /// table is at `l2`.
-    fn top_type(&mut self, l2: u64, g: u64) -> SubclusterType {
-        let index = self.geo.l2_index(GuestOffset(g));
+    fn top_type(&mut self, l2: HostOffset, g: GuestOffset) -> SubclusterType {
+        let index = self.geo.l2_index(g);
         let sc = (self.within(g) >> self.geo.subcluster_bits()) as u32;
         let (raw, bitmap) = self.l2_entry_at(l2, index);
         L2Entry { raw, bitmap }.subcluster_type(&self.geo, self.has_data_file, sc)

@@ -17,7 +17,7 @@
 use super::{Sim, SimError, SimResult};
 use crate::chain::{Chain, Layer, LayerKind, OpenOptions};
 use crate::error::{Error, Result};
-use crate::header::CompressionType;
+use crate::header::{CompressionType, Field};
 use crate::io::SharedSource;
 use crate::lookup::{ReadCache, read};
 use crate::tables::{L1Entry, L2Entry, SubclusterType};
@@ -280,7 +280,7 @@ impl Sim {
     }
 
     /// A write puts its new data at `host..host + len` (guest `guest..`).
-    pub(super) fn data_written(&mut self, host: u64, guest: u64, len: u64) {
+    pub(super) fn data_written(&mut self, host: HostOffset, guest: GuestOffset, len: u64) {
         if self.has_data_file {
             self.data_unknown("the data is in an external data file".into());
             return;
@@ -288,22 +288,27 @@ impl Sim {
         let piece = match self.data.new {
             NewData::Fill(b) => Piece::Fill(b),
             NewData::Below => match self.below_view() {
-                Some(_) => Piece::Below(guest),
+                Some(_) => Piece::Below(guest.get()),
                 None => Piece::Fill(0),
             },
         };
-        self.data.map.put(host, len, piece);
+        self.data.map.put(host.get(), len, piece);
     }
 
     /// Copy-on-write: the guest bytes `guest..guest + len` of this layer, as
     /// they read now, go to `host..`.
-    pub(super) fn data_copied(&mut self, guest: u64, len: u64, host: u64) -> SimResult<()> {
+    pub(super) fn data_copied(
+        &mut self,
+        guest: GuestOffset,
+        len: u64,
+        host: HostOffset,
+    ) -> SimResult<()> {
         if self.has_data_file {
             self.data_unknown("the data is in an external data file".into());
             return Ok(());
         }
-        let pieces = self.guest_pieces(guest, len)?;
-        let mut at = host;
+        let pieces = self.guest_pieces(guest.get(), len)?;
+        let mut at = host.get();
         for (l, p) in pieces {
             self.data.map.put(at, l, p);
             at = at.saturating_add(l);
@@ -317,10 +322,10 @@ impl Sim {
     /// (zeros, or unallocated with a host cluster), keep reading as they did.
     pub(super) fn data_keep_around(
         &mut self,
-        l2: u64,
+        l2: HostOffset,
         index: u64,
-        g0: u64,
-        h0: u64,
+        g0: GuestOffset,
+        h0: HostOffset,
         (a, b): (u64, u64),
     ) -> SimResult<()> {
         if a >= b {
@@ -367,11 +372,10 @@ impl Sim {
                 .l1
                 .get(self.geo.l1_index(GuestOffset(pos)) as usize)
                 .and_then(L1Entry::l2_offset)
-                .map_or(0, HostOffset::get);
-            let (raw, bitmap) = if l2 == 0 {
-                (0, 0)
-            } else {
-                self.l2_entry_at(l2, self.geo.l2_index(GuestOffset(pos)))
+                .filter(|&o| o != HostOffset(0));
+            let (raw, bitmap) = match l2 {
+                None => (0, 0),
+                Some(l2) => self.l2_entry_at(l2, self.geo.l2_index(GuestOffset(pos))),
             };
             let sc = (self.within(pos) >> self.geo.subcluster_bits()) as u32;
             let e = L2Entry { raw, bitmap };
@@ -408,17 +412,18 @@ impl Sim {
         Ok(out)
     }
 
-    /// The header's compression type: the byte at 104 when the header (v3) is
-    /// that long, else deflate.
+    /// The header's compression type: its `compression_type` field when the
+    /// header (v3) is long enough to hold it, else deflate.
     pub(super) fn compression_type(&mut self) -> CompressionType {
-        let header_length = crate::bytes::be32(&self.read_bytes(100, 4), 0);
-        if self.version < 3 || header_length <= 104 {
+        let header_length = self.header_field(Field::HeaderLength);
+        if self.version < 3 || header_length <= Field::CompressionType.offset() {
             return CompressionType::Deflate;
         }
-        match self.read_bytes(104, 1).first().copied().unwrap_or(0) {
+        match self.header_field(Field::CompressionType) {
             0 => CompressionType::Deflate,
             1 => CompressionType::Zstd,
-            n => CompressionType::Unknown(n),
+            // A one-byte field.
+            n => CompressionType::Unknown(u8::try_from(n).unwrap_or(u8::MAX)),
         }
     }
 
@@ -429,7 +434,7 @@ impl Sim {
                 "guest {guest:#x} is not a compressed cluster"
             )));
         };
-        let buf = self.read_bytes(d.offset.0, d.size.min(self.cs.saturating_mul(2)));
+        let buf = self.read_bytes(d.offset, d.size.min(self.cs.saturating_mul(2)));
         let kind = self.compression_type();
         let out = crate::compress::decompress(kind, &buf, self.cs as usize).map_err(|e| {
             SimError::Qemu(format!(

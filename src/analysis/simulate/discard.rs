@@ -9,9 +9,9 @@ use crate::types::GuestOffset;
 
 impl Sim {
     /// A guest discard (`qcow2_co_pdiscard` after the block layer's alignment).
-    pub(super) fn discard(&mut self, offset: u64, length: u64) -> SimResult<()> {
+    pub(super) fn discard(&mut self, offset: GuestOffset, length: u64) -> SimResult<()> {
         let cs = self.cs;
-        let Some(end) = offset.checked_add(length).filter(|&e| e <= self.size) else {
+        let Some(end) = offset.checked_add(length).filter(|e| e.get() <= self.size) else {
             return Err(SimError::Qemu(format!(
                 "discard failed: Input/output error (the request ends past the end of the disk, {} bytes, so the block layer refuses all of it)",
                 self.size
@@ -28,10 +28,10 @@ impl Sim {
         }
         // The block layer splits off unaligned head and tail; qcow2 ignores them,
         // except a tail that ends exactly at an unaligned end of the disk.
-        let start = offset.div_ceil(cs).saturating_mul(cs);
-        let mut stop = self.geo.align_down(end);
-        if end == self.size && !end.is_multiple_of(cs) && offset <= stop {
-            stop = end.div_ceil(cs).saturating_mul(cs);
+        let start = GuestOffset(offset.get().div_ceil(cs).saturating_mul(cs));
+        let mut stop = GuestOffset(self.geo.align_down(end.get()));
+        if end.get() == self.size && !end.is_multiple_of(cs) && offset <= stop {
+            stop = GuestOffset(end.get().div_ceil(cs).saturating_mul(cs));
         }
         if !offset.is_multiple_of(cs) {
             self.note(format!(
@@ -53,15 +53,15 @@ impl Sim {
     /// the entries 0, so they fall through to the backing file.
     pub(super) fn discard_clusters(
         &mut self,
-        mut start: u64,
-        stop: u64,
+        mut start: GuestOffset,
+        stop: GuestOffset,
         full: bool,
     ) -> SimResult<()> {
         let cs = self.cs;
         let has_backing = self.backing.is_some() || self.backing_named;
         let slice = self.slice_entries();
         while start < stop {
-            let l2_index = self.geo.l2_index(GuestOffset(start));
+            let l2_index = self.geo.l2_index(start);
             let n = self
                 .cluster_of(stop.saturating_sub(start))
                 .min(slice.saturating_sub(l2_index.checked_rem(slice).unwrap_or(0)))

@@ -41,11 +41,13 @@ impl Sim {
 
     /// Where entry `index` of the L2 table at `l2` is (saturating: `l2` comes from
     /// an L1 entry).
-    pub(super) fn l2_entry_offset(&self, l2: u64, index: u64) -> u64 {
-        l2.saturating_add(index.saturating_mul(self.geo.l2_entry_size()))
+    pub(super) fn l2_entry_offset(&self, l2: HostOffset, index: u64) -> HostOffset {
+        l2.saturating_entry(index, self.geo.l2_entry_size())
     }
 
-    pub(super) fn l2_entry_at(&mut self, l2: u64, index: u64) -> (u64, u64) {
+    /// Entry `index` of the L2 table at `l2`: its word and, with extended
+    /// L2, its subcluster bitmap (else 0).
+    pub(super) fn l2_entry_at(&mut self, l2: HostOffset, index: u64) -> (u64, u64) {
         let off = self.l2_entry_offset(l2, index);
         let raw = self.read_u64(off);
         let bitmap = if self.geo.extended_l2 {
@@ -58,7 +60,7 @@ impl Sim {
 
     pub(super) fn set_l2_entry(
         &mut self,
-        l2: u64,
+        l2: HostOffset,
         index: u64,
         raw: u64,
         bitmap: u64,
@@ -72,7 +74,7 @@ impl Sim {
             self.write_u64(off, raw)?;
             self.record(
                 Target::L2Entry {
-                    table_offset: HostOffset(l2),
+                    table_offset: l2,
                     index,
                 },
                 old,
@@ -85,7 +87,7 @@ impl Sim {
             self.reason = format!("{saved} (subcluster bitmap)");
             self.record(
                 Target::L2Entry {
-                    table_offset: HostOffset(l2),
+                    table_offset: l2,
                     index,
                 },
                 old_bm,
@@ -98,8 +100,8 @@ impl Sim {
 
     /// QEMU's `get_cluster_table`: the L2 table for `guest`, allocated or copied
     /// first if the L1 entry lacks COPIED (an entry of 0 included).
-    pub(super) fn cluster_table(&mut self, guest: u64) -> SimResult<u64> {
-        let i = self.geo.l1_index(GuestOffset(guest));
+    pub(super) fn cluster_table(&mut self, guest: GuestOffset) -> SimResult<HostOffset> {
+        let i = self.geo.l1_index(guest);
         if i >= self.l1.len() as u64 {
             let saved = self.reason.clone();
             self.why(format!(
@@ -115,27 +117,26 @@ impl Sim {
             )));
         };
         if e.copied() {
-            return Ok(e.l2_offset().map_or(0, HostOffset::get));
+            return Ok(e.l2_offset().unwrap_or_default());
         }
-        let old = e.l2_offset().map_or(0, HostOffset::get);
+        let old = e.l2_offset().filter(|&o| o != HostOffset(0));
         let saved = self.reason.clone();
-        let purpose = if old == 0 {
+        let purpose = if let Some(old) = old {
+            format!("a copy of the shared L2 table at {old:#x} (active L1[{i}] lacks COPIED)")
+        } else {
             format!(
                 "a new L2 table for active L1[{i}] (guest {:#x}..)",
                 i.saturating_mul(self.geo.l2_coverage())
             )
-        } else {
-            format!("a copy of the shared L2 table at {old:#x} (active L1[{i}] lacks COPIED)")
         };
         self.why(purpose.clone());
         let new = self.alloc_clusters(self.cs, &purpose)?;
-        let content = if old == 0 {
-            vec![0u8; self.cs as usize]
-        } else {
-            self.read_bytes(old, self.cs)
+        let content = match old {
+            None => vec![0u8; self.cs as usize],
+            Some(old) => self.read_bytes(old, self.cs),
         };
         self.write_bytes(new, &content)?;
-        if old != 0 {
+        if let Some(old) = old {
             self.record(
                 Target::Copy {
                     from: format!("L2 table at {old:#x}"),
@@ -148,18 +149,18 @@ impl Sim {
         }
         self.why(format!(
             "active L1[{i}] now names the {}",
-            if old == 0 {
+            if old.is_none() {
                 "new L2 table"
             } else {
                 "private copy"
             }
         ));
-        let new_e = L1Entry::l2_table(HostOffset(new), true);
+        let new_e = L1Entry::l2_table(new, true);
         if let Some(slot) = self.l1.get_mut(i as usize) {
             *slot = new_e;
         }
         let l1_off = self.l1_table_offset;
-        self.write_u64(l1_off.saturating_entry(i, 8).get(), new_e.0)?;
+        self.write_u64(l1_off.saturating_entry(i, 8), new_e.0)?;
         self.record(
             Target::L1Entry {
                 table: "active L1".into(),
@@ -170,7 +171,7 @@ impl Sim {
             e.0,
             new_e.0,
         );
-        if old != 0 {
+        if let Some(old) = old {
             self.free_clusters(
                 old,
                 self.cs,
@@ -191,7 +192,12 @@ impl Sim {
 
     /// QEMU's `qcow2_alloc_clusters_at`: as many free clusters as there are at
     /// `off`, up to `n`, +1 each.
-    pub(super) fn alloc_clusters_at(&mut self, off: u64, n: u64, purpose: &str) -> SimResult<u64> {
+    pub(super) fn alloc_clusters_at(
+        &mut self,
+        off: HostOffset,
+        n: u64,
+        purpose: &str,
+    ) -> SimResult<u64> {
         let first = self.cluster_of(off);
         loop {
             let mut i = 0u64;
@@ -206,7 +212,7 @@ impl Sim {
                 Err(SimError::Again) => continue,
                 Err(e) => return Err(e),
                 Ok(()) => {
-                    self.file_len = self.file_len.max(off.saturating_add(len));
+                    self.file_len = self.file_len.max(off.saturating_add(len).get());
                     return Ok(i);
                 }
             }
@@ -224,8 +230,8 @@ impl Sim {
     /// (a new refcount block found mid-allocation sends it back to the lookup
     /// of the same cluster): cutting it would spread the state of one pass
     /// (the slice, the run being placed, what COW reads) over several calls.
-    pub(super) fn write(&mut self, offset: u64, length: u64) -> SimResult<()> {
-        let Some(end) = offset.checked_add(length).filter(|&e| e <= self.size) else {
+    pub(super) fn write(&mut self, offset: GuestOffset, length: u64) -> SimResult<()> {
+        let Some(end) = offset.checked_add(length).filter(|e| e.get() <= self.size) else {
             return Err(SimError::Qemu(format!(
                 "write failed: Input/output error (the request ends past the end of the disk, {} bytes, so the block layer refuses all of it)",
                 self.size
@@ -238,12 +244,12 @@ impl Sim {
         let mut pos = offset;
         while pos < end {
             // qcow2_alloc_host_offset: one contiguous host range.
-            let mut host_next: Option<u64> = None;
+            let mut host_next: Option<HostOffset> = None;
             loop {
                 if pos >= end {
                     break;
                 }
-                let l2_index = self.geo.l2_index(GuestOffset(pos));
+                let l2_index = self.geo.l2_index(pos);
                 let slice = self.slice_entries();
                 let in_c = self.within(pos);
                 let max_n = in_c
@@ -254,7 +260,7 @@ impl Sim {
                 let l2 = self.cluster_table(pos)?;
                 let (raw, bitmap) = self.l2_entry_at(l2, l2_index);
                 if !self.needs_new_alloc(raw) {
-                    let host = L2Entry::from_word(raw).host_offset().0;
+                    let host = L2Entry::from_word(raw).host_offset();
                     if !host.is_multiple_of(cs) {
                         return Err(SimError::Qemu(format!(
                             "Data cluster offset {host:#x} unaligned (guest offset: {pos:#x}) (EIO)"
@@ -267,8 +273,7 @@ impl Sim {
                     let mut expect = host;
                     while keep < max_n {
                         let (r, _) = self.l2_entry_at(l2, l2_index.saturating_add(keep));
-                        if self.needs_new_alloc(r)
-                            || L2Entry::from_word(r).host_offset().0 != expect
+                        if self.needs_new_alloc(r) || L2Entry::from_word(r).host_offset() != expect
                         {
                             break;
                         }
@@ -300,7 +305,7 @@ impl Sim {
                                 .saturating_add(bytes)
                                 .min(k_start.saturating_add(cs))
                                 .saturating_sub(k_start);
-                            let g0 = pos.saturating_sub(in_c).saturating_add(k_start);
+                            let g0 = self.guest_cluster_start(pos).saturating_add(k_start);
                             self.data_keep_around(
                                 l2,
                                 index,
@@ -357,13 +362,14 @@ impl Sim {
                     }
                     n = n.saturating_add(1);
                 }
-                let guest_cluster = pos.saturating_sub(in_c);
+                let guest_cluster = self.guest_cluster_start(pos);
                 let purpose = format!(
                     "guest data at {guest_cluster:#x}..{:#x}",
                     guest_cluster.saturating_add(n.saturating_mul(cs))
                 );
                 let host = if self.has_data_file {
-                    guest_cluster
+                    // The data file's clusters sit at the guest's offsets.
+                    HostOffset(guest_cluster.get())
                 } else {
                     match host_next {
                         None => self.alloc_clusters(n.saturating_mul(cs), &purpose)?,
@@ -432,7 +438,7 @@ impl Sim {
                     self.why(format!(
                         "guest {guest_k:#x} now maps to the new cluster {host_k:#x}"
                     ));
-                    let entry = L2Entry::from_word(host_k).with_copied(true);
+                    let entry = L2Entry::from_word(host_k.get()).with_copied(true);
                     self.set_l2_entry(l2, index, entry.raw, new_bm)?;
                 }
                 host_next = Some(host.saturating_add(n.saturating_mul(cs)));
@@ -455,7 +461,7 @@ impl Sim {
     /// (`calculate_l2_meta` with keep_old = false).
     pub(super) fn cow_range(
         &mut self,
-        l2: u64,
+        l2: HostOffset,
         l2_index: u64,
         n: u64,
         in_c: u64,
@@ -515,16 +521,16 @@ impl Sim {
     /// Say what the copy-on-write reads to fill the rest of the new clusters.
     pub(super) fn cow_notes(
         &mut self,
-        l2: u64,
+        l2: HostOffset,
         l2_index: u64,
         n: u64,
-        pos: u64,
+        pos: GuestOffset,
         bytes: u64,
-        host: u64,
+        host: HostOffset,
     ) {
         let in_c = self.within(pos);
         let (from, to) = self.cow_range(l2, l2_index, n, in_c, bytes);
-        let guest0 = pos.saturating_sub(in_c);
+        let guest0 = self.guest_cluster_start(pos);
         let (r, _) = self.l2_entry_at(l2, l2_index);
         let source = |me: &Self, raw: u64| -> String {
             match (L2Entry { raw, bitmap: 0 }).cluster_type(&me.geo, me.has_data_file) {

@@ -39,6 +39,8 @@ mod repair;
 mod resize;
 mod snapshot;
 mod store;
+#[cfg(test)]
+mod tests;
 mod walk;
 mod zeroes;
 
@@ -55,7 +57,7 @@ use crate::io::SharedSource;
 use crate::refcount::get_refcount;
 use crate::tables::L1Entry;
 use crate::types::low_mask as types_low_mask;
-use crate::types::{Geometry, HostOffset};
+use crate::types::{Geometry, GuestOffset, HostOffset};
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -150,6 +152,9 @@ pub struct Sim {
     open_refused: Option<String>,
     /// QEMU's refusal to open the image at all (its bitmap directory).
     open_fails: Option<String>,
+    /// QEMU's refusal to open the image for anything but a check (a snapshot
+    /// table it cannot read: qemu-img check reads it only in the check).
+    check_only: Option<String>,
     /// What QEMU would do on open that is not modelled: every operation says so.
     not_modelled: Option<String>,
     /// The file was cut here: bytes from here on read as zeros, not as the
@@ -223,8 +228,25 @@ impl Sim {
     /// Start a simulation on `img` (opened from `path`, for backing-file reads).
     pub fn new(img: &Qcow2, path: &Path) -> Result<Sim> {
         let h: &Header = &img.header;
-        // QEMU would not open the image, so it would not change it either.
-        if let Some(p) = img.problems.first() {
+        // QEMU would not open the image, so it would not change it either;
+        // only a snapshot table it cannot read leaves qemu-img check's open
+        // (BDRV_O_CHECK), which reads that table later, to go on. A bitmap
+        // directory entry QEMU refuses fails each operation instead, at its
+        // open, as each qemu-img or qemu-io command does (`open_fails`).
+        let refusing: Vec<&Error> = img
+            .problems
+            .iter()
+            .filter(|e| e.corrupt_kind() != Some(crate::error::CorruptKind::BitmapDirectoryEntry))
+            .collect();
+        let snapshot_table_only = img.check_refusal.is_none()
+            && refusing
+                .iter()
+                .all(|p| p.corrupt_kind() == Some(crate::error::CorruptKind::SnapshotTable));
+        let check_only = refusing
+            .first()
+            .filter(|_| snapshot_table_only)
+            .map(|p| format!("Could not open '{}': {p}", path.display()));
+        if let Some(p) = refusing.first().filter(|_| !snapshot_table_only) {
             return Err(Error::unsupported(
                 "simulation",
                 format!("QEMU refuses to open this image: {p}"),
@@ -238,7 +260,7 @@ impl Sim {
                 "QEMU opens this encrypted image only with its key (qemu-img: Parameter 'encrypt.key-secret' is required for cipher)",
             ));
         }
-        if img.snapshots.error.is_some() {
+        if img.snapshots.error.is_some() && !snapshot_table_only {
             return Err(Error::unsupported(
                 "simulation",
                 "the snapshot table cannot be read, so QEMU would not open the image",
@@ -287,6 +309,7 @@ impl Sim {
             bitmaps,
             open_refused,
             open_fails,
+            check_only,
             not_modelled,
             zero_from: u64::MAX,
             overlay_of: None,
@@ -331,7 +354,7 @@ impl Sim {
         self.free_cluster_index = 0;
         if let Op::Trace { offset } = op {
             // A look, not a QEMU command: nothing is opened read-write.
-            let r = self.trace(*offset);
+            let r = self.trace(GuestOffset(*offset));
             self.records.push(OpRecord {
                 op: op.clone(),
                 description: op.describe(),
@@ -341,10 +364,12 @@ impl Sim {
             });
             return;
         }
-        let features = self.read_u64(72);
+        let features = self.header_field(crate::header::Field::IncompatibleFeatures);
         let checking = matches!(op, Op::Repair { .. });
         let r = if let Some(m) = &self.open_fails {
             // qemu-img and qemu-io (check included) stop at the open.
+            Err(SimError::Qemu(m.clone()))
+        } else if let Some(m) = self.check_only.as_ref().filter(|_| !checking) {
             Err(SimError::Qemu(m.clone()))
         } else if features & crate::header::INCOMPAT_CORRUPT != 0 && !checking {
             // qemu-img and qemu-io stop at the open: nothing is written.
@@ -354,9 +379,13 @@ impl Sim {
         } else if let Some(why) = &self.not_modelled {
             Err(SimError::NotModelled(why.clone()))
         } else {
-            // A dirty image (lazy refcounts) is repaired first on a read-write
-            // open that is not itself a check.
-            let r = if features & crate::header::INCOMPAT_DIRTY != 0 && !checking {
+            // A bitmaps extension QEMU ignores is dropped from the header as
+            // the open ends; then a dirty image (lazy refcounts) is repaired
+            // on a read-write open that is not itself a check.
+            let r = self.drop_ignored_bitmaps();
+            let r = if r.is_err() {
+                r
+            } else if features & crate::header::INCOMPAT_DIRTY != 0 && !checking {
                 self.note("the image is dirty (lazy refcounts): QEMU repairs its refcounts on open, as qemu-img check -r all would".into());
                 self.repair(true)
             } else {
@@ -396,18 +425,20 @@ impl Sim {
             Op::SnapshotDelete { id_or_name } => self.snapshot_delete(id_or_name, false),
             Op::SnapshotDeleteId { id } => self.snapshot_delete(id, true),
             Op::SnapshotApply { id_or_name } => self.snapshot_apply(id_or_name),
-            Op::Write { offset, length, .. } => self.write(*offset, *length),
-            Op::Discard { offset, length } => self.discard(*offset, *length),
-            Op::Read { offset, length } => self.copy_on_read(*offset, *length),
-            Op::WriteCompressed { offset, length, .. } => self.write_compressed(*offset, *length),
+            Op::Write { offset, length, .. } => self.write(GuestOffset(*offset), *length),
+            Op::Discard { offset, length } => self.discard(GuestOffset(*offset), *length),
+            Op::Read { offset, length } => self.copy_on_read(GuestOffset(*offset), *length),
+            Op::WriteCompressed { offset, length, .. } => {
+                self.write_compressed(GuestOffset(*offset), *length)
+            }
             Op::WriteZeroes {
                 offset,
                 length,
                 unmap,
-            } => self.write_zeroes(*offset, *length, *unmap),
+            } => self.write_zeroes(GuestOffset(*offset), *length, *unmap),
             Op::Resize { size, shrink } => self.resize(*size, *shrink),
             Op::Repair { all } => self.repair(*all),
-            Op::Trace { offset } => self.trace(*offset),
+            Op::Trace { offset } => self.trace(GuestOffset(*offset)),
             Op::Overlay { .. } => Err(SimError::Qemu(
                 "an overlay starts a new layer: simulate_layers handles it".into(),
             )),

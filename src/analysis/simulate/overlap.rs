@@ -12,6 +12,7 @@
 //! the active L2 tables) and guest data clusters.
 
 use super::{Sim, SimError, SimResult};
+use crate::header::Field;
 use crate::refcount::RefTableEntry;
 use crate::types::HostOffset;
 
@@ -102,12 +103,17 @@ impl Sim {
 
     /// The first metadata structure the clusters of `offset..offset + size`
     /// overlap, `ignore` aside.
-    fn overlapping(&mut self, ignore: Option<Meta>, offset: u64, size: u64) -> Option<Meta> {
+    fn overlapping(&mut self, ignore: Option<Meta>, offset: HostOffset, size: u64) -> Option<Meta> {
         if size == 0 {
             return None;
         }
-        let start = HostOffset(self.cluster_start(self.cluster_of(offset)));
-        let end = HostOffset(offset.saturating_add(size).next_multiple_of(self.cs.max(1)));
+        let start = self.cluster_start(self.cluster_of(offset));
+        let end = HostOffset(
+            offset
+                .get()
+                .saturating_add(size)
+                .next_multiple_of(self.cs.max(1)),
+        );
         let hits = |o: HostOffset, len: u64| len != 0 && o < end && start < o.saturating_add(len);
         let want = |m: Meta| ignore != Some(m);
         if want(Meta::Header) && start.get() < self.cs {
@@ -161,7 +167,7 @@ impl Sim {
     pub(super) fn overlap_of(
         &mut self,
         ignore: Option<Meta>,
-        offset: u64,
+        offset: HostOffset,
         size: u64,
     ) -> Option<Meta> {
         // An L2-entry write inside one cluster: remembered per layout.
@@ -192,7 +198,7 @@ impl Sim {
     pub(super) fn overlap_check(
         &mut self,
         ignore: Option<Meta>,
-        offset: u64,
+        offset: HostOffset,
         size: u64,
     ) -> SimResult<()> {
         let Some(m) = self.overlap_of(ignore, offset, size) else {
@@ -203,10 +209,9 @@ impl Sim {
             "Marking image as corrupt: Preventing invalid write on metadata (overlaps with {}) at {offset:#x}",
             m.name()
         ));
-        let features = self.read_u64(72);
-        self.set_header_u64(
-            72,
-            "incompatible_features",
+        let features = self.header_field(Field::IncompatibleFeatures);
+        self.set_header(
+            Field::IncompatibleFeatures,
             features | crate::header::INCOMPAT_CORRUPT,
         )?;
         self.reason = saved;
@@ -219,6 +224,6 @@ impl Sim {
     /// Whether QEMU has marked the image corrupt in this operation (then it
     /// writes nothing more).
     pub(super) fn marked_corrupt(&mut self) -> bool {
-        self.read_u64(72) & crate::header::INCOMPAT_CORRUPT != 0
+        self.header_field(Field::IncompatibleFeatures) & crate::header::INCOMPAT_CORRUPT != 0
     }
 }

@@ -10,9 +10,11 @@
 
 use super::Sim;
 use crate::error::{Error, Result};
+use crate::header::Field;
 use crate::image::{Qcow2, Strictness};
 use crate::io::MemSource;
 use crate::tables::L2Entry;
+use crate::types::{GuestOffset, HostOffset};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -45,17 +47,32 @@ fn fresh_image(size: u64, backing: &str) -> Result<Vec<u8>> {
             d.copy_from_slice(&v.to_be_bytes());
         }
     };
-    put32(&mut b, 0, 0x5146_49fb);
-    put32(&mut b, 4, 3);
-    put32(&mut b, 20, CLUSTER_BITS);
-    put64(&mut b, 24, size);
-    put32(&mut b, 36, l1_size as u32);
+    // A header field: its low `size` bytes at its offset.
+    let put = |b: &mut Vec<u8>, f: Field, v: u64| {
+        let (at, n) = (f.offset() as usize, f.size() as usize);
+        let bytes = v.to_be_bytes();
+        if let (Some(d), Some(s)) = (
+            b.get_mut(at..at.saturating_add(n)),
+            bytes.get(8usize.saturating_sub(n)..),
+        ) {
+            d.copy_from_slice(s);
+        }
+    };
+    put(&mut b, Field::Magic, u64::from(crate::header::QCOW2_MAGIC));
+    put(&mut b, Field::Version, 3);
+    put(&mut b, Field::ClusterBits, u64::from(CLUSTER_BITS));
+    put(&mut b, Field::Size, size);
+    put(&mut b, Field::L1Size, l1_size);
     // An empty L1 (a zero-size disk) has offset 0, as qemu-img writes it.
-    put64(&mut b, 40, if l1_size == 0 { 0 } else { 3 * CS });
-    put64(&mut b, 48, CS);
-    put32(&mut b, 56, 1);
-    put32(&mut b, 96, 4);
-    put32(&mut b, 100, 112);
+    put(
+        &mut b,
+        Field::L1TableOffset,
+        if l1_size == 0 { 0 } else { 3 * CS },
+    );
+    put(&mut b, Field::RefcountTableOffset, CS);
+    put(&mut b, Field::RefcountTableClusters, 1);
+    put(&mut b, Field::RefcountOrder, 4);
+    put(&mut b, Field::HeaderLength, 112);
     // Extensions at 112: the backing format, then the end.
     put32(&mut b, 112, 0xe279_2aca);
     put32(&mut b, 116, 5);
@@ -67,8 +84,8 @@ fn fresh_image(size: u64, backing: &str) -> Result<Vec<u8>> {
     if let Some(d) = b.get_mut(name_at..name_at.saturating_add(backing.len())) {
         d.copy_from_slice(backing.as_bytes());
     }
-    put64(&mut b, 8, name_at as u64);
-    put32(&mut b, 16, backing.len() as u32);
+    put(&mut b, Field::BackingFileOffset, name_at as u64);
+    put(&mut b, Field::BackingFileSize, backing.len() as u64);
     // Refcount table entry 0 -> the block in cluster 2.
     put64(&mut b, CS as usize, 2 * CS);
     // Refcount 1 for the header, table, block and L1 clusters.
@@ -132,10 +149,9 @@ impl Sim {
     /// Where a guest read at `guest` comes from, layer by layer: this image's
     /// tables as simulated, then (for an overlay) the image under it as shown
     /// (its snapshot's L1 or its active one), as recorded notes.
-    pub(super) fn trace(&mut self, guest: u64) -> super::SimResult<()> {
+    pub(super) fn trace(&mut self, guest: GuestOffset) -> super::SimResult<()> {
         use crate::tables::{ClusterType, L1Entry};
-        use crate::types::{GuestOffset, HostOffset};
-        if guest >= self.size {
+        if guest.get() >= self.size {
             self.note(format!(
                 "guest {guest:#x} is past the end of the disk ({} bytes)",
                 self.size
@@ -146,19 +162,19 @@ impl Sim {
             Some(_) => "the overlay",
             None => "the image",
         };
-        let i = self.geo.l1_index(GuestOffset(guest));
+        let i = self.geo.l1_index(guest);
         let l2 = self
             .l1
             .get(i as usize)
             .and_then(L1Entry::l2_offset)
-            .map_or(0, HostOffset::get);
+            .unwrap_or_default();
         let mut falls = true;
-        if l2 == 0 {
+        if l2 == HostOffset(0) {
             self.note(format!(
                 "{top}: active L1[{i}] is 0, no L2 table: the read falls through"
             ));
         } else {
-            let j = self.geo.l2_index(GuestOffset(guest));
+            let j = self.geo.l2_index(guest);
             let (raw, bm) = self.l2_entry_at(l2, j);
             let e = L2Entry { raw, bitmap: bm };
             let at = format!("{top}: active L1[{i}] -> L2 {l2:#x}[{j}] = {raw:#x}");
@@ -166,7 +182,6 @@ impl Sim {
                 ClusterType::Normal => {
                     let host = L2Entry::from_word(raw)
                         .host_offset()
-                        .0
                         .saturating_add(self.within(guest));
                     self.note(format!("{at}: data at host {host:#x} of {top}"));
                     falls = false;
@@ -217,12 +232,12 @@ impl Sim {
             None => (base.display().to_string(), img.l1.to_vec()),
         };
         let geo = img.geometry();
-        let i = geo.l1_index(GuestOffset(guest));
+        let i = geo.l1_index(guest);
         let l2 = l1
             .get(i as usize)
             .and_then(L1Entry::l2_offset)
-            .map_or(0, HostOffset::get);
-        if l2 == 0 {
+            .unwrap_or_default();
+        if l2 == HostOffset(0) {
             self.note(format!(
                 "{label}: L1[{i}] is 0: {}",
                 if img.backing_name.is_some() {
@@ -233,8 +248,8 @@ impl Sim {
             ));
             return Ok(());
         }
-        let j = geo.l2_index(GuestOffset(guest));
-        let table = img.l2_table(HostOffset(l2))?;
+        let j = geo.l2_index(guest);
+        let table = img.l2_table(l2)?;
         let e = table
             .get(j as usize)
             .copied()
@@ -243,9 +258,7 @@ impl Sim {
         let what = match e.cluster_type(&geo, img.header.has_data_file()) {
             ClusterType::Normal => format!(
                 "data at host {:#x} of {}",
-                e.host_offset()
-                    .0
-                    .saturating_add(guest & crate::types::low_mask(geo.cluster_bits)),
+                e.host_offset().saturating_add(geo.in_cluster(guest)),
                 base.display()
             ),
             ClusterType::Compressed => "compressed data".into(),

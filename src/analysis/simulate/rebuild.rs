@@ -25,8 +25,14 @@
 
 use super::change::Target;
 use super::{Sim, SimError, SimResult};
+use crate::header::Field;
 use crate::refcount::set_refcount;
 use crate::types::HostOffset;
+
+/// The most clusters a file grown for a refcount block outside it may have
+/// for the simulator to follow the check over it (2^24: 1 TiB of 64 KiB
+/// clusters).
+const MAX_GROWN_CLUSTERS: u64 = 1 << 24;
 
 /// The in-memory reference counts and the new refcount table being built.
 struct Rebuild {
@@ -97,21 +103,93 @@ impl Rebuild {
 }
 
 impl Sim {
-    /// Whether QEMU's check would rebuild the refcount structure: a cluster it
-    /// finds in use has a stored refcount of 0 (`compare_refcounts`).
-    pub(super) fn needs_rebuild(&mut self, imrt: &crate::check::Imrt) -> SimResult<bool> {
+    /// QEMU's `compare_refcounts` before any repair: whether a cluster it
+    /// finds in use has a stored refcount of 0 (which calls for a rebuild of
+    /// the refcount structure), and whether a stored refcount could not be
+    /// read ("Can't get refcount for cluster", a check error). The first
+    /// such read, through a refcount block that is not cluster aligned,
+    /// marks the image corrupt (`qcow2_signal_corruption`); the check goes on.
+    pub(super) fn needs_rebuild(&mut self, imrt: &crate::check::Imrt) -> SimResult<(bool, bool)> {
+        let mut zero_in_use = false;
+        let mut unreadable = false;
         for c in 0..imrt.nb_clusters {
-            if imrt.get(c) != 0 && self.get_refcount(c)? == 0 {
-                return Ok(true);
+            match self.get_refcount(c) {
+                Ok(stored) => zero_in_use |= stored == 0 && imrt.get(c) != 0,
+                Err(e) => {
+                    if !unreadable {
+                        let saved = self.reason.clone();
+                        self.why(format!(
+                            "Marking image as corrupt: {} (Can't get refcount for cluster {c})",
+                            e.text().trim_end_matches(" (EIO)")
+                        ));
+                        let features = self.header_field(Field::IncompatibleFeatures);
+                        self.set_header(
+                            Field::IncompatibleFeatures,
+                            features | crate::header::INCOMPAT_CORRUPT,
+                        )?;
+                        self.reason = saved;
+                    }
+                    unreadable = true;
+                }
             }
         }
-        Ok(false)
+        Ok((zero_in_use, unreadable))
+    }
+
+    /// [`Sim::grow_for_refblock`] for each block at `offsets`: whether the
+    /// file grew for any, and whether it could not for any.
+    pub(super) fn grow_for_refblocks(&mut self, offsets: &[u64]) -> SimResult<(bool, bool)> {
+        let (mut grew, mut failed) = (false, false);
+        for off in offsets.iter().copied() {
+            if self.grow_for_refblock(off)? {
+                grew = true;
+            } else {
+                failed = true;
+            }
+        }
+        Ok((grew, failed))
+    }
+
+    /// `check_refblocks` with `-r all` for a refcount block at `off`, past
+    /// the end of the file: the file grows (with zeros) to end just after the
+    /// block. False when QEMU cannot resize the file (it then rebuilds the
+    /// refcount structure instead).
+    fn grow_for_refblock(&mut self, off: u64) -> SimResult<bool> {
+        let Some(end) = off.checked_add(self.cs).filter(|&e| e <= i64::MAX as u64) else {
+            self.note(format!("ERROR could not resize image: Invalid argument (a refcount block at {off:#x} cannot end inside the largest file QEMU can write): QEMU rebuilds the refcount structure"));
+            return Ok(false);
+        };
+        if end > super::MAX_FILE_LEN {
+            self.note(format!("ERROR could not resize image: File too large (a refcount block at {off:#x} would make the file {end} bytes long): QEMU rebuilds the refcount structure"));
+            return Ok(false);
+        }
+        // QEMU then holds a refcount for every cluster of the grown file in
+        // memory, and walks them all.
+        let clusters = end.div_ceil(self.cs);
+        if clusters > MAX_GROWN_CLUSTERS {
+            return Err(SimError::NotModelled(format!(
+                "a refcount block at {off:#x}, outside the image, makes QEMU grow the file to {end} bytes and count references for its {clusters} clusters in memory; qinspect does not follow a walk over more than {MAX_GROWN_CLUSTERS} clusters"
+            )));
+        }
+        self.note(format!(
+            "Repairing refcount block at {off:#x}, outside the image: the file grows from {} to {end} bytes (zeros) to hold it",
+            self.file_len
+        ));
+        self.file_len = self.file_len.max(end);
+        Ok(true)
     }
 
     /// `rebuild_refcount_structure` from the checker's reference counts
-    /// (see the module docs). The caller then repairs the leaks it leaves.
-    pub(super) fn rebuild_refcounts(&mut self, imrt: &crate::check::Imrt) -> SimResult<()> {
-        self.note("a cluster in use has a stored refcount of 0: QEMU rebuilds the whole refcount structure (Rebuilding refcount structure)".into());
+    /// (see the module docs), because of `why`. The caller then repairs the
+    /// leaks it leaves.
+    pub(super) fn rebuild_refcounts(
+        &mut self,
+        imrt: &crate::check::Imrt,
+        why: &str,
+    ) -> SimResult<()> {
+        self.note(format!(
+            "{why}: QEMU rebuilds the whole refcount structure (Rebuilding refcount structure)"
+        ));
         let mut refs = Vec::new();
         for c in 0..imrt.nb_clusters {
             refs.push(imrt.get(c));
@@ -144,7 +222,7 @@ impl Sim {
                 table_cluster,
             );
             self.allocated.push((
-                offset,
+                offset.get(),
                 self.clusters_bytes(table_clusters),
                 "the rebuilt refcount table".into(),
             ));
@@ -158,14 +236,21 @@ impl Sim {
         let mut bytes: Vec<u8> = rb.reftable.iter().flat_map(|e| e.to_be_bytes()).collect();
         let full = usize::try_from(self.clusters_bytes(table_clusters)).unwrap_or(0);
         bytes.resize(full.max(bytes.len()), 0);
+        self.overlap_check(None, offset, bytes.len() as u64)
+            .map_err(|e| {
+                SimError::Qemu(format!(
+                    "ERROR writing reftable: Input/output error ({})",
+                    e.text().trim_end_matches(" (EIO)")
+                ))
+            })?;
         self.write_bytes(offset, &bytes)?;
         let clusters = u32::try_from(table_clusters).map_err(|_| {
             SimError::Qemu("the rebuilt refcount table is too large (EFBIG)".into())
         })?;
         self.why("the header now names the rebuilt refcount table");
-        self.set_header_u64(48, "refcount_table_offset", offset)?;
-        self.set_header_u32(56, "refcount_table_clusters", clusters)?;
-        self.refcount_table_offset = HostOffset(offset);
+        self.set_header(Field::RefcountTableOffset, offset)?;
+        self.set_header(Field::RefcountTableClusters, u64::from(clusters))?;
+        self.refcount_table_offset = offset;
         self.refcount_table_clusters = clusters;
         Ok(())
     }
@@ -189,7 +274,7 @@ impl Sim {
             let slot = usize::try_from(index).ok();
             let existing = slot.and_then(|i| rb.reftable.get(i)).copied().unwrap_or(0);
             let block = if existing != 0 {
-                existing
+                HostOffset(existing)
             } else {
                 first_free = first_free.max(start);
                 let c = rb.alloc(1, &mut first_free)?;
@@ -210,8 +295,18 @@ impl Sim {
                     grown = true;
                 }
                 let off = self.cluster_start(c);
+                // Nothing in the new structure can land on metadata QEMU
+                // counts; an old refcount block it could not count (one not
+                // cluster aligned) can be in the way. (A block written again
+                // passed this check the first time.)
+                self.overlap_check(None, off, rb.cs).map_err(|e| {
+                    SimError::Qemu(format!(
+                        "ERROR writing refblock: Input/output error ({})",
+                        e.text().trim_end_matches(" (EIO)")
+                    ))
+                })?;
                 if let Some(e) = rb.reftable.get_mut(slot) {
-                    *e = off;
+                    *e = off.get();
                 }
                 self.why(format!("refcount block {index} of the rebuilt structure"));
                 self.record(
@@ -224,7 +319,7 @@ impl Sim {
                     c,
                 );
                 self.allocated
-                    .push((off, rb.cs, format!("rebuilt refcount block {index}")));
+                    .push((off.get(), rb.cs, format!("rebuilt refcount block {index}")));
                 off
             };
             let mut buf = vec![0u8; usize::try_from(rb.cs).unwrap_or(0)];

@@ -6,6 +6,7 @@ use super::Sim;
 use super::SimError;
 use super::SimResult;
 use super::change::Target;
+use crate::header::Field;
 use crate::refcount::get_refcount;
 use crate::refcount::set_refcount;
 use crate::types::{HostOffset, low_mask};
@@ -26,8 +27,8 @@ impl Sim {
 
     /// Where refcount table entry `ti` is (saturating: the table offset comes
     /// from the header).
-    pub(super) fn reftable_entry_offset(&self, ti: u64) -> u64 {
-        self.refcount_table_offset.saturating_entry(ti, 8).get()
+    pub(super) fn reftable_entry_offset(&self, ti: u64) -> HostOffset {
+        self.refcount_table_offset.saturating_entry(ti, 8)
     }
 
     /// The cluster of the refcount block table entry `ti` names, as
@@ -40,8 +41,8 @@ impl Sim {
         let e = self.read_u64(self.reftable_entry_offset(ti));
         let block = crate::refcount::RefTableEntry(e)
             .block_offset()
-            .map_or(0, |o| o.0);
-        if block == 0 {
+            .unwrap_or_default();
+        if block == HostOffset(0) {
             return Ok(None);
         }
         if !block.is_multiple_of(self.cs) {
@@ -66,7 +67,7 @@ impl Sim {
     /// range touches; on failure, undo this call's earlier clusters.
     pub(super) fn update_refcount(
         &mut self,
-        offset: u64,
+        offset: HostOffset,
         length: u64,
         addend: u64,
         decrease: bool,
@@ -115,12 +116,7 @@ impl Sim {
         // in between reads a cluster.
         let slot = self.clusters.slot(bc, &self.base, self.zero_from);
         let cur = get_refcount(self.clusters.at(slot, false), order, idx);
-        let new = if decrease {
-            cur.checked_sub(addend)
-        } else {
-            cur.checked_add(addend).filter(|&n| n <= self.max_refcount)
-        };
-        let Some(new) = new else {
+        let Some(new) = self.refcount_after(cur, addend, decrease) else {
             return Err(SimError::Qemu(format!(
                 "refcount of cluster {c} would {} ({cur} {} {addend}, {}-bit refcounts) (EINVAL)",
                 if decrease { "go below 0" } else { "overflow" },
@@ -128,29 +124,51 @@ impl Sim {
                 1u32 << order
             )));
         };
+        self.store_refcount(slot, idx, c, cur, new);
+        Ok(new)
+    }
+
+    /// A refcount of `cur` after adding (or, `decrease`, subtracting)
+    /// `addend`: None when it would go below 0 or past the largest refcount.
+    pub(super) fn refcount_after(&self, cur: u64, addend: u64, decrease: bool) -> Option<u64> {
+        if decrease {
+            cur.checked_sub(addend)
+        } else {
+            cur.checked_add(addend).filter(|&n| n <= self.max_refcount)
+        }
+    }
+
+    /// Cluster `c`'s refcount goes from `cur` to `new`: entry `idx` of the
+    /// refcount block in cache slot `slot` (from `Store::slot`), the
+    /// free-cluster hint, the record, and the list of freed clusters.
+    pub(super) fn store_refcount(&mut self, slot: usize, idx: u64, c: u64, cur: u64, new: u64) {
         if new == 0 && c < self.free_cluster_index {
             self.free_cluster_index = c;
         }
+        let order = self.order;
         set_refcount(self.clusters.at(slot, true), order, idx, new);
         self.record(Target::Refcount { cluster: c }, cur, new);
         if new == 0 {
             let r = self.reason.clone();
             self.freed.push((c, r));
         }
-        Ok(new)
     }
 
     /// The refcount block for table index `ti` (QEMU's `alloc_refcount_block`,
     /// for the case where the table has room).
-    pub(super) fn refcount_block_for(&mut self, ti: u64, for_cluster: u64) -> SimResult<u64> {
+    pub(super) fn refcount_block_for(
+        &mut self,
+        ti: u64,
+        for_cluster: u64,
+    ) -> SimResult<HostOffset> {
         if ti >= self.reftable_len() {
             return self.new_refcount_block(ti, for_cluster);
         }
         let e = self.read_u64(self.reftable_entry_offset(ti));
         let block = crate::refcount::RefTableEntry(e)
             .block_offset()
-            .map_or(0, |o| o.0);
-        if block != 0 {
+            .unwrap_or_default();
+        if block != HostOffset(0) {
             if !block.is_multiple_of(self.cs) {
                 return Err(SimError::Qemu(format!(
                     "Refblock offset {block:#x} unaligned (EIO)"
@@ -163,7 +181,11 @@ impl Sim {
 
     /// A missing refcount block: QEMU allocates one. If the new block would itself
     /// be described by the block being created, it describes itself.
-    pub(super) fn new_refcount_block(&mut self, ti: u64, for_cluster: u64) -> SimResult<u64> {
+    pub(super) fn new_refcount_block(
+        &mut self,
+        ti: u64,
+        for_cluster: u64,
+    ) -> SimResult<HostOffset> {
         // Either way the caller restarts: this returns `SimError::Again` once the
         // block is hooked up.
         let saved = self.reason.clone();
@@ -198,7 +220,7 @@ impl Sim {
             self.write_bytes(new_off, &zero)?;
         }
         self.allocated
-            .push((new_off, self.cs, "refcount block".into()));
+            .push((new_off.get(), self.cs, "refcount block".into()));
         self.record(
             Target::Allocate {
                 offset: new_off,
@@ -219,20 +241,21 @@ impl Sim {
                 .max(new_c.saturating_add(1))
                 .div_ceil(rbs);
             let meta = self.clusters_bytes(blocks_used.saturating_mul(rbs));
-            self.refcount_area(meta, ti, new_off)?;
+            self.refcount_area(HostOffset(meta), ti, new_off)?;
             self.reason = saved;
             return Err(SimError::Again);
         }
         let entry_off = self.reftable_entry_offset(ti);
         let before = self.read_u64(entry_off);
-        self.write_u64(entry_off, new_off)?;
+        self.write_u64(entry_off, new_off.get())?;
         self.reason = format!("refcount table entry {ti} now points at the new block");
         self.record(
-            Target::Header {
-                field: "refcount table entry",
+            Target::RefcountTableEntry {
+                index: ti,
+                at: entry_off,
             },
             before,
-            new_off,
+            new_off.get(),
         );
         self.note(
             "the new refcount block may sit where the clusters being counted were meant to go: QEMU undoes this update and searches again (EAGAIN)"
@@ -274,9 +297,9 @@ impl Sim {
     /// switches to it and the old table is freed.
     pub(super) fn refcount_area(
         &mut self,
-        start: u64,
+        start: HostOffset,
         new_ti: u64,
-        new_block: u64,
+        new_block: HostOffset,
     ) -> SimResult<()> {
         let cs = self.cs;
         let bb = self.block_bits();
@@ -299,7 +322,7 @@ impl Sim {
             .collect();
         table.resize(table_size as usize, 0);
         if let Some(slot) = table.get_mut(new_ti as usize) {
-            *slot = new_block;
+            *slot = new_block.get();
         }
         let area_ti = self.cluster_of(start) >> bb;
         let missing = (area_ti..total)
@@ -317,14 +340,14 @@ impl Sim {
             let block = if existing != 0 {
                 crate::refcount::RefTableEntry(existing)
                     .block_offset()
-                    .map_or(0, |o| o.0)
+                    .unwrap_or_default()
             } else {
                 let b = block_offset;
                 self.write_bytes(b, &vec![0u8; cs as usize])?;
                 if let Some(slot) = table.get_mut(i as usize) {
-                    *slot = b;
+                    *slot = b.get();
                 }
-                self.allocated.push((b, cs, "refcount block".into()));
+                self.allocated.push((b.get(), cs, "refcount block".into()));
                 self.record(
                     Target::Allocate {
                         offset: b,
@@ -337,7 +360,7 @@ impl Sim {
                 block_offset = block_offset.saturating_add(cs);
                 b
             };
-            let first = self.clusters_bytes(i.saturating_mul(rbs));
+            let first = HostOffset(self.clusters_bytes(i.saturating_mul(rbs)));
             if first < end {
                 let j0 = if first < start {
                     self.cluster_of(start.saturating_sub(first))
@@ -362,7 +385,7 @@ impl Sim {
         let bytes: Vec<u8> = table.iter().flat_map(|e| e.to_be_bytes()).collect();
         self.write_bytes(table_offset, &bytes)?;
         self.allocated.push((
-            table_offset,
+            table_offset.get(),
             self.clusters_bytes(table_clusters),
             "the new refcount table".into(),
         ));
@@ -377,13 +400,13 @@ impl Sim {
         );
         let (old_off, old_clusters) = (self.refcount_table_offset, self.refcount_table_clusters);
         self.why("the header points at the new refcount table");
-        self.set_header_u64(48, "refcount_table_offset", table_offset)?;
-        self.set_header_u32(56, "refcount_table_clusters", table_clusters as u32)?;
-        self.refcount_table_offset = HostOffset(table_offset);
+        self.set_header(Field::RefcountTableOffset, table_offset)?;
+        self.set_header(Field::RefcountTableClusters, table_clusters)?;
+        self.refcount_table_offset = table_offset;
         self.refcount_table_clusters = table_clusters as u32;
-        self.file_len = self.file_len.max(end);
+        self.file_len = self.file_len.max(end.get());
         self.free_clusters(
-            old_off.get(),
+            old_off,
             self.clusters_bytes(u64::from(old_clusters)),
             "the old refcount table",
         );

@@ -13,36 +13,30 @@
 
 use super::{Sim, SimError, SimResult, Target};
 use crate::check::{Category, CheckOptions, FindingKind, check};
+use crate::header::Field;
 use crate::tables::{ClusterType, L2Entry};
 use crate::types::HostOffset;
 
 impl Sim {
     /// `qemu-img check -r leaks` (`all == false`) or `-r all`.
     pub(super) fn repair(&mut self, all: bool) -> SimResult<()> {
-        self.repair_pass(all, false)
+        self.repair_pass(all, false, false)
     }
 
     /// One pass of the check and repair; `rebuilt` once the refcount
-    /// structure has been rebuilt (then it is not rebuilt again).
-    fn repair_pass(&mut self, all: bool, rebuilt: bool) -> SimResult<()> {
+    /// structure has been rebuilt (then it is not rebuilt again);
+    /// `unreadable` once a refcount could not be read (QEMU's check then
+    /// counts a check error, and the image is not marked clean).
+    fn repair_pass(&mut self, all: bool, rebuilt: bool, unreadable: bool) -> SimResult<()> {
         if self.marks_bitmaps() && !self.snapshots.is_empty() {
-            // qemu-img check opens with BDRV_O_CHECK, which leaves the snapshot
-            // table unread until the check; marking the bitmaps in use on that
-            // open rewrites the header from what is in memory: no snapshots.
-            self.note("QEMU opens the image for the check before reading its snapshot table, and marking the persistent bitmaps in use rewrites the header with no snapshots: the snapshots are lost and their clusters become leaks".into());
-            self.why("the header is rewritten before the snapshot table is read");
-            self.set_header_u32(60, "nb_snapshots", 0)?;
-            self.set_header_u64(64, "snapshots_offset", 0)?;
-            self.snapshots.clear();
-            self.snapshots_offset = HostOffset(0);
-            self.snapshots_size = 0;
+            self.forget_snapshots()?;
         }
         let img = self
             .image()
             .map_err(|e| SimError::Qemu(format!("Could not open the image: {e}")))?;
         let report = check(&img, &CheckOptions::default());
         if let Some(a) = &report.aborted {
-            return Err(SimError::NotModelled(format!("the check stops early: {a}")));
+            return Err(self.check_stops(a, all));
         }
         // Unaligned zero clusters: QEMU's check_refcounts_l2 rewrites them as
         // plain zero clusters with -r all (before it counts them, so their
@@ -64,7 +58,27 @@ impl Sim {
                     zero_fixes.first().map_or("", |f| f.1.as_str())
                 )));
             }
-            return self.repair_pass(all, rebuilt);
+            return self.repair_pass(all, rebuilt, unreadable);
+        }
+        // check_refblocks: with -r all a refcount block past the end of the
+        // file makes QEMU grow the file to hold it, and it is counted as any
+        // other (its refcounts, all zeros, then call for a rebuild); a block
+        // it cannot grow the file for, an unaligned block, reserved bits in
+        // a refcount table entry or a block referenced more than once make
+        // it rebuild the refcount structure.
+        let outside: Vec<u64> = report
+            .findings
+            .iter()
+            .filter(|f| Self::refblock_outside(f))
+            .filter_map(|f| f.offset.map(u64::from))
+            .collect();
+        let mut broken = report.findings.iter().any(Self::refblock_broken);
+        if all && !rebuilt && !outside.is_empty() {
+            let (grew, failed) = self.grow_for_refblocks(&outside)?;
+            broken |= failed;
+            if grew {
+                return self.repair_pass(all, rebuilt, unreadable);
+            }
         }
         let unusual = report
             .findings
@@ -74,19 +88,15 @@ impl Sim {
                     && !matches!(f.category, Category::Refcount | Category::Copied)
                     && !Self::fixable_zero_cluster(f)
                     && !Self::left_as_is(f)
+                    && f.category != Category::Refblock
+                    && !Self::snapshot_incomplete(f)
             })
             .map(|f| f.message.clone());
         let kept = report.findings.iter().find(|f| Self::left_as_is(f));
-        if let Some(f) = kept {
-            self.note(format!(
-                "QEMU's repair leaves this corruption as it is: {}",
-                f.message
-            ));
-        }
+        self.note_kept(&report, all);
         if let Some(m) = unusual {
             return Err(SimError::NotModelled(format!(
-                "QEMU's repair of this would do more than fix refcounts, COPIED flags and unaligned zero clusters{}: {m}",
-                Self::what_qemu_does(&m)
+                "QEMU's repair of this would do more than fix refcounts, COPIED flags and unaligned zero clusters: {m}"
             )));
         }
         let Some(imrt) = report.imrt.clone() else {
@@ -94,23 +104,113 @@ impl Sim {
                 "the check did not count the references".into(),
             ));
         };
-        if !all && !rebuilt && self.needs_rebuild(&imrt)? {
+        // compare_refcounts, first without repairing: it reads every stored
+        // refcount (a read through an unaligned block marks the image
+        // corrupt), and a stored 0 for a cluster in use calls for a rebuild.
+        let (zero_in_use, unread) = if rebuilt {
+            (false, false)
+        } else {
+            self.needs_rebuild(&imrt)?
+        };
+        let unreadable = unreadable || unread;
+        if !all && !rebuilt && (zero_in_use || broken) {
             // qcow2_check_refcounts: with BDRV_FIX_LEAKS alone a needed
             // rebuild is an error, and nothing is repaired.
-            return Err(SimError::Qemu(
-                "Check failed: Input/output error (ERROR need to rebuild refcount structures: a cluster in use has a stored refcount of 0, and only -r all rebuilds them)".into(),
-            ));
+            let why = if zero_in_use {
+                "a cluster in use has a stored refcount of 0"
+            } else {
+                "a refcount block is broken"
+            };
+            return Err(SimError::Qemu(format!(
+                "Check failed: Input/output error (ERROR need to rebuild refcount structures: {why}, and only -r all rebuilds them)"
+            )));
         }
-        if all && !rebuilt && self.needs_rebuild(&imrt)? {
+        if all && !rebuilt && (zero_in_use || broken) {
             let saved = self.reason.clone();
-            self.rebuild_refcounts(&imrt)?;
+            let why = if broken {
+                "a refcount block or its refcount table entry is broken"
+            } else {
+                "a cluster in use has a stored refcount of 0"
+            };
+            self.rebuild_refcounts(&imrt, why)?;
             self.reason = saved;
             // The references are counted again over the new structure: the
             // old table and blocks are now leaks, repaired as any other.
-            return self.repair_pass(true, true);
+            return self.repair_pass(true, true, unreadable);
         }
         let saved = self.reason.clone();
-        let mut left_corrupt = !zero_fixes.is_empty() || kept.is_some();
+        // qcow2_check_read_snapshot_table: a v3 snapshot table entry with
+        // less than 16 bytes of extra data, which -r all rewrites once the
+        // refcounts are repaired.
+        let incomplete = report
+            .findings
+            .iter()
+            .find(|f| Self::snapshot_incomplete(f))
+            .map(|f| f.message.replacen("ERROR", "Repairing", 1));
+        let mut left_corrupt = !zero_fixes.is_empty()
+            || kept.is_some()
+            || unreadable
+            || broken
+            || !outside.is_empty()
+            || (incomplete.is_some() && !all);
+        left_corrupt |= self.repair_refcounts(&imrt, all)?;
+        // check_oflag_copied repairs with -r all, and with -r leaks when the
+        // refcounts are now right (then the flags can be trusted to them).
+        if all || !left_corrupt {
+            self.repair_copied()?;
+        }
+        if let Some(why) = incomplete.filter(|_| all) {
+            // qcow2_check_fix_snapshot_table: the table is written anew,
+            // every entry with its full extra data.
+            self.why(why);
+            self.write_snapshots().map_err(|e| {
+                SimError::Qemu(format!("ERROR failed to update snapshot table: {e}"))
+            })?;
+        }
+        if !left_corrupt {
+            self.mark_clean()?;
+        }
+        self.reason = saved;
+        Ok(())
+    }
+
+    /// Say which corruptions the repair leaves as they are.
+    fn note_kept(&mut self, report: &crate::check::CheckReport, all: bool) {
+        if let Some(f) = report.findings.iter().find(|f| Self::left_as_is(f)) {
+            self.note(format!(
+                "QEMU's repair leaves this corruption as it is: {}",
+                f.message
+            ));
+        }
+        if !all && let Some(f) = report.findings.iter().find(|f| Self::refblock_outside(f)) {
+            self.note(format!(
+                "QEMU's repair leaves this corruption as it is (only -r all grows the file to hold the block): {}",
+                f.message
+            ));
+        }
+    }
+
+    /// What marking the persistent bitmaps in use does before QEMU's check
+    /// reads the snapshot table.
+    fn forget_snapshots(&mut self) -> SimResult<()> {
+        // qemu-img check opens with BDRV_O_CHECK, which leaves the snapshot
+        // table unread until the check; marking the bitmaps in use on that
+        // open rewrites the header from what is in memory: no snapshots.
+        self.note("QEMU opens the image for the check before reading its snapshot table, and marking the persistent bitmaps in use rewrites the header with no snapshots: the snapshots are lost and their clusters become leaks".into());
+        self.why("the header is rewritten before the snapshot table is read");
+        self.set_header(Field::NbSnapshots, 0u64)?;
+        self.set_header(Field::SnapshotsOffset, 0u64)?;
+        self.snapshots.clear();
+        self.snapshots_offset = HostOffset(0);
+        self.snapshots_size = 0;
+        Ok(())
+    }
+
+    /// `compare_refcounts` with the repair: each stored refcount that is too
+    /// high is lowered, and with `all` each that is too low is raised.
+    /// Whether a wrong refcount is left.
+    fn repair_refcounts(&mut self, imrt: &crate::check::Imrt, all: bool) -> SimResult<bool> {
+        let mut left_corrupt = false;
         for c in 0..imrt.nb_clusters {
             let stored = self.get_refcount(c)?;
             let reference = imrt.get(c);
@@ -150,22 +250,17 @@ impl Sim {
                 left_corrupt = true;
             }
         }
-        // check_oflag_copied repairs with -r all, and with -r leaks when the
-        // refcounts are now right (then the flags can be trusted to them).
-        if all || !left_corrupt {
-            self.repair_copied()?;
+        Ok(left_corrupt)
+    }
+
+    /// `qcow2_mark_clean` and `qcow2_mark_consistent`.
+    fn mark_clean(&mut self) -> SimResult<()> {
+        let before = self.header_field(Field::IncompatibleFeatures);
+        let after = before & !(crate::header::INCOMPAT_DIRTY | crate::header::INCOMPAT_CORRUPT);
+        if after != before {
+            self.why("no corruption left: the image is marked clean and consistent");
+            self.set_header(Field::IncompatibleFeatures, after)?;
         }
-        if !left_corrupt {
-            // qcow2_mark_clean and qcow2_mark_consistent.
-            let at = 72u64;
-            let before = self.read_u64(at);
-            let after = before & !(crate::header::INCOMPAT_DIRTY | crate::header::INCOMPAT_CORRUPT);
-            if after != before {
-                self.why("no corruption left: the image is marked clean and consistent");
-                self.set_header_u64(at, "incompatible_features", after)?;
-            }
-        }
-        self.reason = saved;
         Ok(())
     }
 
@@ -179,28 +274,82 @@ impl Sim {
                 .contains("Preallocated cluster is not properly aligned")
     }
 
-    /// What QEMU's repair does with the finding `m`, where that is known.
-    fn what_qemu_does(m: &str) -> &'static str {
-        if m.contains("Table is not cluster aligned") {
-            " (QEMU reads the L2 table at the unaligned offset all the same, and counts and repairs whatever entries it finds there)"
-        } else if m.contains("is outside image") {
-            " (QEMU grows the file to hold the refcount block, then rebuilds the whole refcount structure)"
-        } else if m.contains("not cluster aligned; refcount table entry") {
-            " (QEMU marks the image corrupt, and its rebuild of the refcount structure then fails: ERROR writing refblock: Input/output error)"
-        } else {
-            ""
+    /// A v3 snapshot table entry with too little extra data.
+    fn snapshot_incomplete(f: &crate::check::Finding) -> bool {
+        f.kind == FindingKind::Corruption
+            && f.category == Category::SnapshotTable
+            && f.message.ends_with("is incomplete")
+    }
+
+    /// How QEMU's check ends when it cannot read the snapshot table
+    /// (`qcow2_check_read_snapshot_table`): it fails before it repairs
+    /// anything. With `-r all`, more snapshots than QEMU's limit are cut to
+    /// the limit first.
+    fn check_stops(&self, why: &crate::check::Refusal, all: bool) -> SimError {
+        use crate::check::Refusal;
+        let max = crate::snapshot::MAX_SNAPSHOTS;
+        let offset_invalid = |nb: u64| {
+            let at = self.snapshots_offset.get();
+            self.within(at) != 0 || at > (i64::MAX as u64).saturating_sub(nb.saturating_mul(40))
+        };
+        match why {
+            Refusal::SnapshotTableOffset { .. } => SimError::Qemu(
+                "ERROR snapshot table offset invalid; Check failed: Invalid argument (nothing is repaired)".into(),
+            ),
+            Refusal::TooManySnapshots { count } if !all => SimError::Qemu(format!(
+                "ERROR snapshot table too large; Check failed: File too large ({count} snapshots, more than QEMU's limit of {max}; only -r all discards the overhanging ones)"
+            )),
+            Refusal::TooManySnapshots { count } if offset_invalid(max) => SimError::Qemu(format!(
+                "Discarding {} overhanging snapshots; ERROR snapshot table offset invalid; Check failed: Invalid argument (nothing is repaired)",
+                count.saturating_sub(max)
+            )),
+            Refusal::TooManySnapshots { count } => SimError::NotModelled(format!(
+                "QEMU discards the {} overhanging snapshots, then reads the first {max} entries of the snapshot table and goes on from there",
+                count.saturating_sub(max)
+            )),
+            other => SimError::NotModelled(format!("the check stops early: {other}")),
         }
+    }
+
+    /// A refcount block past the end of the file (`check_refblocks`).
+    fn refblock_outside(f: &crate::check::Finding) -> bool {
+        f.kind == FindingKind::Corruption
+            && f.category == Category::Refblock
+            && f.message.ends_with("is outside image")
+    }
+
+    /// A refcount table entry or block that makes QEMU's check call for a
+    /// rebuild of the refcount structure: reserved bits in the entry, a
+    /// block that is not cluster aligned, or one referenced more than once.
+    fn refblock_broken(f: &crate::check::Finding) -> bool {
+        f.kind == FindingKind::Corruption
+            && f.category == Category::Refblock
+            && !Self::refblock_outside(f)
     }
 
     /// A corruption `qemu-img check -r all` reports and leaves as it is,
     /// counting the references as it would without it: reserved bits in an
     /// L1 or L2 entry, a corrupt subcluster bitmap, a data cluster whose
-    /// offset is not cluster aligned.
+    /// offset is not cluster aligned, an L2 table whose offset is not cluster
+    /// aligned (QEMU reads and counts the table at that offset all the same),
+    /// a snapshot whose L1 table is not cluster aligned or too large (its
+    /// tables are not counted, so what only it references looks leaked),
+    /// a compressed cluster where none may be, a reference to a region past
+    /// the end of the file (not counted), and more references than a
+    /// refcount can hold (counted up to the largest refcount).
     fn left_as_is(f: &crate::check::Finding) -> bool {
         f.kind == FindingKind::Corruption
             && match f.category {
-                Category::ReservedBits | Category::Subclusters => true,
-                Category::Unaligned => f.message.contains("Data cluster is not properly aligned"),
+                Category::ReservedBits
+                | Category::Subclusters
+                | Category::Compressed
+                | Category::PastEof
+                | Category::Overflow => true,
+                Category::Unaligned => {
+                    f.message.contains("Data cluster is not properly aligned")
+                        || f.message.contains("Table is not cluster aligned")
+                }
+                Category::SnapshotTable => f.message.ends_with("snapshot table entry corrupted"),
                 _ => false,
             }
     }
@@ -209,7 +358,7 @@ impl Sim {
     /// extended L2 entries: entry 0, the subcluster bitmap as it is).
     fn fix_unaligned_zero_cluster(&mut self, at: u64, message: &str) -> SimResult<bool> {
         let size = self.geo.l2_entry_size().max(1);
-        let l2 = at.saturating_sub(self.within(at));
+        let l2 = HostOffset(at.saturating_sub(self.within(at)));
         let index = self.within(at).checked_div(size).unwrap_or(0);
         let (raw, bitmap) = self.l2_entry_at(l2, index);
         let want = if self.geo.extended_l2 {
@@ -231,8 +380,8 @@ impl Sim {
         let l1_off = self.l1_table_offset;
         for i in 0..self.l1.len() as u64 {
             let e = self.l1.get(i as usize).copied().unwrap_or_default();
-            let l2 = e.l2_offset().map_or(0, HostOffset::get);
-            if l2 == 0 {
+            let l2 = e.l2_offset().unwrap_or_default();
+            if l2 == HostOffset(0) {
                 continue;
             }
             let r = self.get_refcount(self.cluster_of(l2))?;
@@ -241,7 +390,7 @@ impl Sim {
                 self.why(format!(
                     "Repairing OFLAG_COPIED L2 cluster: l1_index={i} refcount={r}"
                 ));
-                self.write_u64(l1_off.saturating_entry(i, 8).get(), want.0)?;
+                self.write_u64(l1_off.saturating_entry(i, 8), want.0)?;
                 self.record(
                     Target::L1Entry {
                         table: "active L1".into(),

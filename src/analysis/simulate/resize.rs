@@ -5,11 +5,12 @@ use super::Sim;
 use super::SimError;
 use super::SimResult;
 use super::change::Target;
+use crate::header::Field;
 use crate::refcount::get_refcount;
 use crate::refcount::set_refcount;
 use crate::tables::L1Entry;
-use crate::types::HostOffset;
 use crate::types::low_mask;
+use crate::types::{GuestOffset, HostOffset};
 
 impl Sim {
     /// QEMU's `qcow2_grow_l1_table`: a new, larger active L1 in new clusters,
@@ -54,14 +55,14 @@ impl Sim {
         );
         let saved = self.reason.clone();
         self.why("the header points at the grown L1 table");
-        self.set_header_u32(36, "l1_size", new_len as u32)?;
-        self.set_header_u64(40, "l1_table_offset", off)?;
+        self.set_header(Field::L1Size, new_len)?;
+        self.set_header(Field::L1TableOffset, off)?;
         let old_off = self.l1_table_offset;
         self.l1 = table;
-        self.l1_table_offset = HostOffset(off);
+        self.l1_table_offset = off;
         self.reason = saved;
         self.free_clusters(
-            old_off.get(),
+            old_off,
             old_len.saturating_mul(8),
             "the old active L1 table",
         );
@@ -93,6 +94,11 @@ impl Sim {
                 "Can't resize a v2 image which has snapshots (ENOTSUP)".into(),
             ));
         }
+        if let Some(name) = self.inconsistent_bitmap() {
+            return Err(SimError::Qemu(format!(
+                "Bitmap '{name}' is inconsistent and cannot be used (ENOTSUP)"
+            )));
+        }
         let old = self.size;
         let cs = self.cs;
         let l1_needed = size.div_ceil(self.geo.l2_coverage());
@@ -103,7 +109,7 @@ impl Sim {
             self.why("shrinking: the clusters past the new end are discarded");
             let from = size.div_ceil(cs).saturating_mul(cs);
             if from < old {
-                self.discard_clusters(from, old, true)?;
+                self.discard_clusters(GuestOffset(from), GuestOffset(old), true)?;
             }
             self.shrink_l1_table(l1_needed)?;
             self.shrink_reftable()?;
@@ -128,7 +134,10 @@ impl Sim {
             if zero_fill {
                 self.zero_fill_growth(old, size)?;
             }
-            if self.has_data_file && self.read_u64(88) & crate::header::AUTOCLEAR_DATA_FILE_RAW != 0
+            if self.has_data_file
+                && self.header_field(Field::AutoclearFeatures)
+                    & crate::header::AUTOCLEAR_DATA_FILE_RAW
+                    != 0
             {
                 self.preallocate_raw(old, size)?;
             }
@@ -136,7 +145,10 @@ impl Sim {
         if self.has_data_file {
             // qcow2_co_truncate resizes the external data file to the new
             // disk size as well (qinspect only predicts it).
-            let raw = if self.read_u64(88) & crate::header::AUTOCLEAR_DATA_FILE_RAW != 0 {
+            let raw = if self.header_field(Field::AutoclearFeatures)
+                & crate::header::AUTOCLEAR_DATA_FILE_RAW
+                != 0
+            {
                 ": with data_file_raw the guest reads it as it is, so a shrink drops what lay past the end and a grown area reads as zeros"
             } else {
                 ""
@@ -146,7 +158,7 @@ impl Sim {
             ));
         }
         self.why("the new disk size");
-        self.set_header_u64(24, "size", size)?;
+        self.set_header(Field::Size, size)?;
         self.size = size;
         Ok(())
     }
@@ -164,12 +176,10 @@ impl Sim {
             "with data_file_raw QEMU maps the new area guest {old:#x}..{new:#x} to the same offsets of the data file (metadata preallocation)"
         ));
         self.why("growing a data_file_raw image: the new area is mapped 1:1 to the data file");
-        let dirty = self.bitmaps.as_ref().map(|b| b.dirty.len());
-        let saved = self.size;
-        self.size = new;
         let first = self.steps.len();
-        let r = self.write(old, new.saturating_sub(old));
-        self.size = saved;
+        let r = self.hidden_write(new, |sim| {
+            sim.write(GuestOffset(old), new.saturating_sub(old))
+        });
         // No data is written: only the L2 entries (and tables) change.
         let mut kept = Vec::new();
         for (i, mut c) in std::mem::take(&mut self.steps).into_iter().enumerate() {
@@ -187,6 +197,22 @@ impl Sim {
             kept.push(c);
         }
         self.steps = kept;
+        r
+    }
+
+    /// `f`, a write qcow2 makes straight from the driver while the disk
+    /// grows to `new` bytes: the disk is `new` bytes long meanwhile, and no
+    /// dirty bitmap sees the write (the block layer above does not).
+    fn hidden_write(
+        &mut self,
+        new: u64,
+        f: impl FnOnce(&mut Self) -> SimResult<()>,
+    ) -> SimResult<()> {
+        let dirty = self.bitmaps.as_ref().map(|b| b.dirty.len());
+        let saved = self.size;
+        self.size = new;
+        let r = f(self);
+        self.size = saved;
         if let (Some(b), Some(n)) = (self.bitmaps.as_mut(), dirty) {
             b.dirty.truncate(n);
         }
@@ -220,7 +246,9 @@ impl Sim {
         ));
         if new > zero_start {
             self.why("growing over a longer backing file: the new area reads as zeros");
-            if let Some(why) = self.zeroize(zero_start, new, false, total)? {
+            if let Some(why) =
+                self.zeroize(GuestOffset(zero_start), GuestOffset(new), false, total)?
+            {
                 return Err(SimError::Qemu(format!(
                     "Failed to zero out new clusters: Operation not supported ({why})"
                 )));
@@ -230,14 +258,9 @@ impl Sim {
             // qcow2_co_pwritev_part straight from the driver: past the old end,
             // within one subcluster (so the L2 slice size, which depends on the
             // disk size, does not matter), and no dirty bitmap sees it.
-            let dirty = self.bitmaps.as_ref().map(|b| b.dirty.len());
-            let saved = self.size;
-            self.size = new;
-            let r = self.write_zeros(old, zero_start.saturating_sub(old));
-            self.size = saved;
-            if let (Some(b), Some(n)) = (self.bitmaps.as_mut(), dirty) {
-                b.dirty.truncate(n);
-            }
+            let r = self.hidden_write(new, |sim| {
+                sim.write_zeros(GuestOffset(old), zero_start.saturating_sub(old))
+            });
             r.map_err(|e| match e {
                 SimError::Qemu(m) => {
                     SimError::Qemu(format!("Failed to zero out the new area: {m}"))
@@ -257,13 +280,12 @@ impl Sim {
         }
         let off = self.l1_table_offset;
         let zeros = vec![0u8; len.saturating_sub(keep).saturating_mul(8) as usize];
-        self.write_bytes(off.saturating_entry(keep, 8).get(), &zeros)?;
+        self.write_bytes(off.saturating_entry(keep, 8), &zeros)?;
         for i in (keep..len).rev() {
             let e = self.l1.get(i as usize).copied().unwrap_or_default();
-            let l2 = e.l2_offset().map_or(0, HostOffset::get);
-            if l2 == 0 {
+            let Some(l2) = e.l2_offset().filter(|&o| o != HostOffset(0)) else {
                 continue;
-            }
+            };
             self.why("shrinking: the L1 entry is past the new end");
             self.record(
                 Target::L1Entry {
@@ -318,13 +340,7 @@ impl Sim {
             ));
             let at = self.reftable_entry_offset(ti);
             self.write_u64(at, 0)?;
-            self.record(
-                Target::Header {
-                    field: "refcount table entry",
-                },
-                block,
-                0,
-            );
+            self.record(Target::RefcountTableEntry { index: ti, at }, block, 0);
         }
         for (ti, block) in dropped {
             let bc = self.cluster_of(block);

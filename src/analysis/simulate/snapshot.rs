@@ -6,8 +6,8 @@ use super::SimError;
 use super::SimResult;
 use super::SimSnapshot;
 use super::change::Target;
+use crate::header::Field;
 use crate::tables::L1Entry;
-use crate::types::HostOffset;
 
 impl Sim {
     // ---- snapshot table --------------------------------------------------------
@@ -78,31 +78,12 @@ impl Sim {
         );
         let (old_off, old_size) = (self.snapshots_offset, self.snapshots_size);
         self.why("the header points at the new snapshot table");
-        self.set_header_u32(60, "nb_snapshots", self.snapshots.len() as u32)?;
-        self.set_header_u64(64, "snapshots_offset", off)?;
-        self.snapshots_offset = HostOffset(off);
+        self.set_header(Field::NbSnapshots, self.snapshots.len() as u64)?;
+        self.set_header(Field::SnapshotsOffset, off)?;
+        self.snapshots_offset = off;
         self.snapshots_size = size;
         if old_size > 0 {
-            self.free_clusters(old_off.get(), old_size, "the old snapshot table");
-        }
-        Ok(())
-    }
-
-    pub(super) fn set_header_u64(&mut self, at: u64, field: &'static str, v: u64) -> SimResult<()> {
-        let before = self.read_u64(at);
-        if before != v {
-            self.write_u64(at, v)?;
-            self.record(Target::Header { field }, before, v);
-        }
-        Ok(())
-    }
-
-    pub(super) fn set_header_u32(&mut self, at: u64, field: &'static str, v: u32) -> SimResult<()> {
-        let b = self.read_bytes(at, 4);
-        let before = u64::from(crate::bytes::be32(&b, 0));
-        if before != u64::from(v) {
-            self.write_bytes(at, &v.to_be_bytes())?;
-            self.record(Target::Header { field }, before, u64::from(v));
+            self.free_clusters(old_off, old_size, "the old snapshot table");
         }
         Ok(())
     }
@@ -172,7 +153,7 @@ impl Sim {
             // QEMU's find_new_snapshot_id: id_max + 1 in an unsigned long, which wraps.
             id: id_max.wrapping_add(1).to_string(),
             name: name.to_string(),
-            l1_table_offset: HostOffset(l1_off),
+            l1_table_offset: l1_off,
             l1_size: l1_size as u32,
             vm_state_size: 0,
             date_sec: now.as_secs() as u32,
@@ -240,7 +221,7 @@ impl Sim {
         self.snapshots.pop();
         r?;
         self.free_clusters(
-            sn.l1_table_offset.get(),
+            sn.l1_table_offset,
             u64::from(sn.l1_size) * 8,
             &format!("the {label} table"),
         );
@@ -286,7 +267,7 @@ impl Sim {
         }
         let cur_len = self.l1.len() as u64;
         let cur_bytes = cur_len.saturating_mul(8);
-        let mut buffer = self.read_bytes(sn.l1_table_offset.get(), u64::from(sn.l1_size) * 8);
+        let mut buffer = self.read_bytes(sn.l1_table_offset, u64::from(sn.l1_size) * 8);
         buffer.resize(cur_bytes as usize, 0);
         self.note(format!(
             "everything snapshot {} '{}' reaches gains a reference: +1 each",
@@ -297,8 +278,8 @@ impl Sim {
         self.why(
             "snapshot-apply: the snapshot's L1 (as read before the walk) replaces the active L1",
         );
-        let old: Vec<u8> = self.read_bytes(active_off.get(), cur_bytes);
-        self.write_bytes(active_off.get(), &buffer)?;
+        let old: Vec<u8> = self.read_bytes(active_off, cur_bytes);
+        self.write_bytes(active_off, &buffer)?;
         for k in 0..cur_len {
             let at = k.saturating_mul(8) as usize;
             let b = crate::bytes::be64(&old, at);

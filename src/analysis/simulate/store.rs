@@ -146,14 +146,22 @@ impl Store {
             .then(|| self.load(c, base, zero_from))
     }
 
-    /// Pack every changed cluster in the cache and empty it.
+    /// Pack every changed cluster in the cache and empty it (of all but a
+    /// cluster that could not be packed, see [`Store::pack`]).
     pub(super) fn settle(&mut self, base: &SharedSource, zero_from: u64) {
-        for e in std::mem::take(&mut self.slots) {
-            if e.changed {
-                self.pack(e.c, &e.data, base, zero_from);
+        let all = std::mem::take(&mut self.slots);
+        self.leave(all, base, zero_from);
+        self.reindex();
+    }
+
+    /// `gone` leave the cache: the changed ones are packed; one that cannot
+    /// be packed stays in the cache, so that no change is ever lost.
+    fn leave(&mut self, gone: Vec<Cached>, base: &SharedSource, zero_from: u64) {
+        for e in gone {
+            if e.changed && !self.pack(e.c, &e.data, base, zero_from) {
+                self.slots.push(e);
             }
         }
-        self.reindex();
     }
 
     /// Read cluster `c` into the cache: its slot.
@@ -220,12 +228,8 @@ impl Store {
             .into_iter()
             .partition(|e| e.used <= cut);
         self.slots = keep;
+        self.leave(old, base, zero_from);
         self.reindex();
-        for e in old {
-            if e.changed {
-                self.pack(e.c, &e.data, base, zero_from);
-            }
-        }
     }
 
     fn reindex(&mut self) {
@@ -236,7 +240,10 @@ impl Store {
         self.recent = [NONE; RECENT];
     }
 
-    fn pack(&mut self, c: u64, data: &[u8], base: &SharedSource, zero_from: u64) {
+    /// Keep cluster `c`, which reads `data`, as its deflated difference from
+    /// the file. False, with nothing kept, if deflating fails (it writes
+    /// into memory, which does not fail): the caller keeps the cluster.
+    fn pack(&mut self, c: u64, data: &[u8], base: &SharedSource, zero_from: u64) -> bool {
         let at = c.saturating_mul(self.cs);
         let mut diff = vec![0u8; data.len()];
         let _ = base.read_at(&mut diff, at);
@@ -247,24 +254,17 @@ impl Store {
         // The same bytes as the file, where the file is not cut: nothing to keep.
         if diff.iter().all(|&b| b == 0) && at.saturating_add(self.cs) <= zero_from {
             packed.remove(&c);
-            return;
+            return true;
         }
         let mut enc = flate2::write::DeflateEncoder::new(Vec::new(), Compression::fast());
-        // Writing into a Vec cannot fail; should it, the cluster is kept whole
-        // (a stored block), never lost.
-        let out = match enc.write_all(&diff).and_then(|()| enc.finish()) {
-            Ok(v) => v,
-            Err(_) => stored(&diff),
-        };
-        packed.insert(c, out.into_boxed_slice());
+        match enc.write_all(&diff).and_then(|()| enc.finish()) {
+            Ok(out) => {
+                packed.insert(c, out.into_boxed_slice());
+                true
+            }
+            Err(_) => false,
+        }
     }
-}
-
-/// `diff` as one uncompressed deflate stream (stored blocks).
-fn stored(diff: &[u8]) -> Vec<u8> {
-    let mut enc = flate2::write::DeflateEncoder::new(Vec::new(), Compression::none());
-    let _ = enc.write_all(diff);
-    enc.finish().unwrap_or_default()
 }
 
 /// XOR the packed difference `p` into `buf` (which holds the file's bytes).

@@ -1,14 +1,12 @@
 //! The refcount walk (`qcow2_update_snapshot_refcount`): addend +1, 0 or -1
 //! over every L2 table and cluster an L1 table names, then the COPIED flags.
 
-use super::MAX_FILE_LEN;
 use super::Sim;
 use super::SimError;
 use super::SimResult;
 use super::change::Target;
 use super::overlap::Meta;
 use crate::refcount::get_refcount;
-use crate::refcount::set_refcount;
 use crate::tables::ClusterType;
 use crate::tables::CompressedDescriptor;
 use crate::tables::L1Entry;
@@ -58,7 +56,7 @@ impl Reasons {
 
 /// One L2 table's walk: what its entries share.
 struct Walk {
-    l2: u64,
+    l2: HostOffset,
     addend: i32,
     reasons: Reasons,
     /// The refcount the COPIED reason was written for.
@@ -137,7 +135,7 @@ impl Sim {
         let mut table: Vec<L1Entry> = if active {
             self.l1.clone()
         } else {
-            let raw = self.read_bytes(l1_offset.get(), l1_size.saturating_mul(8));
+            let raw = self.read_bytes(l1_offset, l1_size.saturating_mul(8));
             raw.chunks_exact(8)
                 .map(|c| L1Entry(crate::bytes::be64(c, 0)))
                 .collect()
@@ -149,7 +147,7 @@ impl Sim {
             if old_l1 == L1Entry::UNALLOCATED {
                 continue;
             }
-            let l2 = old_l1.l2_offset().map_or(0, HostOffset::get);
+            let l2 = old_l1.l2_offset().unwrap_or_default();
             if !l2.is_multiple_of(self.cs) {
                 result = Err(SimError::Qemu(format!(
                     "L2 table offset {l2:#x} unaligned (L1 index: {i:#x}) (EIO)"
@@ -183,7 +181,7 @@ impl Sim {
                 }
             };
             // Only the offset and COPIED are kept: reserved bits are dropped.
-            let new_l1 = L1Entry::l2_table(HostOffset(l2), r == 1);
+            let new_l1 = L1Entry::l2_table(l2, r == 1);
             if new_l1 != old_l1 {
                 if let Some(slot) = table.get_mut(i) {
                     *slot = new_l1;
@@ -214,7 +212,7 @@ impl Sim {
         }
         if result.is_ok() && addend >= 0 && l1_modified {
             let bytes: Vec<u8> = table.iter().flat_map(|e| e.to_be_bytes()).collect();
-            result = self.write_bytes(l1_offset.get(), &bytes);
+            result = self.write_bytes(l1_offset, &bytes);
         } else if l1_modified && addend < 0 {
             self.note(format!(
                 "the {label} is not written back: with addend -1 QEMU does not write it (snapshot-delete frees this L1 next; in snapshot-apply the snapshot's L1 is already written over it)"
@@ -230,7 +228,14 @@ impl Sim {
     /// Entries go in bulk (see [`Bulk`]) while the walk's own writes cannot
     /// land on the table; any other entry goes through [`Sim::walk_entry`],
     /// and so does the rest of its table.
-    fn walk_l2(&mut self, l2: u64, addend: i32, label: &str, i: usize, vm: &str) -> SimResult<()> {
+    fn walk_l2(
+        &mut self,
+        l2: HostOffset,
+        addend: i32,
+        label: &str,
+        i: usize,
+        vm: &str,
+    ) -> SimResult<()> {
         let entries = self.geo.l2_entries();
         let sign = if addend > 0 { "+1" } else { "-1" };
         let mut walk = Walk {
@@ -270,10 +275,10 @@ impl Sim {
     fn walk_entry(&mut self, w: &mut Walk, j: u64) -> SimResult<()> {
         let (l2, addend) = (w.l2, w.addend);
         let step = self.geo.l2_entry_size();
-        let eoff = l2.saturating_add(j.saturating_mul(step));
+        let eoff = l2.saturating_entry(j, step);
         let old = self.read_u64(eoff);
         let entry = L2Entry::from_word(old).with_copied(false).raw;
-        let off = L2Entry::from_word(entry).host_offset().0;
+        let off = L2Entry::from_word(entry).host_offset();
         let e = L2Entry {
             raw: entry,
             bitmap: 0,
@@ -283,7 +288,7 @@ impl Sim {
                 if addend != 0 {
                     let d = CompressedDescriptor::decode(entry, &self.geo);
                     w.reasons.put(&mut self.reason, COMPRESSED);
-                    self.update_refcount(d.offset.0, d.size, 1, addend < 0)?;
+                    self.update_refcount(d.offset, d.size, 1, addend < 0)?;
                 }
                 2
             }
@@ -309,7 +314,7 @@ impl Sim {
             self.write_u64(eoff, new)?;
             self.record(
                 Target::L2Entry {
-                    table_offset: HostOffset(l2),
+                    table_offset: l2,
                     index: j,
                 },
                 old,
@@ -342,14 +347,11 @@ impl Sim {
     /// header), and a write anywhere in it is one QEMU can make. While only
     /// bulk entries run, the refcount table and the blocks stay where they
     /// are, so the overlap check of each entry's write passes as this one did.
-    fn bulk_start(&mut self, l2: u64) -> Option<Bulk> {
+    fn bulk_start(&mut self, l2: HostOffset) -> Option<Bulk> {
         if bulk_disabled() {
             return None;
         }
-        let end = l2.checked_add(self.cs)?;
-        if end > i64::MAX as u64 || (end > MAX_FILE_LEN && end > self.file_len) {
-            return None;
-        }
+        self.write_end(l2, self.cs).ok()?;
         if self.overlap_of(Some(Meta::ActiveL2), l2, self.cs).is_some() {
             return None;
         }
@@ -386,7 +388,7 @@ impl Sim {
         let refcount = match e.cluster_type(&self.geo, self.has_data_file) {
             ClusterType::Compressed => return false,
             ClusterType::Normal | ClusterType::ZeroAlloc => {
-                let off = e.host_offset().0;
+                let off = e.host_offset();
                 if !off.is_multiple_of(self.cs) {
                     return false;
                 }
@@ -413,24 +415,11 @@ impl Sim {
                     (Some(bc), addend) => {
                         let slot = self.clusters.slot(bc, &self.base, self.zero_from);
                         let cur = get_refcount(self.clusters.at(slot, false), order, idx);
-                        let new = if addend < 0 {
-                            cur.checked_sub(1)
-                        } else {
-                            cur.checked_add(1).filter(|&n| n <= self.max_refcount)
-                        };
-                        let Some(new) = new else {
+                        let Some(new) = self.refcount_after(cur, 1, addend < 0) else {
                             return false;
                         };
                         w.reasons.put(&mut self.reason, DATA);
-                        if new == 0 && c < self.free_cluster_index {
-                            self.free_cluster_index = c;
-                        }
-                        set_refcount(self.clusters.at(slot, true), order, idx, new);
-                        self.record(Target::Refcount { cluster: c }, cur, new);
-                        if new == 0 {
-                            let r = self.reason.clone();
-                            self.freed.push((c, r));
-                        }
+                        self.store_refcount(slot, idx, c, cur, new);
                         new
                     }
                 }
@@ -442,18 +431,16 @@ impl Sim {
         let new = L2Entry::from_word(entry).with_copied(refcount == 1).raw;
         if new != old {
             self.copied_reason(w, new, refcount);
-            let eoff =
-                w.l2.saturating_add(j.saturating_mul(self.geo.l2_entry_size()));
+            let eoff = w.l2.saturating_entry(j, self.geo.l2_entry_size());
             // What the write of the entry does besides its bytes.
-            self.data.map.remove(eoff, 8);
-            self.file_len = self.file_len.max(eoff.saturating_add(8));
+            self.written(eoff, eoff.saturating_add(8));
             if let Some(slot) = b.words.get_mut(j as usize) {
                 *slot = new;
             }
             b.changed = true;
             self.record(
                 Target::L2Entry {
-                    table_offset: HostOffset(w.l2),
+                    table_offset: w.l2,
                     index: j,
                 },
                 old,
@@ -517,6 +504,7 @@ mod tests {
     )]
 
     use super::*;
+    use crate::header::Field;
     use crate::image::{Qcow2, Strictness};
     use crate::io::MemSource;
     use std::sync::Arc;
@@ -561,16 +549,20 @@ mod tests {
         let l1 = block0 + blocks;
         let l2s: Vec<u64> = (l1 + 1..l1 + 4).collect();
         let first_data = l1 + 4;
+        let head = |b: &mut [u8], f: Field, v: u64| match f.size() {
+            4 => put32(b, f.offset(), v as u32),
+            _ => put64(b, f.offset(), v),
+        };
         b[..4].copy_from_slice(b"QFI\xfb");
-        put32(&mut b, 4, 3);
-        put32(&mut b, 20, CB);
-        put64(&mut b, 24, L1_SIZE * (CS / 8) * CS);
-        put32(&mut b, 36, L1_SIZE as u32);
-        put64(&mut b, 40, l1 * CS);
-        put64(&mut b, 48, reftable * CS);
-        put32(&mut b, 56, 1);
-        put32(&mut b, 96, order);
-        put32(&mut b, 100, 104);
+        head(&mut b, Field::Version, 3);
+        head(&mut b, Field::ClusterBits, u64::from(CB));
+        head(&mut b, Field::Size, L1_SIZE * (CS / 8) * CS);
+        head(&mut b, Field::L1Size, L1_SIZE);
+        head(&mut b, Field::L1TableOffset, l1 * CS);
+        head(&mut b, Field::RefcountTableOffset, reftable * CS);
+        head(&mut b, Field::RefcountTableClusters, 1);
+        head(&mut b, Field::RefcountOrder, u64::from(order));
+        head(&mut b, Field::HeaderLength, 104);
         for i in 0..blocks {
             if r.below(12) != 0 || i == 0 {
                 put64(&mut b, reftable * CS + 8 * i, (block0 + i) * CS);

@@ -13,10 +13,10 @@
 
 use super::{Sim, SimError, SimResult};
 use crate::chain::{Chain, LayerKind, OpenOptions};
+use crate::io::Extent;
 use crate::lookup::{Status, layer_run};
 use crate::tables::{ClusterType, L1Entry, L2Entry, SubclusterType};
 use crate::types::{GuestOffset, HostOffset};
-use std::path::Path;
 
 /// QEMU's `MAX_BOUNCE_BUFFER` (32768 sectors): the most one fallback write of
 /// zeros covers.
@@ -24,8 +24,13 @@ const MAX_BOUNCE: u64 = 32768 * 512;
 
 impl Sim {
     /// `write -z` (`unmap`: with `-u`, clusters may be released).
-    pub(super) fn write_zeroes(&mut self, offset: u64, length: u64, unmap: bool) -> SimResult<()> {
-        let Some(end) = offset.checked_add(length).filter(|&e| e <= self.size) else {
+    pub(super) fn write_zeroes(
+        &mut self,
+        offset: GuestOffset,
+        length: u64,
+        unmap: bool,
+    ) -> SimResult<()> {
+        let Some(end) = offset.checked_add(length).filter(|e| e.get() <= self.size) else {
             return Err(SimError::Qemu(format!(
                 "write failed: Input/output error (the request ends past the end of the disk, {} bytes, so the block layer refuses all of it)",
                 self.size
@@ -36,7 +41,7 @@ impl Sim {
         self.mark_dirty(offset, length);
         // qcow2's pwrite_zeroes_alignment is its subcluster size.
         let unit = self.geo.subcluster_size().max(1);
-        let off_in = |x: u64| x.checked_rem(unit).unwrap_or(0);
+        let off_in = |x: GuestOffset| x.get().checked_rem(unit).unwrap_or(0);
         // bdrv_co_do_pwrite_zeroes: the head up to the first aligned offset,
         // then the rest, less an unaligned tail when more than a unit is left.
         let mut pos = offset;
@@ -64,20 +69,24 @@ impl Sim {
     /// `qcow2_co_pwrite_zeroes` for one piece; a plain write of zeros when
     /// qcow2 says ENOTSUP (the block layer's bounce-buffer fallback, of at
     /// most `MAX_BOUNCE` bytes). Returns how many bytes of the piece it did.
-    fn pwrite_zeroes(&mut self, off: u64, n: u64, unmap: bool) -> SimResult<u64> {
+    fn pwrite_zeroes(&mut self, off: GuestOffset, n: u64, unmap: bool) -> SimResult<u64> {
         let unit = self.geo.subcluster_size().max(1);
         let total = self.size & !511;
         let end = off.saturating_add(n);
-        let head = off.checked_rem(unit).unwrap_or(0);
-        let mut tail = end.div_ceil(unit).saturating_mul(unit).saturating_sub(end);
-        if end == total {
+        let head = off.get().checked_rem(unit).unwrap_or(0);
+        let mut tail = end
+            .get()
+            .div_ceil(unit)
+            .saturating_mul(unit)
+            .saturating_sub(end.get());
+        if end.get() == total {
             tail = 0;
         }
         let (mut start, mut stop) = (off, end);
         if head != 0 || tail != 0 {
             // Only when the rest of the subcluster already reads as zeros
             // does qcow2 make the whole subcluster read as zeros.
-            let s0 = off.saturating_sub(head);
+            let s0 = GuestOffset(off.get().saturating_sub(head));
             let before = self.reads_as_zero(s0, off, total)?;
             let after = self.reads_as_zero(end, end.saturating_add(tail), total)?;
             if !(before && after) {
@@ -125,7 +134,7 @@ impl Sim {
 
     /// The block layer's fallback for a piece qcow2 cannot zero: the first
     /// `MAX_BOUNCE` bytes of it written as zeros.
-    fn fallback(&mut self, off: u64, n: u64, why: &str) -> SimResult<u64> {
+    fn fallback(&mut self, off: GuestOffset, n: u64, why: &str) -> SimResult<u64> {
         let n = n.min(MAX_BOUNCE);
         self.note(format!(
             "{why}: QEMU writes zeros at guest {off:#x}..{:#x} (ENOTSUP fallback)",
@@ -138,7 +147,7 @@ impl Sim {
     /// A write of `n` bytes of zeros at `off` as a guest write makes it (the
     /// block layer's fallback, or qcow2 zero-filling a grown disk): the data
     /// is a buffer of zeros, not the guest's.
-    pub(super) fn write_zeros(&mut self, off: u64, n: u64) -> SimResult<()> {
+    pub(super) fn write_zeros(&mut self, off: GuestOffset, n: u64) -> SimResult<()> {
         let first = self.steps.len();
         let r = self.write(off, n);
         for c in self.steps.iter_mut().skip(first) {
@@ -158,8 +167,8 @@ impl Sim {
     /// whole clusters by `zero_in_l2_slice`. `Some(reason)` is its ENOTSUP.
     pub(super) fn zeroize(
         &mut self,
-        start: u64,
-        stop: u64,
+        start: GuestOffset,
+        stop: GuestOffset,
         unmap: bool,
         total: u64,
     ) -> SimResult<Option<String>> {
@@ -174,16 +183,15 @@ impl Sim {
             return Ok(None);
         }
         let cs = self.cs;
-        let head = stop
-            .min(start.div_ceil(cs).saturating_mul(cs))
-            .saturating_sub(start);
+        let next_cluster = GuestOffset(start.get().div_ceil(cs).saturating_mul(cs));
+        let head = stop.min(next_cluster).saturating_sub(start);
         let from = start.saturating_add(head);
-        let tail = if stop >= total {
+        let tail = if stop.get() >= total {
             0
         } else {
-            stop.saturating_sub(from.max(stop.saturating_sub(self.within(stop))))
+            stop.saturating_sub(from.max(self.guest_cluster_start(stop)))
         };
-        let to = stop.saturating_sub(tail);
+        let to = GuestOffset(stop.get().saturating_sub(tail));
         if head != 0
             && let Some(why) = self.zero_subclusters(start, head)?
         {
@@ -200,20 +208,20 @@ impl Sim {
 
     /// QEMU's `zero_l2_subclusters`: `len` bytes of subclusters from `off`,
     /// inside one cluster, made to read as zeros by their bitmap bits.
-    fn zero_subclusters(&mut self, off: u64, len: u64) -> SimResult<Option<String>> {
+    fn zero_subclusters(&mut self, off: GuestOffset, len: u64) -> SimResult<Option<String>> {
         let bits = self.geo.subcluster_bits();
         let sc = self.within(off) >> bits;
         let count = len.div_ceil(self.geo.subcluster_size().max(1));
         self.why("write-zeroes");
         let l2 = self.cluster_table(off)?;
-        let index = self.geo.l2_index(GuestOffset(off));
+        let index = self.geo.l2_index(off);
         let (raw, bm) = self.l2_entry_at(l2, index);
         if (L2Entry { raw, bitmap: bm }).cluster_type(&self.geo, self.has_data_file)
             == ClusterType::Compressed
         {
             return Ok(Some(format!(
                 "guest {:#x} is a compressed cluster, which qcow2 cannot zero in part",
-                off.saturating_sub(self.within(off))
+                self.guest_cluster_start(off)
             )));
         }
         let new = L2Entry { raw, bitmap: bm }
@@ -230,26 +238,26 @@ impl Sim {
     }
 
     /// The type of the subcluster at guest `g` in this image's own tables.
-    fn top_subcluster_type(&mut self, g: u64) -> SubclusterType {
-        let i = self.geo.l1_index(GuestOffset(g));
+    fn top_subcluster_type(&mut self, g: GuestOffset) -> SubclusterType {
+        let i = self.geo.l1_index(g);
         let l2 = self
             .l1
             .get(i as usize)
             .and_then(L1Entry::l2_offset)
-            .map_or(0, HostOffset::get);
-        if l2 == 0 {
+            .unwrap_or_default();
+        if l2 == HostOffset(0) {
             return SubclusterType::UnallocatedPlain;
         }
-        let (raw, bitmap) = self.l2_entry_at(l2, self.geo.l2_index(GuestOffset(g)));
-        let sc = self.geo.subcluster_index(GuestOffset(g));
+        let (raw, bitmap) = self.l2_entry_at(l2, self.geo.l2_index(g));
+        let sc = self.geo.subcluster_index(g);
         L2Entry { raw, bitmap }.subcluster_type(&self.geo, self.has_data_file, sc)
     }
 
     /// QEMU's `is_zero`: whether guest bytes `a..b` (inside one subcluster,
     /// cut at `total`) read as zeros by block status, through this image and
     /// the layers below.
-    fn reads_as_zero(&mut self, a: u64, b: u64, total: u64) -> SimResult<bool> {
-        let b = b.min(total);
+    fn reads_as_zero(&mut self, a: GuestOffset, b: GuestOffset, total: u64) -> SimResult<bool> {
+        let b = b.min(GuestOffset(total));
         if a >= b {
             return Ok(true);
         }
@@ -268,7 +276,8 @@ impl Sim {
     /// Whether guest bytes `a..b` read as zeros by block status in the layers
     /// under this image: its backing chain, or for a throw-away overlay the
     /// image (or snapshot) under it.
-    fn below_reads_zero(&mut self, a: u64, b: u64) -> SimResult<bool> {
+    fn below_reads_zero(&mut self, a: GuestOffset, b: GuestOffset) -> SimResult<bool> {
+        let (a, b) = (a.get(), b.get());
         if let Some((base, snap)) = &self.overlay_of {
             let opts = OpenOptions {
                 snapshot: snap.clone(),
@@ -289,11 +298,16 @@ impl Sim {
 
     /// `zero_in_l2_slice` over whole clusters `start..stop` (`stop` may be the
     /// unaligned end of the disk).
-    fn zero_clusters(&mut self, mut start: u64, stop: u64, unmap: bool) -> SimResult<()> {
+    fn zero_clusters(
+        &mut self,
+        mut start: GuestOffset,
+        stop: GuestOffset,
+        unmap: bool,
+    ) -> SimResult<()> {
         let cs = self.cs;
         let slice = self.slice_entries();
         while start < stop {
-            let l2_index = self.geo.l2_index(GuestOffset(start));
+            let l2_index = self.geo.l2_index(start);
             let n = stop
                 .saturating_sub(start)
                 .div_ceil(cs)
@@ -344,27 +358,6 @@ impl Sim {
     }
 }
 
-/// How many bytes from `pos` of the raw file at `path` are a hole, as QEMU's
-/// file-posix driver asks the file system (`SEEK_DATA`); None when `pos` holds
-/// data. A file system that cannot say reports everything as data, as QEMU
-/// then does. The file is opened read-only and only looked at.
-fn raw_hole(path: &Path, pos: u64) -> SimResult<Option<u64>> {
-    let f = std::fs::File::open(path).map_err(|e| {
-        SimError::from(crate::Error::Io {
-            file: path.to_path_buf(),
-            what: "open for block status".into(),
-            source: std::sync::Arc::new(e),
-        })
-    })?;
-    match rustix::fs::seek(&f, rustix::fs::SeekFrom::Data(pos)) {
-        Ok(data) if data > pos => Ok(Some(data.saturating_sub(pos))),
-        Ok(_) => Ok(None),
-        // No data at or after `pos`: a hole to the end of the file.
-        Err(rustix::io::Errno::NXIO) => Ok(Some(u64::MAX)),
-        Err(_) => Ok(None),
-    }
-}
-
 /// Whether guest bytes `a..b` read as zeros by block status in `chain`
 /// (`bdrv_block_status_above` from its top): the first layer that allocates a
 /// byte answers (data: no; a zero (sub)cluster: yes), bytes past the end of a
@@ -379,14 +372,18 @@ fn chain_reads_zero(chain: &Chain, a: u64, b: u64) -> SimResult<bool> {
             }
             len = len.min(layer.size().saturating_sub(pos));
             let LayerKind::Qcow2 { image, view, .. } = &layer.kind else {
-                // A raw file's block status is its file system's holes: a hole
-                // reads as zeros, anything allocated (zeros written too) as data.
-                match raw_hole(&layer.path, pos)? {
-                    Some(hole) => {
-                        len = len.min(hole.max(1));
+                // A raw file's block status is its file system's holes
+                // (`SEEK_DATA`, as QEMU's file-posix driver asks): a hole
+                // reads as zeros, anything allocated (zeros written too) as
+                // data. Past the end of the file (a raw layer's size is
+                // rounded up to 512 bytes) the rest of the layer is a hole.
+                match layer.src.extent_at(pos) {
+                    Extent::Hole(0) => break,
+                    Extent::Hole(hole) => {
+                        len = len.min(hole);
                         break;
                     }
-                    None => return Ok(false),
+                    Extent::Data(_) => return Ok(false),
                 }
             };
             let run = layer_run(image, view, GuestOffset(pos), len, &layer.label())?;

@@ -149,6 +149,21 @@ impl Field {
         }
     }
 
+    /// Store `v` into the field in `buf` (the header's bytes), big-endian, in the
+    /// field's own width (the high bytes of `v` that do not fit are dropped); a
+    /// field past the end of `buf` is not written.
+    pub fn write(self, buf: &mut [u8], v: u64) {
+        let width = usize::try_from(self.size()).unwrap_or(8).min(8);
+        let bytes = v.to_be_bytes();
+        let from = 8usize.saturating_sub(width);
+        if let (Some(dst), Some(src)) = (
+            buf.get_mut(self.at()..self.at().saturating_add(width)),
+            bytes.get(from..),
+        ) {
+            dst.copy_from_slice(src);
+        }
+    }
+
     /// Read a 4-byte field as stored (for the 1- and 8-byte fields use [`Field::read`]).
     pub(super) fn read32(self, buf: &[u8]) -> u32 {
         be32(buf, self.at())

@@ -45,6 +45,9 @@ pub const QCOW2_MAGIC: u32 = 0x5146_49fb;
 pub const V2_HEADER_LEN: u32 = 72;
 /// Smallest version 3 header.
 pub const V3_MIN_HEADER_LEN: u32 = 104;
+/// The version-3 header QEMU writes: the fields through `compression_type`
+/// padded to a multiple of 8 (`sizeof(QCowHeader)`).
+pub const V3_QEMU_HEADER_LEN: u32 = 112;
 
 /// Extension type: name of the backing file's format.
 pub const EXT_BACKING_FORMAT: u32 = 0xe279_2aca;

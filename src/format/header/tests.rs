@@ -228,3 +228,21 @@ fn validation_errors_name_the_field_for_code_to_match() {
     let e = Header::parse(&b).unwrap_err();
     assert_eq!(e.corrupt_kind(), Some(CorruptKind::HeaderMagic));
 }
+
+#[test]
+fn a_field_is_written_where_and_as_wide_as_the_specification_says() {
+    let mut b = [0u8; 112];
+    Field::HeaderLength.write(&mut b, 112);
+    assert_eq!(b[100..104], [0, 0, 0, 0x70]);
+    Field::CompressionType.write(&mut b, 0x101);
+    assert_eq!(b[104], 0x01, "one byte wide: the high bits are dropped");
+    assert_eq!(b[105], 0);
+    Field::BackingFileOffset.write(&mut b, 0x1234);
+    assert_eq!(b[8..16], [0, 0, 0, 0, 0, 0, 0x12, 0x34]);
+    Field::AutoclearFeatures.write(&mut b, 1);
+    assert_eq!(b[88..96], [0, 0, 0, 0, 0, 0, 0, 1]);
+    // A version-2 header's buffer has no autoclear field: nothing is written.
+    let mut v2 = [0u8; 72];
+    Field::AutoclearFeatures.write(&mut v2, u64::MAX);
+    assert_eq!(v2, [0u8; 72]);
+}

@@ -6,7 +6,7 @@
 //! size taken from the header is checked against QEMU's limits before anything is
 //! allocated.
 
-use crate::bitmap::{self, BitmapEntry};
+use crate::bitmap::BitmapEntry;
 use crate::error::{CorruptKind, Error, Result};
 use crate::header::{self, Extension, ExtensionKind, Feature, Header};
 use crate::io::{SharedSource, Source, read_exact, read_into};
@@ -17,7 +17,9 @@ use crate::types::{Geometry, HostCluster, HostOffset};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
+mod bitmap_tables;
 mod refcount_reader;
+pub use bitmap_tables::{BitmapTable, BitmapTables, TABLE_READ_BUDGET};
 pub use refcount_reader::RefcountReader;
 
 /// How strictly to open.
@@ -76,6 +78,8 @@ pub struct Qcow2 {
     pub snapshots: SnapshotTable,
     /// The bitmap directory: `None` without the extension.
     pub bitmaps: Option<Result<Vec<BitmapEntry>>>,
+    /// The tables of the bitmaps in [`Qcow2::bitmaps`], read once by the open.
+    pub bitmap_tables: BitmapTables,
     /// What QEMU would object to, found while opening (empty for a healthy image),
     /// in the order QEMU's open meets them. Only a [`Strictness::Lenient`] open
     /// gets this far with any; a [`Strictness::Qemu`] open fails with the first.
@@ -172,53 +176,6 @@ fn read_active_l1(
     Ok((Arc::new(tables::decode_l1(&l1_buf)), note))
 }
 
-/// The bitmap directory, if the header has a bitmaps extension. QEMU loads the
-/// table of every bitmap not marked in use when it opens the image, and the open
-/// fails on an entry it does not accept.
-fn read_bitmaps(
-    src: &dyn Source,
-    h: &Header,
-    extensions: &[Extension],
-    strict: Strictness,
-    problems: &mut Vec<Error>,
-    check_refusal: &mut Option<Error>,
-) -> Result<Option<Result<Vec<BitmapEntry>>>> {
-    let bitmaps = extensions.iter().find_map(|e| match e.kind {
-        ExtensionKind::Bitmaps {
-            nb_bitmaps,
-            directory_size,
-            directory_offset,
-            ..
-        } => Some(bitmap::read_directory(
-            src,
-            directory_offset,
-            directory_size,
-            nb_bitmaps,
-        )),
-        _ => None,
-    });
-    if h.autoclear_features & header::AUTOCLEAR_BITMAPS != 0
-        && let Some(Ok(list)) = &bitmaps
-    {
-        let cs = h.cluster_size();
-        for b in list.iter().filter(|b| b.flags & bitmap::FLAG_IN_USE == 0) {
-            if let Ok(Some(bad)) = bitmap::first_invalid_entry(src, b, cs) {
-                let e = Error::invalid(
-                    format!("bitmap '{}' table entry {}", b.name, bad.index),
-                    bad.at,
-                    format!(
-                        "Could not read bitmap_table table from image for bitmap '{}': Invalid argument ({:#x}: {})",
-                        b.name, bad.entry.0, bad.problem
-                    ),
-                );
-                refuse(problems, check_refusal, strict, e)?;
-                break;
-            }
-        }
-    }
-    Ok(bitmaps)
-}
-
 impl Qcow2 {
     /// Open a qcow2 image from `src`.
     pub fn open(src: SharedSource, strict: Strictness) -> Result<Qcow2> {
@@ -307,20 +264,21 @@ impl Qcow2 {
                     e.to_string(),
                 ));
             }
-            problems.push(Error::invalid(
-                "snapshot table",
+            problems.push(Error::corrupt(
+                CorruptKind::SnapshotTable,
                 h.snapshots_offset,
                 e.to_string(),
             ));
         }
 
-        let bitmaps = read_bitmaps(
+        let (bitmaps, bitmap_tables) = bitmap_tables::read_bitmaps(
             src.as_ref(),
             &h,
             &extensions,
             strict,
             &mut problems,
             &mut check_refusal,
+            &mut notes,
         )?;
 
         Ok(Qcow2 {
@@ -334,6 +292,7 @@ impl Qcow2 {
             l1,
             snapshots,
             bitmaps,
+            bitmap_tables,
             problems,
             check_refusal,
             notes,

@@ -208,13 +208,18 @@ pub fn follow(c: &qinspect::simulate::Change, ctx: &Ctx) -> Result<Vec<Effect>, 
             }
         }
         Target::Allocate { offset, .. } | Target::Free { offset, .. } => {
-            vec![Effect::Cluster(offset / cs)]
+            vec![Effect::Cluster(offset.get() / cs)]
         }
-        Target::Copy { to, .. } => vec![Effect::Cluster(to / cs)],
-        Target::SnapshotTable { offset, .. } => vec![Effect::Cluster(offset / cs)],
+        // The cluster the entry or field sits in.
+        Target::RefcountTableEntry { at, .. } | Target::ExtensionField { at, .. } => {
+            vec![Effect::Cluster(at.get() / cs)]
+        }
+        Target::Copy { to, .. } => vec![Effect::Cluster(to.get() / cs)],
+        Target::SnapshotTable { offset, .. } => vec![Effect::Cluster(offset.get() / cs)],
         Target::Header { field } => {
             return Err(format!(
-                "{field} is a header field: Overview (1) shows the header"
+                "{} is a header field: Overview (1) shows the header",
+                field.name()
             ));
         }
         Target::Note => return Err("a note, not a change".into()),

@@ -20,6 +20,9 @@ use crate::io::{Source, read_exact};
 use crate::types::HostOffset;
 use serde::Serialize;
 
+mod entry;
+pub use entry::DirEntryProblem;
+
 /// QEMU accepts at most 65535 bitmaps.
 pub const MAX_BITMAPS: u64 = 65535;
 /// Largest directory QEMU accepts.
@@ -31,6 +34,14 @@ pub const MAX_TABLE_ENTRIES: u64 = 0x0800_0000;
 /// (table entries times the cluster size, 512 MiB): a directory entry over it
 /// fails QEMU's directory check before any table is read.
 pub const MAX_PHYS_SIZE: u64 = 0x2000_0000;
+/// Fewest granularity bits QEMU accepts (one bit per 512 bytes).
+pub const MIN_GRANULARITY_BITS: u8 = 9;
+/// Most granularity bits QEMU accepts (one bit per 2 GiB).
+pub const MAX_GRANULARITY_BITS: u8 = 31;
+/// Longest bitmap name QEMU accepts, in bytes.
+pub const MAX_NAME_SIZE: u16 = 1023;
+/// The flag bits QEMU knows (in use, auto); any other set bit is reserved.
+pub const KNOWN_FLAGS: u32 = FLAG_IN_USE | FLAG_AUTO;
 /// Flag bit 0: the bitmap is being modified and its data is not consistent.
 pub const FLAG_IN_USE: u32 = 1;
 /// Flag bit 1: QEMU tracks writes in this bitmap automatically.
@@ -57,6 +68,9 @@ pub struct BitmapEntry {
     pub extra_data_size: u32,
     /// The bitmap's name (UTF-8, unique in the image).
     pub name: String,
+    /// The name's length in bytes, as stored.
+    #[serde(skip)]
+    pub name_size: u16,
 }
 
 impl BitmapEntry {
@@ -266,6 +280,7 @@ pub fn read_directory(
                 (extra as usize).saturating_add(24),
                 name_size as usize,
             )),
+            name_size: be16(e, 18),
         });
         pos = align8(pos.saturating_add(len));
     }
@@ -386,6 +401,7 @@ mod tests {
             granularity_bits: 16,
             extra_data_size: 0,
             name: "b".into(),
+            name_size: 1,
         };
         // 1 entry of 64 KiB clusters: scanned, and the entry is refused.
         let bad = first_invalid_entry(&src, &b, 65536).unwrap().unwrap();

@@ -1,0 +1,138 @@
+//! The simulator's header writes and the change records' output.
+
+// Test-only code, working on values it made itself.
+#![allow(
+    clippy::arithmetic_side_effects,
+    clippy::indexing_slicing,
+    clippy::unwrap_used,
+    clippy::expect_used
+)]
+
+use super::{Change, Sim, Target};
+use crate::header::Field;
+use crate::testing::ImageBuilder;
+use crate::types::HostOffset;
+use std::path::Path;
+
+fn sim() -> Sim {
+    let img = ImageBuilder::new(16, 1 << 20).open();
+    Sim::new(&img, Path::new("built.qcow2")).expect("the simulation starts")
+}
+
+fn change(target: Target, before: u64, after: u64) -> Change {
+    Change {
+        target,
+        count: 1,
+        before,
+        after,
+        reason: "r".into(),
+    }
+}
+
+#[test]
+fn header_fields_are_read_and_set_where_the_specification_puts_them() {
+    let mut s = sim();
+    // The builder's header: one L1 entry, 16-bit refcounts, no extensions.
+    assert_eq!(s.header_field(Field::L1Size), 1);
+    assert_eq!(s.header_field(Field::RefcountOrder), 4);
+    assert_eq!(s.header_field(Field::HeaderLength), 104);
+    let around = |s: &mut Sim| {
+        (
+            s.read_bytes(HostOffset(32), 4),
+            s.read_bytes(HostOffset(40), 8),
+        )
+    };
+    let untouched = around(&mut s);
+
+    // l1_size: 4 bytes at 36.
+    s.set_header(Field::L1Size, 7u64).unwrap();
+    assert_eq!(s.read_bytes(HostOffset(36), 4), [0, 0, 0, 7]);
+    assert_eq!(around(&mut s), untouched);
+    assert_eq!(s.header_field(Field::L1Size), 7);
+    let last = s.steps.last().expect("the change is recorded");
+    assert_eq!(
+        last.target,
+        Target::Header {
+            field: Field::L1Size
+        }
+    );
+    assert_eq!((last.before, last.after), (1, 7));
+
+    // The same value again changes nothing and records nothing.
+    let n = s.steps.len();
+    s.set_header(Field::L1Size, 7u64).unwrap();
+    assert_eq!(s.steps.len(), n);
+
+    // compression_type: the one byte at 104, its low byte only.
+    s.set_header(Field::CompressionType, 0x1ffu64).unwrap();
+    assert_eq!(s.read_bytes(HostOffset(103), 3), [104, 0xff, 0]);
+    let last = s.steps.last().expect("the change is recorded");
+    assert_eq!((last.before, last.after), (0, 0xff));
+
+    // snapshots_offset: 8 bytes at 64, a host offset.
+    s.set_header(Field::SnapshotsOffset, HostOffset(0x5_0000))
+        .unwrap();
+    assert_eq!(s.read_bytes(HostOffset(64), 8), [0, 0, 0, 0, 0, 5, 0, 0]);
+}
+
+#[test]
+fn header_changes_print_and_serialise_as_the_fields_they_name() {
+    let c = change(
+        Target::Header {
+            field: Field::NbSnapshots,
+        },
+        2,
+        1,
+    );
+    assert_eq!(c.describe(), "header nb_snapshots: 0x2 -> 0x1 (r)");
+    let j = serde_json::to_value(&c).unwrap();
+    assert_eq!(j["kind"], "header");
+    assert_eq!(j["field"], "nb_snapshots");
+
+    // A refcount table entry reads as it always has: kind "header".
+    let c = change(
+        Target::RefcountTableEntry {
+            index: 3,
+            at: HostOffset(0x1_0018),
+        },
+        0,
+        0x5_0000,
+    );
+    assert_eq!(
+        c.describe(),
+        "header refcount table entry: 0x0 -> 0x50000 (r)"
+    );
+    let j = serde_json::to_value(&c).unwrap();
+    assert_eq!(j["kind"], "header");
+    assert_eq!(j["field"], "refcount table entry");
+    assert!(j.get("index").is_none() && j.get("at").is_none(), "{j}");
+
+    let c = change(
+        Target::ExtensionField {
+            field: "bitmap_directory_offset",
+            at: HostOffset(0x88),
+        },
+        0x3_0000,
+        0x6_0000,
+    );
+    let j = serde_json::to_value(&c).unwrap();
+    assert_eq!(j["kind"], "header");
+    assert_eq!(j["field"], "bitmap_directory_offset");
+    assert!(j.get("at").is_none(), "{j}");
+
+    // Host offsets in records are plain numbers in JSON and hex in text.
+    let c = change(
+        Target::Allocate {
+            offset: HostOffset(0x5_0000),
+            length: 65536,
+            purpose: "p".into(),
+        },
+        5,
+        5,
+    );
+    assert_eq!(
+        c.describe(),
+        "allocate 65536 bytes at 0x50000 (cluster 5) for p"
+    );
+    assert_eq!(serde_json::to_value(&c).unwrap()["offset"], 0x5_0000);
+}

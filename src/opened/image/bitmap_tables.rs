@@ -1,0 +1,355 @@
+//! The bitmap directory and the bitmap tables, read once when the image is
+//! opened; `check`, `locate` and the viewer use the tables read here.
+//!
+//! A hostile directory can hold 65535 entries that all name one table, or
+//! tables that overlap, each up to QEMU's largest size. The open reads every
+//! byte of the union of the tables' ranges once (a table shared by several
+//! entries, or the part two tables share, is read once) and at most
+//! [`TABLE_READ_BUDGET`] bytes over the whole directory; a table past the budget
+//! is not read and says so.
+
+use super::{Strictness, refuse};
+use crate::bitmap::{
+    self, BitmapEntry, BitmapTableEntry, InvalidTableEntry, MAX_PHYS_SIZE, MAX_TABLE_ENTRIES,
+};
+use crate::bytes::be64;
+use crate::error::{CorruptKind, Error, Result};
+use crate::header::{self, Extension, ExtensionKind, Header};
+use crate::io::{Source, read_exact};
+use crate::types::HostOffset;
+
+/// The most bytes of bitmap tables an open reads, over the whole directory.
+/// QEMU's own largest table is 8 MiB (512-byte clusters); a directory of
+/// healthy bitmaps needs far less.
+pub const TABLE_READ_BUDGET: u64 = 64 << 20;
+
+/// Bytes of the file read in one piece: one table, or tables that overlap.
+#[derive(Debug)]
+struct Run {
+    start: u64,
+    bytes: Vec<u8>,
+    /// File offsets of the entries in this run QEMU refuses, ascending.
+    invalid: Vec<u64>,
+}
+
+/// Where one directory entry's table is.
+#[derive(Debug)]
+enum Slot {
+    /// `len` bytes from `from` in run `run` (`len` 0: no run).
+    Held { run: usize, from: usize, len: usize },
+    /// Not read, and why.
+    NotRead(Error),
+}
+
+/// Every bitmap table of the directory, as the open read it.
+#[derive(Debug, Default)]
+pub struct BitmapTables {
+    runs: Vec<Run>,
+    slots: Vec<Slot>,
+    cluster_size: u64,
+    bytes_read: u64,
+}
+
+/// One bitmap's table.
+#[derive(Clone, Copy, Debug)]
+pub struct BitmapTable<'a> {
+    /// Where the table is.
+    pub offset: HostOffset,
+    bytes: &'a [u8],
+    invalid: &'a [u64],
+    cluster_size: u64,
+}
+
+impl<'a> BitmapTable<'a> {
+    /// Entries in the table.
+    pub fn len(&self) -> u64 {
+        (self.bytes.len() / 8) as u64
+    }
+
+    /// Whether the table has no entries.
+    pub fn is_empty(&self) -> bool {
+        self.bytes.len() < 8
+    }
+
+    /// The entries, in order.
+    pub fn entries(&self) -> impl Iterator<Item = BitmapTableEntry> + 'a {
+        self.bytes
+            .chunks_exact(8)
+            .map(|c| BitmapTableEntry(be64(c, 0)))
+    }
+
+    /// The first entry QEMU's `bitmap_table_load` refuses (see
+    /// [`BitmapTableEntry::problem`]), found without going through the table.
+    pub fn first_invalid(&self) -> Option<InvalidTableEntry> {
+        let start = self.offset.get();
+        let end = start.saturating_add(self.bytes.len() as u64);
+        let i = self.invalid.partition_point(|&o| o < start);
+        let at = *self.invalid.get(i).filter(|&&o| o < end)?;
+        let index = at.saturating_sub(start) / 8;
+        let pos = usize::try_from(index.saturating_mul(8)).ok()?;
+        let entry = BitmapTableEntry(be64(self.bytes.get(pos..)?, 0));
+        Some(InvalidTableEntry {
+            index,
+            at: HostOffset(at),
+            entry,
+            problem: entry.problem(self.cluster_size)?,
+        })
+    }
+}
+
+impl BitmapTables {
+    /// Read the tables of `dir` from `src`, in an image of `cluster_size`-byte
+    /// clusters.
+    pub fn read(src: &dyn Source, dir: &[BitmapEntry], cluster_size: u64) -> BitmapTables {
+        let file_len = src.len();
+        let mut slots: Vec<Option<Slot>> = Vec::with_capacity(dir.len());
+        // (start, end, directory index) of every table to read.
+        let mut wanted: Vec<(u64, u64, usize)> = Vec::new();
+        for (i, b) in dir.iter().enumerate() {
+            let what = format!("bitmap '{}' table", b.name);
+            let off = b.table_offset.get();
+            let n = u64::from(b.table_size);
+            let len = n.saturating_mul(8);
+            let slot = if n > MAX_TABLE_ENTRIES {
+                Some(Slot::NotRead(Error::invalid(
+                    what,
+                    HostOffset(off),
+                    format!("{n} entries is more than QEMU allows"),
+                )))
+            } else if n.saturating_mul(cluster_size) > MAX_PHYS_SIZE {
+                Some(Slot::NotRead(Error::invalid(
+                    what,
+                    HostOffset(off),
+                    format!(
+                        "not read: {n} entries of {cluster_size}-byte clusters exceed QEMU's {MAX_PHYS_SIZE:#x} bytes, so QEMU refuses the directory entry and reads no table"
+                    ),
+                )))
+            } else if off.checked_add(len).is_none_or(|e| e > file_len) {
+                Some(Slot::NotRead(Error::Truncated {
+                    what,
+                    offset: HostOffset(off),
+                    len,
+                    file_len,
+                }))
+            } else if len == 0 {
+                Some(Slot::Held {
+                    run: 0,
+                    from: 0,
+                    len: 0,
+                })
+            } else {
+                wanted.push((off, off.saturating_add(len), i));
+                None
+            };
+            slots.push(slot);
+        }
+        wanted.sort_unstable();
+        let mut t = BitmapTables {
+            cluster_size,
+            ..BitmapTables::default()
+        };
+        let mut k = 0;
+        while let Some(&(start, first_end, _)) = wanted.get(k) {
+            // The tables from k on that overlap this one (or an overlapping one).
+            let mut end = first_end;
+            let mut n = k.saturating_add(1);
+            while let Some(&(_, e, _)) = wanted.get(n).filter(|w| w.0 < end) {
+                end = end.max(e);
+                n = n.saturating_add(1);
+            }
+            let group = wanted.get(k..n).unwrap_or(&[]);
+            k = n;
+            let len = end.saturating_sub(start);
+            let over = t.bytes_read.saturating_add(len) > TABLE_READ_BUDGET;
+            let read = if over {
+                Err(Error::unsupported(
+                    format!("bitmap tables at {start:#x}..{end:#x}"),
+                    format!(
+                        "not read: the bitmap tables of this image take more than the {} MiB qinspect reads of them",
+                        TABLE_READ_BUDGET >> 20
+                    ),
+                ))
+            } else {
+                read_exact(src, "bitmap tables", HostOffset(start), len)
+            };
+            match read {
+                Ok(bytes) => {
+                    t.bytes_read = t.bytes_read.saturating_add(len);
+                    let invalid = (0u64..)
+                        .zip(bytes.chunks_exact(8))
+                        .filter(|(_, c)| {
+                            BitmapTableEntry(be64(c, 0)).problem(cluster_size).is_some()
+                        })
+                        .map(|(j, _)| start.saturating_add(j.saturating_mul(8)))
+                        .collect();
+                    let run = t.runs.len();
+                    for &(s, e, i) in group {
+                        if let Some(slot) = slots.get_mut(i) {
+                            *slot = Some(Slot::Held {
+                                run,
+                                from: s.saturating_sub(start) as usize,
+                                len: e.saturating_sub(s) as usize,
+                            });
+                        }
+                    }
+                    t.runs.push(Run {
+                        start,
+                        bytes,
+                        invalid,
+                    });
+                }
+                Err(e) => {
+                    for &(_, _, i) in group {
+                        if let Some(slot) = slots.get_mut(i) {
+                            *slot = Some(Slot::NotRead(e.clone()));
+                        }
+                    }
+                }
+            }
+        }
+        t.slots = slots
+            .into_iter()
+            .map(|s| {
+                s.unwrap_or_else(|| {
+                    Slot::NotRead(Error::invalid("bitmap table", HostOffset(0), "not read"))
+                })
+            })
+            .collect();
+        t
+    }
+
+    /// The table of directory entry `i`, or why it was not read.
+    pub fn table(&self, i: usize) -> Result<BitmapTable<'_>> {
+        let Some(slot) = self.slots.get(i) else {
+            return Err(Error::Request(format!(
+                "there is no bitmap {i} ({} bitmaps)",
+                self.slots.len()
+            )));
+        };
+        match slot {
+            Slot::NotRead(e) => Err(e.clone()),
+            Slot::Held { run, from, len } => {
+                let (start, bytes, invalid) = match self.runs.get(*run) {
+                    Some(r) if *len > 0 => (
+                        r.start,
+                        r.bytes.get(*from..from.saturating_add(*len)).unwrap_or(&[]),
+                        r.invalid.as_slice(),
+                    ),
+                    _ => (0, &[][..], &[][..]),
+                };
+                Ok(BitmapTable {
+                    offset: HostOffset(start.saturating_add(*from as u64)),
+                    bytes,
+                    invalid,
+                    cluster_size: self.cluster_size,
+                })
+            }
+        }
+    }
+
+    /// Bytes read from the file for all the tables together.
+    pub fn bytes_read(&self) -> u64 {
+        self.bytes_read
+    }
+}
+
+/// The bitmap directory and its tables, if the header has a bitmaps extension.
+/// QEMU's open checks every directory entry, then loads the table of every
+/// bitmap not marked in use, and fails on an entry it does not accept.
+pub(super) fn read_bitmaps(
+    src: &dyn Source,
+    h: &Header,
+    extensions: &[Extension],
+    strict: Strictness,
+    problems: &mut Vec<Error>,
+    check_refusal: &mut Option<Error>,
+    notes: &mut Vec<String>,
+) -> Result<(Option<Result<Vec<BitmapEntry>>>, BitmapTables)> {
+    let bitmaps = extensions.iter().find_map(|e| match e.kind {
+        ExtensionKind::Bitmaps {
+            nb_bitmaps,
+            directory_size,
+            directory_offset,
+            ..
+        } => Some(bitmap::read_directory(
+            src,
+            directory_offset,
+            directory_size,
+            nb_bitmaps,
+        )),
+        _ => None,
+    });
+    let cs = h.cluster_size();
+    let Some(Ok(list)) = &bitmaps else {
+        return Ok((bitmaps, BitmapTables::default()));
+    };
+    let tables = BitmapTables::read(src, list, cs);
+    if h.autoclear_features & header::AUTOCLEAR_BITMAPS == 0 {
+        return Ok((bitmaps, tables));
+    }
+    // QEMU's disk length is in whole sectors.
+    let disk = h.size & !511;
+    // Every entry is checked before any table is loaded.
+    for (i, b) in list.iter().enumerate() {
+        if let Some(p) = b.problem(cs, disk) {
+            let e = Error::Invalid {
+                kind: CorruptKind::BitmapDirectoryEntry,
+                what: format!("bitmap directory entry {i} '{}'", b.name),
+                offset: b.entry_offset,
+                reason: format!("{} ({p})", p.qemu_message(&b.name)),
+            };
+            refuse(problems, check_refusal, strict, e)?;
+            return Ok((bitmaps, tables));
+        }
+    }
+    for (i, b) in list.iter().enumerate() {
+        if b.flags & bitmap::FLAG_IN_USE != 0 {
+            continue;
+        }
+        match tables.table(i) {
+            Ok(t) => {
+                if let Some(bad) = t.first_invalid() {
+                    let e = Error::invalid(
+                        format!("bitmap '{}' table entry {}", b.name, bad.index),
+                        bad.at,
+                        format!(
+                            "Could not read bitmap_table table from image for bitmap '{}': Invalid argument ({:#x}: {})",
+                            b.name, bad.entry.0, bad.problem
+                        ),
+                    );
+                    refuse(problems, check_refusal, strict, e)?;
+                    break;
+                }
+                let need = b.table_size_needed(cs, disk);
+                if u64::from(b.table_size) != need {
+                    let e = Error::Invalid {
+                        kind: CorruptKind::BitmapDirectoryEntry,
+                        what: format!("bitmap directory entry {i} '{}' bitmap_table_size", b.name),
+                        offset: b.entry_offset.saturating_add(8),
+                        reason: format!(
+                            "Could not read bitmap '{}' from image: Invalid argument ({} table entries; the disk of {disk} bytes at {} bytes a bit needs {need})",
+                            b.name,
+                            b.table_size,
+                            b.granularity()
+                        ),
+                    };
+                    refuse(problems, check_refusal, strict, e)?;
+                    break;
+                }
+            }
+            Err(e @ Error::Unsupported { .. }) => {
+                // Past the budget: what QEMU makes of this table and the ones
+                // after it is not known.
+                notes.push(format!(
+                    "{e}; QEMU reads the table of bitmap '{}' and of the bitmaps after it when it opens the image, and would refuse the open for an entry it does not accept",
+                    b.name
+                ));
+                break;
+            }
+            // A table QEMU cannot read: the read fails and so would the open
+            // (not reported here, as before).
+            Err(_) => {}
+        }
+    }
+    Ok((bitmaps, tables))
+}
