@@ -3,6 +3,10 @@
 //! pane, popups, the tour and the jump history; panes ask for everything else with
 //! effects, which [`App::update`] applies in order. Slow, whole-image work runs on
 //! worker threads and reports back over a channel, so no key ever waits for it.
+//!
+//! Here: the state, loading and moving along the history. The update function
+//! is in `update`, the text prompts in `input`, the worker threads in `workers`
+//! and the Compare popup in `compare`.
 
 mod compare;
 mod input;
