@@ -7,6 +7,7 @@ use super::panes::Panes;
 use super::widgets::ListView;
 use qinspect::io::SharedSource;
 use qinspect::lookup::Trace;
+use qinspect::types::HostOffset;
 
 /// A pane and what was selected and scrolled in it.
 #[derive(Clone)]
@@ -29,10 +30,10 @@ enum Saved {
     Simulate(ListView, ListView),
     Hex(
         Option<SharedSource>,
-        u64,
-        Option<(u64, String)>,
-        Option<(u64, u64)>,
-        u64,
+        HostOffset,
+        Option<(HostOffset, String)>,
+        Option<(HostOffset, HostOffset)>,
+        HostOffset,
     ),
     Map(ListView),
 }
@@ -154,7 +155,7 @@ impl Place {
             Saved::Simulate(m, s) => [lv(m), lv(s)].concat(),
             Saved::Map(l) => lv(l).to_vec(),
             Saved::Hex(_, top, target, _, _) => {
-                vec![*top, target.as_ref().map_or(u64::MAX, |t| t.0)]
+                vec![top.get(), target.as_ref().map_or(u64::MAX, |t| t.0.get())]
             }
         }
     }

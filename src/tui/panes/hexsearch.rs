@@ -3,6 +3,7 @@
 //! chunks so that a big file never holds up a key, and cancelled with Esc.
 
 use qinspect::io::{SharedSource, read_into};
+use qinspect::types::HostOffset;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, channel};
@@ -82,7 +83,7 @@ pub struct Running {
     /// Forward (towards the end of the file) or backward.
     pub forward: bool,
     /// Where it started.
-    pub from: u64,
+    pub from: HostOffset,
     /// Bytes looked at, of how many.
     pub progress: (u64, u64),
     rx: Receiver<Msg>,
@@ -92,18 +93,19 @@ pub struct Running {
 impl Running {
     /// Search `src` for `pattern` starting at `from` (forward: the first match at
     /// or after it; backward: the last match that starts before it).
-    pub fn start(src: SharedSource, pattern: Vec<u8>, from: u64, forward: bool) -> Running {
+    pub fn start(src: SharedSource, pattern: Vec<u8>, from: HostOffset, forward: bool) -> Running {
         let (tx, rx) = channel();
         let cancel = Arc::new(AtomicBool::new(false));
         let stop = cancel.clone();
         let p = pattern.clone();
+        let at = from.get();
         std::thread::spawn(move || {
             let r = if forward {
-                find_forward(&src, &p, from, &stop, &|d, t| {
+                find_forward(&src, &p, at, &stop, &|d, t| {
                     let _ = tx.send(Msg::Progress(d, t));
                 })
             } else {
-                find_backward(&src, &p, from, &stop, &|d, t| {
+                find_backward(&src, &p, at, &stop, &|d, t| {
                     let _ = tx.send(Msg::Progress(d, t));
                 })
             };
@@ -124,17 +126,28 @@ impl Running {
         }
     }
 
+    /// Where the search has got to: past `from` by the bytes looked at (before
+    /// it, backward).
+    pub fn at(&self) -> HostOffset {
+        let (from, done) = (self.from.get(), self.progress.0);
+        HostOffset(if self.forward {
+            from.saturating_add(done)
+        } else {
+            from.saturating_sub(done)
+        })
+    }
+
     /// Stop the worker.
     pub fn cancel(&self) {
         self.cancel.store(true, Ordering::Relaxed);
     }
 
     /// The worker's messages so far; the last one that ends it, if any.
-    pub fn poll(&mut self) -> Option<Result<Option<u64>, String>> {
+    pub fn poll(&mut self) -> Option<Result<Option<HostOffset>, String>> {
         while let Ok(m) = self.rx.try_recv() {
             match m {
                 Msg::Progress(d, t) => self.progress = (d, t),
-                Msg::Done(at) => return Some(Ok(at)),
+                Msg::Done(at) => return Some(Ok(at.map(HostOffset))),
                 Msg::Failed(e) => return Some(Err(e)),
             }
         }
@@ -143,11 +156,11 @@ impl Running {
 
     /// Wait for the end (tests).
     #[cfg(test)]
-    pub fn wait(&mut self) -> Result<Option<u64>, String> {
+    pub fn wait(&mut self) -> Result<Option<HostOffset>, String> {
         loop {
             match self.rx.recv_timeout(std::time::Duration::from_secs(60)) {
                 Ok(Msg::Progress(d, t)) => self.progress = (d, t),
-                Ok(Msg::Done(at)) => return Ok(at),
+                Ok(Msg::Done(at)) => return Ok(at.map(HostOffset)),
                 Ok(Msg::Failed(e)) => return Err(e),
                 Err(_) => return Err("the search worker stopped".into()),
             }
@@ -158,13 +171,8 @@ impl Running {
 fn chunk(src: &SharedSource, at: u64, len: u64) -> Result<Vec<u8>, String> {
     let n = usize::try_from(len).map_err(|e| e.to_string())?;
     let mut buf = vec![0u8; n];
-    let got = read_into(
-        src.as_ref(),
-        "search",
-        qinspect::types::HostOffset(at),
-        &mut buf,
-    )
-    .map_err(|e| e.to_string())?;
+    let got =
+        read_into(src.as_ref(), "search", HostOffset(at), &mut buf).map_err(|e| e.to_string())?;
     buf.truncate(got);
     Ok(buf)
 }

@@ -7,7 +7,7 @@ use crate::tui::ctx::{Ctx, Effect, OffsetKind};
 use crate::tui::keymap::Action;
 use crate::tui::widgets::{ListView, boxed};
 use qinspect::map::{MapEntry, map_range, qemu_length};
-use qinspect::types::human_size;
+use qinspect::types::{GuestOffset, human_size};
 use ratatui::Frame;
 use ratatui::layout::Rect;
 use ratatui::style::{Color, Style};
@@ -297,7 +297,7 @@ impl PaneState for State {
         match action {
             Action::Enter => {
                 if let Some(e) = self.extents.get(self.list.sel) {
-                    q.push(Effect::Trace(e.start));
+                    q.push(Effect::Trace(GuestOffset(e.start)));
                 }
                 true
             }

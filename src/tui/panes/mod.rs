@@ -19,6 +19,7 @@ use super::ctx::{Ctx, Effect, OffsetKind, Pane};
 use super::find::Rows;
 use super::keymap::Action;
 use super::widgets::ListView;
+use qinspect::types::GuestOffset;
 use ratatui::Frame;
 use ratatui::layout::Rect;
 
@@ -39,7 +40,7 @@ pub trait PaneState {
     /// the disk or file size).
     fn goto(&mut self, offset: u64, ctx: &Ctx, q: &mut Vec<Effect>) {
         let _ = ctx;
-        q.push(Effect::Trace(offset));
+        q.push(Effect::Trace(GuestOffset(offset)));
     }
     /// A mouse click at a screen position.
     fn click(&mut self, x: u16, y: u16, ctx: &Ctx, q: &mut Vec<Effect>) {

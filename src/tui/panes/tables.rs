@@ -328,7 +328,7 @@ impl PaneState for State {
                 if let Some(g) = geo.guest_offset(i as u64, j, 0)
                     && g.0 < ctx.disk_size()
                 {
-                    q.push(Effect::Trace(g.0));
+                    q.push(Effect::Trace(g));
                 }
             }
             (Level::L2(i), Action::Hex) => {

@@ -5,6 +5,7 @@ use crate::tui::ctx::{Ctx, Effect, OffsetKind};
 use crate::tui::keymap::Action;
 use crate::tui::widgets::{ListView, boxed};
 use qinspect::lookup::{StepKind, Trace, trace};
+use qinspect::types::GuestOffset;
 use ratatui::Frame;
 use ratatui::layout::{Constraint, Layout, Rect};
 use ratatui::style::{Color, Style};
@@ -39,12 +40,12 @@ fn step_color(k: &StepKind) -> Color {
 impl State {
     /// Trace `off` through the chain. Where a backing file is missing, the layers
     /// above it are traced and the trace stops where the read would reach it.
-    pub fn run(&mut self, off: u64, ctx: &Ctx) -> Result<(), String> {
+    pub fn run(&mut self, off: GuestOffset, ctx: &Ctx) -> Result<(), String> {
         let c = ctx
             .chain
             .as_ref()
             .map_err(|e| format!("cannot trace: {e}"))?;
-        let mut t = trace(c, qinspect::types::GuestOffset(off));
+        let mut t = trace(c, off);
         if let Some((missing, gap)) = &ctx.chain_gap {
             let missing = missing.display();
             for s in t.steps.iter_mut() {

@@ -46,17 +46,20 @@ fn hex_reaches_an_entry_deep_in_a_cluster_and_scrolls_across_clusters() {
     assert!(s.contains("at 0x46000"), "the exact offset:\n{s}");
     // ↓ moves the cursor a row, PgDn a page, both inside the cluster.
     key(&mut a, KeyCode::Down);
-    assert_eq!(a.panes.hex.cursor, 0x46010);
+    assert_eq!(a.panes.hex.cursor.get(), 0x46010);
     key(&mut a, KeyCode::PageDown);
     let page = a.panes.hex.rows * 16;
-    assert_eq!(a.panes.hex.cursor, 0x46010 + page);
-    assert!(a.panes.hex.top > 0x45fc0, "the page follows the cursor");
+    assert_eq!(a.panes.hex.cursor.get(), 0x46010 + page);
+    assert!(
+        a.panes.hex.top.get() > 0x45fc0,
+        "the page follows the cursor"
+    );
     // ] is a whole cluster, and rows cross into it.
     typed(&mut a, "]");
-    assert_eq!(a.panes.hex.top, 0x48000);
-    assert_eq!(a.panes.hex.cursor, 0x48000);
+    assert_eq!(a.panes.hex.top.get(), 0x48000);
+    assert_eq!(a.panes.hex.cursor.get(), 0x48000);
     key(&mut a, KeyCode::Up);
-    assert_eq!(a.panes.hex.top, 0x47ff0);
+    assert_eq!(a.panes.hex.top.get(), 0x47ff0);
     let s = screen(&mut a, 80, 24);
     assert!(s.contains("(host cluster 17–18)"), "{s}");
     // End: the last bytes of the file, and what lies past it is marked.

@@ -1,6 +1,7 @@
 //! Structure-aware Hex, and a compressed entry's inflated guest data.
 
 use super::*;
+use qinspect::types::HostOffset;
 
 // ---- issue 11 item 7: structure-aware Hex ----------------------------------------
 
@@ -11,7 +12,7 @@ fn hex_at(a: &mut App, off: u64, w: u16, h: u16) -> String {
     }
     typed(a, &format!("g{off:#x}"));
     key(a, KeyCode::Enter);
-    assert_eq!(a.panes.hex.cursor, off);
+    assert_eq!(a.panes.hex.cursor.get(), off);
     screen(a, w, h)
 }
 
@@ -173,15 +174,15 @@ fn hex_rows_are_32_bytes_wide_and_16_at_80_columns_with_the_side_panel_below() {
     assert!(side > row, "below the bytes:\n{s}");
     // Moving: a byte, a row of 16, a cluster.
     key(&mut a, KeyCode::Right);
-    assert_eq!(a.panes.hex.cursor, 0x29);
+    assert_eq!(a.panes.hex.cursor.get(), 0x29);
     key(&mut a, KeyCode::Down);
-    assert_eq!(a.panes.hex.cursor, 0x39);
+    assert_eq!(a.panes.hex.cursor.get(), 0x39);
     typed(&mut a, "]");
-    assert_eq!(a.panes.hex.cursor, a.ctx.cluster_size());
+    assert_eq!(a.panes.hex.cursor.get(), a.ctx.cluster_size());
     typed(&mut a, "[");
-    assert_eq!(a.panes.hex.cursor, 0);
+    assert_eq!(a.panes.hex.cursor.get(), 0);
     typed(&mut a, "G");
-    assert_eq!(a.panes.hex.cursor, a.ctx.file_len() - 1);
+    assert_eq!(a.panes.hex.cursor.get(), a.ctx.file_len() - 1);
     let s = screen(&mut a, 80, 24);
     assert!(s.contains("the file ends at"), "{s}");
 }
@@ -201,24 +202,31 @@ fn slash_finds_bytes_and_text_and_n_repeats_it() {
     typed(&mut a, "9/\"QFI\"");
     key(&mut a, KeyCode::Enter);
     a.wait_background();
-    assert_eq!(a.panes.hex.cursor, 0);
+    assert_eq!(a.panes.hex.cursor.get(), 0);
     let s = screen(&mut a, 120, 30);
     assert!(s.contains("\"QFI\" found at 0x0"), "{s}");
     typed(&mut a, "/de de de de");
     key(&mut a, KeyCode::Enter);
     a.wait_background();
-    assert_eq!(a.panes.hex.cursor, first);
-    assert_eq!(a.panes.hex.mark, Some((first, first + 4)));
+    assert_eq!(a.panes.hex.cursor.get(), first);
+    assert_eq!(
+        a.panes.hex.mark,
+        Some((HostOffset(first), HostOffset(first + 4)))
+    );
     typed(&mut a, "n");
     a.wait_background();
-    assert_eq!(a.panes.hex.cursor, first + 1);
+    assert_eq!(a.panes.hex.cursor.get(), first + 1);
     typed(&mut a, "N");
     a.wait_background();
-    assert_eq!(a.panes.hex.cursor, first);
+    assert_eq!(a.panes.hex.cursor.get(), first);
     typed(&mut a, "/0xdeadbeef");
     key(&mut a, KeyCode::Enter);
     a.wait_background();
-    assert_eq!(a.panes.hex.cursor, first, "not found: the cursor stays");
+    assert_eq!(
+        a.panes.hex.cursor.get(),
+        first,
+        "not found: the cursor stays"
+    );
     let s = screen(&mut a, 120, 30);
     assert!(s.contains("de ad be ef does not occur at or after"), "{s}");
     // The help lists the keys.
@@ -240,7 +248,7 @@ fn a_search_of_a_big_file_runs_in_the_background_and_esc_cancels_it() {
     assert!(a.panes.hex.searching());
     // Keys answer while it runs.
     key(&mut a, KeyCode::Right);
-    assert_eq!(a.panes.hex.cursor, 1);
+    assert_eq!(a.panes.hex.cursor.get(), 1);
     let s = screen(&mut a, 160, 30);
     assert!(s.contains("searching for \"not there\""), "{s}");
     key(&mut a, KeyCode::Esc);

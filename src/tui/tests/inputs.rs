@@ -337,7 +337,9 @@ fn overview_decodes_luks_and_the_key_opens_the_chain() {
         "{all}"
     );
     assert!(all.contains("LUKS header at 0x"), "{all}");
-    a.apply(crate::tui::ctx::Effect::Trace(0x200));
+    a.apply(crate::tui::ctx::Effect::Trace(
+        qinspect::types::GuestOffset(0x200),
+    ));
     let steps = &a.panes.trace.trace.as_ref().unwrap().steps;
     let d = steps
         .iter()

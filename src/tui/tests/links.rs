@@ -1,6 +1,7 @@
 //! History and cross-links: findings to entries and back, Enter on cells, referrers and fields.
 
 use super::*;
+use qinspect::types::HostOffset;
 
 // ---- issue 11: history and cross-links ------------------------------------------
 
@@ -120,7 +121,10 @@ fn layout_cells_referrers_and_header_fields_are_followed_with_enter() {
     // x: its bytes in Hex.
     typed(&mut a, "x");
     assert_eq!(a.pane, Pane::Hex);
-    assert_eq!(a.panes.hex.target.as_ref().map(|t| t.0), Some(0x18000));
+    assert_eq!(
+        a.panes.hex.target.as_ref().map(|t| t.0.get()),
+        Some(0x18000)
+    );
     key(&mut a, KeyCode::Backspace);
     // Its referrers → each one's entry in Tables, in that L1's view.
     typed(&mut a, "i");
@@ -239,7 +243,7 @@ fn a_compressed_entry_shows_its_compressed_bytes_in_hex() {
     }
     typed(&mut a, "x");
     assert_eq!(a.pane, Pane::Hex);
-    assert_eq!(a.panes.hex.mark, Some((start, end)));
+    assert_eq!(a.panes.hex.mark, Some((HostOffset(start), HostOffset(end))));
     let s = screen(&mut a, 100, 30);
     assert!(s.contains("compressed data of guest"), "{s}");
     // Enter on the entry traces it: the trace inflates the cluster.
