@@ -1,6 +1,7 @@
 //! `qinspect read`: guest bytes through the chain.
 
-use super::{CmdResult, num::parse_size};
+use super::CmdResult;
+use super::num::{parse_guest, parse_size};
 use color_eyre::eyre::{bail, eyre};
 use qinspect::chain::{Chain, OpenOptions};
 use qinspect::image::Strictness;
@@ -38,8 +39,8 @@ pub struct Args {
     #[arg(long, short = 's')]
     pub snapshot: Option<String>,
     /// First guest byte to read.
-    #[arg(long, value_parser = parse_size, default_value = "0")]
-    pub offset: u64,
+    #[arg(long, value_parser = parse_guest, default_value = "0")]
+    pub offset: GuestOffset,
     /// How many bytes (default: to the end of the disk).
     #[arg(long, short = 'l', value_parser = parse_size)]
     pub length: Option<u64>,
@@ -66,13 +67,14 @@ pub fn run(mut a: Args) -> CmdResult {
     keys.unlock(&chain)?;
     super::secret::Keys::require(&chain)?;
     let size = chain.size();
-    if a.offset > size {
+    if a.offset.get() > size {
         color_eyre::eyre::bail!(
             "offset {:#x} is past the end of the disk ({size} bytes)",
             a.offset
         );
     }
-    let len = a.length.unwrap_or(size - a.offset).min(size - a.offset);
+    let rest = size - a.offset.get();
+    let len = a.length.unwrap_or(rest).min(rest);
     if let Some(p) = &a.output {
         let file = open_output(&chain, p)?;
         return write_output(&chain, a.offset, len, file);
@@ -86,7 +88,12 @@ pub fn run(mut a: Args) -> CmdResult {
 
 /// Write `len` guest bytes from `offset` into an output [`open_output`] opened:
 /// a regular file sparse and in place, anything else as a stream.
-pub(super) fn write_output(chain: &Chain, offset: u64, len: u64, file: std::fs::File) -> CmdResult {
+pub(super) fn write_output(
+    chain: &Chain,
+    offset: GuestOffset,
+    len: u64,
+    file: std::fs::File,
+) -> CmdResult {
     let meta = file.metadata()?;
     if meta.file_type().is_file() {
         // An existing file is overwritten in place when it can be: writing
@@ -203,7 +210,7 @@ fn refuse_member(chain: &Chain, p: &Path, id: FileId) -> color_eyre::Result<()> 
 /// Write to a pipe or terminal through a buffer.
 pub(super) fn stream(
     chain: &qinspect::chain::Chain,
-    offset: u64,
+    offset: GuestOffset,
     len: u64,
     mut sink: Box<dyn Write + '_>,
 ) -> CmdResult {
@@ -213,7 +220,7 @@ pub(super) fn stream(
     while pos < len {
         let n = ((len - pos) as usize).min(buf.len());
         let chunk = &mut buf[..n];
-        read(chain, GuestOffset(offset + pos), chunk, &mut cache)?;
+        read(chain, offset.saturating_add(pos), chunk, &mut cache)?;
         match sink.write_all(chunk) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => return Ok(0),
@@ -238,7 +245,12 @@ const PIPE_SIZE: usize = 1 << 20;
 /// [`Pacer`]) instead of waiting in the kernel, where the reader would have to
 /// wake it after every read it makes. Zeros are spliced too, from the hole of
 /// a memory file, when the kernel can (else they are written).
-fn stream_to_pipe(chain: &Chain, offset: u64, len: u64, out: std::io::StdoutLock) -> CmdResult {
+fn stream_to_pipe(
+    chain: &Chain,
+    start: GuestOffset,
+    len: u64,
+    out: std::io::StdoutLock,
+) -> CmdResult {
     use std::os::fd::AsFd;
     let pipe = out.as_fd();
     // A smaller pipe when the limit is lower (EPERM) is no reason to stop.
@@ -257,7 +269,6 @@ fn stream_to_pipe(chain: &Chain, offset: u64, len: u64, out: std::io::StdoutLock
         })
     };
     let mut cache = ReadCache::default();
-    let start = GuestOffset(offset);
     let done = for_each_segment(chain, start, len, &mut cache, &mut |seg| match seg {
         Segment::Zero { mut len } => {
             if let Some(z) = &zero_file {
@@ -413,7 +424,7 @@ fn splice_zeros(
 /// first block of the file (see [`reuse_output`]).
 fn write_sparse(
     chain: &Chain,
-    offset: u64,
+    offset: GuestOffset,
     out_pos: u64,
     len: u64,
     out: &Mutex<&std::fs::File>,
@@ -421,7 +432,7 @@ fn write_sparse(
 ) -> color_eyre::Result<()> {
     let mut cache = ReadCache::default();
     let mut w = SparseWriter::new(out, out_pos, reuse);
-    for_each_segment(chain, GuestOffset(offset), len, &mut cache, &mut |seg| {
+    for_each_segment(chain, offset, len, &mut cache, &mut |seg| {
         match seg {
             Segment::Zero { len } => w.skip(len)?,
             Segment::Bytes(b) => w.put(b)?,
@@ -467,7 +478,7 @@ const CHUNK_BYTES: u64 = 16 << 20;
 /// worker asks next, so a run of holes does not leave one worker idle.
 pub(super) fn write_parallel(
     chain: &Chain,
-    offset: u64,
+    offset: GuestOffset,
     len: u64,
     out: &std::fs::File,
     reuse: bool,
@@ -495,7 +506,9 @@ pub(super) fn write_parallel(
                     }
                     let start = i * CHUNK_BYTES;
                     let n = CHUNK_BYTES.min(len - start);
-                    if let Err(e) = write_sparse(chain, offset + start, start, n, &out, reuse) {
+                    if let Err(e) =
+                        write_sparse(chain, offset.saturating_add(start), start, n, &out, reuse)
+                    {
                         // Stop everyone; keep the first error.
                         next.store(chunks, Ordering::Relaxed);
                         let mut f = failed.lock().unwrap_or_else(|p| p.into_inner());

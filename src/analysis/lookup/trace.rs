@@ -73,7 +73,8 @@ pub fn trace(chain: &Chain, guest: GuestOffset) -> Trace {
                 );
                 let flen = layer.src.len();
                 // A raw layer's guest offsets are its file's offsets.
-                let (zero, _) = crate::map::file_extent(layer.src.as_ref(), guest.get());
+                let (zero, _) =
+                    crate::map::file_extent(layer.src.as_ref(), HostOffset(guest.get()));
                 if guest.get() >= flen {
                     let reason = format!(
                         "byte {guest:#x} is past the end of {name} ({flen} bytes), inside QEMU's rounding of a raw file's size up to 512 bytes"
@@ -145,7 +146,7 @@ pub fn trace(chain: &Chain, guest: GuestOffset) -> Trace {
         }
     }
     let (answer, error) = if guest.get() < chain.size() {
-        match crate::map::decide(chain, guest.get()) {
+        match crate::map::decide(chain, guest) {
             Ok(e) => (Some(e), None),
             Err(e) => (None, Some(e.to_string())),
         }
