@@ -433,12 +433,11 @@ fn conclude(t: &mut LayerSteps<'_>, at: &Place<'_>, status: Status) -> Option<St
             ))
         }
         Status::Data { host, in_data_file } => {
-            let host = host.0;
             let (file, flen) = match (in_data_file, data_file) {
                 (true, Some(df)) => (df.name().display().to_string(), df.len()),
                 _ => (name.to_string(), img.file_len()),
             };
-            let past_eof = host >= flen;
+            let past_eof = host.get() >= flen;
             t.push(StepKind::Data {
                     file: file.clone(),
                     host_offset: format!("{host:#x}"),
@@ -455,7 +454,7 @@ fn conclude(t: &mut LayerSteps<'_>, at: &Place<'_>, status: Status) -> Option<St
                     }
                 ),
             );
-            if let Some((d, why)) = crate::crypto::decrypt_step(img, host, guest.get()) {
+            if let Some((d, why)) = crate::crypto::decrypt_step(img, host, guest) {
                 t.push(StepKind::Decrypt(d), why);
             }
             Some(format!(
