@@ -392,6 +392,72 @@ fn layer_answer(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::chain::OpenOptions;
+    use crate::io::MemSource;
+    use crate::tables::OFLAG_COPIED;
+    use crate::testing::ImageBuilder;
+    use std::path::Path;
+    use std::sync::{Arc, Mutex};
+
+    /// A built image that notes the offset of every read.
+    #[derive(Debug)]
+    struct Noting {
+        inner: MemSource,
+        reads: Mutex<Vec<u64>>,
+    }
+
+    impl Source for Noting {
+        fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
+            self.reads.lock().unwrap().push(offset);
+            self.inner.read_at(buf, offset)
+        }
+        fn len(&self) -> u64 {
+            self.inner.len()
+        }
+        fn name(&self) -> &std::path::Path {
+            self.inner.name()
+        }
+    }
+
+    #[test]
+    fn decide_reads_no_l2_table_the_trace_has_read() {
+        let mut b = ImageBuilder::new(16, 4 << 20);
+        let data = b.cluster(&[0x11; 512]);
+        let b = b.l2(1, data.get() | OFLAG_COPIED, 0);
+        let src = Arc::new(Noting {
+            inner: MemSource::new("built.qcow2", b.bytes()),
+            reads: Mutex::new(Vec::new()),
+        });
+        let chain = Chain::from_source(
+            src.clone(),
+            Path::new("built.qcow2"),
+            &OpenOptions::default(),
+        )
+        .unwrap();
+        let l2 = chain.top().qcow2().unwrap().l1[0].l2_offset().unwrap();
+        let l2_reads = || {
+            let reads = src.reads.lock().unwrap();
+            reads.iter().filter(|&&o| o == l2.get()).count()
+        };
+        assert_eq!(l2_reads(), 0, "opening reads no L2 table");
+        let guest = GuestOffset((64 << 10) + 5);
+        let want = MapEntry {
+            start: guest,
+            length: 1,
+            depth: 0,
+            present: true,
+            zero: false,
+            data: true,
+            compressed: false,
+            offset: Some(data.saturating_add(5)),
+        };
+        // The trace reads the table once, and its answer is decide's.
+        let t = crate::lookup::trace(&chain, guest);
+        assert_eq!(t.answer, Some(want));
+        assert_eq!(l2_reads(), 1);
+        assert_eq!(decide(&chain, guest).unwrap(), want);
+        assert_eq!(l2_reads(), 1, "decide reads the table again");
+    }
 
     #[test]
     fn merge_needs_contiguous_offsets() {
