@@ -97,7 +97,7 @@ fn exercise(bytes: Vec<u8>, rng: &mut Rng) {
             ..Default::default()
         },
     ) {
-        let _ = qinspect::map::map_range(&chain, 0, 1 << 30);
+        let _ = qinspect::map::map_range(&chain, GuestOffset(0), 1 << 30);
         let size = chain.size().max(1);
         let g = rng.below(size);
         let _ = trace(&chain, GuestOffset(g));

@@ -417,3 +417,96 @@ fn map_through_a_snapshot_matches_the_applied_snapshot() {
         w.assert_read_matches("s.qcow2", Some(snap));
     }
 }
+
+/// `map::decide`, the answer `trace` gives for one byte, is the answer of the extent
+/// `map` puts that byte in: checked at the first, a middle and the last byte of every
+/// extent of images with data, zeros, discards, compressed clusters, extended L2
+/// over a raw backing file, a backing chain and a preallocated image with holes.
+#[test]
+fn decide_agrees_with_map_on_every_extent() {
+    use qinspect::chain::{Chain, OpenOptions};
+    use qinspect::image::Strictness;
+    use qinspect::map::{MapEntry, decide, map};
+    let w = Work::new();
+    mixed_image(&w, "mixed.qcow2", "cluster_size=4k", "4M");
+    w.qemu_img(&["create", "-f", "raw", "b.raw", "4M"]);
+    w.qemu_io("b.raw", &["write -P 0xee 0 3M"]);
+    w.qemu_img(&[
+        "create",
+        "-f",
+        "qcow2",
+        "-o",
+        "extended_l2=on,cluster_size=128k",
+        "-b",
+        "b.raw",
+        "-F",
+        "raw",
+        "ext.qcow2",
+    ]);
+    w.qemu_io(
+        "ext.qcow2",
+        &["write -P 0x21 4k 2k", "write -z 64k 8k", "discard 1040k 8k"],
+    );
+    w.qemu_img(&[
+        "create",
+        "-f",
+        "qcow2",
+        "-b",
+        "ext.qcow2",
+        "-F",
+        "qcow2",
+        "top.qcow2",
+        "6M",
+    ]);
+    w.qemu_io("top.qcow2", &["write -P 0x31 1M 64k", "write -z 3M 4k"]);
+    w.qemu_img(&[
+        "convert",
+        "-c",
+        "-O",
+        "qcow2",
+        "-o",
+        "cluster_size=4096",
+        "b.raw",
+        "c.qcow2",
+    ]);
+    w.qemu_io("c.qcow2", &["write -P 0x99 8k 4k"]);
+    w.qemu_img(&[
+        "create",
+        "-f",
+        "qcow2",
+        "-o",
+        "preallocation=metadata",
+        "p.qcow2",
+        "8M",
+    ]);
+    w.qemu_io("p.qcow2", &["write -P 0x44 0 1M", "write -z 2M 64k"]);
+    for name in [
+        "mixed.qcow2",
+        "ext.qcow2",
+        "top.qcow2",
+        "c.qcow2",
+        "p.qcow2",
+    ] {
+        let opts = OpenOptions {
+            strictness: Strictness::Qemu,
+            ..Default::default()
+        };
+        let chain = Chain::open(&w.path(name), &opts).unwrap();
+        let extents = map(&chain).unwrap();
+        assert!(extents.len() >= 3, "{name}: {extents:?}");
+        for e in &extents {
+            for at in [0, e.length / 2, e.length - 1] {
+                let guest = e.start.saturating_add(at);
+                let want = MapEntry {
+                    start: guest,
+                    length: 1,
+                    offset: e.offset.map(|o| o.saturating_add(at)),
+                    ..*e
+                };
+                assert_eq!(decide(&chain, guest).unwrap(), want, "{name} at {guest}");
+                let traced = qinspect::lookup::trace(&chain, guest);
+                assert_eq!(traced.answer, Some(want), "{name}: trace at {guest}");
+            }
+        }
+    }
+}

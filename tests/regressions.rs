@@ -29,7 +29,7 @@ fn fuzzer_findings_stay_fixed() {
             ..Default::default()
         };
         if let Ok(chain) = Chain::from_source(src, Path::new("regression.qcow2"), &opts) {
-            let _ = qinspect::map::map_range(&chain, 0, 1 << 30);
+            let _ = qinspect::map::map_range(&chain, GuestOffset(0), 1 << 30);
             let _ = trace(&chain, GuestOffset(0));
             let mut buf = vec![0u8; 64 << 10];
             let _ = read(&chain, GuestOffset(0), &mut buf, &mut ReadCache::default());

@@ -23,17 +23,19 @@
 
 use crate::chain::{Chain, Layer, LayerKind};
 use crate::error::Result;
+use crate::image::View;
 use crate::image::{Qcow2, RefcountReader};
 use crate::io::{Extent, Source};
-use crate::lookup::{L2Walker, Status, layer_run_with};
+use crate::lookup::{L2Walker, Run, Status, layer_run, layer_run_with};
 use crate::types::{GuestOffset, HostOffset};
 use serde::Serialize;
+use std::cell::OnceCell;
 
 /// One extent of `qemu-img map --output=json`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 pub struct MapEntry {
     /// First guest byte.
-    pub start: u64,
+    pub start: GuestOffset,
     /// Length in bytes.
     pub length: u64,
     /// Which layer answered (0 = top).
@@ -48,7 +50,7 @@ pub struct MapEntry {
     pub compressed: bool,
     /// Where the bytes are in the answering layer's file.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub offset: Option<u64>,
+    pub offset: Option<HostOffset>,
 }
 
 impl MapEntry {
@@ -70,7 +72,7 @@ impl MapEntry {
     pub fn qemu_json(&self) -> String {
         let mut s = format!(
             "{{ \"start\": {}, \"length\": {}, \"depth\": {}, \"present\": {}, \"zero\": {}, \"data\": {}, \"compressed\": {}",
-            self.start,
+            self.start.get(),
             self.length,
             self.depth,
             self.present,
@@ -79,7 +81,7 @@ impl MapEntry {
             self.compressed
         );
         if let Some(o) = self.offset {
-            s.push_str(&format!(", \"offset\": {o}"));
+            s.push_str(&format!(", \"offset\": {}", o.get()));
         }
         s.push('}');
         s
@@ -128,23 +130,19 @@ struct Answer {
     zero: bool,
     compressed: bool,
     allocated: bool,
-    offset: Option<u64>,
+    offset: Option<HostOffset>,
 }
 
 /// Map the chain's guest space like `qemu-img map --output=json`.
 pub fn map(chain: &Chain) -> Result<Vec<MapEntry>> {
-    map_range(chain, 0, u64::MAX)
+    map_range(chain, GuestOffset(0), u64::MAX)
 }
 
 /// Map `start..start+len` (clamped to the disk), like `qemu-img map -s -l`.
-pub fn map_range(chain: &Chain, start: u64, max_len: u64) -> Result<Vec<MapEntry>> {
-    let prealloc: Vec<bool> = chain
-        .layers
-        .iter()
-        .map(|l| l.qcow2().is_some_and(metadata_preallocated))
-        .collect();
-    let length = qemu_length(chain.top()).min(start.saturating_add(max_len));
-    let mut walk = Walk::new(chain);
+pub fn map_range(chain: &Chain, start: GuestOffset, max_len: u64) -> Result<Vec<MapEntry>> {
+    let length = qemu_length(chain.top()).min(start.get().saturating_add(max_len));
+    let walkers = chain.layers.iter().map(|_| L2Walker::new()).collect();
+    let mut walk = Walk::new(chain, Tables::Walkers(walkers));
     let mut out: Vec<MapEntry> = Vec::new();
     let mut cur = MapEntry {
         start,
@@ -156,10 +154,10 @@ pub fn map_range(chain: &Chain, start: u64, max_len: u64) -> Result<Vec<MapEntry
         compressed: false,
         offset: None,
     };
-    while cur.start.saturating_add(cur.length) < length {
+    while cur.start.get().saturating_add(cur.length) < length {
         // The loop condition keeps off below length: neither can overflow.
         let off = cur.start.saturating_add(cur.length);
-        let next = status(chain, &prealloc, &mut walk, off, length.saturating_sub(off))?;
+        let next = status(chain, &mut walk, off, length.saturating_sub(off.get()))?;
         if cur.mergeable(&next) {
             cur.length = cur.length.saturating_add(next.length);
             continue;
@@ -176,45 +174,76 @@ pub fn map_range(chain: &Chain, start: u64, max_len: u64) -> Result<Vec<MapEntry
 /// How QEMU answers for the byte at `guest`: the [`MapEntry`] (one byte long)
 /// `qemu-img map` would put it in. This is the one decision that `map` merges
 /// into extents and that [`crate::lookup::trace`] explains step by step.
-pub fn decide(chain: &Chain, guest: u64) -> Result<MapEntry> {
-    let prealloc: Vec<bool> = chain
-        .layers
-        .iter()
-        .map(|l| l.qcow2().is_some_and(metadata_preallocated))
-        .collect();
-    status(chain, &prealloc, &mut Walk::new(chain), guest, 1)
+///
+/// It reads each L2 table it needs through the image's cache of decoded tables
+/// (the tables a trace of the same offset has just read), and works out whether a
+/// layer looks metadata-preallocated only when that layer answers with data.
+pub fn decide(chain: &Chain, guest: GuestOffset) -> Result<MapEntry> {
+    status(chain, &mut Walk::new(chain, Tables::Cached), guest, 1)
 }
 
-/// Per layer: its name in errors, and its L2 tables read in guest order.
+/// How a [`Walk`] reads L2 tables.
+enum Tables {
+    /// Through one [`L2Walker`] per layer, reused from one table to the next: for
+    /// `map`, which visits the tables in guest order.
+    Walkers(Vec<L2Walker>),
+    /// Through the image's cache of decoded tables ([`layer_run`]): for one offset.
+    Cached,
+}
+
+/// Per layer: its name in errors, how its L2 tables are read, and whether QEMU
+/// assumes metadata preallocation there (worked out the first time it matters).
 struct Walk {
     names: Vec<String>,
-    walkers: Vec<L2Walker>,
+    tables: Tables,
+    prealloc: Vec<OnceCell<bool>>,
 }
 
 impl Walk {
-    fn new(chain: &Chain) -> Walk {
+    fn new(chain: &Chain, tables: Tables) -> Walk {
         Walk {
             names: chain
                 .layers
                 .iter()
                 .map(|l| l.path.display().to_string())
                 .collect(),
-            walkers: chain.layers.iter().map(|_| L2Walker::new()).collect(),
+            tables,
+            prealloc: chain.layers.iter().map(|_| OnceCell::new()).collect(),
         }
+    }
+
+    /// Resolve `bytes` from `off` in the qcow2 layer at `depth`.
+    fn run(
+        &mut self,
+        depth: usize,
+        image: &Qcow2,
+        view: &View,
+        off: GuestOffset,
+        bytes: u64,
+    ) -> Result<Run> {
+        let name = self.names.get(depth).map_or("", String::as_str);
+        match &mut self.tables {
+            Tables::Cached => layer_run(image, view, off, bytes, name),
+            Tables::Walkers(walkers) => match walkers.get_mut(depth) {
+                Some(w) => layer_run_with(image, view, off, bytes, name, w),
+                None => layer_run(image, view, off, bytes, name),
+            },
+        }
+    }
+
+    /// Whether the qcow2 image at `depth` looks metadata-preallocated.
+    fn preallocated(&self, depth: usize, image: &Qcow2) -> bool {
+        self.prealloc
+            .get(depth)
+            .is_some_and(|c| *c.get_or_init(|| metadata_preallocated(image)))
     }
 }
 
 /// QEMU's `get_block_status` in qemu-img: ask each layer in turn.
-fn status(
-    chain: &Chain,
-    prealloc: &[bool],
-    walk: &mut Walk,
-    off: u64,
-    bytes: u64,
-) -> Result<MapEntry> {
+fn status(chain: &Chain, walk: &mut Walk, off: GuestOffset, bytes: u64) -> Result<MapEntry> {
     let mut bytes = bytes;
     for (depth, layer) in chain.layers.iter().enumerate() {
-        let a = layer_answer(chain, prealloc, walk, depth, layer, off, bytes)?;
+        let a = layer_answer(chain, walk, depth, layer, off, bytes)?;
         bytes = a.len;
         if a.data || a.zero {
             return Ok(MapEntry {
@@ -243,10 +272,12 @@ fn status(
 }
 
 /// Where `host` stands in `file`, as file-posix's block status (after io.c) says.
+/// (A raw layer's guest offsets are its file's offsets.)
 /// Returns (zero, length) with `None` length meaning "to the end of the request".
 /// Zero means a hole, or past the end of the file (QEMU rounds a raw file's size
 /// up to 512 bytes; the rounded-up bytes read as zeros).
-pub fn file_extent(file: &dyn Source, host: u64) -> (bool, Option<u64>) {
+pub fn file_extent(file: &dyn Source, host: HostOffset) -> (bool, Option<u64>) {
+    let host = host.get();
     let rounded = file.len().div_ceil(512).saturating_mul(512);
     if host >= file.len() {
         // Past EOF (or in the last partial sector): reads as zeros, to the end.
@@ -262,18 +293,19 @@ pub fn file_extent(file: &dyn Source, host: u64) -> (bool, Option<u64>) {
 
 fn layer_answer(
     chain: &Chain,
-    prealloc: &[bool],
     walk: &mut Walk,
     depth: usize,
     layer: &Layer,
-    off: u64,
+    off: GuestOffset,
     bytes: u64,
 ) -> Result<Answer> {
     let total = qemu_length(layer);
-    let bytes = bytes.min(total.saturating_sub(off));
+    let bytes = bytes.min(total.saturating_sub(off.get()));
     match &layer.kind {
         LayerKind::Raw => {
-            let (zero, n) = file_extent(layer.src.as_ref(), off);
+            // A raw layer's guest offsets are its file's offsets.
+            let host = HostOffset(off.get());
+            let (zero, n) = file_extent(layer.src.as_ref(), host);
             let len = n.map_or(bytes, |n| n.min(bytes)).max(1);
             Ok(Answer {
                 len,
@@ -281,7 +313,7 @@ fn layer_answer(
                 zero,
                 compressed: false,
                 allocated: true,
-                offset: Some(off),
+                offset: Some(host),
             })
         }
         LayerKind::Qcow2 {
@@ -289,22 +321,11 @@ fn layer_answer(
             view,
             data_file,
         } => {
-            let name = walk.names.get(depth).map_or("", String::as_str);
-            let run = match walk.walkers.get_mut(depth) {
-                Some(w) => layer_run_with(image, view, GuestOffset(off), bytes, name, w)?,
-                None => layer_run_with(
-                    image,
-                    view,
-                    GuestOffset(off),
-                    bytes,
-                    name,
-                    &mut L2Walker::new(),
-                )?,
-            };
+            let run = walk.run(depth, image, view, off, bytes)?;
             let len = run.len.min(bytes).max(1);
             let encrypted = image.header.crypt_method != 0;
             let with_offset = |h: Option<HostOffset>| {
-                if encrypted { None } else { h.map(|h| h.0) }
+                if encrypted { None } else { h }
             };
             let mut a = match run.status {
                 Status::Data { host, .. } => Answer {
@@ -335,7 +356,7 @@ fn layer_answer(
                     let below = chain.layers.get(depth.saturating_add(1));
                     let zero = match below {
                         None => true,
-                        Some(b) => off >= qemu_length(b),
+                        Some(b) => off.get() >= qemu_length(b),
                     };
                     Answer {
                         len,
@@ -348,10 +369,10 @@ fn layer_answer(
                 }
             };
             // Metadata preallocation: ask the file system about data clusters.
-            if prealloc.get(depth).copied().unwrap_or(false)
-                && a.data
+            if a.data
                 && !a.zero
                 && let Some(host) = a.offset
+                && walk.preallocated(depth, image)
             {
                 let file: &dyn Source = match data_file {
                     Some(df) => df.as_ref(),
@@ -371,26 +392,92 @@ fn layer_answer(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::chain::OpenOptions;
+    use crate::io::MemSource;
+    use crate::tables::OFLAG_COPIED;
+    use crate::testing::ImageBuilder;
+    use std::path::Path;
+    use std::sync::{Arc, Mutex};
+
+    /// A built image that notes the offset of every read.
+    #[derive(Debug)]
+    struct Noting {
+        inner: MemSource,
+        reads: Mutex<Vec<u64>>,
+    }
+
+    impl Source for Noting {
+        fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
+            self.reads.lock().unwrap().push(offset);
+            self.inner.read_at(buf, offset)
+        }
+        fn len(&self) -> u64 {
+            self.inner.len()
+        }
+        fn name(&self) -> &std::path::Path {
+            self.inner.name()
+        }
+    }
+
+    #[test]
+    fn decide_reads_no_l2_table_the_trace_has_read() {
+        let mut b = ImageBuilder::new(16, 4 << 20);
+        let data = b.cluster(&[0x11; 512]);
+        let b = b.l2(1, data.get() | OFLAG_COPIED, 0);
+        let src = Arc::new(Noting {
+            inner: MemSource::new("built.qcow2", b.bytes()),
+            reads: Mutex::new(Vec::new()),
+        });
+        let chain = Chain::from_source(
+            src.clone(),
+            Path::new("built.qcow2"),
+            &OpenOptions::default(),
+        )
+        .unwrap();
+        let l2 = chain.top().qcow2().unwrap().l1[0].l2_offset().unwrap();
+        let l2_reads = || {
+            let reads = src.reads.lock().unwrap();
+            reads.iter().filter(|&&o| o == l2.get()).count()
+        };
+        assert_eq!(l2_reads(), 0, "opening reads no L2 table");
+        let guest = GuestOffset((64 << 10) + 5);
+        let want = MapEntry {
+            start: guest,
+            length: 1,
+            depth: 0,
+            present: true,
+            zero: false,
+            data: true,
+            compressed: false,
+            offset: Some(data.saturating_add(5)),
+        };
+        // The trace reads the table once, and its answer is decide's.
+        let t = crate::lookup::trace(&chain, guest);
+        assert_eq!(t.answer, Some(want));
+        assert_eq!(l2_reads(), 1);
+        assert_eq!(decide(&chain, guest).unwrap(), want);
+        assert_eq!(l2_reads(), 1, "decide reads the table again");
+    }
 
     #[test]
     fn merge_needs_contiguous_offsets() {
         let a = MapEntry {
-            start: 0,
+            start: GuestOffset(0),
             length: 10,
             depth: 0,
             present: true,
             zero: false,
             data: true,
             compressed: false,
-            offset: Some(100),
+            offset: Some(HostOffset(100)),
         };
         let mut b = MapEntry {
-            start: 10,
-            offset: Some(110),
+            start: GuestOffset(10),
+            offset: Some(HostOffset(110)),
             ..a
         };
         assert!(a.mergeable(&b));
-        b.offset = Some(111);
+        b.offset = Some(HostOffset(111));
         assert!(!a.mergeable(&b));
         b.offset = None;
         assert!(!a.mergeable(&b));

@@ -1,10 +1,12 @@
 //! `qinspect clusters`: who owns each host cluster.
 
-use super::{CmdResult, num::parse_size, style};
+use super::num::{parse_host, parse_size};
+use super::{CmdResult, style};
 use color_eyre::eyre::{bail, eyre};
 use qinspect::check::{ClusterInfo, Referrer, Role, clusters, for_each_cluster};
 use qinspect::image::{Qcow2, Strictness};
 use qinspect::io::{FileSource, SharedSource};
+use qinspect::types::HostOffset;
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::PathBuf;
@@ -31,8 +33,8 @@ pub struct Args {
     #[arg(long)]
     pub range: Option<String>,
     /// Just the cluster holding this host offset.
-    #[arg(long, value_parser = parse_size, conflicts_with = "range")]
-    pub host: Option<u64>,
+    #[arg(long, value_parser = parse_host, conflicts_with = "range")]
+    pub host: Option<HostOffset>,
     /// Print JSON.
     #[arg(long)]
     pub json: bool,
@@ -58,7 +60,10 @@ pub fn run(a: Args) -> CmdResult {
     let file_clusters = img.file_len().div_ceil(cs).max(1);
     let (first, last) = match (&a.range, a.host) {
         (Some(r), _) => parse_range(r)?,
-        (None, Some(h)) => (h / cs, h / cs),
+        (None, Some(h)) => {
+            let c = img.geometry().host_cluster(h).get();
+            (c, c)
+        }
         (None, None) => (0, file_clusters - 1),
     };
     let mut last = last;

@@ -1,10 +1,11 @@
 //! `qinspect hexdump`: host bytes, or the bytes a guest read returns, through hexyl.
 
-use super::{CmdResult, num::parse_size, open_chain};
+use super::num::{parse_guest, parse_host, parse_size};
+use super::{CmdResult, open_chain};
 use qinspect::image::Strictness;
 use qinspect::io::{FileSource, Source};
 use qinspect::lookup::{ReadCache, read};
-use qinspect::types::GuestOffset;
+use qinspect::types::{GuestOffset, HostOffset};
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 
@@ -22,11 +23,11 @@ pub struct Args {
     /// The image file.
     pub image: PathBuf,
     /// Host (file) offset to start at.
-    #[arg(long, value_parser = parse_size)]
-    pub host: Option<u64>,
+    #[arg(long, value_parser = parse_host)]
+    pub host: Option<HostOffset>,
     /// Guest offset to start at.
-    #[arg(long, value_parser = parse_size)]
-    pub guest: Option<u64>,
+    #[arg(long, value_parser = parse_guest)]
+    pub guest: Option<GuestOffset>,
     /// With --guest: read through this internal snapshot (ID or name; or
     /// `snapshot.name=NAME` / `snapshot.id=ID` to match exactly).
     #[arg(long, short = 's', requires = "guest")]
@@ -61,31 +62,31 @@ pub fn run(mut a: Args) -> CmdResult {
     let len = a.length.min(MAX_LEN);
     let (start, bytes) = if let Some(h) = a.host {
         let src = FileSource::open(&a.image)?;
-        let end = h.saturating_add(len).min(src.len());
-        if h >= src.len() {
+        let end = h.get().saturating_add(len).min(src.len());
+        if h.get() >= src.len() {
             color_eyre::eyre::bail!(
                 "host offset {h:#x} is past the end of {} ({} bytes)",
                 a.image.display(),
                 src.len()
             );
         }
-        let mut buf = vec![0u8; (end - h) as usize];
-        qinspect::io::read_into(&src, "bytes", qinspect::types::HostOffset(h), &mut buf)?;
-        (h, buf)
+        let mut buf = vec![0u8; (end - h.get()) as usize];
+        qinspect::io::read_into(&src, "bytes", h, &mut buf)?;
+        (h.get(), buf)
     } else {
-        let g = a.guest.unwrap_or(0);
+        let g = a.guest.unwrap_or_default();
         let chain = open_chain(&a.image, a.snapshot.as_deref(), Strictness::Qemu)?;
         keys.unlock(&chain)?;
         super::secret::Keys::require(&chain)?;
         let size = chain.size();
-        if g >= size {
+        if g.get() >= size {
             color_eyre::eyre::bail!(
                 "guest offset {g:#x} is past the end of the disk ({size} bytes)"
             );
         }
-        let mut buf = vec![0u8; (g.saturating_add(len).min(size) - g) as usize];
-        read(&chain, GuestOffset(g), &mut buf, &mut ReadCache::default())?;
-        (g, buf)
+        let mut buf = vec![0u8; (g.get().saturating_add(len).min(size) - g.get()) as usize];
+        read(&chain, g, &mut buf, &mut ReadCache::default())?;
+        (g.get(), buf)
     };
     let color = match a.color {
         ColorChoice::Always => true,

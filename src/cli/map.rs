@@ -1,9 +1,10 @@
 //! `qinspect map`: the guest address space, extent by extent.
 
-use super::{CmdResult, num::parse_size, open_chain, style};
+use super::num::{parse_guest, parse_size};
+use super::{CmdResult, open_chain, style};
 use qinspect::image::Strictness;
 use qinspect::map::{map_range, qemu_json};
-use qinspect::types::human_size;
+use qinspect::types::{GuestOffset, human_size};
 use std::io::Write;
 use std::path::PathBuf;
 
@@ -38,8 +39,8 @@ pub struct Args {
     #[arg(long, short = 's')]
     pub snapshot: Option<String>,
     /// First guest byte (like qemu-img map -s).
-    #[arg(long, value_parser = parse_size, default_value = "0")]
-    pub start_offset: u64,
+    #[arg(long, value_parser = parse_guest, default_value = "0")]
+    pub start_offset: GuestOffset,
     /// Bytes to map (like qemu-img map -l).
     #[arg(long, value_parser = parse_size)]
     pub max_length: Option<u64>,
@@ -127,7 +128,7 @@ fn run_one(a: &Args, image: &std::path::Path) -> CmdResult {
             out,
             "{:>#18x} {:>#18x} {:>10}  {st}{:<22}{st:#} {:>18}  {}{dim}{depth}{dim:#}",
             e.start,
-            e.start + e.length,
+            e.start.saturating_add(e.length),
             human_size(e.length),
             what,
             e.offset

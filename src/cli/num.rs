@@ -1,5 +1,17 @@
 //! Numbers as qemu-io takes them: decimal, 0x-hex, and k/M/G/T/P/E suffixes.
 
+use qinspect::types::{GuestOffset, HostOffset};
+
+/// A guest offset, written as [`parse_size`] takes it.
+pub fn parse_guest(s: &str) -> Result<GuestOffset, String> {
+    parse_size(s).map(GuestOffset)
+}
+
+/// A host (file) offset, written as [`parse_size`] takes it.
+pub fn parse_host(s: &str) -> Result<HostOffset, String> {
+    parse_size(s).map(HostOffset)
+}
+
 /// Parse `64k`, `0x10000`, `1M`, `512`, `1.5G` (a fraction only with a suffix).
 pub fn parse_size(s: &str) -> Result<u64, String> {
     let t = s.trim();
@@ -63,5 +75,13 @@ mod tests {
         assert!(parse_size("12q").is_err());
         assert!(parse_size("").is_err());
         assert!(parse_size("0xzz").is_err());
+    }
+
+    #[test]
+    fn offsets_parse_into_their_address_space() {
+        assert_eq!(parse_guest("64k"), Ok(GuestOffset(65536)));
+        assert_eq!(parse_host("0x200"), Ok(HostOffset(512)));
+        assert!(parse_guest("12q").is_err());
+        assert!(parse_host("").is_err());
     }
 }

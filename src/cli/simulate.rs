@@ -316,6 +316,6 @@ fn write_guest(sim: &mut Sim, p: &std::path::Path) -> color_eyre::Result<u64> {
     let chain = sim.guest_chain()?;
     let len = chain.size();
     let file = super::read::open_output(&chain, p)?;
-    super::read::write_output(&chain, 0, len, file)?;
+    super::read::write_output(&chain, qinspect::types::GuestOffset(0), len, file)?;
     Ok(len)
 }

@@ -1,6 +1,6 @@
 //! `qinspect trace`: every step of one guest lookup.
 
-use super::{CmdResult, num::parse_size, open_chain, print_json, style};
+use super::{CmdResult, num::parse_guest, open_chain, print_json, style};
 use qinspect::image::Strictness;
 use qinspect::lookup::{StepKind, trace};
 use qinspect::types::GuestOffset;
@@ -19,8 +19,8 @@ pub struct Args {
     /// The image file (top of the chain).
     pub image: PathBuf,
     /// Guest offset to resolve (65536, 0x10000, 64k).
-    #[arg(value_parser = parse_size)]
-    pub offset: u64,
+    #[arg(value_parser = parse_guest)]
+    pub offset: GuestOffset,
     /// Resolve through this internal snapshot (ID or name) instead of the active L1.
     ///
     /// A bare ID_OR_NAME is tried as an ID, then as a name; `snapshot.name=NAME`,
@@ -40,7 +40,7 @@ pub fn run(mut a: Args) -> CmdResult {
     let keys = a.key.resolve(&mut a.image)?;
     let chain = open_chain(&a.image, a.snapshot.as_deref(), Strictness::Qemu)?;
     keys.unlock(&chain)?;
-    let t = trace(&chain, GuestOffset(a.offset));
+    let t = trace(&chain, a.offset);
     if a.json {
         print_json(&t)?;
         return Ok(0);

@@ -7,7 +7,6 @@ use super::visit::{Ctx, Visitor};
 use super::walk::Walk;
 use crate::error::Error;
 use crate::header::{AUTOCLEAR_BITMAPS, ExtensionKind};
-use crate::types::HostOffset;
 use std::collections::{HashMap, HashSet};
 
 /// Bitmap table entries the check goes through at most, over the distinct
@@ -28,7 +27,7 @@ impl Walk<'_> {
                 directory_size,
                 directory_offset,
                 ..
-            } => Some((nb_bitmaps, directory_size, directory_offset.get())),
+            } => Some((nb_bitmaps, directory_size, directory_offset)),
             _ => None,
         }) else {
             return true;
@@ -44,7 +43,7 @@ impl Walk<'_> {
                 let msg = format!("bitmap directory cannot be loaded: {e}");
                 self.find(FindingKind::Corruption, Category::Bitmaps, msg, 1);
                 self.report.aborted = Some(Refusal::BitmapDirectory {
-                    offset: HostOffset(off),
+                    offset: off,
                     error: e.clone(),
                 });
                 return false;
@@ -65,7 +64,7 @@ impl Walk<'_> {
         for (bi, b) in list.iter().enumerate() {
             self.inc(
                 v,
-                b.table_offset.get(),
+                b.table_offset,
                 u64::from(b.table_size) * 8,
                 1,
                 Ctx::BitmapTable(bi),
@@ -130,7 +129,7 @@ impl Walk<'_> {
             let w = weight.get(&key).copied().unwrap_or(1);
             for (j, e) in table.entries().enumerate() {
                 if let Some(offset) = e.data_offset() {
-                    self.inc(v, offset.get(), self.cs, w, Ctx::BitmapData(bi, j as u64));
+                    self.inc(v, offset, self.cs, w, Ctx::BitmapData(bi, j as u64));
                 }
             }
         }

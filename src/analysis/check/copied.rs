@@ -15,7 +15,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 /// Each active L2 table: how many active L1 entries name it, and which.
-pub(super) type ActiveL2s = BTreeMap<u64, (u64, Vec<u64>)>;
+pub(super) type ActiveL2s = BTreeMap<HostOffset, (u64, Vec<u64>)>;
 
 /// The COPIED check's state: its own findings (reported after the refcount
 /// comparison, as QEMU does), the stored refcounts it reads, and whether it has
@@ -64,7 +64,7 @@ impl<'a> Copied<'a> {
     }
 
     /// The L2 half for table `l2`, given its contents (`None`: it could not be read).
-    pub(super) fn table(&mut self, l2: u64, buf: Option<&[u8]>) {
+    pub(super) fn table(&mut self, l2: HostOffset, buf: Option<&[u8]>) {
         if self.stopped {
             return;
         }
@@ -89,17 +89,11 @@ impl<'a> Copied<'a> {
     /// Check, by reading them, the active tables in `tables` that the walk did
     /// not hand over (only when the active L1 read by the walk differs from the
     /// image's, as for an L1 table QEMU cannot read).
-    pub(super) fn rest(&mut self, seen: &dyn Fn(u64) -> bool) {
+    pub(super) fn rest(&mut self, seen: &dyn Fn(HostOffset) -> bool) {
         let tables = Arc::clone(&self.tables);
         let mut buf = vec![0u8; self.walk.cs as usize];
         for l2 in tables.keys().filter(|l2| !seen(**l2)) {
-            let ok = read_into(
-                self.walk.img.src.as_ref(),
-                "L2 table",
-                HostOffset(*l2),
-                &mut buf,
-            )
-            .is_ok();
+            let ok = read_into(self.walk.img.src.as_ref(), "L2 table", *l2, &mut buf).is_ok();
             self.table(*l2, ok.then_some(buf.as_slice()));
         }
     }
@@ -116,11 +110,10 @@ fn l1_half(walk: &mut Walk, stored: &mut RefcountReader) -> ActiveL2s {
     // Each active L2 table is read once; its entries are checked once per L1 entry naming it.
     let mut weights = ActiveL2s::new();
     for (i, e) in img.l1.iter().enumerate() {
-        let l2 = e.l2_offset().map_or(0, |o| o.0);
-        if l2 == 0 {
+        let Some(l2) = e.l2_offset().filter(|o| o.get() != 0) else {
             continue;
-        }
-        let Ok(r) = stored.get(l2 >> walk.cbits) else {
+        };
+        let Ok(r) = stored.get(l2.get() >> walk.cbits) else {
             continue;
         };
         if (r == 1) != e.copied() {
@@ -130,7 +123,7 @@ fn l1_half(walk: &mut Walk, stored: &mut RefcountReader) -> ActiveL2s {
             );
             let cbits = walk.cbits;
             if let Some(f) = walk.find(FindingKind::Corruption, Category::Copied, msg, 1) {
-                f.cluster = Some(l2 >> cbits);
+                f.cluster = Some(l2.get() >> cbits);
                 f.offset = Some(img.header.l1_table_offset.saturating_entry(i as u64, 8));
                 f.refcount = Some(r);
                 f.repair = Some(format!(
@@ -149,7 +142,7 @@ fn l1_half(walk: &mut Walk, stored: &mut RefcountReader) -> ActiveL2s {
 /// The L2 half for one table: each data entry's COPIED flag against its
 /// cluster's stored refcount, counted `w` times (once per active L1 entry
 /// naming the table, listed in `l1s`).
-fn l2_half(cp: &mut Copied, l2: u64, w: u64, l1s: &[u64], buf: &[u8]) {
+fn l2_half(cp: &mut Copied, l2: HostOffset, w: u64, l1s: &[u64], buf: &[u8]) {
     let img = cp.walk.img;
     let geo = img.geometry();
     let has_df = img.header.has_data_file();
@@ -218,7 +211,7 @@ fn l2_half(cp: &mut Copied, l2: u64, w: u64, l1s: &[u64], buf: &[u8]) {
             .find(FindingKind::Corruption, Category::Copied, msg, w)
         {
             f.cluster = Some(L2Entry::from_word(raw).host_offset().0 >> cbits);
-            f.offset = Some(HostOffset(l2).saturating_entry(j as u64, step as u64));
+            f.offset = Some(l2.saturating_entry(j as u64, step as u64));
             f.refcount = Some(r);
             f.repair = Some(format!(
                 "{} bit 63 of the L2 entry",
@@ -239,7 +232,7 @@ fn l2_half(cp: &mut Copied, l2: u64, w: u64, l1s: &[u64], buf: &[u8]) {
                 f.referrers.push(Referrer {
                     l1: Some(name.clone()),
                     l1_index: Some(*l1i),
-                    l2_table: Some(HostOffset(l2)),
+                    l2_table: Some(l2),
                     l2_index: Some(j as u64),
                     guest_offset: geo.guest_offset(*l1i, j as u64, 0),
                     l1_table: Some(L1Id::Active),

@@ -19,20 +19,20 @@ impl Walk<'_> {
     pub(super) fn walk_l2(
         &mut self,
         v: &mut dyn Visitor,
-        l2: u64,
+        l2: HostOffset,
         refs: &[(L1Id, u64)],
         buf: &mut [u8],
     ) {
         let w = refs.len() as u64;
         let active = refs.iter().filter(|(id, _)| *id == L1Id::Active).count() as u64;
-        let read = read_into(self.img.src.as_ref(), "L2 table", HostOffset(l2), buf).is_ok();
+        let read = read_into(self.img.src.as_ref(), "L2 table", l2, buf).is_ok();
         if let Some(cp) = self.copied.as_mut() {
             cp.table(l2, read.then_some(&*buf));
         }
         if !read {
             let msg = "ERROR: I/O error in check_refcounts_l2".to_string();
             if let Some(f) = self.find(FindingKind::CheckError, Category::Io, msg, w) {
-                f.offset = Some(HostOffset(l2));
+                f.offset = Some(l2);
             }
             return;
         }
@@ -46,7 +46,7 @@ impl Walk<'_> {
         // A run of data clusters (first cluster, count, first L2 index) counted at once.
         let mut run: Option<(u64, u64, u64)> = None;
         // Where entry i is, for findings only (not computed per entry).
-        let entry_off = |i: u64| HostOffset(l2).saturating_entry(i, step as u64);
+        let entry_off = |i: u64| l2.saturating_entry(i, step as u64);
         // The raw value of the last entry added to `run` (standard entries only).
         let mut run_raw = 0u64;
         let fast = !ext && !has_df;
@@ -160,7 +160,7 @@ impl Walk<'_> {
                     }
                     self.inc(
                         v,
-                        d.offset.0,
+                        d.offset,
                         d.size,
                         w,
                         Ctx::Entry {
@@ -175,7 +175,7 @@ impl Walk<'_> {
                     r.fragmented_clusters = r.fragmented_clusters.saturating_add(active);
                 }
                 ClusterType::ZeroAlloc | ClusterType::Normal => {
-                    let off = L2Entry::from_word(raw).host_offset().0;
+                    let off = L2Entry::from_word(raw).host_offset();
                     if (bitmap >> 32) & bitmap != 0 {
                         let msg = format!(
                             "ERROR offset={off:x}: Allocated cluster has corrupted subcluster allocation bitmap"
@@ -186,7 +186,7 @@ impl Walk<'_> {
                             f.offset = Some(entry_off(i));
                         }
                     }
-                    if off & cmask != 0 {
+                    if off.get() & cmask != 0 {
                         let contains_data = if ext {
                             bitmap & 0xffff_ffff != 0
                         } else {
@@ -213,15 +213,15 @@ impl Walk<'_> {
                     if active > 0 {
                         let r = &mut self.report;
                         r.allocated_clusters = r.allocated_clusters.saturating_add(active);
-                        if next_contiguous != 0 && off != next_contiguous {
+                        if next_contiguous != 0 && off.get() != next_contiguous {
                             r.fragmented_clusters = r.fragmented_clusters.saturating_add(active);
                         }
-                        next_contiguous = off.wrapping_add(cs);
+                        next_contiguous = off.get().wrapping_add(cs);
                     }
                     if !has_df {
-                        if off & cmask == 0 && off < self.file_len {
+                        if off.get() & cmask == 0 && off.get() < self.file_len {
                             // Aligned and inside the file: extend or start a run.
-                            let c = off >> self.cbits;
+                            let c = off.get() >> self.cbits;
                             match run {
                                 // Contiguous on the host and in the table. (A run
                                 // ends at a cluster in the file and an index in the

@@ -4,7 +4,6 @@ use super::MAX_REFERRERS;
 use super::report::{L1Id, Referrer, Role};
 use super::visit::Ctx;
 use super::walk::Walk;
-use crate::types::HostOffset;
 
 impl Walk<'_> {
     pub(super) fn referrers(&self, list: &[(Ctx, u64)]) -> Vec<Referrer> {
@@ -36,7 +35,7 @@ impl Walk<'_> {
                             role,
                             l1: Some(self.l1_name(*id)),
                             l1_index: Some(*l1i),
-                            l2_table: Some(HostOffset(l2)),
+                            l2_table: Some(l2),
                             l2_index: Some(index),
                             guest_offset: geo.guest_offset(*l1i, index, 0),
                             detail: None,

@@ -2,6 +2,7 @@
 
 use super::imrt::Imrt;
 use super::report::{L1Id, Role};
+use crate::types::HostOffset;
 use std::collections::BTreeMap;
 
 /// Where a reference comes from, cheaply.
@@ -10,7 +11,11 @@ pub(super) enum Ctx {
     Header,
     L1Table(L1Id),
     L2Table(L1Id, u64),
-    Entry { l2: u64, index: u64, role: Role },
+    Entry {
+        l2: HostOffset,
+        index: u64,
+        role: Role,
+    },
     SnapshotTable,
     RefcountTable,
     RefcountBlock(u64),

@@ -25,7 +25,7 @@ pub(super) struct Walk<'a> {
     pub(super) file_len: u64,
     pub(super) report: CheckReport,
     /// L2 table offset -> the L1 entries that name it.
-    pub(super) l2_refs: BTreeMap<u64, Vec<(L1Id, u64)>>,
+    pub(super) l2_refs: BTreeMap<HostOffset, Vec<(L1Id, u64)>>,
     /// Snapshot L1 tables as read.
     pub(super) snapshot_l1_count: usize,
     pub(super) record: bool,
@@ -101,24 +101,25 @@ impl<'a> Walk<'a> {
         self.report.findings.last_mut()
     }
 
-    /// QEMU's `qcow2_inc_refcounts_imrt`, `w` times.
-    pub(super) fn inc(&mut self, v: &mut dyn Visitor, off: u64, len: u64, w: u64, ctx: Ctx) {
+    /// QEMU's `qcow2_inc_refcounts_imrt`, `w` times: the clusters of `len` bytes
+    /// at `off`.
+    pub(super) fn inc(&mut self, v: &mut dyn Visitor, off: HostOffset, len: u64, w: u64, ctx: Ctx) {
         if len == 0 || w == 0 {
             return;
         }
-        let end = off.saturating_add(len);
+        let end = off.get().saturating_add(len);
         if end.saturating_sub(self.file_len) >= self.cs && end > self.file_len {
             let msg = format!(
                 "ERROR: counting reference for region exceeding the end of the file by one cluster or more: offset {off:#x} size {len:#x}"
             );
             let cbits = self.cbits;
             if let Some(f) = self.find(FindingKind::Corruption, Category::PastEof, msg, w) {
-                f.offset = Some(HostOffset(off));
-                f.cluster = Some(off >> cbits);
+                f.offset = Some(off);
+                f.cluster = Some(off.get() >> cbits);
             }
             return;
         }
-        let first = off >> self.cbits;
+        let first = off.get() >> self.cbits;
         // len > 0, so end >= 1.
         let last = end.saturating_sub(1) >> self.cbits;
         let over = v.visit(first, last, w, ctx);
@@ -158,11 +159,11 @@ impl<'a> Walk<'a> {
     /// Read an L1 table (zeros past EOF, like QEMU's reads).
     /// Only the entries inside the file are read: past its end they are zeros,
     /// which the walk skips anyway, so a huge l1_size on a small file costs nothing.
-    pub(super) fn read_l1(&self, off: u64, entries: u64) -> Vec<L1Entry> {
-        let in_file = self.file_len.saturating_sub(off).div_ceil(8);
+    pub(super) fn read_l1(&self, off: HostOffset, entries: u64) -> Vec<L1Entry> {
+        let in_file = self.file_len.saturating_sub(off.get()).div_ceil(8);
         let mut buf =
             vec![0u8; entries.min(MAX_L1_ENTRIES).min(in_file).saturating_mul(8) as usize];
-        let _ = read_into(self.img.src.as_ref(), "L1 table", HostOffset(off), &mut buf);
+        let _ = read_into(self.img.src.as_ref(), "L1 table", off, &mut buf);
         buf.chunks_exact(8)
             .map(|c| L1Entry(crate::bytes::be64(c, 0)))
             .collect()
@@ -173,7 +174,7 @@ impl<'a> Walk<'a> {
         &mut self,
         v: &mut dyn Visitor,
         id: L1Id,
-        off: u64,
+        off: HostOffset,
         entries: u64,
         l1: &[L1Entry],
     ) {
@@ -193,7 +194,7 @@ impl<'a> Walk<'a> {
                 let msg = format!("ERROR found L1 entry with reserved bits set: {:x}", e.0);
                 if let Some(f) = self.find(FindingKind::Corruption, Category::ReservedBits, msg, 1)
                 {
-                    f.offset = Some(HostOffset(off).saturating_entry(i, 8));
+                    f.offset = Some(off.saturating_entry(i, 8));
                     f.referrers.push(Referrer {
                         l1: Some(name),
                         l1_index: Some(i),
@@ -203,15 +204,15 @@ impl<'a> Walk<'a> {
                     f.repair = Some("none: qemu-img check -r cannot fix reserved bits".into());
                 }
             }
-            let l2 = e.l2_offset().map_or(0, |o| o.0);
+            let l2 = e.l2_offset().unwrap_or_default();
             self.inc(v, l2, self.cs, 1, Ctx::L2Table(id, i));
-            if l2 & self.cmask != 0 {
+            if l2.get() & self.cmask != 0 {
                 let msg = format!(
                     "ERROR l2_offset={l2:x}: Table is not cluster aligned; L1 entry corrupted"
                 );
                 let name = self.l1_name(id);
                 if let Some(f) = self.find(FindingKind::Corruption, Category::Unaligned, msg, 1) {
-                    f.offset = Some(HostOffset(l2));
+                    f.offset = Some(l2);
                     f.referrers.push(Referrer {
                         l1: Some(name),
                         l1_index: Some(i),
@@ -244,7 +245,7 @@ impl<'a> Walk<'a> {
     pub(super) fn flush_run(
         &mut self,
         v: &mut dyn Visitor,
-        l2: u64,
+        l2: HostOffset,
         first: u64,
         n: u64,
         index: u64,
@@ -288,12 +289,12 @@ impl<'a> Walk<'a> {
         let img = self.img;
         let h = &img.header;
         let cs = self.cs;
-        self.inc(v, 0, cs, 1, Ctx::Header);
-        let active_l1 = self.read_l1(h.l1_table_offset.get(), u64::from(h.l1_size));
+        self.inc(v, HostOffset(0), cs, 1, Ctx::Header);
+        let active_l1 = self.read_l1(h.l1_table_offset, u64::from(h.l1_size));
         self.walk_l1(
             v,
             L1Id::Active,
-            h.l1_table_offset.get(),
+            h.l1_table_offset,
             u64::from(h.l1_size),
             &active_l1,
         );
@@ -324,11 +325,11 @@ impl<'a> Walk<'a> {
                 }
                 continue;
             }
-            let l1 = self.read_l1(sn.l1_table_offset.get(), u64::from(sn.l1_size));
+            let l1 = self.read_l1(sn.l1_table_offset, u64::from(sn.l1_size));
             self.walk_l1(
                 v,
                 L1Id::Snapshot { index },
-                sn.l1_table_offset.get(),
+                sn.l1_table_offset,
                 u64::from(sn.l1_size),
                 &l1,
             );
@@ -364,7 +365,7 @@ impl<'a> Walk<'a> {
             return;
         }
         let refs = std::mem::take(&mut self.l2_refs);
-        let list: Vec<(&u64, &Vec<(L1Id, u64)>)> = refs.iter().collect();
+        let list: Vec<(&HostOffset, &Vec<(L1Id, u64)>)> = refs.iter().collect();
         let (mine, theirs) = list.split_at(list.len() / 2);
         let img = self.img;
         let mut side = Walk::new(img, self.record);
@@ -425,7 +426,7 @@ impl<'a> Walk<'a> {
         let cs = self.cs;
         self.inc(
             v,
-            h.snapshots_offset.get(),
+            h.snapshots_offset,
             img.snapshots.size,
             1,
             Ctx::SnapshotTable,
@@ -433,18 +434,12 @@ impl<'a> Walk<'a> {
         let rt_len = u64::from(h.refcount_table_clusters)
             .saturating_mul(cs)
             .min(crate::refcount::MAX_REFTABLE_BYTES);
-        self.inc(
-            v,
-            h.refcount_table_offset.get(),
-            rt_len,
-            1,
-            Ctx::RefcountTable,
-        );
+        self.inc(v, h.refcount_table_offset, rt_len, 1, Ctx::RefcountTable);
         for e in &img.extensions {
             if let ExtensionKind::Crypto { offset, length } = e.kind
                 && img.header.crypt_method != 0
             {
-                self.inc(v, offset.get(), length, 1, Ctx::Crypto);
+                self.inc(v, offset, length, 1, Ctx::Crypto);
             }
         }
         if !self.walk_bitmaps(v) {
@@ -461,8 +456,8 @@ impl<'a> Walk<'a> {
         let nb_clusters = self.file_len.div_ceil(self.cs);
         for (i, e) in table.iter().enumerate() {
             let i = i as u64;
-            let off = e.block_offset().map_or(0, |o| o.0);
-            let cluster = off >> self.cbits;
+            let off = e.block_offset().unwrap_or_default();
+            let cluster = off.get() >> self.cbits;
             let rt_entry = self.img.header.refcount_table_offset.saturating_entry(i, 8);
             if e.reserved_bits() != 0 {
                 let msg = format!("ERROR refcount table entry {i} has reserved bits set");
@@ -472,7 +467,7 @@ impl<'a> Walk<'a> {
                 }
                 continue;
             }
-            if off & self.cmask != 0 {
+            if off.get() & self.cmask != 0 {
                 let msg = format!(
                     "ERROR refcount block {i} is not cluster aligned; refcount table entry corrupted"
                 );
@@ -485,13 +480,13 @@ impl<'a> Walk<'a> {
             if cluster >= nb_clusters {
                 let msg = format!("ERROR refcount block {i} is outside image");
                 if let Some(f) = self.find(FindingKind::Corruption, Category::Refblock, msg, 1) {
-                    f.offset = Some(HostOffset(off));
+                    f.offset = Some(off);
                     f.cluster = Some(cluster);
                     f.repair = Some("qemu-img check -r all grows the file to include it".into());
                 }
                 continue;
             }
-            if off != 0 {
+            if off != HostOffset(0) {
                 self.inc(v, off, self.cs, 1, Ctx::RefcountBlock(i));
                 let n = v.count(cluster);
                 if self.record && n != 1 {
@@ -499,7 +494,7 @@ impl<'a> Walk<'a> {
                     if let Some(f) = self.find(FindingKind::Corruption, Category::Refblock, msg, 1)
                     {
                         f.cluster = Some(cluster);
-                        f.offset = Some(HostOffset(off));
+                        f.offset = Some(off);
                         f.reference = Some(n);
                         f.repair =
                             Some("qemu-img check -r all rebuilds the refcount structure".into());

@@ -162,8 +162,8 @@ fn segments(
                             crate::crypto::decrypted_segments(
                                 image,
                                 src,
-                                host.get(),
-                                g.get(),
+                                host,
+                                g,
                                 n,
                                 &mut cache.decrypted,
                                 f,

@@ -73,7 +73,8 @@ pub fn trace(chain: &Chain, guest: GuestOffset) -> Trace {
                 );
                 let flen = layer.src.len();
                 // A raw layer's guest offsets are its file's offsets.
-                let (zero, _) = crate::map::file_extent(layer.src.as_ref(), guest.get());
+                let (zero, _) =
+                    crate::map::file_extent(layer.src.as_ref(), HostOffset(guest.get()));
                 if guest.get() >= flen {
                     let reason = format!(
                         "byte {guest:#x} is past the end of {name} ({flen} bytes), inside QEMU's rounding of a raw file's size up to 512 bytes"
@@ -145,7 +146,7 @@ pub fn trace(chain: &Chain, guest: GuestOffset) -> Trace {
         }
     }
     let (answer, error) = if guest.get() < chain.size() {
-        match crate::map::decide(chain, guest.get()) {
+        match crate::map::decide(chain, guest) {
             Ok(e) => (Some(e), None),
             Err(e) => (None, Some(e.to_string())),
         }
@@ -432,12 +433,11 @@ fn conclude(t: &mut LayerSteps<'_>, at: &Place<'_>, status: Status) -> Option<St
             ))
         }
         Status::Data { host, in_data_file } => {
-            let host = host.0;
             let (file, flen) = match (in_data_file, data_file) {
                 (true, Some(df)) => (df.name().display().to_string(), df.len()),
                 _ => (name.to_string(), img.file_len()),
             };
-            let past_eof = host >= flen;
+            let past_eof = host.get() >= flen;
             t.push(StepKind::Data {
                     file: file.clone(),
                     host_offset: format!("{host:#x}"),
@@ -454,7 +454,7 @@ fn conclude(t: &mut LayerSteps<'_>, at: &Place<'_>, status: Status) -> Option<St
                     }
                 ),
             );
-            if let Some((d, why)) = crate::crypto::decrypt_step(img, host, guest.get()) {
+            if let Some((d, why)) = crate::crypto::decrypt_step(img, host, guest) {
                 t.push(StepKind::Decrypt(d), why);
             }
             Some(format!(

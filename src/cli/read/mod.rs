@@ -3,7 +3,8 @@
 mod pipe;
 mod sparse;
 
-use super::{CmdResult, num::parse_size};
+use super::CmdResult;
+use super::num::{parse_guest, parse_size};
 use color_eyre::eyre::{bail, eyre};
 use qinspect::chain::{Chain, OpenOptions};
 use qinspect::image::Strictness;
@@ -43,8 +44,8 @@ pub struct Args {
     #[arg(long, short = 's')]
     pub snapshot: Option<String>,
     /// First guest byte to read.
-    #[arg(long, value_parser = parse_size, default_value = "0")]
-    pub offset: u64,
+    #[arg(long, value_parser = parse_guest, default_value = "0")]
+    pub offset: GuestOffset,
     /// How many bytes (default: to the end of the disk).
     #[arg(long, short = 'l', value_parser = parse_size)]
     pub length: Option<u64>,
@@ -71,13 +72,14 @@ pub fn run(mut a: Args) -> CmdResult {
     keys.unlock(&chain)?;
     super::secret::Keys::require(&chain)?;
     let size = chain.size();
-    if a.offset > size {
+    if a.offset.get() > size {
         color_eyre::eyre::bail!(
             "offset {:#x} is past the end of the disk ({size} bytes)",
             a.offset
         );
     }
-    let len = a.length.unwrap_or(size - a.offset).min(size - a.offset);
+    let rest = size - a.offset.get();
+    let len = a.length.unwrap_or(rest).min(rest);
     if let Some(p) = &a.output {
         let file = open_output(&chain, p)?;
         return write_output(&chain, a.offset, len, file);
@@ -91,7 +93,12 @@ pub fn run(mut a: Args) -> CmdResult {
 
 /// Write `len` guest bytes from `offset` into an output [`open_output`] opened:
 /// a regular file sparse and in place, anything else as a stream.
-pub(super) fn write_output(chain: &Chain, offset: u64, len: u64, file: std::fs::File) -> CmdResult {
+pub(super) fn write_output(
+    chain: &Chain,
+    offset: GuestOffset,
+    len: u64,
+    file: std::fs::File,
+) -> CmdResult {
     let meta = file.metadata()?;
     if meta.file_type().is_file() {
         // An existing file is overwritten in place when it can be: writing
@@ -208,7 +215,7 @@ fn refuse_member(chain: &Chain, p: &Path, id: FileId) -> color_eyre::Result<()> 
 /// Write to a pipe or terminal through a buffer.
 pub(super) fn stream(
     chain: &qinspect::chain::Chain,
-    offset: u64,
+    offset: GuestOffset,
     len: u64,
     mut sink: Box<dyn Write + '_>,
 ) -> CmdResult {
@@ -218,7 +225,7 @@ pub(super) fn stream(
     while pos < len {
         let n = ((len - pos) as usize).min(buf.len());
         let chunk = &mut buf[..n];
-        read(chain, GuestOffset(offset + pos), chunk, &mut cache)?;
+        read(chain, offset.saturating_add(pos), chunk, &mut cache)?;
         match sink.write_all(chunk) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => return Ok(0),

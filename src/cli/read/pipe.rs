@@ -24,7 +24,7 @@ const PIPE_SIZE: usize = 1 << 20;
 /// a memory file, when the kernel can (else they are written).
 pub(super) fn stream_to_pipe(
     chain: &Chain,
-    offset: u64,
+    start: GuestOffset,
     len: u64,
     out: std::io::StdoutLock,
 ) -> CmdResult {
@@ -46,7 +46,6 @@ pub(super) fn stream_to_pipe(
         })
     };
     let mut cache = ReadCache::default();
-    let start = GuestOffset(offset);
     let done = for_each_segment(chain, start, len, &mut cache, &mut |seg| match seg {
         Segment::Zero { mut len } => {
             if let Some(z) = &zero_file {

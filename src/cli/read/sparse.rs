@@ -21,7 +21,7 @@ use std::sync::Mutex;
 /// first block of the file (see [`reuse_output`](super::reuse_output)).
 fn write_sparse(
     chain: &Chain,
-    offset: u64,
+    offset: GuestOffset,
     out_pos: u64,
     len: u64,
     out: &Mutex<&std::fs::File>,
@@ -29,7 +29,7 @@ fn write_sparse(
 ) -> color_eyre::Result<()> {
     let mut cache = ReadCache::default();
     let mut w = SparseWriter::new(out, out_pos, reuse);
-    for_each_segment(chain, GuestOffset(offset), len, &mut cache, &mut |seg| {
+    for_each_segment(chain, offset, len, &mut cache, &mut |seg| {
         match seg {
             Segment::Zero { len } => w.skip(len)?,
             Segment::Bytes(b) => w.put(b)?,
@@ -75,7 +75,7 @@ const CHUNK_BYTES: u64 = 16 << 20;
 /// worker asks next, so a run of holes does not leave one worker idle.
 pub(super) fn write_parallel(
     chain: &Chain,
-    offset: u64,
+    offset: GuestOffset,
     len: u64,
     out: &std::fs::File,
     reuse: bool,
@@ -103,7 +103,9 @@ pub(super) fn write_parallel(
                     }
                     let start = i * CHUNK_BYTES;
                     let n = CHUNK_BYTES.min(len - start);
-                    if let Err(e) = write_sparse(chain, offset + start, start, n, &out, reuse) {
+                    if let Err(e) =
+                        write_sparse(chain, offset.saturating_add(start), start, n, &out, reuse)
+                    {
                         // Stop everyone; keep the first error.
                         next.store(chunks, Ordering::Relaxed);
                         let mut f = failed.lock().unwrap_or_else(|p| p.into_inner());

@@ -26,7 +26,7 @@ use crate::header::{CryptMethod, ExtensionKind, Field};
 use crate::image::Qcow2;
 use crate::io::Source;
 use crate::lookup::Segment;
-use crate::types::HostOffset;
+use crate::types::{GuestOffset, HostOffset};
 use cipher::{CipherAlg, CipherSpec, IvGen, Mode, SECTOR_SIZE, SectorCipher};
 pub use luks::{LuksHeader, UnlockError};
 
@@ -139,21 +139,21 @@ impl DataKey {
 
     /// The sector number that becomes the IV for the byte at `host` (file
     /// offset) = `guest`: host-based for LUKS, guest-based for legacy AES.
-    pub fn iv_sector(&self, host: u64, guest: u64) -> u64 {
+    pub fn iv_sector(&self, host: HostOffset, guest: GuestOffset) -> u64 {
         match self.source {
-            KeySource::Luks { .. } => host / SECTOR_SIZE,
-            KeySource::LegacyAes => guest / SECTOR_SIZE,
+            KeySource::Luks { .. } => host.get() / SECTOR_SIZE,
+            KeySource::LegacyAes => guest.get() / SECTOR_SIZE,
         }
     }
 
     /// The IV itself for that sector (empty in ECB mode).
-    pub fn iv(&self, host: u64, guest: u64) -> Vec<u8> {
+    pub fn iv(&self, host: HostOffset, guest: GuestOffset) -> Vec<u8> {
         self.cipher.iv(self.iv_sector(host, guest))
     }
 
     /// Decrypt `data`, whole sectors read from `host` for guest offset `guest`
     /// (both sector-aligned).
-    pub fn decrypt(&self, host: u64, guest: u64, data: &mut [u8]) {
+    pub fn decrypt(&self, host: HostOffset, guest: GuestOffset, data: &mut [u8]) {
         self.cipher
             .decrypt_sectors(self.iv_sector(host, guest), data);
     }
@@ -169,8 +169,8 @@ const CHUNK: u64 = 1 << 20;
 pub fn decrypted_segments(
     img: &Qcow2,
     src: &dyn Source,
-    host: u64,
-    guest: u64,
+    host: HostOffset,
+    guest: GuestOffset,
     len: u64,
     buf: &mut Vec<u8>,
     f: &mut dyn FnMut(Segment) -> Result<()>,
@@ -189,7 +189,11 @@ pub fn decrypted_segments(
         let h = host.saturating_add(done);
         let g = guest.saturating_add(done);
         // Clusters are at least 512 bytes, so host and guest share this.
-        let skip = h % SECTOR_SIZE;
+        let skip = h.get() % SECTOR_SIZE;
+        let (h, g) = (
+            HostOffset(h.get().saturating_sub(skip)),
+            GuestOffset(g.get().saturating_sub(skip)),
+        );
         let want = len.saturating_sub(done).min(CHUNK);
         let total = skip
             .saturating_add(want)
@@ -197,13 +201,8 @@ pub fn decrypted_segments(
             .saturating_mul(SECTOR_SIZE);
         // total <= CHUNK + 1024.
         buf.resize(total as usize, 0);
-        crate::io::read_into(
-            src,
-            "encrypted guest data",
-            HostOffset(h.saturating_sub(skip)),
-            buf,
-        )?;
-        key.decrypt(h.saturating_sub(skip), g.saturating_sub(skip), buf);
+        crate::io::read_into(src, "encrypted guest data", h, buf)?;
+        key.decrypt(h, g, buf);
         f(Segment::Bytes(crate::bytes::slice(
             buf,
             skip as usize,
@@ -245,7 +244,11 @@ fn spec_name(s: &CipherSpec) -> String {
 
 /// The decryption step of a trace for the byte at `host` (file offset) and
 /// `guest`, with a sentence explaining it; `None` for an unencrypted image.
-pub fn decrypt_step(img: &Qcow2, host: u64, guest: u64) -> Option<(DecryptStep, String)> {
+pub fn decrypt_step(
+    img: &Qcow2,
+    host: HostOffset,
+    guest: GuestOffset,
+) -> Option<(DecryptStep, String)> {
     let (spec, physical) = match img.header.crypt() {
         CryptMethod::Aes => (Some(LEGACY_AES), false),
         CryptMethod::Luks => (
@@ -260,7 +263,7 @@ pub fn decrypt_step(img: &Qcow2, host: u64, guest: u64) -> Option<(DecryptStep, 
         .as_ref()
         .map(spec_name)
         .unwrap_or_else(|| "unknown (the LUKS header cannot be used)".into());
-    let sector_of = if physical { host } else { guest };
+    let sector_of = if physical { host.get() } else { guest.get() };
     let iv_sector = sector_of / SECTOR_SIZE;
     let key = img.data_key();
     let key_slot = key.and_then(|k| match k.source {

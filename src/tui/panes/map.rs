@@ -98,7 +98,7 @@ pub fn kind(e: &MapEntry, ctx: &Ctx) -> (String, Color) {
             color::META,
         );
     }
-    if e.depth > 0 && layer_size(e.depth).is_some_and(|s| e.start >= s) {
+    if e.depth > 0 && layer_size(e.depth).is_some_and(|s| e.start.get() >= s) {
         return (
             format!(
                 "past the end of {} (layer {}): reads as zeros",
@@ -156,10 +156,10 @@ impl State {
             && self.error.is_none()
             && t0.elapsed() < BUDGET
         {
-            match map_range(chain, self.next, CHUNK) {
+            match map_range(chain, GuestOffset(self.next), CHUNK) {
                 Ok(v) => {
                     let Some(last) = v.last() else { break };
-                    let reached = last.start.saturating_add(last.length);
+                    let reached = last.start.get().saturating_add(last.length);
                     if reached <= self.next {
                         break;
                     }
@@ -297,7 +297,7 @@ impl PaneState for State {
         match action {
             Action::Enter => {
                 if let Some(e) = self.extents.get(self.list.sel) {
-                    q.push(Effect::Trace(GuestOffset(e.start)));
+                    q.push(Effect::Trace(e.start));
                 }
                 true
             }

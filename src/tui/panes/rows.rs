@@ -371,11 +371,11 @@ impl Rows for MapRows<'_> {
     }
     fn row(&self, i: usize, text: bool, out: &mut Row) {
         let Some(e) = self.list.get(i) else { return };
-        out.value(e.start);
-        out.range(e.start, e.length);
+        out.value(e.start.get());
+        out.range(e.start.get(), e.length);
         if let Some(o) = e.offset {
-            out.value(o);
-            out.range(o, e.length);
+            out.value(o.get());
+            out.range(o.get(), e.length);
         }
         if text {
             out.words(&kind(e, self.ctx).0);

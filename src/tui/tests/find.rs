@@ -117,12 +117,13 @@ fn find_in_the_map_walks_every_extent_qemu_img_map_lists_for_a_layer() {
     search(&mut a, "data in demo-top.qcow2");
     let mut got = Vec::new();
     for _ in 0..want.len() {
-        got.push(a.panes.map.extents[a.panes.map.list.sel].start);
+        got.push(a.panes.map.extents[a.panes.map.list.sel].start.get());
         typed(&mut a, "n");
     }
     assert_eq!(got, want);
     assert_eq!(
-        a.panes.map.extents[a.panes.map.list.sel].start, want[0],
+        a.panes.map.extents[a.panes.map.list.sel].start.get(),
+        want[0],
         "n goes round to the first"
     );
     let s = screen(&mut a, 120, 40);

@@ -8,8 +8,8 @@ use crate::analysis::simulate::change::Target;
 use crate::analysis::simulate::overlap::Meta;
 use crate::refcount::get_refcount;
 use crate::tables::{ClusterType, L2Entry};
-use crate::types::low_mask;
 use crate::types::HostOffset;
+use crate::types::low_mask;
 
 /// An L2 table taken in bulk: its entry words read once and written back once
 /// (nothing else reads or writes the table meanwhile), and the refcount block
@@ -28,7 +28,7 @@ pub(super) struct Bulk {
 #[cfg(test)]
 thread_local! {
     /// Every table entry by entry, to compare the two paths.
-    static PER_ENTRY: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    pub(super) static PER_ENTRY: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
 /// Whether the bulk path is switched off (only ever by a test).

@@ -14,7 +14,7 @@ use crate::types::HostOffset;
 
 mod bulk;
 #[cfg(test)]
-use bulk::BULK_ENTRIES;
+use bulk::{BULK_ENTRIES, PER_ENTRY};
 
 /// The reasons the walk over one L2 table gives: the addend on a data
 /// cluster, on compressed data, and the COPIED change.
@@ -64,7 +64,6 @@ struct Walk {
     /// The refcount the COPIED reason was written for.
     copied_for: u64,
 }
-
 
 impl Sim {
     // ---- the refcount walk ---------------------------------------------------
@@ -311,7 +310,6 @@ impl Sim {
         }
         w.reasons.put(&mut self.reason, COPIED);
     }
-
 
     pub(super) fn refcount_walk(&mut self, l1: &str, addend: i32) -> SimResult<()> {
         if l1 == "active" {
