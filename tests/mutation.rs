@@ -113,12 +113,12 @@ fn exercise(bytes: Vec<u8>, rng: &mut Rng) {
     let ops = [
         Op::SnapshotCreate { name: "m".into() },
         Op::Write {
-            offset: w,
+            offset: qinspect::types::GuestOffset(w),
             length: 4096,
             pattern: qinspect::simulate::DEFAULT_PATTERN,
         },
         Op::Discard {
-            offset: 0,
+            offset: qinspect::types::GuestOffset(0),
             length: 1 << 20,
         },
     ];

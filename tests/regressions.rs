@@ -37,7 +37,7 @@ fn fuzzer_findings_stay_fixed() {
         let ops = [
             Op::SnapshotCreate { name: "f".into() },
             Op::Write {
-                offset: 0,
+                offset: qinspect::types::GuestOffset(0),
                 length: 4096,
                 pattern: qinspect::simulate::DEFAULT_PATTERN,
             },

@@ -31,7 +31,7 @@ fn persistent_bitmaps_move_on_every_read_write_open() {
     let freed: Vec<u64> = sim.freed.iter().map(|f| f.0).collect();
     assert_eq!(freed, vec![7, 6]);
     let cs = 65536;
-    let taken: Vec<u64> = sim.allocated.iter().map(|a| a.0 / cs).collect();
+    let taken: Vec<u64> = sim.allocated.iter().map(|a| a.0.get() / cs).collect();
     assert_eq!(taken, vec![8, 9, 10, 11]);
     assert_eq!(sim.file_len(), 786432);
     // A second bitmap, disabled, with a coarser granularity; writes, a
@@ -109,7 +109,7 @@ fn a_refcount_block_needed_mid_allocation_restarts_the_search() {
         .allocated
         .iter()
         .filter(|a| a.2 == "refcount block")
-        .map(|a| a.0 / 512)
+        .map(|a| a.0.get() / 512)
         .collect();
     assert_eq!(blocks, vec![267, 512]);
     // 4k clusters: a new block every 8 MiB of host file.
@@ -146,7 +146,7 @@ fn extended_l2_slices_on_a_200g_disk() {
         .allocated
         .iter()
         .filter(|a| a.2.starts_with("guest data"))
-        .map(|a| a.0 / 65536)
+        .map(|a| a.0.get() / 65536)
         .collect();
     assert_eq!(data, vec![6, 7, 9]);
 }
@@ -1031,7 +1031,7 @@ fn partial_write_zeroes_ask_the_backing_chain() {
     let sim = ok(&w, "v2c.qcow2", &["write-zeroes:0:16842752"]);
     // The second buffer, one cluster, goes where the compressed cluster was.
     assert!(
-        sim.allocated.last().is_some_and(|a| a.0 == 0x50000),
+        sim.allocated.last().is_some_and(|a| a.0.get() == 0x50000),
         "{:?}",
         sim.allocated
     );

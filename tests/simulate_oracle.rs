@@ -159,7 +159,7 @@ fn snapshot_create_on_an_image_without_snapshots() {
     assert_eq!(
         sim.allocated
             .iter()
-            .map(|a| a.0 / 65536)
+            .map(|a| a.0.get() / 65536)
             .collect::<Vec<_>>(),
         vec![8, 9]
     );
@@ -385,7 +385,7 @@ fn first_write_after_a_snapshot_copies_the_l2_table() {
         &[&["qemu-io", "write -P 1 0 4k"]],
     );
     // The reference example: new L2 in cluster 10, data in 11.
-    let clusters: Vec<u64> = sim.allocated.iter().map(|a| a.0 / 65536).collect();
+    let clusters: Vec<u64> = sim.allocated.iter().map(|a| a.0.get() / 65536).collect();
     assert_eq!(clusters, vec![10, 11]);
 }
 

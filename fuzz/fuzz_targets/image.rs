@@ -31,7 +31,7 @@ fuzz_target!(|data: &[u8]| {
         let mut buf = vec![0u8; 64 << 10];
         let _ = read(&chain, GuestOffset(pick % size), &mut buf, &mut ReadCache::default());
     }
-    let ops = [Op::SnapshotCreate { name: "f".into() }, Op::Write { offset: pick % img.header.size.max(1), length: 4096, pattern: 0xcd }];
+    let ops = [Op::SnapshotCreate { name: "f".into() }, Op::Write { offset: qinspect::types::GuestOffset(pick % img.header.size.max(1)), length: 4096, pattern: 0xcd }];
     if let Ok(sim) = simulate(&img, Path::new("fuzz.qcow2"), &ops) {
         let _ = sim.image();
     }

@@ -187,7 +187,7 @@ fn write_json(out: &mut impl Write, sim: &mut Sim, name: &str) -> std::io::Resul
     serde_json::to_writer_pretty(
         &mut *out,
         &JsonList(sim.allocated.iter().map(|(o, l, p)| Allocated {
-            cluster: o / cs,
+            cluster: o.get() / cs,
             length: *l,
             offset: *o,
             purpose: p,
@@ -230,7 +230,7 @@ fn write_json(out: &mut impl Write, sim: &mut Sim, name: &str) -> std::io::Resul
 struct Allocated<'a> {
     cluster: u64,
     length: u64,
-    offset: u64,
+    offset: qinspect::types::HostOffset,
     purpose: &'a str,
 }
 
@@ -278,7 +278,7 @@ fn print_text(out: &mut impl Write, sim: &mut Sim) -> std::io::Result<bool> {
         writeln!(
             out,
             "   {l} bytes at {o:#x} (cluster {}) for {p}",
-            o / sim.cluster_size()
+            o.get() / sim.cluster_size()
         )?;
     }
     writeln!(out, "{hd}freed (refcount now 0):{hd:#}")?;

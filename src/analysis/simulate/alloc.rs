@@ -85,7 +85,7 @@ impl Sim {
             first,
             first,
         );
-        self.allocated.push((off.get(), len, purpose.to_string()));
+        self.allocated.push((off, len, purpose.to_string()));
         self.reason = saved;
         Ok(())
     }

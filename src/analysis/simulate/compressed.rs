@@ -169,11 +169,8 @@ impl Sim {
             self.cluster_of(offset),
             self.cluster_of(offset),
         );
-        self.allocated.push((
-            offset.get(),
-            size,
-            format!("compressed data of guest {guest:#x}"),
-        ));
+        self.allocated
+            .push((offset, size, format!("compressed data of guest {guest:#x}")));
         let next = offset.saturating_add(size);
         *free_byte = if self.within(next) == 0 { none } else { next };
         Ok(offset)

@@ -57,7 +57,7 @@ use crate::io::SharedSource;
 use crate::refcount::get_refcount;
 use crate::tables::L1Entry;
 use crate::types::low_mask as types_low_mask;
-use crate::types::{Geometry, GuestOffset, HostOffset};
+use crate::types::{Geometry, HostOffset};
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -140,8 +140,8 @@ pub struct Sim {
     reason: String,
     /// Every operation so far.
     pub records: Vec<OpRecord>,
-    /// Allocations: (offset, length, purpose).
-    pub allocated: Vec<(u64, u64, String)>,
+    /// Allocations: (where in the file, length in bytes, purpose).
+    pub allocated: Vec<(HostOffset, u64, String)>,
     /// Releases that brought clusters to refcount 0: (cluster, purpose).
     pub freed: Vec<(u64, String)>,
     backing: Option<crate::chain::Chain>,
@@ -354,7 +354,7 @@ impl Sim {
         self.free_cluster_index = 0;
         if let Op::Trace { offset } = op {
             // A look, not a QEMU command: nothing is opened read-write.
-            let r = self.trace(GuestOffset(*offset));
+            let r = self.trace(*offset);
             self.records.push(OpRecord {
                 op: op.clone(),
                 description: op.describe(),
@@ -425,20 +425,18 @@ impl Sim {
             Op::SnapshotDelete { id_or_name } => self.snapshot_delete(id_or_name, false),
             Op::SnapshotDeleteId { id } => self.snapshot_delete(id, true),
             Op::SnapshotApply { id_or_name } => self.snapshot_apply(id_or_name),
-            Op::Write { offset, length, .. } => self.write(GuestOffset(*offset), *length),
-            Op::Discard { offset, length } => self.discard(GuestOffset(*offset), *length),
-            Op::Read { offset, length } => self.copy_on_read(GuestOffset(*offset), *length),
-            Op::WriteCompressed { offset, length, .. } => {
-                self.write_compressed(GuestOffset(*offset), *length)
-            }
+            Op::Write { offset, length, .. } => self.write(*offset, *length),
+            Op::Discard { offset, length } => self.discard(*offset, *length),
+            Op::Read { offset, length } => self.copy_on_read(*offset, *length),
+            Op::WriteCompressed { offset, length, .. } => self.write_compressed(*offset, *length),
             Op::WriteZeroes {
                 offset,
                 length,
                 unmap,
-            } => self.write_zeroes(GuestOffset(*offset), *length, *unmap),
+            } => self.write_zeroes(*offset, *length, *unmap),
             Op::Resize { size, shrink } => self.resize(*size, *shrink),
             Op::Repair { all } => self.repair(*all),
-            Op::Trace { offset } => self.trace(GuestOffset(*offset)),
+            Op::Trace { offset } => self.trace(*offset),
             Op::Overlay { .. } => Err(SimError::Qemu(
                 "an overlay starts a new layer: simulate_layers handles it".into(),
             )),

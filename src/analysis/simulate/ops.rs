@@ -2,6 +2,7 @@
 //! words QEMU's tools print when one fails.
 
 use super::data::DEFAULT_PATTERN;
+use crate::types::GuestOffset;
 use serde::Serialize;
 
 /// An operation to simulate.
@@ -31,7 +32,7 @@ pub enum Op {
     /// A guest write (`qemu-io -c 'write [-P PATTERN] OFFSET LENGTH'`).
     Write {
         /// Guest offset.
-        offset: u64,
+        offset: GuestOffset,
         /// Length in bytes.
         length: u64,
         /// The byte written ([`DEFAULT_PATTERN`] unless `-P` says otherwise).
@@ -41,7 +42,7 @@ pub enum Op {
     /// of the pattern, whole clusters from a cluster boundary.
     WriteCompressed {
         /// Guest offset.
-        offset: u64,
+        offset: GuestOffset,
         /// Length in bytes.
         length: u64,
         /// The byte written.
@@ -50,7 +51,7 @@ pub enum Op {
     /// A guest write-zeroes (`qemu-io -c 'write -z [-u]'`).
     WriteZeroes {
         /// Guest offset.
-        offset: u64,
+        offset: GuestOffset,
         /// Length in bytes.
         length: u64,
         /// `-u`: clusters may be released.
@@ -61,14 +62,14 @@ pub enum Op {
     /// the top layer.
     Read {
         /// Guest offset.
-        offset: u64,
+        offset: GuestOffset,
         /// Length in bytes.
         length: u64,
     },
     /// A guest discard.
     Discard {
         /// Guest offset.
-        offset: u64,
+        offset: GuestOffset,
         /// Length in bytes.
         length: u64,
     },
@@ -89,7 +90,7 @@ pub enum Op {
     /// Where a guest read at an offset comes from, through the simulated chain.
     Trace {
         /// Guest offset.
-        offset: u64,
+        offset: GuestOffset,
     },
     /// `qemu-img check -r leaks` or `-r all`.
     Repair {
@@ -145,6 +146,7 @@ impl Op {
             }),
             "write" => {
                 let (offset, length) = range()?;
+                let offset = GuestOffset(offset);
                 Ok(Op::Write {
                     offset,
                     length,
@@ -153,6 +155,7 @@ impl Op {
             }
             "write-compressed" => {
                 let (offset, length) = range()?;
+                let offset = GuestOffset(offset);
                 Ok(Op::WriteCompressed {
                     offset,
                     length,
@@ -170,17 +173,19 @@ impl Op {
                     )
                 })?;
                 Ok(Op::WriteZeroes {
-                    offset: parse_num(o)?,
+                    offset: GuestOffset(parse_num(o)?),
                     length: parse_num(l)?,
                     unmap,
                 })
             }
             "read" => {
                 let (offset, length) = range()?;
+                let offset = GuestOffset(offset);
                 Ok(Op::Read { offset, length })
             }
             "discard" => {
                 let (offset, length) = range()?;
+                let offset = GuestOffset(offset);
                 Ok(Op::Discard { offset, length })
             }
             "resize" => {
@@ -205,7 +210,7 @@ impl Op {
                 snapshot: (!rest.is_empty()).then(|| rest.to_string()),
             }),
             "trace" => Ok(Op::Trace {
-                offset: parse_num(&need("an OFFSET")?)?,
+                offset: GuestOffset(parse_num(&need("an OFFSET")?)?),
             }),
             "repair" => match rest {
                 "leaks" => Ok(Op::Repair { all: false }),
@@ -259,30 +264,35 @@ impl Op {
                 length,
                 pattern,
             } => format!(
-                "write {length} bytes at guest {offset:#x} (qemu-io -c 'write{} {offset} {length}')",
-                pattern_flag(*pattern)
+                "write {length} bytes at guest {offset:#x} (qemu-io -c 'write{} {} {length}')",
+                pattern_flag(*pattern),
+                offset.get()
             ),
             Op::WriteCompressed {
                 offset,
                 length,
                 pattern,
             } => format!(
-                "write {length} compressed bytes at guest {offset:#x} (qemu-io -c 'write -c{} {offset} {length}')",
-                pattern_flag(*pattern)
+                "write {length} compressed bytes at guest {offset:#x} (qemu-io -c 'write -c{} {} {length}')",
+                pattern_flag(*pattern),
+                offset.get()
             ),
             Op::WriteZeroes {
                 offset,
                 length,
                 unmap,
             } => format!(
-                "write zeroes over {length} bytes at guest {offset:#x} (qemu-io -c 'write -z{} {offset} {length}')",
-                if *unmap { " -u" } else { "" }
+                "write zeroes over {length} bytes at guest {offset:#x} (qemu-io -c 'write -z{} {} {length}')",
+                if *unmap { " -u" } else { "" },
+                offset.get()
             ),
             Op::Read { offset, length } => format!(
-                "copy-on-read of {length} bytes at guest {offset:#x} (qemu-io -C -c 'read {offset} {length}')"
+                "copy-on-read of {length} bytes at guest {offset:#x} (qemu-io -C -c 'read {} {length}')",
+                offset.get()
             ),
             Op::Discard { offset, length } => format!(
-                "discard {length} bytes at guest {offset:#x} (qemu-io -c 'discard {offset} {length}')"
+                "discard {length} bytes at guest {offset:#x} (qemu-io -c 'discard {} {length}')",
+                offset.get()
             ),
             Op::Resize { size, shrink } => format!(
                 "resize the disk to {size} bytes (qemu-img resize{} IMG {size})",

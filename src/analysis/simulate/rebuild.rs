@@ -222,7 +222,7 @@ impl Sim {
                 table_cluster,
             );
             self.allocated.push((
-                offset.get(),
+                offset,
                 self.clusters_bytes(table_clusters),
                 "the rebuilt refcount table".into(),
             ));
@@ -319,7 +319,7 @@ impl Sim {
                     c,
                 );
                 self.allocated
-                    .push((off.get(), rb.cs, format!("rebuilt refcount block {index}")));
+                    .push((off, rb.cs, format!("rebuilt refcount block {index}")));
                 off
             };
             let mut buf = vec![0u8; usize::try_from(rb.cs).unwrap_or(0)];

@@ -220,7 +220,7 @@ impl Sim {
             self.write_bytes(new_off, &zero)?;
         }
         self.allocated
-            .push((new_off.get(), self.cs, "refcount block".into()));
+            .push((new_off, self.cs, "refcount block".into()));
         self.record(
             Target::Allocate {
                 offset: new_off,
@@ -347,7 +347,7 @@ impl Sim {
                 if let Some(slot) = table.get_mut(i as usize) {
                     *slot = b.get();
                 }
-                self.allocated.push((b.get(), cs, "refcount block".into()));
+                self.allocated.push((b, cs, "refcount block".into()));
                 self.record(
                     Target::Allocate {
                         offset: b,
@@ -385,7 +385,7 @@ impl Sim {
         let bytes: Vec<u8> = table.iter().flat_map(|e| e.to_be_bytes()).collect();
         self.write_bytes(table_offset, &bytes)?;
         self.allocated.push((
-            table_offset.get(),
+            table_offset,
             self.clusters_bytes(table_clusters),
             "the new refcount table".into(),
         ));
