@@ -172,45 +172,7 @@ fn run_in<T: L2Slots>(
             ),
         ));
     }
-    let mut host = None;
-    match first_type {
-        SubclusterType::Compressed if has_df => {
-            return Err(eio(
-                guest,
-                name,
-                format!(
-                    "Compressed cluster entry found in image with external data file (L2 offset: {l2_off}, L2 index: {l2_index:#x})"
-                ),
-            ));
-        }
-        SubclusterType::ZeroAlloc | SubclusterType::Normal | SubclusterType::UnallocatedAlloc => {
-            // These three types come from a data or preallocated zero entry.
-            let hc = mapping.host_offset().unwrap_or_default();
-            if !geo.is_cluster_aligned(hc.0) {
-                return Err(eio(
-                    guest,
-                    name,
-                    format!(
-                        "Cluster allocation offset {hc} unaligned (L2 offset: {l2_off}, L2 index: {l2_index:#x})"
-                    ),
-                ));
-            }
-            let h = hc.saturating_add(in_cluster);
-            // An external data file maps guest offsets to the same host offsets.
-            if has_df && h.get() != guest.get() {
-                return Err(eio(
-                    guest,
-                    name,
-                    format!(
-                        "External data file host cluster offset {hc} does not match guest cluster offset {:#x}",
-                        geo.align_down(guest.get())
-                    ),
-                ));
-            }
-            host = Some(h);
-        }
-        _ => {}
-    }
+    let host = first_host(img, &mapping, first_type, guest, name, l2_off, l2_index)?;
     // count_contiguous_subclusters
     let nb_clusters = geo.clusters_for(needed);
     if !geo.extended_l2 && first_type != SubclusterType::Compressed {
@@ -273,6 +235,63 @@ fn run_in<T: L2Slots>(
         status: run_status(first_type, host, has_df, &mapping, in_cluster),
         subcluster: first_type,
     })
+}
+
+/// The host offset of the first byte of a run whose first subcluster is of
+/// type `first_type`, as QEMU's lookup checks it: refused (EIO) for a compressed
+/// cluster with an external data file, an unaligned cluster, or a data-file
+/// cluster whose offset is not the guest's; none for types with no host cluster.
+fn first_host(
+    img: &Qcow2,
+    mapping: &L2Mapping,
+    first_type: SubclusterType,
+    guest: GuestOffset,
+    name: &str,
+    l2_off: HostOffset,
+    l2_index: u64,
+) -> Result<Option<HostOffset>> {
+    let geo = img.geometry();
+    let has_df = img.header.has_data_file();
+    let in_cluster = geo.in_cluster(guest);
+    match first_type {
+        SubclusterType::Compressed if has_df => {
+            return Err(eio(
+                guest,
+                name,
+                format!(
+                    "Compressed cluster entry found in image with external data file (L2 offset: {l2_off}, L2 index: {l2_index:#x})"
+                ),
+            ));
+        }
+        SubclusterType::ZeroAlloc | SubclusterType::Normal | SubclusterType::UnallocatedAlloc => {
+            // These three types come from a data or preallocated zero entry.
+            let hc = mapping.host_offset().unwrap_or_default();
+            if !geo.is_cluster_aligned(hc.0) {
+                return Err(eio(
+                    guest,
+                    name,
+                    format!(
+                        "Cluster allocation offset {hc} unaligned (L2 offset: {l2_off}, L2 index: {l2_index:#x})"
+                    ),
+                ));
+            }
+            let h = hc.saturating_add(in_cluster);
+            // An external data file maps guest offsets to the same host offsets.
+            if has_df && h.get() != guest.get() {
+                return Err(eio(
+                    guest,
+                    name,
+                    format!(
+                        "External data file host cluster offset {hc} does not match guest cluster offset {:#x}",
+                        geo.align_down(guest.get())
+                    ),
+                ));
+            }
+            return Ok(Some(h));
+        }
+        _ => {}
+    }
+    Ok(None)
 }
 
 fn run_status(

@@ -2,7 +2,7 @@
 
 use super::steps::{Step, StepKind, Trace};
 use super::{Status, layer_run};
-use crate::chain::{Chain, LayerKind};
+use crate::chain::{Chain, Layer, LayerKind};
 use crate::error::Error;
 use crate::image::{Qcow2, View};
 use crate::io::Source;
@@ -56,63 +56,7 @@ pub fn trace(chain: &Chain, guest: GuestOffset) -> Trace {
         }
         match &layer.kind {
             LayerKind::Raw => {
-                push(
-                    &mut steps,
-                    StepKind::Split {
-                        format: "raw".into(),
-                        layer_size: size,
-                        cluster_size: None,
-                        l1_index: None,
-                        l2_index: None,
-                        in_cluster: None,
-                        subcluster: None,
-                    },
-                    format!(
-                        "{name} is a raw image: guest offset {guest:#x} is byte {guest:#x} of the file."
-                    ),
-                );
-                let flen = layer.src.len();
-                // A raw layer's guest offsets are its file's offsets.
-                let (zero, _) =
-                    crate::map::file_extent(layer.src.as_ref(), HostOffset(guest.get()));
-                if guest.get() >= flen {
-                    let reason = format!(
-                        "byte {guest:#x} is past the end of {name} ({flen} bytes), inside QEMU's rounding of a raw file's size up to 512 bytes"
-                    );
-                    push(
-                        &mut steps,
-                        StepKind::Zero {
-                            reason: reason.clone(),
-                            host_offset: Some(format!("{guest:#x}")),
-                        },
-                        format!("The {reason}: it reads as zero."),
-                    );
-                    outcome = format!("zeros: {reason}");
-                } else if zero {
-                    let reason = format!("byte {guest:#x} is in a hole of {name}");
-                    push(
-                        &mut steps,
-                        StepKind::Zero {
-                            reason: reason.clone(),
-                            host_offset: Some(format!("{guest:#x}")),
-                        },
-                        format!(
-                            "The file system stores nothing there: {reason}, so it reads as zero (qemu-img map reports it as zero, not data)."
-                        ),
-                    );
-                    outcome = format!("zeros: hole in {name} at {guest:#x} (raw layer {depth})");
-                } else {
-                    push(
-                        &mut steps,
-                        StepKind::Data {
-                            file: name.clone(),
-                            host_offset: format!("{guest:#x}"),
-                            past_eof: false,
-                        },
-                        format!("The byte is read from {name} at offset {guest:#x}."),
-                    );
-                    outcome = format!("data in {name} at {guest:#x} (raw layer {depth})");
-                }
+                outcome = trace_raw(layer, guest, depth, &mut steps);
                 break;
             }
             LayerKind::Qcow2 {
@@ -161,6 +105,77 @@ pub fn trace(chain: &Chain, guest: GuestOffset) -> Trace {
         answer,
         error,
     }
+}
+
+/// The step a raw layer gives: it is read where the guest offset says, as a hole
+/// or data of its file, or as the zeros past its end. Returns the trace's outcome.
+fn trace_raw(layer: &Layer, guest: GuestOffset, depth: usize, steps: &mut Vec<Step>) -> String {
+    let name = layer.path.display().to_string();
+    let size = layer.size();
+    let push = |steps: &mut Vec<Step>, kind: StepKind, explanation: String| {
+        steps.push(Step {
+            depth,
+            layer: name.clone(),
+            kind,
+            explanation,
+        })
+    };
+    let outcome;
+    push(
+        steps,
+        StepKind::Split {
+            format: "raw".into(),
+            layer_size: size,
+            cluster_size: None,
+            l1_index: None,
+            l2_index: None,
+            in_cluster: None,
+            subcluster: None,
+        },
+        format!("{name} is a raw image: guest offset {guest:#x} is byte {guest:#x} of the file."),
+    );
+    let flen = layer.src.len();
+    // A raw layer's guest offsets are its file's offsets.
+    let (zero, _) = crate::map::file_extent(layer.src.as_ref(), HostOffset(guest.get()));
+    if guest.get() >= flen {
+        let reason = format!(
+            "byte {guest:#x} is past the end of {name} ({flen} bytes), inside QEMU's rounding of a raw file's size up to 512 bytes"
+        );
+        push(
+            steps,
+            StepKind::Zero {
+                reason: reason.clone(),
+                host_offset: Some(format!("{guest:#x}")),
+            },
+            format!("The {reason}: it reads as zero."),
+        );
+        outcome = format!("zeros: {reason}");
+    } else if zero {
+        let reason = format!("byte {guest:#x} is in a hole of {name}");
+        push(
+            steps,
+            StepKind::Zero {
+                reason: reason.clone(),
+                host_offset: Some(format!("{guest:#x}")),
+            },
+            format!(
+                "The file system stores nothing there: {reason}, so it reads as zero (qemu-img map reports it as zero, not data)."
+            ),
+        );
+        outcome = format!("zeros: hole in {name} at {guest:#x} (raw layer {depth})");
+    } else {
+        push(
+            steps,
+            StepKind::Data {
+                file: name.clone(),
+                host_offset: format!("{guest:#x}"),
+                past_eof: false,
+            },
+            format!("The byte is read from {name} at offset {guest:#x}."),
+        );
+        outcome = format!("data in {name} at {guest:#x} (raw layer {depth})");
+    }
+    outcome
 }
 
 /// Trace within one qcow2 layer; `Some(outcome)` if the lookup ends here.
