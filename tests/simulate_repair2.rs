@@ -386,3 +386,138 @@ fn snapshot_table_findings_as_qemu_repairs_them() {
         assert_eq!(std::fs::read(w.path(&copy)).unwrap(), before, "{name}");
     }
 }
+
+/// `image` with the external data file `data`, `write 0 128k` (L1 at
+/// 0x30000, its L2 table at 0x40000), and a snapshot QEMU would never have
+/// made there (it refuses to create one): its own L1 table at 0x50000 naming
+/// the active L2 table, its entry at 0x60000, both counted once, so that the
+/// shared L2 table's refcount (1) is one too low.
+fn with_data_file_snapshot(w: &Work, image: &str, data: &str) {
+    w.qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        &format!("data_file={data}"),
+        image,
+        "4M",
+    ]);
+    w.qemu_io(image, &["write 0 128k"]);
+    poke(w, image, 0x50000, 0x40000);
+    let mut entry = Vec::new();
+    entry.extend_from_slice(&0x50000u64.to_be_bytes());
+    entry.extend_from_slice(&1u32.to_be_bytes()); // l1_size
+    entry.extend_from_slice(&1u16.to_be_bytes()); // id_str_size
+    entry.extend_from_slice(&2u16.to_be_bytes()); // name_size
+    entry.extend_from_slice(&[0; 20]); // date, vm_clock, vm_state_size
+    entry.extend_from_slice(&24u32.to_be_bytes()); // extra_data_size
+    entry.extend_from_slice(&0u64.to_be_bytes()); // vm_state_size_large
+    entry.extend_from_slice(&0x40_0000u64.to_be_bytes()); // disk_size
+    entry.extend_from_slice(&0u64.to_be_bytes()); // icount
+    entry.extend_from_slice(b"1s1");
+    w.patch(image, 0x60000, &entry);
+    w.patch(image, 0x3c, &1u32.to_be_bytes());
+    poke(w, image, 0x40, 0x60000);
+    w.set_refcount(image, 5, 1);
+    w.set_refcount(image, 6, 1);
+}
+
+#[test]
+fn snapshots_with_an_external_data_file_are_reported_and_counted() {
+    let w = Work::new();
+    with_data_file_snapshot(&w, "a.qcow2", "a.raw");
+    with_data_file_snapshot(&w, "l.qcow2", "l.raw");
+    // QEMU's check reports the snapshots ("1 snapshots in image with data
+    // file") and counts their tables as any others: -r all raises the shared
+    // L2 table to 2 and clears its COPIED flag; the snapshot stays.
+    let sim = ok(&w, "a.qcow2", &["repair:all", "repair:all"]);
+    let r = reasons(&sim);
+    assert_eq!(sim.records[0].error, None);
+    assert!(
+        r.iter().any(|m| m
+            == "QEMU's repair leaves this corruption as it is: ERROR 1 snapshots in image with data file")
+            && r.iter()
+                .any(|m| m == "Repairing cluster 4 refcount=1 reference=2")
+            && r.iter().any(|m| m == "Repairing OFLAG_COPIED L2 cluster: l1_index=0 refcount=2"),
+        "{r:?}"
+    );
+    assert_eq!(sim.image().unwrap().snapshots.snapshots.len(), 1);
+    // -r leaks has no leak to free and leaves the refcount too low.
+    let sim = ok(&w, "l.qcow2", &["repair:leaks", "repair:all"]);
+    assert_eq!(sim.records[0].error, None);
+    assert!(
+        !reasons(&sim).iter().any(|m| m.starts_with("Repairing")),
+        "{:?}",
+        reasons(&sim)
+    );
+}
+
+#[test]
+fn compressed_clusters_where_none_may_be_are_left_uncounted() {
+    let w = Work::new();
+    // With an external data file, the second L2 entry made a compressed
+    // descriptor: QEMU reports it, does not count it, and repairs nothing
+    // (data clusters of a data file have no refcounts to lower).
+    for name in ["c.qcow2", "lc.qcow2"] {
+        let data = format!("data_file={name}.raw");
+        w.qemu_img(&["create", "-q", "-f", "qcow2", "-o", &data, name, "4M"]);
+        w.qemu_io(name, &["write 0 128k"]);
+        poke(&w, name, 0x40008, 0x4000_0000_0001_0000);
+    }
+    for (name, op) in [("c.qcow2", "repair:all"), ("lc.qcow2", "repair:leaks")] {
+        let sim = ok(&w, name, &[op, "repair:all"]);
+        assert_eq!(sim.records[0].error, None, "{name}");
+        assert_eq!(
+            reasons(&sim),
+            [
+                "QEMU's repair leaves this corruption as it is: ERROR compressed cluster 1 with data file, entry=0x4000000000010000"
+            ],
+            "{name}"
+        );
+    }
+    // With extended L2 entries, a compressed descriptor whose subcluster
+    // bitmap is not 0 (the second entry turned compressed, its bitmap kept):
+    // not counted, so the data cluster it named (cluster 6) is a leak, freed
+    // by -r all and -r leaks alike.
+    for name in ["e.qcow2", "le.qcow2"] {
+        w.qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "extended_l2=on",
+            name,
+            "4M",
+        ]);
+        w.qemu_io(name, &["write 0 128k"]);
+        poke(&w, name, 0x40010, 0x4000_0000_0006_0000);
+    }
+    for (name, op) in [("e.qcow2", "repair:all"), ("le.qcow2", "repair:leaks")] {
+        let img = open_path(&w.path(name)).unwrap();
+        let mut sim = qinspect::simulate::Sim::new(&img, &w.path(name)).unwrap();
+        sim.apply(&sim_compare::parse_op(op));
+        assert_eq!(sim.records[0].error, None, "{name}");
+        assert!(
+            reasons(&sim)
+                .iter()
+                .any(|m| m == "Repairing cluster 6 refcount=1 reference=0 (leaked)"),
+            "{name}: {:?}",
+            reasons(&sim)
+        );
+        // Every operation matches; only the guest disk cannot be read after
+        // them, through such an entry, by QEMU either.
+        let e = match compare(w.dir.path(), name, &[op, "repair:all"]) {
+            Ok(_) => panic!("{name}: the guest disk was read"),
+            Err(e) => e,
+        };
+        assert!(e.starts_with("after the 2 operations: "), "{name}: {e}");
+        let out = std::process::Command::new("qemu-img")
+            .args(["convert", "-O", "raw", &format!("{name}.qemu"), "out.raw"])
+            .current_dir(w.dir.path())
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{name}: qemu-img convert read it");
+    }
+}
