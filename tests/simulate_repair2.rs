@@ -521,3 +521,68 @@ fn compressed_clusters_where_none_may_be_are_left_uncounted() {
         assert!(!out.status.success(), "{name}: qemu-img convert read it");
     }
 }
+
+#[test]
+fn a_bitmap_table_qemu_cannot_load_fails_the_check() {
+    let w = Work::new();
+    // `write 0 128k`, the bitmap bm0, `write -z 0 64k` through it: its table
+    // (one entry) at 0xa0000, its directory at 0xb0000. The table's entry
+    // made unaligned and the bitmap marked in use (so QEMU's open does not
+    // load it; only the check does, and fails with "Invalid argument"). In
+    // "z" the first L2 entry is also a preallocated zero cluster whose
+    // offset is not aligned, which -r all repairs before the check reaches
+    // the bitmaps.
+    for name in ["b.qcow2", "z.qcow2"] {
+        w.qemu_img(&["create", "-q", "-f", "qcow2", name, "4M"]);
+        w.qemu_io(name, &["write 0 128k"]);
+        w.qemu_img(&["bitmap", "--add", name, "bm0"]);
+        w.qemu_io(name, &["write -z 0 64k"]);
+        poke(&w, name, 0xa0000, 0x90200);
+        w.patch(name, 0xb000c, &3u32.to_be_bytes());
+    }
+    poke(&w, "z.qcow2", 0x40000, 0x8000_0000_0005_2001);
+    for name in ["b.qcow2", "z.qcow2"] {
+        for op in ["repair:all", "repair:leaks"] {
+            let copy = format!("{name}.qemu");
+            std::fs::copy(w.path(name), w.path(&copy)).unwrap();
+            let (qemu_ok, line) =
+                sim_compare::run_qemu(w.dir.path(), &sim_compare::qemu_command(op, &copy));
+            assert!(
+                !qemu_ok && line.ends_with("Check failed: Invalid argument"),
+                "{name} {op}: {line}"
+            );
+            let img = open_path(&w.path(name)).unwrap();
+            let mut sim = qinspect::simulate::Sim::new(&img, &w.path(name)).unwrap();
+            sim.apply(&sim_compare::parse_op(op));
+            let e = sim.records[0].error.as_deref().unwrap_or_default();
+            assert!(
+                matches!(
+                    sim.records[0].cause,
+                    Some(qinspect::simulate::SimError::Qemu(_))
+                ) && e.starts_with("Check failed: Invalid argument"),
+                "{name} {op}: {e}"
+            );
+            // What QEMU wrote before it failed is what the simulation wrote.
+            let real = open_path(&w.path(&copy)).unwrap();
+            let simulated = sim.image().unwrap();
+            let upto = real.file_len();
+            assert_eq!(
+                sim_compare::meta(&simulated, upto).unwrap(),
+                sim_compare::meta(&real, upto).unwrap(),
+                "{name} {op}"
+            );
+            let fixed = name == "z.qcow2" && op == "repair:all";
+            assert_eq!(sim.records[0].steps.is_empty(), !fixed, "{name} {op}");
+            let entry = real.l2_table(qinspect::types::HostOffset(0x40000)).unwrap()[0].raw;
+            assert_eq!(
+                entry,
+                match (name, fixed) {
+                    ("b.qcow2", _) => 0x8000_0000_0005_0001,
+                    (_, false) => 0x8000_0000_0005_2001,
+                    _ => 0x1,
+                },
+                "{name} {op}"
+            );
+        }
+    }
+}

@@ -34,9 +34,6 @@ impl Sim {
             .image()
             .map_err(|e| SimError::Qemu(format!("Could not open the image: {e}")))?;
         let report = check(&img, &CheckOptions::default());
-        if let Some(a) = &report.aborted {
-            return Err(self.check_stops(a, all));
-        }
         // Unaligned zero clusters: QEMU's check_refcounts_l2 rewrites them as
         // plain zero clusters with -r all (before it counts them, so their
         // old cluster becomes a leak); with -r leaks they stay, corrupt.
@@ -46,6 +43,16 @@ impl Sim {
             .filter(|f| Self::fixable_zero_cluster(f))
             .filter_map(|f| f.offset.map(|o| (o.get(), f.message.clone())))
             .collect();
+        if let Some(a) = &report.aborted {
+            if all && Self::stops_at_bitmaps(a) {
+                // calculate_refcounts walks (and with -r all repairs) the L1
+                // and L2 tables before it reaches the bitmaps.
+                for (at, message) in &zero_fixes {
+                    self.fix_unaligned_zero_cluster(*at, message)?;
+                }
+            }
+            return Err(self.check_stops(a, all));
+        }
         if all && !zero_fixes.is_empty() {
             let mut changed = false;
             for (at, message) in &zero_fixes {
@@ -284,7 +291,9 @@ impl Sim {
     /// How QEMU's check ends when it cannot read the snapshot table
     /// (`qcow2_check_read_snapshot_table`): it fails before it repairs
     /// anything. With `-r all`, more snapshots than QEMU's limit are cut to
-    /// the limit first.
+    /// the limit first. Or when it cannot load the bitmap directory or a
+    /// bitmap table (`qcow2_check_bitmaps_refcounts`): it fails before it
+    /// compares any refcount.
     fn check_stops(&self, why: &crate::check::Refusal, all: bool) -> SimError {
         use crate::check::Refusal;
         let max = crate::snapshot::MAX_SNAPSHOTS;
@@ -307,8 +316,26 @@ impl Sim {
                 "QEMU discards the {} overhanging snapshots, then reads the first {max} entries of the snapshot table and goes on from there",
                 count.saturating_sub(max)
             )),
+            Refusal::BitmapDirectory { .. } | Refusal::BitmapTableEntry { .. } => {
+                SimError::Qemu(format!(
+                    "Check failed: Invalid argument (the check stops at the bitmaps: {}; no refcount is repaired)",
+                    why.to_string().trim_end_matches(" (Invalid argument)")
+                ))
+            }
             other => SimError::NotModelled(format!("the check stops early: {other}")),
         }
+    }
+
+    /// Whether the check stops at the bitmaps in a way QEMU's
+    /// `qcow2_check_bitmaps_refcounts` stops with `-EINVAL` (the directory
+    /// or a bitmap table cannot be loaded), after the L1 and L2 tables were
+    /// walked.
+    fn stops_at_bitmaps(why: &crate::check::Refusal) -> bool {
+        use crate::check::Refusal;
+        matches!(
+            why,
+            Refusal::BitmapDirectory { .. } | Refusal::BitmapTableEntry { .. }
+        )
     }
 
     /// A refcount block past the end of the file (`check_refblocks`).
