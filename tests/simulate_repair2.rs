@@ -586,3 +586,74 @@ fn a_bitmap_table_qemu_cannot_load_fails_the_check() {
         }
     }
 }
+
+#[test]
+fn more_snapshots_than_qemu_reads_are_cut_to_its_limit() {
+    let w = Work::new();
+    // `write 0 64k` (clusters 0-5), then a table of 65537 snapshots at
+    // 0x60000, each a 64-byte entry with no L1 table and 24 bytes of extra
+    // data, its clusters (6-70) counted once. -r all cuts the header's count
+    // to 65536 at once; the last entry's cluster then holds no entry QEMU
+    // reads, a leak it frees, and the image is clean and opens again.
+    w.qemu_img(&["create", "-q", "-f", "qcow2", "v.qcow2", "4M"]);
+    w.qemu_io("v.qcow2", &["write 0 64k"]);
+    let mut entry = vec![0u8; 36];
+    entry.extend_from_slice(&24u32.to_be_bytes());
+    entry.extend_from_slice(&0u64.to_be_bytes());
+    entry.extend_from_slice(&0x40_0000u64.to_be_bytes());
+    entry.extend_from_slice(&0u64.to_be_bytes());
+    assert_eq!(entry.len(), 64);
+    let count: u32 = 65537;
+    w.patch("v.qcow2", 0x60000, &entry.repeat(count as usize));
+    let end = 0x60000 + 64 * u64::from(count);
+    for c in 6..end.div_ceil(0x10000) {
+        w.patch("v.qcow2", 0x20000 + 2 * c, &1u16.to_be_bytes());
+    }
+    w.patch("v.qcow2", 0x3c, &count.to_be_bytes());
+    poke(&w, "v.qcow2", 0x40, 0x60000);
+    let sim = ok(&w, "v.qcow2", &["repair:all", "repair:all", "write:0:4096"]);
+    assert_eq!(sim.records[0].error, None);
+    let r = reasons(&sim);
+    assert!(
+        r.first()
+            .is_some_and(|m| m == "Discarding 1 overhanging snapshots")
+            && r.iter()
+                .any(|m| m == "Repairing cluster 70 refcount=1 reference=0 (leaked)"),
+        "{r:?}"
+    );
+    let img = sim.image().unwrap();
+    assert_eq!(img.header.nb_snapshots, 65536);
+    assert_eq!(img.snapshots.snapshots.len(), 65536);
+
+    // One real snapshot, its table the last thing in the file, and a count
+    // of 65537: entries 1.. are read past the end of the file, as zeros.
+    w.qemu_img(&["create", "-q", "-f", "qcow2", "t.qcow2", "4M"]);
+    w.qemu_io("t.qcow2", &["write 0 128k"]);
+    w.qemu_img(&["snapshot", "-c", "s1", "t.qcow2"]);
+    w.patch("t.qcow2", 0x3c, &count.to_be_bytes());
+    // QEMU frees (and discards) the table's cluster as leaked, then fails to
+    // write the table anew over it; the simulator says it does not follow.
+    w.run("cp", &["t.qcow2", "t.qcow2.orig"]);
+    let (qemu_ok, line) = sim_compare::run_qemu(
+        w.dir.path(),
+        &sim_compare::qemu_command("repair:all", "t.qcow2"),
+    );
+    assert!(
+        !qemu_ok && line == "ERROR failed to update snapshot table: Input/output error",
+        "{line}"
+    );
+    let img = open_path(&w.path("t.qcow2.orig")).unwrap();
+    let mut sim = qinspect::simulate::Sim::new(&img, &w.path("t.qcow2.orig")).unwrap();
+    sim.apply(&sim_compare::parse_op("repair:all"));
+    assert!(
+        matches!(
+            sim.records[0].cause,
+            Some(qinspect::simulate::SimError::NotModelled(_))
+        ) && sim.records[0]
+            .error
+            .as_deref()
+            .is_some_and(|e| e.contains("reach past the end of the file")),
+        "{:?}",
+        sim.records[0].error
+    );
+}

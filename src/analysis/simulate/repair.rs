@@ -43,6 +43,13 @@ impl Sim {
             .filter(|f| Self::fixable_zero_cluster(f))
             .filter_map(|f| f.offset.map(|o| (o.get(), f.message.clone())))
             .collect();
+        if let Some(crate::check::Refusal::TooManySnapshots { count }) = &report.aborted
+            && all
+            && !self.snapshot_offset_invalid(crate::snapshot::MAX_SNAPSHOTS)
+        {
+            self.discard_overhanging(*count)?;
+            return self.repair_pass(all, rebuilt, unreadable);
+        }
         if let Some(a) = &report.aborted {
             if all && Self::stops_at_bitmaps(a) {
                 // calculate_refcounts walks (and with -r all repairs) the L1
@@ -170,7 +177,13 @@ impl Sim {
             // every entry with its full extra data.
             self.why(why);
             self.write_snapshots().map_err(|e| {
-                SimError::Qemu(format!("ERROR failed to update snapshot table: {e}"))
+                let t = e.text();
+                match t.strip_suffix(" (EIO)") {
+                    Some(why) => SimError::Qemu(format!(
+                        "ERROR failed to update snapshot table: Input/output error; Check failed: Input/output error ({why})"
+                    )),
+                    None => SimError::Qemu(format!("ERROR failed to update snapshot table: {t}")),
+                }
             })?;
         }
         if !left_corrupt {
@@ -297,10 +310,7 @@ impl Sim {
     fn check_stops(&self, why: &crate::check::Refusal, all: bool) -> SimError {
         use crate::check::Refusal;
         let max = crate::snapshot::MAX_SNAPSHOTS;
-        let offset_invalid = |nb: u64| {
-            let at = self.snapshots_offset.get();
-            self.within(at) != 0 || at > (i64::MAX as u64).saturating_sub(nb.saturating_mul(40))
-        };
+        let offset_invalid = |nb: u64| self.snapshot_offset_invalid(nb);
         match why {
             Refusal::SnapshotTableOffset { .. } => SimError::Qemu(
                 "ERROR snapshot table offset invalid; Check failed: Invalid argument (nothing is repaired)".into(),
@@ -313,8 +323,7 @@ impl Sim {
                 count.saturating_sub(max)
             )),
             Refusal::TooManySnapshots { count } => SimError::NotModelled(format!(
-                "QEMU discards the {} overhanging snapshots, then reads the first {max} entries of the snapshot table and goes on from there",
-                count.saturating_sub(max)
+                "{count} snapshots are still more than QEMU's limit of {max} after they were cut to it"
             )),
             Refusal::BitmapDirectory { .. } | Refusal::BitmapTableEntry { .. } => {
                 SimError::Qemu(format!(
@@ -324,6 +333,48 @@ impl Sim {
             }
             other => SimError::NotModelled(format!("the check stops early: {other}")),
         }
+    }
+
+    /// `validate_table_offset` for a snapshot table of `nb` entries: not
+    /// cluster aligned, or ending past `INT64_MAX`.
+    fn snapshot_offset_invalid(&self, nb: u64) -> bool {
+        let at = self.snapshots_offset.get();
+        self.within(at) != 0 || at > (i64::MAX as u64).saturating_sub(nb.saturating_mul(40))
+    }
+
+    /// `qcow2_check_read_snapshot_table` with `-r all` and more than
+    /// QEMU's limit of snapshots (`count`): the header's `nb_snapshots` is
+    /// cut to the limit at once, and the first entries up to it are read
+    /// as the snapshot table (what the rest held becomes a leak).
+    fn discard_overhanging(&mut self, count: u64) -> SimResult<()> {
+        let max = crate::snapshot::MAX_SNAPSHOTS;
+        let saved = self.reason.clone();
+        self.why(format!(
+            "Discarding {} overhanging snapshots",
+            count.saturating_sub(max)
+        ));
+        let r = self.set_header_u32(60, "nb_snapshots", u32::try_from(max).unwrap_or(u32::MAX));
+        self.reason = saved;
+        r?;
+        let img = self
+            .image()
+            .map_err(|e| SimError::Qemu(format!("Could not open the image: {e}")))?;
+        let end = self
+            .snapshots_offset
+            .get()
+            .saturating_add(img.snapshots.size);
+        if end > self.file_len {
+            return Err(SimError::NotModelled(format!(
+                "the first {max} entries of the snapshot table reach past the end of the file, to {end:#x}; QEMU reads zeros there, does not count that region, and discards the table's clusters it then frees as leaked (a discarded cluster reads as zeros), which qinspect does not follow"
+            )));
+        }
+        if img.snapshots.error.is_none() {
+            // The table reads now: QEMU opens the image for anything again.
+            self.check_only = None;
+        }
+        self.snapshots = super::SimSnapshot::from_image(&img);
+        self.snapshots_size = img.snapshots.size;
+        Ok(())
     }
 
     /// Whether the check stops at the bitmaps in a way QEMU's
