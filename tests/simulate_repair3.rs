@@ -296,3 +296,36 @@ fn more_snapshots_than_qemu_reads_are_cut_to_its_limit() {
         sim.records[0].error
     );
 }
+
+#[test]
+fn a_compressed_cluster_with_copied_is_left_and_the_image_stays_corrupt() {
+    let w = Work::new();
+    // `write -c 0 64k`: L2 entry 0 a compressed descriptor at 0x50000, then
+    // given the COPIED flag, and the image marked corrupt. QEMU's check only
+    // reports the flag: the corruption stays, so the corrupt bit stays too.
+    for name in ["k.qcow2", "lk.qcow2"] {
+        w.qemu_img(&["create", "-q", "-f", "qcow2", name, "4M"]);
+        w.qemu_io(name, &["write -c 0 64k"]);
+        let img = open_path(&w.path(name)).unwrap();
+        let raw = img.l2_table(qinspect::types::HostOffset(0x40000)).unwrap()[0].raw;
+        assert_eq!(raw >> 62, 1, "{raw:#x}");
+        poke(&w, name, 0x40000, raw | 1 << 63);
+        poke(&w, name, 0x48, qinspect::header::INCOMPAT_CORRUPT);
+    }
+    for (name, op) in [("k.qcow2", "repair:all"), ("lk.qcow2", "repair:leaks")] {
+        let sim = ok(&w, name, &[op]);
+        assert_eq!(sim.records[0].error, None, "{name}");
+        assert_eq!(
+            reasons(&sim),
+            [
+                "QEMU's repair leaves this corruption as it is: ERROR: coffset=0x50000: copied flag must never be set for compressed clusters"
+            ],
+            "{name}"
+        );
+        let h = sim.image().unwrap().header;
+        assert_ne!(
+            h.incompatible_features & qinspect::header::INCOMPAT_CORRUPT,
+            0
+        );
+    }
+}

@@ -412,7 +412,8 @@ impl Sim {
     /// aligned (QEMU reads and counts the table at that offset all the same),
     /// a snapshot whose L1 table is not cluster aligned or too large (its
     /// tables are not counted, so what only it references looks leaked),
-    /// a compressed cluster where none may be (with an external data file,
+    /// a compressed cluster with the COPIED flag (QEMU's check only reports
+    /// it), a compressed cluster where none may be (with an external data file,
     /// or with a subcluster allocation bitmap: not counted), snapshots in an
     /// image with an external data file (counted as any others; QEMU only
     /// reports them), a reference to a region past the end of the file (not
@@ -430,6 +431,9 @@ impl Sim {
                     f.message.contains("Data cluster is not properly aligned")
                         || f.message.contains("Table is not cluster aligned")
                 }
+                Category::Copied => f
+                    .message
+                    .ends_with("copied flag must never be set for compressed clusters"),
                 Category::SnapshotTable => {
                     f.message.ends_with("snapshot table entry corrupted")
                         || f.message.ends_with("snapshots in image with data file")
