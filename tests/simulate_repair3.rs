@@ -263,6 +263,17 @@ fn more_snapshots_than_qemu_reads_are_cut_to_its_limit() {
     let img = sim.image().unwrap();
     assert_eq!(img.header.nb_snapshots, 65536);
     assert_eq!(img.snapshots.snapshots.len(), 65536);
+    // The command line opens such an image as qemu-img check does.
+    let out = w.qinspect(&["simulate", "v.qcow2", "repair:all"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success()
+            && text.contains(
+                "header nb_snapshots: 0x10001 -> 0x10000 (Discarding 1 overhanging snapshots)"
+            ),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     // One real snapshot, its table the last thing in the file, and a count
     // of 65537: entries 1.. are read past the end of the file, as zeros.
