@@ -57,6 +57,30 @@ pub struct Args {
     pub guest_raw: Option<PathBuf>,
 }
 
+/// The image as QEMU opens it; or, when its only problem is its snapshot
+/// table, as `qemu-img check` opens it (that table is read only in the
+/// check): the simulation then lets only a repair get past the open.
+fn open_for_simulation(src: SharedSource) -> color_eyre::Result<Qcow2> {
+    use qinspect::error::CorruptKind;
+    let err = match Qcow2::open(src.clone(), Strictness::Qemu) {
+        Ok(img) => return Ok(img),
+        Err(e) => e,
+    };
+    match Qcow2::open(src, Strictness::Lenient) {
+        Ok(img)
+            if img.check_refusal.is_none()
+                && !img.problems.is_empty()
+                && img
+                    .problems
+                    .iter()
+                    .all(|p| p.corrupt_kind() == Some(CorruptKind::SnapshotTable)) =>
+        {
+            Ok(img)
+        }
+        _ => Err(err.into()),
+    }
+}
+
 /// Run `qinspect simulate`.
 pub fn run(a: Args) -> CmdResult {
     let ops: Vec<Op> = a
@@ -66,7 +90,7 @@ pub fn run(a: Args) -> CmdResult {
         .collect::<Result<_, _>>()
         .map_err(|e| color_eyre::eyre::eyre!(e))?;
     let src: SharedSource = Arc::new(FileSource::open(&a.image)?);
-    let img = Qcow2::open(src, Strictness::Qemu)?;
+    let img = open_for_simulation(src)?;
     let mut layers = simulate_layers(&img, &a.image, &ops)?;
     let overlays = layers.len() > 1;
     let guest = match (&a.guest_raw, layers.last_mut()) {

@@ -267,25 +267,7 @@ impl Sim {
             ));
         }
         let geo = img.geometry();
-        let snapshots = img
-            .snapshots
-            .snapshots
-            .iter()
-            .map(|s| SimSnapshot {
-                id: s.id.clone(),
-                name: s.name.clone(),
-                l1_table_offset: s.l1_table_offset,
-                l1_size: s.l1_size,
-                vm_state_size: s.vm_state_size,
-                date_sec: s.date_sec,
-                date_nsec: s.date_nsec,
-                vm_clock_nsec: s.vm_clock_nsec,
-                disk_size: s.effective_disk_size(h.size & !511),
-                icount: s.icount.unwrap_or(u64::MAX),
-                extra_data_size: s.extra_data_size,
-                unknown_extra: s.unknown_extra.clone(),
-            })
-            .collect();
+        let snapshots = SimSnapshot::from_image(img);
         let backing = match &img.backing_name {
             Some(_) => {
                 let chain = crate::chain::Chain::open(path, &Default::default()).ok();

@@ -35,9 +35,6 @@ impl Sim {
             .image()
             .map_err(|e| SimError::Qemu(format!("Could not open the image: {e}")))?;
         let report = check(&img, &CheckOptions::default());
-        if let Some(a) = &report.aborted {
-            return Err(self.check_stops(a, all));
-        }
         // Unaligned zero clusters: QEMU's check_refcounts_l2 rewrites them as
         // plain zero clusters with -r all (before it counts them, so their
         // old cluster becomes a leak); with -r leaks they stay, corrupt.
@@ -47,6 +44,23 @@ impl Sim {
             .filter(|f| Self::fixable_zero_cluster(f))
             .filter_map(|f| f.offset.map(|o| (o.get(), f.message.clone())))
             .collect();
+        if let Some(crate::check::Refusal::TooManySnapshots { count }) = &report.aborted
+            && all
+            && !self.snapshot_offset_invalid(crate::snapshot::MAX_SNAPSHOTS)
+        {
+            self.discard_overhanging(*count)?;
+            return self.repair_pass(all, rebuilt, unreadable);
+        }
+        if let Some(a) = &report.aborted {
+            if all && Self::stops_at_bitmaps(a) {
+                // calculate_refcounts walks (and with -r all repairs) the L1
+                // and L2 tables before it reaches the bitmaps.
+                for (at, message) in &zero_fixes {
+                    self.fix_unaligned_zero_cluster(*at, message)?;
+                }
+            }
+            return Err(self.check_stops(a, all));
+        }
         if all && !zero_fixes.is_empty() {
             let mut changed = false;
             for (at, message) in &zero_fixes {
@@ -164,7 +178,13 @@ impl Sim {
             // every entry with its full extra data.
             self.why(why);
             self.write_snapshots().map_err(|e| {
-                SimError::Qemu(format!("ERROR failed to update snapshot table: {e}"))
+                let t = e.text();
+                match t.strip_suffix(" (EIO)") {
+                    Some(why) => SimError::Qemu(format!(
+                        "ERROR failed to update snapshot table: Input/output error; Check failed: Input/output error ({why})"
+                    )),
+                    None => SimError::Qemu(format!("ERROR failed to update snapshot table: {t}")),
+                }
             })?;
         }
         if !left_corrupt {
@@ -284,14 +304,13 @@ impl Sim {
     /// How QEMU's check ends when it cannot read the snapshot table
     /// (`qcow2_check_read_snapshot_table`): it fails before it repairs
     /// anything. With `-r all`, more snapshots than QEMU's limit are cut to
-    /// the limit first.
+    /// the limit first. Or when it cannot load the bitmap directory or a
+    /// bitmap table (`qcow2_check_bitmaps_refcounts`): it fails before it
+    /// compares any refcount.
     fn check_stops(&self, why: &crate::check::Refusal, all: bool) -> SimError {
         use crate::check::Refusal;
         let max = crate::snapshot::MAX_SNAPSHOTS;
-        let offset_invalid = |nb: u64| {
-            let at = self.snapshots_offset.get();
-            self.within(at) != 0 || at > (i64::MAX as u64).saturating_sub(nb.saturating_mul(40))
-        };
+        let offset_invalid = |nb: u64| self.snapshot_offset_invalid(nb);
         match why {
             Refusal::SnapshotTableOffset { .. } => SimError::Qemu(
                 "ERROR snapshot table offset invalid; Check failed: Invalid argument (nothing is repaired)".into(),
@@ -304,11 +323,70 @@ impl Sim {
                 count.saturating_sub(max)
             )),
             Refusal::TooManySnapshots { count } => SimError::NotModelled(format!(
-                "QEMU discards the {} overhanging snapshots, then reads the first {max} entries of the snapshot table and goes on from there",
-                count.saturating_sub(max)
+                "{count} snapshots are still more than QEMU's limit of {max} after they were cut to it"
             )),
+            Refusal::BitmapDirectory { .. } | Refusal::BitmapTableEntry { .. } => {
+                SimError::Qemu(format!(
+                    "Check failed: Invalid argument (the check stops at the bitmaps: {}; no refcount is repaired)",
+                    why.to_string().trim_end_matches(" (Invalid argument)")
+                ))
+            }
             other => SimError::NotModelled(format!("the check stops early: {other}")),
         }
+    }
+
+    /// `validate_table_offset` for a snapshot table of `nb` entries: not
+    /// cluster aligned, or ending past `INT64_MAX`.
+    fn snapshot_offset_invalid(&self, nb: u64) -> bool {
+        let at = self.snapshots_offset.get();
+        self.within(at) != 0 || at > (i64::MAX as u64).saturating_sub(nb.saturating_mul(40))
+    }
+
+    /// `qcow2_check_read_snapshot_table` with `-r all` and more than
+    /// QEMU's limit of snapshots (`count`): the header's `nb_snapshots` is
+    /// cut to the limit at once, and the first entries up to it are read
+    /// as the snapshot table (what the rest held becomes a leak).
+    fn discard_overhanging(&mut self, count: u64) -> SimResult<()> {
+        let max = crate::snapshot::MAX_SNAPSHOTS;
+        let saved = self.reason.clone();
+        self.why(format!(
+            "Discarding {} overhanging snapshots",
+            count.saturating_sub(max)
+        ));
+        let r = self.set_header(Field::NbSnapshots, u32::try_from(max).unwrap_or(u32::MAX));
+        self.reason = saved;
+        r?;
+        let img = self
+            .image()
+            .map_err(|e| SimError::Qemu(format!("Could not open the image: {e}")))?;
+        let end = self
+            .snapshots_offset
+            .get()
+            .saturating_add(img.snapshots.size);
+        if end > self.file_len {
+            return Err(SimError::NotModelled(format!(
+                "the first {max} entries of the snapshot table reach past the end of the file, to {end:#x}; QEMU reads zeros there, does not count that region, and discards the table's clusters it then frees as leaked (a discarded cluster reads as zeros), which qinspect does not follow"
+            )));
+        }
+        if img.snapshots.error.is_none() {
+            // The table reads now: QEMU opens the image for anything again.
+            self.check_only = None;
+        }
+        self.snapshots = super::SimSnapshot::from_image(&img);
+        self.snapshots_size = img.snapshots.size;
+        Ok(())
+    }
+
+    /// Whether the check stops at the bitmaps in a way QEMU's
+    /// `qcow2_check_bitmaps_refcounts` stops with `-EINVAL` (the directory
+    /// or a bitmap table cannot be loaded), after the L1 and L2 tables were
+    /// walked.
+    fn stops_at_bitmaps(why: &crate::check::Refusal) -> bool {
+        use crate::check::Refusal;
+        matches!(
+            why,
+            Refusal::BitmapDirectory { .. } | Refusal::BitmapTableEntry { .. }
+        )
     }
 
     /// A refcount block past the end of the file (`check_refblocks`).
@@ -334,9 +412,13 @@ impl Sim {
     /// aligned (QEMU reads and counts the table at that offset all the same),
     /// a snapshot whose L1 table is not cluster aligned or too large (its
     /// tables are not counted, so what only it references looks leaked),
-    /// a compressed cluster where none may be, a reference to a region past
-    /// the end of the file (not counted), and more references than a
-    /// refcount can hold (counted up to the largest refcount).
+    /// a compressed cluster with the COPIED flag (QEMU's check only reports
+    /// it), a compressed cluster where none may be (with an external data file,
+    /// or with a subcluster allocation bitmap: not counted), snapshots in an
+    /// image with an external data file (counted as any others; QEMU only
+    /// reports them), a reference to a region past the end of the file (not
+    /// counted), and more references than a refcount can hold (counted up to
+    /// the largest refcount).
     fn left_as_is(f: &crate::check::Finding) -> bool {
         f.kind == FindingKind::Corruption
             && match f.category {
@@ -349,7 +431,13 @@ impl Sim {
                     f.message.contains("Data cluster is not properly aligned")
                         || f.message.contains("Table is not cluster aligned")
                 }
-                Category::SnapshotTable => f.message.ends_with("snapshot table entry corrupted"),
+                Category::Copied => f
+                    .message
+                    .ends_with("copied flag must never be set for compressed clusters"),
+                Category::SnapshotTable => {
+                    f.message.ends_with("snapshot table entry corrupted")
+                        || f.message.ends_with("snapshots in image with data file")
+                }
                 _ => false,
             }
     }

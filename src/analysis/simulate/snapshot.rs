@@ -308,3 +308,28 @@ impl Sim {
         self.update_snapshot_refcount(active_off, cur_len, 0)
     }
 }
+
+impl SimSnapshot {
+    /// The snapshots of `img`, as the simulator keeps them.
+    pub(super) fn from_image(img: &crate::image::Qcow2) -> Vec<SimSnapshot> {
+        let h = &img.header;
+        img.snapshots
+            .snapshots
+            .iter()
+            .map(|s| SimSnapshot {
+                id: s.id.clone(),
+                name: s.name.clone(),
+                l1_table_offset: s.l1_table_offset,
+                l1_size: s.l1_size,
+                vm_state_size: s.vm_state_size,
+                date_sec: s.date_sec,
+                date_nsec: s.date_nsec,
+                vm_clock_nsec: s.vm_clock_nsec,
+                disk_size: s.effective_disk_size(h.size & !511),
+                icount: s.icount.unwrap_or(u64::MAX),
+                extra_data_size: s.extra_data_size,
+                unknown_extra: s.unknown_extra.clone(),
+            })
+            .collect()
+    }
+}
