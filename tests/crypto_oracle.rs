@@ -485,7 +485,9 @@ fn check_without_a_key_exits_as_qemu_img_check_and_with_one_matches_it() {
         ]);
         assert_eq!(ours.status.code(), q.status.code());
         let (qj, oj) = (Work::json(&q.stdout), Work::json(&ours.stdout));
+        // `filename` too: with --image-opts qemu-img names the option string.
         for k in [
+            "filename",
             "allocated-clusters",
             "total-clusters",
             "image-end-offset",

@@ -56,14 +56,17 @@ pub struct Args {
 pub fn run(mut a: Args) -> CmdResult {
     match a.images.as_mut_slice() {
         [one] if !a.recursive => {
+            // qemu-img's JSON names the image as it was given: with
+            // --image-opts, the option string.
+            let given = one.to_string_lossy().into_owned();
             let keys = a.key.resolve(one)?;
-            check_one(one, a.json, keys)
+            check_one(one, &given, a.json, keys)
         }
         _ => super::check_many::run(&a.images, a.recursive, a.json),
     }
 }
 
-fn check_one(image: &Path, json: bool, mut keys: super::secret::Keys) -> CmdResult {
+fn check_one(image: &Path, given: &str, json: bool, mut keys: super::secret::Keys) -> CmdResult {
     let filename = image.to_string_lossy().into_owned();
     let src: SharedSource = Arc::new(FileSource::open(image)?);
     if qinspect::chain::Format::probe(src.as_ref()) == qinspect::chain::Format::Raw {
@@ -106,7 +109,7 @@ fn check_one(image: &Path, json: bool, mut keys: super::secret::Keys) -> CmdResu
         report.qemu_refuses = open_refusal(image, &img);
     }
     if json {
-        let v = report_json(&report, &filename);
+        let v = report_json(&report, given);
         super::print_json(&v)?;
         // Like qemu-img, say on stderr why the check failed.
         let why = report.qemu_refuses.as_ref().or(report.aborted.as_ref());
