@@ -20,11 +20,17 @@ pub fn draw(f: &mut Frame, app: &mut App) {
     } else {
         0
     };
+    // A status message longer than the screen is wide wraps onto up to three
+    // lines rather than being cut off.
+    let status_line = Line::from(status_spans(app));
+    let status_h = u16::try_from(status_line.width().div_ceil(usize::from(area.width.max(1))))
+        .unwrap_or(3)
+        .clamp(1, 3);
     let [tabs, main, explain, status, foot] = Layout::vertical([
         Constraint::Length(1),
         Constraint::Min(3),
         Constraint::Length(explain_h),
-        Constraint::Length(1),
+        Constraint::Length(status_h),
         Constraint::Length(1),
     ])
     .areas(area);
@@ -46,7 +52,10 @@ pub fn draw(f: &mut Frame, app: &mut App) {
         app.explain_view
             .render_text(f, explain, boxed(title), Text::raw(text));
     }
-    draw_status(f, status, app);
+    f.render_widget(
+        Paragraph::new(status_line).wrap(ratatui::widgets::Wrap { trim: false }),
+        status,
+    );
     draw_footer(f, foot, app.pane);
     let offset_kind = app.panes.get(app.pane).offset_kind();
     match &mut app.popup {
@@ -141,7 +150,7 @@ pub fn draw(f: &mut Frame, app: &mut App) {
 }
 
 /// The status line: the file, which view is shown, work in progress, the last message.
-fn draw_status(f: &mut Frame, area: Rect, app: &App) {
+fn status_spans(app: &App) -> Vec<Span<'static>> {
     let mut st = vec![Span::styled(
         format!(" {} ", app.ctx.path.display()),
         Style::new().add_modifier(Modifier::BOLD),
@@ -176,7 +185,7 @@ fn draw_status(f: &mut Frame, area: Rect, app: &App) {
     if !app.status.is_empty() {
         st.push(Span::raw(format!(" {}", app.status)));
     }
-    f.render_widget(Paragraph::new(Line::from(st)), area);
+    st
 }
 
 /// A one-line input box, its purpose in the title, the cursor shown reversed.

@@ -366,3 +366,18 @@ fn at_80x24_every_tab_the_quit_key_and_the_copied_column_are_visible() {
     let s = text(&b);
     assert!(s.contains("COPIED rc 2  !"), "{s}");
 }
+
+/// A status message longer than 80 columns wraps onto the lines above the footer
+/// instead of being cut off, and the footer stays.
+#[test]
+fn a_long_status_message_is_shown_whole_at_80x24() {
+    let mut a = app("demo-top.qcow2");
+    typed(&mut a, "6g0x4000000");
+    key(&mut a, KeyCode::Enter);
+    let msg = a.status.clone();
+    assert!(msg.contains("offsets 0 to 0x3ffffff)"), "{msg}");
+    let s = screen(&mut a, 80, 24);
+    let joined: String = s.lines().map(str::trim_end).collect::<Vec<_>>().join("");
+    assert!(joined.contains("offsets 0 to 0x3ffffff)"), "{s}");
+    assert!(s.lines().last().unwrap().contains("q quit"), "{s}");
+}
