@@ -2,9 +2,13 @@
 //! at again only when something happened, not on every frame.
 
 use super::app::{App, Options};
+use super::ctx::Pane;
+use super::keymap::Action;
 use ratatui::Terminal;
 use ratatui::backend::TestBackend;
-use ratatui::crossterm::event::{Event, KeyCode, KeyEvent, KeyModifiers};
+use ratatui::crossterm::event::{
+    Event, KeyCode, KeyEvent, KeyModifiers, MouseButton, MouseEvent, MouseEventKind,
+};
 use std::path::PathBuf;
 
 /// One turn of the viewer's loop: take in the workers' news, then draw.
@@ -56,4 +60,57 @@ fn hidden_rows_are_worked_out_once_while_nothing_changes() {
     }
     assert_eq!(builds(&a), 2);
     assert_eq!(a.panes.tables.l1.hidden.as_ref().unwrap().shown, shown);
+}
+
+fn click(app: &mut App, column: u16, row: u16, kind: MouseEventKind) {
+    super::handle_event(
+        app,
+        Event::Mouse(MouseEvent {
+            kind,
+            column,
+            row,
+            modifiers: KeyModifiers::NONE,
+        }),
+    );
+}
+
+#[test]
+fn a_key_or_a_click_is_one_event_whatever_it_sets_off() {
+    let mut a = App::new(PathBuf::from("assets/demo-top.qcow2"), Options::default());
+    a.wait_background();
+    frame(&mut a);
+    let counted = |a: &mut App, what: &str, act: &dyn Fn(&mut App)| {
+        let before = a.events;
+        act(a);
+        assert_eq!(a.events, before.wrapping_add(1), "{what}");
+    };
+    // An action alone, an action with effects (Enter opens the L2 table: a
+    // jump), and an action that reloads the image.
+    counted(&mut a, "3", &|a| key(a, KeyCode::Char('3')));
+    counted(&mut a, "Down", &|a| key(a, KeyCode::Down));
+    counted(&mut a, "Up", &|a| key(a, KeyCode::Up));
+    counted(&mut a, "Enter (L1)", &|a| key(a, KeyCode::Enter));
+    counted(&mut a, "Enter (L2)", &|a| key(a, KeyCode::Enter));
+    assert_eq!(
+        a.pane,
+        Pane::Trace,
+        "the L2 entry's Enter is a Trace effect"
+    );
+    counted(&mut a, "r", &|a| key(a, KeyCode::Char('r')));
+    a.wait_background();
+    frame(&mut a);
+    // The mouse: a scroll, a click on a tab (an action), a click in the pane.
+    counted(&mut a, "scroll", &|a| {
+        click(a, 5, 10, MouseEventKind::ScrollDown)
+    });
+    let tab = a.areas.tabs.first().map(|(r, _)| (r.x, r.y)).unwrap();
+    counted(&mut a, "tab", &|a| {
+        click(a, tab.0, tab.1, MouseEventKind::Down(MouseButton::Left))
+    });
+    let pane = (a.areas.pane.x + 2, a.areas.pane.y + 2);
+    counted(&mut a, "pane", &|a| {
+        click(a, pane.0, pane.1, MouseEventKind::Down(MouseButton::Left))
+    });
+    // Called on its own (as the tests do), an action is one event too.
+    counted(&mut a, "update", &|a| a.update(Action::Down));
 }
