@@ -1,7 +1,7 @@
 //! Headless tests of `u` (hide the rows that hold nothing): the rows are looked
 //! at again only when something happened, not on every frame.
 
-use super::app::{App, Options};
+use super::app::{App, Options, Popup};
 use super::ctx::Pane;
 use super::keymap::Action;
 use ratatui::Terminal;
@@ -10,6 +10,7 @@ use ratatui::crossterm::event::{
     Event, KeyCode, KeyEvent, KeyModifiers, MouseButton, MouseEvent, MouseEventKind,
 };
 use std::path::PathBuf;
+use std::sync::Arc;
 
 /// One turn of the viewer's loop: take in the workers' news, then draw.
 fn frame(app: &mut App) -> String {
@@ -113,4 +114,47 @@ fn a_key_or_a_click_is_one_event_whatever_it_sets_off() {
     });
     // Called on its own (as the tests do), an action is one event too.
     counted(&mut a, "update", &|a| a.update(Action::Down));
+}
+
+#[test]
+fn hidden_rows_grow_in_place_and_stay_out_of_the_changes_list() {
+    let mut a = App::new(PathBuf::from("assets/demo-top.qcow2"), Options::default());
+    a.wait_background();
+    key(&mut a, KeyCode::Char('3'));
+    key(&mut a, KeyCode::Char('u'));
+    frame(&mut a);
+    let full = a.panes.tables.l1.hidden.as_ref().unwrap().shown.clone();
+    assert!(!full.is_empty());
+    // As if only the first row had been looked at, and the list then grew.
+    let h = a.panes.tables.l1.hidden.as_mut().unwrap();
+    h.shown = Arc::new(full.iter().copied().filter(|r| *r < 1).collect());
+    h.of = 1;
+    h.seen = None;
+    let at = Arc::as_ptr(&h.shown);
+    let builds = h.builds;
+    frame(&mut a);
+    let h = a.panes.tables.l1.hidden.as_ref().unwrap();
+    assert_eq!(h.shown, full, "the rows after the first are added");
+    assert_eq!(Arc::as_ptr(&h.shown), at, "to the same list");
+    assert_eq!(h.builds, builds.wrapping_add(1));
+    // The Changes popup (after a reload) lists changes, not the pane's rows: the
+    // pane's hidden rows are not put on it, and stay the pane's.
+    key(&mut a, KeyCode::Char('r'));
+    a.wait_background();
+    frame(&mut a);
+    key(&mut a, KeyCode::Char('u'));
+    frame(&mut a);
+    assert!(a.panes.tables.l1.hidden.is_some());
+    key(&mut a, KeyCode::Char('c'));
+    assert!(matches!(a.popup, Some(Popup::Changes(_))), "{}", a.status);
+    key(&mut a, KeyCode::Down);
+    frame(&mut a);
+    key(&mut a, KeyCode::Char('u'));
+    frame(&mut a);
+    assert!(
+        matches!(&a.popup, Some(Popup::Changes(v)) if v.hidden.is_none()),
+        "the Changes list hides nothing"
+    );
+    let h = a.panes.tables.l1.hidden.as_ref();
+    assert!(h.is_some_and(|h| h.seen.is_some_and(|(e, _)| e == a.events)));
 }
