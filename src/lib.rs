@@ -67,7 +67,7 @@
 //! ```
 //! use qinspect::chain::{Chain, OpenOptions};
 //! use qinspect::lookup::{StepKind, trace};
-//! use qinspect::types::GuestOffset;
+//! use qinspect::types::{GuestOffset, HostOffset};
 //!
 //! let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/demo-top.qcow2");
 //! let chain = Chain::open(&path, &OpenOptions::default())?;
@@ -79,7 +79,7 @@
 //! }
 //! // Guest byte 0 is data of the top layer, at host offset 0x30000.
 //! let last = t.steps.last().map(|s| &s.kind);
-//! assert!(matches!(last, Some(StepKind::Data { host_offset, .. }) if host_offset == "0x30000"));
+//! assert!(matches!(last, Some(StepKind::Data { host_offset, .. }) if *host_offset == HostOffset(0x30000)));
 //! # Ok::<(), qinspect::Error>(())
 //! ```
 //!

@@ -112,6 +112,25 @@ offset_type!(
     HostCluster
 );
 
+/// Serialises a host offset as the hex string its `Display` writes (`"0x30000"`),
+/// for fields whose JSON has always spelled it so (`trace`'s steps):
+/// `#[serde(serialize_with = "crate::types::hex_string")]`.
+pub fn hex_string<S: serde::Serializer>(o: &HostOffset, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(o)
+}
+
+/// [`hex_string`] for an optional host offset: `None` is `null` (or, with
+/// `skip_serializing_if`, no field at all).
+pub fn hex_string_opt<S: serde::Serializer>(
+    o: &Option<HostOffset>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    match o {
+        Some(o) => s.serialize_some(&o.to_string()),
+        None => s.serialize_none(),
+    }
+}
+
 /// Smallest cluster size QEMU accepts: 512 bytes.
 pub const MIN_CLUSTER_BITS: u32 = 9;
 /// Largest cluster size QEMU accepts: 2 MiB.
@@ -415,6 +434,45 @@ mod tests {
         assert_eq!(HostOffset(u64::MAX).align8_up(), HostOffset(u64::MAX - 7));
         assert_eq!(u64::from(HostOffset(0x3_0018)), 0x3_0018);
         assert_eq!(format!("{:>#9x}", HostOffset(0x3_0018)), "  0x30018");
+    }
+
+    #[test]
+    fn hex_string_serialises_a_host_offset_as_its_hex_text() {
+        #[derive(Serialize)]
+        struct S {
+            #[serde(serialize_with = "hex_string")]
+            at: HostOffset,
+            #[serde(serialize_with = "hex_string_opt")]
+            maybe: Option<HostOffset>,
+            #[serde(
+                serialize_with = "hex_string_opt",
+                skip_serializing_if = "Option::is_none"
+            )]
+            skipped: Option<HostOffset>,
+            plain: HostOffset,
+        }
+        let v = |maybe| S {
+            at: HostOffset(0x3_0000),
+            maybe,
+            skipped: None,
+            plain: HostOffset(0x3_0000),
+        };
+        assert_eq!(
+            serde_json::to_string(&v(Some(HostOffset(u64::MAX))))
+                .ok()
+                .as_deref(),
+            Some(r#"{"at":"0x30000","maybe":"0xffffffffffffffff","plain":196608}"#)
+        );
+        assert_eq!(
+            serde_json::to_string(&v(None)).ok().as_deref(),
+            Some(r#"{"at":"0x30000","maybe":null,"plain":196608}"#)
+        );
+        assert_eq!(
+            serde_json::to_string(&v(Some(HostOffset(0))))
+                .ok()
+                .as_deref(),
+            Some(r#"{"at":"0x30000","maybe":"0x0","plain":196608}"#)
+        );
     }
 
     #[test]

@@ -73,8 +73,8 @@ pub fn run(path: PathBuf, opts: Options) -> color_eyre::Result<()> {
 
 /// Turn one terminal event into actions (also used by tests).
 pub fn handle_event(app: &mut App, ev: Event) {
-    app.events = app.events.wrapping_add(1);
-    match ev {
+    // One event, counted once, whatever it sets off.
+    app.event(|app| match ev {
         Event::Key(k) if k.kind != KeyEventKind::Release => {
             let ctrl_c = k.code == event::KeyCode::Char('c')
                 && k.modifiers.contains(event::KeyModifiers::CONTROL);
@@ -98,7 +98,7 @@ pub fn handle_event(app: &mut App, ev: Event) {
             _ => {}
         },
         _ => {}
-    }
+    });
 }
 
 fn click(app: &mut App, x: u16, y: u16) {

@@ -67,8 +67,9 @@ pub enum StepKind {
         entry_offset: HostOffset,
         /// Raw value (hex).
         raw: String,
-        /// L2 offset (hex) or null.
-        l2_offset: Option<String>,
+        /// Where the L2 table the entry names is (hex in JSON), or null.
+        #[serde(serialize_with = "crate::types::hex_string_opt")]
+        l2_offset: Option<HostOffset>,
         /// Bit 63: the L2 table's refcount is exactly 1, so it may be written in place.
         copied: bool,
         /// Reserved bits set (hex) or null.
@@ -76,8 +77,9 @@ pub enum StepKind {
     },
     /// An L2 entry was read.
     L2Entry {
-        /// Where the L2 table is.
-        table_offset: String,
+        /// Where the L2 table is (hex in JSON).
+        #[serde(serialize_with = "crate::types::hex_string")]
+        table_offset: HostOffset,
         /// The entry's index in that L2 table.
         index: u64,
         /// Where the entry is in the file.
@@ -91,9 +93,12 @@ pub enum StepKind {
         cluster_type: String,
         /// The state of the subcluster holding the offset.
         subcluster_type: String,
-        /// Host offset bits (hex) if meaningful.
-        #[serde(skip_serializing_if = "Option::is_none")]
-        host_offset: Option<String>,
+        /// The entry's host offset bits (hex in JSON) if meaningful.
+        #[serde(
+            serialize_with = "crate::types::hex_string_opt",
+            skip_serializing_if = "Option::is_none"
+        )]
+        host_offset: Option<HostOffset>,
         /// Bit 63: the data cluster's refcount is exactly 1 (never set on compressed entries).
         copied: bool,
         /// Compressed descriptor.
@@ -106,8 +111,9 @@ pub enum StepKind {
     Data {
         /// The file holding the byte.
         file: String,
-        /// Host offset of the byte.
-        host_offset: String,
+        /// Host offset of the byte (hex in JSON).
+        #[serde(serialize_with = "crate::types::hex_string")]
+        host_offset: HostOffset,
         /// Whether the host offset is past the end of that file (reads zeros).
         past_eof: bool,
     },
@@ -126,9 +132,12 @@ pub enum StepKind {
         reason: String,
         /// The byte's place in the layer's file where it has one (a raw file's
         /// hole, a zero cluster that keeps its host cluster), as `qemu-img map`
-        /// reports it.
-        #[serde(skip_serializing_if = "Option::is_none")]
-        host_offset: Option<String>,
+        /// reports it (hex in JSON).
+        #[serde(
+            serialize_with = "crate::types::hex_string_opt",
+            skip_serializing_if = "Option::is_none"
+        )]
+        host_offset: Option<HostOffset>,
     },
     /// Not here: go down one layer.
     FallThrough {

@@ -224,7 +224,9 @@ fn unallocated_entries_fall_through_to_the_backing_file() {
     let t = trace(&chain, GuestOffset(0x10));
     let last = t.steps.last().unwrap();
     assert_eq!(last.depth, 1, "answered by the base");
-    assert!(matches!(&last.kind, StepKind::Data { host_offset, .. } if host_offset == "0x10"));
+    assert!(
+        matches!(&last.kind, StepKind::Data { host_offset, .. } if *host_offset == HostOffset(0x10))
+    );
 }
 
 #[test]

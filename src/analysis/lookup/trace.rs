@@ -145,7 +145,7 @@ fn trace_raw(layer: &Layer, guest: GuestOffset, depth: usize, steps: &mut Vec<St
             steps,
             StepKind::Zero {
                 reason: reason.clone(),
-                host_offset: Some(format!("{guest:#x}")),
+                host_offset: Some(HostOffset(guest.get())),
             },
             format!("The {reason}: it reads as zero."),
         );
@@ -156,7 +156,7 @@ fn trace_raw(layer: &Layer, guest: GuestOffset, depth: usize, steps: &mut Vec<St
             steps,
             StepKind::Zero {
                 reason: reason.clone(),
-                host_offset: Some(format!("{guest:#x}")),
+                host_offset: Some(HostOffset(guest.get())),
             },
             format!(
                 "The file system stores nothing there: {reason}, so it reads as zero (qemu-img map reports it as zero, not data)."
@@ -168,7 +168,7 @@ fn trace_raw(layer: &Layer, guest: GuestOffset, depth: usize, steps: &mut Vec<St
             steps,
             StepKind::Data {
                 file: name.clone(),
-                host_offset: format!("{guest:#x}"),
+                host_offset: HostOffset(guest.get()),
                 past_eof: false,
             },
             format!("The byte is read from {name} at offset {guest:#x}."),
@@ -248,7 +248,7 @@ fn trace_qcow2(
             index: l1i,
             entry_offset: l1_entry_off,
             raw: format!("{:#018x}", l1e.0),
-            l2_offset: l1m.l2_offset().map(|o| o.to_string()),
+            l2_offset: l1m.l2_offset(),
             copied: l1e.copied(),
             reserved: (l1e.reserved_bits() != 0).then(|| format!("{:#x}", l1e.reserved_bits())),
         },
@@ -341,7 +341,7 @@ fn l2_entry_step(
     let entry_off = l2_off.saturating_entry(l2i, geo.l2_entry_size());
     let past = l2_off.0 >= img.file_len();
     t.push(StepKind::L2Entry {
-            table_offset: l2_off.to_string(),
+            table_offset: l2_off,
             index: l2i,
             entry_offset: entry_off,
             raw: format!("{:#018x}", e.raw),
@@ -350,7 +350,7 @@ fn l2_entry_step(
             subcluster_type: st.name().into(),
             // Offset 0 is a host cluster too where an external data file holds the
             // data (guest offset = host offset).
-            host_offset: m.host_offset().map(|h| h.to_string()),
+            host_offset: m.host_offset(),
             copied: e.copied(),
             compressed: match m {
                 L2Mapping::Compressed { descriptor, .. } => Some(descriptor),
@@ -420,7 +420,7 @@ fn conclude(t: &mut LayerSteps<'_>, at: &Place<'_>, status: Status) -> Option<St
             let encrypted = img.header.crypt_method != 0;
             t.push(StepKind::Zero {
                     reason: reason.clone(),
-                    host_offset: host.filter(|_| !encrypted).map(|h| format!("{:#x}", h.0)),
+                    host_offset: host.filter(|_| !encrypted),
                 },
                 format!(
                     "Because {reason}, the read returns zeros here without looking at any backing file."
@@ -455,7 +455,7 @@ fn conclude(t: &mut LayerSteps<'_>, at: &Place<'_>, status: Status) -> Option<St
             let past_eof = host.get() >= flen;
             t.push(StepKind::Data {
                     file: file.clone(),
-                    host_offset: format!("{host:#x}"),
+                    host_offset: host,
                     past_eof,
                 },
                 format!(

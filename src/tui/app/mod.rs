@@ -114,8 +114,11 @@ pub struct App {
     generation: u64,
     /// Counts what can change a list's rows: a key or click, an effect, a
     /// worker's message, a reload. `u`'s hidden rows are worked out again only
-    /// when it (or the list's length) moved since they were.
+    /// when it (or the list's length) moved since they were. One event counts
+    /// once, whatever it sets off ([`App::event`]).
     pub events: u64,
+    /// Inside [`App::event`]: what happens now is part of an event already counted.
+    in_event: bool,
 }
 
 impl App {
@@ -149,6 +152,7 @@ impl App {
             rx,
             generation: 0,
             events: 0,
+            in_event: false,
         };
         app.mtime = std::fs::metadata(&app.ctx.path)
             .and_then(|m| m.modified())
@@ -194,10 +198,26 @@ impl App {
         );
     }
 
+    /// Count one event in [`App::events`] and do what it does: the actions, effects
+    /// and reloads it sets off are that same event, so a key counts once.
+    pub fn event<R>(&mut self, f: impl FnOnce(&mut Self) -> R) -> R {
+        if self.in_event {
+            return f(self);
+        }
+        self.events = self.events.wrapping_add(1);
+        self.in_event = true;
+        let r = f(self);
+        self.in_event = false;
+        r
+    }
+
     /// (Re)open the image and restart the background work.
     pub fn load(&mut self) {
+        self.event(Self::load_now);
+    }
+
+    fn load_now(&mut self) {
         self.generation += 1;
-        self.events = self.events.wrapping_add(1);
         let previous = self
             .ctx
             .report

@@ -8,9 +8,12 @@ use crate::tui::widgets::ListView;
 use std::sync::atomic::Ordering;
 
 impl App {
-    /// Apply one action.
+    /// Apply one action (one event, with the effects it asks for).
     pub fn update(&mut self, action: Action) {
-        self.events = self.events.wrapping_add(1);
+        self.event(|a| a.act(action));
+    }
+
+    fn act(&mut self, action: Action) {
         if let Some(Popup::Help(v)) = &mut self.popup {
             match action {
                 Action::Help | Action::Escape => self.popup = None,
@@ -146,14 +149,15 @@ impl App {
 
     /// Apply one effect. A jump remembers the place it leaves.
     pub fn apply(&mut self, e: Effect) {
-        self.events = self.events.wrapping_add(1);
-        let jumps = e.is_jump();
-        let from = jumps.then(|| self.place());
-        self.apply_effect(e);
-        if let Some(from) = from {
-            let to = self.place();
-            self.history.jumped(from, &to);
-        }
+        self.event(|a| {
+            let jumps = e.is_jump();
+            let from = jumps.then(|| a.place());
+            a.apply_effect(e);
+            if let Some(from) = from {
+                let to = a.place();
+                a.history.jumped(from, &to);
+            }
+        });
     }
 
     fn apply_effect(&mut self, e: Effect) {

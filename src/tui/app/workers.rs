@@ -84,8 +84,12 @@ impl App {
         self.panes.hex.poll();
     }
 
+    /// One worker's message is one event.
     fn receive(&mut self, msg: Bg) {
-        self.events = self.events.wrapping_add(1);
+        self.event(|a| a.take_in(msg));
+    }
+
+    fn take_in(&mut self, msg: Bg) {
         let current = |id: u64| self.sim_job.as_ref().is_some_and(|j| j.id == id);
         match msg {
             // The file's own check and roles, even while the simulated view

@@ -295,7 +295,10 @@ pub fn toggle_hidden(app: &mut App) -> bool {
     else {
         return false;
     };
-    let Some(l) = list(app) else { return false };
+    // The pane's rows are hidden in the pane's list, even under the Changes popup.
+    let Some(l) = app.panes.get_mut(pane).list() else {
+        return false;
+    };
     if l.hidden.take().is_some() {
         app.status = format!("{what} rows shown again");
     } else {
@@ -323,51 +326,49 @@ pub fn toggle_hidden(app: &mut App) -> bool {
 /// grows) or a list that changed length (a reload, another table).
 ///
 /// Building a pane's rows can cost (a table read, every line of a log), so
-/// nothing is looked at while no event came and the list kept its length.
+/// nothing is looked at while no event came and the list kept its length. The
+/// shown rows are the pane's own (not the Changes popup's, even while it is
+/// open) and are updated where they are: rows that appeared are added to them.
 fn refresh_hidden(app: &mut App) {
     let pane = app.pane;
-    let Some((h, drawn)) = app
-        .panes
-        .get(pane)
-        .list_ref()
-        .and_then(|l| Some((l.hidden.clone()?, l.len)))
-    else {
+    let events = app.events;
+    let Some(l) = app.panes.get_mut(pane).list() else {
         return;
     };
-    let events = app.events;
+    let drawn = l.len;
+    let Some(mut h) = l.hidden.take() else {
+        return;
+    };
     if h.seen == Some((events, drawn)) {
+        l.hidden = Some(h);
         return;
     }
-    let builds = h.builds.saturating_add(1);
-    let state = app.panes.get(pane);
-    let Some(rows) = state.rows(&app.ctx) else {
+    let changed = match app.panes.get(pane).rows(&app.ctx) {
+        Some(rows) => {
+            h.builds = h.builds.saturating_add(1);
+            let (len, id) = (rows.len(), rows.id());
+            let changed = len != h.of || id != h.id;
+            if changed {
+                let from = if len > h.of && id == h.id { h.of } else { 0 };
+                let shown = Arc::make_mut(&mut h.shown);
+                if from == 0 {
+                    shown.clear();
+                }
+                shown.extend((from..len).filter(|i| !rows.empty(*i)));
+                (h.of, h.id) = (len, id);
+            }
+            Some(changed)
+        }
+        None => None,
+    };
+    let Some(l) = app.panes.get_mut(pane).list() else {
         return;
     };
-    let (len, id) = (rows.len(), rows.id());
-    let unchanged = len == h.of && id == h.id;
-    let shown = if unchanged {
-        h.shown.clone()
-    } else {
-        let (mut shown, from) = if len > h.of && id == h.id {
-            (Vec::clone(&h.shown), h.of)
-        } else {
-            (Vec::new(), 0)
-        };
-        shown.extend((from..len).filter(|i| !rows.empty(*i)));
-        Arc::new(shown)
-    };
-    drop(rows);
-    let Some(l) = list(app) else { return };
-    l.hidden = Some(Hidden {
-        shown,
-        of: len,
-        id,
-        what: h.what,
-        seen: None,
-        builds,
-    });
-    if !unchanged {
-        let len = l.len.max(len);
+    let of = h.of;
+    l.hidden = Some(h);
+    let Some(changed) = changed else { return };
+    if changed {
+        let len = l.len.max(of);
         l.keep_shown(len);
     }
     let drawn = l.len;

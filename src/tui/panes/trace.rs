@@ -185,12 +185,10 @@ impl PaneState for State {
                         src: layer.map(|l| l.src.clone()),
                     }),
                     StepKind::Data {
-                        host_offset,
+                        host_offset: h,
                         ref file,
                         ..
                     } => {
-                        let h = u64::from_str_radix(host_offset.trim_start_matches("0x"), 16)
-                            .map_or(qinspect::types::HostOffset(0), qinspect::types::HostOffset);
                         // The data may be in a backing layer or a data file: show that file.
                         let src = layer.map(|l| match &l.kind {
                             qinspect::chain::LayerKind::Qcow2 {
