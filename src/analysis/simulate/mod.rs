@@ -38,6 +38,7 @@ mod refcount;
 mod repair;
 mod resize;
 mod snapshot;
+mod snaptable;
 mod store;
 #[cfg(test)]
 mod tests;
