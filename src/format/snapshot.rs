@@ -305,17 +305,17 @@ fn read_entry(
         ));
     }
     // At most 1024 + 2 * 65535 bytes: bounded by the checks above.
-    let mut rest = read_zero_filled(src, &what, pos.saturating_add(ENTRY_HEADER_LEN), extra_len)?;
-    // The ID and the name follow all the extra data stored, cut or not.
-    let names_at = pos
-        .saturating_add(ENTRY_HEADER_LEN)
-        .saturating_add(stored_extra);
-    rest.extend(read_zero_filled(
-        src,
-        &what,
-        names_at,
-        id_len.saturating_add(name_len),
-    )?);
+    let names_len = id_len.saturating_add(name_len);
+    let extra_at = pos.saturating_add(ENTRY_HEADER_LEN);
+    let rest = if cut {
+        // The ID and the name follow all the extra data stored.
+        let mut rest = read_zero_filled(src, &what, extra_at, extra_len)?;
+        let names_at = extra_at.saturating_add(stored_extra);
+        rest.extend(read_zero_filled(src, &what, names_at, names_len)?);
+        rest
+    } else {
+        read_zero_filled(src, &what, extra_at, extra_len.saturating_add(names_len))?
+    };
     let extra = slice(&rest, 0, extra_len as usize);
     let vm_state_size_32 = be32(&h, 32);
     let vm_state_size = if extra_len >= 8 {
