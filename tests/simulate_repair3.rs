@@ -281,30 +281,36 @@ fn more_snapshots_than_qemu_reads_are_cut_to_its_limit() {
     w.qemu_io("t.qcow2", &["write 0 128k"]);
     w.qemu_img(&["snapshot", "-c", "s1", "t.qcow2"]);
     w.patch("t.qcow2", 0x3c, &count.to_be_bytes());
-    // QEMU frees (and discards) the table's cluster as leaked, then fails to
-    // write the table anew over it; the simulator says it does not follow.
-    w.run("cp", &["t.qcow2", "t.qcow2.orig"]);
-    let (qemu_ok, line) = sim_compare::run_qemu(
-        w.dir.path(),
-        &sim_compare::qemu_command("repair:all", "t.qcow2"),
-    );
-    assert!(
-        !qemu_ok && line == "ERROR failed to update snapshot table: Input/output error",
-        "{line}"
-    );
-    let img = open_path(&w.path("t.qcow2.orig")).unwrap();
-    let mut sim = qinspect::simulate::Sim::new(&img, &w.path("t.qcow2.orig")).unwrap();
-    sim.apply(&sim_compare::parse_op("repair:all"));
+    // QEMU counts only the table's cluster inside the file, so the cluster
+    // after the L1 copy is a leak; freeing it discards it (it reads as zeros
+    // afterwards, the file keeps its length). The entries read as zeros are
+    // incomplete: writing the table anew allocates from that freed cluster,
+    // over the table as QEMU holds it, and the overlap check fails the write
+    // and marks the image corrupt.
+    let sim = ok(&w, "t.qcow2", &["repair:all"]);
+    let e = sim.records[0].error.as_deref().unwrap_or_default();
     assert!(
         matches!(
             sim.records[0].cause,
-            Some(qinspect::simulate::SimError::NotModelled(_))
-        ) && sim.records[0]
-            .error
-            .as_deref()
-            .is_some_and(|e| e.contains("reach past the end of the file")),
-        "{:?}",
-        sim.records[0].error
+            Some(qinspect::simulate::SimError::Qemu(_))
+        ) && e.starts_with("ERROR failed to update snapshot table: Input/output error"),
+        "{e}"
+    );
+    let real = std::fs::read(w.path("t.qcow2.qemu")).unwrap();
+    let orig = std::fs::read(w.path("t.qcow2")).unwrap();
+    assert_eq!(real.len(), orig.len());
+    let table = 0x80000;
+    assert!(orig[table..].iter().any(|&b| b != 0));
+    assert!(real[table..].iter().all(|&b| b == 0));
+    let img = sim.image().unwrap();
+    assert_eq!(img.file_len(), orig.len() as u64);
+    let mut bytes = vec![0u8; orig.len() - table];
+    img.src.read_at(&mut bytes, table as u64).unwrap();
+    assert_eq!(bytes, real[table..]);
+    assert_eq!(img.header.nb_snapshots, 65536);
+    assert_ne!(
+        img.header.incompatible_features & qinspect::header::INCOMPAT_CORRUPT,
+        0
     );
 }
 
@@ -337,6 +343,139 @@ fn a_compressed_cluster_with_copied_is_left_and_the_image_stays_corrupt() {
         assert_ne!(
             h.incompatible_features & qinspect::header::INCOMPAT_CORRUPT,
             0
+        );
+    }
+}
+
+#[test]
+fn too_much_extra_data_in_a_snapshot_entry_is_cut_by_repair_all() {
+    let w = Work::new();
+    // `write 0 128k` and the snapshot s1 (its table at 0x80000, the last
+    // thing in the file), then its extra data size made 1100, more than the
+    // 1024 bytes QEMU reads. -r all keeps the first 1024 bytes (the ID and
+    // name are read after all 1100 of them: past the end of the file, empty)
+    // and writes the table anew; -r leaks fails ("File too large") with
+    // nothing written.
+    for name in ["x.qcow2", "lx.qcow2"] {
+        w.qemu_img(&["create", "-q", "-f", "qcow2", name, "4M"]);
+        w.qemu_io(name, &["write 0 128k"]);
+        w.qemu_img(&["snapshot", "-c", "s1", name]);
+        w.patch(name, 0x80000 + 36, &1100u32.to_be_bytes());
+    }
+    let sim = ok(&w, "x.qcow2", &["repair:all", "repair:all", "write:0:4096"]);
+    assert_eq!(sim.records[0].error, None);
+    let r = reasons(&sim);
+    assert!(
+        r.iter()
+            .any(|m| m
+                == "Discarding too much extra metadata in snapshot table entry 0 (1100 > 1024)"),
+        "{r:?}"
+    );
+    let img = sim.image().unwrap();
+    assert_eq!(img.header.snapshots_offset.get(), 0x90000);
+    let s = &img.snapshots.snapshots;
+    assert_eq!(s.len(), 1);
+    assert_eq!((s[0].extra_data_size, s[0].id.as_str()), (1024, ""));
+    // What QEMU's read of it said.
+    let real = open_path(&w.path("x.qcow2.qemu")).unwrap();
+    assert_eq!(real.snapshots.snapshots[0].extra_data_size, 1024);
+
+    // (QEMU's JSON check of such an image prints nothing to compare with.)
+    w.run("cp", &["lx.qcow2", "lx.qcow2.qemu"]);
+    let (qemu_ok, line) = sim_compare::run_qemu(
+        w.dir.path(),
+        &sim_compare::qemu_command("repair:leaks", "lx.qcow2.qemu"),
+    );
+    assert!(
+        !qemu_ok
+            && line.ends_with(
+                "ERROR failed to read the snapshot table: Too much extra metadata in snapshot table entry 0"
+            ),
+        "{line}"
+    );
+    assert_eq!(
+        std::fs::read(w.path("lx.qcow2")).unwrap(),
+        std::fs::read(w.path("lx.qcow2.qemu")).unwrap()
+    );
+    let img = open_path(&w.path("lx.qcow2")).unwrap();
+    let mut sim = qinspect::simulate::Sim::new(&img, &w.path("lx.qcow2")).unwrap();
+    sim.apply(&sim_compare::parse_op("repair:leaks"));
+    let e = sim.records[0].error.as_deref().unwrap_or_default();
+    assert!(e.contains(line.trim_start_matches("qemu-img: ")), "{e}");
+    assert!(
+        matches!(
+            sim.records[0].cause,
+            Some(qinspect::simulate::SimError::Qemu(_))
+        ) && sim.records[0]
+            .error
+            .as_deref()
+            .is_some_and(|e| e.contains("Check failed: File too large")),
+        "{:?}",
+        sim.records[0].error
+    );
+    assert!(sim.records[0].steps.is_empty());
+}
+
+#[test]
+fn a_bitmap_table_qemu_cannot_read_at_all_fails_the_check() {
+    let w = Work::new();
+    // As in the test above (the table at 0xa0000, the directory at 0xb0000,
+    // bm0 marked in use), with the table moved: to 0x7fffffffc0000000,
+    // where a read of its 8 bytes ends past the largest offset QEMU's block
+    // layer reads, and fails (EIO); and to 64 KiB below it, which QEMU reads
+    // as zeros past the end of the file and goes on (not followed).
+    for (name, at) in [
+        ("u.qcow2", 0x7fff_ffff_c000_0000u64),
+        ("p.qcow2", 0x7fff_ffff_bfff_0000),
+    ] {
+        w.qemu_img(&["create", "-q", "-f", "qcow2", name, "4M"]);
+        w.qemu_io(name, &["write 0 128k"]);
+        w.qemu_img(&["bitmap", "--add", name, "bm0"]);
+        w.qemu_io(name, &["write -z 0 64k"]);
+        poke(&w, name, 0xb0000, at);
+        w.patch(name, 0xb000c, &3u32.to_be_bytes());
+    }
+    for (name, op) in [
+        ("u.qcow2", "repair:all"),
+        ("u.qcow2", "repair:leaks"),
+        ("p.qcow2", "repair:all"),
+    ] {
+        let copy = format!("{name}.qemu");
+        std::fs::copy(w.path(name), w.path(&copy)).unwrap();
+        let (qemu_ok, line) =
+            sim_compare::run_qemu(w.dir.path(), &sim_compare::qemu_command(op, &copy));
+        let img = open_path(&w.path(name)).unwrap();
+        let mut sim = qinspect::simulate::Sim::new(&img, &w.path(name)).unwrap();
+        sim.apply(&sim_compare::parse_op(op));
+        let e = sim.records[0].error.as_deref().unwrap_or_default();
+        if name == "p.qcow2" {
+            assert!(qemu_ok, "{name} {op}: {line}");
+            assert!(
+                matches!(
+                    sim.records[0].cause,
+                    Some(qinspect::simulate::SimError::NotModelled(_))
+                ),
+                "{name} {op}: {e}"
+            );
+            continue;
+        }
+        assert!(
+            !qemu_ok && line.ends_with("Check failed: Input/output error"),
+            "{name} {op}: {line}"
+        );
+        assert!(
+            matches!(
+                sim.records[0].cause,
+                Some(qinspect::simulate::SimError::Qemu(_))
+            ) && e.starts_with("Check failed: Input/output error"),
+            "{name} {op}: {e}"
+        );
+        // Nothing is written, by either.
+        assert!(sim.records[0].steps.is_empty(), "{name} {op}");
+        assert_eq!(
+            std::fs::read(w.path(name)).unwrap(),
+            std::fs::read(w.path(&copy)).unwrap(),
+            "{name} {op}"
         );
     }
 }

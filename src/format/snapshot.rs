@@ -182,6 +182,40 @@ fn split_opts(s: &str) -> Vec<String> {
 /// Read `count` snapshot entries starting at `offset`. `version` decides whether
 /// short extra data is acceptable (version 3 requires at least 16 bytes).
 pub fn read_table(src: &dyn Source, offset: HostOffset, count: u32) -> SnapshotTable {
+    read_table_with(src, offset, count, false).0
+}
+
+/// [`read_table`] as `qemu-img check -r all` reads it: an entry with more
+/// than [`MAX_EXTRA_DATA`] bytes of extra data keeps only the first
+/// [`MAX_EXTRA_DATA`] of them (the rest is skipped, its ID and name read
+/// after all of it). Also the entries so cut: index and the extra data size
+/// they stored.
+pub fn read_table_discarding(
+    src: &dyn Source,
+    offset: HostOffset,
+    count: u32,
+) -> (SnapshotTable, Vec<(usize, u64)>) {
+    read_table_with(src, offset, count, true)
+}
+
+fn read_table_with(
+    src: &dyn Source,
+    offset: HostOffset,
+    count: u32,
+    discard: bool,
+) -> (SnapshotTable, Vec<(usize, u64)>) {
+    let mut dropped = Vec::new();
+    let table = read_entries(src, offset, count, discard, &mut dropped);
+    (table, dropped)
+}
+
+fn read_entries(
+    src: &dyn Source,
+    offset: HostOffset,
+    count: u32,
+    discard: bool,
+    dropped: &mut Vec<(usize, u64)>,
+) -> SnapshotTable {
     let mut table = SnapshotTable::default();
     if count == 0 {
         return table;
@@ -201,8 +235,12 @@ pub fn read_table(src: &dyn Source, offset: HostOffset, count: u32) -> SnapshotT
         if pos.saturating_add(ENTRY_HEADER_LEN).get() > src.len() {
             table.past_eof = true;
         }
-        match read_entry(src, pos, index) {
+        match read_entry(src, pos, index, discard) {
             Ok(sn) => {
+                if let Some(stored) = sn.1 {
+                    dropped.push((index, stored));
+                }
+                let sn = sn.0;
                 let end = pos.saturating_add(sn.entry_len);
                 if end.get() > src.len() {
                     table.past_eof = true;
@@ -241,13 +279,22 @@ fn read_zero_filled(src: &dyn Source, what: &str, pos: HostOffset, len: u64) -> 
     Ok(buf)
 }
 
-fn read_entry(src: &dyn Source, entry: HostOffset, index: usize) -> Result<Snapshot> {
+/// One entry, and (when `discard` cut its extra data) the extra data size
+/// it stored.
+fn read_entry(
+    src: &dyn Source,
+    entry: HostOffset,
+    index: usize,
+    discard: bool,
+) -> Result<(Snapshot, Option<u64>)> {
     let what = format!("snapshot table entry {index}");
     let pos = entry;
     let h = read_zero_filled(src, &what, pos, ENTRY_HEADER_LEN)?;
     let id_len = u64::from(be16(&h, 12));
     let name_len = u64::from(be16(&h, 14));
-    let extra_len = u64::from(be32(&h, 36));
+    let stored_extra = u64::from(be32(&h, 36));
+    let cut = discard && stored_extra > MAX_EXTRA_DATA;
+    let extra_len = if cut { MAX_EXTRA_DATA } else { stored_extra };
     if extra_len > MAX_EXTRA_DATA {
         return Err(Error::invalid(
             what,
@@ -257,9 +304,18 @@ fn read_entry(src: &dyn Source, entry: HostOffset, index: usize) -> Result<Snaps
             ),
         ));
     }
-    let rest_len = extra_len.saturating_add(id_len).saturating_add(name_len);
     // At most 1024 + 2 * 65535 bytes: bounded by the checks above.
-    let rest = read_zero_filled(src, &what, pos.saturating_add(ENTRY_HEADER_LEN), rest_len)?;
+    let names_len = id_len.saturating_add(name_len);
+    let extra_at = pos.saturating_add(ENTRY_HEADER_LEN);
+    let rest = if cut {
+        // The ID and the name follow all the extra data stored.
+        let mut rest = read_zero_filled(src, &what, extra_at, extra_len)?;
+        let names_at = extra_at.saturating_add(stored_extra);
+        rest.extend(read_zero_filled(src, &what, names_at, names_len)?);
+        rest
+    } else {
+        read_zero_filled(src, &what, extra_at, extra_len.saturating_add(names_len))?
+    };
     let extra = slice(&rest, 0, extra_len as usize);
     let vm_state_size_32 = be32(&h, 32);
     let vm_state_size = if extra_len >= 8 {
@@ -271,7 +327,11 @@ fn read_entry(src: &dyn Source, entry: HostOffset, index: usize) -> Result<Snaps
     let icount = (extra_len >= 24)
         .then(|| be64(extra, 16))
         .filter(|&v| v != u64::MAX);
-    Ok(Snapshot {
+    let entry_len = ENTRY_HEADER_LEN
+        .saturating_add(stored_extra)
+        .saturating_add(id_len)
+        .saturating_add(name_len);
+    let sn = Snapshot {
         index,
         entry_offset: entry,
         l1_table_offset: HostOffset(be64(&h, 0)),
@@ -291,8 +351,9 @@ fn read_entry(src: &dyn Source, entry: HostOffset, index: usize) -> Result<Snaps
         disk_size,
         icount,
         unknown_extra: slice(extra, 24, usize::MAX).to_vec(),
-        entry_len: ENTRY_HEADER_LEN.saturating_add(rest_len),
-    })
+        entry_len,
+    };
+    Ok((sn, cut.then_some(stored_extra)))
 }
 
 #[cfg(test)]

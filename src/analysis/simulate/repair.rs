@@ -17,6 +17,10 @@ use crate::header::Field;
 use crate::tables::{ClusterType, L2Entry};
 use crate::types::HostOffset;
 
+/// The largest offset QEMU's block layer reads or writes up to:
+/// `INT64_MAX` aligned down to 1 GiB (`BDRV_MAX_LENGTH`).
+const BDRV_MAX_LENGTH: u64 = (i64::MAX as u64) & !((1 << 30) - 1);
+
 impl Sim {
     /// `qemu-img check -r leaks` (`all == false`) or `-r all`.
     pub(super) fn repair(&mut self, all: bool) -> SimResult<()> {
@@ -31,9 +35,16 @@ impl Sim {
         if self.marks_bitmaps() && !self.snapshots.is_empty() {
             self.forget_snapshots()?;
         }
-        let img = self
+        let mut img = self
             .image()
             .map_err(|e| SimError::Qemu(format!("Could not open the image: {e}")))?;
+        let cut = self.cut_extra_data(&mut img, all);
+        if let (Some(&(i, stored)), false) = (cut.as_ref().and_then(|c| c.first()), all) {
+            return Err(SimError::Qemu(format!(
+                "ERROR failed to read the snapshot table: Too much extra metadata in snapshot table entry {i}; Check failed: File too large ({stored} bytes of extra data, more than QEMU reads; only -r all discards them)"
+            )));
+        }
+        let cut = Self::cut_lines(&cut.unwrap_or_default());
         let report = check(&img, &CheckOptions::default());
         // Unaligned zero clusters: QEMU's check_refcounts_l2 rewrites them as
         // plain zero clusters with -r all (before it counts them, so their
@@ -51,15 +62,16 @@ impl Sim {
             self.discard_overhanging(*count)?;
             return self.repair_pass(all, rebuilt, unreadable);
         }
+        let table_eio = Self::bitmap_table_unreadable(&img, report.aborted.as_ref());
         if let Some(a) = &report.aborted {
-            if all && Self::stops_at_bitmaps(a) {
+            if all && (Self::stops_at_bitmaps(a) || table_eio) {
                 // calculate_refcounts walks (and with -r all repairs) the L1
                 // and L2 tables before it reaches the bitmaps.
                 for (at, message) in &zero_fixes {
                     self.fix_unaligned_zero_cluster(*at, message)?;
                 }
             }
-            return Err(self.check_stops(a, all));
+            return Err(self.check_stops(a, all, table_eio));
         }
         if all && !zero_fixes.is_empty() {
             let mut changed = false;
@@ -173,6 +185,12 @@ impl Sim {
         if all || !left_corrupt {
             self.repair_copied()?;
         }
+        if all {
+            for line in &cut {
+                self.note(line.clone());
+            }
+        }
+        let incomplete = incomplete.or_else(|| cut.first().cloned());
         if let Some(why) = incomplete.filter(|_| all) {
             // qcow2_check_fix_snapshot_table: the table is written anew,
             // every entry with its full extra data.
@@ -186,6 +204,10 @@ impl Sim {
                     None => SimError::Qemu(format!("ERROR failed to update snapshot table: {t}")),
                 }
             })?;
+            if !cut.is_empty() {
+                // The table reads now: QEMU opens the image for anything again.
+                self.check_only = None;
+            }
         }
         if !left_corrupt {
             self.mark_clean()?;
@@ -256,6 +278,9 @@ impl Sim {
                     stored.saturating_sub(reference),
                     true,
                 )?;
+                if reference == 0 {
+                    self.discard_freed(c)?;
+                }
             } else if all {
                 self.why(format!(
                     "Repairing cluster {c} refcount={stored} reference={reference}"
@@ -271,6 +296,22 @@ impl Sim {
             }
         }
         Ok(left_corrupt)
+    }
+
+    /// What freeing leaked cluster `c` does to the file: QEMU frees it with
+    /// `QCOW2_DISCARD_ALWAYS`, and the image file is opened with
+    /// `discard=unmap` (a protocol child always is), so the cluster's bytes
+    /// within the file are discarded (a hole, read as zeros). The file keeps
+    /// its length.
+    fn discard_freed(&mut self, c: u64) -> SimResult<()> {
+        let start = self.cluster_start(c);
+        let end = start.get().saturating_add(self.cs).min(self.file_len);
+        let len = end.saturating_sub(start.get());
+        if len == 0 {
+            return Ok(());
+        }
+        let zeros = vec![0u8; usize::try_from(len).unwrap_or(0)];
+        self.write_bytes(start, &zeros)
     }
 
     /// `qcow2_mark_clean` and `qcow2_mark_consistent`.
@@ -307,7 +348,9 @@ impl Sim {
     /// the limit first. Or when it cannot load the bitmap directory or a
     /// bitmap table (`qcow2_check_bitmaps_refcounts`): it fails before it
     /// compares any refcount.
-    fn check_stops(&self, why: &crate::check::Refusal, all: bool) -> SimError {
+    /// `table_eio`: a bitmap table QEMU's read fails for (it would end past
+    /// `BDRV_MAX_LENGTH`).
+    fn check_stops(&self, why: &crate::check::Refusal, all: bool, table_eio: bool) -> SimError {
         use crate::check::Refusal;
         let max = crate::snapshot::MAX_SNAPSHOTS;
         let offset_invalid = |nb: u64| self.snapshot_offset_invalid(nb);
@@ -331,6 +374,12 @@ impl Sim {
                     why.to_string().trim_end_matches(" (Invalid argument)")
                 ))
             }
+            Refusal::BitmapTable { .. } if table_eio => SimError::Qemu(format!(
+                "Check failed: Input/output error (the check stops at the bitmaps: {why}, QEMU's read of it fails; no refcount is repaired)"
+            )),
+            Refusal::BitmapTable { error, .. } => SimError::NotModelled(format!(
+                "QEMU reads a bitmap table past the end of the file as zeros and goes on with the check, where qinspect's check stops: {error}"
+            )),
             other => SimError::NotModelled(format!("the check stops early: {other}")),
         }
     }
@@ -359,15 +408,9 @@ impl Sim {
         let img = self
             .image()
             .map_err(|e| SimError::Qemu(format!("Could not open the image: {e}")))?;
-        let end = self
-            .snapshots_offset
-            .get()
-            .saturating_add(img.snapshots.size);
-        if end > self.file_len {
-            return Err(SimError::NotModelled(format!(
-                "the first {max} entries of the snapshot table reach past the end of the file, to {end:#x}; QEMU reads zeros there, does not count that region, and discards the table's clusters it then frees as leaked (a discarded cluster reads as zeros), which qinspect does not follow"
-            )));
-        }
+        // The entries past the end of the file read as zeros (QEMU's read
+        // of the table is padded with them); the check then counts only the
+        // clusters of the table inside the file.
         if img.snapshots.error.is_none() {
             // The table reads now: QEMU opens the image for anything again.
             self.check_only = None;
@@ -387,6 +430,29 @@ impl Sim {
             why,
             Refusal::BitmapDirectory { .. } | Refusal::BitmapTableEntry { .. }
         )
+    }
+
+    /// Whether the check stopped at a bitmap table QEMU cannot read at all:
+    /// one that would end past the largest offset QEMU's block layer reads
+    /// (`BDRV_MAX_LENGTH`), where its read fails (EIO).
+    fn bitmap_table_unreadable(
+        img: &crate::image::Qcow2,
+        why: Option<&crate::check::Refusal>,
+    ) -> bool {
+        let Some(crate::check::Refusal::BitmapTable { name, offset, .. }) = why else {
+            return false;
+        };
+        let Some(Ok(list)) = &img.bitmaps else {
+            return false;
+        };
+        list.iter()
+            .filter(|b| &b.name == name && b.table_offset == *offset)
+            .any(|b| {
+                offset
+                    .get()
+                    .checked_add(u64::from(b.table_size).saturating_mul(8))
+                    .is_none_or(|end| end > BDRV_MAX_LENGTH)
+            })
     }
 
     /// A refcount block past the end of the file (`check_refblocks`).
