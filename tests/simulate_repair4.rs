@@ -42,10 +42,12 @@ fn changed_refcounts(sim: &Sim) -> bool {
 #[test]
 fn an_l1_table_that_names_itself_as_its_l2_table_fails_the_copied_repair() {
     let w = Work::new();
-    for name in ["a.qcow2", "l.qcow2"] {
+    for name in ["a.qcow2", "l.qcow2", "r.qcow2"] {
         written(&w, name);
         poke(&w, name, 0x30000, 0x8000_0000_0003_0000);
     }
+    // Cluster 3 already counted 3 times: only leaks are left.
+    w.set_refcount("r.qcow2", 3, 3);
     // -r all raises cluster 3 (L1, L2 and data at once) to 3 and frees the
     // leaks in its refcount cache; clearing L1[0]'s COPIED flag is a write
     // onto an active L2 table (the L1 table itself): QEMU marks the image
@@ -73,6 +75,13 @@ fn an_l1_table_that_names_itself_as_its_l2_table_fails_the_copied_repair() {
     let sim = ok(&w, "l.qcow2", &["repair:leaks", "repair:all"]);
     assert_eq!(sim.records[0].error, None);
     assert_eq!(sim.freed.len(), 3, "{:?}", sim.freed);
+    // With no error left, -r leaks repairs the COPIED flags too: the same
+    // write stops it, and the leaks it freed in its cache stay.
+    let sim = ok(&w, "r.qcow2", &["repair:leaks"]);
+    let e = sim.records[0].error.as_deref().unwrap_or_default();
+    assert!(e.contains("overlaps with active L2 table"), "{e}");
+    assert!(!changed_refcounts(&sim), "{:?}", sim.records[0].steps);
+    assert!(sim.freed.is_empty(), "{:?}", sim.freed);
 }
 
 #[test]
