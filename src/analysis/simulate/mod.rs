@@ -26,6 +26,7 @@ mod bitmaps;
 mod bytes;
 mod change;
 mod compressed;
+mod copied;
 mod cor;
 mod data;
 mod discard;

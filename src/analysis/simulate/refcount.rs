@@ -128,6 +128,17 @@ impl Sim {
         Ok(new)
     }
 
+    /// Set cluster `c`'s refcount back to `value` in the block that holds it
+    /// now, without a record.
+    pub(super) fn put_refcount(&mut self, c: u64, value: u64) -> SimResult<()> {
+        let block = self.refcount_block_for(c >> self.block_bits(), c)?;
+        let idx = c & low_mask(self.block_bits());
+        let bc = self.cluster_of(block);
+        let slot = self.clusters.slot(bc, &self.base, self.zero_from);
+        set_refcount(self.clusters.at(slot, true), self.order, idx, value);
+        Ok(())
+    }
+
     /// A refcount of `cur` after adding (or, `decrease`, subtracting)
     /// `addend`: None when it would go below 0 or past the largest refcount.
     pub(super) fn refcount_after(&self, cur: u64, addend: u64, decrease: bool) -> Option<u64> {

@@ -8,13 +8,12 @@
 //! too low is raised; a stored 0 for a cluster in use is what makes QEMU
 //! rebuild the whole refcount structure instead. With `all` (or with `leaks`
 //! when no error is left), the COPIED flags
-//! of the active tables are set to what the refcounts now say. An image left
+//! of the active tables are set to what the refcounts now say (`copied.rs`). An image left
 //! without corruptions is marked clean and consistent.
 
-use super::{Sim, SimError, SimResult, Target};
+use super::{Sim, SimError, SimResult};
 use crate::check::{Category, CheckOptions, FindingKind, check};
 use crate::header::Field;
-use crate::tables::{ClusterType, L2Entry};
 use crate::types::HostOffset;
 
 /// The largest offset QEMU's block layer reads or writes up to:
@@ -179,11 +178,13 @@ impl Sim {
             || broken
             || !outside.is_empty()
             || (incomplete.is_some() && !all);
-        left_corrupt |= self.repair_refcounts(&imrt, all)?;
+        let (steps, freed) = (self.steps.clone(), self.freed.len());
+        let (left, repaired) = self.repair_refcounts(&imrt, all)?;
+        left_corrupt |= left;
         // check_oflag_copied repairs with -r all, and with -r leaks when the
         // refcounts are now right (then the flags can be trusted to them).
         if all || !left_corrupt {
-            self.repair_copied()?;
+            self.repair_copied_after(&repaired, steps, freed)?;
         }
         if all {
             for line in &cut {
@@ -250,9 +251,15 @@ impl Sim {
 
     /// `compare_refcounts` with the repair: each stored refcount that is too
     /// high is lowered, and with `all` each that is too low is raised.
-    /// Whether a wrong refcount is left.
-    fn repair_refcounts(&mut self, imrt: &crate::check::Imrt, all: bool) -> SimResult<bool> {
+    /// Whether a wrong refcount is left, and each repaired cluster with the
+    /// refcount it had.
+    fn repair_refcounts(
+        &mut self,
+        imrt: &crate::check::Imrt,
+        all: bool,
+    ) -> SimResult<(bool, Vec<(u64, u64)>)> {
         let mut left_corrupt = false;
+        let mut repaired = Vec::new();
         for c in 0..imrt.nb_clusters {
             let stored = self.get_refcount(c)?;
             let reference = imrt.get(c);
@@ -267,6 +274,9 @@ impl Sim {
                 }
                 left_corrupt = true;
                 continue;
+            }
+            if stored > reference || all {
+                repaired.push((c, stored));
             }
             if stored > reference {
                 self.why(format!(
@@ -295,7 +305,7 @@ impl Sim {
                 left_corrupt = true;
             }
         }
-        Ok(left_corrupt)
+        Ok((left_corrupt, repaired))
     }
 
     /// What freeing leaked cluster `c` does to the file: QEMU frees it with
@@ -526,62 +536,5 @@ impl Sim {
         self.reason = saved;
         r?;
         Ok(raw != want)
-    }
-
-    /// `check_oflag_copied` with `BDRV_FIX_ERRORS`: COPIED on exactly the
-    /// active entries whose cluster has refcount 1.
-    fn repair_copied(&mut self) -> SimResult<()> {
-        let l1_off = self.l1_table_offset;
-        for i in 0..self.l1.len() as u64 {
-            let e = self.l1.get(i as usize).copied().unwrap_or_default();
-            let l2 = e.l2_offset().unwrap_or_default();
-            if l2 == HostOffset(0) {
-                continue;
-            }
-            let r = self.get_refcount(self.cluster_of(l2))?;
-            let want = e.with_copied(r == 1);
-            if want != e {
-                self.why(format!(
-                    "Repairing OFLAG_COPIED L2 cluster: l1_index={i} refcount={r}"
-                ));
-                self.write_u64(l1_off.saturating_entry(i, 8), want.0)?;
-                self.record(
-                    Target::L1Entry {
-                        table: "active L1".into(),
-                        table_offset: l1_off,
-                        index: i,
-                        snapshot: None,
-                    },
-                    e.0,
-                    want.0,
-                );
-                if let Some(slot) = self.l1.get_mut(i as usize) {
-                    *slot = want;
-                }
-            }
-            for j in 0..self.geo.l2_entries() {
-                let (raw, bm) = self.l2_entry_at(l2, j);
-                let ty = L2Entry { raw, bitmap: bm }.cluster_type(&self.geo, self.has_data_file);
-                if !matches!(ty, ClusterType::Normal | ClusterType::ZeroAlloc) {
-                    continue;
-                }
-                // Data in an external data file has no refcount: QEMU takes
-                // it as 1.
-                let off = L2Entry::from_word(raw).host_offset().0;
-                let r = if self.has_data_file {
-                    1
-                } else {
-                    self.get_refcount(self.cluster_of(off))?
-                };
-                let want = L2Entry::from_word(raw).with_copied(r == 1).raw;
-                if want != raw {
-                    self.why(format!(
-                        "Repairing OFLAG_COPIED data cluster: l2_entry={raw:x} refcount={r}"
-                    ));
-                    self.set_l2_entry(l2, j, want, bm)?;
-                }
-            }
-        }
-        Ok(())
     }
 }

@@ -1,0 +1,166 @@
+//! `check_oflag_copied` with a repair: the COPIED flags of the active L1
+//! and L2 tables set to what the refcounts say, the last step of
+//! `qemu-img check -r` ([`Sim::repair`]). Each rewritten L1 entry and L2 table
+//! goes through QEMU's overlap check first; one that would land on metadata
+//! (an L1 table that names itself as an L2 table) marks the image corrupt and
+//! ends the check, and the refcounts repaired before it, still in QEMU's
+//! refcount block cache, are never written.
+
+use super::overlap::Meta;
+use super::{Change, Sim, SimError, SimResult, Target};
+use crate::tables::{ClusterType, L2Entry};
+use crate::types::HostOffset;
+
+/// How the overlap check's failure begins ([`Sim::overlap_check`]).
+const OVERLAP: &str = "Preventing invalid write on metadata";
+
+/// How a check that fails with EIO ends, before the cause.
+const CHECK_FAILED: &str = "Check failed: Input/output error (";
+
+impl Sim {
+    /// [`Sim::repair_copied`] after `compare_refcounts` repaired `repaired`
+    /// (each cluster with the refcount it had; the records before it were
+    /// `steps`, and `freed` clusters were freed before it).
+    pub(super) fn repair_copied_after(
+        &mut self,
+        repaired: &[(u64, u64)],
+        steps: Vec<Change>,
+        freed: usize,
+    ) -> SimResult<()> {
+        let r = self.repair_copied();
+        if let Err(e) = &r
+            && Self::stopped_by_overlap(e)
+        {
+            self.drop_cached_refcounts(repaired, steps, freed)?;
+        }
+        r
+    }
+
+    /// The COPIED repair was stopped by the overlap check, which left QEMU's
+    /// image unusable: the refcounts `compare_refcounts` repaired (each
+    /// cluster of `repaired` with the refcount it had) sit in QEMU's refcount
+    /// block cache, which is then never written back. They are set back, and
+    /// their records (since `steps`, and the freed clusters past `freed`)
+    /// dropped.
+    fn drop_cached_refcounts(
+        &mut self,
+        repaired: &[(u64, u64)],
+        steps: Vec<Change>,
+        freed: usize,
+    ) -> SimResult<()> {
+        let since = self.steps.get(steps.len()..).unwrap_or_default().to_vec();
+        // The records before the repair are as they were (none was extended).
+        let cached = self
+            .steps
+            .iter()
+            .zip(&steps)
+            .all(|(now, then)| now.count == then.count)
+            && since.iter().all(|c| {
+                matches!(
+                    c.target,
+                    Target::Refcount { .. } | Target::Header { .. } | Target::Note
+                )
+            });
+        if !cached {
+            return Err(SimError::NotModelled(
+                "the refcount repair before the failed COPIED repair wrote more than refcounts (QEMU writes a new refcount block at once, the refcounts later)".into(),
+            ));
+        }
+        for &(c, old) in repaired {
+            self.put_refcount(c, old)?;
+        }
+        let kept: Vec<Change> = since
+            .into_iter()
+            .filter(|c| !matches!(c.target, Target::Refcount { .. }))
+            .collect();
+        self.steps = steps;
+        self.steps.extend(kept);
+        self.freed.truncate(freed);
+        if !repaired.is_empty() {
+            self.note("the refcounts repaired before are in QEMU's refcount block cache, which is not written once the image is marked corrupt: they stay as they were".into());
+        }
+        Ok(())
+    }
+
+    /// How `qemu-img check` ends when a COPIED repair fails (QEMU's check
+    /// stops there, with what it has written).
+    fn check_failed(e: SimError) -> SimError {
+        match e {
+            SimError::Qemu(why) if why.starts_with(OVERLAP) => {
+                let why = why.strip_suffix(" (EIO)").unwrap_or(&why).to_string();
+                SimError::Qemu(format!("{CHECK_FAILED}{why})"))
+            }
+            other => other,
+        }
+    }
+
+    /// Whether the COPIED repair failed at the overlap check (which leaves
+    /// QEMU's image unusable, whether or not it was marked corrupt before).
+    fn stopped_by_overlap(e: &SimError) -> bool {
+        matches!(e, SimError::Qemu(m) if m.strip_prefix(CHECK_FAILED).is_some_and(|r| r.starts_with(OVERLAP)))
+    }
+
+    /// `check_oflag_copied` with `BDRV_FIX_ERRORS`: COPIED on exactly the
+    /// active entries whose cluster has refcount 1.
+    fn repair_copied(&mut self) -> SimResult<()> {
+        let l1_off = self.l1_table_offset;
+        for i in 0..self.l1.len() as u64 {
+            let e = self.l1.get(i as usize).copied().unwrap_or_default();
+            let l2 = e.l2_offset().unwrap_or_default();
+            if l2 == HostOffset(0) {
+                continue;
+            }
+            let r = self.get_refcount(self.cluster_of(l2))?;
+            let want = e.with_copied(r == 1);
+            if want != e {
+                self.why(format!(
+                    "Repairing OFLAG_COPIED L2 cluster: l1_index={i} refcount={r}"
+                ));
+                // qcow2_write_l1_entry: the entry alone, checked against
+                // every metadata structure but the active L1 table (an L2
+                // table the L1 table names may be the L1 table itself).
+                let at = l1_off.saturating_entry(i, 8);
+                self.overlap_check(Some(Meta::ActiveL1), at, 8)
+                    .map_err(Self::check_failed)?;
+                self.write_u64(at, want.0)?;
+                self.record(
+                    Target::L1Entry {
+                        table: "active L1".into(),
+                        table_offset: l1_off,
+                        index: i,
+                        snapshot: None,
+                    },
+                    e.0,
+                    want.0,
+                );
+                if let Some(slot) = self.l1.get_mut(i as usize) {
+                    *slot = want;
+                }
+            }
+            for j in 0..self.geo.l2_entries() {
+                let (raw, bm) = self.l2_entry_at(l2, j);
+                let ty = L2Entry { raw, bitmap: bm }.cluster_type(&self.geo, self.has_data_file);
+                if !matches!(ty, ClusterType::Normal | ClusterType::ZeroAlloc) {
+                    continue;
+                }
+                // Data in an external data file has no refcount: QEMU takes
+                // it as 1.
+                let off = L2Entry::from_word(raw).host_offset().0;
+                let r = if self.has_data_file {
+                    1
+                } else {
+                    self.get_refcount(self.cluster_of(off))?
+                };
+                let want = L2Entry::from_word(raw).with_copied(r == 1).raw;
+                if want != raw {
+                    self.why(format!(
+                        "Repairing OFLAG_COPIED data cluster: l2_entry={raw:x} refcount={r}"
+                    ));
+                    self.set_l2_entry(l2, j, want, bm)
+                        .map_err(Self::check_failed)?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
