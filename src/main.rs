@@ -86,13 +86,16 @@ fn main() {
         Some(Command::Hexdump(a)) => cli::hexdump::run(a),
         Some(Command::Completions { shell }) => {
             use clap::CommandFactory;
-            clap_complete::generate(
-                shell,
-                &mut Cli::command(),
-                "qinspect",
-                &mut std::io::stdout(),
-            );
-            Ok(0)
+            use std::io::Write;
+            // Written into a buffer first: clap_complete panics on a failed write, and
+            // a closed pipe (`| head`) must end quietly as it does for the other commands.
+            let mut buf = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "qinspect", &mut buf);
+            std::io::stdout()
+                .lock()
+                .write_all(&buf)
+                .map(|()| 0)
+                .map_err(Into::into)
         }
         Some(Command::Man) => {
             use clap::CommandFactory;

@@ -96,6 +96,9 @@ fn run_one(a: &Args, image: &std::path::Path) -> CmdResult {
         "start", "end", "length", "what", "host offset"
     )?;
     let mut totals = [0u64; 4];
+    // qemu-img map prints no row for an empty range (a start at or past the end of
+    // the disk); its JSON keeps the one empty extent, and so does --json above.
+    let entries: Vec<_> = entries.into_iter().filter(|e| e.length > 0).collect();
     for e in &entries {
         let (what, st, slot) = if e.compressed {
             ("compressed data", style::COMPRESSED, 2)
@@ -114,10 +117,18 @@ fn run_one(a: &Args, image: &std::path::Path) -> CmdResult {
         } else {
             st
         };
+        // An extent with a host offset is in the layer's data file (qemu-img map's
+        // File column); the others are answered by the image's own tables.
         let file = chain
             .layers
             .get(e.depth)
-            .map(|l| l.path.display().to_string())
+            .map(|l| {
+                if e.offset.is_some() && !e.compressed {
+                    l.data_path().display().to_string()
+                } else {
+                    l.path.display().to_string()
+                }
+            })
             .unwrap_or_default();
         let depth = if e.depth > 0 {
             format!(" (depth {})", e.depth)

@@ -273,7 +273,7 @@ fn l2_rows(a: &Args, img: &Qcow2) -> Rows {
         .iter()
         .enumerate()
         .filter(|(_, e)| a.all || a.json || e.raw != 0 || e.bitmap != 0)
-        .map(|(j, e)| l2_row(i, j as u64, l2_off, *e, img, has_df))
+        .map(|(j, e)| l2_row(i, j as u64, l2_off, *e, img, (has_df, view.size)))
         .collect();
     Ok((
         format!(
@@ -456,7 +456,16 @@ fn l1_row(i: u64, table: HostOffset, e: L1Entry, cov: u64, geo: &qinspect::types
     }
 }
 
-fn l2_row(l1i: u64, j: u64, l2_off: HostOffset, e: L2Entry, img: &Qcow2, has_df: bool) -> Row {
+/// One L2 entry's row; `(has_df, disk_size)`: whether the image has a data file,
+/// and the size of the disk the table belongs to.
+fn l2_row(
+    l1i: u64,
+    j: u64,
+    l2_off: HostOffset,
+    e: L2Entry,
+    img: &Qcow2,
+    (has_df, disk_size): (bool, u64),
+) -> Row {
     let geo = img.geometry();
     let guest = geo.guest_offset(l1i, j, 0).unwrap_or(GuestOffset(0));
     let m = e.mapping(&geo, has_df);
@@ -482,6 +491,9 @@ fn l2_row(l1i: u64, j: u64, l2_off: HostOffset, e: L2Entry, img: &Qcow2, has_df:
             "bitmap": geo.extended_l2.then_some(e.bitmap),
             "subclusters": geo.extended_l2.then(|| (0..32).map(|s| m.subcluster_type(s).name()).collect::<Vec<_>>()),
         }),
-        meaning: format!("guest {guest}: {}", e.describe(&geo, has_df)),
+        meaning: format!(
+            "guest {guest}: {}",
+            e.describe_at(&geo, has_df, guest, disk_size)
+        ),
     }
 }

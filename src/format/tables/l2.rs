@@ -5,7 +5,7 @@ use super::{
     CompressedDescriptor, L2_BITMAP_ALL_ZEROES, L2E_OFFSET_MASK, L2E_STD_RESERVED_MASK,
     OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO,
 };
-use crate::types::{Geometry, HostOffset, SUBCLUSTERS_PER_CLUSTER, low_mask};
+use crate::types::{Geometry, GuestOffset, HostOffset, SUBCLUSTERS_PER_CLUSTER, low_mask};
 use serde::Serialize;
 
 /// What kind of cluster an L2 entry describes (QEMU's `QCow2ClusterType`).
@@ -465,5 +465,28 @@ impl L2Entry {
             ));
         }
         s
+    }
+
+    /// [`describe`](Self::describe) for the entry that maps `guest` on a disk of
+    /// `disk_size` bytes. No guest read reaches an entry at or past the end of the
+    /// disk, and the description says so (for an unallocated one, in place of what
+    /// a read would do there).
+    pub fn describe_at(
+        &self,
+        geo: &Geometry,
+        has_data_file: bool,
+        guest: GuestOffset,
+        disk_size: u64,
+    ) -> String {
+        if guest.get() < disk_size {
+            self.describe(geo, has_data_file)
+        } else if self.raw == 0 && self.bitmap == 0 {
+            "unallocated, past the end of the disk (never read)".to_string()
+        } else {
+            format!(
+                "{}; past the end of the disk (never read)",
+                self.describe(geo, has_data_file)
+            )
+        }
     }
 }

@@ -134,6 +134,19 @@ impl Layer {
         }
     }
 
+    /// The file a host offset of this layer's data clusters is in: the external
+    /// data file if the image has one open, else the layer's own file. (Compressed
+    /// clusters and metadata are always in the image file.)
+    pub fn data_path(&self) -> &Path {
+        match &self.kind {
+            LayerKind::Qcow2 {
+                data_file: Some(df),
+                ..
+            } => df.name(),
+            _ => &self.path,
+        }
+    }
+
     /// A short label: the file name and format.
     pub fn label(&self) -> String {
         format!("{} ({})", self.path.display(), self.format().name())

@@ -59,6 +59,25 @@ pub fn kind(e: &MapEntry, ctx: &Ctx) -> (String, Color) {
             })
             .unwrap_or_else(|| format!("layer {d}"))
     };
+    // Where the layer's data clusters are, when that is not the image itself: its
+    // external data file.
+    let data_file = |d: usize| {
+        ctx.chain
+            .as_ref()
+            .ok()
+            .and_then(|c| c.layers.get(d))
+            .filter(|l| l.data_path() != l.path.as_path())
+            .map(|l| {
+                let p = l.data_path();
+                p.file_name().map_or(p.display().to_string(), |n| {
+                    n.to_string_lossy().into_owned()
+                })
+            })
+    };
+    let in_layer = |d: usize| match data_file(d) {
+        Some(df) => format!("{df} (the data file of {}, layer {d})", layer(d)),
+        None => format!("{} (layer {d})", layer(d)),
+    };
     let layer_size = |d: usize| {
         ctx.chain
             .as_ref()
@@ -75,7 +94,7 @@ pub fn kind(e: &MapEntry, ctx: &Ctx) -> (String, Color) {
     if e.data {
         const DEPTH: [Color; 4] = [Color::Green, Color::Blue, Color::Yellow, Color::LightRed];
         return (
-            format!("data in {} (layer {})", layer(e.depth), e.depth),
+            format!("data in {}", in_layer(e.depth)),
             DEPTH[e.depth.min(DEPTH.len() - 1)],
         );
     }
@@ -94,7 +113,11 @@ pub fn kind(e: &MapEntry, ctx: &Ctx) -> (String, Color) {
             "zeros (the zero flag) in"
         };
         return (
-            format!("{how} {} (layer {})", layer(e.depth), e.depth),
+            if e.offset.is_some() && !raw {
+                format!("{how} {}", in_layer(e.depth))
+            } else {
+                format!("{how} {} (layer {})", layer(e.depth), e.depth)
+            },
             color::META,
         );
     }

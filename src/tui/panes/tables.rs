@@ -8,6 +8,7 @@ use crate::tui::keymap::Action;
 use crate::tui::widgets::{ListView, boxed};
 use qinspect::image::View;
 use qinspect::tables::{ClusterType, L2Entry, SubclusterType};
+use qinspect::types::GuestOffset;
 use ratatui::Frame;
 use ratatui::layout::Rect;
 use ratatui::style::Style;
@@ -236,7 +237,7 @@ impl State {
                                 .collect();
                             spans.push(Span::raw(format!("[{map}] ")));
                         }
-                        let mut d = e.describe(&geo, has_df);
+                        let mut d = e.describe_at(&geo, has_df, GuestOffset(g), view.size);
                         if !backing {
                             d = d.replace(
                                 "reads fall through to the backing file",
@@ -325,10 +326,14 @@ impl PaneState for State {
                 };
                 let geo = img.geometry();
                 let j = self.l2.sel as u64;
-                if let Some(g) = geo.guest_offset(i as u64, j, 0)
-                    && g.0 < ctx.disk_size()
-                {
-                    q.push(Effect::Trace(g));
+                match geo.guest_offset(i as u64, j, 0) {
+                    Some(g) if g.0 < ctx.disk_size() => q.push(Effect::Trace(g)),
+                    // Nothing to trace: say why rather than do nothing.
+                    g => q.push(Effect::Status(format!(
+                        "nothing to trace: guest {} is past the end of the disk ({} bytes), no read reaches this entry",
+                        g.map_or_else(|| "offset".to_string(), |g| format!("{g}")),
+                        ctx.disk_size()
+                    ))),
                 }
             }
             (Level::L2(i), Action::Hex) => {
@@ -440,6 +445,8 @@ impl PaneState for State {
             Level::L2(i) => Self::l2_table(ctx, &view, i).ok().and_then(|(off, t)| {
                 let e = t.get(self.l2.sel)?;
                 let has_df = img.header.has_data_file();
+                let guest = geo.guest_offset(i as u64, self.l2.sel as u64, 0).unwrap_or(GuestOffset(u64::MAX));
+                let past_end = guest.get() >= view.size;
                 let why = match e.cluster_type(&geo, has_df) {
                     ClusterType::Normal | ClusterType::ZeroAlloc => Self::copied_sentence(
                         "the cluster",
@@ -455,9 +462,10 @@ impl PaneState for State {
                     } else {
                         "The zero flag: reads return zeros.".into()
                     },
+                    ClusterType::Unallocated if past_end => "No guest read reaches this entry: its cluster is past the end of the disk.".into(),
                     ClusterType::Unallocated => format!("Unallocated: {}.", ctx.fall_through()),
                 };
-                let mut d = e.describe(&geo, has_df);
+                let mut d = e.describe_at(&geo, has_df, guest, view.size);
                 if !ctx.has_backing() {
                     d = d.replace("reads fall through to the backing file", "reads as zeros: no backing file");
                 }
