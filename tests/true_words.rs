@@ -45,7 +45,7 @@ fn dump_l1_says_the_refused_table_is_not_read() {
 
     let out = text(&w.qinspect_ok(&["dump", "l1", "b.qcow2", "--all"]));
     assert!(
-        out.contains("not read: header l1_size at 0x24: Active L1 table too large"),
+        out.contains("not read: L1 table size in the header at 0x24: Active L1 table too large"),
         "{out}"
     );
     assert!(!out.contains("no non-zero entries"), "{out}");
@@ -58,7 +58,7 @@ fn dump_l1_says_the_refused_table_is_not_read() {
         v["not_read"]
             .as_str()
             .unwrap()
-            .contains("header l1_size at 0x24"),
+            .contains("L1 table size in the header at 0x24"),
         "{v}"
     );
     // A healthy image's JSON has no such key.
@@ -152,7 +152,7 @@ fn a_misaligned_table_offset_names_the_header_field() {
     assert_eq!(out.status.code(), Some(1));
     let err = text(&out.stderr);
     assert!(
-        err.contains("header l1_table_offset at 0x28: Active L1 table offset invalid"),
+        err.contains("L1 table offset in the header at 0x28: Active L1 table offset invalid"),
         "{err}"
     );
     // snapshots_offset (header 0x40), misaligned.
@@ -162,7 +162,7 @@ fn a_misaligned_table_offset_names_the_header_field() {
     assert!(text(&q.stderr).contains("Snapshot table offset invalid"));
     let err = text(&w.qinspect(&["info", "s.qcow2"]).stderr);
     assert!(
-        err.contains("header snapshots_offset at 0x40: Snapshot table offset invalid"),
+        err.contains("snapshot table offset in the header at 0x40: Snapshot table offset invalid"),
         "{err}"
     );
 }
@@ -203,16 +203,19 @@ fn a_pool_audit_leaves_images_qemu_img_cannot_check_out_of_the_totals() {
             .collect()
     };
     assert_eq!(
-        row("pool/b.qcow2")[1..5],
-        ["refused", "-", "-", "-"],
+        row("pool/b.qcow2")[1..6],
+        ["check", "failed", "-", "-", "-"],
         "{table}"
     );
     let total = row("total:");
     let allocated = format!("{}/64", qb["allocated-clusters"]);
     assert_eq!(total[3..6], ["0", "0", allocated.as_str()], "{table}");
-    assert!(table.contains("1 clean, 1 refused; exit code 1"), "{table}");
     assert!(
-        table.contains("pool/b.qcow2: qemu-img check fails: header l1_size at 0x24"),
+        table.contains("1 clean, 1 check failed; exit code 1"),
+        "{table}"
+    );
+    assert!(
+        table.contains("pool/b.qcow2: qemu-img check fails: L1 table size in the header at 0x24"),
         "{table}"
     );
 }

@@ -13,10 +13,12 @@ struct TableCheck {
     field: CorruptKind,
     /// QEMU's name for it, which starts its messages.
     what: &'static str,
-    /// The header field holding the table's offset (named when the offset is wrong).
-    off_field: Field,
-    /// The header field holding the table's size (named when the size is too large).
-    size_field: Field,
+    /// The header field holding the table's offset (named when the offset is
+    /// wrong), with its name in words.
+    off_field: (Field, &'static str),
+    /// The header field holding the table's size (named when the size is too
+    /// large), with its name in words.
+    size_field: (Field, &'static str),
     /// The table's offset.
     off: u64,
     /// Its size (bytes, or entries for the snapshot table).
@@ -248,9 +250,9 @@ impl Header {
         let cs = geo.cluster_size();
         // The header field is what holds the wrong value, so the error names it and
         // its offset; the kind stays the table's, for code to match on.
-        let bad = |kind: CorruptKind, f: Field, msg: String| Error::Invalid {
+        let bad = |kind: CorruptKind, (f, words): (Field, &str), msg: String| Error::Invalid {
             kind,
-            what: format!("header {}", f.name()),
+            what: format!("{words} in the header"),
             offset: HostOffset(f.offset()),
             reason: msg,
         };
@@ -259,8 +261,8 @@ impl Header {
             TableCheck {
                 field: CorruptKind::RefcountTable,
                 what: "Reference count table",
-                off_field: Field::RefcountTableOffset,
-                size_field: Field::RefcountTableClusters,
+                off_field: (Field::RefcountTableOffset, "refcount table offset"),
+                size_field: (Field::RefcountTableClusters, "refcount table size"),
                 off: self.refcount_table_offset.get(),
                 size: u64::from(self.refcount_table_clusters).saturating_mul(cs),
                 max: crate::refcount::MAX_REFTABLE_BYTES,
@@ -270,8 +272,8 @@ impl Header {
             TableCheck {
                 field: CorruptKind::SnapshotTable,
                 what: "Snapshot table",
-                off_field: Field::SnapshotsOffset,
-                size_field: Field::NbSnapshots,
+                off_field: (Field::SnapshotsOffset, "snapshot table offset"),
+                size_field: (Field::NbSnapshots, "snapshot count"),
                 off: self.snapshots_offset.get(),
                 size: u64::from(self.nb_snapshots),
                 max: crate::snapshot::MAX_SNAPSHOTS,
@@ -281,8 +283,8 @@ impl Header {
             TableCheck {
                 field: CorruptKind::L1Table,
                 what: "Active L1 table",
-                off_field: Field::L1TableOffset,
-                size_field: Field::L1Size,
+                off_field: (Field::L1TableOffset, "L1 table offset"),
+                size_field: (Field::L1Size, "L1 table size"),
                 off: self.l1_table_offset.get(),
                 size: u64::from(self.l1_size).saturating_mul(8),
                 max: crate::tables::MAX_L1_BYTES,

@@ -248,7 +248,10 @@ fn a_table_error_names_the_header_field_that_holds_the_wrong_value() {
     b[40..48].copy_from_slice(&0x30200u64.to_be_bytes());
     let (kind, what, off, reason) = first(&b);
     assert_eq!(kind, Some(CorruptKind::L1Table));
-    assert_eq!((what.as_str(), off), ("header l1_table_offset", 0x28));
+    assert_eq!(
+        (what.as_str(), off),
+        ("L1 table offset in the header", 0x28)
+    );
     assert!(
         reason.starts_with("Active L1 table offset invalid"),
         "{reason}"
@@ -258,7 +261,7 @@ fn a_table_error_names_the_header_field_that_holds_the_wrong_value() {
     b[36..40].copy_from_slice(&0x7fff_ffffu32.to_be_bytes());
     let (kind, what, off, reason) = first(&b);
     assert_eq!(kind, Some(CorruptKind::L1Table));
-    assert_eq!((what.as_str(), off), ("header l1_size", 0x24));
+    assert_eq!((what.as_str(), off), ("L1 table size in the header", 0x24));
     assert!(reason.starts_with("Active L1 table too large"), "{reason}");
     // A misaligned snapshots_offset: the field at 0x40.
     let mut b = v3_header();
@@ -266,13 +269,16 @@ fn a_table_error_names_the_header_field_that_holds_the_wrong_value() {
     b[64..72].copy_from_slice(&0x10001u64.to_be_bytes());
     let (kind, what, off, _) = first(&b);
     assert_eq!(kind, Some(CorruptKind::SnapshotTable));
-    assert_eq!((what.as_str(), off), ("header snapshots_offset", 0x40));
+    assert_eq!(
+        (what.as_str(), off),
+        ("snapshot table offset in the header", 0x40)
+    );
     // Too many snapshots: nb_snapshots at 0x3c.
     let mut b = v3_header();
     b[60..64].copy_from_slice(&70000u32.to_be_bytes());
     let (kind, what, off, _) = first(&b);
     assert_eq!(kind, Some(CorruptKind::SnapshotTable));
-    assert_eq!((what.as_str(), off), ("header nb_snapshots", 0x3c));
+    assert_eq!((what.as_str(), off), ("snapshot count in the header", 0x3c));
 }
 
 #[test]
