@@ -126,9 +126,9 @@ mod tests {
 
     #[test]
     fn a_missing_file_is_said_once() {
-        let e = qinspect::io::FileSource::open(Path::new("/nonexistent/nothere.qcow2"))
-            .err()
-            .expect("the file does not exist");
+        let Err(e) = qinspect::io::FileSource::open(Path::new("/nonexistent/nothere.qcow2")) else {
+            panic!("the file does not exist");
+        };
         assert!(matches!(e, qinspect::Error::Io { .. }), "{e:?}");
         let text = error_text(&color_eyre::Report::new(e));
         assert_eq!(
