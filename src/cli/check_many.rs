@@ -105,13 +105,20 @@ enum Backing {
 }
 
 struct Row {
+    /// qemu-img check's counts; `None` when it refuses to open the image (it then
+    /// prints none, and the row's numbers are left out of the totals).
+    counts: Option<Counts>,
+    dirty: bool,
+    backing: Backing,
+}
+
+/// The numbers qemu-img check prints for an image it checks.
+struct Counts {
     corruptions: u64,
     leaks: u64,
     check_errors: u64,
     allocated: u64,
     total: u64,
-    dirty: bool,
-    backing: Backing,
 }
 
 /// How severe an exit code is, most severe highest: corruptions, then could not
@@ -207,11 +214,13 @@ fn outcome(filename: String, r: &CheckReport, dirty: bool, backing: Backing) -> 
         filename,
         code: r.exit_code(),
         row: Some(Row {
-            corruptions: r.corruptions,
-            leaks: r.leaks,
-            check_errors: r.check_errors,
-            allocated: r.allocated_clusters,
-            total: r.total_clusters,
+            counts: r.qemu_refuses.is_none().then_some(Counts {
+                corruptions: r.corruptions,
+                leaks: r.leaks,
+                check_errors: r.check_errors,
+                allocated: r.allocated_clusters,
+                total: r.total_clusters,
+            }),
             dirty,
             backing,
         }),
@@ -381,10 +390,12 @@ impl Printer {
         let n = self.by_verdict.entry(v).or_insert(0);
         *n = n.saturating_add(1);
         if let Some(r) = &o.row {
-            self.corruptions = self.corruptions.saturating_add(r.corruptions);
-            self.leaks = self.leaks.saturating_add(r.leaks);
-            self.allocated = self.allocated.saturating_add(r.allocated);
-            self.total = self.total.saturating_add(r.total);
+            if let Some(c) = &r.counts {
+                self.corruptions = self.corruptions.saturating_add(c.corruptions);
+                self.leaks = self.leaks.saturating_add(c.leaks);
+                self.allocated = self.allocated.saturating_add(c.allocated);
+                self.total = self.total.saturating_add(c.total);
+            }
             self.dirty = self.dirty.saturating_add(u64::from(r.dirty));
             if matches!(r.backing, Backing::Broken) {
                 self.broken_chains = self.broken_chains.saturating_add(1);
@@ -416,17 +427,23 @@ impl Printer {
                     Backing::Opens(n) => format!("ok ({n} below)"),
                     Backing::Broken => format!("{}BROKEN{:#}", style::BAD, style::BAD),
                 };
-                let errors = if r.check_errors > 0 {
-                    format!(" ({} check errors)", r.check_errors)
-                } else {
-                    String::new()
+                let (corruptions, leaks, allocated, errors) = match &r.counts {
+                    Some(c) => (
+                        c.corruptions.to_string(),
+                        c.leaks.to_string(),
+                        format!("{}/{}", c.allocated, c.total),
+                        if c.check_errors > 0 {
+                            format!(" ({} check errors)", c.check_errors)
+                        } else {
+                            String::new()
+                        },
+                    ),
+                    // qemu-img check does not open it, so it counts nothing.
+                    None => ("-".into(), "-".into(), "-".into(), String::new()),
                 };
                 writeln!(
                     out,
-                    "{name:<w$}  {st}{v:<12}{st:#} {:>11} {:>6} {:>21}  {:<5}  {backing}{errors}",
-                    r.corruptions,
-                    r.leaks,
-                    format!("{}/{}", r.allocated, r.total),
+                    "{name:<w$}  {st}{v:<12}{st:#} {corruptions:>11} {leaks:>6} {allocated:>21}  {:<5}  {backing}{errors}",
                     if r.dirty { "yes" } else { "no" },
                 )?;
             }

@@ -81,10 +81,14 @@ pub fn run(a: Args) -> CmdResult {
     let rows = clusters(&img, first, last);
     let mut out = super::buffered_stdout();
     let (hd, bad, dim) = (style::HEAD, style::BAD, style::DIM);
+    let unnamed = Unnamed {
+        file_len: img.file_len(),
+        l1_unread: img.l1_unread().map(|e| e.to_string()),
+    };
     let mut by_role: BTreeMap<String, u64> = BTreeMap::new();
     for r in &rows {
         if r.roles.is_empty() {
-            *by_role.entry("free".into()).or_default() += 1;
+            *by_role.entry(unnamed.word(r).into()).or_default() += 1;
         }
         for role in &r.roles {
             *by_role.entry(role_name(role)).or_default() += 1;
@@ -98,13 +102,19 @@ pub fn run(a: Args) -> CmdResult {
     for (role, n) in &by_role {
         writeln!(out, "  {role:<18} {n}")?;
     }
+    if let Some(why) = &unnamed.l1_unread {
+        writeln!(
+            out,
+            "{bad}the active L1 table is not read (QEMU refuses it: {why}), so neither it nor what it names is counted{bad:#}"
+        )?;
+    }
     writeln!(
         out,
         "\n{hd}{:>10} {:>14} {:>9} {:>9}  roles / referrers{hd:#}",
         "cluster", "offset", "refcount", "refs"
     )?;
     for r in &rows {
-        print_row(&mut out, r, bad, dim)?;
+        print_row(&mut out, r, &unnamed, bad, dim)?;
     }
     if cut {
         writeln!(
@@ -122,9 +132,40 @@ fn role_name(r: &qinspect::check::Role) -> String {
         .unwrap_or_default()
 }
 
+/// What the listing calls a cluster nothing it reads names.
+struct Unnamed {
+    /// The file's length: a cluster at or past it is not in the file.
+    file_len: u64,
+    /// Why the active L1 table is not read, when it is not.
+    l1_unread: Option<String>,
+}
+
+impl Unnamed {
+    /// What to call a cluster nothing names: "free" only where that is known (in
+    /// the file, with the active L1 table read).
+    fn word(&self, r: &ClusterInfo) -> &'static str {
+        if self.past_eof(r) {
+            PAST_EOF
+        } else if self.l1_unread.is_some() {
+            "not counted"
+        } else {
+            "free"
+        }
+    }
+
+    /// Whether the cluster starts at or past the end of the file.
+    fn past_eof(&self, r: &ClusterInfo) -> bool {
+        r.offset.get() >= self.file_len
+    }
+}
+
+/// A cluster at or past the end of the file, in the listing's words.
+const PAST_EOF: &str = "past the end of the file";
+
 fn print_row(
     out: &mut impl Write,
     r: &ClusterInfo,
+    unnamed: &Unnamed,
     bad: anstyle::Style,
     dim: anstyle::Style,
 ) -> std::io::Result<()> {
@@ -135,9 +176,14 @@ fn print_row(
     let mismatch = r.refcount != Some(r.reference);
     let st = if mismatch { bad } else { anstyle::Style::new() };
     let roles = if r.roles.is_empty() {
-        "free".to_string()
+        unnamed.word(r).to_string()
     } else {
-        r.roles.iter().map(role_name).collect::<Vec<_>>().join(", ")
+        let named = r.roles.iter().map(role_name).collect::<Vec<_>>().join(", ");
+        if unnamed.past_eof(r) {
+            format!("{PAST_EOF}: {named}")
+        } else {
+            named
+        }
     };
     writeln!(
         out,

@@ -47,11 +47,23 @@ pub mod style {
 pub fn report_error(e: &color_eyre::Report) {
     let mut err = anstream::stderr();
     let bad = style::BAD;
-    let _ = write!(err, "{bad}qinspect: error:{bad:#} {e}");
-    for cause in e.chain().skip(1) {
-        let _ = write!(err, "\n  caused by: {cause}");
-    }
+    let _ = write!(err, "{bad}qinspect: error:{bad:#} {}", error_text(e));
     let _ = writeln!(err);
+}
+
+/// An error and its causes as `report_error` prints them (without the prefix): a
+/// cause whose words the message already says (an I/O error quoted by the error
+/// that wraps it) is not said again.
+pub fn error_text(e: &color_eyre::Report) -> String {
+    let mut said = e.to_string();
+    for cause in e.chain().skip(1) {
+        let c = cause.to_string();
+        if !said.contains(&c) {
+            said.push_str("\n  caused by: ");
+            said.push_str(&c);
+        }
+    }
+    said
 }
 
 /// Open an image and its backing chain.
@@ -105,4 +117,31 @@ pub fn is_broken_pipe(e: &color_eyre::Report) -> bool {
         c.downcast_ref::<std::io::Error>()
             .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::error_text;
+    use std::path::Path;
+
+    #[test]
+    fn a_missing_file_is_said_once() {
+        let Err(e) = qinspect::io::FileSource::open(Path::new("/nonexistent/nothere.qcow2")) else {
+            panic!("the file does not exist");
+        };
+        assert!(matches!(e, qinspect::Error::Io { .. }), "{e:?}");
+        let text = error_text(&color_eyre::Report::new(e));
+        assert_eq!(
+            text.matches("No such file or directory").count(),
+            1,
+            "{text}"
+        );
+        assert!(!text.contains("caused by"), "{text}");
+    }
+
+    #[test]
+    fn a_cause_with_words_of_its_own_is_still_said() {
+        let e = color_eyre::Report::msg("inner reason").wrap_err("outer");
+        assert_eq!(error_text(&e), "outer\n  caused by: inner reason");
+    }
 }

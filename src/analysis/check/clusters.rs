@@ -16,11 +16,12 @@ pub struct ClusterInfo {
     pub cluster: u64,
     /// Host offset.
     pub offset: HostOffset,
-    /// Roles, deduplicated ("free" when none).
+    /// Roles, deduplicated (empty when nothing read names the cluster).
     pub roles: Vec<Role>,
     /// Stored refcount (`None` if unreadable).
     pub refcount: Option<u64>,
-    /// Computed references.
+    /// Computed references, counted as `qemu-img check` counts them (none for a
+    /// cluster past the end of the file, whose `referrers` are still listed).
     pub reference: u64,
     /// Who points here.
     pub referrers: Vec<Referrer>,
@@ -145,6 +146,7 @@ pub fn for_each_cluster<E>(
 ) -> Result<(), E> {
     let mut owners = RangeOwners::new(first, last);
     let mut walk = Walk::new(img, false);
+    walk.listing = true;
     walk.calculate(&mut owners);
     let mut stored = RefcountReader::new(img);
     let cs = walk.cs;
@@ -157,13 +159,21 @@ pub fn for_each_cluster<E>(
                 _ => *w,
             })
             .fold(0u64, u64::saturating_add);
+        // qemu-img check counts no reference to a cluster past the end of the
+        // file (it reports the region instead); the listing still names who makes it.
+        let offset = HostOffset(c.saturating_mul(cs));
+        let reference = if offset.get() >= walk.file_len {
+            0
+        } else {
+            reference
+        };
         let referrers = walk.referrers(&list);
         let mut roles: Vec<Role> = referrers.iter().map(|r| r.role).collect();
         roles.sort();
         roles.dedup();
         f(ClusterInfo {
             cluster: c,
-            offset: HostOffset(c.saturating_mul(cs)),
+            offset,
             roles,
             refcount: stored.get(c).ok(),
             reference,

@@ -32,6 +32,11 @@ pub(super) struct Walk<'a> {
     /// The COPIED check, handed each active L2 table as it is read.
     pub(super) copied: Option<Box<Copied<'a>>>,
     pub(super) progress: Option<&'a (dyn Fn(Progress) + Sync)>,
+    /// Set by the cluster listing (never by `check`, which walks as QEMU's check
+    /// does): leave out the active L1 table, neither read nor counted, when the
+    /// open did not read it ([`Qcow2::l1_unread`]), and hand the visitor regions
+    /// past the end of the file too, so the listing can say what names them.
+    pub(super) listing: bool,
 }
 
 impl<'a> Walk<'a> {
@@ -49,6 +54,7 @@ impl<'a> Walk<'a> {
             record,
             copied: None,
             progress: None,
+            listing: false,
         }
     }
 
@@ -117,7 +123,9 @@ impl<'a> Walk<'a> {
                 f.offset = Some(off);
                 f.cluster = Some(off.get() >> cbits);
             }
-            return;
+            if !self.listing {
+                return;
+            }
         }
         let first = off.get() >> self.cbits;
         // len > 0, so end >= 1.
@@ -290,14 +298,16 @@ impl<'a> Walk<'a> {
         let h = &img.header;
         let cs = self.cs;
         self.inc(v, HostOffset(0), cs, 1, Ctx::Header);
-        let active_l1 = self.read_l1(h.l1_table_offset, u64::from(h.l1_size));
-        self.walk_l1(
-            v,
-            L1Id::Active,
-            h.l1_table_offset,
-            u64::from(h.l1_size),
-            &active_l1,
-        );
+        if !(self.listing && img.l1_unread().is_some()) {
+            let active_l1 = self.read_l1(h.l1_table_offset, u64::from(h.l1_size));
+            self.walk_l1(
+                v,
+                L1Id::Active,
+                h.l1_table_offset,
+                u64::from(h.l1_size),
+                &active_l1,
+            );
+        }
         if h.has_data_file() && h.nb_snapshots > 0 && !img.snapshots.snapshots.is_empty() {
             let msg = format!("ERROR {} snapshots in image with data file", h.nb_snapshots);
             self.find(FindingKind::Corruption, Category::SnapshotTable, msg, 1);

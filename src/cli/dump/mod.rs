@@ -109,10 +109,28 @@ pub fn run(a: Args) -> CmdResult {
     print_rows(&a, &img, &title, &rows)
 }
 
+/// Why the active L1 table `dump l1` and `dump l2` would show was not read, in
+/// words (`None` for a snapshot's table, or when it was read).
+fn active_l1_unread(a: &Args, img: &Qcow2) -> Option<String> {
+    if a.snapshot.is_some() {
+        return None;
+    }
+    img.l1_unread()
+        .map(|e| format!("{e}; QEMU refuses to open the image and does not read the table"))
+}
+
 /// Print a table's rows (JSON with `--json`), then what QEMU would object to.
 fn print_rows(a: &Args, img: &Qcow2, title: &str, rows: &[Row]) -> CmdResult {
+    let unread = match a.table {
+        Table::L1 => active_l1_unread(a, img),
+        _ => None,
+    };
     if a.json {
-        print_json(&json!({"table": title, "entries": rows}))?;
+        let v = match &unread {
+            Some(why) => json!({"table": title, "entries": rows, "not_read": why}),
+            None => json!({"table": title, "entries": rows}),
+        };
+        print_json(&v)?;
         return Ok(0);
     }
     let mut out = super::buffered_stdout();
@@ -123,7 +141,9 @@ fn print_rows(a: &Args, img: &Qcow2, title: &str, rows: &[Row]) -> CmdResult {
         "{dim}{:>6}  {:>12}  {:>18}  meaning{dim:#}",
         "index", "file offset", "raw"
     )?;
-    if rows.is_empty() {
+    if let Some(why) = &unread {
+        writeln!(out, "  (not read: {why})")?;
+    } else if rows.is_empty() {
         writeln!(out, "  (no non-zero entries)")?;
     }
     for r in rows {
@@ -224,6 +244,17 @@ fn l1_rows(a: &Args, img: &Qcow2) -> Rows {
         Some(s) => img.snapshot_view(s)?,
         None => img.active_view(),
     };
+    if active_l1_unread(a, img).is_some() {
+        return Ok((
+            format!(
+                "{} at {:#x} ({} entries in the header): not read",
+                view.label(),
+                view.l1_offset,
+                img.header.l1_size
+            ),
+            Vec::new(),
+        ));
+    }
     let cov = geo.l2_coverage();
     let rows = view
         .l1
@@ -253,6 +284,9 @@ fn l2_rows(a: &Args, img: &Qcow2) -> Rows {
     let i = a.index.ok_or_else(|| {
         eyre!("dump l2 needs INDEX: the L1 index whose L2 table to show (see `qinspect dump l1`)")
     })?;
+    if let Some(why) = active_l1_unread(a, img) {
+        bail!("the {} table is not read: {why}", view.label());
+    }
     let e = view.l1.get(i as usize).copied().ok_or_else(|| {
         eyre!(
             "L1 index {i} is past the end of the {} ({} entries)",

@@ -13,8 +13,12 @@ struct TableCheck {
     field: CorruptKind,
     /// QEMU's name for it, which starts its messages.
     what: &'static str,
-    /// Header offset of the field holding the table's offset.
-    field_off: u64,
+    /// The header field holding the table's offset (named when the offset is
+    /// wrong), with its name in words.
+    off_field: (Field, &'static str),
+    /// The header field holding the table's size (named when the size is too
+    /// large), with its name in words.
+    size_field: (Field, &'static str),
     /// The table's offset.
     off: u64,
     /// Its size (bytes, or entries for the snapshot table).
@@ -244,14 +248,21 @@ impl Header {
     /// an end past 2^63, an offset not aligned to a cluster.
     fn table_errors(&self, geo: &Geometry, check: bool) -> Vec<Error> {
         let cs = geo.cluster_size();
-        let bad =
-            |kind: CorruptKind, off: u64, msg: String| Error::corrupt(kind, HostOffset(off), msg);
+        // The header field is what holds the wrong value, so the error names it and
+        // its offset; the kind stays the table's, for code to match on.
+        let bad = |kind: CorruptKind, (f, words): (Field, &str), msg: String| Error::Invalid {
+            kind,
+            what: format!("{words} in the header"),
+            offset: HostOffset(f.offset()),
+            reason: msg,
+        };
         let mut out = Vec::new();
         let table_checks = [
             TableCheck {
                 field: CorruptKind::RefcountTable,
                 what: "Reference count table",
-                field_off: Field::RefcountTableOffset.offset(),
+                off_field: (Field::RefcountTableOffset, "refcount table offset"),
+                size_field: (Field::RefcountTableClusters, "refcount table size"),
                 off: self.refcount_table_offset.get(),
                 size: u64::from(self.refcount_table_clusters).saturating_mul(cs),
                 max: crate::refcount::MAX_REFTABLE_BYTES,
@@ -261,7 +272,8 @@ impl Header {
             TableCheck {
                 field: CorruptKind::SnapshotTable,
                 what: "Snapshot table",
-                field_off: Field::SnapshotsOffset.offset(),
+                off_field: (Field::SnapshotsOffset, "snapshot table offset"),
+                size_field: (Field::NbSnapshots, "snapshot count"),
                 off: self.snapshots_offset.get(),
                 size: u64::from(self.nb_snapshots),
                 max: crate::snapshot::MAX_SNAPSHOTS,
@@ -271,7 +283,8 @@ impl Header {
             TableCheck {
                 field: CorruptKind::L1Table,
                 what: "Active L1 table",
-                field_off: Field::L1TableOffset.offset(),
+                off_field: (Field::L1TableOffset, "L1 table offset"),
+                size_field: (Field::L1Size, "L1 table size"),
                 off: self.l1_table_offset.get(),
                 size: u64::from(self.l1_size).saturating_mul(8),
                 max: crate::tables::MAX_L1_BYTES,
@@ -282,7 +295,8 @@ impl Header {
         for TableCheck {
             field,
             what,
-            field_off,
+            off_field,
+            size_field,
             off,
             size,
             max,
@@ -296,19 +310,19 @@ impl Header {
             if size > max {
                 out.push(bad(
                     field,
-                    field_off,
+                    size_field,
                     format!("{what} too large ({size}{unit}, limit {max})"),
                 ));
             } else if off.checked_add(size).is_none_or(|e| e > i64::MAX as u64) {
                 out.push(bad(
                     field,
-                    field_off,
+                    off_field,
                     format!("{what} offset invalid ({off:#x} plus the table's size passes 2^63)"),
                 ));
             } else if !geo.is_cluster_aligned(off) {
                 out.push(bad(
                     field,
-                    field_off,
+                    off_field,
                     format!("{what} offset invalid ({off:#x} is not aligned to a cluster)"),
                 ));
             }

@@ -230,6 +230,58 @@ fn validation_errors_name_the_field_for_code_to_match() {
 }
 
 #[test]
+fn a_table_error_names_the_header_field_that_holds_the_wrong_value() {
+    use crate::error::CorruptKind;
+    let first = |b: &[u8]| -> (Option<CorruptKind>, String, u64, String) {
+        match Header::parse(b).unwrap().validate(1 << 20).first() {
+            Some(Error::Invalid {
+                kind,
+                what,
+                offset,
+                reason,
+            }) => (Some(*kind), what.clone(), offset.get(), reason.clone()),
+            other => panic!("expected one Invalid error, got {other:?}"),
+        }
+    };
+    // A misaligned l1_table_offset: the field at 0x28, not a table there.
+    let mut b = v3_header();
+    b[40..48].copy_from_slice(&0x30200u64.to_be_bytes());
+    let (kind, what, off, reason) = first(&b);
+    assert_eq!(kind, Some(CorruptKind::L1Table));
+    assert_eq!(
+        (what.as_str(), off),
+        ("L1 table offset in the header", 0x28)
+    );
+    assert!(
+        reason.starts_with("Active L1 table offset invalid"),
+        "{reason}"
+    );
+    // An l1_size over QEMU's limit: the size field at 0x24.
+    let mut b = v3_header();
+    b[36..40].copy_from_slice(&0x7fff_ffffu32.to_be_bytes());
+    let (kind, what, off, reason) = first(&b);
+    assert_eq!(kind, Some(CorruptKind::L1Table));
+    assert_eq!((what.as_str(), off), ("L1 table size in the header", 0x24));
+    assert!(reason.starts_with("Active L1 table too large"), "{reason}");
+    // A misaligned snapshots_offset: the field at 0x40.
+    let mut b = v3_header();
+    b[60..64].copy_from_slice(&1u32.to_be_bytes());
+    b[64..72].copy_from_slice(&0x10001u64.to_be_bytes());
+    let (kind, what, off, _) = first(&b);
+    assert_eq!(kind, Some(CorruptKind::SnapshotTable));
+    assert_eq!(
+        (what.as_str(), off),
+        ("snapshot table offset in the header", 0x40)
+    );
+    // Too many snapshots: nb_snapshots at 0x3c.
+    let mut b = v3_header();
+    b[60..64].copy_from_slice(&70000u32.to_be_bytes());
+    let (kind, what, off, _) = first(&b);
+    assert_eq!(kind, Some(CorruptKind::SnapshotTable));
+    assert_eq!((what.as_str(), off), ("snapshot count in the header", 0x3c));
+}
+
+#[test]
 fn a_field_is_written_where_and_as_wide_as_the_specification_says() {
     let mut b = [0u8; 112];
     Field::HeaderLength.write(&mut b, 112);

@@ -329,6 +329,16 @@ impl Qcow2 {
         self.src.len()
     }
 
+    /// Why the active L1 table was not read, when it was not: the header's L1
+    /// fields are ones QEMU refuses (or the table would end past what QEMU's block
+    /// layer can read), and a lenient open leaves the table all zeros rather than
+    /// read it. `None` when the table was read.
+    pub fn l1_unread(&self) -> Option<&Error> {
+        self.problems
+            .iter()
+            .find(|e| e.corrupt_kind() == Some(CorruptKind::L1Table))
+    }
+
     /// The view through the active L1 table.
     pub fn active_view(&self) -> View {
         View {

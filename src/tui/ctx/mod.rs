@@ -330,7 +330,10 @@ impl Ctx {
             .validate(img.file_len())
             .into_iter()
             .find_map(|e| match e {
-                qinspect::Error::Invalid { ref what, .. } if what == "L1 table" => Some(format!(
+                qinspect::Error::Invalid {
+                    kind: qinspect::CorruptKind::L1Table,
+                    ..
+                } => Some(format!(
                     "The active L1 table is not read: {e}. QEMU refuses to open the image, so no guest offset maps to anything; Hex (9) shows the bytes at the header's l1_table_offset."
                 )),
                 _ => None,
