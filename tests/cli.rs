@@ -381,7 +381,7 @@ fn dump_l2_says_entries_past_the_end_are_never_read() {
     assert!(meaning("0x3f0000").contains("fall through to the backing file"));
     for g in ["0x400000", "0x410000", "0x1fff0000"] {
         let m = meaning(g);
-        assert!(m.contains("past the end of the disk"), "{m}");
+        assert!(m.contains("past disk end: never read"), "{m}");
         assert!(!m.contains("backing"), "{m}");
     }
     // The JSON is unchanged: the entries are still there and still unallocated.
