@@ -359,6 +359,7 @@ fn map_past_the_end_prints_no_rows() {
 fn dump_l2_says_entries_past_the_end_are_never_read() {
     let w = Work::new();
     w.qemu_img(&["create", "-q", "-f", "qcow2", "base.qcow2", "4M"]);
+    w.qemu_io("base.qcow2", &["write 1M 64k"]);
     w.qemu_img(&[
         "create",
         "-q",
@@ -384,6 +385,11 @@ fn dump_l2_says_entries_past_the_end_are_never_read() {
         assert!(m.contains("past disk end: never read"), "{m}");
         assert!(!m.contains("backing"), "{m}");
     }
+    // Without a backing file, an unallocated entry inside the disk reads as zeros.
+    let b = String::from_utf8(w.qinspect_ok(&["dump", "l2", "base.qcow2", "0", "--all"]));
+    let b = b.unwrap();
+    let last = b.lines().find(|l| l.contains("guest 0x3f0000:")).unwrap();
+    assert!(last.contains("reads as zeros: no backing file"), "{b}");
     // The JSON is unchanged: the entries are still there and still unallocated.
     let j = Work::json(&w.qinspect_ok(&["dump", "l2", "top.qcow2", "0", "--json"]));
     let e = entries(&j);
