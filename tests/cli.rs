@@ -294,3 +294,133 @@ fn nothing_is_written() {
     assert!(!out.status.success());
     assert_eq!(w.fingerprint("a.qcow2"), before);
 }
+
+/// Data in an external data file is in that file: the text map names it where
+/// `qemu-img map` names it, and the JSON stays qemu-img's.
+#[test]
+fn map_names_the_data_file_as_qemu_img_does() {
+    let w = Work::new();
+    w.qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "data_file=df.raw",
+        "df.qcow2",
+        "4M",
+    ]);
+    w.qemu_io("df.qcow2", &["write 0 64k"]);
+    w.assert_map_matches("df.qcow2");
+    let q = w.qemu_img(&["map", "df.qcow2"]);
+    let q = String::from_utf8(q.stdout).unwrap();
+    let qrow: Vec<&str> = q.lines().nth(1).unwrap().split_whitespace().collect();
+    assert_eq!(qrow, ["0", "0x10000", "0", "df.raw"], "{q}");
+    let t = String::from_utf8(w.qinspect_ok(&["map", "df.qcow2"])).unwrap();
+    let row: Vec<&str> = t.lines().nth(1).unwrap().split_whitespace().collect();
+    assert_eq!(row[0], "0x0", "{t}");
+    assert_eq!(row[4], "data", "{t}");
+    assert_eq!(row.last().copied(), Some("df.raw"), "{t}");
+    // Unallocated ranges are answered by the image's own L2 tables.
+    let rest: Vec<&str> = t.lines().nth(2).unwrap().split_whitespace().collect();
+    assert_eq!(rest.last().copied(), Some("df.qcow2"), "{t}");
+}
+
+/// A start at or past the end of the disk: qemu-img map prints no row, and its
+/// JSON one empty extent.
+#[test]
+fn map_past_the_end_prints_no_rows() {
+    let w = Work::new();
+    w.qemu_img(&["create", "-q", "-f", "qcow2", "base.qcow2", "4M"]);
+    for start in ["4M", "5M"] {
+        let q = w.qemu_img(&["map", "base.qcow2", "-s", start]);
+        assert_eq!(String::from_utf8(q.stdout).unwrap().lines().count(), 1);
+        let t = String::from_utf8(w.qinspect_ok(&["map", "base.qcow2", "--start-offset", start]))
+            .unwrap();
+        let rows: Vec<&str> = t
+            .lines()
+            .skip(1)
+            .filter(|l| l.trim_start().starts_with("0x"))
+            .collect();
+        assert!(rows.is_empty(), "{start}: {t}");
+        assert!(t.contains("\n0 extents:"), "{start}: {t}");
+        let q = w.qemu_img(&["map", "--output=json", "base.qcow2", "-s", start]);
+        let j = w.qinspect_ok(&["map", "--json", "base.qcow2", "--start-offset", start]);
+        assert_eq!(
+            String::from_utf8(j).unwrap(),
+            String::from_utf8(q.stdout).unwrap()
+        );
+    }
+}
+
+/// No guest read reaches the L2 entries past the end of a 4 MiB disk: dump says
+/// so, not that reads fall through to a backing file.
+#[test]
+fn dump_l2_says_entries_past_the_end_are_never_read() {
+    let w = Work::new();
+    w.qemu_img(&["create", "-q", "-f", "qcow2", "base.qcow2", "4M"]);
+    w.qemu_io("base.qcow2", &["write 1M 64k"]);
+    w.qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "base.qcow2",
+        "-F",
+        "qcow2",
+        "top.qcow2",
+    ]);
+    w.qemu_io("top.qcow2", &["write 0 64k"]);
+    let t = String::from_utf8(w.qinspect_ok(&["dump", "l2", "top.qcow2", "0", "--all"])).unwrap();
+    let meaning = |guest: &str| {
+        t.lines()
+            .find(|l| l.contains(&format!("guest {guest}:")))
+            .unwrap_or_else(|| panic!("{guest}: {t}"))
+            .to_string()
+    };
+    assert!(meaning("0x3f0000").contains("fall through to the backing file"));
+    for g in ["0x400000", "0x410000", "0x1fff0000"] {
+        let m = meaning(g);
+        assert!(m.contains("past disk end: never read"), "{m}");
+        assert!(!m.contains("backing"), "{m}");
+    }
+    // Without a backing file, an unallocated entry inside the disk reads as zeros.
+    let b = String::from_utf8(w.qinspect_ok(&["dump", "l2", "base.qcow2", "0", "--all"]));
+    let b = b.unwrap();
+    let last = b.lines().find(|l| l.contains("guest 0x3f0000:")).unwrap();
+    assert!(last.contains("reads as zeros: no backing file"), "{b}");
+    // The JSON is unchanged: the entries are still there and still unallocated.
+    let j = Work::json(&w.qinspect_ok(&["dump", "l2", "top.qcow2", "0", "--json"]));
+    let e = entries(&j);
+    assert_eq!(e.len(), 8192);
+    assert_eq!(e[64]["type"], "unallocated");
+}
+
+/// `completions | head`: a closed pipe ends the command quietly, with exit 0.
+#[test]
+fn completions_into_a_closed_pipe_end_quietly() {
+    for shell in ["bash", "fish", "zsh"] {
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_qinspect"))
+            .args(["completions", shell])
+            .stdout(writer)
+            .stderr(std::process::Stdio::piped())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{shell}: {out:?}");
+        assert!(
+            out.stderr.is_empty(),
+            "{shell}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    // Into an open pipe it is the whole script.
+    let w = Work::new();
+    let s = String::from_utf8(w.qinspect_ok(&["completions", "bash"])).unwrap();
+    assert!(
+        s.starts_with("_qinspect()") && s.contains("complete -F _qinspect"),
+        "{s}"
+    );
+}

@@ -3,7 +3,7 @@
 
 use super::app::{App, InputFor, Popup};
 use super::ctx::{OffsetKind, Pane};
-use super::keymap::{KEYMAP, Scope, footer, scope_text};
+use super::keymap::{KEYMAP, footer, scope_text};
 use super::panes::color;
 use super::widgets::boxed;
 use ratatui::Frame;
@@ -306,10 +306,10 @@ pub fn help_lines(pane: Pane) -> Vec<Line<'static>> {
     )];
     let own = KEYMAP
         .iter()
-        .filter(|b| b.scope != Scope::Global && b.scope.covers(pane));
+        .filter(|b| !b.scope.is_global() && b.scope.covers(pane));
     let rest = KEYMAP
         .iter()
-        .filter(|b| b.scope == Scope::Global || !b.scope.covers(pane));
+        .filter(|b| b.scope.is_global() || !b.scope.covers(pane));
     for b in own.chain(rest) {
         let scope = scope_text(b.scope);
         let mut spans = vec![Span::styled(

@@ -525,9 +525,18 @@ fn l2_row(
             "bitmap": geo.extended_l2.then_some(e.bitmap),
             "subclusters": geo.extended_l2.then(|| (0..32).map(|s| m.subcluster_type(s).name()).collect::<Vec<_>>()),
         }),
-        meaning: format!(
-            "guest {guest}: {}",
-            e.describe_at(&geo, has_df, guest, disk_size)
-        ),
+        meaning: {
+            let d = e.describe_at(&geo, has_df, guest, disk_size);
+            // Without a backing file there is nothing to fall through to.
+            let d = if img.backing_name.is_none() {
+                d.replace(
+                    "reads fall through to the backing file",
+                    "reads as zeros: no backing file",
+                )
+            } else {
+                d
+            };
+            format!("guest {guest}: {d}")
+        },
     }
 }

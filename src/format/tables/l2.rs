@@ -481,10 +481,10 @@ impl L2Entry {
         if guest.get() < disk_size {
             self.describe(geo, has_data_file)
         } else if self.raw == 0 && self.bitmap == 0 {
-            "unallocated, past the end of the disk (never read)".to_string()
+            "past disk end: never read".to_string()
         } else {
             format!(
-                "{}; past the end of the disk (never read)",
+                "{}; past disk end: never read",
                 self.describe(geo, has_data_file)
             )
         }

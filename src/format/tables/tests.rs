@@ -215,3 +215,26 @@ fn zeroing_an_entry_sets_the_bits_the_spec_names() {
     let e = L2Entry::from_word(0).with_subclusters_zeroed(30, 5);
     assert_eq!(e.bitmap, 0xc000_0000_0000_0000);
 }
+
+/// An entry at or past the disk's end is never read, whatever it holds; below the
+/// end the description is the entry's own.
+#[test]
+fn entries_past_the_disk_end_say_they_are_never_read() {
+    let g = Geometry::new(16, false);
+    let e = |raw| L2Entry { raw, bitmap: 0 };
+    let size = 4 << 20;
+    let last = crate::types::GuestOffset(size - 0x10000);
+    let end = crate::types::GuestOffset(size);
+    assert_eq!(
+        e(0).describe_at(&g, false, last, size),
+        e(0).describe(&g, false)
+    );
+    assert_eq!(
+        e(0).describe_at(&g, false, end, size),
+        "past disk end: never read"
+    );
+    assert_eq!(
+        e(0x8000000000050000).describe_at(&g, false, end, size),
+        "data at host offset 0x50000, COPIED; past disk end: never read"
+    );
+}

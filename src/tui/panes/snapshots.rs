@@ -47,6 +47,34 @@ fn header() -> String {
     )
 }
 
+/// The guest clock, in seconds with milliseconds (the VM CLOCK column).
+fn vm_clock(nsec: u64) -> String {
+    format!("{}.{:03}s", nsec / 1_000_000_000, nsec / 1_000_000 % 1000)
+}
+
+/// Every field of a snapshot's table entry, in words: the explanation shows
+/// them all, since a narrow screen cuts the table's last columns.
+fn fields(s: &qinspect::snapshot::Snapshot) -> String {
+    format!(
+        "Snapshot {} '{}' (table entry {} at {}): its own L1 table of {} entries at {:#x}; VM state {} bytes; disk size {}; VM clock {}; icount {}; taken {}; {} bytes of extra data.",
+        s.id,
+        s.name,
+        s.index,
+        s.entry_offset,
+        s.l1_size,
+        s.l1_table_offset,
+        s.vm_state_size,
+        s.disk_size
+            .map_or("not stored (the image's current size)".into(), |d| format!(
+                "{d} bytes"
+            )),
+        vm_clock(s.vm_clock_nsec),
+        s.icount.map_or("not stored".into(), |c| c.to_string()),
+        crate::cli::info::format_date(s.date_sec),
+        s.extra_data_size
+    )
+}
+
 impl State {
     /// The comparison finished.
     pub fn diffed(&mut self, d: Diff) {
@@ -143,11 +171,7 @@ impl PaneState for State {
                                 s.l1_table_offset,
                                 s.l1_size,
                                 s.disk_size.map_or("current".into(), |d| d.to_string()),
-                                format!(
-                                    "{}.{:03}s",
-                                    s.vm_clock_nsec / 1_000_000_000,
-                                    s.vm_clock_nsec / 1_000_000 % 1000
-                                ),
+                                vm_clock(s.vm_clock_nsec),
                                 s.icount.map_or("-".into(), |c| c.to_string()),
                                 crate::cli::info::format_date(s.date_sec)
                             ))
@@ -251,8 +275,8 @@ impl PaneState for State {
             .and_then(|i| i.snapshots.snapshots.get(self.list.sel))
         {
             Some(s) => format!(
-                "Snapshot {} '{}': its own L1 table of {} entries at {:#x}; every cluster it reaches had 1 added to its refcount when it was taken.  —  {general}",
-                s.id, s.name, s.l1_size, s.l1_table_offset
+                "{} Every cluster it reaches had 1 added to its refcount when it was taken.  —  {general}",
+                fields(s)
             ),
             None => general.into(),
         }

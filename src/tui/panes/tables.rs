@@ -462,7 +462,7 @@ impl PaneState for State {
                     } else {
                         "The zero flag: reads return zeros.".into()
                     },
-                    ClusterType::Unallocated if past_end => "No guest read reaches this entry: its cluster is past the end of the disk.".into(),
+                    ClusterType::Unallocated if past_end => format!("No guest read reaches this entry: its cluster is past the end of the disk. (An unallocated entry inside the disk: {}.)", ctx.fall_through()),
                     ClusterType::Unallocated => format!("Unallocated: {}.", ctx.fall_through()),
                 };
                 let mut d = e.describe_at(&geo, has_df, guest, view.size);

@@ -385,3 +385,31 @@ fn a_long_status_message_is_shown_whole_at_80x24() {
     assert!(joined.contains("offsets 0 to 0x3ffffff)"), "{s}");
     assert!(s.lines().last().unwrap().contains("q quit"), "{s}");
 }
+
+// ---- the Snapshots pane's cut columns, in the explanation -------------------------
+
+#[test]
+fn the_snapshot_explanation_shows_the_columns_80x24_cuts() {
+    let mut a = app("demo-top.qcow2");
+    typed(&mut a, "5");
+    let s = screen(&mut a, 80, 24);
+    assert!(
+        !s.contains("ICOUNT"),
+        "the table is cut at 80 columns:\n{s}"
+    );
+    typed(&mut a, "e");
+    let snap = a.ctx.img.as_ref().unwrap().snapshots.snapshots[0].clone();
+    let e = view::explanation(&a);
+    // qemu-img snapshot -l: ID 1, snap1, VM clock 0000:00:00.000, ICOUNT 0.
+    assert!(
+        e.starts_with("Snapshot 1 'snap1' (table entry 0 at "),
+        "{e}"
+    );
+    assert!(e.contains("VM clock 0.000s"), "{e}");
+    assert!(e.contains("icount 0;"), "{e}");
+    assert!(e.contains("VM state 0 bytes"), "{e}");
+    let date = crate::cli::info::format_date(snap.date_sec);
+    assert!(e.contains(&format!("taken {date}")), "{e}");
+    let s = screen(&mut a, 80, 24);
+    assert!(s.contains("icount 0"), "{s}");
+}

@@ -160,3 +160,87 @@ fn the_changes_after_qemu_img_snapshot_are_the_refcounts_qemu_leaves() {
     );
     assert_eq!(std::fs::read(&p).unwrap(), on_disk);
 }
+
+// ---- the Map pane names an external data file -------------------------------------
+
+#[test]
+fn the_map_pane_names_the_data_file_that_holds_the_data() {
+    let dir = tempfile::tempdir().unwrap();
+    qemu_img(
+        dir.path(),
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "data_file=df.raw",
+            "df.qcow2",
+            "4M",
+        ],
+    );
+    qemu_io(dir.path(), "df.qcow2", "write 0 64k");
+    let mut a = open(dir.path().join("df.qcow2"));
+    typed(&mut a, "0");
+    assert_eq!(a.pane, Pane::Map);
+    let s = screen(&mut a, 120, 40);
+    assert!(
+        s.contains("data in df.raw (the data file of df.qcow2, layer 0)"),
+        "{s}"
+    );
+    assert!(!s.contains("data in df.qcow2"), "{s}");
+}
+
+// ---- L2 entries past the end of the disk ------------------------------------------
+
+#[test]
+fn l2_entries_past_the_end_of_the_disk_say_no_read_reaches_them() {
+    let dir = tempfile::tempdir().unwrap();
+    qemu_img(
+        dir.path(),
+        &["create", "-q", "-f", "qcow2", "base.qcow2", "4M"],
+    );
+    qemu_img(
+        dir.path(),
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "base.qcow2",
+            "-F",
+            "qcow2",
+            "top.qcow2",
+        ],
+    );
+    qemu_io(dir.path(), "top.qcow2", "write 0 64k");
+    let mut a = open(dir.path().join("top.qcow2"));
+    typed(&mut a, "3");
+    key(&mut a, KeyCode::Enter);
+    // Entry 63 maps the disk's last cluster: a read falls through to base.qcow2.
+    for _ in 0..63 {
+        key(&mut a, KeyCode::Down);
+    }
+    let e = view::explanation(&a);
+    assert!(e.contains("reads fall through to the backing file"), "{e}");
+    assert!(!e.contains("past the end"), "{e}");
+    // Entry 64 (guest 0x400000) is past the 4 MiB end.
+    key(&mut a, KeyCode::Down);
+    let e = view::explanation(&a);
+    assert!(e.contains("past disk end: never read"), "{e}");
+    assert!(e.contains("No guest read reaches this entry"), "{e}");
+    let s = screen(&mut a, 80, 24);
+    assert!(s.contains("past disk end: never read"), "{s}");
+    // At 80x24: End, Enter on the last entry traces nothing and says why.
+    key(&mut a, KeyCode::End);
+    key(&mut a, KeyCode::Enter);
+    assert_eq!(a.pane, Pane::Tables);
+    assert!(
+        a.status.contains("past the end of the disk"),
+        "{}",
+        a.status
+    );
+    let s = screen(&mut a, 80, 24);
+    assert!(s.contains("nothing to trace"), "{s}");
+}

@@ -119,6 +119,10 @@ pub const FIND_PANES: &[Pane] = &[
     Pane::Hex,
 ];
 
+/// The panes with steps of their own, which n/p walk: the footer lists n/p there
+/// only (elsewhere they step the tour or a search, while one is on).
+pub const STEP_PANES: &[Pane] = &[Pane::Trace, Pane::Simulate];
+
 /// Where a binding applies.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Scope {
@@ -126,13 +130,22 @@ pub enum Scope {
     Global,
     /// Only in the named panes.
     Panes(&'static [Pane]),
+    /// In every pane, but in the footer of the named panes only: the key does
+    /// something of its own there, elsewhere only while a mode (the tour, a
+    /// search) is on that says so itself.
+    GlobalListedIn(&'static [Pane]),
 }
 
 impl Scope {
+    /// Whether the binding applies in every pane.
+    pub fn is_global(self) -> bool {
+        matches!(self, Scope::Global | Scope::GlobalListedIn(_))
+    }
+
     /// Whether the binding applies in `p`.
     pub fn covers(self, p: Pane) -> bool {
         match self {
-            Scope::Global => true,
+            Scope::Global | Scope::GlobalListedIn(_) => true,
             Scope::Panes(ps) => ps.contains(&p),
         }
     }
@@ -291,7 +304,7 @@ pub const KEYMAP: &[Binding] = &[
     Binding {
         keys: "g",
         short: Some("go to"),
-        help: "Jump to an offset: a guest offset in Trace and Tables, a host offset in Layout, Refcounts and Hex",
+        help: "Jump to an offset: a guest offset in Trace, Tables and Map, a host offset in Layout, Refcounts and Hex",
         codes: &[((Char('g'), NO), Action::Goto)],
         scope: Scope::Global,
     },
@@ -384,12 +397,12 @@ pub const KEYMAP: &[Binding] = &[
     Binding {
         keys: "n/p",
         short: Some("step"),
-        help: "Next or previous step of a trace, a simulation or the tour",
+        help: "Next or previous step of a trace or a simulation; in any pane, the next or previous stop of the tour or match of a search (/) while one is on, and in Hex the byte search again",
         codes: &[
             ((Char('n'), NO), Action::NextStep),
             ((Char('p'), NO), Action::PrevStep),
         ],
-        scope: Scope::Global,
+        scope: Scope::GlobalListedIn(STEP_PANES),
     },
     Binding {
         keys: "e",
@@ -516,7 +529,12 @@ pub fn footer(current: Pane) -> Vec<(&'static str, &'static str)> {
         .filter(|b| matches!(b.scope, Scope::Panes(_)) && b.scope.covers(current));
     let global = KEYMAP
         .iter()
-        .filter(|b| b.scope == Scope::Global && !matches!(b.keys, "?" | "q/Ctrl-C"));
+        .filter(|b| match b.scope {
+            Scope::Global => true,
+            Scope::GlobalListedIn(ps) => ps.contains(&current),
+            Scope::Panes(_) => false,
+        })
+        .filter(|b| !matches!(b.keys, "?" | "q/Ctrl-C"));
     let last = KEYMAP.iter().filter(|b| matches!(b.keys, "?" | "q/Ctrl-C"));
     own.chain(global)
         .chain(last)
@@ -528,71 +546,10 @@ pub fn footer(current: Pane) -> Vec<(&'static str, &'static str)> {
 /// Where a binding applies, as the help says it.
 pub fn scope_text(s: Scope) -> String {
     match s {
-        Scope::Global => String::new(),
+        Scope::Global | Scope::GlobalListedIn(_) => String::new(),
         Scope::Panes(ps) => ps.iter().map(|p| p.name()).collect::<Vec<_>>().join(", "),
     }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn key(c: KeyCode) -> KeyEvent {
-        KeyEvent::new(c, KeyModifiers::NONE)
-    }
-
-    #[test]
-    fn every_key_in_the_table_triggers_its_action() {
-        for b in KEYMAP {
-            assert!(!b.codes.is_empty(), "{}", b.keys);
-            let p = match b.scope {
-                Scope::Global => Pane::Overview,
-                Scope::Panes(p) => p[0],
-            };
-            for ((c, m), a) in b.codes {
-                let ev = KeyEvent::new(*c, *m);
-                assert_eq!(action_for(&ev, p), Some(*a), "{c:?} {m:?}");
-            }
-        }
-    }
-
-    #[test]
-    fn digits_ctrl_c_and_scoped_keys() {
-        assert_eq!(
-            action_for(&key(Char('3')), Pane::Overview),
-            Some(Action::Pane(Pane::Tables))
-        );
-        let cc = KeyEvent::new(Char('c'), KeyModifiers::CONTROL);
-        assert_eq!(action_for(&cc, Pane::Hex), Some(Action::Quit));
-        // Ctrl-U is no key of the table: it must not turn into 'u' or anything else.
-        let cu = KeyEvent::new(Char('u'), KeyModifiers::CONTROL);
-        assert_eq!(action_for(&cu, Pane::Hex), None);
-        assert_eq!(
-            action_for(&key(Char('m')), Pane::Snapshots),
-            Some(Action::Mark)
-        );
-        assert_eq!(action_for(&key(Char('m')), Pane::Overview), None);
-        assert_eq!(
-            action_for(&key(Char('i')), Pane::Layout),
-            Some(Action::Lookup)
-        );
-        assert!(footer(Pane::Snapshots).iter().any(|(k, _)| *k == "m"));
-        assert!(!footer(Pane::Overview).iter().any(|(k, _)| *k == "m"));
-        assert_eq!(footer(Pane::Layout).first().map(|x| x.0), Some("i"));
-        assert_eq!(footer(Pane::Hex).last(), Some(&("q", "quit")));
-    }
-
-    #[test]
-    fn no_key_is_bound_twice_in_one_pane() {
-        for p in Pane::ALL {
-            let keys: Vec<&Key> = KEYMAP
-                .iter()
-                .filter(|b| b.scope.covers(p))
-                .flat_map(|b| b.codes.iter().map(|(k, _)| k))
-                .collect();
-            for (i, k) in keys.iter().enumerate() {
-                assert!(!keys[i + 1..].contains(k), "{k:?} twice in {p:?}");
-            }
-        }
-    }
-}
+mod tests;
