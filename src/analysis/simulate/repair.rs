@@ -105,25 +105,8 @@ impl Sim {
                 return self.repair_pass(all, rebuilt, unreadable);
             }
         }
-        let unusual = report
-            .findings
-            .iter()
-            .find(|f| {
-                f.kind != FindingKind::Note
-                    && !matches!(f.category, Category::Refcount | Category::Copied)
-                    && !Self::fixable_zero_cluster(f)
-                    && !Self::left_as_is(f)
-                    && f.category != Category::Refblock
-                    && !Self::snapshot_incomplete(f)
-            })
-            .map(|f| f.message.clone());
         let kept = report.findings.iter().find(|f| Self::left_as_is(f));
-        self.note_kept(&report, all);
-        if let Some(m) = unusual {
-            return Err(SimError::NotModelled(format!(
-                "QEMU's repair of this would do more than fix refcounts, COPIED flags and unaligned zero clusters: {m}"
-            )));
-        }
+        self.refuse_unusual(&report, all)?;
         let Some(imrt) = report.imrt.clone() else {
             return Err(SimError::NotModelled(
                 "the check did not count the references".into(),
@@ -186,8 +169,50 @@ impl Sim {
         if all || !left_corrupt {
             self.repair_copied_after(&repaired, steps, freed)?;
         }
+        self.fix_snapshot_table(all, incomplete, &cut)?;
+        if !left_corrupt {
+            self.mark_clean()?;
+        }
+        self.reason = saved;
+        Ok(())
+    }
+
+    /// Refuse, as not simulated, a finding QEMU's repair would do more about
+    /// than fix refcounts, COPIED flags and unaligned zero clusters; say first
+    /// which corruptions it leaves as they are.
+    fn refuse_unusual(&mut self, report: &crate::check::CheckReport, all: bool) -> SimResult<()> {
+        let unusual = report
+            .findings
+            .iter()
+            .find(|f| {
+                f.kind != FindingKind::Note
+                    && !matches!(f.category, Category::Refcount | Category::Copied)
+                    && !Self::fixable_zero_cluster(f)
+                    && !Self::left_as_is(f)
+                    && f.category != Category::Refblock
+                    && !Self::snapshot_incomplete(f)
+            })
+            .map(|f| f.message.clone());
+        self.note_kept(report, all);
+        if let Some(m) = unusual {
+            return Err(SimError::NotModelled(format!(
+                "QEMU's repair of this would do more than fix refcounts, COPIED flags and unaligned zero clusters: {m}"
+            )));
+        }
+        Ok(())
+    }
+
+    /// `qcow2_check_fix_snapshot_table` with `-r all`: a table with an entry
+    /// whose extra data was incomplete (`incomplete`) or cut (`cut`, the lines
+    /// QEMU prints) is written anew, every entry with its full extra data.
+    fn fix_snapshot_table(
+        &mut self,
+        all: bool,
+        incomplete: Option<String>,
+        cut: &[String],
+    ) -> SimResult<()> {
         if all {
-            for line in &cut {
+            for line in cut {
                 self.note(line.clone());
             }
         }
@@ -210,10 +235,6 @@ impl Sim {
                 self.check_only = None;
             }
         }
-        if !left_corrupt {
-            self.mark_clean()?;
-        }
-        self.reason = saved;
         Ok(())
     }
 
