@@ -182,7 +182,7 @@ fn split_opts(s: &str) -> Vec<String> {
 /// Read `count` snapshot entries starting at `offset`. `version` decides whether
 /// short extra data is acceptable (version 3 requires at least 16 bytes).
 pub fn read_table(src: &dyn Source, offset: HostOffset, count: u32) -> SnapshotTable {
-    read_table_with(src, offset, count, false).0
+    read_entries(src, offset, count, false, &mut Vec::new())
 }
 
 /// [`read_table`] as `qemu-img check -r all` reads it: an entry with more
@@ -195,17 +195,8 @@ pub fn read_table_discarding(
     offset: HostOffset,
     count: u32,
 ) -> (SnapshotTable, Vec<(usize, u64)>) {
-    read_table_with(src, offset, count, true)
-}
-
-fn read_table_with(
-    src: &dyn Source,
-    offset: HostOffset,
-    count: u32,
-    discard: bool,
-) -> (SnapshotTable, Vec<(usize, u64)>) {
     let mut dropped = Vec::new();
-    let table = read_entries(src, offset, count, discard, &mut dropped);
+    let table = read_entries(src, offset, count, true, &mut dropped);
     (table, dropped)
 }
 

@@ -175,13 +175,15 @@ impl Sim {
     /// the field), and record the change if it is one.
     pub(super) fn set_header(&mut self, f: Field, v: impl Into<u64>) -> SimResult<()> {
         let v = v.into() & low_mask(u32::try_from(f.size().saturating_mul(8)).unwrap_or(64));
-        let before = self.header_field(f);
+        // The header up to the field's end, changed through the layout.
+        let mut head = self.read_bytes(HostOffset(0), f.end());
+        let before = f.read(&head);
         if before != v {
-            let bytes = v.to_be_bytes();
-            let from = 8usize.saturating_sub(usize::try_from(f.size()).unwrap_or(8));
+            f.write(&mut head, v);
+            let field = usize::try_from(f.offset()).unwrap_or(usize::MAX);
             self.write_bytes(
                 HostOffset(f.offset()),
-                bytes.get(from..).unwrap_or_default(),
+                head.get(field..).unwrap_or_default(),
             )?;
             self.record(Target::Header { field: f }, before, v);
         }
