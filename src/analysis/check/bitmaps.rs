@@ -1,6 +1,7 @@
 //! The bitmaps' part of the walk: the directory, each table and the data
 //! clusters it names (`qcow2_check_bitmaps_refcounts`), from what the open read.
 
+use super::detail::FindingDetail;
 use super::refusal::Refusal;
 use super::report::{Category, FindingKind};
 use super::visit::{Ctx, Visitor};
@@ -41,7 +42,13 @@ impl Walk<'_> {
             Some(Ok(l)) => l,
             Some(Err(e)) => {
                 let msg = format!("bitmap directory cannot be loaded: {e}");
-                self.find(FindingKind::Corruption, Category::Bitmaps, msg, 1);
+                self.find(
+                    FindingKind::Corruption,
+                    Category::Bitmaps,
+                    FindingDetail::BitmapDirectory,
+                    msg,
+                    1,
+                );
                 self.report.aborted = Some(Refusal::BitmapDirectory {
                     offset: off,
                     error: e.clone(),
@@ -81,7 +88,13 @@ impl Walk<'_> {
                 }
                 Err(e) => {
                     let msg = format!("bitmap '{}' table cannot be loaded: {e}", b.name);
-                    self.find(FindingKind::Corruption, Category::Bitmaps, msg, 1);
+                    self.find(
+                        FindingKind::Corruption,
+                        Category::Bitmaps,
+                        FindingDetail::BitmapTable,
+                        msg,
+                        1,
+                    );
                     self.report.aborted = Some(Refusal::BitmapTable {
                         name: b.name.clone(),
                         offset: b.table_offset,
@@ -98,7 +111,13 @@ impl Walk<'_> {
                     "ERROR bitmap '{}' table entry {j} is invalid: {:#x} ({problem})",
                     b.name, bad.entry.0
                 );
-                if let Some(f) = self.find(FindingKind::Corruption, Category::Bitmaps, msg, 1) {
+                if let Some(f) = self.find(
+                    FindingKind::Corruption,
+                    Category::Bitmaps,
+                    FindingDetail::BitmapTableEntry,
+                    msg,
+                    1,
+                ) {
                     f.offset = Some(bad.at);
                 }
                 self.report.aborted = Some(Refusal::BitmapTableEntry {

@@ -1,6 +1,7 @@
 //! Stored refcounts against computed ones.
 
 use super::PAST_EOF_BUDGET;
+use super::detail::FindingDetail;
 use super::imrt::{CHUNK, CHUNK_BITS, Counts};
 use super::report::{Category, FindingKind};
 use super::visit::Counter;
@@ -109,7 +110,13 @@ pub(super) fn compare(walk: &mut Walk, counter: &Counter) {
                 };
                 let msg = format!("{word} cluster {c} refcount={r} reference={computed}");
                 let cs = walk.cs;
-                if let Some(f) = walk.find(kind, Category::Refcount, msg, 1) {
+                if let Some(f) = walk.find(
+                    kind,
+                    Category::Refcount,
+                    FindingDetail::RefcountMismatch,
+                    msg,
+                    1,
+                ) {
                     f.cluster = Some(c);
                     f.offset = Some(HostOffset(c.saturating_mul(cs)));
                     f.refcount = Some(r);
@@ -139,7 +146,13 @@ pub(super) fn compare(walk: &mut Walk, counter: &Counter) {
             "Can't get refcount for cluster {first} (and {} more): refcount block {ti} at {off:#x} is not cluster aligned (Input/output error)",
             n.saturating_sub(1)
         );
-        if let Some(f) = walk.find(FindingKind::CheckError, Category::Refblock, msg, n) {
+        if let Some(f) = walk.find(
+            FindingKind::CheckError,
+            Category::Refblock,
+            FindingDetail::RefcountUnreadable,
+            msg,
+            n,
+        ) {
             f.cluster = Some(first);
             f.offset = Some(HostOffset(off));
         }
@@ -189,6 +202,7 @@ fn past_eof(walk: &mut Walk, stored: &mut RefcountReader, nb: u64) {
         walk.find(
             FindingKind::Note,
             Category::RefcountPastEof,
+            FindingDetail::RefcountPastEof,
             format!("refcounts past the end of the file were looked at for the first {PAST_EOF_BUDGET} clusters only"),
             1,
         );
@@ -199,7 +213,13 @@ fn past_eof(walk: &mut Walk, stored: &mut RefcountReader, nb: u64) {
             c.saturating_mul(walk.cs)
         );
         let at = c.saturating_mul(walk.cs);
-        if let Some(f) = walk.find(FindingKind::Note, Category::RefcountPastEof, msg, 1) {
+        if let Some(f) = walk.find(
+            FindingKind::Note,
+            Category::RefcountPastEof,
+            FindingDetail::RefcountPastEof,
+            msg,
+            1,
+        ) {
             f.cluster = Some(*c);
             f.offset = Some(HostOffset(at));
             f.refcount = Some(*r);
@@ -211,6 +231,12 @@ fn past_eof(walk: &mut Walk, stored: &mut RefcountReader, nb: u64) {
             "{} more clusters past the end of the file have a refcount",
             past_total.saturating_sub(past.len() as u64)
         );
-        walk.find(FindingKind::Note, Category::RefcountPastEof, msg, 1);
+        walk.find(
+            FindingKind::Note,
+            Category::RefcountPastEof,
+            FindingDetail::RefcountPastEof,
+            msg,
+            1,
+        );
     }
 }

@@ -5,6 +5,7 @@
 //! and this check.
 
 use super::MAX_REFERRERS;
+use super::detail::FindingDetail;
 use super::report::{Category, CheckReport, FindingKind, L1Id, Referrer, Role};
 use super::walk::Walk;
 use crate::image::{Qcow2, RefcountReader};
@@ -78,6 +79,7 @@ impl<'a> Copied<'a> {
                 self.walk.find(
                     FindingKind::CheckError,
                     Category::Io,
+                    FindingDetail::CopiedL2TableUnreadable,
                     "ERROR: Could not read L2 table".into(),
                     1,
                 );
@@ -122,7 +124,13 @@ fn l1_half(walk: &mut Walk, stored: &mut RefcountReader) -> ActiveL2s {
                 e.0
             );
             let cbits = walk.cbits;
-            if let Some(f) = walk.find(FindingKind::Corruption, Category::Copied, msg, 1) {
+            if let Some(f) = walk.find(
+                FindingKind::Corruption,
+                Category::Copied,
+                FindingDetail::CopiedL1,
+                msg,
+                1,
+            ) {
                 f.cluster = Some(l2.get() >> cbits);
                 f.offset = Some(img.header.l1_table_offset.saturating_entry(i as u64, 8));
                 f.refcount = Some(r);
@@ -206,10 +214,13 @@ fn l2_half(cp: &mut Copied, l2: HostOffset, w: u64, l1s: &[u64], buf: &[u8]) {
         let raw = raw_at(j);
         let msg = format!("ERROR OFLAG_COPIED data cluster: l2_entry={raw:x} refcount={r}");
         let name = cp.walk.l1_name(L1Id::Active);
-        if let Some(f) = cp
-            .walk
-            .find(FindingKind::Corruption, Category::Copied, msg, w)
-        {
+        if let Some(f) = cp.walk.find(
+            FindingKind::Corruption,
+            Category::Copied,
+            FindingDetail::CopiedL2,
+            msg,
+            w,
+        ) {
             f.cluster = Some(L2Entry::from_word(raw).host_offset().0 >> cbits);
             f.offset = Some(l2.saturating_entry(j as u64, step as u64));
             f.refcount = Some(r);

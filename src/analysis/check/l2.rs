@@ -1,5 +1,6 @@
 //! One L2 table: `check_refcounts_l2`.
 
+use super::detail::FindingDetail;
 use super::report::{Category, FindingKind, L1Id, Role};
 use super::visit::{Ctx, Visitor};
 use super::walk::Walk;
@@ -31,7 +32,13 @@ impl Walk<'_> {
         }
         if !read {
             let msg = "ERROR: I/O error in check_refcounts_l2".to_string();
-            if let Some(f) = self.find(FindingKind::CheckError, Category::Io, msg, w) {
+            if let Some(f) = self.find(
+                FindingKind::CheckError,
+                Category::Io,
+                FindingDetail::L2TableUnreadable,
+                msg,
+                w,
+            ) {
                 f.offset = Some(l2);
             }
             return;
@@ -117,8 +124,13 @@ impl Walk<'_> {
             let i = i as u64;
             if ct != ClusterType::Compressed && e.std_reserved_bits() != 0 {
                 let msg = format!("ERROR found l2 entry with reserved bits set: {raw:x}");
-                if let Some(f) = self.find(FindingKind::Corruption, Category::ReservedBits, msg, w)
-                {
+                if let Some(f) = self.find(
+                    FindingKind::Corruption,
+                    Category::ReservedBits,
+                    FindingDetail::L2ReservedBits,
+                    msg,
+                    w,
+                ) {
                     f.offset = Some(entry_off(i));
                 }
             }
@@ -130,9 +142,13 @@ impl Walk<'_> {
                             "ERROR: coffset={:#x}: copied flag must never be set for compressed clusters",
                             d.offset.0
                         );
-                        if let Some(f) =
-                            self.find(FindingKind::Corruption, Category::Copied, msg, w)
-                        {
+                        if let Some(f) = self.find(
+                            FindingKind::Corruption,
+                            Category::Copied,
+                            FindingDetail::CompressedCopied,
+                            msg,
+                            w,
+                        ) {
                             f.offset = Some(entry_off(i));
                             f.repair = Some("clear bit 63 of the L2 entry".into());
                         }
@@ -140,9 +156,13 @@ impl Walk<'_> {
                     if has_df {
                         let msg =
                             format!("ERROR compressed cluster {i} with data file, entry={raw:#x}");
-                        if let Some(f) =
-                            self.find(FindingKind::Corruption, Category::Compressed, msg, w)
-                        {
+                        if let Some(f) = self.find(
+                            FindingKind::Corruption,
+                            Category::Compressed,
+                            FindingDetail::CompressedWithDataFile,
+                            msg,
+                            w,
+                        ) {
                             f.offset = Some(entry_off(i));
                         }
                         continue;
@@ -151,9 +171,13 @@ impl Walk<'_> {
                         let msg = format!(
                             "ERROR compressed cluster {i} with non-zero subcluster allocation bitmap, entry={raw:#x}"
                         );
-                        if let Some(f) =
-                            self.find(FindingKind::Corruption, Category::Compressed, msg, w)
-                        {
+                        if let Some(f) = self.find(
+                            FindingKind::Corruption,
+                            Category::Compressed,
+                            FindingDetail::CompressedWithSubclusters,
+                            msg,
+                            w,
+                        ) {
                             f.offset = Some(entry_off(i));
                         }
                         continue;
@@ -180,9 +204,13 @@ impl Walk<'_> {
                         let msg = format!(
                             "ERROR offset={off:x}: Allocated cluster has corrupted subcluster allocation bitmap"
                         );
-                        if let Some(f) =
-                            self.find(FindingKind::Corruption, Category::Subclusters, msg, w)
-                        {
+                        if let Some(f) = self.find(
+                            FindingKind::Corruption,
+                            Category::Subclusters,
+                            FindingDetail::SubclustersContradict,
+                            msg,
+                            w,
+                        ) {
                             f.offset = Some(entry_off(i));
                         }
                     }
@@ -191,6 +219,11 @@ impl Walk<'_> {
                             bitmap & 0xffff_ffff != 0
                         } else {
                             !e.zero_flag()
+                        };
+                        let detail = if contains_data {
+                            FindingDetail::DataClusterUnaligned
+                        } else {
+                            FindingDetail::UnalignedZeroCluster
                         };
                         let msg = if contains_data {
                             format!(
@@ -202,7 +235,7 @@ impl Walk<'_> {
                             )
                         };
                         if let Some(f) =
-                            self.find(FindingKind::Corruption, Category::Unaligned, msg, w)
+                            self.find(FindingKind::Corruption, Category::Unaligned, detail, msg, w)
                         {
                             f.offset = Some(entry_off(i));
                             if !contains_data {
@@ -264,9 +297,13 @@ impl Walk<'_> {
                         let msg =
                             "ERROR: Unallocated cluster has non-zero subcluster allocation map"
                                 .to_string();
-                        if let Some(f) =
-                            self.find(FindingKind::Corruption, Category::Subclusters, msg, w)
-                        {
+                        if let Some(f) = self.find(
+                            FindingKind::Corruption,
+                            Category::Subclusters,
+                            FindingDetail::SubclustersUnallocated,
+                            msg,
+                            w,
+                        ) {
                             f.offset = Some(entry_off(i));
                         }
                     }

@@ -27,6 +27,7 @@ mod bitmaps;
 mod clusters;
 mod compare;
 mod copied;
+mod detail;
 mod imrt;
 mod l2;
 mod overlaps;
@@ -39,6 +40,7 @@ mod visit;
 mod walk;
 
 pub use clusters::{ClusterInfo, ROLES, clusters, for_each_cluster, role_map};
+pub use detail::FindingDetail;
 pub use imrt::Imrt;
 pub use refusal::Refusal;
 pub use report::{
@@ -82,7 +84,13 @@ pub fn check(img: &Qcow2, opts: &CheckOptions) -> CheckReport {
     let nb = u64::from(h.nb_snapshots);
     if nb > crate::snapshot::MAX_SNAPSHOTS {
         let msg = "ERROR snapshot table too large".to_string();
-        walk.find(FindingKind::CheckError, Category::SnapshotTable, msg, 1);
+        walk.find(
+            FindingKind::CheckError,
+            Category::SnapshotTable,
+            FindingDetail::TooManySnapshots,
+            msg,
+            1,
+        );
         walk.report.aborted = Some(Refusal::TooManySnapshots { count: nb });
         return finish(walk, None);
     }
@@ -94,6 +102,7 @@ pub fn check(img: &Qcow2, opts: &CheckOptions) -> CheckReport {
         walk.find(
             FindingKind::CheckError,
             Category::SnapshotTable,
+            FindingDetail::SnapshotTableOffset,
             "ERROR snapshot table offset invalid".into(),
             1,
         );
@@ -104,7 +113,13 @@ pub fn check(img: &Qcow2, opts: &CheckOptions) -> CheckReport {
     }
     if let Some(e) = &img.snapshots.error {
         let msg = format!("ERROR failed to read the snapshot table: {e}");
-        walk.find(FindingKind::CheckError, Category::SnapshotTable, msg, 1);
+        walk.find(
+            FindingKind::CheckError,
+            Category::SnapshotTable,
+            FindingDetail::SnapshotTableUnreadable,
+            msg,
+            1,
+        );
         walk.report.aborted = Some(Refusal::SnapshotTable(Error::clone(e)));
         return finish(walk, None);
     }
@@ -112,8 +127,13 @@ pub fn check(img: &Qcow2, opts: &CheckOptions) -> CheckReport {
         for (i, s) in img.snapshots.snapshots.iter().enumerate() {
             if s.extra_data_size < 16 {
                 let msg = format!("ERROR snapshot table entry {i} is incomplete");
-                if let Some(f) = walk.find(FindingKind::Corruption, Category::SnapshotTable, msg, 1)
-                {
+                if let Some(f) = walk.find(
+                    FindingKind::Corruption,
+                    Category::SnapshotTable,
+                    FindingDetail::SnapshotExtraIncomplete,
+                    msg,
+                    1,
+                ) {
                     f.offset = Some(s.entry_offset);
                     f.repair = Some("qemu-img check -r all rewrites the snapshot table with 24 bytes of extra data".into());
                 }

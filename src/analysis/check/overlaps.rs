@@ -1,6 +1,7 @@
 //! Sharing that qemu-img does not report.
 
 use super::MAX_OWNER_CLUSTERS;
+use super::detail::FindingDetail;
 use super::imrt::{CHUNK_BITS, Counts, kind_shift};
 use super::report::{Category, FindingKind, Referrer, Role};
 use super::visit::{Counter, Owners};
@@ -133,7 +134,13 @@ pub(super) fn overlaps(walk: &mut Walk, counter: &Counter) {
                     .collect::<Vec<_>>()
                     .join("; ")
             );
-            if let Some(f) = walk.find(FindingKind::Note, Category::CrossLink, msg, 1) {
+            if let Some(f) = walk.find(
+                FindingKind::Note,
+                Category::CrossLink,
+                FindingDetail::CrossLink,
+                msg,
+                1,
+            ) {
                 f.cluster = Some(c);
                 f.offset = Some(HostOffset(c.saturating_mul(cs)));
                 f.reference = Some(counter.imrt.get(c));

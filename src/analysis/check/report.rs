@@ -1,6 +1,6 @@
 //! What the check reports: findings, their kinds and the roles clusters play.
 
-use super::{Imrt, Refusal};
+use super::{FindingDetail, Imrt, Refusal};
 use crate::types::{GuestOffset, HostOffset};
 use serde::Serialize;
 use std::sync::Arc;
@@ -238,6 +238,9 @@ pub struct Finding {
     pub kind: FindingKind,
     /// What it is about (serialized as its short name: "refcount", "copied", ...).
     pub category: Category,
+    /// What it is, for code to match on (not in the JSON output).
+    #[serde(skip)]
+    pub detail: FindingDetail,
     /// What is wrong, in the words qemu-img check uses where it has words.
     pub message: String,
     /// How many times QEMU counts it (a shared L2 table repeats its problems once per L1 table).

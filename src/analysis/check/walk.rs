@@ -2,6 +2,7 @@
 
 use super::MAX_FINDINGS;
 use super::copied::Copied;
+use super::detail::FindingDetail;
 use super::imrt::Imrt;
 use super::report::{Category, CheckReport, Finding, FindingKind, L1Id, Progress, Referrer, Role};
 use super::visit::{Counter, Ctx, Visitor};
@@ -72,6 +73,7 @@ impl<'a> Walk<'a> {
         &mut self,
         kind: FindingKind,
         category: Category,
+        detail: FindingDetail,
         message: String,
         count: u64,
     ) -> Option<&mut Finding> {
@@ -95,6 +97,7 @@ impl<'a> Walk<'a> {
         self.report.findings.push(Finding {
             kind,
             category,
+            detail,
             message,
             count,
             cluster: None,
@@ -119,7 +122,13 @@ impl<'a> Walk<'a> {
                 "ERROR: counting reference for region exceeding the end of the file by one cluster or more: offset {off:#x} size {len:#x}"
             );
             let cbits = self.cbits;
-            if let Some(f) = self.find(FindingKind::Corruption, Category::PastEof, msg, w) {
+            if let Some(f) = self.find(
+                FindingKind::Corruption,
+                Category::PastEof,
+                FindingDetail::PastEof,
+                msg,
+                w,
+            ) {
                 f.offset = Some(off);
                 f.cluster = Some(off.get() >> cbits);
             }
@@ -150,7 +159,13 @@ impl<'a> Walk<'a> {
                 self.img.refcount_geometry().max()
             );
             let at = first << self.cbits;
-            if let Some(f) = self.find(FindingKind::Corruption, Category::Overflow, msg, over) {
+            if let Some(f) = self.find(
+                FindingKind::Corruption,
+                Category::Overflow,
+                FindingDetail::Overflow,
+                msg,
+                over,
+            ) {
                 f.cluster = Some(first);
                 f.offset = Some(HostOffset(at));
                 f.repair = Some("qemu-img amend -o refcount_bits=… (wider refcounts) or qemu-img convert to a clean copy".into());
@@ -200,8 +215,13 @@ impl<'a> Walk<'a> {
             if e.reserved_bits() != 0 {
                 let name = self.l1_name(id);
                 let msg = format!("ERROR found L1 entry with reserved bits set: {:x}", e.0);
-                if let Some(f) = self.find(FindingKind::Corruption, Category::ReservedBits, msg, 1)
-                {
+                if let Some(f) = self.find(
+                    FindingKind::Corruption,
+                    Category::ReservedBits,
+                    FindingDetail::L1ReservedBits,
+                    msg,
+                    1,
+                ) {
                     f.offset = Some(off.saturating_entry(i, 8));
                     f.referrers.push(Referrer {
                         l1: Some(name),
@@ -219,7 +239,13 @@ impl<'a> Walk<'a> {
                     "ERROR l2_offset={l2:x}: Table is not cluster aligned; L1 entry corrupted"
                 );
                 let name = self.l1_name(id);
-                if let Some(f) = self.find(FindingKind::Corruption, Category::Unaligned, msg, 1) {
+                if let Some(f) = self.find(
+                    FindingKind::Corruption,
+                    Category::Unaligned,
+                    FindingDetail::L2TableUnaligned,
+                    msg,
+                    1,
+                ) {
                     f.offset = Some(l2);
                     f.referrers.push(Referrer {
                         l1: Some(name),
@@ -277,7 +303,13 @@ impl<'a> Walk<'a> {
                 self.img.header.refcount_bits()
             );
             let at = first << self.cbits;
-            if let Some(f) = self.find(FindingKind::Corruption, Category::Overflow, msg, over) {
+            if let Some(f) = self.find(
+                FindingKind::Corruption,
+                Category::Overflow,
+                FindingDetail::Overflow,
+                msg,
+                over,
+            ) {
                 f.cluster = Some(first);
                 f.offset = Some(HostOffset(at));
                 f.repair = Some("qemu-img amend -o refcount_bits=… (wider refcounts) or qemu-img convert to a clean copy".into());
@@ -310,7 +342,13 @@ impl<'a> Walk<'a> {
         }
         if h.has_data_file() && h.nb_snapshots > 0 && !img.snapshots.snapshots.is_empty() {
             let msg = format!("ERROR {} snapshots in image with data file", h.nb_snapshots);
-            self.find(FindingKind::Corruption, Category::SnapshotTable, msg, 1);
+            self.find(
+                FindingKind::Corruption,
+                Category::SnapshotTable,
+                FindingDetail::SnapshotsWithDataFile,
+                msg,
+                1,
+            );
         }
         for (index, sn) in img.snapshots.snapshots.iter().enumerate() {
             if sn.l1_table_offset.get() & self.cmask != 0 {
@@ -318,8 +356,13 @@ impl<'a> Walk<'a> {
                     "ERROR snapshot {} ({}) l1_offset={}: L1 table is not cluster aligned; snapshot table entry corrupted",
                     sn.id, sn.name, sn.l1_table_offset
                 );
-                if let Some(f) = self.find(FindingKind::Corruption, Category::SnapshotTable, msg, 1)
-                {
+                if let Some(f) = self.find(
+                    FindingKind::Corruption,
+                    Category::SnapshotTable,
+                    FindingDetail::SnapshotL1Unaligned,
+                    msg,
+                    1,
+                ) {
                     f.offset = Some(sn.entry_offset);
                 }
                 continue;
@@ -329,8 +372,13 @@ impl<'a> Walk<'a> {
                     "ERROR snapshot {} ({}) l1_size={:#x}: L1 table is too large; snapshot table entry corrupted",
                     sn.id, sn.name, sn.l1_size
                 );
-                if let Some(f) = self.find(FindingKind::Corruption, Category::SnapshotTable, msg, 1)
-                {
+                if let Some(f) = self.find(
+                    FindingKind::Corruption,
+                    Category::SnapshotTable,
+                    FindingDetail::SnapshotL1TooLarge,
+                    msg,
+                    1,
+                ) {
                     f.offset = Some(sn.entry_offset);
                 }
                 continue;
@@ -471,7 +519,13 @@ impl<'a> Walk<'a> {
             let rt_entry = self.img.header.refcount_table_offset.saturating_entry(i, 8);
             if e.reserved_bits() != 0 {
                 let msg = format!("ERROR refcount table entry {i} has reserved bits set");
-                if let Some(f) = self.find(FindingKind::Corruption, Category::Refblock, msg, 1) {
+                if let Some(f) = self.find(
+                    FindingKind::Corruption,
+                    Category::Refblock,
+                    FindingDetail::RefblockReservedBits,
+                    msg,
+                    1,
+                ) {
                     f.offset = Some(rt_entry);
                     f.repair = Some("qemu-img check -r all rebuilds the refcount structure".into());
                 }
@@ -481,7 +535,13 @@ impl<'a> Walk<'a> {
                 let msg = format!(
                     "ERROR refcount block {i} is not cluster aligned; refcount table entry corrupted"
                 );
-                if let Some(f) = self.find(FindingKind::Corruption, Category::Refblock, msg, 1) {
+                if let Some(f) = self.find(
+                    FindingKind::Corruption,
+                    Category::Refblock,
+                    FindingDetail::RefblockUnaligned,
+                    msg,
+                    1,
+                ) {
                     f.offset = Some(rt_entry);
                     f.repair = Some("qemu-img check -r all rebuilds the refcount structure".into());
                 }
@@ -489,7 +549,13 @@ impl<'a> Walk<'a> {
             }
             if cluster >= nb_clusters {
                 let msg = format!("ERROR refcount block {i} is outside image");
-                if let Some(f) = self.find(FindingKind::Corruption, Category::Refblock, msg, 1) {
+                if let Some(f) = self.find(
+                    FindingKind::Corruption,
+                    Category::Refblock,
+                    FindingDetail::RefblockOutside,
+                    msg,
+                    1,
+                ) {
                     f.offset = Some(off);
                     f.cluster = Some(cluster);
                     f.repair = Some("qemu-img check -r all grows the file to include it".into());
@@ -501,8 +567,13 @@ impl<'a> Walk<'a> {
                 let n = v.count(cluster);
                 if self.record && n != 1 {
                     let msg = format!("ERROR refcount block {i} refcount={n}");
-                    if let Some(f) = self.find(FindingKind::Corruption, Category::Refblock, msg, 1)
-                    {
+                    if let Some(f) = self.find(
+                        FindingKind::Corruption,
+                        Category::Refblock,
+                        FindingDetail::RefblockRefcount,
+                        msg,
+                        1,
+                    ) {
                         f.cluster = Some(cluster);
                         f.offset = Some(off);
                         f.reference = Some(n);

@@ -43,6 +43,7 @@ mod snaptable;
 mod store;
 #[cfg(test)]
 mod tests;
+mod triage;
 mod walk;
 mod zeroes;
 

@@ -12,7 +12,7 @@
 //! without corruptions is marked clean and consistent.
 
 use super::{Sim, SimError, SimResult};
-use crate::check::{Category, CheckOptions, FindingKind, check};
+use crate::check::{CheckOptions, check};
 use crate::header::Field;
 use crate::types::HostOffset;
 
@@ -177,31 +177,6 @@ impl Sim {
         Ok(())
     }
 
-    /// Refuse, as not simulated, a finding QEMU's repair would do more about
-    /// than fix refcounts, COPIED flags and unaligned zero clusters; say first
-    /// which corruptions it leaves as they are.
-    fn refuse_unusual(&mut self, report: &crate::check::CheckReport, all: bool) -> SimResult<()> {
-        let unusual = report
-            .findings
-            .iter()
-            .find(|f| {
-                f.kind != FindingKind::Note
-                    && !matches!(f.category, Category::Refcount | Category::Copied)
-                    && !Self::fixable_zero_cluster(f)
-                    && !Self::left_as_is(f)
-                    && f.category != Category::Refblock
-                    && !Self::snapshot_incomplete(f)
-            })
-            .map(|f| f.message.clone());
-        self.note_kept(report, all);
-        if let Some(m) = unusual {
-            return Err(SimError::NotModelled(format!(
-                "QEMU's repair of this would do more than fix refcounts, COPIED flags and unaligned zero clusters: {m}"
-            )));
-        }
-        Ok(())
-    }
-
     /// `qcow2_check_fix_snapshot_table` with `-r all`: a table with an entry
     /// whose extra data was incomplete (`incomplete`) or cut (`cut`, the lines
     /// QEMU prints) is written anew, every entry with its full extra data.
@@ -236,22 +211,6 @@ impl Sim {
             }
         }
         Ok(())
-    }
-
-    /// Say which corruptions the repair leaves as they are.
-    fn note_kept(&mut self, report: &crate::check::CheckReport, all: bool) {
-        if let Some(f) = report.findings.iter().find(|f| Self::left_as_is(f)) {
-            self.note(format!(
-                "QEMU's repair leaves this corruption as it is: {}",
-                f.message
-            ));
-        }
-        if !all && let Some(f) = report.findings.iter().find(|f| Self::refblock_outside(f)) {
-            self.note(format!(
-                "QEMU's repair leaves this corruption as it is (only -r all grows the file to hold the block): {}",
-                f.message
-            ));
-        }
     }
 
     /// What marking the persistent bitmaps in use does before QEMU's check
@@ -354,23 +313,6 @@ impl Sim {
             self.set_header(Field::IncompatibleFeatures, after)?;
         }
         Ok(())
-    }
-
-    /// An L2 entry of a zero cluster whose preallocated offset is not
-    /// cluster aligned (which `-r all` turns into a plain zero cluster).
-    fn fixable_zero_cluster(f: &crate::check::Finding) -> bool {
-        f.kind == FindingKind::Corruption
-            && f.category == Category::Unaligned
-            && f.repair.is_some()
-            && f.message
-                .contains("Preallocated cluster is not properly aligned")
-    }
-
-    /// A v3 snapshot table entry with too little extra data.
-    fn snapshot_incomplete(f: &crate::check::Finding) -> bool {
-        f.kind == FindingKind::Corruption
-            && f.category == Category::SnapshotTable
-            && f.message.ends_with("is incomplete")
     }
 
     /// How QEMU's check ends when it cannot read the snapshot table
@@ -484,59 +426,6 @@ impl Sim {
                     .checked_add(u64::from(b.table_size).saturating_mul(8))
                     .is_none_or(|end| end > BDRV_MAX_LENGTH)
             })
-    }
-
-    /// A refcount block past the end of the file (`check_refblocks`).
-    fn refblock_outside(f: &crate::check::Finding) -> bool {
-        f.kind == FindingKind::Corruption
-            && f.category == Category::Refblock
-            && f.message.ends_with("is outside image")
-    }
-
-    /// A refcount table entry or block that makes QEMU's check call for a
-    /// rebuild of the refcount structure: reserved bits in the entry, a
-    /// block that is not cluster aligned, or one referenced more than once.
-    fn refblock_broken(f: &crate::check::Finding) -> bool {
-        f.kind == FindingKind::Corruption
-            && f.category == Category::Refblock
-            && !Self::refblock_outside(f)
-    }
-
-    /// A corruption `qemu-img check -r all` reports and leaves as it is,
-    /// counting the references as it would without it: reserved bits in an
-    /// L1 or L2 entry, a corrupt subcluster bitmap, a data cluster whose
-    /// offset is not cluster aligned, an L2 table whose offset is not cluster
-    /// aligned (QEMU reads and counts the table at that offset all the same),
-    /// a snapshot whose L1 table is not cluster aligned or too large (its
-    /// tables are not counted, so what only it references looks leaked),
-    /// a compressed cluster with the COPIED flag (QEMU's check only reports
-    /// it), a compressed cluster where none may be (with an external data file,
-    /// or with a subcluster allocation bitmap: not counted), snapshots in an
-    /// image with an external data file (counted as any others; QEMU only
-    /// reports them), a reference to a region past the end of the file (not
-    /// counted), and more references than a refcount can hold (counted up to
-    /// the largest refcount).
-    fn left_as_is(f: &crate::check::Finding) -> bool {
-        f.kind == FindingKind::Corruption
-            && match f.category {
-                Category::ReservedBits
-                | Category::Subclusters
-                | Category::Compressed
-                | Category::PastEof
-                | Category::Overflow => true,
-                Category::Unaligned => {
-                    f.message.contains("Data cluster is not properly aligned")
-                        || f.message.contains("Table is not cluster aligned")
-                }
-                Category::Copied => f
-                    .message
-                    .ends_with("copied flag must never be set for compressed clusters"),
-                Category::SnapshotTable => {
-                    f.message.ends_with("snapshot table entry corrupted")
-                        || f.message.ends_with("snapshots in image with data file")
-                }
-                _ => false,
-            }
     }
 
     /// The L2 entry at host offset `at` becomes a plain zero cluster (with
