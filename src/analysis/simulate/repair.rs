@@ -61,6 +61,9 @@ impl Sim {
             self.discard_overhanging(*count)?;
             return self.repair_pass(all, rebuilt, unreadable);
         }
+        if let Some(l2) = Self::unreadable_l2(&report) {
+            return Err(Self::check_fails_at_l2(l2, all && !zero_fixes.is_empty()));
+        }
         let table_eio = Self::bitmap_table_unreadable(&img, report.aborted.as_ref());
         if let Some(a) = &report.aborted {
             if all && (Self::stops_at_bitmaps(a) || table_eio) {

@@ -6,6 +6,7 @@
 
 use super::{Sim, SimError, SimResult};
 use crate::check::{CheckReport, Finding, FindingDetail, FindingKind};
+use crate::types::HostOffset;
 
 impl Sim {
     /// Refuse, as not simulated, a finding QEMU's repair would do more about
@@ -17,13 +18,19 @@ impl Sim {
             .iter()
             .find(|f| f.kind != FindingKind::Note && !Self::repaired_around(f));
         self.note_kept(report, all);
-        if let Some(f) = unusual {
-            return Err(SimError::NotModelled(format!(
+        match unusual {
+            None => Ok(()),
+            Some(f) if f.detail == FindingDetail::CopiedL2TableUnreadable => {
+                Err(SimError::NotModelled(format!(
+                    "QEMU repairs the refcounts, then its COPIED check fails at the read of an active L2 table (ERROR: Could not read L2 table: Input/output error; Check failed: Input/output error), leaving the COPIED flags as they are and the image not marked clean: {}",
+                    f.message
+                )))
+            }
+            Some(f) => Err(SimError::NotModelled(format!(
                 "QEMU's repair of this would do more than fix refcounts, COPIED flags and unaligned zero clusters: {}",
                 f.message
-            )));
+            ))),
         }
-        Ok(())
     }
 
     /// Whether the repair follows what QEMU does with finding `f`: repairs
@@ -68,6 +75,34 @@ impl Sim {
             | D::L2TableUnreadable
             | D::CopiedL2TableUnreadable => false,
         }
+    }
+
+    /// The first L2 table the check could not read (where it sits, when the
+    /// check says).
+    pub(super) fn unreadable_l2(report: &CheckReport) -> Option<Option<HostOffset>> {
+        report
+            .findings
+            .iter()
+            .find(|f| f.detail == FindingDetail::L2TableUnreadable)
+            .map(|f| f.offset)
+    }
+
+    /// How QEMU's check ends when a read of an L2 table fails: it stops
+    /// counting the references there (`check_refcounts_l2` returns the
+    /// error) and the check fails before it compares or repairs any
+    /// refcount. With `fixed_before` (`-r all` and unaligned zero clusters to
+    /// fix), it has already fixed those in the L2 tables it read before the
+    /// one that fails, which the simulation does not follow.
+    pub(super) fn check_fails_at_l2(l2: Option<HostOffset>, fixed_before: bool) -> SimError {
+        let at = l2.map_or(String::new(), |o| format!(" at {o:#x}"));
+        if fixed_before {
+            return SimError::NotModelled(format!(
+                "QEMU's check fails at the read of the L2 table{at} (ERROR: I/O error in check_refcounts_l2; Check failed: Input/output error), after it has turned the unaligned zero clusters of the L2 tables it read before that one into plain zero clusters"
+            ));
+        }
+        SimError::Qemu(format!(
+            "ERROR: I/O error in check_refcounts_l2; Check failed: Input/output error (the read of the L2 table{at} fails; nothing is repaired)"
+        ))
     }
 
     /// Say which corruptions the repair leaves as they are.
@@ -149,5 +184,108 @@ impl Sim {
                     | D::SnapshotL1TooLarge
                     | D::SnapshotsWithDataFile
             )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    // Test-only code, working on values it made itself.
+    #![allow(
+        clippy::arithmetic_side_effects,
+        clippy::unwrap_used,
+        clippy::expect_used
+    )]
+
+    use crate::check::{CheckOptions, FindingDetail, check};
+    use crate::image::{Qcow2, Strictness};
+    use crate::io::{MemSource, Source};
+    use crate::simulate::{Op, Sim, SimError, Target};
+    use crate::testing::ImageBuilder;
+    use std::path::Path;
+    use std::sync::Arc;
+
+    /// A file whose reads of one range fail as a failing disk's do (EIO).
+    #[derive(Debug)]
+    struct Failing {
+        inner: MemSource,
+        bad: std::ops::Range<u64>,
+    }
+
+    impl Source for Failing {
+        fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
+            let end = offset.saturating_add(buf.len() as u64);
+            if offset < self.bad.end && end > self.bad.start {
+                return Err(std::io::Error::from_raw_os_error(5));
+            }
+            self.inner.read_at(buf, offset)
+        }
+        fn len(&self) -> u64 {
+            self.inner.len()
+        }
+        fn name(&self) -> &Path {
+            self.inner.name()
+        }
+    }
+
+    /// The builder's image with one data cluster (5) behind L2[0] and one
+    /// cluster (6) that nothing references (a leak); reads of the L2 table
+    /// (cluster 4) fail when `fail` is set.
+    fn leaky(fail: bool) -> Qcow2 {
+        let mut b = ImageBuilder::new(16, 1 << 20);
+        let data = b.cluster(b"data");
+        b.cluster(b"leaked");
+        let b = b.l2(0, crate::tables::OFLAG_COPIED | data.get(), 0);
+        let cs = b.geometry().cluster_size();
+        let bad = if fail { 4 * cs..5 * cs } else { 0..0 };
+        let src = Failing {
+            inner: MemSource::new("built.qcow2", b.bytes()),
+            bad,
+        };
+        Qcow2::open(Arc::new(src), Strictness::Lenient).expect("the image opens")
+    }
+
+    fn repaired(img: &Qcow2, all: bool) -> Sim {
+        let mut sim = Sim::new(img, Path::new("built.qcow2")).expect("the simulation starts");
+        sim.apply(&Op::Repair { all });
+        sim
+    }
+
+    #[test]
+    fn a_failed_read_of_an_l2_table_fails_the_check_before_any_repair() {
+        // Readable, the leak is freed.
+        let sim = repaired(&leaky(false), true);
+        assert_eq!(sim.records[0].error, None);
+        assert!(
+            sim.records[0]
+                .steps
+                .iter()
+                .any(|c| matches!(c.target, Target::Refcount { .. }) && c.after == 0),
+            "{:?}",
+            sim.records[0].steps
+        );
+
+        let img = leaky(true);
+        let report = check(&img, &CheckOptions::default());
+        assert!(
+            report
+                .findings
+                .iter()
+                .any(|f| f.detail == FindingDetail::L2TableUnreadable
+                    && f.offset.map(u64::from) == Some(0x4_0000)),
+            "{:?}",
+            report.findings
+        );
+        for all in [false, true] {
+            let sim = repaired(&img, all);
+            let rec = &sim.records[0];
+            assert!(
+                matches!(&rec.cause, Some(SimError::Qemu(m))
+                    if m.starts_with("ERROR: I/O error in check_refcounts_l2; Check failed: Input/output error")
+                        && m.contains("at 0x40000")),
+                "{:?}",
+                rec.cause
+            );
+            assert!(rec.steps.is_empty(), "{:?}", rec.steps);
+        }
     }
 }
