@@ -424,3 +424,47 @@ fn completions_into_a_closed_pipe_end_quietly() {
         "{s}"
     );
 }
+
+/// An active L1 table QEMU refuses: `dump l1` names the reason once, on its
+/// "not read" line, and not again among the closing warnings; other tables still
+/// list it as a warning.
+#[test]
+fn dump_l1_names_the_refusal_once() {
+    let w = Work::new();
+    base_image(&w);
+    for (name, offset, bytes, reason) in [
+        // l1_size over QEMU's limit.
+        (
+            "size.qcow2",
+            0x24,
+            0x7fff_ffffu32.to_be_bytes().to_vec(),
+            "Active L1 table too large",
+        ),
+        // l1_table_offset 0x30008: not aligned to a cluster.
+        (
+            "align.qcow2",
+            0x28,
+            0x3_0008u64.to_be_bytes().to_vec(),
+            "Active L1 table offset invalid",
+        ),
+    ] {
+        std::fs::copy(w.path("a.qcow2"), w.path(name)).unwrap();
+        w.patch(name, offset, &bytes);
+        let q = std::process::Command::new("qemu-img")
+            .args(["info", name])
+            .current_dir(w.dir.path())
+            .output()
+            .unwrap();
+        assert_eq!(q.status.code(), Some(1));
+        assert!(String::from_utf8_lossy(&q.stderr).contains(reason), "{q:?}");
+        let out = String::from_utf8(w.qinspect_ok(&["dump", "l1", name])).unwrap();
+        assert_eq!(out.matches(reason).count(), 1, "{out}");
+        let line = out.lines().find(|l| l.contains(reason)).unwrap();
+        assert!(line.contains("not read: L1 table"), "{out}");
+        assert!(!out.contains("warning:"), "{out}");
+        // Where nothing else says it, the reason is a warning.
+        let out = String::from_utf8(w.qinspect_ok(&["dump", "refcount-table", name])).unwrap();
+        let line = out.lines().find(|l| l.contains(reason)).unwrap();
+        assert!(line.contains("warning:"), "{out}");
+    }
+}

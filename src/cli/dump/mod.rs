@@ -153,7 +153,13 @@ fn print_rows(a: &Args, img: &Qcow2, title: &str, rows: &[Row]) -> CmdResult {
             r.index, r.file_offset, r.raw, r.meaning
         )?;
     }
-    for p in &img.problems {
+    // The reason the table was not read is printed once, above, not again here.
+    let said = unread.as_ref().and_then(|_| img.l1_unread());
+    for p in img
+        .problems
+        .iter()
+        .filter(|p| !said.is_some_and(|s| std::ptr::eq(*p, s)))
+    {
         writeln!(out, "{}warning:{:#} {p}", style::BAD, style::BAD)?;
     }
     Ok(0)
