@@ -3,8 +3,10 @@
 use super::{CmdResult, print_json, style};
 use color_eyre::eyre::{bail, eyre};
 use qinspect::bitmap;
+use qinspect::error::{CorruptKind, Error};
+use qinspect::header::{Header, V3_MIN_HEADER_LEN};
 use qinspect::image::{Qcow2, Strictness};
-use qinspect::io::{FileSource, SharedSource};
+use qinspect::io::{FileSource, SharedSource, Source, read_exact};
 use qinspect::tables::{L1Entry, L1Mapping, L2Entry, L2Mapping};
 use qinspect::types::{GuestOffset, HostOffset};
 use serde::Serialize;
@@ -87,9 +89,13 @@ type Rows = color_eyre::Result<(String, Vec<Row>)>;
 /// Run `qinspect dump`.
 pub fn run(a: Args) -> CmdResult {
     let src: SharedSource = Arc::new(FileSource::open(&a.image)?);
-    let img = Qcow2::open(src, Strictness::Lenient)?;
+    let img = match Qcow2::open(src.clone(), Strictness::Lenient) {
+        Ok(img) => img,
+        Err(e) if a.table == Table::Header => return refused_header(&a, src.as_ref(), e),
+        Err(e) => return Err(e.into()),
+    };
     let (title, rows) = match a.table {
-        Table::Header => header_rows(&img)?,
+        Table::Header => header_rows(&img.header)?,
         Table::Luks => luks_rows(&a, &img)?,
         Table::Extensions => extension_rows(&img)?,
         Table::L1 => l1_rows(&a, &img)?,
@@ -133,26 +139,8 @@ fn print_rows(a: &Args, img: &Qcow2, title: &str, rows: &[Row]) -> CmdResult {
         print_json(&v)?;
         return Ok(0);
     }
+    write_rows(title, rows, unread.as_deref())?;
     let mut out = super::buffered_stdout();
-    let (hd, dim) = (style::HEAD, style::DIM);
-    writeln!(out, "{hd}{title}{hd:#}")?;
-    writeln!(
-        out,
-        "{dim}{:>6}  {:>12}  {:>18}  meaning{dim:#}",
-        "index", "file offset", "raw"
-    )?;
-    if let Some(why) = &unread {
-        writeln!(out, "  (not read: {why})")?;
-    } else if rows.is_empty() {
-        writeln!(out, "  (no non-zero entries)")?;
-    }
-    for r in rows {
-        writeln!(
-            out,
-            "{:>6}  {:>#12x}  {:>18}  {}",
-            r.index, r.file_offset, r.raw, r.meaning
-        )?;
-    }
     // The reason the table was not read is printed once, above, not again here.
     let said = unread.as_ref().and_then(|_| img.l1_unread());
     for p in img
@@ -165,10 +153,76 @@ fn print_rows(a: &Args, img: &Qcow2, title: &str, rows: &[Row]) -> CmdResult {
     Ok(0)
 }
 
+/// A table's title, heading and rows as text; `unread`: why the table was not read.
+fn write_rows(title: &str, rows: &[Row], unread: Option<&str>) -> color_eyre::Result<()> {
+    let mut out = super::buffered_stdout();
+    let (hd, dim) = (style::HEAD, style::DIM);
+    writeln!(out, "{hd}{title}{hd:#}")?;
+    writeln!(
+        out,
+        "{dim}{:>6}  {:>12}  {:>18}  meaning{dim:#}",
+        "index", "file offset", "raw"
+    )?;
+    if let Some(why) = unread {
+        writeln!(out, "  (not read: {why})")?;
+    } else if rows.is_empty() {
+        writeln!(out, "  (no non-zero entries)")?;
+    }
+    for r in rows {
+        writeln!(
+            out,
+            "{:>6}  {:>#12x}  {:>18}  {}",
+            r.index, r.file_offset, r.raw, r.meaning
+        )?;
+    }
+    out.flush()?;
+    Ok(())
+}
+
+/// `dump header` on an image that cannot be opened (`why`): the header's fields
+/// as stored, when its bytes decode, then the error, naming the field and its
+/// offset (an `"error"` member with `--json`); exit code 1. Without a header to
+/// decode, only the error.
+fn refused_header(a: &Args, src: &dyn Source, why: Error) -> CmdResult {
+    let len = src.len().min(u64::from(V3_MIN_HEADER_LEN) + 8);
+    let h =
+        match read_exact(src, "qcow2 header", HostOffset(0), len).and_then(|b| Header::parse(&b)) {
+            Ok(h) => h,
+            Err(_) => return Err(why.into()),
+        };
+    let (_, rows) = header_rows(&h)?;
+    let mut title = "header".to_string();
+    if !matches!(h.version, 2 | 3) {
+        title.push_str(&format!(
+            " (version {} is none QEMU knows: every field is read and described as version 3 lays it out)",
+            h.version
+        ));
+    }
+    title.push_str("; QEMU refuses it");
+    if a.json {
+        let field = match why.corrupt_kind() {
+            Some(CorruptKind::HeaderField(f)) => Some(f.name()),
+            _ => None,
+        };
+        let offset = match &why {
+            Error::Invalid { offset, .. } | Error::Truncated { offset, .. } => Some(*offset),
+            _ => None,
+        };
+        print_json(&json!({
+            "table": title,
+            "entries": rows,
+            "error": {"message": why.to_string(), "field": field, "offset": offset},
+        }))?;
+        return Ok(1);
+    }
+    write_rows(&title, &rows, None)?;
+    super::report_error(&why.into());
+    Ok(1)
+}
+
 /// The header fields, in file order.
-fn header_rows(img: &Qcow2) -> Rows {
-    let rows = img
-        .header
+fn header_rows(h: &Header) -> Rows {
+    let rows = h
         .fields()
         .into_iter()
         .enumerate()
