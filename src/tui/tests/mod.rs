@@ -414,6 +414,7 @@ fn settle(a: &mut App) {
 }
 
 mod broken;
+mod busy;
 mod columns;
 mod defects;
 mod find;
