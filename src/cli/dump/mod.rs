@@ -3,10 +3,8 @@
 use super::{CmdResult, print_json, style};
 use color_eyre::eyre::{bail, eyre};
 use qinspect::bitmap;
-use qinspect::error::{CorruptKind, Error};
-use qinspect::header::{Header, V3_MIN_HEADER_LEN};
 use qinspect::image::{Qcow2, Strictness};
-use qinspect::io::{FileSource, SharedSource, Source, read_exact};
+use qinspect::io::{FileSource, SharedSource};
 use qinspect::tables::{L1Entry, L1Mapping, L2Entry, L2Mapping};
 use qinspect::types::{GuestOffset, HostOffset};
 use serde::Serialize;
@@ -15,6 +13,7 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+mod header;
 mod refcount_block;
 #[cfg(test)]
 mod tests;
@@ -93,11 +92,11 @@ pub fn run(a: Args) -> CmdResult {
     let src: SharedSource = Arc::new(FileSource::open(&a.image)?);
     let img = match Qcow2::open(src.clone(), Strictness::Lenient) {
         Ok(img) => img,
-        Err(e) if a.table == Table::Header => return refused_header(&a, src.as_ref(), e),
+        Err(e) if a.table == Table::Header => return header::refused(&a, src.as_ref(), e),
         Err(e) => return Err(e.into()),
     };
     let (title, rows) = match a.table {
-        Table::Header => header_rows(&img.header)?,
+        Table::Header => header::rows(&img.header)?,
         Table::Luks => luks_rows(&a, &img)?,
         Table::Extensions => extension_rows(&img)?,
         Table::L1 => l1_rows(&a, &img)?,
@@ -179,64 +178,6 @@ fn write_rows(title: &str, rows: &[Row], unread: Option<&str>) -> color_eyre::Re
     }
     out.flush()?;
     Ok(())
-}
-
-/// `dump header` on an image that cannot be opened (`why`): the header's fields
-/// as stored, when its bytes decode, then the error, naming the field and its
-/// offset (an `"error"` member with `--json`); exit code 1. Without a header to
-/// decode, only the error.
-fn refused_header(a: &Args, src: &dyn Source, why: Error) -> CmdResult {
-    let len = src.len().min(u64::from(V3_MIN_HEADER_LEN) + 8);
-    let h =
-        match read_exact(src, "qcow2 header", HostOffset(0), len).and_then(|b| Header::parse(&b)) {
-            Ok(h) => h,
-            Err(_) => return Err(why.into()),
-        };
-    let (_, rows) = header_rows(&h)?;
-    let mut title = "header".to_string();
-    if !matches!(h.version, 2 | 3) {
-        title.push_str(&format!(
-            " (version {} is none QEMU knows: every field is read and described as version 3 lays it out)",
-            h.version
-        ));
-    }
-    title.push_str("; QEMU refuses it");
-    if a.json {
-        let field = match why.corrupt_kind() {
-            Some(CorruptKind::HeaderField(f)) => Some(f.name()),
-            _ => None,
-        };
-        let offset = match &why {
-            Error::Invalid { offset, .. } | Error::Truncated { offset, .. } => Some(*offset),
-            _ => None,
-        };
-        print_json(&json!({
-            "table": title,
-            "entries": rows,
-            "error": {"message": why.to_string(), "field": field, "offset": offset},
-        }))?;
-        return Ok(1);
-    }
-    write_rows(&title, &rows, None)?;
-    super::report_error(&why.into());
-    Ok(1)
-}
-
-/// The header fields, in file order.
-fn header_rows(h: &Header) -> Rows {
-    let rows = h
-        .fields()
-        .into_iter()
-        .enumerate()
-        .map(|(i, f)| Row {
-            index: i as u64,
-            file_offset: f.offset,
-            raw: format!("{:#x}", f.value),
-            decoded: json!({"field": f.name, "size": f.size, "value": f.value}),
-            meaning: format!("{}: {}", f.name, f.meaning),
-        })
-        .collect();
-    Ok(("header".into(), rows))
 }
 
 /// The LUKS header's fields and key slots.

@@ -1,7 +1,7 @@
 //! `dump bitmaps N` shows the table the open read, without reading it again.
 
 use super::*;
-use qinspect::io::MemSource;
+use qinspect::io::{MemSource, Source};
 use std::path::Path;
 use std::process::Command;
 use std::sync::Mutex;

@@ -106,6 +106,23 @@ fn last_shown(first: usize, width: usize) -> usize {
     last
 }
 
+/// How many columns are off screen on each side, and that the arrows scroll
+/// them, with `first` the first column shown in `width` cells.
+fn off_screen(first: usize, width: usize) -> String {
+    let last = last_shown(first, width);
+    let right = COLUMNS.len().saturating_sub(last.saturating_add(1));
+    let side = |n: usize, side: &str| match n {
+        0 => None,
+        1 => Some(format!("1 column to the {side}")),
+        n => Some(format!("{n} columns to the {side}")),
+    };
+    let off: Vec<String> = [side(first, "left"), side(right, "right")]
+        .into_iter()
+        .flatten()
+        .collect();
+    format!(" ←/→: {} ", off.join(", "))
+}
+
 /// The first column to show so that columns `first..` fit in `width` cells, as
 /// far right as Right may scroll: 0 when everything fits.
 fn last_first(width: usize) -> usize {
@@ -223,22 +240,8 @@ impl PaneState for State {
             let marked = self.marked.clone();
             let mut block = boxed(title);
             if self.max_first_column > 0 {
-                // Which columns are on screen, and that the arrows scroll them.
-                let last = last_shown(first, usize::from(list.width.saturating_sub(2)));
-                let right = COLUMNS.len().saturating_sub(last.saturating_add(1));
-                let side = |n: usize, side: &str| match n {
-                    0 => None,
-                    1 => Some(format!("1 column to the {side}")),
-                    n => Some(format!("{n} columns to the {side}")),
-                };
-                let off: Vec<String> = [side(first, "left"), side(right, "right")]
-                    .into_iter()
-                    .flatten()
-                    .collect();
-                block = block.title_bottom(Line::styled(
-                    format!(" ←/→: {} ", off.join(", ")),
-                    color::dim(),
-                ));
+                let width = usize::from(list.width.saturating_sub(2));
+                block = block.title_bottom(Line::styled(off_screen(first, width), color::dim()));
             }
             self.list.render_table(
                 f,
