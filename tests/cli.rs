@@ -424,3 +424,152 @@ fn completions_into_a_closed_pipe_end_quietly() {
         "{s}"
     );
 }
+
+/// An active L1 table QEMU refuses: `dump l1` names the reason once, on its
+/// "not read" line, and not again among the closing warnings; other tables still
+/// list it as a warning.
+#[test]
+fn dump_l1_names_the_refusal_once() {
+    let w = Work::new();
+    base_image(&w);
+    for (name, offset, bytes, reason) in [
+        // l1_size over QEMU's limit.
+        (
+            "size.qcow2",
+            0x24,
+            0x7fff_ffffu32.to_be_bytes().to_vec(),
+            "Active L1 table too large",
+        ),
+        // l1_table_offset 0x30008: not aligned to a cluster.
+        (
+            "align.qcow2",
+            0x28,
+            0x3_0008u64.to_be_bytes().to_vec(),
+            "Active L1 table offset invalid",
+        ),
+    ] {
+        std::fs::copy(w.path("a.qcow2"), w.path(name)).unwrap();
+        w.patch(name, offset, &bytes);
+        let q = std::process::Command::new("qemu-img")
+            .args(["info", name])
+            .current_dir(w.dir.path())
+            .output()
+            .unwrap();
+        assert_eq!(q.status.code(), Some(1));
+        assert!(String::from_utf8_lossy(&q.stderr).contains(reason), "{q:?}");
+        let out = String::from_utf8(w.qinspect_ok(&["dump", "l1", name])).unwrap();
+        assert_eq!(out.matches(reason).count(), 1, "{out}");
+        let line = out.lines().find(|l| l.contains(reason)).unwrap();
+        assert!(line.contains("not read: L1 table"), "{out}");
+        assert!(!out.contains("warning:"), "{out}");
+        // Where nothing else says it, the reason is a warning.
+        let out = String::from_utf8(w.qinspect_ok(&["dump", "refcount-table", name])).unwrap();
+        let line = out.lines().find(|l| l.contains(reason)).unwrap();
+        assert!(line.contains("warning:"), "{out}");
+    }
+}
+
+/// A header QEMU refuses at its first checks (an unknown version, a cluster size
+/// it does not support): `dump header` still lists every field as stored, each at
+/// its offset, then the error naming the field; `--json` gives both. Exit code 1.
+#[test]
+fn dump_header_lists_the_fields_of_a_header_qemu_refuses() {
+    let w = Work::new();
+    base_image(&w);
+    for (name, offset, value, field, qemu_says) in [
+        (
+            "v4.qcow2",
+            4u64,
+            4u32,
+            "version",
+            "Unsupported qcow2 version 4",
+        ),
+        (
+            "c8.qcow2",
+            20,
+            8,
+            "cluster_bits",
+            "Unsupported cluster size: 2^8",
+        ),
+        (
+            "c22.qcow2",
+            20,
+            22,
+            "cluster_bits",
+            "Unsupported cluster size: 2^22",
+        ),
+    ] {
+        std::fs::copy(w.path("a.qcow2"), w.path(name)).unwrap();
+        w.patch(name, offset, &value.to_be_bytes());
+        let q = std::process::Command::new("qemu-img")
+            .args(["info", name])
+            .current_dir(w.dir.path())
+            .output()
+            .unwrap();
+        assert_eq!(q.status.code(), Some(1));
+        assert!(
+            String::from_utf8_lossy(&q.stderr).contains(qemu_says),
+            "{q:?}"
+        );
+
+        let out = w.qinspect(&["dump", "header", name, "--json"]);
+        assert_eq!(out.status.code(), Some(1), "{name}");
+        let v = Work::json(&out.stdout);
+        let e = entries(&v);
+        let at = |f: &str| {
+            e.iter()
+                .find(|r| r["field"] == f)
+                .unwrap_or_else(|| panic!("{f}: {v}"))
+        };
+        // The patched field, and the fields qemu-img wrote, where the spec puts them.
+        assert_eq!(at(field)["value"], value, "{v}");
+        assert_eq!(at(field)["file_offset"], offset, "{v}");
+        assert_eq!(at("size")["value"], 1u64 << 30);
+        assert_eq!(at("size")["file_offset"], 24);
+        assert_eq!(at("l1_table_offset")["value"], 0x30000);
+        assert_eq!(at("l1_table_offset")["file_offset"], 40);
+        assert_eq!(at("refcount_table_offset")["value"], 0x10000);
+        assert_eq!(at("header_length")["file_offset"], 100);
+        assert_eq!(e.len(), 19, "{v}");
+        assert_eq!(v["error"]["field"], field, "{v}");
+        assert_eq!(v["error"]["offset"], offset, "{v}");
+        assert!(
+            v["error"]["message"].as_str().unwrap().contains(qemu_says),
+            "{v}"
+        );
+
+        let out = w.qinspect(&["dump", "header", name]);
+        assert_eq!(out.status.code(), Some(1), "{name}");
+        let text = String::from_utf8(out.stdout).unwrap();
+        let row = text
+            .lines()
+            .find(|l| l.contains(&format!("{field}:")))
+            .unwrap_or_else(|| panic!("{text}"));
+        assert!(row.contains(&format!("{offset:#x}")), "{row}");
+        let size = text
+            .lines()
+            .find(|l| l.contains("size: the guest"))
+            .unwrap();
+        assert!(
+            size.contains("0x18") && size.contains("0x40000000"),
+            "{text}"
+        );
+        let err = String::from_utf8(out.stderr).unwrap();
+        assert!(
+            err.contains(&format!("header {field} at {offset:#x}")) && err.contains(qemu_says),
+            "{err}"
+        );
+    }
+    // Without a cluster size QEMU supports, nothing is counted in clusters.
+    let text = String::from_utf8(w.qinspect(&["dump", "header", "c22.qcow2"]).stdout).unwrap();
+    assert!(text.contains("active L1 table at byte 0x30000"), "{text}");
+    assert!(!text.contains("host cluster"), "{text}");
+    assert!(!text.contains("each covering"), "{text}");
+    // A header whose magic is wrong has no fields to show: only the error.
+    std::fs::copy(w.path("a.qcow2"), w.path("m.qcow2")).unwrap();
+    w.patch("m.qcow2", 0, b"QFI\0");
+    let out = w.qinspect(&["dump", "header", "m.qcow2"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(out.stdout.is_empty());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("magic"));
+}

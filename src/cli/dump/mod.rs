@@ -13,7 +13,10 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+mod header;
 mod refcount_block;
+#[cfg(test)]
+mod tests;
 
 /// Which table to dump.
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -87,9 +90,13 @@ type Rows = color_eyre::Result<(String, Vec<Row>)>;
 /// Run `qinspect dump`.
 pub fn run(a: Args) -> CmdResult {
     let src: SharedSource = Arc::new(FileSource::open(&a.image)?);
-    let img = Qcow2::open(src, Strictness::Lenient)?;
+    let img = match Qcow2::open(src.clone(), Strictness::Lenient) {
+        Ok(img) => img,
+        Err(e) if a.table == Table::Header => return header::refused(&a, src.as_ref(), e),
+        Err(e) => return Err(e.into()),
+    };
     let (title, rows) = match a.table {
-        Table::Header => header_rows(&img)?,
+        Table::Header => header::rows(&img.header)?,
         Table::Luks => luks_rows(&a, &img)?,
         Table::Extensions => extension_rows(&img)?,
         Table::L1 => l1_rows(&a, &img)?,
@@ -133,6 +140,22 @@ fn print_rows(a: &Args, img: &Qcow2, title: &str, rows: &[Row]) -> CmdResult {
         print_json(&v)?;
         return Ok(0);
     }
+    write_rows(title, rows, unread.as_deref())?;
+    let mut out = super::buffered_stdout();
+    // The reason the table was not read is printed once, above, not again here.
+    let said = unread.as_ref().and_then(|_| img.l1_unread());
+    for p in img
+        .problems
+        .iter()
+        .filter(|p| !said.is_some_and(|s| std::ptr::eq(*p, s)))
+    {
+        writeln!(out, "{}warning:{:#} {p}", style::BAD, style::BAD)?;
+    }
+    Ok(0)
+}
+
+/// A table's title, heading and rows as text; `unread`: why the table was not read.
+fn write_rows(title: &str, rows: &[Row], unread: Option<&str>) -> color_eyre::Result<()> {
     let mut out = super::buffered_stdout();
     let (hd, dim) = (style::HEAD, style::DIM);
     writeln!(out, "{hd}{title}{hd:#}")?;
@@ -141,7 +164,7 @@ fn print_rows(a: &Args, img: &Qcow2, title: &str, rows: &[Row]) -> CmdResult {
         "{dim}{:>6}  {:>12}  {:>18}  meaning{dim:#}",
         "index", "file offset", "raw"
     )?;
-    if let Some(why) = &unread {
+    if let Some(why) = unread {
         writeln!(out, "  (not read: {why})")?;
     } else if rows.is_empty() {
         writeln!(out, "  (no non-zero entries)")?;
@@ -153,28 +176,8 @@ fn print_rows(a: &Args, img: &Qcow2, title: &str, rows: &[Row]) -> CmdResult {
             r.index, r.file_offset, r.raw, r.meaning
         )?;
     }
-    for p in &img.problems {
-        writeln!(out, "{}warning:{:#} {p}", style::BAD, style::BAD)?;
-    }
-    Ok(0)
-}
-
-/// The header fields, in file order.
-fn header_rows(img: &Qcow2) -> Rows {
-    let rows = img
-        .header
-        .fields()
-        .into_iter()
-        .enumerate()
-        .map(|(i, f)| Row {
-            index: i as u64,
-            file_offset: f.offset,
-            raw: format!("{:#x}", f.value),
-            decoded: json!({"field": f.name, "size": f.size, "value": f.value}),
-            meaning: format!("{}: {}", f.name, f.meaning),
-        })
-        .collect();
-    Ok(("header".into(), rows))
+    out.flush()?;
+    Ok(())
 }
 
 /// The LUKS header's fields and key slots.
@@ -417,7 +420,12 @@ fn bitmap_table_rows(a: &Args, img: &Qcow2, list: &[bitmap::BitmapEntry], i: u64
     let b = list
         .get(i as usize)
         .ok_or_else(|| eyre!("there is no bitmap {i} ({} bitmaps)", list.len()))?;
-    let t = bitmap::read_table(img.src.as_ref(), b)?;
+    // The open read every table it could (each byte once); only one it did not
+    // read is read here, as it always was.
+    let t: Vec<bitmap::BitmapTableEntry> = match img.bitmap_tables.table(i as usize) {
+        Ok(t) => t.entries().collect(),
+        Err(_) => bitmap::read_table(img.src.as_ref(), b)?,
+    };
     let cover = b.granularity().saturating_mul(geo.cluster_size() * 8);
     let rows = t
         .iter()

@@ -11,7 +11,7 @@ use super::{
     features::describe_bits,
 };
 use crate::bytes::{be32, be64, u8_at};
-use crate::types::HostOffset;
+use crate::types::{HostOffset, MAX_CLUSTER_BITS, MIN_CLUSTER_BITS};
 use serde::Serialize;
 
 /// One field of the qcow2 header.
@@ -208,7 +208,26 @@ impl Field {
         // Host cluster numbers: a shift by the clamped cluster_bits, no division.
         let bits = h.geometry().cluster_bits;
         let human = crate::types::human_size;
+        // A cluster size QEMU does not support has no geometry to speak of: the
+        // fields that depend on it are given in bytes and entries only.
+        let supported = (MIN_CLUSTER_BITS..=MAX_CLUSTER_BITS).contains(&h.cluster_bits);
         match self {
+            Field::ClusterBits if !supported => format!(
+                "clusters of {} bytes, a size QEMU does not support (2^{MIN_CLUSTER_BITS} to 2^{MAX_CLUSTER_BITS})",
+                1u128 << h.cluster_bits.min(127)
+            ),
+            Field::L1Size if !supported => {
+                format!("the active L1 table has {} entries", h.l1_size)
+            }
+            Field::L1TableOffset if !supported => {
+                format!("active L1 table at byte {}", h.l1_table_offset)
+            }
+            Field::RefcountTableOffset if !supported => {
+                format!("refcount table at byte {}", h.refcount_table_offset)
+            }
+            Field::SnapshotsOffset if !supported && h.nb_snapshots != 0 => {
+                format!("snapshot table at byte {}", h.snapshots_offset)
+            }
             Field::Magic if h.magic == QCOW2_MAGIC => "\"QFI\\xfb\": a qcow2 image".into(),
             Field::Magic => "not the qcow2 magic".into(),
             Field::Version => match h.version {

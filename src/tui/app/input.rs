@@ -127,7 +127,11 @@ impl App {
                 (self.panes.hex.limit(&self.ctx), "the file")
             }
             Some(OffsetKind::Host) => (self.ctx.file_len(), "the file"),
-            _ => (self.ctx.disk_size(), "the disk"),
+            _ => (self.ctx.view_disk_size(), "the disk"),
+        };
+        let what = match self.ctx.viewed_name() {
+            Some(s) if kind != Some(OffsetKind::Host) => format!("{what} of snapshot {s}"),
+            _ => what.to_string(),
         };
         if self.ctx.img.is_none() && kind != Some(OffsetKind::Host) {
             self.status = format!("cannot follow a guest offset: {}", self.ctx.unopened());

@@ -242,6 +242,14 @@ impl Ctx {
         self.img.as_ref().map_or(0, |i| i.header.size)
     }
 
+    /// The size of the disk in view: the viewed snapshot's (its own size when it
+    /// stores one), else the active disk's. Tables, Trace and Map read through it.
+    pub fn view_disk_size(&self) -> u64 {
+        let active = self.disk_size();
+        self.viewed()
+            .map_or(active, |s| s.effective_disk_size(active))
+    }
+
     /// The image file's size.
     pub fn file_len(&self) -> u64 {
         self.file.as_ref().map_or(0, |f| f.len())

@@ -20,9 +20,9 @@ pub enum Action {
     Up,
     /// Move the selection down.
     Down,
-    /// Left (Layout grid; a cluster back in Hex).
+    /// Left (Layout grid; a byte back in Hex; the columns in Snapshots).
     Left,
-    /// Right (Layout grid; a cluster forward in Hex).
+    /// Right (Layout grid; a byte forward in Hex; the columns in Snapshots).
     Right,
     /// A page up.
     PageUp,
@@ -228,6 +228,16 @@ pub const KEYMAP: &[Binding] = &[
             ((Char('l'), NO), Action::Right),
         ],
         scope: Scope::Panes(&[Pane::Layout, Pane::Hex]),
+    },
+    Binding {
+        keys: "←/→",
+        short: Some("columns"),
+        help: "Scroll the table's columns sideways when the screen is too narrow for them all (ID and NAME stay)",
+        codes: &[
+            ((KeyCode::Left, NO), Action::Left),
+            ((KeyCode::Right, NO), Action::Right),
+        ],
+        scope: Scope::Panes(&[Pane::Snapshots]),
     },
     Binding {
         keys: "[/]",

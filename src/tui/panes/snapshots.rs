@@ -29,22 +29,112 @@ pub struct State {
     pub diff_view: ListView,
     /// The arrows scroll the difference.
     pub focus_diff: bool,
+    /// The first of the columns right of NAME on screen (Left/Right scroll them).
+    pub first_column: usize,
+    /// How far right `first_column` may go at the width last drawn.
+    pub max_first_column: usize,
 }
 
-fn header() -> String {
+/// The columns right of ID and NAME, which Left/Right scroll: heading and width
+/// (right-aligned but for the date, the last).
+const COLUMNS: [(&str, usize); 7] = [
+    ("VM STATE", 10),
+    ("L1 OFFSET", 12),
+    ("L1 SZ", 6),
+    ("DISK SIZE", 14),
+    ("VM CLOCK", 10),
+    ("ICOUNT", 8),
+    ("DATE", 19),
+];
+
+/// The width of the marks, ID and NAME, which stay on screen.
+const FIXED: usize = 2 + 1 + 4 + 1 + 16;
+
+/// Column `c` of `COLUMNS` for snapshot `s`, unpadded.
+fn cell(s: &qinspect::snapshot::Snapshot, c: usize) -> String {
+    match c {
+        0 => s.vm_state_size.to_string(),
+        1 => format!("{:#x}", s.l1_table_offset),
+        2 => s.l1_size.to_string(),
+        3 => s.disk_size.map_or("current".into(), |d| d.to_string()),
+        4 => vm_clock(s.vm_clock_nsec),
+        5 => s.icount.map_or("-".into(), |c| c.to_string()),
+        _ => crate::cli::info::format_date(s.date_sec),
+    }
+}
+
+/// Columns `first..` of a row, each after a space, padded to its width (the
+/// last one, the date, only in the heading).
+fn tail(first: usize, heading: bool, mut value: impl FnMut(usize) -> String) -> String {
+    let mut out = String::new();
+    for (c, (_, w)) in COLUMNS.iter().enumerate().skip(first) {
+        let v = value(c);
+        let w = *w;
+        out.push_str(&match c {
+            6 if heading => format!(" {v:<w$}"),
+            6 => format!(" {v}"),
+            _ => format!(" {v:>w$}"),
+        });
+    }
+    out
+}
+
+fn header(first: usize) -> String {
     format!(
-        "{:>2} {:<4} {:<16} {:>10} {:>12} {:>6} {:>14} {:>10} {:>8} {:<19}",
+        "{:>2} {:<4} {:<16}{}",
         "",
         "ID",
         "NAME",
-        "VM STATE",
-        "L1 OFFSET",
-        "L1 SZ",
-        "DISK SIZE",
-        "VM CLOCK",
-        "ICOUNT",
-        "DATE"
+        tail(first, true, |c| COLUMNS
+            .get(c)
+            .map_or(String::new(), |h| h.0.to_string()))
     )
+}
+
+/// The last column wholly on screen when `first` is the first, in `width` cells
+/// (`first` itself when not even it fits).
+fn last_shown(first: usize, width: usize) -> usize {
+    let mut used = FIXED;
+    let mut last = first;
+    for (c, (_, w)) in COLUMNS.iter().enumerate().skip(first) {
+        used += w + 1;
+        if used > width {
+            break;
+        }
+        last = c;
+    }
+    last
+}
+
+/// How many columns are off screen on each side, and that the arrows scroll
+/// them, with `first` the first column shown in `width` cells.
+fn off_screen(first: usize, width: usize) -> String {
+    let last = last_shown(first, width);
+    let right = COLUMNS.len().saturating_sub(last.saturating_add(1));
+    let side = |n: usize, side: &str| match n {
+        0 => None,
+        1 => Some(format!("1 column to the {side}")),
+        n => Some(format!("{n} columns to the {side}")),
+    };
+    let off: Vec<String> = [side(first, "left"), side(right, "right")]
+        .into_iter()
+        .flatten()
+        .collect();
+    format!(" ←/→: {} ", off.join(", "))
+}
+
+/// The first column to show so that columns `first..` fit in `width` cells, as
+/// far right as Right may scroll: 0 when everything fits.
+fn last_first(width: usize) -> usize {
+    let room = width.saturating_sub(FIXED);
+    let mut need = 0;
+    for (c, (_, w)) in COLUMNS.iter().enumerate().rev() {
+        need += w + 1;
+        if need > room {
+            return (c + 1).min(COLUMNS.len() - 1);
+        }
+    }
+    0
 }
 
 /// The guest clock, in seconds with milliseconds (the VM CLOCK column).
@@ -140,16 +230,24 @@ impl PaneState for State {
                 Style::new().fg(color::BAD),
             ));
         }
+        self.max_first_column = last_first(usize::from(list.width.saturating_sub(2)));
+        self.first_column = self.first_column.min(self.max_first_column);
+        let first = self.first_column;
         if !extra.is_empty() {
-            extra.insert(0, Line::styled(header(), color::head()));
+            extra.insert(0, Line::styled(header(first), color::head()));
             f.render_widget(Paragraph::new(extra).block(boxed(title)), list);
         } else {
             let marked = self.marked.clone();
+            let mut block = boxed(title);
+            if self.max_first_column > 0 {
+                let width = usize::from(list.width.saturating_sub(2));
+                block = block.title_bottom(Line::styled(off_screen(first, width), color::dim()));
+            }
             self.list.render_table(
                 f,
                 list,
-                boxed(title),
-                Some(Line::styled(header(), color::head())),
+                block,
+                Some(Line::styled(header(first), color::head())),
                 snaps.len(),
                 true,
                 |r| {
@@ -164,16 +262,10 @@ impl PaneState for State {
                                 " "
                             };
                             Line::raw(format!(
-                                "{view}{mark} {:<4} {:<16} {:>10} {:>#12x} {:>6} {:>14} {:>10} {:>8} {}",
+                                "{view}{mark} {:<4} {:<16}{}",
                                 s.id,
                                 s.name,
-                                s.vm_state_size,
-                                s.l1_table_offset,
-                                s.l1_size,
-                                s.disk_size.map_or("current".into(), |d| d.to_string()),
-                                vm_clock(s.vm_clock_nsec),
-                                s.icount.map_or("-".into(), |c| c.to_string()),
-                                crate::cli::info::format_date(s.date_sec)
+                                tail(first, false, |c| cell(s, c))
                             ))
                         })
                         .collect()
@@ -262,6 +354,14 @@ impl PaneState for State {
                 }
             }
             Action::Focus => self.focus_diff = !self.focus_diff,
+            // The columns right of NAME, sideways; ID and NAME stay.
+            Action::Left => self.first_column = self.first_column.saturating_sub(1),
+            Action::Right => {
+                self.first_column = self
+                    .first_column
+                    .saturating_add(1)
+                    .min(self.max_first_column);
+            }
             a => return self.list.select(a, n),
         }
         true

@@ -326,13 +326,17 @@ impl PaneState for State {
                 };
                 let geo = img.geometry();
                 let j = self.l2.sel as u64;
+                // The disk this table maps: the viewed snapshot's, whose size can
+                // differ from the active disk's.
                 match geo.guest_offset(i as u64, j, 0) {
-                    Some(g) if g.0 < ctx.disk_size() => q.push(Effect::Trace(g)),
+                    Some(g) if g.0 < view.size => q.push(Effect::Trace(g)),
                     // Nothing to trace: say why rather than do nothing.
                     g => q.push(Effect::Status(format!(
-                        "nothing to trace: guest {} is past the end of the disk ({} bytes), no read reaches this entry",
+                        "nothing to trace: guest {} is past the end of the disk ({} bytes){}, no read reaches this entry",
                         g.map_or_else(|| "offset".to_string(), |g| format!("{g}")),
-                        ctx.disk_size()
+                        view.size,
+                        ctx.viewed_name()
+                            .map_or_else(String::new, |s| format!(" of snapshot {s}"))
                     ))),
                 }
             }

@@ -244,3 +244,92 @@ fn l2_entries_past_the_end_of_the_disk_say_no_read_reaches_them() {
     let s = screen(&mut a, 80, 24);
     assert!(s.contains("nothing to trace"), "{s}");
 }
+
+/// In the Tables pane, on the L2 entry of guest `at` (below 1 GiB, 64 KiB clusters;
+/// reached with the arrows from `g0`), press Enter: `Some(guest)` when it traced.
+fn enter_in_tables_at(a: &mut App, at: u64) -> Option<u64> {
+    typed(a, "3g0");
+    key(a, KeyCode::Enter);
+    assert_eq!(a.pane, Pane::Tables);
+    for _ in 0..at / 0x1_0000 {
+        key(a, KeyCode::Down);
+    }
+    a.panes.trace.trace = None;
+    key(a, KeyCode::Enter);
+    match a.pane {
+        Pane::Trace => a.panes.trace.trace.as_ref().map(|t| t.guest_offset.get()),
+        _ => None,
+    }
+}
+
+/// View snapshot record 0 (Snapshots pane, Enter).
+fn view_first_snapshot(a: &mut App) {
+    typed(a, "5");
+    key(a, KeyCode::Home);
+    key(a, KeyCode::Enter);
+    assert_eq!(a.ctx.view_snapshot, Some(0), "{}", a.status);
+}
+
+#[test]
+fn enter_on_an_l2_entry_is_past_the_end_of_the_viewed_snapshots_disk() {
+    // Grown: a snapshot of a 1 MiB disk, then `qemu-img resize` to 4 MiB.
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    qemu_img(d, &["create", "-q", "-f", "qcow2", "g.qcow2", "1M"]);
+    qemu_io(d, "g.qcow2", "write -P 1 0 64k");
+    qemu_img(d, &["snapshot", "-c", "s1", "g.qcow2"]);
+    qemu_img(d, &["resize", "-q", "g.qcow2", "4M"]);
+    qemu_io(d, "g.qcow2", "write -P 2 2M 64k");
+    let mut a = open(d.join("g.qcow2"));
+    // Active view: guest 2M is inside the 4 MiB disk.
+    assert_eq!(enter_in_tables_at(&mut a, 0x20_0000), Some(0x20_0000));
+    view_first_snapshot(&mut a);
+    // The snapshot's disk ends at 1 MiB: its last cluster traces, 2M does not.
+    assert_eq!(enter_in_tables_at(&mut a, 0xf_0000), Some(0xf_0000));
+    assert_eq!(enter_in_tables_at(&mut a, 0x20_0000), None);
+    assert!(
+        a.status
+            .contains("past the end of the disk (1048576 bytes) of snapshot 1 's1'"),
+        "{}",
+        a.status
+    );
+    assert!(view::explanation(&a).contains("past the end of the disk"));
+    // `g` to there is refused for the same reason.
+    typed(&mut a, "g0x200000");
+    key(&mut a, KeyCode::Enter);
+    assert!(
+        a.status
+            .contains("past the end of the disk of snapshot 1 's1' (1048576 bytes"),
+        "{}",
+        a.status
+    );
+
+    // Shrunk: a snapshot of a 4 MiB disk, then `qemu-img resize --shrink` to 1 MiB.
+    qemu_img(d, &["create", "-q", "-f", "qcow2", "s.qcow2", "4M"]);
+    qemu_io(d, "s.qcow2", "write -P 1 2M 64k");
+    qemu_img(d, &["snapshot", "-c", "s1", "s.qcow2"]);
+    qemu_img(d, &["resize", "-q", "--shrink", "s.qcow2", "1M"]);
+    let mut a = open(d.join("s.qcow2"));
+    // Active view: guest 2M is past the 1 MiB end.
+    assert_eq!(enter_in_tables_at(&mut a, 0x20_0000), None);
+    assert!(
+        a.status
+            .contains("past the end of the disk (1048576 bytes), no read"),
+        "{}",
+        a.status
+    );
+    // The snapshot's 4 MiB disk holds it: Enter traces the snapshot's data there.
+    view_first_snapshot(&mut a);
+    assert_eq!(enter_in_tables_at(&mut a, 0x20_0000), Some(0x20_0000));
+    assert_eq!(enter_in_tables_at(&mut a, 0x40_0000), None);
+    assert!(
+        a.status
+            .contains("past the end of the disk (4194304 bytes) of snapshot 1 's1'"),
+        "{}",
+        a.status
+    );
+    // `g` to 2M goes there in the snapshot's view.
+    typed(&mut a, "g0x200000");
+    key(&mut a, KeyCode::Enter);
+    assert_eq!(a.panes.tables.l2.sel, 32, "{}", a.status);
+}

@@ -414,6 +414,8 @@ fn settle(a: &mut App) {
 }
 
 mod broken;
+mod busy;
+mod columns;
 mod defects;
 mod find;
 mod hex;
