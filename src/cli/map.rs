@@ -17,7 +17,9 @@ file, ...), present (that layer itself has data or zeros there), zero, data, com
 offset (where the bytes are in that layer's file).\n\n\
 The readable table shows every extent with the file that holds it; colours: green data, \
 blue zeros, magenta compressed, yellow for ranges answered by a backing file.\n\n\
---snapshot maps an internal snapshot's view (what `qemu-nbd -l` would serve).\n\n\
+--snapshot maps an internal snapshot as `qemu-img snapshot -a` would leave the disk: at the \
+snapshot's own disk size. Where that differs from the current size, `qemu-nbd -l` and \
+`qemu-img convert -l` keep the current one, as `read --snapshot` does.\n\n\
 An encrypted image needs its key, as with qemu-img map (the same --object/--image-opts \
 or --passphrase-file options as read).\n\n\
 Several images get one table each, under the image's name; one that cannot be read is \

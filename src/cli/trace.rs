@@ -23,6 +23,10 @@ pub struct Args {
     pub offset: GuestOffset,
     /// Resolve through this internal snapshot (ID or name) instead of the active L1.
     ///
+    /// The disk then ends where the snapshot's did (`qemu-img snapshot -a`); a
+    /// temporary load (`qemu-nbd -l`, `qemu-img convert -l`, `read --snapshot`)
+    /// keeps the current size.
+    ///
     /// A bare ID_OR_NAME is tried as an ID, then as a name; `snapshot.name=NAME`,
     /// `snapshot.id=ID` (or both, comma-separated) match exactly, as in
     /// `qemu-img convert -l`.

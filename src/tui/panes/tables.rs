@@ -331,13 +331,31 @@ impl PaneState for State {
                 match geo.guest_offset(i as u64, j, 0) {
                     Some(g) if g.0 < view.size => q.push(Effect::Trace(g)),
                     // Nothing to trace: say why rather than do nothing.
-                    g => q.push(Effect::Status(format!(
-                        "nothing to trace: guest {} is past the end of the disk ({} bytes){}, no read reaches this entry",
-                        g.map_or_else(|| "offset".to_string(), |g| format!("{g}")),
-                        view.size,
-                        ctx.viewed_name()
-                            .map_or_else(String::new, |s| format!(" of snapshot {s}"))
-                    ))),
+                    g => {
+                        let at = g.map_or_else(|| "offset".to_string(), |g| format!("{g}"));
+                        let why = match ctx.viewed_name() {
+                            None => ", no read reaches this entry".to_string(),
+                            // A temporary load of the snapshot keeps the current
+                            // size: past the snapshot's end it may still read here.
+                            Some(s) => {
+                                let current = ctx.disk_size();
+                                let loaded = if g.is_some_and(|g| g.0 < current) {
+                                    format!(
+                                        "; a temporary load (qemu-nbd -l, qemu-img convert -l) keeps the current disk of {current} bytes and does read it"
+                                    )
+                                } else {
+                                    String::new()
+                                };
+                                format!(
+                                    " of snapshot {s}: once it is applied (qemu-img snapshot -a) no read reaches this entry{loaded}"
+                                )
+                            }
+                        };
+                        q.push(Effect::Status(format!(
+                            "nothing to trace: guest {at} is past the end of the disk ({} bytes){why}",
+                            view.size,
+                        )));
+                    }
                 }
             }
             (Level::L2(i), Action::Hex) => {

@@ -293,6 +293,13 @@ fn enter_on_an_l2_entry_is_past_the_end_of_the_viewed_snapshots_disk() {
         "{}",
         a.status
     );
+    // qemu-nbd -l and convert -l keep the current 4 MiB disk, and read it.
+    assert!(
+        a.status
+            .contains("a temporary load (qemu-nbd -l, qemu-img convert -l) keeps the current disk of 4194304 bytes and does read it"),
+        "{}",
+        a.status
+    );
     assert!(view::explanation(&a).contains("past the end of the disk"));
     // `g` to there is refused for the same reason.
     typed(&mut a, "g0x200000");
@@ -328,6 +335,8 @@ fn enter_on_an_l2_entry_is_past_the_end_of_the_viewed_snapshots_disk() {
         "{}",
         a.status
     );
+    // Past both ends: no temporary load reads it either.
+    assert!(!a.status.contains("temporary load"), "{}", a.status);
     // `g` to 2M goes there in the snapshot's view.
     typed(&mut a, "g0x200000");
     key(&mut a, KeyCode::Enter);
