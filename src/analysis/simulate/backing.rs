@@ -55,9 +55,11 @@ impl Sim {
     }
 
     /// Say, before an operation, that the backing chain named is one qinspect
-    /// could not open though QEMU's open may not fail.
+    /// could not open though QEMU's open may not fail. (A chain that stops at
+    /// the image itself, such as at its external data file, says nothing of
+    /// the backing file.)
     pub(super) fn backing_assumed(&mut self) {
-        if self.backing_failure.is_some() {
+        if self.backing_failure.as_ref().is_some_and(|f| f.depth >= 1) {
             let why = self.backing_unread();
             self.note(format!(
                 "qinspect cannot open the backing chain ({why}); this assumes QEMU opens it, and says `not simulated` where the metadata QEMU writes depends on the backing file's bytes or length"

@@ -86,6 +86,9 @@ impl ChainFailure {
     /// open device IMAGE: ` (qemu-io) when its read-write open fails here:
     /// `Could not open backing file: ` once per layer down to this one, then
     /// the reason. `None` where QEMU's open does not fail ([`Self::qemu_fails`]).
+    /// The reason is QEMU's own for a missing or unreadable file, a directory,
+    /// a loop and a file without the qcow2 magic; for another image QEMU's
+    /// driver refuses it is qinspect's reason for the same refusal.
     pub fn qemu_reason(&self) -> Option<String> {
         if !self.qemu_fails() {
             return None;
