@@ -370,6 +370,14 @@ fn a_backing_file_only_qinspect_cannot_read() {
             );
             assert!(r.error.as_deref().unwrap().starts_with("not simulated: "));
         }
+        // On screen too, what is not simulated is no failure of QEMU's.
+        let out = w.qinspect(&["simulate", &top, "resize:2097152"]);
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            text.contains("\n   not simulated: growing an image"),
+            "{text}"
+        );
+        assert!(!text.contains("QEMU fails here"), "{text}");
     }
 }
 
