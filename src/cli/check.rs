@@ -137,11 +137,25 @@ pub fn open_refusal(path: &Path, img: &Qcow2) -> Option<Refusal> {
         strictness: Strictness::Qemu,
         ..Default::default()
     };
-    match Chain::open(path, &opts) {
-        Err(error) => Some(Refusal::Chain {
-            path: path.to_path_buf(),
-            error,
-        }),
+    match Chain::open_detailed(path, &opts) {
+        // (qemu-img check's open is read-only: a loop it does not leave is
+        // no failure in its words.)
+        Err(failure) => Some(
+            match failure
+                .qemu_reason()
+                .filter(|_| !failure.read_only_open_loops())
+            {
+                Some(reason) => Refusal::Backing {
+                    path: path.to_path_buf(),
+                    failure,
+                    reason,
+                },
+                None => Refusal::Chain {
+                    path: path.to_path_buf(),
+                    error: failure.error,
+                },
+            },
+        ),
         // A data file found only next to the image: QEMU would not find it.
         Ok(chain) => chain.notes.first().cloned().map(Refusal::DataFileElsewhere),
     }

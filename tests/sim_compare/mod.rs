@@ -361,14 +361,25 @@ fn cause(line: &str) -> String {
 
 /// `qemu-img check` of `img`: (corruptions, leaks, check errors).
 pub fn qemu_check(dir: &Path, img: &str) -> (u64, u64, u64) {
+    qemu_check_opened(dir, img).unwrap_or_default()
+}
+
+/// [`qemu_check`], or `None` when qemu-img check cannot open the image's
+/// backing file (and so checks nothing).
+pub fn qemu_check_opened(dir: &Path, img: &str) -> Option<(u64, u64, u64)> {
     let out = Command::new("qemu-img")
         .args(["check", "--output=json", img])
         .current_dir(dir)
         .output()
         .expect("qemu-img check");
+    if out.stdout.is_empty()
+        && String::from_utf8_lossy(&out.stderr).contains(": Could not open backing file: ")
+    {
+        return None;
+    }
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
     let n = |k: &str| v.get(k).and_then(|x| x.as_u64()).unwrap_or(0);
-    (n("corruptions"), n("leaks"), n("check-errors"))
+    Some((n("corruptions"), n("leaks"), n("check-errors")))
 }
 
 /// Run `ops` one by one on a copy of `image` in `dir` (one QEMU process each)
@@ -398,8 +409,38 @@ pub fn compare_with(
 }
 
 /// Apply `ops` to `sim` and `qemu_ops` for real to the image `real` in `dir`,
-/// comparing after each.
+/// comparing after each, then the guest bytes.
 pub fn compare_sim(
+    dir: &Path,
+    sim: Sim,
+    copy: &str,
+    ops: &[&str],
+    qemu_ops: &[&str],
+) -> Result<Sim, String> {
+    let mut sim = compare_ops(dir, sim, copy, ops, qemu_ops)?;
+    guest_matches(dir, &mut sim, copy)
+        .map_err(|e| format!("after the {} operations: {e}", ops.len()))?;
+    Ok(sim)
+}
+
+/// As [`compare`], without comparing the guest bytes at the end (for a
+/// simulation that cannot know them).
+pub fn compare_metadata(dir: &Path, image: &str, ops: &[&str]) -> Result<Sim, String> {
+    let before = std::fs::read(dir.join(image)).map_err(|e| e.to_string())?;
+    let copy = format!("{image}.qemu");
+    std::fs::copy(dir.join(image), dir.join(&copy)).map_err(|e| e.to_string())?;
+    let img = open_path(&dir.join(image))?;
+    let sim = Sim::new(&img, &dir.join(image)).map_err(|e| format!("Sim::new: {e}"))?;
+    let sim = compare_ops(dir, sim, &copy, ops, ops)?;
+    if std::fs::read(dir.join(image)).map_err(|e| e.to_string())? != before {
+        return Err("the original image changed".into());
+    }
+    Ok(sim)
+}
+
+/// Apply `ops` to `sim` and `qemu_ops` for real to the image `real` in `dir`,
+/// comparing the metadata after each.
+pub fn compare_ops(
     dir: &Path,
     mut sim: Sim,
     copy: &str,
@@ -470,7 +511,11 @@ pub fn compare_sim(
             return Err(diffs.join("\n"));
         }
         let r = check(&simulated, &CheckOptions::default());
-        let q = qemu_check(dir, &copy);
+        // Nothing to compare where qemu-img check cannot open the backing
+        // file: the metadata compared above is all there is.
+        let Some(q) = qemu_check_opened(dir, &copy) else {
+            continue;
+        };
         if (r.corruptions, r.leaks, r.check_errors) != q {
             return Err(format!(
                 "{at}: check of the simulation {:?}, qemu-img check {q:?}",
@@ -478,7 +523,5 @@ pub fn compare_sim(
             ));
         }
     }
-    guest_matches(dir, &mut sim, &copy)
-        .map_err(|e| format!("after the {} operations: {e}", ops.len()))?;
     Ok(sim)
 }

@@ -37,6 +37,17 @@ pub enum Refusal {
         /// Why the chain does not open.
         error: Error,
     },
+    /// QEMU's open of the backing chain fails (a backing file missing, a
+    /// directory, a loop, an image its driver refuses): QEMU's own words.
+    #[error("Could not open '{}': {reason}", path.display())]
+    Backing {
+        /// The image, as named on the command line.
+        path: PathBuf,
+        /// Where and why the chain stopped.
+        failure: Box<crate::chain::ChainFailure>,
+        /// QEMU's reason ([`ChainFailure::qemu_reason`](crate::chain::ChainFailure::qemu_reason)).
+        reason: String,
+    },
     /// The external data file was found only next to the image, where QEMU does
     /// not look: the chain's note saying so.
     #[error("{0}")]
@@ -118,6 +129,7 @@ impl Refusal {
             | Refusal::BitmapTable { error: e, .. }
             | Refusal::BitmapTablesNotRead { error: e, .. }
             | Refusal::SimulatedOpen(e) => Some(e),
+            Refusal::Backing { failure, .. } => Some(&failure.error),
             Refusal::NoKey { .. }
             | Refusal::DataFileElsewhere(_)
             | Refusal::TooManySnapshots { .. }

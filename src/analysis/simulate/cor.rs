@@ -38,9 +38,10 @@ impl Sim {
             None
         };
         if own.is_none() && lent.is_none() && self.backing_named {
-            return Err(SimError::NotModelled(
-                "copy-on-read over a backing file qinspect could not open".into(),
-            ));
+            return Err(SimError::NotModelled(format!(
+                "copy-on-read over a backing file qinspect could not open: {}",
+                self.backing_unread()
+            )));
         }
         // Widened to whole subclusters (whole clusters without extended L2).
         let unit = self.geo.subcluster_size().max(1);

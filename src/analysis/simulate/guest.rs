@@ -545,6 +545,8 @@ impl Sim {
                 ClusterType::Unallocated => {
                     if me.backing.is_some() {
                         "the backing file".to_string()
+                    } else if me.backing_named {
+                        "the backing file, which qinspect could not open (the bytes copied are not known)".to_string()
                     } else {
                         "zeros (unallocated, no backing file)".to_string()
                     }

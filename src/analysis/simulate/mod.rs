@@ -22,6 +22,7 @@
 //! ever written to the real file.
 
 mod alloc;
+mod backing;
 mod bitmaps;
 mod bytes;
 mod change;
@@ -152,6 +153,8 @@ pub struct Sim {
     pub freed: Vec<(u64, String)>,
     backing: Option<crate::chain::Chain>,
     backing_named: bool,
+    /// Why the backing chain did not open, when the image names one.
+    backing_failure: Option<Box<crate::chain::ChainFailure>>,
     /// Persistent bitmaps, stored again at the end of every operation.
     bitmaps: Option<bitmaps::Bitmaps>,
     /// QEMU's message when the corrupt bit keeps it from opening read-write.
@@ -200,6 +203,14 @@ pub enum SimError {
     NotModelled(String),
     /// QEMU does not open the image read-write: the corrupt bit is set.
     Corrupt(String),
+    /// QEMU's open of the image fails at a backing file (`failure` says which
+    /// and why), in the words of the command (`words`).
+    BackingOpen {
+        /// Where and why the chain stopped.
+        failure: Box<crate::chain::ChainFailure>,
+        /// The command's message.
+        words: String,
+    },
 }
 
 impl SimError {
@@ -207,6 +218,7 @@ impl SimError {
     pub fn text(&self) -> String {
         match self {
             SimError::Qemu(m) | SimError::Corrupt(m) => m.clone(),
+            SimError::BackingOpen { words, .. } => words.clone(),
             SimError::Error(e) => e.to_string(),
             SimError::NotModelled(m) => format!("not simulated: {m}"),
             SimError::Again => "a new refcount block was allocated in the middle of an update that cannot be restarted (Resource temporarily unavailable)".into(),
@@ -274,15 +286,15 @@ impl Sim {
         }
         let geo = img.geometry();
         let snapshots = SimSnapshot::from_image(img);
-        let backing = match &img.backing_name {
-            Some(_) => {
-                let chain = crate::chain::Chain::open(path, &Default::default()).ok();
-                chain.map(|mut c| {
+        let (backing, backing_failure) = match &img.backing_name {
+            Some(_) => match crate::chain::Chain::open_detailed(path, &Default::default()) {
+                Ok(mut c) => {
                     c.layers.remove(0);
-                    c
-                })
-            }
-            None => None,
+                    (Some(c), None)
+                }
+                Err(f) => (None, Some(f)),
+            },
+            None => (None, None),
         };
         let open_fails = bitmaps::open_fails(img);
         let (bitmaps, not_modelled) = match bitmaps::load(img) {
@@ -325,6 +337,7 @@ impl Sim {
             snapshots_size: img.snapshots.size,
             free_cluster_index: 0,
             backing_named: img.backing_name.is_some(),
+            backing_failure,
             steps: Vec::new(),
             reason: String::new(),
             records: Vec::new(),
@@ -380,7 +393,15 @@ impl Sim {
             } else {
                 Ok(())
             };
-            let r = r.and_then(|()| self.run_op(op));
+            // The backing file is opened after the image's own open, so
+            // what that open writes stays when the backing file fails.
+            let r = r.and_then(|()| match self.backing_refused(op) {
+                Some(e) => self.close_failed_open().and(Err(e)),
+                None => {
+                    self.backing_assumed();
+                    self.run_op(op)
+                }
+            });
             // The close: persistent bitmaps are stored again even when the
             // operation failed.
             // A write stopped by the overlap check leaves the image unusable:

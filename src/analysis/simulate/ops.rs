@@ -321,8 +321,9 @@ impl Op {
 /// An error as QEMU's tool would print it: its prefix for the operation and the
 /// errno's text, then what qinspect knows of why.
 pub(super) fn qemu_words(op: &Op, detail: String) -> String {
-    const ALREADY: [&str; 6] = [
+    const ALREADY: [&str; 7] = [
         "Could not ",
+        "can't open device ",
         "write failed: ",
         "discard failed: ",
         "read failed: ",

@@ -131,7 +131,27 @@ impl Sim {
         let src = Arc::new(MemSource::new(label.clone(), bytes));
         let ov = Qcow2::open(src, Strictness::Lenient)?;
         let mut sim = Sim::new(&ov, Path::new(&label))?;
-        sim.backing = crate::chain::Chain::open(base, &Default::default()).ok();
+        // qemu-nbd -s opens the image and its backing chain read-only.
+        sim.backing_failure = None;
+        match crate::chain::Chain::open_detailed(base, &Default::default()) {
+            Ok(c) => sim.backing = Some(c),
+            Err(f) if f.read_only_open_loops() => {
+                return Err(Error::Request(format!(
+                    "qemu-nbd -s would not start: its read-only open of {} follows the backing chain loop without end ({})",
+                    base.display(),
+                    f.error
+                )));
+            }
+            Err(f) => match f.qemu_reason() {
+                Some(why) => {
+                    return Err(Error::Request(format!(
+                        "qemu-nbd -s fails: Failed to blk_new_open '{}': {why}",
+                        base.display()
+                    )));
+                }
+                None => sim.backing_failure = Some(f),
+            },
+        }
         sim.backing_named = true;
         sim.overlay_of = Some((base.to_path_buf(), snapshot.map(str::to_string)));
         Ok(sim)
@@ -203,14 +223,17 @@ impl Sim {
             return Ok(());
         }
         let Some((base, snap)) = self.overlay_of.clone() else {
-            self.note(
-                if self.backing.is_some() || self.backing_named {
-                    "to the backing file"
-                } else {
-                    "no backing file: reads as zeros"
-                }
-                .into(),
-            );
+            let to = if self.backing.is_some() {
+                "to the backing file".to_string()
+            } else if self.backing_named {
+                format!(
+                    "to the backing file, which qinspect could not open: {}",
+                    self.backing_unread()
+                )
+            } else {
+                "no backing file: reads as zeros".to_string()
+            };
+            self.note(to);
             return Ok(());
         };
         let src: crate::io::SharedSource = Arc::new(crate::io::FileSource::open(&base)?);

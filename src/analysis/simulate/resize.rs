@@ -224,9 +224,10 @@ impl Sim {
     fn backing_longer_than(&self, len: u64) -> SimResult<bool> {
         match &self.backing {
             Some(chain) => Ok(chain.layers.first().map_or(0, |l| l.size()) > len),
-            None if self.backing_named => Err(SimError::NotModelled(
-                "growing an image whose backing file qinspect could not open (QEMU zero-fills the new area when the backing file is longer)".into(),
-            )),
+            None if self.backing_named => Err(SimError::NotModelled(format!(
+                "growing an image whose backing file qinspect could not open (QEMU zero-fills the new area when the backing file is longer): {}",
+                self.backing_unread()
+            ))),
             None => Ok(false),
         }
     }

@@ -289,9 +289,10 @@ impl Sim {
         }
         match &self.backing {
             Some(chain) => chain_reads_zero(chain, a, b),
-            None if self.backing_named => Err(SimError::NotModelled(
-                "a partial write-zeroes over a backing file qinspect could not open (QEMU asks it whether the rest reads as zeros)".into(),
-            )),
+            None if self.backing_named => Err(SimError::NotModelled(format!(
+                "a partial write-zeroes over a backing file qinspect could not open (QEMU asks it whether the rest reads as zeros): {}",
+                self.backing_unread()
+            ))),
             None => Ok(true),
         }
     }

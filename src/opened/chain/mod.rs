@@ -30,7 +30,9 @@ use crate::types::HostOffset;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+mod failure;
 mod names;
+pub use failure::{ChainFailure, FailureCause};
 pub use names::{Target, has_protocol, path_combine, resolve_backing, resolve_relative};
 
 /// The deepest chain qinspect follows.
@@ -267,24 +269,50 @@ pub fn strerror(e: &std::io::Error) -> String {
     }
 }
 
-fn open_file(path: &Path, chain: &[PathBuf]) -> Result<SharedSource> {
+/// Open one layer's file; the cause says why it failed, for
+/// [`ChainFailure::cause`].
+fn open_file(
+    path: &Path,
+    chain: &[PathBuf],
+) -> std::result::Result<SharedSource, (Error, FailureCause)> {
     match FileSource::open(path) {
         Ok(f) => Ok(Arc::new(f)),
-        Err(Error::Io { source, .. }) if !chain.is_empty() => Err(Error::Chain {
-            chain: chain_text(chain),
-            reason: format!(
-                "Could not open backing file: Could not open '{}': {}",
-                path.display(),
-                strerror(&source)
-            ),
-        }),
-        Err(e) => Err(e),
+        Err(e) => {
+            let cause = match &e {
+                Error::Io { .. } if std::fs::metadata(path).is_ok_and(|m| m.is_dir()) => {
+                    FailureCause::NotRegularFile
+                }
+                Error::Io { source, .. } => FailureCause::Os(source.kind()),
+                _ => FailureCause::Unfollowed,
+            };
+            let e = match e {
+                Error::Io { source, .. } if !chain.is_empty() => Error::Chain {
+                    chain: chain_text(chain),
+                    reason: format!(
+                        "Could not open backing file: Could not open '{}': {}",
+                        path.display(),
+                        strerror(&source)
+                    ),
+                },
+                e => e,
+            };
+            Err((e, cause))
+        }
     }
 }
 
 impl Chain {
     /// Open `path` and, unless told not to, every backing file below it.
     pub fn open(path: &Path, opts: &OpenOptions) -> Result<Chain> {
+        Chain::open_detailed(path, opts).map_err(|f| f.error)
+    }
+
+    /// [`Chain::open`], saying on failure which layer stopped it and why
+    /// ([`ChainFailure`]): whether QEMU's open would stop there too.
+    pub fn open_detailed(
+        path: &Path,
+        opts: &OpenOptions,
+    ) -> std::result::Result<Chain, Box<ChainFailure>> {
         let mut layers: Vec<Layer> = Vec::new();
         let mut seen: Vec<PathBuf> = Vec::new();
         let mut names: Vec<PathBuf> = Vec::new();
@@ -292,8 +320,17 @@ impl Chain {
         let mut next: Option<(PathBuf, Option<Format>)> = Some((path.to_path_buf(), opts.format));
         while let Some((p, fmt)) = next.take() {
             names.push(p.clone());
-            if layers.len() >= MAX_CHAIN_DEPTH {
-                return Err(Error::Chain {
+            let depth = layers.len();
+            let fail = |error: Error, cause: FailureCause| {
+                Box::new(ChainFailure {
+                    error,
+                    depth,
+                    file: p.clone(),
+                    cause,
+                })
+            };
+            if depth >= MAX_CHAIN_DEPTH {
+                let error = Error::Chain {
                     chain: format!(
                         "{} -> ... ({} layers)",
                         names
@@ -305,18 +342,21 @@ impl Chain {
                     reason: format!(
                         "deeper than {MAX_CHAIN_DEPTH} layers; refusing to follow it further"
                     ),
-                });
+                };
+                return Err(fail(error, FailureCause::Unfollowed));
             }
-            let src = open_file(&p, if layers.is_empty() { &[] } else { &names })?;
+            let src = open_file(&p, if layers.is_empty() { &[] } else { &names })
+                .map_err(|(e, cause)| fail(e, cause))?;
             let canon = std::fs::canonicalize(&p).unwrap_or_else(|_| p.clone());
             if seen.contains(&canon) {
-                return Err(Error::Chain {
+                let error = Error::Chain {
                     chain: chain_text(&names),
                     reason: format!(
                         "loop: '{}' appears twice (an image cannot be its own backing file)",
                         p.display()
                     ),
-                });
+                };
+                return Err(fail(error, FailureCause::Loop));
             }
             seen.push(canon);
             let format = fmt.unwrap_or_else(|| Format::probe(src.as_ref()));
@@ -332,29 +372,58 @@ impl Chain {
                         Some(s) if is_top => s,
                         _ => opts.strictness,
                     };
-                    let image = Qcow2::open(src.clone(), strictness)?;
+                    let image = Qcow2::open(src.clone(), strictness).map_err(|e| {
+                        let refused = !is_top
+                            && match &e {
+                                Error::Invalid { .. } => true,
+                                Error::Truncated { offset, .. } => offset.get() == 0,
+                                _ => false,
+                            };
+                        let cause = if refused {
+                            FailureCause::Refused
+                        } else {
+                            FailureCause::Unfollowed
+                        };
+                        fail(e, cause)
+                    })?;
                     let view = if is_top {
-                        top_view(&image, opts)?
+                        top_view(&image, opts).map_err(|e| fail(e, FailureCause::Unfollowed))?
                     } else {
                         image.active_view()
                     };
                     let data_file = if opts.no_data_file {
                         None
                     } else {
-                        open_data_file(&image, &p, &mut notes)?
+                        open_data_file(&image, &p, &mut notes)
+                            .map_err(|e| fail(e, FailureCause::Unfollowed))?
                     };
                     if !opts.no_backing
                         && let Some(b) = &image.backing_name
                     {
-                        let t = resolve_backing(&p, b).map_err(|reason| Error::Chain {
-                            chain: chain_text(&names),
-                            reason: format!("Could not open backing file: {reason}"),
-                        })?;
-                        let bf = match (t.format, &image.backing_format) {
-                            (Some(f), _) => Some(f),
-                            (None, Some(f)) => Some(Format::parse(f)?),
-                            (None, None) => None,
+                        // What goes wrong with the name is about the layer below.
+                        let below = |error: Error, file: PathBuf, cause: FailureCause| {
+                            Box::new(ChainFailure {
+                                error,
+                                depth: depth.saturating_add(1),
+                                file,
+                                cause,
+                            })
                         };
+                        let t = resolve_backing(&p, b).map_err(|reason| {
+                            let error = Error::Chain {
+                                chain: chain_text(&names),
+                                reason: format!("Could not open backing file: {reason}"),
+                            };
+                            below(error, PathBuf::from(b), FailureCause::Unfollowed)
+                        })?;
+                        let bf =
+                            match (t.format, &image.backing_format) {
+                                (Some(f), _) => Some(f),
+                                (None, Some(f)) => Some(Format::parse(f).map_err(|e| {
+                                    below(e, t.path.clone(), failure::format_cause(f))
+                                })?),
+                                (None, None) => None,
+                            };
                         next = Some((t.path, bf));
                     }
                     Layer {
@@ -372,10 +441,13 @@ impl Chain {
                 && (opts.snapshot.is_some() || opts.snapshot_record.is_some())
                 && layer.qcow2().is_none()
             {
-                return Err(Error::Request(format!(
-                    "{} is a raw image; only qcow2 images have internal snapshots",
-                    p.display()
-                )));
+                return Err(fail(
+                    Error::Request(format!(
+                        "{} is a raw image; only qcow2 images have internal snapshots",
+                        p.display()
+                    )),
+                    FailureCause::Unfollowed,
+                ));
             }
             layers.push(layer);
         }

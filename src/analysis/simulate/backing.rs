@@ -1,0 +1,78 @@
+//! A backing file that does not open: QEMU's open fails there too (each command
+//! fails in its own words), or only qinspect cannot read it (the operations go on,
+//! saying so).
+
+use super::{Op, Sim, SimError};
+use std::path::Path;
+
+/// The message of the command behind `op` when its open of the image at `path`
+/// fails with `reason`: qemu-io's `can't open device IMAGE: ...`, qemu-img's
+/// `Could not open 'IMAGE': ...`, or the block layer's reason alone where the
+/// operation is no command of either.
+pub(super) fn open_words(op: &Op, path: &Path, reason: &str) -> String {
+    let path = path.display();
+    match op {
+        Op::Write { .. }
+        | Op::WriteCompressed { .. }
+        | Op::WriteZeroes { .. }
+        | Op::Read { .. }
+        | Op::Discard { .. } => format!("can't open device {path}: {reason}"),
+        Op::SnapshotCreate { .. }
+        | Op::SnapshotDelete { .. }
+        | Op::SnapshotApply { .. }
+        | Op::Resize { .. }
+        | Op::Repair { .. } => format!("Could not open '{path}': {reason}"),
+        Op::SnapshotDeleteId { .. }
+        | Op::RefcountUpdate { .. }
+        | Op::Trace { .. }
+        | Op::Overlay { .. } => reason.to_string(),
+    }
+}
+
+impl Sim {
+    /// QEMU's failure to open the backing chain, in the words of `op`'s
+    /// command, when QEMU's own open fails there.
+    pub(super) fn backing_refused(&self, op: &Op) -> Option<SimError> {
+        let f = self.backing_failure.as_ref()?;
+        let reason = f.qemu_reason()?;
+        Some(SimError::BackingOpen {
+            failure: f.clone(),
+            words: open_words(op, &self.path, &reason),
+        })
+    }
+
+    /// The close of an image whose open failed at its backing file: QEMU
+    /// marks it clean (`qcow2_mark_clean`), so a dirty bit a check-mode open
+    /// left (it repairs nothing) is cleared.
+    pub(super) fn close_failed_open(&mut self) -> super::SimResult<()> {
+        use crate::header::{Field, INCOMPAT_DIRTY};
+        let features = self.header_field(Field::IncompatibleFeatures);
+        if features & INCOMPAT_DIRTY == 0 {
+            return Ok(());
+        }
+        self.why("the failed open closes the image, and the close marks it clean");
+        self.set_header(Field::IncompatibleFeatures, features & !INCOMPAT_DIRTY)
+    }
+
+    /// Say, before an operation, that the backing chain named is one qinspect
+    /// could not open though QEMU's open may not fail. (A chain that stops at
+    /// the image itself, such as at its external data file, says nothing of
+    /// the backing file.)
+    pub(super) fn backing_assumed(&mut self) {
+        if self.backing_failure.as_ref().is_some_and(|f| f.depth >= 1) {
+            let why = self.backing_unread();
+            self.note(format!(
+                "qinspect cannot open the backing chain ({why}); this assumes QEMU opens it, and says `not simulated` where the metadata QEMU writes depends on the backing file's bytes or length"
+            ));
+        }
+    }
+
+    /// Why the backing chain named was not opened, for the operations that
+    /// need it.
+    pub(super) fn backing_unread(&self) -> String {
+        match &self.backing_failure {
+            Some(f) => f.error.to_string(),
+            None => "it was not opened".into(),
+        }
+    }
+}
