@@ -247,15 +247,68 @@ fn repairs_and_writes_follow_qemu() {
 }
 
 /// A table that would end past `BDRV_MAX_LENGTH`: QEMU's read fails, so its
-/// open of the image fails (the bitmap is not in use: the open loads it).
+/// open of the image fails (the bitmap is not in use: the open loads it),
+/// for `info`, `check`, a repair and a write alike, and nothing is written.
 #[test]
 fn a_table_ending_past_the_limit_is_not_read() {
     let w = Work::new();
     moved(&w, "over.qcow2", LIMIT);
     let img = open_path(&w.path("over.qcow2")).unwrap();
     assert!(img.bitmap_tables.table(0).is_err());
-    let j = w.assert_check_matches("over.qcow2");
-    assert!(j.get("aborted").is_some(), "{j:#}");
+    let refusal = img.check_refusal.as_ref().map(|e| e.to_string());
+    assert!(
+        refusal.as_deref().is_some_and(|e| e.contains(
+            "Could not read bitmap_table table from image for bitmap 'b0': Input/output error"
+        )),
+        "{refusal:?}"
+    );
+    w.assert_check_matches("over.qcow2");
+    for cmd in ["info", "check"] {
+        let q = Command::new("qemu-img")
+            .args([cmd, "over.qcow2"])
+            .current_dir(w.dir.path())
+            .output()
+            .unwrap();
+        let ours = w.qinspect(&[cmd, "over.qcow2"]);
+        assert_eq!(ours.status.code(), q.status.code(), "{cmd}");
+        // check prints what it could count anyway, after QEMU's refusal.
+        let said = format!(
+            "{}{}",
+            String::from_utf8_lossy(&ours.stdout),
+            String::from_utf8_lossy(&ours.stderr)
+        );
+        assert!(
+            said.contains(
+                "Could not read bitmap_table table from image for bitmap 'b0': Input/output error"
+            ),
+            "{cmd}: {said}"
+        );
+    }
+    // The simulation refuses the image as QEMU's open does.
+    let e = Sim::new(&img, &w.path("over.qcow2"))
+        .err()
+        .map(|e| e.to_string());
+    assert!(
+        e.as_deref().is_some_and(|e| e.contains(
+            "Could not read bitmap_table table from image for bitmap 'b0': Input/output error"
+        )),
+        "{e:?}"
+    );
+    for op in ["repair:leaks", "repair:all", "write:0:4096"] {
+        std::fs::copy(w.path("over.qcow2"), w.path("over.qcow2.qemu")).unwrap();
+        let (ok, line) = sim_compare::run_qemu(w.dir.path(), &qemu_command(op, "over.qcow2.qemu"));
+        assert!(
+            !ok && line.ends_with(
+                "Could not read bitmap_table table from image for bitmap 'b0': Input/output error"
+            ),
+            "{op}: {line}"
+        );
+        assert_eq!(
+            std::fs::read(w.path("over.qcow2")).unwrap(),
+            std::fs::read(w.path("over.qcow2.qemu")).unwrap(),
+            "{op}: QEMU wrote nothing"
+        );
+    }
 }
 
 /// `dump bitmaps IMAGE 0`, the directory entry's table offset as the viewer's

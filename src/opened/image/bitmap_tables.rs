@@ -153,7 +153,7 @@ impl BitmapTables {
                         "not read: {n} entries of {cluster_size}-byte clusters exceed QEMU's {MAX_PHYS_SIZE:#x} bytes, so QEMU refuses the directory entry and reads no table"
                     ),
                 )))
-            } else if off.checked_add(len).is_none_or(|e| e > BDRV_MAX_LENGTH) {
+            } else if ends_past_limit(b) {
                 // QEMU's block layer fails the read (EIO).
                 Some(Slot::NotRead(Error::invalid(
                     what,
@@ -294,6 +294,14 @@ impl BitmapTables {
     }
 }
 
+/// Whether the table of `b` would end past [`BDRV_MAX_LENGTH`].
+fn ends_past_limit(b: &BitmapEntry) -> bool {
+    b.table_offset
+        .get()
+        .saturating_add(u64::from(b.table_size).saturating_mul(8))
+        > BDRV_MAX_LENGTH
+}
+
 /// `len` bytes of the file from `start`, as QEMU reads them: those past the
 /// end of the file (at most the 7 that complete an entry) are zeros.
 fn read_in_file(src: &dyn Source, start: u64, len: u64) -> Result<Vec<u8>> {
@@ -396,8 +404,21 @@ pub(super) fn read_bitmaps(
                 ));
                 break;
             }
-            // A table QEMU cannot read: the read fails and so would the open
-            // (not reported here, as before).
+            // A table ending past BDRV_MAX_LENGTH: QEMU's read of it fails,
+            // and so does the open.
+            Err(_) if ends_past_limit(b) => {
+                let e = Error::invalid(
+                    format!("bitmap '{}' table", b.name),
+                    b.table_offset,
+                    format!(
+                        "Could not read bitmap_table table from image for bitmap '{}': Input/output error (it would end past {BDRV_MAX_LENGTH:#x}, the largest offset QEMU reads)",
+                        b.name
+                    ),
+                );
+                refuse(problems, check_refusal, strict, e)?;
+                break;
+            }
+            // Refused with the directory entry above.
             Err(_) => {}
         }
     }
