@@ -367,11 +367,7 @@ impl Sim {
             }
             for e in &old {
                 if let Some(data) = e.data_offset() {
-                    self.free_clusters(
-                        data,
-                        self.cs,
-                        &format!("an old data cluster of bitmap '{name}'"),
-                    );
+                    self.free_bitmap_data(data, &name)?;
                 }
             }
             let len = (old.len() as u64).saturating_mul(8);
@@ -385,6 +381,36 @@ impl Sim {
         }
         self.reason = saved;
         Ok(())
+    }
+
+    /// `clear_bitmap_table` for one data cluster: freed with
+    /// `QCOW2_DISCARD_ALWAYS`, so when its refcount drops to 0 its bytes
+    /// within the file are discarded (a hole, read as zeros; the file keeps
+    /// its length). That shows when the new table still names it (it was
+    /// allocated again from a free cluster the old table named).
+    fn free_bitmap_data(&mut self, data: HostOffset, name: &str) -> SimResult<()> {
+        let c = self.cluster_of(data);
+        let before = self.get_refcount(c).unwrap_or(0);
+        self.free_clusters(
+            data,
+            self.cs,
+            &format!("an old data cluster of bitmap '{name}'"),
+        );
+        if before == 0 || self.get_refcount(c).unwrap_or(1) != 0 {
+            return Ok(());
+        }
+        let end = data.get().saturating_add(self.cs).min(self.file_len);
+        let len = end.saturating_sub(data.get());
+        if len == 0 {
+            return Ok(());
+        }
+        let saved = self.reason.clone();
+        self.why(format!(
+            "the freed data cluster of bitmap '{name}' is discarded (QCOW2_DISCARD_ALWAYS): it reads as zeros"
+        ));
+        let r = self.write_bytes(data, &vec![0u8; usize::try_from(len).unwrap_or(0)]);
+        self.reason = saved;
+        r
     }
 
     /// `store_bitmap`: a new cluster for every chunk with a set bit, in order.
