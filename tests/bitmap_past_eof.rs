@@ -215,6 +215,24 @@ fn a_table_the_end_of_the_file_cuts() {
     let t = img.bitmap_tables.table(0).unwrap();
     assert_eq!((t.len(), t.stored_len(), t.past_eof()), (128, 64, 64));
     assert!(t.stored().any(|e| e.data_offset().is_some()));
+    // The words for it: the hex pane's directory entry and dump's title.
+    let s = qinspect::locate::Structures::of(&img);
+    let x = s.decode(&img, qinspect::types::HostOffset(entry)).unwrap();
+    assert_eq!(
+        x.meaning,
+        format!(
+            "the bitmap table is at {at:#x}; its last 64 of 128 entries lie past the end of the file and read as zeros"
+        )
+    );
+    let out = w.qinspect_ok(&["dump", "bitmaps", name, "0"]);
+    let text = String::from_utf8(out).unwrap();
+    assert!(
+        text.lines().next().unwrap().ends_with(&format!(
+            "entries 64 to 127 lie past the end of the file ({} bytes) and read as zeros, as QEMU reads them",
+            at + 512
+        )),
+        "{text}"
+    );
     for op in ["repair:leaks", "repair:all", "write:65536:512"] {
         follows(&w, name, op);
     }

@@ -424,3 +424,53 @@ pub(super) fn read_bitmaps(
     }
     Ok((bitmaps, tables))
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::indexing_slicing)]
+    use super::*;
+    use crate::io::MemSource;
+
+    fn entry(at: u64, size: u32) -> BitmapEntry {
+        BitmapEntry {
+            entry_offset: HostOffset(0),
+            table_offset: HostOffset(at),
+            table_size: size,
+            flags: 0,
+            bitmap_type: 1,
+            granularity_bits: 16,
+            extra_data_size: 0,
+            name: "b".into(),
+            name_size: 1,
+        }
+    }
+
+    /// A file of 0x10004 bytes: the table at 0x10000-8 has its first entry
+    /// inside, its second cut by the end (4 bytes inside, the rest zeros),
+    /// its third past the end; one wholly past the end reads as zeros with
+    /// nothing read; one ending past `BDRV_MAX_LENGTH` is not read.
+    #[test]
+    fn tables_past_the_end_read_as_zeros() {
+        let mut bytes = vec![0u8; 0x1_0004];
+        bytes[0xfff8..0x1_0000].copy_from_slice(&0x2_0000u64.to_be_bytes());
+        bytes[0x1_0000..].copy_from_slice(&[0x00, 0x00, 0x00, 0x01]);
+        let src = MemSource::new("m", bytes);
+        let dir = [
+            entry(0xfff8, 3),
+            entry(1 << 40, 4),
+            entry(BDRV_MAX_LENGTH - 8, 2),
+        ];
+        let t = BitmapTables::read(&src, &dir, 0x1_0000);
+        let a = t.table(0).unwrap();
+        assert_eq!((a.len(), a.stored_len(), a.past_eof()), (3, 2, 1));
+        let e: Vec<u64> = a.entries().map(|e| e.0).collect();
+        assert_eq!(e, [0x2_0000, 0x1_0000_0000, 0]);
+        let b = t.table(1).unwrap();
+        assert_eq!(b.offset, HostOffset(1 << 40));
+        assert_eq!((b.len(), b.stored_len(), b.past_eof()), (4, 0, 4));
+        assert!(b.entries().all(|e| e.0 == 0));
+        assert!(t.table(2).is_err());
+        // Only the part inside the file (to a whole entry) was read.
+        assert_eq!(t.bytes_read(), 16);
+    }
+}
