@@ -131,6 +131,11 @@ pub fn hex_string_opt<S: serde::Serializer>(
     }
 }
 
+/// QEMU's `BDRV_MAX_LENGTH`: `INT64_MAX` rounded down to 1 GiB. The block layer
+/// fails every request that reaches past it (EIO), whatever the file's size;
+/// below it, a read past the end of the file returns zeros.
+pub const BDRV_MAX_LENGTH: u64 = 0x7fff_ffff_c000_0000;
+
 /// Smallest cluster size QEMU accepts: 512 bytes.
 pub const MIN_CLUSTER_BITS: u32 = 9;
 /// Largest cluster size QEMU accepts: 2 MiB.

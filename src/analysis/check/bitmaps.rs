@@ -131,7 +131,9 @@ impl Walk<'_> {
             if !done.insert(key) {
                 continue;
             }
-            walked = walked.saturating_add(table.len());
+            // Entries past the end of the file read as zeros (QEMU's read
+            // there returns zeros): they name no cluster.
+            walked = walked.saturating_add(table.stored_len());
             if walked > MAX_BITMAP_ENTRIES_WALKED {
                 self.report.aborted = Some(Refusal::BitmapTablesNotRead {
                     name: b.name.clone(),
@@ -146,7 +148,7 @@ impl Walk<'_> {
                 return false;
             }
             let w = weight.get(&key).copied().unwrap_or(1);
-            for (j, e) in table.entries().enumerate() {
+            for (j, e) in table.stored().enumerate() {
                 if let Some(offset) = e.data_offset() {
                     self.inc(v, offset, self.cs, w, Ctx::BitmapData(bi, j as u64));
                 }

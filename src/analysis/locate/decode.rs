@@ -326,6 +326,36 @@ fn snapshot_field(img: &Qcow2, r: &Region, rel: u64, i: usize) -> Option<Decoded
     })
 }
 
+/// Where bitmap `i`'s table is, and how much of it lies past the end of the
+/// file (QEMU reads zeros there, or fails past `BDRV_MAX_LENGTH`).
+fn table_offset_meaning(img: &Qcow2, i: usize, b: &crate::bitmap::BitmapEntry) -> String {
+    let at = format!("the bitmap table is at {:#x}", b.table_offset);
+    let end = b
+        .table_offset
+        .get()
+        .saturating_add(u64::from(b.table_size).saturating_mul(8));
+    if end <= img.file_len() {
+        return at;
+    }
+    if end > crate::types::BDRV_MAX_LENGTH {
+        return format!(
+            "{at}, ending past {:#x}, the largest offset QEMU reads: its read of the table fails",
+            crate::types::BDRV_MAX_LENGTH
+        );
+    }
+    match img.bitmap_tables.table(i) {
+        Ok(t) if t.stored_len() == 0 => {
+            format!("{at}, past the end of the file: QEMU reads the whole table as zeros")
+        }
+        Ok(t) => format!(
+            "{at}; its last {} of {} entries lie past the end of the file and read as zeros",
+            t.past_eof(),
+            t.len()
+        ),
+        Err(_) => format!("{at}, past the end of the file"),
+    }
+}
+
 /// The field at `rel` of bitmap directory entry `i`.
 fn bitmap_entry_field(img: &Qcow2, r: &Region, rel: u64, i: usize) -> Option<Decoded> {
     let dir = img.bitmaps.as_ref()?.as_ref().ok()?;
@@ -334,9 +364,7 @@ fn bitmap_entry_field(img: &Qcow2, r: &Region, rel: u64, i: usize) -> Option<Dec
     let (start, size, item, meaning) = match field_at(BITMAP_FIELDS, rel) {
         Some((o, n, name)) => {
             let meaning = match name {
-                "bitmap_table_offset" => {
-                    format!("the bitmap table is at {:#x}", b.table_offset)
-                }
+                "bitmap_table_offset" => table_offset_meaning(img, i, b),
                 "bitmap_table_size" => format!("{} bitmap table entries", b.table_size),
                 "flags" => match b.flag_names() {
                     v if v.is_empty() => "no flags".into(),

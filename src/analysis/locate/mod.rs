@@ -204,10 +204,10 @@ impl Structures {
             let Ok(t) = img.bitmap_tables.table(i) else {
                 continue;
             };
-            budget = match budget.checked_sub(t.len()) {
-                Some(left)
-                    if self.regions.len().saturating_add(t.len() as usize) <= MAX_REGIONS =>
-                {
+            // Entries past the end of the file read as zeros: no cluster.
+            let stored = t.stored_len();
+            budget = match budget.checked_sub(stored) {
+                Some(left) if self.regions.len().saturating_add(stored as usize) <= MAX_REGIONS => {
                     left
                 }
                 _ => {
@@ -215,7 +215,7 @@ impl Structures {
                     continue;
                 }
             };
-            for (j, e) in t.entries().enumerate() {
+            for (j, e) in t.stored().enumerate() {
                 if let Some(o) = e.data_offset() {
                     self.push(
                         o,

@@ -8,7 +8,8 @@
 //! 1. for each bitmap in directory order, a new cluster for every chunk of the
 //!    bitmap with a set bit (first fit), then a new bitmap table;
 //! 2. a new directory, the header extension repointed, the old directory freed;
-//! 3. the old tables and their data clusters freed.
+//! 3. the old tables and their data clusters freed, the last bitmap's
+//!    first, each table read again at that moment.
 //!
 //! The old clusters stay in use until the new ones are written, so the tables
 //! move on every command, even one that fails.
@@ -288,7 +289,7 @@ impl Sim {
             "closing the image: QEMU stores every persistent bitmap again, in new clusters".into(),
         );
         let mut new_list = Vec::with_capacity(b.list.len());
-        let mut drop_tables: Vec<(String, HostOffset, Vec<BitmapTableEntry>)> = Vec::new();
+        let mut drop_tables: Vec<(String, HostOffset, u32)> = Vec::new();
         for bm in &b.list {
             if bm.flags & FLAG_IN_USE != 0 {
                 // Inconsistent: not stored; its entry and table stay as they are.
@@ -308,7 +309,7 @@ impl Sim {
                 &format!("the table of bitmap '{}'", bm.name),
             )?;
             self.write_bytes(off, &bytes)?;
-            drop_tables.push((bm.name.clone(), bm.table_offset, old));
+            drop_tables.push((bm.name.clone(), bm.table_offset, bm.table_size));
             let mut n = bm.clone();
             n.table_offset = off;
             n.table_size = table.len() as u32;
@@ -341,14 +342,32 @@ impl Sim {
             dir_off.get(),
         )?;
         self.free_clusters(b.dir_offset, b.dir_size, "the old bitmap directory");
-        for (name, table_off, old) in drop_tables {
+        // The old tables go in the order of the block layer's list of dirty
+        // bitmaps, where each loaded bitmap went in first: the last of the
+        // directory first (it matters when a free fails on the way).
+        for (name, table_off, size) in drop_tables.into_iter().rev() {
+            // free_bitmap_clusters reads the old table again, now: a new
+            // table or data cluster may have been written over it (a table
+            // whose clusters were free, past the end of the file in part).
+            // It frees nothing of a table with an entry it refuses.
+            let old: Vec<BitmapTableEntry> = self
+                .read_bytes(table_off, u64::from(size) * 8)
+                .chunks_exact(8)
+                .map(|c| BitmapTableEntry(be64(c, 0)))
+                .collect();
+            if let Some((j, e)) = (0u64..)
+                .zip(&old)
+                .find(|(_, e)| e.problem(self.cs).is_some())
+            {
+                self.note(format!(
+                    "the old table of bitmap '{name}' now holds an entry QEMU refuses (entry {j}: {:#x}): it is not freed, nor the clusters it names",
+                    e.0
+                ));
+                continue;
+            }
             for e in &old {
                 if let Some(data) = e.data_offset() {
-                    self.free_clusters(
-                        data,
-                        self.cs,
-                        &format!("an old data cluster of bitmap '{name}'"),
-                    );
+                    self.free_bitmap_data(data, &name)?;
                 }
             }
             let len = (old.len() as u64).saturating_mul(8);
@@ -362,6 +381,36 @@ impl Sim {
         }
         self.reason = saved;
         Ok(())
+    }
+
+    /// `clear_bitmap_table` for one data cluster: freed with
+    /// `QCOW2_DISCARD_ALWAYS`, so when its refcount drops to 0 its bytes
+    /// within the file are discarded (a hole, read as zeros; the file keeps
+    /// its length). That shows when the new table still names it (it was
+    /// allocated again from a free cluster the old table named).
+    fn free_bitmap_data(&mut self, data: HostOffset, name: &str) -> SimResult<()> {
+        let c = self.cluster_of(data);
+        let before = self.get_refcount(c).unwrap_or(0);
+        self.free_clusters(
+            data,
+            self.cs,
+            &format!("an old data cluster of bitmap '{name}'"),
+        );
+        if before == 0 || self.get_refcount(c).unwrap_or(1) != 0 {
+            return Ok(());
+        }
+        let end = data.get().saturating_add(self.cs).min(self.file_len);
+        let len = end.saturating_sub(data.get());
+        if len == 0 {
+            return Ok(());
+        }
+        let saved = self.reason.clone();
+        self.why(format!(
+            "the freed data cluster of bitmap '{name}' is discarded (QCOW2_DISCARD_ALWAYS): it reads as zeros"
+        ));
+        let r = self.write_bytes(data, &vec![0u8; usize::try_from(len).unwrap_or(0)]);
+        self.reason = saved;
+        r
     }
 
     /// `store_bitmap`: a new cluster for every chunk with a set bit, in order.

@@ -353,8 +353,11 @@ impl Sim {
             Refusal::BitmapTable { .. } if table_eio => SimError::Qemu(format!(
                 "Check failed: Input/output error (the check stops at the bitmaps: {why}, QEMU's read of it fails; no refcount is repaired)"
             )),
+            // A table past the end of the file short of BDRV_MAX_LENGTH is
+            // read as zeros and the check goes on; what is left are tables
+            // QEMU refuses before it reads them.
             Refusal::BitmapTable { error, .. } => SimError::NotModelled(format!(
-                "QEMU reads a bitmap table past the end of the file as zeros and goes on with the check, where qinspect's check stops: {error}"
+                "qinspect's check stops at a bitmap table it did not read: {error}"
             )),
             other => SimError::NotModelled(format!("the check stops early: {other}")),
         }

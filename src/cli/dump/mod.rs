@@ -427,6 +427,10 @@ fn bitmap_table_rows(a: &Args, img: &Qcow2, list: &[bitmap::BitmapEntry], i: u64
         Err(_) => bitmap::read_table(img.src.as_ref(), b)?,
     };
     let cover = b.granularity().saturating_mul(geo.cluster_size() * 8);
+    // Entries from this one on lie (at least in part) past the end of the
+    // file, where QEMU reads zeros.
+    let file_len = img.file_len();
+    let past_from = file_len.saturating_sub(b.table_offset.get()) / 8;
     let rows = t
         .iter()
         .enumerate()
@@ -439,14 +443,26 @@ fn bitmap_table_rows(a: &Args, img: &Qcow2, list: &[bitmap::BitmapEntry], i: u64
             meaning: match e.data_offset() {
                 Some(o) => format!("bits for guest {:#x}.. stored at {o:#x}", j as u64 * cover),
                 None if e.all_ones() => "every bit set (all dirty)".into(),
+                None if j as u64 >= past_from => {
+                    "past the end of the file: reads as zeros (every bit clear)".into()
+                }
                 None => "every bit clear".into(),
             },
         })
         .collect();
-    Ok((
-        format!("bitmap '{}' table at {:#x}", b.name, b.table_offset),
-        rows,
-    ))
+    let mut title = format!("bitmap '{}' table at {:#x}", b.name, b.table_offset);
+    let last = (t.len() as u64).saturating_sub(1);
+    if past_from < t.len() as u64 {
+        let which = if past_from == last {
+            format!("entry {last} lies past the end of the file ({file_len} bytes) and reads")
+        } else {
+            format!(
+                "entries {past_from} to {last} lie past the end of the file ({file_len} bytes) and read"
+            )
+        };
+        title.push_str(&format!(" — {which} as zeros, as QEMU reads them"));
+    }
+    Ok((title, rows))
 }
 
 fn describe_ext(e: &qinspect::header::Extension) -> String {

@@ -287,21 +287,53 @@ pub fn read_directory(
     Ok(out)
 }
 
-/// Read one bitmap's table.
+/// Read one bitmap's table, as QEMU reads it: the part past the end of the
+/// file reads as zeros, as long as the table ends below
+/// [`BDRV_MAX_LENGTH`](crate::types::BDRV_MAX_LENGTH) (past it QEMU's read
+/// fails) and holds no more entries than QEMU's largest table
+/// ([`MAX_PHYS_SIZE`] bits a cluster of 512 bytes can map; no larger buffer is
+/// made up of zeros).
 pub fn read_table(src: &dyn Source, entry: &BitmapEntry) -> Result<Vec<BitmapTableEntry>> {
-    if u64::from(entry.table_size) > MAX_TABLE_ENTRIES {
+    let what = format!("bitmap '{}' table", entry.name);
+    let n = u64::from(entry.table_size);
+    if n > MAX_TABLE_ENTRIES {
         return Err(Error::invalid(
-            format!("bitmap '{}' table", entry.name),
+            what,
             entry.table_offset,
             format!("{} entries is more than QEMU allows", entry.table_size),
         ));
     }
-    let buf = read_exact(
-        src,
-        &format!("bitmap '{}' table", entry.name),
-        entry.table_offset,
-        u64::from(entry.table_size) * 8,
-    )?;
+    let len = n.saturating_mul(8);
+    let off = entry.table_offset.get();
+    let file_len = src.len();
+    let end = off.saturating_add(len);
+    if end > file_len {
+        if end > crate::types::BDRV_MAX_LENGTH {
+            return Err(Error::invalid(
+                what,
+                entry.table_offset,
+                format!(
+                    "{len} bytes from here end past {:#x}, the largest offset QEMU reads (Input/output error)",
+                    crate::types::BDRV_MAX_LENGTH
+                ),
+            ));
+        }
+        if n > MAX_PHYS_SIZE / 512 {
+            return Err(Error::Truncated {
+                what,
+                offset: entry.table_offset,
+                len,
+                file_len,
+            });
+        }
+    }
+    let inside = file_len.saturating_sub(off).min(len);
+    let mut buf = if inside == 0 {
+        Vec::new()
+    } else {
+        read_exact(src, &what, entry.table_offset, inside)?
+    };
+    buf.resize(len as usize, 0);
     Ok(buf
         .chunks_exact(8)
         .map(|c| BitmapTableEntry(be64(c, 0)))

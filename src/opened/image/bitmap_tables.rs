@@ -8,7 +8,7 @@
 //! [`TABLE_READ_BUDGET`] bytes over the whole directory; a table past the budget
 //! is not read and says so.
 
-use super::{Strictness, refuse};
+use super::{BDRV_MAX_LENGTH, Strictness, refuse};
 use crate::bitmap::{
     self, BitmapEntry, BitmapTableEntry, InvalidTableEntry, MAX_PHYS_SIZE, MAX_TABLE_ENTRIES,
 };
@@ -26,7 +26,6 @@ pub const TABLE_READ_BUDGET: u64 = 64 << 20;
 /// Bytes of the file read in one piece: one table, or tables that overlap.
 #[derive(Debug)]
 struct Run {
-    start: u64,
     bytes: Vec<u8>,
     /// File offsets of the entries in this run QEMU refuses, ascending.
     invalid: Vec<u64>,
@@ -35,8 +34,16 @@ struct Run {
 /// Where one directory entry's table is.
 #[derive(Debug)]
 enum Slot {
-    /// `len` bytes from `from` in run `run` (`len` 0: no run).
-    Held { run: usize, from: usize, len: usize },
+    /// The table of `entries` entries at `offset`: its first `len` bytes
+    /// (those inside the file) from `from` in run `run` (`len` 0: no run),
+    /// the rest zeros past the end of the file.
+    Held {
+        run: usize,
+        from: usize,
+        len: usize,
+        offset: u64,
+        entries: u64,
+    },
     /// Not read, and why.
     NotRead(Error),
 }
@@ -55,27 +62,49 @@ pub struct BitmapTables {
 pub struct BitmapTable<'a> {
     /// Where the table is.
     pub offset: HostOffset,
+    /// The entries inside the file (an entry the end of the file cuts
+    /// padded with zeros).
     bytes: &'a [u8],
+    entries: u64,
     invalid: &'a [u64],
     cluster_size: u64,
 }
 
 impl<'a> BitmapTable<'a> {
-    /// Entries in the table.
+    /// Entries in the table, those past the end of the file included.
     pub fn len(&self) -> u64 {
-        (self.bytes.len() / 8) as u64
+        self.entries
     }
 
     /// Whether the table has no entries.
     pub fn is_empty(&self) -> bool {
-        self.bytes.len() < 8
+        self.entries == 0
     }
 
-    /// The entries, in order.
+    /// The entries, in order: those read from the file, then those past its
+    /// end, which read as zeros.
     pub fn entries(&self) -> impl Iterator<Item = BitmapTableEntry> + 'a {
+        let past = usize::try_from(self.past_eof()).unwrap_or(usize::MAX);
+        self.stored()
+            .chain(std::iter::repeat_n(BitmapTableEntry(0), past))
+    }
+
+    /// The entries read from the file (those past its end read as zeros and
+    /// name no cluster).
+    pub fn stored(&self) -> impl Iterator<Item = BitmapTableEntry> + 'a {
         self.bytes
             .chunks_exact(8)
             .map(|c| BitmapTableEntry(be64(c, 0)))
+    }
+
+    /// Entries read from the file ([`stored`](Self::stored)).
+    pub fn stored_len(&self) -> u64 {
+        (self.bytes.len() / 8) as u64
+    }
+
+    /// Entries past the end of the file: QEMU reads them as zeros.
+    pub fn past_eof(&self) -> u64 {
+        self.entries.saturating_sub(self.stored_len())
     }
 
     /// The first entry QEMU's `bitmap_table_load` refuses (see
@@ -124,21 +153,29 @@ impl BitmapTables {
                         "not read: {n} entries of {cluster_size}-byte clusters exceed QEMU's {MAX_PHYS_SIZE:#x} bytes, so QEMU refuses the directory entry and reads no table"
                     ),
                 )))
-            } else if off.checked_add(len).is_none_or(|e| e > file_len) {
-                Some(Slot::NotRead(Error::Truncated {
+            } else if ends_past_limit(b) {
+                // QEMU's block layer fails the read (EIO).
+                Some(Slot::NotRead(Error::invalid(
                     what,
-                    offset: HostOffset(off),
-                    len,
-                    file_len,
-                }))
-            } else if len == 0 {
+                    HostOffset(off),
+                    format!(
+                        "{len} bytes from here end past {BDRV_MAX_LENGTH:#x}, the largest offset QEMU reads (Input/output error)"
+                    ),
+                )))
+            } else if len == 0 || off >= file_len {
+                // Nothing of it inside the file: zeros, as QEMU reads them.
                 Some(Slot::Held {
                     run: 0,
                     from: 0,
                     len: 0,
+                    offset: off,
+                    entries: n,
                 })
             } else {
-                wanted.push((off, off.saturating_add(len), i));
+                // The part inside the file, to a whole entry.
+                let end = off.saturating_add(len).min(file_len);
+                let end = off.saturating_add(crate::bytes::align8(end.saturating_sub(off)));
+                wanted.push((off, end, i));
                 None
             };
             slots.push(slot);
@@ -170,7 +207,7 @@ impl BitmapTables {
                     ),
                 ))
             } else {
-                read_exact(src, "bitmap tables", HostOffset(start), len)
+                read_in_file(src, start, len)
             };
             match read {
                 Ok(bytes) => {
@@ -189,14 +226,12 @@ impl BitmapTables {
                                 run,
                                 from: s.saturating_sub(start) as usize,
                                 len: e.saturating_sub(s) as usize,
+                                offset: s,
+                                entries: dir.get(i).map_or(0, |b| u64::from(b.table_size)),
                             });
                         }
                     }
-                    t.runs.push(Run {
-                        start,
-                        bytes,
-                        invalid,
-                    });
+                    t.runs.push(Run { bytes, invalid });
                 }
                 Err(e) => {
                     for &(_, _, i) in group {
@@ -228,18 +263,24 @@ impl BitmapTables {
         };
         match slot {
             Slot::NotRead(e) => Err(e.clone()),
-            Slot::Held { run, from, len } => {
-                let (start, bytes, invalid) = match self.runs.get(*run) {
+            Slot::Held {
+                run,
+                from,
+                len,
+                offset,
+                entries,
+            } => {
+                let (bytes, invalid) = match self.runs.get(*run) {
                     Some(r) if *len > 0 => (
-                        r.start,
                         r.bytes.get(*from..from.saturating_add(*len)).unwrap_or(&[]),
                         r.invalid.as_slice(),
                     ),
-                    _ => (0, &[][..], &[][..]),
+                    _ => (&[][..], &[][..]),
                 };
                 Ok(BitmapTable {
-                    offset: HostOffset(start.saturating_add(*from as u64)),
+                    offset: HostOffset(*offset),
                     bytes,
+                    entries: *entries,
                     invalid,
                     cluster_size: self.cluster_size,
                 })
@@ -251,6 +292,23 @@ impl BitmapTables {
     pub fn bytes_read(&self) -> u64 {
         self.bytes_read
     }
+}
+
+/// Whether the table of `b` would end past [`BDRV_MAX_LENGTH`].
+fn ends_past_limit(b: &BitmapEntry) -> bool {
+    b.table_offset
+        .get()
+        .saturating_add(u64::from(b.table_size).saturating_mul(8))
+        > BDRV_MAX_LENGTH
+}
+
+/// `len` bytes of the file from `start`, as QEMU reads them: those past the
+/// end of the file (at most the 7 that complete an entry) are zeros.
+fn read_in_file(src: &dyn Source, start: u64, len: u64) -> Result<Vec<u8>> {
+    let inside = src.len().saturating_sub(start).min(len);
+    let mut bytes = read_exact(src, "bitmap tables", HostOffset(start), inside)?;
+    bytes.resize(usize::try_from(len).unwrap_or(usize::MAX), 0);
+    Ok(bytes)
 }
 
 /// The bitmap directory and its tables, if the header has a bitmaps extension.
@@ -346,10 +404,73 @@ pub(super) fn read_bitmaps(
                 ));
                 break;
             }
-            // A table QEMU cannot read: the read fails and so would the open
-            // (not reported here, as before).
+            // A table ending past BDRV_MAX_LENGTH: QEMU's read of it fails,
+            // and so does the open.
+            Err(_) if ends_past_limit(b) => {
+                let e = Error::invalid(
+                    format!("bitmap '{}' table", b.name),
+                    b.table_offset,
+                    format!(
+                        "Could not read bitmap_table table from image for bitmap '{}': Input/output error (it would end past {BDRV_MAX_LENGTH:#x}, the largest offset QEMU reads)",
+                        b.name
+                    ),
+                );
+                refuse(problems, check_refusal, strict, e)?;
+                break;
+            }
+            // Refused with the directory entry above.
             Err(_) => {}
         }
     }
     Ok((bitmaps, tables))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::indexing_slicing)]
+    use super::*;
+    use crate::io::MemSource;
+
+    fn entry(at: u64, size: u32) -> BitmapEntry {
+        BitmapEntry {
+            entry_offset: HostOffset(0),
+            table_offset: HostOffset(at),
+            table_size: size,
+            flags: 0,
+            bitmap_type: 1,
+            granularity_bits: 16,
+            extra_data_size: 0,
+            name: "b".into(),
+            name_size: 1,
+        }
+    }
+
+    /// A file of 0x10004 bytes: the table at 0x10000-8 has its first entry
+    /// inside, its second cut by the end (4 bytes inside, the rest zeros),
+    /// its third past the end; one wholly past the end reads as zeros with
+    /// nothing read; one ending past `BDRV_MAX_LENGTH` is not read.
+    #[test]
+    fn tables_past_the_end_read_as_zeros() {
+        let mut bytes = vec![0u8; 0x1_0004];
+        bytes[0xfff8..0x1_0000].copy_from_slice(&0x2_0000u64.to_be_bytes());
+        bytes[0x1_0000..].copy_from_slice(&[0x00, 0x00, 0x00, 0x01]);
+        let src = MemSource::new("m", bytes);
+        let dir = [
+            entry(0xfff8, 3),
+            entry(1 << 40, 4),
+            entry(BDRV_MAX_LENGTH - 8, 2),
+        ];
+        let t = BitmapTables::read(&src, &dir, 0x1_0000);
+        let a = t.table(0).unwrap();
+        assert_eq!((a.len(), a.stored_len(), a.past_eof()), (3, 2, 1));
+        let e: Vec<u64> = a.entries().map(|e| e.0).collect();
+        assert_eq!(e, [0x2_0000, 0x1_0000_0000, 0]);
+        let b = t.table(1).unwrap();
+        assert_eq!(b.offset, HostOffset(1 << 40));
+        assert_eq!((b.len(), b.stored_len(), b.past_eof()), (4, 0, 4));
+        assert!(b.entries().all(|e| e.0 == 0));
+        assert!(t.table(2).is_err());
+        // Only the part inside the file (to a whole entry) was read.
+        assert_eq!(t.bytes_read(), 16);
+    }
 }

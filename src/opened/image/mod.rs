@@ -98,9 +98,7 @@ pub struct Qcow2 {
 
 const CACHE_LIMIT: usize = 256;
 
-/// QEMU's `BDRV_MAX_LENGTH`: `INT64_MAX` rounded down to 1 GiB. The block layer
-/// fails every request that reaches past it (EIO), whatever the file's size.
-pub const BDRV_MAX_LENGTH: u64 = 0x7fff_ffff_c000_0000;
+pub use crate::types::BDRV_MAX_LENGTH;
 
 /// The backing file name stored in cluster 0 (`c0`), if the header names one; an
 /// error if it is longer than QEMU reads (1023 bytes, and within cluster 0).
