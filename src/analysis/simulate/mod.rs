@@ -31,6 +31,7 @@ mod cor;
 mod data;
 mod discard;
 mod guest;
+mod invalid;
 mod ops;
 mod overlap;
 mod overlay;

@@ -106,6 +106,17 @@ impl Sim {
                 return self.fallback(off, n, &why);
             }
             let ty = self.top_subcluster_type(s0);
+            if ty == SubclusterType::Invalid {
+                // Nothing asked block status (the rest of the subcluster is
+                // past the end of the disk): the lookup of it fails instead.
+                return Err(self.invalid_entry_met(
+                    s0,
+                    "a partial write-zeroes",
+                    format!(
+                        "write failed: Input/output error (the L2 entry of guest {s0:#x} has contradictory bits: the image is marked corrupt)"
+                    ),
+                ));
+            }
             if !matches!(
                 ty,
                 SubclusterType::UnallocatedPlain
@@ -267,9 +278,15 @@ impl Sim {
             SubclusterType::UnallocatedPlain | SubclusterType::UnallocatedAlloc => {
                 self.below_reads_zero(a, b)
             }
-            SubclusterType::Invalid => Err(SimError::NotModelled(format!(
-                "a write-zeroes next to guest {a:#x}, whose L2 entry has contradictory bits"
-            ))),
+            // Block status fails (EIO) and marks the image corrupt: is_zero
+            // says no, and the fallback write of zeros finds the image gone.
+            SubclusterType::Invalid => Err(self.invalid_entry_met(
+                a,
+                "a partial write-zeroes",
+                format!(
+                    "write failed: No medium found (QEMU asks whether the rest of the subcluster at guest {a:#x} reads as zeros; its L2 entry has contradictory bits, so the image is marked corrupt and unusable, and the fallback write of zeros finds none)"
+                ),
+            )),
         }
     }
 
