@@ -179,6 +179,9 @@ pub struct Sim {
     ),
     /// What the data clusters written hold, described.
     data: data::Data,
+    /// The metadata structure the overlap check last kept a write off in
+    /// this operation (the write failed, the image marked corrupt).
+    overlap_stop: Option<overlap::Meta>,
 }
 
 /// Why a simulated operation fails (or would go where the simulator does not
@@ -303,6 +306,7 @@ impl Sim {
             overlay_of: None,
             reftable_writes: 0,
             overlap_memo: Default::default(),
+            overlap_stop: None,
             data: Default::default(),
             base: img.src.clone(),
             path: path.to_path_buf(),
@@ -341,6 +345,7 @@ impl Sim {
         // Each operation is a fresh open of the image (a separate qemu-img or
         // qemu-io command), so QEMU's free-cluster hint starts at 0 again.
         self.free_cluster_index = 0;
+        self.overlap_stop = None;
         if let Op::Trace { offset } = op {
             // A look, not a QEMU command: nothing is opened read-write.
             let r = self.trace(*offset);
