@@ -124,3 +124,39 @@ fn an_l2_entry_naming_the_l1_table_as_data_is_repaired() {
         "{r:?}"
     );
 }
+
+#[test]
+fn an_l2_table_the_copied_repair_wrote_before_the_overlap_stays_written() {
+    let w = Work::new();
+    // 1G: guest 0 (L2 table at 0x40000, data at 0x50000) and guest 512M
+    // (L2 table at 0x60000, data at 0x70000), each under an L1 entry of
+    // its own.
+    w.qemu_img(&["create", "-q", "-f", "qcow2", "c.qcow2", "1G"]);
+    w.qemu_io("c.qcow2", &["write -P 1 0 64k", "write -P 2 512M 64k"]);
+    assert_eq!(peek(&w, "c.qcow2", 0x30008), 0x8000_0000_0006_0000);
+    // L1[0] without COPIED (the L1 table, read as an L2 table, names its
+    // cluster as data too: refcount 2), L1[1] naming the L1 table itself,
+    // and the data entry at 0x40000 without COPIED.
+    poke(&w, "c.qcow2", 0x30000, 0x40000);
+    poke(&w, "c.qcow2", 0x30008, 0x8000_0000_0003_0000);
+    poke(&w, "c.qcow2", 0x40000, 0x50000);
+    // -r all raises clusters 3 and 4 and frees the leaks 6 and 7 in its
+    // refcount cache; the COPIED repair writes the L2 table at 0x40000 (its
+    // entry gets COPIED back) and then stops at L1[1]: the L2 table stays
+    // written, the cached refcounts are lost.
+    let sim = ok(&w, "c.qcow2", &["repair:all"]);
+    let rec = &sim.records[0];
+    let e = rec.error.as_deref().unwrap_or_default();
+    assert!(
+        e.starts_with("Check failed: Input/output error")
+            && e.contains("overlaps with active L2 table"),
+        "{e}"
+    );
+    assert!(!changed_refcounts(&sim), "{:?}", rec.steps);
+    assert!(sim.freed.is_empty(), "{:?}", sim.freed);
+    assert!(rec.steps.iter().any(|c| {
+        matches!(c.target, Target::L2Entry { index: 0, .. })
+            && c.before == 0x50000
+            && c.after == 0x8000_0000_0005_0000
+    }));
+}

@@ -1,10 +1,12 @@
 //! `check_oflag_copied` with a repair: the COPIED flags of the active L1
 //! and L2 tables set to what the refcounts say, the last step of
 //! `qemu-img check -r` ([`Sim::repair`]). Each rewritten L1 entry and L2 table
-//! goes through QEMU's overlap check first; one that would land on metadata
-//! (an L1 table that names itself as an L2 table) marks the image corrupt and
-//! ends the check, and the refcounts repaired before it, still in QEMU's
-//! refcount block cache, are never written.
+//! goes through QEMU's overlap check first and is then written to the file at
+//! once; one that would land on metadata (an L1 table that names itself as an
+//! L2 table) marks the image corrupt and ends the check, and the refcounts
+//! repaired before it, still in QEMU's refcount block cache, are never
+//! written, while the L1 entries and L2 tables the COPIED repair wrote before
+//! it stay written.
 
 use super::overlap::Meta;
 use super::{Change, Sim, SimError, SimResult, Target};
@@ -38,7 +40,8 @@ impl Sim {
     /// cluster of `repaired` with the refcount it had) sit in QEMU's refcount
     /// block cache, which is then never written back. They are set back, and
     /// their records (since `steps`, and the freed clusters past `freed`)
-    /// dropped.
+    /// dropped; the COPIED repair's own L1 and L2 entries, which QEMU writes
+    /// to the file directly, stay.
     fn drop_cached_refcounts(
         &mut self,
         repaired: &[(u64, u64)],
@@ -55,12 +58,16 @@ impl Sim {
             && since.iter().all(|c| {
                 matches!(
                     c.target,
-                    Target::Refcount { .. } | Target::Header { .. } | Target::Note
+                    Target::Refcount { .. }
+                        | Target::Header { .. }
+                        | Target::Note
+                        | Target::L1Entry { .. }
+                        | Target::L2Entry { .. }
                 )
             });
         if !cached {
             return Err(SimError::NotModelled(
-                "the refcount repair before the failed COPIED repair wrote more than refcounts (QEMU writes a new refcount block at once, the refcounts later)".into(),
+                "the refcount repair before the failed COPIED repair changed more than refcounts, or its first change joined the record before it (which changes QEMU's refcount block cache held is then not known)".into(),
             ));
         }
         for &(c, old) in repaired {
