@@ -160,3 +160,42 @@ fn an_l2_table_the_copied_repair_wrote_before_the_overlap_stays_written() {
             && c.after == 0x8000_0000_0005_0000
     }));
 }
+
+#[test]
+fn growing_the_file_for_a_refcount_block_stops_at_the_block_layers_limit() {
+    let w = Work::new();
+    // Refcount table entry 1 names a block whose end is the block layer's
+    // limit (2^63 less 1 GiB) exactly, or one cluster past it: the first
+    // resize fails in the file system ("File too large"), the second in the
+    // block layer ("Input/output error"); either way QEMU rebuilds.
+    let limit: u64 = 0x7fff_ffff_c000_0000;
+    for (i, block) in [limit - 0x10000, limit].into_iter().enumerate() {
+        let name = format!("g{i}.qcow2");
+        w.qemu_img(&["create", "-q", "-f", "qcow2", &name, "4M"]);
+        w.qemu_io(&name, &["write -P 1 0 64k"]);
+        poke(&w, &name, 0x10008, block);
+        let real = format!("real-{name}");
+        w.run("cp", &[&name, &real]);
+        let out = std::process::Command::new("qemu-img")
+            .args(["check", "-r", "all", &real])
+            .current_dir(w.dir.path())
+            .output()
+            .expect("qemu-img check");
+        let text = String::from_utf8_lossy(&out.stderr).into_owned();
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("ERROR could not resize image: "))
+            .unwrap_or_else(|| panic!("{name}: {text}"))
+            .to_string();
+        let sim = ok(&w, &name, &["repair:all"]);
+        assert_eq!(sim.records[0].error, None);
+        assert!(
+            sim.records[0]
+                .steps
+                .iter()
+                .any(|c| c.reason.starts_with(&line)),
+            "{name}: QEMU says '{line}'; {:?}",
+            sim.records[0].steps
+        );
+    }
+}

@@ -156,9 +156,13 @@ impl Sim {
     /// refcount structure instead).
     fn grow_for_refblock(&mut self, off: u64) -> SimResult<bool> {
         let Some(end) = off.checked_add(self.cs).filter(|&e| e <= i64::MAX as u64) else {
-            self.note(format!("ERROR could not resize image: Invalid argument (a refcount block at {off:#x} cannot end inside the largest file QEMU can write): QEMU rebuilds the refcount structure"));
+            self.note(format!("ERROR could not resize image: Invalid argument (a refcount block at {off:#x} would end past INT64_MAX, a size QEMU takes as negative): QEMU rebuilds the refcount structure"));
             return Ok(false);
         };
+        if end > super::BDRV_MAX_LENGTH {
+            self.note(format!("ERROR could not resize image: Input/output error (offset({end}) exceeds maximum({}), the block layer's limit, for a refcount block at {off:#x}): QEMU rebuilds the refcount structure", super::BDRV_MAX_LENGTH));
+            return Ok(false);
+        }
         if end > super::MAX_FILE_LEN {
             self.note(format!("ERROR could not resize image: File too large (a refcount block at {off:#x} would make the file {end} bytes long): QEMU rebuilds the refcount structure"));
             return Ok(false);

@@ -11,14 +11,10 @@
 //! of the active tables are set to what the refcounts now say (`copied.rs`). An image left
 //! without corruptions is marked clean and consistent.
 
-use super::{Sim, SimError, SimResult};
+use super::{BDRV_MAX_LENGTH, Sim, SimError, SimResult};
 use crate::check::{Category, CheckOptions, FindingKind, check};
 use crate::header::Field;
 use crate::types::HostOffset;
-
-/// The largest offset QEMU's block layer reads or writes up to:
-/// `INT64_MAX` aligned down to 1 GiB (`BDRV_MAX_LENGTH`).
-const BDRV_MAX_LENGTH: u64 = (i64::MAX as u64) & !((1 << 30) - 1);
 
 impl Sim {
     /// `qemu-img check -r leaks` (`all == false`) or `-r all`.
