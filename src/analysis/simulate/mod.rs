@@ -187,6 +187,11 @@ pub struct Sim {
     /// The metadata structure the overlap check last kept a write off in
     /// this operation (the write failed, the image marked corrupt).
     overlap_stop: Option<overlap::Meta>,
+    /// Set by a check pass that grew the file for refcount blocks past its
+    /// end, for the pass after it: what that pass counted, the file's
+    /// clusters before it grew, and the blocks' clusters (QEMU goes on with
+    /// those counts; see `repair.rs`).
+    counted_before_growth: Option<(Arc<crate::check::Imrt>, u64, Vec<u64>)>,
 }
 
 /// Why a simulated operation fails (or would go where the simulator does not
@@ -312,6 +317,7 @@ impl Sim {
             reftable_writes: 0,
             overlap_memo: Default::default(),
             overlap_stop: None,
+            counted_before_growth: None,
             data: Default::default(),
             base: img.src.clone(),
             path: path.to_path_buf(),
