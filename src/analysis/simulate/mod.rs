@@ -190,7 +190,7 @@ pub struct Sim {
     /// Set by a check pass that grew the file for refcount blocks past its
     /// end, for the pass after it: what that pass counted, the file's
     /// clusters before it grew, and the blocks' clusters (QEMU goes on with
-    /// those counts; see `repair.rs`).
+    /// those counts: `counts_before_growth` in `rebuild.rs`).
     counted_before_growth: Option<(Arc<crate::check::Imrt>, u64, Vec<u64>)>,
 }
 

@@ -28,6 +28,7 @@ use super::{Sim, SimError, SimResult};
 use crate::header::Field;
 use crate::refcount::set_refcount;
 use crate::types::HostOffset;
+use std::sync::Arc;
 
 /// The most clusters a file grown for a refcount block outside it may have
 /// for the simulator to follow the check over it (2^24: 1 TiB of 64 KiB
@@ -148,6 +149,25 @@ impl Sim {
             }
         }
         Ok((grew, failed))
+    }
+
+    /// The references QEMU counted in a pass that grew the file for refcount
+    /// blocks past its end: `now`, as counted in the grown file, but for the
+    /// clusters the file did not hold before (`before`: the counts then, the
+    /// file's clusters then, the blocks' clusters), where QEMU has what it
+    /// counted before it grew the file (a reference there was past the end)
+    /// and the blocks, counted once the file holds them.
+    pub(super) fn counts_before_growth(
+        now: &crate::check::Imrt,
+        before: (Arc<crate::check::Imrt>, u64, Vec<u64>),
+    ) -> crate::check::Imrt {
+        let (first, from, blocks) = before;
+        let mut imrt = now.clone();
+        for c in from..now.nb_clusters {
+            let n = blocks.iter().filter(|&&b| b == c).count() as u64;
+            imrt.set(c, first.get(c).saturating_add(n));
+        }
+        imrt
     }
 
     /// `check_refblocks` with `-r all` for a refcount block at `off`, past

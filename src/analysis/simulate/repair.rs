@@ -351,25 +351,6 @@ impl Sim {
         Ok((left_corrupt, repaired))
     }
 
-    /// The references QEMU counted in a pass that grew the file for refcount
-    /// blocks past its end: `now`, as counted in the grown file, but for the
-    /// clusters the file did not hold before (`before`: the counts then, the
-    /// file's clusters then, the blocks' clusters), where QEMU has what it
-    /// counted before it grew the file (a reference there was past the end)
-    /// and the blocks, counted once the file holds them.
-    fn counts_before_growth(
-        now: &crate::check::Imrt,
-        before: (Arc<crate::check::Imrt>, u64, Vec<u64>),
-    ) -> crate::check::Imrt {
-        let (first, from, blocks) = before;
-        let mut imrt = now.clone();
-        for c in from..now.nb_clusters {
-            let n = blocks.iter().filter(|&&b| b == c).count() as u64;
-            imrt.set(c, first.get(c).saturating_add(n));
-        }
-        imrt
-    }
-
     /// What freeing leaked cluster `c` does to the file: QEMU frees it with
     /// `QCOW2_DISCARD_ALWAYS`, and the image file is opened with
     /// `discard=unmap` (a protocol child always is), so the cluster's bytes
