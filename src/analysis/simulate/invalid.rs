@@ -8,9 +8,9 @@
 //! corrupt bit is set in the header at once, and the image is unusable from
 //! then on, so nothing QEMU holds in its caches is written afterwards.
 //!
-//! That is simulated when the operation has changed no metadata before it
-//! gets there; after a change (which would sit in QEMU's caches and be lost)
-//! it is not.
+//! That is simulated when the operation (its open included: a dirty image's
+//! repair) has changed no metadata before it gets there; after a change,
+//! which may sit in QEMU's caches and be lost, it is not.
 
 use super::{Sim, SimError, SimResult, Target};
 use crate::header::Field;
@@ -38,7 +38,7 @@ impl Sim {
     ) -> SimError {
         if self.steps.iter().any(|c| !matches!(c.target, Target::Note)) {
             return SimError::NotModelled(format!(
-                "{what} that meets the L2 entry of guest {g:#x}, whose bits contradict each other, after it changed metadata (QEMU marks the image corrupt there, and what it changed before stays in its caches, never written)"
+                "{what} that meets the L2 entry of guest {g:#x}, whose bits contradict each other, after it changed metadata (QEMU marks the image corrupt there, and what of those changes sits in its caches is never written)"
             ));
         }
         let l2 = self.l2_table_of(g).unwrap_or_default();
