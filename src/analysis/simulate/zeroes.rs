@@ -107,15 +107,12 @@ impl Sim {
             }
             let ty = self.top_subcluster_type(s0);
             if ty == SubclusterType::Invalid {
-                // Nothing asked block status (the rest of the subcluster is
-                // past the end of the disk): the lookup of it fails instead.
-                return Err(self.invalid_entry_met(
-                    s0,
-                    "a partial write-zeroes",
-                    format!(
-                        "write failed: Input/output error (the L2 entry of guest {s0:#x} has contradictory bits: the image is marked corrupt)"
-                    ),
-                ));
+                // Nothing asked block status: the piece starts the subcluster
+                // and ends past the last multiple of 512 bytes of a disk
+                // whose size is not one, where QEMU's disk has already ended.
+                return Err(SimError::NotModelled(format!(
+                    "a write-zeroes at guest {s0:#x}, past the last multiple of 512 bytes of a disk whose size is not one, over an L2 entry with contradictory bits"
+                )));
             }
             if !matches!(
                 ty,
