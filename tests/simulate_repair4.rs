@@ -124,3 +124,78 @@ fn an_l2_entry_naming_the_l1_table_as_data_is_repaired() {
         "{r:?}"
     );
 }
+
+#[test]
+fn an_l2_table_the_copied_repair_wrote_before_the_overlap_stays_written() {
+    let w = Work::new();
+    // 1G: guest 0 (L2 table at 0x40000, data at 0x50000) and guest 512M
+    // (L2 table at 0x60000, data at 0x70000), each under an L1 entry of
+    // its own.
+    w.qemu_img(&["create", "-q", "-f", "qcow2", "c.qcow2", "1G"]);
+    w.qemu_io("c.qcow2", &["write -P 1 0 64k", "write -P 2 512M 64k"]);
+    assert_eq!(peek(&w, "c.qcow2", 0x30008), 0x8000_0000_0006_0000);
+    // L1[0] without COPIED (the L1 table, read as an L2 table, names its
+    // cluster as data too: refcount 2), L1[1] naming the L1 table itself,
+    // and the data entry at 0x40000 without COPIED.
+    poke(&w, "c.qcow2", 0x30000, 0x40000);
+    poke(&w, "c.qcow2", 0x30008, 0x8000_0000_0003_0000);
+    poke(&w, "c.qcow2", 0x40000, 0x50000);
+    // -r all raises clusters 3 and 4 and frees the leaks 6 and 7 in its
+    // refcount cache; the COPIED repair writes the L2 table at 0x40000 (its
+    // entry gets COPIED back) and then stops at L1[1]: the L2 table stays
+    // written, the cached refcounts are lost.
+    let sim = ok(&w, "c.qcow2", &["repair:all"]);
+    let rec = &sim.records[0];
+    let e = rec.error.as_deref().unwrap_or_default();
+    assert!(
+        e.starts_with("Check failed: Input/output error")
+            && e.contains("overlaps with active L2 table"),
+        "{e}"
+    );
+    assert!(!changed_refcounts(&sim), "{:?}", rec.steps);
+    assert!(sim.freed.is_empty(), "{:?}", sim.freed);
+    assert!(rec.steps.iter().any(|c| {
+        matches!(c.target, Target::L2Entry { index: 0, .. })
+            && c.before == 0x50000
+            && c.after == 0x8000_0000_0005_0000
+    }));
+}
+
+#[test]
+fn growing_the_file_for_a_refcount_block_stops_at_the_block_layers_limit() {
+    let w = Work::new();
+    // Refcount table entry 1 names a block whose end is the block layer's
+    // limit (2^63 less 1 GiB) exactly, or one cluster past it: the first
+    // resize fails in the file system ("File too large"), the second in the
+    // block layer ("Input/output error"); either way QEMU rebuilds.
+    let limit: u64 = 0x7fff_ffff_c000_0000;
+    for (i, block) in [limit - 0x10000, limit].into_iter().enumerate() {
+        let name = format!("g{i}.qcow2");
+        w.qemu_img(&["create", "-q", "-f", "qcow2", &name, "4M"]);
+        w.qemu_io(&name, &["write -P 1 0 64k"]);
+        poke(&w, &name, 0x10008, block);
+        let real = format!("real-{name}");
+        w.run("cp", &[&name, &real]);
+        let out = std::process::Command::new("qemu-img")
+            .args(["check", "-r", "all", &real])
+            .current_dir(w.dir.path())
+            .output()
+            .expect("qemu-img check");
+        let text = String::from_utf8_lossy(&out.stderr).into_owned();
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("ERROR could not resize image: "))
+            .unwrap_or_else(|| panic!("{name}: {text}"))
+            .to_string();
+        let sim = ok(&w, &name, &["repair:all"]);
+        assert_eq!(sim.records[0].error, None);
+        assert!(
+            sim.records[0]
+                .steps
+                .iter()
+                .any(|c| c.reason.starts_with(&line)),
+            "{name}: QEMU says '{line}'; {:?}",
+            sim.records[0].steps
+        );
+    }
+}

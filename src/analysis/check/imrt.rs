@@ -1,7 +1,7 @@
 //! The in-memory refcount table (IMRT) the recount fills.
 
 /// Reference counts of one chunk of clusters, as narrow as the counts allow.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub(super) enum Counts {
     U8(Box<[u8]>),
     U16(Box<[u16]>),
@@ -47,7 +47,7 @@ impl Counts {
 }
 
 /// One chunk: counts plus two bits per cluster (referenced as metadata, as data).
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub(super) struct Chunk {
     pub(super) counts: Counts,
     pub(super) kinds: Box<[u8]>,
@@ -56,7 +56,7 @@ pub(super) struct Chunk {
 /// The in-memory refcount table: computed references per host cluster, in chunks
 /// of 64Ki clusters allocated only where something is referenced, one byte per
 /// cluster until a count needs more.
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct Imrt {
     pub(super) chunks: Vec<Option<Chunk>>,
     /// Number of clusters covered (the file's, plus any reference just past it).
@@ -94,6 +94,20 @@ impl Imrt {
             counts: Counts::U8(vec![0u8; CHUNK as usize].into_boxed_slice()),
             kinds: vec![0u8; (CHUNK / 4) as usize].into_boxed_slice(),
         }))
+    }
+
+    /// Set the computed references of cluster `c` to `v` (the count QEMU
+    /// holds where it counts differently from this walk).
+    pub(crate) fn set(&mut self, c: u64, v: u64) {
+        if v == 0 && self.get(c) == 0 {
+            return;
+        }
+        if c >= self.nb_clusters {
+            self.nb_clusters = c.saturating_add(1);
+        }
+        if let Some(ch) = self.chunk_mut(c) {
+            ch.counts.set((c & (CHUNK - 1)) as usize, v);
+        }
     }
 
     /// Computed references of a cluster.

@@ -1,11 +1,11 @@
 //! Host bytes: the clusters the simulation has read or changed, laid over the
 //! read-only image, and the image they make.
 
-use super::MAX_FILE_LEN;
 use super::Sim;
 use super::SimError;
 use super::SimResult;
 use super::change::Target;
+use super::{BDRV_MAX_LENGTH, MAX_FILE_LEN};
 use crate::header::Field;
 use crate::io::SharedSource;
 use crate::io::Source;
@@ -132,11 +132,12 @@ impl Sim {
 
     /// Where a write of `len` bytes at `off` would end, or QEMU's error for
     /// it. Like QEMU (`bdrv_check_request`), a write that would end past
-    /// `i64::MAX` fails (EIO) instead of landing anywhere: offsets computed
-    /// from hostile header or table fields saturate to `u64::MAX`, and must
-    /// not wrap around to real metadata or grow the file without bound.
+    /// `BDRV_MAX_LENGTH` (2^63 less 1 GiB) fails (EIO) instead of landing
+    /// anywhere: offsets computed from hostile header or table fields
+    /// saturate to `u64::MAX`, and must not wrap around to real metadata or
+    /// grow the file without bound.
     pub(super) fn write_end(&self, off: HostOffset, len: u64) -> SimResult<HostOffset> {
-        let Some(end) = off.checked_add(len).filter(|e| e.get() <= i64::MAX as u64) else {
+        let Some(end) = off.checked_add(len).filter(|e| e.get() <= BDRV_MAX_LENGTH) else {
             return Err(SimError::Qemu(format!(
                 "a write of {len} bytes at {off:#x} ends past the largest offset QEMU can write (EIO)"
             )));

@@ -1,18 +1,17 @@
 //! `check_oflag_copied` with a repair: the COPIED flags of the active L1
 //! and L2 tables set to what the refcounts say, the last step of
 //! `qemu-img check -r` ([`Sim::repair`]). Each rewritten L1 entry and L2 table
-//! goes through QEMU's overlap check first; one that would land on metadata
-//! (an L1 table that names itself as an L2 table) marks the image corrupt and
-//! ends the check, and the refcounts repaired before it, still in QEMU's
-//! refcount block cache, are never written.
+//! goes through QEMU's overlap check first and is then written to the file at
+//! once; one that would land on metadata (an L1 table that names itself as an
+//! L2 table) marks the image corrupt and ends the check, and the refcounts
+//! repaired before it, still in QEMU's refcount block cache, are never
+//! written, while the L1 entries and L2 tables the COPIED repair wrote before
+//! it stay written.
 
 use super::overlap::Meta;
 use super::{Change, Sim, SimError, SimResult, Target};
 use crate::tables::{ClusterType, L2Entry};
 use crate::types::HostOffset;
-
-/// How the overlap check's failure begins ([`Sim::overlap_check`]).
-const OVERLAP: &str = "Preventing invalid write on metadata";
 
 /// How a check that fails with EIO ends, before the cause.
 const CHECK_FAILED: &str = "Check failed: Input/output error (";
@@ -27,10 +26,10 @@ impl Sim {
         steps: Vec<Change>,
         freed: usize,
     ) -> SimResult<()> {
+        // Only a stop of the COPIED repair's own counts.
+        self.overlap_stop = None;
         let r = self.repair_copied();
-        if let Err(e) = &r
-            && Self::stopped_by_overlap(e)
-        {
+        if r.is_err() && self.stopped_by_overlap() {
             self.drop_cached_refcounts(repaired, steps, freed)?;
         }
         r
@@ -41,7 +40,8 @@ impl Sim {
     /// cluster of `repaired` with the refcount it had) sit in QEMU's refcount
     /// block cache, which is then never written back. They are set back, and
     /// their records (since `steps`, and the freed clusters past `freed`)
-    /// dropped.
+    /// dropped; the COPIED repair's own L1 and L2 entries, which QEMU writes
+    /// to the file directly, stay.
     fn drop_cached_refcounts(
         &mut self,
         repaired: &[(u64, u64)],
@@ -58,12 +58,16 @@ impl Sim {
             && since.iter().all(|c| {
                 matches!(
                     c.target,
-                    Target::Refcount { .. } | Target::Header { .. } | Target::Note
+                    Target::Refcount { .. }
+                        | Target::Header { .. }
+                        | Target::Note
+                        | Target::L1Entry { .. }
+                        | Target::L2Entry { .. }
                 )
             });
         if !cached {
             return Err(SimError::NotModelled(
-                "the refcount repair before the failed COPIED repair wrote more than refcounts (QEMU writes a new refcount block at once, the refcounts later)".into(),
+                "the refcount repair before the failed COPIED repair changed more than refcounts, or its first change joined the record before it (which changes QEMU's refcount block cache held is then not known)".into(),
             ));
         }
         for &(c, old) in repaired {
@@ -82,11 +86,12 @@ impl Sim {
         Ok(())
     }
 
-    /// How `qemu-img check` ends when a COPIED repair fails (QEMU's check
-    /// stops there, with what it has written).
-    fn check_failed(e: SimError) -> SimError {
+    /// How `qemu-img check` ends when a write of the COPIED repair fails
+    /// with `e` (QEMU's check stops there, with what it has written): a stop
+    /// by the overlap check ends the check with EIO.
+    fn check_failed(&self, e: SimError) -> SimError {
         match e {
-            SimError::Qemu(why) if why.starts_with(OVERLAP) => {
+            SimError::Qemu(why) if self.stopped_by_overlap() => {
                 let why = why.strip_suffix(" (EIO)").unwrap_or(&why).to_string();
                 SimError::Qemu(format!("{CHECK_FAILED}{why})"))
             }
@@ -94,10 +99,11 @@ impl Sim {
         }
     }
 
-    /// Whether the COPIED repair failed at the overlap check (which leaves
-    /// QEMU's image unusable, whether or not it was marked corrupt before).
-    fn stopped_by_overlap(e: &SimError) -> bool {
-        matches!(e, SimError::Qemu(m) if m.strip_prefix(CHECK_FAILED).is_some_and(|r| r.starts_with(OVERLAP)))
+    /// Whether the overlap check stopped a write of the COPIED repair (which
+    /// leaves QEMU's image unusable, whether or not it was marked corrupt
+    /// before).
+    fn stopped_by_overlap(&self) -> bool {
+        self.overlap_stop.is_some()
     }
 
     /// `check_oflag_copied` with `BDRV_FIX_ERRORS`: COPIED on exactly the
@@ -121,7 +127,7 @@ impl Sim {
                 // table the L1 table names may be the L1 table itself).
                 let at = l1_off.saturating_entry(i, 8);
                 self.overlap_check(Some(Meta::ActiveL1), at, 8)
-                    .map_err(Self::check_failed)?;
+                    .map_err(|e| self.check_failed(e))?;
                 self.write_u64(at, want.0)?;
                 self.record(
                     Target::L1Entry {
@@ -157,7 +163,7 @@ impl Sim {
                         "Repairing OFLAG_COPIED data cluster: l2_entry={raw:x} refcount={r}"
                     ));
                     self.set_l2_entry(l2, j, want, bm)
-                        .map_err(Self::check_failed)?;
+                        .map_err(|e| self.check_failed(e))?;
                 }
             }
         }

@@ -95,9 +95,13 @@ impl Sim {
             } else {
                 let ty = self.top_type(l2, g);
                 if ty == SubclusterType::Invalid {
-                    return Err(SimError::Qemu(format!(
-                        "read failed: Input/output error (the L2 entry of guest {g:#x} has contradictory bits)"
-                    )));
+                    return Err(self.invalid_entry_met(
+                        g,
+                        "a copy-on-read",
+                        format!(
+                            "read failed: Input/output error (the L2 entry of guest {g:#x} has contradictory bits: the image is marked corrupt)"
+                        ),
+                    ));
                 }
                 let mut n = unit;
                 while n < avail && self.top_type(l2, g.saturating_add(n)) == ty {

@@ -285,6 +285,7 @@ impl Sim {
                         .saturating_sub(in_c)
                         .min(end.saturating_sub(pos));
                     let write_end = pos.saturating_add(bytes);
+                    self.write_piece_valid(l2, l2_index, keep, pos)?;
                     self.why(format!("in-place write to guest {pos:#x}..{write_end:#x}: the clusters are COPIED (refcount 1)"));
                     self.note(format!(
                         "guest {pos:#x}..{write_end:#x} is written in place at host {:#x} (COPIED: no copy needed)",
@@ -362,6 +363,7 @@ impl Sim {
                     }
                     n = n.saturating_add(1);
                 }
+                self.write_piece_valid(l2, l2_index, n, pos)?;
                 let guest_cluster = self.guest_cluster_start(pos);
                 let purpose = format!(
                     "guest data at {guest_cluster:#x}..{:#x}",

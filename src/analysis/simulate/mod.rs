@@ -32,6 +32,7 @@ mod cor;
 mod data;
 mod discard;
 mod guest;
+mod invalid;
 mod ops;
 mod overlap;
 mod overlay;
@@ -69,6 +70,11 @@ use std::sync::Arc;
 
 /// The largest file the simulator lets an image grow to (ext4's limit, 16 TiB).
 pub const MAX_FILE_LEN: u64 = 1 << 44;
+
+/// The block layer's limit on any request (`BDRV_MAX_LENGTH`: `INT64_MAX`
+/// aligned down to 1 GiB): a read or write of the image file that would end
+/// past it fails (EIO) before it reaches the file.
+const BDRV_MAX_LENGTH: u64 = (i64::MAX as u64) & !((1 << 30) - 1);
 
 /// A snapshot as the simulator keeps it (QEMU's `QCowSnapshot`).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -182,6 +188,14 @@ pub struct Sim {
     ),
     /// What the data clusters written hold, described.
     data: data::Data,
+    /// The metadata structure the overlap check last kept a write off in
+    /// this operation (the write failed, the image marked corrupt).
+    overlap_stop: Option<overlap::Meta>,
+    /// Set by a check pass that grew the file for refcount blocks past its
+    /// end, for the pass after it: what that pass counted, the file's
+    /// clusters before it grew, and the blocks' clusters (QEMU goes on with
+    /// those counts: `counts_before_growth` in `rebuild.rs`).
+    counted_before_growth: Option<(Arc<crate::check::Imrt>, u64, Vec<u64>)>,
 }
 
 /// Why a simulated operation fails (or would go where the simulator does not
@@ -315,6 +329,8 @@ impl Sim {
             overlay_of: None,
             reftable_writes: 0,
             overlap_memo: Default::default(),
+            overlap_stop: None,
+            counted_before_growth: None,
             data: Default::default(),
             base: img.src.clone(),
             path: path.to_path_buf(),
@@ -354,6 +370,7 @@ impl Sim {
         // Each operation is a fresh open of the image (a separate qemu-img or
         // qemu-io command), so QEMU's free-cluster hint starts at 0 again.
         self.free_cluster_index = 0;
+        self.overlap_stop = None;
         if let Op::Trace { offset } = op {
             // A look, not a QEMU command: nothing is opened read-write.
             let r = self.trace(*offset);

@@ -204,6 +204,7 @@ impl Sim {
         let Some(m) = self.overlap_of(ignore, offset, size) else {
             return Ok(());
         };
+        self.overlap_stop = Some(m);
         let saved = self.reason.clone();
         self.why(format!(
             "Marking image as corrupt: Preventing invalid write on metadata (overlaps with {}) at {offset:#x}",

@@ -28,6 +28,7 @@ use super::{Sim, SimError, SimResult};
 use crate::header::Field;
 use crate::refcount::set_refcount;
 use crate::types::HostOffset;
+use std::sync::Arc;
 
 /// The most clusters a file grown for a refcount block outside it may have
 /// for the simulator to follow the check over it (2^24: 1 TiB of 64 KiB
@@ -150,15 +151,38 @@ impl Sim {
         Ok((grew, failed))
     }
 
+    /// The references QEMU counted in a pass that grew the file for refcount
+    /// blocks past its end: `now`, as counted in the grown file, but for the
+    /// clusters the file did not hold before (`before`: the counts then, the
+    /// file's clusters then, the blocks' clusters), where QEMU has what it
+    /// counted before it grew the file (a reference there was past the end)
+    /// and the blocks, counted once the file holds them.
+    pub(super) fn counts_before_growth(
+        now: &crate::check::Imrt,
+        before: (Arc<crate::check::Imrt>, u64, Vec<u64>),
+    ) -> crate::check::Imrt {
+        let (first, from, blocks) = before;
+        let mut imrt = now.clone();
+        for c in from..now.nb_clusters {
+            let n = blocks.iter().filter(|&&b| b == c).count() as u64;
+            imrt.set(c, first.get(c).saturating_add(n));
+        }
+        imrt
+    }
+
     /// `check_refblocks` with `-r all` for a refcount block at `off`, past
     /// the end of the file: the file grows (with zeros) to end just after the
     /// block. False when QEMU cannot resize the file (it then rebuilds the
     /// refcount structure instead).
     fn grow_for_refblock(&mut self, off: u64) -> SimResult<bool> {
         let Some(end) = off.checked_add(self.cs).filter(|&e| e <= i64::MAX as u64) else {
-            self.note(format!("ERROR could not resize image: Invalid argument (a refcount block at {off:#x} cannot end inside the largest file QEMU can write): QEMU rebuilds the refcount structure"));
+            self.note(format!("ERROR could not resize image: Invalid argument (a refcount block at {off:#x} would end past INT64_MAX, a size QEMU takes as negative): QEMU rebuilds the refcount structure"));
             return Ok(false);
         };
+        if end > super::BDRV_MAX_LENGTH {
+            self.note(format!("ERROR could not resize image: Input/output error (offset({end}) exceeds maximum({}), the block layer's limit, for a refcount block at {off:#x}): QEMU rebuilds the refcount structure", super::BDRV_MAX_LENGTH));
+            return Ok(false);
+        }
         if end > super::MAX_FILE_LEN {
             self.note(format!("ERROR could not resize image: File too large (a refcount block at {off:#x} would make the file {end} bytes long): QEMU rebuilds the refcount structure"));
             return Ok(false);

@@ -136,3 +136,29 @@ fn header_changes_print_and_serialise_as_the_fields_they_name() {
     );
     assert_eq!(serde_json::to_value(&c).unwrap()["offset"], 0x5_0000);
 }
+
+#[test]
+fn a_write_may_end_at_the_block_layers_limit_and_not_past_it() {
+    let s = sim();
+    let limit = super::BDRV_MAX_LENGTH;
+    assert_eq!(limit, 0x7fff_ffff_c000_0000);
+    // Ending at the limit: the block layer lets it through, the file system
+    // refuses to grow the file that far.
+    let at = HostOffset(limit - 4096);
+    let e = s.write_end(at, 4096).expect_err("no file grows that far");
+    assert!(
+        matches!(&e, super::SimError::Qemu(m) if m.ends_with("(EFBIG)")),
+        "{e}"
+    );
+    // One byte past it, or anywhere up to INT64_MAX: the block layer
+    // refuses the request itself.
+    for (off, len) in [(limit - 4096, 4097), (i64::MAX as u64 - 8, 8)] {
+        let e = s
+            .write_end(HostOffset(off), len)
+            .expect_err("past the limit");
+        assert!(
+            matches!(&e, super::SimError::Qemu(m) if m.ends_with("(EIO)")),
+            "{off:#x}+{len}: {e}"
+        );
+    }
+}

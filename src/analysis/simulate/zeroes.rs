@@ -106,6 +106,14 @@ impl Sim {
                 return self.fallback(off, n, &why);
             }
             let ty = self.top_subcluster_type(s0);
+            if ty == SubclusterType::Invalid {
+                // Nothing asked block status: the piece starts the subcluster
+                // and ends past the last multiple of 512 bytes of a disk
+                // whose size is not one, where QEMU's disk has already ended.
+                return Err(SimError::NotModelled(format!(
+                    "a write-zeroes at guest {s0:#x}, past the last multiple of 512 bytes of a disk whose size is not one, over an L2 entry with contradictory bits"
+                )));
+            }
             if !matches!(
                 ty,
                 SubclusterType::UnallocatedPlain
@@ -267,9 +275,15 @@ impl Sim {
             SubclusterType::UnallocatedPlain | SubclusterType::UnallocatedAlloc => {
                 self.below_reads_zero(a, b)
             }
-            SubclusterType::Invalid => Err(SimError::NotModelled(format!(
-                "a write-zeroes next to guest {a:#x}, whose L2 entry has contradictory bits"
-            ))),
+            // Block status fails (EIO) and marks the image corrupt: is_zero
+            // says no, and the fallback write of zeros finds the image gone.
+            SubclusterType::Invalid => Err(self.invalid_entry_met(
+                a,
+                "a partial write-zeroes",
+                format!(
+                    "write failed: No medium found (QEMU asks whether the rest of the subcluster at guest {a:#x} reads as zeros; its L2 entry has contradictory bits, so the image is marked corrupt and unusable, and the fallback write of zeros finds none)"
+                ),
+            )),
         }
     }
 
