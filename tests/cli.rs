@@ -397,6 +397,51 @@ fn dump_l2_says_entries_past_the_end_are_never_read() {
     assert_eq!(e[64]["type"], "unallocated");
 }
 
+/// A trace's L2 step says an unallocated entry falls through to the backing
+/// file only in a layer that has one; in the bottom layer it reads as zeros.
+#[test]
+fn trace_says_no_backing_file_in_the_bottom_layer() {
+    let w = Work::new();
+    w.qemu_img(&["create", "-q", "-f", "qcow2", "base.qcow2", "4M"]);
+    w.qemu_io("base.qcow2", &["write 0 64k"]);
+    w.qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "base.qcow2",
+        "-F",
+        "qcow2",
+        "top.qcow2",
+    ]);
+    w.qemu_io("top.qcow2", &["write 0 64k"]);
+    let j = Work::json(&w.qinspect_ok(&["trace", "--json", "top.qcow2", "1M"]));
+    let l2_steps: Vec<(String, String)> = j["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["step"] == "l2_entry")
+        .map(|s| {
+            let layer = s["layer"].as_str().unwrap().to_string();
+            (layer, s["explanation"].as_str().unwrap().to_string())
+        })
+        .collect();
+    assert_eq!(l2_steps.len(), 2, "{j}");
+    let (top, base) = (&l2_steps[0], &l2_steps[1]);
+    assert!(top.0.ends_with("top.qcow2"), "{top:?}");
+    assert!(
+        top.1.contains("reads fall through to the backing file"),
+        "{top:?}"
+    );
+    assert!(base.0.ends_with("base.qcow2"), "{base:?}");
+    assert!(!base.1.contains("fall through"), "{base:?}");
+    assert!(
+        base.1.contains("reads as zeros: no backing file"),
+        "{base:?}"
+    );
+}
+
 /// `completions | head`: a closed pipe ends the command quietly, with exit 0.
 #[test]
 fn completions_into_a_closed_pipe_end_quietly() {
