@@ -442,6 +442,27 @@ fn trace_says_no_backing_file_in_the_bottom_layer() {
     );
 }
 
+/// A read whose length runs past the end of the disk is cut there, and says so;
+/// one inside the disk says nothing.
+#[test]
+fn read_past_the_end_of_the_disk_is_cut_with_a_warning() {
+    let w = Work::new();
+    w.qemu_img(&["create", "-q", "-f", "qcow2", "a.qcow2", "1M"]);
+    w.qemu_io("a.qcow2", &["write -P 7 960k 64k"]);
+    let long = w.qinspect(&["read", "a.qcow2", "--offset", "960k", "--length", "128k"]);
+    assert!(long.status.success(), "{long:?}");
+    assert_eq!(long.stdout, vec![7u8; 64 << 10]);
+    let err = String::from_utf8_lossy(&long.stderr);
+    assert!(
+        err.contains("warning") && err.contains("65536 of the 131072 bytes"),
+        "{err}"
+    );
+    let fits = w.qinspect(&["read", "a.qcow2", "--offset", "960k", "--length", "64k"]);
+    assert!(fits.status.success(), "{fits:?}");
+    assert_eq!(fits.stdout, vec![7u8; 64 << 10]);
+    assert!(fits.stderr.is_empty(), "{fits:?}");
+}
+
 /// `completions | head`: a closed pipe ends the command quietly, with exit 0.
 #[test]
 fn completions_into_a_closed_pipe_end_quietly() {
