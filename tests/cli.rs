@@ -463,6 +463,42 @@ fn read_past_the_end_of_the_disk_is_cut_with_a_warning() {
     assert!(fits.stderr.is_empty(), "{fits:?}");
 }
 
+/// A hexdump cut at the end of the file or of the disk says so on stderr.
+#[test]
+fn hexdump_past_the_end_is_cut_with_a_warning() {
+    let w = Work::new();
+    w.qemu_img(&["create", "-q", "-f", "qcow2", "a.qcow2", "1M"]);
+    let file_len = std::fs::metadata(w.path("a.qcow2")).unwrap().len();
+    let host = format!("{:#x}", file_len - 16);
+    for args in [
+        [
+            "hexdump",
+            "a.qcow2",
+            "--host",
+            host.as_str(),
+            "--length",
+            "64",
+        ],
+        ["hexdump", "a.qcow2", "--guest", "0xffff0", "--length", "64"],
+    ] {
+        let out = w.qinspect(&args);
+        assert!(out.status.success(), "{args:?}: {out:?}");
+        // One row of 16 bytes, and the warning.
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).lines().count(),
+            3,
+            "{out:?}"
+        );
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("warning: 16 of the 64 bytes"),
+            "{args:?}: {err}"
+        );
+    }
+    let fits = w.qinspect(&["hexdump", "a.qcow2", "--guest", "0xffff0", "--length", "16"]);
+    assert!(fits.status.success() && fits.stderr.is_empty(), "{fits:?}");
+}
+
 /// `completions | head`: a closed pipe ends the command quietly, with exit 0.
 #[test]
 fn completions_into_a_closed_pipe_end_quietly() {
