@@ -119,6 +119,46 @@ fn copied_flag_missing() {
     assert!(f["repair"].as_str().unwrap().contains("set bit 63"));
 }
 
+/// The COPIED repairs say what `qemu-img check -r all` does to bit 63: QEMU
+/// fixes the refcounts first, so a set flag on a leaked cluster (stored 2,
+/// referenced once) stays set, while a missing flag on a refcount-1 cluster is set.
+#[test]
+fn copied_repairs_follow_the_fixed_refcounts() {
+    let w = Work::new();
+    base(&w, "a.qcow2", "cluster_size=64k");
+    w.set_refcount("a.qcow2", 5, 2);
+    l2_entry(&w, "a.qcow2", 1, 0x60000);
+    let v = w.assert_check_matches("a.qcow2");
+    std::fs::copy(w.path("a.qcow2"), w.path("b.qcow2")).unwrap();
+    w.qemu_img(&["check", "-r", "all", "b.qcow2"]);
+    let before = std::fs::read(w.path("a.qcow2")).unwrap();
+    let after = std::fs::read(w.path("b.qcow2")).unwrap();
+    let bit63 = |img: &[u8], at: usize| img[at] & 0x80 != 0;
+    let mut seen = Vec::new();
+    for f in findings(&v).iter().filter(|f| f["category"] == "copied") {
+        let at = f["offset"].as_u64().unwrap() as usize;
+        let repair = f["repair"].as_str().unwrap();
+        let (was, is) = (bit63(&before, at), bit63(&after, at));
+        let says = if repair.starts_with("set bit 63") {
+            "set"
+        } else if repair.starts_with("clear bit 63") {
+            "clear"
+        } else {
+            assert!(repair.starts_with("none to bit 63"), "{repair}");
+            "none"
+        };
+        let did = match (was, is) {
+            (false, true) => "set",
+            (true, false) => "clear",
+            _ => "none",
+        };
+        assert_eq!(says, did, "finding at {at:#x}: {repair}");
+        seen.push(says);
+    }
+    seen.sort_unstable();
+    assert_eq!(seen, ["none", "set"]);
+}
+
 #[test]
 fn wrong_refcount_with_4_bit_refcounts() {
     let w = Work::new();

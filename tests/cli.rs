@@ -397,6 +397,108 @@ fn dump_l2_says_entries_past_the_end_are_never_read() {
     assert_eq!(e[64]["type"], "unallocated");
 }
 
+/// A trace's L2 step says an unallocated entry falls through to the backing
+/// file only in a layer that has one; in the bottom layer it reads as zeros.
+#[test]
+fn trace_says_no_backing_file_in_the_bottom_layer() {
+    let w = Work::new();
+    w.qemu_img(&["create", "-q", "-f", "qcow2", "base.qcow2", "4M"]);
+    w.qemu_io("base.qcow2", &["write 0 64k"]);
+    w.qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "base.qcow2",
+        "-F",
+        "qcow2",
+        "top.qcow2",
+    ]);
+    w.qemu_io("top.qcow2", &["write 0 64k"]);
+    let j = Work::json(&w.qinspect_ok(&["trace", "--json", "top.qcow2", "1M"]));
+    let l2_steps: Vec<(String, String)> = j["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["step"] == "l2_entry")
+        .map(|s| {
+            let layer = s["layer"].as_str().unwrap().to_string();
+            (layer, s["explanation"].as_str().unwrap().to_string())
+        })
+        .collect();
+    assert_eq!(l2_steps.len(), 2, "{j}");
+    let (top, base) = (&l2_steps[0], &l2_steps[1]);
+    assert!(top.0.ends_with("top.qcow2"), "{top:?}");
+    assert!(
+        top.1.contains("reads fall through to the backing file"),
+        "{top:?}"
+    );
+    assert!(base.0.ends_with("base.qcow2"), "{base:?}");
+    assert!(!base.1.contains("fall through"), "{base:?}");
+    assert!(
+        base.1.contains("reads as zeros: no backing file"),
+        "{base:?}"
+    );
+}
+
+/// A read whose length runs past the end of the disk is cut there, and says so;
+/// one inside the disk says nothing.
+#[test]
+fn read_past_the_end_of_the_disk_is_cut_with_a_warning() {
+    let w = Work::new();
+    w.qemu_img(&["create", "-q", "-f", "qcow2", "a.qcow2", "1M"]);
+    w.qemu_io("a.qcow2", &["write -P 7 960k 64k"]);
+    let long = w.qinspect(&["read", "a.qcow2", "--offset", "960k", "--length", "128k"]);
+    assert!(long.status.success(), "{long:?}");
+    assert_eq!(long.stdout, vec![7u8; 64 << 10]);
+    let err = String::from_utf8_lossy(&long.stderr);
+    assert!(
+        err.contains("warning") && err.contains("65536 of the 131072 bytes"),
+        "{err}"
+    );
+    let fits = w.qinspect(&["read", "a.qcow2", "--offset", "960k", "--length", "64k"]);
+    assert!(fits.status.success(), "{fits:?}");
+    assert_eq!(fits.stdout, vec![7u8; 64 << 10]);
+    assert!(fits.stderr.is_empty(), "{fits:?}");
+}
+
+/// A hexdump cut at the end of the file or of the disk says so on stderr.
+#[test]
+fn hexdump_past_the_end_is_cut_with_a_warning() {
+    let w = Work::new();
+    w.qemu_img(&["create", "-q", "-f", "qcow2", "a.qcow2", "1M"]);
+    let file_len = std::fs::metadata(w.path("a.qcow2")).unwrap().len();
+    let host = format!("{:#x}", file_len - 16);
+    for args in [
+        [
+            "hexdump",
+            "a.qcow2",
+            "--host",
+            host.as_str(),
+            "--length",
+            "64",
+        ],
+        ["hexdump", "a.qcow2", "--guest", "0xffff0", "--length", "64"],
+    ] {
+        let out = w.qinspect(&args);
+        assert!(out.status.success(), "{args:?}: {out:?}");
+        // One row of 16 bytes, and the warning.
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).lines().count(),
+            3,
+            "{out:?}"
+        );
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("warning: 16 of the 64 bytes"),
+            "{args:?}: {err}"
+        );
+    }
+    let fits = w.qinspect(&["hexdump", "a.qcow2", "--guest", "0xffff0", "--length", "16"]);
+    assert!(fits.status.success() && fits.stderr.is_empty(), "{fits:?}");
+}
+
 /// `completions | head`: a closed pipe ends the command quietly, with exit 0.
 #[test]
 fn completions_into_a_closed_pipe_end_quietly() {

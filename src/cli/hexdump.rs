@@ -32,7 +32,8 @@ pub struct Args {
     /// `snapshot.name=NAME` / `snapshot.id=ID` to match exactly).
     #[arg(long, short = 's', requires = "guest")]
     pub snapshot: Option<String>,
-    /// Bytes to show.
+    /// Bytes to show (at most 64 MiB; cut at the end of the file or disk, with a
+    /// warning).
     #[arg(long, short = 'l', value_parser = parse_size, default_value = "256")]
     pub length: u64,
     /// Colour: auto (on a terminal), always or never.
@@ -88,6 +89,23 @@ pub fn run(mut a: Args) -> CmdResult {
         read(&chain, g, &mut buf, &mut ReadCache::default())?;
         (g.get(), buf)
     };
+    if (bytes.len() as u64) < a.length {
+        // Cut short: said, so a short dump is not taken for all that was asked.
+        let why = if a.length > MAX_LEN && bytes.len() as u64 == MAX_LEN {
+            format!("a hexdump shows at most {MAX_LEN} bytes")
+        } else if a.host.is_some() {
+            format!("{} ends there", a.image.display())
+        } else {
+            "the disk ends there".to_string()
+        };
+        let bad = super::style::BAD;
+        let _ = writeln!(
+            anstream::stderr(),
+            "{bad}qinspect: warning:{bad:#} {} of the {} bytes asked for are shown: {why}",
+            bytes.len(),
+            a.length
+        );
+    }
     let color = match a.color {
         ColorChoice::Always => true,
         ColorChoice::Never => false,

@@ -6,6 +6,7 @@
 
 use super::MAX_REFERRERS;
 use super::detail::FindingDetail;
+use super::imrt::Imrt;
 use super::report::{Category, CheckReport, FindingKind, L1Id, Referrer, Role};
 use super::walk::Walk;
 use crate::image::{Qcow2, RefcountReader};
@@ -100,10 +101,38 @@ impl<'a> Copied<'a> {
         }
     }
 
-    /// The findings, for the main report.
-    pub(super) fn report(self) -> CheckReport {
+    /// The findings, for the main report, each repair worded by the refcount
+    /// `qemu-img check -r` leaves rather than the stored one: QEMU fixes the
+    /// refcounts (to the `counted` references, at most `max`) before it checks
+    /// the COPIED flags, so a flag that is right for the counted references is
+    /// left as it is, and only its refcount changes.
+    pub(super) fn report(mut self, counted: &Imrt, max: u64) -> CheckReport {
+        let has_df = self.walk.img.header.has_data_file();
+        for f in &mut self.walk.report.findings {
+            let applies = match f.detail {
+                FindingDetail::CopiedL1 => true,
+                FindingDetail::CopiedL2 => !has_df,
+                _ => false,
+            };
+            if let (true, Some(c), Some(r)) = (applies, f.cluster, f.refcount) {
+                settle(&mut f.repair, r, counted.get(c), max);
+            }
+        }
         self.walk.report
     }
+}
+
+/// A COPIED finding's repair once QEMU has set the stored refcount `r` to the
+/// `counted` references: when the flag is right for those (`counted` is 1
+/// exactly when `r` is not), the flag stays and only the refcount changes.
+fn settle(repair: &mut Option<String>, r: u64, counted: u64, max: u64) {
+    if counted == 0 || counted > max || (counted == 1) == (r == 1) {
+        return;
+    }
+    *repair = Some(format!(
+        "none to bit 63: qemu-img check -r {} sets the refcount to {counted}, and the flag is right for that",
+        if r > counted { "leaks" } else { "all" }
+    ));
 }
 
 /// The L1 half: each active L1 entry's COPIED flag against its L2 table's refcount.

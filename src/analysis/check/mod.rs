@@ -166,7 +166,7 @@ pub fn check(img: &Qcow2, opts: &CheckOptions) -> CheckReport {
         return finish(walk, Some(counter));
     }
     if let Some(cp) = copied {
-        walk.absorb(cp.report());
+        walk.absorb(cp.report(&counter.imrt, counter.max));
     }
     overlaps(&mut walk, &counter);
     finish(walk, Some(counter))

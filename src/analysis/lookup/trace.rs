@@ -371,7 +371,15 @@ fn l2_entry_step(
             } else {
                 String::new()
             },
-            e.describe(&geo, has_df)
+            // Without a backing file there is nothing to fall through to.
+            if img.backing_name.is_none() {
+                e.describe(&geo, has_df).replace(
+                    "reads fall through to the backing file",
+                    "reads as zeros: no backing file",
+                )
+            } else {
+                e.describe(&geo, has_df)
+            }
         ),
     );
     m

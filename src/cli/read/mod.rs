@@ -46,7 +46,8 @@ pub struct Args {
     /// First guest byte to read.
     #[arg(long, value_parser = parse_guest, default_value = "0")]
     pub offset: GuestOffset,
-    /// How many bytes (default: to the end of the disk).
+    /// How many bytes (default: to the end of the disk; a length past the end is
+    /// cut there, with a warning).
     #[arg(long, short = 'l', value_parser = parse_size)]
     pub length: Option<u64>,
     /// Write to this file instead of standard output.
@@ -80,6 +81,14 @@ pub fn run(mut a: Args) -> CmdResult {
     }
     let rest = size - a.offset.get();
     let len = a.length.unwrap_or(rest).min(rest);
+    if let Some(asked) = a.length.filter(|&l| l > rest) {
+        // Cut at the end of the disk; said, so a short output is not a surprise.
+        let bad = super::style::BAD;
+        let _ = writeln!(
+            anstream::stderr(),
+            "{bad}qinspect: warning:{bad:#} the disk ends at {size:#x}: {len} of the {asked} bytes asked for are read"
+        );
+    }
     if let Some(p) = &a.output {
         let file = open_output(&chain, p)?;
         return write_output(&chain, a.offset, len, file);

@@ -9,7 +9,7 @@ use ratatui::Frame;
 use ratatui::layout::{Constraint, Layout, Rect};
 use ratatui::style::Style;
 use ratatui::text::Line;
-use ratatui::widgets::{Block, Borders, Gauge, Paragraph};
+use ratatui::widgets::{Block, Borders, Gauge, Paragraph, Wrap};
 
 /// Check's state.
 #[derive(Default)]
@@ -55,12 +55,6 @@ fn render(st: &mut State, f: &mut Frame, area: Rect, app: &Ctx) {
         );
         return;
     };
-    let [summary, list, detail] = Layout::vertical([
-        Constraint::Length(5),
-        Constraint::Min(3),
-        Constraint::Length(6),
-    ])
-    .areas(area);
     let verdict = if r.corruptions + r.leaks + r.check_errors == 0 {
         Line::styled(
             "No errors were found on the image.",
@@ -101,14 +95,23 @@ fn render(st: &mut State, f: &mut Frame, area: Rect, app: &Ctx) {
             Style::new().fg(color::LEAK),
         ));
     }
-    f.render_widget(
-        Paragraph::new(s).block(
-            Block::new()
-                .borders(Borders::ALL)
-                .title(format!(" Check{} ", app.view_word())),
-        ),
-        summary,
+    // The summary box grows to show every warning wrapped (a dirty image's is
+    // longer than a wide terminal), up to half the pane.
+    let p = Paragraph::new(s).wrap(Wrap { trim: true }).block(
+        Block::new()
+            .borders(Borders::ALL)
+            .title(format!(" Check{} ", app.view_word())),
     );
+    // line_count counts the borders too; it takes the width inside them.
+    let rows = u16::try_from(p.line_count(area.width.saturating_sub(2))).unwrap_or(u16::MAX);
+    let height = rows.min(area.height / 2).max(5);
+    let [summary, list, detail] = Layout::vertical([
+        Constraint::Length(height),
+        Constraint::Min(3),
+        Constraint::Length(6),
+    ])
+    .areas(area);
+    f.render_widget(p, summary);
     let findings = r.findings.clone();
     let title = format!(
         "Findings — Enter: the entry at fault{}",

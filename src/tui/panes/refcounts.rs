@@ -57,8 +57,9 @@ fn rows(level: Level, app: &Ctx, w: std::ops::Range<usize>) -> (String, Vec<Line
                     let first = i as u64 * per;
                     let text = match e.block_offset() {
                         Some(o) => format!(
+                            // The end is exclusive, as in `dump refcount-table`.
                             "refcount block at {o} for clusters {first}..{}",
-                            first + per - 1
+                            first.saturating_add(per)
                         ),
                         None => "no block: these clusters have refcount 0".to_string(),
                     };

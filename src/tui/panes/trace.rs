@@ -103,10 +103,10 @@ impl State {
 impl PaneState for State {
     fn render(&mut self, f: &mut Frame, area: Rect, _: &Ctx) {
         let Some(t) = &self.trace else {
-            let p = ratatui::widgets::Paragraph::new(vec![
-                Line::raw("Type g and a guest offset (65536, 0x10000, 64k) to follow one read through the L1 table,"),
-                Line::raw("the L2 table and down the backing chain, one step at a time (n: next, p: previous)."),
-            ])
+            // One line, so the sentence wraps as one at any width.
+            let p = ratatui::widgets::Paragraph::new(Line::raw(
+                "Type g and a guest offset (65536, 0x10000, 64k) to follow one read through the L1 table, the L2 table and down the backing chain, one step at a time (n: next, p: previous).",
+            ))
             .wrap(ratatui::widgets::Wrap { trim: true })
             .block(boxed("Trace"));
             f.render_widget(p, area);

@@ -413,3 +413,45 @@ fn the_snapshot_explanation_shows_the_columns_80x24_cuts() {
     let s = screen(&mut a, 80, 24);
     assert!(s.contains("icount 0"), "{s}");
 }
+
+// ---- a dirty image's warning is shown whole ----------------------------------------
+
+#[test]
+fn check_pane_wraps_the_dirty_bit_warning_to_its_last_word() {
+    let dir = tempfile::tempdir().unwrap();
+    qemu_img(
+        dir.path(),
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "lazy_refcounts=on",
+            "c.qcow2",
+            "16M",
+        ],
+    );
+    // A crash while lazy refcounts are on leaves the dirty bit set.
+    let out = Command::new("sh")
+        .args([
+            "-c",
+            "ulimit -c 0; qemu-io -f qcow2 -c 'write -P 1 0 1M' -c abort c.qcow2",
+        ])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "qemu-io did not abort: {out:?}");
+    let mut a = open(dir.path().join("c.qcow2"));
+    typed(&mut a, "7");
+    for (w, h) in [(80, 24), (200, 60)] {
+        let s = screen(&mut a, w, h);
+        assert!(s.contains("warning: the dirty bit is set"), "{s}");
+        // Its last sentence ends on screen, above the findings.
+        let end = s
+            .find("are what they should be.")
+            .unwrap_or_else(|| panic!("{s}"));
+        assert!(end < s.find("Findings").unwrap(), "{s}");
+        assert!(s.contains("ERROR cluster 5 refcount=0 reference=1"), "{s}");
+    }
+}
