@@ -3,7 +3,9 @@
 //! Each scenario is a random starting image (cluster sizes 512 B to 2 MiB,
 //! refcount widths 1 to 64 bits, compat 0.10 or 1.1, extended L2, lazy
 //! refcounts, a backing file, compressed clusters (deflate or zstd), bitmaps,
-//! snapshots, a grown disk) built with qemu-img/qemu-io, then a random sequence of operations,
+//! snapshots, a grown disk; in two scenarios of five also a preallocated image,
+//! an amend, a commit, a rebase, a crash with lazy refcounts or a shrink)
+//! built with qemu-img/qemu-io, then a random sequence of operations,
 //! each run by one real qemu-img or qemu-io process on a copy and simulated;
 //! `sim_compare::compare` compares everything after every operation. One
 //! scenario in five runs its operations on a throw-away overlay instead (over
@@ -290,6 +292,16 @@ fn scenario(seed: u64) -> Scenario {
             ]),
         );
     }
+    // Images from the wild: what amend, commit, rebase, a crash and a shrink
+    // leave behind, drawn from a stream of its own so that the image and the
+    // operations drawn above stay what they were for each seed.
+    let wild = wild_steps(seed, v3, lazy, backing, cs, cur_size);
+    if wild.prealloc
+        && let Some(o) = create.iter_mut().find(|a| a.starts_with("cluster_size="))
+    {
+        o.push_str(",preallocation=metadata");
+    }
+    prep.extend(wild.steps);
     // Drawn last, so the image and operations of a seed do not depend on it.
     let prep_snaps: Vec<String> = snaps
         .iter()
@@ -305,6 +317,158 @@ fn scenario(seed: u64) -> Scenario {
         ops,
         overlay,
     }
+}
+
+/// The steps that make a starting image look like one from the wild.
+struct Wild {
+    /// `preallocation=metadata` at create (never with a backing file, which
+    /// QEMU allows only with extended L2 entries).
+    prealloc: bool,
+    steps: Vec<Vec<String>>,
+}
+
+/// In two scenarios of five, one to three of: `qemu-img amend` of the
+/// refcount width, the compat level or lazy refcounts; a `qemu-img commit`
+/// of an overlay written into the image; a crash (qemu-io `abort`) after a
+/// write with lazy refcounts, which leaves the image dirty; a safe `qemu-img
+/// rebase` onto no backing file; a `qemu-img resize --shrink`. A step QEMU
+/// refuses (an amend an image's features forbid, a shrink with snapshots)
+/// leaves the image as it was, which is a starting image too.
+fn wild_steps(seed: u64, v3: bool, lazy: bool, backing: bool, cs: u64, size: u64) -> Wild {
+    let mut d = Draw::new(seed ^ 0x3117_d000_0000_0000);
+    let mut wild = Wild {
+        prealloc: false,
+        steps: Vec::new(),
+    };
+    if !d.chance(40) {
+        return wild;
+    }
+    let s = |v: &[&str]| -> Vec<String> { v.iter().map(|a| a.to_string()).collect() };
+    wild.prealloc = !backing && size <= 1 << 30 && d.chance(25);
+    let range = |d: &mut Draw| -> (u64, u64) {
+        let len = ((d.below(4 * cs / 512) + 1) * 512).min(size);
+        let off = d.below((size - len) / 512 + 1) * 512;
+        (off, len)
+    };
+    let mut lazy = lazy;
+    for _ in 0..=d.below(3) {
+        match d.below(7) {
+            // QEMU's amend of the refcount width takes time that grows with
+            // the square of the cluster size (a second with 64 KiB clusters,
+            // minutes with 2 MiB ones).
+            0 if v3 && cs <= 16384 => {
+                let bits = d.pick(&[1u32, 2, 4, 8, 16, 32, 64]);
+                wild.steps.push(s(&[
+                    "qemu-img",
+                    "amend",
+                    "-f",
+                    "qcow2",
+                    "-o",
+                    &format!("refcount_bits={bits}"),
+                    "img.qcow2",
+                ]));
+            }
+            1 => {
+                let compat = if v3 { "0.10" } else { "1.1" };
+                wild.steps.push(s(&[
+                    "qemu-img",
+                    "amend",
+                    "-f",
+                    "qcow2",
+                    "-o",
+                    &format!("compat={compat}"),
+                    "img.qcow2",
+                ]));
+            }
+            2 if v3 => {
+                lazy = !lazy;
+                let on = if lazy { "on" } else { "off" };
+                wild.steps.push(s(&[
+                    "qemu-img",
+                    "amend",
+                    "-f",
+                    "qcow2",
+                    "-o",
+                    &format!("lazy_refcounts={on}"),
+                    "img.qcow2",
+                ]));
+            }
+            3 if size > 0 => {
+                let (o, l) = range(&mut d);
+                wild.steps.push(s(&[
+                    "qemu-img",
+                    "create",
+                    "-q",
+                    "-f",
+                    "qcow2",
+                    "-b",
+                    "img.qcow2",
+                    "-F",
+                    "qcow2",
+                    "ov0.qcow2",
+                ]));
+                wild.steps.push(s(&[
+                    "qemu-io",
+                    "-f",
+                    "qcow2",
+                    "-c",
+                    &format!("write -P 5 {o} {l}"),
+                    "ov0.qcow2",
+                ]));
+                wild.steps
+                    .push(s(&["qemu-img", "commit", "-q", "-f", "qcow2", "ov0.qcow2"]));
+            }
+            4 if v3 && size > 0 => {
+                // The crash: lazy refcounts on, a write, then abort() before
+                // the refcounts reach the file (no core file is written).
+                let (o, l) = range(&mut d);
+                wild.steps.push(s(&[
+                    "qemu-img",
+                    "amend",
+                    "-f",
+                    "qcow2",
+                    "-o",
+                    "lazy_refcounts=on",
+                    "img.qcow2",
+                ]));
+                lazy = true;
+                wild.steps.push(s(&[
+                    "sh",
+                    "-c",
+                    &format!(
+                        "ulimit -c 0; qemu-io -f qcow2 -c 'write -P 6 {o} {l}' -c abort img.qcow2; true"
+                    ),
+                ]));
+            }
+            5 if backing => {
+                wild.steps.push(s(&[
+                    "qemu-img",
+                    "rebase",
+                    "-q",
+                    "-f",
+                    "qcow2",
+                    "-b",
+                    "",
+                    "img.qcow2",
+                ]));
+            }
+            6 if size > 0 => {
+                let new = d.below(size / 512) * 512;
+                wild.steps.push(s(&[
+                    "qemu-img",
+                    "resize",
+                    "-q",
+                    "-f",
+                    "qcow2",
+                    "--shrink",
+                    "img.qcow2",
+                    &new.to_string(),
+                ]));
+            }
+            _ => {}
+        }
+    }
+    wild
 }
 
 #[derive(Debug, PartialEq)]
