@@ -23,6 +23,8 @@ pub type BitmapMeta = (String, u64, u32, u32, u8, Vec<u64>, Vec<Vec<u8>>);
 #[derive(Debug, PartialEq)]
 pub struct Meta {
     pub header: BTreeMap<&'static str, u64>,
+    /// The header extensions: type, length and data.
+    pub extensions: Vec<(u32, u32, Vec<u8>)>,
     pub reftable: Vec<(usize, u64)>,
     pub refcounts: Vec<(u64, u64)>,
     pub l1s: Vec<Vec<u64>>,
@@ -119,8 +121,18 @@ pub fn meta(img: &Qcow2, upto: u64) -> Result<Meta, String> {
             ));
         }
     }
+    // The feature name table only names feature bits for people (QEMU writes
+    // it into every version 3 header it makes, the throw-away overlay's
+    // included, which is compared with one `qemu-img create` made): left out.
+    let extensions = img
+        .extensions
+        .iter()
+        .filter(|e| e.ext_type != 0x6803_f857)
+        .map(|e| (e.ext_type, e.length, e.data.clone()))
+        .collect();
     Ok(Meta {
         header,
+        extensions,
         reftable,
         refcounts,
         l1s,
@@ -501,6 +513,7 @@ pub fn compare_ops(
         }
 
         same!(header);
+        same!(extensions);
         same!(reftable);
         same!(refcounts);
         same!(l1s);

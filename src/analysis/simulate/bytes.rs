@@ -167,6 +167,17 @@ impl Sim {
 
     /// Header field `f` as the simulated image holds it now.
     pub(super) fn header_field(&mut self, f: Field) -> u64 {
+        // A version 2 header ends at 72 bytes: what follows is its header
+        // extensions, and QEMU takes a field of version 3 as its default
+        // (no feature bits, 16-bit refcounts, a 72-byte header).
+        if self.version < f.since_version() {
+            return match f {
+                Field::RefcountOrder => 4,
+                Field::HeaderLength => 72,
+                Field::IncompatibleFeatures => self.unstored_features,
+                _ => 0,
+            };
+        }
         // The header up to the field's end: Field::read finds it there.
         let head = self.read_bytes(HostOffset(0), f.end());
         f.read(&head)
@@ -176,6 +187,14 @@ impl Sim {
     /// the field), and record the change if it is one.
     pub(super) fn set_header(&mut self, f: Field, v: impl Into<u64>) -> SimResult<()> {
         let v = v.into() & low_mask(u32::try_from(f.size().saturating_mul(8)).unwrap_or(64));
+        // QEMU writes no field a version 2 header does not have (a feature
+        // bit it sets, such as corrupt, lives only in its memory).
+        if self.version < f.since_version() {
+            if f == Field::IncompatibleFeatures {
+                self.unstored_features = v;
+            }
+            return Ok(());
+        }
         // The header up to the field's end, changed through the layout.
         let mut head = self.read_bytes(HostOffset(0), f.end());
         let before = f.read(&head);

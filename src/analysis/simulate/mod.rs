@@ -180,6 +180,10 @@ pub struct Sim {
     /// Bumped on every write into the refcount table, so that the overlap
     /// check's memo knows when the refcount blocks may have moved.
     reftable_writes: u64,
+    /// A version 2 image's feature bits, which its header has no field for:
+    /// QEMU keeps them in memory for the one command (a corrupt bit it sets
+    /// stops that command's further writes, and the next open forgets it).
+    unstored_features: u64,
     /// The overlap check's memo: the metadata layout it was made for, and the
     /// clusters an L2-entry write was found not to overlap under that layout.
     overlap_memo: (
@@ -328,6 +332,7 @@ impl Sim {
             zero_from: u64::MAX,
             overlay_of: None,
             reftable_writes: 0,
+            unstored_features: 0,
             overlap_memo: Default::default(),
             overlap_stop: None,
             counted_before_growth: None,
@@ -371,6 +376,7 @@ impl Sim {
         // qemu-io command), so QEMU's free-cluster hint starts at 0 again.
         self.free_cluster_index = 0;
         self.overlap_stop = None;
+        self.unstored_features = 0;
         if let Op::Trace { offset } = op {
             // A look, not a QEMU command: nothing is opened read-write.
             let r = self.trace(*offset);

@@ -386,7 +386,12 @@ fn chain_reads_zero(chain: &Chain, a: u64, b: u64) -> SimResult<bool> {
                 break;
             }
             len = len.min(layer.size().saturating_sub(pos));
-            let LayerKind::Qcow2 { image, view, .. } = &layer.kind else {
+            let LayerKind::Qcow2 {
+                image,
+                view,
+                data_file,
+            } = &layer.kind
+            else {
                 // A raw file's block status is its file system's holes
                 // (`SEEK_DATA`, as QEMU's file-posix driver asks): a hole
                 // reads as zeros, anything allocated (zeros written too) as
@@ -406,6 +411,25 @@ fn chain_reads_zero(chain: &Chain, a: u64, b: u64) -> SimResult<bool> {
             match run.status {
                 Status::Unallocated { .. } => continue,
                 Status::Zero { .. } => break,
+                // With metadata preallocation QEMU asks the file system about
+                // a data cluster too (BDRV_BLOCK_RECURSE): one in a hole of
+                // its file reads as zeros, as `map` shows it.
+                Status::Data { host, .. }
+                    if image.header.crypt_method == 0
+                        && crate::map::metadata_preallocated(image) =>
+                {
+                    let file: &dyn crate::io::Source = match data_file {
+                        Some(df) => df.as_ref(),
+                        None => layer.src.as_ref(),
+                    };
+                    match crate::map::file_extent(file, host) {
+                        (true, n) => {
+                            len = n.map_or(len, |n| len.min(n));
+                            break;
+                        }
+                        (false, _) => return Ok(false),
+                    }
+                }
                 Status::Data { .. } | Status::Compressed { .. } => return Ok(false),
             }
         }
