@@ -441,7 +441,11 @@ fn bitmap_table_rows(a: &Args, img: &Qcow2, list: &[bitmap::BitmapEntry], i: u64
             raw: format!("{:#018x}", e.0),
             decoded: json!({"data_offset": e.data_offset(), "all_ones": e.all_ones()}),
             meaning: match e.data_offset() {
-                Some(o) => format!("bits for guest {:#x}.. stored at {o:#x}", j as u64 * cover),
+                Some(o) => {
+                    let start = (j as u64).saturating_mul(cover);
+                    let end = start.saturating_add(cover).min(img.header.size);
+                    format!("bits for guest {start:#x}..{end:#x} stored at {o:#x}")
+                }
                 None if e.all_ones() => "every bit set (all dirty)".into(),
                 None if j as u64 >= past_from => {
                     "past the end of the file: reads as zeros (every bit clear)".into()
