@@ -70,6 +70,51 @@ fn l2_cluster(e: &L2Entry, ctx: &Ctx) -> Option<u64> {
     Some(geo.cluster_of(host.0))
 }
 
+/// Whether the host cluster an L2 entry names is in the image's external data
+/// file, where nothing has a refcount (QEMU takes it as 1 for COPIED).
+fn in_data_file(e: &L2Entry, ctx: &Ctx) -> bool {
+    ctx.img.as_ref().is_some_and(|img| {
+        img.header.has_data_file() && e.mapping(&img.geometry(), true).host_cluster().is_some()
+    })
+}
+
+/// The refcount column of an L2 entry and how its COPIED flag stands: a cluster
+/// of the data file has none to show, and is judged as refcount 1, as check does.
+fn l2_refcount(e: &L2Entry, ctx: &Ctx, active: bool) -> (Option<u64>, Copied) {
+    if in_data_file(e, ctx) {
+        return (None, judge(active, e.copied(), Some(1)));
+    }
+    let rc = l2_cluster(e, ctx).and_then(|c| ctx.stored_refcount(c));
+    let jd = if l2_cluster(e, ctx).is_some() {
+        judge(active, e.copied(), rc)
+    } else {
+        Copied::Meaningless
+    };
+    (rc, jd)
+}
+
+/// The data file's name as the image stores it, or words for it.
+fn data_file_name(ctx: &Ctx) -> String {
+    ctx.img
+        .as_ref()
+        .and_then(|i| i.data_file_name.clone())
+        .unwrap_or_else(|| "the data file".into())
+}
+
+/// Description `d` of entry `e`, its host offset named as in the data file when
+/// it is there.
+fn name_data_file(d: String, e: &L2Entry, ctx: &Ctx) -> String {
+    if !in_data_file(e, ctx) {
+        return d;
+    }
+    let host = e.host_offset();
+    d.replacen(
+        &host.to_string(),
+        &format!("{host} in {}", data_file_name(ctx)),
+        1,
+    )
+}
+
 fn columns(copied: bool, rc: Option<u64>, j: Copied) -> Vec<Span<'static>> {
     let bad = Style::new().fg(color::BAD);
     let (c_st, r_st) = match j {
@@ -214,12 +259,7 @@ impl State {
                             ClusterType::Unallocated if e.bitmap == 0 => color::dim(),
                             _ => Style::new().fg(color::META),
                         };
-                        let rc = l2_cluster(e, ctx).and_then(|c| ctx.stored_refcount(c));
-                        let jd = if l2_cluster(e, ctx).is_some() {
-                            judge(active, e.copied(), rc)
-                        } else {
-                            Copied::Meaningless
-                        };
+                        let (rc, jd) = l2_refcount(e, ctx, active);
                         let mut spans = vec![
                             Span::raw(format!("{j:>5} {g:>#11x} ")),
                             Span::styled(format!("{:#018x} ", e.raw), st),
@@ -244,6 +284,7 @@ impl State {
                                 "reads as zeros: no backing file",
                             );
                         }
+                        let d = name_data_file(d, e, ctx);
                         if let Some(was) = active.then(|| ctx.l2_was(i, j, e.raw)).flatten() {
                             spans.push(Span::styled(
                                 format!("was {was:#x}→ "),
@@ -255,6 +296,23 @@ impl State {
                     })
                     .collect()
             });
+    }
+
+    /// What COPIED says of a cluster in the external data file `name`.
+    fn data_file_sentence(active: bool, copied: bool, name: &str) -> String {
+        let set = if copied { "set" } else { "clear" };
+        let base = format!(
+            "The cluster is in the data file {name}, which has no refcounts (the column says rc -); QEMU takes its refcount as 1"
+        );
+        if !active {
+            format!(
+                "{base}. COPIED is {set} here, but in a snapshot's tables the flag has no meaning."
+            )
+        } else if copied {
+            format!("{base}, so COPIED is right and a write goes straight into the cluster.")
+        } else {
+            format!("{base}, so COPIED should be set: qemu-img check reports OFLAG_COPIED.")
+        }
     }
 
     fn copied_sentence(
@@ -470,6 +528,7 @@ impl PaneState for State {
                 let guest = geo.guest_offset(i as u64, self.l2.sel as u64, 0).unwrap_or(GuestOffset(u64::MAX));
                 let past_end = guest.get() >= view.size;
                 let why = match e.cluster_type(&geo, has_df) {
+                    ClusterType::Normal | ClusterType::ZeroAlloc if in_data_file(e, ctx) => Self::data_file_sentence(active, e.copied(), &data_file_name(ctx)),
                     ClusterType::Normal | ClusterType::ZeroAlloc => Self::copied_sentence(
                         "the cluster",
                         active,
@@ -491,6 +550,7 @@ impl PaneState for State {
                 if !ctx.has_backing() {
                     d = d.replace("reads fall through to the backing file", "reads as zeros: no backing file");
                 }
+                let d = name_data_file(d, e, ctx);
                 Some(format!("L2 {off:#x}[{}] = {:#018x}: {d}. {why}", self.l2.sel, e.raw))
             }),
         };

@@ -45,3 +45,48 @@ fn snapshot_difference_says_unallocated_and_where_the_data_is() {
     let s = screen(&mut a, 80, 24);
     assert!(s.contains(&format!("guest 0x300000: {want}")), "{s}");
 }
+
+/// Data clusters of an external data file have no refcount in the image: the L2
+/// rows say `rc -` and name the data file, and only a COPIED flag QEMU's check
+/// would report is marked.
+#[test]
+fn tables_name_the_data_file_and_show_no_refcount_for_its_clusters() {
+    use crate::tui::panes::PaneState;
+    for opts in ["data_file=df.raw,data_file_raw=on", "data_file=df.raw"] {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        qemu_img(
+            d,
+            &["create", "-q", "-f", "qcow2", "-o", opts, "dfr.qcow2", "4M"],
+        );
+        qemu_io(d, "dfr.qcow2", "write 0 1M");
+        // QEMU finds nothing wrong with the image.
+        qemu_img(d, &["check", "dfr.qcow2"]);
+        let mut a = open(d.join("dfr.qcow2"));
+        typed(&mut a, "3");
+        key(&mut a, KeyCode::Enter);
+        let s = screen(&mut a, 120, 30);
+        let row = s
+            .lines()
+            .find(|l| l.contains(" 0x8000000000050000 "))
+            .unwrap_or_else(|| panic!("{opts}: no row for entry 5:\n{s}"));
+        assert!(row.contains("COPIED rc -  "), "{opts}: {row}");
+        assert!(
+            row.contains("data at host offset 0x50000 in df.raw, COPIED"),
+            "{opts}: {row}"
+        );
+        assert!(
+            !s.contains('!'),
+            "{opts}: a mark where QEMU finds nothing wrong:\n{s}"
+        );
+        typed(&mut a, "jjjjj");
+        assert_eq!(a.panes.tables.l2.sel, 5);
+        let e = a.panes.tables.explain(&a.ctx);
+        assert!(e.contains("0x50000 in df.raw"), "{e}");
+        assert!(
+            e.contains("in the data file df.raw, which has no refcounts"),
+            "{e}"
+        );
+        assert!(!e.contains("stored refcount"), "{e}");
+    }
+}
