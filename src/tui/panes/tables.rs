@@ -2,6 +2,7 @@
 //! columns come before the descriptions, so narrow terminals cut descriptions first;
 //! a COPIED flag that contradicts the stored refcount is marked in red.
 
+use super::datafile::{data_file_name, data_file_sentence, in_data_file, name_data_file};
 use super::{PaneState, color};
 use crate::tui::ctx::{Ctx, Effect, OffsetKind};
 use crate::tui::keymap::Action;
@@ -70,14 +71,6 @@ fn l2_cluster(e: &L2Entry, ctx: &Ctx) -> Option<u64> {
     Some(geo.cluster_of(host.0))
 }
 
-/// Whether the host cluster an L2 entry names is in the image's external data
-/// file, where nothing has a refcount (QEMU takes it as 1 for COPIED).
-fn in_data_file(e: &L2Entry, ctx: &Ctx) -> bool {
-    ctx.img.as_ref().is_some_and(|img| {
-        img.header.has_data_file() && e.mapping(&img.geometry(), true).host_cluster().is_some()
-    })
-}
-
 /// The refcount column of an L2 entry and how its COPIED flag stands: a cluster
 /// of the data file has none to show, and is judged as refcount 1, as check does.
 fn l2_refcount(e: &L2Entry, ctx: &Ctx, active: bool) -> (Option<u64>, Copied) {
@@ -91,28 +84,6 @@ fn l2_refcount(e: &L2Entry, ctx: &Ctx, active: bool) -> (Option<u64>, Copied) {
         Copied::Meaningless
     };
     (rc, jd)
-}
-
-/// The data file's name as the image stores it, or words for it.
-fn data_file_name(ctx: &Ctx) -> String {
-    ctx.img
-        .as_ref()
-        .and_then(|i| i.data_file_name.clone())
-        .unwrap_or_else(|| "the data file".into())
-}
-
-/// Description `d` of entry `e`, its host offset named as in the data file when
-/// it is there.
-fn name_data_file(d: String, e: &L2Entry, ctx: &Ctx) -> String {
-    if !in_data_file(e, ctx) {
-        return d;
-    }
-    let host = e.host_offset();
-    d.replacen(
-        &host.to_string(),
-        &format!("{host} in {}", data_file_name(ctx)),
-        1,
-    )
 }
 
 fn columns(copied: bool, rc: Option<u64>, j: Copied) -> Vec<Span<'static>> {
@@ -296,23 +267,6 @@ impl State {
                     })
                     .collect()
             });
-    }
-
-    /// What COPIED says of a cluster in the external data file `name`.
-    fn data_file_sentence(active: bool, copied: bool, name: &str) -> String {
-        let set = if copied { "set" } else { "clear" };
-        let base = format!(
-            "The cluster is in the data file {name}, which has no refcounts (the column says rc -); QEMU takes its refcount as 1"
-        );
-        if !active {
-            format!(
-                "{base}. COPIED is {set} here, but in a snapshot's tables the flag has no meaning."
-            )
-        } else if copied {
-            format!("{base}, so COPIED is right and a write goes straight into the cluster.")
-        } else {
-            format!("{base}, so COPIED should be set: qemu-img check reports OFLAG_COPIED.")
-        }
     }
 
     fn copied_sentence(
@@ -528,7 +482,7 @@ impl PaneState for State {
                 let guest = geo.guest_offset(i as u64, self.l2.sel as u64, 0).unwrap_or(GuestOffset(u64::MAX));
                 let past_end = guest.get() >= view.size;
                 let why = match e.cluster_type(&geo, has_df) {
-                    ClusterType::Normal | ClusterType::ZeroAlloc if in_data_file(e, ctx) => Self::data_file_sentence(active, e.copied(), &data_file_name(ctx)),
+                    ClusterType::Normal | ClusterType::ZeroAlloc if in_data_file(e, ctx) => data_file_sentence(active, e.copied(), &data_file_name(ctx)),
                     ClusterType::Normal | ClusterType::ZeroAlloc => Self::copied_sentence(
                         "the cluster",
                         active,

@@ -75,6 +75,16 @@ fn tables_name_the_data_file_and_show_no_refcount_for_its_clusters() {
             row.contains("data at host offset 0x50000 in df.raw, COPIED"),
             "{opts}: {row}"
         );
+        // Data at offset 0 of the data file (the image's header is at 0 of the image).
+        let row0 = s
+            .lines()
+            .find(|l| l.contains(" 0x8000000000000000 "))
+            .unwrap_or_else(|| panic!("{opts}: no row for entry 0:\n{s}"));
+        assert!(row0.contains("COPIED rc -  "), "{opts}: {row0}");
+        assert!(
+            row0.contains("data at host offset 0x0 in df.raw, COPIED"),
+            "{opts}: {row0}"
+        );
         assert!(
             !s.contains('!'),
             "{opts}: a mark where QEMU finds nothing wrong:\n{s}"
@@ -89,4 +99,43 @@ fn tables_name_the_data_file_and_show_no_refcount_for_its_clusters() {
         );
         assert!(!e.contains("stored refcount"), "{e}");
     }
+}
+
+/// A clear COPIED flag on a data file's cluster is what QEMU's check reports
+/// (it takes the refcount as 1): that row, and only that one, is marked.
+#[test]
+fn tables_mark_a_clear_copied_flag_on_a_data_file_cluster() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let opts = "data_file=df.raw,data_file_raw=on";
+    qemu_img(
+        d,
+        &["create", "-q", "-f", "qcow2", "-o", opts, "dfr.qcow2", "4M"],
+    );
+    qemu_io(d, "dfr.qcow2", "write 0 1M");
+    let p = d.join("dfr.qcow2");
+    let mut bytes = std::fs::read(&p).unwrap();
+    let l1 = u64::from_be_bytes(bytes[40..48].try_into().unwrap()) as usize;
+    let l2 = (u64::from_be_bytes(bytes[l1..l1 + 8].try_into().unwrap()) & 0x00ff_ffff_ffff_fe00)
+        as usize;
+    // Entry 5's bit 63 (COPIED) cleared.
+    bytes[l2 + 5 * 8] &= 0x7f;
+    std::fs::write(&p, &bytes).unwrap();
+    let out = Command::new("qemu-img")
+        .args(["check", "dfr.qcow2"])
+        .current_dir(d)
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "QEMU reports a corruption: {out:?}"
+    );
+    let mut a = open(p);
+    typed(&mut a, "3");
+    key(&mut a, KeyCode::Enter);
+    let s = screen(&mut a, 120, 30);
+    let marked: Vec<&str> = s.lines().filter(|l| l.contains("rc -  !")).collect();
+    assert_eq!(marked.len(), 1, "{s}");
+    assert!(marked[0].contains(" 0x0000000000050000 "), "{s}");
 }
