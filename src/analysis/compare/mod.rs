@@ -107,7 +107,8 @@ pub enum Mapping {
 }
 
 impl Mapping {
-    fn of(e: &L2Entry, img: &Qcow2) -> Mapping {
+    /// How L2 entry `e` of `img` maps its guest cluster.
+    pub fn of(e: &L2Entry, img: &Qcow2) -> Mapping {
         let geo = img.geometry();
         let has_df = img.header.has_data_file();
         if geo.extended_l2 && !e.compressed() {

@@ -441,7 +441,11 @@ fn bitmap_table_rows(a: &Args, img: &Qcow2, list: &[bitmap::BitmapEntry], i: u64
             raw: format!("{:#018x}", e.0),
             decoded: json!({"data_offset": e.data_offset(), "all_ones": e.all_ones()}),
             meaning: match e.data_offset() {
-                Some(o) => format!("bits for guest {:#x}.. stored at {o:#x}", j as u64 * cover),
+                Some(o) => {
+                    let start = (j as u64).saturating_mul(cover);
+                    let end = start.saturating_add(cover).min(img.header.size);
+                    format!("bits for guest {start:#x}..{end:#x} stored at {o:#x}")
+                }
                 None if e.all_ones() => "every bit set (all dirty)".into(),
                 None if j as u64 >= past_from => {
                     "past the end of the file: reads as zeros (every bit clear)".into()
@@ -531,7 +535,18 @@ fn l2_row(
         L2Mapping::Compressed { descriptor, .. } => Some(descriptor),
         _ => None,
     };
-    Row {
+    // With a data file, a host cluster an entry names is in that file, not in
+    // the image.
+    let in_data_file = match m {
+        L2Mapping::Data { host, .. }
+        | L2Mapping::Zero {
+            preallocated: Some(host),
+            ..
+        } if has_df => Some(host),
+        _ => None,
+    };
+    let data_file = in_data_file.map(|_| data_file_name(img));
+    let mut row = Row {
         index: j,
         file_offset: l2_off.saturating_entry(j, geo.l2_entry_size()),
         raw: if geo.extended_l2 {
@@ -560,7 +575,26 @@ fn l2_row(
             } else {
                 d
             };
+            let d = match (in_data_file, &data_file) {
+                (Some(host), Some(name)) => {
+                    d.replacen(&host.to_string(), &format!("{host} in {name}"), 1)
+                }
+                _ => d,
+            };
             format!("guest {guest}: {d}")
         },
+    };
+    // Only rows whose host cluster is in the data file carry its name.
+    if let (Some(name), Value::Object(o)) = (data_file, &mut row.decoded) {
+        o.insert("data_file".into(), Value::String(name));
     }
+    row
+}
+
+/// The external data file's name as the header extension stores it (QEMU opens
+/// it relative to the image), or words for it when the image names none.
+fn data_file_name(img: &Qcow2) -> String {
+    img.data_file_name
+        .clone()
+        .unwrap_or_else(|| "the data file (the image names none)".into())
 }

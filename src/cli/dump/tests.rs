@@ -93,3 +93,73 @@ fn dump_bitmaps_n_reads_no_bitmap_table_again() {
     assert_eq!(rows[0].raw, format!("{raw:#018x}"));
     assert_eq!(rows[0].file_offset, b.table_offset);
 }
+
+/// Each table entry covers `granularity * cluster_size * 8` guest bytes; its row
+/// names where that range ends, and the last one ends at the disk's end.
+#[test]
+fn dump_bitmaps_n_gives_each_range_its_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // 512-byte clusters and granularity: each entry covers 512 * 512 * 8 = 2 MiB.
+    run(
+        d,
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "cluster_size=512",
+            "bm.qcow2",
+            "3M",
+        ],
+    );
+    run(
+        d,
+        "qemu-img",
+        &["bitmap", "--add", "-g", "512", "bm.qcow2", "b0"],
+    );
+    run(
+        d,
+        "qemu-io",
+        &[
+            "-f",
+            "qcow2",
+            "-c",
+            "write 0 4k",
+            "-c",
+            "write 2M 4k",
+            "bm.qcow2",
+        ],
+    );
+    let bytes = std::fs::read(d.join("bm.qcow2")).unwrap();
+    let img = Qcow2::open(
+        Arc::new(MemSource::new("bm.qcow2", bytes)),
+        Strictness::Lenient,
+    )
+    .unwrap();
+    let Some(Ok(list)) = &img.bitmaps else {
+        panic!("no bitmap directory: {:?}", img.bitmaps)
+    };
+    let a = Args {
+        table: Table::Bitmaps,
+        image: "bm.qcow2".into(),
+        index: Some(0),
+        snapshot: None,
+        all: false,
+        json: false,
+    };
+    let (_, rows) = bitmap_table_rows(&a, &img, list, 0).unwrap();
+    let meanings: Vec<&str> = rows.iter().map(|r| r.meaning.as_str()).collect();
+    assert_eq!(meanings.len(), 2, "{meanings:?}");
+    assert!(
+        meanings[0].starts_with("bits for guest 0x0..0x200000 stored at 0x"),
+        "{meanings:?}"
+    );
+    // The second range is cut at the end of the 3 MiB disk.
+    assert!(
+        meanings[1].starts_with("bits for guest 0x200000..0x300000 stored at 0x"),
+        "{meanings:?}"
+    );
+}

@@ -419,9 +419,40 @@ fn diff(img: &Qcow2, a: usize, b: usize) -> Diff {
             let y = strip(tb.as_ref().and_then(|t| t.get(j)));
             if x != y && out.len() < 100_000 {
                 let g = geo.guest_offset(i as u64, j as u64, 0).map_or(0, |g| g.0);
-                out.push((g, format!("{:#x} vs {:#x}", x.0, y.0)));
+                let ea = ta.as_ref().and_then(|t| t.get(j));
+                let eb = tb.as_ref().and_then(|t| t.get(j));
+                out.push((g, diff_words(img, ea, eb)));
             }
         }
     }
     Ok(out)
+}
+
+/// One differing guest cluster in words, as `qinspect compare` says it:
+/// "unallocated (zeros) vs data at 0x2a0000 in this file". When both sides name
+/// the same file, the first side leaves it out, so that a row fits 80 columns.
+fn diff_words(
+    img: &Qcow2,
+    a: Option<&qinspect::tables::L2Entry>,
+    b: Option<&qinspect::tables::L2Entry>,
+) -> String {
+    use qinspect::compare::Mapping;
+    let backing = img.backing_name.is_some();
+    let data_file = img.header.has_data_file();
+    let words = |e: Option<&qinspect::tables::L2Entry>| {
+        e.map_or(Mapping::Unallocated, |e| Mapping::of(e, img))
+            .words(backing, data_file)
+    };
+    let (wa, wb) = (words(a), words(b));
+    if wa == wb {
+        // The same mapping in other bits (reserved ones): the entries say how.
+        let raw = |e: Option<&qinspect::tables::L2Entry>| e.map_or(0, |e| e.raw);
+        return format!("{wa} in both, entries {:#x} vs {:#x}", raw(a), raw(b));
+    }
+    let wa = [" in this file", " in the data file"]
+        .iter()
+        .find(|f| wa.ends_with(*f) && wb.ends_with(*f))
+        .and_then(|f| wa.strip_suffix(*f))
+        .map_or(wa.clone(), str::to_string);
+    format!("{wa} vs {wb}")
 }

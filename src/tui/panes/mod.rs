@@ -3,6 +3,7 @@
 //! [`Effect`]s for the app, explains what is selected, and jumps to an offset.
 
 pub mod check;
+pub mod datafile;
 pub mod hex;
 pub mod hexsearch;
 pub mod layout;

@@ -2,6 +2,7 @@
 //! columns come before the descriptions, so narrow terminals cut descriptions first;
 //! a COPIED flag that contradicts the stored refcount is marked in red.
 
+use super::datafile::{data_file_name, data_file_sentence, in_data_file, name_data_file};
 use super::{PaneState, color};
 use crate::tui::ctx::{Ctx, Effect, OffsetKind};
 use crate::tui::keymap::Action;
@@ -68,6 +69,21 @@ fn l2_cluster(e: &L2Entry, ctx: &Ctx) -> Option<u64> {
     let geo = img.geometry();
     let host = e.mapping(&geo, img.header.has_data_file()).host_cluster()?;
     Some(geo.cluster_of(host.0))
+}
+
+/// The refcount column of an L2 entry and how its COPIED flag stands: a cluster
+/// of the data file has none to show, and is judged as refcount 1, as check does.
+fn l2_refcount(e: &L2Entry, ctx: &Ctx, active: bool) -> (Option<u64>, Copied) {
+    if in_data_file(e, ctx) {
+        return (None, judge(active, e.copied(), Some(1)));
+    }
+    let rc = l2_cluster(e, ctx).and_then(|c| ctx.stored_refcount(c));
+    let jd = if l2_cluster(e, ctx).is_some() {
+        judge(active, e.copied(), rc)
+    } else {
+        Copied::Meaningless
+    };
+    (rc, jd)
 }
 
 fn columns(copied: bool, rc: Option<u64>, j: Copied) -> Vec<Span<'static>> {
@@ -214,12 +230,7 @@ impl State {
                             ClusterType::Unallocated if e.bitmap == 0 => color::dim(),
                             _ => Style::new().fg(color::META),
                         };
-                        let rc = l2_cluster(e, ctx).and_then(|c| ctx.stored_refcount(c));
-                        let jd = if l2_cluster(e, ctx).is_some() {
-                            judge(active, e.copied(), rc)
-                        } else {
-                            Copied::Meaningless
-                        };
+                        let (rc, jd) = l2_refcount(e, ctx, active);
                         let mut spans = vec![
                             Span::raw(format!("{j:>5} {g:>#11x} ")),
                             Span::styled(format!("{:#018x} ", e.raw), st),
@@ -244,6 +255,7 @@ impl State {
                                 "reads as zeros: no backing file",
                             );
                         }
+                        let d = name_data_file(d, e, ctx);
                         if let Some(was) = active.then(|| ctx.l2_was(i, j, e.raw)).flatten() {
                             spans.push(Span::styled(
                                 format!("was {was:#x}→ "),
@@ -470,6 +482,7 @@ impl PaneState for State {
                 let guest = geo.guest_offset(i as u64, self.l2.sel as u64, 0).unwrap_or(GuestOffset(u64::MAX));
                 let past_end = guest.get() >= view.size;
                 let why = match e.cluster_type(&geo, has_df) {
+                    ClusterType::Normal | ClusterType::ZeroAlloc if in_data_file(e, ctx) => data_file_sentence(active, e.copied(), &data_file_name(ctx)),
                     ClusterType::Normal | ClusterType::ZeroAlloc => Self::copied_sentence(
                         "the cluster",
                         active,
@@ -491,6 +504,7 @@ impl PaneState for State {
                 if !ctx.has_backing() {
                     d = d.replace("reads fall through to the backing file", "reads as zeros: no backing file");
                 }
+                let d = name_data_file(d, e, ctx);
                 Some(format!("L2 {off:#x}[{}] = {:#018x}: {d}. {why}", self.l2.sel, e.raw))
             }),
         };

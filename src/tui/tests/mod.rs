@@ -423,3 +423,4 @@ mod inputs;
 mod layers;
 mod links;
 mod map_changes;
+mod truth;
