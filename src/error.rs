@@ -116,6 +116,13 @@ pub enum CorruptKind {
     SnapshotL1Table,
     /// A bitmap directory entry QEMU's open refuses.
     BitmapDirectoryEntry,
+    /// The bitmap directory's entries do not fit its size: an entry runs
+    /// past its end (QEMU's open fails: "Broken bitmap directory").
+    BitmapDirectoryBroken,
+    /// The bitmap directory ends, its entries filling it, before the count
+    /// of bitmaps the header extension gives (QEMU's open fails: "Less
+    /// bitmaps found than specified in header extension").
+    BitmapDirectoryShort,
     /// A structure named only by the error's `what`.
     Other,
 }
@@ -134,6 +141,9 @@ impl CorruptKind {
             CorruptKind::L1Table => "L1 table".into(),
             CorruptKind::SnapshotL1Table => "snapshot L1 table".into(),
             CorruptKind::BitmapDirectoryEntry => "bitmap directory entry".into(),
+            CorruptKind::BitmapDirectoryBroken | CorruptKind::BitmapDirectoryShort => {
+                "bitmap directory".into()
+            }
             CorruptKind::Other => "structure".into(),
         }
     }

@@ -53,18 +53,34 @@ pub(super) struct Bitmaps {
 }
 
 /// QEMU's own refusal to open `img` at all (read-only too) for its
-/// bitmap directory: an entry with extra data ("Bitmap extra data is not
-/// supported", whatever its flags), or one that fails QEMU's constraints
-/// (flags it does not know, a table over its size limit, ...). The open found
-/// it ([`CorruptKind::BitmapDirectoryEntry`]); with the autoclear bit for
-/// bitmaps clear QEMU ignores the extension, and the open does not look.
+/// bitmap directory, in the block layer's words (each command puts its own
+/// before them): a directory whose entries do not fit it ("Broken bitmap
+/// directory", [`CorruptKind::BitmapDirectoryBroken`]) or end before the
+/// count the extension gives ([`CorruptKind::BitmapDirectoryShort`]), an
+/// entry with extra data ("Bitmap extra data is not supported", whatever its
+/// flags), or one that fails QEMU's constraints (flags it does not know, a
+/// table over its size limit, ...: [`CorruptKind::BitmapDirectoryEntry`]).
+/// With the autoclear bit for bitmaps clear QEMU ignores the extension, and
+/// the open does not look.
 pub(super) fn open_fails(img: &Qcow2) -> Option<String> {
+    if img.header.autoclear_features & crate::header::AUTOCLEAR_BITMAPS != 0 {
+        if let Some(Err(e @ Error::Invalid { kind, .. })) = &img.bitmaps {
+            let qemu = match kind {
+                CorruptKind::BitmapDirectoryBroken => "Broken bitmap directory",
+                CorruptKind::BitmapDirectoryShort => {
+                    "Less bitmaps found than specified in header extension"
+                }
+                _ => return None,
+            };
+            return Some(format!("{qemu} ({e})"));
+        }
+    }
     img.problems.iter().find_map(|e| match e {
         Error::Invalid {
             kind: CorruptKind::BitmapDirectoryEntry,
             reason,
             ..
-        } => Some(format!("Could not open the image: {reason}")),
+        } => Some(reason.clone()),
         _ => None,
     })
 }

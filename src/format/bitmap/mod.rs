@@ -15,7 +15,7 @@
 //! QEMU only trusts the directory while autoclear bit 0 is set.
 
 use crate::bytes::{align8, be16, be32, be64, slice, text, u8_at};
-use crate::error::{Error, Result};
+use crate::error::{CorruptKind, Error, Result};
 use crate::io::{Source, read_exact};
 use crate::types::HostOffset;
 use serde::Serialize;
@@ -246,8 +246,15 @@ pub fn read_directory(
     let mut pos = 0u64;
     for i in 0..count {
         if pos.saturating_add(24) > size {
-            return Err(Error::invalid(
-                "bitmap directory",
+            // At the directory's end exactly, QEMU finds too few entries;
+            // short of it, an entry that does not fit.
+            let kind = if pos >= size {
+                CorruptKind::BitmapDirectoryShort
+            } else {
+                CorruptKind::BitmapDirectoryBroken
+            };
+            return Err(Error::corrupt(
+                kind,
                 offset.saturating_add(pos),
                 format!("entry {i} runs past the end of the directory ({size} bytes)"),
             ));
@@ -261,8 +268,8 @@ pub fn read_directory(
         let extra = u64::from(be32(e, 20));
         let len = 24u64.saturating_add(extra).saturating_add(name_size);
         if pos.saturating_add(len) > size {
-            return Err(Error::invalid(
-                "bitmap directory",
+            return Err(Error::corrupt(
+                CorruptKind::BitmapDirectoryBroken,
                 offset.saturating_add(pos),
                 format!("entry {i} runs past the end of the directory ({size} bytes)"),
             ));
