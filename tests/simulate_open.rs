@@ -168,3 +168,73 @@ fn a_bitmap_entry_qemu_will_not_load_fails_every_command() {
         );
     }
 }
+
+/// What `qemu-img COMMAND IMAGE` says after "Could not open 'IMAGE': ", and its
+/// exit code.
+fn qemu_img_refusal(w: &Work, command: &str, image: &str) -> (Option<i32>, String) {
+    let out = Command::new("qemu-img")
+        .args([command, image])
+        .current_dir(w.dir.path())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).trim().to_string();
+    let prefix = format!("qemu-img: Could not open '{image}': ");
+    let words = err.strip_prefix(&prefix).unwrap_or(&err).to_string();
+    (out.status.code(), words)
+}
+
+/// The two directories QEMU cannot read: the open refuses them as QEMU's
+/// does (`info` fails, `check` fails at the open, exit code 1, and
+/// `simulate` says each command's words).
+#[test]
+fn check_info_and_simulate_refuse_an_unreadable_directory_as_qemu_does() {
+    use qinspect::error::{CorruptKind, Error};
+    use qinspect::image::{Qcow2, Strictness};
+    let w = Work::new();
+    let (_, dir, _) = with_bitmap(&w, "b.qcow2");
+    w.patch("b.qcow2", dir + 20, &8u32.to_be_bytes());
+    let (ext, _, _) = with_bitmap(&w, "n.qcow2");
+    w.patch("n.qcow2", ext, &2u32.to_be_bytes());
+    for (image, kind) in [
+        ("b.qcow2", CorruptKind::BitmapDirectoryBroken),
+        ("n.qcow2", CorruptKind::BitmapDirectoryShort),
+    ] {
+        let (code, words) = qemu_img_refusal(&w, "info", image);
+        assert_eq!(code, Some(1), "{image}: {words}");
+        let src = std::sync::Arc::new(qinspect::io::FileSource::open(&w.path(image)).unwrap());
+        let Err(e) = Qcow2::open(src.clone(), Strictness::Qemu) else {
+            panic!("{image}: opened")
+        };
+        assert_eq!(e.corrupt_kind(), Some(kind), "{image}: {e}");
+        assert!(e.to_string().contains(&words), "{image}: {e} / {words}");
+        let img = Qcow2::open(src, Strictness::Lenient).unwrap();
+        assert_eq!(
+            img.check_refusal.as_ref().and_then(Error::corrupt_kind),
+            Some(kind),
+            "{image}"
+        );
+        let info = w.qinspect(&["info", image]);
+        assert!(!info.status.success(), "{image}: qinspect info opened it");
+        assert!(
+            String::from_utf8_lossy(&info.stderr).contains(&words),
+            "{image}"
+        );
+        let (code, check_words) = qemu_img_refusal(&w, "check", image);
+        assert_eq!(check_words, words, "{image}");
+        let check = w.qinspect(&["check", image]);
+        assert_eq!(check.status.code(), code, "{image}");
+        let out = String::from_utf8_lossy(&check.stdout).into_owned();
+        assert!(
+            out.contains("qemu-img check fails: it cannot open this image") && out.contains(&words),
+            "{image}: {out}"
+        );
+        let sim = w.qinspect(&["simulate", image, "write:0:4096"]);
+        let out = String::from_utf8_lossy(&sim.stdout).into_owned();
+        assert!(
+            out.contains(&format!(
+                "QEMU fails here: can't open device {image}: {words} ("
+            )),
+            "{image}: {out}"
+        );
+    }
+}

@@ -60,29 +60,24 @@ pub(super) struct Bitmaps {
 /// entry with extra data ("Bitmap extra data is not supported", whatever its
 /// flags), or one that fails QEMU's constraints (flags it does not know, a
 /// table over its size limit, ...: [`CorruptKind::BitmapDirectoryEntry`]).
-/// With the autoclear bit for bitmaps clear QEMU ignores the extension, and
-/// the open does not look.
+/// The open found it; with the autoclear bit for bitmaps clear QEMU ignores
+/// the extension, and the open does not look.
 pub(super) fn open_fails(img: &Qcow2) -> Option<String> {
-    if img.header.autoclear_features & crate::header::AUTOCLEAR_BITMAPS != 0 {
-        if let Some(Err(e @ Error::Invalid { kind, .. })) = &img.bitmaps {
-            let qemu = match kind {
-                CorruptKind::BitmapDirectoryBroken => "Broken bitmap directory",
-                CorruptKind::BitmapDirectoryShort => {
-                    "Less bitmaps found than specified in header extension"
-                }
-                _ => return None,
-            };
-            return Some(format!("{qemu} ({e})"));
-        }
-    }
     img.problems.iter().find_map(|e| match e {
-        Error::Invalid {
-            kind: CorruptKind::BitmapDirectoryEntry,
-            reason,
-            ..
-        } => Some(reason.clone()),
+        Error::Invalid { kind, reason, .. } if refuses_bitmaps(*kind) => Some(reason.clone()),
         _ => None,
     })
+}
+
+/// Whether an open's problem of this kind is QEMU's refusal to open the
+/// image for its bitmap directory ([`open_fails`]).
+pub(super) fn refuses_bitmaps(kind: CorruptKind) -> bool {
+    matches!(
+        kind,
+        CorruptKind::BitmapDirectoryEntry
+            | CorruptKind::BitmapDirectoryBroken
+            | CorruptKind::BitmapDirectoryShort
+    )
 }
 
 /// Read the bitmaps of `img`: `Ok(None)` without any, `Err` with the reason the

@@ -263,12 +263,12 @@ impl Sim {
         // QEMU would not open the image, so it would not change it either;
         // only a snapshot table it cannot read leaves qemu-img check's open
         // (BDRV_O_CHECK), which reads that table later, to go on. A bitmap
-        // directory entry QEMU refuses fails each operation instead, at its
+        // directory or entry QEMU refuses fails each operation instead, at its
         // open, as each qemu-img or qemu-io command does (`open_fails`).
         let refusing: Vec<&Error> = img
             .problems
             .iter()
-            .filter(|e| e.corrupt_kind() != Some(crate::error::CorruptKind::BitmapDirectoryEntry))
+            .filter(|e| !e.corrupt_kind().is_some_and(bitmaps::refuses_bitmaps))
             .collect();
         let snapshot_table_only = img.check_refusal.is_none()
             && refusing

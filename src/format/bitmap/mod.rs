@@ -248,16 +248,20 @@ pub fn read_directory(
         if pos.saturating_add(24) > size {
             // At the directory's end exactly, QEMU finds too few entries;
             // short of it, an entry that does not fit.
-            let kind = if pos >= size {
-                CorruptKind::BitmapDirectoryShort
+            let (kind, why) = if pos >= size {
+                (
+                    CorruptKind::BitmapDirectoryShort,
+                    format!(
+                        "the directory ({size} bytes) ends before entry {i} of the {count} the extension counts"
+                    ),
+                )
             } else {
-                CorruptKind::BitmapDirectoryBroken
+                (
+                    CorruptKind::BitmapDirectoryBroken,
+                    format!("entry {i} runs past the end of the directory ({size} bytes)"),
+                )
             };
-            return Err(Error::corrupt(
-                kind,
-                offset.saturating_add(pos),
-                format!("entry {i} runs past the end of the directory ({size} bytes)"),
-            ));
+            return Err(Error::corrupt(kind, offset.saturating_add(pos), why));
         }
         // The entry's bytes: field offsets below are constants into this slice.
         let e = usize::try_from(pos)
