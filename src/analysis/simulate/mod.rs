@@ -277,7 +277,7 @@ impl Sim {
         let check_only = refusing
             .first()
             .filter(|_| snapshot_table_only)
-            .map(|p| format!("Could not open '{}': {p}", path.display()));
+            .map(|p| p.to_string());
         if let Some(p) = refusing.first().filter(|_| !snapshot_table_only) {
             return Err(Error::unsupported(
                 "simulation",
@@ -384,7 +384,7 @@ impl Sim {
             // qemu-img and qemu-io (check included) stop at the open.
             Err(SimError::Qemu(backing::open_words(op, &self.path, m)))
         } else if let Some(m) = self.check_only.as_ref().filter(|_| !checking) {
-            Err(SimError::Qemu(m.clone()))
+            Err(SimError::Qemu(backing::open_words(op, &self.path, m)))
         } else if features & crate::header::INCOMPAT_CORRUPT != 0 && !checking {
             // qemu-img and qemu-io stop at the open: nothing is written.
             Err(SimError::Corrupt(backing::open_words(
