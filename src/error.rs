@@ -123,6 +123,10 @@ pub enum CorruptKind {
     /// of bitmaps the header extension gives (QEMU's open fails: "Less
     /// bitmaps found than specified in header extension").
     BitmapDirectoryShort,
+    /// The bitmap directory holds more than the count of bitmaps the header
+    /// extension gives (QEMU's open fails: "More bitmaps found than specified
+    /// in header extension").
+    BitmapDirectoryLong,
     /// A structure named only by the error's `what`.
     Other,
 }
@@ -141,9 +145,9 @@ impl CorruptKind {
             CorruptKind::L1Table => "L1 table".into(),
             CorruptKind::SnapshotL1Table => "snapshot L1 table".into(),
             CorruptKind::BitmapDirectoryEntry => "bitmap directory entry".into(),
-            CorruptKind::BitmapDirectoryBroken | CorruptKind::BitmapDirectoryShort => {
-                "bitmap directory".into()
-            }
+            CorruptKind::BitmapDirectoryBroken
+            | CorruptKind::BitmapDirectoryShort
+            | CorruptKind::BitmapDirectoryLong => "bitmap directory".into(),
             CorruptKind::Other => "structure".into(),
         }
     }

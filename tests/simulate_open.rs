@@ -177,6 +177,37 @@ fn fewer_bitmaps_than_the_extension_counts_fail_every_command() {
 }
 
 #[test]
+fn bytes_after_the_counted_bitmaps_fail_every_command() {
+    let w = Work::new();
+    // directory_size (at byte 8 of the extension's data) 64: 32 bytes of
+    // zeros after the one entry, an entry's fixed part and more; 40: 8 bytes,
+    // too few for one.
+    for (name, size, qemu) in [
+        (
+            "m.qcow2",
+            64u64,
+            "More bitmaps found than specified in header extension",
+        ),
+        ("p.qcow2", 40, "Broken bitmap directory"),
+    ] {
+        let (ext, _, _) = with_bitmap(&w, name);
+        w.patch(name, ext + 8, &size.to_be_bytes());
+        // The directory ends the file: zeros after it, inside the file.
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(w.path(name))
+            .unwrap();
+        f.set_len(f.metadata().unwrap().len() + 65536).unwrap();
+        for cause in fails_as_qemu_does(&w, name, &OPS) {
+            let SimError::Qemu(m) = &cause else {
+                panic!("{cause:?}")
+            };
+            assert!(m.contains(&format!(": {qemu} (")), "{name}: {m}");
+        }
+    }
+}
+
+#[test]
 fn a_bitmap_entry_qemu_will_not_load_fails_every_command() {
     let w = Work::new();
     let (_, dir, _) = with_bitmap(&w, "f.qcow2");

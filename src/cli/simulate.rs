@@ -72,6 +72,7 @@ fn open_for_simulation(src: SharedSource) -> color_eyre::Result<Qcow2> {
                 CorruptKind::BitmapDirectoryEntry
                     | CorruptKind::BitmapDirectoryBroken
                     | CorruptKind::BitmapDirectoryShort
+                    | CorruptKind::BitmapDirectoryLong
             )
         )
     };

@@ -56,7 +56,8 @@ pub(super) struct Bitmaps {
 /// bitmap directory, in the block layer's words (each command puts its own
 /// before them): a directory whose entries do not fit it ("Broken bitmap
 /// directory", [`CorruptKind::BitmapDirectoryBroken`]) or end before the
-/// count the extension gives ([`CorruptKind::BitmapDirectoryShort`]), an
+/// count the extension gives ([`CorruptKind::BitmapDirectoryShort`]) or go on
+/// past it ([`CorruptKind::BitmapDirectoryLong`]), an
 /// entry with extra data ("Bitmap extra data is not supported", whatever its
 /// flags), or one that fails QEMU's constraints (flags it does not know, a
 /// table over its size limit, ...: [`CorruptKind::BitmapDirectoryEntry`]).
@@ -77,6 +78,7 @@ pub(super) fn refuses_bitmaps(kind: CorruptKind) -> bool {
         CorruptKind::BitmapDirectoryEntry
             | CorruptKind::BitmapDirectoryBroken
             | CorruptKind::BitmapDirectoryShort
+            | CorruptKind::BitmapDirectoryLong
     )
 }
 

@@ -295,6 +295,32 @@ pub fn read_directory(
         });
         pos = align8(pos.saturating_add(len));
     }
+    // QEMU walks the directory to its end: bytes left after the counted
+    // entries are one entry more (or, too few for an entry's fixed part, or
+    // the last entry's padding past the end, a directory that does not fit).
+    if pos != size {
+        let (kind, why) = if pos < size && size.saturating_sub(pos) >= 24 {
+            (
+                CorruptKind::BitmapDirectoryLong,
+                format!(
+                    "{} bytes follow the {count} entries the extension counts",
+                    size.saturating_sub(pos)
+                ),
+            )
+        } else {
+            (
+                CorruptKind::BitmapDirectoryBroken,
+                format!(
+                    "the {count} entries end at byte {pos}, not at the end of the directory ({size} bytes)"
+                ),
+            )
+        };
+        return Err(Error::corrupt(
+            kind,
+            offset.saturating_add(pos.min(size)),
+            why,
+        ));
+    }
     Ok(out)
 }
 

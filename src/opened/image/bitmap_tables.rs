@@ -312,7 +312,8 @@ fn read_in_file(src: &dyn Source, start: u64, len: u64) -> Result<Vec<u8>> {
 }
 
 /// QEMU's refusal to open an image whose bitmap directory failed to read as
-/// `e`: its entries do not fit it ("Broken bitmap directory") or end, filling
+/// `e`: its entries do not fit it ("Broken bitmap directory"), go on past the
+/// count the extension gives, or end, filling
 /// it, before the count the extension gives; `None` for other failures.
 fn directory_refusal(e: &Error) -> Option<Error> {
     let Error::Invalid {
@@ -329,6 +330,7 @@ fn directory_refusal(e: &Error) -> Option<Error> {
         CorruptKind::BitmapDirectoryShort => {
             "Less bitmaps found than specified in header extension"
         }
+        CorruptKind::BitmapDirectoryLong => "More bitmaps found than specified in header extension",
         _ => return None,
     };
     Some(Error::Invalid {
