@@ -116,6 +116,17 @@ pub enum CorruptKind {
     SnapshotL1Table,
     /// A bitmap directory entry QEMU's open refuses.
     BitmapDirectoryEntry,
+    /// The bitmap directory's entries do not fit its size: an entry runs
+    /// past its end (QEMU's open fails: "Broken bitmap directory").
+    BitmapDirectoryBroken,
+    /// The bitmap directory ends, its entries filling it, before the count
+    /// of bitmaps the header extension gives (QEMU's open fails: "Less
+    /// bitmaps found than specified in header extension").
+    BitmapDirectoryShort,
+    /// The bitmap directory holds more than the count of bitmaps the header
+    /// extension gives (QEMU's open fails: "More bitmaps found than specified
+    /// in header extension").
+    BitmapDirectoryLong,
     /// A structure named only by the error's `what`.
     Other,
 }
@@ -134,6 +145,9 @@ impl CorruptKind {
             CorruptKind::L1Table => "L1 table".into(),
             CorruptKind::SnapshotL1Table => "snapshot L1 table".into(),
             CorruptKind::BitmapDirectoryEntry => "bitmap directory entry".into(),
+            CorruptKind::BitmapDirectoryBroken
+            | CorruptKind::BitmapDirectoryShort
+            | CorruptKind::BitmapDirectoryLong => "bitmap directory".into(),
             CorruptKind::Other => "structure".into(),
         }
     }

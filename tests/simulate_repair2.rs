@@ -380,7 +380,7 @@ fn snapshot_table_findings_as_qemu_repairs_them() {
         sim.apply(&sim_compare::parse_op("write:0:4096"));
         let e = sim.records[0].error.as_deref().unwrap_or_default();
         assert!(
-            e.starts_with("Could not open") && e.contains(cause),
+            e.starts_with("can't open device ") && e.contains(cause),
             "{name}: {e}"
         );
         assert_eq!(std::fs::read(w.path(&copy)).unwrap(), before, "{name}");

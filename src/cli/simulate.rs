@@ -59,9 +59,23 @@ pub struct Args {
 
 /// The image as QEMU opens it; or, when its only problem is its snapshot
 /// table, as `qemu-img check` opens it (that table is read only in the
-/// check): the simulation then lets only a repair get past the open.
+/// check): the simulation then lets only a repair get past the open. When
+/// its only problems are its bitmap directory's, which every command's open
+/// refuses, it is opened as far as it goes: each operation then fails in its
+/// command's words.
 fn open_for_simulation(src: SharedSource) -> color_eyre::Result<Qcow2> {
     use qinspect::error::CorruptKind;
+    let bitmaps = |k: Option<CorruptKind>| {
+        matches!(
+            k,
+            Some(
+                CorruptKind::BitmapDirectoryEntry
+                    | CorruptKind::BitmapDirectoryBroken
+                    | CorruptKind::BitmapDirectoryShort
+                    | CorruptKind::BitmapDirectoryLong
+            )
+        )
+    };
     let err = match Qcow2::open(src.clone(), Strictness::Qemu) {
         Ok(img) => return Ok(img),
         Err(e) => e,
@@ -74,6 +88,12 @@ fn open_for_simulation(src: SharedSource) -> color_eyre::Result<Qcow2> {
                     .problems
                     .iter()
                     .all(|p| p.corrupt_kind() == Some(CorruptKind::SnapshotTable)) =>
+        {
+            Ok(img)
+        }
+        Ok(img)
+            if bitmaps(err.corrupt_kind())
+                && img.problems.iter().all(|p| bitmaps(p.corrupt_kind())) =>
         {
             Ok(img)
         }

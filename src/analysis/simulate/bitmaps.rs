@@ -53,20 +53,33 @@ pub(super) struct Bitmaps {
 }
 
 /// QEMU's own refusal to open `img` at all (read-only too) for its
-/// bitmap directory: an entry with extra data ("Bitmap extra data is not
-/// supported", whatever its flags), or one that fails QEMU's constraints
-/// (flags it does not know, a table over its size limit, ...). The open found
-/// it ([`CorruptKind::BitmapDirectoryEntry`]); with the autoclear bit for
-/// bitmaps clear QEMU ignores the extension, and the open does not look.
+/// bitmap directory, in the block layer's words (each command puts its own
+/// before them): a directory whose entries do not fit it ("Broken bitmap
+/// directory", [`CorruptKind::BitmapDirectoryBroken`]) or end before the
+/// count the extension gives ([`CorruptKind::BitmapDirectoryShort`]) or go on
+/// past it ([`CorruptKind::BitmapDirectoryLong`]), an
+/// entry with extra data ("Bitmap extra data is not supported", whatever its
+/// flags), or one that fails QEMU's constraints (flags it does not know, a
+/// table over its size limit, ...: [`CorruptKind::BitmapDirectoryEntry`]).
+/// The open found it; with the autoclear bit for bitmaps clear QEMU ignores
+/// the extension, and the open does not look.
 pub(super) fn open_fails(img: &Qcow2) -> Option<String> {
     img.problems.iter().find_map(|e| match e {
-        Error::Invalid {
-            kind: CorruptKind::BitmapDirectoryEntry,
-            reason,
-            ..
-        } => Some(format!("Could not open the image: {reason}")),
+        Error::Invalid { kind, reason, .. } if refuses_bitmaps(*kind) => Some(reason.clone()),
         _ => None,
     })
+}
+
+/// Whether an open's problem of this kind is QEMU's refusal to open the
+/// image for its bitmap directory ([`open_fails`]).
+pub(super) fn refuses_bitmaps(kind: CorruptKind) -> bool {
+    matches!(
+        kind,
+        CorruptKind::BitmapDirectoryEntry
+            | CorruptKind::BitmapDirectoryBroken
+            | CorruptKind::BitmapDirectoryShort
+            | CorruptKind::BitmapDirectoryLong
+    )
 }
 
 /// Read the bitmaps of `img`: `Ok(None)` without any, `Err` with the reason the

@@ -163,9 +163,9 @@ pub struct Sim {
     backing_failure: Option<Box<crate::chain::ChainFailure>>,
     /// Persistent bitmaps, stored again at the end of every operation.
     bitmaps: Option<bitmaps::Bitmaps>,
-    /// QEMU's message when the corrupt bit keeps it from opening read-write.
-    open_refused: Option<String>,
-    /// QEMU's refusal to open the image at all (its bitmap directory).
+    /// Why QEMU refuses to open the image at all (its bitmap directory), in
+    /// the block layer's words; each command says it in its own
+    /// ([`backing::open_words`]).
     open_fails: Option<String>,
     /// QEMU's refusal to open the image for anything but a check (a snapshot
     /// table it cannot read: qemu-img check reads it only in the check).
@@ -267,12 +267,12 @@ impl Sim {
         // QEMU would not open the image, so it would not change it either;
         // only a snapshot table it cannot read leaves qemu-img check's open
         // (BDRV_O_CHECK), which reads that table later, to go on. A bitmap
-        // directory entry QEMU refuses fails each operation instead, at its
+        // directory or entry QEMU refuses fails each operation instead, at its
         // open, as each qemu-img or qemu-io command does (`open_fails`).
         let refusing: Vec<&Error> = img
             .problems
             .iter()
-            .filter(|e| e.corrupt_kind() != Some(crate::error::CorruptKind::BitmapDirectoryEntry))
+            .filter(|e| !e.corrupt_kind().is_some_and(bitmaps::refuses_bitmaps))
             .collect();
         let snapshot_table_only = img.check_refusal.is_none()
             && refusing
@@ -281,7 +281,7 @@ impl Sim {
         let check_only = refusing
             .first()
             .filter(|_| snapshot_table_only)
-            .map(|p| format!("Could not open '{}': {p}", path.display()));
+            .map(|p| p.to_string());
         if let Some(p) = refusing.first().filter(|_| !snapshot_table_only) {
             return Err(Error::unsupported(
                 "simulation",
@@ -319,13 +319,8 @@ impl Sim {
             Ok(b) => (b, None),
             Err(why) => (None, Some(why)),
         };
-        let open_refused = Some(format!(
-            "Could not open '{}': qcow2: Image is corrupt; cannot be opened read/write",
-            path.display()
-        ));
         Ok(Sim {
             bitmaps,
-            open_refused,
             open_fails,
             check_only,
             not_modelled,
@@ -393,14 +388,16 @@ impl Sim {
         let checking = matches!(op, Op::Repair { .. });
         let r = if let Some(m) = &self.open_fails {
             // qemu-img and qemu-io (check included) stop at the open.
-            Err(SimError::Qemu(m.clone()))
+            Err(SimError::Qemu(backing::open_words(op, &self.path, m)))
         } else if let Some(m) = self.check_only.as_ref().filter(|_| !checking) {
-            Err(SimError::Qemu(m.clone()))
+            Err(SimError::Qemu(backing::open_words(op, &self.path, m)))
         } else if features & crate::header::INCOMPAT_CORRUPT != 0 && !checking {
             // qemu-img and qemu-io stop at the open: nothing is written.
-            Err(SimError::Corrupt(
-                self.open_refused.clone().unwrap_or_default(),
-            ))
+            Err(SimError::Corrupt(backing::open_words(
+                op,
+                &self.path,
+                "qcow2: Image is corrupt; cannot be opened read/write",
+            )))
         } else if let Some(why) = &self.not_modelled {
             Err(SimError::NotModelled(why.clone()))
         } else {

@@ -15,7 +15,7 @@
 //! QEMU only trusts the directory while autoclear bit 0 is set.
 
 use crate::bytes::{align8, be16, be32, be64, slice, text, u8_at};
-use crate::error::{Error, Result};
+use crate::error::{CorruptKind, Error, Result};
 use crate::io::{Source, read_exact};
 use crate::types::HostOffset;
 use serde::Serialize;
@@ -246,11 +246,22 @@ pub fn read_directory(
     let mut pos = 0u64;
     for i in 0..count {
         if pos.saturating_add(24) > size {
-            return Err(Error::invalid(
-                "bitmap directory",
-                offset.saturating_add(pos),
-                format!("entry {i} runs past the end of the directory ({size} bytes)"),
-            ));
+            // At the directory's end exactly, QEMU finds too few entries;
+            // short of it, an entry that does not fit.
+            let (kind, why) = if pos >= size {
+                (
+                    CorruptKind::BitmapDirectoryShort,
+                    format!(
+                        "the directory ({size} bytes) ends before entry {i} of the {count} the extension counts"
+                    ),
+                )
+            } else {
+                (
+                    CorruptKind::BitmapDirectoryBroken,
+                    format!("entry {i} runs past the end of the directory ({size} bytes)"),
+                )
+            };
+            return Err(Error::corrupt(kind, offset.saturating_add(pos), why));
         }
         // The entry's bytes: field offsets below are constants into this slice.
         let e = usize::try_from(pos)
@@ -261,8 +272,8 @@ pub fn read_directory(
         let extra = u64::from(be32(e, 20));
         let len = 24u64.saturating_add(extra).saturating_add(name_size);
         if pos.saturating_add(len) > size {
-            return Err(Error::invalid(
-                "bitmap directory",
+            return Err(Error::corrupt(
+                CorruptKind::BitmapDirectoryBroken,
                 offset.saturating_add(pos),
                 format!("entry {i} runs past the end of the directory ({size} bytes)"),
             ));
@@ -283,6 +294,32 @@ pub fn read_directory(
             name_size: be16(e, 18),
         });
         pos = align8(pos.saturating_add(len));
+    }
+    // QEMU walks the directory to its end: bytes left after the counted
+    // entries are one entry more (or, too few for an entry's fixed part, or
+    // the last entry's padding past the end, a directory that does not fit).
+    if pos != size {
+        let (kind, why) = if pos < size && size.saturating_sub(pos) >= 24 {
+            (
+                CorruptKind::BitmapDirectoryLong,
+                format!(
+                    "{} bytes follow the {count} entries the extension counts",
+                    size.saturating_sub(pos)
+                ),
+            )
+        } else {
+            (
+                CorruptKind::BitmapDirectoryBroken,
+                format!(
+                    "the {count} entries end at byte {pos}, not at the end of the directory ({size} bytes)"
+                ),
+            )
+        };
+        return Err(Error::corrupt(
+            kind,
+            offset.saturating_add(pos.min(size)),
+            why,
+        ));
     }
     Ok(out)
 }

@@ -311,6 +311,36 @@ fn read_in_file(src: &dyn Source, start: u64, len: u64) -> Result<Vec<u8>> {
     Ok(bytes)
 }
 
+/// QEMU's refusal to open an image whose bitmap directory failed to read as
+/// `e`: its entries do not fit it ("Broken bitmap directory"), go on past the
+/// count the extension gives, or end, filling
+/// it, before the count the extension gives; `None` for other failures.
+fn directory_refusal(e: &Error) -> Option<Error> {
+    let Error::Invalid {
+        kind,
+        what,
+        offset,
+        reason,
+    } = e
+    else {
+        return None;
+    };
+    let qemu = match kind {
+        CorruptKind::BitmapDirectoryBroken => "Broken bitmap directory",
+        CorruptKind::BitmapDirectoryShort => {
+            "Less bitmaps found than specified in header extension"
+        }
+        CorruptKind::BitmapDirectoryLong => "More bitmaps found than specified in header extension",
+        _ => return None,
+    };
+    Some(Error::Invalid {
+        kind: *kind,
+        what: what.clone(),
+        offset: *offset,
+        reason: format!("{qemu} ({reason})"),
+    })
+}
+
 /// The bitmap directory and its tables, if the header has a bitmaps extension.
 /// QEMU's open checks every directory entry, then loads the table of every
 /// bitmap not marked in use, and fails on an entry it does not accept.
@@ -338,6 +368,12 @@ pub(super) fn read_bitmaps(
         _ => None,
     });
     let cs = h.cluster_size();
+    if h.autoclear_features & header::AUTOCLEAR_BITMAPS != 0
+        && let Some(Err(e)) = &bitmaps
+        && let Some(r) = directory_refusal(e)
+    {
+        refuse(problems, check_refusal, strict, r)?;
+    }
     let Some(Ok(list)) = &bitmaps else {
         return Ok((bitmaps, BitmapTables::default()));
     };
