@@ -87,3 +87,35 @@ fn write_zeroes_on_an_overlay_asks_the_preallocated_image_under_it() {
         sim.allocated
     );
 }
+
+#[test]
+fn a_failed_check_of_a_crashed_image_still_marks_it_clean() {
+    let w = Work::new();
+    w.qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "lazy_refcounts=on",
+        "img.qcow2",
+        "1M",
+    ]);
+    // The crash: a write, then abort() before the refcounts reach the file.
+    w.run(
+        "sh",
+        &[
+            "-c",
+            "ulimit -c 0; qemu-io -f qcow2 -c 'write -P 6 130048 207872' -c abort img.qcow2; true",
+        ],
+    );
+    // `-r leaks` cannot rebuild the refcounts QEMU needs and fails; closing the
+    // image still clears the dirty bit. A write afterwards opens a clean image.
+    let sim = sim_compare::compare(
+        w.dir.path(),
+        "img.qcow2",
+        &["repair:leaks", "write:655360:65536"],
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert!(sim.records[0].error.is_some(), "{:?}", sim.records[0]);
+}

@@ -41,16 +41,17 @@ impl Sim {
         })
     }
 
-    /// The close of an image whose open failed at its backing file: QEMU
-    /// marks it clean (`qcow2_mark_clean`), so a dirty bit a check-mode open
-    /// left (it repairs nothing) is cleared.
-    pub(super) fn close_failed_open(&mut self) -> super::SimResult<()> {
+    /// The close of an image QEMU opened read-write: it marks it clean
+    /// (`qcow2_mark_clean`), so a dirty bit a check-mode open left (it
+    /// repairs nothing) is cleared, whether the open then failed at the
+    /// backing file or the check itself failed. `why` says which close.
+    pub(super) fn mark_clean_on_close(&mut self, why: &str) -> super::SimResult<()> {
         use crate::header::{Field, INCOMPAT_DIRTY};
         let features = self.header_field(Field::IncompatibleFeatures);
         if features & INCOMPAT_DIRTY == 0 {
             return Ok(());
         }
-        self.why("the failed open closes the image, and the close marks it clean");
+        self.why(why);
         self.set_header(Field::IncompatibleFeatures, features & !INCOMPAT_DIRTY)
     }
 

@@ -416,7 +416,11 @@ impl Sim {
             // The backing file is opened after the image's own open, so
             // what that open writes stays when the backing file fails.
             let r = r.and_then(|()| match self.backing_refused(op) {
-                Some(e) => self.close_failed_open().and(Err(e)),
+                Some(e) => self
+                    .mark_clean_on_close(
+                        "the failed open closes the image, and the close marks it clean",
+                    )
+                    .and(Err(e)),
                 None => {
                     self.backing_assumed();
                     self.run_op(op)
@@ -426,10 +430,20 @@ impl Sim {
             // operation failed.
             // A write stopped by the overlap check leaves the image unusable:
             // nothing more is written.
+            // A check's close then marks the image clean, also after a
+            // failed check.
             let closed = if r.is_err() && self.marked_corrupt() {
                 Ok(())
             } else {
-                self.store_bitmaps()
+                self.store_bitmaps().and_then(|()| {
+                    if checking && !self.marked_corrupt() {
+                        self.mark_clean_on_close(
+                            "the check closes the image, and the close marks it clean",
+                        )
+                    } else {
+                        Ok(())
+                    }
+                })
             };
             r.and(closed)
         };
