@@ -1,8 +1,11 @@
 //! Starting images from the wild that the randomized test found the simulator
 //! wrong on, each compared with QEMU (`sim_compare`): a version 2 image with a
 //! header extension (its header has no feature fields: the bytes after 72 are
-//! the extensions), and a throw-away overlay over a metadata-preallocated image
-//! (QEMU's block status asks the file system about its data clusters).
+//! the extensions), a throw-away overlay over a metadata-preallocated image
+//! (QEMU's block status asks the file system about its data clusters), a
+//! failed check of a crashed image (its close still marks it clean), and a
+//! guest discard (QEMU punches the freed cluster in the file, which shows when
+//! a crash had left metadata in it too).
 
 mod common;
 mod sim_compare;
@@ -118,4 +121,26 @@ fn a_failed_check_of_a_crashed_image_still_marks_it_clean() {
     )
     .unwrap_or_else(|e| panic!("{e}"));
     assert!(sim.records[0].error.is_some(), "{:?}", sim.records[0]);
+}
+
+#[test]
+fn a_guest_discard_punches_the_freed_cluster_as_qemu_io_does() {
+    let w = Work::new();
+    w.qemu_img(&["create", "-q", "-f", "qcow2", "d.qcow2", "1M"]);
+    w.qemu_io("d.qcow2", &["write 0 128k"]);
+    let sim = sim_compare::compare(w.dir.path(), "d.qcow2", &["discard:0:65536"])
+        .unwrap_or_else(|e| panic!("{e}"));
+    // Guest 0 was host cluster 5: QEMU passes the discard to the file, so its
+    // bytes read as zeros there now (and did not before).
+    let host = |img: &qinspect::image::Qcow2| {
+        let mut buf = vec![0u8; 65536];
+        img.src.read_at(&mut buf, 0x50000).expect("read");
+        buf
+    };
+    let before = sim_compare::open_path(&w.path("d.qcow2")).expect("open");
+    assert!(host(&before).iter().all(|&b| b == 0xcd));
+    let real = sim_compare::open_path(&w.path("d.qcow2.qemu")).expect("open");
+    assert!(host(&real).iter().all(|&b| b == 0));
+    let simulated = sim.image().expect("image");
+    assert!(host(&simulated).iter().all(|&b| b == 0));
 }

@@ -149,6 +149,62 @@ impl Sim {
     }
 
     /// QEMU's `qcow2_free_any_cluster`.
+    /// [`free_any_cluster`](Self::free_any_cluster) for a release whose
+    /// discard QEMU passes down to the file (a qemu-io guest discard or an
+    /// unmapping write-zeroes, `QCOW2_DISCARD_REQUEST` with `BDRV_O_UNMAP`;
+    /// a shrink, `QCOW2_DISCARD_ALWAYS`): each host cluster whose refcount
+    /// drops to 0 is punched, and reads as zeros afterwards (what shows when
+    /// a corrupt image had put metadata in it too). The file keeps its length.
+    pub(super) fn free_any_cluster_discarding(&mut self, entry: u64, purpose: &str) {
+        let e = L2Entry {
+            raw: entry,
+            bitmap: 0,
+        };
+        let (first, last) = match e.cluster_type(&self.geo, self.has_data_file) {
+            ClusterType::Compressed => {
+                let d = CompressedDescriptor::decode(entry, &self.geo);
+                let end = d
+                    .offset
+                    .get()
+                    .saturating_add(d.size.max(1))
+                    .saturating_sub(1);
+                (self.cluster_of(d.offset), self.cluster_of(end))
+            }
+            ClusterType::Normal | ClusterType::ZeroAlloc if !self.has_data_file => {
+                let c = self.cluster_of(L2Entry::from_word(entry).host_offset());
+                (c, c)
+            }
+            _ => return self.free_any_cluster(entry, purpose),
+        };
+        let before: Vec<u64> = (first..=last)
+            .map(|c| self.get_refcount(c).unwrap_or(0))
+            .collect();
+        self.free_any_cluster(entry, purpose);
+        for (c, was) in (first..=last).zip(before) {
+            if was == 0 || self.get_refcount(c).unwrap_or(1) != 0 {
+                continue;
+            }
+            let start = self.cluster_start(c);
+            let end = start.get().saturating_add(self.cs).min(self.file_len);
+            let len = end.saturating_sub(start.get());
+            if len == 0 {
+                continue;
+            }
+            let saved = self.reason.clone();
+            self.why(format!(
+                "the freed cluster {c} is discarded in the file: it reads as zeros"
+            ));
+            let r = self.write_bytes(start, &vec![0u8; usize::try_from(len).unwrap_or(0)]);
+            self.reason = saved;
+            if let Err(e) = r {
+                self.note(format!(
+                    "the discard of cluster {c} was not simulated: {}",
+                    e.text()
+                ));
+            }
+        }
+    }
+
     pub(super) fn free_any_cluster(&mut self, entry: u64, purpose: &str) {
         let e = L2Entry {
             raw: entry,

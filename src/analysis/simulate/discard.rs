@@ -100,7 +100,10 @@ impl Sim {
                     }
                 ));
                 self.set_l2_entry(l2, index, new, new_bm)?;
-                self.free_any_cluster(raw, &format!("the discarded cluster of guest {g:#x}"));
+                self.free_any_cluster_discarding(
+                    raw,
+                    &format!("the discarded cluster of guest {g:#x}"),
+                );
             }
             start = start.saturating_add(n.saturating_mul(cs));
         }

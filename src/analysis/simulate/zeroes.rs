@@ -364,7 +364,10 @@ impl Sim {
                 ));
                 self.set_l2_entry(l2, index, new, new_bm)?;
                 if release {
-                    self.free_any_cluster(raw, &format!("the zeroed cluster of guest {g:#x}"));
+                    self.free_any_cluster_discarding(
+                        raw,
+                        &format!("the zeroed cluster of guest {g:#x}"),
+                    );
                 }
             }
             start = start.saturating_add(n.saturating_mul(cs));
