@@ -127,7 +127,7 @@ pub fn meta(img: &Qcow2, upto: u64) -> Result<Meta, String> {
     let extensions = img
         .extensions
         .iter()
-        .filter(|e| e.ext_type != 0x6803_f857)
+        .filter(|e| e.ext_type != qinspect::header::EXT_FEATURE_TABLE)
         .map(|e| (e.ext_type, e.length, e.data.clone()))
         .collect();
     Ok(Meta {

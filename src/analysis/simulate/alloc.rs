@@ -184,25 +184,33 @@ impl Sim {
             if was == 0 || self.get_refcount(c).unwrap_or(1) != 0 {
                 continue;
             }
-            let start = self.cluster_start(c);
-            let end = start.get().saturating_add(self.cs).min(self.file_len);
-            let len = end.saturating_sub(start.get());
-            if len == 0 {
-                continue;
-            }
-            let saved = self.reason.clone();
-            self.why(format!(
-                "the freed cluster {c} is discarded in the file: it reads as zeros"
-            ));
-            let r = self.write_bytes(start, &vec![0u8; usize::try_from(len).unwrap_or(0)]);
-            self.reason = saved;
-            if let Err(e) = r {
+            if let Err(e) = self.punch_cluster(
+                c,
+                &format!("the freed cluster {c} is discarded in the file: it reads as zeros"),
+            ) {
                 self.note(format!(
                     "the discard of cluster {c} was not simulated: {}",
                     e.text()
                 ));
             }
         }
+    }
+
+    /// A discard QEMU passes down to the image file for cluster `c`: its
+    /// bytes within the file become a hole and read as zeros; the file keeps
+    /// its length. `why` is the reason recorded for it.
+    pub(super) fn punch_cluster(&mut self, c: u64, why: &str) -> SimResult<()> {
+        let start = self.cluster_start(c);
+        let end = start.get().saturating_add(self.cs).min(self.file_len);
+        let len = end.saturating_sub(start.get());
+        if len == 0 {
+            return Ok(());
+        }
+        let saved = self.reason.clone();
+        self.why(why);
+        let r = self.write_bytes(start, &vec![0u8; usize::try_from(len).unwrap_or(0)]);
+        self.reason = saved;
+        r
     }
 
     pub(super) fn free_any_cluster(&mut self, entry: u64, purpose: &str) {

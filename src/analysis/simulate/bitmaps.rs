@@ -412,18 +412,12 @@ impl Sim {
         if before == 0 || self.get_refcount(c).unwrap_or(1) != 0 {
             return Ok(());
         }
-        let end = data.get().saturating_add(self.cs).min(self.file_len);
-        let len = end.saturating_sub(data.get());
-        if len == 0 {
-            return Ok(());
-        }
-        let saved = self.reason.clone();
-        self.why(format!(
-            "the freed data cluster of bitmap '{name}' is discarded (QCOW2_DISCARD_ALWAYS): it reads as zeros"
-        ));
-        let r = self.write_bytes(data, &vec![0u8; usize::try_from(len).unwrap_or(0)]);
-        self.reason = saved;
-        r
+        self.punch_cluster(
+            c,
+            &format!(
+                "the freed data cluster of bitmap '{name}' is discarded (QCOW2_DISCARD_ALWAYS): it reads as zeros"
+            ),
+        )
     }
 
     /// `store_bitmap`: a new cluster for every chunk with a set bit, in order.

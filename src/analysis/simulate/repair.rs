@@ -319,14 +319,9 @@ impl Sim {
     /// within the file are discarded (a hole, read as zeros). The file keeps
     /// its length.
     fn discard_freed(&mut self, c: u64) -> SimResult<()> {
-        let start = self.cluster_start(c);
-        let end = start.get().saturating_add(self.cs).min(self.file_len);
-        let len = end.saturating_sub(start.get());
-        if len == 0 {
-            return Ok(());
-        }
-        let zeros = vec![0u8; usize::try_from(len).unwrap_or(0)];
-        self.write_bytes(start, &zeros)
+        // The reason stays the release's (as it was): `why` restores it.
+        let why = self.reason.clone();
+        self.punch_cluster(c, &why)
     }
 
     /// `qcow2_mark_clean` and `qcow2_mark_consistent`.
