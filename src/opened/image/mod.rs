@@ -94,6 +94,8 @@ pub struct Qcow2 {
     reftable: Mutex<Option<Arc<Vec<RefTableEntry>>>>,
     refblock_cache: Mutex<HashMap<u64, Arc<Vec<u8>>>>,
     data_key: std::sync::OnceLock<crate::crypto::DataKey>,
+    /// [`Qcow2::metadata_preallocated`], once asked.
+    metadata_preallocated: std::sync::OnceLock<bool>,
 }
 
 const CACHE_LIMIT: usize = 256;
@@ -298,6 +300,7 @@ impl Qcow2 {
             reftable: Mutex::new(None),
             refblock_cache: Mutex::new(HashMap::new()),
             data_key: std::sync::OnceLock::new(),
+            metadata_preallocated: std::sync::OnceLock::new(),
         })
     }
 

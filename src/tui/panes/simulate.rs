@@ -6,7 +6,7 @@ use crate::tui::app::InputFor;
 use crate::tui::ctx::{Ctx, Effect};
 use crate::tui::keymap::Action;
 use crate::tui::widgets::{ListView, boxed};
-use qinspect::simulate::{Op, OpRecord};
+use qinspect::simulate::{Op, OpRecord, SimError};
 use ratatui::Frame;
 use ratatui::layout::{Constraint, Layout, Rect};
 use ratatui::style::Style;
@@ -111,7 +111,9 @@ pub fn flat(o: &Outcome) -> Vec<(usize, String, bool)> {
         }
         match &r.error {
             // What qinspect does not follow is no failure of QEMU's.
-            Some(e) if e.starts_with("not simulated: ") => v.push((i, e.clone(), true)),
+            Some(e) if matches!(r.cause, Some(SimError::NotModelled(_))) => {
+                v.push((i, e.clone(), true))
+            }
             Some(e) => v.push((i, format!("QEMU fails here: {e}"), true)),
             None => {}
         }
