@@ -320,6 +320,27 @@ impl Qcow2 {
         self.header.geometry()
     }
 
+    /// The external data file in words: its name as the header extension stores
+    /// it (QEMU opens it relative to the working directory), or words saying the
+    /// image names none; `None` when the image has no data file.
+    pub fn data_file_words(&self) -> Option<&str> {
+        self.header.has_data_file().then(|| {
+            self.data_file_name
+                .as_deref()
+                .unwrap_or("the data file (the image names none)")
+        })
+    }
+
+    /// The image around its L2 tables, for the words of an entry of a table
+    /// that maps a disk of `disk_size` bytes ([`L2Entry::describe_in`]).
+    pub fn surroundings(&self, disk_size: u64) -> tables::Surroundings<'_> {
+        tables::Surroundings {
+            data_file: self.data_file_words(),
+            backing: self.backing_name.is_some(),
+            disk_size,
+        }
+    }
+
     /// Refcount geometry.
     pub fn refcount_geometry(&self) -> RefcountGeometry {
         RefcountGeometry::new(&self.geometry(), self.header.refcount_order)

@@ -485,3 +485,46 @@ impl PaneState for State {
         matches!(self.outcome, Some(Ok(_))).then_some(&self.steps)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What qinspect does not follow ([`SimError::NotModelled`]) is shown in its
+    /// own words, a failure of QEMU's as one: the kind decides, not the words.
+    #[test]
+    fn a_step_not_simulated_is_no_failure_of_qemus() {
+        let op = Op::Resize {
+            size: 1 << 20,
+            shrink: false,
+        };
+        let record = |cause: SimError| OpRecord {
+            op: op.clone(),
+            description: op.describe(),
+            steps: Vec::new(),
+            error: Some(cause.text()),
+            cause: Some(cause),
+        };
+        let o = Outcome {
+            text: String::new(),
+            records: vec![
+                record(SimError::NotModelled("growing this image".into())),
+                record(SimError::Qemu("not simulated: QEMU's own words".into())),
+            ],
+            summary: String::new(),
+            clean: false,
+            simulated: None,
+        };
+        assert_eq!(
+            flat(&o),
+            vec![
+                (0, "not simulated: growing this image".to_string(), true),
+                (
+                    1,
+                    "QEMU fails here: not simulated: QEMU's own words".to_string(),
+                    true
+                ),
+            ]
+        );
+    }
+}
