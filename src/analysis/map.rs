@@ -23,13 +23,12 @@
 
 use crate::chain::{Chain, Layer, LayerKind};
 use crate::error::Result;
+use crate::image::Qcow2;
 use crate::image::View;
-use crate::image::{Qcow2, RefcountReader};
 use crate::io::{Extent, Source};
 use crate::lookup::{L2Walker, Run, Status, layer_run, layer_run_with};
 use crate::types::{GuestOffset, HostOffset};
 use serde::Serialize;
-use std::cell::OnceCell;
 
 /// One extent of `qemu-img map --output=json`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -97,30 +96,6 @@ pub fn qemu_json(entries: &[MapEntry]) -> String {
 /// A layer's length as QEMU's block layer sees it.
 pub fn qemu_length(layer: &Layer) -> u64 {
     layer.size()
-}
-
-/// QEMU's `qcow2_detect_metadata_preallocation`: does the file have at least as
-/// many clusters in use (refcount > 0) as it has clusters stored on disk, give or
-/// take 10%?
-pub fn metadata_preallocated(img: &Qcow2) -> bool {
-    let geo = img.geometry();
-    let cs = geo.cluster_size();
-    let file_length = img.file_len().div_ceil(512).saturating_mul(512);
-    let real_clusters = img.src.allocated_size() >> geo.cluster_bits;
-    let threshold = (real_clusters.saturating_mul(10) / 9).max(real_clusters.saturating_add(2));
-    let end_cluster = file_length.div_ceil(cs);
-    let mut reader = RefcountReader::new(img);
-    let mut count = 0u64;
-    for c in 0..end_cluster {
-        if count >= threshold {
-            break;
-        }
-        match reader.get(c) {
-            Ok(r) => count = count.saturating_add(u64::from(r > 0)),
-            Err(_) => return false,
-        }
-    }
-    count >= threshold
 }
 
 /// The answer of one layer for a run of bytes.
@@ -191,12 +166,10 @@ enum Tables {
     Cached,
 }
 
-/// Per layer: its name in errors, how its L2 tables are read, and whether QEMU
-/// assumes metadata preallocation there (worked out the first time it matters).
+/// Per layer: its name in errors and how its L2 tables are read.
 struct Walk {
     names: Vec<String>,
     tables: Tables,
-    prealloc: Vec<OnceCell<bool>>,
 }
 
 impl Walk {
@@ -208,7 +181,6 @@ impl Walk {
                 .map(|l| l.path.display().to_string())
                 .collect(),
             tables,
-            prealloc: chain.layers.iter().map(|_| OnceCell::new()).collect(),
         }
     }
 
@@ -229,13 +201,6 @@ impl Walk {
                 None => layer_run(image, view, off, bytes, name),
             },
         }
-    }
-
-    /// Whether the qcow2 image at `depth` looks metadata-preallocated.
-    fn preallocated(&self, depth: usize, image: &Qcow2) -> bool {
-        self.prealloc
-            .get(depth)
-            .is_some_and(|c| *c.get_or_init(|| metadata_preallocated(image)))
     }
 }
 
@@ -372,7 +337,7 @@ fn layer_answer(
             if a.data
                 && !a.zero
                 && let Some(host) = a.offset
-                && walk.preallocated(depth, image)
+                && image.metadata_preallocated()
             {
                 let file: &dyn Source = match data_file {
                     Some(df) => df.as_ref(),

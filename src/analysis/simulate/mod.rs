@@ -447,7 +447,7 @@ impl Sim {
             };
             r.and(closed)
         };
-        let error = r.as_ref().err().map(|f| qemu_words(op, f.text()));
+        let error = r.as_ref().err().map(|f| qemu_words(op, f));
         self.records.push(OpRecord {
             op: op.clone(),
             description: op.describe(),

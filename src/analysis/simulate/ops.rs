@@ -1,6 +1,7 @@
 //! The operations a simulation runs, as parsed from the command line, and the
 //! words QEMU's tools print when one fails.
 
+use super::SimError;
 use super::data::DEFAULT_PATTERN;
 use crate::types::GuestOffset;
 use serde::Serialize;
@@ -319,18 +320,19 @@ impl Op {
 }
 
 /// An error as QEMU's tool would print it: its prefix for the operation and the
-/// errno's text, then what qinspect knows of why.
-pub(super) fn qemu_words(op: &Op, detail: String) -> String {
-    const ALREADY: [&str; 7] = [
+/// errno's text, then what qinspect knows of why. What qinspect does not follow
+/// (`SimError::NotModelled`) is said in its own words, with no tool's prefix.
+pub(super) fn qemu_words(op: &Op, cause: &SimError) -> String {
+    let detail = cause.text();
+    const ALREADY: [&str; 6] = [
         "Could not ",
         "can't open device ",
         "write failed: ",
         "discard failed: ",
         "read failed: ",
-        "not simulated: ",
         "Snapshot with id ",
     ];
-    if ALREADY.iter().any(|p| detail.starts_with(p)) {
+    if matches!(cause, SimError::NotModelled(_)) || ALREADY.iter().any(|p| detail.starts_with(p)) {
         return detail;
     }
     let prefix = match op {

@@ -418,8 +418,7 @@ fn chain_reads_zero(chain: &Chain, a: u64, b: u64) -> SimResult<bool> {
                 // a data cluster too (BDRV_BLOCK_RECURSE): one in a hole of
                 // its file reads as zeros, as `map` shows it.
                 Status::Data { host, .. }
-                    if image.header.crypt_method == 0
-                        && crate::map::metadata_preallocated(image) =>
+                    if image.header.crypt_method == 0 && image.metadata_preallocated() =>
                 {
                     let file: &dyn crate::io::Source = match data_file {
                         Some(df) => df.as_ref(),

@@ -537,15 +537,7 @@ fn l2_row(
     };
     // With a data file, a host cluster an entry names is in that file, not in
     // the image.
-    let in_data_file = match m {
-        L2Mapping::Data { host, .. }
-        | L2Mapping::Zero {
-            preallocated: Some(host),
-            ..
-        } if has_df => Some(host),
-        _ => None,
-    };
-    let data_file = in_data_file.map(|_| data_file_name(img));
+    let data_file = m.host_offset().and(img.data_file_words()).map(String::from);
     let mut row = Row {
         index: j,
         file_offset: l2_off.saturating_entry(j, geo.l2_entry_size()),
@@ -564,37 +556,14 @@ fn l2_row(
             "bitmap": geo.extended_l2.then_some(e.bitmap),
             "subclusters": geo.extended_l2.then(|| (0..32).map(|s| m.subcluster_type(s).name()).collect::<Vec<_>>()),
         }),
-        meaning: {
-            let d = e.describe_at(&geo, has_df, guest, disk_size);
-            // Without a backing file there is nothing to fall through to.
-            let d = if img.backing_name.is_none() {
-                d.replace(
-                    "reads fall through to the backing file",
-                    "reads as zeros: no backing file",
-                )
-            } else {
-                d
-            };
-            let d = match (in_data_file, &data_file) {
-                (Some(host), Some(name)) => {
-                    d.replacen(&host.to_string(), &format!("{host} in {name}"), 1)
-                }
-                _ => d,
-            };
-            format!("guest {guest}: {d}")
-        },
+        meaning: format!(
+            "guest {guest}: {}",
+            e.describe_in(&m, &geo, guest, &img.surroundings(disk_size))
+        ),
     };
     // Only rows whose host cluster is in the data file carry its name.
     if let (Some(name), Value::Object(o)) = (data_file, &mut row.decoded) {
         o.insert("data_file".into(), Value::String(name));
     }
     row
-}
-
-/// The external data file's name as the header extension stores it (QEMU opens
-/// it relative to the image), or words for it when the image names none.
-fn data_file_name(img: &Qcow2) -> String {
-    img.data_file_name
-        .clone()
-        .unwrap_or_else(|| "the data file (the image names none)".into())
 }

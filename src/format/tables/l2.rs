@@ -419,8 +419,66 @@ impl L2Entry {
 
     /// One-line description of the whole entry.
     pub fn describe(&self, geo: &Geometry, has_data_file: bool) -> String {
-        let m = self.mapping(geo, has_data_file);
-        let mut s = match m {
+        self.words(&self.mapping(geo, has_data_file), geo, None, true)
+    }
+
+    /// [`describe`](Self::describe) for the entry that maps `guest` on a disk of
+    /// `disk_size` bytes. No guest read reaches an entry at or past the end of the
+    /// disk, and the description says so (for an unallocated one, in place of what
+    /// a read would do there).
+    pub fn describe_at(
+        &self,
+        geo: &Geometry,
+        has_data_file: bool,
+        guest: GuestOffset,
+        disk_size: u64,
+    ) -> String {
+        let around = Surroundings {
+            data_file: None,
+            backing: true,
+            disk_size,
+        };
+        self.describe_in(&self.mapping(geo, has_data_file), geo, guest, &around)
+    }
+
+    /// [`describe_at`](Self::describe_at) in the words of the image around the
+    /// table: a host cluster in the external data file is said to be in it (by
+    /// the name `around` gives), and with no backing file an unallocated entry
+    /// reads as zeros. `m` is this entry's [`mapping`](Self::mapping) with
+    /// `has_data_file` set when `around` names a data file (taken rather than
+    /// worked out again, for callers that have it at hand).
+    pub fn describe_in(
+        &self,
+        m: &L2Mapping,
+        geo: &Geometry,
+        guest: GuestOffset,
+        around: &Surroundings<'_>,
+    ) -> String {
+        let words = || self.words(m, geo, around.data_file, around.backing);
+        if guest.get() < around.disk_size {
+            words()
+        } else if self.raw == 0 && self.bitmap == 0 {
+            "past disk end: never read".to_string()
+        } else {
+            format!("{}; past disk end: never read", words())
+        }
+    }
+
+    /// The entry described: `m` is its mapping, `data_file` the data file the
+    /// host clusters it names are in (None: in the image), `backing` whether
+    /// an unallocated entry's reads fall through to a backing file.
+    fn words(
+        &self,
+        m: &L2Mapping,
+        geo: &Geometry,
+        data_file: Option<&str>,
+        backing: bool,
+    ) -> String {
+        let at = |host: HostOffset| match data_file {
+            Some(name) => format!("{host} in {name}"),
+            None => host.to_string(),
+        };
+        let mut s = match *m {
             L2Mapping::Compressed { descriptor: d, .. } => format!(
                 "compressed: {} bytes at {} ({} sector(s))",
                 d.size, d.offset, d.sectors
@@ -431,18 +489,22 @@ impl L2Entry {
             L2Mapping::Zero {
                 preallocated: Some(host),
                 ..
-            } => format!("reads as zeros, host cluster {host} kept allocated"),
+            } => format!("reads as zeros, host cluster {} kept allocated", at(host)),
             L2Mapping::Unallocated {
                 subclusters: Some(_),
             } => "no host cluster; subclusters follow the bitmap".to_string(),
-            L2Mapping::Unallocated { subclusters: None } => {
+            L2Mapping::Unallocated { subclusters: None } if backing => {
                 "unallocated: reads fall through to the backing file".to_string()
             }
+            L2Mapping::Unallocated { subclusters: None } => {
+                "unallocated: reads as zeros: no backing file".to_string()
+            }
             L2Mapping::Data { host, .. } if geo.is_cluster_aligned(host.0) => {
-                format!("data at host offset {host}")
+                format!("data at host offset {}", at(host))
             }
             L2Mapping::Data { host, .. } => format!(
-                "data at host offset {host}, NOT cluster-aligned (QEMU fails reads with EIO)"
+                "data at host offset {}, NOT cluster-aligned (QEMU fails reads with EIO)",
+                at(host)
             ),
         };
         let ct = m.cluster_type();
@@ -466,27 +528,18 @@ impl L2Entry {
         }
         s
     }
+}
 
-    /// [`describe`](Self::describe) for the entry that maps `guest` on a disk of
-    /// `disk_size` bytes. No guest read reaches an entry at or past the end of the
-    /// disk, and the description says so (for an unallocated one, in place of what
-    /// a read would do there).
-    pub fn describe_at(
-        &self,
-        geo: &Geometry,
-        has_data_file: bool,
-        guest: GuestOffset,
-        disk_size: u64,
-    ) -> String {
-        if guest.get() < disk_size {
-            self.describe(geo, has_data_file)
-        } else if self.raw == 0 && self.bitmap == 0 {
-            "past disk end: never read".to_string()
-        } else {
-            format!(
-                "{}; past disk end: never read",
-                self.describe(geo, has_data_file)
-            )
-        }
-    }
+/// The image around an L2 table, as the words for one of its entries name it
+/// ([`L2Entry::describe_in`]).
+#[derive(Clone, Copy, Debug)]
+pub struct Surroundings<'a> {
+    /// The external data file the host clusters of the entries are in, by the
+    /// words that name it, when the image has one.
+    pub data_file: Option<&'a str>,
+    /// Whether the image names a backing file, for an unallocated entry's
+    /// reads to fall through to (without one they read as zeros).
+    pub backing: bool,
+    /// The size of the disk the table maps (a snapshot's own, for its tables).
+    pub disk_size: u64,
 }

@@ -22,7 +22,7 @@ mod tests;
 
 pub use compressed::CompressedDescriptor;
 pub use l1::{L1Entry, L1Mapping};
-pub use l2::{ClusterType, L2Entry, L2Mapping, SubclusterType, Subclusters};
+pub use l2::{ClusterType, L2Entry, L2Mapping, SubclusterType, Subclusters, Surroundings};
 
 use crate::types::Geometry;
 

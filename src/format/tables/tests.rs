@@ -238,3 +238,64 @@ fn entries_past_the_disk_end_say_they_are_never_read() {
         "data at host offset 0x50000, COPIED; past disk end: never read"
     );
 }
+
+/// In the words of the image around the table: a host cluster of an image with
+/// an external data file is named as in that file (a data cluster, aligned or
+/// not, and a preallocated zero cluster), and without a backing file an
+/// unallocated entry reads as zeros.
+#[test]
+fn an_entry_is_described_in_the_data_file_and_without_a_backing_file() {
+    use crate::types::GuestOffset;
+    let g = Geometry::new(16, false);
+    let size = 4 << 20;
+    let with_df = Surroundings {
+        data_file: Some("disk.raw"),
+        backing: true,
+        disk_size: size,
+    };
+    let alone = Surroundings {
+        data_file: None,
+        backing: false,
+        disk_size: size,
+    };
+    let said = |raw: u64, around: &Surroundings<'_>, guest: u64| {
+        let e = L2Entry { raw, bitmap: 0 };
+        let m = e.mapping(&g, around.data_file.is_some());
+        e.describe_in(&m, &g, GuestOffset(guest), around)
+    };
+    assert_eq!(
+        said(0x8000_0000_0005_0000, &with_df, 0),
+        "data at host offset 0x50000 in disk.raw, COPIED"
+    );
+    // Offset 0 with COPIED: the data is at the guest offset of the data file.
+    assert_eq!(
+        said(0x8000_0000_0000_0000, &with_df, 0),
+        "data at host offset 0x0 in disk.raw, COPIED"
+    );
+    assert_eq!(
+        said(0x8000_0000_0005_0200, &with_df, 0),
+        "data at host offset 0x50200 in disk.raw, NOT cluster-aligned (QEMU fails reads with EIO), COPIED"
+    );
+    assert_eq!(
+        said(0x0000_0000_0006_0001, &with_df, 0),
+        "reads as zeros, host cluster 0x60000 in disk.raw kept allocated"
+    );
+    assert_eq!(
+        said(0, &with_df, 0),
+        "unallocated: reads fall through to the backing file"
+    );
+    assert_eq!(
+        said(0, &alone, 0),
+        "unallocated: reads as zeros: no backing file"
+    );
+    assert_eq!(
+        said(0x8000_0000_0005_0000, &alone, 0),
+        "data at host offset 0x50000, COPIED"
+    );
+    // Past the end of the disk the entry is still named where it points.
+    assert_eq!(
+        said(0x8000_0000_0005_0000, &with_df, size),
+        "data at host offset 0x50000 in disk.raw, COPIED; past disk end: never read"
+    );
+    assert_eq!(said(0, &alone, size), "past disk end: never read");
+}

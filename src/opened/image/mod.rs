@@ -94,6 +94,8 @@ pub struct Qcow2 {
     reftable: Mutex<Option<Arc<Vec<RefTableEntry>>>>,
     refblock_cache: Mutex<HashMap<u64, Arc<Vec<u8>>>>,
     data_key: std::sync::OnceLock<crate::crypto::DataKey>,
+    /// [`Qcow2::metadata_preallocated`], once asked.
+    metadata_preallocated: std::sync::OnceLock<bool>,
 }
 
 const CACHE_LIMIT: usize = 256;
@@ -298,6 +300,7 @@ impl Qcow2 {
             reftable: Mutex::new(None),
             refblock_cache: Mutex::new(HashMap::new()),
             data_key: std::sync::OnceLock::new(),
+            metadata_preallocated: std::sync::OnceLock::new(),
         })
     }
 
@@ -315,6 +318,27 @@ impl Qcow2 {
     /// Cluster geometry.
     pub fn geometry(&self) -> Geometry {
         self.header.geometry()
+    }
+
+    /// The external data file in words: its name as the header extension stores
+    /// it (QEMU opens it relative to the working directory), or words saying the
+    /// image names none; `None` when the image has no data file.
+    pub fn data_file_words(&self) -> Option<&str> {
+        self.header.has_data_file().then(|| {
+            self.data_file_name
+                .as_deref()
+                .unwrap_or("the data file (the image names none)")
+        })
+    }
+
+    /// The image around its L2 tables, for the words of an entry of a table
+    /// that maps a disk of `disk_size` bytes ([`L2Entry::describe_in`]).
+    pub fn surroundings(&self, disk_size: u64) -> tables::Surroundings<'_> {
+        tables::Surroundings {
+            data_file: self.data_file_words(),
+            backing: self.backing_name.is_some(),
+            disk_size,
+        }
     }
 
     /// Refcount geometry.

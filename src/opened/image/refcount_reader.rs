@@ -173,3 +173,37 @@ impl<'a> RefcountReader<'a> {
             .unwrap_or(0))
     }
 }
+
+impl Qcow2 {
+    /// QEMU's `qcow2_detect_metadata_preallocation`: does the file have at least
+    /// as many clusters in use (refcount > 0) as it has clusters stored on disk,
+    /// give or take 10%? Then QEMU asks the file system about each data cluster
+    /// too. Worked out once per opened image, the first time it is asked.
+    pub fn metadata_preallocated(&self) -> bool {
+        *self
+            .metadata_preallocated
+            .get_or_init(|| detect_metadata_preallocation(self))
+    }
+}
+
+/// The count behind [`Qcow2::metadata_preallocated`].
+fn detect_metadata_preallocation(img: &Qcow2) -> bool {
+    let geo = img.geometry();
+    let cs = geo.cluster_size();
+    let file_length = img.file_len().div_ceil(512).saturating_mul(512);
+    let real_clusters = img.src.allocated_size() >> geo.cluster_bits;
+    let threshold = (real_clusters.saturating_mul(10) / 9).max(real_clusters.saturating_add(2));
+    let end_cluster = file_length.div_ceil(cs);
+    let mut reader = RefcountReader::new(img);
+    let mut count = 0u64;
+    for c in 0..end_cluster {
+        if count >= threshold {
+            break;
+        }
+        match reader.get(c) {
+            Ok(r) => count = count.saturating_add(u64::from(r > 0)),
+            Err(_) => return false,
+        }
+    }
+    count >= threshold
+}

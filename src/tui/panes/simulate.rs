@@ -6,7 +6,7 @@ use crate::tui::app::InputFor;
 use crate::tui::ctx::{Ctx, Effect};
 use crate::tui::keymap::Action;
 use crate::tui::widgets::{ListView, boxed};
-use qinspect::simulate::{Op, OpRecord};
+use qinspect::simulate::{Op, OpRecord, SimError};
 use ratatui::Frame;
 use ratatui::layout::{Constraint, Layout, Rect};
 use ratatui::style::Style;
@@ -111,7 +111,9 @@ pub fn flat(o: &Outcome) -> Vec<(usize, String, bool)> {
         }
         match &r.error {
             // What qinspect does not follow is no failure of QEMU's.
-            Some(e) if e.starts_with("not simulated: ") => v.push((i, e.clone(), true)),
+            Some(e) if matches!(r.cause, Some(SimError::NotModelled(_))) => {
+                v.push((i, e.clone(), true))
+            }
             Some(e) => v.push((i, format!("QEMU fails here: {e}"), true)),
             None => {}
         }
@@ -481,5 +483,48 @@ impl PaneState for State {
 
     fn list_ref(&self) -> Option<&ListView> {
         matches!(self.outcome, Some(Ok(_))).then_some(&self.steps)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What qinspect does not follow ([`SimError::NotModelled`]) is shown in its
+    /// own words, a failure of QEMU's as one: the kind decides, not the words.
+    #[test]
+    fn a_step_not_simulated_is_no_failure_of_qemus() {
+        let op = Op::Resize {
+            size: 1 << 20,
+            shrink: false,
+        };
+        let record = |cause: SimError| OpRecord {
+            op: op.clone(),
+            description: op.describe(),
+            steps: Vec::new(),
+            error: Some(cause.text()),
+            cause: Some(cause),
+        };
+        let o = Outcome {
+            text: String::new(),
+            records: vec![
+                record(SimError::NotModelled("growing this image".into())),
+                record(SimError::Qemu("not simulated: QEMU's own words".into())),
+            ],
+            summary: String::new(),
+            clean: false,
+            simulated: None,
+        };
+        assert_eq!(
+            flat(&o),
+            vec![
+                (0, "not simulated: growing this image".to_string(), true),
+                (
+                    1,
+                    "QEMU fails here: not simulated: QEMU's own words".to_string(),
+                    true
+                ),
+            ]
+        );
     }
 }

@@ -2,13 +2,14 @@
 //! columns come before the descriptions, so narrow terminals cut descriptions first;
 //! a COPIED flag that contradicts the stored refcount is marked in red.
 
-use super::datafile::{data_file_name, data_file_sentence, in_data_file, name_data_file};
+use super::datafile::{data_file_sentence, in_data_file};
 use super::{PaneState, color};
 use crate::tui::ctx::{Ctx, Effect, OffsetKind};
 use crate::tui::keymap::Action;
 use crate::tui::widgets::{ListView, boxed};
 use qinspect::image::View;
-use qinspect::tables::{ClusterType, L2Entry, SubclusterType};
+use qinspect::tables::{ClusterType, L2Entry, L2Mapping, SubclusterType};
+use qinspect::types::Geometry;
 use qinspect::types::GuestOffset;
 use ratatui::Frame;
 use ratatui::layout::Rect;
@@ -63,27 +64,29 @@ pub fn judge(active: bool, copied: bool, refcount: Option<u64>) -> Copied {
     }
 }
 
-/// The host cluster an L2 entry's COPIED flag is about, if any.
-fn l2_cluster(e: &L2Entry, ctx: &Ctx) -> Option<u64> {
-    let img = ctx.img.as_ref()?;
-    let geo = img.geometry();
-    let host = e.mapping(&geo, img.header.has_data_file()).host_cluster()?;
-    Some(geo.cluster_of(host.0))
+/// The host cluster an L2 entry's COPIED flag is about (`m`: its mapping), if
+/// any.
+fn l2_cluster(m: &L2Mapping, geo: &Geometry) -> Option<u64> {
+    m.host_cluster().map(|host| geo.cluster_of(host.0))
 }
 
-/// The refcount column of an L2 entry and how its COPIED flag stands: a cluster
-/// of the data file has none to show, and is judged as refcount 1, as check does.
-fn l2_refcount(e: &L2Entry, ctx: &Ctx, active: bool) -> (Option<u64>, Copied) {
-    if in_data_file(e, ctx) {
+/// The refcount column of L2 entry `e` (`m`: its mapping) and how its COPIED
+/// flag stands: a cluster of the data file has none to show, and is judged as
+/// refcount 1, as check does.
+fn l2_refcount(e: &L2Entry, m: &L2Mapping, ctx: &Ctx, active: bool) -> (Option<u64>, Copied) {
+    let Some(img) = ctx.img.as_ref() else {
+        return (None, Copied::Meaningless);
+    };
+    if in_data_file(m, img.header.has_data_file()) {
         return (None, judge(active, e.copied(), Some(1)));
     }
-    let rc = l2_cluster(e, ctx).and_then(|c| ctx.stored_refcount(c));
-    let jd = if l2_cluster(e, ctx).is_some() {
-        judge(active, e.copied(), rc)
-    } else {
-        Copied::Meaningless
-    };
-    (rc, jd)
+    match l2_cluster(m, &img.geometry()) {
+        Some(c) => {
+            let rc = ctx.stored_refcount(c);
+            (rc, judge(active, e.copied(), rc))
+        }
+        None => (None, Copied::Meaningless),
+    }
 }
 
 fn columns(copied: bool, rc: Option<u64>, j: Copied) -> Vec<Span<'static>> {
@@ -210,7 +213,7 @@ impl State {
         let geo = img.geometry();
         let has_df = img.header.has_data_file();
         let active = view.snapshot.is_none();
-        let backing = ctx.has_backing();
+        let around = img.surroundings(view.size);
         let title = ctx.titled(format!(
             "L2 table at {off:#x} (from {}[{i}]){} — Enter: trace it, x: in Hex, Bksp: back",
             view.label(),
@@ -223,14 +226,16 @@ impl State {
                     .zip(r)
                     .map(|(e, j)| {
                         let g = geo.guest_offset(i as u64, j as u64, 0).map_or(0, |g| g.0);
-                        let ct = e.cluster_type(&geo, has_df);
+                        // Decoded once for the row: every column reads it.
+                        let m = e.mapping(&geo, has_df);
+                        let ct = m.cluster_type();
                         let st = match ct {
                             ClusterType::Normal => Style::new().fg(color::DATA),
                             ClusterType::Compressed => Style::new().fg(color::COMPRESSED),
                             ClusterType::Unallocated if e.bitmap == 0 => color::dim(),
                             _ => Style::new().fg(color::META),
                         };
-                        let (rc, jd) = l2_refcount(e, ctx, active);
+                        let (rc, jd) = l2_refcount(e, &m, ctx, active);
                         let mut spans = vec![
                             Span::raw(format!("{j:>5} {g:>#11x} ")),
                             Span::styled(format!("{:#018x} ", e.raw), st),
@@ -238,7 +243,7 @@ impl State {
                         spans.extend(columns(e.copied(), rc, jd));
                         if geo.extended_l2 {
                             let map: String = (0..32)
-                                .map(|s| match e.subcluster_type(&geo, has_df, s) {
+                                .map(|s| match m.subcluster_type(s) {
                                     SubclusterType::Normal => 'D',
                                     SubclusterType::ZeroAlloc | SubclusterType::ZeroPlain => '0',
                                     SubclusterType::Invalid => '!',
@@ -248,14 +253,7 @@ impl State {
                                 .collect();
                             spans.push(Span::raw(format!("[{map}] ")));
                         }
-                        let mut d = e.describe_at(&geo, has_df, GuestOffset(g), view.size);
-                        if !backing {
-                            d = d.replace(
-                                "reads fall through to the backing file",
-                                "reads as zeros: no backing file",
-                            );
-                        }
-                        let d = name_data_file(d, e, ctx);
+                        let d = e.describe_in(&m, &geo, GuestOffset(g), &around);
                         if let Some(was) = active.then(|| ctx.l2_was(i, j, e.raw)).flatten() {
                             spans.push(Span::styled(
                                 format!("was {was:#x}→ "),
@@ -481,13 +479,15 @@ impl PaneState for State {
                 let has_df = img.header.has_data_file();
                 let guest = geo.guest_offset(i as u64, self.l2.sel as u64, 0).unwrap_or(GuestOffset(u64::MAX));
                 let past_end = guest.get() >= view.size;
-                let why = match e.cluster_type(&geo, has_df) {
-                    ClusterType::Normal | ClusterType::ZeroAlloc if in_data_file(e, ctx) => data_file_sentence(active, e.copied(), &data_file_name(ctx)),
+                let m = e.mapping(&geo, has_df);
+                let around = img.surroundings(view.size);
+                let why = match m.cluster_type() {
+                    ClusterType::Normal | ClusterType::ZeroAlloc if in_data_file(&m, has_df) => data_file_sentence(active, e.copied(), around.data_file.unwrap_or_default()),
                     ClusterType::Normal | ClusterType::ZeroAlloc => Self::copied_sentence(
                         "the cluster",
                         active,
                         e.copied(),
-                        l2_cluster(e, ctx).and_then(|c| ctx.stored_refcount(c)),
+                        l2_cluster(&m, &geo).and_then(|c| ctx.stored_refcount(c)),
                         "a write goes straight into this cluster",
                         "a write allocates a new cluster and copies it",
                     ),
@@ -500,11 +500,7 @@ impl PaneState for State {
                     ClusterType::Unallocated if past_end => format!("No guest read reaches this entry: its cluster is past the end of the disk. (An unallocated entry inside the disk: {}.)", ctx.fall_through()),
                     ClusterType::Unallocated => format!("Unallocated: {}.", ctx.fall_through()),
                 };
-                let mut d = e.describe_at(&geo, has_df, guest, view.size);
-                if !ctx.has_backing() {
-                    d = d.replace("reads fall through to the backing file", "reads as zeros: no backing file");
-                }
-                let d = name_data_file(d, e, ctx);
+                let d = e.describe_in(&m, &geo, guest, &around);
                 Some(format!("L2 {off:#x}[{}] = {:#018x}: {d}. {why}", self.l2.sel, e.raw))
             }),
         };
