@@ -127,11 +127,30 @@ pub enum CorruptKind {
     /// extension gives (QEMU's open fails: "More bitmaps found than specified
     /// in header extension").
     BitmapDirectoryLong,
+    /// The bitmap directory ends past the largest offset QEMU reads
+    /// ([`BDRV_MAX_LENGTH`](crate::types::BDRV_MAX_LENGTH)): its read fails
+    /// (QEMU's open fails: "Failed to read bitmap directory: Input/output
+    /// error"). Short of that limit, the part past the end of the file reads
+    /// as zeros.
+    BitmapDirectoryUnreadable,
     /// A structure named only by the error's `what`.
     Other,
 }
 
 impl CorruptKind {
+    /// Whether this is a problem of the bitmap directory that QEMU's open
+    /// refuses, whatever the command (an entry, or the directory itself).
+    pub fn is_bitmap_directory(&self) -> bool {
+        matches!(
+            self,
+            CorruptKind::BitmapDirectoryEntry
+                | CorruptKind::BitmapDirectoryBroken
+                | CorruptKind::BitmapDirectoryShort
+                | CorruptKind::BitmapDirectoryLong
+                | CorruptKind::BitmapDirectoryUnreadable
+        )
+    }
+
     /// The structure in words, as messages name it.
     pub fn describe(&self) -> String {
         match self {
@@ -147,7 +166,8 @@ impl CorruptKind {
             CorruptKind::BitmapDirectoryEntry => "bitmap directory entry".into(),
             CorruptKind::BitmapDirectoryBroken
             | CorruptKind::BitmapDirectoryShort
-            | CorruptKind::BitmapDirectoryLong => "bitmap directory".into(),
+            | CorruptKind::BitmapDirectoryLong
+            | CorruptKind::BitmapDirectoryUnreadable => "bitmap directory".into(),
             CorruptKind::Other => "structure".into(),
         }
     }

@@ -1,6 +1,8 @@
 //! An image QEMU's open refuses: the corrupt bit (no read-write open), a
 //! bitmap directory whose entries do not fit it or fall short of the count the
-//! header extension gives, or an entry QEMU will not load. Every simulated
+//! header extension gives, or an entry QEMU will not load (also one past the
+//! end of the file, which QEMU reads as zeros), or a directory ending past the
+//! largest offset QEMU reads. Every simulated
 //! operation fails as the qemu-io or qemu-img command for it fails, in that
 //! command's words (`can't open device IMAGE: ...` or `Could not open 'IMAGE':
 //! ...`), and QEMU writes nothing.
@@ -8,6 +10,7 @@
 mod common;
 mod sim_compare;
 use common::Work;
+use qinspect::error::CorruptKind;
 use qinspect::header::ExtensionKind;
 use qinspect::simulate::{Sim, SimError};
 use sim_compare::{open_path, parse_op, qemu_command};
@@ -226,6 +229,87 @@ fn a_bitmap_entry_qemu_will_not_load_fails_every_command() {
     }
 }
 
+/// QEMU's `BDRV_MAX_LENGTH`, the largest offset its block layer reads.
+const LIMIT: u64 = 0x7fff_ffff_c000_0000;
+
+/// The images whose bitmap directory QEMU reads, in part or whole, past the
+/// end of the file (as zeros), or cannot read at all, with the kind of
+/// qinspect's refusal and the words QEMU's open fails with.
+fn directories_past_the_end(w: &Work) -> Vec<(&'static str, CorruptKind, &'static str)> {
+    let zeros = "Bitmap '' doesn't satisfy the constraints";
+    let mut out = Vec::new();
+    // directory_offset (byte 16 of the extension's data): 1 MiB past the end
+    // of the file, in the last cluster below the limit, and at the limit.
+    for (name, at, kind, words) in [
+        ("far.qcow2", None, CorruptKind::BitmapDirectoryEntry, zeros),
+        (
+            "last.qcow2",
+            Some(LIMIT - 0x10000),
+            CorruptKind::BitmapDirectoryEntry,
+            zeros,
+        ),
+        (
+            "limit.qcow2",
+            Some(LIMIT),
+            CorruptKind::BitmapDirectoryUnreadable,
+            "Failed to read bitmap directory: Input/output error",
+        ),
+    ] {
+        let (ext, _, _) = with_bitmap(w, name);
+        let len = std::fs::metadata(w.path(name)).unwrap().len();
+        let at = at.unwrap_or(len.next_multiple_of(0x10000) + (1 << 20));
+        w.patch(name, ext + 16, &at.to_be_bytes());
+        out.push((name, kind, words));
+    }
+    // The file ends 16 bytes into the directory's one entry: its type,
+    // granularity and name size read as zeros.
+    let (_, dir, _) = with_bitmap(w, "cut.qcow2");
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(w.path("cut.qcow2"))
+        .unwrap();
+    f.set_len(dir + 16).unwrap();
+    out.push(("cut.qcow2", CorruptKind::BitmapDirectoryEntry, zeros));
+    // An entry QEMU refuses (granularity bits 5, at byte 17) before a
+    // directory end it would call broken (directory_size 40, 8 bytes after
+    // the entry, inside the file): QEMU checks each entry as it meets it.
+    let (ext, dir, _) = with_bitmap(w, "order.qcow2");
+    w.patch("order.qcow2", dir + 17, &[5]);
+    w.patch("order.qcow2", ext + 8, &40u64.to_be_bytes());
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(w.path("order.qcow2"))
+        .unwrap();
+    f.set_len(f.metadata().unwrap().len() + 65536).unwrap();
+    out.push((
+        "order.qcow2",
+        CorruptKind::BitmapDirectoryEntry,
+        "Bitmap 'b0' doesn't satisfy the constraints",
+    ));
+    out
+}
+
+#[test]
+fn a_bitmap_directory_past_the_end_of_the_file_fails_every_command() {
+    let w = Work::new();
+    for (name, kind, qemu) in directories_past_the_end(&w) {
+        for cause in fails_as_qemu_does(&w, name, &OPS) {
+            let SimError::Qemu(m) = &cause else {
+                panic!("{name}: {cause:?}")
+            };
+            assert!(m.contains(&format!(": {qemu} (")), "{name}: {m}");
+        }
+        let img = open_path(&w.path(name)).unwrap();
+        assert_eq!(
+            img.check_refusal
+                .as_ref()
+                .and_then(qinspect::error::Error::corrupt_kind),
+            Some(kind),
+            "{name}"
+        );
+    }
+}
+
 /// What `qemu-img COMMAND IMAGE` says after "Could not open 'IMAGE': ", and its
 /// exit code.
 fn qemu_img_refusal(w: &Work, command: &str, image: &str) -> (Option<i32>, String) {
@@ -240,22 +324,28 @@ fn qemu_img_refusal(w: &Work, command: &str, image: &str) -> (Option<i32>, Strin
     (out.status.code(), words)
 }
 
-/// The two directories QEMU cannot read: the open refuses them as QEMU's
+/// The directories QEMU cannot read or refuses: the open refuses them as QEMU's
 /// does (`info` fails, `check` fails at the open, exit code 1, and
 /// `simulate` says each command's words).
 #[test]
 fn check_info_and_simulate_refuse_an_unreadable_directory_as_qemu_does() {
-    use qinspect::error::{CorruptKind, Error};
+    use qinspect::error::Error;
     use qinspect::image::{Qcow2, Strictness};
     let w = Work::new();
     let (_, dir, _) = with_bitmap(&w, "b.qcow2");
     w.patch("b.qcow2", dir + 20, &8u32.to_be_bytes());
     let (ext, _, _) = with_bitmap(&w, "n.qcow2");
     w.patch("n.qcow2", ext, &2u32.to_be_bytes());
-    for (image, kind) in [
+    let mut images = vec![
         ("b.qcow2", CorruptKind::BitmapDirectoryBroken),
         ("n.qcow2", CorruptKind::BitmapDirectoryShort),
-    ] {
+    ];
+    images.extend(
+        directories_past_the_end(&w)
+            .into_iter()
+            .map(|(name, kind, _)| (name, kind)),
+    );
+    for (image, kind) in images {
         let (code, words) = qemu_img_refusal(&w, "info", image);
         assert_eq!(code, Some(1), "{image}: {words}");
         let src = std::sync::Arc::new(qinspect::io::FileSource::open(&w.path(image)).unwrap());

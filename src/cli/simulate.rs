@@ -65,17 +65,7 @@ pub struct Args {
 /// command's words.
 fn open_for_simulation(src: SharedSource) -> color_eyre::Result<Qcow2> {
     use qinspect::error::CorruptKind;
-    let bitmaps = |k: Option<CorruptKind>| {
-        matches!(
-            k,
-            Some(
-                CorruptKind::BitmapDirectoryEntry
-                    | CorruptKind::BitmapDirectoryBroken
-                    | CorruptKind::BitmapDirectoryShort
-                    | CorruptKind::BitmapDirectoryLong
-            )
-        )
-    };
+    let bitmaps = |k: Option<CorruptKind>| k.is_some_and(|k| k.is_bitmap_directory());
     let err = match Qcow2::open(src.clone(), Strictness::Qemu) {
         Ok(img) => return Ok(img),
         Err(e) => e,

@@ -73,13 +73,7 @@ pub(super) fn open_fails(img: &Qcow2) -> Option<String> {
 /// Whether an open's problem of this kind is QEMU's refusal to open the
 /// image for its bitmap directory ([`open_fails`]).
 pub(super) fn refuses_bitmaps(kind: CorruptKind) -> bool {
-    matches!(
-        kind,
-        CorruptKind::BitmapDirectoryEntry
-            | CorruptKind::BitmapDirectoryBroken
-            | CorruptKind::BitmapDirectoryShort
-            | CorruptKind::BitmapDirectoryLong
-    )
+    kind.is_bitmap_directory()
 }
 
 /// Read the bitmaps of `img`: `Ok(None)` without any, `Err` with the reason the

@@ -71,10 +71,9 @@ use std::sync::Arc;
 /// The largest file the simulator lets an image grow to (ext4's limit, 16 TiB).
 pub const MAX_FILE_LEN: u64 = 1 << 44;
 
-/// The block layer's limit on any request (`BDRV_MAX_LENGTH`: `INT64_MAX`
-/// aligned down to 1 GiB): a read or write of the image file that would end
-/// past it fails (EIO) before it reaches the file.
-const BDRV_MAX_LENGTH: u64 = (i64::MAX as u64) & !((1 << 30) - 1);
+// The block layer's limit on any request: a read or write of the image file
+// that would end past it fails (EIO) before it reaches the file.
+use crate::types::BDRV_MAX_LENGTH;
 
 /// A snapshot as the simulator keeps it (QEMU's `QCowSnapshot`).
 #[derive(Clone, Debug, PartialEq, Eq)]

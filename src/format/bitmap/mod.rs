@@ -16,7 +16,7 @@
 
 use crate::bytes::{align8, be16, be32, be64, slice, text, u8_at};
 use crate::error::{CorruptKind, Error, Result};
-use crate::io::{Source, read_exact};
+use crate::io::{Source, read_exact, read_into};
 use crate::types::HostOffset;
 use serde::Serialize;
 
@@ -226,13 +226,47 @@ impl BitmapTableEntry {
     }
 }
 
-/// Read the bitmap directory (`size` bytes at `offset`, `count` entries).
+/// Read the bitmap directory (`size` bytes at `offset`, `count` entries), as
+/// QEMU reads it: bytes past the end of the file read as zeros, as long as the
+/// directory ends below [`BDRV_MAX_LENGTH`](crate::types::BDRV_MAX_LENGTH)
+/// (past it QEMU's read fails: "Failed to read bitmap directory").
 pub fn read_directory(
     src: &dyn Source,
     directory: HostOffset,
     size: u64,
     count: u32,
 ) -> Result<Vec<BitmapEntry>> {
+    let d = read_directory_parts(src, directory, size, count)?;
+    match d.error {
+        Some(e) => Err(e),
+        None => Ok(d.entries),
+    }
+}
+
+/// A bitmap directory as QEMU walks it: the entries it parsed, in order, and
+/// the error that ended the walk, if any (an entry that does not fit, more or
+/// fewer entries than the extension counts). QEMU checks each entry as it
+/// meets it, so a refused entry in `entries` comes before `error`.
+#[derive(Debug, Clone, Default)]
+pub struct Directory {
+    /// The entries parsed before the walk ended.
+    pub entries: Vec<BitmapEntry>,
+    /// What ended the walk early, or `None` if the directory is whole.
+    pub error: Option<Error>,
+    /// How many of the directory's bytes lie past the end of the file (and
+    /// read as zeros).
+    pub past_eof: u64,
+}
+
+/// [`read_directory`], keeping the entries met before a structural error.
+/// `Err` is a directory QEMU does not read at all (over its limits, ending
+/// past `BDRV_MAX_LENGTH`) or a failed read.
+pub fn read_directory_parts(
+    src: &dyn Source,
+    directory: HostOffset,
+    size: u64,
+    count: u32,
+) -> Result<Directory> {
     let offset = directory;
     if size > MAX_DIRECTORY_BYTES || u64::from(count) > MAX_BITMAPS {
         return Err(Error::invalid(
@@ -241,7 +275,35 @@ pub fn read_directory(
             format!("{count} bitmaps in {size} bytes exceeds QEMU's limits"),
         ));
     }
-    let buf = read_exact(src, "bitmap directory", offset, size)?;
+    let limit = crate::types::BDRV_MAX_LENGTH;
+    if offset.get().checked_add(size).is_none_or(|end| end > limit) {
+        return Err(Error::corrupt(
+            CorruptKind::BitmapDirectoryUnreadable,
+            offset,
+            format!("its {size} bytes end past {limit:#x}, the largest offset QEMU reads"),
+        ));
+    }
+    // At most MAX_DIRECTORY_BYTES, checked above.
+    let mut buf = vec![0u8; usize::try_from(size).unwrap_or(0)];
+    read_into(src, "bitmap directory", offset, &mut buf)?;
+    let past_eof = size.min(offset.get().saturating_add(size).saturating_sub(src.len()));
+    let (entries, error) = parse_directory(&buf, directory, size, count);
+    Ok(Directory {
+        entries,
+        error,
+        past_eof,
+    })
+}
+
+/// Walk the directory's bytes `buf` (`size` of them, at `directory`) for
+/// `count` entries.
+fn parse_directory(
+    buf: &[u8],
+    directory: HostOffset,
+    size: u64,
+    count: u32,
+) -> (Vec<BitmapEntry>, Option<Error>) {
+    let offset = directory;
     let mut out = Vec::new();
     let mut pos = 0u64;
     for i in 0..count {
@@ -261,7 +323,10 @@ pub fn read_directory(
                     format!("entry {i} runs past the end of the directory ({size} bytes)"),
                 )
             };
-            return Err(Error::corrupt(kind, offset.saturating_add(pos), why));
+            return (
+                out,
+                Some(Error::corrupt(kind, offset.saturating_add(pos), why)),
+            );
         }
         // The entry's bytes: field offsets below are constants into this slice.
         let e = usize::try_from(pos)
@@ -272,11 +337,12 @@ pub fn read_directory(
         let extra = u64::from(be32(e, 20));
         let len = 24u64.saturating_add(extra).saturating_add(name_size);
         if pos.saturating_add(len) > size {
-            return Err(Error::corrupt(
+            let e = Error::corrupt(
                 CorruptKind::BitmapDirectoryBroken,
                 offset.saturating_add(pos),
                 format!("entry {i} runs past the end of the directory ({size} bytes)"),
-            ));
+            );
+            return (out, Some(e));
         }
         out.push(BitmapEntry {
             entry_offset: directory.saturating_add(pos),
@@ -315,13 +381,10 @@ pub fn read_directory(
                 ),
             )
         };
-        return Err(Error::corrupt(
-            kind,
-            offset.saturating_add(pos.min(size)),
-            why,
-        ));
+        let e = Error::corrupt(kind, offset.saturating_add(pos.min(size)), why);
+        return (out, Some(e));
     }
-    Ok(out)
+    (out, None)
 }
 
 /// Read one bitmap's table, as QEMU reads it: the part past the end of the

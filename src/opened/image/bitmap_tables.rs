@@ -313,8 +313,8 @@ fn read_in_file(src: &dyn Source, start: u64, len: u64) -> Result<Vec<u8>> {
 
 /// QEMU's refusal to open an image whose bitmap directory failed to read as
 /// `e`: its entries do not fit it ("Broken bitmap directory"), go on past the
-/// count the extension gives, or end, filling
-/// it, before the count the extension gives; `None` for other failures.
+/// count the extension gives, end, filling it, before that count, or end past
+/// the largest offset QEMU reads; `None` for other failures.
 fn directory_refusal(e: &Error) -> Option<Error> {
     let Error::Invalid {
         kind,
@@ -331,6 +331,9 @@ fn directory_refusal(e: &Error) -> Option<Error> {
             "Less bitmaps found than specified in header extension"
         }
         CorruptKind::BitmapDirectoryLong => "More bitmaps found than specified in header extension",
+        CorruptKind::BitmapDirectoryUnreadable => {
+            "Failed to read bitmap directory: Input/output error"
+        }
         _ => return None,
     };
     Some(Error::Invalid {
@@ -338,6 +341,28 @@ fn directory_refusal(e: &Error) -> Option<Error> {
         what: what.clone(),
         offset: *offset,
         reason: format!("{qemu} ({reason})"),
+    })
+}
+
+/// QEMU's refusal of the first entry of `list` it does not accept, in an
+/// image of `cs`-byte clusters and a disk of `disk` bytes, read from a file
+/// of `file_len` bytes (an entry past its end was read as zeros).
+fn entry_refusal(list: &[BitmapEntry], cs: u64, disk: u64, file_len: u64) -> Option<Error> {
+    list.iter().enumerate().find_map(|(i, b)| {
+        let p = b.problem(cs, disk)?;
+        let zeros = if b.entry_offset.get().saturating_add(24) > file_len {
+            format!(
+                "; the entry lies past the end of the file ({file_len} bytes), and QEMU reads zeros there"
+            )
+        } else {
+            String::new()
+        };
+        Some(Error::Invalid {
+            kind: CorruptKind::BitmapDirectoryEntry,
+            what: format!("bitmap directory entry {i} '{}'", b.name),
+            offset: b.entry_offset,
+            reason: format!("{} ({p}{zeros})", p.qemu_message(&b.name)),
+        })
     })
 }
 
@@ -353,13 +378,13 @@ pub(super) fn read_bitmaps(
     check_refusal: &mut Option<Error>,
     notes: &mut Vec<String>,
 ) -> Result<(Option<Result<Vec<BitmapEntry>>>, BitmapTables)> {
-    let bitmaps = extensions.iter().find_map(|e| match e.kind {
+    let directory = extensions.iter().find_map(|e| match e.kind {
         ExtensionKind::Bitmaps {
             nb_bitmaps,
             directory_size,
             directory_offset,
             ..
-        } => Some(bitmap::read_directory(
+        } => Some(bitmap::read_directory_parts(
             src,
             directory_offset,
             directory_size,
@@ -368,12 +393,42 @@ pub(super) fn read_bitmaps(
         _ => None,
     });
     let cs = h.cluster_size();
-    if h.autoclear_features & header::AUTOCLEAR_BITMAPS != 0
-        && let Some(Err(e)) = &bitmaps
-        && let Some(r) = directory_refusal(e)
-    {
-        refuse(problems, check_refusal, strict, r)?;
-    }
+    // QEMU's disk length is in whole sectors.
+    let disk = h.size & !511;
+    let loaded = h.autoclear_features & header::AUTOCLEAR_BITMAPS != 0;
+    let bitmaps = match directory {
+        None => None,
+        Some(Err(e)) => {
+            if loaded && let Some(r) = directory_refusal(&e) {
+                refuse(problems, check_refusal, strict, r)?;
+            }
+            Some(Err(e))
+        }
+        Some(Ok(d)) => {
+            if d.past_eof > 0 {
+                notes.push(format!(
+                    "the last {} bytes of the bitmap directory lie past the end of the file ({} bytes) and read as zeros, as QEMU reads them",
+                    d.past_eof,
+                    src.len()
+                ));
+            }
+            match d.error {
+                Some(e) => {
+                    // QEMU checks each entry as it walks the directory: a
+                    // refused entry before the walk's end is what it reports.
+                    if loaded {
+                        let r = entry_refusal(&d.entries, cs, disk, src.len())
+                            .or_else(|| directory_refusal(&e));
+                        if let Some(r) = r {
+                            refuse(problems, check_refusal, strict, r)?;
+                        }
+                    }
+                    Some(Err(e))
+                }
+                None => Some(Ok(d.entries)),
+            }
+        }
+    };
     let Some(Ok(list)) = &bitmaps else {
         return Ok((bitmaps, BitmapTables::default()));
     };
@@ -381,20 +436,10 @@ pub(super) fn read_bitmaps(
     if h.autoclear_features & header::AUTOCLEAR_BITMAPS == 0 {
         return Ok((bitmaps, tables));
     }
-    // QEMU's disk length is in whole sectors.
-    let disk = h.size & !511;
     // Every entry is checked before any table is loaded.
-    for (i, b) in list.iter().enumerate() {
-        if let Some(p) = b.problem(cs, disk) {
-            let e = Error::Invalid {
-                kind: CorruptKind::BitmapDirectoryEntry,
-                what: format!("bitmap directory entry {i} '{}'", b.name),
-                offset: b.entry_offset,
-                reason: format!("{} ({p})", p.qemu_message(&b.name)),
-            };
-            refuse(problems, check_refusal, strict, e)?;
-            return Ok((bitmaps, tables));
-        }
+    if let Some(e) = entry_refusal(list, cs, disk, src.len()) {
+        refuse(problems, check_refusal, strict, e)?;
+        return Ok((bitmaps, tables));
     }
     for (i, b) in list.iter().enumerate() {
         if b.flags & bitmap::FLAG_IN_USE != 0 {
