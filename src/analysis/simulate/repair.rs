@@ -59,7 +59,18 @@ impl Sim {
             return self.repair_pass(all, rebuilt, unreadable);
         }
         if let Some(l2) = Self::unreadable_l2(&report) {
-            return Err(Self::check_fails_at_l2(l2, all && !zero_fixes.is_empty()));
+            let mut fixed = false;
+            if all && !zero_fixes.is_empty() {
+                // check_refcounts_l2 fixed the unaligned zero clusters of
+                // the tables it read before the one whose read fails.
+                let before = self.l2_tables_read_before(l2);
+                for (at, message) in &zero_fixes {
+                    if before.contains(&HostOffset(at.saturating_sub(self.within(*at)))) {
+                        fixed |= self.fix_unaligned_zero_cluster(*at, message)?;
+                    }
+                }
+            }
+            return Err(Self::check_fails_at_l2(l2, fixed));
         }
         let table_eio = Self::bitmap_table_unreadable(&img, report.aborted.as_ref());
         if let Some(a) = &report.aborted {
@@ -449,6 +460,44 @@ impl Sim {
                     .checked_add(u64::from(b.table_size).saturating_mul(8))
                     .is_none_or(|end| end > BDRV_MAX_LENGTH)
             })
+    }
+
+    /// The L2 tables QEMU's check (`calculate_refcounts`) reads before its
+    /// first read of `failing`, which fails: those named by the active L1
+    /// table in order, then those of each snapshot's L1 table (but a table
+    /// it skips: not cluster aligned, or more entries than QEMU's limit).
+    /// All of them when `failing` is not known.
+    fn l2_tables_read_before(
+        &mut self,
+        failing: Option<HostOffset>,
+    ) -> std::collections::BTreeSet<HostOffset> {
+        let mut read = std::collections::BTreeSet::new();
+        let mut l1s: Vec<(HostOffset, u64)> = vec![(HostOffset(0), 0)];
+        l1s.extend(
+            self.snapshots
+                .iter()
+                .filter(|sn| {
+                    self.within(sn.l1_table_offset.get()) == 0
+                        && u64::from(sn.l1_size) <= crate::tables::MAX_L1_ENTRIES
+                })
+                .map(|sn| (sn.l1_table_offset, u64::from(sn.l1_size))),
+        );
+        for (n, (table, size)) in l1s.into_iter().enumerate() {
+            let entries: Vec<crate::tables::L1Entry> = if n == 0 {
+                self.l1.clone()
+            } else {
+                (0..size)
+                    .map(|i| crate::tables::L1Entry(self.read_u64(table.saturating_entry(i, 8))))
+                    .collect()
+            };
+            for l2 in entries.iter().filter_map(crate::tables::L1Entry::l2_offset) {
+                if Some(l2) == failing {
+                    return read;
+                }
+                read.insert(l2);
+            }
+        }
+        read
     }
 
     /// The L2 entry at host offset `at` becomes a plain zero cluster (with

@@ -90,18 +90,18 @@ impl Sim {
     /// How QEMU's check ends when a read of an L2 table fails: it stops
     /// counting the references there (`check_refcounts_l2` returns the
     /// error) and the check fails before it compares or repairs any
-    /// refcount. With `fixed_before` (`-r all` and unaligned zero clusters to
-    /// fix), it has already fixed those in the L2 tables it read before the
-    /// one that fails, which the simulation does not follow.
-    pub(super) fn check_fails_at_l2(l2: Option<HostOffset>, fixed_before: bool) -> SimError {
+    /// refcount (with `-r all`, the unaligned zero clusters of the tables it
+    /// read before are already fixed).
+    /// `fixed`: whether it fixed any.
+    pub(super) fn check_fails_at_l2(l2: Option<HostOffset>, fixed: bool) -> SimError {
         let at = l2.map_or(String::new(), |o| format!(" at {o:#x}"));
-        if fixed_before {
-            return SimError::NotModelled(format!(
-                "QEMU's check fails at the read of the L2 table{at} (ERROR: I/O error in check_refcounts_l2; Check failed: Input/output error), after it has turned the unaligned zero clusters of the L2 tables it read before that one into plain zero clusters"
-            ));
-        }
+        let left = if fixed {
+            "after the unaligned zero clusters of the L2 tables read before it became plain zero clusters; no refcount is repaired"
+        } else {
+            "nothing is repaired"
+        };
         SimError::Qemu(format!(
-            "ERROR: I/O error in check_refcounts_l2; Check failed: Input/output error (the read of the L2 table{at} fails; nothing is repaired)"
+            "ERROR: I/O error in check_refcounts_l2; Check failed: Input/output error (the read of the L2 table{at} fails; {left})"
         ))
     }
 
