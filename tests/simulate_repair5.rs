@@ -126,13 +126,19 @@ impl qinspect::io::Source for Failing {
 }
 
 /// `qemu-img check ARGS` on `image` in `dir` read through blkdebug: the
-/// first read after the open that touches host offset `at` fails with EIO
-/// (the rule is armed by the refcount table's load, at the open). Its exit
-/// code and stderr.
-fn qemu_check_failing(dir: &std::path::Path, image: &str, args: &[&str], at: u64) -> (i32, String) {
+/// first read that touches host offset `at` after blkdebug's `event` fails
+/// with EIO (`reftable_load`: the refcount table's load, at the open;
+/// `refblock_load`: the first refcount block's, when the check compares the
+/// refcounts). Its exit code and stderr.
+fn qemu_check_failing(
+    dir: &std::path::Path,
+    image: &str,
+    args: &[&str],
+    event: &str,
+    at: u64,
+) -> (i32, String) {
     let json = format!(
-        r#"json:{{"driver":"qcow2","file":{{"driver":"blkdebug","inject-error":[{{"event":"{}","errno":5,"once":true,"sector":{}}}],"image":{{"driver":"file","filename":"{image}"}}}}}}"#,
-        "reftable_load",
+        r#"json:{{"driver":"qcow2","file":{{"driver":"blkdebug","inject-error":[{{"event":"{event}","errno":5,"once":true,"sector":{}}}],"image":{{"driver":"file","filename":"{image}"}}}}}}"#,
         at / 512
     );
     let out = std::process::Command::new("qemu-img")
@@ -199,7 +205,8 @@ fn a_failing_l2_read_after_an_unaligned_zero_cluster_fails_as_qemu_fails() {
     for (all, arg) in [(true, "all"), (false, "leaks")] {
         let copy = format!("{arg}.qcow2");
         std::fs::write(w.path(&copy), &bytes).expect("copy");
-        let (code, err) = qemu_check_failing(w.dir.path(), &copy, &["-r", arg], 0x6_0000);
+        let (code, err) =
+            qemu_check_failing(w.dir.path(), &copy, &["-r", arg], "reftable_load", 0x6_0000);
         assert_eq!(code, 1, "-r {arg}: {err}");
         assert!(
             err.contains("ERROR: I/O error in check_refcounts_l2\n")
@@ -231,5 +238,72 @@ fn a_failing_l2_read_after_an_unaligned_zero_cluster_fails_as_qemu_fails() {
         let entry = |at: usize| u64::from_be_bytes(real[at..at + 8].try_into().unwrap());
         assert_eq!(entry(0x40008), if all { 1 } else { 0xa_0201 }, "-r {arg}");
         assert_eq!(entry(0x80008), 0xb_0201, "-r {arg}");
+    }
+}
+
+/// The COPIED check's read of the second active L2 table fails (blkdebug
+/// armed by the refcount comparison; [`Sim::fail_copied_read`] in the
+/// simulation), after the leak was repaired and the COPIED flags of the first
+/// table and of both L1 entries: those stay written, the second table's flag
+/// stays wrong, and the check fails, as qemu-img's does.
+#[test]
+fn a_failing_read_in_the_copied_check_fails_after_the_repairs_before_it() {
+    use qinspect::simulate::{Op, SimError};
+    use qinspect::types::HostOffset;
+    let w = Work::new();
+    w.qemu_img(&["create", "-q", "-f", "qcow2", "two.qcow2", "1G"]);
+    // L1 at 0x30000 names L2 tables at 0x40000 (guest 0, data at 0x50000)
+    // and 0x60000 (guest 512M, data at 0x70000).
+    w.qemu_io("two.qcow2", &["write -P 1 0 64k", "write -P 2 512M 64k"]);
+    // Every COPIED flag cleared, and cluster 7 leaked once.
+    poke(&w, "two.qcow2", 0x30000, 0x4_0000);
+    poke(&w, "two.qcow2", 0x30008, 0x6_0000);
+    poke(&w, "two.qcow2", 0x40000, 0x5_0000);
+    poke(&w, "two.qcow2", 0x60000, 0x7_0000);
+    w.set_refcount("two.qcow2", 7, 2);
+    let bytes = std::fs::read(w.path("two.qcow2")).expect("read the image");
+    for (all, arg) in [(true, "all"), (false, "leaks")] {
+        let copy = format!("{arg}.qcow2");
+        std::fs::write(w.path(&copy), &bytes).expect("copy");
+        let (code, err) =
+            qemu_check_failing(w.dir.path(), &copy, &["-r", arg], "refblock_load", 0x6_0000);
+        assert_eq!(code, 1, "-r {arg}: {err}");
+        assert!(
+            err.contains("Repairing cluster 7 refcount=2 reference=1\n")
+                && err.ends_with(
+                    "ERROR: Could not read L2 table: Input/output error\nqemu-img: Check failed: Input/output error\n"
+                ),
+            "-r {arg}: {err}"
+        );
+        let img = open_path(&w.path("two.qcow2")).expect("the image opens");
+        let mut sim = Sim::new(&img, &w.path("two.qcow2")).expect("the simulation starts");
+        sim.fail_copied_read(HostOffset(0x6_0000));
+        sim.apply(&Op::Repair { all });
+        let rec = &sim.records[0];
+        assert!(
+            matches!(&rec.cause, Some(SimError::Qemu(m))
+                if m.starts_with("ERROR: Could not read L2 table: Input/output error; Check failed: Input/output error (")
+                    && m.contains("at 0x60000")),
+            "-r {arg}: {:?}",
+            rec.cause
+        );
+        assert_eq!(refcounts(&sim, 0), [(7, 2, 1)], "-r {arg}");
+        let real = std::fs::read(w.path(&copy)).expect("read the copy");
+        assert_eq!(sim_bytes(&sim, &bytes), real, "-r {arg}: the files differ");
+        let entry = |at: usize| u64::from_be_bytes(real[at..at + 8].try_into().unwrap());
+        let copied = 1u64 << 63;
+        assert_eq!(
+            [0x30000, 0x30008, 0x40000, 0x60000].map(entry),
+            [
+                copied | 0x4_0000,
+                copied | 0x6_0000,
+                copied | 0x5_0000,
+                0x7_0000
+            ],
+            "-r {arg}"
+        );
+        // The failure lasts one check: the next one repairs the last flag.
+        sim.apply(&Op::Repair { all });
+        assert_eq!(sim.records[1].error, None, "-r {arg}");
     }
 }

@@ -20,7 +20,10 @@ use std::sync::Arc;
 impl Sim {
     /// `qemu-img check -r leaks` (`all == false`) or `-r all`.
     pub(super) fn repair(&mut self, all: bool) -> SimResult<()> {
-        self.repair_pass(all, false, false)
+        let r = self.repair_pass(all, false, false);
+        // A failing read asked for lasts one check.
+        self.copied_read_fails = None;
+        r
     }
 
     /// One pass of the check and repair; `rebuilt` once the refcount
@@ -122,6 +125,16 @@ impl Sim {
             }
         }
         let kept = report.findings.iter().find(|f| Self::left_as_is(f));
+        // An active L2 table the count did not read, and the COPIED check
+        // cannot: check_oflag_copied fails there.
+        if let Some(at) = report
+            .findings
+            .iter()
+            .find(|f| f.detail == crate::check::FindingDetail::CopiedL2TableUnreadable)
+            .and_then(|f| f.offset)
+        {
+            self.copied_read_fails.get_or_insert(at);
+        }
         self.refuse_unusual(&report, all)?;
         let Some(mut imrt) = report.imrt.clone() else {
             return Err(SimError::NotModelled(
@@ -187,6 +200,11 @@ impl Sim {
         // refcounts are now right (then the flags can be trusted to them).
         if all || !left_corrupt {
             self.repair_copied_after(&repaired, steps, freed)?;
+        } else if let Some(l2) = self.copied_read_fails.take() {
+            // check_oflag_copied reads the tables without repairing them.
+            if self.l1.iter().any(|e| e.l2_offset() == Some(l2)) {
+                return Err(Self::copied_read_failed(l2));
+            }
         }
         self.fix_snapshot_table(all, incomplete, &cut)?;
         if !left_corrupt {
