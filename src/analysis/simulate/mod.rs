@@ -68,8 +68,9 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-/// The largest file the simulator lets an image grow to (ext4's limit, 16 TiB).
-pub const MAX_FILE_LEN: u64 = 1 << 44;
+/// The largest file the simulator lets an image grow to (ext4's limit with
+/// 4 KiB blocks: 16 TiB less one block).
+pub const MAX_FILE_LEN: u64 = (1 << 44) - 4096;
 
 // The block layer's limit on any request: a read or write of the image file
 // that would end past it fails (EIO) before it reaches the file.

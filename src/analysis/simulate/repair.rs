@@ -44,6 +44,15 @@ impl Sim {
             )));
         }
         let cut = Self::cut_lines(&cut.unwrap_or_default());
+        // qcow2_check_refcounts counts at most INT_MAX clusters of the file
+        // (a file grown by this check is counted on).
+        let clusters = self.file_len.div_ceil(self.cs);
+        if !rebuilt && self.counted_before_growth.is_none() && clusters > i32::MAX as u64 {
+            return Err(SimError::Qemu(format!(
+                "Check failed: File too large (the file has {clusters} clusters, more than the {} QEMU's check counts; nothing is repaired)",
+                i32::MAX
+            )));
+        }
         let report = check(&img, &CheckOptions::default());
         // Unaligned zero clusters: QEMU's check_refcounts_l2 rewrites them as
         // plain zero clusters with -r all (before it counts them, so their
@@ -281,7 +290,7 @@ impl Sim {
         let mut left_corrupt = false;
         let mut still_broken = false;
         let mut repaired = Vec::new();
-        for c in 0..imrt.nb_clusters {
+        for c in self.compared_clusters(imrt) {
             let stored = self.get_refcount(c)?;
             let reference = imrt.get(c);
             if stored == reference {
