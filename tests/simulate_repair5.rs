@@ -307,3 +307,84 @@ fn a_failing_read_in_the_copied_check_fails_after_the_repairs_before_it() {
         assert_eq!(sim.records[1].error, None, "-r {arg}");
     }
 }
+
+/// The COPIED repair stopped by the overlap check (L1[0] names the L1
+/// table itself as its L2 table) after the refcount repair freed three
+/// leaks: QEMU's refcount block cache, which held those repairs, is never
+/// written, but each freed cluster was discarded in the file at once (it
+/// reads as zeros). The simulated file is QEMU's, byte for byte; also where
+/// a refcount rebuild (written to the file at once) came before.
+#[test]
+fn what_the_refcount_cache_leaves_when_the_copied_repair_is_stopped() {
+    let w = Work::new();
+    written(&w, "c.qcow2");
+    poke(&w, "c.qcow2", 0x30000, 0x8000_0000_0003_0000);
+    let (sim, real) = stopped_copied_repair(&w, "c.qcow2");
+    assert!(refcounts(&sim, 0).is_empty(), "{:?}", sim.records[0].steps);
+    // The freed clusters (the L2 table and both data clusters) read as
+    // zeros; their refcounts stay 1.
+    assert!(real[0x40000..0x70000].iter().all(|&b| b == 0));
+    assert_eq!(&real[0x20008..0x2000e], &[0, 1, 0, 1, 0, 1]);
+
+    // With a cluster in use whose refcount is 0, QEMU first rebuilds the
+    // refcount structure (written to the file at once), then frees the
+    // leaks, the old table and block among them, in its cache: the rebuilt
+    // structure stays, the leaks' refcounts do not, their clusters punched.
+    written(&w, "r.qcow2");
+    poke(&w, "r.qcow2", 0x30000, 0x8000_0000_0003_0000);
+    w.set_refcount("r.qcow2", 0, 0);
+    let (sim, _) = stopped_copied_repair(&w, "r.qcow2");
+    assert!(
+        reasons(&sim)
+            .iter()
+            .any(|r| r.contains("Rebuilding refcount structure")),
+        "{:?}",
+        reasons(&sim)
+    );
+}
+
+/// `qemu-img check -r all` on a copy of `image`, whose COPIED repair the
+/// overlap check stops, and the simulation of it, whose file must be
+/// QEMU's byte for byte: the simulation and QEMU's file.
+fn stopped_copied_repair(w: &Work, image: &str) -> (Sim, Vec<u8>) {
+    use qinspect::simulate::Op;
+    let bytes = std::fs::read(w.path(image)).expect("read the image");
+    let copy = format!("{image}.qemu");
+    std::fs::write(w.path(&copy), &bytes).expect("copy");
+    let out = std::process::Command::new("qemu-img")
+        .args(["check", "-r", "all", &copy])
+        .current_dir(w.dir.path())
+        .output()
+        .expect("qemu-img check");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{image}: {err}");
+    assert!(
+        err.contains("Preventing invalid write on metadata (overlaps with active L2 table)")
+            && err.ends_with("qemu-img: Check failed: Input/output error\n"),
+        "{image}: {err}"
+    );
+    let img = open_path(&w.path(image)).expect("the image opens");
+    let mut sim = Sim::new(&img, &w.path(image)).expect("the simulation starts");
+    sim.apply(&Op::Repair { all: true });
+    let e = sim.records[0].error.as_deref().unwrap_or_default();
+    assert!(e.contains("overlaps with active L2 table"), "{image}: {e}");
+    let real = std::fs::read(w.path(&copy)).expect("read the copy");
+    let simulated = sim_bytes(&sim, &bytes);
+    let first = simulated.iter().zip(&real).position(|(a, b)| a != b);
+    assert!(
+        first.is_none() && simulated.len() == real.len(),
+        "{image}: the files differ from {first:x?} ({} and {} bytes)\n{err}\n{:?}",
+        simulated.len(),
+        real.len(),
+        sim.records[0].steps
+    );
+    (sim, real)
+}
+
+fn reasons(sim: &Sim) -> Vec<String> {
+    sim.records[0]
+        .steps
+        .iter()
+        .map(|c| c.reason.clone())
+        .collect()
+}
