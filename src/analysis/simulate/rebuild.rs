@@ -262,7 +262,7 @@ impl Sim {
         }
         if clusters > i32::MAX as u64 {
             return Err(SimError::NotModelled(format!(
-                "a refcount block at {off:#x}, outside the image, makes QEMU grow the file to {end} bytes, {clusters} clusters: more than the {} clusters the check qemu-img runs again after the repair counts (File too large)",
+                "a refcount block at {off:#x}, outside the image, makes QEMU grow the file to {end} bytes, {clusters} clusters: more than the {} clusters QEMU's check counts (a check of such a file fails with File too large)",
                 i32::MAX
             )));
         }
