@@ -439,3 +439,68 @@ fn commands_on_an_image_whose_backing_file_is_gone() {
         "{text}"
     );
 }
+
+/// `qemu-img check` of an image whose backing chain loops (b names a, a
+/// names b): its read-only open goes round the loop, one layer deeper each
+/// time, until it runs out of file descriptors, and fails then with "Too many
+/// open files" (so a higher open-file limit means more layers in its message).
+/// qinspect's `check` says so, in text and JSON, with qemu-img's exit code.
+#[test]
+fn check_of_a_backing_loop_fails_at_the_open_file_limit() {
+    let w = Work::new();
+    w.qemu_img(&["create", "-q", "-f", "qcow2", "a.qcow2", "1M"]);
+    w.qemu_img(&[
+        "create", "-q", "-f", "qcow2", "-b", "a.qcow2", "-F", "qcow2", "b.qcow2",
+    ]);
+    w.qemu_img(&["rebase", "-u", "-b", "b.qcow2", "-F", "qcow2", "a.qcow2"]);
+    let layers = |limit: u32| {
+        let out = Command::new("sh")
+            .args([
+                "-c",
+                &format!("ulimit -n {limit} && exec timeout 60 qemu-img check b.qcow2"),
+            ])
+            .current_dir(w.dir.path())
+            .output()
+            .expect("qemu-img");
+        let err = String::from_utf8_lossy(&out.stderr).trim_end().to_string();
+        assert_eq!(out.status.code(), Some(1), "limit {limit}: {err}");
+        let rest = err
+            .strip_prefix("qemu-img: Could not open 'b.qcow2': ")
+            .unwrap_or_else(|| panic!("limit {limit}: {err}"));
+        assert!(
+            rest.ends_with(": Too many open files"),
+            "limit {limit}: {err}"
+        );
+        (
+            out.status.code(),
+            rest.matches("Could not open backing file: ").count(),
+        )
+    };
+    let (code, few) = layers(128);
+    let (_, more) = layers(256);
+    assert!(few > 10 && more > few, "{few} layers, then {more}");
+
+    let out = w.qinspect(&["check", "b.qcow2"]);
+    assert_eq!(out.status.code(), code);
+    let text = String::from_utf8_lossy(&out.stdout);
+    let first = text.lines().next().unwrap_or_default();
+    assert!(
+        first.starts_with(
+            "qemu-img check fails: qemu-img's read-only open of 'b.qcow2' follows the backing loop"
+        ) && first.contains("b.qcow2 -> a.qcow2 -> b.qcow2")
+            && first.contains("until it runs out of file descriptors")
+            && first.contains("\"Too many open files\"")
+            && !first.contains("without checking it:"),
+        "{text}"
+    );
+    let out = w.qinspect(&["check", "--json", "b.qcow2"]);
+    assert_eq!(out.status.code(), code);
+    let v = Work::json(&out.stdout);
+    let why = v["qemu-refuses-to-open"].as_str().unwrap_or_default();
+    assert!(first.ends_with(why) && !why.is_empty(), "{v}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        err.trim_end(),
+        format!("qinspect: qemu-img check fails: {why}")
+    );
+}

@@ -138,24 +138,23 @@ pub fn open_refusal(path: &Path, img: &Qcow2) -> Option<Refusal> {
         ..Default::default()
     };
     match Chain::open_detailed(path, &opts) {
-        // (qemu-img check's open is read-only: a loop it does not leave is
-        // no failure in its words.)
-        Err(failure) => Some(
-            match failure
-                .qemu_reason()
-                .filter(|_| !failure.read_only_open_loops())
-            {
-                Some(reason) => Refusal::Backing {
-                    path: path.to_path_buf(),
-                    failure,
-                    reason,
-                },
-                None => Refusal::Chain {
-                    path: path.to_path_buf(),
-                    error: failure.error,
-                },
+        // qemu-img check's open is read-only: it goes round the loop until
+        // it runs out of file descriptors.
+        Err(failure) if failure.read_only_open_loops() => Some(Refusal::BackingLoop {
+            path: path.to_path_buf(),
+            error: failure.error,
+        }),
+        Err(failure) => Some(match failure.qemu_reason() {
+            Some(reason) => Refusal::Backing {
+                path: path.to_path_buf(),
+                failure,
+                reason,
             },
-        ),
+            None => Refusal::Chain {
+                path: path.to_path_buf(),
+                error: failure.error,
+            },
+        }),
         // A data file found only next to the image: QEMU would not find it.
         Ok(chain) => chain.notes.first().cloned().map(Refusal::DataFileElsewhere),
     }
@@ -210,12 +209,18 @@ fn print_readable(r: &CheckReport) -> color_eyre::Result<()> {
     for w in &r.warnings {
         writeln!(out, "{bad}warning:{bad:#} {w}")?;
     }
-    if let Some(why) = &r.qemu_refuses {
-        writeln!(
+    match &r.qemu_refuses {
+        Some(why @ Refusal::BackingLoop { .. }) => writeln!(
+            out,
+            "{bad}qemu-img check fails:{bad:#} {why}\n\
+             What qinspect could read anyway, counted as qemu-img check would count it:\n"
+        )?,
+        Some(why) => writeln!(
             out,
             "{bad}qemu-img check fails:{bad:#} it cannot open this image, and exits 1 without checking it: {why}\n\
              What qinspect could read anyway, counted as qemu-img check would count it:\n"
-        )?;
+        )?,
+        None => {}
     }
     // qemu-img's summary.
     if r.corruptions == 0 && r.leaks == 0 && r.check_errors == 0 {

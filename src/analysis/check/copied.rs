@@ -77,13 +77,15 @@ impl<'a> Copied<'a> {
         match buf {
             Some(b) => l2_half(self, l2, *w, l1s, b),
             None => {
-                self.walk.find(
+                if let Some(f) = self.walk.find(
                     FindingKind::CheckError,
                     Category::Io,
                     FindingDetail::CopiedL2TableUnreadable,
                     "ERROR: Could not read L2 table".into(),
                     1,
-                );
+                ) {
+                    f.offset = Some(l2);
+                }
                 self.stopped = true;
             }
         }

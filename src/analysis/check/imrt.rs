@@ -110,6 +110,22 @@ impl Imrt {
         }
     }
 
+    /// The ranges `start..end` of clusters, in order and within
+    /// `nb_clusters`, whose counts may be other than 0: every other
+    /// cluster's is 0.
+    pub fn counted_ranges(&self) -> Vec<(u64, u64)> {
+        self.chunks
+            .iter()
+            .enumerate()
+            .filter(|(_, ch)| ch.is_some())
+            .map(|(i, _)| {
+                let start = (i as u64) << CHUNK_BITS;
+                (start, start.saturating_add(CHUNK).min(self.nb_clusters))
+            })
+            .filter(|(start, end)| start < end)
+            .collect()
+    }
+
     /// Computed references of a cluster.
     pub fn get(&self, c: u64) -> u64 {
         self.chunk(c)

@@ -37,6 +37,21 @@ pub enum Refusal {
         /// Why the chain does not open.
         error: Error,
     },
+    /// The chain loops below the image. QEMU's read-only open does not notice:
+    /// it opens the same files again, one backing layer deeper each time,
+    /// until the process runs out of file descriptors; `qemu-img check` then
+    /// fails with "Too many open files". How long that takes (and how much
+    /// memory it holds by then) grows with the open-file limit.
+    #[error(
+        "qemu-img's read-only open of '{}' follows the backing loop without noticing it ({error}), opening the same files again, one layer deeper each time, until it runs out of file descriptors: it then exits 1 without checking the image, saying \"Could not open backing file: \" once per layer and \"Too many open files\" (the higher the open-file limit, ulimit -n, the longer that takes and the more memory it holds)",
+        path.display()
+    )]
+    BackingLoop {
+        /// The image, as named on the command line.
+        path: PathBuf,
+        /// qinspect's own error for the loop (the files it goes through).
+        error: Error,
+    },
     /// QEMU's open of the backing chain fails (a backing file missing, a
     /// directory, a loop, an image its driver refuses): QEMU's own words.
     #[error("Could not open '{}': {reason}", path.display())]
@@ -124,6 +139,7 @@ impl Refusal {
         match self {
             Refusal::Open(e)
             | Refusal::Chain { error: e, .. }
+            | Refusal::BackingLoop { error: e, .. }
             | Refusal::SnapshotTable(e)
             | Refusal::BitmapDirectory { error: e, .. }
             | Refusal::BitmapTable { error: e, .. }

@@ -17,6 +17,26 @@ use crate::types::HostOffset;
 const CHECK_FAILED: &str = "Check failed: Input/output error (";
 
 impl Sim {
+    /// Make the read of the active L2 table at `l2` in the COPIED check
+    /// (`check_oflag_copied`) of the next repair (`qemu-img check -r`, or
+    /// the one QEMU runs when it opens a dirty image) fail with EIO, once,
+    /// after the references were counted (that read of the table succeeds)
+    /// and the refcounts repaired: what blkdebug's `inject-error` at the
+    /// table's sector does when the `refblock_load` event of the refcount
+    /// comparison arms it. The check fails there; what it repaired before
+    /// stays.
+    pub fn fail_copied_read(&mut self, l2: HostOffset) {
+        self.copied_read_fails = Some(l2);
+    }
+
+    /// How the check ends when its COPIED check cannot read the active L2
+    /// table at `l2`.
+    pub(super) fn copied_read_failed(l2: HostOffset) -> SimError {
+        SimError::Qemu(format!(
+            "ERROR: Could not read L2 table: Input/output error; {CHECK_FAILED}the COPIED check's read of the active L2 table at {l2:#x} fails; what was repaired before it stays)"
+        ))
+    }
+
     /// [`Sim::repair_copied`] after `compare_refcounts` repaired `repaired`
     /// (each cluster with the refcount it had; the records before it were
     /// `steps`, and `freed` clusters were freed before it).
@@ -28,7 +48,8 @@ impl Sim {
     ) -> SimResult<()> {
         // Only a stop of the COPIED repair's own counts.
         self.overlap_stop = None;
-        let r = self.repair_copied();
+        let failing = self.copied_read_fails.take();
+        let r = self.repair_copied(failing);
         if r.is_err() && self.stopped_by_overlap() {
             self.drop_cached_refcounts(repaired, steps, freed)?;
         }
@@ -107,8 +128,10 @@ impl Sim {
     }
 
     /// `check_oflag_copied` with `BDRV_FIX_ERRORS`: COPIED on exactly the
-    /// active entries whose cluster has refcount 1.
-    fn repair_copied(&mut self) -> SimResult<()> {
+    /// active entries whose cluster has refcount 1, up to the L2 table
+    /// whose read fails (`failing`, after its L1 entry), where the check
+    /// fails.
+    fn repair_copied(&mut self, failing: Option<HostOffset>) -> SimResult<()> {
         let l1_off = self.l1_table_offset;
         for i in 0..self.l1.len() as u64 {
             let e = self.l1.get(i as usize).copied().unwrap_or_default();
@@ -142,6 +165,9 @@ impl Sim {
                 if let Some(slot) = self.l1.get_mut(i as usize) {
                     *slot = want;
                 }
+            }
+            if failing == Some(l2) {
+                return Err(Self::copied_read_failed(l2));
             }
             for j in 0..self.geo.l2_entries() {
                 let (raw, bm) = self.l2_entry_at(l2, j);

@@ -68,8 +68,9 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-/// The largest file the simulator lets an image grow to (ext4's limit, 16 TiB).
-pub const MAX_FILE_LEN: u64 = 1 << 44;
+/// The largest file the simulator lets an image grow to (ext4's limit with
+/// 4 KiB blocks: 16 TiB less one block).
+pub const MAX_FILE_LEN: u64 = (1 << 44) - 4096;
 
 // The block layer's limit on any request: a read or write of the image file
 // that would end past it fails (EIO) before it reaches the file.
@@ -194,6 +195,9 @@ pub struct Sim {
     /// The metadata structure the overlap check last kept a write off in
     /// this operation (the write failed, the image marked corrupt).
     overlap_stop: Option<overlap::Meta>,
+    /// The active L2 table whose read in the next check's COPIED check
+    /// fails ([`Sim::fail_copied_read`]).
+    copied_read_fails: Option<HostOffset>,
     /// Set by a check pass that grew the file for refcount blocks past its
     /// end, for the pass after it: what that pass counted, the file's
     /// clusters before it grew, and the blocks' clusters (QEMU goes on with
@@ -329,6 +333,7 @@ impl Sim {
             unstored_features: 0,
             overlap_memo: Default::default(),
             overlap_stop: None,
+            copied_read_fails: None,
             counted_before_growth: None,
             data: Default::default(),
             base: img.src.clone(),

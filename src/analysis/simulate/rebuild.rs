@@ -22,24 +22,35 @@
 //!
 //! The old table and blocks were counted as in use, so nothing new lands on
 //! them; the check that follows finds them leaked and lowers them to 0.
+//!
+//! The counts are held for the clusters that have one only, and the walks
+//! jump from one to the next: a file grown to terabytes for a refcount block
+//! far past its end costs what its clusters in use cost.
 
 use super::change::Target;
 use super::{Sim, SimError, SimResult};
 use crate::header::Field;
 use crate::refcount::set_refcount;
 use crate::types::HostOffset;
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
-/// The most clusters a file grown for a refcount block outside it may have
-/// for the simulator to follow the check over it (2^24: 1 TiB of 64 KiB
-/// clusters).
-const MAX_GROWN_CLUSTERS: u64 = 1 << 24;
+/// The most memory QEMU's in-memory refcount array (one refcount of the
+/// image's width per cluster of the grown file, in whole clusters) may take
+/// for the simulator to say what QEMU does (2 GiB: every file of 64 KiB
+/// clusters ext4 holds). QEMU asks for it at once (`g_try_realloc`, then
+/// zeroed); whether it gets more depends on the machine it runs on: it fails
+/// with "Cannot allocate memory" where the allocator refuses.
+const MAX_QEMU_ARRAY_BYTES: u64 = 1 << 31;
 
 /// The in-memory reference counts and the new refcount table being built.
 struct Rebuild {
-    /// References per cluster (QEMU's in-memory refcount table); grows when
-    /// an allocation goes past the end.
-    refs: Vec<u64>,
+    /// References per cluster (QEMU's in-memory refcount table), the
+    /// clusters with a count other than 0 only.
+    refs: BTreeMap<u64, u64>,
+    /// How many clusters QEMU's table covers: it grows when an allocation
+    /// goes past its end.
+    len: u64,
     /// New refcount table: host offset of each block, 0 for none.
     reftable: Vec<u64>,
     /// log2 of the refcount entries per block.
@@ -50,15 +61,16 @@ struct Rebuild {
 
 impl Rebuild {
     fn get(&self, c: u64) -> u64 {
-        usize::try_from(c)
-            .ok()
-            .and_then(|i| self.refs.get(i))
-            .copied()
-            .unwrap_or(0)
+        self.refs.get(&c).copied().unwrap_or(0)
     }
 
     fn len(&self) -> u64 {
-        self.refs.len() as u64
+        self.len
+    }
+
+    /// The first cluster from `c` with a count, if any.
+    fn next_used(&self, c: u64) -> Option<u64> {
+        self.refs.range(c..).next().map(|(&k, _)| k)
     }
 
     /// QEMU's `alloc_clusters_imrt`: `count` contiguous clusters free in the
@@ -71,33 +83,36 @@ impl Rebuild {
         let mut first_gap = true;
         while cluster < self.len() && run < count {
             if self.get(cluster) == 0 {
-                run = run.saturating_add(1);
                 if first_gap {
                     *first_free = cluster;
                     first_gap = false;
                 }
+                // Every cluster up to the next one counted is free.
+                let free = self
+                    .next_used(cluster)
+                    .unwrap_or(self.len)
+                    .min(self.len)
+                    .saturating_sub(cluster);
+                let take = free.min(count.saturating_sub(run));
+                run = run.saturating_add(take);
+                cluster = cluster.saturating_add(take);
             } else {
                 run = 0;
+                cluster = cluster.saturating_add(1);
             }
-            cluster = cluster.saturating_add(1);
         }
         if run < count {
             let want = cluster.saturating_add(count).saturating_sub(run);
-            let want = usize::try_from(want)
-                .ok()
-                .filter(|&w| w <= (1usize << 40))
-                .ok_or_else(|| {
-                    SimError::Qemu(
-                        "Cannot allocate memory (the rebuilt refcount table would be too large) (ENOMEM)".into(),
-                    )
-                })?;
-            self.refs.resize(want, 0);
+            if want > 1 << 40 {
+                return Err(SimError::Qemu(
+                    "Cannot allocate memory (the rebuilt refcount table would be too large) (ENOMEM)".into(),
+                ));
+            }
+            self.len = want;
         }
         let start = cluster.saturating_sub(run);
         for c in start..start.saturating_add(count) {
-            if let Some(r) = usize::try_from(c).ok().and_then(|i| self.refs.get_mut(i)) {
-                *r = 1;
-            }
+            self.refs.insert(c, 1);
         }
         Ok(start)
     }
@@ -113,7 +128,7 @@ impl Sim {
     pub(super) fn needs_rebuild(&mut self, imrt: &crate::check::Imrt) -> SimResult<(bool, bool)> {
         let mut zero_in_use = false;
         let mut unreadable = false;
-        for c in 0..imrt.nb_clusters {
+        for c in self.compared_clusters(imrt) {
             match self.get_refcount(c) {
                 Ok(stored) => zero_in_use |= stored == 0 && imrt.get(c) != 0,
                 Err(e) => {
@@ -135,6 +150,36 @@ impl Sim {
             }
         }
         Ok((zero_in_use, unreadable))
+    }
+
+    /// The clusters `compare_refcounts` can find a difference at, in
+    /// order: those below the count's `nb_clusters` that the count touched
+    /// or that a refcount table entry names a block for. Every other
+    /// cluster's stored refcount and count are both 0, so a file grown far
+    /// for a refcount block is not walked cluster by cluster.
+    pub(super) fn compared_clusters(
+        &mut self,
+        imrt: &crate::check::Imrt,
+    ) -> impl Iterator<Item = u64> + use<> {
+        let nb = imrt.nb_clusters;
+        let bb = self.block_bits();
+        let mut ranges = imrt.counted_ranges();
+        for ti in 0..self.reftable_len() {
+            if self.read_u64(self.reftable_entry_offset(ti)) != 0 {
+                let start = ti.checked_shl(bb).unwrap_or(u64::MAX);
+                let end = ti.saturating_add(1).checked_shl(bb).unwrap_or(u64::MAX);
+                ranges.push((start.min(nb), end.min(nb)));
+            }
+        }
+        ranges.sort_unstable();
+        let mut merged: Vec<(u64, u64)> = Vec::new();
+        for (start, end) in ranges {
+            match merged.last_mut() {
+                Some(last) if start <= last.1 => last.1 = last.1.max(end),
+                _ => merged.push((start, end)),
+            }
+        }
+        merged.into_iter().flat_map(|(start, end)| start..end)
     }
 
     /// [`Sim::grow_for_refblock`] for each block at `offsets`: whether the
@@ -163,7 +208,22 @@ impl Sim {
     ) -> crate::check::Imrt {
         let (first, from, blocks) = before;
         let mut imrt = now.clone();
-        for c in from..now.nb_clusters {
+        // Only where either count, or a block, can be other than 0.
+        let mut at: Vec<u64> = now
+            .counted_ranges()
+            .into_iter()
+            .chain(first.counted_ranges())
+            .flat_map(|(start, end)| start.max(from)..end.min(now.nb_clusters))
+            .chain(
+                blocks
+                    .iter()
+                    .copied()
+                    .filter(|&b| b >= from && b < now.nb_clusters),
+            )
+            .collect();
+        at.sort_unstable();
+        at.dedup();
+        for c in at {
             let n = blocks.iter().filter(|&&b| b == c).count() as u64;
             imrt.set(c, first.get(c).saturating_add(n));
         }
@@ -188,11 +248,22 @@ impl Sim {
             return Ok(false);
         }
         // QEMU then holds a refcount for every cluster of the grown file in
-        // memory, and walks them all.
+        // memory (realloc_refcount_array), and walks them all.
         let clusters = end.div_ceil(self.cs);
-        if clusters > MAX_GROWN_CLUSTERS {
+        let array = clusters
+            .saturating_mul(1u64 << self.order)
+            .div_ceil(8)
+            .div_ceil(self.cs)
+            .saturating_mul(self.cs);
+        if array > MAX_QEMU_ARRAY_BYTES {
             return Err(SimError::NotModelled(format!(
-                "a refcount block at {off:#x}, outside the image, makes QEMU grow the file to {end} bytes and count references for its {clusters} clusters in memory; qinspect does not follow a walk over more than {MAX_GROWN_CLUSTERS} clusters"
+                "a refcount block at {off:#x}, outside the image, makes QEMU grow the file to {end} bytes and hold a refcount for each of its {clusters} clusters in memory, {array} bytes asked for at once: whether it gets them or fails with Cannot allocate memory depends on the machine (qinspect follows it up to {MAX_QEMU_ARRAY_BYTES} bytes)"
+            )));
+        }
+        if clusters > i32::MAX as u64 {
+            return Err(SimError::NotModelled(format!(
+                "a refcount block at {off:#x}, outside the image, makes QEMU grow the file to {end} bytes, {clusters} clusters: more than the {} clusters QEMU's check counts (a check of such a file fails with File too large)",
+                i32::MAX
             )));
         }
         self.note(format!(
@@ -214,12 +285,18 @@ impl Sim {
         self.note(format!(
             "{why}: QEMU rebuilds the whole refcount structure (Rebuilding refcount structure)"
         ));
-        let mut refs = Vec::new();
-        for c in 0..imrt.nb_clusters {
-            refs.push(imrt.get(c));
+        let mut refs = BTreeMap::new();
+        for (start, end) in imrt.counted_ranges() {
+            for c in start..end {
+                let r = imrt.get(c);
+                if r != 0 {
+                    refs.insert(c, r);
+                }
+            }
         }
         let mut rb = Rebuild {
             refs,
+            len: imrt.nb_clusters,
             reftable: Vec::new(),
             block_bits: self.block_bits(),
             cs: self.cs,
@@ -289,9 +366,10 @@ impl Sim {
         let mut grown = false;
         let mut cluster = first;
         while cluster < end {
-            if rb.get(cluster) == 0 {
-                cluster = cluster.saturating_add(1);
-                continue;
+            // The next cluster with a count (every one between is free).
+            match rb.next_used(cluster) {
+                Some(c) if c < end => cluster = c,
+                _ => break,
             }
             let index = cluster >> rb.block_bits;
             let start = index << rb.block_bits;
@@ -347,11 +425,8 @@ impl Sim {
                 off
             };
             let mut buf = vec![0u8; usize::try_from(rb.cs).unwrap_or(0)];
-            for i in 0..per_block {
-                let r = rb.get(start.saturating_add(i));
-                if r != 0 {
-                    set_refcount(&mut buf, self.order, i, r);
-                }
+            for (&c, &r) in rb.refs.range(start..start.saturating_add(per_block)) {
+                set_refcount(&mut buf, self.order, c.saturating_sub(start), r);
             }
             self.write_bytes(block, &buf)?;
             cluster = start.saturating_add(per_block);

@@ -20,7 +20,10 @@ use std::sync::Arc;
 impl Sim {
     /// `qemu-img check -r leaks` (`all == false`) or `-r all`.
     pub(super) fn repair(&mut self, all: bool) -> SimResult<()> {
-        self.repair_pass(all, false, false)
+        let r = self.repair_pass(all, false, false);
+        // A failing read asked for lasts one check.
+        self.copied_read_fails = None;
+        r
     }
 
     /// One pass of the check and repair; `rebuilt` once the refcount
@@ -41,6 +44,15 @@ impl Sim {
             )));
         }
         let cut = Self::cut_lines(&cut.unwrap_or_default());
+        // qcow2_check_refcounts counts at most INT_MAX clusters of the file
+        // (a file grown by this check is counted on).
+        let clusters = self.file_len.div_ceil(self.cs);
+        if !rebuilt && self.counted_before_growth.is_none() && clusters > i32::MAX as u64 {
+            return Err(SimError::Qemu(format!(
+                "Check failed: File too large (the file has {clusters} clusters, more than the {} QEMU's check counts; nothing is repaired)",
+                i32::MAX
+            )));
+        }
         let report = check(&img, &CheckOptions::default());
         // Unaligned zero clusters: QEMU's check_refcounts_l2 rewrites them as
         // plain zero clusters with -r all (before it counts them, so their
@@ -59,7 +71,18 @@ impl Sim {
             return self.repair_pass(all, rebuilt, unreadable);
         }
         if let Some(l2) = Self::unreadable_l2(&report) {
-            return Err(Self::check_fails_at_l2(l2, all && !zero_fixes.is_empty()));
+            let mut fixed = false;
+            if all && !zero_fixes.is_empty() {
+                // check_refcounts_l2 fixed the unaligned zero clusters of
+                // the tables it read before the one whose read fails.
+                let before = self.l2_tables_read_before(l2);
+                for (at, message) in &zero_fixes {
+                    if before.contains(&HostOffset(at.saturating_sub(self.within(*at)))) {
+                        fixed |= self.fix_unaligned_zero_cluster(*at, message)?;
+                    }
+                }
+            }
+            return Err(Self::check_fails_at_l2(l2, fixed));
         }
         let table_eio = Self::bitmap_table_unreadable(&img, report.aborted.as_ref());
         if let Some(a) = &report.aborted {
@@ -111,6 +134,16 @@ impl Sim {
             }
         }
         let kept = report.findings.iter().find(|f| Self::left_as_is(f));
+        // An active L2 table the count did not read, and the COPIED check
+        // cannot: check_oflag_copied fails there.
+        if let Some(at) = report
+            .findings
+            .iter()
+            .find(|f| f.detail == crate::check::FindingDetail::CopiedL2TableUnreadable)
+            .and_then(|f| f.offset)
+        {
+            self.copied_read_fails.get_or_insert(at);
+        }
         self.refuse_unusual(&report, all)?;
         let Some(mut imrt) = report.imrt.clone() else {
             return Err(SimError::NotModelled(
@@ -176,6 +209,11 @@ impl Sim {
         // refcounts are now right (then the flags can be trusted to them).
         if all || !left_corrupt {
             self.repair_copied_after(&repaired, steps, freed)?;
+        } else if let Some(l2) = self.copied_read_fails.take() {
+            // check_oflag_copied reads the tables without repairing them.
+            if self.l1.iter().any(|e| e.l2_offset() == Some(l2)) {
+                return Err(Self::copied_read_failed(l2));
+            }
         }
         self.fix_snapshot_table(all, incomplete, &cut)?;
         if !left_corrupt {
@@ -252,7 +290,7 @@ impl Sim {
         let mut left_corrupt = false;
         let mut still_broken = false;
         let mut repaired = Vec::new();
-        for c in 0..imrt.nb_clusters {
+        for c in self.compared_clusters(imrt) {
             let stored = self.get_refcount(c)?;
             let reference = imrt.get(c);
             if stored == reference {
@@ -449,6 +487,44 @@ impl Sim {
                     .checked_add(u64::from(b.table_size).saturating_mul(8))
                     .is_none_or(|end| end > BDRV_MAX_LENGTH)
             })
+    }
+
+    /// The L2 tables QEMU's check (`calculate_refcounts`) reads before its
+    /// first read of `failing`, which fails: those named by the active L1
+    /// table in order, then those of each snapshot's L1 table (but a table
+    /// it skips: not cluster aligned, or more entries than QEMU's limit).
+    /// All of them when `failing` is not known.
+    fn l2_tables_read_before(
+        &mut self,
+        failing: Option<HostOffset>,
+    ) -> std::collections::BTreeSet<HostOffset> {
+        let mut read = std::collections::BTreeSet::new();
+        let mut l1s: Vec<(HostOffset, u64)> = vec![(HostOffset(0), 0)];
+        l1s.extend(
+            self.snapshots
+                .iter()
+                .filter(|sn| {
+                    self.within(sn.l1_table_offset.get()) == 0
+                        && u64::from(sn.l1_size) <= crate::tables::MAX_L1_ENTRIES
+                })
+                .map(|sn| (sn.l1_table_offset, u64::from(sn.l1_size))),
+        );
+        for (n, (table, size)) in l1s.into_iter().enumerate() {
+            let entries: Vec<crate::tables::L1Entry> = if n == 0 {
+                self.l1.clone()
+            } else {
+                (0..size)
+                    .map(|i| crate::tables::L1Entry(self.read_u64(table.saturating_entry(i, 8))))
+                    .collect()
+            };
+            for l2 in entries.iter().filter_map(crate::tables::L1Entry::l2_offset) {
+                if Some(l2) == failing {
+                    return read;
+                }
+                read.insert(l2);
+            }
+        }
+        read
     }
 
     /// The L2 entry at host offset `at` becomes a plain zero cluster (with

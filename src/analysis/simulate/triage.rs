@@ -10,7 +10,8 @@ use crate::types::HostOffset;
 
 impl Sim {
     /// Refuse, as not simulated, a finding QEMU's repair would do more about
-    /// than fix refcounts, COPIED flags and unaligned zero clusters; say first
+    /// than fix refcounts, COPIED flags and unaligned zero clusters (or fail
+    /// at an L2 table its COPIED check cannot read); say first
     /// which corruptions it leaves as they are.
     pub(super) fn refuse_unusual(&mut self, report: &CheckReport, all: bool) -> SimResult<()> {
         let unusual = report
@@ -20,12 +21,6 @@ impl Sim {
         self.note_kept(report, all);
         match unusual {
             None => Ok(()),
-            Some(f) if f.detail == FindingDetail::CopiedL2TableUnreadable => {
-                Err(SimError::NotModelled(format!(
-                    "QEMU repairs the refcounts, then its COPIED check fails at the read of an active L2 table (ERROR: Could not read L2 table: Input/output error; Check failed: Input/output error), leaving the COPIED flags as they are and the image not marked clean: {}",
-                    f.message
-                )))
-            }
             Some(f) => Err(SimError::NotModelled(format!(
                 "QEMU's repair of this would do more than fix refcounts, COPIED flags and unaligned zero clusters: {}",
                 f.message
@@ -50,7 +45,8 @@ impl Sim {
             | D::CopiedL2
             | D::CompressedCopied
             | D::UnalignedZeroCluster
-            | D::SnapshotExtraIncomplete => true,
+            | D::SnapshotExtraIncomplete
+            | D::CopiedL2TableUnreadable => true,
             D::L1ReservedBits
             | D::L2ReservedBits
             | D::SubclustersContradict
@@ -72,8 +68,7 @@ impl Sim {
             | D::BitmapDirectory
             | D::BitmapTable
             | D::BitmapTableEntry
-            | D::L2TableUnreadable
-            | D::CopiedL2TableUnreadable => false,
+            | D::L2TableUnreadable => false,
         }
     }
 
@@ -90,18 +85,18 @@ impl Sim {
     /// How QEMU's check ends when a read of an L2 table fails: it stops
     /// counting the references there (`check_refcounts_l2` returns the
     /// error) and the check fails before it compares or repairs any
-    /// refcount. With `fixed_before` (`-r all` and unaligned zero clusters to
-    /// fix), it has already fixed those in the L2 tables it read before the
-    /// one that fails, which the simulation does not follow.
-    pub(super) fn check_fails_at_l2(l2: Option<HostOffset>, fixed_before: bool) -> SimError {
+    /// refcount (with `-r all`, the unaligned zero clusters of the tables it
+    /// read before are already fixed).
+    /// `fixed`: whether it fixed any.
+    pub(super) fn check_fails_at_l2(l2: Option<HostOffset>, fixed: bool) -> SimError {
         let at = l2.map_or(String::new(), |o| format!(" at {o:#x}"));
-        if fixed_before {
-            return SimError::NotModelled(format!(
-                "QEMU's check fails at the read of the L2 table{at} (ERROR: I/O error in check_refcounts_l2; Check failed: Input/output error), after it has turned the unaligned zero clusters of the L2 tables it read before that one into plain zero clusters"
-            ));
-        }
+        let left = if fixed {
+            "after the unaligned zero clusters of the L2 tables read before it became plain zero clusters; no refcount is repaired"
+        } else {
+            "nothing is repaired"
+        };
         SimError::Qemu(format!(
-            "ERROR: I/O error in check_refcounts_l2; Check failed: Input/output error (the read of the L2 table{at} fails; nothing is repaired)"
+            "ERROR: I/O error in check_refcounts_l2; Check failed: Input/output error (the read of the L2 table{at} fails; {left})"
         ))
     }
 
