@@ -200,6 +200,9 @@ pub struct Sim {
     /// clusters before it grew, and the blocks' clusters (QEMU goes on with
     /// those counts: `counts_before_growth` in `rebuild.rs`).
     counted_before_growth: Option<(Arc<crate::check::Imrt>, u64, Vec<u64>)>,
+    /// What of this operation's metadata changes QEMU's caches would still
+    /// hold (lost when it meets an invalid L2 entry).
+    unflushed: invalid::Unflushed,
 }
 
 /// Why a simulated operation fails (or would go where the simulator does not
@@ -331,6 +334,7 @@ impl Sim {
             overlap_memo: Default::default(),
             overlap_stop: None,
             counted_before_growth: None,
+            unflushed: Default::default(),
             data: Default::default(),
             base: img.src.clone(),
             path: path.to_path_buf(),
@@ -386,6 +390,7 @@ impl Sim {
         }
         let features = self.header_field(crate::header::Field::IncompatibleFeatures);
         let checking = matches!(op, Op::Repair { .. });
+        self.begin_cache_log(op, features);
         let r = if let Some(m) = &self.open_fails {
             // qemu-img and qemu-io (check included) stop at the open.
             Err(SimError::Qemu(backing::open_words(op, &self.path, m)))
