@@ -353,7 +353,8 @@ fn a_write_zeroes_at_the_end_of_a_disk_of_odd_size_over_a_contradictory_entry() 
     // contradictory. The whole rest of the disk is zeroed as a cluster; a
     // request past 1M+1024 is refused; a partial subcluster asks block
     // status, and marking the image corrupt writes the header with QEMU's
-    // size.
+    // size. A write, discard or copy-on-read past 1M+1024 is refused as
+    // well, before it looks at the entry.
     let make = |w: &Work, image: &str| {
         w.qemu_img(&[
             "create",
@@ -375,6 +376,10 @@ fn a_write_zeroes_at_the_end_of_a_disk_of_odd_size_over_a_contradictory_entry() 
         ("write-zeroes:1048576:1024:unmap", false, false),
         ("write-zeroes:1048576:1324", true, false),
         ("write-zeroes:1049088:812", true, false),
+        ("write:1048576:1324", true, false),
+        ("discard:1048576:1324", true, false),
+        ("read:1048576:1324", true, false),
+        ("discard:1048576:1024", false, false),
         ("write-zeroes:1048576:512", true, true),
         ("write-zeroes:1049088:512", true, true),
     ]

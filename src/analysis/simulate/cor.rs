@@ -20,10 +20,13 @@ const MAX_BOUNCE: u64 = 32768 * 512;
 impl Sim {
     /// `read OFFSET LENGTH` with copy-on-read on.
     pub(super) fn copy_on_read(&mut self, offset: GuestOffset, length: u64) -> SimResult<()> {
-        let Some(end) = offset.checked_add(length).filter(|e| e.get() <= self.size) else {
+        let Some(end) = offset
+            .checked_add(length)
+            .filter(|e| e.get() <= self.disk_end())
+        else {
             return Err(SimError::Qemu(format!(
                 "read failed: Input/output error (the request ends past the end of the disk, {} bytes, so the block layer refuses all of it)",
-                self.size
+                self.disk_end()
             )));
         };
         if length == 0 {
@@ -50,7 +53,12 @@ impl Sim {
                 .get()
                 .saturating_sub(offset.get().checked_rem(unit).unwrap_or(0)),
         );
-        let stop = GuestOffset(end.get().div_ceil(unit).saturating_mul(unit).min(self.size));
+        let stop = GuestOffset(
+            end.get()
+                .div_ceil(unit)
+                .saturating_mul(unit)
+                .min(self.disk_end()),
+        );
         // The writes copy-on-read makes bypass the dirty bitmaps.
         let dirty = self.bitmaps.as_ref().map(|b| b.dirty.len());
         let r = self.copy_runs(&mut pos, stop, own.as_ref().or(lent.as_ref()));

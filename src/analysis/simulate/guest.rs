@@ -222,6 +222,12 @@ impl Sim {
         }
     }
 
+    /// Where the disk ends for the block layer: the header's size cut down
+    /// to whole sectors (`total_sectors`); a request past it fails.
+    pub(super) fn disk_end(&self) -> u64 {
+        self.size & !511
+    }
+
     /// A guest write of `length` bytes at `offset`: one write request, whose
     /// L2 entries QEMU sets only after its data is written (see
     /// [`Sim::request_begin`]).
@@ -246,10 +252,13 @@ impl Sim {
     /// of the same cluster): cutting it would spread the state of one pass
     /// (the slice, the run being placed, what COW reads) over several calls.
     fn write_request(&mut self, offset: GuestOffset, length: u64) -> SimResult<()> {
-        let Some(end) = offset.checked_add(length).filter(|e| e.get() <= self.size) else {
+        let Some(end) = offset
+            .checked_add(length)
+            .filter(|e| e.get() <= self.disk_end())
+        else {
             return Err(SimError::Qemu(format!(
                 "write failed: Input/output error (the request ends past the end of the disk, {} bytes, so the block layer refuses all of it)",
-                self.size
+                self.disk_end()
             )));
         };
         self.mark_dirty(offset, length);

@@ -30,9 +30,7 @@ impl Sim {
         length: u64,
         unmap: bool,
     ) -> SimResult<()> {
-        // The disk QEMU's block layer knows is whole sectors
-        // (`total_sectors`): a header size that is not is cut.
-        let disk = self.size & !511;
+        let disk = self.disk_end();
         let Some(end) = offset.checked_add(length).filter(|e| e.get() <= disk) else {
             return Err(SimError::Qemu(format!(
                 "write failed: Input/output error (the request ends past the end of the disk, {disk} bytes, so the block layer refuses all of it)"
@@ -73,7 +71,7 @@ impl Sim {
     /// most `MAX_BOUNCE` bytes). Returns how many bytes of the piece it did.
     fn pwrite_zeroes(&mut self, off: GuestOffset, n: u64, unmap: bool) -> SimResult<u64> {
         let unit = self.geo.subcluster_size().max(1);
-        let total = self.size & !511;
+        let total = self.disk_end();
         let end = off.saturating_add(n);
         let head = off.get().checked_rem(unit).unwrap_or(0);
         let mut tail = end
