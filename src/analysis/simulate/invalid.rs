@@ -57,7 +57,7 @@ pub(super) struct Unflushed {
     /// Whether this operation can meet an invalid entry (a write, a
     /// write-zeroes or a copy-on-read of an extended-L2 image).
     on: bool,
-    /// The open repaired a dirty image first.
+    /// The open's repair of a dirty image changed metadata first.
     repaired: bool,
     /// The guest range of the operation.
     range: (u64, u64),
@@ -77,7 +77,7 @@ pub(super) struct Unflushed {
 
 impl Sim {
     /// Start the log of operation `op` (before its open's work).
-    pub(super) fn begin_cache_log(&mut self, op: &super::Op, features: u64) {
+    pub(super) fn begin_cache_log(&mut self, op: &super::Op) {
         use super::Op;
         let range = match op {
             Op::Write { offset, length, .. }
@@ -87,11 +87,15 @@ impl Sim {
         };
         self.unflushed = Unflushed {
             on: self.geo.extended_l2 && range.is_some(),
-            repaired: features & crate::header::INCOMPAT_DIRTY != 0,
             range: range.unwrap_or_default(),
             lists_from: (self.allocated.len(), self.freed.len()),
             ..Default::default()
         };
+    }
+
+    /// The open's repair of a dirty image is done.
+    pub(super) fn repaired_on_open(&mut self) {
+        self.unflushed.repaired = self.steps.iter().any(|c| !matches!(c.target, Target::Note));
     }
 
     /// Entry `index` of the L2 table at `table` is about to change from
@@ -244,7 +248,10 @@ impl Sim {
         if log.repaired {
             return Some("after the repair of a dirty image on its open changed metadata (QEMU does not write the refcounts that repair left in its cache, and they are lost)".into());
         }
-        if !log.on || log.overflow {
+        if !log.on {
+            return Some("in an operation whose use of QEMU's caches is not followed".into());
+        }
+        if log.overflow {
             return Some(format!(
                 "after it changed more than {MAX_LOGGED} L2 entries (QEMU's caches would have written some of them back on their own)"
             ));

@@ -390,7 +390,7 @@ impl Sim {
         }
         let features = self.header_field(crate::header::Field::IncompatibleFeatures);
         let checking = matches!(op, Op::Repair { .. });
-        self.begin_cache_log(op, features);
+        self.begin_cache_log(op);
         let r = if let Some(m) = &self.open_fails {
             // qemu-img and qemu-io (check included) stop at the open.
             Err(SimError::Qemu(backing::open_words(op, &self.path, m)))
@@ -414,7 +414,9 @@ impl Sim {
                 r
             } else if features & crate::header::INCOMPAT_DIRTY != 0 && !checking {
                 self.note("the image is dirty (lazy refcounts): QEMU repairs its refcounts on open, as qemu-img check -r all would".into());
-                self.repair(true)
+                let r = self.repair(true);
+                self.repaired_on_open();
+                r
             } else {
                 Ok(())
             };
