@@ -315,6 +315,62 @@ fn a_new_l2_table_before_a_contradictory_entry_writes_qemus_caches_back() {
 }
 
 #[test]
+fn a_write_through_several_new_tables_before_a_contradictory_entry() {
+    let w = Work::new();
+    // 48M, three L2 tables, the first and the last shared, the last one's
+    // entry 0 (guest 32M) contradictory; a write from 16M-16k to 32M+512.
+    // The new table for L1[1] is made while the first piece is still being
+    // placed, so only the copy of L1[2]'s table writes the caches back
+    // after the first piece's entry began to wait: it is lost, as all the
+    // others, and the refcounts stay written.
+    let three = |w: &Work, n: &str| {
+        w.qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "extended_l2=on,cluster_size=16k",
+            n,
+            "48M",
+        ]);
+        w.qemu_io(n, &["write -P 1 0 4k", "write -P 2 32M 4k"]);
+        w.qemu_img(&["snapshot", "-c", "s1", n]);
+        w.patch(n, 0x18008, &0x0000_0001_0000_00ffu64.to_be_bytes());
+    };
+    let (errors, corrupt) = same_bytes(&w, "p.qcow2", three, &["write:16760832:16794112:P=5"]);
+    assert!(errors[0].is_some() && corrupt, "{errors:?}");
+    // 64M, four L2 tables, the first and the last shared by a snapshot, the
+    // last one's entry 0 (guest 48M) contradictory. A write from 16M-16k to
+    // 48M+512: the first piece's entry waits for its data while the next
+    // pieces make L1[1]'s and L1[2]'s tables and copy L1[3]'s. Whether the
+    // first entry is set before the last copy writes the cache back (QEMU
+    // here writes it) depends on when its data write finished.
+    w.qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "extended_l2=on,cluster_size=16k",
+        "q.qcow2",
+        "64M",
+    ]);
+    w.qemu_io("q.qcow2", &["write -P 1 0 4k", "write -P 2 48M 4k"]);
+    w.qemu_img(&["snapshot", "-c", "s1", "q.qcow2"]);
+    w.patch("q.qcow2", 0x18008, &0x0000_0001_0000_00ffu64.to_be_bytes());
+    let img = open_path(&w.path("q.qcow2")).expect("open");
+    let mut sim = Sim::new(&img, &w.path("q.qcow2")).expect("sim");
+    sim.apply(&sim_compare::parse_op("write:16760832:33571328:P=5"));
+    let r = &sim.records[0];
+    assert!(
+        matches!(r.cause, Some(SimError::NotModelled(_))),
+        "{:?}",
+        r.error
+    );
+}
+
+#[test]
 fn a_new_refcount_block_before_a_contradictory_entry_stays() {
     let w = Work::new();
     // 64-bit refcounts: a refcount block of 16k counts 32M of file. The

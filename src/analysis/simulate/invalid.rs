@@ -261,7 +261,7 @@ impl Sim {
             .as_ref()
             .is_some_and(|(_, _, later)| later.len() > 1)
         {
-            return Some("after a write request's pieces wrote QEMU's caches back more than once once its first L2 entries waited for their data (whether QEMU set those entries in between depends on when its data writes finished)".into());
+            return Some("after two later pieces of its write request wrote QEMU's caches back while its first L2 entries waited for their data (whether QEMU set those entries in between, to be written back by the second, depends on when its data writes finished)".into());
         }
         let (offset, length) = log.range;
         // Only an L2 slice changed in the cache can be written back by
