@@ -402,6 +402,54 @@ fn a_new_refcount_block_before_a_contradictory_entry_stays() {
 }
 
 #[test]
+fn refcount_blocks_past_qemus_refcount_cache() {
+    let w = Work::new();
+    // 160M preallocated (falloc) with 64-bit refcounts and 16k clusters:
+    // six refcount blocks, every cluster allocated. Guest 16k's entry made
+    // contradictory. An unmapping write-zeroes of guest 0..16k releases a
+    // cluster counted in the first block (in QEMU's refcount cache), then
+    // asks block status at 16k, whose first call reads refcounts through
+    // as many blocks as the file's allocation on disk says (all six for
+    // this copy, which then writes the first block back): not simulated.
+    w.qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "extended_l2=on,cluster_size=16k,refcount_bits=64,preallocation=falloc",
+        "f.qcow2",
+        "160M",
+    ]);
+    let bytes = std::fs::read(w.path("f.qcow2")).expect("read the image");
+    let entry = u64::from_be_bytes(bytes[0x4010..0x4018].try_into().expect("8 bytes"));
+    assert_eq!(entry, 0x8000_0000_0002_c000, "layout moved");
+    drop(bytes);
+    w.patch("f.qcow2", 0x4018, &0x0000_0001_0000_0001u64.to_be_bytes());
+    let img = open_path(&w.path("f.qcow2")).expect("open");
+    let mut sim = Sim::new(&img, &w.path("f.qcow2")).expect("sim");
+    sim.apply(&sim_compare::parse_op("write-zeroes:0:16640:unmap"));
+    let r = &sim.records[0];
+    assert!(
+        matches!(r.cause, Some(SimError::NotModelled(_))),
+        "{:?}",
+        r.error
+    );
+    // A write asks no block status: guest 0..16k unmapped first, then a
+    // write over it takes that cluster again (the search for it reads the
+    // first block only) and reaches 16k; the new refcount is lost.
+    let sim = compare_metadata(
+        w.dir.path(),
+        "f.qcow2",
+        &["write-zeroes:0:16384:unmap", "write:0:16640:P=5"],
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(sim.records[0].error, None);
+    assert!(sim.records[1].error.is_some());
+    assert!(corrupt(&w, "f.qcow2"));
+}
+
+#[test]
 fn a_write_zeroes_at_the_end_of_a_disk_of_odd_size_over_a_contradictory_entry() {
     let w = Work::new();
     // A disk of 1M+1024+300 bytes in the header (QEMU's is 1M+1024, whole

@@ -57,6 +57,8 @@ pub(super) struct Unflushed {
     /// Whether this operation can meet an invalid entry (a write, a
     /// write-zeroes or a copy-on-read of an extended-L2 image).
     on: bool,
+    /// The operation asks block status (a write-zeroes or a copy-on-read).
+    block_status: bool,
     /// The open's repair of a dirty image changed metadata first.
     repaired: bool,
     /// The guest range of the operation.
@@ -87,6 +89,7 @@ impl Sim {
         };
         self.unflushed = Unflushed {
             on: self.geo.extended_l2 && range.is_some(),
+            block_status: matches!(op, Op::WriteZeroes { .. } | Op::Read { .. }),
             range: range.unwrap_or_default(),
             lists_from: (self.allocated.len(), self.freed.len()),
             ..Default::default()
@@ -315,22 +318,51 @@ impl Sim {
                 ));
             }
         }
+        // Likewise a refcount block: from the blocks the operation changed
+        // (and, when it allocated, every block from the start, which the
+        // search for free clusters reads), one more for a look past them;
+        // after block status, every block of the image (its first call in
+        // an open, `qcow2_detect_metadata_preallocation`, reads refcounts
+        // from the first cluster on, as far as the file's allocation on
+        // disk takes it).
         let dirty_rc = self
             .steps
             .iter()
             .skip(rc_mark)
             .any(|c| matches!(c.target, Target::Refcount { .. }));
         if dirty_rc {
-            let n = self.reftable_len();
-            let mut blocks = 0u64;
-            for ti in 0..n.min(1 << 20) {
-                if self.read_u64(self.reftable_entry_offset(ti)) != 0 {
-                    blocks = blocks.saturating_add(1);
+            let bb = self.block_bits();
+            let mut range: Option<(u64, u64)> = None;
+            for c in &self.steps {
+                if let Target::Refcount { cluster } = c.target {
+                    let last = cluster.saturating_add(c.count.saturating_sub(1));
+                    let (lo, hi) = range.unwrap_or((u64::MAX, 0));
+                    range = Some((lo.min(cluster >> bb), hi.max(last >> bb)));
                 }
             }
-            if blocks > REFCOUNT_CACHE_BLOCKS || n > 1 << 20 {
+            let allocated = self
+                .steps
+                .iter()
+                .any(|c| matches!(c.target, Target::Allocate { .. }));
+            let (lo, hi) = range.unwrap_or_default();
+            let lo = if allocated { 0 } else { lo };
+            let mut blocks = hi.saturating_sub(lo).saturating_add(2);
+            if self.unflushed.block_status {
+                let n = self.reftable_len();
+                let mut all = 0u64;
+                for ti in 0..n.min(1 << 20) {
+                    if self.read_u64(self.reftable_entry_offset(ti)) != 0 {
+                        all = all.saturating_add(1);
+                    }
+                }
+                if n > 1 << 20 {
+                    all = u64::MAX;
+                }
+                blocks = blocks.max(all);
+            }
+            if blocks > REFCOUNT_CACHE_BLOCKS {
                 return Some(format!(
-                    "after it changed refcounts in an image with more refcount blocks than QEMU's refcount cache holds ({REFCOUNT_CACHE_BLOCKS}), which may have written some of them back"
+                    "after it changed refcounts and went through more refcount blocks than QEMU's refcount cache holds ({REFCOUNT_CACHE_BLOCKS}), which may have written some of them back"
                 ));
             }
         }
