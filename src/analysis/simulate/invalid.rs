@@ -266,6 +266,16 @@ impl Sim {
         {
             return Some("after two later pieces of its write request wrote QEMU's caches back while its first L2 entries waited for their data (whether QEMU set those entries in between, to be written back by the second, depends on when its data writes finished)".into());
         }
+        if let Some(why) = self.l2_cache_unknown(l2_mark) {
+            return Some(why);
+        }
+        self.refcount_cache_unknown(rc_mark)
+    }
+
+    /// Why QEMU's L2 cache may have written back changes it held since step
+    /// `l2_mark` on its own (evicting them), if it may.
+    fn l2_cache_unknown(&mut self, l2_mark: usize) -> Option<String> {
+        let log = &self.unflushed;
         let (offset, length) = log.range;
         // Only an L2 slice changed in the cache can be written back by
         // eviction: when, from the first such change on, the operation goes
@@ -318,7 +328,13 @@ impl Sim {
                 ));
             }
         }
-        // Likewise a refcount block: from the blocks the operation changed
+        None
+    }
+
+    /// Why QEMU's refcount cache may have written back changes it held since
+    /// step `rc_mark` on its own (evicting them), if it may.
+    fn refcount_cache_unknown(&mut self, rc_mark: usize) -> Option<String> {
+        // A refcount block is evicted from the blocks the operation changed
         // (and, when it allocated, every block from the start, which the
         // search for free clusters reads), one more for a look past them;
         // after block status, every block of the image (its first call in
