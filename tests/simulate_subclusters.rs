@@ -5,8 +5,7 @@
 mod common;
 mod sim_compare;
 use common::Work;
-use qinspect::simulate::{Op, Sim, SimError};
-use qinspect::types::GuestOffset;
+use qinspect::simulate::{Sim, SimError};
 use sim_compare::{compare_metadata, open_path};
 
 /// Where the L2 entry of guest 0x20000 sits (L1 at 0x30000, its L2 table
@@ -129,37 +128,375 @@ fn a_write_or_copy_on_read_over_a_contradictory_entry_marks_the_image_corrupt() 
     }
 }
 
+/// The file the simulation predicts, every byte, against the one QEMU
+/// left (`NAME.qemu`): the data it wrote stays, whatever its caches lost.
+fn same_file(w: &Work, name: &str, sim: &Sim) {
+    let real = std::fs::read(w.path(&format!("{name}.qemu"))).expect("read QEMU's copy");
+    let src = sim.source();
+    assert_eq!(src.len(), real.len() as u64, "{name}: file length");
+    let mut ours = vec![0u8; real.len()];
+    let mut done = 0;
+    while done < ours.len() {
+        let n = src.read_at(&mut ours[done..], done as u64).expect("read");
+        assert!(n > 0, "{name}: short read at {done:#x}");
+        done += n;
+    }
+    let first = ours.iter().zip(&real).position(|(a, b)| a != b);
+    assert_eq!(first, None, "{name}: first differing byte");
+}
+
+/// `ops` on a fresh copy of the image `make` builds, compared with QEMU
+/// (metadata after each, then every byte of the file): each operation's
+/// error, and whether QEMU marked the image corrupt.
+fn same_bytes(
+    w: &Work,
+    name: &str,
+    make: impl Fn(&Work, &str),
+    ops: &[&str],
+) -> (Vec<Option<String>>, bool) {
+    make(w, name);
+    let sim = compare_metadata(w.dir.path(), name, ops).unwrap_or_else(|e| panic!("{ops:?}: {e}"));
+    same_file(w, name, &sim);
+    let errors = sim.records.iter().map(|r| r.error.clone()).collect();
+    (errors, corrupt(w, name))
+}
+
 #[test]
-fn meeting_a_contradictory_entry_after_changing_metadata_is_not_simulated() {
+fn a_write_that_meets_a_contradictory_entry_after_allocating_keeps_only_its_data() {
     let w = Work::new();
-    contradictory(&w, "n.qcow2");
-    let img = open_path(&w.path("n.qcow2")).expect("open");
-    // Guest 64k..128k is allocated (a new cluster, its L2 entry set) before
-    // the write reaches the contradictory entry: QEMU's caches would hold
-    // that change, never written once the image is marked corrupt. And a
-    // write-zeroes that zeroes that whole cluster before its partial tail
-    // asks block status in the entry.
-    let ops = [
-        Op::Write {
-            offset: GuestOffset(0x10000),
-            length: 0x20000,
-            pattern: 1,
-        },
-        Op::WriteZeroes {
-            offset: GuestOffset(0x10000),
-            length: 0x10200,
-            unmap: false,
-        },
-    ];
-    for op in &ops {
-        let mut sim = Sim::new(&img, &w.path("n.qcow2")).expect("sim");
-        sim.apply(op);
-        let r = &sim.records[0];
+    // Guest 64k..128k gets a new cluster (its refcount and L2 entry in
+    // QEMU's caches), then the write reaches the entry at 128k: the data
+    // written stays in the file, named by nothing and counted by nothing.
+    // With guest 0..64k rewritten in place first, likewise.
+    for (i, op) in [
+        "write:65536:131072:P=5",
+        "write:0:135168:P=5",
+        "write:65536:65537",
+    ]
+    .iter()
+    .enumerate()
+    {
+        let (errors, corrupt) = same_bytes(&w, &format!("m{i}.qcow2"), contradictory, &[op]);
+        let first = errors[0].as_deref().unwrap_or_default();
+        assert!(first.contains("Input/output error"), "{op}: {first}");
+        assert!(corrupt, "{op}");
+    }
+}
+
+#[test]
+fn a_write_zeroes_or_copy_on_read_that_zeroed_clusters_first_loses_them() {
+    let w = Work::new();
+    // Whole clusters zeroed (and with unmap released: QEMU passes the
+    // discard down, so the file's cluster reads as zeros), then the partial
+    // subcluster at 128k asks block status: the L2 entries and refcounts
+    // stay as they were.
+    for (i, op) in [
+        "write-zeroes:65536:66048",
+        "write-zeroes:65536:66048:unmap",
+        "write-zeroes:0:131584",
+        "write-zeroes:0:131584:unmap",
+    ]
+    .iter()
+    .enumerate()
+    {
+        let (errors, corrupt) = same_bytes(&w, &format!("y{i}.qcow2"), contradictory, &[op]);
+        let first = errors[0].as_deref().unwrap_or_default();
         assert!(
-            matches!(r.cause, Some(SimError::NotModelled(_))),
-            "{op:?}: {:?}",
-            r.error
+            first.starts_with("write failed: No medium found"),
+            "{op}: {first}"
         );
+        assert!(corrupt, "{op}");
+    }
+    // Copy-on-read: block status counts an unallocated run on into the
+    // next cluster and fails there, before anything is copied (the read
+    // fails); a later look, after a run that was allocated, is taken as
+    // "not allocated" and the read that follows finds no image.
+    for (i, (op, words)) in [
+        ("read:65536:69632", "Input/output error"),
+        ("read:0:135168", "No medium found"),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let (errors, corrupt) = same_bytes(&w, &format!("c{i}.qcow2"), contradictory, &[op]);
+        let first = errors[0].as_deref().unwrap_or_default();
+        assert!(
+            first.starts_with(&format!("read failed: {words}")),
+            "{op}: {first}"
+        );
+        assert!(corrupt, "{op}");
+    }
+    // Guest 96k..128k written: copy-on-read writes zeros over 64k..96k
+    // (whole subclusters zeroed, in QEMU's cache) before its look at the
+    // written run reaches 128k; the zeroed bits are lost.
+    let half = |w: &Work, n: &str| {
+        contradictory(w, n);
+        w.qemu_io(n, &["write -P 3 96k 32k"]);
+    };
+    let (errors, corrupt) = same_bytes(&w, "c2.qcow2", half, &["read:65536:69632"]);
+    let first = errors[0].as_deref().unwrap_or_default();
+    assert!(first.starts_with("read failed: No medium found"), "{first}");
+    assert!(corrupt);
+}
+
+#[test]
+fn a_discard_over_earlier_clusters_and_a_contradictory_entry_goes_through() {
+    let w = Work::new();
+    // A discard never asks the entry's subcluster type: no corruption.
+    for (i, op) in [
+        "discard:65536:66048",
+        "discard:0:132096",
+        "discard:0:196608",
+    ]
+    .iter()
+    .enumerate()
+    {
+        let (errors, corrupt) = same_bytes(&w, &format!("d{i}.qcow2"), contradictory, &[op]);
+        assert_eq!(errors, vec![None], "{op}");
+        assert!(!corrupt, "{op}");
+    }
+}
+
+/// A 32M extended-L2 image of 16k clusters (an L2 table covers 16M):
+/// guest 16M..16M+4k written (its L2 table for active L1[1] at `table`),
+/// with `early` guest 0..4k first, and `snapshot` a snapshot after (the
+/// tables shared); entry 0 of L1[1]'s table then made contradictory.
+fn two_tables(w: &Work, image: &str, early: bool, snapshot: bool, table: u64) {
+    w.qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "extended_l2=on,cluster_size=16k",
+        image,
+        "32M",
+    ]);
+    if early {
+        w.qemu_io(image, &["write -P 1 0 4k"]);
+    }
+    w.qemu_io(image, &["write -P 2 16M 4k"]);
+    if snapshot {
+        w.qemu_img(&["snapshot", "-c", "s1", image]);
+    }
+    let bytes = std::fs::read(w.path(image)).expect("read the image");
+    let at = table as usize;
+    let bitmap = u64::from_be_bytes(bytes[at + 8..at + 16].try_into().expect("8 bytes"));
+    assert_eq!(bitmap, 0xff, "layout moved");
+    w.patch(image, table + 8, &0x0000_0001_0000_00ffu64.to_be_bytes());
+}
+
+#[test]
+fn a_new_l2_table_before_a_contradictory_entry_writes_qemus_caches_back() {
+    let w = Work::new();
+    // Guest 16M-16k needs a new L2 table (L1[0] is empty): QEMU writes its
+    // refcounts and the new table out, and the L1 entry; the data
+    // cluster's refcount and entry are lost at 16M.
+    let fresh = |w: &Work, n: &str| two_tables(w, n, false, false, 0x10000);
+    let (errors, corrupt) = same_bytes(&w, "t0.qcow2", fresh, &["write:16760832:16896:P=5"]);
+    assert!(errors[0].is_some() && corrupt, "{errors:?}");
+    // With both tables shared by a snapshot: the copy of L1[0]'s table, and
+    // the release of the old one (in the refcount cache), then the data
+    // cluster's refcount are written back when L1[1]'s table is copied in
+    // turn; the data cluster's L2 entry waits for its data and never makes
+    // it, and the old L1[1] table's release is lost. The entry is met in
+    // the copy.
+    let shared = |w: &Work, n: &str| two_tables(w, n, true, true, 0x18000);
+    let (errors, corrupt) = same_bytes(&w, "t1.qcow2", shared, &["write:16760832:16896:P=5"]);
+    assert!(errors[0].is_some() && corrupt, "{errors:?}");
+    // A write-zeroes that zeroes the cluster before 16M in the copy of
+    // L1[0]'s table (QEMU's cache holds that entry) and then asks block
+    // status of the shared L1[1] table for the rest of the subcluster at
+    // 16M: three tables through QEMU's L2 cache of two, the old L1[0] one
+    // the least recently used and unchanged, so nothing changed is
+    // written back.
+    let (errors, corrupt) = same_bytes(&w, "t2.qcow2", shared, &["write-zeroes:16760832:16640"]);
+    assert!(errors[0].is_some() && corrupt, "{errors:?}");
+}
+
+#[test]
+fn a_write_through_several_new_tables_before_a_contradictory_entry() {
+    let w = Work::new();
+    // 48M, three L2 tables, the first and the last shared, the last one's
+    // entry 0 (guest 32M) contradictory; a write from 16M-16k to 32M+512.
+    // The new table for L1[1] is made while the first piece is still being
+    // placed, so only the copy of L1[2]'s table writes the caches back
+    // after the first piece's entry began to wait: it is lost, as all the
+    // others, and the refcounts stay written.
+    let three = |w: &Work, n: &str| {
+        w.qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "extended_l2=on,cluster_size=16k",
+            n,
+            "48M",
+        ]);
+        w.qemu_io(n, &["write -P 1 0 4k", "write -P 2 32M 4k"]);
+        w.qemu_img(&["snapshot", "-c", "s1", n]);
+        w.patch(n, 0x18008, &0x0000_0001_0000_00ffu64.to_be_bytes());
+    };
+    let (errors, corrupt) = same_bytes(&w, "p.qcow2", three, &["write:16760832:16794112:P=5"]);
+    assert!(errors[0].is_some() && corrupt, "{errors:?}");
+    // 64M, four L2 tables, the first and the last shared by a snapshot, the
+    // last one's entry 0 (guest 48M) contradictory. A write from 16M-16k to
+    // 48M+512: the first piece's entry waits for its data while the next
+    // pieces make L1[1]'s and L1[2]'s tables and copy L1[3]'s. Whether the
+    // first entry is set before the last copy writes the cache back (QEMU
+    // here writes it) depends on when its data write finished.
+    w.qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "extended_l2=on,cluster_size=16k",
+        "q.qcow2",
+        "64M",
+    ]);
+    w.qemu_io("q.qcow2", &["write -P 1 0 4k", "write -P 2 48M 4k"]);
+    w.qemu_img(&["snapshot", "-c", "s1", "q.qcow2"]);
+    w.patch("q.qcow2", 0x18008, &0x0000_0001_0000_00ffu64.to_be_bytes());
+    let img = open_path(&w.path("q.qcow2")).expect("open");
+    let mut sim = Sim::new(&img, &w.path("q.qcow2")).expect("sim");
+    sim.apply(&sim_compare::parse_op("write:16760832:33571328:P=5"));
+    let r = &sim.records[0];
+    assert!(
+        matches!(r.cause, Some(SimError::NotModelled(_))),
+        "{:?}",
+        r.error
+    );
+}
+
+#[test]
+fn a_new_refcount_block_before_a_contradictory_entry_stays() {
+    let w = Work::new();
+    // 64-bit refcounts: a refcount block of 16k counts 32M of file. The
+    // image fills exactly that; the write's data cluster needs a second
+    // block, which QEMU writes out with the refcount table entry (and the
+    // data); the data cluster's own refcount and entry are lost.
+    let make = |w: &Work, image: &str| {
+        w.qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "extended_l2=on,cluster_size=16k,refcount_bits=64",
+            image,
+            "64M",
+        ]);
+        w.qemu_io(image, &["write -P 2 40M 4k", "write -P 1 0 33423360"]);
+        assert_eq!(
+            std::fs::metadata(w.path(image)).expect("stat").len(),
+            32 << 20,
+            "layout moved"
+        );
+        // Guest 40M: entry 512 of the L2 table at 0x10000.
+        w.patch(image, 0x12008, &0x0000_0001_0000_00ffu64.to_be_bytes());
+    };
+    let (errors, corrupt) = same_bytes(&w, "r.qcow2", make, &["write:41926656:16896:P=5"]);
+    assert!(errors[0].is_some() && corrupt, "{errors:?}");
+}
+
+#[test]
+fn refcount_blocks_past_qemus_refcount_cache() {
+    let w = Work::new();
+    // 160M preallocated (falloc) with 64-bit refcounts and 16k clusters:
+    // six refcount blocks, every cluster allocated. Guest 16k's entry made
+    // contradictory. An unmapping write-zeroes of guest 0..16k releases a
+    // cluster counted in the first block (in QEMU's refcount cache), then
+    // asks block status at 16k, whose first call reads refcounts through
+    // as many blocks as the file's allocation on disk says (all six for
+    // this copy, which then writes the first block back): not simulated.
+    w.qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "extended_l2=on,cluster_size=16k,refcount_bits=64,preallocation=falloc",
+        "f.qcow2",
+        "160M",
+    ]);
+    let bytes = std::fs::read(w.path("f.qcow2")).expect("read the image");
+    let entry = u64::from_be_bytes(bytes[0x4010..0x4018].try_into().expect("8 bytes"));
+    assert_eq!(entry, 0x8000_0000_0002_c000, "layout moved");
+    drop(bytes);
+    w.patch("f.qcow2", 0x4018, &0x0000_0001_0000_0001u64.to_be_bytes());
+    let img = open_path(&w.path("f.qcow2")).expect("open");
+    let mut sim = Sim::new(&img, &w.path("f.qcow2")).expect("sim");
+    sim.apply(&sim_compare::parse_op("write-zeroes:0:16640:unmap"));
+    let r = &sim.records[0];
+    assert!(
+        matches!(r.cause, Some(SimError::NotModelled(_))),
+        "{:?}",
+        r.error
+    );
+    // A write asks no block status: guest 0..16k unmapped first, then a
+    // write over it takes that cluster again (the search for it reads the
+    // first block only) and reaches 16k; the new refcount is lost.
+    let sim = compare_metadata(
+        w.dir.path(),
+        "f.qcow2",
+        &["write-zeroes:0:16384:unmap", "write:0:16640:P=5"],
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(sim.records[0].error, None);
+    assert!(sim.records[1].error.is_some());
+    assert!(corrupt(&w, "f.qcow2"));
+}
+
+#[test]
+fn a_write_zeroes_at_the_end_of_a_disk_of_odd_size_over_a_contradictory_entry() {
+    let w = Work::new();
+    // A disk of 1M+1024+300 bytes in the header (QEMU's is 1M+1024, whole
+    // sectors), its last cluster written (guest 1M..1M+1024) and made
+    // contradictory. The whole rest of the disk is zeroed as a cluster; a
+    // request past 1M+1024 is refused; a partial subcluster asks block
+    // status, and marking the image corrupt writes the header with QEMU's
+    // size. A write, discard or copy-on-read past 1M+1024 is refused as
+    // well, before it looks at the entry.
+    let make = |w: &Work, image: &str| {
+        w.qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "extended_l2=on",
+            image,
+            "1049600",
+        ]);
+        w.qemu_io(image, &["write -P 2 1M 1024"]);
+        w.patch(image, 24, &1_049_900u64.to_be_bytes());
+        // Guest 1M: entry 16 of the L2 table at 0x40000.
+        w.patch(image, 0x40108, &0x0000_0001_0000_0001u64.to_be_bytes());
+    };
+    for (i, (op, fails, marked)) in [
+        ("write-zeroes:1048576:1024", false, false),
+        ("write-zeroes:1048576:1024:unmap", false, false),
+        ("write-zeroes:1048576:1324", true, false),
+        ("write-zeroes:1049088:812", true, false),
+        ("write:1048576:1324", true, false),
+        ("discard:1048576:1324", true, false),
+        ("read:1048576:1324", true, false),
+        ("discard:1048576:1024", false, false),
+        ("write-zeroes:1048576:512", true, true),
+        ("write-zeroes:1049088:512", true, true),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let (errors, corrupt) = same_bytes(&w, &format!("e{i}.qcow2"), make, &[op]);
+        assert_eq!(errors[0].is_some(), *fails, "{op}: {errors:?}");
+        assert_eq!(corrupt, *marked, "{op}");
+        if *marked {
+            let img = open_path(&w.path(&format!("e{i}.qcow2.qemu"))).expect("open");
+            assert_eq!(img.header.size, 1_049_600, "{op}");
+        }
     }
 }
 

@@ -28,10 +28,13 @@ use crate::types::{GuestOffset, HostOffset};
 impl Sim {
     /// `write -c`.
     pub(super) fn write_compressed(&mut self, offset: GuestOffset, length: u64) -> SimResult<()> {
-        let Some(end) = offset.checked_add(length).filter(|e| e.get() <= self.size) else {
+        let Some(end) = offset
+            .checked_add(length)
+            .filter(|e| e.get() <= self.disk_end())
+        else {
             return Err(SimError::Qemu(format!(
                 "write failed: Input/output error (the request ends past the end of the disk, {} bytes, so the block layer refuses all of it)",
-                self.size
+                self.disk_end()
             )));
         };
         // The block layer marks the bitmaps when the request ends, whatever
@@ -43,7 +46,7 @@ impl Sim {
             ));
         }
         let cs = self.cs;
-        if self.within(offset) != 0 || (self.within(length) != 0 && end.get() != self.size) {
+        if self.within(offset) != 0 || (self.within(length) != 0 && end.get() != self.disk_end()) {
             return Err(SimError::Qemu(format!(
                 "write failed: Invalid argument (a compressed write covers whole clusters of {cs} bytes, or ends at the end of the disk) (EINVAL)"
             )));

@@ -20,10 +20,13 @@ const MAX_BOUNCE: u64 = 32768 * 512;
 impl Sim {
     /// `read OFFSET LENGTH` with copy-on-read on.
     pub(super) fn copy_on_read(&mut self, offset: GuestOffset, length: u64) -> SimResult<()> {
-        let Some(end) = offset.checked_add(length).filter(|e| e.get() <= self.size) else {
+        let Some(end) = offset
+            .checked_add(length)
+            .filter(|e| e.get() <= self.disk_end())
+        else {
             return Err(SimError::Qemu(format!(
                 "read failed: Input/output error (the request ends past the end of the disk, {} bytes, so the block layer refuses all of it)",
-                self.size
+                self.disk_end()
             )));
         };
         if length == 0 {
@@ -50,7 +53,12 @@ impl Sim {
                 .get()
                 .saturating_sub(offset.get().checked_rem(unit).unwrap_or(0)),
         );
-        let stop = GuestOffset(end.get().div_ceil(unit).saturating_mul(unit).min(self.size));
+        let stop = GuestOffset(
+            end.get()
+                .div_ceil(unit)
+                .saturating_mul(unit)
+                .min(self.disk_end()),
+        );
         // The writes copy-on-read makes bypass the dirty bitmaps.
         let dirty = self.bitmaps.as_ref().map(|b| b.dirty.len());
         let r = self.copy_runs(&mut pos, stop, own.as_ref().or(lent.as_ref()));
@@ -72,8 +80,10 @@ impl Sim {
         let cs = self.cs;
         let unit = self.geo.subcluster_size();
         let slice = self.slice_entries().max(1);
+        let start = *pos;
         while *pos < stop {
             let g = *pos;
+            let first = g == start;
             let l2_index = self.geo.l2_index(g);
             let in_slice = slice.saturating_sub(l2_index.checked_rem(slice).unwrap_or(0));
             let avail = in_slice
@@ -95,16 +105,20 @@ impl Sim {
             } else {
                 let ty = self.top_type(l2, g);
                 if ty == SubclusterType::Invalid {
-                    return Err(self.invalid_entry_met(
-                        g,
-                        "a copy-on-read",
-                        format!(
-                            "read failed: Input/output error (the L2 entry of guest {g:#x} has contradictory bits: the image is marked corrupt)"
-                        ),
-                    ));
+                    return Err(self.cor_meets_invalid(g, first));
                 }
+                // Block status counts the run into the next cluster too,
+                // and fails on an invalid entry there as on its first.
                 let mut n = unit;
-                while n < avail && self.top_type(l2, g.saturating_add(n)) == ty {
+                while n < avail {
+                    let at = g.saturating_add(n);
+                    let t = self.top_type(l2, at);
+                    if t == SubclusterType::Invalid {
+                        return Err(self.cor_meets_invalid(at, first));
+                    }
+                    if t != ty {
+                        break;
+                    }
                     n = n.saturating_add(unit);
                 }
                 (
@@ -171,6 +185,24 @@ impl Sim {
             *pos = to;
         }
         Ok(())
+    }
+
+    /// Block status meets the invalid L2 entry of guest `g`: the image is
+    /// marked corrupt. The first look (the block layer's, before any copy)
+    /// fails the read; a later one (copy-on-read's own, for the next run)
+    /// is taken as "not allocated", and the read from the image that
+    /// follows finds it unusable.
+    fn cor_meets_invalid(&mut self, g: GuestOffset, first: bool) -> SimError {
+        let failure = if first {
+            format!(
+                "read failed: Input/output error (the L2 entry of guest {g:#x} has contradictory bits: the image is marked corrupt)"
+            )
+        } else {
+            format!(
+                "read failed: No medium found (copy-on-read asks block status up to guest {g:#x}, whose L2 entry has contradictory bits: the image is marked corrupt and unusable, and the read that follows finds none)"
+            )
+        };
+        self.invalid_entry_met(g, "a copy-on-read", failure)
     }
 
     /// The kind of the (sub)cluster at guest `g` in the top layer, whose L2

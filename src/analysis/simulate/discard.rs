@@ -11,10 +11,13 @@ impl Sim {
     /// A guest discard (`qcow2_co_pdiscard` after the block layer's alignment).
     pub(super) fn discard(&mut self, offset: GuestOffset, length: u64) -> SimResult<()> {
         let cs = self.cs;
-        let Some(end) = offset.checked_add(length).filter(|e| e.get() <= self.size) else {
+        let Some(end) = offset
+            .checked_add(length)
+            .filter(|e| e.get() <= self.disk_end())
+        else {
             return Err(SimError::Qemu(format!(
                 "discard failed: Input/output error (the request ends past the end of the disk, {} bytes, so the block layer refuses all of it)",
-                self.size
+                self.disk_end()
             )));
         };
         self.mark_dirty(offset, length);
@@ -30,7 +33,7 @@ impl Sim {
         // except a tail that ends exactly at an unaligned end of the disk.
         let start = GuestOffset(offset.get().div_ceil(cs).saturating_mul(cs));
         let mut stop = GuestOffset(self.geo.align_down(end.get()));
-        if end.get() == self.size && !end.is_multiple_of(cs) && offset <= stop {
+        if end.get() == self.disk_end() && !end.is_multiple_of(cs) && offset <= stop {
             stop = GuestOffset(end.get().div_ceil(cs).saturating_mul(cs));
         }
         if !offset.is_multiple_of(cs) {

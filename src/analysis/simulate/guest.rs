@@ -69,6 +69,7 @@ impl Sim {
         let off = self.l2_entry_offset(l2, index);
         if old != raw || old_bm != bitmap {
             self.overlap_check(Some(Meta::ActiveL2), off, self.geo.l2_entry_size())?;
+            self.log_l2_write(l2, index, old, old_bm);
         }
         if old != raw {
             self.write_u64(off, raw)?;
@@ -136,6 +137,8 @@ impl Sim {
             Some(old) => self.read_bytes(old, self.cs),
         };
         self.write_bytes(new, &content)?;
+        // l2_allocate writes the refcounts, then the L2 tables, back.
+        self.caches_written();
         if let Some(old) = old {
             self.record(
                 Target::Copy {
@@ -219,7 +222,25 @@ impl Sim {
         }
     }
 
-    /// A guest write of `length` bytes at `offset` (`qcow2_co_pwritev_part`).
+    /// Where the disk ends for the block layer: the header's size cut down
+    /// to whole sectors (`total_sectors`); a request past it fails.
+    pub(super) fn disk_end(&self) -> u64 {
+        self.size & !511
+    }
+
+    /// A guest write of `length` bytes at `offset`: one write request, whose
+    /// L2 entries QEMU sets only after its data is written (see
+    /// [`Sim::request_begin`]).
+    pub(super) fn write(&mut self, offset: GuestOffset, length: u64) -> SimResult<()> {
+        let started = self.request_begin();
+        let r = self.write_request(offset, length);
+        if started {
+            self.request_end();
+        }
+        r
+    }
+
+    /// The request of [`Sim::write`] (`qcow2_co_pwritev_part`).
     ///
     /// Guest positions stay inside `offset..offset + length` (checked against the
     /// disk size first), counts of clusters inside one L2 slice, and host offsets
@@ -230,11 +251,14 @@ impl Sim {
     /// (a new refcount block found mid-allocation sends it back to the lookup
     /// of the same cluster): cutting it would spread the state of one pass
     /// (the slice, the run being placed, what COW reads) over several calls.
-    pub(super) fn write(&mut self, offset: GuestOffset, length: u64) -> SimResult<()> {
-        let Some(end) = offset.checked_add(length).filter(|e| e.get() <= self.size) else {
+    fn write_request(&mut self, offset: GuestOffset, length: u64) -> SimResult<()> {
+        let Some(end) = offset
+            .checked_add(length)
+            .filter(|e| e.get() <= self.disk_end())
+        else {
             return Err(SimError::Qemu(format!(
                 "write failed: Input/output error (the request ends past the end of the disk, {} bytes, so the block layer refuses all of it)",
-                self.size
+                self.disk_end()
             )));
         };
         self.mark_dirty(offset, length);
@@ -244,6 +268,7 @@ impl Sim {
         let mut pos = offset;
         while pos < end {
             // qcow2_alloc_host_offset: one contiguous host range.
+            self.request_piece();
             let mut host_next: Option<HostOffset> = None;
             loop {
                 if pos >= end {

@@ -4,20 +4,170 @@
 //! of it QEMU asks about, the answer is the same: every path that looks at
 //! its subcluster type (block status, which a partial write-zeroes and a
 //! copy-on-read ask; a guest write's `calculate_l2_meta`, for the first and
-//! the last cluster it covers) calls `qcow2_signal_corruption`, fatal: the
-//! corrupt bit is set in the header at once, and the image is unusable from
-//! then on, so nothing QEMU holds in its caches is written afterwards.
+//! the last cluster it covers; `qcow2_get_host_offset`) calls
+//! `qcow2_signal_corruption`, fatal: the corrupt bit is set in the header at
+//! once (`qcow2_update_header`, which writes the disk size rounded down to
+//! 512 bytes), and the image is unusable from then on, so nothing QEMU holds
+//! in its caches is written afterwards.
 //!
-//! That is simulated when the operation (its open included: a dirty image's
-//! repair) has changed no metadata before it gets there; after a change,
-//! which may sit in QEMU's caches and be lost, it is not.
+//! What the operation changed before it got there is sorted by where QEMU
+//! keeps it ([`Unflushed`]): data, new L2 tables, L1 entries, new refcount
+//! blocks and refcount table entries are written to the file as they are
+//! made, and stay; L2 entries and refcounts sit in QEMU's L2 and refcount
+//! caches until something writes the caches back (a new L2 table: both; a
+//! new refcount block: both; a grown L1 table: the refcounts), and what is
+//! still there is lost. A guest write's own L2 entries are later still:
+//! QEMU sets them once the request's data is written, after every piece of
+//! the request has been placed, so a piece that meets the entry finds none
+//! of them in the cache.
 
 use super::{Sim, SimError, SimResult, Target};
 use crate::header::Field;
 use crate::tables::{L1Entry, L2Entry, SubclusterType};
 use crate::types::{GuestOffset, HostOffset};
 
+/// The most L2 entry changes an operation's log keeps; past it, meeting an
+/// invalid entry is not simulated (QEMU's small caches would have written
+/// some of them back on their own long before).
+const MAX_LOGGED: usize = 1 << 16;
+
+/// QEMU's refcount cache: `MIN_REFCOUNT_CACHE_SIZE` blocks, its default.
+const REFCOUNT_CACHE_BLOCKS: u64 = 4;
+
+/// QEMU's default L2 cache limit (`DEFAULT_L2_CACHE_MAX_SIZE`).
+const L2_CACHE_MAX: u64 = 32 << 20;
+
+/// One L2 entry an operation changed through QEMU's L2 cache.
+#[derive(Clone, Copy, Debug)]
+struct L2Write {
+    table: HostOffset,
+    index: u64,
+    raw: u64,
+    bitmap: u64,
+    /// The step from which the change sits in QEMU's cache (a cache write
+    /// back at an earlier step does not carry it); `usize::MAX` while it
+    /// waits for its write request's data.
+    live_from: usize,
+}
+
+/// What of one operation's metadata changes QEMU would still hold in its
+/// caches, for the case that it meets an invalid entry and drops them.
+#[derive(Debug, Default)]
+pub(super) struct Unflushed {
+    /// Whether this operation can meet an invalid entry (a write, a
+    /// write-zeroes or a copy-on-read of an extended-L2 image).
+    on: bool,
+    /// The operation asks block status (a write-zeroes or a copy-on-read).
+    block_status: bool,
+    /// The open's repair of a dirty image changed metadata first.
+    repaired: bool,
+    /// The guest range of the operation.
+    range: (u64, u64),
+    /// L2 entries changed, in order, with their values before.
+    l2: Vec<L2Write>,
+    /// More were changed than the log keeps.
+    overflow: bool,
+    /// The step at which QEMU last wrote both caches back.
+    written_at: usize,
+    /// `allocated` and `freed` as the operation found them.
+    lists_from: (usize, usize),
+    /// The write request under way: its pieces so far, the piece that set
+    /// the first of its deferred entries, and the later pieces in which the
+    /// caches were written back.
+    request: Option<(u64, Option<u64>, Vec<u64>)>,
+}
+
 impl Sim {
+    /// Start the log of operation `op` (before its open's work).
+    pub(super) fn begin_cache_log(&mut self, op: &super::Op) {
+        use super::Op;
+        let range = match op {
+            Op::Write { offset, length, .. }
+            | Op::WriteZeroes { offset, length, .. }
+            | Op::Read { offset, length } => Some((offset.get(), *length)),
+            _ => None,
+        };
+        self.unflushed = Unflushed {
+            on: self.geo.extended_l2 && range.is_some(),
+            block_status: matches!(op, Op::WriteZeroes { .. } | Op::Read { .. }),
+            range: range.unwrap_or_default(),
+            lists_from: (self.allocated.len(), self.freed.len()),
+            ..Default::default()
+        };
+    }
+
+    /// The open's repair of a dirty image is done.
+    pub(super) fn repaired_on_open(&mut self) {
+        self.unflushed.repaired = self.steps.iter().any(|c| !matches!(c.target, Target::Note));
+    }
+
+    /// Entry `index` of the L2 table at `table` is about to change from
+    /// `raw`/`bitmap` through QEMU's L2 cache.
+    pub(super) fn log_l2_write(&mut self, table: HostOffset, index: u64, raw: u64, bitmap: u64) {
+        let steps = self.steps.len();
+        let log = &mut self.unflushed;
+        if !log.on || log.overflow {
+            return;
+        }
+        if log.l2.len() >= MAX_LOGGED {
+            log.overflow = true;
+            log.l2 = Vec::new();
+            return;
+        }
+        let live_from = match &mut log.request {
+            Some((piece, first, _)) => {
+                first.get_or_insert(*piece);
+                usize::MAX
+            }
+            None => steps,
+        };
+        log.l2.push(L2Write {
+            table,
+            index,
+            raw,
+            bitmap,
+            live_from,
+        });
+    }
+
+    /// QEMU writes both caches back (`l2_allocate`).
+    pub(super) fn caches_written(&mut self) {
+        let log = &mut self.unflushed;
+        log.written_at = self.steps.len();
+        if let Some((piece, Some(first), later)) = &mut log.request
+            && *piece > *first
+            && later.last() != Some(piece)
+        {
+            later.push(*piece);
+        }
+    }
+
+    /// A guest write request starts; `false` when one is under way already.
+    pub(super) fn request_begin(&mut self) -> bool {
+        if self.unflushed.request.is_some() {
+            return false;
+        }
+        self.unflushed.request = Some((0, None, Vec::new()));
+        true
+    }
+
+    /// The request's next piece (`qcow2_alloc_host_offset`) starts.
+    pub(super) fn request_piece(&mut self) {
+        if let Some((piece, _, _)) = &mut self.unflushed.request {
+            *piece = piece.saturating_add(1);
+        }
+    }
+
+    /// The request ends: its L2 entries are set now, in the cache.
+    pub(super) fn request_end(&mut self) {
+        let steps = self.steps.len();
+        let log = &mut self.unflushed;
+        log.request = None;
+        for w in log.l2.iter_mut().filter(|w| w.live_from == usize::MAX) {
+            w.live_from = steps;
+        }
+    }
+
     /// The L2 table the active L1 table names for guest `g`, if any.
     fn l2_table_of(&self, g: GuestOffset) -> Option<HostOffset> {
         self.l1
@@ -27,9 +177,9 @@ impl Sim {
     }
 
     /// QEMU meets the invalid L2 entry of guest `g` in `what` (an operation,
-    /// in words): the image is marked corrupt and the operation fails as
-    /// `failure` says. Once this operation has changed metadata, which QEMU
-    /// would then never write, it is not simulated.
+    /// in words): what its caches hold of this operation's changes is lost,
+    /// the image is marked corrupt and the operation fails as `failure`
+    /// says. When what the caches hold is not known, it is not simulated.
     pub(super) fn invalid_entry_met(
         &mut self,
         g: GuestOffset,
@@ -37,9 +187,15 @@ impl Sim {
         failure: String,
     ) -> SimError {
         if self.steps.iter().any(|c| !matches!(c.target, Target::Note)) {
-            return SimError::NotModelled(format!(
-                "{what} that meets the L2 entry of guest {g:#x}, whose bits contradict each other, after it changed metadata (QEMU marks the image corrupt there, and what of those changes sits in its caches is never written)"
-            ));
+            let (l2_mark, rc_mark) = self.cache_marks();
+            if let Some(why) = self.cache_unknown(l2_mark, rc_mark) {
+                return SimError::NotModelled(format!(
+                    "{what} that meets the L2 entry of guest {g:#x}, whose bits contradict each other, {why}"
+                ));
+            }
+            if let Err(e) = self.drop_cached(l2_mark, rc_mark) {
+                return e;
+            }
         }
         let l2 = self.l2_table_of(g).unwrap_or_default();
         // QEMU names the entry by its index in the L2 slice it loaded.
@@ -50,15 +206,254 @@ impl Sim {
             "Marking image as corrupt: Invalid cluster entry found (L2 offset: {l2:#x}, L2 index: {index:#x})"
         ));
         let features = self.header_field(Field::IncompatibleFeatures);
-        let r = self.set_header(
+        let mut r = self.set_header(
             Field::IncompatibleFeatures,
             features | crate::header::INCOMPAT_CORRUPT,
         );
+        // qcow2_update_header writes the disk size QEMU uses, whole sectors.
+        let size = self.header_field(Field::Size);
+        if r.is_ok() && size & 511 != 0 {
+            r = self.set_header(Field::Size, size & !511);
+        }
         self.reason = saved;
         match r {
             Ok(()) => SimError::Qemu(failure),
             Err(e) => e,
         }
+    }
+
+    /// The step from which QEMU's caches still hold what changed: for L2
+    /// entries, and for refcounts (also written back when the L1 table grew).
+    fn cache_marks(&self) -> (usize, usize) {
+        let mut all = self.unflushed.written_at;
+        let mut refcounts = all;
+        for (i, c) in self.steps.iter().enumerate() {
+            match c.target {
+                // alloc_refcount_block writes both caches back before it
+                // hooks a new block up; a new refcount table likewise.
+                Target::RefcountTableEntry { .. }
+                | Target::Header {
+                    field: Field::RefcountTableOffset,
+                } => all = all.max(i),
+                // qcow2_grow_l1_table writes the refcounts back.
+                Target::Header {
+                    field: Field::L1TableOffset,
+                } => refcounts = refcounts.max(i),
+                _ => {}
+            }
+        }
+        (all, refcounts.max(all))
+    }
+
+    /// Why what QEMU's caches hold at this point is not known, if it is not.
+    fn cache_unknown(&mut self, l2_mark: usize, rc_mark: usize) -> Option<String> {
+        let log = &self.unflushed;
+        if log.repaired {
+            return Some("after the repair of a dirty image on its open changed metadata (QEMU does not write the refcounts that repair left in its cache, and they are lost)".into());
+        }
+        if !log.on {
+            return Some("in an operation whose use of QEMU's caches is not followed".into());
+        }
+        if log.overflow {
+            return Some(format!(
+                "after it changed more than {MAX_LOGGED} L2 entries (QEMU's caches would have written some of them back on their own)"
+            ));
+        }
+        if log
+            .request
+            .as_ref()
+            .is_some_and(|(_, _, later)| later.len() > 1)
+        {
+            return Some("after two later pieces of its write request wrote QEMU's caches back while its first L2 entries waited for their data (whether QEMU set those entries in between, to be written back by the second, depends on when its data writes finished)".into());
+        }
+        if let Some(why) = self.l2_cache_unknown(l2_mark) {
+            return Some(why);
+        }
+        self.refcount_cache_unknown(rc_mark)
+    }
+
+    /// Why QEMU's L2 cache may have written back changes it held since step
+    /// `l2_mark` on its own (evicting them), if it may.
+    fn l2_cache_unknown(&mut self, l2_mark: usize) -> Option<String> {
+        let log = &self.unflushed;
+        let (offset, length) = log.range;
+        // Only an L2 slice changed in the cache can be written back by
+        // eviction: when, from the first such change on, the operation goes
+        // through more slices (and old tables it copies) than the cache
+        // holds.
+        let first = log
+            .l2
+            .iter()
+            .find(|w| w.live_from != usize::MAX && w.live_from >= l2_mark)
+            .copied();
+        if let Some(w) = first {
+            let slice = self.slice_entries().max(1);
+            let span = slice.saturating_mul(self.cs).max(1);
+            let from = self
+                .l1
+                .iter()
+                .position(|e| e.l2_offset() == Some(w.table))
+                .map_or(offset, |i| {
+                    (i as u64)
+                        .saturating_mul(self.geo.l2_coverage())
+                        .saturating_add(w.index.saturating_mul(self.cs))
+                });
+            let slices = offset
+                .saturating_add(length.max(1))
+                .saturating_sub(1)
+                .checked_div(span)
+                .unwrap_or(0)
+                .saturating_sub(from.checked_div(span).unwrap_or(0))
+                .saturating_add(1);
+            let copies = self
+                .steps
+                .iter()
+                .skip(w.live_from)
+                .filter(|c| matches!(c.target, Target::L1Entry { .. }))
+                .count() as u64;
+            let bytes = self
+                .size
+                .div_ceil(self.cs)
+                .saturating_mul(self.geo.l2_entry_size())
+                .div_ceil(self.cs)
+                .saturating_mul(self.cs)
+                .min(L2_CACHE_MAX);
+            let entries = bytes
+                .checked_div(slice.saturating_mul(self.geo.l2_entry_size()))
+                .unwrap_or(0)
+                .max(2);
+            if slices.saturating_add(copies) > entries {
+                return Some(format!(
+                    "after it changed L2 entries and then went through more L2 slices than QEMU's L2 cache holds ({entries}), which may have written some of them back"
+                ));
+            }
+        }
+        None
+    }
+
+    /// Why QEMU's refcount cache may have written back changes it held since
+    /// step `rc_mark` on its own (evicting them), if it may.
+    fn refcount_cache_unknown(&mut self, rc_mark: usize) -> Option<String> {
+        // A refcount block is evicted from the blocks the operation changed
+        // (and, when it allocated, every block from the start, which the
+        // search for free clusters reads), one more for a look past them;
+        // after block status, every block of the image (its first call in
+        // an open, `qcow2_detect_metadata_preallocation`, reads refcounts
+        // from the first cluster on, as far as the file's allocation on
+        // disk takes it).
+        let dirty_rc = self
+            .steps
+            .iter()
+            .skip(rc_mark)
+            .any(|c| matches!(c.target, Target::Refcount { .. }));
+        if dirty_rc {
+            let bb = self.block_bits();
+            let mut range: Option<(u64, u64)> = None;
+            for c in &self.steps {
+                if let Target::Refcount { cluster } = c.target {
+                    let last = cluster.saturating_add(c.count.saturating_sub(1));
+                    let (lo, hi) = range.unwrap_or((u64::MAX, 0));
+                    range = Some((lo.min(cluster >> bb), hi.max(last >> bb)));
+                }
+            }
+            let allocated = self
+                .steps
+                .iter()
+                .any(|c| matches!(c.target, Target::Allocate { .. }));
+            let (lo, hi) = range.unwrap_or_default();
+            let lo = if allocated { 0 } else { lo };
+            let mut blocks = hi.saturating_sub(lo).saturating_add(2);
+            if self.unflushed.block_status {
+                let n = self.reftable_len();
+                let mut all = 0u64;
+                for ti in 0..n.min(1 << 20) {
+                    if self.read_u64(self.reftable_entry_offset(ti)) != 0 {
+                        all = all.saturating_add(1);
+                    }
+                }
+                if n > 1 << 20 {
+                    all = u64::MAX;
+                }
+                blocks = blocks.max(all);
+            }
+            if blocks > REFCOUNT_CACHE_BLOCKS {
+                return Some(format!(
+                    "after it changed refcounts and went through more refcount blocks than QEMU's refcount cache holds ({REFCOUNT_CACHE_BLOCKS}), which may have written some of them back"
+                ));
+            }
+        }
+        None
+    }
+
+    /// Undo what QEMU's caches held since steps `l2_mark` (L2 entries) and
+    /// `rc_mark` (refcounts): the file keeps what it had.
+    fn drop_cached(&mut self, l2_mark: usize, rc_mark: usize) -> SimResult<()> {
+        let lost: Vec<(Target, u64, u64, u64)> = self
+            .steps
+            .iter()
+            .skip(rc_mark)
+            .filter(|c| matches!(c.target, Target::Refcount { .. }))
+            .map(|c| (c.target.clone(), c.count, c.before, c.after))
+            .collect();
+        let l2: Vec<L2Write> = self
+            .unflushed
+            .l2
+            .iter()
+            .filter(|w| w.live_from >= l2_mark)
+            .copied()
+            .collect();
+        let saved = self.reason.clone();
+        for w in l2.iter().rev() {
+            let lost = if w.live_from == usize::MAX {
+                "lost: QEMU sets this entry once the request's data is written, after the image is marked corrupt, in a cache never written"
+            } else {
+                "lost: the change sat in QEMU's L2 cache, never written once the image is marked corrupt"
+            };
+            self.why(lost);
+            let (raw, bitmap) = self.l2_entry_at(w.table, w.index);
+            let off = self.l2_entry_offset(w.table, w.index);
+            let target = Target::L2Entry {
+                table_offset: w.table,
+                index: w.index,
+            };
+            if raw != w.raw {
+                self.write_u64(off, w.raw)?;
+                self.record(target.clone(), raw, w.raw);
+            }
+            if self.geo.extended_l2 && bitmap != w.bitmap {
+                self.write_u64(off.saturating_add(8), w.bitmap)?;
+                self.why(format!("{lost} (subcluster bitmap)"));
+                self.record(target, bitmap, w.bitmap);
+            }
+        }
+        self.why("lost: the change sat in QEMU's refcount cache, never written once the image is marked corrupt");
+        for (target, count, before, after) in lost.into_iter().rev() {
+            let Target::Refcount { cluster } = target else {
+                continue;
+            };
+            for k in 0..count {
+                let c = cluster.saturating_add(k);
+                self.put_refcount(c, before)?;
+                self.record(Target::Refcount { cluster: c }, after, before);
+            }
+        }
+        self.reason = saved;
+        // What was allocated or freed only in the caches is not.
+        let (a, f) = self.unflushed.lists_from;
+        let allocated = self.allocated.split_off(a.min(self.allocated.len()));
+        for e in allocated {
+            let c = self.cluster_of(e.0);
+            if self.get_refcount(c).map_or(true, |r| r != 0) {
+                self.allocated.push(e);
+            }
+        }
+        let freed = self.freed.split_off(f.min(self.freed.len()));
+        for e in freed {
+            if self.get_refcount(e.0).map_or(true, |r| r == 0) {
+                self.freed.push(e);
+            }
+        }
+        Ok(())
     }
 
     /// `calculate_l2_meta`'s look at a piece of a guest write from `pos`

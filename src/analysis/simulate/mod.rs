@@ -203,6 +203,9 @@ pub struct Sim {
     /// clusters before it grew, and the blocks' clusters (QEMU goes on with
     /// those counts: `counts_before_growth` in `rebuild.rs`).
     counted_before_growth: Option<(Arc<crate::check::Imrt>, u64, Vec<u64>)>,
+    /// What of this operation's metadata changes QEMU's caches would still
+    /// hold (lost when it meets an invalid L2 entry).
+    unflushed: invalid::Unflushed,
 }
 
 /// Why a simulated operation fails (or would go where the simulator does not
@@ -335,6 +338,7 @@ impl Sim {
             overlap_stop: None,
             copied_read_fails: None,
             counted_before_growth: None,
+            unflushed: Default::default(),
             data: Default::default(),
             base: img.src.clone(),
             path: path.to_path_buf(),
@@ -390,6 +394,7 @@ impl Sim {
         }
         let features = self.header_field(crate::header::Field::IncompatibleFeatures);
         let checking = matches!(op, Op::Repair { .. });
+        self.begin_cache_log(op);
         let r = if let Some(m) = &self.open_fails {
             // qemu-img and qemu-io (check included) stop at the open.
             Err(SimError::Qemu(backing::open_words(op, &self.path, m)))
@@ -413,7 +418,9 @@ impl Sim {
                 r
             } else if features & crate::header::INCOMPAT_DIRTY != 0 && !checking {
                 self.note("the image is dirty (lazy refcounts): QEMU repairs its refcounts on open, as qemu-img check -r all would".into());
-                self.repair(true)
+                let r = self.repair(true);
+                self.repaired_on_open();
+                r
             } else {
                 Ok(())
             };

@@ -30,10 +30,10 @@ impl Sim {
         length: u64,
         unmap: bool,
     ) -> SimResult<()> {
-        let Some(end) = offset.checked_add(length).filter(|e| e.get() <= self.size) else {
+        let disk = self.disk_end();
+        let Some(end) = offset.checked_add(length).filter(|e| e.get() <= disk) else {
             return Err(SimError::Qemu(format!(
-                "write failed: Input/output error (the request ends past the end of the disk, {} bytes, so the block layer refuses all of it)",
-                self.size
+                "write failed: Input/output error (the request ends past the end of the disk, {disk} bytes, so the block layer refuses all of it)"
             )));
         };
         // An external data file changes only what QEMU writes to it (zeros
@@ -71,7 +71,7 @@ impl Sim {
     /// most `MAX_BOUNCE` bytes). Returns how many bytes of the piece it did.
     fn pwrite_zeroes(&mut self, off: GuestOffset, n: u64, unmap: bool) -> SimResult<u64> {
         let unit = self.geo.subcluster_size().max(1);
-        let total = self.size & !511;
+        let total = self.disk_end();
         let end = off.saturating_add(n);
         let head = off.get().checked_rem(unit).unwrap_or(0);
         let mut tail = end
@@ -105,14 +105,17 @@ impl Sim {
                 );
                 return self.fallback(off, n, &why);
             }
+            // qcow2_get_host_offset of the whole subcluster: an invalid
+            // entry marks the image corrupt there too (EIO, no fallback).
             let ty = self.top_subcluster_type(s0);
             if ty == SubclusterType::Invalid {
-                // Nothing asked block status: the piece starts the subcluster
-                // and ends past the last multiple of 512 bytes of a disk
-                // whose size is not one, where QEMU's disk has already ended.
-                return Err(SimError::NotModelled(format!(
-                    "a write-zeroes at guest {s0:#x}, past the last multiple of 512 bytes of a disk whose size is not one, over an L2 entry with contradictory bits"
-                )));
+                return Err(self.invalid_entry_met(
+                    s0,
+                    "a partial write-zeroes",
+                    format!(
+                        "write failed: Input/output error (the L2 entry of guest {s0:#x} has contradictory bits: the image is marked corrupt)"
+                    ),
+                ));
             }
             if !matches!(
                 ty,
