@@ -231,7 +231,10 @@ impl Sim {
         self.snapshots.push(sn.clone());
         let r = self.update_snapshot_refcount(sn.l1_table_offset, u64::from(sn.l1_size), -1);
         self.snapshots.pop();
-        r?;
+        r.map_err(|e| match e {
+            SimError::Qemu(m) => SimError::Qemu(format!("{}{m}", super::ops::FREE_FAILED)),
+            other => other,
+        })?;
         self.free_clusters(
             sn.l1_table_offset,
             u64::from(sn.l1_size) * 8,
