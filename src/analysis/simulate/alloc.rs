@@ -258,6 +258,12 @@ impl Sim {
         if len == 0 {
             return Ok(());
         }
+        if len == self.cs {
+            // A whole cluster: held as zeros without reading it.
+            self.written(start, HostOffset(end));
+            self.clusters.zero(c);
+            return Ok(());
+        }
         let saved = self.reason.clone();
         self.why(format!(
             "the freed cluster {c} is discarded in the file ({kind:?}): it reads as zeros"
