@@ -1,5 +1,6 @@
 //! Allocation: finding free clusters first fit, taking them, and releasing
-//! them (`alloc_clusters_noref`, `qcow2_alloc_clusters`, `qcow2_free_clusters`).
+//! them (`alloc_clusters_noref`, `qcow2_alloc_clusters`, `qcow2_free_clusters`),
+//! and which releases QEMU passes down to the image file ([`Discard`]).
 
 use super::Sim;
 use super::SimError;
@@ -10,6 +11,44 @@ use crate::tables::ClusterType;
 use crate::tables::CompressedDescriptor;
 use crate::tables::L2Entry;
 use crate::types::{HostOffset, low_mask};
+
+/// Why QEMU releases clusters (its `enum qcow2_discard_type`), which decides
+/// whether a cluster whose refcount the release brings to 0 is also
+/// discarded in the image file: punched, so that its bytes read as zeros
+/// afterwards (the file keeps its length). QEMU's `discard_passthrough`
+/// table says which kinds pass; the file under a qcow2 image is always
+/// opened with `discard=unmap`, so a kind that passes is punched.
+///
+/// `update_refcount` queues the discard of each cluster that reaches 0 and
+/// issues the queue as it returns, or drops it when it fails; a refcount
+/// walk (`qcow2_update_snapshot_refcount`) keeps the queue until the whole
+/// walk is done, and drops it when the walk fails.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Discard {
+    /// `QCOW2_DISCARD_NEVER`, never passed down: allocations, the undo of a
+    /// failed update, and the old clusters a copy-on-write replaced (the
+    /// next write reuses them anyway).
+    Never,
+    /// `QCOW2_DISCARD_ALWAYS`, always passed down: what a shrink cuts off
+    /// (its clusters and L2 tables), a leak `qemu-img check -r` frees, and
+    /// a bitmap's old data clusters.
+    Always,
+    /// `QCOW2_DISCARD_REQUEST`, a guest's discard or unmapping
+    /// write-zeroes: passed down when the image is opened with unmap
+    /// (`BDRV_O_UNMAP`, `pass-discard-request`'s default): qemu-io opens it
+    /// so, qemu-img does not (see [`Sim::opens_with_unmap`]).
+    Request,
+    /// `QCOW2_DISCARD_SNAPSHOT`, passed down (`pass-discard-snapshot`
+    /// defaults to on): what a snapshot create, delete or apply frees: the
+    /// clusters and L2 tables its refcount walk brings to 0, the old
+    /// snapshot table, a deleted snapshot's L1 table.
+    Snapshot,
+    /// `QCOW2_DISCARD_OTHER`, not passed down (`pass-discard-other`
+    /// defaults to off): tables replaced by a copy: an L2 table's
+    /// copy-on-write, a grown L1 table, a grown refcount table, the old
+    /// bitmap directory and bitmap tables.
+    Other,
+}
 
 impl Sim {
     /// QEMU's `alloc_clusters_noref`: `n` contiguous clusters with refcount 0,
@@ -72,7 +111,7 @@ impl Sim {
     ) -> SimResult<()> {
         let saved = self.reason.clone();
         self.why(format!("allocated for {purpose}"));
-        if let Err(e) = self.update_refcount(off, len, 1, false) {
+        if let Err(e) = self.update_refcount(off, len, 1, false, Discard::Never) {
             self.reason = saved;
             return Err(e);
         }
@@ -126,8 +165,15 @@ impl Sim {
         Ok(off)
     }
 
-    /// QEMU's `qcow2_free_clusters`: -1 on each cluster the range touches.
-    pub(super) fn free_clusters(&mut self, off: HostOffset, size: u64, purpose: &str) {
+    /// QEMU's `qcow2_free_clusters`: -1 on each cluster the range touches,
+    /// released as `kind` says.
+    pub(super) fn free_clusters(
+        &mut self,
+        off: HostOffset,
+        size: u64,
+        purpose: &str,
+        kind: Discard,
+    ) {
         let saved = self.reason.clone();
         self.why(format!("released: {purpose}"));
         self.record(
@@ -139,7 +185,7 @@ impl Sim {
             0,
             0,
         );
-        if let Err(e) = self.update_refcount(off, size, 1, true) {
+        if let Err(e) = self.update_refcount(off, size, 1, true, kind) {
             let e = e.text();
             self.note(format!(
                 "QEMU: qcow2_free_clusters failed: {e}; the clusters are leaked"
@@ -148,46 +194,52 @@ impl Sim {
         self.reason = saved;
     }
 
-    /// QEMU's `qcow2_free_any_cluster`.
-    /// [`free_any_cluster`](Self::free_any_cluster) for a release whose
-    /// discard QEMU passes down to the file (a qemu-io guest discard or an
-    /// unmapping write-zeroes, `QCOW2_DISCARD_REQUEST` with `BDRV_O_UNMAP`;
-    /// a shrink, `QCOW2_DISCARD_ALWAYS`): each host cluster whose refcount
-    /// drops to 0 is punched, and reads as zeros afterwards (what shows when
-    /// a corrupt image had put metadata in it too). The file keeps its length.
-    pub(super) fn free_any_cluster_discarding(&mut self, entry: u64, purpose: &str) {
-        let e = L2Entry {
-            raw: entry,
-            bitmap: 0,
-        };
-        let (first, last) = match e.cluster_type(&self.geo, self.has_data_file) {
-            ClusterType::Compressed => {
-                let d = CompressedDescriptor::decode(entry, &self.geo);
-                let end = d
-                    .offset
-                    .get()
-                    .saturating_add(d.size.max(1))
-                    .saturating_sub(1);
-                (self.cluster_of(d.offset), self.cluster_of(end))
-            }
-            ClusterType::Normal | ClusterType::ZeroAlloc if !self.has_data_file => {
-                let c = self.cluster_of(L2Entry::from_word(entry).host_offset());
-                (c, c)
-            }
-            _ => return self.free_any_cluster(entry, purpose),
-        };
-        let before: Vec<u64> = (first..=last)
-            .map(|c| self.get_refcount(c).unwrap_or(0))
-            .collect();
-        self.free_any_cluster(entry, purpose);
-        for (c, was) in (first..=last).zip(before) {
-            if was == 0 || self.get_refcount(c).unwrap_or(1) != 0 {
-                continue;
-            }
-            if let Err(e) = self.punch_cluster(
-                c,
-                &format!("the freed cluster {c} is discarded in the file: it reads as zeros"),
-            ) {
+    /// Whether QEMU passes a release of `kind` down to the file, in the
+    /// command this operation runs in (`discard_passthrough`).
+    pub(super) fn passes(&self, kind: Discard) -> bool {
+        match kind {
+            Discard::Always | Discard::Snapshot => true,
+            Discard::Request => self.unmap,
+            Discard::Never | Discard::Other => false,
+        }
+    }
+
+    /// Whether the command that runs `op` opens the image with unmap
+    /// (`BDRV_O_UNMAP`), so that a guest's discard passes down to the
+    /// file: qemu-io does (its guest writes, discards and reads), qemu-img
+    /// (snapshot, resize, check) does not, and neither does a VM's drive
+    /// by default (QMP's snapshot delete), nor a walk by itself.
+    pub(super) fn opens_with_unmap(op: &super::Op) -> bool {
+        use super::Op;
+        matches!(
+            op,
+            Op::Write { .. }
+                | Op::WriteCompressed { .. }
+                | Op::WriteZeroes { .. }
+                | Op::Read { .. }
+                | Op::Discard { .. }
+        )
+    }
+
+    /// Cluster `c`'s refcount has just dropped to 0 in a release of
+    /// `kind`: its discard is queued when QEMU passes that kind down
+    /// (`update_refcount_discard`).
+    pub(super) fn queue_discard(&mut self, c: u64, kind: Discard) {
+        if self.passes(kind) {
+            self.discards.push((c, kind));
+        }
+    }
+
+    /// QEMU's `qcow2_process_discards`: when the update (or the walk) that
+    /// queued them succeeded, every queued discard is punched in the file, in
+    /// the order queued; when it failed, they are dropped.
+    pub(super) fn process_discards(&mut self, ok: bool) {
+        let queued = std::mem::take(&mut self.discards);
+        if !ok {
+            return;
+        }
+        for (c, kind) in queued {
+            if let Err(e) = self.punch_cluster(c, kind) {
                 self.note(format!(
                     "the discard of cluster {c} was not simulated: {}",
                     e.text()
@@ -198,22 +250,32 @@ impl Sim {
 
     /// A discard QEMU passes down to the image file for cluster `c`: its
     /// bytes within the file become a hole and read as zeros; the file keeps
-    /// its length. `why` is the reason recorded for it.
-    pub(super) fn punch_cluster(&mut self, c: u64, why: &str) -> SimResult<()> {
+    /// its length.
+    fn punch_cluster(&mut self, c: u64, kind: Discard) -> SimResult<()> {
         let start = self.cluster_start(c);
         let end = start.get().saturating_add(self.cs).min(self.file_len);
         let len = end.saturating_sub(start.get());
         if len == 0 {
             return Ok(());
         }
+        if len == self.cs {
+            // A whole cluster: held as zeros without reading it.
+            self.written(start, HostOffset(end));
+            self.clusters.zero(c);
+            return Ok(());
+        }
         let saved = self.reason.clone();
-        self.why(why);
+        self.why(format!(
+            "the freed cluster {c} is discarded in the file ({kind:?}): it reads as zeros"
+        ));
         let r = self.write_bytes(start, &vec![0u8; usize::try_from(len).unwrap_or(0)]);
         self.reason = saved;
         r
     }
 
-    pub(super) fn free_any_cluster(&mut self, entry: u64, purpose: &str) {
+    /// QEMU's `qcow2_free_any_cluster`: the host clusters an L2 entry
+    /// names, released as `kind` says.
+    pub(super) fn free_any_cluster(&mut self, entry: u64, purpose: &str, kind: Discard) {
         let e = L2Entry {
             raw: entry,
             bitmap: 0,
@@ -221,14 +283,14 @@ impl Sim {
         match e.cluster_type(&self.geo, self.has_data_file) {
             ClusterType::Compressed => {
                 let d = CompressedDescriptor::decode(entry, &self.geo);
-                self.free_clusters(d.offset, d.size, purpose);
+                self.free_clusters(d.offset, d.size, purpose, kind);
             }
             ClusterType::Normal | ClusterType::ZeroAlloc => {
                 let off = L2Entry::from_word(entry).host_offset();
                 if !off.is_multiple_of(self.cs) {
                     self.note(format!("Cannot free unaligned cluster {off:#x}"));
                 } else if !self.has_data_file {
-                    self.free_clusters(off, self.cs, purpose);
+                    self.free_clusters(off, self.cs, purpose, kind);
                 }
             }
             _ => {}

@@ -14,6 +14,7 @@
 //! The old clusters stay in use until the new ones are written, so the tables
 //! move on every command, even one that fails.
 
+use super::alloc::Discard;
 use super::{Sim, SimResult};
 use crate::bitmap::{BitmapMapping, BitmapTableEntry, FLAG_AUTO, FLAG_IN_USE};
 use crate::bytes::{align8, be64};
@@ -348,7 +349,12 @@ impl Sim {
             "bitmap_directory_offset",
             dir_off.get(),
         )?;
-        self.free_clusters(b.dir_offset, b.dir_size, "the old bitmap directory");
+        self.free_clusters(
+            b.dir_offset,
+            b.dir_size,
+            "the old bitmap directory",
+            Discard::Other,
+        );
         // The old tables go in the order of the block layer's list of dirty
         // bitmaps, where each loaded bitmap went in first: the last of the
         // directory first (it matters when a free fails on the way).
@@ -374,11 +380,25 @@ impl Sim {
             }
             for e in &old {
                 if let Some(data) = e.data_offset() {
-                    self.free_bitmap_data(data, &name)?;
+                    // `clear_bitmap_table`: a data cluster that reaches 0 is
+                    // punched, which shows when the new table names it too
+                    // (it was allocated again from a cluster the old table
+                    // named).
+                    self.free_clusters(
+                        data,
+                        self.cs,
+                        &format!("an old data cluster of bitmap '{name}'"),
+                        Discard::Always,
+                    );
                 }
             }
             let len = (old.len() as u64).saturating_mul(8);
-            self.free_clusters(table_off, len, &format!("the old table of bitmap '{name}'"));
+            self.free_clusters(
+                table_off,
+                len,
+                &format!("the old table of bitmap '{name}'"),
+                Discard::Other,
+            );
         }
         if let Some(bs) = self.bitmaps.as_mut() {
             bs.list = new_list;
@@ -388,30 +408,6 @@ impl Sim {
         }
         self.reason = saved;
         Ok(())
-    }
-
-    /// `clear_bitmap_table` for one data cluster: freed with
-    /// `QCOW2_DISCARD_ALWAYS`, so when its refcount drops to 0 its bytes
-    /// within the file are discarded (a hole, read as zeros; the file keeps
-    /// its length). That shows when the new table still names it (it was
-    /// allocated again from a free cluster the old table named).
-    fn free_bitmap_data(&mut self, data: HostOffset, name: &str) -> SimResult<()> {
-        let c = self.cluster_of(data);
-        let before = self.get_refcount(c).unwrap_or(0);
-        self.free_clusters(
-            data,
-            self.cs,
-            &format!("an old data cluster of bitmap '{name}'"),
-        );
-        if before == 0 || self.get_refcount(c).unwrap_or(1) != 0 {
-            return Ok(());
-        }
-        self.punch_cluster(
-            c,
-            &format!(
-                "the freed data cluster of bitmap '{name}' is discarded (QCOW2_DISCARD_ALWAYS): it reads as zeros"
-            ),
-        )
     }
 
     /// `store_bitmap`: a new cluster for every chunk with a set bit, in order.

@@ -18,6 +18,7 @@
 //! each as its thread finishes; the simulator places them in guest order,
 //! which is QEMU's order for a one-cluster request.
 
+use super::alloc::Discard;
 use super::change::Target;
 use super::{Sim, SimError, SimResult};
 use crate::compress::compress;
@@ -152,7 +153,7 @@ impl Sim {
             }
             let saved = self.reason.clone();
             self.why(format!("compressed data of guest {guest:#x}"));
-            let r = self.update_refcount(offset, size, 1, false);
+            let r = self.update_refcount(offset, size, 1, false, Discard::Never);
             self.reason = saved;
             match r {
                 Ok(()) => break,

@@ -3,6 +3,7 @@
 use super::Sim;
 use super::SimError;
 use super::SimResult;
+use super::alloc::Discard;
 use crate::tables::ClusterType;
 use crate::tables::L2Entry;
 use crate::types::GuestOffset;
@@ -103,9 +104,16 @@ impl Sim {
                     }
                 ));
                 self.set_l2_entry(l2, index, new, new_bm)?;
-                self.free_any_cluster_discarding(
+                // A shrink's discard always passes down to the file; a
+                // guest's when the image is opened with unmap.
+                self.free_any_cluster(
                     raw,
                     &format!("the discarded cluster of guest {g:#x}"),
+                    if full {
+                        Discard::Always
+                    } else {
+                        Discard::Request
+                    },
                 );
             }
             start = start.saturating_add(n.saturating_mul(cs));

@@ -6,6 +6,7 @@
 use super::Sim;
 use super::SimError;
 use super::SimResult;
+use super::alloc::Discard;
 use super::change::Target;
 use super::overlap::Meta;
 use crate::tables::ClusterType;
@@ -179,6 +180,7 @@ impl Sim {
                 old,
                 self.cs,
                 &format!("the old L2 table at {old:#x} (one L1 fewer names it)"),
+                Discard::Other,
             );
         }
         self.reason = saved;
@@ -479,7 +481,7 @@ impl Sim {
         }
         // Old clusters are released last (their tasks finish after all allocations).
         for (entry, why) in frees {
-            self.free_any_cluster(entry, &why);
+            self.free_any_cluster(entry, &why, Discard::Never);
         }
         Ok(())
     }

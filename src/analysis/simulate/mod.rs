@@ -149,6 +149,13 @@ pub struct Sim {
     snapshots_offset: HostOffset,
     snapshots_size: u64,
     free_cluster_index: u64,
+    /// Whether this operation's command opens the image with unmap
+    /// ([`Sim::opens_with_unmap`]): a guest's discard then passes down.
+    unmap: bool,
+    /// A refcount walk is under way: discards wait for its end.
+    cache_discards: bool,
+    /// The discards queued for the file (`s->discards`): cluster and kind.
+    discards: Vec<(u64, alloc::Discard)>,
     steps: Vec<Change>,
     reason: String,
     /// Every operation so far.
@@ -360,6 +367,9 @@ impl Sim {
             snapshots_offset: h.snapshots_offset,
             snapshots_size: img.snapshots.size,
             free_cluster_index: 0,
+            unmap: false,
+            cache_discards: false,
+            discards: Vec::new(),
             backing_named: img.backing_name.is_some(),
             backing_failure,
             steps: Vec::new(),
@@ -378,6 +388,8 @@ impl Sim {
         // Each operation is a fresh open of the image (a separate qemu-img or
         // qemu-io command), so QEMU's free-cluster hint starts at 0 again.
         self.free_cluster_index = 0;
+        self.unmap = Self::opens_with_unmap(op);
+        self.discards.clear();
         self.overlap_stop = None;
         self.unstored_features = 0;
         if let Op::Trace { offset } = op {

@@ -319,6 +319,10 @@ impl Op {
     }
 }
 
+/// How `qcow2_snapshot_delete` words a failed refcount walk, before the
+/// errno's text.
+pub(super) const FREE_FAILED: &str = "Failed to free the cluster and L1 table: ";
+
 /// An error as QEMU's tool would print it: its prefix for the operation and the
 /// errno's text, then what qinspect knows of why. What qinspect does not follow
 /// (`SimError::NotModelled`) is said in its own words, with no tool's prefix.
@@ -367,9 +371,15 @@ pub(super) fn qemu_words(op: &Op, cause: &SimError) -> String {
         .iter()
         .find(|(e, _)| detail.contains(&format!("({e})")) || detail.contains(&format!(", {e})")))
         .map(|(_, t)| *t);
+    // What QEMU says before the errno's text, when the driver words it.
+    const CONTEXT: [&str; 1] = [FREE_FAILED];
+    let (context, detail) = CONTEXT
+        .iter()
+        .find_map(|c| Some((*c, detail.strip_prefix(c)?)))
+        .unwrap_or(("", detail.as_str()));
     match text {
-        Some(t) => format!("{prefix}{t} ({detail})"),
-        None => format!("{prefix}{detail}"),
+        Some(t) => format!("{prefix}{context}{t} ({detail})"),
+        None => format!("{prefix}{context}{detail}"),
     }
 }
 

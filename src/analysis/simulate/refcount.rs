@@ -5,6 +5,7 @@
 use super::Sim;
 use super::SimError;
 use super::SimResult;
+use super::alloc::Discard;
 use super::change::Target;
 use crate::header::Field;
 use crate::refcount::get_refcount;
@@ -64,42 +65,67 @@ impl Sim {
     }
 
     /// QEMU's `update_refcount`: add or subtract `addend` on every cluster the byte
-    /// range touches; on failure, undo this call's earlier clusters.
+    /// range touches, a release of `kind` (see [`Discard`]); on failure, undo
+    /// this call's earlier clusters. The discards it queued are punched as it
+    /// returns (dropped when it fails), unless a walk keeps them for its end.
     pub(super) fn update_refcount(
         &mut self,
         offset: HostOffset,
         length: u64,
         addend: u64,
         decrease: bool,
+        kind: Discard,
     ) -> SimResult<()> {
         if length == 0 {
             return Ok(());
         }
         let first = self.cluster_of(offset);
         let last = self.cluster_of(offset.saturating_add(length.saturating_sub(1)));
+        let mut result = Ok(());
         for c in first..=last {
-            if let Err(e) = self.update_one(c, addend, decrease) {
+            if let Err(e) = self.update_one(c, addend, decrease, kind) {
                 if matches!(e, SimError::Again) {
                     // The search restarts from the first cluster of this update.
                     self.free_cluster_index = self.free_cluster_index.min(first);
                 }
+                // The queue goes (dropped) before the undo, which is an
+                // update of its own.
+                if !self.cache_discards {
+                    self.process_discards(false);
+                }
                 // "Try do undo any updates if an error is returned"
                 for u in first..c {
-                    let _ = self.update_one(u, addend, !decrease);
+                    let _ = self.update_one(u, addend, !decrease, Discard::Never);
                 }
-                return Err(e);
+                result = Err(e);
+                break;
             }
         }
-        Ok(())
+        if result.is_ok() && !self.cache_discards {
+            self.process_discards(true);
+        }
+        result
     }
 
-    pub(super) fn update_one(&mut self, c: u64, addend: u64, decrease: bool) -> SimResult<()> {
-        self.update_one_to(c, addend, decrease).map(|_| ())
+    pub(super) fn update_one(
+        &mut self,
+        c: u64,
+        addend: u64,
+        decrease: bool,
+        kind: Discard,
+    ) -> SimResult<()> {
+        self.update_one_to(c, addend, decrease, kind).map(|_| ())
     }
 
     /// [`Sim::update_one`], giving the cluster's new refcount (what
     /// [`Sim::get_refcount`] reads right after).
-    pub(super) fn update_one_to(&mut self, c: u64, addend: u64, decrease: bool) -> SimResult<u64> {
+    pub(super) fn update_one_to(
+        &mut self,
+        c: u64,
+        addend: u64,
+        decrease: bool,
+        kind: Discard,
+    ) -> SimResult<u64> {
         let ti = c >> self.block_bits();
         let block = match self.refcount_block_for(ti, c) {
             Ok(b) => b,
@@ -124,7 +150,7 @@ impl Sim {
                 1u32 << order
             )));
         };
-        self.store_refcount(slot, idx, c, cur, new);
+        self.store_refcount(slot, idx, c, cur, new, kind);
         Ok(new)
     }
 
@@ -149,10 +175,19 @@ impl Sim {
         }
     }
 
-    /// Cluster `c`'s refcount goes from `cur` to `new`: entry `idx` of the
-    /// refcount block in cache slot `slot` (from `Store::slot`), the
-    /// free-cluster hint, the record, and the list of freed clusters.
-    pub(super) fn store_refcount(&mut self, slot: usize, idx: u64, c: u64, cur: u64, new: u64) {
+    /// Cluster `c`'s refcount goes from `cur` to `new` in a release or
+    /// allocation of `kind`: entry `idx` of the refcount block in cache slot
+    /// `slot` (from `Store::slot`), the free-cluster hint, the record, the
+    /// list of freed clusters and the queue of discards.
+    pub(super) fn store_refcount(
+        &mut self,
+        slot: usize,
+        idx: u64,
+        c: u64,
+        cur: u64,
+        new: u64,
+        kind: Discard,
+    ) {
         if new == 0 && c < self.free_cluster_index {
             self.free_cluster_index = c;
         }
@@ -162,6 +197,7 @@ impl Sim {
         if new == 0 {
             let r = self.reason.clone();
             self.freed.push((c, r));
+            self.queue_discard(c, kind);
         }
     }
 
@@ -226,7 +262,7 @@ impl Sim {
             let other_ti = new_c >> bb;
             // Its own refcount lives in another block, which must exist.
             let _ = self.refcount_block_for(other_ti, new_c)?;
-            self.update_one(new_c, 1, false)?;
+            self.update_one(new_c, 1, false, Discard::Never)?;
             let zero = vec![0u8; self.cs as usize];
             self.write_bytes(new_off, &zero)?;
         }
@@ -420,6 +456,7 @@ impl Sim {
             old_off,
             self.clusters_bytes(u64::from(old_clusters)),
             "the old refcount table",
+            Discard::Other,
         );
         Ok(())
     }

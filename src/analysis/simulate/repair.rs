@@ -11,6 +11,7 @@
 //! of the active tables are set to what the refcounts now say (`copied.rs`). An image left
 //! without corruptions is marked clean and consistent.
 
+use super::alloc::Discard;
 use super::{BDRV_MAX_LENGTH, Sim, SimError, SimResult};
 use crate::check::{CheckOptions, check};
 use crate::header::Field;
@@ -318,15 +319,14 @@ impl Sim {
                 self.why(format!(
                     "Repairing cluster {c} refcount={stored} reference={reference} (leaked)"
                 ));
+                // QCOW2_DISCARD_ALWAYS: a leak freed to 0 is punched.
                 self.update_refcount(
                     self.cluster_start(c),
                     1,
                     stored.saturating_sub(reference),
                     true,
+                    Discard::Always,
                 )?;
-                if reference == 0 {
-                    self.discard_freed(c)?;
-                }
             } else if all {
                 self.why(format!(
                     "Repairing cluster {c} refcount={stored} reference={reference}"
@@ -336,6 +336,7 @@ impl Sim {
                     1,
                     reference.saturating_sub(stored),
                     false,
+                    Discard::Always,
                 )?;
             } else if rebuilt {
                 self.note(format!(
@@ -349,17 +350,6 @@ impl Sim {
             self.note("ERROR rebuilt refcount structure is still broken".into());
         }
         Ok((left_corrupt, repaired))
-    }
-
-    /// What freeing leaked cluster `c` does to the file: QEMU frees it with
-    /// `QCOW2_DISCARD_ALWAYS`, and the image file is opened with
-    /// `discard=unmap` (a protocol child always is), so the cluster's bytes
-    /// within the file are discarded (a hole, read as zeros). The file keeps
-    /// its length.
-    fn discard_freed(&mut self, c: u64) -> SimResult<()> {
-        // The reason stays the release's (as it was): `why` restores it.
-        let why = self.reason.clone();
-        self.punch_cluster(c, &why)
     }
 
     /// `qcow2_mark_clean` and `qcow2_mark_consistent`.

@@ -4,6 +4,7 @@
 use super::Sim;
 use super::SimError;
 use super::SimResult;
+use super::alloc::Discard;
 use super::change::Target;
 use crate::header::Field;
 use crate::refcount::get_refcount;
@@ -65,6 +66,7 @@ impl Sim {
             old_off,
             old_len.saturating_mul(8),
             "the old active L1 table",
+            Discard::Other,
         );
         Ok(())
     }
@@ -302,6 +304,7 @@ impl Sim {
                 l2,
                 self.cs,
                 &format!("the L2 table of active L1[{i}], past the new end"),
+                Discard::Always,
             );
             if let Some(slot) = self.l1.get_mut(i as usize) {
                 *slot = L1Entry::UNALLOCATED;

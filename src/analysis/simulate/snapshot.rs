@@ -5,6 +5,7 @@ use super::Sim;
 use super::SimError;
 use super::SimResult;
 use super::SimSnapshot;
+use super::alloc::Discard;
 use super::change::Target;
 use crate::header::Field;
 use crate::tables::L1Entry;
@@ -89,7 +90,12 @@ impl Sim {
         self.snapshots_offset = off;
         self.snapshots_size = size;
         if old_size > 0 {
-            self.free_clusters(old_off, old_size, "the old snapshot table");
+            self.free_clusters(
+                old_off,
+                old_size,
+                "the old snapshot table",
+                Discard::Snapshot,
+            );
         }
         Ok(())
     }
@@ -225,11 +231,15 @@ impl Sim {
         self.snapshots.push(sn.clone());
         let r = self.update_snapshot_refcount(sn.l1_table_offset, u64::from(sn.l1_size), -1);
         self.snapshots.pop();
-        r?;
+        r.map_err(|e| match e {
+            SimError::Qemu(m) => SimError::Qemu(format!("{}{m}", super::ops::FREE_FAILED)),
+            other => other,
+        })?;
         self.free_clusters(
             sn.l1_table_offset,
             u64::from(sn.l1_size) * 8,
             &format!("the {label} table"),
+            Discard::Snapshot,
         );
         self.note(
             "addend 0 over the active L1: no refcount changes, COPIED flags recomputed".into(),

@@ -20,7 +20,9 @@ use std::sync::Mutex;
 
 type BuildHasher = std::hash::BuildHasherDefault<ClusterHasher>;
 
-/// Changed clusters by index: the deflated XOR of each with the file's bytes.
+/// Changed clusters by index: the deflated XOR of each with the file's bytes,
+/// or nothing (an empty entry, which deflate never makes) for a cluster that
+/// reads as zeros.
 pub(super) type PackedMap = HashMap<u64, Box<[u8]>, BuildHasher>;
 
 /// The cache holds about this many bytes of clusters.
@@ -180,6 +182,17 @@ impl Store {
         self.slots.len().saturating_sub(1)
     }
 
+    /// Cluster `c` reads as zeros from now on (a hole punched in the file),
+    /// without reading it: an empty packed entry, or zeros in its cached copy.
+    pub(super) fn zero(&mut self, c: u64) {
+        if let Some(e) = self.index.get(&c).and_then(|&i| self.slots.get_mut(i)) {
+            e.data.fill(0);
+            e.changed = true;
+        } else {
+            Arc::make_mut(&mut self.packed).insert(c, Box::default());
+        }
+    }
+
     /// Drop every cluster from `first` on (the file was cut there).
     pub(super) fn forget_from(&mut self, first: u64) {
         self.slots.retain(|e| e.c < first);
@@ -205,8 +218,10 @@ impl Store {
         let at = c.saturating_mul(self.cs);
         let mut buf = vec![0u8; self.cs as usize].into_boxed_slice();
         if let Some(p) = self.packed.get(&c) {
-            let _ = base.read_at(&mut buf, at);
-            unpack(p, &mut buf);
+            if !p.is_empty() {
+                let _ = base.read_at(&mut buf, at);
+                unpack(p, &mut buf);
+            }
         } else if at < zero_from {
             let _ = base.read_at(&mut buf, at);
             // A cluster the cut went through keeps only its head.
@@ -254,6 +269,10 @@ impl Store {
         // The same bytes as the file, where the file is not cut: nothing to keep.
         if diff.iter().all(|&b| b == 0) && at.saturating_add(self.cs) <= zero_from {
             packed.remove(&c);
+            return true;
+        }
+        if data.iter().all(|&b| b == 0) {
+            packed.insert(c, Box::default());
             return true;
         }
         let mut enc = flate2::write::DeflateEncoder::new(Vec::new(), Compression::fast());
@@ -315,8 +334,10 @@ impl PackedReader {
             return Ok(Some(data.clone()));
         }
         let mut buf = vec![0u8; cs as usize];
-        base.read_at(&mut buf, c.saturating_mul(cs))?;
-        unpack(p, &mut buf);
+        if !p.is_empty() {
+            base.read_at(&mut buf, c.saturating_mul(cs))?;
+            unpack(p, &mut buf);
+        }
         let data: Arc<[u8]> = buf.into();
         if let Ok(mut d) = self.decoded.lock() {
             if d.len() >= DECODED {
@@ -341,6 +362,40 @@ mod tests {
             .flat_map(|i| std::iter::repeat_n(i as u8, CS as usize))
             .collect();
         Arc::new(MemSource::new("f", bytes))
+    }
+
+    #[test]
+    fn zeroed_clusters_read_as_zeros_and_take_no_room() {
+        let n = 40u64;
+        let base = file(n);
+        let mut st = Store::new(CS);
+        // Cluster 3 is cached (changed) when zeroed, 5 is not cached, and 7
+        // is written as zeros by hand, then packed; 1 is left alone.
+        if let Some(b) = st.get(3, &base, u64::MAX, true).first_mut() {
+            *b = 0x55;
+        }
+        st.zero(3);
+        st.zero(5);
+        st.get(7, &base, u64::MAX, true).fill(0);
+        for c in [3u64, 5, 7] {
+            assert!(st.get(c, &base, u64::MAX, false).iter().all(|&b| b == 0));
+        }
+        st.settle(&base, u64::MAX);
+        assert_eq!(st.packed.len(), 3);
+        assert!(st.packed.values().all(|p| p.is_empty()));
+        let reader = PackedReader::new(st.snapshot().0);
+        for c in [3u64, 5, 7] {
+            let d = reader.cluster(c, CS, &base).ok().flatten();
+            assert!(d.is_some_and(|d| d.iter().all(|&b| b == 0)), "cluster {c}");
+            let held = st.held(c, &base, u64::MAX);
+            assert!(
+                held.is_some_and(|d| d.iter().all(|&b| b == 0)),
+                "cluster {c}"
+            );
+            assert!(st.get(c, &base, u64::MAX, false).iter().all(|&b| b == 0));
+        }
+        assert!(st.held(1, &base, u64::MAX).is_none());
+        assert_eq!(st.get(9, &base, u64::MAX, false).first().copied(), Some(9));
     }
 
     #[test]

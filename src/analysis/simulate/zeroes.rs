@@ -11,6 +11,7 @@
 //! data that happens to be zeros) counts as not zero and bytes past the end
 //! of a shorter layer count as zeros.
 
+use super::alloc::Discard;
 use super::{Sim, SimError, SimResult};
 use crate::chain::{Chain, LayerKind, OpenOptions};
 use crate::io::Extent;
@@ -367,9 +368,10 @@ impl Sim {
                 ));
                 self.set_l2_entry(l2, index, new, new_bm)?;
                 if release {
-                    self.free_any_cluster_discarding(
+                    self.free_any_cluster(
                         raw,
                         &format!("the zeroed cluster of guest {g:#x}"),
+                        Discard::Request,
                     );
                 }
             }

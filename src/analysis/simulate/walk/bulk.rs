@@ -4,6 +4,7 @@
 //! in the parent module is the reference; `tests` compares the two.
 
 use super::{DATA, Sim, Walk};
+use crate::analysis::simulate::alloc::Discard;
 use crate::analysis::simulate::change::Target;
 use crate::analysis::simulate::overlap::Meta;
 use crate::refcount::get_refcount;
@@ -128,7 +129,7 @@ impl Sim {
                             return false;
                         };
                         w.reasons.put(&mut self.reason, DATA);
-                        self.store_refcount(slot, idx, c, cur, new);
+                        self.store_refcount(slot, idx, c, cur, new, Discard::Snapshot);
                         new
                     }
                 }

@@ -4,6 +4,7 @@
 use super::Sim;
 use super::SimError;
 use super::SimResult;
+use super::alloc::Discard;
 use super::change::Target;
 use super::overlap::Meta;
 use crate::tables::ClusterType;
@@ -112,6 +113,9 @@ impl Sim {
         };
         let mut l1_modified = false;
         let mut result = Ok(());
+        // What the walk frees is discarded (QCOW2_DISCARD_SNAPSHOT) once the
+        // whole walk is done.
+        self.cache_discards = true;
         for i in 0..table.len() {
             let Some(&old_l1) = table.get(i) else { break };
             if old_l1 == L1Entry::UNALLOCATED {
@@ -138,7 +142,9 @@ impl Sim {
                     "{}: the L2 table named by {label}[{i}]{vm}",
                     if addend > 0 { "+1" } else { "-1" }
                 ));
-                if let Err(e) = self.update_one(self.cluster_of(l2), 1, addend < 0) {
+                if let Err(e) =
+                    self.update_one(self.cluster_of(l2), 1, addend < 0, Discard::Snapshot)
+                {
                     result = Err(e);
                     break;
                 }
@@ -176,6 +182,8 @@ impl Sim {
                 );
             }
         }
+        self.cache_discards = false;
+        self.process_discards(result.is_ok());
         if active {
             // QEMU modified its in-memory table in place.
             self.l1.clone_from(&table);
@@ -258,7 +266,7 @@ impl Sim {
                 if addend != 0 {
                     let d = CompressedDescriptor::decode(entry, &self.geo);
                     w.reasons.put(&mut self.reason, COMPRESSED);
-                    self.update_refcount(d.offset, d.size, 1, addend < 0)?;
+                    self.update_refcount(d.offset, d.size, 1, addend < 0, Discard::Snapshot)?;
                 }
                 2
             }
@@ -270,7 +278,7 @@ impl Sim {
                 }
                 if addend != 0 {
                     w.reasons.put(&mut self.reason, DATA);
-                    self.update_one_to(self.cluster_of(off), 1, addend < 0)?
+                    self.update_one_to(self.cluster_of(off), 1, addend < 0, Discard::Snapshot)?
                 } else {
                     self.get_refcount(self.cluster_of(off))?
                 }
