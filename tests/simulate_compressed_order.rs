@@ -50,7 +50,7 @@ fn each_real_run_is_matched_when_its_order_is_followed() {
             notes
                 .iter()
                 .any(|n| n.contains(&format!("the {clusters} clusters"))
-                    && n.contains("in guest order, one of those QEMU can take")),
+                    && n.contains("in guest order, one of the orders QEMU can take")),
             "{notes:?}"
         );
         eprintln!("{cs}-byte clusters: QEMU's orders {orders:?}");

@@ -131,7 +131,7 @@ impl Sim {
             if sorted == guest {
                 if given != guest {
                     self.note(
-                        "the clusters of the request are placed in the order given, that of one run of QEMU".into(),
+                        "the clusters of the request are taken in the order given, that of one run of QEMU".into(),
                     );
                 }
                 return given;
@@ -139,7 +139,7 @@ impl Sim {
         }
         if guest.len() > 1 {
             self.note(format!(
-                "QEMU compresses the {} clusters of this request in parallel and places each as its compression ends, in an order that varies between runs: they are placed here in guest order, one of those QEMU can take",
+                "QEMU compresses the {} clusters of this request in parallel and takes each as its compression ends, in an order that varies between runs: here they are taken in guest order, one of the orders QEMU can take",
                 guest.len()
             ));
         }
