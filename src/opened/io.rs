@@ -260,3 +260,77 @@ pub fn read_into(
         source: Arc::new(e),
     })
 }
+
+/// Whether `len` bytes from `offset` would end past
+/// [`BDRV_MAX_LENGTH`](crate::types::BDRV_MAX_LENGTH), where QEMU's block layer
+/// fails a read (EIO) instead of making it.
+pub fn ends_past_limit(offset: HostOffset, len: u64) -> bool {
+    offset
+        .get()
+        .checked_add(len)
+        .is_none_or(|end| end > crate::types::BDRV_MAX_LENGTH)
+}
+
+/// QEMU's failure to read `len` bytes of structure `what` at `offset` when
+/// they would end past [`BDRV_MAX_LENGTH`](crate::types::BDRV_MAX_LENGTH)
+/// ([`ends_past_limit`]), in the words [`read_as_qemu`] fails with.
+pub fn within_limit(what: &str, offset: HostOffset, len: u64) -> Result<()> {
+    if ends_past_limit(offset, len) {
+        return Err(Error::invalid(
+            what,
+            offset,
+            format!(
+                "{len} bytes from here end past {:#x}, the largest offset QEMU reads (Input/output error)",
+                crate::types::BDRV_MAX_LENGTH
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// `len` bytes of structure `what` at `offset` as QEMU's block layer reads
+/// them: those past the end of the file (its length when it was opened) are
+/// zeros, and a read that would end
+/// past [`BDRV_MAX_LENGTH`](crate::types::BDRV_MAX_LENGTH) fails (an
+/// [`Error::Invalid`] saying so, QEMU's Input/output error). `len` must
+/// already be checked against sane limits by the caller: the zeros past the
+/// end of the file are made in memory.
+pub fn read_as_qemu(src: &dyn Source, what: &str, offset: HostOffset, len: u64) -> Result<Vec<u8>> {
+    within_limit(what, offset, len)?;
+    let size = usize::try_from(len).map_err(|_| Error::invalid(what, offset, "too large"))?;
+    let mut buf = vec![0u8; size];
+    let inside = src.len().saturating_sub(offset.get()).min(len) as usize;
+    if let Some(head) = buf.get_mut(..inside).filter(|h| !h.is_empty()) {
+        read_into(src, what, offset, head)?;
+    }
+    Ok(buf)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    /// What QEMU's block layer reads: the file's bytes, zeros past its end,
+    /// and a failure for a read ending past `BDRV_MAX_LENGTH`.
+    #[test]
+    fn reads_as_qemu_zeros_past_the_end_and_fails_past_the_limit() {
+        let src = MemSource::new("m", vec![1, 2, 3, 4]);
+        assert_eq!(
+            read_as_qemu(&src, "t", HostOffset(2), 4).unwrap(),
+            [3, 4, 0, 0]
+        );
+        assert_eq!(
+            read_as_qemu(&src, "t", HostOffset(1 << 40), 2).unwrap(),
+            [0, 0]
+        );
+        let limit = crate::types::BDRV_MAX_LENGTH;
+        assert!(!ends_past_limit(HostOffset(limit - 8), 8));
+        assert!(ends_past_limit(HostOffset(limit - 8), 9));
+        assert!(ends_past_limit(HostOffset(u64::MAX), 1));
+        assert!(matches!(
+            read_as_qemu(&src, "t", HostOffset(limit - 8), 16),
+            Err(Error::Invalid { offset, .. }) if offset == HostOffset(limit - 8)
+        ));
+    }
+}

@@ -430,12 +430,24 @@ pub fn compare_with(
     ops: &[&str],
     qemu_ops: &[&str],
 ) -> Result<Sim, String> {
+    on_a_copy(dir, image, |sim, copy| {
+        compare_sim(dir, sim, copy, ops, qemu_ops)
+    })
+}
+
+/// `run` given a simulation of `image` in `dir` and the name of a copy of it
+/// for QEMU (`IMAGE.qemu`); the original must not change meanwhile.
+fn on_a_copy(
+    dir: &Path,
+    image: &str,
+    run: impl FnOnce(Sim, &str) -> Result<Sim, String>,
+) -> Result<Sim, String> {
     let before = std::fs::read(dir.join(image)).map_err(|e| e.to_string())?;
     let copy = format!("{image}.qemu");
     std::fs::copy(dir.join(image), dir.join(&copy)).map_err(|e| e.to_string())?;
     let img = open_path(&dir.join(image))?;
     let sim = Sim::new(&img, &dir.join(image)).map_err(|e| format!("Sim::new: {e}"))?;
-    let sim = compare_sim(dir, sim, &copy, ops, qemu_ops)?;
+    let sim = run(sim, &copy)?;
     if std::fs::read(dir.join(image)).map_err(|e| e.to_string())? != before {
         return Err("the original image changed".into());
     }
@@ -460,16 +472,51 @@ pub fn compare_sim(
 /// As [`compare`], without comparing the guest bytes at the end (for a
 /// simulation that cannot know them).
 pub fn compare_metadata(dir: &Path, image: &str, ops: &[&str]) -> Result<Sim, String> {
-    let before = std::fs::read(dir.join(image)).map_err(|e| e.to_string())?;
-    let copy = format!("{image}.qemu");
-    std::fs::copy(dir.join(image), dir.join(&copy)).map_err(|e| e.to_string())?;
-    let img = open_path(&dir.join(image))?;
-    let sim = Sim::new(&img, &dir.join(image)).map_err(|e| format!("Sim::new: {e}"))?;
-    let sim = compare_ops(dir, sim, &copy, ops, ops)?;
-    if std::fs::read(dir.join(image)).map_err(|e| e.to_string())? != before {
-        return Err("the original image changed".into());
+    on_a_copy(dir, image, |sim, copy| {
+        compare_ops(dir, sim, copy, ops, ops)
+    })
+}
+
+/// The order QEMU's run of the compressed write `op` on the image at `real`
+/// placed the request's clusters in, for the simulation to follow (QEMU's
+/// compression threads finish in an order that varies between runs): their
+/// guest offsets sorted by the host offset each landed at. Every new
+/// cluster QEMU takes for them is found first fit and nothing is freed on
+/// the way, so the host offsets grow in the order of placement; clusters
+/// that got no host offset (a failure) come last. `None` for other
+/// operations and for a request of one cluster.
+pub fn compressed_order(real: &Path, op: &Op) -> Option<Vec<GuestOffset>> {
+    let Op::WriteCompressed { offset, length, .. } = op else {
+        return None;
+    };
+    let img = open_path(real).ok()?;
+    let geo = img.geometry();
+    let cs = geo.cluster_size();
+    let end = offset.get().checked_add(*length)?;
+    let mut keyed: Vec<(u64, GuestOffset)> = Vec::new();
+    for g in (offset.get()..end).step_by(cs as usize).map(GuestOffset) {
+        let l2 = img
+            .l1
+            .get(geo.l1_index(g) as usize)
+            .and_then(|e| e.l2_offset())
+            .filter(|o| o.get() != 0);
+        let host = l2
+            .and_then(|l2| img.l2_table(l2).ok())
+            .and_then(|t| t.get(geo.l2_index(g) as usize).copied())
+            .and_then(|e| match e.mapping(&geo, img.header.has_data_file()) {
+                qinspect::tables::L2Mapping::Compressed { descriptor, .. } => {
+                    Some(descriptor.offset.get())
+                }
+                qinspect::tables::L2Mapping::Data { host, .. } => Some(host.get()),
+                _ => None,
+            });
+        keyed.push((host.unwrap_or(u64::MAX), g));
     }
-    Ok(sim)
+    if keyed.len() < 2 {
+        return None;
+    }
+    keyed.sort();
+    Some(keyed.into_iter().map(|(_, g)| g).collect())
 }
 
 /// Apply `ops` to `sim` and `qemu_ops` for real to the image `real` in `dir`,
@@ -484,7 +531,11 @@ pub fn compare_ops(
     let copy = copy.to_string();
     for (i, op) in ops.iter().enumerate() {
         let (ok, line) = run_qemu(dir, &qemu_command(qemu_ops[i], &copy));
-        sim.apply(&parse_op(op));
+        let parsed = parse_op(op);
+        if let Some(order) = compressed_order(&dir.join(&copy), &parsed) {
+            sim.place_compressed_in(order);
+        }
+        sim.apply(&parsed);
         let rec = sim.records.last().ok_or("no record")?;
         let at = format!("operation {} ({op})", i + 1);
         match (&rec.error, ok) {

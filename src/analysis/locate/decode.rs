@@ -330,14 +330,11 @@ fn snapshot_field(img: &Qcow2, r: &Region, rel: u64, i: usize) -> Option<Decoded
 /// file (QEMU reads zeros there, or fails past `BDRV_MAX_LENGTH`).
 fn table_offset_meaning(img: &Qcow2, i: usize, b: &crate::bitmap::BitmapEntry) -> String {
     let at = format!("the bitmap table is at {:#x}", b.table_offset);
-    let end = b
-        .table_offset
-        .get()
-        .saturating_add(u64::from(b.table_size).saturating_mul(8));
-    if end <= img.file_len() {
+    let len = u64::from(b.table_size).saturating_mul(8);
+    if b.table_offset.get().saturating_add(len) <= img.file_len() {
         return at;
     }
-    if end > crate::types::BDRV_MAX_LENGTH {
+    if crate::io::ends_past_limit(b.table_offset, len) {
         return format!(
             "{at}, ending past {:#x}, the largest offset QEMU reads: its read of the table fails",
             crate::types::BDRV_MAX_LENGTH

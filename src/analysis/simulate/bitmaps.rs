@@ -17,7 +17,7 @@
 use super::alloc::Discard;
 use super::{Sim, SimResult};
 use crate::bitmap::{BitmapMapping, BitmapTableEntry, FLAG_AUTO, FLAG_IN_USE};
-use crate::bytes::{align8, be64};
+use crate::bytes::align8;
 use crate::error::{CorruptKind, Error};
 use crate::header::{ExtensionKind, Field};
 use crate::image::Qcow2;
@@ -304,11 +304,7 @@ impl Sim {
                 new_list.push(bm.clone());
                 continue;
             }
-            let old = self.read_bytes(bm.table_offset, u64::from(bm.table_size) * 8);
-            let old: Vec<BitmapTableEntry> = old
-                .chunks_exact(8)
-                .map(|c| BitmapTableEntry(be64(c, 0)))
-                .collect();
+            let old = self.bitmap_table(bm.table_offset, bm.table_size);
             let table = self.store_bitmap(bm, &old, &b.dirty)?;
             self.why(format!("the new table of bitmap '{}'", bm.name));
             let bytes: Vec<u8> = table.iter().flat_map(|e| e.0.to_be_bytes()).collect();
@@ -363,11 +359,7 @@ impl Sim {
             // table or data cluster may have been written over it (a table
             // whose clusters were free, past the end of the file in part).
             // It frees nothing of a table with an entry it refuses.
-            let old: Vec<BitmapTableEntry> = self
-                .read_bytes(table_off, u64::from(size) * 8)
-                .chunks_exact(8)
-                .map(|c| BitmapTableEntry(be64(c, 0)))
-                .collect();
+            let old = self.bitmap_table(table_off, size);
             if let Some((j, e)) = (0u64..)
                 .zip(&old)
                 .find(|(_, e)| e.problem(self.cs).is_some())
@@ -408,6 +400,16 @@ impl Sim {
         }
         self.reason = saved;
         Ok(())
+    }
+
+    /// The bitmap table of `size` entries at `off`, as the file holds it now
+    /// (zeros past its end). `store_bitmaps` reads each old table twice, as
+    /// QEMU does: once to store the bitmap, and again when it frees the
+    /// table, by when a new table or data cluster may have been written over
+    /// it.
+    fn bitmap_table(&mut self, off: HostOffset, size: u32) -> Vec<BitmapTableEntry> {
+        let bytes = self.read_bytes(off, u64::from(size).saturating_mul(8));
+        crate::bitmap::decode_table(&bytes).collect()
     }
 
     /// `store_bitmap`: a new cluster for every chunk with a set bit, in order.

@@ -261,7 +261,54 @@ impl Change {
     }
 }
 
+/// How many records back a new change can extend ([`Sim::record`]).
+const MERGE_BACK: usize = 2;
+
+/// Where the change log stood at one moment ([`Sim::step_mark`]): how many
+/// records it held, and the counts of the last of them, the only ones a
+/// later change can extend.
+#[derive(Clone, Debug)]
+pub(super) struct StepMark {
+    len: usize,
+    tail: Vec<u64>,
+}
+
+impl StepMark {
+    /// The records the log held then.
+    pub(super) fn len(&self) -> usize {
+        self.len
+    }
+}
+
 impl Sim {
+    /// Where the change log stands now, to go back to it
+    /// ([`Sim::steps_since`]) without a copy of it.
+    pub(super) fn step_mark(&self) -> StepMark {
+        let from = self.steps.len().saturating_sub(MERGE_BACK);
+        StepMark {
+            len: self.steps.len(),
+            tail: self
+                .steps
+                .get(from..)
+                .unwrap_or_default()
+                .iter()
+                .map(|c| c.count)
+                .collect(),
+        }
+    }
+
+    /// The records made since `mark`, or `None` when a record from before it
+    /// was extended since (then the log before `mark` is not what it was).
+    pub(super) fn steps_since(&self, mark: &StepMark) -> Option<&[Change]> {
+        let from = mark.len.saturating_sub(mark.tail.len());
+        let then = self.steps.get(from..mark.len)?;
+        then.iter()
+            .map(|c| c.count)
+            .eq(mark.tail.iter().copied())
+            .then(|| self.steps.get(mark.len..))
+            .flatten()
+    }
+
     // ---- recording ---------------------------------------------------------
 
     pub(super) fn record(&mut self, target: Target, before: u64, after: u64) {
@@ -270,7 +317,7 @@ impl Sim {
         // Most changes of a walk extend a run: the reason is copied only for a
         // new one.
         let n = self.steps.len();
-        for back in 1..=2usize.min(n) {
+        for back in 1..=MERGE_BACK.min(n) {
             if let Some(prev) = n.checked_sub(back).and_then(|i| self.steps.get_mut(i))
                 && prev.extended_by(&target, before, after, &self.reason)
             {

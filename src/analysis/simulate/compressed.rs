@@ -8,15 +8,19 @@
 //! zstd frame: `crate::compress::compress`) into at most one cluster less one
 //! byte; one that does not fit is written as an ordinary write. A
 //! compressed cluster is never written over an allocated one: QEMU fails the
-//! request with EIO. Its bytes are placed by `qcow2_alloc_bytes`: right after
+//! request with EIO, after the other clusters of a request of at most
+//! [`MAX_WORKERS`] clusters are placed all the same (each is a task of its
+//! own, all started before any ends). Its bytes are placed by `qcow2_alloc_bytes`: right after
 //! the previous compressed cluster of the same command when they fit in its
 //! host cluster (or in the next one, when that is the next free cluster), else
 //! at the start of a new cluster found first fit. Each host cluster the bytes
 //! touch gets +1, and the L2 entry names the bytes by offset and sector count.
 //!
 //! QEMU compresses the clusters of one request in worker threads and places
-//! each as its thread finishes; the simulator places them in guest order,
-//! which is QEMU's order for a one-cluster request.
+//! each as its thread finishes, in an order that varies from run to run; the
+//! simulator places them in guest order, one of the orders QEMU can take
+//! (and its only one for a one-cluster request), and says so, unless it was
+//! given the order of one real run ([`Sim::place_compressed_in`]).
 
 use super::alloc::Discard;
 use super::change::Target;
@@ -25,6 +29,11 @@ use crate::compress::compress;
 use crate::header::CompressionType;
 use crate::tables::{CompressedDescriptor, L2Entry};
 use crate::types::{GuestOffset, HostOffset};
+
+/// `QCOW2_MAX_WORKERS`: the tasks of one request that run at once. A
+/// request of more starts one of the rest as each ends, and none once one
+/// has failed.
+const MAX_WORKERS: usize = 8;
 
 impl Sim {
     /// `write -c`.
@@ -60,12 +69,14 @@ impl Sim {
             ));
         }
         let room = usize::try_from(cs.saturating_sub(1)).unwrap_or(0);
-        let mut data = vec![self.data.pattern(); usize::try_from(cs).unwrap_or(0)];
+        let order = self.placement_order(offset, end);
+        let started_at_once = order.len() <= MAX_WORKERS;
         // s->free_byte_offset: 0 on every fresh open.
         let mut free_byte = HostOffset(0);
-        let mut pos = offset;
-        while pos < end {
+        let mut failed = None;
+        for pos in order {
             let bytes = cs.min(end.saturating_sub(pos));
+            let mut data = vec![self.data.pattern(); usize::try_from(cs).unwrap_or(0)];
             // The last cluster of a disk that ends inside it is zero-padded.
             let pad = usize::try_from(bytes).unwrap_or(0);
             if let Some(tail) = data.get_mut(pad..) {
@@ -81,27 +92,77 @@ impl Sim {
                     ));
                     self.write(pos, bytes)?;
                 }
-                Some(stream) => self.place_compressed(pos, &stream, &mut free_byte)?,
+                Some(stream) => {
+                    if !self.place_compressed(pos, &stream, &mut free_byte)? {
+                        let e = SimError::Qemu(format!(
+                            "write failed: Input/output error (guest {pos:#x} is already allocated, and a compressed cluster never overwrites one) (EIO)"
+                        ));
+                        if !started_at_once {
+                            return Err(SimError::NotModelled(format!(
+                                "a compressed write of more than {MAX_WORKERS} clusters over an allocated one (guest {pos:#x}): which of its clusters QEMU starts after the failure depends on the order its threads finish"
+                            )));
+                        }
+                        failed.get_or_insert(e);
+                    }
+                }
             }
-            pos = pos.saturating_add(bytes);
         }
-        Ok(())
+        failed.map_or(Ok(()), Err)
     }
 
-    /// `qcow2_alloc_compressed_cluster_offset` for the cluster at `guest`.
+    /// The next compressed write places the clusters of its request in
+    /// `order` (their guest offsets, each once), as one real run of QEMU
+    /// placed them, instead of in guest order: QEMU's compression threads
+    /// finish in an order that varies between runs, and a comparison with
+    /// one run follows the order it took. An `order` that is not of the
+    /// request's clusters is not followed.
+    pub fn place_compressed_in(&mut self, order: Vec<GuestOffset>) {
+        self.compressed_order = Some(order);
+    }
+
+    /// The clusters of a compressed write of `offset..end` in the order they
+    /// are placed: the one given ([`Sim::place_compressed_in`]) when it is of
+    /// these clusters, else guest order, said to be one of QEMU's.
+    fn placement_order(&mut self, offset: GuestOffset, end: GuestOffset) -> Vec<GuestOffset> {
+        let step = usize::try_from(self.cs).unwrap_or(usize::MAX).max(1);
+        let guest: Vec<GuestOffset> = (offset.get()..end.get())
+            .step_by(step)
+            .map(GuestOffset)
+            .collect();
+        if let Some(given) = self.compressed_order.take() {
+            let mut sorted = given.clone();
+            sorted.sort_unstable();
+            if sorted == guest {
+                if given != guest {
+                    self.note(
+                        "the clusters of the request are taken in the order given, that of one run of QEMU".into(),
+                    );
+                }
+                return given;
+            }
+        }
+        if guest.len() > 1 {
+            self.note(format!(
+                "QEMU compresses the {} clusters of this request in parallel and takes each as its compression ends, in an order that varies between runs: here they are taken in guest order, one of the orders QEMU can take",
+                guest.len()
+            ));
+        }
+        guest
+    }
+
+    /// `qcow2_alloc_compressed_cluster_offset` for the cluster at `guest`:
+    /// `false` when the cluster is already allocated (QEMU's EIO).
     fn place_compressed(
         &mut self,
         guest: GuestOffset,
         stream: &[u8],
         free_byte: &mut HostOffset,
-    ) -> SimResult<()> {
+    ) -> SimResult<bool> {
         let l2 = self.cluster_table(guest)?;
         let index = self.geo.l2_index(guest);
         let (raw, _) = self.l2_entry_at(l2, index);
         if L2Entry::from_word(raw).host_offset().0 != 0 {
-            return Err(SimError::Qemu(format!(
-                "write failed: Input/output error (guest {guest:#x} is already allocated, and a compressed cluster never overwrites one) (EIO)"
-            )));
+            return Ok(false);
         }
         let size = stream.len() as u64;
         let at = self.alloc_bytes(size, free_byte, guest)?;
@@ -118,7 +179,7 @@ impl Sim {
             "guest {guest:#x} is now {size} compressed bytes at host {at:#x}"
         ));
         self.set_l2_entry(l2, index, entry, 0)?;
-        Ok(())
+        Ok(true)
     }
 
     /// `qcow2_alloc_bytes`: `size` bytes for compressed data.

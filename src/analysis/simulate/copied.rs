@@ -8,6 +8,7 @@
 //! written, while the L1 entries and L2 tables the COPIED repair wrote before
 //! it stay written.
 
+use super::change::StepMark;
 use super::overlap::Meta;
 use super::{Change, Sim, SimError, SimResult, Target};
 use crate::tables::{ClusterType, L2Entry};
@@ -43,7 +44,7 @@ impl Sim {
     pub(super) fn repair_copied_after(
         &mut self,
         repaired: &[(u64, u64)],
-        steps: Vec<Change>,
+        steps: StepMark,
         freed: usize,
     ) -> SimResult<()> {
         // Only a stop of the COPIED repair's own counts.
@@ -66,17 +67,12 @@ impl Sim {
     fn drop_cached_refcounts(
         &mut self,
         repaired: &[(u64, u64)],
-        steps: Vec<Change>,
+        steps: StepMark,
         freed: usize,
     ) -> SimResult<()> {
-        let since = self.steps.get(steps.len()..).unwrap_or_default().to_vec();
         // The records before the repair are as they were (none was extended).
-        let cached = self
-            .steps
-            .iter()
-            .zip(&steps)
-            .all(|(now, then)| now.count == then.count)
-            && since.iter().all(|c| {
+        let cached = self.steps_since(&steps).is_some_and(|since| {
+            since.iter().all(|c| {
                 matches!(
                     c.target,
                     Target::Refcount { .. }
@@ -85,7 +81,8 @@ impl Sim {
                         | Target::L1Entry { .. }
                         | Target::L2Entry { .. }
                 )
-            });
+            })
+        });
         if !cached {
             return Err(SimError::NotModelled(
                 "the refcount repair before the failed COPIED repair changed more than refcounts, or its first change joined the record before it (which changes QEMU's refcount block cache held is then not known)".into(),
@@ -94,12 +91,12 @@ impl Sim {
         for &(c, old) in repaired {
             self.put_refcount(c, old)?;
         }
-        let kept: Vec<Change> = since
-            .into_iter()
-            .filter(|c| !matches!(c.target, Target::Refcount { .. }))
-            .collect();
-        self.steps = steps;
-        self.steps.extend(kept);
+        let since: Vec<Change> = self.steps.drain(steps.len()..).collect();
+        self.steps.extend(
+            since
+                .into_iter()
+                .filter(|c| !matches!(c.target, Target::Refcount { .. })),
+        );
         self.freed.truncate(freed);
         if !repaired.is_empty() {
             self.note("the refcounts repaired before are in QEMU's refcount block cache, which is not written once the image is marked corrupt: they stay as they were".into());

@@ -11,7 +11,7 @@
 use super::{Sim, SimError, SimResult, Target};
 use crate::chain::{Chain, OpenOptions};
 use crate::lookup::{ReadCache, read};
-use crate::tables::{L1Entry, L2Entry, SubclusterType};
+use crate::tables::{L2Entry, SubclusterType};
 use crate::types::{GuestOffset, HostOffset};
 
 /// QEMU's `MAX_BOUNCE_BUFFER`: 32768 sectors.
@@ -93,16 +93,9 @@ impl Sim {
             if avail == 0 {
                 break;
             }
-            let l2 = self
-                .l1
-                .get(self.geo.l1_index(g) as usize)
-                .and_then(L1Entry::l2_offset)
-                .unwrap_or_default();
             // The run of (sub)clusters of one kind from g, as block status
             // finds it.
-            let (allocated, run) = if l2 == HostOffset(0) {
-                (false, avail)
-            } else {
+            let (allocated, run) = if let Some(l2) = self.l2_table_of(g) {
                 let ty = self.top_type(l2, g);
                 if ty == SubclusterType::Invalid {
                     return Err(self.cor_meets_invalid(g, first));
@@ -128,6 +121,8 @@ impl Sim {
                     ),
                     n.min(avail),
                 )
+            } else {
+                (false, avail)
             };
             if allocated {
                 let to = g.saturating_add(run);

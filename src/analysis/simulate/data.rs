@@ -20,7 +20,7 @@ use crate::error::{Error, Result};
 use crate::header::{CompressionType, Field};
 use crate::io::SharedSource;
 use crate::lookup::{ReadCache, read};
-use crate::tables::{L1Entry, L2Entry, SubclusterType};
+use crate::tables::{L2Entry, SubclusterType};
 use crate::types::{GuestOffset, HostOffset};
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -368,12 +368,7 @@ impl Sim {
                 .saturating_sub(in_unit)
                 .min(end.saturating_sub(pos))
                 .max(1);
-            let l2 = self
-                .l1
-                .get(self.geo.l1_index(GuestOffset(pos)) as usize)
-                .and_then(L1Entry::l2_offset)
-                .filter(|&o| o != HostOffset(0));
-            let (raw, bitmap) = match l2 {
+            let (raw, bitmap) = match self.l2_table_of(GuestOffset(pos)) {
                 None => (0, 0),
                 Some(l2) => self.l2_entry_at(l2, self.geo.l2_index(GuestOffset(pos))),
             };

@@ -168,8 +168,9 @@ impl Sim {
         }
     }
 
-    /// The L2 table the active L1 table names for guest `g`, if any.
-    fn l2_table_of(&self, g: GuestOffset) -> Option<HostOffset> {
+    /// The L2 table the active L1 table names for guest `g`, if any (none
+    /// past the end of the L1 table, or for an entry of offset 0).
+    pub(super) fn l2_table_of(&self, g: GuestOffset) -> Option<HostOffset> {
         self.l1
             .get(self.geo.l1_index(g) as usize)
             .and_then(L1Entry::l2_offset)

@@ -62,7 +62,7 @@ use crate::io::SharedSource;
 use crate::refcount::get_refcount;
 use crate::tables::L1Entry;
 use crate::types::low_mask as types_low_mask;
-use crate::types::{Geometry, HostOffset};
+use crate::types::{Geometry, GuestOffset, HostOffset};
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -179,6 +179,8 @@ pub struct Sim {
     check_only: Option<String>,
     /// What QEMU would do on open that is not modelled: every operation says so.
     not_modelled: Option<String>,
+    /// The order the next compressed write places its clusters in.
+    compressed_order: Option<Vec<GuestOffset>>,
     /// The file was cut here: bytes from here on read as zeros, not as the
     /// original file's.
     zero_from: u64,
@@ -337,6 +339,7 @@ impl Sim {
             open_fails,
             check_only,
             not_modelled,
+            compressed_order: None,
             zero_from: u64::MAX,
             overlay_of: None,
             reftable_writes: 0,

@@ -183,17 +183,8 @@ impl Sim {
             None => "the image",
         };
         let i = self.geo.l1_index(guest);
-        let l2 = self
-            .l1
-            .get(i as usize)
-            .and_then(L1Entry::l2_offset)
-            .unwrap_or_default();
         let mut falls = true;
-        if l2 == HostOffset(0) {
-            self.note(format!(
-                "{top}: active L1[{i}] is 0, no L2 table: the read falls through"
-            ));
-        } else {
+        if let Some(l2) = self.l2_table_of(guest) {
             let j = self.geo.l2_index(guest);
             let (raw, bm) = self.l2_entry_at(l2, j);
             let e = L2Entry { raw, bitmap: bm };
@@ -218,6 +209,10 @@ impl Sim {
                     self.note(format!("{at}: unallocated, the read falls through"));
                 }
             }
+        } else {
+            self.note(format!(
+                "{top}: active L1[{i}] is 0, no L2 table: the read falls through"
+            ));
         }
         if !falls {
             return Ok(());

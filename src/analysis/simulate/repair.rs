@@ -203,7 +203,7 @@ impl Sim {
             || broken
             || !outside.is_empty()
             || (incomplete.is_some() && !all);
-        let (steps, freed) = (self.steps.clone(), self.freed.len());
+        let (steps, freed) = (self.step_mark(), self.freed.len());
         let (left, repaired) = self.repair_refcounts(&imrt, all, rebuilt)?;
         left_corrupt |= left;
         // check_oflag_copied repairs with -r all, and with -r leaks when the

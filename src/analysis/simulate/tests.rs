@@ -162,3 +162,29 @@ fn a_write_may_end_at_the_block_layers_limit_and_not_past_it() {
         );
     }
 }
+
+/// A mark of the change log gives back the records made after it, and
+/// none once a change after it extended a record from before it.
+#[test]
+fn a_step_mark_sees_records_after_it_and_records_before_it_extended() {
+    let mut s = sim();
+    s.why("first");
+    s.record(Target::Refcount { cluster: 5 }, 0, 1);
+    let mark = s.step_mark();
+    assert_eq!(mark.len(), 1);
+    assert_eq!(s.steps_since(&mark).map(<[Change]>::len), Some(0));
+    s.why("second");
+    s.record(Target::Refcount { cluster: 9 }, 1, 0);
+    let since = s
+        .steps_since(&mark)
+        .expect("nothing before the mark changed");
+    assert_eq!(since.len(), 1);
+    assert_eq!(since[0].target, Target::Refcount { cluster: 9 });
+    // Cluster 6 the same way for the same reason extends the first record,
+    // the one before the last.
+    s.why("first");
+    s.record(Target::Refcount { cluster: 6 }, 0, 1);
+    assert_eq!(s.steps.len(), 2);
+    assert_eq!(s.steps[0].count, 2);
+    assert!(s.steps_since(&mark).is_none());
+}

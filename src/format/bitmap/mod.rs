@@ -16,7 +16,7 @@
 
 use crate::bytes::{align8, be16, be32, be64, slice, text, u8_at};
 use crate::error::{CorruptKind, Error, Result};
-use crate::io::{Source, read_exact, read_into};
+use crate::io::{Source, ends_past_limit, read_as_qemu, read_exact};
 use crate::types::HostOffset;
 use serde::Serialize;
 
@@ -275,17 +275,18 @@ pub fn read_directory_parts(
             format!("{count} bitmaps in {size} bytes exceeds QEMU's limits"),
         ));
     }
-    let limit = crate::types::BDRV_MAX_LENGTH;
-    if offset.get().checked_add(size).is_none_or(|end| end > limit) {
+    if ends_past_limit(offset, size) {
         return Err(Error::corrupt(
             CorruptKind::BitmapDirectoryUnreadable,
             offset,
-            format!("its {size} bytes end past {limit:#x}, the largest offset QEMU reads"),
+            format!(
+                "its {size} bytes end past {:#x}, the largest offset QEMU reads",
+                crate::types::BDRV_MAX_LENGTH
+            ),
         ));
     }
     // At most MAX_DIRECTORY_BYTES, checked above.
-    let mut buf = vec![0u8; usize::try_from(size).unwrap_or(0)];
-    read_into(src, "bitmap directory", offset, &mut buf)?;
+    let buf = read_as_qemu(src, "bitmap directory", offset, size)?;
     let past_eof = size.min(offset.get().saturating_add(size).saturating_sub(src.len()));
     let (entries, error) = parse_directory(&buf, directory, size, count);
     Ok(Directory {
@@ -387,6 +388,12 @@ fn parse_directory(
     (out, None)
 }
 
+/// The entries of a bitmap table stored as `bytes` (a last partial entry is
+/// left out).
+pub fn decode_table(bytes: &[u8]) -> impl Iterator<Item = BitmapTableEntry> + '_ {
+    bytes.chunks_exact(8).map(|c| BitmapTableEntry(be64(c, 0)))
+}
+
 /// Read one bitmap's table, as QEMU reads it: the part past the end of the
 /// file reads as zeros, as long as the table ends below
 /// [`BDRV_MAX_LENGTH`](crate::types::BDRV_MAX_LENGTH) (past it QEMU's read
@@ -404,40 +411,18 @@ pub fn read_table(src: &dyn Source, entry: &BitmapEntry) -> Result<Vec<BitmapTab
         ));
     }
     let len = n.saturating_mul(8);
-    let off = entry.table_offset.get();
     let file_len = src.len();
-    let end = off.saturating_add(len);
-    if end > file_len {
-        if end > crate::types::BDRV_MAX_LENGTH {
-            return Err(Error::invalid(
-                what,
-                entry.table_offset,
-                format!(
-                    "{len} bytes from here end past {:#x}, the largest offset QEMU reads (Input/output error)",
-                    crate::types::BDRV_MAX_LENGTH
-                ),
-            ));
-        }
-        if n > MAX_PHYS_SIZE / 512 {
-            return Err(Error::Truncated {
-                what,
-                offset: entry.table_offset,
-                len,
-                file_len,
-            });
-        }
+    let past_eof = entry.table_offset.get().saturating_add(len) > file_len;
+    if past_eof && !ends_past_limit(entry.table_offset, len) && n > MAX_PHYS_SIZE / 512 {
+        return Err(Error::Truncated {
+            what,
+            offset: entry.table_offset,
+            len,
+            file_len,
+        });
     }
-    let inside = file_len.saturating_sub(off).min(len);
-    let mut buf = if inside == 0 {
-        Vec::new()
-    } else {
-        read_exact(src, &what, entry.table_offset, inside)?
-    };
-    buf.resize(len as usize, 0);
-    Ok(buf
-        .chunks_exact(8)
-        .map(|c| BitmapTableEntry(be64(c, 0)))
-        .collect())
+    let buf = read_as_qemu(src, &what, entry.table_offset, len)?;
+    Ok(decode_table(&buf).collect())
 }
 
 /// Entries read at a time by [`first_invalid_entry`].

@@ -15,7 +15,7 @@ use crate::bitmap::{
 use crate::bytes::be64;
 use crate::error::{CorruptKind, Error, Result};
 use crate::header::{self, Extension, ExtensionKind, Header};
-use crate::io::{Source, read_exact};
+use crate::io::{Source, read_as_qemu, within_limit};
 use crate::types::HostOffset;
 
 /// The most bytes of bitmap tables an open reads, over the whole directory.
@@ -92,9 +92,7 @@ impl<'a> BitmapTable<'a> {
     /// The entries read from the file (those past its end read as zeros and
     /// name no cluster).
     pub fn stored(&self) -> impl Iterator<Item = BitmapTableEntry> + 'a {
-        self.bytes
-            .chunks_exact(8)
-            .map(|c| BitmapTableEntry(be64(c, 0)))
+        bitmap::decode_table(self.bytes)
     }
 
     /// Entries read from the file ([`stored`](Self::stored)).
@@ -153,15 +151,9 @@ impl BitmapTables {
                         "not read: {n} entries of {cluster_size}-byte clusters exceed QEMU's {MAX_PHYS_SIZE:#x} bytes, so QEMU refuses the directory entry and reads no table"
                     ),
                 )))
-            } else if ends_past_limit(b) {
+            } else if let Err(e) = within_limit(&what, HostOffset(off), len) {
                 // QEMU's block layer fails the read (EIO).
-                Some(Slot::NotRead(Error::invalid(
-                    what,
-                    HostOffset(off),
-                    format!(
-                        "{len} bytes from here end past {BDRV_MAX_LENGTH:#x}, the largest offset QEMU reads (Input/output error)"
-                    ),
-                )))
+                Some(Slot::NotRead(e))
             } else if len == 0 || off >= file_len {
                 // Nothing of it inside the file: zeros, as QEMU reads them.
                 Some(Slot::Held {
@@ -207,16 +199,14 @@ impl BitmapTables {
                     ),
                 ))
             } else {
-                read_in_file(src, start, len)
+                read_as_qemu(src, "bitmap tables", HostOffset(start), len)
             };
             match read {
                 Ok(bytes) => {
                     t.bytes_read = t.bytes_read.saturating_add(len);
                     let invalid = (0u64..)
-                        .zip(bytes.chunks_exact(8))
-                        .filter(|(_, c)| {
-                            BitmapTableEntry(be64(c, 0)).problem(cluster_size).is_some()
-                        })
+                        .zip(bitmap::decode_table(&bytes))
+                        .filter(|(_, e)| e.problem(cluster_size).is_some())
                         .map(|(j, _)| start.saturating_add(j.saturating_mul(8)))
                         .collect();
                     let run = t.runs.len();
@@ -296,19 +286,7 @@ impl BitmapTables {
 
 /// Whether the table of `b` would end past [`BDRV_MAX_LENGTH`].
 fn ends_past_limit(b: &BitmapEntry) -> bool {
-    b.table_offset
-        .get()
-        .saturating_add(u64::from(b.table_size).saturating_mul(8))
-        > BDRV_MAX_LENGTH
-}
-
-/// `len` bytes of the file from `start`, as QEMU reads them: those past the
-/// end of the file (at most the 7 that complete an entry) are zeros.
-fn read_in_file(src: &dyn Source, start: u64, len: u64) -> Result<Vec<u8>> {
-    let inside = src.len().saturating_sub(start).min(len);
-    let mut bytes = read_exact(src, "bitmap tables", HostOffset(start), inside)?;
-    bytes.resize(usize::try_from(len).unwrap_or(usize::MAX), 0);
-    Ok(bytes)
+    crate::io::ends_past_limit(b.table_offset, u64::from(b.table_size).saturating_mul(8))
 }
 
 /// QEMU's refusal to open an image whose bitmap directory failed to read as
