@@ -862,3 +862,57 @@ fn refcounts_wrong_in_both_halves_of_a_large_image() {
         (Some(1), Some(3))
     );
 }
+
+/// A file of more clusters than QEMU's check counts (2^31 - 1; here a sparse
+/// file of 2^31 + 1 clusters of 512 bytes): qemu-img check fails at once,
+/// "Check failed: File too large", exit 1, and so does qinspect's.
+#[test]
+fn a_file_of_more_clusters_than_the_check_counts() {
+    use qinspect::check::{CheckOptions, MAX_CHECK_CLUSTERS, Refusal, check};
+    let w = Work::new();
+    w.qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "cluster_size=512",
+        "big.qcow2",
+        "1M",
+    ]);
+    w.qemu_io("big.qcow2", &["write 0 4k"]);
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(w.path("big.qcow2"))
+        .unwrap();
+    f.set_len((MAX_CHECK_CLUSTERS + 2) * 512).unwrap();
+    let q = std::process::Command::new("qemu-img")
+        .args(["check", "big.qcow2"])
+        .current_dir(w.dir.path())
+        .output()
+        .unwrap();
+    assert_eq!(q.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&q.stderr);
+    assert!(err.contains("Check failed: File too large"), "{err}");
+    let v = w.assert_check_matches("big.qcow2");
+    assert_eq!(v["check-errors"], 1);
+    assert!(
+        v["aborted"].as_str().unwrap().starts_with("File too large"),
+        "{v}"
+    );
+    let text = w.qinspect(&["check", "big.qcow2"]);
+    assert_eq!(text.status.code(), Some(1));
+    let out = String::from_utf8_lossy(&text.stdout);
+    assert!(out.contains("Check failed: File too large"), "{out}");
+    let img = qinspect::image::Qcow2::open(
+        std::sync::Arc::new(qinspect::io::FileSource::open(&w.path("big.qcow2")).unwrap()),
+        qinspect::image::Strictness::Qemu,
+    )
+    .unwrap();
+    let r = check(&img, &CheckOptions::default());
+    assert!(
+        matches!(r.aborted, Some(Refusal::FileTooLarge { clusters }) if clusters == MAX_CHECK_CLUSTERS + 2),
+        "{:?}",
+        r.aborted
+    );
+}

@@ -64,6 +64,9 @@ pub const PAST_EOF_BUDGET: u64 = 1 << 22;
 pub const MAX_REFERRERS: usize = 64;
 /// How many clusters get their referrers listed.
 pub const MAX_OWNER_CLUSTERS: usize = 10_000;
+/// The most clusters of the image file QEMU's check counts (`INT_MAX`): the
+/// check of a longer file fails ("Check failed: File too large").
+pub const MAX_CHECK_CLUSTERS: u64 = i32::MAX as u64;
 
 /// Run the check.
 pub fn check(img: &Qcow2, opts: &CheckOptions) -> CheckReport {
@@ -141,6 +144,15 @@ pub fn check(img: &Qcow2, opts: &CheckOptions) -> CheckReport {
         }
     }
     let file_clusters = walk.file_len.div_ceil(cs);
+    // qcow2_check_refcounts: the file's clusters are counted in an array
+    // indexed by an int.
+    if file_clusters > MAX_CHECK_CLUSTERS {
+        walk.report.check_errors = walk.report.check_errors.saturating_add(1);
+        walk.report.aborted = Some(Refusal::FileTooLarge {
+            clusters: file_clusters,
+        });
+        return finish(walk, None);
+    }
     let mut counter = Counter {
         imrt: Imrt::new(file_clusters),
         max: img.refcount_geometry().max(),

@@ -76,6 +76,16 @@ pub enum Refusal {
         /// The header's `nb_snapshots`.
         count: u64,
     },
+    /// The image file has more clusters than QEMU's check counts
+    /// ([`MAX_CHECK_CLUSTERS`](super::MAX_CHECK_CLUSTERS)).
+    #[error(
+        "File too large (the file has {clusters} clusters, more than the {} QEMU's check counts)",
+        super::MAX_CHECK_CLUSTERS
+    )]
+    FileTooLarge {
+        /// The file's length in clusters.
+        clusters: u64,
+    },
     /// The snapshot table's offset is not aligned to a cluster, or the table would
     /// end past `INT64_MAX`.
     #[error("snapshot table offset invalid (Invalid argument)")]
@@ -149,6 +159,7 @@ impl Refusal {
             Refusal::NoKey { .. }
             | Refusal::DataFileElsewhere(_)
             | Refusal::TooManySnapshots { .. }
+            | Refusal::FileTooLarge { .. }
             | Refusal::SnapshotTableOffset { .. }
             | Refusal::BitmapTableEntry { .. } => None,
         }

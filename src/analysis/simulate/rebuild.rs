@@ -260,10 +260,10 @@ impl Sim {
                 "a refcount block at {off:#x}, outside the image, makes QEMU grow the file to {end} bytes and hold a refcount for each of its {clusters} clusters in memory, {array} bytes asked for at once: whether it gets them or fails with Cannot allocate memory depends on the machine (qinspect follows it up to {MAX_QEMU_ARRAY_BYTES} bytes)"
             )));
         }
-        if clusters > i32::MAX as u64 {
+        if clusters > crate::check::MAX_CHECK_CLUSTERS {
             return Err(SimError::NotModelled(format!(
                 "a refcount block at {off:#x}, outside the image, makes QEMU grow the file to {end} bytes, {clusters} clusters: more than the {} clusters QEMU's check counts (a check of such a file fails with File too large)",
-                i32::MAX
+                crate::check::MAX_CHECK_CLUSTERS
             )));
         }
         self.note(format!(

@@ -48,10 +48,13 @@ impl Sim {
         // qcow2_check_refcounts counts at most INT_MAX clusters of the file
         // (a file grown by this check is counted on).
         let clusters = self.file_len.div_ceil(self.cs);
-        if !rebuilt && self.counted_before_growth.is_none() && clusters > i32::MAX as u64 {
+        if !rebuilt
+            && self.counted_before_growth.is_none()
+            && clusters > crate::check::MAX_CHECK_CLUSTERS
+        {
             return Err(SimError::Qemu(format!(
                 "Check failed: File too large (the file has {clusters} clusters, more than the {} QEMU's check counts; nothing is repaired)",
-                i32::MAX
+                crate::check::MAX_CHECK_CLUSTERS
             )));
         }
         let report = check(&img, &CheckOptions::default());
