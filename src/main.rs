@@ -137,11 +137,7 @@ fn main() {
         Ok(code) => std::process::exit(code),
         Err(e) => {
             // A closed pipe (`qinspect ... | head`) is not an error worth reporting.
-            let broken_pipe = e.chain().any(|c| {
-                c.downcast_ref::<std::io::Error>()
-                    .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
-            });
-            if broken_pipe {
+            if cli::is_broken_pipe(&e) {
                 std::process::exit(0);
             }
             cli::report_error(&e);

@@ -111,11 +111,16 @@ pub fn print_json(v: &impl serde::Serialize) -> color_eyre::Result<()> {
     Ok(())
 }
 
-/// Whether `e` comes from writing to a closed pipe (`qinspect ... | head`).
+/// Whether `e` comes from writing to a closed pipe (`qinspect ... | head`): an
+/// I/O error, or a JSON writer's (serde_json keeps the I/O error to itself: its
+/// `source` skips it, so it is asked for the kind).
 pub fn is_broken_pipe(e: &color_eyre::Report) -> bool {
+    let broken = std::io::ErrorKind::BrokenPipe;
     e.chain().any(|c| {
         c.downcast_ref::<std::io::Error>()
-            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+            .is_some_and(|io| io.kind() == broken)
+            || c.downcast_ref::<serde_json::Error>()
+                .is_some_and(|j| j.io_error_kind() == Some(broken))
     })
 }
 
@@ -137,6 +142,30 @@ mod tests {
             "{text}"
         );
         assert!(!text.contains("caused by"), "{text}");
+    }
+
+    /// `compare --closest --json | head`, `dump l2 --json | head`: the JSON
+    /// writer's error on a closed pipe is a closed pipe too, ended quietly.
+    #[test]
+    fn a_json_write_into_a_closed_pipe_is_a_closed_pipe() {
+        struct Closed;
+        impl std::io::Write for Closed {
+            fn write(&mut self, _: &[u8]) -> std::io::Result<usize> {
+                Err(std::io::ErrorKind::BrokenPipe.into())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let Err(e) = serde_json::to_writer_pretty(Closed, &[1, 2, 3]) else {
+            panic!("a closed pipe takes no bytes");
+        };
+        assert!(super::is_broken_pipe(&color_eyre::Report::new(e)));
+        // A JSON error of another kind is not.
+        let Err(e) = serde_json::from_str::<u8>("x") else {
+            panic!("'x' is no number");
+        };
+        assert!(!super::is_broken_pipe(&color_eyre::Report::new(e)));
     }
 
     #[test]

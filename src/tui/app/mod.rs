@@ -300,7 +300,11 @@ impl App {
         changes_shown(&self.ctx, &self.changes)
     }
 
-    /// With --watch: reload when the file's modification time changes.
+    /// With --watch: reload when the file's modification time changes, once
+    /// it has not changed for [`WATCH_QUIET`]. A command such as `qemu-img
+    /// snapshot -c` writes the file several times, with flushes between; a
+    /// load in the middle would read half of its changes, and the next load
+    /// would show the other half as if they were all that changed.
     pub fn check_watch(&mut self) {
         if !self.opts.watch {
             return;
@@ -308,10 +312,18 @@ impl App {
         let now = std::fs::metadata(&self.ctx.path)
             .and_then(|m| m.modified())
             .ok();
-        if now != self.mtime {
-            self.status = "the file changed on disk: reloaded".into();
-            self.load();
+        if now == self.mtime {
+            return;
         }
+        if now.is_some_and(|m| still_being_written(m, SystemTime::now())) {
+            self.status = format!(
+                "the file is changing on disk: reloading once it has not changed for {} ms",
+                WATCH_QUIET.as_millis()
+            );
+            return;
+        }
+        self.status = "the file changed on disk: reloaded".into();
+        self.load();
     }
 
     fn switch(&mut self, p: Pane) {
@@ -365,4 +377,17 @@ pub fn changes_shown<'a>(
 /// Numbers as on the command line: decimal, 0x-hex, k/M/G/T suffixes.
 pub fn parse_number(s: &str) -> Result<u64, String> {
     crate::cli::num::parse_size(s)
+}
+
+/// How long the file must have gone unchanged before `--watch` reloads it.
+pub const WATCH_QUIET: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// Whether a file last modified at `mtime` may still be in the middle of a
+/// write at `now`: it changed less than [`WATCH_QUIET`] ago. A time further in
+/// the future than that was set by hand (`touch -d`), not by a write going on.
+pub fn still_being_written(mtime: SystemTime, now: SystemTime) -> bool {
+    match now.duration_since(mtime) {
+        Ok(age) => age < WATCH_QUIET,
+        Err(e) => e.duration() <= WATCH_QUIET,
+    }
 }

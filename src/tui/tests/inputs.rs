@@ -124,6 +124,51 @@ fn a_viewed_snapshot_whose_record_moves_is_followed_after_a_reload() {
     assert!(!s.contains("no longer exists"), "{s}");
 }
 
+/// `--watch` waits for the file to stop changing: a modification time less than
+/// `WATCH_QUIET` old may be a write still going on (`qemu-img snapshot -c` writes
+/// several times), so the reload comes once it is older.
+#[test]
+fn watch_reloads_only_once_the_file_has_stopped_changing() {
+    use crate::tui::app::{WATCH_QUIET, still_being_written};
+    use std::time::{Duration, SystemTime};
+    let now = SystemTime::now();
+    assert!(still_being_written(now, now));
+    assert!(still_being_written(now - WATCH_QUIET / 2, now));
+    assert!(!still_being_written(now - WATCH_QUIET, now));
+    assert!(still_being_written(now + WATCH_QUIET / 2, now));
+    assert!(!still_being_written(now + Duration::from_secs(5), now));
+
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("w.qcow2");
+    std::fs::copy(asset("demo-mid.qcow2"), &p).unwrap();
+    let mut a = App::new(
+        p.clone(),
+        Options {
+            mouse: false,
+            watch: true,
+            ..Default::default()
+        },
+    );
+    a.wait_background();
+    std::fs::copy(asset("demo-corrupt.qcow2"), &p).unwrap();
+    let f = std::fs::File::options().write(true).open(&p).unwrap();
+    // Just written (a little ahead, so a slow test machine still sees it as recent).
+    f.set_modified(SystemTime::now() + WATCH_QUIET / 2).unwrap();
+    a.check_watch();
+    a.wait_background();
+    assert_eq!(
+        a.ctx.previous, None,
+        "reloaded while the file may still change"
+    );
+    assert_eq!(a.ctx.report.as_ref().unwrap().leaks, 0);
+    // Quiet since.
+    f.set_modified(SystemTime::now() - 2 * WATCH_QUIET).unwrap();
+    a.check_watch();
+    a.wait_background();
+    assert_eq!(a.ctx.previous, Some((0, 0, 0)));
+    assert_eq!(a.ctx.report.as_ref().unwrap().leaks, 1);
+}
+
 // ---- defect 9: text input -----------------------------------------------------------
 
 #[test]

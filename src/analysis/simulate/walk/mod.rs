@@ -64,6 +64,11 @@ struct Walk {
     reasons: Reasons,
     /// The refcount the COPIED reason was written for.
     copied_for: u64,
+    /// With addend +1 or 0, whether the overlap check will stop this table's
+    /// write: QEMU changes the entries in its L2 cache and checks the table
+    /// when it writes it, at the flush after the walk, so the walk goes on and
+    /// the table stays as it was on disk (see [`Sim::update_snapshot_refcount`]).
+    unwritten: bool,
 }
 
 impl Sim {
@@ -116,6 +121,8 @@ impl Sim {
         // What the walk frees is discarded (QCOW2_DISCARD_SNAPSHOT) once the
         // whole walk is done.
         self.cache_discards = true;
+        // The L2 tables whose writes the overlap check stops (addend >= 0).
+        let mut unwritten: Vec<HostOffset> = Vec::new();
         for i in 0..table.len() {
             let Some(&old_l1) = table.get(i) else { break };
             if old_l1 == L1Entry::UNALLOCATED {
@@ -133,9 +140,16 @@ impl Sim {
             } else {
                 ""
             };
-            if let Err(e) = self.walk_l2(l2, addend, &label, i, vm) {
-                result = Err(e);
-                break;
+            match self.walk_l2(l2, addend, &label, i, vm) {
+                Ok(stopped) => {
+                    if stopped {
+                        unwritten.push(l2);
+                    }
+                }
+                Err(e) => {
+                    result = Err(e);
+                    break;
+                }
             }
             if addend != 0 {
                 self.why(format!(
@@ -184,6 +198,26 @@ impl Sim {
         }
         self.cache_discards = false;
         self.process_discards(result.is_ok());
+        // The walk done, QEMU flushes its caches (`bdrv_flush`): the refcount
+        // blocks first (the L2 tables depend on them with a positive addend),
+        // then every L2 table the overlap check lets through. A table it stops
+        // fails the operation there, and the L1 table is not written; the
+        // in-memory one it changed goes with the process.
+        if let (Ok(()), Some(&l2)) = (&result, unwritten.first()) {
+            if l1_modified {
+                self.note(format!(
+                    "the {label} changes above stay in QEMU's memory: the flush after the walk fails, so the table is not written"
+                ));
+            }
+            return Err(
+                match self.overlap_check(Some(Meta::ActiveL2), l2, self.cs) {
+                    Err(e) => e,
+                    Ok(()) => SimError::NotModelled(format!(
+                        "the L2 table at {l2:#x} overlapped metadata during the walk but not at the flush after it, where QEMU writes it with the walk's changes"
+                    )),
+                },
+            );
+        }
         if active {
             // QEMU modified its in-memory table in place.
             self.l1.clone_from(&table);
@@ -205,7 +239,8 @@ impl Sim {
     ///
     /// Entries go in bulk (see [`Bulk`]) while the walk's own writes cannot
     /// land on the table; any other entry goes through [`Sim::walk_entry`],
-    /// and so does the rest of its table.
+    /// and so does the rest of its table. With addend +1 or 0, what the
+    /// overlap check will stop the table's write.
     fn walk_l2(
         &mut self,
         l2: HostOffset,
@@ -213,7 +248,7 @@ impl Sim {
         label: &str,
         i: usize,
         vm: &str,
-    ) -> SimResult<()> {
+    ) -> SimResult<bool> {
         let entries = self.geo.l2_entries();
         let sign = if addend > 0 { "+1" } else { "-1" };
         let mut walk = Walk {
@@ -228,6 +263,7 @@ impl Sim {
                 out: None,
             },
             copied_for: u64::MAX,
+            unwritten: false,
         };
         let mut bulk = self.bulk_start(l2);
         for j in 0..entries {
@@ -245,7 +281,7 @@ impl Sim {
         if let Some(b) = bulk.as_ref() {
             self.bulk_finish(b);
         }
-        Ok(())
+        Ok(walk.unwritten)
     }
 
     /// Entry `j` of the walk's table, as QEMU takes it: read, the addend on its
@@ -288,7 +324,16 @@ impl Sim {
         let new = L2Entry::from_word(entry).with_copied(refcount == 1).raw;
         if new != old {
             self.copied_reason(w, new, refcount);
-            self.overlap_check(Some(Meta::ActiveL2), eoff, step)?;
+            if addend >= 0 {
+                // Written at the flush after the walk, the whole table (one
+                // L2 cache entry) through the overlap check.
+                if w.unwritten || self.overlap_of(Some(Meta::ActiveL2), l2, self.cs).is_some() {
+                    w.unwritten = true;
+                    return Ok(());
+                }
+            } else {
+                self.overlap_check(Some(Meta::ActiveL2), eoff, step)?;
+            }
             self.write_u64(eoff, new)?;
             self.record(
                 Target::L2Entry {
