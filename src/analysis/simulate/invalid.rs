@@ -6,8 +6,8 @@
 //! copy-on-read ask; a guest write's `calculate_l2_meta`, for the first and
 //! the last cluster it covers; `qcow2_get_host_offset`) calls
 //! `qcow2_signal_corruption`, fatal: the corrupt bit is set in the header at
-//! once (`qcow2_update_header`, which writes the disk size rounded down to
-//! 512 bytes), and the image is unusable from then on, so nothing QEMU holds
+//! once ([`Sim::mark_corrupt`]: `qcow2_update_header` writes the header
+//! cluster anew, the disk size rounded down to 512 bytes), and the image is unusable from then on, so nothing QEMU holds
 //! in its caches is written afterwards.
 //!
 //! What the operation changed before it got there is sorted by where QEMU
@@ -202,21 +202,9 @@ impl Sim {
         // QEMU names the entry by its index in the L2 slice it loaded.
         let slice = self.slice_entries().max(1);
         let index = self.geo.l2_index(g).checked_rem(slice).unwrap_or(0);
-        let saved = self.reason.clone();
-        self.why(format!(
+        let r = self.mark_corrupt(format!(
             "Marking image as corrupt: Invalid cluster entry found (L2 offset: {l2:#x}, L2 index: {index:#x})"
         ));
-        let features = self.header_field(Field::IncompatibleFeatures);
-        let mut r = self.set_header(
-            Field::IncompatibleFeatures,
-            features | crate::header::INCOMPAT_CORRUPT,
-        );
-        // qcow2_update_header writes the disk size QEMU uses, whole sectors.
-        let size = self.header_field(Field::Size);
-        if r.is_ok() && size & 511 != 0 {
-            r = self.set_header(Field::Size, size & !511);
-        }
-        self.reason = saved;
         match r {
             Ok(()) => SimError::Qemu(failure),
             Err(e) => e,

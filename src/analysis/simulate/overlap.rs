@@ -205,17 +205,10 @@ impl Sim {
             return Ok(());
         };
         self.overlap_stop = Some(m);
-        let saved = self.reason.clone();
-        self.why(format!(
+        self.mark_corrupt(format!(
             "Marking image as corrupt: Preventing invalid write on metadata (overlaps with {}) at {offset:#x}",
             m.name()
-        ));
-        let features = self.header_field(Field::IncompatibleFeatures);
-        self.set_header(
-            Field::IncompatibleFeatures,
-            features | crate::header::INCOMPAT_CORRUPT,
-        )?;
-        self.reason = saved;
+        ))?;
         Err(SimError::Qemu(format!(
             "Preventing invalid write on metadata (overlaps with {}) at {offset:#x}; the image is marked corrupt (EIO)",
             m.name()
