@@ -198,3 +198,28 @@ fn an_unaligned_refcount_block_marks_corrupt_with_the_header_qemu_writes() {
     same_bytes(&w, "rb.qcow2", make, &["repair:all"]);
     assert!(rewritten(&w, "rb.qcow2"), "QEMU left the header as it was");
 }
+
+/// A 4M image with guest 64k..128k written (its L2 table at 0x40000) whose
+/// L2 entry 1 then names the active L1 table (0x30000) as its data.
+fn l2_entry_over_l1(w: &Work, image: &str) {
+    w.qemu_img(&["create", "-q", "-f", "qcow2", image, "4M"]);
+    w.qemu_io(image, &["write -P 0x11 64k 64k"]);
+    let bytes = std::fs::read(w.path(image)).expect("read the image");
+    let entry = u64::from_be_bytes(bytes[0x40008..0x40010].try_into().expect("8"));
+    assert_eq!(entry, 0x8000_0000_0005_0000, "{image}: layout moved");
+    w.patch(image, 0x40008, &0x8000_0000_0003_0000u64.to_be_bytes());
+}
+
+#[test]
+fn an_overlap_after_an_allocation_loses_what_qemus_caches_held() {
+    let w = Work::new();
+    // Guest 0 gets a new cluster (its refcount and L2 entry in QEMU's
+    // caches, its data written), then the write of guest 64k lands on the
+    // active L1 table: the data stays in the file, named by nothing and
+    // counted by nothing.
+    let (errors, is_corrupt) =
+        same_bytes(&w, "oa.qcow2", l2_entry_over_l1, &["write:0:131072:P=5"]);
+    let first = errors[0].as_deref().unwrap_or_default();
+    assert!(first.contains("overlaps with active L1 table"), "{first}");
+    assert!(is_corrupt);
+}
