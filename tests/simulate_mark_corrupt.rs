@@ -199,11 +199,13 @@ fn an_unaligned_refcount_block_marks_corrupt_with_the_header_qemu_writes() {
     assert!(rewritten(&w, "rb.qcow2"), "QEMU left the header as it was");
 }
 
-/// A 4M image with guest 64k..128k written (its L2 table at 0x40000) whose
-/// L2 entry 1 then names the active L1 table (0x30000) as its data.
-fn l2_entry_over_l1(w: &Work, image: &str) {
-    w.qemu_img(&["create", "-q", "-f", "qcow2", image, "4M"]);
-    w.qemu_io(image, &["write -P 0x11 64k 64k"]);
+/// An image of `size` with guest `at`..`at`+64k written (`at` the second
+/// cluster of an L2 table's range: the table lands at 0x40000, the data at
+/// 0x50000) whose L2 entry 1 then names the active L1 table (0x30000) as its
+/// data.
+fn l2_entry_over_l1(w: &Work, image: &str, size: &str, at: u64) {
+    w.qemu_img(&["create", "-q", "-f", "qcow2", image, size]);
+    w.qemu_io(image, &[&format!("write -P 0x11 {at} 64k")]);
     let bytes = std::fs::read(w.path(image)).expect("read the image");
     let entry = u64::from_be_bytes(bytes[0x40008..0x40010].try_into().expect("8"));
     assert_eq!(entry, 0x8000_0000_0005_0000, "{image}: layout moved");
@@ -216,9 +218,18 @@ fn an_overlap_after_an_allocation_loses_what_qemus_caches_held() {
     // Guest 0 gets a new cluster (its refcount and L2 entry in QEMU's
     // caches, its data written), then the write of guest 64k lands on the
     // active L1 table: the data stays in the file, named by nothing and
-    // counted by nothing.
-    let (errors, is_corrupt) =
-        same_bytes(&w, "oa.qcow2", l2_entry_over_l1, &["write:0:131072:P=5"]);
+    // counted by nothing; the next write is refused, the image corrupt.
+    let make = |w: &Work, image: &str| l2_entry_over_l1(w, image, "4M", 0x10000);
+    let ops = ["write:0:131072:P=5", "write:0:512"];
+    let (errors, is_corrupt) = same_bytes(&w, "oa.qcow2", make, &ops);
+    let first = errors[0].as_deref().unwrap_or_default();
+    assert!(first.contains("overlaps with active L1 table"), "{first}");
+    assert!(errors[1].is_some(), "{errors:?}");
+    assert!(is_corrupt);
+    // Guest 512M-64k first, in a new L2 table (which writes QEMU's caches
+    // back), then guest 512M, then guest 512M+64k onto the L1 table.
+    let make = |w: &Work, image: &str| l2_entry_over_l1(w, image, "1G", 0x2001_0000);
+    let (errors, is_corrupt) = same_bytes(&w, "ob.qcow2", make, &["write:536805376:196608:P=5"]);
     let first = errors[0].as_deref().unwrap_or_default();
     assert!(first.contains("overlaps with active L1 table"), "{first}");
     assert!(is_corrupt);
