@@ -3,9 +3,11 @@
 //! type), each compared with a real qemu-io on a copy (see `sim_compare`).
 
 mod common;
+mod sim_bytes;
 mod sim_compare;
 use common::Work;
 use qinspect::simulate::{Sim, SimError};
+use sim_bytes::{corrupt, same_bytes};
 use sim_compare::{compare_metadata, open_path};
 
 /// Where the L2 entry of guest 0x20000 sits (L1 at 0x30000, its L2 table
@@ -46,12 +48,6 @@ fn same(w: &Work, name: &str, ops: &[&str]) -> Vec<Option<String>> {
     contradictory(w, name);
     let sim = compare_metadata(w.dir.path(), name, ops).unwrap_or_else(|e| panic!("{ops:?}: {e}"));
     sim.records.iter().map(|r| r.error.clone()).collect()
-}
-
-/// Whether the image QEMU left has the corrupt bit (incompatible feature 1).
-fn corrupt(w: &Work, name: &str) -> bool {
-    let img = open_path(&w.path(&format!("{name}.qemu"))).expect("open QEMU's copy");
-    img.header.incompatible_features & 2 != 0
 }
 
 #[test]
@@ -126,39 +122,6 @@ fn a_write_or_copy_on_read_over_a_contradictory_entry_marks_the_image_corrupt() 
         );
         assert!(corrupt(&w, &name), "{op}");
     }
-}
-
-/// The file the simulation predicts, every byte, against the one QEMU
-/// left (`NAME.qemu`): the data it wrote stays, whatever its caches lost.
-fn same_file(w: &Work, name: &str, sim: &Sim) {
-    let real = std::fs::read(w.path(&format!("{name}.qemu"))).expect("read QEMU's copy");
-    let src = sim.source();
-    assert_eq!(src.len(), real.len() as u64, "{name}: file length");
-    let mut ours = vec![0u8; real.len()];
-    let mut done = 0;
-    while done < ours.len() {
-        let n = src.read_at(&mut ours[done..], done as u64).expect("read");
-        assert!(n > 0, "{name}: short read at {done:#x}");
-        done += n;
-    }
-    let first = ours.iter().zip(&real).position(|(a, b)| a != b);
-    assert_eq!(first, None, "{name}: first differing byte");
-}
-
-/// `ops` on a fresh copy of the image `make` builds, compared with QEMU
-/// (metadata after each, then every byte of the file): each operation's
-/// error, and whether QEMU marked the image corrupt.
-fn same_bytes(
-    w: &Work,
-    name: &str,
-    make: impl Fn(&Work, &str),
-    ops: &[&str],
-) -> (Vec<Option<String>>, bool) {
-    make(w, name);
-    let sim = compare_metadata(w.dir.path(), name, ops).unwrap_or_else(|e| panic!("{ops:?}: {e}"));
-    same_file(w, name, &sim);
-    let errors = sim.records.iter().map(|r| r.error.clone()).collect();
-    (errors, corrupt(w, name))
 }
 
 #[test]

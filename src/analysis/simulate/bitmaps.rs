@@ -19,7 +19,7 @@ use super::{Sim, SimResult};
 use crate::bitmap::{BitmapMapping, BitmapTableEntry, FLAG_AUTO, FLAG_IN_USE};
 use crate::bytes::align8;
 use crate::error::{CorruptKind, Error};
-use crate::header::{ExtensionKind, Field};
+use crate::header::ExtensionKind;
 use crate::image::Qcow2;
 use crate::types::{GuestOffset, HostOffset};
 
@@ -144,106 +144,17 @@ pub(super) fn load(img: &Qcow2) -> std::result::Result<Option<Bitmaps>, String> 
     }))
 }
 
-/// One header extension as `header_ext_add` writes it: type, length, the data
-/// padded to 8 bytes.
-fn push_extension(out: &mut Vec<u8>, ext_type: u32, data: &[u8]) {
-    out.extend_from_slice(&ext_type.to_be_bytes());
-    out.extend_from_slice(&(data.len() as u32).to_be_bytes());
-    out.extend_from_slice(data);
-    out.resize(align8(out.len() as u64) as usize, 0);
-}
-
-/// The feature name table QEMU writes (48 bytes a feature: type, bit, name).
-fn feature_table() -> Vec<u8> {
-    let mut t = Vec::new();
-    for (group, bit, name) in crate::header::BUILTIN_FEATURE_NAMES {
-        let mut e = [0u8; 48];
-        e[0] = match group {
-            crate::header::FeatureGroup::Incompatible => 0,
-            crate::header::FeatureGroup::Compatible => 1,
-            crate::header::FeatureGroup::Autoclear => 2,
-        };
-        e[1] = *bit;
-        for (d, s) in e.iter_mut().skip(2).zip(name.bytes()) {
-            *d = s;
-        }
-        t.extend_from_slice(&e);
-    }
-    t
-}
-
 impl Sim {
     /// QEMU's read-write open of an image whose bitmaps extension it ignores
     /// (autoclear bit 0 clear, as a program without bitmap support leaves it):
-    /// `qcow2_update_header` writes cluster 0 again from what the open read,
-    /// without the extension: the header (autoclear bits QEMU does not know
-    /// cleared), then the backing format, data file and crypto extensions, its
-    /// own feature name table (version 3, clusters over 4 KiB), the extensions
-    /// it does not know, the end, the backing file name, zeros to the end of
-    /// the cluster. The directory, tables and data clusters stay allocated,
+    /// `qcow2_update_header` writes cluster 0 again from what the open read
+    /// ([`Sim::qemu_header_cluster`]), without the extension. The directory, tables and data clusters stay allocated,
     /// named by nothing: leaks for `qemu-img check`.
     pub(super) fn drop_ignored_bitmaps(&mut self) -> SimResult<()> {
         if !self.bitmaps.as_ref().is_some_and(|b| b.drop_extension) {
             return Ok(());
         }
-        let c0 = self.read_bytes(HostOffset(0), self.cs);
-        let h = crate::header::Header::parse(&c0)?;
-        let (exts, _) = crate::header::parse_extensions(&h, &c0);
-        let (fixed, unknown) = if h.version >= 3 {
-            let qemu = crate::header::V3_QEMU_HEADER_LEN as usize;
-            (qemu, (h.header_length as usize).saturating_sub(qemu))
-        } else {
-            (crate::header::V2_HEADER_LEN as usize, 0)
-        };
-        let mut out: Vec<u8> = c0
-            .iter()
-            .copied()
-            .take(fixed.saturating_add(unknown))
-            .collect();
-        out.resize(fixed.saturating_add(unknown), 0);
-        if h.version >= 3 {
-            // The padding after compression_type, header_length, autoclear.
-            for b in out
-                .iter_mut()
-                .take(fixed)
-                .skip(Field::CompressionType.end() as usize)
-            {
-                *b = 0;
-            }
-            Field::HeaderLength.write(&mut out, fixed.saturating_add(unknown) as u64);
-            Field::AutoclearFeatures.write(
-                &mut out,
-                h.autoclear_features
-                    & (crate::header::AUTOCLEAR_BITMAPS | crate::header::AUTOCLEAR_DATA_FILE_RAW),
-            );
-        }
-        let find = |t: u32| exts.iter().find(|e| e.ext_type == t);
-        if let Some(e) = find(crate::header::EXT_BACKING_FORMAT) {
-            push_extension(&mut out, e.ext_type, &e.data);
-        }
-        if let Some(e) = find(crate::header::EXT_DATA_FILE).filter(|_| h.has_data_file()) {
-            push_extension(&mut out, e.ext_type, &e.data);
-        }
-        if let Some(e) = find(crate::header::EXT_CRYPTO) {
-            push_extension(&mut out, e.ext_type, &e.data);
-        }
-        if h.version >= 3 && self.cs > 4096 {
-            push_extension(&mut out, crate::header::EXT_FEATURE_TABLE, &feature_table());
-        }
-        for e in exts
-            .iter()
-            .filter(|e| matches!(e.kind, ExtensionKind::Unknown))
-        {
-            push_extension(&mut out, e.ext_type, &e.data);
-        }
-        push_extension(&mut out, 0, &[]);
-        if let Some(at) = h.backing_file_name() {
-            let name = crate::bytes::slice(&c0, at.get() as usize, h.backing_file_size as usize);
-            let name_at = out.len() as u64;
-            Field::BackingFileOffset.write(&mut out, name_at);
-            out.extend_from_slice(name);
-        }
-        out.resize(self.cs as usize, 0);
+        let out = self.qemu_header_cluster()?;
         self.note("a program without bitmap support changed the image (autoclear bit 0 is clear): QEMU ignores its bitmaps and writes the header again without the bitmaps extension; the bitmap directory, tables and data stay allocated as leaks".into());
         self.why("the header is written again without the bitmaps extension");
         self.write_bytes(HostOffset(0), &out)?;

@@ -6,8 +6,8 @@
 //! copy-on-read ask; a guest write's `calculate_l2_meta`, for the first and
 //! the last cluster it covers; `qcow2_get_host_offset`) calls
 //! `qcow2_signal_corruption`, fatal: the corrupt bit is set in the header at
-//! once (`qcow2_update_header`, which writes the disk size rounded down to
-//! 512 bytes), and the image is unusable from then on, so nothing QEMU holds
+//! once ([`Sim::mark_corrupt`]: `qcow2_update_header` writes the header
+//! cluster anew, the disk size rounded down to 512 bytes), and the image is unusable from then on, so nothing QEMU holds
 //! in its caches is written afterwards.
 //!
 //! What the operation changed before it got there is sorted by where QEMU
@@ -54,8 +54,9 @@ struct L2Write {
 /// caches, for the case that it meets an invalid entry and drops them.
 #[derive(Debug, Default)]
 pub(super) struct Unflushed {
-    /// Whether this operation can meet an invalid entry (a write, a
-    /// write-zeroes or a copy-on-read of an extended-L2 image).
+    /// Whether this operation's use of the caches is followed (a write, a
+    /// write-zeroes or a copy-on-read), for an invalid entry (extended L2)
+    /// or the overlap check to stop it.
     on: bool,
     /// The operation asks block status (a write-zeroes or a copy-on-read).
     block_status: bool,
@@ -88,12 +89,17 @@ impl Sim {
             _ => None,
         };
         self.unflushed = Unflushed {
-            on: self.geo.extended_l2 && range.is_some(),
+            on: range.is_some(),
             block_status: matches!(op, Op::WriteZeroes { .. } | Op::Read { .. }),
             range: range.unwrap_or_default(),
             lists_from: (self.allocated.len(), self.freed.len()),
             ..Default::default()
         };
+    }
+
+    /// Whether this operation's use of QEMU's caches is followed.
+    pub(super) fn caches_followed(&self) -> bool {
+        self.unflushed.on
     }
 
     /// The open's repair of a dirty image is done.
@@ -187,40 +193,42 @@ impl Sim {
         what: &str,
         failure: String,
     ) -> SimError {
-        if self.steps.iter().any(|c| !matches!(c.target, Target::Note)) {
-            let (l2_mark, rc_mark) = self.cache_marks();
-            if let Some(why) = self.cache_unknown(l2_mark, rc_mark) {
-                return SimError::NotModelled(format!(
-                    "{what} that meets the L2 entry of guest {g:#x}, whose bits contradict each other, {why}"
-                ));
-            }
-            if let Err(e) = self.drop_cached(l2_mark, rc_mark) {
-                return e;
-            }
+        if let Some(e) = self.caches_lost(|| {
+            format!(
+                "{what} that meets the L2 entry of guest {g:#x}, whose bits contradict each other,"
+            )
+        }) {
+            return e;
         }
         let l2 = self.l2_table_of(g).unwrap_or_default();
         // QEMU names the entry by its index in the L2 slice it loaded.
         let slice = self.slice_entries().max(1);
         let index = self.geo.l2_index(g).checked_rem(slice).unwrap_or(0);
-        let saved = self.reason.clone();
-        self.why(format!(
+        let r = self.mark_corrupt(format!(
             "Marking image as corrupt: Invalid cluster entry found (L2 offset: {l2:#x}, L2 index: {index:#x})"
         ));
-        let features = self.header_field(Field::IncompatibleFeatures);
-        let mut r = self.set_header(
-            Field::IncompatibleFeatures,
-            features | crate::header::INCOMPAT_CORRUPT,
-        );
-        // qcow2_update_header writes the disk size QEMU uses, whole sectors.
-        let size = self.header_field(Field::Size);
-        if r.is_ok() && size & 511 != 0 {
-            r = self.set_header(Field::Size, size & !511);
-        }
-        self.reason = saved;
         match r {
             Ok(()) => SimError::Qemu(failure),
             Err(e) => e,
         }
+    }
+
+    /// QEMU stops this operation for good (`qcow2_signal_corruption`: the
+    /// image is unusable from then on): what its caches hold of the
+    /// operation's changes is lost, and undone here. `Some` with the error
+    /// when what they hold is not known (the operation is not simulated:
+    /// `what` names it, in words) or the undoing fails.
+    pub(super) fn caches_lost(&mut self, what: impl FnOnce() -> String) -> Option<SimError> {
+        if self.steps.iter().any(|c| !matches!(c.target, Target::Note)) {
+            let (l2_mark, rc_mark) = self.cache_marks();
+            if let Some(why) = self.cache_unknown(l2_mark, rc_mark) {
+                return Some(SimError::NotModelled(format!("{} {why}", what())));
+            }
+            if let Err(e) = self.drop_cached(l2_mark, rc_mark) {
+                return Some(e);
+            }
+        }
+        None
     }
 
     /// The step from which QEMU's caches still hold what changed: for L2

@@ -46,6 +46,7 @@ mod store;
 #[cfg(test)]
 mod tests;
 mod triage;
+mod update_header;
 mod walk;
 mod zeroes;
 

@@ -4,7 +4,9 @@
 //! about without reading more of the file. A write that would land on one is
 //! not made: the image is marked corrupt ("Preventing invalid write on
 //! metadata"), the operation fails with EIO, and QEMU makes the image
-//! unusable, so nothing more is written, not even the persistent bitmaps.
+//! unusable, so nothing more is written, not even the persistent bitmaps,
+//! and what its L2 and refcount caches held of a guest write's,
+//! write-zeroes' or copy-on-read's changes is lost ([`Sim::caches_lost`]).
 //!
 //! The simulator checks where QEMU's writes of the kinds below happen: the
 //! copy of the active L1 table for a new snapshot, the new snapshot table,
@@ -205,17 +207,22 @@ impl Sim {
             return Ok(());
         };
         self.overlap_stop = Some(m);
-        let saved = self.reason.clone();
-        self.why(format!(
+        // Fatal as an invalid L2 entry is: what QEMU's caches hold of a
+        // guest write's, write-zeroes' or copy-on-read's changes is lost.
+        if self.caches_followed()
+            && let Some(e) = self.caches_lost(|| {
+                format!(
+                    "an operation stopped by QEMU's overlap check (a write of {offset:#x} onto the {}),",
+                    m.name()
+                )
+            })
+        {
+            return Err(e);
+        }
+        self.mark_corrupt(format!(
             "Marking image as corrupt: Preventing invalid write on metadata (overlaps with {}) at {offset:#x}",
             m.name()
-        ));
-        let features = self.header_field(Field::IncompatibleFeatures);
-        self.set_header(
-            Field::IncompatibleFeatures,
-            features | crate::header::INCOMPAT_CORRUPT,
-        )?;
-        self.reason = saved;
+        ))?;
         Err(SimError::Qemu(format!(
             "Preventing invalid write on metadata (overlaps with {}) at {offset:#x}; the image is marked corrupt (EIO)",
             m.name()

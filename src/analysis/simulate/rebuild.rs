@@ -133,17 +133,10 @@ impl Sim {
                 Ok(stored) => zero_in_use |= stored == 0 && imrt.get(c) != 0,
                 Err(e) => {
                     if !unreadable {
-                        let saved = self.reason.clone();
-                        self.why(format!(
+                        self.mark_corrupt(format!(
                             "Marking image as corrupt: {} (Can't get refcount for cluster {c})",
                             e.text().trim_end_matches(" (EIO)")
-                        ));
-                        let features = self.header_field(Field::IncompatibleFeatures);
-                        self.set_header(
-                            Field::IncompatibleFeatures,
-                            features | crate::header::INCOMPAT_CORRUPT,
-                        )?;
-                        self.reason = saved;
+                        ))?;
                     }
                     unreadable = true;
                 }

@@ -1,0 +1,192 @@
+//! `qcow2_update_header`: QEMU writes the whole header cluster anew from what
+//! its open read, not the fields it changed. It does so when it drops the
+//! bitmaps extension of an image a program without bitmap support changed
+//! ([`Sim::drop_ignored_bitmaps`]) and when it marks an image corrupt
+//! (`qcow2_mark_corrupt`, [`Sim::mark_corrupt`]). What it writes:
+//!
+//! 1. the header: 72 bytes for version 2, 112 for version 3 (the size QEMU
+//!    knows, `header_length` saying so), with the disk size in whole sectors
+//!    and, for version 3, autoclear bits QEMU does not know cleared; then the
+//!    header fields past 112 bytes it does not know, as they were;
+//! 2. the extensions, in this order: the backing format, the data file name
+//!    (when the image has one), the crypto header pointer, its own feature
+//!    name table (version 3, clusters over 4 KiB: whatever table the image
+//!    had, or none), the bitmaps extension (when QEMU uses the bitmaps: the
+//!    autoclear bit for them is set), the extensions it does not know, in
+//!    their order; the end mark;
+//! 3. the backing file name, to its first NUL byte; zeros to the end of the
+//!    cluster.
+
+use super::{Sim, SimResult};
+use crate::bytes::align8;
+use crate::header::{ExtensionKind, Field, Header};
+use crate::types::HostOffset;
+
+/// One header extension as `header_ext_add` writes it: type, length, the data
+/// padded to 8 bytes.
+fn push_extension(out: &mut Vec<u8>, ext_type: u32, data: &[u8]) {
+    out.extend_from_slice(&ext_type.to_be_bytes());
+    out.extend_from_slice(&(data.len() as u32).to_be_bytes());
+    out.extend_from_slice(data);
+    out.resize(align8(out.len() as u64) as usize, 0);
+}
+
+/// The feature name table QEMU writes (48 bytes a feature: type, bit, name).
+fn feature_table() -> Vec<u8> {
+    let mut t = Vec::new();
+    for (group, bit, name) in crate::header::BUILTIN_FEATURE_NAMES {
+        let mut e = [0u8; 48];
+        e[0] = match group {
+            crate::header::FeatureGroup::Incompatible => 0,
+            crate::header::FeatureGroup::Compatible => 1,
+            crate::header::FeatureGroup::Autoclear => 2,
+        };
+        e[1] = *bit;
+        for (d, s) in e.iter_mut().skip(2).zip(name.bytes()) {
+            *d = s;
+        }
+        t.extend_from_slice(&e);
+    }
+    t
+}
+
+/// `bytes` up to their first NUL byte (QEMU keeps names as C strings).
+fn c_string(bytes: &[u8]) -> &[u8] {
+    let end = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
+    bytes.get(..end).unwrap_or(bytes)
+}
+
+/// The fixed header and the fields past it QEMU does not know, as
+/// `qcow2_update_header` writes them from header `h` read from `c0`.
+fn fixed_part(h: &Header, c0: &[u8]) -> Vec<u8> {
+    let (fixed, unknown) = if h.version >= 3 {
+        let qemu = crate::header::V3_QEMU_HEADER_LEN as usize;
+        (qemu, (h.header_length as usize).saturating_sub(qemu))
+    } else {
+        (crate::header::V2_HEADER_LEN as usize, 0)
+    };
+    let mut out: Vec<u8> = c0
+        .iter()
+        .copied()
+        .take(fixed.saturating_add(unknown))
+        .collect();
+    out.resize(fixed.saturating_add(unknown), 0);
+    Field::BackingFileOffset.write(&mut out, 0);
+    Field::BackingFileSize.write(&mut out, 0);
+    // bs->total_sectors * BDRV_SECTOR_SIZE.
+    Field::Size.write(&mut out, h.size & !511);
+    if h.version >= 3 {
+        // compression_type (zlib, 0, for a 104-byte header), then padding.
+        for b in out
+            .iter_mut()
+            .take(fixed)
+            .skip(Field::CompressionType.offset() as usize)
+        {
+            *b = 0;
+        }
+        Field::CompressionType.write(&mut out, u64::from(h.compression_type_raw));
+        Field::HeaderLength.write(&mut out, fixed.saturating_add(unknown) as u64);
+        Field::AutoclearFeatures.write(
+            &mut out,
+            h.autoclear_features
+                & (crate::header::AUTOCLEAR_BITMAPS | crate::header::AUTOCLEAR_DATA_FILE_RAW),
+        );
+    }
+    out
+}
+
+impl Sim {
+    /// The header cluster `qcow2_update_header` writes now, from the header
+    /// cluster as it is (see the module's comment).
+    pub(super) fn qemu_header_cluster(&mut self) -> SimResult<Vec<u8>> {
+        let c0 = self.read_bytes(HostOffset(0), self.cs);
+        let h = Header::parse(&c0)?;
+        let (exts, _) = crate::header::parse_extensions(&h, &c0);
+        let mut out = fixed_part(&h, &c0);
+        let find = |t: u32| exts.iter().find(|e| e.ext_type == t);
+        if let Some(e) = find(crate::header::EXT_BACKING_FORMAT) {
+            push_extension(&mut out, e.ext_type, c_string(&e.data));
+        }
+        if let Some(e) = find(crate::header::EXT_DATA_FILE).filter(|_| h.has_data_file()) {
+            push_extension(&mut out, e.ext_type, c_string(&e.data));
+        }
+        if let Some(e) = find(crate::header::EXT_CRYPTO) {
+            push_extension(&mut out, e.ext_type, &e.data);
+        }
+        if h.version >= 3 && self.cs > 4096 {
+            push_extension(&mut out, crate::header::EXT_FEATURE_TABLE, &feature_table());
+        }
+        if h.autoclear_features & crate::header::AUTOCLEAR_BITMAPS != 0
+            && let Some(e) = find(crate::header::EXT_BITMAPS)
+        {
+            push_extension(&mut out, e.ext_type, &e.data);
+        }
+        for e in exts
+            .iter()
+            .filter(|e| matches!(e.kind, ExtensionKind::Unknown))
+        {
+            push_extension(&mut out, e.ext_type, &e.data);
+        }
+        push_extension(&mut out, 0, &[]);
+        if h.backing_file_offset.get() != 0 {
+            let name = crate::bytes::slice(
+                &c0,
+                h.backing_file_offset.get() as usize,
+                h.backing_file_size as usize,
+            );
+            let name = c_string(name);
+            let name_at = out.len() as u64;
+            Field::BackingFileOffset.write(&mut out, name_at);
+            Field::BackingFileSize.write(&mut out, name.len() as u64);
+            out.extend_from_slice(name);
+        }
+        out.resize(self.cs as usize, 0);
+        Ok(out)
+    }
+
+    /// `qcow2_mark_corrupt` for the reason `why` (QEMU's words): the corrupt
+    /// bit set, and the header cluster written anew by
+    /// `qcow2_update_header`: the bit and a disk size cut to whole sectors
+    /// are recorded as field changes, any other byte QEMU writes differently
+    /// (a feature name table put back, a header length of 112, ...) as a
+    /// note and the bytes themselves.
+    pub(super) fn mark_corrupt(&mut self, why: String) -> SimResult<()> {
+        let saved = self.reason.clone();
+        self.why(why);
+        let features = self.header_field(Field::IncompatibleFeatures);
+        let mut r = self.set_header(
+            Field::IncompatibleFeatures,
+            features | crate::header::INCOMPAT_CORRUPT,
+        );
+        let size = self.header_field(Field::Size);
+        if r.is_ok() && size & 511 != 0 {
+            r = self.set_header(Field::Size, size & !511);
+        }
+        if r.is_ok() {
+            r = self.rewrite_header_rest();
+        }
+        self.reason = saved;
+        r
+    }
+
+    /// Write the bytes of cluster 0 that `qcow2_update_header` writes
+    /// differently from what the file holds, with a note saying so.
+    fn rewrite_header_rest(&mut self) -> SimResult<()> {
+        let want = self.qemu_header_cluster()?;
+        let have = self.read_bytes(HostOffset(0), self.cs);
+        let differs = |(a, b): (&u8, &u8)| a != b;
+        let Some(first) = want.iter().zip(&have).position(differs) else {
+            return Ok(());
+        };
+        let last = want.iter().zip(&have).rposition(differs).unwrap_or(first);
+        let bytes = want
+            .get(first..=last)
+            .map(<[u8]>::to_vec)
+            .unwrap_or_default();
+        self.note(format!(
+            "QEMU writes the whole header cluster again from what its open read (qcow2_update_header): bytes {first:#x}..{:#x} of it differ from the file's",
+            last.saturating_add(1)
+        ));
+        self.write_bytes(HostOffset(first as u64), &bytes)
+    }
+}

@@ -1,0 +1,254 @@
+//! Marking an image corrupt (`qcow2_mark_corrupt`): QEMU writes the whole
+//! header cluster anew from what its open read (`qcow2_update_header`), not
+//! only the corrupt bit. Where that differs from the file (no feature name
+//! table, a 104-byte header, a version 2 header over version 3 leftovers,
+//! an extension QEMU does not know; with a backing file or a data file
+//! named after or among the extensions), each of the three places the
+//! simulator follows, an L2 entry with contradictory subcluster bits, the
+//! overlap check and a refcount read through an unaligned refcount block, is
+//! compared with a real qemu-io or qemu-img on a copy, every byte. The
+//! overlap check, fatal as the invalid entry is, loses what QEMU's caches
+//! held of the write it stops.
+
+mod common;
+mod sim_bytes;
+mod sim_compare;
+use common::Work;
+use sim_bytes::{corrupt, same_bytes};
+
+/// Where the L2 entry of guest 0x20000 sits in the extended-L2 image.
+const ENTRY: u64 = 0x40020;
+
+/// The feature name table's extension type.
+const FEATURE_TABLE: u32 = 0x6803_f857;
+
+fn be32(b: &[u8], at: usize) -> u32 {
+    u32::from_be_bytes(b[at..at + 4].try_into().expect("4 bytes"))
+}
+
+/// A 4M extended-L2 image made with `opts`: guest 0..64k and 128k..132k
+/// written, the second entry's bitmap made to say subcluster 0 is also zero.
+fn contradictory(w: &Work, image: &str, opts: &str) {
+    let o = format!("extended_l2=on{opts}");
+    w.qemu_img(&["create", "-q", "-f", "qcow2", "-o", &o, image, "4M"]);
+    w.qemu_io(image, &["write -P 1 0 64k", "write -P 2 128k 4k"]);
+    let bytes = std::fs::read(w.path(image)).expect("read the image");
+    let bitmap = u64::from_be_bytes(bytes[ENTRY as usize + 8..][..8].try_into().expect("8"));
+    assert_eq!(bitmap, 0x3, "{image}: layout moved");
+    w.patch(image, ENTRY + 8, &0x0000_0001_0000_0003u64.to_be_bytes());
+}
+
+/// A 4M image made with `opts` whose L1 entry 0 names the L1 table itself
+/// as its L2 table (and so, as a data cluster, the L1 table): a write to
+/// guest 0 lands on the active L1 table.
+fn over_l1(w: &Work, image: &str, opts: &str) {
+    let mut args = vec!["create", "-q", "-f", "qcow2"];
+    if !opts.is_empty() {
+        args.extend(["-o", opts]);
+    }
+    args.extend([image, "4M"]);
+    w.qemu_img(&args);
+    w.qemu_io(image, &["write -P 0x11 0 64k"]);
+    let bytes = std::fs::read(w.path(image)).expect("read the image");
+    let l1 = u64::from_be_bytes(bytes[40..48].try_into().expect("8"));
+    w.patch(image, l1, &(0x8000_0000_0000_0000 | l1).to_be_bytes());
+}
+
+/// A 4M image with 64k of data whose refcount block 0 is said to sit at
+/// 0x20200, not cluster aligned: its refcounts cannot be read.
+fn unaligned_block(w: &Work, image: &str) {
+    w.qemu_img(&["create", "-q", "-f", "qcow2", image, "4M"]);
+    w.qemu_io(image, &["write -P 3 0 64k"]);
+    w.patch(image, 0x10000, &0x20200u64.to_be_bytes());
+}
+
+/// Drop the feature name table: what follows it in cluster 0 (the end
+/// mark, the backing file name) moves up, the backing file offset with it.
+fn no_feature_table(w: &Work, image: &str) {
+    let bytes = std::fs::read(w.path(image)).expect("read the image");
+    let mut at = be32(&bytes, 100) as usize;
+    while be32(&bytes, at) != FEATURE_TABLE {
+        assert_ne!(be32(&bytes, at), 0, "{image}: no feature name table");
+        at += 8 + (be32(&bytes, at + 4) as usize).next_multiple_of(8);
+    }
+    let cut = 8 + (be32(&bytes, at + 4) as usize).next_multiple_of(8);
+    let mut c0 = bytes[at + cut..0x10000].to_vec();
+    c0.resize(0x10000 - at, 0);
+    w.patch(image, at as u64, &c0);
+    let name_at = u64::from_be_bytes(bytes[8..16].try_into().expect("8"));
+    if name_at > at as u64 {
+        w.patch(image, 8, &(name_at - cut as u64).to_be_bytes());
+    }
+}
+
+/// Give the feature name table a type QEMU does not know.
+fn unknown_extension(w: &Work, image: &str) {
+    let bytes = std::fs::read(w.path(image)).expect("read the image");
+    let at = be32(&bytes, 100) as usize;
+    assert_eq!(be32(&bytes, at), FEATURE_TABLE, "{image}: extensions moved");
+    w.patch(image, at as u64, &0x1234_5678u32.to_be_bytes());
+}
+
+/// A 104-byte header, as older QEMU wrote it: the extensions moved 8 bytes
+/// earlier (no backing file name to move with them).
+fn short_header(w: &Work, image: &str) {
+    let bytes = std::fs::read(w.path(image)).expect("read the image");
+    assert_eq!(be32(&bytes, 100), 112, "{image}: header length");
+    assert_eq!(&bytes[8..12], &[0; 4], "{image}: has a backing file");
+    let rest = bytes[112..0x10000].to_vec();
+    w.patch(image, 104, &rest);
+    w.patch(image, 100, &104u32.to_be_bytes());
+}
+
+/// A version 3 header that says version 2: what follows its 72 bytes (the
+/// version 3 fields, then the feature name table) QEMU does not read, and
+/// the zero incompatible features end its extensions at once.
+fn says_version_2(w: &Work, image: &str) {
+    w.patch(image, 4, &2u32.to_be_bytes());
+}
+
+/// Whether QEMU's copy (`NAME.qemu`) has another header cluster than the
+/// image had, past the incompatible features and the disk size (so that
+/// setting the corrupt bit alone could not match it).
+fn rewritten(w: &Work, name: &str) -> bool {
+    let before = std::fs::read(w.path(name)).expect("read the image");
+    let after = std::fs::read(w.path(&format!("{name}.qemu"))).expect("read QEMU's copy");
+    (0..0x10000).any(|i| !(24..32).contains(&i) && !(72..80).contains(&i) && before[i] != after[i])
+}
+
+#[test]
+fn a_contradictory_entry_marks_corrupt_with_the_header_qemu_writes() {
+    let w = Work::new();
+    type Patch = fn(&Work, &str);
+    let cases: [(&str, &str, Patch); 3] = [
+        ("nf.qcow2", "", no_feature_table),
+        ("uk.qcow2", "", unknown_extension),
+        ("sh.qcow2", "", short_header),
+    ];
+    for (name, opts, patch) in cases {
+        let make = |w: &Work, image: &str| {
+            contradictory(w, image, opts);
+            patch(w, image);
+        };
+        let (errors, is_corrupt) = same_bytes(&w, name, make, &["write:131584:512"]);
+        let first = errors[0].as_deref().unwrap_or_default();
+        assert!(first.contains("Input/output error"), "{name}: {first}");
+        assert!(is_corrupt, "{name}");
+        assert!(
+            rewritten(&w, name),
+            "{name}: QEMU left the header as it was"
+        );
+    }
+}
+
+#[test]
+fn a_contradictory_entry_with_a_backing_file_keeps_its_name_after_the_extensions() {
+    let w = Work::new();
+    w.qemu_img(&["create", "-q", "-f", "qcow2", "base.qcow2", "4M"]);
+    let make = |w: &Work, image: &str| {
+        contradictory(w, image, ",backing_file=base.qcow2,backing_fmt=qcow2");
+        no_feature_table(w, image);
+    };
+    let (errors, is_corrupt) = same_bytes(&w, "b.qcow2", make, &["write:131584:512"]);
+    assert!(errors[0].is_some(), "{errors:?}");
+    assert!(is_corrupt);
+    assert!(rewritten(&w, "b.qcow2"), "QEMU left the header as it was");
+}
+
+#[test]
+fn a_contradictory_entry_with_a_data_file_keeps_its_name() {
+    let w = Work::new();
+    // Nothing is written to the data file: QEMU's copy and the simulated
+    // image name the same one.
+    let make = |w: &Work, image: &str| {
+        contradictory(w, image, ",data_file=d.raw");
+        no_feature_table(w, image);
+    };
+    let (errors, is_corrupt) = same_bytes(&w, "df.qcow2", make, &["write:131584:512"]);
+    assert!(errors[0].is_some(), "{errors:?}");
+    assert!(is_corrupt);
+    assert!(rewritten(&w, "df.qcow2"), "QEMU left the header as it was");
+}
+
+#[test]
+fn the_overlap_check_marks_corrupt_with_the_header_qemu_writes() {
+    let w = Work::new();
+    w.qemu_img(&["create", "-q", "-f", "qcow2", "base.qcow2", "4M"]);
+    type Patch = fn(&Work, &str);
+    let cases: [(&str, &str, Patch); 4] = [
+        ("onf.qcow2", "", no_feature_table),
+        ("ouk.qcow2", "", unknown_extension),
+        ("ov2.qcow2", "", says_version_2),
+        (
+            "obk.qcow2",
+            "backing_file=base.qcow2,backing_fmt=qcow2",
+            no_feature_table,
+        ),
+    ];
+    for (name, opts, patch) in cases {
+        let make = |w: &Work, image: &str| {
+            over_l1(w, image, opts);
+            patch(w, image);
+        };
+        let (errors, _) = same_bytes(&w, name, make, &["write:0:512"]);
+        let first = errors[0].as_deref().unwrap_or_default();
+        assert!(
+            first.contains("overlaps with active L1 table"),
+            "{name}: {first}"
+        );
+        assert!(
+            rewritten(&w, name),
+            "{name}: QEMU left the header as it was"
+        );
+    }
+    // A version 2 header keeps no corrupt bit; the others do.
+    assert!(!corrupt(&w, "ov2.qcow2"));
+    assert!(corrupt(&w, "onf.qcow2") && corrupt(&w, "obk.qcow2"));
+}
+
+#[test]
+fn an_unaligned_refcount_block_marks_corrupt_with_the_header_qemu_writes() {
+    let w = Work::new();
+    let make = |w: &Work, image: &str| {
+        unaligned_block(w, image);
+        no_feature_table(w, image);
+    };
+    same_bytes(&w, "rb.qcow2", make, &["repair:all"]);
+    assert!(rewritten(&w, "rb.qcow2"), "QEMU left the header as it was");
+}
+
+/// An image of `size` with guest `at`..`at`+64k written (`at` the second
+/// cluster of an L2 table's range: the table lands at 0x40000, the data at
+/// 0x50000) whose L2 entry 1 then names the active L1 table (0x30000) as its
+/// data.
+fn l2_entry_over_l1(w: &Work, image: &str, size: &str, at: u64) {
+    w.qemu_img(&["create", "-q", "-f", "qcow2", image, size]);
+    w.qemu_io(image, &[&format!("write -P 0x11 {at} 64k")]);
+    let bytes = std::fs::read(w.path(image)).expect("read the image");
+    let entry = u64::from_be_bytes(bytes[0x40008..0x40010].try_into().expect("8"));
+    assert_eq!(entry, 0x8000_0000_0005_0000, "{image}: layout moved");
+    w.patch(image, 0x40008, &0x8000_0000_0003_0000u64.to_be_bytes());
+}
+
+#[test]
+fn an_overlap_after_an_allocation_loses_what_qemus_caches_held() {
+    let w = Work::new();
+    // Guest 0 gets a new cluster (its refcount and L2 entry in QEMU's
+    // caches, its data written), then the write of guest 64k lands on the
+    // active L1 table: the data stays in the file, named by nothing and
+    // counted by nothing; the next write is refused, the image corrupt.
+    let make = |w: &Work, image: &str| l2_entry_over_l1(w, image, "4M", 0x10000);
+    let ops = ["write:0:131072:P=5", "write:0:512"];
+    let (errors, is_corrupt) = same_bytes(&w, "oa.qcow2", make, &ops);
+    let first = errors[0].as_deref().unwrap_or_default();
+    assert!(first.contains("overlaps with active L1 table"), "{first}");
+    assert!(errors[1].is_some(), "{errors:?}");
+    assert!(is_corrupt);
+    // Guest 512M-64k first, in a new L2 table (which writes QEMU's caches
+    // back), then guest 512M, then guest 512M+64k onto the L1 table.
+    let make = |w: &Work, image: &str| l2_entry_over_l1(w, image, "1G", 0x2001_0000);
+    let (errors, is_corrupt) = same_bytes(&w, "ob.qcow2", make, &["write:536805376:196608:P=5"]);
+    let first = errors[0].as_deref().unwrap_or_default();
+    assert!(first.contains("overlaps with active L1 table"), "{first}");
+    assert!(is_corrupt);
+}
