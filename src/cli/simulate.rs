@@ -4,7 +4,7 @@ use super::{CmdResult, num::parse_size, style};
 use qinspect::check::{CheckOptions, check};
 use qinspect::image::{Qcow2, Strictness};
 use qinspect::io::{FileSource, SharedSource};
-use qinspect::simulate::{Op, Sim, SimError, simulate_layers};
+use qinspect::simulate::{Op, Sim, simulate_layers};
 use serde_json::json;
 use std::io::Write;
 use std::path::PathBuf;
@@ -301,9 +301,7 @@ fn print_text(out: &mut impl Write, sim: &mut Sim) -> std::io::Result<bool> {
         }
         // What qinspect does not follow is no failure of QEMU's.
         match &r.error {
-            Some(e) if matches!(r.cause, Some(SimError::NotModelled(_))) => {
-                writeln!(out, "   {bad}{e}{bad:#}")?
-            }
+            Some(e) if r.not_simulated() => writeln!(out, "   {bad}{e}{bad:#}")?,
             Some(e) => writeln!(out, "   {bad}QEMU fails here:{bad:#} {e}")?,
             None => {}
         }

@@ -18,7 +18,7 @@ use super::alloc::Discard;
 use super::{Sim, SimResult};
 use crate::bitmap::{BitmapMapping, BitmapTableEntry, FLAG_AUTO, FLAG_IN_USE};
 use crate::bytes::align8;
-use crate::error::{CorruptKind, Error};
+use crate::error::Error;
 use crate::header::ExtensionKind;
 use crate::image::Qcow2;
 use crate::types::{GuestOffset, HostOffset};
@@ -56,25 +56,19 @@ pub(super) struct Bitmaps {
 /// QEMU's own refusal to open `img` at all (read-only too) for its
 /// bitmap directory, in the block layer's words (each command puts its own
 /// before them): a directory whose entries do not fit it ("Broken bitmap
-/// directory", [`CorruptKind::BitmapDirectoryBroken`]) or end before the
-/// count the extension gives ([`CorruptKind::BitmapDirectoryShort`]) or go on
-/// past it ([`CorruptKind::BitmapDirectoryLong`]), an
+/// directory", [`CorruptKind::BitmapDirectoryBroken`](crate::error::CorruptKind::BitmapDirectoryBroken)) or end before the
+/// count the extension gives ([`CorruptKind::BitmapDirectoryShort`](crate::error::CorruptKind::BitmapDirectoryShort)) or go on
+/// past it ([`CorruptKind::BitmapDirectoryLong`](crate::error::CorruptKind::BitmapDirectoryLong)), an
 /// entry with extra data ("Bitmap extra data is not supported", whatever its
 /// flags), or one that fails QEMU's constraints (flags it does not know, a
-/// table over its size limit, ...: [`CorruptKind::BitmapDirectoryEntry`]).
+/// table over its size limit, ...: [`CorruptKind::BitmapDirectoryEntry`](crate::error::CorruptKind::BitmapDirectoryEntry)).
 /// The open found it; with the autoclear bit for bitmaps clear QEMU ignores
 /// the extension, and the open does not look.
 pub(super) fn open_fails(img: &Qcow2) -> Option<String> {
     img.problems.iter().find_map(|e| match e {
-        Error::Invalid { kind, reason, .. } if refuses_bitmaps(*kind) => Some(reason.clone()),
+        Error::Invalid { kind, reason, .. } if kind.is_bitmap_directory() => Some(reason.clone()),
         _ => None,
     })
-}
-
-/// Whether an open's problem of this kind is QEMU's refusal to open the
-/// image for its bitmap directory ([`open_fails`]).
-pub(super) fn refuses_bitmaps(kind: CorruptKind) -> bool {
-    kind.is_bitmap_directory()
 }
 
 /// Read the bitmaps of `img`: `Ok(None)` without any, `Err` with the reason the

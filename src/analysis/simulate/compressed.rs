@@ -74,17 +74,27 @@ impl Sim {
         // s->free_byte_offset: 0 on every fresh open.
         let mut free_byte = HostOffset(0);
         let mut failed = None;
+        // Every cluster of the request holds the same pattern: one stream for
+        // the whole clusters, one for a last cluster the disk's end cuts.
+        let mut streams: Vec<(u64, Option<Vec<u8>>)> = Vec::new();
         for pos in order {
             let bytes = cs.min(end.saturating_sub(pos));
-            let mut data = vec![self.data.pattern(); usize::try_from(cs).unwrap_or(0)];
-            // The last cluster of a disk that ends inside it is zero-padded.
-            let pad = usize::try_from(bytes).unwrap_or(0);
-            if let Some(tail) = data.get_mut(pad..) {
-                tail.fill(0);
-            }
-            let compressed = compress(kind, &data, room).map_err(|e| {
-                SimError::Qemu(format!("write failed: Input/output error ({e}) (EIO)"))
-            })?;
+            let compressed = match streams.iter().find(|(b, _)| *b == bytes) {
+                Some((_, c)) => c.clone(),
+                None => {
+                    let mut data = vec![self.data.pattern(); usize::try_from(cs).unwrap_or(0)];
+                    // The last cluster of a disk that ends inside it is zero-padded.
+                    let pad = usize::try_from(bytes).unwrap_or(0);
+                    if let Some(tail) = data.get_mut(pad..) {
+                        tail.fill(0);
+                    }
+                    let c = compress(kind, &data, room).map_err(|e| {
+                        SimError::Qemu(format!("write failed: Input/output error ({e}) (EIO)"))
+                    })?;
+                    streams.push((bytes, c.clone()));
+                    c
+                }
+            };
             match compressed {
                 None => {
                     self.note(format!(

@@ -202,9 +202,9 @@ impl Sim {
 
     /// The kind of the (sub)cluster at guest `g` in the top layer, whose L2
     /// table is at `l2`.
-    fn top_type(&mut self, l2: HostOffset, g: GuestOffset) -> SubclusterType {
+    pub(super) fn top_type(&mut self, l2: HostOffset, g: GuestOffset) -> SubclusterType {
         let index = self.geo.l2_index(g);
-        let sc = (self.within(g) >> self.geo.subcluster_bits()) as u32;
+        let sc = self.geo.subcluster_index(g);
         let (raw, bitmap) = self.l2_entry_at(l2, index);
         L2Entry { raw, bitmap }.subcluster_type(&self.geo, self.has_data_file, sc)
     }

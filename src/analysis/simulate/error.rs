@@ -61,3 +61,11 @@ impl From<Error> for SimError {
         SimError::Error(Arc::new(e))
     }
 }
+
+impl super::OpRecord {
+    /// Whether the operation stopped where qinspect does not follow QEMU
+    /// (its `error` is then no failure of QEMU's).
+    pub fn not_simulated(&self) -> bool {
+        matches!(self.cause, Some(SimError::NotModelled(_)))
+    }
+}

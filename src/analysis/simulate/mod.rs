@@ -233,7 +233,7 @@ impl Sim {
         let refusing: Vec<&Error> = img
             .problems
             .iter()
-            .filter(|e| !e.corrupt_kind().is_some_and(bitmaps::refuses_bitmaps))
+            .filter(|e| !e.corrupt_kind().is_some_and(|k| k.is_bitmap_directory()))
             .collect();
         let snapshot_table_only = img.check_refusal.is_none()
             && refusing

@@ -12,7 +12,7 @@
 //! without corruptions is marked clean and consistent.
 
 use super::alloc::Discard;
-use super::{BDRV_MAX_LENGTH, Sim, SimError, SimResult};
+use super::{Sim, SimError, SimResult};
 use crate::check::{CheckOptions, check};
 use crate::header::Field;
 use crate::types::HostOffset;
@@ -474,12 +474,7 @@ impl Sim {
         };
         list.iter()
             .filter(|b| &b.name == name && b.table_offset == *offset)
-            .any(|b| {
-                offset
-                    .get()
-                    .checked_add(u64::from(b.table_size).saturating_mul(8))
-                    .is_none_or(|end| end > BDRV_MAX_LENGTH)
-            })
+            .any(|b| crate::io::ends_past_limit(*offset, u64::from(b.table_size).saturating_mul(8)))
     }
 
     /// The L2 tables QEMU's check (`calculate_refcounts`) reads before its

@@ -16,8 +16,8 @@ use super::{Sim, SimError, SimResult};
 use crate::chain::{Chain, LayerKind, OpenOptions};
 use crate::io::Extent;
 use crate::lookup::{Status, layer_run};
-use crate::tables::{ClusterType, L1Entry, L2Entry, SubclusterType};
-use crate::types::{GuestOffset, HostOffset};
+use crate::tables::{ClusterType, L2Entry, SubclusterType};
+use crate::types::GuestOffset;
 
 /// QEMU's `MAX_BOUNCE_BUFFER` (32768 sectors): the most one fallback write of
 /// zeros covers.
@@ -251,18 +251,8 @@ impl Sim {
 
     /// The type of the subcluster at guest `g` in this image's own tables.
     fn top_subcluster_type(&mut self, g: GuestOffset) -> SubclusterType {
-        let i = self.geo.l1_index(g);
-        let l2 = self
-            .l1
-            .get(i as usize)
-            .and_then(L1Entry::l2_offset)
-            .unwrap_or_default();
-        if l2 == HostOffset(0) {
-            return SubclusterType::UnallocatedPlain;
-        }
-        let (raw, bitmap) = self.l2_entry_at(l2, self.geo.l2_index(g));
-        let sc = self.geo.subcluster_index(g);
-        L2Entry { raw, bitmap }.subcluster_type(&self.geo, self.has_data_file, sc)
+        self.l2_table_of(g)
+            .map_or(SubclusterType::UnallocatedPlain, |l2| self.top_type(l2, g))
     }
 
     /// QEMU's `is_zero`: whether guest bytes `a..b` (inside one subcluster,

@@ -6,7 +6,7 @@ use crate::tui::app::InputFor;
 use crate::tui::ctx::{Ctx, Effect};
 use crate::tui::keymap::Action;
 use crate::tui::widgets::{ListView, boxed};
-use qinspect::simulate::{Op, OpRecord, SimError};
+use qinspect::simulate::{Op, OpRecord};
 use ratatui::Frame;
 use ratatui::layout::{Constraint, Layout, Rect};
 use ratatui::style::Style;
@@ -111,9 +111,7 @@ pub fn flat(o: &Outcome) -> Vec<(usize, String, bool)> {
         }
         match &r.error {
             // What qinspect does not follow is no failure of QEMU's.
-            Some(e) if matches!(r.cause, Some(SimError::NotModelled(_))) => {
-                v.push((i, e.clone(), true))
-            }
+            Some(e) if r.not_simulated() => v.push((i, e.clone(), true)),
             Some(e) => v.push((i, format!("QEMU fails here: {e}"), true)),
             None => {}
         }
@@ -489,6 +487,7 @@ impl PaneState for State {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use qinspect::simulate::SimError;
 
     /// What qinspect does not follow ([`SimError::NotModelled`]) is shown in its
     /// own words, a failure of QEMU's as one: the kind decides, not the words.

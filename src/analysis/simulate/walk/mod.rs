@@ -122,7 +122,7 @@ impl Sim {
         // whole walk is done.
         self.cache_discards = true;
         // The L2 tables whose writes the overlap check stops (addend >= 0).
-        let mut unwritten: Vec<HostOffset> = Vec::new();
+        let mut unwritten: Option<HostOffset> = None;
         for i in 0..table.len() {
             let Some(&old_l1) = table.get(i) else { break };
             if old_l1 == L1Entry::UNALLOCATED {
@@ -143,7 +143,7 @@ impl Sim {
             match self.walk_l2(l2, addend, &label, i, vm) {
                 Ok(stopped) => {
                     if stopped {
-                        unwritten.push(l2);
+                        unwritten.get_or_insert(l2);
                     }
                 }
                 Err(e) => {
@@ -203,7 +203,7 @@ impl Sim {
         // then every L2 table the overlap check lets through. A table it stops
         // fails the operation there, and the L1 table is not written; the
         // in-memory one it changed goes with the process.
-        if let (Ok(()), Some(&l2)) = (&result, unwritten.first()) {
+        if let (Ok(()), Some(l2)) = (&result, unwritten) {
             if l1_modified {
                 self.note(format!(
                     "the {label} changes above stay in QEMU's memory: the flush after the walk fails, so the table is not written"
