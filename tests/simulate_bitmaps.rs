@@ -139,3 +139,44 @@ fn the_extension_is_dropped_when_autoclear_is_clear() {
         );
     }
 }
+
+/// `qemu-img amend -o compat=0.10` of an image with a bitmap leaves a v2 image
+/// with the bitmaps extension (v2 has no autoclear bits): every read-write
+/// open warns that the bitmaps must be considered inconsistent and writes the
+/// header again without the extension. The warning comes before the error of
+/// a failing operation (a snapshot delete by ID), whose cause must still be
+/// the one compared.
+#[test]
+fn a_v2_image_amended_with_a_bitmap_drops_it_on_the_first_open() {
+    let w = Work::new();
+    w.qemu_img(&["create", "-q", "-f", "qcow2", "v.qcow2", "1G"]);
+    w.qemu_img(&["bitmap", "--add", "-g", "512k", "v.qcow2", "b0"]);
+    w.qemu_io("v.qcow2", &["write -P 5 35700224 231936"]);
+    w.qemu_img(&["amend", "-f", "qcow2", "-o", "compat=0.10", "v.qcow2"]);
+    let before = open_path(&w.path("v.qcow2")).unwrap();
+    assert_eq!(before.header.version, 2);
+    assert!(before.bitmaps.is_some(), "amend dropped the extension");
+    let sim = ok(
+        &w,
+        "v.qcow2",
+        &["snapshot-delete:1", "write:0:4096", "repair:leaks"],
+    );
+    let e = sim.records[0].error.as_deref().unwrap_or_default();
+    assert!(e.contains("snapshot not found"), "{e}");
+    // The note gives this image's reason: version 2, not a clear autoclear bit.
+    let notes: Vec<&str> = sim.records[0]
+        .steps
+        .iter()
+        .filter(|c| matches!(c.target, qinspect::simulate::Target::Note))
+        .map(|c| c.reason.as_str())
+        .collect();
+    assert!(
+        notes
+            .iter()
+            .any(|n| n.contains("version 2, which has no autoclear bits")),
+        "{notes:?}"
+    );
+    assert!(sim.records[1..].iter().all(|r| r.error.is_none()));
+    let after = open_path(&w.path("v.qcow2.qemu")).unwrap();
+    assert!(after.bitmaps.is_none(), "QEMU kept the extension");
+}

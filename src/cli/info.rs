@@ -393,7 +393,12 @@ fn print_bitmaps(out: &mut impl Write, img: &Qcow2) -> color_eyre::Result<()> {
                     b.table_offset
                 )?;
             }
-            if h.autoclear_features & qinspect::header::AUTOCLEAR_BITMAPS == 0 {
+            if h.version < 3 {
+                writeln!(
+                    out,
+                    "  {bad}a version 2 image has no autoclear bits: QEMU ignores these bitmaps{bad:#}"
+                )?;
+            } else if h.autoclear_features & qinspect::header::AUTOCLEAR_BITMAPS == 0 {
                 writeln!(
                     out,
                     "  {bad}autoclear bit 0 is clear: QEMU ignores these bitmaps{bad:#}"

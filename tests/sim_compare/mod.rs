@@ -344,6 +344,8 @@ pub fn run_qemu(dir: &Path, cmd: &[String]) -> (bool, String) {
     );
     let failed_line = text
         .lines()
+        // A warning (a v2 image's bitmaps, say) comes before the error.
+        .filter(|l| !l.contains(": warning: "))
         .find(|l| l.contains("failed") || l.starts_with("qemu-"))
         .unwrap_or("")
         .to_string();

@@ -149,7 +149,12 @@ impl Sim {
             return Ok(());
         }
         let out = self.qemu_header_cluster()?;
-        self.note("a program without bitmap support changed the image (autoclear bit 0 is clear): QEMU ignores its bitmaps and writes the header again without the bitmaps extension; the bitmap directory, tables and data stay allocated as leaks".into());
+        let why = if self.version < 3 {
+            "the image is version 2, which has no autoclear bits, so QEMU cannot tell whether a program without bitmap support changed it (it warns so)"
+        } else {
+            "a program without bitmap support changed the image (autoclear bit 0 is clear)"
+        };
+        self.note(format!("{why}: QEMU ignores its bitmaps and writes the header again without the bitmaps extension; the bitmap directory, tables and data stay allocated as leaks"));
         self.why("the header is written again without the bitmaps extension");
         self.write_bytes(HostOffset(0), &out)?;
         self.bitmaps = None;
