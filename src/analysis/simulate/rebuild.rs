@@ -258,7 +258,9 @@ impl Sim {
                 "a refcount block at {off:#x}, outside the image, makes QEMU grow the file to {end} bytes and hold a refcount for each of its {clusters} clusters in memory, {array} bytes asked for at once: whether it gets them or fails with Cannot allocate memory depends on the machine (qinspect follows it up to {MAX_QEMU_ARRAY_BYTES} bytes)"
             )));
         }
-        if clusters > crate::check::MAX_CHECK_CLUSTERS {
+        // What QEMU's check of the grown file says at once, and qinspect's
+        // own count of it would say too.
+        if crate::check::Refusal::file_too_large(clusters).is_some() {
             return Err(SimError::NotModelled(format!(
                 "a refcount block at {off:#x}, outside the image, makes QEMU grow the file to {end} bytes, {clusters} clusters: more than the {} clusters QEMU's check counts (a check of such a file fails with File too large)",
                 crate::check::MAX_CHECK_CLUSTERS
