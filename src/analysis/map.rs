@@ -256,6 +256,32 @@ pub fn file_extent(file: &dyn Source, host: HostOffset) -> (bool, Option<u64>) {
     }
 }
 
+/// With metadata preallocation QEMU asks the file system about a qcow2
+/// layer's data clusters too (`BDRV_BLOCK_RECURSE`): where the data at `host`
+/// stands in the file that holds it (the layer's external data file, or its
+/// image file), as [`file_extent`] says. `None` where QEMU does not ask: a
+/// raw layer, no metadata preallocation, or an encrypted image (whose data
+/// offsets its block status does not give).
+pub(crate) fn preallocated_data_extent(
+    layer: &Layer,
+    host: HostOffset,
+) -> Option<(bool, Option<u64>)> {
+    let LayerKind::Qcow2 {
+        image, data_file, ..
+    } = &layer.kind
+    else {
+        return None;
+    };
+    if image.header.crypt_method != 0 || !image.metadata_preallocated() {
+        return None;
+    }
+    let file: &dyn Source = match data_file {
+        Some(df) => df.as_ref(),
+        None => layer.src.as_ref(),
+    };
+    Some(file_extent(file, host))
+}
+
 fn layer_answer(
     chain: &Chain,
     walk: &mut Walk,
@@ -281,11 +307,7 @@ fn layer_answer(
                 offset: Some(host),
             })
         }
-        LayerKind::Qcow2 {
-            image,
-            view,
-            data_file,
-        } => {
+        LayerKind::Qcow2 { image, view, .. } => {
             let run = walk.run(depth, image, view, off, bytes)?;
             let len = run.len.min(bytes).max(1);
             let encrypted = image.header.crypt_method != 0;
@@ -337,13 +359,8 @@ fn layer_answer(
             if a.data
                 && !a.zero
                 && let Some(host) = a.offset
-                && image.metadata_preallocated()
+                && let Some((zero, n)) = preallocated_data_extent(layer, host)
             {
-                let file: &dyn Source = match data_file {
-                    Some(df) => df.as_ref(),
-                    None => layer.src.as_ref(),
-                };
-                let (zero, n) = file_extent(file, host);
                 if let Some(n) = n {
                     a.len = a.len.min(n);
                 }

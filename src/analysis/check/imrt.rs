@@ -126,6 +126,27 @@ impl Imrt {
             .collect()
     }
 
+    /// The first cluster from `from` whose count is other than 0, if any:
+    /// the chunks nothing is counted in are skipped whole.
+    pub(crate) fn next_counted(&self, from: u64) -> Option<u64> {
+        let mut i = usize::try_from(from >> CHUNK_BITS).ok()?;
+        let mut lo = (from & (CHUNK - 1)) as usize;
+        while let Some(slot) = self.chunks.get(i) {
+            let found = slot.as_ref().and_then(|ch| match &ch.counts {
+                Counts::U8(a) => a.get(lo..)?.iter().position(|x| *x != 0),
+                Counts::U16(a) => a.get(lo..)?.iter().position(|x| *x != 0),
+                Counts::U64(a) => a.get(lo..)?.iter().position(|x| *x != 0),
+            });
+            if let Some(p) = found {
+                // lo + p is inside the chunk: below CHUNK.
+                return Some(((i as u64) << CHUNK_BITS) | lo.saturating_add(p) as u64);
+            }
+            i = i.saturating_add(1);
+            lo = 0;
+        }
+        None
+    }
+
     /// Computed references of a cluster.
     pub fn get(&self, c: u64) -> u64 {
         self.chunk(c)
@@ -296,4 +317,30 @@ fn mark_data(kinds: &mut [u8], lo: usize, hi: usize) {
 #[inline]
 pub(super) fn kind_shift(i: usize) -> usize {
     (i & 3) << 1
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::arithmetic_side_effects)]
+
+    use super::{CHUNK, Imrt};
+
+    #[test]
+    fn next_counted_skips_zeros_and_empty_chunks() {
+        let mut imrt = Imrt::new(10 * CHUNK);
+        assert_eq!(imrt.next_counted(0), None);
+        imrt.set(5, 1);
+        imrt.set(3 * CHUNK + 7, 300);
+        imrt.set(3 * CHUNK + 9, 1 << 20);
+        assert_eq!(imrt.next_counted(0), Some(5));
+        assert_eq!(imrt.next_counted(5), Some(5));
+        assert_eq!(imrt.next_counted(6), Some(3 * CHUNK + 7));
+        assert_eq!(imrt.next_counted(3 * CHUNK + 8), Some(3 * CHUNK + 9));
+        assert_eq!(imrt.next_counted(3 * CHUNK + 10), None);
+        // A count set back to 0 is not counted.
+        imrt.set(5, 0);
+        assert_eq!(imrt.next_counted(0), Some(3 * CHUNK + 7));
+        // Past the table's chunks.
+        assert_eq!(imrt.next_counted(u64::MAX), None);
+    }
 }

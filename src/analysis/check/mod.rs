@@ -146,11 +146,9 @@ pub fn check(img: &Qcow2, opts: &CheckOptions) -> CheckReport {
     let file_clusters = walk.file_len.div_ceil(cs);
     // qcow2_check_refcounts: the file's clusters are counted in an array
     // indexed by an int.
-    if file_clusters > MAX_CHECK_CLUSTERS {
+    if let Some(refusal) = Refusal::file_too_large(file_clusters) {
         walk.report.check_errors = walk.report.check_errors.saturating_add(1);
-        walk.report.aborted = Some(Refusal::FileTooLarge {
-            clusters: file_clusters,
-        });
+        walk.report.aborted = Some(refusal);
         return finish(walk, None);
     }
     let mut counter = Counter {

@@ -144,6 +144,13 @@ pub enum Refusal {
 }
 
 impl Refusal {
+    /// QEMU's check of a file of `clusters` clusters fails at once ("File
+    /// too large") when they are more than it counts
+    /// ([`MAX_CHECK_CLUSTERS`](super::MAX_CHECK_CLUSTERS)): the refusal, if so.
+    pub fn file_too_large(clusters: u64) -> Option<Refusal> {
+        (clusters > super::MAX_CHECK_CLUSTERS).then_some(Refusal::FileTooLarge { clusters })
+    }
+
     /// The error behind the refusal, where there is one.
     pub fn error(&self) -> Option<&Error> {
         match self {

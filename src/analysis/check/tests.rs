@@ -113,3 +113,13 @@ fn an_io_error_clones_with_its_words_and_kind() {
     };
     assert_eq!(source.kind(), std::io::ErrorKind::NotFound);
 }
+
+#[test]
+fn a_file_is_too_large_to_check_past_qemus_count_only() {
+    let max = super::MAX_CHECK_CLUSTERS;
+    assert!(Refusal::file_too_large(max).is_none());
+    assert!(matches!(
+        Refusal::file_too_large(max + 1),
+        Some(Refusal::FileTooLarge { clusters }) if clusters == max + 1
+    ));
+}

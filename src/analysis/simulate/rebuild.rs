@@ -23,16 +23,17 @@
 //! The old table and blocks were counted as in use, so nothing new lands on
 //! them; the check that follows finds them leaked and lowers them to 0.
 //!
-//! The counts are held for the clusters that have one only, and the walks
-//! jump from one to the next: a file grown to terabytes for a refcount block
-//! far past its end costs what its clusters in use cost.
+//! The counts are held in the checker's own chunked table ([`Imrt`]), whose
+//! chunks exist only where something is counted, and the walks jump from one
+//! cluster with a count to the next: a file grown to terabytes for a refcount
+//! block far past its end costs what its clusters in use cost.
 
 use super::change::Target;
 use super::{Sim, SimError, SimResult};
+use crate::check::Imrt;
 use crate::header::Field;
 use crate::refcount::set_refcount;
 use crate::types::HostOffset;
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
 /// The most memory QEMU's in-memory refcount array (one refcount of the
@@ -45,9 +46,8 @@ const MAX_QEMU_ARRAY_BYTES: u64 = 1 << 31;
 
 /// The in-memory reference counts and the new refcount table being built.
 struct Rebuild {
-    /// References per cluster (QEMU's in-memory refcount table), the
-    /// clusters with a count other than 0 only.
-    refs: BTreeMap<u64, u64>,
+    /// References per cluster (QEMU's in-memory refcount table).
+    refs: Imrt,
     /// How many clusters QEMU's table covers: it grows when an allocation
     /// goes past its end.
     len: u64,
@@ -61,7 +61,7 @@ struct Rebuild {
 
 impl Rebuild {
     fn get(&self, c: u64) -> u64 {
-        self.refs.get(&c).copied().unwrap_or(0)
+        self.refs.get(c)
     }
 
     fn len(&self) -> u64 {
@@ -70,13 +70,19 @@ impl Rebuild {
 
     /// The first cluster from `c` with a count, if any.
     fn next_used(&self, c: u64) -> Option<u64> {
-        self.refs.range(c..).next().map(|(&k, _)| k)
+        self.refs.next_counted(c)
     }
 
     /// QEMU's `alloc_clusters_imrt`: `count` contiguous clusters free in the
     /// in-memory table, first fit from `*first_free` (which moves to the first
     /// free cluster seen), counted 1 each; the table grows when the run reaches
     /// its end. Returns the first cluster.
+    ///
+    /// When no free cluster was seen, every cluster from `*first_free` to
+    /// the end of the clusters taken is in use, and nothing here is ever
+    /// freed: `*first_free` moves past them, where QEMU's next search would
+    /// find its first free cluster all the same (a search that walked them
+    /// again would cost each block of a full image the whole image).
     fn alloc(&mut self, count: u64, first_free: &mut u64) -> SimResult<u64> {
         let mut cluster = *first_free;
         let mut run = 0u64;
@@ -112,7 +118,10 @@ impl Rebuild {
         }
         let start = cluster.saturating_sub(run);
         for c in start..start.saturating_add(count) {
-            self.refs.insert(c, 1);
+            self.refs.set(c, 1);
+        }
+        if first_gap {
+            *first_free = (*first_free).max(start.saturating_add(count));
         }
         Ok(start)
     }
@@ -125,7 +134,7 @@ impl Sim {
     /// read ("Can't get refcount for cluster", a check error). The first
     /// such read, through a refcount block that is not cluster aligned,
     /// marks the image corrupt (`qcow2_signal_corruption`); the check goes on.
-    pub(super) fn needs_rebuild(&mut self, imrt: &crate::check::Imrt) -> SimResult<(bool, bool)> {
+    pub(super) fn needs_rebuild(&mut self, imrt: &Imrt) -> SimResult<(bool, bool)> {
         let mut zero_in_use = false;
         let mut unreadable = false;
         for c in self.compared_clusters(imrt) {
@@ -150,10 +159,7 @@ impl Sim {
     /// or that a refcount table entry names a block for. Every other
     /// cluster's stored refcount and count are both 0, so a file grown far
     /// for a refcount block is not walked cluster by cluster.
-    pub(super) fn compared_clusters(
-        &mut self,
-        imrt: &crate::check::Imrt,
-    ) -> impl Iterator<Item = u64> + use<> {
+    pub(super) fn compared_clusters(&mut self, imrt: &Imrt) -> impl Iterator<Item = u64> + use<> {
         let nb = imrt.nb_clusters;
         let bb = self.block_bits();
         let mut ranges = imrt.counted_ranges();
@@ -195,30 +201,29 @@ impl Sim {
     /// file's clusters then, the blocks' clusters), where QEMU has what it
     /// counted before it grew the file (a reference there was past the end)
     /// and the blocks, counted once the file holds them.
-    pub(super) fn counts_before_growth(
-        now: &crate::check::Imrt,
-        before: (Arc<crate::check::Imrt>, u64, Vec<u64>),
-    ) -> crate::check::Imrt {
+    pub(super) fn counts_before_growth(now: &Imrt, before: (Arc<Imrt>, u64, Vec<u64>)) -> Imrt {
         let (first, from, blocks) = before;
+        let end = now.nb_clusters;
         let mut imrt = now.clone();
-        // Only where either count, or a block, can be other than 0.
-        let mut at: Vec<u64> = now
-            .counted_ranges()
-            .into_iter()
-            .chain(first.counted_ranges())
-            .flat_map(|(start, end)| start.max(from)..end.min(now.nb_clusters))
-            .chain(
-                blocks
-                    .iter()
-                    .copied()
-                    .filter(|&b| b >= from && b < now.nb_clusters),
-            )
-            .collect();
-        at.sort_unstable();
-        at.dedup();
-        for c in at {
-            let n = blocks.iter().filter(|&&b| b == c).count() as u64;
-            imrt.set(c, first.get(c).saturating_add(n));
+        // Only where either count can be other than 0: each cluster once,
+        // past the ranges already done (the two tables' ranges are whole
+        // chunks, one list of them per table, so only a chunk both count in
+        // comes twice).
+        let mut ranges = now.counted_ranges();
+        ranges.extend(first.counted_ranges());
+        ranges.sort_unstable();
+        let mut done = from;
+        for (start, stop) in ranges {
+            let stop = stop.min(end);
+            for c in start.max(done)..stop {
+                imrt.set(c, first.get(c));
+            }
+            done = done.max(stop);
+        }
+        // Then each block once more where it is (a cluster outside every
+        // range counted 0 in both).
+        for b in blocks.into_iter().filter(|&b| b >= from && b < end) {
+            imrt.set(b, imrt.get(b).saturating_add(1));
         }
         imrt
     }
@@ -253,7 +258,9 @@ impl Sim {
                 "a refcount block at {off:#x}, outside the image, makes QEMU grow the file to {end} bytes and hold a refcount for each of its {clusters} clusters in memory, {array} bytes asked for at once: whether it gets them or fails with Cannot allocate memory depends on the machine (qinspect follows it up to {MAX_QEMU_ARRAY_BYTES} bytes)"
             )));
         }
-        if clusters > crate::check::MAX_CHECK_CLUSTERS {
+        // What QEMU's check of the grown file says at once, and qinspect's
+        // own count of it would say too.
+        if crate::check::Refusal::file_too_large(clusters).is_some() {
             return Err(SimError::NotModelled(format!(
                 "a refcount block at {off:#x}, outside the image, makes QEMU grow the file to {end} bytes, {clusters} clusters: more than the {} clusters QEMU's check counts (a check of such a file fails with File too large)",
                 crate::check::MAX_CHECK_CLUSTERS
@@ -270,25 +277,12 @@ impl Sim {
     /// `rebuild_refcount_structure` from the checker's reference counts
     /// (see the module docs), because of `why`. The caller then repairs the
     /// leaks it leaves.
-    pub(super) fn rebuild_refcounts(
-        &mut self,
-        imrt: &crate::check::Imrt,
-        why: &str,
-    ) -> SimResult<()> {
+    pub(super) fn rebuild_refcounts(&mut self, imrt: &Imrt, why: &str) -> SimResult<()> {
         self.note(format!(
             "{why}: QEMU rebuilds the whole refcount structure (Rebuilding refcount structure)"
         ));
-        let mut refs = BTreeMap::new();
-        for (start, end) in imrt.counted_ranges() {
-            for c in start..end {
-                let r = imrt.get(c);
-                if r != 0 {
-                    refs.insert(c, r);
-                }
-            }
-        }
         let mut rb = Rebuild {
-            refs,
+            refs: imrt.clone(),
             len: imrt.nb_clusters,
             reftable: Vec::new(),
             block_bits: self.block_bits(),
@@ -418,8 +412,11 @@ impl Sim {
                 off
             };
             let mut buf = vec![0u8; usize::try_from(rb.cs).unwrap_or(0)];
-            for (&c, &r) in rb.refs.range(start..start.saturating_add(per_block)) {
-                set_refcount(&mut buf, self.order, c.saturating_sub(start), r);
+            let stop = start.saturating_add(per_block);
+            let mut at = start;
+            while let Some(c) = rb.next_used(at).filter(|&c| c < stop) {
+                set_refcount(&mut buf, self.order, c.saturating_sub(start), rb.get(c));
+                at = c.saturating_add(1);
             }
             self.write_bytes(block, &buf)?;
             cluster = start.saturating_add(per_block);

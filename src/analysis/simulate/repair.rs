@@ -13,7 +13,7 @@
 
 use super::alloc::Discard;
 use super::{Sim, SimError, SimResult};
-use crate::check::{CheckOptions, check};
+use crate::check::{CheckOptions, Refusal, check};
 use crate::header::Field;
 use crate::types::HostOffset;
 use std::sync::Arc;
@@ -45,19 +45,19 @@ impl Sim {
             )));
         }
         let cut = Self::cut_lines(&cut.unwrap_or_default());
-        // qcow2_check_refcounts counts at most INT_MAX clusters of the file
-        // (a file grown by this check is counted on).
-        let clusters = self.file_len.div_ceil(self.cs);
-        if !rebuilt
+        let report = check(&img, &CheckOptions::default());
+        // qcow2_check_refcounts counts at most INT_MAX clusters of the file,
+        // and the check stops there as it does (a file grown by this check
+        // is counted on).
+        if let Some(Refusal::FileTooLarge { clusters }) = &report.aborted
+            && !rebuilt
             && self.counted_before_growth.is_none()
-            && clusters > crate::check::MAX_CHECK_CLUSTERS
         {
             return Err(SimError::Qemu(format!(
                 "Check failed: File too large (the file has {clusters} clusters, more than the {} QEMU's check counts; nothing is repaired)",
                 crate::check::MAX_CHECK_CLUSTERS
             )));
         }
-        let report = check(&img, &CheckOptions::default());
         // Unaligned zero clusters: QEMU's check_refcounts_l2 rewrites them as
         // plain zero clusters with -r all (before it counts them, so their
         // old cluster becomes a leak); with -r leaks they stay, corrupt.
@@ -67,7 +67,7 @@ impl Sim {
             .filter(|f| Self::fixable_zero_cluster(f))
             .filter_map(|f| f.offset.map(|o| (o.get(), f.message.clone())))
             .collect();
-        if let Some(crate::check::Refusal::TooManySnapshots { count }) = &report.aborted
+        if let Some(Refusal::TooManySnapshots { count }) = &report.aborted
             && all
             && !self.snapshot_offset_invalid(crate::snapshot::MAX_SNAPSHOTS)
         {
@@ -375,7 +375,6 @@ impl Sim {
     /// `table_eio`: a bitmap table QEMU's read fails for (it would end past
     /// `BDRV_MAX_LENGTH`).
     fn check_stops(&self, why: &crate::check::Refusal, all: bool, table_eio: bool) -> SimError {
-        use crate::check::Refusal;
         let max = crate::snapshot::MAX_SNAPSHOTS;
         let offset_invalid = |nb: u64| self.snapshot_offset_invalid(nb);
         match why {
@@ -452,7 +451,6 @@ impl Sim {
     /// or a bitmap table cannot be loaded), after the L1 and L2 tables were
     /// walked.
     fn stops_at_bitmaps(why: &crate::check::Refusal) -> bool {
-        use crate::check::Refusal;
         matches!(
             why,
             Refusal::BitmapDirectory { .. } | Refusal::BitmapTableEntry { .. }

@@ -33,42 +33,10 @@ impl Sim {
     /// The check's stops (the snapshot table, the bitmaps) end the repair
     /// before it asks.
     pub(super) fn repaired_around(f: &Finding) -> bool {
-        use FindingDetail as D;
-        match f.detail {
-            D::RefcountMismatch
-            | D::RefcountUnreadable
-            | D::RefblockReservedBits
-            | D::RefblockUnaligned
-            | D::RefblockOutside
-            | D::RefblockRefcount
-            | D::CopiedL1
-            | D::CopiedL2
-            | D::CompressedCopied
-            | D::UnalignedZeroCluster
-            | D::SnapshotExtraIncomplete
-            | D::CopiedL2TableUnreadable => true,
-            D::L1ReservedBits
-            | D::L2ReservedBits
-            | D::SubclustersContradict
-            | D::SubclustersUnallocated
-            | D::CompressedWithDataFile
-            | D::CompressedWithSubclusters
-            | D::PastEof
-            | D::Overflow
-            | D::DataClusterUnaligned
-            | D::L2TableUnaligned
-            | D::SnapshotL1Unaligned
-            | D::SnapshotL1TooLarge
-            | D::SnapshotsWithDataFile => Self::left_as_is(f),
-            // Beyond qemu-img: QEMU's repair does not see them.
-            D::RefcountPastEof | D::CrossLink => true,
-            D::TooManySnapshots
-            | D::SnapshotTableOffset
-            | D::SnapshotTableUnreadable
-            | D::BitmapDirectory
-            | D::BitmapTable
-            | D::BitmapTableEntry
-            | D::L2TableUnreadable => false,
+        match treatment(f.detail) {
+            Treatment::Repaired | Treatment::Unseen => true,
+            Treatment::LeftAsIs => Self::left_as_is(f),
+            Treatment::Stops => false,
         }
     }
 
@@ -160,25 +128,61 @@ impl Sim {
     /// counted), and more references than a refcount can hold (counted up to
     /// the largest refcount).
     pub(super) fn left_as_is(f: &Finding) -> bool {
-        use FindingDetail as D;
-        f.kind == FindingKind::Corruption
-            && matches!(
-                f.detail,
-                D::L1ReservedBits
-                    | D::L2ReservedBits
-                    | D::SubclustersContradict
-                    | D::SubclustersUnallocated
-                    | D::CompressedWithDataFile
-                    | D::CompressedWithSubclusters
-                    | D::PastEof
-                    | D::Overflow
-                    | D::DataClusterUnaligned
-                    | D::L2TableUnaligned
-                    | D::CompressedCopied
-                    | D::SnapshotL1Unaligned
-                    | D::SnapshotL1TooLarge
-                    | D::SnapshotsWithDataFile
-            )
+        f.kind == FindingKind::Corruption && treatment(f.detail) == Treatment::LeftAsIs
+    }
+}
+
+/// What QEMU's repair does with a finding of one kind.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Treatment {
+    /// It repairs it, or (a check error of its own) gets past it.
+    Repaired,
+    /// A corruption it reports and leaves as it is ([`Sim::left_as_is`]).
+    LeftAsIs,
+    /// Beyond qemu-img: QEMU's repair does not see it.
+    Unseen,
+    /// The check stops there (the snapshot table, the bitmaps, an L2 table
+    /// it cannot read), before the repair asks.
+    Stops,
+}
+
+/// The one list of what QEMU's repair does with each kind of finding.
+fn treatment(detail: FindingDetail) -> Treatment {
+    use FindingDetail as D;
+    match detail {
+        D::RefcountMismatch
+        | D::RefcountUnreadable
+        | D::RefblockReservedBits
+        | D::RefblockUnaligned
+        | D::RefblockOutside
+        | D::RefblockRefcount
+        | D::CopiedL1
+        | D::CopiedL2
+        | D::UnalignedZeroCluster
+        | D::SnapshotExtraIncomplete
+        | D::CopiedL2TableUnreadable => Treatment::Repaired,
+        D::L1ReservedBits
+        | D::L2ReservedBits
+        | D::SubclustersContradict
+        | D::SubclustersUnallocated
+        | D::CompressedWithDataFile
+        | D::CompressedWithSubclusters
+        | D::PastEof
+        | D::Overflow
+        | D::DataClusterUnaligned
+        | D::L2TableUnaligned
+        | D::CompressedCopied
+        | D::SnapshotL1Unaligned
+        | D::SnapshotL1TooLarge
+        | D::SnapshotsWithDataFile => Treatment::LeftAsIs,
+        D::RefcountPastEof | D::CrossLink => Treatment::Unseen,
+        D::TooManySnapshots
+        | D::SnapshotTableOffset
+        | D::SnapshotTableUnreadable
+        | D::BitmapDirectory
+        | D::BitmapTable
+        | D::BitmapTableEntry
+        | D::L2TableUnreadable => Treatment::Stops,
     }
 }
 

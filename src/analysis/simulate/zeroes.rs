@@ -384,12 +384,7 @@ fn chain_reads_zero(chain: &Chain, a: u64, b: u64) -> SimResult<bool> {
                 break;
             }
             len = len.min(layer.size().saturating_sub(pos));
-            let LayerKind::Qcow2 {
-                image,
-                view,
-                data_file,
-            } = &layer.kind
-            else {
+            let LayerKind::Qcow2 { image, view, .. } = &layer.kind else {
                 // A raw file's block status is its file system's holes
                 // (`SEEK_DATA`, as QEMU's file-posix driver asks): a hole
                 // reads as zeros, anything allocated (zeros written too) as
@@ -412,22 +407,16 @@ fn chain_reads_zero(chain: &Chain, a: u64, b: u64) -> SimResult<bool> {
                 // With metadata preallocation QEMU asks the file system about
                 // a data cluster too (BDRV_BLOCK_RECURSE): one in a hole of
                 // its file reads as zeros, as `map` shows it.
-                Status::Data { host, .. }
-                    if image.header.crypt_method == 0 && image.metadata_preallocated() =>
-                {
-                    let file: &dyn crate::io::Source = match data_file {
-                        Some(df) => df.as_ref(),
-                        None => layer.src.as_ref(),
-                    };
-                    match crate::map::file_extent(file, host) {
-                        (true, n) => {
+                Status::Data { host, .. } => {
+                    match crate::map::preallocated_data_extent(layer, host) {
+                        Some((true, n)) => {
                             len = n.map_or(len, |n| len.min(n));
                             break;
                         }
-                        (false, _) => return Ok(false),
+                        Some((false, _)) | None => return Ok(false),
                     }
                 }
-                Status::Data { .. } | Status::Compressed { .. } => return Ok(false),
+                Status::Compressed { .. } => return Ok(false),
             }
         }
         pos = pos.saturating_add(len);

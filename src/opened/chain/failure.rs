@@ -17,6 +17,10 @@ pub struct ChainFailure {
     pub file: PathBuf,
     /// Why, for code to match on.
     pub cause: FailureCause,
+    /// What the operating system said when it refused to open the file, as
+    /// C's `strerror` says it (QEMU's words for an [`FailureCause::Os`]
+    /// refusal).
+    pub(super) os_error: Option<String>,
 }
 
 /// Why a layer of a chain could not be opened.
@@ -95,10 +99,9 @@ impl ChainFailure {
         }
         let file = self.file.display();
         let why = match (&self.cause, &self.error) {
-            (FailureCause::Os(_), Error::Chain { reason, .. }) => reason
-                .rsplit_once("Could not open backing file: ")
-                .map_or(reason.as_str(), |(_, r)| r)
-                .to_string(),
+            (FailureCause::Os(_), _) if let Some(os) = &self.os_error => {
+                format!("Could not open '{file}': {os}")
+            }
             (FailureCause::NotRegularFile, _) => {
                 format!("'file' driver requires '{file}' to be a regular file")
             }

@@ -270,11 +270,12 @@ pub fn strerror(e: &std::io::Error) -> String {
 }
 
 /// Open one layer's file; the cause says why it failed, for
-/// [`ChainFailure::cause`].
+/// [`ChainFailure::cause`], and what the OS said when it refused
+/// (`ChainFailure::os_error`).
 fn open_file(
     path: &Path,
     chain: &[PathBuf],
-) -> std::result::Result<SharedSource, (Error, FailureCause)> {
+) -> std::result::Result<SharedSource, (Error, FailureCause, Option<String>)> {
     match FileSource::open(path) {
         Ok(f) => Ok(Arc::new(f)),
         Err(e) => {
@@ -285,18 +286,21 @@ fn open_file(
                 Error::Io { source, .. } => FailureCause::Os(source.kind()),
                 _ => FailureCause::Unfollowed,
             };
-            let e = match e {
-                Error::Io { source, .. } if !chain.is_empty() => Error::Chain {
+            let os_error = match &e {
+                Error::Io { source, .. } => Some(strerror(source)),
+                _ => None,
+            };
+            let e = match (e, &os_error) {
+                (Error::Io { .. }, Some(os)) if !chain.is_empty() => Error::Chain {
                     chain: chain_text(chain),
                     reason: format!(
-                        "Could not open backing file: Could not open '{}': {}",
+                        "Could not open backing file: Could not open '{}': {os}",
                         path.display(),
-                        strerror(&source)
                     ),
                 },
-                e => e,
+                (e, _) => e,
             };
-            Err((e, cause))
+            Err((e, cause, os_error))
         }
     }
 }
@@ -327,6 +331,7 @@ impl Chain {
                     depth,
                     file: p.clone(),
                     cause,
+                    os_error: None,
                 })
             };
             if depth >= MAX_CHAIN_DEPTH {
@@ -345,8 +350,13 @@ impl Chain {
                 };
                 return Err(fail(error, FailureCause::Unfollowed));
             }
-            let src = open_file(&p, if layers.is_empty() { &[] } else { &names })
-                .map_err(|(e, cause)| fail(e, cause))?;
+            let src = open_file(&p, if layers.is_empty() { &[] } else { &names }).map_err(
+                |(e, cause, os_error)| {
+                    let mut f = fail(e, cause);
+                    f.os_error = os_error;
+                    f
+                },
+            )?;
             let canon = std::fs::canonicalize(&p).unwrap_or_else(|_| p.clone());
             if seen.contains(&canon) {
                 let error = Error::Chain {
@@ -407,6 +417,7 @@ impl Chain {
                                 depth: depth.saturating_add(1),
                                 file,
                                 cause,
+                                os_error: None,
                             })
                         };
                         let t = resolve_backing(&p, b).map_err(|reason| {

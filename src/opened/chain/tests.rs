@@ -1,3 +1,10 @@
+// Test-only code, working on values it made itself.
+#![allow(
+    clippy::arithmetic_side_effects,
+    clippy::indexing_slicing,
+    clippy::unwrap_used
+)]
+
 use super::*;
 
 #[test]
@@ -84,4 +91,30 @@ fn unopenable_names_say_why() {
     .unwrap_err();
     assert!(e.contains("'data-file'"), "{e}");
     assert!(resolve_backing(img, "json:{nope").is_err());
+}
+
+#[test]
+fn a_missing_backing_file_is_refused_in_qemus_words() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut bytes = crate::testing::ImageBuilder::new(16, 1 << 20).bytes();
+    let name = b"gone.qcow2";
+    bytes[1024..1024 + name.len()].copy_from_slice(name);
+    bytes[8..16].copy_from_slice(&1024u64.to_be_bytes());
+    bytes[16..20].copy_from_slice(&(name.len() as u32).to_be_bytes());
+    let top = dir.path().join("top.qcow2");
+    std::fs::write(&top, bytes).unwrap();
+    let Err(f) = Chain::open_detailed(&top, &OpenOptions::default()) else {
+        panic!("a chain without its backing file opened");
+    };
+    let gone = dir.path().join("gone.qcow2");
+    assert_eq!(f.depth, 1);
+    assert_eq!(f.file, gone);
+    assert_eq!(f.cause, FailureCause::Os(std::io::ErrorKind::NotFound));
+    assert_eq!(
+        f.qemu_reason(),
+        Some(format!(
+            "Could not open backing file: Could not open '{}': No such file or directory",
+            gone.display()
+        ))
+    );
 }
