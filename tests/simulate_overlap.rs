@@ -1,0 +1,82 @@
+//! Writes QEMU's overlap check stops only when its caches write them back:
+//! L2 entries changed in QEMU's L2 cache are checked, with the whole cached
+//! slice, when the slice is written (a cache flush: a new L2 table, the end
+//! of the refcount walk, qemu-io's flush after each request), not when the
+//! entry changes. Each image is broken as iotest 060 breaks its images (an
+//! L1 entry naming a table that is also other metadata); each operation is
+//! run by a real qemu-img or qemu-io on a copy and compared with the
+//! simulation, every byte of the file and `qemu-img check` of the result.
+
+mod common;
+mod sim_bytes;
+mod sim_compare;
+use common::Work;
+use sim_bytes::same_bytes;
+
+/// A 4M image with guest 0..64k written (L1 at 0x30000, L2 at 0x40000, data
+/// at 0x50000) and snapshot `s1` (its L1 at 0x60000, the snapshot table at
+/// 0x70000), whose L1 entry 0 then names the active L1 table as its L2
+/// table. With `shared`, the active L1 table's cluster is given refcount 2.
+fn snapshot_l2_over_active_l1(w: &Work, image: &str, shared: bool) {
+    w.qemu_img(&["create", "-q", "-f", "qcow2", image, "4M"]);
+    w.qemu_io(image, &["write -P 0x11 0 64k"]);
+    w.qemu_img(&["snapshot", "-c", "s1", image]);
+    let bytes = std::fs::read(w.path(image)).expect("read the image");
+    let entry = u64::from_be_bytes(bytes[0x60000..0x60008].try_into().expect("8"));
+    assert_eq!(entry, 0x8000_0000_0004_0000, "{image}: layout moved");
+    w.patch(image, 0x60000, &0x0000_0000_0003_0000u64.to_be_bytes());
+    if shared {
+        w.set_refcount(image, 3, 2);
+    }
+}
+
+/// The snapshot's walk (addend -1) sets COPIED in the "L2 table" that is the
+/// active L1 table, in QEMU's L2 cache, then frees that table (its refcount
+/// 1 goes to 0), which drops it from the cache: nothing is stopped, and the
+/// addend 0 walk over the active L1 writes that table itself.
+#[test]
+fn a_snapshot_delete_frees_the_table_the_overlap_check_would_stop() {
+    let w = Work::new();
+    let make = |w: &Work, image: &str| snapshot_l2_over_active_l1(w, image, false);
+    let (errors, corrupt) = same_bytes(&w, "df.qcow2", make, &["snapshot-delete:s1"]);
+    assert_eq!(errors, [None]);
+    assert!(!corrupt);
+}
+
+/// As above with the table still referenced after the walk: the flush after
+/// it writes the L2 cache first, the overlap check stops the table, and the
+/// refcount cache, which waits on the L2 cache with addend -1, is never
+/// written: every refcount stays as the file had it, the freed snapshot
+/// table's included.
+#[test]
+fn a_snapshot_delete_the_overlap_check_stops_writes_no_refcount() {
+    let w = Work::new();
+    let make = |w: &Work, image: &str| snapshot_l2_over_active_l1(w, image, true);
+    let (errors, corrupt) = same_bytes(&w, "ds.qcow2", make, &["snapshot-delete:s1"]);
+    let e = errors[0].as_deref().unwrap_or_default();
+    assert!(e.contains("overlaps with active L1 table"), "{e}");
+    assert!(corrupt);
+}
+
+/// Two snapshots, the first's L1 entry 0 naming the active L1 table (given
+/// refcount 2, and the L2 table 0x40000 refcount 2, so that the walk sets
+/// COPIED in it): the new snapshot table, whose allocation
+/// `qcow2_write_snapshots` flushes, keeps its refcount; the release of the
+/// old one, still in QEMU's refcount cache, is lost with the walk's.
+#[test]
+fn a_snapshot_delete_the_overlap_check_stops_keeps_the_new_snapshot_table() {
+    let w = Work::new();
+    let make = |w: &Work, image: &str| {
+        w.qemu_img(&["create", "-q", "-f", "qcow2", image, "4M"]);
+        w.qemu_io(image, &["write -P 0x11 0 64k"]);
+        w.qemu_img(&["snapshot", "-c", "s1", image]);
+        w.qemu_img(&["snapshot", "-c", "s2", image]);
+        w.patch(image, 0x60000, &0x0000_0000_0003_0000u64.to_be_bytes());
+        w.set_refcount(image, 3, 2);
+        w.set_refcount(image, 4, 2);
+    };
+    let (errors, corrupt) = same_bytes(&w, "dt.qcow2", make, &["snapshot-delete:s1"]);
+    let e = errors[0].as_deref().unwrap_or_default();
+    assert!(e.contains("overlaps with active L1 table"), "{e}");
+    assert!(corrupt);
+}
