@@ -80,3 +80,41 @@ fn a_snapshot_delete_the_overlap_check_stops_keeps_the_new_snapshot_table() {
     assert!(e.contains("overlaps with active L1 table"), "{e}");
     assert!(corrupt);
 }
+
+/// iotest 060's image (active L1 entry 0 names the L1 table as its L2
+/// table): a write of guest 64k allocates a data cluster and sets entry 1 of
+/// that "L2 table" in QEMU's L2 cache. qemu-io's flush at the end of the
+/// request writes the refcount cache first (the L2 cache waits on it), then
+/// the overlap check stops the table: the new cluster's refcount stays.
+#[test]
+fn a_guest_write_the_overlap_check_stops_at_the_flush_keeps_its_refcounts() {
+    let w = Work::new();
+    let make = |w: &Work, image: &str| {
+        w.qemu_img(&["create", "-q", "-f", "qcow2", image, "4M"]);
+        w.qemu_io(image, &["write -P 0x11 0 64k"]);
+        w.patch(image, 0x30000, &0x8000_0000_0003_0000_u64.to_be_bytes());
+    };
+    let (errors, corrupt) = same_bytes(&w, "gw.qcow2", make, &["write:65536:65536:P=34"]);
+    let e = errors[0].as_deref().unwrap_or_default();
+    assert!(e.contains("overlaps with active L1 table"), "{e}");
+    assert!(corrupt);
+}
+
+/// The same image, 1G: a write of guest 512M needs a new L2 table for
+/// active L1 entry 1. QEMU writes the table, then the L1 entry, which the
+/// overlap check stops: the L1 table is also an active L2 table. The new
+/// table keeps its refcount (its release after the failure stays in QEMU's
+/// refcount cache, never written).
+#[test]
+fn a_new_l2_tables_l1_entry_onto_an_active_l2_table_is_stopped() {
+    let w = Work::new();
+    let make = |w: &Work, image: &str| {
+        w.qemu_img(&["create", "-q", "-f", "qcow2", image, "1G"]);
+        w.qemu_io(image, &["write -P 0x11 0 64k"]);
+        w.patch(image, 0x30000, &0x8000_0000_0003_0000_u64.to_be_bytes());
+    };
+    let (errors, corrupt) = same_bytes(&w, "nl.qcow2", make, &["write:536870912:65536:P=34"]);
+    let e = errors[0].as_deref().unwrap_or_default();
+    assert!(e.contains("overlaps with active L2 table"), "{e}");
+    assert!(corrupt);
+}

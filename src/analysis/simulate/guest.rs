@@ -69,7 +69,9 @@ impl Sim {
         let (old, old_bm) = self.l2_entry_at(l2, index);
         let off = self.l2_entry_offset(l2, index);
         if old != raw || old_bm != bitmap {
-            self.overlap_check(Some(Meta::ActiveL2), off, self.geo.l2_entry_size())?;
+            if !self.held_back(l2, index, old, old_bm) {
+                self.overlap_check(Some(Meta::ActiveL2), off, self.geo.l2_entry_size())?;
+            }
             self.log_l2_write(l2, index, old, old_bm);
         }
         if old != raw {
@@ -160,10 +162,13 @@ impl Sim {
             }
         ));
         let new_e = L1Entry::l2_table(new, true);
+        let l1_off = self.l1_table_offset;
+        // qcow2_write_l1_entry: checked as any write, the active L1 aside
+        // (an L1 table that is also an active L2 table stops it).
+        self.overlap_check(Some(Meta::ActiveL1), l1_off.saturating_entry(i, 8), 8)?;
         if let Some(slot) = self.l1.get_mut(i as usize) {
             *slot = new_e;
         }
-        let l1_off = self.l1_table_offset;
         self.write_u64(l1_off.saturating_entry(i, 8), new_e.0)?;
         self.record(
             Target::L1Entry {
