@@ -81,6 +81,25 @@ fn a_snapshot_delete_the_overlap_check_stops_keeps_the_new_snapshot_table() {
     assert!(corrupt);
 }
 
+/// Snapshot `s1`'s L1 table named as its own L2 table (given refcount 3),
+/// its second "L2 entry" naming the data cluster (refcount 2): the walk sets
+/// COPIED there, in the L1 table's cluster, and leaves that table at
+/// refcount 1. QEMU removed the snapshot from its list before the walk, so
+/// the overlap check no longer knows that L1 table and the flush writes it.
+#[test]
+fn a_snapshot_delete_writes_over_the_deleted_snapshots_own_l1_table() {
+    let w = Work::new();
+    let make = |w: &Work, image: &str| {
+        snapshot_l2_over_active_l1(w, image, false);
+        w.patch(image, 0x60000, &0x0000_0000_0006_0000u64.to_be_bytes());
+        w.patch(image, 0x60008, &0x0000_0000_0005_0000u64.to_be_bytes());
+        w.set_refcount(image, 6, 3);
+    };
+    let (errors, corrupt) = same_bytes(&w, "do.qcow2", make, &["snapshot-delete:s1"]);
+    assert_eq!(errors, [None]);
+    assert!(!corrupt);
+}
+
 /// iotest 060's image (active L1 entry 0 names the L1 table as its L2
 /// table): a write of guest 64k allocates a data cluster and sets entry 1 of
 /// that "L2 table" in QEMU's L2 cache. qemu-io's flush at the end of the
