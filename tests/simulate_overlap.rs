@@ -137,3 +137,26 @@ fn a_new_l2_tables_l1_entry_onto_an_active_l2_table_is_stopped() {
     assert!(e.contains("overlaps with active L2 table"), "{e}");
     assert!(corrupt);
 }
+
+/// A 1G image with guest 0 and 512M written (L2 tables at 0x40000 and
+/// 0x60000), then iotest 060's patch: one write of guest 512M-64k..512M+128k
+/// sets the last entry of the "L2 table" that is the L1 table and entry 1 of
+/// the table at 0x60000. The flush writes every refcount and that second
+/// slice; the overlap check stops only the first.
+#[test]
+fn a_guest_write_keeps_the_slices_the_overlap_check_lets_through() {
+    let w = Work::new();
+    let make = |w: &Work, image: &str| {
+        w.qemu_img(&["create", "-q", "-f", "qcow2", image, "1G"]);
+        w.qemu_io(image, &["write -P 0x11 0 64k", "write -P 0x12 512M 64k"]);
+        w.patch(image, 0x30000, &0x8000_0000_0003_0000_u64.to_be_bytes());
+    };
+    let ops = ["write:536805376:196608:P=34"];
+    let (errors, corrupt) = same_bytes(&w, "gs.qcow2", make, &ops);
+    let e = errors[0].as_deref().unwrap_or_default();
+    assert!(e.contains("overlaps with active L1 table"), "{e}");
+    assert!(corrupt);
+    let bytes = std::fs::read(w.path("gs.qcow2.qemu")).expect("read QEMU's copy");
+    let entry = u64::from_be_bytes(bytes[0x60008..0x60010].try_into().expect("8"));
+    assert_ne!(entry, 0, "QEMU did not write the second slice");
+}
