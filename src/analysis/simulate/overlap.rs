@@ -10,8 +10,12 @@
 //!
 //! The simulator checks where QEMU's writes of the kinds below happen: the
 //! copy of the active L1 table for a new snapshot, the new snapshot table,
-//! L2 entries (which QEMU writes back from its L2 cache, not checked against
-//! the active L2 tables) and guest data clusters.
+//! a new L2 table's L1 entry, L2 entries (which QEMU writes back from its L2
+//! cache, not checked against the active L2 tables) and guest data clusters.
+//! An L2 entry is checked with its cache slice when QEMU writes the slice
+//! back: for a guest write at qemu-io's flush after the request
+//! ([`Sim::guest_write`]), for the refcount walk at the flush after the walk
+//! (`walk/flush.rs`); the other operations check it as it changes.
 
 use super::{Sim, SimError, SimResult, Target};
 use crate::header::Field;
