@@ -219,8 +219,7 @@ pub struct Sim {
     /// What of this operation's metadata changes QEMU's caches would still
     /// hold (lost when it meets an invalid L2 entry).
     unflushed: invalid::Unflushed,
-    /// In a guest write: the L2 entries whose slices' write-back the overlap
-    /// check will stop, with their values before ([`Sim::held_back`]).
+    /// A guest write's L2 entries held back from the file ([`Sim::held_back`]).
     held_l2: Option<Vec<(HostOffset, u64, u64, u64)>>,
 }
 
