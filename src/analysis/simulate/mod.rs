@@ -219,6 +219,8 @@ pub struct Sim {
     /// What of this operation's metadata changes QEMU's caches would still
     /// hold (lost when it meets an invalid L2 entry).
     unflushed: invalid::Unflushed,
+    /// A guest write's L2 entries held back from the file ([`Sim::held_back`]).
+    held_l2: Option<Vec<(HostOffset, u64, u64, u64)>>,
 }
 
 impl Sim {
@@ -295,6 +297,7 @@ impl Sim {
             copied_read_fails: None,
             counted_before_growth: None,
             unflushed: Default::default(),
+            held_l2: None,
             data: Default::default(),
             base: img.src.clone(),
             path: path.to_path_buf(),
@@ -441,7 +444,7 @@ impl Sim {
             Op::SnapshotDelete { id_or_name } => self.snapshot_delete(id_or_name, false),
             Op::SnapshotDeleteId { id } => self.snapshot_delete(id, true),
             Op::SnapshotApply { id_or_name } => self.snapshot_apply(id_or_name),
-            Op::Write { offset, length, .. } => self.write(*offset, *length),
+            Op::Write { offset, length, .. } => self.guest_write(*offset, *length),
             Op::Discard { offset, length } => self.discard(*offset, *length),
             Op::Read { offset, length } => self.copy_on_read(*offset, *length),
             Op::WriteCompressed { offset, length, .. } => self.write_compressed(*offset, *length),

@@ -10,10 +10,14 @@
 //!
 //! The simulator checks where QEMU's writes of the kinds below happen: the
 //! copy of the active L1 table for a new snapshot, the new snapshot table,
-//! L2 entries (which QEMU writes back from its L2 cache, not checked against
-//! the active L2 tables) and guest data clusters.
+//! a new L2 table's L1 entry, L2 entries (which QEMU writes back from its L2
+//! cache, not checked against the active L2 tables) and guest data clusters.
+//! An L2 entry is checked with its cache slice when QEMU writes the slice
+//! back: for a guest write at qemu-io's flush after the request
+//! ([`Sim::guest_write`]), for the refcount walk at the flush after the walk
+//! (`walk/flush.rs`); the other operations check it as it changes.
 
-use super::{Sim, SimError, SimResult};
+use super::{Sim, SimError, SimResult, Target};
 use crate::header::Field;
 use crate::refcount::RefTableEntry;
 use crate::types::HostOffset;
@@ -219,14 +223,122 @@ impl Sim {
         {
             return Err(e);
         }
-        self.mark_corrupt(format!(
+        Err(self.overlap_stopped(m, offset))
+    }
+
+    /// The overlap check stops a write of `offset` onto `m`: the image is
+    /// marked corrupt, and the error the operation fails with.
+    fn overlap_stopped(&mut self, m: Meta, offset: HostOffset) -> SimError {
+        self.overlap_stop = Some(m);
+        if let Err(e) = self.mark_corrupt(format!(
             "Marking image as corrupt: Preventing invalid write on metadata (overlaps with {}) at {offset:#x}",
             m.name()
-        ))?;
-        Err(SimError::Qemu(format!(
+        )) {
+            return e;
+        }
+        SimError::Qemu(format!(
             "Preventing invalid write on metadata (overlaps with {}) at {offset:#x}; the image is marked corrupt (EIO)",
             m.name()
-        )))
+        ))
+    }
+
+    /// Where the L2 cache slice holding entry `index` of the table at `l2`
+    /// starts, and its length: what QEMU writes back, and checks, for it.
+    fn slice_of(&self, l2: HostOffset, index: u64) -> (HostOffset, u64) {
+        let slice = self.slice_entries().max(1);
+        let first = index.checked_div(slice).unwrap_or(0).saturating_mul(slice);
+        (
+            self.l2_entry_offset(l2, first),
+            slice.saturating_mul(self.geo.l2_entry_size()),
+        )
+    }
+
+    /// In a guest write (`held_l2` is set), whether the change of entry
+    /// `index` of the table at `l2` (now `raw`/`bitmap`) waits in QEMU's L2
+    /// cache for a write-back the overlap check will stop: its slice lands
+    /// on other metadata. The entry is changed all the same (the request
+    /// reads it as QEMU's cache holds it) and remembered, to be put back
+    /// when the slice's write-back is stopped ([`Sim::guest_write`]).
+    pub(super) fn held_back(&mut self, l2: HostOffset, index: u64, raw: u64, bitmap: u64) -> bool {
+        if self.held_l2.is_none() {
+            return false;
+        }
+        let (at, len) = self.slice_of(l2, index);
+        if self.overlap_of(Some(Meta::ActiveL2), at, len).is_none() {
+            return false;
+        }
+        if let Some(held) = self.held_l2.as_mut()
+            && !held.iter().any(|h| h.0 == l2 && h.1 == index)
+        {
+            held.push((l2, index, raw, bitmap));
+        }
+        true
+    }
+
+    /// A guest write request as qemu-io makes it (`qcow2_co_pwritev_part`),
+    /// then the flush qemu-io's default writethrough mode makes after it
+    /// (`qcow2_write_caches`): the L2 cache waits on the refcount cache
+    /// (`qcow2_alloc_cluster_link_l2`), so every refcount is written first;
+    /// then each changed L2 slice, through the overlap check over the whole
+    /// slice (the active L2 tables aside). A slice it stops is not written,
+    /// its entries stay as the file had them, the image is marked corrupt
+    /// and the write fails; the other slices are written.
+    pub(super) fn guest_write(
+        &mut self,
+        offset: crate::types::GuestOffset,
+        length: u64,
+    ) -> SimResult<()> {
+        self.held_l2 = Some(Vec::new());
+        let r = self.write(offset, length);
+        let held = self.held_l2.take().unwrap_or_default();
+        // Stopped already: QEMU's caches were dropped then.
+        if held.is_empty() || self.marked_corrupt() {
+            return r;
+        }
+        // A failed request skips qemu-io's flush; the close's flush then
+        // meets the same stop, and the request's own error is reported.
+        match (r, self.held_l2_stopped(held)) {
+            (_, Err(e @ SimError::NotModelled(_))) | (Err(e), _) => Err(e),
+            (Ok(()), f) => f,
+        }
+    }
+
+    /// The flush of [`Sim::guest_write`] over the entries `held` back.
+    fn held_l2_stopped(&mut self, held: Vec<(HostOffset, u64, u64, u64)>) -> SimResult<()> {
+        if self.header_field(Field::CompatibleFeatures) & 1 != 0 {
+            return Err(SimError::NotModelled(
+                "a write whose L2 entries the overlap check stops when QEMU writes them back, on an image with lazy refcounts (its refcounts are not written before the L2 tables, and are lost)".into(),
+            ));
+        }
+        let mut stop: Option<(Meta, HostOffset)> = None;
+        let saved = self.reason.clone();
+        self.why("not written: the overlap check stops this L2 slice when the flush after the request writes it back from QEMU's L2 cache");
+        for &(l2, index, raw, bitmap) in held.iter().rev() {
+            let (at, len) = self.slice_of(l2, index);
+            let Some(m) = self.overlap_of(Some(Meta::ActiveL2), at, len) else {
+                continue;
+            };
+            stop = Some((m, at));
+            let (now, now_bm) = self.l2_entry_at(l2, index);
+            let off = self.l2_entry_offset(l2, index);
+            let target = Target::L2Entry {
+                table_offset: l2,
+                index,
+            };
+            if now != raw {
+                self.write_u64(off, raw)?;
+                self.record(target.clone(), now, raw);
+            }
+            if self.geo.extended_l2 && now_bm != bitmap {
+                self.write_u64(off.saturating_add(8), bitmap)?;
+                self.record(target, now_bm, bitmap);
+            }
+        }
+        self.reason = saved;
+        match stop {
+            Some((m, at)) => Err(self.overlap_stopped(m, at)),
+            None => Ok(()),
+        }
     }
 
     /// Whether QEMU has marked the image corrupt in this operation (then it

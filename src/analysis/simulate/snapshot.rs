@@ -227,8 +227,13 @@ impl Sim {
         self.note(format!(
             "everything the {label} reaches loses one reference: -1 each"
         ));
-        // The label of the walk: the snapshot is no longer in the list.
-        self.snapshots.push(sn.clone());
+        // The label of the walk: the snapshot is no longer in the list. It
+        // comes back with no L1 entries, since QEMU's overlap check no
+        // longer knows its L1 table either.
+        self.snapshots.push(SimSnapshot {
+            l1_size: 0,
+            ..sn.clone()
+        });
         let r = self.update_snapshot_refcount(sn.l1_table_offset, u64::from(sn.l1_size), -1);
         self.snapshots.pop();
         r.map_err(|e| match e {

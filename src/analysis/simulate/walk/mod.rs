@@ -14,6 +14,7 @@ use crate::tables::L2Entry;
 use crate::types::HostOffset;
 
 mod bulk;
+mod flush;
 #[cfg(test)]
 use bulk::{BULK_ENTRIES, PER_ENTRY};
 
@@ -64,10 +65,10 @@ struct Walk {
     reasons: Reasons,
     /// The refcount the COPIED reason was written for.
     copied_for: u64,
-    /// With addend +1 or 0, whether the overlap check will stop this table's
-    /// write: QEMU changes the entries in its L2 cache and checks the table
-    /// when it writes it, at the flush after the walk, so the walk goes on and
-    /// the table stays as it was on disk (see [`Sim::update_snapshot_refcount`]).
+    /// Whether the overlap check will stop this table's write: QEMU changes
+    /// the entries in its L2 cache and checks the table when it writes it,
+    /// at the flush after the walk, so the walk goes on and the table stays
+    /// as it was on disk (see [`Sim::update_snapshot_refcount`]).
     unwritten: bool,
 }
 
@@ -121,8 +122,11 @@ impl Sim {
         // What the walk frees is discarded (QCOW2_DISCARD_SNAPSHOT) once the
         // whole walk is done.
         self.cache_discards = true;
-        // The L2 tables whose writes the overlap check stops (addend >= 0).
-        let mut unwritten: Option<HostOffset> = None;
+        // The L2 tables whose writes the overlap check will stop, in the
+        // order walked, and how many tables were walked from the first on.
+        let mut held: Vec<HostOffset> = Vec::new();
+        let mut walked_since = 0u64;
+        let start = self.steps.len();
         for i in 0..table.len() {
             let Some(&old_l1) = table.get(i) else { break };
             if old_l1 == L1Entry::UNALLOCATED {
@@ -142,8 +146,11 @@ impl Sim {
             };
             match self.walk_l2(l2, addend, &label, i, vm) {
                 Ok(stopped) => {
-                    if stopped {
-                        unwritten.get_or_insert(l2);
+                    if stopped && !held.contains(&l2) {
+                        held.push(l2);
+                    }
+                    if !held.is_empty() {
+                        walked_since = walked_since.saturating_add(1);
                     }
                 }
                 Err(e) => {
@@ -197,13 +204,29 @@ impl Sim {
             }
         }
         self.cache_discards = false;
-        self.process_discards(result.is_ok());
-        // The walk done, QEMU flushes its caches (`bdrv_flush`): the refcount
-        // blocks first (the L2 tables depend on them with a positive addend),
-        // then every L2 table the overlap check lets through. A table it stops
-        // fails the operation there, and the L1 table is not written; the
-        // in-memory one it changed goes with the process.
-        if let (Ok(()), Some(l2)) = (&result, unwritten) {
+        // The walk done, QEMU flushes its caches (`bdrv_flush`): with a
+        // positive addend the refcount blocks first (the L2 tables depend on
+        // them), then every L2 table the overlap check lets through; with
+        // addend -1 the L2 tables first, and the refcount blocks, which
+        // depend on them, only if all were written. A table it stops fails
+        // the operation there (the queued discards are dropped), and the L1
+        // table is not written; the in-memory one it changed goes with the
+        // process.
+        let stopped = match &result {
+            Ok(()) => match self.walk_stopped_table(&held, walked_since) {
+                Ok(s) => s,
+                Err(e) => {
+                    result = Err(e);
+                    None
+                }
+            },
+            Err(_) => None,
+        };
+        self.process_discards(result.is_ok() && stopped.is_none());
+        if let Some(l2) = stopped {
+            if addend < 0 {
+                self.walk_refcounts_lost(start)?;
+            }
             if l1_modified {
                 self.note(format!(
                     "the {label} changes above stay in QEMU's memory: the flush after the walk fails, so the table is not written"
@@ -239,8 +262,8 @@ impl Sim {
     ///
     /// Entries go in bulk (see [`Bulk`]) while the walk's own writes cannot
     /// land on the table; any other entry goes through [`Sim::walk_entry`],
-    /// and so does the rest of its table. With addend +1 or 0, what the
-    /// overlap check will stop the table's write.
+    /// and so does the rest of its table. Whether the overlap check will
+    /// stop the table's write.
     fn walk_l2(
         &mut self,
         l2: HostOffset,
@@ -324,15 +347,11 @@ impl Sim {
         let new = L2Entry::from_word(entry).with_copied(refcount == 1).raw;
         if new != old {
             self.copied_reason(w, new, refcount);
-            if addend >= 0 {
-                // Written at the flush after the walk, the whole table (one
-                // L2 cache entry) through the overlap check.
-                if w.unwritten || self.overlap_of(Some(Meta::ActiveL2), l2, self.cs).is_some() {
-                    w.unwritten = true;
-                    return Ok(());
-                }
-            } else {
-                self.overlap_check(Some(Meta::ActiveL2), eoff, step)?;
+            // Written at the flush after the walk, the whole table (one L2
+            // cache entry) through the overlap check.
+            if w.unwritten || self.overlap_of(Some(Meta::ActiveL2), l2, self.cs).is_some() {
+                w.unwritten = true;
+                return Ok(());
             }
             self.write_u64(eoff, new)?;
             self.record(

@@ -1,0 +1,126 @@
+//! The flush after the refcount walk (`bdrv_flush` at the end of
+//! `qcow2_update_snapshot_refcount`) when the overlap check stops an L2
+//! table the walk changed in QEMU's L2 cache (`qcow2_cache_entry_flush`
+//! checks the whole cached table, the active L2 tables aside).
+
+use super::super::Sim;
+use super::super::SimError;
+use super::super::SimResult;
+use super::super::change::Target;
+use crate::types::HostOffset;
+
+/// QEMU's refcount cache: `MIN_REFCOUNT_CACHE_SIZE` blocks, its default.
+const REFCOUNT_CACHE_BLOCKS: u64 = 4;
+
+/// QEMU's default L2 cache limit (`DEFAULT_L2_CACHE_MAX_SIZE`).
+const L2_CACHE_MAX: u64 = 32 << 20;
+
+impl Sim {
+    /// The L2 cache entries QEMU gives this image (`read_cache_sizes`: one
+    /// entry per guest cluster, rounded up to whole clusters, up to 32 MiB,
+    /// at least two cache entries).
+    fn l2_cache_entries(&self) -> u64 {
+        let bytes = self
+            .size
+            .div_ceil(self.cs)
+            .saturating_mul(self.geo.l2_entry_size())
+            .div_ceil(self.cs)
+            .saturating_mul(self.cs)
+            .min(L2_CACHE_MAX);
+        bytes
+            .checked_div(
+                self.slice_entries()
+                    .saturating_mul(self.geo.l2_entry_size()),
+            )
+            .unwrap_or(0)
+            .max(2)
+    }
+
+    /// The L2 table, of those `held` whose changes the walk kept from the
+    /// file because the overlap check will stop their write, that QEMU's L2
+    /// cache still holds at the flush: a -1 walk that frees a table (its
+    /// refcount now 0) drops it from the cache (`update_refcount` discards
+    /// a cached table at a freed cluster), so its changes are never written
+    /// and nothing stops. `walked` tables were walked from the first held
+    /// one on: when more slices than the cache holds, QEMU may evict a held
+    /// one and meet the overlap check during the walk, which is not followed.
+    pub(super) fn walk_stopped_table(
+        &mut self,
+        held: &[HostOffset],
+        walked: u64,
+    ) -> SimResult<Option<HostOffset>> {
+        let Some(&first) = held.first() else {
+            return Ok(None);
+        };
+        let per_table = self
+            .geo
+            .l2_entries()
+            .checked_div(self.slice_entries())
+            .unwrap_or(1);
+        let entries = self.l2_cache_entries();
+        if walked.saturating_mul(per_table) > entries {
+            return Err(SimError::NotModelled(format!(
+                "a refcount walk that changed the L2 table at {first:#x}, which the overlap check stops when QEMU writes it back, then went through more L2 slices than QEMU's L2 cache holds ({entries}): evicting it would meet the overlap check during the walk"
+            )));
+        }
+        for &l2 in held {
+            if self.get_refcount(self.cluster_of(l2))? != 0 {
+                return Ok(Some(l2));
+            }
+        }
+        Ok(None)
+    }
+
+    /// The flush after a -1 walk stops at an L2 table: QEMU's refcount
+    /// cache, which waits on its L2 cache when refcounts decrease
+    /// (`qcow2_cache_set_dependency`), is never written. Every refcount
+    /// change it held is undone: the walk's (from step `start`) and, in a
+    /// snapshot delete, the release of the old snapshot table after the new
+    /// one was written (`qcow2_write_snapshots` flushes after allocating
+    /// it).
+    pub(super) fn walk_refcounts_lost(&mut self, start: usize) -> SimResult<()> {
+        let mark = self
+            .steps
+            .iter()
+            .rposition(|c| matches!(c.target, Target::SnapshotTable { .. }))
+            .map_or(start, |i| i.min(start));
+        let lost: Vec<(u64, u64, u64, u64)> = self
+            .steps
+            .iter()
+            .skip(mark)
+            .filter_map(|c| match c.target {
+                Target::Refcount { cluster } => Some((cluster, c.count, c.before, c.after)),
+                _ => None,
+            })
+            .collect();
+        let bb = self.block_bits();
+        let mut blocks: Vec<u64> = lost.iter().map(|&(c, ..)| c >> bb).collect();
+        blocks.sort_unstable();
+        blocks.dedup();
+        if blocks.len() as u64 > REFCOUNT_CACHE_BLOCKS {
+            return Err(SimError::NotModelled(format!(
+                "a refcount walk with addend -1 whose flush the overlap check stops, after it changed refcounts in more refcount blocks than QEMU's refcount cache holds ({REFCOUNT_CACHE_BLOCKS}): evicting one writes the L2 tables it waits on first, during the walk"
+            )));
+        }
+        let saved = self.reason.clone();
+        self.why("lost: with addend -1 QEMU's refcount cache waits on its L2 cache, whose write the overlap check stops, so the change is never written");
+        let mut restored = std::collections::HashSet::new();
+        for (cluster, count, before, after) in lost.into_iter().rev() {
+            for k in 0..count {
+                let c = cluster.saturating_add(k);
+                self.put_refcount(c, before)?;
+                self.record(Target::Refcount { cluster: c }, after, before);
+                restored.insert(c);
+            }
+        }
+        self.reason = saved;
+        // What was freed only in the cache is not.
+        let freed = std::mem::take(&mut self.freed);
+        for e in freed {
+            if !restored.contains(&e.0) || self.get_refcount(e.0).map_or(true, |r| r == 0) {
+                self.freed.push(e);
+            }
+        }
+        Ok(())
+    }
+}
