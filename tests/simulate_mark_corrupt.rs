@@ -252,3 +252,137 @@ fn an_overlap_after_an_allocation_loses_what_qemus_caches_held() {
     assert!(first.contains("overlaps with active L1 table"), "{first}");
     assert!(is_corrupt);
 }
+
+/// The secret and the image options qemu-io opens the LUKS images with.
+const SECRET: &str = "secret,id=s0,data=pw";
+
+/// `cmds` by one qemu-io on the LUKS image `image`, opened with its key:
+/// the first line of its output that says a command failed, if any.
+fn luks_io(w: &Work, image: &str, cmds: &[&str]) -> Option<String> {
+    let opts = format!("driver=qcow2,file.filename={image},encrypt.key-secret=s0");
+    let mut args = vec!["--object", SECRET, "--image-opts", &opts];
+    for c in cmds {
+        args.extend(["-c", c]);
+    }
+    let out = std::process::Command::new("qemu-io")
+        .args(&args)
+        .current_dir(w.dir.path())
+        .output()
+        .expect("run qemu-io");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    text.lines()
+        .find(|l| l.contains("failed"))
+        .map(str::to_string)
+}
+
+/// A 4M LUKS image (`opts` added to its options), guest 0..64k and
+/// 128k..132k written: where its active L1 table and L2 table 0 are.
+fn luks_image(w: &Work, image: &str, opts: &str) -> (u64, u64) {
+    let o = format!("encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10{opts}");
+    let object = format!("--object={SECRET}");
+    w.qemu_img(&[
+        "create", "-q", "-f", "qcow2", &object, "-o", &o, image, "4M",
+    ]);
+    let failed = luks_io(w, image, &["write -P 1 0 64k", "write -P 2 128k 4k"]);
+    assert_eq!(failed, None, "{image}");
+    let bytes = std::fs::read(w.path(image)).expect("read the image");
+    let l1 = u64::from_be_bytes(bytes[40..48].try_into().expect("8"));
+    let l2 =
+        u64::from_be_bytes(bytes[l1 as usize..][..8].try_into().expect("8")) & ((1 << 56) - 512);
+    (l1, l2)
+}
+
+/// Reverse the order of the header extensions (the crypto header pointer,
+/// first as qemu-img writes it, goes last): nothing else in cluster 0 moves.
+fn reversed_extensions(w: &Work, image: &str) {
+    let bytes = std::fs::read(w.path(image)).expect("read the image");
+    let start = be32(&bytes, 100) as usize;
+    let (mut at, mut exts) = (start, Vec::new());
+    while be32(&bytes, at) != 0 {
+        let len = 8 + (be32(&bytes, at + 4) as usize).next_multiple_of(8);
+        exts.push(bytes[at..at + len].to_vec());
+        at += len;
+    }
+    assert!(exts.len() > 1, "{image}: one extension");
+    exts.reverse();
+    w.patch(image, start as u64, &exts.concat());
+}
+
+/// `op` on a copy of the LUKS image `name` by qemu-io with its key, and in
+/// the simulator given the same key: QEMU's failure, and the file every
+/// byte the same.
+fn same_luks_bytes(w: &Work, name: &str, op: &str, qemu_cmd: &str) -> Option<String> {
+    let copy = format!("{name}.qemu");
+    std::fs::copy(w.path(name), w.path(&copy)).expect("copy the image");
+    let failed = luks_io(w, &copy, &[qemu_cmd]);
+    let img = sim_compare::open_path(&w.path(name)).expect("open the image");
+    let key = qinspect::crypto::DataKey::unlock(&img, b"pw").expect("unlock");
+    assert!(img.set_data_key(key));
+    let mut sim = qinspect::simulate::Sim::new(&img, &w.path(name)).expect("simulate");
+    sim.apply(&sim_compare::parse_op(op));
+    let error = sim.records[0].error.clone();
+    assert_eq!(
+        error.is_some(),
+        failed.is_some(),
+        "{name}: {error:?} {failed:?}"
+    );
+    sim_bytes::same_file(w, name, &sim);
+    error
+}
+
+#[test]
+fn an_encrypted_image_marked_corrupt_keeps_its_crypto_extension_first() {
+    let w = Work::new();
+    w.qemu_img(&["create", "-q", "-f", "qcow2", "base.qcow2", "4M"]);
+    let cases = [
+        ("el2.qcow2", ",extended_l2=on"),
+        (
+            "ebk.qcow2",
+            ",extended_l2=on,backing_file=base.qcow2,backing_fmt=qcow2",
+        ),
+    ];
+    for (name, opts) in cases {
+        // Guest 128k's entry made to say subcluster 0 is also zero.
+        let (_, l2) = luks_image(&w, name, opts);
+        w.patch(name, l2 + 0x28, &0x0000_0001_0000_0003u64.to_be_bytes());
+        reversed_extensions(&w, name);
+        let error = same_luks_bytes(&w, name, "write:131584:512", "write 131584 512");
+        let error = error.unwrap_or_default();
+        assert!(error.contains("Input/output error"), "{name}: {error}");
+        assert!(corrupt(&w, name), "{name}");
+        assert!(
+            rewritten(&w, name),
+            "{name}: QEMU left the header as it was"
+        );
+    }
+    // L1 entry 0 names the L1 table as its L2 table: the write of guest 0
+    // lands on it, past its encryption.
+    let (l1, _) = luks_image(&w, "eov.qcow2", "");
+    w.patch("eov.qcow2", l1, &(0x8000_0000_0000_0000 | l1).to_be_bytes());
+    reversed_extensions(&w, "eov.qcow2");
+    let error = same_luks_bytes(&w, "eov.qcow2", "write:0:512", "write 0 512");
+    let error = error.unwrap_or_default();
+    assert!(error.contains("overlaps with active L1 table"), "{error}");
+    assert!(corrupt(&w, "eov.qcow2"));
+    assert!(rewritten(&w, "eov.qcow2"), "QEMU left the header as it was");
+}
+
+#[test]
+fn simulate_refuses_an_encrypted_image_it_has_no_key_for() {
+    let w = Work::new();
+    luks_image(&w, "e.qcow2", "");
+    // qemu-io's open fails without the key, and so does the simulation's.
+    let out = w.qinspect(&["simulate", "e.qcow2", "write:0:512"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(out.stdout.is_empty());
+    let img = sim_compare::open_path(&w.path("e.qcow2")).expect("open the image");
+    let refused = qinspect::simulate::Sim::new(&img, &w.path("e.qcow2")).err();
+    assert!(
+        matches!(refused, Some(qinspect::error::Error::Unsupported { .. })),
+        "{refused:?}"
+    );
+}
