@@ -18,7 +18,7 @@
 //!    cluster.
 
 use super::{Sim, SimResult};
-use crate::bytes::align8;
+use crate::bytes::{align8, c_string};
 use crate::header::{ExtensionKind, Field, Header};
 use crate::types::HostOffset;
 
@@ -36,11 +36,7 @@ fn feature_table() -> Vec<u8> {
     let mut t = Vec::new();
     for (group, bit, name) in crate::header::BUILTIN_FEATURE_NAMES {
         let mut e = [0u8; 48];
-        e[0] = match group {
-            crate::header::FeatureGroup::Incompatible => 0,
-            crate::header::FeatureGroup::Compatible => 1,
-            crate::header::FeatureGroup::Autoclear => 2,
-        };
+        e[0] = group.table_type();
         e[1] = *bit;
         for (d, s) in e.iter_mut().skip(2).zip(name.bytes()) {
             *d = s;
@@ -48,12 +44,6 @@ fn feature_table() -> Vec<u8> {
         t.extend_from_slice(&e);
     }
     t
-}
-
-/// `bytes` up to their first NUL byte (QEMU keeps names as C strings).
-fn c_string(bytes: &[u8]) -> &[u8] {
-    let end = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
-    bytes.get(..end).unwrap_or(bytes)
 }
 
 /// The fixed header and the fields past it QEMU does not know, as
