@@ -386,3 +386,80 @@ fn simulate_refuses_an_encrypted_image_it_has_no_key_for() {
         "{refused:?}"
     );
 }
+
+/// Where the extension of type `t` starts in the image's cluster 0.
+fn extension_at(w: &Work, image: &str, t: u32) -> usize {
+    let bytes = std::fs::read(w.path(image)).expect("read the image");
+    let mut at = be32(&bytes, 100) as usize;
+    while be32(&bytes, at) != t {
+        assert_ne!(be32(&bytes, at), 0, "{image}: no extension {t:#x}");
+        at += 8 + (be32(&bytes, at + 4) as usize).next_multiple_of(8);
+    }
+    at
+}
+
+/// Give the extension of type `t` (a name of 5 bytes, padded to 8) a
+/// length of 8: its name, a NUL, then "zz".
+fn nul_in_extension(w: &Work, image: &str, t: u32) {
+    let at = extension_at(w, image, t);
+    assert_eq!(
+        be32(&std::fs::read(w.path(image)).expect("read"), at + 4),
+        5
+    );
+    w.patch(image, at as u64 + 4, &8u32.to_be_bytes());
+    w.patch(image, at as u64 + 13, b"\0zz");
+}
+
+/// Make the backing file name (followed by zeros) 3 bytes longer: a NUL,
+/// then "zz".
+fn nul_in_backing_name(w: &Work, image: &str) {
+    let bytes = std::fs::read(w.path(image)).expect("read the image");
+    let at = u64::from_be_bytes(bytes[8..16].try_into().expect("8"));
+    let len = be32(&bytes, 16);
+    assert_eq!(&bytes[(at + u64::from(len)) as usize..][..3], &[0; 3]);
+    w.patch(image, at + u64::from(len), b"\0zz");
+    w.patch(image, 16, &(len + 3).to_be_bytes());
+}
+
+/// Cut the first name of the feature name table ("dirty bit") with a NUL.
+fn nul_in_feature_name(w: &Work, image: &str) {
+    let at = extension_at(w, image, FEATURE_TABLE);
+    w.patch(image, at as u64 + 8 + 2 + 5, b"\0");
+}
+
+#[test]
+fn names_with_a_nul_inside_are_written_back_to_the_nul() {
+    let w = Work::new();
+    w.qemu_img(&["create", "-q", "-f", "qcow2", "base.qcow2", "4M"]);
+    let backing = ",backing_file=base.qcow2,backing_fmt=qcow2";
+    type Patch = fn(&Work, &str);
+    let cases: [(&str, &str, Patch); 4] = [
+        ("nb.qcow2", backing, nul_in_backing_name),
+        ("nf.qcow2", backing, |w, i| {
+            nul_in_extension(w, i, 0xe279_2aca)
+        }),
+        ("nd.qcow2", ",data_file=d.raw", |w, i| {
+            nul_in_extension(w, i, 0x4441_5441)
+        }),
+        ("nt.qcow2", "", nul_in_feature_name),
+    ];
+    for (name, opts, patch) in cases {
+        let make = |w: &Work, image: &str| {
+            contradictory(w, image, opts);
+            if name == "nb.qcow2" {
+                no_feature_table(w, image);
+            }
+            patch(w, image);
+        };
+        let (errors, is_corrupt) = same_bytes(&w, name, make, &["write:131584:512"]);
+        let first = errors[0].as_deref().unwrap_or_default();
+        assert!(first.contains("Input/output error"), "{name}: {first}");
+        assert!(is_corrupt, "{name}");
+        assert!(
+            rewritten(&w, name),
+            "{name}: QEMU left the header as it was"
+        );
+    }
+    // qemu-img info names the backing file as its open read it, to the NUL.
+    w.assert_info_matches("nb.qcow2");
+}
