@@ -463,3 +463,59 @@ fn names_with_a_nul_inside_are_written_back_to_the_nul() {
     // qemu-img info names the backing file as its open read it, to the NUL.
     w.assert_info_matches("nb.qcow2");
 }
+
+/// The contradictory image with bitmap `name` added, its byte 2 then made a
+/// NUL when `cut`.
+fn with_bitmap(w: &Work, image: &str, name: &str, cut: bool) {
+    contradictory(w, image, "");
+    w.qemu_img(&["bitmap", "--add", image, name]);
+    if cut {
+        let bytes = std::fs::read(w.path(image)).expect("read the image");
+        let at = bytes.windows(name.len()).position(|s| s == name.as_bytes());
+        w.patch(image, at.expect("the bitmap's name") as u64 + 2, b"\0");
+    }
+}
+
+#[test]
+fn bitmaps_stay_marked_in_use_when_the_image_is_marked_corrupt() {
+    let w = Work::new();
+    // The open marks the bitmap in use in place; the close, which would
+    // store it again, does not come. "b0" to the NUL keeps the directory's
+    // size (32 bytes): the open writes it with the name cut.
+    let cases = [("bu.qcow2", "b0ab", false), ("bc.qcow2", "b0ab", true)];
+    for (image, name, cut) in cases {
+        let make = |w: &Work, i: &str| with_bitmap(w, i, name, cut);
+        let (errors, is_corrupt) = same_bytes(&w, image, make, &["write:131584:512"]);
+        let first = errors[0].as_deref().unwrap_or_default();
+        assert!(first.contains("Input/output error"), "{image}: {first}");
+        assert!(is_corrupt, "{image}");
+        let img = sim_compare::open_path(&w.path(&format!("{image}.qemu"))).expect("open");
+        let dir = img.bitmaps.expect("bitmaps").expect("a directory");
+        assert_eq!(
+            (dir[0].name.as_str(), dir[0].flags & 1),
+            ("b0ab".get(..if cut { 2 } else { 4 }).expect("name"), 1)
+        );
+    }
+}
+
+#[test]
+fn a_bitmap_name_cut_to_another_directory_size_fails_the_open() {
+    let w = Work::new();
+    // "b0" to the NUL: a directory of 32 bytes where the file's has 40.
+    // The open clears autoclear bit 0 (the bitmaps extension goes) and
+    // fails; the next open knows no bitmaps.
+    let make = |w: &Work, i: &str| with_bitmap(w, i, "b0abcdefghi", true);
+    let ops = ["write:131584:512", "write:131584:512"];
+    let (errors, is_corrupt) = same_bytes(&w, "bf.qcow2", make, &ops);
+    let first = errors[0].as_deref().unwrap_or_default();
+    assert!(
+        first.contains("Can't update bitmap directory: Invalid argument"),
+        "{first}"
+    );
+    let second = errors[1].as_deref().unwrap_or_default();
+    assert!(second.contains("Input/output error"), "{second}");
+    assert!(is_corrupt);
+    let img = sim_compare::open_path(&w.path("bf.qcow2.qemu")).expect("open");
+    assert!(img.bitmaps.is_none());
+    assert_eq!(img.header.autoclear_features & 1, 0);
+}
