@@ -133,10 +133,15 @@ pub(super) fn load(img: &Qcow2) -> std::result::Result<Option<Bitmaps>, String> 
     // their directory entry). When every bitmap is so, nothing of them
     // changes on the open or the close.
     let frozen = !entries.is_empty() && entries.iter().all(|e| e.flags & FLAG_IN_USE != 0);
-    let in_place: u64 = entries
-        .iter()
-        .map(|e| align8(24u64.saturating_add(e.name.len() as u64)))
-        .fold(0, u64::saturating_add);
+    // The names' bytes are known where they are UTF-8.
+    let in_place: u64 = if entries.iter().any(|e| e.name.contains('\u{fffd}')) {
+        directory_size
+    } else {
+        entries
+            .iter()
+            .map(|e| align8(24u64.saturating_add(e.name.len() as u64)))
+            .fold(0, u64::saturating_add)
+    };
     for e in entries {
         if !(9..=31).contains(&e.granularity_bits) {
             return Err(format!(
