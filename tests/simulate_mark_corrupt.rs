@@ -8,7 +8,10 @@
 //! overlap check and a refcount read through an unaligned refcount block, is
 //! compared with a real qemu-io or qemu-img on a copy, every byte. The
 //! overlap check, fatal as the invalid entry is, loses what QEMU's caches
-//! held of the write it stops.
+//! held of the write it stops. So too a LUKS image (qemu-io given its key,
+//! the simulation the same key), names with a NUL inside, and bitmaps, which
+//! the open marked in use; a bitmap name whose cut at its NUL changes the
+//! directory's size fails the open.
 
 mod common;
 mod sim_bytes;
