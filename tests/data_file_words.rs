@@ -49,3 +49,22 @@ fn dump_l2_without_data_file_has_no_data_file_key() {
     let t = String::from_utf8(w.qinspect_ok(&["dump", "l2", "a.qcow2", "0"])).unwrap();
     assert!(!t.contains(" in "), "{t}");
 }
+
+#[test]
+fn trace_names_the_data_file_of_an_l2_entry() {
+    let w = Work::new();
+    data_file_image(&w, false);
+    let t = String::from_utf8(w.qinspect_ok(&["trace", "dfr.qcow2", "0x10000"])).unwrap();
+    let step = t.lines().find(|l| l.contains(". L2 table at ")).unwrap();
+    assert!(
+        step.ends_with("is 0x8000000000010000: data at host offset 0x10000 in df.raw, COPIED."),
+        "{t}"
+    );
+    // Past the 1M written, with no backing file.
+    let t = String::from_utf8(w.qinspect_ok(&["trace", "dfr.qcow2", "0x200000"])).unwrap();
+    let step = t.lines().find(|l| l.contains(". L2 table at ")).unwrap();
+    assert!(
+        step.ends_with("is 0x0000000000000000: unallocated: reads as zeros: no backing file."),
+        "{t}"
+    );
+}

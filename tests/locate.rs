@@ -292,3 +292,28 @@ fn the_luks_header_and_key_material_are_named() {
     assert_eq!(x.item, "key material of slot 0", "{x:?}");
     assert!(!x.meaning.contains("not in use"), "{x:?}");
 }
+
+#[test]
+fn a_backing_file_name_with_a_nul_inside_is_read_to_the_nul() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    qemu_img(d, &["create", "-q", "-f", "qcow2", "base.qcow2", "4M"]);
+    let o = "backing_file=base.qcow2,backing_fmt=qcow2";
+    qemu_img(d, &["create", "-q", "-f", "qcow2", "-o", o, "a.qcow2"]);
+    let p = d.join("a.qcow2");
+    let mut bytes = std::fs::read(&p).unwrap();
+    let at = be(&bytes, 8, 8);
+    assert_eq!(be(&bytes, 16, 4), 10, "base.qcow2");
+    // "base.qcow2", a NUL, "zz": 13 bytes.
+    bytes[at as usize + 10..at as usize + 13].copy_from_slice(b"\0zz");
+    bytes[16..20].copy_from_slice(&13u32.to_be_bytes());
+    std::fs::write(&p, &bytes).unwrap();
+    let img = open(&p);
+    assert_eq!(img.backing_name.as_deref(), Some("base.qcow2"));
+    let d = Structures::of(&img).decode(&img, HostOffset(at)).unwrap();
+    assert_eq!((d.start.get(), d.end.get()), (at, at + 13));
+    assert_eq!(
+        d.meaning,
+        "the backing file is \"base.qcow2\" (QEMU reads it to the NUL byte at 10 of its bytes; backing_file_size 13 bytes)"
+    );
+}

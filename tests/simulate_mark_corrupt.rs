@@ -8,7 +8,10 @@
 //! overlap check and a refcount read through an unaligned refcount block, is
 //! compared with a real qemu-io or qemu-img on a copy, every byte. The
 //! overlap check, fatal as the invalid entry is, loses what QEMU's caches
-//! held of the write it stops.
+//! held of the write it stops. So too a LUKS image (qemu-io given its key,
+//! the simulation the same key), names with a NUL inside, and bitmaps, which
+//! the open marked in use; a bitmap name whose cut at its NUL changes the
+//! directory's size fails the open.
 
 mod common;
 mod sim_bytes;
@@ -251,4 +254,271 @@ fn an_overlap_after_an_allocation_loses_what_qemus_caches_held() {
     let first = errors[0].as_deref().unwrap_or_default();
     assert!(first.contains("overlaps with active L1 table"), "{first}");
     assert!(is_corrupt);
+}
+
+/// The secret and the image options qemu-io opens the LUKS images with.
+const SECRET: &str = "secret,id=s0,data=pw";
+
+/// `cmds` by one qemu-io on the LUKS image `image`, opened with its key:
+/// the first line of its output that says a command failed, if any.
+fn luks_io(w: &Work, image: &str, cmds: &[&str]) -> Option<String> {
+    let opts = format!("driver=qcow2,file.filename={image},encrypt.key-secret=s0");
+    let mut args = vec!["--object", SECRET, "--image-opts", &opts];
+    for c in cmds {
+        args.extend(["-c", c]);
+    }
+    let out = std::process::Command::new("qemu-io")
+        .args(&args)
+        .current_dir(w.dir.path())
+        .output()
+        .expect("run qemu-io");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    text.lines()
+        .find(|l| l.contains("failed"))
+        .map(str::to_string)
+}
+
+/// A 4M LUKS image (`opts` added to its options), guest 0..64k and
+/// 128k..132k written: where its active L1 table and L2 table 0 are.
+fn luks_image(w: &Work, image: &str, opts: &str) -> (u64, u64) {
+    let o = format!("encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10{opts}");
+    let object = format!("--object={SECRET}");
+    w.qemu_img(&[
+        "create", "-q", "-f", "qcow2", &object, "-o", &o, image, "4M",
+    ]);
+    let failed = luks_io(w, image, &["write -P 1 0 64k", "write -P 2 128k 4k"]);
+    assert_eq!(failed, None, "{image}");
+    let bytes = std::fs::read(w.path(image)).expect("read the image");
+    let l1 = u64::from_be_bytes(bytes[40..48].try_into().expect("8"));
+    let l2 =
+        u64::from_be_bytes(bytes[l1 as usize..][..8].try_into().expect("8")) & ((1 << 56) - 512);
+    (l1, l2)
+}
+
+/// Reverse the order of the header extensions (the crypto header pointer,
+/// first as qemu-img writes it, goes last): nothing else in cluster 0 moves.
+fn reversed_extensions(w: &Work, image: &str) {
+    let bytes = std::fs::read(w.path(image)).expect("read the image");
+    let start = be32(&bytes, 100) as usize;
+    let (mut at, mut exts) = (start, Vec::new());
+    while be32(&bytes, at) != 0 {
+        let len = 8 + (be32(&bytes, at + 4) as usize).next_multiple_of(8);
+        exts.push(bytes[at..at + len].to_vec());
+        at += len;
+    }
+    assert!(exts.len() > 1, "{image}: one extension");
+    exts.reverse();
+    w.patch(image, start as u64, &exts.concat());
+}
+
+/// `op` on a copy of the LUKS image `name` by qemu-io with its key, and in
+/// the simulator given the same key: QEMU's failure, and the file every
+/// byte the same.
+fn same_luks_bytes(w: &Work, name: &str, op: &str, qemu_cmd: &str) -> Option<String> {
+    let copy = format!("{name}.qemu");
+    std::fs::copy(w.path(name), w.path(&copy)).expect("copy the image");
+    let failed = luks_io(w, &copy, &[qemu_cmd]);
+    let img = sim_compare::open_path(&w.path(name)).expect("open the image");
+    let key = qinspect::crypto::DataKey::unlock(&img, b"pw").expect("unlock");
+    assert!(img.set_data_key(key));
+    let mut sim = qinspect::simulate::Sim::new(&img, &w.path(name)).expect("simulate");
+    sim.apply(&sim_compare::parse_op(op));
+    let error = sim.records[0].error.clone();
+    assert_eq!(
+        error.is_some(),
+        failed.is_some(),
+        "{name}: {error:?} {failed:?}"
+    );
+    sim_bytes::same_file(w, name, &sim);
+    error
+}
+
+#[test]
+fn an_encrypted_image_marked_corrupt_keeps_its_crypto_extension_first() {
+    let w = Work::new();
+    w.qemu_img(&["create", "-q", "-f", "qcow2", "base.qcow2", "4M"]);
+    let cases = [
+        ("el2.qcow2", ",extended_l2=on"),
+        (
+            "ebk.qcow2",
+            ",extended_l2=on,backing_file=base.qcow2,backing_fmt=qcow2",
+        ),
+    ];
+    for (name, opts) in cases {
+        // Guest 128k's entry made to say subcluster 0 is also zero.
+        let (_, l2) = luks_image(&w, name, opts);
+        w.patch(name, l2 + 0x28, &0x0000_0001_0000_0003u64.to_be_bytes());
+        reversed_extensions(&w, name);
+        let error = same_luks_bytes(&w, name, "write:131584:512", "write 131584 512");
+        let error = error.unwrap_or_default();
+        assert!(error.contains("Input/output error"), "{name}: {error}");
+        assert!(corrupt(&w, name), "{name}");
+        assert!(
+            rewritten(&w, name),
+            "{name}: QEMU left the header as it was"
+        );
+    }
+    // L1 entry 0 names the L1 table as its L2 table: the write of guest 0
+    // lands on it, past its encryption.
+    let (l1, _) = luks_image(&w, "eov.qcow2", "");
+    w.patch("eov.qcow2", l1, &(0x8000_0000_0000_0000 | l1).to_be_bytes());
+    reversed_extensions(&w, "eov.qcow2");
+    let error = same_luks_bytes(&w, "eov.qcow2", "write:0:512", "write 0 512");
+    let error = error.unwrap_or_default();
+    assert!(error.contains("overlaps with active L1 table"), "{error}");
+    assert!(corrupt(&w, "eov.qcow2"));
+    assert!(rewritten(&w, "eov.qcow2"), "QEMU left the header as it was");
+}
+
+#[test]
+fn simulate_refuses_an_encrypted_image_it_has_no_key_for() {
+    let w = Work::new();
+    luks_image(&w, "e.qcow2", "");
+    // qemu-io's open fails without the key, and so does the simulation's.
+    let out = w.qinspect(&["simulate", "e.qcow2", "write:0:512"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(out.stdout.is_empty());
+    let img = sim_compare::open_path(&w.path("e.qcow2")).expect("open the image");
+    let refused = qinspect::simulate::Sim::new(&img, &w.path("e.qcow2")).err();
+    assert!(
+        matches!(refused, Some(qinspect::error::Error::Unsupported { .. })),
+        "{refused:?}"
+    );
+}
+
+/// Where the extension of type `t` starts in the image's cluster 0.
+fn extension_at(w: &Work, image: &str, t: u32) -> usize {
+    let bytes = std::fs::read(w.path(image)).expect("read the image");
+    let mut at = be32(&bytes, 100) as usize;
+    while be32(&bytes, at) != t {
+        assert_ne!(be32(&bytes, at), 0, "{image}: no extension {t:#x}");
+        at += 8 + (be32(&bytes, at + 4) as usize).next_multiple_of(8);
+    }
+    at
+}
+
+/// Give the extension of type `t` (a name of 5 bytes, padded to 8) a
+/// length of 8: its name, a NUL, then "zz".
+fn nul_in_extension(w: &Work, image: &str, t: u32) {
+    let at = extension_at(w, image, t);
+    assert_eq!(
+        be32(&std::fs::read(w.path(image)).expect("read"), at + 4),
+        5
+    );
+    w.patch(image, at as u64 + 4, &8u32.to_be_bytes());
+    w.patch(image, at as u64 + 13, b"\0zz");
+}
+
+/// Make the backing file name (followed by zeros) 3 bytes longer: a NUL,
+/// then "zz".
+fn nul_in_backing_name(w: &Work, image: &str) {
+    let bytes = std::fs::read(w.path(image)).expect("read the image");
+    let at = u64::from_be_bytes(bytes[8..16].try_into().expect("8"));
+    let len = be32(&bytes, 16);
+    assert_eq!(&bytes[(at + u64::from(len)) as usize..][..3], &[0; 3]);
+    w.patch(image, at + u64::from(len), b"\0zz");
+    w.patch(image, 16, &(len + 3).to_be_bytes());
+}
+
+/// Cut the first name of the feature name table ("dirty bit") with a NUL.
+fn nul_in_feature_name(w: &Work, image: &str) {
+    let at = extension_at(w, image, FEATURE_TABLE);
+    w.patch(image, at as u64 + 8 + 2 + 5, b"\0");
+}
+
+#[test]
+fn names_with_a_nul_inside_are_written_back_to_the_nul() {
+    let w = Work::new();
+    w.qemu_img(&["create", "-q", "-f", "qcow2", "base.qcow2", "4M"]);
+    let backing = ",backing_file=base.qcow2,backing_fmt=qcow2";
+    type Patch = fn(&Work, &str);
+    let cases: [(&str, &str, Patch); 4] = [
+        ("nb.qcow2", backing, nul_in_backing_name),
+        ("nf.qcow2", backing, |w, i| {
+            nul_in_extension(w, i, 0xe279_2aca)
+        }),
+        ("nd.qcow2", ",data_file=d.raw", |w, i| {
+            nul_in_extension(w, i, 0x4441_5441)
+        }),
+        ("nt.qcow2", "", nul_in_feature_name),
+    ];
+    for (name, opts, patch) in cases {
+        let make = |w: &Work, image: &str| {
+            contradictory(w, image, opts);
+            if name == "nb.qcow2" {
+                no_feature_table(w, image);
+            }
+            patch(w, image);
+        };
+        let (errors, is_corrupt) = same_bytes(&w, name, make, &["write:131584:512"]);
+        let first = errors[0].as_deref().unwrap_or_default();
+        assert!(first.contains("Input/output error"), "{name}: {first}");
+        assert!(is_corrupt, "{name}");
+        assert!(
+            rewritten(&w, name),
+            "{name}: QEMU left the header as it was"
+        );
+    }
+    // qemu-img info names the backing file as its open read it, to the NUL.
+    w.assert_info_matches("nb.qcow2");
+}
+
+/// The contradictory image with bitmap `name` added, its byte 2 then made a
+/// NUL when `cut`.
+fn with_bitmap(w: &Work, image: &str, name: &str, cut: bool) {
+    contradictory(w, image, "");
+    w.qemu_img(&["bitmap", "--add", image, name]);
+    if cut {
+        let bytes = std::fs::read(w.path(image)).expect("read the image");
+        let at = bytes.windows(name.len()).position(|s| s == name.as_bytes());
+        w.patch(image, at.expect("the bitmap's name") as u64 + 2, b"\0");
+    }
+}
+
+#[test]
+fn bitmaps_stay_marked_in_use_when_the_image_is_marked_corrupt() {
+    let w = Work::new();
+    // The open marks the bitmap in use in place; the close, which would
+    // store it again, does not come. "b0" to the NUL keeps the directory's
+    // size (32 bytes): the open writes it with the name cut.
+    let cases = [("bu.qcow2", "b0ab", false), ("bc.qcow2", "b0ab", true)];
+    for (image, name, cut) in cases {
+        let make = |w: &Work, i: &str| with_bitmap(w, i, name, cut);
+        let (errors, is_corrupt) = same_bytes(&w, image, make, &["write:131584:512"]);
+        let first = errors[0].as_deref().unwrap_or_default();
+        assert!(first.contains("Input/output error"), "{image}: {first}");
+        assert!(is_corrupt, "{image}");
+        let img = sim_compare::open_path(&w.path(&format!("{image}.qemu"))).expect("open");
+        let dir = img.bitmaps.expect("bitmaps").expect("a directory");
+        assert_eq!(
+            (dir[0].name.as_str(), dir[0].flags & 1),
+            ("b0ab".get(..if cut { 2 } else { 4 }).expect("name"), 1)
+        );
+    }
+}
+
+#[test]
+fn a_bitmap_name_cut_to_another_directory_size_fails_the_open() {
+    let w = Work::new();
+    // "b0" to the NUL: a directory of 32 bytes where the file's has 40.
+    // The open clears autoclear bit 0 (the bitmaps extension goes) and
+    // fails; the next open knows no bitmaps.
+    let make = |w: &Work, i: &str| with_bitmap(w, i, "b0abcdefghi", true);
+    let ops = ["write:131584:512", "write:131584:512"];
+    let (errors, is_corrupt) = same_bytes(&w, "bf.qcow2", make, &ops);
+    let first = errors[0].as_deref().unwrap_or_default();
+    assert!(
+        first.contains("Can't update bitmap directory: Invalid argument"),
+        "{first}"
+    );
+    let second = errors[1].as_deref().unwrap_or_default();
+    assert!(second.contains("Input/output error"), "{second}");
+    assert!(is_corrupt);
+    let img = sim_compare::open_path(&w.path("bf.qcow2.qemu")).expect("open");
+    assert!(img.bitmaps.is_none());
+    assert_eq!(img.header.autoclear_features & 1, 0);
 }

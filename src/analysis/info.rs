@@ -5,7 +5,7 @@
 //! at the image itself, never at its backing file or data file. [`extra_info`] adds
 //! what qinspect knows beyond that.
 
-use crate::bytes::{be32, slice};
+use crate::bytes::{be32, c_text, slice};
 use crate::chain::{has_protocol, path_combine};
 use crate::header::{CryptMethod, ExtensionKind};
 use crate::image::Qcow2;
@@ -140,11 +140,6 @@ pub fn full_backing_filename(image: &str, backing: &str) -> String {
     }
 }
 
-fn cstr(b: &[u8]) -> String {
-    let end = b.iter().position(|&c| c == 0).unwrap_or(b.len());
-    String::from_utf8_lossy(b.get(..end).unwrap_or(b)).into_owned()
-}
-
 /// Decode the LUKS header the crypto extension points at, the way
 /// `qcrypto_block_luks_get_info` reports it.
 fn luks_info(img: &Qcow2) -> Option<Value> {
@@ -156,13 +151,13 @@ fn luks_info(img: &Qcow2) -> Option<Value> {
     if slice(&b, 0, 6) != b"LUKS\xba\xbe" {
         return None;
     }
-    let cipher_name = cstr(slice(&b, 8, 32));
-    let cipher_mode_full = cstr(slice(&b, 40, 32));
-    let hash = cstr(slice(&b, 72, 32));
+    let cipher_name = c_text(slice(&b, 8, 32));
+    let cipher_mode_full = c_text(slice(&b, 40, 32));
+    let hash = c_text(slice(&b, 72, 32));
     let payload = u64::from(be32(&b, 104)) * 512;
     let mut key_len = u64::from(be32(&b, 108));
     let iters = be32(&b, 164);
-    let uuid = cstr(slice(&b, 168, 40));
+    let uuid = c_text(slice(&b, 168, 40));
     let (mode, ivgen) = cipher_mode_full
         .split_once('-')
         .map(|(a, b)| (a.to_string(), b.to_string()))

@@ -98,13 +98,11 @@ pub fn run(mut a: Args) -> CmdResult {
         } else {
             "the disk ends there".to_string()
         };
-        let bad = super::style::BAD;
-        let _ = writeln!(
-            anstream::stderr(),
-            "{bad}qinspect: warning:{bad:#} {} of the {} bytes asked for are shown: {why}",
+        super::warn(format_args!(
+            "{} of the {} bytes asked for are shown: {why}",
             bytes.len(),
             a.length
-        );
+        ));
     }
     let color = match a.color {
         ColorChoice::Always => true,

@@ -84,11 +84,16 @@ pub fn open_chain(
 
 /// Print where opening the chain had to differ from QEMU, as warnings on stderr.
 pub fn warn_notes(chain: &Chain) {
-    let mut err = anstream::stderr();
-    let bad = style::BAD;
     for n in &chain.notes {
-        let _ = writeln!(err, "{bad}qinspect: warning:{bad:#} {n}");
+        warn(n);
     }
+}
+
+/// Print `text` on stderr as a warning: `qinspect: warning: TEXT`, the
+/// prefix coloured when stderr is a terminal.
+pub fn warn(text: impl std::fmt::Display) {
+    let bad = style::BAD;
+    let _ = writeln!(anstream::stderr(), "{bad}qinspect: warning:{bad:#} {text}");
 }
 
 /// Standard output through a buffer (stdout alone is line-buffered: one write

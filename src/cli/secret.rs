@@ -189,9 +189,9 @@ fn load_secret(spec: &str) -> color_eyre::Result<(String, Secret)> {
         (Some(_), Some(_)) => bail!("secret '{id}': 'data' and 'file' are mutually exclusive"),
         (None, None) => bail!("secret '{id}': either 'data' or 'file' is required"),
         (Some(d), None) => {
-            eprintln!(
-                "qinspect: warning: secret '{id}' is given with data=, which other users can see in the process list and shell history; prefer file=PATH"
-            );
+            super::warn(format_args!(
+                "secret '{id}' is given with data=, which other users can see in the process list and shell history; prefer file=PATH"
+            ));
             d
         }
         (None, Some(p)) => Zeroizing::new(

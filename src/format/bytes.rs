@@ -57,6 +57,17 @@ pub fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
 
+/// `bytes` up to their first NUL byte (all of them without one): a name as
+/// QEMU keeps it, a C string.
+pub fn c_string(bytes: &[u8]) -> &[u8] {
+    bytes.split(|&b| b == 0).next().unwrap_or(bytes)
+}
+
+/// [`c_string`] of `bytes` as text, replacing anything that is not UTF-8.
+pub fn c_text(bytes: &[u8]) -> String {
+    text(c_string(bytes))
+}
+
 /// Round `n` up to a multiple of 8 (saturating).
 pub fn align8(n: u64) -> u64 {
     n.saturating_add(7) & !7
@@ -76,5 +87,14 @@ mod tests {
         assert_eq!(be64(&b, 100), 0);
         assert_eq!(slice(&b, 6, 10), &[0, 3]);
         assert_eq!(align8(13), 16);
+    }
+
+    #[test]
+    fn c_strings_end_at_the_first_nul() {
+        assert_eq!(c_string(b"qcow2\0zz"), b"qcow2");
+        assert_eq!(c_string(b"\0qcow2"), b"");
+        assert_eq!(c_string(b"raw"), b"raw");
+        assert_eq!(c_string(b""), b"");
+        assert_eq!(c_text(b"d.raw\0\0\0"), "d.raw");
     }
 }

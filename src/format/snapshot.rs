@@ -15,7 +15,7 @@
 //! extra data: 0 vm_state_size_large(8)  8 disk_size(8)  16 icount(8)  then unknown bytes
 //! ```
 
-use crate::bytes::{be16, be32, be64, slice, text};
+use crate::bytes::{be16, be32, be64, c_text, slice};
 use crate::error::{Error, Result};
 use crate::io::{Source, read_into};
 use crate::types::HostOffset;
@@ -258,11 +258,6 @@ fn read_entries(
     table
 }
 
-fn c_string(b: &[u8]) -> String {
-    let end = b.iter().position(|&c| c == 0).unwrap_or(b.len());
-    text(b.get(..end).unwrap_or(b))
-}
-
 /// Read `len` bytes (at most 132 KiB here), zeros past the end of the file, as QEMU does.
 fn read_zero_filled(src: &dyn Source, what: &str, pos: HostOffset, len: u64) -> Result<Vec<u8>> {
     let mut buf = vec![0u8; len as usize];
@@ -327,8 +322,8 @@ fn read_entry(
         entry_offset: entry,
         l1_table_offset: HostOffset(be64(&h, 0)),
         l1_size: be32(&h, 8),
-        id: c_string(slice(&rest, extra_len as usize, id_len as usize)),
-        name: c_string(slice(
+        id: c_text(slice(&rest, extra_len as usize, id_len as usize)),
+        name: c_text(slice(
             &rest,
             extra_len.saturating_add(id_len) as usize,
             name_len as usize,

@@ -146,17 +146,27 @@ impl Mapping {
 
     /// In words, for one side: "unallocated", "data at 0x920000 in this file".
     pub fn words(&self, backing: bool, data_file: bool) -> String {
+        let words = self.words_unplaced(backing);
+        if !matches!(self, Mapping::Data { .. }) {
+            return words;
+        }
         let file = if data_file {
             "in the data file"
         } else {
             "in this file"
         };
+        format!("{words} {file}")
+    }
+
+    /// [`Mapping::words`] without the file a data cluster is in ("data at
+    /// 0x920000"), for a row whose other side names the same file.
+    pub fn words_unplaced(&self, backing: bool) -> String {
         match self {
             Mapping::Unallocated if backing => "unallocated (the backing file)".into(),
             Mapping::Unallocated => "unallocated (zeros)".into(),
             Mapping::Zero { host: None } => "zero".into(),
             Mapping::Zero { host: Some(h) } => format!("zero (cluster kept at {h:#x})"),
-            Mapping::Data { host } => format!("data at {host:#x} {file}"),
+            Mapping::Data { host } => format!("data at {host:#x}"),
             Mapping::Compressed { host } => format!("compressed data at {host:#x}"),
             Mapping::Subclusters { raw, bitmap } => {
                 format!("mixed subclusters (entry {raw:#x}, bitmap {bitmap:#x})")

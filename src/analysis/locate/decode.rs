@@ -72,8 +72,9 @@ pub(super) fn decode_in(img: &Qcow2, r: &Region, offset: HostOffset) -> Option<D
             end: r.end,
             raw: None,
             meaning: format!(
-                "the backing file is \"{}\" (not NUL-terminated; backing_file_size {} bytes)",
+                "the backing file is \"{}\" ({}; backing_file_size {} bytes)",
                 img.backing_name.as_deref().unwrap_or(""),
+                backing_name_end(img, r),
                 img.header.backing_file_size
             ),
         },
@@ -88,6 +89,19 @@ pub(super) fn decode_in(img: &Qcow2, r: &Region, offset: HostOffset) -> Option<D
         Kind::Luks => luks(img, r, offset)?,
     };
     Some(d)
+}
+
+/// How the backing file name in `r` ends: where QEMU stops reading it.
+fn backing_name_end(img: &Qcow2, r: &Region) -> String {
+    // No more than QEMU reads of a name (1023 bytes).
+    let len = r.end.get().saturating_sub(r.start.get()).min(1023);
+    let nul = crate::io::read_exact(&*img.src, "backing file name", r.start, len)
+        .ok()
+        .and_then(|b| b.iter().position(|&c| c == 0));
+    match nul {
+        Some(at) => format!("QEMU reads it to the NUL byte at {at} of its bytes"),
+        None => "not NUL-terminated".into(),
+    }
 }
 
 /// The name of an L1 table: the active one (`None`) or snapshot `i`'s.

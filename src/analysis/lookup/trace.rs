@@ -289,7 +289,7 @@ fn trace_qcow2(
         .get(l2i as usize)
         .copied()
         .unwrap_or(L2Entry { raw: 0, bitmap: 0 });
-    let m = l2_entry_step(&mut t, img, l2_off, l2i, e, sc);
+    let m = l2_entry_step(&mut t, img, view, l2_off, guest, e);
     // The decision is layer_run's, the same one map and read use; the steps above
     // only show what it looked at.
     let run = match layer_run(img, view, guest, 1, name) {
@@ -324,17 +324,19 @@ fn trace_qcow2(
     conclude(&mut t, &at, run.status)
 }
 
-/// The step that shows L2 entry `l2i` of the table at `l2_off` (`e`) and what it
-/// means for subcluster `sc`; returns the entry decoded.
+/// The step that shows the L2 entry `e` of `guest` in the table at `l2_off`
+/// (one of `view`'s) and what it means for the subcluster of `guest`, in the
+/// words of the image around it; returns the entry decoded.
 fn l2_entry_step(
     t: &mut LayerSteps<'_>,
     img: &Qcow2,
+    view: &View,
     l2_off: HostOffset,
-    l2i: u64,
+    guest: GuestOffset,
     e: L2Entry,
-    sc: u32,
 ) -> L2Mapping {
     let geo = img.geometry();
+    let (l2i, sc) = (geo.l2_index(guest), geo.subcluster_index(guest));
     let has_df = img.header.has_data_file();
     let m = e.mapping(&geo, has_df);
     let (ct, st) = (m.cluster_type(), m.subcluster_type(sc));
@@ -371,15 +373,7 @@ fn l2_entry_step(
             } else {
                 String::new()
             },
-            // Without a backing file there is nothing to fall through to.
-            if img.backing_name.is_none() {
-                e.describe(&geo, has_df).replace(
-                    "reads fall through to the backing file",
-                    "reads as zeros: no backing file",
-                )
-            } else {
-                e.describe(&geo, has_df)
-            }
+            e.describe_in(&m, &geo, guest, &img.surroundings(view.size))
         ),
     );
     m

@@ -51,6 +51,11 @@ pub(super) struct Bitmaps {
     /// its read-write open rewrites the header without the extension
     /// ([`Sim::drop_ignored_bitmaps`]); `list` is empty.
     drop_extension: bool,
+    /// The directory QEMU's open writes in place, marking the bitmaps in use,
+    /// has another size than the one in the file (names with a NUL inside,
+    /// which QEMU keeps to the NUL): the open fails
+    /// ([`Sim::drop_ignored_bitmaps`]).
+    in_place_fails: bool,
 }
 
 /// QEMU's own refusal to open `img` at all (read-only too) for its
@@ -69,6 +74,23 @@ pub(super) fn open_fails(img: &Qcow2) -> Option<String> {
         Error::Invalid { kind, reason, .. } if kind.is_bitmap_directory() => Some(reason.clone()),
         _ => None,
     })
+}
+
+/// The bitmap directory `bitmap_list_store` writes for `list`.
+fn directory(list: &[SimBitmap]) -> Vec<u8> {
+    let mut dir = Vec::new();
+    for bm in list {
+        dir.extend_from_slice(&bm.table_offset.get().to_be_bytes());
+        dir.extend_from_slice(&bm.table_size.to_be_bytes());
+        dir.extend_from_slice(&bm.flags.to_be_bytes());
+        dir.push(bm.bitmap_type);
+        dir.push(bm.granularity_bits);
+        dir.extend_from_slice(&(bm.name.len() as u16).to_be_bytes());
+        dir.extend_from_slice(&0u32.to_be_bytes());
+        dir.extend_from_slice(bm.name.as_bytes());
+        dir.resize(align8(dir.len() as u64) as usize, 0);
+    }
+    dir
 }
 
 /// Read the bitmaps of `img`: `Ok(None)` without any, `Err` with the reason the
@@ -111,6 +133,15 @@ pub(super) fn load(img: &Qcow2) -> std::result::Result<Option<Bitmaps>, String> 
     // their directory entry). When every bitmap is so, nothing of them
     // changes on the open or the close.
     let frozen = !entries.is_empty() && entries.iter().all(|e| e.flags & FLAG_IN_USE != 0);
+    // The names' bytes are known where they are UTF-8.
+    let in_place: u64 = if entries.iter().any(|e| e.name.contains('\u{fffd}')) {
+        directory_size
+    } else {
+        entries
+            .iter()
+            .map(|e| align8(24u64.saturating_add(e.name.len() as u64)))
+            .fold(0, u64::saturating_add)
+    };
     for e in entries {
         if !(9..=31).contains(&e.granularity_bits) {
             return Err(format!(
@@ -135,6 +166,7 @@ pub(super) fn load(img: &Qcow2) -> std::result::Result<Option<Bitmaps>, String> 
         dirty: Vec::new(),
         frozen,
         drop_extension: false,
+        in_place_fails: !frozen && in_place != directory_size,
     }))
 }
 
@@ -144,7 +176,15 @@ impl Sim {
     /// `qcow2_update_header` writes cluster 0 again from what the open read
     /// ([`Sim::qemu_header_cluster`]), without the extension. The directory, tables and data clusters stay allocated,
     /// named by nothing: leaks for `qemu-img check`.
-    pub(super) fn drop_ignored_bitmaps(&mut self) -> SimResult<()> {
+    ///
+    /// The open whose bitmaps QEMU cannot mark in use in place
+    /// (`update_ext_header_and_dir_in_place`: the directory of their names,
+    /// each to its first NUL, has another size than the file's) clears that
+    /// bit instead and fails.
+    pub(super) fn drop_ignored_bitmaps(&mut self, op: &super::Op) -> SimResult<()> {
+        if self.bitmaps.as_ref().is_some_and(|b| b.in_place_fails) {
+            return self.in_place_marking_fails(op);
+        }
         if !self.bitmaps.as_ref().is_some_and(|b| b.drop_extension) {
             return Ok(());
         }
@@ -159,6 +199,55 @@ impl Sim {
         self.write_bytes(HostOffset(0), &out)?;
         self.bitmaps = None;
         Ok(())
+    }
+
+    /// The open's failed marking of the bitmaps in use (see
+    /// [`Sim::drop_ignored_bitmaps`]): the header written again, the
+    /// extension kept (QEMU still counts the bitmaps) and autoclear bit 0
+    /// clear; then the open fails. The next open ignores the bitmaps.
+    fn in_place_marking_fails(&mut self, op: &super::Op) -> SimResult<()> {
+        self.note("QEMU's open marks the bitmaps in use by writing their directory in place, but the directory of their names (each to its first NUL byte, as QEMU reads them) has another size than the file's: it has cleared autoclear bit 0 first, writing the header again, and the open fails; the next open ignores the bitmaps".into());
+        self.why("the open clears autoclear bit 0 before it writes the bitmap directory");
+        let out = self.qemu_header_cluster()?;
+        self.write_bytes(HostOffset(0), &out)?;
+        let autoclear = self.header_field(crate::header::Field::AutoclearFeatures);
+        self.set_header(
+            crate::header::Field::AutoclearFeatures,
+            autoclear & !crate::header::AUTOCLEAR_BITMAPS,
+        )?;
+        if let Some(b) = self.bitmaps.as_mut() {
+            b.list.clear();
+            b.in_place_fails = false;
+            b.drop_extension = true;
+        }
+        Err(super::SimError::Qemu(super::backing::open_words(
+            op,
+            &self.path,
+            "Can't update bitmap directory: Invalid argument",
+        )))
+    }
+
+    /// What QEMU's open wrote of the bitmaps and its close does not write
+    /// again, the image marked corrupt: their directory in place, each
+    /// bitmap marked in use (`update_ext_header_and_dir_in_place`).
+    pub(super) fn bitmaps_left_in_use(&mut self) -> SimResult<()> {
+        if !self.marks_bitmaps() {
+            return Ok(());
+        }
+        let Some(b) = self.bitmaps.clone() else {
+            return Ok(());
+        };
+        let mut list = b.list.clone();
+        for bm in &mut list {
+            bm.flags |= FLAG_IN_USE;
+        }
+        let dir = directory(&list);
+        if dir == self.read_bytes(b.dir_offset, dir.len() as u64) {
+            return Ok(());
+        }
+        self.note("QEMU's open marked the bitmaps in use in their directory, in place, and its close does not store them again: the image is corrupt".into());
+        self.why("the bitmaps marked in use by the open");
+        self.write_bytes(b.dir_offset, &dir)
     }
 
     /// Whether the image has persistent bitmaps (`qemu-img snapshot -a` refuses).
@@ -232,18 +321,7 @@ impl Sim {
             new_list.push(n);
         }
         // bitmap_list_store, not in place: a new directory.
-        let mut dir = Vec::new();
-        for bm in &new_list {
-            dir.extend_from_slice(&bm.table_offset.get().to_be_bytes());
-            dir.extend_from_slice(&bm.table_size.to_be_bytes());
-            dir.extend_from_slice(&bm.flags.to_be_bytes());
-            dir.push(bm.bitmap_type);
-            dir.push(bm.granularity_bits);
-            dir.extend_from_slice(&(bm.name.len() as u16).to_be_bytes());
-            dir.extend_from_slice(&0u32.to_be_bytes());
-            dir.extend_from_slice(bm.name.as_bytes());
-            dir.resize(align8(dir.len() as u64) as usize, 0);
-        }
+        let dir = directory(&new_list);
         let dir_size = dir.len() as u64;
         let dir_off = self.alloc_clusters(dir_size, "the bitmap directory")?;
         self.write_bytes(dir_off, &dir)?;

@@ -377,7 +377,7 @@ impl Sim {
             // A bitmaps extension QEMU ignores is dropped from the header as
             // the open ends; then a dirty image (lazy refcounts) is repaired
             // on a read-write open that is not itself a check.
-            let r = self.drop_ignored_bitmaps();
+            let r = self.drop_ignored_bitmaps(op);
             let r = if r.is_err() {
                 r
             } else if features & crate::header::INCOMPAT_DIRTY != 0 && !checking {
@@ -408,7 +408,7 @@ impl Sim {
             // A check's close then marks the image clean, also after a
             // failed check.
             let closed = if r.is_err() && self.marked_corrupt() {
-                Ok(())
+                self.bitmaps_left_in_use()
             } else {
                 self.store_bitmaps().and_then(|()| {
                     if checking && !self.marked_corrupt() {

@@ -18,7 +18,7 @@
 //!    cluster.
 
 use super::{Sim, SimResult};
-use crate::bytes::align8;
+use crate::bytes::{align8, c_string};
 use crate::header::{ExtensionKind, Field, Header};
 use crate::types::HostOffset;
 
@@ -36,11 +36,7 @@ fn feature_table() -> Vec<u8> {
     let mut t = Vec::new();
     for (group, bit, name) in crate::header::BUILTIN_FEATURE_NAMES {
         let mut e = [0u8; 48];
-        e[0] = match group {
-            crate::header::FeatureGroup::Incompatible => 0,
-            crate::header::FeatureGroup::Compatible => 1,
-            crate::header::FeatureGroup::Autoclear => 2,
-        };
+        e[0] = group.table_type();
         e[1] = *bit;
         for (d, s) in e.iter_mut().skip(2).zip(name.bytes()) {
             *d = s;
@@ -48,12 +44,6 @@ fn feature_table() -> Vec<u8> {
         t.extend_from_slice(&e);
     }
     t
-}
-
-/// `bytes` up to their first NUL byte (QEMU keeps names as C strings).
-fn c_string(bytes: &[u8]) -> &[u8] {
-    let end = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
-    bytes.get(..end).unwrap_or(bytes)
 }
 
 /// The fixed header and the fields past it QEMU does not know, as
@@ -100,9 +90,14 @@ impl Sim {
     /// cluster as it is (see the module's comment).
     pub(super) fn qemu_header_cluster(&mut self) -> SimResult<Vec<u8>> {
         let c0 = self.read_bytes(HostOffset(0), self.cs);
-        let h = Header::parse(&c0)?;
-        let (exts, _) = crate::header::parse_extensions(&h, &c0);
-        let mut out = fixed_part(&h, &c0);
+        self.qemu_header_cluster_from(&c0)
+    }
+
+    /// [`Sim::qemu_header_cluster`] from `c0`, the header cluster as it is.
+    fn qemu_header_cluster_from(&self, c0: &[u8]) -> SimResult<Vec<u8>> {
+        let h = Header::parse(c0)?;
+        let (exts, _) = crate::header::parse_extensions(&h, c0);
+        let mut out = fixed_part(&h, c0);
         let find = |t: u32| exts.iter().find(|e| e.ext_type == t);
         if let Some(e) = find(crate::header::EXT_BACKING_FORMAT) {
             push_extension(&mut out, e.ext_type, c_string(&e.data));
@@ -130,7 +125,7 @@ impl Sim {
         push_extension(&mut out, 0, &[]);
         if h.backing_file_offset.get() != 0 {
             let name = crate::bytes::slice(
-                &c0,
+                c0,
                 h.backing_file_offset.get() as usize,
                 h.backing_file_size as usize,
             );
@@ -172,8 +167,8 @@ impl Sim {
     /// Write the bytes of cluster 0 that `qcow2_update_header` writes
     /// differently from what the file holds, with a note saying so.
     fn rewrite_header_rest(&mut self) -> SimResult<()> {
-        let want = self.qemu_header_cluster()?;
         let have = self.read_bytes(HostOffset(0), self.cs);
+        let want = self.qemu_header_cluster_from(&have)?;
         let differs = |(a, b): (&u8, &u8)| a != b;
         let Some(first) = want.iter().zip(&have).position(differs) else {
             return Ok(());

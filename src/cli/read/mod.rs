@@ -83,11 +83,9 @@ pub fn run(mut a: Args) -> CmdResult {
     let len = a.length.unwrap_or(rest).min(rest);
     if let Some(asked) = a.length.filter(|&l| l > rest) {
         // Cut at the end of the disk; said, so a short output is not a surprise.
-        let bad = super::style::BAD;
-        let _ = writeln!(
-            anstream::stderr(),
-            "{bad}qinspect: warning:{bad:#} the disk ends at {size:#x}: {len} of the {asked} bytes asked for are read"
-        );
+        super::warn(format_args!(
+            "the disk ends at {size:#x}: {len} of the {asked} bytes asked for are read"
+        ));
     }
     if let Some(p) = &a.output {
         let file = open_output(&chain, p)?;

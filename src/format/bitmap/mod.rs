@@ -14,7 +14,7 @@
 //! data, or 0 with bit 0 saying whether the whole cluster reads as all ones.
 //! QEMU only trusts the directory while autoclear bit 0 is set.
 
-use crate::bytes::{align8, be16, be32, be64, slice, text, u8_at};
+use crate::bytes::{align8, be16, be32, be64, c_text, slice, u8_at};
 use crate::error::{CorruptKind, Error, Result};
 use crate::io::{Source, ends_past_limit, read_as_qemu, read_exact};
 use crate::types::HostOffset;
@@ -66,7 +66,8 @@ pub struct BitmapEntry {
     pub granularity_bits: u8,
     /// Extra data bytes.
     pub extra_data_size: u32,
-    /// The bitmap's name (UTF-8, unique in the image).
+    /// The bitmap's name (UTF-8, unique in the image), to its first NUL byte
+    /// as QEMU reads it.
     pub name: String,
     /// The name's length in bytes, as stored.
     #[serde(skip)]
@@ -353,7 +354,7 @@ fn parse_directory(
             bitmap_type: u8_at(e, 16),
             granularity_bits: u8_at(e, 17),
             extra_data_size: extra as u32,
-            name: text(slice(
+            name: c_text(slice(
                 e,
                 (extra as usize).saturating_add(24),
                 name_size as usize,

@@ -5,7 +5,7 @@ use super::{
     EXT_BACKING_FORMAT, EXT_BITMAPS, EXT_CRYPTO, EXT_DATA_FILE, EXT_FEATURE_TABLE, FeatureGroup,
     FeatureName, Header,
 };
-use crate::bytes::{align8, be32, be64, slice, text, u8_at};
+use crate::bytes::{align8, be32, be64, c_text, slice, u8_at};
 use crate::error::{CorruptKind, Error};
 use crate::types::HostOffset;
 use serde::Serialize;
@@ -152,15 +152,10 @@ pub fn parse_extensions(h: &Header, buf: &[u8]) -> (Vec<Extension>, Option<Error
     (out, None)
 }
 
-fn nul_trimmed(b: &[u8]) -> String {
-    let end = b.iter().position(|&c| c == 0).unwrap_or(b.len());
-    text(b.get(..end).unwrap_or(b))
-}
-
 fn decode_extension(ext_type: u32, data: &[u8]) -> ExtensionKind {
     match ext_type {
         EXT_BACKING_FORMAT => ExtensionKind::BackingFormat {
-            format: nul_trimmed(data),
+            format: c_text(data),
         },
         EXT_FEATURE_TABLE => ExtensionKind::FeatureTable {
             names: data
@@ -171,7 +166,7 @@ fn decode_extension(ext_type: u32, data: &[u8]) -> ExtensionKind {
                         group: FeatureGroup::from_table_type(t),
                         group_raw: t,
                         bit: u8_at(e, 1),
-                        name: nul_trimmed(slice(e, 2, 46)),
+                        name: c_text(slice(e, 2, 46)),
                     }
                 })
                 .collect(),
@@ -186,9 +181,7 @@ fn decode_extension(ext_type: u32, data: &[u8]) -> ExtensionKind {
             offset: HostOffset(be64(data, 0)),
             length: be64(data, 8),
         },
-        EXT_DATA_FILE => ExtensionKind::DataFile {
-            name: nul_trimmed(data),
-        },
+        EXT_DATA_FILE => ExtensionKind::DataFile { name: c_text(data) },
         _ => ExtensionKind::Unknown,
     }
 }

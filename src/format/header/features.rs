@@ -29,6 +29,16 @@ impl FeatureGroup {
             _ => None,
         }
     }
+
+    /// The group's number in the feature-name table (the inverse of
+    /// [`FeatureGroup::from_table_type`]).
+    pub fn table_type(self) -> u8 {
+        match self {
+            FeatureGroup::Incompatible => 0,
+            FeatureGroup::Compatible => 1,
+            FeatureGroup::Autoclear => 2,
+        }
+    }
 }
 
 /// The names QEMU gives feature bits, used when the image has no feature table.
@@ -145,4 +155,25 @@ pub fn named_features(h: &Header, exts: &[Extension]) -> Vec<Feature> {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::FeatureGroup;
+
+    #[test]
+    fn feature_groups_have_the_table_types_of_the_specification() {
+        // qcow2.txt: "0 for incompatible feature, 1 for compatible feature,
+        // 2 for autoclear feature"
+        let groups = [
+            (FeatureGroup::Incompatible, 0),
+            (FeatureGroup::Compatible, 1),
+            (FeatureGroup::Autoclear, 2),
+        ];
+        for (g, t) in groups {
+            assert_eq!(g.table_type(), t);
+            assert_eq!(FeatureGroup::from_table_type(t), Some(g));
+        }
+        assert_eq!(FeatureGroup::from_table_type(3), None);
+    }
 }

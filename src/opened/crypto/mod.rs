@@ -83,11 +83,7 @@ impl DataKey {
         match img.header.crypt() {
             CryptMethod::Aes => {
                 let mut key = zeroize::Zeroizing::new([0u8; 16]);
-                let pass = passphrase
-                    .iter()
-                    .position(|&c| c == 0)
-                    .and_then(|n| passphrase.get(..n))
-                    .unwrap_or(passphrase);
+                let pass = crate::bytes::c_string(passphrase);
                 for (k, p) in key.iter_mut().zip(pass) {
                     *k = *p;
                 }

@@ -102,8 +102,9 @@ const CACHE_LIMIT: usize = 256;
 
 pub use crate::types::BDRV_MAX_LENGTH;
 
-/// The backing file name stored in cluster 0 (`c0`), if the header names one; an
-/// error if it is longer than QEMU reads (1023 bytes, and within cluster 0).
+/// The backing file name stored in cluster 0 (`c0`), if the header names one,
+/// to its first NUL byte (QEMU keeps it as a C string); an error if it is
+/// longer than QEMU reads (1023 bytes, and within cluster 0).
 fn backing_file_name(h: &Header, c0: &[u8]) -> Result<Option<String>> {
     let Some(at) = h.backing_file_name() else {
         return Ok(None);
@@ -117,7 +118,7 @@ fn backing_file_name(h: &Header, c0: &[u8]) -> Result<Option<String>> {
         ));
     }
     let name = crate::bytes::slice(c0, at.get() as usize, h.backing_file_size as usize);
-    Ok(Some(crate::bytes::text(name)))
+    Ok(Some(crate::bytes::c_text(name)))
 }
 
 /// Something QEMU's open refuses, found while opening with `strict`: the open

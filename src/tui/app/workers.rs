@@ -439,20 +439,20 @@ fn diff_words(
     use qinspect::compare::Mapping;
     let backing = img.backing_name.is_some();
     let data_file = img.header.has_data_file();
-    let words = |e: Option<&qinspect::tables::L2Entry>| {
+    let mapping = |e: Option<&qinspect::tables::L2Entry>| {
         e.map_or(Mapping::Unallocated, |e| Mapping::of(e, img))
-            .words(backing, data_file)
     };
-    let (wa, wb) = (words(a), words(b));
+    let (ma, mb) = (mapping(a), mapping(b));
+    let (wa, wb) = (ma.words(backing, data_file), mb.words(backing, data_file));
     if wa == wb {
         // The same mapping in other bits (reserved ones): the entries say how.
         let raw = |e: Option<&qinspect::tables::L2Entry>| e.map_or(0, |e| e.raw);
         return format!("{wa} in both, entries {:#x} vs {:#x}", raw(a), raw(b));
     }
-    let wa = [" in this file", " in the data file"]
-        .iter()
-        .find(|f| wa.ends_with(*f) && wb.ends_with(*f))
-        .and_then(|f| wa.strip_suffix(*f))
-        .map_or(wa.clone(), str::to_string);
+    // Both sides' data is in the one file of the image: said once.
+    let wa = match (&ma, &mb) {
+        (Mapping::Data { .. }, Mapping::Data { .. }) => ma.words_unplaced(backing),
+        _ => wa,
+    };
     format!("{wa} vs {wb}")
 }

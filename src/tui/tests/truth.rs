@@ -46,6 +46,35 @@ fn snapshot_difference_says_unallocated_and_where_the_data_is() {
     assert!(s.contains(&format!("guest 0x300000: {want}")), "{s}");
 }
 
+#[test]
+fn snapshot_difference_names_the_file_once_when_both_sides_are_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    qemu_img(d, &["create", "-q", "-f", "qcow2", "s.qcow2", "4M"]);
+    qemu_io(d, "s.qcow2", "write 0 64k");
+    let before = qemu_host(d, "s.qcow2", 0);
+    qemu_img(d, &["snapshot", "-c", "a", "s.qcow2"]);
+    // The shared cluster is copied before the write: guest 0 moves.
+    qemu_io(d, "s.qcow2", "write -P 7 0 64k");
+    let after = qemu_host(d, "s.qcow2", 0);
+    assert_ne!(before, after);
+    qemu_img(d, &["snapshot", "-c", "b", "s.qcow2"]);
+    let mut a = open(d.join("s.qcow2"));
+    typed(&mut a, "5m");
+    key(&mut a, KeyCode::Down);
+    typed(&mut a, "m");
+    a.wait_background();
+    let diff = a
+        .panes
+        .snapshots
+        .diff
+        .clone()
+        .expect("compared")
+        .expect("ok");
+    let want = format!("data at {before:#x} vs data at {after:#x} in this file");
+    assert_eq!(diff, vec![(0, want)]);
+}
+
 /// Data clusters of an external data file have no refcount in the image: the L2
 /// rows say `rc -` and name the data file, and only a COPIED flag QEMU's check
 /// would report is marked.

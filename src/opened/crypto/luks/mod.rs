@@ -141,13 +141,8 @@ fn hex(b: &[u8]) -> String {
 }
 
 fn cstr(b: &[u8]) -> (String, bool) {
-    match b.iter().position(|&c| c == 0) {
-        Some(end) => (
-            String::from_utf8_lossy(b.get(..end).unwrap_or(b)).into_owned(),
-            true,
-        ),
-        None => (String::from_utf8_lossy(b).into_owned(), false),
-    }
+    let name = crate::bytes::c_string(b);
+    (crate::bytes::text(name), name.len() < b.len())
 }
 
 /// One header field for `dump`: where it is, its value and what it is for.

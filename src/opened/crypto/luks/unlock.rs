@@ -51,11 +51,7 @@ pub fn unlock(
     }
     let key_len = spec.key_len();
     // The passphrase stops at a NUL, as QEMU's strlen does.
-    let pass = passphrase
-        .iter()
-        .position(|&c| c == 0)
-        .and_then(|n| passphrase.get(..n))
-        .unwrap_or(passphrase);
+    let pass = crate::bytes::c_string(passphrase);
     let mut tried = Vec::new();
     for s in h.slots.iter().filter(|s| s.active()) {
         tried.push(s.index);
