@@ -1,0 +1,118 @@
+//! QEMU's refcount cache (four refcount blocks, least recently used goes,
+//! a changed one written back as it goes) followed through an operation
+//! that meets an extended-L2 entry whose bits contradict each other:
+//! images of more refcount blocks than the cache holds, each compared
+//! with a real qemu-io on a copy, every byte of the file.
+
+mod common;
+mod sim_bytes;
+mod sim_compare;
+use common::Work;
+use sim_bytes::same_bytes;
+
+/// 16k clusters with 64-bit refcounts: a refcount block counts 2048
+/// clusters, 32M of the file.
+const OPTS: &str = "extended_l2=on,cluster_size=16k,refcount_bits=64";
+
+/// A big-endian u64 of the file `name` at `at`.
+fn u64_at(w: &Work, name: &str, at: u64) -> u64 {
+    let bytes = std::fs::read(w.path(name)).expect("read the image");
+    let at = at as usize;
+    u64::from_be_bytes(bytes[at..at + 8].try_into().expect("8 bytes"))
+}
+
+/// Where the L2 entry of guest `g` sits in the file (16k clusters: an L2
+/// table of 1024 entries of 16 bytes covers 16M).
+fn entry_of(w: &Work, name: &str, g: u64) -> u64 {
+    let l1 = u64_at(w, name, 40);
+    let l2 = u64_at(w, name, l1 + (g >> 24) * 8) & 0x00ff_ffff_ffff_fe00;
+    assert_ne!(l2, 0, "guest {g:#x} has no L2 table");
+    l2 + ((g >> 14) & 1023) * 16
+}
+
+/// Make guest `g`'s entry contradictory: subcluster 0 allocated and zero.
+fn contradict(w: &Work, name: &str, g: u64) {
+    let at = entry_of(w, name, g);
+    assert_ne!(u64_at(w, name, at), 0, "guest {g:#x} is not allocated");
+    w.patch(name, at + 8, &0x0000_0001_0000_0001u64.to_be_bytes());
+}
+
+/// 160M preallocated (falloc): six refcount blocks, every cluster in use.
+fn falloc(w: &Work, name: &str) {
+    let o = format!("{OPTS},preallocation=falloc");
+    w.qemu_img(&["create", "-q", "-f", "qcow2", "-o", &o, name, "160M"]);
+}
+
+#[test]
+fn block_status_reads_every_refcount_block_and_writes_a_release_back() {
+    let w = Work::new();
+    // An unmapping write-zeroes of guest 0..16k releases its cluster (in
+    // the first refcount block, changed in QEMU's cache, which from then on
+    // depends on the L2 cache), then asks block status at 16k: its first
+    // look reads the refcounts of all six blocks, the fifth replaces the
+    // first, which goes back to the file after the L2 cache (the zeroed
+    // entry). The entry at 16k then marks the image corrupt: the release
+    // and the zeroed entry stay.
+    let make = |w: &Work, n: &str| {
+        falloc(w, n);
+        contradict(w, n, 0x4000);
+    };
+    let (errors, corrupt) = same_bytes(&w, "z.qcow2", make, &["write-zeroes:0:16640:unmap"]);
+    assert!(errors[0].is_some() && corrupt, "{errors:?}");
+    // Without unmap the cluster stays and only the entry changes, in the L2
+    // cache, with nothing to write it back: it is lost.
+    let (errors, corrupt) = same_bytes(&w, "k.qcow2", make, &["write-zeroes:0:16640"]);
+    assert!(errors[0].is_some() && corrupt, "{errors:?}");
+}
+
+#[test]
+fn an_allocation_far_from_the_first_refcount_block_is_lost() {
+    let w = Work::new();
+    // Guests 130M and 150M discarded (their clusters, in the fifth refcount
+    // block, freed), then a write of guest 150M..150M+16k+512, whose entry
+    // at 150M+16k is contradictory: the search for a free cluster reads
+    // blocks one to five and takes 130M's old cluster, whose new refcount
+    // is still in QEMU's cache when the write's next piece meets the entry;
+    // no changed block was replaced on the way. The data stays.
+    let (a, b) = (130u64 << 20, 150u64 << 20);
+    let make = move |w: &Work, n: &str| {
+        falloc(w, n);
+        contradict(w, n, b + 0x4000);
+    };
+    let one = format!("discard:{a}:16384");
+    let two = format!("discard:{b}:16384");
+    let write = format!("write:{b}:16896:P=5");
+    let (errors, corrupt) = same_bytes(&w, "a.qcow2", make, &[&one, &two, &write]);
+    assert_eq!(errors[..2], [None, None]);
+    assert!(errors[2].is_some() && corrupt, "{errors:?}");
+}
+
+#[test]
+fn a_changed_refcount_block_replaced_by_the_search_for_a_free_cluster_is_written_back() {
+    let w = Work::new();
+    // Free clusters left in the first refcount block (guest 0's) and in the
+    // fifth (guest 130M's, after guest 32k's old cluster went to guest
+    // 130M). A write of guest 0..48k+512: guest 0 takes the free cluster of
+    // the first block (changed in QEMU's cache), guest 16k is written in
+    // place, guest 32k's search reads blocks one to five, and the fifth
+    // replaces the first, which is written back; the write then meets the
+    // entry at 48k. The first cluster's refcount stays, the fifth's is
+    // lost, and so are the write's L2 entries (never set).
+    let g = 130 << 20;
+    let make = |w: &Work, n: &str| {
+        falloc(w, n);
+        contradict(w, n, 0xc000);
+    };
+    let gone = format!("discard:{g}:16384");
+    let refill = format!("write:{g}:16384:P=3");
+    let ops = [
+        "discard:32768:16384",
+        gone.as_str(),
+        refill.as_str(),
+        "discard:0:16384",
+        "write:0:49664:P=5",
+    ];
+    let (errors, corrupt) = same_bytes(&w, "r.qcow2", make, &ops);
+    assert_eq!(errors[..4], [None, None, None, None]);
+    assert!(errors[4].is_some() && corrupt, "{errors:?}");
+}
