@@ -116,3 +116,31 @@ fn a_changed_refcount_block_replaced_by_the_search_for_a_free_cluster_is_written
     assert_eq!(errors[..4], [None, None, None, None]);
     assert!(errors[4].is_some() && corrupt, "{errors:?}");
 }
+
+#[test]
+fn a_copy_on_read_after_block_status_read_every_refcount_block() {
+    let w = Work::new();
+    // An overlay of 256M over a raw backing file with data at 200M: guest
+    // 0..150M written in the overlay (five refcount blocks), and 4k at
+    // 200M+16k, whose entry is made contradictory. Copy-on-read of guest
+    // 200M..200M+16k+512: block status's first look reads all five
+    // blocks, the copy of guest 200M takes a new cluster at the end of the
+    // file (its search reads them all again), and the next look meets the
+    // entry: the new refcount and the copy's entry are lost, the data
+    // stays.
+    let g = 200u64 << 20;
+    let make = move |w: &Work, n: &str| {
+        w.qemu_img(&["create", "-q", "-f", "raw", "base.raw", "256M"]);
+        let fill = format!("write -P 7 {g} 64k");
+        let out = w.run("qemu-io", &["-f", "raw", "-c", &fill, "base.raw"]);
+        assert!(out.status.success());
+        let o = format!("{OPTS},backing_file=base.raw,backing_fmt=raw");
+        w.qemu_img(&["create", "-q", "-f", "qcow2", "-o", &o, n, "256M"]);
+        let late = format!("write -P 2 {} 4k", g + 0x4000);
+        w.qemu_io(n, &[&late, "write -P 1 0 150M"]);
+        contradict(w, n, g + 0x4000);
+    };
+    let read = format!("read:{g}:16896");
+    let (errors, corrupt) = same_bytes(&w, "c.qcow2", make, &[&read]);
+    assert!(errors[0].is_some() && corrupt, "{errors:?}");
+}
