@@ -144,3 +144,25 @@ fn a_copy_on_read_after_block_status_read_every_refcount_block() {
     let (errors, corrupt) = same_bytes(&w, "c.qcow2", make, &[&read]);
     assert!(errors[0].is_some() && corrupt, "{errors:?}");
 }
+
+#[test]
+fn block_status_that_may_stop_early_in_the_refcounts_is_not_simulated() {
+    let w = Work::new();
+    // Metadata preallocation: every cluster in use, few stored on disk, so
+    // block status's first look stops reading refcounts within the first
+    // refcount block, after a number of clusters that depends on what the
+    // file stores on disk now (not known here): a write-zeroes that
+    // released a cluster first and then asks block status is refused.
+    let o = format!("{OPTS},preallocation=metadata");
+    w.qemu_img(&["create", "-q", "-f", "qcow2", "-o", &o, "m.qcow2", "160M"]);
+    contradict(&w, "m.qcow2", 0x4000);
+    let img = sim_compare::open_path(&w.path("m.qcow2")).expect("open");
+    let mut sim = qinspect::simulate::Sim::new(&img, &w.path("m.qcow2")).expect("sim");
+    sim.apply(&sim_compare::parse_op("write-zeroes:0:16640:unmap"));
+    let r = &sim.records[0];
+    assert!(
+        matches!(r.cause, Some(qinspect::simulate::SimError::NotModelled(_))),
+        "{:?}",
+        r.error
+    );
+}

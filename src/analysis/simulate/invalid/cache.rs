@@ -217,19 +217,24 @@ impl Sim {
     /// or the file ends. With fewer clusters in use than that, every
     /// refcount block of the file is read, in order; what the file has on
     /// disk now is only known as far as a lower bound (as the file was,
-    /// less every cluster freed since), so when the count may stop earlier
-    /// than the last block the cache is not followed.
+    /// less every cluster freed since and what a cut took), so when the
+    /// count may stop earlier than the last block the cache is not
+    /// followed.
     pub(in crate::analysis::simulate) fn block_status_asked(&mut self) {
         let log = &mut self.unflushed;
         if !log.on || std::mem::replace(&mut log.detected, true) {
             return;
         }
         let cs = self.cs;
+        // Every cluster freed may have been punched, and a file cut short
+        // lost what it held past the cut.
         let freed = (self.freed.len() as u64).saturating_mul(cs);
+        let cut = self.base.len().saturating_sub(self.zero_from);
         let real = self
             .base
             .allocated_size()
             .saturating_sub(freed)
+            .saturating_sub(cut)
             .checked_div(cs)
             .unwrap_or(0);
         let threshold = real
