@@ -166,3 +166,39 @@ fn block_status_that_may_stop_early_in_the_refcounts_is_not_simulated() {
         r.error
     );
 }
+
+#[test]
+fn a_write_through_five_refcount_blocks_of_512_byte_clusters_stopped_by_the_overlap_check() {
+    let w = Work::new();
+    // 512-byte clusters with 16-bit refcounts: a refcount block counts 256
+    // clusters, 128k of the file. Guest 0..1M written, then one cluster at
+    // each of guest 128k, 256k, 384k, 512k and 640k discarded (their
+    // clusters freed, one in each of five refcount blocks), and guest
+    // 640k+512's entry made to name the active L1 table. A write of guest
+    // 128k..640k+1024 takes each freed cluster back where it was, block by
+    // block, so the fifth block replaces the first (changed, written
+    // back); then its last cluster's data would land on the L1 table: the
+    // overlap check marks the image corrupt, and what the cache still held
+    // is lost.
+    let make = |w: &Work, n: &str| {
+        let o = "cluster_size=512,refcount_bits=16";
+        w.qemu_img(&["create", "-q", "-f", "qcow2", "-o", o, n, "4M"]);
+        let mut cmds = vec!["write -P 1 0 1M".to_string()];
+        for k in 1..=5u64 {
+            cmds.push(format!("discard {} 512", k * 128 * 1024));
+        }
+        let cmds: Vec<&str> = cmds.iter().map(String::as_str).collect();
+        w.qemu_io(n, &cmds);
+        let g = 640 * 1024 + 512;
+        let l1 = u64_at(w, n, 40);
+        let l2 = u64_at(w, n, l1 + (g >> 15) * 8) & 0x00ff_ffff_ffff_fe00;
+        let at = l2 + ((g >> 9) & 63) * 8;
+        assert_ne!(u64_at(w, n, at), 0, "layout moved");
+        w.patch(n, at, &((1u64 << 63) | l1).to_be_bytes());
+    };
+    let write = format!("write:{}:{}:P=5", 128 * 1024, 512 * 1024 + 1024);
+    let (errors, corrupt) = same_bytes(&w, "o.qcow2", make, &[&write]);
+    let first = errors[0].as_deref().unwrap_or_default();
+    assert!(first.contains("overlaps with active L1 table"), "{first}");
+    assert!(corrupt);
+}
