@@ -74,6 +74,9 @@ impl Sim {
                     return Err(e);
                 }
             };
+            if let Some(bc) = block {
+                self.refcount_block_used(bc, false);
+            }
             let data = match block {
                 Some(bc) => Some(self.clusters.get(bc, &self.base, self.zero_from, false)),
                 None => None,

@@ -82,6 +82,7 @@ impl Sim {
         let slice = self.slice_entries().max(1);
         let start = *pos;
         while *pos < stop {
+            self.block_status_asked();
             let g = *pos;
             let first = g == start;
             let l2_index = self.geo.l2_index(g);

@@ -15,11 +15,15 @@
 //! blocks and refcount table entries are written to the file as they are
 //! made, and stay; L2 entries and refcounts sit in QEMU's L2 and refcount
 //! caches until something writes the caches back (a new L2 table: both; a
-//! new refcount block: both; a grown L1 table: the refcounts), and what is
-//! still there is lost. A guest write's own L2 entries are later still:
+//! new refcount block: both; a grown L1 table: the refcounts), or the
+//! refcount cache, four blocks, gives a changed block's place to another
+//! one ([`cache`], which follows it block by block, and the L2 cache it
+//! writes back first after a release), and what is still there is lost. A guest write's own L2 entries are later still:
 //! QEMU sets them once the request's data is written, after every piece of
 //! the request has been placed, so a piece that meets the entry finds none
 //! of them in the cache.
+
+mod cache;
 
 use super::{Sim, SimError, SimResult, Target};
 use crate::header::Field;
@@ -30,9 +34,6 @@ use crate::types::{GuestOffset, HostOffset};
 /// invalid entry is not simulated (QEMU's small caches would have written
 /// some of them back on their own long before).
 const MAX_LOGGED: usize = 1 << 16;
-
-/// QEMU's refcount cache: `MIN_REFCOUNT_CACHE_SIZE` blocks, its default.
-const REFCOUNT_CACHE_BLOCKS: u64 = 4;
 
 /// QEMU's default L2 cache limit (`DEFAULT_L2_CACHE_MAX_SIZE`).
 const L2_CACHE_MAX: u64 = 32 << 20;
@@ -58,8 +59,6 @@ pub(super) struct Unflushed {
     /// write-zeroes or a copy-on-read), for an invalid entry (extended L2)
     /// or the overlap check to stop it.
     on: bool,
-    /// The operation asks block status (a write-zeroes or a copy-on-read).
-    block_status: bool,
     /// The open's repair of a dirty image changed metadata first.
     repaired: bool,
     /// The guest range of the operation.
@@ -68,8 +67,12 @@ pub(super) struct Unflushed {
     l2: Vec<L2Write>,
     /// More were changed than the log keeps.
     overflow: bool,
-    /// The step at which QEMU last wrote both caches back.
+    /// The step at which QEMU last wrote the L2 cache back.
     written_at: usize,
+    /// QEMU's refcount cache.
+    rc: cache::RefcountCache,
+    /// The first block status of the operation has read its refcounts.
+    detected: bool,
     /// `allocated` and `freed` as the operation found them.
     lists_from: (usize, usize),
     /// The write request under way: its pieces so far, the piece that set
@@ -90,7 +93,6 @@ impl Sim {
         };
         self.unflushed = Unflushed {
             on: range.is_some(),
-            block_status: matches!(op, Op::WriteZeroes { .. } | Op::Read { .. }),
             range: range.unwrap_or_default(),
             lists_from: (self.allocated.len(), self.freed.len()),
             ..Default::default()
@@ -136,8 +138,35 @@ impl Sim {
         });
     }
 
-    /// QEMU writes both caches back (`l2_allocate`).
+    /// QEMU writes both caches back (`l2_allocate`: the refcounts, then
+    /// the L2 slices, the new ones among them).
     pub(super) fn caches_written(&mut self) {
+        self.refcounts_flushed();
+        let step = self.steps.len();
+        self.unflushed.rc.l2_flushed(true, step);
+        self.l2_written_back();
+    }
+
+    /// `alloc_refcount_block` writes the L2 cache back before it makes a
+    /// new refcount block.
+    pub(super) fn l2_flushed_for_refblock(&mut self) {
+        let step = self.steps.len();
+        let dirty = self.l2_dirty();
+        self.unflushed.rc.l2_flushed(dirty, step);
+    }
+
+    /// Whether QEMU's L2 cache holds changes not yet written back.
+    fn l2_dirty(&self) -> bool {
+        let log = &self.unflushed;
+        log.overflow
+            || log
+                .l2
+                .iter()
+                .any(|w| w.live_from != usize::MAX && w.live_from >= log.written_at)
+    }
+
+    /// QEMU's L2 cache is written back, all of it.
+    fn l2_written_back(&mut self) {
         let log = &mut self.unflushed;
         log.written_at = self.steps.len();
         if let Some((piece, Some(first), later)) = &mut log.request
@@ -164,9 +193,14 @@ impl Sim {
         }
     }
 
-    /// The request ends: its L2 entries are set now, in the cache.
+    /// The request ends: its L2 entries are set now, in the cache (linked:
+    /// the L2 cache depends on the refcount cache from here on).
     pub(super) fn request_end(&mut self) {
         let steps = self.steps.len();
+        let linked = self.unflushed.l2.iter().any(|w| w.live_from == usize::MAX);
+        if linked && self.unflushed.on && self.unflushed.rc.l2_linked() {
+            self.l2_written_back();
+        }
         let log = &mut self.unflushed;
         log.request = None;
         for w in log.l2.iter_mut().filter(|w| w.live_from == usize::MAX) {
@@ -221,7 +255,7 @@ impl Sim {
     pub(super) fn caches_lost(&mut self, what: impl FnOnce() -> String) -> Option<SimError> {
         if self.steps.iter().any(|c| !matches!(c.target, Target::Note)) {
             let (l2_mark, rc_mark) = self.cache_marks();
-            if let Some(why) = self.cache_unknown(l2_mark, rc_mark) {
+            if let Some(why) = self.cache_unknown(l2_mark) {
                 return Some(SimError::NotModelled(format!("{} {why}", what())));
             }
             if let Err(e) = self.drop_cached(l2_mark, rc_mark) {
@@ -232,10 +266,12 @@ impl Sim {
     }
 
     /// The step from which QEMU's caches still hold what changed: for L2
-    /// entries, and for refcounts (also written back when the L1 table grew).
+    /// entries (from the last write-back of the L2 cache), and for
+    /// refcounts (a floor: [`cache::RefcountCache`] says, block by block,
+    /// what its write-backs carried).
     fn cache_marks(&self) -> (usize, usize) {
-        let mut all = self.unflushed.written_at;
-        let mut refcounts = all;
+        let mut all = 0;
+        let mut refcounts = 0;
         for (i, c) in self.steps.iter().enumerate() {
             match c.target {
                 // alloc_refcount_block writes both caches back before it
@@ -251,11 +287,11 @@ impl Sim {
                 _ => {}
             }
         }
-        (all, refcounts.max(all))
+        (all.max(self.unflushed.written_at), refcounts.max(all))
     }
 
     /// Why what QEMU's caches hold at this point is not known, if it is not.
-    fn cache_unknown(&mut self, l2_mark: usize, rc_mark: usize) -> Option<String> {
+    fn cache_unknown(&mut self, l2_mark: usize) -> Option<String> {
         let log = &self.unflushed;
         if log.repaired {
             return Some("after the repair of a dirty image on its open changed metadata (QEMU does not write the refcounts that repair left in its cache, and they are lost)".into());
@@ -278,7 +314,7 @@ impl Sim {
         if let Some(why) = self.l2_cache_unknown(l2_mark) {
             return Some(why);
         }
-        self.refcount_cache_unknown(rc_mark)
+        self.unflushed.rc.unknown().map(str::to_owned)
     }
 
     /// Why QEMU's L2 cache may have written back changes it held since step
@@ -340,69 +376,16 @@ impl Sim {
         None
     }
 
-    /// Why QEMU's refcount cache may have written back changes it held since
-    /// step `rc_mark` on its own (evicting them), if it may.
-    fn refcount_cache_unknown(&mut self, rc_mark: usize) -> Option<String> {
-        // A refcount block is evicted from the blocks the operation changed
-        // (and, when it allocated, every block from the start, which the
-        // search for free clusters reads), one more for a look past them;
-        // after block status, every block of the image (its first call in
-        // an open, `qcow2_detect_metadata_preallocation`, reads refcounts
-        // from the first cluster on, as far as the file's allocation on
-        // disk takes it).
-        let dirty_rc = self
-            .steps
-            .iter()
-            .skip(rc_mark)
-            .any(|c| matches!(c.target, Target::Refcount { .. }));
-        if dirty_rc {
-            let bb = self.block_bits();
-            let mut range: Option<(u64, u64)> = None;
-            for c in &self.steps {
-                if let Target::Refcount { cluster } = c.target {
-                    let last = cluster.saturating_add(c.count.saturating_sub(1));
-                    let (lo, hi) = range.unwrap_or((u64::MAX, 0));
-                    range = Some((lo.min(cluster >> bb), hi.max(last >> bb)));
-                }
-            }
-            let allocated = self
-                .steps
-                .iter()
-                .any(|c| matches!(c.target, Target::Allocate { .. }));
-            let (lo, hi) = range.unwrap_or_default();
-            let lo = if allocated { 0 } else { lo };
-            let mut blocks = hi.saturating_sub(lo).saturating_add(2);
-            if self.unflushed.block_status {
-                let n = self.reftable_len();
-                let mut all = 0u64;
-                for ti in 0..n.min(1 << 20) {
-                    if self.read_u64(self.reftable_entry_offset(ti)) != 0 {
-                        all = all.saturating_add(1);
-                    }
-                }
-                if n > 1 << 20 {
-                    all = u64::MAX;
-                }
-                blocks = blocks.max(all);
-            }
-            if blocks > REFCOUNT_CACHE_BLOCKS {
-                return Some(format!(
-                    "after it changed refcounts and went through more refcount blocks than QEMU's refcount cache holds ({REFCOUNT_CACHE_BLOCKS}), which may have written some of them back"
-                ));
-            }
-        }
-        None
-    }
-
     /// Undo what QEMU's caches held since steps `l2_mark` (L2 entries) and
     /// `rc_mark` (refcounts): the file keeps what it had.
     fn drop_cached(&mut self, l2_mark: usize, rc_mark: usize) -> SimResult<()> {
-        let lost: Vec<(Target, u64, u64, u64)> = self
+        let lost: Vec<(usize, Target, u64, u64, u64)> = self
             .steps
             .iter()
+            .enumerate()
             .skip(rc_mark)
-            .filter(|c| matches!(c.target, Target::Refcount { .. }))
-            .map(|c| (c.target.clone(), c.count, c.before, c.after))
+            .filter(|(_, c)| matches!(c.target, Target::Refcount { .. }))
+            .map(|(i, c)| (i, c.target.clone(), c.count, c.before, c.after))
             .collect();
         let l2: Vec<L2Write> = self
             .unflushed
@@ -436,12 +419,18 @@ impl Sim {
             }
         }
         self.why("lost: the change sat in QEMU's refcount cache, never written once the image is marked corrupt");
-        for (target, count, before, after) in lost.into_iter().rev() {
+        let bb = self.block_bits();
+        for (step, target, count, before, after) in lost.into_iter().rev() {
             let Target::Refcount { cluster } = target else {
                 continue;
             };
             for k in 0..count {
                 let c = cluster.saturating_add(k);
+                // Written back with its block after the change: it stays.
+                let block = self.refcount_block_of(c >> bb).ok().flatten();
+                if block.is_some_and(|b| step < self.unflushed.rc.held_from(b)) {
+                    continue;
+                }
                 self.put_refcount(c, before)?;
                 self.record(Target::Refcount { cluster: c }, after, before);
             }

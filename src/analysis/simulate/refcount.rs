@@ -59,6 +59,7 @@ impl Sim {
         let Some(bc) = self.refcount_block_of(c >> self.block_bits())? else {
             return Ok(0);
         };
+        self.refcount_block_used(bc, false);
         let idx = c & low_mask(self.block_bits());
         let order = self.order;
         Ok(get_refcount(self.cluster_ro(bc), order, idx))
@@ -79,6 +80,9 @@ impl Sim {
         if length == 0 {
             return Ok(());
         }
+        if decrease {
+            self.refcounts_released();
+        }
         let first = self.cluster_of(offset);
         let last = self.cluster_of(offset.saturating_add(length.saturating_sub(1)));
         let mut result = Ok(());
@@ -93,7 +97,11 @@ impl Sim {
                 if !self.cache_discards {
                     self.process_discards(false);
                 }
-                // "Try do undo any updates if an error is returned"
+                // "Try do undo any updates if an error is returned": an
+                // update of its own, a release when this one raised.
+                if c > first && !decrease {
+                    self.refcounts_released();
+                }
                 for u in first..c {
                     let _ = self.update_one(u, addend, !decrease, Discard::Never);
                 }
@@ -138,6 +146,7 @@ impl Sim {
         let idx = c & low_mask(self.block_bits());
         let order = self.order;
         let bc = self.cluster_of(block);
+        self.refcount_block_used(bc, true);
         // One cache look-up for the read and the write of the refcount: nothing
         // in between reads a cluster.
         let slot = self.clusters.slot(bc, &self.base, self.zero_from);
@@ -236,6 +245,7 @@ impl Sim {
         // Either way the caller restarts: this returns `SimError::Again` once the
         // block is hooked up.
         let saved = self.reason.clone();
+        self.l2_flushed_for_refblock();
         // alloc_clusters_noref: the lowest free cluster (refcounts as they stand).
         let new_c = self.find_free(1)?;
         let bb = self.block_bits();
@@ -252,6 +262,7 @@ impl Sim {
             self.write_bytes(new_off, &zero)?;
             let idx = new_c & low_mask(bb);
             let order = self.order;
+            self.refcount_block_used(new_c, true);
             set_refcount(self.cluster(new_c), order, idx, 1);
             self.record(Target::Refcount { cluster: new_c }, 0, 1);
         } else {
@@ -263,6 +274,8 @@ impl Sim {
             // Its own refcount lives in another block, which must exist.
             let _ = self.refcount_block_for(other_ti, new_c)?;
             self.update_one(new_c, 1, false, Discard::Never)?;
+            self.refcounts_flushed();
+            self.refcount_block_used(new_c, true);
             let zero = vec![0u8; self.cs as usize];
             self.write_bytes(new_off, &zero)?;
         }
@@ -279,6 +292,7 @@ impl Sim {
             new_c,
             new_c,
         );
+        self.refcounts_flushed();
         if ti >= self.reftable_len() {
             // No room in the table for the block: a new, larger table with
             // self-describing blocks after everything counted so far.
@@ -348,6 +362,7 @@ impl Sim {
         new_ti: u64,
         new_block: HostOffset,
     ) -> SimResult<()> {
+        self.refcount_table_replaced();
         let cs = self.cs;
         let bb = self.block_bits();
         let rbs = 1u64 << bb;

@@ -41,6 +41,7 @@ impl Sim {
             bytes,
             &format!("the active L1 table grown to {new_len} entries"),
         )?;
+        self.refcounts_flushed();
         let mut table = self.l1.clone();
         table.resize(new_len as usize, L1Entry::UNALLOCATED);
         let buf: Vec<u8> = table.iter().flat_map(|e| e.to_be_bytes()).collect();

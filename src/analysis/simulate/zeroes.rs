@@ -263,6 +263,7 @@ impl Sim {
         if a >= b {
             return Ok(true);
         }
+        self.block_status_asked();
         match self.top_subcluster_type(a) {
             SubclusterType::Normal | SubclusterType::Compressed => Ok(false),
             SubclusterType::ZeroPlain | SubclusterType::ZeroAlloc => Ok(true),
