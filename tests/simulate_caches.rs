@@ -202,3 +202,24 @@ fn a_write_through_five_refcount_blocks_of_512_byte_clusters_stopped_by_the_over
     assert!(first.contains("overlaps with active L1 table"), "{first}");
     assert!(corrupt);
 }
+
+#[test]
+fn an_entry_met_in_the_same_piece_as_an_allocation_writes_no_data() {
+    let w = Work::new();
+    // Guest 130M discarded, its cluster freed; a write of guest
+    // 130M..130M+16k+512 takes that cluster back, which sits right before
+    // the cluster of guest 130M+16k, whose entry is contradictory. The host
+    // range runs on, so QEMU's allocation of the request's first piece goes
+    // on into that entry and fails there, before any of the piece's data
+    // is written: the file keeps what it had at 130M's cluster.
+    let g = 130u64 << 20;
+    let make = move |w: &Work, n: &str| {
+        falloc(w, n);
+        contradict(w, n, g + 0x4000);
+    };
+    let gone = format!("discard:{g}:16384");
+    let write = format!("write:{g}:16896:P=5");
+    let (errors, corrupt) = same_bytes(&w, "p.qcow2", make, &[&gone, &write]);
+    assert_eq!(errors[0], None);
+    assert!(errors[1].is_some() && corrupt, "{errors:?}");
+}

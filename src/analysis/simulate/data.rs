@@ -102,7 +102,13 @@ impl Piece {
 #[derive(Clone, Debug, Default)]
 pub struct DataMap {
     runs: BTreeMap<u64, (u64, Piece)>,
+    /// While a piece of a write request is allocated: what each `put` covered
+    /// before it, so that the piece's data can be taken back.
+    journal: Option<Vec<Saved>>,
 }
+
+/// A range as it was described before a `put`: its start, length and parts.
+type Saved = (u64, u64, Vec<(u64, u64, Piece)>);
 
 impl DataMap {
     /// Forget the descriptions of `start..start + len` (metadata goes there).
@@ -138,6 +144,12 @@ impl DataMap {
         if len == 0 {
             return;
         }
+        if self.journal.is_some() {
+            let before = self.within(start, len);
+            if let Some(j) = &mut self.journal {
+                j.push((start, len, before));
+            }
+        }
         self.remove(start, len);
         if let Some((&s, (l, p))) = self.runs.range_mut(..start).next_back()
             && s.saturating_add(*l) == start
@@ -171,6 +183,28 @@ impl DataMap {
             out.push((s, e.saturating_sub(s), p.clone()));
         }
         out
+    }
+
+    /// Keep what each `put` from now on replaces, until [`DataMap::keep`] or
+    /// [`DataMap::take_back`].
+    pub(super) fn journal(&mut self) {
+        self.journal = Some(Vec::new());
+    }
+
+    /// What was put since [`DataMap::journal`] stays.
+    pub(super) fn keep(&mut self) {
+        self.journal = None;
+    }
+
+    /// What was put since [`DataMap::journal`] is taken back: each range
+    /// reads as it did before.
+    pub(super) fn take_back(&mut self) {
+        for (start, len, before) in self.journal.take().unwrap_or_default().into_iter().rev() {
+            self.remove(start, len);
+            for (s, l, p) in before {
+                self.runs.insert(s, (l, p));
+            }
+        }
     }
 
     /// The file is cut at `from`: nothing from there on is described.

@@ -242,6 +242,8 @@ impl Sim {
     pub(super) fn write(&mut self, offset: GuestOffset, length: u64) -> SimResult<()> {
         let started = self.request_begin();
         let r = self.write_request(offset, length);
+        // A piece the request left early (an error) keeps its data.
+        self.data.map.keep();
         if started {
             self.request_end();
         }
@@ -275,8 +277,12 @@ impl Sim {
         let mut frees: Vec<(u64, String)> = Vec::new();
         let mut pos = offset;
         while pos < end {
-            // qcow2_alloc_host_offset: one contiguous host range.
+            // qcow2_alloc_host_offset: one contiguous host range. Its data
+            // is written once the whole range is allocated: an entry that
+            // fails the allocation on the way takes back what the piece's
+            // earlier clusters were given.
             self.request_piece();
+            self.data.map.journal();
             let mut host_next: Option<HostOffset> = None;
             loop {
                 if pos >= end {
@@ -318,7 +324,7 @@ impl Sim {
                         .saturating_sub(in_c)
                         .min(end.saturating_sub(pos));
                     let write_end = pos.saturating_add(bytes);
-                    self.write_piece_valid(l2, l2_index, keep, pos)?;
+                    self.piece_valid(l2, l2_index, keep, pos)?;
                     self.why(format!("in-place write to guest {pos:#x}..{write_end:#x}: the clusters are COPIED (refcount 1)"));
                     self.note(format!(
                         "guest {pos:#x}..{write_end:#x} is written in place at host {:#x} (COPIED: no copy needed)",
@@ -396,7 +402,12 @@ impl Sim {
                     }
                     n = n.saturating_add(1);
                 }
-                self.write_piece_valid(l2, l2_index, n, pos)?;
+                // The entries are looked at once their clusters are allocated
+                // (calculate_l2_meta after do_alloc_cluster_offset); a piece
+                // that cannot run on into them ends before they are looked at.
+                if host_next.is_none() || self.has_data_file {
+                    self.piece_valid(l2, l2_index, n, pos)?;
+                }
                 let guest_cluster = self.guest_cluster_start(pos);
                 let purpose = format!(
                     "guest data at {guest_cluster:#x}..{:#x}",
@@ -413,6 +424,7 @@ impl Sim {
                             if n == 0 {
                                 break;
                             }
+                            self.piece_valid(l2, l2_index, n, pos)?;
                             h
                         }
                     }
@@ -484,12 +496,32 @@ impl Sim {
                 }
                 pos = pos.saturating_add(bytes);
             }
+            self.data.map.keep();
         }
         // Old clusters are released last (their tasks finish after all allocations).
         for (entry, why) in frees {
             self.free_any_cluster(entry, &why, Discard::Never);
         }
         Ok(())
+    }
+}
+
+impl Sim {
+    /// [`Sim::write_piece_valid`] within a piece of a write request: when
+    /// it fails, the data of the piece so far is taken back (QEMU had not
+    /// written it yet).
+    fn piece_valid(
+        &mut self,
+        l2: HostOffset,
+        index: u64,
+        count: u64,
+        pos: GuestOffset,
+    ) -> SimResult<()> {
+        let r = self.write_piece_valid(l2, index, count, pos);
+        if r.is_err() {
+            self.data.map.take_back();
+        }
+        r
     }
 }
 
