@@ -151,7 +151,7 @@ impl Sim {
                 self.note(format!(
                     "copy-on-read: guest {g:#x}..{to:#x} is not allocated here and {why}: QEMU writes zeros there"
                 ));
-                self.write_zeroes(g, n, false)?;
+                self.zeroes_request(g, n, false)?;
             } else {
                 let into = if self.has_data_file {
                     "into this image (its data file)"
