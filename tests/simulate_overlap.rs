@@ -276,3 +276,29 @@ fn a_guest_write_stopped_at_the_flush_loses_the_release_of_its_old_cluster() {
     assert!(corrupt);
     assert_eq!(qemu_entry(&w, "gr.qcow2", 0x30008), 0x5_0000);
 }
+
+/// An overlay of a 4M base written 0..1M, its guest 0..64k written, and
+/// iotest 060's patch (its L1 entry 0 names the L1 table as its L2 table).
+/// A copy-on-read of guest 64k writes the base's data to a new cluster and
+/// sets entry 1 of that "L2 table" in QEMU's L2 cache. The block layer's
+/// copy-on-read write is not followed by a flush: at qemu-io's exit the
+/// refcount cache is written first (the L2 cache waits on it), then the
+/// overlap check stops the table. The read itself succeeds.
+#[test]
+fn a_copy_on_read_the_overlap_check_stops_at_exit_keeps_its_refcounts() {
+    let w = Work::new();
+    let make = |w: &Work, image: &str| {
+        w.qemu_img(&["create", "-q", "-f", "qcow2", "cb.qcow2", "4M"]);
+        w.qemu_io("cb.qcow2", &["write -P 0x21 0 1M"]);
+        let o = [
+            "create", "-q", "-f", "qcow2", "-b", "cb.qcow2", "-F", "qcow2",
+        ];
+        w.qemu_img(&[&o[..], &[image, "4M"]].concat());
+        w.qemu_io(image, &["write -P 0x11 0 64k"]);
+        w.patch(image, 0x30000, &0x8000_0000_0003_0000_u64.to_be_bytes());
+    };
+    let (errors, corrupt) = same_bytes(&w, "cr.qcow2", make, &["read:65536:65536"]);
+    assert_eq!(errors, [None]);
+    assert!(corrupt);
+    assert_eq!(qemu_entry(&w, "cr.qcow2", 0x30008), 0);
+}

@@ -14,7 +14,8 @@
 //! cache, not checked against the active L2 tables) and guest data clusters.
 //! An L2 entry is checked with its cache slice when QEMU writes the slice
 //! back: for a guest write or write-zeroes at qemu-io's flush after the
-//! request, for a discard at qemu-io's exit ([`Sim::held_flush`]), for the
+//! request, for a discard or copy-on-read at qemu-io's exit
+//! ([`Sim::held_flush`]), for the
 //! refcount walk at the flush after the walk (`walk/flush.rs`); the other
 //! operations check it as it changes.
 
@@ -288,9 +289,10 @@ impl Sim {
     }
 
     /// An operation that changes L2 entries in QEMU's L2 cache (a write, a
-    /// write-zeroes, a discard), then the flush of its caches: after the
-    /// request for a write or write-zeroes (writethrough), at qemu-io's
-    /// exit for a discard (`at_close`: the discard itself succeeds).
+    /// write-zeroes, a discard, a copy-on-read), then the flush of its
+    /// caches: after the request for a write or write-zeroes
+    /// (writethrough), at qemu-io's exit for a discard or copy-on-read
+    /// (`at_close`: the operation itself succeeds).
     /// `qcow2_write_caches` writes the L2 cache, then the refcount cache.
     /// Refcounts an allocation changed are written first (the L2 cache
     /// waits on the refcount cache, `qcow2_alloc_cluster_link_l2`); from a
