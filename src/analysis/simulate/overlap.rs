@@ -14,10 +14,10 @@
 //! cache, not checked against the active L2 tables) and guest data clusters.
 //! An L2 entry is checked with its cache slice when QEMU writes the slice
 //! back: for a guest write or write-zeroes at qemu-io's flush after the
-//! request, for a discard or copy-on-read at qemu-io's exit
-//! ([`Sim::held_flush`]), for the
-//! refcount walk at the flush after the walk (`walk/flush.rs`); the other
-//! operations check it as it changes.
+//! request, for a discard, copy-on-read or compressed write at qemu-io's
+//! exit ([`Sim::held_flush`]), for the refcount walk at the flush after the
+//! walk (`walk/flush.rs`); the other operations (a repair's COPIED fixes,
+//! a shrink's discard) check it as it changes.
 
 use super::{Sim, SimError, SimResult, Target};
 use crate::header::Field;
@@ -289,9 +289,9 @@ impl Sim {
     }
 
     /// An operation that changes L2 entries in QEMU's L2 cache (a write, a
-    /// write-zeroes, a discard, a copy-on-read), then the flush of its
-    /// caches: after the request for a write or write-zeroes
-    /// (writethrough), at qemu-io's exit for a discard or copy-on-read
+    /// write-zeroes, a discard, a copy-on-read, a compressed write), then
+    /// the flush of its caches: after the request for a write or
+    /// write-zeroes (writethrough), at qemu-io's exit for the others
     /// (`at_close`: the operation itself succeeds).
     /// `qcow2_write_caches` writes the L2 cache, then the refcount cache.
     /// Refcounts an allocation changed are written first (the L2 cache
