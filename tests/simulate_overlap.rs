@@ -194,3 +194,131 @@ fn a_guest_write_stopped_at_the_flush_on_a_lazy_refcounts_image_is_refused() {
         r.error
     );
 }
+
+/// A 1G image with guest 0 and 512M written (L2 tables at 0x40000 and
+/// 0x60000), iotest 060's patch, and the last entry of the "L2 table" that
+/// is the L1 table naming guest 0's data cluster: guest 512M-64k..512M+64k
+/// spans that entry and entry 0 of the table at 0x60000.
+fn two_slices_one_over_the_l1_table(w: &Work, image: &str) {
+    w.qemu_img(&["create", "-q", "-f", "qcow2", image, "1G"]);
+    w.qemu_io(image, &["write -P 0x11 0 64k", "write -P 0x12 512M 64k"]);
+    w.patch(image, 0x30000, &0x8000_0000_0003_0000_u64.to_be_bytes());
+    w.patch(image, 0x3fff8, &0x8000_0000_0005_0000_u64.to_be_bytes());
+}
+
+/// The entry at `at` of QEMU's copy of `image`.
+fn qemu_entry(w: &Work, image: &str, at: usize) -> u64 {
+    let bytes = std::fs::read(w.path(&format!("{image}.qemu"))).expect("read QEMU's copy");
+    u64::from_be_bytes(bytes[at..at + 8].try_into().expect("8"))
+}
+
+/// A discard is not followed by a flush: QEMU writes its caches at
+/// qemu-io's exit, the L2 cache first. The overlap check stops the slice in
+/// the L1 table, the other slice is written (entry 0 of 0x60000 now reads
+/// as zeros), and the refcount cache, which waits on the L2 cache since the
+/// releases, is never written: both released clusters keep refcount 1. The
+/// discard itself succeeds.
+#[test]
+fn a_discard_the_overlap_check_stops_at_exit_writes_no_refcount() {
+    let w = Work::new();
+    let ops = ["discard:536805376:131072"];
+    let (errors, corrupt) = same_bytes(&w, "dd.qcow2", two_slices_one_over_the_l1_table, &ops);
+    assert_eq!(errors, [None]);
+    assert!(corrupt);
+    assert_eq!(qemu_entry(&w, "dd.qcow2", 0x60000), 1);
+    assert_eq!(qemu_entry(&w, "dd.qcow2", 0x3fff8), 0x8000_0000_0005_0000);
+}
+
+/// `write -z -u` over the same clusters: the flush after the request, with
+/// the same outcome; the write fails.
+#[test]
+fn a_write_zeroes_unmap_the_overlap_check_stops_writes_no_refcount() {
+    let w = Work::new();
+    let ops = ["write-zeroes:536805376:131072:unmap"];
+    let (errors, corrupt) = same_bytes(&w, "zu.qcow2", two_slices_one_over_the_l1_table, &ops);
+    let e = errors[0].as_deref().unwrap_or_default();
+    assert!(e.contains("overlaps with active L1 table"), "{e}");
+    assert!(corrupt);
+    assert_eq!(qemu_entry(&w, "zu.qcow2", 0x60000), 1);
+}
+
+/// `write -z` without `-u` keeps the clusters (no refcount changes): the
+/// second slice gets its zero flag, the first is stopped.
+#[test]
+fn a_write_zeroes_keeps_the_slices_the_overlap_check_lets_through() {
+    let w = Work::new();
+    let ops = ["write-zeroes:536805376:131072"];
+    let (errors, corrupt) = same_bytes(&w, "zk.qcow2", two_slices_one_over_the_l1_table, &ops);
+    let e = errors[0].as_deref().unwrap_or_default();
+    assert!(e.contains("overlaps with active L1 table"), "{e}");
+    assert!(corrupt);
+    assert_eq!(qemu_entry(&w, "zk.qcow2", 0x60000), 0x8000_0000_0007_0001);
+}
+
+/// iotest 060's image, entry 1 of the "L2 table" that is the L1 table
+/// naming guest 0's data cluster without COPIED: a write of guest 64k
+/// copies it to a new cluster and releases the old one. The release makes
+/// QEMU write the refcount cache (the new cluster's refcount) and then wait
+/// on the L2 cache, which the overlap check stops: the old cluster keeps
+/// its refcount.
+#[test]
+fn a_guest_write_stopped_at_the_flush_loses_the_release_of_its_old_cluster() {
+    let w = Work::new();
+    let make = |w: &Work, image: &str| {
+        w.qemu_img(&["create", "-q", "-f", "qcow2", image, "4M"]);
+        w.qemu_io(image, &["write -P 0x11 0 64k"]);
+        w.patch(image, 0x30000, &0x8000_0000_0003_0000_u64.to_be_bytes());
+        w.patch(image, 0x30008, &0x0000_0000_0005_0000_u64.to_be_bytes());
+    };
+    let (errors, corrupt) = same_bytes(&w, "gr.qcow2", make, &["write:65536:4096:P=34"]);
+    let e = errors[0].as_deref().unwrap_or_default();
+    assert!(e.contains("overlaps with active L1 table"), "{e}");
+    assert!(corrupt);
+    assert_eq!(qemu_entry(&w, "gr.qcow2", 0x30008), 0x5_0000);
+}
+
+/// An overlay of a 4M base written 0..1M, its guest 0..64k written, and
+/// iotest 060's patch (its L1 entry 0 names the L1 table as its L2 table).
+/// A copy-on-read of guest 64k writes the base's data to a new cluster and
+/// sets entry 1 of that "L2 table" in QEMU's L2 cache. The block layer's
+/// copy-on-read write is not followed by a flush: at qemu-io's exit the
+/// refcount cache is written first (the L2 cache waits on it), then the
+/// overlap check stops the table. The read itself succeeds.
+#[test]
+fn a_copy_on_read_the_overlap_check_stops_at_exit_keeps_its_refcounts() {
+    let w = Work::new();
+    let make = |w: &Work, image: &str| {
+        w.qemu_img(&["create", "-q", "-f", "qcow2", "cb.qcow2", "4M"]);
+        w.qemu_io("cb.qcow2", &["write -P 0x21 0 1M"]);
+        let o = [
+            "create", "-q", "-f", "qcow2", "-b", "cb.qcow2", "-F", "qcow2",
+        ];
+        w.qemu_img(&[&o[..], &[image, "4M"]].concat());
+        w.qemu_io(image, &["write -P 0x11 0 64k"]);
+        w.patch(image, 0x30000, &0x8000_0000_0003_0000_u64.to_be_bytes());
+    };
+    let (errors, corrupt) = same_bytes(&w, "cr.qcow2", make, &["read:65536:65536"]);
+    assert_eq!(errors, [None]);
+    assert!(corrupt);
+    assert_eq!(qemu_entry(&w, "cr.qcow2", 0x30008), 0);
+}
+
+/// iotest 060's image: a compressed write of guest 64k places its bytes in
+/// a new cluster and sets entry 1 of the "L2 table" that is the L1 table in
+/// QEMU's L2 cache. A compressed write is not followed by a flush: at
+/// qemu-io's exit the overlap check stops the table, and the refcount cache
+/// is written (nothing waits on the L2 cache). The write itself succeeds.
+#[test]
+fn a_compressed_write_the_overlap_check_stops_at_exit_keeps_its_refcounts() {
+    let w = Work::new();
+    let make = |w: &Work, image: &str| {
+        w.qemu_img(&["create", "-q", "-f", "qcow2", image, "4M"]);
+        w.qemu_io(image, &["write -P 0x11 0 64k"]);
+        w.patch(image, 0x30000, &0x8000_0000_0003_0000_u64.to_be_bytes());
+    };
+    let ops = ["write-compressed:65536:65536:P=34"];
+    let (errors, corrupt) = same_bytes(&w, "wc.qcow2", make, &ops);
+    assert_eq!(errors, [None]);
+    assert!(corrupt);
+    assert_eq!(qemu_entry(&w, "wc.qcow2", 0x30008), 0);
+}

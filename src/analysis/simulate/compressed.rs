@@ -36,8 +36,14 @@ use crate::types::{GuestOffset, HostOffset};
 const MAX_WORKERS: usize = 8;
 
 impl Sim {
-    /// `write -c`.
+    /// `write -c`, then the flush of QEMU's caches at qemu-io's exit
+    /// ([`Sim::held_flush`]: a compressed write is not followed by one).
     pub(super) fn write_compressed(&mut self, offset: GuestOffset, length: u64) -> SimResult<()> {
+        self.held_flush(true, |s| s.compressed_request(offset, length))
+    }
+
+    /// The `write -c` request itself.
+    fn compressed_request(&mut self, offset: GuestOffset, length: u64) -> SimResult<()> {
         let Some(end) = offset
             .checked_add(length)
             .filter(|e| e.get() <= self.disk_end())

@@ -18,8 +18,15 @@ use crate::types::{GuestOffset, HostOffset};
 const MAX_BOUNCE: u64 = 32768 * 512;
 
 impl Sim {
-    /// `read OFFSET LENGTH` with copy-on-read on.
+    /// `read OFFSET LENGTH` with copy-on-read on, then the flush of QEMU's
+    /// caches at qemu-io's exit ([`Sim::held_flush`]: the block layer's
+    /// copy-on-read writes are not followed by one).
     pub(super) fn copy_on_read(&mut self, offset: GuestOffset, length: u64) -> SimResult<()> {
+        self.held_flush(true, |s| s.read_request(offset, length))
+    }
+
+    /// The read request with copy-on-read on.
+    fn read_request(&mut self, offset: GuestOffset, length: u64) -> SimResult<()> {
         let Some(end) = offset
             .checked_add(length)
             .filter(|e| e.get() <= self.disk_end())
@@ -152,7 +159,7 @@ impl Sim {
                 self.note(format!(
                     "copy-on-read: guest {g:#x}..{to:#x} is not allocated here and {why}: QEMU writes zeros there"
                 ));
-                self.write_zeroes(g, n, false)?;
+                self.zeroes_request(g, n, false)?;
             } else {
                 let into = if self.has_data_file {
                     "into this image (its data file)"

@@ -9,8 +9,15 @@ use crate::tables::L2Entry;
 use crate::types::GuestOffset;
 
 impl Sim {
-    /// A guest discard (`qcow2_co_pdiscard` after the block layer's alignment).
+    /// A guest discard, then the flush of QEMU's caches at qemu-io's exit
+    /// ([`Sim::held_flush`]: a discard request is not followed by one).
     pub(super) fn discard(&mut self, offset: GuestOffset, length: u64) -> SimResult<()> {
+        self.held_flush(true, |s| s.discard_request(offset, length))
+    }
+
+    /// A guest discard request (`qcow2_co_pdiscard` after the block layer's
+    /// alignment).
+    fn discard_request(&mut self, offset: GuestOffset, length: u64) -> SimResult<()> {
         let cs = self.cs;
         let Some(end) = offset
             .checked_add(length)

@@ -13,9 +13,11 @@
 //! a new L2 table's L1 entry, L2 entries (which QEMU writes back from its L2
 //! cache, not checked against the active L2 tables) and guest data clusters.
 //! An L2 entry is checked with its cache slice when QEMU writes the slice
-//! back: for a guest write at qemu-io's flush after the request
-//! ([`Sim::guest_write`]), for the refcount walk at the flush after the walk
-//! (`walk/flush.rs`); the other operations check it as it changes.
+//! back: for a guest write or write-zeroes at qemu-io's flush after the
+//! request, for a discard, copy-on-read or compressed write at qemu-io's
+//! exit ([`Sim::held_flush`]), for the refcount walk at the flush after the
+//! walk (`walk/flush.rs`); the other operations (a repair's COPIED fixes,
+//! a shrink's discard) check it as it changes.
 
 use super::{Sim, SimError, SimResult, Target};
 use crate::header::Field;
@@ -277,19 +279,36 @@ impl Sim {
 
     /// A guest write request as qemu-io makes it (`qcow2_co_pwritev_part`),
     /// then the flush qemu-io's default writethrough mode makes after it
-    /// (`qcow2_write_caches`): the L2 cache waits on the refcount cache
-    /// (`qcow2_alloc_cluster_link_l2`), so every refcount is written first;
-    /// then each changed L2 slice, through the overlap check over the whole
-    /// slice (the active L2 tables aside). A slice it stops is not written,
-    /// its entries stay as the file had them, the image is marked corrupt
-    /// and the write fails; the other slices are written.
+    /// (`qcow2_write_caches`), as [`Sim::held_flush`] follows it.
     pub(super) fn guest_write(
         &mut self,
         offset: crate::types::GuestOffset,
         length: u64,
     ) -> SimResult<()> {
+        self.held_flush(false, |s| s.write(offset, length))
+    }
+
+    /// An operation that changes L2 entries in QEMU's L2 cache (a write, a
+    /// write-zeroes, a discard, a copy-on-read, a compressed write), then
+    /// the flush of its caches: after the request for a write or
+    /// write-zeroes (writethrough), at qemu-io's exit for the others
+    /// (`at_close`: the operation itself succeeds).
+    /// `qcow2_write_caches` writes the L2 cache, then the refcount cache.
+    /// Refcounts an allocation changed are written first (the L2 cache
+    /// waits on the refcount cache, `qcow2_alloc_cluster_link_l2`); from a
+    /// release on, the refcount cache waits on the L2 cache
+    /// (`update_refcount`). Each changed L2 slice goes through the overlap
+    /// check over the whole slice (the active L2 tables aside). A slice it
+    /// stops is not written, its entries stay as the file had them, the
+    /// image is marked corrupt and the flush fails; the other slices are
+    /// written, the refcounts waiting on them are not.
+    pub(super) fn held_flush(
+        &mut self,
+        at_close: bool,
+        op: impl FnOnce(&mut Sim) -> SimResult<()>,
+    ) -> SimResult<()> {
         self.held_l2 = Some(Vec::new());
-        let r = self.write(offset, length);
+        let r = op(self);
         let held = self.held_l2.take().unwrap_or_default();
         // Stopped already: QEMU's caches were dropped then.
         if held.is_empty() || self.marked_corrupt() {
@@ -299,20 +318,27 @@ impl Sim {
         // meets the same stop, and the request's own error is reported.
         match (r, self.held_l2_stopped(held)) {
             (_, Err(e @ SimError::NotModelled(_))) | (Err(e), _) => Err(e),
+            (Ok(()), Err(e)) if at_close => {
+                self.note(format!(
+                    "at qemu-io's exit the flush of QEMU's caches fails: {}",
+                    e.text()
+                ));
+                Ok(())
+            }
             (Ok(()), f) => f,
         }
     }
 
-    /// The flush of [`Sim::guest_write`] over the entries `held` back.
+    /// The flush of [`Sim::held_flush`] over the entries `held` back.
     fn held_l2_stopped(&mut self, held: Vec<(HostOffset, u64, u64, u64)>) -> SimResult<()> {
         if self.header_field(Field::CompatibleFeatures) & 1 != 0 {
             return Err(SimError::NotModelled(
-                "a write whose L2 entries the overlap check stops when QEMU writes them back, on an image with lazy refcounts (its refcounts are not written before the L2 tables, and are lost)".into(),
+                "an operation whose L2 entries the overlap check stops when QEMU writes them back, on an image with lazy refcounts (its refcounts are not written before the L2 tables, and are lost)".into(),
             ));
         }
         let mut stop: Option<(Meta, HostOffset)> = None;
         let saved = self.reason.clone();
-        self.why("not written: the overlap check stops this L2 slice when the flush after the request writes it back from QEMU's L2 cache");
+        self.why("not written: the overlap check stops this L2 slice when the flush writes it back from QEMU's L2 cache");
         for &(l2, index, raw, bitmap) in held.iter().rev() {
             let (at, len) = self.slice_of(l2, index);
             let Some(m) = self.overlap_of(Some(Meta::ActiveL2), at, len) else {
@@ -335,10 +361,38 @@ impl Sim {
             }
         }
         self.reason = saved;
-        match stop {
-            Some((m, at)) => Err(self.overlap_stopped(m, at)),
-            None => Ok(()),
+        let Some((m, at)) = stop else {
+            return Ok(());
+        };
+        self.release_refcounts_lost()?;
+        Err(self.overlap_stopped(m, at))
+    }
+
+    /// The flush stopped at the L2 cache: the refcount changes from the
+    /// operation's first release on, which QEMU's refcount cache holds
+    /// waiting on its L2 cache, are never written. (Those of allocations
+    /// before it were: the release made the refcount cache write them
+    /// first, `qcow2_cache_set_dependency`.)
+    fn release_refcounts_lost(&mut self) -> SimResult<()> {
+        let refcount = |c: &super::Change| matches!(c.target, Target::Refcount { .. });
+        let Some(first) = self
+            .steps
+            .iter()
+            .position(|c| refcount(c) && c.after < c.before)
+        else {
+            return Ok(());
+        };
+        if self
+            .steps
+            .iter()
+            .skip(first)
+            .any(|c| refcount(c) && c.after > c.before)
+        {
+            return Err(SimError::NotModelled(
+                "an operation that allocated a cluster after it released one, whose flush the overlap check stops (the L2 cache, which the refcount cache then waits on, is written in between)".into(),
+            ));
         }
+        self.walk_refcounts_lost(first)
     }
 
     /// Whether QEMU has marked the image corrupt in this operation (then it

@@ -24,8 +24,19 @@ use crate::types::GuestOffset;
 const MAX_BOUNCE: u64 = 32768 * 512;
 
 impl Sim {
-    /// `write -z` (`unmap`: with `-u`, clusters may be released).
+    /// `write -z` (`unmap`: with `-u`, clusters may be released), then
+    /// the flush after it ([`Sim::held_flush`]).
     pub(super) fn write_zeroes(
+        &mut self,
+        offset: GuestOffset,
+        length: u64,
+        unmap: bool,
+    ) -> SimResult<()> {
+        self.held_flush(false, |s| s.zeroes_request(offset, length, unmap))
+    }
+
+    /// The write-zeroes request itself (`blk_co_pwrite_zeroes`).
+    pub(super) fn zeroes_request(
         &mut self,
         offset: GuestOffset,
         length: u64,

@@ -71,14 +71,18 @@ impl Sim {
         Ok(None)
     }
 
-    /// The flush after a -1 walk stops at an L2 table: QEMU's refcount
+    /// The flush after a -1 walk (or any operation's after a release,
+    /// [`Sim::held_flush`]) stops at an L2 table: QEMU's refcount
     /// cache, which waits on its L2 cache when refcounts decrease
     /// (`qcow2_cache_set_dependency`), is never written. Every refcount
     /// change it held is undone: the walk's (from step `start`) and, in a
     /// snapshot delete, the release of the old snapshot table after the new
     /// one was written (`qcow2_write_snapshots` flushes after allocating
     /// it).
-    pub(super) fn walk_refcounts_lost(&mut self, start: usize) -> SimResult<()> {
+    pub(in crate::analysis::simulate) fn walk_refcounts_lost(
+        &mut self,
+        start: usize,
+    ) -> SimResult<()> {
         let mark = self
             .steps
             .iter()
@@ -99,11 +103,11 @@ impl Sim {
         blocks.dedup();
         if blocks.len() as u64 > REFCOUNT_CACHE_BLOCKS {
             return Err(SimError::NotModelled(format!(
-                "a refcount walk with addend -1 whose flush the overlap check stops, after it changed refcounts in more refcount blocks than QEMU's refcount cache holds ({REFCOUNT_CACHE_BLOCKS}): evicting one writes the L2 tables it waits on first, during the walk"
+                "an operation that released clusters (a refcount walk with addend -1, a discard, a write-zeroes) whose flush the overlap check stops, after it changed refcounts in more refcount blocks than QEMU's refcount cache holds ({REFCOUNT_CACHE_BLOCKS}): evicting one writes the L2 tables it waits on first, during the walk"
             )));
         }
         let saved = self.reason.clone();
-        self.why("lost: with addend -1 QEMU's refcount cache waits on its L2 cache, whose write the overlap check stops, so the change is never written");
+        self.why("lost: after a release QEMU's refcount cache waits on its L2 cache, whose write the overlap check stops, so the change is never written");
         let mut restored = std::collections::HashSet::new();
         for (cluster, count, before, after) in lost.into_iter().rev() {
             for k in 0..count {
