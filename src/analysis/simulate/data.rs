@@ -10,6 +10,9 @@
 //! the metadata clusters and the original file, so a guest read through it
 //! returns what QEMU's image would return.
 //!
+//! In an encrypted image a write describes whole sectors of plaintext, which
+//! read encrypted ([`sealed`]), as QEMU stores them.
+//!
 //! The descriptions are exact copies of the guest's view at the moment of the
 //! write: copy-on-write reads the guest range of the current layer (data,
 //! zeros or the layer below), as QEMU's `perform_cow` does.
@@ -24,6 +27,10 @@ use crate::tables::{L2Entry, SubclusterType};
 use crate::types::{GuestOffset, HostOffset};
 use std::collections::BTreeMap;
 use std::sync::Arc;
+
+mod sealed;
+pub use sealed::{Opened, Sealed};
+use sealed::{sector_ceil, sector_floor};
 
 /// qemu-io's pattern when `write` is given no `-P`.
 pub const DEFAULT_PATTERN: u8 = 0xcd;
@@ -44,6 +51,12 @@ pub enum Piece {
     Below(u64),
     /// Bytes in memory, from index `.1`.
     Bytes(Arc<[u8]>, u64),
+    /// Plaintext stored encrypted (an encrypted image's guest data), from
+    /// byte `.1` of it.
+    Sealed(Arc<Sealed>, u64),
+    /// Stored bytes read as plaintext (a copy-on-write in an encrypted
+    /// image), from byte `.1` of them.
+    Opened(Arc<Opened>, u64),
 }
 
 impl Piece {
@@ -57,6 +70,8 @@ impl Piece {
             },
             Piece::Below(g) => Piece::Below(g.saturating_add(n)),
             Piece::Bytes(b, o) => Piece::Bytes(b.clone(), o.saturating_add(n)),
+            Piece::Sealed(s, o) => Piece::Sealed(s.clone(), o.saturating_add(n)),
+            Piece::Opened(s, o) => Piece::Opened(s.clone(), o.saturating_add(n)),
         }
     }
 
@@ -66,6 +81,12 @@ impl Piece {
             (Piece::Fill(a), Piece::Fill(b)) => a == b,
             (Piece::Below(a), Piece::Below(b)) => a.saturating_add(len) == *b,
             (Piece::File { src: s, at: a }, Piece::File { src: t, at: b }) => {
+                Arc::ptr_eq(s, t) && a.saturating_add(len) == *b
+            }
+            (Piece::Sealed(s, a), Piece::Sealed(t, b)) => {
+                Arc::ptr_eq(s, t) && a.saturating_add(len) == *b
+            }
+            (Piece::Opened(s, a), Piece::Opened(t, b)) => {
                 Arc::ptr_eq(s, t) && a.saturating_add(len) == *b
             }
             _ => false,
@@ -93,6 +114,8 @@ impl Piece {
                     d.copy_from_slice(from);
                 }
             }
+            Piece::Sealed(s, o) => s.fill(*o, dst, below)?,
+            Piece::Opened(s, o) => s.fill(*o, dst, below)?,
         }
         Ok(())
     }
@@ -207,6 +230,9 @@ pub(super) struct Data {
     below: Option<Option<Arc<Chain>>>,
     /// Why the guest bytes cannot be predicted, if they cannot.
     pub(super) unknown: Option<String>,
+    /// The data key of an encrypted image: its guest data is written
+    /// encrypted.
+    pub(super) key: Option<crate::crypto::DataKey>,
 }
 
 impl Default for Data {
@@ -216,11 +242,20 @@ impl Default for Data {
             new: NewData::Fill(DEFAULT_PATTERN),
             below: None,
             unknown: None,
+            key: None,
         }
     }
 }
 
 impl Data {
+    /// Guest data for an image with this data key (none: not encrypted).
+    pub(super) fn with_key(key: Option<crate::crypto::DataKey>) -> Data {
+        Data {
+            key,
+            ..Default::default()
+        }
+    }
+
     /// The pattern a write of this operation uses.
     pub(super) fn pattern(&self) -> u8 {
         match self.new {
@@ -292,7 +327,76 @@ impl Sim {
                 None => Piece::Fill(0),
             },
         };
-        self.data.map.put(host.get(), len, piece);
+        self.data_put(host.get(), guest.get(), vec![(len, piece)]);
+    }
+
+    /// `host..` (guest `guest..`) now holds the guest bytes `pieces`: as
+    /// they are for an image that is not encrypted; for an encrypted one,
+    /// the whole sectors around them encrypted, the rest of those sectors
+    /// keeping the plaintext they held (QEMU reads and writes an encrypted
+    /// image in whole sectors).
+    fn data_put(&mut self, host: u64, guest: u64, pieces: Vec<(u64, Piece)>) {
+        let Some(key) = self.data.key.clone() else {
+            let mut at = host;
+            for (l, p) in pieces {
+                self.data.map.put(at, l, p);
+                at = at.saturating_add(l);
+            }
+            return;
+        };
+        let len = pieces.iter().fold(0u64, |a, (l, _)| a.saturating_add(*l));
+        let end = host.saturating_add(len);
+        let (a, b) = (sector_floor(host), sector_ceil(end));
+        let head = host.saturating_sub(a);
+        let mut plain = self.host_plain(a, head, guest.saturating_sub(head));
+        plain.extend(pieces);
+        plain.extend(self.host_plain(end, b.saturating_sub(end), guest.saturating_add(len)));
+        let s = Sealed::new(a, guest.saturating_sub(head), plain, key);
+        let n = s.len();
+        self.data.map.put(a, n, Piece::Sealed(Arc::new(s), 0));
+    }
+
+    /// The plaintext host bytes `host..host + n` (guest `guest..`) of an
+    /// encrypted image hold now: what a write sealed, or the stored bytes
+    /// decrypted.
+    fn host_plain(&self, host: u64, n: u64, guest: u64) -> Vec<(u64, Piece)> {
+        let Some(key) = self.data.key.clone() else {
+            let mut out = Vec::new();
+            self.host_pieces(host, n, &mut out);
+            return out;
+        };
+        if n == 0 {
+            return Vec::new();
+        }
+        let (a, b) = (sector_floor(host), sector_ceil(host.saturating_add(n)));
+        let g = guest.saturating_sub(host.saturating_sub(a));
+        let mut stored = Vec::new();
+        self.host_pieces(a, b.saturating_sub(a), &mut stored);
+        let mut plain = Vec::new();
+        let mut at = a;
+        for (l, p) in stored {
+            let p = match p {
+                Piece::Sealed(s, o) => {
+                    plain.extend(s.plain_within(o, l));
+                    at = at.saturating_add(l);
+                    continue;
+                }
+                // Stored bytes: the run starts a sector (a description
+                // or a cluster begins there), and its sectors decrypt.
+                p => Piece::Opened(
+                    Arc::new(Opened::new(
+                        at,
+                        g.saturating_add(at.saturating_sub(a)),
+                        p,
+                        key.clone(),
+                    )),
+                    0,
+                ),
+            };
+            plain.push((l, p));
+            at = at.saturating_add(l);
+        }
+        sealed::clip(&plain, host.saturating_sub(a), n)
     }
 
     /// Copy-on-write: the guest bytes `guest..guest + len` of this layer, as
@@ -308,11 +412,7 @@ impl Sim {
             return Ok(());
         }
         let pieces = self.guest_pieces(guest.get(), len)?;
-        let mut at = host.get();
-        for (l, p) in pieces {
-            self.data.map.put(at, l, p);
-            at = at.saturating_add(l);
-        }
+        self.data_put(host.get(), guest.get(), pieces);
         Ok(())
     }
 
@@ -380,7 +480,7 @@ impl Sim {
                         .host_offset()
                         .0
                         .saturating_add(self.within(pos));
-                    self.host_pieces(host, n, &mut out);
+                    out.extend(self.host_plain(host, n, pos));
                 }
                 SubclusterType::ZeroPlain | SubclusterType::ZeroAlloc => {
                     out.push((n, Piece::Fill(0)));
