@@ -166,3 +166,63 @@ fn copy_on_write_from_a_backing_file_is_encrypted_at_its_new_place() {
         );
     }
 }
+
+/// `qinspect simulate` given the key (an `--object secret` with
+/// `--image-opts`, or `--passphrase-file`): the guest disk it predicts is
+/// the one qemu-io leaves; a wrong passphrase fails before anything is
+/// simulated, and no key at all refuses as qemu-io's open does.
+#[test]
+fn the_cli_simulates_an_encrypted_image_given_its_key() {
+    let w = Work::new();
+    create(&w, "k.qcow2", ",encrypt.format=luks,encrypt.iter-time=10");
+    std::fs::write(w.path("pass"), "pw").expect("write the passphrase");
+    std::fs::write(w.path("wrong"), "nope").expect("write a wrong passphrase");
+    std::fs::copy(w.path("k.qcow2"), w.path("k.qemu")).expect("copy the image");
+    let before = std::fs::read(w.path("k.qcow2")).expect("read the image");
+    for cmd in ["write -P 0x11 4096 1000", "write -z 65536 512"] {
+        let (ok, text) = enc_io(&w, "k.qemu", cmd);
+        assert!(ok, "{cmd}: {text}");
+    }
+    let theirs = qemu_guest(&w, "k.qemu");
+    let ops = ["write:4096:1000:P=0x11", "write-zeroes:65536:512"];
+    let by_object = [
+        "simulate",
+        "--object",
+        "secret,id=s0,file=pass",
+        "--image-opts",
+        "driver=qcow2,file.filename=k.qcow2,encrypt.key-secret=s0",
+        "--guest-raw",
+        "o.raw",
+    ];
+    let by_file = [
+        "simulate",
+        "--passphrase-file",
+        "pass",
+        "k.qcow2",
+        "--guest-raw",
+        "f.raw",
+    ];
+    for (args, raw) in [(&by_object[..], "o.raw"), (&by_file[..], "f.raw")] {
+        let mut args = args.to_vec();
+        args.extend(ops);
+        let out = w.qinspect(&args);
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {out:?}");
+        let ours = std::fs::read(w.path(raw)).expect("read the predicted disk");
+        assert!(
+            ours == theirs,
+            "{args:?}: the guest disk differs from qemu-io's"
+        );
+    }
+    let mut args = vec!["simulate", "--passphrase-file", "wrong", "k.qcow2"];
+    args.extend(ops);
+    let out = w.qinspect(&args);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(out.stdout.is_empty());
+    let mut args = vec!["simulate", "k.qcow2"];
+    args.extend(ops);
+    let out = w.qinspect(&args);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(out.stdout.is_empty());
+    let after = std::fs::read(w.path("k.qcow2")).expect("read the image");
+    assert!(before == after, "the image is never written");
+}

@@ -11,7 +11,8 @@
 //! returns what QEMU's image would return.
 //!
 //! In an encrypted image a write describes whole sectors of plaintext, which
-//! read encrypted ([`sealed`]), as QEMU stores them.
+//! read encrypted ([`Sealed`]; a copy-on-write reads stored sectors through
+//! [`Opened`]), as QEMU stores them.
 //!
 //! The descriptions are exact copies of the guest's view at the moment of the
 //! write: copy-on-write reads the guest range of the current layer (data,
@@ -30,7 +31,6 @@ use std::sync::Arc;
 
 mod sealed;
 pub use sealed::{Opened, Sealed};
-use sealed::{sector_ceil, sector_floor};
 
 /// qemu-io's pattern when `write` is given no `-P`.
 pub const DEFAULT_PATTERN: u8 = 0xcd;
@@ -328,75 +328,6 @@ impl Sim {
             },
         };
         self.data_put(host.get(), guest.get(), vec![(len, piece)]);
-    }
-
-    /// `host..` (guest `guest..`) now holds the guest bytes `pieces`: as
-    /// they are for an image that is not encrypted; for an encrypted one,
-    /// the whole sectors around them encrypted, the rest of those sectors
-    /// keeping the plaintext they held (QEMU reads and writes an encrypted
-    /// image in whole sectors).
-    fn data_put(&mut self, host: u64, guest: u64, pieces: Vec<(u64, Piece)>) {
-        let Some(key) = self.data.key.clone() else {
-            let mut at = host;
-            for (l, p) in pieces {
-                self.data.map.put(at, l, p);
-                at = at.saturating_add(l);
-            }
-            return;
-        };
-        let len = pieces.iter().fold(0u64, |a, (l, _)| a.saturating_add(*l));
-        let end = host.saturating_add(len);
-        let (a, b) = (sector_floor(host), sector_ceil(end));
-        let head = host.saturating_sub(a);
-        let mut plain = self.host_plain(a, head, guest.saturating_sub(head));
-        plain.extend(pieces);
-        plain.extend(self.host_plain(end, b.saturating_sub(end), guest.saturating_add(len)));
-        let s = Sealed::new(a, guest.saturating_sub(head), plain, key);
-        let n = s.len();
-        self.data.map.put(a, n, Piece::Sealed(Arc::new(s), 0));
-    }
-
-    /// The plaintext host bytes `host..host + n` (guest `guest..`) of an
-    /// encrypted image hold now: what a write sealed, or the stored bytes
-    /// decrypted.
-    fn host_plain(&self, host: u64, n: u64, guest: u64) -> Vec<(u64, Piece)> {
-        let Some(key) = self.data.key.clone() else {
-            let mut out = Vec::new();
-            self.host_pieces(host, n, &mut out);
-            return out;
-        };
-        if n == 0 {
-            return Vec::new();
-        }
-        let (a, b) = (sector_floor(host), sector_ceil(host.saturating_add(n)));
-        let g = guest.saturating_sub(host.saturating_sub(a));
-        let mut stored = Vec::new();
-        self.host_pieces(a, b.saturating_sub(a), &mut stored);
-        let mut plain = Vec::new();
-        let mut at = a;
-        for (l, p) in stored {
-            let p = match p {
-                Piece::Sealed(s, o) => {
-                    plain.extend(s.plain_within(o, l));
-                    at = at.saturating_add(l);
-                    continue;
-                }
-                // Stored bytes: the run starts a sector (a description
-                // or a cluster begins there), and its sectors decrypt.
-                p => Piece::Opened(
-                    Arc::new(Opened::new(
-                        at,
-                        g.saturating_add(at.saturating_sub(a)),
-                        p,
-                        key.clone(),
-                    )),
-                    0,
-                ),
-            };
-            plain.push((l, p));
-            at = at.saturating_add(l);
-        }
-        sealed::clip(&plain, host.saturating_sub(a), n)
     }
 
     /// Copy-on-write: the guest bytes `guest..guest + len` of this layer, as

@@ -143,6 +143,11 @@ impl DataKey {
         }
     }
 
+    /// The cipher, as LUKS spells it (`aes-256-xts-plain64`).
+    pub fn cipher_name(&self) -> String {
+        spec_name(&self.cipher.spec())
+    }
+
     /// Where the key came from.
     pub fn source(&self) -> KeySource {
         self.source

@@ -5,10 +5,12 @@
 //! decrypting them when they are read ([`Opened`]).
 
 use super::Piece;
+use crate::analysis::simulate::Sim;
 use crate::chain::Chain;
 use crate::crypto::DataKey;
 use crate::crypto::cipher::SECTOR_SIZE;
 use crate::types::{GuestOffset, HostOffset};
+use std::sync::Arc;
 
 /// `x` rounded down to its sector's start.
 pub(super) fn sector_floor(x: u64) -> u64 {
@@ -129,6 +131,93 @@ impl Opened {
     }
 }
 
+impl Sim {
+    /// `host..` (guest `guest..`) now holds the guest bytes `pieces`: as
+    /// they are for an image that is not encrypted; for an encrypted one,
+    /// the whole sectors around them encrypted, the rest of those sectors
+    /// keeping the plaintext they held (QEMU reads and writes an encrypted
+    /// image in whole sectors).
+    pub(in crate::analysis::simulate) fn data_put(
+        &mut self,
+        host: u64,
+        guest: u64,
+        pieces: Vec<(u64, Piece)>,
+    ) {
+        let Some(key) = self.data.key.clone() else {
+            let mut at = host;
+            for (l, p) in pieces {
+                self.data.map.put(at, l, p);
+                at = at.saturating_add(l);
+            }
+            return;
+        };
+        let len = pieces.iter().fold(0u64, |a, (l, _)| a.saturating_add(*l));
+        let end = host.saturating_add(len);
+        let (a, b) = (sector_floor(host), sector_ceil(end));
+        let head = host.saturating_sub(a);
+        let mut plain = self.host_plain(a, head, guest.saturating_sub(head));
+        plain.extend(pieces);
+        plain.extend(self.host_plain(end, b.saturating_sub(end), guest.saturating_add(len)));
+        let iv = match key.source() {
+            crate::crypto::KeySource::Luks { .. } => "host",
+            crate::crypto::KeySource::LegacyAes => "guest",
+        };
+        let text = format!(
+            "the data is stored encrypted ({}, each 512-byte sector with its {iv} sector number as IV), as QEMU stores it",
+            key.cipher_name()
+        );
+        if !self.steps.iter().any(|c| c.reason == text) {
+            self.note(text);
+        }
+        let s = Sealed::new(a, guest.saturating_sub(head), plain, key);
+        let n = s.len();
+        self.data.map.put(a, n, Piece::Sealed(Arc::new(s), 0));
+    }
+
+    /// The plaintext host bytes `host..host + n` (guest `guest..`) of an
+    /// encrypted image hold now: what a write sealed, or the stored bytes
+    /// decrypted.
+    pub(super) fn host_plain(&self, host: u64, n: u64, guest: u64) -> Vec<(u64, Piece)> {
+        let Some(key) = self.data.key.clone() else {
+            let mut out = Vec::new();
+            self.host_pieces(host, n, &mut out);
+            return out;
+        };
+        if n == 0 {
+            return Vec::new();
+        }
+        let (a, b) = (sector_floor(host), sector_ceil(host.saturating_add(n)));
+        let g = guest.saturating_sub(host.saturating_sub(a));
+        let mut stored = Vec::new();
+        self.host_pieces(a, b.saturating_sub(a), &mut stored);
+        let mut plain = Vec::new();
+        let mut at = a;
+        for (l, p) in stored {
+            let p = match p {
+                Piece::Sealed(s, o) => {
+                    plain.extend(s.plain_within(o, l));
+                    at = at.saturating_add(l);
+                    continue;
+                }
+                // Stored bytes: the run starts a sector (a description
+                // or a cluster begins there), and its sectors decrypt.
+                p => Piece::Opened(
+                    Arc::new(Opened::new(
+                        at,
+                        g.saturating_add(at.saturating_sub(a)),
+                        p,
+                        key.clone(),
+                    )),
+                    0,
+                ),
+            };
+            plain.push((l, p));
+            at = at.saturating_add(l);
+        }
+        clip(&plain, host.saturating_sub(a), n)
+    }
+}
+
 /// `dst` gets `buf` from `from` on (zeros where `buf` ends first).
 fn copy_out(buf: &[u8], from: u64, dst: &mut [u8]) {
     dst.fill(0);
@@ -160,9 +249,8 @@ pub(super) fn clip(list: &[(u64, Piece)], off: u64, n: u64) -> Vec<(u64, Piece)>
 
 #[cfg(test)]
 mod tests {
-    use super::{Opened, Piece, Sealed};
+    use super::{Arc, Opened, Piece, Sealed};
     use crate::crypto::DataKey;
-    use std::sync::Arc;
 
     #[test]
     fn sector_rounding() {
