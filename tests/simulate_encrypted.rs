@@ -225,4 +225,16 @@ fn the_cli_simulates_an_encrypted_image_given_its_key() {
     assert!(out.stdout.is_empty());
     let after = std::fs::read(w.path("k.qcow2")).expect("read the image");
     assert!(before == after, "the image is never written");
+    // Over an encrypted backing file (whose key the simulation does not
+    // take): refused, before anything is shown.
+    create(
+        &w,
+        "over.qcow2",
+        ",encrypt.format=luks,encrypt.iter-time=10,backing_file=k.qcow2,backing_fmt=qcow2",
+    );
+    let mut args = vec!["simulate", "--passphrase-file", "pass", "over.qcow2"];
+    args.extend(ops);
+    let out = w.qinspect(&args);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(out.stdout.is_empty());
 }
