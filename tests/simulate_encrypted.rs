@@ -7,7 +7,9 @@
 //! pattern writes whole and inside a sector, copy-on-write from zeros and
 //! from a backing file, write-zeroes (zeros written encrypted inside an
 //! allocated cluster, a zero cluster over a whole one) and a compressed
-//! write (stored unencrypted, as QEMU stores compressed clusters).
+//! write (stored unencrypted, as QEMU stores compressed clusters); copy-on-read
+//! from a backing file; data QEMU wrote before, in place and shared by a
+//! snapshot; and `qinspect simulate` given the key.
 
 mod common;
 mod sim_bytes;
@@ -17,15 +19,27 @@ use qinspect::simulate::Sim;
 
 const SECRET: &str = "secret,id=s0,data=pw";
 
-/// `cmd` by qemu-io on the encrypted image `image`, opened with its key:
+/// `cmd` by qemu-io on the encrypted image `image`, opened with its key
+/// (`-C` first: with copy-on-read; `snapshot -c NAME`: by qemu-img):
 /// whether it succeeded, and its output.
 fn enc_io(w: &Work, image: &str, cmd: &str) -> (bool, String) {
     let opts = format!("driver=qcow2,file.filename={image},encrypt.key-secret=s0");
-    let out = std::process::Command::new("qemu-io")
-        .args(["--object", SECRET, "--image-opts", &opts, "-c", cmd])
+    let mut args = vec!["--object", SECRET, "--image-opts", &opts];
+    let prog = if let Some(name) = cmd.strip_prefix("snapshot -c ") {
+        args.splice(0..0, ["snapshot", "-c", name]);
+        "qemu-img"
+    } else if let Some(c) = cmd.strip_prefix("-C ") {
+        args.extend(["-C", "-c", c]);
+        "qemu-io"
+    } else {
+        args.extend(["-c", cmd]);
+        "qemu-io"
+    };
+    let out = std::process::Command::new(prog)
+        .args(&args)
         .current_dir(w.dir.path())
         .output()
-        .expect("run qemu-io");
+        .expect("run QEMU");
     let text = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
@@ -162,6 +176,7 @@ fn copy_on_write_from_a_backing_file_is_encrypted_at_its_new_place() {
                 ("write:65636:100:P=0x11", "write -P 0x11 65636 100"),
                 ("write:200000:7000:P=0x12", "write -P 0x12 200000 7000"),
                 ("write-zeroes:0:512", "write -z 0 512"),
+                ("read:262144:4096", "-C read 262144 4096"),
             ],
         );
     }
@@ -237,4 +252,40 @@ fn the_cli_simulates_an_encrypted_image_given_its_key() {
     let out = w.qinspect(&args);
     assert_eq!(out.status.code(), Some(1), "{out:?}");
     assert!(out.stdout.is_empty());
+}
+
+/// Data QEMU wrote before the simulation: a write inside one of its sectors
+/// keeps the rest of the sector as it decrypts; in clusters a snapshot
+/// shares, the copy-on-write decrypts them at their old host offset and
+/// encrypts them again at the new one.
+#[test]
+fn data_already_in_the_file_is_decrypted_and_encrypted_again() {
+    let w = Work::new();
+    let luks = "luks,encrypt.iter-time=10";
+    for (name, fmt, snapshot) in [
+        ("px.qcow2", luks, true),
+        ("pa.qcow2", "aes", true),
+        ("ix.qcow2", luks, false),
+    ] {
+        create(&w, name, &format!(",encrypt.format={fmt}"));
+        // The snapshot is QEMU's (its date is the clock's): its clusters are
+        // shared when the simulation starts. Without it the writes go in place.
+        let mut cmds = vec!["write -P 0x77 0 192k", "write -P 0x78 70000 3000"];
+        if snapshot {
+            cmds.push("snapshot -c s");
+        }
+        for cmd in cmds {
+            let (ok, text) = enc_io(&w, name, cmd);
+            assert!(ok, "{name}: {cmd}: {text}");
+        }
+        same_encrypted(
+            &w,
+            name,
+            &[
+                ("write:131172:100:P=0x11", "write -P 0x11 131172 100"),
+                ("write:4196:600:P=0x12", "write -P 0x12 4196 600"),
+                ("write-zeroes:70100:512", "write -z 70100 512"),
+            ],
+        );
+    }
 }
