@@ -228,6 +228,31 @@ fn the_cli_simulates_an_encrypted_image_given_its_key() {
             "{args:?}: the guest disk differs from qemu-io's"
         );
     }
+    // A throw-away overlay over an encrypted image reads its data with its
+    // key: its guest disk is the image's with the overlay's write.
+    create(&w, "kb.qcow2", ",encrypt.format=luks,encrypt.iter-time=10");
+    let (ok, text) = enc_io(&w, "kb.qcow2", "write -P 0x66 0 128k");
+    assert!(ok, "{text}");
+    std::fs::copy(w.path("kb.qcow2"), w.path("ov.qemu")).expect("copy the image");
+    let (ok, text) = enc_io(&w, "ov.qemu", "write 512 512");
+    assert!(ok, "{text}");
+    let args = [
+        "simulate",
+        "--passphrase-file",
+        "pass",
+        "kb.qcow2",
+        "overlay",
+        "write:512:512",
+        "--guest-raw",
+        "ov.raw",
+    ];
+    let out = w.qinspect(&args);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let ours = std::fs::read(w.path("ov.raw")).expect("read the predicted disk");
+    assert!(
+        ours == qemu_guest(&w, "ov.qemu"),
+        "the overlay's guest disk differs"
+    );
     let mut args = vec!["simulate", "--passphrase-file", "wrong", "k.qcow2"];
     args.extend(ops);
     let out = w.qinspect(&args);

@@ -233,6 +233,8 @@ pub(super) struct Data {
     /// The data key of an encrypted image: its guest data is written
     /// encrypted.
     pub(super) key: Option<crate::crypto::DataKey>,
+    /// For an overlay over an encrypted image: that image's key.
+    pub(super) below_key: Option<crate::crypto::DataKey>,
 }
 
 impl Default for Data {
@@ -243,6 +245,7 @@ impl Default for Data {
             below: None,
             unknown: None,
             key: None,
+            below_key: None,
         }
     }
 }
@@ -281,7 +284,15 @@ impl Sim {
                 snapshot_active_size: true,
                 ..Default::default()
             };
-            return Chain::open(base, &opts).map(Some);
+            let c = Chain::open(base, &opts)?;
+            // An encrypted image under the overlay reads with its key.
+            if let (Some(k), Some(img)) = (
+                &self.data.below_key,
+                c.layers.first().and_then(|l| l.qcow2()),
+            ) {
+                img.set_data_key(k.clone());
+            }
+            return Ok(Some(c));
         }
         if !self.backing_named {
             return Ok(None);
