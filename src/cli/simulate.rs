@@ -37,6 +37,9 @@ clusters allocated and freed, then a check of the result (as `qinspect check`).\
 The data written is tracked too (as descriptions, not copies): with --guest-raw FILE \
 the guest disk the operations leave, that of the last overlay or else of the image, is \
 written to FILE as `qemu-img convert -O raw` of the real result would write it.\n\n\
+An encrypted image takes its passphrase as `qinspect read` does (--object secret,... \
+--image-opts, --passphrase-file, or a prompt); the data it writes is encrypted as QEMU \
+encrypts it.\n\n\
 Example: qinspect simulate disk.qcow2 snapshot-create:before write:1M:4k snapshot-delete:before\n\
 Example: qinspect simulate vm.qcow2 overlay:monday write:4k:4k:P=0x5a --guest-raw monday.raw"
 )]
@@ -55,6 +58,8 @@ pub struct Args {
     /// `qinspect read -o` (FILE may not be any file the simulation reads).
     #[arg(long, value_name = "FILE")]
     pub guest_raw: Option<PathBuf>,
+    #[command(flatten)]
+    pub key: super::secret::KeyArgs,
 }
 
 /// The image as QEMU opens it; or, when its only problem is its snapshot
@@ -91,16 +96,39 @@ fn open_for_simulation(src: SharedSource) -> color_eyre::Result<Qcow2> {
     }
 }
 
+/// Refuse an image whose backing chain holds an encrypted image: QEMU opens
+/// that only with its own key, which the simulation does not take (only the
+/// top image's). A chain that does not open is left to the simulation.
+fn refuse_encrypted_backing(image: &std::path::Path) -> color_eyre::Result<()> {
+    let Ok(chain) = qinspect::chain::Chain::open(image, &Default::default()) else {
+        return Ok(());
+    };
+    for l in chain.layers.iter().skip(1) {
+        if l.qcow2().is_some_and(|i| i.header.crypt_method != 0) {
+            color_eyre::eyre::bail!(
+                "simulation: the backing file {} is encrypted: QEMU opens it only with its own key (qemu-io: Could not open backing file: Parameter 'encrypt.key-secret' is required for cipher), and the simulation takes only the top image's key",
+                l.path.display()
+            );
+        }
+    }
+    Ok(())
+}
+
 /// Run `qinspect simulate`.
-pub fn run(a: Args) -> CmdResult {
+pub fn run(mut a: Args) -> CmdResult {
     let ops: Vec<Op> = a
         .ops
         .iter()
         .map(|s| Op::parse(s, &parse_size))
         .collect::<Result<_, _>>()
         .map_err(|e| color_eyre::eyre::eyre!(e))?;
+    let mut keys = a.key.resolve(&mut a.image)?;
     let src: SharedSource = Arc::new(FileSource::open(&a.image)?);
     let img = open_for_simulation(src)?;
+    // An encrypted image is simulated with its key (its guest data written
+    // encrypted); without one the simulation refuses it, as qemu-io does.
+    keys.unlock_image(0, &img, &a.image)?;
+    refuse_encrypted_backing(&a.image)?;
     let mut layers = simulate_layers(&img, &a.image, &ops)?;
     let overlays = layers.len() > 1;
     let guest = match (&a.guest_raw, layers.last_mut()) {

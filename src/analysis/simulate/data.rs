@@ -10,6 +10,10 @@
 //! the metadata clusters and the original file, so a guest read through it
 //! returns what QEMU's image would return.
 //!
+//! In an encrypted image a write describes whole sectors of plaintext, which
+//! read encrypted ([`Sealed`]; a copy-on-write reads stored sectors through
+//! [`Opened`]), as QEMU stores them.
+//!
 //! The descriptions are exact copies of the guest's view at the moment of the
 //! write: copy-on-write reads the guest range of the current layer (data,
 //! zeros or the layer below), as QEMU's `perform_cow` does.
@@ -24,6 +28,9 @@ use crate::tables::{L2Entry, SubclusterType};
 use crate::types::{GuestOffset, HostOffset};
 use std::collections::BTreeMap;
 use std::sync::Arc;
+
+mod sealed;
+pub use sealed::{Opened, Sealed};
 
 /// qemu-io's pattern when `write` is given no `-P`.
 pub const DEFAULT_PATTERN: u8 = 0xcd;
@@ -44,6 +51,12 @@ pub enum Piece {
     Below(u64),
     /// Bytes in memory, from index `.1`.
     Bytes(Arc<[u8]>, u64),
+    /// Plaintext stored encrypted (an encrypted image's guest data), from
+    /// byte `.1` of it.
+    Sealed(Arc<Sealed>, u64),
+    /// Stored bytes read as plaintext (a copy-on-write in an encrypted
+    /// image), from byte `.1` of them.
+    Opened(Arc<Opened>, u64),
 }
 
 impl Piece {
@@ -57,6 +70,8 @@ impl Piece {
             },
             Piece::Below(g) => Piece::Below(g.saturating_add(n)),
             Piece::Bytes(b, o) => Piece::Bytes(b.clone(), o.saturating_add(n)),
+            Piece::Sealed(s, o) => Piece::Sealed(s.clone(), o.saturating_add(n)),
+            Piece::Opened(s, o) => Piece::Opened(s.clone(), o.saturating_add(n)),
         }
     }
 
@@ -66,6 +81,12 @@ impl Piece {
             (Piece::Fill(a), Piece::Fill(b)) => a == b,
             (Piece::Below(a), Piece::Below(b)) => a.saturating_add(len) == *b,
             (Piece::File { src: s, at: a }, Piece::File { src: t, at: b }) => {
+                Arc::ptr_eq(s, t) && a.saturating_add(len) == *b
+            }
+            (Piece::Sealed(s, a), Piece::Sealed(t, b)) => {
+                Arc::ptr_eq(s, t) && a.saturating_add(len) == *b
+            }
+            (Piece::Opened(s, a), Piece::Opened(t, b)) => {
                 Arc::ptr_eq(s, t) && a.saturating_add(len) == *b
             }
             _ => false,
@@ -93,6 +114,8 @@ impl Piece {
                     d.copy_from_slice(from);
                 }
             }
+            Piece::Sealed(s, o) => s.fill(*o, dst, below)?,
+            Piece::Opened(s, o) => s.fill(*o, dst, below)?,
         }
         Ok(())
     }
@@ -241,6 +264,11 @@ pub(super) struct Data {
     below: Option<Option<Arc<Chain>>>,
     /// Why the guest bytes cannot be predicted, if they cannot.
     pub(super) unknown: Option<String>,
+    /// The data key of an encrypted image: its guest data is written
+    /// encrypted.
+    pub(super) key: Option<crate::crypto::DataKey>,
+    /// For an overlay over an encrypted image: that image's key.
+    pub(super) below_key: Option<crate::crypto::DataKey>,
 }
 
 impl Default for Data {
@@ -250,11 +278,21 @@ impl Default for Data {
             new: NewData::Fill(DEFAULT_PATTERN),
             below: None,
             unknown: None,
+            key: None,
+            below_key: None,
         }
     }
 }
 
 impl Data {
+    /// Guest data for an image with this data key (none: not encrypted).
+    pub(super) fn with_key(key: Option<crate::crypto::DataKey>) -> Data {
+        Data {
+            key,
+            ..Default::default()
+        }
+    }
+
     /// The pattern a write of this operation uses.
     pub(super) fn pattern(&self) -> u8 {
         match self.new {
@@ -280,7 +318,15 @@ impl Sim {
                 snapshot_active_size: true,
                 ..Default::default()
             };
-            return Chain::open(base, &opts).map(Some);
+            let c = Chain::open(base, &opts)?;
+            // An encrypted image under the overlay reads with its key.
+            if let (Some(k), Some(img)) = (
+                &self.data.below_key,
+                c.layers.first().and_then(|l| l.qcow2()),
+            ) {
+                img.set_data_key(k.clone());
+            }
+            return Ok(Some(c));
         }
         if !self.backing_named {
             return Ok(None);
@@ -326,7 +372,7 @@ impl Sim {
                 None => Piece::Fill(0),
             },
         };
-        self.data.map.put(host.get(), len, piece);
+        self.data_put(host.get(), guest.get(), vec![(len, piece)]);
     }
 
     /// Copy-on-write: the guest bytes `guest..guest + len` of this layer, as
@@ -342,11 +388,7 @@ impl Sim {
             return Ok(());
         }
         let pieces = self.guest_pieces(guest.get(), len)?;
-        let mut at = host.get();
-        for (l, p) in pieces {
-            self.data.map.put(at, l, p);
-            at = at.saturating_add(l);
-        }
+        self.data_put(host.get(), guest.get(), pieces);
         Ok(())
     }
 
@@ -414,7 +456,7 @@ impl Sim {
                         .host_offset()
                         .0
                         .saturating_add(self.within(pos));
-                    self.host_pieces(host, n, &mut out);
+                    out.extend(self.host_plain(host, n, pos));
                 }
                 SubclusterType::ZeroPlain | SubclusterType::ZeroAlloc => {
                     out.push((n, Piece::Fill(0)));

@@ -53,7 +53,7 @@ mod zeroes;
 
 pub use bytes::{ClusterHasher, OverlaySource};
 pub use change::{Change, Target};
-pub use data::{DEFAULT_PATTERN, DataMap, Piece};
+pub use data::{DEFAULT_PATTERN, DataMap, Opened, Piece, Sealed};
 pub use error::SimError;
 use error::SimResult;
 pub use ops::Op;
@@ -298,7 +298,7 @@ impl Sim {
             counted_before_growth: None,
             unflushed: Default::default(),
             held_l2: None,
-            data: Default::default(),
+            data: data::Data::with_key(img.data_key().cloned()),
             base: img.src.clone(),
             path: path.to_path_buf(),
             geo,
@@ -492,7 +492,12 @@ impl Sim {
 
     /// The simulated image, opened.
     pub fn image(&self) -> Result<Qcow2> {
-        Qcow2::open(self.source(), Strictness::Lenient)
+        let img = Qcow2::open(self.source(), Strictness::Lenient)?;
+        // An encrypted image's guest data reads with the key it was given.
+        if let Some(k) = &self.data.key {
+            img.set_data_key(k.clone());
+        }
+        Ok(img)
     }
 
     /// Every cluster with a non-zero refcount, in order, after all operations.

@@ -131,6 +131,7 @@ impl Sim {
         let src = Arc::new(MemSource::new(label.clone(), bytes));
         let ov = Qcow2::open(src, Strictness::Lenient)?;
         let mut sim = Sim::new(&ov, Path::new(&label))?;
+        sim.data.below_key = img.data_key().cloned();
         // qemu-nbd -s opens the image and its backing chain read-only.
         sim.backing_failure = None;
         match crate::chain::Chain::open_detailed(base, &Default::default()) {

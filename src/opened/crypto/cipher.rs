@@ -224,9 +224,10 @@ impl CipherSpec {
     }
 }
 
-/// One sector's worth of decryption in one mode.
+/// One sector's worth of decryption (and encryption) in one mode.
 trait SectorMode: Send + Sync {
     fn decrypt(&self, iv: &[u8], data: &mut [u8]);
+    fn encrypt(&self, iv: &[u8], data: &mut [u8]);
 }
 
 /// One block's encryption (ESSIV's IV cipher).
@@ -249,18 +250,33 @@ where
             self.0.decrypt_sector(data, tweak);
         }
     }
+
+    fn encrypt(&self, iv: &[u8], data: &mut [u8]) {
+        let tweak = crate::bytes::array::<16>(iv, 0);
+        if data.len() >= 16 {
+            self.0.encrypt_sector(data, tweak);
+        }
+    }
 }
 
 struct Cbc<C>(C);
 
 impl<C> SectorMode for Cbc<C>
 where
-    C: BlockCipher + BlockDecrypt + Clone + Send + Sync,
+    C: BlockCipher + BlockDecrypt + BlockEncrypt + Clone + Send + Sync,
 {
     fn decrypt(&self, iv: &[u8], data: &mut [u8]) {
         if let Ok(d) = cbc::Decryptor::<C>::inner_iv_slice_init(self.0.clone(), iv) {
             // Whole sectors are whole blocks: nothing for NoPadding to refuse.
             let _ = d.decrypt_padded_mut::<NoPadding>(data);
+        }
+    }
+
+    fn encrypt(&self, iv: &[u8], data: &mut [u8]) {
+        use cipher::BlockEncryptMut;
+        if let Ok(e) = cbc::Encryptor::<C>::inner_iv_slice_init(self.0.clone(), iv) {
+            let len = data.len();
+            let _ = e.encrypt_padded_mut::<NoPadding>(data, len);
         }
     }
 }
@@ -269,11 +285,15 @@ struct Ecb<C>(C);
 
 impl<C> SectorMode for Ecb<C>
 where
-    C: BlockCipher + BlockDecrypt + Clone + Send + Sync,
+    C: BlockCipher + BlockDecrypt + BlockEncrypt + Clone + Send + Sync,
 {
     fn decrypt(&self, _iv: &[u8], data: &mut [u8]) {
         let d = ecb::Decryptor::<C>::inner_init(self.0.clone());
         let _ = d.decrypt_padded_mut::<NoPadding>(data);
+    }
+
+    fn encrypt(&self, _iv: &[u8], data: &mut [u8]) {
+        BlockEnc::encrypt(self, data);
     }
 }
 
@@ -302,6 +322,11 @@ where
             StreamCipherCoreWrapper::from_core(core).apply_keystream(data);
         }
     }
+
+    fn encrypt(&self, iv: &[u8], data: &mut [u8]) {
+        // A keystream: the same operation both ways.
+        self.decrypt(iv, data);
+    }
 }
 
 struct Ctr8<C>(C);
@@ -316,6 +341,11 @@ where
         if let Ok(core) = core {
             StreamCipherCoreWrapper::from_core(core).apply_keystream(data);
         }
+    }
+
+    fn encrypt(&self, iv: &[u8], data: &mut [u8]) {
+        // A keystream: the same operation both ways.
+        self.decrypt(iv, data);
     }
 }
 
@@ -499,6 +529,16 @@ impl SectorCipher {
             self.mode.decrypt(&iv, sector);
         }
     }
+
+    /// Encrypt `data` in place, as [`SectorCipher::decrypt_sectors`] undoes:
+    /// whole sectors, the first numbered `first_sector`; a short tail is left
+    /// as it is.
+    pub fn encrypt_sectors(&self, first_sector: u64, data: &mut [u8]) {
+        for (i, sector) in data.chunks_exact_mut(SECTOR_SIZE as usize).enumerate() {
+            let iv = self.iv(first_sector.wrapping_add(i as u64));
+            self.mode.encrypt(&iv, sector);
+        }
+    }
 }
 
 #[cfg(test)]
@@ -528,6 +568,34 @@ mod tests {
             c.iv(0x1_0000_0002).get(..8),
             Some(&[2u8, 0, 0, 0, 0, 0, 0, 0][..])
         );
+    }
+
+    #[test]
+    fn every_mode_decrypts_what_it_encrypts() {
+        let algs = [
+            CipherAlg::Aes128,
+            CipherAlg::Aes256,
+            CipherAlg::Serpent256,
+            CipherAlg::Twofish128,
+            CipherAlg::Cast5_128,
+        ];
+        let plain: Vec<u8> = (0..1024u32).map(|i| (i * 7 % 251) as u8).collect();
+        for alg in algs {
+            for mode in [Mode::Xts, Mode::Cbc, Mode::Ecb, Mode::Ctr] {
+                for ivgen in [IvGen::Plain, IvGen::Plain64, IvGen::Essiv] {
+                    let s = spec(alg, mode, ivgen);
+                    let key = vec![0x5au8; s.key_len()];
+                    let Ok(c) = SectorCipher::new(s, &key) else {
+                        continue;
+                    };
+                    let mut d = plain.clone();
+                    c.encrypt_sectors(9, &mut d);
+                    assert_ne!(d, plain, "{s:?} changes the bytes");
+                    c.decrypt_sectors(9, &mut d);
+                    assert_eq!(d, plain, "{s:?} round trip");
+                }
+            }
+        }
     }
 
     #[test]

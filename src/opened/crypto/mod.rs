@@ -44,8 +44,10 @@ pub enum KeySource {
 }
 
 /// The key that decrypts an image's data clusters.
+#[derive(Clone)]
 pub struct DataKey {
-    cipher: SectorCipher,
+    /// Shared by the copies a simulation makes for its simulated image.
+    cipher: std::sync::Arc<SectorCipher>,
     source: KeySource,
 }
 
@@ -91,7 +93,7 @@ impl DataKey {
                     Error::invalid("legacy AES key", HostOffset(Field::CryptMethod.offset()), e)
                 })?;
                 Ok(DataKey {
-                    cipher,
+                    cipher: std::sync::Arc::new(cipher),
                     source: KeySource::LegacyAes,
                 })
             }
@@ -112,7 +114,7 @@ impl DataKey {
                 let cipher = SectorCipher::new(spec, &mk.key)
                     .map_err(|e| Error::invalid("LUKS header", h.offset, e))?;
                 Ok(DataKey {
-                    cipher,
+                    cipher: std::sync::Arc::new(cipher),
                     source: KeySource::Luks { slot: mk.slot },
                 })
             }
@@ -121,6 +123,29 @@ impl DataKey {
             )
             .into()),
         }
+    }
+
+    /// A LUKS-style aes-256-xts-plain64 key of fixed bytes, for unit tests.
+    #[cfg(test)]
+    pub(crate) fn for_tests() -> DataKey {
+        let spec = CipherSpec {
+            alg: CipherAlg::Aes256,
+            mode: Mode::Xts,
+            ivgen: IvGen::Plain64,
+            ivgen_hash: None,
+        };
+        match SectorCipher::new(spec, &[7u8; 64]) {
+            Ok(c) => DataKey {
+                cipher: std::sync::Arc::new(c),
+                source: KeySource::Luks { slot: 0 },
+            },
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    /// The cipher, as LUKS spells it (`aes-256-xts-plain64`).
+    pub fn cipher_name(&self) -> String {
+        spec_name(&self.cipher.spec())
     }
 
     /// Where the key came from.
@@ -152,6 +177,13 @@ impl DataKey {
     pub fn decrypt(&self, host: HostOffset, guest: GuestOffset, data: &mut [u8]) {
         self.cipher
             .decrypt_sectors(self.iv_sector(host, guest), data);
+    }
+
+    /// Encrypt `data`, whole sectors to be stored at `host` for guest offset
+    /// `guest` (both sector-aligned), as QEMU writes guest data.
+    pub fn encrypt(&self, host: HostOffset, guest: GuestOffset, data: &mut [u8]) {
+        self.cipher
+            .encrypt_sectors(self.iv_sector(host, guest), data);
     }
 }
 
