@@ -229,7 +229,7 @@ impl Sim {
     /// (`update_refcount_discard`).
     pub(super) fn queue_discard(&mut self, c: u64, kind: Discard) {
         if self.passes(kind) {
-            self.discards.push((c, kind));
+            self.discards.push(c);
         }
     }
 
@@ -241,8 +241,8 @@ impl Sim {
         if !ok {
             return;
         }
-        for (c, kind) in queued {
-            if let Err(e) = self.punch_cluster(c, kind) {
+        for c in queued {
+            if let Err(e) = self.punch_cluster(c) {
                 self.note(format!(
                     "the discard of cluster {c} was not simulated: {}",
                     e.text()
@@ -254,7 +254,7 @@ impl Sim {
     /// A discard QEMU passes down to the image file for cluster `c`: its
     /// bytes within the file become a hole and read as zeros; the file keeps
     /// its length.
-    fn punch_cluster(&mut self, c: u64, kind: Discard) -> SimResult<()> {
+    fn punch_cluster(&mut self, c: u64) -> SimResult<()> {
         let start = self.cluster_start(c);
         let end = start.get().saturating_add(self.cs).min(self.file_len);
         let len = end.saturating_sub(start.get());
@@ -267,13 +267,7 @@ impl Sim {
             self.clusters.zero(c);
             return Ok(());
         }
-        let saved = self.reason.clone();
-        self.why(format!(
-            "the freed cluster {c} is discarded in the file ({kind:?}): it reads as zeros"
-        ));
-        let r = self.write_bytes(start, &vec![0u8; usize::try_from(len).unwrap_or(0)]);
-        self.reason = saved;
-        r
+        self.write_bytes(start, &vec![0u8; usize::try_from(len).unwrap_or(0)])
     }
 
     /// QEMU's `qcow2_free_any_cluster`: the host clusters an L2 entry

@@ -17,20 +17,15 @@ use crate::types::{GuestOffset, HostOffset};
 
 mod cow;
 
+/// QEMU's default L2 cache limit (`DEFAULT_L2_CACHE_MAX_SIZE`).
+const L2_CACHE_MAX: u64 = 32 << 20;
+
 impl Sim {
     /// Entries per L2 cache slice: a whole table, unless QEMU's default 32 MiB L2
     /// cache cannot cover the disk; then 4 KiB slices.
     pub(super) fn slice_entries(&self) -> u64 {
         let per_table = self.geo.l2_entries();
-        // read_cache_sizes: one entry (8 or 16 bytes) per guest cluster, rounded
-        // up to whole clusters, against the 32 MiB default.
-        let needed = self
-            .size
-            .div_ceil(self.cs)
-            .saturating_mul(self.geo.l2_entry_size())
-            .div_ceil(self.cs)
-            .saturating_mul(self.cs);
-        if needed > 32 << 20 {
+        if self.l2_cache_needed() > L2_CACHE_MAX {
             self.cs
                 .min(4096)
                 .checked_div(self.geo.l2_entry_size())
@@ -39,6 +34,30 @@ impl Sim {
         } else {
             per_table
         }
+    }
+
+    /// What QEMU's L2 cache would need to cover the whole disk
+    /// (`read_cache_sizes`: one entry, 8 or 16 bytes, per guest cluster,
+    /// rounded up to whole clusters).
+    fn l2_cache_needed(&self) -> u64 {
+        self.size
+            .div_ceil(self.cs)
+            .saturating_mul(self.geo.l2_entry_size())
+            .div_ceil(self.cs)
+            .saturating_mul(self.cs)
+    }
+
+    /// The L2 cache entries (slices) QEMU gives this image: what the disk
+    /// needs, up to the 32 MiB default, and at least two.
+    pub(super) fn l2_cache_entries(&self) -> u64 {
+        self.l2_cache_needed()
+            .min(L2_CACHE_MAX)
+            .checked_div(
+                self.slice_entries()
+                    .saturating_mul(self.geo.l2_entry_size()),
+            )
+            .unwrap_or(0)
+            .max(2)
     }
 
     /// Where entry `index` of the L2 table at `l2` is (saturating: `l2` comes from

@@ -25,6 +25,9 @@
 
 mod cache;
 
+/// QEMU's refcount cache entries (`MIN_REFCOUNT_CACHE_SIZE` blocks, its default).
+pub(super) const REFCOUNT_CACHE_ENTRIES: u64 = cache::ENTRIES as u64;
+
 use super::{Sim, SimError, SimResult, Target};
 use crate::header::Field;
 use crate::tables::{L1Entry, L2Entry, SubclusterType};
@@ -34,9 +37,6 @@ use crate::types::{GuestOffset, HostOffset};
 /// invalid entry is not simulated (QEMU's small caches would have written
 /// some of them back on their own long before).
 const MAX_LOGGED: usize = 1 << 16;
-
-/// QEMU's default L2 cache limit (`DEFAULT_L2_CACHE_MAX_SIZE`).
-const L2_CACHE_MAX: u64 = 32 << 20;
 
 /// One L2 entry an operation changed through QEMU's L2 cache.
 #[derive(Clone, Copy, Debug)]
@@ -356,17 +356,7 @@ impl Sim {
                 .skip(w.live_from)
                 .filter(|c| matches!(c.target, Target::L1Entry { .. }))
                 .count() as u64;
-            let bytes = self
-                .size
-                .div_ceil(self.cs)
-                .saturating_mul(self.geo.l2_entry_size())
-                .div_ceil(self.cs)
-                .saturating_mul(self.cs)
-                .min(L2_CACHE_MAX);
-            let entries = bytes
-                .checked_div(slice.saturating_mul(self.geo.l2_entry_size()))
-                .unwrap_or(0)
-                .max(2);
+            let entries = self.l2_cache_entries();
             if slices.saturating_add(copies) > entries {
                 return Some(format!(
                     "after it changed L2 entries and then went through more L2 slices than QEMU's L2 cache holds ({entries}), which may have written some of them back"

@@ -158,8 +158,8 @@ pub struct Sim {
     unmap: bool,
     /// A refcount walk is under way: discards wait for its end.
     cache_discards: bool,
-    /// The discards queued for the file (`s->discards`): cluster and kind.
-    discards: Vec<(u64, alloc::Discard)>,
+    /// The clusters whose discards are queued for the file (`s->discards`).
+    discards: Vec<u64>,
     steps: Vec<Change>,
     reason: String,
     /// Every operation so far.
@@ -251,8 +251,8 @@ impl Sim {
                 format!("QEMU refuses to open this image: {p}"),
             ));
         }
-        // An encrypted image opens read-write only with its key, which the
-        // simulator is not given: qemu-img fails the same way without one.
+        // An encrypted image opens read-write only with its key: without
+        // one, qemu-img fails the same way.
         if h.crypt_method != 0 && img.data_key().is_none() {
             return Err(Error::unsupported(
                 "simulation",

@@ -171,7 +171,7 @@ impl Sim {
             date_sec: now.as_secs() as u32,
             date_nsec: now.subsec_micros().saturating_mul(1000),
             vm_clock_nsec: 0,
-            disk_size: self.size & !511,
+            disk_size: self.disk_end(),
             icount: 0,
             extra_data_size: 24,
             unknown_extra: Vec::new(),
@@ -275,7 +275,7 @@ impl Sim {
             .cloned()
             .ok_or_else(|| SimError::Qemu("no snapshot".into()))?;
         self.check_snapshot_l1(&sn)?;
-        if sn.disk_size != self.size & !511 {
+        if sn.disk_size != self.disk_end() {
             self.note(format!(
                 "the snapshot's disk is {} bytes, the current one {}: QEMU resizes the disk first",
                 sn.disk_size, self.size

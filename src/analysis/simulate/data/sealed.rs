@@ -152,6 +152,9 @@ impl Sim {
             return;
         };
         let len = pieces.iter().fold(0u64, |a, (l, _)| a.saturating_add(*l));
+        if len == 0 {
+            return;
+        }
         let end = host.saturating_add(len);
         let (a, b) = (sector_floor(host), sector_ceil(end));
         let head = host.saturating_sub(a);

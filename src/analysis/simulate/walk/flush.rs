@@ -1,41 +1,16 @@
 //! The flush after the refcount walk (`bdrv_flush` at the end of
 //! `qcow2_update_snapshot_refcount`) when the overlap check stops an L2
 //! table the walk changed in QEMU's L2 cache (`qcow2_cache_entry_flush`
-//! checks the whole cached table, the active L2 tables aside).
+//! checks the cached slice it writes, the active L2 tables aside).
 
 use super::super::Sim;
 use super::super::SimError;
 use super::super::SimResult;
 use super::super::change::Target;
+use super::super::invalid::REFCOUNT_CACHE_ENTRIES;
 use crate::types::HostOffset;
 
-/// QEMU's refcount cache: `MIN_REFCOUNT_CACHE_SIZE` blocks, its default.
-const REFCOUNT_CACHE_BLOCKS: u64 = 4;
-
-/// QEMU's default L2 cache limit (`DEFAULT_L2_CACHE_MAX_SIZE`).
-const L2_CACHE_MAX: u64 = 32 << 20;
-
 impl Sim {
-    /// The L2 cache entries QEMU gives this image (`read_cache_sizes`: one
-    /// entry per guest cluster, rounded up to whole clusters, up to 32 MiB,
-    /// at least two cache entries).
-    fn l2_cache_entries(&self) -> u64 {
-        let bytes = self
-            .size
-            .div_ceil(self.cs)
-            .saturating_mul(self.geo.l2_entry_size())
-            .div_ceil(self.cs)
-            .saturating_mul(self.cs)
-            .min(L2_CACHE_MAX);
-        bytes
-            .checked_div(
-                self.slice_entries()
-                    .saturating_mul(self.geo.l2_entry_size()),
-            )
-            .unwrap_or(0)
-            .max(2)
-    }
-
     /// The L2 table, of those `held` whose changes the walk kept from the
     /// file because the overlap check will stop their write, that QEMU's L2
     /// cache still holds at the flush: a -1 walk that frees a table (its
@@ -101,9 +76,9 @@ impl Sim {
         let mut blocks: Vec<u64> = lost.iter().map(|&(c, ..)| c >> bb).collect();
         blocks.sort_unstable();
         blocks.dedup();
-        if blocks.len() as u64 > REFCOUNT_CACHE_BLOCKS {
+        if blocks.len() as u64 > REFCOUNT_CACHE_ENTRIES {
             return Err(SimError::NotModelled(format!(
-                "an operation that released clusters (a refcount walk with addend -1, a discard, a write-zeroes) whose flush the overlap check stops, after it changed refcounts in more refcount blocks than QEMU's refcount cache holds ({REFCOUNT_CACHE_BLOCKS}): evicting one writes the L2 tables it waits on first, during the walk"
+                "an operation that released clusters (a refcount walk with addend -1, a discard, a write-zeroes) whose flush the overlap check stops, after it changed refcounts in more refcount blocks than QEMU's refcount cache holds ({REFCOUNT_CACHE_ENTRIES}): evicting one writes the L2 tables it waits on first, during the walk"
             )));
         }
         let saved = self.reason.clone();
