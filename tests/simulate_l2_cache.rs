@@ -86,3 +86,74 @@ fn a_write_zeroes_in_4k_slices_of_a_40g_disk_loses_what_the_cache_holds() {
     let (errors, corrupt) = same_bytes(&w, "b.qcow2", make, &[&op]);
     assert!(errors[0].is_some() && corrupt, "{errors:?}");
 }
+
+/// A 5T disk of 2M clusters with extended L2: its tables would take 40M of
+/// cache, so QEMU's slices are 4k (256 entries), 512 to a table. Guest
+/// 0..64k written (its table `t0`, its data cluster `d`); with `snapshot`,
+/// snapshot `s1` is taken and its L1 entry 0, else active L1[1], then names
+/// the active L1 table's cluster as an L2 table, whose first slice holds
+/// the L1 table (160 bytes) and whose entry 256, the first of its second
+/// slice, is patched to name `d` (COPIED as `d`'s refcount of 1 wants it
+/// before a snapshot, cleared after). Where the L1 table is, for checks.
+fn l2_over_the_l1_cluster(w: &Work, image: &str, snapshot: bool) -> u64 {
+    let o = "extended_l2=on,cluster_size=2M";
+    w.qemu_img(&["create", "-q", "-f", "qcow2", "-o", o, image, "5T"]);
+    w.qemu_io(image, &["write -P 0x11 0 64k"]);
+    if snapshot {
+        w.qemu_img(&["snapshot", "-c", "s1", image]);
+    }
+    let l1 = u64_at(w, image, 40);
+    let t0 = u64_at(w, image, l1) & 0x00ff_ffff_ffff_fe00;
+    let d = u64_at(w, image, t0) & 0x00ff_ffff_ffff_fe00;
+    assert!(t0 != 0 && d != 0 && t0 != l1, "{image}: layout");
+    let copied = if snapshot { 0 } else { 1u64 << 63 };
+    if snapshot {
+        let table = u64_at(w, image, 64);
+        let snap_l1 = u64_at(w, image, table);
+        w.patch(image, snap_l1, &l1.to_be_bytes());
+    } else {
+        w.patch(image, l1 + 8, &((1u64 << 63) | l1).to_be_bytes());
+    }
+    w.patch(image, l1 + 4096, &(copied | d).to_be_bytes());
+    w.patch(image, l1 + 4096 + 8, &1u64.to_be_bytes());
+    l1
+}
+
+/// A snapshot's walk (addend +1) clears COPIED in both slices of the "L2
+/// table" that is the L1 table's cluster. At the flush after it the
+/// overlap check stops both: it looks at the whole clusters a write
+/// touches, so a slice of 4k is checked as its table is. The file keeps
+/// COPIED in entry 256, and the snapshot fails. (The metadata is compared,
+/// not the file's length: QEMU's file ends 160 bytes into the cluster of
+/// the snapshot's L1 table, written last, where the simulation ends it at
+/// the end of that cluster.)
+#[test]
+fn a_snapshot_walk_is_stopped_at_every_slice_of_a_table_over_metadata() {
+    let w = Work::new();
+    l2_over_the_l1_cluster(&w, "c.qcow2", false);
+    let sim = sim_compare::compare_metadata(w.dir.path(), "c.qcow2", &["snapshot-create:s1"])
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(sim.records[0].error.is_some());
+    assert!(sim_bytes::corrupt(&w, "c.qcow2"));
+    let l1 = u64_at(&w, "c.qcow2.qemu", 40);
+    assert_eq!(u64_at(&w, "c.qcow2.qemu", l1 + 4096) >> 63, 1);
+}
+
+/// A snapshot delete's walk (addend -1) sets COPIED in both slices of the
+/// "L2 table" that is the active L1 table's cluster, then frees that
+/// cluster (its refcount 1 goes to 0). QEMU then drops from its L2 cache
+/// only the slice at the cluster's start; the second slice stays, changed,
+/// and the flush after the walk meets the overlap check there: the delete
+/// fails and the image is marked corrupt. (Were the whole table dropped,
+/// as with slices of a whole cluster, nothing would stop the delete.)
+#[test]
+fn a_freed_table_leaves_its_later_slices_in_the_cache_for_the_overlap_check() {
+    let w = Work::new();
+    let make = |w: &Work, n: &str| {
+        l2_over_the_l1_cluster(w, n, true);
+    };
+    let (errors, corrupt) = same_bytes(&w, "d.qcow2", make, &["snapshot-delete:s1"]);
+    let first = errors[0].as_deref().unwrap_or_default();
+    assert!(first.contains("overlaps with active L1 table"), "{first}");
+    assert!(corrupt);
+}
