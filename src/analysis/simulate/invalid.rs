@@ -59,8 +59,6 @@ pub(super) struct Unflushed {
     /// write-zeroes or a copy-on-read), for an invalid entry (extended L2)
     /// or the overlap check to stop it.
     on: bool,
-    /// The open's repair of a dirty image changed metadata first.
-    repaired: bool,
     /// The guest range of the operation.
     range: (u64, u64),
     /// L2 entries changed, in order, with their values before.
@@ -104,9 +102,16 @@ impl Sim {
         self.unflushed.on
     }
 
-    /// The open's repair of a dirty image is done.
+    /// The open's repair of a dirty image is done. What it changed went
+    /// through QEMU's refcount cache as any operation's changes do (the
+    /// check reads and writes its L2 tables directly, never through the L2
+    /// cache); unless it marked the image clean, which writes the caches
+    /// back, the image stays dirty in QEMU's memory for the operation.
     pub(super) fn repaired_on_open(&mut self) {
-        self.unflushed.repaired = self.steps.iter().any(|c| !matches!(c.target, Target::Note));
+        let features = self.header_field(Field::IncompatibleFeatures);
+        if features & crate::header::INCOMPAT_DIRTY != 0 {
+            self.unflushed.rc.set_lazy();
+        }
     }
 
     /// Entry `index` of the L2 table at `table` is about to change from
@@ -293,9 +298,6 @@ impl Sim {
     /// Why what QEMU's caches hold at this point is not known, if it is not.
     fn cache_unknown(&mut self, l2_mark: usize) -> Option<String> {
         let log = &self.unflushed;
-        if log.repaired {
-            return Some("after the repair of a dirty image on its open changed metadata (QEMU does not write the refcounts that repair left in its cache, and they are lost)".into());
-        }
         if !log.on {
             return Some("in an operation whose use of QEMU's caches is not followed".into());
         }
