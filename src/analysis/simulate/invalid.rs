@@ -102,11 +102,12 @@ impl Sim {
         self.unflushed.on
     }
 
-    /// The open's repair of a dirty image is done. What it changed went
-    /// through QEMU's refcount cache as any operation's changes do (the
-    /// check reads and writes its L2 tables directly, never through the L2
-    /// cache); unless it marked the image clean, which writes the caches
-    /// back, the image stays dirty in QEMU's memory for the operation.
+    /// The open's repair of a dirty image is done. Its refcount changes
+    /// went through QEMU's refcount cache as any operation's do (a
+    /// rebuild's new blocks and table aside, written directly; the check
+    /// reads and writes L2 tables directly, never through the L2 cache).
+    /// Unless it marked the image clean, which writes the caches back, the
+    /// image stays dirty in QEMU's memory for the operation.
     pub(super) fn repaired_on_open(&mut self) {
         let features = self.header_field(Field::IncompatibleFeatures);
         if features & crate::header::INCOMPAT_DIRTY != 0 {

@@ -378,8 +378,8 @@ mod tests {
         }
         assert!(!c.empty(3));
         assert_eq!(c.held_from(2), 3);
-        // Block 5 takes entry 0 and block 2, read again, a new entry: the
-        // next four blocks replace 5 (changed) last of all.
+        // Block 5 takes entry 0, then 2 (read again), 6 and 7 the others;
+        // block 8 replaces the least recently used, 5, written back then.
         c.use_block(5, true, 4);
         for b in [2, 6, 7] {
             c.use_block(b, false, 5);
