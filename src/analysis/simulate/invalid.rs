@@ -66,8 +66,6 @@ pub(super) struct Unflushed {
     /// write-zeroes or a copy-on-read), for an invalid entry (extended L2)
     /// or the overlap check to stop it.
     on: bool,
-    /// The open's repair of a dirty image changed metadata first.
-    repaired: bool,
     /// L2 entries changed that QEMU's L2 cache holds unwritten, by the
     /// offset of their slice, with their values before.
     l2: HashMap<u64, Vec<L2Write>>,
@@ -137,9 +135,17 @@ impl Sim {
         self.unflushed.on
     }
 
-    /// The open's repair of a dirty image is done.
+    /// The open's repair of a dirty image is done. Its refcount changes
+    /// went through QEMU's refcount cache as any operation's do (a
+    /// rebuild's new blocks and table aside, written directly; the check
+    /// reads and writes L2 tables directly, never through the L2 cache).
+    /// Unless it marked the image clean, which writes the caches back, the
+    /// image stays dirty in QEMU's memory for the operation.
     pub(super) fn repaired_on_open(&mut self) {
-        self.unflushed.repaired = self.steps.iter().any(|c| !matches!(c.target, Target::Note));
+        let features = self.header_field(Field::IncompatibleFeatures);
+        if features & crate::header::INCOMPAT_DIRTY != 0 {
+            self.unflushed.rc.set_lazy();
+        }
     }
 
     /// Entry `index` of the L2 table at `table` is about to change from
@@ -346,9 +352,6 @@ impl Sim {
     /// Why what QEMU's caches hold at this point is not known, if it is not.
     fn cache_unknown(&self) -> Option<String> {
         let log = &self.unflushed;
-        if log.repaired {
-            return Some("after the repair of a dirty image on its open changed metadata (QEMU does not write the refcounts that repair left in its cache, and they are lost)".into());
-        }
         if !log.on {
             return Some("in an operation whose use of QEMU's caches is not followed".into());
         }

@@ -378,12 +378,16 @@ impl Sim {
             // the open ends; then a dirty image (lazy refcounts) is repaired
             // on a read-write open that is not itself a check.
             let r = self.drop_ignored_bitmaps(op);
+            // An open that fails here (a repair on open that fails fails
+            // the open) has no close that marks the image clean.
+            let mut open_failed = r.is_err();
             let r = if r.is_err() {
                 r
             } else if features & crate::header::INCOMPAT_DIRTY != 0 && !checking {
                 self.note("the image is dirty (lazy refcounts): QEMU repairs its refcounts on open, as qemu-img check -r all would".into());
                 let r = self.repair(true);
                 self.repaired_on_open();
+                open_failed = r.is_err();
                 r
             } else {
                 Ok(())
@@ -405,18 +409,25 @@ impl Sim {
             // operation failed.
             // A write stopped by the overlap check leaves the image unusable:
             // nothing more is written.
-            // A check's close then marks the image clean, also after a
-            // failed check.
+            // The close then marks the image clean (qcow2_inactivate): a
+            // check's, also after a failed check, and any other's, which
+            // finds it dirty when the repair on open left a corruption.
             let closed = if r.is_err() && self.marked_corrupt() {
                 self.bitmaps_left_in_use()
             } else {
                 self.store_bitmaps().and_then(|()| {
-                    if checking && !self.marked_corrupt() {
+                    if self.marked_corrupt() {
+                        Ok(())
+                    } else if checking {
                         self.mark_clean_on_close(
                             "the check closes the image, and the close marks it clean",
                         )
-                    } else {
+                    } else if open_failed {
                         Ok(())
+                    } else {
+                        self.mark_clean_on_close(
+                            "the repair on open left the image dirty; the close marks it clean",
+                        )
                     }
                 })
             };

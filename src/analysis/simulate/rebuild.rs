@@ -281,6 +281,9 @@ impl Sim {
         self.note(format!(
             "{why}: QEMU rebuilds the whole refcount structure (Rebuilding refcount structure)"
         ));
+        // qcow2_cache_empty: the new blocks are written directly, not
+        // through the refcount cache, which starts again empty.
+        self.refcount_cache_emptied();
         let mut rb = Rebuild {
             refs: imrt.clone(),
             len: imrt.nb_clusters,

@@ -356,14 +356,17 @@ impl Sim {
     /// QEMU's `qcow2_refcount_area` as `alloc_refcount_block` calls it: from
     /// `start` on, the refcount blocks still missing, then a new refcount table
     /// (half as large again as needed), all counted by themselves; the header
-    /// switches to it and the old table is freed.
+    /// switches to it and the old table is freed. Each block from the area's
+    /// table index on goes through QEMU's refcount cache, in order (a new one
+    /// and one that counts the new clusters changed there), the cache is
+    /// written back before the table, and `alloc_refcount_block` then takes
+    /// the new block `new_block` from the cache again.
     pub(super) fn refcount_area(
         &mut self,
         start: HostOffset,
         new_ti: u64,
         new_block: HostOffset,
     ) -> SimResult<()> {
-        self.refcount_table_replaced();
         let cs = self.cs;
         let bb = self.block_bits();
         let rbs = 1u64 << bb;
@@ -424,6 +427,7 @@ impl Sim {
                 b
             };
             let first = HostOffset(self.clusters_bytes(i.saturating_mul(rbs)));
+            self.refcount_block_used(self.cluster_of(block), existing == 0 || first < end);
             if first < end {
                 let j0 = if first < start {
                     self.cluster_of(start.saturating_sub(first))
@@ -445,6 +449,7 @@ impl Sim {
                 }
             }
         }
+        self.refcounts_flushed();
         let bytes: Vec<u8> = table.iter().flat_map(|e| e.to_be_bytes()).collect();
         self.write_bytes(table_offset, &bytes)?;
         self.allocated.push((
@@ -474,6 +479,8 @@ impl Sim {
             "the old refcount table",
             Discard::Other,
         );
+        // load_refcount_block: the new block, for the caller's update.
+        self.refcount_block_used(self.cluster_of(new_block), false);
         Ok(())
     }
 }

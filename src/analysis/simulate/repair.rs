@@ -355,11 +355,14 @@ impl Sim {
         Ok((left_corrupt, repaired))
     }
 
-    /// `qcow2_mark_clean` and `qcow2_mark_consistent`.
+    /// `qcow2_mark_clean` and `qcow2_mark_consistent`: each first writes
+    /// QEMU's caches back (`qcow2_flush_caches`; the check left nothing in
+    /// the L2 cache), when its bit is set.
     fn mark_clean(&mut self) -> SimResult<()> {
         let before = self.header_field(Field::IncompatibleFeatures);
         let after = before & !(crate::header::INCOMPAT_DIRTY | crate::header::INCOMPAT_CORRUPT);
         if after != before {
+            self.refcounts_flushed();
             self.why("no corruption left: the image is marked clean and consistent");
             self.set_header(Field::IncompatibleFeatures, after)?;
         }

@@ -11,6 +11,18 @@
 //! it depends on back, and forgets the dependency. Setting one dependency
 //! first writes back the cache the other way round.
 //!
+//! A new refcount table (`qcow2_refcount_area`) goes through the cache as
+//! well: each refcount block from the new area's first table index on is
+//! taken and put back in order (a new one, and one that counts the new
+//! clusters, changed), then the whole cache is written back, the old table
+//! is freed (a release) and the block the allocation asked for is taken
+//! again. The rebuild of a check empties the cache first
+//! (`qcow2_cache_empty`: written back, every entry forgotten). A repair on
+//! open that leaves a corruption does not mark the image clean: it stays
+//! dirty in QEMU's memory, QEMU then needs no accurate refcounts
+//! (`qcow2_need_accurate_refcounts`), and linking L2 entries sets no
+//! dependency.
+//!
 //! The model counts steps of the operation's record: an entry written back
 //! at step `s` carries every change recorded before `s`.
 
@@ -44,10 +56,9 @@ pub(in crate::analysis::simulate) struct RefcountCache {
     l2_on: bool,
     /// Per refcount block, the step at which it was last written back.
     written: BTreeMap<u64, usize>,
-    /// After a new refcount table (`qcow2_refcount_area`, whose use of the
-    /// cache is not followed), which entry a block would replace is not
-    /// known.
-    adrift: bool,
+    /// The image is dirty in QEMU's memory (`qcow2_need_accurate_refcounts`
+    /// is false): linking L2 entries sets no dependency.
+    lazy: bool,
     /// Why what the cache wrote back is not known, once it is not.
     unknown: Option<String>,
 }
@@ -68,11 +79,6 @@ impl RefcountCache {
         let i = match at {
             Some(i) => i,
             None => {
-                if self.adrift && self.entries.iter().any(|e| e.dirty) {
-                    self.unknown.get_or_insert_with(|| {
-                        "after a new refcount table (which refcount block QEMU's refcount cache then gave up is not followed)".into()
-                    });
-                }
                 // The lookup starts at entry (offset / cluster size * 4) % 4,
                 // which is 0: the first entry with the lowest stamp goes.
                 let mut victim = 0usize;
@@ -126,6 +132,16 @@ impl RefcountCache {
         l2
     }
 
+    /// `qcow2_cache_empty`: the cache is written back, then every entry is
+    /// forgotten and the counter starts again; true when the L2 cache went
+    /// first.
+    pub(in crate::analysis::simulate) fn empty(&mut self, step: usize) -> bool {
+        let l2 = self.flush(step);
+        self.entries = [Entry::default(); ENTRIES];
+        self.counter = 0;
+        l2
+    }
+
     /// A release: the refcount cache now depends on the L2 cache (first
     /// writing itself back if the L2 cache depended on it).
     pub(in crate::analysis::simulate) fn release(&mut self, step: usize) {
@@ -139,6 +155,9 @@ impl RefcountCache {
     /// refcount cache. True when the L2 cache is written back first (the
     /// refcount cache depended on it).
     pub(in crate::analysis::simulate) fn l2_linked(&mut self) -> bool {
+        if self.lazy {
+            return false;
+        }
         let l2 = std::mem::take(&mut self.on_l2);
         self.l2_on = true;
         l2
@@ -153,10 +172,10 @@ impl RefcountCache {
         }
     }
 
-    /// A new refcount table was made: from here on, which entry a block
-    /// replaces is not followed.
-    pub(in crate::analysis::simulate) fn set_adrift(&mut self) {
-        self.adrift = true;
+    /// The image stays dirty in QEMU's memory from here on (a repair on
+    /// open that did not mark it clean): refcounts need not be accurate.
+    pub(in crate::analysis::simulate) fn set_lazy(&mut self) {
+        self.lazy = true;
     }
 
     /// What the cache wrote back is not known, for `why`.
@@ -204,9 +223,13 @@ impl Sim {
         }
     }
 
-    /// A new refcount table replaced the old one.
-    pub(in crate::analysis::simulate) fn refcount_table_replaced(&mut self) {
-        self.unflushed.rc.set_adrift();
+    /// QEMU empties its refcount cache (`qcow2_cache_empty`, as the rebuild
+    /// of the refcount structure starts).
+    pub(in crate::analysis::simulate) fn refcount_cache_emptied(&mut self) {
+        let step = self.steps.len();
+        if self.unflushed.rc.empty(step) {
+            self.l2_written_back();
+        }
     }
 
     /// The first block status of the operation (QEMU's
@@ -217,9 +240,13 @@ impl Sim {
     /// or the file ends. With fewer clusters in use than that, every
     /// refcount block of the file is read, in order; what the file has on
     /// disk now is only known as far as a lower bound (as the file was,
-    /// less every cluster freed since and what a cut took), so when the
-    /// count may stop earlier than the last block the cache is not
-    /// followed.
+    /// less every cluster freed since and what a cut took): QEMU asks the
+    /// host file system (`bdrv_co_get_allocated_file_size`, st_blocks),
+    /// whose answer depends on how it allocates (its block size, room it
+    /// preallocates past the end, holes a punch leaves). So when the count
+    /// may stop earlier than the last block the cache is not followed; the
+    /// count itself stops at the cluster that reaches the lower bound's
+    /// threshold.
     pub(in crate::analysis::simulate) fn block_status_asked(&mut self) {
         let log = &mut self.unflushed;
         if !log.on || std::mem::replace(&mut log.detected, true) {
@@ -272,16 +299,23 @@ impl Sim {
             let to = from.saturating_add(1 << bb).min(end);
             let order = self.order;
             let data = self.cluster_ro(bc);
+            // Cluster by cluster, as QEMU counts: it stops at the cluster
+            // that brings the count to the threshold.
             for c in from..to {
                 let idx = c & crate::types::low_mask(bb);
                 if crate::refcount::get_refcount(data, order, idx) != 0 {
                     in_use = in_use.saturating_add(1);
+                    if in_use >= threshold {
+                        break;
+                    }
                 }
             }
-            if in_use >= threshold && ti < last_block {
-                self.unflushed.rc.give_up(
-                    "after block status, whose first look at the image reads refcounts until as many clusters are in use as the file stores on disk (and a ninth more), which may stop before the last refcount block".into(),
-                );
+            if in_use >= threshold {
+                if ti < last_block {
+                    self.unflushed.rc.give_up(
+                        "after block status, whose first look at the image reads refcounts until as many clusters are in use as the file has allocated on disk (st_blocks) and a ninth more: that may stop before the last refcount block, and how many blocks the host file system allocates for the file (its block size, preallocation past the end, holes it keeps) is not known here".into(),
+                    );
+                }
                 return;
             }
         }
@@ -337,16 +371,33 @@ mod tests {
     }
 
     #[test]
-    fn after_a_new_refcount_table_an_eviction_of_a_change_is_not_followed() {
+    fn an_emptied_cache_writes_its_changes_and_fills_from_the_first_entry() {
         let mut c = RefcountCache::default();
-        c.set_adrift();
         for b in 1..=4 {
-            c.use_block(b, false, 0);
+            c.use_block(b, b == 2, 0);
         }
-        c.use_block(5, false, 1);
-        assert!(c.unknown().is_none());
-        c.use_block(5, true, 2);
-        c.use_block(6, false, 3);
-        assert!(c.unknown().is_some());
+        assert!(!c.empty(3));
+        assert_eq!(c.held_from(2), 3);
+        // Block 5 takes entry 0, then 2 (read again), 6 and 7 the others;
+        // block 8 replaces the least recently used, 5, written back then.
+        c.use_block(5, true, 4);
+        for b in [2, 6, 7] {
+            c.use_block(b, false, 5);
+        }
+        c.use_block(8, false, 6);
+        assert_eq!(c.held_from(5), 6);
+    }
+
+    #[test]
+    fn a_dirty_image_links_l2_entries_without_a_dependency() {
+        let mut c = RefcountCache::default();
+        c.set_lazy();
+        c.use_block(1, true, 0);
+        c.release(1);
+        // No write-back of the L2 cache first, and none of the refcounts
+        // when the L2 cache is written back.
+        assert!(!c.l2_linked());
+        c.l2_flushed(true, 2);
+        assert_eq!(c.held_from(1), 0);
     }
 }
