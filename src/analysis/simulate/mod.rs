@@ -271,6 +271,7 @@ impl Sim {
             Some(_) => match crate::chain::Chain::open_detailed(path, &Default::default()) {
                 Ok(mut c) => {
                     c.layers.remove(0);
+                    backing::refuse_encrypted(&c)?;
                     (Some(c), None)
                 }
                 Err(f) => (None, Some(f)),
