@@ -26,7 +26,13 @@ use crate::types::{GuestOffset, HostOffset};
 /// One persistent bitmap as the simulator keeps it.
 #[derive(Clone, Debug)]
 pub(super) struct SimBitmap {
+    /// The name as text, for messages (bytes that are not UTF-8 shown as
+    /// U+FFFD).
     name: String,
+    /// The name's bytes as stored, to the first NUL: QEMU's open keeps the
+    /// name so (`g_strndup`), and its store writes these bytes and their
+    /// count, whatever they are.
+    name_bytes: Vec<u8>,
     flags: u32,
     bitmap_type: u8,
     granularity_bits: u8,
@@ -85,9 +91,9 @@ fn directory(list: &[SimBitmap]) -> Vec<u8> {
         dir.extend_from_slice(&bm.flags.to_be_bytes());
         dir.push(bm.bitmap_type);
         dir.push(bm.granularity_bits);
-        dir.extend_from_slice(&(bm.name.len() as u16).to_be_bytes());
+        dir.extend_from_slice(&(bm.name_bytes.len() as u16).to_be_bytes());
         dir.extend_from_slice(&0u32.to_be_bytes());
-        dir.extend_from_slice(bm.name.as_bytes());
+        dir.extend_from_slice(&bm.name_bytes);
         dir.resize(align8(dir.len() as u64) as usize, 0);
     }
     dir
@@ -133,16 +139,24 @@ pub(super) fn load(img: &Qcow2) -> std::result::Result<Option<Bitmaps>, String> 
     // their directory entry). When every bitmap is so, nothing of them
     // changes on the open or the close.
     let frozen = !entries.is_empty() && entries.iter().all(|e| e.flags & FLAG_IN_USE != 0);
-    // The names' bytes are known where they are UTF-8.
-    let in_place: u64 = if entries.iter().any(|e| e.name.contains('\u{fffd}')) {
-        directory_size
-    } else {
-        entries
-            .iter()
-            .map(|e| align8(24u64.saturating_add(e.name.len() as u64)))
-            .fold(0, u64::saturating_add)
-    };
+    // The directory QEMU's open writes in place: each entry's 24 bytes and
+    // its name to the first NUL, padded to 8 bytes.
+    let mut in_place = 0u64;
     for e in entries {
+        let at = e
+            .entry_offset
+            .get()
+            .saturating_add(24)
+            .saturating_add(u64::from(e.extra_data_size));
+        let raw = crate::io::read_exact(
+            &*img.src,
+            "a bitmap name",
+            HostOffset(at),
+            u64::from(e.name_size),
+        )
+        .map_err(|e| e.to_string())?;
+        let name_bytes = crate::bytes::c_string(&raw).to_vec();
+        in_place = in_place.saturating_add(align8(24u64.saturating_add(name_bytes.len() as u64)));
         if !(9..=31).contains(&e.granularity_bits) {
             return Err(format!(
                 "bitmap '{}' has granularity bits {}, outside what QEMU loads (9..31)",
@@ -151,6 +165,7 @@ pub(super) fn load(img: &Qcow2) -> std::result::Result<Option<Bitmaps>, String> 
         }
         list.push(SimBitmap {
             name: e.name.clone(),
+            name_bytes,
             flags: e.flags,
             bitmap_type: e.bitmap_type,
             granularity_bits: e.granularity_bits,
