@@ -69,6 +69,13 @@ impl Sim {
     /// range touches, a release of `kind` (see [`Discard`]); on failure, undo
     /// this call's earlier clusters. The discards it queued are punched as it
     /// returns (dropped when it fails), unless a walk keeps them for its end.
+    ///
+    /// The undo is QEMU's: this same update with the opposite sign, of the
+    /// bytes from `offset` to the cluster that failed (nothing when that is
+    /// the first: a length below 0 is refused, one of 0 does nothing). It can
+    /// fail too, where a refcount block made on the way took a cluster this
+    /// update had freed (a 1-bit refcount cannot count it again): it stops
+    /// there and undoes its own part, as any update does.
     pub(super) fn update_refcount(
         &mut self,
         offset: HostOffset,
@@ -98,12 +105,9 @@ impl Sim {
                     self.process_discards(false);
                 }
                 // "Try do undo any updates if an error is returned": an
-                // update of its own, a release when this one raised.
-                if c > first && !decrease {
-                    self.refcounts_released();
-                }
-                for u in first..c {
-                    let _ = self.update_one(u, addend, !decrease, Discard::Never);
+                // update of its own, whose own failure is not looked at.
+                if let Some(done) = self.cluster_start(c).get().checked_sub(offset.get()) {
+                    let _ = self.update_refcount(offset, done, addend, !decrease, Discard::Never);
                 }
                 result = Err(e);
                 break;
