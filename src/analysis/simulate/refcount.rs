@@ -275,9 +275,12 @@ impl Sim {
                 ti << bb,
             ));
             let other_ti = new_c >> bb;
-            // Its own refcount lives in another block, which must exist.
+            // Its own refcount lives in another block, which must exist. It
+            // is raised by an update of its own (`update_refcount`), whose
+            // end punches the discards queued so far, unless a walk holds
+            // them.
             let _ = self.refcount_block_for(other_ti, new_c)?;
-            self.update_one(new_c, 1, false, Discard::Never)?;
+            self.update_refcount(new_off, self.cs, 1, false, Discard::Never)?;
             self.refcounts_flushed();
             self.refcount_block_used(new_c, true);
             let zero = vec![0u8; self.cs as usize];
