@@ -1,6 +1,7 @@
 //! Persistent bitmaps the simulator once did not follow, against real
 //! qemu-img/qemu-io on a copy, operation by operation (see `sim_compare`):
-//! bitmaps marked in use beside bitmaps that are not.
+//! bitmaps marked in use beside bitmaps that are not; a name with a byte
+//! that is not UTF-8 and a NUL inside.
 
 mod common;
 mod sim_compare;
@@ -179,4 +180,54 @@ fn a_v2_image_amended_with_a_bitmap_drops_it_on_the_first_open() {
     assert!(sim.records[1..].iter().all(|r| r.error.is_none()));
     let after = open_path(&w.path("v.qcow2.qemu")).unwrap();
     assert!(after.bitmaps.is_none(), "QEMU kept the extension");
+}
+
+/// A bitmap name whose second byte is 0xff (not UTF-8) and third a NUL:
+/// QEMU keeps it to the NUL, two bytes. Where the directory of names so cut
+/// keeps its size, the open marks the bitmap in use in place and the close
+/// stores it with that two-byte name, every byte of the file as QEMU's;
+/// where it shrinks (40 bytes to 32), the open fails, and the next one
+/// ignores the bitmaps.
+#[test]
+fn a_name_not_utf8_with_a_nul_inside_is_kept_to_its_raw_bytes() {
+    let w = Work::new();
+    for (image, name, fails) in [
+        ("n4.qcow2", "bxab", false),
+        ("n11.qcow2", "bxabcdefghi", true),
+    ] {
+        w.qemu_img(&["create", "-q", "-f", "qcow2", image, "4M"]);
+        w.qemu_img(&["bitmap", "--add", image, name]);
+        let bytes = std::fs::read(w.path(image)).unwrap();
+        let at = bytes
+            .windows(name.len())
+            .position(|s| s == name.as_bytes())
+            .unwrap();
+        w.patch(image, at as u64 + 1, &[0xff, 0]);
+        let ops = ["write:0:512", "write:65536:512"];
+        let sim = compare(w.dir.path(), image, &ops).unwrap_or_else(|e| panic!("{image}: {e}"));
+        let first = sim.records[0].error.as_deref().unwrap_or_default();
+        assert_eq!(
+            first.contains("Can't update bitmap directory: Invalid argument"),
+            fails,
+            "{image}: {first}"
+        );
+        assert_eq!(sim.records[1].error, None, "{image}");
+        // The directory the close wrote (the metadata compared above has
+        // the names only as text), every byte.
+        let theirs = std::fs::read(w.path(&format!("{image}.qemu"))).unwrap();
+        let img = open_path(&w.path(&format!("{image}.qemu"))).unwrap();
+        match img.bitmaps {
+            Some(Ok(dir)) => {
+                assert!(!fails, "{image}: QEMU dropped the bitmaps");
+                let e = &dir[0];
+                assert_eq!(e.name_size, 2, "{image}");
+                let at = e.entry_offset.get() as usize;
+                assert_eq!(&theirs[at + 24..at + 26], b"b\xff", "{image}");
+                let mut ours = [0u8; 32];
+                sim.source().read_at(&mut ours, at as u64).unwrap();
+                assert!(ours == theirs[at..at + 32], "{image}: the new directory");
+            }
+            _ => assert!(fails, "{image}: QEMU kept the bitmaps"),
+        }
+    }
 }

@@ -277,6 +277,76 @@ fn the_cli_simulates_an_encrypted_image_given_its_key() {
     let out = w.qinspect(&args);
     assert_eq!(out.status.code(), Some(1), "{out:?}");
     assert!(out.stdout.is_empty());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("Could not open backing file"), "{err}");
+}
+
+/// An encrypted backing file: QEMU opens every image of the chain with the
+/// top one, and an encrypted one only with its own key, so qemu-img and
+/// qemu-io given only the top image's key (or none, over a plain image) fail
+/// at the open and write nothing. The simulation, which takes only the top
+/// image's key, refuses the chain in the library (`Sim::new` and
+/// `simulate_layers`), with qemu-img's words.
+#[test]
+fn a_chain_with_an_encrypted_backing_file_is_refused_by_the_library() {
+    let w = Work::new();
+    create(&w, "eb.qcow2", ",encrypt.format=luks,encrypt.iter-time=10");
+    let backing = ",backing_file=eb.qcow2,backing_fmt=qcow2";
+    create(
+        &w,
+        "eo.qcow2",
+        &format!(",encrypt.format=luks,encrypt.iter-time=10{backing}"),
+    );
+    let out = w.qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        &backing[1..],
+        "po.qcow2",
+        "1M",
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    const WORDS: &str =
+        "Could not open backing file: Parameter 'encrypt.key-secret' is required for cipher";
+    for (name, encrypted) in [("eo.qcow2", true), ("po.qcow2", false)] {
+        let before = std::fs::read(w.path(name)).expect("read the image");
+        let text = if encrypted {
+            enc_io(&w, name, "snapshot -c s").1 + &enc_io(&w, name, "write 0 512").1
+        } else {
+            let out = std::process::Command::new("qemu-img")
+                .args(["snapshot", "-c", "s", name])
+                .current_dir(w.dir.path())
+                .output()
+                .expect("run qemu-img");
+            assert!(!out.status.success(), "{name}: {out:?}");
+            String::from_utf8_lossy(&out.stderr).into_owned()
+        };
+        assert_eq!(
+            text.matches(WORDS).count(),
+            if encrypted { 2 } else { 1 },
+            "{name}: {text}"
+        );
+        assert!(
+            before == std::fs::read(w.path(name)).expect("read"),
+            "{name}: QEMU wrote"
+        );
+        let img = sim_compare::open_path(&w.path(name)).expect("open the image");
+        if encrypted {
+            let key = qinspect::crypto::DataKey::unlock(&img, b"pw").expect("unlock");
+            assert!(img.set_data_key(key));
+        }
+        let e = Sim::new(&img, &w.path(name))
+            .err()
+            .expect("Sim::new refuses");
+        let e = e.to_string();
+        assert!(e.contains(&format!("qemu-img: {WORDS}")), "{name}: {e}");
+        assert!(e.contains("eb.qcow2"), "{name}: {e}");
+        let ops = [sim_compare::parse_op("write:0:512")];
+        let e = qinspect::simulate::simulate_layers(&img, &w.path(name), &ops).err();
+        assert!(e.is_some_and(|e| e.to_string().contains(WORDS)), "{name}");
+    }
 }
 
 /// Data QEMU wrote before the simulation: a write inside one of its sectors

@@ -344,11 +344,11 @@ fn snapshot_field(img: &Qcow2, r: &Region, rel: u64, i: usize) -> Option<Decoded
 /// file (QEMU reads zeros there, or fails past `BDRV_MAX_LENGTH`).
 fn table_offset_meaning(img: &Qcow2, i: usize, b: &crate::bitmap::BitmapEntry) -> String {
     let at = format!("the bitmap table is at {:#x}", b.table_offset);
-    let len = u64::from(b.table_size).saturating_mul(8);
+    let len = b.table_bytes();
     if b.table_offset.get().saturating_add(len) <= img.file_len() {
         return at;
     }
-    if crate::io::ends_past_limit(b.table_offset, len) {
+    if b.table_ends_past_limit() {
         return format!(
             "{at}, ending past {:#x}, the largest offset QEMU reads: its read of the table fails",
             crate::types::BDRV_MAX_LENGTH

@@ -29,6 +29,28 @@ pub(super) fn open_words(op: &Op, path: &Path, reason: &str) -> String {
     }
 }
 
+/// Refuse a backing chain that holds an encrypted image. QEMU opens every
+/// image of the chain when it opens the top one, and an encrypted one only
+/// with its own key (`backing.encrypt.key-secret=ID`): without it every
+/// qemu-img and qemu-io command fails at the open. The simulation takes only
+/// the top image's key, so it cannot follow such a chain either way.
+pub(super) fn refuse_encrypted(chain: &crate::chain::Chain) -> crate::error::Result<()> {
+    let encrypted = chain
+        .layers
+        .iter()
+        .find(|l| l.qcow2().is_some_and(|i| i.header.crypt_method != 0));
+    match encrypted {
+        Some(l) => Err(crate::error::Error::unsupported(
+            "simulation",
+            format!(
+                "QEMU opens the encrypted backing file {} only with its own key (qemu-img: Could not open backing file: Parameter 'encrypt.key-secret' is required for cipher), and the simulation takes only the top image's key",
+                l.path.display()
+            ),
+        )),
+        None => Ok(()),
+    }
+}
+
 impl Sim {
     /// QEMU's failure to open the backing chain, in the words of `op`'s
     /// command, when QEMU's own open fails there.

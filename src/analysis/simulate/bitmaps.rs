@@ -26,7 +26,13 @@ use crate::types::{GuestOffset, HostOffset};
 /// One persistent bitmap as the simulator keeps it.
 #[derive(Clone, Debug)]
 pub(super) struct SimBitmap {
+    /// The name as text, for messages (bytes that are not UTF-8 shown as
+    /// U+FFFD).
     name: String,
+    /// The name's bytes as stored, to the first NUL: QEMU's open keeps the
+    /// name so (`g_strndup`), and its store writes these bytes and their
+    /// count, whatever they are.
+    name_bytes: Vec<u8>,
     flags: u32,
     bitmap_type: u8,
     granularity_bits: u8,
@@ -85,9 +91,9 @@ fn directory(list: &[SimBitmap]) -> Vec<u8> {
         dir.extend_from_slice(&bm.flags.to_be_bytes());
         dir.push(bm.bitmap_type);
         dir.push(bm.granularity_bits);
-        dir.extend_from_slice(&(bm.name.len() as u16).to_be_bytes());
+        dir.extend_from_slice(&(bm.name_bytes.len() as u16).to_be_bytes());
         dir.extend_from_slice(&0u32.to_be_bytes());
-        dir.extend_from_slice(bm.name.as_bytes());
+        dir.extend_from_slice(&bm.name_bytes);
         dir.resize(align8(dir.len() as u64) as usize, 0);
     }
     dir
@@ -133,16 +139,24 @@ pub(super) fn load(img: &Qcow2) -> std::result::Result<Option<Bitmaps>, String> 
     // their directory entry). When every bitmap is so, nothing of them
     // changes on the open or the close.
     let frozen = !entries.is_empty() && entries.iter().all(|e| e.flags & FLAG_IN_USE != 0);
-    // The names' bytes are known where they are UTF-8.
-    let in_place: u64 = if entries.iter().any(|e| e.name.contains('\u{fffd}')) {
-        directory_size
-    } else {
-        entries
-            .iter()
-            .map(|e| align8(24u64.saturating_add(e.name.len() as u64)))
-            .fold(0, u64::saturating_add)
-    };
+    // The directory QEMU's open writes in place: each entry's 24 bytes and
+    // its name to the first NUL, padded to 8 bytes.
+    let mut in_place = 0u64;
     for e in entries {
+        let at = e
+            .entry_offset
+            .get()
+            .saturating_add(24)
+            .saturating_add(u64::from(e.extra_data_size));
+        let raw = crate::io::read_exact(
+            &*img.src,
+            "a bitmap name",
+            HostOffset(at),
+            u64::from(e.name_size),
+        )
+        .map_err(|e| e.to_string())?;
+        let name_bytes = crate::bytes::c_string(&raw).to_vec();
+        in_place = in_place.saturating_add(align8(24u64.saturating_add(name_bytes.len() as u64)));
         if !(9..=31).contains(&e.granularity_bits) {
             return Err(format!(
                 "bitmap '{}' has granularity bits {}, outside what QEMU loads (9..31)",
@@ -151,6 +165,7 @@ pub(super) fn load(img: &Qcow2) -> std::result::Result<Option<Bitmaps>, String> 
         }
         list.push(SimBitmap {
             name: e.name.clone(),
+            name_bytes,
             flags: e.flags,
             bitmap_type: e.bitmap_type,
             granularity_bits: e.granularity_bits,
@@ -181,14 +196,26 @@ impl Sim {
     /// (`update_ext_header_and_dir_in_place`: the directory of their names,
     /// each to its first NUL, has another size than the file's) clears that
     /// bit instead and fails.
+    ///
+    /// Both write the header with `qcow2_update_header`, as does the marking
+    /// in use of every other open with bitmaps: where what it writes does not
+    /// fit the cluster, it writes nothing and fails (ENOSPC), and so does the
+    /// open, of this command and of every later one
+    /// ([`Sim::header_does_not_fit`]).
     pub(super) fn drop_ignored_bitmaps(&mut self, op: &super::Op) -> SimResult<()> {
+        let dropping = self.bitmaps.as_ref().is_some_and(|b| b.drop_extension);
+        if (dropping || self.marks_bitmaps()) && self.qemu_header_cluster()?.is_none() {
+            return Err(self.header_does_not_fit(op, dropping));
+        }
         if self.bitmaps.as_ref().is_some_and(|b| b.in_place_fails) {
             return self.in_place_marking_fails(op);
         }
-        if !self.bitmaps.as_ref().is_some_and(|b| b.drop_extension) {
+        if !dropping {
             return Ok(());
         }
-        let out = self.qemu_header_cluster()?;
+        let Some(out) = self.qemu_header_cluster()? else {
+            return Ok(());
+        };
         let why = if self.version < 3 {
             "the image is version 2, which has no autoclear bits, so QEMU cannot tell whether a program without bitmap support changed it (it warns so)"
         } else {
@@ -201,6 +228,34 @@ impl Sim {
         Ok(())
     }
 
+    /// The open's header update for the bitmaps (`dropping` the extension,
+    /// or else clearing autoclear bit 0 to mark them in use) that does not
+    /// fit the header cluster: nothing is written, the open fails, and every
+    /// later open fails the same way before it loads the bitmaps (the file
+    /// is as it was), so they are not stored on any close.
+    fn header_does_not_fit(&mut self, op: &super::Op, dropping: bool) -> super::SimError {
+        let (what, words) = if dropping {
+            (
+                "drops the ignored bitmaps extension",
+                "Could not update qcow2 header",
+            )
+        } else {
+            (
+                "clears autoclear bit 0 to mark the bitmaps in use",
+                "Can't update bitmap directory",
+            )
+        };
+        let no_space = super::update_header::NO_SPACE;
+        self.note(format!(
+            "QEMU's open {what} by writing the header cluster again (qcow2_update_header), but what it writes does not fit the cluster: it writes nothing and the open fails ({no_space}), as every later one does"
+        ));
+        let reason = format!("{words}: {no_space}");
+        let e = super::SimError::Qemu(super::backing::open_words(op, &self.path, &reason));
+        self.open_fails = Some(reason);
+        self.bitmaps = None;
+        e
+    }
+
     /// The open's failed marking of the bitmaps in use (see
     /// [`Sim::drop_ignored_bitmaps`]): the header written again, the
     /// extension kept (QEMU still counts the bitmaps) and autoclear bit 0
@@ -208,8 +263,9 @@ impl Sim {
     fn in_place_marking_fails(&mut self, op: &super::Op) -> SimResult<()> {
         self.note("QEMU's open marks the bitmaps in use by writing their directory in place, but the directory of their names (each to its first NUL byte, as QEMU reads them) has another size than the file's: it has cleared autoclear bit 0 first, writing the header again, and the open fails; the next open ignores the bitmaps".into());
         self.why("the open clears autoclear bit 0 before it writes the bitmap directory");
-        let out = self.qemu_header_cluster()?;
-        self.write_bytes(HostOffset(0), &out)?;
+        if let Some(out) = self.qemu_header_cluster()? {
+            self.write_bytes(HostOffset(0), &out)?;
+        }
         let autoclear = self.header_field(crate::header::Field::AutoclearFeatures);
         self.set_header(
             crate::header::Field::AutoclearFeatures,

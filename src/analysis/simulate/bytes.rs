@@ -178,9 +178,15 @@ impl Sim {
                 _ => 0,
             };
         }
-        // The header up to the field's end: Field::read finds it there.
+        // The header up to the field's end: Field::read finds it there. A
+        // feature bit QEMU could not store (its header rewrite did not fit,
+        // [`Sim::mark_corrupt`]) is in its memory all the same.
         let head = self.read_bytes(HostOffset(0), f.end());
-        f.read(&head)
+        let memory = match f {
+            Field::IncompatibleFeatures => self.unstored_features,
+            _ => 0,
+        };
+        f.read(&head) | memory
     }
 
     /// Set header field `f` to `v` (its low `f.size()` bytes, as QEMU stores

@@ -75,18 +75,25 @@ impl Sim {
             ));
         }
         let room = usize::try_from(cs.saturating_sub(1)).unwrap_or(0);
-        let order = self.placement_order(offset, end);
-        let started_at_once = order.len() <= MAX_WORKERS;
+        let clusters = end.saturating_sub(offset).div_ceil(cs.max(1));
+        let given = self.placement_order(offset, clusters);
+        let started_at_once = clusters <= MAX_WORKERS as u64;
         // s->free_byte_offset: 0 on every fresh open.
         let mut free_byte = HostOffset(0);
         let mut failed = None;
         // Every cluster of the request holds the same pattern: one stream for
-        // the whole clusters, one for a last cluster the disk's end cuts.
+        // the whole clusters, one for a last cluster the disk's end cuts,
+        // each compressed once.
         let mut streams: Vec<(u64, Option<Vec<u8>>)> = Vec::new();
+        let in_guest_order = (0..clusters).map(|i| offset.saturating_add(i.saturating_mul(cs)));
+        let order: Box<dyn Iterator<Item = GuestOffset>> = match given {
+            Some(v) => Box::new(v.into_iter()),
+            None => Box::new(in_guest_order),
+        };
         for pos in order {
             let bytes = cs.min(end.saturating_sub(pos));
-            let compressed = match streams.iter().find(|(b, _)| *b == bytes) {
-                Some((_, c)) => c.clone(),
+            let i = match streams.iter().position(|(b, _)| *b == bytes) {
+                Some(i) => i,
                 None => {
                     let mut data = vec![self.data.pattern(); usize::try_from(cs).unwrap_or(0)];
                     // The last cluster of a disk that ends inside it is zero-padded.
@@ -97,10 +104,11 @@ impl Sim {
                     let c = compress(kind, &data, room).map_err(|e| {
                         SimError::Qemu(format!("write failed: Input/output error ({e}) (EIO)"))
                     })?;
-                    streams.push((bytes, c.clone()));
-                    c
+                    streams.push((bytes, c));
+                    streams.len().saturating_sub(1)
                 }
             };
+            let compressed = streams.get(i).and_then(|(_, c)| c.as_deref());
             match compressed {
                 None => {
                     self.note(format!(
@@ -109,7 +117,7 @@ impl Sim {
                     self.write(pos, bytes)?;
                 }
                 Some(stream) => {
-                    if !self.place_compressed(pos, &stream, &mut free_byte)? {
+                    if !self.place_compressed(pos, stream, &mut free_byte)? {
                         let e = SimError::Qemu(format!(
                             "write failed: Input/output error (guest {pos:#x} is already allocated, and a compressed cluster never overwrites one) (EIO)"
                         ));
@@ -136,34 +144,30 @@ impl Sim {
         self.compressed_order = Some(order);
     }
 
-    /// The clusters of a compressed write of `offset..end` in the order they
-    /// are placed: the one given ([`Sim::place_compressed_in`]) when it is of
-    /// these clusters, else guest order, said to be one of QEMU's.
-    fn placement_order(&mut self, offset: GuestOffset, end: GuestOffset) -> Vec<GuestOffset> {
-        let step = usize::try_from(self.cs).unwrap_or(usize::MAX).max(1);
-        let guest: Vec<GuestOffset> = (offset.get()..end.get())
-            .step_by(step)
-            .map(GuestOffset)
-            .collect();
+    /// The order the `clusters` clusters of a compressed write from `offset`
+    /// are placed in: the one given ([`Sim::place_compressed_in`]) when it is
+    /// of these clusters, else `None`, guest order, said to be one of QEMU's.
+    fn placement_order(&mut self, offset: GuestOffset, clusters: u64) -> Option<Vec<GuestOffset>> {
+        let cs = self.cs;
+        let nth = |i: u64| offset.saturating_add(i.saturating_mul(cs));
         if let Some(given) = self.compressed_order.take() {
             let mut sorted = given.clone();
             sorted.sort_unstable();
-            if sorted == guest {
-                if given != guest {
+            if sorted.len() as u64 == clusters && (0u64..).zip(&sorted).all(|(i, g)| *g == nth(i)) {
+                if given != sorted {
                     self.note(
                         "the clusters of the request are taken in the order given, that of one run of QEMU".into(),
                     );
                 }
-                return given;
+                return Some(given);
             }
         }
-        if guest.len() > 1 {
+        if clusters > 1 {
             self.note(format!(
-                "QEMU compresses the {} clusters of this request in parallel and takes each as its compression ends, in an order that varies between runs: here they are taken in guest order, one of the orders QEMU can take",
-                guest.len()
+                "QEMU compresses the {clusters} clusters of this request in parallel and takes each as its compression ends, in an order that varies between runs: here they are taken in guest order, one of the orders QEMU can take"
             ));
         }
-        guest
+        None
     }
 
     /// `qcow2_alloc_compressed_cluster_offset` for the cluster at `guest`:

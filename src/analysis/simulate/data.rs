@@ -145,6 +145,8 @@ pub(super) struct Data {
     pub(super) key: Option<crate::crypto::DataKey>,
     /// For an overlay over an encrypted image: that image's key.
     pub(super) below_key: Option<crate::crypto::DataKey>,
+    /// The note that the data is stored encrypted, and the step it was put at.
+    pub(super) sealed_note: Option<(String, usize)>,
 }
 
 impl Default for Data {
@@ -156,6 +158,7 @@ impl Default for Data {
             unknown: None,
             key: None,
             below_key: None,
+            sealed_note: None,
         }
     }
 }

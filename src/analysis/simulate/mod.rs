@@ -193,9 +193,10 @@ pub struct Sim {
     /// Bumped on every write into the refcount table, so that the overlap
     /// check's memo knows when the refcount blocks may have moved.
     reftable_writes: u64,
-    /// A version 2 image's feature bits, which its header has no field for:
-    /// QEMU keeps them in memory for the one command (a corrupt bit it sets
-    /// stops that command's further writes, and the next open forgets it).
+    /// A version 2 image's feature bits, which its header has no field for,
+    /// or a corrupt bit whose header rewrite did not fit its cluster: QEMU
+    /// keeps them in memory for the one command (a corrupt bit it sets stops
+    /// that command's further writes, and the next open forgets it).
     unstored_features: u64,
     /// The overlap check's memo: the metadata layout it was made for, and the
     /// clusters an L2-entry write was found not to overlap under that layout.
@@ -271,6 +272,7 @@ impl Sim {
             Some(_) => match crate::chain::Chain::open_detailed(path, &Default::default()) {
                 Ok(mut c) => {
                     c.layers.remove(0);
+                    backing::refuse_encrypted(&c)?;
                     (Some(c), None)
                 }
                 Err(f) => (None, Some(f)),
@@ -416,7 +418,8 @@ impl Sim {
                 self.bitmaps_left_in_use()
             } else {
                 self.store_bitmaps().and_then(|()| {
-                    if self.marked_corrupt() {
+                    // (A failed open has no close.)
+                    if self.marked_corrupt() || self.open_fails.is_some() {
                         Ok(())
                     } else if checking {
                         self.mark_clean_on_close(

@@ -69,6 +69,13 @@ impl Sim {
     /// range touches, a release of `kind` (see [`Discard`]); on failure, undo
     /// this call's earlier clusters. The discards it queued are punched as it
     /// returns (dropped when it fails), unless a walk keeps them for its end.
+    ///
+    /// The undo is QEMU's: this same update with the opposite sign, of the
+    /// bytes from `offset` to the cluster that failed (nothing when that is
+    /// the first: a length below 0 is refused, one of 0 does nothing). It can
+    /// fail too, where a refcount block made on the way took a cluster this
+    /// update had freed (a 1-bit refcount cannot count it again): it stops
+    /// there and undoes its own part, as any update does.
     pub(super) fn update_refcount(
         &mut self,
         offset: HostOffset,
@@ -98,12 +105,9 @@ impl Sim {
                     self.process_discards(false);
                 }
                 // "Try do undo any updates if an error is returned": an
-                // update of its own, a release when this one raised.
-                if c > first && !decrease {
-                    self.refcounts_released();
-                }
-                for u in first..c {
-                    let _ = self.update_one(u, addend, !decrease, Discard::Never);
+                // update of its own, whose own failure is not looked at.
+                if let Some(done) = self.cluster_start(c).get().checked_sub(offset.get()) {
+                    let _ = self.update_refcount(offset, done, addend, !decrease, Discard::Never);
                 }
                 result = Err(e);
                 break;
@@ -272,9 +276,12 @@ impl Sim {
                 ti << bb,
             ));
             let other_ti = new_c >> bb;
-            // Its own refcount lives in another block, which must exist.
+            // Its own refcount lives in another block, which must exist. It
+            // is raised by an update of its own (`update_refcount`), whose
+            // end punches the discards queued so far, unless a walk holds
+            // them.
             let _ = self.refcount_block_for(other_ti, new_c)?;
-            self.update_one(new_c, 1, false, Discard::Never)?;
+            self.update_refcount(new_off, self.cs, 1, false, Discard::Never)?;
             self.refcounts_flushed();
             self.refcount_block_used(new_c, true);
             let zero = vec![0u8; self.cs as usize];

@@ -135,7 +135,9 @@ impl Sim {
 /// What QEMU's repair does with a finding of one kind.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Treatment {
-    /// It repairs it, or (a check error of its own) gets past it.
+    /// It repairs it, or (a check error of its own) gets past it; or, an
+    /// active L2 table its COPIED check cannot read, it repairs the
+    /// refcounts first and fails only at that check ([`Sim::fail_copied_read`]).
     Repaired,
     /// A corruption it reports and leaves as it is ([`Sim::left_as_is`]).
     LeftAsIs,

@@ -16,19 +16,36 @@
 //!    their order; the end mark;
 //! 3. the backing file name, to its first NUL byte; zeros to the end of the
 //!    cluster.
+//!
+//! It has one cluster for all of it: each part must fit whole in what is
+//! left (an extension with its padding, the name without a NUL), or it writes
+//! nothing and fails with ENOSPC, "No space left on device". The file's own
+//! header always fits its cluster (QEMU's open checks that), but the rewrite
+//! can be longer: QEMU adds its feature name table to a version 3 image with
+//! clusters over 4 KiB and an end mark to extensions that ran to their end
+//! without one.
 
 use super::{Sim, SimResult};
 use crate::bytes::{align8, c_string};
 use crate::header::{ExtensionKind, Field, Header};
 use crate::types::HostOffset;
 
+/// The text of `qcow2_update_header`'s failure when the header does not fit.
+pub(super) const NO_SPACE: &str = "No space left on device";
+
 /// One header extension as `header_ext_add` writes it: type, length, the data
-/// padded to 8 bytes.
-fn push_extension(out: &mut Vec<u8>, ext_type: u32, data: &[u8]) {
+/// padded to 8 bytes; `None` (ENOSPC, nothing added) when that does not fit
+/// whole in a cluster of `cs` bytes after what `out` holds.
+fn push_extension(out: &mut Vec<u8>, ext_type: u32, data: &[u8], cs: u64) -> Option<()> {
+    let len = 8u64.checked_add(align8(data.len() as u64))?;
+    if cs.checked_sub(out.len() as u64)? < len {
+        return None;
+    }
     out.extend_from_slice(&ext_type.to_be_bytes());
     out.extend_from_slice(&(data.len() as u32).to_be_bytes());
     out.extend_from_slice(data);
     out.resize(align8(out.len() as u64) as usize, 0);
+    Some(())
 }
 
 /// The feature name table QEMU writes (48 bytes a feature: type, bit, name).
@@ -87,42 +104,55 @@ fn fixed_part(h: &Header, c0: &[u8]) -> Vec<u8> {
 
 impl Sim {
     /// The header cluster `qcow2_update_header` writes now, from the header
-    /// cluster as it is (see the module's comment).
-    pub(super) fn qemu_header_cluster(&mut self) -> SimResult<Vec<u8>> {
+    /// cluster as it is (see the module's comment); `None` when it does not
+    /// fit the cluster (the update fails with ENOSPC and writes nothing).
+    pub(super) fn qemu_header_cluster(&mut self) -> SimResult<Option<Vec<u8>>> {
         let c0 = self.read_bytes(HostOffset(0), self.cs);
         self.qemu_header_cluster_from(&c0)
     }
 
     /// [`Sim::qemu_header_cluster`] from `c0`, the header cluster as it is.
-    fn qemu_header_cluster_from(&self, c0: &[u8]) -> SimResult<Vec<u8>> {
+    fn qemu_header_cluster_from(&self, c0: &[u8]) -> SimResult<Option<Vec<u8>>> {
         let h = Header::parse(c0)?;
         let (exts, _) = crate::header::parse_extensions(&h, c0);
+        let cs = self.cs;
         let mut out = fixed_part(&h, c0);
+        if out.len() as u64 > cs {
+            return Ok(None);
+        }
         let find = |t: u32| exts.iter().find(|e| e.ext_type == t);
+        let mut parts: Vec<(u32, &[u8])> = Vec::new();
         if let Some(e) = find(crate::header::EXT_BACKING_FORMAT) {
-            push_extension(&mut out, e.ext_type, c_string(&e.data));
+            parts.push((e.ext_type, c_string(&e.data)));
         }
         if let Some(e) = find(crate::header::EXT_DATA_FILE).filter(|_| h.has_data_file()) {
-            push_extension(&mut out, e.ext_type, c_string(&e.data));
+            parts.push((e.ext_type, c_string(&e.data)));
         }
         if let Some(e) = find(crate::header::EXT_CRYPTO) {
-            push_extension(&mut out, e.ext_type, &e.data);
+            parts.push((e.ext_type, &e.data));
         }
-        if h.version >= 3 && self.cs > 4096 {
-            push_extension(&mut out, crate::header::EXT_FEATURE_TABLE, &feature_table());
+        let features = feature_table();
+        if h.version >= 3 && cs > 4096 {
+            parts.push((crate::header::EXT_FEATURE_TABLE, &features));
         }
         if h.autoclear_features & crate::header::AUTOCLEAR_BITMAPS != 0
             && let Some(e) = find(crate::header::EXT_BITMAPS)
         {
-            push_extension(&mut out, e.ext_type, &e.data);
+            parts.push((e.ext_type, &e.data));
         }
         for e in exts
             .iter()
             .filter(|e| matches!(e.kind, ExtensionKind::Unknown))
         {
-            push_extension(&mut out, e.ext_type, &e.data);
+            parts.push((e.ext_type, &e.data));
         }
-        push_extension(&mut out, 0, &[]);
+        // The end mark.
+        parts.push((0, &[]));
+        for (t, data) in parts {
+            if push_extension(&mut out, t, data, cs).is_none() {
+                return Ok(None);
+            }
+        }
         if h.backing_file_offset.get() != 0 {
             let name = crate::bytes::slice(
                 c0,
@@ -131,12 +161,16 @@ impl Sim {
             );
             let name = c_string(name);
             let name_at = out.len() as u64;
+            // The name needs no NUL after it: it may end the cluster.
+            if cs.saturating_sub(name_at) < name.len() as u64 {
+                return Ok(None);
+            }
             Field::BackingFileOffset.write(&mut out, name_at);
             Field::BackingFileSize.write(&mut out, name.len() as u64);
             out.extend_from_slice(name);
         }
-        out.resize(self.cs as usize, 0);
-        Ok(out)
+        out.resize(cs as usize, 0);
+        Ok(Some(out))
     }
 
     /// `qcow2_mark_corrupt` for the reason `why` (QEMU's words): the corrupt
@@ -145,10 +179,24 @@ impl Sim {
     /// are recorded as field changes, any other byte QEMU writes differently
     /// (a feature name table put back, a header length of 112, ...) as a
     /// note and the bytes themselves.
+    ///
+    /// When the header does not fit its cluster the update fails and
+    /// nothing is written; QEMU does not look at that failure
+    /// (`qcow2_signal_corruption` makes the image unusable all the same): the
+    /// corrupt bit lives in its memory only, for this one command, and the
+    /// next open does not see it.
     pub(super) fn mark_corrupt(&mut self, why: String) -> SimResult<()> {
         let saved = self.reason.clone();
         self.why(why);
         let features = self.header_field(Field::IncompatibleFeatures);
+        if self.qemu_header_cluster()?.is_none() {
+            self.note(format!(
+                "QEMU sets the corrupt bit and writes the header cluster again (qcow2_update_header), but what it writes does not fit the cluster: the update fails ({NO_SPACE}) and writes nothing, so the bit stays in its memory for this command only"
+            ));
+            self.unstored_features = features | crate::header::INCOMPAT_CORRUPT;
+            self.reason = saved;
+            return Ok(());
+        }
         let mut r = self.set_header(
             Field::IncompatibleFeatures,
             features | crate::header::INCOMPAT_CORRUPT,
@@ -168,7 +216,10 @@ impl Sim {
     /// differently from what the file holds, with a note saying so.
     fn rewrite_header_rest(&mut self) -> SimResult<()> {
         let have = self.read_bytes(HostOffset(0), self.cs);
-        let want = self.qemu_header_cluster_from(&have)?;
+        // mark_corrupt found that it fits.
+        let Some(want) = self.qemu_header_cluster_from(&have)? else {
+            return Ok(());
+        };
         let differs = |(a, b): (&u8, &u8)| a != b;
         let Some(first) = want.iter().zip(&have).position(differs) else {
             return Ok(());

@@ -82,6 +82,17 @@ impl std::fmt::Display for DirEntryProblem {
 }
 
 impl BitmapEntry {
+    /// The bitmap table's length in bytes (8 a table entry).
+    pub fn table_bytes(&self) -> u64 {
+        u64::from(self.table_size).saturating_mul(8)
+    }
+
+    /// Whether the bitmap table would end past `BDRV_MAX_LENGTH`, the
+    /// largest offset QEMU reads: its read of the table fails.
+    pub fn table_ends_past_limit(&self) -> bool {
+        crate::io::ends_past_limit(self.table_offset, self.table_bytes())
+    }
+
     /// Why QEMU's open refuses this entry in an image of `cluster_size`-byte
     /// clusters and a disk of `disk_size` bytes, or `None` if it accepts it.
     pub fn problem(&self, cluster_size: u64, disk_size: u64) -> Option<DirEntryProblem> {

@@ -43,6 +43,54 @@ pub enum KeySource {
     LegacyAes,
 }
 
+impl KeySource {
+    /// Which offset's sector numbers this kind of key's IVs count.
+    pub fn iv_from(self) -> IvFrom {
+        match self {
+            KeySource::Luks { .. } => IvFrom::Host,
+            KeySource::LegacyAes => IvFrom::Guest,
+        }
+    }
+}
+
+/// Which offset's sector number becomes a 512-byte sector's IV: LUKS counts
+/// the sectors of the image file (the host offset), legacy AES those of the
+/// guest disk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IvFrom {
+    /// The host offset, for LUKS.
+    Host,
+    /// The guest offset, for legacy AES.
+    Guest,
+}
+
+impl IvFrom {
+    /// The rule of an image encrypted with `method` (`None` when it is not).
+    pub fn of(method: CryptMethod) -> Option<IvFrom> {
+        match method {
+            CryptMethod::Aes => Some(KeySource::LegacyAes.iv_from()),
+            CryptMethod::Luks => Some(KeySource::Luks { slot: 0 }.iv_from()),
+            CryptMethod::None | CryptMethod::Unknown(_) => None,
+        }
+    }
+
+    /// "host" or "guest".
+    pub fn name(self) -> &'static str {
+        match self {
+            IvFrom::Host => "host",
+            IvFrom::Guest => "guest",
+        }
+    }
+
+    /// The IV's sector number for the byte at `host` (file offset) = `guest`.
+    pub fn sector(self, host: HostOffset, guest: GuestOffset) -> u64 {
+        match self {
+            IvFrom::Host => host.get() / SECTOR_SIZE,
+            IvFrom::Guest => guest.get() / SECTOR_SIZE,
+        }
+    }
+}
+
 /// The key that decrypts an image's data clusters.
 #[derive(Clone)]
 pub struct DataKey {
@@ -161,10 +209,7 @@ impl DataKey {
     /// The sector number that becomes the IV for the byte at `host` (file
     /// offset) = `guest`: host-based for LUKS, guest-based for legacy AES.
     pub fn iv_sector(&self, host: HostOffset, guest: GuestOffset) -> u64 {
-        match self.source {
-            KeySource::Luks { .. } => host.get() / SECTOR_SIZE,
-            KeySource::LegacyAes => guest.get() / SECTOR_SIZE,
-        }
+        self.source.iv_from().sector(host, guest)
     }
 
     /// The IV itself for that sector (empty in ECB mode).
@@ -277,22 +322,20 @@ pub fn decrypt_step(
     host: HostOffset,
     guest: GuestOffset,
 ) -> Option<(DecryptStep, String)> {
-    let (spec, physical) = match img.header.crypt() {
-        CryptMethod::Aes => (Some(LEGACY_AES), false),
-        CryptMethod::Luks => (
-            img.data_key()
-                .map(DataKey::spec)
-                .or_else(|| luks_header(img).and_then(|h| h.ok()?.spec().ok())),
-            true,
-        ),
-        _ => return None,
+    let method = img.header.crypt();
+    let iv_from = IvFrom::of(method)?;
+    let spec = match method {
+        CryptMethod::Aes => Some(LEGACY_AES),
+        _ => img
+            .data_key()
+            .map(DataKey::spec)
+            .or_else(|| luks_header(img).and_then(|h| h.ok()?.spec().ok())),
     };
     let cipher = spec
         .as_ref()
         .map(spec_name)
         .unwrap_or_else(|| "unknown (the LUKS header cannot be used)".into());
-    let sector_of = if physical { host.get() } else { guest.get() };
-    let iv_sector = sector_of / SECTOR_SIZE;
+    let iv_sector = iv_from.sector(host, guest);
     let key = img.data_key();
     let key_slot = key.and_then(|k| match k.source {
         KeySource::Luks { slot } => Some(slot),
@@ -305,10 +348,9 @@ pub fn decrypt_step(
             .collect::<String>()
     });
     let sector_start = iv_sector.saturating_mul(SECTOR_SIZE);
-    let what = if physical {
-        format!("host offset {host:#x}")
-    } else {
-        format!("guest offset {guest:#x}")
+    let what = match iv_from {
+        IvFrom::Host => format!("host offset {host:#x}"),
+        IvFrom::Guest => format!("guest offset {guest:#x}"),
     };
     let key_text = match (key, key_slot) {
         (Some(_), Some(s)) => format!("with the master key from key slot {s}"),
@@ -326,7 +368,7 @@ pub fn decrypt_step(
         DecryptStep {
             cipher,
             iv_sector,
-            iv_from: if physical { "host" } else { "guest" },
+            iv_from: iv_from.name(),
             iv,
             key_slot,
             key_given: key.is_some(),

@@ -284,11 +284,6 @@ impl BitmapTables {
     }
 }
 
-/// Whether the table of `b` would end past [`BDRV_MAX_LENGTH`].
-fn ends_past_limit(b: &BitmapEntry) -> bool {
-    crate::io::ends_past_limit(b.table_offset, u64::from(b.table_size).saturating_mul(8))
-}
-
 /// QEMU's refusal to open an image whose bitmap directory failed to read as
 /// `e`: its entries do not fit it ("Broken bitmap directory"), go on past the
 /// count the extension gives, end, filling it, before that count, or end past
@@ -465,7 +460,7 @@ pub(super) fn read_bitmaps(
             }
             // A table ending past BDRV_MAX_LENGTH: QEMU's read of it fails,
             // and so does the open.
-            Err(_) if ends_past_limit(b) => {
+            Err(_) if b.table_ends_past_limit() => {
                 let e = Error::invalid(
                     format!("bitmap '{}' table", b.name),
                     b.table_offset,

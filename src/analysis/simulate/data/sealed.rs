@@ -161,20 +161,36 @@ impl Sim {
         let mut plain = self.host_plain(a, head, guest.saturating_sub(head));
         plain.extend(pieces);
         plain.extend(self.host_plain(end, b.saturating_sub(end), guest.saturating_add(len)));
-        let iv = match key.source() {
-            crate::crypto::KeySource::Luks { .. } => "host",
-            crate::crypto::KeySource::LegacyAes => "guest",
-        };
-        let text = format!(
-            "the data is stored encrypted ({}, each 512-byte sector with its {iv} sector number as IV), as QEMU stores it",
-            key.cipher_name()
-        );
-        if !self.steps.iter().any(|c| c.reason == text) {
-            self.note(text);
-        }
+        self.note_sealed(&key);
         let s = Sealed::new(a, guest.saturating_sub(head), plain, key);
         let n = s.len();
         self.data.map.put(a, n, Piece::Sealed(Arc::new(s), 0));
+    }
+
+    /// Say once in this operation that the data is stored encrypted with
+    /// `key`. The sentence is made on the first put, and is looked for at
+    /// the step it was last put at before the steps are searched.
+    fn note_sealed(&mut self, key: &crate::crypto::DataKey) {
+        let (text, at) = self.data.sealed_note.get_or_insert_with(|| {
+            let text = format!(
+                "the data is stored encrypted ({}, each 512-byte sector with its {} sector number as IV), as QEMU stores it",
+                key.cipher_name(),
+                key.source().iv_from().name()
+            );
+            (text, usize::MAX)
+        });
+        let same = |c: &super::super::change::Change| c.reason == *text;
+        if self.steps.get(*at).is_some_and(same) {
+            return;
+        }
+        match self.steps.iter().position(same) {
+            Some(i) => *at = i,
+            None => {
+                *at = self.steps.len();
+                let text = text.clone();
+                self.note(text);
+            }
+        }
     }
 
     /// The plaintext host bytes `host..host + n` (guest `guest..`) of an
