@@ -297,7 +297,13 @@ impl Sim {
     /// Refcounts an allocation changed are written first (the L2 cache
     /// waits on the refcount cache, `qcow2_alloc_cluster_link_l2`); from a
     /// release on, the refcount cache waits on the L2 cache
-    /// (`update_refcount`). Each changed L2 slice goes through the overlap
+    /// (`update_refcount`). On an image with lazy refcounts that a write's
+    /// link marked dirty ([`Sim::l2_link`]) the L2 cache waits on nothing:
+    /// the flush stops at it before the refcount cache, so the refcounts
+    /// that cache holds are lost. (At qemu-io's exit the flush is the
+    /// close's `bdrv_flush`, the same `qcow2_write_caches`; once it fails
+    /// the image is unusable and `qcow2_inactivate`, which would write the
+    /// refcount cache on its own, never runs.) Each changed L2 slice goes through the overlap
     /// check over the whole slice (the active L2 tables aside). A slice it
     /// stops is not written, its entries stay as the file had them, the
     /// image is marked corrupt and the flush fails; the other slices are
@@ -331,11 +337,6 @@ impl Sim {
 
     /// The flush of [`Sim::held_flush`] over the entries `held` back.
     fn held_l2_stopped(&mut self, held: Vec<(HostOffset, u64, u64, u64)>) -> SimResult<()> {
-        if self.header_field(Field::CompatibleFeatures) & 1 != 0 {
-            return Err(SimError::NotModelled(
-                "an operation whose L2 entries the overlap check stops when QEMU writes them back, on an image with lazy refcounts (its refcounts are not written before the L2 tables, and are lost)".into(),
-            ));
-        }
         let mut stop: Option<(Meta, HostOffset)> = None;
         let saved = self.reason.clone();
         self.why("not written: the overlap check stops this L2 slice when the flush writes it back from QEMU's L2 cache");
@@ -364,7 +365,11 @@ impl Sim {
         let Some((m, at)) = stop else {
             return Ok(());
         };
-        self.release_refcounts_lost()?;
+        if self.lazy_dirtied() {
+            self.lazy_refcounts_lost()?;
+        } else {
+            self.release_refcounts_lost()?;
+        }
         Err(self.overlap_stopped(m, at))
     }
 

@@ -144,11 +144,21 @@ impl Sim {
     /// `qcow2_update_header`: the bit and a disk size cut to whole sectors
     /// are recorded as field changes, any other byte QEMU writes differently
     /// (a feature name table put back, a header length of 112, ...) as a
-    /// note and the bytes themselves.
+    /// note and the bytes themselves. When this operation marked an image
+    /// with lazy refcounts dirty ([`Sim::l2_link`]), the dirty bit QEMU
+    /// wrote then stays: the image is never closed to clear it.
     pub(super) fn mark_corrupt(&mut self, why: String) -> SimResult<()> {
+        let mut features = self.header_field(Field::IncompatibleFeatures);
+        if self.lazy_dirtied() && features & crate::header::INCOMPAT_DIRTY == 0 {
+            features |= crate::header::INCOMPAT_DIRTY;
+            let saved = self.reason.clone();
+            self.why("qcow2_mark_dirty: a write's L2 entries were linked on an image with lazy refcounts (the bit stays, QEMU never closes the image to clear it)");
+            let r = self.set_header(Field::IncompatibleFeatures, features);
+            self.reason = saved;
+            r?;
+        }
         let saved = self.reason.clone();
         self.why(why);
-        let features = self.header_field(Field::IncompatibleFeatures);
         let mut r = self.set_header(
             Field::IncompatibleFeatures,
             features | crate::header::INCOMPAT_CORRUPT,

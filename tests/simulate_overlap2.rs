@@ -1,0 +1,146 @@
+//! The overlap check at a cache write-back, continued from
+//! `simulate_overlap.rs`: images with lazy refcounts, where a write's link
+//! of its L2 entries marks the image dirty (`qcow2_mark_dirty`) and QEMU's
+//! L2 cache then no longer waits on its refcount cache. Each image is broken
+//! as iotest 060 breaks its images (an L1 entry naming the L1 table as its
+//! L2 table); each operation is run by a real qemu-io on a copy and compared
+//! with the simulation, every byte of the file and `qemu-img check` of the
+//! result.
+
+mod common;
+mod sim_bytes;
+mod sim_compare;
+use common::Work;
+use sim_bytes::same_bytes;
+
+/// The 8 bytes at `at` of QEMU's copy of `image`.
+fn qemu_u64(w: &Work, image: &str, at: usize) -> u64 {
+    let bytes = std::fs::read(w.path(&format!("{image}.qemu"))).expect("read QEMU's copy");
+    u64::from_be_bytes(bytes[at..at + 8].try_into().expect("8"))
+}
+
+/// The 16-bit refcount of cluster `c` in QEMU's copy (the first refcount
+/// block is at 0x20000 in these images).
+fn qemu_refcount(w: &Work, image: &str, c: usize) -> u16 {
+    let bytes = std::fs::read(w.path(&format!("{image}.qemu"))).expect("read QEMU's copy");
+    u16::from_be_bytes(
+        bytes[0x20000 + 2 * c..0x20002 + 2 * c]
+            .try_into()
+            .expect("2"),
+    )
+}
+
+/// `qemu-img create` of `image` with lazy refcounts on.
+fn create_lazy(w: &Work, image: &str, size: &str) {
+    let o = ["create", "-q", "-f", "qcow2", "-o", "lazy_refcounts=on"];
+    w.qemu_img(&[&o[..], &[image, size]].concat());
+}
+
+/// A 4M image with lazy refcounts, guest 0..64k written (L1 at 0x30000, L2
+/// at 0x40000, data at 0x50000), and iotest 060's patch: L1 entry 0 names
+/// the L1 table as its L2 table.
+fn lazy_l2_over_l1(w: &Work, image: &str) {
+    create_lazy(w, image, "4M");
+    w.qemu_io(image, &["write -P 0x11 0 64k"]);
+    w.patch(image, 0x30000, &0x8000_0000_0003_0000_u64.to_be_bytes());
+}
+
+/// A write of guest 64k allocates cluster 0x60000 and links entry 1 of the
+/// "L2 table" that is the L1 table: the link marks the image dirty, so the
+/// L2 cache does not wait on the refcount cache. qemu-io's flush after the
+/// request writes the L2 cache first, the overlap check stops it, and
+/// `qcow2_write_caches` returns before the refcount cache: the new
+/// cluster's refcount is never written, the header keeps the dirty bit
+/// beside the corrupt one. (Refused before: "on an image with lazy
+/// refcounts".)
+#[test]
+fn a_guest_write_stopped_at_the_flush_on_a_lazy_refcounts_image_loses_its_refcounts() {
+    let w = Work::new();
+    let (errors, corrupt) =
+        same_bytes(&w, "lz.qcow2", lazy_l2_over_l1, &["write:65536:65536:P=34"]);
+    let e = errors[0].as_deref().unwrap_or_default();
+    assert!(e.contains("overlaps with active L1 table"), "{e}");
+    assert!(corrupt);
+    assert_eq!(qemu_u64(&w, "lz.qcow2", 72), 3, "dirty and corrupt");
+    assert_eq!(qemu_refcount(&w, "lz.qcow2", 6), 0);
+}
+
+/// The same with entry 1 naming guest 0's data cluster without COPIED: the
+/// write copies it to a new cluster and releases the old one. Neither
+/// refcount change reaches the file (the refcount cache is never written).
+#[test]
+fn a_lazy_guest_write_stopped_at_the_flush_loses_its_copy_and_its_release() {
+    let w = Work::new();
+    let make = |w: &Work, image: &str| {
+        lazy_l2_over_l1(w, image);
+        w.patch(image, 0x30008, &0x0000_0000_0005_0000_u64.to_be_bytes());
+    };
+    let (errors, corrupt) = same_bytes(&w, "lr.qcow2", make, &["write:65536:4096:P=34"]);
+    let e = errors[0].as_deref().unwrap_or_default();
+    assert!(e.contains("overlaps with active L1 table"), "{e}");
+    assert!(corrupt);
+    assert_eq!(qemu_u64(&w, "lr.qcow2", 72), 3, "dirty and corrupt");
+    assert_eq!(qemu_u64(&w, "lr.qcow2", 0x30008), 0x5_0000);
+    assert_eq!(qemu_refcount(&w, "lr.qcow2", 5), 1);
+    assert_eq!(qemu_refcount(&w, "lr.qcow2", 6), 0);
+}
+
+/// A copy-on-read of guest 64k on a lazy overlay: its write's link marks
+/// the image dirty. At qemu-io's exit the close's flush writes the L2
+/// cache, which the overlap check stops, and returns before the refcount
+/// cache; the image is unusable then, so the close writes nothing more:
+/// the new cluster's refcount is lost, the header keeps the dirty bit
+/// (without lazy refcounts the refcounts go first and stay,
+/// `simulate_overlap.rs`). The read itself succeeds.
+#[test]
+fn a_lazy_copy_on_read_stopped_at_exit_loses_its_refcounts_keeps_the_dirty_bit() {
+    let w = Work::new();
+    let make = |w: &Work, image: &str| {
+        w.qemu_img(&["create", "-q", "-f", "qcow2", "lb.qcow2", "4M"]);
+        w.qemu_io("lb.qcow2", &["write -P 0x21 0 1M"]);
+        let o = [
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "lazy_refcounts=on",
+            "-b",
+            "lb.qcow2",
+            "-F",
+            "qcow2",
+        ];
+        w.qemu_img(&[&o[..], &[image, "4M"]].concat());
+        w.qemu_io(image, &["write -P 0x11 0 64k"]);
+        w.patch(image, 0x30000, &0x8000_0000_0003_0000_u64.to_be_bytes());
+    };
+    let (errors, corrupt) = same_bytes(&w, "lc.qcow2", make, &["read:65536:65536"]);
+    assert_eq!(errors, [None]);
+    assert!(corrupt);
+    assert_eq!(qemu_u64(&w, "lc.qcow2", 72), 3, "dirty and corrupt");
+    assert_eq!(qemu_refcount(&w, "lc.qcow2", 6), 0);
+}
+
+/// A 1G lazy image with guest 0 and 512M written (L2 tables at 0x40000 and
+/// 0x60000), iotest 060's patch, and the last entry of the "L2 table" that
+/// is the L1 table naming guest 0's data cluster. `write -z -u` over
+/// guest 512M-64k..512M+64k links nothing, so the image stays clean and
+/// the flush goes as without lazy refcounts: the other slice is written,
+/// the releases (waiting on the L2 cache) are not.
+#[test]
+fn a_lazy_write_zeroes_unmap_stopped_at_the_flush_writes_no_refcount() {
+    let w = Work::new();
+    let make = |w: &Work, image: &str| {
+        create_lazy(w, image, "1G");
+        w.qemu_io(image, &["write -P 0x11 0 64k", "write -P 0x12 512M 64k"]);
+        w.patch(image, 0x30000, &0x8000_0000_0003_0000_u64.to_be_bytes());
+        w.patch(image, 0x3fff8, &0x8000_0000_0005_0000_u64.to_be_bytes());
+    };
+    let ops = ["write-zeroes:536805376:131072:unmap"];
+    let (errors, corrupt) = same_bytes(&w, "lu.qcow2", make, &ops);
+    let e = errors[0].as_deref().unwrap_or_default();
+    assert!(e.contains("overlaps with active L1 table"), "{e}");
+    assert!(corrupt);
+    assert_eq!(qemu_u64(&w, "lu.qcow2", 72), 2, "corrupt, not dirty");
+    assert_eq!(qemu_u64(&w, "lu.qcow2", 0x60000), 1);
+}
