@@ -144,3 +144,44 @@ fn a_lazy_write_zeroes_unmap_stopped_at_the_flush_writes_no_refcount() {
     assert_eq!(qemu_u64(&w, "lu.qcow2", 72), 2, "corrupt, not dirty");
     assert_eq!(qemu_u64(&w, "lu.qcow2", 0x60000), 1);
 }
+
+/// A 1G image with guest 0, 512M and 512M+64k written (L2 tables at 0x40000
+/// and 0x60000), iotest 060's patch, the last entry of the "L2 table" that
+/// is the L1 table naming guest 0's data cluster, and entry 1 of 0x60000
+/// left without COPIED. `write -z -u` over guest 512M-64k..512M+68k zeroes
+/// two whole clusters (releasing them: the refcount cache now waits on the
+/// L2 cache) and writes zeros over the partial cluster at 512M+64k, which
+/// copies it to a new cluster. That write's link makes QEMU write its L2
+/// cache back first: the overlap check stops the slice in the L1 table and
+/// marks the image corrupt, the other slice is written. QEMU ignores that
+/// failure: the new cluster's data is written, its L2 entry and every
+/// refcount change from the first release on are not, and the write
+/// succeeds. (Refused before: "allocated a cluster after it released one".)
+#[test]
+fn a_write_zeroes_whose_fallback_write_links_after_a_release_is_stopped_there() {
+    let w = Work::new();
+    let make = |w: &Work, image: &str| {
+        w.qemu_img(&["create", "-q", "-f", "qcow2", image, "1G"]);
+        let writes = [
+            "write -P 0x11 0 64k",
+            "write -P 0x12 512M 64k",
+            "write -P 0x13 536936448 64k",
+        ];
+        w.qemu_io(image, &writes);
+        w.patch(image, 0x30000, &0x8000_0000_0003_0000_u64.to_be_bytes());
+        w.patch(image, 0x3fff8, &0x8000_0000_0005_0000_u64.to_be_bytes());
+        w.patch(image, 0x60008, &0x0000_0000_0008_0000_u64.to_be_bytes());
+    };
+    let ops = ["write-zeroes:536805376:135168:unmap"];
+    let (errors, corrupt) = same_bytes(&w, "zl.qcow2", make, &ops);
+    assert_eq!(errors, [None]);
+    assert!(corrupt);
+    assert_eq!(qemu_u64(&w, "zl.qcow2", 0x60000), 1, "the other slice");
+    assert_eq!(
+        qemu_u64(&w, "zl.qcow2", 0x60008),
+        0x8_0000,
+        "the link's entry"
+    );
+    assert_eq!(qemu_refcount(&w, "zl.qcow2", 7), 1);
+    assert_eq!(qemu_refcount(&w, "zl.qcow2", 8), 1);
+}

@@ -23,6 +23,7 @@
 //! the request has been placed, so a piece that meets the entry finds none
 //! of them in the cache.
 
+mod backs;
 mod cache;
 
 /// QEMU's refcount cache entries (`MIN_REFCOUNT_CACHE_SIZE` blocks, its default).
@@ -72,6 +73,9 @@ pub(super) struct Unflushed {
     overflow: bool,
     /// The step at which QEMU last wrote the L2 cache back.
     written_at: usize,
+    /// The steps at which QEMU wrote the L2 cache back, in order, each
+    /// with whether a write's link made it ([`backs`]).
+    l2_backs: Vec<(usize, bool)>,
     /// QEMU's refcount cache.
     rc: cache::RefcountCache,
     /// The first block status of the operation has read its refcounts.
@@ -193,6 +197,9 @@ impl Sim {
     fn l2_written_back(&mut self) {
         let log = &mut self.unflushed;
         log.written_at = self.steps.len();
+        if log.l2_backs.len() < MAX_LOGGED {
+            log.l2_backs.push((log.written_at, false));
+        }
         if let Some((piece, Some(first), later)) = &mut log.request
             && *piece > *first
             && later.last() != Some(piece)
@@ -225,6 +232,9 @@ impl Sim {
         let linked = self.unflushed.l2.iter().any(|w| w.live_from == usize::MAX);
         if linked && self.unflushed.on && !self.unflushed.dirtied && self.unflushed.rc.l2_linked() {
             self.l2_written_back();
+            if let Some(last) = self.unflushed.l2_backs.last_mut() {
+                last.1 = true;
+            }
         }
         let log = &mut self.unflushed;
         log.request = None;
