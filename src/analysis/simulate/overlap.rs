@@ -16,8 +16,11 @@
 //! back: for a guest write or write-zeroes at qemu-io's flush after the
 //! request, for a discard, copy-on-read or compressed write at qemu-io's
 //! exit ([`Sim::held_flush`]), for the refcount walk at the flush after the
-//! walk (`walk/flush.rs`); the other operations (a repair's COPIED fixes,
-//! a shrink's discard) check it as it changes.
+//! walk (`walk/flush.rs`), for a shrink's discard at the end of the
+//! truncate ([`Sim::shrink_flush`]); a repair's COPIED fixes check it as it
+//! changes.
+
+mod shrink;
 
 use super::{Sim, SimError, SimResult, Target};
 use crate::header::Field;
