@@ -215,3 +215,34 @@ fn a_shrink_whose_discard_the_overlap_check_stops_at_the_end_keeps_its_cut() {
         .len();
     assert_eq!(len, 0x60000, "the file is cut");
 }
+
+/// As above with guest 1M written too (its cluster 0x70000 last in the
+/// file, so nothing is cut): the discarded cluster 0x60000 is punched in
+/// the file when its refcount drops to 0 in the cache (a shrink's discard
+/// is always passed down) and reads as zeros, while the refcount the file
+/// keeps for it stays 1.
+#[test]
+fn a_shrink_stopped_at_the_end_punches_the_cluster_its_lost_release_freed() {
+    let w = Work::new();
+    let make = |w: &Work, image: &str| {
+        w.qemu_img(&["create", "-q", "-f", "qcow2", image, "4M"]);
+        let writes = [
+            "write -P 0x11 0 64k",
+            "write -P 0x12 3M 64k",
+            "write -P 0x13 1M 64k",
+        ];
+        w.qemu_io(image, &writes);
+        w.patch(image, 0x30000, &0x8000_0000_0003_0000_u64.to_be_bytes());
+        w.patch(image, 0x30180, &0x8000_0000_0006_0000_u64.to_be_bytes());
+    };
+    let (errors, corrupt) = same_bytes(&w, "sp.qcow2", make, &["resize:2097152:shrink"]);
+    let e = errors[0].as_deref().unwrap_or_default();
+    assert!(e.contains("Failed to flush the L2 table cache"), "{e}");
+    assert!(corrupt);
+    assert_eq!(qemu_refcount(&w, "sp.qcow2", 6), 1);
+    assert_eq!(qemu_u64(&w, "sp.qcow2", 0x60000), 0, "punched");
+    let len = std::fs::metadata(w.path("sp.qcow2.qemu"))
+        .expect("QEMU's copy")
+        .len();
+    assert_eq!(len, 0x80000, "nothing cut");
+}
