@@ -246,3 +246,46 @@ fn a_shrink_stopped_at_the_end_punches_the_cluster_its_lost_release_freed() {
         .len();
     assert_eq!(len, 0x80000, "nothing cut");
 }
+
+/// iotest 060's image: entry 0 of the "L2 table" that is the L1 table names
+/// that table itself. A discard (or `write -z -u`) of guest 0 releases its
+/// cluster from within the table, whose refcount drops to 0 while QEMU's
+/// L2 cache holds it in use: QEMU 10.0.2 aborts on an assertion in
+/// `qcow2_cache_discard`, and the simulation refuses the case instead of
+/// predicting an image marked corrupt.
+#[test]
+fn a_discard_that_frees_the_l2_table_it_changes_is_refused_where_qemu_aborts() {
+    let w = Work::new();
+    for (image, op, cmd) in [
+        ("fa.qcow2", "discard:0:65536", "discard 0 64k"),
+        (
+            "fz.qcow2",
+            "write-zeroes:0:65536:unmap",
+            "write -z -u 0 64k",
+        ),
+    ] {
+        w.qemu_img(&["create", "-q", "-f", "qcow2", image, "4M"]);
+        w.qemu_io(image, &["write -P 0x11 0 64k"]);
+        w.patch(image, 0x30000, &0x8000_0000_0003_0000_u64.to_be_bytes());
+        let img = sim_compare::open_path(&w.path(image)).expect("open");
+        let sim = qinspect::simulate::simulate(&img, &w.path(image), &[sim_compare::parse_op(op)])
+            .expect("sim");
+        let r = &sim.records[0];
+        assert!(
+            matches!(r.cause, Some(qinspect::simulate::SimError::NotModelled(_))),
+            "{op}: {:?}",
+            r.error
+        );
+        let out = std::process::Command::new("qemu-io")
+            .args(["-f", "qcow2", "-c", cmd, image])
+            .current_dir(w.dir.path())
+            .output()
+            .expect("run qemu-io");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{cmd}: qemu-io succeeded");
+        assert!(
+            stderr.contains("qcow2_cache_discard: Assertion"),
+            "{cmd}: {stderr}"
+        );
+    }
+}
