@@ -289,3 +289,40 @@ fn a_discard_that_frees_the_l2_table_it_changes_is_refused_where_qemu_aborts() {
         );
     }
 }
+
+/// A 4M image with guest 0 written and snapshot `s1` (L2 table 0x40000
+/// shared), entry 1 of that table naming the table itself and the table's
+/// refcount set to 1: deleting `s1` walks the table with addend -1, and the
+/// entry's -1 frees the table while QEMU's L2 cache holds it in use. QEMU
+/// 10.0.2 aborts (`qcow2_cache_discard`'s assertion); the simulation
+/// refuses, where it predicted a refcount going below 0 before.
+#[test]
+fn a_snapshot_delete_that_frees_the_l2_table_it_walks_is_refused_where_qemu_aborts() {
+    let w = Work::new();
+    let image = "fw.qcow2";
+    w.qemu_img(&["create", "-q", "-f", "qcow2", image, "4M"]);
+    w.qemu_io(image, &["write -P 0x11 0 64k"]);
+    w.qemu_img(&["snapshot", "-c", "s1", image]);
+    w.patch(image, 0x40008, &0x0000_0000_0004_0000_u64.to_be_bytes());
+    w.set_refcount(image, 4, 1);
+    let img = sim_compare::open_path(&w.path(image)).expect("open");
+    let ops = [sim_compare::parse_op("snapshot-delete:s1")];
+    let sim = qinspect::simulate::simulate(&img, &w.path(image), &ops).expect("sim");
+    let r = &sim.records[0];
+    assert!(
+        matches!(r.cause, Some(qinspect::simulate::SimError::NotModelled(_))),
+        "{:?}",
+        r.error
+    );
+    let out = std::process::Command::new("qemu-img")
+        .args(["snapshot", "-d", "s1", image])
+        .current_dir(w.dir.path())
+        .output()
+        .expect("run qemu-img");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "qemu-img succeeded");
+    assert!(
+        stderr.contains("qcow2_cache_discard: Assertion"),
+        "{stderr}"
+    );
+}
