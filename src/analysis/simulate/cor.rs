@@ -213,6 +213,8 @@ impl Sim {
     pub(super) fn top_type(&mut self, l2: HostOffset, g: GuestOffset) -> SubclusterType {
         let index = self.geo.l2_index(g);
         let sc = self.geo.subcluster_index(g);
+        // qcow2_get_host_offset: the slice through QEMU's L2 cache.
+        self.l2_slice_used(l2, index, false);
         let (raw, bitmap) = self.l2_entry_at(l2, index);
         L2Entry { raw, bitmap }.subcluster_type(&self.geo, self.has_data_file, sc)
     }

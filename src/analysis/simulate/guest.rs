@@ -140,8 +140,12 @@ impl Sim {
                 "guest offset {guest:#x} is beyond the L1 table (EIO)"
             )));
         };
+        let index = self.geo.l2_index(guest);
         if e.copied() {
-            return Ok(e.l2_offset().unwrap_or_default());
+            let l2 = e.l2_offset().unwrap_or_default();
+            // l2_load: the slice through QEMU's L2 cache.
+            self.l2_slice_used(l2, index, false);
+            return Ok(l2);
         }
         let old = e.l2_offset().filter(|&o| o != HostOffset(0));
         let saved = self.reason.clone();
@@ -160,7 +164,19 @@ impl Sim {
             Some(old) => self.read_bytes(old, self.cs),
         };
         self.write_bytes(new, &content)?;
-        // l2_allocate writes the refcounts, then the L2 tables, back.
+        // l2_allocate fills the new table slice by slice in QEMU's L2 cache
+        // (each new slice held while the old one is read), then writes the
+        // refcounts, then the L2 tables, back.
+        let slice = self.slice_entries().max(1);
+        let mut k = 0u64;
+        while k < self.geo.l2_entries() {
+            self.l2_slice_get(new, k);
+            if let Some(old) = old {
+                self.l2_slice_used(old, k, false);
+            }
+            self.l2_slice_put(new, k, true);
+            k = k.saturating_add(slice);
+        }
         self.caches_written();
         if let Some(old) = old {
             self.record(
@@ -209,6 +225,7 @@ impl Sim {
             );
         }
         self.reason = saved;
+        self.l2_slice_used(new, index, false);
         Ok(new)
     }
 

@@ -18,30 +18,37 @@
 //! new refcount block: both; a grown L1 table: the refcounts), or the
 //! refcount cache, four blocks, gives a changed block's place to another
 //! one ([`cache`], which follows it block by block, and the L2 cache it
-//! writes back first after a release), and what is still there is lost. A guest write's own L2 entries are later still:
+//! writes back first after a release), or the L2 cache gives a changed
+//! slice's place to another one ([`l2cache`], slice by slice), and what is
+//! still there is lost. A guest write's own L2 entries are later still:
 //! QEMU sets them once the request's data is written, after every piece of
 //! the request has been placed, so a piece that meets the entry finds none
 //! of them in the cache.
 
 mod backs;
 mod cache;
+mod l2cache;
 
 /// QEMU's refcount cache entries (`MIN_REFCOUNT_CACHE_SIZE` blocks, its default).
 pub(super) const REFCOUNT_CACHE_ENTRIES: u64 = cache::ENTRIES as u64;
+
+use std::collections::HashMap;
 
 use super::{Sim, SimError, SimResult, Target};
 use crate::header::Field;
 use crate::tables::{L1Entry, L2Entry, SubclusterType};
 use crate::types::{GuestOffset, HostOffset};
 
-/// The most L2 entry changes an operation's log keeps; past it, meeting an
-/// invalid entry is not simulated (QEMU's small caches would have written
-/// some of them back on their own long before).
-const MAX_LOGGED: usize = 1 << 16;
+/// The most L2 entry changes the log keeps at once (those QEMU's L2 cache
+/// holds unwritten, and a write request's entries waiting for its data),
+/// to bound its memory; past it, meeting an invalid entry is not simulated.
+const MAX_LOGGED: usize = 1 << 22;
 
 /// One L2 entry an operation changed through QEMU's L2 cache.
 #[derive(Clone, Copy, Debug)]
 struct L2Write {
+    /// Its place in the log.
+    seq: u64,
     table: HostOffset,
     index: u64,
     raw: u64,
@@ -65,17 +72,26 @@ pub(super) struct Unflushed {
     /// On an image with lazy refcounts, a write's L2 entries were linked,
     /// which marks the image dirty ([`Sim::l2_link`]).
     dirtied: bool,
-    /// The guest range of the operation.
-    range: (u64, u64),
-    /// L2 entries changed, in order, with their values before.
-    l2: Vec<L2Write>,
+    /// L2 entries changed that QEMU's L2 cache holds unwritten, by the
+    /// offset of their slice, with their values before.
+    l2: HashMap<u64, Vec<L2Write>>,
+    /// A write request's L2 entries that wait for its data, in order.
+    deferred: Vec<L2Write>,
+    /// Entries in `l2` and `deferred`, and entries logged so far.
+    logged: usize,
+    seq: u64,
     /// More were changed than the log keeps.
     overflow: bool,
+    /// QEMU's L2 cache.
+    l2c: l2cache::L2Cache,
+    /// A changed slice the overlap check stops was evicted (QEMU's
+    /// operation fails at that look at the cache).
+    evicted_held: Option<u64>,
     /// The step at which QEMU last wrote the L2 cache back.
     written_at: usize,
-    /// The steps at which QEMU wrote the L2 cache back, in order, each
-    /// with whether a write's link made it ([`backs`]).
-    l2_backs: Vec<(usize, bool)>,
+    /// The write-backs of the whole L2 cache, in order: the step, whether a
+    /// write's link made it, and the slices it carried ([`backs`]).
+    l2_backs: Vec<(usize, bool, Vec<u64>)>,
     /// QEMU's refcount cache.
     rc: cache::RefcountCache,
     /// The first block status of the operation has read its refcounts.
@@ -88,19 +104,36 @@ pub(super) struct Unflushed {
     request: Option<(u64, Option<u64>, Vec<u64>)>,
 }
 
+impl Unflushed {
+    /// The whole L2 cache was written back: every change it held is in the
+    /// file.
+    fn all_written(&mut self) {
+        self.l2c.flushed();
+        let carried: usize = self.l2.values().map(Vec::len).sum();
+        self.logged = self.logged.saturating_sub(carried);
+        self.l2.clear();
+    }
+
+    /// An eviction wrote the slice at `slice` back: the changes it held
+    /// are in the file.
+    fn slice_written(&mut self, slice: u64) {
+        if let Some(v) = self.l2.remove(&slice) {
+            self.logged = self.logged.saturating_sub(v.len());
+        }
+    }
+}
+
 impl Sim {
     /// Start the log of operation `op` (before its open's work).
     pub(super) fn begin_cache_log(&mut self, op: &super::Op) {
         use super::Op;
-        let range = match op {
-            Op::Write { offset, length, .. }
-            | Op::WriteZeroes { offset, length, .. }
-            | Op::Read { offset, length } => Some((offset.get(), *length)),
-            _ => None,
-        };
+        let on = matches!(
+            op,
+            Op::Write { .. } | Op::WriteZeroes { .. } | Op::Read { .. }
+        );
         self.unflushed = Unflushed {
-            on: range.is_some(),
-            range: range.unwrap_or_default(),
+            on,
+            l2c: l2cache::L2Cache::new(usize::try_from(self.l2_cache_entries()).unwrap_or(1)),
             lists_from: (self.allocated.len(), self.freed.len()),
             ..Default::default()
         };
@@ -141,29 +174,35 @@ impl Sim {
     /// `raw`/`bitmap` through QEMU's L2 cache.
     pub(super) fn log_l2_write(&mut self, table: HostOffset, index: u64, raw: u64, bitmap: u64) {
         let steps = self.steps.len();
+        let slice = self.slice_key(table, index);
         let log = &mut self.unflushed;
         if !log.on || log.overflow {
             return;
         }
-        if log.l2.len() >= MAX_LOGGED {
+        if log.logged >= MAX_LOGGED {
             log.overflow = true;
-            log.l2 = Vec::new();
+            log.l2 = HashMap::new();
+            log.deferred = Vec::new();
             return;
         }
-        let live_from = match &mut log.request {
-            Some((piece, first, _)) => {
-                first.get_or_insert(*piece);
-                usize::MAX
-            }
-            None => steps,
-        };
-        log.l2.push(L2Write {
+        log.logged = log.logged.saturating_add(1);
+        log.seq = log.seq.saturating_add(1);
+        let mut w = L2Write {
+            seq: log.seq,
             table,
             index,
             raw,
             bitmap,
-            live_from,
-        });
+            live_from: steps,
+        };
+        if let Some((piece, first, _)) = &mut log.request {
+            first.get_or_insert(*piece);
+            w.live_from = usize::MAX;
+            log.deferred.push(w);
+            return;
+        }
+        log.l2.entry(slice).or_default().push(w);
+        self.l2_slice_changed(table, index);
     }
 
     /// QEMU writes both caches back (`l2_allocate`: the refcounts, then
@@ -181,16 +220,18 @@ impl Sim {
         let step = self.steps.len();
         let dirty = self.l2_dirty();
         self.unflushed.rc.l2_flushed(dirty, step);
+        let log = &mut self.unflushed;
+        if log.l2_backs.len() < MAX_LOGGED {
+            let carried: Vec<u64> = log.l2.keys().copied().collect();
+            log.l2_backs.push((step, false, carried));
+        }
+        log.all_written();
     }
 
     /// Whether QEMU's L2 cache holds changes not yet written back.
     fn l2_dirty(&self) -> bool {
         let log = &self.unflushed;
-        log.overflow
-            || log
-                .l2
-                .iter()
-                .any(|w| w.live_from != usize::MAX && w.live_from >= log.written_at)
+        log.overflow || log.l2c.any_dirty()
     }
 
     /// QEMU's L2 cache is written back, all of it.
@@ -198,8 +239,10 @@ impl Sim {
         let log = &mut self.unflushed;
         log.written_at = self.steps.len();
         if log.l2_backs.len() < MAX_LOGGED {
-            log.l2_backs.push((log.written_at, false));
+            let carried: Vec<u64> = log.l2.keys().copied().collect();
+            log.l2_backs.push((log.written_at, false, carried));
         }
+        log.all_written();
         if let Some((piece, Some(first), later)) = &mut log.request
             && *piece > *first
             && later.last() != Some(piece)
@@ -226,21 +269,37 @@ impl Sim {
 
     /// The request ends: its L2 entries are set now, in the cache (linked:
     /// the L2 cache depends on the refcount cache from here on, unless the
-    /// link marked an image with lazy refcounts dirty).
+    /// link marked an image with lazy refcounts dirty), each slice taken
+    /// from the cache in turn (`qcow2_alloc_cluster_link_l2`).
     pub(super) fn request_end(&mut self) {
         let steps = self.steps.len();
-        let linked = self.unflushed.l2.iter().any(|w| w.live_from == usize::MAX);
+        let linked = !self.unflushed.deferred.is_empty();
         if linked && self.unflushed.on && !self.unflushed.dirtied && self.unflushed.rc.l2_linked() {
             self.l2_written_back();
             if let Some(last) = self.unflushed.l2_backs.last_mut() {
                 last.1 = true;
             }
         }
-        let log = &mut self.unflushed;
-        log.request = None;
-        for w in log.l2.iter_mut().filter(|w| w.live_from == usize::MAX) {
+        self.unflushed.request = None;
+        for mut w in std::mem::take(&mut self.unflushed.deferred) {
             w.live_from = steps;
+            self.l2_slice_get(w.table, w.index);
+            let slice = self.slice_key(w.table, w.index);
+            self.unflushed.l2.entry(slice).or_default().push(w);
+            self.l2_slice_put(w.table, w.index, true);
         }
+    }
+
+    /// Why the operation is not simulated, when QEMU's L2 cache gave the
+    /// place of a changed slice whose write-back the overlap check stops
+    /// to another slice: the operation fails at that look at the cache, with
+    /// what was written back until then, which is not followed.
+    pub(super) fn held_evicted(&self) -> Option<String> {
+        self.unflushed.evicted_held.map(|slice| {
+            format!(
+                "QEMU's L2 cache gave the place of the changed L2 slice at {slice:#x}, whose write-back the overlap check stops, to another slice (the operation fails there)"
+            )
+        })
     }
 
     /// The L2 table the active L1 table names for guest `g`, if any (none
@@ -290,7 +349,7 @@ impl Sim {
     pub(super) fn caches_lost(&mut self, what: impl FnOnce() -> String) -> Option<SimError> {
         if self.steps.iter().any(|c| !matches!(c.target, Target::Note)) {
             let (l2_mark, rc_mark) = self.cache_marks();
-            if let Some(why) = self.cache_unknown(l2_mark) {
+            if let Some(why) = self.cache_unknown() {
                 return Some(SimError::NotModelled(format!("{} {why}", what())));
             }
             if let Err(e) = self.drop_cached(l2_mark, rc_mark) {
@@ -326,7 +385,7 @@ impl Sim {
     }
 
     /// Why what QEMU's caches hold at this point is not known, if it is not.
-    fn cache_unknown(&mut self, l2_mark: usize) -> Option<String> {
+    fn cache_unknown(&self) -> Option<String> {
         let log = &self.unflushed;
         if log.repaired {
             return Some("after the repair of a dirty image on its open changed metadata (QEMU does not write the refcounts that repair left in its cache, and they are lost)".into());
@@ -336,7 +395,7 @@ impl Sim {
         }
         if log.overflow {
             return Some(format!(
-                "after it changed more than {MAX_LOGGED} L2 entries (QEMU's caches would have written some of them back on their own)"
+                "after QEMU's L2 cache came to hold more than {MAX_LOGGED} changed L2 entries of it at once (not kept, to bound the simulation's memory)"
             ));
         }
         if log
@@ -346,71 +405,25 @@ impl Sim {
         {
             return Some("after two later pieces of its write request wrote QEMU's caches back while its first L2 entries waited for their data (whether QEMU set those entries in between, to be written back by the second, depends on when its data writes finished)".into());
         }
-        if let Some(why) = self.l2_cache_unknown(l2_mark) {
-            return Some(why);
+        if let Some(why) = self.held_evicted() {
+            return Some(format!("after {why}"));
         }
         self.unflushed.rc.unknown().map(str::to_owned)
-    }
-
-    /// Why QEMU's L2 cache may have written back changes it held since step
-    /// `l2_mark` on its own (evicting them), if it may.
-    fn l2_cache_unknown(&mut self, l2_mark: usize) -> Option<String> {
-        let log = &self.unflushed;
-        let (offset, length) = log.range;
-        // Only an L2 slice changed in the cache can be written back by
-        // eviction: when, from the first such change on, the operation goes
-        // through more slices (and old tables it copies) than the cache
-        // holds.
-        let first = log
-            .l2
-            .iter()
-            .find(|w| w.live_from != usize::MAX && w.live_from >= l2_mark)
-            .copied();
-        if let Some(w) = first {
-            let slice = self.slice_entries().max(1);
-            let span = slice.saturating_mul(self.cs).max(1);
-            let from = self
-                .l1
-                .iter()
-                .position(|e| e.l2_offset() == Some(w.table))
-                .map_or(offset, |i| {
-                    (i as u64)
-                        .saturating_mul(self.geo.l2_coverage())
-                        .saturating_add(w.index.saturating_mul(self.cs))
-                });
-            let slices = offset
-                .saturating_add(length.max(1))
-                .saturating_sub(1)
-                .checked_div(span)
-                .unwrap_or(0)
-                .saturating_sub(from.checked_div(span).unwrap_or(0))
-                .saturating_add(1);
-            let copies = self
-                .steps
-                .iter()
-                .skip(w.live_from)
-                .filter(|c| matches!(c.target, Target::L1Entry { .. }))
-                .count() as u64;
-            let entries = self.l2_cache_entries();
-            if slices.saturating_add(copies) > entries {
-                return Some(format!(
-                    "after it changed L2 entries and then went through more L2 slices than QEMU's L2 cache holds ({entries}), which may have written some of them back"
-                ));
-            }
-        }
-        None
     }
 
     /// Undo what QEMU's caches held since steps `l2_mark` (L2 entries) and
     /// `rc_mark` (refcounts): the file keeps what it had.
     fn drop_cached(&mut self, l2_mark: usize, rc_mark: usize) -> SimResult<()> {
-        let l2: Vec<L2Write> = self
-            .unflushed
+        let log = &self.unflushed;
+        let mut l2: Vec<L2Write> = log
             .l2
-            .iter()
+            .values()
+            .flatten()
+            .chain(log.deferred.iter())
             .filter(|w| w.live_from >= l2_mark)
             .copied()
             .collect();
+        l2.sort_unstable_by_key(|w| w.seq);
         let saved = self.reason.clone();
         for w in l2.iter().rev() {
             let lost = if w.live_from == usize::MAX {

@@ -249,7 +249,7 @@ impl Sim {
 
     /// Where the L2 cache slice holding entry `index` of the table at `l2`
     /// starts, and its length: what QEMU writes back, and checks, for it.
-    fn slice_of(&self, l2: HostOffset, index: u64) -> (HostOffset, u64) {
+    pub(super) fn slice_of(&self, l2: HostOffset, index: u64) -> (HostOffset, u64) {
         let slice = self.slice_entries().max(1);
         let first = index.checked_div(slice).unwrap_or(0).saturating_mul(slice);
         (
@@ -322,6 +322,12 @@ impl Sim {
         self.held_l2 = Some(Vec::new());
         let r = op(self);
         let held = self.held_l2.take().unwrap_or_default();
+        if let Some(why) = self.held_evicted() {
+            return match r {
+                Err(e @ SimError::NotModelled(_)) => Err(e),
+                _ => Err(SimError::NotModelled(why)),
+            };
+        }
         let keys: Vec<(HostOffset, u64)> = held.iter().map(|h| (h.0, h.1)).collect();
         let at_link = if held.is_empty() {
             None

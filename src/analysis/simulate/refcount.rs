@@ -207,6 +207,7 @@ impl Sim {
             let r = self.reason.clone();
             self.freed.push((c, r));
             self.queue_discard(c, kind);
+            self.l2_cluster_freed(c);
         }
     }
 

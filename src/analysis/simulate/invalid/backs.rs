@@ -12,26 +12,20 @@ use super::L2Write;
 use crate::types::HostOffset;
 
 impl Sim {
-    /// The first write-back of QEMU's L2 cache after any of the entries
-    /// `held` (table, index) changed in it, if a write's link made it: its
-    /// step. `None` when no entry of `held` was logged, or the first
-    /// write-back after one was of another kind, or there was none.
+    /// The first write-back of the whole of QEMU's L2 cache that carried a
+    /// change of any of the entries `held` (table, index), if a write's
+    /// link made it: its step. `None` when no write-back carried one, or
+    /// the first that did was of another kind.
     pub(in crate::analysis::simulate) fn link_write_back_after(
         &self,
         held: &[(HostOffset, u64)],
     ) -> Option<usize> {
-        let log = &self.unflushed;
-        let first = log
-            .l2
+        let keys: Vec<u64> = held.iter().map(|&(t, i)| self.slice_key(t, i)).collect();
+        self.unflushed
+            .l2_backs
             .iter()
-            .filter(|w| w.live_from != usize::MAX)
-            .filter(|w| held.iter().any(|&(t, i)| t == w.table && i == w.index))
-            .map(|w| w.live_from)
-            .min()?;
-        log.l2_backs
-            .iter()
-            .find(|&&(at, _)| at > first)
-            .and_then(|&(at, link)| link.then_some(at))
+            .find(|(_, _, carried)| carried.iter().any(|k| keys.contains(k)))
+            .and_then(|&(at, link, _)| link.then_some(at))
     }
 
     /// Undo the L2 entries changed in QEMU's L2 cache from step `at` on:
@@ -40,13 +34,16 @@ impl Sim {
         &mut self,
         at: usize,
     ) -> SimResult<()> {
-        let l2: Vec<L2Write> = self
-            .unflushed
+        let log = &self.unflushed;
+        let mut l2: Vec<L2Write> = log
             .l2
-            .iter()
+            .values()
+            .flatten()
+            .chain(log.deferred.iter())
             .filter(|w| w.live_from >= at)
             .copied()
             .collect();
+        l2.sort_unstable_by_key(|w| w.seq);
         let saved = self.reason.clone();
         self.why("lost: the change sat in QEMU's L2 cache after its last write-back, never written once the image is marked corrupt");
         for w in l2.iter().rev() {

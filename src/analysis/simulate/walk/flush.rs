@@ -1,7 +1,8 @@
 //! The flush after the refcount walk (`bdrv_flush` at the end of
 //! `qcow2_update_snapshot_refcount`) when the overlap check stops an L2
-//! table the walk changed in QEMU's L2 cache (`qcow2_cache_entry_flush`
-//! checks the cached slice it writes, the active L2 tables aside).
+//! slice the walk changed in QEMU's L2 cache (`qcow2_cache_entry_flush`
+//! checks the cached slice it writes, the active L2 tables aside, over the
+//! whole clusters it touches: a slice is stopped as its table would be).
 
 use super::super::Sim;
 use super::super::SimError;
@@ -11,14 +12,16 @@ use super::super::invalid::REFCOUNT_CACHE_ENTRIES;
 use crate::types::HostOffset;
 
 impl Sim {
-    /// The L2 table, of those `held` whose changes the walk kept from the
-    /// file because the overlap check will stop their write, that QEMU's L2
-    /// cache still holds at the flush: a -1 walk that frees a table (its
-    /// refcount now 0) drops it from the cache (`update_refcount` discards
-    /// a cached table at a freed cluster), so its changes are never written
-    /// and nothing stops. `walked` tables were walked from the first held
-    /// one on: when more slices than the cache holds, QEMU may evict a held
-    /// one and meet the overlap check during the walk, which is not followed.
+    /// The L2 slice (where it starts), of those `held` whose changes the
+    /// walk kept from the file because the overlap check will stop their
+    /// write, that QEMU's L2 cache still holds at the flush: a -1 walk that
+    /// frees a table (its refcount now 0) drops the slice at the table's
+    /// start from the cache (`update_refcount` discards a cached slice at a
+    /// freed cluster's offset), so its changes are never written and it
+    /// stops nothing; the table's other slices stay. `walked` tables were
+    /// walked from the first held one on: when more slices than the cache
+    /// holds, QEMU may evict a held one and meet the overlap check during
+    /// the walk, which is not followed.
     pub(super) fn walk_stopped_table(
         &mut self,
         held: &[HostOffset],
@@ -35,12 +38,13 @@ impl Sim {
         let entries = self.l2_cache_entries();
         if walked.saturating_mul(per_table) > entries {
             return Err(SimError::NotModelled(format!(
-                "a refcount walk that changed the L2 table at {first:#x}, which the overlap check stops when QEMU writes it back, then went through more L2 slices than QEMU's L2 cache holds ({entries}): evicting it would meet the overlap check during the walk"
+                "a refcount walk that changed the L2 slice at {first:#x}, which the overlap check stops when QEMU writes it back, then went through more L2 slices than QEMU's L2 cache holds ({entries}): evicting it would meet the overlap check during the walk"
             )));
         }
-        for &l2 in held {
-            if self.get_refcount(self.cluster_of(l2))? != 0 {
-                return Ok(Some(l2));
+        for &at in held {
+            let first_slice = at.is_multiple_of(self.cs);
+            if !first_slice || self.get_refcount(self.cluster_of(at))? != 0 {
+                return Ok(Some(at));
             }
         }
         Ok(None)

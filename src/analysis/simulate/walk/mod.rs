@@ -65,11 +65,12 @@ struct Walk {
     reasons: Reasons,
     /// The refcount the COPIED reason was written for.
     copied_for: u64,
-    /// Whether the overlap check will stop this table's write: QEMU changes
-    /// the entries in its L2 cache and checks the table when it writes it,
-    /// at the flush after the walk, so the walk goes on and the table stays
-    /// as it was on disk (see [`Sim::update_snapshot_refcount`]).
-    unwritten: bool,
+    /// The slices of this table (where each starts) whose write the
+    /// overlap check will stop: QEMU changes the entries in its L2 cache
+    /// and checks each slice when it writes it, at the flush after the
+    /// walk, so the walk goes on and the slice stays as it was on disk (see
+    /// [`Sim::update_snapshot_refcount`]).
+    unwritten: Vec<HostOffset>,
 }
 
 impl Sim {
@@ -122,7 +123,7 @@ impl Sim {
         // What the walk frees is discarded (QCOW2_DISCARD_SNAPSHOT) once the
         // whole walk is done.
         self.cache_discards = true;
-        // The L2 tables whose writes the overlap check will stop, in the
+        // The L2 slices whose writes the overlap check will stop, in the
         // order walked, and how many tables were walked from the first on.
         let mut held: Vec<HostOffset> = Vec::new();
         let mut walked_since = 0u64;
@@ -146,8 +147,10 @@ impl Sim {
             };
             match self.walk_l2(l2, addend, &label, i, vm) {
                 Ok(stopped) => {
-                    if stopped && !held.contains(&l2) {
-                        held.push(l2);
+                    for at in stopped {
+                        if !held.contains(&at) {
+                            held.push(at);
+                        }
                     }
                     if !held.is_empty() {
                         walked_since = walked_since.saturating_add(1);
@@ -223,7 +226,7 @@ impl Sim {
             Err(_) => None,
         };
         self.process_discards(result.is_ok() && stopped.is_none());
-        if let Some(l2) = stopped {
+        if let Some(at) = stopped {
             if addend < 0 {
                 self.walk_refcounts_lost(start)?;
             }
@@ -232,14 +235,13 @@ impl Sim {
                     "the {label} changes above stay in QEMU's memory: the flush after the walk fails, so the table is not written"
                 ));
             }
-            return Err(
-                match self.overlap_check(Some(Meta::ActiveL2), l2, self.cs) {
-                    Err(e) => e,
-                    Ok(()) => SimError::NotModelled(format!(
-                        "the L2 table at {l2:#x} overlapped metadata during the walk but not at the flush after it, where QEMU writes it with the walk's changes"
-                    )),
-                },
-            );
+            let len = self.slice_of(at, 0).1;
+            return Err(match self.overlap_check(Some(Meta::ActiveL2), at, len) {
+                Err(e) => e,
+                Ok(()) => SimError::NotModelled(format!(
+                    "the L2 slice at {at:#x} overlapped metadata during the walk but not at the flush after it, where QEMU writes it with the walk's changes"
+                )),
+            });
         }
         if active {
             // QEMU modified its in-memory table in place.
@@ -262,8 +264,8 @@ impl Sim {
     ///
     /// Entries go in bulk (see [`Bulk`]) while the walk's own writes cannot
     /// land on the table; any other entry goes through [`Sim::walk_entry`],
-    /// and so does the rest of its table. Whether the overlap check will
-    /// stop the table's write.
+    /// and so does the rest of its table. The slices whose write the
+    /// overlap check will stop.
     fn walk_l2(
         &mut self,
         l2: HostOffset,
@@ -271,7 +273,7 @@ impl Sim {
         label: &str,
         i: usize,
         vm: &str,
-    ) -> SimResult<bool> {
+    ) -> SimResult<Vec<HostOffset>> {
         let entries = self.geo.l2_entries();
         let sign = if addend > 0 { "+1" } else { "-1" };
         let mut walk = Walk {
@@ -286,7 +288,7 @@ impl Sim {
                 out: None,
             },
             copied_for: u64::MAX,
-            unwritten: false,
+            unwritten: Vec::new(),
         };
         let mut bulk = self.bulk_start(l2);
         for j in 0..entries {
@@ -356,10 +358,14 @@ impl Sim {
         let new = L2Entry::from_word(entry).with_copied(refcount == 1).raw;
         if new != old {
             self.copied_reason(w, new, refcount);
-            // Written at the flush after the walk, the whole table (one L2
-            // cache entry) through the overlap check.
-            if w.unwritten || self.overlap_of(Some(Meta::ActiveL2), l2, self.cs).is_some() {
-                w.unwritten = true;
+            // Written at the flush after the walk, its slice (one L2 cache
+            // entry) through the overlap check.
+            let (at, len) = self.slice_of(l2, j);
+            if w.unwritten.contains(&at) {
+                return Ok(());
+            }
+            if self.overlap_of(Some(Meta::ActiveL2), at, len).is_some() {
+                w.unwritten.push(at);
                 return Ok(());
             }
             self.write_u64(eoff, new)?;
