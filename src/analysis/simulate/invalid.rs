@@ -28,6 +28,7 @@
 mod backs;
 mod cache;
 mod l2cache;
+mod lazy;
 
 /// QEMU's refcount cache entries (`MIN_REFCOUNT_CACHE_SIZE` blocks, its default).
 pub(super) const REFCOUNT_CACHE_ENTRIES: u64 = cache::ENTRIES as u64;
@@ -147,27 +148,6 @@ impl Sim {
     /// The open's repair of a dirty image is done.
     pub(super) fn repaired_on_open(&mut self) {
         self.unflushed.repaired = self.steps.iter().any(|c| !matches!(c.target, Target::Note));
-    }
-
-    /// `qcow2_alloc_cluster_link_l2` is about to set a write's L2 entries
-    /// (any write: a guest write, copy-on-read's, a write-zeroes' or a
-    /// compressed write's fallback to one). On an image with lazy refcounts
-    /// QEMU first marks the image dirty (`qcow2_mark_dirty`: the dirty bit
-    /// written to the header, once per open). From then on its refcounts
-    /// need not be accurate (`qcow2_need_accurate_refcounts`): the L2 cache
-    /// no longer waits on the refcount cache, and the flush after a request
-    /// (`qcow2_write_caches`) writes the L2 cache only. QEMU clears the bit
-    /// at the close (`qcow2_mark_clean`), so it stays only when the image
-    /// is marked corrupt before that ([`Sim::mark_corrupt`]).
-    pub(super) fn l2_link(&mut self) {
-        if self.header_field(Field::CompatibleFeatures) & 1 != 0 {
-            self.unflushed.dirtied = true;
-        }
-    }
-
-    /// Whether this operation marked an image with lazy refcounts dirty.
-    pub(super) fn lazy_dirtied(&self) -> bool {
-        self.unflushed.dirtied
     }
 
     /// Entry `index` of the L2 table at `table` is about to change from
@@ -452,37 +432,12 @@ impl Sim {
         self.drop_refcounts_cached(rc_mark)
     }
 
-    /// The flush (after the request, or at qemu-io's exit) of an operation
-    /// that marked an image with lazy refcounts dirty ([`Sim::l2_link`]) is
-    /// stopped at the L2 cache by the overlap check: `qcow2_write_caches`
-    /// returns before it gets to the refcount cache (which it would skip on
-    /// a dirty image anyway), and QEMU, the image now unusable, never
-    /// writes that cache.
-    /// What it holds of the operation's refcount changes is lost, as at
-    /// [`Sim::caches_lost`] (the L2 entries are the flush's to sort).
-    pub(super) fn lazy_refcounts_lost(&mut self) -> SimResult<()> {
-        let (_, rc_mark) = self.cache_marks();
-        let log = &self.unflushed;
-        let unknown = if log.repaired {
-            Some(
-                "after the repair of a dirty image on its open changed metadata (QEMU does not write the refcounts that repair left in its cache)",
-            )
-        } else if !log.on {
-            Some("in an operation whose use of QEMU's refcount cache is not followed")
-        } else {
-            log.rc.unknown()
-        };
-        if let Some(why) = unknown {
-            return Err(SimError::NotModelled(format!(
-                "an operation whose flush the overlap check stops, on an image with lazy refcounts it marked dirty, {why}"
-            )));
-        }
-        self.drop_refcounts_cached(rc_mark)
-    }
-
     /// Undo the refcount changes QEMU's refcount cache held since step
     /// `rc_mark` (those its block was written back with after them stay).
-    fn drop_refcounts_cached(&mut self, rc_mark: usize) -> SimResult<()> {
+    pub(in crate::analysis::simulate) fn drop_refcounts_cached(
+        &mut self,
+        rc_mark: usize,
+    ) -> SimResult<()> {
         let lost: Vec<(usize, Target, u64, u64, u64)> = self
             .steps
             .iter()
