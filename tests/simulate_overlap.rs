@@ -161,40 +161,6 @@ fn a_guest_write_keeps_the_slices_the_overlap_check_lets_through() {
     assert_ne!(entry, 0, "QEMU did not write the second slice");
 }
 
-/// With lazy refcounts QEMU's L2 cache does not wait on its refcount cache,
-/// and marks the image dirty at the write: the stopped flush leaves it dirty
-/// and corrupt, the new cluster's refcount never written. The simulator does
-/// not follow the dirty bit of a write, so it refuses the case.
-#[test]
-fn a_guest_write_stopped_at_the_flush_on_a_lazy_refcounts_image_is_refused() {
-    let w = Work::new();
-    w.qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        "lazy_refcounts=on",
-        "lz.qcow2",
-        "4M",
-    ]);
-    w.qemu_io("lz.qcow2", &["write -P 0x11 0 64k"]);
-    w.patch(
-        "lz.qcow2",
-        0x30000,
-        &0x8000_0000_0003_0000_u64.to_be_bytes(),
-    );
-    let img = sim_compare::open_path(&w.path("lz.qcow2")).expect("open");
-    let ops = [sim_compare::parse_op("write:65536:65536:P=34")];
-    let sim = qinspect::simulate::simulate(&img, &w.path("lz.qcow2"), &ops).expect("sim");
-    let r = &sim.records[0];
-    assert!(
-        matches!(r.cause, Some(qinspect::simulate::SimError::NotModelled(_))),
-        "{:?}",
-        r.error
-    );
-}
-
 /// A 1G image with guest 0 and 512M written (L2 tables at 0x40000 and
 /// 0x60000), iotest 060's patch, and the last entry of the "L2 table" that
 /// is the L1 table naming guest 0's data cluster: guest 512M-64k..512M+64k

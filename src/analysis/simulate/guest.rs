@@ -414,6 +414,8 @@ impl Sim {
                             r
                         };
                         if new_raw != r || new_bm != bm {
+                            // Its l2meta is linked as a new cluster's is.
+                            self.l2_link();
                             self.why("the written cluster no longer reads as zeros");
                             self.set_l2_entry(l2, index, new_raw, new_bm)?;
                         }
@@ -476,6 +478,7 @@ impl Sim {
                     self.overlap_check(None, host, n.saturating_mul(cs))?;
                 }
                 // qcow2_alloc_cluster_link_l2, after the data is written.
+                self.l2_link();
                 let (cow_from, cow_to) = self.cow_range(l2, l2_index, n, in_c, bytes);
                 // The data: what copy-on-write reads from this layer as it is
                 // now (before the L2 entries change), and the guest's bytes.

@@ -25,8 +25,10 @@
 //! the request has been placed, so a piece that meets the entry finds none
 //! of them in the cache.
 
+mod backs;
 mod cache;
 mod l2cache;
+mod lazy;
 
 /// QEMU's refcount cache entries (`MIN_REFCOUNT_CACHE_SIZE` blocks, its default).
 pub(super) const REFCOUNT_CACHE_ENTRIES: u64 = cache::ENTRIES as u64;
@@ -66,6 +68,9 @@ pub(super) struct Unflushed {
     /// write-zeroes or a copy-on-read), for an invalid entry (extended L2)
     /// or the overlap check to stop it.
     on: bool,
+    /// On an image with lazy refcounts, a write's L2 entries were linked,
+    /// which marks the image dirty ([`Sim::l2_link`]).
+    dirtied: bool,
     /// L2 entries changed that QEMU's L2 cache holds unwritten, by the
     /// offset of their slice, with their values before.
     l2: HashMap<u64, Vec<L2Write>>,
@@ -83,6 +88,9 @@ pub(super) struct Unflushed {
     evicted_held: Option<u64>,
     /// The step at which QEMU last wrote the L2 cache back.
     written_at: usize,
+    /// The write-backs of the whole L2 cache, in order: the step, whether a
+    /// write's link made it, and the slices it carried ([`backs`]).
+    l2_backs: Vec<(usize, bool, Vec<u64>)>,
     /// QEMU's refcount cache.
     rc: cache::RefcountCache,
     /// The first block status of the operation has read its refcounts.
@@ -198,7 +206,12 @@ impl Sim {
         let step = self.steps.len();
         let dirty = self.l2_dirty();
         self.unflushed.rc.l2_flushed(dirty, step);
-        self.unflushed.all_written();
+        let log = &mut self.unflushed;
+        if log.l2_backs.len() < MAX_LOGGED {
+            let carried: Vec<u64> = log.l2.keys().copied().collect();
+            log.l2_backs.push((step, false, carried));
+        }
+        log.all_written();
     }
 
     /// Whether QEMU's L2 cache holds changes not yet written back.
@@ -211,6 +224,10 @@ impl Sim {
     fn l2_written_back(&mut self) {
         let log = &mut self.unflushed;
         log.written_at = self.steps.len();
+        if log.l2_backs.len() < MAX_LOGGED {
+            let carried: Vec<u64> = log.l2.keys().copied().collect();
+            log.l2_backs.push((log.written_at, false, carried));
+        }
         log.all_written();
         if let Some((piece, Some(first), later)) = &mut log.request
             && *piece > *first
@@ -237,13 +254,17 @@ impl Sim {
     }
 
     /// The request ends: its L2 entries are set now, in the cache (linked:
-    /// the L2 cache depends on the refcount cache from here on), each
-    /// slice taken from the cache in turn (`qcow2_alloc_cluster_link_l2`).
+    /// the L2 cache depends on the refcount cache from here on, unless the
+    /// link marked an image with lazy refcounts dirty), each slice taken
+    /// from the cache in turn (`qcow2_alloc_cluster_link_l2`).
     pub(super) fn request_end(&mut self) {
         let steps = self.steps.len();
         let linked = !self.unflushed.deferred.is_empty();
-        if linked && self.unflushed.on && self.unflushed.rc.l2_linked() {
+        if linked && self.unflushed.on && !self.unflushed.dirtied && self.unflushed.rc.l2_linked() {
             self.l2_written_back();
+            if let Some(last) = self.unflushed.l2_backs.last_mut() {
+                last.1 = true;
+            }
         }
         self.unflushed.request = None;
         for mut w in std::mem::take(&mut self.unflushed.deferred) {
@@ -376,14 +397,6 @@ impl Sim {
     /// Undo what QEMU's caches held since steps `l2_mark` (L2 entries) and
     /// `rc_mark` (refcounts): the file keeps what it had.
     fn drop_cached(&mut self, l2_mark: usize, rc_mark: usize) -> SimResult<()> {
-        let lost: Vec<(usize, Target, u64, u64, u64)> = self
-            .steps
-            .iter()
-            .enumerate()
-            .skip(rc_mark)
-            .filter(|(_, c)| matches!(c.target, Target::Refcount { .. }))
-            .map(|(i, c)| (i, c.target.clone(), c.count, c.before, c.after))
-            .collect();
         let log = &self.unflushed;
         let mut l2: Vec<L2Write> = log
             .l2
@@ -418,6 +431,25 @@ impl Sim {
                 self.record(target, bitmap, w.bitmap);
             }
         }
+        self.reason = saved;
+        self.drop_refcounts_cached(rc_mark)
+    }
+
+    /// Undo the refcount changes QEMU's refcount cache held since step
+    /// `rc_mark` (those its block was written back with after them stay).
+    pub(in crate::analysis::simulate) fn drop_refcounts_cached(
+        &mut self,
+        rc_mark: usize,
+    ) -> SimResult<()> {
+        let lost: Vec<(usize, Target, u64, u64, u64)> = self
+            .steps
+            .iter()
+            .enumerate()
+            .skip(rc_mark)
+            .filter(|(_, c)| matches!(c.target, Target::Refcount { .. }))
+            .map(|(i, c)| (i, c.target.clone(), c.count, c.before, c.after))
+            .collect();
+        let saved = self.reason.clone();
         self.why("lost: the change sat in QEMU's refcount cache, never written once the image is marked corrupt");
         let bb = self.block_bits();
         for (step, target, count, before, after) in lost.into_iter().rev() {

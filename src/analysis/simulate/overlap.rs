@@ -16,8 +16,11 @@
 //! back: for a guest write or write-zeroes at qemu-io's flush after the
 //! request, for a discard, copy-on-read or compressed write at qemu-io's
 //! exit ([`Sim::held_flush`]), for the refcount walk at the flush after the
-//! walk (`walk/flush.rs`); the other operations (a repair's COPIED fixes,
-//! a shrink's discard) check it as it changes.
+//! walk (`walk/flush.rs`), for a shrink's discard at the end of the
+//! truncate ([`Sim::shrink_flush`]); a repair's COPIED fixes check it as it
+//! changes.
+
+mod shrink;
 
 use super::{Sim, SimError, SimResult, Target};
 use crate::header::Field;
@@ -297,11 +300,20 @@ impl Sim {
     /// Refcounts an allocation changed are written first (the L2 cache
     /// waits on the refcount cache, `qcow2_alloc_cluster_link_l2`); from a
     /// release on, the refcount cache waits on the L2 cache
-    /// (`update_refcount`). Each changed L2 slice goes through the overlap
-    /// check over the whole slice (the active L2 tables aside). A slice it
-    /// stops is not written, its entries stay as the file had them, the
-    /// image is marked corrupt and the flush fails; the other slices are
-    /// written, the refcounts waiting on them are not.
+    /// (`update_refcount`). On an image with lazy refcounts that a write's
+    /// link marked dirty ([`Sim::l2_link`]) the L2 cache waits on nothing:
+    /// the flush stops at it before the refcount cache, so the refcounts
+    /// that cache holds are lost. (At qemu-io's exit the flush is the
+    /// close's `bdrv_flush`, the same `qcow2_write_caches`; once it fails
+    /// the image is unusable and `qcow2_inactivate`, which would write the
+    /// refcount cache on its own, never runs.) Each changed L2 slice goes
+    /// through the overlap check over the whole slice (the active L2 tables
+    /// aside). A slice it stops is not written, its entries stay as the
+    /// file had them, the image is marked corrupt and the flush fails; the
+    /// other slices are written, the refcounts waiting on them are not.
+    /// A write's link after a release writes the L2 cache back earlier,
+    /// within the operation, and meets the check there
+    /// ([`Sim::held_stopped_at_link`]).
     pub(super) fn held_flush(
         &mut self,
         at_close: bool,
@@ -316,8 +328,31 @@ impl Sim {
                 _ => Err(SimError::NotModelled(why)),
             };
         }
-        // Stopped already: QEMU's caches were dropped then.
+        let keys: Vec<(HostOffset, u64)> = held.iter().map(|h| (h.0, h.1)).collect();
+        let at_link = if held.is_empty() {
+            None
+        } else {
+            self.link_write_back_after(&keys)
+        };
+        // Stopped already: QEMU's caches were dropped then (unless the
+        // simulation stopped only after a link QEMU would have stopped at).
         if held.is_empty() || self.marked_corrupt() {
+            if let Some(at) = at_link
+                && self.steps.iter().skip(at).any(|c| {
+                    matches!(
+                        c.target,
+                        Target::Header {
+                            field: Field::IncompatibleFeatures
+                        }
+                    )
+                })
+            {
+                return Err(SimError::NotModelled("an operation whose L2 cache the overlap check stops where a write's link writes it back, and which QEMU then stops again later".into()));
+            }
+            return r;
+        }
+        if let Some(at) = at_link {
+            self.held_stopped_at_link(at, held)?;
             return r;
         }
         // A failed request skips qemu-io's flush; the close's flush then
@@ -337,14 +372,27 @@ impl Sim {
 
     /// The flush of [`Sim::held_flush`] over the entries `held` back.
     fn held_l2_stopped(&mut self, held: Vec<(HostOffset, u64, u64, u64)>) -> SimResult<()> {
-        if self.header_field(Field::CompatibleFeatures) & 1 != 0 {
-            return Err(SimError::NotModelled(
-                "an operation whose L2 entries the overlap check stops when QEMU writes them back, on an image with lazy refcounts (its refcounts are not written before the L2 tables, and are lost)".into(),
-            ));
+        let Some((m, at)) = self.held_restored(&held)? else {
+            return Ok(());
+        };
+        if self.lazy_dirtied() {
+            self.lazy_refcounts_lost()?;
+        } else {
+            self.release_refcounts_lost()?;
         }
+        Err(self.overlap_stopped(m, at))
+    }
+
+    /// The entries `held` back whose slices the overlap check stops, put
+    /// back as the file has them; the first stop (the structure, the
+    /// slice's offset), if any.
+    fn held_restored(
+        &mut self,
+        held: &[(HostOffset, u64, u64, u64)],
+    ) -> SimResult<Option<(Meta, HostOffset)>> {
         let mut stop: Option<(Meta, HostOffset)> = None;
         let saved = self.reason.clone();
-        self.why("not written: the overlap check stops this L2 slice when the flush writes it back from QEMU's L2 cache");
+        self.why("not written: the overlap check stops this L2 slice when QEMU writes it back from its L2 cache");
         for &(l2, index, raw, bitmap) in held.iter().rev() {
             let (at, len) = self.slice_of(l2, index);
             let Some(m) = self.overlap_of(Some(Meta::ActiveL2), at, len) else {
@@ -367,11 +415,72 @@ impl Sim {
             }
         }
         self.reason = saved;
-        let Some((m, at)) = stop else {
+        Ok(stop)
+    }
+
+    /// The L2 cache write-back of a write's link at step `at` (after a
+    /// release: [`Sim::link_write_back_after`]) meets a slice held back:
+    /// the overlap check stops it and marks the image corrupt, the other
+    /// changed slices are written. QEMU ignores the failure
+    /// (`qcow2_alloc_cluster_link_l2` does not look at what
+    /// `qcow2_cache_set_dependency` returns) and the operation goes on in
+    /// its caches, its data still written, and succeeds; the flush after it
+    /// finds the image unusable and does nothing. So the L2 entries changed
+    /// from the link on (the link's own) are lost, and so is every refcount
+    /// change from the first release on, the refcount cache waiting on the
+    /// L2 cache from then. What QEMU writes to the file at once (an L1
+    /// entry, a refcount table entry, the header) after the stop is not
+    /// followed.
+    fn held_stopped_at_link(
+        &mut self,
+        at: usize,
+        held: Vec<(HostOffset, u64, u64, u64)>,
+    ) -> SimResult<()> {
+        let direct = self.steps.iter().skip(at).any(|c| {
+            !matches!(
+                c.target,
+                Target::L2Entry { .. }
+                    | Target::Refcount { .. }
+                    | Target::Allocate { .. }
+                    | Target::Free { .. }
+                    | Target::Copy { .. }
+                    | Target::Note
+            )
+        });
+        // The layout the check sees at the link is the one at the end: what
+        // changes it after the link is refused here.
+        let mut stops = false;
+        for &(l2, index, ..) in &held {
+            let (slice, len) = self.slice_of(l2, index);
+            stops |= self.overlap_of(Some(Meta::ActiveL2), slice, len).is_some();
+        }
+        if !stops {
+            return Ok(());
+        }
+        if direct {
+            return Err(SimError::NotModelled("an operation whose L2 cache the overlap check stops where a write's link writes it back (after a release), which then goes on to write metadata QEMU writes to the file at once (an L1 entry, a refcount table entry, the header)".into()));
+        }
+        self.l2_changes_lost_from(at)?;
+        let Some((m, offset)) = self.held_restored(&held)? else {
             return Ok(());
         };
-        self.release_refcounts_lost()?;
-        Err(self.overlap_stopped(m, at))
+        let refcount = |c: &super::Change| matches!(c.target, Target::Refcount { .. });
+        if let Some(first) = self
+            .steps
+            .iter()
+            .position(|c| refcount(c) && c.after < c.before)
+        {
+            self.walk_refcounts_lost(first)?;
+        }
+        match self.overlap_stopped(m, offset) {
+            SimError::Qemu(e) => {
+                self.note(format!(
+                    "QEMU's L2 cache is written back where a write links its L2 entries (the refcount cache waits on it since a release): {e}; QEMU goes on without looking at that failure, so the operation succeeds and nothing more of its metadata is written"
+                ));
+                Ok(())
+            }
+            e => Err(e),
+        }
     }
 
     /// The flush stopped at the L2 cache: the refcount changes from the

@@ -108,11 +108,17 @@ impl Sim {
         // bdrv_co_truncate: when a backing file longer than the old disk would
         // show through the new area, qcow2 is asked to zero-fill it.
         let zero_fill = size > old && self.backing_longer_than(old)?;
+        let mut held = Vec::new();
         if size < old {
             self.why("shrinking: the clusters past the new end are discarded");
             let from = size.div_ceil(cs).saturating_mul(cs);
             if from < old {
-                self.discard_clusters(GuestOffset(from), GuestOffset(old), true)?;
+                // Its L2 entries wait in QEMU's L2 cache, checked when the
+                // end of the truncate writes it back ([`Sim::shrink_flush`]).
+                self.held_l2 = Some(Vec::new());
+                let r = self.discard_clusters(GuestOffset(from), GuestOffset(old), true);
+                held = self.held_l2.take().unwrap_or_default();
+                r?;
             }
             self.shrink_l1_table(l1_needed)?;
             self.shrink_reftable()?;
@@ -163,7 +169,10 @@ impl Sim {
         self.why("the new disk size");
         self.set_header(Field::Size, size)?;
         self.size = size;
-        Ok(())
+        if held.is_empty() {
+            return Ok(());
+        }
+        self.shrink_flush(held, size, old)
     }
 
     /// With `data_file_raw`, `qcow2_co_truncate` preallocates the metadata of

@@ -178,7 +178,9 @@ impl Sim {
     /// `qcow2_update_header`: the bit and a disk size cut to whole sectors
     /// are recorded as field changes, any other byte QEMU writes differently
     /// (a feature name table put back, a header length of 112, ...) as a
-    /// note and the bytes themselves.
+    /// note and the bytes themselves. When this operation marked an image
+    /// with lazy refcounts dirty ([`Sim::l2_link`]), the dirty bit QEMU
+    /// wrote then stays: the image is never closed to clear it.
     ///
     /// When the header does not fit its cluster the update fails and
     /// nothing is written; QEMU does not look at that failure
@@ -186,9 +188,17 @@ impl Sim {
     /// corrupt bit lives in its memory only, for this one command, and the
     /// next open does not see it.
     pub(super) fn mark_corrupt(&mut self, why: String) -> SimResult<()> {
+        let mut features = self.header_field(Field::IncompatibleFeatures);
+        if self.lazy_dirtied() && features & crate::header::INCOMPAT_DIRTY == 0 {
+            features |= crate::header::INCOMPAT_DIRTY;
+            let saved = self.reason.clone();
+            self.why("qcow2_mark_dirty: a write's L2 entries were linked on an image with lazy refcounts (the bit stays, QEMU never closes the image to clear it)");
+            let r = self.set_header(Field::IncompatibleFeatures, features);
+            self.reason = saved;
+            r?;
+        }
         let saved = self.reason.clone();
         self.why(why);
-        let features = self.header_field(Field::IncompatibleFeatures);
         if self.qemu_header_cluster()?.is_none() {
             self.note(format!(
                 "QEMU sets the corrupt bit and writes the header cluster again (qcow2_update_header), but what it writes does not fit the cluster: the update fails ({NO_SPACE}) and writes nothing, so the bit stays in its memory for this command only"

@@ -375,6 +375,7 @@ impl Sim {
                         &format!("the zeroed cluster of guest {g:#x}"),
                         Discard::Request,
                     );
+                    self.freed_own_table(l2, index, raw)?;
                 }
             }
             start = start.saturating_add(n.saturating_mul(cs));

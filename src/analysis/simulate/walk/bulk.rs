@@ -103,6 +103,10 @@ impl Sim {
                     return false;
                 }
                 let c = self.cluster_of(off);
+                // The table naming itself: one by one ([`Sim::walk_entry`]).
+                if c == b.table && w.addend != 0 {
+                    return false;
+                }
                 let ti = c >> self.block_bits();
                 let block = match b.block {
                     Some((t, blk)) if t == ti => blk,

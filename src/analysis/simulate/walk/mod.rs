@@ -339,7 +339,16 @@ impl Sim {
                 }
                 if addend != 0 {
                     w.reasons.put(&mut self.reason, DATA);
-                    self.update_one_to(self.cluster_of(off), 1, addend < 0, Discard::Snapshot)?
+                    let c = self.cluster_of(off);
+                    let r = self.update_one_to(c, 1, addend < 0, Discard::Snapshot)?;
+                    // The table's own cluster freed while its first slice is
+                    // in use: `qcow2_cache_discard` asserts, QEMU aborts.
+                    if r == 0 && c == self.cluster_of(l2) && j < self.slice_entries().max(1) {
+                        return Err(SimError::NotModelled(format!(
+                            "a refcount walk that frees the L2 table at {l2:#x} from within that table (its entry {j} names it) while QEMU's L2 cache holds it in use: QEMU 10.0.2 aborts there (qcow2_cache_discard: Assertion `c->entries[i].ref == 0' failed)"
+                        )));
+                    }
+                    r
                 } else {
                     self.get_refcount(self.cluster_of(off))?
                 }

@@ -1,0 +1,68 @@
+//! The write-backs of QEMU's L2 cache within one operation, for the overlap
+//! check that meets a held L2 slice at one of them ([`Sim::held_flush`]):
+//! every write-back writes each changed slice, and checks it. One kind is
+//! followed: a write's link (`qcow2_alloc_cluster_link_l2`) after a release
+//! makes the L2 cache depend on the refcount cache, and the refcount cache,
+//! which since the release depends on the L2 cache, first has the L2 cache
+//! written (`qcow2_cache_set_dependency`). QEMU ignores that write-back's
+//! failure: the link goes on in its caches, which are never written again.
+
+use super::super::{Sim, SimResult, Target};
+use super::L2Write;
+use crate::types::HostOffset;
+
+impl Sim {
+    /// The first write-back of the whole of QEMU's L2 cache that carried a
+    /// change of any of the entries `held` (table, index), if a write's
+    /// link made it: its step. `None` when no write-back carried one, or
+    /// the first that did was of another kind.
+    pub(in crate::analysis::simulate) fn link_write_back_after(
+        &self,
+        held: &[(HostOffset, u64)],
+    ) -> Option<usize> {
+        let keys: Vec<u64> = held.iter().map(|&(t, i)| self.slice_key(t, i)).collect();
+        self.unflushed
+            .l2_backs
+            .iter()
+            .find(|(_, _, carried)| carried.iter().any(|k| keys.contains(k)))
+            .and_then(|&(at, link, _)| link.then_some(at))
+    }
+
+    /// Undo the L2 entries changed in QEMU's L2 cache from step `at` on:
+    /// the write-back at `at` was the last QEMU made.
+    pub(in crate::analysis::simulate) fn l2_changes_lost_from(
+        &mut self,
+        at: usize,
+    ) -> SimResult<()> {
+        let log = &self.unflushed;
+        let mut l2: Vec<L2Write> = log
+            .l2
+            .values()
+            .flatten()
+            .chain(log.deferred.iter())
+            .filter(|w| w.live_from >= at)
+            .copied()
+            .collect();
+        l2.sort_unstable_by_key(|w| w.seq);
+        let saved = self.reason.clone();
+        self.why("lost: the change sat in QEMU's L2 cache after its last write-back, never written once the image is marked corrupt");
+        for w in l2.iter().rev() {
+            let (raw, bitmap) = self.l2_entry_at(w.table, w.index);
+            let off = self.l2_entry_offset(w.table, w.index);
+            let target = Target::L2Entry {
+                table_offset: w.table,
+                index: w.index,
+            };
+            if raw != w.raw {
+                self.write_u64(off, w.raw)?;
+                self.record(target.clone(), raw, w.raw);
+            }
+            if self.geo.extended_l2 && bitmap != w.bitmap {
+                self.write_u64(off.saturating_add(8), w.bitmap)?;
+                self.record(target, bitmap, w.bitmap);
+            }
+        }
+        self.reason = saved;
+        Ok(())
+    }
+}
