@@ -346,7 +346,12 @@ pub fn run_qemu(dir: &Path, cmd: &[String]) -> (bool, String) {
         .lines()
         // A warning (a v2 image's bitmaps, say) comes before the error.
         .filter(|l| !l.contains(": warning: "))
-        .find(|l| l.contains("failed") || l.starts_with("qemu-"))
+        .find(|l| {
+            l.contains("failed")
+                || l.starts_with("qemu-")
+                // qemu-io's own refusal of a request's length.
+                || l.starts_with("length cannot exceed ")
+        })
         .unwrap_or("")
         .to_string();
     // qemu-img check exits 2 or 3 when corruptions or leaks remain: the

@@ -238,12 +238,14 @@ impl Sim {
         self.data.unknown.get_or_insert(why);
     }
 
-    /// A write puts its new data at `host..host + len` (guest `guest..`).
+    /// A write puts its new data at `host..host + len` (guest `guest..`); the
+    /// file grows to hold it.
     pub(super) fn data_written(&mut self, host: HostOffset, guest: GuestOffset, len: u64) {
         if self.has_data_file {
             self.data_unknown("the data is in an external data file".into());
             return;
         }
+        self.data_lands(host, len);
         let piece = match self.data.new {
             NewData::Fill(b) => Piece::Fill(b),
             NewData::Below => match self.below_view() {
@@ -266,9 +268,22 @@ impl Sim {
             self.data_unknown("the data is in an external data file".into());
             return Ok(());
         }
+        self.data_lands(host, len);
         let pieces = self.guest_pieces(guest.get(), len)?;
         self.data_put(host.get(), guest.get(), pieces);
         Ok(())
+    }
+
+    /// Data written at `host..host + len` in the image file: the file
+    /// reaches its end. QEMU's allocation of data clusters does not grow
+    /// the file; the write of the data and of what copy-on-write fills in
+    /// does (zeros too, when the copy reads as zeros: QEMU writes zeros
+    /// over the copy-on-write area), so with extended L2 entries the file
+    /// can end at the last subcluster written.
+    fn data_lands(&mut self, host: HostOffset, len: u64) {
+        if len > 0 {
+            self.file_len = self.file_len.max(host.saturating_add(len).get());
+        }
     }
 
     /// For an in-place write of `a..b` (relative to the cluster at guest

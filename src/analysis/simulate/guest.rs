@@ -258,10 +258,7 @@ impl Sim {
             match self.take_clusters(off, len, first, purpose) {
                 Err(SimError::Again) => continue,
                 Err(e) => return Err(e),
-                Ok(()) => {
-                    self.file_len = self.file_len.max(off.saturating_add(len).get());
-                    return Ok(i);
-                }
+                Ok(()) => return Ok(i),
             }
         }
     }

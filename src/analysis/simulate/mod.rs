@@ -139,7 +139,8 @@ pub struct Sim {
     has_data_file: bool,
     /// Clusters read or written: a bounded cache, and every changed one.
     clusters: store::Store,
-    /// Host file length (grows when clusters past the end are allocated).
+    /// Host file length: it grows as writes land past its end (an allocation
+    /// alone does not grow it).
     file_len: u64,
     /// How far writes reached: an allocation alone does not grow the file,
     /// so a write that then fails leaves it this long (or as it was).
@@ -453,6 +454,9 @@ impl Sim {
             Op::Write { pattern, .. } | Op::WriteCompressed { pattern, .. } => *pattern,
             _ => 0,
         });
+        if let Some(why) = op.qemu_io_refusal() {
+            return Err(SimError::Qemu(why));
+        }
         match op {
             Op::SnapshotCreate { name } => self.snapshot_create(name),
             Op::SnapshotDelete { id_or_name } => self.snapshot_delete(id_or_name, false),

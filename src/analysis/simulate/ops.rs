@@ -319,6 +319,35 @@ impl Op {
     }
 }
 
+/// The longest request qemu-io sends (QEMU's `BDRV_REQUEST_MAX_BYTES`: the
+/// largest multiple of 512 that fits in an `int`, 2^31 less 512).
+pub(super) const REQUEST_MAX_BYTES: u64 = 2_147_483_136;
+
+impl Op {
+    /// qemu-io's refusal of a request longer than [`REQUEST_MAX_BYTES`]:
+    /// `write` (`-z`, `-u` and `-c` too), `read` and `discard` check the
+    /// length as they parse their arguments, after qemu-io opened the image
+    /// and before anything is asked of it, print this and fail (exit code
+    /// 1); only the open and the close change the file. `write` names `-n`
+    /// (no fallback, which a plain `write -z` lacks), the others do not.
+    /// qemu-io ends the line with the length as it was typed; this says it
+    /// in bytes.
+    pub(super) fn qemu_io_refusal(&self) -> Option<String> {
+        let (length, n) = match self {
+            Op::Write { length, .. }
+            | Op::WriteCompressed { length, .. }
+            | Op::WriteZeroes { length, .. } => (*length, " without -n"),
+            Op::Read { length, .. } | Op::Discard { length, .. } => (*length, ""),
+            _ => return None,
+        };
+        (length > REQUEST_MAX_BYTES).then(|| {
+            format!(
+                "length cannot exceed {REQUEST_MAX_BYTES}{n}, given {length} (qemu-io's own limit, BDRV_REQUEST_MAX_BYTES: the request is never made)"
+            )
+        })
+    }
+}
+
 /// How `qcow2_snapshot_delete` words a failed refcount walk, before the
 /// errno's text.
 pub(super) const FREE_FAILED: &str = "Failed to free the cluster and L1 table: ";
@@ -328,8 +357,9 @@ pub(super) const FREE_FAILED: &str = "Failed to free the cluster and L1 table: "
 /// (`SimError::NotModelled`) is said in its own words, with no tool's prefix.
 pub(super) fn qemu_words(op: &Op, cause: &SimError) -> String {
     let detail = cause.text();
-    const ALREADY: [&str; 6] = [
+    const ALREADY: [&str; 7] = [
         "Could not ",
+        "length cannot exceed ",
         "can't open device ",
         "write failed: ",
         "discard failed: ",
