@@ -45,7 +45,7 @@ pub(super) struct SimBitmap {
 pub(super) struct Bitmaps {
     list: Vec<SimBitmap>,
     /// Offset of the bitmaps header extension's type field.
-    ext_offset: HostOffset,
+    pub(super) ext_offset: HostOffset,
     dir_offset: HostOffset,
     dir_size: u64,
     /// Guest byte ranges written or discarded by the current command.
@@ -197,21 +197,26 @@ impl Sim {
     /// each to its first NUL, has another size than the file's) clears that
     /// bit instead and fails.
     ///
-    /// Both write the header with `qcow2_update_header`, as does the marking
-    /// in use of every other open with bitmaps: where what it writes does not
-    /// fit the cluster, it writes nothing and fails (ENOSPC), and so does the
-    /// open, of this command and of every later one
+    /// Any other open writes the header again where it marks bitmaps in use
+    /// or clears autoclear bits QEMU does not know
+    /// ([`Sim::open_header_update`]), then the marked directory in place.
+    ///
+    /// All of them write the header with `qcow2_update_header`: where what it
+    /// writes does not fit the cluster, it writes nothing and fails (ENOSPC),
+    /// and so does the open, of this command and of every later one
     /// ([`Sim::header_does_not_fit`]).
     pub(super) fn drop_ignored_bitmaps(&mut self, op: &super::Op) -> SimResult<()> {
         let dropping = self.bitmaps.as_ref().is_some_and(|b| b.drop_extension);
-        if (dropping || self.marks_bitmaps()) && self.qemu_header_cluster()?.is_none() {
+        let rewrites = dropping || self.marks_bitmaps() || self.unknown_autoclear() != 0;
+        if rewrites && self.qemu_header_cluster()?.is_none() {
             return Err(self.header_does_not_fit(op, dropping));
         }
         if self.bitmaps.as_ref().is_some_and(|b| b.in_place_fails) {
             return self.in_place_marking_fails(op);
         }
         if !dropping {
-            return Ok(());
+            self.open_header_update()?;
+            return self.mark_bitmaps_in_use();
         }
         let Some(out) = self.qemu_header_cluster()? else {
             return Ok(());
@@ -228,8 +233,9 @@ impl Sim {
         Ok(())
     }
 
-    /// The open's header update for the bitmaps (`dropping` the extension,
-    /// or else clearing autoclear bit 0 to mark them in use) that does not
+    /// The open's header update (`dropping` the bitmaps extension, or else
+    /// clearing autoclear bit 0 to mark them in use, or else clearing the
+    /// autoclear bits QEMU does not know) that does not
     /// fit the header cluster: nothing is written, the open fails, and every
     /// later open fails the same way before it loads the bitmaps (the file
     /// is as it was), so they are not stored on any close.
@@ -239,10 +245,15 @@ impl Sim {
                 "drops the ignored bitmaps extension",
                 "Could not update qcow2 header",
             )
-        } else {
+        } else if self.marks_bitmaps() {
             (
                 "clears autoclear bit 0 to mark the bitmaps in use",
                 "Can't update bitmap directory",
+            )
+        } else {
+            (
+                "clears the autoclear bits it does not know",
+                "Could not update qcow2 header",
             )
         };
         let no_space = super::update_header::NO_SPACE;
@@ -283,10 +294,14 @@ impl Sim {
         )))
     }
 
-    /// What QEMU's open wrote of the bitmaps and its close does not write
-    /// again, the image marked corrupt: their directory in place, each
-    /// bitmap marked in use (`update_ext_header_and_dir_in_place`).
-    pub(super) fn bitmaps_left_in_use(&mut self) -> SimResult<()> {
+    /// The open marks every bitmap in use (`update_ext_header_and_dir_in_place`)
+    /// by writing their directory again where it is, each entry with the
+    /// in-use flag set: a program that stops before the close leaves them
+    /// so, and the next open takes them as inconsistent. The close stores a
+    /// new directory and frees this one, whose cluster keeps these bytes;
+    /// a close stopped by a corruption does not store them, and the marking
+    /// stays in the directory in use.
+    fn mark_bitmaps_in_use(&mut self) -> SimResult<()> {
         if !self.marks_bitmaps() {
             return Ok(());
         }
@@ -301,9 +316,12 @@ impl Sim {
         if dir == self.read_bytes(b.dir_offset, dir.len() as u64) {
             return Ok(());
         }
-        self.note("QEMU's open marked the bitmaps in use in their directory, in place, and its close does not store them again: the image is corrupt".into());
+        let saved = self.reason.clone();
+        self.note("QEMU's open marks the bitmaps in use in their directory, in place".into());
         self.why("the bitmaps marked in use by the open");
-        self.write_bytes(b.dir_offset, &dir)
+        let r = self.write_bytes(b.dir_offset, &dir);
+        self.reason = saved;
+        r
     }
 
     /// Whether the image has persistent bitmaps (`qemu-img snapshot -a` refuses).

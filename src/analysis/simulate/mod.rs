@@ -416,7 +416,8 @@ impl Sim {
             // check's, also after a failed check, and any other's, which
             // finds it dirty when the repair on open left a corruption.
             let closed = if r.is_err() && self.marked_corrupt() {
-                self.bitmaps_left_in_use()
+                // The bitmaps stay as the open marked them, in use.
+                Ok(())
             } else {
                 self.store_bitmaps().and_then(|()| {
                     // (A failed open has no close.)

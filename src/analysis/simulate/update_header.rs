@@ -1,8 +1,10 @@
 //! `qcow2_update_header`: QEMU writes the whole header cluster anew from what
 //! its open read, not the fields it changed. It does so when it drops the
 //! bitmaps extension of an image a program without bitmap support changed
-//! ([`Sim::drop_ignored_bitmaps`]) and when it marks an image corrupt
-//! (`qcow2_mark_corrupt`, [`Sim::mark_corrupt`]). What it writes:
+//! ([`Sim::drop_ignored_bitmaps`]), when it marks an image corrupt
+//! (`qcow2_mark_corrupt`, [`Sim::mark_corrupt`]), and when a read-write
+//! open marks bitmaps in use or clears autoclear bits it does not know
+//! ([`Sim::open_header_update`]). What it writes:
 //!
 //! 1. the header: 72 bytes for version 2, 112 for version 3 (the size QEMU
 //!    knows, `header_length` saying so), with the disk size in whole sectors
@@ -244,5 +246,60 @@ impl Sim {
             last.saturating_add(1)
         ));
         self.write_bytes(HostOffset(first as u64), &bytes)
+    }
+
+    /// The autoclear bits of the header that QEMU 10.0.2 does not know: all
+    /// but bit 0 (bitmaps) and bit 1 (raw external data file). A version 2
+    /// header has no autoclear field (QEMU reads it as 0).
+    pub(super) fn unknown_autoclear(&mut self) -> u64 {
+        self.header_field(Field::AutoclearFeatures)
+            & !(crate::header::AUTOCLEAR_BITMAPS | crate::header::AUTOCLEAR_DATA_FILE_RAW)
+    }
+
+    /// The header update of a read-write open that keeps the bitmaps
+    /// extension. The open clears the autoclear bits QEMU does not know: an
+    /// autoclear bit says that the data it describes is valid only while
+    /// every program that writes the image knows the bit, and QEMU, which
+    /// does not, changes the image. It drops them from its copy of the
+    /// header, and the header cluster is written again
+    /// (`qcow2_update_header`): by the bitmaps' marking in use, which does
+    /// so for every image with bitmaps to mark, or else by the open's own
+    /// header update. The rewrite may move the bitmaps extension (QEMU adds
+    /// its feature name table before it, where the image had none): the
+    /// close repoints the extension where it now is. The caller has checked
+    /// that the rewrite fits the cluster.
+    pub(super) fn open_header_update(&mut self) -> SimResult<()> {
+        let unknown = self.unknown_autoclear();
+        if unknown == 0 && !self.marks_bitmaps() {
+            return Ok(());
+        }
+        let saved = self.reason.clone();
+        let mut r = Ok(());
+        if unknown == 0 {
+            self.why("the bitmaps' marking in use writes the header again");
+        } else {
+            self.note(format!(
+                "the header has autoclear bits QEMU does not know ({unknown:#x}): its read-write open clears them and writes the header again"
+            ));
+            self.why("autoclear bits QEMU does not know are cleared on open");
+            let autoclear = self.header_field(Field::AutoclearFeatures);
+            r = self.set_header(Field::AutoclearFeatures, autoclear & !unknown);
+        }
+        if r.is_ok() {
+            r = self.rewrite_header_rest();
+        }
+        self.reason = saved;
+        r?;
+        let c0 = self.read_bytes(HostOffset(0), self.cs);
+        let h = Header::parse(&c0)?;
+        let (exts, _) = crate::header::parse_extensions(&h, &c0);
+        if let (Some(b), Some(e)) = (
+            self.bitmaps.as_mut(),
+            exts.iter()
+                .find(|e| e.ext_type == crate::header::EXT_BITMAPS),
+        ) {
+            b.ext_offset = e.offset;
+        }
+        Ok(())
     }
 }
