@@ -6,7 +6,8 @@
 //!
 //! qemu-io takes at most 2147483136 bytes in one request (`write -z`
 //! included, without `-n`): with QEMU's default L2 cache (the whole disk
-//! when that takes at most 32 MiB, else 8192 slices of 4 KiB), such a
+//! when that takes at most 32 MiB, else 32 MiB of slices, each a cluster
+//! or 4 KiB, whichever is smaller), such a
 //! request never goes through more slices than the cache holds, so what
 //! it changed stays in the cache until a write-back of the whole cache.
 

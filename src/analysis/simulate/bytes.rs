@@ -127,7 +127,6 @@ impl Sim {
         // Metadata (or compressed data) replaces whatever data was there.
         self.data.map.remove(off.get(), end.saturating_sub(off));
         self.file_len = self.file_len.max(end.get());
-        self.written_len = self.written_len.max(end.get());
     }
 
     /// Where a write of `len` bytes at `off` would end, or QEMU's error for

@@ -17,49 +17,7 @@ use crate::types::{GuestOffset, HostOffset};
 
 mod cow;
 
-/// QEMU's default L2 cache limit (`DEFAULT_L2_CACHE_MAX_SIZE`).
-const L2_CACHE_MAX: u64 = 32 << 20;
-
 impl Sim {
-    /// Entries per L2 cache slice: a whole table, unless QEMU's default 32 MiB L2
-    /// cache cannot cover the disk; then 4 KiB slices.
-    pub(super) fn slice_entries(&self) -> u64 {
-        let per_table = self.geo.l2_entries();
-        if self.l2_cache_needed() > L2_CACHE_MAX {
-            self.cs
-                .min(4096)
-                .checked_div(self.geo.l2_entry_size())
-                .unwrap_or(per_table)
-                .min(per_table)
-        } else {
-            per_table
-        }
-    }
-
-    /// What QEMU's L2 cache would need to cover the whole disk
-    /// (`read_cache_sizes`: one entry, 8 or 16 bytes, per guest cluster,
-    /// rounded up to whole clusters).
-    fn l2_cache_needed(&self) -> u64 {
-        self.size
-            .div_ceil(self.cs)
-            .saturating_mul(self.geo.l2_entry_size())
-            .div_ceil(self.cs)
-            .saturating_mul(self.cs)
-    }
-
-    /// The L2 cache entries (slices) QEMU gives this image: what the disk
-    /// needs, up to the 32 MiB default, and at least two.
-    pub(super) fn l2_cache_entries(&self) -> u64 {
-        self.l2_cache_needed()
-            .min(L2_CACHE_MAX)
-            .checked_div(
-                self.slice_entries()
-                    .saturating_mul(self.geo.l2_entry_size()),
-            )
-            .unwrap_or(0)
-            .max(2)
-    }
-
     /// Where entry `index` of the L2 table at `l2` is (saturating: `l2` comes from
     /// an L1 entry).
     pub(super) fn l2_entry_offset(&self, l2: HostOffset, index: u64) -> HostOffset {
@@ -164,9 +122,10 @@ impl Sim {
             Some(old) => self.read_bytes(old, self.cs),
         };
         self.write_bytes(new, &content)?;
-        // l2_allocate fills the new table slice by slice in QEMU's L2 cache
-        // (each new slice held while the old one is read), then writes the
-        // refcounts, then the L2 tables, back.
+        // l2_allocate writes QEMU's refcount cache back, then fills the new
+        // table slice by slice in its L2 cache (each new slice held while
+        // the old one is read), then writes the L2 cache back.
+        self.refcounts_flushed();
         let slice = self.slice_entries().max(1);
         let mut k = 0u64;
         while k < self.geo.l2_entries() {
@@ -177,7 +136,7 @@ impl Sim {
             self.l2_slice_put(new, k, true);
             k = k.saturating_add(slice);
         }
-        self.caches_written();
+        self.l2_cache_flushed();
         if let Some(old) = old {
             self.record(
                 Target::Copy {

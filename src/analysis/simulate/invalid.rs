@@ -156,6 +156,14 @@ impl Sim {
         }
     }
 
+    /// Whether the open's repair left the image dirty in QEMU's memory
+    /// ([`Sim::repaired_on_open`]): refcounts need not be accurate
+    /// (`qcow2_need_accurate_refcounts`), so the flush after a request
+    /// (`qcow2_write_caches`) writes the L2 cache only.
+    pub(super) fn repair_left_dirty(&self) -> bool {
+        self.unflushed.rc.is_lazy()
+    }
+
     /// Entry `index` of the L2 table at `table` is about to change from
     /// `raw`/`bitmap` through QEMU's L2 cache.
     pub(super) fn log_l2_write(&mut self, table: HostOffset, index: u64, raw: u64, bitmap: u64) {
@@ -191,27 +199,23 @@ impl Sim {
         self.l2_slice_changed(table, index);
     }
 
-    /// QEMU writes both caches back (`l2_allocate`: the refcounts, then
-    /// the L2 slices, the new ones among them).
-    pub(super) fn caches_written(&mut self) {
-        self.refcounts_flushed();
+    /// QEMU writes the whole L2 cache back (`qcow2_cache_flush` of the L2
+    /// cache, as `l2_allocate` ends: the new slices among them). The
+    /// refcount cache, which the L2 cache may depend on, goes first.
+    pub(super) fn l2_cache_flushed(&mut self) {
         let step = self.steps.len();
         self.unflushed.rc.l2_flushed(true, step);
         self.l2_written_back();
     }
 
     /// `alloc_refcount_block` writes the L2 cache back before it makes a
-    /// new refcount block.
+    /// new refcount block; like every write-back of the L2 cache, it counts
+    /// as one inside the write request under way.
     pub(super) fn l2_flushed_for_refblock(&mut self) {
         let step = self.steps.len();
         let dirty = self.l2_dirty();
         self.unflushed.rc.l2_flushed(dirty, step);
-        let log = &mut self.unflushed;
-        if log.l2_backs.len() < MAX_LOGGED {
-            let carried: Vec<u64> = log.l2.keys().copied().collect();
-            log.l2_backs.push((step, false, carried));
-        }
-        log.all_written();
+        self.l2_written_back();
     }
 
     /// Whether QEMU's L2 cache holds changes not yet written back.

@@ -142,9 +142,6 @@ pub struct Sim {
     /// Host file length: it grows as writes land past its end (an allocation
     /// alone does not grow it).
     file_len: u64,
-    /// How far writes reached: an allocation alone does not grow the file,
-    /// so a write that then fails leaves it this long (or as it was).
-    written_len: u64,
     l1: Vec<L1Entry>,
     l1_table_offset: HostOffset,
     size: u64,
@@ -312,7 +309,6 @@ impl Sim {
             has_data_file: h.has_data_file(),
             clusters: store::Store::new(geo.cluster_size()),
             file_len: img.file_len(),
-            written_len: img.file_len(),
             l1: img.l1.to_vec(),
             l1_table_offset: h.l1_table_offset,
             size: h.size,

@@ -375,7 +375,12 @@ impl Sim {
         let Some((m, at)) = self.held_restored(&held)? else {
             return Ok(());
         };
-        if self.lazy_dirtied() {
+        // A dirty image (marked so by this operation on lazy refcounts, or
+        // left so by the open's repair) never has its refcount cache
+        // written at this flush; on a clean one the L2 cache's write-back
+        // writes the refcount cache first when it depends on it, and only
+        // what waits on the L2 cache (after a release) is lost.
+        if self.lazy_dirtied() || self.repair_left_dirty() {
             self.lazy_refcounts_lost()?;
         } else {
             self.release_refcounts_lost()?;

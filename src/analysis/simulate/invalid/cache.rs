@@ -178,6 +178,12 @@ impl RefcountCache {
         self.lazy = true;
     }
 
+    /// Whether the image is dirty in QEMU's memory after a repair on open
+    /// ([`Self::set_lazy`]).
+    pub(in crate::analysis::simulate) fn is_lazy(&self) -> bool {
+        self.lazy
+    }
+
     /// What the cache wrote back is not known, for `why`.
     pub(in crate::analysis::simulate) fn give_up(&mut self, why: String) {
         self.unknown.get_or_insert(why);
@@ -237,8 +243,10 @@ impl Sim {
     /// `qcow2_detect_metadata_preallocation`): refcounts are read from
     /// cluster 0 on, one cluster at a time, until as many clusters are in
     /// use as the file has stored on disk and a ninth more (or two more),
-    /// or the file ends. With fewer clusters in use than that, every
-    /// refcount block of the file is read, in order; what the file has on
+    /// or the file ends (its length as it stands now, grown by data and
+    /// metadata writes alike: `bdrv_co_getlength` of the host file). With
+    /// fewer clusters in use than that, every refcount block of the file
+    /// is read, in order; what the file has on
     /// disk now is only known as far as a lower bound (as the file was,
     /// less every cluster freed since and what a cut took): QEMU asks the
     /// host file system (`bdrv_co_get_allocated_file_size`, st_blocks),
@@ -269,7 +277,7 @@ impl Sim {
             .checked_div(9)
             .unwrap_or(0)
             .max(real.saturating_add(2));
-        let end = self.written_len.div_ceil(cs);
+        let end = self.file_len.div_ceil(cs);
         let bb = self.block_bits();
         let last_block = end.saturating_sub(1) >> bb;
         if last_block > 1 << 20 {

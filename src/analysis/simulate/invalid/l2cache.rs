@@ -22,6 +22,9 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 use super::super::Sim;
 use crate::types::HostOffset;
 
+/// QEMU's default L2 cache limit (`DEFAULT_L2_CACHE_MAX_SIZE`).
+const L2_CACHE_MAX: u64 = 32 << 20;
+
 /// One cached slice.
 #[derive(Clone, Copy, Debug)]
 struct Slot {
@@ -140,6 +143,46 @@ impl L2Cache {
 }
 
 impl Sim {
+    /// Entries per L2 cache slice: a whole table, unless QEMU's default 32 MiB L2
+    /// cache cannot cover the disk; then slices of a cluster or 4 KiB,
+    /// whichever is smaller.
+    pub(in crate::analysis::simulate) fn slice_entries(&self) -> u64 {
+        let per_table = self.geo.l2_entries();
+        if self.l2_cache_needed() > L2_CACHE_MAX {
+            self.cs
+                .min(4096)
+                .checked_div(self.geo.l2_entry_size())
+                .unwrap_or(per_table)
+                .min(per_table)
+        } else {
+            per_table
+        }
+    }
+
+    /// What QEMU's L2 cache would need to cover the whole disk
+    /// (`read_cache_sizes`: one entry, 8 or 16 bytes, per guest cluster,
+    /// rounded up to whole clusters).
+    fn l2_cache_needed(&self) -> u64 {
+        self.size
+            .div_ceil(self.cs)
+            .saturating_mul(self.geo.l2_entry_size())
+            .div_ceil(self.cs)
+            .saturating_mul(self.cs)
+    }
+
+    /// The L2 cache entries (slices) QEMU gives this image: what the disk
+    /// needs, up to the 32 MiB default, and at least two.
+    pub(in crate::analysis::simulate) fn l2_cache_entries(&self) -> u64 {
+        self.l2_cache_needed()
+            .min(L2_CACHE_MAX)
+            .checked_div(
+                self.slice_entries()
+                    .saturating_mul(self.geo.l2_entry_size()),
+            )
+            .unwrap_or(0)
+            .max(2)
+    }
+
     /// The offset of the slice holding entry `index` of the L2 table at
     /// `l2`, QEMU's key for it in its L2 cache.
     pub(in crate::analysis::simulate) fn slice_key(&self, l2: HostOffset, index: u64) -> u64 {
