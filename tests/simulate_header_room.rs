@@ -14,7 +14,7 @@ mod common;
 mod sim_bytes;
 mod sim_compare;
 use common::Work;
-use sim_bytes::{same_bytes, same_bytes_to_the_shorter};
+use sim_bytes::{same_bytes, same_file};
 use sim_compare::compare_metadata;
 
 /// The bitmaps extension's type.
@@ -203,6 +203,6 @@ fn an_open_that_clears_unknown_autoclear_bits() {
         let sim =
             compare_metadata(w.dir.path(), name, &ops).unwrap_or_else(|e| panic!("{name}: {e}"));
         assert!(sim.records.iter().all(|r| r.error.is_none()), "{name}");
-        same_bytes_to_the_shorter(&w, name, &sim);
+        same_file(&w, name, &sim);
     }
 }
