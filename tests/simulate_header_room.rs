@@ -9,6 +9,9 @@
 //! stays in QEMU's memory (the write fails, the next command does not see
 //! it), and an open that must update the header for its bitmaps (dropping
 //! an ignored extension, marking them in use) fails, as every later one.
+//! The dirty bit of an image with lazy refcounts stays on disk when the
+//! close cannot write the header to clear it, and the repair on the next
+//! open fails.
 
 mod common;
 mod sim_bytes;
@@ -19,6 +22,24 @@ use sim_compare::compare_metadata;
 
 /// The bitmaps extension's type.
 const BITMAPS: u32 = 0x2385_2875;
+
+/// QEMU's feature name table's type.
+const FEATURES: u32 = 0x6803_f857;
+
+/// The bytes the feature name table of `image`, as QEMU wrote it, takes
+/// with its extension header.
+fn table_room(w: &Work, image: &str) -> usize {
+    let b = std::fs::read(w.path(image)).expect("read the image");
+    let mut at = be32(&b, 100);
+    while be32(&b, at) != 0 {
+        let len = be32(&b, at + 4).next_multiple_of(8);
+        if be32(&b, at) as u32 == FEATURES {
+            return 8 + len;
+        }
+        at += 8 + len;
+    }
+    panic!("{image}: no feature name table");
+}
 
 fn be32(b: &[u8], at: usize) -> usize {
     u32::from_be_bytes(b[at..at + 4].try_into().expect("4 bytes")) as usize
@@ -78,9 +99,9 @@ fn contradictory(w: &Work, image: &str, opts: &str) {
 
 /// The corrupt bit QEMU cannot write: the write that finds the corruption
 /// fails, nothing of the header changes, and the next command's write goes
-/// through (its open sees no corrupt bit). With no end mark (it does not
-/// fit after the extensions) and with a backing file name that does not
-/// fit after QEMU's feature name table.
+/// through (its open sees no corrupt bit). QEMU's rewrite gets past its
+/// feature name table in both: then there is no room for the end mark
+/// ("no_end"), or none for the backing file name after it ("no_name").
 #[test]
 fn a_corrupt_bit_whose_header_does_not_fit_stays_in_memory() {
     let w = Work::new();
@@ -91,17 +112,24 @@ fn a_corrupt_bit_whose_header_does_not_fit_stays_in_memory() {
             "no_end.qcow2",
             Box::new(|w: &Work, image: &str| {
                 contradictory(w, image, "");
-                fill(w, image, &[], 0);
+                // The feature name table stays, and the extension after it
+                // runs to the cluster's end: QEMU writes both again, the
+                // same length, and the end mark does not fit.
+                fill(w, image, &[FEATURES], 0);
             }),
         ),
         (
             "no_name.qcow2",
             Box::new(|w: &Work, image: &str| {
                 contradictory(w, image, ",backing_file=base.qcow2,backing_fmt=qcow2");
-                // The backing format and the end mark stay; QEMU's feature
-                // name table (344 bytes) leaves 8 for the 10-byte name.
+                assert_eq!(table_room(w, image), 392, "{image}");
+                // The backing format and the end mark stay, and the 10-byte
+                // name ends the cluster. QEMU puts its feature name table
+                // (392 bytes) before the extension, which then ends 8 bytes
+                // before the cluster's end: the end mark fits, the name
+                // does not.
                 let fmt = 0xe279_2aca;
-                fill(w, image, &[fmt], 344 - 8 + 8 - 10 + 8);
+                fill(w, image, &[fmt], 392 + 8 - 10);
             }),
         ),
     ];
@@ -120,6 +148,36 @@ fn a_corrupt_bit_whose_header_does_not_fit_stays_in_memory() {
             after[..0x10000] == before[..0x10000],
             "{name}: header changed"
         );
+    }
+}
+
+/// The same two images with room enough before the cluster's end (8 bytes
+/// more, for the end mark) or before the name (16 more: the extension keeps
+/// its 8-byte alignment, and the name needs 10): QEMU's rewrite fits, and
+/// the corrupt bit is stored. So the cases above fail at the end mark and
+/// at the name, not before.
+#[test]
+fn with_room_enough_the_corrupt_bit_is_stored() {
+    let w = Work::new();
+    w.qemu_img(&["create", "-q", "-f", "qcow2", "base.qcow2", "4M"]);
+    let cases: [(&str, &str, u32, usize); 2] = [
+        ("end.qcow2", "", FEATURES, 8),
+        (
+            "name.qcow2",
+            ",backing_file=base.qcow2,backing_fmt=qcow2",
+            0xe279_2aca,
+            392 + 8 - 10 + 16,
+        ),
+    ];
+    for (name, opts, keep, slack) in cases {
+        let make = |w: &Work, image: &str| {
+            contradictory(w, image, opts);
+            fill(w, image, &[keep], slack);
+        };
+        let (errors, is_corrupt) = same_bytes(&w, name, make, &["write:131584:512"]);
+        let e = errors[0].as_deref().unwrap_or_default();
+        assert!(e.contains("Input/output error"), "{name}: {e}");
+        assert!(is_corrupt, "{name}: QEMU did not store the corrupt bit");
     }
 }
 
@@ -204,5 +262,54 @@ fn an_open_that_clears_unknown_autoclear_bits() {
             compare_metadata(w.dir.path(), name, &ops).unwrap_or_else(|e| panic!("{name}: {e}"));
         assert!(sim.records.iter().all(|r| r.error.is_none()), "{name}");
         same_file(&w, name, &sim);
+    }
+}
+
+/// The dirty bit of an image with lazy refcounts, where QEMU's header
+/// rewrite does not fit its cluster (the feature name table it adds, 392
+/// bytes with its extension header, has no room): a write's link marks the
+/// image dirty (`qcow2_mark_dirty` writes the 8 bytes of the field alone),
+/// and the close's `qcow2_mark_clean` fails to write the header, which it
+/// ignores: the bit stays on disk. The next qemu-io's open repairs the
+/// dirty image and fails as marking it clean fails ("Could not repair dirty
+/// image"); qemu-img check -r all fails the same way ("Check failed"). Where
+/// the rewrite fits (room left after the extension), the close writes the
+/// header anew, QEMU's feature name table put back, and the bit clear.
+#[test]
+fn a_dirty_bit_whose_header_does_not_fit_stays_on_disk() {
+    let w = Work::new();
+    for (name, slack) in [("tight.qcow2", 0), ("room.qcow2", 1024)] {
+        let make = |w: &Work, image: &str| {
+            let o = "lazy_refcounts=on";
+            w.qemu_img(&["create", "-q", "-f", "qcow2", "-o", o, image, "4M"]);
+            fill(w, image, &[], slack);
+        };
+        let ops = ["write:0:512", "write:65536:512", "repair:all"];
+        let (errors, is_corrupt) = same_bytes(&w, name, make, &ops);
+        assert!(!is_corrupt, "{name}");
+        let after = std::fs::read(w.path(&format!("{name}.qemu"))).expect("read");
+        let dirty = be64(&after, 72) & 1 != 0;
+        if slack == 0 {
+            assert_eq!(errors[0], None, "{name}");
+            let e = errors[1].as_deref().unwrap_or_default();
+            assert!(
+                e.contains("Could not repair dirty image: No space left on device"),
+                "{name}: {e}"
+            );
+            let e = errors[2].as_deref().unwrap_or_default();
+            assert!(
+                e.contains("Check failed: No space left on device"),
+                "{name}: {e}"
+            );
+            assert!(dirty, "{name}: QEMU cleared the dirty bit");
+        } else {
+            assert!(errors.iter().all(Option::is_none), "{name}: {errors:?}");
+            assert!(!dirty, "{name}: the dirty bit stayed");
+            let table = FEATURES.to_be_bytes();
+            assert!(
+                after[..0x10000].windows(4).any(|x| x == table),
+                "{name}: QEMU did not write its feature name table"
+            );
+        }
     }
 }

@@ -67,14 +67,31 @@ impl Sim {
     /// (`qcow2_mark_clean`), so a dirty bit a check-mode open left (it
     /// repairs nothing) is cleared, whether the open then failed at the
     /// backing file or the check itself failed. `why` says which close.
+    /// So is the bit `qcow2_mark_dirty` wrote (8 bytes, not the whole
+    /// header) when a write was linked on an image with lazy refcounts
+    /// ([`Sim::l2_link`]). The marking writes the header cluster anew
+    /// ([`Sim::clear_features`]); where that does not fit, the close
+    /// ignores the failure and the dirty bit stays on disk.
     pub(super) fn mark_clean_on_close(&mut self, why: &str) -> super::SimResult<()> {
         use crate::header::{Field, INCOMPAT_DIRTY};
         let features = self.header_field(Field::IncompatibleFeatures);
-        if features & INCOMPAT_DIRTY == 0 {
+        if features & INCOMPAT_DIRTY != 0 {
+            self.why(why);
+            self.clear_features(INCOMPAT_DIRTY)?;
             return Ok(());
         }
-        self.why(why);
-        self.set_header(Field::IncompatibleFeatures, features & !INCOMPAT_DIRTY)
+        if !self.lazy_dirtied() {
+            return Ok(());
+        }
+        self.why("the close marks the image clean again after the write marked it dirty (lazy refcounts)");
+        if self.qemu_header_cluster()?.is_some() {
+            return self.rewrite_header_rest();
+        }
+        self.note(format!(
+            "qcow2_mark_dirty wrote the dirty bit when the write's L2 entries were linked (lazy refcounts); the close would clear it by writing the header cluster again (qcow2_update_header), but what it writes does not fit the cluster: the update fails ({}) and the bit stays on disk",
+            super::update_header::NO_SPACE
+        ));
+        self.set_header(Field::IncompatibleFeatures, features | INCOMPAT_DIRTY)
     }
 
     /// Say, before an operation, that the backing chain named is one qinspect

@@ -385,6 +385,7 @@ impl Sim {
             } else if features & crate::header::INCOMPAT_DIRTY != 0 && !checking {
                 self.note("the image is dirty (lazy refcounts): QEMU repairs its refcounts on open, as qemu-img check -r all would".into());
                 let r = self.repair(true);
+                let r = self.repair_on_open_words(op, r);
                 self.repaired_on_open();
                 open_failed = r.is_err();
                 r

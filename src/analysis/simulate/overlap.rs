@@ -469,12 +469,7 @@ impl Sim {
         let Some((m, offset)) = self.held_restored(&held)? else {
             return Ok(());
         };
-        let refcount = |c: &super::Change| matches!(c.target, Target::Refcount { .. });
-        if let Some(first) = self
-            .steps
-            .iter()
-            .position(|c| refcount(c) && c.after < c.before)
-        {
+        if let Some(first) = self.first_release() {
             self.walk_refcounts_lost(first)?;
         }
         match self.overlap_stopped(m, offset) {
@@ -495,11 +490,7 @@ impl Sim {
     /// first, `qcow2_cache_set_dependency`.)
     fn release_refcounts_lost(&mut self) -> SimResult<()> {
         let refcount = |c: &super::Change| matches!(c.target, Target::Refcount { .. });
-        let Some(first) = self
-            .steps
-            .iter()
-            .position(|c| refcount(c) && c.after < c.before)
-        else {
+        let Some(first) = self.first_release() else {
             return Ok(());
         };
         if self

@@ -354,20 +354,6 @@ impl Sim {
         Ok((left_corrupt, repaired))
     }
 
-    /// `qcow2_mark_clean` and `qcow2_mark_consistent`: each first writes
-    /// QEMU's caches back (`qcow2_flush_caches`; the check left nothing in
-    /// the L2 cache), when its bit is set.
-    fn mark_clean(&mut self) -> SimResult<()> {
-        let before = self.header_field(Field::IncompatibleFeatures);
-        let after = before & !(crate::header::INCOMPAT_DIRTY | crate::header::INCOMPAT_CORRUPT);
-        if after != before {
-            self.refcounts_flushed();
-            self.why("no corruption left: the image is marked clean and consistent");
-            self.set_header(Field::IncompatibleFeatures, after)?;
-        }
-        Ok(())
-    }
-
     /// How QEMU's check ends when it cannot read the snapshot table
     /// (`qcow2_check_read_snapshot_table`): it fails before it repairs
     /// anything. With `-r all`, more snapshots than QEMU's limit are cut to

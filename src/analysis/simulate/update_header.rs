@@ -2,9 +2,11 @@
 //! its open read, not the fields it changed. It does so when it drops the
 //! bitmaps extension of an image a program without bitmap support changed
 //! ([`Sim::drop_ignored_bitmaps`]), when it marks an image corrupt
-//! (`qcow2_mark_corrupt`, [`Sim::mark_corrupt`]), and when a read-write
-//! open marks bitmaps in use or clears autoclear bits it does not know
-//! ([`Sim::open_header_update`]). What it writes:
+//! (`qcow2_mark_corrupt`, [`Sim::mark_corrupt`]), when a read-write open
+//! marks bitmaps in use or clears autoclear bits it does not know
+//! ([`Sim::open_header_update`]), and when it marks one clean or
+//! consistent (`qcow2_mark_clean`, `qcow2_mark_consistent`,
+//! [`Sim::clear_features`]). What it writes:
 //!
 //! 1. the header: 72 bytes for version 2, 112 for version 3 (the size QEMU
 //!    knows, `header_length` saying so), with the disk size in whole sectors
@@ -27,13 +29,18 @@
 //! clusters over 4 KiB and an end mark to extensions that ran to their end
 //! without one.
 
-use super::{Sim, SimResult};
+use super::{Sim, SimError, SimResult};
 use crate::bytes::{align8, c_string};
 use crate::header::{ExtensionKind, Field, Header};
 use crate::types::HostOffset;
 
 /// The text of `qcow2_update_header`'s failure when the header does not fit.
 pub(super) const NO_SPACE: &str = "No space left on device";
+
+/// How qemu-img check words a check whose marking clean does not fit the
+/// header cluster; the repair on open says "Could not repair dirty image:
+/// No space left on device" instead ([`Sim::repair_on_open_words`]).
+pub(super) const REPAIR_NO_SPACE: &str = "Check failed: No space left on device";
 
 /// One header extension as `header_ext_add` writes it: type, length, the data
 /// padded to 8 bytes; `None` (ENOSPC, nothing added) when that does not fit
@@ -224,11 +231,69 @@ impl Sim {
         r
     }
 
+    /// `qcow2_mark_clean` and `qcow2_mark_consistent`: each first writes
+    /// QEMU's caches back (`qcow2_flush_caches`; the check left nothing in
+    /// the L2 cache), when its bit is set, then writes the header again
+    /// ([`Sim::clear_features`]). Where that does not fit its cluster the
+    /// check fails with ENOSPC (`qcow2_co_check_locked` returns the error):
+    /// qemu-img check's "Check failed", or the repair on open's "Could not
+    /// repair dirty image" ([`REPAIR_NO_SPACE`]).
+    pub(super) fn mark_clean(&mut self) -> SimResult<()> {
+        let bits = crate::header::INCOMPAT_DIRTY | crate::header::INCOMPAT_CORRUPT;
+        if self.header_field(Field::IncompatibleFeatures) & bits != 0 {
+            self.refcounts_flushed();
+            self.why("no corruption left: the image is marked clean and consistent");
+            if !self.clear_features(bits)? {
+                return Err(SimError::Qemu(REPAIR_NO_SPACE.into()));
+            }
+        }
+        Ok(())
+    }
+
+    /// The repair on open of a dirty image (`qcow2_do_open`): a failure to
+    /// mark it clean (`result`'s [`REPAIR_NO_SPACE`]) fails the open, in
+    /// the words of `op`'s command.
+    pub(super) fn repair_on_open_words(
+        &self,
+        op: &super::Op,
+        result: SimResult<()>,
+    ) -> SimResult<()> {
+        match result {
+            Err(SimError::Qemu(m)) if m == REPAIR_NO_SPACE => {
+                Err(SimError::Qemu(super::backing::open_words(
+                    op,
+                    &self.path,
+                    &format!("Could not repair dirty image: {}", NO_SPACE),
+                )))
+            }
+            r => r,
+        }
+    }
+
+    /// `qcow2_mark_clean` (`bits` the dirty bit) and `qcow2_mark_consistent`
+    /// (the corrupt bit): QEMU clears the bits in its memory and writes the
+    /// header cluster anew with `qcow2_update_header`. `false` when what it
+    /// writes does not fit the cluster: the update fails (ENOSPC) and writes
+    /// nothing, so the bits stay on disk. The caller says what QEMU does with
+    /// that failure: the check's repair fails, the close ignores it.
+    pub(super) fn clear_features(&mut self, bits: u64) -> SimResult<bool> {
+        let features = self.header_field(Field::IncompatibleFeatures);
+        if self.qemu_header_cluster()?.is_none() {
+            self.note(format!(
+                "QEMU clears the dirty or corrupt bit by writing the header cluster again (qcow2_update_header), but what it writes does not fit the cluster: the update fails ({NO_SPACE}) and writes nothing, so the bit stays on disk"
+            ));
+            return Ok(false);
+        }
+        self.set_header(Field::IncompatibleFeatures, features & !bits)?;
+        self.rewrite_header_rest()?;
+        Ok(true)
+    }
+
     /// Write the bytes of cluster 0 that `qcow2_update_header` writes
     /// differently from what the file holds, with a note saying so.
-    fn rewrite_header_rest(&mut self) -> SimResult<()> {
+    pub(super) fn rewrite_header_rest(&mut self) -> SimResult<()> {
         let have = self.read_bytes(HostOffset(0), self.cs);
-        // mark_corrupt found that it fits.
+        // The caller found that it fits.
         let Some(want) = self.qemu_header_cluster_from(&have)? else {
             return Ok(());
         };

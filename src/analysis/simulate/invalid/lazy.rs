@@ -16,7 +16,10 @@ impl Sim {
     /// no longer waits on the refcount cache, and the flush after a request
     /// (`qcow2_write_caches`) writes the L2 cache only. QEMU clears the bit
     /// at the close (`qcow2_mark_clean`), so it stays only when the image
-    /// is marked corrupt before that ([`Sim::mark_corrupt`]).
+    /// is marked corrupt before that ([`Sim::mark_corrupt`]) or when the
+    /// close's header rewrite does not fit its cluster
+    /// ([`Sim::mark_clean_on_close`]): the simulation writes the bit in
+    /// those two cases only.
     pub(in crate::analysis::simulate) fn l2_link(&mut self) {
         if self.header_field(Field::CompatibleFeatures) & 1 != 0 {
             self.unflushed.dirtied = true;

@@ -16,6 +16,17 @@ use super::super::{Change, Sim, SimError, SimResult, Target};
 use crate::types::HostOffset;
 
 impl Sim {
+    /// The operation's first step that lowers a refcount (a release), if
+    /// any: from there on QEMU's refcount cache waits on its L2 cache
+    /// (`qcow2_cache_set_dependency`), so a write-back the overlap check
+    /// stops at the L2 cache loses the refcount changes from that step on
+    /// ([`Sim::walk_refcounts_lost`]).
+    pub(in crate::analysis::simulate) fn first_release(&self) -> Option<usize> {
+        self.steps.iter().position(|c: &Change| {
+            matches!(c.target, Target::Refcount { .. }) && c.after < c.before
+        })
+    }
+
     /// The write-back at the end of a shrink from `old` to `size` bytes of
     /// the L2 entries its discard `held` back (table, index, word and
     /// bitmap before). Not followed when QEMU's caches may have written
@@ -85,9 +96,7 @@ impl Sim {
         let Some((m, at)) = self.held_restored(&live)? else {
             return Ok(());
         };
-        let release =
-            |c: &Change| matches!(c.target, Target::Refcount { .. }) && c.after < c.before;
-        if let Some(first) = self.steps.iter().position(release) {
+        if let Some(first) = self.first_release() {
             self.walk_refcounts_lost(first)?;
         }
         match self.overlap_stopped(m, at) {
