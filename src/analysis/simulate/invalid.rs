@@ -398,27 +398,29 @@ impl Sim {
         self.unflushed.rc.unknown().map(str::to_owned)
     }
 
-    /// Undo what QEMU's caches held since steps `l2_mark` (L2 entries) and
-    /// `rc_mark` (refcounts): the file keeps what it had.
-    fn drop_cached(&mut self, l2_mark: usize, rc_mark: usize) -> SimResult<()> {
+    /// Put back, newest first, every L2 entry changed since step `mark`
+    /// that QEMU's L2 cache still holds (or that waits for a write's data),
+    /// each change recorded with the reason `lost` gives it; `per_bitmap`
+    /// names a subcluster bitmap's change as such.
+    fn undo_l2_from(
+        &mut self,
+        mark: usize,
+        lost: impl Fn(&L2Write) -> &'static str,
+        per_bitmap: bool,
+    ) -> SimResult<()> {
         let log = &self.unflushed;
         let mut l2: Vec<L2Write> = log
             .l2
             .values()
             .flatten()
             .chain(log.deferred.iter())
-            .filter(|w| w.live_from >= l2_mark)
+            .filter(|w| w.live_from >= mark)
             .copied()
             .collect();
         l2.sort_unstable_by_key(|w| w.seq);
-        let saved = self.reason.clone();
         for w in l2.iter().rev() {
-            let lost = if w.live_from == usize::MAX {
-                "lost: QEMU sets this entry once the request's data is written, after the image is marked corrupt, in a cache never written"
-            } else {
-                "lost: the change sat in QEMU's L2 cache, never written once the image is marked corrupt"
-            };
-            self.why(lost);
+            let why = lost(w);
+            self.why(why);
             let (raw, bitmap) = self.l2_entry_at(w.table, w.index);
             let off = self.l2_entry_offset(w.table, w.index);
             let target = Target::L2Entry {
@@ -431,10 +433,30 @@ impl Sim {
             }
             if self.geo.extended_l2 && bitmap != w.bitmap {
                 self.write_u64(off.saturating_add(8), w.bitmap)?;
-                self.why(format!("{lost} (subcluster bitmap)"));
+                if per_bitmap {
+                    self.why(format!("{why} (subcluster bitmap)"));
+                }
                 self.record(target, bitmap, w.bitmap);
             }
         }
+        Ok(())
+    }
+
+    /// Undo what QEMU's caches held since steps `l2_mark` (L2 entries) and
+    /// `rc_mark` (refcounts): the file keeps what it had.
+    fn drop_cached(&mut self, l2_mark: usize, rc_mark: usize) -> SimResult<()> {
+        let saved = self.reason.clone();
+        self.undo_l2_from(
+            l2_mark,
+            |w| {
+                if w.live_from == usize::MAX {
+                    "lost: QEMU sets this entry once the request's data is written, after the image is marked corrupt, in a cache never written"
+                } else {
+                    "lost: the change sat in QEMU's L2 cache, never written once the image is marked corrupt"
+                }
+            },
+            true,
+        )?;
         self.reason = saved;
         self.drop_refcounts_cached(rc_mark)
     }

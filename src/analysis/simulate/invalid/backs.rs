@@ -7,8 +7,7 @@
 //! written (`qcow2_cache_set_dependency`). QEMU ignores that write-back's
 //! failure: the link goes on in its caches, which are never written again.
 
-use super::super::{Sim, SimResult, Target};
-use super::L2Write;
+use super::super::{Sim, SimResult};
 use crate::types::HostOffset;
 
 impl Sim {
@@ -34,34 +33,12 @@ impl Sim {
         &mut self,
         at: usize,
     ) -> SimResult<()> {
-        let log = &self.unflushed;
-        let mut l2: Vec<L2Write> = log
-            .l2
-            .values()
-            .flatten()
-            .chain(log.deferred.iter())
-            .filter(|w| w.live_from >= at)
-            .copied()
-            .collect();
-        l2.sort_unstable_by_key(|w| w.seq);
         let saved = self.reason.clone();
-        self.why("lost: the change sat in QEMU's L2 cache after its last write-back, never written once the image is marked corrupt");
-        for w in l2.iter().rev() {
-            let (raw, bitmap) = self.l2_entry_at(w.table, w.index);
-            let off = self.l2_entry_offset(w.table, w.index);
-            let target = Target::L2Entry {
-                table_offset: w.table,
-                index: w.index,
-            };
-            if raw != w.raw {
-                self.write_u64(off, w.raw)?;
-                self.record(target.clone(), raw, w.raw);
-            }
-            if self.geo.extended_l2 && bitmap != w.bitmap {
-                self.write_u64(off.saturating_add(8), w.bitmap)?;
-                self.record(target, bitmap, w.bitmap);
-            }
-        }
+        self.undo_l2_from(
+            at,
+            |_| "lost: the change sat in QEMU's L2 cache after its last write-back, never written once the image is marked corrupt",
+            false,
+        )?;
         self.reason = saved;
         Ok(())
     }
