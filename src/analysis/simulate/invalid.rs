@@ -93,6 +93,8 @@ pub(super) struct Unflushed {
     l2_backs: Vec<(usize, bool, Vec<u64>)>,
     /// QEMU's refcount cache.
     rc: cache::RefcountCache,
+    /// QEMU's refcount cache through a refcount walk with addend -1.
+    watch: Option<cache::ReleaseWatch>,
     /// The first block status of the operation has read its refcounts.
     detected: bool,
     /// `allocated` and `freed` as the operation found them.

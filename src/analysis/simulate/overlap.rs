@@ -48,7 +48,7 @@ pub(super) enum Meta {
 
 impl Meta {
     /// QEMU's name for it (`metadata_ol_names`).
-    fn name(self) -> &'static str {
+    pub(super) fn name(self) -> &'static str {
         match self {
             Meta::Header => "qcow2_header",
             Meta::ActiveL1 => "active L1 table",
@@ -233,7 +233,7 @@ impl Sim {
 
     /// The overlap check stops a write of `offset` onto `m`: the image is
     /// marked corrupt, and the error the operation fails with.
-    fn overlap_stopped(&mut self, m: Meta, offset: HostOffset) -> SimError {
+    pub(super) fn overlap_stopped(&mut self, m: Meta, offset: HostOffset) -> SimError {
         self.overlap_stop = Some(m);
         if let Err(e) = self.mark_corrupt(format!(
             "Marking image as corrupt: Preventing invalid write on metadata (overlaps with {}) at {offset:#x}",

@@ -151,6 +151,9 @@ impl Sim {
         let order = self.order;
         let bc = self.cluster_of(block);
         self.refcount_block_used(bc, true);
+        if let Some(e) = self.release_watch_stop() {
+            return Err(e);
+        }
         // One cache look-up for the read and the write of the refcount: nothing
         // in between reads a cluster.
         let slot = self.clusters.slot(bc, &self.base, self.zero_from);
@@ -163,6 +166,7 @@ impl Sim {
                 1u32 << order
             )));
         };
+        self.release_watch_changed(bc, c, cur, new);
         self.store_refcount(slot, idx, c, cur, new, kind);
         Ok(new)
     }

@@ -28,7 +28,9 @@
 
 use std::collections::BTreeMap;
 
-use super::super::Sim;
+use super::super::overlap::Meta;
+use super::super::{Sim, SimError, SimResult, Target};
+use crate::types::HostOffset;
 
 /// Entries of QEMU's refcount cache.
 pub(in crate::analysis::simulate) const ENTRIES: usize = 4;
@@ -184,6 +186,22 @@ impl RefcountCache {
         self.lazy
     }
 
+    /// The changed block a look at the block at cluster `block` would write
+    /// back first: none when the block is in the cache, or when the entry
+    /// whose place it takes is unchanged.
+    fn evicts_changed(&self, block: u64) -> Option<u64> {
+        if self.entries.iter().any(|e| e.block == Some(block)) {
+            return None;
+        }
+        let mut victim: Option<&Entry> = None;
+        for e in &self.entries {
+            if victim.is_none_or(|v| e.lru < v.lru) {
+                victim = Some(e);
+            }
+        }
+        victim.filter(|e| e.dirty).and_then(|e| e.block)
+    }
+
     /// What the cache wrote back is not known, for `why`.
     pub(in crate::analysis::simulate) fn give_up(&mut self, why: String) {
         self.unknown.get_or_insert(why);
@@ -201,10 +219,273 @@ impl RefcountCache {
     }
 }
 
+/// Why a look at a refcount block in a [`ReleaseWatch`] fails.
+#[derive(Clone, Debug)]
+enum Stop {
+    /// The eviction of a changed block writes the L2 cache back first,
+    /// which the overlap check stops at the slice starting here.
+    Slice(HostOffset),
+    /// What the eviction does is not followed (the reason).
+    Refused(String),
+}
+
+/// QEMU's refcount cache through a refcount walk with addend -1, from a
+/// point where it held nothing changed (the flush of a new snapshot table,
+/// or the start of the walk). From the release on it waits on the L2 cache
+/// (`qcow2_cache_set_dependency` in `update_refcount`): the eviction of a
+/// changed block (`qcow2_cache_do_get` → `qcow2_cache_entry_flush`) writes
+/// the whole L2 cache back first. While the L2 cache holds a changed slice
+/// the overlap check stops, that write-back fails there: the image is
+/// marked corrupt, the eviction fails with EIO and so does the look at the
+/// refcount (nothing is changed in the block asked for), which ends the
+/// walk. Otherwise the L2 cache is written (and waited on no more until the
+/// next release) and then the evicted block, with every change it held.
+/// What the cache still holds when the walk fails, or when the flush after
+/// it stops at the L2 cache, is never written.
+#[derive(Debug, Default)]
+pub(in crate::analysis::simulate) struct ReleaseWatch {
+    rc: RefcountCache,
+    /// Per refcount block (its cluster), each refcount changed since the
+    /// block was last written, with the value the file has for it.
+    disk: BTreeMap<u64, BTreeMap<u64, u64>>,
+    /// The changed L2 slices (where each starts) whose write-back the
+    /// overlap check stops, in the order they were changed.
+    stopped: Vec<HostOffset>,
+    /// The first changed slice the overlap check stops, even if its table
+    /// was freed since.
+    first_stopped: Option<HostOffset>,
+    /// The look that failed, once one has, and whether its error was given.
+    failed: Option<(Stop, bool)>,
+    /// The changed blocks written back to make room for others, in order.
+    written: Vec<u64>,
+    /// The blocks whose write the overlap check was found to let through
+    /// (nothing it knows of moves in a walk with addend -1).
+    clear: std::collections::HashSet<u64>,
+}
+
+impl ReleaseWatch {
+    /// When a look at a refcount block failed where the overlap check
+    /// stopped the L2 cache's write-back: the first slice the walk changed
+    /// of those the check stops.
+    pub(in crate::analysis::simulate) fn failed_after(&self) -> Option<HostOffset> {
+        match self.failed {
+            Some((Stop::Slice(_), _)) => self.first_stopped,
+            _ => None,
+        }
+    }
+}
+
 impl Sim {
+    /// Follow QEMU's refcount cache through a refcount walk with addend -1
+    /// ([`ReleaseWatch`]), which held nothing changed at step `from`: the
+    /// refcount changes recorded since (the release of an old snapshot
+    /// table) are taken first, in order.
+    pub(in crate::analysis::simulate) fn release_watch_start(&mut self, from: usize) {
+        let changes: Vec<(u64, u64, u64, u64)> = self
+            .steps
+            .iter()
+            .skip(from)
+            .filter_map(|c| match c.target {
+                Target::Refcount { cluster } => Some((cluster, c.count, c.before, c.after)),
+                _ => None,
+            })
+            .collect();
+        self.unflushed.watch = Some(ReleaseWatch::default());
+        let bb = self.block_bits();
+        for (cluster, count, before, after) in changes {
+            if after < before
+                && let Some(w) = self.unflushed.watch.as_mut()
+            {
+                w.rc.release(self.steps.len());
+            }
+            for k in 0..count {
+                let c = cluster.saturating_add(k);
+                if let Ok(Some(bc)) = self.refcount_block_of(c >> bb) {
+                    self.release_watch_use(bc, true);
+                    self.release_watch_changed(bc, c, before, after);
+                }
+            }
+        }
+    }
+
+    /// The walk is over: what the watch knows, if one was under way.
+    pub(in crate::analysis::simulate) fn release_watch_end(&mut self) -> Option<ReleaseWatch> {
+        self.unflushed.watch.take()
+    }
+
+    /// In a [`ReleaseWatch`], a look at the refcount block at cluster
+    /// `block` (changed, `dirty`).
+    fn release_watch_use(&mut self, block: u64, dirty: bool) {
+        let step = self.steps.len();
+        let Some(w) = self.unflushed.watch.as_mut() else {
+            return;
+        };
+        if w.failed.is_some() {
+            return;
+        }
+        // Each change is a release, which makes the cache wait on the L2
+        // cache again before the block is looked up.
+        if dirty {
+            w.rc.release(step);
+        }
+        let Some(victim) = w.rc.evicts_changed(block) else {
+            w.rc.use_block(block, dirty, step);
+            return;
+        };
+        if w.rc.on_l2
+            && let Some(&at) = w.stopped.first()
+        {
+            w.failed = Some((Stop::Slice(at), false));
+            return;
+        }
+        let known = w.clear.contains(&victim);
+        let voff = self.cluster_start(victim);
+        if !known && let Some(m) = self.overlap_of(Some(Meta::RefcountBlock), voff, self.cs) {
+            if let Some(w) = self.unflushed.watch.as_mut() {
+                w.failed = Some((
+                    Stop::Refused(format!(
+                        "a refcount walk with addend -1 in which QEMU's refcount cache writes the changed refcount block at {voff:#x} back to make room for another, a write the overlap check stops (it overlaps the {})",
+                        m.name()
+                    )),
+                    false,
+                ));
+            }
+            return;
+        }
+        if let Some(w) = self.unflushed.watch.as_mut() {
+            if w.clear.insert(victim) {
+                w.written.push(victim);
+            }
+            w.disk.remove(&victim);
+            w.rc.use_block(block, dirty, step);
+        }
+    }
+
+    /// Why the last look at a refcount block failed in a [`ReleaseWatch`],
+    /// the first time it is asked: the overlap check stopped the L2 cache's
+    /// write-back (the image is now marked corrupt), or the case is not
+    /// followed.
+    pub(in crate::analysis::simulate) fn release_watch_stop(&mut self) -> Option<SimError> {
+        let stop = match self.unflushed.watch.as_mut()?.failed.as_mut()? {
+            (_, true) => return None,
+            (stop, given) => {
+                *given = true;
+                stop.clone()
+            }
+        };
+        Some(match stop {
+            Stop::Refused(why) => SimError::NotModelled(why),
+            Stop::Slice(at) => {
+                let len = self.slice_of(at, 0).1;
+                match self.overlap_of(Some(Meta::ActiveL2), at, len) {
+                    Some(m) => {
+                        self.note(format!("QEMU's refcount cache gives the place of a changed refcount block to another one: it waits on the L2 cache since a release, so the L2 cache is written back first, and the overlap check stops its changed slice at {at:#x}; the look at the refcount fails with EIO"));
+                        self.overlap_stopped(m, at)
+                    }
+                    None => SimError::NotModelled(format!(
+                        "the L2 slice at {at:#x} overlapped metadata when the walk changed it but not when QEMU's refcount cache wrote the L2 cache back"
+                    )),
+                }
+            }
+        })
+    }
+
+    /// Whether, in a [`ReleaseWatch`], a look at the refcount block at
+    /// cluster `block` would write a changed block back (the walk's bulk
+    /// path leaves such an entry to the one-by-one path).
+    pub(in crate::analysis::simulate) fn release_watch_evicts(&self, block: u64) -> bool {
+        self.unflushed
+            .watch
+            .as_ref()
+            .is_some_and(|w| w.failed.is_some() || w.rc.evicts_changed(block).is_some())
+    }
+
+    /// In a [`ReleaseWatch`], cluster `c`'s refcount, which the file has as
+    /// `disk` when not changed since its block (at cluster `block`) was
+    /// written, is set to `new`: a table freed (0) leaves QEMU's L2 cache,
+    /// with the changes of its first slice.
+    pub(in crate::analysis::simulate) fn release_watch_changed(
+        &mut self,
+        block: u64,
+        c: u64,
+        disk: u64,
+        new: u64,
+    ) {
+        let start = self.cluster_start(c);
+        let Some(w) = self.unflushed.watch.as_mut() else {
+            return;
+        };
+        w.disk.entry(block).or_default().entry(c).or_insert(disk);
+        if new == 0 {
+            w.stopped.retain(|&at| at != start);
+        }
+    }
+
+    /// In a [`ReleaseWatch`], the walk changed the L2 slice at `at`, whose
+    /// write-back the overlap check stops.
+    pub(in crate::analysis::simulate) fn release_watch_slice(&mut self, at: HostOffset) {
+        if let Some(w) = self.unflushed.watch.as_mut()
+            && !w.stopped.contains(&at)
+        {
+            w.first_stopped.get_or_insert(at);
+            w.stopped.push(at);
+        }
+    }
+
+    /// What the refcount cache of watch `w` still held is never written
+    /// (the walk failed, or the flush after it stopped at the L2 cache):
+    /// each refcount changed since its block was last written goes back to
+    /// what the file has.
+    pub(in crate::analysis::simulate) fn release_watch_lost(
+        &mut self,
+        w: ReleaseWatch,
+    ) -> SimResult<()> {
+        if !w.written.is_empty() {
+            const NAMED: usize = 8;
+            let mut blocks: Vec<String> = w
+                .written
+                .iter()
+                .take(NAMED)
+                .map(|&b| format!("{:#x}", self.cluster_start(b)))
+                .collect();
+            if let Some(more) = w.written.len().checked_sub(NAMED).filter(|&n| n > 0) {
+                blocks.push(format!("{more} more"));
+            }
+            self.note(format!(
+                "QEMU's refcount cache wrote changed refcount blocks back during the walk, each when its place went to another block (the L2 cache it waits on written first, holding nothing the overlap check stops), so the changes each held then stay: the block(s) at {}",
+                blocks.join(", ")
+            ));
+        }
+        let mut lost: Vec<(u64, u64)> = w.disk.into_values().flatten().collect();
+        lost.sort_unstable();
+        let saved = self.reason.clone();
+        self.why("lost: after a release QEMU's refcount cache waits on its L2 cache, whose write the overlap check stops, so the change is never written");
+        let mut restored = std::collections::HashSet::new();
+        for (c, disk) in lost {
+            let now = self.get_refcount(c)?;
+            if now != disk {
+                self.put_refcount(c, disk)?;
+                self.record(Target::Refcount { cluster: c }, now, disk);
+                restored.insert(c);
+            }
+        }
+        self.reason = saved;
+        // What was freed only in the cache is not.
+        let freed = std::mem::take(&mut self.freed);
+        for e in freed {
+            if !restored.contains(&e.0) || self.get_refcount(e.0).map_or(true, |r| r == 0) {
+                self.freed.push(e);
+            }
+        }
+        Ok(())
+    }
+
     /// A refcount in the refcount block at cluster `block` is looked at (or,
     /// `dirty`, changed) through QEMU's refcount cache.
     pub(in crate::analysis::simulate) fn refcount_block_used(&mut self, block: u64, dirty: bool) {
+        if self.unflushed.watch.is_some() {
+            self.release_watch_use(block, dirty);
+        }
         if !self.unflushed.on {
             return;
         }
@@ -219,6 +500,9 @@ impl Sim {
     pub(in crate::analysis::simulate) fn refcounts_released(&mut self) {
         let step = self.steps.len();
         self.unflushed.rc.release(step);
+        if let Some(w) = self.unflushed.watch.as_mut() {
+            w.rc.release(step);
+        }
     }
 
     /// QEMU writes its refcount cache back (`qcow2_cache_flush`).

@@ -127,11 +127,18 @@ impl Sim {
                     (None, _) => return false,
                     (Some(bc), 0) => get_refcount(self.cluster_ro(bc), order, idx),
                     (Some(bc), addend) => {
+                        // A look at the cache that writes a changed
+                        // refcount block back: one by one.
+                        if self.release_watch_evicts(bc) {
+                            return false;
+                        }
+                        self.refcount_block_used(bc, true);
                         let slot = self.clusters.slot(bc, &self.base, self.zero_from);
                         let cur = get_refcount(self.clusters.at(slot, false), order, idx);
                         let Some(new) = self.refcount_after(cur, 1, addend < 0) else {
                             return false;
                         };
+                        self.release_watch_changed(bc, c, cur, new);
                         w.reasons.put(&mut self.reason, DATA);
                         self.store_refcount(slot, idx, c, cur, new, Discard::Snapshot);
                         new

@@ -30,6 +30,21 @@ impl Sim {
         let Some(&first) = held.first() else {
             return Ok(None);
         };
+        self.walk_held_evictable(first, walked)?;
+        for &at in held {
+            let first_slice = at.is_multiple_of(self.cs);
+            if !first_slice || self.get_refcount(self.cluster_of(at))? != 0 {
+                return Ok(Some(at));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Refused when the walk went through more L2 slices than QEMU's L2
+    /// cache holds in the `walked` tables from the one in which it changed
+    /// the slice at `first`, which the overlap check stops: QEMU may evict
+    /// that slice and meet the check there, which is not followed.
+    pub(super) fn walk_held_evictable(&self, first: HostOffset, walked: u64) -> SimResult<()> {
         let per_table = self
             .geo
             .l2_entries()
@@ -41,32 +56,32 @@ impl Sim {
                 "a refcount walk that changed the L2 slice at {first:#x}, which the overlap check stops when QEMU writes it back, then went through more L2 slices than QEMU's L2 cache holds ({entries}): evicting it would meet the overlap check during the walk"
             )));
         }
-        for &at in held {
-            let first_slice = at.is_multiple_of(self.cs);
-            if !first_slice || self.get_refcount(self.cluster_of(at))? != 0 {
-                return Ok(Some(at));
-            }
-        }
-        Ok(None)
+        Ok(())
     }
 
-    /// The flush after a -1 walk (or any operation's after a release,
-    /// [`Sim::held_flush`]) stops at an L2 table: QEMU's refcount
-    /// cache, which waits on its L2 cache when refcounts decrease
-    /// (`qcow2_cache_set_dependency`), is never written. Every refcount
-    /// change it held is undone: the walk's (from step `start`) and, in a
-    /// snapshot delete, the release of the old snapshot table after the new
-    /// one was written (`qcow2_write_snapshots` flushes after allocating
-    /// it).
+    /// The step from which QEMU's refcount cache holds the changes of an
+    /// operation's release from step `start` on: the new snapshot table
+    /// written before it (`qcow2_write_snapshots` flushes after allocating
+    /// it, and then releases the old table), or `start`.
+    pub(in crate::analysis::simulate) fn refcount_cache_clean_from(&self, start: usize) -> usize {
+        self.steps
+            .iter()
+            .rposition(|c| matches!(c.target, Target::SnapshotTable { .. }))
+            .map_or(start, |i| i.min(start))
+    }
+
+    /// The flush after an operation's release ([`Sim::held_flush`], the
+    /// shrink) stops at an L2 table: QEMU's refcount cache, which waits on
+    /// its L2 cache when refcounts decrease (`qcow2_cache_set_dependency`),
+    /// is never written. Every refcount change it held is undone, from step
+    /// `start` (and from the new snapshot table on,
+    /// [`Sim::refcount_cache_clean_from`]). A refcount walk with addend -1
+    /// follows the cache block by block instead ([`Sim::release_watch_lost`]).
     pub(in crate::analysis::simulate) fn walk_refcounts_lost(
         &mut self,
         start: usize,
     ) -> SimResult<()> {
-        let mark = self
-            .steps
-            .iter()
-            .rposition(|c| matches!(c.target, Target::SnapshotTable { .. }))
-            .map_or(start, |i| i.min(start));
+        let mark = self.refcount_cache_clean_from(start);
         let lost: Vec<(u64, u64, u64, u64)> = self
             .steps
             .iter()
@@ -82,7 +97,7 @@ impl Sim {
         blocks.dedup();
         if blocks.len() as u64 > REFCOUNT_CACHE_ENTRIES {
             return Err(SimError::NotModelled(format!(
-                "an operation that released clusters (a refcount walk with addend -1, a discard, a write-zeroes) whose flush the overlap check stops, after it changed refcounts in more refcount blocks than QEMU's refcount cache holds ({REFCOUNT_CACHE_ENTRIES}): evicting one writes the L2 tables it waits on first, during the walk"
+                "an operation that released clusters (a discard, a write-zeroes) whose flush the overlap check stops, after it changed refcounts in more refcount blocks than QEMU's refcount cache holds ({REFCOUNT_CACHE_ENTRIES}): evicting one writes the L2 tables it waits on first, during the operation"
             )));
         }
         let saved = self.reason.clone();

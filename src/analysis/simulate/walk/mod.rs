@@ -128,6 +128,10 @@ impl Sim {
         let mut held: Vec<HostOffset> = Vec::new();
         let mut walked_since = 0u64;
         let start = self.steps.len();
+        if addend < 0 {
+            let from = self.refcount_cache_clean_from(start);
+            self.release_watch_start(from);
+        }
         for i in 0..table.len() {
             let Some(&old_l1) = table.get(i) else { break };
             if old_l1 == L1Entry::UNALLOCATED {
@@ -207,6 +211,26 @@ impl Sim {
             }
         }
         self.cache_discards = false;
+        let watch = self.release_watch_end();
+        // A look at QEMU's refcount cache failed where the overlap check
+        // stopped the L2 cache's write-back: the walk ends there, the queued
+        // discards are dropped, and what the refcount cache held is lost.
+        if matches!(result, Err(SimError::Qemu(_)))
+            && let Some(first) = watch.as_ref().and_then(|w| w.failed_after())
+        {
+            // The table under way counts as walked.
+            self.walk_held_evictable(first, walked_since.saturating_add(1))?;
+            self.process_discards(false);
+            if let Some(w) = watch {
+                self.release_watch_lost(w)?;
+            }
+            if l1_modified {
+                self.note(format!(
+                    "the {label} changes above stay in QEMU's memory: the walk fails, so the table is not written"
+                ));
+            }
+            return result;
+        }
         // The walk done, QEMU flushes its caches (`bdrv_flush`): with a
         // positive addend the refcount blocks first (the L2 tables depend on
         // them), then every L2 table the overlap check lets through; with
@@ -227,8 +251,8 @@ impl Sim {
         };
         self.process_discards(result.is_ok() && stopped.is_none());
         if let Some(at) = stopped {
-            if addend < 0 {
-                self.walk_refcounts_lost(start)?;
+            if let Some(w) = watch {
+                self.release_watch_lost(w)?;
             }
             if l1_modified {
                 self.note(format!(
@@ -366,6 +390,7 @@ impl Sim {
             }
             if self.overlap_of(Some(Meta::ActiveL2), at, len).is_some() {
                 w.unwritten.push(at);
+                self.release_watch_slice(at);
                 return Ok(());
             }
             self.write_u64(eoff, new)?;

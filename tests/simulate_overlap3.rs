@@ -1,0 +1,178 @@
+//! The overlap check at a write-back of QEMU's L2 cache that its refcount
+//! cache asks for, continued from `simulate_overlap.rs`: after a release
+//! the refcount cache waits on the L2 cache (`qcow2_cache_set_dependency`),
+//! so giving the place of a changed refcount block to another one writes
+//! the L2 cache back first (`qcow2_cache_entry_flush` →
+//! `qcow2_cache_flush_dependency`). The images have 512-byte clusters and
+//! 64-bit refcounts, so that a refcount block counts 64 clusters and a walk
+//! goes through more refcount blocks than QEMU's refcount cache holds (4).
+//! Each is broken as iotest 060 breaks its images (an L1 entry naming the
+//! active L1 table as its L2 table); each operation is run by a real
+//! qemu-img on a copy and compared with the simulation, every byte of the
+//! file and `qemu-img check` of the result.
+
+mod common;
+mod sim_bytes;
+mod sim_compare;
+use common::Work;
+use sim_bytes::same_bytes;
+
+/// The 8 bytes at `at` of QEMU's copy of `image`.
+fn qemu_u64(w: &Work, image: &str, at: usize) -> u64 {
+    let bytes = std::fs::read(w.path(&format!("{image}.qemu"))).expect("read QEMU's copy");
+    u64::from_be_bytes(bytes[at..at + 8].try_into().expect("8"))
+}
+
+/// A 1M image of 512-byte clusters and 64-bit refcounts (the refcount table
+/// at 0x200, the active L1 table at 0x600, cluster 3) with the first
+/// cluster of guest 0, 32k, 64k, ... written, `tables` of them (their L2
+/// tables at clusters 4, 6, 8, ..., each followed by its data cluster),
+/// then the rest of those L2 tables' ranges, which spread the data over
+/// the refcount blocks of clusters 0..64 (at 0x400), 64..128, 128..192 and
+/// so on. Then snapshot `s1`, whose L1 table follows the data.
+fn spread(w: &Work, image: &str, tables: u64) {
+    let o = "cluster_size=512,refcount_bits=64";
+    w.qemu_img(&["create", "-q", "-f", "qcow2", "-o", o, image, "1M"]);
+    let mut writes = Vec::new();
+    for t in 0..tables {
+        writes.push(format!("write -P {:#x} {}k 512", 0x11 + t, 32 * t));
+    }
+    for t in 0..tables {
+        writes.push(format!(
+            "write -P {:#x} {} 31k",
+            0x21 + t,
+            32 * 1024 * t + 512
+        ));
+    }
+    let writes: Vec<&str> = writes.iter().map(String::as_str).collect();
+    w.qemu_io(image, &writes);
+    w.qemu_img(&["snapshot", "-c", "s1", image]);
+    let bytes = std::fs::read(w.path(image)).expect("read the image");
+    let at = |o: usize| u64::from_be_bytes(bytes[o..o + 8].try_into().expect("8"));
+    assert_eq!(at(0x28), 0x600, "{image}: layout moved (active L1)");
+    for t in 0..tables as usize {
+        assert_eq!(
+            at(0x600 + 8 * t),
+            0x800 + 0x400 * t as u64,
+            "{image}: layout moved (L2 tables)"
+        );
+    }
+    if tables == 4 {
+        // The snapshot table at cluster 265, counted by the block at 0x20e00.
+        assert_eq!(at(0x40), 0x21200, "{image}: layout moved (snapshot table)");
+        assert_eq!(
+            at(0x220),
+            0x20e00,
+            "{image}: layout moved (refcount blocks)"
+        );
+    }
+}
+
+/// The offset of `s1`'s L1 table in `image`.
+fn s1_l1(w: &Work, image: &str) -> u64 {
+    let bytes = std::fs::read(w.path(image)).expect("read the image");
+    let at = |o: usize| u64::from_be_bytes(bytes[o..o + 8].try_into().expect("8"));
+    at(at(0x40) as usize)
+}
+
+/// [`spread`], then entry `index` of `s1`'s L1 table names the active L1
+/// table as its L2 table (given refcount 2), and the L2 tables at clusters
+/// `thrice` refcount 3: the walk that deletes `s1` takes each of those
+/// twice (through its own entry of `s1`'s L1 and as an entry of the "L2
+/// table" that is the active L1), and leaves them at 1, so it sets COPIED
+/// in that "L2 table", in QEMU's L2 cache, where the overlap check stops
+/// its write-back.
+fn spread_over_l1(w: &Work, image: &str, tables: u64, index: u64, thrice: &[u64]) {
+    spread(w, image, tables);
+    let l1 = s1_l1(w, image);
+    w.patch(image, l1 + 8 * index, &0x600u64.to_be_bytes());
+    w.set_refcount(image, 3, 2);
+    for &c in thrice {
+        w.set_refcount(image, c, 3);
+    }
+}
+
+/// `s1`'s L1 entry 0 names the active L1 table: the walk changes that
+/// "L2 table" in QEMU's L2 cache first, then goes on through the data of
+/// guest 32k and 64k. Its first look at the fifth refcount block (cluster
+/// 192's, at entry 55 of the L2 table at 0x1000) has to give the place of a
+/// changed one (the old snapshot table's release) to it: the L2 cache,
+/// which the refcount cache waits on, is written back first, the overlap
+/// check stops the active L1 table there and marks the image corrupt, and
+/// the walk fails with EIO. The L2 entries changed until then are written
+/// (entry 54 has COPIED, entry 55 not); no refcount is, not even the old
+/// snapshot table's. (Refused before: "more refcount blocks than QEMU's
+/// refcount cache holds".)
+#[test]
+fn a_snapshot_delete_fails_where_its_refcount_cache_writes_the_stopped_l2_cache_back() {
+    let w = Work::new();
+    let make = |w: &Work, image: &str| spread_over_l1(w, image, 4, 0, &[6, 8, 10]);
+    let (errors, corrupt) = same_bytes(&w, "ea.qcow2", make, &["snapshot-delete:s1"]);
+    let e = errors[0].as_deref().unwrap_or_default();
+    assert!(e.contains("Failed to free the cluster and L1 table"), "{e}");
+    assert!(e.contains("overlaps with active L1 table"), "{e}");
+    assert!(corrupt);
+    assert_eq!(
+        qemu_u64(&w, "ea.qcow2", 0x1000 + 54 * 8),
+        0x8000_0000_0001_7e00
+    );
+    assert_eq!(qemu_u64(&w, "ea.qcow2", 0x1000 + 55 * 8), 0x1_8000);
+    // The old snapshot table (cluster 265) keeps its refcount 1.
+    assert_eq!(qemu_u64(&w, "ea.qcow2", 0x20e00 + 9 * 8), 1);
+}
+
+/// `s1`'s L1 entry 31 names the active L1 table: the walk goes through all
+/// the data first, its refcount cache giving the places of changed blocks
+/// to others while the L2 cache holds nothing the overlap check stops (the
+/// L2 cache is written back, then the block: those refcounts stay, the old
+/// snapshot table's release among them), and changes the "L2 table" that
+/// is the active L1 last, its entries' refcounts all in a block the cache
+/// holds. The flush after the walk stops at the L2 cache; what the
+/// refcount cache still holds is lost. (Refused before: "more refcount
+/// blocks than QEMU's refcount cache holds".)
+#[test]
+fn a_snapshot_delete_stopped_at_its_flush_keeps_the_refcount_blocks_its_cache_wrote_back() {
+    let w = Work::new();
+    let make = |w: &Work, image: &str| spread_over_l1(w, image, 4, 31, &[4, 6, 8, 10]);
+    let (errors, corrupt) = same_bytes(&w, "eb.qcow2", make, &["snapshot-delete:s1"]);
+    let e = errors[0].as_deref().unwrap_or_default();
+    assert!(e.contains("Failed to free the cluster and L1 table"), "{e}");
+    assert!(e.contains("overlaps with active L1 table"), "{e}");
+    assert!(corrupt);
+    // The old snapshot table's release was written with its block.
+    assert_eq!(qemu_u64(&w, "eb.qcow2", 0x20e00 + 9 * 8), 0);
+}
+
+/// Five L2 tables, `s1`'s L1 entry 3 naming the active L1 table: the walk
+/// goes through the data of guest 0, 32k and 64k first, where its refcount
+/// cache gives the place of the changed block that counts the old snapshot
+/// table to another one (written back, the L2 cache first, which holds
+/// nothing the overlap check stops yet), then changes the "L2 table" that
+/// is the active L1, and then, in the data of guest 128k, gives the place
+/// of another changed block: that write-back of the L2 cache meets the
+/// check, the image is marked corrupt and the walk fails there. The old
+/// snapshot table's release stays; the rest of what the cache held is
+/// lost. (Refused before: "more refcount blocks than QEMU's refcount cache
+/// holds".)
+#[test]
+fn a_snapshot_delete_fails_at_a_later_write_back_and_keeps_the_earlier_ones() {
+    let w = Work::new();
+    let make = |w: &Work, image: &str| {
+        spread_over_l1(w, image, 5, 3, &[4, 6, 8, 12]);
+        // The snapshot table at cluster 330, counted by the block at 0x29000.
+        let bytes = std::fs::read(w.path(image)).expect("read the image");
+        let at = |o: usize| u64::from_be_bytes(bytes[o..o + 8].try_into().expect("8"));
+        assert_eq!(at(0x40), 0x29400, "{image}: layout moved (snapshot table)");
+        assert_eq!(
+            at(0x228),
+            0x29000,
+            "{image}: layout moved (refcount blocks)"
+        );
+    };
+    let (errors, corrupt) = same_bytes(&w, "ec.qcow2", make, &["snapshot-delete:s1"]);
+    let e = errors[0].as_deref().unwrap_or_default();
+    assert!(e.contains("Failed to free the cluster and L1 table"), "{e}");
+    assert!(e.contains("overlaps with active L1 table"), "{e}");
+    assert!(corrupt);
+    assert_eq!(qemu_u64(&w, "ec.qcow2", 0x29000 + 10 * 8), 0);
+}
