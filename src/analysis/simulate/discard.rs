@@ -11,7 +11,10 @@ use crate::types::{GuestOffset, HostOffset};
 impl Sim {
     /// A guest discard, then the flush of QEMU's caches at qemu-io's exit
     /// ([`Sim::held_flush`]: a discard request is not followed by one).
+    /// QEMU's refcount cache, empty at the open, is followed through its
+    /// releases ([`Sim::release_watch_start`]).
     pub(super) fn discard(&mut self, offset: GuestOffset, length: u64) -> SimResult<()> {
+        self.release_watch_from_open();
         self.held_flush(true, |s| s.discard_request(offset, length))
     }
 

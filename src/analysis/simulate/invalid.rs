@@ -32,6 +32,7 @@ mod lazy;
 
 /// QEMU's refcount cache entries (`MIN_REFCOUNT_CACHE_SIZE` blocks, its default).
 pub(super) const REFCOUNT_CACHE_ENTRIES: u64 = cache::ENTRIES as u64;
+pub(super) use cache::ReleaseWatch;
 
 use std::collections::HashMap;
 
@@ -93,7 +94,7 @@ pub(super) struct Unflushed {
     l2_backs: Vec<(usize, bool, Vec<u64>)>,
     /// QEMU's refcount cache.
     rc: cache::RefcountCache,
-    /// QEMU's refcount cache through a refcount walk with addend -1.
+    /// QEMU's refcount cache through an operation's releases.
     watch: Option<cache::ReleaseWatch>,
     /// The first block status of the operation has read its refcounts.
     detected: bool,

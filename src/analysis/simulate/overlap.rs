@@ -22,6 +22,7 @@
 
 mod shrink;
 
+use super::invalid::ReleaseWatch;
 use super::{Sim, SimError, SimResult, Target};
 use crate::header::Field;
 use crate::refcount::RefTableEntry;
@@ -277,6 +278,7 @@ impl Sim {
         {
             held.push((l2, index, raw, bitmap));
         }
+        self.release_watch_slice(at);
         true
     }
 
@@ -322,12 +324,17 @@ impl Sim {
         self.held_l2 = Some(Vec::new());
         let r = op(self);
         let held = self.held_l2.take().unwrap_or_default();
+        let watch = self.release_watch_end();
         if let Some(why) = self.held_evicted() {
             return match r {
                 Err(e @ SimError::NotModelled(_)) => Err(e),
                 _ => Err(SimError::NotModelled(why)),
             };
         }
+        let watch = match watch {
+            Some(w) if w.failed_at().is_some() => return self.held_stopped_in_op(w, held, r),
+            w => w,
+        };
         let keys: Vec<(HostOffset, u64)> = held.iter().map(|h| (h.0, h.1)).collect();
         let at_link = if held.is_empty() {
             None
@@ -357,7 +364,7 @@ impl Sim {
         }
         // A failed request skips qemu-io's flush; the close's flush then
         // meets the same stop, and the request's own error is reported.
-        match (r, self.held_l2_stopped(held)) {
+        match (r, self.held_l2_stopped(held, watch)) {
             (_, Err(e @ SimError::NotModelled(_))) | (Err(e), _) => Err(e),
             (Ok(()), Err(e)) if at_close => {
                 self.note(format!(
@@ -371,7 +378,11 @@ impl Sim {
     }
 
     /// The flush of [`Sim::held_flush`] over the entries `held` back.
-    fn held_l2_stopped(&mut self, held: Vec<(HostOffset, u64, u64, u64)>) -> SimResult<()> {
+    fn held_l2_stopped(
+        &mut self,
+        held: Vec<(HostOffset, u64, u64, u64)>,
+        watch: Option<ReleaseWatch>,
+    ) -> SimResult<()> {
         let Some((m, at)) = self.held_restored(&held)? else {
             return Ok(());
         };
@@ -383,9 +394,50 @@ impl Sim {
         if self.lazy_dirtied() || self.repair_left_dirty() {
             self.lazy_refcounts_lost()?;
         } else {
-            self.release_refcounts_lost()?;
+            self.release_refcounts_lost(watch)?;
         }
         Err(self.overlap_stopped(m, at))
+    }
+
+    /// A look at QEMU's refcount cache within the operation failed where
+    /// the L2 cache it waits on met the overlap check ([`ReleaseWatch`]):
+    /// the image was marked corrupt there and is unusable, so QEMU writes
+    /// nothing of its caches after it, not even at qemu-io's exit. A release
+    /// that fails so is only reported (`qcow2_free_clusters`), and the
+    /// operation goes on in the caches; its result is `r`. The entries
+    /// `held` back keep what the file has, and what the refcount cache
+    /// held is lost. An L2 change after the failure outside the slices the
+    /// check stops is not followed: a later failed eviction writes the L2
+    /// cache back again.
+    fn held_stopped_in_op(
+        &mut self,
+        w: ReleaseWatch,
+        held: Vec<(HostOffset, u64, u64, u64)>,
+        r: SimResult<()>,
+    ) -> SimResult<()> {
+        if let Some(why) = w.refused() {
+            return Err(SimError::NotModelled(why));
+        }
+        r?;
+        if self.release_watch_allocated(&w) {
+            return Err(SimError::NotModelled("an operation that allocated a cluster and released others, in which QEMU's refcount cache met the overlap check in a write-back of the L2 cache (allocations through that cache are not followed)".into()));
+        }
+        let at = w.failed_at().unwrap_or_default();
+        let slices: Vec<HostOffset> = held.iter().map(|h| self.slice_of(h.0, h.1).0).collect();
+        let later = self.steps.iter().skip(at).any(|c| match c.target {
+            Target::L2Entry {
+                table_offset,
+                index,
+            } => !slices.contains(&self.slice_of(table_offset, index).0),
+            _ => false,
+        });
+        if later {
+            return Err(SimError::NotModelled("an operation that changed an L2 slice the overlap check lets through after QEMU's refcount cache met the check in a write-back of the L2 cache (whether a later failed write-back wrote it is not followed)".into()));
+        }
+        self.held_restored(&held)?;
+        self.release_watch_lost(w)?;
+        self.note("QEMU's caches are not written after that (the image is unusable once marked corrupt): the L2 slice the check stops keeps what the file has, and so do the refcounts its refcount cache still held".into());
+        Ok(())
     }
 
     /// The entries `held` back whose slices the overlap check stops, put
@@ -488,7 +540,7 @@ impl Sim {
     /// waiting on its L2 cache, are never written. (Those of allocations
     /// before it were: the release made the refcount cache write them
     /// first, `qcow2_cache_set_dependency`.)
-    fn release_refcounts_lost(&mut self) -> SimResult<()> {
+    fn release_refcounts_lost(&mut self, watch: Option<ReleaseWatch>) -> SimResult<()> {
         let refcount = |c: &super::Change| matches!(c.target, Target::Refcount { .. });
         let Some(first) = self.first_release() else {
             return Ok(());
@@ -503,7 +555,10 @@ impl Sim {
                 "an operation that allocated a cluster after it released one, whose flush the overlap check stops (the L2 cache, which the refcount cache then waits on, is written in between)".into(),
             ));
         }
-        self.walk_refcounts_lost(first)
+        match watch {
+            Some(w) if !self.release_watch_allocated(&w) => self.release_watch_lost(w),
+            _ => self.walk_refcounts_lost(first),
+        }
     }
 
     /// Whether QEMU has marked the image corrupt in this operation (then it

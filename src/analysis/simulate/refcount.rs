@@ -151,6 +151,11 @@ impl Sim {
         let order = self.order;
         let bc = self.cluster_of(block);
         self.refcount_block_used(bc, true);
+        if !decrease && self.release_watch_pending() {
+            self.release_watch_refuse(
+                "an allocation in which QEMU's refcount cache, waiting on its L2 cache since a release, meets the overlap check in the write-back of the L2 cache".into(),
+            );
+        }
         if let Some(e) = self.release_watch_stop() {
             return Err(e);
         }
@@ -166,6 +171,14 @@ impl Sim {
                 1u32 << order
             )));
         };
+        if new == 0 && self.release_watch_holds(c) {
+            self.release_watch_refuse(format!(
+                "a release that frees cluster {c}, a refcount block QEMU's refcount cache holds: QEMU drops it from the cache with the changes it held (qcow2_cache_discard)"
+            ));
+            if let Some(e) = self.release_watch_stop() {
+                return Err(e);
+            }
+        }
         self.release_watch_changed(bc, c, cur, new);
         self.store_refcount(slot, idx, c, cur, new, kind);
         Ok(new)

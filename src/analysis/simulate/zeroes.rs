@@ -25,13 +25,18 @@ const MAX_BOUNCE: u64 = 32768 * 512;
 
 impl Sim {
     /// `write -z` (`unmap`: with `-u`, clusters may be released), then
-    /// the flush after it ([`Sim::held_flush`]).
+    /// the flush after it ([`Sim::held_flush`]). With `-u`, QEMU's refcount
+    /// cache is followed through the releases ([`Sim::release_watch_start`])
+    /// unless the open's repair left changes in it.
     pub(super) fn write_zeroes(
         &mut self,
         offset: GuestOffset,
         length: u64,
         unmap: bool,
     ) -> SimResult<()> {
+        if unmap {
+            self.release_watch_from_open();
+        }
         self.held_flush(false, |s| s.zeroes_request(offset, length, unmap))
     }
 

@@ -229,19 +229,22 @@ enum Stop {
     Refused(String),
 }
 
-/// QEMU's refcount cache through a refcount walk with addend -1, from a
-/// point where it held nothing changed (the flush of a new snapshot table,
-/// or the start of the walk). From the release on it waits on the L2 cache
-/// (`qcow2_cache_set_dependency` in `update_refcount`): the eviction of a
-/// changed block (`qcow2_cache_do_get` → `qcow2_cache_entry_flush`) writes
-/// the whole L2 cache back first. While the L2 cache holds a changed slice
-/// the overlap check stops, that write-back fails there: the image is
-/// marked corrupt, the eviction fails with EIO and so does the look at the
-/// refcount (nothing is changed in the block asked for), which ends the
-/// walk. Otherwise the L2 cache is written (and waited on no more until the
-/// next release) and then the evicted block, with every change it held.
-/// What the cache still holds when the walk fails, or when the flush after
-/// it stops at the L2 cache, is never written.
+/// QEMU's refcount cache through an operation's releases (a refcount walk
+/// with addend -1, a discard, a write-zeroes with unmap), from a point
+/// where it held nothing changed (the flush of a new snapshot table, the
+/// start of the walk, the open). From a release on it waits on the L2
+/// cache (`qcow2_cache_set_dependency` in `update_refcount`): the eviction
+/// of a changed block (`qcow2_cache_do_get` → `qcow2_cache_entry_flush`)
+/// writes the whole L2 cache back first. While the L2 cache holds a
+/// changed slice the overlap check stops, that write-back fails there: the
+/// image is marked corrupt (the first time), the eviction fails with EIO
+/// and so does the look at the refcount (nothing is changed in the block
+/// asked for), which ends a walk; a discard's or write-zeroes' release
+/// only reports it, and the operation goes on in the caches. Otherwise the
+/// L2 cache is written (and waited on no more until the next release) and
+/// then the evicted block, with every change it held. What the cache still
+/// holds when the walk fails, when the flush after the operation stops at
+/// the L2 cache, or once the image is marked corrupt, is never written.
 #[derive(Debug, Default)]
 pub(in crate::analysis::simulate) struct ReleaseWatch {
     rc: RefcountCache,
@@ -254,12 +257,18 @@ pub(in crate::analysis::simulate) struct ReleaseWatch {
     /// The first changed slice the overlap check stops, even if its table
     /// was freed since.
     first_stopped: Option<HostOffset>,
-    /// The look that failed, once one has, and whether its error was given.
-    failed: Option<(Stop, bool)>,
+    /// Why the first look that failed did, once one has, and the step.
+    stop: Option<(Stop, usize)>,
+    /// A look failed whose error has not been given yet.
+    pending: bool,
+    /// The first failure's error was given (the image marked corrupt).
+    given: bool,
     /// The changed blocks written back to make room for others, in order.
     written: Vec<u64>,
+    /// The step it started at.
+    from: usize,
     /// The blocks whose write the overlap check was found to let through
-    /// (nothing it knows of moves in a walk with addend -1).
+    /// (nothing it knows of moves in a release).
     clear: std::collections::HashSet<u64>,
 }
 
@@ -268,15 +277,29 @@ impl ReleaseWatch {
     /// stopped the L2 cache's write-back: the first slice the walk changed
     /// of those the check stops.
     pub(in crate::analysis::simulate) fn failed_after(&self) -> Option<HostOffset> {
-        match self.failed {
+        match self.stop {
             Some((Stop::Slice(_), _)) => self.first_stopped,
             _ => None,
         }
     }
+
+    /// Why the case is not followed, when a look met one that is not.
+    pub(in crate::analysis::simulate) fn refused(&self) -> Option<String> {
+        match &self.stop {
+            Some((Stop::Refused(why), _)) => Some(why.clone()),
+            _ => None,
+        }
+    }
+
+    /// The step at which the first look failed (the image was marked
+    /// corrupt), if one did.
+    pub(in crate::analysis::simulate) fn failed_at(&self) -> Option<usize> {
+        self.stop.as_ref().map(|s| s.1)
+    }
 }
 
 impl Sim {
-    /// Follow QEMU's refcount cache through a refcount walk with addend -1
+    /// Follow QEMU's refcount cache through an operation's releases
     /// ([`ReleaseWatch`]), which held nothing changed at step `from`: the
     /// refcount changes recorded since (the release of an old snapshot
     /// table) are taken first, in order.
@@ -290,7 +313,10 @@ impl Sim {
                 _ => None,
             })
             .collect();
-        self.unflushed.watch = Some(ReleaseWatch::default());
+        self.unflushed.watch = Some(ReleaseWatch {
+            from,
+            ..Default::default()
+        });
         let bb = self.block_bits();
         for (cluster, count, before, after) in changes {
             if after < before
@@ -308,6 +334,26 @@ impl Sim {
         }
     }
 
+    /// A [`ReleaseWatch`] from the start of an operation that releases
+    /// clusters in QEMU's caches (a discard, a write-zeroes with unmap),
+    /// whose refcount cache is empty at the open: not when the open changed
+    /// anything (a repair).
+    pub(in crate::analysis::simulate) fn release_watch_from_open(&mut self) {
+        if self.steps.is_empty() && !self.repair_left_dirty() {
+            self.release_watch_start(0);
+        }
+    }
+
+    /// Whether an operation followed by watch `w` raised a refcount (an
+    /// allocation, which the watch does not follow: it takes every change
+    /// as a release).
+    pub(in crate::analysis::simulate) fn release_watch_allocated(&self, w: &ReleaseWatch) -> bool {
+        self.steps
+            .iter()
+            .skip(w.from)
+            .any(|c| matches!(c.target, Target::Refcount { .. }) && c.after > c.before)
+    }
+
     /// The walk is over: what the watch knows, if one was under way.
     pub(in crate::analysis::simulate) fn release_watch_end(&mut self) -> Option<ReleaseWatch> {
         self.unflushed.watch.take()
@@ -320,7 +366,7 @@ impl Sim {
         let Some(w) = self.unflushed.watch.as_mut() else {
             return;
         };
-        if w.failed.is_some() {
+        if matches!(w.stop, Some((Stop::Refused(_), _))) {
             return;
         }
         // Each change is a release, which makes the cache wait on the L2
@@ -335,20 +381,22 @@ impl Sim {
         if w.rc.on_l2
             && let Some(&at) = w.stopped.first()
         {
-            w.failed = Some((Stop::Slice(at), false));
+            w.stop.get_or_insert((Stop::Slice(at), step));
+            w.pending = true;
             return;
         }
         let known = w.clear.contains(&victim);
         let voff = self.cluster_start(victim);
         if !known && let Some(m) = self.overlap_of(Some(Meta::RefcountBlock), voff, self.cs) {
             if let Some(w) = self.unflushed.watch.as_mut() {
-                w.failed = Some((
+                w.stop = Some((
                     Stop::Refused(format!(
-                        "a refcount walk with addend -1 in which QEMU's refcount cache writes the changed refcount block at {voff:#x} back to make room for another, a write the overlap check stops (it overlaps the {})",
+                        "a release in which QEMU's refcount cache writes the changed refcount block at {voff:#x} back to make room for another, a write the overlap check stops (it overlaps the {})",
                         m.name()
                     )),
-                    false,
+                    step,
                 ));
+                w.pending = true;
             }
             return;
         }
@@ -362,17 +410,18 @@ impl Sim {
     }
 
     /// Why the last look at a refcount block failed in a [`ReleaseWatch`],
-    /// the first time it is asked: the overlap check stopped the L2 cache's
-    /// write-back (the image is now marked corrupt), or the case is not
+    /// if it did: the overlap check stopped the L2 cache's write-back (the
+    /// first time, the image is marked corrupt), or the case is not
     /// followed.
     pub(in crate::analysis::simulate) fn release_watch_stop(&mut self) -> Option<SimError> {
-        let stop = match self.unflushed.watch.as_mut()?.failed.as_mut()? {
-            (_, true) => return None,
-            (stop, given) => {
-                *given = true;
-                stop.clone()
-            }
-        };
+        let w = self.unflushed.watch.as_mut()?;
+        if !std::mem::take(&mut w.pending) {
+            return None;
+        }
+        let (stop, _) = w.stop.clone()?;
+        if matches!(stop, Stop::Slice(_)) && std::mem::replace(&mut w.given, true) {
+            return Some(SimError::Qemu("Input/output error (QEMU's refcount cache gives the place of a changed block to another one, and the L2 cache it waits on, written back first, is stopped again by the overlap check)".into()));
+        }
         Some(match stop {
             Stop::Refused(why) => SimError::NotModelled(why),
             Stop::Slice(at) => {
@@ -397,7 +446,36 @@ impl Sim {
         self.unflushed
             .watch
             .as_ref()
-            .is_some_and(|w| w.failed.is_some() || w.rc.evicts_changed(block).is_some())
+            .is_some_and(|w| w.stop.is_some() || w.rc.evicts_changed(block).is_some())
+    }
+
+    /// Whether the last look at a refcount block in a [`ReleaseWatch`]
+    /// failed (its error not given yet).
+    pub(in crate::analysis::simulate) fn release_watch_pending(&self) -> bool {
+        self.unflushed.watch.as_ref().is_some_and(|w| w.pending)
+    }
+
+    /// What a [`ReleaseWatch`] met is not followed, for `why`: the
+    /// operation is refused.
+    pub(in crate::analysis::simulate) fn release_watch_refuse(&mut self, why: String) {
+        let step = self.steps.len();
+        if let Some(w) = self.unflushed.watch.as_mut() {
+            if !matches!(w.stop, Some((Stop::Refused(_), _))) {
+                w.stop = Some((Stop::Refused(why), step));
+            }
+            w.pending = true;
+        }
+    }
+
+    /// Whether QEMU's refcount cache holds the block at cluster `c` in a
+    /// [`ReleaseWatch`]: freeing that cluster drops the block from the
+    /// cache with what it held (`qcow2_cache_discard`), which is not
+    /// followed.
+    pub(in crate::analysis::simulate) fn release_watch_holds(&self, c: u64) -> bool {
+        self.unflushed
+            .watch
+            .as_ref()
+            .is_some_and(|w| w.rc.entries.iter().any(|e| e.block == Some(c)))
     }
 
     /// In a [`ReleaseWatch`], cluster `c`'s refcount, which the file has as
@@ -678,6 +756,23 @@ mod tests {
         }
         c.use_block(8, false, 6);
         assert_eq!(c.held_from(5), 6);
+    }
+
+    #[test]
+    fn a_miss_names_the_changed_block_it_would_write_back() {
+        let mut c = RefcountCache::default();
+        // Room left: nothing written back.
+        c.use_block(1, true, 0);
+        assert_eq!(c.evicts_changed(2), None);
+        for b in [2, 3, 4] {
+            c.use_block(b, b != 2, 1);
+        }
+        // Full: block 1 is the oldest and changed; a hit writes nothing.
+        assert_eq!(c.evicts_changed(5), Some(1));
+        assert_eq!(c.evicts_changed(3), None);
+        // Block 1 used again: block 2 goes next, unchanged.
+        c.use_block(1, false, 2);
+        assert_eq!(c.evicts_changed(5), None);
     }
 
     #[test]

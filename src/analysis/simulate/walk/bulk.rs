@@ -138,6 +138,9 @@ impl Sim {
                         let Some(new) = self.refcount_after(cur, 1, addend < 0) else {
                             return false;
                         };
+                        if new == 0 && self.release_watch_holds(c) {
+                            return false;
+                        }
                         self.release_watch_changed(bc, c, cur, new);
                         w.reasons.put(&mut self.reason, DATA);
                         self.store_refcount(slot, idx, c, cur, new, Discard::Snapshot);
