@@ -21,6 +21,7 @@
 //! changes.
 
 mod shrink;
+mod within;
 
 use super::{Sim, SimError, SimResult, Target};
 use crate::header::Field;
