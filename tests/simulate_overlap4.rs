@@ -171,6 +171,66 @@ fn a_new_refcount_block_inside_a_write_request_stops_at_the_held_slice() {
     assert_eq!(qemu_len(&w, "rw.qcow2"), 64 * 512);
 }
 
+/// 512-byte clusters, 16-bit refcounts: a 4M image with guest 0 and 32k
+/// written (L1 0x600, L2 tables 0xa00 and 0xe00, data 0xc00 and 0x1000;
+/// the file ends at 0x1200), L1[0] then naming the L1 table's first
+/// cluster as its L2 table, and L1[1] without COPIED, so that a write to
+/// guest 32k copies its L2 table first.
+fn l2_over_the_l1_with_a_shared_table(w: &Work, image: &str) {
+    let o = "cluster_size=512";
+    w.qemu_img(&["create", "-q", "-f", "qcow2", "-o", o, image, "4M"]);
+    w.qemu_io(image, &["write -P 1 0 512", "write -P 3 32768 512"]);
+    assert_eq!(u64_of(w, image, 0x608), 0x8000_0000_0000_0e00, "layout");
+    w.patch(image, 0x600, &0x8000_0000_0000_0600_u64.to_be_bytes());
+    w.patch(image, 0x608, &0x0000_0000_0000_0e00_u64.to_be_bytes());
+}
+
+/// `write -z` of guest 31.5k..32.25k zeroes entry 63 of the "L2 table" over
+/// the L1 table, then falls back to a write of zeros for the tail in guest
+/// 32k, which copies that L2 table to cluster 9: `l2_allocate` writes the
+/// refcount cache (cluster 9's refcount reaches the file), then the L2
+/// cache, the copy with it, and stops at the changed slice. Its undo frees
+/// cluster 9 in the cache and passes the discard down at once, so the copy
+/// written there reads as zeros; L1[1] keeps the old table. (The
+/// simulation linked the copy before.)
+#[test]
+fn a_write_of_zeros_copying_an_l2_table_stops_there_and_discards_the_copy() {
+    let w = Work::new();
+    let ops = ["write-zeroes:32256:768"];
+    let (errors, corrupt) = same_bytes(&w, "cp.qcow2", l2_over_the_l1_with_a_shared_table, &ops);
+    assert!(errors[0].is_some());
+    assert!(corrupt);
+    assert_eq!(qemu_u64(&w, "cp.qcow2", 0x608), 0xe00, "L1[1] unwritten");
+    assert_eq!(qemu_refcount(&w, "cp.qcow2", 9), 1, "the copy's refcount");
+    assert_eq!(qemu_len(&w, "cp.qcow2"), 0x1400, "the copy written");
+    assert_eq!(qemu_u64(&w, "cp.qcow2", 0x1200), 0, "then discarded");
+}
+
+/// As above with `-u`, entry 63 naming guest 0's data cluster 6 (released
+/// by the zeroing: the refcount cache now waits on the L2 cache) and guest
+/// 0's old L2 table, cluster 5, given refcount 0: the copy takes cluster 5,
+/// and `l2_allocate`'s write-back of the refcount cache writes the L2 cache
+/// first and stops there, no refcount written, the copy never written. Its
+/// undo still discards cluster 5, whose old table then reads as zeros.
+#[test]
+fn a_write_of_zeros_after_a_release_discards_the_cluster_its_copy_took() {
+    let w = Work::new();
+    let make = |w: &Work, n: &str| {
+        l2_over_the_l1_with_a_shared_table(w, n);
+        w.patch(n, 0x7f8, &0x0000_0000_0000_0c00_u64.to_be_bytes());
+        w.set_refcount(n, 5, 0);
+    };
+    let ops = ["write-zeroes:32256:768:unmap"];
+    let (errors, corrupt) = same_bytes(&w, "cr.qcow2", make, &ops);
+    assert!(errors[0].is_some());
+    assert!(corrupt);
+    assert_eq!(qemu_u64(&w, "cr.qcow2", 0x608), 0xe00, "L1[1] unwritten");
+    assert_eq!(qemu_refcount(&w, "cr.qcow2", 5), 0);
+    assert_eq!(qemu_refcount(&w, "cr.qcow2", 6), 1, "release lost");
+    assert_eq!(qemu_u64(&w, "cr.qcow2", 0xa00), 0, "cluster 5 discarded");
+    assert_eq!(qemu_len(&w, "cr.qcow2"), 0x1200);
+}
+
 /// A big-endian u64 of the file `name` at `at`.
 fn u64_of(w: &Work, name: &str, at: u64) -> u64 {
     let bytes = std::fs::read(w.path(name)).expect("read the image");

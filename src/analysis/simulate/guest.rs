@@ -133,7 +133,9 @@ impl Sim {
             && self.refcount_flush_writes_l2_first()
         {
             self.l2_written_back();
-            return Err(self.held_stopped_within(stop, site));
+            let e = self.held_stopped_within(stop, site);
+            self.new_table_undone(new);
+            return Err(e);
         }
         self.write_bytes(new, &content)?;
         self.refcounts_flushed();
@@ -151,15 +153,10 @@ impl Sim {
             if let Some(why) = self.held_evicted() {
                 return Err(SimError::NotModelled(why));
             }
-            if let Some(old) = old
-                && self.in_write_request()
-            {
-                return Err(SimError::NotModelled(format!(
-                    "a write request that copies the L2 table at {old:#x} while QEMU's L2 cache holds a slice the overlap check stops: the write-back stops there, and whether the undo of the copy's allocation discards it in the file is not followed"
-                )));
-            }
             self.l2_written_back();
-            return Err(self.held_stopped_within(stop, site));
+            let e = self.held_stopped_within(stop, site);
+            self.new_table_undone(new);
+            return Err(e);
         }
         self.l2_cache_flushed();
         if let Some(old) = old {

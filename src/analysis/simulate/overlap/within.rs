@@ -8,6 +8,7 @@
 //! with it the operation: the new table's L1 entry, or the new block, is
 //! never written, nor is anything QEMU's caches still hold.
 
+use super::super::alloc::Discard;
 use super::super::{Sim, SimError, SimResult};
 use super::Meta;
 use crate::types::HostOffset;
@@ -51,6 +52,21 @@ impl Sim {
         };
         self.l2_flushed_for_refblock();
         Err(self.held_stopped_within(stop, site))
+    }
+
+    /// `l2_allocate` fails after its write-back was stopped and frees the
+    /// new table's cluster at `new` (in QEMU's refcount cache, never
+    /// written), a release of the kind always passed down to the file: in a
+    /// write request the cluster is discarded at once and reads as zeros
+    /// from then on; in a write-zeroes itself (`qcow2_subcluster_zeroize`,
+    /// which keeps its discards for its end and drops them when it fails)
+    /// the cluster keeps what was written to it.
+    pub(in crate::analysis::simulate) fn new_table_undone(&mut self, new: HostOffset) {
+        if self.in_write_request() {
+            let c = self.cluster_of(new);
+            self.queue_discard(c, Discard::Always);
+            self.process_discards(true);
+        }
     }
 
     /// The overlap check has stopped the slice `stop` names in a write-back
