@@ -62,7 +62,11 @@ impl Sim {
             let r = if r.is_err() {
                 r
             } else if features & crate::header::INCOMPAT_DIRTY != 0 && !checking {
-                self.note("the image is dirty (lazy refcounts): QEMU repairs its refcounts on open, as qemu-img check -r all would".into());
+                let lazy = self.header_field(crate::header::Field::CompatibleFeatures) & 1 != 0;
+                self.note(format!(
+                    "the image is dirty{}: QEMU repairs its refcounts on open, as qemu-img check -r all would",
+                    if lazy { " (lazy refcounts)" } else { "" }
+                ));
                 let r = self.repair(true);
                 let r = self.repair_on_open_words(op, r);
                 self.repaired_on_open();

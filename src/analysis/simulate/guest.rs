@@ -121,10 +121,23 @@ impl Sim {
             None => vec![0u8; self.cs as usize],
             Some(old) => self.read_bytes(old, self.cs),
         };
-        self.write_bytes(new, &content)?;
         // l2_allocate writes QEMU's refcount cache back, then fills the new
         // table slice by slice in its L2 cache (each new slice held while
-        // the old one is read), then writes the L2 cache back.
+        // the old one is read), then writes the L2 cache back. A slice held
+        // back for the overlap check stops the first of them that writes
+        // it: the refcount cache's, when it waits on the L2 cache (its
+        // refcounts and the new table then unwritten), else the L2 cache's.
+        let site = "l2_allocate makes a new L2 table";
+        let stop = self.held_unwritten(site)?;
+        if let Some(stop) = stop
+            && self.refcount_flush_writes_l2_first()
+        {
+            self.l2_written_back();
+            let e = self.held_stopped_within(stop, site);
+            self.new_table_undone(new);
+            return Err(e);
+        }
+        self.write_bytes(new, &content)?;
         self.refcounts_flushed();
         let slice = self.slice_entries().max(1);
         let mut k = 0u64;
@@ -135,6 +148,15 @@ impl Sim {
             }
             self.l2_slice_put(new, k, true);
             k = k.saturating_add(slice);
+        }
+        if let Some(stop) = stop {
+            if let Some(why) = self.held_evicted() {
+                return Err(SimError::NotModelled(why));
+            }
+            self.l2_written_back();
+            let e = self.held_stopped_within(stop, site);
+            self.new_table_undone(new);
+            return Err(e);
         }
         self.l2_cache_flushed();
         if let Some(old) = old {

@@ -221,6 +221,29 @@ impl Sim {
         self.l2_written_back();
     }
 
+    /// Whether the slice holding entry `index` of the L2 table at `l2`
+    /// holds changes QEMU's L2 cache has not written back; `None` when that
+    /// is not known (the operation's use of the cache is not followed, or
+    /// its log overflowed).
+    pub(super) fn l2_slice_unwritten(&self, l2: HostOffset, index: u64) -> Option<bool> {
+        let log = &self.unflushed;
+        if !log.on || log.overflow {
+            return None;
+        }
+        Some(log.l2.contains_key(&self.slice_key(l2, index)))
+    }
+
+    /// Whether a write-back of QEMU's whole refcount cache now writes the L2
+    /// cache first (the refcount cache waits on it since a release).
+    pub(super) fn refcount_flush_writes_l2_first(&self) -> bool {
+        self.unflushed.rc.flush_writes_l2_first()
+    }
+
+    /// Whether a write request is under way.
+    pub(super) fn in_write_request(&self) -> bool {
+        self.unflushed.request.is_some()
+    }
+
     /// Whether QEMU's L2 cache holds changes not yet written back.
     fn l2_dirty(&self) -> bool {
         let log = &self.unflushed;
@@ -228,7 +251,7 @@ impl Sim {
     }
 
     /// QEMU's L2 cache is written back, all of it.
-    fn l2_written_back(&mut self) {
+    pub(super) fn l2_written_back(&mut self) {
         let log = &mut self.unflushed;
         log.written_at = self.steps.len();
         if log.l2_backs.len() < MAX_LOGGED {

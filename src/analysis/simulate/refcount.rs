@@ -267,6 +267,7 @@ impl Sim {
         // Either way the caller restarts: this returns `SimError::Again` once the
         // block is hooked up.
         let saved = self.reason.clone();
+        self.held_stops_new_refblock()?;
         self.l2_flushed_for_refblock();
         // alloc_clusters_noref: the lowest free cluster (refcounts as they stand).
         let new_c = self.find_free(1)?;

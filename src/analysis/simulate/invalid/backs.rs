@@ -12,19 +12,18 @@ use crate::types::HostOffset;
 
 impl Sim {
     /// The first write-back of the whole of QEMU's L2 cache that carried a
-    /// change of any of the entries `held` (table, index), if a write's
-    /// link made it: its step. `None` when no write-back carried one, or
-    /// the first that did was of another kind.
-    pub(in crate::analysis::simulate) fn link_write_back_after(
+    /// change of any of the entries `held` (table, index): its step, and
+    /// whether a write's link made it. `None` when no write-back carried one.
+    pub(in crate::analysis::simulate) fn first_write_back_of(
         &self,
         held: &[(HostOffset, u64)],
-    ) -> Option<usize> {
+    ) -> Option<(usize, bool)> {
         let keys: Vec<u64> = held.iter().map(|&(t, i)| self.slice_key(t, i)).collect();
         self.unflushed
             .l2_backs
             .iter()
             .find(|(_, _, carried)| carried.iter().any(|k| keys.contains(k)))
-            .and_then(|&(at, link, _)| link.then_some(at))
+            .map(|&(at, link, _)| (at, link))
     }
 
     /// Undo the L2 entries changed in QEMU's L2 cache from step `at` on:

@@ -174,6 +174,12 @@ impl RefcountCache {
         }
     }
 
+    /// Whether [`Self::flush`] would write the L2 cache first: the cache
+    /// depends on it and holds a change.
+    pub(in crate::analysis::simulate) fn flush_writes_l2_first(&self) -> bool {
+        self.on_l2 && self.entries.iter().any(|e| e.dirty)
+    }
+
     /// The image stays dirty in QEMU's memory from here on (a repair on
     /// open that did not mark it clean): refcounts need not be accurate.
     pub(in crate::analysis::simulate) fn set_lazy(&mut self) {
