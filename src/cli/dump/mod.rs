@@ -264,7 +264,16 @@ fn l1_rows(a: &Args, img: &Qcow2) -> Rows {
         .iter()
         .enumerate()
         .filter(|(_, e)| a.all || a.json || e.0 != 0)
-        .map(|(i, e)| l1_row(i as u64, view.l1_offset, *e, cov, &geo))
+        .map(|(i, e)| {
+            l1_row(
+                i as u64,
+                view.l1_offset,
+                *e,
+                cov,
+                &geo,
+                view.snapshot.is_none(),
+            )
+        })
         .collect();
     Ok((
         format!(
@@ -497,7 +506,15 @@ fn describe_ext(e: &qinspect::header::Extension) -> String {
     }
 }
 
-fn l1_row(i: u64, table: HostOffset, e: L1Entry, cov: u64, geo: &qinspect::types::Geometry) -> Row {
+/// One L1 entry's row; `active`: whether the table is the active L1.
+fn l1_row(
+    i: u64,
+    table: HostOffset,
+    e: L1Entry,
+    cov: u64,
+    geo: &qinspect::types::Geometry,
+    active: bool,
+) -> Row {
     Row {
         index: i,
         file_offset: table.saturating_entry(i, 8),
@@ -513,7 +530,7 @@ fn l1_row(i: u64, table: HostOffset, e: L1Entry, cov: u64, geo: &qinspect::types
             "guest {:#x}..{:#x}: {}",
             i.saturating_mul(cov),
             i.saturating_add(1).saturating_mul(cov),
-            e.describe(geo)
+            e.describe(geo, active)
         ),
     }
 }

@@ -197,7 +197,7 @@ impl State {
                                 Style::new().fg(color::REFCOUNT),
                             ));
                         }
-                        spans.push(Span::raw(e.describe(&geo)));
+                        spans.push(Span::raw(e.describe(&geo, active)));
                         Line::from(spans)
                     })
                     .collect()
@@ -472,7 +472,7 @@ impl PaneState for State {
                         "the next write copies it first",
                     ),
                 };
-                format!("{}[{}] = {:#018x}: {}. {what}", view.label(), self.l1.sel, e.0, e.describe(&geo))
+                format!("{}[{}] = {:#018x}: {}. {what}", view.label(), self.l1.sel, e.0, e.describe(&geo, active))
             }),
             Level::L2(i) => Self::l2_table(ctx, &view, i).ok().and_then(|(off, t)| {
                 let e = t.get(self.l2.sel)?;
