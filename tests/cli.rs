@@ -675,3 +675,61 @@ fn dump_header_lists_the_fields_of_a_header_qemu_refuses() {
     assert!(out.stdout.is_empty());
     assert!(String::from_utf8_lossy(&out.stderr).contains("magic"));
 }
+
+/// `--help` at `COLUMNS` columns.
+fn help_at(sub: &str, columns: &str) -> String {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_qinspect"))
+        .args([sub, "--help"])
+        .env("COLUMNS", columns)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// The lines of `text` after the first one that contains `after`, up to the next
+/// blank line.
+fn section<'a>(text: &'a str, after: &str) -> Vec<&'a str> {
+    text.lines()
+        .skip_while(|l| !l.contains(after))
+        .skip(1)
+        .take_while(|l| !l.is_empty())
+        .collect()
+}
+
+/// The tables in the help (simulate's operations, every command's examples) keep
+/// their columns in an 80-column terminal: clap's wrapping would put the end of a
+/// long line under the names, where it reads as a name of its own.
+#[test]
+fn help_tables_keep_their_columns_at_80_columns() {
+    let narrow = help_at("simulate", "80");
+    let ops = section(&narrow, "(the image is never written):");
+    assert_eq!(
+        ops,
+        section(&help_at("simulate", "200"), "(the image is never written):"),
+        "{narrow}"
+    );
+    assert!(ops.len() > 14, "{narrow}");
+    for l in &ops {
+        assert!(l.len() < 80, "{l}");
+        let name = &l[2..].split(' ').next().unwrap_or("");
+        // A line is an operation (its name has a ':' or is "overlay,") or a
+        // continuation under the description column.
+        assert!(
+            name.contains(':') || name.starts_with("overlay") || l.starts_with(&" ".repeat(33)),
+            "{l}"
+        );
+    }
+    for sub in [
+        "info", "map", "trace", "read", "check", "clusters", "simulate", "compare", "dump",
+        "hexdump",
+    ] {
+        let narrow = help_at(sub, "80");
+        let wide = help_at(sub, "200");
+        assert_eq!(
+            section(&narrow, "Examples:"),
+            section(&wide, "Examples:"),
+            "{sub}: {narrow}"
+        );
+    }
+}
