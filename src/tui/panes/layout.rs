@@ -428,6 +428,14 @@ impl PaneState for State {
                 self.focus_refs = true;
                 q.push(Effect::Start(Job::Lookup(*c)));
             }
+            Action::Focus
+                if !self.focus_refs
+                    && !matches!(&self.detail, Some((dc, r)) if *dc == *c && !r.is_empty()) =>
+            {
+                q.push(Effect::Status(format!(
+                    "f moves to the list of who references cluster {c}, once i has found someone"
+                )));
+            }
             Action::Focus => self.focus_refs = !self.focus_refs,
             Action::Enter => {
                 let c = *c;

@@ -440,6 +440,9 @@ impl PaneState for State {
                 });
             }
             (Level::L2(_), Action::Back) => self.level = Level::L1,
+            (Level::L1, Action::Inflate) => q.push(Effect::Status(
+                "z inflates a compressed L2 entry: open an L2 table first (Enter)".into(),
+            )),
             (Level::L1, a) => return self.l1.select(a, view.l1.len()),
             (Level::L2(i), a) => {
                 let n = Self::l2_table(ctx, &view, i).map_or(0, |t| t.1.len());

@@ -415,3 +415,41 @@ fn overview_decodes_luks_and_the_key_opens_the_chain() {
         "{all}"
     );
 }
+
+// ---- keys the footer shows, where they have nothing to act on -----------------
+
+#[test]
+fn f_and_z_with_nothing_to_act_on_say_what_they_need_and_leave_the_arrows_alone() {
+    let mut a = app("demo-top.qcow2");
+    // Snapshots: no two snapshots compared, so there is no Difference to scroll;
+    // the list keeps the arrows.
+    typed(&mut a, "5f");
+    assert!(
+        a.status.contains("once two snapshots are marked (m)"),
+        "{}",
+        a.status
+    );
+    assert!(!a.panes.snapshots.focus_diff);
+    key(&mut a, KeyCode::Down);
+    assert_eq!(a.panes.snapshots.list.sel, 1);
+    // Layout: no referrers listed yet (i finds them).
+    typed(&mut a, "2f");
+    assert!(
+        a.status.contains("once i has found someone"),
+        "{}",
+        a.status
+    );
+    assert!(!a.panes.layout.focus_refs);
+    key(&mut a, KeyCode::Right);
+    assert_eq!(a.panes.layout.sel, 1);
+    // Once i has listed them, f moves between the grid and the list.
+    typed(&mut a, "i");
+    a.wait_background();
+    assert!(a.panes.layout.focus_refs);
+    typed(&mut a, "f");
+    assert!(!a.panes.layout.focus_refs);
+    // Tables at the L1 level: z inflates L2 entries only.
+    typed(&mut a, "3z");
+    assert!(a.status.contains("open an L2 table first"), "{}", a.status);
+    assert_eq!(a.pane, Pane::Tables);
+}
