@@ -46,6 +46,15 @@ pub fn lines(app: &Ctx) -> Vec<Line<'static>> {
 fn lines_at(app: &Ctx, sel: Option<usize>) -> (Vec<Line<'static>>, usize) {
     let mut v: Vec<Line> = Vec::new();
     let Some(img) = &app.img else {
+        if app.is_raw_layer() {
+            // A raw backing file opens as it is: not a qcow2 that failed.
+            v.push(Line::raw(app.unopened()));
+            v.push(Line::raw(format!(
+                "The file is {} bytes long.",
+                app.file_len()
+            )));
+            return (v, 0);
+        }
         v.push(Line::styled(
             format!(
                 "{} cannot be opened: {}",
