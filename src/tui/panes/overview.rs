@@ -63,10 +63,12 @@ fn lines_at(app: &Ctx, sel: Option<usize>) -> (Vec<Line<'static>>, usize) {
             ),
             Style::new().fg(color::BAD),
         ));
-        v.push(Line::raw(format!(
-            "Hex (9) shows the file's {} bytes as they are.",
-            app.file_len()
-        )));
+        if app.file.is_some() {
+            v.push(Line::raw(format!(
+                "Hex (9) shows the file's {} bytes as they are.",
+                app.file_len()
+            )));
+        }
         return (v, 0);
     };
     summary(app, img, &mut v);

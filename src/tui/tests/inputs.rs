@@ -453,3 +453,17 @@ fn f_and_z_with_nothing_to_act_on_say_what_they_need_and_leave_the_arrows_alone(
     assert!(a.status.contains("open an L2 table first"), "{}", a.status);
     assert_eq!(a.pane, Pane::Tables);
 }
+
+#[test]
+fn a_file_that_does_not_exist_is_not_offered_as_bytes_in_hex() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut a = open(dir.path().join("missing.qcow2"));
+    let s = screen(&mut a, 80, 24);
+    assert!(s.contains("No such file or directory"), "{s}");
+    assert!(!s.contains("Hex (9) shows the file's"), "{s}");
+    // A file that exists but is not qcow2 still gets the offer.
+    let p = dir.path().join("bad.qcow2");
+    std::fs::write(&p, b"not an image").unwrap();
+    let mut b = open(p);
+    assert!(screen(&mut b, 80, 24).contains("Hex (9) shows the file's 12 bytes as they are."));
+}
