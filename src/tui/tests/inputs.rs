@@ -448,6 +448,13 @@ fn f_and_z_with_nothing_to_act_on_say_what_they_need_and_leave_the_arrows_alone(
     assert!(a.panes.layout.focus_refs);
     typed(&mut a, "f");
     assert!(!a.panes.layout.focus_refs);
+    // Trace before any trace: n says how to start one.
+    typed(&mut a, "6n");
+    assert!(
+        a.status.contains("g and a guest offset start one"),
+        "{}",
+        a.status
+    );
     // Tables at the L1 level: z inflates L2 entries only.
     typed(&mut a, "3z");
     assert!(a.status.contains("open an L2 table first"), "{}", a.status);
