@@ -733,3 +733,40 @@ fn help_tables_keep_their_columns_at_80_columns() {
         );
     }
 }
+
+/// A table with no entries at all says what it lacks; "no non-zero entries" is
+/// for the tables whose all-zero entries are left out.
+#[test]
+fn empty_tables_say_what_they_lack() {
+    let w = Work::new();
+    w.qemu_img(&[
+        "create",
+        "-f",
+        "qcow2",
+        "-o",
+        "compat=0.10",
+        "e.qcow2",
+        "1M",
+    ]);
+    let snaps = w.qemu_img(&["snapshot", "-l", "e.qcow2"]);
+    assert!(String::from_utf8_lossy(&snaps.stdout).trim().is_empty());
+    let text = |args: &[&str]| String::from_utf8(w.qinspect_ok(args)).unwrap();
+    let ext = text(&["dump", "extensions", "e.qcow2"]);
+    assert!(
+        ext.contains("(no header extensions)") && !ext.contains("non-zero"),
+        "{ext}"
+    );
+    let sn = text(&["dump", "snapshots", "e.qcow2"]);
+    assert!(
+        sn.contains("(no snapshots)") && !sn.contains("non-zero"),
+        "{sn}"
+    );
+    // The L1 table has an entry, all zero: left out, and said so; with --all it is shown.
+    let l1 = text(&["dump", "l1", "e.qcow2"]);
+    assert!(l1.contains("(no non-zero entries)"), "{l1}");
+    let all = text(&["dump", "l1", "e.qcow2", "--all"]);
+    assert!(
+        all.contains("0x0000000000000000") && !all.contains("(no"),
+        "{all}"
+    );
+}
