@@ -474,3 +474,26 @@ fn a_file_that_does_not_exist_is_not_offered_as_bytes_in_hex() {
     let mut b = open(p);
     assert!(screen(&mut b, 80, 24).contains("Hex (9) shows the file's 12 bytes as they are."));
 }
+
+#[test]
+fn the_layout_legend_keeps_each_square_with_its_word_when_it_wraps() {
+    let mut a = app("demo-top.qcow2");
+    typed(&mut a, "2");
+    for w in [40, 60, 80, 120] {
+        let s = screen(&mut a, w, 24);
+        let legend: Vec<&str> = s
+            .lines()
+            .filter(|l| l.starts_with("│■"))
+            .map(|l| l.trim_matches(|c: char| c == '│' || c.is_whitespace()))
+            .collect();
+        assert!(!legend.is_empty(), "{s}");
+        for l in &legend {
+            assert!(!l.ends_with('■'), "{w} columns: {l:?}\n{s}");
+        }
+        // Every role is named, however narrow.
+        let all = legend.join(" ");
+        for word in ["header", "data", "free", "leaked", "over-ref"] {
+            assert!(all.contains(word), "{w} columns: {word} missing\n{s}");
+        }
+    }
+}
