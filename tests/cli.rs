@@ -675,3 +675,98 @@ fn dump_header_lists_the_fields_of_a_header_qemu_refuses() {
     assert!(out.stdout.is_empty());
     assert!(String::from_utf8_lossy(&out.stderr).contains("magic"));
 }
+
+/// `--help` at `COLUMNS` columns.
+fn help_at(sub: &str, columns: &str) -> String {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_qinspect"))
+        .args([sub, "--help"])
+        .env("COLUMNS", columns)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// The lines of `text` after the first one that contains `after`, up to the next
+/// blank line.
+fn section<'a>(text: &'a str, after: &str) -> Vec<&'a str> {
+    text.lines()
+        .skip_while(|l| !l.contains(after))
+        .skip(1)
+        .take_while(|l| !l.is_empty())
+        .collect()
+}
+
+/// The tables in the help (simulate's operations, every command's examples) keep
+/// their columns in an 80-column terminal: clap's wrapping would put the end of a
+/// long line under the names, where it reads as a name of its own.
+#[test]
+fn help_tables_keep_their_columns_at_80_columns() {
+    let narrow = help_at("simulate", "80");
+    let ops = section(&narrow, "(the image is never written):");
+    assert_eq!(
+        ops,
+        section(&help_at("simulate", "200"), "(the image is never written):"),
+        "{narrow}"
+    );
+    assert!(ops.len() > 14, "{narrow}");
+    for l in &ops {
+        assert!(l.len() < 80, "{l}");
+        let name = &l[2..].split(' ').next().unwrap_or("");
+        // A line is an operation (its name has a ':' or is "overlay,") or a
+        // continuation under the description column.
+        assert!(
+            name.contains(':') || name.starts_with("overlay") || l.starts_with(&" ".repeat(33)),
+            "{l}"
+        );
+    }
+    for sub in [
+        "info", "map", "trace", "read", "check", "clusters", "simulate", "compare", "dump",
+        "hexdump",
+    ] {
+        let narrow = help_at(sub, "80");
+        let wide = help_at(sub, "200");
+        assert_eq!(
+            section(&narrow, "Examples:"),
+            section(&wide, "Examples:"),
+            "{sub}: {narrow}"
+        );
+    }
+}
+
+/// A table with no entries at all says what it lacks; "no non-zero entries" is
+/// for the tables whose all-zero entries are left out.
+#[test]
+fn empty_tables_say_what_they_lack() {
+    let w = Work::new();
+    w.qemu_img(&[
+        "create",
+        "-f",
+        "qcow2",
+        "-o",
+        "compat=0.10",
+        "e.qcow2",
+        "1M",
+    ]);
+    let snaps = w.qemu_img(&["snapshot", "-l", "e.qcow2"]);
+    assert!(String::from_utf8_lossy(&snaps.stdout).trim().is_empty());
+    let text = |args: &[&str]| String::from_utf8(w.qinspect_ok(args)).unwrap();
+    let ext = text(&["dump", "extensions", "e.qcow2"]);
+    assert!(
+        ext.contains("(no header extensions)") && !ext.contains("non-zero"),
+        "{ext}"
+    );
+    let sn = text(&["dump", "snapshots", "e.qcow2"]);
+    assert!(
+        sn.contains("(no snapshots)") && !sn.contains("non-zero"),
+        "{sn}"
+    );
+    // The L1 table has an entry, all zero: left out, and said so; with --all it is shown.
+    let l1 = text(&["dump", "l1", "e.qcow2"]);
+    assert!(l1.contains("(no non-zero entries)"), "{l1}");
+    let all = text(&["dump", "l1", "e.qcow2", "--all"]);
+    assert!(
+        all.contains("0x0000000000000000") && !all.contains("(no"),
+        "{all}"
+    );
+}

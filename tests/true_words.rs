@@ -219,3 +219,34 @@ fn a_pool_audit_leaves_images_qemu_img_cannot_check_out_of_the_totals() {
         "{table}"
     );
 }
+
+/// A snapshot's L1 is the active L1 copied as it was, COPIED bits included, while
+/// the snapshot makes its L2 table shared (refcount 2): the bit in the snapshot's
+/// copy says nothing, and qemu-img check does not look at it.
+#[test]
+fn copied_in_a_snapshot_l1_is_not_called_a_promise() {
+    let w = Work::new();
+    w.qemu_img(&["create", "-f", "qcow2", "s.qcow2", "4M"]);
+    w.qemu_io("s.qcow2", &["write -P 1 0 64k"]);
+    w.qemu_img(&["snapshot", "-c", "s1", "s.qcow2"]);
+    let q = qemu(&w, &["check", "s.qcow2"]);
+    assert_eq!(q.status.code(), Some(0), "{}", text(&q.stdout));
+
+    let snap = text(&w.qinspect_ok(&["dump", "l1", "s.qcow2", "--snapshot", "s1"]));
+    assert!(snap.contains("0x8000000000040000"), "{snap}");
+    assert!(!snap.contains("claims refcount 1"), "{snap}");
+    assert!(!snap.contains("QEMU writes it in place"), "{snap}");
+    assert!(snap.contains("no meaning in a snapshot's L1"), "{snap}");
+
+    let trace = text(&w.qinspect_ok(&["trace", "s.qcow2", "0", "--snapshot", "s1"]));
+    assert!(!trace.contains("QEMU writes it in place"), "{trace}");
+    assert!(trace.contains("no meaning in a snapshot's L1"), "{trace}");
+
+    // The active L1's entry lost COPIED when the snapshot shared its table.
+    let active = text(&w.qinspect_ok(&["dump", "l1", "s.qcow2"]));
+    assert!(active.contains("0x0000000000040000"), "{active}");
+    assert!(
+        active.contains("not COPIED (shared or unknown: QEMU copies it before a write)"),
+        "{active}"
+    );
+}

@@ -22,9 +22,9 @@ const MAX_ROWS: u64 = 1 << 20;
 compressed, refcount table/block, snapshot table, bitmap directory/table/data, crypto \
 header, or free), its stored refcount, the references counted the way qemu-img check counts \
 them, and who makes each reference.\n\n\
-Examples:\n  qinspect clusters disk.qcow2                  every cluster of a small file\n  \
-qinspect clusters disk.qcow2 --range 4..7\n  \
-qinspect clusters disk.qcow2 --host 0x50000     who points at host offset 0x50000?"
+Examples:\n  qinspect clusters disk.qcow2                 every cluster of a small file\n  \
+qinspect clusters disk.qcow2 --range 4..7     host clusters 4 to 7\n  \
+qinspect clusters disk.qcow2 --host 0x50000   who points at that host offset"
 )]
 pub struct Args {
     /// The image file.

@@ -14,24 +14,35 @@ use std::sync::Arc;
 #[derive(clap::Args, Debug)]
 #[command(
     after_help = "Operations, each one argument, simulated in order on an in-memory \
-copy of the metadata (the image is never written):\n  \
-snapshot-create:NAME        qemu-img snapshot -c NAME\n  \
-snapshot-delete:NAME        qemu-img snapshot -d NAME (names only, as qemu-img)\n  \
-snapshot-delete-id:ID       QMP blockdev-snapshot-delete-internal-sync with an id\n  \
-snapshot-apply:ID_OR_NAME   qemu-img snapshot -a ID_OR_NAME\n  \
-write:OFFSET:LENGTH[:P=N]   a guest write of byte N, 0xcd if not given (qemu-io -c 'write [-P N] OFFSET LENGTH')\n  \
-write-compressed:OFF:LEN[:P=N] qemu-io -c 'write -c [-P N] OFF LEN' (whole clusters)\n  \
-write-zeroes:OFF:LEN[:unmap] qemu-io -c 'write -z [-u] OFF LEN'\n  \
-read:OFFSET:LENGTH          a read with copy-on-read (qemu-io -C -c 'read OFFSET LENGTH'):\n  \
-\x20                           what it finds unallocated in the top layer is copied there\n  \
-\x20                           (as zero clusters where it reads as zeros, even with no backing file)\n  \
-discard:OFFSET:LENGTH       a guest discard (qemu-io -c 'discard OFFSET LENGTH')\n  \
-resize:SIZE[:shrink]        qemu-img resize [--shrink] IMG SIZE\n  \
-repair:leaks, repair:all    qemu-img check -r leaks|all (what the repair would change)\n  \
-overlay, overlay:SNAPSHOT    a throw-away in-memory qcow2 overlay over the image or a snapshot\n  \
-\x20                           (qemu-nbd -s [-l SNAPSHOT]); the operations after it act on it\n  \
-trace:OFFSET                where a guest read at OFFSET comes from, through the simulated chain\n  \
-refcount-update:L1:ADDEND   QEMU's refcount walk over L1 ('active' or a snapshot) with ADDEND -1, 0 or +1\n\n\
+copy of the metadata (the image is never written):\n\
+\x20 snapshot-create:NAME           qemu-img snapshot -c NAME\n\
+\x20 snapshot-delete:NAME           qemu-img snapshot -d NAME (names only, as\n\
+\x20                                qemu-img)\n\
+\x20 snapshot-delete-id:ID          QMP blockdev-snapshot-delete-internal-sync\n\
+\x20                                with an id\n\
+\x20 snapshot-apply:ID_OR_NAME      qemu-img snapshot -a ID_OR_NAME\n\
+\x20 write:OFFSET:LENGTH[:P=N]      a guest write of byte N, 0xcd if not given\n\
+\x20                                (qemu-io -c 'write [-P N] OFFSET LENGTH')\n\
+\x20 write-compressed:OFF:LEN[:P=N] qemu-io -c 'write -c [-P N] OFF LEN' (whole\n\
+\x20                                clusters)\n\
+\x20 write-zeroes:OFF:LEN[:unmap]   qemu-io -c 'write -z [-u] OFF LEN'\n\
+\x20 read:OFFSET:LENGTH             a read with copy-on-read (qemu-io -C -c 'read\n\
+\x20                                OFFSET LENGTH'): what it finds unallocated in\n\
+\x20                                the top layer is copied there (as zero\n\
+\x20                                clusters where it reads as zeros, even with no\n\
+\x20                                backing file)\n\
+\x20 discard:OFFSET:LENGTH          a guest discard (qemu-io -c 'discard OFFSET\n\
+\x20                                LENGTH')\n\
+\x20 resize:SIZE[:shrink]           qemu-img resize [--shrink] IMG SIZE\n\
+\x20 repair:leaks, repair:all       qemu-img check -r leaks|all (what the repair\n\
+\x20                                would change)\n\
+\x20 overlay, overlay:SNAPSHOT      a throw-away in-memory qcow2 overlay over the\n\
+\x20                                image or a snapshot; the operations after it\n\
+\x20                                act on it (qemu-nbd -s [-l SNAPSHOT])\n\
+\x20 trace:OFFSET                   where a guest read at OFFSET comes from,\n\
+\x20                                through the simulated chain\n\
+\x20 refcount-update:L1:ADDEND      QEMU's refcount walk over L1 ('active' or a\n\
+\x20                                snapshot) with ADDEND -1, 0 or +1\n\n\
 Every refcount and table entry that changes is listed in order with the reason, then the \
 clusters allocated and freed, then a check of the result (as `qinspect check`).\n\n\
 The data written is tracked too (as descriptions, not copies): with --guest-raw FILE \

@@ -156,7 +156,7 @@ fn l1_entry(img: &Qcow2, r: &Region, rel: u64, s: &Option<usize>) -> Option<Deco
         start,
         end: start.saturating_add(8),
         raw: Some(raw),
-        meaning: L1Entry(raw).describe(&geo),
+        meaning: L1Entry(raw).describe(&geo, s.is_none()),
     })
 }
 

@@ -256,7 +256,7 @@ fn trace_qcow2(
             "{} entry {l1i} (at file offset {l1_entry_off:#x}) is {:#018x}: {}.",
             view.label(),
             l1e.0,
-            L1Entry::describe(&l1e, &geo)
+            L1Entry::describe(&l1e, &geo, view.snapshot.is_none())
         ),
     );
     let L1Mapping::L2Table { offset: l2_off, .. } = l1m else {

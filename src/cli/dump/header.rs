@@ -44,7 +44,7 @@ pub(super) fn refused(a: &Args, src: &dyn Source, why: Error) -> CmdResult {
         }))?;
         return Ok(1);
     }
-    write_rows(&title, &rows, None)?;
+    write_rows(&title, &rows, None, "(no fields)")?;
     crate::cli::report_error(&why.into());
     Ok(1)
 }

@@ -140,7 +140,16 @@ fn print_rows(a: &Args, img: &Qcow2, title: &str, rows: &[Row]) -> CmdResult {
         print_json(&v)?;
         return Ok(0);
     }
-    write_rows(title, rows, unread.as_deref())?;
+    // What an empty list means: a table that lists every entry has none; the
+    // others leave out their all-zero entries unless --all.
+    let empty = match a.table {
+        Table::Extensions => "(no header extensions)",
+        Table::Snapshots => "(no snapshots)",
+        Table::Bitmaps if a.index.is_none() => "(no bitmaps)",
+        _ if a.all => "(no entries)",
+        _ => "(no non-zero entries)",
+    };
+    write_rows(title, rows, unread.as_deref(), empty)?;
     let mut out = super::buffered_stdout();
     // The reason the table was not read is printed once, above, not again here.
     let said = unread.as_ref().and_then(|_| img.l1_unread());
@@ -154,8 +163,14 @@ fn print_rows(a: &Args, img: &Qcow2, title: &str, rows: &[Row]) -> CmdResult {
     Ok(0)
 }
 
-/// A table's title, heading and rows as text; `unread`: why the table was not read.
-fn write_rows(title: &str, rows: &[Row], unread: Option<&str>) -> color_eyre::Result<()> {
+/// A table's title, heading and rows as text; `unread`: why the table was not read;
+/// `empty`: what to say when there are no rows.
+fn write_rows(
+    title: &str,
+    rows: &[Row],
+    unread: Option<&str>,
+    empty: &str,
+) -> color_eyre::Result<()> {
     let mut out = super::buffered_stdout();
     let (hd, dim) = (style::HEAD, style::DIM);
     writeln!(out, "{hd}{title}{hd:#}")?;
@@ -167,7 +182,7 @@ fn write_rows(title: &str, rows: &[Row], unread: Option<&str>) -> color_eyre::Re
     if let Some(why) = unread {
         writeln!(out, "  (not read: {why})")?;
     } else if rows.is_empty() {
-        writeln!(out, "  (no non-zero entries)")?;
+        writeln!(out, "  {empty}")?;
     }
     for r in rows {
         writeln!(
@@ -264,7 +279,16 @@ fn l1_rows(a: &Args, img: &Qcow2) -> Rows {
         .iter()
         .enumerate()
         .filter(|(_, e)| a.all || a.json || e.0 != 0)
-        .map(|(i, e)| l1_row(i as u64, view.l1_offset, *e, cov, &geo))
+        .map(|(i, e)| {
+            l1_row(
+                i as u64,
+                view.l1_offset,
+                *e,
+                cov,
+                &geo,
+                view.snapshot.is_none(),
+            )
+        })
         .collect();
     Ok((
         format!(
@@ -497,7 +521,15 @@ fn describe_ext(e: &qinspect::header::Extension) -> String {
     }
 }
 
-fn l1_row(i: u64, table: HostOffset, e: L1Entry, cov: u64, geo: &qinspect::types::Geometry) -> Row {
+/// One L1 entry's row; `active`: whether the table is the active L1.
+fn l1_row(
+    i: u64,
+    table: HostOffset,
+    e: L1Entry,
+    cov: u64,
+    geo: &qinspect::types::Geometry,
+    active: bool,
+) -> Row {
     Row {
         index: i,
         file_offset: table.saturating_entry(i, 8),
@@ -513,7 +545,7 @@ fn l1_row(i: u64, table: HostOffset, e: L1Entry, cov: u64, geo: &qinspect::types
             "guest {:#x}..{:#x}: {}",
             i.saturating_mul(cov),
             i.saturating_add(1).saturating_mul(cov),
-            e.describe(geo)
+            e.describe(geo, active)
         ),
     }
 }

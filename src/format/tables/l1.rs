@@ -89,8 +89,9 @@ impl L1Entry {
             L1Mapping::Unallocated { reserved } | L1Mapping::L2Table { reserved, .. } => reserved,
         }
     }
-    /// One-line description.
-    pub fn describe(&self, geo: &Geometry) -> String {
+    /// One-line description; `active`: whether the entry is in the active L1 table
+    /// (COPIED means something only there, not in a snapshot's L1).
+    pub fn describe(&self, geo: &Geometry, active: bool) -> String {
         let mut s = match self.mapping().l2_offset() {
             None => "no L2 table: the whole range is unallocated in this layer".to_string(),
             Some(off) if !geo.is_cluster_aligned(off.0) => {
@@ -103,7 +104,13 @@ impl L1Entry {
                 off.0 >> geo.cluster_bits
             ),
         };
-        if self.copied() {
+        if !active {
+            if self.copied() {
+                s.push_str(", COPIED (a flag with no meaning in a snapshot's L1: only the active L1 uses it)");
+            } else if self.l2_offset().is_some() {
+                s.push_str(", not COPIED (a flag with no meaning in a snapshot's L1: only the active L1 uses it)");
+            }
+        } else if self.copied() {
             s.push_str(", COPIED (claims refcount 1: QEMU writes it in place)");
         } else if self.l2_offset().is_some() {
             s.push_str(", not COPIED (shared or unknown: QEMU copies it before a write)");

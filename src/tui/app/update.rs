@@ -127,7 +127,16 @@ impl App {
                 // step of the history too.
                 let from = (a == Action::Enter).then(|| self.place());
                 let mut q = Vec::new();
-                let _ = self.panes.get_mut(self.pane).handle(a, &self.ctx, &mut q);
+                let handled = self.panes.get_mut(self.pane).handle(a, &self.ctx, &mut q);
+                // A pane of qcow2 structures on a raw layer has nothing for its keys:
+                // say so rather than do nothing.
+                if !handled
+                    && q.is_empty()
+                    && self.pane.needs_qcow2()
+                    && self.ctx.is_raw_layer()
+                {
+                    self.status = self.ctx.unopened();
+                }
                 let jumps = q.iter().any(Effect::is_jump);
                 self.apply_all(q);
                 if let Some(from) = from

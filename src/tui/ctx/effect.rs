@@ -30,6 +30,11 @@ pub enum Pane {
 }
 
 impl Pane {
+    /// Whether the pane shows qcow2 structures only, with nothing to show of a
+    /// raw layer.
+    pub fn needs_qcow2(self) -> bool {
+        !matches!(self, Pane::Overview | Pane::Trace | Pane::Hex)
+    }
     /// Every pane, in number-key order.
     pub const ALL: [Pane; 10] = [
         Pane::Overview,

@@ -96,7 +96,8 @@ pub fn cell(ctx: &Ctx, c: u64, stored: Option<u64>) -> (Color, &'static str) {
     }
 }
 
-fn legend(wide: bool, unclassified: bool) -> Line<'static> {
+/// The legend in lines of at most `width` columns, each square kept with its word.
+fn legend(wide: bool, unclassified: bool, width: usize) -> Vec<Line<'static>> {
     let item = |c: Color, t: &'static str| {
         vec![
             Span::styled("■", Style::new().fg(c)),
@@ -124,7 +125,21 @@ fn legend(wide: bool, unclassified: bool) -> Line<'static> {
     if unclassified {
         v.push(item(color::UNCLASSIFIED, "not classified"));
     }
-    Line::from(v.concat())
+    let mut lines: Vec<Vec<Span<'static>>> = vec![Vec::new()];
+    let mut used = 0;
+    for it in v {
+        let w: usize = it.iter().map(Span::width).sum();
+        // The trailing space of an item may run past the edge.
+        if used > 0 && used + w.saturating_sub(1) > width {
+            lines.push(Vec::new());
+            used = 0;
+        }
+        used += w;
+        if let Some(l) = lines.last_mut() {
+            l.extend(it);
+        }
+    }
+    lines.into_iter().map(Line::from).collect()
 }
 
 pub fn role_names(bits: u16) -> Vec<String> {
@@ -325,9 +340,9 @@ impl PaneState for State {
             Layout::vertical([Constraint::Min(5), Constraint::Length(8)]).areas(area);
         let unclassified = n > LAYOUT_LIMIT;
         let inner_w = usize::from(grid_area.width.saturating_sub(2));
-        let wide = legend(true, unclassified).width() <= inner_w;
-        let legend = legend(wide, unclassified);
-        let legend_rows = if legend.width() <= inner_w { 1 } else { 2 };
+        let wide = legend(true, unclassified, inner_w).len() == 1;
+        let legend = legend(wide, unclassified, inner_w);
+        let legend_rows = u16::try_from(legend.len()).unwrap_or(u16::MAX).min(4);
         let per_row = u64::from(grid_area.width.saturating_sub(2 + 10)).max(1);
         let rows = u64::from(grid_area.height.saturating_sub(2 + legend_rows)).max(1);
         self.sel = self.sel.min(n - 1);
@@ -380,10 +395,7 @@ impl PaneState for State {
             ),
             grid_area,
         );
-        f.render_widget(
-            Paragraph::new(legend).wrap(ratatui::widgets::Wrap { trim: true }),
-            legend_area,
-        );
+        f.render_widget(Paragraph::new(legend), legend_area);
         f.render_widget(Paragraph::new(lines), cells);
         self.per_row = per_row;
         self.rows = rows;
@@ -427,6 +439,14 @@ impl PaneState for State {
                 self.looking = Some(*c);
                 self.focus_refs = true;
                 q.push(Effect::Start(Job::Lookup(*c)));
+            }
+            Action::Focus
+                if !self.focus_refs
+                    && !matches!(&self.detail, Some((dc, r)) if *dc == *c && !r.is_empty()) =>
+            {
+                q.push(Effect::Status(format!(
+                    "f moves to the list of who references cluster {c}, once i has found someone"
+                )));
             }
             Action::Focus => self.focus_refs = !self.focus_refs,
             Action::Enter => {

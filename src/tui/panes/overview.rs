@@ -46,6 +46,15 @@ pub fn lines(app: &Ctx) -> Vec<Line<'static>> {
 fn lines_at(app: &Ctx, sel: Option<usize>) -> (Vec<Line<'static>>, usize) {
     let mut v: Vec<Line> = Vec::new();
     let Some(img) = &app.img else {
+        if app.is_raw_layer() {
+            // A raw backing file opens as it is: not a qcow2 that failed.
+            v.push(Line::raw(app.unopened()));
+            v.push(Line::raw(format!(
+                "The file is {} bytes long.",
+                app.file_len()
+            )));
+            return (v, 0);
+        }
         v.push(Line::styled(
             format!(
                 "{} cannot be opened: {}",
@@ -54,10 +63,12 @@ fn lines_at(app: &Ctx, sel: Option<usize>) -> (Vec<Line<'static>>, usize) {
             ),
             Style::new().fg(color::BAD),
         ));
-        v.push(Line::raw(format!(
-            "Hex (9) shows the file's {} bytes as they are.",
-            app.file_len()
-        )));
+        if app.file.is_some() {
+            v.push(Line::raw(format!(
+                "Hex (9) shows the file's {} bytes as they are.",
+                app.file_len()
+            )));
+        }
         return (v, 0);
     };
     summary(app, img, &mut v);

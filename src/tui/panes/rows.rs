@@ -36,6 +36,8 @@ pub struct L1Rows {
     pub at: u64,
     /// The geometry.
     pub geo: Geometry,
+    /// Whether the table is the active L1 (not a snapshot's).
+    pub active: bool,
 }
 
 impl Rows for L1Rows {
@@ -58,7 +60,7 @@ impl Rows for L1Rows {
             if e.copied() {
                 out.words("COPIED");
             }
-            out.words(&e.describe(&self.geo));
+            out.words(&e.describe(&self.geo, self.active));
         }
     }
     fn matters(&self, i: usize) -> bool {
@@ -407,6 +409,7 @@ pub fn tables<'a>(st: &super::tables::State, ctx: &'a Ctx) -> Option<Box<dyn Row
             l1: view.l1.clone(),
             at: view.l1_offset.get(),
             geo,
+            active: view.snapshot.is_none(),
         })),
         super::tables::Level::L2(i) => {
             let off = view.l1.get(i).and_then(|e| e.l2_offset())?;

@@ -353,6 +353,10 @@ impl PaneState for State {
                     q.push(Effect::Start(Job::Diff(a, b)));
                 }
             }
+            Action::Focus if self.diff.is_none() && !self.focus_diff => q.push(Effect::Status(
+                "f scrolls the Difference box, once two snapshots are marked (m) and compared"
+                    .into(),
+            )),
             Action::Focus => self.focus_diff = !self.focus_diff,
             // The columns right of NAME, sideways; ID and NAME stay.
             Action::Left => self.first_column = self.first_column.saturating_sub(1),

@@ -197,7 +197,7 @@ impl State {
                                 Style::new().fg(color::REFCOUNT),
                             ));
                         }
-                        spans.push(Span::raw(e.describe(&geo)));
+                        spans.push(Span::raw(e.describe(&geo, active)));
                         Line::from(spans)
                     })
                     .collect()
@@ -440,6 +440,9 @@ impl PaneState for State {
                 });
             }
             (Level::L2(_), Action::Back) => self.level = Level::L1,
+            (Level::L1, Action::Inflate) => q.push(Effect::Status(
+                "z inflates a compressed L2 entry: open an L2 table first (Enter)".into(),
+            )),
             (Level::L1, a) => return self.l1.select(a, view.l1.len()),
             (Level::L2(i), a) => {
                 let n = Self::l2_table(ctx, &view, i).map_or(0, |t| t.1.len());
@@ -472,7 +475,7 @@ impl PaneState for State {
                         "the next write copies it first",
                     ),
                 };
-                format!("{}[{}] = {:#018x}: {}. {what}", view.label(), self.l1.sel, e.0, e.describe(&geo))
+                format!("{}[{}] = {:#018x}: {}. {what}", view.label(), self.l1.sel, e.0, e.describe(&geo, active))
             }),
             Level::L2(i) => Self::l2_table(ctx, &view, i).ok().and_then(|(off, t)| {
                 let e = t.get(self.l2.sel)?;

@@ -140,6 +140,12 @@ impl PaneState for State {
         let n = self.trace.as_ref().map_or(0, |t| t.steps.len());
         let before = self.step;
         match action {
+            Action::NextStep | Action::PrevStep if self.trace.is_none() => {
+                q.push(Effect::Status(
+                    "n/p step through a trace: g and a guest offset start one".into(),
+                ));
+                return true;
+            }
             Action::NextStep | Action::Down => self.step = (self.step + 1).min(n.saturating_sub(1)),
             Action::PrevStep | Action::Up => self.step = self.step.saturating_sub(1),
             Action::End => self.step = n.saturating_sub(1),

@@ -415,3 +415,85 @@ fn overview_decodes_luks_and_the_key_opens_the_chain() {
         "{all}"
     );
 }
+
+// ---- keys the footer shows, where they have nothing to act on -----------------
+
+#[test]
+fn f_and_z_with_nothing_to_act_on_say_what_they_need_and_leave_the_arrows_alone() {
+    let mut a = app("demo-top.qcow2");
+    // Snapshots: no two snapshots compared, so there is no Difference to scroll;
+    // the list keeps the arrows.
+    typed(&mut a, "5f");
+    assert!(
+        a.status.contains("once two snapshots are marked (m)"),
+        "{}",
+        a.status
+    );
+    assert!(!a.panes.snapshots.focus_diff);
+    key(&mut a, KeyCode::Down);
+    assert_eq!(a.panes.snapshots.list.sel, 1);
+    // Layout: no referrers listed yet (i finds them).
+    typed(&mut a, "2f");
+    assert!(
+        a.status.contains("once i has found someone"),
+        "{}",
+        a.status
+    );
+    assert!(!a.panes.layout.focus_refs);
+    key(&mut a, KeyCode::Right);
+    assert_eq!(a.panes.layout.sel, 1);
+    // Once i has listed them, f moves between the grid and the list.
+    typed(&mut a, "i");
+    a.wait_background();
+    assert!(a.panes.layout.focus_refs);
+    typed(&mut a, "f");
+    assert!(!a.panes.layout.focus_refs);
+    // Trace before any trace: n says how to start one.
+    typed(&mut a, "6n");
+    assert!(
+        a.status.contains("g and a guest offset start one"),
+        "{}",
+        a.status
+    );
+    // Tables at the L1 level: z inflates L2 entries only.
+    typed(&mut a, "3z");
+    assert!(a.status.contains("open an L2 table first"), "{}", a.status);
+    assert_eq!(a.pane, Pane::Tables);
+}
+
+#[test]
+fn a_file_that_does_not_exist_is_not_offered_as_bytes_in_hex() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut a = open(dir.path().join("missing.qcow2"));
+    let s = screen(&mut a, 80, 24);
+    assert!(s.contains("No such file or directory"), "{s}");
+    assert!(!s.contains("Hex (9) shows the file's"), "{s}");
+    // A file that exists but is not qcow2 still gets the offer.
+    let p = dir.path().join("bad.qcow2");
+    std::fs::write(&p, b"not an image").unwrap();
+    let mut b = open(p);
+    assert!(screen(&mut b, 80, 24).contains("Hex (9) shows the file's 12 bytes as they are."));
+}
+
+#[test]
+fn the_layout_legend_keeps_each_square_with_its_word_when_it_wraps() {
+    let mut a = app("demo-top.qcow2");
+    typed(&mut a, "2");
+    for w in [40, 60, 80, 120] {
+        let s = screen(&mut a, w, 24);
+        let legend: Vec<&str> = s
+            .lines()
+            .filter(|l| l.starts_with("│■"))
+            .map(|l| l.trim_matches(|c: char| c == '│' || c.is_whitespace()))
+            .collect();
+        assert!(!legend.is_empty(), "{s}");
+        for l in &legend {
+            assert!(!l.ends_with('■'), "{w} columns: {l:?}\n{s}");
+        }
+        // Every role is named, however narrow.
+        let all = legend.join(" ");
+        for word in ["header", "data", "free", "leaked", "over-ref"] {
+            assert!(all.contains(word), "{w} columns: {word} missing\n{s}");
+        }
+    }
+}

@@ -97,6 +97,18 @@ fn l_steps_tables_layout_and_hex_through_a_three_layer_chain() {
     let s = screen(&mut a, 120, 30);
     assert!(s.contains("┌ layer 2: base.raw · Layout "), "{s}");
     assert!(s.contains("layer 2: base.raw is a raw file"), "{s}");
+    // Their keys have nothing to act on, and say so.
+    a.status.clear();
+    typed(&mut a, "x");
+    assert!(a.status.contains("base.raw is a raw file"), "{}", a.status);
+    a.status.clear();
+    typed(&mut a, "3z");
+    assert!(a.status.contains("base.raw is a raw file"), "{}", a.status);
+    // The Overview calls a raw backing file raw, not a qcow2 that failed to open.
+    typed(&mut a, "1");
+    let s = screen(&mut a, 120, 30);
+    assert!(s.contains("layer 2: base.raw is a raw file"), "{s}");
+    assert!(!s.contains("cannot be opened"), "{s}");
     typed(&mut a, "9g0x1000");
     key(&mut a, KeyCode::Enter);
     let s = screen(&mut a, 160, 30);
