@@ -255,8 +255,10 @@ enum Stop {
 pub(in crate::analysis::simulate) struct ReleaseWatch {
     rc: RefcountCache,
     /// Per refcount block (its cluster), each refcount changed since the
-    /// block was last written, with the value the file has for it.
-    disk: BTreeMap<u64, BTreeMap<u64, u64>>,
+    /// block was last written, with the value the file has for it, in the
+    /// order changed (a cluster changed twice: its first entry has the
+    /// file's value).
+    disk: BTreeMap<u64, Vec<(u64, u64)>>,
     /// The changed L2 slices (where each starts) whose write-back the
     /// overlap check stops, in the order they were changed.
     stopped: Vec<HostOffset>,
@@ -499,7 +501,7 @@ impl Sim {
         let Some(w) = self.unflushed.watch.as_mut() else {
             return;
         };
-        w.disk.entry(block).or_default().entry(c).or_insert(disk);
+        w.disk.entry(block).or_default().push((c, disk));
         if new == 0 {
             w.stopped.retain(|&at| at != start);
         }
@@ -541,7 +543,9 @@ impl Sim {
             ));
         }
         let mut lost: Vec<(u64, u64)> = w.disk.into_values().flatten().collect();
-        lost.sort_unstable();
+        // Stable: of a cluster's entries the first, the file's value, stays.
+        lost.sort_by_key(|&(c, _)| c);
+        lost.dedup_by_key(|&mut (c, _)| c);
         let saved = self.reason.clone();
         self.why("lost: after a release QEMU's refcount cache waits on its L2 cache, whose write the overlap check stops, so the change is never written");
         let mut restored = std::collections::HashSet::new();
