@@ -203,8 +203,9 @@ fn own_l1_over_five_blocks(w: &Work, image: &str) {
 /// the discard does not look at. It succeeds; the four clusters released
 /// in the cache are punched as it ends (cluster 260 is not), and nothing
 /// of QEMU's caches is written after that: the L1 table and every refcount
-/// stay as the file had them. (Refused before: "more refcount blocks than
-/// QEMU's refcount cache holds".)
+/// stay as the file had them, so cluster 260 is still in use, not leaked,
+/// and the simulation says so. (Refused before: "more refcount blocks than
+/// QEMU's refcount cache holds"; then it said the cluster was leaked.)
 #[test]
 fn a_discard_whose_refcount_cache_writes_the_stopped_l2_cache_back_keeps_its_refcounts() {
     let w = Work::new();
@@ -221,6 +222,21 @@ fn a_discard_whose_refcount_cache_writes_the_stopped_l2_cache_back_keeps_its_ref
     assert_eq!(qemu_u64(&w, "fd.qcow2", 260 * 512), 0x2424_2424_2424_2424);
     // The refcount of cluster 20 stays 1.
     assert_eq!(qemu_u64(&w, "fd.qcow2", 0x400 + 20 * 8), 1);
+    // Cluster 260 is still named by entry 8 of the L1 table taken as an
+    // L2 table, with refcount 1.
+    assert_eq!(qemu_u64(&w, "fd.qcow2", 0x640), 0x8000_0000_0002_0800);
+    assert_eq!(qemu_u64(&w, "fd.qcow2", 0x20e00 + 4 * 8), 1);
+    let out = w.qinspect(&["simulate", "fd.qcow2", "discard:2048:2560"]);
+    let out = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.contains("(EIO); the refcount is not lowered\n"),
+        "{out}"
+    );
+    assert!(
+        out.contains("the release of cluster 260 failed, and the L2 entry 0x600[8] that named it keeps it, its change lost with the slice: the cluster stays in use, with refcount 1"),
+        "{out}"
+    );
+    assert!(!out.contains("leaked"), "{out}");
 }
 
 /// As above with `write -z -u`: the write succeeds, and the flush after
