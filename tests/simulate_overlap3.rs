@@ -203,8 +203,9 @@ fn own_l1_over_five_blocks(w: &Work, image: &str) {
 /// the discard does not look at. It succeeds; the four clusters released
 /// in the cache are punched as it ends (cluster 260 is not), and nothing
 /// of QEMU's caches is written after that: the L1 table and every refcount
-/// stay as the file had them. (Refused before: "more refcount blocks than
-/// QEMU's refcount cache holds".)
+/// stay as the file had them, so cluster 260 is still in use, not leaked,
+/// and the simulation says so. (Refused before: "more refcount blocks than
+/// QEMU's refcount cache holds"; then it said the cluster was leaked.)
 #[test]
 fn a_discard_whose_refcount_cache_writes_the_stopped_l2_cache_back_keeps_its_refcounts() {
     let w = Work::new();
@@ -221,6 +222,21 @@ fn a_discard_whose_refcount_cache_writes_the_stopped_l2_cache_back_keeps_its_ref
     assert_eq!(qemu_u64(&w, "fd.qcow2", 260 * 512), 0x2424_2424_2424_2424);
     // The refcount of cluster 20 stays 1.
     assert_eq!(qemu_u64(&w, "fd.qcow2", 0x400 + 20 * 8), 1);
+    // Cluster 260 is still named by entry 8 of the L1 table taken as an
+    // L2 table, with refcount 1.
+    assert_eq!(qemu_u64(&w, "fd.qcow2", 0x640), 0x8000_0000_0002_0800);
+    assert_eq!(qemu_u64(&w, "fd.qcow2", 0x20e00 + 4 * 8), 1);
+    let out = w.qinspect(&["simulate", "fd.qcow2", "discard:2048:2560"]);
+    let out = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.contains("(EIO); the refcount is not lowered\n"),
+        "{out}"
+    );
+    assert!(
+        out.contains("the release of cluster 260 failed, and the L2 entry 0x600[8] that named it keeps it, its change lost with the slice: the cluster stays in use, with refcount 1"),
+        "{out}"
+    );
+    assert!(!out.contains("leaked"), "{out}");
 }
 
 /// As above with `write -z -u`: the write succeeds, and the flush after
@@ -240,4 +256,80 @@ fn a_write_zeroes_unmap_whose_refcount_cache_writes_the_stopped_l2_cache_back_ke
     assert!(corrupt);
     assert_eq!(qemu_u64(&w, "fz.qcow2", 0x620), 0x8000_0000_0000_2800);
     assert_eq!(qemu_u64(&w, "fz.qcow2", 0x400 + 20 * 8), 1);
+}
+
+/// [`spread`] of four L2 tables with snapshot `s1`, then active L1 entry 0
+/// names the active L1 table as its L2 table (given refcount 2) instead of
+/// the L2 table at 0x800, which only `s1` keeps (refcount 1).
+fn apply_over_own_l1(w: &Work, image: &str) {
+    spread(w, image, 4, true);
+    w.patch(image, 0x600, &0x600u64.to_be_bytes());
+    w.set_refcount(image, 3, 2);
+    w.set_refcount(image, 4, 1);
+}
+
+/// Applying `s1`: the walk over `s1`'s L1 (+1) and the flush after it
+/// stop nothing; then `s1`'s L1 table would be written over the active
+/// one, which the overlap check lets through only as the active L1 table:
+/// it is also an active L2 table, so the image is marked corrupt and the
+/// apply fails there. The active L1 table stays as it was, the refcounts
+/// are those the walk gave. (The simulation wrote the table before.)
+#[test]
+fn a_snapshot_apply_is_stopped_where_its_l1_table_is_an_active_l2_table() {
+    let w = Work::new();
+    let (errors, corrupt) = same_bytes(&w, "ga.qcow2", apply_over_own_l1, &["snapshot-apply:s1"]);
+    let e = errors[0].as_deref().unwrap_or_default();
+    assert!(
+        e.contains("Failed to load snapshot: Input/output error"),
+        "{e}"
+    );
+    assert!(e.contains("overlaps with active L2 table"), "{e}");
+    assert!(corrupt);
+    assert_eq!(qemu_u64(&w, "ga.qcow2", 0x600), 0x600);
+    // Cluster 4 keeps what the walk gave it.
+    assert_eq!(qemu_u64(&w, "ga.qcow2", 0x400 + 4 * 8), 2);
+}
+
+/// [`spread`] of four L2 tables with snapshot `s1`, then active L1 entry 0
+/// names `s1`'s L1 table as its L2 table (given refcount 2) instead of the
+/// L2 table at 0x800, which only `s1` keeps (refcount 1).
+fn apply_over_snapshot_l1(w: &Work, image: &str) {
+    spread(w, image, 4, true);
+    let l1 = s1_l1(w, image);
+    w.patch(image, 0x600, &l1.to_be_bytes());
+    w.set_refcount(image, l1 / 512, 2);
+    w.set_refcount(image, 4, 1);
+}
+
+/// Applying `s1`: the walk over `s1`'s L1 (+1) stops nothing, and `s1`'s
+/// L1 table is written over the active one. The walk over the old active
+/// L1 (-1) takes `s1`'s L1 table as the L2 table of its entry 0: the L2
+/// table at 0x800 goes to refcount 1, so COPIED is set in that "L2 table"
+/// in QEMU's L2 cache, a slice the overlap check stops (an inactive L1
+/// table). The walk goes on through the data of guest 32k and 64k, over
+/// five refcount blocks; its first look at the fourth of them (cluster
+/// 192's) gives the place of a changed one (the block counting `s1`'s L1
+/// table) to it, the L2 cache is written back first, the check stops that
+/// slice there, the image is marked corrupt and the walk fails with EIO.
+/// The active L1 is `s1`'s; no refcount change of the second walk is
+/// written.
+#[test]
+fn a_snapshot_apply_fails_where_its_release_walk_writes_the_stopped_l2_cache_back() {
+    let w = Work::new();
+    let (errors, corrupt) = same_bytes(
+        &w,
+        "gb.qcow2",
+        apply_over_snapshot_l1,
+        &["snapshot-apply:s1"],
+    );
+    let e = errors[0].as_deref().unwrap_or_default();
+    assert!(
+        e.contains("Failed to load snapshot: Input/output error"),
+        "{e}"
+    );
+    assert!(e.contains("overlaps with inactive L1 table"), "{e}");
+    assert!(corrupt);
+    assert_eq!(qemu_u64(&w, "gb.qcow2", 0x600), 0x8000_0000_0000_0800);
+    // Cluster 4 keeps what the first walk gave it.
+    assert_eq!(qemu_u64(&w, "gb.qcow2", 0x400 + 4 * 8), 2);
 }

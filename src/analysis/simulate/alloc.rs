@@ -190,11 +190,29 @@ impl Sim {
             0,
             0,
         );
+        let looks = self.release_watch_failures();
         if let Err(e) = self.update_refcount(off, size, 1, true, kind) {
             let e = e.text();
-            self.note(format!(
-                "QEMU: qcow2_free_clusters failed: {e}; the clusters are leaked"
-            ));
+            let first = self.cluster_of(off);
+            let end = off
+                .get()
+                .saturating_add(size)
+                .div_ceil(self.cs)
+                .max(first.saturating_add(1));
+            if self.release_watch_failures() > looks {
+                // The look at the refcount failed before it changed: what
+                // the L2 change that dropped the cluster does is only known
+                // once QEMU's caches are settled.
+                self.release_watch_unfreed(first, end.saturating_sub(first));
+                self.note(format!(
+                    "QEMU: qcow2_free_clusters failed: {e}; the refcount is not lowered"
+                ));
+            } else {
+                let now = self.refcounts_named(first, end);
+                self.note(format!(
+                    "QEMU: qcow2_free_clusters failed: {e}; the range's refcounts are now: {now}"
+                ));
+            }
         }
         self.reason = saved;
     }

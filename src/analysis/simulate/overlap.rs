@@ -444,9 +444,39 @@ impl Sim {
             return Err(SimError::NotModelled("an operation that changed an L2 slice the overlap check lets through after QEMU's refcount cache met the check in a write-back of the L2 cache (whether a later failed write-back wrote it is not followed)".into()));
         }
         self.held_restored(&held)?;
+        let unfreed = w.unfreed().to_vec();
         self.release_watch_lost(w)?;
         self.note("QEMU's caches are not written after that (the image is unusable once marked corrupt): the L2 slice the check stops keeps what the file has, and so do the refcounts its refcount cache still held".into());
+        for c in unfreed {
+            self.unfreed_note(c, &held);
+        }
         Ok(())
+    }
+
+    /// What a cluster whose release failed in [`Sim::held_stopped_in_op`]
+    /// is left as: still named by an entry `held` back (whose change is
+    /// lost with its slice), or not, and its refcount.
+    fn unfreed_note(&mut self, c: u64, held: &[(HostOffset, u64, u64, u64)]) {
+        let start = self.cluster_start(c);
+        let named = held.iter().find(|h| {
+            let e = crate::tables::L2Entry {
+                raw: h.2,
+                bitmap: h.3,
+            };
+            !e.compressed() && e.host_offset() == start
+        });
+        let r = self.peek_refcount(c).map_or_else(
+            || "its refcount block cannot be read".to_string(),
+            |r| format!("refcount {r}"),
+        );
+        self.note(match named {
+            Some(&(l2, index, ..)) => format!(
+                "the release of cluster {c} failed, and the L2 entry {l2:#x}[{index}] that named it keeps it, its change lost with the slice: the cluster stays in use, with {r}"
+            ),
+            None => format!(
+                "the release of cluster {c} failed, and no L2 entry the check stops names it; it keeps {r}"
+            ),
+        });
     }
 
     /// The entries `held` back whose slices the overlap check stops, put

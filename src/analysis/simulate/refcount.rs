@@ -54,6 +54,37 @@ impl Sim {
         Ok(Some(self.cluster_of(block)))
     }
 
+    /// Cluster `c`'s refcount as QEMU holds it now, looked at without going
+    /// through its refcount cache (for what a note says); `None` when its
+    /// refcount block cannot be read.
+    pub(super) fn peek_refcount(&mut self, c: u64) -> Option<u64> {
+        let Some(bc) = self.refcount_block_of(c >> self.block_bits()).ok()? else {
+            return Some(0);
+        };
+        let idx = c & low_mask(self.block_bits());
+        let order = self.order;
+        Some(get_refcount(self.cluster_ro(bc), order, idx))
+    }
+
+    /// The refcounts of the clusters `first..end` as QEMU holds them now
+    /// ([`Sim::peek_refcount`]), for a note: "cluster 20 at 1, cluster 21
+    /// at 0", the first eight named and the rest counted.
+    pub(super) fn refcounts_named(&mut self, first: u64, end: u64) -> String {
+        const NAMED: u64 = 8;
+        let mut out: Vec<String> = Vec::new();
+        for c in (first..end).take(NAMED as usize) {
+            out.push(match self.peek_refcount(c) {
+                Some(r) => format!("cluster {c} at {r}"),
+                None => format!("cluster {c} (its refcount block cannot be read)"),
+            });
+        }
+        let more = end.saturating_sub(first).saturating_sub(NAMED);
+        if more > 0 {
+            out.push(format!("{more} more"));
+        }
+        out.join(", ")
+    }
+
     /// QEMU's `qcow2_get_refcount`.
     pub(super) fn get_refcount(&mut self, c: u64) -> SimResult<u64> {
         let Some(bc) = self.refcount_block_of(c >> self.block_bits())? else {

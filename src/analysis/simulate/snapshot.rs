@@ -295,6 +295,10 @@ impl Sim {
         self.why(
             "snapshot-apply: the snapshot's L1 (as read before the walk) replaces the active L1",
         );
+        // The write over the active L1 table goes through the overlap
+        // check, the active L1 aside: the table may also be an active L2
+        // table, or lie on other metadata.
+        self.overlap_check(Some(super::overlap::Meta::ActiveL1), active_off, cur_bytes)?;
         let old: Vec<u8> = self.read_bytes(active_off, cur_bytes);
         self.write_bytes(active_off, &buffer)?;
         for k in 0..cur_len {

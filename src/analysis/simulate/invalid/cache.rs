@@ -278,6 +278,11 @@ pub(in crate::analysis::simulate) struct ReleaseWatch {
     /// The blocks whose write the overlap check was found to let through
     /// (nothing it knows of moves in a release).
     clear: std::collections::HashSet<u64>,
+    /// How many looks failed where the overlap check stopped the L2
+    /// cache's write-back (each error given).
+    failures: usize,
+    /// The clusters whose release (`qcow2_free_clusters`) failed so.
+    unfreed: Vec<u64>,
 }
 
 impl ReleaseWatch {
@@ -297,6 +302,11 @@ impl ReleaseWatch {
             Some((Stop::Refused(why), _)) => Some(why.clone()),
             _ => None,
         }
+    }
+
+    /// The clusters whose release failed at a look that met the check.
+    pub(in crate::analysis::simulate) fn unfreed(&self) -> &[u64] {
+        &self.unfreed
     }
 
     /// The step at which the first look failed (the image was marked
@@ -427,6 +437,9 @@ impl Sim {
             return None;
         }
         let (stop, _) = w.stop.clone()?;
+        if matches!(stop, Stop::Slice(_)) {
+            w.failures = w.failures.saturating_add(1);
+        }
         if matches!(stop, Stop::Slice(_)) && std::mem::replace(&mut w.given, true) {
             return Some(SimError::Qemu("Input/output error (QEMU's refcount cache gives the place of a changed block to another one, and the L2 cache it waits on, written back first, is stopped again by the overlap check)".into()));
         }
@@ -455,6 +468,21 @@ impl Sim {
             .watch
             .as_ref()
             .is_some_and(|w| w.stop.is_some() || w.rc.evicts_changed(block).is_some())
+    }
+
+    /// How many looks at a refcount block in a [`ReleaseWatch`] failed
+    /// where the overlap check stopped the L2 cache's write-back.
+    pub(in crate::analysis::simulate) fn release_watch_failures(&self) -> usize {
+        self.unflushed.watch.as_ref().map_or(0, |w| w.failures)
+    }
+
+    /// In a [`ReleaseWatch`], the release of the clusters from `first`
+    /// (`count` of them) failed at such a look.
+    pub(in crate::analysis::simulate) fn release_watch_unfreed(&mut self, first: u64, count: u64) {
+        if let Some(w) = self.unflushed.watch.as_mut() {
+            w.unfreed
+                .extend((0..count).map_while(|k| first.checked_add(k)));
+        }
     }
 
     /// Whether the last look at a refcount block in a [`ReleaseWatch`]
