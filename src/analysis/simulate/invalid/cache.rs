@@ -586,13 +586,7 @@ impl Sim {
             }
         }
         self.reason = saved;
-        // What was freed only in the cache is not.
-        let freed = std::mem::take(&mut self.freed);
-        for e in freed {
-            if !restored.contains(&e.0) || self.get_refcount(e.0).map_or(true, |r| r == 0) {
-                self.freed.push(e);
-            }
-        }
+        self.keep_freed_not_restored(&restored);
         Ok(())
     }
 

@@ -112,13 +112,22 @@ impl Sim {
             }
         }
         self.reason = saved;
-        // What was freed only in the cache is not.
+        self.keep_freed_not_restored(&restored);
+        Ok(())
+    }
+
+    /// What was freed only in QEMU's refcount cache is not: of the clusters
+    /// freed so far, those whose refcount was put back (`restored`) to more
+    /// than 0 leave the list of freed clusters.
+    pub(in crate::analysis::simulate) fn keep_freed_not_restored(
+        &mut self,
+        restored: &std::collections::HashSet<u64>,
+    ) {
         let freed = std::mem::take(&mut self.freed);
         for e in freed {
             if !restored.contains(&e.0) || self.get_refcount(e.0).map_or(true, |r| r == 0) {
                 self.freed.push(e);
             }
         }
-        Ok(())
     }
 }
